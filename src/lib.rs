@@ -1,0 +1,6 @@
+//! keyfleet keeps one shared group key fresh across a fleet of appliances.
+//!
+//! The protocol core (`protocol`, `crypto`, `wire`, `sim`) is pure: state
+//! machines take an event and the current time and return actions. The shells
+//! (the simulator, the UDP driver, the binaries) move bytes and time in and out.
+#![forbid(unsafe_code)]
