@@ -35,3 +35,54 @@ pub trait KeySource {
     /// Read one entry, waiting at most `timeout` (forever when `None`).
     fn read_raw(&mut self, timeout: Option<Duration>) -> Result<String, SourceError>;
 }
+
+/// Serial line settings for `--baud`, `--data-bits`, `--parity`, `--stop-bits`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SerialSettings {
+    pub baud: u32,
+    pub data_bits: u8,
+    /// `'N'`, `'E'` or `'O'`.
+    pub parity: char,
+    pub stop_bits: u8,
+}
+
+impl Default for SerialSettings {
+    fn default() -> Self {
+        // 9600 8N1: what most serial scanners and IR receivers ship with.
+        SerialSettings {
+            baud: 9600,
+            data_bits: 8,
+            parity: 'N',
+            stop_bits: 1,
+        }
+    }
+}
+
+/// Everything `keyfleet read-key` and `keyfleet enroll --from` pass to a source.
+/// Each module's `open(&SourceOptions)` uses the fields that apply to it.
+#[derive(Debug, Clone, Default)]
+pub struct SourceOptions {
+    /// `--device`: the device node (hidraw, tty, video, block device).
+    pub device: Option<std::path::PathBuf>,
+    /// `--replay`: a recording to feed through the same decoder as the device.
+    pub replay: Option<std::path::PathBuf>,
+    /// `--keymap`: an ir-keytable TOML keymap.
+    pub keymap: Option<std::path::PathBuf>,
+    /// `--path`: one key file.
+    pub path: Option<std::path::PathBuf>,
+    /// Serial line settings.
+    pub serial: SerialSettings,
+}
+
+/// One candidate device for `keyfleet devices`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceInfo {
+    /// The `--from` source it suits (`hid-scanner`, `serial-scanner`, `webcam`, `ir`, `file`).
+    pub kind: &'static str,
+    /// The path to pass as `--device`.
+    pub path: String,
+    pub vendor: Option<String>,
+    pub product: Option<String>,
+    /// Why it may not be usable (no permission and the udev hint, not mounted, ...).
+    pub note: Option<String>,
+}
