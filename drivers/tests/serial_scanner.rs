@@ -177,3 +177,19 @@ fn a_missing_device_says_which() {
         .to_string();
     assert!(e.contains("/dev/ttyACM-keyfleet-none"), "{e}");
 }
+
+#[test]
+fn an_unplugged_scanner_ends_the_read_with_the_reason() {
+    let (master, slave, mut src) = pty_source();
+    // The pty master closing is what the tty layer shows when a USB serial adapter goes away.
+    drop(master);
+    drop(slave);
+    let e = src.read_raw(Some(Duration::from_secs(5))).unwrap_err();
+    match e {
+        SourceError::Ended(why) => assert!(
+            why.contains("unplugged") || why.contains("hung up"),
+            "{why}"
+        ),
+        other => panic!("expected Ended, got {other:?}"),
+    }
+}

@@ -82,6 +82,8 @@ pub struct Layout {
 pub enum LayoutError {
     #[error("report descriptor does not parse: {0}")]
     Parse(String),
+    #[error("report descriptor item at offset {offset}: {what}")]
+    Limit { offset: usize, what: String },
     #[error("report descriptor declares no keyboard (usage page 0x07) and no bar code scanner (usage page 0x8C) input; is this the scanner's interface?")]
     NoScannerFields,
 }
@@ -194,6 +196,7 @@ impl Layout {
 /// `hidreport` asserts on some malformed inputs; a descriptor comes from a
 /// peripheral or a file, so a panic there becomes a parse error here.
 fn parse_descriptor(descriptor: &[u8]) -> Result<ReportDescriptor, LayoutError> {
+    check_limits(descriptor)?;
     let bytes = descriptor.to_vec();
     let parsed = std::panic::catch_unwind(move || ReportDescriptor::try_from(&bytes));
     match parsed {
@@ -203,6 +206,62 @@ fn parse_descriptor(descriptor: &[u8]) -> Result<ReportDescriptor, LayoutError> 
             "the parser rejected it as inconsistent".into(),
         )),
     }
+}
+
+/// The kernel's limits (drivers/hid: HID_MAX_USAGES, report size 256 bits,
+/// HID_MAX_DESCRIPTOR_SIZE); a descriptor past them never reaches hidraw, and
+/// one in a recording must not make the parser allocate without bound.
+pub const MAX_REPORT_COUNT: u32 = 12288;
+pub const MAX_REPORT_SIZE: u32 = 256;
+pub const MAX_DESCRIPTOR_LEN: usize = 4096;
+
+/// Walk the short items and refuse counts and sizes the kernel would refuse.
+fn check_limits(descriptor: &[u8]) -> Result<(), LayoutError> {
+    if descriptor.len() > MAX_DESCRIPTOR_LEN {
+        return Err(LayoutError::Limit {
+            offset: MAX_DESCRIPTOR_LEN,
+            what: format!(
+                "descriptor of {} bytes is longer than the kernel's {MAX_DESCRIPTOR_LEN}",
+                descriptor.len()
+            ),
+        });
+    }
+    let mut at = 0;
+    while let Some(&prefix) = descriptor.get(at) {
+        if prefix == 0xFE {
+            // Long item: size byte, tag byte, data.
+            let size = usize::from(descriptor.get(at + 1).copied().unwrap_or(0));
+            at += 3 + size;
+            continue;
+        }
+        let size = [0usize, 1, 2, 4][usize::from(prefix & 3)];
+        let mut value: u32 = 0;
+        for k in 0..size {
+            let b = descriptor.get(at + 1 + k).copied().unwrap_or(0);
+            value |= u32::from(b) << (8 * k);
+        }
+        match prefix & 0xFC {
+            0x94 if value > MAX_REPORT_COUNT => {
+                return Err(LayoutError::Limit {
+                    offset: at,
+                    what: format!(
+                        "report count {value} exceeds the kernel's limit of {MAX_REPORT_COUNT}"
+                    ),
+                })
+            }
+            0x74 if value > MAX_REPORT_SIZE => {
+                return Err(LayoutError::Limit {
+                    offset: at,
+                    what: format!(
+                        "report size {value} bits exceeds the kernel's limit of {MAX_REPORT_SIZE}"
+                    ),
+                })
+            }
+            _ => {}
+        }
+        at += 1 + size;
+    }
+    Ok(())
 }
 
 /// Read up to 32 bits, little-endian as HID reports are; `None` when the
@@ -265,6 +324,24 @@ mod tests {
         assert_eq!(bits(&r, &(0..16)), Some(0x01A0));
         assert_eq!(bits(&r, &(8..24)), None);
         assert_eq!(bits(&r, &(0..0)), None);
+    }
+
+    #[test]
+    fn counts_past_the_kernel_limit_are_refused_before_parsing() {
+        // Usage Page (Keyboard), Usage (a), Report Size (1), Report Count (1048576), Input.
+        let d = [
+            0x05, 0x07, 0x09, 0x04, 0x75, 0x01, 0x97, 0x00, 0x00, 0x10, 0x00, 0x81, 0x02,
+        ];
+        let e = Layout::from_descriptor(&d).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "report descriptor item at offset 6: report count 1048576 exceeds the kernel's limit of 12288"
+        );
+        let d = [
+            0x05, 0x07, 0x09, 0x04, 0x76, 0x00, 0x04, 0x95, 0x01, 0x81, 0x02,
+        ];
+        let e = Layout::from_descriptor(&d).unwrap_err().to_string();
+        assert!(e.contains("report size 1024 bits"), "{e}");
     }
 
     #[test]
