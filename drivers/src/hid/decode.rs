@@ -62,11 +62,28 @@ fn ends_scan(usage: u16) -> bool {
     matches!(usage, 0x28 | 0x2B | 0x58)
 }
 
+const ALT_KEYS: [u16; 2] = [0xE2, 0xE6];
+
+/// The digit a keypad key types (Num Lock on), for Alt+keypad codes.
+fn keypad_digit(usage: u16) -> Option<u32> {
+    match usage {
+        0x59..=0x61 => Some(u32::from(usage - 0x58)),
+        0x62 => Some(0),
+        _ => None,
+    }
+}
+
 /// Key-down edges of a keyboard report stream, typed on a US layout.
+///
+/// Scanners set to "Alt+keypad" (the layout-independent mode some offer) send
+/// each character as Alt held while its decimal code is typed on the keypad;
+/// the character counts when Alt is released. Codes outside printable ASCII
+/// are dropped.
 #[derive(Debug, Default)]
 pub struct KeyboardDecoder {
     down: Vec<u16>,
     text: String,
+    alt_code: Option<u32>,
 }
 
 impl KeyboardDecoder {
@@ -83,10 +100,36 @@ impl KeyboardDecoder {
         }
         let shift = held.iter().any(|u| SHIFT_KEYS.contains(u));
         let chord = held.iter().any(|u| CHORD_KEYS.contains(u));
+        let alt = held.iter().any(|u| ALT_KEYS.contains(u));
+        let alt_only = alt
+            && !held
+                .iter()
+                .any(|u| CHORD_KEYS.contains(u) && !ALT_KEYS.contains(u));
+        if !alt {
+            if let Some(code) = self.alt_code.take() {
+                match u8::try_from(code).ok().filter(|c| (0x20..0x7F).contains(c)) {
+                    Some(c) => self.text.push(char::from(c)),
+                    None => {
+                        tracing::debug!(code, "ignoring an Alt+keypad code outside printable ASCII")
+                    }
+                }
+            }
+        }
         let mut out = Step::Pending;
         for &usage in &held {
             if self.down.contains(&usage) || usage >= 0xE0 {
                 continue; // held since the last report, or a modifier
+            }
+            if alt_only {
+                if let Some(d) = keypad_digit(usage) {
+                    let code = self
+                        .alt_code
+                        .unwrap_or(0)
+                        .saturating_mul(10)
+                        .saturating_add(d);
+                    self.alt_code = Some(code.min(100_000));
+                    continue;
+                }
             }
             if ends_scan(usage) {
                 if self.text.is_empty() {
@@ -335,6 +378,37 @@ mod tests {
         assert_eq!(strip_aim("abc"), "abc");
         assert_eq!(strip_aim("]"), "]");
         assert_eq!(strip_aim("]1a"), "]1a");
+    }
+
+    #[test]
+    fn alt_keypad_codes_type_their_character() {
+        let mut d = boot();
+        // Alt+075 = 'K', Alt+058 = ':', then a plain '1', Alt+0200 dropped, Enter.
+        let alt = 0x04;
+        let seq = [
+            kbd(alt, &[]),
+            kbd(alt, &[0x62]),
+            kbd(alt, &[]),
+            kbd(alt, &[0x5F]),
+            kbd(alt, &[]),
+            kbd(alt, &[0x5D]),
+            kbd(0, &[]),
+            kbd(alt, &[0x62]),
+            kbd(alt, &[0x5D]),
+            kbd(alt, &[0x60]),
+            kbd(0, &[]),
+            kbd(0, &[0x1E]),
+            kbd(0, &[]),
+            kbd(alt, &[0x62]),
+            kbd(alt, &[0x5A]),
+            kbd(alt, &[0x62]),
+            kbd(alt, &[]),
+            kbd(alt, &[0x62]),
+            kbd(0, &[]),
+            kbd(0, &[0x28]),
+        ];
+        let last = seq.iter().map(|r| d.feed(r)).last();
+        assert_eq!(last, Some(Step::Scan("K:1".into())));
     }
 
     #[test]

@@ -123,7 +123,33 @@ fn timestamp(line: usize, word: &str) -> Result<Duration, RecordingError> {
     Ok(Duration::from_secs(sec) + Duration::from_micros(u64::from(usec)))
 }
 
-/// Parse a hid-recorder file.
+/// Drop ANSI colour sequences (`ESC [ ... m`): the Rust hid-recorder colours
+/// its lines when its stdout is a terminal, also in the file `--output-file` writes.
+fn strip_ansi(line: &str) -> std::borrow::Cow<'_, str> {
+    if !line.contains('\u{1b}') {
+        return std::borrow::Cow::Borrowed(line);
+    }
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' && chars.peek() == Some(&'[') {
+            chars.next();
+            // Parameter and intermediate bytes, then one final byte in @..~.
+            for c in chars.by_ref() {
+                if ('@'..='~').contains(&c) {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
+/// Parse a hid-recorder file (from hid-tools' Python `hid-recorder` or the
+/// Rust one from hidutils: `B:` lines of HID-BPF events and other unknown
+/// tags are skipped).
 pub fn parse(text: &str) -> Result<Recording, RecordingError> {
     let mut rec = Recording::default();
     let mut current: u32 = 0;
@@ -131,7 +157,8 @@ pub fn parse(text: &str) -> Result<Recording, RecordingError> {
     for (idx, raw) in text.lines().enumerate() {
         let line = idx + 1;
         last_line = line;
-        let l = raw.trim();
+        let clean = strip_ansi(raw);
+        let l = clean.trim();
         if l.is_empty() || l.starts_with('#') {
             continue;
         }
@@ -327,6 +354,20 @@ E: 000001.250000 8 00 00 00 00 00 00 00 00\n";
         assert_eq!(r.events[0].device, 0);
         assert_eq!(r.events[1].device, 1);
         assert_eq!(r.devices[1].name.as_deref(), Some("b"));
+    }
+
+    #[test]
+    fn rust_hid_recorder_output_is_read() {
+        // Coloured lines, unpadded I:, a trailing space after the bytes, a B: line.
+        let text =
+            "# Current time: 12:00:00\n\u{1b}[31mR: 2 05 01\u{1b}[39m\n\u{1b}[31mN: x\u{1b}[39m\n\
+I: 3 46d c52b\nB: 000000.000000 2 01 02 \n\u{1b}[31mE: 000000.000100 2 01 02 \u{1b}[39m\n";
+        let r = parse(text).unwrap();
+        assert_eq!(r.devices[0].descriptor, vec![0x05, 0x01]);
+        assert_eq!(r.devices[0].ids, Some((3, 0x046d, 0xc52b)));
+        assert_eq!(r.events.len(), 1);
+        assert_eq!(r.events[0].bytes, vec![1, 2]);
+        assert_eq!(r.events[0].time, Duration::from_micros(100));
     }
 
     #[test]
