@@ -217,6 +217,7 @@ impl ByteStream for PortStream {
         // `None` waits in slices of an hour; the caller loops.
         let wait = wait
             .unwrap_or(Duration::from_secs(3600))
+            .min(Duration::from_secs(3600))
             .max(Duration::from_millis(1));
         if let Err(e) = self.port.set_timeout(wait) {
             return Ok(Chunk::End(format!("{}: {e}", self.path)));

@@ -76,6 +76,41 @@ mod hid_props {
         }
 
         #[test]
+        fn whole_replays_with_any_timeouts_never_panic(
+            events in proptest::collection::vec(
+                (0u64..100_000_000, proptest::collection::vec(any::<u8>(), 0..70)), 0..40),
+            timeouts in proptest::collection::vec(proptest::option::of(0u64..u64::MAX), 1..8),
+            fixture in 0usize..3,
+        ) {
+            use keyfleet_drivers::source::KeySource;
+            let f = ["boot_keyboard.hid", "report_id_keyboard.hid", "pos_scanner.hid"][fixture];
+            let mut t = 0;
+            let rec = recording::Recording {
+                devices: vec![recording::RecordedDevice {
+                    descriptor: descriptor_of(f),
+                    ..Default::default()
+                }],
+                events: events
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, (dt, bytes))| {
+                        t += dt;
+                        recording::RecordedEvent {
+                            device: 0,
+                            time: std::time::Duration::from_micros(t),
+                            bytes,
+                            line: i + 1,
+                        }
+                    })
+                    .collect(),
+            };
+            let mut s = keyfleet_drivers::hid::from_recording(rec, "prop").unwrap();
+            for to in timeouts {
+                let _ = s.read_raw(to.map(std::time::Duration::from_nanos));
+            }
+        }
+
+        #[test]
         fn typed_labels_come_back_whole(node in "[A-Za-z0-9._-]{1,64}", hex in "[0-9A-F]{36}") {
             let label = format!("KF1:{node}:{hex}");
             let mut d = ScanDecoder::new(&descriptor_of("boot_keyboard.hid")).unwrap();

@@ -124,9 +124,10 @@ impl ReportStream for ReplayStream {
             None => return Ok(Next::End("the recording ended".into())),
         };
         let due = next.time.max(self.now);
-        match wait {
-            Some(w) if due > self.now + w => {
-                self.now += w;
+        // A wait too long to add to the clock is as good as forever.
+        match wait.and_then(|w| self.now.checked_add(w)) {
+            Some(limit) if due > limit => {
+                self.now = limit;
                 self.peeked = Some(next);
                 Ok(Next::Quiet)
             }
@@ -446,6 +447,33 @@ mod tests {
             e.contains("/dev/hidraw1, /dev/hidraw2") && e.contains("--device"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn a_huge_timeout_is_no_overflow() {
+        let rec = recording::parse(&boot_recording(&[
+            (0, "00 00 04 00 00 00 00 00"),
+            (1, "00 00 28 00 00 00 00 00"),
+        ]))
+        .unwrap();
+        let mut s = from_recording(rec, "t").unwrap();
+        assert_eq!(s.read_raw(Some(Duration::MAX)).unwrap(), "a");
+    }
+
+    fn boot_recording(events: &[(u64, &str)]) -> String {
+        let desc = layout::tests_support::BOOT_KBD;
+        let mut text = format!(
+            "R: {} {}\n",
+            desc.len(),
+            desc.iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
+        for (sec, bytes) in events {
+            text.push_str(&format!("E: {sec:06}.000000 8 {bytes}\n"));
+        }
+        text
     }
 
     #[test]
