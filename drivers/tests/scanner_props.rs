@@ -142,6 +142,7 @@ mod hid_props {
                 match d.feed(&r) {
                     Step::Scan(s) => got = Some(s),
                     Step::Pending => prop_assert!(i + 1 < chunks.len()),
+                    Step::Overflow => prop_assert!(false, "300 bytes overflowed"),
                 }
             }
             prop_assert_eq!(got.as_deref(), Some(text.as_str()));

@@ -9,7 +9,13 @@ pub enum Step {
     Pending,
     /// A whole scan: the decoded text, framing and AIM prefix removed.
     Scan(String),
+    /// More than [`MAX_SCAN`] characters without an end; what came is dropped.
+    Overflow,
 }
+
+/// A scan longer than this without Enter, Tab or a last report is not a label:
+/// a keyboard typing, or a scanner without its suffix.
+pub const MAX_SCAN: usize = 4096;
 
 const SHIFT_KEYS: [u16; 2] = [0xE1, 0xE5];
 const CHORD_KEYS: [u16; 6] = [0xE0, 0xE2, 0xE3, 0xE4, 0xE6, 0xE7]; // ctrl, alt, gui
@@ -148,6 +154,10 @@ impl KeyboardDecoder {
             }
         }
         self.down = held;
+        if self.text.len() > MAX_SCAN {
+            self.text.clear();
+            return Step::Overflow;
+        }
         out
     }
 }
@@ -179,6 +189,10 @@ impl PosDecoder {
             }
         }
         self.data.extend_from_slice(&chunk);
+        if self.data.len() > MAX_SCAN {
+            self.data.clear();
+            return Step::Overflow;
+        }
         let more = fields
             .continued
             .as_ref()
@@ -409,6 +423,24 @@ mod tests {
         ];
         let last = seq.iter().map(|r| d.feed(r)).last();
         assert_eq!(last, Some(Step::Scan("K:1".into())));
+    }
+
+    #[test]
+    fn endless_typing_overflows() {
+        let mut d = boot();
+        let mut saw = None;
+        for i in 1..=MAX_SCAN + 1 {
+            if let s @ Step::Overflow = d.feed(&kbd(0, &[0x04])) {
+                saw = Some((i, s));
+                break;
+            }
+            assert_eq!(d.feed(&kbd(0, &[])), Step::Pending);
+        }
+        // The character past the limit is the one that overflows.
+        assert_eq!(saw, Some((MAX_SCAN + 1, Step::Overflow)));
+        // Then a normal scan goes through.
+        d.feed(&kbd(0, &[0x05]));
+        assert_eq!(d.feed(&kbd(0, &[0x28])), Step::Scan("b".into()));
     }
 
     #[test]

@@ -100,9 +100,20 @@ impl<S: ReportStream> KeySource for HidScanner<S> {
                     let Some(decoder) = self.decoders.get_mut(&device) else {
                         continue;
                     };
-                    if let Step::Scan(text) = decoder.feed(&bytes) {
-                        tracing::debug!(chars = text.chars().count(), "hid scan complete");
-                        return Ok(text);
+                    match decoder.feed(&bytes) {
+                        Step::Scan(text) => {
+                            tracing::debug!(chars = text.chars().count(), "hid scan complete");
+                            return Ok(text);
+                        }
+                        Step::Overflow => {
+                            return Err(SourceError::Malformed {
+                                what: format!(
+                                    "more than {} characters without Enter, Tab or a last report; is this a keyboard rather than a scanner, or is the scanner's suffix switched off?",
+                                    decode::MAX_SCAN
+                                ),
+                            })
+                        }
+                        Step::Pending => {}
                     }
                 }
             }
