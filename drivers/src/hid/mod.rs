@@ -28,11 +28,11 @@ pub mod recording;
 
 use decode::{ScanDecoder, Step};
 
-/// Vendors whose keyboard-mode interfaces are taken for scanners when autodetecting:
-/// Honeywell/Metrologic, Hand Held Products, Zebra/Symbol, Datalogic, Newland, Zebex, Opticon.
-const SCANNER_VENDORS: [u16; 8] = [
-    0x0c2e, 0x0536, 0x05e0, 0x05f9, 0x1eab, 0x1a86, 0x065a, 0x23d0,
-];
+/// Vendors whose keyboard-mode interfaces are taken for scanners when autodetecting
+/// (usb.ids): Metrologic/Honeywell, Hand Held Products, Symbol/Zebra,
+/// PSC/Datalogic, Newland, Opticon. Others are found by a product name with
+/// "scan", "barcode" and the like, or named with `--device`.
+const SCANNER_VENDORS: [u16; 6] = [0x0c2e, 0x0536, 0x05e0, 0x05f9, 0x1eab, 0x065a];
 
 /// Largest report descriptor the kernel accepts (HID_MAX_DESCRIPTOR_SIZE).
 const MAX_DESCRIPTOR: usize = 4096;
@@ -287,7 +287,7 @@ impl Candidate {
         self.pos
             || (self.keyboard
                 && (SCANNER_VENDORS.contains(&self.vendor_id)
-                    || ["scan", "barcode", "bar code", "imager", "reader", "qr"]
+                    || ["scan", "barcode", "bar code", "imager", "qr"]
                         .iter()
                         .any(|w| words.contains(w))))
     }
