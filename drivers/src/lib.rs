@@ -13,8 +13,6 @@
 pub mod label;
 pub mod source;
 
-#[cfg(feature = "file")]
-pub mod media;
 #[cfg(feature = "hid-scanner")]
 pub mod hid;
 #[cfg(feature = "ir")]
@@ -23,6 +21,8 @@ pub mod ir;
 pub mod keyboard;
 #[cfg(feature = "keypad")]
 pub mod keypad;
+#[cfg(feature = "file")]
+pub mod media;
 #[cfg(feature = "serial-scanner")]
 pub mod serial;
 #[cfg(feature = "webcam")]

@@ -2,7 +2,11 @@
 use clap::{Parser, Subcommand};
 
 #[derive(Parser, Debug)]
-#[command(name = "keyfleet-agent", version, about = "Holds the group key on an appliance")]
+#[command(
+    name = "keyfleet-agent",
+    version,
+    about = "Holds the group key on an appliance"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -2,7 +2,11 @@
 use clap::{Parser, Subcommand};
 
 #[derive(Parser, Debug)]
-#[command(name = "keyfleet", version, about = "Keeps one group key fresh across a fleet of appliances")]
+#[command(
+    name = "keyfleet",
+    version,
+    about = "Keeps one group key fresh across a fleet of appliances"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
