@@ -28,6 +28,8 @@ use zeroize::Zeroizing;
 const MAGIC: &str = "keyfleet-state";
 /// The one header version this code writes and reads.
 const VERSION: &str = "v1";
+/// errno of "no space left on device" on Linux.
+const ENOSPC: i32 = 28;
 /// A header line is never longer than this.
 const MAX_HEADER: usize = 160;
 
@@ -72,7 +74,8 @@ type Result<T> = std::result::Result<T, StateFileError>;
 
 fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> StateFileError + 'a {
     move |source| {
-        if source.kind() == io::ErrorKind::StorageFull {
+        // ENOSPC (28 on Linux); `ErrorKind::StorageFull` needs Rust 1.83.
+        if source.raw_os_error() == Some(ENOSPC) {
             StateFileError::NoSpace {
                 path: path.to_path_buf(),
             }
@@ -95,10 +98,7 @@ pub fn ensure_private_dir(dir: &Path) -> Result<()> {
                 return Err(StateFileError::Io {
                     op: "use as a directory",
                     path: dir.to_path_buf(),
-                    source: io::Error::new(
-                        io::ErrorKind::Other,
-                        "it exists and is not a directory",
-                    ),
+                    source: io::Error::other("it exists and is not a directory"),
                 });
             }
             let mode = meta.permissions().mode() & 0o777;
@@ -219,9 +219,11 @@ fn decode(path: &Path, raw: &[u8]) -> Result<Zeroizing<Vec<u8>>> {
     }
     match words.next() {
         Some(VERSION) => {}
-        Some(v) => return Err(corrupt(format!(
+        Some(v) => {
+            return Err(corrupt(format!(
             "format {v} is not known to this keyfleet (it reads {VERSION}); use a newer keyfleet"
-        ))),
+        )))
+        }
         None => return Err(corrupt("header has no version".into())),
     }
     let len = words
