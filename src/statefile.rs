@@ -166,9 +166,12 @@ pub fn write(path: &Path, payload: &[u8]) -> Result<()> {
         .tempfile_in(dir)
         .map_err(io_err("create a temporary file beside", path))?;
     let head = header(payload);
-    tmp.write_all(head.as_bytes())
-        .and_then(|()| tmp.write_all(payload))
-        .and_then(|()| tmp.as_file().sync_all())
+    // Through the plain `File`: NamedTempFile's own `Write` wraps errors and
+    // hides their errno, which tells a full disk apart.
+    let file = tmp.as_file_mut();
+    file.write_all(head.as_bytes())
+        .and_then(|()| file.write_all(payload))
+        .and_then(|()| file.sync_all())
         .map_err(io_err("write", path))?;
     // tempfile's persist is rename(2): atomic within the directory.
     tmp.persist(path)
