@@ -4,6 +4,8 @@
 use std::collections::BTreeSet;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use keyfleet::net::{Clock, Loss, NetConfig, Transport, Via};
@@ -194,24 +196,39 @@ async fn loss_injection_drops_exactly_what_the_seed_says() {
     let clock = Clock::monotonic();
     let mut rx = Transport::bind(&rx_cfg, clock.clone()).unwrap();
     let tx = Transport::bind(&cfg, clock).unwrap();
-    let sender = tokio::spawn(async move {
+    // Flow control, so the kernel's receive buffer never overflows even on a
+    // loaded machine: any loss must come from the injection alone.
+    let processed = Arc::new(AtomicU64::new(0));
+    let seen = processed.clone();
+    let mut sender = tokio::spawn(async move {
         for i in 0..N {
-            tx.send_group(&i.to_be_bytes()).await.unwrap();
-            if i % 64 == 63 {
-                // Pace the burst so the kernel's receive buffer never overflows:
-                // any loss must come from the injection alone.
-                tokio::time::sleep(Duration::from_millis(2)).await;
+            while u64::from(i).saturating_sub(seen.load(Ordering::Relaxed)) > 128 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
             }
+            tx.send_group(&i.to_be_bytes()).await.unwrap();
         }
         tx
     });
     let mut got = BTreeSet::new();
-    while let Ok(d) = timeout(Duration::from_millis(1_000), rx.recv()).await {
-        let d = d.unwrap();
-        let seq = u32::from_be_bytes(d.bytes.as_slice().try_into().unwrap());
-        got.insert(seq);
+    let mut tx = None;
+    loop {
+        // Quiet for 1 s after the sender is done: everything has arrived.
+        let quiet = Duration::from_millis(if tx.is_some() { 1_000 } else { 30_000 });
+        tokio::select! {
+            d = rx.recv() => {
+                let d = d.unwrap();
+                got.insert(u32::from_be_bytes(d.bytes.as_slice().try_into().unwrap()));
+                let s = rx.stats();
+                processed.store(s.received + s.dropped, Ordering::Relaxed);
+            }
+            t = &mut sender, if tx.is_none() => tx = Some(t.unwrap()),
+            _ = tokio::time::sleep(quiet) => {
+                assert!(tx.is_some(), "the sender stalled");
+                break;
+            }
+        }
     }
-    let tx = sender.await.unwrap();
+    let tx = tx.unwrap();
     let (stats, sent) = (rx.stats(), tx.stats().sent);
     assert_eq!(sent, u64::from(N));
     assert_eq!(
