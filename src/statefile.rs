@@ -416,6 +416,31 @@ mod tests {
         ));
     }
 
+    proptest::proptest! {
+        #[test]
+        fn decode_never_panics(raw in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..400)) {
+            let _ = decode(Path::new("x"), &raw);
+        }
+
+        #[test]
+        fn a_changed_byte_never_yields_other_content(
+            payload in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300),
+            at in proptest::prelude::any::<usize>(),
+            flip in 1u8..,
+        ) {
+            let mut raw = header(&payload).into_bytes();
+            raw.extend_from_slice(&payload);
+            let whole = decode(Path::new("x"), &raw).unwrap();
+            proptest::prop_assert_eq!(whole.as_slice(), payload.as_slice());
+            let i = at % raw.len();
+            raw[i] ^= flip;
+            // Either refused, or (e.g. a hex digit's case changed) the same content.
+            if let Ok(back) = decode(Path::new("x"), &raw) {
+                proptest::prop_assert_eq!(back.as_slice(), payload.as_slice());
+            }
+        }
+    }
+
     #[test]
     fn private_dir_is_created_0700_and_open_dir_is_refused() {
         let dir = private_tmp();

@@ -21,6 +21,7 @@
 
 mod schema;
 
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -32,6 +33,14 @@ pub use schema::SCHEMA_VERSION;
 /// What went wrong with the management table.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    #[error("cannot create the management table {path}: {source}")]
+    Create {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("node address {0:?} is not HOST:PORT (e.g. 192.168.1.20:7778)")]
+    BadAddress(String),
     #[error("cannot open the management table {path}: {source}")]
     Open {
         path: PathBuf,
@@ -248,6 +257,23 @@ pub struct AuditRecord {
     pub detail: serde_json::Value,
 }
 
+/// `HOST:PORT` with a non-empty host and a port 1..=65535 (`[v6]:PORT` too).
+fn check_address(address: &str) -> Result<()> {
+    let ok = address
+        .rsplit_once(':')
+        .filter(|(host, port)| {
+            !host.is_empty()
+                && !host.contains(char::is_whitespace)
+                && port.parse::<u16>().is_ok_and(|p| p != 0)
+        })
+        .is_some();
+    if ok {
+        Ok(())
+    } else {
+        Err(StoreError::BadAddress(address.to_owned()))
+    }
+}
+
 fn to_i64(v: u64) -> Result<i64> {
     i64::try_from(v).map_err(|_| StoreError::Range(v))
 }
@@ -304,6 +330,21 @@ impl Store {
             path: path.to_path_buf(),
             source,
         };
+        // Owner-only from the start: SQLite gives the -wal and -shm files the
+        // database file's mode.
+        if let Err(e) = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+        {
+            if e.kind() != std::io::ErrorKind::AlreadyExists {
+                return Err(StoreError::Create {
+                    path: path.to_path_buf(),
+                    source: e,
+                });
+            }
+        }
         let mut conn = Connection::open(path).map_err(open_err)?;
         conn.busy_timeout(Duration::from_secs(10))
             .map_err(open_err)?;
@@ -386,6 +427,7 @@ impl Store {
         key_check: &str,
         now_ms: u64,
     ) -> Result<NodeRecord> {
+        check_address(address)?;
         let tx = self.conn.transaction()?;
         let existing: Option<Option<i64>> = tx
             .query_row(
@@ -448,6 +490,7 @@ impl Store {
 
     /// Updates the address of an enrolled node.
     pub fn set_address(&mut self, node_id: &str, address: &str) -> Result<()> {
+        check_address(address)?;
         let n = self.conn.execute(
             "UPDATE nodes SET address = ?2 WHERE node_id = ?1 AND removed_at_ms IS NULL",
             params![node_id, address],

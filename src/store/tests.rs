@@ -239,6 +239,39 @@ fn rounds_record_phase_durations() {
 }
 
 #[test]
+fn addresses_must_be_host_port() {
+    let (_d, mut s) = open();
+    for bad in ["h", "h:", ":7000", "h:0", "h:70000", "a b:1"] {
+        assert!(
+            matches!(
+                s.enroll_node("n", bad, "ck", 0),
+                Err(StoreError::BadAddress(_))
+            ),
+            "{bad}"
+        );
+    }
+    for good in ["appliance-3.lan:7778", "10.1.2.3:7778", "[fe80::1]:7778"] {
+        s.enroll_node(good, good, "ck", 0).unwrap();
+    }
+    assert!(s.set_address("10.1.2.3:7778", "nope").is_err());
+}
+
+#[test]
+fn database_files_are_owner_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let (d, mut s) = open();
+    s.enroll_node("a", "h:1", "ck", 0).unwrap();
+    for name in ["fleet.db", "fleet.db-wal", "fleet.db-shm"] {
+        let mode = std::fs::metadata(d.path().join(name))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(mode, 0o600, "{name}");
+    }
+}
+
+#[test]
 fn data_survives_reopen() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("fleet.db");
