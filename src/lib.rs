@@ -4,3 +4,8 @@
 //! machines take an event and the current time and return actions. The shells
 //! (the simulator, the UDP driver, the binaries) move bytes and time in and out.
 #![forbid(unsafe_code)]
+
+pub mod net;
+pub mod secrets;
+pub mod statefile;
+pub mod store;

@@ -1,0 +1,282 @@
+//! Sending and receiving datagrams: the group and one unicast socket.
+
+use std::net::{SocketAddr, SocketAddrV4};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use tokio::net::UdpSocket;
+
+use super::socket::{self, local};
+use super::{Clock, NetConfig, NetError};
+
+/// Largest UDP payload; nothing arriving is ever truncated.
+const MAX_DATAGRAM: usize = 65_536;
+
+/// Which socket a datagram came in on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Via {
+    /// Sent to the multicast group.
+    Group,
+    /// Sent to this agent's unicast address.
+    Unicast,
+}
+
+/// A received datagram: bytes, where from, when.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Datagram {
+    pub bytes: Vec<u8>,
+    /// The sender's unicast address (where an answer reaches it).
+    pub from: SocketAddr,
+    /// Arrival time by the transport's [`Clock`].
+    pub at_ms: u64,
+    pub via: Via,
+}
+
+/// Counters of one transport.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Datagrams handed to the caller.
+    pub received: u64,
+    /// Datagrams received from the kernel and dropped by loss injection.
+    pub dropped: u64,
+    /// Datagrams the kernel accepted for sending.
+    pub sent: u64,
+    /// Sends the kernel refused (the datagram is lost; retries cover it).
+    pub send_errors: u64,
+}
+
+/// Receive-side loss injection: drops each datagram with probability `p`,
+/// drawn from a seeded ChaCha8 generator, so a run is replayed by its seed.
+#[derive(Debug, Clone)]
+pub struct Loss {
+    p: f64,
+    rng: ChaCha8Rng,
+}
+
+impl Loss {
+    /// Drops with probability `p` (0 to 1).
+    pub fn new(p: f64, seed: u64) -> Result<Loss, NetError> {
+        Self::for_stream(p, seed, 0)
+    }
+
+    /// Like [`Loss::new`], on stream `stream` of the seed: the agents of one
+    /// process (`keyfleet sim --transport udp`) take one stream each and so
+    /// draw independent, reproducible losses from one `--seed`.
+    pub fn for_stream(p: f64, seed: u64, stream: u64) -> Result<Loss, NetError> {
+        if !(0.0..=1.0).contains(&p) {
+            return Err(NetError::BadLoss(p));
+        }
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        rng.set_stream(stream);
+        Ok(Loss { p, rng })
+    }
+
+    /// The probability.
+    pub fn p(&self) -> f64 {
+        self.p
+    }
+
+    /// Whether to drop the next datagram.
+    pub fn drop_next(&mut self) -> bool {
+        self.rng.gen::<f64>() < self.p
+    }
+}
+
+/// The group socket and the unicast socket of one agent (or the controller).
+#[derive(Debug)]
+pub struct Transport {
+    group: SocketAddrV4,
+    group_sock: UdpSocket,
+    unicast: UdpSocket,
+    clock: Clock,
+    loss: Option<Loss>,
+    gbuf: Vec<u8>,
+    ubuf: Vec<u8>,
+    received: u64,
+    dropped: u64,
+    sent: AtomicU64,
+    send_errors: AtomicU64,
+}
+
+impl Transport {
+    /// Binds both sockets as `cfg` says. Call inside a tokio runtime.
+    ///
+    /// Loss injection is on when `cfg.loss > 0`, seeded with `cfg.loss_seed`.
+    pub fn bind(cfg: &NetConfig, clock: Clock) -> Result<Transport, NetError> {
+        cfg.validate()?;
+        let loss = if cfg.loss > 0.0 {
+            Some(Loss::new(cfg.loss, cfg.loss_seed)?)
+        } else {
+            None
+        };
+        let group_sock = socket::group_socket(cfg.group, cfg.iface)?;
+        let unicast = socket::unicast_socket(cfg.listen, cfg.iface, cfg.ttl)?;
+        Self::from_sockets(cfg.group, group_sock, unicast, clock, loss)
+    }
+
+    /// Wraps sockets made by [`socket::group_socket`] and
+    /// [`socket::unicast_socket`] (or the caller's own). Call inside a tokio runtime.
+    pub fn from_sockets(
+        group: SocketAddrV4,
+        group_sock: std::net::UdpSocket,
+        unicast: std::net::UdpSocket,
+        clock: Clock,
+        loss: Option<Loss>,
+    ) -> Result<Transport, NetError> {
+        let reg = |s: std::net::UdpSocket| {
+            let addr = s.local_addr().map(|a| a.to_string()).unwrap_or_default();
+            s.set_nonblocking(true)
+                .and_then(|()| UdpSocket::from_std(s))
+                .map_err(|source| NetError::Setup {
+                    what: "register the socket with tokio",
+                    addr,
+                    source,
+                })
+        };
+        Ok(Transport {
+            group,
+            group_sock: reg(group_sock)?,
+            unicast: reg(unicast)?,
+            clock,
+            loss,
+            gbuf: vec![0; MAX_DATAGRAM],
+            ubuf: vec![0; MAX_DATAGRAM],
+            received: 0,
+            dropped: 0,
+            sent: AtomicU64::new(0),
+            send_errors: AtomicU64::new(0),
+        })
+    }
+
+    /// The unicast address (where replies reach this transport).
+    pub fn local_addr(&self) -> SocketAddr {
+        local(&self.unicast)
+    }
+
+    /// The multicast group.
+    pub fn group(&self) -> SocketAddrV4 {
+        self.group
+    }
+
+    /// The clock stamping arrivals.
+    pub fn clock(&self) -> &Clock {
+        &self.clock
+    }
+
+    /// Sends `bytes` to the group (from the unicast socket, so that receivers
+    /// see this transport's unicast address as the source).
+    pub async fn send_group(&self, bytes: &[u8]) -> Result<(), NetError> {
+        self.send_to(bytes, SocketAddr::V4(self.group)).await
+    }
+
+    /// Sends `bytes` to one address.
+    pub async fn send_to(&self, bytes: &[u8], to: SocketAddr) -> Result<(), NetError> {
+        match self.unicast.send_to(bytes, to).await {
+            Ok(_) => {
+                self.sent.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(source) => {
+                self.send_errors.fetch_add(1, Ordering::Relaxed);
+                Err(NetError::Send {
+                    len: bytes.len(),
+                    to,
+                    source,
+                })
+            }
+        }
+    }
+
+    /// The next datagram from either socket that loss injection lets through.
+    /// Cancel-safe (it can sit in a `tokio::select!`).
+    pub async fn recv(&mut self) -> Result<Datagram, NetError> {
+        loop {
+            let (res, via) = tokio::select! {
+                r = self.group_sock.recv_from(&mut self.gbuf) => (r, Via::Group),
+                r = self.unicast.recv_from(&mut self.ubuf) => (r, Via::Unicast),
+            };
+            let at_ms = self.clock.now_ms();
+            let (n, from) = match res {
+                Ok(r) => r,
+                // An ICMP error about an earlier send, reported on this socket:
+                // not a datagram, not fatal.
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::ConnectionRefused
+                            | std::io::ErrorKind::ConnectionReset
+                            | std::io::ErrorKind::HostUnreachable
+                            | std::io::ErrorKind::NetworkUnreachable
+                    ) =>
+                {
+                    tracing::debug!(error = %e, "ignored an ICMP error on receive");
+                    continue;
+                }
+                Err(source) => {
+                    let on = match via {
+                        Via::Group => local(&self.group_sock),
+                        Via::Unicast => local(&self.unicast),
+                    };
+                    return Err(NetError::Recv { on, source });
+                }
+            };
+            if let Some(loss) = &mut self.loss {
+                if loss.drop_next() {
+                    self.dropped += 1;
+                    continue;
+                }
+            }
+            self.received += 1;
+            let buf = match via {
+                Via::Group => &self.gbuf,
+                Via::Unicast => &self.ubuf,
+            };
+            let bytes = buf.get(..n).map(<[u8]>::to_vec).unwrap_or_default();
+            return Ok(Datagram {
+                bytes,
+                from,
+                at_ms,
+                via,
+            });
+        }
+    }
+
+    /// The counters so far.
+    pub fn stats(&self) -> Stats {
+        Stats {
+            received: self.received,
+            dropped: self.dropped,
+            sent: self.sent.load(Ordering::Relaxed),
+            send_errors: self.send_errors.load(Ordering::Relaxed),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loss_is_reproducible_by_seed_and_near_p() {
+        let draw = |seed, stream| {
+            let mut l = Loss::for_stream(0.1, seed, stream).unwrap();
+            (0..100_000).map(|_| l.drop_next()).collect::<Vec<_>>()
+        };
+        let a = draw(42, 0);
+        assert_eq!(a, draw(42, 0), "same seed, same drops");
+        assert_ne!(a, draw(43, 0), "another seed, other drops");
+        assert_ne!(a, draw(42, 1), "another stream, other drops");
+        let frac = a.iter().filter(|d| **d).count() as f64 / a.len() as f64;
+        assert!((0.095..0.105).contains(&frac), "dropped {frac}");
+    }
+
+    #[test]
+    fn loss_extremes_and_bad_values() {
+        let mut never = Loss::new(0.0, 1).unwrap();
+        let mut always = Loss::new(1.0, 1).unwrap();
+        assert!((0..1000).all(|_| !never.drop_next() && always.drop_next()));
+        assert!(matches!(Loss::new(1.01, 1), Err(NetError::BadLoss(_))));
+        assert!(Loss::new(f64::NAN, 1).is_err());
+    }
+}

@@ -1,0 +1,458 @@
+//! Atomic, owner-only, checksummed state files.
+//!
+//! The agent's state and the controller's secrets live in small files that must
+//! survive a crash or a full disk at any instant:
+//!
+//! - a write goes to a temporary file in the same directory (created mode 0600),
+//!   is fsynced, renamed over the target, and the directory is fsynced; so the
+//!   target is always either the old complete file or the new complete file;
+//! - every file starts with a one-line header `keyfleet-state v1 len=N sha256=HEX`,
+//!   so a truncated or damaged file is refused with an error naming it instead of
+//!   being half-read;
+//! - readers refuse a file that group or others may read or write, and a symbolic
+//!   link, and say which `chmod` fixes it.
+//!
+//! Payloads are handled in [`Zeroizing`] buffers because they may hold keys.
+
+use std::fs::{self, File};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use zeroize::Zeroizing;
+
+/// First word of every state file.
+const MAGIC: &str = "keyfleet-state";
+/// The one header version this code writes and reads.
+const VERSION: &str = "v1";
+/// errno of "no space left on device" on Linux.
+const ENOSPC: i32 = 28;
+/// A header line is never longer than this.
+const MAX_HEADER: usize = 160;
+
+/// What went wrong with a state file; every variant names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum StateFileError {
+    #[error("cannot {op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "no space left on the device holding {path}; the previous file is intact. \
+         Free some space and try again"
+    )]
+    NoSpace { path: PathBuf },
+    #[error(
+        "{path} may be read or written by group or others (mode {mode:03o}); \
+         it holds secrets: run `chmod 600 {path}`"
+    )]
+    FileNotPrivate { path: PathBuf, mode: u32 },
+    #[error(
+        "directory {path} may be entered by group or others (mode {mode:03o}); \
+         run `chmod 700 {path}`"
+    )]
+    DirNotPrivate { path: PathBuf, mode: u32 },
+    #[error("{path} is a symbolic link; keyfleet does not follow links to its state files")]
+    Symlink { path: PathBuf },
+    #[error("{path} is damaged: {reason}; restore it from a backup, or remove it to start over")]
+    Corrupt { path: PathBuf, reason: String },
+    #[error("{path} is intact but its content is not what keyfleet expects: {source}")]
+    Json {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+type Result<T> = std::result::Result<T, StateFileError>;
+
+fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> StateFileError + 'a {
+    move |source| {
+        // ENOSPC (28 on Linux); `ErrorKind::StorageFull` needs Rust 1.83.
+        if source.raw_os_error() == Some(ENOSPC) {
+            StateFileError::NoSpace {
+                path: path.to_path_buf(),
+            }
+        } else {
+            StateFileError::Io {
+                op,
+                path: path.to_path_buf(),
+                source,
+            }
+        }
+    }
+}
+
+/// Creates `dir` (and missing parents) with mode 0700, or checks that an existing
+/// `dir` is not open to group or others.
+pub fn ensure_private_dir(dir: &Path) -> Result<()> {
+    match fs::symlink_metadata(dir) {
+        Ok(meta) => {
+            if !meta.is_dir() {
+                return Err(StateFileError::Io {
+                    op: "use as a directory",
+                    path: dir.to_path_buf(),
+                    source: io::Error::other("it exists and is not a directory"),
+                });
+            }
+            let mode = meta.permissions().mode() & 0o777;
+            if mode & 0o077 != 0 {
+                return Err(StateFileError::DirNotPrivate {
+                    path: dir.to_path_buf(),
+                    mode,
+                });
+            }
+            Ok(())
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(io_err("create directory", dir)),
+        Err(e) => Err(io_err("inspect", dir)(e)),
+    }
+}
+
+/// Refuses a symbolic link, and a file that group or others may read or write.
+pub fn check_private_file(path: &Path) -> Result<()> {
+    let meta = fs::symlink_metadata(path).map_err(io_err("inspect", path))?;
+    if meta.file_type().is_symlink() {
+        return Err(StateFileError::Symlink {
+            path: path.to_path_buf(),
+        });
+    }
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(StateFileError::FileNotPrivate {
+            path: path.to_path_buf(),
+            mode,
+        });
+    }
+    Ok(())
+}
+
+fn header(payload: &[u8]) -> String {
+    let sum = Sha256::digest(payload);
+    format!(
+        "{MAGIC} {VERSION} len={} sha256={}\n",
+        payload.len(),
+        hex::encode(sum)
+    )
+}
+
+/// Atomically replaces `path` with `payload` (owner-only, checksummed).
+///
+/// On any error (a full disk included) the previous file at `path`, if any, is
+/// left as it was and the temporary file is removed.
+pub fn write(path: &Path, payload: &[u8]) -> Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "state".into());
+    let mut tmp = tempfile::Builder::new()
+        .prefix(&format!(".{name}."))
+        .suffix(".tmp")
+        .permissions(fs::Permissions::from_mode(0o600))
+        .tempfile_in(dir)
+        .map_err(io_err("create a temporary file beside", path))?;
+    let head = header(payload);
+    // Through the plain `File`: NamedTempFile's own `Write` wraps errors and
+    // hides their errno, which tells a full disk apart.
+    let file = tmp.as_file_mut();
+    file.write_all(head.as_bytes())
+        .and_then(|()| file.write_all(payload))
+        .and_then(|()| file.sync_all())
+        .map_err(io_err("write", path))?;
+    // tempfile's persist is rename(2): atomic within the directory.
+    tmp.persist(path)
+        .map_err(|e| io_err("rename the new file onto", path)(e.error))?;
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err("fsync the directory of", path))?;
+    Ok(())
+}
+
+/// Reads and verifies `path`; `Ok(None)` when it does not exist.
+pub fn read(path: &Path) -> Result<Option<Zeroizing<Vec<u8>>>> {
+    match fs::symlink_metadata(path) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io_err("inspect", path)(e)),
+        Ok(_) => {}
+    }
+    check_private_file(path)?;
+    let mut file = File::open(path).map_err(io_err("open", path))?;
+    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let mut raw = Zeroizing::new(Vec::with_capacity(
+        usize::try_from(len).unwrap_or(0).saturating_add(1),
+    ));
+    file.read_to_end(&mut raw).map_err(io_err("read", path))?;
+    decode(path, &raw).map(Some)
+}
+
+fn decode(path: &Path, raw: &[u8]) -> Result<Zeroizing<Vec<u8>>> {
+    let corrupt = |reason: String| StateFileError::Corrupt {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let limit = raw.len().min(MAX_HEADER);
+    let nl = raw[..limit]
+        .iter()
+        .position(|&b| b == b'\n')
+        .ok_or_else(|| {
+            if raw.is_empty() {
+                corrupt("the file is empty".into())
+            } else {
+                corrupt(format!("no `{MAGIC}` header line"))
+            }
+        })?;
+    let line = std::str::from_utf8(&raw[..nl]).map_err(|_| corrupt("header is not text".into()))?;
+    let mut words = line.split(' ');
+    if words.next() != Some(MAGIC) {
+        return Err(corrupt(format!("no `{MAGIC}` header line")));
+    }
+    match words.next() {
+        Some(VERSION) => {}
+        Some(v) => {
+            return Err(corrupt(format!(
+            "format {v} is not known to this keyfleet (it reads {VERSION}); use a newer keyfleet"
+        )))
+        }
+        None => return Err(corrupt("header has no version".into())),
+    }
+    let len = words
+        .next()
+        .and_then(|w| w.strip_prefix("len="))
+        .and_then(|n| n.parse::<usize>().ok())
+        .ok_or_else(|| corrupt("header has no valid len=".into()))?;
+    let sum = words
+        .next()
+        .and_then(|w| w.strip_prefix("sha256="))
+        .and_then(|h| <[u8; 32]>::try_from(hex::decode(h).ok()?.as_slice()).ok())
+        .ok_or_else(|| corrupt("header has no valid sha256=".into()))?;
+    let body = &raw[nl + 1..];
+    if body.len() != len {
+        return Err(corrupt(format!(
+            "truncated or extended: the header says {len} bytes, the file holds {}",
+            body.len()
+        )));
+    }
+    if Sha256::digest(body).as_slice() != sum {
+        return Err(corrupt("checksum mismatch".into()));
+    }
+    Ok(Zeroizing::new(body.to_vec()))
+}
+
+/// Serializes `value` as JSON and writes it with [`write`].
+pub fn write_json<T: Serialize + ?Sized>(path: &Path, value: &T) -> Result<()> {
+    let bytes = to_json_zeroizing(value).map_err(|source| StateFileError::Json {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    write(path, &bytes)
+}
+
+/// Reads `path` with [`read`] and parses its JSON; `Ok(None)` when it does not exist.
+pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<Option<T>> {
+    let Some(bytes) = read(path)? else {
+        return Ok(None);
+    };
+    serde_json::from_slice(&bytes)
+        .map(Some)
+        .map_err(|source| StateFileError::Json {
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
+/// Serializes to JSON into a buffer allocated once at its final size, so that no
+/// reallocation leaves a copy of a secret behind in freed memory.
+pub(crate) fn to_json_zeroizing<T: Serialize + ?Sized>(
+    value: &T,
+) -> serde_json::Result<Zeroizing<Vec<u8>>> {
+    struct Count(usize);
+    impl Write for Count {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    serde_json::to_writer(&mut count, value)?;
+    let mut out = Zeroizing::new(Vec::with_capacity(count.0));
+    serde_json::to_writer(&mut *out, value)?;
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn private_tmp() -> tempfile::TempDir {
+        tempfile::Builder::new()
+            .permissions(fs::Permissions::from_mode(0o700))
+            .tempdir()
+            .expect("tempdir")
+    }
+
+    #[test]
+    fn round_trip_is_owner_only_and_leaves_no_temporary_file() {
+        let dir = private_tmp();
+        let path = dir.path().join("agent.state");
+        write(&path, b"{\"epoch\":3}").unwrap();
+        write(&path, b"{\"epoch\":4}").unwrap();
+        assert_eq!(read(&path).unwrap().unwrap().as_slice(), b"{\"epoch\":4}");
+        let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let names: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("agent.state")]);
+    }
+
+    #[test]
+    fn missing_file_is_none() {
+        let dir = private_tmp();
+        assert!(read(&dir.path().join("absent")).unwrap().is_none());
+    }
+
+    #[test]
+    fn group_readable_file_is_refused_with_chmod_hint() {
+        let dir = private_tmp();
+        let path = dir.path().join("s");
+        write(&path, b"x").unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o640)).unwrap();
+        let err = read(&path).unwrap_err();
+        assert!(matches!(
+            err,
+            StateFileError::FileNotPrivate { mode: 0o640, .. }
+        ));
+        let msg = err.to_string();
+        assert!(
+            msg.contains(&format!("chmod 600 {}", path.display())),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn symlink_is_refused() {
+        let dir = private_tmp();
+        let real = dir.path().join("real");
+        write(&real, b"x").unwrap();
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        assert!(matches!(read(&link), Err(StateFileError::Symlink { .. })));
+    }
+
+    #[test]
+    fn truncated_file_is_refused_naming_the_file() {
+        let dir = private_tmp();
+        let path = dir.path().join("agent.state");
+        write(&path, b"0123456789abcdef").unwrap();
+        let raw = fs::read(&path).unwrap();
+        fs::write(&path, &raw[..raw.len() - 4]).unwrap();
+        let err = read(&path).unwrap_err();
+        let msg = err.to_string();
+        assert!(matches!(err, StateFileError::Corrupt { .. }), "{msg}");
+        assert!(
+            msg.contains("agent.state") && msg.contains("truncated"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn flipped_byte_is_refused() {
+        let dir = private_tmp();
+        let path = dir.path().join("agent.state");
+        write(&path, b"0123456789abcdef").unwrap();
+        let mut raw = fs::read(&path).unwrap();
+        let last = raw.len() - 1;
+        raw[last] ^= 1;
+        fs::write(&path, &raw).unwrap();
+        let msg = read(&path).unwrap_err().to_string();
+        assert!(msg.contains("checksum mismatch"), "{msg}");
+    }
+
+    #[test]
+    fn empty_and_foreign_files_are_refused() {
+        let dir = private_tmp();
+        let path = dir.path().join("f");
+        fs::write(&path, b"").unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(read(&path).unwrap_err().to_string().contains("empty"));
+        fs::write(&path, b"{\"epoch\":3}\n").unwrap();
+        assert!(read(&path).unwrap_err().to_string().contains("header"));
+        fs::write(&path, b"keyfleet-state v9 len=0 sha256=00\n").unwrap();
+        assert!(read(&path).unwrap_err().to_string().contains("v9"));
+    }
+
+    #[test]
+    fn json_round_trip_and_schema_mismatch() {
+        #[derive(Serialize, serde::Deserialize, PartialEq, Debug)]
+        struct S {
+            epoch: u64,
+        }
+        let dir = private_tmp();
+        let path = dir.path().join("s.json");
+        write_json(&path, &S { epoch: 9 }).unwrap();
+        assert_eq!(read_json::<S>(&path).unwrap(), Some(S { epoch: 9 }));
+        write(&path, b"{\"other\":1}").unwrap();
+        assert!(matches!(
+            read_json::<S>(&path),
+            Err(StateFileError::Json { .. })
+        ));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn decode_never_panics(raw in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..400)) {
+            let _ = decode(Path::new("x"), &raw);
+        }
+
+        #[test]
+        fn a_changed_byte_never_yields_other_content(
+            payload in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300),
+            at in proptest::prelude::any::<usize>(),
+            flip in 1u8..,
+        ) {
+            let mut raw = header(&payload).into_bytes();
+            raw.extend_from_slice(&payload);
+            let whole = decode(Path::new("x"), &raw).unwrap();
+            proptest::prop_assert_eq!(whole.as_slice(), payload.as_slice());
+            let i = at % raw.len();
+            raw[i] ^= flip;
+            // Either refused, or (e.g. a hex digit's case changed) the same content.
+            if let Ok(back) = decode(Path::new("x"), &raw) {
+                proptest::prop_assert_eq!(back.as_slice(), payload.as_slice());
+            }
+        }
+    }
+
+    #[test]
+    fn private_dir_is_created_0700_and_open_dir_is_refused() {
+        let dir = private_tmp();
+        let d = dir.path().join("a/b");
+        ensure_private_dir(&d).unwrap();
+        assert_eq!(
+            fs::metadata(&d).unwrap().permissions().mode() & 0o777,
+            0o700
+        );
+        ensure_private_dir(&d).unwrap();
+        fs::set_permissions(&d, fs::Permissions::from_mode(0o755)).unwrap();
+        let msg = ensure_private_dir(&d).unwrap_err().to_string();
+        assert!(msg.contains("chmod 700"), "{msg}");
+    }
+}

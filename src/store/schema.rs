@@ -1,0 +1,93 @@
+//! The management table's schema, one migration per version.
+//!
+//! The schema version is SQLite's `user_version` (kept by `rusqlite_migration`).
+//! Never edit a released migration: append a new one.
+
+use rusqlite_migration::{Migrations, M};
+
+/// Version 1: nodes, keys, key deliveries, rounds, audit.
+const V1: &str = r#"
+CREATE TABLE nodes (
+    node_id        TEXT PRIMARY KEY NOT NULL CHECK (length(node_id) > 0),
+    member_no      INTEGER NOT NULL UNIQUE,
+    address        TEXT NOT NULL,
+    key_check      TEXT NOT NULL,
+    state          TEXT NOT NULL CHECK (state IN
+                     ('Enrolled', 'UpdateCompleted', 'DistributionCompleted', 'InTransit')),
+    epoch          INTEGER,
+    last_seen_ms   INTEGER,
+    stale          INTEGER NOT NULL DEFAULT 0 CHECK (stale IN (0, 1)),
+    enrolled_at_ms INTEGER NOT NULL,
+    removed_at_ms  INTEGER
+) STRICT;
+
+CREATE TABLE keys (
+    epoch          INTEGER PRIMARY KEY NOT NULL CHECK (epoch >= 0),
+    created_at_ms  INTEGER NOT NULL,
+    check_value    TEXT NOT NULL,
+    trigger        TEXT NOT NULL,
+    trigger_detail TEXT NOT NULL DEFAULT 'null',
+    retired_at_ms  INTEGER
+) STRICT;
+
+CREATE TABLE key_deliveries (
+    epoch            INTEGER NOT NULL REFERENCES keys(epoch),
+    node_id          TEXT NOT NULL REFERENCES nodes(node_id),
+    first_sent_at_ms INTEGER,
+    last_sent_at_ms  INTEGER,
+    attempts         INTEGER NOT NULL DEFAULT 0,
+    acked_at_ms      INTEGER,
+    PRIMARY KEY (epoch, node_id)
+) STRICT;
+
+CREATE TABLE rounds (
+    id                  INTEGER PRIMARY KEY AUTOINCREMENT,
+    epoch               INTEGER NOT NULL REFERENCES keys(epoch),
+    started_at_ms       INTEGER NOT NULL,
+    phase               TEXT NOT NULL CHECK (phase IN
+                          ('Distribute', 'FirstTransition', 'SecondTransition', 'Finished')),
+    phase_started_at_ms INTEGER NOT NULL,
+    distribute_ms       INTEGER,
+    first_transition_ms INTEGER,
+    second_transition_ms INTEGER,
+    nodes               INTEGER NOT NULL,
+    acked               INTEGER,
+    stale               INTEGER,
+    finished_at_ms      INTEGER,
+    outcome             TEXT CHECK (outcome IS NULL OR outcome IN ('Completed', 'Aborted', 'Superseded')),
+    outcome_detail      TEXT
+) STRICT;
+
+CREATE TABLE audit (
+    id      INTEGER PRIMARY KEY AUTOINCREMENT,
+    at_ms   INTEGER NOT NULL,
+    kind    TEXT NOT NULL,
+    node_id TEXT,
+    detail  TEXT NOT NULL DEFAULT 'null' CHECK (json_valid(detail))
+) STRICT;
+"#;
+
+/// Version 2: indexes for the per-node and time-ordered queries.
+const V2: &str = r#"
+CREATE INDEX key_deliveries_by_node ON key_deliveries(node_id, epoch);
+CREATE INDEX audit_by_time ON audit(at_ms);
+CREATE INDEX audit_by_node ON audit(node_id) WHERE node_id IS NOT NULL;
+CREATE INDEX rounds_by_epoch ON rounds(epoch);
+"#;
+
+const MIGRATIONS: &[M<'static>] = &[M::up(V1).foreign_key_check(), M::up(V2)];
+
+pub(crate) fn migrations() -> Migrations<'static> {
+    Migrations::from_slice(MIGRATIONS)
+}
+
+/// The schema version this build writes.
+pub const SCHEMA_VERSION: usize = MIGRATIONS.len();
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn migrations_are_valid() {
+        super::migrations().validate().unwrap();
+    }
+}

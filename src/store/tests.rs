@@ -1,0 +1,349 @@
+use super::*;
+use serde_json::json;
+
+fn open() -> (tempfile::TempDir, Store) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("fleet.db")).unwrap();
+    (dir, store)
+}
+
+#[test]
+fn open_sets_wal_full_sync_foreign_keys_and_latest_schema() {
+    let (_d, s) = open();
+    let mode: String = s
+        .conn
+        .pragma_query_value(None, "journal_mode", |r| r.get(0))
+        .unwrap();
+    let sync: i64 = s
+        .conn
+        .pragma_query_value(None, "synchronous", |r| r.get(0))
+        .unwrap();
+    let fk: i64 = s
+        .conn
+        .pragma_query_value(None, "foreign_keys", |r| r.get(0))
+        .unwrap();
+    assert_eq!((mode.as_str(), sync, fk), ("wal", 2, 1));
+    assert_eq!(s.schema_version().unwrap(), SCHEMA_VERSION as i64);
+    assert_eq!(s.integrity_check().unwrap(), Ok(()));
+}
+
+#[test]
+fn enroll_remove_and_reenroll() {
+    let (_d, mut s) = open();
+    let a = s
+        .enroll_node("a", "127.0.0.1:9001", "c0ffee", 1_000)
+        .unwrap();
+    let b = s
+        .enroll_node("b", "127.0.0.1:9002", "beef01", 1_001)
+        .unwrap();
+    assert_eq!((a.member_no, b.member_no), (1, 2));
+    assert_eq!(a.state, NodeState::Enrolled);
+    assert!(matches!(
+        s.enroll_node("a", "x:1", "c", 1_002),
+        Err(StoreError::AlreadyEnrolled(id)) if id == "a"
+    ));
+    s.remove_node("a", "decommissioned", 2_000).unwrap();
+    assert_eq!(
+        s.nodes()
+            .unwrap()
+            .iter()
+            .map(|n| n.node_id.as_str())
+            .collect::<Vec<_>>(),
+        ["b"]
+    );
+    assert_eq!(s.all_nodes().unwrap().len(), 2);
+    assert!(matches!(
+        s.remove_node("a", "again", 2_001),
+        Err(StoreError::UnknownNode(_))
+    ));
+    let c = s
+        .enroll_node("c", "127.0.0.1:9003", "0c0c0c", 2_500)
+        .unwrap();
+    assert_eq!(c.member_no, 3, "member numbers are never reused");
+    let a2 = s
+        .enroll_node("a", "127.0.0.1:9101", "a2a2a2", 3_000)
+        .unwrap();
+    assert_eq!(
+        (a2.member_no, a2.removed_at_ms, a2.address.as_str()),
+        (1, None, "127.0.0.1:9101")
+    );
+
+    let log = s.audit_log(0, 100).unwrap();
+    let kinds: Vec<_> = log
+        .iter()
+        .map(|e| (e.kind, e.node_id.clone().unwrap_or_default()))
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            (AuditKind::Enrollment, "a".to_string()),
+            (AuditKind::Enrollment, "b".into()),
+            (AuditKind::Removal, "a".into()),
+            (AuditKind::Enrollment, "c".into()),
+            (AuditKind::Enrollment, "a".into()),
+        ]
+    );
+    assert_eq!(log[2].detail, json!({"reason": "decommissioned"}));
+}
+
+#[test]
+fn key_history_records_sends_acks_and_retirement() {
+    let (_d, mut s) = open();
+    for (i, id) in ["a", "b", "c"].iter().enumerate() {
+        s.enroll_node(id, &format!("127.0.0.1:{}", 9000 + i), "ck", 0)
+            .unwrap();
+    }
+    s.record_key_created(
+        1,
+        "chk1",
+        Trigger::Initial,
+        &json!(null),
+        &["a", "b", "c"],
+        10,
+    )
+    .unwrap();
+    s.record_sent(1, &["a", "b", "c"], 11).unwrap();
+    s.record_sent(1, &["c"], 15).unwrap();
+    s.record_ack(1, &["a", "b"], 12).unwrap();
+    s.record_ack(1, &["a"], 14).unwrap(); // a duplicate reply keeps the first time
+    s.mark_stale("c", Some(1), "no reply in 30 s", 40).unwrap();
+    s.record_key_created(
+        2,
+        "chk2",
+        Trigger::KeyAge,
+        &json!({"age_ms": 86_400_000u64}),
+        &["a", "b"],
+        50,
+    )
+    .unwrap();
+    s.retire_key(1, 60).unwrap();
+    assert_eq!(s.current_epoch().unwrap(), Some(2));
+
+    let h = s.history().unwrap();
+    assert_eq!(h.len(), 2);
+    assert_eq!(
+        (h[0].epoch, h[0].retired_at_ms, h[0].trigger),
+        (1, Some(60), Trigger::Initial)
+    );
+    let d: Vec<_> = h[0]
+        .deliveries
+        .iter()
+        .map(|d| {
+            (
+                d.node_id.as_str(),
+                d.first_sent_at_ms,
+                d.last_sent_at_ms,
+                d.attempts,
+                d.acked_at_ms,
+            )
+        })
+        .collect();
+    assert_eq!(
+        d,
+        [
+            ("a", Some(11), Some(11), 1, Some(12)),
+            ("b", Some(11), Some(11), 1, Some(12)),
+            ("c", Some(11), Some(15), 2, None),
+        ]
+    );
+    assert_eq!(h[1].trigger_detail, json!({"age_ms": 86_400_000u64}));
+    assert_eq!(h[1].deliveries.len(), 2);
+    let c = s.node("c").unwrap().unwrap();
+    assert!(c.stale);
+    assert_eq!(s.node("a").unwrap().unwrap().last_seen_ms, Some(14));
+
+    assert!(matches!(
+        s.record_key_created(2, "x", Trigger::Manual, &json!(null), &["a"], 70),
+        Err(StoreError::EpochExists(2))
+    ));
+    assert!(matches!(
+        s.record_sent(9, &["a"], 70),
+        Err(StoreError::UnknownEpoch(9))
+    ));
+    let triggers: Vec<_> = s
+        .audit_log(0, 100)
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.kind == AuditKind::Trigger)
+        .map(|e| e.detail["trigger"].as_str().unwrap_or("").to_owned())
+        .collect();
+    assert_eq!(triggers, ["Initial", "KeyAge"]);
+}
+
+#[test]
+fn a_failing_batch_changes_nothing() {
+    let (_d, mut s) = open();
+    s.enroll_node("a", "h:1", "ck", 0).unwrap();
+    let err = s
+        .record_key_created(1, "chk", Trigger::Manual, &json!(null), &["a", "ghost"], 5)
+        .unwrap_err();
+    assert!(
+        matches!(err, StoreError::UnknownNode(ref id) if id == "ghost"),
+        "{err}"
+    );
+    assert_eq!(s.current_epoch().unwrap(), None);
+    assert!(s.history().unwrap().is_empty());
+    assert_eq!(s.audit_log(0, 10).unwrap().len(), 1, "only the enrollment");
+
+    s.record_key_created(1, "chk", Trigger::Manual, &json!(null), &["a"], 5)
+        .unwrap();
+    assert!(s.record_sent(1, &["a", "ghost"], 6).is_err());
+    assert_eq!(s.history().unwrap()[0].deliveries[0].attempts, 0);
+    assert!(s
+        .set_node_state(&["a", "ghost"], NodeState::InTransit, Some(1), 7)
+        .is_err());
+    assert_eq!(s.node("a").unwrap().unwrap().state, NodeState::Enrolled);
+}
+
+#[test]
+fn rounds_record_phase_durations() {
+    let (_d, mut s) = open();
+    s.enroll_node("a", "h:1", "ck", 0).unwrap();
+    s.record_key_created(1, "chk", Trigger::Manual, &json!(null), &["a"], 100)
+        .unwrap();
+    let id = s.round_started(1, 1, 100).unwrap();
+    assert_eq!(s.unfinished_round().unwrap().map(|r| r.id), Some(id));
+    s.round_phase(id, Phase::FirstTransition, 130).unwrap();
+    s.round_phase(id, Phase::SecondTransition, 180).unwrap();
+    s.set_node_state(&["a"], NodeState::UpdateCompleted, Some(1), 190)
+        .unwrap();
+    s.round_finished(id, Outcome::Completed, None, 1, 0, 300)
+        .unwrap();
+    let r = &s.rounds().unwrap()[0];
+    assert_eq!(
+        r.phases_ms,
+        PhaseDurations {
+            distribute: Some(30),
+            first_transition: Some(50),
+            second_transition: Some(120)
+        }
+    );
+    assert_eq!(
+        (r.phase, r.outcome, r.acked, r.stale),
+        (Phase::Finished, Some(Outcome::Completed), Some(1), Some(0))
+    );
+    assert_eq!(s.unfinished_round().unwrap(), None);
+    assert!(matches!(
+        s.round_started(7, 1, 400),
+        Err(StoreError::UnknownEpoch(7))
+    ));
+    assert!(matches!(
+        s.round_phase(99, Phase::Distribute, 400),
+        Err(StoreError::UnknownRound(99))
+    ));
+    let a = s.node("a").unwrap().unwrap();
+    assert_eq!(
+        (a.state, a.epoch, a.last_seen_ms),
+        (NodeState::UpdateCompleted, Some(1), Some(190))
+    );
+}
+
+#[test]
+fn addresses_must_be_host_port() {
+    let (_d, mut s) = open();
+    for bad in ["h", "h:", ":7000", "h:0", "h:70000", "a b:1"] {
+        assert!(
+            matches!(
+                s.enroll_node("n", bad, "ck", 0),
+                Err(StoreError::BadAddress(_))
+            ),
+            "{bad}"
+        );
+    }
+    for good in ["appliance-3.lan:7778", "10.1.2.3:7778", "[fe80::1]:7778"] {
+        s.enroll_node(good, good, "ck", 0).unwrap();
+    }
+    assert!(s.set_address("10.1.2.3:7778", "nope").is_err());
+}
+
+#[test]
+fn database_files_are_owner_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let (d, mut s) = open();
+    s.enroll_node("a", "h:1", "ck", 0).unwrap();
+    for name in ["fleet.db", "fleet.db-wal", "fleet.db-shm"] {
+        let mode = std::fs::metadata(d.path().join(name))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(mode, 0o600, "{name}");
+    }
+}
+
+#[test]
+fn data_survives_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("fleet.db");
+    {
+        let mut s = Store::open(&path).unwrap();
+        s.enroll_node("a", "h:1", "ck", 0).unwrap();
+        s.audit(
+            AuditKind::Refusal,
+            None,
+            &json!({"what": "unknown sender", "from": "10.0.0.9:7777"}),
+            5,
+        )
+        .unwrap();
+    }
+    let s = Store::open(&path).unwrap();
+    assert_eq!(s.nodes().unwrap().len(), 1);
+    let log = s.audit_log(0, 10).unwrap();
+    assert_eq!(log[1].kind, AuditKind::Refusal);
+    assert_eq!(log[1].detail["from"], "10.0.0.9:7777");
+}
+
+#[test]
+fn migrates_a_version_1_database_keeping_its_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("fleet.db");
+    {
+        let mut conn = Connection::open(&path).unwrap();
+        schema::migrations().to_version(&mut conn, 1).unwrap();
+        conn.execute(
+            "INSERT INTO nodes (node_id, member_no, address, key_check, state, enrolled_at_ms)
+             VALUES ('old', 1, 'h:1', 'ck', 'UpdateCompleted', 5)",
+            [],
+        )
+        .unwrap();
+        let v: i64 = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(v, 1);
+    }
+    let s = Store::open(&path).unwrap();
+    assert_eq!(s.schema_version().unwrap(), 2);
+    let n = s.node("old").unwrap().unwrap();
+    assert_eq!((n.state, n.enrolled_at_ms), (NodeState::UpdateCompleted, 5));
+    let idx: i64 = s
+        .conn
+        .query_row(
+            "SELECT COUNT(*) FROM sqlite_master WHERE type = 'index' AND name = 'audit_by_time'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(idx, 1);
+}
+
+#[test]
+fn refuses_a_database_from_a_newer_keyfleet() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("fleet.db");
+    {
+        let conn = Connection::open(&path).unwrap();
+        conn.pragma_update(None, "user_version", 99).unwrap();
+    }
+    let err = Store::open(&path).unwrap_err();
+    assert!(matches!(err, StoreError::TooNew { found: 99, .. }), "{err}");
+    assert!(err.to_string().contains("upgrade keyfleet"));
+}
+
+#[test]
+fn refuses_a_file_that_is_not_a_database() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("fleet.db");
+    std::fs::write(&path, vec![b'x'; 4096]).unwrap();
+    let msg = Store::open(&path).unwrap_err().to_string();
+    assert!(msg.contains("fleet.db"), "{msg}");
+}
