@@ -208,19 +208,19 @@ pub fn open(opts: &SourceOptions) -> Result<Box<dyn KeySource>, SourceError> {
     Ok(Box::new(source))
 }
 
-/// Load a keymap for `--keymap`, refusing one that can never match a frame we decode.
+/// Load a keymap for `--keymap`. Any ir-keytable keymap loads; one for
+/// protocols this source does not decode (sony, jvc, cec, ...) is accepted
+/// with a warning, and an entry with it ends saying its buttons were not found.
 pub fn load_keymap(path: &Path) -> Result<Keymap, SourceError> {
     let keymap = Keymap::load(path).map_err(|e| SourceError::Malformed {
         what: e.to_string(),
     })?;
     if !keymap.has_decodable_protocol() {
-        return Err(SourceError::Malformed {
-            what: format!(
-                "keymap {} is for protocol(s) {}; the ir source decodes nec, rc5 and rc6 remotes",
-                keymap.source,
-                keymap.protocol_names().join(", ")
-            ),
-        });
+        tracing::warn!(
+            keymap = %keymap.source,
+            protocols = %keymap.protocol_names().join(", "),
+            "keymap has no nec, rc5 or rc6 protocol; its buttons cannot be decoded"
+        );
     }
     Ok(keymap)
 }

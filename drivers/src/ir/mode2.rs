@@ -9,7 +9,8 @@
 //! - `mode2 -m` column output: lines of numbers alternating pulse and space,
 //!   a number suffixed `-pulse` or `-space` where the order broke;
 //! - `ir-ctl -r` raw output and the `ir-ctl --send` file format: `+N` pulse,
-//!   `-N` space, unsigned numbers alternate;
+//!   `-N` space, unsigned numbers alternate; a `-N` ending a line is the
+//!   receiver timeout `ir-ctl -r` ends each signal with;
 //! - the banner lines `mode2` writes (`Using driver ... on device ...`,
 //!   `Using raw access on device ...`, `Trying device: ...`, `Using device: ...`)
 //!   and blank lines.
@@ -97,6 +98,7 @@ impl Mode2Parser {
             }
             _ => {
                 let mut out = Vec::new();
+                let mut signed_space_last = false;
                 for word in content.split(|c: char| c.is_whitespace() || c == ',') {
                     if word.is_empty() {
                         continue;
@@ -105,6 +107,13 @@ impl Mode2Parser {
                         self.number(word)
                             .ok_or_else(|| err("not a pulse, space or timeout line"))?,
                     );
+                    signed_space_last = word.starts_with('-');
+                }
+                // `ir-ctl -r` ends a line only at a receiver timeout, printed `-N`.
+                if signed_space_last {
+                    if let Some(Timing::Space(d)) = out.pop() {
+                        out.push(Timing::Timeout(d));
+                    }
                 }
                 Ok(out)
             }
@@ -286,7 +295,8 @@ mod tests {
 
     #[test]
     fn ir_ctl_signed_form() {
-        let text = "+9024 -4460 +590 -540\n+590 -125000 # timeout\n";
+        // As `ir-ctl -r` prints a signal: one line, ended by the timeout.
+        let text = "+9024 -4460 +590 -540 +590 -125000\n# carrier 38000Hz, overflow\n";
         assert_eq!(
             parse_str(text).unwrap(),
             vec![
@@ -295,7 +305,7 @@ mod tests {
                 Pulse(590),
                 Space(540),
                 Pulse(590),
-                Space(125_000)
+                Timeout(125_000)
             ]
         );
     }
