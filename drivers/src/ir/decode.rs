@@ -139,24 +139,32 @@ impl MultiDecoder {
             return out;
         }
         for (ev, ends) in self.coalescer.push(t) {
-            self.run(ev, &mut out);
-            if ends {
-                out.push(Output::SignalEnd {
-                    at_us: self.clock_us,
-                });
-            }
+            self.run(ev, ends, &mut out);
         }
         out
     }
 
-    fn run(&mut self, ev: RawEvent, out: &mut Vec<Output>) {
-        self.clock_us = self.clock_us.saturating_add(u64::from(ev.duration));
-        let at_us = self.clock_us;
+    /// Run one event through every decoder. A space of the receiver timeout
+    /// or more ends the signal: the kernel's receiver reports the space when
+    /// the timeout fires, so the frame it completes is decoded then, not at
+    /// the end of a long pause, and the button is up.
+    fn run(&mut self, ev: RawEvent, ends: bool, out: &mut Vec<Output>) {
+        let d = u64::from(ev.duration);
+        let long = !ev.pulse && d >= DEFAULT_TIMEOUT_US;
+        let at_us = self
+            .clock_us
+            .saturating_add(d.min(if long { DEFAULT_TIMEOUT_US } else { d }));
         for what in [self.nec.feed(ev), self.rc5.feed(ev), self.rc6.feed(ev)]
             .into_iter()
             .flatten()
         {
             out.push(Output::Decoded { at_us, what });
+        }
+        self.clock_us = self.clock_us.saturating_add(d);
+        if ends || long {
+            out.push(Output::SignalEnd {
+                at_us: self.clock_us,
+            });
         }
     }
 
@@ -174,7 +182,8 @@ pub const DEFAULT_TIMEOUT_US: u64 = 125_000;
 /// frame is a new press unless the same protocol, scancode and toggle came
 /// while the previous one was still held. A button is held until the
 /// protocol's repeat period plus the receiver timeout pass without a frame or
-/// repeat code, or until the receiver reports the end of the signal.
+/// repeat code, or until the signal ends (a space of the receiver timeout,
+/// 125 ms, or a timeout reported by the receiver).
 #[derive(Debug, Default)]
 pub struct Presses {
     last: Option<Frame>,
