@@ -19,8 +19,8 @@ const COMMAND_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// What the probe found on the port.
 pub enum Kind {
-    /// A USB IR Toy, now in sample mode.
-    IrToy,
+    /// A USB IR Toy, now in sample mode; samples that came with the reply.
+    IrToy(Vec<u8>),
     /// Something else: taken to print mode2 text. Bytes it sent during the probe.
     Text(Vec<u8>),
 }
@@ -79,7 +79,7 @@ impl Port {
             irtoy: false,
         };
         let kind = p.probe()?;
-        p.irtoy = matches!(kind, Kind::IrToy);
+        p.irtoy = matches!(kind, Kind::IrToy(_));
         Ok((p, kind))
     }
 
@@ -105,7 +105,8 @@ impl Port {
             ));
         }
         self.write(&[irtoy::CMD_SAMPLE_MODE])?;
-        let reply = self.read_for(COMMAND_TIMEOUT, 3)?;
+        let mut reply = self.read_for(COMMAND_TIMEOUT, 3)?;
+        let samples = reply.split_off(reply.len().min(3));
         if irtoy::parse_sample_mode_reply(&reply).is_none() {
             return Err(open_error(
                 &self.path,
@@ -113,7 +114,7 @@ impl Port {
             ));
         }
         tracing::info!(port = %self.path, hardware, firmware, "USB IR Toy in sample mode");
-        Ok(Kind::IrToy)
+        Ok(Kind::IrToy(samples))
     }
 
     fn write(&mut self, bytes: &[u8]) -> Result<(), SourceError> {

@@ -155,6 +155,8 @@ enum Input {
     Device {
         port: device::Port,
         last_byte: Instant,
+        /// Bytes that arrived while the port was probed, not yet decoded.
+        early: Vec<u8>,
     },
 }
 
@@ -191,21 +193,19 @@ pub fn open(opts: &SourceOptions) -> Result<Box<dyn KeySource>, SourceError> {
     };
     let (port, kind) = device::Port::open(path, &opts.serial)?;
     let (format, early) = match kind {
-        device::Kind::IrToy => (Format::IrToy, Vec::new()),
+        device::Kind::IrToy(samples) => (Format::IrToy, samples),
         device::Kind::Text(bytes) => (Format::Mode2Text, bytes),
     };
-    let mut source = IrSource::new(
+    Ok(Box::new(IrSource::new(
         Input::Device {
             port,
             last_byte: Instant::now(),
+            early,
         },
         format,
         false,
         keymap,
-    );
-    let early = source.stream.push(&early)?;
-    source.queue.extend(early);
-    Ok(Box::new(source))
+    )))
 }
 
 /// Load a keymap for `--keymap`. Any ir-keytable keymap loads; one for
@@ -331,9 +331,20 @@ impl IrSource {
             if deadline.is_some_and(|d| Instant::now() >= d) {
                 return Err(SourceError::Timeout(timeout.unwrap_or_default()));
             }
-            let Input::Device { port, last_byte } = &mut self.input else {
+            let Input::Device {
+                port,
+                last_byte,
+                early,
+            } = &mut self.input
+            else {
                 return Err(SourceError::Ended("not a device".into()));
             };
+            if !early.is_empty() {
+                let bytes = std::mem::take(early);
+                let timings = self.stream.push(&bytes)?;
+                self.queue.extend(timings);
+                continue;
+            }
             let n = port.read(&mut buf)?;
             if n > 0 {
                 *last_byte = Instant::now();
