@@ -219,7 +219,8 @@ impl Presses {
             } => {
                 let held = self.last == Some(f) && at_us <= self.held_until_us;
                 self.last = Some(f);
-                self.held_until_us = at_us + f.protocol.repeat_period_us() + DEFAULT_TIMEOUT_US;
+                self.held_until_us =
+                    at_us.saturating_add(f.protocol.repeat_period_us() + DEFAULT_TIMEOUT_US);
                 (!held).then_some(f)
             }
         }
