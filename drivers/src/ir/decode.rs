@@ -204,8 +204,8 @@ impl Presses {
             } => {
                 if let Some(f) = self.last {
                     if at_us <= self.held_until_us {
-                        self.held_until_us =
-                            at_us + f.protocol.repeat_period_us() + DEFAULT_TIMEOUT_US;
+                        self.held_until_us = at_us
+                            .saturating_add(f.protocol.repeat_period_us() + DEFAULT_TIMEOUT_US);
                     } else {
                         // A repeat after the key went up repeats nothing.
                         self.last = None;
