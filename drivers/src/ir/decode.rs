@@ -102,15 +102,28 @@ pub enum Decoded {
     Repeat,
 }
 
-/// All decoders side by side, fed through a [`Coalescer`], with a clock that
-/// is the sum of the durations seen (the stream carries its own time).
-#[derive(Debug, Default)]
+/// The decoder families enabled when nothing says otherwise: what a keymap
+/// of protocol `unknown` gets (RC5-SZ, StreamZap's 15-bit RC5, only on request).
+pub const DEFAULT_FAMILIES: [Family; 3] = [Family::Nec, Family::Rc5, Family::Rc6];
+
+/// The enabled decoders side by side, fed through a [`Coalescer`], with a
+/// clock that is the sum of the durations seen (the stream carries its own
+/// time). As in the kernel, only the protocols of the keymap are decoded
+/// (`ir-keytable` enables them from the keymap), which keeps a frame of
+/// another protocol from being taken for a lookalike.
+#[derive(Debug)]
 pub struct MultiDecoder {
     coalescer: Coalescer,
-    nec: NecDecoder,
-    rc5: Rc5Decoder,
-    rc6: Rc6Decoder,
+    nec: Option<NecDecoder>,
+    rc5: Option<Rc5Decoder>,
+    rc6: Option<Rc6Decoder>,
     clock_us: u64,
+}
+
+impl Default for MultiDecoder {
+    fn default() -> Self {
+        MultiDecoder::new(&DEFAULT_FAMILIES)
+    }
 }
 
 /// One decoder output with the stream time at which it happened, or the end
@@ -128,14 +141,33 @@ pub enum Output {
 }
 
 impl MultiDecoder {
+    /// Decoders for these families only.
+    pub fn new(families: &[Family]) -> Self {
+        let has = |f| families.contains(&f);
+        MultiDecoder {
+            coalescer: Coalescer::default(),
+            nec: has(Family::Nec).then(NecDecoder::default),
+            rc5: (has(Family::Rc5) || has(Family::Rc5Sz))
+                .then(|| Rc5Decoder::new(has(Family::Rc5), has(Family::Rc5Sz))),
+            rc6: has(Family::Rc6).then(Rc6Decoder::default),
+            clock_us: 0,
+        }
+    }
+
     /// Feed one timing; returns what the decoders made of it.
     pub fn feed(&mut self, t: Timing) -> Vec<Output> {
         let mut out = Vec::new();
         if t == Timing::Reset {
             self.coalescer.push(t);
-            self.nec.reset();
-            self.rc5.reset();
-            self.rc6.reset();
+            if let Some(d) = self.nec.as_mut() {
+                d.reset();
+            }
+            if let Some(d) = self.rc5.as_mut() {
+                d.reset();
+            }
+            if let Some(d) = self.rc6.as_mut() {
+                d.reset();
+            }
             return out;
         }
         for (ev, ends) in self.coalescer.push(t) {
@@ -154,10 +186,10 @@ impl MultiDecoder {
         let at_us = self
             .clock_us
             .saturating_add(d.min(if long { DEFAULT_TIMEOUT_US } else { d }));
-        for what in [self.nec.feed(ev), self.rc5.feed(ev), self.rc6.feed(ev)]
-            .into_iter()
-            .flatten()
-        {
+        let nec = self.nec.as_mut().and_then(|d| d.feed(ev));
+        let rc5 = self.rc5.as_mut().and_then(|d| d.feed(ev));
+        let rc6 = self.rc6.as_mut().and_then(|d| d.feed(ev));
+        for what in [nec, rc5, rc6].into_iter().flatten() {
             out.push(Output::Decoded { at_us, what });
         }
         self.clock_us = self.clock_us.saturating_add(d);

@@ -289,11 +289,11 @@ impl Receiver {
 
 #[cfg(test)]
 mod tests {
-    use super::super::decode::{Decoded, MultiDecoder, Output};
+    use super::super::decode::{Decoded, Family, MultiDecoder, Output};
     use super::*;
 
     fn decode(t: &[Timing]) -> Vec<Decoded> {
-        let mut d = MultiDecoder::default();
+        let mut d = MultiDecoder::new(&[Family::Nec, Family::Rc5, Family::Rc5Sz, Family::Rc6]);
         let mut out = Vec::new();
         for &x in t.iter().chain(&[Timing::Timeout(125_000)]) {
             for o in d.feed(x) {
@@ -339,6 +339,17 @@ mod tests {
                 };
                 let t = frame(f).unwrap();
                 assert_eq!(decode(&t), vec![Decoded::Key(f)], "{f:?}");
+                if protocol == Protocol::Rc5Sz {
+                    // Only decoded when asked for, as the kernel does.
+                    let mut plain = MultiDecoder::default();
+                    let got: Vec<_> = t
+                        .iter()
+                        .chain(&[Timing::Timeout(125_000)])
+                        .flat_map(|&x| plain.feed(x))
+                        .filter(|o| matches!(o, Output::Decoded { .. }))
+                        .collect();
+                    assert!(got.is_empty(), "{got:?}");
+                }
                 let jittered = Receiver::new(7, 80, 90).receive(&t);
                 assert_eq!(
                     decode(&jittered),

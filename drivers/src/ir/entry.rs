@@ -34,7 +34,7 @@ pub struct Pipeline {
 impl Pipeline {
     pub fn new(keymap: Keymap) -> Self {
         Pipeline {
-            decoder: MultiDecoder::default(),
+            decoder: MultiDecoder::new(&keymap.families()),
             presses: Presses::default(),
             keymap,
             text: Zeroizing::new(String::new()),

@@ -166,6 +166,18 @@ impl Keymap {
             .any(|p| p.family.is_some() || p.scancode_only())
     }
 
+    /// The decoder families to enable: the keymap's own, or the defaults
+    /// when it has a scancode-only (`unknown`) protocol or none we decode.
+    pub fn families(&self) -> Vec<Family> {
+        let mut f: Vec<Family> = self.protocols.iter().filter_map(|p| p.family).collect();
+        if f.is_empty() || self.protocols.iter().any(KeymapProtocol::scancode_only) {
+            f.extend(super::decode::DEFAULT_FAMILIES);
+        }
+        f.sort_by_key(|x| *x as u8);
+        f.dedup();
+        f
+    }
+
     /// The protocol names, for messages.
     pub fn protocol_names(&self) -> Vec<&str> {
         self.protocols.iter().map(|p| p.protocol.as_str()).collect()

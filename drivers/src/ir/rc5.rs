@@ -35,15 +35,38 @@ enum State {
 }
 
 /// The RC5 decoder's state.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Rc5Decoder {
     state: State,
     bits: u32,
     count: u32,
     is_x: bool,
+    /// RC5 and RC5X enabled.
+    rc5: bool,
+    /// RC5-SZ enabled.
+    sz: bool,
+}
+
+impl Default for Rc5Decoder {
+    /// RC5 and RC5X, not RC5-SZ (as `ir-keytable -p rc-5` would).
+    fn default() -> Self {
+        Rc5Decoder::new(true, false)
+    }
 }
 
 impl Rc5Decoder {
+    /// A decoder reporting RC5/RC5X frames when `rc5`, RC5-SZ frames when `sz`.
+    pub fn new(rc5: bool, sz: bool) -> Self {
+        Rc5Decoder {
+            state: State::Inactive,
+            bits: 0,
+            count: 0,
+            is_x: false,
+            rc5,
+            sz,
+        }
+    }
+
     /// Forget a frame in progress.
     pub fn reset(&mut self) {
         self.state = State::Inactive;
@@ -116,7 +139,7 @@ impl Rc5Decoder {
 
     fn frame(&self) -> Option<Frame> {
         let b = self.bits;
-        let (protocol, scancode, toggle) = if self.is_x && self.count == X_NBITS {
+        let (protocol, scancode, toggle) = if self.rc5 && self.is_x && self.count == X_NBITS {
             let xdata = b & 0x3f;
             let mut command = (b & 0xfc0) >> 6;
             let system = (b & 0x1f000) >> 12;
@@ -129,7 +152,7 @@ impl Rc5Decoder {
                 system << 16 | command << 8 | xdata,
                 toggle,
             )
-        } else if !self.is_x && self.count == NBITS {
+        } else if self.rc5 && !self.is_x && self.count == NBITS {
             let mut command = b & 0x3f;
             let system = (b & 0x7c0) >> 6;
             let toggle = b & 0x800 != 0;
@@ -137,7 +160,7 @@ impl Rc5Decoder {
                 command += 0x40;
             }
             (Protocol::Rc5, system << 8 | command, toggle)
-        } else if !self.is_x && self.count == SZ_NBITS {
+        } else if self.sz && !self.is_x && self.count == SZ_NBITS {
             let command = b & 0x3f;
             let system = (b & 0x2fc0) >> 6;
             let toggle = b & 0x1000 != 0;
