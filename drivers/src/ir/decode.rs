@@ -315,6 +315,46 @@ mod tests {
         assert!(p.on_output(nec(10 * 108_000)).is_none());
     }
 
+    /// A held RC5 button: frames every 114 ms with the same toggle, the last
+    /// one followed by a long pause. The pause must not make the last frame
+    /// look late (a new press): the receiver timeout ends the signal first.
+    #[test]
+    fn last_frame_of_a_held_button_before_a_long_pause_is_still_a_repeat() {
+        let f = Frame {
+            protocol: Protocol::Rc5,
+            scancode: 0x1e05,
+            toggle: true,
+        };
+        let frame = super::super::encode::frame(f).unwrap();
+        let len: u32 = frame
+            .iter()
+            .map(|t| match t {
+                Timing::Pulse(d) | Timing::Space(d) => *d,
+                _ => 0,
+            })
+            .sum();
+        let mut d = MultiDecoder::default();
+        let mut p = Presses::default();
+        let mut new_presses = 0;
+        for pause in [113_778 - len, 113_778 - len, 900_000] {
+            for &t in frame.iter().chain(&[Timing::Space(pause)]) {
+                for o in d.feed(t) {
+                    new_presses += usize::from(p.on_output(o).is_some());
+                }
+            }
+        }
+        // The next press of the same button (toggle flipped) counts; the
+        // three held frames before it were one press (two if the last one
+        // were taken as late).
+        let again = super::super::encode::frame(Frame { toggle: false, ..f }).unwrap();
+        for &t in again.iter().chain(&[Timing::Timeout(125_000)]) {
+            for o in d.feed(t) {
+                new_presses += usize::from(p.on_output(o).is_some());
+            }
+        }
+        assert_eq!(new_presses, 2);
+    }
+
     #[test]
     fn family_names_from_keymaps() {
         assert_eq!(Family::from_keymap_name("nec"), Some(Family::Nec));

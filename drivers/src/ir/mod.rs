@@ -148,7 +148,8 @@ fn malformed(e: mode2::Mode2Error) -> SourceError {
 
 enum Input {
     Replay {
-        data: Vec<u8>,
+        /// The recording: the timings of a key entry, so wiped on drop.
+        data: zeroize::Zeroizing<Vec<u8>>,
         pos: usize,
         name: String,
     },
@@ -269,7 +270,7 @@ impl IrSource {
         tracing::debug!(recording = name, ?format, "replaying IR recording");
         IrSource::new(
             Input::Replay {
-                data,
+                data: zeroize::Zeroizing::new(data),
                 pos: 0,
                 name: name.to_string(),
             },
