@@ -118,3 +118,94 @@ impl Pipeline {
         s
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::decode::{Frame, Protocol};
+    use super::super::encode;
+    use super::*;
+
+    const MAP: &str = "[[protocols]]\nprotocol = \"nec\"\n[protocols.scancodes]\n\
+        0x2001 = \"KEY_1\"\n0x2002 = \"KEY_NUMERIC_2\"\n0x200a = \"KEY_A\"\n\
+        0x2010 = \"KEY_OK\"\n0x2011 = \"KEY_BACK\"\n0x2013 = \"KEY_EXIT\"\n0x2014 = \"KEY_CLEAR\"\n";
+
+    /// Press buttons (scancode, held frames) with pauses; return the outcomes.
+    fn press(p: &mut Pipeline, buttons: &[(u32, u32)]) -> Vec<Outcome> {
+        let mut out = Vec::new();
+        for &(scancode, repeats) in buttons {
+            let f = Frame {
+                protocol: Protocol::Nec,
+                scancode,
+                toggle: false,
+            };
+            let mut t = encode::press(f, repeats).unwrap();
+            t.push(Timing::Space(400_000));
+            out.extend(t.into_iter().filter_map(|t| p.feed(t)));
+        }
+        out.extend(p.feed(Timing::Timeout(125_000)));
+        out
+    }
+
+    fn pipeline() -> Pipeline {
+        Pipeline::new(Keymap::parse(MAP, "test").unwrap())
+    }
+
+    #[test]
+    fn digits_erase_and_finish() {
+        let mut p = pipeline();
+        let got = press(
+            &mut p,
+            &[
+                (0x2001, 3),
+                (0x200a, 0),
+                (0x2011, 0),
+                (0x2002, 0),
+                (0x2002, 0),
+                (0x2010, 0),
+            ],
+        );
+        assert_eq!(got, vec![Outcome::Done(Zeroizing::new("122".into()))]);
+        assert_eq!(p.entered(), 0);
+    }
+
+    #[test]
+    fn ok_with_nothing_entered_is_ignored_and_clear_starts_over() {
+        let mut p = pipeline();
+        let got = press(
+            &mut p,
+            &[
+                (0x2010, 0),
+                (0x2001, 0),
+                (0x2014, 0),
+                (0x200a, 0),
+                (0x2010, 0),
+            ],
+        );
+        assert_eq!(got, vec![Outcome::Done(Zeroizing::new("A".into()))]);
+    }
+
+    #[test]
+    fn exit_cancels() {
+        let mut p = pipeline();
+        assert_eq!(
+            press(&mut p, &[(0x2001, 0), (0x2013, 0)]),
+            vec![Outcome::Cancelled]
+        );
+    }
+
+    #[test]
+    fn summary_says_what_was_missing() {
+        let mut p = pipeline();
+        assert!(press(&mut p, &[(0x2001, 0), (0x2077, 0)]).is_empty());
+        let s = p.summary();
+        assert!(s.starts_with("1 characters entered"), "{s}");
+        assert!(
+            s.contains("1 of 2 button presses are not in keymap test"),
+            "{s}"
+        );
+        let fresh = pipeline();
+        assert!(fresh
+            .summary()
+            .contains("no NEC, RC5 or RC6 frame was decoded"));
+    }
+}

@@ -11,9 +11,16 @@
 //! ```
 //! Everything right of "bytes" is pure and shared by the device and the
 //! replay: a fixture exercises the same code as the hardware. Time inside the
-//! decoders is the sum of the durations they were fed; the device shell adds
-//! one thing, a timeout event once the line has been idle for
-//! [`IDLE_END`], as the kernel's receiver timeout does.
+//! decoders is the sum of the durations they were fed; a space of 125 ms or
+//! more ends a signal (the kernel's receiver timeout). The device shell adds
+//! one thing, a timeout event once the line has been idle for [`IDLE_END`],
+//! so the last frame of a board that prints nothing after its final pulse is
+//! complete. A replay runs at once and ignores `--timeout`.
+//!
+//! Only the decoders of the keymap's protocols run (as `ir-keytable` enables
+//! them from the keymap); a keymap of protocol `unknown` gets NEC, RC5 and RC6.
+//! Keymaps are looked up by scancode within those protocols
+//! ([`keymap::Keymap::lookup`]).
 //!
 //! Receiver formats ([`Format`]): the text LIRC's `mode2` prints (see
 //! [`mode2`] for the variants) or the USB IR Toy's binary sample mode (see
