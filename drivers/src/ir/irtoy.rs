@@ -10,7 +10,7 @@
 //! space, starting with a pulse; `0xFFFF` ends a signal (after the Toy's own
 //! timeout) and the next count is a pulse again.
 //!
-//! A recording of the stream (`--replay`) may start with the `S01` reply.
+//! A recording of the stream (`--replay`) may start with the `Vhss` and `S01` replies.
 use super::timing::Timing;
 
 /// The reset sequence the kernel driver sends.
@@ -81,7 +81,7 @@ impl IrToyParser {
         }
     }
 
-    /// A parser for a recording, which may begin with the `S01` reply.
+    /// A parser for a recording, which may begin with the `Vhss` and `S01` replies.
     pub fn for_recording() -> Self {
         IrToyParser {
             expect_header: true,
@@ -90,24 +90,38 @@ impl IrToyParser {
     }
 
     /// Add bytes; returns the timings they complete.
-    pub fn push(&mut self, mut bytes: &[u8]) -> Vec<Timing> {
-        let mut out = Vec::new();
-        if self.expect_header {
-            while self.header.len() < 3 {
-                let Some((&b, rest)) = bytes.split_first() else {
-                    return out;
-                };
-                self.header.push(b);
-                bytes = rest;
+    pub fn push(&mut self, bytes: &[u8]) -> Vec<Timing> {
+        if !self.expect_header {
+            return self.samples(bytes);
+        }
+        // A recording may start with the replies to `v` (`Vhss`) and `s` (`Snn`).
+        self.header.extend_from_slice(bytes);
+        loop {
+            let reply_len = match self.header.first() {
+                None => return Vec::new(),
+                Some(b'V') => 4,
+                Some(b'S') => 3,
+                Some(_) => break,
+            };
+            let Some(reply) = self.header.get(..reply_len) else {
+                return Vec::new();
+            };
+            let known = if reply_len == 4 {
+                parse_version(reply).is_some()
+            } else {
+                parse_sample_mode_reply(reply).is_some()
+            };
+            if !known {
+                break;
             }
-            self.expect_header = false;
-            let header = std::mem::take(&mut self.header);
-            if parse_sample_mode_reply(&header).is_none() {
-                out.extend(self.samples(&header));
+            self.header.drain(..reply_len);
+            if reply_len == 3 {
+                break;
             }
         }
-        out.extend(self.samples(bytes));
-        out
+        self.expect_header = false;
+        let rest = std::mem::take(&mut self.header);
+        self.samples(&rest)
     }
 
     fn samples(&mut self, bytes: &[u8]) -> Vec<Timing> {
@@ -136,10 +150,7 @@ impl IrToyParser {
 
     /// At the end of a recording: an error when a sample was cut in half.
     pub fn finish(&mut self) -> Result<(), String> {
-        if self.expect_header
-            && !self.header.is_empty()
-            && parse_sample_mode_reply(&self.header).is_none()
-        {
+        if self.expect_header && !self.header.is_empty() {
             return Err(format!(
                 "IR Toy recording of {} bytes is too short for a sample",
                 self.header.len()
@@ -225,6 +236,22 @@ mod tests {
         assert!(p.finish().is_ok());
         p.push(&[0x01]);
         assert!(p.finish().is_err());
+    }
+
+    #[test]
+    fn recording_with_both_replies() {
+        let mut p = IrToyParser::for_recording();
+        let mut got = p.push(b"V2");
+        got.extend(p.push(b"22S01"));
+        got.extend(p.push(&[0x01, 0xa6, 0xff, 0xff]));
+        assert_eq!(
+            got,
+            vec![Timing::Pulse(9003), Timing::Timeout(LONG_SPACE_US)]
+        );
+        assert!(p.finish().is_ok());
+        let mut short = IrToyParser::for_recording();
+        assert!(short.push(b"V2").is_empty());
+        assert!(short.finish().is_err());
     }
 
     #[test]

@@ -64,7 +64,8 @@ impl Mode2Parser {
             reason,
             text: raw.chars().take(80).collect(),
         };
-        let content = strip_comment(raw).trim();
+        // A byte-order mark (a recording saved by a Windows editor) is not content.
+        let content = strip_comment(raw.trim_start_matches('\u{feff}')).trim();
         if content.is_empty() || is_banner(content) {
             return Ok(Vec::new());
         }
@@ -258,7 +259,7 @@ mod tests {
 
     #[test]
     fn classic_mode2_lines_with_banner_and_timeout() {
-        let text = "Using driver default on device /dev/lirc0\nTrying device: /dev/lirc0\nUsing device: /dev/lirc0\nspace 16777215\npulse 9024\nspace 4460\npulse 590 # first bit\n\ntimeout 125000\ncarrier 38000\n";
+        let text = "\u{feff}Using driver default on device /dev/lirc0\nTrying device: /dev/lirc0\nUsing device: /dev/lirc0\nspace 16777215\npulse 9024\nspace 4460\npulse 590 # first bit\n\ntimeout 125000\ncarrier 38000\n";
         assert_eq!(
             parse_str(text).unwrap(),
             vec![
