@@ -67,3 +67,49 @@ fn decode_a_directory_of_recordings() {
         }
     }
 }
+
+/// Every `X.session` (mode2 text or IR Toy bytes) in `$KEYFLEET_IR_MEASURE_DIR`
+/// with an `X.session.toml` beside it (`keymap = "..."`, `raw = "..."`) is
+/// replayed through `ir::open` and the answer compared; prints
+/// `file<TAB>right|WRONG|error`.
+#[test]
+#[ignore = "needs KEYFLEET_IR_MEASURE_DIR"]
+fn replay_a_directory_of_sessions() {
+    use keyfleet_drivers::source::SourceOptions;
+    let dir = std::path::PathBuf::from(
+        std::env::var("KEYFLEET_IR_MEASURE_DIR").expect("KEYFLEET_IR_MEASURE_DIR"),
+    );
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "session"))
+        .collect();
+    files.sort();
+    let (mut right, mut total) = (0, 0);
+    for path in files {
+        let spec_path = path.with_extension("session.toml");
+        let Ok(spec) = std::fs::read_to_string(&spec_path) else {
+            continue;
+        };
+        let spec: toml::Table = spec.parse().unwrap();
+        let keymap = dir.join(spec["keymap"].as_str().unwrap());
+        let want = spec["raw"].as_str().unwrap();
+        total += 1;
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        let got = keyfleet_drivers::ir::open(&SourceOptions {
+            replay: Some(path.clone()),
+            keymap: Some(keymap),
+            ..SourceOptions::default()
+        })
+        .and_then(|mut s| s.read_raw(None));
+        match got {
+            Ok(g) if g == want => {
+                right += 1;
+                println!("{name}\tright");
+            }
+            Ok(g) => println!("{name}\tWRONG\t{} chars, {} expected", g.len(), want.len()),
+            Err(e) => println!("{name}\terror\t{e}"),
+        }
+    }
+    println!("{right} of {total} sessions right");
+}
