@@ -392,3 +392,63 @@ impl KeySource for IrSource {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keymap() -> Keymap {
+        Keymap::parse(
+            "[[protocols]]\nprotocol = \"nec\"\n[protocols.scancodes]\n0x2001 = \"KEY_1\"\n",
+            "test",
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn sniff_tells_text_from_ir_toy_samples() {
+        assert_eq!(
+            sniff(b"pulse 9000\r\nspace 4500\n\tpulse 560\n"),
+            Format::Mode2Text
+        );
+        assert_eq!(sniff(b" 16777215\n\n 9000 4500\n"), Format::Mode2Text);
+        assert_eq!(sniff(b"S01\x01\xa6\x00\xd3"), Format::IrToy);
+        assert_eq!(sniff(b""), Format::Mode2Text);
+    }
+
+    #[test]
+    fn malformed_replay_names_the_file_and_line() {
+        let mut s = IrSource::from_bytes(
+            b"pulse 9000\nspace 4500\npulse nine\n".to_vec(),
+            "capture.mode2",
+            keymap(),
+        );
+        let e = s.read_raw(None).unwrap_err().to_string();
+        assert!(
+            e.contains("capture.mode2") && e.contains("line 3") && e.contains("pulse nine"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn cut_ir_toy_recording_is_refused() {
+        let mut s = IrSource::from_bytes(b"S01\x01\xa6\x00".to_vec(), "cut.irtoy", keymap());
+        let e = s.read_raw(None).unwrap_err().to_string();
+        assert!(
+            e.contains("cut.irtoy") && e.contains("middle of a sample"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn empty_replay_ends_saying_nothing_was_decoded() {
+        let mut s = IrSource::from_bytes(Vec::new(), "empty.mode2", keymap());
+        let e = s.read_raw(None).unwrap_err();
+        assert!(matches!(e, SourceError::Ended(_)), "{e}");
+        assert!(
+            e.to_string()
+                .contains("no NEC, RC5 or RC6 frame was decoded"),
+            "{e}"
+        );
+    }
+}
