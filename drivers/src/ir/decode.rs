@@ -134,7 +134,7 @@ pub enum Output {
         at_us: u64,
         what: Decoded,
     },
-    /// The receiver reported the end of a signal (timeout): buttons are up.
+    /// The signal ended (a space of the receiver timeout or more): buttons are up.
     SignalEnd {
         at_us: u64,
     },
@@ -170,8 +170,12 @@ impl MultiDecoder {
             }
             return out;
         }
-        for (ev, ends) in self.coalescer.push(t) {
-            self.run(ev, ends, &mut out);
+        // A timeout only releases the space at once; whether the signal
+        // ended is the long-space rule's call: a receiver with a timeout
+        // shorter than the gaps of a held button reports timeouts between
+        // its frames, and the kernel still calls those repeats.
+        for (ev, _) in self.coalescer.push(t) {
+            self.run(ev, &mut out);
         }
         out
     }
@@ -180,7 +184,7 @@ impl MultiDecoder {
     /// or more ends the signal: the kernel's receiver reports the space when
     /// the timeout fires, so the frame it completes is decoded then, not at
     /// the end of a long pause, and the button is up.
-    fn run(&mut self, ev: RawEvent, ends: bool, out: &mut Vec<Output>) {
+    fn run(&mut self, ev: RawEvent, out: &mut Vec<Output>) {
         let d = u64::from(ev.duration);
         let long = !ev.pulse && d >= DEFAULT_TIMEOUT_US;
         let at_us = self
@@ -193,7 +197,7 @@ impl MultiDecoder {
             out.push(Output::Decoded { at_us, what });
         }
         self.clock_us = self.clock_us.saturating_add(d);
-        if ends || long {
+        if long {
             out.push(Output::SignalEnd {
                 at_us: self.clock_us,
             });
@@ -353,6 +357,32 @@ mod tests {
             }
         }
         assert_eq!(new_presses, 2);
+    }
+
+    /// `ir-ctl -r --mode2` on a receiver with a 20 ms timeout: a held RC5
+    /// button gives `timeout 20000` after every frame and the rest of each gap
+    /// is not printed. Still one press; the next press (toggle flipped) is another.
+    #[test]
+    fn short_receiver_timeouts_inside_a_held_button_are_not_releases() {
+        let frame = |toggle| {
+            super::super::encode::frame(Frame {
+                protocol: Protocol::Rc5,
+                scancode: 0x1e05,
+                toggle,
+            })
+            .unwrap()
+        };
+        let mut d = MultiDecoder::default();
+        let mut p = Presses::default();
+        let mut presses = 0;
+        for toggle in [true, true, true, true, false, false] {
+            for &t in frame(toggle).iter().chain(&[Timing::Timeout(20_000)]) {
+                for o in d.feed(t) {
+                    presses += usize::from(p.on_output(o).is_some());
+                }
+            }
+        }
+        assert_eq!(presses, 2);
     }
 
     #[test]
