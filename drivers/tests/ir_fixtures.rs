@@ -49,6 +49,8 @@ struct Scenario {
     answer: Answer,
     presses: Vec<Press>,
     rx: Receiver,
+    /// Seed for bursts of 40-300 us glitches in the pauses (a lamp, sunlight).
+    glitches: Option<u64>,
     about: &'static str,
 }
 
@@ -117,6 +119,7 @@ fn scenarios() -> Vec<Scenario> {
         answer,
         presses,
         rx: Receiver::new(101, 60, 80),
+        glitches: None,
         about: "NEC remote, hex form, mode2 text with banner; held buttons send repeat codes",
     });
 
@@ -132,6 +135,7 @@ fn scenarios() -> Vec<Scenario> {
         answer,
         presses,
         rx: Receiver::new(102, 90, 100),
+        glitches: None,
         about: "extended NEC remote, decimal form, `mode2 -m` columns",
     });
 
@@ -147,6 +151,7 @@ fn scenarios() -> Vec<Scenario> {
         answer,
         presses,
         rx: Receiver::new(103, 40, 120),
+        glitches: None,
         about: "32-bit NEC remote, hex form, `ir-ctl -r` output",
     });
 
@@ -163,6 +168,7 @@ fn scenarios() -> Vec<Scenario> {
         answer,
         presses,
         rx: Receiver::new(104, 70, 110),
+        glitches: None,
         about: "RC5 remote, decimal form, `ir-ctl -r --mode2` with timeout lines; \
                 held buttons repeat frames with the same toggle",
     });
@@ -180,6 +186,7 @@ fn scenarios() -> Vec<Scenario> {
         answer,
         presses,
         rx: Receiver::new(105, 50, 60),
+        glitches: None,
         about: "RC6 MCE remote, decimal form, USB IR Toy sample stream (S01, 21.333 us counts, 0xFFFF)",
     });
 
@@ -196,6 +203,7 @@ fn scenarios() -> Vec<Scenario> {
         answer,
         presses,
         rx: Receiver::new(106, 80, 90),
+        glitches: None,
         about: "RC6 MCE remote, decimal form, mode2 text, OK button",
     });
 
@@ -211,7 +219,25 @@ fn scenarios() -> Vec<Scenario> {
         answer,
         presses,
         rx: Receiver::new(107, 60, 70),
+        glitches: None,
         about: "RC6 mode 0 remote, hex form, `ir-ctl -r --mode2`",
+    });
+
+    // RC5 again, with glitches between the presses.
+    let (text, answer) = key_answer(8, true);
+    let mut remote = decimal_remote(Protocol::Rc5, 0x1e00, 0x1e25, 0x1e1f);
+    remote.noise = Some(0x1e50);
+    let presses = remote.typing(&text, &mut SplitMix64(20), true);
+    v.push(Scenario {
+        file: "rc5-decimal-noisy.mode2",
+        keymap: "keymaps/keyfleet-rc5.toml",
+        format: Format::Mode2,
+        remote,
+        answer,
+        presses,
+        rx: Receiver::new(110, 70, 110),
+        glitches: Some(21),
+        about: "RC5 remote, decimal form, mode2 text with bursts of short glitches in every pause",
     });
 
     // Refusals: cancelled, and a recording that ends before OK.
@@ -232,6 +258,7 @@ fn scenarios() -> Vec<Scenario> {
         answer: Answer::Error("entry cancelled"),
         presses,
         rx: Receiver::new(108, 60, 80),
+        glitches: None,
         about: "NEC remote: four digits, then EXIT: refused as cancelled",
     });
     let remote = decimal_remote(Protocol::Rc5, 0x1e00, 0x1e25, 0x1e1f);
@@ -245,6 +272,7 @@ fn scenarios() -> Vec<Scenario> {
         answer: Answer::Error("4 characters entered, no OK/ENTER/SELECT button"),
         presses,
         rx: Receiver::new(109, 60, 80),
+        glitches: None,
         about: "RC5 remote: four digits and no OK before the recording ends",
     });
     v
@@ -252,7 +280,10 @@ fn scenarios() -> Vec<Scenario> {
 
 fn generate(s: &mut Scenario) -> (Vec<u8>, String) {
     let signals = s.remote.send(&s.presses);
-    let received = ir_support::receive(&mut s.rx, signals);
+    let mut received = ir_support::receive(&mut s.rx, signals);
+    if let Some(seed) = s.glitches {
+        ir_support::add_glitches(&mut received, seed);
+    }
     let bytes = ir_support::write(s.format, &received, "/dev/lirc0");
     let mut expected = format!(
         "# What keyfleet reads from {file}: {about}.\n\

@@ -275,6 +275,28 @@ pub fn write(format: Format, signals: &[(Vec<Timing>, u32)], device: &str) -> Ve
     s.into_bytes()
 }
 
+/// Put a burst of 3-12 short glitches (40-300 us pulses, 0.2-3 ms apart) in
+/// the middle of every pause, as a lamp or sunlight on the receiver does.
+pub fn add_glitches(signals: &mut [(Vec<Timing>, u32)], seed: u64) {
+    let mut rng = SplitMix64(seed);
+    for (t, pause) in signals.iter_mut() {
+        let before = *pause / 2;
+        t.push(Timing::Space(before));
+        let mut used = before;
+        for i in 0..3 + rng.next_u64() % 10 {
+            if i > 0 {
+                let gap = 200 + (rng.next_u64() % 2800) as u32;
+                t.push(Timing::Space(gap));
+                used += gap;
+            }
+            let glitch = 40 + (rng.next_u64() % 260) as u32;
+            t.push(Timing::Pulse(glitch));
+            used += glitch;
+        }
+        *pause = pause.saturating_sub(used).max(20_000);
+    }
+}
+
 /// Apply a receiver model to each signal.
 pub fn receive(rx: &mut Receiver, signals: Vec<(Vec<Timing>, u32)>) -> Vec<(Vec<Timing>, u32)> {
     signals
