@@ -61,11 +61,11 @@ impl Pipeline {
                     if self.text.len() < MAX_ENTRY {
                         self.text.push(c);
                     }
-                    tracing::debug!(entered = self.text.len(), "character entered");
+                    tracing::info!(entered = self.text.len(), "character entered");
                 }
                 Action::Erase => {
                     self.text.pop();
-                    tracing::debug!(entered = self.text.len(), "last character erased");
+                    tracing::info!(entered = self.text.len(), "last character erased");
                 }
                 Action::Clear => {
                     self.text.clear();
