@@ -189,7 +189,7 @@ impl MultiDecoder {
         let long = !ev.pulse && d >= DEFAULT_TIMEOUT_US;
         let at_us = self
             .clock_us
-            .saturating_add(d.min(if long { DEFAULT_TIMEOUT_US } else { d }));
+            .saturating_add(if long { DEFAULT_TIMEOUT_US } else { d });
         let nec = self.nec.as_mut().and_then(|d| d.feed(ev));
         let rc5 = self.rc5.as_mut().and_then(|d| d.feed(ev));
         let rc6 = self.rc6.as_mut().and_then(|d| d.feed(ev));
