@@ -4,3 +4,6 @@
 //! machines take an event and the current time and return actions. The shells
 //! (the simulator, the UDP driver, the binaries) move bytes and time in and out.
 #![forbid(unsafe_code)]
+
+pub mod crypto;
+pub mod wire;
