@@ -6,4 +6,6 @@
 #![forbid(unsafe_code)]
 
 pub mod crypto;
+pub mod protocol;
+pub mod sim;
 pub mod wire;

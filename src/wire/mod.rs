@@ -16,7 +16,7 @@
 //! | 0x05 | key response | controller | epoch u32, seq u64, member u32, in_reply_to u64, key state | sig 64 |
 //! | 0x06 | join accept | controller | epoch u32, seq u64, member u32, in_reply_to u64, controller public key 32, key state | mac 16 |
 //! | 0x11 / 0x12 / 0x13 | key update / first / second transition reply | node | epoch u32, seq u64, member u32 | mac 16 |
-//! | 0x14 | key request | node | epoch u32, seq u64, member u32 | mac 16 |
+//! | 0x14 | key request | node | epoch u32, seq u64, member u32, step u8 (the node's position: newest epoch held, last step taken in it) | mac 16 |
 //! | 0x15 | join | node | epoch u32, seq u64, id_len u8, node id | mac 16 |
 //! | 0x16 | usage report | node | epoch u32, seq u64, member u32, count u8, count × (epoch u32, seals u64, opens u64) | mac 16 |
 //!
@@ -358,10 +358,12 @@ pub struct Ack<'a> {
     pub auth: Maced<'a>,
 }
 
-/// A node asks for the current key (SPEC §5); `epoch` is the newest it holds.
+/// A node asks for the current key (SPEC §5). `epoch` and `step` are its
+/// position: the newest epoch it holds and the last step it took in it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct KeyRequest<'a> {
     pub epoch: Epoch,
+    pub step: Step,
     pub seq: u64,
     pub member: u32,
     pub auth: Maced<'a>,
@@ -647,8 +649,14 @@ pub fn decode(bytes: &[u8]) -> Result<Message<'_>, WireError> {
                 }
                 kind::KEY_REQUEST => {
                     let member = r.u32("member")?;
+                    let p = r.u8("step")?;
+                    let step = Step::from_progress(p).ok_or(WireError::Invalid {
+                        field: "step",
+                        value: p.into(),
+                    })?;
                     Message::KeyRequest(KeyRequest {
                         epoch,
+                        step,
                         seq,
                         member,
                         auth,
@@ -862,11 +870,12 @@ pub fn ack(step: Step, epoch: Epoch, seq: u64, member: u32) -> Vec<u8> {
 }
 
 /// Body of a key request.
-pub fn key_request(epoch: Epoch, seq: u64, member: u32) -> Vec<u8> {
+pub fn key_request(epoch: Epoch, step: Step, seq: u64, member: u32) -> Vec<u8> {
     Writer::new(kind::KEY_REQUEST, 40)
         .u32(epoch.0)
         .u64(seq)
         .u32(member)
+        .u8(step as u8)
         .0
 }
 

@@ -127,9 +127,9 @@ proptest! {
         let Message::Ack(a) = decode(&b).unwrap() else { panic!() };
         prop_assert_eq!((a.step, a.epoch, a.seq, a.member), (s, Epoch(epoch), seq, member));
         prop_assert!(a.auth.verify(&k));
-        let b = mac(key_request(Epoch(epoch), seq, member), &k);
+        let b = mac(key_request(Epoch(epoch), s, seq, member), &k);
         let Message::KeyRequest(r) = decode(&b).unwrap() else { panic!() };
-        prop_assert_eq!((r.epoch, r.seq, r.member), (Epoch(epoch), seq, member));
+        prop_assert_eq!((r.epoch, r.step, r.seq, r.member), (Epoch(epoch), s, seq, member));
         let b = mac(join(seq, &id), &k);
         let Message::Join(j) = decode(&b).unwrap() else { panic!() };
         prop_assert_eq!((j.seq, j.node_id), (seq, id));
