@@ -5,6 +5,13 @@
 //! (the simulator, the UDP driver, the binaries) move bytes and time in and out.
 #![forbid(unsafe_code)]
 
+// The pure core.
+pub mod crypto;
+pub mod protocol;
+pub mod sim;
+pub mod wire;
+
+// The shells' building blocks.
 pub mod net;
 pub mod secrets;
 pub mod statefile;

@@ -1,6 +1,8 @@
 //! `keyfleet`: the installer and controller CLI.
 use clap::{Parser, Subcommand};
 
+mod sim;
+
 #[derive(Parser, Debug)]
 #[command(
     name = "keyfleet",
@@ -13,9 +15,14 @@ struct Cli {
 }
 
 #[derive(Subcommand, Debug)]
-enum Command {}
+enum Command {
+    /// Simulate a fleet through rekey rounds on a lossy network (deterministic by seed).
+    Sim(sim::SimArgs),
+}
 
-fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<std::process::ExitCode> {
     let cli = Cli::parse();
-    match cli.command {}
+    match cli.command {
+        Command::Sim(args) => sim::run(args),
+    }
 }

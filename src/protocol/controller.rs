@@ -1,0 +1,1624 @@
+//! The controller side: [`ControllerMachine`], the rekey round of SPEC §2, the
+//! triggers of SPEC §3 and the answers to joins and key requests (SPEC §5).
+//!
+//! A round for epoch `n` goes through four phases:
+//!
+//! 1. **Distributing** — the new key comes from the CSPRNG, is recorded
+//!    (`Record::KeyCreated`) and persisted; key update requests go out. The
+//!    key travels only wrapped per node under that node's key-encryption key,
+//!    so the request is a *batch*: at most 17 `(member, wrapped key)` entries
+//!    sorted by member number in one ≤1200-byte signed multicast datagram.
+//!    10 000 nodes take 589 datagrams; a node reads the batch's member range
+//!    from the header and verifies a signature only for the one batch holding
+//!    its entry. The first `group_attempts` waves go to the group (a retry wave
+//!    batches only the nodes still missing), then each missing node gets its
+//!    own signed one-entry request by unicast, with exponential backoff and jitter.
+//! 2. **FirstTransition** — once every live node replied. One signed request
+//!    to the group, retransmitted byte-for-byte (to the group, then by unicast
+//!    to each missing node, with backoff and jitter), so a node that already
+//!    verified it only compares a digest before replying again.
+//! 3. **Draining** — once every live node confirmed: wait `drain_grace_ms`
+//!    for data sealed with the old key still in flight.
+//! 4. **SecondTransition** — as the first; once every live node confirmed,
+//!    the round is finished and the new key is current.
+//!
+//! **S1** (no node seals with the new key before every live node can open it)
+//! holds because the first transition request is only signed once every live
+//! node has acknowledged the key update, and a node that rejoins during a
+//! round is only counted live again once its acknowledgement shows it holds
+//! the keys the phase needs ([`required_progress`]). **S2** (no node drops
+//! the old key while a node may still seal with it or old data may be in
+//! flight) holds because the second transition request is only signed once
+//! every live node confirmed the first one *and* the drain grace has passed.
+//! Both rules are checked next to the round logic in `progress_round`.
+//!
+//! A node that does not answer within `stale_after_ms` of the phase start is
+//! marked *stale* (`Record::NodeStale`), left out of the round, and counted
+//! live again when it catches up through a key request (SPEC §5).
+//!
+//! Persistence is incremental: `PersistCore` (keys, round, counters) at every
+//! phase change and `PersistMember` at every change of a member's row. Per-node
+//! acknowledgements are not persisted: a restored controller resends the
+//! current phase's request and the nodes, which never move backwards, answer again.
+
+use super::triggers::{TriggerConfig, TriggerReason};
+use super::{backoff, Refusal, Time};
+use crate::crypto::{CheckValue, Epoch, GroupKey, InitialKey, NodeKeys};
+use crate::wire::{
+    self, KeyState, Maced, Message, NodeId, ReplayWindow, RoundPhase, RoundState, Seen, Step,
+    MAX_BATCH_ENTRIES,
+};
+use core::net::SocketAddr;
+use ed25519_dalek::SigningKey;
+use rand::{CryptoRng, RngCore};
+use serde::{Deserialize, Serialize};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use thiserror::Error;
+use zeroize::Zeroize;
+
+const SEQ_BLOCK: u64 = 4096;
+
+/// Controller settings. Defaults are documented on each field.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ControllerConfig {
+    /// Wait after every node confirmed the first transition before the second
+    /// (default 2000 ms); must exceed the longest time a datagram spends in flight.
+    pub drain_grace_ms: u64,
+    /// First retry after this many ms (default 250), doubling…
+    pub retry_initial_ms: u64,
+    /// …up to this many ms (default 4000).
+    pub retry_max_ms: u64,
+    /// ± jitter on every retry delay, in percent (default 25).
+    pub retry_jitter_pct: u8,
+    /// Sends of each request to the whole group before per-node unicast (default 2, minimum 1).
+    pub group_attempts: u32,
+    /// A node that has not answered this long after a phase began is stale (default 60000 ms).
+    pub stale_after_ms: u64,
+    pub triggers: TriggerConfig,
+}
+
+impl Default for ControllerConfig {
+    fn default() -> Self {
+        ControllerConfig {
+            drain_grace_ms: 2000,
+            retry_initial_ms: 250,
+            retry_max_ms: 4000,
+            retry_jitter_pct: 25,
+            group_attempts: 2,
+            stale_after_ms: 60_000,
+            triggers: TriggerConfig::default(),
+        }
+    }
+}
+
+/// The controller's timers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum ControllerTimer {
+    /// Retries, stale deadline, end of the drain grace.
+    Round,
+    /// The key-age trigger.
+    KeyAge,
+}
+
+/// What a shell feeds the controller.
+#[derive(Clone, Debug)]
+pub enum ControllerInput<'a> {
+    /// After `new` or `restore`: arm timers; a restored round resends its current request.
+    Start,
+    /// A datagram (node messages, and group data for the unknown-sender trigger).
+    Datagram {
+        from: SocketAddr,
+        bytes: &'a [u8],
+    },
+    Timer(ControllerTimer),
+    /// Enroll a node under its id, initial key and address.
+    Enroll {
+        node_id: NodeId,
+        initial_key: InitialKey,
+        addr: SocketAddr,
+    },
+    /// Remove a node; with `on_node_removed` a round leaves it out of the new key.
+    Remove {
+        node_id: NodeId,
+    },
+    /// Rekey by hand.
+    Rekey,
+}
+
+/// A command the controller cannot carry out.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum CommandError {
+    #[error("node id {0} is already enrolled; remove it first to enroll it again")]
+    AlreadyEnrolled(NodeId),
+    #[error("node id {0} is not enrolled (see `keyfleet status`)")]
+    NotEnrolled(NodeId),
+    #[error(
+        "rekey by hand is switched off in the trigger configuration (triggers.manual = false)"
+    )]
+    ManualRekeyOff,
+}
+
+/// Why a persisted controller cannot be restored.
+#[derive(Debug, Error)]
+pub enum RestoreError {
+    #[error("member {0} appears twice in the stored management table")]
+    DuplicateMember(u32),
+}
+
+/// How a request went out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Via {
+    Group,
+    Unicast,
+}
+
+/// What became of a trigger.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TriggerOutcome {
+    /// A round started.
+    Started,
+    /// A round is in progress; another follows it.
+    Queued,
+    /// Another round was already queued; this trigger is folded into it.
+    AlreadyQueued,
+}
+
+/// Milliseconds spent in each phase of a round.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PhaseTimes {
+    pub distributing: u64,
+    pub first_transition: u64,
+    pub draining: u64,
+    pub second_transition: u64,
+}
+
+impl PhaseTimes {
+    fn add(&mut self, phase: RoundPhase, ms: u64) {
+        let slot = match phase {
+            RoundPhase::Distributing => &mut self.distributing,
+            RoundPhase::FirstTransition => &mut self.first_transition,
+            RoundPhase::Draining => &mut self.draining,
+            RoundPhase::SecondTransition => &mut self.second_transition,
+        };
+        *slot = slot.saturating_add(ms);
+    }
+}
+
+/// A member's standing in the management table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MemberStatus {
+    /// Enrolled, never confirmed a key yet: not waited for.
+    Enrolled,
+    /// Takes part in rounds.
+    Active,
+    /// Did not answer in time: left out of rounds until it catches up.
+    Stale,
+}
+
+/// A management-table event, complete enough to be written as a row as is.
+/// Times are the controller's `now`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Record {
+    KeyCreated {
+        epoch: Epoch,
+        check: CheckValue,
+        reason: TriggerReason,
+        at: Time,
+    },
+    TriggerFired {
+        reason: TriggerReason,
+        outcome: TriggerOutcome,
+        at: Time,
+    },
+    NodeEnrolled {
+        member: u32,
+        node_id: NodeId,
+        addr: SocketAddr,
+        fingerprint: String,
+        at: Time,
+    },
+    NodeRemoved {
+        member: u32,
+        node_id: NodeId,
+        at: Time,
+    },
+    /// A join was answered with the member number and key state.
+    JoinAnswered {
+        member: u32,
+        node_id: NodeId,
+        addr: SocketAddr,
+        epoch: Epoch,
+        at: Time,
+    },
+    /// A key request (SPEC §5) was answered; `held` is the newest epoch the node had.
+    KeyRequestAnswered {
+        member: u32,
+        node_id: NodeId,
+        held: Epoch,
+        epoch: Epoch,
+        round: Option<RoundPhase>,
+        at: Time,
+    },
+    /// A member's status changed (joined → active, active → stale, stale → active).
+    StatusChanged {
+        member: u32,
+        node_id: NodeId,
+        from: MemberStatus,
+        to: MemberStatus,
+        epoch: Epoch,
+        at: Time,
+    },
+    NodeAddressChanged {
+        member: u32,
+        node_id: NodeId,
+        from: SocketAddr,
+        to: SocketAddr,
+        at: Time,
+    },
+    /// The new key went to one node (in a group batch or by unicast); `attempt` counts from 1 per phase.
+    KeySent {
+        epoch: Epoch,
+        member: u32,
+        node_id: NodeId,
+        attempt: u32,
+        via: Via,
+        at: Time,
+    },
+    /// One key update datagram to the group with `entries` nodes' keys; `attempt` is the group wave.
+    KeyBatchSent {
+        epoch: Epoch,
+        entries: u32,
+        attempt: u32,
+        at: Time,
+    },
+    /// A first or second transition request went out (`member` set for unicast).
+    TransitionSent {
+        epoch: Epoch,
+        step: Step,
+        attempt: u32,
+        via: Via,
+        member: Option<u32>,
+        at: Time,
+    },
+    /// A node confirmed a step of the round.
+    NodeAcked {
+        epoch: Epoch,
+        member: u32,
+        node_id: NodeId,
+        step: Step,
+        at: Time,
+    },
+    /// A node did not answer in time and is left out of the round.
+    NodeStale {
+        epoch: Epoch,
+        member: u32,
+        node_id: NodeId,
+        phase: RoundPhase,
+        at: Time,
+    },
+    PhaseChanged {
+        epoch: Epoch,
+        phase: RoundPhase,
+        waiting: u32,
+        at: Time,
+    },
+    RoundFinished {
+        epoch: Epoch,
+        check: CheckValue,
+        reason: TriggerReason,
+        started_at: Time,
+        finished_at: Time,
+        phases_ms: PhaseTimes,
+        nodes: u32,
+        acked: u32,
+        stale: u32,
+    },
+    /// A datagram was refused (bad signature/MAC, replay, unknown member, …).
+    Refused {
+        from: SocketAddr,
+        reason: Refusal,
+        at: Time,
+    },
+}
+
+/// What the controller asks its shell to do, in order.
+#[derive(Clone, Debug)]
+pub enum ControllerAction {
+    SendGroup(Vec<u8>),
+    SendTo {
+        to: SocketAddr,
+        bytes: Vec<u8>,
+    },
+    ArmTimer {
+        timer: ControllerTimer,
+        at: Time,
+    },
+    /// Store the controller's own state (keys, round) durably before what follows.
+    PersistCore(Box<ControllerCore>),
+    /// Store (insert or replace) one member's row durably before what follows.
+    PersistMember(Box<MemberPersist>),
+    /// Delete one member's row.
+    ForgetMember {
+        member: u32,
+    },
+    /// A management-table event for the database and the audit log.
+    Record(Record),
+}
+
+/// The controller's own persisted state. The signing key is zeroized on drop.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct ControllerCore {
+    signing_key: [u8; 32],
+    pub current: GroupKey,
+    pub activated_at: Time,
+    pub round: Option<RoundPersist>,
+    pub seq_reserved: u64,
+    pub next_member: u32,
+    pub pending: Option<TriggerReason>,
+}
+
+impl Drop for ControllerCore {
+    fn drop(&mut self) {
+        self.signing_key.zeroize();
+    }
+}
+
+impl std::fmt::Debug for ControllerCore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ControllerCore")
+            .field("current", &self.current)
+            .field("round", &self.round)
+            .field("pending", &self.pending)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ControllerCore {
+    /// The controller's Ed25519 public key (what nodes verify against).
+    pub fn public_key(&self) -> [u8; 32] {
+        SigningKey::from_bytes(&self.signing_key)
+            .verifying_key()
+            .to_bytes()
+    }
+}
+
+/// A round in progress, as persisted.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RoundPersist {
+    pub epoch: Epoch,
+    pub key: GroupKey,
+    pub phase: RoundPhase,
+    pub reason: TriggerReason,
+    pub started_at: Time,
+    pub drain_until: Option<Time>,
+    pub activated_at: Option<Time>,
+    pub phases_ms: PhaseTimes,
+}
+
+/// One row of the management table's node list. Key bytes zeroized on drop.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct MemberPersist {
+    pub member: u32,
+    pub node_id: NodeId,
+    pub addr: SocketAddr,
+    keys: NodeKeys,
+    pub fingerprint: String,
+    pub status: MemberStatus,
+    pub enrolled_at: Time,
+}
+
+/// Everything needed to restore a controller: its core and the member rows.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ControllerPersist {
+    pub core: ControllerCore,
+    pub members: Vec<MemberPersist>,
+}
+
+struct Member {
+    row: MemberPersist,
+    /// Progress in the current round: 0 none, 1 has the key, 2 in transit, 3 done.
+    progress: u8,
+    /// Requests sent to this member in the current phase.
+    attempts: u32,
+    replay: ReplayWindow,
+    /// Cumulative counts reported for the current key.
+    seals: u64,
+    opens: u64,
+}
+
+struct Round {
+    epoch: Epoch,
+    key: GroupKey,
+    phase: RoundPhase,
+    reason: TriggerReason,
+    started_at: Time,
+    phase_started: Time,
+    drain_until: Option<Time>,
+    activated_at: Option<Time>,
+    phases_ms: PhaseTimes,
+    /// Live members still to confirm the current phase.
+    waiting: u32,
+    group_sent: u32,
+    /// Next group wave, or the moment per-node unicast begins.
+    next_wave: Option<Time>,
+    /// Signed first / second transition request (resent byte for byte).
+    first_msg: Option<Vec<u8>>,
+    second_msg: Option<Vec<u8>>,
+    /// Per-member unicast retries: (due, member).
+    retries: BinaryHeap<Reverse<(Time, u32)>>,
+}
+
+/// The progress a phase waits for, if any.
+fn target_progress(phase: RoundPhase) -> Option<u8> {
+    match phase {
+        RoundPhase::Distributing => Some(1),
+        RoundPhase::FirstTransition => Some(2),
+        RoundPhase::Draining => None,
+        RoundPhase::SecondTransition => Some(3),
+    }
+}
+
+/// The least progress a node must show to be counted live again during a
+/// phase: from the first transition on it must hold the new key (S1), and from
+/// the drain on it must already seal with the new key (S2).
+pub(crate) fn required_progress(phase: RoundPhase) -> u8 {
+    match phase {
+        RoundPhase::Distributing | RoundPhase::FirstTransition => 1,
+        RoundPhase::Draining | RoundPhase::SecondTransition => 2,
+    }
+}
+
+type Out = Vec<ControllerAction>;
+
+/// The controller's protocol state. See the module docs.
+pub struct ControllerMachine {
+    cfg: ControllerConfig,
+    signing: SigningKey,
+    current: GroupKey,
+    activated_at: Time,
+    round: Option<Round>,
+    /// Indexed by member number; 0 is never used.
+    members: Vec<Option<Member>>,
+    by_id: HashMap<NodeId, u32>,
+    seq: u64,
+    seq_reserved: u64,
+    pending: Option<TriggerReason>,
+    total_seals: u64,
+    total_opens: u64,
+    round_timer: Option<Time>,
+    age_timer: Option<Time>,
+}
+
+impl ControllerMachine {
+    /// A new controller with a fresh signing key and the fleet's first group key (epoch 1).
+    pub fn new(
+        cfg: ControllerConfig,
+        now: Time,
+        rng: &mut (impl RngCore + CryptoRng),
+        out: &mut Out,
+    ) -> Self {
+        let signing = SigningKey::generate(rng);
+        let current = GroupKey::generate(Epoch(1), rng);
+        out.push(ControllerAction::Record(Record::KeyCreated {
+            epoch: current.epoch(),
+            check: current.check_value(),
+            reason: TriggerReason::Initial,
+            at: now,
+        }));
+        let c = ControllerMachine {
+            cfg,
+            signing,
+            current,
+            activated_at: now,
+            round: None,
+            members: vec![None],
+            by_id: HashMap::new(),
+            seq: 0,
+            seq_reserved: 0,
+            pending: None,
+            total_seals: 0,
+            total_opens: 0,
+            round_timer: None,
+            age_timer: None,
+        };
+        c.persist_core(out);
+        c
+    }
+
+    /// Resume from persisted state; feed [`ControllerInput::Start`] next.
+    pub fn restore(
+        p: &ControllerPersist,
+        cfg: ControllerConfig,
+        now: Time,
+    ) -> Result<Self, RestoreError> {
+        let core = &p.core;
+        let mut members: Vec<Option<Member>> = vec![None];
+        let mut by_id = HashMap::new();
+        for row in &p.members {
+            let i = row.member as usize;
+            if members.len() <= i {
+                members.resize_with(i + 1, || None);
+            }
+            if i == 0 || members[i].is_some() {
+                return Err(RestoreError::DuplicateMember(row.member));
+            }
+            by_id.insert(row.node_id.clone(), row.member);
+            members[i] = Some(Member::new(row.clone()));
+        }
+        let round = core.round.as_ref().map(|r| Round {
+            epoch: r.epoch,
+            key: r.key.clone(),
+            phase: r.phase,
+            reason: r.reason.clone(),
+            started_at: r.started_at,
+            // The stale clock restarts: the controller, not the nodes, was away.
+            phase_started: now,
+            drain_until: r.drain_until,
+            activated_at: r.activated_at,
+            phases_ms: r.phases_ms,
+            waiting: 0,
+            group_sent: 0,
+            next_wave: None,
+            first_msg: None,
+            second_msg: None,
+            retries: BinaryHeap::new(),
+        });
+        let mut c = ControllerMachine {
+            cfg,
+            signing: SigningKey::from_bytes(&core.signing_key),
+            current: core.current.clone(),
+            activated_at: core.activated_at,
+            round,
+            members,
+            by_id,
+            seq: core.seq_reserved,
+            seq_reserved: core.seq_reserved,
+            pending: core.pending.clone(),
+            total_seals: 0,
+            total_opens: 0,
+            round_timer: None,
+            age_timer: None,
+        };
+        c.next_member_floor(core.next_member);
+        Ok(c)
+    }
+
+    fn next_member_floor(&mut self, next: u32) {
+        let want = next.max(1) as usize;
+        if self.members.len() < want {
+            self.members.resize_with(want, || None);
+        }
+    }
+
+    /// The snapshot of the controller's own state.
+    pub fn core(&self) -> ControllerCore {
+        ControllerCore {
+            signing_key: self.signing.to_bytes(),
+            current: self.current.clone(),
+            activated_at: self.activated_at,
+            round: self.round.as_ref().map(|r| RoundPersist {
+                epoch: r.epoch,
+                key: r.key.clone(),
+                phase: r.phase,
+                reason: r.reason.clone(),
+                started_at: r.started_at,
+                drain_until: r.drain_until,
+                activated_at: r.activated_at,
+                phases_ms: r.phases_ms,
+            }),
+            seq_reserved: self.seq_reserved,
+            next_member: self.members.len() as u32,
+            pending: self.pending.clone(),
+        }
+    }
+
+    /// The full snapshot (core and every member row).
+    pub fn snapshot(&self) -> ControllerPersist {
+        ControllerPersist {
+            core: self.core(),
+            members: self
+                .members
+                .iter()
+                .flatten()
+                .map(|m| m.row.clone())
+                .collect(),
+        }
+    }
+
+    pub fn public_key(&self) -> [u8; 32] {
+        self.signing.verifying_key().to_bytes()
+    }
+
+    pub fn current_epoch(&self) -> Epoch {
+        self.current.epoch()
+    }
+
+    /// The round in progress: its epoch and phase.
+    pub fn round(&self) -> Option<(Epoch, RoundPhase)> {
+        self.round.as_ref().map(|r| (r.epoch, r.phase))
+    }
+
+    /// Live members still to confirm the current phase.
+    pub fn waiting(&self) -> u32 {
+        self.round.as_ref().map_or(0, |r| r.waiting)
+    }
+
+    /// Member number and status of every enrolled node.
+    pub fn members(&self) -> impl Iterator<Item = (u32, &NodeId, MemberStatus)> + '_ {
+        self.members
+            .iter()
+            .flatten()
+            .map(|m| (m.row.member, &m.row.node_id, m.row.status))
+    }
+
+    pub fn member_status(&self, node_id: &NodeId) -> Option<MemberStatus> {
+        let i = *self.by_id.get(node_id)?;
+        self.member(i).map(|m| m.row.status)
+    }
+
+    fn member(&self, i: u32) -> Option<&Member> {
+        self.members.get(i as usize).and_then(Option::as_ref)
+    }
+
+    /// Feed one input; actions are appended to `out`. Only commands can fail;
+    /// a bad datagram becomes a [`Record::Refused`].
+    pub fn handle(
+        &mut self,
+        now: Time,
+        input: ControllerInput<'_>,
+        rng: &mut (impl RngCore + CryptoRng),
+        out: &mut Out,
+    ) -> Result<(), CommandError> {
+        match input {
+            ControllerInput::Start => self.start(now, rng, out),
+            ControllerInput::Datagram { from, bytes } => {
+                if let Err(reason) = self.on_datagram(now, from, bytes, rng, out) {
+                    out.push(ControllerAction::Record(Record::Refused {
+                        from,
+                        reason,
+                        at: now,
+                    }));
+                }
+            }
+            ControllerInput::Timer(ControllerTimer::Round) => {
+                self.round_timer = None;
+                self.tick(now, rng, out);
+            }
+            ControllerInput::Timer(ControllerTimer::KeyAge) => {
+                self.age_timer = None;
+                self.check_age(now, rng, out);
+            }
+            ControllerInput::Enroll {
+                node_id,
+                initial_key,
+                addr,
+            } => {
+                if self.by_id.contains_key(&node_id) {
+                    return Err(CommandError::AlreadyEnrolled(node_id));
+                }
+                let member = self.members.len() as u32;
+                let row = MemberPersist {
+                    member,
+                    node_id: node_id.clone(),
+                    addr,
+                    keys: NodeKeys::derive(&initial_key),
+                    fingerprint: initial_key.fingerprint(),
+                    status: MemberStatus::Enrolled,
+                    enrolled_at: now,
+                };
+                out.push(ControllerAction::PersistMember(Box::new(row.clone())));
+                out.push(ControllerAction::Record(Record::NodeEnrolled {
+                    member,
+                    node_id: node_id.clone(),
+                    addr,
+                    fingerprint: row.fingerprint.clone(),
+                    at: now,
+                }));
+                self.members.push(Some(Member::new(row)));
+                self.by_id.insert(node_id, member);
+                self.persist_core(out);
+            }
+            ControllerInput::Remove { node_id } => {
+                let member = self
+                    .by_id
+                    .remove(&node_id)
+                    .ok_or_else(|| CommandError::NotEnrolled(node_id.clone()))?;
+                let was_waiting = self.is_waiting(member);
+                if let Some(slot) = self.members.get_mut(member as usize) {
+                    *slot = None;
+                }
+                if was_waiting {
+                    if let Some(r) = &mut self.round {
+                        r.waiting = r.waiting.saturating_sub(1);
+                    }
+                }
+                out.push(ControllerAction::ForgetMember { member });
+                out.push(ControllerAction::Record(Record::NodeRemoved {
+                    member,
+                    node_id: node_id.clone(),
+                    at: now,
+                }));
+                if self.cfg.triggers.on_node_removed {
+                    self.fire(now, TriggerReason::NodeRemoved { node_id }, rng, out);
+                }
+                self.progress_round(now, rng, out);
+            }
+            ControllerInput::Rekey => {
+                if !self.cfg.triggers.manual {
+                    return Err(CommandError::ManualRekeyOff);
+                }
+                self.fire(now, TriggerReason::Manual, rng, out);
+            }
+        }
+        Ok(())
+    }
+
+    fn start(&mut self, now: Time, rng: &mut (impl RngCore + CryptoRng), out: &mut Out) {
+        if let Some(phase) = self.round.as_ref().map(|r| r.phase) {
+            // Acknowledgements were not persisted: ask again; nodes answer idempotently.
+            self.enter_phase(now, phase, rng, out);
+        }
+        self.arm_age(out);
+        self.progress_round(now, rng, out);
+        self.check_age(now, rng, out);
+    }
+
+    fn next_seq(&mut self, out: &mut Out) -> u64 {
+        self.seq += 1;
+        if self.seq >= self.seq_reserved {
+            self.seq_reserved = self.seq + SEQ_BLOCK;
+            self.persist_core(out);
+        }
+        self.seq
+    }
+
+    fn persist_core(&self, out: &mut Out) {
+        out.push(ControllerAction::PersistCore(Box::new(self.core())));
+    }
+
+    fn record(out: &mut Out, r: Record) {
+        out.push(ControllerAction::Record(r));
+    }
+
+    fn is_waiting(&self, member: u32) -> bool {
+        let (Some(r), Some(m)) = (&self.round, self.member(member)) else {
+            return false;
+        };
+        m.row.status == MemberStatus::Active
+            && target_progress(r.phase).is_some_and(|t| m.progress < t)
+    }
+
+    fn key_state_for(&self, member: u32, rng: &mut (impl RngCore + CryptoRng)) -> Option<KeyState> {
+        let m = self.member(member)?;
+        Some(KeyState {
+            current_epoch: self.current.epoch(),
+            current: m.row.keys.wrap(&self.current, member, rng),
+            round: self.round.as_ref().map(|r| RoundState {
+                epoch: r.epoch,
+                phase: r.phase,
+                wrapped: m.row.keys.wrap(&r.key, member, rng),
+            }),
+        })
+    }
+
+    // ------------------------------------------------------------ triggers
+
+    fn fire(
+        &mut self,
+        now: Time,
+        reason: TriggerReason,
+        rng: &mut (impl RngCore + CryptoRng),
+        out: &mut Out,
+    ) {
+        if self.round.is_none() {
+            Self::record(
+                out,
+                Record::TriggerFired {
+                    reason: reason.clone(),
+                    outcome: TriggerOutcome::Started,
+                    at: now,
+                },
+            );
+            self.start_round(now, reason, rng, out);
+        } else if self.pending.is_none() {
+            Self::record(
+                out,
+                Record::TriggerFired {
+                    reason: reason.clone(),
+                    outcome: TriggerOutcome::Queued,
+                    at: now,
+                },
+            );
+            self.pending = Some(reason);
+            self.persist_core(out);
+        } else {
+            Self::record(
+                out,
+                Record::TriggerFired {
+                    reason,
+                    outcome: TriggerOutcome::AlreadyQueued,
+                    at: now,
+                },
+            );
+        }
+    }
+
+    fn arm_age(&mut self, out: &mut Out) {
+        if let Some(at) = self.cfg.triggers.key_age_deadline(self.activated_at) {
+            if self.age_timer != Some(at) {
+                self.age_timer = Some(at);
+                out.push(ControllerAction::ArmTimer {
+                    timer: ControllerTimer::KeyAge,
+                    at,
+                });
+            }
+        }
+    }
+
+    fn check_age(&mut self, now: Time, rng: &mut (impl RngCore + CryptoRng), out: &mut Out) {
+        let Some(limit_ms) = self.cfg.triggers.max_key_age_ms else {
+            return;
+        };
+        let age_ms = now.since(self.activated_at);
+        if age_ms > limit_ms && self.round.is_none() && self.pending.is_none() {
+            self.fire(now, TriggerReason::KeyAge { age_ms, limit_ms }, rng, out);
+        } else if self.round.is_none() {
+            self.arm_age(out);
+        }
+    }
+
+    // ------------------------------------------------------------ the round
+
+    fn start_round(
+        &mut self,
+        now: Time,
+        reason: TriggerReason,
+        rng: &mut (impl RngCore + CryptoRng),
+        out: &mut Out,
+    ) {
+        let epoch = self.current.epoch().next();
+        let key = GroupKey::generate(epoch, rng);
+        Self::record(
+            out,
+            Record::KeyCreated {
+                epoch,
+                check: key.check_value(),
+                reason: reason.clone(),
+                at: now,
+            },
+        );
+        for m in self.members.iter_mut().flatten() {
+            m.progress = 0;
+        }
+        self.round = Some(Round {
+            epoch,
+            key,
+            phase: RoundPhase::Distributing,
+            reason,
+            started_at: now,
+            phase_started: now,
+            drain_until: None,
+            activated_at: None,
+            phases_ms: PhaseTimes::default(),
+            waiting: 0,
+            group_sent: 0,
+            next_wave: None,
+            first_msg: None,
+            second_msg: None,
+            retries: BinaryHeap::new(),
+        });
+        self.enter_phase(now, RoundPhase::Distributing, rng, out);
+        self.progress_round(now, rng, out);
+    }
+
+    /// Enter `phase`: persist, then send its request to the group.
+    fn enter_phase(
+        &mut self,
+        now: Time,
+        phase: RoundPhase,
+        rng: &mut (impl RngCore + CryptoRng),
+        out: &mut Out,
+    ) {
+        let Some(r) = &mut self.round else { return };
+        if r.phase != phase {
+            r.phases_ms.add(r.phase, now.since(r.phase_started));
+        }
+        r.phase = phase;
+        r.phase_started = now;
+        r.group_sent = 0;
+        r.next_wave = None;
+        r.retries.clear();
+        if phase == RoundPhase::FirstTransition && r.activated_at.is_none() {
+            r.activated_at = Some(now);
+        }
+        if phase == RoundPhase::Draining && r.drain_until.is_none() {
+            r.drain_until = Some(now.plus(self.cfg.drain_grace_ms));
+        }
+        let target = target_progress(phase);
+        let mut waiting = 0;
+        for m in self.members.iter_mut().flatten() {
+            m.attempts = 0;
+            if m.row.status == MemberStatus::Active && target.is_some_and(|t| m.progress < t) {
+                waiting += 1;
+            }
+        }
+        let epoch = r.epoch;
+        r.waiting = waiting;
+        Self::record(
+            out,
+            Record::PhaseChanged {
+                epoch,
+                phase,
+                waiting,
+                at: now,
+            },
+        );
+        self.persist_core(out);
+        match phase {
+            RoundPhase::Distributing => self.send_key_wave(now, rng, out),
+            RoundPhase::FirstTransition | RoundPhase::SecondTransition => {
+                let step = if phase == RoundPhase::FirstTransition {
+                    Step::FirstTransition
+                } else {
+                    Step::SecondTransition
+                };
+                let seq = self.next_seq(out);
+                let msg = wire::sign(wire::transition(step, epoch, seq), &self.signing);
+                if let Some(r) = &mut self.round {
+                    match step {
+                        Step::FirstTransition => r.first_msg = Some(msg),
+                        _ => r.second_msg = Some(msg),
+                    }
+                }
+                self.send_transition_wave(now, step, rng, out);
+            }
+            RoundPhase::Draining => {}
+        }
+    }
+
+    /// One group wave of key update batches to every waiting member.
+    fn send_key_wave(&mut self, now: Time, rng: &mut (impl RngCore + CryptoRng), out: &mut Out) {
+        let Some(r) = &mut self.round else { return };
+        r.group_sent += 1;
+        let wave = r.group_sent;
+        r.next_wave = Some(now.plus(backoff(
+            self.cfg.retry_initial_ms,
+            self.cfg.retry_max_ms,
+            wave,
+            self.cfg.retry_jitter_pct,
+            rng,
+        )));
+        let epoch = r.epoch;
+        let mut batch: Vec<(u32, crate::crypto::WrappedKey)> =
+            Vec::with_capacity(MAX_BATCH_ENTRIES);
+        for i in 0..self.members.len() as u32 {
+            if !self.is_waiting(i) {
+                continue;
+            }
+            let (Some(r), Some(Some(m))) = (&self.round, self.members.get_mut(i as usize)) else {
+                continue;
+            };
+            m.attempts += 1;
+            batch.push((i, m.row.keys.wrap(&r.key, i, rng)));
+            out.push(ControllerAction::Record(Record::KeySent {
+                epoch,
+                member: i,
+                node_id: m.row.node_id.clone(),
+                attempt: m.attempts,
+                via: Via::Group,
+                at: now,
+            }));
+            if batch.len() == MAX_BATCH_ENTRIES {
+                self.send_batch(now, epoch, wave, &mut batch, out);
+            }
+        }
+        if !batch.is_empty() {
+            self.send_batch(now, epoch, wave, &mut batch, out);
+        }
+    }
+
+    fn send_batch(
+        &mut self,
+        now: Time,
+        epoch: Epoch,
+        wave: u32,
+        batch: &mut Vec<(u32, crate::crypto::WrappedKey)>,
+        out: &mut Out,
+    ) {
+        let seq = self.next_seq(out);
+        let msg = wire::sign(wire::key_update(epoch, seq, batch), &self.signing);
+        out.push(ControllerAction::SendGroup(msg));
+        Self::record(
+            out,
+            Record::KeyBatchSent {
+                epoch,
+                entries: batch.len() as u32,
+                attempt: wave,
+                at: now,
+            },
+        );
+        batch.clear();
+    }
+
+    fn send_transition_wave(
+        &mut self,
+        now: Time,
+        step: Step,
+        rng: &mut impl RngCore,
+        out: &mut Out,
+    ) {
+        let Some(r) = &mut self.round else { return };
+        r.group_sent += 1;
+        let wave = r.group_sent;
+        r.next_wave = Some(now.plus(backoff(
+            self.cfg.retry_initial_ms,
+            self.cfg.retry_max_ms,
+            wave,
+            self.cfg.retry_jitter_pct,
+            rng,
+        )));
+        let msg = match step {
+            Step::FirstTransition => r.first_msg.clone(),
+            _ => r.second_msg.clone(),
+        };
+        if let Some(msg) = msg {
+            out.push(ControllerAction::SendGroup(msg));
+            Self::record(
+                out,
+                Record::TransitionSent {
+                    epoch: r.epoch,
+                    step,
+                    attempt: wave,
+                    via: Via::Group,
+                    member: None,
+                    at: now,
+                },
+            );
+        }
+        for m in self.members.iter_mut().flatten() {
+            m.attempts += u32::from(m.row.status == MemberStatus::Active);
+        }
+    }
+
+    /// The current phase's request to one member by unicast.
+    fn send_unicast(
+        &mut self,
+        now: Time,
+        member: u32,
+        rng: &mut (impl RngCore + CryptoRng),
+        out: &mut Out,
+    ) {
+        let Some(phase) = self.round.as_ref().map(|r| r.phase) else {
+            return;
+        };
+        match phase {
+            RoundPhase::Distributing => {
+                let seq = self.next_seq(out);
+                let (Some(r), Some(Some(m))) = (&self.round, self.members.get_mut(member as usize))
+                else {
+                    return;
+                };
+                m.attempts += 1;
+                let entry = [(member, m.row.keys.wrap(&r.key, member, rng))];
+                let msg = wire::sign(wire::key_update(r.epoch, seq, &entry), &self.signing);
+                out.push(ControllerAction::SendTo {
+                    to: m.row.addr,
+                    bytes: msg,
+                });
+                out.push(ControllerAction::Record(Record::KeySent {
+                    epoch: r.epoch,
+                    member,
+                    node_id: m.row.node_id.clone(),
+                    attempt: m.attempts,
+                    via: Via::Unicast,
+                    at: now,
+                }));
+            }
+            RoundPhase::FirstTransition | RoundPhase::SecondTransition => {
+                let (Some(r), Some(Some(m))) = (&self.round, self.members.get_mut(member as usize))
+                else {
+                    return;
+                };
+                let (step, msg) = if phase == RoundPhase::FirstTransition {
+                    (Step::FirstTransition, &r.first_msg)
+                } else {
+                    (Step::SecondTransition, &r.second_msg)
+                };
+                let Some(msg) = msg else { return };
+                m.attempts += 1;
+                out.push(ControllerAction::SendTo {
+                    to: m.row.addr,
+                    bytes: msg.clone(),
+                });
+                out.push(ControllerAction::Record(Record::TransitionSent {
+                    epoch: r.epoch,
+                    step,
+                    attempt: m.attempts,
+                    via: Via::Unicast,
+                    member: Some(member),
+                    at: now,
+                }));
+            }
+            RoundPhase::Draining => {}
+        }
+    }
+
+    /// Timer work: group waves, unicast retries, the stale deadline, the drain.
+    fn tick(&mut self, now: Time, rng: &mut (impl RngCore + CryptoRng), out: &mut Out) {
+        let Some(r) = &self.round else {
+            self.arm_round_timer(out);
+            return;
+        };
+        let phase = r.phase;
+        if r.waiting > 0 && now >= r.phase_started.plus(self.cfg.stale_after_ms) {
+            self.mark_stale(now, out);
+        }
+        let Some(r) = &mut self.round else { return };
+        if r.waiting > 0 && r.next_wave.is_some_and(|t| now >= t) {
+            if r.group_sent < self.cfg.group_attempts.max(1) {
+                match phase {
+                    RoundPhase::Distributing => self.send_key_wave(now, rng, out),
+                    RoundPhase::FirstTransition => {
+                        self.send_transition_wave(now, Step::FirstTransition, rng, out)
+                    }
+                    RoundPhase::SecondTransition => {
+                        self.send_transition_wave(now, Step::SecondTransition, rng, out)
+                    }
+                    RoundPhase::Draining => {}
+                }
+            } else {
+                // Group waves are spent: every member still missing gets unicast now.
+                r.next_wave = None;
+                let due: Vec<u32> = (0..self.members.len() as u32)
+                    .filter(|i| self.is_waiting(*i))
+                    .collect();
+                if let Some(r) = &mut self.round {
+                    r.retries.extend(due.into_iter().map(|i| Reverse((now, i))));
+                }
+            }
+        }
+        while let Some(&Reverse((due, member))) = self.round.as_ref().and_then(|r| r.retries.peek())
+        {
+            if due > now {
+                break;
+            }
+            if let Some(r) = &mut self.round {
+                r.retries.pop();
+            }
+            if !self.is_waiting(member) {
+                continue;
+            }
+            self.send_unicast(now, member, rng, out);
+            let attempts = self.member(member).map_or(1, |m| m.attempts);
+            let wait = backoff(
+                self.cfg.retry_initial_ms,
+                self.cfg.retry_max_ms,
+                attempts,
+                self.cfg.retry_jitter_pct,
+                rng,
+            );
+            if let Some(r) = &mut self.round {
+                r.retries.push(Reverse((now.plus(wait), member)));
+            }
+        }
+        self.progress_round(now, rng, out);
+    }
+
+    fn mark_stale(&mut self, now: Time, out: &mut Out) {
+        let Some(r) = &self.round else { return };
+        let (epoch, phase) = (r.epoch, r.phase);
+        for i in 0..self.members.len() as u32 {
+            if !self.is_waiting(i) {
+                continue;
+            }
+            if let Some(Some(m)) = self.members.get_mut(i as usize) {
+                m.row.status = MemberStatus::Stale;
+                out.push(ControllerAction::PersistMember(Box::new(m.row.clone())));
+                out.push(ControllerAction::Record(Record::NodeStale {
+                    epoch,
+                    member: i,
+                    node_id: m.row.node_id.clone(),
+                    phase,
+                    at: now,
+                }));
+                out.push(ControllerAction::Record(Record::StatusChanged {
+                    member: i,
+                    node_id: m.row.node_id.clone(),
+                    from: MemberStatus::Active,
+                    to: MemberStatus::Stale,
+                    epoch,
+                    at: now,
+                }));
+            }
+        }
+        if let Some(r) = &mut self.round {
+            r.waiting = 0;
+        }
+    }
+
+    /// Move the round on while its conditions hold. The checks of S1 and S2 live here:
+    /// the first transition only once every live node holds the new key (`waiting == 0`
+    /// in Distributing), the second only once every live node seals with it and the
+    /// drain grace for old-key data in flight has passed.
+    fn progress_round(&mut self, now: Time, rng: &mut (impl RngCore + CryptoRng), out: &mut Out) {
+        while let Some(r) = &self.round {
+            let next = match r.phase {
+                // S1: every live node acknowledged the new key.
+                RoundPhase::Distributing if r.waiting == 0 => RoundPhase::FirstTransition,
+                // Every live node seals with the new key: start the drain.
+                RoundPhase::FirstTransition if r.waiting == 0 => RoundPhase::Draining,
+                // S2: nobody seals with the old key and the drain grace is over.
+                RoundPhase::Draining if r.drain_until.is_some_and(|t| now >= t) => {
+                    RoundPhase::SecondTransition
+                }
+                RoundPhase::SecondTransition if r.waiting == 0 => {
+                    self.finish_round(now, rng, out);
+                    continue;
+                }
+                _ => break,
+            };
+            self.enter_phase(now, next, rng, out);
+        }
+        self.arm_round_timer(out);
+    }
+
+    fn finish_round(&mut self, now: Time, rng: &mut (impl RngCore + CryptoRng), out: &mut Out) {
+        let Some(mut r) = self.round.take() else {
+            return;
+        };
+        r.phases_ms.add(r.phase, now.since(r.phase_started));
+        let (mut nodes, mut acked, mut stale) = (0, 0, 0);
+        for m in self.members.iter_mut().flatten() {
+            match m.row.status {
+                MemberStatus::Active => {
+                    nodes += 1;
+                    acked += u32::from(m.progress >= 3);
+                }
+                MemberStatus::Stale => {
+                    nodes += 1;
+                    stale += 1;
+                }
+                MemberStatus::Enrolled => {}
+            }
+            m.seals = 0;
+            m.opens = 0;
+        }
+        Self::record(
+            out,
+            Record::RoundFinished {
+                epoch: r.epoch,
+                check: r.key.check_value(),
+                reason: r.reason.clone(),
+                started_at: r.started_at,
+                finished_at: now,
+                phases_ms: r.phases_ms,
+                nodes,
+                acked,
+                stale,
+            },
+        );
+        self.current = r.key.clone();
+        self.activated_at = r.activated_at.unwrap_or(now);
+        self.total_seals = 0;
+        self.total_opens = 0;
+        let pending = self.pending.take();
+        self.persist_core(out);
+        self.arm_age(out);
+        if let Some(reason) = pending {
+            self.start_round(now, reason, rng, out);
+        }
+    }
+
+    fn arm_round_timer(&mut self, out: &mut Out) {
+        let due = self.round.as_ref().and_then(|r| {
+            let mut due: Option<Time> = None;
+            let mut take = |t: Option<Time>| {
+                if let Some(t) = t {
+                    due = Some(due.map_or(t, |d: Time| d.min(t)));
+                }
+            };
+            if r.waiting > 0 {
+                take(r.next_wave);
+                take(r.retries.peek().map(|Reverse((t, _))| *t));
+                take(Some(r.phase_started.plus(self.cfg.stale_after_ms)));
+            }
+            if r.phase == RoundPhase::Draining {
+                take(r.drain_until);
+            }
+            due
+        });
+        if let Some(at) = due {
+            if self.round_timer.map_or(true, |t| at < t) {
+                self.round_timer = Some(at);
+                out.push(ControllerAction::ArmTimer {
+                    timer: ControllerTimer::Round,
+                    at,
+                });
+            }
+        }
+    }
+
+    // ------------------------------------------------------------ datagrams
+
+    #[allow(clippy::too_many_arguments)]
+    fn authenticate(
+        &mut self,
+        what: &'static str,
+        member: u32,
+        seq: u64,
+        auth: &Maced<'_>,
+        from: SocketAddr,
+        now: Time,
+        out: &mut Out,
+    ) -> Result<(), Refusal> {
+        let m = self
+            .members
+            .get_mut(member as usize)
+            .and_then(Option::as_mut)
+            .ok_or(Refusal::UnknownMember { what, member })?;
+        if m.replay.check(seq) != Seen::Fresh {
+            return Err(Refusal::Replay { what, seq });
+        }
+        if !auth.verify(&m.row.keys) {
+            return Err(Refusal::BadMac { what, member });
+        }
+        m.replay.mark(seq);
+        if m.row.addr != from {
+            out.push(ControllerAction::Record(Record::NodeAddressChanged {
+                member,
+                node_id: m.row.node_id.clone(),
+                from: m.row.addr,
+                to: from,
+                at: now,
+            }));
+            m.row.addr = from;
+            out.push(ControllerAction::PersistMember(Box::new(m.row.clone())));
+        }
+        Ok(())
+    }
+
+    fn on_datagram(
+        &mut self,
+        now: Time,
+        from: SocketAddr,
+        bytes: &[u8],
+        rng: &mut (impl RngCore + CryptoRng),
+        out: &mut Out,
+    ) -> Result<(), Refusal> {
+        let msg = wire::decode(bytes).map_err(Refusal::Malformed)?;
+        let what = msg.name();
+        match msg {
+            Message::Data(d) => self.on_data(now, from, &d, rng, out),
+            Message::Ack(a) => {
+                self.authenticate(what, a.member, a.seq, &a.auth, from, now, out)?;
+                self.on_ack(now, a.member, a.step, a.epoch, rng, out);
+                Ok(())
+            }
+            Message::KeyRequest(k) => {
+                self.authenticate(what, k.member, k.seq, &k.auth, from, now, out)?;
+                // The request carries the node's position: it counts as a reply to
+                // that step, and may make a stale or new member live again.
+                self.on_ack(now, k.member, k.step, k.epoch, rng, out);
+                let Some(state) = self.key_state_for(k.member, rng) else {
+                    return Ok(());
+                };
+                let seq = self.next_seq(out);
+                let msg = wire::sign(
+                    wire::key_response(seq, k.member, k.seq, &state),
+                    &self.signing,
+                );
+                out.push(ControllerAction::SendTo {
+                    to: from,
+                    bytes: msg,
+                });
+                if let Some(m) = self.member(k.member) {
+                    Self::record(
+                        out,
+                        Record::KeyRequestAnswered {
+                            member: k.member,
+                            node_id: m.row.node_id.clone(),
+                            held: k.epoch,
+                            epoch: self.current.epoch(),
+                            round: self.round.as_ref().map(|r| r.phase),
+                            at: now,
+                        },
+                    );
+                }
+                Ok(())
+            }
+            Message::Join(j) => {
+                let member = *self
+                    .by_id
+                    .get(&j.node_id)
+                    .ok_or_else(|| Refusal::UnknownNodeId {
+                        node_id: j.node_id.to_string(),
+                    })?;
+                self.authenticate(what, member, j.seq, &j.auth, from, now, out)?;
+                let Some(state) = self.key_state_for(member, rng) else {
+                    return Ok(());
+                };
+                let seq = self.next_seq(out);
+                let Some(m) = self.member(member) else {
+                    return Ok(());
+                };
+                let msg = wire::mac(
+                    wire::join_accept(seq, member, j.seq, &self.public_key(), &state),
+                    &m.row.keys,
+                );
+                out.push(ControllerAction::SendTo {
+                    to: from,
+                    bytes: msg,
+                });
+                Self::record(
+                    out,
+                    Record::JoinAnswered {
+                        member,
+                        node_id: m.row.node_id.clone(),
+                        addr: from,
+                        epoch: self.current.epoch(),
+                        at: now,
+                    },
+                );
+                Ok(())
+            }
+            Message::UsageReport(u) => {
+                self.authenticate(what, u.member, u.seq, &u.auth, from, now, out)?;
+                let cur = self.current.epoch();
+                if let Some(Some(m)) = self.members.get_mut(u.member as usize) {
+                    for use_ in u.uses.iter().filter(|x| x.epoch == cur) {
+                        // Reports are cumulative: add only what grew (duplicates add nothing).
+                        self.total_seals += use_.seals.saturating_sub(m.seals);
+                        self.total_opens += use_.opens.saturating_sub(m.opens);
+                        m.seals = m.seals.max(use_.seals);
+                        m.opens = m.opens.max(use_.opens);
+                    }
+                }
+                if self.round.is_none() && self.pending.is_none() {
+                    if let Some(reason) = self
+                        .cfg
+                        .triggers
+                        .check_usage(self.total_seals, self.total_opens)
+                    {
+                        self.fire(now, reason, rng, out);
+                    }
+                }
+                Ok(())
+            }
+            Message::KeyUpdate(_)
+            | Message::Transition(_)
+            | Message::KeyResponse(_)
+            | Message::JoinAccept(_) => Err(Refusal::Unexpected {
+                what,
+                role: "controller",
+            }),
+        }
+    }
+
+    /// Group data: a known sender at its known address is fine; anything else
+    /// that opens under a group key means the key leaked (claim 7).
+    fn on_data(
+        &mut self,
+        now: Time,
+        from: SocketAddr,
+        d: &wire::Data<'_>,
+        rng: &mut (impl RngCore + CryptoRng),
+        out: &mut Out,
+    ) -> Result<(), Refusal> {
+        if self.member(d.sender).is_some_and(|m| m.row.addr == from) {
+            return Ok(());
+        }
+        let keys = std::iter::once(&self.current).chain(self.round.as_ref().map(|r| &r.key));
+        let authentic = keys
+            .filter(|k| d.epoch_hint.map_or(true, |e| e == k.epoch()))
+            .any(|k| k.open(&d.nonce, d.header, d.sealed).is_some());
+        if !authentic {
+            return Err(Refusal::ForgedData {
+                sender: d.sender,
+                from: from.to_string(),
+            });
+        }
+        if self.cfg.triggers.on_unknown_sender {
+            self.fire(
+                now,
+                TriggerReason::UnknownSender {
+                    member: d.sender,
+                    from: from.to_string(),
+                },
+                rng,
+                out,
+            );
+        }
+        Ok(())
+    }
+
+    fn on_ack(
+        &mut self,
+        now: Time,
+        member: u32,
+        step: Step,
+        epoch: Epoch,
+        rng: &mut (impl RngCore + CryptoRng),
+        out: &mut Out,
+    ) {
+        let q = step.progress();
+        let current = self.current.epoch();
+        let round = self.round.as_ref().map(|r| (r.epoch, r.phase));
+        let Some(m) = self.member(member) else { return };
+        let status = m.row.status;
+        if status == MemberStatus::Active {
+            let Some((re, _)) = round else { return };
+            if epoch != re {
+                return;
+            }
+            let was = self.is_waiting(member);
+            let Some(Some(m)) = self.members.get_mut(member as usize) else {
+                return;
+            };
+            if q > m.progress {
+                m.progress = q;
+                out.push(ControllerAction::Record(Record::NodeAcked {
+                    epoch,
+                    member,
+                    node_id: m.row.node_id.clone(),
+                    step,
+                    at: now,
+                }));
+            }
+            if was && !self.is_waiting(member) {
+                if let Some(r) = &mut self.round {
+                    r.waiting = r.waiting.saturating_sub(1);
+                }
+                self.progress_round(now, rng, out);
+            }
+            return;
+        }
+        // Enrolled or stale: counted live once the reply shows the keys the phase needs.
+        let progress = match round {
+            Some((re, phase)) if epoch == re && q >= required_progress(phase) => q,
+            Some((_, RoundPhase::Distributing)) if epoch == current && q == 3 => 0,
+            None if epoch == current && q == 3 => 0,
+            _ => return,
+        };
+        let Some(Some(m)) = self.members.get_mut(member as usize) else {
+            return;
+        };
+        m.row.status = MemberStatus::Active;
+        m.progress = progress;
+        m.attempts = 0;
+        out.push(ControllerAction::PersistMember(Box::new(m.row.clone())));
+        out.push(ControllerAction::Record(Record::StatusChanged {
+            member,
+            node_id: m.row.node_id.clone(),
+            from: status,
+            to: MemberStatus::Active,
+            epoch,
+            at: now,
+        }));
+        if self.is_waiting(member) {
+            if let Some(r) = &mut self.round {
+                r.waiting += 1;
+                r.retries.push(Reverse((now, member)));
+            }
+        }
+        self.arm_round_timer(out);
+    }
+}
+
+impl Member {
+    fn new(row: MemberPersist) -> Member {
+        Member {
+            row,
+            progress: 0,
+            attempts: 0,
+            replay: ReplayWindow::default(),
+            seals: 0,
+            opens: 0,
+        }
+    }
+}

@@ -1,0 +1,156 @@
+//! The protocol core: [`NodeMachine`] and [`ControllerMachine`], sans-IO.
+//!
+//! Each machine takes one input and the current [`Time`] (plus a CSPRNG) and
+//! appends actions to a caller-supplied `Vec`; it never reads a clock, opens a
+//! socket or touches a file. A shell — the simulator, the UDP driver, a test —
+//! moves datagrams, timer firings and application data in, and carries the
+//! actions out **in order**: a `Persist…` action must be durable before the
+//! sends that follow it, because those sends tell peers about the persisted state.
+//!
+//! Authentication and decoding happen inside the machines: every datagram is
+//! decoded ([`crate::wire::decode`]), its signature or MAC checked, its
+//! sequence number run through a replay window and its epoch compared with
+//! the machine's own, so every shell runs the same checks. A bad datagram
+//! yields a typed [`Refusal`] (an event on a node, a [`Record::Refused`] on
+//! the controller) and never a state change or a panic.
+//!
+//! Timers: a machine asks for `ArmTimer { timer, at }`; the shell keeps one
+//! deadline per timer kind (a later `ArmTimer` of the same kind replaces the
+//! earlier one) and feeds `Timer(kind)` when it passes. Machines ignore early
+//! or unexpected firings, so a shell that fires every armed deadline is fine too.
+
+mod controller;
+mod node;
+mod triggers;
+
+pub use controller::{
+    CommandError, ControllerAction, ControllerConfig, ControllerCore, ControllerInput,
+    ControllerMachine, ControllerPersist, ControllerTimer, MemberPersist, MemberStatus, PhaseTimes,
+    Record, RestoreError, RoundPersist, TriggerOutcome, Via,
+};
+pub use node::{
+    Delivered, NodeAction, NodeConfig, NodeEvent, NodeInput, NodeMachine, NodePersist, NodeState,
+    NodeTimer,
+};
+pub use triggers::{TriggerConfig, TriggerReason};
+
+use crate::crypto::{Epoch, OpenError};
+use crate::wire::WireError;
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use thiserror::Error;
+
+/// Milliseconds, as given by the shell: wall-clock ms since the UNIX epoch in
+/// the UDP shell (so key age survives restarts), virtual ms in the simulator.
+#[derive(
+    Copy, Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+#[serde(transparent)]
+pub struct Time(pub u64);
+
+impl Time {
+    pub const MAX: Time = Time(u64::MAX);
+
+    pub fn plus(self, ms: u64) -> Time {
+        Time(self.0.saturating_add(ms))
+    }
+
+    /// Milliseconds from `earlier` to `self` (0 if `earlier` is later).
+    pub fn since(self, earlier: Time) -> u64 {
+        self.0.saturating_sub(earlier.0)
+    }
+}
+
+impl fmt::Display for Time {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}ms", self.0)
+    }
+}
+
+/// Why a machine refused a datagram. Nothing changed in the machine's state.
+#[derive(Debug, Error, Clone, PartialEq, Eq, Serialize)]
+pub enum Refusal {
+    #[error("malformed datagram: {0}")]
+    Malformed(WireError),
+    #[error("{what} has a bad controller signature; it did not come from the enrolled controller")]
+    BadSignature { what: &'static str },
+    #[error("{what} from member {member} has a bad MAC; it was not sent with that node's key")]
+    BadMac { what: &'static str, member: u32 },
+    #[error("{what} names member {member}, which is not in the management table")]
+    UnknownMember { what: &'static str, member: u32 },
+    #[error("join from node id {node_id:?}, which is not enrolled; enroll it with its initial key first")]
+    UnknownNodeId { node_id: String },
+    #[error("{what} with sequence number {seq} is a replay or too old")]
+    Replay { what: &'static str, seq: u64 },
+    #[error("{what} for epoch {got} is older than this node's epoch {have}")]
+    StaleEpoch {
+        what: &'static str,
+        got: Epoch,
+        have: Epoch,
+    },
+    #[error("{what} for epoch {got} skips ahead of this node's epoch {have}; asking the controller for the current key")]
+    EpochGap {
+        what: &'static str,
+        got: Epoch,
+        have: Epoch,
+    },
+    #[error("{what} for epoch {epoch} arrived before its key; asking the controller for the current key")]
+    MissingKey { what: &'static str, epoch: Epoch },
+    #[error("{what} for epoch {epoch} is behind this node's progress; ignored")]
+    Outdated { what: &'static str, epoch: Epoch },
+    #[error(
+        "key update for epoch {epoch} carries another key than the one this node holds for it"
+    )]
+    KeyMismatch { epoch: Epoch },
+    #[error("{what} received before this node has joined")]
+    NotJoined { what: &'static str },
+    #[error("{what} is not addressed to a {role}")]
+    Unexpected {
+        what: &'static str,
+        role: &'static str,
+    },
+    #[error("{what} is addressed to member {to}, this node is member {me}")]
+    NotForMe {
+        what: &'static str,
+        to: u32,
+        me: u32,
+    },
+    #[error(
+        "the wrapped key for epoch {epoch} does not unwrap with this node's key-encryption key"
+    )]
+    Unwrap { epoch: Epoch },
+    #[error("{what} answers request {in_reply_to}, not one this node has outstanding")]
+    Unsolicited {
+        what: &'static str,
+        in_reply_to: u64,
+    },
+    #[error("data from member {sender} cannot be opened: {reason}")]
+    Undecryptable { sender: u32, reason: OpenError },
+    #[error("data from member {sender} with sequence number {seq} was already delivered")]
+    DuplicateData { sender: u32, seq: u64 },
+    #[error("the controller's public key in the join accept is not a valid Ed25519 key")]
+    BadControllerKey,
+    #[error("data claims member {sender} from {from} but no group key opens it; ignored")]
+    ForgedData { sender: u32, from: String },
+}
+
+/// Exponential backoff with ±`jitter_pct`% jitter: `initial · 2^(attempt-1)`, capped at `max`.
+pub(crate) fn backoff(
+    initial: u64,
+    max: u64,
+    attempt: u32,
+    jitter_pct: u8,
+    rng: &mut impl rand::RngCore,
+) -> u64 {
+    let shift = attempt.saturating_sub(1).min(20);
+    let base = initial.saturating_mul(1u64 << shift).min(max).max(1);
+    let j = base * u64::from(jitter_pct.min(100)) / 100;
+    if j == 0 {
+        return base;
+    }
+    base - j + rng.gen_range(0..=2 * j)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,922 @@
+//! Wire format: a versioned, length-checked binary encoding of every message.
+//!
+//! Every datagram starts with `[version = 1][type]`; all integers are
+//! big-endian; every message carries an epoch and a sequence number (data
+//! carries the sender's sequence number and, optionally, the epoch as a hint).
+//! Controller messages end with a 64-byte Ed25519 signature over everything
+//! before it; node messages end with a 16-byte HMAC-SHA256 tag under the
+//! node's MAC key (see [`crate::crypto::NodeKeys`]). [`decode`] checks every
+//! length and returns a typed [`WireError`] — it never panics, whatever the bytes.
+//!
+//! | type | message | sender | body after `[ver][type]` | auth |
+//! |---|---|---|---|---|
+//! | 0x01 | data | node | flags u8, sender u32, seq u64, [epoch u32 if flags&1], nonce 12, ciphertext+tag ≥16 | AES-GCM (group key) |
+//! | 0x02 | key update request | controller | epoch u32, seq u64, first u32, last u32, count u16, count × (member u32, wrapped key 60) | sig 64 |
+//! | 0x03 / 0x04 | first / second transition request | controller | epoch u32, seq u64 | sig 64 |
+//! | 0x05 | key response | controller | epoch u32, seq u64, member u32, in_reply_to u64, key state | sig 64 |
+//! | 0x06 | join accept | controller | epoch u32, seq u64, member u32, in_reply_to u64, controller public key 32, key state | mac 16 |
+//! | 0x11 / 0x12 / 0x13 | key update / first / second transition reply | node | epoch u32, seq u64, member u32 | mac 16 |
+//! | 0x14 | key request | node | epoch u32, seq u64, member u32, step u8 (the node's position: newest epoch held, last step taken in it) | mac 16 |
+//! | 0x15 | join | node | epoch u32, seq u64, id_len u8, node id | mac 16 |
+//! | 0x16 | usage report | node | epoch u32, seq u64, member u32, count u8, count × (epoch u32, seals u64, opens u64) | mac 16 |
+//!
+//! Key state (key response, join accept): the current key wrapped (60 bytes;
+//! its epoch is the message epoch), then `round u8` (0 or 1) and, if 1, the
+//! round's epoch u32, phase u8 (1 distributing, 2 first transition, 3
+//! draining, 4 second transition) and the new key wrapped.
+//!
+//! A key update request is a batch of per-node entries sorted by member
+//! number, at most [`MAX_BATCH_ENTRIES`] so that it fits in [`MAX_DATAGRAM`]
+//! bytes; `first`/`last` let a node see from the header alone whether the
+//! batch can hold its entry, before it spends a signature check.
+
+mod replay;
+
+pub use replay::{ReplayWindow, Seen, WINDOW as REPLAY_WINDOW};
+
+use crate::crypto::{
+    Epoch, KeyUse, NodeKeys, WrappedKey, MAC_LEN, NONCE_LEN, SIGNATURE_LEN, TAG_LEN, WRAPPED_LEN,
+};
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use thiserror::Error;
+
+/// The wire version this build speaks.
+pub const VERSION: u8 = 1;
+/// Largest datagram the controller builds (fits a 1280-byte IPv6 minimum MTU with headers).
+pub const MAX_DATAGRAM: usize = 1200;
+const KEY_UPDATE_FIXED: usize = 2 + 4 + 8 + 4 + 4 + 2 + SIGNATURE_LEN;
+/// Bytes of one key update entry: member u32 + wrapped key.
+pub const ENTRY_LEN: usize = 4 + WRAPPED_LEN;
+/// Most entries in one key update request datagram.
+pub const MAX_BATCH_ENTRIES: usize = (MAX_DATAGRAM - KEY_UPDATE_FIXED) / ENTRY_LEN;
+/// Most key-use entries in a usage report.
+pub const MAX_USAGE_ENTRIES: usize = 4;
+
+/// A decoding failure. Says what was wrong; carries the offending value.
+#[derive(Debug, Error, Clone, PartialEq, Eq, Serialize)]
+pub enum WireError {
+    #[error("empty datagram")]
+    Empty,
+    #[error("wire version {0} is not supported (this build speaks version 1); run the same keyfleet release on both sides")]
+    Version(u8),
+    #[error("unknown message type 0x{0:02x}")]
+    UnknownType(u8),
+    #[error("{what} truncated: needs {need} bytes, {have} left")]
+    Truncated {
+        what: &'static str,
+        need: usize,
+        have: usize,
+    },
+    #[error("{0} unexpected bytes after the message")]
+    Trailing(usize),
+    #[error("{field} has the invalid value {value}")]
+    Invalid { field: &'static str, value: u64 },
+    #[error("key update batch header says members {first}..={last} but its entries run {first_entry}..={last_entry}")]
+    BatchRange {
+        first: u32,
+        last: u32,
+        first_entry: u32,
+        last_entry: u32,
+    },
+    #[error("node id invalid: {0}")]
+    NodeId(#[from] NodeIdError),
+}
+
+/// Why a node id was refused.
+#[derive(Debug, Error, Clone, PartialEq, Eq, Serialize)]
+pub enum NodeIdError {
+    #[error("a node id has 1 to 64 characters, this one has {0}")]
+    Length(usize),
+    #[error("a node id uses only A-Z a-z 0-9 . _ - ; found {0:?}")]
+    Character(char),
+}
+
+/// The name a node is enrolled under: 1–64 characters of `A-Z a-z 0-9 . _ -`.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct NodeId(Box<str>);
+
+impl NodeId {
+    pub fn parse(s: &str) -> Result<NodeId, NodeIdError> {
+        if s.is_empty() || s.len() > 64 {
+            return Err(NodeIdError::Length(s.chars().count()));
+        }
+        if let Some(c) = s
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+        {
+            return Err(NodeIdError::Character(c));
+        }
+        Ok(NodeId(s.into()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for NodeId {
+    type Error = NodeIdError;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        NodeId::parse(&s)
+    }
+}
+
+impl From<NodeId> for String {
+    fn from(n: NodeId) -> String {
+        n.0.into()
+    }
+}
+
+impl fmt::Display for NodeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for NodeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", &*self.0)
+    }
+}
+
+/// The phase of the controller's rekey round (SPEC §2).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum RoundPhase {
+    /// Key update requests out; waiting for every key update reply.
+    Distributing = 1,
+    /// First transition request out; waiting for every reply.
+    FirstTransition = 2,
+    /// Everyone seals with the new key; waiting the drain grace.
+    Draining = 3,
+    /// Second transition request out; waiting for every reply.
+    SecondTransition = 4,
+}
+
+impl RoundPhase {
+    fn from_u8(v: u8) -> Result<RoundPhase, WireError> {
+        Ok(match v {
+            1 => RoundPhase::Distributing,
+            2 => RoundPhase::FirstTransition,
+            3 => RoundPhase::Draining,
+            4 => RoundPhase::SecondTransition,
+            _ => {
+                return Err(WireError::Invalid {
+                    field: "round phase",
+                    value: v.into(),
+                })
+            }
+        })
+    }
+}
+
+/// A step of a round, as requested by the controller and confirmed by a node.
+/// Its number is the node's progress in the round once it has taken the step.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Step {
+    /// Key update request / reply: the node holds the new key.
+    KeyUpdate = 1,
+    /// First transition request / reply: the node seals with the new key.
+    FirstTransition = 2,
+    /// Second transition request / reply: the node dropped the old key.
+    SecondTransition = 3,
+}
+
+impl Step {
+    pub fn progress(self) -> u8 {
+        self as u8
+    }
+    pub fn from_progress(p: u8) -> Option<Step> {
+        match p {
+            1 => Some(Step::KeyUpdate),
+            2 => Some(Step::FirstTransition),
+            3 => Some(Step::SecondTransition),
+            _ => None,
+        }
+    }
+}
+
+/// Message type codes.
+mod kind {
+    pub const DATA: u8 = 0x01;
+    pub const KEY_UPDATE: u8 = 0x02;
+    pub const FIRST_TRANSITION: u8 = 0x03;
+    pub const SECOND_TRANSITION: u8 = 0x04;
+    pub const KEY_RESPONSE: u8 = 0x05;
+    pub const JOIN_ACCEPT: u8 = 0x06;
+    pub const KEY_UPDATE_REPLY: u8 = 0x11;
+    pub const FIRST_REPLY: u8 = 0x12;
+    pub const SECOND_REPLY: u8 = 0x13;
+    pub const KEY_REQUEST: u8 = 0x14;
+    pub const JOIN: u8 = 0x15;
+    pub const USAGE_REPORT: u8 = 0x16;
+}
+
+/// The signed part of a controller message and its signature.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Signed<'a> {
+    pub body: &'a [u8],
+    pub signature: [u8; SIGNATURE_LEN],
+}
+
+/// The MAC'd part of a node message and its tag.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Maced<'a> {
+    pub body: &'a [u8],
+    pub tag: [u8; MAC_LEN],
+}
+
+impl Maced<'_> {
+    pub fn verify(&self, keys: &NodeKeys) -> bool {
+        keys.verify_mac(self.body, &self.tag)
+    }
+}
+
+/// A group data message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Data<'a> {
+    pub sender: u32,
+    pub seq: u64,
+    pub epoch_hint: Option<Epoch>,
+    pub nonce: [u8; NONCE_LEN],
+    /// Everything before the ciphertext: the AES-GCM associated data.
+    pub header: &'a [u8],
+    pub sealed: &'a [u8],
+}
+
+/// A batch of key update entries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KeyUpdate<'a> {
+    pub epoch: Epoch,
+    pub seq: u64,
+    pub first: u32,
+    pub last: u32,
+    entries: &'a [u8],
+    pub auth: Signed<'a>,
+}
+
+impl KeyUpdate<'_> {
+    /// Whether the header alone rules out an entry for `member`.
+    pub fn may_hold(&self, member: u32) -> bool {
+        (self.first..=self.last).contains(&member)
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len() / ENTRY_LEN
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    fn entry_at(&self, i: usize) -> Option<(u32, WrappedKey)> {
+        let e = self.entries.get(i * ENTRY_LEN..(i + 1) * ENTRY_LEN)?;
+        let member = u32::from_be_bytes(e.get(..4)?.try_into().ok()?);
+        let wrapped = WrappedKey(e.get(4..)?.try_into().ok()?);
+        Some((member, wrapped))
+    }
+
+    /// The entries in order.
+    pub fn entries(&self) -> impl Iterator<Item = (u32, WrappedKey)> + '_ {
+        (0..self.len()).filter_map(|i| self.entry_at(i))
+    }
+
+    /// The entry for `member` (binary search; the controller sorts entries).
+    pub fn entry_for(&self, member: u32) -> Option<WrappedKey> {
+        if !self.may_hold(member) {
+            return None;
+        }
+        let (mut lo, mut hi) = (0usize, self.len());
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            let (m, w) = self.entry_at(mid)?;
+            match m.cmp(&member) {
+                std::cmp::Ordering::Equal => return Some(w),
+                std::cmp::Ordering::Less => lo = mid + 1,
+                std::cmp::Ordering::Greater => hi = mid,
+            }
+        }
+        None
+    }
+}
+
+/// First or second transition request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Transition<'a> {
+    pub step: Step,
+    pub epoch: Epoch,
+    pub seq: u64,
+    pub auth: Signed<'a>,
+}
+
+/// The round in progress, as a key response describes it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RoundState {
+    pub epoch: Epoch,
+    pub phase: RoundPhase,
+    pub wrapped: WrappedKey,
+}
+
+/// The keys and round state a controller gives a node that (re)joins.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KeyState {
+    pub current_epoch: Epoch,
+    pub current: WrappedKey,
+    pub round: Option<RoundState>,
+}
+
+/// Answer to a key request (SPEC §5).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KeyResponse<'a> {
+    pub seq: u64,
+    pub member: u32,
+    pub in_reply_to: u64,
+    pub state: KeyState,
+    pub auth: Signed<'a>,
+}
+
+/// Answer to a join: member number, the controller's public key and the key
+/// state, authenticated by the node's own MAC key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct JoinAccept<'a> {
+    pub seq: u64,
+    pub member: u32,
+    pub in_reply_to: u64,
+    pub controller_key: [u8; 32],
+    pub state: KeyState,
+    pub auth: Maced<'a>,
+}
+
+/// A node's reply to a key update or transition request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ack<'a> {
+    pub step: Step,
+    pub epoch: Epoch,
+    pub seq: u64,
+    pub member: u32,
+    pub auth: Maced<'a>,
+}
+
+/// A node asks for the current key (SPEC §5). `epoch` and `step` are its
+/// position: the newest epoch it holds and the last step it took in it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KeyRequest<'a> {
+    pub epoch: Epoch,
+    pub step: Step,
+    pub seq: u64,
+    pub member: u32,
+    pub auth: Maced<'a>,
+}
+
+/// A node asks to join under its enrolled id.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Join<'a> {
+    pub seq: u64,
+    pub node_id: NodeId,
+    pub auth: Maced<'a>,
+}
+
+/// A node's seal/open counters per key, for the count triggers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UsageReport<'a> {
+    pub epoch: Epoch,
+    pub seq: u64,
+    pub member: u32,
+    pub uses: Vec<KeyUse>,
+    pub auth: Maced<'a>,
+}
+
+/// Any decoded message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Message<'a> {
+    Data(Data<'a>),
+    KeyUpdate(KeyUpdate<'a>),
+    Transition(Transition<'a>),
+    KeyResponse(KeyResponse<'a>),
+    JoinAccept(JoinAccept<'a>),
+    Ack(Ack<'a>),
+    KeyRequest(KeyRequest<'a>),
+    Join(Join<'a>),
+    UsageReport(UsageReport<'a>),
+}
+
+impl Message<'_> {
+    /// A short name for logs and refusals.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Message::Data(_) => "data",
+            Message::KeyUpdate(_) => "key update request",
+            Message::Transition(t) if t.step == Step::FirstTransition => "first transition request",
+            Message::Transition(_) => "second transition request",
+            Message::KeyResponse(_) => "key response",
+            Message::JoinAccept(_) => "join accept",
+            Message::Ack(a) => match a.step {
+                Step::KeyUpdate => "key update reply",
+                Step::FirstTransition => "first transition reply",
+                Step::SecondTransition => "second transition reply",
+            },
+            Message::KeyRequest(_) => "key request",
+            Message::Join(_) => "join",
+            Message::UsageReport(_) => "usage report",
+        }
+    }
+}
+
+// ---------------------------------------------------------------- decoding
+
+struct Reader<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize, what: &'static str) -> Result<&'a [u8], WireError> {
+        let have = self.buf.len().saturating_sub(self.pos);
+        let s = self
+            .buf
+            .get(self.pos..self.pos.saturating_add(n))
+            .ok_or(WireError::Truncated {
+                what,
+                need: n,
+                have,
+            })?;
+        self.pos += n;
+        Ok(s)
+    }
+    fn array<const N: usize>(&mut self, what: &'static str) -> Result<[u8; N], WireError> {
+        let s = self.take(N, what)?;
+        let mut a = [0u8; N];
+        a.copy_from_slice(s);
+        Ok(a)
+    }
+    fn u8(&mut self, what: &'static str) -> Result<u8, WireError> {
+        Ok(self.array::<1>(what)?[0])
+    }
+    fn u16(&mut self, what: &'static str) -> Result<u16, WireError> {
+        Ok(u16::from_be_bytes(self.array(what)?))
+    }
+    fn u32(&mut self, what: &'static str) -> Result<u32, WireError> {
+        Ok(u32::from_be_bytes(self.array(what)?))
+    }
+    fn u64(&mut self, what: &'static str) -> Result<u64, WireError> {
+        Ok(u64::from_be_bytes(self.array(what)?))
+    }
+    fn epoch(&mut self) -> Result<Epoch, WireError> {
+        Ok(Epoch(self.u32("epoch")?))
+    }
+    fn rest(&mut self) -> &'a [u8] {
+        let s = self.buf.get(self.pos..).unwrap_or_default();
+        self.pos = self.buf.len();
+        s
+    }
+    fn done(&self) -> Result<(), WireError> {
+        match self.buf.len().saturating_sub(self.pos) {
+            0 => Ok(()),
+            n => Err(WireError::Trailing(n)),
+        }
+    }
+    fn key_state(&mut self, current_epoch: Epoch) -> Result<KeyState, WireError> {
+        let current = WrappedKey(self.array("wrapped current key")?);
+        let round = match self.u8("round flag")? {
+            0 => None,
+            1 => {
+                let epoch = Epoch(self.u32("round epoch")?);
+                let phase = RoundPhase::from_u8(self.u8("round phase")?)?;
+                let wrapped = WrappedKey(self.array("wrapped round key")?);
+                Some(RoundState {
+                    epoch,
+                    phase,
+                    wrapped,
+                })
+            }
+            v => {
+                return Err(WireError::Invalid {
+                    field: "round flag",
+                    value: v.into(),
+                })
+            }
+        };
+        Ok(KeyState {
+            current_epoch,
+            current,
+            round,
+        })
+    }
+}
+
+/// Split off a trailing authenticator of `N` bytes.
+fn split_auth<'a, const N: usize>(
+    bytes: &'a [u8],
+    what: &'static str,
+) -> Result<(&'a [u8], [u8; N]), WireError> {
+    if bytes.len() < 2 + N {
+        return Err(WireError::Truncated {
+            what,
+            need: 2 + N,
+            have: bytes.len(),
+        });
+    }
+    let (body, tail) = bytes.split_at(bytes.len() - N);
+    let mut a = [0u8; N];
+    a.copy_from_slice(tail);
+    Ok((body, a))
+}
+
+/// Decode one datagram. Never panics; every failure is a [`WireError`].
+pub fn decode(bytes: &[u8]) -> Result<Message<'_>, WireError> {
+    let (&version, rest) = bytes.split_first().ok_or(WireError::Empty)?;
+    if version != VERSION {
+        return Err(WireError::Version(version));
+    }
+    let &ty = rest.first().ok_or(WireError::Truncated {
+        what: "message type",
+        need: 1,
+        have: 0,
+    })?;
+    match ty {
+        kind::DATA => decode_data(bytes).map(Message::Data),
+        kind::KEY_UPDATE
+        | kind::FIRST_TRANSITION
+        | kind::SECOND_TRANSITION
+        | kind::KEY_RESPONSE => {
+            let (body, signature) = split_auth::<SIGNATURE_LEN>(bytes, "signature")?;
+            let auth = Signed { body, signature };
+            let mut r = Reader { buf: body, pos: 2 };
+            let epoch = r.epoch()?;
+            let seq = r.u64("sequence number")?;
+            let msg = match ty {
+                kind::KEY_UPDATE => {
+                    let first = r.u32("first member")?;
+                    let last = r.u32("last member")?;
+                    let count = r.u16("entry count")? as usize;
+                    let entries = r.take(count * ENTRY_LEN, "key update entries")?;
+                    let ku = KeyUpdate {
+                        epoch,
+                        seq,
+                        first,
+                        last,
+                        entries,
+                        auth,
+                    };
+                    if count == 0 {
+                        return Err(WireError::Invalid {
+                            field: "entry count",
+                            value: 0,
+                        });
+                    }
+                    let fe = ku.entry_at(0).map(|e| e.0).unwrap_or_default();
+                    let le = ku.entry_at(count - 1).map(|e| e.0).unwrap_or_default();
+                    if fe != first || le != last {
+                        return Err(WireError::BatchRange {
+                            first,
+                            last,
+                            first_entry: fe,
+                            last_entry: le,
+                        });
+                    }
+                    Message::KeyUpdate(ku)
+                }
+                kind::FIRST_TRANSITION => Message::Transition(Transition {
+                    step: Step::FirstTransition,
+                    epoch,
+                    seq,
+                    auth,
+                }),
+                kind::SECOND_TRANSITION => Message::Transition(Transition {
+                    step: Step::SecondTransition,
+                    epoch,
+                    seq,
+                    auth,
+                }),
+                _ => {
+                    let member = r.u32("member")?;
+                    let in_reply_to = r.u64("in reply to")?;
+                    let state = r.key_state(epoch)?;
+                    Message::KeyResponse(KeyResponse {
+                        seq,
+                        member,
+                        in_reply_to,
+                        state,
+                        auth,
+                    })
+                }
+            };
+            r.done()?;
+            Ok(msg)
+        }
+        kind::JOIN_ACCEPT
+        | kind::KEY_UPDATE_REPLY
+        | kind::FIRST_REPLY
+        | kind::SECOND_REPLY
+        | kind::KEY_REQUEST
+        | kind::JOIN
+        | kind::USAGE_REPORT => {
+            let (body, tag) = split_auth::<MAC_LEN>(bytes, "mac")?;
+            let auth = Maced { body, tag };
+            let mut r = Reader { buf: body, pos: 2 };
+            let epoch = r.epoch()?;
+            let seq = r.u64("sequence number")?;
+            let msg = match ty {
+                kind::JOIN_ACCEPT => {
+                    let member = r.u32("member")?;
+                    let in_reply_to = r.u64("in reply to")?;
+                    let controller_key = r.array("controller public key")?;
+                    let state = r.key_state(epoch)?;
+                    Message::JoinAccept(JoinAccept {
+                        seq,
+                        member,
+                        in_reply_to,
+                        controller_key,
+                        state,
+                        auth,
+                    })
+                }
+                kind::KEY_UPDATE_REPLY | kind::FIRST_REPLY | kind::SECOND_REPLY => {
+                    let step = match ty {
+                        kind::KEY_UPDATE_REPLY => Step::KeyUpdate,
+                        kind::FIRST_REPLY => Step::FirstTransition,
+                        _ => Step::SecondTransition,
+                    };
+                    let member = r.u32("member")?;
+                    Message::Ack(Ack {
+                        step,
+                        epoch,
+                        seq,
+                        member,
+                        auth,
+                    })
+                }
+                kind::KEY_REQUEST => {
+                    let member = r.u32("member")?;
+                    let p = r.u8("step")?;
+                    let step = Step::from_progress(p).ok_or(WireError::Invalid {
+                        field: "step",
+                        value: p.into(),
+                    })?;
+                    Message::KeyRequest(KeyRequest {
+                        epoch,
+                        step,
+                        seq,
+                        member,
+                        auth,
+                    })
+                }
+                kind::JOIN => {
+                    let len = r.u8("node id length")? as usize;
+                    let raw = r.take(len, "node id")?;
+                    let s = std::str::from_utf8(raw).map_err(|_| WireError::Invalid {
+                        field: "node id utf-8",
+                        value: len as u64,
+                    })?;
+                    let node_id = NodeId::parse(s)?;
+                    Message::Join(Join { seq, node_id, auth })
+                }
+                _ => {
+                    let member = r.u32("member")?;
+                    let count = r.u8("usage entry count")? as usize;
+                    if count > MAX_USAGE_ENTRIES {
+                        return Err(WireError::Invalid {
+                            field: "usage entry count",
+                            value: count as u64,
+                        });
+                    }
+                    let mut uses = Vec::with_capacity(count);
+                    for _ in 0..count {
+                        let epoch = r.epoch()?;
+                        let seals = r.u64("seals")?;
+                        let opens = r.u64("opens")?;
+                        uses.push(KeyUse {
+                            epoch,
+                            seals,
+                            opens,
+                        });
+                    }
+                    Message::UsageReport(UsageReport {
+                        epoch,
+                        seq,
+                        member,
+                        uses,
+                        auth,
+                    })
+                }
+            };
+            r.done()?;
+            Ok(msg)
+        }
+        other => Err(WireError::UnknownType(other)),
+    }
+}
+
+fn decode_data(bytes: &[u8]) -> Result<Data<'_>, WireError> {
+    let mut r = Reader { buf: bytes, pos: 2 };
+    let flags = r.u8("data flags")?;
+    if flags & !1 != 0 {
+        return Err(WireError::Invalid {
+            field: "data flags",
+            value: flags.into(),
+        });
+    }
+    let sender = r.u32("sender")?;
+    let seq = r.u64("sequence number")?;
+    let epoch_hint = if flags & 1 == 1 {
+        Some(r.epoch()?)
+    } else {
+        None
+    };
+    let nonce = r.array("nonce")?;
+    let header = bytes.get(..r.pos).unwrap_or_default();
+    let sealed = r.rest();
+    if sealed.len() < TAG_LEN {
+        return Err(WireError::Truncated {
+            what: "sealed data",
+            need: TAG_LEN,
+            have: sealed.len(),
+        });
+    }
+    Ok(Data {
+        sender,
+        seq,
+        epoch_hint,
+        nonce,
+        header,
+        sealed,
+    })
+}
+
+// ---------------------------------------------------------------- encoding
+
+struct Writer(Vec<u8>);
+
+impl Writer {
+    fn new(ty: u8, cap: usize) -> Writer {
+        let mut v = Vec::with_capacity(cap);
+        v.push(VERSION);
+        v.push(ty);
+        Writer(v)
+    }
+    fn u8(mut self, v: u8) -> Self {
+        self.0.push(v);
+        self
+    }
+    fn u16(mut self, v: u16) -> Self {
+        self.0.extend_from_slice(&v.to_be_bytes());
+        self
+    }
+    fn u32(mut self, v: u32) -> Self {
+        self.0.extend_from_slice(&v.to_be_bytes());
+        self
+    }
+    fn u64(mut self, v: u64) -> Self {
+        self.0.extend_from_slice(&v.to_be_bytes());
+        self
+    }
+    fn bytes(mut self, b: &[u8]) -> Self {
+        self.0.extend_from_slice(b);
+        self
+    }
+    fn key_state(self, s: &KeyState) -> Self {
+        let w = self.bytes(&s.current.0);
+        match &s.round {
+            None => w.u8(0),
+            Some(r) => w.u8(1).u32(r.epoch.0).u8(r.phase as u8).bytes(&r.wrapped.0),
+        }
+    }
+}
+
+/// The header of a data message (the AES-GCM associated data); append the sealed payload.
+pub fn data_header(
+    sender: u32,
+    seq: u64,
+    epoch_hint: Option<Epoch>,
+    nonce: &[u8; NONCE_LEN],
+) -> Vec<u8> {
+    let w = Writer::new(kind::DATA, 64)
+        .u8(u8::from(epoch_hint.is_some()))
+        .u32(sender)
+        .u64(seq);
+    let w = match epoch_hint {
+        Some(e) => w.u32(e.0),
+        None => w,
+    };
+    w.bytes(nonce).0
+}
+
+/// Body of a key update request; `entries` sorted by member, 1..=[`MAX_BATCH_ENTRIES`].
+pub fn key_update(epoch: Epoch, seq: u64, entries: &[(u32, WrappedKey)]) -> Vec<u8> {
+    let first = entries.first().map(|e| e.0).unwrap_or_default();
+    let last = entries.last().map(|e| e.0).unwrap_or_default();
+    let mut w = Writer::new(
+        kind::KEY_UPDATE,
+        KEY_UPDATE_FIXED + entries.len() * ENTRY_LEN,
+    )
+    .u32(epoch.0)
+    .u64(seq)
+    .u32(first)
+    .u32(last)
+    .u16(entries.len() as u16);
+    for (m, wk) in entries {
+        w = w.u32(*m).bytes(&wk.0);
+    }
+    w.0
+}
+
+/// Body of a first or second transition request.
+pub fn transition(step: Step, epoch: Epoch, seq: u64) -> Vec<u8> {
+    let ty = match step {
+        Step::SecondTransition => kind::SECOND_TRANSITION,
+        _ => kind::FIRST_TRANSITION,
+    };
+    Writer::new(ty, 80).u32(epoch.0).u64(seq).0
+}
+
+/// Body of a key response.
+pub fn key_response(seq: u64, member: u32, in_reply_to: u64, state: &KeyState) -> Vec<u8> {
+    Writer::new(kind::KEY_RESPONSE, 240)
+        .u32(state.current_epoch.0)
+        .u64(seq)
+        .u32(member)
+        .u64(in_reply_to)
+        .key_state(state)
+        .0
+}
+
+/// Body of a join accept.
+pub fn join_accept(
+    seq: u64,
+    member: u32,
+    in_reply_to: u64,
+    controller_key: &[u8; 32],
+    state: &KeyState,
+) -> Vec<u8> {
+    Writer::new(kind::JOIN_ACCEPT, 240)
+        .u32(state.current_epoch.0)
+        .u64(seq)
+        .u32(member)
+        .u64(in_reply_to)
+        .bytes(controller_key)
+        .key_state(state)
+        .0
+}
+
+/// Body of a key update / first / second transition reply.
+pub fn ack(step: Step, epoch: Epoch, seq: u64, member: u32) -> Vec<u8> {
+    let ty = match step {
+        Step::KeyUpdate => kind::KEY_UPDATE_REPLY,
+        Step::FirstTransition => kind::FIRST_REPLY,
+        Step::SecondTransition => kind::SECOND_REPLY,
+    };
+    Writer::new(ty, 40).u32(epoch.0).u64(seq).u32(member).0
+}
+
+/// Body of a key request.
+pub fn key_request(epoch: Epoch, step: Step, seq: u64, member: u32) -> Vec<u8> {
+    Writer::new(kind::KEY_REQUEST, 40)
+        .u32(epoch.0)
+        .u64(seq)
+        .u32(member)
+        .u8(step as u8)
+        .0
+}
+
+/// Body of a join.
+pub fn join(seq: u64, node_id: &NodeId) -> Vec<u8> {
+    let id = node_id.as_str().as_bytes();
+    Writer::new(kind::JOIN, 100)
+        .u32(0)
+        .u64(seq)
+        .u8(id.len() as u8)
+        .bytes(id)
+        .0
+}
+
+/// Body of a usage report (at most [`MAX_USAGE_ENTRIES`] entries are written).
+pub fn usage_report(epoch: Epoch, seq: u64, member: u32, uses: &[KeyUse]) -> Vec<u8> {
+    let uses = &uses[..uses.len().min(MAX_USAGE_ENTRIES)];
+    let mut w = Writer::new(kind::USAGE_REPORT, 100)
+        .u32(epoch.0)
+        .u64(seq)
+        .u32(member)
+        .u8(uses.len() as u8);
+    for u in uses {
+        w = w.u32(u.epoch.0).u64(u.seals).u64(u.opens);
+    }
+    w.0
+}
+
+/// Append the controller's Ed25519 signature over `body`.
+pub fn sign(mut body: Vec<u8>, key: &ed25519_dalek::SigningKey) -> Vec<u8> {
+    let sig = crate::crypto::sign(key, &body);
+    body.extend_from_slice(&sig);
+    body
+}
+
+/// Append the node's MAC over `body`.
+pub fn mac(mut body: Vec<u8>, keys: &NodeKeys) -> Vec<u8> {
+    let tag = keys.mac(&body);
+    body.extend_from_slice(&tag);
+    body
+}
+
+#[cfg(test)]
+mod tests;

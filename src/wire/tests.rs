@@ -1,0 +1,206 @@
+use super::*;
+use crate::crypto::{InitialKey, KeyUse};
+use proptest::prelude::*;
+use rand::SeedableRng;
+
+fn keys() -> NodeKeys {
+    NodeKeys::derive(&InitialKey([4; 16]))
+}
+
+fn signing() -> ed25519_dalek::SigningKey {
+    ed25519_dalek::SigningKey::generate(&mut rand_chacha::ChaCha20Rng::seed_from_u64(1))
+}
+
+fn wrapped() -> impl Strategy<Value = WrappedKey> {
+    proptest::array::uniform32(any::<u8>()).prop_flat_map(|a| {
+        proptest::array::uniform28(any::<u8>()).prop_map(move |b| {
+            let mut w = [0u8; WRAPPED_LEN];
+            w[..32].copy_from_slice(&a);
+            w[32..].copy_from_slice(&b);
+            WrappedKey(w)
+        })
+    })
+}
+
+fn key_state() -> impl Strategy<Value = KeyState> {
+    (
+        any::<u32>(),
+        wrapped(),
+        proptest::option::of((any::<u32>(), 1u8..=4, wrapped())),
+    )
+        .prop_map(|(e, w, r)| KeyState {
+            current_epoch: Epoch(e),
+            current: w,
+            round: r.map(|(re, p, rw)| RoundState {
+                epoch: Epoch(re),
+                phase: RoundPhase::from_u8(p).unwrap(),
+                wrapped: rw,
+            }),
+        })
+}
+
+fn node_id() -> impl Strategy<Value = NodeId> {
+    "[A-Za-z0-9._-]{1,64}".prop_map(|s| NodeId::parse(&s).unwrap())
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    prop_oneof![
+        Just(Step::KeyUpdate),
+        Just(Step::FirstTransition),
+        Just(Step::SecondTransition)
+    ]
+}
+
+proptest! {
+    #[test]
+    fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..1400)) {
+        let _ = decode(&bytes);
+    }
+
+    #[test]
+    fn arbitrary_bytes_after_a_valid_header_never_panic(ty in any::<u8>(), tail in proptest::collection::vec(any::<u8>(), 0..1300)) {
+        let mut bytes = vec![VERSION, ty];
+        bytes.extend_from_slice(&tail);
+        if let Ok(Message::KeyUpdate(ku)) = decode(&bytes) {
+            // Walking the entries of a hostile batch must not panic either.
+            let n = ku.entries().count();
+            prop_assert_eq!(n, ku.len());
+            let _ = ku.entry_for(ku.first);
+        }
+    }
+
+    #[test]
+    fn data_round_trips(sender in any::<u32>(), seq in any::<u64>(), hint in proptest::option::of(any::<u32>()),
+                        nonce in any::<[u8; 12]>(), sealed in proptest::collection::vec(any::<u8>(), 16..200)) {
+        let mut bytes = data_header(sender, seq, hint.map(Epoch), &nonce);
+        let hlen = bytes.len();
+        bytes.extend_from_slice(&sealed);
+        let Message::Data(d) = decode(&bytes).unwrap() else { panic!("not data") };
+        prop_assert_eq!(d.sender, sender);
+        prop_assert_eq!(d.seq, seq);
+        prop_assert_eq!(d.epoch_hint, hint.map(Epoch));
+        prop_assert_eq!(d.nonce, nonce);
+        prop_assert_eq!(d.header.len(), hlen);
+        prop_assert_eq!(d.sealed, &sealed[..]);
+    }
+
+    #[test]
+    fn key_update_round_trips(epoch in any::<u32>(), seq in any::<u64>(),
+                              members in proptest::collection::btree_set(any::<u32>(), 1..=MAX_BATCH_ENTRIES),
+                              w in wrapped()) {
+        let entries: Vec<(u32, WrappedKey)> = members.iter().map(|m| (*m, w)).collect();
+        let bytes = sign(key_update(Epoch(epoch), seq, &entries), &signing());
+        prop_assert!(bytes.len() <= MAX_DATAGRAM);
+        let Message::KeyUpdate(ku) = decode(&bytes).unwrap() else { panic!("not a key update") };
+        prop_assert_eq!((ku.epoch, ku.seq), (Epoch(epoch), seq));
+        prop_assert_eq!(ku.entries().collect::<Vec<_>>(), entries.clone());
+        for (m, _) in &entries {
+            prop_assert_eq!(ku.entry_for(*m), Some(w));
+        }
+        prop_assert!(crate::crypto::verify(&signing().verifying_key(), ku.auth.body, &ku.auth.signature));
+    }
+
+    #[test]
+    fn transition_round_trips(s in step().prop_filter("request", |s| *s != Step::KeyUpdate), epoch in any::<u32>(), seq in any::<u64>()) {
+        let bytes = sign(transition(s, Epoch(epoch), seq), &signing());
+        let Message::Transition(t) = decode(&bytes).unwrap() else { panic!("not a transition") };
+        prop_assert_eq!((t.step, t.epoch, t.seq), (s, Epoch(epoch), seq));
+    }
+
+    #[test]
+    fn key_response_and_join_accept_round_trip(seq in any::<u64>(), member in any::<u32>(), irt in any::<u64>(),
+                                               st in key_state(), pk in any::<[u8; 32]>()) {
+        let bytes = sign(key_response(seq, member, irt, &st), &signing());
+        let Message::KeyResponse(r) = decode(&bytes).unwrap() else { panic!("not a key response") };
+        prop_assert_eq!((r.seq, r.member, r.in_reply_to, r.state), (seq, member, irt, st));
+        let bytes = mac(join_accept(seq, member, irt, &pk, &st), &keys());
+        let Message::JoinAccept(j) = decode(&bytes).unwrap() else { panic!("not a join accept") };
+        prop_assert_eq!((j.seq, j.member, j.in_reply_to, j.controller_key, j.state), (seq, member, irt, pk, st));
+        prop_assert!(j.auth.verify(&keys()));
+    }
+
+    #[test]
+    fn node_messages_round_trip(s in step(), epoch in any::<u32>(), seq in any::<u64>(), member in any::<u32>(),
+                                id in node_id(), uses in proptest::collection::vec((any::<u32>(), any::<u64>(), any::<u64>()), 0..=MAX_USAGE_ENTRIES)) {
+        let k = keys();
+        let b = mac(ack(s, Epoch(epoch), seq, member), &k);
+        let Message::Ack(a) = decode(&b).unwrap() else { panic!() };
+        prop_assert_eq!((a.step, a.epoch, a.seq, a.member), (s, Epoch(epoch), seq, member));
+        prop_assert!(a.auth.verify(&k));
+        let b = mac(key_request(Epoch(epoch), s, seq, member), &k);
+        let Message::KeyRequest(r) = decode(&b).unwrap() else { panic!() };
+        prop_assert_eq!((r.epoch, r.step, r.seq, r.member), (Epoch(epoch), s, seq, member));
+        let b = mac(join(seq, &id), &k);
+        let Message::Join(j) = decode(&b).unwrap() else { panic!() };
+        prop_assert_eq!((j.seq, j.node_id), (seq, id));
+        let uses: Vec<KeyUse> = uses.into_iter().map(|(e, s, o)| KeyUse { epoch: Epoch(e), seals: s, opens: o }).collect();
+        let b = mac(usage_report(Epoch(epoch), seq, member, &uses), &k);
+        let Message::UsageReport(u) = decode(&b).unwrap() else { panic!() };
+        prop_assert_eq!((u.epoch, u.seq, u.member, u.uses), (Epoch(epoch), seq, member, uses));
+    }
+
+    #[test]
+    fn every_truncation_of_a_valid_message_is_refused(cut in 0usize..200) {
+        let st = KeyState { current_epoch: Epoch(3), current: WrappedKey([1; WRAPPED_LEN]),
+            round: Some(RoundState { epoch: Epoch(4), phase: RoundPhase::Draining, wrapped: WrappedKey([2; WRAPPED_LEN]) }) };
+        let bytes = sign(key_response(9, 2, 8, &st), &signing());
+        let cut = cut.min(bytes.len() - 1);
+        let short = &bytes[..cut];
+        let decoded = decode(short);
+        prop_assert!(decoded.is_err(), "{} of {} bytes decoded as {:?}", cut, bytes.len(), decoded);
+    }
+}
+
+#[test]
+fn batch_capacity_fits_a_datagram() {
+    assert_eq!(MAX_BATCH_ENTRIES, 17);
+    let entries: Vec<_> = (0..MAX_BATCH_ENTRIES as u32)
+        .map(|m| (m, WrappedKey([0; WRAPPED_LEN])))
+        .collect();
+    let bytes = sign(key_update(Epoch(1), 1, &entries), &signing());
+    assert!(bytes.len() <= MAX_DATAGRAM, "{}", bytes.len());
+}
+
+#[test]
+fn typed_errors_say_what_was_wrong() {
+    assert_eq!(decode(&[]), Err(WireError::Empty));
+    assert_eq!(decode(&[2, 1]), Err(WireError::Version(2)));
+    assert_eq!(decode(&[1, 0x7f]), Err(WireError::UnknownType(0x7f)));
+    let mut bytes = mac(ack(Step::KeyUpdate, Epoch(1), 1, 1), &keys());
+    bytes.insert(10, 0);
+    assert_eq!(decode(&bytes), Err(WireError::Trailing(1)));
+    let mut j = mac(join(1, &NodeId::parse("ok").unwrap()), &keys());
+    j[16] = b'/';
+    assert!(
+        matches!(
+            decode(&j),
+            Err(WireError::NodeId(NodeIdError::Character('/')))
+        ),
+        "{:?}",
+        decode(&j)
+    );
+}
+
+#[test]
+fn key_update_header_range_must_match_entries() {
+    let entries = [
+        (5, WrappedKey([0; WRAPPED_LEN])),
+        (9, WrappedKey([0; WRAPPED_LEN])),
+    ];
+    let mut body = key_update(Epoch(1), 1, &entries);
+    body[14..18].copy_from_slice(&4u32.to_be_bytes()); // first = 4, entries start at 5
+    let bytes = sign(body, &signing());
+    assert!(matches!(
+        decode(&bytes),
+        Err(WireError::BatchRange { first: 4, .. })
+    ));
+}
+
+#[test]
+fn node_id_rules() {
+    assert!(NodeId::parse("pump-7.hall_B").is_ok());
+    assert_eq!(NodeId::parse(""), Err(NodeIdError::Length(0)));
+    assert_eq!(NodeId::parse(&"a".repeat(65)), Err(NodeIdError::Length(65)));
+    assert_eq!(NodeId::parse("a b"), Err(NodeIdError::Character(' ')));
+    assert_eq!(NodeId::parse("é"), Err(NodeIdError::Character('é')));
+}
