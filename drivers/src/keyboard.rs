@@ -135,7 +135,9 @@ pub fn line_from_edits(edits: impl IntoIterator<Item = Edit>) -> Result<String, 
         }
     }
     if ed.is_empty() {
-        Err(SourceError::Ended("no characters before the end of input".into()))
+        Err(SourceError::Ended(
+            "no characters before the end of input".into(),
+        ))
     } else {
         // A last line without a newline is complete too (a file without a final newline).
         ed.apply(Edit::Done).unwrap_or(Err(SourceError::Cancelled))

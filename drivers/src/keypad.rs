@@ -363,7 +363,11 @@ mod tests {
         let mut pad = Keypad::new();
         press_all(&mut pad, "1234");
         assert_eq!(pad.press(Button::Ok), None);
-        assert!(pad.message().unwrap().contains("found 4"), "{:?}", pad.message());
+        assert!(
+            pad.message().unwrap().contains("found 4"),
+            "{:?}",
+            pad.message()
+        );
     }
 
     #[test]

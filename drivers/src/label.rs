@@ -114,7 +114,9 @@ pub struct Parsed {
 /// as given; no variant carries key digits.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum LabelError {
-    #[error("no input: expected a label KF1:<node-id>:<hex form>, 36 hex digits or 41 decimal digits")]
+    #[error(
+        "no input: expected a label KF1:<node-id>:<hex form>, 36 hex digits or 41 decimal digits"
+    )]
     Empty,
     #[error("character {ch:?} at position {pos} is not allowed in the {form} ({allowed})")]
     BadChar {
@@ -123,7 +125,9 @@ pub enum LabelError {
         form: &'static str,
         allowed: &'static str,
     },
-    #[error("wrong length: the hex form has 36 hex digits (32 of the key, 4 of its CRC), found {found}")]
+    #[error(
+        "wrong length: the hex form has 36 hex digits (32 of the key, 4 of its CRC), found {found}"
+    )]
     HexLength { found: usize },
     #[error("wrong length: the decimal form has 41 digits (39 of the key, 2 check digits), found {found}")]
     DecimalLength { found: usize },
@@ -137,7 +141,9 @@ pub enum LabelError {
     DecimalRange,
     #[error("label starts with {found:?}, expected \"KF1:\"; this label is of another version or another product")]
     LabelPrefix { found: String },
-    #[error("label has no ':' between the node id and the hex form; expected KF1:<node-id>:<hex form>")]
+    #[error(
+        "label has no ':' between the node id and the hex form; expected KF1:<node-id>:<hex form>"
+    )]
     LabelFields,
     #[error("node id is empty; a label is KF1:<node-id>:<hex form> with a node id of 1 to 64 characters")]
     NodeIdEmpty,
@@ -478,7 +484,10 @@ mod tests {
         let l = label(&id, &key);
         assert_eq!(l, "KF1:pump-07.hall_B:83FED3407A939723A5C639B26916D505C3B5");
         let p = parse(&l).unwrap();
-        assert_eq!(p.node_id.as_ref().map(NodeId::as_str), Some("pump-07.hall_B"));
+        assert_eq!(
+            p.node_id.as_ref().map(NodeId::as_str),
+            Some("pump-07.hall_B")
+        );
         assert_eq!(p.key, key);
         assert_eq!(p.form, Form::Label);
         // A label's hex form may be grouped, and the prefix may be lowercase.
@@ -520,7 +529,15 @@ mod tests {
         // In a label, positions still count from the start of the input.
         let e = parse("KF1:n1:83FED3407A939723A5C639B26916D505C3B.").unwrap_err();
         assert!(
-            matches!(e, LabelError::BadChar { ch: '.', pos: 43, form: "hex form", .. }),
+            matches!(
+                e,
+                LabelError::BadChar {
+                    ch: '.',
+                    pos: 43,
+                    form: "hex form",
+                    ..
+                }
+            ),
             "{e:?}"
         );
     }
@@ -549,10 +566,7 @@ mod tests {
         assert_eq!(e, LabelError::DigitsLength { found: 40 });
         assert!(e.to_string().contains("found 40"));
         let dotted = format!("{}.{}", &good[..20], &good[20..39]);
-        assert_eq!(
-            parse(&dotted),
-            Err(LabelError::DecimalLength { found: 39 })
-        );
+        assert_eq!(parse(&dotted), Err(LabelError::DecimalLength { found: 39 }));
         let mut bad = good.clone().into_bytes();
         bad[10] = if bad[10] == b'9' { b'0' } else { bad[10] + 1 };
         let e = parse(std::str::from_utf8(&bad).unwrap()).unwrap_err();
@@ -573,7 +587,14 @@ mod tests {
     fn refuses_bad_decimal_char() {
         let e = parse("00000000000000000000000000000000000000195x").unwrap_err();
         assert!(
-            matches!(e, LabelError::BadChar { ch: 'x', pos: 42, .. }),
+            matches!(
+                e,
+                LabelError::BadChar {
+                    ch: 'x',
+                    pos: 42,
+                    ..
+                }
+            ),
             "{e:?}"
         );
     }
@@ -598,7 +619,15 @@ mod tests {
         assert!(parse(&format!("KF1:{}:{hex}", "n".repeat(64))).is_ok());
         let e = parse(&format!("KF1:pump 7:{hex}")).unwrap_err();
         assert!(
-            matches!(e, LabelError::BadChar { ch: ' ', pos: 9, form: "node id", .. }),
+            matches!(
+                e,
+                LabelError::BadChar {
+                    ch: ' ',
+                    pos: 9,
+                    form: "node id",
+                    ..
+                }
+            ),
             "{e:?}"
         );
         assert!(e.to_string().contains("node id"));
@@ -620,11 +649,19 @@ mod tests {
         assert_eq!(NodeId::new(""), Err(LabelError::NodeIdEmpty));
         assert!(matches!(
             NodeId::new("ab/c"),
-            Err(LabelError::BadChar { ch: '/', pos: 3, .. })
+            Err(LabelError::BadChar {
+                ch: '/',
+                pos: 3,
+                ..
+            })
         ));
         assert!(matches!(
             NodeId::new("é"),
-            Err(LabelError::BadChar { ch: 'é', pos: 1, .. })
+            Err(LabelError::BadChar {
+                ch: 'é',
+                pos: 1,
+                ..
+            })
         ));
     }
 

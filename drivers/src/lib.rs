@@ -12,9 +12,9 @@
 
 pub mod label;
 pub mod source;
+/// Candidate devices from sysfs for `keyfleet devices`.
+pub mod sysfs;
 
-#[cfg(feature = "file")]
-pub mod media;
 #[cfg(feature = "hid-scanner")]
 pub mod hid;
 #[cfg(feature = "ir")]
@@ -23,6 +23,8 @@ pub mod ir;
 pub mod keyboard;
 #[cfg(feature = "keypad")]
 pub mod keypad;
+#[cfg(feature = "file")]
+pub mod media;
 #[cfg(feature = "serial-scanner")]
 pub mod serial;
 #[cfg(feature = "webcam")]

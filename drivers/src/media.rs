@@ -74,27 +74,34 @@ pub enum MediaError {
     NoKeyFile { searched: String },
     #[error("{count} key files found ({files}); choose one with --path")]
     Many { count: usize, files: String },
-    #[error("no mounted removable medium found{unmounted}; insert one, or give --device or --path")]
+    #[error(
+        "no mounted removable medium found{unmounted}; insert one, or give --device or --path"
+    )]
     NoMedium { unmounted: String },
     #[error("cannot mount {device}: {reason}")]
     Mount { device: PathBuf, reason: String },
 }
 
 impl From<MediaError> for SourceError {
+    /// A mount failure is a device that cannot be opened; every other refusal
+    /// travels as an I/O error whose message is the refusal itself.
     fn from(e: MediaError) -> Self {
-        match e {
-            MediaError::Io { path, source } => SourceError::Open {
-                path: path.display().to_string(),
-                reason: source.to_string(),
-            },
-            MediaError::Mount { device, reason } => SourceError::Open {
-                path: device.display().to_string(),
-                reason,
-            },
-            other => SourceError::Malformed {
-                what: other.to_string(),
-            },
-        }
+        use std::io::ErrorKind;
+        let kind = match &e {
+            MediaError::Mount { device, reason } => {
+                return SourceError::Open {
+                    path: device.display().to_string(),
+                    reason: reason.clone(),
+                }
+            }
+            MediaError::Io { source, .. } => source.kind(),
+            MediaError::Symlink { .. } | MediaError::Permissive { .. } => {
+                ErrorKind::PermissionDenied
+            }
+            MediaError::NoKeyFile { .. } | MediaError::NoMedium { .. } => ErrorKind::NotFound,
+            _ => ErrorKind::InvalidData,
+        };
+        SourceError::Io(std::io::Error::new(kind, e.to_string()))
     }
 }
 
@@ -427,7 +434,8 @@ pub fn mount_private(device: &Path) -> Result<PrivateMount, MediaError> {
     let meta = std::fs::metadata(device).map_err(|e| merr(e.to_string()))?;
     if !meta.file_type().is_block_device() {
         return Err(merr(
-            "not a block device; give a partition such as /dev/sdb1 (see `keyfleet devices`)".into(),
+            "not a block device; give a partition such as /dev/sdb1 (see `keyfleet devices`)"
+                .into(),
         ));
     }
     let dir = tempfile::Builder::new()
@@ -610,7 +618,10 @@ mod tests {
         for mode in [0o640, 0o604, 0o644, 0o620, 0o602] {
             write_mode(&p, "x", mode);
             let e = read_key_file(&p).unwrap_err();
-            assert!(matches!(e, MediaError::Permissive { mode: m, .. } if m == mode), "{e:?}");
+            assert!(
+                matches!(e, MediaError::Permissive { mode: m, .. } if m == mode),
+                "{e:?}"
+            );
             let msg = e.to_string();
             assert!(msg.contains("chmod 600"), "{msg}");
             assert!(msg.contains(&format!("{mode:04o}")), "{msg}");
@@ -635,7 +646,10 @@ mod tests {
         let p = d.path().join("big.key");
         write_mode(&p, &"1".repeat(4097), 0o600);
         let e = read_key_file(&p).unwrap_err();
-        assert!(matches!(e, MediaError::TooLarge { size: 4097, .. }), "{e:?}");
+        assert!(
+            matches!(e, MediaError::TooLarge { size: 4097, .. }),
+            "{e:?}"
+        );
         write_mode(&p, &"1".repeat(4096), 0o600);
         assert!(read_key_file(&p).is_ok());
         let e = read_key_file(d.path()).unwrap_err();
@@ -724,13 +738,22 @@ garbage line
         );
         mk(
             "sdb/sdb1",
-            &[("partition", "1\n"), ("dev", "8:17\n"), ("size", "30029824\n")],
+            &[
+                ("partition", "1\n"),
+                ("dev", "8:17\n"),
+                ("size", "30029824\n"),
+            ],
         );
-        mk("sdc", &[("removable", "1\n"), ("dev", "8:32\n"), ("size", "0\n")]);
-        mk("vda", &[("removable", "0\n"), ("dev", "254:0\n"), ("size", "100\n")]);
-        let mi = parse_mountinfo(
-            "412 30 8:17 / /media/anna/STICK rw - vfat /dev/sdb1 rw,fmask=0022\n",
+        mk(
+            "sdc",
+            &[("removable", "1\n"), ("dev", "8:32\n"), ("size", "0\n")],
         );
+        mk(
+            "vda",
+            &[("removable", "0\n"), ("dev", "254:0\n"), ("size", "100\n")],
+        );
+        let mi =
+            parse_mountinfo("412 30 8:17 / /media/anna/STICK rw - vfat /dev/sdb1 rw,fmask=0022\n");
         let media = removable_media(sys.path(), &mi);
         assert_eq!(media.len(), 1, "{media:?}");
         assert_eq!(media[0].device, PathBuf::from("/dev/sdb1"));

@@ -1,17 +1,36 @@
 //! `keyfleet`: the installer and controller CLI.
 use clap::{Parser, Subcommand};
 
+#[cfg(feature = "drivers")]
+mod input;
+
 #[derive(Parser, Debug)]
-#[command(name = "keyfleet", version, about = "Keeps one group key fresh across a fleet of appliances")]
+#[command(
+    name = "keyfleet",
+    version,
+    about = "Keeps one group key fresh across a fleet of appliances"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Subcommand, Debug)]
-enum Command {}
+enum Command {
+    /// Read one appliance's initial key from a source and print its check value (never the key).
+    #[cfg(feature = "drivers")]
+    ReadKey(input::ReadKeyArgs),
+    /// List candidate devices for the key sources (hidraw, serial ports, video devices, removable media).
+    #[cfg(feature = "drivers")]
+    Devices(input::DevicesArgs),
+}
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    match cli.command {}
+    match cli.command {
+        #[cfg(feature = "drivers")]
+        Command::ReadKey(a) => input::read_key(a),
+        #[cfg(feature = "drivers")]
+        Command::Devices(a) => input::devices(a),
+    }
 }
