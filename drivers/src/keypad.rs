@@ -22,7 +22,9 @@ use crossterm::event::{
 use crossterm::execute;
 use crossterm::terminal::{EnterAlternateScreen, LeaveAlternateScreen};
 use ratatui::backend::CrosstermBackend;
-use ratatui::layout::{Alignment, Rect};
+use ratatui::layout::Alignment;
+/// The rectangle type of [`layout`], re-exported for callers that aim at buttons.
+pub use ratatui::layout::Rect;
 use ratatui::style::{Modifier, Style};
 use ratatui::widgets::{Block, Borders, Paragraph, Wrap};
 use ratatui::{Frame, Terminal};
@@ -230,8 +232,10 @@ fn draw(f: &mut Frame, pad: &Keypad) {
     );
     f.render_widget(Paragraph::new(text).wrap(Wrap { trim: true }), status);
     for (b, r) in layout(area) {
+        // Centre the caption vertically too: tall buttons suit a touch screen.
+        let pad = "\n".repeat(usize::from(r.height.saturating_sub(3) / 2));
         f.render_widget(
-            Paragraph::new(b.caption())
+            Paragraph::new(format!("{pad}{}", b.caption()))
                 .alignment(Alignment::Center)
                 .block(Block::default().borders(Borders::ALL)),
             r,
