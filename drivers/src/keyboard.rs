@@ -106,6 +106,23 @@ fn edit_from_char(c: char) -> Option<Edit> {
     }
 }
 
+/// Drops the header line and the trailer that util-linux `script` writes
+/// around the typed bytes in a `--log-in` file; other input is returned whole.
+pub fn strip_script_log(bytes: &[u8]) -> &[u8] {
+    let mut b = bytes;
+    if b.starts_with(b"Script started on ") {
+        b = match b.iter().position(|&c| c == b'\n') {
+            Some(i) => &b[i + 1..],
+            None => &[],
+        };
+    }
+    const DONE: &[u8] = b"Script done on ";
+    if let Some(i) = b.windows(DONE.len()).rposition(|w| w == DONE) {
+        b = &b[..i];
+    }
+    b
+}
+
 /// A terminal key event to an edit (presses only; releases and repeats of
 /// terminals that report them are ignored).
 pub fn edit_from_key(key: KeyEvent) -> Option<Edit> {
@@ -179,7 +196,7 @@ impl KeySource for Keyboard {
                     path: p.display().to_string(),
                     reason: e.to_string(),
                 })?);
-                line_from_edits(edits_from_bytes(&bytes))
+                line_from_edits(edits_from_bytes(strip_script_log(&bytes)))
             }
             Mode::Stdin => read_stdin_line(timeout),
             Mode::Terminal => read_terminal(timeout),
@@ -301,6 +318,16 @@ mod tests {
         // Ctrl-U clears what was typed before it.
         let line = line_from_edits(edits_from_bytes(b"wrong\x15right\n")).unwrap();
         assert_eq!(line, "right");
+    }
+
+    #[test]
+    fn script_log_header_and_trailer_are_skipped() {
+        let log = b"Script started on 2026-11-25 12:29:58+00:00 [COMMAND=\"read -s x\" TTY=\"/dev/pts/0\"]\n83fe\x7fE\r\nScript done on 2026-11-25 12:29:59+00:00 [COMMAND_EXIT_CODE=\"0\"]\n";
+        assert_eq!(
+            line_from_edits(edits_from_bytes(strip_script_log(log))).unwrap(),
+            "83fE"
+        );
+        assert_eq!(strip_script_log(b"plain\n"), b"plain\n");
     }
 
     #[test]

@@ -198,13 +198,12 @@ fn parse_label(body: &[(usize, char)]) -> Result<Parsed, LabelError> {
         .map(|&(_, c)| c)
         .collect();
     if !prefix.eq_ignore_ascii_case(LABEL_PREFIX) {
-        let shown: String = body
-            .iter()
-            .take_while(|&&(_, c)| c != ':')
-            .take(8)
-            .map(|&(_, c)| c)
-            .chain(std::iter::once(':'))
-            .collect();
+        // Up to the first ':' when that is short, else the first 8 characters.
+        let head: Vec<char> = body.iter().map(|&(_, c)| c).take(13).collect();
+        let shown: String = match head.iter().position(|&c| c == ':') {
+            Some(i) => head[..=i].iter().collect(),
+            None => head.iter().take(8).chain(['…'].iter()).collect(),
+        };
         return Err(LabelError::LabelPrefix { found: shown });
     }
     let rest = &body[LABEL_PREFIX.len()..];
