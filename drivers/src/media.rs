@@ -140,14 +140,9 @@ pub fn read_key_file(path: &Path) -> Result<Zeroizing<String>, MediaError> {
     }
     let mode = meta.mode() & 0o7777;
     if mode & GROUP_OTHER != 0 {
-        let hint = match fs_type_of(meta.dev()) {
-            Some(fs) if NO_PERMISSION_FS.contains(&fs.as_str()) => format!(
-                "; but {fs} has no permission bits, its mount options decide the mode: remount with \
-                 fmask=0177,dmask=0077, or unmount it and let keyfleet mount it: \
-                 keyfleet read-key --from file --device <block device>"
-            ),
-            _ => String::new(),
-        };
+        let hint = fs_type_of(meta.dev())
+            .map(|fs| permission_hint(&fs))
+            .unwrap_or_default();
         return Err(MediaError::Permissive {
             path: path.to_owned(),
             mode,
@@ -175,6 +170,19 @@ pub fn read_key_file(path: &Path) -> Result<Zeroizing<String>, MediaError> {
         path: path.to_owned(),
     })?;
     Ok(Zeroizing::new(text.to_owned()))
+}
+
+/// The advice added to a mode refusal on a filesystem without permission bits.
+fn permission_hint(fs: &str) -> String {
+    if NO_PERMISSION_FS.contains(&fs) {
+        format!(
+            "; but {fs} has no permission bits, its mount options decide the mode: remount with \
+             fmask=0177,dmask=0077, or unmount it and let keyfleet mount it: \
+             keyfleet read-key --from file --device <block device>"
+        )
+    } else {
+        String::new()
+    }
 }
 
 /// Key files on a medium mounted at `root`, by the convention above, sorted.
@@ -626,6 +634,19 @@ mod tests {
             assert!(msg.contains("chmod 600"), "{msg}");
             assert!(msg.contains(&format!("{mode:04o}")), "{msg}");
         }
+    }
+
+    #[test]
+    fn fat_refusal_explains_mount_masks() {
+        for fs in ["vfat", "exfat", "ntfs3"] {
+            let h = permission_hint(fs);
+            assert!(
+                h.contains("no permission bits") && h.contains("fmask=0177"),
+                "{h}"
+            );
+            assert!(h.contains("--device"), "{h}");
+        }
+        assert_eq!(permission_hint("ext4"), "");
     }
 
     #[test]
