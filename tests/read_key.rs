@@ -221,11 +221,11 @@ fn keyboard_prompt_does_not_echo_and_counts() {
     let typed = label::label(&id, &key);
     let mut t = Term::spawn(&["read-key", "--from", "keyboard", "--json"]);
     t.wait_for("typing is not shown");
-    t.send(typed[..10].as_bytes());
+    t.send(&typed.as_bytes()[..10]);
     t.wait_for("10 characters");
     // A typo and its correction.
     t.send(b"X\x7f");
-    t.send(typed[10..].as_bytes());
+    t.send(&typed.as_bytes()[10..]);
     t.wait_for(&format!("{} characters", typed.chars().count()));
     let shown = t.contents();
     assert!(!shown.contains("KF1"), "typed text echoed:\n{shown}");

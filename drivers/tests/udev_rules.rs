@@ -47,7 +47,9 @@ fn rules_cover_every_device_kind() {
         if let Some(i) = l.find("GOTO=\"") {
             let label = l[i + 6..].split('"').next().unwrap();
             assert!(
-                rules.iter().any(|r| r.contains(&format!("LABEL=\"{label}\""))),
+                rules
+                    .iter()
+                    .any(|r| r.contains(&format!("LABEL=\"{label}\""))),
                 "GOTO {label} without LABEL"
             );
         }

@@ -105,7 +105,7 @@ fn parse_timeout(s: &str) -> Result<Duration, String> {
     let secs: f64 = s
         .parse()
         .map_err(|_| format!("{s:?} is not a number of seconds"))?;
-    if !(secs > 0.0) {
+    if secs.is_nan() || secs <= 0.0 {
         return Err(format!("{s} is not a positive number of seconds"));
     }
     Duration::try_from_secs_f64(secs).map_err(|e| format!("{s}: {e}"))
@@ -139,14 +139,14 @@ pub struct NotBuiltIn(&'static str, &'static str);
 
 /// Opens the source `kind`. Each source is behind the cargo feature of its name.
 pub fn open_source(kind: SourceKind, opts: &SourceOptions) -> anyhow::Result<Box<dyn KeySource>> {
-    let opened = match kind {
+    let opened: anyhow::Result<Box<dyn KeySource>> = match kind {
         #[cfg(feature = "keyboard")]
-        SourceKind::Keyboard => keyfleet_drivers::keyboard::open(opts),
+        SourceKind::Keyboard => keyfleet_drivers::keyboard::open(opts).map_err(Into::into),
         #[cfg(feature = "keypad")]
-        SourceKind::Keypad => keyfleet_drivers::keypad::open(opts),
+        SourceKind::Keypad => keyfleet_drivers::keypad::open(opts).map_err(Into::into),
         #[cfg(feature = "file")]
-        SourceKind::File => keyfleet_drivers::media::open(opts),
-        other => return open_other(other, opts),
+        SourceKind::File => keyfleet_drivers::media::open(opts).map_err(Into::into),
+        other => open_other(other, opts),
     };
     opened.with_context(|| format!("opening the {} source", kind.name()))
 }
