@@ -141,3 +141,29 @@ fn raw_flag_shows_what_the_source_decoded() {
     assert!(stdout.contains("node id:   boiler-3"), "{stdout}");
     assert!(stdout.contains("key check: 9c83f5c0"), "{stdout}");
 }
+
+#[test]
+fn devices_json_is_an_array_of_candidates() {
+    let out = Command::new(env!("CARGO_BIN_EXE_keyfleet"))
+        .args(["devices", "--json"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for d in v.as_array().expect("an array") {
+        for k in ["kind", "path", "vendor", "product", "note"] {
+            assert!(d.get(k).is_some(), "{k} missing in {d}");
+        }
+    }
+}
+
+#[test]
+fn help_documents_exit_codes() {
+    let out = Command::new(env!("CARGO_BIN_EXE_keyfleet"))
+        .args(["read-key", "--help"])
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(help.contains("Exit codes: 0 a valid key"), "{help}");
+    assert!(help.contains("4 --timeout passed"), "{help}");
+}

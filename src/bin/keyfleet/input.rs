@@ -204,6 +204,12 @@ pub fn read_initial_key(args: &KeySourceArgs, show_raw: bool) -> anyhow::Result<
 
 /// `keyfleet read-key`.
 #[derive(Args, Debug)]
+#[command(
+    after_help = "Exit codes: 0 a valid key was read; 1 the input was refused (wrong length, \
+bad character, failing check); 2 bad command line; 3 the source failed (device missing or not \
+accessible, malformed recording, key file refused, source not built in); 4 --timeout passed; \
+5 cancelled by the installer."
+)]
 pub struct ReadKeyArgs {
     #[command(flatten)]
     pub source: KeySourceArgs,
