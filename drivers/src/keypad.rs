@@ -268,9 +268,14 @@ impl Screen {
             .read(true)
             .write(true)
             .open("/dev/tty")
-            .map_err(|e| SourceError::Open {
-                path: "/dev/tty".into(),
-                reason: format!("{e}; the keypad needs a terminal"),
+            .map_err(|e| {
+                SourceError::Io(std::io::Error::new(
+                    e.kind(),
+                    format!(
+                        "no terminal to draw the keypad on (/dev/tty: {e}); run keyfleet in a \
+                         terminal, or pipe the key in with --from keyboard"
+                    ),
+                ))
             })?;
         crossterm::terminal::enable_raw_mode()?;
         execute!(tty, EnterAlternateScreen, EnableMouseCapture)?;

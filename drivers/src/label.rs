@@ -135,6 +135,8 @@ pub enum LabelError {
     DigitsLength { found: usize },
     #[error("CRC-16/X-25 check failed: the last 4 hex digits do not match the 32 before them; a digit was mistyped or misread, enter or scan it again")]
     HexCheck,
+    #[error("CRC-16/X-25 check failed for 36 digits read as the hex form; a digit was mistyped or misread, or, if they were meant as the decimal form, 5 digits are missing (it has 41)")]
+    HexCheckAllDigits,
     #[error("ISO 7064 MOD 97-10 check failed: the last 2 digits do not match the 39 before them; a digit was mistyped or misread, enter it again")]
     DecimalCheck,
     #[error("the decimal form's first 39 digits exceed 2^128-1 (340282366920938463463374607431768211455), so they cannot be a 16-byte key")]
@@ -276,7 +278,13 @@ fn parse_bare(body: &[(usize, char)]) -> Result<(InitialKey, Form), LabelError> 
     let digits = body.iter().filter(|&&(_, c)| c.is_ascii_digit()).count();
     match digits {
         DECIMAL_DIGITS => Ok((parse_decimal(body)?, Form::Decimal)),
-        HEX_DIGITS => Ok((parse_hex(body)?, Form::Hex)),
+        // 36 digits without a hex letter: a hex form (rarely all digits) or
+        // a decimal form short of 5 digits; a failed CRC names both.
+        HEX_DIGITS => match parse_hex(body) {
+            Ok(k) => Ok((k, Form::Hex)),
+            Err(LabelError::HexCheck) => Err(LabelError::HexCheckAllDigits),
+            Err(e) => Err(e),
+        },
         found if body.iter().any(|&(_, c)| c == '.') => Err(LabelError::DecimalLength { found }),
         found => Err(LabelError::DigitsLength { found }),
     }
@@ -580,6 +588,31 @@ mod tests {
             parse(&format!("{big}{check:02}")),
             Err(LabelError::DecimalRange)
         );
+    }
+
+    #[test]
+    fn thirty_six_digits_failing_crc_name_both_forms() {
+        let dec = decimal_form(&InitialKey::from_bytes(ZIGBEE_KEY));
+        let e = parse(&dec[..36]).unwrap_err();
+        assert_eq!(e, LabelError::HexCheckAllDigits);
+        assert!(e.to_string().contains("decimal form"), "{e}");
+        // An all-digit hex form with a good CRC is still a hex form.
+        // Keys whose 32 hex digits are the decimal digits of i; about 1 in 7
+        // also has a CRC without hex letters.
+        let key = (0u64..)
+            .map(|i| {
+                let digits = format!("{i:032}");
+                let mut k = [0u8; 16];
+                for (b, pair) in k.iter_mut().zip(digits.as_bytes().chunks(2)) {
+                    *b = ((pair[0] - b'0') << 4) | (pair[1] - b'0');
+                }
+                InitialKey::from_bytes(k)
+            })
+            .find(|k| !hex_form(k).bytes().any(|c| c.is_ascii_alphabetic()))
+            .unwrap();
+        let p = parse(&hex_form(&key)).unwrap();
+        assert_eq!(p.form, Form::Hex);
+        assert_eq!(p.key, key);
     }
 
     #[test]
