@@ -8,7 +8,8 @@
 //!   and unmounts it afterwards (this needs root). `--path` is then relative
 //!   to the medium's root.
 //! - neither: every mounted removable medium (sysfs `removable` = 1, or
-//!   attached over USB), found from `/sys/block` and `/proc/self/mountinfo`.
+//!   attached over USB, or an SD card), found from `/sys/block` and
+//!   `/proc/self/mountinfo`.
 //!
 //! On a medium the key file is `keyfleet/<name>.key` (or `<name>.kfkey` at
 //! the root); exactly one must be there, otherwise `--path` chooses. It holds
@@ -313,7 +314,10 @@ pub fn removable_media(sys: &Path, mountinfo: &[Mount]) -> Vec<Medium> {
     for disk in disks {
         let dpath = disk.path();
         let name = disk.file_name().to_string_lossy().into_owned();
-        let removable = read_trim(&dpath.join("removable")).as_deref() == Some("1");
+        // SD cards in a built-in reader report removable=0 but are removable media.
+        let sd_card = name.starts_with("mmcblk")
+            && read_trim(&dpath.join("device/type")).is_some_and(|t| t == "SD" || t == "MMC");
+        let removable = read_trim(&dpath.join("removable")).as_deref() == Some("1") || sd_card;
         let usb = std::fs::canonicalize(&dpath)
             .map(|p| p.to_string_lossy().contains("/usb"))
             .unwrap_or(false);
@@ -485,7 +489,9 @@ pub fn mount_private(device: &Path) -> Result<PrivateMount, MediaError> {
         }
     }
     Err(merr(format!(
-        "no filesystem the kernel knows fits ({}); is it formatted, and is the filesystem's kernel module available?",
+        "no filesystem the kernel knows fits ({}); is it formatted, and is the filesystem's kernel \
+         module available? If it is a whole disk, give its partition (such as /dev/sdb1, see \
+         `keyfleet devices`)",
         tried.join("; ")
     )))
 }
@@ -773,10 +779,30 @@ garbage line
             "vda",
             &[("removable", "0\n"), ("dev", "254:0\n"), ("size", "100\n")],
         );
+        mk(
+            "mmcblk0",
+            &[
+                ("removable", "0\n"),
+                ("dev", "179:0\n"),
+                ("size", "62333952\n"),
+                ("device/type", "SD\n"),
+            ],
+        );
+        mk(
+            "mmcblk0/mmcblk0p1",
+            &[
+                ("partition", "1\n"),
+                ("dev", "179:1\n"),
+                ("size", "62331904\n"),
+            ],
+        );
         let mi =
             parse_mountinfo("412 30 8:17 / /media/anna/STICK rw - vfat /dev/sdb1 rw,fmask=0022\n");
         let media = removable_media(sys.path(), &mi);
-        assert_eq!(media.len(), 1, "{media:?}");
+        assert_eq!(media.len(), 2, "{media:?}");
+        assert_eq!(media[0].device, PathBuf::from("/dev/mmcblk0p1"));
+        assert!(media[0].mounts.is_empty());
+        let media = &media[1..];
         assert_eq!(media[0].device, PathBuf::from("/dev/sdb1"));
         assert_eq!(media[0].vendor.as_deref(), Some("SanDisk"));
         assert_eq!(media[0].model.as_deref(), Some("Cruzer Blade"));
