@@ -404,3 +404,48 @@ fn fat_automounted_with_loose_masks_is_refused_with_the_remedy() {
         "{err}"
     );
 }
+
+#[test]
+fn medium_cannot_point_at_files_off_the_medium() {
+    need_root_and_loop!();
+    // A file on this machine that a hostile medium's link points to.
+    let outside = tempfile::tempdir().unwrap();
+    std::fs::write(outside.path().join("x.key"), LABEL).unwrap();
+    std::fs::set_permissions(
+        outside.path().join("x.key"),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    std::os::unix::fs::symlink(outside.path(), src.join("keyfleet")).unwrap();
+    let img = dir.path().join("m.img");
+    run(Command::new("mke2fs")
+        .args(["-q", "-F", "-t", "ext4", "-d"])
+        .arg(&src)
+        .arg(&img)
+        .arg("8M"));
+    let Some(l) = Loop::attach(dir, &img) else {
+        return;
+    };
+    for rel in ["keyfleet/x.key", "../../../../../../../etc/hostname"] {
+        let out = keyfleet(&[
+            "read-key",
+            "--from",
+            "file",
+            "--device",
+            l.dev_str(),
+            "--path",
+            rel,
+        ]);
+        assert_eq!(out.status.code(), Some(3), "{rel}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("symbolic link") || err.contains("leads off the medium"),
+            "{rel}: {err}"
+        );
+        assert!(out.stdout.is_empty());
+    }
+    assert_not_mounted(&l);
+}

@@ -53,6 +53,8 @@ const NO_PERMISSION_FS: &[&str] = &["vfat", "msdos", "exfat", "ntfs", "ntfs3", "
 pub enum MediaError {
     #[error("{path} is a symbolic link; key files are not read through links: copy the file itself onto the medium")]
     Symlink { path: PathBuf },
+    #[error("{path} leads off the medium; a key file must be on the medium itself")]
+    Escapes { path: PathBuf },
     #[error("{path} is not a regular file; give the key file itself")]
     NotRegular { path: PathBuf },
     #[error("{path} is accessible by group or others (mode {mode:04o}); make it owner-only: chmod 600 {path}{hint}")]
@@ -108,26 +110,72 @@ impl From<MediaError> for SourceError {
 
 /// Reads one key file with the checks above. The text is zeroed on drop.
 pub fn read_key_file(path: &Path) -> Result<Zeroizing<String>, MediaError> {
+    let fd =
+        rustix::fs::open(path, KEY_OPEN_FLAGS, Mode::empty()).map_err(|e| open_error(path, e))?;
+    check_and_read(File::from(fd), path)
+}
+
+/// O_NONBLOCK: a FIFO planted as a key file must not hang the open or the read.
+const KEY_OPEN_FLAGS: OFlags = OFlags::RDONLY
+    .union(OFlags::NOFOLLOW)
+    .union(OFlags::CLOEXEC)
+    .union(OFlags::NONBLOCK)
+    .union(OFlags::NOCTTY);
+
+fn open_error(path: &Path, e: rustix::io::Errno) -> MediaError {
+    if e == rustix::io::Errno::LOOP {
+        MediaError::Symlink {
+            path: path.to_owned(),
+        }
+    } else if e == rustix::io::Errno::XDEV {
+        MediaError::Escapes {
+            path: path.to_owned(),
+        }
+    } else {
+        MediaError::Io {
+            path: path.to_owned(),
+            source: e.into(),
+        }
+    }
+}
+
+/// Reads `rel` under a medium's root: no component may be a symbolic link
+/// and the path may not leave the medium (`openat2` with `RESOLVE_BENEATH`
+/// and `RESOLVE_NO_SYMLINKS`), so a medium cannot point keyfleet at a file
+/// elsewhere on the machine. Kernels before 5.6 lack `openat2`; there only
+/// the last component is checked (`O_NOFOLLOW`) and `..` is refused.
+pub fn read_key_file_beneath(root: &Path, rel: &Path) -> Result<Zeroizing<String>, MediaError> {
+    let rel = rel.strip_prefix("/").unwrap_or(rel);
+    let shown = root.join(rel);
+    let dir = rustix::fs::open(
+        root,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| open_error(root, e))?;
+    let resolve = rustix::fs::ResolveFlags::BENEATH | rustix::fs::ResolveFlags::NO_SYMLINKS;
+    let fd = match rustix::fs::openat2(&dir, rel, KEY_OPEN_FLAGS, Mode::empty(), resolve) {
+        Err(rustix::io::Errno::NOSYS) => {
+            if rel
+                .components()
+                .any(|c| matches!(c, std::path::Component::ParentDir))
+            {
+                return Err(MediaError::Escapes { path: shown });
+            }
+            rustix::fs::openat(&dir, rel, KEY_OPEN_FLAGS, Mode::empty())
+        }
+        other => other,
+    }
+    .map_err(|e| open_error(&shown, e))?;
+    check_and_read(File::from(fd), &shown)
+}
+
+/// The checks on an opened key file, then its text.
+fn check_and_read(file: File, path: &Path) -> Result<Zeroizing<String>, MediaError> {
     let io = |source| MediaError::Io {
         path: path.to_owned(),
         source,
     };
-    // O_NONBLOCK: a FIFO planted as a key file must not hang the read.
-    let fd = rustix::fs::open(
-        path,
-        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK | OFlags::NOCTTY,
-        Mode::empty(),
-    )
-    .map_err(|e| {
-        if e == rustix::io::Errno::LOOP {
-            MediaError::Symlink {
-                path: path.to_owned(),
-            }
-        } else {
-            io(e.into())
-        }
-    })?;
-    let file = File::from(fd);
     let meta = file.metadata().map_err(io)?;
     if meta.file_type().is_symlink() {
         return Err(MediaError::Symlink {
@@ -521,12 +569,15 @@ fn pick_one(files: Vec<PathBuf>, searched: &[PathBuf]) -> Result<PathBuf, MediaE
 /// Reads the key text from a medium's root: `rel` when given, else the one
 /// key file found by the convention.
 fn read_from_root(root: &Path, rel: Option<&Path>) -> Result<Zeroizing<String>, MediaError> {
-    let file = match rel {
-        Some(r) => root.join(r.strip_prefix("/").unwrap_or(r)),
-        None => pick_one(find_key_files(root), &[root.to_owned()])?,
+    let rel = match rel {
+        Some(r) => r.to_owned(),
+        None => {
+            let file = pick_one(find_key_files(root), &[root.to_owned()])?;
+            file.strip_prefix(root).map(Path::to_owned).unwrap_or(file)
+        }
     };
-    tracing::info!(file = %file.display(), "reading key file");
-    read_key_file(&file)
+    tracing::info!(root = %root.display(), file = %rel.display(), "reading key file");
+    read_key_file_beneath(root, &rel)
 }
 
 struct FileSource {
@@ -586,9 +637,20 @@ pub fn read(opts: &SourceOptions) -> Result<Zeroizing<String>, MediaError> {
             },
         });
     }
-    let files: Vec<PathBuf> = roots.iter().flat_map(|r| find_key_files(r)).collect();
-    let file = pick_one(files, &roots)?;
-    read_key_file(&file)
+    let files: Vec<(PathBuf, PathBuf)> = roots
+        .iter()
+        .flat_map(|r| find_key_files(r).into_iter().map(move |f| (r.clone(), f)))
+        .collect();
+    let file = pick_one(files.iter().map(|(_, f)| f.clone()).collect(), &roots)?;
+    let (root, _) =
+        files
+            .iter()
+            .find(|(_, f)| *f == file)
+            .ok_or_else(|| MediaError::NoKeyFile {
+                searched: file.display().to_string(),
+            })?;
+    let rel = file.strip_prefix(root).unwrap_or(&file);
+    read_key_file_beneath(root, rel)
 }
 
 impl KeySource for FileSource {
@@ -665,6 +727,30 @@ mod tests {
         let e = read_key_file(&link).unwrap_err();
         assert!(matches!(e, MediaError::Symlink { .. }), "{e:?}");
         assert!(e.to_string().contains("symbolic link"));
+    }
+
+    #[test]
+    fn beneath_refuses_links_in_any_component_and_escapes() {
+        let medium = tempfile::tempdir().unwrap();
+        let elsewhere = tempfile::tempdir().unwrap();
+        write_mode(&elsewhere.path().join("x.key"), "secret", 0o600);
+        write_mode(&medium.path().join("ok.key"), "x", 0o600);
+        std::os::unix::fs::symlink(elsewhere.path(), medium.path().join("keyfleet")).unwrap();
+        assert_eq!(
+            read_key_file_beneath(medium.path(), Path::new("ok.key"))
+                .unwrap()
+                .as_str(),
+            "x"
+        );
+        // keyfleet/ is a link to a folder off the medium: refused, though x.key itself is no link.
+        let e = read_key_file_beneath(medium.path(), Path::new("keyfleet/x.key")).unwrap_err();
+        assert!(matches!(e, MediaError::Symlink { .. }), "{e:?}");
+        let up = Path::new("..")
+            .join(elsewhere.path().file_name().unwrap())
+            .join("x.key");
+        let e = read_key_file_beneath(medium.path(), &up).unwrap_err();
+        assert!(matches!(e, MediaError::Escapes { .. }), "{e:?}");
+        assert!(e.to_string().contains("leads off the medium"), "{e}");
     }
 
     #[test]
