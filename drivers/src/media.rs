@@ -16,7 +16,9 @@
 //! one form of [`crate::label`] as text.
 //!
 //! A key file is refused when it is a symbolic link (opened with
-//! `O_NOFOLLOW`, checked on the opened descriptor), not a regular file,
+//! `O_NOFOLLOW`, checked on the opened descriptor; on a medium no component
+//! of its path may be a link nor lead off the medium, see
+//! [`read_key_file_beneath`]), not a regular file,
 //! accessible by group or others (any bit of `0o077`, as ssh does for its
 //! keys), or larger than 4 KiB. FAT, exFAT and NTFS have no permission bits:
 //! the mode comes from the mount options (`fmask`, `umask`). A desktop's
