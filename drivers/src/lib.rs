@@ -12,6 +12,8 @@
 
 pub mod label;
 pub mod source;
+/// Candidate devices from sysfs for `keyfleet devices`.
+pub mod sysfs;
 
 #[cfg(feature = "hid-scanner")]
 pub mod hid;
