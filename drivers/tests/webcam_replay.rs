@@ -1,0 +1,171 @@
+//! The webcam source replayed from fixtures/webcam through the same code path
+//! as the camera: `webcam::open` with `--replay`, then `read_raw`, which runs
+//! `decode_frame` on each frame until a payload looks like a key label.
+#![cfg(feature = "webcam")]
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use keyfleet_drivers::source::{SourceError, SourceOptions};
+use keyfleet_drivers::webcam::{self, measure, WebcamSource};
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/webcam")
+}
+
+fn replay(path: &Path) -> SourceOptions {
+    SourceOptions {
+        replay: Some(path.to_path_buf()),
+        ..SourceOptions::default()
+    }
+}
+
+/// Our decoder must read at least this share of the generated photos
+/// (it reads 24 of 26 when this was written; see fixtures/webcam/README.md).
+const MIN_SHARE: f64 = 0.85;
+
+#[test]
+fn generated_photos_decode_through_the_replay_path_at_least_as_well_as_zbarimg() {
+    let cases = measure::load_cases(&fixtures().join("generated")).unwrap();
+    assert!(
+        cases.len() >= 20,
+        "expected the committed set, found {} cases",
+        cases.len()
+    );
+    let mut right = 0;
+    let mut missed = Vec::new();
+    for c in &cases {
+        let mut src = webcam::open(&replay(&c.image)).unwrap();
+        match src.read_raw(Some(Duration::from_secs(60))) {
+            Ok(p) if measure::same_payload(&p, &c.expected) => right += 1,
+            Ok(p) => panic!("{}: decoded a wrong payload {p:?}", c.image.display()),
+            Err(SourceError::Ended(_)) => {
+                missed.push(c.image.file_name().unwrap().to_string_lossy().into_owned())
+            }
+            Err(e) => panic!("{}: {e}", c.image.display()),
+        }
+    }
+    let share = right as f64 / cases.len() as f64;
+    eprintln!("ours: {right}/{} (missed {missed:?})", cases.len());
+    assert!(
+        share >= MIN_SHARE,
+        "ours read {right}/{} ({share:.2}), below {MIN_SHARE}; missed {missed:?}",
+        cases.len()
+    );
+    match measure::measure_zbarimg(&cases) {
+        Ok(z) => {
+            eprintln!("zbarimg: {}/{}", z.right, z.total);
+            assert!(
+                right >= z.right,
+                "ours {right} < zbarimg {} of {}",
+                z.right,
+                z.total
+            );
+        }
+        Err(e) => eprintln!("comparison with zbarimg skipped: {e}"),
+    }
+}
+
+#[test]
+fn a_folder_of_frames_is_scanned_until_a_key_label() {
+    // frame-001: no code; frame-002: a URL QR code (not a label); frame-003: the label.
+    let dir = fixtures().join("replay-scan");
+    let expected = std::fs::read_to_string(dir.join("expected-label.txt")).unwrap();
+    let mut src = webcam::open(&replay(&dir)).unwrap();
+    assert_eq!(src.name(), "webcam");
+    let got = src.read_raw(Some(Duration::from_secs(60))).unwrap();
+    assert_eq!(got, expected.trim_end());
+    // Nothing after the label: the replay has ended.
+    assert!(matches!(src.read_raw(None), Err(SourceError::Ended(_))));
+}
+
+#[test]
+fn the_callers_test_decides_which_payload_ends_the_scan() {
+    let dir = fixtures().join("replay-scan");
+    // A caller that wants the URL (any payload starting with https) gets it from frame 2.
+    let mut src =
+        WebcamSource::open(&replay(&dir), Box::new(|p| p.starts_with("https://"))).unwrap();
+    use keyfleet_drivers::source::KeySource;
+    assert!(src
+        .read_raw(None)
+        .unwrap()
+        .starts_with("https://example.com/"));
+    // A caller that refuses everything: the replay ends and says codes were seen.
+    let mut src = WebcamSource::open(&replay(&dir), Box::new(|_| false)).unwrap();
+    let err = src.read_raw(None).unwrap_err().to_string();
+    assert!(
+        err.contains("held 2 QR code(s), none of them a key label"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_frame_without_a_code_ends_with_a_hint() {
+    let frame = fixtures().join("replay-scan/frame-001.jpg");
+    let err = webcam::open(&replay(&frame))
+        .unwrap()
+        .read_raw(None)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("no readable QR code in the 1 frame(s)"),
+        "{err}"
+    );
+    assert!(err.contains("frame-001.jpg"), "{err}");
+}
+
+#[test]
+fn a_zero_timeout_times_out() {
+    let dir = fixtures().join("replay-scan");
+    let err = webcam::open(&replay(&dir))
+        .unwrap()
+        .read_raw(Some(Duration::ZERO))
+        .unwrap_err();
+    assert!(matches!(err, SourceError::Timeout(_)), "{err}");
+    assert!(err.to_string().contains("raise --timeout"));
+}
+
+#[test]
+fn bad_replay_paths_are_refused_with_the_reason() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Missing path.
+    let missing = tmp.path().join("nope.jpg");
+    let err = webcam::open(&replay(&missing)).err().unwrap().to_string();
+    assert!(
+        err.contains("nope.jpg") && err.contains("No such file"),
+        "{err}"
+    );
+    // A folder with no frames (a text file only).
+    std::fs::write(tmp.path().join("notes.txt"), "x").unwrap();
+    let err = webcam::open(&replay(tmp.path())).err().unwrap().to_string();
+    assert!(err.contains("holds no frames"), "{err}");
+    // A file named .png that is not an image: the error names the file and the fault.
+    let bad = tmp.path().join("broken.png");
+    std::fs::write(&bad, b"\x89PNG\r\n\x1a\nthis is not a png").unwrap();
+    let err = webcam::open(&replay(&bad))
+        .unwrap()
+        .read_raw(None)
+        .unwrap_err();
+    assert!(matches!(err, SourceError::Malformed { .. }), "{err}");
+    assert!(err.to_string().contains("broken.png"), "{err}");
+    // In a folder, the broken frame stops the replay with the same error.
+    let err = webcam::open(&replay(tmp.path()))
+        .unwrap()
+        .read_raw(None)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("broken.png"), "{err}");
+}
+
+#[test]
+fn a_video_device_that_is_not_one_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let f = tmp.path().join("ttyACM0");
+    std::fs::write(&f, "").unwrap();
+    let opts = SourceOptions {
+        device: Some(f),
+        ..SourceOptions::default()
+    };
+    let err = webcam::open(&opts).err().unwrap().to_string();
+    assert!(err.contains("not a V4L2 video node"), "{err}");
+}
