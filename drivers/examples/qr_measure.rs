@@ -33,6 +33,7 @@ fn main() -> std::process::ExitCode {
             _ => dirs.push(a.into()),
         }
     }
+    keyfleet_drivers::webcam::quiet_rqrr_panics();
     if dirs.is_empty() {
         eprintln!("usage: qr_measure [--misses] [--each] DIR...");
         return std::process::ExitCode::from(2);

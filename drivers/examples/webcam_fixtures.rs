@@ -473,16 +473,3 @@ fn main() {
         .expect("write expected answer");
     eprintln!("wrote {} and {}", gen.display(), replay.display());
 }
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn x25_check_value() {
-        // CRC-16/X-25 check value over "123456789" is 0x906E.
-        assert_eq!(X25.checksum(b"123456789"), 0x906E);
-        let key = [0u8; 16];
-        assert_eq!(hex_form(&key).len(), 36);
-    }
-}

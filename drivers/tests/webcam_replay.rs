@@ -169,3 +169,59 @@ fn a_video_device_that_is_not_one_is_refused() {
     let err = webcam::open(&opts).err().unwrap().to_string();
     assert!(err.contains("not a V4L2 video node"), "{err}");
 }
+
+#[test]
+fn every_expected_answer_is_a_well_formed_label_and_listed_in_the_manifest() {
+    const X25: crc::Crc<u16> = crc::Crc::<u16>::new(&crc::CRC_16_IBM_SDLC);
+    // CRC-16/X-25's catalogue check value: this is the Zigbee install-code CRC.
+    assert_eq!(X25.checksum(b"123456789"), 0x906E);
+    let dir = fixtures().join("generated");
+    let manifest = std::fs::read_to_string(dir.join("MANIFEST.tsv")).unwrap();
+    let mut labels: Vec<(String, String)> = measure::load_cases(&dir)
+        .unwrap()
+        .into_iter()
+        .map(|c| {
+            (
+                c.image.file_stem().unwrap().to_string_lossy().into_owned(),
+                c.expected,
+            )
+        })
+        .collect();
+    let replay = fixtures().join("replay-scan/expected-label.txt");
+    labels.push((
+        "replay-scan".into(),
+        std::fs::read_to_string(replay).unwrap(),
+    ));
+    for (name, label) in labels {
+        let parts: Vec<&str> = label.split(':').collect();
+        assert_eq!(parts.len(), 3, "{name}: {label}");
+        assert_eq!(parts[0], "KF1");
+        assert!(
+            (1..=64).contains(&parts[1].len()),
+            "{name}: node id {}",
+            parts[1]
+        );
+        assert!(parts[1]
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c)));
+        let hex = parts[2];
+        assert_eq!(hex.len(), 36, "{name}: {hex}");
+        let bytes: Vec<u8> = (0..18)
+            .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap())
+            .collect();
+        let crc = u16::from_le_bytes([bytes[16], bytes[17]]);
+        assert_eq!(
+            X25.checksum(&bytes[..16]),
+            crc,
+            "{name}: CRC-16/X-25 of the key"
+        );
+        if name != "replay-scan" {
+            assert!(
+                manifest
+                    .lines()
+                    .any(|l| l.starts_with(&format!("{name}\t")) && l.ends_with(&label)),
+                "{name} not in MANIFEST.tsv"
+            );
+        }
+    }
+}

@@ -7,10 +7,10 @@
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use image::imageops::{self, FilterType};
-use image::GrayImage;
+use image::{GrayImage, Luma};
 use imageproc::contrast::{self, ThresholdType};
 use imageproc::filter;
-use imageproc::geometric_transformations::Projection;
+use imageproc::geometric_transformations::{rotate_about_center, Interpolation, Projection};
 
 /// A QR code has at least 21 modules a side; below this no frame can hold one.
 const MIN_SIDE: u32 = 21;
@@ -47,6 +47,9 @@ pub enum Step {
     LocalNormalize(f32),
     /// Black and white swapped (light code on a dark label).
     Invert,
+    /// Turn by this many degrees about the centre (rqrr finds finder patterns
+    /// along rows, which works best on codes near upright).
+    Rotate(f32),
 }
 
 /// One attempt: a scale, a chain of filters, then `rqrr`.
@@ -62,66 +65,57 @@ pub struct Strategy {
 /// Chosen by measurement on `fixtures/webcam/` and public phone photos
 /// (see `fixtures/webcam/README.md`).
 pub const DEFAULT_STRATEGIES: &[Strategy] = &[
+    // Most frames: rqrr as is (its own row-wise adaptive threshold).
     Strategy {
         name: "raw",
         scale: Scale::Native,
         steps: &[],
     },
+    // Phone photos and large frames: smaller is faster and smooths sensor noise.
     Strategy {
-        name: "fit1024",
-        scale: Scale::FitWithin(1024),
+        name: "fit1280",
+        scale: Scale::FitWithin(1280),
         steps: &[],
     },
-    Strategy {
-        name: "stretch",
-        scale: Scale::Native,
-        steps: &[Step::Stretch],
-    },
-    Strategy {
-        name: "blur-otsu",
-        scale: Scale::Native,
-        steps: &[Step::Blur(1.2), Step::Stretch, Step::Otsu],
-    },
-    Strategy {
-        name: "adaptive",
-        scale: Scale::Native,
-        steps: &[Step::Blur(1.0), Step::Adaptive(0.04)],
-    },
-    Strategy {
-        name: "localnorm",
-        scale: Scale::Native,
-        steps: &[Step::Blur(1.0), Step::LocalNormalize(0.05)],
-    },
+    // Defocus and motion blur; also lifts dim and low-contrast frames.
     Strategy {
         name: "sharpen",
         scale: Scale::Native,
         steps: &[Step::Sharpen(2.0, 1.5), Step::Stretch],
     },
+    // rqrr looks for finder patterns along rows; turned codes read better at another angle.
     Strategy {
-        name: "fit640-otsu",
-        scale: Scale::FitWithin(640),
-        steps: &[Step::Blur(1.0), Step::Otsu],
+        name: "rot-20",
+        scale: Scale::Native,
+        steps: &[Step::Rotate(-20.0)],
     },
+    // Uneven light, shadows, noise: a local-mean binarization after a light blur.
+    Strategy {
+        name: "adaptive",
+        scale: Scale::Native,
+        steps: &[Step::Blur(1.0), Step::Adaptive(0.04)],
+    },
+    // Small codes (modules of 1-2 pixels).
     Strategy {
         name: "x2",
         scale: Scale::Enlarge {
             factor: 2,
             max_side: 1280,
         },
-        steps: &[Step::Stretch],
+        steps: &[],
+    },
+    Strategy {
+        name: "rot90",
+        scale: Scale::Native,
+        steps: &[Step::Rotate(90.0)],
     },
     Strategy {
         name: "x2-adaptive",
         scale: Scale::Enlarge {
             factor: 2,
-            max_side: 1280,
+            max_side: 800,
         },
         steps: &[Step::Blur(1.0), Step::Adaptive(0.03)],
-    },
-    Strategy {
-        name: "invert",
-        scale: Scale::Native,
-        steps: &[Step::Stretch, Step::Invert],
     },
 ];
 
@@ -201,6 +195,10 @@ pub fn apply(frame: &GrayImage, s: &Strategy) -> Option<GrayImage> {
             }
             Step::Adaptive(frac) => contrast::adaptive_threshold(&img, radius(short, frac)),
             Step::LocalNormalize(frac) => local_normalize(&img, radius(short, frac)),
+            Step::Rotate(deg) => {
+                let fill = Luma([median_level(&img)]);
+                rotate_about_center(&img, deg.to_radians(), Interpolation::Bilinear, fill)
+            }
             Step::Invert => {
                 let mut inv = img;
                 imageops::invert(&mut inv);
@@ -218,6 +216,22 @@ fn scaled(v: u32, k: f64) -> u32 {
 
 fn radius(short: u32, frac: f32) -> u32 {
     ((short as f32 * frac).round() as u32).max(2)
+}
+
+fn median_level(img: &GrayImage) -> u8 {
+    let mut hist = [0u64; 256];
+    for p in img.pixels() {
+        hist[usize::from(p.0[0])] += 1;
+    }
+    let half = (img.width() as u64 * img.height() as u64) / 2;
+    let mut acc = 0;
+    for (v, &n) in hist.iter().enumerate() {
+        acc += n;
+        if acc > half {
+            return v as u8;
+        }
+    }
+    255
 }
 
 /// Linear contrast stretch between the 1st and 99th percentiles.
@@ -306,7 +320,7 @@ pub fn rqrr_payloads(img: &GrayImage) -> Vec<String> {
     // A grid was found but did not decode: rqrr's sampling grid was off
     // (rotation, tilt, a bent label) or its binarization lost modules. Sample
     // the modules again ourselves, nudging the corners it found.
-    for (bounds, size) in missed {
+    for (bounds, size) in missed.into_iter().take(MAX_RESAMPLED) {
         if let Some(p) = resample(img, &bounds, size) {
             if !out.contains(&p) {
                 out.push(p);
@@ -353,6 +367,10 @@ fn rqrr_pass(img: &GrayImage) -> (Vec<String>, Vec<Missed>) {
     })
 }
 
+/// Grids per pass that [`resample`] tries (each costs ~100 decodes).
+const MAX_RESAMPLED: usize = 2;
+/// Modules narrower than this (in pixels) cannot be sampled.
+const MIN_MODULE_PX: f32 = 1.5;
 /// Corner nudges tried by [`resample`], in modules.
 const NUDGES: [f32; 5] = [0.0, -0.5, 0.5, -1.0, 1.0];
 
@@ -385,8 +403,11 @@ fn resample(img: &GrayImage, bounds: &[(f32, f32); 4], size: usize) -> Option<St
     }
     let area = imageops::crop_imm(img, cx0, cy0, cx1 - cx0 + 1, cy1 - cy0 + 1).to_image();
     let level = contrast::otsu_level(&area);
-    let module_px = ((x1 - x0).max(y1 - y0) / n).max(1.0);
-    let r = (module_px / 4.0).floor() as i64;
+    let module_px = (x1 - x0).max(y1 - y0) / n;
+    if module_px < MIN_MODULE_PX {
+        return None; // a grid finer than the pixels: a false detection
+    }
+    let r = ((module_px / 4.0).floor() as i64).min(2);
     let mean_at = |x: f32, y: f32| -> u8 {
         let (cx, cy) = (x.round() as i64, y.round() as i64);
         let (mut sum, mut k) = (0u32, 0u32);
@@ -402,13 +423,27 @@ fn resample(img: &GrayImage, bounds: &[(f32, f32); 4], size: usize) -> Option<St
         sum.checked_div(k).map_or(255, |v| v as u8)
     };
     let try_decode = |proj: &Projection| -> Option<String> {
-        let grid = rqrr::SimpleGrid::from_func(size, |x, y| {
-            let (px, py) = *proj * (x as f32 + 0.5, y as f32 + 0.5);
-            mean_at(px, py) < level
-        });
-        let mut bytes = Vec::new();
-        rqrr::Grid::new(grid).decode_to(&mut bytes).ok()?;
-        Some(bytes_to_text(bytes))
+        let samples: Vec<u8> = (0..size * size)
+            .map(|i| {
+                let (px, py) = *proj * ((i % size) as f32 + 0.5, (i / size) as f32 + 0.5);
+                mean_at(px, py)
+            })
+            .collect();
+        let decode = |dark: &dyn Fn(usize, usize) -> bool| {
+            let grid = rqrr::SimpleGrid::from_func(size, dark);
+            let mut bytes = Vec::new();
+            rqrr::Grid::new(grid).decode_to(&mut bytes).ok()?;
+            Some(bytes_to_text(bytes))
+        };
+        // One threshold for the whole code, then a local one (the mean of the
+        // surrounding 7x7 modules) for uneven light and blur.
+        decode(&|x, y| samples[y * size + x] < level).or_else(|| {
+            let local = local_module_means(&samples, size, 3);
+            decode(&|x, y| {
+                let i = y * size + x;
+                samples[i] < local[i]
+            })
+        })
     };
     let run = || {
         if let Some(p) = try_decode(&base) {
@@ -435,6 +470,23 @@ fn resample(img: &GrayImage, bounds: &[(f32, f32); 4], size: usize) -> Option<St
         None
     };
     catch_unwind(AssertUnwindSafe(run)).ok().flatten()
+}
+
+/// Keep panics raised inside `rqrr` (caught by [`rqrr_payloads`] and counted
+/// as "nothing found") off stderr, where they would look like a crash to the
+/// installer. Wraps the panic hook in place once; panics anywhere else still
+/// reach the previous hook unchanged.
+pub fn quiet_rqrr_panics() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let in_rqrr = info.location().is_some_and(|l| l.file().contains("rqrr"));
+            if !in_rqrr {
+                previous(info);
+            }
+        }));
+    });
 }
 
 /// What `rqrr` made of a frame after one strategy, to diagnose a miss.
@@ -489,6 +541,32 @@ pub fn explain(frame: &GrayImage, strategies: &[Strategy]) -> Vec<Attempt> {
                 grids: results.len(),
                 results,
             }
+        })
+        .collect()
+}
+
+/// For each module, the mean of the module samples within `k` modules of it
+/// (a summed-area table over the `size` x `size` samples).
+fn local_module_means(samples: &[u8], size: usize, k: usize) -> Vec<u8> {
+    let stride = size + 1;
+    let mut sat = vec![0u32; stride * stride];
+    for y in 0..size {
+        let mut row = 0u32;
+        for x in 0..size {
+            row += u32::from(samples[y * size + x]);
+            sat[(y + 1) * stride + x + 1] = sat[y * stride + x + 1] + row;
+        }
+    }
+    (0..size * size)
+        .map(|i| {
+            let (x, y) = (i % size, i / size);
+            let (x0, x1) = (x.saturating_sub(k), (x + k + 1).min(size));
+            let (y0, y1) = (y.saturating_sub(k), (y + k + 1).min(size));
+            let sum = sat[y1 * stride + x1] + sat[y0 * stride + x0]
+                - sat[y0 * stride + x1]
+                - sat[y1 * stride + x0];
+            let n = ((x1 - x0) * (y1 - y0)) as u32;
+            sum.checked_div(n).map_or(128, |v| v as u8)
         })
         .collect()
 }

@@ -20,8 +20,8 @@ pub mod frame;
 pub mod measure;
 
 pub use decode::{
-    apply, decode_frame, decode_with, explain, rqrr_payloads, Attempt, Decoded, Scale, Step,
-    Strategy, DEFAULT_STRATEGIES,
+    apply, decode_frame, decode_with, explain, quiet_rqrr_panics, rqrr_payloads, Attempt, Decoded,
+    Scale, Step, Strategy, DEFAULT_STRATEGIES,
 };
 
 /// Decides whether a decoded payload is the key label we wait for. Payloads
@@ -79,6 +79,7 @@ impl WebcamSource {
     /// As [`open`], with the caller's test for payloads, e.g.
     /// `Box::new(|p| label::parse(p).is_ok())` to scan until a valid label.
     pub fn open(opts: &SourceOptions, accept: Accept) -> Result<WebcamSource, SourceError> {
+        quiet_rqrr_panics();
         let feed = match (&opts.replay, &opts.device) {
             (Some(path), _) => Feed::Replay {
                 origin: path.clone(),
