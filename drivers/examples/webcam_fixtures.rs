@@ -1,5 +1,6 @@
 //! Generates `fixtures/webcam/`: synthetic webcam photos of key labels, each
-//! with its expected payload beside it, from fixed seeds.
+//! with its expected payload beside it, from fixed seeds, in
+//! `generated/1280x720/` and `generated/640x480/`, and the `replay-scan/` folder.
 //!
 //!     cargo run -p keyfleet-drivers --example webcam_fixtures -- fixtures/webcam
 //!
@@ -414,7 +415,9 @@ fn main() {
         .into();
     let gen = out.join("generated");
     let replay = out.join("replay-scan");
-    std::fs::create_dir_all(&gen).expect("create output folder");
+    for size in ["1280x720", "640x480"] {
+        std::fs::create_dir_all(gen.join(size)).expect("create output folder");
+    }
     std::fs::create_dir_all(&replay).expect("create output folder");
 
     let mut manifest = String::from(
@@ -424,12 +427,13 @@ fn main() {
         let mut rng = ChaCha8Rng::seed_from_u64(spec.seed ^ 0x6b66_6c61_6265_6c00);
         let payload = payload_for(&mut rng);
         let img = render(&spec, Some(&payload));
+        let size = format!("{}x{}", spec.width, spec.height);
         save_jpeg(
             &img,
             spec.jpeg_quality,
-            &gen.join(format!("{}.jpg", spec.name)),
+            &gen.join(&size).join(format!("{}.jpg", spec.name)),
         );
-        std::fs::write(gen.join(format!("{}.txt", spec.name)), &payload)
+        std::fs::write(gen.join(&size).join(format!("{}.txt", spec.name)), &payload)
             .expect("write expected answer");
         let _ = writeln!(
             manifest,
