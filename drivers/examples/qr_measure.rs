@@ -10,6 +10,8 @@
 //! `--misses` lists the images each decoder missed; `--each` also runs every
 //! strategy alone, to see what each one adds; `--explain` shows what each
 //! strategy made of every image we missed (grids found, decode errors).
+//! `--time IMAGE...` times the whole list and each strategy on single images
+//! (a frame without a code pays for every strategy).
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -20,23 +22,73 @@ fn ms(d: Duration) -> String {
     format!("{:.1}", d.as_secs_f64() * 1000.0)
 }
 
+/// `--time`: the whole strategy list on each image (best of 5 runs), with
+/// the time each strategy takes alone: what a frame costs when no code is in it.
+fn time_each(files: &[PathBuf]) -> std::process::ExitCode {
+    use keyfleet_drivers::webcam::{decode_frame, decode_with, load_frame};
+    for f in files {
+        let img = match load_frame(f) {
+            Ok(i) => i,
+            Err(e) => {
+                eprintln!("{e}");
+                return std::process::ExitCode::FAILURE;
+            }
+        };
+        let best = |run: &dyn Fn() -> usize| {
+            (0..5)
+                .map(|_| {
+                    let t = std::time::Instant::now();
+                    let n = run();
+                    (t.elapsed(), n)
+                })
+                .min()
+                .unwrap_or_default()
+        };
+        let (all, found) = best(&|| decode_frame(&img).len());
+        let per: Vec<String> = DEFAULT_STRATEGIES
+            .iter()
+            .map(|s| {
+                format!(
+                    "{} {}",
+                    s.name,
+                    ms(best(&|| decode_with(&img, std::slice::from_ref(s)).payloads.len()).0)
+                )
+            })
+            .collect();
+        println!(
+            "{} {}x{}: {} ms, {found} payload(s) [{}]",
+            f.display(),
+            img.width(),
+            img.height(),
+            ms(all),
+            per.join(", ")
+        );
+    }
+    std::process::ExitCode::SUCCESS
+}
+
 fn main() -> std::process::ExitCode {
     let mut misses = false;
     let mut each = false;
     let mut explain = false;
+    let mut time_files = false;
     let mut dirs: Vec<PathBuf> = Vec::new();
     for a in std::env::args().skip(1) {
         match a.as_str() {
             "--misses" => misses = true,
             "--each" => each = true,
             "--explain" => explain = true,
+            "--time" => time_files = true,
             _ => dirs.push(a.into()),
         }
     }
     keyfleet_drivers::webcam::quiet_rqrr_panics();
     if dirs.is_empty() {
-        eprintln!("usage: qr_measure [--misses] [--each] DIR...");
+        eprintln!("usage: qr_measure [--misses] [--each] [--explain] DIR...\n       qr_measure --time IMAGE...");
         return std::process::ExitCode::from(2);
+    }
+    if time_files {
+        return time_each(&dirs);
     }
     println!("| folder | cases | ours right | zbarimg right | ours ms/frame median / p90 / max | zbarimg ms/frame median |");
     println!("|---|---:|---:|---:|---:|---:|");
