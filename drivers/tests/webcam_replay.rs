@@ -135,6 +135,16 @@ fn a_zero_timeout_times_out() {
 }
 
 #[test]
+fn an_endless_timeout_is_no_deadline() {
+    let dir = fixtures().join("replay-scan");
+    let got = webcam::open(&replay(&dir))
+        .unwrap()
+        .read_raw(Some(Duration::MAX))
+        .unwrap();
+    assert!(got.starts_with("KF1:"), "{got}");
+}
+
+#[test]
 fn bad_replay_paths_are_refused_with_the_reason() {
     let tmp = tempfile::tempdir().unwrap();
     // Missing path.

@@ -94,12 +94,15 @@ impl Capture {
                 Ok(Capture { rx, stop, format })
             }
             Ok(Err(reason)) => Err(open_err(reason)),
-            Err(_) => {
+            Err(RecvTimeoutError::Timeout) => {
                 stop.store(true, Ordering::Relaxed);
                 Err(open_err(format!(
                     "the camera did not start streaming within {OPEN_WAIT:?}"
                 )))
             }
+            Err(RecvTimeoutError::Disconnected) => Err(open_err(
+                "the capture thread stopped while opening the camera".into(),
+            )),
         }
     }
 

@@ -129,10 +129,12 @@ impl KeySource for WebcamSource {
 
     fn read_raw(&mut self, timeout: Option<Duration>) -> Result<String, SourceError> {
         let start = Instant::now();
-        let deadline = timeout.map(|t| start + t);
+        // A timeout too long to add to the clock is no deadline at all.
+        let deadline = timeout.and_then(|t| start.checked_add(t));
         let (mut frames, mut refused) = (0usize, 0usize);
         loop {
             if let (Some(d), Some(t)) = (deadline, timeout) {
+                // Checked between frames: a frame being decoded is finished first.
                 if Instant::now() >= d {
                     return Err(SourceError::Timeout(t));
                 }
