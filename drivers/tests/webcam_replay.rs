@@ -243,3 +243,18 @@ fn every_expected_answer_is_a_well_formed_label_and_listed_in_the_manifest() {
         }
     }
 }
+
+#[test]
+fn without_replay_or_device_the_first_camera_is_used_or_the_lack_of_one_is_said() {
+    let cams = webcam::list();
+    if !cams.is_empty() {
+        eprintln!("skipped: this machine has video devices ({cams:?}); the test needs none");
+        return;
+    }
+    let err = webcam::open(&SourceOptions::default())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("no video capture device found"), "{err}");
+    assert!(err.contains("--device"), "{err}");
+}
