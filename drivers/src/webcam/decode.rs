@@ -55,7 +55,7 @@ pub enum Step {
 /// One attempt: a scale, a chain of filters, then `rqrr`.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Strategy {
-    /// A short name for reports (`qr_measure --strategies`).
+    /// A short name for reports (`qr_measure --each`).
     pub name: &'static str,
     pub scale: Scale,
     pub steps: &'static [Step],
@@ -588,6 +588,58 @@ fn bytes_to_text(bytes: Vec<u8>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A label's code drawn at `module` pixels per module in the middle of a grey `w`x`h` frame.
+    fn label_frame(payload: &str, module: u32, w: u32, h: u32) -> GrayImage {
+        let code =
+            qrcode::QrCode::with_error_correction_level(payload, qrcode::EcLevel::M).unwrap();
+        let img: GrayImage = code
+            .render::<Luma<u8>>()
+            .quiet_zone(true)
+            .module_dimensions(module, module)
+            .build();
+        let mut frame = GrayImage::from_pixel(w, h, Luma([120]));
+        let (x, y) = ((w - img.width()) / 2, (h - img.height()) / 2);
+        imageops::overlay(&mut frame, &img, i64::from(x), i64::from(y));
+        frame
+    }
+
+    // The decoder reads any payload; its CRC is not checked here.
+    const PAYLOAD: &str = "KF1:unit-7:00112233445566778899AABBCCDDEEFF8C3B";
+
+    #[test]
+    fn reads_a_clean_label_with_the_first_strategy() {
+        let d = decode_with(&label_frame(PAYLOAD, 4, 320, 240), DEFAULT_STRATEGIES);
+        assert_eq!(d.payloads, vec![PAYLOAD.to_string()]);
+        assert_eq!(d.strategy, Some("raw"));
+    }
+
+    #[test]
+    fn reads_a_turned_and_blurred_label() {
+        let frame = label_frame(PAYLOAD, 4, 320, 320);
+        let turned = rotate_about_center(
+            &frame,
+            33f32.to_radians(),
+            Interpolation::Bilinear,
+            Luma([120]),
+        );
+        let blurred = filter::gaussian_blur_f32(&turned, 1.6);
+        assert_eq!(decode_frame(&blurred), vec![PAYLOAD.to_string()]);
+    }
+
+    #[test]
+    fn reads_a_small_code_by_enlarging_it() {
+        // Modules of 1.5 pixels: rqrr alone cannot separate them.
+        let big = label_frame(PAYLOAD, 3, 640, 480);
+        let small = imageops::resize(&big, 320, 240, FilterType::Triangle);
+        let d = decode_with(&small, DEFAULT_STRATEGIES);
+        assert_eq!(d.payloads, vec![PAYLOAD.to_string()]);
+        assert_ne!(
+            d.strategy,
+            Some("raw"),
+            "expected a preprocessing strategy to be needed"
+        );
+    }
 
     #[test]
     fn frames_too_small_for_a_code_yield_nothing() {
