@@ -866,7 +866,7 @@ impl ControllerMachine {
             return;
         };
         let age_ms = now.since(self.activated_at);
-        if age_ms > limit_ms && self.round.is_none() && self.pending.is_none() {
+        if age_ms >= limit_ms && self.round.is_none() && self.pending.is_none() {
             self.fire(now, TriggerReason::KeyAge { age_ms, limit_ms }, rng, out);
         } else if self.round.is_none() {
             self.arm_age(out);

@@ -180,7 +180,8 @@ pub struct NodePersist {
     keys: NodeKeys,
     joined: Option<JoinedPersist>,
     keyring: Option<Keyring>,
-    seq_reserved: u64,
+    /// Sequence numbers below this may have been used; a restored node starts above it.
+    pub seq_reserved: u64,
 }
 
 impl std::fmt::Debug for NodePersist {
@@ -248,7 +249,8 @@ impl NodeMachine {
         NodeMachine::build(cfg, node_id, NodeKeys::derive(initial_key), None, None, 0)
     }
 
-    /// Resume from a snapshot; feed [`NodeInput::LinkUp`] next.
+    /// Resume from a snapshot; feed [`NodeInput::LinkUp`] next (it asks for the
+    /// current key; application data is held until the answer).
     pub fn restore(p: &NodePersist, cfg: NodeConfig) -> Result<NodeMachine, NodeRestoreError> {
         let joined = match &p.joined {
             None => None,
@@ -258,14 +260,22 @@ impl NodeMachine {
                     .map_err(|_| NodeRestoreError::ControllerKey)?,
             }),
         };
-        Ok(NodeMachine::build(
+        let mut n = NodeMachine::build(
             cfg,
             p.node_id.clone(),
             p.keys.clone(),
             joined,
             p.keyring.clone(),
             p.seq_reserved,
-        ))
+        );
+        // After a restart the node holds data until the controller confirms its state.
+        n.sync = Some(Sync {
+            since: n.seq + 1,
+            attempt: 0,
+            due: Time::MAX,
+            hold: true,
+        });
+        Ok(n)
     }
 
     fn build(

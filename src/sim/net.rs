@@ -103,6 +103,8 @@ struct InFlight {
     tag: u32,
     /// A data copy counted in `data_copies`.
     sampled: bool,
+    /// A duplicate (not duplicated again, so the delay bound holds).
+    duplicate: bool,
 }
 
 impl PartialEq for InFlight {
@@ -181,6 +183,7 @@ impl VirtualNet {
             traffic,
             tag,
             sampled,
+            duplicate: false,
         }));
     }
 
@@ -189,19 +192,24 @@ impl VirtualNet {
     }
 
     fn maybe_duplicate(&mut self, f: &InFlight, to: Peer) {
+        if f.duplicate {
+            return;
+        }
         if self.cfg.duplicate > 0.0 && self.rng.gen_bool(self.cfg.duplicate.min(1.0)) {
             self.stats.duplicated += 1;
             let extra = self.rng.gen_range(0..=self.cfg.delay_max_ms);
-            let bytes = f.bytes.clone();
-            self.push(
-                f.at.plus(extra),
-                f.from,
-                Dest::One(to),
-                bytes,
-                f.traffic,
-                f.tag,
-                false,
-            );
+            self.order += 1;
+            self.queue.push(Reverse(InFlight {
+                at: f.at.plus(extra),
+                order: self.order,
+                from: f.from,
+                dest: Dest::One(to),
+                bytes: f.bytes.clone(),
+                traffic: f.traffic,
+                tag: f.tag,
+                sampled: false,
+                duplicate: true,
+            }));
         }
     }
 
