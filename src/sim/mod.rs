@@ -157,6 +157,8 @@ pub struct SimReport {
     pub backward_transitions: u64,
     pub node_refusals: u64,
     pub controller_refusals: u64,
+    /// Refusals by kind ([`crate::protocol::Refusal::kind`]), nodes and controller together.
+    pub refusals: std::collections::BTreeMap<&'static str, u64>,
     pub offline_episodes: u64,
     pub node_crashes: u64,
     pub controller_crashes: u64,
