@@ -33,7 +33,11 @@ fn schedule() -> impl Strategy<Value = SimConfig> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+    // 24 schedules by default (debug builds are slow); PROPTEST_CASES=400 for a long search.
+    #![proptest_config(ProptestConfig {
+        cases: std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(24),
+        ..ProptestConfig::default()
+    })]
 
     #[test]
     fn rotation_is_lossless_under_any_schedule(cfg in schedule()) {

@@ -1,12 +1,14 @@
-//! A deterministic fleet simulator: the real [`ControllerMachine`] and
-//! [`NodeMachine`]s on a virtual clock and a seeded lossy network.
+//! A deterministic fleet simulator: the real
+//! [`ControllerMachine`](crate::protocol::ControllerMachine) and
+//! [`NodeMachine`](crate::protocol::NodeMachine)s on a virtual clock and a
+//! seeded lossy network.
 //!
 //! Two parts, kept apart so that the scenario can later run over real sockets:
 //!
 //! - [`net`]: the [`Transport`] trait and [`VirtualNet`], which drops
 //!   (`loss`), duplicates (1 %), delays (1–20 ms, uniform) and thereby
 //!   reorders datagrams, and takes offline or crashed peers off the wire.
-//! - [`scenario`]: one controller and `agents` nodes, every node joining with
+//! - `scenario`: one controller and `agents` nodes, every node joining with
 //!   its enrolled id and initial key, then `rounds` manual rekey rounds, each
 //!   started 500 ms after the previous one finished. While rounds run every
 //!   node sends a data message to the group every `data_interval_ms`
@@ -62,9 +64,6 @@ mod scenario;
 pub use net::{Arrival, NetConfig, NetStats, Peer, Traffic, Transport, VirtualNet};
 
 use serde::Serialize;
-
-#[allow(unused_imports)]
-use crate::protocol::{ControllerMachine, NodeMachine};
 
 /// A simulation run's settings (the `keyfleet sim` flags).
 #[derive(Clone, Debug)]

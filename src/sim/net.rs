@@ -1,7 +1,7 @@
 //! The transport under the simulated fleet: a [`Transport`] trait and the
 //! seeded virtual network [`VirtualNet`] that implements it.
 //!
-//! The scenario in [`super::scenario`] only talks to a `Transport`, so the same
+//! The fleet scenario ([`crate::sim::run_on`]) only talks to a `Transport`, so the same
 //! scenario can later run over real sockets (`keyfleet sim --transport udp`)
 //! by implementing this trait with UDP sockets and the wall clock.
 
