@@ -653,3 +653,156 @@ fn restore_mid_round_resumes_in_the_same_state_and_asks_with_its_position() {
     );
     assert_eq!(n.state(), IT12);
 }
+
+// --------------------------------------------------- the full state × input table
+
+#[derive(Clone, Copy, Debug)]
+enum In {
+    KeyUpdate(u32),
+    First(u32),
+    Second(u32),
+    UnsolicitedKeyResponse,
+    NodeMessage,
+    Garbage,
+    Data(u32),
+    LinkUp,
+    Send,
+}
+
+fn data_sealed_with(e: u32) -> Vec<u8> {
+    let k = key(e);
+    let nonce = [5u8; 12];
+    let mut bytes = wire::data_header(7, 1, Some(Epoch(e)), &nonce);
+    let sealed = k.seal(&nonce, &bytes, b"table");
+    bytes.extend_from_slice(&sealed);
+    bytes
+}
+
+fn apply(r: &mut Rig, i: In) -> Vec<NodeAction> {
+    match i {
+        In::KeyUpdate(e) => {
+            let b = r.ctl.key_update(&key(e));
+            r.feed(&b)
+        }
+        In::First(e) => {
+            let b = r.ctl.transition(Step::FirstTransition, e);
+            r.feed(&b)
+        }
+        In::Second(e) => {
+            let b = r.ctl.transition(Step::SecondTransition, e);
+            r.feed(&b)
+        }
+        In::UnsolicitedKeyResponse => {
+            let st = r.ctl.state(&key(1), None);
+            let b = r.ctl.key_response(1 << 40, &st);
+            r.feed(&b)
+        }
+        In::NodeMessage => {
+            let b = wire::mac(
+                wire::key_request(Epoch(1), Step::SecondTransition, 9, 1),
+                &NodeKeys::derive(&initial(0)),
+            );
+            r.feed(&b)
+        }
+        In::Garbage => r.feed(&[1, 3, 0]),
+        In::Data(e) => {
+            let b = data_sealed_with(e);
+            r.input(NodeInput::Datagram {
+                from: node_addr(6),
+                bytes: &b,
+            })
+        }
+        In::LinkUp => r.input(NodeInput::LinkUp),
+        In::Send => r.input(NodeInput::Send(b"app")),
+    }
+}
+
+#[test]
+fn every_state_against_every_input() {
+    use NodeState::Unjoined;
+    let joined = |s: NodeState| -> Rig {
+        match s {
+            UC1 => Rig::uc1(),
+            DC12 => Rig::dc12(),
+            IT12 => Rig::it12(),
+            _ => Rig::unjoined(),
+        }
+    };
+    // (state, input, state after, datagrams sent, refusal kind)
+    #[rustfmt::skip]
+    let table: Vec<(NodeState, In, NodeState, Vec<&str>, Option<&str>)> = vec![
+        (Unjoined, In::KeyUpdate(2), Unjoined, vec![], Some("not_joined")),
+        (Unjoined, In::First(2), Unjoined, vec![], Some("not_joined")),
+        (Unjoined, In::Second(2), Unjoined, vec![], Some("not_joined")),
+        (Unjoined, In::UnsolicitedKeyResponse, Unjoined, vec![], Some("not_joined")),
+        (Unjoined, In::NodeMessage, Unjoined, vec![], Some("unexpected")),
+        (Unjoined, In::Garbage, Unjoined, vec![], Some("malformed")),
+        (Unjoined, In::Data(1), Unjoined, vec![], Some("not_joined")),
+        (Unjoined, In::LinkUp, Unjoined, vec!["join"], None),
+        (Unjoined, In::Send, Unjoined, vec![], None),
+
+        (UC1, In::KeyUpdate(2), DC12, vec!["key update reply"], None),
+        (UC1, In::KeyUpdate(1), UC1, vec![], Some("outdated")),
+        (UC1, In::KeyUpdate(3), UC1, vec!["key request"], Some("epoch_gap")),
+        (UC1, In::First(2), UC1, vec!["key request"], Some("missing_key")),
+        (UC1, In::Second(2), UC1, vec!["key request"], Some("missing_key")),
+        (UC1, In::First(1), UC1, vec![], Some("outdated")),
+        (UC1, In::Second(1), UC1, vec!["second transition reply"], None),
+        (UC1, In::UnsolicitedKeyResponse, UC1, vec![], Some("unsolicited")),
+        (UC1, In::NodeMessage, UC1, vec![], Some("unexpected")),
+        (UC1, In::Garbage, UC1, vec![], Some("malformed")),
+        (UC1, In::Data(1), UC1, vec![], None),
+        (UC1, In::Data(2), UC1, vec![], Some("undecryptable")),
+        (UC1, In::LinkUp, UC1, vec!["key request"], None),
+        (UC1, In::Send, UC1, vec!["data"], None),
+
+        (DC12, In::KeyUpdate(2), DC12, vec!["key update reply"], None),
+        (DC12, In::KeyUpdate(3), DC12, vec!["key request"], Some("epoch_gap")),
+        (DC12, In::First(2), IT12, vec!["first transition reply"], None),
+        (DC12, In::Second(2), UC2, vec!["second transition reply"], None),
+        (DC12, In::First(1), DC12, vec![], Some("stale_epoch")),
+        (DC12, In::First(3), DC12, vec!["key request"], Some("epoch_gap")),
+        (DC12, In::UnsolicitedKeyResponse, DC12, vec![], Some("unsolicited")),
+        (DC12, In::NodeMessage, DC12, vec![], Some("unexpected")),
+        (DC12, In::Garbage, DC12, vec![], Some("malformed")),
+        (DC12, In::Data(1), DC12, vec![], None),
+        (DC12, In::Data(2), DC12, vec![], None),
+        (DC12, In::Data(3), DC12, vec![], Some("undecryptable")),
+        (DC12, In::LinkUp, DC12, vec!["key request"], None),
+        (DC12, In::Send, DC12, vec!["data"], None),
+
+        (IT12, In::KeyUpdate(2), IT12, vec![], Some("outdated")),
+        (IT12, In::KeyUpdate(3), IT12, vec!["key request"], Some("epoch_gap")),
+        (IT12, In::First(2), IT12, vec!["first transition reply"], None),
+        (IT12, In::Second(2), UC2, vec!["second transition reply"], None),
+        (IT12, In::Second(1), IT12, vec![], Some("stale_epoch")),
+        (IT12, In::UnsolicitedKeyResponse, IT12, vec![], Some("unsolicited")),
+        (IT12, In::NodeMessage, IT12, vec![], Some("unexpected")),
+        (IT12, In::Garbage, IT12, vec![], Some("malformed")),
+        (IT12, In::Data(1), IT12, vec![], None),
+        (IT12, In::Data(2), IT12, vec![], None),
+        (IT12, In::LinkUp, IT12, vec!["key request"], None),
+        (IT12, In::Send, IT12, vec!["data"], None),
+    ];
+    for (state, input, after, replies, refused) in table {
+        let mut r = joined(state);
+        assert_eq!(r.node.state(), state);
+        let out = apply(&mut r, input);
+        let label = format!("{state:?} + {input:?}");
+        assert_eq!(r.node.state(), after, "{label}");
+        assert_eq!(names(&out), replies, "{label}");
+        assert_eq!(refusal(&out).map(|r| r.kind()), refused, "{label}");
+        if state != after {
+            assert!(persisted(&out), "{label}: a state change is persisted");
+        } else if state != Unjoined {
+            // (A fresh unjoined node persists its first block of sequence numbers.)
+            assert!(!persisted(&out), "{label}: nothing to persist");
+        }
+        let delivered = out.iter().any(|a| matches!(a, NodeAction::Deliver(_)));
+        assert_eq!(
+            delivered,
+            matches!(input, In::Data(_)) && refused.is_none(),
+            "{label}"
+        );
+    }
+}
