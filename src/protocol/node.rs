@@ -25,6 +25,9 @@
 //!   missed the key, so it refuses (`MissingKey`) and asks for the current key;
 //! - anything further ahead → `EpochGap`: it asks for the current key.
 //!
+//! A *resync request* (MAC'd by the controller with the node's key, sent when
+//! a stale node reports usage or replies out of step) makes it ask too.
+//!
 //! The controller's answer to a key request (or a join) puts the node in the
 //! state of the round as the controller sees it, but never behind its position.
 //! After a link-up or a restart the node *holds* application data (bounded
@@ -630,6 +633,25 @@ impl NodeMachine {
                         Err(e)
                     }
                 }
+            }
+            Message::Resync(x) => {
+                let member = self.member().ok_or(Refusal::NotJoined { what })?;
+                if x.member != member {
+                    return Err(Refusal::NotForMe {
+                        what,
+                        to: x.member,
+                        me: member,
+                    });
+                }
+                if !x.auth.verify(&self.keys) {
+                    return Err(Refusal::BadMac { what, member });
+                }
+                if self.ctl_replay.check(x.seq) != Seen::Fresh {
+                    return Err(Refusal::Replay { what, seq: x.seq });
+                }
+                self.ctl_replay.mark(x.seq);
+                self.start_sync(now, rng, out, false, false);
+                Ok(())
             }
             Message::Ack(_)
             | Message::KeyRequest(_)

@@ -472,6 +472,29 @@ fn a_silent_node_goes_stale_the_round_finishes_and_the_node_catches_up() {
 }
 
 #[test]
+fn a_stale_node_that_reports_usage_is_told_to_resync_and_catches_up() {
+    let mut f = TestFleet::new(2, test_cfg());
+    // Node 0 hears nothing during the round: stale, and still at epoch 1.
+    f.drop = Box::new(|d, _, _| d == Dest::Node(0));
+    f.ctl(ControllerInput::Rekey).unwrap();
+    f.pump();
+    f.advance(6000);
+    f.pump();
+    assert_eq!(f.finished(), vec![(Epoch(2), 2, 1, 1)]);
+    f.drop = Box::new(|_, _, _| false);
+    // No link-up: its periodic usage report is what brings it back.
+    f.now = f.now.plus(1000);
+    f.node(0, NodeInput::Timer(NodeTimer::Usage));
+    f.pump();
+    assert_eq!(f.nodes[0].state(), UC2);
+    assert!(f.nodes[0].is_synced());
+    assert_eq!(
+        f.c.member_status(&NodeId::parse("node-0").unwrap()),
+        Some(MemberStatus::Active)
+    );
+}
+
+#[test]
 fn a_rekey_during_a_round_is_queued_and_runs_next() {
     let mut f = TestFleet::new(2, test_cfg());
     f.ctl(ControllerInput::Rekey).unwrap();

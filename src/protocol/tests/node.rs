@@ -667,6 +667,7 @@ enum In {
     Data(u32),
     LinkUp,
     Send,
+    Resync,
 }
 
 fn data_sealed_with(e: u32) -> Vec<u8> {
@@ -714,6 +715,11 @@ fn apply(r: &mut Rig, i: In) -> Vec<NodeAction> {
         }
         In::LinkUp => r.input(NodeInput::LinkUp),
         In::Send => r.input(NodeInput::Send(b"app")),
+        In::Resync => {
+            let seq = r.ctl.seq();
+            let b = wire::mac(wire::resync(Epoch(2), seq, r.ctl.member), &r.ctl.keys);
+            r.feed(&b)
+        }
     }
 }
 
@@ -729,8 +735,15 @@ fn every_state_against_every_input() {
         }
     };
     // (state, input, state after, datagrams sent, refusal kind)
+    type Row = (
+        NodeState,
+        In,
+        NodeState,
+        Vec<&'static str>,
+        Option<&'static str>,
+    );
     #[rustfmt::skip]
-    let table: Vec<(NodeState, In, NodeState, Vec<&str>, Option<&str>)> = vec![
+    let table: Vec<Row> = vec![
         (Unjoined, In::KeyUpdate(2), Unjoined, vec![], Some("not_joined")),
         (Unjoined, In::First(2), Unjoined, vec![], Some("not_joined")),
         (Unjoined, In::Second(2), Unjoined, vec![], Some("not_joined")),
@@ -740,6 +753,7 @@ fn every_state_against_every_input() {
         (Unjoined, In::Data(1), Unjoined, vec![], Some("not_joined")),
         (Unjoined, In::LinkUp, Unjoined, vec!["join"], None),
         (Unjoined, In::Send, Unjoined, vec![], None),
+        (Unjoined, In::Resync, Unjoined, vec![], Some("not_joined")),
 
         (UC1, In::KeyUpdate(2), DC12, vec!["key update reply"], None),
         (UC1, In::KeyUpdate(1), UC1, vec![], Some("outdated")),
@@ -755,6 +769,7 @@ fn every_state_against_every_input() {
         (UC1, In::Data(2), UC1, vec![], Some("undecryptable")),
         (UC1, In::LinkUp, UC1, vec!["key request"], None),
         (UC1, In::Send, UC1, vec!["data"], None),
+        (UC1, In::Resync, UC1, vec!["key request"], None),
 
         (DC12, In::KeyUpdate(2), DC12, vec!["key update reply"], None),
         (DC12, In::KeyUpdate(3), DC12, vec!["key request"], Some("epoch_gap")),
@@ -770,6 +785,7 @@ fn every_state_against_every_input() {
         (DC12, In::Data(3), DC12, vec![], Some("undecryptable")),
         (DC12, In::LinkUp, DC12, vec!["key request"], None),
         (DC12, In::Send, DC12, vec!["data"], None),
+        (DC12, In::Resync, DC12, vec!["key request"], None),
 
         (IT12, In::KeyUpdate(2), IT12, vec![], Some("outdated")),
         (IT12, In::KeyUpdate(3), IT12, vec!["key request"], Some("epoch_gap")),
@@ -783,6 +799,7 @@ fn every_state_against_every_input() {
         (IT12, In::Data(2), IT12, vec![], None),
         (IT12, In::LinkUp, IT12, vec!["key request"], None),
         (IT12, In::Send, IT12, vec!["data"], None),
+        (IT12, In::Resync, IT12, vec!["key request"], None),
     ];
     for (state, input, after, replies, refused) in table {
         let mut r = joined(state);
