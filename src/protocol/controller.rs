@@ -984,19 +984,36 @@ impl ControllerMachine {
         }
     }
 
+    /// The delay before retry number `attempt` (backoff with jitter).
+    fn retry_delay(&self, attempt: u32, rng: &mut impl RngCore) -> u64 {
+        let c = &self.cfg;
+        backoff(
+            c.retry_initial_ms,
+            c.retry_max_ms,
+            attempt,
+            c.retry_jitter_pct,
+            rng,
+        )
+    }
+
+    /// Count a group wave and schedule the next one; returns its number.
+    fn start_wave(&mut self, now: Time, rng: &mut impl RngCore) -> Option<u32> {
+        let wave = self.round.as_ref()?.group_sent + 1;
+        let next = now.plus(self.retry_delay(wave, rng));
+        let r = self.round.as_mut()?;
+        r.group_sent = wave;
+        r.next_wave = Some(next);
+        Some(wave)
+    }
+
     /// One group wave of key update batches to every waiting member.
     fn send_key_wave(&mut self, now: Time, rng: &mut (impl RngCore + CryptoRng), out: &mut Out) {
-        let Some(r) = &mut self.round else { return };
-        r.group_sent += 1;
-        let wave = r.group_sent;
-        r.next_wave = Some(now.plus(backoff(
-            self.cfg.retry_initial_ms,
-            self.cfg.retry_max_ms,
-            wave,
-            self.cfg.retry_jitter_pct,
-            rng,
-        )));
-        let epoch = r.epoch;
+        let Some(wave) = self.start_wave(now, rng) else {
+            return;
+        };
+        let Some(epoch) = self.round.as_ref().map(|r| r.epoch) else {
+            return;
+        };
         let mut batch: Vec<(u32, crate::crypto::WrappedKey)> =
             Vec::with_capacity(MAX_BATCH_ENTRIES);
         for i in 0..self.members.len() as u32 {
@@ -1055,16 +1072,10 @@ impl ControllerMachine {
         rng: &mut impl RngCore,
         out: &mut Out,
     ) {
-        let Some(r) = &mut self.round else { return };
-        r.group_sent += 1;
-        let wave = r.group_sent;
-        r.next_wave = Some(now.plus(backoff(
-            self.cfg.retry_initial_ms,
-            self.cfg.retry_max_ms,
-            wave,
-            self.cfg.retry_jitter_pct,
-            rng,
-        )));
+        let Some(wave) = self.start_wave(now, rng) else {
+            return;
+        };
+        let Some(r) = &self.round else { return };
         let msg = match step {
             Step::FirstTransition => r.first_msg.clone(),
             _ => r.second_msg.clone(),
@@ -1198,13 +1209,7 @@ impl ControllerMachine {
             }
             self.send_unicast(now, member, rng, out);
             let attempts = self.member(member).map_or(1, |m| m.attempts);
-            let wait = backoff(
-                self.cfg.retry_initial_ms,
-                self.cfg.retry_max_ms,
-                attempts,
-                self.cfg.retry_jitter_pct,
-                rng,
-            );
+            let wait = self.retry_delay(attempts, rng);
             if let Some(r) = &mut self.round {
                 r.retries.push(Reverse((now.plus(wait), member)));
             }

@@ -587,14 +587,7 @@ impl NodeMachine {
                 self.on_step(now, t.epoch, t.step, None, rng, out)
             }
             Message::KeyResponse(r) => {
-                let member = self.member().ok_or(Refusal::NotJoined { what })?;
-                if r.member != member {
-                    return Err(Refusal::NotForMe {
-                        what,
-                        to: r.member,
-                        me: member,
-                    });
-                }
+                let member = self.addressed_to_me(r.member, what)?;
                 self.authenticate(r.seq, &r.auth, bytes, what)?;
                 self.adopt(now, what, r.in_reply_to, member, &r.state, rng, out)
             }
@@ -635,14 +628,7 @@ impl NodeMachine {
                 }
             }
             Message::Resync(x) => {
-                let member = self.member().ok_or(Refusal::NotJoined { what })?;
-                if x.member != member {
-                    return Err(Refusal::NotForMe {
-                        what,
-                        to: x.member,
-                        me: member,
-                    });
-                }
+                let member = self.addressed_to_me(x.member, what)?;
                 if !x.auth.verify(&self.keys) {
                     return Err(Refusal::BadMac { what, member });
                 }
@@ -657,6 +643,16 @@ impl NodeMachine {
             | Message::KeyRequest(_)
             | Message::Join(_)
             | Message::UsageReport(_) => Err(Refusal::Unexpected { what, role: "node" }),
+        }
+    }
+
+    /// This node's member number, if a message for `to` is for it.
+    fn addressed_to_me(&self, to: u32, what: &'static str) -> Result<u32, Refusal> {
+        let me = self.member().ok_or(Refusal::NotJoined { what })?;
+        if to == me {
+            Ok(me)
+        } else {
+            Err(Refusal::NotForMe { what, to, me })
         }
     }
 

@@ -101,10 +101,16 @@ struct InFlight {
     bytes: Rc<[u8]>,
     traffic: Traffic,
     tag: u32,
+    kind: CopyKind,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum CopyKind {
+    Plain,
     /// A data copy counted in `data_copies`.
-    sampled: bool,
-    /// A duplicate (not duplicated again, so the delay bound holds).
-    duplicate: bool,
+    Sampled,
+    /// A network duplicate: not duplicated again, so the delay bound holds.
+    Duplicate,
 }
 
 impl PartialEq for InFlight {
@@ -171,7 +177,7 @@ impl VirtualNet {
         bytes: Rc<[u8]>,
         traffic: Traffic,
         tag: u32,
-        sampled: bool,
+        kind: CopyKind,
     ) {
         self.order += 1;
         self.queue.push(Reverse(InFlight {
@@ -182,8 +188,7 @@ impl VirtualNet {
             bytes,
             traffic,
             tag,
-            sampled,
-            duplicate: false,
+            kind,
         }));
     }
 
@@ -192,24 +197,21 @@ impl VirtualNet {
     }
 
     fn maybe_duplicate(&mut self, f: &InFlight, to: Peer) {
-        if f.duplicate {
+        if f.kind == CopyKind::Duplicate {
             return;
         }
         if self.cfg.duplicate > 0.0 && self.rng.gen_bool(self.cfg.duplicate.min(1.0)) {
             self.stats.duplicated += 1;
             let extra = self.rng.gen_range(0..=self.cfg.delay_max_ms);
-            self.order += 1;
-            self.queue.push(Reverse(InFlight {
-                at: f.at.plus(extra),
-                order: self.order,
-                from: f.from,
-                dest: Dest::One(to),
-                bytes: f.bytes.clone(),
-                traffic: f.traffic,
-                tag: f.tag,
-                sampled: false,
-                duplicate: true,
-            }));
+            self.push(
+                f.at.plus(extra),
+                f.from,
+                Dest::One(to),
+                f.bytes.clone(),
+                f.traffic,
+                f.tag,
+                CopyKind::Duplicate,
+            );
         }
     }
 
@@ -230,7 +232,15 @@ impl Transport for VirtualNet {
         match traffic {
             Traffic::Control => {
                 let at = now.plus(self.delay());
-                self.push(at, from, Dest::AllNodes, bytes, traffic, tag, false);
+                self.push(
+                    at,
+                    from,
+                    Dest::AllNodes,
+                    bytes,
+                    traffic,
+                    tag,
+                    CopyKind::Plain,
+                );
             }
             Traffic::Data => {
                 let n = self.cfg.nodes;
@@ -261,7 +271,7 @@ impl Transport for VirtualNet {
                         bytes.clone(),
                         traffic,
                         tag,
-                        true,
+                        CopyKind::Sampled,
                     );
                 }
                 // The controller listens to the group too (unknown-sender trigger).
@@ -273,7 +283,7 @@ impl Transport for VirtualNet {
                     bytes,
                     traffic,
                     tag,
-                    false,
+                    CopyKind::Plain,
                 );
             }
         }
@@ -293,7 +303,7 @@ impl Transport for VirtualNet {
             bytes.into(),
             Traffic::Control,
             0,
-            false,
+            CopyKind::Plain,
         );
     }
 
@@ -309,7 +319,7 @@ impl Transport for VirtualNet {
                     if self.is_online(p) && !self.lost() {
                         to.push(p);
                         self.maybe_duplicate(&f, p);
-                    } else if f.sampled {
+                    } else if f.kind == CopyKind::Sampled {
                         self.stats.data_dropped += 1;
                     }
                 }
