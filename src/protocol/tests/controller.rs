@@ -847,3 +847,25 @@ fn a_restored_controller_resumes_its_round() {
         assert_eq!(f.finished().len(), 1);
     }
 }
+
+#[test]
+fn records_serialize_as_self_describing_rows() {
+    let mut f = TestFleet::new(2, test_cfg());
+    f.ctl(ControllerInput::Rekey).unwrap();
+    f.pump();
+    f.advance(200);
+    f.pump();
+    let rows: Vec<serde_json::Value> = f.records.iter().map(|r| serde_json::to_value(r).unwrap()).collect();
+    let finished = rows.iter().find(|v| v["event"] == "round_finished").expect("round_finished row");
+    assert_eq!(finished["epoch"], 2);
+    assert_eq!(finished["reason"]["trigger"], "manual");
+    assert_eq!(finished["acked"], 2);
+    assert!(finished["check"].is_array() && finished["phases_ms"]["draining"].as_u64().unwrap() >= 100);
+    let sent = rows.iter().find(|v| v["event"] == "key_sent").expect("key_sent row");
+    assert_eq!(sent["node_id"], "node-0");
+    assert_eq!(sent["via"], "group");
+    let created: Vec<_> = rows.iter().filter(|v| v["event"] == "key_created").collect();
+    assert_eq!(created.len(), 2, "the initial key and the new one");
+    // Never key bytes: a created key row carries only its 4-byte check value.
+    assert_eq!(created[1].as_object().unwrap().len(), 5, "{}", created[1]);
+}
