@@ -19,7 +19,7 @@
 //!   persisted core and member rows. After the last round the run goes on
 //!   until every node is live and in `UpdateCompleted` under the controller's
 //!   epoch (`converged`), then drains the network and stops; it gives up at
-//!   `max_virtual_ms`.
+//!   `max_virtual_ms` (by default a bound that grows with 1/(1 - loss)²).
 //!
 //! Everything random comes from the seed: the machines' CSPRNG is a
 //! `ChaCha20Rng` seeded with it, the network and the fault plan have their
@@ -115,12 +115,19 @@ impl SimConfig {
         }
     }
 
+    /// How much longer than on a clean network an exchange takes at this loss:
+    /// a request and its reply both get through with probability (1 - loss)².
+    pub(crate) fn loss_factor(&self) -> u64 {
+        let through = (1.0 - self.loss.clamp(0.0, 0.99)).powi(2);
+        (1.0 / through).ceil().clamp(1.0, 10_000.0) as u64
+    }
+
     fn deadline(&self) -> u64 {
         if self.max_virtual_ms > 0 {
             return self.max_virtual_ms;
         }
         let per_round = 4 * self.stale_after_ms + self.offline_ms + 10_000;
-        120_000 + u64::from(self.rounds) * per_round
+        (120_000 + u64::from(self.rounds) * per_round).saturating_mul(self.loss_factor())
     }
 }
 

@@ -549,8 +549,9 @@ impl<T: Transport> Fleet<T> {
     fn check(&mut self) {
         self.schedule(self.now.plus(250), Event::Check);
         if !self.first_rekey_scheduled {
-            // The first rekey once every node joined (or after a minute regardless).
-            if self.all_synced_and_live() || self.now >= Time(60_000) {
+            // The first rekey once every node joined (or after a minute, longer at high loss).
+            let patience = 60_000 * self.cfg.loss_factor();
+            if self.all_synced_and_live() || self.now >= Time(patience) {
                 self.first_rekey_scheduled = true;
                 self.report.joined_by_ms = self.now.0;
                 self.schedule(self.now, Event::Rekey);
