@@ -7,7 +7,7 @@ use proptest::prelude::*;
 
 fn schedule() -> impl Strategy<Value = SimConfig> {
     (
-        (2u32..9, 0.0f64..0.6, any::<u64>(), 1u32..=3),
+        (2u32..9, 0.0f64..0.85, any::<u64>(), 1u32..=3),
         (0u32..3, 500u64..6000, 0u32..3, any::<bool>()),
         (0.0f64..0.05, 200u64..1500, 0.0f64..1.0, 1u64..40),
     )
