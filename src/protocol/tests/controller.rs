@@ -855,17 +855,159 @@ fn records_serialize_as_self_describing_rows() {
     f.pump();
     f.advance(200);
     f.pump();
-    let rows: Vec<serde_json::Value> = f.records.iter().map(|r| serde_json::to_value(r).unwrap()).collect();
-    let finished = rows.iter().find(|v| v["event"] == "round_finished").expect("round_finished row");
+    let rows: Vec<serde_json::Value> = f
+        .records
+        .iter()
+        .map(|r| serde_json::to_value(r).unwrap())
+        .collect();
+    let finished = rows
+        .iter()
+        .find(|v| v["event"] == "round_finished")
+        .expect("round_finished row");
     assert_eq!(finished["epoch"], 2);
     assert_eq!(finished["reason"]["trigger"], "manual");
     assert_eq!(finished["acked"], 2);
-    assert!(finished["check"].is_array() && finished["phases_ms"]["draining"].as_u64().unwrap() >= 100);
-    let sent = rows.iter().find(|v| v["event"] == "key_sent").expect("key_sent row");
+    assert!(
+        finished["check"].is_array() && finished["phases_ms"]["draining"].as_u64().unwrap() >= 100
+    );
+    let sent = rows
+        .iter()
+        .find(|v| v["event"] == "key_sent")
+        .expect("key_sent row");
     assert_eq!(sent["node_id"], "node-0");
     assert_eq!(sent["via"], "group");
-    let created: Vec<_> = rows.iter().filter(|v| v["event"] == "key_created").collect();
+    let created: Vec<_> = rows
+        .iter()
+        .filter(|v| v["event"] == "key_created")
+        .collect();
     assert_eq!(created.len(), 2, "the initial key and the new one");
     // Never key bytes: a created key row carries only its 4-byte check value.
     assert_eq!(created[1].as_object().unwrap().len(), 5, "{}", created[1]);
+}
+
+/// A fleet of two held in `phase` (None: no round) because member 2's
+/// replies to that phase are dropped; its keys to forge-free craft replies.
+fn held_in(phase: Option<RoundPhase>) -> TestFleet {
+    let mut f = TestFleet::new(
+        2,
+        ControllerConfig {
+            stale_after_ms: 1_000_000,
+            ..test_cfg()
+        },
+    );
+    let Some(phase) = phase else { return f };
+    let step = match phase {
+        RoundPhase::Distributing => Step::KeyUpdate,
+        RoundPhase::FirstTransition => Step::FirstTransition,
+        RoundPhase::Draining => Step::FirstTransition,
+        RoundPhase::SecondTransition => Step::SecondTransition,
+    };
+    let blocked = is_ack_from(2, step);
+    if phase != RoundPhase::Draining {
+        f.drop = Box::new(move |_, _, b| blocked(b));
+    }
+    f.ctl(ControllerInput::Rekey).unwrap();
+    f.pump();
+    if phase == RoundPhase::SecondTransition {
+        f.advance(100);
+        f.pump();
+    }
+    f.drop = Box::new(|_, _, _| true); // from now on the test talks to the controller alone
+    assert_eq!(f.phase(), Some(phase));
+    f
+}
+
+#[derive(Clone, Copy, Debug)]
+enum CIn {
+    Rekey,
+    Reply(Step, u32),
+    KeyRequest,
+    EarlyTimer,
+    Garbage,
+}
+
+#[test]
+fn every_phase_against_every_input() {
+    use RoundPhase::*;
+    let keys = NodeKeys::derive(&initial(1));
+    let mut seq = 50_000u64;
+    // (phase, input, phase after, datagrams the controller sends)
+    #[rustfmt::skip]
+    let table: Vec<(Option<RoundPhase>, CIn, Option<RoundPhase>, usize)> = vec![
+        (None, CIn::Rekey, Some(Distributing), 1),
+        (None, CIn::Reply(Step::KeyUpdate, 2), None, 0),
+        (None, CIn::KeyRequest, None, 1),
+        (None, CIn::EarlyTimer, None, 0),
+        (None, CIn::Garbage, None, 0),
+        (Some(Distributing), CIn::Rekey, Some(Distributing), 0),
+        (Some(Distributing), CIn::Reply(Step::KeyUpdate, 2), Some(FirstTransition), 1),
+        (Some(Distributing), CIn::Reply(Step::KeyUpdate, 1), Some(Distributing), 0),
+        // A key request carries the node's position: it counts as its reply.
+        (Some(Distributing), CIn::KeyRequest, Some(FirstTransition), 2),
+        (Some(Distributing), CIn::EarlyTimer, Some(Distributing), 0),
+        (Some(Distributing), CIn::Garbage, Some(Distributing), 0),
+        (Some(FirstTransition), CIn::Reply(Step::KeyUpdate, 2), Some(FirstTransition), 0),
+        (Some(FirstTransition), CIn::Reply(Step::FirstTransition, 2), Some(Draining), 0),
+        (Some(FirstTransition), CIn::Reply(Step::SecondTransition, 1), Some(FirstTransition), 0),
+        (Some(FirstTransition), CIn::KeyRequest, Some(Draining), 1),
+        (Some(FirstTransition), CIn::Rekey, Some(FirstTransition), 0),
+        (Some(Draining), CIn::Reply(Step::SecondTransition, 2), Some(Draining), 0),
+        (Some(Draining), CIn::EarlyTimer, Some(Draining), 0),
+        (Some(Draining), CIn::KeyRequest, Some(Draining), 1),
+        (Some(SecondTransition), CIn::Reply(Step::FirstTransition, 2), Some(SecondTransition), 0),
+        (Some(SecondTransition), CIn::Reply(Step::SecondTransition, 2), None, 0),
+        (Some(SecondTransition), CIn::Garbage, Some(SecondTransition), 0),
+    ];
+    for (phase, input, after, sends) in table {
+        let mut f = held_in(phase);
+        let label = format!("{phase:?} + {input:?}");
+        let records_before = f.records.len();
+        f.queue.clear();
+        seq += 1;
+        let from = node_addr(1);
+        let r = match input {
+            CIn::Rekey => f.ctl(ControllerInput::Rekey),
+            CIn::Reply(step, e) => {
+                let b = wire::mac(wire::ack(step, Epoch(e), seq, 2), &keys);
+                f.ctl(ControllerInput::Datagram { from, bytes: &b })
+            }
+            CIn::KeyRequest => {
+                let (e, p) = f.nodes[1].position().unwrap();
+                let b = wire::mac(
+                    wire::key_request(e, Step::from_progress(p).unwrap(), seq, 2),
+                    &keys,
+                );
+                f.ctl(ControllerInput::Datagram { from, bytes: &b })
+            }
+            CIn::EarlyTimer => f.ctl(ControllerInput::Timer(ControllerTimer::Round)),
+            CIn::Garbage => f.ctl(ControllerInput::Datagram {
+                from,
+                bytes: &[1, 0x13, 9],
+            }),
+        };
+        assert_eq!(r, Ok(()), "{label}");
+        assert_eq!(f.phase(), after, "{label}");
+        let unicast = f.queue.iter().filter(|q| q.0 == Dest::Node(1)).count();
+        let group = f.queue.iter().filter(|q| q.0 == Dest::Group).count();
+        assert_eq!(
+            unicast + group,
+            sends,
+            "{label}: {:?}",
+            f.queue
+                .iter()
+                .map(|q| wire::decode(&q.2).map(|m| m.name()))
+                .collect::<Vec<_>>()
+        );
+        if matches!(input, CIn::Garbage) {
+            assert!(
+                matches!(f.records.last(), Some(Record::Refused { .. })),
+                "{label}"
+            );
+            assert_eq!(
+                f.records.len(),
+                records_before + 1,
+                "{label}: a refusal and nothing else"
+            );
+        }
+    }
 }
