@@ -6,6 +6,8 @@
 //! moves datagrams, timer firings and application data in, and carries the
 //! actions out **in order**: a `Persist…` action must be durable before the
 //! sends that follow it, because those sends tell peers about the persisted state.
+//! A shell with a database should write the `Persist…` and `Record` actions of
+//! one `handle` call in one transaction.
 //!
 //! Authentication and decoding happen inside the machines: every datagram is
 //! decoded ([`crate::wire::decode`]), its signature or MAC checked, its
