@@ -193,14 +193,14 @@ impl VirtualNet {
     }
 
     fn lost(&mut self) -> bool {
-        self.cfg.loss > 0.0 && self.rng.gen_bool(self.cfg.loss.min(1.0))
+        self.cfg.loss > 0.0 && self.rng.gen_bool(self.cfg.loss.clamp(0.0, 1.0))
     }
 
     fn maybe_duplicate(&mut self, f: &InFlight, to: Peer) {
         if f.kind == CopyKind::Duplicate {
             return;
         }
-        if self.cfg.duplicate > 0.0 && self.rng.gen_bool(self.cfg.duplicate.min(1.0)) {
+        if self.cfg.duplicate > 0.0 && self.rng.gen_bool(self.cfg.duplicate.clamp(0.0, 1.0)) {
             self.stats.duplicated += 1;
             let extra = self.rng.gen_range(0..=self.cfg.delay_max_ms);
             self.push(
