@@ -303,6 +303,7 @@ pub fn run(bins: &Bins, sizes: &[usize], reps: usize, base_port: u16) -> KfResul
                 r.join_ms = f.join_ms;
                 for _ in 0..reps {
                     let rep = f.rotate()?;
+                    r.reps.push(rep.clone());
                     ensure!(
                         rep.acked as usize == n && rep.stale == 0,
                         "round for epoch {} acknowledged by {} of {n} nodes, {} stale",
@@ -310,7 +311,6 @@ pub fn run(bins: &Bins, sizes: &[usize], reps: usize, base_port: u16) -> KfResul
                         rep.acked,
                         rep.stale
                     );
-                    r.reps.push(rep);
                 }
                 let last = r.reps.last().map_or(0, |x| x.epoch);
                 r.verified = f.verify(last)?;

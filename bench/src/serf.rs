@@ -22,7 +22,13 @@ pub struct SerfRep {
     pub remove_ms: f64,
     /// install + use + remove.
     pub total_ms: f64,
+    /// Operations run again because not every member answered (what Serf said).
+    #[serde(default)]
+    pub retries: Vec<String>,
 }
+
+/// Attempts of one `serf keys` operation before the rotation counts as failed.
+pub const ATTEMPTS: usize = 3;
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct SerfRun {
@@ -193,30 +199,59 @@ impl Cluster {
             .count())
     }
 
-    fn keys(&self, op: &str, key: &str) -> anyhow::Result<f64> {
-        let mut c = self.serf();
-        c.args([
-            "keys",
-            &format!("-{op}={key}"),
-            &format!("-rpc-addr={}", self.rpc0),
-        ]);
-        let (d, _) = timed_ok(c, Duration::from_secs(60))
-            .with_context(|| format!("serf keys -{op} on {} members", self.n))?;
-        Ok(d.as_secs_f64() * 1000.0)
+    /// `serf keys -OP=KEY`, run again (it is idempotent) when not every member
+    /// answered, as an operator would, up to [`ATTEMPTS`] times. The time is
+    /// that of every attempt; the failures are counted in `retries`.
+    fn keys(&self, op: &str, key: &str, retries: &mut Vec<String>) -> anyhow::Result<f64> {
+        let mut total = 0.0;
+        for attempt in 1..=ATTEMPTS {
+            let mut c = self.serf();
+            c.args([
+                "keys",
+                &format!("-{op}={key}"),
+                &format!("-rpc-addr={}", self.rpc0),
+            ]);
+            let (d, out) = timed(c, Duration::from_secs(60))
+                .with_context(|| format!("serf keys -{op} on {} members", self.n))?;
+            total += d.as_secs_f64() * 1000.0;
+            if out.status.success() {
+                return Ok(total);
+            }
+            let said = format!(
+                "{}\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let why = said
+                .lines()
+                .filter(|l| !l.starts_with("==>") && !l.trim().is_empty())
+                .collect::<Vec<_>>()
+                .join("; ");
+            if attempt == ATTEMPTS {
+                bail!(
+                    "serf keys -{op} on {} members failed {ATTEMPTS} times: {why}",
+                    self.n
+                );
+            }
+            retries.push(format!("-{op}: {why}"));
+        }
+        Ok(total)
     }
 
     /// One full rotation to a fresh key.
     pub fn rotate(&mut self) -> anyhow::Result<SerfRep> {
         let new = new_key();
-        let install_ms = self.keys("install", &new)?;
-        let use_ms = self.keys("use", &new)?;
-        let remove_ms = self.keys("remove", &self.key.clone())?;
+        let mut retries = Vec::new();
+        let install_ms = self.keys("install", &new, &mut retries)?;
+        let use_ms = self.keys("use", &new, &mut retries)?;
+        let remove_ms = self.keys("remove", &self.key.clone(), &mut retries)?;
         self.key = new;
         Ok(SerfRep {
             install_ms,
             use_ms,
             remove_ms,
             total_ms: install_ms + use_ms + remove_ms,
+            retries,
         })
     }
 
