@@ -116,7 +116,7 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
     };
     if on("datapath") {
         eprintln!("== data path");
-        let (batch_ms, samples) = if a.quick { (1, 5) } else { (4, 41) };
+        let (batch_ms, samples) = if a.quick { (1, 5) } else { (1, 151) };
         r.datapath = Some(datapath::run(batch_ms, samples)?);
     }
     if on("qr") {
