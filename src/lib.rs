@@ -12,6 +12,8 @@ pub mod sim;
 pub mod wire;
 
 // The shells' building blocks.
+pub mod config;
+pub mod controller;
 pub mod net;
 pub mod secrets;
 pub mod statefile;

@@ -1,0 +1,185 @@
+//! `keyfleet init / enroll / rekey / status / history / serve / remove` as a
+//! user runs them, against a fleet of nodes on loopback multicast.
+mod controller_support;
+
+use controller_support::*;
+use keyfleet::protocol::NodeState;
+
+const FAST: &str = "[round]\ndrain_grace_ms = 300\nretry_initial_ms = 100\nretry_max_ms = 800\nstale_after_ms = 8000\n[rekey]\njoin_wait_ms = 8000\nlinger_ms = 300\n";
+
+#[test]
+fn enroll_and_rotate_without_and_with_serve_then_remove_one() {
+    let ctl = Ctl::new(1, FAST);
+    let init = ctl.json(&["init", "--json"]);
+    assert_eq!(init["epoch"], 1);
+    // Init never overwrites.
+    let again = ctl.cmd(&["init"]).output().unwrap();
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("never overwrites"));
+
+    let specs = node_specs(5);
+    // The nodes start first and keep asking to join; nobody answers yet.
+    let shells = Shells::start(&specs, ctl.group, ctl.addr());
+    for s in &specs {
+        let r = ctl.json(&[
+            "enroll",
+            "--node-id",
+            &s.id,
+            "--addr",
+            &s.listen.to_string(),
+            "--key",
+            &s.form,
+            "--json",
+        ]);
+        assert_eq!(r["node_id"], s.id.as_str());
+    }
+    // Enrolling twice is refused.
+    let dup = ctl
+        .cmd(&[
+            "enroll",
+            "--node-id",
+            &specs[0].id,
+            "--addr",
+            "127.0.0.1:9",
+            "--key",
+            &specs[0].form,
+        ])
+        .output()
+        .unwrap();
+    assert!(!dup.status.success());
+    assert!(String::from_utf8_lossy(&dup.stderr).contains("already enrolled"));
+
+    // No serve: rekey runs the round itself, after the nodes joined.
+    let r = ctl.json(&["rekey", "--json"]);
+    assert_eq!(
+        (r["epoch"].as_u64(), r["nodes"].as_u64()),
+        (Some(2), Some(5)),
+        "{r}"
+    );
+    assert_eq!(
+        (r["acked"].as_u64(), r["stale"].as_u64()),
+        (Some(5), Some(0)),
+        "{r}"
+    );
+    for k in ["elapsed_ms", "phases_ms"] {
+        assert!(r.get(k).is_some(), "{k} missing in {r}");
+    }
+    wait_for("every node at epoch 2", 5000, || {
+        shells.completed_at(2) == 5
+    });
+
+    let st = ctl.json(&["status", "--json"]);
+    assert_eq!(st["epoch"], 2);
+    assert!(st["round"].is_null());
+    let nodes = st["nodes"].as_array().unwrap();
+    assert_eq!(nodes.len(), 5);
+    for n in nodes {
+        assert_eq!(n["state"], "UpdateCompleted", "{n}");
+        assert_eq!(n["epoch"], 2, "{n}");
+        assert_eq!(n["stale"], false, "{n}");
+        assert!(n["last_seen_ms"].is_u64(), "{n}");
+    }
+
+    // With serve: rekey goes through the control socket.
+    let _serve = ctl.serve();
+    let r = ctl.json(&["rekey", "--json"]);
+    assert_eq!(
+        (
+            r["epoch"].as_u64(),
+            r["acked"].as_u64(),
+            r["stale"].as_u64()
+        ),
+        (Some(3), Some(5), Some(0)),
+        "{r}"
+    );
+    wait_for("every node at epoch 3", 5000, || {
+        shells.completed_at(3) == 5
+    });
+
+    // Remove: a round that leaves the node out.
+    let gone = &specs[4].id;
+    let r = ctl.json(&["remove", gone, "--json"]);
+    assert_eq!(r["node_id"], gone.as_str());
+    assert_eq!(
+        (r["round"]["epoch"].as_u64(), r["round"]["acked"].as_u64()),
+        (Some(4), Some(4)),
+        "{r}"
+    );
+    wait_for("the four remaining nodes at epoch 4", 5000, || {
+        shells.completed_at(4) == 4
+    });
+    assert_eq!(
+        shells.state(gone),
+        Some(NodeState::UpdateCompleted {
+            current: keyfleet::crypto::Epoch(3)
+        }),
+        "the removed node never got the new key"
+    );
+
+    // History: every key, sent to whom, acknowledged when; rounds; audit.
+    let h = ctl.json(&["history", "--json", "--audit", "500"]);
+    let keys = h["keys"].as_array().unwrap();
+    assert_eq!(keys.len(), 4);
+    let k4 = &keys[3];
+    assert_eq!(k4["epoch"], 4);
+    assert_eq!(k4["trigger"], "Removal");
+    let got: Vec<&str> = k4["deliveries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|d| d["acked_at_ms"].is_u64())
+        .map(|d| d["node_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(got.len(), 4);
+    assert!(!got.contains(&gone.as_str()));
+    assert!(
+        keys[2]["retired_at_ms"].is_u64(),
+        "epoch 3 retired by the round of epoch 4"
+    );
+    let rounds = h["rounds"].as_array().unwrap();
+    assert_eq!(rounds.len(), 3);
+    assert!(
+        rounds.iter().all(|r| r["outcome"] == "Completed"),
+        "{rounds:?}"
+    );
+    let audit = h["audit"].as_array().unwrap();
+    assert!(audit
+        .iter()
+        .any(|a| a["kind"] == "Removal" && a["node_id"] == gone.as_str()));
+    assert_eq!(
+        audit.iter().filter(|a| a["kind"] == "Trigger").count(),
+        4,
+        "one per key"
+    );
+    let st = ctl.json(&["status", "--json"]);
+    assert_eq!(st["nodes"].as_array().unwrap().len(), 4);
+}
+
+#[test]
+fn status_and_rekey_before_init_say_what_to_do() {
+    let ctl = Ctl::new(2, "");
+    for args in [&["status"][..], &["rekey", "--json"], &["history"]] {
+        let out = ctl.cmd(args).output().unwrap();
+        assert!(!out.status.success(), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("keyfleet init"), "{args:?}: {err}");
+    }
+}
+
+#[test]
+fn a_second_controller_on_the_same_state_is_refused() {
+    let ctl = Ctl::new(3, FAST);
+    ctl.run(&["init"]);
+    let _serve = ctl.serve();
+    let out = ctl.cmd(&["serve"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("another keyfleet controller"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let sock = in_state(&ctl, "control.sock");
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&sock).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600, "the control socket is owner-only");
+}
