@@ -59,8 +59,8 @@ pub fn status(g: &GlobalArgs, a: StatusArgs) -> anyhow::Result<()> {
         (e, None) => println!("group key epoch {}; no round in progress", e.unwrap_or(0)),
     }
     println!(
-        "{:<20} {:>6} {:<21} {:<22} {:>6} {:<10} {:<6} {}",
-        "NODE", "MEMBER", "ADDRESS", "STATE", "EPOCH", "LAST SEEN", "STALE", "KEY CHECK"
+        "{:<20} {:>6} {:<21} {:<22} {:>6} {:<10} {:<6} KEY CHECK",
+        "NODE", "MEMBER", "ADDRESS", "STATE", "EPOCH", "LAST SEEN", "STALE"
     );
     for n in &st.nodes {
         println!(
