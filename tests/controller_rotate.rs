@@ -17,10 +17,11 @@ fn enroll_and_rotate_without_and_with_serve_then_remove_one() {
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("never overwrites"));
 
-    let specs = node_specs(5);
+    let specs = node_specs(6);
+    let (first, late) = specs.split_at(5);
     // The nodes start first and keep asking to join; nobody answers yet.
-    let shells = Shells::start(&specs, ctl.group, ctl.addr());
-    for s in &specs {
+    let shells = Shells::start(first, ctl.group, ctl.addr());
+    for s in first {
         let r = ctl.json(&[
             "enroll",
             "--node-id",
@@ -80,8 +81,24 @@ fn enroll_and_rotate_without_and_with_serve_then_remove_one() {
         assert!(n["last_seen_ms"].is_u64(), "{n}");
     }
 
-    // With serve: rekey goes through the control socket.
+    // With serve: enroll goes through the control socket, and serve answers the join at once.
     let _serve = ctl.serve();
+    let newcomer = Shells::start(late, ctl.group, ctl.addr());
+    let r = ctl.json(&[
+        "enroll",
+        "--node-id",
+        &late[0].id,
+        "--addr",
+        &late[0].listen.to_string(),
+        "--key",
+        &late[0].form,
+        "--json",
+    ]);
+    assert_eq!(r["member"], 6, "{r}");
+    wait_for("the newcomer joined at epoch 2", 10_000, || {
+        newcomer.completed_at(2) == 1
+    });
+    // rekey goes through the control socket too.
     let r = ctl.json(&["rekey", "--json"]);
     assert_eq!(
         (
@@ -89,11 +106,11 @@ fn enroll_and_rotate_without_and_with_serve_then_remove_one() {
             r["acked"].as_u64(),
             r["stale"].as_u64()
         ),
-        (Some(3), Some(5), Some(0)),
+        (Some(3), Some(6), Some(0)),
         "{r}"
     );
     wait_for("every node at epoch 3", 5000, || {
-        shells.completed_at(3) == 5
+        shells.completed_at(3) == 5 && newcomer.completed_at(3) == 1
     });
 
     // Remove: a round that leaves the node out.
@@ -102,11 +119,11 @@ fn enroll_and_rotate_without_and_with_serve_then_remove_one() {
     assert_eq!(r["node_id"], gone.as_str());
     assert_eq!(
         (r["round"]["epoch"].as_u64(), r["round"]["acked"].as_u64()),
-        (Some(4), Some(4)),
+        (Some(4), Some(5)),
         "{r}"
     );
-    wait_for("the four remaining nodes at epoch 4", 5000, || {
-        shells.completed_at(4) == 4
+    wait_for("the remaining nodes at epoch 4", 5000, || {
+        shells.completed_at(4) == 4 && newcomer.completed_at(4) == 1
     });
     assert_eq!(
         shells.state(gone),
@@ -115,6 +132,9 @@ fn enroll_and_rotate_without_and_with_serve_then_remove_one() {
         }),
         "the removed node never got the new key"
     );
+    let unknown = ctl.cmd(&["remove", "no-such-node"]).output().unwrap();
+    assert!(!unknown.status.success());
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("not enrolled"));
 
     // History: every key, sent to whom, acknowledged when; rounds; audit.
     let h = ctl.json(&["history", "--json", "--audit", "500"]);
@@ -130,7 +150,7 @@ fn enroll_and_rotate_without_and_with_serve_then_remove_one() {
         .filter(|d| d["acked_at_ms"].is_u64())
         .map(|d| d["node_id"].as_str().unwrap())
         .collect();
-    assert_eq!(got.len(), 4);
+    assert_eq!(got.len(), 5);
     assert!(!got.contains(&gone.as_str()));
     assert!(
         keys[2]["retired_at_ms"].is_u64(),
@@ -152,7 +172,7 @@ fn enroll_and_rotate_without_and_with_serve_then_remove_one() {
         "one per key"
     );
     let st = ctl.json(&["status", "--json"]);
-    assert_eq!(st["nodes"].as_array().unwrap().len(), 4);
+    assert_eq!(st["nodes"].as_array().unwrap().len(), 5);
 }
 
 #[test]
@@ -182,4 +202,66 @@ fn a_second_controller_on_the_same_state_is_refused() {
     let mode =
         std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&sock).unwrap().permissions());
     assert_eq!(mode & 0o777, 0o600, "the control socket is owner-only");
+}
+
+#[test]
+fn a_passphrase_seals_the_secrets_and_every_command_then_needs_it() {
+    let ctl = Ctl::new(4, FAST);
+    let out = ctl
+        .cmd(&["init", "--json"])
+        .env("KEYFLEET_PASSPHRASE", "correct horse")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let init: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(init["sealed"], true);
+    let raw = std::fs::read_to_string(in_state(&ctl, "controller.secrets")).unwrap();
+    assert!(
+        raw.contains("argon2id") && !raw.contains("signing_key"),
+        "sealed on disk"
+    );
+    let spec = &node_specs(1)[0];
+    let enroll = |pass: Option<&str>| {
+        let mut c = ctl.cmd(&[
+            "enroll",
+            "--node-id",
+            &spec.id,
+            "--addr",
+            &spec.listen.to_string(),
+            "--key",
+            &spec.form,
+        ]);
+        if let Some(p) = pass {
+            c.env("KEYFLEET_PASSPHRASE", p);
+        }
+        c.output().unwrap()
+    };
+    let no = enroll(None);
+    assert!(!no.status.success());
+    assert!(
+        String::from_utf8_lossy(&no.stderr).contains("KEYFLEET_PASSPHRASE"),
+        "{}",
+        String::from_utf8_lossy(&no.stderr)
+    );
+    let wrong = enroll(Some("wrong"));
+    assert!(!wrong.status.success());
+    assert!(String::from_utf8_lossy(&wrong.stderr).contains("passphrase does not open"));
+    let ok = enroll(Some("correct horse"));
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    // The table is readable without it (it holds no secret).
+    assert_eq!(
+        ctl.json(&["status", "--json"])["nodes"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
 }

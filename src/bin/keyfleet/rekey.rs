@@ -6,6 +6,7 @@ use anyhow::{bail, Context};
 use clap::Args;
 use keyfleet::controller::control::{self, Reply, Request};
 use keyfleet::controller::{Controller, ControllerError, RoundCommand, RoundReport, StateDir};
+use keyfleet::secrets::SecretsError;
 use keyfleet::wire::NodeId;
 
 use crate::fleet::{self, GlobalArgs, NetFlags};
@@ -59,6 +60,11 @@ pub async fn route(
             Ok(c) => return Ok(Route::Here(Box::new(c))),
             Err(ControllerError::Busy { .. }) if attempt < 24 => {
                 tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e @ ControllerError::Secrets(SecretsError::PassphraseRequired { .. })) => {
+                return Err(e).context(
+                    "the controller's secrets are sealed: set $KEYFLEET_PASSPHRASE or give --passphrase-file FILE",
+                )
             }
             Err(e) => return Err(e).context("while opening the controller state"),
         }
