@@ -265,3 +265,75 @@ fn a_passphrase_seals_the_secrets_and_every_command_then_needs_it() {
         1
     );
 }
+
+#[test]
+fn serve_rekeys_by_itself_when_the_key_is_too_old() {
+    let ctl = Ctl::new(5, &format!("{FAST}[triggers]\nmax_key_age_ms = 2500\n"));
+    ctl.run(&["init"]);
+    let specs = node_specs(2);
+    let shells = Shells::start(&specs, ctl.group, ctl.addr());
+    for s in &specs {
+        ctl.run(&[
+            "enroll",
+            "--node-id",
+            &s.id,
+            "--addr",
+            &s.listen.to_string(),
+            "--key",
+            &s.form,
+        ]);
+    }
+    let _serve = ctl.serve();
+    wait_for("a key-age round to finish", 20_000, || {
+        ctl.json(&["status", "--json"])["epoch"].as_u64() >= Some(2)
+            && ctl.json(&["history", "--json", "--audit", "0"])["rounds"][0]["outcome"]
+                == "Completed"
+    });
+    let h = ctl.json(&["history", "--json", "--audit", "0"]);
+    assert_eq!(h["keys"][1]["trigger"], "KeyAge", "{}", h["keys"][1]);
+    assert!(h["keys"][1]["trigger_detail"]["limit_ms"] == 2500);
+    wait_for("both nodes on the new key", 5000, || {
+        shells.completed_at(2) == 2
+    });
+}
+
+#[test]
+fn data_from_a_sender_not_in_the_table_makes_serve_rekey_without_it() {
+    // Removal alone does not rekey here, so the removed node still holds the key…
+    let ctl = Ctl::new(6, &format!("{FAST}[triggers]\non_node_removed = false\n"));
+    ctl.run(&["init"]);
+    let specs = node_specs(3);
+    let shells = Shells::start(&specs, ctl.group, ctl.addr());
+    for s in &specs {
+        ctl.run(&[
+            "enroll",
+            "--node-id",
+            &s.id,
+            "--addr",
+            &s.listen.to_string(),
+            "--key",
+            &s.form,
+        ]);
+    }
+    let _serve = ctl.serve();
+    wait_for("the nodes joined", 10_000, || shells.completed_at(1) == 3);
+    let r = ctl.json(&["remove", &specs[2].id, "--json"]);
+    assert!(r["round"].is_null(), "{r}");
+    assert_eq!(ctl.json(&["status", "--json"])["epoch"], 1);
+    // …and when it sends group data under that key, the key is presumed leaked.
+    shells.send(&specs[2].id, b"hello from a removed node");
+    wait_for("the unknown-sender round to finish", 20_000, || {
+        ctl.json(&["history", "--json", "--audit", "0"])["rounds"][0]["outcome"] == "Completed"
+    });
+    let h = ctl.json(&["history", "--json", "--audit", "200"]);
+    assert_eq!(h["keys"][1]["trigger"], "UnknownSender", "{}", h["keys"][1]);
+    wait_for("the enrolled nodes on the new key", 5000, || {
+        shells.completed_at(2) == 2
+    });
+    assert_eq!(
+        shells.state(&specs[2].id),
+        Some(NodeState::UpdateCompleted {
+            current: keyfleet::crypto::Epoch(1)
+        })
+    );
+}

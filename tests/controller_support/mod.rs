@@ -204,6 +204,8 @@ pub struct Shown {
 /// A fleet of node shells on a background runtime; stopped when dropped.
 pub struct Shells {
     pub shown: Arc<Mutex<HashMap<String, Shown>>>,
+    /// Application messages to send, by node id.
+    apps: HashMap<String, tokio::sync::mpsc::UnboundedSender<Vec<u8>>>,
     stop: Option<tokio::sync::watch::Sender<bool>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -218,6 +220,13 @@ impl Shells {
             .map(|s| (s.id.clone(), s.key, s.listen))
             .collect();
         let sh = shown.clone();
+        let mut apps = HashMap::new();
+        let mut app_rx = HashMap::new();
+        for (id, _, _) in &specs {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            apps.insert(id.clone(), tx);
+            app_rx.insert(id.clone(), rx);
+        }
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let thread = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_multi_thread()
@@ -235,6 +244,7 @@ impl Shells {
                         ..NetConfig::default()
                     };
                     let t = Transport::bind(&cfg, Clock::wall()).unwrap();
+                    let app = app_rx.remove(&id).unwrap();
                     tasks.push(tokio::spawn(node_shell(
                         id,
                         key,
@@ -242,6 +252,7 @@ impl Shells {
                         controller,
                         sh.clone(),
                         stop_rx.clone(),
+                        app,
                     )));
                 }
                 let _ = ready_tx.send(());
@@ -253,9 +264,15 @@ impl Shells {
         ready_rx.recv().unwrap();
         Shells {
             shown,
+            apps,
             stop: Some(stop),
             thread: Some(thread),
         }
+    }
+
+    /// Has node `id` send `text` to the group (sealed with its current key).
+    pub fn send(&self, id: &str, text: &[u8]) {
+        self.apps[id].send(text.to_vec()).unwrap();
     }
 
     pub fn state(&self, id: &str) -> Option<NodeState> {
@@ -293,6 +310,7 @@ async fn node_shell(
     controller: SocketAddr,
     shown: Arc<Mutex<HashMap<String, Shown>>>,
     mut stop: tokio::sync::watch::Receiver<bool>,
+    mut app: tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>,
 ) {
     let clock = t.clock().clone();
     let cfg = NodeConfig {
@@ -336,6 +354,9 @@ async fn node_shell(
         );
         tokio::select! {
             _ = stop.changed() => return,
+            Some(text) = app.recv() => {
+                m.handle(Time(clock.now_ms()), NodeInput::Send(&text), &mut OsRng, &mut out);
+            }
             d = t.recv() => {
                 let Ok(d) = d else { return };
                 m.handle(Time(d.at_ms), NodeInput::Datagram { from: d.from, bytes: &d.bytes }, &mut OsRng, &mut out);
