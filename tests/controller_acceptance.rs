@@ -59,6 +59,24 @@ fn fifty_nodes_enrolled_and_rotated_by_rekey_json() {
     wait_for("all fifty at epoch 2", 5000, || {
         shells.completed_at(2) == 50
     });
+    let h = ctl.json(&["history", "--json", "--audit", "100000"]);
+    let refused: Vec<_> = h["audit"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|a| a["kind"] == "Refusal")
+        .collect();
+    assert!(
+        refused.is_empty(),
+        "nothing refused on a clean network: {refused:?}"
+    );
+    let acked = h["keys"][1]["deliveries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|d| d["acked_at_ms"].is_u64())
+        .count();
+    assert_eq!(acked, 50);
 }
 
 fn agent_has_run(agent: &str) -> bool {
