@@ -142,3 +142,66 @@ fn kill_9_mid_round_and_restart_completes_the_round_and_keeps_the_table() {
             .any(|n| n["node_id"] == dead[0].id.as_str() && n["stale"] == false)
     });
 }
+
+#[test]
+fn kill_9_of_a_rekey_without_serve_and_rekey_again_finishes_that_round() {
+    let ctl = Ctl::new(11, "[round]\ndrain_grace_ms = 4000\nretry_initial_ms = 100\n[rekey]\njoin_wait_ms = 8000\nlinger_ms = 200\n");
+    ctl.run(&["init"]);
+    let specs = node_specs(3);
+    let shells = Shells::start(&specs, ctl.group, ctl.addr());
+    for s in &specs {
+        ctl.run(&[
+            "enroll",
+            "--node-id",
+            &s.id,
+            "--addr",
+            &s.listen.to_string(),
+            "--key",
+            &s.form,
+        ]);
+    }
+    let mut first = Proc(
+        ctl.cmd(&["rekey", "--json"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    // Killed during the drain: every node already seals with the new key.
+    wait_for("the drain of the round for epoch 2", 15_000, || {
+        let s = status(&ctl);
+        s["round"]["epoch"] == 2 && s["round"]["phase"] == "SecondTransition"
+    });
+    wait_for("the nodes in transit", 5000, || {
+        specs.iter().all(|s| {
+            matches!(
+                shells.state(&s.id),
+                Some(keyfleet::protocol::NodeState::InTransit { .. })
+            )
+        })
+    });
+    first.kill9();
+    let r = ctl.json(&["rekey", "--json"]);
+    assert_eq!(
+        (
+            r["epoch"].as_u64(),
+            r["acked"].as_u64(),
+            r["stale"].as_u64()
+        ),
+        (Some(2), Some(3), Some(0)),
+        "{r}"
+    );
+    wait_for("the nodes at epoch 2", 5000, || shells.completed_at(2) == 3);
+    let h = ctl.json(&["history", "--json", "--audit", "100"]);
+    assert_eq!(
+        h["rounds"].as_array().unwrap().len(),
+        1,
+        "one round, resumed, not two"
+    );
+    assert_eq!(h["rounds"][0]["outcome"], "Completed");
+    assert!(h["audit"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|a| a["kind"] == "Restart"));
+}

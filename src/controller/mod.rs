@@ -659,9 +659,24 @@ impl Controller {
                 "enrolled nodes did not join in time; they are left out of this round and catch up when they join"
             );
         }
-        let Some(target) = self.start_command(&cmd)? else {
-            self.flush(Some(&net)).await?;
-            return Ok(None);
+        // A round a crashed controller left unfinished is finished first; `rekey`
+        // is then answered by it (it brings a fresh key too) rather than by a second round.
+        let resumed = self.machine.round().map(|(e, _)| e.0);
+        let target = match (&cmd, resumed) {
+            (RoundCommand::Rekey, Some(e)) => {
+                tracing::info!(
+                    epoch = e,
+                    "finishing the round a previous controller left unfinished"
+                );
+                e
+            }
+            _ => match self.start_command(&cmd)? {
+                Some(t) => t,
+                None => {
+                    self.flush(Some(&net)).await?;
+                    return Ok(None);
+                }
+            },
         };
         let started = self.clock.now_ms();
         self.flush(Some(&net)).await?;
