@@ -179,3 +179,91 @@ pub async fn call(
         "keyfleet serve closed the control socket before answering (did it stop?)",
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_and_reply_lines_are_the_documented_json() {
+        let r: Request = serde_json::from_str(r#"{"op":"rekey"}"#).unwrap();
+        assert!(matches!(r, Request::Rekey));
+        let r: Request = serde_json::from_str(r#"{"op":"remove","node_id":"pump-7"}"#).unwrap();
+        assert!(matches!(r, Request::Remove { node_id } if node_id == "pump-7"));
+        let r: Request = serde_json::from_str(
+            r#"{"op":"enroll","node_id":"p","addr":"10.0.0.8:7778","key":"00112233445566778899aabbccddeeff"}"#,
+        )
+        .unwrap();
+        let Request::Enroll { key, .. } = r else {
+            panic!("not an enroll")
+        };
+        assert_eq!(key_from_hex(&key).unwrap().0[15], 0xff);
+        assert!(serde_json::from_str::<Request>(r#"{"op":"format"}"#).is_err());
+        let p = Reply::Progress(Progress {
+            epoch: 5,
+            phase: "distributing".into(),
+            acked: 12,
+            total: 50,
+        });
+        assert_eq!(
+            serde_json::to_string(&p).unwrap(),
+            r#"{"progress":{"epoch":5,"phase":"distributing","acked":12,"total":50}}"#
+        );
+        assert!(!p.is_final());
+        let e = Reply::Error {
+            message: "no".into(),
+        };
+        assert_eq!(
+            serde_json::to_string(&e).unwrap(),
+            r#"{"error":{"message":"no"}}"#
+        );
+        assert!(e.is_final());
+    }
+
+    #[test]
+    fn a_key_that_is_not_32_hex_digits_is_refused() {
+        for bad in [
+            "",
+            "00",
+            "zz112233445566778899aabbccddeeff",
+            "00112233445566778899aabbccddeeff00",
+        ] {
+            assert!(key_from_hex(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_client_gets_progress_then_the_final_reply_and_the_socket_is_owner_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("control.sock");
+        std::fs::write(&path, b"stale").unwrap();
+        let l = listen(&path).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let (tx, mut rx) = unbounded_channel();
+        tokio::spawn(accept_loop(l, tx));
+        tokio::spawn(async move {
+            let inc = rx.recv().await.unwrap();
+            assert!(matches!(inc.request, Request::Rekey));
+            let p = Progress {
+                epoch: 2,
+                phase: "draining".into(),
+                acked: 3,
+                total: 3,
+            };
+            inc.tx.send(Reply::Progress(p)).unwrap();
+            inc.tx
+                .send(Reply::Error {
+                    message: "done".into(),
+                })
+                .unwrap();
+        });
+        let s = connect(&path).await.unwrap();
+        let mut seen = Vec::new();
+        let r = call(s, &Request::Rekey, |p| seen.push(p.clone()))
+            .await
+            .unwrap();
+        assert_eq!(seen.len(), 1);
+        assert!(matches!(r, Reply::Error { message } if message == "done"));
+    }
+}

@@ -903,3 +903,60 @@ fn log_record(r: &Record) {
         _ => tracing::trace!(?r, "record"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_state_directory_lock_is_exclusive_and_released_on_drop() {
+        let dir = tempfile::tempdir().unwrap();
+        let st = StateDir::new(dir.path().join("kf"));
+        let held = st.lock().unwrap();
+        assert!(matches!(st.lock(), Err(ControllerError::Busy { .. })));
+        drop(held);
+        st.lock().unwrap();
+        let mode = std::fs::metadata(&st.dir).unwrap().permissions();
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+            0o700
+        );
+    }
+
+    #[tokio::test]
+    async fn init_refuses_to_overwrite_and_open_restores_what_enroll_wrote() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = Options::new(StateDir::new(dir.path().join("kf")), Config::default());
+        let r = init(&opts).unwrap();
+        assert_eq!(r.epoch, 1);
+        assert!(matches!(
+            init(&opts),
+            Err(ControllerError::AlreadyInitialised { .. })
+        ));
+        {
+            let mut c = Controller::open(opts.clone()).unwrap();
+            // A second controller on the same directory is refused while this one runs.
+            assert!(matches!(
+                Controller::open(opts.clone()),
+                Err(ControllerError::Busy { .. })
+            ));
+            let e = c
+                .enroll(
+                    NodeId::parse("n1").unwrap(),
+                    InitialKey([7; 16]),
+                    "127.0.0.1:9000".parse().unwrap(),
+                )
+                .await
+                .unwrap();
+            assert_eq!(e.member, 1);
+        }
+        let c = Controller::open(opts).unwrap();
+        let ids: Vec<String> = c
+            .machine()
+            .members()
+            .map(|(_, id, _)| id.to_string())
+            .collect();
+        assert_eq!(ids, ["n1"]);
+        assert_eq!(c.store().nodes().unwrap().len(), 1);
+    }
+}
