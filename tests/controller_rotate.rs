@@ -337,3 +337,44 @@ fn data_from_a_sender_not_in_the_table_makes_serve_rekey_without_it() {
         })
     );
 }
+
+#[test]
+fn rekey_completes_when_the_controller_loses_half_of_what_it_receives() {
+    let ctl = Ctl::new(7, FAST);
+    ctl.run(&["init"]);
+    let specs = node_specs(8);
+    let shells = Shells::start(&specs, ctl.group, ctl.addr());
+    for s in &specs {
+        ctl.run(&[
+            "enroll",
+            "--node-id",
+            &s.id,
+            "--addr",
+            &s.listen.to_string(),
+            "--key",
+            &s.form,
+        ]);
+    }
+    let r = ctl.json(&["rekey", "--json", "--loss", "0.5", "--loss-seed", "7"]);
+    assert_eq!(
+        (
+            r["epoch"].as_u64(),
+            r["acked"].as_u64(),
+            r["stale"].as_u64()
+        ),
+        (Some(2), Some(8), Some(0)),
+        "{r}"
+    );
+    wait_for("every node at epoch 2", 5000, || {
+        shells.completed_at(2) == 8
+    });
+    // Lost replies were made up for by retries: some key went out more than once.
+    let h = ctl.json(&["history", "--json", "--audit", "0"]);
+    let attempts: u64 = h["keys"][1]["deliveries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["attempts"].as_u64().unwrap())
+        .sum();
+    assert!(attempts > 8, "retries recorded: {attempts}");
+}
