@@ -378,3 +378,69 @@ fn rekey_completes_when_the_controller_loses_half_of_what_it_receives() {
         .sum();
     assert!(attempts > 8, "retries recorded: {attempts}");
 }
+
+#[test]
+fn enroll_from_a_key_source_takes_the_node_id_from_the_label() {
+    let ctl = Ctl::new(8, FAST);
+    ctl.run(&["init"]);
+    let log = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/fixtures/keyboard/typed-label.log"
+    );
+    // The label says boiler-3; another --node-id is refused.
+    let out = ctl
+        .cmd(&[
+            "enroll",
+            "--from",
+            "keyboard",
+            "--replay",
+            log,
+            "--node-id",
+            "boiler-4",
+            "--addr",
+            "127.0.0.1:9001",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("differs from the node id boiler-3"));
+    let r = ctl.json(&[
+        "enroll",
+        "--from",
+        "keyboard",
+        "--replay",
+        log,
+        "--addr",
+        "127.0.0.1:9001",
+        "--json",
+    ]);
+    assert_eq!(r["node_id"], "boiler-3");
+    // What was typed (with a Backspace) is the key on the label.
+    let label = keyfleet_drivers::label::parse("KF1:boiler-3:0CFC33D6D50E086C99BCAD0E073C4BC65696")
+        .unwrap();
+    let fp = keyfleet::crypto::InitialKey(*label.key.as_bytes()).fingerprint();
+    assert_eq!(r["fingerprint"], fp.as_str());
+    let st = ctl.json(&["status", "--json"]);
+    assert_eq!(st["nodes"][0]["key_check"], fp.as_str());
+    // A bad form is refused with the reason.
+    let bad = ctl
+        .cmd(&[
+            "enroll",
+            "--node-id",
+            "x",
+            "--addr",
+            "127.0.0.1:9002",
+            "--key",
+            "0CFC33D6D50E086C99BCAD0E073C4BC65697",
+        ])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(
+        String::from_utf8_lossy(&bad.stderr)
+            .to_lowercase()
+            .contains("crc"),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
+}
