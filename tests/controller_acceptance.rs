@@ -5,7 +5,8 @@
 //!   multicast sockets, in this test process) against the real `keyfleet`.
 //! - `fifty_keyfleet_agent_processes_...` (`--ignored`): fifty real
 //!   `keyfleet-agent run` processes; it says so and returns when the
-//!   `keyfleet-agent` in this build has no `run` yet.
+//!   `keyfleet-agent` in this build has no `run` yet. `KEYFLEET_AGENT=PATH`
+//!   runs another build of the agent.
 mod controller_support;
 
 use std::process::{Command, Stdio};
@@ -89,7 +90,10 @@ fn agent_has_run(agent: &str) -> bool {
 #[test]
 #[ignore = "starts fifty keyfleet-agent processes; run with --ignored"]
 fn fifty_keyfleet_agent_processes_enrolled_and_rotated_by_rekey_json() {
-    let agent = env!("CARGO_BIN_EXE_keyfleet-agent");
+    // KEYFLEET_AGENT may name another build of the agent (e.g. a release build).
+    let agent_bin = std::env::var("KEYFLEET_AGENT")
+        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_keyfleet-agent").into());
+    let agent = agent_bin.as_str();
     if !agent_has_run(agent) {
         eprintln!("SKIPPED: this build's keyfleet-agent has no `run` yet (the agent branch is not merged)");
         return;
