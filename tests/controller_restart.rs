@@ -205,3 +205,111 @@ fn kill_9_of_a_rekey_without_serve_and_rekey_again_finishes_that_round() {
         .iter()
         .any(|a| a["kind"] == "Restart"));
 }
+
+#[test]
+#[ignore = "starts keyfleet-agent processes; run with --ignored"]
+fn kill_9_of_serve_mid_round_with_keyfleet_agent_processes() {
+    let Some(bin) = agent_bin() else { return };
+    let ctl = Ctl::new(
+        12,
+        "[round]\ndrain_grace_ms = 3000\nretry_initial_ms = 100\n[rekey]\njoin_wait_ms = 12000\n",
+    );
+    ctl.run(&["init"]);
+    let specs = node_specs(5);
+    let agents = Agents::start(&bin, &ctl, &specs);
+    for s in &specs {
+        ctl.run(&[
+            "enroll",
+            "--node-id",
+            &s.id,
+            "--addr",
+            &s.listen.to_string(),
+            "--key",
+            &s.form,
+        ]);
+    }
+    let mut serve = ctl.serve();
+    wait_for("every agent joined", 20_000, || agents.completed_at(1) == 5);
+    // Application traffic all along: every agent sends in turn.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sender = {
+        let (stop, bin, dir, ids) = (
+            stop.clone(),
+            bin.clone(),
+            agents.dir.clone(),
+            agents.ids.clone(),
+        );
+        std::thread::spawn(move || {
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let id = &ids[(n as usize) % ids.len()];
+                let _ = std::process::Command::new(&bin)
+                    .args(["send", "--state"])
+                    .arg(dir.join(id))
+                    .arg(format!("message {n} from {id}"))
+                    .output();
+                n += 1;
+                std::thread::sleep(std::time::Duration::from_millis(30));
+            }
+            n
+        })
+    };
+    let mut client = Proc(
+        ctl.cmd(&["rekey"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_for("the drain of the round for epoch 2", 15_000, || {
+        let s = status(&ctl);
+        s["round"]["epoch"] == 2 && s["round"]["phase"] == "SecondTransition"
+    });
+    let before = ctl.json(&["history", "--json", "--audit", "0"]);
+    serve.kill9();
+    let _ = client.0.wait();
+    let _serve = ctl.serve();
+    wait_for("the resumed round to finish", 20_000, || {
+        let s = status(&ctl);
+        s["epoch"] == 2 && s["round"].is_null()
+    });
+    wait_for("every agent at epoch 2", 10_000, || {
+        agents.completed_at(2) == 5
+    });
+    let after = ctl.json(&["history", "--json", "--audit", "0"]);
+    assert_eq!(after["rounds"][0]["outcome"], "Completed");
+    assert_eq!(after["rounds"][0]["acked"], 5);
+    for d in before["keys"][1]["deliveries"].as_array().unwrap() {
+        let a = after["keys"][1]["deliveries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["node_id"] == d["node_id"])
+            .unwrap();
+        assert_eq!(
+            (&a["first_sent_at_ms"], &a["acked_at_ms"]),
+            (&d["first_sent_at_ms"], &d["acked_at_ms"])
+        );
+    }
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let sent = sender.join().unwrap();
+    let mut delivered = 0;
+    for s in &specs {
+        let st = agents.status(&s.id);
+        let run = &st["running"];
+        assert_eq!(
+            run["undecryptable"].as_u64(),
+            Some(0),
+            "no message became undecryptable: {st}"
+        );
+        delivered += run["delivered"]
+            .as_u64()
+            .expect("a running agent's counters");
+    }
+    eprintln!("{sent} messages sent across the round and the controller's restart, {delivered} deliveries");
+    assert!(
+        sent > 10 && delivered > 0,
+        "{sent} sent, {delivered} delivered"
+    );
+}

@@ -379,3 +379,76 @@ pub fn in_state(ctl: &Ctl, name: &str) -> PathBuf {
 pub fn exists(p: &Path) -> bool {
     p.exists()
 }
+
+/// The agent binary: `KEYFLEET_AGENT`, or this build's `keyfleet-agent`;
+/// `None` (with the reason printed) when it has no `run` yet.
+pub fn agent_bin() -> Option<String> {
+    let bin = std::env::var("KEYFLEET_AGENT")
+        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_keyfleet-agent").into());
+    let ok = Command::new(&bin)
+        .args(["run", "--help"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if ok {
+        Some(bin)
+    } else {
+        eprintln!("SKIPPED: {bin} has no `run` yet (the agent branch is not merged; KEYFLEET_AGENT=PATH names another build)");
+        None
+    }
+}
+
+/// `keyfleet-agent run` processes, one per spec, killed when dropped.
+pub struct Agents {
+    pub bin: String,
+    pub dir: PathBuf,
+    pub procs: Vec<Proc>,
+    pub ids: Vec<String>,
+}
+
+impl Agents {
+    pub fn start(bin: &str, ctl: &Ctl, specs: &[NodeSpec]) -> Agents {
+        let dir = ctl.dir.path().join("agents");
+        let mut procs = Vec::new();
+        for s in specs {
+            let child = Command::new(bin)
+                .args(["run", "--state"])
+                .arg(dir.join(&s.id))
+                .args(["--node-id", &s.id, "--initial-key", &s.form])
+                .args(["--group", &ctl.group.to_string(), "--iface", "127.0.0.1"])
+                .args(["--listen", &s.listen.to_string()])
+                .env("RUST_LOG", "warn")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap();
+            procs.push(Proc(child));
+        }
+        Agents {
+            bin: bin.into(),
+            dir,
+            procs,
+            ids: specs.iter().map(|s| s.id.clone()).collect(),
+        }
+    }
+
+    /// `keyfleet-agent status --json` of one agent.
+    pub fn status(&self, id: &str) -> serde_json::Value {
+        let out = Command::new(&self.bin)
+            .args(["status", "--json", "--state"])
+            .arg(self.dir.join(id))
+            .output()
+            .unwrap();
+        serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
+    }
+
+    /// How many agents report `UpdateCompleted` at `epoch`.
+    pub fn completed_at(&self, epoch: u64) -> usize {
+        self.ids
+            .iter()
+            .filter(|id| {
+                let s = self.status(id);
+                s["state"] == "UpdateCompleted" && s["epoch"].as_u64() == Some(epoch)
+            })
+            .count()
+    }
+}
