@@ -82,6 +82,18 @@ impl GlobalArgs {
         }
         let mut opts = Options::new(self.state_dir()?, cfg);
         opts.passphrase = self.passphrase(&opts.config)?;
+        if opts.passphrase.is_none()
+            && std::io::stdin().is_terminal()
+            && keyfleet::secrets::is_sealed(&opts.state.secrets())
+                .ok()
+                .flatten()
+                == Some(true)
+        {
+            opts.passphrase = Some(prompt(&format!(
+                "passphrase of the controller in {}: ",
+                opts.state.dir.display()
+            ))?);
+        }
         if let Some(n) = net {
             if !(0.0..=1.0).contains(&n.loss) {
                 bail!("--loss {} is not between 0 and 1", n.loss);
@@ -92,6 +104,7 @@ impl GlobalArgs {
         Ok(opts)
     }
 
+    /// The passphrase from the flag, the config file or the environment (not prompted).
     fn passphrase(&self, cfg: &Config) -> anyhow::Result<Option<Passphrase>> {
         let file = self
             .passphrase_file
@@ -117,6 +130,15 @@ impl GlobalArgs {
     }
 }
 
+/// Asks for a passphrase on the terminal, without echo.
+fn prompt(question: &str) -> anyhow::Result<Passphrase> {
+    let p = Zeroizing::new(rpassword::prompt_password(question).context("reading the passphrase")?);
+    if p.is_empty() {
+        bail!("an empty passphrase seals nothing; give one, or leave the secrets unsealed");
+    }
+    Ok(p)
+}
+
 /// Logs to stderr; RUST_LOG overrides `default`.
 pub fn init_logging(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -140,11 +162,25 @@ pub struct InitArgs {
     /// Print {state, epoch, check, public_key, sealed} as JSON.
     #[arg(long)]
     pub json: bool,
+    /// Seal the secrets with a passphrase asked for on the terminal (twice), when
+    /// none comes from --passphrase-file, the config file or $KEYFLEET_PASSPHRASE.
+    #[arg(long)]
+    pub seal: bool,
 }
 
 pub fn init(g: &GlobalArgs, a: InitArgs) -> anyhow::Result<()> {
     init_logging("warn");
-    let opts = g.options(None)?;
+    let mut opts = g.options(None)?;
+    if a.seal && opts.passphrase.is_none() {
+        if !std::io::stdin().is_terminal() {
+            bail!("--seal asks for the passphrase on a terminal; otherwise use --passphrase-file FILE or $KEYFLEET_PASSPHRASE");
+        }
+        let p = prompt("new passphrase for the controller's secrets: ")?;
+        if *prompt("the same passphrase again: ")? != *p {
+            bail!("the two passphrases differ; nothing was created");
+        }
+        opts.passphrase = Some(p);
+    }
     let r = controller::init(&opts).context("while initialising the controller")?;
     if a.json {
         println!("{}", serde_json::to_string(&r)?);
