@@ -208,23 +208,30 @@ impl Table {
             .members()
             .map(|(m, id, _)| (m, id.to_string()))
             .collect();
+        let ctx = Ctx {
+            active: &active,
+            member_ids: &member_ids,
+            round: machine.round(),
+        };
         let rounds = &mut self.rounds;
         self.store.batch(|s| {
             for r in records {
-                write_one(s, rounds, r, &active, &member_ids);
+                write_one(s, rounds, r, &ctx);
             }
             Ok(())
         })
     }
 }
 
-fn write_one(
-    s: &mut Store,
-    rounds: &mut HashMap<u32, i64>,
-    r: &Record,
-    active: &[String],
-    member_ids: &HashMap<u32, String>,
-) {
+/// What the records of a pass are written against: the machine after the pass.
+struct Ctx<'a> {
+    active: &'a [String],
+    member_ids: &'a HashMap<u32, String>,
+    round: Option<(crate::crypto::Epoch, RoundPhase)>,
+}
+
+fn write_one(s: &mut Store, rounds: &mut HashMap<u32, i64>, r: &Record, ctx: &Ctx<'_>) {
+    let (active, member_ids) = (ctx.active, ctx.member_ids);
     match r {
         Record::KeyCreated {
             epoch,
@@ -345,14 +352,18 @@ fn write_one(
                 );
             }
             if *to == MemberStatus::Active {
+                // Counted live again at `epoch`: the current key, or the round's
+                // (then it holds the new key, and seals with it from the first transition on).
+                let state = match ctx.round {
+                    Some((e, phase)) if e == *epoch => match phase {
+                        RoundPhase::Distributing => NodeState::DistributionCompleted,
+                        _ => NodeState::InTransit,
+                    },
+                    _ => NodeState::UpdateCompleted,
+                };
                 soft(
                     "a node state",
-                    s.set_node_state(
-                        &[id],
-                        NodeState::UpdateCompleted,
-                        Some(epoch.0.into()),
-                        at.0,
-                    ),
+                    s.set_node_state(&[id], state, Some(epoch.0.into()), at.0),
                 );
             }
         }
