@@ -22,13 +22,22 @@ use rand::RngCore;
 
 pub const KEYFLEET: &str = env!("CARGO_BIN_EXE_keyfleet");
 
-/// A free UDP port on loopback.
+/// A free UDP port on loopback, never one this process handed out before (the
+/// kernel may give a released port again, and the nodes of one test need distinct ones).
 pub fn free_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static GIVEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+    loop {
+        let port = std::net::UdpSocket::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut given = GIVEN.lock().unwrap();
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 /// A group and port of this test's own, so parallel tests do not hear each other.
