@@ -56,6 +56,8 @@ pub mod sim;
 pub mod wire;
 
 // The shells' building blocks.
+pub mod config;
+pub mod controller;
 pub mod net;
 pub mod secrets;
 pub mod statefile;
