@@ -12,6 +12,7 @@ pub mod sim;
 pub mod wire;
 
 // The shells' building blocks.
+pub mod agent;
 pub mod net;
 pub mod secrets;
 pub mod statefile;
