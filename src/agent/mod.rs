@@ -42,21 +42,23 @@ use crate::statefile::StateFileError;
 pub enum AgentError {
     #[error(
         "cannot resume from the agent's state file: {source}. The agent did not start. \
-         To rejoin the fleet from scratch, remove {path} and start the agent again with its \
-         initial key (--initial-key-file); the controller answers the join with the current key"
+         To start the node over: remove {path}, re-enroll the node on the controller \
+         (`keyfleet remove ID`, then `keyfleet enroll`; a node that lost its state restarts \
+         its sequence numbers, which the controller would refuse as replays), and start the \
+         agent again with its initial key", path = .path.display()
     )]
     CorruptState {
         path: PathBuf,
         #[source]
         source: StateFileError,
     },
-    #[error("{path} was written in format {format}, which this keyfleet-agent does not read; use a newer keyfleet-agent")]
+    #[error("{path} was written in format {format}, which this keyfleet-agent does not read; use a newer keyfleet-agent", path = .path.display())]
     UnknownFormat { path: PathBuf, format: u32 },
     #[error("cannot use the state directory: {0}")]
     StateDir(#[source] StateFileError),
     #[error("cannot save the node's state, so the agent stops before sending anything the disk does not know: {0}")]
     Persist(#[source] StateFileError),
-    #[error("{path} cannot be restored: {reason}")]
+    #[error("{path} cannot be restored: {reason}", path = .path.display())]
     Restore { path: PathBuf, reason: String },
     #[error("no state in {dir} yet (no {file}); start the agent once with `keyfleet-agent run --state {dir} ...`", dir = .dir.display(), file = state::STATE_FILE)]
     NoState { dir: PathBuf },
@@ -77,7 +79,7 @@ pub enum AgentError {
     },
     #[error("another keyfleet-agent is running with --state {dir} (it holds {lock}); stop it first", dir = .dir.display(), lock = .dir.join(state::LOCK_FILE).display())]
     Busy { dir: PathBuf },
-    #[error("cannot {what} {path}: {source}")]
+    #[error("cannot {what} {path}: {source}", path = .path.display())]
     Io {
         what: &'static str,
         path: PathBuf,
