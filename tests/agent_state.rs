@@ -13,6 +13,7 @@ use agent_support::*;
 use rand::Rng;
 
 const T: Duration = Duration::from_secs(20);
+const ROUNDS: usize = 20;
 
 /// Runs an agent once without a controller, so `state.json` exists, and stops it.
 fn make_state(dir: &Path, name: &str) -> (std::path::PathBuf, TestKey) {
@@ -154,6 +155,15 @@ fn key_files_readable_by_others_wrong_keys_and_a_second_agent_are_refused() {
     assert!(err.contains("holds the state of node \"perm\""), "{err}");
 }
 
+fn has_tmp(dir: &Path) -> bool {
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.flatten()
+                .any(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+        })
+        .unwrap_or(false)
+}
+
 /// kill -9 while the agent writes its state file as fast as it can (a
 /// persist every 1024 sealed messages): every time, the file left is whole,
 /// and the agent restarts from it.
@@ -169,7 +179,7 @@ fn kill_9_during_writes_never_leaves_a_broken_state_file() {
     let mut torn_writes = 0;
     let mut persisted = 0u64;
     let started = Instant::now();
-    for round in 0..12 {
+    for round in 0..ROUNDS {
         let mut agent = spawn_agent(
             &state,
             "crash",
@@ -182,23 +192,29 @@ fn kill_9_during_writes_never_leaves_a_broken_state_file() {
             live["member"], 1,
             "round {round}: resumed as the same member"
         );
-        // Flood the application socket from this process (unbound: no answers).
-        let sock = UnixDatagram::unbound().unwrap();
-        let flood_for = Duration::from_millis(rng.gen_range(50..400));
-        let until = Instant::now() + flood_for;
-        let mut sent = 0u64;
-        while Instant::now() < until {
-            if sock.send_to(b"Sflood", state.join("app.sock")).is_ok() {
-                sent += 1;
-            }
-        }
+        // Flood the application socket from another thread (unbound: no
+        // answers), and kill -9 the moment a temporary file shows that a write
+        // is under way (or after a random time if none is seen).
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flood = {
+            let (stop, sock_path) = (stop.clone(), state.join("app.sock"));
+            std::thread::spawn(move || {
+                let sock = UnixDatagram::unbound().unwrap();
+                let mut sent = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    if sock.send_to(b"Sflood", &sock_path).is_ok() {
+                        sent += 1;
+                    }
+                }
+                sent
+            })
+        };
+        let until = Instant::now() + Duration::from_millis(rng.gen_range(100..600));
+        while Instant::now() < until && !has_tmp(&state) {}
         agent.kill9();
-        let leftovers: Vec<_> = std::fs::read_dir(&state)
-            .unwrap()
-            .flatten()
-            .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
-            .collect();
-        if !leftovers.is_empty() {
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let sent = flood.join().unwrap();
+        if has_tmp(&state) {
             torn_writes += 1; // the kill landed inside a write
         }
         let stored = status(&state).unwrap_or_else(|| {
@@ -210,9 +226,13 @@ fn kill_9_during_writes_never_leaves_a_broken_state_file() {
         let _ = std::io::stderr().flush();
     }
     eprintln!(
-        "12 kill -9 during floods in {:?}: {torn_writes} landed inside a write, \
+        "{ROUNDS} kill -9 during floods in {:?}: {torn_writes} landed inside a write, \
          seal counters on disk summed to {persisted}",
         started.elapsed()
+    );
+    assert!(
+        torn_writes > 0,
+        "no kill landed inside a write: the test did not exercise what it claims"
     );
     // The last restart cleans up what an interrupted write left behind.
     let agent = spawn_agent(
