@@ -157,3 +157,47 @@ fn recv_times_out_with_exit_3_and_send_without_agent_fails() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("app.sock"), "names the socket: {err}");
 }
+
+/// The agent's usage reports reach the controller and feed its count trigger
+/// (SPEC §3): more than 20 encryptions under the key start a round.
+#[test]
+fn usage_reports_drive_the_encryption_count_trigger() {
+    use keyfleet::protocol::{TriggerConfig, TriggerReason};
+    let dir = tempfile::tempdir().unwrap();
+    let group = unique_group();
+    let triggers = TriggerConfig {
+        max_encryptions: Some(20),
+        ..TriggerConfig::manual_only()
+    };
+    let ctl = TestController::start_with(group, triggers);
+    let key = TestKey::new(dir.path(), "counter");
+    ctl.enroll("counter", &key);
+    let state = dir.path().join("c");
+    let agent = spawn_agent(&state, "counter", &key, group, &["--usage-interval", "1"]);
+    wait_status(&state, &agent, T, |s| synced_at(s, "UpdateCompleted", 1));
+    for i in 0..25 {
+        assert_eq!(send(&state, &format!("tick {i}")), "sent");
+    }
+    let s = wait_status(&state, &agent, T, |s| s["keys"][0]["seals"] == 25);
+    assert_eq!(s["keys"][0]["epoch"], 1);
+    ctl.wait(T, "a round for the count trigger finished", |v| {
+        v.epoch == 2 && v.round.is_none()
+    });
+    let fired = ctl.view.lock().unwrap().triggers();
+    // A report may land while the 25 are still being sent: any count above 20.
+    assert!(
+        matches!(
+            fired.as_slice(),
+            [
+                TriggerReason::Encryptions {
+                    count: 21..=25,
+                    limit: 20
+                },
+                ..
+            ]
+        ),
+        "{fired:?}"
+    );
+    let s = wait_status(&state, &agent, T, |s| synced_at(s, "UpdateCompleted", 2));
+    assert!(s["running"]["usage_reports"].as_u64().unwrap() >= 1);
+}

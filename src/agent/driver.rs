@@ -31,6 +31,7 @@ use crate::protocol::{
     Delivered, NodeAction, NodeEvent, NodeInput, NodeMachine, NodePersist, NodeTimer, Refusal, Time,
 };
 use crate::statefile::StateFileError;
+use crate::wire::{self, Message};
 
 use super::app::SendOutcome;
 use super::AgentError;
@@ -93,6 +94,7 @@ pub struct DriverStats {
     pub data_sent: u64,
     pub delivered: u64,
     pub persisted: u64,
+    /// Usage reports sent to the controller (for its count triggers).
     pub usage_reports: u64,
 }
 
@@ -150,6 +152,12 @@ impl NodeDriver {
             stats: DriverStats::default(),
             last_sync_ms: None,
         }
+    }
+
+    /// Draws data nonces from `rng` instead (a seeded run of a simulator).
+    pub fn with_rng(mut self, rng: StdRng) -> NodeDriver {
+        self.rng = rng;
+        self
     }
 
     /// Carries over the last sync time of a restored node (for the status report).
@@ -216,9 +224,6 @@ impl NodeDriver {
             }
             Wake::Timers(fired) => {
                 for t in fired {
-                    if t == NodeTimer::Usage {
-                        self.stats.usage_reports += 1;
-                    }
                     let now = self.clock.now_ms();
                     self.feed(now, NodeInput::Timer(t)).await?;
                 }
@@ -308,6 +313,9 @@ impl NodeDriver {
                     }
                 }
                 NodeAction::SendTo { to, bytes } => {
+                    if matches!(wire::decode(&bytes), Ok(Message::UsageReport(_))) {
+                        self.stats.usage_reports += 1;
+                    }
                     if let Err(e) = self.transport.send_to(&bytes, to).await {
                         tracing::warn!(error = %e, "send failed; the protocol retries");
                     }

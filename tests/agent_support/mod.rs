@@ -210,6 +210,11 @@ pub struct TestController {
 
 impl TestController {
     pub fn start(group: SocketAddrV4) -> TestController {
+        Self::start_with(group, TriggerConfig::manual_only())
+    }
+
+    /// With these triggers (e.g. a count trigger fed by usage reports).
+    pub fn start_with(group: SocketAddrV4, triggers: TriggerConfig) -> TestController {
         let view = Arc::new(Mutex::new(View::default()));
         let deaf = Arc::new(AtomicBool::new(false));
         let (cmd, mut cmd_rx) = mpsc::unbounded_channel();
@@ -236,7 +241,7 @@ impl TestController {
                     retry_initial_ms: 100,
                     retry_max_ms: 1000,
                     stale_after_ms: 30_000,
-                    triggers: TriggerConfig::manual_only(),
+                    triggers,
                     ..ControllerConfig::default()
                 };
                 let mut rng = StdRng::from_entropy();
@@ -364,6 +369,17 @@ impl TestController {
 }
 
 impl View {
+    /// The reasons of the triggers that fired.
+    pub fn triggers(&self) -> Vec<keyfleet::protocol::TriggerReason> {
+        self.records
+            .iter()
+            .filter_map(|r| match r {
+                Record::TriggerFired { reason, .. } => Some(reason.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// How many key requests (SPEC §5) of `member` were answered.
     pub fn key_requests_answered(&self, member: u32) -> usize {
         self.records

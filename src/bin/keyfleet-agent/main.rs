@@ -181,12 +181,14 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         node,
     };
     // Set up the handlers before anything else, so no signal is missed.
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("while installing the SIGTERM handler")?;
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term =
+        signal(SignalKind::terminate()).context("while installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("while installing the SIGINT handler")?;
     let shutdown = async move {
         tokio::select! {
             _ = term.recv() => tracing::info!("SIGTERM: stopping"),
-            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: stopping"),
+            _ = int.recv() => tracing::info!("SIGINT: stopping"),
         }
     };
     agent::run(cfg, shutdown)
