@@ -51,7 +51,7 @@ fn send_and_recv_between_two_agents_through_a_rotation() {
     assert_eq!(mode & 0o777, 0o600, "app.sock mode {mode:o}");
 
     // B listens; A sends 3 messages, then 30 more while a rotation runs.
-    let recv = Command::new(AGENT)
+    let recv = Command::new(agent_bin())
         .args([
             "recv",
             "--json",
@@ -116,7 +116,7 @@ fn send_and_recv_between_two_agents_through_a_rotation() {
     );
 
     // A message after the round arrives sealed with epoch 2.
-    let recv = Command::new(AGENT)
+    let recv = Command::new(agent_bin())
         .args(["recv", "--count", "1", "--timeout", "10", "--state"])
         .arg(&sb)
         .stdout(Stdio::piped())

@@ -26,7 +26,7 @@ fn make_state(dir: &Path, name: &str) -> (std::path::PathBuf, TestKey) {
 }
 
 fn run_once(state: &Path, name: &str, key: &TestKey) -> std::process::Output {
-    std::process::Command::new(AGENT)
+    std::process::Command::new(agent_bin())
         .args(["run", "--state"])
         .arg(state)
         .args(["--node-id", name, "--initial-key-file"])

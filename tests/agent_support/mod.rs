@@ -23,7 +23,12 @@ use rand::{RngCore, SeedableRng};
 use serde_json::Value;
 use tokio::sync::mpsc;
 
-pub const AGENT: &str = env!("CARGO_BIN_EXE_keyfleet-agent");
+/// The agent binary: `KEYFLEET_AGENT` if set (e.g. a release build), else this build's.
+pub fn agent_bin() -> PathBuf {
+    std::env::var_os("KEYFLEET_AGENT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_keyfleet-agent").into())
+}
 
 /// A multicast group and port of this test alone (tests run in parallel).
 pub fn unique_group() -> SocketAddrV4 {
@@ -116,7 +121,7 @@ pub fn spawn_agent(
         Instant::now().elapsed().as_nanos() ^ u128::from(rand::random::<u32>())
     ));
     let err = std::fs::File::create(&log).unwrap();
-    let child = Command::new(AGENT)
+    let child = Command::new(agent_bin())
         .args(["run", "--state"])
         .arg(state)
         .args(["--node-id", node_id, "--initial-key-file"])
@@ -135,12 +140,12 @@ pub fn spawn_agent(
 
 /// `keyfleet-agent <args>` to completion.
 pub fn agent_cmd(args: &[&str]) -> Output {
-    Command::new(AGENT).args(args).output().unwrap()
+    Command::new(agent_bin()).args(args).output().unwrap()
 }
 
 /// `keyfleet-agent status --state DIR --json`, parsed; `None` if it failed.
 pub fn status(state: &Path) -> Option<Value> {
-    let out = Command::new(AGENT)
+    let out = Command::new(agent_bin())
         .args(["status", "--json", "--state"])
         .arg(state)
         .output()
