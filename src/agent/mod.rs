@@ -37,27 +37,27 @@ pub use state::{AgentStatus, KeyStatus, RunningStatus, StatusSource};
 use crate::net::NetError;
 use crate::statefile::StateFileError;
 
-/// Why the agent could not start or had to stop.
+/// Why the agent could not start or had to stop. Each message carries its
+/// cause in full (no separate `source`, so `{:#}` does not repeat it).
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
     #[error(
-        "cannot resume from the agent's state file: {source}. The agent did not start. \
+        "cannot resume from the agent's state file: {error}. \
          To start the node over: remove {path}, re-enroll the node on the controller \
          (`keyfleet remove ID`, then `keyfleet enroll`; a node that lost its state restarts \
-         its sequence numbers, which the controller would refuse as replays), and start the \
+         its sequence numbers, which the controller may refuse as replays), and start the \
          agent again with its initial key", path = .path.display()
     )]
     CorruptState {
         path: PathBuf,
-        #[source]
-        source: StateFileError,
+        error: StateFileError,
     },
     #[error("{path} was written in format {format}, which this keyfleet-agent does not read; use a newer keyfleet-agent", path = .path.display())]
     UnknownFormat { path: PathBuf, format: u32 },
     #[error("cannot use the state directory: {0}")]
-    StateDir(#[source] StateFileError),
+    StateDir(StateFileError),
     #[error("cannot save the node's state, so the agent stops before sending anything the disk does not know: {0}")]
-    Persist(#[source] StateFileError),
+    Persist(StateFileError),
     #[error("{path} cannot be restored: {reason}", path = .path.display())]
     Restore { path: PathBuf, reason: String },
     #[error("no state in {dir} yet (no {file}); start the agent once with `keyfleet-agent run --state {dir} ...`", dir = .dir.display(), file = state::STATE_FILE)]
@@ -79,12 +79,11 @@ pub enum AgentError {
     },
     #[error("another keyfleet-agent is running with --state {dir} (it holds {lock}); stop it first", dir = .dir.display(), lock = .dir.join(state::LOCK_FILE).display())]
     Busy { dir: PathBuf },
-    #[error("cannot {what} {path}: {source}", path = .path.display())]
+    #[error("cannot {what} {path}: {error}", path = .path.display())]
     Io {
         what: &'static str,
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error(transparent)]
     Net(#[from] NetError),
@@ -98,7 +97,7 @@ impl AgentError {
             StateFileError::Corrupt { .. } | StateFileError::Json { .. } => {
                 AgentError::CorruptState {
                     path: path.to_path_buf(),
-                    source: e,
+                    error: e,
                 }
             }
             other => AgentError::StateDir(other),
@@ -107,6 +106,6 @@ impl AgentError {
 
     pub(crate) fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> AgentError {
         let path = path.to_path_buf();
-        move |source| AgentError::Io { what, path, source }
+        move |error| AgentError::Io { what, path, error }
     }
 }
