@@ -21,7 +21,10 @@ fn make_state(dir: &Path, name: &str) -> (std::path::PathBuf, TestKey) {
     let state = dir.join(name);
     let mut agent = spawn_agent(&state, name, &key, unique_group(), &[]);
     wait_status(&state, &agent, T, |s| s["source"] == "running_agent");
-    assert!(agent.terminate().success());
+    let exit = agent.interrupt();
+    assert!(exit.success(), "SIGINT stops the agent cleanly: {exit:?}");
+    assert!(agent.log_text().contains("SIGINT: stopping"));
+    assert!(!state.join("app.sock").exists(), "socket removed");
     (state, key)
 }
 

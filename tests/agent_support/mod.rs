@@ -83,15 +83,24 @@ impl Proc {
 
     /// SIGTERM, then the exit status (within 10 s).
     pub fn terminate(&mut self) -> std::process::ExitStatus {
+        self.signal("-TERM")
+    }
+
+    /// SIGINT (Ctrl-C), then the exit status (within 10 s).
+    pub fn interrupt(&mut self) -> std::process::ExitStatus {
+        self.signal("-INT")
+    }
+
+    fn signal(&mut self, sig: &str) -> std::process::ExitStatus {
         let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
+            .args([sig, &self.child.id().to_string()])
             .status();
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             if let Some(s) = self.child.try_wait().unwrap() {
                 return s;
             }
-            assert!(Instant::now() < deadline, "agent did not stop on SIGTERM");
+            assert!(Instant::now() < deadline, "agent did not stop on {sig}");
             std::thread::sleep(Duration::from_millis(20));
         }
     }
