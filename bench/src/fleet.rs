@@ -173,7 +173,7 @@ impl KfFleet {
         let t0 = Instant::now();
         for (i, (form, port)) in keys.iter().enumerate() {
             let state = f.dir.path().join(format!("agent-{i:04}"));
-            std::fs::create_dir_all(&state)?;
+            // The agent creates its state directory itself, owner-only.
             let keyfile = f.dir.path().join(format!("key-{i:04}"));
             write_private(&keyfile, form)?;
             let mut c = Command::new(&bins.agent);
