@@ -29,8 +29,7 @@ install_pkg zbarimg zbar-tools
 
 echo "load before building: $(uptime)" >&2
 t0=$(date +%s)
-cargo build --release --quiet -p keyfleet --bins
-cargo build --release --quiet -p keyfleet-bench
+cargo build --release --quiet -p keyfleet --bins -p keyfleet-bench
 echo "built in $(( $(date +%s) - t0 )) s; load: $(uptime)" >&2
 
 target="${CARGO_TARGET_DIR:-target}"

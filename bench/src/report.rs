@@ -189,7 +189,8 @@ pub fn plot(r: &Results, path: &Path) -> anyhow::Result<()> {
     let (ymin, ymax) = if ys.is_empty() {
         (1.0, 10_000.0)
     } else {
-        ((ymin / 2.0).max(0.1), ymax * 2.0)
+        // Room above the highest point for the legend.
+        ((ymin / 2.0).max(0.1), ymax * 8.0)
     };
     let xmax = xs.iter().copied().fold(100.0f64, f64::max) * 1.6;
     let root = SVGBackend::new(path, (860, 520)).into_drawing_area();
@@ -206,6 +207,7 @@ pub fn plot(r: &Results, path: &Path) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     chart
         .configure_mesh()
+        .light_line_style(RGBColor(238, 238, 238))
         .x_desc("fleet size (nodes)")
         .y_desc("median rotation time (ms)")
         .x_label_formatter(&|x| format!("{x:.0}"))
