@@ -233,12 +233,9 @@ fn check_limits(descriptor: &[u8]) -> Result<(), LayoutError> {
     // The local Usage Minimum and Maximum in force (reset by every main item).
     let (mut usage_min, mut usage_max): (Option<u32>, Option<u32>) = (None, None);
     while let Some(&prefix) = descriptor.get(at) {
-        if prefix == 0xFE {
-            // Long item: size byte, tag byte, data.
-            let size = usize::from(descriptor.get(at + 1).copied().unwrap_or(0));
-            at += 3 + size;
-            continue;
-        }
+        // Every item is walked as a short item, 0xFE (the long-item prefix)
+        // included: that is how `hidreport` itemizes, and this walk must see
+        // the items the parser will see.
         let size = [0usize, 1, 2, 4][usize::from(prefix & 3)];
         let mut value: u32 = 0;
         for k in 0..size {
@@ -385,6 +382,32 @@ mod tests {
             0x95, 0x01, 0x81, 0x00,
         ];
         assert!(Layout::from_descriptor(&d).is_ok());
+    }
+
+    #[test]
+    fn an_fe_byte_does_not_hide_the_next_items_from_the_limits() {
+        // Found by the fuzz target hid_descriptor: the limit walk took 0xFE as a
+        // long-item prefix and skipped 253 bytes, hidreport takes it as a short
+        // item; the Report Count (0x81ff0901) it skipped made the parser ask
+        // for 279 GB.
+        let d = hex(
+            "058c0902a101091229028502150026ff00750895010501093b81029503058c09fb0909fefd81ff\
+             ffffffffffff0f0666ff950209018102058c25017501970109ff810575078103c00914a102a504\
+             15002501753409fe8202010666ff950209c0",
+        );
+        let e = Layout::from_descriptor(&d).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "report descriptor item at offset 61: report count 2180974849 exceeds the kernel's limit of 12288"
+        );
+    }
+
+    fn hex(s: &str) -> Vec<u8> {
+        let s: String = s.split_whitespace().collect();
+        (0..s.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+            .collect()
     }
 
     #[test]
