@@ -303,7 +303,7 @@ fn rotation_section(r: &Results, s: &mut String) {
     if let Some(x) = &r.serf {
         let _ = writeln!(
             s,
-            "Serf ({}, profile `{}`): N `serf agent` processes, each bound to 127.0.0.1 on its own port with its own `-keyring-file` holding the first key, joined into one cluster. A rotation is `serf keys -install NEW`, `-use NEW`, `-remove OLD` against agent 0; each returns when every member answered. Times are those three processes end to end.\n",
+            "Serf ({}, profile `{}`): N `serf agent` processes, each bound to 127.0.0.1 on its own port with its own `-keyring-file` holding the first key (Serf refuses `-encrypt` together with a keyring file: \"Encryption key not allowed while using a keyring\"; the file carries the key and traffic is encrypted), joined into one cluster with `-retry-join` to agent 0. A rotation is `serf keys -install NEW`, `-use NEW`, `-remove OLD` against agent 0; each returns when every member answered. Times are those three processes end to end.\n",
             x.version.as_deref().unwrap_or("version unknown"),
             x.profile
         );
