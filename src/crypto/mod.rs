@@ -261,3 +261,17 @@ mod tests {
         assert!(!verify(&sk.verifying_key(), b"transitioN", &sig));
     }
 }
+
+#[cfg(test)]
+mod zeroize_tests {
+    /// The AES round keys of every cipher the crate builds are wiped on drop
+    /// (the `zeroize` features of `aes` and `aes-gcm` are on).
+    #[test]
+    fn ciphers_zeroize_their_round_keys_on_drop() {
+        fn zeroized_on_drop<T: zeroize::ZeroizeOnDrop>(_: &T) {}
+        zeroized_on_drop(&<aes::Aes256 as aes::cipher::KeyInit>::new(
+            &[0u8; 32].into(),
+        ));
+        zeroized_on_drop(&super::GroupKey::from_bytes(super::Epoch(1), [0; 32]));
+    }
+}

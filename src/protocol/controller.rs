@@ -34,7 +34,9 @@
 //!
 //! A node that does not answer within `stale_after_ms` of the phase start is
 //! marked *stale* (`Record::NodeStale`), left out of the round, and counted
-//! live again when it catches up through a key request (SPEC §5).
+//! live again when it catches up through a key request (SPEC §5). When a stale
+//! node shows it is alive (a usage report, a reply out of step) the controller
+//! sends it a resync request, so it asks even without a link-up.
 //!
 //! Persistence is incremental: `PersistCore` (keys, round, counters) at every
 //! phase change and `PersistMember` at every change of a member's row. Per-node
@@ -866,7 +868,7 @@ impl ControllerMachine {
             return;
         };
         let age_ms = now.since(self.activated_at);
-        if age_ms > limit_ms && self.round.is_none() && self.pending.is_none() {
+        if age_ms >= limit_ms && self.round.is_none() && self.pending.is_none() {
             self.fire(now, TriggerReason::KeyAge { age_ms, limit_ms }, rng, out);
         } else if self.round.is_none() {
             self.arm_age(out);
@@ -982,19 +984,36 @@ impl ControllerMachine {
         }
     }
 
+    /// The delay before retry number `attempt` (backoff with jitter).
+    fn retry_delay(&self, attempt: u32, rng: &mut impl RngCore) -> u64 {
+        let c = &self.cfg;
+        backoff(
+            c.retry_initial_ms,
+            c.retry_max_ms,
+            attempt,
+            c.retry_jitter_pct,
+            rng,
+        )
+    }
+
+    /// Count a group wave and schedule the next one; returns its number.
+    fn start_wave(&mut self, now: Time, rng: &mut impl RngCore) -> Option<u32> {
+        let wave = self.round.as_ref()?.group_sent + 1;
+        let next = now.plus(self.retry_delay(wave, rng));
+        let r = self.round.as_mut()?;
+        r.group_sent = wave;
+        r.next_wave = Some(next);
+        Some(wave)
+    }
+
     /// One group wave of key update batches to every waiting member.
     fn send_key_wave(&mut self, now: Time, rng: &mut (impl RngCore + CryptoRng), out: &mut Out) {
-        let Some(r) = &mut self.round else { return };
-        r.group_sent += 1;
-        let wave = r.group_sent;
-        r.next_wave = Some(now.plus(backoff(
-            self.cfg.retry_initial_ms,
-            self.cfg.retry_max_ms,
-            wave,
-            self.cfg.retry_jitter_pct,
-            rng,
-        )));
-        let epoch = r.epoch;
+        let Some(wave) = self.start_wave(now, rng) else {
+            return;
+        };
+        let Some(epoch) = self.round.as_ref().map(|r| r.epoch) else {
+            return;
+        };
         let mut batch: Vec<(u32, crate::crypto::WrappedKey)> =
             Vec::with_capacity(MAX_BATCH_ENTRIES);
         for i in 0..self.members.len() as u32 {
@@ -1053,16 +1072,10 @@ impl ControllerMachine {
         rng: &mut impl RngCore,
         out: &mut Out,
     ) {
-        let Some(r) = &mut self.round else { return };
-        r.group_sent += 1;
-        let wave = r.group_sent;
-        r.next_wave = Some(now.plus(backoff(
-            self.cfg.retry_initial_ms,
-            self.cfg.retry_max_ms,
-            wave,
-            self.cfg.retry_jitter_pct,
-            rng,
-        )));
+        let Some(wave) = self.start_wave(now, rng) else {
+            return;
+        };
+        let Some(r) = &self.round else { return };
         let msg = match step {
             Step::FirstTransition => r.first_msg.clone(),
             _ => r.second_msg.clone(),
@@ -1196,13 +1209,7 @@ impl ControllerMachine {
             }
             self.send_unicast(now, member, rng, out);
             let attempts = self.member(member).map_or(1, |m| m.attempts);
-            let wait = backoff(
-                self.cfg.retry_initial_ms,
-                self.cfg.retry_max_ms,
-                attempts,
-                self.cfg.retry_jitter_pct,
-                rng,
-            );
+            let wait = self.retry_delay(attempts, rng);
             if let Some(r) = &mut self.round {
                 r.retries.push(Reverse((now.plus(wait), member)));
             }
@@ -1397,14 +1404,16 @@ impl ControllerMachine {
             Message::Data(d) => self.on_data(now, from, &d, rng, out),
             Message::Ack(a) => {
                 self.authenticate(what, a.member, a.seq, &a.auth, from, now, out)?;
-                self.on_ack(now, a.member, a.step, a.epoch, rng, out);
+                if !self.on_ack(now, a.member, a.step, a.epoch, rng, out) {
+                    self.send_resync(a.member, out);
+                }
                 Ok(())
             }
             Message::KeyRequest(k) => {
                 self.authenticate(what, k.member, k.seq, &k.auth, from, now, out)?;
                 // The request carries the node's position: it counts as a reply to
                 // that step, and may make a stale or new member live again.
-                self.on_ack(now, k.member, k.step, k.epoch, rng, out);
+                let _ = self.on_ack(now, k.member, k.step, k.epoch, rng, out);
                 let Some(state) = self.key_state_for(k.member, rng) else {
                     return Ok(());
                 };
@@ -1488,12 +1497,20 @@ impl ControllerMachine {
                         self.fire(now, reason, rng, out);
                     }
                 }
+                // A stale or never-confirmed node is alive: tell it to catch up.
+                if self
+                    .member(u.member)
+                    .is_some_and(|m| m.row.status != MemberStatus::Active)
+                {
+                    self.send_resync(u.member, out);
+                }
                 Ok(())
             }
             Message::KeyUpdate(_)
             | Message::Transition(_)
             | Message::KeyResponse(_)
-            | Message::JoinAccept(_) => Err(Refusal::Unexpected {
+            | Message::JoinAccept(_)
+            | Message::Resync(_) => Err(Refusal::Unexpected {
                 what,
                 role: "controller",
             }),
@@ -1537,6 +1554,9 @@ impl ControllerMachine {
         Ok(())
     }
 
+    /// A reply (or a key request's position) from `member`. Returns false when
+    /// a member left out of the round replied with a position that does not let
+    /// it back in (it should ask for the current key).
     fn on_ack(
         &mut self,
         now: Time,
@@ -1545,20 +1565,22 @@ impl ControllerMachine {
         epoch: Epoch,
         rng: &mut (impl RngCore + CryptoRng),
         out: &mut Out,
-    ) {
+    ) -> bool {
         let q = step.progress();
         let current = self.current.epoch();
         let round = self.round.as_ref().map(|r| (r.epoch, r.phase));
-        let Some(m) = self.member(member) else { return };
+        let Some(m) = self.member(member) else {
+            return true;
+        };
         let status = m.row.status;
         if status == MemberStatus::Active {
-            let Some((re, _)) = round else { return };
+            let Some((re, _)) = round else { return true };
             if epoch != re {
-                return;
+                return true;
             }
             let was = self.is_waiting(member);
             let Some(Some(m)) = self.members.get_mut(member as usize) else {
-                return;
+                return true;
             };
             if q > m.progress {
                 m.progress = q;
@@ -1576,17 +1598,17 @@ impl ControllerMachine {
                 }
                 self.progress_round(now, rng, out);
             }
-            return;
+            return true;
         }
         // Enrolled or stale: counted live once the reply shows the keys the phase needs.
         let progress = match round {
             Some((re, phase)) if epoch == re && q >= required_progress(phase) => q,
             Some((_, RoundPhase::Distributing)) if epoch == current && q == 3 => 0,
             None if epoch == current && q == 3 => 0,
-            _ => return,
+            _ => return false,
         };
         let Some(Some(m)) = self.members.get_mut(member as usize) else {
-            return;
+            return true;
         };
         m.row.status = MemberStatus::Active;
         m.progress = progress;
@@ -1607,6 +1629,19 @@ impl ControllerMachine {
             }
         }
         self.arm_round_timer(out);
+        true
+    }
+
+    /// Ask a member that is out of step to send a key request (MAC'd with its key).
+    fn send_resync(&mut self, member: u32, out: &mut Out) {
+        let seq = self.next_seq(out);
+        let epoch = self.current.epoch();
+        let Some(m) = self.member(member) else { return };
+        let bytes = wire::mac(wire::resync(epoch, seq, member), &m.row.keys);
+        out.push(ControllerAction::SendTo {
+            to: m.row.addr,
+            bytes,
+        });
     }
 }
 

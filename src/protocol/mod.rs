@@ -6,6 +6,8 @@
 //! moves datagrams, timer firings and application data in, and carries the
 //! actions out **in order**: a `Persist…` action must be durable before the
 //! sends that follow it, because those sends tell peers about the persisted state.
+//! A shell with a database should write the `Persist…` and `Record` actions of
+//! one `handle` call in one transaction.
 //!
 //! Authentication and decoding happen inside the machines: every datagram is
 //! decoded ([`crate::wire::decode`]), its signature or MAC checked, its
@@ -133,6 +135,34 @@ pub enum Refusal {
     BadControllerKey,
     #[error("data claims member {sender} from {from} but no group key opens it; ignored")]
     ForgedData { sender: u32, from: String },
+}
+
+impl Refusal {
+    /// A short, stable name of the kind of refusal (for counters and log fields).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Refusal::Malformed(_) => "malformed",
+            Refusal::BadSignature { .. } => "bad_signature",
+            Refusal::BadMac { .. } => "bad_mac",
+            Refusal::UnknownMember { .. } => "unknown_member",
+            Refusal::UnknownNodeId { .. } => "unknown_node_id",
+            Refusal::Replay { .. } => "replay",
+            Refusal::StaleEpoch { .. } => "stale_epoch",
+            Refusal::EpochGap { .. } => "epoch_gap",
+            Refusal::MissingKey { .. } => "missing_key",
+            Refusal::Outdated { .. } => "outdated",
+            Refusal::KeyMismatch { .. } => "key_mismatch",
+            Refusal::NotJoined { .. } => "not_joined",
+            Refusal::Unexpected { .. } => "unexpected",
+            Refusal::NotForMe { .. } => "not_for_me",
+            Refusal::Unwrap { .. } => "unwrap",
+            Refusal::Unsolicited { .. } => "unsolicited",
+            Refusal::Undecryptable { .. } => "undecryptable",
+            Refusal::DuplicateData { .. } => "duplicate_data",
+            Refusal::BadControllerKey => "bad_controller_key",
+            Refusal::ForgedData { .. } => "forged_data",
+        }
+    }
 }
 
 /// Exponential backoff with ±`jitter_pct`% jitter: `initial · 2^(attempt-1)`, capped at `max`.

@@ -25,6 +25,9 @@
 //!   missed the key, so it refuses (`MissingKey`) and asks for the current key;
 //! - anything further ahead → `EpochGap`: it asks for the current key.
 //!
+//! A *resync request* (MAC'd by the controller with the node's key, sent when
+//! a stale node reports usage or replies out of step) makes it ask too.
+//!
 //! The controller's answer to a key request (or a join) puts the node in the
 //! state of the round as the controller sees it, but never behind its position.
 //! After a link-up or a restart the node *holds* application data (bounded
@@ -180,7 +183,8 @@ pub struct NodePersist {
     keys: NodeKeys,
     joined: Option<JoinedPersist>,
     keyring: Option<Keyring>,
-    seq_reserved: u64,
+    /// Sequence numbers below this may have been used; a restored node starts above it.
+    pub seq_reserved: u64,
 }
 
 impl std::fmt::Debug for NodePersist {
@@ -248,7 +252,8 @@ impl NodeMachine {
         NodeMachine::build(cfg, node_id, NodeKeys::derive(initial_key), None, None, 0)
     }
 
-    /// Resume from a snapshot; feed [`NodeInput::LinkUp`] next.
+    /// Resume from a snapshot; feed [`NodeInput::LinkUp`] next (it asks for the
+    /// current key; application data is held until the answer).
     pub fn restore(p: &NodePersist, cfg: NodeConfig) -> Result<NodeMachine, NodeRestoreError> {
         let joined = match &p.joined {
             None => None,
@@ -258,14 +263,22 @@ impl NodeMachine {
                     .map_err(|_| NodeRestoreError::ControllerKey)?,
             }),
         };
-        Ok(NodeMachine::build(
+        let mut n = NodeMachine::build(
             cfg,
             p.node_id.clone(),
             p.keys.clone(),
             joined,
             p.keyring.clone(),
             p.seq_reserved,
-        ))
+        );
+        // After a restart the node holds data until the controller confirms its state.
+        n.sync = Some(Sync {
+            since: n.seq + 1,
+            attempt: 0,
+            due: Time::MAX,
+            hold: true,
+        });
+        Ok(n)
     }
 
     fn build(
@@ -574,14 +587,7 @@ impl NodeMachine {
                 self.on_step(now, t.epoch, t.step, None, rng, out)
             }
             Message::KeyResponse(r) => {
-                let member = self.member().ok_or(Refusal::NotJoined { what })?;
-                if r.member != member {
-                    return Err(Refusal::NotForMe {
-                        what,
-                        to: r.member,
-                        me: member,
-                    });
-                }
+                let member = self.addressed_to_me(r.member, what)?;
                 self.authenticate(r.seq, &r.auth, bytes, what)?;
                 self.adopt(now, what, r.in_reply_to, member, &r.state, rng, out)
             }
@@ -621,10 +627,32 @@ impl NodeMachine {
                     }
                 }
             }
+            Message::Resync(x) => {
+                let member = self.addressed_to_me(x.member, what)?;
+                if !x.auth.verify(&self.keys) {
+                    return Err(Refusal::BadMac { what, member });
+                }
+                if self.ctl_replay.check(x.seq) != Seen::Fresh {
+                    return Err(Refusal::Replay { what, seq: x.seq });
+                }
+                self.ctl_replay.mark(x.seq);
+                self.start_sync(now, rng, out, false, false);
+                Ok(())
+            }
             Message::Ack(_)
             | Message::KeyRequest(_)
             | Message::Join(_)
             | Message::UsageReport(_) => Err(Refusal::Unexpected { what, role: "node" }),
+        }
+    }
+
+    /// This node's member number, if a message for `to` is for it.
+    fn addressed_to_me(&self, to: u32, what: &'static str) -> Result<u32, Refusal> {
+        let me = self.member().ok_or(Refusal::NotJoined { what })?;
+        if to == me {
+            Ok(me)
+        } else {
+            Err(Refusal::NotForMe { what, to, me })
         }
     }
 

@@ -1,12 +1,14 @@
-//! A deterministic fleet simulator: the real [`ControllerMachine`] and
-//! [`NodeMachine`]s on a virtual clock and a seeded lossy network.
+//! A deterministic fleet simulator: the real
+//! [`ControllerMachine`](crate::protocol::ControllerMachine) and
+//! [`NodeMachine`](crate::protocol::NodeMachine)s on a virtual clock and a
+//! seeded lossy network.
 //!
 //! Two parts, kept apart so that the scenario can later run over real sockets:
 //!
 //! - [`net`]: the [`Transport`] trait and [`VirtualNet`], which drops
 //!   (`loss`), duplicates (1 %), delays (1–20 ms, uniform) and thereby
 //!   reorders datagrams, and takes offline or crashed peers off the wire.
-//! - [`scenario`]: one controller and `agents` nodes, every node joining with
+//! - `scenario`: one controller and `agents` nodes, every node joining with
 //!   its enrolled id and initial key, then `rounds` manual rekey rounds, each
 //!   started 500 ms after the previous one finished. While rounds run every
 //!   node sends a data message to the group every `data_interval_ms`
@@ -17,7 +19,7 @@
 //!   persisted core and member rows. After the last round the run goes on
 //!   until every node is live and in `UpdateCompleted` under the controller's
 //!   epoch (`converged`), then drains the network and stops; it gives up at
-//!   `max_virtual_ms`.
+//!   `max_virtual_ms` (by default a bound that grows with 1/(1 - loss)²).
 //!
 //! Everything random comes from the seed: the machines' CSPRNG is a
 //! `ChaCha20Rng` seeded with it, the network and the fault plan have their
@@ -63,9 +65,6 @@ pub mod udp;
 pub use net::{Arrival, NetConfig, NetStats, Peer, Traffic, Transport, VirtualNet};
 
 use serde::Serialize;
-
-#[allow(unused_imports)]
-use crate::protocol::{ControllerMachine, NodeMachine};
 
 /// A simulation run's settings (the `keyfleet sim` flags).
 #[derive(Clone, Debug)]
@@ -117,12 +116,19 @@ impl SimConfig {
         }
     }
 
+    /// How much longer than on a clean network an exchange takes at this loss:
+    /// a request and its reply both get through with probability (1 - loss)².
+    pub(crate) fn loss_factor(&self) -> u64 {
+        let through = (1.0 - self.loss.clamp(0.0, 0.99)).powi(2);
+        (1.0 / through).ceil().clamp(1.0, 10_000.0) as u64
+    }
+
     fn deadline(&self) -> u64 {
         if self.max_virtual_ms > 0 {
             return self.max_virtual_ms;
         }
         let per_round = 4 * self.stale_after_ms + self.offline_ms + 10_000;
-        120_000 + u64::from(self.rounds) * per_round
+        (120_000 + u64::from(self.rounds) * per_round).saturating_mul(self.loss_factor())
     }
 }
 
@@ -158,6 +164,8 @@ pub struct SimReport {
     pub backward_transitions: u64,
     pub node_refusals: u64,
     pub controller_refusals: u64,
+    /// Refusals by kind ([`crate::protocol::Refusal::kind`]), nodes and controller together.
+    pub refusals: std::collections::BTreeMap<&'static str, u64>,
     pub offline_episodes: u64,
     pub node_crashes: u64,
     pub controller_crashes: u64,

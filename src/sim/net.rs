@@ -1,7 +1,7 @@
 //! The transport under the simulated fleet: a [`Transport`] trait and the
 //! seeded virtual network [`VirtualNet`] that implements it.
 //!
-//! The scenario in [`super::scenario`] only talks to a `Transport`, so the same
+//! The fleet scenario ([`crate::sim::run_on`]) only talks to a `Transport`, so the same
 //! scenario can later run over real sockets (`keyfleet sim --transport udp`)
 //! by implementing this trait with UDP sockets and the wall clock.
 
@@ -101,8 +101,16 @@ struct InFlight {
     bytes: Rc<[u8]>,
     traffic: Traffic,
     tag: u32,
+    kind: CopyKind,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum CopyKind {
+    Plain,
     /// A data copy counted in `data_copies`.
-    sampled: bool,
+    Sampled,
+    /// A network duplicate: not duplicated again, so the delay bound holds.
+    Duplicate,
 }
 
 impl PartialEq for InFlight {
@@ -169,7 +177,7 @@ impl VirtualNet {
         bytes: Rc<[u8]>,
         traffic: Traffic,
         tag: u32,
-        sampled: bool,
+        kind: CopyKind,
     ) {
         self.order += 1;
         self.queue.push(Reverse(InFlight {
@@ -180,27 +188,29 @@ impl VirtualNet {
             bytes,
             traffic,
             tag,
-            sampled,
+            kind,
         }));
     }
 
     fn lost(&mut self) -> bool {
-        self.cfg.loss > 0.0 && self.rng.gen_bool(self.cfg.loss.min(1.0))
+        self.cfg.loss > 0.0 && self.rng.gen_bool(self.cfg.loss.clamp(0.0, 1.0))
     }
 
     fn maybe_duplicate(&mut self, f: &InFlight, to: Peer) {
-        if self.cfg.duplicate > 0.0 && self.rng.gen_bool(self.cfg.duplicate.min(1.0)) {
+        if f.kind == CopyKind::Duplicate {
+            return;
+        }
+        if self.cfg.duplicate > 0.0 && self.rng.gen_bool(self.cfg.duplicate.clamp(0.0, 1.0)) {
             self.stats.duplicated += 1;
             let extra = self.rng.gen_range(0..=self.cfg.delay_max_ms);
-            let bytes = f.bytes.clone();
             self.push(
                 f.at.plus(extra),
                 f.from,
                 Dest::One(to),
-                bytes,
+                f.bytes.clone(),
                 f.traffic,
                 f.tag,
-                false,
+                CopyKind::Duplicate,
             );
         }
     }
@@ -222,7 +232,15 @@ impl Transport for VirtualNet {
         match traffic {
             Traffic::Control => {
                 let at = now.plus(self.delay());
-                self.push(at, from, Dest::AllNodes, bytes, traffic, tag, false);
+                self.push(
+                    at,
+                    from,
+                    Dest::AllNodes,
+                    bytes,
+                    traffic,
+                    tag,
+                    CopyKind::Plain,
+                );
             }
             Traffic::Data => {
                 let n = self.cfg.nodes;
@@ -253,7 +271,7 @@ impl Transport for VirtualNet {
                         bytes.clone(),
                         traffic,
                         tag,
-                        true,
+                        CopyKind::Sampled,
                     );
                 }
                 // The controller listens to the group too (unknown-sender trigger).
@@ -265,7 +283,7 @@ impl Transport for VirtualNet {
                     bytes,
                     traffic,
                     tag,
-                    false,
+                    CopyKind::Plain,
                 );
             }
         }
@@ -285,7 +303,7 @@ impl Transport for VirtualNet {
             bytes.into(),
             Traffic::Control,
             0,
-            false,
+            CopyKind::Plain,
         );
     }
 
@@ -301,7 +319,7 @@ impl Transport for VirtualNet {
                     if self.is_online(p) && !self.lost() {
                         to.push(p);
                         self.maybe_duplicate(&f, p);
-                    } else if f.sampled {
+                    } else if f.kind == CopyKind::Sampled {
                         self.stats.data_dropped += 1;
                     }
                 }

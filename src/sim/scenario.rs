@@ -549,8 +549,9 @@ impl<T: Transport> Fleet<T> {
     fn check(&mut self) {
         self.schedule(self.now.plus(250), Event::Check);
         if !self.first_rekey_scheduled {
-            // The first rekey once every node joined (or after a minute regardless).
-            if self.all_synced_and_live() || self.now >= Time(60_000) {
+            // The first rekey once every node joined (or after a minute, longer at high loss).
+            let patience = 60_000 * self.cfg.loss_factor();
+            if self.all_synced_and_live() || self.now >= Time(patience) {
                 self.first_rekey_scheduled = true;
                 self.report.joined_by_ms = self.now.0;
                 self.schedule(self.now, Event::Rekey);
@@ -685,16 +686,20 @@ impl<T: Transport> Fleet<T> {
                         self.report.trial_decryptions += 1;
                     }
                 }
-                NodeAction::Event(NodeEvent::Refused { reason, .. }) => match (reason, data) {
-                    (Refusal::DuplicateData { .. }, _) => self.report.data_duplicates_dropped += 1,
-                    (Refusal::Undecryptable { .. }, Some((true, true))) => {
-                        self.report.data_undecryptable += 1
+                NodeAction::Event(NodeEvent::Refused { reason, .. }) => {
+                    match (self.count_refusal(reason), data) {
+                        (Refusal::DuplicateData { .. }, _) => {
+                            self.report.data_duplicates_dropped += 1
+                        }
+                        (Refusal::Undecryptable { .. }, Some((true, true))) => {
+                            self.report.data_undecryptable += 1
+                        }
+                        (Refusal::Undecryptable { .. } | Refusal::NotJoined { .. }, Some(_)) => {
+                            self.report.data_undecryptable_out_of_sync += 1
+                        }
+                        _ => self.report.node_refusals += 1,
                     }
-                    (Refusal::Undecryptable { .. } | Refusal::NotJoined { .. }, Some(_)) => {
-                        self.report.data_undecryptable_out_of_sync += 1
-                    }
-                    _ => self.report.node_refusals += 1,
-                },
+                }
                 NodeAction::Event(NodeEvent::QueueFull) => {
                     self.report.data_dropped_while_joining += 1
                 }
@@ -774,9 +779,17 @@ impl<T: Transport> Fleet<T> {
             Record::TransitionSent { attempt, .. } if attempt > 1 => {
                 self.report.retransmissions += 1
             }
-            Record::Refused { .. } => self.report.controller_refusals += 1,
+            Record::Refused { reason, .. } => {
+                self.count_refusal(reason);
+                self.report.controller_refusals += 1
+            }
             _ => {}
         }
+    }
+
+    fn count_refusal(&mut self, r: Refusal) -> Refusal {
+        *self.report.refusals.entry(r.kind()).or_insert(0) += 1;
+        r
     }
 
     fn finish(&mut self) {

@@ -1,1 +1,89 @@
+use super::*;
 
+fn small(agents: u32, loss: f64, seed: u64, rounds: u32) -> SimConfig {
+    let mut c = SimConfig::new(agents, loss, seed, rounds);
+    c.data_interval_ms = 300;
+    c.stale_after_ms = 10_000;
+    c
+}
+
+fn assert_safe(r: &SimReport) {
+    assert_eq!(r.s1_violations, 0, "{r:?}");
+    assert_eq!(r.s2_violations, 0, "{r:?}");
+    assert_eq!(r.backward_transitions, 0, "{r:?}");
+    assert_eq!(r.data_undecryptable, 0, "{r:?}");
+    assert_eq!(r.restore_failures, 0, "{r:?}");
+}
+
+#[test]
+fn the_same_seed_replays_the_same_run() {
+    let c = small(12, 0.3, 77, 2);
+    let a = run(&c);
+    assert_eq!(a, run(&c));
+    let b = run(&small(12, 0.3, 78, 2));
+    assert_ne!(a.data_sent, b.data_sent, "another seed, another schedule");
+}
+
+#[test]
+fn a_fleet_converges_through_loss_crashes_restarts_and_offline_nodes() {
+    let mut c = small(30, 0.3, 5, 2);
+    c.offline = 2;
+    c.offline_ms = 2000;
+    c.crash = 2;
+    c.controller_crash = true;
+    c.no_hint_fraction = 0.3;
+    let r = run(&c);
+    assert_safe(&r);
+    assert!(r.converged, "{r:?}");
+    assert_eq!(r.rounds_completed, 2);
+    assert_eq!(r.controller_crashes, 2);
+    assert!(r.node_crashes >= 2 && r.offline_episodes >= 2, "{r:?}");
+    assert!(
+        r.trial_decryptions > 0,
+        "nodes without the epoch hint were opened by trial"
+    );
+    assert!(r.retransmissions > 0);
+    assert!(r.data_delivered > 0 && r.data_lost_in_network > 0);
+}
+
+#[test]
+fn a_node_offline_past_the_stale_timeout_is_left_out_then_catches_up() {
+    let mut c = small(10, 0.1, 3, 1);
+    c.offline = 1;
+    c.offline_ms = 25_000;
+    let r = run(&c);
+    assert_safe(&r);
+    assert!(r.stale >= 1, "{r:?}");
+    assert!(
+        r.converged,
+        "the stale node rejoined through its key request: {r:?}"
+    );
+    assert!(
+        r.virtual_ms_per_round.max >= 10_000,
+        "the round waited for the stale timeout"
+    );
+}
+
+#[test]
+fn json_report_has_the_documented_fields() {
+    let r = run(&small(3, 0.0, 1, 1));
+    let v = serde_json::to_value(&r).unwrap();
+    for k in [
+        "agents",
+        "loss",
+        "seed",
+        "rounds",
+        "converged",
+        "data_sent",
+        "data_delivered",
+        "data_lost_in_network",
+        "data_undecryptable",
+        "retransmissions",
+        "stale",
+        "wall_ms",
+    ] {
+        assert!(v.get(k).is_some(), "missing {k}");
+    }
+    assert!(v["virtual_ms_per_round"]["p50"].is_u64() && v["virtual_ms_per_round"]["max"].is_u64());
+    assert!(r.converged && r.data_lost_in_network == 0);
+}

@@ -14,6 +14,7 @@
 //! | 0x02 | key update request | controller | epoch u32, seq u64, first u32, last u32, count u16, count × (member u32, wrapped key 60) | sig 64 |
 //! | 0x03 / 0x04 | first / second transition request | controller | epoch u32, seq u64 | sig 64 |
 //! | 0x05 | key response | controller | epoch u32, seq u64, member u32, in_reply_to u64, key state | sig 64 |
+//! | 0x07 | resync request | controller | epoch u32, seq u64, member u32 | mac 16 |
 //! | 0x06 | join accept | controller | epoch u32, seq u64, member u32, in_reply_to u64, controller public key 32, key state | mac 16 |
 //! | 0x11 / 0x12 / 0x13 | key update / first / second transition reply | node | epoch u32, seq u64, member u32 | mac 16 |
 //! | 0x14 | key request | node | epoch u32, seq u64, member u32, step u8 (the node's position: newest epoch held, last step taken in it) | mac 16 |
@@ -205,6 +206,7 @@ mod kind {
     pub const SECOND_TRANSITION: u8 = 0x04;
     pub const KEY_RESPONSE: u8 = 0x05;
     pub const JOIN_ACCEPT: u8 = 0x06;
+    pub const RESYNC: u8 = 0x07;
     pub const KEY_UPDATE_REPLY: u8 = 0x11;
     pub const FIRST_REPLY: u8 = 0x12;
     pub const SECOND_REPLY: u8 = 0x13;
@@ -348,6 +350,17 @@ pub struct JoinAccept<'a> {
     pub auth: Maced<'a>,
 }
 
+/// The controller tells a node it is out of step (stale, or its reply did not
+/// match the round) and should ask for the current key. MAC'd with the node's
+/// key: cheap for both sides, and only that node can act on it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Resync<'a> {
+    pub epoch: Epoch,
+    pub seq: u64,
+    pub member: u32,
+    pub auth: Maced<'a>,
+}
+
 /// A node's reply to a key update or transition request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Ack<'a> {
@@ -395,6 +408,7 @@ pub enum Message<'a> {
     Transition(Transition<'a>),
     KeyResponse(KeyResponse<'a>),
     JoinAccept(JoinAccept<'a>),
+    Resync(Resync<'a>),
     Ack(Ack<'a>),
     KeyRequest(KeyRequest<'a>),
     Join(Join<'a>),
@@ -411,6 +425,7 @@ impl Message<'_> {
             Message::Transition(_) => "second transition request",
             Message::KeyResponse(_) => "key response",
             Message::JoinAccept(_) => "join accept",
+            Message::Resync(_) => "resync request",
             Message::Ack(a) => match a.step {
                 Step::KeyUpdate => "key update reply",
                 Step::FirstTransition => "first transition reply",
@@ -606,6 +621,7 @@ pub fn decode(bytes: &[u8]) -> Result<Message<'_>, WireError> {
             Ok(msg)
         }
         kind::JOIN_ACCEPT
+        | kind::RESYNC
         | kind::KEY_UPDATE_REPLY
         | kind::FIRST_REPLY
         | kind::SECOND_REPLY
@@ -641,6 +657,15 @@ pub fn decode(bytes: &[u8]) -> Result<Message<'_>, WireError> {
                     let member = r.u32("member")?;
                     Message::Ack(Ack {
                         step,
+                        epoch,
+                        seq,
+                        member,
+                        auth,
+                    })
+                }
+                kind::RESYNC => {
+                    let member = r.u32("member")?;
+                    Message::Resync(Resync {
                         epoch,
                         seq,
                         member,
@@ -856,6 +881,15 @@ pub fn join_accept(
         .u64(in_reply_to)
         .bytes(controller_key)
         .key_state(state)
+        .0
+}
+
+/// Body of a resync request.
+pub fn resync(epoch: Epoch, seq: u64, member: u32) -> Vec<u8> {
+    Writer::new(kind::RESYNC, 40)
+        .u32(epoch.0)
+        .u64(seq)
+        .u32(member)
         .0
 }
 

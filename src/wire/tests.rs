@@ -130,6 +130,9 @@ proptest! {
         let b = mac(key_request(Epoch(epoch), s, seq, member), &k);
         let Message::KeyRequest(r) = decode(&b).unwrap() else { panic!() };
         prop_assert_eq!((r.epoch, r.step, r.seq, r.member), (Epoch(epoch), s, seq, member));
+        let b = mac(resync(Epoch(epoch), seq, member), &k);
+        let Message::Resync(x) = decode(&b).unwrap() else { panic!() };
+        prop_assert_eq!((x.epoch, x.seq, x.member), (Epoch(epoch), seq, member));
         let b = mac(join(seq, &id), &k);
         let Message::Join(j) = decode(&b).unwrap() else { panic!() };
         prop_assert_eq!((j.seq, j.node_id), (seq, id));

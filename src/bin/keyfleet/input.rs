@@ -152,6 +152,15 @@ pub fn open_source(kind: SourceKind, opts: &SourceOptions) -> anyhow::Result<Box
         SourceKind::SerialScanner => keyfleet_drivers::serial::open(opts).map_err(Into::into),
         #[cfg(feature = "ir")]
         SourceKind::Ir => keyfleet_drivers::ir::open(opts).map_err(Into::into),
+        // Keep scanning past QR codes that are not valid labels (a URL on the
+        // appliance's box, a half-read frame) until one parses.
+        #[cfg(feature = "webcam")]
+        SourceKind::Webcam => keyfleet_drivers::webcam::WebcamSource::open(
+            opts,
+            Box::new(|p: &str| keyfleet_drivers::label::parse(p).is_ok()),
+        )
+        .map(|s| Box::new(s) as Box<dyn KeySource>)
+        .map_err(Into::into),
         #[allow(unreachable_patterns)]
         other => not_built_in(other),
     };

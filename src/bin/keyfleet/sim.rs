@@ -82,6 +82,12 @@ pub fn run(args: SimArgs) -> anyhow::Result<std::process::ExitCode> {
             args.loss
         );
     }
+    if !(0.0..=1.0).contains(&args.duplicate) {
+        bail!(
+            "--duplicate is a probability between 0 and 1 (got {})",
+            args.duplicate
+        );
+    }
     if args.agents == 0 {
         bail!("--agents must be at least 1");
     }

@@ -1,0 +1,1013 @@
+//! ControllerMachine: the round against real nodes on a direct, lossless
+//! in-memory link, with a filter to drop chosen datagrams.
+
+use super::*;
+use crate::crypto::Epoch;
+use crate::wire::RoundPhase;
+use std::collections::VecDeque;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Dest {
+    Group,
+    Node(usize),
+    Controller,
+}
+
+type Filter = Box<dyn FnMut(Dest, usize, &[u8]) -> bool>;
+
+struct TestFleet {
+    c: ControllerMachine,
+    cfg: ControllerConfig,
+    nodes: Vec<NodeMachine>,
+    now: Time,
+    rng: ChaCha20Rng,
+    /// (destination, sending node or usize::MAX for the controller, bytes)
+    queue: VecDeque<(Dest, usize, Vec<u8>)>,
+    records: Vec<Record>,
+    timers: Vec<(ControllerTimer, Time)>,
+    /// Return true to drop a datagram.
+    drop: Filter,
+    core: Option<Box<ControllerCore>>,
+    rows: std::collections::BTreeMap<u32, MemberPersist>,
+}
+
+const CTL: usize = usize::MAX;
+
+fn test_cfg() -> ControllerConfig {
+    ControllerConfig {
+        drain_grace_ms: 100,
+        retry_initial_ms: 100,
+        retry_max_ms: 1000,
+        retry_jitter_pct: 25,
+        group_attempts: 2,
+        stale_after_ms: 5000,
+        triggers: TriggerConfig::manual_only(),
+    }
+}
+
+impl TestFleet {
+    fn new(n: usize, cfg: ControllerConfig) -> TestFleet {
+        let mut rng = rng();
+        let mut out = Vec::new();
+        let c = ControllerMachine::new(cfg.clone(), Time(0), &mut rng, &mut out);
+        let mut f = TestFleet {
+            c,
+            cfg,
+            nodes: Vec::new(),
+            now: Time(0),
+            rng,
+            queue: VecDeque::new(),
+            records: Vec::new(),
+            timers: Vec::new(),
+            drop: Box::new(|_, _, _| false),
+            core: None,
+            rows: Default::default(),
+        };
+        f.apply(out);
+        for i in 0..n as u32 {
+            let id = NodeId::parse(&format!("node-{i}")).unwrap();
+            f.ctl(ControllerInput::Enroll {
+                node_id: id.clone(),
+                initial_key: initial(i),
+                addr: node_addr(i),
+            })
+            .unwrap();
+            f.nodes.push(NodeMachine::new(id, &initial(i), node_cfg()));
+        }
+        f.ctl(ControllerInput::Start).unwrap();
+        for i in 0..n {
+            f.node(i, NodeInput::LinkUp);
+        }
+        f.pump();
+        assert!(f.nodes.iter().all(|n| n.is_synced()), "all joined");
+        f
+    }
+
+    fn ctl(&mut self, input: ControllerInput<'_>) -> Result<(), CommandError> {
+        let mut out = Vec::new();
+        let r = self.c.handle(self.now, input, &mut self.rng, &mut out);
+        self.apply(out);
+        r
+    }
+
+    fn apply(&mut self, out: Vec<ControllerAction>) {
+        for a in out {
+            match a {
+                ControllerAction::SendGroup(b) => self.queue.push_back((Dest::Group, CTL, b)),
+                ControllerAction::SendTo { to, bytes } => {
+                    let idx = match to {
+                        SocketAddr::V4(v) => v.ip().octets()[3] as usize,
+                        SocketAddr::V6(_) => continue,
+                    };
+                    self.queue.push_back((Dest::Node(idx), CTL, bytes));
+                }
+                ControllerAction::ArmTimer { timer, at } => self.timers.push((timer, at)),
+                ControllerAction::PersistCore(c) => self.core = Some(c),
+                ControllerAction::PersistMember(m) => {
+                    self.rows.insert(m.member, *m);
+                }
+                ControllerAction::ForgetMember { member } => {
+                    self.rows.remove(&member);
+                }
+                ControllerAction::Record(r) => self.records.push(r),
+            }
+        }
+    }
+
+    fn node(&mut self, i: usize, input: NodeInput<'_>) -> Vec<NodeAction> {
+        let mut out = Vec::new();
+        self.nodes[i].handle(self.now, input, &mut self.rng, &mut out);
+        for a in &out {
+            match a {
+                NodeAction::SendTo { bytes, .. } => {
+                    self.queue.push_back((Dest::Controller, i, bytes.clone()))
+                }
+                NodeAction::SendGroup { bytes, .. } => {
+                    self.queue.push_back((Dest::Group, i, bytes.clone()))
+                }
+                _ => {}
+            }
+        }
+        out
+    }
+
+    /// Deliver everything queued (and what that causes), in order.
+    fn pump(&mut self) {
+        while let Some((dest, from, bytes)) = self.queue.pop_front() {
+            if (self.drop)(dest, from, &bytes) {
+                continue;
+            }
+            let from_addr = if from == CTL {
+                ctl_addr()
+            } else {
+                node_addr(from as u32)
+            };
+            match dest {
+                Dest::Controller => {
+                    let _ = self.ctl(ControllerInput::Datagram {
+                        from: from_addr,
+                        bytes: &bytes,
+                    });
+                }
+                Dest::Node(i) => {
+                    if i < self.nodes.len() {
+                        self.node(
+                            i,
+                            NodeInput::Datagram {
+                                from: from_addr,
+                                bytes: &bytes,
+                            },
+                        );
+                    }
+                }
+                Dest::Group => {
+                    for i in 0..self.nodes.len() {
+                        if i != from && !(self.drop)(Dest::Node(i), from, &bytes) {
+                            self.node(
+                                i,
+                                NodeInput::Datagram {
+                                    from: from_addr,
+                                    bytes: &bytes,
+                                },
+                            );
+                        }
+                    }
+                    if from != CTL {
+                        let _ = self.ctl(ControllerInput::Datagram {
+                            from: from_addr,
+                            bytes: &bytes,
+                        });
+                    }
+                }
+            }
+        }
+    }
+
+    /// Advance the clock by `ms`, firing controller timers as they come due.
+    fn advance(&mut self, ms: u64) {
+        let end = self.now.plus(ms);
+        loop {
+            self.timers.sort_by_key(|t| t.1);
+            let Some(pos) = self.timers.iter().position(|t| t.1 <= end) else {
+                break;
+            };
+            let (timer, at) = self.timers.remove(pos);
+            self.now = self.now.max(at);
+            let _ = self.ctl(ControllerInput::Timer(timer));
+            self.pump();
+        }
+        self.now = end;
+    }
+
+    fn phase(&self) -> Option<RoundPhase> {
+        self.c.round().map(|r| r.1)
+    }
+
+    fn states(&self) -> Vec<NodeState> {
+        self.nodes.iter().map(|n| n.state()).collect()
+    }
+
+    fn count(&self, f: impl Fn(&Record) -> bool) -> usize {
+        self.records.iter().filter(|r| f(r)).count()
+    }
+
+    fn finished(&self) -> Vec<(Epoch, u32, u32, u32)> {
+        self.records
+            .iter()
+            .filter_map(|r| match r {
+                Record::RoundFinished {
+                    epoch,
+                    nodes,
+                    acked,
+                    stale,
+                    ..
+                } => Some((*epoch, *nodes, *acked, *stale)),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+fn is_ack_from(member: u32, step: Step) -> impl Fn(&[u8]) -> bool {
+    move |b| matches!(wire::decode(b), Ok(Message::Ack(a)) if a.member == member && a.step == step)
+}
+
+const UC2: NodeState = NodeState::UpdateCompleted { current: Epoch(2) };
+
+#[test]
+fn a_round_goes_through_its_phases_in_order() {
+    let mut f = TestFleet::new(3, test_cfg());
+    assert!(f.c.members().all(|m| m.2 == MemberStatus::Active));
+    f.ctl(ControllerInput::Rekey).unwrap();
+    f.pump();
+    assert_eq!(
+        f.phase(),
+        Some(RoundPhase::Draining),
+        "key update and first transition done on a lossless link"
+    );
+    assert!(f
+        .states()
+        .iter()
+        .all(|s| matches!(s, NodeState::InTransit { .. })));
+    f.advance(100);
+    f.pump();
+    assert_eq!(f.phase(), None);
+    assert_eq!(f.states(), vec![UC2; 3]);
+    let phases: Vec<RoundPhase> = f
+        .records
+        .iter()
+        .filter_map(|r| match r {
+            Record::PhaseChanged { phase, .. } => Some(*phase),
+            _ => None,
+        })
+        .collect();
+    use RoundPhase::*;
+    assert_eq!(
+        phases,
+        vec![Distributing, FirstTransition, Draining, SecondTransition]
+    );
+    assert_eq!(f.finished(), vec![(Epoch(2), 3, 3, 0)]);
+    assert_eq!(
+        f.count(|r| matches!(
+            r,
+            Record::KeyCreated {
+                epoch: Epoch(2),
+                reason: TriggerReason::Manual,
+                ..
+            }
+        )),
+        1
+    );
+    assert_eq!(f.count(|r| matches!(r, Record::NodeAcked { .. })), 9);
+    assert_eq!(f.c.current_epoch(), Epoch(2));
+}
+
+#[test]
+fn s1_the_first_transition_waits_for_every_key_update_reply() {
+    let mut f = TestFleet::new(3, test_cfg());
+    let blocked = is_ack_from(3, Step::KeyUpdate);
+    f.drop = Box::new(move |_, _, b| blocked(b));
+    f.ctl(ControllerInput::Rekey).unwrap();
+    f.pump();
+    f.advance(2000);
+    assert_eq!(f.phase(), Some(RoundPhase::Distributing));
+    assert_eq!(
+        f.count(|r| matches!(r, Record::TransitionSent { .. })),
+        0,
+        "no first transition yet"
+    );
+    assert!(f
+        .states()
+        .iter()
+        .all(|s| matches!(s, NodeState::DistributionCompleted { .. })));
+    f.drop = Box::new(|_, _, _| false);
+    f.advance(1500);
+    assert_eq!(
+        f.phase(),
+        None,
+        "the round finished once the reply got through"
+    );
+    let pos = |f: &TestFleet, p: &dyn Fn(&Record) -> bool| f.records.iter().position(p).unwrap();
+    let last_key_reply = pos(&f, &|r| {
+        matches!(
+            r,
+            Record::NodeAcked {
+                member: 3,
+                step: Step::KeyUpdate,
+                ..
+            }
+        )
+    });
+    let first_transition = pos(&f, &|r| {
+        matches!(
+            r,
+            Record::TransitionSent {
+                step: Step::FirstTransition,
+                ..
+            }
+        )
+    });
+    assert!(last_key_reply < first_transition);
+}
+
+#[test]
+fn s2_the_second_transition_waits_for_every_first_reply_and_the_drain() {
+    let mut f = TestFleet::new(2, test_cfg());
+    let blocked = is_ack_from(1, Step::FirstTransition);
+    f.drop = Box::new(move |_, _, b| blocked(b));
+    f.ctl(ControllerInput::Rekey).unwrap();
+    f.pump();
+    f.advance(1500);
+    assert_eq!(f.phase(), Some(RoundPhase::FirstTransition));
+    f.drop = Box::new(|_, _, _| false);
+    // The next retry gets the reply through; the drain starts then.
+    let before = f.now;
+    for _ in 0..40 {
+        f.advance(50);
+        if f.phase() == Some(RoundPhase::Draining) {
+            break;
+        }
+    }
+    assert_eq!(f.phase(), Some(RoundPhase::Draining));
+    let drain_start = f.now;
+    assert!(drain_start > before);
+    f.advance(40);
+    assert_eq!(f.phase(), Some(RoundPhase::Draining), "grace not over");
+    assert!(
+        f.states()
+            .iter()
+            .all(|s| matches!(s, NodeState::InTransit { .. })),
+        "nobody dropped the old key"
+    );
+    f.advance(100);
+    f.pump();
+    assert_eq!(f.phase(), None);
+    assert_eq!(f.states(), vec![UC2; 2]);
+}
+
+#[test]
+fn retries_go_to_the_group_first_then_by_unicast_with_backoff() {
+    let mut f = TestFleet::new(3, test_cfg());
+    // Member 1 (node 0) hears nothing.
+    f.drop = Box::new(|d, _, _| d == Dest::Node(0));
+    f.ctl(ControllerInput::Rekey).unwrap();
+    f.pump();
+    f.advance(3000);
+    let sends: Vec<(u32, Via, Time)> = f
+        .records
+        .iter()
+        .filter_map(|r| match r {
+            Record::KeySent {
+                member: 1,
+                attempt,
+                via,
+                at,
+                ..
+            } => Some((*attempt, *via, *at)),
+            _ => None,
+        })
+        .collect();
+    assert!(sends.len() >= 4, "{sends:?}");
+    assert_eq!((sends[0].0, sends[0].1), (1, Via::Group));
+    assert_eq!((sends[1].0, sends[1].1), (2, Via::Group));
+    assert!(sends[2..].iter().all(|s| s.1 == Via::Unicast));
+    let gaps: Vec<u64> = sends.windows(2).map(|w| w[1].2.since(w[0].2)).collect();
+    assert!(
+        gaps[0] >= 75 && gaps[0] <= 125,
+        "first retry after 100 ms ± 25 %: {gaps:?}"
+    );
+    assert!(gaps.last().unwrap() > &gaps[0], "backoff grows: {gaps:?}");
+    // Others were not asked again: the second group wave held only member 1.
+    assert_eq!(
+        f.count(|r| matches!(r, Record::KeySent { member: 2, .. })),
+        1
+    );
+    assert_eq!(
+        f.count(|r| matches!(
+            r,
+            Record::KeyBatchSent {
+                attempt: 2,
+                entries: 1,
+                ..
+            }
+        )),
+        1
+    );
+}
+
+#[test]
+fn a_silent_node_goes_stale_the_round_finishes_and_the_node_catches_up() {
+    let mut f = TestFleet::new(3, test_cfg());
+    f.drop = Box::new(|d, from, _| d == Dest::Node(0) || from == 0);
+    f.ctl(ControllerInput::Rekey).unwrap();
+    f.pump();
+    f.advance(5000);
+    assert_eq!(
+        f.count(|r| matches!(
+            r,
+            Record::NodeStale {
+                member: 1,
+                phase: RoundPhase::Distributing,
+                ..
+            }
+        )),
+        1
+    );
+    f.advance(1000);
+    f.pump();
+    assert_eq!(f.phase(), None, "the fleet did not wait forever");
+    assert_eq!(f.finished(), vec![(Epoch(2), 3, 2, 1)]);
+    assert_eq!(
+        f.nodes[0].state(),
+        NodeState::UpdateCompleted { current: Epoch(1) }
+    );
+    // It comes back (SPEC §5): asks for the key and is live again.
+    f.drop = Box::new(|_, _, _| false);
+    f.node(0, NodeInput::LinkUp);
+    f.pump();
+    assert_eq!(f.nodes[0].state(), UC2);
+    assert!(f.nodes[0].is_synced());
+    assert_eq!(
+        f.c.member_status(&NodeId::parse("node-0").unwrap()),
+        Some(MemberStatus::Active)
+    );
+    assert_eq!(
+        f.count(|r| matches!(
+            r,
+            Record::StatusChanged {
+                member: 1,
+                from: MemberStatus::Stale,
+                to: MemberStatus::Active,
+                ..
+            }
+        )),
+        1
+    );
+    // Next round includes it again.
+    f.ctl(ControllerInput::Rekey).unwrap();
+    f.pump();
+    f.advance(200);
+    f.pump();
+    assert_eq!(f.finished().last(), Some(&(Epoch(3), 3, 3, 0)));
+}
+
+#[test]
+fn a_stale_node_that_reports_usage_is_told_to_resync_and_catches_up() {
+    let mut f = TestFleet::new(2, test_cfg());
+    // Node 0 hears nothing during the round: stale, and still at epoch 1.
+    f.drop = Box::new(|d, _, _| d == Dest::Node(0));
+    f.ctl(ControllerInput::Rekey).unwrap();
+    f.pump();
+    f.advance(6000);
+    f.pump();
+    assert_eq!(f.finished(), vec![(Epoch(2), 2, 1, 1)]);
+    f.drop = Box::new(|_, _, _| false);
+    // No link-up: its periodic usage report is what brings it back.
+    f.now = f.now.plus(1000);
+    f.node(0, NodeInput::Timer(NodeTimer::Usage));
+    f.pump();
+    assert_eq!(f.nodes[0].state(), UC2);
+    assert!(f.nodes[0].is_synced());
+    assert_eq!(
+        f.c.member_status(&NodeId::parse("node-0").unwrap()),
+        Some(MemberStatus::Active)
+    );
+}
+
+#[test]
+fn a_rekey_during_a_round_is_queued_and_runs_next() {
+    let mut f = TestFleet::new(2, test_cfg());
+    f.ctl(ControllerInput::Rekey).unwrap();
+    f.ctl(ControllerInput::Rekey).unwrap();
+    f.ctl(ControllerInput::Rekey).unwrap();
+    let outcomes: Vec<TriggerOutcome> = f
+        .records
+        .iter()
+        .filter_map(|r| match r {
+            Record::TriggerFired { outcome, .. } => Some(*outcome),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        outcomes,
+        vec![
+            TriggerOutcome::Started,
+            TriggerOutcome::Queued,
+            TriggerOutcome::AlreadyQueued
+        ]
+    );
+    f.pump();
+    f.advance(200);
+    f.pump();
+    f.advance(200);
+    f.pump();
+    assert_eq!(f.finished().len(), 2);
+    assert_eq!(
+        f.states(),
+        vec![NodeState::UpdateCompleted { current: Epoch(3) }; 2]
+    );
+}
+
+#[test]
+fn usage_reports_fire_the_count_trigger() {
+    let cfg = ControllerConfig {
+        triggers: TriggerConfig {
+            max_encryptions: Some(3),
+            ..TriggerConfig::manual_only()
+        },
+        ..test_cfg()
+    };
+    let mut f = TestFleet::new(2, cfg);
+    for _ in 0..2 {
+        f.node(0, NodeInput::Send(b"a"));
+        f.node(1, NodeInput::Send(b"b"));
+    }
+    f.pump();
+    f.now = f.now.plus(1000);
+    f.node(0, NodeInput::Timer(NodeTimer::Usage));
+    f.pump();
+    assert_eq!(f.phase(), None, "2 encryptions are not more than 3");
+    f.node(1, NodeInput::Timer(NodeTimer::Usage));
+    // A duplicate report must not count twice.
+    f.pump();
+    let fired: Vec<_> = f
+        .records
+        .iter()
+        .filter_map(|r| match r {
+            Record::TriggerFired { reason, .. } => Some(reason.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        fired,
+        vec![TriggerReason::Encryptions { count: 4, limit: 3 }]
+    );
+    assert!(f.phase().is_some());
+}
+
+#[test]
+fn key_age_trigger_and_switches() {
+    let cfg = ControllerConfig {
+        triggers: TriggerConfig {
+            max_key_age_ms: Some(10_000),
+            manual: false,
+            ..TriggerConfig::manual_only()
+        },
+        ..test_cfg()
+    };
+    let mut f = TestFleet::new(1, cfg);
+    assert_eq!(
+        f.ctl(ControllerInput::Rekey),
+        Err(CommandError::ManualRekeyOff)
+    );
+    f.advance(9_000);
+    assert_eq!(f.phase(), None);
+    f.advance(2_000);
+    assert!(
+        f.count(|r| matches!(
+            r,
+            Record::TriggerFired {
+                reason: TriggerReason::KeyAge { .. },
+                ..
+            }
+        )) == 1
+    );
+}
+
+#[test]
+fn removing_a_node_rekeys_without_it() {
+    let cfg = ControllerConfig {
+        triggers: TriggerConfig {
+            on_node_removed: true,
+            ..TriggerConfig::manual_only()
+        },
+        ..test_cfg()
+    };
+    let mut f = TestFleet::new(3, cfg);
+    f.ctl(ControllerInput::Remove {
+        node_id: NodeId::parse("node-2").unwrap(),
+    })
+    .unwrap();
+    assert!(
+        f.count(|r| matches!(
+            r,
+            Record::TriggerFired {
+                reason: TriggerReason::NodeRemoved { .. },
+                ..
+            }
+        )) == 1
+    );
+    // No key update entry is addressed to the removed member 3.
+    let entries: Vec<u32> = f
+        .queue
+        .iter()
+        .filter_map(|(_, _, b)| match wire::decode(b) {
+            Ok(Message::KeyUpdate(k)) => Some(k.entries().map(|e| e.0).collect::<Vec<_>>()),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    assert_eq!(entries, vec![1, 2]);
+    f.pump();
+    f.advance(200);
+    f.pump();
+    assert_eq!(f.states()[..2], [UC2, UC2]);
+    assert_eq!(
+        f.states()[2],
+        NodeState::UpdateCompleted { current: Epoch(1) },
+        "it never got epoch 2"
+    );
+    assert_eq!(
+        f.ctl(ControllerInput::Remove {
+            node_id: NodeId::parse("node-2").unwrap()
+        }),
+        Err(CommandError::NotEnrolled(NodeId::parse("node-2").unwrap()))
+    );
+    assert_eq!(f.rows.len(), 2, "its row was deleted");
+}
+
+#[test]
+fn data_from_an_unknown_sender_means_the_key_leaked() {
+    let cfg = ControllerConfig {
+        triggers: TriggerConfig {
+            on_unknown_sender: true,
+            ..TriggerConfig::manual_only()
+        },
+        ..test_cfg()
+    };
+    let mut f = TestFleet::new(2, cfg);
+    let out = f.node(0, NodeInput::Send(b"hello"));
+    f.queue.clear();
+    let NodeAction::SendGroup { bytes, .. } = out
+        .into_iter()
+        .find(|a| matches!(a, NodeAction::SendGroup { .. }))
+        .unwrap()
+    else {
+        unreachable!()
+    };
+    // From its enrolled address: fine.
+    f.ctl(ControllerInput::Datagram {
+        from: node_addr(0),
+        bytes: &bytes,
+    })
+    .unwrap();
+    assert_eq!(f.phase(), None);
+    // The same group key used from another address: presumed leaked.
+    let intruder = SocketAddr::from(([172, 16, 0, 9], 5000));
+    f.ctl(ControllerInput::Datagram {
+        from: intruder,
+        bytes: &bytes,
+    })
+    .unwrap();
+    assert!(
+        f.count(|r| matches!(
+            r,
+            Record::TriggerFired {
+                reason: TriggerReason::UnknownSender { member: 1, .. },
+                outcome: TriggerOutcome::Started,
+                ..
+            }
+        )) == 1
+    );
+    // Noise that no key opens is only refused.
+    let mut forged = bytes.clone();
+    let n = forged.len();
+    forged[n - 1] ^= 1;
+    f.ctl(ControllerInput::Datagram {
+        from: intruder,
+        bytes: &forged,
+    })
+    .unwrap();
+    assert_eq!(
+        f.count(|r| matches!(
+            r,
+            Record::Refused {
+                reason: Refusal::ForgedData { .. },
+                ..
+            }
+        )),
+        1
+    );
+}
+
+#[test]
+fn bad_node_messages_are_refused_and_recorded() {
+    let mut f = TestFleet::new(1, test_cfg());
+    let keys = NodeKeys::derive(&initial(0));
+    let wrong = NodeKeys::derive(&initial(7));
+    let before = f.records.len();
+    type Check = fn(&Refusal) -> bool;
+    let cases: Vec<(Vec<u8>, Check)> = vec![
+        (
+            wire::mac(wire::ack(Step::KeyUpdate, Epoch(2), 500, 1), &wrong),
+            |r| matches!(r, Refusal::BadMac { member: 1, .. }),
+        ),
+        (
+            wire::mac(wire::ack(Step::KeyUpdate, Epoch(2), 500, 9), &keys),
+            |r| matches!(r, Refusal::UnknownMember { member: 9, .. }),
+        ),
+        (
+            wire::mac(wire::join(500, &NodeId::parse("stranger").unwrap()), &keys),
+            |r| matches!(r, Refusal::UnknownNodeId { .. }),
+        ),
+        (
+            wire::sign(
+                wire::transition(Step::FirstTransition, Epoch(2), 1),
+                &ed25519_dalek::SigningKey::from_bytes(&[1; 32]),
+            ),
+            |r| {
+                matches!(
+                    r,
+                    Refusal::Unexpected {
+                        role: "controller",
+                        ..
+                    }
+                )
+            },
+        ),
+        (vec![1, 0x11, 0, 0], |r| matches!(r, Refusal::Malformed(_))),
+    ];
+    for (bytes, check) in &cases {
+        f.ctl(ControllerInput::Datagram {
+            from: node_addr(0),
+            bytes,
+        })
+        .unwrap();
+        let Some(Record::Refused { reason, .. }) = f.records.last() else {
+            panic!("no refusal recorded")
+        };
+        assert!(check(reason), "{reason:?}");
+    }
+    // A good ack accepted once, then its replay refused.
+    let ack = wire::mac(wire::ack(Step::SecondTransition, Epoch(1), 600, 1), &keys);
+    f.ctl(ControllerInput::Datagram {
+        from: node_addr(0),
+        bytes: &ack,
+    })
+    .unwrap();
+    f.ctl(ControllerInput::Datagram {
+        from: node_addr(0),
+        bytes: &ack,
+    })
+    .unwrap();
+    assert!(matches!(
+        f.records.last(),
+        Some(Record::Refused {
+            reason: Refusal::Replay { seq: 600, .. },
+            ..
+        })
+    ));
+    assert_eq!(f.records.len() - before, cases.len() + 1);
+    assert_eq!(f.phase(), None);
+    assert_eq!(f.c.current_epoch(), Epoch(1));
+}
+
+#[test]
+fn commands_that_cannot_be_carried_out() {
+    let mut f = TestFleet::new(1, test_cfg());
+    let id = NodeId::parse("node-0").unwrap();
+    assert_eq!(
+        f.ctl(ControllerInput::Enroll {
+            node_id: id.clone(),
+            initial_key: initial(0),
+            addr: node_addr(0)
+        }),
+        Err(CommandError::AlreadyEnrolled(id))
+    );
+    let ghost = NodeId::parse("ghost").unwrap();
+    assert_eq!(
+        f.ctl(ControllerInput::Remove {
+            node_id: ghost.clone()
+        }),
+        Err(CommandError::NotEnrolled(ghost))
+    );
+}
+
+#[test]
+fn a_restored_controller_resumes_its_round() {
+    for phase_at_crash in [
+        RoundPhase::Distributing,
+        RoundPhase::FirstTransition,
+        RoundPhase::SecondTransition,
+    ] {
+        let mut f = TestFleet::new(3, test_cfg());
+        let hold = match phase_at_crash {
+            RoundPhase::Distributing => Step::KeyUpdate,
+            RoundPhase::FirstTransition => Step::FirstTransition,
+            _ => Step::SecondTransition,
+        };
+        let blocked = is_ack_from(2, hold);
+        f.drop = Box::new(move |_, _, b| blocked(b));
+        f.ctl(ControllerInput::Rekey).unwrap();
+        f.pump();
+        f.advance(300);
+        assert_eq!(f.phase(), Some(phase_at_crash));
+        // Crash: only what was persisted survives.
+        let persist = ControllerPersist {
+            core: (**f.core.as_ref().unwrap()).clone(),
+            members: f.rows.values().cloned().collect(),
+        };
+        let json = serde_json::to_string(&persist).unwrap();
+        let persist: ControllerPersist = serde_json::from_str(&json).unwrap();
+        f.c = ControllerMachine::restore(&persist, f.cfg.clone(), f.now).unwrap();
+        f.timers.clear();
+        f.queue.clear();
+        f.drop = Box::new(|_, _, _| false);
+        f.ctl(ControllerInput::Start).unwrap();
+        assert_eq!(
+            f.phase(),
+            Some(phase_at_crash),
+            "resumes in the persisted phase"
+        );
+        f.pump();
+        f.advance(500);
+        f.pump();
+        assert_eq!(f.phase(), None, "{phase_at_crash:?}");
+        assert_eq!(f.states(), vec![UC2; 3], "{phase_at_crash:?}");
+        assert_eq!(f.finished().len(), 1);
+    }
+}
+
+#[test]
+fn records_serialize_as_self_describing_rows() {
+    let mut f = TestFleet::new(2, test_cfg());
+    f.ctl(ControllerInput::Rekey).unwrap();
+    f.pump();
+    f.advance(200);
+    f.pump();
+    let rows: Vec<serde_json::Value> = f
+        .records
+        .iter()
+        .map(|r| serde_json::to_value(r).unwrap())
+        .collect();
+    let finished = rows
+        .iter()
+        .find(|v| v["event"] == "round_finished")
+        .expect("round_finished row");
+    assert_eq!(finished["epoch"], 2);
+    assert_eq!(finished["reason"]["trigger"], "manual");
+    assert_eq!(finished["acked"], 2);
+    assert!(
+        finished["check"].is_array() && finished["phases_ms"]["draining"].as_u64().unwrap() >= 100
+    );
+    let sent = rows
+        .iter()
+        .find(|v| v["event"] == "key_sent")
+        .expect("key_sent row");
+    assert_eq!(sent["node_id"], "node-0");
+    assert_eq!(sent["via"], "group");
+    let created: Vec<_> = rows
+        .iter()
+        .filter(|v| v["event"] == "key_created")
+        .collect();
+    assert_eq!(created.len(), 2, "the initial key and the new one");
+    // Never key bytes: a created key row carries only its 4-byte check value.
+    assert_eq!(created[1].as_object().unwrap().len(), 5, "{}", created[1]);
+}
+
+/// A fleet of two held in `phase` (None: no round) because member 2's
+/// replies to that phase are dropped; its keys to forge-free craft replies.
+fn held_in(phase: Option<RoundPhase>) -> TestFleet {
+    let mut f = TestFleet::new(
+        2,
+        ControllerConfig {
+            stale_after_ms: 1_000_000,
+            ..test_cfg()
+        },
+    );
+    let Some(phase) = phase else { return f };
+    let step = match phase {
+        RoundPhase::Distributing => Step::KeyUpdate,
+        RoundPhase::FirstTransition => Step::FirstTransition,
+        RoundPhase::Draining => Step::FirstTransition,
+        RoundPhase::SecondTransition => Step::SecondTransition,
+    };
+    let blocked = is_ack_from(2, step);
+    if phase != RoundPhase::Draining {
+        f.drop = Box::new(move |_, _, b| blocked(b));
+    }
+    f.ctl(ControllerInput::Rekey).unwrap();
+    f.pump();
+    if phase == RoundPhase::SecondTransition {
+        f.advance(100);
+        f.pump();
+    }
+    f.drop = Box::new(|_, _, _| true); // from now on the test talks to the controller alone
+    assert_eq!(f.phase(), Some(phase));
+    f
+}
+
+#[derive(Clone, Copy, Debug)]
+enum CIn {
+    Rekey,
+    Reply(Step, u32),
+    KeyRequest,
+    EarlyTimer,
+    Garbage,
+}
+
+#[test]
+fn every_phase_against_every_input() {
+    use RoundPhase::*;
+    let keys = NodeKeys::derive(&initial(1));
+    let mut seq = 50_000u64;
+    // (phase, input, phase after, datagrams the controller sends)
+    #[rustfmt::skip]
+    let table: Vec<(Option<RoundPhase>, CIn, Option<RoundPhase>, usize)> = vec![
+        (None, CIn::Rekey, Some(Distributing), 1),
+        (None, CIn::Reply(Step::KeyUpdate, 2), None, 0),
+        (None, CIn::KeyRequest, None, 1),
+        (None, CIn::EarlyTimer, None, 0),
+        (None, CIn::Garbage, None, 0),
+        (Some(Distributing), CIn::Rekey, Some(Distributing), 0),
+        (Some(Distributing), CIn::Reply(Step::KeyUpdate, 2), Some(FirstTransition), 1),
+        (Some(Distributing), CIn::Reply(Step::KeyUpdate, 1), Some(Distributing), 0),
+        // A key request carries the node's position: it counts as its reply.
+        (Some(Distributing), CIn::KeyRequest, Some(FirstTransition), 2),
+        (Some(Distributing), CIn::EarlyTimer, Some(Distributing), 0),
+        (Some(Distributing), CIn::Garbage, Some(Distributing), 0),
+        (Some(FirstTransition), CIn::Reply(Step::KeyUpdate, 2), Some(FirstTransition), 0),
+        (Some(FirstTransition), CIn::Reply(Step::FirstTransition, 2), Some(Draining), 0),
+        (Some(FirstTransition), CIn::Reply(Step::SecondTransition, 1), Some(FirstTransition), 0),
+        (Some(FirstTransition), CIn::KeyRequest, Some(Draining), 1),
+        (Some(FirstTransition), CIn::Rekey, Some(FirstTransition), 0),
+        (Some(Draining), CIn::Reply(Step::SecondTransition, 2), Some(Draining), 0),
+        (Some(Draining), CIn::EarlyTimer, Some(Draining), 0),
+        (Some(Draining), CIn::KeyRequest, Some(Draining), 1),
+        (Some(SecondTransition), CIn::Reply(Step::FirstTransition, 2), Some(SecondTransition), 0),
+        (Some(SecondTransition), CIn::Reply(Step::SecondTransition, 2), None, 0),
+        (Some(SecondTransition), CIn::Garbage, Some(SecondTransition), 0),
+    ];
+    for (phase, input, after, sends) in table {
+        let mut f = held_in(phase);
+        let label = format!("{phase:?} + {input:?}");
+        let records_before = f.records.len();
+        f.queue.clear();
+        seq += 1;
+        let from = node_addr(1);
+        let r = match input {
+            CIn::Rekey => f.ctl(ControllerInput::Rekey),
+            CIn::Reply(step, e) => {
+                let b = wire::mac(wire::ack(step, Epoch(e), seq, 2), &keys);
+                f.ctl(ControllerInput::Datagram { from, bytes: &b })
+            }
+            CIn::KeyRequest => {
+                let (e, p) = f.nodes[1].position().unwrap();
+                let b = wire::mac(
+                    wire::key_request(e, Step::from_progress(p).unwrap(), seq, 2),
+                    &keys,
+                );
+                f.ctl(ControllerInput::Datagram { from, bytes: &b })
+            }
+            CIn::EarlyTimer => f.ctl(ControllerInput::Timer(ControllerTimer::Round)),
+            CIn::Garbage => f.ctl(ControllerInput::Datagram {
+                from,
+                bytes: &[1, 0x13, 9],
+            }),
+        };
+        assert_eq!(r, Ok(()), "{label}");
+        assert_eq!(f.phase(), after, "{label}");
+        let unicast = f.queue.iter().filter(|q| q.0 == Dest::Node(1)).count();
+        let group = f.queue.iter().filter(|q| q.0 == Dest::Group).count();
+        assert_eq!(
+            unicast + group,
+            sends,
+            "{label}: {:?}",
+            f.queue
+                .iter()
+                .map(|q| wire::decode(&q.2).map(|m| m.name()))
+                .collect::<Vec<_>>()
+        );
+        if matches!(input, CIn::Garbage) {
+            assert!(
+                matches!(f.records.last(), Some(Record::Refused { .. })),
+                "{label}"
+            );
+            assert_eq!(
+                f.records.len(),
+                records_before + 1,
+                "{label}: a refusal and nothing else"
+            );
+        }
+    }
+}

@@ -1,0 +1,825 @@
+//! NodeMachine: every state against every input.
+
+use super::*;
+use crate::crypto::{Epoch, OpenError};
+use crate::wire::RoundPhase;
+
+struct Rig {
+    node: NodeMachine,
+    ctl: FakeController,
+    rng: ChaCha20Rng,
+    now: Time,
+}
+
+impl Rig {
+    fn unjoined() -> Rig {
+        let node = NodeMachine::new(NodeId::parse("node-0").unwrap(), &initial(0), node_cfg());
+        Rig {
+            node,
+            ctl: FakeController::new(0),
+            rng: rng(),
+            now: Time(1000),
+        }
+    }
+
+    fn input(&mut self, i: NodeInput<'_>) -> Vec<NodeAction> {
+        let mut out = Vec::new();
+        self.node.handle(self.now, i, &mut self.rng, &mut out);
+        out
+    }
+
+    fn feed(&mut self, bytes: &[u8]) -> Vec<NodeAction> {
+        self.input(NodeInput::Datagram {
+            from: ctl_addr(),
+            bytes,
+        })
+    }
+
+    /// Joined and synced in the state the controller describes.
+    fn at(round: Option<(RoundPhase, u32)>) -> Rig {
+        let mut r = Rig::unjoined();
+        let out = r.input(NodeInput::LinkUp);
+        assert_eq!(names(&out), vec!["join"]);
+        let k1 = key(1);
+        let rk = round.map(|(p, e)| (p, key(e)));
+        let st = r.ctl.state(&k1, rk.as_ref().map(|(p, k)| (*p, k)));
+        let ja = r.ctl.join_accept(request_seq(&out), &st);
+        let out = r.feed(&ja);
+        assert_eq!(refusal(&out), None);
+        assert!(persisted(&out));
+        assert!(
+            !r.node.is_synced(),
+            "waits for the controller to confirm its position"
+        );
+        let st = r.ctl.state(&k1, rk.as_ref().map(|(p, k)| (*p, k)));
+        let kr = r.ctl.key_response(request_seq(&out), &st);
+        let out = r.feed(&kr);
+        assert_eq!(refusal(&out), None);
+        assert!(r.node.is_synced());
+        r
+    }
+
+    fn uc1() -> Rig {
+        Rig::at(None)
+    }
+    fn dc12() -> Rig {
+        Rig::at(Some((RoundPhase::Distributing, 2)))
+    }
+    fn it12() -> Rig {
+        Rig::at(Some((RoundPhase::FirstTransition, 2)))
+    }
+}
+
+const UC1: NodeState = NodeState::UpdateCompleted { current: Epoch(1) };
+const UC2: NodeState = NodeState::UpdateCompleted { current: Epoch(2) };
+const DC12: NodeState = NodeState::DistributionCompleted {
+    old: Epoch(1),
+    new: Epoch(2),
+};
+const IT12: NodeState = NodeState::InTransit {
+    old: Epoch(1),
+    new: Epoch(2),
+};
+
+#[test]
+fn joining_puts_the_node_in_the_controllers_state() {
+    assert_eq!(Rig::uc1().node.state(), UC1);
+    assert_eq!(Rig::dc12().node.state(), DC12);
+    assert_eq!(Rig::it12().node.state(), IT12);
+    assert_eq!(Rig::at(Some((RoundPhase::Draining, 2))).node.state(), IT12);
+    assert_eq!(
+        Rig::at(Some((RoundPhase::SecondTransition, 2)))
+            .node
+            .state(),
+        UC2
+    );
+    assert_eq!(Rig::uc1().node.member(), Some(1));
+}
+
+// ----------------------------------------------------------- UpdateCompleted
+
+#[test]
+fn uc_key_update_for_next_epoch_installs_it_persists_then_replies() {
+    let mut r = Rig::uc1();
+    let ku = r.ctl.key_update(&key(2));
+    let out = r.feed(&ku);
+    assert_eq!(r.node.state(), DC12);
+    let p = out
+        .iter()
+        .position(|a| matches!(a, NodeAction::Persist(_)))
+        .expect("persisted");
+    let s = out
+        .iter()
+        .position(|a| matches!(a, NodeAction::SendTo { .. }))
+        .expect("replied");
+    assert!(p < s, "persist comes before the reply");
+    assert_eq!(acks(&out), vec![(Step::KeyUpdate, Epoch(2))]);
+}
+
+#[test]
+fn uc_transition_requests_without_the_key_ask_for_it_and_do_not_move() {
+    for step in [Step::FirstTransition, Step::SecondTransition] {
+        let mut r = Rig::uc1();
+        let t = r.ctl.transition(step, 2);
+        let out = r.feed(&t);
+        assert_eq!(r.node.state(), UC1, "{step:?}");
+        assert!(
+            matches!(
+                refusal(&out),
+                Some(Refusal::MissingKey {
+                    epoch: Epoch(2),
+                    ..
+                })
+            ),
+            "{out:?}"
+        );
+        assert_eq!(names(&out), vec!["key request"]);
+        assert!(!r.node.is_synced());
+    }
+}
+
+#[test]
+fn uc_key_update_skipping_an_epoch_is_a_gap() {
+    let mut r = Rig::uc1();
+    let ku = r.ctl.key_update(&key(3));
+    let out = r.feed(&ku);
+    assert_eq!(r.node.state(), UC1);
+    assert!(matches!(
+        refusal(&out),
+        Some(Refusal::EpochGap {
+            got: Epoch(3),
+            have: Epoch(1),
+            ..
+        })
+    ));
+    assert_eq!(names(&out), vec!["key request"]);
+}
+
+#[test]
+fn uc_requests_for_its_own_or_older_epoch() {
+    let mut r = Rig::uc1();
+    let ku = r.ctl.key_update(&key(1));
+    let out = r.feed(&ku);
+    assert!(matches!(refusal(&out), Some(Refusal::Outdated { .. })));
+    assert!(acks(&out).is_empty());
+    let t = r.ctl.transition(Step::FirstTransition, 1);
+    assert!(matches!(
+        refusal(&r.feed(&t)),
+        Some(Refusal::Outdated { .. })
+    ));
+    // The second transition of its own epoch is a duplicate: reply again.
+    let t = r.ctl.transition(Step::SecondTransition, 1);
+    let out = r.feed(&t);
+    assert_eq!(acks(&out), vec![(Step::SecondTransition, Epoch(1))]);
+    let t = r.ctl.transition(Step::SecondTransition, 0);
+    assert!(matches!(
+        refusal(&r.feed(&t)),
+        Some(Refusal::StaleEpoch { got: Epoch(0), .. })
+    ));
+    assert_eq!(r.node.state(), UC1);
+}
+
+// ----------------------------------------------------- DistributionCompleted
+
+#[test]
+fn dc_first_transition_moves_to_in_transit() {
+    let mut r = Rig::dc12();
+    let t = r.ctl.transition(Step::FirstTransition, 2);
+    let out = r.feed(&t);
+    assert_eq!(r.node.state(), IT12);
+    assert!(persisted(&out));
+    assert_eq!(acks(&out), vec![(Step::FirstTransition, Epoch(2))]);
+}
+
+#[test]
+fn dc_second_before_first_goes_through_in_transit_to_completed() {
+    let mut r = Rig::dc12();
+    let t = r.ctl.transition(Step::SecondTransition, 2);
+    let out = r.feed(&t);
+    assert_eq!(r.node.state(), UC2);
+    assert_eq!(acks(&out), vec![(Step::SecondTransition, Epoch(2))]);
+    // The late first transition is then outdated and does not move it back.
+    let t = r.ctl.transition(Step::FirstTransition, 2);
+    assert!(matches!(
+        refusal(&r.feed(&t)),
+        Some(Refusal::Outdated { .. })
+    ));
+    assert_eq!(r.node.state(), UC2);
+}
+
+#[test]
+fn dc_duplicate_key_update_replies_again_but_a_different_key_is_refused() {
+    let mut r = Rig::dc12();
+    let ku = r.ctl.key_update(&key(2));
+    let out = r.feed(&ku);
+    assert_eq!(acks(&out), vec![(Step::KeyUpdate, Epoch(2))]);
+    assert!(!persisted(&out), "no state change");
+    let other = GroupKey::from_bytes(Epoch(2), [0xee; 32]);
+    let ku = r.ctl.key_update(&other);
+    let out = r.feed(&ku);
+    assert_eq!(
+        refusal(&out),
+        Some(Refusal::KeyMismatch { epoch: Epoch(2) })
+    );
+    assert_eq!(r.node.keyring().unwrap().key(Epoch(2)), Some(&key(2)));
+}
+
+#[test]
+fn dc_requests_for_other_epochs() {
+    let mut r = Rig::dc12();
+    let ku = r.ctl.key_update(&key(3));
+    assert!(matches!(
+        refusal(&r.feed(&ku)),
+        Some(Refusal::EpochGap { .. })
+    ));
+    let t = r.ctl.transition(Step::FirstTransition, 1);
+    assert!(matches!(
+        refusal(&r.feed(&t)),
+        Some(Refusal::StaleEpoch { .. })
+    ));
+    let t = r.ctl.transition(Step::FirstTransition, 3);
+    assert!(matches!(
+        refusal(&r.feed(&t)),
+        Some(Refusal::EpochGap { .. })
+    ));
+    assert_eq!(r.node.state(), DC12);
+}
+
+// ---------------------------------------------------------------- InTransit
+
+#[test]
+fn it_second_transition_drops_the_old_key() {
+    let mut r = Rig::it12();
+    let t = r.ctl.transition(Step::SecondTransition, 2);
+    let out = r.feed(&t);
+    assert_eq!(r.node.state(), UC2);
+    assert!(!r.node.keyring().unwrap().holds(Epoch(1)));
+    assert_eq!(acks(&out), vec![(Step::SecondTransition, Epoch(2))]);
+}
+
+#[test]
+fn it_older_steps_and_duplicates() {
+    let mut r = Rig::it12();
+    let ku = r.ctl.key_update(&key(2));
+    assert!(matches!(
+        refusal(&r.feed(&ku)),
+        Some(Refusal::Outdated { .. })
+    ));
+    let t = r.ctl.transition(Step::FirstTransition, 2);
+    let out = r.feed(&t);
+    assert_eq!(
+        acks(&out),
+        vec![(Step::FirstTransition, Epoch(2))],
+        "duplicate: reply again"
+    );
+    let t = r.ctl.transition(Step::SecondTransition, 3);
+    assert!(matches!(
+        refusal(&r.feed(&t)),
+        Some(Refusal::EpochGap { .. })
+    ));
+    assert_eq!(r.node.state(), IT12);
+}
+
+// ------------------------------------------------------------ authentication
+
+#[test]
+fn a_forged_signature_changes_nothing() {
+    let mut r = Rig::uc1();
+    let mut forger = FakeController::new(0);
+    forger.sk = ed25519_dalek::SigningKey::from_bytes(&[7; 32]);
+    forger.seq = 100;
+    let ku = forger.key_update(&key(2));
+    let out = r.feed(&ku);
+    assert!(matches!(refusal(&out), Some(Refusal::BadSignature { .. })));
+    assert_eq!(r.node.state(), UC1);
+    assert!(sent(&out).is_empty() && !persisted(&out));
+}
+
+#[test]
+fn a_retransmission_is_handled_again_a_replay_outside_the_window_is_refused() {
+    let mut r = Rig::dc12();
+    let t = r.ctl.transition(Step::FirstTransition, 2);
+    r.feed(&t);
+    let out = r.feed(&t);
+    assert_eq!(
+        acks(&out),
+        vec![(Step::FirstTransition, Epoch(2))],
+        "byte-identical copy: answered again"
+    );
+    let old = r.ctl.transition(Step::SecondTransition, 2);
+    r.ctl.seq += 200;
+    let newer = r.ctl.transition(Step::FirstTransition, 2);
+    r.feed(&newer);
+    let out = r.feed(&old);
+    assert!(
+        matches!(refusal(&out), Some(Refusal::Replay { .. })),
+        "{out:?}"
+    );
+    assert_eq!(r.node.state(), IT12);
+}
+
+#[test]
+fn garbage_and_node_messages_are_refused_without_panic() {
+    let mut r = Rig::uc1();
+    for bytes in [&b""[..], &[1u8][..], &[9, 9, 9][..], &[1, 2, 0, 0][..]] {
+        let out = r.feed(bytes);
+        assert!(
+            matches!(refusal(&out), Some(Refusal::Malformed(_))),
+            "{bytes:?}"
+        );
+    }
+    let keys = NodeKeys::derive(&initial(0));
+    let ack = wire::mac(wire::ack(Step::KeyUpdate, Epoch(1), 5, 1), &keys);
+    assert!(matches!(
+        refusal(&r.feed(&ack)),
+        Some(Refusal::Unexpected { role: "node", .. })
+    ));
+    assert_eq!(r.node.state(), UC1);
+}
+
+#[test]
+fn a_batch_without_this_nodes_entry_is_skipped_silently() {
+    let mut r = Rig::uc1();
+    let w = NodeKeys::derive(&initial(5)).wrap(&key(2), 6, &mut rng());
+    // Signed with a key the node does not know: it is not even checked.
+    let batch = wire::sign(
+        wire::key_update(Epoch(2), 99, &[(6, w)]),
+        &ed25519_dalek::SigningKey::from_bytes(&[3; 32]),
+    );
+    let out = r.feed(&batch);
+    assert!(out.is_empty(), "{out:?}");
+}
+
+#[test]
+fn an_entry_wrapped_under_another_nodes_key_does_not_unwrap() {
+    let mut r = Rig::uc1();
+    let w = NodeKeys::derive(&initial(5)).wrap(&key(2), 1, &mut rng());
+    let seq = r.ctl.seq();
+    let batch = wire::sign(wire::key_update(Epoch(2), seq, &[(1, w)]), &r.ctl.sk);
+    assert_eq!(
+        refusal(&r.feed(&batch)),
+        Some(Refusal::Unwrap { epoch: Epoch(2) })
+    );
+    assert_eq!(r.node.state(), UC1);
+}
+
+#[test]
+fn key_responses_not_asked_for_not_ours_or_behind_are_refused() {
+    let mut r = Rig::it12();
+    let st = r.ctl.state(&key(1), None);
+    let kr = r.ctl.key_response(1_000_000, &st);
+    assert!(
+        matches!(refusal(&r.feed(&kr)), Some(Refusal::Unsolicited { .. })),
+        "not syncing"
+    );
+    let out = r.input(NodeInput::LinkUp);
+    let seq = request_seq(&out);
+    let st = r
+        .ctl
+        .state(&key(1), Some((RoundPhase::Distributing, &key(2))));
+    let kr = r.ctl.key_response(seq, &st);
+    assert!(
+        matches!(refusal(&r.feed(&kr)), Some(Refusal::Outdated { .. })),
+        "behind its position"
+    );
+    assert_eq!(r.node.state(), IT12);
+    r.ctl.member = 9;
+    let st = r.ctl.state(&key(1), None);
+    let kr = r.ctl.key_response(seq, &st);
+    assert!(matches!(
+        refusal(&r.feed(&kr)),
+        Some(Refusal::NotForMe { to: 9, me: 1, .. })
+    ));
+}
+
+// ------------------------------------------------------------------ unjoined
+
+#[test]
+fn unjoined_node_holds_data_refuses_requests_and_joins_on_link_up() {
+    let mut r = Rig::unjoined();
+    assert_eq!(r.node.state(), NodeState::Unjoined);
+    let out = r.input(NodeInput::Send(b"early"));
+    assert!(sent(&out).is_empty(), "held until joined");
+    let ku = r.ctl.key_update(&key(2));
+    assert!(matches!(
+        refusal(&r.feed(&ku)),
+        Some(Refusal::NotJoined { .. })
+    ));
+    let out = r.input(NodeInput::LinkUp);
+    assert_eq!(names(&out), vec!["join"]);
+    assert!(out.iter().any(|a| matches!(
+        a,
+        NodeAction::ArmTimer {
+            timer: NodeTimer::Sync,
+            ..
+        }
+    )));
+    // A join accept under another node's key is refused.
+    let mut other = FakeController::new(3);
+    other.member = 1;
+    let st = other.state(&key(1), None);
+    let bad = other.join_accept(request_seq(&out), &st);
+    assert!(matches!(
+        refusal(&r.feed(&bad)),
+        Some(Refusal::BadMac { .. })
+    ));
+    assert_eq!(r.node.state(), NodeState::Unjoined);
+}
+
+#[test]
+fn held_data_goes_out_once_the_controller_confirms() {
+    let mut r = Rig::unjoined();
+    let out = r.input(NodeInput::LinkUp);
+    r.input(NodeInput::Send(b"one"));
+    r.input(NodeInput::Send(b"two"));
+    let st = r.ctl.state(&key(1), None);
+    let ja = r.ctl.join_accept(request_seq(&out), &st);
+    let out = r.feed(&ja);
+    assert!(
+        !names(&out).contains(&"data"),
+        "not yet: position unconfirmed"
+    );
+    let st = r.ctl.state(&key(1), None);
+    let kr = r.ctl.key_response(request_seq(&out), &st);
+    let out = r.feed(&kr);
+    let data: Vec<_> = out
+        .iter()
+        .filter_map(|a| match a {
+            NodeAction::SendGroup { data_epoch, .. } => *data_epoch,
+            _ => None,
+        })
+        .collect();
+    assert_eq!(data, vec![Epoch(1), Epoch(1)]);
+}
+
+// --------------------------------------------------------------------- timers
+
+#[test]
+fn sync_timer_retries_only_when_due_and_usage_timer_reports() {
+    let mut r = Rig::unjoined();
+    let out = r.input(NodeInput::LinkUp);
+    let due = out
+        .iter()
+        .find_map(|a| match a {
+            NodeAction::ArmTimer {
+                timer: NodeTimer::Sync,
+                at,
+            } => Some(*at),
+            _ => None,
+        })
+        .unwrap();
+    assert!(
+        r.input(NodeInput::Timer(NodeTimer::Sync)).is_empty(),
+        "early firing ignored"
+    );
+    r.now = due;
+    let out = r.input(NodeInput::Timer(NodeTimer::Sync));
+    assert_eq!(names(&out), vec!["join"]);
+
+    let mut r = Rig::uc1();
+    r.input(NodeInput::Send(b"x"));
+    assert!(
+        r.input(NodeInput::Timer(NodeTimer::Usage)).is_empty(),
+        "not due yet"
+    );
+    r.now = r.now.plus(1000);
+    let out = r.input(NodeInput::Timer(NodeTimer::Usage));
+    let b = &sent(&out)[0];
+    let Ok(Message::UsageReport(u)) = wire::decode(b) else {
+        panic!("{out:?}")
+    };
+    assert_eq!(u.uses[0].seals, 1);
+}
+
+// ----------------------------------------------------------------------- data
+
+fn data_from(sender: &mut Rig, plaintext: &[u8]) -> (Vec<u8>, Epoch) {
+    let out = sender.input(NodeInput::Send(plaintext));
+    out.into_iter()
+        .find_map(|a| match a {
+            NodeAction::SendGroup {
+                bytes,
+                data_epoch: Some(e),
+            } => Some((bytes, e)),
+            _ => None,
+        })
+        .expect("data sent")
+}
+
+fn other_node(i: u32, state: Option<(RoundPhase, u32)>, hint: bool) -> Rig {
+    let mut r = Rig::unjoined();
+    r.node = NodeMachine::new(
+        NodeId::parse(&format!("node-{i}")).unwrap(),
+        &initial(i),
+        NodeConfig {
+            epoch_hint: hint,
+            ..node_cfg()
+        },
+    );
+    r.ctl = FakeController::new(i);
+    let out = r.input(NodeInput::LinkUp);
+    let k1 = key(1);
+    let rk = state.map(|(p, e)| (p, key(e)));
+    let st = r.ctl.state(&k1, rk.as_ref().map(|(p, k)| (*p, k)));
+    let ja = r.ctl.join_accept(request_seq(&out), &st);
+    let out = r.feed(&ja);
+    let st = r.ctl.state(&k1, rk.as_ref().map(|(p, k)| (*p, k)));
+    let kr = r.ctl.key_response(request_seq(&out), &st);
+    r.feed(&kr);
+    assert!(r.node.is_synced());
+    r
+}
+
+#[test]
+fn each_state_seals_with_its_key_and_opens_both() {
+    let mut sender_dc = other_node(1, Some((RoundPhase::Distributing, 2)), true);
+    let mut sender_it = other_node(2, Some((RoundPhase::FirstTransition, 2)), true);
+    let (old, e_old) = data_from(&mut sender_dc, b"old key");
+    let (new, e_new) = data_from(&mut sender_it, b"new key");
+    assert_eq!((e_old, e_new), (Epoch(1), Epoch(2)));
+    for mut r in [Rig::dc12(), Rig::it12()] {
+        for (bytes, e) in [(&old, e_old), (&new, e_new)] {
+            let out = r.input(NodeInput::Datagram {
+                from: node_addr(1),
+                bytes,
+            });
+            let d = out.iter().find_map(|a| match a {
+                NodeAction::Deliver(d) => Some(d.clone()),
+                _ => None,
+            });
+            assert_eq!(d.map(|d| (d.epoch, d.trials)), Some((e, 0)));
+        }
+    }
+    // An UpdateCompleted(1) node cannot open epoch 2: that is what S1 prevents.
+    let mut r = Rig::uc1();
+    let out = r.input(NodeInput::Datagram {
+        from: node_addr(1),
+        bytes: &new,
+    });
+    assert_eq!(
+        refusal(&out),
+        Some(Refusal::Undecryptable {
+            sender: 3,
+            reason: OpenError::NoKey(Epoch(2))
+        })
+    );
+}
+
+#[test]
+fn without_the_epoch_hint_the_receiver_tries_its_keys_and_counts_it() {
+    let mut sender = other_node(1, Some((RoundPhase::FirstTransition, 2)), false);
+    let (bytes, _) = data_from(&mut sender, b"no hint");
+    assert_eq!(
+        wire::decode(&bytes).map(|m| matches!(m, Message::Data(d) if d.epoch_hint.is_none())),
+        Ok(true)
+    );
+    let mut r = Rig::dc12();
+    let out = r.input(NodeInput::Datagram {
+        from: node_addr(1),
+        bytes: &bytes,
+    });
+    let d = out.iter().find_map(|a| match a {
+        NodeAction::Deliver(d) => Some(d.clone()),
+        _ => None,
+    });
+    assert_eq!(
+        d.map(|d| (d.epoch, d.trials, d.plaintext)),
+        Some((Epoch(2), 2, b"no hint".to_vec()))
+    );
+    assert_eq!(r.node.keyring().unwrap().trial_opens(), 1);
+}
+
+#[test]
+fn duplicate_data_is_dropped_and_own_data_is_ignored() {
+    let mut sender = other_node(1, None, true);
+    let (bytes, _) = data_from(&mut sender, b"once");
+    let mut r = Rig::uc1();
+    let first = r.input(NodeInput::Datagram {
+        from: node_addr(1),
+        bytes: &bytes,
+    });
+    assert!(first.iter().any(|a| matches!(a, NodeAction::Deliver(_))));
+    let again = r.input(NodeInput::Datagram {
+        from: node_addr(1),
+        bytes: &bytes,
+    });
+    assert!(matches!(
+        refusal(&again),
+        Some(Refusal::DuplicateData { sender: 2, .. })
+    ));
+    let (mine, _) = data_from(&mut r, b"mine");
+    assert!(r
+        .input(NodeInput::Datagram {
+            from: node_addr(0),
+            bytes: &mine
+        })
+        .is_empty());
+}
+
+// ------------------------------------------------------------ persist/restore
+
+#[test]
+fn restore_mid_round_resumes_in_the_same_state_and_asks_with_its_position() {
+    let mut r = Rig::dc12();
+    let snap = r.node.snapshot();
+    let json = serde_json::to_string(&snap).unwrap();
+    let back: NodePersist = serde_json::from_str(&json).unwrap();
+    let mut n = NodeMachine::restore(&back, node_cfg()).unwrap();
+    assert_eq!(n.state(), DC12);
+    assert_eq!(n.member(), Some(1));
+    assert!(
+        !n.is_synced(),
+        "a restart means asking the controller first"
+    );
+    let mut out = Vec::new();
+    n.handle(Time(5000), NodeInput::LinkUp, &mut r.rng, &mut out);
+    let b = &sent(&out)[0];
+    let Ok(Message::KeyRequest(k)) = wire::decode(b) else {
+        panic!()
+    };
+    assert_eq!((k.epoch, k.step), (Epoch(2), Step::KeyUpdate));
+    assert!(k.seq > back.seq_reserved, "never reuses a sequence number");
+    // It carries on with the round from there.
+    let t = r.ctl.transition(Step::FirstTransition, 2);
+    let mut out = Vec::new();
+    n.handle(
+        Time(5001),
+        NodeInput::Datagram {
+            from: ctl_addr(),
+            bytes: &t,
+        },
+        &mut r.rng,
+        &mut out,
+    );
+    assert_eq!(n.state(), IT12);
+}
+
+// --------------------------------------------------- the full state × input table
+
+#[derive(Clone, Copy, Debug)]
+enum In {
+    KeyUpdate(u32),
+    First(u32),
+    Second(u32),
+    UnsolicitedKeyResponse,
+    NodeMessage,
+    Garbage,
+    Data(u32),
+    LinkUp,
+    Send,
+    Resync,
+}
+
+fn data_sealed_with(e: u32) -> Vec<u8> {
+    let k = key(e);
+    let nonce = [5u8; 12];
+    let mut bytes = wire::data_header(7, 1, Some(Epoch(e)), &nonce);
+    let sealed = k.seal(&nonce, &bytes, b"table");
+    bytes.extend_from_slice(&sealed);
+    bytes
+}
+
+fn apply(r: &mut Rig, i: In) -> Vec<NodeAction> {
+    match i {
+        In::KeyUpdate(e) => {
+            let b = r.ctl.key_update(&key(e));
+            r.feed(&b)
+        }
+        In::First(e) => {
+            let b = r.ctl.transition(Step::FirstTransition, e);
+            r.feed(&b)
+        }
+        In::Second(e) => {
+            let b = r.ctl.transition(Step::SecondTransition, e);
+            r.feed(&b)
+        }
+        In::UnsolicitedKeyResponse => {
+            let st = r.ctl.state(&key(1), None);
+            let b = r.ctl.key_response(1 << 40, &st);
+            r.feed(&b)
+        }
+        In::NodeMessage => {
+            let b = wire::mac(
+                wire::key_request(Epoch(1), Step::SecondTransition, 9, 1),
+                &NodeKeys::derive(&initial(0)),
+            );
+            r.feed(&b)
+        }
+        In::Garbage => r.feed(&[1, 3, 0]),
+        In::Data(e) => {
+            let b = data_sealed_with(e);
+            r.input(NodeInput::Datagram {
+                from: node_addr(6),
+                bytes: &b,
+            })
+        }
+        In::LinkUp => r.input(NodeInput::LinkUp),
+        In::Send => r.input(NodeInput::Send(b"app")),
+        In::Resync => {
+            let seq = r.ctl.seq();
+            let b = wire::mac(wire::resync(Epoch(2), seq, r.ctl.member), &r.ctl.keys);
+            r.feed(&b)
+        }
+    }
+}
+
+#[test]
+fn every_state_against_every_input() {
+    use NodeState::Unjoined;
+    let joined = |s: NodeState| -> Rig {
+        match s {
+            UC1 => Rig::uc1(),
+            DC12 => Rig::dc12(),
+            IT12 => Rig::it12(),
+            _ => Rig::unjoined(),
+        }
+    };
+    // (state, input, state after, datagrams sent, refusal kind)
+    type Row = (
+        NodeState,
+        In,
+        NodeState,
+        Vec<&'static str>,
+        Option<&'static str>,
+    );
+    #[rustfmt::skip]
+    let table: Vec<Row> = vec![
+        (Unjoined, In::KeyUpdate(2), Unjoined, vec![], Some("not_joined")),
+        (Unjoined, In::First(2), Unjoined, vec![], Some("not_joined")),
+        (Unjoined, In::Second(2), Unjoined, vec![], Some("not_joined")),
+        (Unjoined, In::UnsolicitedKeyResponse, Unjoined, vec![], Some("not_joined")),
+        (Unjoined, In::NodeMessage, Unjoined, vec![], Some("unexpected")),
+        (Unjoined, In::Garbage, Unjoined, vec![], Some("malformed")),
+        (Unjoined, In::Data(1), Unjoined, vec![], Some("not_joined")),
+        (Unjoined, In::LinkUp, Unjoined, vec!["join"], None),
+        (Unjoined, In::Send, Unjoined, vec![], None),
+        (Unjoined, In::Resync, Unjoined, vec![], Some("not_joined")),
+
+        (UC1, In::KeyUpdate(2), DC12, vec!["key update reply"], None),
+        (UC1, In::KeyUpdate(1), UC1, vec![], Some("outdated")),
+        (UC1, In::KeyUpdate(3), UC1, vec!["key request"], Some("epoch_gap")),
+        (UC1, In::First(2), UC1, vec!["key request"], Some("missing_key")),
+        (UC1, In::Second(2), UC1, vec!["key request"], Some("missing_key")),
+        (UC1, In::First(1), UC1, vec![], Some("outdated")),
+        (UC1, In::Second(1), UC1, vec!["second transition reply"], None),
+        (UC1, In::UnsolicitedKeyResponse, UC1, vec![], Some("unsolicited")),
+        (UC1, In::NodeMessage, UC1, vec![], Some("unexpected")),
+        (UC1, In::Garbage, UC1, vec![], Some("malformed")),
+        (UC1, In::Data(1), UC1, vec![], None),
+        (UC1, In::Data(2), UC1, vec![], Some("undecryptable")),
+        (UC1, In::LinkUp, UC1, vec!["key request"], None),
+        (UC1, In::Send, UC1, vec!["data"], None),
+        (UC1, In::Resync, UC1, vec!["key request"], None),
+
+        (DC12, In::KeyUpdate(2), DC12, vec!["key update reply"], None),
+        (DC12, In::KeyUpdate(3), DC12, vec!["key request"], Some("epoch_gap")),
+        (DC12, In::First(2), IT12, vec!["first transition reply"], None),
+        (DC12, In::Second(2), UC2, vec!["second transition reply"], None),
+        (DC12, In::First(1), DC12, vec![], Some("stale_epoch")),
+        (DC12, In::First(3), DC12, vec!["key request"], Some("epoch_gap")),
+        (DC12, In::UnsolicitedKeyResponse, DC12, vec![], Some("unsolicited")),
+        (DC12, In::NodeMessage, DC12, vec![], Some("unexpected")),
+        (DC12, In::Garbage, DC12, vec![], Some("malformed")),
+        (DC12, In::Data(1), DC12, vec![], None),
+        (DC12, In::Data(2), DC12, vec![], None),
+        (DC12, In::Data(3), DC12, vec![], Some("undecryptable")),
+        (DC12, In::LinkUp, DC12, vec!["key request"], None),
+        (DC12, In::Send, DC12, vec!["data"], None),
+        (DC12, In::Resync, DC12, vec!["key request"], None),
+
+        (IT12, In::KeyUpdate(2), IT12, vec![], Some("outdated")),
+        (IT12, In::KeyUpdate(3), IT12, vec!["key request"], Some("epoch_gap")),
+        (IT12, In::First(2), IT12, vec!["first transition reply"], None),
+        (IT12, In::Second(2), UC2, vec!["second transition reply"], None),
+        (IT12, In::Second(1), IT12, vec![], Some("stale_epoch")),
+        (IT12, In::UnsolicitedKeyResponse, IT12, vec![], Some("unsolicited")),
+        (IT12, In::NodeMessage, IT12, vec![], Some("unexpected")),
+        (IT12, In::Garbage, IT12, vec![], Some("malformed")),
+        (IT12, In::Data(1), IT12, vec![], None),
+        (IT12, In::Data(2), IT12, vec![], None),
+        (IT12, In::LinkUp, IT12, vec!["key request"], None),
+        (IT12, In::Send, IT12, vec!["data"], None),
+        (IT12, In::Resync, IT12, vec!["key request"], None),
+    ];
+    for (state, input, after, replies, refused) in table {
+        let mut r = joined(state);
+        assert_eq!(r.node.state(), state);
+        let out = apply(&mut r, input);
+        let label = format!("{state:?} + {input:?}");
+        assert_eq!(r.node.state(), after, "{label}");
+        assert_eq!(names(&out), replies, "{label}");
+        assert_eq!(refusal(&out).map(|r| r.kind()), refused, "{label}");
+        if state != after {
+            assert!(persisted(&out), "{label}: a state change is persisted");
+        } else if state != Unjoined {
+            // (A fresh unjoined node persists its first block of sequence numbers.)
+            assert!(!persisted(&out), "{label}: nothing to persist");
+        }
+        let delivered = out.iter().any(|a| matches!(a, NodeAction::Deliver(_)));
+        assert_eq!(
+            delivered,
+            matches!(input, In::Data(_)) && refused.is_none(),
+            "{label}"
+        );
+    }
+}
