@@ -632,10 +632,18 @@ fn ratio_range(xs: &[f64]) -> Option<String> {
     if !lo.is_finite() || !hi.is_finite() {
         return None;
     }
-    Some(if format!("{lo:.1}") == format!("{hi:.1}") {
-        format!("{lo:.1}×")
+    // Two decimals below 1×, so that a small ratio does not read as 0.0×.
+    let f = |x: f64| {
+        if x < 1.0 {
+            format!("{x:.2}")
+        } else {
+            format!("{x:.1}")
+        }
+    };
+    Some(if f(lo) == f(hi) {
+        format!("{}×", f(lo))
     } else {
-        format!("{lo:.1}–{hi:.1}×")
+        format!("{}–{}×", f(lo), f(hi))
     })
 }
 
@@ -681,6 +689,32 @@ pub fn readme_block(r: &Results) -> String {
         _ => {
             let _ = writeln!(s, "- **Rotation**: keyfleet's process benchmark did not run in this measurement (see bench/results.md for why); Serf's figures are in the table.");
         }
+    }
+    let sims: Vec<String> = r
+        .sim
+        .iter()
+        .filter(|x| x.error.is_none() && x.converged == Some(true))
+        .filter_map(|x| {
+            x.ms_per_round_p50.map(|m| {
+                format!(
+                    "{} nodes in {} ms ({})",
+                    x.agents,
+                    ms(Some(m)),
+                    if x.transport == "virtual" {
+                        "virtual time"
+                    } else {
+                        "real time, over loopback UDP"
+                    }
+                )
+            })
+        })
+        .collect();
+    if !sims.is_empty() {
+        let _ = writeln!(
+            s,
+            "- **keyfleet alone at scale** (`keyfleet sim`, one round, the simulator's short drain grace): {}.",
+            sims.join("; ")
+        );
     }
     if let Some(d) = &r.datapath {
         let mut seal = Vec::new();
@@ -858,7 +892,11 @@ mod tests {
         let r = sample();
         let block = readme_block(&r);
         assert!(block.contains("4.3–7.6×"), "{block}");
-        assert!(block.contains("without it the round takes 1.0×"), "{block}");
+        assert!(block.contains("without it the round takes 0.99–1.00×"), "{block}");
+        assert!(
+            block.contains("1000 nodes in 2500 ms (virtual time)"),
+            "{block}"
+        );
         assert!(block.contains("bench/rotation.svg"));
         let readme = format!(
             "# x\n\n## Benchmarks\n\nby hand\n{README_START}\nold\n{README_END}\n\n## Next\n"
@@ -869,6 +907,14 @@ mod tests {
         assert!(new.contains(&block));
         assert_eq!(splice_readme(&new, &block).unwrap(), new, "idempotent");
         assert_eq!(splice_readme("no markers", &block), None);
+    }
+
+    #[test]
+    fn small_ratios_keep_two_decimals() {
+        assert_eq!(ratio_range(&[0.02, 0.2]).as_deref(), Some("0.02–0.20×"));
+        assert_eq!(ratio_range(&[1.25, 2.06]).as_deref(), Some("1.2–2.1×"));
+        assert_eq!(ratio_range(&[0.5, 0.5]).as_deref(), Some("0.50×"));
+        assert_eq!(ratio_range(&[]), None);
     }
 
     #[test]
