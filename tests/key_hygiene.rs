@@ -1,0 +1,273 @@
+//! Key hygiene (issue 5, SPEC §7): no key in a `Debug` print, secret files
+//! owner-only, and no key in any log or output of a full run.
+//!
+//! [`Needles`] turns a key into every spelling a leak could take — hex in
+//! lower and upper case, base64 (standard and URL-safe, padded or not), and the
+//! decimal list `Debug` prints for a byte array — and [`Needles::find_in`]
+//! looks for all of them in a text.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+
+use base64::Engine;
+use keyfleet::crypto::{Epoch, GroupKey, InitialKey, Keyring, NodeKeys};
+use keyfleet::protocol::{
+    ControllerConfig, ControllerInput, ControllerMachine, NodeConfig, NodeInput, NodeMachine, Time,
+};
+use keyfleet::wire::NodeId;
+use rand::rngs::OsRng;
+
+/// Every spelling of some keys that a leak could take.
+#[derive(Default)]
+pub struct Needles {
+    spellings: Vec<(String, String)>,
+}
+
+impl Needles {
+    pub fn new() -> Needles {
+        Needles::default()
+    }
+
+    /// Adds `key` under `name`. Spellings shorter than 12 characters are not
+    /// kept (they would match by chance); a 16-byte key gives 32 hex digits.
+    pub fn add(&mut self, name: &str, key: &[u8]) {
+        let hex = hex::encode(key);
+        let mut forms = vec![
+            ("hex".to_owned(), hex.clone()),
+            ("HEX".to_owned(), hex.to_uppercase()),
+            (
+                "base64".to_owned(),
+                base64::engine::general_purpose::STANDARD.encode(key),
+            ),
+            (
+                "base64 unpadded".to_owned(),
+                base64::engine::general_purpose::STANDARD_NO_PAD.encode(key),
+            ),
+            (
+                "base64url".to_owned(),
+                base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(key),
+            ),
+        ];
+        // `{:?}` of a byte array or slice: "[171, 205, ...]"; the first 8 bytes suffice.
+        let dec: Vec<String> = key.iter().take(8).map(|b| b.to_string()).collect();
+        forms.push(("decimal list".to_owned(), dec.join(", ")));
+        forms.push(("decimal list (compact)".to_owned(), dec.join(",")));
+        // Hex with separators every 2 or 4 digits (as the label forms print keys).
+        let mut spaced = String::new();
+        for (i, c) in hex.chars().take(16).enumerate() {
+            if i > 0 && i % 4 == 0 {
+                spaced.push(' ');
+            }
+            spaced.push(c);
+        }
+        forms.push(("hex grouped".to_owned(), spaced.to_uppercase()));
+        for (form, s) in forms {
+            if s.len() >= 12 {
+                self.spellings.push((format!("{name} as {form}"), s));
+            }
+        }
+    }
+
+    /// The spellings found in `text`, as "name as form".
+    pub fn find_in(&self, text: &str) -> Vec<String> {
+        self.spellings
+            .iter()
+            .filter(|(_, s)| text.contains(s.as_str()))
+            .map(|(n, _)| n.clone())
+            .collect()
+    }
+
+    /// How many spellings are looked for.
+    pub fn count(&self) -> usize {
+        self.spellings.len()
+    }
+}
+
+fn bytes_of(key: &GroupKey) -> [u8; 32] {
+    // GroupKey keeps its bytes crate-private; its serde form is the way out
+    // (the same way a state file stores it).
+    let v = serde_json::to_value(key).unwrap();
+    let arr: Vec<u8> = serde_json::from_value(v["bytes"].clone()).unwrap();
+    arr.try_into().unwrap()
+}
+
+#[test]
+fn needles_find_every_spelling_and_nothing_else() {
+    let key = [
+        0xabu8, 0xcd, 0x01, 0x23, 0x45, 0x67, 0x89, 0xef, 0x10, 0x32, 0x54, 0x76, 0x98, 0xba, 0xdc,
+        0xfe,
+    ];
+    let mut n = Needles::new();
+    n.add("k", &key);
+    assert!(n.count() >= 6);
+    for text in [
+        "key=abcd0123456789ef1032547698badcfe",
+        "KEY ABCD0123456789EF1032547698BADCFE",
+        "q80BI0Vnie8QMlR2mLrc/g==",
+        "[171, 205, 1, 35, 69, 103, 137, 239, 16]",
+        "ABCD 0123 4567 89EF",
+    ] {
+        assert!(!n.find_in(text).is_empty(), "missed in {text:?}");
+    }
+    assert!(n.find_in("abcd0123 check 4567").is_empty());
+}
+
+/// `Debug` of every type that holds key material prints no key, in any spelling.
+#[test]
+fn debug_of_key_types_prints_no_key_material() {
+    let mut needles = Needles::new();
+    let initial = InitialKey([
+        0x5a, 0x17, 0xc3, 0x99, 0x04, 0xe1, 0x7b, 0x28, 0x66, 0xd0, 0x3f, 0x81, 0xa2, 0x4c, 0xb5,
+        0x0e,
+    ]);
+    needles.add("initial key", &initial.0);
+    let g1 = GroupKey::generate(Epoch(1), &mut OsRng);
+    let g2 = GroupKey::generate(Epoch(2), &mut OsRng);
+    needles.add("group key 1", &bytes_of(&g1));
+    needles.add("group key 2", &bytes_of(&g2));
+    let node_keys = NodeKeys::derive(&initial);
+    {
+        let v = serde_json::to_value(&node_keys).unwrap();
+        for field in ["kek", "mac"] {
+            let b: Vec<u8> = serde_json::from_value(v[field].clone()).unwrap();
+            needles.add(&format!("node {field}"), &b);
+        }
+    }
+    let mut ring = Keyring::new(g1.clone());
+    ring.install_new(g2.clone()).unwrap();
+
+    // A controller and a node that joined it: their snapshots hold every key.
+    let mut out = Vec::new();
+    let mut ctl =
+        ControllerMachine::new(ControllerConfig::default(), Time(1), &mut OsRng, &mut out);
+    let id = NodeId::parse("pump-1").unwrap();
+    let addr = "192.0.2.5:7001".parse().unwrap();
+    ctl.handle(
+        Time(1),
+        ControllerInput::Enroll {
+            node_id: id.clone(),
+            initial_key: initial.clone(),
+            addr,
+        },
+        &mut OsRng,
+        &mut out,
+    )
+    .unwrap();
+    let core = ctl.core();
+    {
+        let v = serde_json::to_value(&core).unwrap();
+        let seed: Vec<u8> = serde_json::from_value(v["signing_key"].clone()).unwrap();
+        needles.add("controller signing key", &seed);
+        let cur: Vec<u8> = serde_json::from_value(v["current"]["bytes"].clone()).unwrap();
+        needles.add("controller's current group key", &cur);
+    }
+    let mut node = NodeMachine::new(id, &initial, NodeConfig::default());
+    let mut n_out = Vec::new();
+    node.handle(Time(1), NodeInput::LinkUp, &mut OsRng, &mut n_out);
+
+    let mut secrets = keyfleet::secrets::ControllerSecrets::generate();
+    secrets.set_initial_key("pump-1", &initial.0);
+    secrets.current = Some(keyfleet::secrets::EpochKey {
+        epoch: 2,
+        key: bytes_of(&g2),
+    });
+    needles.add("secrets signing seed", &secrets.signing_seed);
+
+    let label_key = keyfleet_drivers::label::InitialKey::from_bytes(initial.0);
+
+    let prints: Vec<(&str, String)> = vec![
+        ("InitialKey", format!("{initial:?} {initial:#?}")),
+        ("GroupKey", format!("{g1:?} {g2:#?}")),
+        ("NodeKeys", format!("{node_keys:?} {node_keys:#?}")),
+        ("Keyring", format!("{ring:?} {ring:#?}")),
+        ("ControllerCore", format!("{core:?} {core:#?}")),
+        (
+            "ControllerPersist",
+            format!("{:?} {:#?}", ctl.snapshot(), ctl.snapshot()),
+        ),
+        (
+            "NodePersist",
+            format!("{:?} {:#?}", node.snapshot(), node.snapshot()),
+        ),
+        ("controller actions", format!("{out:?}")),
+        ("node actions", format!("{n_out:?}")),
+        ("ControllerSecrets", format!("{secrets:?} {secrets:#?}")),
+        (
+            "drivers label InitialKey",
+            format!("{label_key:?} {label_key:#?}"),
+        ),
+    ];
+    assert!(needles.count() > 40);
+    for (what, text) in &prints {
+        let found = needles.find_in(text);
+        assert!(found.is_empty(), "Debug of {what} shows {found:?}:\n{text}");
+    }
+    // The check values are what may be shown instead; make sure they are there.
+    assert!(prints[1].1.contains(&g1.check_value().to_string()));
+}
+
+/// Every file under `dir` is readable by its owner only, every directory 0700.
+pub fn assert_owner_only(dir: &Path) {
+    for entry in walk(dir) {
+        let meta = std::fs::symlink_metadata(&entry).unwrap();
+        let mode = meta.permissions().mode() & 0o777;
+        if meta.is_dir() {
+            assert_eq!(
+                mode & 0o077,
+                0,
+                "directory {} has mode {mode:o}",
+                entry.display()
+            );
+        } else if meta.is_file() {
+            assert_eq!(
+                mode & 0o077,
+                0,
+                "file {} has mode {mode:o}",
+                entry.display()
+            );
+        }
+    }
+}
+
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = vec![dir.to_path_buf()];
+    let mut i = 0;
+    while i < out.len() {
+        let p = out[i].clone();
+        if std::fs::symlink_metadata(&p)
+            .map(|m| m.is_dir())
+            .unwrap_or(false)
+        {
+            for e in std::fs::read_dir(&p).unwrap().flatten() {
+                out.push(e.path());
+            }
+        }
+        i += 1;
+    }
+    out
+}
+
+/// The library's writers of secrets leave owner-only files in owner-only
+/// directories, and the files hold no key in a spelling other than the one
+/// their format documents (the secrets file stores hex inside a hex payload).
+#[test]
+fn secret_files_written_by_the_library_are_owner_only() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("state");
+    let mut secrets = keyfleet::secrets::ControllerSecrets::generate();
+    secrets.set_initial_key("pump-1", &[7u8; 16]);
+    keyfleet::secrets::save(
+        &dir.join("secrets.json"),
+        &secrets,
+        None,
+        keyfleet::secrets::SealParams::default(),
+    )
+    .unwrap();
+    let node = NodeMachine::new(
+        NodeId::parse("pump-1").unwrap(),
+        &InitialKey([7u8; 16]),
+        NodeConfig::default(),
+    );
+    keyfleet::statefile::write_json(&dir.join("node.json"), &node.snapshot()).unwrap();
+    assert_owner_only(&dir);
+}
