@@ -400,6 +400,12 @@ fn forged_replayed_altered_truncated_and_oversized_datagrams_move_nothing() {
     let mut rng = ChaCha20Rng::seed_from_u64(99);
     let attacks = forge::everything(&overheard, f.ctl.current_epoch(), &members, &mut rng);
     assert!(attacks.len() > 500, "{} attacks", attacks.len());
+    eprintln!(
+        "{} attack datagrams built from {} overheard, each to the group and by unicast to {} nodes and the controller",
+        attacks.len(),
+        overheard.len(),
+        NODES
+    );
     f.refusals.clear();
     assert_unmoved(&mut f, &attacks);
 
