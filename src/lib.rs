@@ -56,6 +56,9 @@ pub mod sim;
 pub mod wire;
 
 // The shells' building blocks.
+pub mod agent;
+pub mod config;
+pub mod controller;
 pub mod net;
 pub mod secrets;
 pub mod statefile;

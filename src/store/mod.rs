@@ -25,7 +25,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use rusqlite::{params, Connection, OptionalExtension, Transaction};
+use rusqlite::{params, Connection, OptionalExtension};
 use serde::Serialize;
 
 pub use schema::SCHEMA_VERSION;
@@ -294,7 +294,7 @@ fn opt_u64(column: &'static str, v: Option<i64>) -> Result<Option<u64>> {
 }
 
 fn audit_in(
-    tx: &Transaction<'_>,
+    tx: &Connection,
     kind: AuditKind,
     node: Option<&str>,
     detail: &serde_json::Value,
@@ -416,6 +416,24 @@ impl Store {
         }
     }
 
+    /// Runs `f` as one transaction: every change it makes through this store
+    /// commits together, with one fsync, or not at all when it returns an error.
+    /// (Each method opens a savepoint, so it nests inside the batch; one that
+    /// fails inside the batch undoes only its own rows.)
+    pub fn batch<R>(&mut self, f: impl FnOnce(&mut Store) -> Result<R>) -> Result<R> {
+        self.conn.execute_batch("BEGIN IMMEDIATE")?;
+        match f(self) {
+            Ok(r) => {
+                self.conn.execute_batch("COMMIT")?;
+                Ok(r)
+            }
+            Err(e) => {
+                let _ = self.conn.execute_batch("ROLLBACK");
+                Err(e)
+            }
+        }
+    }
+
     // ----- nodes -----
 
     /// Enrolls a node (or re-enrolls a removed one, keeping its member number);
@@ -428,7 +446,7 @@ impl Store {
         now_ms: u64,
     ) -> Result<NodeRecord> {
         check_address(address)?;
-        let tx = self.conn.transaction()?;
+        let tx = self.conn.savepoint()?;
         let existing: Option<Option<i64>> = tx
             .query_row(
                 "SELECT removed_at_ms FROM nodes WHERE node_id = ?1",
@@ -469,7 +487,7 @@ impl Store {
 
     /// Marks a node removed (it keeps its row and history); audits it.
     pub fn remove_node(&mut self, node_id: &str, reason: &str, now_ms: u64) -> Result<()> {
-        let tx = self.conn.transaction()?;
+        let tx = self.conn.savepoint()?;
         let n = tx.execute(
             "UPDATE nodes SET removed_at_ms = ?2 WHERE node_id = ?1 AND removed_at_ms IS NULL",
             params![node_id, to_i64(now_ms)?],
@@ -510,7 +528,7 @@ impl Store {
         epoch: Option<u64>,
         now_ms: u64,
     ) -> Result<()> {
-        let tx = self.conn.transaction()?;
+        let tx = self.conn.savepoint()?;
         {
             let mut stmt = tx.prepare_cached(
                 "UPDATE nodes SET state = ?2, epoch = ?3, last_seen_ms = ?4
@@ -529,7 +547,7 @@ impl Store {
 
     /// Records that the given nodes were heard from at `now_ms`.
     pub fn node_seen<S: AsRef<str>>(&mut self, node_ids: &[S], now_ms: u64) -> Result<()> {
-        let tx = self.conn.transaction()?;
+        let tx = self.conn.savepoint()?;
         {
             let mut stmt = tx.prepare_cached(
                 "UPDATE nodes SET last_seen_ms = MAX(COALESCE(last_seen_ms, 0), ?2) WHERE node_id = ?1",
@@ -575,7 +593,7 @@ impl Store {
         reason: &str,
         now_ms: u64,
     ) -> Result<()> {
-        let tx = self.conn.transaction()?;
+        let tx = self.conn.savepoint()?;
         let n = tx.execute(
             "UPDATE nodes SET stale = ?2 WHERE node_id = ?1 AND removed_at_ms IS NULL",
             params![node_id, stale],
@@ -660,7 +678,7 @@ impl Store {
         recipients: &[S],
         now_ms: u64,
     ) -> Result<()> {
-        let tx = self.conn.transaction()?;
+        let tx = self.conn.savepoint()?;
         let e = to_i64(epoch)?;
         let exists: bool = tx.query_row(
             "SELECT EXISTS (SELECT 1 FROM keys WHERE epoch = ?1)",
@@ -720,7 +738,7 @@ impl Store {
         node_ids: &[S],
         now_ms: u64,
     ) -> Result<()> {
-        let tx = self.conn.transaction()?;
+        let tx = self.conn.savepoint()?;
         {
             let (e, now) = (to_i64(epoch)?, to_i64(now_ms)?);
             Self::check_epoch(&tx, epoch)?;
@@ -748,7 +766,7 @@ impl Store {
         node_ids: &[S],
         now_ms: u64,
     ) -> Result<()> {
-        let tx = self.conn.transaction()?;
+        let tx = self.conn.savepoint()?;
         {
             let (e, now) = (to_i64(epoch)?, to_i64(now_ms)?);
             Self::check_epoch(&tx, epoch)?;
@@ -769,7 +787,7 @@ impl Store {
         Ok(())
     }
 
-    fn check_epoch(tx: &Transaction<'_>, epoch: u64) -> Result<()> {
+    fn check_epoch(tx: &Connection, epoch: u64) -> Result<()> {
         let exists: bool = tx.query_row(
             "SELECT EXISTS (SELECT 1 FROM keys WHERE epoch = ?1)",
             [to_i64(epoch)?],
@@ -907,7 +925,7 @@ impl Store {
 
     /// Moves round `id` to `phase`, recording how long the phase it leaves lasted.
     pub fn round_phase(&mut self, id: i64, phase: Phase, now_ms: u64) -> Result<()> {
-        let tx = self.conn.transaction()?;
+        let tx = self.conn.savepoint()?;
         Self::close_phase(&tx, id, now_ms)?;
         tx.execute(
             "UPDATE rounds SET phase = ?2, phase_started_at_ms = ?3 WHERE id = ?1",
@@ -927,7 +945,7 @@ impl Store {
         stale: u64,
         now_ms: u64,
     ) -> Result<()> {
-        let tx = self.conn.transaction()?;
+        let tx = self.conn.savepoint()?;
         Self::close_phase(&tx, id, now_ms)?;
         let now = to_i64(now_ms)?;
         tx.execute(
@@ -946,7 +964,7 @@ impl Store {
         Ok(())
     }
 
-    fn close_phase(tx: &Transaction<'_>, id: i64, now_ms: u64) -> Result<()> {
+    fn close_phase(tx: &Connection, id: i64, now_ms: u64) -> Result<()> {
         let (phase, since): (String, i64) = tx
             .query_row(
                 "SELECT phase, phase_started_at_ms FROM rounds WHERE id = ?1",
@@ -1070,7 +1088,7 @@ impl Store {
         detail: &serde_json::Value,
         now_ms: u64,
     ) -> Result<i64> {
-        let tx = self.conn.transaction()?;
+        let tx = self.conn.savepoint()?;
         audit_in(&tx, kind, node_id, detail, now_ms)?;
         let id = tx.last_insert_rowid();
         tx.commit()?;

@@ -347,3 +347,29 @@ fn refuses_a_file_that_is_not_a_database() {
     let msg = Store::open(&path).unwrap_err().to_string();
     assert!(msg.contains("fleet.db"), "{msg}");
 }
+
+#[test]
+fn batch_commits_together_and_a_failed_call_inside_undoes_only_itself() {
+    let (_d, mut s) = open();
+    s.batch(|s| {
+        s.enroll_node("a", "127.0.0.1:9001", "c0ffee", 1_000)?;
+        // Fails (unknown node): its savepoint rolls back, the batch goes on.
+        assert!(matches!(
+            s.node_seen(&["ghost"], 1_001),
+            Err(StoreError::UnknownNode(_))
+        ));
+        s.enroll_node("b", "127.0.0.1:9002", "beef01", 1_002)?;
+        Ok(())
+    })
+    .unwrap();
+    let ids: Vec<_> = s.nodes().unwrap().into_iter().map(|n| n.node_id).collect();
+    assert_eq!(ids, ["a", "b"]);
+    // A batch that returns an error leaves nothing behind.
+    let err = s.batch(|s| {
+        s.enroll_node("c", "127.0.0.1:9003", "0a0b0c", 1_003)?;
+        s.enroll_node("a", "127.0.0.1:9001", "c0ffee", 1_004)
+    });
+    assert!(matches!(err, Err(StoreError::AlreadyEnrolled(_))));
+    assert!(s.node("c").unwrap().is_none());
+    assert_eq!(s.integrity_check().unwrap(), Ok(()));
+}

@@ -1,9 +1,13 @@
 //! `keyfleet`: the installer and controller CLI.
 use clap::{Parser, Subcommand};
 
+mod enroll;
+mod fleet;
 #[cfg(feature = "drivers")]
 mod input;
+mod rekey;
 mod sim;
+mod status;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -12,6 +16,8 @@ mod sim;
     about = "Keeps one group key fresh across a fleet of appliances"
 )]
 struct Cli {
+    #[command(flatten)]
+    global: fleet::GlobalArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -26,6 +32,22 @@ enum Command {
     /// List candidate devices for the key sources (hidraw, serial ports, video devices, removable media).
     #[cfg(feature = "drivers")]
     Devices(input::DevicesArgs),
+    /// Create the controller: signing key, first group key, management table (never overwrites).
+    Init(fleet::InitArgs),
+    /// Enroll an appliance: node id, address, initial key.
+    Enroll(enroll::EnrollArgs),
+    /// The fleet table: every node, its state, epoch, last seen, stale or not.
+    Status(status::StatusArgs),
+    /// Run one rekey round across the fleet.
+    Rekey(rekey::RekeyArgs),
+    /// Remove a node: a rekey round that leaves it out.
+    Remove(rekey::RemoveArgs),
+    /// Key history (sent to whom and when, acknowledged when), rounds, audit log.
+    History(status::HistoryArgs),
+    /// The controller daemon: triggers, joins, key requests, usage reports, control socket.
+    Serve(fleet::ServeArgs),
+    /// Print the configuration (or, with --print-default, every key with its default).
+    Config(fleet::ConfigArgs),
 }
 
 fn main() -> anyhow::Result<std::process::ExitCode> {
@@ -36,5 +58,23 @@ fn main() -> anyhow::Result<std::process::ExitCode> {
         Command::ReadKey(a) => input::read_key(a).map(|()| std::process::ExitCode::SUCCESS),
         #[cfg(feature = "drivers")]
         Command::Devices(a) => input::devices(a).map(|()| std::process::ExitCode::SUCCESS),
+        Command::Init(a) => fleet::init(&cli.global, a).map(|()| std::process::ExitCode::SUCCESS),
+        Command::Enroll(a) => {
+            enroll::enroll(&cli.global, a).map(|()| std::process::ExitCode::SUCCESS)
+        }
+        Command::Status(a) => {
+            status::status(&cli.global, a).map(|()| std::process::ExitCode::SUCCESS)
+        }
+        Command::Rekey(a) => rekey::rekey(&cli.global, a).map(|()| std::process::ExitCode::SUCCESS),
+        Command::Remove(a) => {
+            rekey::remove(&cli.global, a).map(|()| std::process::ExitCode::SUCCESS)
+        }
+        Command::History(a) => {
+            status::history(&cli.global, a).map(|()| std::process::ExitCode::SUCCESS)
+        }
+        Command::Serve(a) => fleet::serve(&cli.global, a).map(|()| std::process::ExitCode::SUCCESS),
+        Command::Config(a) => {
+            fleet::config(&cli.global, a).map(|()| std::process::ExitCode::SUCCESS)
+        }
     }
 }

@@ -1,0 +1,125 @@
+//! `keyfleet enroll`: add an appliance to the management table under its
+//! node id, address and initial key (typed as a FORM, or read from a source).
+use std::net::{SocketAddr, ToSocketAddrs};
+
+use anyhow::{bail, Context};
+use clap::Args;
+use keyfleet::controller::control::{self, Reply, Request};
+use keyfleet::controller::EnrollReport;
+use keyfleet::crypto::InitialKey;
+use keyfleet::wire::NodeId;
+use zeroize::Zeroizing;
+
+use crate::fleet::{self, GlobalArgs};
+use crate::rekey::{route, Route};
+
+/// `keyfleet enroll`.
+#[derive(Args, Debug)]
+#[command(
+    after_help = "FORM is the hex form (36 hex digits: key + CRC-16), the decimal form \
+(41 digits: key + 2 check digits) or a label KF1:<node-id>:<hex form>, whose node id stands in \
+for --node-id. With --from, the key is read from a peripheral source instead. The node gets the \
+group key when it joins (a running `keyfleet serve` answers at once; otherwise the next \
+`keyfleet rekey`)."
+)]
+pub struct EnrollArgs {
+    /// The node's id (1–64 of A-Z a-z 0-9 . _ -); a label's node id may supply it.
+    #[arg(long, value_name = "ID")]
+    pub node_id: Option<String>,
+    /// Where the node's agent listens (its --listen), HOST:PORT.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub addr: String,
+    /// The initial key as printed on the appliance (hex form, decimal form or label).
+    #[arg(long, value_name = "FORM", conflicts_with = "from")]
+    pub key: Option<String>,
+    #[cfg(feature = "drivers")]
+    #[command(flatten)]
+    pub source: Option<crate::input::KeySourceArgs>,
+    /// Print {node_id, member, address, fingerprint} as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// The key and the node id the input carried.
+fn read_key(a: &EnrollArgs) -> anyhow::Result<(InitialKey, Option<String>)> {
+    #[cfg(feature = "drivers")]
+    {
+        use keyfleet_drivers::label;
+        let parsed = if let Some(form) = &a.key {
+            let form = Zeroizing::new(form.clone());
+            label::parse(&form).context("the initial key (--key) was refused")?
+        } else if let Some(src) = &a.source {
+            crate::input::read_initial_key(src, false)?.parsed
+        } else {
+            bail!("give the initial key: --key FORM, or --from SOURCE");
+        };
+        let key = InitialKey(*parsed.key.as_bytes());
+        Ok((key, parsed.node_id.map(|n| n.as_str().to_owned())))
+    }
+    #[cfg(not(feature = "drivers"))]
+    {
+        let _ = (a, Zeroizing::new(()));
+        bail!("this keyfleet was built without the key forms (feature `drivers`); rebuild with default features")
+    }
+}
+
+fn resolve(addr: &str) -> anyhow::Result<SocketAddr> {
+    let mut addrs = addr
+        .to_socket_addrs()
+        .with_context(|| format!("--addr {addr:?} is not HOST:PORT (e.g. 192.168.1.20:7778)"))?;
+    addrs
+        .find(SocketAddr::is_ipv4)
+        .with_context(|| format!("--addr {addr:?} has no IPv4 address"))
+}
+
+pub fn enroll(g: &GlobalArgs, a: EnrollArgs) -> anyhow::Result<()> {
+    fleet::init_logging("warn");
+    let addr = resolve(&a.addr)?;
+    let (key, label_id) = read_key(&a)?;
+    let node_id = match (&a.node_id, label_id) {
+        (Some(given), Some(l)) if *given != l => {
+            bail!(
+                "--node-id {given} differs from the node id {l} on the label; check the appliance"
+            )
+        }
+        (Some(given), _) => given.clone(),
+        (None, Some(l)) => l,
+        (None, None) => bail!("give --node-id ID (the key form carried no node id)"),
+    };
+    let node_id = NodeId::parse(&node_id)
+        .map_err(|e| anyhow::anyhow!("{node_id:?} is not a node id: {e}"))?;
+    let st = g.state_dir()?;
+    let rt = fleet::runtime()?;
+    let report: EnrollReport = rt.block_on(async {
+        match route(&st, || g.options(None)).await? {
+            Route::Serve(s) => {
+                let req = Request::Enroll {
+                    node_id: node_id.to_string(),
+                    addr: addr.to_string(),
+                    key: Zeroizing::new(hex::encode(key.0)),
+                };
+                match control::call(s, &req, |_| {})
+                    .await
+                    .context("talking to keyfleet serve")?
+                {
+                    Reply::Enrolled(r) => Ok(r),
+                    Reply::Error { message } => bail!("keyfleet serve refused: {message}"),
+                    other => bail!("keyfleet serve answered {other:?}"),
+                }
+            }
+            Route::Here(mut c) => c
+                .enroll(node_id.clone(), key, addr)
+                .await
+                .with_context(|| format!("while enrolling {node_id}")),
+        }
+    })?;
+    if a.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        println!(
+            "enrolled {} as member {} at {} (initial key fingerprint {})",
+            report.node_id, report.member, report.address, report.fingerprint
+        );
+    }
+    Ok(())
+}

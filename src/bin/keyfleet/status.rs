@@ -1,0 +1,182 @@
+//! `keyfleet status` (the fleet table) and `keyfleet history` (keys, rounds,
+//! audit), read from the management table; they work while `serve` runs.
+use clap::Args;
+use serde::Serialize;
+
+use keyfleet::store::{AuditRecord, KeyRecord, NodeRecord, RoundRecord};
+
+use crate::fleet::{when, GlobalArgs};
+
+/// `keyfleet status`.
+#[derive(Args, Debug)]
+pub struct StatusArgs {
+    /// Print {epoch, round, nodes} as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Serialize)]
+struct Status {
+    epoch: Option<u64>,
+    round: Option<RoundRecord>,
+    nodes: Vec<NodeRecord>,
+}
+
+fn ago(now: u64, ms: Option<u64>) -> String {
+    match ms {
+        None => "never".into(),
+        Some(t) => {
+            let s = now.saturating_sub(t) / 1000;
+            match s {
+                0..=119 => format!("{s}s ago"),
+                120..=7199 => format!("{}m ago", s / 60),
+                _ => format!("{}h ago", s / 3600),
+            }
+        }
+    }
+}
+
+pub fn status(g: &GlobalArgs, a: StatusArgs) -> anyhow::Result<()> {
+    let store = g.state_dir()?.open_table()?;
+    let st = Status {
+        epoch: store.current_epoch()?,
+        round: store.unfinished_round()?,
+        nodes: store.nodes()?,
+    };
+    if a.json {
+        println!("{}", serde_json::to_string(&st)?);
+        return Ok(());
+    }
+    let now = keyfleet::net::Clock::wall().now_ms();
+    match (&st.epoch, &st.round) {
+        (e, Some(r)) => println!(
+            "group key epoch {}; round for epoch {} in phase {} since {}",
+            e.unwrap_or(0),
+            r.epoch,
+            r.phase,
+            when(r.phase_started_at_ms)
+        ),
+        (e, None) => println!("group key epoch {}; no round in progress", e.unwrap_or(0)),
+    }
+    println!(
+        "{:<20} {:>6} {:<21} {:<22} {:>6} {:<10} {:<6} KEY CHECK",
+        "NODE", "MEMBER", "ADDRESS", "STATE", "EPOCH", "LAST SEEN", "STALE"
+    );
+    for n in &st.nodes {
+        println!(
+            "{:<20} {:>6} {:<21} {:<22} {:>6} {:<10} {:<6} {}",
+            n.node_id,
+            n.member_no,
+            n.address,
+            n.state.as_str(),
+            n.epoch.map_or("-".into(), |e| e.to_string()),
+            ago(now, n.last_seen_ms),
+            if n.stale { "stale" } else { "" },
+            n.key_check
+        );
+    }
+    println!("{} nodes", st.nodes.len());
+    Ok(())
+}
+
+/// `keyfleet history`.
+#[derive(Args, Debug)]
+pub struct HistoryArgs {
+    /// Print {keys, rounds, audit} as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Audit entries to show, newest last (0: none).
+    #[arg(long, value_name = "N", default_value_t = 50)]
+    pub audit: u32,
+}
+
+#[derive(Serialize)]
+struct History {
+    keys: Vec<KeyRecord>,
+    rounds: Vec<RoundRecord>,
+    audit: Vec<AuditRecord>,
+}
+
+fn last_audit(store: &keyfleet::store::Store, n: u32) -> anyhow::Result<Vec<AuditRecord>> {
+    if n == 0 {
+        return Ok(Vec::new());
+    }
+    // The log is read forward in pages; keep the last n.
+    let mut out: std::collections::VecDeque<AuditRecord> = Default::default();
+    let mut after = 0;
+    loop {
+        let page = store.audit_log(after, 1000)?;
+        let Some(last) = page.last() else { break };
+        after = last.id;
+        for r in page {
+            if out.len() == n as usize {
+                out.pop_front();
+            }
+            out.push_back(r);
+        }
+    }
+    Ok(out.into())
+}
+
+pub fn history(g: &GlobalArgs, a: HistoryArgs) -> anyhow::Result<()> {
+    let store = g.state_dir()?.open_table()?;
+    let h = History {
+        keys: store.history()?,
+        rounds: store.rounds()?,
+        audit: last_audit(&store, a.audit)?,
+    };
+    if a.json {
+        println!("{}", serde_json::to_string(&h)?);
+        return Ok(());
+    }
+    println!("KEYS");
+    for k in &h.keys {
+        println!(
+            "  epoch {:<4} created {}  check {}  trigger {}{}",
+            k.epoch,
+            when(k.created_at_ms),
+            k.check_value,
+            k.trigger,
+            k.retired_at_ms
+                .map_or(String::new(), |t| format!("  retired {}", when(t)))
+        );
+        for d in &k.deliveries {
+            println!(
+                "    {:<20} sent {} ({} times)  acknowledged {}",
+                d.node_id,
+                d.first_sent_at_ms.map_or("-".into(), when),
+                d.attempts,
+                d.acked_at_ms.map_or("-".into(), when)
+            );
+        }
+    }
+    println!("ROUNDS");
+    for r in &h.rounds {
+        let p = &r.phases_ms;
+        println!(
+            "  epoch {:<4} started {}  {}  nodes {} acked {} stale {}  distribute {} ms, first transition {} ms, second transition {} ms",
+            r.epoch,
+            when(r.started_at_ms),
+            r.outcome.map_or(format!("in phase {}", r.phase), |o| o.to_string()),
+            r.nodes,
+            r.acked.map_or("-".into(), |v| v.to_string()),
+            r.stale.map_or("-".into(), |v| v.to_string()),
+            p.distribute.unwrap_or(0),
+            p.first_transition.unwrap_or(0),
+            p.second_transition.unwrap_or(0),
+        );
+    }
+    if a.audit > 0 {
+        println!("AUDIT (last {})", a.audit);
+        for e in &h.audit {
+            println!(
+                "  {}  {:<11} {:<20} {}",
+                when(e.at_ms),
+                e.kind.as_str(),
+                e.node_id.as_deref().unwrap_or("-"),
+                e.detail
+            );
+        }
+    }
+    Ok(())
+}

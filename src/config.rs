@@ -1,0 +1,386 @@
+//! The controller's configuration file (TOML), with every default in one place.
+//!
+//! `keyfleet --config FILE` reads it; command-line flags override it; anything
+//! it leaves out takes the default below. `keyfleet config --print-default`
+//! prints [`Config::default_toml`], the whole file with its defaults and
+//! comments. Unknown keys are refused, so a typo is an error, not a silent default.
+//!
+//! Count and age triggers are switched off with `0`.
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::net::{DEFAULT_GROUP, DEFAULT_IFACE};
+use crate::protocol::{ControllerConfig, TriggerConfig};
+
+/// The controller's unicast port unless told otherwise (the port the agents'
+/// `NodeConfig::controller` names by default).
+pub const DEFAULT_CONTROLLER_PORT: u16 = 47800;
+
+/// What went wrong with the configuration file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read the configuration file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the configuration file {path} is not valid: {message}(`keyfleet config --print-default` shows every key)")]
+    Parse { path: PathBuf, message: String },
+    #[error("{key} = {value} is not allowed: {reason}")]
+    Value {
+        key: &'static str,
+        value: String,
+        reason: &'static str,
+    },
+}
+
+/// The whole file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub network: NetworkConfig,
+    pub round: RoundConfig,
+    pub triggers: TriggersConfig,
+    pub secrets: SecretsConfig,
+    pub rekey: RekeyConfig,
+}
+
+/// `[network]`: where the fleet is.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NetworkConfig {
+    /// The multicast group and port the fleet shares (`--group`).
+    pub group: SocketAddrV4,
+    /// The local interface address to join the group on and send from (`--iface`);
+    /// 0.0.0.0 lets the routing table choose, 127.0.0.1 is loopback (tests).
+    pub iface: Ipv4Addr,
+    /// The controller's unicast port, on `iface` (`--listen-port`); agents send
+    /// their joins, replies and usage reports here or to the group.
+    pub listen_port: u16,
+}
+
+impl Default for NetworkConfig {
+    fn default() -> Self {
+        NetworkConfig {
+            group: DEFAULT_GROUP,
+            iface: DEFAULT_IFACE,
+            listen_port: DEFAULT_CONTROLLER_PORT,
+        }
+    }
+}
+
+/// `[round]`: the timing of a rekey round (SPEC §2).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RoundConfig {
+    /// Wait after every node confirmed the first transition before the second;
+    /// longer than any datagram stays in flight.
+    pub drain_grace_ms: u64,
+    /// First retry of a request after this long, doubling…
+    pub retry_initial_ms: u64,
+    /// …up to this.
+    pub retry_max_ms: u64,
+    /// ± jitter on every retry, in percent.
+    pub retry_jitter_pct: u8,
+    /// Sends of each request to the whole group before per-node unicast.
+    pub group_attempts: u32,
+    /// A node that has not answered this long after a phase began is stale.
+    pub stale_after_ms: u64,
+}
+
+impl Default for RoundConfig {
+    fn default() -> Self {
+        let c = ControllerConfig::default();
+        RoundConfig {
+            drain_grace_ms: c.drain_grace_ms,
+            retry_initial_ms: c.retry_initial_ms,
+            retry_max_ms: c.retry_max_ms,
+            retry_jitter_pct: c.retry_jitter_pct,
+            group_attempts: c.group_attempts,
+            stale_after_ms: c.stale_after_ms,
+        }
+    }
+}
+
+/// `[triggers]`: when `keyfleet serve` rekeys by itself (SPEC §3); `0` is off.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TriggersConfig {
+    /// Fleet-wide encryptions under the current key above which to rekey.
+    pub max_encryptions: u64,
+    /// Fleet-wide decryptions under the current key above which to rekey.
+    pub max_decryptions: u64,
+    /// Encryptions + decryptions above which to rekey.
+    pub max_total: u64,
+    /// Rekey when the current key is older than this many ms.
+    pub max_key_age_ms: u64,
+    /// Rekey when group data comes from a sender not in the management table.
+    pub on_unknown_sender: bool,
+    /// Rekey when a node is removed, so that it does not get the new key.
+    pub on_node_removed: bool,
+    /// Allow `keyfleet rekey`.
+    pub manual: bool,
+}
+
+impl Default for TriggersConfig {
+    fn default() -> Self {
+        let t = TriggerConfig::default();
+        TriggersConfig {
+            max_encryptions: t.max_encryptions.unwrap_or(0),
+            max_decryptions: t.max_decryptions.unwrap_or(0),
+            max_total: t.max_total.unwrap_or(0),
+            max_key_age_ms: t.max_key_age_ms.unwrap_or(0),
+            on_unknown_sender: t.on_unknown_sender,
+            on_node_removed: t.on_node_removed,
+            manual: t.manual,
+        }
+    }
+}
+
+/// `[secrets]`: the passphrase that seals the controller's secrets at rest.
+///
+/// With a passphrase, `keyfleet init` seals the secrets file (Argon2id +
+/// AES-256-GCM) and every later command needs the same passphrase. Without one
+/// the file is owner-only plaintext.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SecretsConfig {
+    /// Read the passphrase from this file (its first line; the file must be
+    /// owner-only). `--passphrase-file` overrides it.
+    pub passphrase_file: Option<PathBuf>,
+    /// Otherwise read it from this environment variable, when set.
+    pub passphrase_env: String,
+}
+
+impl Default for SecretsConfig {
+    fn default() -> Self {
+        SecretsConfig {
+            passphrase_file: None,
+            passphrase_env: "KEYFLEET_PASSPHRASE".into(),
+        }
+    }
+}
+
+/// `[rekey]`: `keyfleet rekey` / `remove` when no `keyfleet serve` is running.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RekeyConfig {
+    /// Before the round, wait up to this long for enrolled nodes that have
+    /// never joined to join (agents retry their join at most every ~10 s).
+    pub join_wait_ms: u64,
+    /// After the round, keep answering key requests this long.
+    pub linger_ms: u64,
+}
+
+impl Default for RekeyConfig {
+    fn default() -> Self {
+        RekeyConfig {
+            join_wait_ms: 12_000,
+            linger_ms: 500,
+        }
+    }
+}
+
+fn off(v: u64) -> Option<u64> {
+    (v != 0).then_some(v)
+}
+
+impl Config {
+    /// Reads `path`; every key left out takes its default.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let cfg: Config = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks what TOML types alone do not.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !self.network.group.ip().is_multicast() {
+            return Err(ConfigError::Value {
+                key: "network.group",
+                value: self.network.group.to_string(),
+                reason: "not an IPv4 multicast address (224.0.0.0/4), e.g. 239.255.77.77:7777",
+            });
+        }
+        if self.network.iface.is_multicast() {
+            return Err(ConfigError::Value {
+                key: "network.iface",
+                value: self.network.iface.to_string(),
+                reason: "give the address of a local interface, e.g. 127.0.0.1",
+            });
+        }
+        if self.round.retry_jitter_pct > 100 {
+            return Err(ConfigError::Value {
+                key: "round.retry_jitter_pct",
+                value: self.round.retry_jitter_pct.to_string(),
+                reason: "a percentage is at most 100",
+            });
+        }
+        if self.round.group_attempts == 0 {
+            return Err(ConfigError::Value {
+                key: "round.group_attempts",
+                value: "0".into(),
+                reason: "every request goes to the group at least once",
+            });
+        }
+        Ok(())
+    }
+
+    /// The protocol core's settings.
+    pub fn controller(&self) -> ControllerConfig {
+        let (r, t) = (&self.round, &self.triggers);
+        ControllerConfig {
+            drain_grace_ms: r.drain_grace_ms,
+            retry_initial_ms: r.retry_initial_ms,
+            retry_max_ms: r.retry_max_ms,
+            retry_jitter_pct: r.retry_jitter_pct,
+            group_attempts: r.group_attempts,
+            stale_after_ms: r.stale_after_ms,
+            triggers: TriggerConfig {
+                max_encryptions: off(t.max_encryptions),
+                max_decryptions: off(t.max_decryptions),
+                max_total: off(t.max_total),
+                max_key_age_ms: off(t.max_key_age_ms),
+                on_unknown_sender: t.on_unknown_sender,
+                on_node_removed: t.on_node_removed,
+                manual: t.manual,
+            },
+        }
+    }
+
+    /// The default configuration as a commented TOML file.
+    pub fn default_toml() -> String {
+        let d = Config::default();
+        let (n, r, t, s, k) = (&d.network, &d.round, &d.triggers, &d.secrets, &d.rekey);
+        format!(
+            r#"# keyfleet controller configuration (all defaults shown).
+# Flags override these values; a key left out takes its default.
+
+[network]
+# Multicast group and port the fleet shares (--group).
+group = "{group}"
+# Local interface address to join the group on (--iface); 0.0.0.0 = by routing table.
+iface = "{iface}"
+# The controller's unicast port on that interface (--listen-port).
+listen_port = {listen_port}
+
+[round]
+# Wait after every node confirmed the first transition before the second (ms).
+drain_grace_ms = {drain}
+# Retries: first after retry_initial_ms, doubling up to retry_max_ms, ± jitter %.
+retry_initial_ms = {ri}
+retry_max_ms = {rm}
+retry_jitter_pct = {rj}
+# Sends of each request to the group before per-node unicast.
+group_attempts = {ga}
+# A node that has not answered this long after a phase began is marked stale (ms).
+stale_after_ms = {stale}
+
+[triggers]
+# Rekey when fleet-wide counts under the current key exceed these (0 = off).
+max_encryptions = {me}
+max_decryptions = {md}
+max_total = {mt}
+# Rekey when the current key is older than this (ms; 0 = off; default 7 days).
+max_key_age_ms = {age}
+# Rekey when group data comes from a sender not in the management table.
+on_unknown_sender = {ous}
+# Rekey when a node is removed (keyfleet remove).
+on_node_removed = {onr}
+# Allow keyfleet rekey.
+manual = {manual}
+
+[secrets]
+# Seal the controller's secrets with a passphrase read from this file (first line):
+# passphrase_file = "/path/to/passphrase"
+# ...or from this environment variable when it is set.
+passphrase_env = "{penv}"
+
+[rekey]
+# keyfleet rekey/remove without a running serve: wait up to this long for
+# enrolled nodes that never joined (ms), and answer key requests this long after.
+join_wait_ms = {jw}
+linger_ms = {lg}
+"#,
+            group = n.group,
+            iface = n.iface,
+            listen_port = n.listen_port,
+            drain = r.drain_grace_ms,
+            ri = r.retry_initial_ms,
+            rm = r.retry_max_ms,
+            rj = r.retry_jitter_pct,
+            ga = r.group_attempts,
+            stale = r.stale_after_ms,
+            me = t.max_encryptions,
+            md = t.max_decryptions,
+            mt = t.max_total,
+            age = t.max_key_age_ms,
+            ous = t.on_unknown_sender,
+            onr = t.on_node_removed,
+            manual = t.manual,
+            penv = s.passphrase_env,
+            jw = k.join_wait_ms,
+            lg = k.linger_ms,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_printed_default_file_reads_back_as_the_defaults() {
+        let c: Config = toml::from_str(&Config::default_toml()).unwrap();
+        assert_eq!(c, Config::default());
+        let core = c.controller();
+        let want = ControllerConfig::default();
+        assert_eq!(core.triggers, want.triggers);
+        assert_eq!(core.drain_grace_ms, want.drain_grace_ms);
+        assert_eq!(core.stale_after_ms, want.stale_after_ms);
+    }
+
+    #[test]
+    fn a_partial_file_keeps_other_defaults_and_zero_switches_a_trigger_off() {
+        let c: Config = toml::from_str(
+            "[network]\ngroup = \"239.255.1.2:9000\"\n[triggers]\nmax_key_age_ms = 0\nmax_total = 500\n",
+        )
+        .unwrap();
+        assert_eq!(c.network.group, "239.255.1.2:9000".parse().unwrap());
+        assert_eq!(c.network.listen_port, DEFAULT_CONTROLLER_PORT);
+        let t = c.controller().triggers;
+        assert_eq!(t.max_key_age_ms, None);
+        assert_eq!(t.max_total, Some(500));
+        assert_eq!(t.max_encryptions, TriggerConfig::default().max_encryptions);
+    }
+
+    #[test]
+    fn typos_and_bad_values_are_refused_with_the_key_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("k.toml");
+        std::fs::write(&p, "[round]\ndrain_grace = 5\n").unwrap();
+        let e = Config::load(&p).unwrap_err().to_string();
+        assert!(e.contains("drain_grace"), "{e}");
+        std::fs::write(&p, "[network]\ngroup = \"10.0.0.1:7777\"\n").unwrap();
+        let e = Config::load(&p).unwrap_err().to_string();
+        assert!(
+            e.contains("network.group") && e.contains("multicast"),
+            "{e}"
+        );
+        let e = Config::load(&dir.path().join("missing.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("missing.toml"), "{e}");
+    }
+}

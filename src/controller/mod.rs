@@ -1,0 +1,996 @@
+//! The controller's runtime: the tokio shell around [`ControllerMachine`].
+//!
+//! It owns a *state directory* (mode 0700):
+//!
+//! | file | what |
+//! |---|---|
+//! | `controller.secrets` | the machine's snapshot ([`ControllerPersist`]: signing key, group keys, round, node key-encryption keys), owner-only, optionally sealed with a passphrase ([`crate::secrets`]) |
+//! | `fleet.db` | the management table ([`crate::store`]) |
+//! | `lock` | `flock`ed by whichever controller runs, so two never run at once |
+//! | `control.sock` | `keyfleet serve`'s control socket (see [`control`]) |
+//!
+//! One *loop pass* takes an input (a datagram — plus any others already
+//! waiting —, a timer, a command), feeds the machine, and carries its actions
+//! out in this order: (1) if any `Persist…`/`ForgetMember` action came, the
+//! snapshot is written (atomic, fsynced) — so it is durable before any send of
+//! the pass; (2) every `Record` of the pass becomes rows in one SQLite
+//! transaction ([`table`]); (3) datagrams go out; (4) timers are armed. A
+//! restarted controller restores the snapshot, reconciles the table with it,
+//! and feeds `Start`, which resumes a round in progress.
+
+pub mod control;
+pub mod table;
+
+use std::fs::{File, OpenOptions};
+use std::net::{SocketAddr, SocketAddrV4};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use rand::rngs::OsRng;
+use serde::Serialize;
+
+use crate::config::Config;
+use crate::crypto::InitialKey;
+use crate::net::{Clock, NetConfig, NetError, Timers, Transport, DEFAULT_TTL};
+use crate::protocol::{
+    CommandError, ControllerAction, ControllerInput, ControllerMachine, ControllerPersist,
+    ControllerTimer, MemberStatus, PhaseTimes, Record, RestoreError, Time,
+};
+use crate::secrets::{self, Passphrase, SealParams, SecretsError};
+use crate::statefile::{self, StateFileError};
+use crate::store::{Store, StoreError};
+use crate::wire::{NodeId, RoundPhase};
+
+use table::Table;
+
+/// What went wrong in the controller.
+#[derive(Debug, thiserror::Error)]
+pub enum ControllerError {
+    #[error("no controller in {dir}: run `keyfleet init` first (or give --state DIR)")]
+    NotInitialised { dir: PathBuf },
+    #[error("{dir} already holds a controller; `keyfleet init` never overwrites one (use another --state DIR, or remove the directory to start over)")]
+    AlreadyInitialised { dir: PathBuf },
+    #[error("another keyfleet controller is working on {dir} (a `keyfleet serve`, or another command); wait for it or stop it")]
+    Busy { dir: PathBuf },
+    #[error("cannot {what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    StateFile(#[from] StateFileError),
+    #[error(transparent)]
+    Secrets(#[from] SecretsError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Net(#[from] NetError),
+    #[error("the controller state cannot be restored: {0}")]
+    Restore(#[from] RestoreError),
+    #[error(transparent)]
+    Command(#[from] CommandError),
+}
+
+type Result<T> = std::result::Result<T, ControllerError>;
+
+/// The files of a state directory.
+#[derive(Debug, Clone)]
+pub struct StateDir {
+    pub dir: PathBuf,
+}
+
+impl StateDir {
+    pub fn new(dir: impl Into<PathBuf>) -> StateDir {
+        StateDir { dir: dir.into() }
+    }
+
+    /// `$XDG_DATA_HOME/keyfleet` (usually `~/.local/share/keyfleet`).
+    pub fn default_dir() -> Option<PathBuf> {
+        dirs::data_dir().map(|d| d.join("keyfleet"))
+    }
+
+    pub fn secrets(&self) -> PathBuf {
+        self.dir.join("controller.secrets")
+    }
+    pub fn database(&self) -> PathBuf {
+        self.dir.join("fleet.db")
+    }
+    pub fn lock_file(&self) -> PathBuf {
+        self.dir.join("lock")
+    }
+    pub fn socket(&self) -> PathBuf {
+        self.dir.join("control.sock")
+    }
+
+    /// Whether `keyfleet init` has run here.
+    pub fn is_initialised(&self) -> bool {
+        self.secrets().exists()
+    }
+
+    /// Takes the directory's exclusive lock (non-blocking); held until dropped.
+    pub fn lock(&self) -> Result<DirLock> {
+        statefile::ensure_private_dir(&self.dir)?;
+        let path = self.lock_file();
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(|source| ControllerError::Io {
+                what: "open the lock file",
+                path: path.clone(),
+                source,
+            })?;
+        match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => Ok(DirLock { _file: file }),
+            Err(e) if e == rustix::io::Errno::WOULDBLOCK => Err(ControllerError::Busy {
+                dir: self.dir.clone(),
+            }),
+            Err(e) => Err(ControllerError::Io {
+                what: "lock",
+                path,
+                source: e.into(),
+            }),
+        }
+    }
+
+    /// Opens the management table for reading (`status`, `history`).
+    pub fn open_table(&self) -> Result<Store> {
+        if !self.is_initialised() {
+            return Err(ControllerError::NotInitialised {
+                dir: self.dir.clone(),
+            });
+        }
+        Ok(Store::open(&self.database())?)
+    }
+}
+
+/// The state directory's lock; released when dropped (or when the process dies).
+#[derive(Debug)]
+pub struct DirLock {
+    _file: File,
+}
+
+/// Everything a controller needs from the command line and the config file.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub state: StateDir,
+    pub config: Config,
+    pub passphrase: Option<Passphrase>,
+    /// Argon2id cost when sealing with the passphrase.
+    pub seal: SealParams,
+    /// Receive-side loss injection (tests).
+    pub loss: f64,
+    pub loss_seed: u64,
+}
+
+impl Options {
+    pub fn new(state: StateDir, config: Config) -> Options {
+        Options {
+            state,
+            config,
+            passphrase: None,
+            seal: SealParams::default(),
+            loss: 0.0,
+            loss_seed: 0,
+        }
+    }
+
+    fn net(&self) -> NetConfig {
+        let n = &self.config.network;
+        NetConfig {
+            group: n.group,
+            iface: n.iface,
+            listen: SocketAddrV4::new(n.iface, n.listen_port),
+            ttl: DEFAULT_TTL,
+            loss: self.loss,
+            loss_seed: self.loss_seed,
+        }
+    }
+}
+
+/// What `init` made.
+#[derive(Debug, Clone, Serialize)]
+pub struct InitReport {
+    pub state: PathBuf,
+    pub epoch: u32,
+    pub check: String,
+    pub public_key: String,
+    pub sealed: bool,
+}
+
+/// What `enroll` did.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct EnrollReport {
+    pub node_id: String,
+    pub member: u32,
+    pub address: String,
+    pub fingerprint: String,
+}
+
+/// A round's progress, for a progress bar.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct Progress {
+    pub epoch: u32,
+    /// `waiting_for_joins`, `distributing`, `first_transition`, `draining`, `second_transition`.
+    pub phase: String,
+    pub acked: u32,
+    pub total: u32,
+}
+
+/// A finished round (what `rekey --json` prints).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct RoundReport {
+    pub epoch: u32,
+    /// Nodes in the round: active and stale ones.
+    pub nodes: u32,
+    pub acked: u32,
+    pub stale: u32,
+    /// From the new key to the end of the second transition.
+    pub elapsed_ms: u64,
+    pub phases_ms: PhaseTimes,
+    /// The new key's check value.
+    pub check: String,
+    /// Spent before the round began (waiting for joins, or for a round in progress).
+    pub waited_ms: u64,
+}
+
+/// A command that runs a round: `rekey`, or `remove` (a rekey without the node).
+#[derive(Debug, Clone)]
+pub enum RoundCommand {
+    Rekey,
+    Remove(NodeId),
+}
+
+/// What `remove` did.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct RemoveReport {
+    pub node_id: String,
+    /// The round that left it out; `None` when `triggers.on_node_removed` is off.
+    pub round: Option<RoundReport>,
+}
+
+fn phase_name(p: RoundPhase) -> &'static str {
+    match p {
+        RoundPhase::Distributing => "distributing",
+        RoundPhase::FirstTransition => "first_transition",
+        RoundPhase::Draining => "draining",
+        RoundPhase::SecondTransition => "second_transition",
+    }
+}
+
+/// Timer ids (the machine's timers are not `Ord`).
+fn timer_id(t: ControllerTimer) -> u8 {
+    match t {
+        ControllerTimer::Round => 0,
+        ControllerTimer::KeyAge => 1,
+    }
+}
+
+fn timer_of(id: u8) -> ControllerTimer {
+    if id == 0 {
+        ControllerTimer::Round
+    } else {
+        ControllerTimer::KeyAge
+    }
+}
+
+/// Creates a controller in an empty state directory: a signing key, the first
+/// group key (epoch 1), the management table. Refuses an existing controller.
+pub fn init(opts: &Options) -> Result<InitReport> {
+    let st = &opts.state;
+    statefile::ensure_private_dir(&st.dir)?;
+    let _lock = st.lock()?;
+    if st.is_initialised() || st.database().exists() {
+        return Err(ControllerError::AlreadyInitialised {
+            dir: st.dir.clone(),
+        });
+    }
+    let now = Time(Clock::wall().now_ms());
+    let mut out = Vec::new();
+    let machine = ControllerMachine::new(opts.config.controller(), now, &mut OsRng, &mut out);
+    let store = Store::open(&st.database())?;
+    let mut table = Table::new(store)?;
+    save(opts, &machine.snapshot())?;
+    let records: Vec<Record> = out
+        .into_iter()
+        .filter_map(|a| match a {
+            ControllerAction::Record(r) => Some(r),
+            _ => None,
+        })
+        .collect();
+    table.write(&records, &machine)?;
+    let snap = machine.snapshot();
+    tracing::info!(dir = %st.dir.display(), epoch = %snap.core.current.epoch(), check = %snap.core.current.check_value(), "controller initialised");
+    Ok(InitReport {
+        state: st.dir.clone(),
+        epoch: snap.core.current.epoch().0,
+        check: snap.core.current.check_value().to_string(),
+        public_key: hex::encode(machine.public_key()),
+        sealed: opts.passphrase.is_some(),
+    })
+}
+
+fn save(opts: &Options, p: &ControllerPersist) -> Result<()> {
+    secrets::save(
+        &opts.state.secrets(),
+        p,
+        opts.passphrase.as_ref().map(|s| s.as_str()),
+        opts.seal,
+    )?;
+    Ok(())
+}
+
+/// A waiting client of a round (the one-shot command, or a control-socket client).
+struct Waiter {
+    /// Done once a round of this epoch or later finishes.
+    target: u32,
+    since_ms: u64,
+    last: Option<Progress>,
+    tx: tokio::sync::mpsc::UnboundedSender<control::Reply>,
+    kind: WaitKind,
+}
+
+enum WaitKind {
+    Rekey,
+    Remove(String),
+}
+
+/// A controller that holds its state directory: restored, table reconciled.
+pub struct Controller {
+    opts: Options,
+    machine: ControllerMachine,
+    table: Table,
+    clock: Clock,
+    timers: Timers<u8>,
+    out: Vec<ControllerAction>,
+    /// Rounds finished in the last pass.
+    finished: Vec<RoundReport>,
+    waiters: Vec<Waiter>,
+    _lock: DirLock,
+}
+
+impl Controller {
+    /// Takes the lock, restores the machine and reconciles the table.
+    pub fn open(opts: Options) -> Result<Controller> {
+        let st = opts.state.clone();
+        if !st.is_initialised() {
+            return Err(ControllerError::NotInitialised { dir: st.dir });
+        }
+        let lock = st.lock()?;
+        let pass = opts.passphrase.as_ref().map(|s| s.as_str());
+        let snap: ControllerPersist =
+            secrets::load(&st.secrets(), pass)?.ok_or_else(|| ControllerError::NotInitialised {
+                dir: st.dir.clone(),
+            })?;
+        let clock = Clock::wall();
+        let now = clock.now_ms();
+        let machine = ControllerMachine::restore(&snap, opts.config.controller(), Time(now))?;
+        let mut table = Table::new(Store::open(&st.database())?)?;
+        table.reconcile(&snap, now)?;
+        if let Some(r) = &snap.core.round {
+            tracing::info!(epoch = %r.epoch, phase = ?r.phase, "resuming the round in progress");
+        }
+        Ok(Controller {
+            opts,
+            machine,
+            table,
+            clock,
+            timers: Timers::new(),
+            out: Vec::new(),
+            finished: Vec::new(),
+            waiters: Vec::new(),
+            _lock: lock,
+        })
+    }
+
+    pub fn machine(&self) -> &ControllerMachine {
+        &self.machine
+    }
+
+    pub fn store(&self) -> &Store {
+        self.table.store()
+    }
+
+    fn now(&self) -> Time {
+        Time(self.clock.now_ms())
+    }
+
+    fn feed(&mut self, input: ControllerInput<'_>) -> std::result::Result<(), CommandError> {
+        let now = self.now();
+        self.machine.handle(now, input, &mut OsRng, &mut self.out)
+    }
+
+    /// Carries out the pending actions: snapshot, rows, sends, timers.
+    async fn flush(&mut self, net: Option<&Transport>) -> Result<()> {
+        let actions = std::mem::take(&mut self.out);
+        if actions.is_empty() {
+            return Ok(());
+        }
+        let persist = actions.iter().any(|a| {
+            matches!(
+                a,
+                ControllerAction::PersistCore(_)
+                    | ControllerAction::PersistMember(_)
+                    | ControllerAction::ForgetMember { .. }
+            )
+        });
+        // (1) Durable before any send of this pass: the whole snapshot, as the
+        // machine stands after the pass (it includes every persisted change).
+        if persist {
+            save(&self.opts, &self.machine.snapshot())?;
+        }
+        // (2) The pass's records, one transaction.
+        let mut records = Vec::new();
+        let mut sends = Vec::new();
+        for a in actions {
+            match a {
+                ControllerAction::Record(r) => records.push(r),
+                ControllerAction::SendGroup(b) => sends.push((None, b)),
+                ControllerAction::SendTo { to, bytes } => sends.push((Some(to), bytes)),
+                ControllerAction::ArmTimer { timer, at } => self.timers.arm(timer_id(timer), at.0),
+                _ => {}
+            }
+        }
+        if let Err(e) = self.table.write(&records, &self.machine) {
+            tracing::error!(error = %e, "management table: a batch of {} records was not written", records.len());
+        }
+        for r in &records {
+            log_record(r);
+            if let Record::RoundFinished {
+                epoch,
+                check,
+                started_at,
+                finished_at,
+                phases_ms,
+                nodes,
+                acked,
+                stale,
+                ..
+            } = r
+            {
+                self.finished.push(RoundReport {
+                    epoch: epoch.0,
+                    nodes: *nodes,
+                    acked: *acked,
+                    stale: *stale,
+                    elapsed_ms: finished_at.since(*started_at),
+                    phases_ms: *phases_ms,
+                    check: check.to_string(),
+                    waited_ms: 0,
+                });
+            }
+        }
+        // (3) Sends.
+        match net {
+            Some(t) => {
+                for (to, bytes) in sends {
+                    let r = match to {
+                        None => t.send_group(&bytes).await,
+                        Some(to) => t.send_to(&bytes, to).await,
+                    };
+                    if let Err(e) = r {
+                        tracing::warn!(error = %e, "send failed; the retries cover it");
+                    }
+                }
+            }
+            None if !sends.is_empty() => {
+                tracing::debug!(
+                    count = sends.len(),
+                    "no network in this command; sends left to the next run"
+                )
+            }
+            None => {}
+        }
+        Ok(())
+    }
+
+    /// Progress of the round in progress, if any.
+    fn progress(&self) -> Option<Progress> {
+        let (epoch, phase) = self.machine.round()?;
+        let total = self
+            .machine
+            .members()
+            .filter(|(_, _, s)| *s == MemberStatus::Active)
+            .count() as u32;
+        Some(Progress {
+            epoch: epoch.0,
+            phase: phase_name(phase).into(),
+            acked: total.saturating_sub(self.machine.waiting()),
+            total,
+        })
+    }
+
+    /// Enrolls a node (no network needed).
+    pub async fn enroll(
+        &mut self,
+        node_id: NodeId,
+        key: InitialKey,
+        addr: SocketAddr,
+    ) -> Result<EnrollReport> {
+        self.feed(ControllerInput::Enroll {
+            node_id: node_id.clone(),
+            initial_key: key,
+            addr,
+        })?;
+        let fingerprint = self
+            .out
+            .iter()
+            .find_map(|a| match a {
+                ControllerAction::Record(Record::NodeEnrolled { fingerprint, .. }) => {
+                    Some(fingerprint.clone())
+                }
+                _ => None,
+            })
+            .unwrap_or_default();
+        self.flush(None).await?;
+        let member = self
+            .machine
+            .members()
+            .find(|(_, id, _)| **id == node_id)
+            .map_or(0, |(m, _, _)| m);
+        Ok(EnrollReport {
+            node_id: node_id.to_string(),
+            member,
+            address: addr.to_string(),
+            fingerprint,
+        })
+    }
+
+    /// Applies a round command; the epoch whose end answers it (`None`: no round follows).
+    fn start_command(&mut self, cmd: &RoundCommand) -> Result<Option<u32>> {
+        let before = self.machine.round().map(|(e, _)| e.0);
+        match cmd {
+            RoundCommand::Rekey => self.feed(ControllerInput::Rekey)?,
+            RoundCommand::Remove(id) => self.feed(ControllerInput::Remove {
+                node_id: id.clone(),
+            })?,
+        }
+        let fired = self
+            .out
+            .iter()
+            .any(|a| matches!(a, ControllerAction::Record(Record::TriggerFired { .. })));
+        if !fired {
+            return Ok(None);
+        }
+        Ok(match (before, self.machine.round()) {
+            (Some(e), _) => Some(e + 1),
+            (None, Some((e, _))) => Some(e.0),
+            (None, None) => None,
+        })
+    }
+
+    /// Bind the sockets (the controller's unicast socket on `iface:listen_port`).
+    fn bind(&self) -> Result<Transport> {
+        Ok(Transport::bind(&self.opts.net(), self.clock.clone())?)
+    }
+
+    /// Whether a datagram is one of our own, looped back by the kernel.
+    fn is_own(local: SocketAddr, from: SocketAddr) -> bool {
+        from.port() == local.port() && (local.ip().is_unspecified() || local.ip() == from.ip())
+    }
+
+    /// One input from the network or a timer, with whatever else is already waiting.
+    async fn step(&mut self, t: &mut Transport) -> Result<()> {
+        let local = t.local_addr();
+        tokio::select! {
+            d = t.recv() => {
+                let d = d?;
+                if !Self::is_own(local, d.from) {
+                    self.datagram(d.from, &d.bytes);
+                }
+                // Drain what is already queued, so that one pass carries many inputs.
+                for _ in 0..256 {
+                    match tokio::time::timeout(Duration::ZERO, t.recv()).await {
+                        Ok(Ok(d)) => {
+                            if !Self::is_own(local, d.from) {
+                                self.datagram(d.from, &d.bytes);
+                            }
+                        }
+                        Ok(Err(e)) => return Err(e.into()),
+                        Err(_) => break,
+                    }
+                }
+            }
+            fired = self.timers.expired(&self.clock) => {
+                for id in fired {
+                    let _ = self.feed(ControllerInput::Timer(timer_of(id)));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn datagram(&mut self, from: SocketAddr, bytes: &[u8]) {
+        let _ = self.feed(ControllerInput::Datagram { from, bytes });
+    }
+
+    /// Enrolled members that never joined.
+    fn unjoined(&self) -> usize {
+        self.machine
+            .members()
+            .filter(|(_, _, s)| *s == MemberStatus::Enrolled)
+            .count()
+    }
+
+    /// Runs one round command without `keyfleet serve`: binds the sockets,
+    /// resumes a round in progress, waits (up to `rekey.join_wait_ms`) for
+    /// enrolled nodes that never joined, runs the round to its end, answers
+    /// late key requests for `rekey.linger_ms`, and returns.
+    pub async fn run_round(
+        &mut self,
+        cmd: RoundCommand,
+        mut progress: impl FnMut(&Progress),
+    ) -> Result<Option<RoundReport>> {
+        if let RoundCommand::Remove(id) = &cmd {
+            if self.machine.member_status(id).is_none() {
+                return Err(CommandError::NotEnrolled(id.clone()).into());
+            }
+        }
+        let mut net = self.bind()?;
+        let t0 = self.clock.now_ms();
+        self.feed(ControllerInput::Start)?;
+        self.flush(Some(&net)).await?;
+        // Joins: the core does not wait for members that never joined, so give
+        // the agents (which retry their join at most every ~10 s) the chance.
+        let join_until = t0 + self.opts.config.rekey.join_wait_ms;
+        let total = self.machine.members().count() as u32;
+        while self.unjoined() > 0 && self.clock.now_ms() < join_until {
+            progress(&Progress {
+                epoch: self.machine.current_epoch().0,
+                phase: "waiting_for_joins".into(),
+                acked: total - self.unjoined() as u32,
+                total,
+            });
+            let left = Duration::from_millis(join_until.saturating_sub(self.clock.now_ms()));
+            match tokio::time::timeout(left, self.step(&mut net)).await {
+                Ok(r) => r?,
+                Err(_) => break,
+            }
+            self.flush(Some(&net)).await?;
+        }
+        if self.unjoined() > 0 {
+            tracing::warn!(
+                count = self.unjoined(),
+                "enrolled nodes did not join in time; they are left out of this round and catch up when they join"
+            );
+        }
+        // A round a crashed controller left unfinished is finished first; `rekey`
+        // is then answered by it (it brings a fresh key too) rather than by a second round.
+        let resumed = self.machine.round().map(|(e, _)| e.0);
+        let target = match (&cmd, resumed) {
+            (RoundCommand::Rekey, Some(e)) => {
+                tracing::info!(
+                    epoch = e,
+                    "finishing the round a previous controller left unfinished"
+                );
+                e
+            }
+            _ => match self.start_command(&cmd)? {
+                Some(t) => t,
+                None => {
+                    self.flush(Some(&net)).await?;
+                    return Ok(None);
+                }
+            },
+        };
+        let started = self.clock.now_ms();
+        self.flush(Some(&net)).await?;
+        let mut last = None;
+        let report = loop {
+            if let Some(r) = self.finished.drain(..).find(|r| r.epoch >= target) {
+                break r;
+            }
+            let p = self.progress();
+            if p != last {
+                if let Some(p) = &p {
+                    progress(p);
+                }
+                last = p;
+            }
+            self.step(&mut net).await?;
+            self.flush(Some(&net)).await?;
+        };
+        let linger_until = self.clock.now_ms() + self.opts.config.rekey.linger_ms;
+        while self.clock.now_ms() < linger_until {
+            let left = Duration::from_millis(linger_until.saturating_sub(self.clock.now_ms()));
+            match tokio::time::timeout(left, self.step(&mut net)).await {
+                Ok(r) => r?,
+                Err(_) => break,
+            }
+            self.flush(Some(&net)).await?;
+        }
+        let mut report = report;
+        report.waited_ms = started.saturating_sub(t0);
+        Ok(Some(report))
+    }
+
+    /// `keyfleet serve`: the daemon. Triggers, joins, key requests, usage
+    /// reports, data from unknown senders, and commands on the control socket,
+    /// until `shutdown` resolves.
+    pub async fn serve(&mut self, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
+        let mut net = self.bind()?;
+        let listener = control::listen(&self.opts.state.socket())?;
+        let (req_tx, mut req_rx) = tokio::sync::mpsc::unbounded_channel::<control::Incoming>();
+        let accept = tokio::spawn(control::accept_loop(listener, req_tx));
+        tracing::info!(
+            group = %self.opts.config.network.group,
+            listen = %net.local_addr(),
+            socket = %self.opts.state.socket().display(),
+            "keyfleet serve: running"
+        );
+        self.feed(ControllerInput::Start)?;
+        self.flush(Some(&net)).await?;
+        tokio::pin!(shutdown);
+        let result = loop {
+            tokio::select! {
+                () = &mut shutdown => break Ok(()),
+                Some(inc) = req_rx.recv() => self.on_request(inc),
+                r = self.step(&mut net) => if let Err(e) = r { break Err(e) },
+            }
+            if let Err(e) = self.flush(Some(&net)).await {
+                break Err(e);
+            }
+            self.answer_waiters();
+        };
+        accept.abort();
+        let _ = std::fs::remove_file(self.opts.state.socket());
+        tracing::info!("keyfleet serve: stopped");
+        result
+    }
+
+    fn on_request(&mut self, inc: control::Incoming) {
+        let control::Incoming { request, tx } = inc;
+        let reply = |tx: &tokio::sync::mpsc::UnboundedSender<control::Reply>, r| {
+            let _ = tx.send(r);
+        };
+        match request {
+            control::Request::Enroll { node_id, addr, key } => {
+                let r = (|| -> std::result::Result<EnrollReport, String> {
+                    let node_id = NodeId::parse(&node_id).map_err(|e| e.to_string())?;
+                    let addr: SocketAddr = addr
+                        .parse()
+                        .map_err(|_| format!("{addr:?} is not HOST:PORT"))?;
+                    let key = control::key_from_hex(&key)?;
+                    self.feed(ControllerInput::Enroll {
+                        node_id: node_id.clone(),
+                        initial_key: key,
+                        addr,
+                    })
+                    .map_err(|e| e.to_string())?;
+                    let fingerprint = self
+                        .out
+                        .iter()
+                        .find_map(|a| match a {
+                            ControllerAction::Record(Record::NodeEnrolled {
+                                fingerprint, ..
+                            }) => Some(fingerprint.clone()),
+                            _ => None,
+                        })
+                        .unwrap_or_default();
+                    let member = self
+                        .machine
+                        .members()
+                        .find(|(_, id, _)| **id == node_id)
+                        .map_or(0, |(m, _, _)| m);
+                    Ok(EnrollReport {
+                        node_id: node_id.to_string(),
+                        member,
+                        address: addr.to_string(),
+                        fingerprint,
+                    })
+                })();
+                reply(
+                    &tx,
+                    match r {
+                        Ok(e) => control::Reply::Enrolled(e),
+                        Err(message) => control::Reply::Error { message },
+                    },
+                );
+            }
+            control::Request::Rekey | control::Request::Remove { .. } => {
+                let (cmd, kind) = match &request {
+                    control::Request::Remove { node_id } => match NodeId::parse(node_id) {
+                        Ok(id) => (RoundCommand::Remove(id), WaitKind::Remove(node_id.clone())),
+                        Err(e) => {
+                            return reply(
+                                &tx,
+                                control::Reply::Error {
+                                    message: e.to_string(),
+                                },
+                            )
+                        }
+                    },
+                    _ => (RoundCommand::Rekey, WaitKind::Rekey),
+                };
+                match self.start_command(&cmd) {
+                    Ok(Some(target)) => self.waiters.push(Waiter {
+                        target,
+                        since_ms: self.clock.now_ms(),
+                        last: None,
+                        tx,
+                        kind,
+                    }),
+                    Ok(None) => reply(
+                        &tx,
+                        match kind {
+                            WaitKind::Remove(node_id) => control::Reply::Removed(RemoveReport {
+                                node_id,
+                                round: None,
+                            }),
+                            WaitKind::Rekey => control::Reply::Error {
+                                message: "no round was started".into(),
+                            },
+                        },
+                    ),
+                    Err(e) => reply(
+                        &tx,
+                        control::Reply::Error {
+                            message: e.to_string(),
+                        },
+                    ),
+                }
+            }
+        }
+    }
+
+    fn answer_waiters(&mut self) {
+        let finished = std::mem::take(&mut self.finished);
+        let progress = self.progress();
+        let now = self.clock.now_ms();
+        self.waiters.retain_mut(|w| {
+            if let Some(r) = finished.iter().find(|r| r.epoch >= w.target) {
+                let mut r = r.clone();
+                r.waited_ms = now.saturating_sub(w.since_ms).saturating_sub(r.elapsed_ms);
+                let reply = match &w.kind {
+                    WaitKind::Rekey => control::Reply::Rekeyed(r),
+                    WaitKind::Remove(id) => control::Reply::Removed(RemoveReport {
+                        node_id: id.clone(),
+                        round: Some(r),
+                    }),
+                };
+                let _ = w.tx.send(reply);
+                return false;
+            }
+            if progress != w.last {
+                if let Some(p) = &progress {
+                    if w.tx.send(control::Reply::Progress(p.clone())).is_err() {
+                        return false; // the client went away; the round goes on
+                    }
+                }
+                w.last = progress.clone();
+            }
+            !w.tx.is_closed()
+        });
+    }
+}
+
+fn log_record(r: &Record) {
+    match r {
+        Record::KeyCreated {
+            epoch,
+            check,
+            reason,
+            ..
+        } => tracing::info!(%epoch, %check, %reason, "new group key"),
+        Record::PhaseChanged {
+            epoch,
+            phase,
+            waiting,
+            ..
+        } => tracing::info!(%epoch, ?phase, waiting, "round phase"),
+        Record::RoundFinished {
+            epoch,
+            nodes,
+            acked,
+            stale,
+            ..
+        } => tracing::info!(%epoch, nodes, acked, stale, "round finished"),
+        Record::NodeStale { node_id, epoch, .. } => {
+            tracing::warn!(node = %node_id, %epoch, "node stale: left out of the round")
+        }
+        Record::TriggerFired {
+            reason, outcome, ..
+        } => tracing::info!(%reason, ?outcome, "trigger"),
+        Record::Refused { from, reason, .. } => {
+            tracing::debug!(%from, %reason, "datagram refused")
+        }
+        Record::JoinAnswered { node_id, .. } => tracing::debug!(node = %node_id, "join answered"),
+        _ => tracing::trace!(?r, "record"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_state_directory_lock_is_exclusive_and_released_on_drop() {
+        let dir = tempfile::tempdir().unwrap();
+        let st = StateDir::new(dir.path().join("kf"));
+        let held = st.lock().unwrap();
+        assert!(matches!(st.lock(), Err(ControllerError::Busy { .. })));
+        drop(held);
+        st.lock().unwrap();
+        let mode = std::fs::metadata(&st.dir).unwrap().permissions();
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+            0o700
+        );
+    }
+
+    #[tokio::test]
+    async fn init_refuses_to_overwrite_and_open_restores_what_enroll_wrote() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = Options::new(StateDir::new(dir.path().join("kf")), Config::default());
+        let r = init(&opts).unwrap();
+        assert_eq!(r.epoch, 1);
+        assert!(matches!(
+            init(&opts),
+            Err(ControllerError::AlreadyInitialised { .. })
+        ));
+        {
+            let mut c = Controller::open(opts.clone()).unwrap();
+            // A second controller on the same directory is refused while this one runs.
+            assert!(matches!(
+                Controller::open(opts.clone()),
+                Err(ControllerError::Busy { .. })
+            ));
+            let e = c
+                .enroll(
+                    NodeId::parse("n1").unwrap(),
+                    InitialKey([7; 16]),
+                    "127.0.0.1:9000".parse().unwrap(),
+                )
+                .await
+                .unwrap();
+            assert_eq!(e.member, 1);
+        }
+        let c = Controller::open(opts).unwrap();
+        let ids: Vec<String> = c
+            .machine()
+            .members()
+            .map(|(_, id, _)| id.to_string())
+            .collect();
+        assert_eq!(ids, ["n1"]);
+        assert_eq!(c.store().nodes().unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_table_that_missed_the_last_pass_is_completed_from_the_snapshot() {
+        // The snapshot is written before the table: a crash between the two
+        // leaves the table one pass behind. Open brings it level.
+        let dir = tempfile::tempdir().unwrap();
+        let opts = Options::new(StateDir::new(dir.path().join("kf")), Config::default());
+        init(&opts).unwrap();
+        let db = opts.state.database();
+        let old = dir.path().join("old.db");
+        std::fs::copy(&db, &old).unwrap();
+        {
+            let mut c = Controller::open(opts.clone()).unwrap();
+            c.enroll(
+                NodeId::parse("late").unwrap(),
+                InitialKey([9; 16]),
+                "127.0.0.1:9009".parse().unwrap(),
+            )
+            .await
+            .unwrap();
+        }
+        // The table as it was before the enrollment's pass.
+        for ext in ["-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{ext}", db.display()));
+        }
+        std::fs::copy(&old, &db).unwrap();
+        assert!(Store::open(&db).unwrap().nodes().unwrap().is_empty());
+        let c = Controller::open(opts).unwrap();
+        let nodes = c.store().nodes().unwrap();
+        assert_eq!(nodes.len(), 1);
+        assert_eq!(nodes[0].node_id, "late");
+        assert_eq!(nodes[0].key_check, InitialKey([9; 16]).fingerprint());
+        assert_eq!(c.store().current_epoch().unwrap(), Some(1));
+    }
+}

@@ -1,0 +1,475 @@
+//! The controller's [`Record`] events as rows of the management table.
+//!
+//! One loop pass of the driver hands its records over in one call, written in
+//! one [`Store::batch`] (one SQLite commit, one fsync). A record that cannot be
+//! written (say, a row the database lost) is logged and the rest of the batch
+//! goes on. [`Table::reconcile`] brings the table in line with the restored
+//! controller state after a crash between the state file and the table.
+
+use std::collections::HashMap;
+
+use crate::protocol::{
+    ControllerMachine, ControllerPersist, MemberStatus, Record, TriggerOutcome, TriggerReason,
+};
+use crate::store::{AuditKind, NodeState, Outcome, Phase, Store, StoreError, Trigger};
+use crate::wire::{RoundPhase, Step};
+
+type Result<T> = std::result::Result<T, StoreError>;
+
+/// The store's name for a trigger.
+pub fn trigger_of(reason: &TriggerReason) -> Trigger {
+    match reason {
+        TriggerReason::Initial => Trigger::Initial,
+        TriggerReason::Encryptions { .. } => Trigger::EncryptionCount,
+        TriggerReason::Decryptions { .. } => Trigger::DecryptionCount,
+        TriggerReason::Total { .. } => Trigger::TotalCount,
+        TriggerReason::KeyAge { .. } => Trigger::KeyAge,
+        TriggerReason::UnknownSender { .. } => Trigger::UnknownSender,
+        TriggerReason::Manual => Trigger::Manual,
+        TriggerReason::NodeRemoved { .. } => Trigger::Removal,
+    }
+}
+
+/// The store's phase for a round phase (the drain counts into the second transition).
+fn phase_of(p: RoundPhase) -> Phase {
+    match p {
+        RoundPhase::Distributing => Phase::Distribute,
+        RoundPhase::FirstTransition => Phase::FirstTransition,
+        RoundPhase::Draining | RoundPhase::SecondTransition => Phase::SecondTransition,
+    }
+}
+
+/// The node state an acknowledgement of `step` shows.
+fn state_after(step: Step) -> NodeState {
+    match step {
+        Step::KeyUpdate => NodeState::DistributionCompleted,
+        Step::FirstTransition => NodeState::InTransit,
+        Step::SecondTransition => NodeState::UpdateCompleted,
+    }
+}
+
+fn detail(reason: &TriggerReason) -> serde_json::Value {
+    let mut v = serde_json::to_value(reason).unwrap_or(serde_json::Value::Null);
+    if let Some(o) = v.as_object_mut() {
+        o.insert("text".into(), reason.to_string().into());
+    }
+    v
+}
+
+/// Logs a failed row and goes on.
+fn soft(what: &str, r: Result<()>) {
+    if let Err(e) = r {
+        tracing::warn!(error = %e, "management table: could not record {what}");
+    }
+}
+
+/// The management table as the controller writes it.
+pub struct Table {
+    store: Store,
+    /// Round id in the database, by epoch.
+    rounds: HashMap<u32, i64>,
+}
+
+impl Table {
+    pub fn new(store: Store) -> Result<Table> {
+        let mut rounds = HashMap::new();
+        if let Some(r) = store.unfinished_round()? {
+            if let Ok(e) = u32::try_from(r.epoch) {
+                rounds.insert(e, r.id);
+            }
+        }
+        Ok(Table { store, rounds })
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Brings the table in line with the restored state `p` (the state file is
+    /// written first, so it is the truth after a crash): nodes it holds and the
+    /// table lacks are enrolled, nodes it no longer holds are removed, its keys
+    /// are in the key history, and its round (if any) is the open round.
+    pub fn reconcile(&mut self, p: &ControllerPersist, now_ms: u64) -> Result<()> {
+        let rounds = &mut self.rounds;
+        self.store.batch(|s| {
+            let in_table: HashMap<String, bool> = s
+                .all_nodes()?
+                .into_iter()
+                .map(|n| (n.node_id, n.removed_at_ms.is_none()))
+                .collect();
+            for m in &p.members {
+                let id = m.node_id.as_str();
+                if in_table.get(id) != Some(&true) {
+                    tracing::warn!(
+                        node = id,
+                        "node missing from the management table; restored"
+                    );
+                    soft(
+                        "a restored enrollment",
+                        s.enroll_node(id, &m.addr.to_string(), &m.fingerprint, m.enrolled_at.0)
+                            .map(drop),
+                    );
+                }
+            }
+            for (id, live) in &in_table {
+                if *live && !p.members.iter().any(|m| m.node_id.as_str() == id) {
+                    tracing::warn!(node = %id, "node not in the controller state; marked removed");
+                    soft(
+                        "a removal",
+                        s.remove_node(id, "not in the controller state (lost in a crash)", now_ms),
+                    );
+                }
+            }
+            let known = s.current_epoch()?.unwrap_or(0);
+            let ensure_key = |s: &mut Store, epoch: u32, check: String, why: &TriggerReason| {
+                if u64::from(epoch) > known {
+                    soft(
+                        "a restored key",
+                        s.record_key_created(
+                            epoch.into(),
+                            &check,
+                            trigger_of(why),
+                            &detail(why),
+                            &[] as &[&str],
+                            now_ms,
+                        ),
+                    );
+                }
+            };
+            ensure_key(
+                s,
+                p.core.current.epoch().0,
+                p.core.current.check_value().to_string(),
+                &TriggerReason::Initial,
+            );
+            let open = s.unfinished_round()?;
+            match (&p.core.round, open) {
+                (Some(r), Some(o)) if o.epoch == u64::from(r.epoch.0) => {
+                    rounds.insert(r.epoch.0, o.id);
+                }
+                (want, open) => {
+                    if let Some(o) = open {
+                        let done = u64::from(p.core.current.epoch().0) >= o.epoch;
+                        soft(
+                            "the end of a round",
+                            s.round_finished(
+                                o.id,
+                                if done {
+                                    Outcome::Completed
+                                } else {
+                                    Outcome::Aborted
+                                },
+                                Some("closed on restart: the controller state no longer has it"),
+                                0,
+                                0,
+                                now_ms,
+                            ),
+                        );
+                    }
+                    if let Some(r) = want {
+                        ensure_key(s, r.epoch.0, r.key.check_value().to_string(), &r.reason);
+                        let nodes = p
+                            .members
+                            .iter()
+                            .filter(|m| m.status == MemberStatus::Active)
+                            .count() as u64;
+                        match s.round_started(r.epoch.0.into(), nodes, r.started_at.0) {
+                            Ok(id) => {
+                                rounds.insert(r.epoch.0, id);
+                            }
+                            Err(e) => soft("a restored round", Err(e)),
+                        }
+                    }
+                }
+            }
+            if let Some(r) = &p.core.round {
+                s.audit(
+                    AuditKind::Restart,
+                    None,
+                    &serde_json::json!({ "resumed_epoch": r.epoch.0, "phase": r.phase }),
+                    now_ms,
+                )?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Writes one pass's records in one transaction.
+    pub fn write(&mut self, records: &[Record], machine: &ControllerMachine) -> Result<()> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        let active: Vec<String> = machine
+            .members()
+            .filter(|(_, _, st)| *st == MemberStatus::Active)
+            .map(|(_, id, _)| id.to_string())
+            .collect();
+        let member_ids: HashMap<u32, String> = machine
+            .members()
+            .map(|(m, id, _)| (m, id.to_string()))
+            .collect();
+        let ctx = Ctx {
+            active: &active,
+            member_ids: &member_ids,
+            round: machine.round(),
+        };
+        let rounds = &mut self.rounds;
+        self.store.batch(|s| {
+            for r in records {
+                write_one(s, rounds, r, &ctx);
+            }
+            Ok(())
+        })
+    }
+}
+
+/// What the records of a pass are written against: the machine after the pass.
+struct Ctx<'a> {
+    active: &'a [String],
+    member_ids: &'a HashMap<u32, String>,
+    round: Option<(crate::crypto::Epoch, RoundPhase)>,
+}
+
+fn write_one(s: &mut Store, rounds: &mut HashMap<u32, i64>, r: &Record, ctx: &Ctx<'_>) {
+    let (active, member_ids) = (ctx.active, ctx.member_ids);
+    match r {
+        Record::KeyCreated {
+            epoch,
+            check,
+            reason,
+            at,
+        } => {
+            let initial = matches!(reason, TriggerReason::Initial);
+            let recipients: &[String] = if initial { &[] } else { active };
+            soft(
+                "a new key",
+                s.record_key_created(
+                    epoch.0.into(),
+                    &check.to_string(),
+                    trigger_of(reason),
+                    &detail(reason),
+                    recipients,
+                    at.0,
+                ),
+            );
+            if !initial {
+                match s.round_started(epoch.0.into(), active.len() as u64, at.0) {
+                    Ok(id) => {
+                        rounds.insert(epoch.0, id);
+                    }
+                    Err(e) => soft("a round start", Err(e)),
+                }
+            }
+        }
+        Record::TriggerFired {
+            reason,
+            outcome,
+            at,
+        } => {
+            // A trigger that started a round is audited with its key (KeyCreated).
+            if *outcome != TriggerOutcome::Started {
+                soft(
+                    "a trigger",
+                    s.audit(
+                        AuditKind::Trigger,
+                        None,
+                        &serde_json::json!({
+                            "trigger": trigger_of(reason).as_str(),
+                            "outcome": outcome,
+                            "detail": detail(reason),
+                        }),
+                        at.0,
+                    )
+                    .map(drop),
+                );
+            }
+        }
+        Record::NodeEnrolled {
+            node_id,
+            addr,
+            fingerprint,
+            at,
+            ..
+        } => soft(
+            "an enrollment",
+            s.enroll_node(node_id.as_str(), &addr.to_string(), fingerprint, at.0)
+                .map(drop),
+        ),
+        Record::NodeRemoved { node_id, at, .. } => soft(
+            "a removal",
+            s.remove_node(node_id.as_str(), "keyfleet remove", at.0),
+        ),
+        Record::JoinAnswered {
+            node_id, epoch, at, ..
+        } => {
+            soft("a join", s.node_seen(&[node_id.as_str()], at.0));
+            soft(
+                "a join",
+                s.audit(
+                    AuditKind::Rejoin,
+                    Some(node_id.as_str()),
+                    &serde_json::json!({ "event": "join", "epoch": epoch.0 }),
+                    at.0,
+                )
+                .map(drop),
+            );
+        }
+        Record::KeyRequestAnswered {
+            node_id,
+            held,
+            epoch,
+            round,
+            at,
+            ..
+        } => {
+            soft("a key request", s.node_seen(&[node_id.as_str()], at.0));
+            soft(
+                "a key request",
+                s.audit(
+                    AuditKind::Rejoin,
+                    Some(node_id.as_str()),
+                    &serde_json::json!({
+                        "event": "key_request", "held": held.0, "epoch": epoch.0, "round": round,
+                    }),
+                    at.0,
+                )
+                .map(drop),
+            );
+        }
+        Record::StatusChanged {
+            node_id,
+            from,
+            to,
+            epoch,
+            at,
+            ..
+        } => {
+            let id = node_id.as_str();
+            if *from == MemberStatus::Stale && *to == MemberStatus::Active {
+                soft(
+                    "a rejoin",
+                    s.clear_stale(id, Some(epoch.0.into()), "answered again", at.0),
+                );
+            }
+            if *to == MemberStatus::Active {
+                // Counted live again at `epoch`: the current key, or the round's
+                // (then it holds the new key, and seals with it from the first transition on).
+                let state = match ctx.round {
+                    Some((e, phase)) if e == *epoch => match phase {
+                        RoundPhase::Distributing => NodeState::DistributionCompleted,
+                        _ => NodeState::InTransit,
+                    },
+                    _ => NodeState::UpdateCompleted,
+                };
+                soft(
+                    "a node state",
+                    s.set_node_state(&[id], state, Some(epoch.0.into()), at.0),
+                );
+            }
+        }
+        Record::NodeAddressChanged { node_id, to, .. } => soft(
+            "an address",
+            s.set_address(node_id.as_str(), &to.to_string()),
+        ),
+        Record::KeySent {
+            epoch, node_id, at, ..
+        } => soft(
+            "a key delivery",
+            s.record_sent(epoch.0.into(), &[node_id.as_str()], at.0),
+        ),
+        Record::NodeAcked {
+            epoch,
+            node_id,
+            step,
+            at,
+            ..
+        } => {
+            let id = node_id.as_str();
+            if *step == Step::KeyUpdate {
+                soft(
+                    "an acknowledgement",
+                    s.record_ack(epoch.0.into(), &[id], at.0),
+                );
+            }
+            soft(
+                "a node state",
+                s.set_node_state(&[id], state_after(*step), Some(epoch.0.into()), at.0),
+            );
+        }
+        Record::NodeStale {
+            epoch,
+            node_id,
+            phase,
+            at,
+            ..
+        } => soft(
+            "a stale node",
+            s.mark_stale(
+                node_id.as_str(),
+                Some(epoch.0.into()),
+                &format!("no answer in phase {phase:?}"),
+                at.0,
+            ),
+        ),
+        Record::PhaseChanged {
+            epoch, phase, at, ..
+        } => {
+            if let Some(id) = rounds.get(&epoch.0) {
+                if *phase != RoundPhase::Distributing {
+                    soft("a phase", s.round_phase(*id, phase_of(*phase), at.0));
+                }
+            }
+        }
+        Record::RoundFinished {
+            epoch,
+            finished_at,
+            acked,
+            stale,
+            ..
+        } => {
+            if let Some(id) = rounds.remove(&epoch.0) {
+                soft(
+                    "the end of a round",
+                    s.round_finished(
+                        id,
+                        Outcome::Completed,
+                        None,
+                        (*acked).into(),
+                        (*stale).into(),
+                        finished_at.0,
+                    ),
+                );
+            }
+            if epoch.0 > 1 {
+                soft(
+                    "a retired key",
+                    s.retire_key(u64::from(epoch.0) - 1, finished_at.0),
+                );
+            }
+        }
+        Record::Refused { from, reason, at } => {
+            let node = match reason {
+                crate::protocol::Refusal::BadMac { member, .. }
+                | crate::protocol::Refusal::UnknownMember { member, .. } => {
+                    member_ids.get(member).map(String::as_str)
+                }
+                _ => None,
+            };
+            soft(
+                "a refusal",
+                s.audit(
+                    AuditKind::Refusal,
+                    node,
+                    &serde_json::json!({
+                        "from": from.to_string(),
+                        "reason": reason.to_string(),
+                        "refusal": reason,
+                    }),
+                    at.0,
+                )
+                .map(drop),
+            );
+        }
+        Record::KeyBatchSent { .. } | Record::TransitionSent { .. } => {}
+    }
+}
