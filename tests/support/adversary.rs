@@ -601,6 +601,8 @@ pub mod procs {
     /// What an agent's status shows of its keys: state, epoch and check values.
     #[derive(Clone, Debug, PartialEq, Eq)]
     pub struct KeyView {
+        /// The running agent answered and is synced with the controller.
+        pub live_and_synced: bool,
         pub state: String,
         pub epoch: Option<u64>,
         pub checks: Vec<(u64, String)>,
@@ -609,6 +611,8 @@ pub mod procs {
     impl KeyView {
         pub fn of(status: &Value) -> KeyView {
             KeyView {
+                live_and_synced: status["source"] == "running_agent"
+                    && status["running"]["synced"] == true,
                 state: status["state"].as_str().unwrap_or_default().to_owned(),
                 epoch: status["epoch"].as_u64(),
                 checks: status["keys"]
