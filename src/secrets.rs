@@ -43,6 +43,14 @@ const NONCE_LEN: usize = 12;
 /// A passphrase, zeroed on drop.
 pub type Passphrase = Zeroizing<String>;
 
+/// The costliest Argon2id parameters a secrets file may ask for: 2 GiB (RFC 9106's
+/// first recommended setting), 16 passes, 16 lanes. A file asking for more is
+/// refused before the key derivation runs, which would otherwise try to
+/// allocate up to 4 TiB (and abort) or run for hours.
+pub const MAX_M_COST_KIB: u32 = 2 * 1024 * 1024;
+pub const MAX_T_COST: u32 = 16;
+pub const MAX_P_COST: u32 = 16;
+
 /// Argon2id cost parameters used when sealing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SealParams {
@@ -130,6 +138,12 @@ fn derive_key(path: &Path, passphrase: &str, seal: &Seal) -> Result<Zeroizing<[u
         path: path.to_path_buf(),
         reason,
     };
+    if seal.m_cost_kib > MAX_M_COST_KIB || seal.t_cost > MAX_T_COST || seal.p_cost > MAX_P_COST {
+        return Err(bad(format!(
+            "Argon2id m={} KiB t={} p={} is costlier than keyfleet allows (m <= {MAX_M_COST_KIB}, t <= {MAX_T_COST}, p <= {MAX_P_COST})",
+            seal.m_cost_kib, seal.t_cost, seal.p_cost
+        )));
+    }
     let params = argon2::Params::new(seal.m_cost_kib, seal.t_cost, seal.p_cost, Some(32))
         .map_err(|e| bad(e.to_string()))?;
     let argon = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
@@ -215,7 +229,14 @@ pub fn load<T: DeserializeOwned>(path: &Path, passphrase: Option<&str>) -> Resul
     let Some(raw) = statefile::read(path)? else {
         return Ok(None);
     };
-    let envelope: Envelope = serde_json::from_slice(&raw).map_err(|e| SecretsError::Format {
+    decode(path, &raw, passphrase).map(Some)
+}
+
+/// Opens the envelope that [`load`] read (the state file's payload) and parses
+/// its payload. Pure: `path` only names the file in errors; the fuzz target
+/// `secrets` calls it directly.
+pub fn decode<T: DeserializeOwned>(path: &Path, raw: &[u8], passphrase: Option<&str>) -> Result<T> {
+    let envelope: Envelope = serde_json::from_slice(raw).map_err(|e| SecretsError::Format {
         path: path.to_path_buf(),
         found: e.to_string(),
     })?;
@@ -270,12 +291,10 @@ pub fn load<T: DeserializeOwned>(path: &Path, passphrase: Option<&str>) -> Resul
             Zeroizing::new(pt)
         }
     };
-    serde_json::from_slice(&plain)
-        .map(Some)
-        .map_err(|source| SecretsError::Payload {
-            path: path.to_path_buf(),
-            source,
-        })
+    serde_json::from_slice(&plain).map_err(|source| SecretsError::Payload {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 /// Whether the file at `path` is sealed with a passphrase (so the caller knows
@@ -473,6 +492,46 @@ mod tests {
             load::<ControllerSecrets>(&path, Some("pw")),
             Err(SecretsError::WrongPassphrase { .. })
         ));
+    }
+
+    #[test]
+    fn costly_seal_parameters_are_refused_before_the_kdf_runs() {
+        // Found while writing the fuzz target `secrets`: a sealed file asking
+        // for m_cost_kib = 4294967295 made Argon2id allocate 4 TiB and abort
+        // the process; t_cost = 4294967295 would run for days.
+        let d = dir();
+        let path = d.path().join("state/secrets.json");
+        save(&path, &sample(), Some("pw"), FAST).unwrap();
+        let raw = statefile::read(&path).unwrap().unwrap();
+        for (field, value) in [
+            ("m_cost_kib", u32::MAX),
+            ("t_cost", u32::MAX),
+            ("p_cost", 1 << 20),
+        ] {
+            let mut v: serde_json::Value = serde_json::from_slice(&raw).unwrap();
+            v["seal"][field] = value.into();
+            let bytes = serde_json::to_vec(&v).unwrap();
+            let err = decode::<ControllerSecrets>(&path, &bytes, Some("pw")).unwrap_err();
+            assert!(
+                matches!(err, SecretsError::BadSeal { .. }),
+                "{field}: {err}"
+            );
+            assert!(
+                err.to_string().contains("costlier than keyfleet allows"),
+                "{err}"
+            );
+        }
+        // Saving with such parameters is refused too, and writes nothing.
+        let other = d.path().join("state/other.json");
+        let costly = SealParams {
+            m_cost_kib: MAX_M_COST_KIB + 1,
+            ..FAST
+        };
+        assert!(matches!(
+            save(&other, &sample(), Some("pw"), costly),
+            Err(SecretsError::BadSeal { .. })
+        ));
+        assert!(!other.exists());
     }
 
     #[test]

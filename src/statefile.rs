@@ -199,7 +199,10 @@ pub fn read(path: &Path) -> Result<Option<Zeroizing<Vec<u8>>>> {
     decode(path, &raw).map(Some)
 }
 
-fn decode(path: &Path, raw: &[u8]) -> Result<Zeroizing<Vec<u8>>> {
+/// Verifies the bytes of a state file (header line, length, checksum) and
+/// returns its payload. Pure: `path` only names the file in errors. [`read`]
+/// uses it after its file checks; the fuzz target `statefile` calls it directly.
+pub fn decode(path: &Path, raw: &[u8]) -> Result<Zeroizing<Vec<u8>>> {
     let corrupt = |reason: String| StateFileError::Corrupt {
         path: path.to_path_buf(),
         reason,

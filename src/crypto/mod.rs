@@ -172,10 +172,12 @@ impl fmt::Debug for GroupKey {
 pub struct InitialKey(pub [u8; 16]);
 
 impl InitialKey {
-    /// Public fingerprint for the management table: SHA-256("keyfleet initial key v1" || key), 8 bytes hex.
+    /// Public fingerprint for the management table: the first 8 lowercase hex
+    /// digits of SHA-256 over the 16 key bytes — the same `key_check` that
+    /// `keyfleet read-key --json` prints, so the installer can compare them by eye.
     pub fn fingerprint(&self) -> String {
-        let d = check_value(b"keyfleet initial key v1", &self.0);
-        d[..8].iter().map(|b| format!("{b:02x}")).collect()
+        let d = check_value(b"", &self.0);
+        d[..4].iter().map(|b| format!("{b:02x}")).collect()
     }
 }
 
@@ -211,6 +213,17 @@ mod tests {
     use super::*;
     use rand::SeedableRng;
     use rand_chacha::ChaCha20Rng;
+
+    #[test]
+    fn initial_key_fingerprint_is_the_installers_key_check() {
+        // The Zigbee install-code example key; SHA-256 over its 16 bytes begins 0cc7776b,
+        // which is what `keyfleet read-key --json` prints as key_check for it.
+        let k = InitialKey([
+            0x83, 0xFE, 0xD3, 0x40, 0x7A, 0x93, 0x97, 0x23, 0xA5, 0xC6, 0x39, 0xB2, 0x69, 0x16,
+            0xD5, 0x05,
+        ]);
+        assert_eq!(k.fingerprint(), "0cc7776b");
+    }
 
     #[test]
     fn seal_then_open_and_tamper_fails() {

@@ -1344,7 +1344,7 @@ impl ControllerMachine {
             due
         });
         if let Some(at) = due {
-            if self.round_timer.map_or(true, |t| at < t) {
+            if self.round_timer.is_none_or(|t| at < t) {
                 self.round_timer = Some(at);
                 out.push(ControllerAction::ArmTimer {
                     timer: ControllerTimer::Round,
@@ -1538,7 +1538,7 @@ impl ControllerMachine {
         }
         let keys = std::iter::once(&self.current).chain(self.round.as_ref().map(|r| &r.key));
         let authentic = keys
-            .filter(|k| d.epoch_hint.map_or(true, |e| e == k.epoch()))
+            .filter(|k| d.epoch_hint.is_none_or(|e| e == k.epoch()))
             .any(|k| k.open(&d.nonce, d.header, d.sealed).is_some());
         if !authentic {
             return Err(Refusal::ForgedData {

@@ -214,6 +214,9 @@ fn parse_descriptor(descriptor: &[u8]) -> Result<ReportDescriptor, LayoutError> 
 pub const MAX_REPORT_COUNT: u32 = 12288;
 pub const MAX_REPORT_SIZE: u32 = 256;
 pub const MAX_DESCRIPTOR_LEN: usize = 4096;
+/// HID_MAX_USAGES: the most usages one main item may name; `hidreport` lists
+/// every usage of a Usage Minimum..Maximum range, so a wider range is refused.
+pub const MAX_USAGES: u32 = 12288;
 
 /// Walk the short items and refuse counts and sizes the kernel would refuse.
 fn check_limits(descriptor: &[u8]) -> Result<(), LayoutError> {
@@ -227,13 +230,12 @@ fn check_limits(descriptor: &[u8]) -> Result<(), LayoutError> {
         });
     }
     let mut at = 0;
+    // The local Usage Minimum and Maximum in force (reset by every main item).
+    let (mut usage_min, mut usage_max): (Option<u32>, Option<u32>) = (None, None);
     while let Some(&prefix) = descriptor.get(at) {
-        if prefix == 0xFE {
-            // Long item: size byte, tag byte, data.
-            let size = usize::from(descriptor.get(at + 1).copied().unwrap_or(0));
-            at += 3 + size;
-            continue;
-        }
+        // Every item is walked as a short item, 0xFE (the long-item prefix)
+        // included: that is how `hidreport` itemizes, and this walk must see
+        // the items the parser will see.
         let size = [0usize, 1, 2, 4][usize::from(prefix & 3)];
         let mut value: u32 = 0;
         for k in 0..size {
@@ -257,7 +259,21 @@ fn check_limits(descriptor: &[u8]) -> Result<(), LayoutError> {
                     ),
                 })
             }
+            0x18 => usage_min = Some(value),
+            0x28 => usage_max = Some(value),
+            tag if tag & 0x0C == 0 => (usage_min, usage_max) = (None, None),
             _ => {}
+        }
+        if let (Some(min), Some(max)) = (usage_min, usage_max) {
+            let span = u64::from(max.saturating_sub(min)) + 1;
+            if max >= min && span > u64::from(MAX_USAGES) {
+                return Err(LayoutError::Limit {
+                    offset: at,
+                    what: format!(
+                        "usage range {min:#x}..={max:#x} names {span} usages, more than the kernel's limit of {MAX_USAGES}"
+                    ),
+                });
+            }
         }
         at += 1 + size;
     }
@@ -342,6 +358,56 @@ mod tests {
         ];
         let e = Layout::from_descriptor(&d).unwrap_err().to_string();
         assert!(e.contains("report size 1024 bits"), "{e}");
+    }
+
+    #[test]
+    fn a_huge_usage_range_is_refused_before_parsing() {
+        // Found by the fuzz target hid_descriptor: Usage Minimum (1) and a
+        // four-byte Usage Maximum (0x107503FE) before an array Input; the
+        // parser listed all 276 million usages (over 2 GB) for 43 bytes.
+        let d = [
+            0x05, 0x01, 0x09, 0x06, 0xa1, 0x03, 0x95, 0x05, 0x75, 0x01, 0x05, 0x08, 0x19, 0x01,
+            0x29, 0x05, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01, 0x95, 0x06, 0xff, 0x05,
+            0x26, 0x00, 0x08, 0x15, 0x00, 0x2b, 0xfe, 0x03, 0x75, 0x10, 0x95, 0x01, 0x81, 0x00,
+            0xc0,
+        ];
+        let e = Layout::from_descriptor(&d).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "report descriptor item at offset 33: usage range 0x1..=0x107503fe names 276104190 usages, more than the kernel's limit of 12288"
+        );
+        // The widest range the kernel takes still parses: keys 0..=0x2FFF.
+        let d = [
+            0x05, 0x07, 0x19, 0x00, 0x2a, 0xff, 0x2f, 0x15, 0x00, 0x26, 0xff, 0x2f, 0x75, 0x10,
+            0x95, 0x01, 0x81, 0x00,
+        ];
+        assert!(Layout::from_descriptor(&d).is_ok());
+    }
+
+    #[test]
+    fn an_fe_byte_does_not_hide_the_next_items_from_the_limits() {
+        // Found by the fuzz target hid_descriptor: the limit walk took 0xFE as a
+        // long-item prefix and skipped 253 bytes, hidreport takes it as a short
+        // item; the Report Count (0x81ff0901) it skipped made the parser ask
+        // for 279 GB.
+        let d = hex(
+            "058c0902a101091229028502150026ff00750895010501093b81029503058c09fb0909fefd81ff\
+             ffffffffffff0f0666ff950209018102058c25017501970109ff810575078103c00914a102a504\
+             15002501753409fe8202010666ff950209c0",
+        );
+        let e = Layout::from_descriptor(&d).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "report descriptor item at offset 61: report count 2180974849 exceeds the kernel's limit of 12288"
+        );
+    }
+
+    fn hex(s: &str) -> Vec<u8> {
+        let s: String = s.split_whitespace().collect();
+        (0..s.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+            .collect()
     }
 
     #[test]
