@@ -6,7 +6,9 @@
 //! decimal list `Debug` prints for a byte array — and [`Needles::find_in`]
 //! looks for all of them in a text.
 
-use std::os::unix::fs::PermissionsExt;
+mod support;
+
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::Path;
 
 use base64::Engine;
@@ -270,4 +272,165 @@ fn secret_files_written_by_the_library_are_owner_only() {
     );
     keyfleet::statefile::write_json(&dir.join("node.json"), &node.snapshot()).unwrap();
     assert_owner_only(&dir);
+}
+
+/// Every array of 16 or 32 small numbers in a JSON document: how the state
+/// and secrets files store key bytes (initial keys, KEK and MAC keys, group
+/// keys, the signing key), found without depending on field names.
+fn key_arrays(v: &serde_json::Value, out: &mut Vec<Vec<u8>>) {
+    match v {
+        serde_json::Value::Array(a) => {
+            let bytes: Option<Vec<u8>> = a
+                .iter()
+                .map(|x| x.as_u64().and_then(|n| u8::try_from(n).ok()))
+                .collect();
+            match bytes {
+                Some(b) if b.len() == 16 || b.len() == 32 => {
+                    if !out.contains(&b) {
+                        out.push(b)
+                    }
+                }
+                _ => a.iter().for_each(|x| key_arrays(x, out)),
+            }
+        }
+        serde_json::Value::Object(o) => o.values().for_each(|x| key_arrays(x, out)),
+        _ => {}
+    }
+}
+
+/// The keys a live fleet holds right now: the controller's secrets file and
+/// every agent's state file.
+fn keys_on_disk(f: &support::adversary::procs::Fleet, out: &mut Vec<Vec<u8>>) {
+    let secrets: serde_json::Value =
+        keyfleet::secrets::load(&f.state_dir().join("controller.secrets"), None)
+            .unwrap()
+            .unwrap();
+    key_arrays(&secrets, out);
+    for a in &f.agents {
+        let st: serde_json::Value = keyfleet::statefile::read_json(&a.state.join("state.json"))
+            .unwrap()
+            .unwrap();
+        key_arrays(&st, out);
+    }
+}
+
+fn contains_bytes(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+/// A live fleet (`keyfleet serve`, three agents) with RUST_LOG=trace goes
+/// through joins, group data and two rekey rounds; then every key it used —
+/// initial keys, KEKs and MAC keys, the signing key, the group key of every
+/// epoch — is looked for in every log line and every command's output (hex,
+/// HEX, base64, decimal), and as raw bytes in the management table; and every
+/// file, directory and socket of the controller and the agents is owner-only.
+#[test]
+fn a_live_fleet_logs_no_key_and_keeps_its_files_owner_only() {
+    use support::adversary::procs::{self, Fleet};
+    let f = Fleet::start(3, "trace");
+    let mut keys: Vec<Vec<u8>> = f.agents.iter().map(|a| a.key.to_vec()).collect();
+    keys_on_disk(&f, &mut keys);
+    for epoch in 2..=3u64 {
+        for a in &f.agents {
+            let out = std::process::Command::new(procs::AGENT)
+                .args(["send", "--state"])
+                .arg(&a.state)
+                .arg(format!("hello from {} in epoch {}", a.id, epoch - 1))
+                .output()
+                .unwrap();
+            assert!(out.status.success());
+        }
+        let r = f.json(&["rekey", "--json"]);
+        assert_eq!(r["acked"], 3, "{r}");
+        f.wait_all(epoch, 10_000);
+        keys_on_disk(&f, &mut keys);
+    }
+    f.json(&["status", "--json"]);
+    f.json(&["history", "--json", "--audit", "1000"]);
+    let mut texts: Vec<(String, String)> = f
+        .transcript
+        .lock()
+        .unwrap()
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (format!("keyfleet command #{i}"), t.clone()))
+        .collect();
+    for a in &f.agents {
+        let out = std::process::Command::new(procs::AGENT)
+            .args(["status", "--json", "--state"])
+            .arg(&a.state)
+            .output()
+            .unwrap();
+        texts.push((
+            format!("keyfleet-agent status of {}", a.id),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        ));
+    }
+    for (path, text) in f.logs() {
+        texts.push((path.display().to_string(), text));
+    }
+    // The controller's public key is stored too (agents keep it); it is no secret.
+    let public: Vec<Vec<u8>> = keys
+        .iter()
+        .filter_map(|k| <[u8; 32]>::try_from(k.as_slice()).ok())
+        .map(|seed| {
+            ed25519_dalek::SigningKey::from_bytes(&seed)
+                .verifying_key()
+                .to_bytes()
+                .to_vec()
+        })
+        .collect();
+    keys.retain(|k| !public.contains(k));
+    // 3 initial keys, 3 x (KEK, MAC), the signing key, group keys of epochs 1-3.
+    assert!(
+        keys.len() >= 3 + 6 + 1 + 3,
+        "found {} keys on disk",
+        keys.len()
+    );
+    let trace_lines: usize = texts.iter().map(|(_, t)| t.lines().count()).sum();
+    assert!(
+        trace_lines > 200,
+        "RUST_LOG=trace logged only {trace_lines} lines"
+    );
+    let levels: Vec<usize> = ["TRACE", "DEBUG"]
+        .iter()
+        .map(|l| texts.iter().map(|(_, t)| t.matches(l).count()).sum())
+        .collect();
+    eprintln!("log lines at TRACE: {}, at DEBUG: {}", levels[0], levels[1]);
+    assert!(levels[1] > 0, "no DEBUG line: RUST_LOG=trace did not take");
+    let mut needles = Needles::new();
+    for (i, k) in keys.iter().enumerate() {
+        needles.add(&format!("key #{i} ({} bytes)", k.len()), k);
+    }
+    for (name, text) in &texts {
+        let found = needles.find_in(text);
+        assert!(found.is_empty(), "{name} shows {found:?}");
+    }
+    // The management table stores check values and fingerprints, never key bytes.
+    for e in std::fs::read_dir(f.state_dir()).unwrap().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !name.starts_with("fleet.db") {
+            continue;
+        }
+        let bytes = std::fs::read(e.path()).unwrap();
+        for (i, k) in keys.iter().enumerate() {
+            assert!(
+                !contains_bytes(&bytes, k),
+                "{name} holds key #{i} as raw bytes"
+            );
+            let text = String::from_utf8_lossy(&bytes);
+            let found = needles.find_in(&text);
+            assert!(found.is_empty(), "{name} shows {found:?}");
+        }
+    }
+    eprintln!(
+        "searched {} texts ({trace_lines} lines) for {} keys in {} spellings",
+        texts.len(),
+        keys.len(),
+        needles.count()
+    );
+    assert_owner_only(&f.state_dir());
+    for a in &f.agents {
+        assert_owner_only(&a.state);
+    }
 }

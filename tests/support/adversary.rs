@@ -640,8 +640,10 @@ pub mod procs {
         pub ctl_port: u16,
         pub serve: Option<Proc>,
         pub agents: Vec<Agent>,
-        /// Extra environment for every process (e.g. RUST_LOG).
+        /// RUST_LOG of every process.
         pub rust_log: String,
+        /// stdout and stderr of every `keyfleet` command run, in order.
+        pub transcript: std::sync::Mutex<Vec<String>>,
     }
 
     /// Round settings that keep a test's rounds short.
@@ -666,6 +668,7 @@ pub mod procs {
                 serve: None,
                 agents: Vec::new(),
                 rust_log: rust_log.to_owned(),
+                transcript: Default::default(),
             };
             f.json(&["init", "--json"]);
             let mut specs = Vec::new();
@@ -746,6 +749,13 @@ pub mod procs {
 
         pub fn run(&self, args: &[&str]) -> Output {
             let out = self.cmd(args).output().unwrap();
+            self.transcript.lock().unwrap().push(format!(
+                // The command's name only: its arguments may hold a key form.
+                "$ keyfleet {}\n{}{}",
+                args.first().copied().unwrap_or_default(),
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ));
             assert!(
                 out.status.success(),
                 "keyfleet {args:?} failed: {}\n{}",
