@@ -208,26 +208,26 @@ fn debug_of_key_types_prints_no_key_material() {
     assert!(prints[1].1.contains(&g1.check_value().to_string()));
 }
 
-/// Every file under `dir` is readable by its owner only, every directory 0700.
+/// Every file, directory and socket under `dir` is open to its owner only.
 pub fn assert_owner_only(dir: &Path) {
     for entry in walk(dir) {
         let meta = std::fs::symlink_metadata(&entry).unwrap();
         let mode = meta.permissions().mode() & 0o777;
-        if meta.is_dir() {
-            assert_eq!(
-                mode & 0o077,
-                0,
-                "directory {} has mode {mode:o}",
-                entry.display()
-            );
+        let what = if meta.is_dir() {
+            "directory"
         } else if meta.is_file() {
-            assert_eq!(
-                mode & 0o077,
-                0,
-                "file {} has mode {mode:o}",
-                entry.display()
-            );
-        }
+            "file"
+        } else if meta.file_type().is_socket() {
+            "socket"
+        } else {
+            continue;
+        };
+        assert_eq!(
+            mode & 0o077,
+            0,
+            "{what} {} has mode {mode:o}",
+            entry.display()
+        );
     }
 }
 
