@@ -271,3 +271,95 @@ fn data_sealed_with_a_stolen_appliances_key_sets_off_the_leaked_key_rekey() {
         },
     );
 }
+
+/// A removed node keeps its agent running: the round that removes it leaves
+/// it at the old epoch, its data under the old key opens nowhere, and after
+/// a restart its key requests get it nothing (the controller no longer knows
+/// its member number) — while the remaining nodes rotate on.
+#[test]
+fn a_removed_node_gets_no_new_key_and_its_data_opens_nowhere() {
+    let mut f = Fleet::start(AGENTS, "info");
+    let gone = f.agents[2].id.clone();
+    let r = f.json(&["remove", &gone, "--json"]);
+    assert_eq!(r["node_id"], gone.as_str(), "{r}");
+    assert_eq!(
+        (r["round"]["epoch"].as_u64(), r["round"]["acked"].as_u64()),
+        (Some(2), Some(AGENTS as u64 - 1)),
+        "{r}"
+    );
+    let s = procs::status(&f.agents[2].state);
+    assert_eq!(
+        (s["state"].as_str(), s["epoch"].as_u64()),
+        (Some("UpdateCompleted"), Some(1)),
+        "the removed node stays at epoch 1: {s}"
+    );
+    let kept = |f: &Fleet| -> Vec<Value> { f.statuses().into_iter().take(AGENTS - 1).collect() };
+    procs::wait_for("the remaining agents at epoch 2", 10_000, || {
+        kept(&f)
+            .iter()
+            .all(|s| s["epoch"] == 2 && s["state"] == "UpdateCompleted")
+    });
+
+    // Its data, sealed with the old key, opens at no remaining agent.
+    let before: Vec<u64> = kept(&f)
+        .iter()
+        .map(|s| s["running"]["undecryptable"].as_u64().unwrap_or(0))
+        .collect();
+    let out = std::process::Command::new(procs::AGENT)
+        .args(["send", "--state"])
+        .arg(&f.agents[2].state)
+        .arg("still here")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    procs::wait_for(
+        "the remaining agents refused the removed node's data",
+        5_000,
+        || {
+            kept(&f)
+                .iter()
+                .zip(&before)
+                .all(|(s, b)| s["running"]["undecryptable"].as_u64().unwrap_or(0) > *b)
+        },
+    );
+
+    // Restarted, it asks for the current key and gets nothing.
+    let removed = f.agents.pop().unwrap();
+    let (state, listen) = (removed.state.clone(), removed.listen);
+    drop(removed);
+    let key_file = f.dir.path().join(format!("{gone}.key"));
+    let mut cmd = std::process::Command::new(procs::AGENT);
+    cmd.args(["run", "--state"])
+        .arg(&state)
+        .args(["--node-id", &gone, "--initial-key-file"])
+        .arg(&key_file)
+        .args(["--group", &f.group.to_string(), "--iface", "127.0.0.1"])
+        .args(["--listen", &listen.to_string()])
+        .args(["--controller", &f.ctl_addr().to_string()])
+        .args(["--usage-interval", "0"]);
+    let mut again = procs::Proc::spawn(cmd, f.dir.path().join(format!("agent-{gone}-2.log")));
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(again.exited().is_none(), "{}", again.log_text());
+    let s = procs::status(&state);
+    assert_eq!(s["epoch"].as_u64(), Some(1), "{s}");
+    assert_eq!(
+        s["running"]["synced"], false,
+        "the removed node is never synced again: {s}"
+    );
+    f.assert_alive();
+    // The fleet rotates on without it.
+    let r = f.json(&["rekey", "--json"]);
+    assert_eq!(
+        (
+            r["epoch"].as_u64(),
+            r["acked"].as_u64(),
+            r["stale"].as_u64()
+        ),
+        (Some(3), Some(AGENTS as u64 - 1), Some(0)),
+        "{r}"
+    );
+}
