@@ -3,10 +3,8 @@
 //!
 //! - `fifty_nodes_...`: fifty node shells (real `NodeMachine`s on real loopback
 //!   multicast sockets, in this test process) against the real `keyfleet`.
-//! - `fifty_keyfleet_agent_processes_...` (`--ignored`): fifty real
-//!   `keyfleet-agent run` processes; it says so and returns when the
-//!   `keyfleet-agent` in this build has no `run` yet. `KEYFLEET_AGENT=PATH`
-//!   runs another build of the agent.
+//! - `fifty_keyfleet_agent_processes_...`: fifty real `keyfleet-agent run`
+//!   processes. `KEYFLEET_AGENT=PATH` runs another build of the agent.
 mod controller_support;
 
 use std::process::{Command, Stdio};
@@ -80,24 +78,12 @@ fn fifty_nodes_enrolled_and_rotated_by_rekey_json() {
     assert_eq!(acked, 50);
 }
 
-fn agent_has_run(agent: &str) -> bool {
-    Command::new(agent)
-        .args(["run", "--help"])
-        .output()
-        .is_ok_and(|o| o.status.success())
-}
-
 #[test]
-#[ignore = "starts fifty keyfleet-agent processes; run with --ignored"]
 fn fifty_keyfleet_agent_processes_enrolled_and_rotated_by_rekey_json() {
     // KEYFLEET_AGENT may name another build of the agent (e.g. a release build).
     let agent_bin = std::env::var("KEYFLEET_AGENT")
         .unwrap_or_else(|_| env!("CARGO_BIN_EXE_keyfleet-agent").into());
     let agent = agent_bin.as_str();
-    if !agent_has_run(agent) {
-        eprintln!("SKIPPED: this build's keyfleet-agent has no `run` yet (the agent branch is not merged)");
-        return;
-    }
     let ctl = Ctl::new(21, DEFAULTS);
     ctl.run(&["init"]);
     let specs = node_specs(50);

@@ -207,9 +207,8 @@ fn kill_9_of_a_rekey_without_serve_and_rekey_again_finishes_that_round() {
 }
 
 #[test]
-#[ignore = "starts keyfleet-agent processes; run with --ignored"]
 fn kill_9_of_serve_mid_round_with_keyfleet_agent_processes() {
-    let Some(bin) = agent_bin() else { return };
+    let bin = agent_bin();
     let ctl = Ctl::new(
         12,
         "[round]\ndrain_grace_ms = 3000\nretry_initial_ms = 100\n[rekey]\njoin_wait_ms = 12000\n",
