@@ -60,6 +60,7 @@
 
 pub mod net;
 mod scenario;
+pub mod udp;
 
 pub use net::{Arrival, NetConfig, NetStats, Peer, Traffic, Transport, VirtualNet};
 

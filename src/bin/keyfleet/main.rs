@@ -1,6 +1,8 @@
 //! `keyfleet`: the installer and controller CLI.
 use clap::{Parser, Subcommand};
 
+#[cfg(feature = "drivers")]
+mod demo;
 mod enroll;
 mod fleet;
 #[cfg(feature = "drivers")]
@@ -48,6 +50,9 @@ enum Command {
     Serve(fleet::ServeArgs),
     /// Print the configuration (or, with --print-default, every key with its default).
     Config(fleet::ConfigArgs),
+    /// Run a controller and five agents on loopback, rotate the key twice while they exchange messages.
+    #[cfg(feature = "drivers")]
+    Demo(demo::DemoArgs),
 }
 
 fn main() -> anyhow::Result<std::process::ExitCode> {
@@ -76,5 +81,7 @@ fn main() -> anyhow::Result<std::process::ExitCode> {
         Command::Config(a) => {
             fleet::config(&cli.global, a).map(|()| std::process::ExitCode::SUCCESS)
         }
+        #[cfg(feature = "drivers")]
+        Command::Demo(a) => demo::run(a),
     }
 }

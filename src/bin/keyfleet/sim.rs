@@ -2,7 +2,8 @@
 
 use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
-use keyfleet::sim::{self, SimConfig};
+use keyfleet::sim::{self, udp::UdpConfig, SimConfig};
+use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::Instant;
 
 /// Where the simulated datagrams travel.
@@ -10,6 +11,9 @@ use std::time::Instant;
 pub enum SimTransport {
     /// The seeded virtual network with a virtual clock (exactly reproducible by seed).
     Virtual,
+    /// Real UDP sockets on one host: two per node and for the controller, one
+    /// multicast group, loss drawn on receive, the wall clock (see `keyfleet::sim::udp`).
+    Udp,
 }
 
 /// Run one controller and N nodes through R rekey rounds on a lossy network.
@@ -54,6 +58,16 @@ pub struct SimArgs {
     /// Transport.
     #[arg(long, value_enum, default_value_t = SimTransport::Virtual)]
     transport: SimTransport,
+    /// With `--transport udp`: the multicast group (default 239.255.77.78 on a free port).
+    #[arg(long, value_name = "ADDR:PORT")]
+    group: Option<SocketAddrV4>,
+    /// With `--transport udp`: the interface address every socket binds to and joins on.
+    #[arg(long, value_name = "ADDR", default_value_t = Ipv4Addr::LOCALHOST)]
+    iface: Ipv4Addr,
+    /// With `--transport udp`: the longest a datagram may take from send to
+    /// handling (kernel and queue), which sets the drain grace (ms).
+    #[arg(long, default_value_t = 250)]
+    max_delay_ms: u64,
     /// Print one JSON object instead of a summary.
     #[arg(long)]
     json: bool,
@@ -87,20 +101,38 @@ pub fn run(args: SimArgs) -> anyhow::Result<std::process::ExitCode> {
     cfg.data_sample = args.data_sample;
     cfg.stale_after_ms = args.stale_after_ms;
     let started = Instant::now();
+    let mut udp_report = None;
     let mut report = match args.transport {
         SimTransport::Virtual => sim::run(&cfg),
+        SimTransport::Udp => {
+            let mut udp = UdpConfig::loopback();
+            udp.iface = args.iface;
+            udp.max_delay_ms = args.max_delay_ms;
+            if let Some(g) = args.group {
+                udp.group = g;
+            }
+            let r = sim::udp::run(&cfg, &udp)
+                .context("while setting up the UDP sockets of the simulated fleet")?;
+            let sim = r.sim.clone();
+            udp_report = Some(r);
+            sim
+        }
     };
     report.wall_ms = Some(started.elapsed().as_millis() as u64);
+    if let Some(r) = &mut udp_report {
+        r.sim.wall_ms = report.wall_ms;
+    }
     let ok = report.converged
         && report.data_undecryptable == 0
         && report.s1_violations == 0
         && report.s2_violations == 0
         && report.backward_transitions == 0;
     if args.json {
-        println!(
-            "{}",
-            serde_json::to_string(&report).context("while writing the report as JSON")?
-        );
+        let json = match &udp_report {
+            Some(r) => serde_json::to_string(r),
+            None => serde_json::to_string(&report),
+        };
+        println!("{}", json.context("while writing the report as JSON")?);
     } else {
         println!(
             "{} nodes, loss {}, seed {}: {} of {} rounds, converged: {}",
@@ -131,6 +163,22 @@ pub fn run(args: SimArgs) -> anyhow::Result<std::process::ExitCode> {
             report.bytes_per_node,
             report.wall_ms.unwrap_or(0)
         );
+        if let Some(r) = &udp_report {
+            println!(
+                "udp: {} sockets, {} datagrams read, {} lost by injection, longest queue wait {} ms, \
+                 {} send errors, {} kernel receive-buffer overflows; {:.2} rounds/s, \
+                 peak RSS {} MiB ({} bytes per agent)",
+                r.udp.sockets,
+                r.udp.received,
+                r.udp.injected_losses,
+                r.udp.max_queue_wait_ms,
+                r.udp.send_errors,
+                r.udp.kernel_rcvbuf_errors,
+                r.rounds_per_s,
+                r.peak_rss_bytes >> 20,
+                r.rss_bytes_per_agent
+            );
+        }
     }
     Ok(if ok {
         std::process::ExitCode::SUCCESS

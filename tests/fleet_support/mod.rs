@@ -1,0 +1,451 @@
+//! Support for the fleet tests: the real `keyfleet` (init, enroll, serve,
+//! rekey, status) and real `keyfleet-agent run` processes on loopback
+//! multicast, each test in its own temporary directory, group and ports;
+//! application clients on the agents' sockets; every process killed on drop.
+#![allow(dead_code)]
+
+use std::fs::OpenOptions;
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use keyfleet::agent::app::{self, Reply, SendOutcome};
+
+pub const KEYFLEET: &str = env!("CARGO_BIN_EXE_keyfleet");
+pub const AGENT: &str = env!("CARGO_BIN_EXE_keyfleet-agent");
+
+pub fn free_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A group of this test's own (pid and a per-test tag), on a free port.
+pub fn fresh_group(tag: u8) -> SocketAddrV4 {
+    let pid = std::process::id();
+    SocketAddrV4::new(
+        Ipv4Addr::new(239, 255, 160 + (pid % 60) as u8, tag),
+        free_port(),
+    )
+}
+
+/// Polls `f` every 50 ms for up to `ms`; panics naming `what` if it never holds.
+pub fn wait_for(what: &str, ms: u64, mut f: impl FnMut() -> bool) {
+    let end = Instant::now() + Duration::from_millis(ms);
+    while Instant::now() < end {
+        if f() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("timed out after {ms} ms waiting for {what}");
+}
+
+/// A child process, SIGKILLed when dropped.
+pub struct Proc(pub Child);
+
+impl Proc {
+    pub fn kill9(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+
+    pub fn alive(&mut self) -> bool {
+        matches!(self.0.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// One appliance: id, initial key file, state directory, unicast address.
+pub struct Node {
+    pub id: String,
+    pub form: String,
+    pub state: PathBuf,
+    pub key_file: PathBuf,
+    pub listen: SocketAddrV4,
+}
+
+/// A controller and its nodes in one temporary directory.
+pub struct Fleet {
+    pub dir: tempfile::TempDir,
+    pub group: SocketAddrV4,
+    pub ctl_port: u16,
+    pub nodes: Vec<Node>,
+    /// Prefix of every command (`ip netns exec NAME`), empty on the host.
+    pub wrap: Vec<String>,
+}
+
+impl Fleet {
+    /// `n` nodes, `extra` appended to the controller's config file.
+    pub fn new(tag: u8, n: usize, extra: &str) -> Fleet {
+        let dir = tempfile::tempdir().unwrap();
+        let group = fresh_group(tag);
+        let ctl_port = free_port();
+        std::fs::create_dir_all(dir.path().join("logs")).unwrap();
+        std::fs::write(
+            dir.path().join("keyfleet.toml"),
+            format!(
+                "[network]\ngroup = \"{group}\"\niface = \"127.0.0.1\"\nlisten_port = {ctl_port}\n{extra}"
+            ),
+        )
+        .unwrap();
+        let nodes = (0..n)
+            .map(|i| {
+                let mut key = [0u8; 16];
+                getrandom::getrandom(&mut key).unwrap();
+                let form = keyfleet_drivers::label::hex_form(
+                    &keyfleet_drivers::label::InitialKey::from_bytes(key),
+                );
+                let id = format!("node-{i:02}");
+                let state = dir.path().join("agents").join(&id);
+                keyfleet::statefile::ensure_private_dir(&state).unwrap();
+                let key_file = dir.path().join(format!("{id}.key"));
+                {
+                    use std::io::Write;
+                    use std::os::unix::fs::OpenOptionsExt;
+                    let mut f = OpenOptions::new()
+                        .write(true)
+                        .create_new(true)
+                        .mode(0o600)
+                        .open(&key_file)
+                        .unwrap();
+                    f.write_all(form.as_bytes()).unwrap();
+                }
+                Node {
+                    id,
+                    form,
+                    state,
+                    key_file,
+                    listen: SocketAddrV4::new(Ipv4Addr::LOCALHOST, free_port()),
+                }
+            })
+            .collect();
+        Fleet {
+            dir,
+            group,
+            ctl_port,
+            nodes,
+            wrap: Vec::new(),
+        }
+    }
+
+    pub fn state(&self) -> PathBuf {
+        self.dir.path().join("controller")
+    }
+
+    fn command(&self, program: &str) -> Command {
+        match self.wrap.split_first() {
+            None => Command::new(program),
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(program);
+                c
+            }
+        }
+    }
+
+    pub fn keyfleet(&self, args: &[&str]) -> Command {
+        let mut c = self.command(KEYFLEET);
+        c.arg("--state")
+            .arg(self.state())
+            .arg("--config")
+            .arg(self.dir.path().join("keyfleet.toml"))
+            .args(args)
+            .stdin(Stdio::null())
+            .env_remove("KEYFLEET_PASSPHRASE")
+            .env("RUST_LOG", "info")
+            .env("RUST_BACKTRACE", "0");
+        c
+    }
+
+    /// Runs `keyfleet ARGS` to its end; panics with its stderr if it fails.
+    pub fn run(&self, args: &[&str]) -> Output {
+        let out = self.keyfleet(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "keyfleet {args:?} failed: {}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+
+    pub fn json(&self, args: &[&str]) -> serde_json::Value {
+        let out = self.run(args);
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "keyfleet {args:?} printed no JSON ({e}): {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })
+    }
+
+    fn log(&self, name: &str) -> std::fs::File {
+        // Appended: a restarted process keeps its earlier lines.
+        OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("logs").join(format!("{name}.log")))
+            .unwrap()
+    }
+
+    pub fn logs(&self, name: &str) -> String {
+        std::fs::read_to_string(self.dir.path().join("logs").join(format!("{name}.log")))
+            .unwrap_or_default()
+    }
+
+    /// `keyfleet init` and `keyfleet enroll` of every node.
+    pub fn init_and_enroll(&self) {
+        self.run(&["init"]);
+        for n in &self.nodes {
+            self.run(&[
+                "enroll",
+                "--node-id",
+                &n.id,
+                "--addr",
+                &n.listen.to_string(),
+                "--key",
+                &n.form,
+            ]);
+        }
+    }
+
+    /// `keyfleet serve`, once its control socket answers.
+    pub fn serve(&self) -> Proc {
+        let child = self
+            .keyfleet(&["serve"])
+            .stdout(Stdio::null())
+            .stderr(self.log("serve"))
+            .spawn()
+            .unwrap();
+        let p = Proc(child);
+        let sock = self.state().join("control.sock");
+        wait_for("keyfleet serve's control socket", 15_000, || {
+            std::os::unix::net::UnixStream::connect(&sock).is_ok()
+        });
+        p
+    }
+
+    /// `keyfleet-agent run` for node `i`, once its application socket exists.
+    pub fn agent(&self, i: usize) -> Proc {
+        let n = &self.nodes[i];
+        let child = self
+            .command(AGENT)
+            .arg("run")
+            .arg("--state")
+            .arg(&n.state)
+            .args(["--node-id", &n.id])
+            .arg("--initial-key-file")
+            .arg(&n.key_file)
+            .args(["--group", &self.group.to_string(), "--iface", "127.0.0.1"])
+            .args(["--listen", &n.listen.to_string()])
+            .args(["--controller", &format!("127.0.0.1:{}", self.ctl_port)])
+            .args(["--usage-interval", "2"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(self.log(&n.id))
+            .env("RUST_LOG", "info")
+            .spawn()
+            .unwrap();
+        let p = Proc(child);
+        // A restarted agent replaces the socket file of the killed one; wait
+        // until the new one answers.
+        wait_for(&format!("{}'s application socket", n.id), 15_000, || {
+            agent_status(&n.state).is_some()
+        });
+        p
+    }
+
+    pub fn agents(&self) -> Vec<Proc> {
+        (0..self.nodes.len()).map(|i| self.agent(i)).collect()
+    }
+
+    /// Waits until every node is in `UpdateCompleted` at the controller's epoch
+    /// and synced; the epoch.
+    pub fn wait_converged(&self, ms: u64) -> u64 {
+        let mut epoch = 0;
+        wait_for(
+            "every agent in UpdateCompleted at the controller's epoch",
+            ms,
+            || {
+                let Some(e) = self.json(&["status", "--json"])["epoch"].as_u64() else {
+                    return false;
+                };
+                epoch = e;
+                self.nodes.iter().all(|n| {
+                    agent_status(&n.state).is_some_and(|s| {
+                        s["state"] == "UpdateCompleted"
+                            && s["epoch"].as_u64() == Some(e)
+                            && s["running"]["synced"] == true
+                    })
+                })
+            },
+        );
+        epoch
+    }
+
+    /// Lines in node `id`'s log (all its runs) that report data that could
+    /// not be opened.
+    pub fn undecryptable_logged(&self, id: &str) -> usize {
+        self.logs(id)
+            .lines()
+            .filter(|l| l.contains("datagram refused") && l.contains("cannot be opened"))
+            .count()
+    }
+}
+
+/// The running agent's status through its application socket (`?`), or `None`
+/// when no agent answers within a second.
+pub fn agent_status(state: &Path) -> Option<serde_json::Value> {
+    let agent = state.join(app::SOCKET_NAME);
+    let me = state.join(format!(
+        ".test-q-{}-{}.sock",
+        std::process::id(),
+        QSEQ.fetch_add(1, Ordering::Relaxed)
+    ));
+    let sock = std::os::unix::net::UnixDatagram::bind(&me).ok()?;
+    let _ = sock.set_read_timeout(Some(Duration::from_secs(1)));
+    let mut buf = vec![0u8; 65_536];
+    let answer = (|| {
+        sock.send_to(b"?", &agent).ok()?;
+        loop {
+            let n = sock.recv(&mut buf).ok()?;
+            if let Ok(Reply::Status(json)) = app::decode_reply(buf.get(..n)?) {
+                return serde_json::from_slice(&json).ok();
+            }
+        }
+    })();
+    let _ = std::fs::remove_file(&me);
+    answer
+}
+
+static QSEQ: AtomicU64 = AtomicU64::new(0);
+
+/// What the application clients counted.
+#[derive(Debug, Default)]
+pub struct Traffic {
+    pub sent: AtomicU64,
+    pub received: AtomicU64,
+    pub send_failed: AtomicU64,
+    pub dropped: AtomicU64,
+}
+
+/// One application client per agent, each sending a message every
+/// `interval` and reading what its agent delivers; re-registers every second
+/// (a restarted agent has forgotten its clients). Stopped on drop.
+pub struct Chatter {
+    pub traffic: Arc<Traffic>,
+    stop: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Chatter {
+    pub fn start(fleet: &Fleet, interval: Duration) -> Chatter {
+        let traffic = Arc::new(Traffic::default());
+        let stop = Arc::new(AtomicBool::new(false));
+        let threads = fleet
+            .nodes
+            .iter()
+            .map(|n| {
+                let agent = n.state.join(app::SOCKET_NAME);
+                let me = fleet.dir.path().join(format!("{}-app.sock", n.id));
+                let (t, s, id) = (traffic.clone(), stop.clone(), n.id.clone());
+                std::thread::spawn(move || client(agent, me, id, interval, t, s))
+            })
+            .collect();
+        Chatter {
+            traffic,
+            stop,
+            threads,
+        }
+    }
+
+    pub fn sent(&self) -> u64 {
+        self.traffic.sent.load(Ordering::Relaxed)
+    }
+
+    pub fn received(&self) -> u64 {
+        self.traffic.received.load(Ordering::Relaxed)
+    }
+
+    /// Stops sending, lets the last messages arrive, stops the clients.
+    pub fn finish(mut self) -> Arc<Traffic> {
+        std::thread::sleep(Duration::from_millis(500));
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        self.traffic.clone()
+    }
+}
+
+impl Drop for Chatter {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+fn client(
+    agent: PathBuf,
+    me: PathBuf,
+    id: String,
+    interval: Duration,
+    t: Arc<Traffic>,
+    stop: Arc<AtomicBool>,
+) {
+    let _ = std::fs::remove_file(&me);
+    let sock = std::os::unix::net::UnixDatagram::bind(&me).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(20)))
+        .unwrap();
+    let mut buf = vec![0u8; 65_536];
+    let mut n = 0u64;
+    let mut next_send = Instant::now();
+    let mut next_register = Instant::now();
+    while !stop.load(Ordering::Relaxed) {
+        let now = Instant::now();
+        if now >= next_register {
+            let _ = sock.send_to(b"R", &agent);
+            next_register = now + Duration::from_secs(1);
+        }
+        if now >= next_send {
+            n += 1;
+            let text = format!("{id} #{n}");
+            if sock
+                .send_to(&app::encode_send(text.as_bytes()), &agent)
+                .is_err()
+            {
+                t.send_failed.fetch_add(1, Ordering::Relaxed);
+            }
+            next_send = now + interval;
+        }
+        if let Ok(len) = sock.recv(&mut buf) {
+            match app::decode_reply(&buf[..len]) {
+                Ok(Reply::Message(_)) => {
+                    t.received.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(Reply::Outcome(SendOutcome::Sent | SendOutcome::Held)) => {
+                    t.sent.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(Reply::Outcome(SendOutcome::Dropped)) => {
+                    t.dropped.fetch_add(1, Ordering::Relaxed);
+                }
+                _ => {}
+            }
+        }
+    }
+    let _ = sock.send_to(b"U", &agent);
+    let _ = std::fs::remove_file(&me);
+}
