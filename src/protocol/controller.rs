@@ -429,6 +429,9 @@ struct Member {
     /// Requests sent to this member in the current phase.
     attempts: u32,
     replay: ReplayWindow,
+    /// Sequence numbers of the group data this member sent from its address,
+    /// so that a copy replayed from elsewhere is not taken for a leak.
+    data_seen: ReplayWindow,
     /// Cumulative counts reported for the current key.
     seals: u64,
     opens: u64,
@@ -1527,8 +1530,11 @@ impl ControllerMachine {
         rng: &mut (impl RngCore + CryptoRng),
         out: &mut Out,
     ) -> Result<(), Refusal> {
-        if self.member(d.sender).is_some_and(|m| m.row.addr == from) {
-            return Ok(());
+        if let Some(Some(m)) = self.members.get_mut(d.sender as usize) {
+            if m.row.addr == from {
+                m.data_seen.mark(d.seq);
+                return Ok(());
+            }
         }
         let keys = std::iter::once(&self.current).chain(self.round.as_ref().map(|r| &r.key));
         let authentic = keys
@@ -1538,6 +1544,18 @@ impl ControllerMachine {
             return Err(Refusal::ForgedData {
                 sender: d.sender,
                 from: from.to_string(),
+            });
+        }
+        // A member's own message heard again from another address is a replay
+        // (the sequence number is authenticated as associated data), not a leak:
+        // otherwise any host could make the fleet rekey at will.
+        if self
+            .member(d.sender)
+            .is_some_and(|m| m.data_seen.check(d.seq) != Seen::Fresh)
+        {
+            return Err(Refusal::Replay {
+                what: "data",
+                seq: d.seq,
             });
         }
         if self.cfg.triggers.on_unknown_sender {
@@ -1652,6 +1670,7 @@ impl Member {
             progress: 0,
             attempts: 0,
             replay: ReplayWindow::default(),
+            data_seen: ReplayWindow::default(),
             seals: 0,
             opens: 0,
         }

@@ -1,1 +1,2 @@
+pub mod adversary;
 pub mod netns;

@@ -672,11 +672,26 @@ fn data_from_an_unknown_sender_means_the_key_leaked() {
     })
     .unwrap();
     assert_eq!(f.phase(), None);
-    // The same group key used from another address: presumed leaked.
+    // The same message replayed from another address is a replay, not a leak.
     let intruder = SocketAddr::from(([172, 16, 0, 9], 5000));
     f.ctl(ControllerInput::Datagram {
         from: intruder,
         bytes: &bytes,
+    })
+    .unwrap();
+    assert_eq!(f.phase(), None, "a replayed message is no leak");
+    // The same group key used from another address for a new message: presumed leaked.
+    let out = f.node(0, NodeInput::Send(b"hello again"));
+    f.queue.clear();
+    let Some(NodeAction::SendGroup { bytes: leaked, .. }) = out
+        .into_iter()
+        .find(|a| matches!(a, NodeAction::SendGroup { .. }))
+    else {
+        unreachable!()
+    };
+    f.ctl(ControllerInput::Datagram {
+        from: intruder,
+        bytes: &leaked,
     })
     .unwrap();
     assert!(

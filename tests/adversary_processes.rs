@@ -1,0 +1,365 @@
+//! The adversary suite with real processes: `keyfleet serve` and three
+//! `keyfleet-agent run` on loopback multicast (own group and port per test),
+//! and a host on the LAN that is not enrolled (tests/support/adversary.rs):
+//! it joins the group, overhears two rekey rounds and group data, then sends
+//! forged key update and transition requests, the overheard datagrams as is,
+//! bit-flipped, truncated and padded, forged node messages, and a flood.
+//!
+//! Checked as a user would: `keyfleet-agent status --json` before and after
+//! (same state, epoch and key check values), every process still running,
+//! `keyfleet rekey --json` completing with every node acknowledged, and the
+//! management table (`keyfleet history --json`) showing a new key only when
+//! data sealed with a stolen key came from a sender it does not know.
+
+mod support;
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use keyfleet::crypto::Epoch;
+use keyfleet::protocol::{NodeConfig, NodeMachine, NodePersist};
+use keyfleet::wire::NodeId;
+use rand::SeedableRng;
+use rand_chacha::ChaCha20Rng;
+use serde_json::Value;
+use support::adversary::procs::{self, Fleet};
+use support::adversary::{forge, kind, kinds, Attack, Lan};
+
+const AGENTS: usize = 3;
+
+fn member_list(f: &Fleet) -> Vec<(u32, NodeId)> {
+    f.statuses()
+        .iter()
+        .map(|s| {
+            (
+                s["member"]
+                    .as_u64()
+                    .expect("joined agent has a member number") as u32,
+                NodeId::parse(s["node_id"].as_str().unwrap()).unwrap(),
+            )
+        })
+        .collect()
+}
+
+fn dir_bytes(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|e| e.metadata().ok())
+                .filter(|m| m.is_file())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+fn keys_in_table(f: &Fleet) -> Vec<Value> {
+    f.json(&["history", "--json"])["keys"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// Every agent sends one message to the group through its running agent.
+fn chatter(f: &Fleet, text: &str) {
+    for a in &f.agents {
+        let out = std::process::Command::new(procs::AGENT)
+            .args(["send", "--state"])
+            .arg(&a.state)
+            .arg(format!("{text} from {}", a.id))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "keyfleet-agent send: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+fn rekey_all_acked(f: &Fleet, epoch: u64) {
+    let r = f.json(&["rekey", "--json"]);
+    assert_eq!(r["epoch"].as_u64(), Some(epoch), "{r}");
+    assert_eq!(
+        (r["acked"].as_u64(), r["stale"].as_u64()),
+        (Some(AGENTS as u64), Some(0)),
+        "{r}"
+    );
+    f.wait_all(epoch, 10_000);
+}
+
+#[test]
+fn an_unenrolled_host_moves_no_agent_and_does_not_stop_the_controller() {
+    let mut f = Fleet::start(AGENTS, "info");
+    let lan = Lan::join(f.group, Ipv4Addr::LOCALHOST);
+    // Two earlier rounds and group data, all overheard.
+    chatter(&f, "before round 2");
+    rekey_all_acked(&f, 2);
+    rekey_all_acked(&f, 3);
+    chatter(&f, "after round 3");
+    std::thread::sleep(Duration::from_millis(300));
+    let overheard: Vec<Vec<u8>> = lan.overheard().into_iter().map(|o| o.bytes).collect();
+    for k in [
+        kinds::DATA,
+        kinds::KEY_UPDATE,
+        kinds::FIRST_TRANSITION,
+        kinds::SECOND_TRANSITION,
+    ] {
+        assert!(
+            overheard.iter().any(|b| kind(b) == Some(k)),
+            "the attacker overheard no message of type {k:#04x} ({} datagrams)",
+            overheard.len()
+        );
+    }
+
+    let before = f.views();
+    let keys_before = keys_in_table(&f).len();
+    let members = member_list(&f);
+    let state_bytes_before = dir_bytes(&f.state_dir());
+    let mut rng = ChaCha20Rng::seed_from_u64(2026);
+    let attacks = forge::everything(&overheard, Epoch(3), &members, &mut rng);
+    let mut targets: Vec<SocketAddr> = vec![SocketAddr::V4(f.group)];
+    targets.extend(f.unicast_targets());
+    let failed = lan.send_all(&attacks, &targets, 32);
+    let sent = attacks.len() * targets.len();
+    eprintln!(
+        "sent {sent} attack datagrams ({} distinct, {failed} refused locally) to {} targets",
+        attacks.len(),
+        targets.len()
+    );
+
+    // A flood: 20 000 datagrams in at most 5 s, small ones, to the group and every unicast port.
+    let small: Vec<Attack> = attacks
+        .iter()
+        .filter(|a| a.bytes.len() <= 1200)
+        .cloned()
+        .collect();
+    let flood_start = Instant::now();
+    let flood = lan.flood(&small, &targets, 20_000, Duration::from_secs(5));
+    eprintln!(
+        "flood: {} datagrams in {:?} ({:.0}/s), {} refused locally",
+        flood.sent,
+        flood.elapsed,
+        flood.sent as f64 / flood.elapsed.as_secs_f64(),
+        flood.send_errors
+    );
+    assert!(
+        flood.sent >= 10_000,
+        "the flood was too small to mean anything: {flood:?}"
+    );
+    // Every agent answers again (its backlog drained) within 30 s of the flood.
+    procs::wait_for("every agent answering after the flood", 30_000, || {
+        f.statuses().iter().all(|s| s["source"] == "running_agent")
+    });
+    eprintln!(
+        "agents answer again {:?} after the flood began; each took in {:?} datagrams, refused {:?}",
+        flood_start.elapsed(),
+        f.statuses()
+            .iter()
+            .map(|s| s["running"]["datagrams_in"].as_u64().unwrap_or(0))
+            .collect::<Vec<_>>(),
+        f.statuses()
+            .iter()
+            .map(|s| s["running"]["refused"].as_u64().unwrap_or(0))
+            .collect::<Vec<_>>(),
+    );
+    eprintln!(
+        "controller state directory: {} bytes before the attack, {} after",
+        state_bytes_before,
+        dir_bytes(&f.state_dir())
+    );
+
+    f.assert_alive();
+    let after = f.views();
+    assert_eq!(before, after, "an agent's state or key changed");
+    let history = f.json(&["history", "--json", "--audit", "100000"]);
+    let refusals = history["audit"]
+        .as_array()
+        .map(|a| a.iter().filter(|e| e["kind"] == "Refusal").count())
+        .unwrap_or(0);
+    eprintln!("the controller's audit log holds {refusals} refusals");
+    assert_eq!(
+        keys_in_table(&f).len(),
+        keys_before,
+        "a key was created by the attack"
+    );
+
+    // The controller keeps working.
+    let start = Instant::now();
+    rekey_all_acked(&f, 4);
+    eprintln!("rekey after the attack took {:?}", start.elapsed());
+    f.assert_alive();
+}
+
+#[test]
+fn data_sealed_with_a_stolen_appliances_key_sets_off_the_leaked_key_rekey() {
+    let mut f = Fleet::start(AGENTS, "info");
+    let lan = Lan::join(f.group, Ipv4Addr::LOCALHOST);
+    let group = SocketAddr::V4(f.group);
+    let mut rng = ChaCha20Rng::seed_from_u64(7);
+
+    // The thief takes pump-0's state file and finds the group key in it.
+    let path = f.agents[0].state.join("state.json");
+    let stored: Value = keyfleet::statefile::read_json(&path).unwrap().unwrap();
+    let node: NodePersist = serde_json::from_value(stored["node"].clone()).unwrap();
+    let thief = NodeMachine::restore(&node, NodeConfig::default()).unwrap();
+    let key = thief.keyring().unwrap().key(Epoch(1)).unwrap().clone();
+    let view = f.views();
+    assert_eq!(view[0].checks, vec![(1, key.check_value().to_string())]);
+    let keys_before = keys_in_table(&f).len();
+
+    // Without the key: valid-looking data headers start nothing.
+    for sender in [4242u32, 1, 2] {
+        lan.send(
+            group,
+            &forge::data_unsealed(sender, 9, Some(Epoch(1)), &mut rng),
+        );
+    }
+    // Genuine data replayed from the attacker's address starts nothing either.
+    chatter(&f, "hello");
+    std::thread::sleep(Duration::from_millis(300));
+    for o in lan.overheard() {
+        if kind(&o.bytes) == Some(kinds::DATA) {
+            lan.send(group, &o.bytes);
+        }
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        keys_in_table(&f).len(),
+        keys_before,
+        "no leak yet, no new key"
+    );
+
+    // With the stolen key, from a member the table does not know.
+    lan.send(
+        group,
+        &forge::data_sealed_with(&key, 4242, 1, b"open the valve", &mut rng),
+    );
+    procs::wait_for("a new key for the unknown sender", 15_000, || {
+        keys_in_table(&f).len() > keys_before
+    });
+    let keys = keys_in_table(&f);
+    let newest = keys.last().unwrap();
+    assert_eq!(newest["epoch"], 2, "{newest}");
+    assert_eq!(newest["trigger"], "UnknownSender", "{newest}");
+    f.wait_all(2, 15_000);
+    let h = f.json(&["history", "--json", "--audit", "200"]);
+    let audit = h["audit"].as_array().cloned().unwrap_or_default();
+    assert!(
+        audit.iter().any(|a| a.to_string().contains("4242")),
+        "the audit log names the unknown sender: {audit:#?}"
+    );
+    f.assert_alive();
+    // The stolen key opens nothing now: every agent refuses it.
+    let before: Vec<u64> = f
+        .statuses()
+        .iter()
+        .map(|s| s["running"]["undecryptable"].as_u64().unwrap_or(0))
+        .collect();
+    lan.send(
+        group,
+        &forge::data_sealed_with(&key, 4242, 2, b"again", &mut rng),
+    );
+    procs::wait_for(
+        "every agent refused data under the dropped key",
+        5_000,
+        || {
+            f.statuses()
+                .iter()
+                .zip(&before)
+                .all(|(s, b)| s["running"]["undecryptable"].as_u64().unwrap_or(0) > *b)
+        },
+    );
+}
+
+/// A removed node keeps its agent running: the round that removes it leaves
+/// it at the old epoch, its data under the old key opens nowhere, and after
+/// a restart its key requests get it nothing (the controller no longer knows
+/// its member number) — while the remaining nodes rotate on.
+#[test]
+fn a_removed_node_gets_no_new_key_and_its_data_opens_nowhere() {
+    let mut f = Fleet::start(AGENTS, "info");
+    let gone = f.agents[2].id.clone();
+    let r = f.json(&["remove", &gone, "--json"]);
+    assert_eq!(r["node_id"], gone.as_str(), "{r}");
+    assert_eq!(
+        (r["round"]["epoch"].as_u64(), r["round"]["acked"].as_u64()),
+        (Some(2), Some(AGENTS as u64 - 1)),
+        "{r}"
+    );
+    let s = procs::status(&f.agents[2].state);
+    assert_eq!(
+        (s["state"].as_str(), s["epoch"].as_u64()),
+        (Some("UpdateCompleted"), Some(1)),
+        "the removed node stays at epoch 1: {s}"
+    );
+    let kept = |f: &Fleet| -> Vec<Value> { f.statuses().into_iter().take(AGENTS - 1).collect() };
+    procs::wait_for("the remaining agents at epoch 2", 10_000, || {
+        kept(&f)
+            .iter()
+            .all(|s| s["epoch"] == 2 && s["state"] == "UpdateCompleted")
+    });
+
+    // Its data, sealed with the old key, opens at no remaining agent.
+    let before: Vec<u64> = kept(&f)
+        .iter()
+        .map(|s| s["running"]["undecryptable"].as_u64().unwrap_or(0))
+        .collect();
+    let out = std::process::Command::new(procs::AGENT)
+        .args(["send", "--state"])
+        .arg(&f.agents[2].state)
+        .arg("still here")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    procs::wait_for(
+        "the remaining agents refused the removed node's data",
+        5_000,
+        || {
+            kept(&f)
+                .iter()
+                .zip(&before)
+                .all(|(s, b)| s["running"]["undecryptable"].as_u64().unwrap_or(0) > *b)
+        },
+    );
+
+    // Restarted, it asks for the current key and gets nothing.
+    let removed = f.agents.pop().unwrap();
+    let (state, listen) = (removed.state.clone(), removed.listen);
+    drop(removed);
+    let key_file = f.dir.path().join(format!("{gone}.key"));
+    let mut cmd = std::process::Command::new(procs::AGENT);
+    cmd.args(["run", "--state"])
+        .arg(&state)
+        .args(["--node-id", &gone, "--initial-key-file"])
+        .arg(&key_file)
+        .args(["--group", &f.group.to_string(), "--iface", "127.0.0.1"])
+        .args(["--listen", &listen.to_string()])
+        .args(["--controller", &f.ctl_addr().to_string()])
+        .args(["--usage-interval", "0"]);
+    let mut again = procs::Proc::spawn(cmd, f.dir.path().join(format!("agent-{gone}-2.log")));
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(again.exited().is_none(), "{}", again.log_text());
+    let s = procs::status(&state);
+    assert_eq!(s["epoch"].as_u64(), Some(1), "{s}");
+    assert_eq!(
+        s["running"]["synced"], false,
+        "the removed node is never synced again: {s}"
+    );
+    f.assert_alive();
+    // The fleet rotates on without it.
+    let r = f.json(&["rekey", "--json"]);
+    assert_eq!(
+        (
+            r["epoch"].as_u64(),
+            r["acked"].as_u64(),
+            r["stale"].as_u64()
+        ),
+        (Some(3), Some(AGENTS as u64 - 1), Some(0)),
+        "{r}"
+    );
+}

@@ -1,0 +1,881 @@
+//! A host on the LAN that is not enrolled: it listens to the fleet's multicast
+//! group, keeps what it overhears, and sends forged, replayed, altered,
+//! truncated and oversized datagrams and floods — to the group and to any
+//! unicast address it learnt.
+//!
+//! Two halves:
+//! - [`forge`]: pure functions that build the attacker's datagrams with the
+//!   real wire encoder ([`keyfleet::wire`]), so the in-process tests and the
+//!   process tests send the same bytes;
+//! - [`Lan`]: real sockets on loopback multicast (a capture thread joined to
+//!   the group, a sending socket), bounded floods.
+//!
+//! The attacker never holds a fleet key unless a test hands it one (a stolen
+//! appliance's state file): it signs with its own Ed25519 key and MACs with
+//! keys derived from a random initial key.
+#![allow(dead_code)]
+
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use keyfleet::crypto::{Epoch, GroupKey, InitialKey, NodeKeys};
+use keyfleet::wire::{self, NodeId, Step};
+use rand::{Rng, RngCore};
+
+/// The wire type byte of a datagram (its second byte), if it has one.
+pub fn kind(bytes: &[u8]) -> Option<u8> {
+    bytes.get(1).copied()
+}
+
+/// Wire type bytes of the controller's group messages and of data.
+pub mod kinds {
+    pub const DATA: u8 = 0x01;
+    pub const KEY_UPDATE: u8 = 0x02;
+    pub const FIRST_TRANSITION: u8 = 0x03;
+    pub const SECOND_TRANSITION: u8 = 0x04;
+    pub const KEY_RESPONSE: u8 = 0x05;
+    /// Node messages (replies, key requests, joins, usage reports) are 0x11..=0x16.
+    pub const NODE_FIRST: u8 = 0x11;
+    pub const NODE_LAST: u8 = 0x16;
+}
+
+/// The epoch field of a controller or node message (bytes 2..6), if present.
+pub fn epoch_of(bytes: &[u8]) -> Option<Epoch> {
+    let b: [u8; 4] = bytes.get(2..6)?.try_into().ok()?;
+    Some(Epoch(u32::from_be_bytes(b)))
+}
+
+/// One labelled attack datagram.
+#[derive(Clone, Debug)]
+pub struct Attack {
+    pub label: String,
+    pub bytes: Vec<u8>,
+}
+
+impl Attack {
+    pub fn new(label: impl Into<String>, bytes: Vec<u8>) -> Attack {
+        Attack {
+            label: label.into(),
+            bytes,
+        }
+    }
+}
+
+/// Building the attacker's datagrams.
+pub mod forge {
+    use super::*;
+
+    /// The attacker's own controller key: not the fleet's.
+    pub fn attacker_signing_key(
+        rng: &mut (impl RngCore + rand::CryptoRng),
+    ) -> ed25519_dalek::SigningKey {
+        ed25519_dalek::SigningKey::generate(rng)
+    }
+
+    /// Node keys from a random initial key: what an attacker who guesses has.
+    pub fn attacker_node_keys(rng: &mut impl RngCore) -> NodeKeys {
+        let mut k = [0u8; 16];
+        rng.fill_bytes(&mut k);
+        NodeKeys::derive(&InitialKey(k))
+    }
+
+    /// Key update requests for `epoch` with an entry for every member in
+    /// `members` (sorted), each a group key of the attacker's wrapped under a
+    /// key-encryption key the attacker made up; signed with the attacker's key,
+    /// and once more with an all-zero signature.
+    pub fn key_updates(
+        epoch: Epoch,
+        seq: u64,
+        members: &[u32],
+        rng: &mut (impl RngCore + rand::CryptoRng),
+    ) -> Vec<Attack> {
+        let sk = attacker_signing_key(rng);
+        let kek = attacker_node_keys(rng);
+        let key = GroupKey::generate(epoch, rng);
+        let mut members = members.to_vec();
+        members.sort_unstable();
+        members.dedup();
+        let entries: Vec<_> = members
+            .iter()
+            .map(|&m| (m, kek.wrap(&key, m, rng)))
+            .collect();
+        let body = wire::key_update(epoch, seq, &entries);
+        let mut zero = body.clone();
+        zero.extend_from_slice(&[0u8; 64]);
+        vec![
+            Attack::new(
+                format!("forged key update epoch {epoch} seq {seq} (attacker's signature)"),
+                wire::sign(body, &sk),
+            ),
+            Attack::new(
+                format!("forged key update epoch {epoch} seq {seq} (zero signature)"),
+                zero,
+            ),
+        ]
+    }
+
+    /// First and second transition requests for `epoch`, signed by the
+    /// attacker, and with a zero signature.
+    pub fn transitions(
+        epoch: Epoch,
+        seq: u64,
+        rng: &mut (impl RngCore + rand::CryptoRng),
+    ) -> Vec<Attack> {
+        let sk = attacker_signing_key(rng);
+        let mut out = Vec::new();
+        for step in [Step::FirstTransition, Step::SecondTransition] {
+            let body = wire::transition(step, epoch, seq);
+            let mut zero = body.clone();
+            zero.extend_from_slice(&[0u8; 64]);
+            out.push(Attack::new(
+                format!("forged {step:?} request epoch {epoch} seq {seq} (attacker's signature)"),
+                wire::sign(body, &sk),
+            ));
+            out.push(Attack::new(
+                format!("forged {step:?} request epoch {epoch} seq {seq} (zero signature)"),
+                zero,
+            ));
+        }
+        out
+    }
+
+    /// Node messages to the controller claiming to be `member`, MAC'd with a
+    /// made-up key: replies of every step, a key request, a join, a usage report.
+    pub fn node_messages(
+        member: u32,
+        node_id: &NodeId,
+        epoch: Epoch,
+        seq: u64,
+        rng: &mut impl RngCore,
+    ) -> Vec<Attack> {
+        let k = attacker_node_keys(rng);
+        let mut out = Vec::new();
+        for step in [
+            Step::KeyUpdate,
+            Step::FirstTransition,
+            Step::SecondTransition,
+        ] {
+            out.push(Attack::new(
+                format!("forged {step:?} reply from member {member}"),
+                wire::mac(wire::ack(step, epoch, seq, member), &k),
+            ));
+        }
+        out.push(Attack::new(
+            format!("forged key request from member {member}"),
+            wire::mac(
+                wire::key_request(epoch, Step::SecondTransition, seq, member),
+                &k,
+            ),
+        ));
+        out.push(Attack::new(
+            format!("forged join as {node_id}"),
+            wire::mac(wire::join(seq, node_id), &k),
+        ));
+        out.push(Attack::new(
+            format!("forged usage report from member {member}"),
+            wire::mac(
+                wire::usage_report(
+                    epoch,
+                    seq,
+                    member,
+                    &[keyfleet::crypto::KeyUse {
+                        epoch,
+                        seals: u64::MAX / 2,
+                        opens: u64::MAX / 2,
+                    }],
+                ),
+                &k,
+            ),
+        ));
+        out
+    }
+
+    /// A data message sealed with `key` (a key the attacker stole), claiming `sender`.
+    pub fn data_sealed_with(
+        key: &GroupKey,
+        sender: u32,
+        seq: u64,
+        plaintext: &[u8],
+        rng: &mut impl RngCore,
+    ) -> Vec<u8> {
+        let mut nonce = [0u8; 12];
+        rng.fill_bytes(&mut nonce);
+        let mut bytes = wire::data_header(sender, seq, Some(key.epoch()), &nonce);
+        let sealed = key.seal(&nonce, &bytes, plaintext);
+        bytes.extend_from_slice(&sealed);
+        bytes
+    }
+
+    /// A data message with a valid-looking header (`sender`, `epoch` hint) and
+    /// random bytes where the ciphertext and tag go: no group key opens it.
+    pub fn data_unsealed(
+        sender: u32,
+        seq: u64,
+        epoch: Option<Epoch>,
+        rng: &mut impl RngCore,
+    ) -> Vec<u8> {
+        let mut nonce = [0u8; 12];
+        rng.fill_bytes(&mut nonce);
+        let mut bytes = wire::data_header(sender, seq, epoch, &nonce);
+        let mut junk = vec![0u8; 48];
+        rng.fill_bytes(&mut junk);
+        bytes.extend_from_slice(&junk);
+        bytes
+    }
+
+    /// Copies of `msg` with one bit flipped, at up to `max` positions spread
+    /// over the whole datagram (every byte when the datagram is short enough),
+    /// each position flipping a different bit.
+    pub fn bit_flips(label: &str, msg: &[u8], max: usize) -> Vec<Attack> {
+        if msg.is_empty() || max == 0 {
+            return Vec::new();
+        }
+        let stride = msg.len().div_ceil(max).max(1);
+        (0..msg.len())
+            .step_by(stride)
+            .map(|i| {
+                let mut m = msg.to_vec();
+                m[i] ^= 1 << (i % 8);
+                Attack::new(format!("{label}, bit {} of byte {i} flipped", i % 8), m)
+            })
+            .collect()
+    }
+
+    /// Every prefix of `msg` shorter than it (at up to `max` lengths, always 0, 1 and len-1).
+    pub fn truncations(label: &str, msg: &[u8], max: usize) -> Vec<Attack> {
+        if msg.is_empty() {
+            return Vec::new();
+        }
+        let stride = msg.len().div_ceil(max.max(1)).max(1);
+        let mut lens: Vec<usize> = (0..msg.len()).step_by(stride).collect();
+        lens.extend([1, msg.len() - 1]);
+        lens.sort_unstable();
+        lens.dedup();
+        lens.into_iter()
+            .filter(|&n| n < msg.len())
+            .map(|n| {
+                Attack::new(
+                    format!("{label}, truncated to {n} bytes"),
+                    msg[..n].to_vec(),
+                )
+            })
+            .collect()
+    }
+
+    /// `msg` with bytes appended (one byte; up to 1201, 9000 and 65 507 bytes,
+    /// the largest UDP payload over IPv4), and oversized datagrams of random bytes.
+    pub fn oversized(label: &str, msg: &[u8], rng: &mut impl RngCore) -> Vec<Attack> {
+        let mut out = Vec::new();
+        for total in [msg.len() + 1, 1201, 9000, 65_507] {
+            if total <= msg.len() {
+                continue;
+            }
+            let mut m = msg.to_vec();
+            let mut tail = vec![0u8; total - msg.len()];
+            rng.fill_bytes(&mut tail);
+            m.extend_from_slice(&tail);
+            out.push(Attack::new(format!("{label}, padded to {total} bytes"), m));
+        }
+        for total in [1201usize, 65_507] {
+            let mut m = vec![0u8; total];
+            rng.fill_bytes(&mut m);
+            // Half of them with a valid version and a known type, to get past the first check.
+            m[0] = wire::VERSION;
+            m[1] = [kinds::KEY_UPDATE, kinds::FIRST_TRANSITION, kinds::DATA][total % 3];
+            out.push(Attack::new(
+                format!("{total} random bytes with a valid header"),
+                m,
+            ));
+        }
+        out
+    }
+
+    /// Short random datagrams, as a fuzzer on the LAN would send them.
+    pub fn garbage(n: usize, rng: &mut impl RngCore) -> Vec<Attack> {
+        (0..n)
+            .map(|i| {
+                let len = rng.gen_range(0..200);
+                let mut m = vec![0u8; len];
+                rng.fill_bytes(&mut m);
+                if len > 1 && i % 2 == 0 {
+                    m[0] = wire::VERSION;
+                }
+                Attack::new(format!("{len} random bytes"), m)
+            })
+            .collect()
+    }
+
+    /// Everything an unenrolled host can send, built from what it overheard:
+    /// forged requests for the current and next epochs, every overheard
+    /// datagram replayed as is, bit-flipped, truncated and padded, forged node
+    /// messages for each member, data with no key behind it, and garbage.
+    pub fn everything(
+        overheard: &[Vec<u8>],
+        current: Epoch,
+        members: &[(u32, NodeId)],
+        rng: &mut (impl RngCore + rand::CryptoRng),
+    ) -> Vec<Attack> {
+        let nums: Vec<u32> = members.iter().map(|m| m.0).collect();
+        let mut out = Vec::new();
+        for (e, seq) in [
+            (current, u64::MAX / 4),
+            (current.next(), 1),
+            (current.next(), u64::MAX / 4),
+            (Epoch(current.0 + 7), 1 << 40),
+        ] {
+            out.extend(key_updates(e, seq, &nums, rng));
+            out.extend(transitions(e, seq, rng));
+        }
+        for (m, id) in members {
+            out.extend(node_messages(*m, id, current.next(), 1 << 41, rng));
+        }
+        for (i, msg) in overheard.iter().enumerate() {
+            let label = format!("overheard #{i} (type 0x{:02x})", kind(msg).unwrap_or(0));
+            out.push(Attack::new(format!("{label} replayed as is"), msg.clone()));
+            out.extend(bit_flips(&label, msg, 24));
+            out.extend(truncations(&label, msg, 12));
+            out.extend(oversized(&label, msg, rng));
+        }
+        for &m in &nums {
+            out.push(Attack::new(
+                format!("data claiming member {m}, no key behind it"),
+                data_unsealed(m, 1 << 42, Some(current), rng),
+            ));
+        }
+        out.push(Attack::new(
+            "data from unknown member 4242, no key behind it",
+            data_unsealed(4242, 7, Some(current), rng),
+        ));
+        out.push(Attack::new(
+            "data from unknown member 4243, no epoch hint, no key behind it",
+            data_unsealed(4243, 7, None, rng),
+        ));
+        out.extend(garbage(64, rng));
+        out.push(Attack::new("empty datagram", Vec::new()));
+        out
+    }
+}
+
+/// One datagram the attacker overheard.
+#[derive(Clone, Debug)]
+pub struct Overheard {
+    pub from: SocketAddr,
+    pub bytes: Vec<u8>,
+    pub at: Instant,
+}
+
+/// What a flood did.
+#[derive(Clone, Copy, Debug)]
+pub struct FloodReport {
+    pub sent: u64,
+    pub send_errors: u64,
+    pub elapsed: Duration,
+}
+
+/// The attacker's sockets on the LAN: a capture thread joined to the fleet's
+/// group, and a sending socket (multicast out of `iface`, looped back).
+pub struct Lan {
+    pub group: SocketAddrV4,
+    send: UdpSocket,
+    heard: Arc<Mutex<Vec<Overheard>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Lan {
+    /// Joins `group` on `iface` (127.0.0.1 in tests) and starts capturing.
+    pub fn join(group: SocketAddrV4, iface: Ipv4Addr) -> Lan {
+        let cap =
+            keyfleet::net::socket::group_socket(group, iface).expect("attacker joins the group");
+        cap.set_nonblocking(false).unwrap();
+        cap.set_read_timeout(Some(Duration::from_millis(50)))
+            .unwrap();
+        let send = keyfleet::net::socket::unicast_socket(SocketAddrV4::new(iface, 0), iface, 1)
+            .expect("attacker's sending socket");
+        send.set_nonblocking(false).unwrap();
+        let heard: Arc<Mutex<Vec<Overheard>>> = Arc::default();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (h, s) = (heard.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            let mut buf = vec![0u8; 65_536];
+            while !s.load(Ordering::Relaxed) {
+                if let Ok((n, from)) = cap.recv_from(&mut buf) {
+                    h.lock().unwrap().push(Overheard {
+                        from,
+                        bytes: buf[..n].to_vec(),
+                        at: Instant::now(),
+                    });
+                }
+            }
+        });
+        Lan {
+            group,
+            send,
+            heard,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// The attacker's own source address.
+    pub fn addr(&self) -> SocketAddr {
+        self.send.local_addr().unwrap()
+    }
+
+    /// Everything overheard so far.
+    pub fn overheard(&self) -> Vec<Overheard> {
+        self.heard.lock().unwrap().clone()
+    }
+
+    /// Forget what was overheard.
+    pub fn clear(&self) {
+        self.heard.lock().unwrap().clear();
+    }
+
+    /// Sends `bytes` to `to` (the group or a unicast address); errors are
+    /// counted, not fatal (a 65 507-byte datagram may be refused locally).
+    pub fn send(&self, to: SocketAddr, bytes: &[u8]) -> bool {
+        self.send.send_to(bytes, to).is_ok()
+    }
+
+    /// Sends each attack to each target, pacing every `pace` datagrams by 1 ms
+    /// so that the receivers see them (a flood is [`Lan::flood`]). Returns how
+    /// many sends failed locally.
+    pub fn send_all(&self, attacks: &[Attack], targets: &[SocketAddr], pace: usize) -> u64 {
+        let mut failed = 0;
+        let mut n = 0usize;
+        for a in attacks {
+            for t in targets {
+                if !self.send(*t, &a.bytes) {
+                    failed += 1;
+                }
+                n += 1;
+                if pace > 0 && n % pace == 0 {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
+        }
+        failed
+    }
+
+    /// Sends `count` datagrams round-robin from `attacks` to `targets` as fast
+    /// as the socket takes them, but never past `limit`.
+    pub fn flood(
+        &self,
+        attacks: &[Attack],
+        targets: &[SocketAddr],
+        count: u64,
+        limit: Duration,
+    ) -> FloodReport {
+        let start = Instant::now();
+        let (mut sent, mut send_errors) = (0u64, 0u64);
+        if attacks.is_empty() || targets.is_empty() {
+            return FloodReport {
+                sent,
+                send_errors,
+                elapsed: start.elapsed(),
+            };
+        }
+        let mut i = 0usize;
+        while sent + send_errors < count && start.elapsed() < limit {
+            let a = &attacks[i % attacks.len()];
+            let t = targets[(i / attacks.len()) % targets.len()];
+            if self.send(t, &a.bytes) {
+                sent += 1;
+            } else {
+                send_errors += 1;
+            }
+            i += 1;
+        }
+        FloodReport {
+            sent,
+            send_errors,
+            elapsed: start.elapsed(),
+        }
+    }
+}
+
+impl Drop for Lan {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Real processes: `keyfleet serve` and `keyfleet-agent run` on loopback
+/// multicast, each test with its own group, port and state directories.
+pub mod procs {
+    use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+    use std::path::{Path, PathBuf};
+    use std::process::{Child, Command, Output, Stdio};
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::time::{Duration, Instant};
+
+    use rand::RngCore;
+    use serde_json::Value;
+
+    pub const KEYFLEET: &str = env!("CARGO_BIN_EXE_keyfleet");
+    pub const AGENT: &str = env!("CARGO_BIN_EXE_keyfleet-agent");
+
+    /// A free UDP port on loopback.
+    pub fn free_port() -> u16 {
+        std::net::UdpSocket::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    }
+
+    /// A group and port of this test's own.
+    pub fn fresh_group() -> SocketAddrV4 {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        let pid = std::process::id();
+        SocketAddrV4::new(
+            Ipv4Addr::new(239, 255, 150 + (pid % 50) as u8, (n % 250 + 1) as u8),
+            free_port(),
+        )
+    }
+
+    /// A child process killed (SIGKILL) and reaped on drop; stderr in `log`.
+    pub struct Proc {
+        pub child: Child,
+        pub log: PathBuf,
+    }
+
+    impl Proc {
+        pub fn spawn(mut cmd: Command, log: PathBuf) -> Proc {
+            let err = std::fs::File::create(&log).unwrap();
+            let out = err.try_clone().unwrap();
+            let child = cmd
+                .stdin(Stdio::null())
+                .stdout(out)
+                .stderr(err)
+                .spawn()
+                .unwrap();
+            Proc { child, log }
+        }
+
+        /// `None` while it runs; its exit status once it died.
+        pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+            self.child.try_wait().unwrap()
+        }
+
+        pub fn log_text(&self) -> String {
+            std::fs::read_to_string(&self.log).unwrap_or_default()
+        }
+    }
+
+    impl Drop for Proc {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    /// Polls `f` every 50 ms up to `ms`; panics naming `what` when it never holds.
+    pub fn wait_for(what: &str, ms: u64, mut f: impl FnMut() -> bool) {
+        let end = Instant::now() + Duration::from_millis(ms);
+        while Instant::now() < end {
+            if f() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("timed out after {ms} ms waiting for {what}");
+    }
+
+    /// One `keyfleet-agent`.
+    pub struct Agent {
+        pub id: String,
+        pub state: PathBuf,
+        pub listen: SocketAddrV4,
+        pub key: [u8; 16],
+        pub proc: Proc,
+    }
+
+    /// What an agent's status shows of its keys: state, epoch and check values.
+    #[derive(Clone, Debug, PartialEq, Eq)]
+    pub struct KeyView {
+        /// The running agent answered and is synced with the controller.
+        pub live_and_synced: bool,
+        pub state: String,
+        pub epoch: Option<u64>,
+        pub checks: Vec<(u64, String)>,
+    }
+
+    impl KeyView {
+        pub fn of(status: &Value) -> KeyView {
+            KeyView {
+                live_and_synced: status["source"] == "running_agent"
+                    && status["running"]["synced"] == true,
+                state: status["state"].as_str().unwrap_or_default().to_owned(),
+                epoch: status["epoch"].as_u64(),
+                checks: status["keys"]
+                    .as_array()
+                    .map(|ks| {
+                        ks.iter()
+                            .map(|k| {
+                                (
+                                    k["epoch"].as_u64().unwrap_or_default(),
+                                    k["check"].as_str().unwrap_or_default().to_owned(),
+                                )
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+            }
+        }
+    }
+
+    /// A controller (`keyfleet serve`) and `n` agents, every one enrolled and
+    /// synced at epoch 1.
+    pub struct Fleet {
+        pub dir: tempfile::TempDir,
+        pub group: SocketAddrV4,
+        pub ctl_port: u16,
+        pub serve: Option<Proc>,
+        pub agents: Vec<Agent>,
+        /// RUST_LOG of every process.
+        pub rust_log: String,
+        /// stdout and stderr of every `keyfleet` command run, in order.
+        pub transcript: std::sync::Mutex<Vec<String>>,
+    }
+
+    /// Round settings that keep a test's rounds short.
+    pub const FAST: &str = "[round]\ndrain_grace_ms = 300\nretry_initial_ms = 100\nretry_max_ms = 800\nstale_after_ms = 15000\n[rekey]\njoin_wait_ms = 8000\nlinger_ms = 300\n";
+
+    impl Fleet {
+        pub fn start(n: usize, rust_log: &str) -> Fleet {
+            let dir = tempfile::tempdir().unwrap();
+            let group = fresh_group();
+            let ctl_port = free_port();
+            std::fs::write(
+                dir.path().join("keyfleet.toml"),
+                format!(
+                    "[network]\ngroup = \"{group}\"\niface = \"127.0.0.1\"\nlisten_port = {ctl_port}\n{FAST}"
+                ),
+            )
+            .unwrap();
+            let mut f = Fleet {
+                dir,
+                group,
+                ctl_port,
+                serve: None,
+                agents: Vec::new(),
+                rust_log: rust_log.to_owned(),
+                transcript: Default::default(),
+            };
+            f.json(&["init", "--json"]);
+            let mut specs = Vec::new();
+            for i in 0..n {
+                let mut key = [0u8; 16];
+                rand::rngs::OsRng.fill_bytes(&mut key);
+                let form = keyfleet_drivers::label::hex_form(
+                    &keyfleet_drivers::label::InitialKey::from_bytes(key),
+                );
+                let id = format!("pump-{i}");
+                let listen = SocketAddrV4::new(Ipv4Addr::LOCALHOST, free_port());
+                f.json(&[
+                    "enroll",
+                    "--node-id",
+                    &id,
+                    "--addr",
+                    &listen.to_string(),
+                    "--key",
+                    &form,
+                    "--json",
+                ]);
+                specs.push((id, key, form, listen));
+            }
+            f.start_serve();
+            for (id, key, form, listen) in specs {
+                let state = f.dir.path().join(format!("agent-{id}"));
+                let key_file = f.dir.path().join(format!("{id}.key"));
+                {
+                    use std::os::unix::fs::PermissionsExt;
+                    std::fs::write(&key_file, format!("{form}\n")).unwrap();
+                    std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600))
+                        .unwrap();
+                }
+                let mut cmd = Command::new(AGENT);
+                cmd.args(["run", "--state"])
+                    .arg(&state)
+                    .args(["--node-id", &id, "--initial-key-file"])
+                    .arg(&key_file)
+                    .args(["--group", &group.to_string(), "--iface", "127.0.0.1"])
+                    .args(["--listen", &listen.to_string()])
+                    .args(["--controller", &f.ctl_addr().to_string()])
+                    .args(["--usage-interval", "0"])
+                    .env("RUST_LOG", &f.rust_log);
+                let log = f.dir.path().join(format!("agent-{id}.log"));
+                let proc = Proc::spawn(cmd, log);
+                f.agents.push(Agent {
+                    id,
+                    state,
+                    listen,
+                    key,
+                    proc,
+                });
+            }
+            f.wait_all(1, 20_000);
+            f
+        }
+
+        pub fn ctl_addr(&self) -> SocketAddr {
+            SocketAddr::from(([127, 0, 0, 1], self.ctl_port))
+        }
+
+        pub fn state_dir(&self) -> PathBuf {
+            self.dir.path().join("state")
+        }
+
+        pub fn cmd(&self, args: &[&str]) -> Command {
+            let mut c = Command::new(KEYFLEET);
+            c.arg("--state")
+                .arg(self.state_dir())
+                .arg("--config")
+                .arg(self.dir.path().join("keyfleet.toml"))
+                .args(args)
+                .env_remove("KEYFLEET_PASSPHRASE")
+                .env("RUST_LOG", &self.rust_log)
+                .env("RUST_BACKTRACE", "0");
+            c
+        }
+
+        pub fn run(&self, args: &[&str]) -> Output {
+            let out = self.cmd(args).output().unwrap();
+            self.transcript.lock().unwrap().push(format!(
+                // The command's name only: its arguments may hold a key form.
+                "$ keyfleet {}\n{}{}",
+                args.first().copied().unwrap_or_default(),
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ));
+            assert!(
+                out.status.success(),
+                "keyfleet {args:?} failed: {}\n{}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
+            out
+        }
+
+        pub fn json(&self, args: &[&str]) -> Value {
+            let out = self.run(args);
+            serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+                panic!(
+                    "keyfleet {args:?} printed no JSON ({e}): {}",
+                    String::from_utf8_lossy(&out.stdout)
+                )
+            })
+        }
+
+        pub fn start_serve(&mut self) {
+            let log = self.dir.path().join(format!(
+                "serve-{}.log",
+                self.serve.as_ref().map_or(0, |_| 1)
+            ));
+            let p = Proc::spawn(self.cmd(&["serve"]), log);
+            let sock = self.state_dir().join("control.sock");
+            wait_for("keyfleet serve's control socket", 10_000, || {
+                std::os::unix::net::UnixStream::connect(&sock).is_ok()
+            });
+            self.serve = Some(p);
+        }
+
+        /// `keyfleet-agent status --json` of every agent (`Value::Null` if it failed).
+        pub fn statuses(&self) -> Vec<Value> {
+            self.agents.iter().map(|a| status(&a.state)).collect()
+        }
+
+        pub fn views(&self) -> Vec<KeyView> {
+            self.statuses().iter().map(KeyView::of).collect()
+        }
+
+        /// Waits until every agent is synced in UpdateCompleted at `epoch`.
+        pub fn wait_all(&self, epoch: u64, ms: u64) {
+            let mut last = Vec::new();
+            let end = Instant::now() + Duration::from_millis(ms);
+            while Instant::now() < end {
+                last = self.statuses();
+                if last.iter().all(|s| {
+                    s["source"] == "running_agent"
+                        && s["state"] == "UpdateCompleted"
+                        && s["epoch"] == epoch
+                        && s["running"]["synced"] == true
+                }) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            panic!(
+                "agents not all synced at epoch {epoch}: {last:#?}\nserve log:\n{}",
+                self.serve
+                    .as_ref()
+                    .map(|p| p.log_text())
+                    .unwrap_or_default()
+            );
+        }
+
+        /// Panics if any process died.
+        pub fn assert_alive(&mut self) {
+            if let Some(s) = self.serve.as_mut() {
+                assert!(
+                    s.exited().is_none(),
+                    "keyfleet serve died:\n{}",
+                    s.log_text()
+                );
+            }
+            for a in &mut self.agents {
+                assert!(
+                    a.proc.exited().is_none(),
+                    "agent {} died:\n{}",
+                    a.id,
+                    a.proc.log_text()
+                );
+            }
+        }
+
+        /// Every log file of the fleet's processes.
+        pub fn logs(&self) -> Vec<(PathBuf, String)> {
+            std::fs::read_dir(self.dir.path())
+                .unwrap()
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|x| x == "log"))
+                .map(|p| {
+                    let t = std::fs::read_to_string(&p).unwrap_or_default();
+                    (p, t)
+                })
+                .collect()
+        }
+
+        pub fn unicast_targets(&self) -> Vec<SocketAddr> {
+            let mut t: Vec<SocketAddr> = self
+                .agents
+                .iter()
+                .map(|a| SocketAddr::V4(a.listen))
+                .collect();
+            t.push(self.ctl_addr());
+            t
+        }
+    }
+
+    /// `keyfleet-agent status --json --state DIR`, parsed (`Null` when it failed).
+    pub fn status(state: &Path) -> Value {
+        let out = Command::new(AGENT)
+            .args(["status", "--json", "--state"])
+            .arg(state)
+            .output()
+            .unwrap();
+        if !out.status.success() {
+            return Value::Null;
+        }
+        serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+    }
+}
