@@ -1,0 +1,18 @@
+//! keyfleet's benchmarks side by side (issue 6), as a library for the
+//! `keyfleet-bench` binary and its tests.
+//!
+//! - [`datapath`]: sealing and opening group messages with the keyring in each
+//!   node state, against raw `aes-gcm` and `ring`, and trial decryption;
+//! - [`qr`]: the webcam QR decoder against `zbarimg` on the generated label photos;
+//! - [`serf`] and [`fleet`]: rotating a shared key across N real processes
+//!   with Serf's keyring and with keyfleet, and `keyfleet sim` at larger sizes;
+//! - [`report`]: `results.md` and the SVG plot.
+#![forbid(unsafe_code)]
+
+pub mod datapath;
+pub mod fleet;
+pub mod procs;
+pub mod qr;
+pub mod report;
+pub mod serf;
+pub mod stats;
