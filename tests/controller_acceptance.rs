@@ -37,17 +37,7 @@ fn fifty_nodes_enrolled_and_rotated_by_rekey_json() {
     ctl.run(&["init"]);
     let specs = node_specs(50);
     let shells = Shells::start(&specs, ctl.group, ctl.addr());
-    for s in &specs {
-        ctl.run(&[
-            "enroll",
-            "--node-id",
-            &s.id,
-            "--addr",
-            &s.listen.to_string(),
-            "--key",
-            &s.form,
-        ]);
-    }
+    ctl.enroll_all(&specs);
     let t = Instant::now();
     let r = ctl.json(&["rekey", "--json"]);
     eprintln!(
@@ -103,17 +93,7 @@ fn fifty_keyfleet_agent_processes_enrolled_and_rotated_by_rekey_json() {
             .unwrap();
         agents.push(Proc(child));
     }
-    for s in &specs {
-        ctl.run(&[
-            "enroll",
-            "--node-id",
-            &s.id,
-            "--addr",
-            &s.listen.to_string(),
-            "--key",
-            &s.form,
-        ]);
-    }
+    ctl.enroll_all(&specs);
     let t = Instant::now();
     let r = ctl.json(&["rekey", "--json"]);
     eprintln!(

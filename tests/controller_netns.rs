@@ -30,17 +30,7 @@ fn netns_controller_child() {
     ctl.run(&["init"]);
     let specs = node_specs(6);
     let shells = Shells::start(&specs, ctl.group, ctl.addr());
-    for s in &specs {
-        ctl.run(&[
-            "enroll",
-            "--node-id",
-            &s.id,
-            "--addr",
-            &s.listen.to_string(),
-            "--key",
-            &s.form,
-        ]);
-    }
+    ctl.enroll_all(&specs);
     let r = ctl.json(&["rekey", "--json"]);
     println!("one-shot rekey under 20% loss: {r}");
     assert_eq!(

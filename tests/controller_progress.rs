@@ -15,17 +15,7 @@ fn rekey_on_a_terminal_draws_the_phase_and_acknowledgements() {
     ctl.run(&["init"]);
     let specs = node_specs(3);
     let shells = Shells::start(&specs, ctl.group, ctl.addr());
-    for s in &specs {
-        ctl.run(&[
-            "enroll",
-            "--node-id",
-            &s.id,
-            "--addr",
-            &s.listen.to_string(),
-            "--key",
-            &s.form,
-        ]);
-    }
+    ctl.enroll_all(&specs);
     let pty = native_pty_system()
         .openpty(PtySize {
             rows: 24,

@@ -18,17 +18,7 @@ fn kill_9_mid_round_and_restart_completes_the_round_and_keeps_the_table() {
     let (live, dead) = specs.split_at(4);
     let shells = Shells::start(live, ctl.group, ctl.addr());
     let doomed = Shells::start(dead, ctl.group, ctl.addr());
-    for s in &specs {
-        ctl.run(&[
-            "enroll",
-            "--node-id",
-            &s.id,
-            "--addr",
-            &s.listen.to_string(),
-            "--key",
-            &s.form,
-        ]);
-    }
+    ctl.enroll_all(&specs);
     let r = ctl.json(&["rekey", "--json"]);
     assert_eq!(
         (r["epoch"].as_u64(), r["acked"].as_u64()),
@@ -149,17 +139,7 @@ fn kill_9_of_a_rekey_without_serve_and_rekey_again_finishes_that_round() {
     ctl.run(&["init"]);
     let specs = node_specs(3);
     let shells = Shells::start(&specs, ctl.group, ctl.addr());
-    for s in &specs {
-        ctl.run(&[
-            "enroll",
-            "--node-id",
-            &s.id,
-            "--addr",
-            &s.listen.to_string(),
-            "--key",
-            &s.form,
-        ]);
-    }
+    ctl.enroll_all(&specs);
     let mut first = Proc(
         ctl.cmd(&["rekey", "--json"])
             .stdout(std::process::Stdio::null())
@@ -216,17 +196,7 @@ fn kill_9_of_serve_mid_round_with_keyfleet_agent_processes() {
     ctl.run(&["init"]);
     let specs = node_specs(5);
     let agents = Agents::start(&bin, &ctl, &specs);
-    for s in &specs {
-        ctl.run(&[
-            "enroll",
-            "--node-id",
-            &s.id,
-            "--addr",
-            &s.listen.to_string(),
-            "--key",
-            &s.form,
-        ]);
-    }
+    ctl.enroll_all(&specs);
     let mut serve = ctl.serve();
     wait_for("every agent joined", 20_000, || agents.completed_at(1) == 5);
     // Application traffic all along: every agent sends in turn.

@@ -272,17 +272,7 @@ fn serve_rekeys_by_itself_when_the_key_is_too_old() {
     ctl.run(&["init"]);
     let specs = node_specs(2);
     let shells = Shells::start(&specs, ctl.group, ctl.addr());
-    for s in &specs {
-        ctl.run(&[
-            "enroll",
-            "--node-id",
-            &s.id,
-            "--addr",
-            &s.listen.to_string(),
-            "--key",
-            &s.form,
-        ]);
-    }
+    ctl.enroll_all(&specs);
     let _serve = ctl.serve();
     wait_for("a key-age round to finish", 20_000, || {
         ctl.json(&["status", "--json"])["epoch"].as_u64() >= Some(2)
@@ -304,17 +294,7 @@ fn data_from_a_sender_not_in_the_table_makes_serve_rekey_without_it() {
     ctl.run(&["init"]);
     let specs = node_specs(3);
     let shells = Shells::start(&specs, ctl.group, ctl.addr());
-    for s in &specs {
-        ctl.run(&[
-            "enroll",
-            "--node-id",
-            &s.id,
-            "--addr",
-            &s.listen.to_string(),
-            "--key",
-            &s.form,
-        ]);
-    }
+    ctl.enroll_all(&specs);
     let _serve = ctl.serve();
     wait_for("the nodes joined", 10_000, || shells.completed_at(1) == 3);
     let r = ctl.json(&["remove", &specs[2].id, "--json"]);
@@ -344,17 +324,7 @@ fn rekey_completes_when_the_controller_loses_half_of_what_it_receives() {
     ctl.run(&["init"]);
     let specs = node_specs(8);
     let shells = Shells::start(&specs, ctl.group, ctl.addr());
-    for s in &specs {
-        ctl.run(&[
-            "enroll",
-            "--node-id",
-            &s.id,
-            "--addr",
-            &s.listen.to_string(),
-            "--key",
-            &s.form,
-        ]);
-    }
+    ctl.enroll_all(&specs);
     // The nodes join in a first, lossless round: a join lost at the controller
     // is only retried on the node's join backoff (up to ~10 s), which the
     // one-shot rekey's join wait does not cover; the lossy round is the test.

@@ -892,7 +892,10 @@ mod tests {
         let r = sample();
         let block = readme_block(&r);
         assert!(block.contains("4.3–7.6×"), "{block}");
-        assert!(block.contains("without it the round takes 0.99–1.00×"), "{block}");
+        assert!(
+            block.contains("without it the round takes 0.99–1.00×"),
+            "{block}"
+        );
         assert!(
             block.contains("1000 nodes in 2500 ms (virtual time)"),
             "{block}"

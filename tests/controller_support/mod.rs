@@ -121,6 +121,21 @@ impl Ctl {
         out
     }
 
+    /// `keyfleet enroll` of each node under its id, address and key form.
+    pub fn enroll_all(&self, specs: &[NodeSpec]) {
+        for s in specs {
+            self.run(&[
+                "enroll",
+                "--node-id",
+                &s.id,
+                "--addr",
+                &s.listen.to_string(),
+                "--key",
+                &s.form,
+            ]);
+        }
+    }
+
     pub fn json(&self, args: &[&str]) -> serde_json::Value {
         let out = self.run(args);
         serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
