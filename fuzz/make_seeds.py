@@ -8,6 +8,11 @@ fixtures/serial) and from files made here in the formats keyfleet writes
 Argon2id parameters). Needs python3 and `cryptography` (>= 44, for Argon2id).
 
     python3 fuzz/make_seeds.py && scripts/fuzz.sh seed
+
+The wire, node and config seeds are made by the Rust targets themselves (the
+genuine datagrams of a round from the protocol tests' controller, and
+`Config::default_toml()`): `scripts/fuzz.sh seed` runs them with
+FUZZ_WRITE_SEEDS set.
 """
 import hashlib
 import json
@@ -95,10 +100,41 @@ def secrets():
     put("statefile", "empty.state", statefile(b""))
 
 
+def copy(target, paths):
+    for f in paths:
+        put(target, f.name, f.read_bytes())
+
+
+def drivers():
+    """Labels, typed keys, mount tables, IR captures and keymaps."""
+    copy("label_parse", sorted((ROOT / "fixtures/labels").glob("*.txt")))
+    copy("label_parse", sorted((ROOT / "fixtures/file").glob("*.key")))
+    copy("keyboard_replay", sorted((ROOT / "fixtures/keyboard").glob("*.log")))
+    # /proc/self/mountinfo lines: octal escapes, optional fields, a FAT stick, a bind mount.
+    put("mountinfo", "mountinfo.txt",
+        "22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw\n"
+        "45 22 8:17 / /media/inst/KEY\\040STICK rw,nosuid,nodev shared:30 master:2 - vfat /dev/sdb1 rw,uid=1000\n"
+        "46 22 0:40 /sub /mnt/b\\011ind ro - tmpfs tmpfs rw\n"
+        "47 22 7:0 / /mnt/loop rw - ext4 /dev/loop0 rw\n")
+    ir = ROOT / "fixtures/ir"
+    # The captures are long; their first few KiB (a few frames) cover the same code.
+    for f in sorted(p for p in ir.iterdir() if p.suffix in (".mode2", ".mode2m", ".irctl")):
+        lines = f.read_text().splitlines(keepends=True)
+        head = "".join(lines[:150])[:3000]
+        put("ir_mode2", f.name, head[: head.rfind("\n") + 1] if "\n" in head else head)
+    for f in sorted(ir.glob("*.irtoy")):
+        put("ir_irtoy", f.name, f.read_bytes()[:4096])
+    copy("ir_keymap", sorted((ir / "keymaps").glob("*.toml")))
+    # ir-keytable's own keymaps (v4l-utils, GPL-2.0+; read here, not committed as such:
+    # only what the corpus minimization keeps of them).
+    copy("ir_keymap", sorted(Path("/lib/udev/rc_keymaps").glob("*.toml")))
+
+
 if __name__ == "__main__":
     os.umask(0o022)
     hid()
     serial()
     secrets()
+    drivers()
     for d in sorted(SEEDS.iterdir()):
         print(d.name, len(list(d.iterdir())), "seeds")

@@ -141,6 +141,9 @@ case "${1:-}" in
   seed)
     shift; tools; pick "$@"; build; mkdir -p "$LOGS"
     for t in "${TARGETS[@]}"; do
+      # Targets that make seeds in Rust (signed datagrams, the default config) write them
+      # from their init when FUZZ_WRITE_SEEDS is set; the others ignore it.
+      FUZZ_WRITE_SEEDS="$FUZZ_DIR/seeds/$t" "$(bin "$t")" -runs=0 >/dev/null 2>&1 || true
       if [ -d "$FUZZ_DIR/seeds/$t" ]; then merge "$t" "$FUZZ_DIR/seeds/$t"; fi
     done ;;
   '' | -h | --help) sed -n '2,/^set -e/p' "$0" | sed '$d; s/^# \{0,1\}//' ; exit 0 ;;

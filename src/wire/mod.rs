@@ -688,6 +688,14 @@ pub fn decode(bytes: &[u8]) -> Result<Message<'_>, WireError> {
                     })
                 }
                 kind::JOIN => {
+                    // A join has no epoch; the field is written as 0, and only one
+                    // byte string may mean a given join.
+                    if epoch.0 != 0 {
+                        return Err(WireError::Invalid {
+                            field: "join epoch",
+                            value: epoch.0.into(),
+                        });
+                    }
                     let len = r.u8("node id length")? as usize;
                     let raw = r.take(len, "node id")?;
                     let s = std::str::from_utf8(raw).map_err(|_| WireError::Invalid {

@@ -184,6 +184,35 @@ fn typed_errors_say_what_was_wrong() {
     );
 }
 
+/// Found by the `wire_decode` fuzz target: a join whose (unused) epoch field
+/// was not 0 decoded to the same join as the one keyfleet writes, so two byte
+/// strings meant one message. The 76-byte input it found, epoch 0x03000000.
+#[test]
+fn a_join_with_an_epoch_is_refused() {
+    let mut bytes = vec![1, 0x15, 3, 0, 0, 0, 2];
+    bytes.extend_from_slice(&[b'-'; 22]);
+    bytes.push(b'w');
+    bytes.extend_from_slice(&[b'-'; 8]);
+    bytes.push(b'K');
+    bytes.extend_from_slice(&[b'-'; 22]);
+    bytes.push(b'w');
+    bytes.extend_from_slice(&[b'-'; 8]);
+    bytes.push(b'K');
+    bytes.extend_from_slice(&[b'-'; 4]);
+    bytes.push(0xef);
+    assert_eq!(bytes.len(), 76);
+    assert_eq!(
+        decode(&bytes),
+        Err(WireError::Invalid {
+            field: "join epoch",
+            value: 0x0300_0000
+        })
+    );
+    // The join keyfleet writes (epoch 0) still decodes.
+    let j = mac(join(7, &NodeId::parse("pump-07").unwrap()), &keys());
+    assert!(matches!(decode(&j), Ok(Message::Join(Join { seq: 7, .. }))));
+}
+
 #[test]
 fn key_update_header_range_must_match_entries() {
     let entries = [

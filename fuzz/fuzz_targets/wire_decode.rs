@@ -1,0 +1,55 @@
+//! A datagram off the multicast socket, as `wire::decode` takes it: never a
+//! panic, and what decodes is exactly what keyfleet's encoders write for
+//! those fields (the body before the signature or MAC re-encodes to the same
+//! bytes), so no two byte strings mean the same message.
+#![no_main]
+
+use keyfleet::wire::{self, Message};
+use keyfleet_fuzz::{genuine_seeds, write_seeds};
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(init: write_seeds(genuine_seeds), |data: &[u8]| {
+    let Ok(msg) = wire::decode(data) else {
+        return;
+    };
+    assert!(!msg.name().is_empty());
+    let (body, auth_len) = match &msg {
+        Message::Data(d) => {
+            let header = wire::data_header(d.sender, d.seq, d.epoch_hint, &d.nonce);
+            assert_eq!(header, d.header, "data header re-encodes");
+            assert_eq!([d.header, d.sealed].concat(), data);
+            return;
+        }
+        Message::KeyUpdate(k) => {
+            let entries: Vec<_> = k.entries().collect();
+            assert_eq!(entries.len(), k.len());
+            for (m, w) in &entries {
+                assert!(k.may_hold(*m));
+                assert_eq!(k.entry_for(*m), Some(*w), "entries sorted, found by member");
+            }
+            (wire::key_update(k.epoch, k.seq, &entries), k.auth.body.len())
+        }
+        Message::Transition(t) => (wire::transition(t.step, t.epoch, t.seq), t.auth.body.len()),
+        Message::KeyResponse(k) => (
+            wire::key_response(k.seq, k.member, k.in_reply_to, &k.state),
+            k.auth.body.len(),
+        ),
+        Message::JoinAccept(j) => (
+            wire::join_accept(j.seq, j.member, j.in_reply_to, &j.controller_key, &j.state),
+            j.auth.body.len(),
+        ),
+        Message::Resync(r) => (wire::resync(r.epoch, r.seq, r.member), r.auth.body.len()),
+        Message::Ack(a) => (wire::ack(a.step, a.epoch, a.seq, a.member), a.auth.body.len()),
+        Message::KeyRequest(k) => (
+            wire::key_request(k.epoch, k.step, k.seq, k.member),
+            k.auth.body.len(),
+        ),
+        Message::Join(j) => (wire::join(j.seq, &j.node_id), j.auth.body.len()),
+        Message::UsageReport(u) => (
+            wire::usage_report(u.epoch, u.seq, u.member, &u.uses),
+            u.auth.body.len(),
+        ),
+    };
+    assert_eq!(body.len(), auth_len, "{}: body length", msg.name());
+    assert_eq!(&body[..], &data[..auth_len], "{} re-encodes to the same bytes", msg.name());
+});
