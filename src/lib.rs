@@ -63,3 +63,5 @@ pub mod net;
 pub mod secrets;
 pub mod statefile;
 pub mod store;
+/// The simulator's scenario over real UDP sockets (a shell around `sim`).
+pub mod udpsim;

@@ -60,7 +60,6 @@
 
 pub mod net;
 mod scenario;
-pub mod udp;
 
 pub use net::{Arrival, NetConfig, NetStats, Peer, Traffic, Transport, VirtualNet};
 
@@ -123,7 +122,7 @@ impl SimConfig {
         (1.0 / through).ceil().clamp(1.0, 10_000.0) as u64
     }
 
-    fn deadline(&self) -> u64 {
+    pub(crate) fn deadline(&self) -> u64 {
         if self.max_virtual_ms > 0 {
             return self.max_virtual_ms;
         }

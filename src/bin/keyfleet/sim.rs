@@ -2,7 +2,8 @@
 
 use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
-use keyfleet::sim::{self, udp::UdpConfig, SimConfig};
+use keyfleet::sim::{self, SimConfig};
+use keyfleet::udpsim::UdpConfig;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::Instant;
 
@@ -12,7 +13,7 @@ pub enum SimTransport {
     /// The seeded virtual network with a virtual clock (exactly reproducible by seed).
     Virtual,
     /// Real UDP sockets on one host: two per node and for the controller, one
-    /// multicast group, loss drawn on receive, the wall clock (see `keyfleet::sim::udp`).
+    /// multicast group, loss drawn on receive, the wall clock (see `keyfleet::udpsim`).
     Udp,
 }
 
@@ -111,7 +112,7 @@ pub fn run(args: SimArgs) -> anyhow::Result<std::process::ExitCode> {
             if let Some(g) = args.group {
                 udp.group = g;
             }
-            let r = sim::udp::run(&cfg, &udp)
+            let r = keyfleet::udpsim::run(&cfg, &udp)
                 .context("while setting up the UDP sockets of the simulated fleet")?;
             let sim = r.sim.clone();
             udp_report = Some(r);
