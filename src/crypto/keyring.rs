@@ -1,7 +1,9 @@
 //! A node's keyring: one or two group keys and the state that says which one seals.
 
-use super::{Epoch, GroupKey, NONCE_LEN};
+use super::{open_with, seal_with, Epoch, GroupKey, NONCE_LEN};
+use aes_gcm::Aes256Gcm;
 use serde::{Deserialize, Serialize};
+use std::sync::OnceLock;
 use thiserror::Error;
 
 /// The three node states of SPEC §1, as far as keys are concerned.
@@ -28,6 +30,9 @@ struct Slot {
     key: GroupKey,
     seals: u64,
     opens: u64,
+    /// The key expanded for AES-256-GCM, made on first use and kept (not stored).
+    #[serde(skip)]
+    cipher: OnceLock<Aes256Gcm>,
 }
 
 impl Slot {
@@ -36,7 +41,17 @@ impl Slot {
             key,
             seals: 0,
             opens: 0,
+            cipher: OnceLock::new(),
         }
+    }
+    fn cipher(&self) -> &Aes256Gcm {
+        self.cipher.get_or_init(|| self.key.cipher())
+    }
+    fn seal(&self, nonce: &[u8; NONCE_LEN], aad: &[u8], plaintext: &[u8]) -> Vec<u8> {
+        seal_with(self.cipher(), nonce, aad, plaintext)
+    }
+    fn open(&self, nonce: &[u8; NONCE_LEN], aad: &[u8], sealed: &[u8]) -> Option<Vec<u8>> {
+        open_with(self.cipher(), nonce, aad, sealed)
     }
     fn usage(&self) -> KeyUse {
         KeyUse {
@@ -228,7 +243,7 @@ impl Keyring {
     ) -> (Epoch, Vec<u8>) {
         let slot = self.sealing_slot();
         slot.seals = slot.seals.saturating_add(1);
-        (slot.key.epoch(), slot.key.seal(nonce, aad, plaintext))
+        (slot.key.epoch(), slot.seal(nonce, aad, plaintext))
     }
 
     /// Open with the key named by `hint`, or, without a hint (claims 14–16),
@@ -247,7 +262,6 @@ impl Keyring {
                 .find(|s| s.key.epoch() == epoch)
                 .ok_or(OpenError::NoKey(epoch))?;
             let plaintext = slot
-                .key
                 .open(nonce, aad, sealed)
                 .ok_or(OpenError::Failed { tried: 1 })?;
             slot.opens = slot.opens.saturating_add(1);
@@ -268,7 +282,7 @@ impl Keyring {
         let mut tried = 0u8;
         for slot in order.into_iter().flatten() {
             tried += 1;
-            if let Some(plaintext) = slot.key.open(nonce, aad, sealed) {
+            if let Some(plaintext) = slot.open(nonce, aad, sealed) {
                 slot.opens = slot.opens.saturating_add(1);
                 return Ok(Opened {
                     epoch: slot.key.epoch(),

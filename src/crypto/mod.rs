@@ -123,30 +123,46 @@ impl GroupKey {
         &self.bytes
     }
 
-    fn cipher(&self) -> Aes256Gcm {
+    /// The expanded AES-256-GCM key (key schedule and GHASH key); zeroized on
+    /// drop (`aes`/`aes-gcm` with their `zeroize` features). The [`Keyring`]
+    /// keeps one per held key, so a message costs no key expansion.
+    pub(crate) fn cipher(&self) -> Aes256Gcm {
         Aes256Gcm::new(&self.bytes.into())
     }
 
     /// AES-256-GCM seal; returns ciphertext || tag.
     pub fn seal(&self, nonce: &[u8; NONCE_LEN], aad: &[u8], plaintext: &[u8]) -> Vec<u8> {
-        self.cipher()
-            .encrypt(
-                Nonce::from_slice(nonce),
-                Payload {
-                    msg: plaintext,
-                    aad,
-                },
-            )
-            // aes-gcm only fails to encrypt beyond 64 GiB of plaintext per call.
-            .unwrap_or_default()
+        seal_with(&self.cipher(), nonce, aad, plaintext)
     }
 
     /// AES-256-GCM open; `None` when the tag does not verify under this key.
     pub fn open(&self, nonce: &[u8; NONCE_LEN], aad: &[u8], sealed: &[u8]) -> Option<Vec<u8>> {
-        self.cipher()
-            .decrypt(Nonce::from_slice(nonce), Payload { msg: sealed, aad })
-            .ok()
+        open_with(&self.cipher(), nonce, aad, sealed)
     }
+}
+
+fn seal_with(cipher: &Aes256Gcm, nonce: &[u8; NONCE_LEN], aad: &[u8], plaintext: &[u8]) -> Vec<u8> {
+    cipher
+        .encrypt(
+            Nonce::from_slice(nonce),
+            Payload {
+                msg: plaintext,
+                aad,
+            },
+        )
+        // aes-gcm only fails to encrypt beyond 64 GiB of plaintext per call.
+        .unwrap_or_default()
+}
+
+fn open_with(
+    cipher: &Aes256Gcm,
+    nonce: &[u8; NONCE_LEN],
+    aad: &[u8],
+    sealed: &[u8],
+) -> Option<Vec<u8>> {
+    cipher
+        .decrypt(Nonce::from_slice(nonce), Payload { msg: sealed, aad })
+        .ok()
 }
 
 impl PartialEq for GroupKey {
