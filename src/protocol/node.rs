@@ -369,6 +369,7 @@ impl NodeMachine {
             + self.queued.capacity() * std::mem::size_of::<Vec<u8>>()
             + self.queued.iter().map(Vec::capacity).sum::<usize>()
             + self.data_replay.capacity() * std::mem::size_of::<(u32, ReplayWindow)>()
+            + self.keyring.as_ref().map_or(0, Keyring::heap_bytes)
     }
 
     /// Feed one input; actions are appended to `out`.
