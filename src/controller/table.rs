@@ -5,12 +5,26 @@
 //! written (say, a row the database lost) is logged and the rest of the batch
 //! goes on. [`Table::reconcile`] brings the table in line with the restored
 //! controller state after a crash between the state file and the table.
+//!
+//! Refused datagrams are rate-counted ([`RateCounter`]): the first of a kind
+//! from a source address in a window (`[audit] refusal_window_ms`) becomes a
+//! `Refusal` row and a log line, as every one did before; the rest are
+//! counted, and when the window closes one `RefusalSummary` row and one log
+//! line say how many there were, of what kind, from where, and when. The
+//! window closes on the first write after it passed, on
+//! [`Table::close_refusal_windows`] (the controller arms a timer at
+//! [`Table::next_refusal_close`]), and for good on shutdown
+//! ([`Table::close_all_refusal_windows`]). So a flood costs a bounded number of
+//! rows and lines per window, and the counts still add up to every datagram
+//! refused.
 
 use std::collections::HashMap;
 
 use crate::protocol::{
-    ControllerMachine, ControllerPersist, MemberStatus, Record, TriggerOutcome, TriggerReason,
+    ControllerMachine, ControllerPersist, MemberStatus, Record, Refusal, TriggerOutcome,
+    TriggerReason,
 };
+use crate::ratecount::{RateCounter, Seen, Summary};
 use crate::store::{AuditKind, NodeState, Outcome, Phase, Store, StoreError, Trigger};
 use crate::wire::{RoundPhase, Step};
 
@@ -63,11 +77,58 @@ fn soft(what: &str, r: Result<()>) {
     }
 }
 
+/// Refusal kinds that mean someone sends what no genuine fleet member would
+/// (logged at warn). The rest (a retransmission that crossed an answer, a
+/// stale copy) are routine and logged at debug. Both are rate-counted.
+fn suspicious(kind: &str) -> bool {
+    matches!(
+        kind,
+        "malformed"
+            | "bad_signature"
+            | "bad_mac"
+            | "unknown_member"
+            | "unknown_node_id"
+            | "unexpected"
+            | "forged_data"
+    )
+}
+
+fn log_refusal(from: std::net::SocketAddr, reason: &Refusal, window_ms: u64) {
+    let (kind, counted_for_s) = (reason.kind(), window_ms / 1000);
+    if suspicious(kind) {
+        tracing::warn!(%from, kind, %reason, counted_for_s, "datagram refused; further ones of this kind from this address are counted for counted_for_s seconds, then summarized");
+    } else {
+        tracing::debug!(%from, kind, %reason, counted_for_s, "datagram refused; further ones of this kind from this address are counted for counted_for_s seconds, then summarized");
+    }
+}
+
+fn log_summary(s: &Summary) {
+    let (source, kind, count) = (s.source.to_string(), s.kind, s.count);
+    if suspicious(kind) {
+        tracing::warn!(%source, kind, count, "{}", s.text());
+    } else {
+        tracing::debug!(%source, kind, count, "{}", s.text());
+    }
+}
+
+fn write_summaries(s: &mut Store, summaries: &[Summary]) {
+    for sum in summaries {
+        log_summary(sum);
+        soft(
+            "a refusal summary",
+            s.audit(AuditKind::RefusalSummary, None, &sum.detail(), sum.last_ms)
+                .map(drop),
+        );
+    }
+}
+
 /// The management table as the controller writes it.
 pub struct Table {
     store: Store,
     /// Round id in the database, by epoch.
     rounds: HashMap<u32, i64>,
+    /// Refusals counted, not written one by one.
+    refusals: RateCounter,
 }
 
 impl Table {
@@ -78,11 +139,56 @@ impl Table {
                 rounds.insert(e, r.id);
             }
         }
-        Ok(Table { store, rounds })
+        Ok(Table {
+            store,
+            rounds,
+            refusals: RateCounter::default(),
+        })
+    }
+
+    /// Refusal windows of `window_ms` (0: every refusal gets its row), at most
+    /// `max_sources` source addresses tracked at once.
+    pub fn with_refusal_window(mut self, window_ms: u64, max_sources: usize) -> Table {
+        self.refusals = RateCounter::new(window_ms, max_sources);
+        self
     }
 
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    /// The refusal counter (its totals: refusals seen, written, summarized, pending).
+    pub fn refusals(&self) -> &RateCounter {
+        &self.refusals
+    }
+
+    /// When the next refusal window with counted refusals ends.
+    pub fn next_refusal_close(&self) -> Option<u64> {
+        self.refusals.next_close()
+    }
+
+    /// Writes the summaries of the refusal windows that have passed at `now_ms`.
+    pub fn close_refusal_windows(&mut self, now_ms: u64) -> Result<()> {
+        let mut closed = Vec::new();
+        self.refusals.close_expired(now_ms, &mut closed);
+        self.write_closed(&closed)
+    }
+
+    /// Writes the summaries of every refusal window (shutdown).
+    pub fn close_all_refusal_windows(&mut self) -> Result<()> {
+        let mut closed = Vec::new();
+        self.refusals.close_all(&mut closed);
+        self.write_closed(&closed)
+    }
+
+    fn write_closed(&mut self, closed: &[Summary]) -> Result<()> {
+        if closed.is_empty() {
+            return Ok(());
+        }
+        self.store.batch(|s| {
+            write_summaries(s, closed);
+            Ok(())
+        })
     }
 
     /// Brings the table in line with the restored state `p` (the state file is
@@ -194,10 +300,18 @@ impl Table {
         })
     }
 
-    /// Writes one pass's records in one transaction.
-    pub fn write(&mut self, records: &[Record], machine: &ControllerMachine) -> Result<()> {
+    /// Writes one pass's records in one transaction, with the summaries of
+    /// the refusal windows that have passed at `now_ms`.
+    pub fn write(
+        &mut self,
+        records: &[Record],
+        machine: &ControllerMachine,
+        now_ms: u64,
+    ) -> Result<()> {
+        let mut closed = Vec::new();
+        self.refusals.close_expired(now_ms, &mut closed);
         if records.is_empty() {
-            return Ok(());
+            return self.write_closed(&closed);
         }
         let active: Vec<String> = machine
             .members()
@@ -213,9 +327,19 @@ impl Table {
             member_ids: &member_ids,
             round: machine.round(),
         };
-        let rounds = &mut self.rounds;
+        let (rounds, refusals) = (&mut self.rounds, &mut self.refusals);
         self.store.batch(|s| {
+            write_summaries(s, &closed);
             for r in records {
+                if let Record::Refused { from, reason, at } = r {
+                    closed.clear();
+                    let seen = refusals.observe(at.0, from.ip(), reason.kind(), &mut closed);
+                    write_summaries(s, &closed);
+                    if seen == Seen::Counted {
+                        continue;
+                    }
+                    log_refusal(*from, reason, refusals.window_ms());
+                }
                 write_one(s, rounds, r, &ctx);
             }
             Ok(())
