@@ -437,7 +437,7 @@ impl NodeDriver {
             }
         }
         let node = self.machine.node_id().as_str();
-        let counted_for_s = self.refusals.window_ms() / 1000;
+        let window_s = self.refusals.window_ms() / 1000;
         match ev {
             NodeEvent::StateChanged { from, to } => {
                 tracing::info!(node, ?from, ?to, "node state changed");
@@ -451,9 +451,9 @@ impl NodeDriver {
             NodeEvent::Refused { from, reason } => {
                 let kind = reason.kind();
                 if suspicious(kind) {
-                    tracing::warn!(node, %from, kind, %reason, counted_for_s, "datagram refused; further ones of this kind from this address are counted for counted_for_s seconds, then summarized");
+                    tracing::warn!(node, %from, kind, %reason, window_s, "datagram refused (more of this kind from this address within window_s are counted, then summarized)");
                 } else {
-                    tracing::debug!(node, %from, kind, %reason, counted_for_s, "datagram refused; further ones of this kind from this address are counted for counted_for_s seconds, then summarized");
+                    tracing::debug!(node, %from, kind, %reason, window_s, "datagram refused (more of this kind from this address within window_s are counted, then summarized)");
                 }
             }
         }

@@ -94,11 +94,11 @@ fn suspicious(kind: &str) -> bool {
 }
 
 fn log_refusal(from: std::net::SocketAddr, reason: &Refusal, window_ms: u64) {
-    let (kind, counted_for_s) = (reason.kind(), window_ms / 1000);
+    let (kind, window_s) = (reason.kind(), window_ms / 1000);
     if suspicious(kind) {
-        tracing::warn!(%from, kind, %reason, counted_for_s, "datagram refused; further ones of this kind from this address are counted for counted_for_s seconds, then summarized");
+        tracing::warn!(%from, kind, %reason, window_s, "datagram refused (more of this kind from this address within window_s are counted, then summarized)");
     } else {
-        tracing::debug!(%from, kind, %reason, counted_for_s, "datagram refused; further ones of this kind from this address are counted for counted_for_s seconds, then summarized");
+        tracing::debug!(%from, kind, %reason, window_s, "datagram refused (more of this kind from this address within window_s are counted, then summarized)");
     }
 }
 
@@ -595,5 +595,173 @@ fn write_one(s: &mut Store, rounds: &mut HashMap<u32, i64>, r: &Record, ctx: &Ct
             );
         }
         Record::KeyBatchSent { .. } | Record::TransitionSent { .. } => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crypto::InitialKey;
+    use crate::protocol::{ControllerAction, ControllerConfig, ControllerInput, Time};
+    use crate::store::AuditRecord;
+    use crate::wire::NodeId;
+    use rand::rngs::OsRng;
+
+    fn records(out: &mut Vec<ControllerAction>) -> Vec<Record> {
+        out.drain(..)
+            .filter_map(|a| match a {
+                ControllerAction::Record(r) => Some(r),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn audit(t: &Table) -> Vec<AuditRecord> {
+        t.store().audit_log(0, 1_000_000).unwrap()
+    }
+
+    /// Refusal rows and the counts in summary rows: every datagram refused.
+    fn refusals_in(rows: &[AuditRecord]) -> u64 {
+        rows.iter()
+            .map(|r| match r.kind {
+                AuditKind::Refusal => 1,
+                AuditKind::RefusalSummary => r.detail["count"].as_u64().unwrap(),
+                _ => 0,
+            })
+            .sum()
+    }
+
+    #[test]
+    fn a_flood_of_refused_datagrams_becomes_a_few_rows_whose_counts_add_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut out = Vec::new();
+        let mut m =
+            ControllerMachine::new(ControllerConfig::default(), Time(0), &mut OsRng, &mut out);
+        let mut t = Table::new(Store::open(&dir.path().join("fleet.db")).unwrap())
+            .unwrap()
+            .with_refusal_window(10_000, 8);
+        t.write(&records(&mut out), &m, 0).unwrap();
+        let before = audit(&t).len();
+        // 20 000 garbage datagrams in passes of 200, 1 ms apart: half from one
+        // address, half from 1 000 others (beyond the cap of 8).
+        let mut sent = 0u64;
+        for pass in 0..100u64 {
+            for i in 0..200u64 {
+                let n = pass * 200 + i;
+                let from: std::net::SocketAddr = if n % 2 == 0 {
+                    "192.0.2.66:4000".parse().unwrap()
+                } else {
+                    std::net::SocketAddr::from((
+                        [10, 9, (n % 1000 / 250) as u8, (n % 250) as u8],
+                        5000,
+                    ))
+                };
+                let bytes = [0xff, (n % 7) as u8, 1, 2, 3];
+                m.handle(
+                    Time(n),
+                    ControllerInput::Datagram {
+                        from,
+                        bytes: &bytes,
+                    },
+                    &mut OsRng,
+                    &mut out,
+                )
+                .unwrap();
+                sent += 1;
+            }
+            let now = pass * 200 + 199;
+            t.write(&records(&mut out), &m, now).unwrap();
+        }
+        // A genuine event after the flood is recorded as always.
+        m.handle(
+            Time(20_000),
+            ControllerInput::Enroll {
+                node_id: NodeId::parse("late").unwrap(),
+                initial_key: InitialKey([3; 16]),
+                addr: "192.0.2.7:7000".parse().unwrap(),
+            },
+            &mut OsRng,
+            &mut out,
+        )
+        .unwrap();
+        t.write(&records(&mut out), &m, 20_000).unwrap();
+        // Windows that passed were closed by the writes; the rest on shutdown.
+        assert!(t.next_refusal_close().is_some());
+        t.close_all_refusal_windows().unwrap();
+        assert_eq!(t.next_refusal_close(), None);
+
+        let rows = audit(&t);
+        let new = &rows[before..];
+        assert_eq!(
+            refusals_in(new),
+            sent,
+            "every refused datagram is counted once"
+        );
+        let totals = t.refusals().totals();
+        assert_eq!((totals.seen, totals.pending), (sent, 0));
+        // One malformed kind; 9 keys (192.0.2.66, 7 more tracked, the bucket),
+        // 2 windows each (0-10 s, 10-20 s): at most 2 rows per key and window.
+        let refusal_rows = new
+            .iter()
+            .filter(|r| matches!(r.kind, AuditKind::Refusal | AuditKind::RefusalSummary))
+            .count();
+        assert!(refusal_rows <= 2 * 9 * 2, "{refusal_rows} rows");
+        let one: Vec<_> = new
+            .iter()
+            .filter(|r| r.kind == AuditKind::RefusalSummary && r.detail["source"] == "192.0.2.66")
+            .collect();
+        assert_eq!(one.len(), 2, "{one:#?}");
+        assert_eq!(one[0].detail["count"], 4_999);
+        assert_eq!(one[0].detail["kind"], "malformed");
+        assert_eq!(
+            (
+                one[0].detail["first_ms"].as_u64(),
+                one[0].detail["last_ms"].as_u64()
+            ),
+            (Some(2), Some(9_998))
+        );
+        assert_eq!(one[0].at_ms, 9_998);
+        assert!(
+            new.iter()
+                .any(|r| r.kind == AuditKind::RefusalSummary
+                    && r.detail["source"] == "other sources"),
+            "sources beyond the cap share a bucket"
+        );
+        let last = new
+            .iter()
+            .rfind(|r| r.kind == AuditKind::Enrollment)
+            .unwrap();
+        assert_eq!(last.node_id.as_deref(), Some("late"));
+    }
+
+    #[test]
+    fn a_zero_window_writes_every_refusal_as_before() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut out = Vec::new();
+        let mut m =
+            ControllerMachine::new(ControllerConfig::default(), Time(0), &mut OsRng, &mut out);
+        let mut t = Table::new(Store::open(&dir.path().join("fleet.db")).unwrap())
+            .unwrap()
+            .with_refusal_window(0, 8);
+        out.clear();
+        for n in 0..50 {
+            m.handle(
+                Time(n),
+                ControllerInput::Datagram {
+                    from: "192.0.2.66:4000".parse().unwrap(),
+                    bytes: &[],
+                },
+                &mut OsRng,
+                &mut out,
+            )
+            .unwrap();
+        }
+        t.write(&records(&mut out), &m, 50).unwrap();
+        let rows = audit(&t);
+        assert_eq!(
+            rows.iter().filter(|r| r.kind == AuditKind::Refusal).count(),
+            50
+        );
+        assert_eq!(rows[0].detail["from"], "192.0.2.66:4000");
     }
 }
