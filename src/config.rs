@@ -399,6 +399,7 @@ mod tests {
         assert_eq!(core.triggers, want.triggers);
         assert_eq!(core.drain_grace_ms, want.drain_grace_ms);
         assert_eq!(core.stale_after_ms, want.stale_after_ms);
+        assert_eq!(c.audit.refusal_window_ms, 60_000);
     }
 
     #[test]
@@ -428,6 +429,9 @@ mod tests {
             e.contains("network.group") && e.contains("multicast"),
             "{e}"
         );
+        std::fs::write(&p, "[audit]\nrefusal_max_sources = 0\n").unwrap();
+        let e = Config::load(&p).unwrap_err().to_string();
+        assert!(e.contains("audit.refusal_max_sources"), "{e}");
         let e = Config::load(&dir.path().join("missing.toml"))
             .unwrap_err()
             .to_string();

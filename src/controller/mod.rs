@@ -1017,6 +1017,41 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn refusals_still_counted_are_summarized_when_the_controller_stops() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = Options::new(StateDir::new(dir.path().join("kf")), Config::default());
+        init(&opts).unwrap();
+        let from: SocketAddr = "192.0.2.66:4000".parse().unwrap();
+        {
+            let mut c = Controller::open(opts.clone()).unwrap();
+            for i in 0..500u32 {
+                c.datagram(from, &i.to_be_bytes());
+            }
+            c.flush(None).await.unwrap();
+            let t = c.refusal_totals();
+            assert_eq!((t.seen, t.first, t.pending), (500, 1, 499));
+            // One row so far; the 60 s window is open, with its timer armed.
+            let rows = c.store().audit_log(0, 1000).unwrap();
+            assert_eq!(
+                rows.iter()
+                    .filter(|r| r.kind == crate::store::AuditKind::Refusal)
+                    .count(),
+                1
+            );
+            assert!(c.timers.deadline(&REFUSAL_TIMER).is_some());
+        }
+        let rows = opts.state.open_table().unwrap().audit_log(0, 1000).unwrap();
+        let sums: Vec<_> = rows
+            .iter()
+            .filter(|r| r.kind == crate::store::AuditKind::RefusalSummary)
+            .collect();
+        assert_eq!(sums.len(), 1, "{rows:#?}");
+        assert_eq!(sums[0].detail["count"], 499);
+        assert_eq!(sums[0].detail["source"], "192.0.2.66");
+        assert_eq!(sums[0].detail["kind"], "malformed");
+    }
+
+    #[tokio::test]
     async fn a_table_that_missed_the_last_pass_is_completed_from_the_snapshot() {
         // The snapshot is written before the table: a crash between the two
         // leaves the table one pass behind. Open brings it level.
