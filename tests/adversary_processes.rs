@@ -603,6 +603,53 @@ fn a_flood_of_refused_datagrams_costs_a_few_audit_rows_and_log_lines() {
         serve_log.lines().take(50).collect::<Vec<_>>().join("\n")
     );
 
+    // A clean stop writes the windows still open: a burst, then SIGTERM.
+    let burst = support::adversary::flood_from(
+        &[Ipv4Addr::new(127, 0, 0, 10)],
+        iface,
+        &attacks[..1],
+        &[ctl],
+        100,
+        100,
+        10,
+    );
+    let from_burst = |r: &Value| {
+        r["detail"]["from"]
+            .as_str()
+            .is_some_and(|a| a.starts_with("127.0.0.10:"))
+            || r["detail"]["source"] == "127.0.0.10"
+    };
+    procs::wait_for("the burst's first refusal row", 10_000, || {
+        audit(&f).iter().any(from_burst)
+    });
+    // The other 99 are counted in a window open for WINDOW_S; they are read
+    // in milliseconds, so give the controller a moment, then stop it.
+    std::thread::sleep(Duration::from_millis(1000));
+    let burst_dropped = procs::udp_drops(serve_pid) - drops_before - dropped;
+    let pid = rustix::process::Pid::from_raw(serve_pid as i32).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+    procs::wait_for("keyfleet serve to stop", 10_000, || {
+        f.serve.as_mut().unwrap().exited().is_some()
+    });
+    let rows = audit(&f);
+    let burst_rows: Vec<&Value> = rows.iter().filter(|r| from_burst(r)).collect();
+    assert_eq!(
+        refusals_accounted(&rows).0 - accounted_before,
+        delivered + burst.sent - burst_dropped,
+        "after SIGTERM: {burst_rows:#?}"
+    );
+    assert_eq!(burst_rows.len(), 2, "{burst_rows:#?}");
+    assert_eq!(burst_rows[1]["kind"], "RefusalSummary");
+    assert_eq!(
+        burst_rows[1]["detail"]["count"].as_u64(),
+        Some(burst.sent - burst_dropped - 1)
+    );
+    eprintln!(
+        "SIGTERM within the window: the controller wrote {} for the burst of {}",
+        burst_rows[1]["detail"]["text"], burst.sent
+    );
+    f.start_serve();
+
     // Genuine events after the flood are recorded as always.
     let key = keyfleet_drivers::label::hex_form(&keyfleet_drivers::label::InitialKey::from_bytes(
         [0x5a; 16],
