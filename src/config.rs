@@ -47,6 +47,7 @@ pub struct Config {
     pub triggers: TriggersConfig,
     pub secrets: SecretsConfig,
     pub rekey: RekeyConfig,
+    pub audit: AuditConfig,
 }
 
 /// `[network]`: where the fleet is.
@@ -185,6 +186,31 @@ impl Default for RekeyConfig {
     }
 }
 
+/// `[audit]`: how refused datagrams reach the audit log and the log.
+///
+/// The first refusal of a kind from a source address in a window is written
+/// in full; the rest are counted and summarized in one row when the window
+/// closes (see [`crate::ratecount`]), so a flood cannot fill the disk.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuditConfig {
+    /// The window, in ms; `0` writes every refusal in full (a flood then
+    /// costs one row, about 320 bytes, per datagram).
+    pub refusal_window_ms: u64,
+    /// Source addresses tracked at once; refusals from further addresses in
+    /// the same window share one "other sources" count per kind.
+    pub refusal_max_sources: usize,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        AuditConfig {
+            refusal_window_ms: crate::ratecount::DEFAULT_WINDOW_MS,
+            refusal_max_sources: crate::ratecount::DEFAULT_MAX_SOURCES,
+        }
+    }
+}
+
 fn off(v: u64) -> Option<u64> {
     (v != 0).then_some(v)
 }
@@ -227,6 +253,13 @@ impl Config {
                 reason: "a percentage is at most 100",
             });
         }
+        if self.audit.refusal_max_sources == 0 {
+            return Err(ConfigError::Value {
+                key: "audit.refusal_max_sources",
+                value: "0".into(),
+                reason: "track at least one source address, e.g. 256",
+            });
+        }
         if self.round.group_attempts == 0 {
             return Err(ConfigError::Value {
                 key: "round.group_attempts",
@@ -262,7 +295,14 @@ impl Config {
     /// The default configuration as a commented TOML file.
     pub fn default_toml() -> String {
         let d = Config::default();
-        let (n, r, t, s, k) = (&d.network, &d.round, &d.triggers, &d.secrets, &d.rekey);
+        let (n, r, t, s, k, a) = (
+            &d.network,
+            &d.round,
+            &d.triggers,
+            &d.secrets,
+            &d.rekey,
+            &d.audit,
+        );
         format!(
             r#"# keyfleet controller configuration (all defaults shown).
 # Flags override these values; a key left out takes its default.
@@ -312,6 +352,14 @@ passphrase_env = "{penv}"
 # enrolled nodes that never joined (ms), and answer key requests this long after.
 join_wait_ms = {jw}
 linger_ms = {lg}
+
+[audit]
+# Refused datagrams: the first of a kind from a source address in this window
+# (ms) is written to the audit log and the log in full; the rest are counted
+# and summarized in one row when the window closes (0 = write every one).
+refusal_window_ms = {rw}
+# Source addresses tracked at once; beyond them, one "other sources" count per kind.
+refusal_max_sources = {rms}
 "#,
             group = n.group,
             iface = n.iface,
@@ -332,6 +380,8 @@ linger_ms = {lg}
             penv = s.passphrase_env,
             jw = k.join_wait_ms,
             lg = k.linger_ms,
+            rw = a.refusal_window_ms,
+            rms = a.refusal_max_sources,
         )
     }
 }
@@ -349,6 +399,7 @@ mod tests {
         assert_eq!(core.triggers, want.triggers);
         assert_eq!(core.drain_grace_ms, want.drain_grace_ms);
         assert_eq!(core.stale_after_ms, want.stale_after_ms);
+        assert_eq!(c.audit.refusal_window_ms, 60_000);
     }
 
     #[test]
@@ -378,6 +429,9 @@ mod tests {
             e.contains("network.group") && e.contains("multicast"),
             "{e}"
         );
+        std::fs::write(&p, "[audit]\nrefusal_max_sources = 0\n").unwrap();
+        let e = Config::load(&p).unwrap_err().to_string();
+        assert!(e.contains("audit.refusal_max_sources"), "{e}");
         let e = Config::load(&dir.path().join("missing.toml"))
             .unwrap_err()
             .to_string();

@@ -52,6 +52,8 @@
 // The pure core.
 pub mod crypto;
 pub mod protocol;
+/// Rate-counted refusals (pure): a flood becomes a few summary rows and log lines.
+pub mod ratecount;
 pub mod sim;
 pub mod wire;
 

@@ -173,11 +173,15 @@ fn an_unenrolled_host_moves_no_agent_and_does_not_stop_the_controller() {
     let after = f.views();
     assert_eq!(before, after, "an agent's state or key changed");
     let history = f.json(&["history", "--json", "--audit", "100000"]);
-    let refusals = history["audit"]
-        .as_array()
-        .map(|a| a.iter().filter(|e| e["kind"] == "Refusal").count())
-        .unwrap_or(0);
-    eprintln!("the controller's audit log holds {refusals} refusals");
+    let (accounted, rows) = refusals_accounted(
+        history["audit"]
+            .as_array()
+            .map_or(&[][..], |a| a.as_slice()),
+    );
+    eprintln!(
+        "the controller's audit log holds {rows} refusal rows, accounting for {accounted} \
+         refused datagrams so far (the rest are counted in windows still open)"
+    );
     assert_eq!(
         keys_in_table(&f).len(),
         keys_before,
@@ -362,4 +366,311 @@ fn a_removed_node_gets_no_new_key_and_its_data_opens_nowhere() {
         (Some(3), Some(AGENTS as u64 - 1), Some(0)),
         "{r}"
     );
+}
+
+/// Refusal rows and the counts of summary rows in an audit log: the refused
+/// datagrams it accounts for.
+fn refusals_accounted(audit: &[Value]) -> (u64, usize) {
+    let mut n = 0;
+    let mut rows = 0;
+    for a in audit {
+        match a["kind"].as_str() {
+            Some("Refusal") => {
+                n += 1;
+                rows += 1;
+            }
+            Some("RefusalSummary") => {
+                n += a["detail"]["count"]
+                    .as_u64()
+                    .expect("a summary has a count");
+                rows += 1;
+            }
+            _ => {}
+        }
+    }
+    (n, rows)
+}
+
+/// A log's refused datagrams: one per "datagram refused" line, plus the count
+/// of each summary line ("N more refusals of kind K from S ...").
+fn refusals_logged(log: &str) -> (u64, usize) {
+    let mut n = 0;
+    let mut lines = 0;
+    for l in log.lines() {
+        if l.contains("datagram refused") {
+            n += 1;
+            lines += 1;
+        } else if l.contains(" more refusal") {
+            let count = l
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix("count="))
+                .and_then(|c| c.parse::<u64>().ok())
+                .unwrap_or_else(|| panic!("a summary line without count=: {l}"));
+            n += count;
+            lines += 1;
+        }
+    }
+    (n, lines)
+}
+
+/// 20 000 forged and garbage datagrams from one address, then 20 000 from a
+/// thousand addresses: the controller's audit log grows by a few rows whose
+/// counts add up to every datagram it refused, the agents' and the
+/// controller's logs by a few lines (with counts that add up too), and a
+/// genuine enrollment and rekey afterwards are recorded as always.
+#[test]
+fn a_flood_of_refused_datagrams_costs_a_few_audit_rows_and_log_lines() {
+    const WINDOW_S: u64 = 4;
+    const CAP: u64 = 16;
+    let mut f = Fleet::start_with(
+        AGENTS,
+        "debug",
+        &format!(
+            "[audit]\nrefusal_window_ms = {}\nrefusal_max_sources = {CAP}\n",
+            WINDOW_S * 1000
+        ),
+        &["--refusal-log-window", &WINDOW_S.to_string()],
+    );
+    let serve_pid = f.serve.as_ref().unwrap().child.id();
+    let audit = |f: &Fleet| -> Vec<Value> {
+        f.json(&["history", "--json", "--audit", "1000000"])["audit"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    };
+    let log_lines = |f: &Fleet| -> Vec<usize> {
+        let mut v: Vec<usize> = f
+            .agents
+            .iter()
+            .map(|a| procs::plain(&a.proc.log_text()).lines().count())
+            .collect();
+        v.push(f.serve.as_ref().unwrap().log_text().lines().count());
+        v
+    };
+    let rows_before = audit(&f).len();
+    let lines_before = log_lines(&f);
+    let state_bytes_before = dir_bytes(&f.state_dir());
+    let (accounted_before, _) = refusals_accounted(&audit(&f));
+    let drops_before = procs::udp_drops(serve_pid);
+
+    let members = member_list(&f);
+    let nums: Vec<u32> = members.iter().map(|m| m.0).collect();
+    let mut rng = ChaCha20Rng::seed_from_u64(55);
+    let mut attacks = forge::key_updates(Epoch(2), 1 << 40, &nums, &mut rng);
+    attacks.extend(forge::transitions(Epoch(2), 1 << 40, &mut rng));
+    attacks.extend(forge::node_messages(
+        members[0].0,
+        &members[0].1,
+        Epoch(1),
+        1 << 41,
+        &mut rng,
+    ));
+    attacks.extend(forge::garbage(32, &mut rng));
+    let iface = Ipv4Addr::LOCALHOST;
+    let group = SocketAddr::V4(f.group);
+    let ctl = f.ctl_addr();
+
+    // One host: to the group (every agent and the controller) and to the controller.
+    let one = support::adversary::flood_from(
+        &[Ipv4Addr::new(127, 0, 0, 9)],
+        iface,
+        &attacks,
+        &[group, ctl],
+        20_000,
+        20_000,
+        100,
+    );
+    // A thousand addresses (or one host spoofing them), 20 each, to the controller.
+    let many: Vec<Ipv4Addr> = (0..1000u32)
+        .map(|i| Ipv4Addr::new(127, 3, (i / 250) as u8, (i % 250 + 1) as u8))
+        .collect();
+    let spread = support::adversary::flood_from(&many, iface, &attacks, &[ctl], 20_000, 20, 100);
+    let sent = one.sent + spread.sent;
+    let dropped = procs::udp_drops(serve_pid) - drops_before;
+    let delivered = sent - dropped;
+    eprintln!(
+        "flood: {} datagrams from one address in {:?}, {} from 1 000 addresses in {:?}; \
+         the kernel dropped {dropped} at the controller's sockets, {delivered} reached it",
+        one.sent, one.elapsed, spread.sent, spread.elapsed
+    );
+    assert!(
+        one.sent >= 19_000 && spread.sent >= 19_000,
+        "{one:?} {spread:?}"
+    );
+
+    // Every window closes within WINDOW_S of its start: then the counts add up.
+    let mut last = (0, 0);
+    procs::wait_for(
+        "the controller's audit log to account for every datagram that reached it",
+        30_000,
+        || {
+            last = refusals_accounted(&audit(&f));
+            last.0 - accounted_before >= delivered
+        },
+    );
+    let rows = audit(&f);
+    let (accounted, _) = refusals_accounted(&rows);
+    assert_eq!(
+        accounted - accounted_before,
+        delivered,
+        "refusal rows plus summary counts are exactly the datagrams refused"
+    );
+    let new_rows = rows.len() - rows_before;
+    let summaries: Vec<&Value> = rows[rows_before..]
+        .iter()
+        .filter(|r| r["kind"] == "RefusalSummary")
+        .collect();
+    eprintln!(
+        "audit log: {rows_before} rows before, {} after ({new_rows} new, {} of them summaries) \
+         for {delivered} datagrams refused; state directory {state_bytes_before} bytes before, {} after",
+        rows.len(),
+        summaries.len(),
+        dir_bytes(&f.state_dir())
+    );
+    // Per window, at most two rows per (source, kind): the flood lasted less
+    // than three windows; one source, CAP tracked ones and the bucket; 5 kinds at most.
+    let windows = (one.elapsed + spread.elapsed).as_secs() / WINDOW_S + 2;
+    let bound = 2 * (1 + CAP + 1) * 5 * windows;
+    assert!(
+        (new_rows as u64) <= bound,
+        "{new_rows} new audit rows (bound {bound})"
+    );
+    assert!(
+        summaries
+            .iter()
+            .any(|s| s["detail"]["source"] == "127.0.0.9"
+                && s["detail"]["count"].as_u64() > Some(1000)),
+        "one summary counts the single host's flood: {summaries:#?}"
+    );
+    assert!(
+        summaries
+            .iter()
+            .any(|s| s["detail"]["source"] == "other sources"),
+        "addresses beyond the first {CAP} share a bucket: {summaries:#?}"
+    );
+    let text = String::from_utf8(f.run(&["history", "--audit", "20"]).stdout).unwrap();
+    assert!(
+        text.contains("more refusals of kind"),
+        "history shows summaries as sentences:\n{text}"
+    );
+
+    // The agents: a few lines each, with counts that add up to what each refused.
+    procs::wait_for(
+        "every agent's log to account for its refusals",
+        20_000,
+        || {
+            f.agents.iter().zip(f.statuses()).all(|(a, s)| {
+                let refused = s["running"]["refused"].as_u64().unwrap_or(u64::MAX);
+                refusals_logged(&procs::plain(&a.proc.log_text())).0 == refused
+            })
+        },
+    );
+    let lines_after = log_lines(&f);
+    for (i, a) in f.agents.iter().enumerate() {
+        let log = procs::plain(&a.proc.log_text());
+        let (refused, lines) = refusals_logged(&log);
+        eprintln!(
+            "agent {}: refused {refused} datagrams in {lines} log lines; log {} lines before the flood, {} after",
+            a.id, lines_before[i], lines_after[i]
+        );
+        assert!(refused >= 10_000, "agent {} refused only {refused}", a.id);
+        assert!(
+            lines_after[i] - lines_before[i] <= 100,
+            "agent {}'s log grew by {} lines",
+            a.id,
+            lines_after[i] - lines_before[i]
+        );
+    }
+    let serve_log = procs::plain(&f.serve.as_ref().unwrap().log_text());
+    let grew = lines_after[AGENTS] - lines_before[AGENTS];
+    for (who, log) in [
+        ("controller", serve_log.as_str()),
+        ("agent", &procs::plain(&f.agents[0].proc.log_text())),
+    ] {
+        for pat in ["datagram refused", " more refusal"] {
+            if let Some(l) = log.lines().find(|l| l.contains(pat)) {
+                eprintln!("{who}'s log, e.g.: {l}");
+            }
+        }
+    }
+    eprintln!(
+        "controller: log {} lines before the flood, {} after",
+        lines_before[AGENTS], lines_after[AGENTS]
+    );
+    assert!(
+        grew as u64 <= bound,
+        "the controller's log grew by {grew} lines:\n{}",
+        serve_log.lines().take(50).collect::<Vec<_>>().join("\n")
+    );
+
+    // A clean stop writes the windows still open: a burst, then SIGTERM.
+    let burst = support::adversary::flood_from(
+        &[Ipv4Addr::new(127, 0, 0, 10)],
+        iface,
+        &attacks[..1],
+        &[ctl],
+        100,
+        100,
+        10,
+    );
+    let from_burst = |r: &Value| {
+        r["detail"]["from"]
+            .as_str()
+            .is_some_and(|a| a.starts_with("127.0.0.10:"))
+            || r["detail"]["source"] == "127.0.0.10"
+    };
+    procs::wait_for("the burst's first refusal row", 10_000, || {
+        audit(&f).iter().any(from_burst)
+    });
+    // The other 99 are counted in a window open for WINDOW_S; they are read
+    // in milliseconds, so give the controller a moment, then stop it.
+    std::thread::sleep(Duration::from_millis(1000));
+    let burst_dropped = procs::udp_drops(serve_pid) - drops_before - dropped;
+    let pid = rustix::process::Pid::from_raw(serve_pid as i32).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+    procs::wait_for("keyfleet serve to stop", 10_000, || {
+        f.serve.as_mut().unwrap().exited().is_some()
+    });
+    let rows = audit(&f);
+    let burst_rows: Vec<&Value> = rows.iter().filter(|r| from_burst(r)).collect();
+    assert_eq!(
+        refusals_accounted(&rows).0 - accounted_before,
+        delivered + burst.sent - burst_dropped,
+        "after SIGTERM: {burst_rows:#?}"
+    );
+    assert_eq!(burst_rows.len(), 2, "{burst_rows:#?}");
+    assert_eq!(burst_rows[1]["kind"], "RefusalSummary");
+    assert_eq!(
+        burst_rows[1]["detail"]["count"].as_u64(),
+        Some(burst.sent - burst_dropped - 1)
+    );
+    eprintln!(
+        "SIGTERM within the window: the controller wrote {} for the burst of {}",
+        burst_rows[1]["detail"]["text"], burst.sent
+    );
+    f.start_serve();
+
+    // Genuine events after the flood are recorded as always.
+    let key = keyfleet_drivers::label::hex_form(&keyfleet_drivers::label::InitialKey::from_bytes(
+        [0x5a; 16],
+    ));
+    f.json(&[
+        "enroll",
+        "--node-id",
+        "late-1",
+        "--addr",
+        "127.0.0.1:9",
+        "--key",
+        &key,
+        "--json",
+    ]);
+    let rows = audit(&f);
+    assert!(
+        rows.iter()
+            .any(|r| r["kind"] == "Enrollment" && r["node_id"] == "late-1"),
+        "the enrollment after the flood is in the audit log"
+    );
+    f.json(&["remove", "late-1", "--json"]);
+    rekey_all_acked(&f, 3);
+    f.assert_alive();
 }

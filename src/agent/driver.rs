@@ -8,6 +8,12 @@
 //! It makes no protocol decision. Several drivers run in one process (each
 //! on its own sockets, see [`Transport::from_sockets`]) as well as one.
 //!
+//! Refused datagrams are logged rate-counted ([`RateCounter`]): the first of a
+//! kind from a source address in a window (`keyfleet-agent run
+//! --refusal-log-window S`, 60 s by default) gets its log line; the rest are
+//! counted, and one line says how many when the window closes (a timer of the
+//! driver's own, or shutdown). A flood costs a few lines, not one per datagram.
+//!
 //! ```no_run
 //! # async fn demo(mut d: keyfleet::agent::NodeDriver) -> Result<(), keyfleet::agent::AgentError> {
 //! d.link_up().await?; // after new or restore: the key request of SPEC §5
@@ -30,6 +36,7 @@ use crate::net::{Clock, Datagram, Timers, Transport};
 use crate::protocol::{
     Delivered, NodeAction, NodeEvent, NodeInput, NodeMachine, NodePersist, NodeTimer, Refusal, Time,
 };
+use crate::ratecount::{RateCounter, Seen, Summary};
 use crate::statefile::StateFileError;
 use crate::wire::{self, Message};
 
@@ -105,6 +112,20 @@ fn timer_key(t: NodeTimer) -> u8 {
     }
 }
 
+/// The driver's own timer: the end of the next refusal window with counted
+/// refusals, when its summary line is due.
+const REFUSAL_TIMER: u8 = 2;
+
+/// Refusal kinds that mean someone sends what the fleet would not (logged at
+/// warn). The rest are routine on a node (other nodes' control messages to the
+/// group, its own looped back, retransmissions) and logged at debug.
+fn suspicious(kind: &str) -> bool {
+    matches!(
+        kind,
+        "undecryptable" | "bad_signature" | "bad_mac" | "forged_data" | "key_mismatch" | "unwrap"
+    )
+}
+
 fn timer_of(k: u8) -> NodeTimer {
     if k == 0 {
         NodeTimer::Sync
@@ -126,6 +147,8 @@ pub struct NodeDriver {
     events: Vec<DriverEvent>,
     stats: DriverStats,
     last_sync_ms: Option<u64>,
+    /// Refusals counted, not logged one by one.
+    refusals: RateCounter,
 }
 
 impl NodeDriver {
@@ -151,7 +174,20 @@ impl NodeDriver {
             events: Vec::new(),
             stats: DriverStats::default(),
             last_sync_ms: None,
+            refusals: RateCounter::default(),
         }
+    }
+
+    /// Logs refusals in windows of `window_ms` (0: a line for every one), with
+    /// at most `max_sources` source addresses counted separately at once.
+    pub fn with_refusal_window(mut self, window_ms: u64, max_sources: usize) -> NodeDriver {
+        self.refusals = RateCounter::new(window_ms, max_sources);
+        self
+    }
+
+    /// The refusal counter's books (seen, logged in full, summarized, pending).
+    pub fn refusal_totals(&self) -> crate::ratecount::Totals {
+        self.refusals.totals()
     }
 
     /// Draws data nonces from `rng` instead (a seeded run of a simulator).
@@ -203,7 +239,19 @@ impl NodeDriver {
         tokio::select! {
             d = self.transport.recv() => Ok(Wake::Datagram(d?)),
             fired = self.timers.expired(&self.clock) => {
-                Ok(Wake::Timers(fired.into_iter().map(timer_of).collect()))
+                if fired.contains(&REFUSAL_TIMER) {
+                    let mut closed = Vec::new();
+                    self.refusals.close_expired(self.clock.now_ms(), &mut closed);
+                    self.log_summaries(&closed);
+                    self.arm_refusal_timer();
+                }
+                Ok(Wake::Timers(
+                    fired
+                        .into_iter()
+                        .filter(|k| *k != REFUSAL_TIMER)
+                        .map(timer_of)
+                        .collect(),
+                ))
             }
         }
     }
@@ -297,6 +345,9 @@ impl NodeDriver {
     async fn apply(&mut self, now: u64) -> Result<(), AgentError> {
         let actions = std::mem::take(&mut self.out);
         let mut synced = false;
+        let mut closed = Vec::new();
+        self.refusals.close_expired(now, &mut closed);
+        self.log_summaries(&closed);
         for action in actions {
             match action {
                 NodeAction::Persist(snap) => {
@@ -326,7 +377,7 @@ impl NodeDriver {
                     self.events.push(DriverEvent::Delivered(d));
                 }
                 NodeAction::Event(ev) => {
-                    self.log_event(&ev);
+                    self.log_event(now, &ev);
                     match &ev {
                         NodeEvent::Synced { .. } => {
                             synced = true;
@@ -344,6 +395,7 @@ impl NodeDriver {
                 }
             }
         }
+        self.arm_refusal_timer();
         if synced {
             // Record the sync time; a snapshot at any moment is at least as new
             // as the last one persisted, so this never moves the node backwards.
@@ -352,8 +404,40 @@ impl NodeDriver {
         Ok(())
     }
 
-    fn log_event(&self, ev: &NodeEvent) {
+    fn arm_refusal_timer(&mut self) {
+        match self.refusals.next_close() {
+            Some(at) => self.timers.arm(REFUSAL_TIMER, at),
+            None => {
+                self.timers.cancel(&REFUSAL_TIMER);
+            }
+        }
+    }
+
+    fn log_summaries(&self, closed: &[Summary]) {
         let node = self.machine.node_id().as_str();
+        for s in closed {
+            let (source, kind, count) = (s.source.to_string(), s.kind, s.count);
+            if suspicious(kind) {
+                tracing::warn!(node, %source, kind, count, "{}", s.text());
+            } else {
+                tracing::debug!(node, %source, kind, count, "{}", s.text());
+            }
+        }
+    }
+
+    fn log_event(&mut self, now: u64, ev: &NodeEvent) {
+        if let NodeEvent::Refused { from, reason } = ev {
+            let mut closed = Vec::new();
+            let seen = self
+                .refusals
+                .observe(now, from.ip(), reason.kind(), &mut closed);
+            self.log_summaries(&closed);
+            if seen == Seen::Counted {
+                return;
+            }
+        }
+        let node = self.machine.node_id().as_str();
+        let window_s = self.refusals.window_ms() / 1000;
         match ev {
             NodeEvent::StateChanged { from, to } => {
                 tracing::info!(node, ?from, ?to, "node state changed");
@@ -364,19 +448,23 @@ impl NodeDriver {
             NodeEvent::QueueFull => {
                 tracing::warn!(node, "hold queue full: application message dropped");
             }
-            NodeEvent::Refused { from, reason } => match reason {
-                Refusal::Undecryptable { .. }
-                | Refusal::BadSignature { .. }
-                | Refusal::BadMac { .. }
-                | Refusal::ForgedData { .. }
-                | Refusal::KeyMismatch { .. }
-                | Refusal::Unwrap { .. } => {
-                    tracing::warn!(node, %from, %reason, "datagram refused");
+            NodeEvent::Refused { from, reason } => {
+                let kind = reason.kind();
+                if suspicious(kind) {
+                    tracing::warn!(node, %from, kind, %reason, window_s, "datagram refused (more of this kind from this address within window_s are counted, then summarized)");
+                } else {
+                    tracing::debug!(node, %from, kind, %reason, window_s, "datagram refused (more of this kind from this address within window_s are counted, then summarized)");
                 }
-                // Other nodes' control messages to the group, our own looped back,
-                // retransmissions: routine.
-                _ => tracing::debug!(node, %from, %reason, "datagram refused"),
-            },
+            }
         }
+    }
+}
+
+impl Drop for NodeDriver {
+    /// The refusals still counted in open windows get their summary line.
+    fn drop(&mut self) {
+        let mut closed = Vec::new();
+        self.refusals.close_all(&mut closed);
+        self.log_summaries(&closed);
     }
 }

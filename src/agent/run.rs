@@ -31,6 +31,9 @@ pub struct AgentConfig {
     /// The node's settings; `controller` is where joins, key requests, replies
     /// and usage reports go.
     pub node: NodeConfig,
+    /// Refused datagrams are logged rate-counted in windows of this many ms
+    /// (0: a line for every one); see [`NodeDriver`].
+    pub refusal_log_window_ms: u64,
 }
 
 /// Runs the agent until `shutdown` resolves; then saves the state and removes
@@ -99,7 +102,11 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
     );
     let persister = StateFile::new(dir, fingerprint.clone());
     let mut driver = NodeDriver::new(machine, transport, Box::new(persister), cfg.node.controller)
-        .with_last_sync(last_sync);
+        .with_last_sync(last_sync)
+        .with_refusal_window(
+            cfg.refusal_log_window_ms,
+            crate::ratecount::DEFAULT_MAX_SOURCES,
+        );
     // The state file exists from the first start on (and `status` can read it).
     driver.persist_now()?;
 

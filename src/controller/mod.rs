@@ -271,6 +271,10 @@ fn timer_id(t: ControllerTimer) -> u8 {
     }
 }
 
+/// The shell's own timer: the end of the next refusal window with counted
+/// refusals, when its summary row is due ([`table`]).
+const REFUSAL_TIMER: u8 = 2;
+
 fn timer_of(id: u8) -> ControllerTimer {
     if id == 0 {
         ControllerTimer::Round
@@ -303,7 +307,7 @@ pub fn init(opts: &Options) -> Result<InitReport> {
             _ => None,
         })
         .collect();
-    table.write(&records, &machine)?;
+    table.write(&records, &machine, now.0)?;
     let snap = machine.snapshot();
     tracing::info!(dir = %st.dir.display(), epoch = %snap.core.current.epoch(), check = %snap.core.current.check_value(), "controller initialised");
     Ok(InitReport {
@@ -370,7 +374,9 @@ impl Controller {
         let clock = Clock::wall();
         let now = clock.now_ms();
         let machine = ControllerMachine::restore(&snap, opts.config.controller(), Time(now))?;
-        let mut table = Table::new(Store::open(&st.database())?)?;
+        let audit = &opts.config.audit;
+        let mut table = Table::new(Store::open(&st.database())?)?
+            .with_refusal_window(audit.refusal_window_ms, audit.refusal_max_sources);
         table.reconcile(&snap, now)?;
         if let Some(r) = &snap.core.round {
             tracing::info!(epoch = %r.epoch, phase = ?r.phase, "resuming the round in progress");
@@ -436,9 +442,13 @@ impl Controller {
                 _ => {}
             }
         }
-        if let Err(e) = self.table.write(&records, &self.machine) {
+        if let Err(e) = self
+            .table
+            .write(&records, &self.machine, self.clock.now_ms())
+        {
             tracing::error!(error = %e, "management table: a batch of {} records was not written", records.len());
         }
+        self.arm_refusal_timer();
         for r in &records {
             log_record(r);
             if let Record::RoundFinished {
@@ -598,11 +608,38 @@ impl Controller {
             }
             fired = self.timers.expired(&self.clock) => {
                 for id in fired {
-                    let _ = self.feed(ControllerInput::Timer(timer_of(id)));
+                    if id == REFUSAL_TIMER {
+                        self.close_refusal_windows();
+                    } else {
+                        let _ = self.feed(ControllerInput::Timer(timer_of(id)));
+                    }
                 }
             }
         }
         Ok(())
+    }
+
+    /// Writes the summaries of the refusal windows that have passed.
+    fn close_refusal_windows(&mut self) {
+        if let Err(e) = self.table.close_refusal_windows(self.clock.now_ms()) {
+            tracing::error!(error = %e, "management table: refusal summaries were not written");
+        }
+        self.arm_refusal_timer();
+    }
+
+    fn arm_refusal_timer(&mut self) {
+        match self.table.next_refusal_close() {
+            Some(at) => self.timers.arm(REFUSAL_TIMER, at),
+            None => {
+                self.timers.cancel(&REFUSAL_TIMER);
+            }
+        }
+    }
+
+    /// Refusals this controller has seen, written in full, summarized, and
+    /// still counted in open windows.
+    pub fn refusal_totals(&self) -> crate::ratecount::Totals {
+        self.table.refusals().totals()
     }
 
     fn datagram(&mut self, from: SocketAddr, bytes: &[u8]) {
@@ -869,6 +906,26 @@ impl Controller {
     }
 }
 
+impl Drop for Controller {
+    /// Whatever stops the controller (the end of `serve` or of a command, an
+    /// error), the refusals still counted in open windows get their summary
+    /// rows: the counts add up to every datagram refused.
+    fn drop(&mut self) {
+        let t = self.table.refusals().totals();
+        if let Err(e) = self.table.close_all_refusal_windows() {
+            tracing::error!(error = %e, "management table: refusal summaries were not written");
+        }
+        if t.seen > 0 {
+            tracing::info!(
+                refused = t.seen,
+                written_in_full = t.first,
+                counted = t.summarized + t.pending,
+                "datagrams refused while this controller ran"
+            );
+        }
+    }
+}
+
 fn log_record(r: &Record) {
     match r {
         Record::KeyCreated {
@@ -896,9 +953,8 @@ fn log_record(r: &Record) {
         Record::TriggerFired {
             reason, outcome, ..
         } => tracing::info!(%reason, ?outcome, "trigger"),
-        Record::Refused { from, reason, .. } => {
-            tracing::debug!(%from, %reason, "datagram refused")
-        }
+        // Logged by the table, rate-counted with the audit rows.
+        Record::Refused { .. } => {}
         Record::JoinAnswered { node_id, .. } => tracing::debug!(node = %node_id, "join answered"),
         _ => tracing::trace!(?r, "record"),
     }
@@ -958,6 +1014,41 @@ mod tests {
             .collect();
         assert_eq!(ids, ["n1"]);
         assert_eq!(c.store().nodes().unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn refusals_still_counted_are_summarized_when_the_controller_stops() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = Options::new(StateDir::new(dir.path().join("kf")), Config::default());
+        init(&opts).unwrap();
+        let from: SocketAddr = "192.0.2.66:4000".parse().unwrap();
+        {
+            let mut c = Controller::open(opts.clone()).unwrap();
+            for i in 0..500u32 {
+                c.datagram(from, &i.to_be_bytes());
+            }
+            c.flush(None).await.unwrap();
+            let t = c.refusal_totals();
+            assert_eq!((t.seen, t.first, t.pending), (500, 1, 499));
+            // One row so far; the 60 s window is open, with its timer armed.
+            let rows = c.store().audit_log(0, 1000).unwrap();
+            assert_eq!(
+                rows.iter()
+                    .filter(|r| r.kind == crate::store::AuditKind::Refusal)
+                    .count(),
+                1
+            );
+            assert!(c.timers.deadline(&REFUSAL_TIMER).is_some());
+        }
+        let rows = opts.state.open_table().unwrap().audit_log(0, 1000).unwrap();
+        let sums: Vec<_> = rows
+            .iter()
+            .filter(|r| r.kind == crate::store::AuditKind::RefusalSummary)
+            .collect();
+        assert_eq!(sums.len(), 1, "{rows:#?}");
+        assert_eq!(sums[0].detail["count"], 499);
+        assert_eq!(sums[0].detail["source"], "192.0.2.66");
+        assert_eq!(sums[0].detail["kind"], "malformed");
     }
 
     #[tokio::test]

@@ -5,12 +5,26 @@
 //! written (say, a row the database lost) is logged and the rest of the batch
 //! goes on. [`Table::reconcile`] brings the table in line with the restored
 //! controller state after a crash between the state file and the table.
+//!
+//! Refused datagrams are rate-counted ([`RateCounter`]): the first of a kind
+//! from a source address in a window (`[audit] refusal_window_ms`) becomes a
+//! `Refusal` row and a log line, as every one did before; the rest are
+//! counted, and when the window closes one `RefusalSummary` row and one log
+//! line say how many there were, of what kind, from where, and when. The
+//! window closes on the first write after it passed, on
+//! [`Table::close_refusal_windows`] (the controller arms a timer at
+//! [`Table::next_refusal_close`]), and for good on shutdown
+//! ([`Table::close_all_refusal_windows`]). So a flood costs a bounded number of
+//! rows and lines per window, and the counts still add up to every datagram
+//! refused.
 
 use std::collections::HashMap;
 
 use crate::protocol::{
-    ControllerMachine, ControllerPersist, MemberStatus, Record, TriggerOutcome, TriggerReason,
+    ControllerMachine, ControllerPersist, MemberStatus, Record, Refusal, TriggerOutcome,
+    TriggerReason,
 };
+use crate::ratecount::{RateCounter, Seen, Summary};
 use crate::store::{AuditKind, NodeState, Outcome, Phase, Store, StoreError, Trigger};
 use crate::wire::{RoundPhase, Step};
 
@@ -63,11 +77,58 @@ fn soft(what: &str, r: Result<()>) {
     }
 }
 
+/// Refusal kinds that mean someone sends what no genuine fleet member would
+/// (logged at warn). The rest (a retransmission that crossed an answer, a
+/// stale copy) are routine and logged at debug. Both are rate-counted.
+fn suspicious(kind: &str) -> bool {
+    matches!(
+        kind,
+        "malformed"
+            | "bad_signature"
+            | "bad_mac"
+            | "unknown_member"
+            | "unknown_node_id"
+            | "unexpected"
+            | "forged_data"
+    )
+}
+
+fn log_refusal(from: std::net::SocketAddr, reason: &Refusal, window_ms: u64) {
+    let (kind, window_s) = (reason.kind(), window_ms / 1000);
+    if suspicious(kind) {
+        tracing::warn!(%from, kind, %reason, window_s, "datagram refused (more of this kind from this address within window_s are counted, then summarized)");
+    } else {
+        tracing::debug!(%from, kind, %reason, window_s, "datagram refused (more of this kind from this address within window_s are counted, then summarized)");
+    }
+}
+
+fn log_summary(s: &Summary) {
+    let (source, kind, count) = (s.source.to_string(), s.kind, s.count);
+    if suspicious(kind) {
+        tracing::warn!(%source, kind, count, "{}", s.text());
+    } else {
+        tracing::debug!(%source, kind, count, "{}", s.text());
+    }
+}
+
+fn write_summaries(s: &mut Store, summaries: &[Summary]) {
+    for sum in summaries {
+        log_summary(sum);
+        soft(
+            "a refusal summary",
+            s.audit(AuditKind::RefusalSummary, None, &sum.detail(), sum.last_ms)
+                .map(drop),
+        );
+    }
+}
+
 /// The management table as the controller writes it.
 pub struct Table {
     store: Store,
     /// Round id in the database, by epoch.
     rounds: HashMap<u32, i64>,
+    /// Refusals counted, not written one by one.
+    refusals: RateCounter,
 }
 
 impl Table {
@@ -78,11 +139,56 @@ impl Table {
                 rounds.insert(e, r.id);
             }
         }
-        Ok(Table { store, rounds })
+        Ok(Table {
+            store,
+            rounds,
+            refusals: RateCounter::default(),
+        })
+    }
+
+    /// Refusal windows of `window_ms` (0: every refusal gets its row), at most
+    /// `max_sources` source addresses tracked at once.
+    pub fn with_refusal_window(mut self, window_ms: u64, max_sources: usize) -> Table {
+        self.refusals = RateCounter::new(window_ms, max_sources);
+        self
     }
 
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    /// The refusal counter (its totals: refusals seen, written, summarized, pending).
+    pub fn refusals(&self) -> &RateCounter {
+        &self.refusals
+    }
+
+    /// When the next refusal window with counted refusals ends.
+    pub fn next_refusal_close(&self) -> Option<u64> {
+        self.refusals.next_close()
+    }
+
+    /// Writes the summaries of the refusal windows that have passed at `now_ms`.
+    pub fn close_refusal_windows(&mut self, now_ms: u64) -> Result<()> {
+        let mut closed = Vec::new();
+        self.refusals.close_expired(now_ms, &mut closed);
+        self.write_closed(&closed)
+    }
+
+    /// Writes the summaries of every refusal window (shutdown).
+    pub fn close_all_refusal_windows(&mut self) -> Result<()> {
+        let mut closed = Vec::new();
+        self.refusals.close_all(&mut closed);
+        self.write_closed(&closed)
+    }
+
+    fn write_closed(&mut self, closed: &[Summary]) -> Result<()> {
+        if closed.is_empty() {
+            return Ok(());
+        }
+        self.store.batch(|s| {
+            write_summaries(s, closed);
+            Ok(())
+        })
     }
 
     /// Brings the table in line with the restored state `p` (the state file is
@@ -194,10 +300,18 @@ impl Table {
         })
     }
 
-    /// Writes one pass's records in one transaction.
-    pub fn write(&mut self, records: &[Record], machine: &ControllerMachine) -> Result<()> {
+    /// Writes one pass's records in one transaction, with the summaries of
+    /// the refusal windows that have passed at `now_ms`.
+    pub fn write(
+        &mut self,
+        records: &[Record],
+        machine: &ControllerMachine,
+        now_ms: u64,
+    ) -> Result<()> {
+        let mut closed = Vec::new();
+        self.refusals.close_expired(now_ms, &mut closed);
         if records.is_empty() {
-            return Ok(());
+            return self.write_closed(&closed);
         }
         let active: Vec<String> = machine
             .members()
@@ -213,9 +327,19 @@ impl Table {
             member_ids: &member_ids,
             round: machine.round(),
         };
-        let rounds = &mut self.rounds;
+        let (rounds, refusals) = (&mut self.rounds, &mut self.refusals);
         self.store.batch(|s| {
+            write_summaries(s, &closed);
             for r in records {
+                if let Record::Refused { from, reason, at } = r {
+                    closed.clear();
+                    let seen = refusals.observe(at.0, from.ip(), reason.kind(), &mut closed);
+                    write_summaries(s, &closed);
+                    if seen == Seen::Counted {
+                        continue;
+                    }
+                    log_refusal(*from, reason, refusals.window_ms());
+                }
                 write_one(s, rounds, r, &ctx);
             }
             Ok(())
@@ -471,5 +595,173 @@ fn write_one(s: &mut Store, rounds: &mut HashMap<u32, i64>, r: &Record, ctx: &Ct
             );
         }
         Record::KeyBatchSent { .. } | Record::TransitionSent { .. } => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crypto::InitialKey;
+    use crate::protocol::{ControllerAction, ControllerConfig, ControllerInput, Time};
+    use crate::store::AuditRecord;
+    use crate::wire::NodeId;
+    use rand::rngs::OsRng;
+
+    fn records(out: &mut Vec<ControllerAction>) -> Vec<Record> {
+        out.drain(..)
+            .filter_map(|a| match a {
+                ControllerAction::Record(r) => Some(r),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn audit(t: &Table) -> Vec<AuditRecord> {
+        t.store().audit_log(0, 1_000_000).unwrap()
+    }
+
+    /// Refusal rows and the counts in summary rows: every datagram refused.
+    fn refusals_in(rows: &[AuditRecord]) -> u64 {
+        rows.iter()
+            .map(|r| match r.kind {
+                AuditKind::Refusal => 1,
+                AuditKind::RefusalSummary => r.detail["count"].as_u64().unwrap(),
+                _ => 0,
+            })
+            .sum()
+    }
+
+    #[test]
+    fn a_flood_of_refused_datagrams_becomes_a_few_rows_whose_counts_add_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut out = Vec::new();
+        let mut m =
+            ControllerMachine::new(ControllerConfig::default(), Time(0), &mut OsRng, &mut out);
+        let mut t = Table::new(Store::open(&dir.path().join("fleet.db")).unwrap())
+            .unwrap()
+            .with_refusal_window(10_000, 8);
+        t.write(&records(&mut out), &m, 0).unwrap();
+        let before = audit(&t).len();
+        // 20 000 garbage datagrams in passes of 200, 1 ms apart: half from one
+        // address, half from 1 000 others (beyond the cap of 8).
+        let mut sent = 0u64;
+        for pass in 0..100u64 {
+            for i in 0..200u64 {
+                let n = pass * 200 + i;
+                let from: std::net::SocketAddr = if n % 2 == 0 {
+                    "192.0.2.66:4000".parse().unwrap()
+                } else {
+                    std::net::SocketAddr::from((
+                        [10, 9, (n % 1000 / 250) as u8, (n % 250) as u8],
+                        5000,
+                    ))
+                };
+                let bytes = [0xff, (n % 7) as u8, 1, 2, 3];
+                m.handle(
+                    Time(n),
+                    ControllerInput::Datagram {
+                        from,
+                        bytes: &bytes,
+                    },
+                    &mut OsRng,
+                    &mut out,
+                )
+                .unwrap();
+                sent += 1;
+            }
+            let now = pass * 200 + 199;
+            t.write(&records(&mut out), &m, now).unwrap();
+        }
+        // A genuine event after the flood is recorded as always.
+        m.handle(
+            Time(20_000),
+            ControllerInput::Enroll {
+                node_id: NodeId::parse("late").unwrap(),
+                initial_key: InitialKey([3; 16]),
+                addr: "192.0.2.7:7000".parse().unwrap(),
+            },
+            &mut OsRng,
+            &mut out,
+        )
+        .unwrap();
+        t.write(&records(&mut out), &m, 20_000).unwrap();
+        // Windows that passed were closed by the writes; the rest on shutdown.
+        assert!(t.next_refusal_close().is_some());
+        t.close_all_refusal_windows().unwrap();
+        assert_eq!(t.next_refusal_close(), None);
+
+        let rows = audit(&t);
+        let new = &rows[before..];
+        assert_eq!(
+            refusals_in(new),
+            sent,
+            "every refused datagram is counted once"
+        );
+        let totals = t.refusals().totals();
+        assert_eq!((totals.seen, totals.pending), (sent, 0));
+        // One malformed kind; 9 keys (192.0.2.66, 7 more tracked, the bucket),
+        // 2 windows each (0-10 s, 10-20 s): at most 2 rows per key and window.
+        let refusal_rows = new
+            .iter()
+            .filter(|r| matches!(r.kind, AuditKind::Refusal | AuditKind::RefusalSummary))
+            .count();
+        assert!(refusal_rows <= 2 * 9 * 2, "{refusal_rows} rows");
+        let one: Vec<_> = new
+            .iter()
+            .filter(|r| r.kind == AuditKind::RefusalSummary && r.detail["source"] == "192.0.2.66")
+            .collect();
+        assert_eq!(one.len(), 2, "{one:#?}");
+        assert_eq!(one[0].detail["count"], 4_999);
+        assert_eq!(one[0].detail["kind"], "malformed");
+        assert_eq!(
+            (
+                one[0].detail["first_ms"].as_u64(),
+                one[0].detail["last_ms"].as_u64()
+            ),
+            (Some(2), Some(9_998))
+        );
+        assert_eq!(one[0].at_ms, 9_998);
+        assert!(
+            new.iter()
+                .any(|r| r.kind == AuditKind::RefusalSummary
+                    && r.detail["source"] == "other sources"),
+            "sources beyond the cap share a bucket"
+        );
+        let last = new
+            .iter()
+            .rfind(|r| r.kind == AuditKind::Enrollment)
+            .unwrap();
+        assert_eq!(last.node_id.as_deref(), Some("late"));
+    }
+
+    #[test]
+    fn a_zero_window_writes_every_refusal_as_before() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut out = Vec::new();
+        let mut m =
+            ControllerMachine::new(ControllerConfig::default(), Time(0), &mut OsRng, &mut out);
+        let mut t = Table::new(Store::open(&dir.path().join("fleet.db")).unwrap())
+            .unwrap()
+            .with_refusal_window(0, 8);
+        out.clear();
+        for n in 0..50 {
+            m.handle(
+                Time(n),
+                ControllerInput::Datagram {
+                    from: "192.0.2.66:4000".parse().unwrap(),
+                    bytes: &[],
+                },
+                &mut OsRng,
+                &mut out,
+            )
+            .unwrap();
+        }
+        t.write(&records(&mut out), &m, 50).unwrap();
+        let rows = audit(&t);
+        assert_eq!(
+            rows.iter().filter(|r| r.kind == AuditKind::Refusal).count(),
+            50
+        );
+        assert_eq!(rows[0].detail["from"], "192.0.2.66:4000");
     }
 }

@@ -169,6 +169,10 @@ text_enum! {
         /// Something was refused (detail: what and why): a message from an
         /// unknown sender, a bad signature, a replay, a malformed datagram, ...
         Refusal,
+        /// Refusals counted instead of written one by one: the rest of a
+        /// source's refusals of one kind in one window (detail: source, kind,
+        /// count, first and last time; see [`crate::ratecount::Summary`]).
+        RefusalSummary,
         Enrollment,
         Removal,
         /// A node was marked stale and left out of a round.

@@ -497,6 +497,59 @@ impl Lan {
     }
 }
 
+/// Sends `count` datagrams round-robin from `attacks` to `targets`, from each
+/// source address in `sources` in turn (`per_source` datagrams each, then the
+/// next; round and round until `count`), each from a socket of its own bound to
+/// that address (any loopback address 127.x.y.z is a source on `lo`, so a test
+/// plays many hosts, or one that spoofs many addresses, without privileges).
+/// Sleeps 1 ms every `pace` datagrams (0: never).
+pub fn flood_from(
+    sources: &[Ipv4Addr],
+    iface: Ipv4Addr,
+    attacks: &[Attack],
+    targets: &[SocketAddr],
+    count: u64,
+    per_source: u64,
+    pace: u64,
+) -> FloodReport {
+    let start = Instant::now();
+    let (mut sent, mut send_errors) = (0u64, 0u64);
+    if attacks.is_empty() || targets.is_empty() || sources.is_empty() {
+        return FloodReport {
+            sent,
+            send_errors,
+            elapsed: start.elapsed(),
+        };
+    }
+    let mut i = 0usize;
+    'flood: for src in sources.iter().cycle() {
+        let sock = keyfleet::net::socket::unicast_socket(SocketAddrV4::new(*src, 0), iface, 1)
+            .expect("a sending socket on a loopback address");
+        sock.set_nonblocking(false).unwrap();
+        for _ in 0..per_source.max(1) {
+            if sent + send_errors >= count {
+                break 'flood;
+            }
+            let a = &attacks[i % attacks.len()];
+            let t = targets[(i / attacks.len()) % targets.len()];
+            if sock.send_to(&a.bytes, t).is_ok() {
+                sent += 1;
+            } else {
+                send_errors += 1;
+            }
+            i += 1;
+            if pace > 0 && (sent + send_errors) % pace == 0 {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+    }
+    FloodReport {
+        sent,
+        send_errors,
+        elapsed: start.elapsed(),
+    }
+}
+
 impl Drop for Lan {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
@@ -646,18 +699,75 @@ pub mod procs {
         pub transcript: std::sync::Mutex<Vec<String>>,
     }
 
+    /// Datagrams the kernel dropped on the UDP sockets process `pid` holds
+    /// (its receive queues were full): the `drops` column of /proc/net/udp for
+    /// the socket inodes among /proc/PID/fd.
+    pub fn udp_drops(pid: u32) -> u64 {
+        let inodes: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .map(|rd| {
+                rd.flatten()
+                    .filter_map(|e| std::fs::read_link(e.path()).ok())
+                    .filter_map(|l| {
+                        let l = l.to_string_lossy().into_owned();
+                        l.strip_prefix("socket:[")
+                            .and_then(|r| r.strip_suffix(']'))
+                            .map(str::to_owned)
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let table = std::fs::read_to_string("/proc/net/udp").unwrap_or_default();
+        table
+            .lines()
+            .skip(1)
+            .filter_map(|l| {
+                let cols: Vec<&str> = l.split_whitespace().collect();
+                let inode = cols.get(9)?;
+                if inodes.iter().any(|i| i == inode) {
+                    cols.last()?.parse::<u64>().ok()
+                } else {
+                    None
+                }
+            })
+            .sum()
+    }
+
+    /// A log file's text without the terminal colour codes tracing may put in.
+    pub fn plain(text: &str) -> String {
+        let mut out = String::with_capacity(text.len());
+        let mut chars = text.chars();
+        while let Some(c) = chars.next() {
+            if c == '\u{1b}' {
+                for c in chars.by_ref() {
+                    if c.is_ascii_alphabetic() {
+                        break;
+                    }
+                }
+            } else {
+                out.push(c);
+            }
+        }
+        out
+    }
+
     /// Round settings that keep a test's rounds short.
     pub const FAST: &str = "[round]\ndrain_grace_ms = 300\nretry_initial_ms = 100\nretry_max_ms = 800\nstale_after_ms = 15000\n[rekey]\njoin_wait_ms = 8000\nlinger_ms = 300\n";
 
     impl Fleet {
         pub fn start(n: usize, rust_log: &str) -> Fleet {
+            Fleet::start_with(n, rust_log, "", &[])
+        }
+
+        /// As [`Fleet::start`], with `config` appended to the controller's
+        /// configuration file and `agent_args` added to every `keyfleet-agent run`.
+        pub fn start_with(n: usize, rust_log: &str, config: &str, agent_args: &[&str]) -> Fleet {
             let dir = tempfile::tempdir().unwrap();
             let group = fresh_group();
             let ctl_port = free_port();
             std::fs::write(
                 dir.path().join("keyfleet.toml"),
                 format!(
-                    "[network]\ngroup = \"{group}\"\niface = \"127.0.0.1\"\nlisten_port = {ctl_port}\n{FAST}"
+                    "[network]\ngroup = \"{group}\"\niface = \"127.0.0.1\"\nlisten_port = {ctl_port}\n{FAST}{config}"
                 ),
             )
             .unwrap();
@@ -711,6 +821,7 @@ pub mod procs {
                     .args(["--listen", &listen.to_string()])
                     .args(["--controller", &f.ctl_addr().to_string()])
                     .args(["--usage-interval", "0"])
+                    .args(agent_args)
                     .env("RUST_LOG", &f.rust_log);
                 let log = f.dir.path().join(format!("agent-{id}.log"));
                 let proc = Proc::spawn(cmd, log);

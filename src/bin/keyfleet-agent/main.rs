@@ -111,6 +111,11 @@ struct RunArgs {
     /// Send a usage report (encryption and decryption counts) every S seconds; 0 = never.
     #[arg(long, value_name = "S", default_value_t = 60)]
     usage_interval: u64,
+    /// Refused datagrams: log the first of a kind from a source address in a
+    /// window of S seconds, count the rest and log how many when it closes
+    /// (0 = a line for every one).
+    #[arg(long, value_name = "S", default_value_t = 60)]
+    refusal_log_window: u64,
 }
 
 fn main() -> ExitCode {
@@ -179,6 +184,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         initial_key,
         net,
         node,
+        refusal_log_window_ms: args.refusal_log_window.saturating_mul(1000),
     };
     // Set up the handlers before anything else, so no signal is missed.
     use tokio::signal::unix::{signal, SignalKind};

@@ -3,7 +3,7 @@
 use clap::Args;
 use serde::Serialize;
 
-use keyfleet::store::{AuditRecord, KeyRecord, NodeRecord, RoundRecord};
+use keyfleet::store::{AuditKind, AuditRecord, KeyRecord, NodeRecord, RoundRecord};
 
 use crate::fleet::{when, GlobalArgs};
 
@@ -170,13 +170,91 @@ pub fn history(g: &GlobalArgs, a: HistoryArgs) -> anyhow::Result<()> {
         println!("AUDIT (last {})", a.audit);
         for e in &h.audit {
             println!(
-                "  {}  {:<11} {:<20} {}",
+                "  {}  {:<14} {:<20} {}",
                 when(e.at_ms),
                 e.kind.as_str(),
                 e.node_id.as_deref().unwrap_or("-"),
-                e.detail
+                audit_text(e)
             );
         }
     }
     Ok(())
+}
+
+/// An audit entry's detail for a reader: refusals and their summaries in
+/// words, anything else as its JSON.
+fn audit_text(e: &AuditRecord) -> String {
+    let d = &e.detail;
+    let text = |k: &str| d[k].as_str().map(str::to_owned);
+    match e.kind {
+        AuditKind::RefusalSummary => {
+            let (Some(count), Some(kind), Some(source), Some(first), Some(last)) = (
+                d["count"].as_u64(),
+                text("kind"),
+                text("source"),
+                d["first_ms"].as_u64(),
+                d["last_ms"].as_u64(),
+            ) else {
+                return d.to_string();
+            };
+            let window = d["window_ms"].as_u64().map_or(String::new(), |w| {
+                format!(" (counted in a {} s window)", w / 1000)
+            });
+            format!(
+                "{count} more refusal{} of kind {kind} from {source} between {} and {}{window}",
+                if count == 1 { "" } else { "s" },
+                when(first),
+                when(last),
+            )
+        }
+        AuditKind::Refusal => match (text("from"), text("reason")) {
+            (Some(from), Some(reason)) => format!("from {from}: {reason}"),
+            _ => d.to_string(),
+        },
+        _ => d.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn summary_rows_read_as_a_sentence() {
+        let sum = keyfleet::ratecount::Summary {
+            source: keyfleet::ratecount::Source::Other,
+            kind: "malformed",
+            count: 19_999,
+            window_start_ms: 1_764_083_000_000,
+            window_ms: 60_000,
+            first_ms: 1_764_083_000_010,
+            last_ms: 1_764_083_004_990,
+        };
+        let e = AuditRecord {
+            id: 7,
+            at_ms: sum.last_ms,
+            kind: AuditKind::RefusalSummary,
+            node_id: None,
+            detail: sum.detail(),
+        };
+        assert_eq!(
+            audit_text(&e),
+            "19999 more refusals of kind malformed from other sources between \
+             2025-11-25T15:03:20Z and 2025-11-25T15:03:24Z (counted in a 60 s window)"
+        );
+        let r = AuditRecord {
+            kind: AuditKind::Refusal,
+            detail: serde_json::json!({"from": "192.0.2.1:4000", "reason": "malformed datagram: empty"}),
+            ..e.clone()
+        };
+        assert_eq!(
+            audit_text(&r),
+            "from 192.0.2.1:4000: malformed datagram: empty"
+        );
+        let odd = AuditRecord {
+            detail: serde_json::json!({"count": "many"}),
+            ..e
+        };
+        assert_eq!(audit_text(&odd), r#"{"count":"many"}"#);
+    }
 }
