@@ -950,6 +950,8 @@ fn log_record(r: &Record) {
         Record::NodeStale { node_id, epoch, .. } => {
             tracing::warn!(node = %node_id, %epoch, "node stale: left out of the round")
         }
+        // Logged by the table, rate-counted with the audit rows.
+        r @ Record::TriggerFired { .. } if table::folded_leak(r).is_some() => {}
         Record::TriggerFired {
             reason, outcome, ..
         } => tracing::info!(%reason, ?outcome, "trigger"),

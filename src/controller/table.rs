@@ -90,7 +90,33 @@ fn suspicious(kind: &str) -> bool {
             | "unknown_node_id"
             | "unexpected"
             | "forged_data"
+            | LEAK_FOLDED
     )
+}
+
+/// The rate-counter kind of leaked-key data that came while the rekey round it
+/// calls for is already queued: each such datagram is folded into that round,
+/// and someone holding a stolen group key could otherwise add one audit row per
+/// datagram until the new key is in place.
+pub(crate) const LEAK_FOLDED: &str = "leaked_key_data";
+
+/// A leaked-key trigger folded into an already queued round: (time, source, text).
+pub(crate) fn folded_leak(r: &Record) -> Option<(u64, std::net::IpAddr, String)> {
+    match r {
+        Record::TriggerFired {
+            reason: reason @ TriggerReason::UnknownSender { from, .. },
+            outcome: TriggerOutcome::AlreadyQueued,
+            at,
+        } => {
+            let ip = from
+                .parse::<std::net::SocketAddr>()
+                .map(|a| a.ip())
+                .or_else(|_| from.parse::<std::net::IpAddr>())
+                .ok()?;
+            Some((at.0, ip, reason.to_string()))
+        }
+        _ => None,
+    }
 }
 
 fn log_refusal(from: std::net::SocketAddr, reason: &Refusal, window_ms: u64) {
@@ -339,6 +365,20 @@ impl Table {
                         continue;
                     }
                     log_refusal(*from, reason, refusals.window_ms());
+                }
+                if let Some((at, ip, text)) = folded_leak(r) {
+                    closed.clear();
+                    let seen = refusals.observe(at, ip, LEAK_FOLDED, &mut closed);
+                    write_summaries(s, &closed);
+                    if seen == Seen::Counted {
+                        continue;
+                    }
+                    tracing::warn!(
+                        %ip,
+                        kind = LEAK_FOLDED,
+                        window_s = refusals.window_ms() / 1000,
+                        "{text}; a rekey round is already queued (more from this address within window_s are counted, then summarized)"
+                    );
                 }
                 write_one(s, rounds, r, &ctx);
             }
@@ -732,6 +772,55 @@ mod tests {
             .rfind(|r| r.kind == AuditKind::Enrollment)
             .unwrap();
         assert_eq!(last.node_id.as_deref(), Some("late"));
+    }
+
+    #[test]
+    fn leaked_key_data_folded_into_a_queued_round_is_rate_counted_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut out = Vec::new();
+        let m = ControllerMachine::new(ControllerConfig::default(), Time(0), &mut OsRng, &mut out);
+        let mut t = Table::new(Store::open(&dir.path().join("fleet.db")).unwrap())
+            .unwrap()
+            .with_refusal_window(10_000, 8);
+        t.write(&records(&mut out), &m, 0).unwrap();
+        let before = audit(&t).len();
+        let leak = |n: u64| TriggerReason::UnknownSender {
+            member: 77,
+            from: format!("192.0.2.9:{}", 4000 + n % 50),
+        };
+        // The first datagram queues the leaked-key round; the next 4 999 (one
+        // per ms, from one address on many ports) are folded into it.
+        let mut recs = vec![Record::TriggerFired {
+            reason: leak(0),
+            outcome: TriggerOutcome::Queued,
+            at: Time(1),
+        }];
+        recs.extend((1..5_000u64).map(|n| Record::TriggerFired {
+            reason: leak(n),
+            outcome: TriggerOutcome::AlreadyQueued,
+            at: Time(1 + n),
+        }));
+        for (i, chunk) in recs.chunks(100).enumerate() {
+            t.write(chunk, &m, 100 * i as u64 + 100).unwrap();
+        }
+        t.close_all_refusal_windows().unwrap();
+        let rows = audit(&t);
+        let new = &rows[before..];
+        let triggers: Vec<_> = new
+            .iter()
+            .filter(|r| r.kind == AuditKind::Trigger)
+            .collect();
+        assert_eq!(triggers.len(), 2, "the queued one and the first folded one");
+        assert_eq!(triggers[0].detail["outcome"], "queued");
+        let summaries: Vec<_> = new
+            .iter()
+            .filter(|r| r.kind == AuditKind::RefusalSummary)
+            .collect();
+        assert_eq!(summaries.len(), 1, "{summaries:#?}");
+        assert_eq!(summaries[0].detail["kind"], LEAK_FOLDED);
+        assert_eq!(summaries[0].detail["source"], "192.0.2.9");
+        assert_eq!(summaries[0].detail["count"], 4_998);
+        assert_eq!(new.len(), 3, "{new:#?}");
     }
 
     #[test]
