@@ -210,6 +210,12 @@ fn remove_stale_temp_files(dir: &Path) {
 /// The application socket. See [`app`] for the framing.
 struct AppServer {
     sock: UnixDatagram,
+    /// The same socket for sending, outside tokio: every answer and delivery
+    /// is tried on its own. (tokio's `try_send_to` gives up on every
+    /// destination once one full client made a send fail, until the reactor
+    /// next sees the socket writable: one slow client cost the others their
+    /// messages and answers.)
+    tx: std::os::unix::net::UnixDatagram,
     path: PathBuf,
     clients: Vec<PathBuf>,
     dropped: u64,
@@ -226,11 +232,17 @@ impl AppServer {
             Err(e) => return Err(AgentError::io("remove the old socket", path)(e)),
         }
         let sock = UnixDatagram::bind(path).map_err(AgentError::io("bind", path))?;
+        let tx = std::os::fd::AsFd::as_fd(&sock)
+            .try_clone_to_owned()
+            .map(std::os::unix::net::UnixDatagram::from)
+            .and_then(|tx| tx.set_nonblocking(true).map(|()| tx))
+            .map_err(AgentError::io("duplicate", path))?;
         fs::set_permissions(path, fs::Permissions::from_mode(0o600))
             .map_err(AgentError::io("chmod 600", path))?;
         tracing::info!(socket = %path.display(), "application socket ready");
         Ok(AppServer {
             sock,
+            tx,
             path: path.to_path_buf(),
             clients: Vec::new(),
             dropped: 0,
@@ -302,12 +314,19 @@ impl AppServer {
                 Some(v)
             }
         };
-        if let (Some(reply), Some(to)) = (reply, &self.from) {
-            if let Err(e) = self.sock.try_send_to(&reply, to) {
+        if let Some(reply) = reply {
+            self.answer(&reply);
+        }
+        Ok(())
+    }
+
+    /// Sends `reply` to the sender of the last request, never blocking.
+    fn answer(&self, reply: &[u8]) {
+        if let Some(to) = &self.from {
+            if let Err(e) = self.tx.send_to(reply, to) {
                 tracing::debug!(client = %to.display(), error = %e, "cannot answer the client");
             }
         }
-        Ok(())
     }
 
     fn register(&mut self) -> Vec<u8> {
@@ -333,7 +352,7 @@ impl AppServer {
     fn deliver(&mut self, msg: &[u8]) {
         let mut gone = Vec::new();
         for c in &self.clients {
-            match self.sock.try_send_to(msg, c) {
+            match self.tx.send_to(msg, c) {
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.dropped += 1,
                 Err(e) => {
@@ -347,5 +366,48 @@ impl AppServer {
 
     fn close(&self) {
         let _ = fs::remove_file(&self.path);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One client that does not read (its socket queue full) must not cost
+    /// the others their messages: every send is tried on its own. (Found by
+    /// the fault matrix: a frozen agent's burst of deliveries filled one
+    /// client, and the answer to another client's `S` was lost with it.)
+    #[tokio::test]
+    async fn a_full_client_does_not_stop_deliveries_and_answers_to_the_others() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut server = AppServer::bind(&dir.path().join(app::SOCKET_NAME)).unwrap();
+        let slow_path = dir.path().join("slow.sock");
+        let fast_path = dir.path().join("fast.sock");
+        let slow = std::os::unix::net::UnixDatagram::bind(&slow_path).unwrap();
+        let fast = std::os::unix::net::UnixDatagram::bind(&fast_path).unwrap();
+        fast.set_nonblocking(true).unwrap();
+        server.clients = vec![slow_path, fast_path.clone()];
+        // Let the reactor see the socket writable, as in a running agent.
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        let mut buf = [0u8; 64];
+        let mut fast_got = 0;
+        for i in 0..40u8 {
+            // The fast client reads everything at once; the slow one never reads.
+            server.deliver(&[b'M', i]);
+            while fast.recv(&mut buf).is_ok() {
+                fast_got += 1;
+            }
+        }
+        assert_eq!(fast_got, 40, "the fast client gets every message");
+        assert!(
+            server.dropped > 0,
+            "the slow client's full socket is counted"
+        );
+        assert_eq!(server.clients.len(), 2, "a full client stays registered");
+        // An answer to the fast client goes out although the slow one is still full.
+        server.from = Some(fast_path);
+        server.answer(&app::encode_outcome(SendOutcome::Sent));
+        assert_eq!(fast.recv(&mut buf).ok(), Some(2), "the answer arrives");
+        drop(slow);
     }
 }

@@ -32,10 +32,15 @@
 //! state of the round as the controller sees it, but never behind its position.
 //! After a link-up or a restart the node *holds* application data (bounded
 //! queue) until that answer arrives, so it never seals with a key the fleet
-//! has already dropped.
+//! has already dropped. While it waits, group data sealed under a key newer
+//! than any it holds (a node back after missing rounds) is kept too (bounded,
+//! the same limit) and opened once the answer brings the key, so that data
+//! does not become undecryptable for it.
 
 use super::{backoff, Refusal, Time};
-use crate::crypto::{digest16, verify, Epoch, GroupKey, InitialKey, KeyPhase, Keyring, NodeKeys};
+use crate::crypto::{
+    digest16, verify, Epoch, GroupKey, InitialKey, KeyPhase, Keyring, NodeKeys, OpenError,
+};
 use crate::wire::{self, KeyState, Message, NodeId, ReplayWindow, RoundPhase, Seen, Signed, Step};
 use core::net::SocketAddr;
 use ed25519_dalek::VerifyingKey;
@@ -239,6 +244,9 @@ pub struct NodeMachine {
     last_verified: [u8; 16],
     sync: Option<Sync>,
     queued: Vec<Vec<u8>>,
+    /// Group data for an epoch ahead of this node's, received while it asks
+    /// the controller for the current key: (sender address, datagram).
+    ahead: Vec<(SocketAddr, Vec<u8>)>,
     data_replay: Vec<(u32, ReplayWindow)>,
     data_replay_next: usize,
     usage_due: Option<Time>,
@@ -301,6 +309,7 @@ impl NodeMachine {
             last_verified: [0; 16],
             sync: None,
             queued: Vec::new(),
+            ahead: Vec::new(),
             data_replay: Vec::new(),
             data_replay_next: 0,
             usage_due: None,
@@ -368,6 +377,8 @@ impl NodeMachine {
             + self.node_id.as_str().len()
             + self.queued.capacity() * std::mem::size_of::<Vec<u8>>()
             + self.queued.iter().map(Vec::capacity).sum::<usize>()
+            + self.ahead.capacity() * std::mem::size_of::<(SocketAddr, Vec<u8>)>()
+            + self.ahead.iter().map(|(_, b)| b.capacity()).sum::<usize>()
             + self.data_replay.capacity() * std::mem::size_of::<(u32, ReplayWindow)>()
             + self.keyring.as_ref().map_or(0, Keyring::heap_bytes)
     }
@@ -404,10 +415,41 @@ impl NodeMachine {
                     self.seal_and_send(plaintext, rng, out);
                 }
             }
-            NodeInput::Datagram { from, bytes } => {
-                if let Err(reason) = self.on_datagram(now, bytes, rng, out) {
-                    out.push(NodeAction::Event(NodeEvent::Refused { from, reason }));
+            NodeInput::Datagram { from, bytes } => match self.on_datagram(now, bytes, rng, out) {
+                Ok(()) => {}
+                Err(reason) if self.keep_until_synced(&reason) => {
+                    self.ahead.push((from, bytes.to_vec()));
                 }
+                Err(reason) => out.push(NodeAction::Event(NodeEvent::Refused { from, reason })),
+            },
+        }
+    }
+
+    /// Data sealed under an epoch ahead of this node's, while it waits for the
+    /// controller's answer (which brings that key): kept, up to `max_queued`.
+    /// Outside a sync nothing is kept (a forged epoch hint costs nothing).
+    fn keep_until_synced(&self, reason: &Refusal) -> bool {
+        let Refusal::Undecryptable {
+            reason: OpenError::NoKey(e),
+            ..
+        } = reason
+        else {
+            return false;
+        };
+        self.sync.is_some()
+            && self.position().is_some_and(|(have, _)| *e > have)
+            && self.ahead.len() < self.cfg.max_queued
+    }
+
+    /// Opens the data kept by [`Self::keep_until_synced`] with the keys now held.
+    fn open_kept(&mut self, out: &mut Out) {
+        for (from, bytes) in std::mem::take(&mut self.ahead) {
+            let r = match wire::decode(&bytes) {
+                Ok(Message::Data(d)) => self.on_data(d, out),
+                _ => continue,
+            };
+            if let Err(reason) = r {
+                out.push(NodeAction::Event(NodeEvent::Refused { from, reason }));
             }
         }
     }
@@ -858,6 +900,7 @@ impl NodeMachine {
             out.push(NodeAction::Event(NodeEvent::Synced {
                 state: self.state(),
             }));
+            self.open_kept(out);
             for plaintext in std::mem::take(&mut self.queued) {
                 self.seal_and_send(&plaintext, rng, out);
             }
@@ -880,6 +923,7 @@ impl NodeMachine {
             from: before,
             to: self.state(),
         }));
+        self.open_kept(out);
         if let Some(step) = Step::from_progress(target.1) {
             self.ack(step, target.0, out);
         }

@@ -4,12 +4,13 @@
 //! application clients on the agents' sockets; every process killed on drop.
 #![allow(dead_code)]
 
+use std::collections::HashMap;
 use std::fs::OpenOptions;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use keyfleet::agent::app::{self, Reply, SendOutcome};
@@ -17,12 +18,22 @@ use keyfleet::agent::app::{self, Reply, SendOutcome};
 pub const KEYFLEET: &str = env!("CARGO_BIN_EXE_keyfleet");
 pub const AGENT: &str = env!("CARGO_BIN_EXE_keyfleet-agent");
 
+/// A free UDP port on loopback, never one this process handed out before (the
+/// kernel may give a released port again, and parallel fleets need distinct ones).
 pub fn free_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static GIVEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+    loop {
+        let port = std::net::UdpSocket::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut given = GIVEN.lock().unwrap();
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 /// A group of this test's own (pid and a per-test tag), on a free port.
@@ -57,6 +68,39 @@ impl Proc {
 
     pub fn alive(&mut self) -> bool {
         matches!(self.0.try_wait(), Ok(None))
+    }
+
+    fn signal(&self, sig: rustix::process::Signal) {
+        rustix::process::kill_process(rustix::process::Pid::from_child(&self.0), sig)
+            .unwrap_or_else(|e| panic!("cannot signal process {}: {e}", self.0.id()));
+    }
+
+    /// SIGSTOP: the process is frozen — it reads no datagram and answers
+    /// nothing; what is sent to it waits in its socket buffers — until [`Proc::thaw`].
+    pub fn freeze(&self) {
+        self.signal(rustix::process::Signal::STOP);
+    }
+
+    /// SIGCONT after [`Proc::freeze`].
+    pub fn thaw(&self) {
+        self.signal(rustix::process::Signal::CONT);
+    }
+
+    /// SIGTERM (a clean stop), then waits up to 10 s for the exit.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        self.signal(rustix::process::Signal::TERM);
+        let end = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(Some(s)) = self.0.try_wait() {
+                return s;
+            }
+            assert!(
+                Instant::now() < end,
+                "process {} ignored SIGTERM",
+                self.0.id()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 }
 
@@ -237,6 +281,7 @@ impl Fleet {
     }
 
     /// `keyfleet-agent run` for node `i`, once its application socket exists.
+    /// It logs at `RUST_LOG=info`, or at `FLEET_AGENT_LOG` when set.
     pub fn agent(&self, i: usize) -> Proc {
         let n = &self.nodes[i];
         let child = self
@@ -254,7 +299,10 @@ impl Fleet {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(self.log(&n.id))
-            .env("RUST_LOG", "info")
+            .env(
+                "RUST_LOG",
+                std::env::var("FLEET_AGENT_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .spawn()
             .unwrap();
         let p = Proc(child);
@@ -268,6 +316,26 @@ impl Fleet {
 
     pub fn agents(&self) -> Vec<Proc> {
         (0..self.nodes.len()).map(|i| self.agent(i)).collect()
+    }
+
+    /// The whole fleet up: `init`, `enroll` of every node, `keyfleet serve`,
+    /// one `keyfleet-agent run` per node, every agent synced at epoch 1.
+    pub fn up(&self, ms: u64) -> (Proc, Vec<Proc>) {
+        self.init_and_enroll();
+        let serve = self.serve();
+        let agents = self.agents();
+        assert_eq!(self.wait_converged(ms), 1);
+        (serve, agents)
+    }
+
+    /// `keyfleet status --json`.
+    pub fn status(&self) -> serde_json::Value {
+        self.json(&["status", "--json"])
+    }
+
+    /// `keyfleet history --json` with the whole audit log.
+    pub fn history(&self) -> serde_json::Value {
+        self.json(&["history", "--json", "--audit", "1000000"])
     }
 
     /// Waits until every node is in `UpdateCompleted` at the controller's epoch
@@ -447,5 +515,247 @@ fn client(
         }
     }
     let _ = sock.send_to(b"U", &agent);
+    let _ = std::fs::remove_file(&me);
+}
+
+/// One application client's book: what it sent and what its agent delivered to it.
+#[derive(Debug, Default)]
+pub struct Book {
+    /// Messages (by number) the agent confirmed: sealed and sent, or held
+    /// until synced and sent then; with the moment the confirmation came.
+    pub sent: Vec<(u64, Instant)>,
+    /// Messages whose confirmation never came (the agent was killed with the
+    /// message in its socket, or its answer was lost): they may or may not
+    /// have gone out, so receivers may or may not have them.
+    pub unconfirmed: Vec<u64>,
+    /// Messages the agent refused (`Dropped`: its hold queue was full).
+    pub refused: u64,
+    /// Sends that did not reach the agent's socket (no agent running, or its socket full).
+    pub send_failed: u64,
+    /// Messages delivered to this client: (sender's node id, number) → epoch it was sealed under.
+    pub received: HashMap<(String, u64), u32>,
+    outstanding: Option<(u64, Instant)>,
+    generation: u64,
+}
+
+/// Application traffic with every message accounted for. Two clients per
+/// agent on its application socket:
+/// - a sender, with at most one message awaiting its agent's answer, sending
+///   every `interval`. An answer that does not come within 3 s (or an agent
+///   killed, [`Ledger::killed`]) makes the message unconfirmed, and the sender
+///   moves to a fresh socket, so a late answer can never be taken for the
+///   next message's;
+/// - a receiver, registered for the delivered messages (again every 300 ms:
+///   a restarted agent has forgotten its clients), so that a burst of
+///   deliveries cannot crowd out an answer.
+///
+/// Neither ever blocks on a frozen or dead agent. Messages are
+/// `"<node id> #<n>"`. Stopped on drop.
+pub struct Ledger {
+    pub books: Arc<HashMap<String, Mutex<Book>>>,
+    sending: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Ledger {
+    /// Starts the clients; sending begins once every agent has registered its receiver.
+    pub fn start(fleet: &Fleet, interval: Duration) -> Ledger {
+        let books: Arc<HashMap<String, Mutex<Book>>> = Arc::new(
+            fleet
+                .nodes
+                .iter()
+                .map(|n| (n.id.clone(), Mutex::new(Book::default())))
+                .collect(),
+        );
+        let stop = Arc::new(AtomicBool::new(false));
+        let sending = Arc::new(AtomicBool::new(false));
+        let mut threads = Vec::new();
+        for n in &fleet.nodes {
+            let agent = n.state.join(app::SOCKET_NAME);
+            let dir = fleet.dir.path().to_path_buf();
+            let (me, agent2) = (dir.join(format!("{}-recv.sock", n.id)), agent.clone());
+            let (b, s, id) = (books.clone(), stop.clone(), n.id.clone());
+            threads.push(std::thread::spawn(move || {
+                ledger_receiver(agent2, me, id, b, s)
+            }));
+            let (b, s, g, id) = (books.clone(), stop.clone(), sending.clone(), n.id.clone());
+            threads.push(std::thread::spawn(move || {
+                ledger_sender(agent, dir, id, interval, b, s, g)
+            }));
+        }
+        wait_for(
+            "every agent to register its application client",
+            10_000,
+            || {
+                fleet.nodes.iter().all(|n| {
+                    agent_status(&n.state)
+                        .is_some_and(|s| s["running"]["app_clients"].as_u64() >= Some(1))
+                })
+            },
+        );
+        sending.store(true, Ordering::Relaxed);
+        Ledger {
+            books,
+            sending,
+            stop,
+            threads,
+        }
+    }
+
+    /// The agent of `id` was killed: the message it had not answered may or
+    /// may not have gone out, and no answer from it will come.
+    pub fn killed(&self, id: &str) {
+        let mut b = self.books[id].lock().unwrap();
+        if let Some((n, _)) = b.outstanding.take() {
+            b.unconfirmed.push(n);
+        }
+        b.generation += 1;
+    }
+
+    /// Stops sending, waits for the last answers and lets the last messages
+    /// arrive, stops the clients.
+    pub fn finish(&mut self) {
+        self.sending.store(false, Ordering::Relaxed);
+        wait_for("the last answers", 5_000, || {
+            self.books
+                .values()
+                .all(|b| b.lock().unwrap().outstanding.is_none())
+        });
+        std::thread::sleep(Duration::from_millis(500));
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+
+    pub fn book(&self, id: &str) -> std::sync::MutexGuard<'_, Book> {
+        self.books[id].lock().unwrap()
+    }
+}
+
+impl Drop for Ledger {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Sends without blocking (a frozen agent's socket may be full).
+fn send_nowait(
+    sock: &std::os::unix::net::UnixDatagram,
+    bytes: &[u8],
+    to: &Path,
+) -> std::io::Result<usize> {
+    sock.set_nonblocking(true)?;
+    let r = sock.send_to(bytes, to);
+    sock.set_nonblocking(false)?;
+    r
+}
+
+fn bind_client(path: &Path, timeout_ms: u64) -> std::os::unix::net::UnixDatagram {
+    let _ = std::fs::remove_file(path);
+    let sock = std::os::unix::net::UnixDatagram::bind(path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(timeout_ms)))
+        .unwrap();
+    sock
+}
+
+fn ledger_sender(
+    agent: PathBuf,
+    dir: PathBuf,
+    id: String,
+    interval: Duration,
+    books: Arc<HashMap<String, Mutex<Book>>>,
+    stop: Arc<AtomicBool>,
+    sending: Arc<AtomicBool>,
+) {
+    let book = &books[&id];
+    let mut sockets = 0;
+    let mut path = dir.join(format!("{id}-send-{sockets}.sock"));
+    let mut sock = bind_client(&path, 5);
+    let mut buf = vec![0u8; 65_536];
+    let mut n = 0u64;
+    let mut seen_generation = 0;
+    let mut next_send = Instant::now();
+    while !stop.load(Ordering::Relaxed) {
+        let now = Instant::now();
+        {
+            let mut b = book.lock().unwrap();
+            let mut fresh = b.generation != seen_generation;
+            seen_generation = b.generation;
+            if let Some((k, since)) = b.outstanding {
+                if now.duration_since(since) > Duration::from_secs(3) {
+                    b.outstanding = None;
+                    b.unconfirmed.push(k);
+                    fresh = true;
+                }
+            }
+            if fresh {
+                // A late answer to the message given up goes to the old socket.
+                let _ = std::fs::remove_file(&path);
+                sockets += 1;
+                path = dir.join(format!("{id}-send-{sockets}.sock"));
+                sock = bind_client(&path, 5);
+            }
+            if sending.load(Ordering::Relaxed) && b.outstanding.is_none() && now >= next_send {
+                n += 1;
+                let text = format!("{id} #{n}");
+                match send_nowait(&sock, &app::encode_send(text.as_bytes()), &agent) {
+                    Ok(_) => b.outstanding = Some((n, now)),
+                    Err(_) => b.send_failed += 1,
+                }
+                next_send = now + interval;
+            }
+        }
+        if let Ok(len) = sock.recv(&mut buf) {
+            let mut b = book.lock().unwrap();
+            if let Ok(Reply::Outcome(o)) = app::decode_reply(&buf[..len]) {
+                if let Some((k, _)) = b.outstanding.take() {
+                    match o {
+                        SendOutcome::Sent | SendOutcome::Held => b.sent.push((k, Instant::now())),
+                        SendOutcome::Dropped => b.refused += 1,
+                    }
+                }
+            }
+        }
+    }
+    let _ = std::fs::remove_file(&path);
+}
+
+fn ledger_receiver(
+    agent: PathBuf,
+    me: PathBuf,
+    id: String,
+    books: Arc<HashMap<String, Mutex<Book>>>,
+    stop: Arc<AtomicBool>,
+) {
+    let book = &books[&id];
+    let sock = bind_client(&me, 20);
+    let mut buf = vec![0u8; 65_536];
+    let mut next_register = Instant::now();
+    while !stop.load(Ordering::Relaxed) {
+        let now = Instant::now();
+        if now >= next_register {
+            let _ = send_nowait(&sock, b"R", &agent);
+            next_register = now + Duration::from_millis(300);
+        }
+        if let Ok(len) = sock.recv(&mut buf) {
+            if let Ok(Reply::Message(m)) = app::decode_reply(&buf[..len]) {
+                let text = String::from_utf8_lossy(&m.plaintext).into_owned();
+                if let Some((from, k)) = text.split_once(" #") {
+                    if let Ok(k) = k.parse() {
+                        book.lock()
+                            .unwrap()
+                            .received
+                            .insert((from.to_owned(), k), m.epoch);
+                    }
+                }
+            }
+        }
+    }
+    let _ = send_nowait(&sock, b"U", &agent);
     let _ = std::fs::remove_file(&me);
 }

@@ -823,3 +823,59 @@ fn every_state_against_every_input() {
         );
     }
 }
+
+/// A node back after missing rounds hears data under the current key before
+/// the controller's answer brings that key: kept, opened once the key is
+/// there (found by the rejoin test of `tests/fault_matrix.rs`: such data
+/// was refused as undecryptable). Outside a sync, and beyond `max_queued`,
+/// it is refused at once.
+#[test]
+fn data_under_a_newer_key_waits_for_the_answer_to_the_key_request() {
+    let mut r = Rig::uc1();
+    // Synced: refused at once, nothing kept.
+    let out = r.feed(&data_sealed_with(3));
+    assert!(matches!(
+        refusal(&out),
+        Some(Refusal::Undecryptable {
+            reason: OpenError::NoKey(Epoch(3)),
+            ..
+        })
+    ));
+    // Restarted, two rounds behind: it asks for the current key.
+    let snap = r.node.snapshot();
+    r.node = NodeMachine::restore(&snap, node_cfg()).unwrap();
+    let out = r.input(NodeInput::LinkUp);
+    let ask = request_seq(&out);
+    let out = r.feed(&data_sealed_with(3));
+    assert_eq!(refusal(&out), None, "kept, not refused");
+    assert!(!out.iter().any(|a| matches!(a, NodeAction::Deliver(_))));
+    // The answer brings epoch 3: the kept data is opened.
+    let st = r.ctl.state(&key(3), None);
+    let kr = r.ctl.key_response(ask, &st);
+    let out = r.feed(&kr);
+    assert_eq!(refusal(&out), None);
+    assert_eq!(
+        r.node.state(),
+        NodeState::UpdateCompleted { current: Epoch(3) }
+    );
+    let delivered: Vec<_> = out
+        .iter()
+        .filter_map(|a| match a {
+            NodeAction::Deliver(d) => Some((d.epoch, d.plaintext.clone())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(delivered, vec![(Epoch(3), b"table".to_vec())]);
+    // Kept at most `max_queued`; past that, refused as before.
+    let snap = r.node.snapshot();
+    r.node = NodeMachine::restore(&snap, node_cfg()).unwrap();
+    r.input(NodeInput::LinkUp);
+    let max = node_cfg().max_queued;
+    for _ in 0..max {
+        assert_eq!(refusal(&r.feed(&data_sealed_with(4))), None);
+    }
+    assert!(matches!(
+        refusal(&r.feed(&data_sealed_with(4))),
+        Some(Refusal::Undecryptable { .. })
+    ));
+}
