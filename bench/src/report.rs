@@ -746,7 +746,7 @@ pub fn readme_block(r: &Results) -> String {
         if let (Some(a), Some(b)) = (ratio_range(&seal), ratio_range(&open)) {
             let _ = writeln!(
                 s,
-                "- **Data path** (64 B to 16 KiB): sealing a group message with the keyring costs {a} raw `aes-gcm` and opening one {b}, in every node state (the keyring sets up the AES key schedule for every message; `ring` and the rest are in results.md). Without the epoch hint, a message that only the second key opens costs {} an opening with the hint.",
+                "- **Data path** (64 B to 16 KiB): sealing a group message with the keyring costs {a} raw `aes-gcm` and opening one {b}, in every node state (the keyring keeps each held key's cipher set up; what is left over raw `aes-gcm` is the data message's header and framing; `ring` and the rest are in results.md). Without the epoch hint, a message that only the second key opens costs {} an opening with the hint.",
                 ratio_range(&trial).unwrap_or_else(|| "–".into())
             );
         }
