@@ -221,11 +221,11 @@ pub const MAX_USAGES: u32 = 12288;
 /// copies of the open collections each field carries (with their usages), and
 /// usages. The items stay within the kernel's limits one by one, but they
 /// multiply: a Report Count of 12288 inside a collection of 12288 usages is
-/// 151 million usages (600 MB) from 21 bytes. The densest of 783 real
-/// descriptors (hid-tools' and hidreport's test data, and the fixtures) build
-/// 57 entries per descriptor byte, 63 187 at most; at the kernel's 4096 bytes
-/// that is 232 000, under this bound. At the bound the parser needs about
-/// 40 MB and 0.1 s.
+/// 151 million usages (600 MB) from 21 bytes. The densest of the 783 real
+/// descriptors in the hidreport repository's test data
+/// builds 57 entries per descriptor byte, the largest 63 187; at the kernel's
+/// 4096 bytes that density is 232 000, under this bound. The fixtures build at
+/// most 1 346. At the bound the parser needs about 40 MB and 0.1 s.
 pub const MAX_EXPANSION: u64 = 1 << 18;
 
 /// What `hidreport` keeps per Push level, as far as the limits need it.
