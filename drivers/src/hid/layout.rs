@@ -82,7 +82,7 @@ pub struct Layout {
 pub enum LayoutError {
     #[error("report descriptor does not parse: {0}")]
     Parse(String),
-    #[error("report descriptor item at offset {offset}: {what}")]
+    #[error("report descriptor item at offset {offset}: {what}; no real device declares that, so this descriptor is corrupt or hostile and is not parsed: use another scanner, or enter the key another way (`--from keyboard`)")]
     Limit { offset: usize, what: String },
     #[error("report descriptor declares no keyboard (usage page 0x07) and no bar code scanner (usage page 0x8C) input; is this the scanner's interface?")]
     NoScannerFields,
@@ -217,8 +217,60 @@ pub const MAX_DESCRIPTOR_LEN: usize = 4096;
 /// HID_MAX_USAGES: the most usages one main item may name; `hidreport` lists
 /// every usage of a Usage Minimum..Maximum range, so a wider range is refused.
 pub const MAX_USAGES: u32 = 12288;
+/// The most entries `hidreport` may build for one descriptor: fields, the
+/// copies of the open collections each field carries (with their usages), and
+/// usages. The items stay within the kernel's limits one by one, but they
+/// multiply: a Report Count of 12288 inside a collection of 12288 usages is
+/// 151 million usages (600 MB) from 21 bytes. The densest of the 783 real
+/// descriptors in the hidreport repository's test data
+/// builds 57 entries per descriptor byte, the largest 63 187; at the kernel's
+/// 4096 bytes that density is 232 000, under this bound. The fixtures build at
+/// most 1 346. At the bound the parser needs about 40 MB and 0.1 s.
+pub const MAX_EXPANSION: u64 = 1 << 18;
 
-/// Walk the short items and refuse counts and sizes the kernel would refuse.
+/// What `hidreport` keeps per Push level, as far as the limits need it.
+/// `hidreport` saves and restores the *local* items on Push and Pop too
+/// (HID 1.11 §6.2.2.7 saves only the global ones), so a Usage Minimum that a
+/// main item cleared comes back with a Pop.
+#[derive(Debug, Clone, Default)]
+struct Level {
+    report_count: u32,
+    report_size: u32,
+    /// Usage items since the last main item.
+    usages: u64,
+    usage_min: Option<UsageMin>,
+    usage_max: Option<u32>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct UsageMin {
+    value: u32,
+    /// Where the Usage Minimum item is.
+    at: usize,
+    /// The Pop that brought it back, if one did.
+    popped_at: Option<usize>,
+}
+
+impl Level {
+    /// How many usages `hidreport` lists for a main item here (its
+    /// `compile_usages`): the Usage Minimum..Maximum range when there is a
+    /// minimum, else the Usage items.
+    fn usages(&self) -> u64 {
+        match (self.usage_min, self.usage_max) {
+            (Some(min), Some(max)) if max >= min.value => u64::from(max - min.value) + 1,
+            (Some(_), _) => 0,
+            (None, _) => self.usages,
+        }
+    }
+
+    fn clear_locals(&mut self) {
+        (self.usages, self.usage_min, self.usage_max) = (0, None, None);
+    }
+}
+
+/// Walk the short items as `hidreport` reads them, keep its state (Push
+/// levels, open collections), and refuse counts and sizes the kernel would
+/// refuse and a descriptor that would expand past [`MAX_EXPANSION`].
 fn check_limits(descriptor: &[u8]) -> Result<(), LayoutError> {
     if descriptor.len() > MAX_DESCRIPTOR_LEN {
         return Err(LayoutError::Limit {
@@ -230,8 +282,12 @@ fn check_limits(descriptor: &[u8]) -> Result<(), LayoutError> {
         });
     }
     let mut at = 0;
-    // The local Usage Minimum and Maximum in force (reset by every main item).
-    let (mut usage_min, mut usage_max): (Option<u32>, Option<u32>) = (None, None);
+    // Never empty: a Pop that would empty it is refused by the parser, and
+    // skipped here (the walk goes on, so it checks at least what the parser reads).
+    let mut levels = vec![Level::default()];
+    // The usage count of each open collection: every field carries a copy of them.
+    let mut collections: Vec<u64> = Vec::new();
+    let mut expansion: u64 = 0;
     while let Some(&prefix) = descriptor.get(at) {
         // Every item is walked as a short item, 0xFE (the long-item prefix)
         // included: that is how `hidreport` itemizes, and this walk must see
@@ -242,6 +298,27 @@ fn check_limits(descriptor: &[u8]) -> Result<(), LayoutError> {
             let b = descriptor.get(at + 1 + k).copied().unwrap_or(0);
             value |= u32::from(b) << (8 * k);
         }
+        // The entries this item adds.
+        let mut cost: u64 = 0;
+        match prefix & 0xFC {
+            // Push copies the level, its Usage items included.
+            0xA4 => {
+                if let Some(top) = levels.last().cloned() {
+                    cost = 1 + top.usages;
+                    levels.push(top);
+                }
+            }
+            0xB4 if levels.len() > 1 => {
+                levels.pop();
+                if let Some(min) = levels.last_mut().and_then(|l| l.usage_min.as_mut()) {
+                    min.popped_at = Some(at);
+                }
+            }
+            _ => {}
+        }
+        let Some(level) = levels.last_mut() else {
+            break;
+        };
         match prefix & 0xFC {
             0x94 if value > MAX_REPORT_COUNT => {
                 return Err(LayoutError::Limit {
@@ -259,21 +336,79 @@ fn check_limits(descriptor: &[u8]) -> Result<(), LayoutError> {
                     ),
                 })
             }
-            0x18 => usage_min = Some(value),
-            0x28 => usage_max = Some(value),
-            tag if tag & 0x0C == 0 => (usage_min, usage_max) = (None, None),
+            0x94 => level.report_count = value,
+            0x74 => level.report_size = value,
+            0x08 => {
+                level.usages += 1;
+                cost = 1;
+            }
+            0x18 => {
+                level.usage_min = Some(UsageMin {
+                    value,
+                    at,
+                    popped_at: None,
+                })
+            }
+            0x28 => level.usage_max = Some(value),
+            // Collection: its usages, kept until End Collection.
+            0xA0 => {
+                let n = level.usages();
+                cost = 1 + n;
+                collections.push(n);
+                level.clear_locals();
+            }
+            0xC0 => {
+                collections.pop();
+                level.clear_locals();
+            }
+            // Input, Output, Feature: nothing without a count and a size; a
+            // constant is one field; a variable is one field per count, an
+            // array one field; each with a copy of the open collections.
+            0x80 | 0x90 | 0xB0 => {
+                if level.report_count > 0 && level.report_size > 0 {
+                    cost = if value & 1 == 1 {
+                        1
+                    } else {
+                        let fields = if value & 2 == 2 {
+                            u64::from(level.report_count)
+                        } else {
+                            1
+                        };
+                        let per_field = 1 + collections.iter().map(|n| 1 + n).sum::<u64>();
+                        level.usages() + fields * per_field
+                    };
+                }
+                level.clear_locals();
+            }
             _ => {}
         }
-        if let (Some(min), Some(max)) = (usage_min, usage_max) {
-            let span = u64::from(max.saturating_sub(min)) + 1;
-            if max >= min && span > u64::from(MAX_USAGES) {
+        if let (Some(min), Some(max)) = (level.usage_min, level.usage_max) {
+            let span = u64::from(max.saturating_sub(min.value)) + 1;
+            if max >= min.value && span > u64::from(MAX_USAGES) {
+                let origin = match min.popped_at {
+                    Some(pop) => format!(
+                        " (its Usage Minimum is the one at offset {}, which the Pop at offset {pop} brought back)",
+                        min.at
+                    ),
+                    None => String::new(),
+                };
                 return Err(LayoutError::Limit {
                     offset: at,
                     what: format!(
-                        "usage range {min:#x}..={max:#x} names {span} usages, more than the kernel's limit of {MAX_USAGES}"
+                        "usage range {:#x}..={max:#x}{origin} names {span} usages, more than the kernel's limit of {MAX_USAGES}",
+                        min.value
                     ),
                 });
             }
+        }
+        expansion = expansion.saturating_add(cost);
+        if expansion > MAX_EXPANSION {
+            return Err(LayoutError::Limit {
+                offset: at,
+                what: format!(
+                    "the descriptor expands to more than {MAX_EXPANSION} fields, collection copies and usages ({cost} for this item alone); real descriptors stay under a quarter of that"
+                ),
+            });
         }
         at += 1 + size;
     }
@@ -348,10 +483,12 @@ mod tests {
         let d = [
             0x05, 0x07, 0x09, 0x04, 0x75, 0x01, 0x97, 0x00, 0x00, 0x10, 0x00, 0x81, 0x02,
         ];
-        let e = Layout::from_descriptor(&d).unwrap_err().to_string();
         assert_eq!(
-            e,
-            "report descriptor item at offset 6: report count 1048576 exceeds the kernel's limit of 12288"
+            Layout::from_descriptor(&d),
+            limit(
+                6,
+                "report count 1048576 exceeds the kernel's limit of 12288"
+            )
         );
         let d = [
             0x05, 0x07, 0x09, 0x04, 0x76, 0x00, 0x04, 0x95, 0x01, 0x81, 0x02,
@@ -371,10 +508,12 @@ mod tests {
             0x26, 0x00, 0x08, 0x15, 0x00, 0x2b, 0xfe, 0x03, 0x75, 0x10, 0x95, 0x01, 0x81, 0x00,
             0xc0,
         ];
-        let e = Layout::from_descriptor(&d).unwrap_err().to_string();
         assert_eq!(
-            e,
-            "report descriptor item at offset 33: usage range 0x1..=0x107503fe names 276104190 usages, more than the kernel's limit of 12288"
+            Layout::from_descriptor(&d),
+            limit(
+                33,
+                "usage range 0x1..=0x107503fe names 276104190 usages, more than the kernel's limit of 12288"
+            )
         );
         // The widest range the kernel takes still parses: keys 0..=0x2FFF.
         let d = [
@@ -395,10 +534,118 @@ mod tests {
              ffffffffffff0f0666ff950209018102058c25017501970109ff810575078103c00914a102a504\
              15002501753409fe8202010666ff950209c0",
         );
-        let e = Layout::from_descriptor(&d).unwrap_err().to_string();
         assert_eq!(
-            e,
-            "report descriptor item at offset 61: report count 2180974849 exceeds the kernel's limit of 12288"
+            Layout::from_descriptor(&d),
+            limit(
+                61,
+                "report count 2180974849 exceeds the kernel's limit of 12288"
+            )
+        );
+    }
+
+    fn limit(offset: usize, what: &str) -> Result<Layout, LayoutError> {
+        Err(LayoutError::Limit {
+            offset,
+            what: what.to_string(),
+        })
+    }
+
+    #[test]
+    fn a_usage_minimum_brought_back_by_pop_counts_for_the_range() {
+        // hidreport saves the local items on Push and restores them on Pop:
+        // the Usage Minimum (1) that the Collection cleared is back after the
+        // Pop, and the Usage Maximum makes a range of 4 billion usages.
+        // Usage Page (Keyboard), Usage Minimum (1), Push, Collection, Pop,
+        // Usage Maximum (0xFFFFFFFF), Collection.
+        let d = hex("0507 1901 a4 a101 b4 2bffffffff a101");
+        assert_eq!(
+            Layout::from_descriptor(&d),
+            limit(
+                8,
+                "usage range 0x1..=0xffffffff (its Usage Minimum is the one at offset 2, \
+                 which the Pop at offset 7 brought back) names 4294967295 usages, more than \
+                 the kernel's limit of 12288"
+            )
+        );
+        // Push and Pop as devices use them (global items around a field) still parse.
+        let d = hex(
+            "0501 0906 a101 0507 a4 19e0 29e7 1500 2501 7501 9508 8102 b4 \
+             1900 2965 1500 2565 7508 9506 8100 c0",
+        );
+        let l = Layout::from_descriptor(&d).unwrap();
+        let ReportKind::Keyboard(k) = &l.reports[0].kind else {
+            panic!("not a keyboard: {l:?}")
+        };
+        assert_eq!((k.bit_keys.len(), k.arrays.len()), (8, 1));
+    }
+
+    #[test]
+    fn the_fuzzers_slow_descriptor_is_refused_at_once() {
+        // Found by the fuzz target hid_descriptor (CI's mutation pass,
+        // 2026-11-25): hidreport spent 13 s (debug) and 3.5 GB on these
+        // 457 bytes. A Usage Minimum (0xE0, offset 128) survives two
+        // Push/Pop pairs; the four-byte Usage Maximum 0x36363636 at offset
+        // 287 completes a range of 909 million usages, listed for the
+        // Collection at 307. The limit walk had cleared the minimum at the
+        // first main item, as the kernel does.
+        let d = include_bytes!("testdata/push-pop-usage-range.bin");
+        let expected = include_str!("testdata/push-pop-usage-range.expected");
+        let start = std::time::Instant::now();
+        let e = Layout::from_descriptor(d).unwrap_err();
+        let took = start.elapsed();
+        assert_eq!(e.to_string(), expected.trim_end());
+        assert!(matches!(e, LayoutError::Limit { offset: 287, .. }), "{e:?}");
+        // Refused before the parser runs: a walk over 457 bytes.
+        assert!(took < std::time::Duration::from_secs(1), "took {took:?}");
+    }
+
+    #[test]
+    fn fields_times_collection_usages_are_bounded() {
+        // Each item within the kernel's limits, together 151 million entries
+        // (hidreport: 596 MB, every one of the 12288 fields carrying a copy
+        // of the collection's 12288 usages). Usage Page (Keyboard), Usage
+        // Minimum (0), Usage Maximum (0x2FFF), Collection, Report Size (1),
+        // Report Count (12288), Usage (1), Input (Data, Variable).
+        let d = hex("0507 1900 2aff2f a101 7501 960030 0901 8102");
+        assert_eq!(
+            Layout::from_descriptor(&d),
+            limit(
+                16,
+                "the descriptor expands to more than 262144 fields, collection copies and \
+                 usages (151019521 for this item alone); real descriptors stay under a \
+                 quarter of that"
+            )
+        );
+        // The bound itself: 21 inputs of 12288 one-bit fields (258 090
+        // entries) parse, a 22nd (270 380) is refused.
+        let head = hex("0507 7501 960030");
+        let input = hex("0901 8102");
+        let mut d = head.clone();
+        for _ in 0..21 {
+            d.extend_from_slice(&input);
+        }
+        let l = Layout::from_descriptor(&d).unwrap();
+        let ReportKind::Keyboard(k) = &l.reports[0].kind else {
+            panic!("not a keyboard: {:?}", l.reports[0])
+        };
+        assert_eq!(k.bit_keys.len(), 21 * 12288);
+        d.extend_from_slice(&input);
+        let e = Layout::from_descriptor(&d).unwrap_err();
+        assert!(matches!(e, LayoutError::Limit { offset: 93, .. }), "{e}");
+    }
+
+    #[test]
+    fn a_limit_error_says_what_to_do() {
+        let e = Layout::from_descriptor(&hex("0507 1900 2aff2f a101 7501 960030 0901 8102"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("report descriptor item at offset 16: the descriptor expands"),
+            "{e}"
+        );
+        assert!(
+            e.ends_with("use another scanner, or enter the key another way (`--from keyboard`)"),
+            "{e}"
         );
     }
 
