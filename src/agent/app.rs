@@ -28,8 +28,12 @@
 //! state directory); a client that only sends `S` may stay unbound
 //! (`printf 'Shello' | socat - UNIX-SENDTO:<state>/app.sock`). Messages
 //! are delivered to every registered client without blocking the agent: a
-//! client whose socket buffer is full misses the message (counted in the
-//! status as `app_dropped`); a client whose socket is gone is unregistered.
+//! client whose socket queue is full (the kernel keeps only
+//! `net.unix.max_dgram_qlen` datagrams, 10 by default) gets them later, in
+//! order: the agent keeps up to [`BACKLOG`] messages per client and retries
+//! every [`BACKLOG_RETRY_MS`] ms. A client that falls further behind misses
+//! messages (counted in the status as `app_dropped`); a client whose socket
+//! is gone is unregistered.
 
 use crate::protocol::Delivered;
 
@@ -41,6 +45,11 @@ pub const SOCKET_NAME: &str = "app.sock";
 pub const MAX_PLAINTEXT: usize = crate::wire::MAX_DATAGRAM - 47;
 /// Most clients registered at once.
 pub const MAX_CLIENTS: usize = 32;
+/// Deliveries kept per client while its socket queue is full (at most
+/// [`MAX_CLIENTS`] × this × a datagram: about 10 MB).
+pub const BACKLOG: usize = 256;
+/// How often a full client's backlog is retried.
+pub const BACKLOG_RETRY_MS: u64 = 5;
 /// Length of the `M` header after its kind byte.
 const DELIVERED_HEADER: usize = 4 + 8 + 4;
 

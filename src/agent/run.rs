@@ -126,6 +126,8 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
             () = &mut shutdown => break Ok(()),
             w = driver.wait() => Wake::Net(w),
             r = server.recv() => Wake::App(r),
+            () = tokio::time::sleep(std::time::Duration::from_millis(app::BACKLOG_RETRY_MS)),
+                if server.backlogged() => Wake::Backlog,
         };
         let step = match wake {
             Wake::Net(Ok(w)) => driver.handle(w).await,
@@ -133,6 +135,10 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
             Wake::App(Ok(len)) => server.serve(len, &mut driver, &mut running).await,
             Wake::App(Err(e)) => {
                 tracing::warn!(error = %e, "application socket receive failed");
+                Ok(())
+            }
+            Wake::Backlog => {
+                server.flush();
                 Ok(())
             }
         };
@@ -159,6 +165,8 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
 enum Wake {
     Net(Result<super::Wake, AgentError>),
     App(io::Result<usize>),
+    /// Time to retry the clients' backlogs.
+    Backlog,
 }
 
 struct Running {
@@ -217,10 +225,33 @@ struct AppServer {
     /// messages and answers.)
     tx: std::os::unix::net::UnixDatagram,
     path: PathBuf,
-    clients: Vec<PathBuf>,
+    clients: Vec<Client>,
     dropped: u64,
     buf: Vec<u8>,
     from: Option<PathBuf>,
+}
+
+/// A registered client and the deliveries its full socket did not take yet.
+struct Client {
+    path: PathBuf,
+    /// In order; retried every [`app::BACKLOG_RETRY_MS`]; at most [`app::BACKLOG`].
+    backlog: std::collections::VecDeque<Vec<u8>>,
+}
+
+impl Client {
+    fn new(path: PathBuf) -> Client {
+        Client {
+            path,
+            backlog: std::collections::VecDeque::new(),
+        }
+    }
+}
+
+/// What one non-blocking send to a client came to.
+enum Sent {
+    Done,
+    Full,
+    Gone(io::Error),
 }
 
 impl AppServer {
@@ -277,7 +308,7 @@ impl AppServer {
             Ok(Request::Register) => Some(self.register()),
             Ok(Request::Unregister) => {
                 if let Some(from) = &self.from {
-                    self.clients.retain(|c| c != from);
+                    self.clients.retain(|c| &c.path != from);
                 }
                 Some(vec![b'U'])
             }
@@ -335,7 +366,7 @@ impl AppServer {
                 "register from a socket bound to a path; an unnamed socket cannot receive",
             );
         };
-        if !self.clients.contains(&from) {
+        if !self.clients.iter().any(|c| c.path == from) {
             if self.clients.len() >= app::MAX_CLIENTS {
                 return app::encode_error(&format!(
                     "{} clients are registered already, the most this agent serves",
@@ -343,25 +374,72 @@ impl AppServer {
                 ));
             }
             tracing::info!(client = %from.display(), "application client registered");
-            self.clients.push(from);
+            self.clients.push(Client::new(from));
         }
         vec![b'R']
     }
 
-    /// Hands one `M` datagram to every registered client, never blocking.
+    fn send_one(tx: &std::os::unix::net::UnixDatagram, msg: &[u8], to: &Path) -> Sent {
+        match tx.send_to(msg, to) {
+            Ok(_) => Sent::Done,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Sent::Full,
+            Err(e) => Sent::Gone(e),
+        }
+    }
+
+    /// Hands one `M` datagram to every registered client, never blocking. A
+    /// client whose socket is full gets it later, in order (its backlog, up to
+    /// [`app::BACKLOG`] messages; beyond that it is dropped and counted).
     fn deliver(&mut self, msg: &[u8]) {
-        let mut gone = Vec::new();
-        for c in &self.clients {
-            match self.tx.send_to(msg, c) {
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.dropped += 1,
-                Err(e) => {
-                    tracing::info!(client = %c.display(), error = %e, "application client gone; unregistered");
-                    gone.push(c.clone());
+        self.flush();
+        let tx = &self.tx;
+        let dropped = &mut self.dropped;
+        self.clients.retain_mut(|c| {
+            if !c.backlog.is_empty() {
+                if c.backlog.len() < app::BACKLOG {
+                    c.backlog.push_back(msg.to_vec());
+                } else {
+                    *dropped += 1;
+                }
+                return true;
+            }
+            match Self::send_one(tx, msg, &c.path) {
+                Sent::Done => true,
+                Sent::Full => {
+                    c.backlog.push_back(msg.to_vec());
+                    true
+                }
+                Sent::Gone(e) => {
+                    tracing::info!(client = %c.path.display(), error = %e, "application client gone; unregistered");
+                    false
                 }
             }
-        }
-        self.clients.retain(|c| !gone.contains(c));
+        });
+    }
+
+    /// Sends what the clients' backlogs hold, in order, until a socket is full again.
+    fn flush(&mut self) {
+        let tx = &self.tx;
+        self.clients.retain_mut(|c| {
+            while let Some(msg) = c.backlog.front() {
+                match Self::send_one(tx, msg, &c.path) {
+                    Sent::Done => {
+                        c.backlog.pop_front();
+                    }
+                    Sent::Full => return true,
+                    Sent::Gone(e) => {
+                        tracing::info!(client = %c.path.display(), error = %e, "application client gone; unregistered");
+                        return false;
+                    }
+                }
+            }
+            true
+        });
+    }
+
+    /// Whether a client's backlog waits for its socket to take more.
+    fn backlogged(&self) -> bool {
+        self.clients.iter().any(|c| !c.backlog.is_empty())
     }
 
     fn close(&self) {
@@ -373,41 +451,102 @@ impl AppServer {
 mod tests {
     use super::*;
 
+    fn client_pair(dir: &Path) -> (AppServer, [std::os::unix::net::UnixDatagram; 2]) {
+        let mut server = AppServer::bind(&dir.join(app::SOCKET_NAME)).unwrap();
+        let socks = ["slow.sock", "fast.sock"].map(|n| {
+            let p = dir.join(n);
+            let s = std::os::unix::net::UnixDatagram::bind(&p).unwrap();
+            s.set_nonblocking(true).unwrap();
+            server.clients.push(Client::new(p));
+            s
+        });
+        (server, socks)
+    }
+
+    fn drain(sock: &std::os::unix::net::UnixDatagram) -> Vec<u16> {
+        let mut buf = [0u8; 64];
+        let mut got = Vec::new();
+        while let Ok(n) = sock.recv(&mut buf) {
+            assert_eq!(n, 3);
+            got.push(u16::from_be_bytes([buf[1], buf[2]]));
+        }
+        got
+    }
+
+    fn msg(i: u16) -> [u8; 3] {
+        let [a, b] = i.to_be_bytes();
+        [b'M', a, b]
+    }
+
     /// One client that does not read (its socket queue full) must not cost
     /// the others their messages: every send is tried on its own. (Found by
     /// the fault matrix: a frozen agent's burst of deliveries filled one
-    /// client, and the answer to another client's `S` was lost with it.)
+    /// client, and the answer to another client's `S` was lost with it.) The
+    /// slow client gets its messages later, all of them, in order.
     #[tokio::test]
-    async fn a_full_client_does_not_stop_deliveries_and_answers_to_the_others() {
+    async fn a_full_client_does_not_stop_the_others_and_gets_its_messages_later() {
         let dir = tempfile::tempdir().unwrap();
-        let mut server = AppServer::bind(&dir.path().join(app::SOCKET_NAME)).unwrap();
-        let slow_path = dir.path().join("slow.sock");
-        let fast_path = dir.path().join("fast.sock");
-        let slow = std::os::unix::net::UnixDatagram::bind(&slow_path).unwrap();
-        let fast = std::os::unix::net::UnixDatagram::bind(&fast_path).unwrap();
-        fast.set_nonblocking(true).unwrap();
-        server.clients = vec![slow_path, fast_path.clone()];
+        let (mut server, [slow, fast]) = client_pair(dir.path());
         // Let the reactor see the socket writable, as in a running agent.
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        let mut buf = [0u8; 64];
-        let mut fast_got = 0;
-        for i in 0..40u8 {
-            // The fast client reads everything at once; the slow one never reads.
-            server.deliver(&[b'M', i]);
-            while fast.recv(&mut buf).is_ok() {
-                fast_got += 1;
+        // The fast client reads everything at once; the slow one does not read
+        // yet: deliver until its socket queue is full, then 40 more.
+        let (mut n, mut extra) = (0u16, 0);
+        let mut fast_got = Vec::new();
+        while extra < 40 {
+            assert!(n < 5000, "the slow client's socket never filled");
+            server.deliver(&msg(n));
+            n += 1;
+            fast_got.extend(drain(&fast));
+            if server.backlogged() {
+                extra += 1;
             }
         }
-        assert_eq!(fast_got, 40, "the fast client gets every message");
-        assert!(
-            server.dropped > 0,
-            "the slow client's full socket is counted"
-        );
+        let all: Vec<u16> = (0..n).collect();
+        assert_eq!(fast_got, all, "the fast client gets every message");
         assert_eq!(server.clients.len(), 2, "a full client stays registered");
         // An answer to the fast client goes out although the slow one is still full.
-        server.from = Some(fast_path);
+        server.from = Some(dir.path().join("fast.sock"));
         server.answer(&app::encode_outcome(SendOutcome::Sent));
+        let mut buf = [0u8; 64];
         assert_eq!(fast.recv(&mut buf).ok(), Some(2), "the answer arrives");
-        drop(slow);
+        // The slow client reads; the retries hand it the rest, in order.
+        let mut slow_got = Vec::new();
+        for _ in 0..100 {
+            slow_got.extend(drain(&slow));
+            server.flush();
+            if !server.backlogged() {
+                break;
+            }
+        }
+        slow_got.extend(drain(&slow));
+        assert_eq!(slow_got, all, "late, but every message, in order");
+        assert_eq!(server.dropped, 0);
+    }
+
+    /// A client that never reads costs at most its backlog; beyond it the
+    /// messages are dropped for it alone, and counted.
+    #[tokio::test]
+    async fn a_client_that_never_reads_loses_what_passes_its_backlog_and_it_is_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut server, [slow, fast]) = client_pair(dir.path());
+        let mut n = 0u64;
+        let mut fast_count = 0u64;
+        while server.dropped < 10 {
+            assert!(n < 20_000, "nothing was ever dropped");
+            server.deliver(&msg(n as u16));
+            n += 1;
+            fast_count += drain(&fast).len() as u64;
+        }
+        assert_eq!(fast_count, n);
+        let slow_queued = drain(&slow).len() as u64;
+        let backlog = server.clients[0].backlog.len() as u64;
+        assert_eq!(backlog, app::BACKLOG as u64);
+        assert_eq!(
+            slow_queued + backlog + server.dropped,
+            n,
+            "every message is in the socket, in the backlog or counted dropped"
+        );
+        assert!(server.dropped > 0);
     }
 }
