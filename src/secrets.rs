@@ -154,6 +154,49 @@ fn derive_key(path: &Path, passphrase: &str, seal: &Seal) -> Result<Zeroizing<[u
     Ok(key)
 }
 
+/// A sealing key derived once from a passphrase (Argon2id, with a fresh salt
+/// and the given cost) and reused by every later [`save_sealed`]: each save
+/// draws a fresh 96-bit nonce, so a process that persists often (the
+/// controller, at every phase change) pays for Argon2id once, not per save.
+/// Zeroized on drop.
+pub struct SealKey {
+    params: SealParams,
+    salt: Vec<u8>,
+    key: Zeroizing<[u8; 32]>,
+}
+
+impl std::fmt::Debug for SealKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SealKey")
+            .field("params", &self.params)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SealKey {
+    /// Runs Argon2id over `passphrase` with a fresh salt (`path` names the
+    /// file in errors).
+    pub fn derive(path: &Path, passphrase: &str, params: SealParams) -> Result<SealKey> {
+        let mut salt = vec![0u8; SALT_LEN];
+        rand::rngs::OsRng.fill_bytes(&mut salt);
+        let probe = Seal {
+            kdf: "argon2id".into(),
+            m_cost_kib: params.m_cost_kib,
+            t_cost: params.t_cost,
+            p_cost: params.p_cost,
+            salt,
+            cipher: "aes-256-gcm".into(),
+            nonce: Vec::new(),
+        };
+        let key = derive_key(path, passphrase, &probe)?;
+        Ok(SealKey {
+            params,
+            salt: probe.salt,
+            key,
+        })
+    }
+}
+
 /// Writes `value` to `path` (atomically, mode 0600, parent directory 0700),
 /// sealed with `passphrase` when one is given.
 pub fn save<T: Serialize + ?Sized>(
@@ -162,62 +205,77 @@ pub fn save<T: Serialize + ?Sized>(
     passphrase: Option<&str>,
     params: SealParams,
 ) -> Result<()> {
+    match passphrase {
+        None => save_plain(path, value),
+        Some(pass) => save_sealed(path, value, &SealKey::derive(path, pass, params)?),
+    }
+}
+
+fn private_json<T: Serialize + ?Sized>(path: &Path, value: &T) -> Result<Zeroizing<Vec<u8>>> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         statefile::ensure_private_dir(dir)?;
     }
-    let plain = statefile::to_json_zeroizing(value).map_err(|source| SecretsError::Payload {
+    statefile::to_json_zeroizing(value).map_err(|source| SecretsError::Payload {
         path: path.to_path_buf(),
         source,
-    })?;
-    let envelope = match passphrase {
-        None => Envelope {
+    })
+}
+
+fn save_plain<T: Serialize + ?Sized>(path: &Path, value: &T) -> Result<()> {
+    let plain = private_json(path, value)?;
+    statefile::write_json(
+        path,
+        &Envelope {
             format: FORMAT.into(),
             version: VERSION,
             seal: None,
             data: Zeroizing::new(hex::encode(&*plain)),
         },
-        Some(pass) => {
-            let mut salt = vec![0u8; SALT_LEN];
-            let mut nonce = vec![0u8; NONCE_LEN];
-            rand::rngs::OsRng.fill_bytes(&mut salt);
-            rand::rngs::OsRng.fill_bytes(&mut nonce);
-            let seal = Seal {
-                kdf: "argon2id".into(),
-                m_cost_kib: params.m_cost_kib,
-                t_cost: params.t_cost,
-                p_cost: params.p_cost,
-                salt,
-                cipher: "aes-256-gcm".into(),
-                nonce,
-            };
-            let key = derive_key(path, pass, &seal)?;
-            let cipher =
-                Aes256Gcm::new_from_slice(key.as_ref()).map_err(|e| SecretsError::BadSeal {
-                    path: path.to_path_buf(),
-                    reason: e.to_string(),
-                })?;
-            let aad = aad(&seal);
-            let ct = cipher
-                .encrypt(
-                    Nonce::from_slice(&seal.nonce),
-                    Payload {
-                        msg: &plain,
-                        aad: &aad,
-                    },
-                )
-                .map_err(|_| SecretsError::BadSeal {
-                    path: path.to_path_buf(),
-                    reason: "AES-GCM refused to encrypt".into(),
-                })?;
-            Envelope {
-                format: FORMAT.into(),
-                version: VERSION,
-                seal: Some(seal),
-                data: Zeroizing::new(hex::encode(ct)),
-            }
-        }
+    )?;
+    Ok(())
+}
+
+/// [`save`] with a key derived already ([`SealKey::derive`]).
+pub fn save_sealed<T: Serialize + ?Sized>(path: &Path, value: &T, key: &SealKey) -> Result<()> {
+    let plain = private_json(path, value)?;
+    let mut nonce = vec![0u8; NONCE_LEN];
+    rand::rngs::OsRng.fill_bytes(&mut nonce);
+    let seal = Seal {
+        kdf: "argon2id".into(),
+        m_cost_kib: key.params.m_cost_kib,
+        t_cost: key.params.t_cost,
+        p_cost: key.params.p_cost,
+        salt: key.salt.clone(),
+        cipher: "aes-256-gcm".into(),
+        nonce,
     };
-    statefile::write_json(path, &envelope)?;
+    let cipher =
+        Aes256Gcm::new_from_slice(key.key.as_ref()).map_err(|e| SecretsError::BadSeal {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+    let aad = aad(&seal);
+    let ct = cipher
+        .encrypt(
+            Nonce::from_slice(&seal.nonce),
+            Payload {
+                msg: &plain,
+                aad: &aad,
+            },
+        )
+        .map_err(|_| SecretsError::BadSeal {
+            path: path.to_path_buf(),
+            reason: "AES-GCM refused to encrypt".into(),
+        })?;
+    statefile::write_json(
+        path,
+        &Envelope {
+            format: FORMAT.into(),
+            version: VERSION,
+            seal: Some(seal),
+            data: Zeroizing::new(hex::encode(ct)),
+        },
+    )?;
     Ok(())
 }
 
@@ -476,6 +534,34 @@ mod tests {
         ));
         let err = load::<ControllerSecrets>(&path, Some("wrong")).unwrap_err();
         assert!(matches!(err, SecretsError::WrongPassphrase { .. }), "{err}");
+    }
+
+    #[test]
+    fn a_sealing_key_derived_once_seals_every_save_with_a_fresh_nonce() {
+        let d = dir();
+        let path = d.path().join("state/secrets.json");
+        let key = SealKey::derive(&path, "correct horse", FAST).unwrap();
+        assert!(!format!("{key:?}").contains(&hex::encode(*key.key)));
+        let mut s = sample();
+        let mut seals = Vec::new();
+        for round in 0..3u8 {
+            s.signing_seed = [round; 32];
+            save_sealed(&path, &s, &key).unwrap();
+            let raw = statefile::read(&path).unwrap().unwrap();
+            let env: Envelope = serde_json::from_slice(&raw).unwrap();
+            seals.push(env.seal.unwrap());
+            // Each file opens with the passphrase alone, as after a restart.
+            assert_eq!(
+                load::<ControllerSecrets>(&path, Some("correct horse")).unwrap(),
+                Some(s.clone())
+            );
+            let err = load::<ControllerSecrets>(&path, Some("wrong")).unwrap_err();
+            assert!(matches!(err, SecretsError::WrongPassphrase { .. }), "{err}");
+        }
+        assert!(seals.iter().all(|x| x.salt == key.salt));
+        assert_ne!(seals[0].nonce, seals[1].nonce);
+        assert_ne!(seals[1].nonce, seals[2].nonce);
+        assert_ne!(seals[0].nonce, seals[2].nonce);
     }
 
     #[test]

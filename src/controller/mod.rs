@@ -355,6 +355,9 @@ pub struct Controller {
     /// Rounds finished in the last pass.
     finished: Vec<RoundReport>,
     waiters: Vec<Waiter>,
+    /// The passphrase's sealing key, derived (Argon2id) at the first persist
+    /// and reused: a sealed controller does not pay the KDF on every pass.
+    seal_key: Option<secrets::SealKey>,
     _lock: DirLock,
 }
 
@@ -390,6 +393,7 @@ impl Controller {
             out: Vec::new(),
             finished: Vec::new(),
             waiters: Vec::new(),
+            seal_key: None,
             _lock: lock,
         })
     }
@@ -411,6 +415,24 @@ impl Controller {
         self.machine.handle(now, input, &mut OsRng, &mut self.out)
     }
 
+    /// Writes the machine's snapshot to the secrets file (sealed with the
+    /// passphrase's key, derived once, when there is a passphrase).
+    fn persist(&mut self) -> Result<()> {
+        let snap = self.machine.snapshot();
+        let Some(pass) = self.opts.passphrase.as_ref() else {
+            return save(&self.opts, &snap);
+        };
+        let path = self.opts.state.secrets();
+        let key = match self.seal_key.take() {
+            Some(k) => k,
+            None => secrets::SealKey::derive(&path, pass.as_str(), self.opts.seal)?,
+        };
+        let saved = secrets::save_sealed(&path, &snap, &key);
+        self.seal_key = Some(key);
+        saved?;
+        Ok(())
+    }
+
     /// Carries out the pending actions: snapshot, rows, sends, timers.
     async fn flush(&mut self, net: Option<&Transport>) -> Result<()> {
         let actions = std::mem::take(&mut self.out);
@@ -428,7 +450,7 @@ impl Controller {
         // (1) Durable before any send of this pass: the whole snapshot, as the
         // machine stands after the pass (it includes every persisted change).
         if persist {
-            save(&self.opts, &self.machine.snapshot())?;
+            self.persist()?;
         }
         // (2) The pass's records, one transaction.
         let mut records = Vec::new();
