@@ -8,12 +8,13 @@
 //! runs it as root.
 
 mod fleet_support;
-mod support;
+#[path = "support/netns.rs"]
+mod netns;
 
 use fleet_support::{agent_status, Chatter, Fleet};
+use netns::Netns;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
-use support::netns::Netns;
 
 #[test]
 fn fleet_rotates_with_20_percent_of_udp_dropped_by_nftables() {

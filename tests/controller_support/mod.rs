@@ -9,7 +9,6 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
 
 use keyfleet::crypto::InitialKey;
 use keyfleet::net::{Clock, NetConfig, Timers, Transport};
@@ -22,23 +21,9 @@ use rand::RngCore;
 
 pub const KEYFLEET: &str = env!("CARGO_BIN_EXE_keyfleet");
 
-/// A free UDP port on loopback, never one this process handed out before (the
-/// kernel may give a released port again, and the nodes of one test need distinct ones).
-pub fn free_port() -> u16 {
-    static GIVEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
-    loop {
-        let port = std::net::UdpSocket::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let mut given = GIVEN.lock().unwrap();
-        if !given.contains(&port) {
-            given.push(port);
-            return port;
-        }
-    }
-}
+#[path = "../support/common.rs"]
+mod common;
+pub use common::{free_port, wait_for};
 
 /// A group and port of this test's own, so parallel tests do not hear each other.
 pub fn fresh_group(tag: u8) -> SocketAddrV4 {
@@ -178,18 +163,6 @@ impl Ctl {
         }
         out
     }
-}
-
-/// Polls `f` every 50 ms up to `ms`; panics naming `what` when it never holds.
-pub fn wait_for(what: &str, ms: u64, mut f: impl FnMut() -> bool) {
-    let end = Instant::now() + Duration::from_millis(ms);
-    while Instant::now() < end {
-        if f() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("timed out after {ms} ms waiting for {what}");
 }
 
 /// A node's id, initial key and the hex form printed on its label.

@@ -18,23 +18,9 @@ use keyfleet::agent::app::{self, Reply, SendOutcome};
 pub const KEYFLEET: &str = env!("CARGO_BIN_EXE_keyfleet");
 pub const AGENT: &str = env!("CARGO_BIN_EXE_keyfleet-agent");
 
-/// A free UDP port on loopback, never one this process handed out before (the
-/// kernel may give a released port again, and parallel fleets need distinct ones).
-pub fn free_port() -> u16 {
-    static GIVEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
-    loop {
-        let port = std::net::UdpSocket::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let mut given = GIVEN.lock().unwrap();
-        if !given.contains(&port) {
-            given.push(port);
-            return port;
-        }
-    }
-}
+#[path = "../support/common.rs"]
+mod common;
+pub use common::{free_port, wait_for};
 
 /// A group of this test's own (pid and a per-test tag), on a free port.
 pub fn fresh_group(tag: u8) -> SocketAddrV4 {
@@ -43,18 +29,6 @@ pub fn fresh_group(tag: u8) -> SocketAddrV4 {
         Ipv4Addr::new(239, 255, 160 + (pid % 60) as u8, tag),
         free_port(),
     )
-}
-
-/// Polls `f` every 50 ms for up to `ms`; panics naming `what` if it never holds.
-pub fn wait_for(what: &str, ms: u64, mut f: impl FnMut() -> bool) {
-    let end = Instant::now() + Duration::from_millis(ms);
-    while Instant::now() < end {
-        if f() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("timed out after {ms} ms waiting for {what}");
 }
 
 /// A child process, SIGKILLed when dropped.

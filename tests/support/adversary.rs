@@ -574,14 +574,7 @@ pub mod procs {
     pub const KEYFLEET: &str = env!("CARGO_BIN_EXE_keyfleet");
     pub const AGENT: &str = env!("CARGO_BIN_EXE_keyfleet-agent");
 
-    /// A free UDP port on loopback.
-    pub fn free_port() -> u16 {
-        std::net::UdpSocket::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
-    }
+    pub use crate::support::common::{free_port, wait_for};
 
     /// A group and port of this test's own.
     pub fn fresh_group() -> SocketAddrV4 {
@@ -628,18 +621,6 @@ pub mod procs {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
-    }
-
-    /// Polls `f` every 50 ms up to `ms`; panics naming `what` when it never holds.
-    pub fn wait_for(what: &str, ms: u64, mut f: impl FnMut() -> bool) {
-        let end = Instant::now() + Duration::from_millis(ms);
-        while Instant::now() < end {
-            if f() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!("timed out after {ms} ms waiting for {what}");
     }
 
     /// One `keyfleet-agent`.

@@ -1,2 +1,3 @@
 pub mod adversary;
+pub mod common;
 pub mod netns;
