@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
 
 use keyfleet::crypto::InitialKey;
@@ -23,7 +23,7 @@ pub const KEYFLEET: &str = env!("CARGO_BIN_EXE_keyfleet");
 
 #[path = "../support/common.rs"]
 mod common;
-pub use common::{free_port, wait_for};
+pub use common::{free_port, wait_for, Proc};
 
 /// A group and port of this test's own, so parallel tests do not hear each other.
 pub fn fresh_group(tag: u8) -> SocketAddrV4 {
@@ -32,22 +32,6 @@ pub fn fresh_group(tag: u8) -> SocketAddrV4 {
         Ipv4Addr::new(239, 255, 80 + (pid % 100) as u8, tag),
         free_port(),
     )
-}
-
-/// A child process killed when dropped.
-pub struct Proc(pub Child);
-
-impl Proc {
-    pub fn kill9(&mut self) {
-        let _ = self.0.kill(); // SIGKILL
-        let _ = self.0.wait();
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill9();
-    }
 }
 
 /// One controller: its state directory, config file and network.

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::fs::OpenOptions;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -20,7 +20,7 @@ pub const AGENT: &str = env!("CARGO_BIN_EXE_keyfleet-agent");
 
 #[path = "../support/common.rs"]
 mod common;
-pub use common::{free_port, wait_for};
+pub use common::{free_port, wait_for, Proc};
 
 /// A group of this test's own (pid and a per-test tag), on a free port.
 pub fn fresh_group(tag: u8) -> SocketAddrV4 {
@@ -29,59 +29,6 @@ pub fn fresh_group(tag: u8) -> SocketAddrV4 {
         Ipv4Addr::new(239, 255, 160 + (pid % 60) as u8, tag),
         free_port(),
     )
-}
-
-/// A child process, SIGKILLed when dropped.
-pub struct Proc(pub Child);
-
-impl Proc {
-    pub fn kill9(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-
-    pub fn alive(&mut self) -> bool {
-        matches!(self.0.try_wait(), Ok(None))
-    }
-
-    fn signal(&self, sig: rustix::process::Signal) {
-        rustix::process::kill_process(rustix::process::Pid::from_child(&self.0), sig)
-            .unwrap_or_else(|e| panic!("cannot signal process {}: {e}", self.0.id()));
-    }
-
-    /// SIGSTOP: the process is frozen — it reads no datagram and answers
-    /// nothing; what is sent to it waits in its socket buffers — until [`Proc::thaw`].
-    pub fn freeze(&self) {
-        self.signal(rustix::process::Signal::STOP);
-    }
-
-    /// SIGCONT after [`Proc::freeze`].
-    pub fn thaw(&self) {
-        self.signal(rustix::process::Signal::CONT);
-    }
-
-    /// SIGTERM (a clean stop), then waits up to 10 s for the exit.
-    pub fn terminate(&mut self) -> std::process::ExitStatus {
-        self.signal(rustix::process::Signal::TERM);
-        let end = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Ok(Some(s)) = self.0.try_wait() {
-                return s;
-            }
-            assert!(
-                Instant::now() < end,
-                "process {} ignored SIGTERM",
-                self.0.id()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill9();
-    }
 }
 
 /// One appliance: id, initial key file, state directory, unicast address.

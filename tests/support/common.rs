@@ -1,7 +1,9 @@
 //! What every process-level test needs: loopback ports no other part of the
-//! test took, and waiting for a condition with a deadline that names it.
+//! test took, waiting for a condition with a deadline that names it, and
+//! child processes that are killed when dropped.
 #![allow(dead_code)]
 
+use std::process::Child;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -34,4 +36,57 @@ pub fn wait_for(what: &str, ms: u64, mut f: impl FnMut() -> bool) {
         std::thread::sleep(Duration::from_millis(50));
     }
     panic!("timed out after {ms} ms waiting for {what}");
+}
+
+/// A child process, SIGKILLed when dropped.
+pub struct Proc(pub Child);
+
+impl Proc {
+    pub fn kill9(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+
+    pub fn alive(&mut self) -> bool {
+        matches!(self.0.try_wait(), Ok(None))
+    }
+
+    fn signal(&self, sig: rustix::process::Signal) {
+        rustix::process::kill_process(rustix::process::Pid::from_child(&self.0), sig)
+            .unwrap_or_else(|e| panic!("cannot signal process {}: {e}", self.0.id()));
+    }
+
+    /// SIGSTOP: the process is frozen — it reads no datagram and answers
+    /// nothing; what is sent to it waits in its socket buffers — until [`Proc::thaw`].
+    pub fn freeze(&self) {
+        self.signal(rustix::process::Signal::STOP);
+    }
+
+    /// SIGCONT after [`Proc::freeze`].
+    pub fn thaw(&self) {
+        self.signal(rustix::process::Signal::CONT);
+    }
+
+    /// SIGTERM (a clean stop), then waits up to 10 s for the exit.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        self.signal(rustix::process::Signal::TERM);
+        let end = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(Some(s)) = self.0.try_wait() {
+                return s;
+            }
+            assert!(
+                Instant::now() < end,
+                "process {} ignored SIGTERM",
+                self.0.id()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
 }
