@@ -973,12 +973,10 @@ fn log_record(r: &Record) {
             tracing::warn!(node = %node_id, %epoch, "node stale: left out of the round")
         }
         // Logged by the table, rate-counted with the audit rows.
-        r @ Record::TriggerFired { .. } if table::folded_leak(r).is_some() => {}
+        r if table::rate_counted(r).is_some() => {}
         Record::TriggerFired {
             reason, outcome, ..
         } => tracing::info!(%reason, ?outcome, "trigger"),
-        // Logged by the table, rate-counted with the audit rows.
-        Record::Refused { .. } => {}
         Record::JoinAnswered { node_id, .. } => tracing::debug!(node = %node_id, "join answered"),
         _ => tracing::trace!(?r, "record"),
     }

@@ -100,11 +100,14 @@ fn suspicious(kind: &str) -> bool {
 /// datagram until the new key is in place.
 pub(crate) const LEAK_FOLDED: &str = "leaked_key_data";
 
-/// A leaked-key trigger folded into an already queued round: (time, source, text).
-pub(crate) fn folded_leak(r: &Record) -> Option<(u64, std::net::IpAddr, String)> {
+/// The records the refusal counter sees, as (time, source address, kind):
+/// refused datagrams, and leaked-key triggers folded into an already queued
+/// round (a `from` that is no address is written in full).
+pub(crate) fn rate_counted(r: &Record) -> Option<(u64, std::net::IpAddr, &'static str)> {
     match r {
+        Record::Refused { from, reason, at } => Some((at.0, from.ip(), reason.kind())),
         Record::TriggerFired {
-            reason: reason @ TriggerReason::UnknownSender { from, .. },
+            reason: TriggerReason::UnknownSender { from, .. },
             outcome: TriggerOutcome::AlreadyQueued,
             at,
         } => {
@@ -113,9 +116,22 @@ pub(crate) fn folded_leak(r: &Record) -> Option<(u64, std::net::IpAddr, String)>
                 .map(|a| a.ip())
                 .or_else(|_| from.parse::<std::net::IpAddr>())
                 .ok()?;
-            Some((at.0, ip, reason.to_string()))
+            Some((at.0, ip, LEAK_FOLDED))
         }
         _ => None,
+    }
+}
+
+/// The log line of a rate-counted record that opens its window.
+fn log_first(r: &Record, window_ms: u64) {
+    match r {
+        Record::Refused { from, reason, .. } => log_refusal(*from, reason, window_ms),
+        Record::TriggerFired { reason, .. } => tracing::warn!(
+            kind = LEAK_FOLDED,
+            window_s = window_ms / 1000,
+            "{reason}; a rekey round is already queued (more from this address within window_s are counted, then summarized)"
+        ),
+        _ => {}
     }
 }
 
@@ -357,28 +373,14 @@ impl Table {
         self.store.batch(|s| {
             write_summaries(s, &closed);
             for r in records {
-                if let Record::Refused { from, reason, at } = r {
+                if let Some((at, ip, kind)) = rate_counted(r) {
                     closed.clear();
-                    let seen = refusals.observe(at.0, from.ip(), reason.kind(), &mut closed);
+                    let seen = refusals.observe(at, ip, kind, &mut closed);
                     write_summaries(s, &closed);
                     if seen == Seen::Counted {
                         continue;
                     }
-                    log_refusal(*from, reason, refusals.window_ms());
-                }
-                if let Some((at, ip, text)) = folded_leak(r) {
-                    closed.clear();
-                    let seen = refusals.observe(at, ip, LEAK_FOLDED, &mut closed);
-                    write_summaries(s, &closed);
-                    if seen == Seen::Counted {
-                        continue;
-                    }
-                    tracing::warn!(
-                        %ip,
-                        kind = LEAK_FOLDED,
-                        window_s = refusals.window_ms() / 1000,
-                        "{text}; a rekey round is already queued (more from this address within window_s are counted, then summarized)"
-                    );
+                    log_first(r, refusals.window_ms());
                 }
                 write_one(s, rounds, r, &ctx);
             }
