@@ -95,7 +95,9 @@ fn usage_of(u: &hidreport::Usage) -> (u16, u16) {
 impl Layout {
     /// Find the keyboard and POS fields in a report descriptor.
     pub fn from_descriptor(descriptor: &[u8]) -> Result<Layout, LayoutError> {
+        let descriptor = without_trailing_padding(descriptor);
         let rdesc = parse_descriptor(descriptor)?;
+        let items = input_items(descriptor);
         let mut layout = Layout::default();
         for report in rdesc.input_reports() {
             let report_id = report.report_id().as_ref().map(u8::from);
@@ -106,8 +108,9 @@ impl Layout {
             for field in report.fields() {
                 match field {
                     Field::Variable(v) => {
-                        let (page, id) = usage_of(&v.usage);
                         let bits = v.bits.clone();
+                        let (page, id) = declared_usage(&items, report_id, &bits)
+                            .unwrap_or_else(|| usage_of(&v.usage));
                         match (page, id) {
                             (PAGE_KEYBOARD, _) if bits.len() == 1 => kbd.bit_keys.push((bits, id)),
                             (PAGE_BARCODE, USAGE_DECODED_DATA) => pos.data.push(bits),
@@ -124,10 +127,13 @@ impl Layout {
                         }
                     }
                     Field::Array(a) => {
-                        let usages: Vec<Option<u16>> = a
-                            .usages()
-                            .iter()
-                            .map(|u| match usage_of(u) {
+                        let declared = declared_item(&items, report_id, &a.bits)
+                            .map(|(item, _)| item.usages.clone())
+                            .filter(|u| !u.is_empty());
+                        let usages: Vec<Option<u16>> = declared
+                            .unwrap_or_else(|| a.usages().iter().map(usage_of).collect())
+                            .into_iter()
+                            .map(|u| match u {
                                 (PAGE_KEYBOARD, id) => Some(id),
                                 _ => None,
                             })
@@ -191,6 +197,141 @@ impl Layout {
             .iter()
             .any(|r| matches!(r.kind, ReportKind::Pos(_)))
     }
+}
+
+/// Zero bytes after the last item: some devices (the Apple Wireless Keyboard
+/// 05ac:0256 among them) pad their descriptor with them. A 0x00 byte is a main
+/// item of the reserved tag 0 that the kernel skips with a warning and
+/// `hidreport` refuses, so padding at the end is cut before parsing.
+fn without_trailing_padding(descriptor: &[u8]) -> &[u8] {
+    let mut at = 0;
+    let mut end = 0;
+    while let Some(&prefix) = descriptor.get(at) {
+        let size = [0usize, 1, 2, 4][usize::from(prefix & 3)];
+        at += 1 + size;
+        if prefix != 0 {
+            end = at.min(descriptor.len());
+        }
+    }
+    &descriptor[..end]
+}
+
+/// One Input main item as the descriptor declares it: where its fields sit
+/// and every usage it names, in declaration order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct InputItem {
+    report_id: Option<u8>,
+    /// First bit, counted as `hidreport` counts (the report ID byte included).
+    start: usize,
+    size: usize,
+    count: usize,
+    /// (page, id) of each usage: Usage items and every Usage Minimum..Maximum
+    /// range, in the order given (HID 1.11 §6.2.2.8).
+    usages: Vec<(u16, u16)>,
+}
+
+/// The Input main items with all their usages. `hidreport` 0.6 keeps only
+/// the last Usage Minimum..Maximum pair of a main item, so an NKRO bitmap
+/// declared as `Usage Minimum (E0) Usage Maximum (E7) Usage Minimum (00)
+/// Usage Maximum (67)` over 112 bits gets usages 00..67 from bit 0 and every
+/// key comes out 8 usages off; the ranges are read here instead, and the
+/// fields' bit positions still come from `hidreport`. Run after
+/// [`check_limits`], which bounds every range.
+fn input_items(descriptor: &[u8]) -> Vec<InputItem> {
+    #[derive(Clone, Copy, Default)]
+    struct Globals {
+        page: u16,
+        size: u32,
+        count: u32,
+        report_id: Option<u8>,
+    }
+    let mut globals = Globals::default();
+    let mut stack: Vec<Globals> = Vec::new();
+    let mut usages: Vec<(u16, u16)> = Vec::new();
+    let mut min: Option<(Option<u16>, u32)> = None;
+    let mut offsets: std::collections::BTreeMap<Option<u8>, usize> = Default::default();
+    let mut items = Vec::new();
+    let mut at = 0;
+    while let Some(&prefix) = descriptor.get(at) {
+        let size = [0usize, 1, 2, 4][usize::from(prefix & 3)];
+        let mut value: u32 = 0;
+        for k in 0..size {
+            let b = descriptor.get(at + 1 + k).copied().unwrap_or(0);
+            value |= u32::from(b) << (8 * k);
+        }
+        // A four-byte usage carries its page in the high half.
+        let page_of = |v: u32| (size == 4).then_some((v >> 16) as u16);
+        match prefix & 0xFC {
+            0x04 => globals.page = value as u16,
+            0x74 => globals.size = value,
+            0x94 => globals.count = value,
+            0x84 => globals.report_id = Some(value as u8),
+            0xA4 => stack.push(globals),
+            0xB4 => globals = stack.pop().unwrap_or(globals),
+            0x08 => usages.push((page_of(value).unwrap_or(globals.page), value as u16)),
+            0x18 => min = Some((page_of(value), value & 0xFFFF)),
+            0x28 => {
+                if let Some((page, lo)) = min.take() {
+                    let page = page.unwrap_or(globals.page);
+                    let hi = value & 0xFFFF;
+                    let room = (MAX_USAGES as usize).saturating_sub(usages.len());
+                    usages.extend((lo..=hi).take(room).map(|u| (page, u as u16)));
+                }
+            }
+            0x80 | 0x90 | 0xA0 | 0xB0 | 0xC0 => {
+                if prefix & 0xFC == 0x80 {
+                    let offset = offsets
+                        .entry(globals.report_id)
+                        .or_insert(if globals.report_id.is_some() { 8 } else { 0 });
+                    let (size, count) = (globals.size as usize, globals.count as usize);
+                    items.push(InputItem {
+                        report_id: globals.report_id,
+                        start: *offset,
+                        size,
+                        count,
+                        usages: std::mem::take(&mut usages),
+                    });
+                    *offset += size * count;
+                }
+                usages.clear();
+                min = None;
+            }
+            _ => {}
+        }
+        at += 1 + size;
+    }
+    items
+}
+
+/// The Input item holding the field at `bits`, and the field's index in it.
+fn declared_item<'a>(
+    items: &'a [InputItem],
+    report_id: Option<u8>,
+    bits: &Range<usize>,
+) -> Option<(&'a InputItem, usize)> {
+    items.iter().find_map(|item| {
+        let end = item.start + item.size * item.count;
+        (item.report_id == report_id
+            && item.size > 0
+            && bits.start >= item.start
+            && bits.start < end
+            && (bits.start - item.start) % item.size == 0)
+            .then(|| (item, (bits.start - item.start) / item.size))
+    })
+}
+
+/// The usage the descriptor gives a variable field: the n-th usage of its
+/// item, or the last one when the item names fewer usages than fields.
+fn declared_usage(
+    items: &[InputItem],
+    report_id: Option<u8>,
+    bits: &Range<usize>,
+) -> Option<(u16, u16)> {
+    let (item, index) = declared_item(items, report_id, bits)?;
+    item.usages
+        .get(index)
+        .or_else(|| item.usages.last())
+        .copied()
 }
 
 /// `hidreport` asserts on some malformed inputs; a descriptor comes from a
@@ -465,6 +606,60 @@ mod tests {
         let a = &k.arrays[0];
         assert_eq!((a.start, a.slot_bits, a.count), (16, 8, 6));
         assert_eq!(a.usages.get(0x20), Some(&Some(0x20)));
+    }
+
+    /// The NKRO interface of a real keyboard (KYE Imperator 0458:4018,
+    /// interface 2, from the hid-recorder capture in bentiss/hid-devices):
+    /// 112 one-bit fields under two usage ranges, E0–E7 then 00–67.
+    const NKRO_KYE: &str = "05 01 09 06 a1 01 95 70 75 01 15 00 25 01 05 07 19 e0 29 e7 \
+                            19 00 29 67 81 02 96 90 01 75 01 81 01 c0";
+
+    #[test]
+    fn an_nkro_bitmap_takes_both_usage_ranges_in_order() {
+        let l = Layout::from_descriptor(&hex(NKRO_KYE)).unwrap();
+        assert_eq!(l.reports[0].len, 64);
+        let ReportKind::Keyboard(k) = &l.reports[0].kind else {
+            panic!("not a keyboard: {l:?}")
+        };
+        assert_eq!(k.bit_keys.len(), 112);
+        assert!(k.arrays.is_empty());
+        // Bit 0 is Left Control, bit 7 Right GUI, bit 8 usage 00, bit 12 'a' (0x04).
+        assert_eq!(k.bit_keys[0], (0..1, 0xE0));
+        assert_eq!(k.bit_keys[7], (7..8, 0xE7));
+        assert_eq!(k.bit_keys[8], (8..9, 0x00));
+        assert_eq!(k.bit_keys[12], (12..13, 0x04));
+        assert_eq!(k.bit_keys[111], (111..112, 0x67));
+    }
+
+    #[test]
+    fn several_usage_ranges_of_a_key_array_are_kept() {
+        // Report ID 1; one 8-bit key slot whose values 0..3 are a..d and 4..5 are 1..2.
+        let d = hex("0501 0906 a101 8501 0507 1904 2907 191e 291f 1500 2505 7508 9501 8100 c0");
+        let l = Layout::from_descriptor(&d).unwrap();
+        let ReportKind::Keyboard(k) = &l.reports[0].kind else {
+            panic!("not a keyboard: {l:?}")
+        };
+        let usages: Vec<Option<u16>> = k.arrays[0].usages.clone();
+        assert_eq!(
+            usages,
+            [0x04, 0x05, 0x06, 0x07, 0x1E, 0x1F].map(Some).to_vec()
+        );
+        assert_eq!(k.arrays[0].start, 8);
+    }
+
+    #[test]
+    fn zero_padding_after_the_descriptor_is_cut() {
+        // The boot keyboard with one 0x00 after End Collection, as the Apple
+        // Wireless Keyboard 05ac:0256 sends its descriptor; a 0x00 inside an
+        // item's data stays.
+        let mut d = BOOT_KBD.to_vec();
+        d.push(0x00);
+        assert_eq!(
+            Layout::from_descriptor(&d).unwrap(),
+            Layout::from_descriptor(BOOT_KBD).unwrap()
+        );
+        assert_eq!(without_trailing_padding(&hex("0507 8100")), hex("0507 8100"));
+        assert_eq!(without_trailing_padding(&hex("c0 00 00")), hex("c0"));
     }
 
     #[test]
