@@ -82,7 +82,7 @@ pub struct Layout {
 pub enum LayoutError {
     #[error("report descriptor does not parse: {0}")]
     Parse(String),
-    #[error("report descriptor item at offset {offset}: {what}; no real device declares that, so this descriptor is corrupt or hostile and is not parsed: use another scanner, or enter the key another way (`--from keyboard`)")]
+    #[error("report descriptor item at offset {offset}: {what}; keyfleet reads no descriptor past the kernel's limits (a corrupt or hostile one, or an interface such as a consumer-control one whose range the kernel cuts short; a scanner's keyboard interface stays within them): use another scanner, or enter the key another way (`--from keyboard`)")]
     Limit { offset: usize, what: String },
     #[error("report descriptor declares no keyboard (usage page 0x07) and no bar code scanner (usage page 0x8C) input; is this the scanner's interface?")]
     NoScannerFields,
