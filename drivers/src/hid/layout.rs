@@ -75,6 +75,9 @@ pub struct ReportLayout {
 pub struct Layout {
     pub numbered: bool,
     pub reports: Vec<ReportLayout>,
+    /// Fields the walk over the descriptor's items could not place, whose
+    /// usages are then `hidreport`'s (0 for every real descriptor tested).
+    pub unplaced_fields: usize,
 }
 
 /// Why a descriptor cannot drive a scanner.
@@ -109,8 +112,9 @@ impl Layout {
                 match field {
                     Field::Variable(v) => {
                         let bits = v.bits.clone();
-                        let (page, id) = declared_usage(&items, report_id, &bits)
-                            .unwrap_or_else(|| usage_of(&v.usage));
+                        let declared = declared_usage(&items, report_id, &bits);
+                        layout.unplaced_fields += usize::from(declared.is_none());
+                        let (page, id) = declared.unwrap_or_else(|| usage_of(&v.usage));
                         match (page, id) {
                             (PAGE_KEYBOARD, _) if bits.len() == 1 => kbd.bit_keys.push((bits, id)),
                             (PAGE_BARCODE, USAGE_DECODED_DATA) => pos.data.push(bits),
@@ -127,7 +131,9 @@ impl Layout {
                         }
                     }
                     Field::Array(a) => {
-                        let declared = declared_item(&items, report_id, &a.bits)
+                        let placed = declared_item(&items, report_id, &a.bits);
+                        layout.unplaced_fields += usize::from(placed.is_none());
+                        let declared = placed
                             .map(|(item, _)| item.usages.clone())
                             .filter(|u| !u.is_empty());
                         let usages: Vec<Option<u16>> = declared
