@@ -442,8 +442,10 @@ impl fmt::Display for CheckHint {
 
 /// Where the error in a hex form (bare or in a label) whose CRC failed most
 /// likely is. A CRC-16 over 144 bits tells a single wrong hex digit apart
-/// from every other single wrong digit, so when exactly one position can be
-/// changed to pass the check, that is the place; a swap of two neighbours is
+/// from every other single wrong digit (the CRC is linear, so an error's
+/// syndrome does not depend on the key; the tests check all 540 single-digit
+/// errors), so when exactly one position can be changed to pass the check,
+/// that is the place; a swap of two neighbours is
 /// tried next. `None` when the input is no 36-digit hex form, when its check
 /// passes, or when the check cannot tell (two or more digits wrong). The
 /// decimal form's MOD 97-10 check cannot point at a digit, so it gets `None`.
