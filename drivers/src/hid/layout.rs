@@ -10,6 +10,7 @@
 //!
 //! Values are read with [`bits`], which never indexes past the report.
 use hidreport::{Field, Report, ReportDescriptor};
+use std::collections::BTreeMap;
 use std::ops::Range;
 
 /// HID usage page Keyboard/Keypad.
@@ -75,8 +76,9 @@ pub struct ReportLayout {
 pub struct Layout {
     pub numbered: bool,
     pub reports: Vec<ReportLayout>,
-    /// Fields the walk over the descriptor's items could not place, whose
-    /// usages are then `hidreport`'s (0 for every real descriptor tested).
+    /// Fields the walk over the descriptor's items could not place or name
+    /// (past its bound), whose usages are then `hidreport`'s (0 for every
+    /// real descriptor tested).
     pub unplaced_fields: usize,
 }
 
@@ -226,7 +228,6 @@ fn without_trailing_padding(descriptor: &[u8]) -> &[u8] {
 /// and every usage it names, in declaration order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct InputItem {
-    report_id: Option<u8>,
     /// First bit, counted as `hidreport` counts (the report ID byte included).
     start: usize,
     size: usize,
@@ -242,8 +243,10 @@ struct InputItem {
 /// Usage Maximum (67)` over 112 bits gets usages 00..67 from bit 0 and every
 /// key comes out 8 usages off; the ranges are read here instead, and the
 /// fields' bit positions still come from `hidreport`. Run after
-/// [`check_limits`], which bounds every range.
-fn input_items(descriptor: &[u8]) -> Vec<InputItem> {
+/// [`check_limits`], which bounds every range; at most [`MAX_EXPANSION`]
+/// usages are listed in all (past that, items get none and their fields keep
+/// `hidreport`'s usages). Items are grouped by report ID, in bit order.
+fn input_items(descriptor: &[u8]) -> InputItems {
     #[derive(Clone, Copy, Default)]
     struct Globals {
         page: u16,
@@ -255,8 +258,9 @@ fn input_items(descriptor: &[u8]) -> Vec<InputItem> {
     let mut stack: Vec<Globals> = Vec::new();
     let mut usages: Vec<(u16, u16)> = Vec::new();
     let mut min: Option<(Option<u16>, u32)> = None;
-    let mut offsets: std::collections::BTreeMap<Option<u8>, usize> = Default::default();
-    let mut items = Vec::new();
+    let mut offsets: BTreeMap<Option<u8>, usize> = BTreeMap::new();
+    let mut items = InputItems::new();
+    let mut budget = MAX_EXPANSION as usize;
     let mut at = 0;
     while let Some(&prefix) = descriptor.get(at) {
         let size = [0usize, 1, 2, 4][usize::from(prefix & 3)];
@@ -274,13 +278,17 @@ fn input_items(descriptor: &[u8]) -> Vec<InputItem> {
             0x84 => globals.report_id = Some(value as u8),
             0xA4 => stack.push(globals),
             0xB4 => globals = stack.pop().unwrap_or(globals),
-            0x08 => usages.push((page_of(value).unwrap_or(globals.page), value as u16)),
+            0x08 if budget > usages.len() => {
+                usages.push((page_of(value).unwrap_or(globals.page), value as u16))
+            }
             0x18 => min = Some((page_of(value), value & 0xFFFF)),
             0x28 => {
                 if let Some((page, lo)) = min.take() {
                     let page = page.unwrap_or(globals.page);
                     let hi = value & 0xFFFF;
-                    let room = (MAX_USAGES as usize).saturating_sub(usages.len());
+                    let room = (MAX_USAGES as usize)
+                        .min(budget)
+                        .saturating_sub(usages.len());
                     usages.extend((lo..=hi).take(room).map(|u| (page, u as u16)));
                 }
             }
@@ -290,13 +298,15 @@ fn input_items(descriptor: &[u8]) -> Vec<InputItem> {
                         .entry(globals.report_id)
                         .or_insert(if globals.report_id.is_some() { 8 } else { 0 });
                     let (size, count) = (globals.size as usize, globals.count as usize);
-                    items.push(InputItem {
-                        report_id: globals.report_id,
-                        start: *offset,
-                        size,
-                        count,
-                        usages: std::mem::take(&mut usages),
-                    });
+                    budget = budget.saturating_sub(usages.len());
+                    if size * count > 0 {
+                        items.entry(globals.report_id).or_default().push(InputItem {
+                            start: *offset,
+                            size,
+                            count,
+                            usages: std::mem::take(&mut usages),
+                        });
+                    }
                     *offset += size * count;
                 }
                 usages.clear();
@@ -309,27 +319,28 @@ fn input_items(descriptor: &[u8]) -> Vec<InputItem> {
     items
 }
 
+/// Input items per report ID, each list in bit order.
+type InputItems = BTreeMap<Option<u8>, Vec<InputItem>>;
+
 /// The Input item holding the field at `bits`, and the field's index in it.
 fn declared_item<'a>(
-    items: &'a [InputItem],
+    items: &'a InputItems,
     report_id: Option<u8>,
     bits: &Range<usize>,
 ) -> Option<(&'a InputItem, usize)> {
-    items.iter().find_map(|item| {
-        let end = item.start + item.size * item.count;
-        (item.report_id == report_id
-            && item.size > 0
-            && bits.start >= item.start
-            && bits.start < end
-            && (bits.start - item.start) % item.size == 0)
-            .then(|| (item, (bits.start - item.start) / item.size))
-    })
+    let list = items.get(&report_id)?;
+    // Items have bits and do not overlap: only the last one starting at or before can hold it.
+    let at = list.partition_point(|i| i.start <= bits.start);
+    let item = list.get(at.checked_sub(1)?)?;
+    let end = item.start + item.size * item.count;
+    (bits.start < end && (bits.start - item.start) % item.size == 0)
+        .then(|| (item, (bits.start - item.start) / item.size))
 }
 
 /// The usage the descriptor gives a variable field: the n-th usage of its
 /// item, or the last one when the item names fewer usages than fields.
 fn declared_usage(
-    items: &[InputItem],
+    items: &InputItems,
     report_id: Option<u8>,
     bits: &Range<usize>,
 ) -> Option<(u16, u16)> {
@@ -651,6 +662,32 @@ mod tests {
             [0x04, 0x05, 0x06, 0x07, 0x1E, 0x1F].map(Some).to_vec()
         );
         assert_eq!(k.arrays[0].start, 8);
+    }
+
+    #[test]
+    fn many_wide_ranges_stay_bounded() {
+        // Report Size 1, Count 1, then 372 times: Usage Minimum 0, Usage
+        // Maximum 0x2FFF, Usage Minimum 0, Usage Maximum 0, Input. The limit
+        // walk counts one usage per item (the last range, as hidreport lists
+        // it); keyfleet's own listing caps each item at 12288 and all at
+        // MAX_EXPANSION.
+        let mut d = hex("0507 7501 9501");
+        while d.len() + 11 <= MAX_DESCRIPTOR_LEN {
+            d.extend_from_slice(&hex("1900 2aff2f 1900 2900 8102"));
+        }
+        let start = std::time::Instant::now();
+        let items = input_items(&d);
+        let listed: usize = items.values().flatten().map(|i| i.usages.len()).sum();
+        println!(
+            "{} items, {listed} usages listed in {:?}",
+            items.values().map(Vec::len).sum::<usize>(),
+            start.elapsed()
+        );
+        assert!(listed <= MAX_EXPANSION as usize, "{listed}");
+        // The descriptor itself parses; the fields past the bound keep hidreport's usages.
+        let l = Layout::from_descriptor(&d).unwrap();
+        println!("{} fields left to hidreport's usages", l.unplaced_fields);
+        assert!(l.unplaced_fields < 371);
     }
 
     #[test]
