@@ -87,7 +87,7 @@ pub struct Layout {
 pub enum LayoutError {
     #[error("report descriptor does not parse: {0}")]
     Parse(String),
-    #[error("report descriptor item at offset {offset}: {what}; keyfleet reads no descriptor past the kernel's limits (a corrupt or hostile one, or an interface such as a consumer-control one whose range the kernel cuts short; a scanner's keyboard interface stays within them): use another scanner, or enter the key another way (`--from keyboard`)")]
+    #[error("report descriptor item at offset {offset}: {what}; the kernel refuses such a descriptor, or no real one comes near it, so it is corrupt or hostile and is not parsed: use another scanner, or enter the key another way (`--from keyboard`)")]
     Limit { offset: usize, what: String },
     #[error("report descriptor declares no keyboard (usage page 0x07) and no bar code scanner (usage page 0x8C) input; is this the scanner's interface?")]
     NoScannerFields,
@@ -100,9 +100,8 @@ fn usage_of(u: &hidreport::Usage) -> (u16, u16) {
 impl Layout {
     /// Find the keyboard and POS fields in a report descriptor.
     pub fn from_descriptor(descriptor: &[u8]) -> Result<Layout, LayoutError> {
-        let descriptor = without_trailing_padding(descriptor);
-        let rdesc = parse_descriptor(descriptor)?;
-        let items = input_items(descriptor);
+        let (rdesc, descriptor) = parse_descriptor(without_trailing_padding(descriptor))?;
+        let items = input_items(&descriptor);
         let mut layout = Layout::default();
         for report in rdesc.input_reports() {
             let report_id = report.report_id().as_ref().map(u8::from);
@@ -353,12 +352,15 @@ fn declared_usage(
 
 /// `hidreport` asserts on some malformed inputs; a descriptor comes from a
 /// peripheral or a file, so a panic there becomes a parse error here.
-fn parse_descriptor(descriptor: &[u8]) -> Result<ReportDescriptor, LayoutError> {
-    check_limits(descriptor)?;
-    let bytes = descriptor.to_vec();
-    let parsed = std::panic::catch_unwind(move || ReportDescriptor::try_from(&bytes));
+/// Returns the descriptor as parsed: with any usage range past the kernel's
+/// limit cut short (see [`check_limits`]).
+fn parse_descriptor(descriptor: &[u8]) -> Result<(ReportDescriptor, Vec<u8>), LayoutError> {
+    let mut bytes = descriptor.to_vec();
+    check_limits(&mut bytes)?;
+    let copy = bytes.clone();
+    let parsed = std::panic::catch_unwind(move || ReportDescriptor::try_from(&copy));
     match parsed {
-        Ok(Ok(r)) => Ok(r),
+        Ok(Ok(r)) => Ok((r, bytes)),
         Ok(Err(e)) => Err(LayoutError::Parse(e.to_string())),
         Err(_) => Err(LayoutError::Parse(
             "the parser rejected it as inconsistent".into(),
@@ -397,7 +399,16 @@ struct Level {
     /// Usage items since the last main item.
     usages: u64,
     usage_min: Option<UsageMin>,
-    usage_max: Option<u32>,
+    usage_max: Option<UsageMax>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct UsageMax {
+    value: u32,
+    /// Where the Usage Maximum item is, and its data size: a range too wide
+    /// is cut there.
+    at: usize,
+    size: usize,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -415,7 +426,9 @@ impl Level {
     /// minimum, else the Usage items.
     fn usages(&self) -> u64 {
         match (self.usage_min, self.usage_max) {
-            (Some(min), Some(max)) if max >= min.value => u64::from(max - min.value) + 1,
+            (Some(min), Some(max)) if max.value >= min.value => {
+                u64::from(max.value - min.value) + 1
+            }
             (Some(_), _) => 0,
             (None, _) => self.usages,
         }
@@ -428,8 +441,13 @@ impl Level {
 
 /// Walk the short items as `hidreport` reads them, keep its state (Push
 /// levels, open collections), and refuse counts and sizes the kernel would
-/// refuse and a descriptor that would expand past [`MAX_EXPANSION`].
-fn check_limits(descriptor: &[u8]) -> Result<(), LayoutError> {
+/// refuse and a descriptor that would expand past [`MAX_EXPANSION`]. A usage
+/// range wider than the kernel's [`MAX_USAGES`] is cut short as the kernel
+/// cuts it ("ignoring exceeding usage max"): its Usage Maximum item is
+/// rewritten in `descriptor` to name 12288 usages (a consumer-control range
+/// 0..0x7FFF of a real keyboard's interface is one). Returns how many ranges
+/// were cut.
+fn check_limits(descriptor: &mut [u8]) -> Result<usize, LayoutError> {
     if descriptor.len() > MAX_DESCRIPTOR_LEN {
         return Err(LayoutError::Limit {
             offset: MAX_DESCRIPTOR_LEN,
@@ -446,6 +464,7 @@ fn check_limits(descriptor: &[u8]) -> Result<(), LayoutError> {
     // The usage count of each open collection: every field carries a copy of them.
     let mut collections: Vec<u64> = Vec::new();
     let mut expansion: u64 = 0;
+    let mut cuts = 0;
     while let Some(&prefix) = descriptor.get(at) {
         // Every item is walked as a short item, 0xFE (the long-item prefix)
         // included: that is how `hidreport` itemizes, and this walk must see
@@ -507,7 +526,7 @@ fn check_limits(descriptor: &[u8]) -> Result<(), LayoutError> {
                     popped_at: None,
                 })
             }
-            0x28 => level.usage_max = Some(value),
+            0x28 => level.usage_max = Some(UsageMax { value, at, size }),
             // Collection: its usages, kept until End Collection.
             0xA0 => {
                 let n = level.usages();
@@ -540,23 +559,33 @@ fn check_limits(descriptor: &[u8]) -> Result<(), LayoutError> {
             }
             _ => {}
         }
-        if let (Some(min), Some(max)) = (level.usage_min, level.usage_max) {
-            let span = u64::from(max.saturating_sub(min.value)) + 1;
-            if max >= min.value && span > u64::from(MAX_USAGES) {
-                let origin = match min.popped_at {
-                    Some(pop) => format!(
-                        " (its Usage Minimum is the one at offset {}, which the Pop at offset {pop} brought back)",
-                        min.at
-                    ),
-                    None => String::new(),
-                };
-                return Err(LayoutError::Limit {
-                    offset: at,
-                    what: format!(
-                        "usage range {:#x}..={max:#x}{origin} names {span} usages, more than the kernel's limit of {MAX_USAGES}",
-                        min.value
-                    ),
-                });
+        if let (Some(min), Some(max)) = (level.usage_min, level.usage_max.as_mut()) {
+            let span = u64::from(max.value.saturating_sub(min.value)) + 1;
+            if max.value >= min.value && span > u64::from(MAX_USAGES) {
+                // min + 12287 < max, so it fits the item's data; the bytes may
+                // already hold a smaller cut (a copy of this level from before a Push).
+                let mut current: u32 = 0;
+                for k in 0..max.size {
+                    let b = descriptor.get(max.at + 1 + k).copied().unwrap_or(0);
+                    current |= u32::from(b) << (8 * k);
+                }
+                let cut = (min.value + (MAX_USAGES - 1)).min(current);
+                for k in 0..max.size {
+                    if let Some(b) = descriptor.get_mut(max.at + 1 + k) {
+                        *b = (cut >> (8 * k)) as u8;
+                    }
+                }
+                tracing::debug!(
+                    offset = max.at,
+                    min = min.value,
+                    min_offset = min.at,
+                    min_popped_at = ?min.popped_at,
+                    max = max.value,
+                    "usage range past the kernel's limit cut short, as the kernel does"
+                );
+                max.value = cut;
+                cuts += 1;
+                // The cost of an item already counted with the wide range stays counted.
             }
         }
         expansion = expansion.saturating_add(cost);
@@ -570,7 +599,7 @@ fn check_limits(descriptor: &[u8]) -> Result<(), LayoutError> {
         }
         at += 1 + size;
     }
-    Ok(())
+    Ok(cuts)
 }
 
 /// Read up to 32 bits, little-endian as HID reports are; `None` when the
@@ -735,30 +764,68 @@ mod tests {
         assert!(e.contains("report size 1024 bits"), "{e}");
     }
 
+    /// The Usage Maximum items `check_limits` rewrote, as (offset, new value).
+    fn cuts(d: &[u8]) -> Vec<(usize, u32)> {
+        let mut b = d.to_vec();
+        let n = check_limits(&mut b).unwrap();
+        let mut out: Vec<(usize, u32)> = Vec::new();
+        let mut at = 0;
+        while let Some(&prefix) = d.get(at) {
+            let size = [0usize, 1, 2, 4][usize::from(prefix & 3)];
+            if b.get(at + 1..at + 1 + size) != d.get(at + 1..at + 1 + size) {
+                let mut v = 0u32;
+                for k in 0..size {
+                    v |= u32::from(b[at + 1 + k]) << (8 * k);
+                }
+                out.push((at, v));
+            }
+            at += 1 + size;
+        }
+        assert!(out.len() <= n, "{out:?} for {n} cuts");
+        out
+    }
+
     #[test]
-    fn a_huge_usage_range_is_refused_before_parsing() {
+    fn a_huge_usage_range_is_cut_short_as_the_kernel_does() {
         // Found by the fuzz target hid_descriptor: Usage Minimum (1) and a
         // four-byte Usage Maximum (0x107503FE) before an array Input; the
-        // parser listed all 276 million usages (over 2 GB) for 43 bytes.
+        // parser listed all 276 million usages (over 2 GB) for 43 bytes. It
+        // was refused; now the range is cut to 12288 usages, 1..=0x3000, as
+        // the kernel cuts it ("ignoring exceeding usage max"), before parsing.
         let d = [
             0x05, 0x01, 0x09, 0x06, 0xa1, 0x03, 0x95, 0x05, 0x75, 0x01, 0x05, 0x08, 0x19, 0x01,
             0x29, 0x05, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01, 0x95, 0x06, 0xff, 0x05,
             0x26, 0x00, 0x08, 0x15, 0x00, 0x2b, 0xfe, 0x03, 0x75, 0x10, 0x95, 0x01, 0x81, 0x00,
             0xc0,
         ];
-        assert_eq!(
-            Layout::from_descriptor(&d),
-            limit(
-                33,
-                "usage range 0x1..=0x107503fe names 276104190 usages, more than the kernel's limit of 12288"
-            )
-        );
-        // The widest range the kernel takes still parses: keys 0..=0x2FFF.
+        assert_eq!(cuts(&d), [(33, 0x3000)]);
+        // The array is on the LED page: no keyboard, no scanner.
+        assert_eq!(Layout::from_descriptor(&d), Err(LayoutError::NoScannerFields));
+        // The widest range the kernel takes is left as it is: keys 0..=0x2FFF.
         let d = [
             0x05, 0x07, 0x19, 0x00, 0x2a, 0xff, 0x2f, 0x15, 0x00, 0x26, 0xff, 0x2f, 0x75, 0x10,
             0x95, 0x01, 0x81, 0x00,
         ];
+        assert_eq!(cuts(&d), []);
         assert!(Layout::from_descriptor(&d).is_ok());
+    }
+
+    #[test]
+    fn a_real_consumer_range_past_the_limit_is_cut_and_the_keyboard_read() {
+        // The KYE Imperator's interface 1 declares Consumer usages 0..=0x7FFF
+        // (32768) on report ID 3; the kernel cuts the range and binds the
+        // device. A scanner's composite interface may do the same beside its
+        // keyboard report: here the Imperator's consumer report follows a
+        // boot keyboard on report ID 1.
+        let d = hex(
+            "0501 0906 a101 8501 0507 19e0 29e7 1500 2501 7501 9508 8102 \
+             9506 7508 1500 2565 1900 2965 8100 c0 \
+             050c 0901 a101 8503 1900 2aff7f 1500 26ff7f 9501 7510 8100 c0",
+        );
+        assert_eq!(cuts(&d), [(49, 0x2FFF)]);
+        let l = Layout::from_descriptor(&d).unwrap();
+        assert_eq!(l.reports.len(), 1);
+        assert_eq!(l.reports[0].report_id, Some(1));
     }
 
     #[test]
@@ -792,18 +859,16 @@ mod tests {
     fn a_usage_minimum_brought_back_by_pop_counts_for_the_range() {
         // hidreport saves the local items on Push and restores them on Pop:
         // the Usage Minimum (1) that the Collection cleared is back after the
-        // Pop, and the Usage Maximum makes a range of 4 billion usages.
+        // Pop, and the Usage Maximum makes a range of 4 billion usages, cut
+        // to 1..=0x3000 before hidreport lists it.
         // Usage Page (Keyboard), Usage Minimum (1), Push, Collection, Pop,
         // Usage Maximum (0xFFFFFFFF), Collection.
         let d = hex("0507 1901 a4 a101 b4 2bffffffff a101");
-        assert_eq!(
-            Layout::from_descriptor(&d),
-            limit(
-                8,
-                "usage range 0x1..=0xffffffff (its Usage Minimum is the one at offset 2, \
-                 which the Pop at offset 7 brought back) names 4294967295 usages, more than \
-                 the kernel's limit of 12288"
-            )
+        assert_eq!(cuts(&d), [(8, 0x3000)]);
+        assert!(
+            !matches!(Layout::from_descriptor(&d), Err(LayoutError::Limit { .. })),
+            "{:?}",
+            Layout::from_descriptor(&d)
         );
         // Push and Pop as devices use them (global items around a field) still parse.
         let d = hex(
@@ -818,23 +883,24 @@ mod tests {
     }
 
     #[test]
-    fn the_fuzzers_slow_descriptor_is_refused_at_once() {
+    fn the_fuzzers_slow_descriptor_is_cut_before_parsing() {
         // Found by the fuzz target hid_descriptor (CI's mutation pass,
         // 2026-11-25): hidreport spent 13 s (debug) and 3.5 GB on these
         // 457 bytes. A Usage Minimum (0xE0, offset 128) survives two
         // Push/Pop pairs; the four-byte Usage Maximum 0x36363636 at offset
         // 287 completes a range of 909 million usages, listed for the
-        // Collection at 307. The limit walk had cleared the minimum at the
-        // first main item, as the kernel does.
+        // Collection at 307. It was refused; now the range is cut to
+        // 0xE0..=0x30DF (12288 usages) at offset 287 (and at 345, a second
+        // Usage Maximum with the same minimum), as the kernel cuts it, and
+        // what is left is read.
         let d = include_bytes!("testdata/push-pop-usage-range.bin");
         let expected = include_str!("testdata/push-pop-usage-range.expected");
+        // A second four-byte Usage Maximum at 345 pairs with the same minimum.
+        assert_eq!(cuts(d), [(287, 0x30DF), (345, 0x30DF)]);
         let start = std::time::Instant::now();
-        let e = Layout::from_descriptor(d).unwrap_err();
-        let took = start.elapsed();
-        assert_eq!(e.to_string(), expected.trim_end());
-        assert!(matches!(e, LayoutError::Limit { offset: 287, .. }), "{e:?}");
-        // Refused before the parser runs: a walk over 457 bytes.
-        assert!(took < std::time::Duration::from_secs(1), "took {took:?}");
+        let l = Layout::from_descriptor(d);
+        println!("the fuzzers' slow descriptor read in {:?}", start.elapsed());
+        assert_eq!(format!("{l:?}"), expected.trim_end());
     }
 
     #[test]
