@@ -257,7 +257,10 @@ fn keyboard_prompt_keeps_a_refused_entry_for_correction() {
     t.send(b"\r");
     t.wait_for("CRC-16/X-25 check failed");
     t.wait_for("character 10 (hex digit 10 of 36)");
-    assert!(t.child.try_wait().unwrap().is_none(), "exited on a bad check digit");
+    assert!(
+        t.child.try_wait().unwrap().is_none(),
+        "exited on a bad check digit"
+    );
     // Back 26 characters with the arrow key: the cursor is after character 10.
     for _ in 0..26 {
         t.send(b"\x1b[D");

@@ -536,7 +536,9 @@ mod tests {
     #[test]
     fn refusal_says_where_a_crc_points_and_what_to_do() {
         let key = label::InitialKey::from_bytes([0x42; 16]);
-        let mut typed: Vec<char> = label::group(&label::hex_form(&key), 4, ' ').chars().collect();
+        let mut typed: Vec<char> = label::group(&label::hex_form(&key), 4, ' ')
+            .chars()
+            .collect();
         // Character 12 is hex digit 10.
         typed[11] = if typed[11] == '0' { '1' } else { '0' };
         let typed: String = typed.into_iter().collect();
@@ -546,7 +548,11 @@ mod tests {
         assert!(m.contains("character 12 (hex digit 10 of 36)"), "{m}");
         assert!(m.contains("The entry is kept"), "{m}");
         let dec = label::decimal_form(&key);
-        let bad = format!("{}{}", &dec[..40], if dec.ends_with('0') { '1' } else { '0' });
+        let bad = format!(
+            "{}{}",
+            &dec[..40],
+            if dec.ends_with('0') { '1' } else { '0' }
+        );
         let e = label::parse(&bad).unwrap_err();
         assert!(refusal_message(&bad, &e).contains("cannot tell which digit"));
     }

@@ -88,7 +88,11 @@ fn expected_answers_are_consistent() {
     assert!(all.len() >= 4, "only {} expectations", all.len());
     for e in &all {
         assert_eq!(e.sha256.len(), 64, "{}", e.name);
-        assert!(e.capture.ends_with(&format!("{}.hid", e.name)), "{}", e.name);
+        assert!(
+            e.capture.ends_with(&format!("{}.hid", e.name)),
+            "{}",
+            e.name
+        );
         // An unfinished entry needs the reports that end it; a refusal reads nothing.
         assert_eq!(e.unfinished.is_some(), !e.then.is_empty(), "{}", e.name);
         assert!(e.refused.is_none() || e.scans.is_empty(), "{}", e.name);
@@ -112,7 +116,11 @@ fn every_real_capture_decodes_to_its_expected_text() {
             .iter()
             .map(|b| format!("{b:02x}"))
             .collect();
-        assert_eq!(digest, e.sha256, "{}: another version of the capture", e.name);
+        assert_eq!(
+            digest, e.sha256,
+            "{}: another version of the capture",
+            e.name
+        );
         tried += 1;
         if let Some(why) = &e.refused {
             let err = replay(&path).err().expect("refused").to_string();

@@ -37,7 +37,9 @@ fn hidreports(d: &[u8]) -> Keys {
         let mut karrays = Vec::new();
         for f in rep.fields() {
             match f {
-                Field::Variable(v) if u16::from(v.usage.usage_page) == 0x07 && v.bits.len() == 1 => {
+                Field::Variable(v)
+                    if u16::from(v.usage.usage_page) == 0x07 && v.bits.len() == 1 =>
+                {
                     kbits.push((id, v.bits.start, u16::from(v.usage.usage_id)));
                 }
                 Field::Array(a) => {

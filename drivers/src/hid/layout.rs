@@ -730,7 +730,10 @@ mod tests {
             Layout::from_descriptor(&d).unwrap(),
             Layout::from_descriptor(BOOT_KBD).unwrap()
         );
-        assert_eq!(without_trailing_padding(&hex("0507 8100")), hex("0507 8100"));
+        assert_eq!(
+            without_trailing_padding(&hex("0507 8100")),
+            hex("0507 8100")
+        );
         assert_eq!(without_trailing_padding(&hex("c0 00 00")), hex("c0"));
     }
 
@@ -800,7 +803,10 @@ mod tests {
         ];
         assert_eq!(cuts(&d), [(33, 0x3000)]);
         // The array is on the LED page: no keyboard, no scanner.
-        assert_eq!(Layout::from_descriptor(&d), Err(LayoutError::NoScannerFields));
+        assert_eq!(
+            Layout::from_descriptor(&d),
+            Err(LayoutError::NoScannerFields)
+        );
         // The widest range the kernel takes is left as it is: keys 0..=0x2FFF.
         let d = [
             0x05, 0x07, 0x19, 0x00, 0x2a, 0xff, 0x2f, 0x15, 0x00, 0x26, 0xff, 0x2f, 0x75, 0x10,

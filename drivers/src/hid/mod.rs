@@ -290,7 +290,9 @@ fn seed_held_keys(device: &hidapi::HidDevice, decoder: &mut ScanDecoder) {
                 decoder.set_held(report);
             }
             Ok(_) => {}
-            Err(e) => tracing::debug!(error = %e, "no Get Report answer; keys held at open count as presses"),
+            Err(e) => {
+                tracing::debug!(error = %e, "no Get Report answer; keys held at open count as presses")
+            }
         }
     }
 }
