@@ -173,6 +173,8 @@ fn keypad_refuses_a_bad_crc_on_screen_then_takes_the_correction() {
     t.send(wrong.as_bytes());
     t.send(b"\r");
     t.wait_for("CRC-16/X-25 check failed");
+    // The check points at the last digit (digit 36).
+    t.wait_for("hex digit 36 of 36");
     // Back by a click on the back button, the right digit by a click, OK by Enter.
     t.click_button(Button::Back);
     t.wait_for(" 35 digits ");
