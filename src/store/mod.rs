@@ -6,27 +6,35 @@
 //! nodes and when, acknowledged when, retired when), every rekey round with its
 //! per-phase durations, and an audit log of every trigger and every refusal.
 //!
-//! Crash safety: WAL journal with `synchronous=FULL`, so a transaction that
-//! returned is on disk even after a power loss (in WAL mode `NORMAL` would only
-//! survive a process crash: the last commits may roll back on power loss, and a
-//! key that was sent must not be forgotten). Commits are few — one per enrollment,
-//! per batch of sends or acknowledgements, per phase — so the fsync per commit
-//! costs little. Every change of several rows is one transaction. Foreign keys
-//! are enforced. The schema is versioned in `user_version` and migrated on open
-//! (see [`schema`]).
+//! Two engines keep it behind one trait, [`Engine`]: the embedded SQLite
+//! database in the state directory (the default, nothing to install; see
+//! [`sqlite`]) and PostgreSQL (`store.url = "postgres://..."`; see
+//! [`postgres`]), the database a site with several controllers already runs.
+//! Both have an equivalent schema, versioned and migrated on open, and pass
+//! the same test suite (`store::tests`). [`Store`] is what the controller and
+//! the `status`/`history` commands hold: the engine plus the one-transaction
+//! [`Store::batch`].
+//!
+//! Every write either commits or returns an error: a write that fails is an
+//! error the caller acts on (the controller stops the pass, see
+//! `controller::table`), never a line in a log.
 //!
 //! Times are milliseconds since the Unix epoch, given by the caller (the store
 //! never reads the clock). The API is plain-typed so that the protocol core and
 //! the store do not depend on each other.
 
+pub mod postgres;
 mod schema;
+pub mod sqlite;
+#[cfg(test)]
+pub(crate) mod testpg;
 
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
-use rusqlite::{params, Connection, OptionalExtension};
 use serde::Serialize;
+
+pub use self::postgres::PgEngine;
+pub use self::sqlite::SqliteEngine;
 
 pub use schema::SCHEMA_VERSION;
 
@@ -52,7 +60,7 @@ pub enum StoreError {
          this one knows up to {known}); upgrade keyfleet"
     )]
     TooNew {
-        path: PathBuf,
+        path: String,
         found: i64,
         known: usize,
     },
@@ -64,6 +72,31 @@ pub enum StoreError {
     },
     #[error("management table: {0}")]
     Sql(#[from] rusqlite::Error),
+    #[error(
+        "store.url {0:?} is not a PostgreSQL URL (postgres://USER@HOST:PORT/DATABASE); \
+         leave store.url out for the embedded SQLite table"
+    )]
+    BadUrl(String),
+    #[error(
+        "cannot connect to the management table at {url}: {source}; check store.url, that \
+         the server runs and that it accepts this user"
+    )]
+    Connect {
+        url: String,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    #[error("cannot migrate the management table {url} to schema {version}: {source}")]
+    PgMigrate {
+        url: String,
+        version: usize,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    #[error("cannot start the thread of the PostgreSQL connection: {0}")]
+    Driver(#[source] std::io::Error),
+    #[error("management table (PostgreSQL): {0}")]
+    Postgres(#[from] tokio_postgres::Error),
     #[error("node {0:?} is already enrolled; remove it first to enroll it again")]
     AlreadyEnrolled(String),
     #[error("node {0:?} is not enrolled; `keyfleet status` lists the enrolled nodes")]
@@ -297,142 +330,184 @@ fn opt_u64(column: &'static str, v: Option<i64>) -> Result<Option<u64>> {
     v.map(|v| to_u64(column, v)).transpose()
 }
 
-fn audit_in(
-    tx: &Connection,
-    kind: AuditKind,
-    node: Option<&str>,
-    detail: &serde_json::Value,
-    now_ms: u64,
-) -> Result<()> {
-    tx.execute(
-        "INSERT INTO audit (at_ms, kind, node_id, detail) VALUES (?1, ?2, ?3, ?4)",
-        params![to_i64(now_ms)?, kind.as_str(), node, detail.to_string()],
-    )?;
-    Ok(())
+/// The storage operations the controller needs from an engine (object-safe,
+/// so that [`Store`] holds either engine). Each call that changes several rows
+/// is atomic on its own and nests inside [`Engine::begin`]..[`Engine::commit`]
+/// (a failed call inside undoes only its own rows). Times are given by the caller.
+pub trait Engine: Send {
+    /// Where the table is, for messages (a file path, or a URL without its password).
+    fn describe(&self) -> String;
+    /// The schema version of the open table.
+    fn schema_version(&self) -> Result<i64>;
+    /// The engine's own consistency check; `Ok(())` when it finds nothing wrong.
+    fn integrity_check(&self) -> Result<std::result::Result<(), String>>;
+    /// Opens the transaction of a batch.
+    fn begin(&mut self) -> Result<()>;
+    /// Commits the batch's transaction.
+    fn commit(&mut self) -> Result<()>;
+    /// Rolls the batch's transaction back (best effort: a lost connection rolls back too).
+    fn rollback(&mut self);
+    fn enroll_node(
+        &mut self,
+        node_id: &str,
+        address: &str,
+        key_check: &str,
+        now_ms: u64,
+    ) -> Result<NodeRecord>;
+    fn remove_node(&mut self, node_id: &str, reason: &str, now_ms: u64) -> Result<()>;
+    fn set_address(&mut self, node_id: &str, address: &str) -> Result<()>;
+    fn set_node_state(
+        &mut self,
+        node_ids: &[&str],
+        state: NodeState,
+        epoch: Option<u64>,
+        now_ms: u64,
+    ) -> Result<()>;
+    fn node_seen(&mut self, node_ids: &[&str], now_ms: u64) -> Result<()>;
+    fn set_stale(
+        &mut self,
+        node_id: &str,
+        stale: bool,
+        epoch: Option<u64>,
+        reason: &str,
+        now_ms: u64,
+    ) -> Result<()>;
+    fn node(&self, node_id: &str) -> Result<Option<NodeRecord>>;
+    /// Nodes in member-number order; removed ones only with `include_removed`.
+    fn nodes(&self, include_removed: bool) -> Result<Vec<NodeRecord>>;
+    fn record_key_created(
+        &mut self,
+        epoch: u64,
+        check_value: &str,
+        trigger: Trigger,
+        trigger_detail: &serde_json::Value,
+        recipients: &[&str],
+        now_ms: u64,
+    ) -> Result<()>;
+    fn record_sent(&mut self, epoch: u64, node_ids: &[&str], now_ms: u64) -> Result<()>;
+    fn record_ack(&mut self, epoch: u64, node_ids: &[&str], now_ms: u64) -> Result<()>;
+    fn retire_key(&mut self, epoch: u64, now_ms: u64) -> Result<()>;
+    fn current_epoch(&self) -> Result<Option<u64>>;
+    fn history(&self) -> Result<Vec<KeyRecord>>;
+    fn round_started(&mut self, epoch: u64, nodes: u64, now_ms: u64) -> Result<i64>;
+    fn round_phase(&mut self, id: i64, phase: Phase, now_ms: u64) -> Result<()>;
+    fn round_finished(
+        &mut self,
+        id: i64,
+        outcome: Outcome,
+        detail: Option<&str>,
+        acked: u64,
+        stale: u64,
+        now_ms: u64,
+    ) -> Result<()>;
+    /// Rounds oldest first; only the unfinished ones with `unfinished_only`.
+    fn rounds(&self, unfinished_only: bool) -> Result<Vec<RoundRecord>>;
+    fn audit(
+        &mut self,
+        kind: AuditKind,
+        node_id: Option<&str>,
+        detail: &serde_json::Value,
+        now_ms: u64,
+    ) -> Result<i64>;
+    fn audit_log(&self, after_id: i64, limit: u32) -> Result<Vec<AuditRecord>>;
 }
 
-/// The management table.
+/// Where the management table is: `store.url` in the config, or the default
+/// SQLite file in the state directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Location {
+    Sqlite(PathBuf),
+    Postgres(String),
+}
+
+impl Location {
+    /// `url` from the config if set (`postgres://` or `postgresql://`;
+    /// `sqlite:PATH` names a SQLite file), else `default_sqlite`.
+    pub fn from_config(url: Option<&str>, default_sqlite: &Path) -> Result<Location> {
+        match url {
+            None => Ok(Location::Sqlite(default_sqlite.to_path_buf())),
+            Some(u) if u.starts_with("postgres://") || u.starts_with("postgresql://") => {
+                Ok(Location::Postgres(u.to_owned()))
+            }
+            Some(u) => match u.strip_prefix("sqlite:") {
+                Some(p) if !p.is_empty() => Ok(Location::Sqlite(PathBuf::from(p))),
+                _ => Err(StoreError::BadUrl(u.to_owned())),
+            },
+        }
+    }
+}
+
+/// The management table: one engine behind [`Engine`].
 pub struct Store {
-    conn: Connection,
-    path: PathBuf,
+    engine: Box<dyn Engine>,
 }
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Store").field("path", &self.path).finish()
+        f.debug_struct("Store")
+            .field("at", &self.engine.describe())
+            .finish()
     }
 }
 
-const NODE_COLUMNS: &str = "node_id, member_no, address, key_check, state, epoch, last_seen_ms, \
-                            stale, enrolled_at_ms, removed_at_ms";
+fn strs<S: AsRef<str>>(ids: &[S]) -> Vec<&str> {
+    ids.iter().map(AsRef::as_ref).collect()
+}
 
 impl Store {
-    /// Opens (creating if needed) the management table at `path`, brings its
-    /// schema to [`SCHEMA_VERSION`], and sets WAL, `synchronous=FULL`, foreign keys.
+    /// Opens (creating if needed) the SQLite management table at `path`.
     pub fn open(path: &Path) -> Result<Store> {
-        let open_err = |source| StoreError::Open {
-            path: path.to_path_buf(),
-            source,
-        };
-        // Owner-only from the start: SQLite gives the -wal and -shm files the
-        // database file's mode.
-        if let Err(e) = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(path)
-        {
-            if e.kind() != std::io::ErrorKind::AlreadyExists {
-                return Err(StoreError::Create {
-                    path: path.to_path_buf(),
-                    source: e,
-                });
-            }
-        }
-        let mut conn = Connection::open(path).map_err(open_err)?;
-        conn.busy_timeout(Duration::from_secs(10))
-            .map_err(open_err)?;
-        let mode: String = conn
-            .pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))
-            .map_err(open_err)?;
-        if !mode.eq_ignore_ascii_case("wal") {
-            return Err(open_err(rusqlite::Error::InvalidParameterName(format!(
-                "journal_mode is {mode}, WAL was asked for"
-            ))));
-        }
-        conn.pragma_update(None, "synchronous", "FULL")
-            .map_err(open_err)?;
-        conn.pragma_update(None, "foreign_keys", true)
-            .map_err(open_err)?;
-        let found: i64 = conn
-            .pragma_query_value(None, "user_version", |r| r.get(0))
-            .map_err(open_err)?;
-        if found > SCHEMA_VERSION as i64 {
-            return Err(StoreError::TooNew {
-                path: path.to_path_buf(),
-                found,
-                known: SCHEMA_VERSION,
-            });
-        }
-        schema::migrations()
-            .to_latest(&mut conn)
-            .map_err(|source| StoreError::Migrate {
-                path: path.to_path_buf(),
-                source,
-            })?;
-        Ok(Store {
-            conn,
-            path: path.to_path_buf(),
-        })
+        Ok(Store::with_engine(Box::new(SqliteEngine::open(path)?)))
     }
 
-    /// Where the database is.
-    pub fn path(&self) -> &Path {
-        &self.path
+    /// Connects to the PostgreSQL management table at `url` (migrating its schema).
+    pub fn connect(url: &str) -> Result<Store> {
+        Ok(Store::with_engine(Box::new(PgEngine::connect(url)?)))
     }
 
-    /// The schema version of the open database.
+    /// Opens the table at `location`.
+    pub fn open_at(location: &Location) -> Result<Store> {
+        match location {
+            Location::Sqlite(p) => Store::open(p),
+            Location::Postgres(u) => Store::connect(u),
+        }
+    }
+
+    pub fn with_engine(engine: Box<dyn Engine>) -> Store {
+        Store { engine }
+    }
+
+    /// Where the table is (a file path, or the URL without its password).
+    pub fn describe(&self) -> String {
+        self.engine.describe()
+    }
+
+    /// The schema version of the open table.
     pub fn schema_version(&self) -> Result<i64> {
-        Ok(self
-            .conn
-            .pragma_query_value(None, "user_version", |r| r.get(0))?)
+        self.engine.schema_version()
     }
 
-    /// SQLite's own consistency check; `Ok(())` when it answers `ok`.
+    /// The engine's own consistency check; `Ok(())` when it finds nothing wrong.
     pub fn integrity_check(&self) -> Result<std::result::Result<(), String>> {
-        let mut stmt = self.conn.prepare("PRAGMA integrity_check")?;
-        let rows: Vec<String> = stmt
-            .query_map([], |r| r.get(0))?
-            .collect::<std::result::Result<_, _>>()?;
-        let fk: Vec<String> = self
-            .conn
-            .prepare("PRAGMA foreign_key_check")?
-            .query_map([], |r| r.get::<_, String>(0))?
-            .collect::<std::result::Result<_, _>>()?;
-        if rows == ["ok"] && fk.is_empty() {
-            Ok(Ok(()))
-        } else {
-            Ok(Err(format!(
-                "integrity: {}; foreign keys violated in: {}",
-                rows.join("; "),
-                fk.join(", ")
-            )))
-        }
+        self.engine.integrity_check()
     }
 
     /// Runs `f` as one transaction: every change it makes through this store
-    /// commits together, with one fsync, or not at all when it returns an error.
-    /// (Each method opens a savepoint, so it nests inside the batch; one that
-    /// fails inside the batch undoes only its own rows.)
+    /// commits together (one commit, one fsync), or not at all when it returns
+    /// an error or the commit fails. (Each method is atomic on its own and nests
+    /// inside the batch; one that fails inside the batch undoes only its own rows.)
     pub fn batch<R>(&mut self, f: impl FnOnce(&mut Store) -> Result<R>) -> Result<R> {
-        self.conn.execute_batch("BEGIN IMMEDIATE")?;
+        self.engine.begin()?;
         match f(self) {
-            Ok(r) => {
-                self.conn.execute_batch("COMMIT")?;
-                Ok(r)
-            }
+            Ok(r) => match self.engine.commit() {
+                Ok(()) => Ok(r),
+                Err(e) => {
+                    self.engine.rollback();
+                    Err(e)
+                }
+            },
             Err(e) => {
-                let _ = self.conn.execute_batch("ROLLBACK");
+                self.engine.rollback();
                 Err(e)
             }
         }
@@ -450,77 +525,18 @@ impl Store {
         now_ms: u64,
     ) -> Result<NodeRecord> {
         check_address(address)?;
-        let tx = self.conn.savepoint()?;
-        let existing: Option<Option<i64>> = tx
-            .query_row(
-                "SELECT removed_at_ms FROM nodes WHERE node_id = ?1",
-                [node_id],
-                |r| r.get(0),
-            )
-            .optional()?;
-        let now = to_i64(now_ms)?;
-        match existing {
-            Some(None) => return Err(StoreError::AlreadyEnrolled(node_id.to_owned())),
-            Some(Some(_)) => {
-                tx.execute(
-                    "UPDATE nodes SET address = ?2, key_check = ?3, state = 'Enrolled', epoch = NULL,
-                     last_seen_ms = NULL, stale = 0, enrolled_at_ms = ?4, removed_at_ms = NULL
-                     WHERE node_id = ?1",
-                    params![node_id, address, key_check, now],
-                )?;
-            }
-            None => {
-                tx.execute(
-                    "INSERT INTO nodes (node_id, member_no, address, key_check, state, enrolled_at_ms)
-                     VALUES (?1, (SELECT COALESCE(MAX(member_no), 0) + 1 FROM nodes), ?2, ?3, 'Enrolled', ?4)",
-                    params![node_id, address, key_check, now],
-                )?;
-            }
-        }
-        audit_in(
-            &tx,
-            AuditKind::Enrollment,
-            Some(node_id),
-            &serde_json::json!({ "address": address, "key_check": key_check }),
-            now_ms,
-        )?;
-        tx.commit()?;
-        self.node(node_id)?
-            .ok_or_else(|| StoreError::UnknownNode(node_id.to_owned()))
+        self.engine.enroll_node(node_id, address, key_check, now_ms)
     }
 
     /// Marks a node removed (it keeps its row and history); audits it.
     pub fn remove_node(&mut self, node_id: &str, reason: &str, now_ms: u64) -> Result<()> {
-        let tx = self.conn.savepoint()?;
-        let n = tx.execute(
-            "UPDATE nodes SET removed_at_ms = ?2 WHERE node_id = ?1 AND removed_at_ms IS NULL",
-            params![node_id, to_i64(now_ms)?],
-        )?;
-        if n == 0 {
-            return Err(StoreError::UnknownNode(node_id.to_owned()));
-        }
-        audit_in(
-            &tx,
-            AuditKind::Removal,
-            Some(node_id),
-            &serde_json::json!({ "reason": reason }),
-            now_ms,
-        )?;
-        tx.commit()?;
-        Ok(())
+        self.engine.remove_node(node_id, reason, now_ms)
     }
 
     /// Updates the address of an enrolled node.
     pub fn set_address(&mut self, node_id: &str, address: &str) -> Result<()> {
         check_address(address)?;
-        let n = self.conn.execute(
-            "UPDATE nodes SET address = ?2 WHERE node_id = ?1 AND removed_at_ms IS NULL",
-            params![node_id, address],
-        )?;
-        if n == 0 {
-            return Err(StoreError::UnknownNode(node_id.to_owned()));
-        }
-        Ok(())
+        self.engine.set_address(node_id, address)
     }
 
     /// Records the state and epoch the given nodes reported, and that they were
@@ -532,39 +548,13 @@ impl Store {
         epoch: Option<u64>,
         now_ms: u64,
     ) -> Result<()> {
-        let tx = self.conn.savepoint()?;
-        {
-            let mut stmt = tx.prepare_cached(
-                "UPDATE nodes SET state = ?2, epoch = ?3, last_seen_ms = ?4
-                 WHERE node_id = ?1 AND removed_at_ms IS NULL",
-            )?;
-            let (epoch, now) = (opt_i64(epoch)?, to_i64(now_ms)?);
-            for id in node_ids {
-                if stmt.execute(params![id.as_ref(), state.as_str(), epoch, now])? == 0 {
-                    return Err(StoreError::UnknownNode(id.as_ref().to_owned()));
-                }
-            }
-        }
-        tx.commit()?;
-        Ok(())
+        self.engine
+            .set_node_state(&strs(node_ids), state, epoch, now_ms)
     }
 
     /// Records that the given nodes were heard from at `now_ms`.
     pub fn node_seen<S: AsRef<str>>(&mut self, node_ids: &[S], now_ms: u64) -> Result<()> {
-        let tx = self.conn.savepoint()?;
-        {
-            let mut stmt = tx.prepare_cached(
-                "UPDATE nodes SET last_seen_ms = MAX(COALESCE(last_seen_ms, 0), ?2) WHERE node_id = ?1",
-            )?;
-            let now = to_i64(now_ms)?;
-            for id in node_ids {
-                if stmt.execute(params![id.as_ref(), now])? == 0 {
-                    return Err(StoreError::UnknownNode(id.as_ref().to_owned()));
-                }
-            }
-        }
-        tx.commit()?;
-        Ok(())
+        self.engine.node_seen(&strs(node_ids), now_ms)
     }
 
     /// Marks a node stale (left out of the round of `epoch`), with a `Stale` audit entry.
@@ -575,7 +565,7 @@ impl Store {
         reason: &str,
         now_ms: u64,
     ) -> Result<()> {
-        self.set_stale(node_id, true, epoch, reason, now_ms)
+        self.engine.set_stale(node_id, true, epoch, reason, now_ms)
     }
 
     /// Clears a node's stale flag (it came back), with a `Rejoin` audit entry.
@@ -586,86 +576,22 @@ impl Store {
         reason: &str,
         now_ms: u64,
     ) -> Result<()> {
-        self.set_stale(node_id, false, epoch, reason, now_ms)
-    }
-
-    fn set_stale(
-        &mut self,
-        node_id: &str,
-        stale: bool,
-        epoch: Option<u64>,
-        reason: &str,
-        now_ms: u64,
-    ) -> Result<()> {
-        let tx = self.conn.savepoint()?;
-        let n = tx.execute(
-            "UPDATE nodes SET stale = ?2 WHERE node_id = ?1 AND removed_at_ms IS NULL",
-            params![node_id, stale],
-        )?;
-        if n == 0 {
-            return Err(StoreError::UnknownNode(node_id.to_owned()));
-        }
-        audit_in(
-            &tx,
-            if stale {
-                AuditKind::Stale
-            } else {
-                AuditKind::Rejoin
-            },
-            Some(node_id),
-            &serde_json::json!({ "epoch": epoch, "reason": reason }),
-            now_ms,
-        )?;
-        tx.commit()?;
-        Ok(())
-    }
-
-    fn node_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawNode> {
-        Ok(RawNode {
-            node_id: r.get(0)?,
-            member_no: r.get(1)?,
-            address: r.get(2)?,
-            key_check: r.get(3)?,
-            state: r.get(4)?,
-            epoch: r.get(5)?,
-            last_seen_ms: r.get(6)?,
-            stale: r.get(7)?,
-            enrolled_at_ms: r.get(8)?,
-            removed_at_ms: r.get(9)?,
-        })
+        self.engine.set_stale(node_id, false, epoch, reason, now_ms)
     }
 
     /// One node, removed or not.
     pub fn node(&self, node_id: &str) -> Result<Option<NodeRecord>> {
-        self.conn
-            .query_row(
-                &format!("SELECT {NODE_COLUMNS} FROM nodes WHERE node_id = ?1"),
-                [node_id],
-                Self::node_from_row,
-            )
-            .optional()?
-            .map(RawNode::cook)
-            .transpose()
+        self.engine.node(node_id)
     }
 
     /// The enrolled (not removed) nodes, in member-number order.
     pub fn nodes(&self) -> Result<Vec<NodeRecord>> {
-        self.query_nodes("WHERE removed_at_ms IS NULL")
+        self.engine.nodes(false)
     }
 
     /// Every node ever enrolled, removed ones included.
     pub fn all_nodes(&self) -> Result<Vec<NodeRecord>> {
-        self.query_nodes("")
-    }
-
-    fn query_nodes(&self, filter: &str) -> Result<Vec<NodeRecord>> {
-        let mut stmt = self.conn.prepare(&format!(
-            "SELECT {NODE_COLUMNS} FROM nodes {filter} ORDER BY member_no"
-        ))?;
-        let raws: Vec<RawNode> = stmt
-            .query_map([], Self::node_from_row)?
-            .collect::<std::result::Result<_, _>>()?;
-        raws.into_iter().map(RawNode::cook).collect()
+        self.engine.nodes(true)
     }
 
     // ----- keys -----
@@ -682,56 +608,14 @@ impl Store {
         recipients: &[S],
         now_ms: u64,
     ) -> Result<()> {
-        let tx = self.conn.savepoint()?;
-        let e = to_i64(epoch)?;
-        let exists: bool = tx.query_row(
-            "SELECT EXISTS (SELECT 1 FROM keys WHERE epoch = ?1)",
-            [e],
-            |r| r.get(0),
-        )?;
-        if exists {
-            return Err(StoreError::EpochExists(epoch));
-        }
-        tx.execute(
-            "INSERT INTO keys (epoch, created_at_ms, check_value, trigger, trigger_detail)
-             VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![
-                e,
-                to_i64(now_ms)?,
-                check_value,
-                trigger.as_str(),
-                trigger_detail.to_string()
-            ],
-        )?;
-        {
-            let mut stmt =
-                tx.prepare_cached("INSERT INTO key_deliveries (epoch, node_id) VALUES (?1, ?2)")?;
-            for id in recipients {
-                let id = id.as_ref();
-                stmt.execute(params![e, id]).map_err(|err| match err {
-                    rusqlite::Error::SqliteFailure(f, _)
-                        if f.code == rusqlite::ErrorCode::ConstraintViolation =>
-                    {
-                        StoreError::UnknownNode(id.to_owned())
-                    }
-                    other => other.into(),
-                })?;
-            }
-        }
-        audit_in(
-            &tx,
-            AuditKind::Trigger,
-            None,
-            &serde_json::json!({
-                "trigger": trigger.as_str(),
-                "epoch": epoch,
-                "detail": trigger_detail,
-                "recipients": recipients.len(),
-            }),
+        self.engine.record_key_created(
+            epoch,
+            check_value,
+            trigger,
+            trigger_detail,
+            &strs(recipients),
             now_ms,
-        )?;
-        tx.commit()?;
-        Ok(())
+        )
     }
 
     /// Records that the key of `epoch` was sent (again) to the given nodes.
@@ -742,24 +626,7 @@ impl Store {
         node_ids: &[S],
         now_ms: u64,
     ) -> Result<()> {
-        let tx = self.conn.savepoint()?;
-        {
-            let (e, now) = (to_i64(epoch)?, to_i64(now_ms)?);
-            Self::check_epoch(&tx, epoch)?;
-            let mut stmt = tx.prepare_cached(
-                "INSERT INTO key_deliveries (epoch, node_id, first_sent_at_ms, last_sent_at_ms, attempts)
-                 VALUES (?1, ?2, ?3, ?3, 1)
-                 ON CONFLICT (epoch, node_id) DO UPDATE SET
-                   first_sent_at_ms = COALESCE(first_sent_at_ms, excluded.first_sent_at_ms),
-                   last_sent_at_ms = excluded.last_sent_at_ms,
-                   attempts = attempts + 1",
-            )?;
-            for id in node_ids {
-                Self::delivery_exec(&mut stmt, e, id.as_ref(), now)?;
-            }
-        }
-        tx.commit()?;
-        Ok(())
+        self.engine.record_sent(epoch, &strs(node_ids), now_ms)
     }
 
     /// Records the key update replies of the given nodes for `epoch` (the first
@@ -770,173 +637,35 @@ impl Store {
         node_ids: &[S],
         now_ms: u64,
     ) -> Result<()> {
-        let tx = self.conn.savepoint()?;
-        {
-            let (e, now) = (to_i64(epoch)?, to_i64(now_ms)?);
-            Self::check_epoch(&tx, epoch)?;
-            let mut stmt = tx.prepare_cached(
-                "INSERT INTO key_deliveries (epoch, node_id, acked_at_ms) VALUES (?1, ?2, ?3)
-                 ON CONFLICT (epoch, node_id) DO UPDATE SET
-                   acked_at_ms = COALESCE(acked_at_ms, excluded.acked_at_ms)",
-            )?;
-            let mut seen = tx.prepare_cached(
-                "UPDATE nodes SET last_seen_ms = MAX(COALESCE(last_seen_ms, 0), ?2) WHERE node_id = ?1",
-            )?;
-            for id in node_ids {
-                Self::delivery_exec(&mut stmt, e, id.as_ref(), now)?;
-                seen.execute(params![id.as_ref(), now])?;
-            }
-        }
-        tx.commit()?;
-        Ok(())
-    }
-
-    fn check_epoch(tx: &Connection, epoch: u64) -> Result<()> {
-        let exists: bool = tx.query_row(
-            "SELECT EXISTS (SELECT 1 FROM keys WHERE epoch = ?1)",
-            [to_i64(epoch)?],
-            |r| r.get(0),
-        )?;
-        if exists {
-            Ok(())
-        } else {
-            Err(StoreError::UnknownEpoch(epoch))
-        }
-    }
-
-    fn delivery_exec(
-        stmt: &mut rusqlite::CachedStatement<'_>,
-        epoch: i64,
-        node_id: &str,
-        now: i64,
-    ) -> Result<()> {
-        stmt.execute(params![epoch, node_id, now])
-            .map_err(|err| match err {
-                rusqlite::Error::SqliteFailure(f, _)
-                    if f.code == rusqlite::ErrorCode::ConstraintViolation =>
-                {
-                    StoreError::UnknownNode(node_id.to_owned())
-                }
-                other => other.into(),
-            })?;
-        Ok(())
+        self.engine.record_ack(epoch, &strs(node_ids), now_ms)
     }
 
     /// Records that the key of `epoch` was dropped by the fleet (after the second
     /// transition of the round that replaced it).
     pub fn retire_key(&mut self, epoch: u64, now_ms: u64) -> Result<()> {
-        let n = self.conn.execute(
-            "UPDATE keys SET retired_at_ms = COALESCE(retired_at_ms, ?2) WHERE epoch = ?1",
-            params![to_i64(epoch)?, to_i64(now_ms)?],
-        )?;
-        if n == 0 {
-            return Err(StoreError::UnknownEpoch(epoch));
-        }
-        Ok(())
+        self.engine.retire_key(epoch, now_ms)
     }
 
     /// The newest epoch in the key history.
     pub fn current_epoch(&self) -> Result<Option<u64>> {
-        let e: Option<i64> = self
-            .conn
-            .query_row("SELECT MAX(epoch) FROM keys", [], |r| r.get(0))?;
-        opt_u64("keys.epoch", e)
+        self.engine.current_epoch()
     }
 
     /// Every group key, oldest first, with its deliveries.
     pub fn history(&self) -> Result<Vec<KeyRecord>> {
-        let mut keys = self.conn.prepare(
-            "SELECT epoch, created_at_ms, check_value, trigger, trigger_detail, retired_at_ms
-             FROM keys ORDER BY epoch",
-        )?;
-        type RawKey = (i64, i64, String, String, String, Option<i64>);
-        let raws: Vec<RawKey> = keys
-            .query_map([], |r| {
-                Ok((
-                    r.get(0)?,
-                    r.get(1)?,
-                    r.get(2)?,
-                    r.get(3)?,
-                    r.get(4)?,
-                    r.get(5)?,
-                ))
-            })?
-            .collect::<std::result::Result<_, _>>()?;
-        let mut del = self.conn.prepare(
-            "SELECT d.node_id, d.first_sent_at_ms, d.last_sent_at_ms, d.attempts, d.acked_at_ms
-             FROM key_deliveries d JOIN nodes n ON n.node_id = d.node_id
-             WHERE d.epoch = ?1 ORDER BY n.member_no",
-        )?;
-        let mut out = Vec::with_capacity(raws.len());
-        for (epoch, created, check_value, trigger, detail, retired) in raws {
-            type RawDel = (String, Option<i64>, Option<i64>, i64, Option<i64>);
-            let dels: Vec<RawDel> = del
-                .query_map([epoch], |r| {
-                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
-                })?
-                .collect::<std::result::Result<_, _>>()?;
-            let deliveries = dels
-                .into_iter()
-                .map(|(node_id, first, last, attempts, acked)| {
-                    Ok(DeliveryRecord {
-                        node_id,
-                        first_sent_at_ms: opt_u64("key_deliveries.first_sent_at_ms", first)?,
-                        last_sent_at_ms: opt_u64("key_deliveries.last_sent_at_ms", last)?,
-                        attempts: to_u64("key_deliveries.attempts", attempts)?,
-                        acked_at_ms: opt_u64("key_deliveries.acked_at_ms", acked)?,
-                    })
-                })
-                .collect::<Result<Vec<_>>>()?;
-            out.push(KeyRecord {
-                epoch: to_u64("keys.epoch", epoch)?,
-                created_at_ms: to_u64("keys.created_at_ms", created)?,
-                check_value,
-                trigger: Trigger::parse("keys.trigger", &trigger)?,
-                trigger_detail: serde_json::from_str(&detail).map_err(|_| {
-                    StoreError::BadValue {
-                        column: "keys.trigger_detail",
-                        value: detail.clone(),
-                    }
-                })?,
-                retired_at_ms: opt_u64("keys.retired_at_ms", retired)?,
-                deliveries,
-            });
-        }
-        Ok(out)
+        self.engine.history()
     }
 
     // ----- rounds -----
 
     /// Starts a round for the key of `epoch` over `nodes` nodes, in phase `Distribute`.
     pub fn round_started(&mut self, epoch: u64, nodes: u64, now_ms: u64) -> Result<i64> {
-        let now = to_i64(now_ms)?;
-        self.conn
-            .execute(
-                "INSERT INTO rounds (epoch, started_at_ms, phase, phase_started_at_ms, nodes)
-                 VALUES (?1, ?2, 'Distribute', ?2, ?3)",
-                params![to_i64(epoch)?, now, to_i64(nodes)?],
-            )
-            .map_err(|err| match err {
-                rusqlite::Error::SqliteFailure(f, _)
-                    if f.code == rusqlite::ErrorCode::ConstraintViolation =>
-                {
-                    StoreError::UnknownEpoch(epoch)
-                }
-                other => other.into(),
-            })?;
-        Ok(self.conn.last_insert_rowid())
+        self.engine.round_started(epoch, nodes, now_ms)
     }
 
     /// Moves round `id` to `phase`, recording how long the phase it leaves lasted.
     pub fn round_phase(&mut self, id: i64, phase: Phase, now_ms: u64) -> Result<()> {
-        let tx = self.conn.savepoint()?;
-        Self::close_phase(&tx, id, now_ms)?;
-        tx.execute(
-            "UPDATE rounds SET phase = ?2, phase_started_at_ms = ?3 WHERE id = ?1",
-            params![id, phase.as_str(), to_i64(now_ms)?],
-        )?;
-        tx.commit()?;
-        Ok(())
+        self.engine.round_phase(id, phase, now_ms)
     }
 
     /// Ends round `id`: closes its current phase, records the outcome and counts.
@@ -949,137 +678,18 @@ impl Store {
         stale: u64,
         now_ms: u64,
     ) -> Result<()> {
-        let tx = self.conn.savepoint()?;
-        Self::close_phase(&tx, id, now_ms)?;
-        let now = to_i64(now_ms)?;
-        tx.execute(
-            "UPDATE rounds SET phase = 'Finished', phase_started_at_ms = ?2, finished_at_ms = ?2,
-             outcome = ?3, outcome_detail = ?4, acked = ?5, stale = ?6 WHERE id = ?1",
-            params![
-                id,
-                now,
-                outcome.as_str(),
-                detail,
-                to_i64(acked)?,
-                to_i64(stale)?
-            ],
-        )?;
-        tx.commit()?;
-        Ok(())
-    }
-
-    fn close_phase(tx: &Connection, id: i64, now_ms: u64) -> Result<()> {
-        let (phase, since): (String, i64) = tx
-            .query_row(
-                "SELECT phase, phase_started_at_ms FROM rounds WHERE id = ?1",
-                [id],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .optional()?
-            .ok_or(StoreError::UnknownRound(id))?;
-        let spent = to_i64(now_ms)?.saturating_sub(since).max(0);
-        let column = match Phase::parse("rounds.phase", &phase)? {
-            Phase::Distribute => "distribute_ms",
-            Phase::FirstTransition => "first_transition_ms",
-            Phase::SecondTransition => "second_transition_ms",
-            Phase::Finished => return Ok(()),
-        };
-        // A phase entered twice (e.g. after a controller restart) adds up.
-        tx.execute(
-            &format!("UPDATE rounds SET {column} = COALESCE({column}, 0) + ?2 WHERE id = ?1"),
-            params![id, spent],
-        )?;
-        Ok(())
+        self.engine
+            .round_finished(id, outcome, detail, acked, stale, now_ms)
     }
 
     /// All rounds, oldest first.
     pub fn rounds(&self) -> Result<Vec<RoundRecord>> {
-        self.query_rounds("")
+        self.engine.rounds(false)
     }
 
     /// The newest round that has not finished (to resume after a restart).
     pub fn unfinished_round(&self) -> Result<Option<RoundRecord>> {
-        Ok(self.query_rounds("WHERE finished_at_ms IS NULL")?.pop())
-    }
-
-    fn query_rounds(&self, filter: &str) -> Result<Vec<RoundRecord>> {
-        let mut stmt = self.conn.prepare(&format!(
-            "SELECT id, epoch, started_at_ms, phase, phase_started_at_ms, distribute_ms,
-                    first_transition_ms, second_transition_ms, nodes, acked, stale,
-                    finished_at_ms, outcome, outcome_detail
-             FROM rounds {filter} ORDER BY id"
-        ))?;
-        type Raw = (
-            i64,
-            i64,
-            i64,
-            String,
-            i64,
-            [Option<i64>; 3],
-            i64,
-            Option<i64>,
-            Option<i64>,
-            Option<i64>,
-            Option<String>,
-            Option<String>,
-        );
-        let raws: Vec<Raw> = stmt
-            .query_map([], |r| {
-                Ok((
-                    r.get(0)?,
-                    r.get(1)?,
-                    r.get(2)?,
-                    r.get(3)?,
-                    r.get(4)?,
-                    [r.get(5)?, r.get(6)?, r.get(7)?],
-                    r.get(8)?,
-                    r.get(9)?,
-                    r.get(10)?,
-                    r.get(11)?,
-                    r.get(12)?,
-                    r.get(13)?,
-                ))
-            })?
-            .collect::<std::result::Result<_, _>>()?;
-        raws.into_iter()
-            .map(
-                |(
-                    id,
-                    epoch,
-                    started,
-                    phase,
-                    since,
-                    ph,
-                    nodes,
-                    acked,
-                    stale,
-                    fin,
-                    outcome,
-                    detail,
-                )| {
-                    Ok(RoundRecord {
-                        id,
-                        epoch: to_u64("rounds.epoch", epoch)?,
-                        started_at_ms: to_u64("rounds.started_at_ms", started)?,
-                        phase: Phase::parse("rounds.phase", &phase)?,
-                        phase_started_at_ms: to_u64("rounds.phase_started_at_ms", since)?,
-                        phases_ms: PhaseDurations {
-                            distribute: opt_u64("rounds.distribute_ms", ph[0])?,
-                            first_transition: opt_u64("rounds.first_transition_ms", ph[1])?,
-                            second_transition: opt_u64("rounds.second_transition_ms", ph[2])?,
-                        },
-                        nodes: to_u64("rounds.nodes", nodes)?,
-                        acked: opt_u64("rounds.acked", acked)?,
-                        stale: opt_u64("rounds.stale", stale)?,
-                        finished_at_ms: opt_u64("rounds.finished_at_ms", fin)?,
-                        outcome: outcome
-                            .map(|o| Outcome::parse("rounds.outcome", &o))
-                            .transpose()?,
-                        outcome_detail: detail,
-                    })
-                },
-            )
-            .collect()
+        Ok(self.engine.rounds(true)?.pop())
     }
 
     // ----- audit -----
@@ -1092,68 +702,12 @@ impl Store {
         detail: &serde_json::Value,
         now_ms: u64,
     ) -> Result<i64> {
-        let tx = self.conn.savepoint()?;
-        audit_in(&tx, kind, node_id, detail, now_ms)?;
-        let id = tx.last_insert_rowid();
-        tx.commit()?;
-        Ok(id)
+        self.engine.audit(kind, node_id, detail, now_ms)
     }
 
     /// Audit entries with an id greater than `after_id`, oldest first, at most `limit`.
     pub fn audit_log(&self, after_id: i64, limit: u32) -> Result<Vec<AuditRecord>> {
-        let mut stmt = self.conn.prepare(
-            "SELECT id, at_ms, kind, node_id, detail FROM audit WHERE id > ?1 ORDER BY id LIMIT ?2",
-        )?;
-        type Raw = (i64, i64, String, Option<String>, String);
-        let raws: Vec<Raw> = stmt
-            .query_map(params![after_id, limit], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
-            })?
-            .collect::<std::result::Result<_, _>>()?;
-        raws.into_iter()
-            .map(|(id, at, kind, node_id, detail)| {
-                Ok(AuditRecord {
-                    id,
-                    at_ms: to_u64("audit.at_ms", at)?,
-                    kind: AuditKind::parse("audit.kind", &kind)?,
-                    node_id,
-                    detail: serde_json::from_str(&detail).map_err(|_| StoreError::BadValue {
-                        column: "audit.detail",
-                        value: detail.clone(),
-                    })?,
-                })
-            })
-            .collect()
-    }
-}
-
-struct RawNode {
-    node_id: String,
-    member_no: i64,
-    address: String,
-    key_check: String,
-    state: String,
-    epoch: Option<i64>,
-    last_seen_ms: Option<i64>,
-    stale: bool,
-    enrolled_at_ms: i64,
-    removed_at_ms: Option<i64>,
-}
-
-impl RawNode {
-    fn cook(self) -> Result<NodeRecord> {
-        Ok(NodeRecord {
-            node_id: self.node_id,
-            member_no: to_u64("nodes.member_no", self.member_no)?,
-            address: self.address,
-            key_check: self.key_check,
-            state: NodeState::parse("nodes.state", &self.state)?,
-            epoch: opt_u64("nodes.epoch", self.epoch)?,
-            last_seen_ms: opt_u64("nodes.last_seen_ms", self.last_seen_ms)?,
-            stale: self.stale,
-            enrolled_at_ms: to_u64("nodes.enrolled_at_ms", self.enrolled_at_ms)?,
-            removed_at_ms: opt_u64("nodes.removed_at_ms", self.removed_at_ms)?,
-        })
+        self.engine.audit_log(after_id, limit)
     }
 }
 

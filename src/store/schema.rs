@@ -1,7 +1,13 @@
-//! The management table's schema, one migration per version.
+//! The management table's schema, one migration per version, in each engine's
+//! dialect: [`MIGRATIONS`] for SQLite, [`PG_MIGRATIONS`] for PostgreSQL. Both
+//! lists have the same length and version N means the same tables, columns and
+//! constraints on both (`store::tests` runs one suite against both).
 //!
-//! The schema version is SQLite's `user_version` (kept by `rusqlite_migration`).
-//! Never edit a released migration: append a new one.
+//! SQLite keeps the version in `user_version` (via `rusqlite_migration`);
+//! PostgreSQL in the one-row table `keyfleet_schema`, migrated in one
+//! transaction under an advisory lock so that two controllers starting at once
+//! do not both migrate. Never edit a released migration: append a new one to
+//! both lists.
 
 use rusqlite_migration::{Migrations, M};
 
@@ -77,6 +83,76 @@ CREATE INDEX rounds_by_epoch ON rounds(epoch);
 
 const MIGRATIONS: &[M<'static>] = &[M::up(V1).foreign_key_check(), M::up(V2)];
 
+/// PostgreSQL version 1: the tables of SQLite's [`V1`]. Differences of dialect
+/// only: `BIGINT` for SQLite's 64-bit `INTEGER`, `BOOLEAN` for the 0/1 flag,
+/// identity columns for `AUTOINCREMENT`, and a JSON cast for `json_valid`.
+const PG_V1: &str = r#"
+CREATE TABLE nodes (
+    node_id        TEXT PRIMARY KEY NOT NULL CHECK (length(node_id) > 0),
+    member_no      BIGINT NOT NULL UNIQUE,
+    address        TEXT NOT NULL,
+    key_check      TEXT NOT NULL,
+    state          TEXT NOT NULL CHECK (state IN
+                     ('Enrolled', 'UpdateCompleted', 'DistributionCompleted', 'InTransit')),
+    epoch          BIGINT,
+    last_seen_ms   BIGINT,
+    stale          BOOLEAN NOT NULL DEFAULT false,
+    enrolled_at_ms BIGINT NOT NULL,
+    removed_at_ms  BIGINT
+);
+
+CREATE TABLE keys (
+    epoch          BIGINT PRIMARY KEY NOT NULL CHECK (epoch >= 0),
+    created_at_ms  BIGINT NOT NULL,
+    check_value    TEXT NOT NULL,
+    trigger        TEXT NOT NULL,
+    trigger_detail TEXT NOT NULL DEFAULT 'null',
+    retired_at_ms  BIGINT
+);
+
+CREATE TABLE key_deliveries (
+    epoch            BIGINT NOT NULL REFERENCES keys(epoch),
+    node_id          TEXT NOT NULL REFERENCES nodes(node_id),
+    first_sent_at_ms BIGINT,
+    last_sent_at_ms  BIGINT,
+    attempts         BIGINT NOT NULL DEFAULT 0,
+    acked_at_ms      BIGINT,
+    PRIMARY KEY (epoch, node_id)
+);
+
+CREATE TABLE rounds (
+    id                  BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    epoch               BIGINT NOT NULL REFERENCES keys(epoch),
+    started_at_ms       BIGINT NOT NULL,
+    phase               TEXT NOT NULL CHECK (phase IN
+                          ('Distribute', 'FirstTransition', 'SecondTransition', 'Finished')),
+    phase_started_at_ms BIGINT NOT NULL,
+    distribute_ms       BIGINT,
+    first_transition_ms BIGINT,
+    second_transition_ms BIGINT,
+    nodes               BIGINT NOT NULL,
+    acked               BIGINT,
+    stale               BIGINT,
+    finished_at_ms      BIGINT,
+    outcome             TEXT CHECK (outcome IS NULL OR outcome IN ('Completed', 'Aborted', 'Superseded')),
+    outcome_detail      TEXT
+);
+
+CREATE TABLE audit (
+    id      BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    at_ms   BIGINT NOT NULL,
+    kind    TEXT NOT NULL,
+    node_id TEXT,
+    detail  TEXT NOT NULL DEFAULT 'null' CHECK (detail::jsonb IS NOT NULL)
+);
+"#;
+
+/// PostgreSQL version 2: the indexes of [`V2`] (same SQL).
+const PG_V2: &str = V2;
+
+/// The PostgreSQL migrations; `PG_MIGRATIONS[i]` brings version `i` to `i + 1`.
+pub(crate) const PG_MIGRATIONS: &[&str] = &[PG_V1, PG_V2];
+
 pub(crate) fn migrations() -> Migrations<'static> {
     Migrations::from_slice(MIGRATIONS)
 }
@@ -89,5 +165,10 @@ mod tests {
     #[test]
     fn migrations_are_valid() {
         super::migrations().validate().unwrap();
+    }
+
+    #[test]
+    fn both_engines_have_every_version() {
+        assert_eq!(super::PG_MIGRATIONS.len(), super::SCHEMA_VERSION);
     }
 }

@@ -1,35 +1,61 @@
+//! The store suite. [`suite!`] runs every test in it against both engines:
+//! `sqlite_engine::*` on a file in a temporary directory, `postgres_engine::*`
+//! on a fresh database of a real PostgreSQL server the tests start themselves
+//! ([`super::testpg`]). Then the tests of what only one engine has.
+
+use super::testpg;
 use super::*;
+use rusqlite::Connection;
 use serde_json::json;
 
-fn open() -> (tempfile::TempDir, Store) {
+/// What a test's table lives in, kept until the test ends.
+struct Fixture {
+    at: Location,
+    _dir: Option<tempfile::TempDir>,
+}
+
+fn open_sqlite() -> Option<(Fixture, Store)> {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(&dir.path().join("fleet.db")).unwrap();
-    (dir, store)
+    let at = Location::Sqlite(dir.path().join("fleet.db"));
+    let store = Store::open_at(&at).unwrap();
+    Some((
+        Fixture {
+            at,
+            _dir: Some(dir),
+        },
+        store,
+    ))
 }
 
-#[test]
-fn open_sets_wal_full_sync_foreign_keys_and_latest_schema() {
-    let (_d, s) = open();
-    let mode: String = s
-        .conn
-        .pragma_query_value(None, "journal_mode", |r| r.get(0))
-        .unwrap();
-    let sync: i64 = s
-        .conn
-        .pragma_query_value(None, "synchronous", |r| r.get(0))
-        .unwrap();
-    let fk: i64 = s
-        .conn
-        .pragma_query_value(None, "foreign_keys", |r| r.get(0))
-        .unwrap();
-    assert_eq!((mode.as_str(), sync, fk), ("wal", 2, 1));
-    assert_eq!(s.schema_version().unwrap(), SCHEMA_VERSION as i64);
-    assert_eq!(s.integrity_check().unwrap(), Ok(()));
+fn open_postgres() -> Option<(Fixture, Store)> {
+    let at = Location::Postgres(testpg::fresh_db()?);
+    let store = Store::open_at(&at).unwrap();
+    Some((Fixture { at, _dir: None }, store))
 }
 
+macro_rules! suite {
+    ($($tests:tt)*) => {
+        mod sqlite_engine {
+            use super::*;
+            fn open() -> Option<(Fixture, Store)> {
+                open_sqlite()
+            }
+            $($tests)*
+        }
+        mod postgres_engine {
+            use super::*;
+            fn open() -> Option<(Fixture, Store)> {
+                open_postgres()
+            }
+            $($tests)*
+        }
+    };
+}
+
+suite! {
 #[test]
 fn enroll_remove_and_reenroll() {
-    let (_d, mut s) = open();
+    let Some((_d, mut s)) = open() else { return };
     let a = s
         .enroll_node("a", "127.0.0.1:9001", "c0ffee", 1_000)
         .unwrap();
@@ -88,7 +114,7 @@ fn enroll_remove_and_reenroll() {
 
 #[test]
 fn key_history_records_sends_acks_and_retirement() {
-    let (_d, mut s) = open();
+    let Some((_d, mut s)) = open() else { return };
     for (i, id) in ["a", "b", "c"].iter().enumerate() {
         s.enroll_node(id, &format!("127.0.0.1:{}", 9000 + i), "ck", 0)
             .unwrap();
@@ -172,7 +198,7 @@ fn key_history_records_sends_acks_and_retirement() {
 
 #[test]
 fn a_failing_batch_changes_nothing() {
-    let (_d, mut s) = open();
+    let Some((_d, mut s)) = open() else { return };
     s.enroll_node("a", "h:1", "ck", 0).unwrap();
     let err = s
         .record_key_created(1, "chk", Trigger::Manual, &json!(null), &["a", "ghost"], 5)
@@ -197,7 +223,7 @@ fn a_failing_batch_changes_nothing() {
 
 #[test]
 fn rounds_record_phase_durations() {
-    let (_d, mut s) = open();
+    let Some((_d, mut s)) = open() else { return };
     s.enroll_node("a", "h:1", "ck", 0).unwrap();
     s.record_key_created(1, "chk", Trigger::Manual, &json!(null), &["a"], 100)
         .unwrap();
@@ -240,7 +266,7 @@ fn rounds_record_phase_durations() {
 
 #[test]
 fn addresses_must_be_host_port() {
-    let (_d, mut s) = open();
+    let Some((_d, mut s)) = open() else { return };
     for bad in ["h", "h:", ":7000", "h:0", "h:70000", "a b:1"] {
         assert!(
             matches!(
@@ -257,9 +283,85 @@ fn addresses_must_be_host_port() {
 }
 
 #[test]
+fn batch_commits_together_and_a_failed_call_inside_undoes_only_itself() {
+    let Some((_d, mut s)) = open() else { return };
+    s.batch(|s| {
+        s.enroll_node("a", "127.0.0.1:9001", "c0ffee", 1_000)?;
+        // Fails (unknown node): its savepoint rolls back, the batch goes on.
+        assert!(matches!(
+            s.node_seen(&["ghost"], 1_001),
+            Err(StoreError::UnknownNode(_))
+        ));
+        s.enroll_node("b", "127.0.0.1:9002", "beef01", 1_002)?;
+        Ok(())
+    })
+    .unwrap();
+    let ids: Vec<_> = s.nodes().unwrap().into_iter().map(|n| n.node_id).collect();
+    assert_eq!(ids, ["a", "b"]);
+    // A batch that returns an error leaves nothing behind.
+    let err = s.batch(|s| {
+        s.enroll_node("c", "127.0.0.1:9003", "0a0b0c", 1_003)?;
+        s.enroll_node("a", "127.0.0.1:9001", "c0ffee", 1_004)
+    });
+    assert!(matches!(err, Err(StoreError::AlreadyEnrolled(_))));
+    assert!(s.node("c").unwrap().is_none());
+    assert_eq!(s.integrity_check().unwrap(), Ok(()));
+}
+#[test]
+fn data_survives_reopen() {
+    let Some((d, mut s)) = open() else { return };
+    s.enroll_node("a", "h:1", "ck", 0).unwrap();
+    s.audit(
+        AuditKind::Refusal,
+        None,
+        &json!({"what": "unknown sender", "from": "10.0.0.9:7777"}),
+        5,
+    )
+    .unwrap();
+    drop(s);
+    let s = Store::open_at(&d.at).unwrap();
+    assert_eq!(s.nodes().unwrap().len(), 1);
+    let log = s.audit_log(0, 10).unwrap();
+    assert_eq!(log[1].kind, AuditKind::Refusal);
+    assert_eq!(log[1].detail["from"], "10.0.0.9:7777");
+    assert_eq!(s.schema_version().unwrap(), SCHEMA_VERSION as i64);
+    assert_eq!(s.integrity_check().unwrap(), Ok(()));
+}
+
+}
+
+// ----- SQLite only -----
+
+fn open_sqlite_engine() -> (tempfile::TempDir, SqliteEngine) {
+    let dir = tempfile::tempdir().unwrap();
+    let e = SqliteEngine::open(&dir.path().join("fleet.db")).unwrap();
+    (dir, e)
+}
+
+#[test]
+fn open_sets_wal_full_sync_foreign_keys_and_latest_schema() {
+    let (_d, s) = open_sqlite_engine();
+    let mode: String = s
+        .conn
+        .pragma_query_value(None, "journal_mode", |r| r.get(0))
+        .unwrap();
+    let sync: i64 = s
+        .conn
+        .pragma_query_value(None, "synchronous", |r| r.get(0))
+        .unwrap();
+    let fk: i64 = s
+        .conn
+        .pragma_query_value(None, "foreign_keys", |r| r.get(0))
+        .unwrap();
+    assert_eq!((mode.as_str(), sync, fk), ("wal", 2, 1));
+    assert_eq!(s.schema_version().unwrap(), SCHEMA_VERSION as i64);
+    assert_eq!(s.integrity_check().unwrap(), Ok(()));
+}
+
+#[test]
 fn database_files_are_owner_only() {
     use std::os::unix::fs::PermissionsExt;
-    let (d, mut s) = open();
+    let (d, mut s) = open_sqlite_engine();
     s.enroll_node("a", "h:1", "ck", 0).unwrap();
     for name in ["fleet.db", "fleet.db-wal", "fleet.db-shm"] {
         let mode = std::fs::metadata(d.path().join(name))
@@ -269,28 +371,6 @@ fn database_files_are_owner_only() {
             & 0o777;
         assert_eq!(mode, 0o600, "{name}");
     }
-}
-
-#[test]
-fn data_survives_reopen() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("fleet.db");
-    {
-        let mut s = Store::open(&path).unwrap();
-        s.enroll_node("a", "h:1", "ck", 0).unwrap();
-        s.audit(
-            AuditKind::Refusal,
-            None,
-            &json!({"what": "unknown sender", "from": "10.0.0.9:7777"}),
-            5,
-        )
-        .unwrap();
-    }
-    let s = Store::open(&path).unwrap();
-    assert_eq!(s.nodes().unwrap().len(), 1);
-    let log = s.audit_log(0, 10).unwrap();
-    assert_eq!(log[1].kind, AuditKind::Refusal);
-    assert_eq!(log[1].detail["from"], "10.0.0.9:7777");
 }
 
 #[test]
@@ -311,7 +391,7 @@ fn migrates_a_version_1_database_keeping_its_rows() {
             .unwrap();
         assert_eq!(v, 1);
     }
-    let s = Store::open(&path).unwrap();
+    let s = SqliteEngine::open(&path).unwrap();
     assert_eq!(s.schema_version().unwrap(), 2);
     let n = s.node("old").unwrap().unwrap();
     assert_eq!((n.state, n.enrolled_at_ms), (NodeState::UpdateCompleted, 5));
@@ -346,30 +426,4 @@ fn refuses_a_file_that_is_not_a_database() {
     std::fs::write(&path, vec![b'x'; 4096]).unwrap();
     let msg = Store::open(&path).unwrap_err().to_string();
     assert!(msg.contains("fleet.db"), "{msg}");
-}
-
-#[test]
-fn batch_commits_together_and_a_failed_call_inside_undoes_only_itself() {
-    let (_d, mut s) = open();
-    s.batch(|s| {
-        s.enroll_node("a", "127.0.0.1:9001", "c0ffee", 1_000)?;
-        // Fails (unknown node): its savepoint rolls back, the batch goes on.
-        assert!(matches!(
-            s.node_seen(&["ghost"], 1_001),
-            Err(StoreError::UnknownNode(_))
-        ));
-        s.enroll_node("b", "127.0.0.1:9002", "beef01", 1_002)?;
-        Ok(())
-    })
-    .unwrap();
-    let ids: Vec<_> = s.nodes().unwrap().into_iter().map(|n| n.node_id).collect();
-    assert_eq!(ids, ["a", "b"]);
-    // A batch that returns an error leaves nothing behind.
-    let err = s.batch(|s| {
-        s.enroll_node("c", "127.0.0.1:9003", "0a0b0c", 1_003)?;
-        s.enroll_node("a", "127.0.0.1:9001", "c0ffee", 1_004)
-    });
-    assert!(matches!(err, Err(StoreError::AlreadyEnrolled(_))));
-    assert!(s.node("c").unwrap().is_none());
-    assert_eq!(s.integrity_check().unwrap(), Ok(()));
 }
