@@ -48,6 +48,31 @@ pub struct Config {
     pub secrets: SecretsConfig,
     pub rekey: RekeyConfig,
     pub audit: AuditConfig,
+    pub store: StoreConfig,
+}
+
+/// `[store]`: where the management table is.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreConfig {
+    /// `postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE` for a PostgreSQL
+    /// table (several controllers and installers can share it); unset: the
+    /// embedded SQLite file `fleet.db` in the state directory.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// How long `serve` goes on while the table cannot be written (ms): it
+    /// holds back the sends of each pass whose rows were not written and
+    /// retries the rows every second; past this it stops with an error.
+    pub max_outage_ms: u64,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            url: None,
+            max_outage_ms: 30_000,
+        }
+    }
 }
 
 /// `[network]`: where the fleet is.
@@ -253,6 +278,15 @@ impl Config {
                 reason: "a percentage is at most 100",
             });
         }
+        if let Some(u) = &self.store.url {
+            if crate::store::Location::from_config(Some(u), std::path::Path::new("")).is_err() {
+                return Err(ConfigError::Value {
+                    key: "store.url",
+                    value: crate::store::postgres::redact(u),
+                    reason: "not postgres://USER@HOST:PORT/DATABASE (leave it out for the embedded SQLite table)",
+                });
+            }
+        }
         if self.audit.refusal_max_sources == 0 {
             return Err(ConfigError::Value {
                 key: "audit.refusal_max_sources",
@@ -295,13 +329,14 @@ impl Config {
     /// The default configuration as a commented TOML file.
     pub fn default_toml() -> String {
         let d = Config::default();
-        let (n, r, t, s, k, a) = (
+        let (n, r, t, s, k, a, st) = (
             &d.network,
             &d.round,
             &d.triggers,
             &d.secrets,
             &d.rekey,
             &d.audit,
+            &d.store,
         );
         format!(
             r#"# keyfleet controller configuration (all defaults shown).
@@ -360,7 +395,16 @@ linger_ms = {lg}
 refusal_window_ms = {rw}
 # Source addresses tracked at once; beyond them, one "other sources" count per kind.
 refusal_max_sources = {rms}
+
+[store]
+# The management table. Left out: the embedded SQLite file fleet.db in the
+# state directory (nothing to install). A PostgreSQL database instead:
+# url = "postgres://keyfleet@db.example.lan:5432/keyfleet"
+# serve goes on this long while the table cannot be written (ms), sending
+# nothing whose rows were not written; then it stops with an error.
+max_outage_ms = {mo}
 "#,
+            mo = st.max_outage_ms,
             group = n.group,
             iface = n.iface,
             listen_port = n.listen_port,

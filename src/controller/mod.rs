@@ -39,7 +39,7 @@ use crate::protocol::{
 };
 use crate::secrets::{self, Passphrase, SealParams, SecretsError};
 use crate::statefile::{self, StateFileError};
-use crate::store::{Store, StoreError};
+use crate::store::{Location, Store, StoreError};
 use crate::wire::{NodeId, RoundPhase};
 
 use table::Table;
@@ -72,6 +72,17 @@ pub enum ControllerError {
     Restore(#[from] RestoreError),
     #[error(transparent)]
     Command(#[from] CommandError),
+    #[error(
+        "the management table could not be written for {for_ms} ms ({pending} records held \
+         back, no message sent meanwhile; the last error: {last}); stopped. The controller \
+         state file has every change: start `keyfleet serve` again once the table is \
+         writable (it reconciles the table on start)"
+    )]
+    TableDown {
+        for_ms: u64,
+        pending: usize,
+        last: StoreError,
+    },
 }
 
 type Result<T> = std::result::Result<T, ControllerError>;
@@ -138,14 +149,20 @@ impl StateDir {
         }
     }
 
+    /// Where the management table is: `store.url` (from the config) or the
+    /// SQLite file in this directory.
+    pub fn table_at(&self, store_url: Option<&str>) -> Result<Location> {
+        Ok(Location::from_config(store_url, &self.database())?)
+    }
+
     /// Opens the management table for reading (`status`, `history`).
-    pub fn open_table(&self) -> Result<Store> {
+    pub fn open_table(&self, store_url: Option<&str>) -> Result<Store> {
         if !self.is_initialised() {
             return Err(ControllerError::NotInitialised {
                 dir: self.dir.clone(),
             });
         }
-        Ok(Store::open(&self.database())?)
+        Ok(Store::open_at(&self.table_at(store_url)?)?)
     }
 }
 
@@ -275,6 +292,12 @@ fn timer_id(t: ControllerTimer) -> u8 {
 /// refusals, when its summary row is due ([`table`]).
 const REFUSAL_TIMER: u8 = 2;
 
+/// The shell's timer to write again the records of a pass whose batch failed.
+const TABLE_RETRY_TIMER: u8 = 3;
+
+/// How often the records of a failed batch are tried again (ms).
+const TABLE_RETRY_MS: u64 = 1_000;
+
 fn timer_of(id: u8) -> ControllerTimer {
     if id == 0 {
         ControllerTimer::Round
@@ -297,7 +320,7 @@ pub fn init(opts: &Options) -> Result<InitReport> {
     let now = Time(Clock::wall().now_ms());
     let mut out = Vec::new();
     let machine = ControllerMachine::new(opts.config.controller(), now, &mut OsRng, &mut out);
-    let store = Store::open(&st.database())?;
+    let store = Store::open_at(&st.table_at(opts.config.store.url.as_deref())?)?;
     let mut table = Table::new(store)?;
     save(opts, &machine.snapshot())?;
     let records: Vec<Record> = out
@@ -358,6 +381,8 @@ pub struct Controller {
     /// The passphrase's sealing key, derived (Argon2id) at the first persist
     /// and reused: a sealed controller does not pay the KDF on every pass.
     seal_key: Option<secrets::SealKey>,
+    /// Since when the management table cannot be written (None: it can).
+    table_down_since: Option<u64>,
     _lock: DirLock,
 }
 
@@ -378,7 +403,8 @@ impl Controller {
         let now = clock.now_ms();
         let machine = ControllerMachine::restore(&snap, opts.config.controller(), Time(now))?;
         let audit = &opts.config.audit;
-        let mut table = Table::new(Store::open(&st.database())?)?
+        let at = st.table_at(opts.config.store.url.as_deref())?;
+        let mut table = Table::new(Store::open_at(&at)?)?
             .with_refusal_window(audit.refusal_window_ms, audit.refusal_max_sources);
         table.reconcile(&snap, now)?;
         if let Some(r) = &snap.core.round {
@@ -394,6 +420,7 @@ impl Controller {
             finished: Vec::new(),
             waiters: Vec::new(),
             seal_key: None,
+            table_down_since: None,
             _lock: lock,
         })
     }
@@ -464,12 +491,10 @@ impl Controller {
                 _ => {}
             }
         }
-        if let Err(e) = self
+        let written = self
             .table
-            .write(&records, &self.machine, self.clock.now_ms())
-        {
-            tracing::error!(error = %e, "management table: a batch of {} records was not written", records.len());
-        }
+            .write(&records, &self.machine, self.clock.now_ms());
+        let table_ok = self.table_written(written)?;
         self.arm_refusal_timer();
         for r in &records {
             log_record(r);
@@ -497,7 +522,19 @@ impl Controller {
                 });
             }
         }
-        // (3) Sends.
+        // (3) Sends, only once the pass's rows are in the table: a controller
+        // that cannot write its table (a full or read-only disk, a lost
+        // database server, and with a shared table perhaps a lost lease) moves
+        // nobody. What is held back is resent by the round's retries.
+        if !table_ok {
+            if !sends.is_empty() {
+                tracing::warn!(
+                    count = sends.len(),
+                    "management table not written: this pass's messages are not sent"
+                );
+            }
+            return Ok(());
+        }
         match net {
             Some(t) => {
                 for (to, bytes) in sends {
@@ -632,6 +669,8 @@ impl Controller {
                 for id in fired {
                     if id == REFUSAL_TIMER {
                         self.close_refusal_windows();
+                    } else if id == TABLE_RETRY_TIMER {
+                        self.retry_table()?;
                     } else {
                         let _ = self.feed(ControllerInput::Timer(timer_of(id)));
                     }
@@ -639,6 +678,58 @@ impl Controller {
             }
         }
         Ok(())
+    }
+
+    /// Acts on the outcome of a table write: `Ok(true)` when the table holds
+    /// every record so far; `Ok(false)` while it cannot be written (the
+    /// records are held by the table, a retry is armed, sends are held back);
+    /// [`ControllerError::TableDown`] once that lasted `store.max_outage_ms`.
+    fn table_written(&mut self, r: std::result::Result<(), StoreError>) -> Result<bool> {
+        let now = self.clock.now_ms();
+        match r {
+            Ok(()) => {
+                if let Some(since) = self.table_down_since.take() {
+                    tracing::info!(
+                        down_ms = now.saturating_sub(since),
+                        "management table writable again; the held-back records are written"
+                    );
+                    self.timers.cancel(&TABLE_RETRY_TIMER);
+                }
+                Ok(true)
+            }
+            Err(e) => {
+                let since = *self.table_down_since.get_or_insert(now);
+                let for_ms = now.saturating_sub(since);
+                let pending = self.table.pending();
+                if for_ms >= self.opts.config.store.max_outage_ms {
+                    tracing::error!(error = %e, for_ms, pending, "management table unwritable too long; stopping");
+                    return Err(ControllerError::TableDown {
+                        for_ms,
+                        pending,
+                        last: e,
+                    });
+                }
+                tracing::error!(
+                    error = %e,
+                    pending,
+                    for_ms,
+                    "management table not written; sends held back, retrying every {TABLE_RETRY_MS} ms"
+                );
+                self.timers.arm(TABLE_RETRY_TIMER, now + TABLE_RETRY_MS);
+                Ok(false)
+            }
+        }
+    }
+
+    /// Whether the management table holds every record so far.
+    pub fn table_healthy(&self) -> bool {
+        self.table_down_since.is_none()
+    }
+
+    /// Writes again the records of the passes whose batch failed.
+    fn retry_table(&mut self) -> Result<()> {
+        let r = self.table.write(&[], &self.machine, self.clock.now_ms());
+        self.table_written(r).map(drop)
     }
 
     /// Writes the summaries of the refusal windows that have passed.
@@ -1062,7 +1153,12 @@ mod tests {
             );
             assert!(c.timers.deadline(&REFUSAL_TIMER).is_some());
         }
-        let rows = opts.state.open_table().unwrap().audit_log(0, 1000).unwrap();
+        let rows = opts
+            .state
+            .open_table(None)
+            .unwrap()
+            .audit_log(0, 1000)
+            .unwrap();
         let sums: Vec<_> = rows
             .iter()
             .filter(|r| r.kind == crate::store::AuditKind::RefusalSummary)
@@ -1105,5 +1201,88 @@ mod tests {
         assert_eq!(nodes[0].node_id, "late");
         assert_eq!(nodes[0].key_check, InitialKey([9; 16]).fingerprint());
         assert_eq!(c.store().current_epoch().unwrap(), Some(1));
+    }
+
+    /// Enrolls `id` through the controller (a pass: snapshot, rows).
+    async fn enroll_one(c: &mut Controller, id: &str, port: u16) -> Result<EnrollReport> {
+        c.enroll(
+            NodeId::parse(id).unwrap(),
+            InitialKey([port as u8; 16]),
+            format!("127.0.0.1:{port}").parse().unwrap(),
+        )
+        .await
+    }
+
+    #[tokio::test]
+    async fn a_table_that_cannot_be_written_holds_the_pass_back_and_gets_its_rows_later() {
+        // A real PostgreSQL server of this test's own, stopped and started again.
+        let mut pg = match crate::store::testpg::PgServer::start() {
+            Ok(pg) => pg,
+            Err(why) if std::env::var_os(crate::store::testpg::REQUIRE_ENV).is_some() => {
+                panic!("no PostgreSQL server: {why}")
+            }
+            Err(why) => return eprintln!("skipping: no PostgreSQL server: {why}"),
+        };
+        let url = pg.create_db();
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = Config::default();
+        config.store.url = Some(url.clone());
+        let opts = Options::new(StateDir::new(dir.path().join("kf")), config);
+        init(&opts).unwrap();
+        let mut c = Controller::open(opts.clone()).unwrap();
+        enroll_one(&mut c, "n1", 9001).await.unwrap();
+        assert!(c.table_healthy());
+
+        pg.stop();
+        // The enrollment is the controller's (its state file), but its rows
+        // are not written: the pass is held back and the controller says so.
+        enroll_one(&mut c, "n2", 9002).await.unwrap();
+        assert!(!c.table_healthy());
+        let held = c.table.pending();
+        assert!(held >= 1, "the enrollment's record is held");
+        assert!(c.timers.deadline(&TABLE_RETRY_TIMER).is_some());
+        // A retry while the server is still down fails again and holds on.
+        c.retry_table().unwrap();
+        assert!(!c.table_healthy());
+        println!("server stopped: {held} records held back");
+
+        pg.launch().unwrap();
+        c.retry_table().unwrap();
+        assert!(c.table_healthy());
+        assert_eq!(c.table.pending(), 0);
+        assert!(c.timers.deadline(&TABLE_RETRY_TIMER).is_none());
+        let ids: Vec<_> = c
+            .store()
+            .nodes()
+            .unwrap()
+            .into_iter()
+            .map(|n| (n.node_id, n.member_no))
+            .collect();
+        assert_eq!(ids, [("n1".to_string(), 1), ("n2".to_string(), 2)]);
+        let enrolments = c
+            .store()
+            .audit_log(0, 100)
+            .unwrap()
+            .into_iter()
+            .filter(|r| r.kind == crate::store::AuditKind::Enrollment)
+            .count();
+        assert_eq!(enrolments, 2, "each enrollment written once");
+        assert_eq!(c.store().integrity_check().unwrap(), Ok(()));
+        drop(c);
+
+        // Down longer than store.max_outage_ms: the controller stops with an
+        // error that says so (serve exits non-zero).
+        let mut strict = opts.clone();
+        strict.config.store.max_outage_ms = 0;
+        let mut c = Controller::open(strict).unwrap();
+        pg.stop();
+        let err = enroll_one(&mut c, "n3", 9003).await.unwrap_err();
+        assert!(matches!(err, ControllerError::TableDown { .. }), "{err}");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("could not be written") && msg.contains("serve"),
+            "{msg}"
+        );
+        println!("{msg}");
     }
 }

@@ -1,9 +1,12 @@
 //! The controller's [`Record`] events as rows of the management table.
 //!
 //! One loop pass of the driver hands its records over in one call, written in
-//! one [`Store::batch`] (one SQLite commit, one fsync). A record that cannot be
-//! written (say, a row the database lost) is logged and the rest of the batch
-//! goes on. [`Table::reconcile`] brings the table in line with the restored
+//! one [`Store::batch`] (one commit). A record refused for what it says (say,
+//! a row the database lost: an unknown node) is logged and the rest of the
+//! batch goes on. A record the engine could not write (disk, connection,
+//! server) fails the whole batch: nothing of it is kept, [`Table::write`]
+//! returns the error and keeps the records to write first next time, and the
+//! controller holds back that pass's sends (see `Controller::flush`). [`Table::reconcile`] brings the table in line with the restored
 //! controller state after a crash between the state file and the table.
 //!
 //! Refused datagrams are rate-counted ([`RateCounter`]): the first of a kind
@@ -171,6 +174,9 @@ pub struct Table {
     rounds: HashMap<u32, i64>,
     /// Refusals counted, not written one by one.
     refusals: RateCounter,
+    /// Records of passes whose batch failed, oldest first: written before
+    /// anything newer, in the next batch that succeeds.
+    pending: Vec<Record>,
 }
 
 impl Table {
@@ -185,6 +191,7 @@ impl Table {
             store,
             rounds,
             refusals: RateCounter::default(),
+            pending: Vec::new(),
         })
     }
 
@@ -342,9 +349,40 @@ impl Table {
         })
     }
 
+    /// Records not yet written because their batch failed.
+    pub fn pending(&self) -> usize {
+        self.pending.len()
+    }
+
     /// Writes one pass's records in one transaction, with the summaries of
-    /// the refusal windows that have passed at `now_ms`.
+    /// the refusal windows that have passed at `now_ms`, after the records of
+    /// earlier passes that could not be written ([`Table::pending`]). When the
+    /// batch fails (the engine could not write; nothing of it is kept), the
+    /// records are kept for the next call and the error is returned: the
+    /// caller must not act as if they were written.
     pub fn write(
+        &mut self,
+        records: &[Record],
+        machine: &ControllerMachine,
+        now_ms: u64,
+    ) -> Result<()> {
+        if self.pending.is_empty() {
+            let r = self.write_batch(records, machine, now_ms);
+            if r.is_err() {
+                self.pending = records.to_vec();
+            }
+            return r;
+        }
+        let mut all = std::mem::take(&mut self.pending);
+        all.extend_from_slice(records);
+        let r = self.write_batch(&all, machine, now_ms);
+        if r.is_err() {
+            self.pending = all;
+        }
+        r
+    }
+
+    fn write_batch(
         &mut self,
         records: &[Record],
         machine: &ControllerMachine,
@@ -369,8 +407,10 @@ impl Table {
             member_ids: &member_ids,
             round: machine.round(),
         };
+        // The round ids of a batch that fails are rolled back with it.
+        let rounds_before = self.rounds.clone();
         let (rounds, refusals) = (&mut self.rounds, &mut self.refusals);
-        self.store.batch(|s| {
+        let r = self.store.batch(|s| {
             write_summaries(s, &closed);
             for r in records {
                 if let Some((at, ip, kind)) = rate_counted(r) {
@@ -385,7 +425,11 @@ impl Table {
                 write_one(s, rounds, r, &ctx);
             }
             Ok(())
-        })
+        });
+        if r.is_err() {
+            self.rounds = rounds_before;
+        }
+        r
     }
 }
 

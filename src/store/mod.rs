@@ -78,11 +78,13 @@ pub enum StoreError {
     )]
     BadUrl(String),
     #[error(
-        "cannot connect to the management table at {url}: {source}; check store.url, that \
+        "cannot connect to the management table at {url}: {detail}; check store.url, that \
          the server runs and that it accepts this user"
     )]
     Connect {
         url: String,
+        /// The error with its causes (the server's refusal, the socket's error).
+        detail: String,
         #[source]
         source: tokio_postgres::Error,
     },
@@ -97,6 +99,8 @@ pub enum StoreError {
     Driver(#[source] std::io::Error),
     #[error("management table (PostgreSQL): {0}")]
     Postgres(#[from] tokio_postgres::Error),
+    #[error("the management table {at} could not be written ({cause}); the batch was rolled back")]
+    BatchFailed { at: String, cause: String },
     #[error("node {0:?} is already enrolled; remove it first to enroll it again")]
     AlreadyEnrolled(String),
     #[error("node {0:?} is not enrolled; `keyfleet status` lists the enrolled nodes")]
@@ -116,6 +120,48 @@ pub enum StoreError {
 }
 
 type Result<T> = std::result::Result<T, StoreError>;
+
+/// An error and its causes, `: `-separated.
+pub(crate) fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let t = c.to_string();
+        if !out.contains(&t) {
+            out.push_str(": ");
+            out.push_str(&t);
+        }
+        cur = c.source();
+    }
+    out
+}
+
+impl StoreError {
+    /// The engine could not do what was asked (a disk, a file, a connection,
+    /// the server), as opposed to a row refused for what it says (unknown node,
+    /// epoch already there, a constraint). A batch in which one happens is
+    /// rolled back whole ([`Store::batch`]).
+    pub fn is_engine_failure(&self) -> bool {
+        match self {
+            StoreError::Sql(rusqlite::Error::SqliteFailure(f, _)) => {
+                f.code != rusqlite::ErrorCode::ConstraintViolation
+            }
+            StoreError::Sql(rusqlite::Error::SqlInputError { .. }) => false,
+            StoreError::Sql(_) => true,
+            StoreError::Postgres(e) => e
+                .code()
+                .is_none_or(|c| !c.code().starts_with("23") && !c.code().starts_with("22")),
+            StoreError::Create { .. }
+            | StoreError::Open { .. }
+            | StoreError::Migrate { .. }
+            | StoreError::Connect { .. }
+            | StoreError::PgMigrate { .. }
+            | StoreError::Driver(_)
+            | StoreError::BatchFailed { .. } => true,
+            _ => false,
+        }
+    }
+}
 
 macro_rules! text_enum {
     ($(#[$m:meta])* $name:ident { $($(#[$vm:meta])* $v:ident),+ $(,)? }) => {
@@ -440,6 +486,9 @@ impl Location {
 /// The management table: one engine behind [`Engine`].
 pub struct Store {
     engine: Box<dyn Engine>,
+    /// Inside a batch: the first engine failure, which fails the whole batch.
+    failed: Option<String>,
+    in_batch: bool,
 }
 
 impl std::fmt::Debug for Store {
@@ -474,7 +523,22 @@ impl Store {
     }
 
     pub fn with_engine(engine: Box<dyn Engine>) -> Store {
-        Store { engine }
+        Store {
+            engine,
+            failed: None,
+            in_batch: false,
+        }
+    }
+
+    /// Notes an engine failure inside a batch (a row refused for its content
+    /// only fails its own call).
+    fn note<T>(&mut self, r: Result<T>) -> Result<T> {
+        if let Err(e) = &r {
+            if self.in_batch && self.failed.is_none() && e.is_engine_failure() {
+                self.failed = Some(e.to_string());
+            }
+        }
+        r
     }
 
     /// Where the table is (a file path, or the URL without its password).
@@ -496,9 +560,26 @@ impl Store {
     /// commits together (one commit, one fsync), or not at all when it returns
     /// an error or the commit fails. (Each method is atomic on its own and nests
     /// inside the batch; one that fails inside the batch undoes only its own rows.)
+    ///
+    /// A call inside that fails because the engine failed (disk, connection;
+    /// see [`StoreError::is_engine_failure`]) fails the whole batch, even when
+    /// `f` went on: the batch then returns [`StoreError::BatchFailed`] and
+    /// nothing of it is kept, so a caller never takes a half-written pass for
+    /// a written one.
     pub fn batch<R>(&mut self, f: impl FnOnce(&mut Store) -> Result<R>) -> Result<R> {
         self.engine.begin()?;
-        match f(self) {
+        self.in_batch = true;
+        self.failed = None;
+        let r = f(self);
+        self.in_batch = false;
+        let r = match (r, self.failed.take()) {
+            (Ok(_), Some(cause)) => Err(StoreError::BatchFailed {
+                at: self.engine.describe(),
+                cause,
+            }),
+            (r, _) => r,
+        };
+        match r {
             Ok(r) => match self.engine.commit() {
                 Ok(()) => Ok(r),
                 Err(e) => {
@@ -525,18 +606,21 @@ impl Store {
         now_ms: u64,
     ) -> Result<NodeRecord> {
         check_address(address)?;
-        self.engine.enroll_node(node_id, address, key_check, now_ms)
+        let r = self.engine.enroll_node(node_id, address, key_check, now_ms);
+        self.note(r)
     }
 
     /// Marks a node removed (it keeps its row and history); audits it.
     pub fn remove_node(&mut self, node_id: &str, reason: &str, now_ms: u64) -> Result<()> {
-        self.engine.remove_node(node_id, reason, now_ms)
+        let r = self.engine.remove_node(node_id, reason, now_ms);
+        self.note(r)
     }
 
     /// Updates the address of an enrolled node.
     pub fn set_address(&mut self, node_id: &str, address: &str) -> Result<()> {
         check_address(address)?;
-        self.engine.set_address(node_id, address)
+        let r = self.engine.set_address(node_id, address);
+        self.note(r)
     }
 
     /// Records the state and epoch the given nodes reported, and that they were
@@ -548,13 +632,16 @@ impl Store {
         epoch: Option<u64>,
         now_ms: u64,
     ) -> Result<()> {
-        self.engine
-            .set_node_state(&strs(node_ids), state, epoch, now_ms)
+        let r = self
+            .engine
+            .set_node_state(&strs(node_ids), state, epoch, now_ms);
+        self.note(r)
     }
 
     /// Records that the given nodes were heard from at `now_ms`.
     pub fn node_seen<S: AsRef<str>>(&mut self, node_ids: &[S], now_ms: u64) -> Result<()> {
-        self.engine.node_seen(&strs(node_ids), now_ms)
+        let r = self.engine.node_seen(&strs(node_ids), now_ms);
+        self.note(r)
     }
 
     /// Marks a node stale (left out of the round of `epoch`), with a `Stale` audit entry.
@@ -565,7 +652,8 @@ impl Store {
         reason: &str,
         now_ms: u64,
     ) -> Result<()> {
-        self.engine.set_stale(node_id, true, epoch, reason, now_ms)
+        let r = self.engine.set_stale(node_id, true, epoch, reason, now_ms);
+        self.note(r)
     }
 
     /// Clears a node's stale flag (it came back), with a `Rejoin` audit entry.
@@ -576,7 +664,8 @@ impl Store {
         reason: &str,
         now_ms: u64,
     ) -> Result<()> {
-        self.engine.set_stale(node_id, false, epoch, reason, now_ms)
+        let r = self.engine.set_stale(node_id, false, epoch, reason, now_ms);
+        self.note(r)
     }
 
     /// One node, removed or not.
@@ -608,14 +697,15 @@ impl Store {
         recipients: &[S],
         now_ms: u64,
     ) -> Result<()> {
-        self.engine.record_key_created(
+        let r = self.engine.record_key_created(
             epoch,
             check_value,
             trigger,
             trigger_detail,
             &strs(recipients),
             now_ms,
-        )
+        );
+        self.note(r)
     }
 
     /// Records that the key of `epoch` was sent (again) to the given nodes.
@@ -626,7 +716,8 @@ impl Store {
         node_ids: &[S],
         now_ms: u64,
     ) -> Result<()> {
-        self.engine.record_sent(epoch, &strs(node_ids), now_ms)
+        let r = self.engine.record_sent(epoch, &strs(node_ids), now_ms);
+        self.note(r)
     }
 
     /// Records the key update replies of the given nodes for `epoch` (the first
@@ -637,13 +728,15 @@ impl Store {
         node_ids: &[S],
         now_ms: u64,
     ) -> Result<()> {
-        self.engine.record_ack(epoch, &strs(node_ids), now_ms)
+        let r = self.engine.record_ack(epoch, &strs(node_ids), now_ms);
+        self.note(r)
     }
 
     /// Records that the key of `epoch` was dropped by the fleet (after the second
     /// transition of the round that replaced it).
     pub fn retire_key(&mut self, epoch: u64, now_ms: u64) -> Result<()> {
-        self.engine.retire_key(epoch, now_ms)
+        let r = self.engine.retire_key(epoch, now_ms);
+        self.note(r)
     }
 
     /// The newest epoch in the key history.
@@ -660,12 +753,14 @@ impl Store {
 
     /// Starts a round for the key of `epoch` over `nodes` nodes, in phase `Distribute`.
     pub fn round_started(&mut self, epoch: u64, nodes: u64, now_ms: u64) -> Result<i64> {
-        self.engine.round_started(epoch, nodes, now_ms)
+        let r = self.engine.round_started(epoch, nodes, now_ms);
+        self.note(r)
     }
 
     /// Moves round `id` to `phase`, recording how long the phase it leaves lasted.
     pub fn round_phase(&mut self, id: i64, phase: Phase, now_ms: u64) -> Result<()> {
-        self.engine.round_phase(id, phase, now_ms)
+        let r = self.engine.round_phase(id, phase, now_ms);
+        self.note(r)
     }
 
     /// Ends round `id`: closes its current phase, records the outcome and counts.
@@ -678,8 +773,10 @@ impl Store {
         stale: u64,
         now_ms: u64,
     ) -> Result<()> {
-        self.engine
-            .round_finished(id, outcome, detail, acked, stale, now_ms)
+        let r = self
+            .engine
+            .round_finished(id, outcome, detail, acked, stale, now_ms);
+        self.note(r)
     }
 
     /// All rounds, oldest first.
@@ -702,7 +799,8 @@ impl Store {
         detail: &serde_json::Value,
         now_ms: u64,
     ) -> Result<i64> {
-        self.engine.audit(kind, node_id, detail, now_ms)
+        let r = self.engine.audit(kind, node_id, detail, now_ms);
+        self.note(r)
     }
 
     /// Audit entries with an id greater than `after_id`, oldest first, at most `limit`.

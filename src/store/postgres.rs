@@ -108,6 +108,7 @@ fn open_conn(config: &tokio_postgres::Config, shown: &str) -> Result<Conn> {
         Ok(Ok(client)) => Ok(Conn { client }),
         Ok(Err(StoreError::Postgres(source))) => Err(StoreError::Connect {
             url: shown.to_owned(),
+            detail: chain(&source),
             source,
         }),
         Ok(Err(e)) => Err(e),
@@ -148,10 +149,12 @@ impl PgEngine {
             return Err(StoreError::BadUrl(shown));
         }
         let mut config: tokio_postgres::Config =
-            url.parse().map_err(|source| StoreError::Connect {
-                url: shown.clone(),
-                source,
-            })?;
+            url.parse()
+                .map_err(|source: tokio_postgres::Error| StoreError::Connect {
+                    url: shown.clone(),
+                    detail: chain(&source),
+                    source,
+                })?;
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(Duration::from_secs(10));
         }

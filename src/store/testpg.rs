@@ -134,6 +134,16 @@ impl PgServer {
             port,
             child: None,
         };
+        server.launch()?;
+        Ok(server)
+    }
+
+    /// Starts the server of this cluster (again) and waits until it answers.
+    pub fn launch(&mut self) -> Result<(), String> {
+        let server = self;
+        let bin = bin_dir()?;
+        let data = server.dir.join("data");
+        let port = server.port;
         let mut c = as_pg_user(&bin.join("postgres"));
         c.arg("-D")
             .arg(&data)
@@ -155,7 +165,7 @@ impl PgServer {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             match admin(&server.url("postgres"), "SELECT 1") {
-                Ok(()) => return Ok(server),
+                Ok(()) => return Ok(()),
                 Err(e) if Instant::now() > deadline => {
                     let log =
                         std::fs::read_to_string(server.dir.join("server.log")).unwrap_or_default();
@@ -180,7 +190,8 @@ impl PgServer {
         self.url(&name)
     }
 
-    /// Stops the server (fast shutdown: open connections are cut).
+    /// Stops the server (fast shutdown: open connections are cut); the
+    /// cluster stays, [`PgServer::launch`] starts it again.
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
             // The server runs as another user: signal it through kill(1) as root.
@@ -199,8 +210,16 @@ impl Drop for PgServer {
     }
 }
 
-/// Runs `sql` on `url` with a connection of its own (test set-up only).
+/// Runs `sql` on `url` with a connection of its own (test set-up only), on a
+/// thread of its own so that it may be called from inside a tokio test.
 pub fn admin(url: &str, sql: &str) -> Result<(), String> {
+    let (url, sql) = (url.to_owned(), sql.to_owned());
+    std::thread::spawn(move || admin_here(&url, &sql))
+        .join()
+        .map_err(|_| "the set-up thread panicked".to_owned())?
+}
+
+fn admin_here(url: &str, sql: &str) -> Result<(), String> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

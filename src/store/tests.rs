@@ -427,3 +427,59 @@ fn refuses_a_file_that_is_not_a_database() {
     let msg = Store::open(&path).unwrap_err().to_string();
     assert!(msg.contains("fleet.db"), "{msg}");
 }
+
+// ----- PostgreSQL only -----
+
+#[test]
+fn postgres_refuses_a_table_from_a_newer_keyfleet_and_migrates_a_version_1_table() {
+    let Some(pg) = testpg::shared() else { return };
+    let url = pg.create_db();
+    drop(Store::connect(&url).unwrap());
+    testpg::admin(&url, "UPDATE keyfleet_schema SET version = 99").unwrap();
+    let err = Store::connect(&url).unwrap_err();
+    assert!(matches!(err, StoreError::TooNew { found: 99, .. }), "{err}");
+    assert!(err.to_string().contains("upgrade keyfleet"), "{err}");
+
+    // A table at version 1 with a row: the migration keeps it and adds version 2.
+    let url = pg.create_db();
+    testpg::admin(
+        &url,
+        &format!(
+            "CREATE TABLE keyfleet_schema (one BOOLEAN PRIMARY KEY DEFAULT true CHECK (one),
+                                           version INTEGER NOT NULL CHECK (version >= 0));
+             INSERT INTO keyfleet_schema VALUES (true, 1);
+             {}
+             INSERT INTO nodes (node_id, member_no, address, key_check, state, enrolled_at_ms)
+             VALUES ('old', 1, 'h:1', 'ck', 'UpdateCompleted', 5);",
+            schema::PG_MIGRATIONS[0]
+        ),
+    )
+    .unwrap();
+    let s = Store::connect(&url).unwrap();
+    assert_eq!(s.schema_version().unwrap(), SCHEMA_VERSION as i64);
+    let n = s.node("old").unwrap().unwrap();
+    assert_eq!((n.state, n.enrolled_at_ms), (NodeState::UpdateCompleted, 5));
+}
+
+#[test]
+fn postgres_urls_are_checked_and_passwords_never_shown() {
+    assert_eq!(
+        super::postgres::redact("postgres://kf:s3cret@db:5432/fleet?password=x"),
+        "postgres://kf:***@db:5432/fleet"
+    );
+    let err = Store::connect("postgres://kf:s3cret@127.0.0.1:1/fleet").unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, StoreError::Connect { .. }), "{msg}");
+    assert!(
+        !msg.contains("s3cret") && msg.contains("store.url"),
+        "{msg}"
+    );
+    assert!(matches!(
+        Location::from_config(Some("mysql://x"), Path::new("/d/fleet.db")),
+        Err(StoreError::BadUrl(_))
+    ));
+    assert_eq!(
+        Location::from_config(None, Path::new("/d/fleet.db")).unwrap(),
+        Location::Sqlite("/d/fleet.db".into())
+    );
+}

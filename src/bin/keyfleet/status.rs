@@ -37,7 +37,9 @@ fn ago(now: u64, ms: Option<u64>) -> String {
 }
 
 pub fn status(g: &GlobalArgs, a: StatusArgs) -> anyhow::Result<()> {
-    let store = g.state_dir()?.open_table()?;
+    let store = g
+        .state_dir()?
+        .open_table(g.config()?.store.url.as_deref())?;
     let st = Status {
         epoch: store.current_epoch()?,
         round: store.unfinished_round()?,
@@ -119,7 +121,9 @@ fn last_audit(store: &keyfleet::store::Store, n: u32) -> anyhow::Result<Vec<Audi
 }
 
 pub fn history(g: &GlobalArgs, a: HistoryArgs) -> anyhow::Result<()> {
-    let store = g.state_dir()?.open_table()?;
+    let store = g
+        .state_dir()?
+        .open_table(g.config()?.store.url.as_deref())?;
     let h = History {
         keys: store.history()?,
         rounds: store.rounds()?,
