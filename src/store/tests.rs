@@ -483,3 +483,62 @@ fn postgres_urls_are_checked_and_passwords_never_shown() {
         Location::Sqlite("/d/fleet.db".into())
     );
 }
+
+#[test]
+fn sqlite_on_a_full_file_system_fails_the_whole_batch() {
+    // A real failure: the table's own small tmpfs, filled up under it.
+    let dir = tempfile::tempdir().unwrap();
+    let mnt = dir.path();
+    let mount = |args: &[&str]| {
+        std::process::Command::new("mount")
+            .args(args)
+            .arg(mnt)
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if !mount(&["-t", "tmpfs", "-o", "size=8m", "tmpfs"]) {
+        return eprintln!("skipping: cannot mount a tmpfs here (needs root)");
+    }
+    let umount = scopeguard(mnt);
+    let mut s = Store::open(&mnt.join("fleet.db")).unwrap();
+    s.enroll_node("a", "h:1", "ck", 0).unwrap();
+    let filler = mnt.join("filler");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&filler).unwrap();
+        while f.write_all(&[0u8; 65536]).is_ok() {}
+        let _ = f.sync_all();
+    }
+    let err = s
+        .batch(|s| {
+            // The row fails; a caller that ignores it (as the controller's
+            // per-row handling may) still gets the batch refused.
+            let _ = s.enroll_node("b", "h:2", "ck", 1);
+            let _ = s.audit(AuditKind::Restart, None, &json!(null), 2);
+            Ok(())
+        })
+        .unwrap_err();
+    // BatchFailed, or the commit's own error when the rows fit in memory.
+    assert!(err.is_engine_failure(), "{err}");
+    println!("full file system: {err}");
+    std::fs::remove_file(&filler).unwrap();
+    let ids: Vec<_> = s.nodes().unwrap().into_iter().map(|n| n.node_id).collect();
+    assert_eq!(ids, ["a"], "nothing of the failed batch is kept");
+    s.enroll_node("b", "h:2", "ck", 3).unwrap();
+    drop(s);
+    drop(umount);
+}
+
+/// Unmounts `path` when dropped (also when the test fails).
+fn scopeguard(path: &Path) -> impl Drop + '_ {
+    struct Umount<'a>(&'a Path);
+    impl Drop for Umount<'_> {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(self.0)
+                .status();
+        }
+    }
+    Umount(path)
+}
