@@ -81,7 +81,7 @@ pub enum ControllerError {
     TableDown {
         for_ms: u64,
         pending: usize,
-        last: StoreError,
+        last: Box<StoreError>,
     },
 }
 
@@ -706,7 +706,7 @@ impl Controller {
                     return Err(ControllerError::TableDown {
                         for_ms,
                         pending,
-                        last: e,
+                        last: Box::new(e),
                     });
                 }
                 tracing::error!(
