@@ -236,6 +236,16 @@ impl ControllerMetrics {
             round_in_progress: Gauge::default(),
             round_phase: Family::default(),
         };
+        // Known label values start at 0, so rates and alerts see them from the start.
+        for outcome in ["completed", "completed_with_stale"] {
+            let _ = m.rounds.get_or_create(&OutcomeLabel { outcome });
+        }
+        for phase in PHASES {
+            let _ = m.phase_duration.get_or_create(&PhaseLabel { phase });
+        }
+        for step in ["key_update", "first_transition", "second_transition"] {
+            let _ = m.acks.get_or_create(&StepLabel { step });
+        }
         let mut r = Registry::with_prefix("keyfleet");
         r.register(
             "rounds",
