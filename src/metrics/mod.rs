@@ -693,7 +693,11 @@ mod tests {
         });
         m.record(&Record::Refused {
             from: "192.0.2.1:9".parse().unwrap(),
-            reason: Refusal::Malformed(crate::wire::WireError::Truncated),
+            reason: Refusal::Malformed(crate::wire::WireError::Truncated {
+                what: "header",
+                need: 4,
+                have: 1,
+            }),
             at: Time(1),
         });
         let t = ex.encode();
