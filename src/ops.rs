@@ -71,5 +71,12 @@ pub fn print_completions(mut cmd: clap::Command, shell: clap_complete::Shell) {
 /// (`keyfleet.1`, `keyfleet-rekey.1`, …) into `dir`, creating it.
 pub fn write_man_pages(cmd: clap::Command, dir: &Path) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;
-    clap_mangen::generate_to(cmd, dir)
+    // Each page's title line carries the version, subcommands' too (which
+    // take no --version flag, so none is documented).
+    fn with_version(cmd: clap::Command) -> clap::Command {
+        cmd.version(env!("CARGO_PKG_VERSION"))
+            .disable_version_flag(true)
+            .mut_subcommands(with_version)
+    }
+    clap_mangen::generate_to(cmd.mut_subcommands(with_version), dir)
 }

@@ -237,14 +237,16 @@ pub fn serve(g: &GlobalArgs, a: ServeArgs) -> anyhow::Result<()> {
     let rt = runtime()?;
     rt.block_on(async {
         let mut c = controller::Controller::open(opts).context("while starting keyfleet serve")?;
-        let shutdown = async {
-            let mut term =
-                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                    Ok(s) => s,
-                    Err(_) => return std::future::pending().await,
-                };
+        // The handlers are installed now, before READY=1: a SIGTERM right
+        // after readiness is a clean stop, not the default action.
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term =
+            signal(SignalKind::terminate()).context("while installing the SIGTERM handler")?;
+        let mut int =
+            signal(SignalKind::interrupt()).context("while installing the SIGINT handler")?;
+        let shutdown = async move {
             tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
+                _ = int.recv() => {}
                 _ = term.recv() => {}
             }
         };
