@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Builds the Debian package: target/debian/keyfleet_<version>-1_<arch>.deb.
 #   scripts/package.sh            release build (what a user installs)
-#   scripts/package.sh --dev      from the debug build already in target/debug
-#                                 (CI: reuses the test build instead of a second,
-#                                 release, build of every dependency)
+#   scripts/package.sh --dev      the debug programs `scripts/dev test` already
+#                                 built in target/debug, as they are (CI: no second
+#                                 build of every dependency; `cargo build` would
+#                                 rebuild them without the tests' dev-dependency
+#                                 features); built first when missing
 # Installs cargo-deb (pinned) when it is missing. The man pages, completions
 # and default config are generated from the built programs themselves, so
 # they always match the one clap definition and Config::default_toml.
@@ -23,10 +25,12 @@ if ! cargo deb --version 2>/dev/null | grep -qF "$CARGO_DEB_VERSION"; then
   cargo install cargo-deb --version "$CARGO_DEB_VERSION" --locked
 fi
 
-# Both programs (keyfleet-agent needs the `drivers` feature, on by default).
-cargo build --locked --profile "$profile" --bins
 kf=target/$dir/keyfleet
 agent=target/$dir/keyfleet-agent
+# Both programs (keyfleet-agent needs the `drivers` feature, on by default).
+if [ "$profile" = release ] || [ ! -x "$kf" ] || [ ! -x "$agent" ]; then
+  cargo build --locked --profile "$profile" --bins
+fi
 
 out=target/package
 rm -rf "$out"
@@ -44,5 +48,7 @@ done
 
 # cargo-deb takes the binaries from target/release/ in [package.metadata.deb];
 # --profile points it at target/debug/ for --dev.
-cargo deb --no-build --locked --profile "$profile" --no-dbgsym
+fast=()
+[ "$profile" = dev ] && fast=(--fast)
+cargo deb --no-build --locked --profile "$profile" --no-dbgsym "${fast[@]}"
 ls -l target/debian/*.deb
