@@ -89,7 +89,10 @@ fn http(addr: SocketAddr, request: &str) -> (u16, String) {
         .nth(1)
         .and_then(|c| c.parse().ok())
         .unwrap_or_else(|| panic!("no status line in {text:?}"));
-    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b).to_owned();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_owned();
     (code, body)
 }
 
@@ -104,7 +107,10 @@ fn get(addr: SocketAddr, path: &str) -> (u16, String) {
 fn scrape(addr: SocketAddr) -> HashMap<String, f64> {
     let (code, body) = get(addr, "/metrics");
     assert_eq!(code, 200, "{body}");
-    assert!(body.ends_with("# EOF\n"), "an OpenMetrics text ends with # EOF");
+    assert!(
+        body.ends_with("# EOF\n"),
+        "an OpenMetrics text ends with # EOF"
+    );
     body.lines()
         .filter(|l| !l.starts_with('#') && !l.is_empty())
         .map(|l| {
@@ -211,7 +217,10 @@ fn metrics_of_serve_and_agents_match_status_history_and_the_agents_own_status() 
         "controller: epoch {}, rounds {} + {} with stale, acked {}, stale {}",
         val(&m, "keyfleet_group_key_epoch"),
         val(&m, "keyfleet_rounds_total{outcome=\"completed\"}"),
-        val(&m, "keyfleet_rounds_total{outcome=\"completed_with_stale\"}"),
+        val(
+            &m,
+            "keyfleet_rounds_total{outcome=\"completed_with_stale\"}"
+        ),
         val(&m, "keyfleet_round_acknowledged_nodes_total"),
         val(&m, "keyfleet_round_stale_nodes_total"),
     );
@@ -224,7 +233,10 @@ fn metrics_of_serve_and_agents_match_status_history_and_the_agents_own_status() 
         rounds.len() as f64 - with_stale
     );
     assert_eq!(
-        val(&m, "keyfleet_rounds_total{outcome=\"completed_with_stale\"}"),
+        val(
+            &m,
+            "keyfleet_rounds_total{outcome=\"completed_with_stale\"}"
+        ),
         with_stale
     );
     assert_eq!(
@@ -234,7 +246,10 @@ fn metrics_of_serve_and_agents_match_status_history_and_the_agents_own_status() 
     assert_eq!(val(&m, "keyfleet_round_stale_nodes_total"), sum("stale"));
     assert_eq!(val(&m, "keyfleet_nodes_marked_stale_total"), 1.0);
     assert_eq!(
-        val(&m, "keyfleet_node_acknowledgements_total{step=\"second_transition\"}"),
+        val(
+            &m,
+            "keyfleet_node_acknowledgements_total{step=\"second_transition\"}"
+        ),
         sum("acked")
     );
     assert_eq!(
@@ -254,10 +269,7 @@ fn metrics_of_serve_and_agents_match_status_history_and_the_agents_own_status() 
         (metric - distribute as f64 / 1000.0).abs() < 0.0005,
         "distributing: {metric} s in the metrics, {distribute} ms in the history"
     );
-    let last = rounds
-        .iter()
-        .max_by_key(|r| r["epoch"].as_u64())
-        .unwrap();
+    let last = rounds.iter().max_by_key(|r| r["epoch"].as_u64()).unwrap();
     assert_eq!(
         val(&m, "keyfleet_last_round_epoch"),
         last["epoch"].as_f64().unwrap()
@@ -275,7 +287,8 @@ fn metrics_of_serve_and_agents_match_status_history_and_the_agents_own_status() 
     assert_eq!(stale, 1.0, "{st}");
     assert_eq!(val(&m, "keyfleet_nodes{status=\"stale\"}"), stale);
     assert_eq!(
-        val(&m, "keyfleet_nodes{status=\"active\"}") + val(&m, "keyfleet_nodes{status=\"enrolled\"}"),
+        val(&m, "keyfleet_nodes{status=\"active\"}")
+            + val(&m, "keyfleet_nodes{status=\"enrolled\"}"),
         nodes.len() as f64 - stale
     );
     assert_eq!(val(&m, "keyfleet_round_in_progress"), 0.0);
@@ -322,7 +335,10 @@ fn metrics_of_serve_and_agents_match_status_history_and_the_agents_own_status() 
                 val(m, "keyfleet_agent_sealing_epoch"),
                 s["sealing_epoch"].as_f64().unwrap()
             );
-            assert_eq!(val(m, "keyfleet_agent_member"), s["member"].as_f64().unwrap());
+            assert_eq!(
+                val(m, "keyfleet_agent_member"),
+                s["member"].as_f64().unwrap()
+            );
             assert_eq!(
                 val(m, "keyfleet_agent_state{state=\"UpdateCompleted\"}"),
                 1.0
@@ -386,7 +402,10 @@ fn metrics_of_serve_and_agents_match_status_history_and_the_agents_own_status() 
     let status = serve.terminate();
     assert!(status.success(), "{status}");
     assert!(
-        notify.drain().iter().any(|m| m.lines().any(|l| l == "STOPPING=1")),
+        notify
+            .drain()
+            .iter()
+            .any(|m| m.lines().any(|l| l == "STOPPING=1")),
         "STOPPING=1 at the end"
     );
     let log = f.logs("serve");
@@ -394,7 +413,10 @@ fn metrics_of_serve_and_agents_match_status_history_and_the_agents_own_status() 
     for line in log.lines() {
         let v: serde_json::Value = serde_json::from_str(line)
             .unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"));
-        assert!(v["level"].is_string() && v["fields"]["message"].is_string(), "{line}");
+        assert!(
+            v["level"].is_string() && v["fields"]["message"].is_string(),
+            "{line}"
+        );
     }
     for n in &f.nodes {
         let log = f.logs(&n.id);
@@ -417,8 +439,18 @@ fn get_in(ns: &netns::Netns, addr: SocketAddr, path: &str) -> (u16, String) {
         .split_whitespace()
         .nth(1)
         .and_then(|c| c.parse().ok())
-        .unwrap_or_else(|| panic!("no HTTP answer: {text:?} {}", String::from_utf8_lossy(&out.stderr)));
-    (code, text.split_once("\r\n\r\n").map_or("", |(_, b)| b).to_owned())
+        .unwrap_or_else(|| {
+            panic!(
+                "no HTTP answer: {text:?} {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+    (
+        code,
+        text.split_once("\r\n\r\n")
+            .map_or("", |(_, b)| b)
+            .to_owned(),
+    )
 }
 
 /// Adds an nftables table that drops every UDP datagram the namespace sends
@@ -440,7 +472,11 @@ fn cut_udp(ns: &netns::Netns, cut: bool) {
             .output()
             .unwrap()
     };
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
@@ -453,7 +489,9 @@ fn healthz_turns_503_when_the_controller_is_cut_off_and_200_when_it_is_back() {
         }
     };
     let mut f = Fleet::new(22, 1, "");
-    f.wrap = ["ip", "netns", "exec", ns.name()].map(String::from).to_vec();
+    f.wrap = ["ip", "netns", "exec", ns.name()]
+        .map(String::from)
+        .to_vec();
     f.init_and_enroll();
     let port = fleet_support::free_port();
     let metrics: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();

@@ -38,7 +38,11 @@ fn values<'a>(text: &'a str, key: &str) -> Vec<&'a str> {
 
 #[test]
 fn systemd_analyze_verify_accepts_both_units() {
-    if Command::new("systemd-analyze").arg("--version").output().is_err() {
+    if Command::new("systemd-analyze")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
         eprintln!("SKIPPED systemd_analyze_verify_accepts_both_units: no systemd-analyze (Debian package systemd)");
         return;
     }
@@ -60,7 +64,10 @@ fn systemd_analyze_verify_accepts_both_units() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         eprintln!("systemd-analyze verify {instance}: {} {stderr}", out.status);
         assert!(out.status.success(), "{instance}: {stderr}");
-        assert!(stderr.trim().is_empty(), "{instance} has warnings: {stderr}");
+        assert!(
+            stderr.trim().is_empty(),
+            "{instance} has warnings: {stderr}"
+        );
     }
 }
 
@@ -75,7 +82,10 @@ fn both_units_are_notify_services_in_a_sandbox() {
             ("ProtectHome", "yes"),
             ("PrivateTmp", "yes"),
             ("CapabilityBoundingSet", ""),
-            ("RestrictAddressFamilies", "AF_INET AF_INET6 AF_UNIX AF_NETLINK"),
+            (
+                "RestrictAddressFamilies",
+                "AF_INET AF_INET6 AF_UNIX AF_NETLINK",
+            ),
             ("StateDirectoryMode", "0700"),
             ("User", "keyfleet"),
         ] {
@@ -180,24 +190,42 @@ fn the_units_exec_start_lines_run_and_report_ready() {
     f.init_and_enroll();
     let conf_dir = f.dir.path().join("etc-keyfleet");
     std::fs::create_dir_all(&conf_dir).unwrap();
-    std::fs::copy(f.dir.path().join("keyfleet.toml"), conf_dir.join("config.toml")).unwrap();
+    std::fs::copy(
+        f.dir.path().join("keyfleet.toml"),
+        conf_dir.join("config.toml"),
+    )
+    .unwrap();
 
     let u = unit("keyfleet.service");
     let mut env = environment(&u);
     assert!(
-        env.iter().any(|(k, v)| k == "KEYFLEET_SERVE_OPTS" && v.contains("--metrics")),
+        env.iter()
+            .any(|(k, v)| k == "KEYFLEET_SERVE_OPTS" && v.contains("--metrics")),
         "metrics on by default: {env:?}"
     );
     // As /etc/keyfleet/serve.env would: another metrics port (9477 may be taken here).
     let set = |env: &mut Vec<(String, String)>, k: &str, v: String| env.push((k.to_owned(), v));
-    set(&mut env, "KEYFLEET_SERVE_OPTS", "--metrics 127.0.0.1:0".into());
-    set(&mut env, "CONFIGURATION_DIRECTORY", conf_dir.display().to_string());
+    set(
+        &mut env,
+        "KEYFLEET_SERVE_OPTS",
+        "--metrics 127.0.0.1:0".into(),
+    );
+    set(
+        &mut env,
+        "CONFIGURATION_DIRECTORY",
+        conf_dir.display().to_string(),
+    );
     set(&mut env, "STATE_DIRECTORY", f.state().display().to_string());
     let mut argv = exec_start(&u, &env, "");
     assert_eq!(argv[0], "/usr/bin/keyfleet");
     argv[0] = KEYFLEET.into();
     eprintln!("keyfleet.service runs {argv:?}");
-    let ready = run_until_ready("serve", &argv, f.dir.path(), &f.dir.path().join("unit-serve.log"));
+    let ready = run_until_ready(
+        "serve",
+        &argv,
+        f.dir.path(),
+        &f.dir.path().join("unit-serve.log"),
+    );
     eprintln!("keyfleet.service: {ready:?}");
     assert!(ready.contains("metrics on 127.0.0.1:"), "{ready}");
 
@@ -222,12 +250,21 @@ fn the_units_exec_start_lines_run_and_report_ready() {
         ),
     );
     set(&mut env, "STATE_DIRECTORY", n.state.display().to_string());
-    set(&mut env, "CREDENTIALS_DIRECTORY", creds.display().to_string());
+    set(
+        &mut env,
+        "CREDENTIALS_DIRECTORY",
+        creds.display().to_string(),
+    );
     let mut argv = exec_start(&u, &env, &n.id);
     assert_eq!(argv[0], "/usr/bin/keyfleet-agent");
     argv[0] = AGENT.into();
     eprintln!("keyfleet-agent@{}.service runs {argv:?}", n.id);
-    let ready = run_until_ready("agent", &argv, f.dir.path(), &f.dir.path().join("unit-agent.log"));
+    let ready = run_until_ready(
+        "agent",
+        &argv,
+        f.dir.path(),
+        &f.dir.path().join("unit-agent.log"),
+    );
     eprintln!("keyfleet-agent@{}.service: {ready:?}", n.id);
     assert!(ready.contains("metrics on 127.0.0.1:"), "{ready}");
     assert!(n.state.join("state.json").exists());
@@ -236,11 +273,22 @@ fn the_units_exec_start_lines_run_and_report_ready() {
 #[test]
 fn completions_and_man_pages_come_from_the_cli_definition() {
     for (bin, name, subs) in [
-        (KEYFLEET, "keyfleet", &["rekey", "serve", "enroll", "status"][..]),
-        (AGENT, "keyfleet-agent", &["run", "status", "send", "recv"][..]),
+        (
+            KEYFLEET,
+            "keyfleet",
+            &["rekey", "serve", "enroll", "status"][..],
+        ),
+        (
+            AGENT,
+            "keyfleet-agent",
+            &["run", "status", "send", "recv"][..],
+        ),
     ] {
         for shell in ["bash", "zsh", "fish", "elvish", "powershell"] {
-            let out = Command::new(bin).args(["completions", shell]).output().unwrap();
+            let out = Command::new(bin)
+                .args(["completions", shell])
+                .output()
+                .unwrap();
             assert!(out.status.success(), "{name} completions {shell}");
             let text = String::from_utf8_lossy(&out.stdout);
             for s in subs {
@@ -253,12 +301,27 @@ fn completions_and_man_pages_come_from_the_cli_definition() {
             !help.contains("completions") && !help.contains(" man "),
             "the package build's commands stay out of --help: {help}"
         );
-        let out = Command::new(bin).args(["completions", "tcsh"]).output().unwrap();
-        assert_eq!(out.status.code(), Some(2), "an unknown shell is a usage error");
+        let out = Command::new(bin)
+            .args(["completions", "tcsh"])
+            .output()
+            .unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "an unknown shell is a usage error"
+        );
 
         let dir = tempfile::tempdir().unwrap();
-        let out = Command::new(bin).arg("man").arg(dir.path()).output().unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let out = Command::new(bin)
+            .arg("man")
+            .arg(dir.path())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let mut pages: Vec<String> = std::fs::read_dir(dir.path())
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
@@ -268,16 +331,38 @@ fn completions_and_man_pages_come_from_the_cli_definition() {
         assert!(pages.contains(&format!("{name}.1")));
         for s in subs {
             let page = std::fs::read_to_string(dir.path().join(format!("{name}-{s}.1"))).unwrap();
-            assert!(page.starts_with(".ie") || page.contains(".TH"), "{name}-{s}.1 is roff");
+            assert!(
+                page.starts_with(".ie") || page.contains(".TH"),
+                "{name}-{s}.1 is roff"
+            );
             let roff_name = format!("{name}-{s}").replace('-', "\\-");
             assert!(page.contains(&roff_name), "{name}-{s}.1 names itself");
-            assert!(page.contains(env!("CARGO_PKG_VERSION")), "{name}-{s}.1 has the version");
-            assert!(!page.contains("\\-\\-version"), "{name} {s} takes no --version: {page}");
+            assert!(
+                page.contains(env!("CARGO_PKG_VERSION")),
+                "{name}-{s}.1 has the version"
+            );
+            assert!(
+                !page.contains("\\-\\-version"),
+                "{name} {s} takes no --version: {page}"
+            );
         }
-        assert!(!pages.iter().any(|p| p.contains("-man.") || p.contains("-completions.")), "{pages:?}");
+        assert!(
+            !pages
+                .iter()
+                .any(|p| p.contains("-man.") || p.contains("-completions.")),
+            "{pages:?}"
+        );
     }
     let dir = tempfile::tempdir().unwrap();
-    assert!(Command::new(KEYFLEET).arg("man").arg(dir.path()).status().unwrap().success());
+    assert!(Command::new(KEYFLEET)
+        .arg("man")
+        .arg(dir.path())
+        .status()
+        .unwrap()
+        .success());
     let serve = std::fs::read_to_string(dir.path().join("keyfleet-serve.1")).unwrap();
-    assert!(serve.contains("metrics") && serve.contains("log\\-format"), "{serve}");
+    assert!(
+        serve.contains("metrics") && serve.contains("log\\-format"),
+        "{serve}"
+    );
 }

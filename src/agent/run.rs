@@ -44,8 +44,11 @@ pub struct RunExtras {
     /// Called once the state is restored and the sockets are bound (the
     /// network, the application socket, the metrics), before the loop runs:
     /// systemd's readiness notification.
-    pub ready: Option<Box<dyn FnOnce(&Ready) + Send>>,
+    pub ready: Option<OnReady>,
 }
+
+/// The readiness callback of [`Ready`].
+pub type OnReady = Box<dyn FnOnce(&Ready) + Send>;
 
 /// What is up when the agent is ready.
 #[derive(Debug, Clone)]
@@ -153,7 +156,10 @@ pub async fn run_with(
             let (ex, probes) = crate::metrics::Exporter::new(registry);
             let srv = crate::metrics::MetricsServer::bind(addr, std::sync::Arc::new(ex))
                 .await
-                .map_err(AgentError::io("serve metrics on", Path::new(&addr.to_string())))?;
+                .map_err(AgentError::io(
+                    "serve metrics on",
+                    Path::new(&addr.to_string()),
+                ))?;
             tracing::info!(metrics = %srv.local_addr(), "metrics: /metrics and /healthz");
             (Some(m), Some(srv), Some(probes))
         }

@@ -381,8 +381,11 @@ pub struct ServeExtras {
     pub metrics: Option<SocketAddr>,
     /// Called once the sockets are bound and the state restored, before the
     /// loop runs (systemd's readiness notification).
-    pub ready: Option<Box<dyn FnOnce(&Ready) + Send>>,
+    pub ready: Option<OnReady>,
 }
+
+/// The readiness callback of [`Ready`].
+pub type OnReady = Box<dyn FnOnce(&Ready) + Send>;
 
 /// What is up when `keyfleet serve` is ready.
 #[derive(Debug, Clone)]
@@ -911,7 +914,9 @@ impl Controller {
         }
         let store = match (self.table.store().current_epoch(), &self.ops.store_error) {
             (Err(e), _) => Some(format!("the management table cannot be read: {e}")),
-            (Ok(_), Some(e)) => Some(format!("the last write to the management table failed: {e}")),
+            (Ok(_), Some(e)) => Some(format!(
+                "the last write to the management table failed: {e}"
+            )),
             (Ok(_), None) => None,
         };
         let network = self

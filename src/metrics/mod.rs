@@ -705,11 +705,23 @@ mod tests {
             t.contains("keyfleet_rounds_total{outcome=\"completed_with_stale\"} 1"),
             "{t}"
         );
-        assert_eq!(sample_line(&t, "keyfleet_round_duration_seconds_sum"), Some("2.5"));
-        assert!(t.contains("keyfleet_round_phase_duration_seconds_sum{phase=\"draining\"} 2.0"), "{t}");
-        assert_eq!(sample_line(&t, "keyfleet_round_acknowledged_nodes_total"), Some("4"));
+        assert_eq!(
+            sample_line(&t, "keyfleet_round_duration_seconds_sum"),
+            Some("2.5")
+        );
+        assert!(
+            t.contains("keyfleet_round_phase_duration_seconds_sum{phase=\"draining\"} 2.0"),
+            "{t}"
+        );
+        assert_eq!(
+            sample_line(&t, "keyfleet_round_acknowledged_nodes_total"),
+            Some("4")
+        );
         assert_eq!(sample_line(&t, "keyfleet_last_round_epoch"), Some("7"));
-        assert!(t.contains("keyfleet_refusals_total{kind=\"malformed\"} 1"), "{t}");
+        assert!(
+            t.contains("keyfleet_refusals_total{kind=\"malformed\"} 1"),
+            "{t}"
+        );
         assert!(t.ends_with("# EOF\n"));
     }
 
@@ -727,9 +739,18 @@ mod tests {
         s.datagrams_in = 25;
         m.refresh(&s);
         let t = ex.encode();
-        assert_eq!(sample_line(&t, "keyfleet_agent_datagrams_received_total"), Some("25"));
-        assert!(t.contains("keyfleet_agent_state{state=\"InTransit\"} 1"), "{t}");
-        assert!(t.contains("keyfleet_agent_state{state=\"UpdateCompleted\"} 0"), "{t}");
+        assert_eq!(
+            sample_line(&t, "keyfleet_agent_datagrams_received_total"),
+            Some("25")
+        );
+        assert!(
+            t.contains("keyfleet_agent_state{state=\"InTransit\"} 1"),
+            "{t}"
+        );
+        assert!(
+            t.contains("keyfleet_agent_state{state=\"UpdateCompleted\"} 0"),
+            "{t}"
+        );
         assert_eq!(sample_line(&t, "keyfleet_agent_epoch"), Some("3"));
     }
 
@@ -740,7 +761,10 @@ mod tests {
         tokio::time::pause();
         let h = ex.probe().await;
         assert!(!h.ok);
-        assert!(h.detail["reason"].as_str().unwrap().contains("did not answer"));
+        assert!(h.detail["reason"]
+            .as_str()
+            .unwrap()
+            .contains("did not answer"));
         drop(rx);
         let h = ex.probe().await;
         assert!(!h.ok, "{:?}", h.detail);

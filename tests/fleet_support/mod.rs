@@ -219,8 +219,7 @@ impl Fleet {
     pub fn agent_command(&self, i: usize) -> Command {
         let n = &self.nodes[i];
         let mut c = self.command(AGENT);
-        c
-            .arg("run")
+        c.arg("run")
             .arg("--state")
             .arg(&n.state)
             .args(["--node-id", &n.id])

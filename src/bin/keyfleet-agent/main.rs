@@ -214,7 +214,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             keyfleet::ops::notify_ready(&format!(
                 "listening on {}{}",
                 r.listen,
-                r.metrics.map_or(String::new(), |m| format!("; metrics on {m}"))
+                r.metrics
+                    .map_or(String::new(), |m| format!("; metrics on {m}"))
             ))
         })),
     };

@@ -257,11 +257,15 @@ pub fn serve(g: &GlobalArgs, a: ServeArgs) -> anyhow::Result<()> {
                     "serving group {} on {}{}",
                     r.group,
                     r.listen,
-                    r.metrics.map_or(String::new(), |m| format!("; metrics on {m}"))
+                    r.metrics
+                        .map_or(String::new(), |m| format!("; metrics on {m}"))
                 ))
             })),
         };
-        let r = c.serve_with(shutdown, extras).await.context("keyfleet serve");
+        let r = c
+            .serve_with(shutdown, extras)
+            .await
+            .context("keyfleet serve");
         keyfleet::ops::notify_stopping();
         r
     })
