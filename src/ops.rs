@@ -25,8 +25,25 @@ pub fn colour_on_stderr() -> bool {
     std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
 }
 
+/// Whether stderr is connected to journald (systemd sets `JOURNAL_STREAM` to
+/// the `device:inode` of the stream it gives the service; a child that
+/// inherited the variable but not the stream does not match).
+pub fn stderr_is_journal() -> bool {
+    let Some(v) = std::env::var_os("JOURNAL_STREAM") else {
+        return false;
+    };
+    let Some((dev, ino)) = v.to_str().and_then(|s| s.split_once(':')) else {
+        return false;
+    };
+    match rustix::fs::fstat(std::io::stderr()) {
+        Ok(st) => dev.parse() == Ok(st.st_dev) && ino.parse() == Ok(st.st_ino),
+        Err(_) => false,
+    }
+}
+
 /// Logs to stderr in `format`; `RUST_LOG` overrides `default_filter`. A
-/// second call does nothing.
+/// second call does nothing. Text to journald leaves out the time (the
+/// journal records it for each line).
 pub fn init_logs(default_filter: &str, format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
@@ -34,6 +51,9 @@ pub fn init_logs(default_filter: &str, format: LogFormat) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
     let _ = match format {
+        LogFormat::Text if stderr_is_journal() => {
+            builder.with_ansi(false).without_time().try_init()
+        }
         LogFormat::Text => builder.with_ansi(colour_on_stderr()).try_init(),
         LogFormat::Json => builder
             .json()

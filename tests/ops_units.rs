@@ -138,22 +138,34 @@ fn environment(text: &str) -> Vec<(String, String)> {
 
 /// Starts `argv` with `NOTIFY_SOCKET`, waits for READY=1, stops it with SIGTERM.
 fn run_until_ready(what: &str, argv: &[String], dir: &Path, log: &Path) -> String {
+    run_until_ready_env(what, argv, dir, log, |_| None)
+}
+
+/// [`run_until_ready`] with `JOURNAL_STREAM` set from the log file's `(dev, inode)`.
+fn run_until_ready_env(
+    what: &str,
+    argv: &[String],
+    dir: &Path,
+    log: &Path,
+    journal: impl Fn(&std::fs::Metadata) -> Option<String>,
+) -> String {
     let notify_path = dir.join(format!("notify-{what}.sock"));
     let notify = UnixDatagram::bind(&notify_path).unwrap();
     notify
         .set_read_timeout(Some(Duration::from_millis(200)))
         .unwrap();
-    let mut p = Proc(
-        Command::new(&argv[0])
-            .args(&argv[1..])
-            .env("NOTIFY_SOCKET", &notify_path)
-            .env_remove("KEYFLEET_PASSPHRASE")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(log).unwrap())
-            .spawn()
-            .unwrap(),
-    );
+    let stderr = std::fs::File::create(log).unwrap();
+    let mut cmd = Command::new(&argv[0]);
+    cmd.args(&argv[1..])
+        .env("NOTIFY_SOCKET", &notify_path)
+        .env_remove("KEYFLEET_PASSPHRASE")
+        .env_remove("JOURNAL_STREAM")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null());
+    if let Some(v) = journal(&stderr.metadata().unwrap()) {
+        cmd.env("JOURNAL_STREAM", v);
+    }
+    let mut p = Proc(cmd.stderr(stderr).spawn().unwrap());
     let end = Instant::now() + Duration::from_secs(20);
     let mut buf = [0u8; 4096];
     let ready = loop {
@@ -365,4 +377,56 @@ fn completions_and_man_pages_come_from_the_cli_definition() {
         serve.contains("metrics") && serve.contains("log\\-format"),
         "{serve}"
     );
+}
+
+/// Under journald (stderr is the stream `JOURNAL_STREAM` names) the text log
+/// leaves the time to the journal; a `JOURNAL_STREAM` inherited by a process
+/// whose stderr is elsewhere changes nothing. Never a colour code off a terminal.
+#[test]
+fn text_logs_leave_the_time_to_journald_only_when_stderr_is_the_journal() {
+    use std::os::unix::fs::MetadataExt;
+    let f = Fleet::new(24, 1, "");
+    let n = &f.nodes[0];
+    let argv: Vec<String> = [
+        AGENT,
+        "run",
+        "--state",
+        &n.state.display().to_string(),
+        "--node-id",
+        &n.id,
+        "--initial-key-file",
+        &n.key_file.display().to_string(),
+        "--group",
+        &f.group.to_string(),
+        "--iface",
+        "127.0.0.1",
+    ]
+    .map(String::from)
+    .to_vec();
+    let journal = f.dir.path().join("journal.log");
+    run_until_ready_env("agent-journal", &argv, f.dir.path(), &journal, |m| {
+        Some(format!("{}:{}", m.dev(), m.ino()))
+    });
+    let elsewhere = f.dir.path().join("elsewhere.log");
+    run_until_ready_env("agent-elsewhere", &argv, f.dir.path(), &elsewhere, |m| {
+        Some(format!("{}:{}", m.dev(), m.ino() + 1))
+    });
+    let journal = std::fs::read_to_string(journal).unwrap();
+    let elsewhere = std::fs::read_to_string(elsewhere).unwrap();
+    eprintln!(
+        "journald: {}\nelsewhere: {}",
+        journal.lines().next().unwrap_or(""),
+        elsewhere.lines().next().unwrap_or("")
+    );
+    let timestamped =
+        |l: &str| l.get(..4).is_some_and(|y| y.parse::<u16>().is_ok()) && l.contains('T');
+    assert!(journal.lines().count() >= 2, "{journal}");
+    for l in journal.lines() {
+        assert!(
+            l.trim_start().starts_with("INFO") || l.trim_start().starts_with("WARN"),
+            "no time first under journald: {l}"
+        );
+    }
+    assert!(elsewhere.lines().all(timestamped), "{elsewhere}");
+    assert!(!journal.contains('\x1b') && !elsewhere.contains('\x1b'));
 }
