@@ -140,3 +140,60 @@ async fn route(ex: &Exporter, req: &Request<Incoming>) -> Response<Full<Bytes>> 
         ),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::{AgentMetrics, Health};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    async fn get(addr: SocketAddr, path: &str) -> String {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut text = String::new();
+        s.read_to_string(&mut text).await.unwrap();
+        text
+    }
+
+    /// Connections that never send a request hold the server's slots only
+    /// until the header timeout: a scrape behind them still gets its answer.
+    #[tokio::test]
+    async fn idle_connections_filling_every_slot_are_dropped_and_a_scrape_gets_through() {
+        let (_m, registry) = AgentMetrics::new();
+        let (ex, mut probes) = Exporter::new(registry);
+        tokio::spawn(async move {
+            while let Some(p) = probes.recv().await {
+                let _ = p.send(Health {
+                    ok: true,
+                    detail: serde_json::json!({"status": "ok"}),
+                });
+            }
+        });
+        let server = MetricsServer::bind("127.0.0.1:0".parse().unwrap(), Arc::new(ex))
+            .await
+            .unwrap();
+        let addr = server.local_addr();
+        assert!(get(addr, "/healthz").await.starts_with("HTTP/1.1 200"));
+        let mut idle = Vec::new();
+        for _ in 0..MAX_CONNECTIONS + 4 {
+            idle.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+        }
+        let t = std::time::Instant::now();
+        let answer = tokio::time::timeout(HEADER_TIMEOUT * 4, get(addr, "/metrics"))
+            .await
+            .expect(
+                "a scrape behind idle connections is answered once their header timeout passes",
+            );
+        eprintln!(
+            "{} idle connections ahead: /metrics answered after {} ms",
+            idle.len(),
+            t.elapsed().as_millis()
+        );
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(answer.contains("keyfleet_agent_epoch"), "{answer}");
+    }
+}
