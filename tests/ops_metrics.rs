@@ -554,3 +554,65 @@ fn healthz_turns_503_when_the_controller_is_cut_off_and_200_when_it_is_back() {
     let status = rekey.0.wait().unwrap();
     eprintln!("the rekey begun while cut off exited with {status}");
 }
+
+/// A flood of garbage at an agent: its health check keeps answering 200
+/// during the flood (a scrape is not starved by the datagrams), and afterwards
+/// the refusals by kind add up to what its status counts.
+#[test]
+fn an_agent_under_a_flood_still_answers_its_health_check_and_counts_every_refusal() {
+    let f = Fleet::new(25, 1, "");
+    let n = &f.nodes[0];
+    let notify = Notify::new(f.dir.path(), "flooded");
+    let mut agent = Proc(
+        f.agent_command(0)
+            .args(["--metrics", "127.0.0.1:0"])
+            .env("NOTIFY_SOCKET", &notify.path)
+            .spawn()
+            .unwrap(),
+    );
+    let addr = metrics_addr(&notify.ready("the agent", &mut agent));
+    let target = n.listen;
+    const FLOOD: u32 = 20_000;
+    let flood = std::thread::spawn(move || {
+        let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        for i in 0..FLOOD {
+            let mut b = [0x5au8; 96];
+            b[..4].copy_from_slice(&i.to_be_bytes());
+            let _ = s.send_to(&b, target);
+        }
+    });
+    let mut answers = Vec::new();
+    while !flood.is_finished() {
+        let t = Instant::now();
+        let (code, _) = get(addr, "/healthz");
+        answers.push((code, t.elapsed().as_millis()));
+    }
+    flood.join().unwrap();
+    eprintln!("/healthz during the flood (code, ms): {answers:?}");
+    assert!(!answers.is_empty());
+    assert!(answers.iter().all(|(c, _)| *c == 200), "{answers:?}");
+    // Quiet again: the counts settle.
+    let mut last = None;
+    fleet_support::wait_for("the agent's refusal count to settle", 10_000, || {
+        let s = agent_status(&n.state).unwrap()["running"]["refused"].as_u64();
+        let settled = s.is_some() && s == last;
+        last = s;
+        std::thread::sleep(Duration::from_millis(200));
+        settled
+    });
+    let m = scrape(addr);
+    let s = agent_status(&n.state).unwrap();
+    let refused = s["running"]["refused"].as_f64().unwrap();
+    let by_kind: f64 = m
+        .iter()
+        .filter(|(k, _)| k.starts_with("keyfleet_agent_refusals_total{"))
+        .map(|(_, v)| v)
+        .sum();
+    let malformed = val(&m, "keyfleet_agent_refusals_total{kind=\"malformed\"}");
+    eprintln!(
+        "{FLOOD} garbage datagrams sent; the agent received {}, refused {refused} ({malformed} malformed)",
+        val(&m, "keyfleet_agent_datagrams_received_total")
+    );
+    assert_eq!(by_kind, refused);
+    assert!(malformed > 0.0 && malformed <= f64::from(FLOOD));
+}

@@ -179,9 +179,11 @@ pub async fn run_with(
         let wake = tokio::select! {
             biased;
             () = &mut shutdown => break Ok(()),
+            // Before the network: a flood must not starve a scrape (a probe
+            // costs microseconds, and at most 8 wait).
+            Some(p) = async { probes.as_mut()?.recv().await }, if probes.is_some() => Wake::Probe(p),
             w = driver.wait() => Wake::Net(w),
             r = server.recv() => Wake::App(r),
-            Some(p) = async { probes.as_mut()?.recv().await }, if probes.is_some() => Wake::Probe(p),
             () = tokio::time::sleep(std::time::Duration::from_millis(app::BACKLOG_RETRY_MS)),
                 if server.backlogged() => Wake::Backlog,
         };
