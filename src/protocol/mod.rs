@@ -28,6 +28,7 @@ mod triggers;
 pub use controller::{
     CommandError, ControllerAction, ControllerConfig, ControllerCore, ControllerInput,
     ControllerMachine, ControllerPersist, ControllerTimer, MemberPersist, MemberStatus, PhaseTimes,
+    ResumeCause,
     Record, RestoreError, RoundPersist, TriggerOutcome, Via,
 };
 pub use node::{
