@@ -724,6 +724,11 @@ impl ControllerMachine {
         self.round.as_ref().map(|r| (r.epoch, r.phase))
     }
 
+    /// The round in progress: when it started and its key's check value.
+    pub fn round_started(&self) -> Option<(Time, CheckValue)> {
+        self.round.as_ref().map(|r| (r.started_at, r.key.check_value()))
+    }
+
     /// Live members still to confirm the current phase.
     pub fn waiting(&self) -> u32 {
         self.round.as_ref().map_or(0, |r| r.waiting)

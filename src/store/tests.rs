@@ -116,8 +116,16 @@ fn key_history_records_sends_acks_and_retirement() {
         50,
     )
     .unwrap();
+    // Made, not yet current: its round has not completed.
+    assert_eq!(s.current_epoch().unwrap(), Some(1));
+    assert_eq!(s.newest_epoch().unwrap(), Some(2));
+    s.activate_key(2, 60).unwrap();
     s.retire_key(1, 60).unwrap();
     assert_eq!(s.current_epoch().unwrap(), Some(2));
+    assert!(matches!(
+        s.activate_key(9, 61),
+        Err(StoreError::UnknownEpoch(9))
+    ));
 
     let h = s.history().unwrap();
     assert_eq!(h.len(), 2);
@@ -312,7 +320,7 @@ fn migrates_a_version_1_database_keeping_its_rows() {
         assert_eq!(v, 1);
     }
     let s = Store::open(&path).unwrap();
-    assert_eq!(s.schema_version().unwrap(), 2);
+    assert_eq!(s.schema_version().unwrap(), SCHEMA_VERSION as i64);
     let n = s.node("old").unwrap().unwrap();
     assert_eq!((n.state, n.enrolled_at_ms), (NodeState::UpdateCompleted, 5));
     let idx: i64 = s
