@@ -608,13 +608,22 @@ impl Store {
 
     /// Every address change of `node_id`, oldest first.
     pub fn address_history(&self, node_id: &str) -> Result<Vec<AddressChange>> {
-        let mut stmt = self.conn.prepare(
+        self.query_address_changes("WHERE node_id = ?1", node_id)
+    }
+
+    /// Every address change of every node, oldest first.
+    pub fn address_changes(&self) -> Result<Vec<AddressChange>> {
+        self.query_address_changes("WHERE ?1 = ?1", "")
+    }
+
+    fn query_address_changes(&self, filter: &str, arg: &str) -> Result<Vec<AddressChange>> {
+        let mut stmt = self.conn.prepare(&format!(
             "SELECT node_id, old_address, new_address, at_ms, message, seq
-             FROM address_changes WHERE node_id = ?1 ORDER BY id",
-        )?;
+             FROM address_changes {filter} ORDER BY id"
+        ))?;
         type Raw = (String, String, String, i64, String, i64);
         let raws: Vec<Raw> = stmt
-            .query_map([node_id], |r| {
+            .query_map([arg], |r| {
                 Ok((
                     r.get(0)?,
                     r.get(1)?,

@@ -3,7 +3,9 @@
 use clap::Args;
 use serde::Serialize;
 
-use keyfleet::store::{AuditKind, AuditRecord, KeyRecord, NodeRecord, NodeState, RoundRecord};
+use keyfleet::store::{
+    AddressChange, AuditKind, AuditRecord, KeyRecord, NodeRecord, NodeState, RoundRecord,
+};
 
 use crate::fleet::{when, GlobalArgs};
 
@@ -97,7 +99,7 @@ pub fn status(g: &GlobalArgs, a: StatusArgs) -> anyhow::Result<()> {
 /// `keyfleet history`.
 #[derive(Args, Debug)]
 pub struct HistoryArgs {
-    /// Print {keys, rounds, audit} as JSON.
+    /// Print {keys, rounds, address_changes, audit} as JSON.
     #[arg(long)]
     pub json: bool,
     /// Audit entries to show, newest last (0: none).
@@ -109,6 +111,8 @@ pub struct HistoryArgs {
 struct History {
     keys: Vec<KeyRecord>,
     rounds: Vec<RoundRecord>,
+    /// Every address change of a node, with the authenticated message that caused it.
+    address_changes: Vec<AddressChange>,
     audit: Vec<AuditRecord>,
 }
 
@@ -138,6 +142,7 @@ pub fn history(g: &GlobalArgs, a: HistoryArgs) -> anyhow::Result<()> {
     let h = History {
         keys: store.history()?,
         rounds: store.rounds()?,
+        address_changes: store.address_changes()?,
         audit: last_audit(&store, a.audit)?,
     };
     if a.json {
@@ -195,6 +200,20 @@ pub fn history(g: &GlobalArgs, a: HistoryArgs) -> anyhow::Result<()> {
             p.first_transition.unwrap_or(0),
             p.second_transition.unwrap_or(0),
         );
+    }
+    if !h.address_changes.is_empty() {
+        println!("ADDRESS CHANGES");
+        for c in &h.address_changes {
+            println!(
+                "  {}  {:<20} {} -> {}  (its {} #{})",
+                when(c.at_ms),
+                c.node_id,
+                c.old_address,
+                c.new_address,
+                c.message,
+                c.seq
+            );
+        }
     }
     if a.audit > 0 {
         println!("AUDIT (last {})", a.audit);
