@@ -155,6 +155,25 @@ impl Fleet {
         })
     }
 
+    /// Runs `keyfleet ARGS`, which must exit with `code`; its JSON output and stderr.
+    pub fn json_exit(&self, args: &[&str], code: i32) -> (serde_json::Value, String) {
+        let out = self.keyfleet(args).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(
+            out.status.code(),
+            Some(code),
+            "keyfleet {args:?}: {}\n{stderr}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let v = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "keyfleet {args:?} printed no JSON ({e}): {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        });
+        (v, stderr)
+    }
+
     fn log(&self, name: &str) -> std::fs::File {
         // Appended: a restarted process keeps its earlier lines.
         OpenOptions::new()
