@@ -604,10 +604,12 @@ impl Controller {
                     confirmed,
                     needed,
                     silent,
+                    pauses,
                     at,
                     ..
                 } => {
                     let mut rep = self.paused_report(*epoch, *phase, *at);
+                    rep.pauses = *pauses;
                     rep.acked = *confirmed;
                     rep.needed = Some(*needed);
                     rep.silent_nodes = silent.iter().map(ToString::to_string).collect();

@@ -706,6 +706,7 @@ fn write_one(s: &mut Store, rounds: &mut HashMap<u32, i64>, r: &Record, ctx: &Ct
             joined,
             silent,
             at,
+            ..
         } => {
             let text = pause_text(*phase, *confirmed, *needed, *joined, silent);
             if let Some(id) = rounds.get(&epoch.0) {

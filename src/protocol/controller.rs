@@ -358,6 +358,8 @@ pub enum Record {
         joined: u32,
         /// Live nodes that have not confirmed the phase.
         silent: Vec<NodeId>,
+        /// Pauses of this round so far, this one included.
+        pauses: u32,
         at: Time,
     },
     /// A paused round goes on.
@@ -1407,7 +1409,7 @@ impl ControllerMachine {
         }
         r.paused = Some(now);
         r.pauses += 1;
-        let (epoch, phase) = (r.epoch, r.phase);
+        let (epoch, phase, pauses) = (r.epoch, r.phase, r.pauses);
         Self::record(
             out,
             Record::RoundPaused {
@@ -1417,6 +1419,7 @@ impl ControllerMachine {
                 needed,
                 joined,
                 silent,
+                pauses,
                 at: now,
             },
         );
