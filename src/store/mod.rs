@@ -242,7 +242,7 @@ pub struct AddressChange {
     pub old_address: String,
     pub new_address: String,
     pub at_ms: u64,
-    /// The message's name (`join`, `ack`, `key_request`, `usage_report`).
+    /// The message's name (`join`, `key request`, `key update reply`, …, `usage report`).
     pub message: String,
     /// Its sequence number.
     pub seq: u64,
