@@ -27,7 +27,11 @@ const CFG: &str = "[round]\ndrain_grace_ms = 500\nretry_initial_ms = 100\nretry_
 fn names(v: &serde_json::Value) -> Vec<String> {
     let mut v: Vec<String> = v
         .as_array()
-        .map(|a| a.iter().filter_map(|x| x.as_str().map(String::from)).collect())
+        .map(|a| {
+            a.iter()
+                .filter_map(|x| x.as_str().map(String::from))
+                .collect()
+        })
         .unwrap_or_default();
     v.sort();
     v
@@ -62,8 +66,15 @@ fn an_isolated_controller_pauses_the_round_marks_nobody_stale_and_serve_complete
         t.elapsed().as_millis()
     );
     assert_eq!(r["outcome"], "paused", "{r}");
-    assert_eq!((r["epoch"].as_u64(), r["current_epoch"].as_u64()), (Some(2), Some(1)));
-    assert_eq!((r["acked"].as_u64(), r["stale"].as_u64()), (Some(0), Some(0)), "{r}");
+    assert_eq!(
+        (r["epoch"].as_u64(), r["current_epoch"].as_u64()),
+        (Some(2), Some(1))
+    );
+    assert_eq!(
+        (r["acked"].as_u64(), r["stale"].as_u64()),
+        (Some(0), Some(0)),
+        "{r}"
+    );
     assert_eq!(names(&r["silent_nodes"]), all, "{r}");
     assert_eq!(r["carried_on_by"], "serve", "{r}");
     for id in &all {
@@ -77,12 +88,19 @@ fn an_isolated_controller_pauses_the_round_marks_nobody_stale_and_serve_complete
     std::thread::sleep(Duration::from_millis(4_000));
     let st = f.status();
     assert!(
-        st["nodes"].as_array().unwrap().iter().all(|n| n["stale"] == false),
+        st["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|n| n["stale"] == false),
         "{st}"
     );
     let text = String::from_utf8_lossy(&f.run(&["status"]).stdout).into_owned();
     println!("{}", text.lines().take(2).collect::<Vec<_>>().join("\n"));
-    assert!(text.starts_with("group key epoch 1, rotating to 2"), "{text}");
+    assert!(
+        text.starts_with("group key epoch 1, rotating to 2"),
+        "{text}"
+    );
     for n in &f.nodes {
         let s = agent_status(&n.state).expect("agent status");
         assert_eq!(s["epoch"], 1, "{s}");
@@ -111,14 +129,20 @@ fn an_isolated_controller_pauses_the_round_marks_nobody_stale_and_serve_complete
         .unwrap();
     println!("history: {round}");
     assert_eq!(round["outcome"], "Completed", "{round}");
-    assert_eq!((round["acked"].as_u64(), round["stale"].as_u64()), (Some(3), Some(0)));
+    assert_eq!(
+        (round["acked"].as_u64(), round["stale"].as_u64()),
+        (Some(3), Some(0))
+    );
     assert!(round["pauses"].as_u64() >= Some(1), "{round}");
     let audit = h["audit"].as_array().unwrap();
     assert!(audit.iter().any(|a| a["kind"] == "RoundPaused"
         && a["detail"]["confirmed"] == 0
         && names(&a["detail"]["silent"]) == all));
     assert!(audit.iter().any(|a| a["kind"] == "RoundResumed"));
-    assert!(!audit.iter().any(|a| a["kind"] == "Stale"), "nobody went stale");
+    assert!(
+        !audit.iter().any(|a| a["kind"] == "Stale"),
+        "nobody went stale"
+    );
     let keys = h["keys"].as_array().unwrap();
     assert!(keys[1]["activated_at_ms"].as_u64() >= keys[1]["created_at_ms"].as_u64());
 }

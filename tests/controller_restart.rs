@@ -174,7 +174,11 @@ fn kill_9_of_a_rekey_without_serve_and_rekey_again_finishes_that_round_then_its_
         "{r}"
     );
     assert_eq!(
-        (r["epoch"].as_u64(), r["acked"].as_u64(), r["stale"].as_u64()),
+        (
+            r["epoch"].as_u64(),
+            r["acked"].as_u64(),
+            r["stale"].as_u64()
+        ),
         (Some(3), Some(3), Some(0)),
         "{r}"
     );

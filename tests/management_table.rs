@@ -83,7 +83,10 @@ fn address_changes_and_handouts_are_rows_and_status_shows_the_rotation() {
     assert_eq!(st["epoch"], 1, "{st}");
     let text = String::from_utf8_lossy(&f.run(&["status"]).stdout).into_owned();
     println!("{}", text.lines().next().unwrap());
-    assert!(text.starts_with("group key epoch 1, rotating to 2"), "{text}");
+    assert!(
+        text.starts_with("group key epoch 1, rotating to 2"),
+        "{text}"
+    );
     // A restart in the round gets both keys: two handout rows from its key request.
     agents[0].terminate();
     agents[0] = f.agent(0);
@@ -105,6 +108,9 @@ fn address_changes_and_handouts_are_rows_and_status_shows_the_rotation() {
     let mut rekey = rekey;
     assert!(rekey.0.wait().unwrap().success());
     let st = f.status();
-    assert_eq!((st["epoch"].as_u64(), st["round"].is_null()), (Some(2), true));
+    assert_eq!(
+        (st["epoch"].as_u64(), st["round"].is_null()),
+        (Some(2), true)
+    );
     assert!(f.history()["keys"][1]["activated_at_ms"].is_u64());
 }

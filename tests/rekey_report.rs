@@ -19,7 +19,11 @@ const CFG: &str = "[round]\ndrain_grace_ms = 3000\nretry_initial_ms = 100\nretry
 
 fn names(v: &serde_json::Value) -> Vec<String> {
     v.as_array()
-        .map(|a| a.iter().filter_map(|x| x.as_str().map(String::from)).collect())
+        .map(|a| {
+            a.iter()
+                .filter_map(|x| x.as_str().map(String::from))
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -32,9 +36,11 @@ fn sigint(p: &Proc) {
 }
 
 fn wait_round(f: &Fleet, epoch: u64) {
-    wait_for(&format!("the round for epoch {epoch} in progress"), 15_000, || {
-        f.status()["round"]["epoch"] == epoch
-    });
+    wait_for(
+        &format!("the round for epoch {epoch} in progress"),
+        15_000,
+        || f.status()["round"]["epoch"] == epoch,
+    );
 }
 
 /// Waits for the process to end; its exit code and stderr.
@@ -56,12 +62,19 @@ fn rekey_names_stale_and_unjoined_nodes_and_fails_on_a_stale_one() {
     // node-03 is enrolled but never runs.
     let mut agents: Vec<Proc> = (0..3).map(|i| f.agent(i)).collect();
     wait_for("three agents joined", 20_000, || {
-        (0..3).all(|i| agent_status(&f.nodes[i].state).is_some_and(|s| s["running"]["synced"] == true))
+        (0..3).all(|i| {
+            agent_status(&f.nodes[i].state).is_some_and(|s| s["running"]["synced"] == true)
+        })
     });
     let (r, _) = f.json_exit(&["rekey", "--json"], 0);
     println!("all joined ones answer: {r}");
     assert_eq!(
-        (r["nodes"].as_u64(), r["joined"].as_u64(), r["acked"].as_u64(), r["not_joined"].as_u64()),
+        (
+            r["nodes"].as_u64(),
+            r["joined"].as_u64(),
+            r["acked"].as_u64(),
+            r["not_joined"].as_u64()
+        ),
         (Some(4), Some(3), Some(3), Some(1)),
         "{r}"
     );
@@ -73,7 +86,11 @@ fn rekey_names_stale_and_unjoined_nodes_and_fails_on_a_stale_one() {
     let (r, err) = f.json_exit(&["rekey", "--json"], 3);
     println!("one stale: {r}\n{err}");
     assert_eq!(
-        (r["joined"].as_u64(), r["acked"].as_u64(), r["stale"].as_u64()),
+        (
+            r["joined"].as_u64(),
+            r["acked"].as_u64(),
+            r["stale"].as_u64()
+        ),
         (Some(3), Some(2), Some(1)),
         "{r}"
     );
@@ -86,12 +103,26 @@ fn rekey_names_stale_and_unjoined_nodes_and_fails_on_a_stale_one() {
     let text = String::from_utf8_lossy(&out.stdout);
     println!("{text}");
     assert_eq!(out.status.code(), Some(3), "{text}");
-    assert!(text.contains("4 enrolled: 3 joined, 2 acknowledged, 1 stale, 1 not joined"), "{text}");
-    assert!(text.lines().any(|l| l.contains("stale") && l.contains("node-02")), "{text}");
-    assert!(text.lines().any(|l| l.contains("not joined") && l.contains("node-03")), "{text}");
+    assert!(
+        text.contains("4 enrolled: 3 joined, 2 acknowledged, 1 stale, 1 not joined"),
+        "{text}"
+    );
+    assert!(
+        text.lines()
+            .any(|l| l.contains("stale") && l.contains("node-02")),
+        "{text}"
+    );
+    assert!(
+        text.lines()
+            .any(|l| l.contains("not joined") && l.contains("node-03")),
+        "{text}"
+    );
     let st = f.keyfleet(&["status"]).output().unwrap();
     let st = String::from_utf8_lossy(&st.stdout);
-    assert!(st.contains("4 nodes enrolled: 3 joined (1 stale), 1 not joined"), "{st}");
+    assert!(
+        st.contains("4 nodes enrolled: 3 joined (1 stale), 1 not joined"),
+        "{st}"
+    );
     drop(agents);
 }
 
@@ -165,11 +196,18 @@ fn a_second_rekey_during_a_round_says_it_is_queued_and_reports_both_rounds() {
         .as_array()
         .unwrap()
         .iter()
-        .map(|r| (r["epoch"].as_u64().unwrap(), r["outcome"].as_str().unwrap_or("-").to_string()))
+        .map(|r| {
+            (
+                r["epoch"].as_u64().unwrap(),
+                r["outcome"].as_str().unwrap_or("-").to_string(),
+            )
+        })
         .collect();
     assert_eq!(
         rounds,
-        (2..=5).map(|e| (e, "Completed".to_string())).collect::<Vec<_>>()
+        (2..=5)
+            .map(|e| (e, "Completed".to_string()))
+            .collect::<Vec<_>>()
     );
 }
 

@@ -10,7 +10,10 @@ use keyfleet::config::Config;
 use keyfleet::controller::{Controller, Options, StateDir};
 use keyfleet::store::{Outcome, Store, SCHEMA_VERSION};
 
-const FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/store/main-2026-12-06");
+const FIXTURE: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/fixtures/store/main-2026-12-06"
+);
 
 /// A private copy of the fixture's state directory (git keeps no modes).
 fn state_copy(dir: &Path) -> StateDir {
@@ -36,7 +39,11 @@ fn schema_of(db: &Path) -> i64 {
 fn a_schema_2_table_from_main_migrates_and_its_unfinished_round_is_not_current() {
     let dir = tempfile::tempdir().unwrap();
     let st = state_copy(dir.path());
-    assert_eq!(schema_of(&st.database()), 2, "the fixture is main's schema 2");
+    assert_eq!(
+        schema_of(&st.database()),
+        2,
+        "the fixture is main's schema 2"
+    );
 
     let s = Store::open(&st.database()).unwrap();
     assert_eq!(s.schema_version().unwrap(), SCHEMA_VERSION as i64);

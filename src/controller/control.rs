@@ -73,7 +73,9 @@ pub enum Reply {
     Rekeyed(RoundReport),
     Removed(RemoveReport),
     Enrolled(EnrollReport),
-    Error { message: String },
+    Error {
+        message: String,
+    },
 }
 
 impl Reply {

@@ -661,7 +661,12 @@ impl Controller {
 
     /// The report of the round in progress as it stands, paused (the caller
     /// fills in what the pause record says).
-    fn paused_report(&self, epoch: crate::crypto::Epoch, phase: RoundPhase, now: Time) -> RoundReport {
+    fn paused_report(
+        &self,
+        epoch: crate::crypto::Epoch,
+        phase: RoundPhase,
+        now: Time,
+    ) -> RoundReport {
         let names = |want: MemberStatus| -> Vec<String> {
             self.machine
                 .members()
@@ -708,7 +713,12 @@ impl Controller {
     }
 
     /// What a round command waits behind, if a round is in progress.
-    fn queued(&self, before: Option<(u32, RoundPhase, bool)>, target: u32, resumed: bool) -> Option<Queued> {
+    fn queued(
+        &self,
+        before: Option<(u32, RoundPhase, bool)>,
+        target: u32,
+        resumed: bool,
+    ) -> Option<Queued> {
         let (running_epoch, phase, paused) = before?;
         (target > running_epoch).then(|| Queued {
             running_epoch,
@@ -1139,12 +1149,16 @@ impl Controller {
         self.waiters.retain_mut(|w| {
             w.earlier
                 .extend(finished.iter().filter(|r| r.epoch < w.target).cloned());
-            let done = finished.iter().find(|r| r.epoch >= w.target).cloned().or_else(|| {
-                paused.clone().map(|mut p| {
-                    p.carried_on_by = Some(CarriedOnBy::Serve);
-                    p
-                })
-            });
+            let done = finished
+                .iter()
+                .find(|r| r.epoch >= w.target)
+                .cloned()
+                .or_else(|| {
+                    paused.clone().map(|mut p| {
+                        p.carried_on_by = Some(CarriedOnBy::Serve);
+                        p
+                    })
+                });
             if let Some(mut r) = done {
                 r.waited_ms = now.saturating_sub(w.since_ms).saturating_sub(r.elapsed_ms);
                 r.earlier = std::mem::take(&mut w.earlier);

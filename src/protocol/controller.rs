@@ -728,7 +728,9 @@ impl ControllerMachine {
 
     /// The round in progress: when it started and its key's check value.
     pub fn round_started(&self) -> Option<(Time, CheckValue)> {
-        self.round.as_ref().map(|r| (r.started_at, r.key.check_value()))
+        self.round
+            .as_ref()
+            .map(|r| (r.started_at, r.key.check_value()))
     }
 
     /// Live members still to confirm the current phase.

@@ -1043,9 +1043,9 @@ impl Store {
                 ))
             })?
             .collect::<std::result::Result<_, _>>()?;
-        let mut hand = self.conn.prepare(
-            "SELECT node_id, via, at_ms FROM key_handouts WHERE epoch = ?1 ORDER BY id",
-        )?;
+        let mut hand = self
+            .conn
+            .prepare("SELECT node_id, via, at_ms FROM key_handouts WHERE epoch = ?1 ORDER BY id")?;
         let mut del = self.conn.prepare(
             "SELECT d.node_id, d.first_sent_at_ms, d.last_sent_at_ms, d.attempts, d.acked_at_ms
              FROM key_deliveries d JOIN nodes n ON n.node_id = d.node_id
@@ -1183,10 +1183,9 @@ impl Store {
 
     /// Round `id` goes on after a pause.
     pub fn round_resumed(&mut self, id: i64) -> Result<()> {
-        let n = self.conn.execute(
-            "UPDATE rounds SET paused_at_ms = NULL WHERE id = ?1",
-            [id],
-        )?;
+        let n = self
+            .conn
+            .execute("UPDATE rounds SET paused_at_ms = NULL WHERE id = ?1", [id])?;
         if n == 0 {
             return Err(StoreError::UnknownRound(id));
         }

@@ -423,7 +423,8 @@ fn address_changes_handouts_and_pauses_are_rows() {
     s.record_key_created(2, "c2", Trigger::Manual, &json!(null), &["a"], 6)
         .unwrap();
     s.record_handout(&[1], "a", Handout::Join, 7).unwrap();
-    s.record_handout(&[1, 2], "a", Handout::KeyRequest, 8).unwrap();
+    s.record_handout(&[1, 2], "a", Handout::KeyRequest, 8)
+        .unwrap();
     assert!(matches!(
         s.record_handout(&[9], "a", Handout::Join, 9),
         Err(StoreError::UnknownEpoch(9))
@@ -431,10 +432,22 @@ fn address_changes_handouts_and_pauses_are_rows() {
     let keys = s.history().unwrap();
     assert_eq!(keys[0].activated_at_ms, Some(2));
     assert_eq!(keys[1].activated_at_ms, None);
-    let vias = |k: &KeyRecord| k.handouts.iter().map(|h| (h.via, h.at_ms)).collect::<Vec<_>>();
-    assert_eq!(vias(&keys[0]), [(Handout::Join, 7), (Handout::KeyRequest, 8)]);
+    let vias = |k: &KeyRecord| {
+        k.handouts
+            .iter()
+            .map(|h| (h.via, h.at_ms))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        vias(&keys[0]),
+        [(Handout::Join, 7), (Handout::KeyRequest, 8)]
+    );
     assert_eq!(vias(&keys[1]), [(Handout::KeyRequest, 8)]);
-    assert_eq!(keys[1].deliveries.len(), 1, "the round's delivery row stays apart");
+    assert_eq!(
+        keys[1].deliveries.len(),
+        1,
+        "the round's delivery row stays apart"
+    );
 
     let id = s.round_started(2, 1, 6).unwrap();
     s.round_paused(id, "no node answered", 10).unwrap();
@@ -443,7 +456,8 @@ fn address_changes_handouts_and_pauses_are_rows() {
     assert_eq!(r.pause_detail.as_deref(), Some("no node answered"));
     s.round_resumed(id).unwrap();
     s.round_paused(id, "1 of 3", 12).unwrap();
-    s.round_finished(id, Outcome::Completed, None, 1, 0, 20).unwrap();
+    s.round_finished(id, Outcome::Completed, None, 1, 0, 20)
+        .unwrap();
     let r = &s.rounds().unwrap()[0];
     assert_eq!((r.pauses, r.paused_at_ms), (2, None));
     assert_eq!(s.current_epoch().unwrap(), Some(1));

@@ -277,7 +277,10 @@ impl Fleet {
             .args(["--group", &self.group.to_string()])
             .args(["--iface", &self.agent_ip.to_string()])
             .args(["--listen", &n.listen.to_string()])
-            .args(["--controller", &format!("{}:{}", self.ctl_ip, self.ctl_port)])
+            .args([
+                "--controller",
+                &format!("{}:{}", self.ctl_ip, self.ctl_port),
+            ])
             .args(["--usage-interval", "2"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())

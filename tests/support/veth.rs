@@ -41,7 +41,17 @@ impl VethPair {
         let a = Netns::create(&format!("{tag}a"))?;
         let b = Netns::create(&format!("{tag}b"))?;
         ip(&[
-            "-n", a.name(), "link", "add", "kfa", "type", "veth", "peer", "name", "kfb", "netns",
+            "-n",
+            a.name(),
+            "link",
+            "add",
+            "kfa",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "kfb",
+            "netns",
             b.name(),
         ])?;
         ip(&["-n", a.name(), "addr", "add", "10.77.0.1/24", "dev", "kfa"])?;

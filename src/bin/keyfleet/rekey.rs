@@ -130,11 +130,7 @@ fn print_round(r: &RoundReport) {
     }
     println!(
         "  {} enrolled: {} joined, {} acknowledged, {} stale, {} not joined",
-        r.nodes,
-        r.joined,
-        r.acked,
-        r.stale,
-        r.not_joined
+        r.nodes, r.joined, r.acked, r.stale, r.not_joined
     );
     if !r.silent_nodes.is_empty() {
         println!("  did not answer: {}", names(&r.silent_nodes));
@@ -248,10 +244,12 @@ fn interrupted(w: &Watch, serve: bool) -> String {
     let Some(e) = w.round else {
         return "interrupted before a round began: nothing changed".into();
     };
-    let own = w
-        .queued
-        .as_ref()
-        .map_or(String::new(), |q| format!(" (the round for epoch {} this command asked for follows it)", q.epoch));
+    let own = w.queued.as_ref().map_or(String::new(), |q| {
+        format!(
+            " (the round for epoch {} this command asked for follows it)",
+            q.epoch
+        )
+    });
     if serve {
         format!(
             "interrupted: the round for epoch {e} goes on in keyfleet serve{own}; \

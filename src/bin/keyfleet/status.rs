@@ -157,9 +157,10 @@ pub fn history(g: &GlobalArgs, a: HistoryArgs) -> anyhow::Result<()> {
             when(k.created_at_ms),
             k.check_value,
             k.trigger,
-            k.activated_at_ms.map_or("  never current (its round did not complete)".into(), |t| {
-                format!("  current from {}", when(t))
-            }),
+            k.activated_at_ms
+                .map_or("  never current (its round did not complete)".into(), |t| {
+                    format!("  current from {}", when(t))
+                }),
             k.retired_at_ms
                 .map_or(String::new(), |t| format!("  retired {}", when(t)))
         );
@@ -177,7 +178,11 @@ pub fn history(g: &GlobalArgs, a: HistoryArgs) -> anyhow::Result<()> {
                 keyfleet::store::Handout::Join => "join",
                 keyfleet::store::Handout::KeyRequest => "key request",
             };
-            println!("    {:<20} handed out {} (answer to its {via})", h.node_id, when(h.at_ms));
+            println!(
+                "    {:<20} handed out {} (answer to its {via})",
+                h.node_id,
+                when(h.at_ms)
+            );
         }
     }
     println!("ROUNDS");

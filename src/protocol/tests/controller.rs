@@ -1068,7 +1068,11 @@ fn a_controller_that_hears_no_node_marks_none_stale_pauses_and_completes_when_th
     f.advance(5_000);
     assert_eq!(
         paused(&f),
-        vec![(0, 2, vec!["node-0".into(), "node-1".into(), "node-2".into()])]
+        vec![(
+            0,
+            2,
+            vec!["node-0".into(), "node-1".into(), "node-2".into()]
+        )]
     );
     // Long after the stale deadline: nobody stale, the old key current, still retrying.
     let sends = key_sends(&f);
@@ -1078,7 +1082,10 @@ fn a_controller_that_hears_no_node_marks_none_stale_pauses_and_completes_when_th
     assert_eq!(f.c.current_epoch(), Epoch(1));
     assert_eq!(f.phase(), Some(RoundPhase::Distributing));
     assert!(f.c.paused_since().is_some());
-    assert!(key_sends(&f) >= sends + 3 * 100, "retries go on while paused");
+    assert!(
+        key_sends(&f) >= sends + 3 * 100,
+        "retries go on while paused"
+    );
     assert_eq!(paused(&f).len(), 1, "one pause, not one per deadline");
     assert!(f.c.members().all(|m| m.2 == MemberStatus::Active));
     // The link returns: the next retries reach the nodes, the round completes.
@@ -1115,15 +1122,18 @@ fn a_controller_that_hears_no_node_marks_none_stale_pauses_and_completes_when_th
 fn fewer_than_a_majority_pauses_the_round_instead_of_leaving_the_rest_stale() {
     let mut f = TestFleet::new(5, test_cfg());
     // Three of five (members 1-3, node-0..node-2) hear nothing.
-    f.drop = Box::new(|d, from, _| {
-        matches!(d, Dest::Node(i) if i < 3) || (from < 3 && from != CTL)
-    });
+    f.drop =
+        Box::new(|d, from, _| matches!(d, Dest::Node(i) if i < 3) || (from < 3 && from != CTL));
     f.ctl(ControllerInput::Rekey).unwrap();
     f.pump();
     f.advance(10_000);
     assert_eq!(
         paused(&f),
-        vec![(2, 3, vec!["node-0".into(), "node-1".into(), "node-2".into()])]
+        vec![(
+            2,
+            3,
+            vec!["node-0".into(), "node-1".into(), "node-2".into()]
+        )]
     );
     assert_eq!(f.count(|r| matches!(r, Record::NodeStale { .. })), 0);
     assert_eq!(f.c.current_epoch(), Epoch(1));
@@ -1270,10 +1280,7 @@ fn a_rekey_during_a_pause_retries_at_once_and_a_restart_resumes_it() {
     f.advance(500);
     f.pump();
     // Round 2 completes, then the queued round 3.
-    assert_eq!(
-        f.finished(),
-        vec![(Epoch(2), 3, 3, 0), (Epoch(3), 3, 3, 0)]
-    );
+    assert_eq!(f.finished(), vec![(Epoch(2), 3, 3, 0), (Epoch(3), 3, 3, 0)]);
     assert_eq!(f.count(|r| matches!(r, Record::NodeStale { .. })), 0);
 }
 
