@@ -387,6 +387,8 @@ pub enum ResumeCause {
     Restart,
     /// A rekey by hand during the pause: retry at once.
     Rekey,
+    /// A node was removed: the round is judged again without it.
+    Removed { node_id: NodeId },
 }
 
 /// What the controller asks its shell to do, in order.
@@ -833,6 +835,15 @@ impl ControllerMachine {
                     node_id: node_id.clone(),
                     at: now,
                 }));
+                // A round paused for want of the removed node's answer is judged
+                // again without it (and pauses again if still too few answered).
+                self.resume(
+                    now,
+                    ResumeCause::Removed {
+                        node_id: node_id.clone(),
+                    },
+                    out,
+                );
                 if self.cfg.triggers.on_node_removed {
                     self.fire(now, TriggerReason::NodeRemoved { node_id }, rng, out);
                 }

@@ -1378,3 +1378,39 @@ mod quorum_props {
         }
     }
 }
+
+#[test]
+fn removing_the_silent_nodes_of_a_paused_round_lets_it_complete() {
+    let cfg = ControllerConfig {
+        triggers: TriggerConfig {
+            on_node_removed: false,
+            ..TriggerConfig::manual_only()
+        },
+        ..test_cfg()
+    };
+    let mut f = TestFleet::new(3, cfg);
+    // node-0 and node-1 are gone for good: 1 of 3 confirmed, 2 needed.
+    f.drop = Box::new(|d, from, _| matches!(d, Dest::Node(0 | 1)) || from == 0 || from == 1);
+    f.ctl(ControllerInput::Rekey).unwrap();
+    f.pump();
+    f.advance(6_000);
+    assert_eq!(paused(&f).len(), 1);
+    f.ctl(ControllerInput::Remove {
+        node_id: NodeId::parse("node-0").unwrap(),
+    })
+    .unwrap();
+    // Judged again: node-1 gets a fresh stale deadline, and 1 of 2 is still too few.
+    assert!(f.c.paused_since().is_none());
+    f.advance(6_000);
+    assert_eq!(paused(&f).len(), 2);
+    assert_eq!(f.count(|r| matches!(r, Record::NodeStale { .. })), 0);
+    f.ctl(ControllerInput::Remove {
+        node_id: NodeId::parse("node-1").unwrap(),
+    })
+    .unwrap();
+    f.pump();
+    f.advance(500);
+    f.pump();
+    assert_eq!(f.finished(), vec![(Epoch(2), 1, 1, 0)]);
+    assert_eq!(f.count(|r| matches!(r, Record::NodeStale { .. })), 0);
+}
