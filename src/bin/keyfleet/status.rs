@@ -158,7 +158,7 @@ pub fn history(g: &GlobalArgs, a: HistoryArgs) -> anyhow::Result<()> {
             k.check_value,
             k.trigger,
             k.activated_at_ms
-                .map_or("  never current (its round did not complete)".into(), |t| {
+                .map_or("  not current (its round has not completed)".into(), |t| {
                     format!("  current from {}", when(t))
                 }),
             k.retired_at_ms
