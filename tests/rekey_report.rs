@@ -270,3 +270,57 @@ fn ctrl_c_says_where_the_round_goes_and_the_next_rekey_reports_both_rounds() {
         "{text}"
     );
 }
+
+#[test]
+fn without_serve_a_round_nobody_answers_is_left_paused_to_the_next_rekey() {
+    let f = Fleet::new(64, 3, CFG);
+    let (mut serve, agents) = f.up(30_000);
+    serve.terminate();
+    // Every agent frozen: the one-shot rekey reaches nobody.
+    for a in &agents {
+        a.freeze();
+    }
+    let (r, err) = f.json_exit(&["rekey", "--json"], 4);
+    println!("one-shot rekey, nobody answers: {r}\n{err}");
+    assert_eq!(
+        (
+            r["outcome"].as_str(),
+            r["epoch"].as_u64(),
+            r["current_epoch"].as_u64()
+        ),
+        (Some("paused"), Some(2), Some(1)),
+        "{r}"
+    );
+    assert_eq!(r["carried_on_by"], "next_command", "{r}");
+    assert_eq!(names(&r["silent_nodes"]), ["node-00", "node-01", "node-02"]);
+    assert_eq!(r["stale"], 0, "{r}");
+    let h = f.history();
+    assert_eq!(
+        h["rounds"][0]["outcome"],
+        serde_json::Value::Null,
+        "{}",
+        h["rounds"]
+    );
+    assert!(h["rounds"][0]["paused_at_ms"].is_u64());
+    let text = String::from_utf8_lossy(&f.run(&["status"]).stdout).into_owned();
+    assert!(
+        text.contains("rotating to 2") && text.contains("paused since"),
+        "{text}"
+    );
+    // They come back; the next rekey finishes that round, then its own.
+    for a in &agents {
+        a.thaw();
+    }
+    let (r, err) = f.json_exit(&["rekey", "--json"], 0);
+    println!("the next rekey: {err}{r}");
+    assert_eq!(r["earlier"][0]["epoch"], 2, "{r}");
+    assert_eq!(r["earlier"][0]["acked"], 3, "{r}");
+    assert_eq!(
+        (r["epoch"].as_u64(), r["acked"].as_u64()),
+        (Some(3), Some(3))
+    );
+    let rounds = f.history()["rounds"].clone();
+    assert_eq!(rounds[0]["outcome"], "Completed", "{rounds}");
+    assert_eq!(rounds[0]["pauses"], 1, "{rounds}");
+    assert_eq!(rounds[1]["outcome"], "Completed", "{rounds}");
+}
