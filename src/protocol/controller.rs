@@ -34,7 +34,14 @@
 //!
 //! A node that does not answer within `stale_after_ms` of the phase start is
 //! marked *stale* (`Record::NodeStale`), left out of the round, and counted
-//! live again when it catches up through a key request (SPEC §5). When a stale
+//! live again when it catches up through a key request (SPEC §5) — but only
+//! when enough others confirmed the phase ([`ControllerMachine::needed`]:
+//! `min_acked` and a majority of the joined nodes). With fewer (none at all:
+//! the controller is the one cut off) the round is *paused*
+//! (`Record::RoundPaused`): nobody is marked stale, the old key stays
+//! current, retries go on, and the first confirmation, a restart, a rekey by
+//! hand or a removal resumes it (`Record::RoundResumed`) with a fresh stale
+//! deadline. A phase never ends with fewer confirmations than needed. When a stale
 //! node shows it is alive (a usage report, a reply out of step) the controller
 //! sends it a resync request, so it asks even without a link-up.
 //!
@@ -917,6 +924,13 @@ impl ControllerMachine {
         rng: &mut (impl RngCore + CryptoRng),
         out: &mut Out,
     ) {
+        if reason == TriggerReason::Manual && self.resume(now, ResumeCause::Rekey, out) {
+            // Someone asks by hand while the round waits: retry at once.
+            if let Some(phase) = self.round.as_ref().map(|r| r.phase) {
+                self.enter_phase(now, phase, rng, out);
+                self.arm_round_timer(out);
+            }
+        }
         if self.round.is_none() {
             Self::record(
                 out,
@@ -928,13 +942,6 @@ impl ControllerMachine {
             );
             self.start_round(now, reason, rng, out);
         } else if self.pending.is_none() {
-            if reason == TriggerReason::Manual && self.resume(now, ResumeCause::Rekey, out) {
-                // Someone asks by hand while the round waits: retry at once.
-                if let Some(phase) = self.round.as_ref().map(|r| r.phase) {
-                    self.enter_phase(now, phase, rng, out);
-                    self.arm_round_timer(out);
-                }
-            }
             Self::record(
                 out,
                 Record::TriggerFired {
