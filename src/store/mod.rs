@@ -97,7 +97,7 @@ pub enum StoreError {
     },
     #[error("cannot start the thread of the PostgreSQL connection: {0}")]
     Driver(#[source] std::io::Error),
-    #[error("management table (PostgreSQL): {0}")]
+    #[error("management table (PostgreSQL): {}", chain(.0))]
     Postgres(#[from] tokio_postgres::Error),
     #[error("the management table {at} could not be written ({cause}); the batch was rolled back")]
     BatchFailed { at: String, cause: String },
@@ -241,6 +241,16 @@ text_enum! {
 }
 
 text_enum! {
+    /// How a key was handed out outside a round (SPEC §4, claim 6).
+    Handout {
+        /// In the answer to a node's join.
+        Join,
+        /// In the answer to a node's key request (SPEC §5).
+        KeyRequest,
+    }
+}
+
+text_enum! {
     /// What an audit entry records.
     AuditKind {
         /// A rekey trigger fired (detail: which and why).
@@ -260,6 +270,11 @@ text_enum! {
         Rejoin,
         /// The controller restarted and resumed.
         Restart,
+        /// A round reached too few nodes by its deadline and waits (detail:
+        /// phase, confirmed, needed, the silent nodes).
+        RoundPaused,
+        /// A paused round goes on (detail: why).
+        RoundResumed,
     }
 }
 
@@ -291,6 +306,27 @@ pub struct DeliveryRecord {
     pub acked_at_ms: Option<u64>,
 }
 
+/// A key handed out to one node by a join or a key request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct HandoutRecord {
+    pub node_id: String,
+    pub via: Handout,
+    pub at_ms: u64,
+}
+
+/// One change of a node's address, and the authenticated message that caused it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AddressChange {
+    pub node_id: String,
+    pub old_address: String,
+    pub new_address: String,
+    pub at_ms: u64,
+    /// The message's name (`join`, `key request`, `key update reply`, …, `usage report`).
+    pub message: String,
+    /// Its sequence number.
+    pub seq: u64,
+}
+
 /// One group key's history.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct KeyRecord {
@@ -300,8 +336,13 @@ pub struct KeyRecord {
     pub check_value: String,
     pub trigger: Trigger,
     pub trigger_detail: serde_json::Value,
+    /// When it became the current key (`None`: its round has not completed).
+    pub activated_at_ms: Option<u64>,
     pub retired_at_ms: Option<u64>,
+    /// Deliveries by rekey rounds.
     pub deliveries: Vec<DeliveryRecord>,
+    /// Deliveries in answers to joins and key requests, oldest first.
+    pub handouts: Vec<HandoutRecord>,
 }
 
 /// Durations of a round's phases, in milliseconds; `None` while not reached or not over.
@@ -328,6 +369,12 @@ pub struct RoundRecord {
     pub finished_at_ms: Option<u64>,
     pub outcome: Option<Outcome>,
     pub outcome_detail: Option<String>,
+    /// Times the round was paused (too few nodes answered by a deadline).
+    pub pauses: u64,
+    /// Paused since, while it is.
+    pub paused_at_ms: Option<u64>,
+    /// Why it was last paused.
+    pub pause_detail: Option<String>,
 }
 
 /// One audit entry.
@@ -402,6 +449,23 @@ pub trait Engine: Send {
     ) -> Result<NodeRecord>;
     fn remove_node(&mut self, node_id: &str, reason: &str, now_ms: u64) -> Result<()>;
     fn set_address(&mut self, node_id: &str, address: &str) -> Result<()>;
+    fn record_address_change(
+        &mut self,
+        node_id: &str,
+        new: &str,
+        message: &str,
+        seq: u64,
+        now_ms: u64,
+    ) -> Result<()>;
+    /// Address changes oldest first: of one node, or of every node with `None`.
+    fn address_changes(&self, node_id: Option<&str>) -> Result<Vec<AddressChange>>;
+    fn record_handout(
+        &mut self,
+        epochs: &[u64],
+        node_id: &str,
+        via: Handout,
+        now_ms: u64,
+    ) -> Result<()>;
     fn set_node_state(
         &mut self,
         node_ids: &[&str],
@@ -433,7 +497,11 @@ pub trait Engine: Send {
     fn record_sent(&mut self, epoch: u64, node_ids: &[&str], now_ms: u64) -> Result<()>;
     fn record_ack(&mut self, epoch: u64, node_ids: &[&str], now_ms: u64) -> Result<()>;
     fn retire_key(&mut self, epoch: u64, now_ms: u64) -> Result<()>;
+    fn activate_key(&mut self, epoch: u64, now_ms: u64) -> Result<()>;
+    /// The newest key that became current.
     fn current_epoch(&self) -> Result<Option<u64>>;
+    /// The newest key in the history, current or not.
+    fn newest_epoch(&self) -> Result<Option<u64>>;
     fn history(&self) -> Result<Vec<KeyRecord>>;
     fn round_started(&mut self, epoch: u64, nodes: u64, now_ms: u64) -> Result<i64>;
     fn round_phase(&mut self, id: i64, phase: Phase, now_ms: u64) -> Result<()>;
@@ -446,6 +514,8 @@ pub trait Engine: Send {
         stale: u64,
         now_ms: u64,
     ) -> Result<()>;
+    fn round_paused(&mut self, id: i64, detail: &str, now_ms: u64) -> Result<()>;
+    fn round_resumed(&mut self, id: i64) -> Result<()>;
     /// Rounds oldest first; only the unfinished ones with `unfinished_only`.
     fn rounds(&self, unfinished_only: bool) -> Result<Vec<RoundRecord>>;
     fn audit(
@@ -623,6 +693,47 @@ impl Store {
         self.note(r)
     }
 
+    /// A node's authenticated message (`message`, sequence number `seq`) came
+    /// from `new`: the node's address becomes `new`, and the change is a row
+    /// of its address history (one transaction).
+    pub fn record_address_change(
+        &mut self,
+        node_id: &str,
+        new: &str,
+        message: &str,
+        seq: u64,
+        now_ms: u64,
+    ) -> Result<()> {
+        check_address(new)?;
+        let r = self
+            .engine
+            .record_address_change(node_id, new, message, seq, now_ms);
+        self.note(r)
+    }
+
+    /// Every address change of `node_id`, oldest first.
+    pub fn address_history(&self, node_id: &str) -> Result<Vec<AddressChange>> {
+        self.engine.address_changes(Some(node_id))
+    }
+
+    /// Every address change of every node, oldest first.
+    pub fn address_changes(&self) -> Result<Vec<AddressChange>> {
+        self.engine.address_changes(None)
+    }
+
+    /// The keys of `epochs` went to `node_id` in the answer to its join or key
+    /// request: one row each (keys not in the history are refused).
+    pub fn record_handout(
+        &mut self,
+        epochs: &[u64],
+        node_id: &str,
+        via: Handout,
+        now_ms: u64,
+    ) -> Result<()> {
+        let r = self.engine.record_handout(epochs, node_id, via, now_ms);
+        self.note(r)
+    }
+
     /// Records the state and epoch the given nodes reported, and that they were
     /// seen at `now_ms` (one transaction).
     pub fn set_node_state<S: AsRef<str>>(
@@ -739,7 +850,19 @@ impl Store {
         self.note(r)
     }
 
-    /// The newest epoch in the key history.
+    /// The key of `epoch` became the current group key (its round completed).
+    pub fn activate_key(&mut self, epoch: u64, now_ms: u64) -> Result<()> {
+        let r = self.engine.activate_key(epoch, now_ms);
+        self.note(r)
+    }
+
+    /// The newest epoch in the key history, current or not.
+    pub fn newest_epoch(&self) -> Result<Option<u64>> {
+        self.engine.newest_epoch()
+    }
+
+    /// The current group key's epoch: the newest key that became current. A
+    /// round in progress (or one that never completed) does not count.
     pub fn current_epoch(&self) -> Result<Option<u64>> {
         self.engine.current_epoch()
     }
@@ -776,6 +899,18 @@ impl Store {
         let r = self
             .engine
             .round_finished(id, outcome, detail, acked, stale, now_ms);
+        self.note(r)
+    }
+
+    /// Round `id` reached too few nodes by a deadline and waits (`detail` says how many).
+    pub fn round_paused(&mut self, id: i64, detail: &str, now_ms: u64) -> Result<()> {
+        let r = self.engine.round_paused(id, detail, now_ms);
+        self.note(r)
+    }
+
+    /// Round `id` goes on after a pause.
+    pub fn round_resumed(&mut self, id: i64) -> Result<()> {
+        let r = self.engine.round_resumed(id);
         self.note(r)
     }
 

@@ -514,6 +514,77 @@ impl Engine for PgEngine {
         Ok(())
     }
 
+    fn record_address_change(
+        &mut self,
+        node_id: &str,
+        new: &str,
+        message: &str,
+        seq: u64,
+        now_ms: u64,
+    ) -> Result<()> {
+        check_address(new)?;
+        let (now, seq) = (to_i64(now_ms)?, to_i64(seq)?);
+        self.atomic(|s| {
+            let old: String = s
+                .query_opt(
+                    "SELECT address FROM nodes WHERE node_id = $1 AND removed_at_ms IS NULL
+                     FOR UPDATE",
+                    &[&node_id],
+                )?
+                .ok_or_else(|| StoreError::UnknownNode(node_id.to_owned()))?
+                .try_get(0)?;
+            s.exec(
+                "UPDATE nodes SET address = $2 WHERE node_id = $1",
+                &[&node_id, &new],
+            )?;
+            s.exec(
+                "INSERT INTO address_changes (node_id, old_address, new_address, at_ms, message, seq)
+                 VALUES ($1, $2, $3, $4, $5, $6)",
+                &[&node_id, &old, &new, &now, &message, &seq],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn address_changes(&self, node_id: Option<&str>) -> Result<Vec<AddressChange>> {
+        let sql = "SELECT node_id, old_address, new_address, at_ms, message, seq
+                   FROM address_changes WHERE $1::TEXT IS NULL OR node_id = $1 ORDER BY id";
+        self.query(sql, &[&node_id])?
+            .iter()
+            .map(|r| {
+                Ok(AddressChange {
+                    node_id: r.try_get(0)?,
+                    old_address: r.try_get(1)?,
+                    new_address: r.try_get(2)?,
+                    at_ms: to_u64("address_changes.at_ms", r.try_get(3)?)?,
+                    message: r.try_get(4)?,
+                    seq: to_u64("address_changes.seq", r.try_get(5)?)?,
+                })
+            })
+            .collect()
+    }
+
+    fn record_handout(
+        &mut self,
+        epochs: &[u64],
+        node_id: &str,
+        via: Handout,
+        now_ms: u64,
+    ) -> Result<()> {
+        let now = to_i64(now_ms)?;
+        self.atomic(|s| {
+            for &epoch in epochs {
+                s.check_epoch(epoch)?;
+                s.exec(
+                    "INSERT INTO key_handouts (epoch, node_id, via, at_ms) VALUES ($1, $2, $3, $4)",
+                    &[&to_i64(epoch)?, &node_id, &via.as_str(), &now],
+                )
+                .map_err(|err| unknown_node(err, node_id))?;
+            }
+            Ok(())
+        })
+    }
+
     fn set_node_state(
         &mut self,
         node_ids: &[&str],
@@ -619,8 +690,9 @@ impl Engine for PgEngine {
                 return Err(StoreError::EpochExists(epoch));
             }
             s.exec(
-                "INSERT INTO keys (epoch, created_at_ms, check_value, trigger, trigger_detail)
-                 VALUES ($1, $2, $3, $4, $5)",
+                "INSERT INTO keys (epoch, created_at_ms, check_value, trigger, trigger_detail,
+                                   activated_at_ms)
+                 VALUES ($1, $2, $3, $4, $5, CASE WHEN $4::TEXT = 'Initial' THEN $2::BIGINT END)",
                 &[
                     &e,
                     &now,
@@ -705,7 +777,27 @@ impl Engine for PgEngine {
         Ok(())
     }
 
+    fn activate_key(&mut self, epoch: u64, now_ms: u64) -> Result<()> {
+        let n = self.exec(
+            "UPDATE keys SET activated_at_ms = COALESCE(activated_at_ms, $2) WHERE epoch = $1",
+            &[&to_i64(epoch)?, &to_i64(now_ms)?],
+        )?;
+        if n == 0 {
+            return Err(StoreError::UnknownEpoch(epoch));
+        }
+        Ok(())
+    }
+
     fn current_epoch(&self) -> Result<Option<u64>> {
+        let row = self.query_opt(
+            "SELECT MAX(epoch) FROM keys WHERE activated_at_ms IS NOT NULL",
+            &[],
+        )?;
+        let e: Option<i64> = row.map(|r| r.try_get(0)).transpose()?.flatten();
+        opt_u64("keys.epoch", e)
+    }
+
+    fn newest_epoch(&self) -> Result<Option<u64>> {
         let row = self.query_opt("SELECT MAX(epoch) FROM keys", &[])?;
         let e: Option<i64> = row.map(|r| r.try_get(0)).transpose()?.flatten();
         opt_u64("keys.epoch", e)
@@ -713,7 +805,8 @@ impl Engine for PgEngine {
 
     fn history(&self) -> Result<Vec<KeyRecord>> {
         let keys = self.query(
-            "SELECT epoch, created_at_ms, check_value, trigger, trigger_detail, retired_at_ms
+            "SELECT epoch, created_at_ms, check_value, trigger, trigger_detail, retired_at_ms,
+                    activated_at_ms
              FROM keys ORDER BY epoch",
             &[],
         )?;
@@ -741,6 +834,21 @@ impl Engine for PgEngine {
                     })
                 })
                 .collect::<Result<Vec<_>>>()?;
+            let handouts = self
+                .query(
+                    "SELECT node_id, via, at_ms FROM key_handouts WHERE epoch = $1 ORDER BY id",
+                    &[&epoch],
+                )?
+                .iter()
+                .map(|r| {
+                    let via: String = r.try_get(1)?;
+                    Ok(HandoutRecord {
+                        node_id: r.try_get(0)?,
+                        via: Handout::parse("key_handouts.via", &via)?,
+                        at_ms: to_u64("key_handouts.at_ms", r.try_get(2)?)?,
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
             let trigger: String = k.try_get(3)?;
             let detail: String = k.try_get(4)?;
             out.push(KeyRecord {
@@ -754,8 +862,10 @@ impl Engine for PgEngine {
                         value: detail.clone(),
                     }
                 })?,
+                activated_at_ms: opt_u64("keys.activated_at_ms", k.try_get(6)?)?,
                 retired_at_ms: opt_u64("keys.retired_at_ms", k.try_get(5)?)?,
                 deliveries,
+                handouts,
             });
         }
         Ok(out)
@@ -805,11 +915,35 @@ impl Engine for PgEngine {
             s.close_phase(id, now_ms)?;
             s.exec(
                 "UPDATE rounds SET phase = 'Finished', phase_started_at_ms = $2, finished_at_ms = $2,
-                 outcome = $3, outcome_detail = $4, acked = $5, stale = $6 WHERE id = $1",
+                 outcome = $3, outcome_detail = $4, acked = $5, stale = $6, paused_at_ms = NULL
+                 WHERE id = $1",
                 &[&id, &now, &outcome.as_str(), &detail, &acked, &stale],
             )?;
             Ok(())
         })
+    }
+
+    fn round_paused(&mut self, id: i64, detail: &str, now_ms: u64) -> Result<()> {
+        let n = self.exec(
+            "UPDATE rounds SET pauses = pauses + 1, paused_at_ms = $2, pause_detail = $3
+             WHERE id = $1 AND finished_at_ms IS NULL",
+            &[&id, &to_i64(now_ms)?, &detail],
+        )?;
+        if n == 0 {
+            return Err(StoreError::UnknownRound(id));
+        }
+        Ok(())
+    }
+
+    fn round_resumed(&mut self, id: i64) -> Result<()> {
+        let n = self.exec(
+            "UPDATE rounds SET paused_at_ms = NULL WHERE id = $1",
+            &[&id],
+        )?;
+        if n == 0 {
+            return Err(StoreError::UnknownRound(id));
+        }
+        Ok(())
     }
 
     fn rounds(&self, unfinished_only: bool) -> Result<Vec<RoundRecord>> {
@@ -822,7 +956,7 @@ impl Engine for PgEngine {
             &format!(
                 "SELECT id, epoch, started_at_ms, phase, phase_started_at_ms, distribute_ms,
                         first_transition_ms, second_transition_ms, nodes, acked, stale,
-                        finished_at_ms, outcome, outcome_detail
+                        finished_at_ms, outcome, outcome_detail, pauses, paused_at_ms, pause_detail
                  FROM rounds {filter} ORDER BY id"
             ),
             &[],
@@ -850,6 +984,9 @@ impl Engine for PgEngine {
                     .map(|o| Outcome::parse("rounds.outcome", &o))
                     .transpose()?,
                 outcome_detail: r.try_get(13)?,
+                pauses: to_u64("rounds.pauses", r.try_get(14)?)?,
+                paused_at_ms: opt_u64("rounds.paused_at_ms", r.try_get(15)?)?,
+                pause_detail: r.try_get(16)?,
             })
         })
         .collect()

@@ -226,6 +226,113 @@ impl SqliteEngine {
         Ok(())
     }
 
+    /// A node's authenticated message (`message`, sequence number `seq`) came
+    /// from `new`: the node's address becomes `new`, and the change is a row
+    /// of its address history (one transaction).
+    pub fn record_address_change(
+        &mut self,
+        node_id: &str,
+        new: &str,
+        message: &str,
+        seq: u64,
+        now_ms: u64,
+    ) -> Result<()> {
+        check_address(new)?;
+        let tx = self.conn.savepoint()?;
+        let old: Option<String> = tx
+            .query_row(
+                "SELECT address FROM nodes WHERE node_id = ?1 AND removed_at_ms IS NULL",
+                [node_id],
+                |r| r.get(0),
+            )
+            .optional()?;
+        let Some(old) = old else {
+            return Err(StoreError::UnknownNode(node_id.to_owned()));
+        };
+        tx.execute(
+            "UPDATE nodes SET address = ?2 WHERE node_id = ?1",
+            params![node_id, new],
+        )?;
+        tx.execute(
+            "INSERT INTO address_changes (node_id, old_address, new_address, at_ms, message, seq)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![node_id, old, new, to_i64(now_ms)?, message, to_i64(seq)?],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Every address change of `node_id`, oldest first.
+    pub fn address_history(&self, node_id: &str) -> Result<Vec<AddressChange>> {
+        self.query_address_changes("WHERE node_id = ?1", node_id)
+    }
+
+    /// Every address change of every node, oldest first.
+    pub fn address_changes(&self) -> Result<Vec<AddressChange>> {
+        self.query_address_changes("WHERE ?1 = ?1", "")
+    }
+
+    fn query_address_changes(&self, filter: &str, arg: &str) -> Result<Vec<AddressChange>> {
+        let mut stmt = self.conn.prepare(&format!(
+            "SELECT node_id, old_address, new_address, at_ms, message, seq
+             FROM address_changes {filter} ORDER BY id"
+        ))?;
+        type Raw = (String, String, String, i64, String, i64);
+        let raws: Vec<Raw> = stmt
+            .query_map([arg], |r| {
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                    r.get(4)?,
+                    r.get(5)?,
+                ))
+            })?
+            .collect::<std::result::Result<_, _>>()?;
+        raws.into_iter()
+            .map(|(node_id, old_address, new_address, at, message, seq)| {
+                Ok(AddressChange {
+                    node_id,
+                    old_address,
+                    new_address,
+                    at_ms: to_u64("address_changes.at_ms", at)?,
+                    message,
+                    seq: to_u64("address_changes.seq", seq)?,
+                })
+            })
+            .collect()
+    }
+
+    /// The keys of `epochs` went to `node_id` in the answer to its join or key
+    /// request: one row each (keys not in the history are refused).
+    pub fn record_handout(
+        &mut self,
+        epochs: &[u64],
+        node_id: &str,
+        via: Handout,
+        now_ms: u64,
+    ) -> Result<()> {
+        let tx = self.conn.savepoint()?;
+        for &epoch in epochs {
+            Self::check_epoch(&tx, epoch)?;
+            tx.execute(
+                "INSERT INTO key_handouts (epoch, node_id, via, at_ms) VALUES (?1, ?2, ?3, ?4)",
+                params![to_i64(epoch)?, node_id, via.as_str(), to_i64(now_ms)?],
+            )
+            .map_err(|err| match err {
+                rusqlite::Error::SqliteFailure(f, _)
+                    if f.code == rusqlite::ErrorCode::ConstraintViolation =>
+                {
+                    StoreError::UnknownNode(node_id.to_owned())
+                }
+                other => other.into(),
+            })?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
     /// Records the state and epoch the given nodes reported, and that they were
     /// seen at `now_ms` (one transaction).
     pub fn set_node_state<S: AsRef<str>>(
@@ -395,9 +502,11 @@ impl SqliteEngine {
         if exists {
             return Err(StoreError::EpochExists(epoch));
         }
+        // The initial key is current from the start; a round's key once its round completes.
         tx.execute(
-            "INSERT INTO keys (epoch, created_at_ms, check_value, trigger, trigger_detail)
-             VALUES (?1, ?2, ?3, ?4, ?5)",
+            "INSERT INTO keys (epoch, created_at_ms, check_value, trigger, trigger_detail,
+                               activated_at_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, CASE WHEN ?4 = 'Initial' THEN ?2 END)",
             params![
                 e,
                 to_i64(now_ms)?,
@@ -538,8 +647,31 @@ impl SqliteEngine {
         Ok(())
     }
 
-    /// The newest epoch in the key history.
+    /// The key of `epoch` became the current group key (its round completed).
+    pub fn activate_key(&mut self, epoch: u64, now_ms: u64) -> Result<()> {
+        let n = self.conn.execute(
+            "UPDATE keys SET activated_at_ms = COALESCE(activated_at_ms, ?2) WHERE epoch = ?1",
+            params![to_i64(epoch)?, to_i64(now_ms)?],
+        )?;
+        if n == 0 {
+            return Err(StoreError::UnknownEpoch(epoch));
+        }
+        Ok(())
+    }
+
+    /// The current group key's epoch: the newest key that became current. A
+    /// round in progress (or one that never completed) does not count.
     pub fn current_epoch(&self) -> Result<Option<u64>> {
+        let e: Option<i64> = self.conn.query_row(
+            "SELECT MAX(epoch) FROM keys WHERE activated_at_ms IS NOT NULL",
+            [],
+            |r| r.get(0),
+        )?;
+        opt_u64("keys.epoch", e)
+    }
+
+    /// The newest epoch in the key history, current or not.
+    pub fn newest_epoch(&self) -> Result<Option<u64>> {
         let e: Option<i64> = self
             .conn
             .query_row("SELECT MAX(epoch) FROM keys", [], |r| r.get(0))?;
@@ -549,10 +681,11 @@ impl SqliteEngine {
     /// Every group key, oldest first, with its deliveries.
     pub fn history(&self) -> Result<Vec<KeyRecord>> {
         let mut keys = self.conn.prepare(
-            "SELECT epoch, created_at_ms, check_value, trigger, trigger_detail, retired_at_ms
+            "SELECT epoch, created_at_ms, check_value, trigger, trigger_detail, retired_at_ms,
+                    activated_at_ms
              FROM keys ORDER BY epoch",
         )?;
-        type RawKey = (i64, i64, String, String, String, Option<i64>);
+        type RawKey = (i64, i64, String, String, String, Option<i64>, Option<i64>);
         let raws: Vec<RawKey> = keys
             .query_map([], |r| {
                 Ok((
@@ -562,16 +695,33 @@ impl SqliteEngine {
                     r.get(3)?,
                     r.get(4)?,
                     r.get(5)?,
+                    r.get(6)?,
                 ))
             })?
             .collect::<std::result::Result<_, _>>()?;
+        let mut hand = self
+            .conn
+            .prepare("SELECT node_id, via, at_ms FROM key_handouts WHERE epoch = ?1 ORDER BY id")?;
         let mut del = self.conn.prepare(
             "SELECT d.node_id, d.first_sent_at_ms, d.last_sent_at_ms, d.attempts, d.acked_at_ms
              FROM key_deliveries d JOIN nodes n ON n.node_id = d.node_id
              WHERE d.epoch = ?1 ORDER BY n.member_no",
         )?;
         let mut out = Vec::with_capacity(raws.len());
-        for (epoch, created, check_value, trigger, detail, retired) in raws {
+        for (epoch, created, check_value, trigger, detail, retired, activated) in raws {
+            let hands: Vec<(String, String, i64)> = hand
+                .query_map([epoch], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+                .collect::<std::result::Result<_, _>>()?;
+            let handouts = hands
+                .into_iter()
+                .map(|(node_id, via, at)| {
+                    Ok(HandoutRecord {
+                        node_id,
+                        via: Handout::parse("key_handouts.via", &via)?,
+                        at_ms: to_u64("key_handouts.at_ms", at)?,
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
             type RawDel = (String, Option<i64>, Option<i64>, i64, Option<i64>);
             let dels: Vec<RawDel> = del
                 .query_map([epoch], |r| {
@@ -601,8 +751,10 @@ impl SqliteEngine {
                         value: detail.clone(),
                     }
                 })?,
+                activated_at_ms: opt_u64("keys.activated_at_ms", activated)?,
                 retired_at_ms: opt_u64("keys.retired_at_ms", retired)?,
                 deliveries,
+                handouts,
             });
         }
         Ok(out)
@@ -657,7 +809,8 @@ impl SqliteEngine {
         let now = to_i64(now_ms)?;
         tx.execute(
             "UPDATE rounds SET phase = 'Finished', phase_started_at_ms = ?2, finished_at_ms = ?2,
-             outcome = ?3, outcome_detail = ?4, acked = ?5, stale = ?6 WHERE id = ?1",
+             outcome = ?3, outcome_detail = ?4, acked = ?5, stale = ?6, paused_at_ms = NULL
+             WHERE id = ?1",
             params![
                 id,
                 now,
@@ -668,6 +821,30 @@ impl SqliteEngine {
             ],
         )?;
         tx.commit()?;
+        Ok(())
+    }
+
+    /// Round `id` reached too few nodes by a deadline and waits (`detail` says how many).
+    pub fn round_paused(&mut self, id: i64, detail: &str, now_ms: u64) -> Result<()> {
+        let n = self.conn.execute(
+            "UPDATE rounds SET pauses = pauses + 1, paused_at_ms = ?2, pause_detail = ?3
+             WHERE id = ?1 AND finished_at_ms IS NULL",
+            params![id, to_i64(now_ms)?, detail],
+        )?;
+        if n == 0 {
+            return Err(StoreError::UnknownRound(id));
+        }
+        Ok(())
+    }
+
+    /// Round `id` goes on after a pause.
+    pub fn round_resumed(&mut self, id: i64) -> Result<()> {
+        let n = self
+            .conn
+            .execute("UPDATE rounds SET paused_at_ms = NULL WHERE id = ?1", [id])?;
+        if n == 0 {
+            return Err(StoreError::UnknownRound(id));
+        }
         Ok(())
     }
 
@@ -709,7 +886,7 @@ impl SqliteEngine {
         let mut stmt = self.conn.prepare(&format!(
             "SELECT id, epoch, started_at_ms, phase, phase_started_at_ms, distribute_ms,
                     first_transition_ms, second_transition_ms, nodes, acked, stale,
-                    finished_at_ms, outcome, outcome_detail
+                    finished_at_ms, outcome, outcome_detail, pauses, paused_at_ms, pause_detail
              FROM rounds {filter} ORDER BY id"
         ))?;
         type Raw = (
@@ -725,6 +902,7 @@ impl SqliteEngine {
             Option<i64>,
             Option<String>,
             Option<String>,
+            (i64, Option<i64>, Option<String>),
         );
         let raws: Vec<Raw> = stmt
             .query_map([], |r| {
@@ -741,6 +919,7 @@ impl SqliteEngine {
                     r.get(11)?,
                     r.get(12)?,
                     r.get(13)?,
+                    (r.get(14)?, r.get(15)?, r.get(16)?),
                 ))
             })?
             .collect::<std::result::Result<_, _>>()?;
@@ -759,6 +938,7 @@ impl SqliteEngine {
                     fin,
                     outcome,
                     detail,
+                    (pauses, paused_at, pause_detail),
                 )| {
                     Ok(RoundRecord {
                         id,
@@ -779,6 +959,9 @@ impl SqliteEngine {
                             .map(|o| Outcome::parse("rounds.outcome", &o))
                             .transpose()?,
                         outcome_detail: detail,
+                        pauses: to_u64("rounds.pauses", pauses)?,
+                        paused_at_ms: opt_u64("rounds.paused_at_ms", paused_at)?,
+                        pause_detail,
                     })
                 },
             )
@@ -894,6 +1077,31 @@ impl Engine for SqliteEngine {
     fn set_address(&mut self, node_id: &str, address: &str) -> Result<()> {
         SqliteEngine::set_address(self, node_id, address)
     }
+    fn record_address_change(
+        &mut self,
+        node_id: &str,
+        new: &str,
+        message: &str,
+        seq: u64,
+        now_ms: u64,
+    ) -> Result<()> {
+        SqliteEngine::record_address_change(self, node_id, new, message, seq, now_ms)
+    }
+    fn address_changes(&self, node_id: Option<&str>) -> Result<Vec<AddressChange>> {
+        match node_id {
+            Some(id) => self.address_history(id),
+            None => SqliteEngine::address_changes(self),
+        }
+    }
+    fn record_handout(
+        &mut self,
+        epochs: &[u64],
+        node_id: &str,
+        via: Handout,
+        now_ms: u64,
+    ) -> Result<()> {
+        SqliteEngine::record_handout(self, epochs, node_id, via, now_ms)
+    }
     fn set_node_state(
         &mut self,
         node_ids: &[&str],
@@ -954,8 +1162,14 @@ impl Engine for SqliteEngine {
     fn retire_key(&mut self, epoch: u64, now_ms: u64) -> Result<()> {
         SqliteEngine::retire_key(self, epoch, now_ms)
     }
+    fn activate_key(&mut self, epoch: u64, now_ms: u64) -> Result<()> {
+        SqliteEngine::activate_key(self, epoch, now_ms)
+    }
     fn current_epoch(&self) -> Result<Option<u64>> {
         SqliteEngine::current_epoch(self)
+    }
+    fn newest_epoch(&self) -> Result<Option<u64>> {
+        SqliteEngine::newest_epoch(self)
     }
     fn history(&self) -> Result<Vec<KeyRecord>> {
         SqliteEngine::history(self)
@@ -976,6 +1190,12 @@ impl Engine for SqliteEngine {
         now_ms: u64,
     ) -> Result<()> {
         SqliteEngine::round_finished(self, id, outcome, detail, acked, stale, now_ms)
+    }
+    fn round_paused(&mut self, id: i64, detail: &str, now_ms: u64) -> Result<()> {
+        SqliteEngine::round_paused(self, id, detail, now_ms)
+    }
+    fn round_resumed(&mut self, id: i64) -> Result<()> {
+        SqliteEngine::round_resumed(self, id)
     }
     fn rounds(&self, unfinished_only: bool) -> Result<Vec<RoundRecord>> {
         if unfinished_only {
