@@ -422,6 +422,7 @@ pub struct ControllerPersist {
     pub members: Vec<MemberPersist>,
 }
 
+#[derive(Clone)]
 struct Member {
     row: MemberPersist,
     /// Progress in the current round: 0 none, 1 has the key, 2 in transit, 3 done.
@@ -437,6 +438,7 @@ struct Member {
     opens: u64,
 }
 
+#[derive(Clone)]
 struct Round {
     epoch: Epoch,
     key: GroupKey,
@@ -481,7 +483,13 @@ pub(crate) fn required_progress(phase: RoundPhase) -> u8 {
 
 type Out = Vec<ControllerAction>;
 
+mod state_hash;
+
 /// The controller's protocol state. See the module docs.
+///
+/// `Clone` and `Hash` (in `controller/state_hash.rs`) let a model checker keep
+/// machine states and tell them apart (tests/model_check.rs).
+#[derive(Clone)]
 pub struct ControllerMachine {
     cfg: ControllerConfig,
     signing: SigningKey,

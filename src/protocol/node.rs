@@ -221,7 +221,7 @@ struct Joined {
     controller: VerifyingKey,
 }
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, Hash)]
 struct Sync {
     /// Answers must reply to a request with at least this sequence number.
     since: u64,
@@ -232,6 +232,10 @@ struct Sync {
 }
 
 /// The node agent's protocol state. See the module docs for its rules.
+///
+/// `Clone` and `Hash` (in `node/state_hash.rs`) let a model checker keep
+/// machine states and tell them apart (tests/model_check.rs).
+#[derive(Clone)]
 pub struct NodeMachine {
     cfg: NodeConfig,
     node_id: NodeId,
@@ -253,6 +257,8 @@ pub struct NodeMachine {
 }
 
 type Out = Vec<NodeAction>;
+
+mod state_hash;
 
 impl NodeMachine {
     /// A freshly enrolled node that has not joined yet.

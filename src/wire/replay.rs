@@ -20,7 +20,7 @@ pub enum Seen {
 /// Remembers which of the last [`WINDOW`] sequence numbers were accepted.
 /// 16 bytes. Look up with [`ReplayWindow::check`] before authenticating and
 /// [`ReplayWindow::mark`] only after the message was authenticated.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct ReplayWindow {
     top: u64,
     bits: u64,
