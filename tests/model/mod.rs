@@ -205,7 +205,7 @@ impl Scope {
             controller_isolations: 1,
             duplicates: 1,
             data_sends: 1,
-            max_depth: Some(10),
+            max_depth: Some(7),
             ..Scope::base("every fault together")
         }]
     }
