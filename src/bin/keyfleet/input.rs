@@ -63,12 +63,19 @@ pub enum Parity {
     Odd,
 }
 
-/// The source selection shared by `read-key` and `enroll`.
+/// The source selection of `read-key`: `--from` and the source's flags.
 #[derive(Args, Debug, Clone)]
 pub struct KeySourceArgs {
     /// Where the initial key comes from.
     #[arg(long = "from", value_enum, value_name = "SOURCE")]
     pub from: SourceKind,
+    #[command(flatten)]
+    pub flags: SourceFlags,
+}
+
+/// The flags of a key source (shared by `read-key` and `enroll --from`).
+#[derive(Args, Debug, Clone)]
+pub struct SourceFlags {
     /// The device node: hidraw, tty, video device, or a block device for `file`
     /// (see `keyfleet devices`).
     #[arg(long, value_name = "PATH")]
@@ -112,6 +119,12 @@ fn parse_timeout(s: &str) -> Result<Duration, String> {
 }
 
 impl KeySourceArgs {
+    pub fn options(&self) -> SourceOptions {
+        self.flags.options()
+    }
+}
+
+impl SourceFlags {
     pub fn options(&self) -> SourceOptions {
         SourceOptions {
             device: self.device.clone(),
@@ -204,7 +217,7 @@ pub fn read_initial_key(args: &KeySourceArgs, show_raw: bool) -> anyhow::Result<
     let mut src = open_source(args.from, &args.options())?;
     let source = src.name();
     let raw = Zeroizing::new(
-        src.read_raw(args.timeout)
+        src.read_raw(args.flags.timeout)
             .with_context(|| format!("reading from the {source} source"))?,
     );
     if show_raw {
@@ -379,7 +392,7 @@ mod tests {
                 stop_bits: 2
             }
         );
-        assert_eq!(t.a.timeout, Some(Duration::from_millis(1500)));
+        assert_eq!(t.a.flags.timeout, Some(Duration::from_millis(1500)));
     }
 
     #[test]
