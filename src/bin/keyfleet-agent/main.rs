@@ -10,6 +10,13 @@
 //! `send` dropped the message (the agent's hold queue is full).
 #![forbid(unsafe_code)]
 
+/// stdout through [`keyfleet::logs::out`]: a closed pipe ends the program
+/// quietly instead of with a panic.
+macro_rules! println {
+    () => { keyfleet::logs::out(format_args!(""), true) };
+    ($($t:tt)*) => { keyfleet::logs::out(format_args!($($t)*), true) };
+}
+
 mod client;
 
 use std::net::{SocketAddr, SocketAddrV4};
@@ -116,6 +123,9 @@ struct RunArgs {
     /// (0 = a line for every one).
     #[arg(long, value_name = "S", default_value_t = 60)]
     refusal_log_window: u64,
+    /// Log lines as text (coloured only on a terminal) or as one JSON object each (journald, collectors).
+    #[arg(long, value_enum, value_name = "FORMAT", default_value = "text")]
+    log_format: keyfleet::logs::LogFormat,
 }
 
 fn main() -> ExitCode {
@@ -132,7 +142,7 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Run(args) => {
-            init_logs();
+            keyfleet::logs::init("info", args.log_format);
             rt.block_on(run(args)).map(|()| ExitCode::SUCCESS)
         }
         Command::Status { state, json } => rt
@@ -149,19 +159,10 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            keyfleet::logs::report("keyfleet-agent", &e);
             ExitCode::from(1)
         }
     }
-}
-
-fn init_logs() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {

@@ -54,6 +54,55 @@ pub struct NetFlags {
     pub loss_seed: u64,
 }
 
+impl NetFlags {
+    /// Whether a network flag (group, interface, port) was given.
+    fn any(&self) -> bool {
+        self.group.is_some() || self.iface.is_some() || self.listen_port.is_some()
+    }
+}
+
+/// A command that goes through a running `keyfleet serve` cannot move it to
+/// another group, interface or port: network flags that differ from what it
+/// runs on are refused rather than silently ignored.
+pub async fn refuse_other_network(st: &StateDir, net: &NetFlags) -> anyhow::Result<()> {
+    use keyfleet::controller::control::{self, Reply, Request};
+    if !net.any() {
+        return Ok(());
+    }
+    let Some(s) = control::connect(&st.socket()).await else {
+        return Ok(());
+    };
+    let info = match control::call(s, &Request::Info, |_| {}).await {
+        Ok(Reply::Info(i)) => i,
+        // An older serve without the request: cannot tell, so refuse to guess.
+        Ok(other) => bail!(
+            "keyfleet serve runs on {} and cannot say on which group ({other:?}); leave out \
+             --group/--iface/--listen-port, which it would ignore",
+            st.dir.display()
+        ),
+        Err(e) => return Err(e).context("asking keyfleet serve where it runs"),
+    };
+    let mut differ = Vec::new();
+    if let Some(g) = net.group.filter(|g| *g != info.group) {
+        differ.push(format!("--group {g} (it runs on {})", info.group));
+    }
+    if let Some(i) = net.iface.filter(|i| *i != info.iface) {
+        differ.push(format!("--iface {i} (it runs on {})", info.iface));
+    }
+    if let Some(p) = net.listen_port.filter(|p| *p != info.listen_port) {
+        differ.push(format!("--listen-port {p} (it listens on {})", info.listen_port));
+    }
+    if !differ.is_empty() {
+        bail!(
+            "keyfleet serve is running on {} and does this round on its own network, not on {}; \
+             leave the flag out, or stop serve and start it on the network you want",
+            st.dir.display(),
+            differ.join(", ")
+        );
+    }
+    Ok(())
+}
+
 impl GlobalArgs {
     /// These flags given after the command name, over those given before it.
     pub fn merge(self, after: GlobalArgs) -> GlobalArgs {

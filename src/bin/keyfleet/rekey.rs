@@ -94,6 +94,7 @@ pub fn rekey(g: &GlobalArgs, a: RekeyArgs) -> anyhow::Result<()> {
     fleet::init_logging("warn");
     let st = g.state_dir()?;
     let rt = fleet::runtime()?;
+    rt.block_on(fleet::refuse_other_network(&st, &a.net))?;
     let pb = fleet::progress_bar(a.json);
     let report = rt.block_on(async {
         match route(&st, || g.options(Some(&a.net))).await? {
@@ -132,6 +133,7 @@ pub fn remove(g: &GlobalArgs, a: RemoveArgs) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("{:?} is not a node id: {e}", a.node_id))?;
     let st = g.state_dir()?;
     let rt = fleet::runtime()?;
+    rt.block_on(fleet::refuse_other_network(&st, &a.net))?;
     let pb = fleet::progress_bar(a.json);
     let report = rt.block_on(async {
         match route(&st, || g.options(Some(&a.net))).await? {
