@@ -337,7 +337,11 @@ pub fn apply_env(
     cfg: &mut Config,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<(), ConfigError> {
-    fn parse<T: std::str::FromStr>(var: &'static str, v: &str, example: &str) -> Result<T, ConfigError>
+    fn parse<T: std::str::FromStr>(
+        var: &'static str,
+        v: &str,
+        example: &str,
+    ) -> Result<T, ConfigError>
     where
         T::Err: std::fmt::Display,
     {
@@ -667,7 +671,10 @@ mod tests {
         let missing = d.path().join("typo.toml");
         let sys = d.path().join("none");
         let e = discover(Some(&missing), &env_of(&[]), &sys).unwrap_err();
-        assert!(matches!(e, ConfigError::Missing { by: "--config", .. }), "{e}");
+        assert!(
+            matches!(e, ConfigError::Missing { by: "--config", .. }),
+            "{e}"
+        );
         assert!(e.to_string().contains("typo.toml"), "{e}");
         let env = [("KEYFLEET_CONFIG", missing.to_string_lossy().into_owned())];
         let e = discover(None, &env_of(&env), &sys).unwrap_err();
@@ -691,7 +698,11 @@ mod tests {
         ];
         let (c, _) = discover(Some(&f), &env_of(&env), &sys).unwrap();
         assert_eq!(c.network.group, "239.9.9.9:9999".parse().unwrap());
-        assert_eq!(c.network.iface, Ipv4Addr::LOCALHOST, "the file's, not overridden");
+        assert_eq!(
+            c.network.iface,
+            Ipv4Addr::LOCALHOST,
+            "the file's, not overridden"
+        );
         assert_eq!(c.network.listen_port, 4000);
         assert_eq!(c.state_dir.as_deref(), Some(Path::new("/srv/from-env")));
         for (var, bad) in [
@@ -700,7 +711,10 @@ mod tests {
             ("KEYFLEET_LISTEN_PORT", "70000"),
         ] {
             let e = discover(Some(&f), &env_of(&[(var, bad.to_string())]), &sys).unwrap_err();
-            assert!(e.to_string().contains(var) && e.to_string().contains(bad), "{e}");
+            assert!(
+                e.to_string().contains(var) && e.to_string().contains(bad),
+                "{e}"
+            );
         }
         // A unicast group from the environment is refused like one from the file.
         let e = discover(

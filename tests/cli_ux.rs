@@ -37,9 +37,7 @@ fn bare(home: &Path, args: &[&str]) -> Command {
 }
 
 fn hex_form(byte: u8) -> String {
-    keyfleet_drivers::label::hex_form(&keyfleet_drivers::label::InitialKey::from_bytes(
-        [byte; 16],
-    ))
+    keyfleet_drivers::label::hex_form(&keyfleet_drivers::label::InitialKey::from_bytes([byte; 16]))
 }
 
 // ----- item 2: configuration discovery -----
@@ -78,7 +76,10 @@ fn the_users_config_file_is_found_named_and_overridden_by_the_environment() {
     );
     let out = bare(home, &["init"]).output().unwrap();
     assert!(out.status.success(), "{}", text(&out.stderr));
-    assert!(state.join("controller.secrets").exists(), "init used state_dir");
+    assert!(
+        state.join("controller.secrets").exists(),
+        "init used state_dir"
+    );
     // The environment overrides the file; a flag overrides both.
     let out = bare(home, &["config"])
         .env("KEYFLEET_GROUP", "239.255.201.2:7002")
@@ -164,14 +165,18 @@ fn the_same_initial_key_or_address_for_a_second_node_is_refused_unless_forced() 
     println!("{err}");
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(
-        err.contains("node a is already enrolled with the same initial key") && err.contains("--force"),
+        err.contains("node a is already enrolled with the same initial key")
+            && err.contains("--force"),
         "{err}"
     );
     // Same address.
     let out = enroll("c", Some("127.0.0.1:7101"), &k2, false);
     let err = text(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(err.contains("node a is already enrolled at 127.0.0.1:7101"), "{err}");
+    assert!(
+        err.contains("node a is already enrolled at 127.0.0.1:7101"),
+        "{err}"
+    );
     // Through a running serve, the same.
     let _serve = f.serve();
     let out = enroll("d", None, &k1, false);
@@ -192,7 +197,8 @@ fn the_same_initial_key_or_address_for_a_second_node_is_refused_unless_forced() 
         .collect();
     assert_eq!(ids, ["a", "b"]);
     assert!(
-        f.logs("serve").contains("enrolled with --force although node a"),
+        f.logs("serve")
+            .contains("enrolled with --force although node a"),
         "serve warns"
     );
 }
@@ -304,7 +310,10 @@ fn a_user_error_prints_its_causes_and_no_backtrace() {
     assert_eq!(out.status.code(), Some(1));
     assert!(err.contains("the initial key (--key) was refused"), "{err}");
     assert!(err.contains("caused by:"), "the chain: {err}");
-    assert!(!err.contains("backtrace") && !err.contains("  0: "), "{err}");
+    assert!(
+        !err.contains("backtrace") && !err.contains("  0: "),
+        "{err}"
+    );
     assert!(err.lines().count() <= 4, "{err}");
 }
 
@@ -312,7 +321,11 @@ fn a_user_error_prints_its_causes_and_no_backtrace() {
 fn stdout_to_a_reader_that_went_away_does_not_panic() {
     let f = Fleet::new(53, 0, "");
     f.run(&["init"]);
-    for cmd in [&["status"][..], &["history"], &["config", "--print-default"]] {
+    for cmd in [
+        &["status"][..],
+        &["history"],
+        &["config", "--print-default"],
+    ] {
         for _ in 0..5 {
             let mut child = f
                 .keyfleet(cmd)
@@ -344,7 +357,15 @@ fn log_lines_off_a_terminal_have_no_colour_codes() {
     let f = Fleet::new(54, 0, "");
     f.run(&["init"]);
     let out = f
-        .keyfleet(&["enroll", "--node-id", "a", "--key", &hex_form(4), "--addr", "127.0.0.1:7201"])
+        .keyfleet(&[
+            "enroll",
+            "--node-id",
+            "a",
+            "--key",
+            &hex_form(4),
+            "--addr",
+            "127.0.0.1:7201",
+        ])
         .output()
         .unwrap();
     assert!(out.status.success());
@@ -355,7 +376,10 @@ fn log_lines_off_a_terminal_have_no_colour_codes() {
         .unwrap();
     let err = text(&out.stderr);
     assert!(err.contains("WARN"), "a log line to look at: {err}");
-    assert!(!err.contains('\u{1b}'), "no escape codes in a log file: {err:?}");
+    assert!(
+        !err.contains('\u{1b}'),
+        "no escape codes in a log file: {err:?}"
+    );
 }
 
 #[test]
@@ -363,7 +387,10 @@ fn the_status_table_keeps_long_node_ids_in_line() {
     let f = Fleet::new(55, 0, "");
     f.run(&["init"]);
     let long = "a-very-long-node-id.building-7.floor-3.boiler-room-".to_string() + "x";
-    for (i, id) in ["short", long.as_str(), "mid-sized-id-01"].iter().enumerate() {
+    for (i, id) in ["short", long.as_str(), "mid-sized-id-01"]
+        .iter()
+        .enumerate()
+    {
         f.run(&["enroll", "--node-id", id, "--key", &hex_form(10 + i as u8)]);
     }
     let out = f.run(&["status"]);
@@ -424,7 +451,10 @@ fn serve_and_the_agent_log_json_lines_when_asked() {
         for l in log.lines() {
             let v: serde_json::Value =
                 serde_json::from_str(l).unwrap_or_else(|e| panic!("{name}: {e}: {l}"));
-            assert!(v["level"].is_string() && v["fields"]["message"].is_string(), "{l}");
+            assert!(
+                v["level"].is_string() && v["fields"]["message"].is_string(),
+                "{l}"
+            );
             lines += 1;
         }
         println!("{name}: {lines} JSON lines");
@@ -469,7 +499,11 @@ fn a_warning_during_a_round_is_written_above_the_progress_bar() {
     use portable_pty::{native_pty_system, CommandBuilder, PtySize};
     // Two enrolled nodes that never join: rekey waits for them under its
     // bar, then warns that they did not join in time.
-    let f = Fleet::new(58, 2, "[rekey]\njoin_wait_ms = 1500\n[round]\ndrain_grace_ms = 1000\n");
+    let f = Fleet::new(
+        58,
+        2,
+        "[rekey]\njoin_wait_ms = 1500\n[round]\ndrain_grace_ms = 1000\n",
+    );
     f.run(&["init"]);
     for n in &f.nodes {
         f.run(&["enroll", "--node-id", &n.id, "--key", &n.form]);
@@ -547,7 +581,13 @@ fn controller_flags_on_commands_they_do_not_apply_to_are_refused() {
         &["sim", "--state", "/tmp/x", "--agents", "2"],
         &["--config", "/tmp/x.toml", "devices"],
         &["devices", "--passphrase-file", "/tmp/p"],
-        &["--passphrase-file", "/tmp/p", "read-key", "--from", "keyboard"],
+        &[
+            "--passphrase-file",
+            "/tmp/p",
+            "read-key",
+            "--from",
+            "keyboard",
+        ],
         &["read-key", "--from", "keyboard", "--state", "/tmp/x"],
         &["demo", "--config", "/tmp/x.toml"],
     ] {
@@ -610,7 +650,10 @@ fn an_agent_that_cannot_join_warns_what_it_waits_for() {
         .unwrap();
     println!("{line}");
     assert!(line.contains("WARN"), "{line}");
-    assert!(line.contains("initial key") && line.contains("--group"), "{line}");
+    assert!(
+        line.contains("initial key") && line.contains("--group"),
+        "{line}"
+    );
     let serve_log = f.logs("serve");
     assert!(serve_log.contains("bad_mac"), "{serve_log}");
 }
@@ -662,7 +705,13 @@ fn webcam_raw_shows_every_code_and_no_code_differs_from_no_device() {
     ]);
     assert_eq!(out.status.code(), Some(6), "{}", text(&out.stderr));
     // No device.
-    let out = run(&["read-key", "--from", "webcam", "--device", "/dev/video-none"]);
+    let out = run(&[
+        "read-key",
+        "--from",
+        "webcam",
+        "--device",
+        "/dev/video-none",
+    ]);
     assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
     // The whole scan: the URL, then the label.
     let out = run(&["read-key", "--from", "webcam", "--raw", "--replay", fx]);

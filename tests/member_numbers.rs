@@ -82,7 +82,10 @@ fn enroll_status_and_the_wire_agree_across_remove_reenroll_and_restart() {
     };
     printed.insert("node-01".into(), enroll_json(&f, &f.nodes[1]));
     println!("enroll printed {printed:?}");
-    assert_eq!(printed["node-01"], 4, "the controller never reuses a number");
+    assert_eq!(
+        printed["node-01"], 4,
+        "the controller never reuses a number"
+    );
     assert_eq!(table_members(&f), printed, "status before any agent joined");
 
     let mut serve = f.serve();
@@ -122,7 +125,10 @@ fn a_table_written_by_2bc0f6e_is_repaired_to_the_numbers_on_the_wire() {
     let mut f = Fleet::new(42, 0, "");
     let state = f.state();
     keyfleet::statefile::ensure_private_dir(&state).unwrap();
-    let fixture = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/state/rev1-renumbered");
+    let fixture = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/fixtures/state/rev1-renumbered"
+    );
     for name in ["controller.secrets", "fleet.db"] {
         std::fs::copy(format!("{fixture}/{name}"), state.join(name)).unwrap();
     }

@@ -676,9 +676,7 @@ impl ControllerMachine {
         let rows = || self.members.iter().flatten().map(|m| &m.row);
         let same_key = rows().find(|r| r.keys.same_as(&keys)).map(|r| &r.node_id);
         let known = !addr.ip().is_unspecified() && addr.port() != 0;
-        let same_addr = rows()
-            .find(|r| known && r.addr == addr)
-            .map(|r| &r.node_id);
+        let same_addr = rows().find(|r| known && r.addr == addr).map(|r| &r.node_id);
         (same_key, same_addr)
     }
 

@@ -90,8 +90,14 @@ fn enroll_remove_and_reenroll() {
 fn key_history_records_sends_acks_and_retirement() {
     let (_d, mut s) = open();
     for (i, id) in ["a", "b", "c"].iter().enumerate() {
-        s.enroll_node(id, i as u64 + 1, Some(&format!("127.0.0.1:{}", 9000 + i)), "ck", 0)
-            .unwrap();
+        s.enroll_node(
+            id,
+            i as u64 + 1,
+            Some(&format!("127.0.0.1:{}", 9000 + i)),
+            "ck",
+            0,
+        )
+        .unwrap();
     }
     s.record_key_created(
         1,
@@ -251,7 +257,8 @@ fn addresses_must_be_host_port() {
         );
     }
     for good in ["appliance-3.lan:7778", "10.1.2.3:7778", "[fe80::1]:7778"] {
-        s.enroll_node(good, 1 + good.len() as u64, Some(good), "ck", 0).unwrap();
+        s.enroll_node(good, 1 + good.len() as u64, Some(good), "ck", 0)
+            .unwrap();
     }
     assert!(s.set_address("10.1.2.3:7778", "nope").is_err());
 }
@@ -402,22 +409,27 @@ fn member_numbers_are_the_callers_and_unique_among_enrolled_nodes() {
 fn renumbering_swaps_numbers_in_one_step_and_audits_each() {
     let (_d, mut s) = open();
     for (i, id) in ["a", "b", "c"].iter().enumerate() {
-        s.enroll_node(id, i as u64 + 1, Some("h:1"), "ck", 0).unwrap();
+        s.enroll_node(id, i as u64 + 1, Some("h:1"), "ck", 0)
+            .unwrap();
     }
     let changed = s
         .renumber_members(&[("a", 2), ("b", 1), ("c", 3)], 7)
         .unwrap();
-    assert_eq!(
-        changed,
-        [("a".to_string(), 1, 2), ("b".to_string(), 2, 1)]
-    );
+    assert_eq!(changed, [("a".to_string(), 1, 2), ("b".to_string(), 2, 1)]);
     let got: Vec<_> = s
         .nodes()
         .unwrap()
         .into_iter()
         .map(|n| (n.node_id, n.member_no))
         .collect();
-    assert_eq!(got, [("b".to_string(), 1), ("a".to_string(), 2), ("c".to_string(), 3)]);
+    assert_eq!(
+        got,
+        [
+            ("b".to_string(), 1),
+            ("a".to_string(), 2),
+            ("c".to_string(), 3)
+        ]
+    );
     let renumbered = s
         .audit_log(0, 100)
         .unwrap()
@@ -450,7 +462,9 @@ fn a_schema_2_table_written_by_2bc0f6e_migrates_and_keeps_every_row() {
     .unwrap();
     {
         let c = Connection::open(&path).unwrap();
-        let v: i64 = c.pragma_query_value(None, "user_version", |r| r.get(0)).unwrap();
+        let v: i64 = c
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
         assert_eq!(v, 2, "the fixture is a schema 2 table");
     }
     let mut s = Store::open(&path).unwrap();
@@ -465,10 +479,30 @@ fn a_schema_2_table_written_by_2bc0f6e_migrates_and_keeps_every_row() {
     assert_eq!(
         all,
         [
-            ("pump-1".to_string(), 1, false, Some("127.0.0.1:7011".to_string())),
-            ("pump-2".to_string(), 2, false, Some("127.0.0.1:7002".to_string())),
-            ("pump-3".to_string(), 3, true, Some("127.0.0.1:7003".to_string())),
-            ("pump-4".to_string(), 4, false, Some("127.0.0.1:7004".to_string())),
+            (
+                "pump-1".to_string(),
+                1,
+                false,
+                Some("127.0.0.1:7011".to_string())
+            ),
+            (
+                "pump-2".to_string(),
+                2,
+                false,
+                Some("127.0.0.1:7002".to_string())
+            ),
+            (
+                "pump-3".to_string(),
+                3,
+                true,
+                Some("127.0.0.1:7003".to_string())
+            ),
+            (
+                "pump-4".to_string(),
+                4,
+                false,
+                Some("127.0.0.1:7004".to_string())
+            ),
         ]
     );
     assert_eq!(s.history().unwrap().len(), 3);

@@ -90,7 +90,10 @@ pub async fn refuse_other_network(st: &StateDir, net: &NetFlags) -> anyhow::Resu
         differ.push(format!("--iface {i} (it runs on {})", info.iface));
     }
     if let Some(p) = net.listen_port.filter(|p| *p != info.listen_port) {
-        differ.push(format!("--listen-port {p} (it listens on {})", info.listen_port));
+        differ.push(format!(
+            "--listen-port {p} (it listens on {})",
+            info.listen_port
+        ));
     }
     if !differ.is_empty() {
         bail!(

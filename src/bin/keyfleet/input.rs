@@ -184,7 +184,11 @@ pub fn open_source(
                 if show_raw {
                     eprintln!(
                         "raw: {p:?}{}",
-                        if ok { "" } else { " (not a key label; still scanning)" }
+                        if ok {
+                            ""
+                        } else {
+                            " (not a key label; still scanning)"
+                        }
                     );
                 }
                 ok

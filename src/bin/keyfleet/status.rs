@@ -57,7 +57,9 @@ fn node_table(nodes: &[NodeRecord], now: u64) -> comfy_table::Table {
         t.add_row([
             n.node_id.clone(),
             n.member_no.to_string(),
-            n.address.clone().unwrap_or_else(|| "(not heard from yet)".into()),
+            n.address
+                .clone()
+                .unwrap_or_else(|| "(not heard from yet)".into()),
             n.state.as_str().to_owned(),
             n.epoch.map_or("-".into(), |e| e.to_string()),
             ago(now, n.last_seen_ms),
