@@ -96,6 +96,10 @@ pub enum DriverEvent {
 pub struct DriverStats {
     pub datagrams_in: u64,
     pub refused: u64,
+    /// Node-to-controller messages heard on the group (every agent's joins,
+    /// key requests, acknowledgements, usage reports; or forged ones): not
+    /// for a node, so ignored rather than refused.
+    pub node_messages_ignored: u64,
     /// Data no held key opened (must stay 0 in a lossless rotation).
     pub undecryptable: u64,
     pub data_sent: u64,
@@ -414,7 +418,9 @@ impl NodeDriver {
                             synced = true;
                             self.last_sync_ms = Some(now);
                         }
-                        NodeEvent::Refused { reason, .. } if is_group_echo(reason) => {}
+                        NodeEvent::Refused { reason, .. } if is_group_echo(reason) => {
+                            self.stats.node_messages_ignored += 1;
+                        }
                         NodeEvent::Refused { reason, from } => {
                             if is_auth_failure(reason.kind()) {
                                 self.auth_failure = Some((reason.kind(), *from));
