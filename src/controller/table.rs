@@ -241,7 +241,9 @@ impl Table {
 
     /// Brings the table in line with the restored state `p` (the state file is
     /// written first, so it is the truth after a crash): nodes it holds and the
-    /// table lacks are enrolled, nodes it no longer holds are removed, its keys
+    /// table lacks are enrolled, nodes it no longer holds are removed, the
+    /// enrolled nodes' member numbers are the state's (a table written before
+    /// schema 3 numbered them itself: each repair is a `Renumbered` audit row), its keys
     /// are in the key history, and its round (if any) is the open round.
     pub fn reconcile(&mut self, p: &ControllerPersist, now_ms: u64) -> Result<()> {
         let rounds = &mut self.rounds;
