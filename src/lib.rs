@@ -63,7 +63,9 @@ pub mod config;
 pub mod controller;
 /// Logs, errors and stdout of the two programs.
 pub mod logs;
+pub mod metrics;
 pub mod net;
+pub mod ops;
 pub mod secrets;
 pub mod statefile;
 pub mod store;

@@ -1,23 +1,11 @@
-//! What the two programs share on the terminal: logs on stderr (plain text,
-//! coloured only on a terminal, or one JSON object a line for journald and
-//! log collectors), logs that do not break a progress bar, errors printed as
+//! What the two programs share on the terminal: logs that do not break a
+//! progress bar (the format is [`crate::ops`]'s), errors printed as
 //! a chain of causes without a backtrace, and stdout that a closed pipe
 //! (`keyfleet status | head -1`) ends quietly instead of with a panic.
 
 use std::fmt;
-use std::io::{self, IsTerminal, Write};
+use std::io::{self, Write};
 use std::sync::Mutex;
-
-/// `--log-format`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
-pub enum LogFormat {
-    /// One line of text an event; coloured when stderr is a terminal.
-    #[default]
-    Text,
-    /// One JSON object an event (tracing-subscriber's json format): `timestamp`,
-    /// `level`, `target`, `fields` (with `message`), `span`/`spans`.
-    Json,
-}
 
 /// The progress bar being drawn, if any: log lines are written above it.
 static BAR: Mutex<Option<indicatif::ProgressBar>> = Mutex::new(None);
@@ -30,8 +18,13 @@ pub fn set_progress_bar(bar: Option<indicatif::ProgressBar>) {
     }
 }
 
-/// stderr, but around the progress bar when one is drawn.
-struct Stderr;
+/// stderr, but around the progress bar when one is drawn (the log writer).
+pub struct Stderr;
+
+/// The log writer: stderr, above the progress bar while one is drawn.
+pub fn stderr() -> Stderr {
+    Stderr
+}
 
 impl Write for Stderr {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
@@ -47,20 +40,11 @@ impl Write for Stderr {
     }
 }
 
-/// Logs to stderr at `RUST_LOG`, or `default` when it is unset. Colours only
-/// when stderr is a terminal (and `NO_COLOR` is unset).
-pub fn init(default: &str, format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(|| Stderr);
-    let _ = match format {
-        LogFormat::Text => b
-            .with_ansi(io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none())
-            .try_init(),
-        LogFormat::Json => b.json().with_ansi(false).try_init(),
-    };
+/// Logs to stderr at `RUST_LOG`, or `default` when it is unset: see
+/// [`crate::ops::init_logs`] (text coloured only on a terminal, or JSON),
+/// written through [`stderr`].
+pub fn init(default: &str, format: crate::ops::LogFormat) {
+    crate::ops::init_logs(default, format);
 }
 
 /// An error as the user reads it: the message, then each cause on its own

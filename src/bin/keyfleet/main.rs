@@ -84,6 +84,12 @@ enum Command {
     /// Run a controller and five agents on loopback, rotate the key twice while they exchange messages.
     #[cfg(feature = "drivers")]
     Demo(demo::DemoArgs),
+    /// Print the completion script for SHELL (bash, zsh, fish, elvish, powershell).
+    #[command(hide = true)]
+    Completions { shell: clap_complete::Shell },
+    /// Write the man pages (keyfleet.1, keyfleet-rekey.1, ...) into DIR.
+    #[command(hide = true)]
+    Man { dir: std::path::PathBuf },
 }
 
 fn main() -> std::process::ExitCode {
@@ -144,5 +150,12 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         Command::History(c) => done(status::history(&top.merge(c.global), c.args)),
         Command::Serve(c) => done(fleet::serve(&top.merge(c.global), c.args)),
         Command::Config(c) => done(fleet::config(&top.merge(c.global), c.args)),
+        Command::Completions { shell } => {
+            keyfleet::ops::print_completions(Cli::command(), shell);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Man { dir } => keyfleet::ops::write_man_pages(Cli::command(), &dir)
+            .map(|()| ExitCode::SUCCESS)
+            .map_err(|e| anyhow::anyhow!("cannot write the man pages into {}: {e}", dir.display())),
     }
 }
