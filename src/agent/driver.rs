@@ -411,15 +411,16 @@ impl NodeDriver {
                     self.stats.delivered += 1;
                     self.events.push(DriverEvent::Delivered(d));
                 }
+                NodeAction::Event(NodeEvent::Refused { reason, .. }) if is_group_echo(&reason) => {
+                    // Not for a node: neither a refusal nor an event (nor a metric).
+                    self.stats.node_messages_ignored += 1;
+                }
                 NodeAction::Event(ev) => {
                     self.log_event(now, &ev);
                     match &ev {
                         NodeEvent::Synced { .. } => {
                             synced = true;
                             self.last_sync_ms = Some(now);
-                        }
-                        NodeEvent::Refused { reason, .. } if is_group_echo(reason) => {
-                            self.stats.node_messages_ignored += 1;
                         }
                         NodeEvent::Refused { reason, from } => {
                             if is_auth_failure(reason.kind()) {
@@ -522,10 +523,6 @@ impl NodeDriver {
 
     fn log_event(&mut self, now: u64, ev: &NodeEvent) {
         if let NodeEvent::Refused { from, reason } = ev {
-            if is_group_echo(reason) {
-                tracing::trace!(%from, %reason, "node message on the group (not for a node)");
-                return;
-            }
             let mut closed = Vec::new();
             let seen = self
                 .refusals
