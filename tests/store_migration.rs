@@ -77,7 +77,7 @@ fn a_schema_2_table_from_main_migrates_and_its_unfinished_round_is_not_current()
     // What schema 2 knew stays: node-2's last address, the deliveries.
     let nodes = s.nodes().unwrap();
     assert_eq!(nodes.len(), 3);
-    assert_eq!(nodes[1].address, "127.0.0.1:47952");
+    assert_eq!(nodes[1].address.as_deref(), Some("127.0.0.1:47952"));
     assert_eq!(keys[1].deliveries.len(), 3);
     assert!(s.address_changes().unwrap().is_empty());
     drop(s);

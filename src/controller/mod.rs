@@ -49,6 +49,13 @@ use table::Table;
 pub enum ControllerError {
     #[error("no controller in {dir}: run `keyfleet init` first (or give --state DIR)")]
     NotInitialised { dir: PathBuf },
+    #[error("permission denied reading {path}: the controller's state directory {dir} belongs to {owner} and this is uid {me}; run keyfleet as the user that owns it (e.g. `sudo -u <owner> keyfleet ...`), or give --state DIR (or KEYFLEET_STATE) for a directory of your own")]
+    NoAccess {
+        dir: PathBuf,
+        path: PathBuf,
+        owner: String,
+        me: u32,
+    },
     #[error("{dir} already holds a controller; `keyfleet init` never overwrites one (use another --state DIR, or remove the directory to start over)")]
     AlreadyInitialised { dir: PathBuf },
     #[error("another keyfleet controller is working on {dir} (a `keyfleet serve`, or another command); wait for it or stop it")]
@@ -72,6 +79,8 @@ pub enum ControllerError {
     Restore(#[from] RestoreError),
     #[error(transparent)]
     Command(#[from] CommandError),
+    #[error("{0}")]
+    Duplicate(String),
 }
 
 type Result<T> = std::result::Result<T, ControllerError>;
@@ -110,6 +119,53 @@ impl StateDir {
         self.secrets().exists()
     }
 
+    /// Whether `keyfleet init` has run here, telling "no controller" apart
+    /// from "a controller this user may not read" (a directory of another
+    /// user, or of root, is not "no controller").
+    pub fn initialised(&self) -> Result<bool> {
+        for path in [self.dir.clone(), self.secrets()] {
+            match std::fs::metadata(&path) {
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+                Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                    return Err(self.no_access(&path));
+                }
+                Err(source) => {
+                    return Err(ControllerError::Io {
+                        what: "read",
+                        path,
+                        source,
+                    })
+                }
+            }
+        }
+        // The directory may be searchable but its files not readable.
+        match std::fs::File::open(self.secrets()) {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                Err(self.no_access(&self.secrets()))
+            }
+            Err(source) => Err(ControllerError::Io {
+                what: "read",
+                path: self.secrets(),
+                source,
+            }),
+        }
+    }
+
+    fn no_access(&self, path: &std::path::Path) -> ControllerError {
+        use std::os::unix::fs::MetadataExt;
+        let owner = std::fs::metadata(&self.dir)
+            .map(|m| format!("uid {}", m.uid()))
+            .unwrap_or_else(|_| "another user".into());
+        ControllerError::NoAccess {
+            dir: self.dir.clone(),
+            path: path.to_path_buf(),
+            owner,
+            me: rustix::process::geteuid().as_raw(),
+        }
+    }
+
     /// Takes the directory's exclusive lock (non-blocking); held until dropped.
     pub fn lock(&self) -> Result<DirLock> {
         statefile::ensure_private_dir(&self.dir)?;
@@ -140,7 +196,7 @@ impl StateDir {
 
     /// Opens the management table for reading (`status`, `history`).
     pub fn open_table(&self) -> Result<Store> {
-        if !self.is_initialised() {
+        if !self.initialised()? {
             return Err(ControllerError::NotInitialised {
                 dir: self.dir.clone(),
             });
@@ -208,7 +264,8 @@ pub struct InitReport {
 pub struct EnrollReport {
     pub node_id: String,
     pub member: u32,
-    pub address: String,
+    /// `None` until the node is heard from, when enrolled without an address.
+    pub address: Option<String>,
     pub fingerprint: String,
 }
 
@@ -489,7 +546,7 @@ impl Controller {
     /// Takes the lock, restores the machine and reconciles the table.
     pub fn open(opts: Options) -> Result<Controller> {
         let st = opts.state.clone();
-        if !st.is_initialised() {
+        if !st.initialised()? {
             return Err(ControllerError::NotInitialised { dir: st.dir });
         }
         let lock = st.lock()?;
@@ -790,13 +847,68 @@ impl Controller {
         })
     }
 
-    /// Enrolls a node (no network needed).
+    /// Refuses (or, with `force`, warns about) an enrollment that gives a
+    /// second node the initial key or the address of an enrolled one.
+    fn check_alike(
+        &self,
+        node_id: &NodeId,
+        key: &InitialKey,
+        addr: SocketAddr,
+        force: bool,
+    ) -> std::result::Result<(), String> {
+        let (same_key, same_addr) = self.machine.enrolled_alike(key, addr);
+        let mut problems = Vec::new();
+        if let Some(other) = same_key.filter(|o| *o != node_id) {
+            problems.push(format!(
+                "node {other} is already enrolled with the same initial key (check {}): each \
+                 appliance has a key of its own, so this label is mislabelled, copied or read twice",
+                key.fingerprint()
+            ));
+        }
+        if let Some(other) = same_addr.filter(|o| *o != node_id) {
+            problems.push(format!(
+                "node {other} is already enrolled at {addr}: two agents cannot listen on one \
+                 address (leave --addr out and the controller learns each node's address when it joins)"
+            ));
+        }
+        if problems.is_empty() {
+            return Ok(());
+        }
+        if force {
+            for p in &problems {
+                tracing::warn!(node = %node_id, "enrolled with --force although {p}");
+            }
+            return Ok(());
+        }
+        Err(format!(
+            "{node_id} was not enrolled: {}; check and enroll again, or give --force to enroll it anyway",
+            problems.join("; and ")
+        ))
+    }
+
+    /// Where this controller is on the network.
+    pub fn info(&self) -> control::ServeInfo {
+        let n = &self.opts.config.network;
+        control::ServeInfo {
+            group: n.group,
+            iface: n.iface,
+            listen_port: n.listen_port,
+        }
+    }
+
+    /// Enrolls a node (no network needed). `addr` is `0.0.0.0:0` when not
+    /// known yet: the controller learns it from the node's first
+    /// authenticated message. A second node with the same initial key or
+    /// address is refused unless `force`.
     pub async fn enroll(
         &mut self,
         node_id: NodeId,
         key: InitialKey,
         addr: SocketAddr,
+        force: bool,
     ) -> Result<EnrollReport> {
+        self.check_alike(&node_id, &key, addr, force)
+            .map_err(ControllerError::Duplicate)?;
         self.feed(ControllerInput::Enroll {
             node_id: node_id.clone(),
             initial_key: key,
@@ -821,7 +933,7 @@ impl Controller {
         Ok(EnrollReport {
             node_id: node_id.to_string(),
             member,
-            address: addr.to_string(),
+            address: (addr.port() != 0).then(|| addr.to_string()),
             fingerprint,
         })
     }
@@ -1173,13 +1285,20 @@ impl Controller {
             let _ = tx.send(r);
         };
         match request {
-            control::Request::Enroll { node_id, addr, key } => {
+            control::Request::Info => reply(&tx, control::Reply::Info(self.info())),
+            control::Request::Enroll {
+                node_id,
+                addr,
+                key,
+                force,
+            } => {
                 let r = (|| -> std::result::Result<EnrollReport, String> {
                     let node_id = NodeId::parse(&node_id).map_err(|e| e.to_string())?;
                     let addr: SocketAddr = addr
                         .parse()
                         .map_err(|_| format!("{addr:?} is not HOST:PORT"))?;
                     let key = control::key_from_hex(&key)?;
+                    self.check_alike(&node_id, &key, addr, force)?;
                     self.feed(ControllerInput::Enroll {
                         node_id: node_id.clone(),
                         initial_key: key,
@@ -1204,7 +1323,7 @@ impl Controller {
                     Ok(EnrollReport {
                         node_id: node_id.to_string(),
                         member,
-                        address: addr.to_string(),
+                        address: (addr.port() != 0).then(|| addr.to_string()),
                         fingerprint,
                     })
                 })();
@@ -1439,6 +1558,7 @@ mod tests {
                     NodeId::parse("n1").unwrap(),
                     InitialKey([7; 16]),
                     "127.0.0.1:9000".parse().unwrap(),
+                    false,
                 )
                 .await
                 .unwrap();
@@ -1505,6 +1625,7 @@ mod tests {
                 NodeId::parse("late").unwrap(),
                 InitialKey([9; 16]),
                 "127.0.0.1:9009".parse().unwrap(),
+                false,
             )
             .await
             .unwrap();

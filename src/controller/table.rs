@@ -97,6 +97,12 @@ pub fn pause_text(
     }
 }
 
+/// A node's address for the table: `None` for the unspecified address a node
+/// enrolled without `--addr` has until it is heard from.
+fn known_addr(a: &std::net::SocketAddr) -> Option<String> {
+    (!a.ip().is_unspecified() && a.port() != 0).then(|| a.to_string())
+}
+
 /// Logs a failed row and goes on.
 fn soft(what: &str, r: Result<()>) {
     if let Err(e) = r {
@@ -262,7 +268,9 @@ impl Table {
 
     /// Brings the table in line with the restored state `p` (the state file is
     /// written first, so it is the truth after a crash): nodes it holds and the
-    /// table lacks are enrolled, nodes it no longer holds are removed, its keys
+    /// table lacks are enrolled, nodes it no longer holds are removed, the
+    /// enrolled nodes' member numbers are the state's (a table written before
+    /// schema 3 numbered them itself: each repair is a `Renumbered` audit row), its keys
     /// are in the key history, and its round (if any) is the open round.
     pub fn reconcile(&mut self, p: &ControllerPersist, now_ms: u64) -> Result<()> {
         let rounds = &mut self.rounds;
@@ -272,6 +280,36 @@ impl Table {
                 .into_iter()
                 .map(|n| (n.node_id, n.removed_at_ms.is_none()))
                 .collect();
+            for (id, live) in &in_table {
+                if *live && !p.members.iter().any(|m| m.node_id.as_str() == id) {
+                    tracing::warn!(node = %id, "node not in the controller state; marked removed");
+                    soft(
+                        "a removal",
+                        s.remove_node(id, "not in the controller state (lost in a crash)", now_ms),
+                    );
+                }
+            }
+            // One member numbering: the table takes the controller's numbers
+            // (a table written before issue 15 counted its own).
+            let want: Vec<(&str, u64)> = p
+                .members
+                .iter()
+                .filter(|m| in_table.get(m.node_id.as_str()) == Some(&true))
+                .map(|m| (m.node_id.as_str(), u64::from(m.member)))
+                .collect();
+            match s.renumber_members(&want, now_ms) {
+                Ok(changed) => {
+                    for (id, from, to) in changed {
+                        tracing::warn!(
+                            node = %id,
+                            from,
+                            to,
+                            "management table: member number set to the controller's"
+                        );
+                    }
+                }
+                Err(e) => soft("the member numbers", Err(e)),
+            }
             for m in &p.members {
                 let id = m.node_id.as_str();
                 if in_table.get(id) != Some(&true) {
@@ -281,17 +319,14 @@ impl Table {
                     );
                     soft(
                         "a restored enrollment",
-                        s.enroll_node(id, &m.addr.to_string(), &m.fingerprint, m.enrolled_at.0)
-                            .map(drop),
-                    );
-                }
-            }
-            for (id, live) in &in_table {
-                if *live && !p.members.iter().any(|m| m.node_id.as_str() == id) {
-                    tracing::warn!(node = %id, "node not in the controller state; marked removed");
-                    soft(
-                        "a removal",
-                        s.remove_node(id, "not in the controller state (lost in a crash)", now_ms),
+                        s.enroll_node(
+                            id,
+                            m.member.into(),
+                            known_addr(&m.addr).as_deref(),
+                            &m.fingerprint,
+                            m.enrolled_at.0,
+                        )
+                        .map(drop),
                     );
                 }
             }
@@ -483,15 +518,21 @@ fn write_one(s: &mut Store, rounds: &mut HashMap<u32, i64>, r: &Record, ctx: &Ct
             }
         }
         Record::NodeEnrolled {
+            member,
             node_id,
             addr,
             fingerprint,
             at,
-            ..
         } => soft(
             "an enrollment",
-            s.enroll_node(node_id.as_str(), &addr.to_string(), fingerprint, at.0)
-                .map(drop),
+            s.enroll_node(
+                node_id.as_str(),
+                (*member).into(),
+                known_addr(addr).as_deref(),
+                fingerprint,
+                at.0,
+            )
+            .map(drop),
         ),
         Record::NodeRemoved { node_id, at, .. } => soft(
             "a removal",

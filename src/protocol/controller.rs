@@ -755,6 +755,24 @@ impl ControllerMachine {
             .map(|m| (m.row.member, &m.row.node_id, m.row.status))
     }
 
+    /// Enrolled nodes that an enrollment of `initial_key` at `addr` would
+    /// duplicate: the node already enrolled with the same initial key (each
+    /// appliance has its own: a second one is a mislabelled or cloned
+    /// appliance), and the node already at the same address (an unspecified
+    /// address, not yet known, matches none).
+    pub fn enrolled_alike(
+        &self,
+        initial_key: &InitialKey,
+        addr: SocketAddr,
+    ) -> (Option<&NodeId>, Option<&NodeId>) {
+        let keys = NodeKeys::derive(initial_key);
+        let rows = || self.members.iter().flatten().map(|m| &m.row);
+        let same_key = rows().find(|r| r.keys.same_as(&keys)).map(|r| &r.node_id);
+        let known = !addr.ip().is_unspecified() && addr.port() != 0;
+        let same_addr = rows().find(|r| known && r.addr == addr).map(|r| &r.node_id);
+        (same_key, same_addr)
+    }
+
     pub fn member_status(&self, node_id: &NodeId) -> Option<MemberStatus> {
         let i = *self.by_id.get(node_id)?;
         self.member(i).map(|m| m.row.status)

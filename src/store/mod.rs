@@ -66,6 +66,8 @@ pub enum StoreError {
     Sql(#[from] rusqlite::Error),
     #[error("node {0:?} is already enrolled; remove it first to enroll it again")]
     AlreadyEnrolled(String),
+    #[error("member number {member_no} already belongs to the enrolled node {holder:?}")]
+    MemberTaken { member_no: u64, holder: String },
     #[error("node {0:?} is not enrolled; `keyfleet status` lists the enrolled nodes")]
     UnknownNode(String),
     #[error("epoch {0} is already in the key history")]
@@ -196,6 +198,9 @@ text_enum! {
         RoundPaused,
         /// A paused round goes on (detail: why).
         RoundResumed,
+        /// A node's member number in the table was set to the controller's
+        /// (a repair of a table written before issue 15).
+        Renumbered,
     }
 }
 
@@ -203,10 +208,12 @@ text_enum! {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct NodeRecord {
     pub node_id: String,
-    /// Enrollment order, 1-based, never reused.
+    /// The member number the controller gave the node (the one on the wire),
+    /// 1-based, never reused by the controller.
     pub member_no: u64,
-    /// `HOST:PORT` of the agent's unicast socket.
-    pub address: String,
+    /// `HOST:PORT` of the agent's unicast socket; `None` until the node has
+    /// been heard from when it was enrolled without one.
+    pub address: Option<String>,
     /// The check value (fingerprint) of the initial key.
     pub key_check: String,
     pub state: NodeState,
@@ -239,7 +246,8 @@ pub struct HandoutRecord {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct AddressChange {
     pub node_id: String,
-    pub old_address: String,
+    /// `None` for a node enrolled without an address, first heard from.
+    pub old_address: Option<String>,
     pub new_address: String,
     pub at_ms: u64,
     /// The message's name (`join`, `key request`, `key update reply`, …, `usage report`).
@@ -409,8 +417,6 @@ impl Store {
         }
         conn.pragma_update(None, "synchronous", "FULL")
             .map_err(open_err)?;
-        conn.pragma_update(None, "foreign_keys", true)
-            .map_err(open_err)?;
         let found: i64 = conn
             .pragma_query_value(None, "user_version", |r| r.get(0))
             .map_err(open_err)?;
@@ -427,6 +433,11 @@ impl Store {
                 path: path.to_path_buf(),
                 source,
             })?;
+        // Foreign keys are enforced from here on; during the migrations they
+        // are off, as SQLite's table rebuild asks (each step that rebuilds a
+        // table checks them itself: `foreign_key_check`).
+        conn.pragma_update(None, "foreign_keys", true)
+            .map_err(open_err)?;
         Ok(Store {
             conn,
             path: path.to_path_buf(),
@@ -487,16 +498,26 @@ impl Store {
 
     // ----- nodes -----
 
-    /// Enrolls a node (or re-enrolls a removed one, keeping its member number);
-    /// records an `Enrollment` audit entry in the same transaction.
+    /// Enrolls a node under the member number its controller gave it (or
+    /// re-enrolls a removed one under its new number); `address` is `None`
+    /// until the node has been heard from. Records an `Enrollment` audit
+    /// entry in the same transaction. The store never numbers members itself:
+    /// the number is the one on the wire.
     pub fn enroll_node(
         &mut self,
         node_id: &str,
-        address: &str,
+        member_no: u64,
+        address: Option<&str>,
         key_check: &str,
         now_ms: u64,
     ) -> Result<NodeRecord> {
-        check_address(address)?;
+        if let Some(a) = address {
+            check_address(a)?;
+        }
+        let member = to_i64(member_no)?;
+        if member == 0 {
+            return Err(StoreError::Range(0));
+        }
         let tx = self.conn.savepoint()?;
         let existing: Option<Option<i64>> = tx
             .query_row(
@@ -505,35 +526,111 @@ impl Store {
                 |r| r.get(0),
             )
             .optional()?;
+        if let Some(None) = existing {
+            return Err(StoreError::AlreadyEnrolled(node_id.to_owned()));
+        }
+        let holder: Option<String> = tx
+            .query_row(
+                "SELECT node_id FROM nodes WHERE member_no = ?1 AND removed_at_ms IS NULL",
+                [member],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if let Some(holder) = holder {
+            return Err(StoreError::MemberTaken { member_no, holder });
+        }
         let now = to_i64(now_ms)?;
-        match existing {
-            Some(None) => return Err(StoreError::AlreadyEnrolled(node_id.to_owned())),
-            Some(Some(_)) => {
-                tx.execute(
-                    "UPDATE nodes SET address = ?2, key_check = ?3, state = 'Enrolled', epoch = NULL,
-                     last_seen_ms = NULL, stale = 0, enrolled_at_ms = ?4, removed_at_ms = NULL
-                     WHERE node_id = ?1",
-                    params![node_id, address, key_check, now],
-                )?;
-            }
-            None => {
-                tx.execute(
-                    "INSERT INTO nodes (node_id, member_no, address, key_check, state, enrolled_at_ms)
-                     VALUES (?1, (SELECT COALESCE(MAX(member_no), 0) + 1 FROM nodes), ?2, ?3, 'Enrolled', ?4)",
-                    params![node_id, address, key_check, now],
-                )?;
-            }
+        if existing.is_some() {
+            tx.execute(
+                "UPDATE nodes SET member_no = ?2, address = ?3, key_check = ?4, state = 'Enrolled',
+                 epoch = NULL, last_seen_ms = NULL, stale = 0, enrolled_at_ms = ?5, removed_at_ms = NULL
+                 WHERE node_id = ?1",
+                params![node_id, member, address, key_check, now],
+            )?;
+        } else {
+            tx.execute(
+                "INSERT INTO nodes (node_id, member_no, address, key_check, state, enrolled_at_ms)
+                 VALUES (?1, ?2, ?3, ?4, 'Enrolled', ?5)",
+                params![node_id, member, address, key_check, now],
+            )?;
         }
         audit_in(
             &tx,
             AuditKind::Enrollment,
             Some(node_id),
-            &serde_json::json!({ "address": address, "key_check": key_check }),
+            &serde_json::json!({ "member": member_no, "address": address, "key_check": key_check }),
             now_ms,
         )?;
         tx.commit()?;
         self.node(node_id)?
             .ok_or_else(|| StoreError::UnknownNode(node_id.to_owned()))
+    }
+
+    /// Gives enrolled nodes the member numbers their controller uses (a
+    /// table written before issue 15 numbered them itself), in one savepoint:
+    /// numbers may be swapped among the nodes. Returns the nodes renumbered,
+    /// as (node id, old number, new number), each also in the audit log.
+    pub fn renumber_members(
+        &mut self,
+        want: &[(&str, u64)],
+        now_ms: u64,
+    ) -> Result<Vec<(String, u64, u64)>> {
+        let tx = self.conn.savepoint()?;
+        let mut changed = Vec::new();
+        for (id, member_no) in want {
+            let old: Option<i64> = tx
+                .query_row(
+                    "SELECT member_no FROM nodes WHERE node_id = ?1 AND removed_at_ms IS NULL",
+                    [id],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            let Some(old) = old else {
+                return Err(StoreError::UnknownNode((*id).to_owned()));
+            };
+            let old = to_u64("nodes.member_no", old)?;
+            if old != *member_no {
+                changed.push(((*id).to_owned(), old, *member_no));
+            }
+        }
+        // Out of the way first (member numbers are u32 on the wire, so
+        // 2^32 + n never clashes with a real one; the savepoint commits only
+        // the final numbers), then to their place.
+        for (id, _, _) in &changed {
+            tx.execute(
+                "UPDATE nodes SET member_no = member_no + 4294967296 WHERE node_id = ?1",
+                [id],
+            )?;
+        }
+        for (id, old, new) in &changed {
+            let holder: Option<String> = tx
+                .query_row(
+                    "SELECT node_id FROM nodes WHERE member_no = ?1 AND removed_at_ms IS NULL",
+                    [to_i64(*new)?],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            if let Some(holder) = holder {
+                return Err(StoreError::MemberTaken {
+                    member_no: *new,
+                    holder,
+                });
+            }
+            tx.execute(
+                "UPDATE nodes SET member_no = ?2 WHERE node_id = ?1",
+                params![id, to_i64(*new)?],
+            )?;
+            audit_in(
+                &tx,
+                AuditKind::Renumbered,
+                Some(id),
+                &serde_json::json!({ "from": old, "to": new,
+                    "reason": "the table now records the controller's member number" }),
+                now_ms,
+            )?;
+        }
+        tx.commit()?;
+        Ok(changed)
     }
 
     /// Marks a node removed (it keeps its row and history); audits it.
@@ -583,7 +680,7 @@ impl Store {
     ) -> Result<()> {
         check_address(new)?;
         let tx = self.conn.savepoint()?;
-        let old: Option<String> = tx
+        let old: Option<Option<String>> = tx
             .query_row(
                 "SELECT address FROM nodes WHERE node_id = ?1 AND removed_at_ms IS NULL",
                 [node_id],
@@ -621,7 +718,7 @@ impl Store {
             "SELECT node_id, old_address, new_address, at_ms, message, seq
              FROM address_changes {filter} ORDER BY id"
         ))?;
-        type Raw = (String, String, String, i64, String, i64);
+        type Raw = (String, Option<String>, String, i64, String, i64);
         let raws: Vec<Raw> = stmt
             .query_map([arg], |r| {
                 Ok((
@@ -1360,7 +1457,7 @@ impl Store {
 struct RawNode {
     node_id: String,
     member_no: i64,
-    address: String,
+    address: Option<String>,
     key_check: String,
     state: String,
     epoch: Option<i64>,
