@@ -135,6 +135,16 @@ pub enum Refusal {
     BadControllerKey,
     #[error("data claims member {sender} from {from} but no group key opens it; ignored")]
     ForgedData { sender: u32, from: String },
+    #[error("data from member {sender} under epoch {epoch}: {max} senders already tracked in that epoch, no more until its key is retired")]
+    TooManySenders { sender: u32, epoch: Epoch, max: usize },
+    #[error("{what} from member {member} exceeds that member's rate limit; not answered")]
+    RateLimited { what: &'static str, member: u32 },
+    #[error("{what} (sequence number {seq}) repeats a request already answered within the last {interval_ms} ms; not answered again")]
+    DuplicateRequest {
+        what: &'static str,
+        seq: u64,
+        interval_ms: u64,
+    },
 }
 
 impl Refusal {
@@ -161,6 +171,9 @@ impl Refusal {
             Refusal::DuplicateData { .. } => "duplicate_data",
             Refusal::BadControllerKey => "bad_controller_key",
             Refusal::ForgedData { .. } => "forged_data",
+            Refusal::TooManySenders { .. } => "too_many_senders",
+            Refusal::RateLimited { .. } => "rate_limited",
+            Refusal::DuplicateRequest { .. } => "duplicate_request",
         }
     }
 }

@@ -41,7 +41,11 @@ use super::{backoff, Refusal, Time};
 use crate::crypto::{
     digest16, verify, Epoch, GroupKey, InitialKey, KeyPhase, Keyring, NodeKeys, OpenError,
 };
-use crate::wire::{self, KeyState, Message, NodeId, ReplayWindow, RoundPhase, Seen, Signed, Step};
+use crate::wire::{
+    self, DataReplay, DataSeen, KeyState, Message, NodeId, ReplayWindow, RoundPhase, Seen, Signed,
+    Step,
+};
+use std::collections::VecDeque;
 use core::net::SocketAddr;
 use ed25519_dalek::VerifyingKey;
 use rand::{CryptoRng, RngCore};
@@ -51,6 +55,17 @@ use thiserror::Error;
 /// Sequence numbers are reserved in blocks so that a restart never reuses one
 /// without persisting on every message.
 const SEQ_BLOCK: u64 = 1024;
+
+/// A request for the step a node has already taken (a retransmission, or a
+/// replayed copy) is answered at most once in this many ms: a flood of copies
+/// costs the fleet a few replies, not one per copy (and no state write).
+pub const DUPLICATE_ANSWER_INTERVAL_MS: u64 = 100;
+
+/// Digests of datagrams whose controller signature failed, remembered so that
+/// the same forged datagram again costs a hash, not a signature check.
+const FAILED_SIGNATURES_KEPT: usize = 64;
+/// Digests of datagrams whose signature verified (retransmissions skip the check).
+const VERIFIED_KEPT: usize = 8;
 
 /// Node settings. Defaults are documented on each field.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -66,7 +81,10 @@ pub struct NodeConfig {
     pub usage_interval_ms: Option<u64>,
     /// Application messages held while (re)joining (default 64); more are dropped.
     pub max_queued: usize,
-    /// Senders whose data sequence numbers are remembered to drop replays (default 64).
+    /// Senders whose data sequence numbers are remembered per epoch to drop
+    /// replays (default 16384; 16 bytes each, forgotten with the epoch's key).
+    /// Data from further senders in an epoch is refused (`too_many_senders`)
+    /// until the next key: no window is ever evicted, so no replay becomes fresh.
     pub data_replay_senders: usize,
     /// Put the epoch in the data header (default true); without it receivers
     /// try their keys in turn (claims 14–16).
@@ -81,7 +99,7 @@ impl Default for NodeConfig {
             sync_retry_max_ms: 8000,
             usage_interval_ms: Some(60_000),
             max_queued: 64,
-            data_replay_senders: 64,
+            data_replay_senders: 16_384,
             epoch_hint: true,
         }
     }
@@ -138,6 +156,17 @@ pub enum NodeEvent {
     },
     /// Application data dropped because the hold queue was full.
     QueueFull,
+    /// Authentic data whose sequence number jumps far past the sender's
+    /// highest in the epoch: someone holding the group key may be trying to
+    /// silence that member (it is delivered; the window moved; the next
+    /// epoch starts afresh).
+    SeqJump {
+        from: SocketAddr,
+        sender: u32,
+        epoch: Epoch,
+        last: u64,
+        seq: u64,
+    },
 }
 
 /// What a node asks its shell to do, in order.
@@ -241,14 +270,19 @@ pub struct NodeMachine {
     seq: u64,
     seq_reserved: u64,
     ctl_replay: ReplayWindow,
-    last_verified: [u8; 16],
+    /// Digests of recently verified controller messages (retransmissions).
+    verified: VecDeque<[u8; 16]>,
+    /// Digests of recent datagrams whose signature failed.
+    failed: VecDeque<[u8; 16]>,
+    /// When a request for a step already taken was last answered.
+    last_reanswer: Option<Time>,
+    signature_checks: u64,
     sync: Option<Sync>,
     queued: Vec<Vec<u8>>,
     /// Group data for an epoch ahead of this node's, received while it asks
     /// the controller for the current key: (sender address, datagram).
     ahead: Vec<(SocketAddr, Vec<u8>)>,
-    data_replay: Vec<(u32, ReplayWindow)>,
-    data_replay_next: usize,
+    data_replay: DataReplay,
     usage_due: Option<Time>,
 }
 
@@ -298,7 +332,6 @@ impl NodeMachine {
         seq: u64,
     ) -> NodeMachine {
         NodeMachine {
-            cfg,
             node_id,
             keys,
             joined,
@@ -306,13 +339,16 @@ impl NodeMachine {
             seq,
             seq_reserved: seq,
             ctl_replay: ReplayWindow::default(),
-            last_verified: [0; 16],
+            verified: VecDeque::new(),
+            failed: VecDeque::new(),
+            last_reanswer: None,
+            signature_checks: 0,
             sync: None,
             queued: Vec::new(),
             ahead: Vec::new(),
-            data_replay: Vec::new(),
-            data_replay_next: 0,
+            data_replay: DataReplay::new(cfg.data_replay_senders),
             usage_due: None,
+            cfg,
         }
     }
 
@@ -379,7 +415,7 @@ impl NodeMachine {
             + self.queued.iter().map(Vec::capacity).sum::<usize>()
             + self.ahead.capacity() * std::mem::size_of::<(SocketAddr, Vec<u8>)>()
             + self.ahead.iter().map(|(_, b)| b.capacity()).sum::<usize>()
-            + self.data_replay.capacity() * std::mem::size_of::<(u32, ReplayWindow)>()
+            + self.data_replay.heap_bytes()
             + self.keyring.as_ref().map_or(0, Keyring::heap_bytes)
     }
 
@@ -415,7 +451,7 @@ impl NodeMachine {
                     self.seal_and_send(plaintext, rng, out);
                 }
             }
-            NodeInput::Datagram { from, bytes } => match self.on_datagram(now, bytes, rng, out) {
+            NodeInput::Datagram { from, bytes } => match self.on_datagram(now, from, bytes, rng, out) {
                 Ok(()) => {}
                 Err(reason) if self.keep_until_synced(&reason) => {
                     self.ahead.push((from, bytes.to_vec()));
@@ -445,7 +481,7 @@ impl NodeMachine {
     fn open_kept(&mut self, out: &mut Out) {
         for (from, bytes) in std::mem::take(&mut self.ahead) {
             let r = match wire::decode(&bytes) {
-                Ok(Message::Data(d)) => self.on_data(d, out),
+                Ok(Message::Data(d)) => self.on_data(from, d, out),
                 _ => continue,
             };
             if let Err(reason) = r {
@@ -571,8 +607,17 @@ impl NodeMachine {
         });
     }
 
-    /// Check a controller signature, with the replay window. A byte-identical
-    /// copy of the last verified message (a retransmission) skips the signature check.
+    /// Signature checks done so far (each costs about 50 µs of CPU): what a
+    /// flood of forged requests can make a node spend.
+    pub fn signature_checks(&self) -> u64 {
+        self.signature_checks
+    }
+
+    /// Check a controller signature, with the replay window. Run only after
+    /// [`Self::precheck`]. A byte-identical copy of a recently verified message
+    /// (a retransmission) skips the signature check; another message under a
+    /// sequence number already used is a replay; a datagram whose signature
+    /// failed recently fails again for the price of a hash.
     fn authenticate(
         &mut self,
         seq: u64,
@@ -583,27 +628,86 @@ impl NodeMachine {
         let Some(j) = &self.joined else {
             return Err(Refusal::NotJoined { what });
         };
+        let digest = digest16(bytes);
         match self.ctl_replay.check(seq) {
             Seen::Fresh => {
+                if self.failed.contains(&digest) {
+                    return Err(Refusal::BadSignature { what });
+                }
+                self.signature_checks += 1;
                 if !verify(&j.controller, auth.body, &auth.signature) {
+                    if self.failed.len() >= FAILED_SIGNATURES_KEPT {
+                        self.failed.pop_front();
+                    }
+                    self.failed.push_back(digest);
                     return Err(Refusal::BadSignature { what });
                 }
                 self.ctl_replay.mark(seq);
-                self.last_verified = digest16(bytes);
+                if self.verified.len() >= VERIFIED_KEPT {
+                    self.verified.pop_front();
+                }
+                self.verified.push_back(digest);
                 Ok(())
             }
             // A retransmission of a message already accepted: handled again
-            // (idempotently), so that a lost reply gets sent once more.
-            Seen::Again if digest16(bytes) == self.last_verified => Ok(()),
-            Seen::Again if verify(&j.controller, auth.body, &auth.signature) => Ok(()),
-            Seen::Again => Err(Refusal::BadSignature { what }),
-            Seen::TooOld => Err(Refusal::Replay { what, seq }),
+            // (idempotently, rate-limited by `precheck`), so that a lost reply
+            // gets sent once more.
+            Seen::Again if self.verified.contains(&digest) => Ok(()),
+            // The controller never signs two messages under one number.
+            Seen::Again | Seen::TooOld => Err(Refusal::Replay { what, seq }),
         }
+    }
+
+    /// The checks that cost nothing, before any signature: a request for step
+    /// `m` of epoch `e` that could not move this node (older epoch, older
+    /// step), a request for the step it already took that was answered less
+    /// than [`DUPLICATE_ANSWER_INTERVAL_MS`] ago, and one that skips ahead
+    /// while the node already asks the controller for the current key, are
+    /// refused here. Only a request that would move the node, or the first
+    /// duplicate in an interval, or a gap that starts a key request, costs a
+    /// signature check.
+    fn precheck(&self, now: Time, e: Epoch, m: Step, what: &'static str) -> Result<(), Refusal> {
+        let Some((pe, pq)) = self.position() else {
+            return Err(Refusal::NotJoined { what });
+        };
+        let q = m.progress();
+        if e < pe {
+            return Err(Refusal::StaleEpoch {
+                what,
+                got: e,
+                have: pe,
+            });
+        }
+        if e == pe && q < pq {
+            return Err(Refusal::Outdated { what, epoch: e });
+        }
+        if e == pe && q == pq {
+            if let Some(t) = self.last_reanswer {
+                if now < t.plus(DUPLICATE_ANSWER_INTERVAL_MS) && now >= t {
+                    return Err(Refusal::DuplicateRequest {
+                        what,
+                        seq: 0,
+                        interval_ms: DUPLICATE_ANSWER_INTERVAL_MS,
+                    });
+                }
+            }
+        }
+        let installs = e == pe.next() && pq == 3 && m == Step::KeyUpdate;
+        if e > pe && !installs && self.sync.is_some() {
+            // Already asking the controller: nothing a verified copy would add.
+            return Err(Refusal::EpochGap {
+                what,
+                got: e,
+                have: pe,
+            });
+        }
+        Ok(())
     }
 
     fn on_datagram(
         &mut self,
         now: Time,
+        from: SocketAddr,
         bytes: &[u8],
         rng: &mut impl RngCore,
         out: &mut Out,
@@ -611,13 +715,15 @@ impl NodeMachine {
         let msg = wire::decode(bytes).map_err(Refusal::Malformed)?;
         let what = msg.name();
         match msg {
-            Message::Data(d) => self.on_data(d, out),
+            Message::Data(d) => self.on_data(from, d, out),
             Message::KeyUpdate(ku) => {
                 let member = self.member().ok_or(Refusal::NotJoined { what })?;
                 // Most batches hold other nodes' entries: skip them before any crypto.
                 let Some(wrapped) = ku.entry_for(member) else {
                     return Ok(());
                 };
+                self.precheck(now, ku.epoch, Step::KeyUpdate, what)
+                    .map_err(|r| with_seq(r, ku.seq))?;
                 self.authenticate(ku.seq, &ku.auth, bytes, what)?;
                 let key = self
                     .keys
@@ -626,11 +732,20 @@ impl NodeMachine {
                 self.on_step(now, ku.epoch, Step::KeyUpdate, Some(key), rng, out)
             }
             Message::Transition(t) => {
+                self.precheck(now, t.epoch, t.step, what)
+                    .map_err(|r| with_seq(r, t.seq))?;
                 self.authenticate(t.seq, &t.auth, bytes, what)?;
                 self.on_step(now, t.epoch, t.step, None, rng, out)
             }
             Message::KeyResponse(r) => {
                 let member = self.addressed_to_me(r.member, what)?;
+                // Only an answer to a request outstanding is worth a signature check.
+                if !self.sync.is_some_and(|s| r.in_reply_to >= s.since) {
+                    return Err(Refusal::Unsolicited {
+                        what,
+                        in_reply_to: r.in_reply_to,
+                    });
+                }
                 self.authenticate(r.seq, &r.auth, bytes, what)?;
                 self.adopt(now, what, r.in_reply_to, member, &r.state, rng, out)
             }
@@ -699,20 +814,40 @@ impl NodeMachine {
         }
     }
 
-    fn on_data(&mut self, d: wire::Data<'_>, out: &mut Out) -> Result<(), Refusal> {
+    /// Group data: opened with a held key, then checked against the replay
+    /// window of (the epoch that opened it, its sender). The rule is the
+    /// controller's too ([`DataReplay`]), so a message the nodes deliver is
+    /// one the controller takes for fresh.
+    fn on_data(
+        &mut self,
+        from: SocketAddr,
+        d: wire::Data<'_>,
+        out: &mut Out,
+    ) -> Result<(), Refusal> {
         let Some(ring) = &mut self.keyring else {
             return Err(Refusal::NotJoined { what: "data" });
         };
         if self.joined.as_ref().is_some_and(|j| j.member == d.sender) {
             return Ok(()); // our own message looped back by the network
         }
-        let slot = self.data_replay.iter().position(|(s, _)| *s == d.sender);
-        if let Some(i) = slot {
-            if self.data_replay[i].1.check(d.seq) != Seen::Fresh {
-                return Err(Refusal::DuplicateData {
-                    sender: d.sender,
-                    seq: d.seq,
-                });
+        // Windows of epochs whose key is gone go with the key.
+        self.data_replay.retain(|e| ring.holds(e));
+        let refused = |seen: DataSeen, epoch: Epoch| match seen {
+            DataSeen::Replay => Some(Refusal::DuplicateData {
+                sender: d.sender,
+                seq: d.seq,
+            }),
+            DataSeen::Full { max } => Some(Refusal::TooManySenders {
+                sender: d.sender,
+                epoch,
+                max,
+            }),
+            DataSeen::Fresh { .. } => None,
+        };
+        // With an epoch hint a replay is refused before any decryption.
+        if let Some(e) = d.epoch_hint.filter(|e| ring.holds(*e)) {
+            if let Some(r) = refused(self.data_replay.check(e, d.sender, d.seq), e) {
+                return Err(r);
             }
         }
         let opened = ring
@@ -721,20 +856,19 @@ impl NodeMachine {
                 sender: d.sender,
                 reason,
             })?;
-        match slot {
-            Some(i) => self.data_replay[i].1.mark(d.seq),
-            None if self.cfg.data_replay_senders > 0 => {
-                let mut w = ReplayWindow::default();
-                w.mark(d.seq);
-                if self.data_replay.len() < self.cfg.data_replay_senders {
-                    self.data_replay.push((d.sender, w));
-                } else {
-                    let i = self.data_replay_next % self.data_replay.len();
-                    self.data_replay[i] = (d.sender, w);
-                    self.data_replay_next = i + 1;
-                }
-            }
-            None => {}
+        let seen = self.data_replay.check(opened.epoch, d.sender, d.seq);
+        if let Some(r) = refused(seen, opened.epoch) {
+            return Err(r);
+        }
+        self.data_replay.mark(opened.epoch, d.sender, d.seq);
+        if let DataSeen::Fresh { jump: Some(last) } = seen {
+            out.push(NodeAction::Event(NodeEvent::SeqJump {
+                from,
+                sender: d.sender,
+                epoch: opened.epoch,
+                last,
+                seq: d.seq,
+            }));
         }
         out.push(NodeAction::Deliver(Delivered {
             sender: d.sender,
@@ -789,6 +923,7 @@ impl NodeMachine {
                         return Err(Refusal::KeyMismatch { epoch: e });
                     }
                 }
+                self.last_reanswer = Some(now);
                 self.ack(m, e, out);
                 return Ok(());
             }
@@ -936,5 +1071,19 @@ impl NodeMachine {
         }
         self.send_sync_request(now, rng, out);
         Ok(())
+    }
+}
+
+/// A refusal from [`NodeMachine::precheck`] names the request's sequence number.
+fn with_seq(r: Refusal, seq: u64) -> Refusal {
+    match r {
+        Refusal::DuplicateRequest {
+            what, interval_ms, ..
+        } => Refusal::DuplicateRequest {
+            what,
+            seq,
+            interval_ms,
+        },
+        r => r,
     }
 }
