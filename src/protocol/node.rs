@@ -61,6 +61,9 @@ const SEQ_BLOCK: u64 = 1024;
 /// costs the fleet a few replies, not one per copy (and no state write).
 pub const DUPLICATE_ANSWER_INTERVAL_MS: u64 = 100;
 
+/// Data kept while syncing may name an epoch at most this far ahead.
+const AHEAD_EPOCHS: u32 = 16;
+
 /// Digests of datagrams whose controller signature failed, remembered so that
 /// the same forged datagram again costs a hash, not a signature check.
 const FAILED_SIGNATURES_KEPT: usize = 64;
@@ -453,17 +456,16 @@ impl NodeMachine {
             }
             NodeInput::Datagram { from, bytes } => match self.on_datagram(now, from, bytes, rng, out) {
                 Ok(()) => {}
-                Err(reason) if self.keep_until_synced(&reason) => {
-                    self.ahead.push((from, bytes.to_vec()));
-                }
+                Err(reason) if self.keep_until_synced(&reason) => self.keep(from, bytes),
                 Err(reason) => out.push(NodeAction::Event(NodeEvent::Refused { from, reason })),
             },
         }
     }
 
-    /// Data sealed under an epoch ahead of this node's, while it waits for the
-    /// controller's answer (which brings that key): kept, up to `max_queued`.
-    /// Outside a sync nothing is kept (a forged epoch hint costs nothing).
+    /// Data sealed under an epoch ahead of this node's (at most
+    /// [`AHEAD_EPOCHS`] ahead), while it waits for the controller's answer
+    /// (which brings that key): kept, up to `max_queued`. Outside a sync
+    /// nothing is kept (a forged epoch hint costs nothing).
     fn keep_until_synced(&self, reason: &Refusal) -> bool {
         let Refusal::Undecryptable {
             reason: OpenError::NoKey(e),
@@ -473,8 +475,38 @@ impl NodeMachine {
             return false;
         };
         self.sync.is_some()
-            && self.position().is_some_and(|(have, _)| *e > have)
-            && self.ahead.len() < self.cfg.max_queued
+            && self.cfg.max_queued > 0
+            && self
+                .position()
+                .is_some_and(|(have, _)| *e > have && e.0 - have.0 <= AHEAD_EPOCHS)
+    }
+
+    /// Keeps one datagram for [`Self::open_kept`]. Nothing authenticates it
+    /// yet, so the queue is shared fairly between source addresses: when it
+    /// is full, the new datagram replaces the oldest one of the address that
+    /// holds the most (or is dropped if its own address holds the most), so
+    /// a flood from one host cannot push out what the fleet's other nodes sent.
+    fn keep(&mut self, from: SocketAddr, bytes: &[u8]) {
+        if self.ahead.len() < self.cfg.max_queued {
+            self.ahead.push((from, bytes.to_vec()));
+            return;
+        }
+        let count = |ip| self.ahead.iter().filter(|(f, _)| f.ip() == ip).count();
+        let Some((top_ip, top)) = self
+            .ahead
+            .iter()
+            .map(|(f, _)| (f.ip(), count(f.ip())))
+            .max_by_key(|(_, n)| *n)
+        else {
+            return;
+        };
+        if count(from.ip()) + 1 >= top {
+            return;
+        }
+        if let Some(i) = self.ahead.iter().position(|(f, _)| f.ip() == top_ip) {
+            self.ahead.remove(i);
+            self.ahead.push((from, bytes.to_vec()));
+        }
     }
 
     /// Opens the data kept by [`Self::keep_until_synced`] with the keys now held.
