@@ -1509,6 +1509,8 @@ impl ControllerMachine {
         let Some(Some(m)) = self.members.get_mut(member as usize) else {
             return Err(Refusal::UnknownMember { what, member });
         };
+        // A new member's budget starts full (`u32::MAX` until first spent).
+        m.tokens = m.tokens.min(burst);
         let earned = now.since(m.tokens_at) / every;
         if earned > 0 {
             let total = u64::from(m.tokens).saturating_add(earned);
@@ -1829,7 +1831,7 @@ impl Member {
             replay: row.seq_seen.map_or_else(ReplayWindow::default, ReplayWindow::above),
             row,
             last_from: None,
-            tokens: 0,
+            tokens: u32::MAX,
             tokens_at: Time(0),
             seals: 0,
             opens: 0,

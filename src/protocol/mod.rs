@@ -32,7 +32,7 @@ pub use controller::{
 };
 pub use node::{
     Delivered, NodeAction, NodeConfig, NodeEvent, NodeInput, NodeMachine, NodePersist, NodeState,
-    NodeTimer,
+    NodeTimer, DUPLICATE_ANSWER_INTERVAL_MS,
 };
 pub use triggers::{TriggerConfig, TriggerReason};
 

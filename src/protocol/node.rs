@@ -456,7 +456,7 @@ impl NodeMachine {
             }
             NodeInput::Datagram { from, bytes } => match self.on_datagram(now, from, bytes, rng, out) {
                 Ok(()) => {}
-                Err(reason) if self.keep_until_synced(&reason) => self.keep(from, bytes),
+                Err(reason) if self.keep_until_synced(&reason) && self.keep(from, bytes) => {}
                 Err(reason) => out.push(NodeAction::Event(NodeEvent::Refused { from, reason })),
             },
         }
@@ -486,10 +486,10 @@ impl NodeMachine {
     /// is full, the new datagram replaces the oldest one of the address that
     /// holds the most (or is dropped if its own address holds the most), so
     /// a flood from one host cannot push out what the fleet's other nodes sent.
-    fn keep(&mut self, from: SocketAddr, bytes: &[u8]) {
+    fn keep(&mut self, from: SocketAddr, bytes: &[u8]) -> bool {
         if self.ahead.len() < self.cfg.max_queued {
             self.ahead.push((from, bytes.to_vec()));
-            return;
+            return true;
         }
         let count = |ip| self.ahead.iter().filter(|(f, _)| f.ip() == ip).count();
         let Some((top_ip, top)) = self
@@ -498,14 +498,18 @@ impl NodeMachine {
             .map(|(f, _)| (f.ip(), count(f.ip())))
             .max_by_key(|(_, n)| *n)
         else {
-            return;
+            return false;
         };
         if count(from.ip()) + 1 >= top {
-            return;
+            return false;
         }
-        if let Some(i) = self.ahead.iter().position(|(f, _)| f.ip() == top_ip) {
-            self.ahead.remove(i);
-            self.ahead.push((from, bytes.to_vec()));
+        match self.ahead.iter().position(|(f, _)| f.ip() == top_ip) {
+            Some(i) => {
+                self.ahead.remove(i);
+                self.ahead.push((from, bytes.to_vec()));
+                true
+            }
+            None => false,
         }
     }
 

@@ -42,6 +42,7 @@ fn test_cfg() -> ControllerConfig {
         group_attempts: 2,
         stale_after_ms: 5000,
         triggers: TriggerConfig::manual_only(),
+        ..ControllerConfig::default()
     }
 }
 

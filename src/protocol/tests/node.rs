@@ -216,6 +216,7 @@ fn dc_duplicate_key_update_replies_again_but_a_different_key_is_refused() {
     assert!(!persisted(&out), "no state change");
     let other = GroupKey::from_bytes(Epoch(2), [0xee; 32]);
     let ku = r.ctl.key_update(&other);
+    r.now = r.now.plus(DUPLICATE_ANSWER_INTERVAL_MS);
     let out = r.feed(&ku);
     assert_eq!(
         refusal(&out),
@@ -300,12 +301,19 @@ fn a_retransmission_is_handled_again_a_replay_outside_the_window_is_refused() {
     let mut r = Rig::dc12();
     let t = r.ctl.transition(Step::FirstTransition, 2);
     r.feed(&t);
+    r.now = r.now.plus(DUPLICATE_ANSWER_INTERVAL_MS);
     let out = r.feed(&t);
     assert_eq!(
         acks(&out),
         vec![(Step::FirstTransition, Epoch(2))],
         "byte-identical copy: answered again"
     );
+    let out = r.feed(&t);
+    assert!(
+        matches!(refusal(&out), Some(Refusal::DuplicateRequest { .. })) && sent(&out).is_empty(),
+        "a second copy within the interval is not answered: {out:?}"
+    );
+    r.now = r.now.plus(DUPLICATE_ANSWER_INTERVAL_MS);
     let old = r.ctl.transition(Step::SecondTransition, 2);
     r.ctl.seq += 200;
     let newer = r.ctl.transition(Step::FirstTransition, 2);
