@@ -130,6 +130,7 @@ fn suspicious(kind: &str) -> bool {
             | "unwrap"
             | "seq_jump"
             | "too_many_senders"
+            | "verify_budget"
     )
 }
 

@@ -32,7 +32,7 @@ pub use controller::{
 };
 pub use node::{
     Delivered, NodeAction, NodeConfig, NodeEvent, NodeInput, NodeMachine, NodePersist, NodeState,
-    NodeTimer, DUPLICATE_ANSWER_INTERVAL_MS,
+    NodeTimer, DUPLICATE_ANSWER_INTERVAL_MS, VERIFY_BURST, VERIFY_EVERY_MS,
 };
 pub use triggers::{TriggerConfig, TriggerReason};
 
@@ -139,6 +139,8 @@ pub enum Refusal {
     TooManySenders { sender: u32, epoch: Epoch, max: usize },
     #[error("{what} from member {member} exceeds that member's rate limit; not answered")]
     RateLimited { what: &'static str, member: u32 },
+    #[error("{what} not checked: this node already spent its signature checks for now (someone may be flooding forged requests; the controller retries)")]
+    VerifyBudget { what: &'static str },
     #[error("{what} (sequence number {seq}) repeats a request already answered within the last {interval_ms} ms; not answered again")]
     DuplicateRequest {
         what: &'static str,
@@ -174,6 +176,7 @@ impl Refusal {
             Refusal::TooManySenders { .. } => "too_many_senders",
             Refusal::RateLimited { .. } => "rate_limited",
             Refusal::DuplicateRequest { .. } => "duplicate_request",
+            Refusal::VerifyBudget { .. } => "verify_budget",
         }
     }
 }

@@ -61,6 +61,15 @@ const SEQ_BLOCK: u64 = 1024;
 /// costs the fleet a few replies, not one per copy (and no state write).
 pub const DUPLICATE_ANSWER_INTERVAL_MS: u64 = 100;
 
+/// Signature checks a node spends on unsolicited controller requests: a
+/// burst of this many…
+pub const VERIFY_BURST: u32 = 64;
+/// …then one per this many ms (200 a second, about 1 % of a core): a flood of
+/// forged requests that pass every cheap check is refused unchecked beyond
+/// that (`verify_budget`); the controller's retries, and the key request
+/// (whose solicited answer is always checked), get a node through it.
+pub const VERIFY_EVERY_MS: u64 = 5;
+
 /// Data kept while syncing may name an epoch at most this far ahead.
 const AHEAD_EPOCHS: u32 = 16;
 
@@ -279,6 +288,11 @@ pub struct NodeMachine {
     failed: VecDeque<[u8; 16]>,
     /// When a request for a step already taken was last answered.
     last_reanswer: Option<Time>,
+    /// When a request skipping ahead was last let through to a signature check.
+    last_gap: Option<Time>,
+    /// Signature budget: checks left and when they were counted.
+    verify_tokens: u32,
+    verify_at: Time,
     signature_checks: u64,
     sync: Option<Sync>,
     queued: Vec<Vec<u8>>,
@@ -345,6 +359,9 @@ impl NodeMachine {
             verified: VecDeque::new(),
             failed: VecDeque::new(),
             last_reanswer: None,
+            last_gap: None,
+            verify_tokens: VERIFY_BURST,
+            verify_at: Time(0),
             signature_checks: 0,
             sync: None,
             queued: Vec::new(),
@@ -654,22 +671,31 @@ impl NodeMachine {
     /// (a retransmission) skips the signature check; another message under a
     /// sequence number already used is a replay; a datagram whose signature
     /// failed recently fails again for the price of a hash.
+    #[allow(clippy::too_many_arguments)]
     fn authenticate(
         &mut self,
+        now: Time,
+        budgeted: bool,
         seq: u64,
         auth: &Signed<'_>,
         bytes: &[u8],
         what: &'static str,
     ) -> Result<(), Refusal> {
-        let Some(j) = &self.joined else {
+        if self.joined.is_none() {
             return Err(Refusal::NotJoined { what });
-        };
+        }
         let digest = digest16(bytes);
         match self.ctl_replay.check(seq) {
             Seen::Fresh => {
                 if self.failed.contains(&digest) {
                     return Err(Refusal::BadSignature { what });
                 }
+                if budgeted {
+                    self.spend_verify(now, what)?;
+                }
+                let Some(j) = &self.joined else {
+                    return Err(Refusal::NotJoined { what });
+                };
                 self.signature_checks += 1;
                 if !verify(&j.controller, auth.body, &auth.signature) {
                     if self.failed.len() >= FAILED_SIGNATURES_KEPT {
@@ -702,7 +728,7 @@ impl NodeMachine {
     /// refused here. Only a request that would move the node, or the first
     /// duplicate in an interval, or a gap that starts a key request, costs a
     /// signature check.
-    fn precheck(&self, now: Time, e: Epoch, m: Step, what: &'static str) -> Result<(), Refusal> {
+    fn precheck(&mut self, now: Time, e: Epoch, m: Step, what: &'static str) -> Result<(), Refusal> {
         let Some((pe, pq)) = self.position() else {
             return Err(Refusal::NotJoined { what });
         };
@@ -717,26 +743,55 @@ impl NodeMachine {
         if e == pe && q < pq {
             return Err(Refusal::Outdated { what, epoch: e });
         }
+        let within = |t: Option<Time>| {
+            t.is_some_and(|t| now >= t && now < t.plus(DUPLICATE_ANSWER_INTERVAL_MS))
+        };
         if e == pe && q == pq {
-            if let Some(t) = self.last_reanswer {
-                if now < t.plus(DUPLICATE_ANSWER_INTERVAL_MS) && now >= t {
-                    return Err(Refusal::DuplicateRequest {
-                        what,
-                        seq: 0,
-                        interval_ms: DUPLICATE_ANSWER_INTERVAL_MS,
-                    });
-                }
+            // One duplicate per interval is checked (and answered if genuine);
+            // the slot is taken whether or not its signature holds.
+            if within(self.last_reanswer) {
+                return Err(Refusal::DuplicateRequest {
+                    what,
+                    seq: 0,
+                    interval_ms: DUPLICATE_ANSWER_INTERVAL_MS,
+                });
             }
+            self.last_reanswer = Some(now);
         }
         let installs = e == pe.next() && pq == 3 && m == Step::KeyUpdate;
-        if e > pe && !installs && self.sync.is_some() {
-            // Already asking the controller: nothing a verified copy would add.
-            return Err(Refusal::EpochGap {
-                what,
-                got: e,
-                have: pe,
-            });
+        if e > pe && !installs {
+            // Already asking the controller, or asked to check a gap in this
+            // interval: nothing a verified copy would add.
+            if self.sync.is_some() || within(self.last_gap) {
+                return Err(Refusal::EpochGap {
+                    what,
+                    got: e,
+                    have: pe,
+                });
+            }
+            self.last_gap = Some(now);
         }
+        Ok(())
+    }
+
+    /// Takes one signature check from the budget ([`VERIFY_BURST`],
+    /// [`VERIFY_EVERY_MS`]), or refuses.
+    fn spend_verify(&mut self, now: Time, what: &'static str) -> Result<(), Refusal> {
+        let earned = now.since(self.verify_at) / VERIFY_EVERY_MS;
+        if earned > 0 {
+            let total = u64::from(self.verify_tokens).saturating_add(earned);
+            if total >= u64::from(VERIFY_BURST) {
+                self.verify_tokens = VERIFY_BURST;
+                self.verify_at = now;
+            } else {
+                self.verify_tokens = total as u32;
+                self.verify_at = self.verify_at.plus(earned * VERIFY_EVERY_MS);
+            }
+        }
+        if self.verify_tokens == 0 {
+            return Err(Refusal::VerifyBudget { what });
+        }
+        self.verify_tokens -= 1;
         Ok(())
     }
 
@@ -760,7 +815,7 @@ impl NodeMachine {
                 };
                 self.precheck(now, ku.epoch, Step::KeyUpdate, what)
                     .map_err(|r| with_seq(r, ku.seq))?;
-                self.authenticate(ku.seq, &ku.auth, bytes, what)?;
+                self.authenticate(now, true, ku.seq, &ku.auth, bytes, what)?;
                 let key = self
                     .keys
                     .unwrap(&wrapped, ku.epoch, member)
@@ -770,7 +825,7 @@ impl NodeMachine {
             Message::Transition(t) => {
                 self.precheck(now, t.epoch, t.step, what)
                     .map_err(|r| with_seq(r, t.seq))?;
-                self.authenticate(t.seq, &t.auth, bytes, what)?;
+                self.authenticate(now, true, t.seq, &t.auth, bytes, what)?;
                 self.on_step(now, t.epoch, t.step, None, rng, out)
             }
             Message::KeyResponse(r) => {
@@ -782,7 +837,7 @@ impl NodeMachine {
                         in_reply_to: r.in_reply_to,
                     });
                 }
-                self.authenticate(r.seq, &r.auth, bytes, what)?;
+                self.authenticate(now, false, r.seq, &r.auth, bytes, what)?;
                 self.adopt(now, what, r.in_reply_to, member, &r.state, rng, out)
             }
             Message::JoinAccept(j) => {
