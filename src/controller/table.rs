@@ -90,6 +90,8 @@ fn suspicious(kind: &str) -> bool {
             | "unknown_node_id"
             | "unexpected"
             | "forged_data"
+            | "retired_key"
+            | "rate_limited"
             | LEAK_FOLDED
     )
 }

@@ -1402,6 +1402,8 @@ impl ControllerMachine {
             },
         );
         self.previous = Some(std::mem::replace(&mut self.current, r.key.clone()));
+        // The round's deadlines are void; the next one armed replaces them.
+        self.round_timer = None;
         self.activated_at = r.activated_at.unwrap_or(now);
         self.total_seals = 0;
         self.total_opens = 0;
@@ -1704,6 +1706,20 @@ impl ControllerMachine {
             });
         };
         self.data_replay.retain(|e| held.contains(&e));
+        // Under the key the last round retired only nodes left behind (stale,
+        // or a removed node) still open data: recorded, no round (a new key
+        // would not reach those nodes either).
+        if self.previous.as_ref().is_some_and(|k| k.epoch() == epoch) {
+            let own = self.member(d.sender).is_some_and(|m| m.row.addr == from);
+            if !own {
+                return Err(Refusal::RetiredKey {
+                    sender: d.sender,
+                    epoch,
+                    from: from.to_string(),
+                });
+            }
+            return Ok(());
+        }
         // A member's own message heard again (from anywhere) is a replay
         // (the sequence number is authenticated as associated data), not a
         // leak: otherwise any host could make the fleet rekey at will.

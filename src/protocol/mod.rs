@@ -139,6 +139,12 @@ pub enum Refusal {
     TooManySenders { sender: u32, epoch: Epoch, max: usize },
     #[error("{what} from member {member} exceeds that member's rate limit; not answered")]
     RateLimited { what: &'static str, member: u32 },
+    #[error("data claims member {sender} from {from} and opens only under the retired key of epoch {epoch}: a node left behind (stale or removed) or someone holding that old key")]
+    RetiredKey {
+        sender: u32,
+        epoch: Epoch,
+        from: String,
+    },
     #[error("{what} not checked: this node already spent its signature checks for now (someone may be flooding forged requests; the controller retries)")]
     VerifyBudget { what: &'static str },
     #[error("{what} (sequence number {seq}) repeats a request already answered within the last {interval_ms} ms; not answered again")]
@@ -177,6 +183,7 @@ impl Refusal {
             Refusal::RateLimited { .. } => "rate_limited",
             Refusal::DuplicateRequest { .. } => "duplicate_request",
             Refusal::VerifyBudget { .. } => "verify_budget",
+            Refusal::RetiredKey { .. } => "retired_key",
         }
     }
 }
