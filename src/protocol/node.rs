@@ -448,7 +448,16 @@ impl NodeMachine {
         out: &mut Out,
     ) {
         match input {
-            NodeInput::LinkUp => self.start_sync(now, rng, out, true, true),
+            NodeInput::LinkUp => {
+                if self.joined.is_none() && self.seq == 0 {
+                    // A node with no stored state (new, or its state was lost)
+                    // numbers its messages from the clock: above anything a
+                    // previous life of it used, which the controller remembers.
+                    self.seq = now.0.saturating_mul(1 << 16);
+                    self.seq_reserved = self.seq;
+                }
+                self.start_sync(now, rng, out, true, true)
+            }
             NodeInput::Timer(NodeTimer::Sync) => {
                 if self.sync.is_some_and(|s| now >= s.due) {
                     self.send_sync_request(now, rng, out);
