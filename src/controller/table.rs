@@ -173,8 +173,8 @@ fn write_summaries(s: &mut Store, summaries: &[Summary]) {
 const ANSWERED: &str = "key_request";
 
 /// An answered key request or join counted per member: the first of a member
-/// in each window, and the first for each epoch, get their row; the rest are
-/// summarized ("N more answered key_request of member M …").
+/// in each window, and the first in each key state (epoch, round phase), get
+/// their row; the rest are summarized ("N more answered key_request of member M …").
 fn answered(r: &Record) -> Option<(u64, u32, u32)> {
     match r {
         Record::KeyRequestAnswered {
@@ -196,8 +196,9 @@ pub struct Table {
     refusals: RateCounter,
     /// Answered key requests and joins, counted per member.
     answered: RateCounter,
-    /// The epoch of each member's last answered request written in full.
-    answered_epoch: HashMap<u32, u32>,
+    /// The key state (epoch, round phase) of each member's last answered
+    /// request written in full.
+    answered_epoch: HashMap<u32, (u32, Option<RoundPhase>)>,
 }
 
 impl Table {
@@ -416,8 +417,11 @@ impl Table {
             write_summaries(s, &closed);
             for r in records {
                 if let Some((at, member, epoch)) = answered(r) {
-                    // The first answer in each epoch is always written in full.
-                    if answered_epoch.insert(member, epoch) == Some(epoch) {
+                    // The first answer in each key state (epoch, round phase)
+                    // is always written in full: a node back in a new state
+                    // has its row.
+                    let state = (epoch, ctx.round.map(|(_, p)| p));
+                    if answered_epoch.insert(member, state) == Some(state) {
                         closed.clear();
                         let seen = answered_counter.observe_source(
                             at,
