@@ -583,7 +583,11 @@ fn data_from_an_unknown_sender_with_a_stolen_key_sets_off_the_leaked_key_rekey()
     f.run();
     // Rounds set off by what nodes send are spaced (`node_trigger_min_interval_ms`,
     // issue 13): this one waits for its turn, then runs.
-    assert_eq!(f.ctl.current_epoch(), Epoch(3), "the second leak round waits");
+    assert_eq!(
+        f.ctl.current_epoch(),
+        Epoch(3),
+        "the second leak round waits"
+    );
     let at = f
         .ctl_timers
         .remove(&ControllerTimer::Round)

@@ -455,14 +455,15 @@ impl Controller {
             }
             return Ok(());
         }
-        let persist = marks_due || actions.iter().any(|a| {
-            matches!(
-                a,
-                ControllerAction::PersistCore(_)
-                    | ControllerAction::PersistMember(_)
-                    | ControllerAction::ForgetMember { .. }
-            )
-        });
+        let persist = marks_due
+            || actions.iter().any(|a| {
+                matches!(
+                    a,
+                    ControllerAction::PersistCore(_)
+                        | ControllerAction::PersistMember(_)
+                        | ControllerAction::ForgetMember { .. }
+                )
+            });
         // (1) Durable before any send of this pass: the whole snapshot, as the
         // machine stands after the pass (it includes every persisted change).
         if persist {

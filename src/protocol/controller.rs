@@ -1418,23 +1418,25 @@ impl ControllerMachine {
         } else {
             None
         };
-        let due = pending.or_else(|| self.round.as_ref().and_then(|r| {
-            let mut due: Option<Time> = None;
-            let mut take = |t: Option<Time>| {
-                if let Some(t) = t {
-                    due = Some(due.map_or(t, |d: Time| d.min(t)));
+        let due = pending.or_else(|| {
+            self.round.as_ref().and_then(|r| {
+                let mut due: Option<Time> = None;
+                let mut take = |t: Option<Time>| {
+                    if let Some(t) = t {
+                        due = Some(due.map_or(t, |d: Time| d.min(t)));
+                    }
+                };
+                if r.waiting > 0 {
+                    take(r.next_wave);
+                    take(r.retries.peek().map(|Reverse((t, _))| *t));
+                    take(Some(r.phase_started.plus(self.cfg.stale_after_ms)));
                 }
-            };
-            if r.waiting > 0 {
-                take(r.next_wave);
-                take(r.retries.peek().map(|Reverse((t, _))| *t));
-                take(Some(r.phase_started.plus(self.cfg.stale_after_ms)));
-            }
-            if r.phase == RoundPhase::Draining {
-                take(r.drain_until);
-            }
-            due
-        }));
+                if r.phase == RoundPhase::Draining {
+                    take(r.drain_until);
+                }
+                due
+            })
+        });
         if let Some(at) = due {
             if self.round_timer.is_none_or(|t| at < t) {
                 self.round_timer = Some(at);
@@ -1844,7 +1846,9 @@ impl Member {
         Member {
             progress: 0,
             attempts: 0,
-            replay: row.seq_seen.map_or_else(ReplayWindow::default, ReplayWindow::above),
+            replay: row
+                .seq_seen
+                .map_or_else(ReplayWindow::default, ReplayWindow::above),
             row,
             last_from: None,
             tokens: u32::MAX,

@@ -136,7 +136,11 @@ pub enum Refusal {
     #[error("data claims member {sender} from {from} but no group key opens it; ignored")]
     ForgedData { sender: u32, from: String },
     #[error("data from member {sender} under epoch {epoch}: {max} senders already tracked in that epoch, no more until its key is retired")]
-    TooManySenders { sender: u32, epoch: Epoch, max: usize },
+    TooManySenders {
+        sender: u32,
+        epoch: Epoch,
+        max: usize,
+    },
     #[error("{what} from member {member} exceeds that member's rate limit; not answered")]
     RateLimited { what: &'static str, member: u32 },
     #[error("data claims member {sender} from {from} and opens only under the retired key of epoch {epoch}: a node left behind (stale or removed) or someone holding that old key")]

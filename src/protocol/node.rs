@@ -45,11 +45,11 @@ use crate::wire::{
     self, DataReplay, DataSeen, KeyState, Message, NodeId, ReplayWindow, RoundPhase, Seen, Signed,
     Step,
 };
-use std::collections::VecDeque;
 use core::net::SocketAddr;
 use ed25519_dalek::VerifyingKey;
 use rand::{CryptoRng, RngCore};
 use serde::{Deserialize, Serialize};
+use std::collections::VecDeque;
 use thiserror::Error;
 
 /// Sequence numbers are reserved in blocks so that a restart never reuses one
@@ -480,11 +480,13 @@ impl NodeMachine {
                     self.seal_and_send(plaintext, rng, out);
                 }
             }
-            NodeInput::Datagram { from, bytes } => match self.on_datagram(now, from, bytes, rng, out) {
-                Ok(()) => {}
-                Err(reason) if self.keep_until_synced(&reason) && self.keep(from, bytes) => {}
-                Err(reason) => out.push(NodeAction::Event(NodeEvent::Refused { from, reason })),
-            },
+            NodeInput::Datagram { from, bytes } => {
+                match self.on_datagram(now, from, bytes, rng, out) {
+                    Ok(()) => {}
+                    Err(reason) if self.keep_until_synced(&reason) && self.keep(from, bytes) => {}
+                    Err(reason) => out.push(NodeAction::Event(NodeEvent::Refused { from, reason })),
+                }
+            }
         }
     }
 
@@ -737,7 +739,13 @@ impl NodeMachine {
     /// refused here. Only a request that would move the node, or the first
     /// duplicate in an interval, or a gap that starts a key request, costs a
     /// signature check.
-    fn precheck(&mut self, now: Time, e: Epoch, m: Step, what: &'static str) -> Result<(), Refusal> {
+    fn precheck(
+        &mut self,
+        now: Time,
+        e: Epoch,
+        m: Step,
+        what: &'static str,
+    ) -> Result<(), Refusal> {
         let Some((pe, pq)) = self.position() else {
             return Err(Refusal::NotJoined { what });
         };

@@ -133,7 +133,10 @@ impl DataReplay {
     }
 
     fn epoch(&self, epoch: Epoch) -> Option<&HashMap<u32, ReplayWindow>> {
-        self.epochs.iter().find(|(e, _)| *e == epoch).map(|(_, m)| m)
+        self.epochs
+            .iter()
+            .find(|(e, _)| *e == epoch)
+            .map(|(_, m)| m)
     }
 
     pub fn check(&self, epoch: Epoch, sender: u32, seq: u64) -> DataSeen {
@@ -231,9 +234,17 @@ mod tests {
         let (e1, e2) = (Epoch(1), Epoch(2));
         r.mark(e1, 2, u64::MAX);
         assert_eq!(r.check(e1, 2, 5), DataSeen::Replay, "silenced in epoch 1");
-        assert_eq!(r.check(e2, 2, 5), DataSeen::Fresh { jump: None }, "not in epoch 2");
+        assert_eq!(
+            r.check(e2, 2, 5),
+            DataSeen::Fresh { jump: None },
+            "not in epoch 2"
+        );
         r.retain(|e| e == e2);
-        assert_eq!(r.check(e1, 2, 5), DataSeen::Fresh { jump: None }, "epoch 1 forgotten with its key");
+        assert_eq!(
+            r.check(e1, 2, 5),
+            DataSeen::Fresh { jump: None },
+            "epoch 1 forgotten with its key"
+        );
         r.mark(e2, 1, 1);
         r.mark(e2, 3, 1);
         r.mark(e2, 4, 1);
@@ -241,13 +252,20 @@ mod tests {
         r.mark(e2, 5, 1);
         assert_eq!(r.senders(e2), 3, "a full epoch takes no new sender");
         for s in [1, 3, 4] {
-            assert_eq!(r.check(e2, s, 1), DataSeen::Replay, "no window evicted: {s}");
+            assert_eq!(
+                r.check(e2, s, 1),
+                DataSeen::Replay,
+                "no window evicted: {s}"
+            );
         }
         assert_eq!(
             r.check(e2, 1, 2 + SUSPICIOUS_JUMP),
             DataSeen::Fresh { jump: Some(1) }
         );
-        assert_eq!(r.check(e2, 1, 1 + SUSPICIOUS_JUMP), DataSeen::Fresh { jump: None });
+        assert_eq!(
+            r.check(e2, 1, 1 + SUSPICIOUS_JUMP),
+            DataSeen::Fresh { jump: None }
+        );
     }
 
     proptest! {

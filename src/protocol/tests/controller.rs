@@ -1063,7 +1063,10 @@ fn unauthenticated_data_moves_no_replay_state_and_sequence_0_is_fresh() {
     })
     .unwrap();
     let thief = SocketAddr::from(([172, 16, 0, 9], 5000));
-    for (seq, what) in [(1 << 20, "below the garbage's number"), (0, "sequence number 0")] {
+    for (seq, what) in [
+        (1 << 20, "below the garbage's number"),
+        (0, "sequence number 0"),
+    ] {
         let before = f.count(|r| matches!(r, Record::TriggerFired { .. }));
         let bytes = seal(&f, seq);
         f.ctl(ControllerInput::Datagram {
@@ -1089,7 +1092,9 @@ fn a_restarted_controller_refuses_replays_and_only_round_replies_move_an_address
     f.advance(500);
     assert_eq!(f.finished().len(), 1);
     // A reply node 1 sent before the restart, as an attacker overheard it.
-    let seen = f.c.snapshot().members[1].seq_seen.expect("a number was accepted");
+    let seen = f.c.snapshot().members[1]
+        .seq_seen
+        .expect("a number was accepted");
     let old_ack = wire::mac(
         wire::ack(Step::SecondTransition, Epoch(2), seen, 2),
         &keys_of(1),
@@ -1179,7 +1184,10 @@ fn key_requests_beyond_a_members_budget_are_refused_and_node_rounds_are_spaced()
         )
     });
     // The join and the first key request of each node spent from the same budget.
-    assert!(answered <= burst as usize && answered + limited == 20, "{answered} {limited}");
+    assert!(
+        answered <= burst as usize && answered + limited == 20,
+        "{answered} {limited}"
+    );
     assert!(limited >= 20 - burst as usize);
     // Usage reports over the trigger: one round, then the next waits.
     for k in 1..=3u64 {

@@ -988,10 +988,7 @@ fn forged_requests_that_could_not_move_the_node_cost_no_signature_check() {
         }
     }
     let checks = r.node.signature_checks() - before;
-    assert!(
-        checks <= 1 + u64::from(VERIFY_BURST),
-        "{checks} checks"
-    );
+    assert!(checks <= 1 + u64::from(VERIFY_BURST), "{checks} checks");
     assert_eq!(budget_refusals, 200 - (checks - 1) as usize);
     // A byte-identical forged copy is refused for a hash.
     let t = forger.transition(Step::SecondTransition, 2);
@@ -999,6 +996,10 @@ fn forged_requests_that_could_not_move_the_node_cost_no_signature_check() {
     r.feed(&t);
     let after = r.node.signature_checks();
     r.feed(&t);
-    assert_eq!(r.node.signature_checks(), after, "a known forgery is not checked again");
+    assert_eq!(
+        r.node.signature_checks(),
+        after,
+        "a known forgery is not checked again"
+    );
     assert_eq!(r.node.state(), IT12);
 }
