@@ -848,7 +848,7 @@ impl NodeMachine {
             Message::KeyResponse(r) => {
                 let member = self.addressed_to_me(r.member, what)?;
                 // Only an answer to a request outstanding is worth a signature check.
-                if !self.sync.is_some_and(|s| r.in_reply_to >= s.since) {
+                if self.sync.is_none_or(|s| r.in_reply_to < s.since) {
                     return Err(Refusal::Unsolicited {
                         what,
                         in_reply_to: r.in_reply_to,
