@@ -38,6 +38,17 @@
 //! node shows it is alive (a usage report, a reply out of step) the controller
 //! sends it a resync request, so it asks even without a link-up.
 //!
+//! Node messages and group data (SECURITY.md §2a): a node message counts only
+//! if its MAC holds and its sequence number is fresh for the member's window,
+//! whose top is persisted (`MemberPersist::seq_seen`) so a restart does not
+//! reopen replays; a member's recorded address moves only on a reply that
+//! moved it forward in the round in progress; key requests and joins are
+//! budgeted per member (`member_request_burst`, `member_request_interval_ms`).
+//! Group data must open under a key before it moves any replay state, and is
+//! checked by the nodes' own rule ([`DataReplay`]): fresh data that opens is a
+//! member's own or sets off the leaked-key trigger. Rounds set off by what
+//! nodes send are spaced by `node_trigger_min_interval_ms`.
+//!
 //! Persistence is incremental: `PersistCore` (keys, round, counters) at every
 //! phase change and `PersistMember` at every change of a member's row. Per-node
 //! acknowledgements are not persisted: a restored controller resends the
@@ -1450,7 +1461,10 @@ impl ControllerMachine {
 
     // ------------------------------------------------------------ datagrams
 
-    #[allow(clippy::too_many_arguments)]
+    /// Checks a node message's MAC and its sequence number against the
+    /// member's replay window (restored from the snapshot after a restart);
+    /// a fresh one moves the window and notes where it came from. It moves no
+    /// address (see [`Self::move_address`]).
     fn authenticate(
         &mut self,
         what: &'static str,
@@ -1458,8 +1472,6 @@ impl ControllerMachine {
         seq: u64,
         auth: &Maced<'_>,
         from: SocketAddr,
-        now: Time,
-        out: &mut Out,
     ) -> Result<(), Refusal> {
         let m = self
             .members
@@ -1476,7 +1488,6 @@ impl ControllerMachine {
         m.row.seq_seen = m.replay.top();
         m.last_from = Some(from);
         self.marks_unsaved = true;
-        let _ = (now, out);
         Ok(())
     }
 
@@ -1546,7 +1557,7 @@ impl ControllerMachine {
         match msg {
             Message::Data(d) => self.on_data(now, from, &d, rng, out),
             Message::Ack(a) => {
-                self.authenticate(what, a.member, a.seq, &a.auth, from, now, out)?;
+                self.authenticate(what, a.member, a.seq, &a.auth, from)?;
                 let before = self.member(a.member).map(|m| (m.progress, m.row.status));
                 if !self.on_ack(now, a.member, a.step, a.epoch, rng, out) {
                     self.send_resync(a.member, from, out);
@@ -1560,7 +1571,7 @@ impl ControllerMachine {
                 Ok(())
             }
             Message::KeyRequest(k) => {
-                self.authenticate(what, k.member, k.seq, &k.auth, from, now, out)?;
+                self.authenticate(what, k.member, k.seq, &k.auth, from)?;
                 self.spend_request(what, k.member, now)?;
                 // The request carries the node's position: it counts as a reply to
                 // that step, and may make a stale or new member live again.
@@ -1599,7 +1610,7 @@ impl ControllerMachine {
                     .ok_or_else(|| Refusal::UnknownNodeId {
                         node_id: j.node_id.to_string(),
                     })?;
-                self.authenticate(what, member, j.seq, &j.auth, from, now, out)?;
+                self.authenticate(what, member, j.seq, &j.auth, from)?;
                 self.spend_request(what, member, now)?;
                 let Some(state) = self.key_state_for(member, rng) else {
                     return Ok(());
@@ -1629,7 +1640,7 @@ impl ControllerMachine {
                 Ok(())
             }
             Message::UsageReport(u) => {
-                self.authenticate(what, u.member, u.seq, &u.auth, from, now, out)?;
+                self.authenticate(what, u.member, u.seq, &u.auth, from)?;
                 let cur = self.current.epoch();
                 if let Some(Some(m)) = self.members.get_mut(u.member as usize) {
                     for use_ in u.uses.iter().filter(|x| x.epoch == cur) {

@@ -25,6 +25,14 @@
 //!   missed the key, so it refuses (`MissingKey`) and asks for the current key;
 //! - anything further ahead → `EpochGap`: it asks for the current key.
 //!
+//! Signatures are checked last (SECURITY.md §2a): a request that could not
+//! move the node (older epoch or step), a duplicate of the step already taken
+//! within [`DUPLICATE_ANSWER_INTERVAL_MS`] of the last answer, a gap while the
+//! node already asks for the key, and a datagram whose signature failed
+//! recently are refused without one; the rest spend a budget
+//! ([`VERIFY_BURST`], [`VERIFY_EVERY_MS`]). Group data is checked against a
+//! replay window per (epoch, sender) ([`DataReplay`]), dropped with the key.
+//!
 //! A *resync request* (MAC'd by the controller with the node's key, sent when
 //! a stale node reports usage or replies out of step) makes it ask too.
 //!
