@@ -65,6 +65,7 @@ pub struct Config {
     pub secrets: SecretsConfig,
     pub rekey: RekeyConfig,
     pub audit: AuditConfig,
+    pub limits: LimitsConfig,
 }
 
 /// `[network]`: where the fleet is.
@@ -260,6 +261,30 @@ impl Source {
     }
 }
 
+/// `[limits]`: what one node's keys can make the controller do (SECURITY.md).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Key requests and joins one member may send in a burst…
+    pub member_request_burst: u32,
+    /// …then one per this many ms; more are refused (`rate_limited`).
+    pub member_request_interval_ms: u64,
+    /// Rounds set off by what nodes send (usage counts, data from an unknown
+    /// sender) start at most once per this many ms; later ones wait.
+    pub node_trigger_min_interval_ms: u64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        let c = ControllerConfig::default();
+        LimitsConfig {
+            member_request_burst: c.member_request_burst,
+            member_request_interval_ms: c.member_request_interval_ms,
+            node_trigger_min_interval_ms: c.node_trigger_min_interval_ms,
+        }
+    }
+}
+
 impl std::fmt::Display for Source {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -443,8 +468,11 @@ impl Config {
 
     /// The protocol core's settings.
     pub fn controller(&self) -> ControllerConfig {
-        let (r, t) = (&self.round, &self.triggers);
+        let (r, t, l) = (&self.round, &self.triggers, &self.limits);
         ControllerConfig {
+            member_request_burst: l.member_request_burst,
+            member_request_interval_ms: l.member_request_interval_ms,
+            node_trigger_min_interval_ms: l.node_trigger_min_interval_ms,
             drain_grace_ms: r.drain_grace_ms,
             retry_initial_ms: r.retry_initial_ms,
             retry_max_ms: r.retry_max_ms,
@@ -547,6 +575,15 @@ linger_ms = {lg}
 refusal_window_ms = {rw}
 # Source addresses tracked at once; beyond them, one "other sources" count per kind.
 refusal_max_sources = {rms}
+
+[limits]
+# Key requests and joins one node may send in a burst, then one per
+# member_request_interval_ms (ms); more are refused and rate-counted.
+member_request_burst = {mrb}
+member_request_interval_ms = {mri}
+# Rekey rounds set off by what nodes send (usage counts, data from an unknown
+# sender) start at most once per this many ms; a later trigger waits.
+node_trigger_min_interval_ms = {ntm}
 "#,
             group = n.group,
             iface = n.iface,
@@ -571,6 +608,9 @@ refusal_max_sources = {rms}
             lg = k.linger_ms,
             rw = a.refusal_window_ms,
             rms = a.refusal_max_sources,
+            mrb = d.limits.member_request_burst,
+            mri = d.limits.member_request_interval_ms,
+            ntm = d.limits.node_trigger_min_interval_ms,
         )
     }
 }

@@ -126,7 +126,15 @@ const REFUSAL_TIMER: u8 = 2;
 fn suspicious(kind: &str) -> bool {
     matches!(
         kind,
-        "undecryptable" | "bad_signature" | "bad_mac" | "forged_data" | "key_mismatch" | "unwrap"
+        "undecryptable"
+            | "bad_signature"
+            | "bad_mac"
+            | "forged_data"
+            | "key_mismatch"
+            | "unwrap"
+            | "seq_jump"
+            | "too_many_senders"
+            | "verify_budget"
     )
 }
 
@@ -522,11 +530,14 @@ impl NodeDriver {
     }
 
     fn log_event(&mut self, now: u64, ev: &NodeEvent) {
-        if let NodeEvent::Refused { from, reason } = ev {
+        let counted = match ev {
+            NodeEvent::Refused { from, reason } => Some((from.ip(), reason.kind())),
+            NodeEvent::SeqJump { from, .. } => Some((from.ip(), "seq_jump")),
+            _ => None,
+        };
+        if let Some((ip, kind)) = counted {
             let mut closed = Vec::new();
-            let seen = self
-                .refusals
-                .observe(now, from.ip(), reason.kind(), &mut closed);
+            let seen = self.refusals.observe(now, ip, kind, &mut closed);
             self.log_summaries(&closed);
             if seen == Seen::Counted {
                 return;
@@ -543,6 +554,15 @@ impl NodeDriver {
             }
             NodeEvent::QueueFull => {
                 tracing::warn!(node, "hold queue full: application message dropped");
+            }
+            NodeEvent::SeqJump {
+                from,
+                sender,
+                epoch,
+                last,
+                seq,
+            } => {
+                tracing::warn!(node, %from, kind = "seq_jump", sender, %epoch, last, seq, window_s, "data from member {sender} jumps from sequence number {last} to {seq} under epoch {epoch}: someone holding the group key may be trying to silence that member (its replay window is per epoch; the next key clears it)");
             }
             NodeEvent::Refused { from, reason } => {
                 let kind = reason.kind();

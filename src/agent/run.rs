@@ -450,6 +450,7 @@ impl AppServer {
                     delivered: st.delivered,
                     persisted: st.persisted,
                     usage_reports: st.usage_reports,
+                    signature_checks: driver.machine().signature_checks(),
                     app_clients: self.clients.len(),
                     app_dropped: self.dropped,
                 });

@@ -503,11 +503,19 @@ pub struct Controller {
     /// The passphrase's sealing key, derived (Argon2id) at the first persist
     /// and reused: a sealed controller does not pay the KDF on every pass.
     seal_key: Option<secrets::SealKey>,
+    /// When the snapshot was last written (for the replay marks, see `flush`).
+    saved_at_ms: u64,
     /// What `keyfleet serve --metrics` reports (counters, and the health of
     /// the table and the network as the last pass found them).
     ops: Ops,
     _lock: DirLock,
 }
+
+/// Nodes' sequence numbers accepted since the last snapshot are written at
+/// most this long after (when no other change wrote the snapshot first), and
+/// at a clean stop: replay protection that survives a restart without a
+/// write per message.
+pub const REPLAY_MARKS_SAVE_MS: u64 = 1000;
 
 /// The operator's view of the loop: metrics and the last errors it met.
 #[derive(Default)]
@@ -576,6 +584,7 @@ impl Controller {
             paused: Vec::new(),
             waiters: Vec::new(),
             seal_key: None,
+            saved_at_ms: now,
             ops: Ops::default(),
             _lock: lock,
         })
@@ -602,6 +611,8 @@ impl Controller {
     /// passphrase's key, derived once, when there is a passphrase).
     fn persist(&mut self) -> Result<()> {
         let snap = self.machine.snapshot();
+        self.machine.snapshot_saved();
+        self.saved_at_ms = self.clock.now_ms();
         let Some(pass) = self.opts.passphrase.as_ref() else {
             return save(&self.opts, &snap);
         };
@@ -619,17 +630,23 @@ impl Controller {
     /// Carries out the pending actions: snapshot, rows, sends, timers.
     async fn flush(&mut self, net: Option<&Transport>) -> Result<()> {
         let actions = std::mem::take(&mut self.out);
+        let marks_due = self.machine.replay_marks_unsaved()
+            && self.clock.now_ms() >= self.saved_at_ms.saturating_add(REPLAY_MARKS_SAVE_MS);
         if actions.is_empty() {
+            if marks_due {
+                self.persist()?;
+            }
             return Ok(());
         }
-        let persist = actions.iter().any(|a| {
-            matches!(
-                a,
-                ControllerAction::PersistCore(_)
-                    | ControllerAction::PersistMember(_)
-                    | ControllerAction::ForgetMember { .. }
-            )
-        });
+        let persist = marks_due
+            || actions.iter().any(|a| {
+                matches!(
+                    a,
+                    ControllerAction::PersistCore(_)
+                        | ControllerAction::PersistMember(_)
+                        | ControllerAction::ForgetMember { .. }
+                )
+            });
         // (1) Durable before any send of this pass: the whole snapshot, as the
         // machine stands after the pass (it includes every persisted change).
         if persist {
@@ -1445,6 +1462,11 @@ impl Drop for Controller {
     /// error), the refusals still counted in open windows get their summary
     /// rows: the counts add up to every datagram refused.
     fn drop(&mut self) {
+        if self.machine.replay_marks_unsaved() {
+            if let Err(e) = self.persist() {
+                tracing::error!(error = %e, "the nodes' latest sequence numbers were not saved; replays of their last messages may be accepted after a restart");
+            }
+        }
         let t = self.table.refusals().totals();
         if let Err(e) = self.table.close_all_refusal_windows() {
             tracing::error!(error = %e, "management table: refusal summaries were not written");

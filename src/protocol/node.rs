@@ -25,6 +25,14 @@
 //!   missed the key, so it refuses (`MissingKey`) and asks for the current key;
 //! - anything further ahead → `EpochGap`: it asks for the current key.
 //!
+//! Signatures are checked last (SECURITY.md §2a): a request that could not
+//! move the node (older epoch or step), a duplicate of the step already taken
+//! within [`DUPLICATE_ANSWER_INTERVAL_MS`] of the last answer, a gap while the
+//! node already asks for the key, and a datagram whose signature failed
+//! recently are refused without one; the rest spend a budget
+//! ([`VERIFY_BURST`], [`VERIFY_EVERY_MS`]). Group data is checked against a
+//! replay window per (epoch, sender) ([`DataReplay`]), dropped with the key.
+//!
 //! A *resync request* (MAC'd by the controller with the node's key, sent when
 //! a stale node reports usage or replies out of step) makes it ask too.
 //!
@@ -41,16 +49,43 @@ use super::{backoff, Refusal, Time};
 use crate::crypto::{
     digest16, verify, Epoch, GroupKey, InitialKey, KeyPhase, Keyring, NodeKeys, OpenError,
 };
-use crate::wire::{self, KeyState, Message, NodeId, ReplayWindow, RoundPhase, Seen, Signed, Step};
+use crate::wire::{
+    self, DataReplay, DataSeen, KeyState, Message, NodeId, ReplayWindow, RoundPhase, Seen, Signed,
+    Step,
+};
 use core::net::SocketAddr;
 use ed25519_dalek::VerifyingKey;
 use rand::{CryptoRng, RngCore};
 use serde::{Deserialize, Serialize};
+use std::collections::VecDeque;
 use thiserror::Error;
 
 /// Sequence numbers are reserved in blocks so that a restart never reuses one
 /// without persisting on every message.
 const SEQ_BLOCK: u64 = 1024;
+
+/// A request for the step a node has already taken (a retransmission, or a
+/// replayed copy) is answered at most once in this many ms: a flood of copies
+/// costs the fleet a few replies, not one per copy (and no state write).
+pub const DUPLICATE_ANSWER_INTERVAL_MS: u64 = 100;
+
+/// Signature checks a node spends on unsolicited controller requests: a
+/// burst of this many…
+pub const VERIFY_BURST: u32 = 64;
+/// …then one per this many ms (200 a second, about 1 % of a core): a flood of
+/// forged requests that pass every cheap check is refused unchecked beyond
+/// that (`verify_budget`); the controller's retries, and the key request
+/// (whose solicited answer is always checked), get a node through it.
+pub const VERIFY_EVERY_MS: u64 = 5;
+
+/// Data kept while syncing may name an epoch at most this far ahead.
+const AHEAD_EPOCHS: u32 = 16;
+
+/// Digests of datagrams whose controller signature failed, remembered so that
+/// the same forged datagram again costs a hash, not a signature check.
+const FAILED_SIGNATURES_KEPT: usize = 64;
+/// Digests of datagrams whose signature verified (retransmissions skip the check).
+const VERIFIED_KEPT: usize = 8;
 
 /// Node settings. Defaults are documented on each field.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -66,7 +101,10 @@ pub struct NodeConfig {
     pub usage_interval_ms: Option<u64>,
     /// Application messages held while (re)joining (default 64); more are dropped.
     pub max_queued: usize,
-    /// Senders whose data sequence numbers are remembered to drop replays (default 64).
+    /// Senders whose data sequence numbers are remembered per epoch to drop
+    /// replays (default 16384; 16 bytes each, forgotten with the epoch's key).
+    /// Data from further senders in an epoch is refused (`too_many_senders`)
+    /// until the next key: no window is ever evicted, so no replay becomes fresh.
     pub data_replay_senders: usize,
     /// Put the epoch in the data header (default true); without it receivers
     /// try their keys in turn (claims 14–16).
@@ -81,7 +119,7 @@ impl Default for NodeConfig {
             sync_retry_max_ms: 8000,
             usage_interval_ms: Some(60_000),
             max_queued: 64,
-            data_replay_senders: 64,
+            data_replay_senders: 16_384,
             epoch_hint: true,
         }
     }
@@ -138,6 +176,17 @@ pub enum NodeEvent {
     },
     /// Application data dropped because the hold queue was full.
     QueueFull,
+    /// Authentic data whose sequence number jumps far past the sender's
+    /// highest in the epoch: someone holding the group key may be trying to
+    /// silence that member (it is delivered; the window moved; the next
+    /// epoch starts afresh).
+    SeqJump {
+        from: SocketAddr,
+        sender: u32,
+        epoch: Epoch,
+        last: u64,
+        seq: u64,
+    },
 }
 
 /// What a node asks its shell to do, in order.
@@ -241,14 +290,24 @@ pub struct NodeMachine {
     seq: u64,
     seq_reserved: u64,
     ctl_replay: ReplayWindow,
-    last_verified: [u8; 16],
+    /// Digests of recently verified controller messages (retransmissions).
+    verified: VecDeque<[u8; 16]>,
+    /// Digests of recent datagrams whose signature failed.
+    failed: VecDeque<[u8; 16]>,
+    /// When a request for a step already taken was last answered.
+    last_reanswer: Option<Time>,
+    /// When a request skipping ahead was last let through to a signature check.
+    last_gap: Option<Time>,
+    /// Signature budget: checks left and when they were counted.
+    verify_tokens: u32,
+    verify_at: Time,
+    signature_checks: u64,
     sync: Option<Sync>,
     queued: Vec<Vec<u8>>,
     /// Group data for an epoch ahead of this node's, received while it asks
     /// the controller for the current key: (sender address, datagram).
     ahead: Vec<(SocketAddr, Vec<u8>)>,
-    data_replay: Vec<(u32, ReplayWindow)>,
-    data_replay_next: usize,
+    data_replay: DataReplay,
     usage_due: Option<Time>,
 }
 
@@ -298,7 +357,6 @@ impl NodeMachine {
         seq: u64,
     ) -> NodeMachine {
         NodeMachine {
-            cfg,
             node_id,
             keys,
             joined,
@@ -306,13 +364,19 @@ impl NodeMachine {
             seq,
             seq_reserved: seq,
             ctl_replay: ReplayWindow::default(),
-            last_verified: [0; 16],
+            verified: VecDeque::new(),
+            failed: VecDeque::new(),
+            last_reanswer: None,
+            last_gap: None,
+            verify_tokens: VERIFY_BURST,
+            verify_at: Time(0),
+            signature_checks: 0,
             sync: None,
             queued: Vec::new(),
             ahead: Vec::new(),
-            data_replay: Vec::new(),
-            data_replay_next: 0,
+            data_replay: DataReplay::new(cfg.data_replay_senders),
             usage_due: None,
+            cfg,
         }
     }
 
@@ -379,7 +443,7 @@ impl NodeMachine {
             + self.queued.iter().map(Vec::capacity).sum::<usize>()
             + self.ahead.capacity() * std::mem::size_of::<(SocketAddr, Vec<u8>)>()
             + self.ahead.iter().map(|(_, b)| b.capacity()).sum::<usize>()
-            + self.data_replay.capacity() * std::mem::size_of::<(u32, ReplayWindow)>()
+            + self.data_replay.heap_bytes()
             + self.keyring.as_ref().map_or(0, Keyring::heap_bytes)
     }
 
@@ -392,7 +456,16 @@ impl NodeMachine {
         out: &mut Out,
     ) {
         match input {
-            NodeInput::LinkUp => self.start_sync(now, rng, out, true, true),
+            NodeInput::LinkUp => {
+                if self.joined.is_none() && self.seq == 0 {
+                    // A node with no stored state (new, or its state was lost)
+                    // numbers its messages from the clock: above anything a
+                    // previous life of it used, which the controller remembers.
+                    self.seq = now.0.saturating_mul(1 << 16);
+                    self.seq_reserved = self.seq;
+                }
+                self.start_sync(now, rng, out, true, true)
+            }
             NodeInput::Timer(NodeTimer::Sync) => {
                 if self.sync.is_some_and(|s| now >= s.due) {
                     self.send_sync_request(now, rng, out);
@@ -415,19 +488,20 @@ impl NodeMachine {
                     self.seal_and_send(plaintext, rng, out);
                 }
             }
-            NodeInput::Datagram { from, bytes } => match self.on_datagram(now, bytes, rng, out) {
-                Ok(()) => {}
-                Err(reason) if self.keep_until_synced(&reason) => {
-                    self.ahead.push((from, bytes.to_vec()));
+            NodeInput::Datagram { from, bytes } => {
+                match self.on_datagram(now, from, bytes, rng, out) {
+                    Ok(()) => {}
+                    Err(reason) if self.keep_until_synced(&reason) && self.keep(from, bytes) => {}
+                    Err(reason) => out.push(NodeAction::Event(NodeEvent::Refused { from, reason })),
                 }
-                Err(reason) => out.push(NodeAction::Event(NodeEvent::Refused { from, reason })),
-            },
+            }
         }
     }
 
-    /// Data sealed under an epoch ahead of this node's, while it waits for the
-    /// controller's answer (which brings that key): kept, up to `max_queued`.
-    /// Outside a sync nothing is kept (a forged epoch hint costs nothing).
+    /// Data sealed under an epoch ahead of this node's (at most
+    /// [`AHEAD_EPOCHS`] ahead), while it waits for the controller's answer
+    /// (which brings that key): kept, up to `max_queued`. Outside a sync
+    /// nothing is kept (a forged epoch hint costs nothing).
     fn keep_until_synced(&self, reason: &Refusal) -> bool {
         let Refusal::Undecryptable {
             reason: OpenError::NoKey(e),
@@ -437,15 +511,49 @@ impl NodeMachine {
             return false;
         };
         self.sync.is_some()
-            && self.position().is_some_and(|(have, _)| *e > have)
-            && self.ahead.len() < self.cfg.max_queued
+            && self.cfg.max_queued > 0
+            && self
+                .position()
+                .is_some_and(|(have, _)| *e > have && e.0 - have.0 <= AHEAD_EPOCHS)
+    }
+
+    /// Keeps one datagram for [`Self::open_kept`]. Nothing authenticates it
+    /// yet, so the queue is shared fairly between source addresses: when it
+    /// is full, the new datagram replaces the oldest one of the address that
+    /// holds the most (or is dropped if its own address holds the most), so
+    /// a flood from one host cannot push out what the fleet's other nodes sent.
+    fn keep(&mut self, from: SocketAddr, bytes: &[u8]) -> bool {
+        if self.ahead.len() < self.cfg.max_queued {
+            self.ahead.push((from, bytes.to_vec()));
+            return true;
+        }
+        let count = |ip| self.ahead.iter().filter(|(f, _)| f.ip() == ip).count();
+        let Some((top_ip, top)) = self
+            .ahead
+            .iter()
+            .map(|(f, _)| (f.ip(), count(f.ip())))
+            .max_by_key(|(_, n)| *n)
+        else {
+            return false;
+        };
+        if count(from.ip()) + 1 >= top {
+            return false;
+        }
+        match self.ahead.iter().position(|(f, _)| f.ip() == top_ip) {
+            Some(i) => {
+                self.ahead.remove(i);
+                self.ahead.push((from, bytes.to_vec()));
+                true
+            }
+            None => false,
+        }
     }
 
     /// Opens the data kept by [`Self::keep_until_synced`] with the keys now held.
     fn open_kept(&mut self, out: &mut Out) {
         for (from, bytes) in std::mem::take(&mut self.ahead) {
             let r = match wire::decode(&bytes) {
-                Ok(Message::Data(d)) => self.on_data(d, out),
+                Ok(Message::Data(d)) => self.on_data(from, d, out),
                 _ => continue,
             };
             if let Err(reason) = r {
@@ -571,39 +679,151 @@ impl NodeMachine {
         });
     }
 
-    /// Check a controller signature, with the replay window. A byte-identical
-    /// copy of the last verified message (a retransmission) skips the signature check.
+    /// Signature checks done so far (each costs about 50 µs of CPU): what a
+    /// flood of forged requests can make a node spend.
+    pub fn signature_checks(&self) -> u64 {
+        self.signature_checks
+    }
+
+    /// Check a controller signature, with the replay window. Run only after
+    /// [`Self::precheck`]. A byte-identical copy of a recently verified message
+    /// (a retransmission) skips the signature check; another message under a
+    /// sequence number already used is a replay; a datagram whose signature
+    /// failed recently fails again for the price of a hash.
+    #[allow(clippy::too_many_arguments)]
     fn authenticate(
         &mut self,
+        now: Time,
+        budgeted: bool,
         seq: u64,
         auth: &Signed<'_>,
         bytes: &[u8],
         what: &'static str,
     ) -> Result<(), Refusal> {
-        let Some(j) = &self.joined else {
+        if self.joined.is_none() {
             return Err(Refusal::NotJoined { what });
-        };
+        }
+        let digest = digest16(bytes);
         match self.ctl_replay.check(seq) {
             Seen::Fresh => {
+                if self.failed.contains(&digest) {
+                    return Err(Refusal::BadSignature { what });
+                }
+                if budgeted {
+                    self.spend_verify(now, what)?;
+                }
+                let Some(j) = &self.joined else {
+                    return Err(Refusal::NotJoined { what });
+                };
+                self.signature_checks += 1;
                 if !verify(&j.controller, auth.body, &auth.signature) {
+                    if self.failed.len() >= FAILED_SIGNATURES_KEPT {
+                        self.failed.pop_front();
+                    }
+                    self.failed.push_back(digest);
                     return Err(Refusal::BadSignature { what });
                 }
                 self.ctl_replay.mark(seq);
-                self.last_verified = digest16(bytes);
+                if self.verified.len() >= VERIFIED_KEPT {
+                    self.verified.pop_front();
+                }
+                self.verified.push_back(digest);
                 Ok(())
             }
             // A retransmission of a message already accepted: handled again
-            // (idempotently), so that a lost reply gets sent once more.
-            Seen::Again if digest16(bytes) == self.last_verified => Ok(()),
-            Seen::Again if verify(&j.controller, auth.body, &auth.signature) => Ok(()),
-            Seen::Again => Err(Refusal::BadSignature { what }),
-            Seen::TooOld => Err(Refusal::Replay { what, seq }),
+            // (idempotently, rate-limited by `precheck`), so that a lost reply
+            // gets sent once more.
+            Seen::Again if self.verified.contains(&digest) => Ok(()),
+            // The controller never signs two messages under one number.
+            Seen::Again | Seen::TooOld => Err(Refusal::Replay { what, seq }),
         }
+    }
+
+    /// The checks that cost nothing, before any signature: a request for step
+    /// `m` of epoch `e` that could not move this node (older epoch, older
+    /// step), a request for the step it already took that was answered less
+    /// than [`DUPLICATE_ANSWER_INTERVAL_MS`] ago, and one that skips ahead
+    /// while the node already asks the controller for the current key, are
+    /// refused here. Only a request that would move the node, or the first
+    /// duplicate in an interval, or a gap that starts a key request, costs a
+    /// signature check.
+    fn precheck(
+        &mut self,
+        now: Time,
+        e: Epoch,
+        m: Step,
+        what: &'static str,
+    ) -> Result<(), Refusal> {
+        let Some((pe, pq)) = self.position() else {
+            return Err(Refusal::NotJoined { what });
+        };
+        let q = m.progress();
+        if e < pe {
+            return Err(Refusal::StaleEpoch {
+                what,
+                got: e,
+                have: pe,
+            });
+        }
+        if e == pe && q < pq {
+            return Err(Refusal::Outdated { what, epoch: e });
+        }
+        let within = |t: Option<Time>| {
+            t.is_some_and(|t| now >= t && now < t.plus(DUPLICATE_ANSWER_INTERVAL_MS))
+        };
+        if e == pe && q == pq {
+            // One duplicate per interval is checked (and answered if genuine);
+            // the slot is taken whether or not its signature holds.
+            if within(self.last_reanswer) {
+                return Err(Refusal::DuplicateRequest {
+                    what,
+                    seq: 0,
+                    interval_ms: DUPLICATE_ANSWER_INTERVAL_MS,
+                });
+            }
+            self.last_reanswer = Some(now);
+        }
+        let installs = e == pe.next() && pq == 3 && m == Step::KeyUpdate;
+        if e > pe && !installs {
+            // Already asking the controller, or asked to check a gap in this
+            // interval: nothing a verified copy would add.
+            if self.sync.is_some() || within(self.last_gap) {
+                return Err(Refusal::EpochGap {
+                    what,
+                    got: e,
+                    have: pe,
+                });
+            }
+            self.last_gap = Some(now);
+        }
+        Ok(())
+    }
+
+    /// Takes one signature check from the budget ([`VERIFY_BURST`],
+    /// [`VERIFY_EVERY_MS`]), or refuses.
+    fn spend_verify(&mut self, now: Time, what: &'static str) -> Result<(), Refusal> {
+        let earned = now.since(self.verify_at) / VERIFY_EVERY_MS;
+        if earned > 0 {
+            let total = u64::from(self.verify_tokens).saturating_add(earned);
+            if total >= u64::from(VERIFY_BURST) {
+                self.verify_tokens = VERIFY_BURST;
+                self.verify_at = now;
+            } else {
+                self.verify_tokens = total as u32;
+                self.verify_at = self.verify_at.plus(earned * VERIFY_EVERY_MS);
+            }
+        }
+        if self.verify_tokens == 0 {
+            return Err(Refusal::VerifyBudget { what });
+        }
+        self.verify_tokens -= 1;
+        Ok(())
     }
 
     fn on_datagram(
         &mut self,
         now: Time,
+        from: SocketAddr,
         bytes: &[u8],
         rng: &mut impl RngCore,
         out: &mut Out,
@@ -611,14 +831,16 @@ impl NodeMachine {
         let msg = wire::decode(bytes).map_err(Refusal::Malformed)?;
         let what = msg.name();
         match msg {
-            Message::Data(d) => self.on_data(d, out),
+            Message::Data(d) => self.on_data(from, d, out),
             Message::KeyUpdate(ku) => {
                 let member = self.member().ok_or(Refusal::NotJoined { what })?;
                 // Most batches hold other nodes' entries: skip them before any crypto.
                 let Some(wrapped) = ku.entry_for(member) else {
                     return Ok(());
                 };
-                self.authenticate(ku.seq, &ku.auth, bytes, what)?;
+                self.precheck(now, ku.epoch, Step::KeyUpdate, what)
+                    .map_err(|r| with_seq(r, ku.seq))?;
+                self.authenticate(now, true, ku.seq, &ku.auth, bytes, what)?;
                 let key = self
                     .keys
                     .unwrap(&wrapped, ku.epoch, member)
@@ -626,12 +848,21 @@ impl NodeMachine {
                 self.on_step(now, ku.epoch, Step::KeyUpdate, Some(key), rng, out)
             }
             Message::Transition(t) => {
-                self.authenticate(t.seq, &t.auth, bytes, what)?;
+                self.precheck(now, t.epoch, t.step, what)
+                    .map_err(|r| with_seq(r, t.seq))?;
+                self.authenticate(now, true, t.seq, &t.auth, bytes, what)?;
                 self.on_step(now, t.epoch, t.step, None, rng, out)
             }
             Message::KeyResponse(r) => {
                 let member = self.addressed_to_me(r.member, what)?;
-                self.authenticate(r.seq, &r.auth, bytes, what)?;
+                // Only an answer to a request outstanding is worth a signature check.
+                if self.sync.is_none_or(|s| r.in_reply_to < s.since) {
+                    return Err(Refusal::Unsolicited {
+                        what,
+                        in_reply_to: r.in_reply_to,
+                    });
+                }
+                self.authenticate(now, false, r.seq, &r.auth, bytes, what)?;
                 self.adopt(now, what, r.in_reply_to, member, &r.state, rng, out)
             }
             Message::JoinAccept(j) => {
@@ -699,20 +930,40 @@ impl NodeMachine {
         }
     }
 
-    fn on_data(&mut self, d: wire::Data<'_>, out: &mut Out) -> Result<(), Refusal> {
+    /// Group data: opened with a held key, then checked against the replay
+    /// window of (the epoch that opened it, its sender). The rule is the
+    /// controller's too ([`DataReplay`]), so a message the nodes deliver is
+    /// one the controller takes for fresh.
+    fn on_data(
+        &mut self,
+        from: SocketAddr,
+        d: wire::Data<'_>,
+        out: &mut Out,
+    ) -> Result<(), Refusal> {
         let Some(ring) = &mut self.keyring else {
             return Err(Refusal::NotJoined { what: "data" });
         };
         if self.joined.as_ref().is_some_and(|j| j.member == d.sender) {
             return Ok(()); // our own message looped back by the network
         }
-        let slot = self.data_replay.iter().position(|(s, _)| *s == d.sender);
-        if let Some(i) = slot {
-            if self.data_replay[i].1.check(d.seq) != Seen::Fresh {
-                return Err(Refusal::DuplicateData {
-                    sender: d.sender,
-                    seq: d.seq,
-                });
+        // Windows of epochs whose key is gone go with the key.
+        self.data_replay.retain(|e| ring.holds(e));
+        let refused = |seen: DataSeen, epoch: Epoch| match seen {
+            DataSeen::Replay => Some(Refusal::DuplicateData {
+                sender: d.sender,
+                seq: d.seq,
+            }),
+            DataSeen::Full { max } => Some(Refusal::TooManySenders {
+                sender: d.sender,
+                epoch,
+                max,
+            }),
+            DataSeen::Fresh { .. } => None,
+        };
+        // With an epoch hint a replay is refused before any decryption.
+        if let Some(e) = d.epoch_hint.filter(|e| ring.holds(*e)) {
+            if let Some(r) = refused(self.data_replay.check(e, d.sender, d.seq), e) {
+                return Err(r);
             }
         }
         let opened = ring
@@ -721,20 +972,19 @@ impl NodeMachine {
                 sender: d.sender,
                 reason,
             })?;
-        match slot {
-            Some(i) => self.data_replay[i].1.mark(d.seq),
-            None if self.cfg.data_replay_senders > 0 => {
-                let mut w = ReplayWindow::default();
-                w.mark(d.seq);
-                if self.data_replay.len() < self.cfg.data_replay_senders {
-                    self.data_replay.push((d.sender, w));
-                } else {
-                    let i = self.data_replay_next % self.data_replay.len();
-                    self.data_replay[i] = (d.sender, w);
-                    self.data_replay_next = i + 1;
-                }
-            }
-            None => {}
+        let seen = self.data_replay.check(opened.epoch, d.sender, d.seq);
+        if let Some(r) = refused(seen, opened.epoch) {
+            return Err(r);
+        }
+        self.data_replay.mark(opened.epoch, d.sender, d.seq);
+        if let DataSeen::Fresh { jump: Some(last) } = seen {
+            out.push(NodeAction::Event(NodeEvent::SeqJump {
+                from,
+                sender: d.sender,
+                epoch: opened.epoch,
+                last,
+                seq: d.seq,
+            }));
         }
         out.push(NodeAction::Deliver(Delivered {
             sender: d.sender,
@@ -789,6 +1039,7 @@ impl NodeMachine {
                         return Err(Refusal::KeyMismatch { epoch: e });
                     }
                 }
+                self.last_reanswer = Some(now);
                 self.ack(m, e, out);
                 return Ok(());
             }
@@ -936,5 +1187,19 @@ impl NodeMachine {
         }
         self.send_sync_request(now, rng, out);
         Ok(())
+    }
+}
+
+/// A refusal from [`NodeMachine::precheck`] names the request's sequence number.
+fn with_seq(r: Refusal, seq: u64) -> Refusal {
+    match r {
+        Refusal::DuplicateRequest {
+            what, interval_ms, ..
+        } => Refusal::DuplicateRequest {
+            what,
+            seq,
+            interval_ms,
+        },
+        r => r,
     }
 }

@@ -704,7 +704,11 @@ impl<T: Transport> Fleet<T> {
                 NodeAction::Event(NodeEvent::QueueFull) => {
                     self.report.data_dropped_while_joining += 1
                 }
-                NodeAction::Event(NodeEvent::StateChanged { .. } | NodeEvent::Synced { .. }) => {}
+                NodeAction::Event(
+                    NodeEvent::StateChanged { .. }
+                    | NodeEvent::Synced { .. }
+                    | NodeEvent::SeqJump { .. },
+                ) => {}
             }
         }
         self.node_out = out;

@@ -33,7 +33,9 @@
 
 mod replay;
 
-pub use replay::{ReplayWindow, Seen, WINDOW as REPLAY_WINDOW};
+pub use replay::{
+    DataReplay, DataSeen, ReplayWindow, Seen, SUSPICIOUS_JUMP, WINDOW as REPLAY_WINDOW,
+};
 
 use crate::crypto::{
     Epoch, KeyUse, NodeKeys, WrappedKey, MAC_LEN, NONCE_LEN, SIGNATURE_LEN, TAG_LEN, WRAPPED_LEN,
