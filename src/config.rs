@@ -48,6 +48,7 @@ pub struct Config {
     pub secrets: SecretsConfig,
     pub rekey: RekeyConfig,
     pub audit: AuditConfig,
+    pub beacon: BeaconConfig,
 }
 
 /// `[network]`: where the fleet is.
@@ -186,6 +187,27 @@ impl Default for RekeyConfig {
     }
 }
 
+/// `[beacon]`: the controller's signed beacon to the group (SPEC §5).
+///
+/// It tells the nodes the current epoch and the round's phase; a node that
+/// finds itself behind asks for the current key at once, so a node that
+/// missed something notices within about one interval.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BeaconConfig {
+    /// Send a beacon this often, in ms (0 = never; nodes then notice only at
+    /// link changes, their usage reports and the next round).
+    pub interval_ms: u64,
+}
+
+impl Default for BeaconConfig {
+    fn default() -> Self {
+        BeaconConfig {
+            interval_ms: ControllerConfig::default().beacon_interval_ms,
+        }
+    }
+}
+
 /// `[audit]`: how refused datagrams reach the audit log and the log.
 ///
 /// The first refusal of a kind from a source address in a window is written
@@ -289,6 +311,11 @@ impl Config {
                 on_node_removed: t.on_node_removed,
                 manual: t.manual,
             },
+            beacon_interval_ms: self.beacon.interval_ms,
+            address: std::net::SocketAddr::V4(SocketAddrV4::new(
+                self.network.iface,
+                self.network.listen_port,
+            )),
         }
     }
 
@@ -303,6 +330,7 @@ impl Config {
             &d.rekey,
             &d.audit,
         );
+        let b = &d.beacon;
         format!(
             r#"# keyfleet controller configuration (all defaults shown).
 # Flags override these values; a key left out takes its default.
@@ -360,6 +388,11 @@ linger_ms = {lg}
 refusal_window_ms = {rw}
 # Source addresses tracked at once; beyond them, one "other sources" count per kind.
 refusal_max_sources = {rms}
+
+[beacon]
+# Send a signed beacon (epoch, round phase) to the group this often (ms; 0 = never).
+# A node behind it asks for the current key at once.
+interval_ms = {bi}
 "#,
             group = n.group,
             iface = n.iface,
@@ -382,6 +415,7 @@ refusal_max_sources = {rms}
             lg = k.linger_ms,
             rw = a.refusal_window_ms,
             rms = a.refusal_max_sources,
+            bi = b.interval_ms,
         )
     }
 }
@@ -400,6 +434,8 @@ mod tests {
         assert_eq!(core.drain_grace_ms, want.drain_grace_ms);
         assert_eq!(core.stale_after_ms, want.stale_after_ms);
         assert_eq!(c.audit.refusal_window_ms, 60_000);
+        assert_eq!(c.beacon.interval_ms, 1000);
+        assert_eq!(core.beacon_interval_ms, want.beacon_interval_ms);
     }
 
     #[test]

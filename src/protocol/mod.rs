@@ -28,10 +28,10 @@ mod triggers;
 pub use controller::{
     CommandError, ControllerAction, ControllerConfig, ControllerCore, ControllerInput,
     ControllerMachine, ControllerPersist, ControllerTimer, MemberPersist, MemberStatus, PhaseTimes,
-    Record, RestoreError, RoundPersist, TriggerOutcome, Via,
+    Record, RestoreError, RoundPersist, TriggerOutcome, Via, TERM,
 };
 pub use node::{
-    Delivered, NodeAction, NodeConfig, NodeEvent, NodeInput, NodeMachine, NodePersist, NodeState,
+    BeaconStats, Delivered, NodeAction, NodeConfig, NodeEvent, NodeInput, NodeMachine, NodePersist, NodeState,
     NodeTimer,
 };
 pub use triggers::{TriggerConfig, TriggerReason};
