@@ -31,8 +31,8 @@ pub use controller::{
     Record, RestoreError, RoundPersist, TriggerOutcome, Via, TERM,
 };
 pub use node::{
-    BeaconStats, Delivered, NodeAction, NodeConfig, NodeEvent, NodeInput, NodeMachine, NodePersist, NodeState,
-    NodeTimer,
+    BeaconStats, Delivered, NodeAction, NodeConfig, NodeEvent, NodeInput, NodeMachine, NodePersist,
+    NodeState, NodeTimer,
 };
 pub use triggers::{TriggerConfig, TriggerReason};
 

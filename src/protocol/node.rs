@@ -801,10 +801,8 @@ impl NodeMachine {
             return Ok(()); // not joined yet: the join (retried) brings the state
         };
         let silence = self.cfg.beacon_silence_ms;
-        let after_silence = silence > 0
-            && self
-                .beacon_arrival
-                .is_some_and(|t| now.since(t) > silence);
+        let after_silence =
+            silence > 0 && self.beacon_arrival.is_some_and(|t| now.since(t) > silence);
         self.beacon_arrival = Some(now);
         let order = (b.term, b.seq);
         if order < self.beacon_best {

@@ -987,7 +987,10 @@ pub fn beacon(
     round: Option<(Epoch, RoundPhase)>,
     controller: SocketAddr,
 ) -> Vec<u8> {
-    let w = Writer::new(kind::BEACON, 120).u32(term).u32(epoch.0).u64(seq);
+    let w = Writer::new(kind::BEACON, 120)
+        .u32(term)
+        .u32(epoch.0)
+        .u64(seq);
     let w = match round {
         None => w.u8(0),
         Some((e, p)) => w.u8(p as u8).u32(e.0),

@@ -322,7 +322,10 @@ fn beacon_refusals_name_the_field() {
     // No round: the phase byte is 0 and no round epoch follows.
     let none = sign(beacon(1, Epoch(4), 7, None, addr), &signing());
     assert_eq!(none.len(), 2 + 4 + 4 + 8 + 1 + 1 + 4 + 2 + SIGNATURE_LEN);
-    assert!(matches!(decode(&none), Ok(Message::Beacon(Beacon { round: None, .. }))));
+    assert!(matches!(
+        decode(&none),
+        Ok(Message::Beacon(Beacon { round: None, .. }))
+    ));
     // A signature too short to be one.
     assert!(matches!(
         decode(&sign(good.clone(), &signing())[..40]),
@@ -342,8 +345,14 @@ fn version_1_datagrams_are_refused_with_advice() {
     let e = decode(&v1).unwrap_err();
     assert_eq!(e, WireError::Version(1));
     let text = e.to_string();
-    assert!(text.contains("version 1") && text.contains("version 2") && text.contains("upgrade"), "{text}");
-    let mut b = sign(beacon(1, Epoch(1), 1, None, SocketAddr::from(([127, 0, 0, 1], 1))), &signing());
+    assert!(
+        text.contains("version 1") && text.contains("version 2") && text.contains("upgrade"),
+        "{text}"
+    );
+    let mut b = sign(
+        beacon(1, Epoch(1), 1, None, SocketAddr::from(([127, 0, 0, 1], 1))),
+        &signing(),
+    );
     b[0] = 1;
     assert_eq!(decode(&b), Err(WireError::Version(1)));
 }

@@ -38,6 +38,12 @@ pub struct Node {
     pub state: PathBuf,
     pub key_file: PathBuf,
     pub listen: SocketAddrV4,
+    /// Its interface address (`--iface`); 127.0.0.1 unless a test moves it.
+    pub iface: Ipv4Addr,
+    /// Prefix of its agent command (`ip netns exec NAME`) instead of the fleet's.
+    pub wrap: Option<Vec<String>>,
+    /// Extra arguments of its `keyfleet-agent run`.
+    pub args: Vec<String>,
 }
 
 /// A controller and its nodes in one temporary directory.
@@ -48,6 +54,9 @@ pub struct Fleet {
     pub nodes: Vec<Node>,
     /// Prefix of every command (`ip netns exec NAME`), empty on the host.
     pub wrap: Vec<String>,
+    /// The controller's interface address (`network.iface`).
+    pub ctl_ip: Ipv4Addr,
+    extra: String,
 }
 
 impl Fleet {
@@ -92,6 +101,9 @@ impl Fleet {
                     state,
                     key_file,
                     listen: SocketAddrV4::new(Ipv4Addr::LOCALHOST, free_port()),
+                    iface: Ipv4Addr::LOCALHOST,
+                    wrap: None,
+                    args: Vec::new(),
                 }
             })
             .collect();
@@ -101,7 +113,29 @@ impl Fleet {
             ctl_port,
             nodes,
             wrap: Vec::new(),
+            ctl_ip: Ipv4Addr::LOCALHOST,
+            extra: extra.to_owned(),
         }
+    }
+
+    /// Moves the controller to interface address `ip` (rewrites its config file).
+    pub fn set_controller_ip(&mut self, ip: Ipv4Addr) {
+        self.ctl_ip = ip;
+        std::fs::write(
+            self.dir.path().join("keyfleet.toml"),
+            format!(
+                "[network]\ngroup = \"{}\"\niface = \"{ip}\"\nlisten_port = {}\n{}",
+                self.group, self.ctl_port, self.extra
+            ),
+        )
+        .unwrap();
+    }
+
+    /// Moves node `i` to interface address `ip` (its agent listens there).
+    pub fn set_node_ip(&mut self, i: usize, ip: Ipv4Addr) {
+        let n = &mut self.nodes[i];
+        n.iface = ip;
+        n.listen = SocketAddrV4::new(ip, n.listen.port());
     }
 
     pub fn state(&self) -> PathBuf {
@@ -205,18 +239,30 @@ impl Fleet {
     /// It logs at `RUST_LOG=info`, or at `FLEET_AGENT_LOG` when set.
     pub fn agent(&self, i: usize) -> Proc {
         let n = &self.nodes[i];
-        let child = self
-            .command(AGENT)
+        let mut cmd = match &n.wrap {
+            None => self.command(AGENT),
+            Some(w) => {
+                let mut c = Command::new(&w[0]);
+                c.args(&w[1..]).arg(AGENT);
+                c
+            }
+        };
+        let child = cmd
             .arg("run")
             .arg("--state")
             .arg(&n.state)
             .args(["--node-id", &n.id])
             .arg("--initial-key-file")
             .arg(&n.key_file)
-            .args(["--group", &self.group.to_string(), "--iface", "127.0.0.1"])
+            .args(["--group", &self.group.to_string()])
+            .args(["--iface", &n.iface.to_string()])
             .args(["--listen", &n.listen.to_string()])
-            .args(["--controller", &format!("127.0.0.1:{}", self.ctl_port)])
+            .args([
+                "--controller",
+                &format!("{}:{}", self.ctl_ip, self.ctl_port),
+            ])
             .args(["--usage-interval", "2"])
+            .args(&n.args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(self.log(&n.id))

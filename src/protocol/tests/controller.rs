@@ -1034,9 +1034,7 @@ fn every_phase_against_every_input() {
 fn beacons(out: &[ControllerAction]) -> Vec<Vec<u8>> {
     out.iter()
         .filter_map(|a| match a {
-            ControllerAction::SendGroup(b)
-                if matches!(wire::decode(b), Ok(Message::Beacon(_))) =>
-            {
+            ControllerAction::SendGroup(b) if matches!(wire::decode(b), Ok(Message::Beacon(_))) => {
                 Some(b.clone())
             }
             _ => None,
@@ -1082,24 +1080,42 @@ fn the_beacon_goes_out_every_interval_same_bytes_until_the_state_changes() {
     ));
     // Early firing: nothing. Due: the same bytes again.
     let mut out = Vec::new();
-    c.handle(Time(999), ControllerInput::Timer(ControllerTimer::Beacon), &mut rng, &mut out)
-        .unwrap();
+    c.handle(
+        Time(999),
+        ControllerInput::Timer(ControllerTimer::Beacon),
+        &mut rng,
+        &mut out,
+    )
+    .unwrap();
     assert!(beacons(&out).is_empty());
-    c.handle(Time(1000), ControllerInput::Timer(ControllerTimer::Beacon), &mut rng, &mut out)
-        .unwrap();
+    c.handle(
+        Time(1000),
+        ControllerInput::Timer(ControllerTimer::Beacon),
+        &mut rng,
+        &mut out,
+    )
+    .unwrap();
     assert_eq!(beacons(&out), first, "unchanged state, unchanged bytes");
     // A round starts: the next beacon tells it, under a higher sequence number.
     let mut out = Vec::new();
     c.handle(Time(1500), ControllerInput::Rekey, &mut rng, &mut out)
         .unwrap();
-    c.handle(Time(2000), ControllerInput::Timer(ControllerTimer::Beacon), &mut rng, &mut out)
-        .unwrap();
+    c.handle(
+        Time(2000),
+        ControllerInput::Timer(ControllerTimer::Beacon),
+        &mut rng,
+        &mut out,
+    )
+    .unwrap();
     let b = beacons(&out);
     assert_eq!(b.len(), 1);
     let (seq1, e, round, _) = beacon_of(&b[0]);
     assert!(seq1 > seq0);
     // No enrolled node to wait for: the round is already in its drain.
-    assert_eq!((e, round), (Epoch(1), Some((Epoch(2), RoundPhase::Draining))));
+    assert_eq!(
+        (e, round),
+        (Epoch(1), Some((Epoch(2), RoundPhase::Draining)))
+    );
 }
 
 #[test]
@@ -1110,11 +1126,19 @@ fn beacons_tell_the_round_and_can_be_switched_off() {
     f.pump();
     let mut out = Vec::new();
     let due = f.now.plus(1000);
-    f.c.handle(due, ControllerInput::Timer(ControllerTimer::Beacon), &mut f.rng, &mut out)
-        .unwrap();
+    f.c.handle(
+        due,
+        ControllerInput::Timer(ControllerTimer::Beacon),
+        &mut f.rng,
+        &mut out,
+    )
+    .unwrap();
     let b = beacons(&out);
     let (_, e, round, _) = beacon_of(&b[0]);
-    assert_eq!((e, round), (Epoch(1), Some((Epoch(2), RoundPhase::Distributing))));
+    assert_eq!(
+        (e, round),
+        (Epoch(1), Some((Epoch(2), RoundPhase::Distributing)))
+    );
 
     let cfg = ControllerConfig {
         beacon_interval_ms: 0,
@@ -1141,11 +1165,17 @@ fn a_node_back_after_a_round_catches_up_from_the_first_beacon() {
     f.advance(20_000);
     assert_eq!(f.c.round(), None, "the round finished without node 2");
     assert_eq!(f.c.current_epoch(), Epoch(2));
-    assert_eq!(f.nodes[2].state(), NodeState::UpdateCompleted { current: Epoch(1) });
+    assert_eq!(
+        f.nodes[2].state(),
+        NodeState::UpdateCompleted { current: Epoch(1) }
+    );
     // Back: the next beacon reaches it.
     f.drop = Box::new(|_, _, _| false);
     f.advance(1000);
-    assert_eq!(f.nodes[2].state(), NodeState::UpdateCompleted { current: Epoch(2) });
+    assert_eq!(
+        f.nodes[2].state(),
+        NodeState::UpdateCompleted { current: Epoch(2) }
+    );
     assert!(f.nodes[2].is_synced());
     assert!(f.nodes[2].beacon_stats().syncs >= 1);
 }

@@ -60,17 +60,30 @@ fn behind_means_more_than_one_step_behind() {
     let want: Vec<bool> = POS.iter().map(|p| b(*p, 2, None)).collect();
     assert_eq!(want, [true, true, true, true, true, false, false]);
     // Round 2 distributing: UpdateCompleted(1) waits for the retried key update.
-    let want: Vec<bool> = POS.iter().map(|p| b(*p, 1, Some((2, Distributing)))).collect();
+    let want: Vec<bool> = POS
+        .iter()
+        .map(|p| b(*p, 1, Some((2, Distributing))))
+        .collect();
     assert_eq!(want, [true, true, false, false, false, false, false]);
     // First transition and draining: the new key must be held.
     for ph in [FirstTransition, Draining] {
         let want: Vec<bool> = POS.iter().map(|p| b(*p, 1, Some((2, ph)))).collect();
-        assert_eq!(want, [true, true, true, false, false, false, false], "{ph:?}");
+        assert_eq!(
+            want,
+            [true, true, true, false, false, false, false],
+            "{ph:?}"
+        );
     }
     // Second transition: DistributionCompleted(1→2) is two steps behind.
-    let want: Vec<bool> = POS.iter().map(|p| b(*p, 1, Some((2, SecondTransition)))).collect();
+    let want: Vec<bool> = POS
+        .iter()
+        .map(|p| b(*p, 1, Some((2, SecondTransition))))
+        .collect();
     assert_eq!(want, [true, true, true, true, false, false, false]);
-    assert!(!behind_beacon(None, Epoch(9), None), "an unjoined node joins instead");
+    assert!(
+        !behind_beacon(None, Epoch(9), None),
+        "an unjoined node joins instead"
+    );
 }
 
 #[test]
@@ -114,7 +127,11 @@ fn an_epoch_the_node_does_not_hold_makes_it_ask_at_once_and_hold_until_answered(
             _ => None,
         })
         .collect();
-    assert_eq!(data, vec![Epoch(2)], "the held message, under the current key");
+    assert_eq!(
+        data,
+        vec![Epoch(2)],
+        "the held message, under the current key"
+    );
     // The same beacon again: level now, and only a digest compared.
     let out = r.feed(&b);
     assert!(sent(&out).is_empty());
@@ -156,7 +173,10 @@ fn identical_beacon_bytes_are_verified_once_and_start_one_request() {
     }
     let s = r.node.beacon_stats();
     assert_eq!((s.verified, s.digest_hits, s.syncs), (1, 99, 1), "{s:?}");
-    assert_eq!(requests, 1, "the request is retried by its own timer, not per beacon");
+    assert_eq!(
+        requests, 1,
+        "the request is retried by its own timer, not per beacon"
+    );
 }
 
 #[test]
@@ -169,13 +189,20 @@ fn replayed_and_forged_beacons_move_no_one() {
     r.feed(&level);
     r.now = r.now.plus(10_000);
     let out = r.feed(&level);
-    assert_eq!(key_requests(&out), 1, "heard after silence: asks, without holding");
+    assert_eq!(
+        key_requests(&out),
+        1,
+        "heard after silence: asks, without holding"
+    );
     assert!(!holds(&mut r));
     assert_eq!(r.node.beacon_stats().verified, 1);
     let before = r.node.beacon_stats();
     // A replay of an older beacon: refused before any signature check.
     let out = r.feed(&old);
-    assert!(matches!(refusal(&out), Some(Refusal::Replay { .. })), "{out:?}");
+    assert!(
+        matches!(refusal(&out), Some(Refusal::Replay { .. })),
+        "{out:?}"
+    );
     assert_eq!(key_requests(&out), 0);
     // Another beacon under the sequence number already accepted: it cannot be
     // the controller's, and is refused without a signature check.
@@ -231,7 +258,10 @@ fn link_down_and_up_hold_data_and_ask_at_once() {
     let mut r = Rig::uc1();
     let out = r.input(NodeInput::LinkDown);
     assert_eq!(key_requests(&out), 1);
-    assert!(holds(&mut r), "what it sends while down waits for the answer");
+    assert!(
+        holds(&mut r),
+        "what it sends while down waits for the answer"
+    );
     let out = r.input(NodeInput::LinkUp);
     assert_eq!(key_requests(&out), 1, "asks again at once on link-up");
     let st = r.ctl.state(&key(1), None);
