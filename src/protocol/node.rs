@@ -33,9 +33,10 @@
 //! step a round's retries cover ([`behind_beacon`]: an epoch it does not hold,
 //! a round it is not taking part in, a round that went on or ended without it)
 //! sends its key request at once and holds its data until answered. One that
-//! hears a beacon after `beacon_silence_ms` without any asks too (without
-//! holding: a replayed beacon must not silence a node while the controller is
-//! away). Beacons are cheap: a byte-identical copy of the last verified one is
+//! hears a beacon after `beacon_silence_ms` without any asks too, without
+//! holding (a replayed beacon must not silence a node while the controller is
+//! away), at a random moment within that period and at most once a minute
+//! (a controller back from an outage is not met by the whole fleet at once). Beacons are cheap: a byte-identical copy of the last verified one is
 //! recognised by its digest; one that would change nothing is not verified at
 //! all; one ordered below the last verified `(term, seq)` is a replay; and at
 //! most [`BEACON_VERIFY_BURST`] signature checks, refilled one per
@@ -68,6 +69,10 @@ use thiserror::Error;
 /// Sequence numbers are reserved in blocks so that a restart never reuses one
 /// without persisting on every message.
 const SEQ_BLOCK: u64 = 1024;
+
+/// A node asks after a silence at most this often (ms), so that a controller
+/// that comes back, or one slowed by load, is not met by every node at once.
+pub const SILENCE_NUDGE_MIN_GAP_MS: u64 = 60_000;
 
 /// Beacon signature checks a node may spend at once…
 pub const BEACON_VERIFY_BURST: u32 = 8;
@@ -334,6 +339,8 @@ pub struct NodeMachine {
     beacon_tokens: u32,
     beacon_refill: Time,
     beacon_stats: BeaconStats,
+    /// When a beacon after a silence last made the node ask.
+    last_nudge: Option<Time>,
 }
 
 type Out = Vec<NodeAction>;
@@ -403,6 +410,7 @@ impl NodeMachine {
             beacon_tokens: BEACON_VERIFY_BURST,
             beacon_refill: Time(0),
             beacon_stats: BeaconStats::default(),
+            last_nudge: None,
         }
     }
 
@@ -836,13 +844,43 @@ impl NodeMachine {
             self.beacon_best = order;
             self.beacon_digest = digest;
         }
-        if behind || after_silence {
+        if behind {
             if self.sync.is_none() {
                 self.beacon_stats.syncs += 1;
             }
-            self.start_sync(now, rng, out, behind, false);
+            self.start_sync(now, rng, out, true, false);
+        } else if after_silence {
+            self.nudge(now, rng, out);
         }
         Ok(())
+    }
+
+    /// The controller is heard again after a silence, and the node is level
+    /// with it: ask (so that the controller counts it live), without holding,
+    /// at a random moment within one silence period and at most once every
+    /// [`SILENCE_NUDGE_MIN_GAP_MS`]: a controller back from an outage, or
+    /// slowed by load, is not met by the whole fleet at once.
+    fn nudge(&mut self, now: Time, rng: &mut impl RngCore, out: &mut Out) {
+        if self.sync.is_some()
+            || self
+                .last_nudge
+                .is_some_and(|t| now.since(t) < SILENCE_NUDGE_MIN_GAP_MS)
+        {
+            return;
+        }
+        self.last_nudge = Some(now);
+        self.beacon_stats.syncs += 1;
+        let due = now.plus(rng.next_u64() % self.cfg.beacon_silence_ms.max(1));
+        self.sync = Some(Sync {
+            since: self.seq + 1,
+            attempt: 0,
+            due,
+            hold: false,
+        });
+        out.push(NodeAction::ArmTimer {
+            timer: NodeTimer::Sync,
+            at: due,
+        });
     }
 
     /// One beacon signature check from the budget, if any is left.

@@ -39,6 +39,46 @@ fn holds(r: &mut Rig) -> bool {
     !names(&out).contains(&"data")
 }
 
+/// The silence nudge: at most once a minute, not at every beacon after a gap.
+#[test]
+fn a_silence_nudge_is_jittered_and_rate_limited() {
+    let mut r = Rig::uc1();
+    let level = r.ctl.beacon(1, None);
+    r.feed(&level);
+    let start = r.now;
+    let mut asked = 0u64;
+    // A controller heard only every 6 s (5 s of silence each time), 100 times.
+    for _ in 0..100 {
+        r.now = r.now.plus(6000);
+        let out = r.feed(&level);
+        assert_eq!(key_requests(&out), 0, "never at once");
+        let due = out.iter().find_map(|a| match a {
+            NodeAction::ArmTimer {
+                timer: NodeTimer::Sync,
+                at,
+            } => Some(*at),
+            _ => None,
+        });
+        if let Some(due) = due {
+            asked += 1;
+            assert!(due < r.now.plus(3000), "within one silence period");
+            r.now = due;
+            let out = r.input(NodeInput::Timer(NodeTimer::Sync));
+            assert_eq!(key_requests(&out), 1);
+            let st = r.ctl.state(&key(1), None);
+            let kr = r.ctl.key_response(request_seq(&out), &st);
+            r.feed(&kr);
+            assert!(r.node.is_synced());
+        }
+    }
+    let minutes = r.now.since(start) / 60_000;
+    println!("100 silences over {minutes} min: {asked} key requests");
+    assert!(
+        asked >= 5 && asked <= minutes + 1,
+        "{asked} in {minutes} min"
+    );
+}
+
 fn key_requests(out: &[NodeAction]) -> usize {
     names(out).iter().filter(|n| **n == "key request").count()
 }
@@ -189,12 +229,22 @@ fn replayed_and_forged_beacons_move_no_one() {
     r.feed(&level);
     r.now = r.now.plus(10_000);
     let out = r.feed(&level);
-    assert_eq!(
-        key_requests(&out),
-        1,
-        "heard after silence: asks, without holding"
-    );
+    // Heard after silence: asks within one silence period (jittered), without holding.
+    assert_eq!(key_requests(&out), 0);
+    let due = out
+        .iter()
+        .find_map(|a| match a {
+            NodeAction::ArmTimer {
+                timer: NodeTimer::Sync,
+                at,
+            } => Some(*at),
+            _ => None,
+        })
+        .expect("a key request scheduled");
+    assert!(due >= r.now && due < r.now.plus(3000), "{due} {}", r.now);
     assert!(!holds(&mut r));
+    r.now = due;
+    assert_eq!(key_requests(&r.input(NodeInput::Timer(NodeTimer::Sync))), 1);
     assert_eq!(r.node.beacon_stats().verified, 1);
     let before = r.node.beacon_stats();
     // A replay of an older beacon: refused before any signature check.
