@@ -66,6 +66,7 @@ pub struct Config {
     pub rekey: RekeyConfig,
     pub audit: AuditConfig,
     pub limits: LimitsConfig,
+    pub beacon: BeaconConfig,
 }
 
 /// `[network]`: where the fleet is.
@@ -207,6 +208,27 @@ impl Default for RekeyConfig {
         RekeyConfig {
             join_wait_ms: 12_000,
             linger_ms: 500,
+        }
+    }
+}
+
+/// `[beacon]`: the controller's signed beacon to the group (SPEC §5).
+///
+/// It tells the nodes the current epoch and the round's phase; a node that
+/// finds itself behind asks for the current key at once, so a node that
+/// missed something notices within about one interval.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BeaconConfig {
+    /// Send a beacon this often, in ms (0 = never; nodes then notice only at
+    /// link changes, their usage reports and the next round).
+    pub interval_ms: u64,
+}
+
+impl Default for BeaconConfig {
+    fn default() -> Self {
+        BeaconConfig {
+            interval_ms: ControllerConfig::default().beacon_interval_ms,
         }
     }
 }
@@ -490,6 +512,11 @@ impl Config {
                 on_node_removed: t.on_node_removed,
                 manual: t.manual,
             },
+            beacon_interval_ms: self.beacon.interval_ms,
+            address: std::net::SocketAddr::V4(SocketAddrV4::new(
+                self.network.iface,
+                self.network.listen_port,
+            )),
         }
     }
 
@@ -504,6 +531,7 @@ impl Config {
             &d.rekey,
             &d.audit,
         );
+        let b = &d.beacon;
         format!(
             r#"# keyfleet controller configuration (all defaults shown).
 # Found as: --config FILE, else $KEYFLEET_CONFIG, else
@@ -584,6 +612,10 @@ member_request_interval_ms = {mri}
 # Rekey rounds set off by what nodes send (usage counts, data from an unknown
 # sender) start at most once per this many ms; a later trigger waits.
 node_trigger_min_interval_ms = {ntm}
+[beacon]
+# Send a signed beacon (epoch, round phase) to the group this often (ms; 0 = never).
+# A node behind it asks for the current key at once.
+interval_ms = {bi}
 "#,
             group = n.group,
             iface = n.iface,
@@ -611,6 +643,7 @@ node_trigger_min_interval_ms = {ntm}
             mrb = d.limits.member_request_burst,
             mri = d.limits.member_request_interval_ms,
             ntm = d.limits.node_trigger_min_interval_ms,
+            bi = b.interval_ms,
         )
     }
 }
@@ -629,6 +662,8 @@ mod tests {
         assert_eq!(core.drain_grace_ms, want.drain_grace_ms);
         assert_eq!(core.stale_after_ms, want.stale_after_ms);
         assert_eq!(c.audit.refusal_window_ms, 60_000);
+        assert_eq!(c.beacon.interval_ms, 1000);
+        assert_eq!(core.beacon_interval_ms, want.beacon_interval_ms);
     }
 
     #[test]

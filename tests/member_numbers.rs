@@ -149,6 +149,9 @@ fn a_table_written_by_2bc0f6e_is_repaired_to_the_numbers_on_the_wire() {
             form,
             state: st,
             listen: SocketAddrV4::new(Ipv4Addr::LOCALHOST, free_port()),
+            iface: Ipv4Addr::LOCALHOST,
+            wrap: None,
+            args: Vec::new(),
         });
     }
     let _serve = f.serve();

@@ -104,6 +104,8 @@ pub struct DriverStats {
     pub undecryptable: u64,
     pub data_sent: u64,
     pub delivered: u64,
+    /// Delivered data without an epoch hint, opened by trying the held keys.
+    pub delivered_by_trial: u64,
     pub persisted: u64,
     /// Usage reports sent to the controller (for its count triggers).
     pub usage_reports: u64,
@@ -277,6 +279,13 @@ impl NodeDriver {
         self.feed(now, NodeInput::LinkUp).await
     }
 
+    /// Tell the machine a link it uses went down: it holds its data and asks
+    /// for the current key (again, at once, on [`NodeDriver::link_up`]).
+    pub async fn link_down(&mut self) -> Result<(), AgentError> {
+        let now = self.clock.now_ms();
+        self.feed(now, NodeInput::LinkDown).await
+    }
+
     /// Waits for the next datagram or timer. Cancel-safe.
     pub async fn wait(&mut self) -> Result<Wake, AgentError> {
         tokio::select! {
@@ -417,6 +426,7 @@ impl NodeDriver {
                 NodeAction::ArmTimer { timer, at } => self.timers.arm(timer_key(timer), at.0),
                 NodeAction::Deliver(d) => {
                     self.stats.delivered += 1;
+                    self.stats.delivered_by_trial += u64::from(d.trials > 0);
                     self.events.push(DriverEvent::Delivered(d));
                 }
                 NodeAction::Event(NodeEvent::Refused { reason, .. }) if is_group_echo(&reason) => {

@@ -17,6 +17,7 @@ use crate::wire::NodeId;
 
 use super::app::{self, Request, SendOutcome};
 use super::driver::{DriverEvent, NodeDriver};
+use super::links::{LinkChange, LinkWatch};
 use super::state::{self, AgentStatus, RunningStatus, StateFile, StatusSource};
 use super::AgentError;
 
@@ -150,6 +151,13 @@ pub async fn run_with(
         group: cfg.net.group.to_string(),
     };
 
+    let mut links = match LinkWatch::open(cfg.net.iface).await {
+        Ok(w) => Some(w),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch the links (rtnetlink); a link that comes back is noticed through the controller's beacon instead");
+            None
+        }
+    };
     let (metrics, _metrics_server, mut probes) = match extras.metrics {
         Some(addr) => {
             let (m, registry) = crate::metrics::AgentMetrics::new();
@@ -179,6 +187,9 @@ pub async fn run_with(
         let wake = tokio::select! {
             biased;
             () = &mut shutdown => break Ok(()),
+            // Before datagrams and application data: what the node sends or
+            // opens next must follow the link change.
+            l = next_link(&mut links) => Wake::Link(l),
             // Before the network: a flood must not starve a scrape (a probe
             // costs microseconds, and at most 8 wait).
             Some(p) = async { probes.as_mut()?.recv().await }, if probes.is_some() => Wake::Probe(p),
@@ -187,7 +198,21 @@ pub async fn run_with(
             () = tokio::time::sleep(std::time::Duration::from_millis(app::BACKLOG_RETRY_MS)),
                 if server.backlogged() => Wake::Backlog,
         };
+        // A link change the kernel already reported goes first.
+        if !matches!(wake, Wake::Link(_)) {
+            if let Some(change) = links.as_mut().and_then(LinkWatch::try_next) {
+                if let Err(e) = on_link(&mut driver, change).await {
+                    break Err(e);
+                }
+            }
+        }
         let step = match wake {
+            Wake::Link(Ok(change)) => on_link(&mut driver, change).await,
+            Wake::Link(Err(e)) => {
+                tracing::warn!(error = %e, "the link watch failed; links are no longer watched (the beacon still is)");
+                links = None;
+                Ok(())
+            }
             Wake::Net(Ok(w)) => driver.handle(w).await,
             Wake::Net(Err(e)) => Err(e),
             Wake::App(Ok(len)) => server.serve(len, &mut driver, &mut running).await,
@@ -230,7 +255,32 @@ pub async fn run_with(
     }
 }
 
+/// The next link change, or never without a link watch.
+async fn next_link(links: &mut Option<LinkWatch>) -> io::Result<(LinkChange, String)> {
+    match links {
+        Some(w) => w.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn on_link(
+    driver: &mut NodeDriver,
+    (change, what): (LinkChange, String),
+) -> Result<(), AgentError> {
+    match change {
+        LinkChange::Up => {
+            tracing::info!(%what, "link up: asking the controller for the current key");
+            driver.link_up().await
+        }
+        LinkChange::Down => {
+            tracing::info!(%what, "link down: holding outgoing data until the controller answers");
+            driver.link_down().await
+        }
+    }
+}
+
 enum Wake {
+    Link(io::Result<(LinkChange, String)>),
     Net(Result<super::Wake, AgentError>),
     App(io::Result<usize>),
     /// Time to retry the clients' backlogs.
@@ -448,6 +498,7 @@ impl AppServer {
                     undecryptable: st.undecryptable,
                     data_sent: st.data_sent,
                     delivered: st.delivered,
+                    delivered_by_trial: st.delivered_by_trial,
                     persisted: st.persisted,
                     usage_reports: st.usage_reports,
                     signature_checks: driver.machine().signature_checks(),

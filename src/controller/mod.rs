@@ -409,18 +409,22 @@ fn timer_id(t: ControllerTimer) -> u8 {
     match t {
         ControllerTimer::Round => 0,
         ControllerTimer::KeyAge => 1,
+        ControllerTimer::Beacon => BEACON_TIMER,
     }
 }
+
+/// The machine's beacon timer (after the shell's own [`REFUSAL_TIMER`]).
+const BEACON_TIMER: u8 = 3;
 
 /// The shell's own timer: the end of the next refusal window with counted
 /// refusals, when its summary row is due ([`table`]).
 const REFUSAL_TIMER: u8 = 2;
 
 fn timer_of(id: u8) -> ControllerTimer {
-    if id == 0 {
-        ControllerTimer::Round
-    } else {
-        ControllerTimer::KeyAge
+    match id {
+        0 => ControllerTimer::Round,
+        BEACON_TIMER => ControllerTimer::Beacon,
+        _ => ControllerTimer::KeyAge,
     }
 }
 
@@ -978,9 +982,12 @@ impl Controller {
         })
     }
 
-    /// Bind the sockets (the controller's unicast socket on `iface:listen_port`).
-    fn bind(&self) -> Result<Transport> {
-        Ok(Transport::bind(&self.opts.net(), self.clock.clone())?)
+    /// Bind the sockets (the controller's unicast socket on `iface:listen_port`);
+    /// the beacon announces that socket's address.
+    fn bind(&mut self) -> Result<Transport> {
+        let t = Transport::bind(&self.opts.net(), self.clock.clone())?;
+        self.machine.set_address(t.local_addr());
+        Ok(t)
     }
 
     /// Whether a datagram is one of our own, looped back by the kernel.

@@ -56,6 +56,12 @@
 //! member's own or sets off the leaked-key trigger. Rounds set off by what
 //! nodes send are spaced by `node_trigger_min_interval_ms`.
 //!
+//! **Beacon.** Every `beacon_interval_ms` (default 1 s) the controller sends
+//! the group a signed beacon: its term, current epoch, the round's epoch and
+//! phase, and its unicast address (SPEC §5). While none of these change it
+//! resends the same bytes (same sequence number, same signature), so nodes
+//! compare a digest; a change takes a fresh sequence number and one signature.
+//!
 //! Persistence is incremental: `PersistCore` (keys, round, counters) at every
 //! phase change and `PersistMember` at every change of a member's row. Per-node
 //! acknowledgements are not persisted: a restored controller resends the
@@ -78,6 +84,10 @@ use thiserror::Error;
 use zeroize::Zeroize;
 
 const SEQ_BLOCK: u64 = 4096;
+
+/// The leader term this controller announces in its beacons (issue 16 brings
+/// more than one controller; until then it is always 1).
+pub const TERM: u32 = 1;
 
 /// Controller settings. Defaults are documented on each field.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -113,6 +123,11 @@ pub struct ControllerConfig {
     /// make the fleet rotate back to back.
     pub node_trigger_min_interval_ms: u64,
     pub triggers: TriggerConfig,
+    /// Send a signed beacon to the group this often (default 1000 ms); 0 = never.
+    pub beacon_interval_ms: u64,
+    /// The controller's unicast address, announced in the beacon (the shell
+    /// sets it to its socket's; an unspecified IP means "the beacon's source").
+    pub address: SocketAddr,
 }
 
 impl Default for ControllerConfig {
@@ -130,6 +145,8 @@ impl Default for ControllerConfig {
             member_request_interval_ms: 500,
             node_trigger_min_interval_ms: 30_000,
             triggers: TriggerConfig::default(),
+            beacon_interval_ms: 1000,
+            address: SocketAddr::from(([0, 0, 0, 0], 47800)),
         }
     }
 }
@@ -141,6 +158,8 @@ pub enum ControllerTimer {
     Round,
     /// The key-age trigger.
     KeyAge,
+    /// The next beacon.
+    Beacon,
 }
 
 /// What a shell feeds the controller.
@@ -622,7 +641,13 @@ pub struct ControllerMachine {
     marks_unsaved: bool,
     /// When the last round set off by node reports started.
     node_trigger_at: Option<Time>,
+    beacon_due: Option<Time>,
+    /// The last beacon: what it said and its signed bytes (resent while nothing changes).
+    beacon: Option<(BeaconState, Vec<u8>)>,
 }
+
+/// What a beacon says; a change of it takes a new sequence number.
+type BeaconState = (Epoch, Option<(Epoch, RoundPhase)>, SocketAddr);
 
 impl ControllerMachine {
     /// A new controller with a fresh signing key and the fleet's first group key (epoch 1).
@@ -659,6 +684,8 @@ impl ControllerMachine {
             data_replay: DataReplay::new(super::NodeConfig::default().data_replay_senders),
             marks_unsaved: false,
             node_trigger_at: None,
+            beacon_due: None,
+            beacon: None,
         };
         c.persist_core(out);
         c
@@ -724,6 +751,8 @@ impl ControllerMachine {
             data_replay: DataReplay::new(super::NodeConfig::default().data_replay_senders),
             marks_unsaved: false,
             node_trigger_at: None,
+            beacon_due: None,
+            beacon: None,
         };
         c.next_member_floor(core.next_member);
         Ok(c)
@@ -788,6 +817,11 @@ impl ControllerMachine {
 
     pub fn public_key(&self) -> [u8; 32] {
         self.signing.verifying_key().to_bytes()
+    }
+
+    /// Sets the unicast address the beacon announces (the shell's socket).
+    pub fn set_address(&mut self, addr: SocketAddr) {
+        self.cfg.address = addr;
     }
 
     pub fn current_epoch(&self) -> Epoch {
@@ -874,6 +908,11 @@ impl ControllerMachine {
                 self.age_timer = None;
                 self.check_age(now, rng, out);
             }
+            ControllerInput::Timer(ControllerTimer::Beacon) => {
+                if self.beacon_due.is_some_and(|t| now >= t) {
+                    self.send_beacon(now, out);
+                }
+            }
             ControllerInput::Enroll {
                 node_id,
                 initial_key,
@@ -959,6 +998,36 @@ impl ControllerMachine {
         self.progress_round(now, rng, out);
         self.start_pending(now, rng, out);
         self.check_age(now, rng, out);
+        self.send_beacon(now, out);
+    }
+
+    /// The beacon to the group, and the next one armed. The same bytes as the
+    /// last one while the state it tells is unchanged.
+    fn send_beacon(&mut self, now: Time, out: &mut Out) {
+        let every = self.cfg.beacon_interval_ms;
+        if every == 0 {
+            return;
+        }
+        let state: BeaconState = (self.current.epoch(), self.round(), self.cfg.address);
+        let bytes = match &self.beacon {
+            Some((s, bytes)) if *s == state => bytes.clone(),
+            _ => {
+                let seq = self.next_seq(out);
+                let bytes = wire::sign(
+                    wire::beacon(TERM, state.0, seq, state.1, state.2),
+                    &self.signing,
+                );
+                self.beacon = Some((state, bytes.clone()));
+                bytes
+            }
+        };
+        out.push(ControllerAction::SendGroup(bytes));
+        let at = now.plus(every);
+        self.beacon_due = Some(at);
+        out.push(ControllerAction::ArmTimer {
+            timer: ControllerTimer::Beacon,
+            at,
+        });
     }
 
     fn next_seq(&mut self, out: &mut Out) -> u64 {
@@ -1943,7 +2012,8 @@ impl ControllerMachine {
             | Message::Transition(_)
             | Message::KeyResponse(_)
             | Message::JoinAccept(_)
-            | Message::Resync(_) => Err(Refusal::Unexpected {
+            | Message::Resync(_)
+            | Message::Beacon(_) => Err(Refusal::Unexpected {
                 what,
                 role: "controller",
             }),

@@ -28,11 +28,11 @@ mod triggers;
 pub use controller::{
     CommandError, ControllerAction, ControllerConfig, ControllerCore, ControllerInput,
     ControllerMachine, ControllerPersist, ControllerTimer, MemberPersist, MemberStatus, PhaseTimes,
-    Record, RestoreError, ResumeCause, RoundPersist, TriggerOutcome, Via,
+    Record, RestoreError, ResumeCause, RoundPersist, TriggerOutcome, Via, TERM,
 };
 pub use node::{
-    Delivered, NodeAction, NodeConfig, NodeEvent, NodeInput, NodeMachine, NodePersist, NodeState,
-    NodeTimer, DUPLICATE_ANSWER_INTERVAL_MS, VERIFY_BURST, VERIFY_EVERY_MS,
+    BeaconStats, Delivered, NodeAction, NodeConfig, NodeEvent, NodeInput, NodeMachine, NodePersist,
+    NodeState, NodeTimer, DUPLICATE_ANSWER_INTERVAL_MS, VERIFY_BURST, VERIFY_EVERY_MS,
 };
 pub use triggers::{TriggerConfig, TriggerReason};
 

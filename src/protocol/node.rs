@@ -36,6 +36,24 @@
 //! A *resync request* (MAC'd by the controller with the node's key, sent when
 //! a stale node reports usage or replies out of step) makes it ask too.
 //!
+//! **Beacons.** The controller's signed beacon (every second by default) tells
+//! where the fleet is. A node that finds itself behind it by more than the one
+//! step a round's retries cover ([`behind_beacon`]: an epoch it does not hold,
+//! a round it is not taking part in, a round that went on or ended without it)
+//! sends its key request at once and holds its data until answered. One that
+//! hears a beacon after `beacon_silence_ms` without any asks too, without
+//! holding (a replayed beacon must not silence a node while the controller is
+//! away), at a random moment within that period and at most once a minute
+//! (a controller back from an outage is not met by the whole fleet at once). Beacons are cheap: a byte-identical copy of the last verified one is
+//! recognised by its digest; one that would change nothing is not verified at
+//! all; one ordered below the last verified `(term, seq)` is a replay; and at
+//! most [`BEACON_VERIFY_BURST`] signature checks, refilled one per
+//! [`BEACON_VERIFY_REFILL_MS`], go to beacons that need one.
+//!
+//! A link that goes down or up (the agent watches rtnetlink) is fed as
+//! [`NodeInput::LinkDown`] / [`NodeInput::LinkUp`]: either way the node holds
+//! its data and asks for the current key.
+//!
 //! The controller's answer to a key request (or a join) puts the node in the
 //! state of the round as the controller sees it, but never behind its position.
 //! After a link-up or a restart the node *holds* application data (bounded
@@ -87,6 +105,16 @@ const FAILED_SIGNATURES_KEPT: usize = 64;
 /// Digests of datagrams whose signature verified (retransmissions skip the check).
 const VERIFIED_KEPT: usize = 8;
 
+/// A node asks after a silence at most this often (ms), so that a controller
+/// that comes back, or one slowed by load, is not met by every node at once.
+pub const SILENCE_NUDGE_MIN_GAP_MS: u64 = 60_000;
+
+/// Beacon signature checks a node may spend at once…
+pub const BEACON_VERIFY_BURST: u32 = 8;
+/// …and one more each this many ms (10 a second): a flood of forged beacons
+/// costs a node at most that many Ed25519 checks.
+pub const BEACON_VERIFY_REFILL_MS: u64 = 100;
+
 /// Node settings. Defaults are documented on each field.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -109,6 +137,9 @@ pub struct NodeConfig {
     /// Put the epoch in the data header (default true); without it receivers
     /// try their keys in turn (claims 14–16).
     pub epoch_hint: bool,
+    /// A beacon heard after this many ms without one makes the node ask for
+    /// the current key (default 3000, three beacon intervals); 0 = never.
+    pub beacon_silence_ms: u64,
 }
 
 impl Default for NodeConfig {
@@ -121,6 +152,7 @@ impl Default for NodeConfig {
             max_queued: 64,
             data_replay_senders: 16_384,
             epoch_hint: true,
+            beacon_silence_ms: 3000,
         }
     }
 }
@@ -146,6 +178,54 @@ pub enum NodeInput<'a> {
     /// The node went from unable to able to communicate (link up, controller
     /// reachable again, process (re)started): ask for the current key (SPEC §5).
     LinkUp,
+    /// A link the node uses went down (or lost its address): hold outgoing
+    /// data (it could not go out) and ask for the current key; the request may
+    /// not get out, and [`NodeInput::LinkUp`] asks again at once.
+    LinkDown,
+}
+
+/// What a node did with the beacons it received (counts since start).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BeaconStats {
+    pub received: u64,
+    /// Byte-identical to the last verified beacon: accepted on its digest.
+    pub digest_hits: u64,
+    /// Would change nothing for this node: not verified.
+    pub skipped: u64,
+    /// Signatures checked and found good.
+    pub verified: u64,
+    /// Signatures checked and found bad, or bytes that cannot be the
+    /// controller's (another beacon under an accepted sequence number).
+    pub forged: u64,
+    /// Ordered below the last verified beacon: a replay.
+    pub replays: u64,
+    /// Needed a signature check when none was left in the budget: ignored.
+    pub over_budget: u64,
+    /// Key requests the beacons started.
+    pub syncs: u64,
+}
+
+/// Whether a node at `pos` is behind what a beacon says by more than the one
+/// step a round's own retries cover, so that it must ask for the current key.
+///
+/// | beacon | the node must be at least at |
+/// |---|---|
+/// | epoch `c`, no round | `(c, 3)`: `UpdateCompleted(c)` |
+/// | round `r` distributing | `(c, 3)` (the key update is retried to it) |
+/// | round `r` first transition, draining | `(r, 1)`: holds the new key |
+/// | round `r` second transition | `(r, 2)`: seals with the new key |
+pub fn behind_beacon(
+    pos: Option<(Epoch, u8)>,
+    epoch: Epoch,
+    round: Option<(Epoch, RoundPhase)>,
+) -> bool {
+    let Some(pos) = pos else { return false };
+    let least = match round {
+        None | Some((_, RoundPhase::Distributing)) => (epoch, 3),
+        Some((r, RoundPhase::FirstTransition | RoundPhase::Draining)) => (r, 1),
+        Some((r, RoundPhase::SecondTransition)) => (r, 2),
+    };
+    pos < least
 }
 
 /// A decrypted group message for the application.
@@ -309,6 +389,17 @@ pub struct NodeMachine {
     ahead: Vec<(SocketAddr, Vec<u8>)>,
     data_replay: DataReplay,
     usage_due: Option<Time>,
+    /// `(term, seq)` of the last verified beacon, and the digest of its bytes.
+    beacon_best: (u32, u64),
+    beacon_digest: [u8; 16],
+    /// When the last beacon (verified or not) arrived, for the silence rule.
+    beacon_arrival: Option<Time>,
+    /// Signature checks left for beacons, and when the next one is added.
+    beacon_tokens: u32,
+    beacon_refill: Time,
+    beacon_stats: BeaconStats,
+    /// When a beacon after a silence last made the node ask.
+    last_nudge: Option<Time>,
 }
 
 type Out = Vec<NodeAction>;
@@ -376,8 +467,20 @@ impl NodeMachine {
             ahead: Vec::new(),
             data_replay: DataReplay::new(cfg.data_replay_senders),
             usage_due: None,
+            beacon_best: (0, 0),
+            beacon_digest: [0; 16],
+            beacon_arrival: None,
+            beacon_tokens: BEACON_VERIFY_BURST,
+            beacon_refill: Time(0),
+            beacon_stats: BeaconStats::default(),
+            last_nudge: None,
             cfg,
         }
+    }
+
+    /// What this node did with the beacons it received.
+    pub fn beacon_stats(&self) -> BeaconStats {
+        self.beacon_stats
     }
 
     /// The snapshot a `Persist` action carries.
@@ -456,7 +559,7 @@ impl NodeMachine {
         out: &mut Out,
     ) {
         match input {
-            NodeInput::LinkUp => {
+            NodeInput::LinkUp | NodeInput::LinkDown => {
                 if self.joined.is_none() && self.seq == 0 {
                     // A node with no stored state (new, or its state was lost)
                     // numbers its messages from the clock: above anything a
@@ -500,21 +603,21 @@ impl NodeMachine {
 
     /// Data sealed under an epoch ahead of this node's (at most
     /// [`AHEAD_EPOCHS`] ahead), while it waits for the controller's answer
-    /// (which brings that key): kept, up to `max_queued`. Outside a sync
-    /// nothing is kept (a forged epoch hint costs nothing).
+    /// (which brings that key): kept, up to `max_queued`. Data without an
+    /// epoch hint that no held key opens is kept too (it may be sealed under
+    /// that newer key; trial decryption cannot tell). Outside a sync nothing
+    /// is kept (a forged epoch hint costs nothing).
     fn keep_until_synced(&self, reason: &Refusal) -> bool {
-        let Refusal::Undecryptable {
-            reason: OpenError::NoKey(e),
-            ..
-        } = reason
-        else {
+        let Refusal::Undecryptable { reason, .. } = reason else {
             return false;
         };
-        self.sync.is_some()
-            && self.cfg.max_queued > 0
-            && self
+        let newer = match reason {
+            OpenError::NoKey(e) => self
                 .position()
-                .is_some_and(|(have, _)| *e > have && e.0 - have.0 <= AHEAD_EPOCHS)
+                .is_some_and(|(have, _)| *e > have && e.0 - have.0 <= AHEAD_EPOCHS),
+            OpenError::Failed { .. } => true,
+        };
+        newer && self.sync.is_some() && self.cfg.max_queued > 0
     }
 
     /// Keeps one datagram for [`Self::open_kept`]. Nothing authenticates it
@@ -901,6 +1004,7 @@ impl NodeMachine {
                     }
                 }
             }
+            Message::Beacon(b) => self.on_beacon(now, &b, bytes, rng, out),
             Message::Resync(x) => {
                 let member = self.addressed_to_me(x.member, what)?;
                 if !x.auth.verify(&self.keys) {
@@ -918,6 +1022,116 @@ impl NodeMachine {
             | Message::Join(_)
             | Message::UsageReport(_) => Err(Refusal::Unexpected { what, role: "node" }),
         }
+    }
+
+    /// A beacon: see the module docs. Only a beacon that could move this node
+    /// is verified, at most [`BEACON_VERIFY_BURST`] at once.
+    fn on_beacon(
+        &mut self,
+        now: Time,
+        b: &wire::Beacon<'_>,
+        bytes: &[u8],
+        rng: &mut impl RngCore,
+        out: &mut Out,
+    ) -> Result<(), Refusal> {
+        let what = "beacon";
+        self.beacon_stats.received += 1;
+        let Some(controller) = self.joined.as_ref().map(|j| j.controller) else {
+            return Ok(()); // not joined yet: the join (retried) brings the state
+        };
+        let silence = self.cfg.beacon_silence_ms;
+        let after_silence =
+            silence > 0 && self.beacon_arrival.is_some_and(|t| now.since(t) > silence);
+        self.beacon_arrival = Some(now);
+        let order = (b.term, b.seq);
+        if order < self.beacon_best {
+            self.beacon_stats.replays += 1;
+            return Err(Refusal::Replay { what, seq: b.seq });
+        }
+        let digest = digest16(bytes);
+        let known = order == self.beacon_best && digest == self.beacon_digest;
+        if order == self.beacon_best && !known {
+            // The controller never signs two beacons under one sequence number.
+            self.beacon_stats.forged += 1;
+            return Err(Refusal::BadSignature { what });
+        }
+        let behind = behind_beacon(self.position(), b.epoch, b.round);
+        if known {
+            self.beacon_stats.digest_hits += 1;
+        } else {
+            if !behind && !after_silence {
+                self.beacon_stats.skipped += 1;
+                return Ok(());
+            }
+            if !self.take_beacon_token(now) {
+                self.beacon_stats.over_budget += 1;
+                return Ok(());
+            }
+            if !verify(&controller, b.auth.body, &b.auth.signature) {
+                self.beacon_stats.forged += 1;
+                return Err(Refusal::BadSignature { what });
+            }
+            self.beacon_stats.verified += 1;
+            self.beacon_best = order;
+            self.beacon_digest = digest;
+        }
+        if behind {
+            if self.sync.is_none() {
+                self.beacon_stats.syncs += 1;
+            }
+            self.start_sync(now, rng, out, true, false);
+        } else if after_silence {
+            self.nudge(now, rng, out);
+        }
+        Ok(())
+    }
+
+    /// The controller is heard again after a silence, and the node is level
+    /// with it: ask (so that the controller counts it live), without holding,
+    /// at a random moment within one silence period and at most once every
+    /// [`SILENCE_NUDGE_MIN_GAP_MS`]: a controller back from an outage, or
+    /// slowed by load, is not met by the whole fleet at once.
+    fn nudge(&mut self, now: Time, rng: &mut impl RngCore, out: &mut Out) {
+        if self.sync.is_some()
+            || self
+                .last_nudge
+                .is_some_and(|t| now.since(t) < SILENCE_NUDGE_MIN_GAP_MS)
+        {
+            return;
+        }
+        self.last_nudge = Some(now);
+        self.beacon_stats.syncs += 1;
+        let due = now.plus(rng.next_u64() % self.cfg.beacon_silence_ms.max(1));
+        self.sync = Some(Sync {
+            since: self.seq + 1,
+            attempt: 0,
+            due,
+            hold: false,
+        });
+        out.push(NodeAction::ArmTimer {
+            timer: NodeTimer::Sync,
+            at: due,
+        });
+    }
+
+    /// One beacon signature check from the budget, if any is left.
+    fn take_beacon_token(&mut self, now: Time) -> bool {
+        let add = now.since(self.beacon_refill) / BEACON_VERIFY_REFILL_MS;
+        if add > 0 {
+            let tokens = u64::from(self.beacon_tokens).saturating_add(add);
+            if tokens >= u64::from(BEACON_VERIFY_BURST) {
+                self.beacon_tokens = BEACON_VERIFY_BURST;
+                self.beacon_refill = now;
+            } else {
+                self.beacon_tokens = tokens as u32;
+                self.beacon_refill = self.beacon_refill.plus(add * BEACON_VERIFY_REFILL_MS);
+            }
+        }
+        if self.beacon_tokens == 0 {
+            return false;
+        }
+        self.beacon_tokens -= 1;
+        true
     }
 
     /// This node's member number, if a message for `to` is for it.

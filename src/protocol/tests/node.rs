@@ -4,6 +4,8 @@ use super::*;
 use crate::crypto::{Epoch, OpenError};
 use crate::wire::RoundPhase;
 
+mod beacon;
+
 struct Rig {
     node: NodeMachine,
     ctl: FakeController,
