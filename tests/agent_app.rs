@@ -293,7 +293,9 @@ fn a_client_that_reads_loses_nothing_of_a_burst_and_a_stopped_one_costs_it_nothi
     // The stopped client now reads: what it gets is the start of the burst, in
     // order, and everything else was counted as dropped for it.
     let stopped_got = read_all(stopped).join().unwrap();
-    let dropped = status(&sb).unwrap()["running"]["app_dropped"].as_u64().unwrap();
+    let dropped = status(&sb).unwrap()["running"]["app_dropped"]
+        .as_u64()
+        .unwrap();
     eprintln!(
         "the stopped client: {} read late, {dropped} dropped",
         stopped_got.len()
@@ -308,5 +310,8 @@ fn a_client_that_reads_loses_nothing_of_a_burst_and_a_stopped_one_costs_it_nothi
         u64::from(BURST),
         "every message read late or counted dropped"
     );
-    assert!(dropped > 0, "a client that never reads cannot hold a burst this size");
+    assert!(
+        dropped > 0,
+        "a client that never reads cannot hold a burst this size"
+    );
 }

@@ -83,6 +83,9 @@ pub struct Results {
     pub serf: Option<SerfResult>,
     pub keyfleet: Option<KfResult>,
     pub sim: Vec<SimRun>,
+    /// The data path end to end (`e2e`).
+    #[serde(default)]
+    pub e2e: Vec<crate::e2e::E2eRow>,
 }
 
 fn ms(x: Option<f64>) -> String {
