@@ -262,15 +262,20 @@ fn a_client_that_reads_loses_nothing_of_a_burst_and_a_stopped_one_costs_it_nothi
     };
     let fast_reader = read_all(fast);
 
-    // The burst into agent A, through an unbound socket (no answers): each
-    // send waits only until A's socket queue has room.
-    let sender = UnixDatagram::unbound().unwrap();
+    // The burst into agent A, each message as soon as A answered the last
+    // (so what is measured is the receiving side, not UDP loss at B's socket
+    // when A outruns B).
+    let sender = UnixDatagram::bind(dir.path().join("sender.sock")).unwrap();
+    sender.set_read_timeout(Some(T)).unwrap();
     let start = Instant::now();
+    let mut answer = [0u8; 64];
     for i in 0..BURST {
         let mut msg = vec![b'S'];
         msg.extend_from_slice(&i.to_be_bytes());
         msg.resize(1 + SIZE, b'x');
         sender.send_to(&msg, sa.join("app.sock")).unwrap();
+        let n = sender.recv(&mut answer).unwrap();
+        assert_eq!(&answer[..n], b"A\0", "message {i} sealed and sent");
     }
     let fast_got = fast_reader.join().unwrap();
     let took = start.elapsed();

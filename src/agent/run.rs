@@ -198,7 +198,21 @@ pub async fn run_with(
             Wake::App(Ok((len, from))) => {
                 server.from = from;
                 let bytes = app_buf.get(..len).unwrap_or_default();
-                server.serve(bytes, &mut driver, &mut running).await
+                let mut r = server.serve(bytes, &mut driver, &mut running).await;
+                // What else the clients queued meanwhile, in one pass (one
+                // wake-up of the loop per batch, not per message).
+                for _ in 1..APP_BATCH {
+                    if r.is_err() {
+                        break;
+                    }
+                    let Some((len, from)) = server.try_recv(&mut app_buf) else {
+                        break;
+                    };
+                    server.from = from;
+                    let bytes = app_buf.get(..len).unwrap_or_default();
+                    r = server.serve(bytes, &mut driver, &mut running).await;
+                }
+                r
             }
             Wake::App(Err(e)) => {
                 tracing::warn!(error = %e, "application socket receive failed");
@@ -238,6 +252,10 @@ pub async fn run_with(
         Err(e) => Err(e),
     }
 }
+
+/// Application requests served per wake-up of the loop at most (then the
+/// network and the other sources get their turn).
+const APP_BATCH: usize = 64;
 
 enum Wake {
     Net(Result<super::Wake, AgentError>),
@@ -362,6 +380,11 @@ struct Client {
     /// refuses any other sender): deliveries go through the shared socket
     /// and its backlog is retried every [`app::BACKLOG_RETRY_MS`] ms.
     conn: Option<UnixDatagram>,
+    /// `conn`'s socket for sending outside tokio: tokio's cached readiness
+    /// lags while the loop is busy with the network, so a send is always
+    /// tried; only a refused one goes through tokio (which then clears the
+    /// readiness, so the loop waits for the kernel's wake-up).
+    raw: Option<std::os::unix::net::UnixDatagram>,
     /// In order; at most [`app::BACKLOG_BYTES`] (counted as [`queued_size`]).
     backlog: std::collections::VecDeque<Vec<u8>>,
     backlog_bytes: usize,
@@ -380,9 +403,13 @@ impl Client {
         let conn = std::os::unix::net::UnixDatagram::unbound()?;
         conn.connect(&path)?;
         conn.set_nonblocking(true)?;
+        let raw = std::os::fd::AsFd::as_fd(&conn)
+            .try_clone_to_owned()
+            .map(std::os::unix::net::UnixDatagram::from)?;
         Ok(Client {
             path,
             conn: Some(UnixDatagram::from_std(conn)?),
+            raw: Some(raw),
             backlog: std::collections::VecDeque::new(),
             backlog_bytes: 0,
             dropping: 0,
@@ -390,9 +417,14 @@ impl Client {
     }
 
     fn send(&mut self, shared: &std::os::unix::net::UnixDatagram, msg: &[u8]) -> Sent {
-        let r = match &self.conn {
-            Some(c) => c.try_send(msg),
-            None => shared.send_to(msg, &self.path),
+        let r = match (&self.conn, &self.raw) {
+            (Some(c), Some(raw)) => match raw.send(msg) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    c.try_io(tokio::io::Interest::WRITABLE, || raw.send(msg))
+                }
+                r => r,
+            },
+            _ => shared.send_to(msg, &self.path),
         };
         match r {
             Ok(_) => Sent::Done,
@@ -401,6 +433,7 @@ impl Client {
                 // The client connected its socket to the agent's socket.
                 tracing::debug!(client = %self.path.display(), "client socket connected to the agent; delivering through the shared socket");
                 self.conn = None;
+                self.raw = None;
                 self.send(shared, msg)
             }
             Err(e) => Sent::Gone(e),
@@ -479,6 +512,12 @@ impl AppServer {
     async fn recv(&self, buf: &mut [u8]) -> io::Result<(usize, Option<PathBuf>)> {
         let (n, from) = self.sock.recv_from(buf).await?;
         Ok((n, from.as_pathname().map(Path::to_path_buf)))
+    }
+
+    /// A request already queued, if any (never waits).
+    fn try_recv(&self, buf: &mut [u8]) -> Option<(usize, Option<PathBuf>)> {
+        let (n, from) = self.sock.try_recv_from(buf).ok()?;
+        Some((n, from.as_pathname().map(Path::to_path_buf)))
     }
 
     async fn serve(
