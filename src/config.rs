@@ -91,6 +91,11 @@ pub struct RoundConfig {
     pub group_attempts: u32,
     /// A node that has not answered this long after a phase began is stale.
     pub stale_after_ms: u64,
+    /// A phase ends, leaving silent nodes stale, only once at least this many
+    /// nodes confirmed it; below that the round is paused and retried.
+    pub min_acked: u32,
+    /// …and more than half of the joined nodes, when true.
+    pub min_acked_majority: bool,
 }
 
 impl Default for RoundConfig {
@@ -103,6 +108,8 @@ impl Default for RoundConfig {
             retry_jitter_pct: c.retry_jitter_pct,
             group_attempts: c.group_attempts,
             stale_after_ms: c.stale_after_ms,
+            min_acked: c.min_acked,
+            min_acked_majority: c.min_acked_majority,
         }
     }
 }
@@ -281,6 +288,8 @@ impl Config {
             retry_jitter_pct: r.retry_jitter_pct,
             group_attempts: r.group_attempts,
             stale_after_ms: r.stale_after_ms,
+            min_acked: r.min_acked,
+            min_acked_majority: r.min_acked_majority,
             triggers: TriggerConfig {
                 max_encryptions: off(t.max_encryptions),
                 max_decryptions: off(t.max_decryptions),
@@ -327,6 +336,12 @@ retry_jitter_pct = {rj}
 group_attempts = {ga}
 # A node that has not answered this long after a phase began is marked stale (ms).
 stale_after_ms = {stale}
+# A round goes on (leaving silent nodes stale) only when at least min_acked
+# nodes confirmed the phase and, with min_acked_majority, more than half of the
+# joined nodes; otherwise it is paused (the old key stays current) and retried
+# until nodes answer again. When no node answers, the controller is the one cut off.
+min_acked = {mina}
+min_acked_majority = {minm}
 
 [triggers]
 # Rekey when fleet-wide counts under the current key exceed these (0 = off).
@@ -371,6 +386,8 @@ refusal_max_sources = {rms}
             rj = r.retry_jitter_pct,
             ga = r.group_attempts,
             stale = r.stale_after_ms,
+            mina = r.min_acked,
+            minm = r.min_acked_majority,
             me = t.max_encryptions,
             md = t.max_decryptions,
             mt = t.max_total,

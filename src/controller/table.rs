@@ -21,11 +21,11 @@
 use std::collections::HashMap;
 
 use crate::protocol::{
-    ControllerMachine, ControllerPersist, MemberStatus, Record, Refusal, TriggerOutcome,
-    TriggerReason,
+    ControllerMachine, ControllerPersist, MemberStatus, Record, Refusal, ResumeCause,
+    TriggerOutcome, TriggerReason,
 };
 use crate::ratecount::{RateCounter, Seen, Summary};
-use crate::store::{AuditKind, NodeState, Outcome, Phase, Store, StoreError, Trigger};
+use crate::store::{AuditKind, Handout, NodeState, Outcome, Phase, Store, StoreError, Trigger};
 use crate::wire::{RoundPhase, Step};
 
 type Result<T> = std::result::Result<T, StoreError>;
@@ -68,6 +68,33 @@ fn detail(reason: &TriggerReason) -> serde_json::Value {
         o.insert("text".into(), reason.to_string().into());
     }
     v
+}
+
+/// Why a round paused, in words (the rounds table and the audit log).
+pub fn pause_text(
+    phase: RoundPhase,
+    confirmed: u32,
+    needed: u32,
+    joined: u32,
+    silent: &[crate::wire::NodeId],
+) -> String {
+    let who = if silent.is_empty() {
+        String::new()
+    } else {
+        let names: Vec<&str> = silent.iter().map(|n| n.as_str()).collect();
+        format!("; silent: {}", names.join(", "))
+    };
+    if confirmed == 0 {
+        format!(
+            "no node answered in phase {phase:?} ({joined} joined): the controller may be cut off; \
+             nobody was marked stale, the old key stays current, retrying{who}"
+        )
+    } else {
+        format!(
+            "{confirmed} of {joined} joined nodes confirmed phase {phase:?}, {needed} needed; \
+             the old key stays current, retrying{who}"
+        )
+    }
 }
 
 /// Logs a failed row and goes on.
@@ -268,7 +295,7 @@ impl Table {
                     );
                 }
             }
-            let known = s.current_epoch()?.unwrap_or(0);
+            let known = s.newest_epoch()?.unwrap_or(0);
             let ensure_key = |s: &mut Store, epoch: u32, check: String, why: &TriggerReason| {
                 if u64::from(epoch) > known {
                     soft(
@@ -289,6 +316,11 @@ impl Table {
                 p.core.current.epoch().0,
                 p.core.current.check_value().to_string(),
                 &TriggerReason::Initial,
+            );
+            // The state's current key is current, whatever the table missed.
+            soft(
+                "the current key",
+                s.activate_key(p.core.current.epoch().0.into(), now_ms),
             );
             let open = s.unfinished_round()?;
             match (&p.core.round, open) {
@@ -466,9 +498,20 @@ fn write_one(s: &mut Store, rounds: &mut HashMap<u32, i64>, r: &Record, ctx: &Ct
             s.remove_node(node_id.as_str(), "keyfleet remove", at.0),
         ),
         Record::JoinAnswered {
-            node_id, epoch, at, ..
+            node_id,
+            epoch,
+            round_epoch,
+            at,
+            ..
         } => {
             soft("a join", s.node_seen(&[node_id.as_str()], at.0));
+            let epochs: Vec<u64> = std::iter::once(epoch.0.into())
+                .chain(round_epoch.map(|e| e.0.into()))
+                .collect();
+            soft(
+                "a key handed out",
+                s.record_handout(&epochs, node_id.as_str(), Handout::Join, at.0),
+            );
             soft(
                 "a join",
                 s.audit(
@@ -485,10 +528,18 @@ fn write_one(s: &mut Store, rounds: &mut HashMap<u32, i64>, r: &Record, ctx: &Ct
             held,
             epoch,
             round,
+            round_epoch,
             at,
             ..
         } => {
             soft("a key request", s.node_seen(&[node_id.as_str()], at.0));
+            let epochs: Vec<u64> = std::iter::once(epoch.0.into())
+                .chain(round_epoch.map(|e| e.0.into()))
+                .collect();
+            soft(
+                "a key handed out",
+                s.record_handout(&epochs, node_id.as_str(), Handout::KeyRequest, at.0),
+            );
             soft(
                 "a key request",
                 s.audit(
@@ -533,9 +584,16 @@ fn write_one(s: &mut Store, rounds: &mut HashMap<u32, i64>, r: &Record, ctx: &Ct
                 );
             }
         }
-        Record::NodeAddressChanged { node_id, to, .. } => soft(
-            "an address",
-            s.set_address(node_id.as_str(), &to.to_string()),
+        Record::NodeAddressChanged {
+            node_id,
+            to,
+            message,
+            seq,
+            at,
+            ..
+        } => soft(
+            "an address change",
+            s.record_address_change(node_id.as_str(), &to.to_string(), message, *seq, at.0),
         ),
         Record::KeySent {
             epoch, node_id, at, ..
@@ -593,6 +651,10 @@ fn write_one(s: &mut Store, rounds: &mut HashMap<u32, i64>, r: &Record, ctx: &Ct
             stale,
             ..
         } => {
+            soft(
+                "the new current key",
+                s.activate_key(epoch.0.into(), finished_at.0),
+            );
             if let Some(id) = rounds.remove(&epoch.0) {
                 soft(
                     "the end of a round",
@@ -631,6 +693,58 @@ fn write_one(s: &mut Store, rounds: &mut HashMap<u32, i64>, r: &Record, ctx: &Ct
                         "reason": reason.to_string(),
                         "refusal": reason,
                     }),
+                    at.0,
+                )
+                .map(drop),
+            );
+        }
+        Record::RoundPaused {
+            epoch,
+            phase,
+            confirmed,
+            needed,
+            joined,
+            silent,
+            at,
+            ..
+        } => {
+            let text = pause_text(*phase, *confirmed, *needed, *joined, silent);
+            if let Some(id) = rounds.get(&epoch.0) {
+                soft("a paused round", s.round_paused(*id, &text, at.0));
+            }
+            soft(
+                "a paused round",
+                s.audit(
+                    AuditKind::RoundPaused,
+                    None,
+                    &serde_json::json!({
+                        "epoch": epoch.0, "phase": phase, "confirmed": confirmed,
+                        "needed": needed, "joined": joined, "silent": silent,
+                        "text": text,
+                    }),
+                    at.0,
+                )
+                .map(drop),
+            );
+        }
+        Record::RoundResumed {
+            epoch,
+            phase,
+            cause,
+            at,
+        } => {
+            if let Some(id) = rounds.get(&epoch.0) {
+                soft("a resumed round", s.round_resumed(*id));
+            }
+            soft(
+                "a resumed round",
+                s.audit(
+                    AuditKind::RoundResumed,
+                    match cause {
+                        ResumeCause::Answer { node_id, .. } => Some(node_id.as_str()),
+                        _ => None,
+                    },
+                    &serde_json::json!({ "epoch": epoch.0, "phase": phase, "cause": cause }),
                     at.0,
                 )
                 .map(drop),

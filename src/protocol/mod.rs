@@ -28,7 +28,7 @@ mod triggers;
 pub use controller::{
     CommandError, ControllerAction, ControllerConfig, ControllerCore, ControllerInput,
     ControllerMachine, ControllerPersist, ControllerTimer, MemberPersist, MemberStatus, PhaseTimes,
-    Record, RestoreError, RoundPersist, TriggerOutcome, Via,
+    Record, RestoreError, ResumeCause, RoundPersist, TriggerOutcome, Via,
 };
 pub use node::{
     Delivered, NodeAction, NodeConfig, NodeEvent, NodeInput, NodeMachine, NodePersist, NodeState,

@@ -75,7 +75,51 @@ CREATE INDEX audit_by_node ON audit(node_id) WHERE node_id IS NOT NULL;
 CREATE INDEX rounds_by_epoch ON rounds(epoch);
 "#;
 
-const MIGRATIONS: &[M<'static>] = &[M::up(V1).foreign_key_check(), M::up(V2)];
+/// Version 3 (state revision 2, issue 12): what claim 6 asks of the table.
+/// Every address change of a node as a row (old, new, when, which
+/// authenticated message caused it); keys handed out by a join or a key
+/// request; when each key became current (a round that did not complete
+/// never makes its key current); pauses of a round that reached too few nodes.
+///
+/// Keys of older databases count as activated when a completed round brought
+/// them, when they are the initial key, or when they were retired.
+const V3: &str = r#"
+CREATE TABLE address_changes (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    node_id     TEXT NOT NULL REFERENCES nodes(node_id),
+    old_address TEXT NOT NULL,
+    new_address TEXT NOT NULL,
+    at_ms       INTEGER NOT NULL,
+    message     TEXT NOT NULL,
+    seq         INTEGER NOT NULL CHECK (seq >= 0)
+) STRICT;
+CREATE INDEX address_changes_by_node ON address_changes(node_id, id);
+
+CREATE TABLE key_handouts (
+    id      INTEGER PRIMARY KEY AUTOINCREMENT,
+    epoch   INTEGER NOT NULL REFERENCES keys(epoch),
+    node_id TEXT NOT NULL REFERENCES nodes(node_id),
+    via     TEXT NOT NULL CHECK (via IN ('Join', 'KeyRequest')),
+    at_ms   INTEGER NOT NULL
+) STRICT;
+CREATE INDEX key_handouts_by_epoch ON key_handouts(epoch, id);
+
+ALTER TABLE keys ADD COLUMN activated_at_ms INTEGER;
+UPDATE keys SET activated_at_ms = COALESCE(
+    (SELECT MIN(r.finished_at_ms) FROM rounds r
+      WHERE r.epoch = keys.epoch AND r.outcome = 'Completed'),
+    CASE WHEN trigger = 'Initial' OR retired_at_ms IS NOT NULL THEN created_at_ms END);
+
+ALTER TABLE rounds ADD COLUMN pauses INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE rounds ADD COLUMN paused_at_ms INTEGER;
+ALTER TABLE rounds ADD COLUMN pause_detail TEXT;
+"#;
+
+const MIGRATIONS: &[M<'static>] = &[
+    M::up(V1).foreign_key_check(),
+    M::up(V2),
+    M::up(V3).foreign_key_check(),
+];
 
 pub(crate) fn migrations() -> Migrations<'static> {
     Migrations::from_slice(MIGRATIONS)

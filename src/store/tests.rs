@@ -116,8 +116,16 @@ fn key_history_records_sends_acks_and_retirement() {
         50,
     )
     .unwrap();
+    // Made, not yet current: its round has not completed.
+    assert_eq!(s.current_epoch().unwrap(), Some(1));
+    assert_eq!(s.newest_epoch().unwrap(), Some(2));
+    s.activate_key(2, 60).unwrap();
     s.retire_key(1, 60).unwrap();
     assert_eq!(s.current_epoch().unwrap(), Some(2));
+    assert!(matches!(
+        s.activate_key(9, 61),
+        Err(StoreError::UnknownEpoch(9))
+    ));
 
     let h = s.history().unwrap();
     assert_eq!(h.len(), 2);
@@ -312,7 +320,7 @@ fn migrates_a_version_1_database_keeping_its_rows() {
         assert_eq!(v, 1);
     }
     let s = Store::open(&path).unwrap();
-    assert_eq!(s.schema_version().unwrap(), 2);
+    assert_eq!(s.schema_version().unwrap(), SCHEMA_VERSION as i64);
     let n = s.node("old").unwrap().unwrap();
     assert_eq!((n.state, n.enrolled_at_ms), (NodeState::UpdateCompleted, 5));
     let idx: i64 = s
@@ -372,4 +380,87 @@ fn batch_commits_together_and_a_failed_call_inside_undoes_only_itself() {
     assert!(matches!(err, Err(StoreError::AlreadyEnrolled(_))));
     assert!(s.node("c").unwrap().is_none());
     assert_eq!(s.integrity_check().unwrap(), Ok(()));
+}
+
+#[test]
+fn address_changes_handouts_and_pauses_are_rows() {
+    let (_d, mut s) = open();
+    s.enroll_node("a", "10.0.0.1:7000", "ck", 1).unwrap();
+    s.record_key_created(1, "c1", Trigger::Initial, &json!(null), &[] as &[&str], 2)
+        .unwrap();
+    s.record_address_change("a", "10.0.0.9:7001", "join", 17, 3)
+        .unwrap();
+    s.record_address_change("a", "10.0.0.9:7002", "key_request", 18, 4)
+        .unwrap();
+    assert_eq!(s.node("a").unwrap().unwrap().address, "10.0.0.9:7002");
+    let h = s.address_history("a").unwrap();
+    assert_eq!(
+        h.iter()
+            .map(|c| (
+                c.old_address.as_str(),
+                c.new_address.as_str(),
+                c.message.as_str(),
+                c.seq,
+                c.at_ms
+            ))
+            .collect::<Vec<_>>(),
+        vec![
+            ("10.0.0.1:7000", "10.0.0.9:7001", "join", 17, 3),
+            ("10.0.0.9:7001", "10.0.0.9:7002", "key_request", 18, 4)
+        ]
+    );
+    assert_eq!(s.address_changes().unwrap(), h);
+    assert!(matches!(
+        s.record_address_change("zz", "10.0.0.9:1", "join", 1, 5),
+        Err(StoreError::UnknownNode(_))
+    ));
+    assert!(matches!(
+        s.record_address_change("a", "no port", "join", 1, 5),
+        Err(StoreError::BadAddress(_))
+    ));
+
+    // The initial key is current at once; a round's key once activated.
+    s.record_key_created(2, "c2", Trigger::Manual, &json!(null), &["a"], 6)
+        .unwrap();
+    s.record_handout(&[1], "a", Handout::Join, 7).unwrap();
+    s.record_handout(&[1, 2], "a", Handout::KeyRequest, 8)
+        .unwrap();
+    assert!(matches!(
+        s.record_handout(&[9], "a", Handout::Join, 9),
+        Err(StoreError::UnknownEpoch(9))
+    ));
+    let keys = s.history().unwrap();
+    assert_eq!(keys[0].activated_at_ms, Some(2));
+    assert_eq!(keys[1].activated_at_ms, None);
+    let vias = |k: &KeyRecord| {
+        k.handouts
+            .iter()
+            .map(|h| (h.via, h.at_ms))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        vias(&keys[0]),
+        [(Handout::Join, 7), (Handout::KeyRequest, 8)]
+    );
+    assert_eq!(vias(&keys[1]), [(Handout::KeyRequest, 8)]);
+    assert_eq!(
+        keys[1].deliveries.len(),
+        1,
+        "the round's delivery row stays apart"
+    );
+
+    let id = s.round_started(2, 1, 6).unwrap();
+    s.round_paused(id, "no node answered", 10).unwrap();
+    let r = s.unfinished_round().unwrap().unwrap();
+    assert_eq!((r.pauses, r.paused_at_ms), (1, Some(10)));
+    assert_eq!(r.pause_detail.as_deref(), Some("no node answered"));
+    s.round_resumed(id).unwrap();
+    s.round_paused(id, "1 of 3", 12).unwrap();
+    s.round_finished(id, Outcome::Completed, None, 1, 0, 20)
+        .unwrap();
+    let r = &s.rounds().unwrap()[0];
+    assert_eq!((r.pauses, r.paused_at_ms), (2, None));
+    assert_eq!(s.current_epoch().unwrap(), Some(1));
+    s.activate_key(2, 20).unwrap();
+    assert_eq!(s.current_epoch().unwrap(), Some(2));
 }

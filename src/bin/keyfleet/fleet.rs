@@ -291,7 +291,12 @@ pub fn progress_bar(json: bool) -> Option<indicatif::ProgressBar> {
 pub fn show_progress(pb: &Option<indicatif::ProgressBar>, p: &controller::Progress) {
     if let Some(pb) = pb {
         pb.set_prefix(p.epoch.to_string());
-        pb.set_message(p.phase.replace('_', " "));
+        let phase = p.phase.replace('_', " ");
+        pb.set_message(if p.paused {
+            format!("{phase} (paused)")
+        } else {
+            phase
+        });
         pb.set_length(p.total.into());
         pb.set_position(p.acked.into());
     }

@@ -76,10 +76,8 @@ fn main() -> anyhow::Result<std::process::ExitCode> {
         Command::Status(a) => {
             status::status(&cli.global, a).map(|()| std::process::ExitCode::SUCCESS)
         }
-        Command::Rekey(a) => rekey::rekey(&cli.global, a).map(|()| std::process::ExitCode::SUCCESS),
-        Command::Remove(a) => {
-            rekey::remove(&cli.global, a).map(|()| std::process::ExitCode::SUCCESS)
-        }
+        Command::Rekey(a) => rekey::rekey(&cli.global, a),
+        Command::Remove(a) => rekey::remove(&cli.global, a),
         Command::History(a) => {
             status::history(&cli.global, a).map(|()| std::process::ExitCode::SUCCESS)
         }
