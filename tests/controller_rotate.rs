@@ -439,7 +439,7 @@ fn one_shot_rekey_lingers_only_when_a_node_is_missing() {
     let leaving = Shells::start(leave, ctl.group, ctl.addr());
     ctl.enroll_all(&specs);
 
-    let rekey = |what: &str| {
+    let rekey = |what: &str, code: i32| {
         let out = ctl.dir.path().join("rekey.out");
         let err = ctl.dir.path().join("rekey.err");
         let mut child = Proc(
@@ -455,11 +455,11 @@ fn one_shot_rekey_lingers_only_when_a_node_is_missing() {
             status.is_some()
         });
         let log = std::fs::read_to_string(&err).unwrap();
-        assert!(status.unwrap().success(), "{log}");
+        assert_eq!(status.unwrap().code(), Some(code), "{log}");
         let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
         (r, log)
     };
-    let (r, log) = rekey("rekey to return although linger_ms is 10 minutes");
+    let (r, log) = rekey("rekey to return although linger_ms is 10 minutes", 0);
     assert_eq!(
         (
             r["nodes"].as_u64(),
@@ -482,7 +482,7 @@ fn one_shot_rekey_lingers_only_when_a_node_is_missing() {
             .replace("linger_ms = 600000", "linger_ms = 500"),
     )
     .unwrap();
-    let (r, log) = rekey("rekey with a stale node to return");
+    let (r, log) = rekey("rekey with a stale node to return (exit 3: stale nodes)", 3);
     assert_eq!(
         (
             r["nodes"].as_u64(),
