@@ -199,7 +199,8 @@ pub struct RekeyConfig {
     /// Before the round, wait up to this long for enrolled nodes that have
     /// never joined to join (agents retry their join at most every ~10 s).
     pub join_wait_ms: u64,
-    /// After the round, keep answering key requests this long.
+    /// After a round some node missed (stale, or never joined), keep
+    /// answering key requests this long; no wait when every node acknowledged.
     pub linger_ms: u64,
 }
 

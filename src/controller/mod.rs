@@ -1070,9 +1070,10 @@ impl Controller {
     /// finished first and reported in `earlier`), waits (up to
     /// `rekey.join_wait_ms`) for enrolled nodes that never joined, runs the
     /// round to its end or until it pauses (too few nodes answered: the next
-    /// `rekey` or `serve` carries it on), answers late key requests for
-    /// `rekey.linger_ms`, and returns. `update` gets the progress and, when the
-    /// command waits behind a round in progress, a [`control::Reply::Queued`].
+    /// `rekey` or `serve` carries it on), and returns: at once when every node
+    /// acknowledged the second transition request, else after answering late
+    /// key requests for `rekey.linger_ms`. `update` gets the progress and, when
+    /// the command waits behind a round in progress, a [`control::Reply::Queued`].
     pub async fn run_round(
         &mut self,
         cmd: RoundCommand,
@@ -1166,7 +1167,28 @@ impl Controller {
             self.step(&mut net).await?;
             self.flush(Some(&net)).await?;
         };
-        let linger_until = self.clock.now_ms() + self.opts.config.rekey.linger_ms;
+        // Every node in the round acknowledged the second transition request
+        // and every enrolled node took part: nobody will ask for the key late,
+        // so return at once. Otherwise a missing node (stale, or never joined)
+        // may come back asking; answer it for `rekey.linger_ms`.
+        let missing = report.nodes.saturating_sub(report.acked) as usize + self.unjoined();
+        let linger_ms = if missing == 0 {
+            tracing::info!(
+                epoch = report.epoch,
+                "every node acknowledged the second transition request; not lingering"
+            );
+            0
+        } else {
+            let ms = self.opts.config.rekey.linger_ms;
+            tracing::info!(
+                epoch = report.epoch,
+                missing,
+                linger_ms = ms,
+                "nodes missing from the round; answering late key requests before returning"
+            );
+            ms
+        };
+        let linger_until = self.clock.now_ms() + linger_ms;
         while self.clock.now_ms() < linger_until {
             let left = Duration::from_millis(linger_until.saturating_sub(self.clock.now_ms()));
             match tokio::time::timeout(left, self.step(&mut net)).await {
