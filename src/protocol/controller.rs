@@ -34,9 +34,33 @@
 //!
 //! A node that does not answer within `stale_after_ms` of the phase start is
 //! marked *stale* (`Record::NodeStale`), left out of the round, and counted
-//! live again when it catches up through a key request (SPEC §5). When a stale
+//! live again when it catches up through a key request (SPEC §5) — but only
+//! when enough others confirmed the phase ([`ControllerMachine::needed`]:
+//! `min_acked` and a majority of the joined nodes). With fewer (none at all:
+//! the controller is the one cut off) the round is *paused*
+//! (`Record::RoundPaused`): nobody is marked stale, the old key stays
+//! current, retries go on, and the first confirmation, a restart, a rekey by
+//! hand or a removal resumes it (`Record::RoundResumed`) with a fresh stale
+//! deadline. A phase never ends with fewer confirmations than needed. When a stale
 //! node shows it is alive (a usage report, a reply out of step) the controller
 //! sends it a resync request, so it asks even without a link-up.
+//!
+//! Node messages and group data (SECURITY.md §2a): a node message counts only
+//! if its MAC holds and its sequence number is fresh for the member's window,
+//! whose top is persisted (`MemberPersist::seq_seen`) so a restart does not
+//! reopen replays; a member's recorded address moves only on a reply that
+//! moved it forward in the round in progress; key requests and joins are
+//! budgeted per member (`member_request_burst`, `member_request_interval_ms`).
+//! Group data must open under a key before it moves any replay state, and is
+//! checked by the nodes' own rule ([`DataReplay`]): fresh data that opens is a
+//! member's own or sets off the leaked-key trigger. Rounds set off by what
+//! nodes send are spaced by `node_trigger_min_interval_ms`.
+//!
+//! **Beacon.** Every `beacon_interval_ms` (default 1 s) the controller sends
+//! the group a signed beacon: its term, current epoch, the round's epoch and
+//! phase, and its unicast address (SPEC §5). While none of these change it
+//! resends the same bytes (same sequence number, same signature), so nodes
+//! compare a digest; a change takes a fresh sequence number and one signature.
 //!
 //! Persistence is incremental: `PersistCore` (keys, round, counters) at every
 //! phase change and `PersistMember` at every change of a member's row. Per-node
@@ -47,8 +71,8 @@ use super::triggers::{TriggerConfig, TriggerReason};
 use super::{backoff, Refusal, Time};
 use crate::crypto::{CheckValue, Epoch, GroupKey, InitialKey, NodeKeys};
 use crate::wire::{
-    self, KeyState, Maced, Message, NodeId, ReplayWindow, RoundPhase, RoundState, Seen, Step,
-    MAX_BATCH_ENTRIES,
+    self, DataReplay, DataSeen, KeyState, Maced, Message, NodeId, ReplayWindow, RoundPhase,
+    RoundState, Seen, Step, MAX_BATCH_ENTRIES,
 };
 use core::net::SocketAddr;
 use ed25519_dalek::SigningKey;
@@ -60,6 +84,10 @@ use thiserror::Error;
 use zeroize::Zeroize;
 
 const SEQ_BLOCK: u64 = 4096;
+
+/// The leader term this controller announces in its beacons (issue 16 brings
+/// more than one controller; until then it is always 1).
+pub const TERM: u32 = 1;
 
 /// Controller settings. Defaults are documented on each field.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -78,7 +106,28 @@ pub struct ControllerConfig {
     pub group_attempts: u32,
     /// A node that has not answered this long after a phase began is stale (default 60000 ms).
     pub stale_after_ms: u64,
+    /// A phase ends (leaving the silent nodes stale) only once at least this
+    /// many nodes confirmed it (default 1; never more than the joined nodes)…
+    pub min_acked: u32,
+    /// …and, when true (default), more than half of the joined nodes. Below
+    /// that the round is paused and retried, not completed.
+    pub min_acked_majority: bool,
+    /// Key requests and joins a member may send in a burst (default 4)…
+    pub member_request_burst: u32,
+    /// …and then one per this many ms (default 500); more are refused
+    /// (`rate_limited`, rate-counted in the audit log): each answer costs two
+    /// key wraps, a signature and an audit row.
+    pub member_request_interval_ms: u64,
+    /// A rekey round set off by what nodes report (usage counts) starts at
+    /// most once per this many ms (default 30000): a node's keys alone cannot
+    /// make the fleet rotate back to back.
+    pub node_trigger_min_interval_ms: u64,
     pub triggers: TriggerConfig,
+    /// Send a signed beacon to the group this often (default 1000 ms); 0 = never.
+    pub beacon_interval_ms: u64,
+    /// The controller's unicast address, announced in the beacon (the shell
+    /// sets it to its socket's; an unspecified IP means "the beacon's source").
+    pub address: SocketAddr,
 }
 
 impl Default for ControllerConfig {
@@ -90,7 +139,14 @@ impl Default for ControllerConfig {
             retry_jitter_pct: 25,
             group_attempts: 2,
             stale_after_ms: 60_000,
+            min_acked: 1,
+            min_acked_majority: true,
+            member_request_burst: 4,
+            member_request_interval_ms: 500,
+            node_trigger_min_interval_ms: 30_000,
             triggers: TriggerConfig::default(),
+            beacon_interval_ms: 1000,
+            address: SocketAddr::from(([0, 0, 0, 0], 47800)),
         }
     }
 }
@@ -102,6 +158,8 @@ pub enum ControllerTimer {
     Round,
     /// The key-age trigger.
     KeyAge,
+    /// The next beacon.
+    Beacon,
 }
 
 /// What a shell feeds the controller.
@@ -230,21 +288,26 @@ pub enum Record {
         node_id: NodeId,
         at: Time,
     },
-    /// A join was answered with the member number and key state.
+    /// A join was answered with the member number and key state: the current
+    /// key (`epoch`) and, during a round, the round's key (`round_epoch`).
     JoinAnswered {
         member: u32,
         node_id: NodeId,
         addr: SocketAddr,
         epoch: Epoch,
+        round_epoch: Option<Epoch>,
         at: Time,
     },
-    /// A key request (SPEC §5) was answered; `held` is the newest epoch the node had.
+    /// A key request (SPEC §5) was answered; `held` is the newest epoch the
+    /// node had; the answer carried the key of `epoch` and, during a round,
+    /// the round's key (`round_epoch`).
     KeyRequestAnswered {
         member: u32,
         node_id: NodeId,
         held: Epoch,
         epoch: Epoch,
         round: Option<RoundPhase>,
+        round_epoch: Option<Epoch>,
         at: Time,
     },
     /// A member's status changed (joined → active, active → stale, stale → active).
@@ -256,11 +319,15 @@ pub enum Record {
         epoch: Epoch,
         at: Time,
     },
+    /// A node's authenticated message (`message`, its sequence number `seq`)
+    /// came from a new address.
     NodeAddressChanged {
         member: u32,
         node_id: NodeId,
         from: SocketAddr,
         to: SocketAddr,
+        message: &'static str,
+        seq: u64,
         at: Time,
     },
     /// The new key went to one node (in a group batch or by unicast); `attempt` counts from 1 per phase.
@@ -310,6 +377,9 @@ pub enum Record {
         waiting: u32,
         at: Time,
     },
+    /// The round completed: its key is current. `nodes` are the joined nodes
+    /// (active or stale), `enrolled` every enrolled one; `stale_nodes` did not
+    /// get the key in the round, `not_joined` never joined (they get it when they do).
     RoundFinished {
         epoch: Epoch,
         check: CheckValue,
@@ -320,6 +390,34 @@ pub enum Record {
         nodes: u32,
         acked: u32,
         stale: u32,
+        enrolled: u32,
+        stale_nodes: Vec<NodeId>,
+        not_joined: Vec<NodeId>,
+        /// Times the round was paused on its way.
+        pauses: u32,
+    },
+    /// Too few nodes confirmed `phase` by its deadline (`confirmed` of the
+    /// `needed`; none at all means the controller is the one cut off): nobody
+    /// is marked stale, the old key stays current, and the round waits,
+    /// retrying, until nodes answer again.
+    RoundPaused {
+        epoch: Epoch,
+        phase: RoundPhase,
+        confirmed: u32,
+        needed: u32,
+        joined: u32,
+        /// Live nodes that have not confirmed the phase.
+        silent: Vec<NodeId>,
+        /// Pauses of this round so far, this one included.
+        pauses: u32,
+        at: Time,
+    },
+    /// A paused round goes on.
+    RoundResumed {
+        epoch: Epoch,
+        phase: RoundPhase,
+        cause: ResumeCause,
+        at: Time,
     },
     /// A datagram was refused (bad signature/MAC, replay, unknown member, …).
     Refused {
@@ -327,6 +425,20 @@ pub enum Record {
         reason: Refusal,
         at: Time,
     },
+}
+
+/// Why a paused round goes on.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "cause", rename_all = "snake_case")]
+pub enum ResumeCause {
+    /// A node confirmed the phase: the controller hears the fleet again.
+    Answer { member: u32, node_id: NodeId },
+    /// The controller restarted (`serve`, or a `rekey` that found the round).
+    Restart,
+    /// A rekey by hand during the pause: retry at once.
+    Rekey,
+    /// A node was removed: the round is judged again without it.
+    Removed { node_id: NodeId },
 }
 
 /// What the controller asks its shell to do, in order.
@@ -401,6 +513,12 @@ pub struct RoundPersist {
     pub drain_until: Option<Time>,
     pub activated_at: Option<Time>,
     pub phases_ms: PhaseTimes,
+    /// Paused since (too few nodes answered); absent in revision-1 files.
+    #[serde(default)]
+    pub paused_at: Option<Time>,
+    /// Times paused so far.
+    #[serde(default)]
+    pub pauses: u32,
 }
 
 /// One row of the management table's node list. Key bytes zeroized on drop.
@@ -413,6 +531,12 @@ pub struct MemberPersist {
     pub fingerprint: String,
     pub status: MemberStatus,
     pub enrolled_at: Time,
+    /// Highest sequence number accepted from this node, so that a restarted
+    /// controller refuses replays of what it accepted before (absent in
+    /// revision-1 files: nothing known). Saved with every snapshot, at most a
+    /// second after it moved while messages flow, and at a clean stop.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seq_seen: Option<u64>,
 }
 
 /// Everything needed to restore a controller: its core and the member rows.
@@ -430,9 +554,12 @@ struct Member {
     /// Requests sent to this member in the current phase.
     attempts: u32,
     replay: ReplayWindow,
-    /// Sequence numbers of the group data this member sent from its address,
-    /// so that a copy replayed from elsewhere is not taken for a leak.
-    data_seen: ReplayWindow,
+    /// The source of this member's latest fresh authenticated message (in
+    /// memory): its data from there is its own, as from its recorded address.
+    last_from: Option<SocketAddr>,
+    /// Key request / join budget: tokens left and when they were counted.
+    tokens: u32,
+    tokens_at: Time,
     /// Cumulative counts reported for the current key.
     seals: u64,
     opens: u64,
@@ -446,6 +573,12 @@ struct Round {
     reason: TriggerReason,
     started_at: Time,
     phase_started: Time,
+    /// The stale deadline counts from here: the phase start, or the moment a
+    /// pause ended (the controller, not the nodes, was away).
+    stale_from: Time,
+    /// Paused since: too few nodes confirmed the phase by its deadline.
+    paused: Option<Time>,
+    pauses: u32,
     drain_until: Option<Time>,
     activated_at: Option<Time>,
     phases_ms: PhaseTimes,
@@ -506,7 +639,23 @@ pub struct ControllerMachine {
     total_opens: u64,
     round_timer: Option<Time>,
     age_timer: Option<Time>,
+    /// The key the last round retired: nodes that have not taken the second
+    /// transition request yet still open data under it, so the controller
+    /// still checks such data for a leak.
+    previous: Option<GroupKey>,
+    /// Group data replay state, by the rule the nodes use.
+    data_replay: DataReplay,
+    /// A sequence number accepted since the last snapshot was written.
+    marks_unsaved: bool,
+    /// When the last round set off by node reports started.
+    node_trigger_at: Option<Time>,
+    beacon_due: Option<Time>,
+    /// The last beacon: what it said and its signed bytes (resent while nothing changes).
+    beacon: Option<(BeaconState, Vec<u8>)>,
 }
+
+/// What a beacon says; a change of it takes a new sequence number.
+type BeaconState = (Epoch, Option<(Epoch, RoundPhase)>, SocketAddr);
 
 impl ControllerMachine {
     /// A new controller with a fresh signing key and the fleet's first group key (epoch 1).
@@ -539,6 +688,12 @@ impl ControllerMachine {
             total_opens: 0,
             round_timer: None,
             age_timer: None,
+            previous: None,
+            data_replay: DataReplay::new(super::NodeConfig::default().data_replay_senders),
+            marks_unsaved: false,
+            node_trigger_at: None,
+            beacon_due: None,
+            beacon: None,
         };
         c.persist_core(out);
         c
@@ -572,6 +727,9 @@ impl ControllerMachine {
             started_at: r.started_at,
             // The stale clock restarts: the controller, not the nodes, was away.
             phase_started: now,
+            stale_from: now,
+            paused: r.paused_at,
+            pauses: r.pauses,
             drain_until: r.drain_until,
             activated_at: r.activated_at,
             phases_ms: r.phases_ms,
@@ -597,6 +755,12 @@ impl ControllerMachine {
             total_opens: 0,
             round_timer: None,
             age_timer: None,
+            previous: None,
+            data_replay: DataReplay::new(super::NodeConfig::default().data_replay_senders),
+            marks_unsaved: false,
+            node_trigger_at: None,
+            beacon_due: None,
+            beacon: None,
         };
         c.next_member_floor(core.next_member);
         Ok(c)
@@ -624,11 +788,26 @@ impl ControllerMachine {
                 drain_until: r.drain_until,
                 activated_at: r.activated_at,
                 phases_ms: r.phases_ms,
+                paused_at: r.paused,
+                pauses: r.pauses,
             }),
             seq_reserved: self.seq_reserved,
             next_member: self.members.len() as u32,
             pending: self.pending.clone(),
         }
+    }
+
+    /// Whether a node's sequence number was accepted since the last snapshot
+    /// was taken with [`Self::snapshot_saved`]: the shell writes one at most
+    /// every second or so while this holds, and at a clean stop, so a restarted
+    /// controller still refuses replays (no write per message).
+    pub fn replay_marks_unsaved(&self) -> bool {
+        self.marks_unsaved
+    }
+
+    /// The shell wrote [`Self::snapshot`] durably.
+    pub fn snapshot_saved(&mut self) {
+        self.marks_unsaved = false;
     }
 
     /// The full snapshot (core and every member row).
@@ -648,6 +827,11 @@ impl ControllerMachine {
         self.signing.verifying_key().to_bytes()
     }
 
+    /// Sets the unicast address the beacon announces (the shell's socket).
+    pub fn set_address(&mut self, addr: SocketAddr) {
+        self.cfg.address = addr;
+    }
+
     pub fn current_epoch(&self) -> Epoch {
         self.current.epoch()
     }
@@ -655,6 +839,13 @@ impl ControllerMachine {
     /// The round in progress: its epoch and phase.
     pub fn round(&self) -> Option<(Epoch, RoundPhase)> {
         self.round.as_ref().map(|r| (r.epoch, r.phase))
+    }
+
+    /// The round in progress: when it started and its key's check value.
+    pub fn round_started(&self) -> Option<(Time, CheckValue)> {
+        self.round
+            .as_ref()
+            .map(|r| (r.started_at, r.key.check_value()))
     }
 
     /// Live members still to confirm the current phase.
@@ -668,6 +859,24 @@ impl ControllerMachine {
             .iter()
             .flatten()
             .map(|m| (m.row.member, &m.row.node_id, m.row.status))
+    }
+
+    /// Enrolled nodes that an enrollment of `initial_key` at `addr` would
+    /// duplicate: the node already enrolled with the same initial key (each
+    /// appliance has its own: a second one is a mislabelled or cloned
+    /// appliance), and the node already at the same address (an unspecified
+    /// address, not yet known, matches none).
+    pub fn enrolled_alike(
+        &self,
+        initial_key: &InitialKey,
+        addr: SocketAddr,
+    ) -> (Option<&NodeId>, Option<&NodeId>) {
+        let keys = NodeKeys::derive(initial_key);
+        let rows = || self.members.iter().flatten().map(|m| &m.row);
+        let same_key = rows().find(|r| r.keys.same_as(&keys)).map(|r| &r.node_id);
+        let known = !addr.ip().is_unspecified() && addr.port() != 0;
+        let same_addr = rows().find(|r| known && r.addr == addr).map(|r| &r.node_id);
+        (same_key, same_addr)
     }
 
     pub fn member_status(&self, node_id: &NodeId) -> Option<MemberStatus> {
@@ -707,6 +916,11 @@ impl ControllerMachine {
                 self.age_timer = None;
                 self.check_age(now, rng, out);
             }
+            ControllerInput::Timer(ControllerTimer::Beacon) => {
+                if self.beacon_due.is_some_and(|t| now >= t) {
+                    self.send_beacon(now, out);
+                }
+            }
             ControllerInput::Enroll {
                 node_id,
                 initial_key,
@@ -724,6 +938,7 @@ impl ControllerMachine {
                     fingerprint: initial_key.fingerprint(),
                     status: MemberStatus::Enrolled,
                     enrolled_at: now,
+                    seq_seen: None,
                 };
                 out.push(ControllerAction::PersistMember(Box::new(row.clone())));
                 out.push(ControllerAction::Record(Record::NodeEnrolled {
@@ -757,6 +972,15 @@ impl ControllerMachine {
                     node_id: node_id.clone(),
                     at: now,
                 }));
+                // A round paused for want of the removed node's answer is judged
+                // again without it (and pauses again if still too few answered).
+                self.resume(
+                    now,
+                    ResumeCause::Removed {
+                        node_id: node_id.clone(),
+                    },
+                    out,
+                );
                 if self.cfg.triggers.on_node_removed {
                     self.fire(now, TriggerReason::NodeRemoved { node_id }, rng, out);
                 }
@@ -773,13 +997,45 @@ impl ControllerMachine {
     }
 
     fn start(&mut self, now: Time, rng: &mut (impl RngCore + CryptoRng), out: &mut Out) {
+        self.resume(now, ResumeCause::Restart, out);
         if let Some(phase) = self.round.as_ref().map(|r| r.phase) {
             // Acknowledgements were not persisted: ask again; nodes answer idempotently.
             self.enter_phase(now, phase, rng, out);
         }
         self.arm_age(out);
         self.progress_round(now, rng, out);
+        self.start_pending(now, rng, out);
         self.check_age(now, rng, out);
+        self.send_beacon(now, out);
+    }
+
+    /// The beacon to the group, and the next one armed. The same bytes as the
+    /// last one while the state it tells is unchanged.
+    fn send_beacon(&mut self, now: Time, out: &mut Out) {
+        let every = self.cfg.beacon_interval_ms;
+        if every == 0 {
+            return;
+        }
+        let state: BeaconState = (self.current.epoch(), self.round(), self.cfg.address);
+        let bytes = match &self.beacon {
+            Some((s, bytes)) if *s == state => bytes.clone(),
+            _ => {
+                let seq = self.next_seq(out);
+                let bytes = wire::sign(
+                    wire::beacon(TERM, state.0, seq, state.1, state.2),
+                    &self.signing,
+                );
+                self.beacon = Some((state, bytes.clone()));
+                bytes
+            }
+        };
+        out.push(ControllerAction::SendGroup(bytes));
+        let at = now.plus(every);
+        self.beacon_due = Some(at);
+        out.push(ControllerAction::ArmTimer {
+            timer: ControllerTimer::Beacon,
+            at,
+        });
     }
 
     fn next_seq(&mut self, out: &mut Out) -> u64 {
@@ -829,7 +1085,18 @@ impl ControllerMachine {
         rng: &mut (impl RngCore + CryptoRng),
         out: &mut Out,
     ) {
-        if self.round.is_none() {
+        if reason == TriggerReason::Manual && self.resume(now, ResumeCause::Rekey, out) {
+            // Someone asks by hand while the round waits: retry at once.
+            if let Some(phase) = self.round.as_ref().map(|r| r.phase) {
+                self.enter_phase(now, phase, rng, out);
+                self.arm_round_timer(out);
+            }
+        }
+        let hold = node_caused(&reason)
+            && self
+                .node_trigger_at
+                .is_some_and(|t| now < t.plus(self.cfg.node_trigger_min_interval_ms));
+        if self.round.is_none() && !hold {
             Self::record(
                 out,
                 Record::TriggerFired {
@@ -838,6 +1105,9 @@ impl ControllerMachine {
                     at: now,
                 },
             );
+            if node_caused(&reason) {
+                self.node_trigger_at = Some(now);
+            }
             self.start_round(now, reason, rng, out);
         } else if self.pending.is_none() {
             Self::record(
@@ -850,6 +1120,7 @@ impl ControllerMachine {
             );
             self.pending = Some(reason);
             self.persist_core(out);
+            self.arm_round_timer(out);
         } else {
             Self::record(
                 out,
@@ -859,6 +1130,30 @@ impl ControllerMachine {
                     at: now,
                 },
             );
+        }
+    }
+
+    /// When the queued trigger may start its round (once no round runs): at
+    /// once, or, for one set off by nodes, `node_trigger_min_interval_ms`
+    /// after the last such round started.
+    fn pending_due(&self) -> Option<Time> {
+        let p = self.pending.as_ref()?;
+        match self.node_trigger_at {
+            Some(t) if node_caused(p) => Some(t.plus(self.cfg.node_trigger_min_interval_ms)),
+            _ => Some(Time(0)),
+        }
+    }
+
+    /// Starts the queued round if no round runs and it is due.
+    fn start_pending(&mut self, now: Time, rng: &mut (impl RngCore + CryptoRng), out: &mut Out) {
+        if self.round.is_some() || self.pending_due().is_none_or(|t| now < t) {
+            return;
+        }
+        if let Some(reason) = self.pending.take() {
+            if node_caused(&reason) {
+                self.node_trigger_at = Some(now);
+            }
+            self.start_round(now, reason, rng, out);
         }
     }
 
@@ -916,6 +1211,9 @@ impl ControllerMachine {
             reason,
             started_at: now,
             phase_started: now,
+            stale_from: now,
+            paused: None,
+            pauses: 0,
             drain_until: None,
             activated_at: None,
             phases_ms: PhaseTimes::default(),
@@ -944,6 +1242,7 @@ impl ControllerMachine {
         }
         r.phase = phase;
         r.phase_started = now;
+        r.stale_from = now;
         r.group_sent = 0;
         r.next_wave = None;
         r.retries.clear();
@@ -1176,12 +1475,21 @@ impl ControllerMachine {
     /// Timer work: group waves, unicast retries, the stale deadline, the drain.
     fn tick(&mut self, now: Time, rng: &mut (impl RngCore + CryptoRng), out: &mut Out) {
         let Some(r) = &self.round else {
+            self.start_pending(now, rng, out);
             self.arm_round_timer(out);
             return;
         };
         let phase = r.phase;
-        if r.waiting > 0 && now >= r.phase_started.plus(self.cfg.stale_after_ms) {
-            self.mark_stale(now, out);
+        if r.waiting > 0 && r.paused.is_none() && now >= r.stale_from.plus(self.cfg.stale_after_ms)
+        {
+            // Silent nodes are left out only if enough others confirmed the
+            // phase; otherwise (nobody answered: the controller is the one cut
+            // off; or too few did) nobody is marked stale and the round waits.
+            if self.confirmed() >= self.needed() {
+                self.mark_stale(now, out);
+            } else {
+                self.pause(now, out);
+            }
         }
         let Some(r) = &mut self.round else { return };
         if r.waiting > 0 && r.next_wave.is_some_and(|t| now >= t) {
@@ -1260,22 +1568,129 @@ impl ControllerMachine {
         }
     }
 
+    /// Nodes that joined (active or stale): the base of the majority.
+    fn joined(&self) -> u32 {
+        self.members
+            .iter()
+            .flatten()
+            .filter(|m| m.row.status != MemberStatus::Enrolled)
+            .count() as u32
+    }
+
+    /// Confirmations a phase needs before it may end (SPEC §2: a round that
+    /// reaches too few nodes is not completed): `min_acked` and, with
+    /// `min_acked_majority`, more than half the joined nodes; never more
+    /// than the joined nodes, and none when no node has joined yet.
+    pub fn needed(&self) -> u32 {
+        let joined = self.joined();
+        if joined == 0 {
+            return 0;
+        }
+        let mut n = self.cfg.min_acked;
+        if self.cfg.min_acked_majority {
+            n = n.max(joined / 2 + 1);
+        }
+        n.min(joined)
+    }
+
+    /// Live nodes that confirmed the current phase (in the drain: the first transition).
+    pub fn confirmed(&self) -> u32 {
+        let Some(r) = &self.round else { return 0 };
+        let target = target_progress(r.phase).unwrap_or(2);
+        self.members
+            .iter()
+            .flatten()
+            .filter(|m| m.row.status == MemberStatus::Active && m.progress >= target)
+            .count() as u32
+    }
+
+    /// Since when the round in progress is paused, if it is.
+    pub fn paused_since(&self) -> Option<Time> {
+        self.round.as_ref().and_then(|r| r.paused)
+    }
+
+    /// Pause the round: nobody is marked stale, the old key stays current,
+    /// retries go on; an answer, a restart or a rekey by hand resumes it.
+    fn pause(&mut self, now: Time, out: &mut Out) {
+        let (confirmed, needed, joined) = (self.confirmed(), self.needed(), self.joined());
+        let silent: Vec<NodeId> = (0..self.members.len() as u32)
+            .filter(|i| self.is_waiting(*i))
+            .filter_map(|i| self.member(i).map(|m| m.row.node_id.clone()))
+            .collect();
+        let Some(r) = &mut self.round else { return };
+        if r.paused.is_some() {
+            return;
+        }
+        r.paused = Some(now);
+        r.pauses += 1;
+        let (epoch, phase, pauses) = (r.epoch, r.phase, r.pauses);
+        Self::record(
+            out,
+            Record::RoundPaused {
+                epoch,
+                phase,
+                confirmed,
+                needed,
+                joined,
+                silent,
+                pauses,
+                at: now,
+            },
+        );
+        self.persist_core(out);
+        self.arm_round_timer(out);
+    }
+
+    /// End a pause; the stale deadline counts again from now. Returns whether
+    /// the round was paused.
+    fn resume(&mut self, now: Time, cause: ResumeCause, out: &mut Out) -> bool {
+        let Some(r) = &mut self.round else {
+            return false;
+        };
+        if r.paused.take().is_none() {
+            return false;
+        }
+        r.stale_from = now;
+        let (epoch, phase) = (r.epoch, r.phase);
+        Self::record(
+            out,
+            Record::RoundResumed {
+                epoch,
+                phase,
+                cause,
+                at: now,
+            },
+        );
+        self.persist_core(out);
+        true
+    }
+
     /// Move the round on while its conditions hold. The checks of S1 and S2 live here:
     /// the first transition only once every live node holds the new key (`waiting == 0`
     /// in Distributing), the second only once every live node seals with it and the
     /// drain grace for old-key data in flight has passed.
     fn progress_round(&mut self, now: Time, rng: &mut (impl RngCore + CryptoRng), out: &mut Out) {
         while let Some(r) = &self.round {
+            // A phase that waits for confirmations ends only with enough of
+            // them (`needed`): too few (live nodes left out earlier, say) and
+            // the round pauses until nodes answer again.
+            let waited_out =
+                r.waiting == 0 && target_progress(r.phase).is_some() && r.paused.is_none();
+            if waited_out && self.confirmed() < self.needed() {
+                self.pause(now, out);
+                break;
+            }
+            let Some(r) = &self.round else { break };
             let next = match r.phase {
                 // S1: every live node acknowledged the new key.
-                RoundPhase::Distributing if r.waiting == 0 => RoundPhase::FirstTransition,
+                RoundPhase::Distributing if waited_out => RoundPhase::FirstTransition,
                 // Every live node seals with the new key: start the drain.
-                RoundPhase::FirstTransition if r.waiting == 0 => RoundPhase::Draining,
+                RoundPhase::FirstTransition if waited_out => RoundPhase::Draining,
                 // S2: nobody seals with the old key and the drain grace is over.
                 RoundPhase::Draining if r.drain_until.is_some_and(|t| now >= t) => {
                     RoundPhase::SecondTransition
                 }
-                RoundPhase::SecondTransition if r.waiting == 0 => {
+                RoundPhase::SecondTransition if waited_out => {
                     self.finish_round(now, rng, out);
                     continue;
                 }
@@ -1291,8 +1706,10 @@ impl ControllerMachine {
             return;
         };
         r.phases_ms.add(r.phase, now.since(r.phase_started));
-        let (mut nodes, mut acked, mut stale) = (0, 0, 0);
+        let (mut nodes, mut acked, mut enrolled) = (0, 0, 0);
+        let (mut stale_nodes, mut not_joined) = (Vec::new(), Vec::new());
         for m in self.members.iter_mut().flatten() {
+            enrolled += 1;
             match m.row.status {
                 MemberStatus::Active => {
                     nodes += 1;
@@ -1300,9 +1717,9 @@ impl ControllerMachine {
                 }
                 MemberStatus::Stale => {
                     nodes += 1;
-                    stale += 1;
+                    stale_nodes.push(m.row.node_id.clone());
                 }
-                MemberStatus::Enrolled => {}
+                MemberStatus::Enrolled => not_joined.push(m.row.node_id.clone()),
             }
             m.seals = 0;
             m.opens = 0;
@@ -1318,38 +1735,50 @@ impl ControllerMachine {
                 phases_ms: r.phases_ms,
                 nodes,
                 acked,
-                stale,
+                stale: stale_nodes.len() as u32,
+                enrolled,
+                stale_nodes,
+                not_joined,
+                pauses: r.pauses,
             },
         );
-        self.current = r.key.clone();
+        self.previous = Some(std::mem::replace(&mut self.current, r.key.clone()));
+        // The round's deadlines are void; the next one armed replaces them.
+        self.round_timer = None;
         self.activated_at = r.activated_at.unwrap_or(now);
         self.total_seals = 0;
         self.total_opens = 0;
-        let pending = self.pending.take();
         self.persist_core(out);
         self.arm_age(out);
-        if let Some(reason) = pending {
-            self.start_round(now, reason, rng, out);
-        }
+        self.start_pending(now, rng, out);
     }
 
     fn arm_round_timer(&mut self, out: &mut Out) {
-        let due = self.round.as_ref().and_then(|r| {
-            let mut due: Option<Time> = None;
-            let mut take = |t: Option<Time>| {
-                if let Some(t) = t {
-                    due = Some(due.map_or(t, |d: Time| d.min(t)));
+        let pending = if self.round.is_none() {
+            self.pending_due()
+        } else {
+            None
+        };
+        let due = pending.or_else(|| {
+            self.round.as_ref().and_then(|r| {
+                let mut due: Option<Time> = None;
+                let mut take = |t: Option<Time>| {
+                    if let Some(t) = t {
+                        due = Some(due.map_or(t, |d: Time| d.min(t)));
+                    }
+                };
+                if r.waiting > 0 {
+                    take(r.next_wave);
+                    take(r.retries.peek().map(|Reverse((t, _))| *t));
+                    if r.paused.is_none() {
+                        take(Some(r.stale_from.plus(self.cfg.stale_after_ms)));
+                    }
                 }
-            };
-            if r.waiting > 0 {
-                take(r.next_wave);
-                take(r.retries.peek().map(|Reverse((t, _))| *t));
-                take(Some(r.phase_started.plus(self.cfg.stale_after_ms)));
-            }
-            if r.phase == RoundPhase::Draining {
-                take(r.drain_until);
-            }
-            due
+                if r.phase == RoundPhase::Draining {
+                    take(r.drain_until);
+                }
+                due
+            })
         });
         if let Some(at) = due {
             if self.round_timer.is_none_or(|t| at < t) {
@@ -1364,7 +1793,10 @@ impl ControllerMachine {
 
     // ------------------------------------------------------------ datagrams
 
-    #[allow(clippy::too_many_arguments)]
+    /// Checks a node message's MAC and its sequence number against the
+    /// member's replay window (restored from the snapshot after a restart);
+    /// a fresh one moves the window and notes where it came from. It moves no
+    /// address (see [`Self::move_address`]).
     fn authenticate(
         &mut self,
         what: &'static str,
@@ -1372,8 +1804,6 @@ impl ControllerMachine {
         seq: u64,
         auth: &Maced<'_>,
         from: SocketAddr,
-        now: Time,
-        out: &mut Out,
     ) -> Result<(), Refusal> {
         let m = self
             .members
@@ -1387,17 +1817,71 @@ impl ControllerMachine {
             return Err(Refusal::BadMac { what, member });
         }
         m.replay.mark(seq);
-        if m.row.addr != from {
-            out.push(ControllerAction::Record(Record::NodeAddressChanged {
-                member,
-                node_id: m.row.node_id.clone(),
-                from: m.row.addr,
-                to: from,
-                at: now,
-            }));
-            m.row.addr = from;
-            out.push(ControllerAction::PersistMember(Box::new(m.row.clone())));
+        m.row.seq_seen = m.replay.top();
+        m.last_from = Some(from);
+        self.marks_unsaved = true;
+        Ok(())
+    }
+
+    /// A member's recorded address moves only on a reply that moved it
+    /// forward in the round in progress: an answer to this controller's own
+    /// request that the node had not given yet, so not a copy of anything
+    /// sent before (a replay after a restart, or a message captured while the
+    /// controller was down). Key requests, joins and usage reports are
+    /// answered where they came from and move nothing.
+    fn move_address(
+        &mut self,
+        member: u32,
+        from: SocketAddr,
+        (message, seq): (&'static str, u64),
+        now: Time,
+        out: &mut Out,
+    ) {
+        let Some(Some(m)) = self.members.get_mut(member as usize) else {
+            return;
+        };
+        if m.row.addr == from {
+            return;
         }
+        out.push(ControllerAction::Record(Record::NodeAddressChanged {
+            member,
+            node_id: m.row.node_id.clone(),
+            from: m.row.addr,
+            to: from,
+            message,
+            seq,
+            at: now,
+        }));
+        m.row.addr = from;
+        out.push(ControllerAction::PersistMember(Box::new(m.row.clone())));
+    }
+
+    /// Takes one token of `member`'s key request / join budget, or refuses.
+    fn spend_request(&mut self, what: &'static str, member: u32, now: Time) -> Result<(), Refusal> {
+        let (burst, every) = (
+            self.cfg.member_request_burst.max(1),
+            self.cfg.member_request_interval_ms.max(1),
+        );
+        let Some(Some(m)) = self.members.get_mut(member as usize) else {
+            return Err(Refusal::UnknownMember { what, member });
+        };
+        // A new member's budget starts full (`u32::MAX` until first spent).
+        m.tokens = m.tokens.min(burst);
+        let earned = now.since(m.tokens_at) / every;
+        if earned > 0 {
+            let total = u64::from(m.tokens).saturating_add(earned);
+            if total >= u64::from(burst) {
+                m.tokens = burst;
+                m.tokens_at = now;
+            } else {
+                m.tokens = total as u32;
+                m.tokens_at = m.tokens_at.plus(earned * every);
+            }
+        }
+        if m.tokens == 0 {
+            return Err(Refusal::RateLimited { what, member });
+        }
+        m.tokens -= 1;
         Ok(())
     }
 
@@ -1414,14 +1898,22 @@ impl ControllerMachine {
         match msg {
             Message::Data(d) => self.on_data(now, from, &d, rng, out),
             Message::Ack(a) => {
-                self.authenticate(what, a.member, a.seq, &a.auth, from, now, out)?;
+                self.authenticate(what, a.member, a.seq, &a.auth, from)?;
+                let before = self.member(a.member).map(|m| (m.progress, m.row.status));
                 if !self.on_ack(now, a.member, a.step, a.epoch, rng, out) {
-                    self.send_resync(a.member, out);
+                    self.send_resync(a.member, from, out);
+                }
+                let after = self.member(a.member).map(|m| (m.progress, m.row.status));
+                if let (Some((p0, s0)), Some((p1, s1))) = (before, after) {
+                    if p1 > p0 || (s1 == MemberStatus::Active && s0 != s1 && p1 > 0) {
+                        self.move_address(a.member, from, (what, a.seq), now, out);
+                    }
                 }
                 Ok(())
             }
             Message::KeyRequest(k) => {
-                self.authenticate(what, k.member, k.seq, &k.auth, from, now, out)?;
+                self.authenticate(what, k.member, k.seq, &k.auth, from)?;
+                self.spend_request(what, k.member, now)?;
                 // The request carries the node's position: it counts as a reply to
                 // that step, and may make a stale or new member live again.
                 let _ = self.on_ack(now, k.member, k.step, k.epoch, rng, out);
@@ -1446,6 +1938,7 @@ impl ControllerMachine {
                             held: k.epoch,
                             epoch: self.current.epoch(),
                             round: self.round.as_ref().map(|r| r.phase),
+                            round_epoch: self.round.as_ref().map(|r| r.epoch),
                             at: now,
                         },
                     );
@@ -1459,7 +1952,8 @@ impl ControllerMachine {
                     .ok_or_else(|| Refusal::UnknownNodeId {
                         node_id: j.node_id.to_string(),
                     })?;
-                self.authenticate(what, member, j.seq, &j.auth, from, now, out)?;
+                self.authenticate(what, member, j.seq, &j.auth, from)?;
+                self.spend_request(what, member, now)?;
                 let Some(state) = self.key_state_for(member, rng) else {
                     return Ok(());
                 };
@@ -1482,19 +1976,24 @@ impl ControllerMachine {
                         node_id: m.row.node_id.clone(),
                         addr: from,
                         epoch: self.current.epoch(),
+                        round_epoch: self.round.as_ref().map(|r| r.epoch),
                         at: now,
                     },
                 );
                 Ok(())
             }
             Message::UsageReport(u) => {
-                self.authenticate(what, u.member, u.seq, &u.auth, from, now, out)?;
+                self.authenticate(what, u.member, u.seq, &u.auth, from)?;
                 let cur = self.current.epoch();
                 if let Some(Some(m)) = self.members.get_mut(u.member as usize) {
                     for use_ in u.uses.iter().filter(|x| x.epoch == cur) {
                         // Reports are cumulative: add only what grew (duplicates add nothing).
-                        self.total_seals += use_.seals.saturating_sub(m.seals);
-                        self.total_opens += use_.opens.saturating_sub(m.opens);
+                        self.total_seals = self
+                            .total_seals
+                            .saturating_add(use_.seals.saturating_sub(m.seals));
+                        self.total_opens = self
+                            .total_opens
+                            .saturating_add(use_.opens.saturating_sub(m.opens));
                         m.seals = m.seals.max(use_.seals);
                         m.opens = m.opens.max(use_.opens);
                     }
@@ -1513,7 +2012,7 @@ impl ControllerMachine {
                     .member(u.member)
                     .is_some_and(|m| m.row.status != MemberStatus::Active)
                 {
-                    self.send_resync(u.member, out);
+                    self.send_resync(u.member, from, out);
                 }
                 Ok(())
             }
@@ -1521,15 +2020,22 @@ impl ControllerMachine {
             | Message::Transition(_)
             | Message::KeyResponse(_)
             | Message::JoinAccept(_)
-            | Message::Resync(_) => Err(Refusal::Unexpected {
+            | Message::Resync(_)
+            | Message::Beacon(_) => Err(Refusal::Unexpected {
                 what,
                 role: "controller",
             }),
         }
     }
 
-    /// Group data: a known sender at its known address is fine; anything else
-    /// that opens under a group key means the key leaked (claim 7).
+    /// Group data, by the nodes' rule ([`DataReplay`]): it must open under a
+    /// key some node may still hold (the current key, the round's, the one
+    /// the last round retired) and be fresh for its (epoch, sender); only
+    /// then does it move replay state. Fresh data from a member at its
+    /// recorded address (or where its latest fresh message came from) is its
+    /// own; any other fresh data that opens means the key leaked (claim 7).
+    /// So every message a node would deliver is either a member's own or sets
+    /// off the leak rekey: nothing the nodes deliver is refused here.
     fn on_data(
         &mut self,
         now: Time,
@@ -1538,33 +2044,54 @@ impl ControllerMachine {
         rng: &mut (impl RngCore + CryptoRng),
         out: &mut Out,
     ) -> Result<(), Refusal> {
-        if let Some(Some(m)) = self.members.get_mut(d.sender as usize) {
-            if m.row.addr == from {
-                m.data_seen.mark(d.seq);
-                return Ok(());
-            }
-        }
-        let keys = std::iter::once(&self.current).chain(self.round.as_ref().map(|r| &r.key));
-        let authentic = keys
+        let keys = [
+            Some(&self.current),
+            self.round.as_ref().map(|r| &r.key),
+            self.previous.as_ref(),
+        ];
+        let held: Vec<Epoch> = keys.iter().flatten().map(|k| k.epoch()).collect();
+        let opened = keys
+            .into_iter()
+            .flatten()
             .filter(|k| d.epoch_hint.is_none_or(|e| e == k.epoch()))
-            .any(|k| k.open(&d.nonce, d.header, d.sealed).is_some());
-        if !authentic {
+            .find(|k| k.open(&d.nonce, d.header, d.sealed).is_some())
+            .map(GroupKey::epoch);
+        let Some(epoch) = opened else {
             return Err(Refusal::ForgedData {
                 sender: d.sender,
                 from: from.to_string(),
             });
+        };
+        self.data_replay.retain(|e| held.contains(&e));
+        // Under the key the last round retired only nodes left behind (stale,
+        // or a removed node) still open data: recorded, no round (a new key
+        // would not reach those nodes either).
+        if self.previous.as_ref().is_some_and(|k| k.epoch() == epoch) {
+            let own = self.member(d.sender).is_some_and(|m| m.row.addr == from);
+            if !own {
+                return Err(Refusal::RetiredKey {
+                    sender: d.sender,
+                    epoch,
+                    from: from.to_string(),
+                });
+            }
+            return Ok(());
         }
-        // A member's own message heard again from another address is a replay
-        // (the sequence number is authenticated as associated data), not a leak:
-        // otherwise any host could make the fleet rekey at will.
-        if self
-            .member(d.sender)
-            .is_some_and(|m| m.data_seen.check(d.seq) != Seen::Fresh)
-        {
+        // A member's own message heard again (from anywhere) is a replay
+        // (the sequence number is authenticated as associated data), not a
+        // leak: otherwise any host could make the fleet rekey at will.
+        if self.data_replay.check(epoch, d.sender, d.seq) == DataSeen::Replay {
             return Err(Refusal::Replay {
                 what: "data",
                 seq: d.seq,
             });
+        }
+        self.data_replay.mark(epoch, d.sender, d.seq);
+        let own = self
+            .member(d.sender)
+            .is_some_and(|m| m.row.addr == from || m.last_from == Some(from));
+        if own {
+            return Ok(());
         }
         if self.cfg.triggers.on_unknown_sender {
             self.fire(
@@ -1610,13 +2137,15 @@ impl ControllerMachine {
             };
             if q > m.progress {
                 m.progress = q;
+                let node_id = m.row.node_id.clone();
                 out.push(ControllerAction::Record(Record::NodeAcked {
                     epoch,
                     member,
-                    node_id: m.row.node_id.clone(),
+                    node_id: node_id.clone(),
                     step,
                     at: now,
                 }));
+                self.resume(now, ResumeCause::Answer { member, node_id }, out);
             }
             if was && !self.is_waiting(member) {
                 if let Some(r) = &mut self.round {
@@ -1639,15 +2168,19 @@ impl ControllerMachine {
         m.row.status = MemberStatus::Active;
         m.progress = progress;
         m.attempts = 0;
+        let node_id = m.row.node_id.clone();
         out.push(ControllerAction::PersistMember(Box::new(m.row.clone())));
         out.push(ControllerAction::Record(Record::StatusChanged {
             member,
-            node_id: m.row.node_id.clone(),
+            node_id: node_id.clone(),
             from: status,
             to: MemberStatus::Active,
             epoch,
             at: now,
         }));
+        if round.is_some() {
+            self.resume(now, ResumeCause::Answer { member, node_id }, out);
+        }
         if self.is_waiting(member) {
             if let Some(r) = &mut self.round {
                 r.waiting += 1;
@@ -1658,29 +2191,43 @@ impl ControllerMachine {
         true
     }
 
-    /// Ask a member that is out of step to send a key request (MAC'd with its key).
-    fn send_resync(&mut self, member: u32, out: &mut Out) {
+    /// Ask a member that is out of step (its message came from `to`) to send a
+    /// key request (MAC'd with its key).
+    fn send_resync(&mut self, member: u32, to: SocketAddr, out: &mut Out) {
         let seq = self.next_seq(out);
         let epoch = self.current.epoch();
         let Some(m) = self.member(member) else { return };
         let bytes = wire::mac(wire::resync(epoch, seq, member), &m.row.keys);
-        out.push(ControllerAction::SendTo {
-            to: m.row.addr,
-            bytes,
-        });
+        out.push(ControllerAction::SendTo { to, bytes });
     }
 }
 
 impl Member {
     fn new(row: MemberPersist) -> Member {
         Member {
-            row,
             progress: 0,
             attempts: 0,
-            replay: ReplayWindow::default(),
-            data_seen: ReplayWindow::default(),
+            replay: row
+                .seq_seen
+                .map_or_else(ReplayWindow::default, ReplayWindow::above),
+            row,
+            last_from: None,
+            tokens: u32::MAX,
+            tokens_at: Time(0),
             seals: 0,
             opens: 0,
         }
     }
+}
+
+/// Triggers that what nodes send can set off (usage counts, data from an
+/// unknown sender): their rounds are spaced by `node_trigger_min_interval_ms`.
+fn node_caused(r: &TriggerReason) -> bool {
+    matches!(
+        r,
+        TriggerReason::Encryptions { .. }
+            | TriggerReason::Decryptions { .. }
+            | TriggerReason::Total { .. }
+            | TriggerReason::UnknownSender { .. }
+    )
 }

@@ -72,6 +72,7 @@ enum NodeTimerKey {
 enum ControllerTimerKey {
     Round,
     KeyAge,
+    Beacon,
 }
 
 /// What the invariant checks know about one node.
@@ -161,6 +162,9 @@ impl<T: Transport> Fleet<T> {
             group_attempts: 2,
             stale_after_ms: cfg.stale_after_ms,
             triggers: TriggerConfig::manual_only(),
+            beacon_interval_ms: 1000,
+            address: CONTROLLER_ADDR,
+            ..ControllerConfig::default()
         };
         let mut plan = ChaCha8Rng::seed_from_u64(cfg.seed ^ 0x706c_616e);
         let n = cfg.agents;
@@ -228,6 +232,7 @@ impl<T: Transport> Fleet<T> {
             max_queued: 16,
             data_replay_senders: 4,
             epoch_hint: hint,
+            beacon_silence_ms: 3000,
         }
     }
 
@@ -406,6 +411,7 @@ impl<T: Transport> Fleet<T> {
                     let t = match k {
                         ControllerTimerKey::Round => ControllerTimer::Round,
                         ControllerTimerKey::KeyAge => ControllerTimer::KeyAge,
+                        ControllerTimerKey::Beacon => ControllerTimer::Beacon,
                     };
                     self.controller_input(ControllerInput::Timer(t));
                 }
@@ -703,7 +709,11 @@ impl<T: Transport> Fleet<T> {
                 NodeAction::Event(NodeEvent::QueueFull) => {
                     self.report.data_dropped_while_joining += 1
                 }
-                NodeAction::Event(NodeEvent::StateChanged { .. } | NodeEvent::Synced { .. }) => {}
+                NodeAction::Event(
+                    NodeEvent::StateChanged { .. }
+                    | NodeEvent::Synced { .. }
+                    | NodeEvent::SeqJump { .. },
+                ) => {}
             }
         }
         self.node_out = out;
@@ -727,6 +737,7 @@ impl<T: Transport> Fleet<T> {
                     let k = match timer {
                         ControllerTimer::Round => ControllerTimerKey::Round,
                         ControllerTimer::KeyAge => ControllerTimerKey::KeyAge,
+                        ControllerTimer::Beacon => ControllerTimerKey::Beacon,
                     };
                     self.schedule(at, Event::Controller(k, self.ctl_gen));
                 }

@@ -22,8 +22,18 @@ fn hash_row<H: Hasher>(row: &MemberPersist, state: &mut H) {
         fingerprint,
         status,
         enrolled_at,
+        seq_seen,
     } = row;
-    (member, node_id, addr, fingerprint, status, enrolled_at).hash(state);
+    (
+        member,
+        node_id,
+        addr,
+        fingerprint,
+        status,
+        enrolled_at,
+        seq_seen,
+    )
+        .hash(state);
 }
 
 impl Hash for Member {
@@ -33,12 +43,15 @@ impl Hash for Member {
             progress,
             attempts,
             replay,
-            data_seen,
+            last_from,
+            tokens,
+            tokens_at,
             seals,
             opens,
         } = self;
         hash_row(row, state);
-        (progress, attempts, replay, data_seen, seals, opens).hash(state);
+        (progress, attempts, replay, last_from, tokens, tokens_at).hash(state);
+        (seals, opens).hash(state);
     }
 }
 
@@ -51,6 +64,9 @@ impl Hash for Round {
             reason,
             started_at,
             phase_started,
+            stale_from,
+            paused,
+            pauses,
             drain_until,
             activated_at,
             phases_ms,
@@ -62,6 +78,7 @@ impl Hash for Round {
             retries,
         } = self;
         (epoch, key, phase, reason, started_at, phase_started).hash(state);
+        (stale_from, paused, pauses).hash(state);
         (drain_until, activated_at, waiting, group_sent, next_wave).hash(state);
         let PhaseTimes {
             distributing,
@@ -95,9 +112,19 @@ impl Hash for ControllerMachine {
             total_opens,
             round_timer,
             age_timer,
+            previous,
+            data_replay,
+            marks_unsaved,
+            node_trigger_at,
+            beacon_due,
+            beacon,
         } = self;
         (current, activated_at, round, members).hash(state);
         (seq, seq_reserved, pending, total_seals, total_opens).hash(state);
         (round_timer, age_timer).hash(state);
+        (previous, data_replay, marks_unsaved, node_trigger_at).hash(state);
+        // The last beacon by its signed bytes (what it said is in them).
+        beacon_due.hash(state);
+        beacon.as_ref().map(|(_, bytes)| bytes).hash(state);
     }
 }
