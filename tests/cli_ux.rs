@@ -568,7 +568,7 @@ fn a_warning_during_a_round_is_written_above_the_progress_bar() {
         !warn[0].contains("acknowledged") && !warn[0].contains("epoch 2 "),
         "not mixed with the bar: {screen}"
     );
-    assert!(screen.contains("0 nodes, 0 acknowledged"), "{screen}");
+    assert!(screen.contains("0 joined, 0 acknowledged"), "{screen}");
 }
 
 // ----- item 8: flags accepted and then ignored -----

@@ -230,9 +230,11 @@ impl<T: Transport> Fleet<T> {
             sync_retry_max_ms: 2000,
             usage_interval_ms: Some(10_000),
             max_queued: 16,
-            data_replay_senders: 4,
+            // Every member may send: replay windows are kept for each sender
+            // (never evicted), and a sender beyond the limit is refused.
+            data_replay_senders: self.cfg.agents as usize,
             epoch_hint: hint,
-            beacon_silence_ms: 3000,
+            beacon_silence_ms: NodeConfig::default().beacon_silence_ms,
         }
     }
 

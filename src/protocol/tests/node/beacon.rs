@@ -47,9 +47,10 @@ fn a_silence_nudge_is_jittered_and_rate_limited() {
     r.feed(&level);
     let start = r.now;
     let mut asked = 0u64;
-    // A controller heard only every 6 s (5 s of silence each time), 100 times.
+    let silence = NodeConfig::default().beacon_silence_ms;
+    // A controller heard only after more than the silence each time, 100 times.
     for _ in 0..100 {
-        r.now = r.now.plus(6000);
+        r.now = r.now.plus(silence + 3000);
         let out = r.feed(&level);
         assert_eq!(key_requests(&out), 0, "never at once");
         let due = out.iter().find_map(|a| match a {
@@ -61,7 +62,7 @@ fn a_silence_nudge_is_jittered_and_rate_limited() {
         });
         if let Some(due) = due {
             asked += 1;
-            assert!(due < r.now.plus(3000), "within one silence period");
+            assert!(due < r.now.plus(silence), "within one silence period");
             r.now = due;
             let out = r.input(NodeInput::Timer(NodeTimer::Sync));
             assert_eq!(key_requests(&out), 1);
@@ -225,9 +226,10 @@ fn replayed_and_forged_beacons_move_no_one() {
     let old = r.ctl.beacon(2, None); // captured earlier, say
     let level = r.ctl.beacon(1, None);
     // The node verifies a newer beacon (after silence it checks one).
-    r.now = r.now.plus(10_000);
+    let silence = NodeConfig::default().beacon_silence_ms;
+    r.now = r.now.plus(silence + 1000);
     r.feed(&level);
-    r.now = r.now.plus(10_000);
+    r.now = r.now.plus(silence + 1000);
     let out = r.feed(&level);
     // Heard after silence: asks within one silence period (jittered), without holding.
     assert_eq!(key_requests(&out), 0);
@@ -241,7 +243,7 @@ fn replayed_and_forged_beacons_move_no_one() {
             _ => None,
         })
         .expect("a key request scheduled");
-    assert!(due >= r.now && due < r.now.plus(3000), "{due} {}", r.now);
+    assert!(due >= r.now && due < r.now.plus(silence), "{due} {}", r.now);
     assert!(!holds(&mut r));
     r.now = due;
     assert_eq!(key_requests(&r.input(NodeInput::Timer(NodeTimer::Sync))), 1);
