@@ -1867,21 +1867,9 @@ impl ControllerMachine {
         };
         // A new member's budget starts full (`u32::MAX` until first spent).
         m.tokens = m.tokens.min(burst);
-        let earned = now.since(m.tokens_at) / every;
-        if earned > 0 {
-            let total = u64::from(m.tokens).saturating_add(earned);
-            if total >= u64::from(burst) {
-                m.tokens = burst;
-                m.tokens_at = now;
-            } else {
-                m.tokens = total as u32;
-                m.tokens_at = m.tokens_at.plus(earned * every);
-            }
-        }
-        if m.tokens == 0 {
+        if !super::take_token(&mut m.tokens, &mut m.tokens_at, now, burst, every) {
             return Err(Refusal::RateLimited { what, member });
         }
-        m.tokens -= 1;
         Ok(())
     }
 

@@ -64,6 +64,35 @@ impl Time {
     }
 }
 
+/// A token bucket kept as two plain fields (`tokens`, and `at`: when the
+/// last whole token was earned): refills one token per `every` ms up to
+/// `burst`, then takes one if any is left. The machines' rate limits (key
+/// requests per member, signature checks, beacon checks) all use it.
+pub(crate) fn take_token(
+    tokens: &mut u32,
+    at: &mut Time,
+    now: Time,
+    burst: u32,
+    every: u64,
+) -> bool {
+    let earned = now.since(*at) / every;
+    if earned > 0 {
+        let total = u64::from(*tokens).saturating_add(earned);
+        if total >= u64::from(burst) {
+            *tokens = burst;
+            *at = now;
+        } else {
+            *tokens = total as u32;
+            *at = at.plus(earned * every);
+        }
+    }
+    if *tokens == 0 {
+        return false;
+    }
+    *tokens -= 1;
+    true
+}
+
 impl fmt::Display for Time {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}ms", self.0)

@@ -914,21 +914,15 @@ impl NodeMachine {
     /// Takes one signature check from the budget ([`VERIFY_BURST`],
     /// [`VERIFY_EVERY_MS`]), or refuses.
     fn spend_verify(&mut self, now: Time, what: &'static str) -> Result<(), Refusal> {
-        let earned = now.since(self.verify_at) / VERIFY_EVERY_MS;
-        if earned > 0 {
-            let total = u64::from(self.verify_tokens).saturating_add(earned);
-            if total >= u64::from(VERIFY_BURST) {
-                self.verify_tokens = VERIFY_BURST;
-                self.verify_at = now;
-            } else {
-                self.verify_tokens = total as u32;
-                self.verify_at = self.verify_at.plus(earned * VERIFY_EVERY_MS);
-            }
-        }
-        if self.verify_tokens == 0 {
+        if !super::take_token(
+            &mut self.verify_tokens,
+            &mut self.verify_at,
+            now,
+            VERIFY_BURST,
+            VERIFY_EVERY_MS,
+        ) {
             return Err(Refusal::VerifyBudget { what });
         }
-        self.verify_tokens -= 1;
         Ok(())
     }
 
@@ -1125,22 +1119,13 @@ impl NodeMachine {
 
     /// One beacon signature check from the budget, if any is left.
     fn take_beacon_token(&mut self, now: Time) -> bool {
-        let add = now.since(self.beacon_refill) / BEACON_VERIFY_REFILL_MS;
-        if add > 0 {
-            let tokens = u64::from(self.beacon_tokens).saturating_add(add);
-            if tokens >= u64::from(BEACON_VERIFY_BURST) {
-                self.beacon_tokens = BEACON_VERIFY_BURST;
-                self.beacon_refill = now;
-            } else {
-                self.beacon_tokens = tokens as u32;
-                self.beacon_refill = self.beacon_refill.plus(add * BEACON_VERIFY_REFILL_MS);
-            }
-        }
-        if self.beacon_tokens == 0 {
-            return false;
-        }
-        self.beacon_tokens -= 1;
-        true
+        super::take_token(
+            &mut self.beacon_tokens,
+            &mut self.beacon_refill,
+            now,
+            BEACON_VERIFY_BURST,
+            BEACON_VERIFY_REFILL_MS,
+        )
     }
 
     /// This node's member number, if a message for `to` is for it.
