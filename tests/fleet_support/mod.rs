@@ -19,7 +19,7 @@ pub const KEYFLEET: &str = env!("CARGO_BIN_EXE_keyfleet");
 pub const AGENT: &str = env!("CARGO_BIN_EXE_keyfleet-agent");
 
 #[path = "../support/common.rs"]
-mod common;
+pub mod common;
 pub use common::{free_port, wait_for, Proc};
 
 /// A group of this test's own (pid and a per-test tag), on a free port.
