@@ -102,11 +102,12 @@ pub fn replay_ir(data: &[u8]) {
 /// current group key of epoch 1, a controller whose Ed25519 key comes from a
 /// fixed seed. Also returns the genuine datagrams of a round from that
 /// controller (key update for epoch 2, first and second transition request,
-/// a key response, a join accept), for seeds and to build on.
+/// a key response, a join accept, a beacon of epoch 2 and one of round 2
+/// draining), for seeds and to build on.
 pub mod node {
     use keyfleet::crypto::{Epoch, GroupKey, InitialKey, NodeKeys};
-    use keyfleet::protocol::{NodeAction, NodeConfig, NodeInput, NodeMachine, Time};
-    use keyfleet::wire::{self, KeyState, Message, NodeId, Step};
+    use keyfleet::protocol::{NodeAction, NodeConfig, NodeInput, NodeMachine, Time, TERM};
+    use keyfleet::wire::{self, KeyState, Message, NodeId, RoundPhase, Step};
     use rand::SeedableRng;
     use rand_chacha::ChaCha20Rng;
     use std::net::SocketAddr;
@@ -245,7 +246,21 @@ pub mod node {
             wire::transition(Step::SecondTransition, Epoch(2), next()),
             &sk,
         );
-        (node, vec![ja, kr, ku, t1, t2])
+        let b1 = wire::sign(
+            wire::beacon(TERM, Epoch(2), next(), None, ctl_addr()),
+            &sk,
+        );
+        let b2 = wire::sign(
+            wire::beacon(
+                TERM,
+                Epoch(1),
+                next(),
+                Some((Epoch(2), RoundPhase::Draining)),
+                ctl_addr(),
+            ),
+            &sk,
+        );
+        (node, vec![ja, kr, ku, t1, t2, b1, b2])
     }
 }
 
@@ -271,6 +286,8 @@ pub fn genuine_seeds() -> Vec<(String, Vec<u8>)> {
         "key_update",
         "first_transition",
         "second_transition",
+        "beacon",
+        "beacon_round",
     ];
     names
         .iter()

@@ -133,11 +133,21 @@ pub struct RunningStatus {
     pub synced: bool,
     pub datagrams_in: u64,
     pub refused: u64,
+    /// Node messages on the group (other agents', its own echoed): ignored, not refused.
+    #[serde(default)]
+    pub node_messages_ignored: u64,
     pub undecryptable: u64,
     pub data_sent: u64,
     pub delivered: u64,
+    /// Delivered data that carried no epoch hint: opened by trying the held
+    /// keys (claims 14-15).
+    #[serde(default)]
+    pub delivered_by_trial: u64,
     pub persisted: u64,
     pub usage_reports: u64,
+    /// Controller signatures checked (each about 50 µs of CPU).
+    #[serde(default)]
+    pub signature_checks: u64,
     pub app_clients: usize,
     pub app_dropped: u64,
 }

@@ -57,10 +57,25 @@ pub enum Request {
     },
     Enroll {
         node_id: String,
+        /// `HOST:PORT`; `0.0.0.0:0` when not known yet (learned when the node joins).
         addr: String,
         /// The initial key, 32 hex digits (the socket is owner-only).
         key: Zeroizing<String>,
+        /// Enroll even when another node has the same initial key or address.
+        #[serde(default)]
+        force: bool,
     },
+    /// Where the running controller is (its group, interface and port): a
+    /// client given other network flags is refused instead of ignored.
+    Info,
+}
+
+/// What `keyfleet serve` runs on (the answer to [`Request::Info`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServeInfo {
+    pub group: std::net::SocketAddrV4,
+    pub iface: std::net::Ipv4Addr,
+    pub listen_port: u16,
 }
 
 /// A reply line.
@@ -73,6 +88,7 @@ pub enum Reply {
     Rekeyed(RoundReport),
     Removed(RemoveReport),
     Enrolled(EnrollReport),
+    Info(ServeInfo),
     Error {
         message: String,
     },

@@ -49,6 +49,13 @@ use table::Table;
 pub enum ControllerError {
     #[error("no controller in {dir}: run `keyfleet init` first (or give --state DIR)")]
     NotInitialised { dir: PathBuf },
+    #[error("permission denied reading {path}: the controller's state directory {dir} belongs to {owner} and this is uid {me}; run keyfleet as the user that owns it (e.g. `sudo -u <owner> keyfleet ...`), or give --state DIR (or KEYFLEET_STATE) for a directory of your own")]
+    NoAccess {
+        dir: PathBuf,
+        path: PathBuf,
+        owner: String,
+        me: u32,
+    },
     #[error("{dir} already holds a controller; `keyfleet init` never overwrites one (use another --state DIR, or remove the directory to start over)")]
     AlreadyInitialised { dir: PathBuf },
     #[error("another keyfleet controller is working on {dir} (a `keyfleet serve`, or another command); wait for it or stop it")]
@@ -83,6 +90,8 @@ pub enum ControllerError {
         pending: usize,
         last: Box<StoreError>,
     },
+    #[error("{0}")]
+    Duplicate(String),
 }
 
 type Result<T> = std::result::Result<T, ControllerError>;
@@ -121,6 +130,53 @@ impl StateDir {
         self.secrets().exists()
     }
 
+    /// Whether `keyfleet init` has run here, telling "no controller" apart
+    /// from "a controller this user may not read" (a directory of another
+    /// user, or of root, is not "no controller").
+    pub fn initialised(&self) -> Result<bool> {
+        for path in [self.dir.clone(), self.secrets()] {
+            match std::fs::metadata(&path) {
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+                Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                    return Err(self.no_access(&path));
+                }
+                Err(source) => {
+                    return Err(ControllerError::Io {
+                        what: "read",
+                        path,
+                        source,
+                    })
+                }
+            }
+        }
+        // The directory may be searchable but its files not readable.
+        match std::fs::File::open(self.secrets()) {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                Err(self.no_access(&self.secrets()))
+            }
+            Err(source) => Err(ControllerError::Io {
+                what: "read",
+                path: self.secrets(),
+                source,
+            }),
+        }
+    }
+
+    fn no_access(&self, path: &std::path::Path) -> ControllerError {
+        use std::os::unix::fs::MetadataExt;
+        let owner = std::fs::metadata(&self.dir)
+            .map(|m| format!("uid {}", m.uid()))
+            .unwrap_or_else(|_| "another user".into());
+        ControllerError::NoAccess {
+            dir: self.dir.clone(),
+            path: path.to_path_buf(),
+            owner,
+            me: rustix::process::geteuid().as_raw(),
+        }
+    }
+
     /// Takes the directory's exclusive lock (non-blocking); held until dropped.
     pub fn lock(&self) -> Result<DirLock> {
         statefile::ensure_private_dir(&self.dir)?;
@@ -157,7 +213,7 @@ impl StateDir {
 
     /// Opens the management table for reading (`status`, `history`).
     pub fn open_table(&self, store_url: Option<&str>) -> Result<Store> {
-        if !self.is_initialised() {
+        if !self.initialised()? {
             return Err(ControllerError::NotInitialised {
                 dir: self.dir.clone(),
             });
@@ -225,7 +281,8 @@ pub struct InitReport {
 pub struct EnrollReport {
     pub node_id: String,
     pub member: u32,
-    pub address: String,
+    /// `None` until the node is heard from, when enrolled without an address.
+    pub address: Option<String>,
     pub fingerprint: String,
 }
 
@@ -369,24 +426,28 @@ fn timer_id(t: ControllerTimer) -> u8 {
     match t {
         ControllerTimer::Round => 0,
         ControllerTimer::KeyAge => 1,
+        ControllerTimer::Beacon => BEACON_TIMER,
     }
 }
+
+/// The machine's beacon timer (after the shell's own [`REFUSAL_TIMER`]).
+const BEACON_TIMER: u8 = 3;
 
 /// The shell's own timer: the end of the next refusal window with counted
 /// refusals, when its summary row is due ([`table`]).
 const REFUSAL_TIMER: u8 = 2;
 
 /// The shell's timer to write again the records of a pass whose batch failed.
-const TABLE_RETRY_TIMER: u8 = 3;
+const TABLE_RETRY_TIMER: u8 = 4;
 
 /// How often the records of a failed batch are tried again (ms).
 const TABLE_RETRY_MS: u64 = 1_000;
 
 fn timer_of(id: u8) -> ControllerTimer {
-    if id == 0 {
-        ControllerTimer::Round
-    } else {
-        ControllerTimer::KeyAge
+    match id {
+        0 => ControllerTimer::Round,
+        BEACON_TIMER => ControllerTimer::Beacon,
+        _ => ControllerTimer::KeyAge,
     }
 }
 
@@ -471,11 +532,19 @@ pub struct Controller {
     seal_key: Option<secrets::SealKey>,
     /// Since when the management table cannot be written (None: it can).
     table_down_since: Option<u64>,
+    /// When the snapshot was last written (for the replay marks, see `flush`).
+    saved_at_ms: u64,
     /// What `keyfleet serve --metrics` reports (counters, and the health of
     /// the table and the network as the last pass found them).
     ops: Ops,
     _lock: DirLock,
 }
+
+/// Nodes' sequence numbers accepted since the last snapshot are written at
+/// most this long after (when no other change wrote the snapshot first), and
+/// at a clean stop: replay protection that survives a restart without a
+/// write per message.
+pub const REPLAY_MARKS_SAVE_MS: u64 = 1000;
 
 /// The operator's view of the loop: metrics and the last errors it met.
 #[derive(Default)]
@@ -514,7 +583,7 @@ impl Controller {
     /// Takes the lock, restores the machine and reconciles the table.
     pub fn open(opts: Options) -> Result<Controller> {
         let st = opts.state.clone();
-        if !st.is_initialised() {
+        if !st.initialised()? {
             return Err(ControllerError::NotInitialised { dir: st.dir });
         }
         let lock = st.lock()?;
@@ -546,6 +615,7 @@ impl Controller {
             waiters: Vec::new(),
             seal_key: None,
             table_down_since: None,
+            saved_at_ms: now,
             ops: Ops::default(),
             _lock: lock,
         })
@@ -572,6 +642,8 @@ impl Controller {
     /// passphrase's key, derived once, when there is a passphrase).
     fn persist(&mut self) -> Result<()> {
         let snap = self.machine.snapshot();
+        self.machine.snapshot_saved();
+        self.saved_at_ms = self.clock.now_ms();
         let Some(pass) = self.opts.passphrase.as_ref() else {
             return save(&self.opts, &snap);
         };
@@ -589,17 +661,23 @@ impl Controller {
     /// Carries out the pending actions: snapshot, rows, sends, timers.
     async fn flush(&mut self, net: Option<&Transport>) -> Result<()> {
         let actions = std::mem::take(&mut self.out);
+        let marks_due = self.machine.replay_marks_unsaved()
+            && self.clock.now_ms() >= self.saved_at_ms.saturating_add(REPLAY_MARKS_SAVE_MS);
         if actions.is_empty() {
+            if marks_due {
+                self.persist()?;
+            }
             return Ok(());
         }
-        let persist = actions.iter().any(|a| {
-            matches!(
-                a,
-                ControllerAction::PersistCore(_)
-                    | ControllerAction::PersistMember(_)
-                    | ControllerAction::ForgetMember { .. }
-            )
-        });
+        let persist = marks_due
+            || actions.iter().any(|a| {
+                matches!(
+                    a,
+                    ControllerAction::PersistCore(_)
+                        | ControllerAction::PersistMember(_)
+                        | ControllerAction::ForgetMember { .. }
+                )
+            });
         // (1) Durable before any send of this pass: the whole snapshot, as the
         // machine stands after the pass (it includes every persisted change).
         if persist {
@@ -823,13 +901,68 @@ impl Controller {
         })
     }
 
-    /// Enrolls a node (no network needed).
+    /// Refuses (or, with `force`, warns about) an enrollment that gives a
+    /// second node the initial key or the address of an enrolled one.
+    fn check_alike(
+        &self,
+        node_id: &NodeId,
+        key: &InitialKey,
+        addr: SocketAddr,
+        force: bool,
+    ) -> std::result::Result<(), String> {
+        let (same_key, same_addr) = self.machine.enrolled_alike(key, addr);
+        let mut problems = Vec::new();
+        if let Some(other) = same_key.filter(|o| *o != node_id) {
+            problems.push(format!(
+                "node {other} is already enrolled with the same initial key (check {}): each \
+                 appliance has a key of its own, so this label is mislabelled, copied or read twice",
+                key.fingerprint()
+            ));
+        }
+        if let Some(other) = same_addr.filter(|o| *o != node_id) {
+            problems.push(format!(
+                "node {other} is already enrolled at {addr}: two agents cannot listen on one \
+                 address (leave --addr out and the controller learns each node's address when it joins)"
+            ));
+        }
+        if problems.is_empty() {
+            return Ok(());
+        }
+        if force {
+            for p in &problems {
+                tracing::warn!(node = %node_id, "enrolled with --force although {p}");
+            }
+            return Ok(());
+        }
+        Err(format!(
+            "{node_id} was not enrolled: {}; check and enroll again, or give --force to enroll it anyway",
+            problems.join("; and ")
+        ))
+    }
+
+    /// Where this controller is on the network.
+    pub fn info(&self) -> control::ServeInfo {
+        let n = &self.opts.config.network;
+        control::ServeInfo {
+            group: n.group,
+            iface: n.iface,
+            listen_port: n.listen_port,
+        }
+    }
+
+    /// Enrolls a node (no network needed). `addr` is `0.0.0.0:0` when not
+    /// known yet: the controller learns it from the node's first
+    /// authenticated message. A second node with the same initial key or
+    /// address is refused unless `force`.
     pub async fn enroll(
         &mut self,
         node_id: NodeId,
         key: InitialKey,
         addr: SocketAddr,
+        force: bool,
     ) -> Result<EnrollReport> {
+        self.check_alike(&node_id, &key, addr, force)
+            .map_err(ControllerError::Duplicate)?;
         self.feed(ControllerInput::Enroll {
             node_id: node_id.clone(),
             initial_key: key,
@@ -854,7 +987,7 @@ impl Controller {
         Ok(EnrollReport {
             node_id: node_id.to_string(),
             member,
-            address: addr.to_string(),
+            address: (addr.port() != 0).then(|| addr.to_string()),
             fingerprint,
         })
     }
@@ -882,9 +1015,12 @@ impl Controller {
         })
     }
 
-    /// Bind the sockets (the controller's unicast socket on `iface:listen_port`).
-    fn bind(&self) -> Result<Transport> {
-        Ok(Transport::bind(&self.opts.net(), self.clock.clone())?)
+    /// Bind the sockets (the controller's unicast socket on `iface:listen_port`);
+    /// the beacon announces that socket's address.
+    fn bind(&mut self) -> Result<Transport> {
+        let t = Transport::bind(&self.opts.net(), self.clock.clone())?;
+        self.machine.set_address(t.local_addr());
+        Ok(t)
     }
 
     /// Whether a datagram is one of our own, looped back by the kernel.
@@ -1023,9 +1159,10 @@ impl Controller {
     /// finished first and reported in `earlier`), waits (up to
     /// `rekey.join_wait_ms`) for enrolled nodes that never joined, runs the
     /// round to its end or until it pauses (too few nodes answered: the next
-    /// `rekey` or `serve` carries it on), answers late key requests for
-    /// `rekey.linger_ms`, and returns. `update` gets the progress and, when the
-    /// command waits behind a round in progress, a [`control::Reply::Queued`].
+    /// `rekey` or `serve` carries it on), and returns: at once when every node
+    /// acknowledged the second transition request, else after answering late
+    /// key requests for `rekey.linger_ms`. `update` gets the progress and, when
+    /// the command waits behind a round in progress, a [`control::Reply::Queued`].
     pub async fn run_round(
         &mut self,
         cmd: RoundCommand,
@@ -1119,7 +1256,28 @@ impl Controller {
             self.step(&mut net).await?;
             self.flush(Some(&net)).await?;
         };
-        let linger_until = self.clock.now_ms() + self.opts.config.rekey.linger_ms;
+        // Every node in the round acknowledged the second transition request
+        // and every enrolled node took part: nobody will ask for the key late,
+        // so return at once. Otherwise a missing node (stale, or never joined)
+        // may come back asking; answer it for `rekey.linger_ms`.
+        let missing = report.nodes.saturating_sub(report.acked) as usize + self.unjoined();
+        let linger_ms = if missing == 0 {
+            tracing::info!(
+                epoch = report.epoch,
+                "every node acknowledged the second transition request; not lingering"
+            );
+            0
+        } else {
+            let ms = self.opts.config.rekey.linger_ms;
+            tracing::info!(
+                epoch = report.epoch,
+                missing,
+                linger_ms = ms,
+                "nodes missing from the round; answering late key requests before returning"
+            );
+            ms
+        };
+        let linger_until = self.clock.now_ms() + linger_ms;
         while self.clock.now_ms() < linger_until {
             let left = Duration::from_millis(linger_until.saturating_sub(self.clock.now_ms()));
             match tokio::time::timeout(left, self.step(&mut net)).await {
@@ -1262,13 +1420,20 @@ impl Controller {
             let _ = tx.send(r);
         };
         match request {
-            control::Request::Enroll { node_id, addr, key } => {
+            control::Request::Info => reply(&tx, control::Reply::Info(self.info())),
+            control::Request::Enroll {
+                node_id,
+                addr,
+                key,
+                force,
+            } => {
                 let r = (|| -> std::result::Result<EnrollReport, String> {
                     let node_id = NodeId::parse(&node_id).map_err(|e| e.to_string())?;
                     let addr: SocketAddr = addr
                         .parse()
                         .map_err(|_| format!("{addr:?} is not HOST:PORT"))?;
                     let key = control::key_from_hex(&key)?;
+                    self.check_alike(&node_id, &key, addr, force)?;
                     self.feed(ControllerInput::Enroll {
                         node_id: node_id.clone(),
                         initial_key: key,
@@ -1293,7 +1458,7 @@ impl Controller {
                     Ok(EnrollReport {
                         node_id: node_id.to_string(),
                         member,
-                        address: addr.to_string(),
+                        address: (addr.port() != 0).then(|| addr.to_string()),
                         fingerprint,
                     })
                 })();
@@ -1415,6 +1580,11 @@ impl Drop for Controller {
     /// error), the refusals still counted in open windows get their summary
     /// rows: the counts add up to every datagram refused.
     fn drop(&mut self) {
+        if self.machine.replay_marks_unsaved() {
+            if let Err(e) = self.persist() {
+                tracing::error!(error = %e, "the nodes' latest sequence numbers were not saved; replays of their last messages may be accepted after a restart");
+            }
+        }
         let t = self.table.refusals().totals();
         if let Err(e) = self.table.close_all_refusal_windows() {
             tracing::error!(error = %e, "management table: refusal summaries were not written");
@@ -1528,6 +1698,7 @@ mod tests {
                     NodeId::parse("n1").unwrap(),
                     InitialKey([7; 16]),
                     "127.0.0.1:9000".parse().unwrap(),
+                    false,
                 )
                 .await
                 .unwrap();
@@ -1599,6 +1770,7 @@ mod tests {
                 NodeId::parse("late").unwrap(),
                 InitialKey([9; 16]),
                 "127.0.0.1:9009".parse().unwrap(),
+                false,
             )
             .await
             .unwrap();
@@ -1623,6 +1795,7 @@ mod tests {
             NodeId::parse(id).unwrap(),
             InitialKey([port as u8; 16]),
             format!("127.0.0.1:{port}").parse().unwrap(),
+            false,
         )
         .await
     }

@@ -27,7 +27,7 @@ use crate::protocol::{
     ControllerMachine, ControllerPersist, MemberStatus, Record, Refusal, ResumeCause,
     TriggerOutcome, TriggerReason,
 };
-use crate::ratecount::{RateCounter, Seen, Summary};
+use crate::ratecount::{RateCounter, Seen, Source, Summary};
 use crate::store::{AuditKind, Handout, NodeState, Outcome, Phase, Store, StoreError, Trigger};
 use crate::wire::{RoundPhase, Step};
 
@@ -100,6 +100,12 @@ pub fn pause_text(
     }
 }
 
+/// A node's address for the table: `None` for the unspecified address a node
+/// enrolled without `--addr` has until it is heard from.
+fn known_addr(a: &std::net::SocketAddr) -> Option<String> {
+    (!a.ip().is_unspecified() && a.port() != 0).then(|| a.to_string())
+}
+
 /// Logs a failed row and goes on.
 fn soft(what: &str, r: Result<()>) {
     if let Err(e) = r {
@@ -120,6 +126,8 @@ fn suspicious(kind: &str) -> bool {
             | "unknown_node_id"
             | "unexpected"
             | "forged_data"
+            | "retired_key"
+            | "rate_limited"
             | LEAK_FOLDED
     )
 }
@@ -186,11 +194,32 @@ fn log_summary(s: &Summary) {
 fn write_summaries(s: &mut Store, summaries: &[Summary]) {
     for sum in summaries {
         log_summary(sum);
+        let kind = match sum.source {
+            Source::Member(_) => AuditKind::Rejoin,
+            _ => AuditKind::RefusalSummary,
+        };
         soft(
             "a refusal summary",
-            s.audit(AuditKind::RefusalSummary, None, &sum.detail(), sum.last_ms)
-                .map(drop),
+            s.audit(kind, None, &sum.detail(), sum.last_ms).map(drop),
         );
+    }
+}
+
+/// Kind of the rate-counted answered key requests and joins of one member.
+const ANSWERED: &str = "key_request";
+
+/// An answered key request or join counted per member: the first of a member
+/// in each window, and the first in each key state (epoch, round phase), get
+/// their row; the rest are summarized ("N more answered key_request of member M …").
+fn answered(r: &Record) -> Option<(u64, u32, u32)> {
+    match r {
+        Record::KeyRequestAnswered {
+            member, epoch, at, ..
+        }
+        | Record::JoinAnswered {
+            member, epoch, at, ..
+        } => Some((at.0, *member, epoch.0)),
+        _ => None,
     }
 }
 
@@ -204,6 +233,11 @@ pub struct Table {
     /// Records of passes whose batch failed, oldest first: written before
     /// anything newer, in the next batch that succeeds.
     pending: Vec<Record>,
+    /// Answered key requests and joins, counted per member.
+    answered: RateCounter,
+    /// The key state (epoch, round phase) of each member's last answered
+    /// request written in full.
+    answered_epoch: HashMap<u32, (u32, Option<RoundPhase>)>,
 }
 
 impl Table {
@@ -219,6 +253,8 @@ impl Table {
             rounds,
             refusals: RateCounter::default(),
             pending: Vec::new(),
+            answered: RateCounter::default(),
+            answered_epoch: HashMap::new(),
         })
     }
 
@@ -226,7 +262,13 @@ impl Table {
     /// `max_sources` source addresses tracked at once.
     pub fn with_refusal_window(mut self, window_ms: u64, max_sources: usize) -> Table {
         self.refusals = RateCounter::new(window_ms, max_sources);
+        self.answered = RateCounter::new(window_ms, max_sources);
         self
+    }
+
+    /// The counter of answered key requests and joins (per member).
+    pub fn answered(&self) -> &RateCounter {
+        &self.answered
     }
 
     pub fn store(&self) -> &Store {
@@ -240,13 +282,17 @@ impl Table {
 
     /// When the next refusal window with counted refusals ends.
     pub fn next_refusal_close(&self) -> Option<u64> {
-        self.refusals.next_close()
+        match (self.refusals.next_close(), self.answered.next_close()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     /// Writes the summaries of the refusal windows that have passed at `now_ms`.
     pub fn close_refusal_windows(&mut self, now_ms: u64) -> Result<()> {
         let mut closed = Vec::new();
         self.refusals.close_expired(now_ms, &mut closed);
+        self.answered.close_expired(now_ms, &mut closed);
         self.write_closed(&closed)
     }
 
@@ -254,6 +300,7 @@ impl Table {
     pub fn close_all_refusal_windows(&mut self) -> Result<()> {
         let mut closed = Vec::new();
         self.refusals.close_all(&mut closed);
+        self.answered.close_all(&mut closed);
         self.write_closed(&closed)
     }
 
@@ -269,7 +316,9 @@ impl Table {
 
     /// Brings the table in line with the restored state `p` (the state file is
     /// written first, so it is the truth after a crash): nodes it holds and the
-    /// table lacks are enrolled, nodes it no longer holds are removed, its keys
+    /// table lacks are enrolled, nodes it no longer holds are removed, the
+    /// enrolled nodes' member numbers are the state's (a table written before
+    /// schema 3 numbered them itself: each repair is a `Renumbered` audit row), its keys
     /// are in the key history, and its round (if any) is the open round.
     pub fn reconcile(&mut self, p: &ControllerPersist, now_ms: u64) -> Result<()> {
         let rounds = &mut self.rounds;
@@ -279,6 +328,36 @@ impl Table {
                 .into_iter()
                 .map(|n| (n.node_id, n.removed_at_ms.is_none()))
                 .collect();
+            for (id, live) in &in_table {
+                if *live && !p.members.iter().any(|m| m.node_id.as_str() == id) {
+                    tracing::warn!(node = %id, "node not in the controller state; marked removed");
+                    soft(
+                        "a removal",
+                        s.remove_node(id, "not in the controller state (lost in a crash)", now_ms),
+                    );
+                }
+            }
+            // One member numbering: the table takes the controller's numbers
+            // (a table written before issue 15 counted its own).
+            let want: Vec<(&str, u64)> = p
+                .members
+                .iter()
+                .filter(|m| in_table.get(m.node_id.as_str()) == Some(&true))
+                .map(|m| (m.node_id.as_str(), u64::from(m.member)))
+                .collect();
+            match s.renumber_members(&want, now_ms) {
+                Ok(changed) => {
+                    for (id, from, to) in changed {
+                        tracing::warn!(
+                            node = %id,
+                            from,
+                            to,
+                            "management table: member number set to the controller's"
+                        );
+                    }
+                }
+                Err(e) => soft("the member numbers", Err(e)),
+            }
             for m in &p.members {
                 let id = m.node_id.as_str();
                 if in_table.get(id) != Some(&true) {
@@ -288,17 +367,14 @@ impl Table {
                     );
                     soft(
                         "a restored enrollment",
-                        s.enroll_node(id, &m.addr.to_string(), &m.fingerprint, m.enrolled_at.0)
-                            .map(drop),
-                    );
-                }
-            }
-            for (id, live) in &in_table {
-                if *live && !p.members.iter().any(|m| m.node_id.as_str() == id) {
-                    tracing::warn!(node = %id, "node not in the controller state; marked removed");
-                    soft(
-                        "a removal",
-                        s.remove_node(id, "not in the controller state (lost in a crash)", now_ms),
+                        s.enroll_node(
+                            id,
+                            m.member.into(),
+                            known_addr(&m.addr).as_deref(),
+                            &m.fingerprint,
+                            m.enrolled_at.0,
+                        )
+                        .map(drop),
                     );
                 }
             }
@@ -422,6 +498,7 @@ impl Table {
     ) -> Result<()> {
         let mut closed = Vec::new();
         self.refusals.close_expired(now_ms, &mut closed);
+        self.answered.close_expired(now_ms, &mut closed);
         if records.is_empty() {
             return self.write_closed(&closed);
         }
@@ -439,12 +516,38 @@ impl Table {
             member_ids: &member_ids,
             round: machine.round(),
         };
-        // The round ids of a batch that fails are rolled back with it.
-        let rounds_before = self.rounds.clone();
+        // The round ids and the counts of a batch that fails are rolled back
+        // with it (its records are written again, counted again).
+        let before = (
+            self.rounds.clone(),
+            self.refusals.clone(),
+            self.answered.clone(),
+            self.answered_epoch.clone(),
+        );
         let (rounds, refusals) = (&mut self.rounds, &mut self.refusals);
+        let (answered_counter, answered_epoch) = (&mut self.answered, &mut self.answered_epoch);
         let r = self.store.batch(|s| {
             write_summaries(s, &closed);
             for r in records {
+                if let Some((at, member, epoch)) = answered(r) {
+                    // The first answer in each key state (epoch, round phase)
+                    // is always written in full: a node back in a new state
+                    // has its row.
+                    let state = (epoch, ctx.round.map(|(_, p)| p));
+                    if answered_epoch.insert(member, state) == Some(state) {
+                        closed.clear();
+                        let seen = answered_counter.observe_source(
+                            at,
+                            Source::Member(member),
+                            ANSWERED,
+                            &mut closed,
+                        );
+                        write_summaries(s, &closed);
+                        if seen == Seen::Counted {
+                            continue;
+                        }
+                    }
+                }
                 if let Some((at, ip, kind)) = rate_counted(r) {
                     closed.clear();
                     let seen = refusals.observe(at, ip, kind, &mut closed);
@@ -459,7 +562,12 @@ impl Table {
             Ok(())
         });
         if r.is_err() {
-            self.rounds = rounds_before;
+            (
+                self.rounds,
+                self.refusals,
+                self.answered,
+                self.answered_epoch,
+            ) = before;
         }
         r
     }
@@ -527,15 +635,21 @@ fn write_one(s: &mut Store, rounds: &mut HashMap<u32, i64>, r: &Record, ctx: &Ct
             }
         }
         Record::NodeEnrolled {
+            member,
             node_id,
             addr,
             fingerprint,
             at,
-            ..
         } => soft(
             "an enrollment",
-            s.enroll_node(node_id.as_str(), &addr.to_string(), fingerprint, at.0)
-                .map(drop),
+            s.enroll_node(
+                node_id.as_str(),
+                (*member).into(),
+                known_addr(addr).as_deref(),
+                fingerprint,
+                at.0,
+            )
+            .map(drop),
         ),
         Record::NodeRemoved { node_id, at, .. } => soft(
             "a removal",

@@ -103,6 +103,8 @@ pub enum StoreError {
     BatchFailed { at: String, cause: String },
     #[error("node {0:?} is already enrolled; remove it first to enroll it again")]
     AlreadyEnrolled(String),
+    #[error("member number {member_no} already belongs to the enrolled node {holder:?}")]
+    MemberTaken { member_no: u64, holder: String },
     #[error("node {0:?} is not enrolled; `keyfleet status` lists the enrolled nodes")]
     UnknownNode(String),
     #[error("epoch {0} is already in the key history")]
@@ -275,6 +277,9 @@ text_enum! {
         RoundPaused,
         /// A paused round goes on (detail: why).
         RoundResumed,
+        /// A node's member number in the table was set to the controller's
+        /// (a repair of a table written before issue 15).
+        Renumbered,
     }
 }
 
@@ -282,10 +287,12 @@ text_enum! {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct NodeRecord {
     pub node_id: String,
-    /// Enrollment order, 1-based, never reused.
+    /// The member number the controller gave the node (the one on the wire),
+    /// 1-based, never reused by the controller.
     pub member_no: u64,
-    /// `HOST:PORT` of the agent's unicast socket.
-    pub address: String,
+    /// `HOST:PORT` of the agent's unicast socket; `None` until the node has
+    /// been heard from when it was enrolled without one.
+    pub address: Option<String>,
     /// The check value (fingerprint) of the initial key.
     pub key_check: String,
     pub state: NodeState,
@@ -318,7 +325,8 @@ pub struct HandoutRecord {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct AddressChange {
     pub node_id: String,
-    pub old_address: String,
+    /// `None` for a node enrolled without an address, first heard from.
+    pub old_address: Option<String>,
     pub new_address: String,
     pub at_ms: u64,
     /// The message's name (`join`, `key request`, `key update reply`, …, `usage report`).
@@ -440,13 +448,24 @@ pub trait Engine: Send {
     fn commit(&mut self) -> Result<()>;
     /// Rolls the batch's transaction back (best effort: a lost connection rolls back too).
     fn rollback(&mut self);
+    /// Enrolls `node_id` under `member_no` (the controller's number; refused
+    /// with [`StoreError::MemberTaken`] while another enrolled node holds it),
+    /// or enrolls a removed node again under its new number.
     fn enroll_node(
         &mut self,
         node_id: &str,
-        address: &str,
+        member_no: u64,
+        address: Option<&str>,
         key_check: &str,
         now_ms: u64,
     ) -> Result<NodeRecord>;
+    /// Gives the enrolled nodes of `want` those member numbers, all or none
+    /// (numbers may be swapped among them); one `Renumbered` audit row each.
+    fn renumber_members(
+        &mut self,
+        want: &[(&str, u64)],
+        now_ms: u64,
+    ) -> Result<Vec<(String, u64, u64)>>;
     fn remove_node(&mut self, node_id: &str, reason: &str, now_ms: u64) -> Result<()>;
     fn set_address(&mut self, node_id: &str, address: &str) -> Result<()>;
     fn record_address_change(
@@ -666,17 +685,41 @@ impl Store {
 
     // ----- nodes -----
 
-    /// Enrolls a node (or re-enrolls a removed one, keeping its member number);
-    /// records an `Enrollment` audit entry in the same transaction.
+    /// Enrolls a node under the member number its controller gave it (or
+    /// re-enrolls a removed one under its new number); `address` is `None`
+    /// until the node has been heard from. Records an `Enrollment` audit
+    /// entry in the same transaction. The store never numbers members itself:
+    /// the number is the one on the wire.
     pub fn enroll_node(
         &mut self,
         node_id: &str,
-        address: &str,
+        member_no: u64,
+        address: Option<&str>,
         key_check: &str,
         now_ms: u64,
     ) -> Result<NodeRecord> {
-        check_address(address)?;
-        let r = self.engine.enroll_node(node_id, address, key_check, now_ms);
+        if let Some(a) = address {
+            check_address(a)?;
+        }
+        if member_no == 0 {
+            return Err(StoreError::Range(0));
+        }
+        let r = self
+            .engine
+            .enroll_node(node_id, member_no, address, key_check, now_ms);
+        self.note(r)
+    }
+
+    /// Gives enrolled nodes the member numbers their controller uses (a
+    /// table written before issue 15 numbered them itself), in one savepoint:
+    /// numbers may be swapped among the nodes. Returns the nodes renumbered,
+    /// as (node id, old number, new number), each also in the audit log.
+    pub fn renumber_members(
+        &mut self,
+        want: &[(&str, u64)],
+        now_ms: u64,
+    ) -> Result<Vec<(String, u64, u64)>> {
+        let r = self.engine.renumber_members(want, now_ms);
         self.note(r)
     }
 

@@ -344,6 +344,17 @@ impl PgEngine {
         .collect()
     }
 
+    /// The enrolled node that holds member number `member`, if any.
+    fn member_holder(&self, member: i64) -> Result<Option<String>> {
+        self.query_opt(
+            "SELECT node_id FROM nodes WHERE member_no = $1 AND removed_at_ms IS NULL",
+            &[&member],
+        )?
+        .map(|r| r.try_get(0))
+        .transpose()
+        .map_err(Into::into)
+    }
+
     fn close_phase(&self, id: i64, now_ms: u64) -> Result<()> {
         let row = self
             .query_opt(
@@ -430,45 +441,52 @@ impl Engine for PgEngine {
     fn enroll_node(
         &mut self,
         node_id: &str,
-        address: &str,
+        member_no: u64,
+        address: Option<&str>,
         key_check: &str,
         now_ms: u64,
     ) -> Result<NodeRecord> {
-        check_address(address)?;
+        if let Some(a) = address {
+            check_address(a)?;
+        }
+        let member = to_i64(member_no)?;
+        if member == 0 {
+            return Err(StoreError::Range(0));
+        }
         let now = to_i64(now_ms)?;
-        self.atomic(|s| {
+        let r = self.atomic(|s| {
             let existing = s.query_opt(
                 "SELECT removed_at_ms FROM nodes WHERE node_id = $1 FOR UPDATE",
                 &[&node_id],
             )?;
-            match existing.map(|r| r.try_get::<_, Option<i64>>(0)).transpose()? {
-                Some(None) => return Err(StoreError::AlreadyEnrolled(node_id.to_owned())),
-                Some(Some(_)) => {
-                    s.exec(
-                        "UPDATE nodes SET address = $2, key_check = $3, state = 'Enrolled', epoch = NULL,
-                         last_seen_ms = NULL, stale = false, enrolled_at_ms = $4, removed_at_ms = NULL
-                         WHERE node_id = $1",
-                        &[&node_id, &address, &key_check, &now],
-                    )?;
-                }
-                None => {
-                    s.exec(
-                        "INSERT INTO nodes (node_id, member_no, address, key_check, state, enrolled_at_ms)
-                         VALUES ($1, (SELECT COALESCE(MAX(member_no), 0) + 1 FROM nodes), $2, $3, 'Enrolled', $4)",
-                        &[&node_id, &address, &key_check, &now],
-                    )
-                    .map_err(|e| match e {
-                        StoreError::Postgres(pe) if is(&pe, &SqlState::UNIQUE_VIOLATION) => {
-                            StoreError::AlreadyEnrolled(node_id.to_owned())
-                        }
-                        other => other,
-                    })?;
-                }
+            let existing = existing
+                .map(|r| r.try_get::<_, Option<i64>>(0))
+                .transpose()?;
+            if let Some(None) = existing {
+                return Err(StoreError::AlreadyEnrolled(node_id.to_owned()));
+            }
+            if let Some(holder) = s.member_holder(member)? {
+                return Err(StoreError::MemberTaken { member_no, holder });
+            }
+            if existing.is_some() {
+                s.exec(
+                    "UPDATE nodes SET member_no = $2, address = $3, key_check = $4, state = 'Enrolled',
+                     epoch = NULL, last_seen_ms = NULL, stale = false, enrolled_at_ms = $5,
+                     removed_at_ms = NULL
+                     WHERE node_id = $1",
+                    &[&node_id, &member, &address, &key_check, &now],
+                )?;
+            } else {
+                s.exec(
+                    "INSERT INTO nodes (node_id, member_no, address, key_check, state, enrolled_at_ms)
+                     VALUES ($1, $2, $3, $4, 'Enrolled', $5)",
+                    &[&node_id, &member, &address, &key_check, &now],
+                )?;
             }
             s.audit_in(
                 AuditKind::Enrollment,
                 Some(node_id),
-                &serde_json::json!({ "address": address, "key_check": key_check }),
+                &serde_json::json!({ "member": member_no, "address": address, "key_check": key_check }),
                 now_ms,
             )?;
             s.query_opt(
@@ -479,6 +497,79 @@ impl Engine for PgEngine {
             .map(node_from_row)
             .transpose()?
             .ok_or_else(|| StoreError::UnknownNode(node_id.to_owned()))
+        });
+        // Another controller or installer enrolled the same node or took the
+        // same number between the checks and the insert: the server's unique
+        // index refused it (the call's savepoint is rolled back, so the
+        // transaction can still ask who holds it).
+        match r {
+            Err(StoreError::Postgres(e)) if is(&e, &SqlState::UNIQUE_VIOLATION) => {
+                match e.as_db_error().and_then(|d| d.constraint()) {
+                    Some("nodes_enrolled_member") => Err(StoreError::MemberTaken {
+                        member_no,
+                        holder: self
+                            .member_holder(member)?
+                            .unwrap_or_else(|| "(enrolled meanwhile)".into()),
+                    }),
+                    _ => Err(StoreError::AlreadyEnrolled(node_id.to_owned())),
+                }
+            }
+            r => r,
+        }
+    }
+
+    fn renumber_members(
+        &mut self,
+        want: &[(&str, u64)],
+        now_ms: u64,
+    ) -> Result<Vec<(String, u64, u64)>> {
+        self.atomic(|s| {
+            let mut changed = Vec::new();
+            for (id, member_no) in want {
+                let old: i64 = s
+                    .query_opt(
+                        "SELECT member_no FROM nodes WHERE node_id = $1 AND removed_at_ms IS NULL
+                         FOR UPDATE",
+                        &[id],
+                    )?
+                    .ok_or_else(|| StoreError::UnknownNode((*id).to_owned()))?
+                    .try_get(0)?;
+                let old = to_u64("nodes.member_no", old)?;
+                if old != *member_no {
+                    changed.push(((*id).to_owned(), old, *member_no));
+                }
+            }
+            // Out of the way first (member numbers are u32 on the wire, so
+            // 2^32 + n never clashes with a real one; the transaction commits
+            // only the final numbers), then to their place: the unique index
+            // is checked after each statement.
+            for (id, _, _) in &changed {
+                s.exec(
+                    "UPDATE nodes SET member_no = member_no + 4294967296 WHERE node_id = $1",
+                    &[id],
+                )?;
+            }
+            for (id, old, new) in &changed {
+                let member = to_i64(*new)?;
+                if let Some(holder) = s.member_holder(member)? {
+                    return Err(StoreError::MemberTaken {
+                        member_no: *new,
+                        holder,
+                    });
+                }
+                s.exec(
+                    "UPDATE nodes SET member_no = $2 WHERE node_id = $1",
+                    &[id, &member],
+                )?;
+                s.audit_in(
+                    AuditKind::Renumbered,
+                    Some(id),
+                    &serde_json::json!({ "from": old, "to": new,
+                        "reason": "the table now records the controller's member number" }),
+                    now_ms,
+                )?;
+            }
+            Ok(changed)
         })
     }
 
@@ -525,7 +616,7 @@ impl Engine for PgEngine {
         check_address(new)?;
         let (now, seq) = (to_i64(now_ms)?, to_i64(seq)?);
         self.atomic(|s| {
-            let old: String = s
+            let old: Option<String> = s
                 .query_opt(
                     "SELECT address FROM nodes WHERE node_id = $1 AND removed_at_ms IS NULL
                      FOR UPDATE",

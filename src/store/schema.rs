@@ -93,7 +93,7 @@ const V3: &str = r#"
 CREATE TABLE address_changes (
     id          INTEGER PRIMARY KEY AUTOINCREMENT,
     node_id     TEXT NOT NULL REFERENCES nodes(node_id),
-    old_address TEXT NOT NULL,
+    old_address TEXT,
     new_address TEXT NOT NULL,
     at_ms       INTEGER NOT NULL,
     message     TEXT NOT NULL,
@@ -121,10 +121,43 @@ ALTER TABLE rounds ADD COLUMN paused_at_ms INTEGER;
 ALTER TABLE rounds ADD COLUMN pause_detail TEXT;
 "#;
 
+/// Version 4 (issue 15): one member numbering. The controller numbers its
+/// members and the table records that number (it no longer counts
+/// `MAX(member_no) + 1` itself), so member numbers are unique among the
+/// enrolled nodes, while a removed node's row keeps the number it last had;
+/// a node enrolled without an address (learned from its first authenticated
+/// message) has none yet. SQLite cannot drop a column constraint in place:
+/// the table is rebuilt (its 12-step procedure; foreign keys are off during
+/// migrations, see `Store::open`, and checked after this step). The
+/// tables of version 3 that name `nodes(node_id)` keep their references:
+/// they name the table, which the rename gives back.
+const V4: &str = r#"
+CREATE TABLE nodes_v3 (
+    node_id        TEXT PRIMARY KEY NOT NULL CHECK (length(node_id) > 0),
+    member_no      INTEGER NOT NULL CHECK (member_no > 0),
+    address        TEXT,
+    key_check      TEXT NOT NULL,
+    state          TEXT NOT NULL CHECK (state IN
+                     ('Enrolled', 'UpdateCompleted', 'DistributionCompleted', 'InTransit')),
+    epoch          INTEGER,
+    last_seen_ms   INTEGER,
+    stale          INTEGER NOT NULL DEFAULT 0 CHECK (stale IN (0, 1)),
+    enrolled_at_ms INTEGER NOT NULL,
+    removed_at_ms  INTEGER
+) STRICT;
+INSERT INTO nodes_v3 SELECT node_id, member_no, address, key_check, state, epoch,
+    last_seen_ms, stale, enrolled_at_ms, removed_at_ms FROM nodes;
+DROP TABLE nodes;
+ALTER TABLE nodes_v3 RENAME TO nodes;
+CREATE UNIQUE INDEX nodes_enrolled_member ON nodes(member_no) WHERE removed_at_ms IS NULL;
+CREATE INDEX nodes_by_member ON nodes(member_no);
+"#;
+
 const MIGRATIONS: &[M<'static>] = &[
     M::up(V1).foreign_key_check(),
     M::up(V2),
     M::up(V3).foreign_key_check(),
+    M::up(V4).foreign_key_check(),
 ];
 
 /// PostgreSQL version 1: the tables of SQLite's [`V1`]. Differences of dialect
@@ -199,7 +232,7 @@ const PG_V3: &str = r#"
 CREATE TABLE address_changes (
     id          BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     node_id     TEXT NOT NULL REFERENCES nodes(node_id),
-    old_address TEXT NOT NULL,
+    old_address TEXT,
     new_address TEXT NOT NULL,
     at_ms       BIGINT NOT NULL,
     message     TEXT NOT NULL,
@@ -227,8 +260,20 @@ ALTER TABLE rounds ADD COLUMN paused_at_ms BIGINT;
 ALTER TABLE rounds ADD COLUMN pause_detail TEXT;
 "#;
 
+/// PostgreSQL version 4: [`V4`]. PostgreSQL changes the constraints in place
+/// (no table rebuild): the table-wide `UNIQUE` of V1 (named `nodes_member_no_key`
+/// by PostgreSQL) gives way to uniqueness among the enrolled nodes, the
+/// address may be unknown, member numbers are positive.
+const PG_V4: &str = r#"
+ALTER TABLE nodes DROP CONSTRAINT nodes_member_no_key;
+ALTER TABLE nodes ALTER COLUMN address DROP NOT NULL;
+ALTER TABLE nodes ADD CONSTRAINT nodes_member_no_positive CHECK (member_no > 0);
+CREATE UNIQUE INDEX nodes_enrolled_member ON nodes(member_no) WHERE removed_at_ms IS NULL;
+CREATE INDEX nodes_by_member ON nodes(member_no);
+"#;
+
 /// The PostgreSQL migrations; `PG_MIGRATIONS[i]` brings version `i` to `i + 1`.
-pub(crate) const PG_MIGRATIONS: &[&str] = &[PG_V1, PG_V2, PG_V3];
+pub(crate) const PG_MIGRATIONS: &[&str] = &[PG_V1, PG_V2, PG_V3, PG_V4];
 
 pub(crate) fn migrations() -> Migrations<'static> {
     Migrations::from_slice(MIGRATIONS)

@@ -83,8 +83,6 @@ impl SqliteEngine {
         }
         conn.pragma_update(None, "synchronous", "FULL")
             .map_err(open_err)?;
-        conn.pragma_update(None, "foreign_keys", true)
-            .map_err(open_err)?;
         let found: i64 = conn
             .pragma_query_value(None, "user_version", |r| r.get(0))
             .map_err(open_err)?;
@@ -95,12 +93,24 @@ impl SqliteEngine {
                 known: SCHEMA_VERSION,
             });
         }
+        // The bundled SQLite enforces foreign keys by default
+        // (SQLITE_DEFAULT_FOREIGN_KEYS=1): switch them off for the migrations,
+        // as SQLite's table rebuild asks (a `DROP TABLE` of a table that other
+        // rows name would fail). The pragma is a no-op inside a transaction,
+        // so it is set here, before the migrations open theirs.
+        conn.pragma_update(None, "foreign_keys", false)
+            .map_err(open_err)?;
         schema::migrations()
             .to_latest(&mut conn)
             .map_err(|source| StoreError::Migrate {
                 path: path.to_path_buf(),
                 source,
             })?;
+        // Foreign keys are enforced from here on; during the migrations they
+        // are off, as SQLite's table rebuild asks (each step that rebuilds a
+        // table checks them itself: `foreign_key_check`).
+        conn.pragma_update(None, "foreign_keys", true)
+            .map_err(open_err)?;
         Ok(SqliteEngine {
             conn,
             path: path.to_path_buf(),
@@ -143,16 +153,26 @@ impl SqliteEngine {
 
     // ----- nodes -----
 
-    /// Enrolls a node (or re-enrolls a removed one, keeping its member number);
-    /// records an `Enrollment` audit entry in the same transaction.
+    /// Enrolls a node under the member number its controller gave it (or
+    /// re-enrolls a removed one under its new number); `address` is `None`
+    /// until the node has been heard from. Records an `Enrollment` audit
+    /// entry in the same transaction. The store never numbers members itself:
+    /// the number is the one on the wire.
     pub fn enroll_node(
         &mut self,
         node_id: &str,
-        address: &str,
+        member_no: u64,
+        address: Option<&str>,
         key_check: &str,
         now_ms: u64,
     ) -> Result<NodeRecord> {
-        check_address(address)?;
+        if let Some(a) = address {
+            check_address(a)?;
+        }
+        let member = to_i64(member_no)?;
+        if member == 0 {
+            return Err(StoreError::Range(0));
+        }
         let tx = self.conn.savepoint()?;
         let existing: Option<Option<i64>> = tx
             .query_row(
@@ -161,35 +181,111 @@ impl SqliteEngine {
                 |r| r.get(0),
             )
             .optional()?;
+        if let Some(None) = existing {
+            return Err(StoreError::AlreadyEnrolled(node_id.to_owned()));
+        }
+        let holder: Option<String> = tx
+            .query_row(
+                "SELECT node_id FROM nodes WHERE member_no = ?1 AND removed_at_ms IS NULL",
+                [member],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if let Some(holder) = holder {
+            return Err(StoreError::MemberTaken { member_no, holder });
+        }
         let now = to_i64(now_ms)?;
-        match existing {
-            Some(None) => return Err(StoreError::AlreadyEnrolled(node_id.to_owned())),
-            Some(Some(_)) => {
-                tx.execute(
-                    "UPDATE nodes SET address = ?2, key_check = ?3, state = 'Enrolled', epoch = NULL,
-                     last_seen_ms = NULL, stale = 0, enrolled_at_ms = ?4, removed_at_ms = NULL
-                     WHERE node_id = ?1",
-                    params![node_id, address, key_check, now],
-                )?;
-            }
-            None => {
-                tx.execute(
-                    "INSERT INTO nodes (node_id, member_no, address, key_check, state, enrolled_at_ms)
-                     VALUES (?1, (SELECT COALESCE(MAX(member_no), 0) + 1 FROM nodes), ?2, ?3, 'Enrolled', ?4)",
-                    params![node_id, address, key_check, now],
-                )?;
-            }
+        if existing.is_some() {
+            tx.execute(
+                "UPDATE nodes SET member_no = ?2, address = ?3, key_check = ?4, state = 'Enrolled',
+                 epoch = NULL, last_seen_ms = NULL, stale = 0, enrolled_at_ms = ?5, removed_at_ms = NULL
+                 WHERE node_id = ?1",
+                params![node_id, member, address, key_check, now],
+            )?;
+        } else {
+            tx.execute(
+                "INSERT INTO nodes (node_id, member_no, address, key_check, state, enrolled_at_ms)
+                 VALUES (?1, ?2, ?3, ?4, 'Enrolled', ?5)",
+                params![node_id, member, address, key_check, now],
+            )?;
         }
         audit_in(
             &tx,
             AuditKind::Enrollment,
             Some(node_id),
-            &serde_json::json!({ "address": address, "key_check": key_check }),
+            &serde_json::json!({ "member": member_no, "address": address, "key_check": key_check }),
             now_ms,
         )?;
         tx.commit()?;
         self.node(node_id)?
             .ok_or_else(|| StoreError::UnknownNode(node_id.to_owned()))
+    }
+
+    /// Gives enrolled nodes the member numbers their controller uses (a
+    /// table written before issue 15 numbered them itself), in one savepoint:
+    /// numbers may be swapped among the nodes. Returns the nodes renumbered,
+    /// as (node id, old number, new number), each also in the audit log.
+    pub fn renumber_members(
+        &mut self,
+        want: &[(&str, u64)],
+        now_ms: u64,
+    ) -> Result<Vec<(String, u64, u64)>> {
+        let tx = self.conn.savepoint()?;
+        let mut changed = Vec::new();
+        for (id, member_no) in want {
+            let old: Option<i64> = tx
+                .query_row(
+                    "SELECT member_no FROM nodes WHERE node_id = ?1 AND removed_at_ms IS NULL",
+                    [id],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            let Some(old) = old else {
+                return Err(StoreError::UnknownNode((*id).to_owned()));
+            };
+            let old = to_u64("nodes.member_no", old)?;
+            if old != *member_no {
+                changed.push(((*id).to_owned(), old, *member_no));
+            }
+        }
+        // Out of the way first (member numbers are u32 on the wire, so
+        // 2^32 + n never clashes with a real one; the savepoint commits only
+        // the final numbers), then to their place.
+        for (id, _, _) in &changed {
+            tx.execute(
+                "UPDATE nodes SET member_no = member_no + 4294967296 WHERE node_id = ?1",
+                [id],
+            )?;
+        }
+        for (id, old, new) in &changed {
+            let holder: Option<String> = tx
+                .query_row(
+                    "SELECT node_id FROM nodes WHERE member_no = ?1 AND removed_at_ms IS NULL",
+                    [to_i64(*new)?],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            if let Some(holder) = holder {
+                return Err(StoreError::MemberTaken {
+                    member_no: *new,
+                    holder,
+                });
+            }
+            tx.execute(
+                "UPDATE nodes SET member_no = ?2 WHERE node_id = ?1",
+                params![id, to_i64(*new)?],
+            )?;
+            audit_in(
+                &tx,
+                AuditKind::Renumbered,
+                Some(id),
+                &serde_json::json!({ "from": old, "to": new,
+                    "reason": "the table now records the controller's member number" }),
+                now_ms,
+            )?;
+        }
+        tx.commit()?;
+        Ok(changed)
     }
 
     /// Marks a node removed (it keeps its row and history); audits it.
@@ -239,7 +335,7 @@ impl SqliteEngine {
     ) -> Result<()> {
         check_address(new)?;
         let tx = self.conn.savepoint()?;
-        let old: Option<String> = tx
+        let old: Option<Option<String>> = tx
             .query_row(
                 "SELECT address FROM nodes WHERE node_id = ?1 AND removed_at_ms IS NULL",
                 [node_id],
@@ -277,7 +373,7 @@ impl SqliteEngine {
             "SELECT node_id, old_address, new_address, at_ms, message, seq
              FROM address_changes {filter} ORDER BY id"
         ))?;
-        type Raw = (String, String, String, i64, String, i64);
+        type Raw = (String, Option<String>, String, i64, String, i64);
         let raws: Vec<Raw> = stmt
             .query_map([arg], |r| {
                 Ok((
@@ -1016,7 +1112,7 @@ impl SqliteEngine {
 pub(super) struct RawNode {
     pub(super) node_id: String,
     pub(super) member_no: i64,
-    pub(super) address: String,
+    pub(super) address: Option<String>,
     pub(super) key_check: String,
     pub(super) state: String,
     pub(super) epoch: Option<i64>,
@@ -1065,11 +1161,19 @@ impl Engine for SqliteEngine {
     fn enroll_node(
         &mut self,
         node_id: &str,
-        address: &str,
+        member_no: u64,
+        address: Option<&str>,
         key_check: &str,
         now_ms: u64,
     ) -> Result<NodeRecord> {
-        SqliteEngine::enroll_node(self, node_id, address, key_check, now_ms)
+        SqliteEngine::enroll_node(self, node_id, member_no, address, key_check, now_ms)
+    }
+    fn renumber_members(
+        &mut self,
+        want: &[(&str, u64)],
+        now_ms: u64,
+    ) -> Result<Vec<(String, u64, u64)>> {
+        SqliteEngine::renumber_members(self, want, now_ms)
     }
     fn remove_node(&mut self, node_id: &str, reason: &str, now_ms: u64) -> Result<()> {
         SqliteEngine::remove_node(self, node_id, reason, now_ms)

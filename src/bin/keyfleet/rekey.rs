@@ -267,6 +267,7 @@ pub fn rekey(g: &GlobalArgs, a: RekeyArgs) -> anyhow::Result<ExitCode> {
     fleet::init_logging("warn");
     let st = g.state_dir()?;
     let rt = fleet::runtime()?;
+    rt.block_on(fleet::refuse_other_network(&st, &a.net))?;
     let pb = fleet::progress_bar(a.json);
     let watch = RefCell::new(Watch::default());
     let via_serve = std::cell::Cell::new(false);
@@ -336,6 +337,7 @@ pub fn remove(g: &GlobalArgs, a: RemoveArgs) -> anyhow::Result<ExitCode> {
         .map_err(|e| anyhow::anyhow!("{:?} is not a node id: {e}", a.node_id))?;
     let st = g.state_dir()?;
     let rt = fleet::runtime()?;
+    rt.block_on(fleet::refuse_other_network(&st, &a.net))?;
     let pb = fleet::progress_bar(a.json);
     let report = rt.block_on(async {
         match route(&st, || g.options(Some(&a.net))).await? {

@@ -38,6 +38,52 @@ fn ago(now: u64, ms: Option<u64>) -> String {
     }
 }
 
+/// The fleet table: columns as wide as their longest cell (a long node id or
+/// an IPv6 address widens its column instead of pushing the others out of line).
+fn node_table(nodes: &[NodeRecord], now: u64) -> comfy_table::Table {
+    use comfy_table::{CellAlignment, ColumnConstraint, Table};
+    let mut t = Table::new();
+    t.load_preset(comfy_table::presets::NOTHING)
+        .set_content_arrangement(comfy_table::ContentArrangement::Disabled)
+        .set_header([
+            "NODE",
+            "MEMBER",
+            "ADDRESS",
+            "STATE",
+            "EPOCH",
+            "LAST SEEN",
+            "STALE",
+            "KEY CHECK",
+        ]);
+    for n in nodes {
+        t.add_row([
+            n.node_id.clone(),
+            n.member_no.to_string(),
+            n.address
+                .clone()
+                .unwrap_or_else(|| "(not heard from yet)".into()),
+            n.state.as_str().to_owned(),
+            n.epoch.map_or("-".into(), |e| e.to_string()),
+            ago(now, n.last_seen_ms),
+            if n.stale { "stale" } else { "" }.to_owned(),
+            n.key_check.clone(),
+        ]);
+    }
+    for i in [1, 4] {
+        if let Some(c) = t.column_mut(i) {
+            c.set_cell_alignment(CellAlignment::Right);
+        }
+    }
+    if let Some(c) = t.column_mut(0) {
+        c.set_constraint(ColumnConstraint::ContentWidth);
+    }
+    let last = t.column_count().saturating_sub(1);
+    for (i, c) in t.column_iter_mut().enumerate() {
+        c.set_padding((0, if i == last { 0 } else { 2 }));
+    }
+    t
+}
+
 pub fn status(g: &GlobalArgs, a: StatusArgs) -> anyhow::Result<()> {
     let store = g
         .state_dir()?
@@ -69,23 +115,7 @@ pub fn status(g: &GlobalArgs, a: StatusArgs) -> anyhow::Result<()> {
         }
         (e, None) => println!("group key epoch {}; no round in progress", e.unwrap_or(0)),
     }
-    println!(
-        "{:<20} {:>6} {:<21} {:<22} {:>6} {:<10} {:<6} KEY CHECK",
-        "NODE", "MEMBER", "ADDRESS", "STATE", "EPOCH", "LAST SEEN", "STALE"
-    );
-    for n in &st.nodes {
-        println!(
-            "{:<20} {:>6} {:<21} {:<22} {:>6} {:<10} {:<6} {}",
-            n.node_id,
-            n.member_no,
-            n.address,
-            n.state.as_str(),
-            n.epoch.map_or("-".into(), |e| e.to_string()),
-            ago(now, n.last_seen_ms),
-            if n.stale { "stale" } else { "" },
-            n.key_check
-        );
-    }
+    println!("{}", node_table(&st.nodes, now));
     let count = |f: &dyn Fn(&NodeRecord) -> bool| st.nodes.iter().filter(|n| f(n)).count();
     let not_joined = count(&|n| n.state == NodeState::Enrolled);
     println!(
@@ -217,7 +247,7 @@ pub fn history(g: &GlobalArgs, a: HistoryArgs) -> anyhow::Result<()> {
                 "  {}  {:<20} {} -> {}  (its {} #{})",
                 when(c.at_ms),
                 c.node_id,
-                c.old_address,
+                c.old_address.as_deref().unwrap_or("(none)"),
                 c.new_address,
                 c.message,
                 c.seq
