@@ -202,6 +202,7 @@ pub mod node {
         let st = state(&mut rng);
         let ja = wire::mac(
             wire::join_accept(
+                TERM,
                 next(),
                 member,
                 request_seq(&out),
@@ -222,7 +223,7 @@ pub mod node {
         );
         let st = state(&mut rng);
         let kr = wire::sign(
-            wire::key_response(next(), member, request_seq(&out), &st),
+            wire::key_response(TERM, next(), member, request_seq(&out), &st),
             &sk,
         );
         out.clear();
@@ -237,13 +238,13 @@ pub mod node {
         );
         assert!(node.is_synced(), "the node synced");
         let w = keys.wrap(&key(2), member, &mut rng);
-        let ku = wire::sign(wire::key_update(Epoch(2), next(), &[(member, w)]), &sk);
+        let ku = wire::sign(wire::key_update(TERM, Epoch(2), next(), &[(member, w)]), &sk);
         let t1 = wire::sign(
-            wire::transition(Step::FirstTransition, Epoch(2), next()),
+            wire::transition(TERM, Step::FirstTransition, Epoch(2), next()),
             &sk,
         );
         let t2 = wire::sign(
-            wire::transition(Step::SecondTransition, Epoch(2), next()),
+            wire::transition(TERM, Step::SecondTransition, Epoch(2), next()),
             &sk,
         );
         let b1 = wire::sign(

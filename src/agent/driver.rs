@@ -137,6 +137,8 @@ fn suspicious(kind: &str) -> bool {
             | "seq_jump"
             | "too_many_senders"
             | "verify_budget"
+            // A controller that lost its lease still sends (or a replay of one).
+            | "stale_term"
     )
 }
 

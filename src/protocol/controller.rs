@@ -85,8 +85,9 @@ use zeroize::Zeroize;
 
 const SEQ_BLOCK: u64 = 4096;
 
-/// The leader term this controller announces in its beacons (issue 16 brings
-/// more than one controller; until then it is always 1).
+/// The leader term of a sole controller (an embedded management table, or
+/// the first leader of a shared one). Every controller message carries the
+/// machine's term ([`ControllerMachine::set_term`]); nodes refuse a lower one.
 pub const TERM: u32 = 1;
 
 /// Controller settings. Defaults are documented on each field.
@@ -652,6 +653,9 @@ pub struct ControllerMachine {
     beacon_due: Option<Time>,
     /// The last beacon: what it said and its signed bytes (resent while nothing changes).
     beacon: Option<(BeaconState, Vec<u8>)>,
+    /// The leader term every message carries ([`TERM`] unless the shell set
+    /// the term of its lease).
+    term: u32,
 }
 
 /// What a beacon says; a change of it takes a new sequence number.
@@ -694,6 +698,7 @@ impl ControllerMachine {
             node_trigger_at: None,
             beacon_due: None,
             beacon: None,
+            term: TERM,
         };
         c.persist_core(out);
         c
@@ -761,6 +766,7 @@ impl ControllerMachine {
             node_trigger_at: None,
             beacon_due: None,
             beacon: None,
+            term: TERM,
         };
         c.next_member_floor(core.next_member);
         Ok(c)
@@ -820,6 +826,41 @@ impl ControllerMachine {
                 .flatten()
                 .map(|m| m.row.clone())
                 .collect(),
+        }
+    }
+
+    /// The leader term every message of this controller carries.
+    pub fn term(&self) -> u32 {
+        self.term
+    }
+
+    /// Takes the leader term of the lease the shell holds (only ever
+    /// raised). What was signed under the old term (the beacon, a round's
+    /// transition request) is signed again under the new one, so nothing of
+    /// the old term goes out after this.
+    pub fn set_term(&mut self, term: u32, out: &mut Out) {
+        if term <= self.term {
+            return;
+        }
+        self.term = term;
+        self.beacon = None;
+        let Some(r) = &self.round else { return };
+        let epoch = r.epoch;
+        let (first, second) = (r.first_msg.is_some(), r.second_msg.is_some());
+        for (had, step) in [
+            (first, Step::FirstTransition),
+            (second, Step::SecondTransition),
+        ] {
+            if had {
+                let seq = self.next_seq(out);
+                let msg = wire::sign(wire::transition(term, step, epoch, seq), &self.signing);
+                if let Some(r) = &mut self.round {
+                    match step {
+                        Step::FirstTransition => r.first_msg = Some(msg),
+                        _ => r.second_msg = Some(msg),
+                    }
+                }
+            }
         }
     }
 
@@ -1022,7 +1063,7 @@ impl ControllerMachine {
             _ => {
                 let seq = self.next_seq(out);
                 let bytes = wire::sign(
-                    wire::beacon(TERM, state.0, seq, state.1, state.2),
+                    wire::beacon(self.term, state.0, seq, state.1, state.2),
                     &self.signing,
                 );
                 self.beacon = Some((state, bytes.clone()));
@@ -1281,7 +1322,7 @@ impl ControllerMachine {
                     Step::SecondTransition
                 };
                 let seq = self.next_seq(out);
-                let msg = wire::sign(wire::transition(step, epoch, seq), &self.signing);
+                let msg = wire::sign(wire::transition(self.term, step, epoch, seq), &self.signing);
                 if let Some(r) = &mut self.round {
                     match step {
                         Step::FirstTransition => r.first_msg = Some(msg),
@@ -1361,7 +1402,10 @@ impl ControllerMachine {
         out: &mut Out,
     ) {
         let seq = self.next_seq(out);
-        let msg = wire::sign(wire::key_update(epoch, seq, batch), &self.signing);
+        let msg = wire::sign(
+            wire::key_update(self.term, epoch, seq, batch),
+            &self.signing,
+        );
         out.push(ControllerAction::SendGroup(msg));
         Self::record(
             out,
@@ -1429,7 +1473,10 @@ impl ControllerMachine {
                 };
                 m.attempts += 1;
                 let entry = [(member, m.row.keys.wrap(&r.key, member, rng))];
-                let msg = wire::sign(wire::key_update(r.epoch, seq, &entry), &self.signing);
+                let msg = wire::sign(
+                    wire::key_update(self.term, r.epoch, seq, &entry),
+                    &self.signing,
+                );
                 out.push(ControllerAction::SendTo {
                     to: m.row.addr,
                     bytes: msg,
@@ -1910,7 +1957,7 @@ impl ControllerMachine {
                 };
                 let seq = self.next_seq(out);
                 let msg = wire::sign(
-                    wire::key_response(seq, k.member, k.seq, &state),
+                    wire::key_response(self.term, seq, k.member, k.seq, &state),
                     &self.signing,
                 );
                 out.push(ControllerAction::SendTo {
@@ -1950,7 +1997,7 @@ impl ControllerMachine {
                     return Ok(());
                 };
                 let msg = wire::mac(
-                    wire::join_accept(seq, member, j.seq, &self.public_key(), &state),
+                    wire::join_accept(self.term, seq, member, j.seq, &self.public_key(), &state),
                     &m.row.keys,
                 );
                 out.push(ControllerAction::SendTo {
@@ -2185,7 +2232,7 @@ impl ControllerMachine {
         let seq = self.next_seq(out);
         let epoch = self.current.epoch();
         let Some(m) = self.member(member) else { return };
-        let bytes = wire::mac(wire::resync(epoch, seq, member), &m.row.keys);
+        let bytes = wire::mac(wire::resync(self.term, epoch, seq, member), &m.row.keys);
         out.push(ControllerAction::SendTo { to, bytes });
     }
 }

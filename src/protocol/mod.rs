@@ -180,6 +180,12 @@ pub enum Refusal {
     },
     #[error("{what} not checked: this node already spent its signature checks for now (someone may be flooding forged requests; the controller retries)")]
     VerifyBudget { what: &'static str },
+    #[error("{what} of leader term {got} is older than term {have}, which this node already follows: it comes from a controller that lost its lease (or a replay); ignored")]
+    StaleTerm {
+        what: &'static str,
+        got: u32,
+        have: u32,
+    },
     #[error("{what} (sequence number {seq}) repeats a request already answered within the last {interval_ms} ms; not answered again")]
     DuplicateRequest {
         what: &'static str,
@@ -217,6 +223,7 @@ impl Refusal {
             Refusal::DuplicateRequest { .. } => "duplicate_request",
             Refusal::VerifyBudget { .. } => "verify_budget",
             Refusal::RetiredKey { .. } => "retired_key",
+            Refusal::StaleTerm { .. } => "stale_term",
         }
     }
 }

@@ -322,6 +322,10 @@ pub struct NodePersist {
     keyring: Option<Keyring>,
     /// Sequence numbers below this may have been used; a restored node starts above it.
     pub seq_reserved: u64,
+    /// The highest leader term this node has accepted a controller message
+    /// of (0: none yet, as in a state file written before terms).
+    #[serde(default)]
+    pub term: u32,
 }
 
 impl std::fmt::Debug for NodePersist {
@@ -376,6 +380,10 @@ pub struct NodeMachine {
     keyring: Option<Keyring>,
     seq: u64,
     seq_reserved: u64,
+    /// The highest leader term accepted (persisted); controller messages of
+    /// a lower term are refused (`stale_term`).
+    term: u32,
+    /// Controller sequence numbers seen in `term` (each term counts its own).
     ctl_replay: ReplayWindow,
     /// Digests of recently verified controller messages (retransmissions).
     verified: VecDeque<[u8; 16]>,
@@ -438,6 +446,7 @@ impl NodeMachine {
             p.keyring.clone(),
             p.seq_reserved,
         );
+        n.term = p.term;
         // After a restart the node holds data until the controller confirms its state.
         n.sync = Some(Sync {
             since: n.seq + 1,
@@ -463,6 +472,7 @@ impl NodeMachine {
             keyring,
             seq,
             seq_reserved: seq,
+            term: 0,
             ctl_replay: ReplayWindow::default(),
             verified: VecDeque::new(),
             failed: VecDeque::new(),
@@ -503,7 +513,13 @@ impl NodeMachine {
             }),
             keyring: self.keyring.clone(),
             seq_reserved: self.seq_reserved,
+            term: self.term,
         }
+    }
+
+    /// The highest leader term this node has accepted a controller message of.
+    pub fn term(&self) -> u32 {
+        self.term
     }
 
     pub fn node_id(&self) -> &NodeId {
@@ -601,10 +617,17 @@ impl NodeMachine {
                 }
             }
             NodeInput::Datagram { from, bytes } => {
+                let (term, start) = (self.term, out.len());
                 match self.on_datagram(now, from, bytes, rng, out) {
                     Ok(()) => {}
                     Err(reason) if self.keep_until_synced(&reason) && self.keep(from, bytes) => {}
                     Err(reason) => out.push(NodeAction::Event(NodeEvent::Refused { from, reason })),
+                }
+                // A new leader term is stored before anything the message
+                // led to goes out: a node restarted after it must still
+                // refuse the deposed leader.
+                if self.term != term {
+                    out.insert(start, NodeAction::Persist(Box::new(self.snapshot())));
                 }
             }
         }
@@ -802,11 +825,17 @@ impl NodeMachine {
     /// (a retransmission) skips the signature check; another message under a
     /// sequence number already used is a replay; a datagram whose signature
     /// failed recently fails again for the price of a hash.
+    ///
+    /// A message of a lower leader term than the node's is refused before
+    /// anything else (`stale_term`); one of a higher term is checked against
+    /// an empty replay window (a new leader counts its own sequence numbers)
+    /// and, once its signature holds, makes its term the node's.
     #[allow(clippy::too_many_arguments)]
     fn authenticate(
         &mut self,
         now: Time,
         budgeted: bool,
+        term: u32,
         seq: u64,
         auth: &Signed<'_>,
         bytes: &[u8],
@@ -815,8 +844,14 @@ impl NodeMachine {
         if self.joined.is_none() {
             return Err(Refusal::NotJoined { what });
         }
+        self.check_term(term, what)?;
         let digest = digest16(bytes);
-        match self.ctl_replay.check(seq) {
+        let seen = if term > self.term {
+            Seen::Fresh
+        } else {
+            self.ctl_replay.check(seq)
+        };
+        match seen {
             Seen::Fresh => {
                 if self.failed.contains(&digest) {
                     return Err(Refusal::BadSignature { what });
@@ -835,6 +870,7 @@ impl NodeMachine {
                     self.failed.push_back(digest);
                     return Err(Refusal::BadSignature { what });
                 }
+                self.follow_term(term);
                 self.ctl_replay.mark(seq);
                 if self.verified.len() >= VERIFIED_KEPT {
                     self.verified.pop_front();
@@ -848,6 +884,29 @@ impl NodeMachine {
             Seen::Again if self.verified.contains(&digest) => Ok(()),
             // The controller never signs two messages under one number.
             Seen::Again | Seen::TooOld => Err(Refusal::Replay { what, seq }),
+        }
+    }
+
+    /// Refuses a controller message of a lower leader term than the node's.
+    fn check_term(&self, term: u32, what: &'static str) -> Result<(), Refusal> {
+        if term < self.term {
+            return Err(Refusal::StaleTerm {
+                what,
+                got: term,
+                have: self.term,
+            });
+        }
+        Ok(())
+    }
+
+    /// An authenticated controller message of `term`: a higher term than the
+    /// node's becomes its own, with an empty replay window (the caller
+    /// persists the change before acting on the message).
+    fn follow_term(&mut self, term: u32) {
+        if term > self.term {
+            self.term = term;
+            self.ctl_replay = ReplayWindow::default();
+            self.verified.clear();
         }
     }
 
@@ -944,9 +1003,10 @@ impl NodeMachine {
                 let Some(wrapped) = ku.entry_for(member) else {
                     return Ok(());
                 };
+                self.check_term(ku.term, what)?;
                 self.precheck(now, ku.epoch, Step::KeyUpdate, what)
                     .map_err(|r| with_seq(r, ku.seq))?;
-                self.authenticate(now, true, ku.seq, &ku.auth, bytes, what)?;
+                self.authenticate(now, true, ku.term, ku.seq, &ku.auth, bytes, what)?;
                 let key = self
                     .keys
                     .unwrap(&wrapped, ku.epoch, member)
@@ -954,9 +1014,10 @@ impl NodeMachine {
                 self.on_step(now, ku.epoch, Step::KeyUpdate, Some(key), rng, out)
             }
             Message::Transition(t) => {
+                self.check_term(t.term, what)?;
                 self.precheck(now, t.epoch, t.step, what)
                     .map_err(|r| with_seq(r, t.seq))?;
-                self.authenticate(now, true, t.seq, &t.auth, bytes, what)?;
+                self.authenticate(now, true, t.term, t.seq, &t.auth, bytes, what)?;
                 self.on_step(now, t.epoch, t.step, None, rng, out)
             }
             Message::KeyResponse(r) => {
@@ -968,7 +1029,7 @@ impl NodeMachine {
                         in_reply_to: r.in_reply_to,
                     });
                 }
-                self.authenticate(now, false, r.seq, &r.auth, bytes, what)?;
+                self.authenticate(now, false, r.term, r.seq, &r.auth, bytes, what)?;
                 self.adopt(now, what, r.in_reply_to, member, &r.state, rng, out)
             }
             Message::JoinAccept(j) => {
@@ -987,7 +1048,8 @@ impl NodeMachine {
                         });
                     }
                 }
-                if self.ctl_replay.check(j.seq) != Seen::Fresh {
+                self.check_term(j.term, what)?;
+                if j.term == self.term && self.ctl_replay.check(j.seq) != Seen::Fresh {
                     return Err(Refusal::Replay { what, seq: j.seq });
                 }
                 let controller = VerifyingKey::from_bytes(&j.controller_key)
@@ -998,6 +1060,7 @@ impl NodeMachine {
                 });
                 match self.adopt(now, what, j.in_reply_to, j.member, &j.state, rng, out) {
                     Ok(()) => {
+                        self.follow_term(j.term);
                         self.ctl_replay.mark(j.seq);
                         Ok(())
                     }
@@ -1010,12 +1073,14 @@ impl NodeMachine {
             Message::Beacon(b) => self.on_beacon(now, &b, bytes, rng, out),
             Message::Resync(x) => {
                 let member = self.addressed_to_me(x.member, what)?;
+                self.check_term(x.term, what)?;
                 if !x.auth.verify(&self.keys) {
                     return Err(Refusal::BadMac { what, member });
                 }
-                if self.ctl_replay.check(x.seq) != Seen::Fresh {
+                if x.term == self.term && self.ctl_replay.check(x.seq) != Seen::Fresh {
                     return Err(Refusal::Replay { what, seq: x.seq });
                 }
+                self.follow_term(x.term);
                 self.ctl_replay.mark(x.seq);
                 self.start_sync(now, rng, out, false, false);
                 Ok(())
@@ -1046,6 +1111,7 @@ impl NodeMachine {
         let after_silence =
             silence > 0 && self.beacon_arrival.is_some_and(|t| now.since(t) > silence);
         self.beacon_arrival = Some(now);
+        self.check_term(b.term, what)?;
         let order = (b.term, b.seq);
         if order < self.beacon_best {
             self.beacon_stats.replays += 1;
@@ -1077,6 +1143,7 @@ impl NodeMachine {
             self.beacon_stats.verified += 1;
             self.beacon_best = order;
             self.beacon_digest = digest;
+            self.follow_term(b.term);
         }
         if behind {
             if self.sync.is_none() {

@@ -91,6 +91,8 @@ struct FakeController {
     keys: NodeKeys,
     member: u32,
     seq: u64,
+    /// The leader term its messages carry.
+    term: u32,
     rng: ChaCha20Rng,
 }
 
@@ -101,6 +103,7 @@ impl FakeController {
             keys: NodeKeys::derive(&initial(node)),
             member: node + 1,
             seq: 0,
+            term: crate::protocol::TERM,
             rng: rng(),
         }
     }
@@ -126,7 +129,7 @@ impl FakeController {
         let seq = self.seq();
         let pk = self.sk.verifying_key().to_bytes();
         wire::mac(
-            wire::join_accept(seq, self.member, in_reply_to, &pk, st),
+            wire::join_accept(self.term, seq, self.member, in_reply_to, &pk, st),
             &self.keys,
         )
     }
@@ -134,7 +137,7 @@ impl FakeController {
     fn key_response(&mut self, in_reply_to: u64, st: &KeyState) -> Vec<u8> {
         let seq = self.seq();
         wire::sign(
-            wire::key_response(seq, self.member, in_reply_to, st),
+            wire::key_response(self.term, seq, self.member, in_reply_to, st),
             &self.sk,
         )
     }
@@ -143,7 +146,7 @@ impl FakeController {
         let seq = self.seq();
         let w = self.keys.wrap(k, self.member, &mut self.rng);
         wire::sign(
-            wire::key_update(k.epoch(), seq, &[(self.member, w)]),
+            wire::key_update(self.term, k.epoch(), seq, &[(self.member, w)]),
             &self.sk,
         )
     }
@@ -151,7 +154,7 @@ impl FakeController {
     fn transition(&mut self, step: Step, e: u32) -> Vec<u8> {
         let seq = self.seq();
         wire::sign(
-            wire::transition(step, crate::crypto::Epoch(e), seq),
+            wire::transition(self.term, step, crate::crypto::Epoch(e), seq),
             &self.sk,
         )
     }

@@ -11,12 +11,12 @@
 //! | type | message | sender | body after `[ver][type]` | auth |
 //! |---|---|---|---|---|
 //! | 0x01 | data | node | flags u8, sender u32, seq u64, [epoch u32 if flags&1], nonce 12, ciphertext+tag ≥16 | AES-GCM (group key) |
-//! | 0x02 | key update request | controller | epoch u32, seq u64, first u32, last u32, count u16, count × (member u32, wrapped key 60) | sig 64 |
-//! | 0x03 / 0x04 | first / second transition request | controller | epoch u32, seq u64 | sig 64 |
-//! | 0x05 | key response | controller | epoch u32, seq u64, member u32, in_reply_to u64, key state | sig 64 |
-//! | 0x07 | resync request | controller | epoch u32, seq u64, member u32 | mac 16 |
+//! | 0x02 | key update request | controller | term u32, epoch u32, seq u64, first u32, last u32, count u16, count × (member u32, wrapped key 60) | sig 64 |
+//! | 0x03 / 0x04 | first / second transition request | controller | term u32, epoch u32, seq u64 | sig 64 |
+//! | 0x05 | key response | controller | term u32, epoch u32, seq u64, member u32, in_reply_to u64, key state | sig 64 |
+//! | 0x07 | resync request | controller | term u32, epoch u32, seq u64, member u32 | mac 16 |
 //! | 0x08 | beacon | controller | term u32, epoch u32, seq u64, phase u8 (0 no round, else the round phase), [round epoch u32 = epoch + 1 if phase ≠ 0], controller address (family u8: 4 → 4 bytes, 6 → 16 bytes; port u16) | sig 64 |
-//! | 0x06 | join accept | controller | epoch u32, seq u64, member u32, in_reply_to u64, controller public key 32, key state | mac 16 |
+//! | 0x06 | join accept | controller | term u32, epoch u32, seq u64, member u32, in_reply_to u64, controller public key 32, key state | mac 16 |
 //! | 0x11 / 0x12 / 0x13 | key update / first / second transition reply | node | epoch u32, seq u64, member u32 | mac 16 |
 //! | 0x14 | key request | node | epoch u32, seq u64, member u32, step u8 (the node's position: newest epoch held, last step taken in it) | mac 16 |
 //! | 0x15 | join | node | epoch u32, seq u64, id_len u8, node id | mac 16 |
@@ -26,6 +26,12 @@
 //! its epoch is the message epoch), then `round u8` (0 or 1) and, if 1, the
 //! round's epoch u32, phase u8 (1 distributing, 2 first transition, 3
 //! draining, 4 second transition) and the new key wrapped.
+//!
+//! Every controller message starts with the leader's `term` (issue 16): the
+//! controller that holds the lease of a shared management table, 1 for the
+//! sole controller of an embedded one. A node refuses a message of a lower
+//! term than the highest it holds (`stale_term`), so a deposed leader moves
+//! no node that has heard its successor; sequence numbers are counted per term.
 //!
 //! A beacon is the controller's signed statement of where the fleet is, sent
 //! to the group at a fixed interval (Bluetooth Mesh's secure network beacon is
@@ -61,7 +67,7 @@ use thiserror::Error;
 pub const VERSION: u8 = 2;
 /// Largest datagram the controller builds (fits a 1280-byte IPv6 minimum MTU with headers).
 pub const MAX_DATAGRAM: usize = 1200;
-const KEY_UPDATE_FIXED: usize = 2 + 4 + 8 + 4 + 4 + 2 + SIGNATURE_LEN;
+const KEY_UPDATE_FIXED: usize = 2 + 4 + 4 + 8 + 4 + 4 + 2 + SIGNATURE_LEN;
 /// Bytes of one key update entry: member u32 + wrapped key.
 pub const ENTRY_LEN: usize = 4 + WRAPPED_LEN;
 /// Most entries in one key update request datagram.
@@ -266,6 +272,8 @@ pub struct Data<'a> {
 /// A batch of key update entries.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct KeyUpdate<'a> {
+    /// The leader term.
+    pub term: u32,
     pub epoch: Epoch,
     pub seq: u64,
     pub first: u32,
@@ -322,6 +330,7 @@ impl KeyUpdate<'_> {
 /// First or second transition request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Transition<'a> {
+    pub term: u32,
     pub step: Step,
     pub epoch: Epoch,
     pub seq: u64,
@@ -347,6 +356,7 @@ pub struct KeyState {
 /// Answer to a key request (SPEC §5).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct KeyResponse<'a> {
+    pub term: u32,
     pub seq: u64,
     pub member: u32,
     pub in_reply_to: u64,
@@ -358,6 +368,7 @@ pub struct KeyResponse<'a> {
 /// state, authenticated by the node's own MAC key.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct JoinAccept<'a> {
+    pub term: u32,
     pub seq: u64,
     pub member: u32,
     pub in_reply_to: u64,
@@ -371,6 +382,7 @@ pub struct JoinAccept<'a> {
 /// key: cheap for both sides, and only that node can act on it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Resync<'a> {
+    pub term: u32,
     pub epoch: Epoch,
     pub seq: u64,
     pub member: u32,
@@ -511,6 +523,16 @@ impl<'a> Reader<'a> {
     fn u64(&mut self, what: &'static str) -> Result<u64, WireError> {
         Ok(u64::from_be_bytes(self.array(what)?))
     }
+    /// A leader term: 1 or more (the first leader's term is 1).
+    fn term(&mut self) -> Result<u32, WireError> {
+        match self.u32("term")? {
+            0 => Err(WireError::Invalid {
+                field: "term",
+                value: 0,
+            }),
+            t => Ok(t),
+        }
+    }
     fn epoch(&mut self) -> Result<Epoch, WireError> {
         Ok(Epoch(self.u32("epoch")?))
     }
@@ -593,6 +615,7 @@ pub fn decode(bytes: &[u8]) -> Result<Message<'_>, WireError> {
             let (body, signature) = split_auth::<SIGNATURE_LEN>(bytes, "signature")?;
             let auth = Signed { body, signature };
             let mut r = Reader { buf: body, pos: 2 };
+            let term = r.term()?;
             let epoch = r.epoch()?;
             let seq = r.u64("sequence number")?;
             let msg = match ty {
@@ -602,6 +625,7 @@ pub fn decode(bytes: &[u8]) -> Result<Message<'_>, WireError> {
                     let count = r.u16("entry count")? as usize;
                     let entries = r.take(count * ENTRY_LEN, "key update entries")?;
                     let ku = KeyUpdate {
+                        term,
                         epoch,
                         seq,
                         first,
@@ -628,12 +652,14 @@ pub fn decode(bytes: &[u8]) -> Result<Message<'_>, WireError> {
                     Message::KeyUpdate(ku)
                 }
                 kind::FIRST_TRANSITION => Message::Transition(Transition {
+                    term,
                     step: Step::FirstTransition,
                     epoch,
                     seq,
                     auth,
                 }),
                 kind::SECOND_TRANSITION => Message::Transition(Transition {
+                    term,
                     step: Step::SecondTransition,
                     epoch,
                     seq,
@@ -644,6 +670,7 @@ pub fn decode(bytes: &[u8]) -> Result<Message<'_>, WireError> {
                     let in_reply_to = r.u64("in reply to")?;
                     let state = r.key_state(epoch)?;
                     Message::KeyResponse(KeyResponse {
+                        term,
                         seq,
                         member,
                         in_reply_to,
@@ -666,6 +693,12 @@ pub fn decode(bytes: &[u8]) -> Result<Message<'_>, WireError> {
             let (body, tag) = split_auth::<MAC_LEN>(bytes, "mac")?;
             let auth = Maced { body, tag };
             let mut r = Reader { buf: body, pos: 2 };
+            // The controller's MAC'd messages carry the leader term; node messages do not.
+            let term = if matches!(ty, kind::JOIN_ACCEPT | kind::RESYNC) {
+                r.term()?
+            } else {
+                0
+            };
             let epoch = r.epoch()?;
             let seq = r.u64("sequence number")?;
             let msg = match ty {
@@ -675,6 +708,7 @@ pub fn decode(bytes: &[u8]) -> Result<Message<'_>, WireError> {
                     let controller_key = r.array("controller public key")?;
                     let state = r.key_state(epoch)?;
                     Message::JoinAccept(JoinAccept {
+                        term,
                         seq,
                         member,
                         in_reply_to,
@@ -701,6 +735,7 @@ pub fn decode(bytes: &[u8]) -> Result<Message<'_>, WireError> {
                 kind::RESYNC => {
                     let member = r.u32("member")?;
                     Message::Resync(Resync {
+                        term,
                         epoch,
                         seq,
                         member,
@@ -780,7 +815,7 @@ fn decode_beacon(bytes: &[u8]) -> Result<Beacon<'_>, WireError> {
     let (body, signature) = split_auth::<SIGNATURE_LEN>(bytes, "signature")?;
     let auth = Signed { body, signature };
     let mut r = Reader { buf: body, pos: 2 };
-    let term = r.u32("term")?;
+    let term = r.term()?;
     let epoch = r.epoch()?;
     let seq = r.u64("sequence number")?;
     let round = match r.u8("round phase")? {
@@ -914,14 +949,15 @@ pub fn data_header(
     w.bytes(nonce).0
 }
 
-/// Body of a key update request; `entries` sorted by member, 1..=[`MAX_BATCH_ENTRIES`].
-pub fn key_update(epoch: Epoch, seq: u64, entries: &[(u32, WrappedKey)]) -> Vec<u8> {
+/// Body of a key update request of leader `term`; `entries` sorted by member, 1..=[`MAX_BATCH_ENTRIES`].
+pub fn key_update(term: u32, epoch: Epoch, seq: u64, entries: &[(u32, WrappedKey)]) -> Vec<u8> {
     let first = entries.first().map(|e| e.0).unwrap_or_default();
     let last = entries.last().map(|e| e.0).unwrap_or_default();
     let mut w = Writer::new(
         kind::KEY_UPDATE,
         KEY_UPDATE_FIXED + entries.len() * ENTRY_LEN,
     )
+    .u32(term)
     .u32(epoch.0)
     .u64(seq)
     .u32(first)
@@ -934,17 +970,24 @@ pub fn key_update(epoch: Epoch, seq: u64, entries: &[(u32, WrappedKey)]) -> Vec<
 }
 
 /// Body of a first or second transition request.
-pub fn transition(step: Step, epoch: Epoch, seq: u64) -> Vec<u8> {
+pub fn transition(term: u32, step: Step, epoch: Epoch, seq: u64) -> Vec<u8> {
     let ty = match step {
         Step::SecondTransition => kind::SECOND_TRANSITION,
         _ => kind::FIRST_TRANSITION,
     };
-    Writer::new(ty, 80).u32(epoch.0).u64(seq).0
+    Writer::new(ty, 80).u32(term).u32(epoch.0).u64(seq).0
 }
 
 /// Body of a key response.
-pub fn key_response(seq: u64, member: u32, in_reply_to: u64, state: &KeyState) -> Vec<u8> {
+pub fn key_response(
+    term: u32,
+    seq: u64,
+    member: u32,
+    in_reply_to: u64,
+    state: &KeyState,
+) -> Vec<u8> {
     Writer::new(kind::KEY_RESPONSE, 240)
+        .u32(term)
         .u32(state.current_epoch.0)
         .u64(seq)
         .u32(member)
@@ -955,6 +998,7 @@ pub fn key_response(seq: u64, member: u32, in_reply_to: u64, state: &KeyState) -
 
 /// Body of a join accept.
 pub fn join_accept(
+    term: u32,
     seq: u64,
     member: u32,
     in_reply_to: u64,
@@ -962,6 +1006,7 @@ pub fn join_accept(
     state: &KeyState,
 ) -> Vec<u8> {
     Writer::new(kind::JOIN_ACCEPT, 240)
+        .u32(term)
         .u32(state.current_epoch.0)
         .u64(seq)
         .u32(member)
@@ -972,8 +1017,9 @@ pub fn join_accept(
 }
 
 /// Body of a resync request.
-pub fn resync(epoch: Epoch, seq: u64, member: u32) -> Vec<u8> {
+pub fn resync(term: u32, epoch: Epoch, seq: u64, member: u32) -> Vec<u8> {
     Writer::new(kind::RESYNC, 40)
+        .u32(term)
         .u32(epoch.0)
         .u64(seq)
         .u32(member)

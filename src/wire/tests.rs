@@ -96,14 +96,14 @@ proptest! {
     }
 
     #[test]
-    fn key_update_round_trips(epoch in any::<u32>(), seq in any::<u64>(),
+    fn key_update_round_trips(term in 1u32.., epoch in any::<u32>(), seq in any::<u64>(),
                               members in proptest::collection::btree_set(any::<u32>(), 1..=MAX_BATCH_ENTRIES),
                               w in wrapped()) {
         let entries: Vec<(u32, WrappedKey)> = members.iter().map(|m| (*m, w)).collect();
-        let bytes = sign(key_update(Epoch(epoch), seq, &entries), &signing());
+        let bytes = sign(key_update(term, Epoch(epoch), seq, &entries), &signing());
         prop_assert!(bytes.len() <= MAX_DATAGRAM);
         let Message::KeyUpdate(ku) = decode(&bytes).unwrap() else { panic!("not a key update") };
-        prop_assert_eq!((ku.epoch, ku.seq), (Epoch(epoch), seq));
+        prop_assert_eq!((ku.term, ku.epoch, ku.seq), (term, Epoch(epoch), seq));
         prop_assert_eq!(ku.entries().collect::<Vec<_>>(), entries.clone());
         for (m, _) in &entries {
             prop_assert_eq!(ku.entry_for(*m), Some(w));
@@ -112,21 +112,21 @@ proptest! {
     }
 
     #[test]
-    fn transition_round_trips(s in step().prop_filter("request", |s| *s != Step::KeyUpdate), epoch in any::<u32>(), seq in any::<u64>()) {
-        let bytes = sign(transition(s, Epoch(epoch), seq), &signing());
+    fn transition_round_trips(s in step().prop_filter("request", |s| *s != Step::KeyUpdate), term in 1u32.., epoch in any::<u32>(), seq in any::<u64>()) {
+        let bytes = sign(transition(term, s, Epoch(epoch), seq), &signing());
         let Message::Transition(t) = decode(&bytes).unwrap() else { panic!("not a transition") };
-        prop_assert_eq!((t.step, t.epoch, t.seq), (s, Epoch(epoch), seq));
+        prop_assert_eq!((t.term, t.step, t.epoch, t.seq), (term, s, Epoch(epoch), seq));
     }
 
     #[test]
-    fn key_response_and_join_accept_round_trip(seq in any::<u64>(), member in any::<u32>(), irt in any::<u64>(),
+    fn key_response_and_join_accept_round_trip(term in 1u32.., seq in any::<u64>(), member in any::<u32>(), irt in any::<u64>(),
                                                st in key_state(), pk in any::<[u8; 32]>()) {
-        let bytes = sign(key_response(seq, member, irt, &st), &signing());
+        let bytes = sign(key_response(term, seq, member, irt, &st), &signing());
         let Message::KeyResponse(r) = decode(&bytes).unwrap() else { panic!("not a key response") };
-        prop_assert_eq!((r.seq, r.member, r.in_reply_to, r.state), (seq, member, irt, st));
-        let bytes = mac(join_accept(seq, member, irt, &pk, &st), &keys());
+        prop_assert_eq!((r.term, r.seq, r.member, r.in_reply_to, r.state), (term, seq, member, irt, st));
+        let bytes = mac(join_accept(term, seq, member, irt, &pk, &st), &keys());
         let Message::JoinAccept(j) = decode(&bytes).unwrap() else { panic!("not a join accept") };
-        prop_assert_eq!((j.seq, j.member, j.in_reply_to, j.controller_key, j.state), (seq, member, irt, pk, st));
+        prop_assert_eq!((j.term, j.seq, j.member, j.in_reply_to, j.controller_key, j.state), (term, seq, member, irt, pk, st));
         prop_assert!(j.auth.verify(&keys()));
     }
 
@@ -141,9 +141,9 @@ proptest! {
         let b = mac(key_request(Epoch(epoch), s, seq, member), &k);
         let Message::KeyRequest(r) = decode(&b).unwrap() else { panic!() };
         prop_assert_eq!((r.epoch, r.step, r.seq, r.member), (Epoch(epoch), s, seq, member));
-        let b = mac(resync(Epoch(epoch), seq, member), &k);
+        let b = mac(resync(epoch.max(1), Epoch(epoch), seq, member), &k);
         let Message::Resync(x) = decode(&b).unwrap() else { panic!() };
-        prop_assert_eq!((x.epoch, x.seq, x.member), (Epoch(epoch), seq, member));
+        prop_assert_eq!((x.term, x.epoch, x.seq, x.member), (epoch.max(1), Epoch(epoch), seq, member));
         let b = mac(join(seq, &id), &k);
         let Message::Join(j) = decode(&b).unwrap() else { panic!() };
         prop_assert_eq!((j.seq, j.node_id), (seq, id));
@@ -154,7 +154,7 @@ proptest! {
     }
 
     #[test]
-    fn beacon_round_trips(term in any::<u32>(), epoch in 0u32..u32::MAX, seq in any::<u64>(),
+    fn beacon_round_trips(term in 1u32.., epoch in 0u32..u32::MAX, seq in any::<u64>(),
                           round in proptest::option::of(phase()), addr in address()) {
         let round = round.map(|p| (Epoch(epoch + 1), p));
         let bytes = sign(beacon(term, Epoch(epoch), seq, round, addr), &signing());
@@ -182,7 +182,7 @@ proptest! {
     fn every_truncation_of_a_valid_message_is_refused(cut in 0usize..200) {
         let st = KeyState { current_epoch: Epoch(3), current: WrappedKey([1; WRAPPED_LEN]),
             round: Some(RoundState { epoch: Epoch(4), phase: RoundPhase::Draining, wrapped: WrappedKey([2; WRAPPED_LEN]) }) };
-        let bytes = sign(key_response(9, 2, 8, &st), &signing());
+        let bytes = sign(key_response(1, 9, 2, 8, &st), &signing());
         let cut = cut.min(bytes.len() - 1);
         let short = &bytes[..cut];
         let decoded = decode(short);
@@ -196,8 +196,42 @@ fn batch_capacity_fits_a_datagram() {
     let entries: Vec<_> = (0..MAX_BATCH_ENTRIES as u32)
         .map(|m| (m, WrappedKey([0; WRAPPED_LEN])))
         .collect();
-    let bytes = sign(key_update(Epoch(1), 1, &entries), &signing());
+    let bytes = sign(key_update(1, Epoch(1), 1, &entries), &signing());
     assert!(bytes.len() <= MAX_DATAGRAM, "{}", bytes.len());
+}
+
+/// Term 0 is no leader's: every controller message that carries it is
+/// refused, whatever its type, before any signature or MAC is looked at.
+#[test]
+fn term_zero_is_refused_in_every_controller_message() {
+    let st = KeyState {
+        current_epoch: Epoch(3),
+        current: WrappedKey([1; WRAPPED_LEN]),
+        round: None,
+    };
+    let w = WrappedKey([0; WRAPPED_LEN]);
+    let addr = SocketAddr::from(([10, 0, 0, 1], 47800));
+    let zero = WireError::Invalid {
+        field: "term",
+        value: 0,
+    };
+    for bytes in [
+        sign(key_update(0, Epoch(1), 1, &[(1, w)]), &signing()),
+        sign(
+            transition(0, Step::FirstTransition, Epoch(1), 1),
+            &signing(),
+        ),
+        sign(
+            transition(0, Step::SecondTransition, Epoch(1), 1),
+            &signing(),
+        ),
+        sign(key_response(0, 1, 1, 1, &st), &signing()),
+        mac(join_accept(0, 1, 1, 1, &[7; 32], &st), &keys()),
+        mac(resync(0, Epoch(1), 1, 1), &keys()),
+        sign(beacon(0, Epoch(1), 1, None, addr), &signing()),
+    ] {
+        assert_eq!(decode(&bytes), Err(zero.clone()), "type 0x{:02x}", bytes[1]);
+    }
 }
 
 #[test]
@@ -255,8 +289,8 @@ fn key_update_header_range_must_match_entries() {
         (5, WrappedKey([0; WRAPPED_LEN])),
         (9, WrappedKey([0; WRAPPED_LEN])),
     ];
-    let mut body = key_update(Epoch(1), 1, &entries);
-    body[14..18].copy_from_slice(&4u32.to_be_bytes()); // first = 4, entries start at 5
+    let mut body = key_update(1, Epoch(1), 1, &entries);
+    body[18..22].copy_from_slice(&4u32.to_be_bytes()); // first = 4, entries start at 5
     let bytes = sign(body, &signing());
     assert!(matches!(
         decode(&bytes),

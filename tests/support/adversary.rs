@@ -101,7 +101,7 @@ pub mod forge {
             .iter()
             .map(|&m| (m, kek.wrap(&key, m, rng)))
             .collect();
-        let body = wire::key_update(epoch, seq, &entries);
+        let body = wire::key_update(1, epoch, seq, &entries);
         let mut zero = body.clone();
         zero.extend_from_slice(&[0u8; 64]);
         vec![
@@ -112,6 +112,12 @@ pub mod forge {
             Attack::new(
                 format!("forged key update epoch {epoch} seq {seq} (zero signature)"),
                 zero,
+            ),
+            // The highest leader term: a node that took it would refuse the
+            // real controller (`stale_term`) for good.
+            Attack::new(
+                format!("forged key update epoch {epoch} seq {seq} of term u32::MAX"),
+                wire::sign(wire::key_update(u32::MAX, epoch, seq, &entries), &sk),
             ),
         ]
     }
@@ -126,7 +132,7 @@ pub mod forge {
         let sk = attacker_signing_key(rng);
         let mut out = Vec::new();
         for step in [Step::FirstTransition, Step::SecondTransition] {
-            let body = wire::transition(step, epoch, seq);
+            let body = wire::transition(1, step, epoch, seq);
             let mut zero = body.clone();
             zero.extend_from_slice(&[0u8; 64]);
             out.push(Attack::new(

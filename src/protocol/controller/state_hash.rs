@@ -118,6 +118,7 @@ impl Hash for ControllerMachine {
             node_trigger_at,
             beacon_due,
             beacon,
+            term,
         } = self;
         (current, activated_at, round, members).hash(state);
         (seq, seq_reserved, pending, total_seals, total_opens).hash(state);
@@ -126,5 +127,6 @@ impl Hash for ControllerMachine {
         // The last beacon by its signed bytes (what it said is in them).
         beacon_due.hash(state);
         beacon.as_ref().map(|(_, bytes)| bytes).hash(state);
+        term.hash(state);
     }
 }

@@ -30,6 +30,7 @@ impl Hash for NodeMachine {
             keyring,
             seq,
             seq_reserved,
+            term,
             ctl_replay,
             verified,
             failed,
@@ -56,6 +57,7 @@ impl Hash for NodeMachine {
         keyring.hash(state);
         seq.hash(state);
         seq_reserved.hash(state);
+        term.hash(state);
         ctl_replay.hash(state);
         verified.hash(state);
         failed.hash(state);

@@ -5,6 +5,7 @@ use crate::crypto::{Epoch, OpenError};
 use crate::wire::RoundPhase;
 
 mod beacon;
+mod term;
 
 struct Rig {
     node: NodeMachine,
@@ -353,7 +354,7 @@ fn a_batch_without_this_nodes_entry_is_skipped_silently() {
     let w = NodeKeys::derive(&initial(5)).wrap(&key(2), 6, &mut rng());
     // Signed with a key the node does not know: it is not even checked.
     let batch = wire::sign(
-        wire::key_update(Epoch(2), 99, &[(6, w)]),
+        wire::key_update(1, Epoch(2), 99, &[(6, w)]),
         &ed25519_dalek::SigningKey::from_bytes(&[3; 32]),
     );
     let out = r.feed(&batch);
@@ -365,7 +366,7 @@ fn an_entry_wrapped_under_another_nodes_key_does_not_unwrap() {
     let mut r = Rig::uc1();
     let w = NodeKeys::derive(&initial(5)).wrap(&key(2), 1, &mut rng());
     let seq = r.ctl.seq();
-    let batch = wire::sign(wire::key_update(Epoch(2), seq, &[(1, w)]), &r.ctl.sk);
+    let batch = wire::sign(wire::key_update(1, Epoch(2), seq, &[(1, w)]), &r.ctl.sk);
     assert_eq!(
         refusal(&r.feed(&batch)),
         Some(Refusal::Unwrap { epoch: Epoch(2) })
@@ -727,7 +728,10 @@ fn apply(r: &mut Rig, i: In) -> Vec<NodeAction> {
         In::Send => r.input(NodeInput::Send(b"app")),
         In::Resync => {
             let seq = r.ctl.seq();
-            let b = wire::mac(wire::resync(Epoch(2), seq, r.ctl.member), &r.ctl.keys);
+            let b = wire::mac(
+                wire::resync(r.ctl.term, Epoch(2), seq, r.ctl.member),
+                &r.ctl.keys,
+            );
             r.feed(&b)
         }
     }

@@ -8,10 +8,15 @@ use crate::protocol::node::{behind_beacon, BEACON_VERIFY_BURST, BEACON_VERIFY_RE
 use proptest::prelude::*;
 
 impl FakeController {
-    fn beacon_seq(&self, seq: u64, epoch: u32, round: Option<(RoundPhase, u32)>) -> Vec<u8> {
+    pub(super) fn beacon_seq(
+        &self,
+        seq: u64,
+        epoch: u32,
+        round: Option<(RoundPhase, u32)>,
+    ) -> Vec<u8> {
         wire::sign(
             wire::beacon(
-                crate::protocol::TERM,
+                self.term,
                 Epoch(epoch),
                 seq,
                 round.map(|(p, e)| (Epoch(e), p)),
@@ -21,7 +26,7 @@ impl FakeController {
         )
     }
 
-    fn beacon(&mut self, epoch: u32, round: Option<(RoundPhase, u32)>) -> Vec<u8> {
+    pub(super) fn beacon(&mut self, epoch: u32, round: Option<(RoundPhase, u32)>) -> Vec<u8> {
         let seq = self.seq();
         self.beacon_seq(seq, epoch, round)
     }
