@@ -83,6 +83,13 @@ pub struct StoreConfig {
     /// holds back the sends of each pass whose rows were not written and
     /// retries the rows every second; past this it stops with an error.
     pub max_outage_ms: u64,
+    /// The leader lease in a shared (PostgreSQL) table, in ms of the
+    /// server's clock: the leader renews it every third of this.
+    pub lease_ms: u64,
+    /// The leader stops sending this many ms before its lease runs out (by
+    /// its own clock, counted from when it asked), so that it is silent
+    /// before a standby can take the lease.
+    pub lease_margin_ms: u64,
 }
 
 impl Default for StoreConfig {
@@ -90,6 +97,8 @@ impl Default for StoreConfig {
         StoreConfig {
             url: None,
             max_outage_ms: 30_000,
+            lease_ms: 6_000,
+            lease_margin_ms: 2_000,
         }
     }
 }
@@ -476,6 +485,16 @@ impl Config {
 
     /// Checks what TOML types alone do not.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.store.lease_margin_ms >= self.store.lease_ms || self.store.lease_ms < 300 {
+            return Err(ConfigError::Value {
+                key: "store.lease_ms",
+                value: format!(
+                    "{} (lease_margin_ms {})",
+                    self.store.lease_ms, self.store.lease_margin_ms
+                ),
+                reason: "the lease must be at least 300 ms and longer than store.lease_margin_ms",
+            });
+        }
         if !self.network.group.ip().is_multicast() {
             return Err(ConfigError::Value {
                 key: "network.group",
@@ -660,8 +679,15 @@ interval_ms = {bi}
 # serve goes on this long while the table cannot be written (ms), sending
 # nothing whose rows were not written; then it stops with an error.
 max_outage_ms = {mo}
+# With a PostgreSQL table one controller leads at a time, by a lease in the
+# table (ms of the server's clock), renewed every third of it; it stops
+# sending lease_margin_ms before the lease runs out.
+lease_ms = {lm}
+lease_margin_ms = {lmm}
 "#,
             mo = st.max_outage_ms,
+            lm = st.lease_ms,
+            lmm = st.lease_margin_ms,
             group = n.group,
             iface = n.iface,
             listen_port = n.listen_port,

@@ -39,7 +39,7 @@ use crate::protocol::{
 };
 use crate::secrets::{self, Passphrase, SealParams, SecretsError};
 use crate::statefile::{self, StateFileError};
-use crate::store::{Location, Store, StoreError};
+use crate::store::{LeaseOutcome, Location, Store, StoreError};
 use crate::wire::{NodeId, RoundPhase};
 
 use table::Table;
@@ -92,6 +92,21 @@ pub enum ControllerError {
     },
     #[error("{0}")]
     Duplicate(String),
+    #[error(
+        "the management table's leader lease is held by {holder} (term {term}, {left_ms} ms \
+         left): another controller leads this fleet; stop it (its lease then ends at once) or \
+         wait until its lease runs out"
+    )]
+    LeaseTaken {
+        holder: String,
+        term: u32,
+        left_ms: u64,
+    },
+    #[error(
+        "this controller lost the leader lease ({detail}); it sent nothing after its lease \
+         ran short and stops now"
+    )]
+    LeaseLost { detail: String },
 }
 
 type Result<T> = std::result::Result<T, ControllerError>;
@@ -443,11 +458,73 @@ const TABLE_RETRY_TIMER: u8 = 4;
 /// How often the records of a failed batch are tried again (ms).
 const TABLE_RETRY_MS: u64 = 1_000;
 
+/// The shell's timer to renew the leader lease of a shared table.
+const LEASE_TIMER: u8 = 5;
+
+/// The leader lease this controller holds ([`crate::store::Store::acquire_lease`]).
+#[derive(Debug, Clone)]
+struct LeaseHeld {
+    /// This controller in the lease row: host and state directory, so that
+    /// the same controller restarted takes its own lease back at once.
+    holder: String,
+    term: u32,
+    /// Until when (this process's clock) it may send; `None`: always (the
+    /// sole leader of an embedded table).
+    send_until_ms: Option<u64>,
+}
+
+/// The lease holder name of the controller of `st`.
+fn lease_holder(st: &StateDir) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_default();
+    let dir = std::fs::canonicalize(&st.dir).unwrap_or_else(|_| st.dir.clone());
+    format!(
+        "{}:{}",
+        if host.is_empty() { "localhost" } else { &host },
+        dir.display()
+    )
+}
+
 fn timer_of(id: u8) -> ControllerTimer {
     match id {
         0 => ControllerTimer::Round,
         BEACON_TIMER => ControllerTimer::Beacon,
         _ => ControllerTimer::KeyAge,
+    }
+}
+
+/// Takes the leader lease of the management table for the controller of
+/// `st`: term 1 and no expiry on SQLite (the sole leader); on a shared table
+/// the lease row's term, or [`ControllerError::LeaseTaken`] while another
+/// controller holds it.
+fn take_lease(
+    table: &mut Table,
+    st: &StateDir,
+    cfg: &crate::config::StoreConfig,
+    clock: &Clock,
+) -> Result<LeaseHeld> {
+    let holder = lease_holder(st);
+    let asked = clock.now_ms();
+    match table.store_mut().acquire_lease(&holder, cfg.lease_ms)? {
+        LeaseOutcome::Held(l) => {
+            if l.expires_in_ms.is_some() {
+                tracing::info!(holder = %holder, term = l.term, "leader lease taken");
+            }
+            Ok(LeaseHeld {
+                holder,
+                term: l.term,
+                send_until_ms: l
+                    .expires_in_ms
+                    .map(|_| asked + cfg.lease_ms.saturating_sub(cfg.lease_margin_ms)),
+            })
+        }
+        LeaseOutcome::Taken(l) => Err(ControllerError::LeaseTaken {
+            holder: l.holder,
+            term: l.term,
+            left_ms: l.expires_in_ms.unwrap_or(u64::MAX),
+        }),
     }
 }
 
@@ -532,6 +609,8 @@ pub struct Controller {
     seal_key: Option<secrets::SealKey>,
     /// Since when the management table cannot be written (None: it can).
     table_down_since: Option<u64>,
+    /// The leader lease held.
+    lease: LeaseHeld,
     /// When the snapshot was last written (for the replay marks, see `flush`).
     saved_at_ms: u64,
     /// What `keyfleet serve --metrics` reports (counters, and the health of
@@ -600,10 +679,11 @@ impl Controller {
         let mut table = Table::new(Store::open_at(&at)?)?
             .with_refusal_window(audit.refusal_window_ms, audit.refusal_max_sources);
         table.reconcile(&snap, now)?;
+        let lease = take_lease(&mut table, &st, &opts.config.store, &clock)?;
         if let Some(r) = &snap.core.round {
             tracing::info!(epoch = %r.epoch, phase = ?r.phase, "resuming the round in progress");
         }
-        Ok(Controller {
+        let mut c = Controller {
             opts,
             machine,
             table,
@@ -617,8 +697,71 @@ impl Controller {
             table_down_since: None,
             saved_at_ms: now,
             ops: Ops::default(),
+            lease: lease.clone(),
             _lock: lock,
-        })
+        };
+        c.machine.set_term(lease.term, &mut c.out);
+        c.arm_lease_timer();
+        Ok(c)
+    }
+
+    /// The leader term this controller's messages carry.
+    pub fn term(&self) -> u32 {
+        self.machine.term()
+    }
+
+    /// Whether this controller may send now: always as the sole leader of
+    /// an embedded table; with a shared one until `store.lease_margin_ms`
+    /// before its lease runs out.
+    pub fn may_send(&self) -> bool {
+        self.lease
+            .send_until_ms
+            .is_none_or(|until| self.clock.now_ms() < until)
+    }
+
+    fn arm_lease_timer(&mut self) {
+        if self.lease.send_until_ms.is_some() {
+            let every = (self.opts.config.store.lease_ms / 3).max(1);
+            self.timers.arm(LEASE_TIMER, self.clock.now_ms() + every);
+        }
+    }
+
+    /// Renews the leader lease: [`ControllerError::LeaseLost`] when another
+    /// controller has it (or had it: a new term); a table that does not
+    /// answer leaves the lease to run out (sends stop before it does) and
+    /// is asked again sooner.
+    fn renew_lease(&mut self) -> Result<()> {
+        let cfg = &self.opts.config.store;
+        let (lease_ms, margin) = (cfg.lease_ms, cfg.lease_margin_ms);
+        let asked = self.clock.now_ms();
+        match self
+            .table
+            .store_mut()
+            .acquire_lease(&self.lease.holder, lease_ms)
+        {
+            Ok(LeaseOutcome::Held(l)) if l.term == self.lease.term => {
+                self.lease.send_until_ms = l
+                    .expires_in_ms
+                    .map(|_| asked + lease_ms.saturating_sub(margin));
+                self.arm_lease_timer();
+                Ok(())
+            }
+            Ok(LeaseOutcome::Held(l)) => Err(ControllerError::LeaseLost {
+                detail: format!(
+                    "it ran out and was taken again under term {} (term {} was this \
+                     controller's): another controller may have led meanwhile",
+                    l.term, self.lease.term
+                ),
+            }),
+            Ok(LeaseOutcome::Taken(l)) => Err(ControllerError::LeaseLost {
+                detail: format!("{} leads under term {}", l.holder, l.term),
+            }),
+            Err(e) => {
+                tracing::error!(error = %e, "the leader lease could not be renewed; sends stop before it runs out");
+                self.timers.arm(LEASE_TIMER, asked + (lease_ms / 6).max(1));
+                Ok(())
+            }
+        }
     }
 
     pub fn machine(&self) -> &ControllerMachine {
@@ -770,6 +913,18 @@ impl Controller {
                 tracing::warn!(
                     count = sends.len(),
                     "management table not written: this pass's messages are not sent"
+                );
+            }
+            return Ok(());
+        }
+        // A leader whose lease runs short sends nothing (its renewal failed):
+        // a standby may take it once it runs out.
+        if !self.may_send() {
+            if !sends.is_empty() {
+                tracing::warn!(
+                    count = sends.len(),
+                    term = self.machine.term(),
+                    "the leader lease runs short: this pass's messages are not sent"
                 );
             }
             return Ok(());
@@ -1056,6 +1211,8 @@ impl Controller {
                         self.close_refusal_windows();
                     } else if id == TABLE_RETRY_TIMER {
                         self.retry_table()?;
+                    } else if id == LEASE_TIMER {
+                        self.renew_lease()?;
                     } else {
                         let _ = self.feed(ControllerInput::Timer(timer_of(id)));
                     }
@@ -1359,6 +1516,13 @@ impl Controller {
         };
         accept.abort();
         let _ = std::fs::remove_file(self.opts.state.socket());
+        if result.is_ok() {
+            // A clean stop ends the lease at once: a standby need not wait.
+            let (holder, term) = (self.lease.holder.clone(), self.lease.term);
+            if let Err(e) = self.table.store_mut().release_lease(&holder, term) {
+                tracing::warn!(error = %e, "the leader lease was not released; it runs out by itself");
+            }
+        }
         tracing::info!("keyfleet serve: stopped");
         result
     }
@@ -1408,6 +1572,7 @@ impl Controller {
                 "store": store.as_deref().unwrap_or("ok"),
                 "network": network.as_deref().unwrap_or("ok"),
                 "epoch": self.machine.current_epoch().0,
+                "term": self.machine.term(),
                 "round": round.map(|(e, p)| serde_json::json!({"epoch": e.0, "phase": phase_name(p)})),
                 "nodes": {"enrolled": enrolled, "active": active, "stale": stale},
             }),
@@ -1798,6 +1963,75 @@ mod tests {
             false,
         )
         .await
+    }
+
+    /// Issue 16: with a shared table the controller takes the leader lease
+    /// and its term; a second controller is refused while the lease runs,
+    /// takes it under the next term once it ran out, and the first one then
+    /// learns at its renewal that it lost it. A leader that cannot renew
+    /// stops sending `store.lease_margin_ms` before its lease runs out.
+    #[tokio::test]
+    async fn a_shared_table_has_one_leader_whose_term_rises_at_each_takeover() {
+        let Some(pg) = crate::store::testpg::shared() else {
+            return;
+        };
+        let url = pg.create_db();
+        let dir = tempfile::tempdir().unwrap();
+        let opts_for = |name: &str, lease_ms: u64, margin: u64| {
+            let mut config = Config::default();
+            config.store.url = Some(url.clone());
+            config.store.lease_ms = lease_ms;
+            config.store.lease_margin_ms = margin;
+            Options::new(StateDir::new(dir.path().join(name)), config)
+        };
+        let a_opts = opts_for("a", 600, 200);
+        init(&a_opts).unwrap();
+        let b_opts = opts_for("b", 600, 200);
+        init(&b_opts).unwrap();
+
+        let t0 = std::time::Instant::now();
+        let a = Controller::open(a_opts.clone()).unwrap();
+        assert_eq!(a.term(), 1);
+        assert!(a.may_send());
+        assert!(a.timers.deadline(&LEASE_TIMER).is_some(), "renewal armed");
+        let Err(err) = Controller::open(b_opts.clone()) else {
+            panic!("a second controller while the lease runs")
+        };
+        assert!(
+            matches!(&err, ControllerError::LeaseTaken { term: 1, .. }),
+            "{err}"
+        );
+        println!("second controller refused: {err}");
+        // The same controller started again takes its own lease back (same term).
+        drop(a);
+        let mut a = Controller::open(a_opts.clone()).unwrap();
+        assert_eq!(a.term(), 1);
+
+        // a does not renew: it stops sending 200 ms before the 600 ms lease
+        // runs out, by its own clock, while the table still gives it time.
+        tokio::time::sleep(Duration::from_millis(450)).await;
+        assert!(!a.may_send(), "silent before the lease runs out");
+        let left = a.store().lease().unwrap().and_then(|l| l.expires_in_ms);
+        println!(
+            "a silent {} ms after taking the lease; the table gives it {left:?} ms more",
+            t0.elapsed().as_millis()
+        );
+        // Once it ran out, b takes it under term 2, and a's renewal fails.
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let b = Controller::open(b_opts.clone()).unwrap();
+        assert_eq!(b.term(), 2);
+        assert!(b.may_send());
+        let lost = a.renew_lease().unwrap_err();
+        assert!(matches!(lost, ControllerError::LeaseLost { .. }), "{lost}");
+        println!("a at its renewal: {lost}");
+        assert!(!a.may_send());
+
+        // On SQLite the controller is always the sole leader, term 1.
+        let s_opts = Options::new(StateDir::new(dir.path().join("s")), Config::default());
+        init(&s_opts).unwrap();
+        let s = Controller::open(s_opts).unwrap();
+        assert_eq!((s.term(), s.may_send()), (1, true));
+        assert!(s.timers.deadline(&LEASE_TIMER).is_none());
     }
 
     #[tokio::test]

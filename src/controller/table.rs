@@ -271,6 +271,11 @@ impl Table {
         &self.answered
     }
 
+    /// The store, for what is not a record of a pass (the leader lease).
+    pub fn store_mut(&mut self) -> &mut Store {
+        &mut self.store
+    }
+
     pub fn store(&self) -> &Store {
         &self.store
     }

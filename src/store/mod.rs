@@ -385,6 +385,27 @@ pub struct RoundRecord {
     pub pause_detail: Option<String>,
 }
 
+/// The leader lease as the table holds it (issue 16).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LeaseRecord {
+    /// Who leads: `host:pid:random` of the controller process.
+    pub holder: String,
+    /// The leader term every controller message of that leader carries.
+    pub term: u32,
+    /// Milliseconds left by the table's clock when it was read (0: expired;
+    /// `None`: never expires, the sole leader of an embedded table).
+    pub expires_in_ms: Option<u64>,
+}
+
+/// What asking for the lease gave.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub enum LeaseOutcome {
+    /// The caller holds the lease (taken or renewed).
+    Held(LeaseRecord),
+    /// Another controller holds it and it has not expired.
+    Taken(LeaseRecord),
+}
+
 /// One audit entry.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct AuditRecord {
@@ -423,6 +444,14 @@ fn opt_i64(v: Option<u64>) -> Result<Option<i64>> {
 fn to_u64(column: &'static str, v: i64) -> Result<u64> {
     u64::try_from(v).map_err(|_| StoreError::BadValue {
         column,
+        value: v.to_string(),
+    })
+}
+
+/// A stored leader term as the wire's `u32`.
+fn lease_term(v: i64) -> Result<u32> {
+    u32::try_from(v).map_err(|_| StoreError::BadValue {
+        column: "leader_lease.term",
         value: v.to_string(),
     })
 }
@@ -545,6 +574,15 @@ pub trait Engine: Send {
         now_ms: u64,
     ) -> Result<i64>;
     fn audit_log(&self, after_id: i64, limit: u32) -> Result<Vec<AuditRecord>>;
+    /// Takes the leader lease for `holder` for `lease_ms`, or renews it when
+    /// `holder` has it; a lease another holder had is taken only once it has
+    /// expired, and then under the next term. Outside a batch only.
+    fn acquire_lease(&mut self, holder: &str, lease_ms: u64) -> Result<LeaseOutcome>;
+    /// Ends `holder`'s lease of `term` at once (a clean stop), so a standby
+    /// need not wait for it to run out. Nothing when it is no longer theirs.
+    fn release_lease(&mut self, holder: &str, term: u32) -> Result<()>;
+    /// The lease as it stands.
+    fn lease(&self) -> Result<Option<LeaseRecord>>;
 }
 
 /// Where the management table is: `store.url` in the config, or the default
@@ -984,6 +1022,31 @@ impl Store {
     /// Audit entries with an id greater than `after_id`, oldest first, at most `limit`.
     pub fn audit_log(&self, after_id: i64, limit: u32) -> Result<Vec<AuditRecord>> {
         self.engine.audit_log(after_id, limit)
+    }
+
+    // ----- leader lease (issue 16) -----
+
+    /// Takes or renews the leader lease for `holder` (see [`Engine::acquire_lease`]).
+    /// On SQLite the caller is the sole leader: term 1, never expiring.
+    pub fn acquire_lease(&mut self, holder: &str, lease_ms: u64) -> Result<LeaseOutcome> {
+        if holder.is_empty() {
+            return Err(StoreError::BadValue {
+                column: "leader_lease.holder",
+                value: String::new(),
+            });
+        }
+        to_i64(lease_ms)?;
+        self.engine.acquire_lease(holder, lease_ms)
+    }
+
+    /// Ends `holder`'s lease of `term` at once.
+    pub fn release_lease(&mut self, holder: &str, term: u32) -> Result<()> {
+        self.engine.release_lease(holder, term)
+    }
+
+    /// The leader lease as it stands.
+    pub fn lease(&self) -> Result<Option<LeaseRecord>> {
+        self.engine.lease()
     }
 }
 

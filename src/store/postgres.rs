@@ -378,6 +378,18 @@ impl PgEngine {
     }
 }
 
+/// The server's clock in milliseconds, fixed for the statement.
+const SERVER_MS: &str = "(extract(epoch FROM statement_timestamp()) * 1000)::BIGINT";
+
+fn lease_row(r: &Row) -> Result<LeaseRecord> {
+    let left: Option<i64> = r.try_get(2)?;
+    Ok(LeaseRecord {
+        holder: r.try_get(0)?,
+        term: lease_term(r.try_get(1)?)?,
+        expires_in_ms: left.map(|l| l.max(0) as u64),
+    })
+}
+
 impl Engine for PgEngine {
     fn describe(&self) -> String {
         self.shown.clone()
@@ -1091,6 +1103,52 @@ impl Engine for PgEngine {
         now_ms: u64,
     ) -> Result<i64> {
         self.audit_in(kind, node_id, detail, now_ms)
+    }
+
+    fn acquire_lease(&mut self, holder: &str, lease_ms: u64) -> Result<LeaseOutcome> {
+        // One statement, judged by the server's clock: the row is created,
+        // renewed by its holder, or taken over once expired (next term);
+        // concurrent callers are serialised by the row's lock.
+        let ms = to_i64(lease_ms)?;
+        let sql = format!(
+            "INSERT INTO leader_lease AS l (one, holder, term, expires_at_ms)
+             VALUES (true, $1, 1, {SERVER_MS} + $2)
+             ON CONFLICT (one) DO UPDATE SET
+               term = CASE WHEN l.holder = EXCLUDED.holder THEN l.term ELSE l.term + 1 END,
+               holder = EXCLUDED.holder,
+               expires_at_ms = EXCLUDED.expires_at_ms
+             WHERE l.holder = EXCLUDED.holder OR l.expires_at_ms <= {SERVER_MS}
+             RETURNING holder, term, expires_at_ms - {SERVER_MS}"
+        );
+        if let Some(r) = self.query_opt(&sql, &[&holder, &ms])? {
+            return Ok(LeaseOutcome::Held(lease_row(&r)?));
+        }
+        match self.lease()? {
+            Some(l) => Ok(LeaseOutcome::Taken(l)),
+            // Released and gone between the two statements: ask again.
+            None => self.acquire_lease(holder, lease_ms),
+        }
+    }
+
+    fn release_lease(&mut self, holder: &str, term: u32) -> Result<()> {
+        self.exec(
+            &format!(
+                "UPDATE leader_lease SET expires_at_ms = {SERVER_MS}
+                 WHERE holder = $1 AND term = $2"
+            ),
+            &[&holder, &i64::from(term)],
+        )?;
+        Ok(())
+    }
+
+    fn lease(&self) -> Result<Option<LeaseRecord>> {
+        self.query_opt(
+            &format!("SELECT holder, term, expires_at_ms - {SERVER_MS} FROM leader_lease"),
+            &[],
+        )?
+        .as_ref()
+        .map(lease_row)
+        .transpose()
     }
 
     fn audit_log(&self, after_id: i64, limit: u32) -> Result<Vec<AuditRecord>> {

@@ -153,11 +153,25 @@ CREATE UNIQUE INDEX nodes_enrolled_member ON nodes(member_no) WHERE removed_at_m
 CREATE INDEX nodes_by_member ON nodes(member_no);
 "#;
 
+/// Version 5 (issue 16): the leader lease. One row: who leads, under which
+/// term, until when (`NULL`: never expires, the sole leader of an embedded
+/// table). On PostgreSQL the controllers sharing the table take and renew it
+/// by the server's clock; the SQLite engine only records its sole leader.
+const V5: &str = r#"
+CREATE TABLE leader_lease (
+    one           INTEGER PRIMARY KEY NOT NULL DEFAULT 1 CHECK (one = 1),
+    holder        TEXT NOT NULL CHECK (length(holder) > 0),
+    term          INTEGER NOT NULL CHECK (term > 0 AND term <= 4294967295),
+    expires_at_ms INTEGER
+) STRICT;
+"#;
+
 const MIGRATIONS: &[M<'static>] = &[
     M::up(V1).foreign_key_check(),
     M::up(V2),
     M::up(V3).foreign_key_check(),
     M::up(V4).foreign_key_check(),
+    M::up(V5),
 ];
 
 /// PostgreSQL version 1: the tables of SQLite's [`V1`]. Differences of dialect
@@ -272,8 +286,18 @@ CREATE UNIQUE INDEX nodes_enrolled_member ON nodes(member_no) WHERE removed_at_m
 CREATE INDEX nodes_by_member ON nodes(member_no);
 "#;
 
+/// PostgreSQL version 5: [`V5`] in PostgreSQL's dialect.
+const PG_V5: &str = r#"
+CREATE TABLE leader_lease (
+    one           BOOLEAN PRIMARY KEY DEFAULT true CHECK (one),
+    holder        TEXT NOT NULL CHECK (length(holder) > 0),
+    term          BIGINT NOT NULL CHECK (term > 0 AND term <= 4294967295),
+    expires_at_ms BIGINT
+);
+"#;
+
 /// The PostgreSQL migrations; `PG_MIGRATIONS[i]` brings version `i` to `i + 1`.
-pub(crate) const PG_MIGRATIONS: &[&str] = &[PG_V1, PG_V2, PG_V3, PG_V4];
+pub(crate) const PG_MIGRATIONS: &[&str] = &[PG_V1, PG_V2, PG_V3, PG_V4, PG_V5];
 
 pub(crate) fn migrations() -> Migrations<'static> {
     Migrations::from_slice(MIGRATIONS)

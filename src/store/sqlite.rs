@@ -1139,6 +1139,25 @@ impl RawNode {
     }
 }
 
+impl SqliteEngine {
+    /// The embedded table has one controller (the state directory's lock
+    /// keeps a second one out): it is always the leader, term 1, with no
+    /// expiry; the row only records who that is.
+    fn sole_lease(&mut self, holder: &str) -> Result<LeaseOutcome> {
+        self.conn.execute(
+            "INSERT INTO leader_lease (one, holder, term, expires_at_ms) VALUES (1, ?1, 1, NULL)
+             ON CONFLICT (one) DO UPDATE SET holder = excluded.holder, term = 1,
+             expires_at_ms = NULL",
+            [holder],
+        )?;
+        Ok(LeaseOutcome::Held(LeaseRecord {
+            holder: holder.to_owned(),
+            term: crate::protocol::TERM,
+            expires_in_ms: None,
+        }))
+    }
+}
+
 impl Engine for SqliteEngine {
     fn describe(&self) -> String {
         self.path.display().to_string()
@@ -1319,5 +1338,27 @@ impl Engine for SqliteEngine {
     }
     fn audit_log(&self, after_id: i64, limit: u32) -> Result<Vec<AuditRecord>> {
         SqliteEngine::audit_log(self, after_id, limit)
+    }
+    fn acquire_lease(&mut self, holder: &str, _lease_ms: u64) -> Result<LeaseOutcome> {
+        self.sole_lease(holder)
+    }
+    fn release_lease(&mut self, _holder: &str, _term: u32) -> Result<()> {
+        Ok(())
+    }
+    fn lease(&self) -> Result<Option<LeaseRecord>> {
+        let row: Option<(String, i64)> = self
+            .conn
+            .query_row("SELECT holder, term FROM leader_lease", [], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .optional()?;
+        row.map(|(holder, term)| {
+            Ok(LeaseRecord {
+                holder,
+                term: lease_term(term)?,
+                expires_in_ms: None,
+            })
+        })
+        .transpose()
     }
 }

@@ -834,3 +834,120 @@ fn scopeguard(path: &Path) -> impl Drop + '_ {
     }
     Umount(path)
 }
+
+// ----- the leader lease (issue 16) -----
+
+#[test]
+fn sqlite_serve_is_the_sole_leader_under_term_1() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("fleet.db");
+    let mut s = Store::open(&path).unwrap();
+    for holder in ["host-a:1:x", "host-b:2:y"] {
+        assert_eq!(
+            s.acquire_lease(holder, 1).unwrap(),
+            LeaseOutcome::Held(LeaseRecord {
+                holder: holder.into(),
+                term: 1,
+                expires_in_ms: None
+            })
+        );
+    }
+    std::thread::sleep(std::time::Duration::from_millis(5));
+    s.release_lease("host-b:2:y", 1).unwrap();
+    drop(s);
+    let s = Store::open(&path).unwrap();
+    let l = s.lease().unwrap().unwrap();
+    assert_eq!(
+        (l.holder.as_str(), l.term, l.expires_in_ms),
+        ("host-b:2:y", 1, None)
+    );
+}
+
+#[test]
+fn postgres_lease_has_one_holder_and_a_new_term_after_it_runs_out() {
+    let Some(pg) = testpg::shared() else { return };
+    let url = pg.create_db();
+    let mut a = Store::connect(&url).unwrap();
+    let mut b = Store::connect(&url).unwrap();
+    let t0 = std::time::Instant::now();
+    let LeaseOutcome::Held(l) = a.acquire_lease("a", 400).unwrap() else {
+        panic!("the first asker takes the lease")
+    };
+    println!("lease taken in {:?}", t0.elapsed());
+    assert_eq!(l.term, 1);
+    assert!(
+        l.expires_in_ms.is_some_and(|ms| ms > 0 && ms <= 400),
+        "{l:?}"
+    );
+    // While it runs, nobody else gets it, however often they ask.
+    for _ in 0..5 {
+        match b.acquire_lease("b", 400).unwrap() {
+            LeaseOutcome::Taken(l) => assert_eq!((l.holder.as_str(), l.term), ("a", 1)),
+            held => panic!("a second holder: {held:?}"),
+        }
+    }
+    // Its holder renews it under the same term.
+    let t0 = std::time::Instant::now();
+    assert!(matches!(a.acquire_lease("a", 400).unwrap(), LeaseOutcome::Held(l) if l.term == 1));
+    println!("lease renewed in {:?}", t0.elapsed());
+    // Run out: the next asker takes it under term 2, and the old holder's
+    // renewal finds it gone.
+    std::thread::sleep(std::time::Duration::from_millis(450));
+    assert!(matches!(b.acquire_lease("b", 400).unwrap(), LeaseOutcome::Held(l) if l.term == 2));
+    assert!(matches!(
+        a.acquire_lease("a", 400).unwrap(),
+        LeaseOutcome::Taken(l) if l.holder == "b" && l.term == 2
+    ));
+    // A release of an old term changes nothing; the holder's own ends it at once.
+    a.release_lease("a", 1).unwrap();
+    assert!(matches!(
+        a.acquire_lease("a", 400).unwrap(),
+        LeaseOutcome::Taken(_)
+    ));
+    b.release_lease("b", 2).unwrap();
+    assert!(matches!(a.acquire_lease("a", 60_000).unwrap(), LeaseOutcome::Held(l) if l.term == 3));
+    assert_eq!(
+        b.lease().unwrap().map(|l| (l.holder, l.term)),
+        Some(("a".into(), 3))
+    );
+}
+
+/// Eight controllers ask at the same moment for a lease that has run out:
+/// exactly one gets it, under exactly the next term.
+#[test]
+fn postgres_lease_goes_to_exactly_one_of_many_askers_at_once() {
+    let Some(pg) = testpg::shared() else { return };
+    let url = pg.create_db();
+    let mut first = Store::connect(&url).unwrap();
+    assert!(matches!(
+        first.acquire_lease("gone", 1).unwrap(),
+        LeaseOutcome::Held(_)
+    ));
+    std::thread::sleep(std::time::Duration::from_millis(5));
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(8));
+    let askers: Vec<_> = (0..8)
+        .map(|i| {
+            let (url, barrier) = (url.clone(), barrier.clone());
+            std::thread::spawn(move || {
+                let mut s = Store::connect(&url).unwrap();
+                barrier.wait();
+                s.acquire_lease(&format!("c{i}"), 60_000).unwrap()
+            })
+        })
+        .collect();
+    let got: Vec<_> = askers.into_iter().map(|t| t.join().unwrap()).collect();
+    let held: Vec<_> = got
+        .iter()
+        .filter_map(|g| match g {
+            LeaseOutcome::Held(l) => Some(l.clone()),
+            LeaseOutcome::Taken(_) => None,
+        })
+        .collect();
+    assert_eq!(held.len(), 1, "{got:?}");
+    assert_eq!(held[0].term, 2);
+    for g in &got {
+        if let LeaseOutcome::Taken(l) = g {
+            assert_eq!((&l.holder, l.term), (&held[0].holder, 2));
+        }
+    }
+}
