@@ -757,6 +757,18 @@ impl Controller {
                 detail: format!("{} leads under term {}", l.holder, l.term),
             }),
             Err(e) => {
+                let short_for = self
+                    .lease
+                    .send_until_ms
+                    .map_or(0, |until| asked.saturating_sub(until));
+                if short_for > self.opts.config.store.max_outage_ms {
+                    return Err(ControllerError::LeaseLost {
+                        detail: format!(
+                            "the table has not answered a renewal for {short_for} ms past the \
+                             lease's end: {e}"
+                        ),
+                    });
+                }
                 tracing::error!(error = %e, "the leader lease could not be renewed; sends stop before it runs out");
                 self.timers.arm(LEASE_TIMER, asked + (lease_ms / 6).max(1));
                 Ok(())
@@ -803,6 +815,20 @@ impl Controller {
 
     /// Carries out the pending actions: snapshot, rows, sends, timers.
     async fn flush(&mut self, net: Option<&Transport>) -> Result<()> {
+        // A leader whose lease ran short (a renewal failed, or the process
+        // was frozen) asks for it first: lost, it stops here having written
+        // and sent nothing of this pass; still unanswered, the pass waits
+        // (snapshot, rows and sends) until the lease is renewed.
+        if !self.out.is_empty() && !self.may_send() {
+            self.renew_lease()?;
+            if !self.may_send() {
+                tracing::warn!(
+                    term = self.machine.term(),
+                    "the leader lease runs short: this pass waits for its renewal"
+                );
+                return Ok(());
+            }
+        }
         let actions = std::mem::take(&mut self.out);
         let marks_due = self.machine.replay_marks_unsaved()
             && self.clock.now_ms() >= self.saved_at_ms.saturating_add(REPLAY_MARKS_SAVE_MS);
@@ -2021,10 +2047,15 @@ mod tests {
         let b = Controller::open(b_opts.clone()).unwrap();
         assert_eq!(b.term(), 2);
         assert!(b.may_send());
+        // a wakes up (as from SIGSTOP) with work to do: it writes no row to
+        // the shared table and sends nothing; it stops with LeaseLost.
+        let lost = enroll_one(&mut a, "late", 9100).await.unwrap_err();
+        assert!(matches!(lost, ControllerError::LeaseLost { .. }), "{lost}");
+        println!("a woken up: {lost}");
+        assert!(!a.may_send());
+        assert_eq!(b.store().node("late").unwrap(), None, "no row from a");
         let lost = a.renew_lease().unwrap_err();
         assert!(matches!(lost, ControllerError::LeaseLost { .. }), "{lost}");
-        println!("a at its renewal: {lost}");
-        assert!(!a.may_send());
 
         // On SQLite the controller is always the sole leader, term 1.
         let s_opts = Options::new(StateDir::new(dir.path().join("s")), Config::default());

@@ -12,7 +12,7 @@ use crate::fleet::{when, GlobalArgs};
 /// `keyfleet status`.
 #[derive(Args, Debug)]
 pub struct StatusArgs {
-    /// Print {epoch, round, nodes} as JSON.
+    /// Print {epoch, round, nodes, leader} as JSON.
     #[arg(long)]
     pub json: bool,
 }
@@ -22,6 +22,8 @@ struct Status {
     epoch: Option<u64>,
     round: Option<RoundRecord>,
     nodes: Vec<NodeRecord>,
+    /// The leader lease: who leads, under which term (issue 16).
+    leader: Option<keyfleet::store::LeaseRecord>,
 }
 
 fn ago(now: u64, ms: Option<u64>) -> String {
@@ -92,6 +94,7 @@ pub fn status(g: &GlobalArgs, a: StatusArgs) -> anyhow::Result<()> {
         epoch: store.current_epoch()?,
         round: store.unfinished_round()?,
         nodes: store.nodes()?,
+        leader: store.lease()?,
     };
     if a.json {
         println!("{}", serde_json::to_string(&st)?);
@@ -114,6 +117,17 @@ pub fn status(g: &GlobalArgs, a: StatusArgs) -> anyhow::Result<()> {
             }
         }
         (e, None) => println!("group key epoch {}; no round in progress", e.unwrap_or(0)),
+    }
+    // A shared table names its leader; the embedded one has only one.
+    if let Some(l) = st.leader.as_ref().filter(|l| l.expires_in_ms.is_some()) {
+        match l.expires_in_ms {
+            Some(0) => println!(
+                "no leader: the lease of {} (term {}) ran out",
+                l.holder, l.term
+            ),
+            Some(ms) => println!("leader {} (term {}), lease {ms} ms left", l.holder, l.term),
+            None => {}
+        }
     }
     println!("{}", node_table(&st.nodes, now));
     let count = |f: &dyn Fn(&NodeRecord) -> bool| st.nodes.iter().filter(|n| f(n)).count();
