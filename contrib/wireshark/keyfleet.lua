@@ -289,7 +289,7 @@ function R:field(f, n, what, kind)
     self.pos = off + n
     table.insert(self.cur, { f = f, off = off, len = n })
     if n == 0 then
-        return true
+        return kind == "raw" and "" or true
     end
     local range = self.tvb:range(off, n)
     if kind == "u" then
@@ -371,6 +371,11 @@ local function node_id(r)
     end
     local off = r.pos
     local raw = r:field(F.node_id, len, "node id", "raw")
+    -- shown as read, bytes outside printable ASCII escaped (a NUL would end
+    -- the string field early)
+    r.cur[#r.cur].value = raw:gsub("[^\32-\126]", function(c)
+        return string.format("\\x%02x", c:byte())
+    end)
     if len == 0 or len > 64 then
         r:fail("invalid", id_off, 1 + len,
             string.format("node id invalid: a node id has 1 to 64 characters, this one has %d", len))
@@ -809,6 +814,8 @@ local function draw(tvb, tree, items)
             node:set_generated()
         elseif it.len == 0 then
             node = tree:add(it.f, tvb:range(it.off, 0))
+        elseif it.value then
+            node = tree:add(it.f, tvb:range(it.off, it.len), it.value)
         else
             node = tree:add(it.f, tvb:range(it.off, it.len))
         end
