@@ -491,3 +491,780 @@ fn dissector_agrees_with_the_library_on_mutated_datagrams_and_raises_no_lua_erro
         datagrams.len() - refused
     );
 }
+
+// ---------------------------------------------------------------- a real fleet run
+
+use fleet_support::{agent_status, Chatter, Fleet};
+use serde_json::Value;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::SocketAddrV4;
+use std::process::Stdio;
+use std::time::Duration;
+
+/// One frame of the capture as the dissector decoded it.
+#[derive(Debug)]
+struct Frame {
+    no: u64,
+    time: f64,
+    src: SocketAddrV4,
+    dst: SocketAddrV4,
+    /// Every field of the frame by filter name, in tree order.
+    f: HashMap<String, Vec<String>>,
+}
+
+/// A field value as tshark prints it: decimal, or 0x hex.
+fn num(s: &str) -> u64 {
+    match s.strip_prefix("0x") {
+        Some(h) => u64::from_str_radix(h, 16),
+        None => s.parse(),
+    }
+    .unwrap_or_else(|_| panic!("{s:?} is not a number"))
+}
+
+impl Frame {
+    fn all(&self, k: &str) -> Vec<u64> {
+        self.f
+            .get(k)
+            .map(|v| v.iter().map(|s| num(s)).collect())
+            .unwrap_or_default()
+    }
+    fn get(&self, k: &str) -> Option<u64> {
+        self.all(k).first().copied()
+    }
+    /// The one value of `k`; panics naming the frame when it has none.
+    fn u(&self, k: &str) -> u64 {
+        self.get(k)
+            .unwrap_or_else(|| panic!("frame {} has no {k}: {:?}", self.no, self.f))
+    }
+    fn ty(&self) -> u8 {
+        self.u("keyfleet.type") as u8
+    }
+    fn text(&self, k: &str) -> Option<&str> {
+        self.f.get(k).and_then(|v| v.first()).map(String::as_str)
+    }
+}
+
+/// Collects every `name: value` of a `tshark -T json` layer tree.
+fn flatten(v: &Value, out: &mut HashMap<String, Vec<String>>) {
+    if let Value::Object(o) = v {
+        for (k, val) in o {
+            let items: Vec<&Value> = match val {
+                Value::Array(a) => a.iter().collect(),
+                other => vec![other],
+            };
+            for item in items {
+                match item {
+                    Value::String(s) => out.entry(k.clone()).or_default().push(s.clone()),
+                    Value::Object(_) => {
+                        out.entry(k.clone()).or_default();
+                        flatten(item, out);
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+}
+
+fn decode_capture(pcap: &std::path::Path, ports: &str) -> Vec<Frame> {
+    let ports = format!("keyfleet.ports:{ports}");
+    let out = tshark::run(
+        pcap,
+        &[
+            "-o",
+            &ports,
+            // an agent's random port may be some other protocol's: keyfleet's
+            // heuristic goes first
+            "-o",
+            "udp.try_heuristic_first:TRUE",
+            "-T",
+            "json",
+            "--no-duplicate-keys",
+        ],
+    );
+    let v: Value = serde_json::from_str(&out).expect("tshark -T json");
+    v.as_array()
+        .expect("an array of packets")
+        .iter()
+        .map(|p| {
+            let mut f = HashMap::new();
+            flatten(&p["_source"]["layers"], &mut f);
+            let one = |k: &str| -> String {
+                f.get(k)
+                    .and_then(|v| v.first())
+                    .cloned()
+                    .unwrap_or_else(|| panic!("a frame without {k}: {f:?}"))
+            };
+            let addr = |ip: &str, port: &str| -> SocketAddrV4 {
+                format!("{}:{}", one(ip), one(port)).parse().unwrap()
+            };
+            Frame {
+                no: num(&one("frame.number")),
+                time: one("frame.time_relative").parse().unwrap(),
+                src: addr("ip.src", "udp.srcport"),
+                dst: addr("ip.dst", "udp.dstport"),
+                f,
+            }
+        })
+        .collect()
+}
+
+fn phase_number(name: &str) -> u64 {
+    match name {
+        "Distributing" => 1,
+        "FirstTransition" => 2,
+        "Draining" => 3,
+        "SecondTransition" => 4,
+        other => panic!("unknown round phase {other:?}"),
+    }
+}
+
+const ROUNDS: &str =
+    "[round]\nstale_after_ms = 3000\ndrain_grace_ms = 1500\n[beacon]\ninterval_ms = 200\n";
+
+#[test]
+fn dissector_decodes_a_captured_fleet_run_as_the_runs_own_json_reports_it() {
+    if !tshark::available("wireshark_dissector fleet run") {
+        return;
+    }
+    let f = Fleet::new(41, 3, ROUNDS);
+    let ctl = SocketAddrV4::new(f.ctl_ip, f.ctl_port);
+    let mut filter = format!(
+        "udp and ((dst host {} and dst port {}) or port {}",
+        f.group.ip(),
+        f.group.port(),
+        f.ctl_port
+    );
+    for n in &f.nodes {
+        filter.push_str(&format!(" or port {}", n.listen.port()));
+    }
+    filter.push(')');
+    let capture = tshark::Capture::start(&filter, &f.dir.path().join("fleet.pcapng"));
+
+    // Enrollment and join, group data, a round, a round with a frozen node
+    // left stale (it asks for the key when thawed), a restarted agent.
+    let (_serve, mut agents) = f.up(30_000);
+    let recv_out = f.dir.path().join("recv.json");
+    let mut recv = fleet_support::Proc(
+        std::process::Command::new(fleet_support::AGENT)
+            .args(["recv", "--json", "--state"])
+            .arg(&f.nodes[0].state)
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&recv_out).unwrap())
+            .stderr(f.log("recv"))
+            .spawn()
+            .unwrap(),
+    );
+    fleet_support::wait_for(
+        "recv --json to register with node-00's agent",
+        10_000,
+        || {
+            agent_status(&f.nodes[0].state)
+                .is_some_and(|s| s["running"]["app_clients"].as_u64() >= Some(1))
+        },
+    );
+    let chatter = Chatter::start(&f, Duration::from_millis(150));
+    std::thread::sleep(Duration::from_millis(800));
+    let r1 = f.json(&["rekey", "--json"]);
+    println!("round 1: {r1}");
+    assert_eq!(
+        (r1["outcome"].as_str(), r1["acked"].as_u64()),
+        (Some("completed"), Some(3)),
+        "{r1}"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    agents[1].freeze();
+    let (r2, stderr) = f.json_exit(&["rekey", "--json"], 3);
+    println!("round 2 (node-01 frozen): {r2}\n{stderr}");
+    agents[1].thaw();
+    assert_eq!(
+        r2["stale_nodes"][0]["node_id"]
+            .as_str()
+            .or(r2["stale_nodes"][0].as_str()),
+        Some("node-01"),
+        "{r2}"
+    );
+    let e2 = r2["epoch"].as_u64().unwrap();
+    assert_eq!(
+        f.wait_converged(30_000),
+        e2,
+        "node-01 catches up after the thaw"
+    );
+    agents[2].kill9();
+    agents[2] = f.agent(2);
+    assert_eq!(
+        f.wait_converged(30_000),
+        e2,
+        "node-02 catches up after its restart"
+    );
+    // A usage report from every node under the last epoch (every 2 s).
+    std::thread::sleep(Duration::from_millis(2500));
+    let traffic = chatter.finish();
+    recv.terminate();
+    let status = f.status();
+    let history = f.history();
+    let agent: Vec<Value> = f
+        .nodes
+        .iter()
+        .map(|n| agent_status(&n.state).expect("the agent answers"))
+        .collect();
+    let pcap = capture.stop();
+    let received: Value = serde_json::from_str(&std::fs::read_to_string(&recv_out).unwrap())
+        .expect("recv --json printed JSON when stopped");
+    println!(
+        "application data: {} sent, {} received; recv --json on node-00: {} messages",
+        traffic.sent.load(std::sync::atomic::Ordering::Relaxed),
+        traffic.received.load(std::sync::atomic::Ordering::Relaxed),
+        received["count"]
+    );
+
+    let frames = decode_capture(&pcap, &format!("{},{}", f.group.port(), f.ctl_port));
+    check_capture(
+        &f,
+        ctl,
+        &frames,
+        &[r1, r2],
+        &status,
+        &history,
+        &agent,
+        &received,
+    );
+}
+
+#[allow(clippy::too_many_arguments)]
+fn check_capture(
+    f: &Fleet,
+    ctl: SocketAddrV4,
+    frames: &[Frame],
+    rounds: &[Value],
+    status: &Value,
+    history: &Value,
+    agent: &[Value],
+    received: &Value,
+) {
+    // The management table's numbering: node id, address, member number.
+    let rows = status["nodes"].as_array().expect("status nodes");
+    let mut member_of: HashMap<SocketAddrV4, u64> = HashMap::new();
+    let mut id_of: HashMap<u64, String> = HashMap::new();
+    for (n, a) in f.nodes.iter().zip(agent) {
+        let row = rows
+            .iter()
+            .find(|r| r["node_id"] == n.id.as_str())
+            .unwrap_or_else(|| panic!("{} not in status: {status}", n.id));
+        assert_eq!(row["address"], n.listen.to_string().as_str(), "{row}");
+        let m = row["member_no"].as_u64().expect("member_no");
+        assert_eq!(
+            a["member"].as_u64(),
+            Some(m),
+            "the agent's member number: {a}"
+        );
+        member_of.insert(n.listen, m);
+        id_of.insert(m, n.id.clone());
+    }
+    let members: BTreeSet<u64> = id_of.keys().copied().collect();
+    let member_named =
+        |id: &str| -> u64 { *id_of.iter().find(|(_, n)| n.as_str() == id).unwrap().0 };
+
+    // 1. Every datagram decoded, none with expert info, sender roles right.
+    assert!(frames.len() > 100, "only {} frames captured", frames.len());
+    let mut types: BTreeMap<u8, usize> = BTreeMap::new();
+    for fr in frames {
+        assert!(
+            fr.f.contains_key("keyfleet"),
+            "frame {} ({} -> {}) not decoded as keyfleet: {:?}",
+            fr.no,
+            fr.src,
+            fr.dst,
+            fr.f.keys().collect::<Vec<_>>()
+        );
+        for bad in ["_ws.expert", "_ws.malformed", "_ws.lua.error"] {
+            assert!(
+                !fr.f.contains_key(bad),
+                "frame {}: {bad}: {:?}",
+                fr.no,
+                fr.f
+            );
+        }
+        let from_controller = fr.src == ctl;
+        assert!(
+            from_controller || member_of.contains_key(&fr.src),
+            "frame {} from {}: neither the controller nor a node",
+            fr.no,
+            fr.src
+        );
+        assert_eq!(fr.u("keyfleet.version"), 2);
+        assert_eq!(
+            fr.u("keyfleet.sender_role"),
+            u64::from(from_controller),
+            "frame {}",
+            fr.no
+        );
+        *types.entry(fr.ty()).or_default() += 1;
+    }
+    let names: BTreeMap<String, usize> = types
+        .iter()
+        .map(|(t, n)| {
+            let fr = frames.iter().find(|fr| fr.ty() == *t).unwrap();
+            let name = fr.f["keyfleet.type"][0].clone();
+            (format!("{name} {}", type_name(*t)), *n)
+        })
+        .collect();
+    println!("{} frames decoded, by type: {names:?}", frames.len());
+    let handshake = types.contains_key(&0x17);
+    let mut needed = vec![
+        0x01, 0x02, 0x03, 0x04, 0x05, 0x08, 0x11, 0x12, 0x13, 0x14, 0x16,
+    ];
+    needed.extend(if handshake {
+        [0x17, 0x09]
+    } else {
+        [0x15, 0x06]
+    });
+    for t in needed {
+        assert!(
+            types.contains_key(&t),
+            "no {} (0x{t:02x}) captured: {types:?}",
+            type_name(t)
+        );
+    }
+    let of = |t: u8| frames.iter().filter(move |fr| fr.ty() == t);
+
+    // 2. Member numbers: every node message carries its sender's, every
+    //    answer its addressee's; joins carry the node id.
+    for fr in frames {
+        let t = fr.ty();
+        if fr.src != ctl {
+            let m = member_of[&fr.src];
+            match t {
+                0x01 => assert_eq!(fr.u("keyfleet.sender"), m, "frame {}", fr.no),
+                0x11..=0x14 | 0x16 => assert_eq!(fr.u("keyfleet.member"), m, "frame {}", fr.no),
+                0x15 | 0x17 => assert_eq!(
+                    fr.text("keyfleet.node_id"),
+                    Some(id_of[&m].as_str()),
+                    "frame {}",
+                    fr.no
+                ),
+                _ => panic!("frame {}: a node sent type 0x{t:02x}", fr.no),
+            }
+        } else if matches!(t, 0x05..=0x07) {
+            assert_eq!(
+                fr.u("keyfleet.member"),
+                member_of[&fr.dst],
+                "frame {} to {}",
+                fr.no,
+                fr.dst
+            );
+        }
+    }
+
+    // 3. Sequence numbers: each node's rise with every message it sends (its
+    //    restart included); the controller's never fall; beacons' (term, seq) neither.
+    for (addr, m) in &member_of {
+        let seqs: Vec<u64> = frames
+            .iter()
+            .filter(|fr| fr.src == *addr)
+            .map(|fr| fr.u("keyfleet.seq"))
+            .collect();
+        assert!(
+            seqs.windows(2).all(|w| w[0] < w[1]),
+            "member {m}'s sequence numbers do not rise: {seqs:?}"
+        );
+    }
+    let ctl_seqs: Vec<u64> = frames
+        .iter()
+        .filter(|fr| fr.src == ctl && !matches!(fr.ty(), 0x08 | 0x09))
+        .map(|fr| fr.u("keyfleet.seq"))
+        .collect();
+    assert!(
+        ctl_seqs.windows(2).all(|w| w[0] <= w[1]),
+        "controller seqs: {ctl_seqs:?}"
+    );
+    let beacons: Vec<&Frame> = of(0x08).collect();
+    let order: Vec<(u64, u64)> = beacons
+        .iter()
+        .map(|b| (b.u("keyfleet.term"), b.u("keyfleet.seq")))
+        .collect();
+    assert!(
+        order.windows(2).all(|w| w[0] <= w[1]),
+        "beacon (term, seq): {order:?}"
+    );
+
+    // 4. Group data: what node-00's `recv --json` delivered is on the wire
+    //    with the same sender, sequence number and epoch.
+    let data: HashMap<(u64, u64), u64> = of(0x01)
+        .map(|fr| {
+            (
+                (fr.u("keyfleet.sender"), fr.u("keyfleet.seq")),
+                fr.u("keyfleet.epoch"),
+            )
+        })
+        .collect();
+    let msgs = received["messages"].as_array().expect("recv messages");
+    assert!(msgs.len() > 20, "recv --json delivered {}", msgs.len());
+    let mut epochs_delivered = BTreeSet::new();
+    for m in msgs {
+        let key = (m["sender"].as_u64().unwrap(), m["seq"].as_u64().unwrap());
+        let epoch = m["epoch"].as_u64().unwrap();
+        assert_eq!(
+            data.get(&key),
+            Some(&epoch),
+            "recv --json delivered {m} but the capture has {:?}",
+            data.get(&key)
+        );
+        epochs_delivered.insert(epoch);
+    }
+    let last = status["epoch"].as_u64().unwrap();
+    println!("recv --json: {} messages, each on the wire with its sender, seq and epoch; epochs {epochs_delivered:?}", msgs.len());
+    assert_eq!(
+        epochs_delivered,
+        (1..=last).collect(),
+        "data under every epoch of the run"
+    );
+
+    // 5. Each round: key update requests to every member, both transition
+    //    requests, every acknowledging node's three replies, in the order the
+    //    round needs them (S1, S2), as rekey --json and history --json say.
+    let first_frame = |t: u8, e: u64, m: Option<u64>| -> Option<&Frame> {
+        of(t).find(|fr| {
+            fr.u("keyfleet.epoch") == e && m.is_none_or(|m| fr.get("keyfleet.member") == Some(m))
+        })
+    };
+    for r in rounds {
+        let e = r["epoch"].as_u64().unwrap();
+        let stale: BTreeSet<u64> = r["stale_nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| member_named(s["node_id"].as_str().or(s.as_str()).unwrap()))
+            .collect();
+        let acked: BTreeSet<u64> = members.difference(&stale).copied().collect();
+        assert_eq!(r["acked"].as_u64(), Some(acked.len() as u64), "{r}");
+        let entries: BTreeSet<u64> = of(0x02)
+            .filter(|fr| fr.u("keyfleet.epoch") == e)
+            .flat_map(|fr| {
+                let es = fr.all("keyfleet.entry.member");
+                assert_eq!(es.len() as u64, fr.u("keyfleet.batch.count"));
+                assert_eq!(es.first(), fr.get("keyfleet.batch.first").as_ref());
+                assert_eq!(es.last(), fr.get("keyfleet.batch.last").as_ref());
+                es
+            })
+            .collect();
+        assert_eq!(
+            entries, members,
+            "epoch {e}: key update entries for every member"
+        );
+        let ku = first_frame(0x02, e, None).unwrap();
+        let t1 = first_frame(0x03, e, None)
+            .unwrap_or_else(|| panic!("no first transition request for {e}"));
+        let t2 = first_frame(0x04, e, None)
+            .unwrap_or_else(|| panic!("no second transition request for {e}"));
+        assert!(
+            ku.no < t1.no && t1.no < t2.no,
+            "epoch {e}: requests out of order"
+        );
+        assert_eq!(ku.f["keyfleet.step"], ["1"]);
+        assert_eq!(
+            (t1.f["keyfleet.step"].clone(), t2.f["keyfleet.step"].clone()),
+            (vec!["2".into()], vec!["3".into()])
+        );
+        let mut last_first_reply = 0.0f64;
+        for m in &acked {
+            let r11 = first_frame(0x11, e, Some(*m))
+                .unwrap_or_else(|| panic!("no key update reply {e} from {m}"));
+            let r12 = first_frame(0x12, e, Some(*m))
+                .unwrap_or_else(|| panic!("no first transition reply {e} from {m}"));
+            first_frame(0x13, e, Some(*m))
+                .unwrap_or_else(|| panic!("no second transition reply {e} from {m}"));
+            assert!(r11.no < t1.no, "epoch {e}: the first transition request went out before member {m}'s key update reply (S1)");
+            assert!(r12.no < t2.no, "epoch {e}: the second transition request went out before member {m}'s first transition reply (S2)");
+            last_first_reply = last_first_reply.max(r12.time);
+        }
+        for m in &stale {
+            assert!(
+                !frames.iter().any(|fr| fr.no < t2.no
+                    && fr.src != ctl
+                    && member_of[&fr.src] == *m
+                    && matches!(fr.ty(), 0x11..=0x13)
+                    && fr.u("keyfleet.epoch") == e),
+                "epoch {e}: stale member {m} replied on the wire during the round"
+            );
+        }
+        // history --json: the round and who acknowledged the key.
+        let h = history["rounds"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|h| h["epoch"].as_u64() == Some(e))
+            .expect("the round in history");
+        assert_eq!(
+            (
+                h["outcome"].as_str(),
+                h["acked"].as_u64(),
+                h["stale"].as_u64()
+            ),
+            (
+                Some("Completed"),
+                Some(acked.len() as u64),
+                Some(stale.len() as u64)
+            ),
+            "{h}"
+        );
+        let key = history["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|k| k["epoch"].as_u64() == Some(e))
+            .unwrap();
+        let acked_in_history: BTreeSet<u64> = key["deliveries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|d| !d["acked_at_ms"].is_null())
+            .map(|d| member_named(d["node_id"].as_str().unwrap()))
+            .collect();
+        assert_eq!(
+            acked_in_history, acked,
+            "epoch {e}: acknowledged in history vs on the wire"
+        );
+        // Beacons during the round: its epoch and the phases it went through.
+        let phases: Vec<u64> = beacons
+            .iter()
+            .filter(|b| b.no > ku.no && b.no < t2.no)
+            .map(|b| {
+                assert_eq!(
+                    b.get("keyfleet.round_epoch"),
+                    Some(e),
+                    "beacon {} during round {e}",
+                    b.no
+                );
+                b.u("keyfleet.phase")
+            })
+            .collect();
+        assert!(
+            phases.windows(2).all(|w| w[0] <= w[1]),
+            "epoch {e}: beacon phases {phases:?}"
+        );
+        assert!(
+            phases.contains(&3),
+            "epoch {e}: no beacon showed the drain: {phases:?}"
+        );
+        println!(
+            "round for epoch {e}: key update requests {}, first transition {}, second transition {}; drain on the wire {:.0} ms; beacon phases {:?}; acknowledged by {acked:?}, stale {stale:?}",
+            of(0x02).filter(|fr| fr.u("keyfleet.epoch") == e).count(),
+            of(0x03).filter(|fr| fr.u("keyfleet.epoch") == e).count(),
+            of(0x04).filter(|fr| fr.u("keyfleet.epoch") == e).count(),
+            (t2.time - last_first_reply) * 1000.0,
+            phases.iter().collect::<BTreeSet<_>>()
+        );
+    }
+
+    // 6. Beacons: the controller's address, round epoch = epoch + 1, epochs
+    //    never fall, the last one where status says the fleet is.
+    for b in &beacons {
+        assert_eq!(b.u("keyfleet.term"), 1);
+        assert_eq!(
+            b.get("keyfleet.controller_addr.port"),
+            Some(u64::from(ctl.port())),
+            "beacon {}",
+            b.no
+        );
+        match b.u("keyfleet.phase") {
+            0 => assert!(b.get("keyfleet.round_epoch").is_none()),
+            _ => assert_eq!(
+                b.get("keyfleet.round_epoch"),
+                Some(b.u("keyfleet.epoch") + 1)
+            ),
+        }
+    }
+    let epochs: Vec<u64> = beacons.iter().map(|b| b.u("keyfleet.epoch")).collect();
+    assert!(
+        epochs.windows(2).all(|w| w[0] <= w[1]),
+        "beacon epochs {epochs:?}"
+    );
+    let lastb = beacons.last().unwrap();
+    assert_eq!(
+        (lastb.u("keyfleet.epoch"), lastb.u("keyfleet.phase")),
+        (last, 0),
+        "the last beacon; status: {status}"
+    );
+    assert!(status["round"].is_null());
+
+    // 7. Key requests and their answers, as the audit log tells them: the
+    //    epoch the node held, the epoch answered, the round phase.
+    let requests: HashMap<(u64, u64), &Frame> = of(0x14)
+        .map(|fr| ((fr.u("keyfleet.member"), fr.u("keyfleet.seq")), fr))
+        .collect();
+    let phase_name = [
+        "",
+        "Distributing",
+        "FirstTransition",
+        "Draining",
+        "SecondTransition",
+    ];
+    let mut on_wire: BTreeSet<(String, u64, u64, String)> = BTreeSet::new();
+    let mut handed: BTreeSet<(String, &str, u64)> = BTreeSet::new();
+    for a in of(0x05) {
+        let m = a.u("keyfleet.member");
+        let q = requests
+            .get(&(m, a.u("keyfleet.in_reply_to")))
+            .unwrap_or_else(|| {
+                panic!("key response {} answers no key request of member {m}", a.no)
+            });
+        assert!(q.no < a.no);
+        let phase = a
+            .get("keyfleet.phase")
+            .map_or("null".to_owned(), |p| phase_name[p as usize].to_owned());
+        if let Some(re) = a.get("keyfleet.round_epoch") {
+            assert_eq!(re, a.u("keyfleet.epoch") + 1, "key response {}", a.no);
+            handed.insert((id_of[&m].clone(), "KeyRequest", re));
+        }
+        on_wire.insert((
+            id_of[&m].clone(),
+            q.u("keyfleet.epoch"),
+            a.u("keyfleet.epoch"),
+            phase,
+        ));
+        handed.insert((id_of[&m].clone(), "KeyRequest", a.u("keyfleet.epoch")));
+    }
+    let audited: BTreeSet<(String, u64, u64, String)> = history["audit"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["kind"] == "Rejoin" && r["detail"]["event"] == "key_request")
+        .map(|r| {
+            let d = &r["detail"];
+            let phase = d["round"].as_str().map_or("null".to_owned(), |p| {
+                phase_number(p);
+                p.to_owned()
+            });
+            (
+                r["node_id"].as_str().unwrap().to_owned(),
+                d["held"].as_u64().unwrap(),
+                d["epoch"].as_u64().unwrap(),
+                phase,
+            )
+        })
+        .collect();
+    assert_eq!(
+        on_wire, audited,
+        "key requests answered: on the wire (node, held, epoch, phase) vs the audit log"
+    );
+    // The frozen node after its thaw and the restarted one asked and were answered at the last epoch.
+    for id in ["node-01", "node-02"] {
+        assert!(
+            on_wire.iter().any(|(n, _, e, _)| n == id && *e == last),
+            "{id} got no key response at epoch {last}: {on_wire:?}"
+        );
+    }
+    // Joins: each node's join answered with its member number and the key of the time.
+    for a in of(0x06) {
+        let m = a.u("keyfleet.member");
+        let j = of(0x15)
+            .find(|j| j.u("keyfleet.seq") == a.u("keyfleet.in_reply_to") && j.src == a.dst)
+            .unwrap_or_else(|| panic!("join accept {} answers no join", a.no));
+        assert_eq!(j.text("keyfleet.node_id"), Some(id_of[&m].as_str()));
+        assert_eq!(j.u("keyfleet.epoch"), 0);
+        handed.insert((id_of[&m].clone(), "Join", a.u("keyfleet.epoch")));
+        if let Some(re) = a.get("keyfleet.round_epoch") {
+            handed.insert((id_of[&m].clone(), "Join", re));
+        }
+    }
+    for a in of(0x09) {
+        of(0x17)
+            .find(|j| j.u("keyfleet.seq") == a.u("keyfleet.in_reply_to") && j.src == a.dst)
+            .unwrap_or_else(|| panic!("handshake answer {} answers no handshake init", a.no));
+    }
+    let history_handouts: BTreeSet<(String, &str, u64)> = history["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|k| {
+            let e = k["epoch"].as_u64().unwrap();
+            k["handouts"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter_map(move |h| {
+                    let via = match h["via"].as_str().unwrap() {
+                        "Join" if !handshake => "Join",
+                        "KeyRequest" => "KeyRequest",
+                        _ => return None,
+                    };
+                    Some((h["node_id"].as_str().unwrap().to_owned(), via, e))
+                })
+        })
+        .collect();
+    assert_eq!(
+        handed, history_handouts,
+        "keys handed out: on the wire vs history --json"
+    );
+
+    // 8. Usage reports: keys the run had, counts that only grow, and no more
+    //    than the agent counted in the end.
+    let mut counts: HashMap<(u64, u64), (u64, u64)> = HashMap::new();
+    for u in of(0x16) {
+        let m = u.u("keyfleet.member");
+        let (es, seals, opens) = (
+            u.all("keyfleet.usage.epoch"),
+            u.all("keyfleet.usage.seals"),
+            u.all("keyfleet.usage.opens"),
+        );
+        assert_eq!(es.len() as u64, u.u("keyfleet.usage.count"));
+        assert!(es.len() == seals.len() && es.len() == opens.len());
+        for ((e, s), o) in es.iter().zip(&seals).zip(&opens) {
+            assert!((1..=last).contains(e), "usage report {}: epoch {e}", u.no);
+            let restarted = id_of[&m] == "node-02";
+            if let Some(&(s0, o0)) = counts.get(&(m, *e)) {
+                assert!(
+                    restarted || (*s >= s0 && *o >= o0),
+                    "usage report {}: member {m} epoch {e} counts fell",
+                    u.no
+                );
+            }
+            counts.insert((m, *e), (*s, *o));
+        }
+    }
+    for (n, a) in f.nodes.iter().zip(agent) {
+        let m = member_of[&n.listen];
+        let key = a["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|k| k["epoch"].as_u64() == Some(last))
+            .expect("the current key");
+        let (s, o) = counts
+            .get(&(m, last))
+            .copied()
+            .unwrap_or_else(|| panic!("no usage report from {} under epoch {last}", n.id));
+        assert!(
+            s <= key["seals"].as_u64().unwrap() && o <= key["opens"].as_u64().unwrap(),
+            "{}: reported {s}/{o}, agent {key}",
+            n.id
+        );
+    }
+    println!(
+        "resync requests: {}; every datagram decoded, its fields as rekey, status, history, the agents' status and recv --json report them",
+        of(0x07).count()
+    );
+}
+
+fn type_name(t: u8) -> &'static str {
+    match t {
+        0x01 => "data",
+        0x02 => "key update request",
+        0x03 => "first transition request",
+        0x04 => "second transition request",
+        0x05 => "key response",
+        0x06 => "join accept",
+        0x07 => "resync request",
+        0x08 => "beacon",
+        0x09 => "handshake answer",
+        0x11 => "key update reply",
+        0x12 => "first transition reply",
+        0x13 => "second transition reply",
+        0x14 => "key request",
+        0x15 => "join",
+        0x16 => "usage report",
+        0x17 => "handshake init",
+        _ => "unknown",
+    }
+}

@@ -136,7 +136,7 @@ impl Capture {
     pub fn start(filter: &str, file: &Path) -> Capture {
         let log = file.with_extension("dumpcap.log");
         let child = Command::new("dumpcap")
-            .args(["-i", "lo", "-f", filter, "-w"])
+            .args(["-q", "-i", "lo", "-f", filter, "-w"])
             .arg(file)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -172,7 +172,8 @@ impl Capture {
         let dropped = log
             .lines()
             .find_map(|l| l.split_once("received/dropped on interface"))
-            .and_then(|(_, rest)| rest.split(": ").nth(1))
+            .and_then(|(_, rest)| rest.split_once("': "))
+            .map(|(_, counts)| counts)
             .and_then(|counts| counts.split_whitespace().next())
             .and_then(|rd| rd.split_once('/'))
             .and_then(|(_, d)| d.parse::<u64>().ok());
