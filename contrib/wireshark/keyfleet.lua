@@ -718,8 +718,11 @@ parse[T.HANDSHAKE_INIT] = function(tvb, len)
         r:note("seq " .. tostring(s))
     end
     node_id(r)
-    r:bytes(F.noise_e, 32, "handshake message")
-    r:bytes(F.noise_tag, HS_INIT_NOISE - 32, "handshake message")
+    -- Noise message 1, read whole as the library does: e, then the tag
+    if r:need(HS_INIT_NOISE, "handshake message") then
+        r:bytes(F.noise_e, 32, "handshake message")
+        r:bytes(F.noise_tag, HS_INIT_NOISE - 32, "handshake message")
+    end
     return r
 end
 
