@@ -407,6 +407,11 @@ pub struct NodeMachine {
     beacon_stats: BeaconStats,
     /// When a beacon after a silence last made the node ask.
     last_nudge: Option<Time>,
+    /// The controller's sequence number on the answer that last synced this
+    /// node (0: none since start). A resync request numbered below it was sent
+    /// before that answer, while the controller still counted the node out of
+    /// step: the answer settled it, so the request is obsolete.
+    synced_by: u64,
 }
 
 type Out = Vec<NodeAction>;
@@ -483,6 +488,7 @@ impl NodeMachine {
             beacon_refill: Time(0),
             beacon_stats: BeaconStats::default(),
             last_nudge: None,
+            synced_by: 0,
             cfg,
         }
     }
@@ -969,7 +975,15 @@ impl NodeMachine {
                     });
                 }
                 self.authenticate(now, false, r.seq, &r.auth, bytes, what)?;
-                self.adopt(now, what, r.in_reply_to, member, &r.state, rng, out)
+                self.adopt(
+                    now,
+                    what,
+                    (r.seq, r.in_reply_to),
+                    member,
+                    &r.state,
+                    rng,
+                    out,
+                )
             }
             Message::JoinAccept(j) => {
                 if !j.auth.verify(&self.keys) {
@@ -996,7 +1010,15 @@ impl NodeMachine {
                     member: j.member,
                     controller,
                 });
-                match self.adopt(now, what, j.in_reply_to, j.member, &j.state, rng, out) {
+                match self.adopt(
+                    now,
+                    what,
+                    (j.seq, j.in_reply_to),
+                    j.member,
+                    &j.state,
+                    rng,
+                    out,
+                ) {
                     Ok(()) => {
                         self.ctl_replay.mark(j.seq);
                         Ok(())
@@ -1017,6 +1039,10 @@ impl NodeMachine {
                     return Err(Refusal::Replay { what, seq: x.seq });
                 }
                 self.ctl_replay.mark(x.seq);
+                if x.seq < self.synced_by {
+                    // Sent before the answer that synced us: nothing left to ask.
+                    return Ok(());
+                }
                 self.start_sync(now, rng, out, false, false);
                 Ok(())
             }
@@ -1294,13 +1320,14 @@ impl NodeMachine {
         }
     }
 
-    /// Take the controller's key state (key response or join accept).
+    /// Take the controller's key state (key response or join accept);
+    /// `answer` is the message's own sequence number and the request it answers.
     #[allow(clippy::too_many_arguments)]
     fn adopt(
         &mut self,
         now: Time,
         what: &'static str,
-        in_reply_to: u64,
+        (answer_seq, in_reply_to): (u64, u64),
         member: u32,
         st: &KeyState,
         rng: &mut impl RngCore,
@@ -1356,6 +1383,7 @@ impl NodeMachine {
             // The controller's view matches ours (and, having seen our position in
             // the request, it counts us live): synced. Send what was held.
             self.sync = None;
+            self.synced_by = self.synced_by.max(answer_seq);
             out.push(NodeAction::Event(NodeEvent::Synced {
                 state: self.state(),
             }));
