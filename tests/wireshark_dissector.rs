@@ -889,15 +889,23 @@ fn check_capture(
             "member {m}'s sequence numbers do not rise: {seqs:?}"
         );
     }
-    let ctl_seqs: Vec<u64> = frames
+    // A controller message is numbered above every one before it, or is a
+    // resend of an earlier one (same type, epoch and number).
+    let mut sent: BTreeSet<(u8, u64, u64)> = BTreeSet::new();
+    let mut highest = 0;
+    for fr in frames
         .iter()
         .filter(|fr| fr.src == ctl && !matches!(fr.ty(), 0x08 | 0x09))
-        .map(|fr| fr.u("keyfleet.seq"))
-        .collect();
-    assert!(
-        ctl_seqs.windows(2).all(|w| w[0] <= w[1]),
-        "controller seqs: {ctl_seqs:?}"
-    );
+    {
+        let (t, e, q) = (fr.ty(), fr.u("keyfleet.epoch"), fr.u("keyfleet.seq"));
+        assert!(
+            q > highest || sent.contains(&(t, e, q)),
+            "controller frame {} (0x{t:02x}, epoch {e}) numbered {q} after {highest}",
+            fr.no
+        );
+        highest = highest.max(q);
+        sent.insert((t, e, q));
+    }
     let beacons: Vec<&Frame> = of(0x08).collect();
     let order: Vec<(u64, u64)> = beacons
         .iter()
