@@ -600,6 +600,8 @@ fn decode_capture(pcap: &std::path::Path, ports: &str) -> Vec<Frame> {
             "-T",
             "json",
             "--no-duplicate-keys",
+            // two passes: a request shows the frame of its answer too
+            "-2",
         ],
     );
     let v: Value = serde_json::from_str(&out).expect("tshark -T json");
@@ -1085,6 +1087,22 @@ fn check_capture(
         );
     }
 
+    // Each reply points at the latest request of its epoch and step before it.
+    for r in frames.iter().filter(|fr| matches!(fr.ty(), 0x11..=0x13)) {
+        let e = r.u("keyfleet.epoch");
+        let want = r.ty() - 0x11 + 0x02;
+        let latest = frames
+            .iter()
+            .filter(|q| q.no < r.no && q.ty() == want && q.u("keyfleet.epoch") == e)
+            .last();
+        assert_eq!(
+            r.get("keyfleet.request_in"),
+            latest.map(|q| q.no),
+            "reply {} (epoch {e})",
+            r.no
+        );
+    }
+
     // 6. Beacons: the controller's address, round epoch = epoch + 1, epochs
     //    never fall, the last one where status says the fleet is.
     for b in &beacons {
@@ -1118,9 +1136,28 @@ fn check_capture(
 
     // 7. Key requests and their answers, as the audit log tells them: the
     //    epoch the node held, the epoch answered, the round phase.
-    let requests: HashMap<(u64, u64), &Frame> = of(0x14)
-        .map(|fr| ((fr.u("keyfleet.member"), fr.u("keyfleet.seq")), fr))
-        .collect();
+    // The dissector links each answer to its request (request_in,
+    // response_time) and each request to its first answer (response_in).
+    let mut requests: HashMap<(u64, u64), &Frame> = HashMap::new();
+    for q in of(0x14) {
+        requests
+            .entry((q.u("keyfleet.member"), q.u("keyfleet.seq")))
+            .or_insert(q);
+    }
+    let linked = |a: &Frame, q: &Frame| {
+        assert_eq!(a.get("keyfleet.request_in"), Some(q.no), "frame {}", a.no);
+        assert!(a.f.contains_key("keyfleet.response_time"), "frame {}", a.no);
+        let first = frames
+            .iter()
+            .find(|b| b.ty() == a.ty() && b.get("keyfleet.request_in") == Some(q.no))
+            .unwrap();
+        assert_eq!(
+            q.get("keyfleet.response_in"),
+            Some(first.no),
+            "frame {}",
+            q.no
+        );
+    };
     let phase_name = [
         "",
         "Distributing",
@@ -1138,6 +1175,7 @@ fn check_capture(
                 panic!("key response {} answers no key request of member {m}", a.no)
             });
         assert!(q.no < a.no);
+        linked(a, q);
         let phase = a
             .get("keyfleet.phase")
             .map_or("null".to_owned(), |p| phase_name[p as usize].to_owned());
@@ -1189,6 +1227,7 @@ fn check_capture(
         let j = of(0x15)
             .find(|j| j.u("keyfleet.seq") == a.u("keyfleet.in_reply_to") && j.src == a.dst)
             .unwrap_or_else(|| panic!("join accept {} answers no join", a.no));
+        linked(a, j);
         assert_eq!(j.text("keyfleet.node_id"), Some(id_of[&m].as_str()));
         assert_eq!(j.u("keyfleet.epoch"), 0);
         handed.insert((id_of[&m].clone(), "Join", a.u("keyfleet.epoch")));
@@ -1197,9 +1236,10 @@ fn check_capture(
         }
     }
     for a in of(0x09) {
-        of(0x17)
+        let j = of(0x17)
             .find(|j| j.u("keyfleet.seq") == a.u("keyfleet.in_reply_to") && j.src == a.dst)
             .unwrap_or_else(|| panic!("handshake answer {} answers no handshake init", a.no));
+        linked(a, j);
     }
     let history_handouts: BTreeSet<(String, &str, u64)> = history["keys"]
         .as_array()

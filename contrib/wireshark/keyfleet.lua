@@ -30,8 +30,19 @@
 -- Use:  tshark -X lua_script:contrib/wireshark/keyfleet.lua -r capture.pcap -Y keyfleet
 -- or copy this file to ~/.local/lib/wireshark/plugins/.
 --
+-- Answers point at their requests (keyfleet.request_in, keyfleet.response_time;
+-- a key response at its key request, a join accept or handshake answer at its
+-- join, a node's reply at the round's request) and, from the second pass on
+-- (Wireshark, tshark -2), requests at their answers (keyfleet.response_in).
+--
 -- Nothing is decrypted or verified: signatures, MACs, wrapped keys and sealed
 -- data are shown as bytes.
+
+set_plugin_info({
+    version = "2.0.0",
+    description = "keyfleet wire version 2: every message, both layouts of revision 2 (main, issue 17)",
+    repository = "contrib/wireshark/keyfleet.lua in the keyfleet repository",
+})
 
 local kf = Proto("keyfleet", "keyfleet group key protocol")
 
@@ -199,6 +210,10 @@ local F = {
     noise_e = ProtoField.bytes("keyfleet.noise.e", "Noise ephemeral key"),
     noise_payload = ProtoField.bytes("keyfleet.noise.payload", "Noise encrypted payload"),
     noise_tag = ProtoField.bytes("keyfleet.noise.tag", "Noise tag"),
+    -- requests and their answers (generated)
+    request_in = ProtoField.framenum("keyfleet.request_in", "Request in", base.NONE, frametype.REQUEST),
+    response_in = ProtoField.framenum("keyfleet.response_in", "Response in", base.NONE, frametype.RESPONSE),
+    response_time = ProtoField.relative_time("keyfleet.response_time", "Time since request"),
     -- authenticators
     signature = ProtoField.bytes("keyfleet.signature", "Ed25519 signature"),
     mac = ProtoField.bytes("keyfleet.mac", "HMAC-SHA256 tag (16 bytes)"),
@@ -252,7 +267,7 @@ R.__index = R
 local function new_reader(tvb, stop)
     local root = {}
     return setmetatable({ tvb = tvb, pos = 2, stop = stop, root = root, cur = root,
-        stack = {}, err = nil, info = {} }, R)
+        stack = {}, err = nil, info = {}, vals = {} }, R)
 end
 
 function R:fail(kind, off, len, text)
@@ -437,6 +452,7 @@ local function epoch_seq(r)
     local s = r:u64(F.seq, "sequence number")
     if e and s then
         r:note(string.format("epoch %d seq %s", e, tostring(s)))
+        r.vals.epoch, r.vals.seq = e, tostring(s)
     end
     return e, s
 end
@@ -445,6 +461,7 @@ local function member(r)
     local m = r:u32(F.member, "member")
     if m then
         r:note("member " .. m)
+        r.vals.member = m
     end
     return m
 end
@@ -537,6 +554,7 @@ parse[T.KEY_RESPONSE] = function(tvb, len, shares)
     epoch_seq(r)
     member(r)
     local irt = r:u64(F.in_reply_to, "in reply to")
+    r.vals.irt = irt and tostring(irt)
     if shares then
         r:bytes(F.controller_share, SHARE_LEN, "controller share")
     end
@@ -552,6 +570,7 @@ parse[T.JOIN_ACCEPT] = function(tvb, len)
     epoch_seq(r)
     member(r)
     local irt = r:u64(F.in_reply_to, "in reply to")
+    r.vals.irt = irt and tostring(irt)
     r:bytes(F.controller_key, 32, "controller public key")
     key_state(r)
     if irt then
@@ -621,6 +640,7 @@ end
 parse[T.HANDSHAKE_ANSWER] = function(tvb, len)
     local r = new_reader(tvb, len)
     local irt = r:u64(F.in_reply_to, "in reply to")
+    r.vals.irt = irt and tostring(irt)
     if irt then
         r:note("in reply to " .. tostring(irt))
         local n = len - r.pos
@@ -681,6 +701,7 @@ parse[T.JOIN] = function(tvb, len)
     end
     if s then
         r:note("seq " .. tostring(s))
+        r.vals.seq = tostring(s)
     end
     node_id(r)
     return r
@@ -716,6 +737,7 @@ parse[T.HANDSHAKE_INIT] = function(tvb, len)
     local s = r:u64(F.seq, "sequence number")
     if s then
         r:note("seq " .. tostring(s))
+        r.vals.seq = tostring(s)
     end
     node_id(r)
     -- Noise message 1, read whole as the library does: e, then the tag
@@ -807,6 +829,92 @@ local function parse_datagram(tvb, layout)
     return r, ty, used
 end
 
+-- ---------------------------------------------------------------- requests and answers
+--
+-- A key request and its key response (member, seq = in_reply_to), a join or
+-- handshake init and its answer (the node's address, seq = in_reply_to), a
+-- round's request and each node's reply (epoch and step: the reply points
+-- at the latest request sent before it). Worked out on the first pass and
+-- kept by frame number, so that every later pass (Wireshark's, tshark -2)
+-- shows the same links; a request shows its answer only from the second pass.
+
+local links
+
+local function reset_links()
+    links = { request = {}, request_of = {}, answer_of = {} }
+end
+reset_links()
+
+function kf.init()
+    reset_links()
+end
+
+local round_steps = {
+    [T.KEY_UPDATE] = 1, [T.FIRST_TRANSITION] = 2, [T.SECOND_TRANSITION] = 3,
+}
+local reply_steps = { [T.KEY_UPDATE_REPLY] = 1, [T.FIRST_REPLY] = 2, [T.SECOND_REPLY] = 3 }
+
+-- The link key of a datagram and whether it asks (true) or answers (false).
+local function link_key(ty, v, pinfo)
+    local from = tostring(pinfo.src) .. ":" .. pinfo.src_port
+    local to = tostring(pinfo.dst) .. ":" .. pinfo.dst_port
+    if ty == T.KEY_REQUEST and v.member and v.seq then
+        return "key " .. v.member .. " " .. v.seq, true
+    elseif ty == T.KEY_RESPONSE and v.member and v.irt then
+        return "key " .. v.member .. " " .. v.irt, false
+    elseif (ty == T.JOIN or ty == T.HANDSHAKE_INIT) and v.seq then
+        return "join " .. from .. " " .. v.seq, true
+    elseif (ty == T.JOIN_ACCEPT or ty == T.HANDSHAKE_ANSWER) and v.irt then
+        return "join " .. to .. " " .. v.irt, false
+    elseif round_steps[ty] and v.epoch then
+        return "round " .. v.epoch .. " " .. round_steps[ty], true
+    elseif reply_steps[ty] and v.epoch then
+        return "round " .. v.epoch .. " " .. reply_steps[ty], false
+    end
+end
+
+local function link(ty, r, pinfo, root)
+    local key, asks = link_key(ty, r.vals, pinfo)
+    if not key then
+        return
+    end
+    local no = pinfo.number
+    if not pinfo.visited then
+        if asks then
+            -- a round's request is resent: replies point at the latest;
+            -- a node's request keeps its first frame
+            if round_steps[ty] or not links.request[key] then
+                links.request[key] = { no = no, ts = pinfo.abs_ts }
+            end
+        else
+            local q = links.request[key]
+            if q and q.no < no then
+                links.request_of[no] = q
+                if not round_steps[ty] and not reply_steps[ty] and not links.answer_of[q.no] then
+                    links.answer_of[q.no] = no
+                end
+            end
+        end
+    end
+    if asks then
+        local a = links.answer_of[no]
+        if a then
+            root:add(F.response_in, a):set_generated()
+        end
+    else
+        local q = links.request_of[no]
+        if q then
+            root:add(F.request_in, q.no):set_generated()
+            local d = pinfo.abs_ts - q.ts
+            if d < 0 then
+                d = 0
+            end
+            local secs = math.floor(d)
+            root:add(F.response_time, NSTime(secs, math.floor((d - secs) * 1e9))):set_generated()
+        end
+    end
+end
+
 -- ---------------------------------------------------------------- drawing
 
 local function draw(tvb, tree, items)
@@ -854,6 +962,9 @@ local function dissect(tvb, pinfo, tree)
         name = "keyfleet"
     end
     draw(tvb, root, r.root)
+    if ty and not r.err then
+        link(ty, r, pinfo, root)
+    end
     -- the authenticator, wherever the body parse stopped
     local auth = ty and known[kf.prefs.layout][ty] and auth_of[ty]
     if auth and len >= 2 + auth[2] then
