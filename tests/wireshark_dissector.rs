@@ -33,8 +33,8 @@ use rand::{Rng, SeedableRng};
 /// (issue 17, branch fs). When fs lands: swap the two, build
 /// [`library_seeds`] with fs's encoders (shares, handshake) and
 /// [`other_seeds`] as revision 2 before it (join, join accept, no shares).
-const LIBRARY_LAYOUT: &str = "main";
-const OTHER_LAYOUT: &str = "fs";
+const LIBRARY_LAYOUT: &str = "join";
+const OTHER_LAYOUT: &str = "handshake";
 
 /// Types whose layout differs between the two: same code, another length
 /// (the shares), or a code only one of them has.

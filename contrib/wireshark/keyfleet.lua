@@ -9,16 +9,17 @@
 -- says what was wrong, in the words of the library's WireError; another
 -- version or an unknown type gets expert info of its own.
 --
--- Two revisions of the layout are decoded (preference "Wire layout"):
---   main  revision 2 as on main before issue 17: join 0x15, join accept 0x06,
---         no X25519 shares;
---   fs    issue 17 (branch fs): the Noise NNpsk0 handshake init 0x17 and
---         answer 0x09 replace join and join accept; the key update request
---         0x02 and key response 0x05 carry the controller's X25519 share, the
---         replies 0x11-0x13 and the key request 0x14 the node's;
---   auto  (the default) both: the type code tells join from handshake, and
---         for 0x02, 0x05 and 0x11-0x14 the datagram's length tells whether a
---         share is there (the two layouts never have the same length).
+-- Two layouts of revision 2 are decoded (preference "Wire layout"):
+--   join       revision 2 before issue 17: join 0x15, join accept 0x06, no
+--              X25519 shares;
+--   handshake  issue 17 (branch fs): the Noise NNpsk0 handshake init 0x17 and
+--              answer 0x09 replace join and join accept; the key update
+--              request 0x02 and key response 0x05 carry the controller's
+--              X25519 share, the replies 0x11-0x13 and the key request 0x14
+--              the node's;
+--   auto       (the default) both: the type code tells join from handshake,
+--              and for 0x02, 0x05 and 0x11-0x14 the datagram's length tells
+--              whether a share is there (the layouts never share a length).
 --
 -- Registered on the UDP ports of the preference "UDP ports" (default: the
 -- group port and the controller's unicast port of `keyfleet config
@@ -40,7 +41,7 @@
 
 set_plugin_info({
     version = "2.0.0",
-    description = "keyfleet wire version 2: every message, both layouts of revision 2 (main, issue 17)",
+    description = "keyfleet wire version 2: every message, both layouts of revision 2 (join, handshake)",
     repository = "contrib/wireshark/keyfleet.lua in the keyfleet repository",
 })
 
@@ -104,31 +105,31 @@ local controller_types = {
 }
 
 -- The layouts (preference values) and the type codes each one has.
-local LAYOUT_AUTO, LAYOUT_MAIN, LAYOUT_FS = 0, 1, 2
+local LAYOUT_AUTO, LAYOUT_JOIN, LAYOUT_HANDSHAKE = 0, 1, 2
 local layout_names = {
-    [LAYOUT_MAIN] = "revision 2 (join 0x15 / join accept 0x06, no X25519 shares)",
-    [LAYOUT_FS] = "revision 2 with issue 17 (Noise handshake 0x17 / 0x09, X25519 shares)",
+    [LAYOUT_JOIN] = "revision 2 (join 0x15 / join accept 0x06, no X25519 shares)",
+    [LAYOUT_HANDSHAKE] = "revision 2 with issue 17 (Noise handshake 0x17 / 0x09, X25519 shares)",
 }
 local common_types = {
     T.DATA, T.KEY_UPDATE, T.FIRST_TRANSITION, T.SECOND_TRANSITION, T.KEY_RESPONSE,
     T.RESYNC, T.BEACON, T.KEY_UPDATE_REPLY, T.FIRST_REPLY, T.SECOND_REPLY,
     T.KEY_REQUEST, T.USAGE_REPORT,
 }
-local known = { [LAYOUT_MAIN] = {}, [LAYOUT_FS] = {}, [LAYOUT_AUTO] = {} }
+local known = { [LAYOUT_JOIN] = {}, [LAYOUT_HANDSHAKE] = {}, [LAYOUT_AUTO] = {} }
 for _, t in ipairs(common_types) do
-    known[LAYOUT_MAIN][t] = true
-    known[LAYOUT_FS][t] = true
+    known[LAYOUT_JOIN][t] = true
+    known[LAYOUT_HANDSHAKE][t] = true
     known[LAYOUT_AUTO][t] = true
 end
 for _, t in ipairs({ T.JOIN, T.JOIN_ACCEPT }) do
-    known[LAYOUT_MAIN][t] = true
+    known[LAYOUT_JOIN][t] = true
     known[LAYOUT_AUTO][t] = true
 end
 for _, t in ipairs({ T.HANDSHAKE_INIT, T.HANDSHAKE_ANSWER }) do
-    known[LAYOUT_FS][t] = true
+    known[LAYOUT_HANDSHAKE][t] = true
     known[LAYOUT_AUTO][t] = true
 end
--- Types whose layout differs between main and fs with the same code.
+-- Types whose layout differs between join and handshake with the same code.
 local share_types = {
     [T.KEY_UPDATE] = true, [T.KEY_RESPONSE] = true, [T.KEY_UPDATE_REPLY] = true,
     [T.FIRST_REPLY] = true, [T.SECOND_REPLY] = true, [T.KEY_REQUEST] = true,
@@ -247,11 +248,11 @@ kf.prefs.ports = Pref.range("UDP ports", DEFAULT_PORTS,
     "by the heuristic dissector.", 65535)
 kf.prefs.layout = Pref.enum("Wire layout", LAYOUT_AUTO,
     "Which revision of the wire to decode: auto (both; 0x02, 0x05, 0x11-0x14 by length), " ..
-    "main (join 0x15 / join accept 0x06, no X25519 shares) or fs (issue 17: Noise handshake " ..
+    "join (join 0x15 / join accept 0x06, no X25519 shares) or handshake (issue 17: Noise handshake " ..
     "0x17 / 0x09, X25519 shares).", {
         { 1, "auto", LAYOUT_AUTO },
-        { 2, "main", LAYOUT_MAIN },
-        { 3, "fs", LAYOUT_FS },
+        { 2, "join", LAYOUT_JOIN },
+        { 3, "handshake", LAYOUT_HANDSHAKE },
     }, false)
 
 -- ---------------------------------------------------------------- parsing
@@ -767,7 +768,7 @@ local auth_of = {
 
 -- Parses one whole datagram under `layout`. Returns the reader (items, err,
 -- info), the type code (or nil) and the layout the datagram was read with
--- (LAYOUT_MAIN or LAYOUT_FS; nil when it does not matter).
+-- (LAYOUT_JOIN or LAYOUT_HANDSHAKE; nil when it does not matter).
 local function parse_datagram(tvb, layout)
     local len = tvb:len()
     local r = new_reader(tvb, len)
@@ -789,7 +790,7 @@ local function parse_datagram(tvb, layout)
     if not known[layout][ty] then
         local why = ""
         if type_names[ty] then
-            why = " in the " .. (layout == LAYOUT_MAIN and "main" or "fs") .. " layout (preference Wire layout)"
+            why = " in the " .. (layout == LAYOUT_JOIN and "join" or "handshake") .. " layout (preference Wire layout)"
         end
         r:fail("unknown_type", 1, 1, string.format("unknown message type 0x%02x%s", ty, why))
         return r, ty
@@ -806,24 +807,24 @@ local function parse_datagram(tvb, layout)
             -- the one that got further.
             local a = run(false)
             if not a.err then
-                r, used = a, LAYOUT_MAIN
+                r, used = a, LAYOUT_JOIN
             else
                 local b = run(true)
                 if not b.err or b.err.off > a.err.off then
-                    r, used = b, LAYOUT_FS
+                    r, used = b, LAYOUT_HANDSHAKE
                 else
-                    r, used = a, LAYOUT_MAIN
+                    r, used = a, LAYOUT_JOIN
                 end
             end
         else
-            r, used = run(layout == LAYOUT_FS), layout
+            r, used = run(layout == LAYOUT_HANDSHAKE), layout
         end
     else
         r = run(false)
         if ty == T.JOIN or ty == T.JOIN_ACCEPT then
-            used = LAYOUT_MAIN
+            used = LAYOUT_JOIN
         elseif ty == T.HANDSHAKE_INIT or ty == T.HANDSHAKE_ANSWER then
-            used = LAYOUT_FS
+            used = LAYOUT_HANDSHAKE
         end
     end
     return r, ty, used
