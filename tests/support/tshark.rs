@@ -4,11 +4,11 @@
 //!
 //! Every `tshark` run gets a home and configuration directory of its own, so
 //! that a dissector or preference the user installed cannot mix in, and is
-//! checked for Lua errors (include it beside `fleet_support`, whose
-//! `common` it uses): one raised while loading the script (printed on
+//! checked for Lua errors: one raised while loading the script (printed on
 //! stderr, tshark still exits 0) fails the test here; one raised while
 //! dissecting a packet becomes expert info `Lua Error: …` in that packet,
-//! which the tests look for.
+//! which the tests look for. Include it beside `fleet_support`, whose
+//! `common` it uses.
 #![allow(dead_code)]
 
 use std::io::Write;
@@ -149,7 +149,11 @@ impl Capture {
             log,
         };
         crate::fleet_support::common::wait_for("dumpcap to start capturing on lo", 15_000, || {
-            assert!(c.child.alive(), "dumpcap exited: {}", c.log_text());
+            assert!(
+                c.child.alive(),
+                "dumpcap exited (capturing on lo takes root or the wireshark group): {}",
+                c.log_text()
+            );
             c.log_text().contains("Capturing on")
         });
         c
