@@ -1093,8 +1093,8 @@ fn check_capture(
         let want = r.ty() - 0x11 + 0x02;
         let latest = frames
             .iter()
-            .filter(|q| q.no < r.no && q.ty() == want && q.u("keyfleet.epoch") == e)
-            .last();
+            .rev()
+            .find(|q| q.no < r.no && q.ty() == want && q.u("keyfleet.epoch") == e);
         assert_eq!(
             r.get("keyfleet.request_in"),
             latest.map(|q| q.no),
