@@ -4,7 +4,8 @@
 -- assigns the type codes) gets a field for every field on the wire, so that
 -- each can be filtered: keyfleet.type, keyfleet.epoch, keyfleet.seq,
 -- keyfleet.member, keyfleet.phase, keyfleet.entry.member, ... (`tshark -G
--- fields | grep keyfleet` lists them). Datagrams that are short, carry
+-- fields -X lua_script:keyfleet.lua | grep keyfleet` lists them, with the
+-- expert infos). Datagrams that are short, carry
 -- trailing bytes or an invalid value get expert info (group Malformed) that
 -- says what was wrong, in the words of the library's WireError; another
 -- version or an unknown type gets expert info of its own.
