@@ -22,9 +22,15 @@ mod fleet_support;
 #[path = "support/tshark.rs"]
 mod tshark;
 
+use fleet_support::{agent_status, Chatter, Fleet};
 use keyfleet::crypto::{Epoch, KeyUse, WrappedKey, WRAPPED_LEN};
 use keyfleet::wire::{self, KeyState, NodeId, RoundPhase, RoundState, Step, WireError};
 use rand::{Rng, SeedableRng};
+use serde_json::Value;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::SocketAddrV4;
+use std::process::Stdio;
+use std::time::Duration;
 
 // ---------------------------------------------------------------- mutated datagrams
 
@@ -513,13 +519,6 @@ fn dissector_agrees_with_the_library_on_mutated_datagrams_and_raises_no_lua_erro
 }
 
 // ---------------------------------------------------------------- a real fleet run
-
-use fleet_support::{agent_status, Chatter, Fleet};
-use serde_json::Value;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::net::SocketAddrV4;
-use std::process::Stdio;
-use std::time::Duration;
 
 /// One frame of the capture as the dissector decoded it.
 #[derive(Debug)]
