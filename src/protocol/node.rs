@@ -415,6 +415,12 @@ pub struct NodeMachine {
     beacon_stats: BeaconStats,
     /// When a beacon after a silence last made the node ask.
     last_nudge: Option<Time>,
+    /// The controller's (leader term, sequence number) on the answer that
+    /// last synced this node ((0, 0): none since start). A resync request
+    /// ordered below it was sent before that answer, while the controller
+    /// still counted the node out of step: the answer settled it, so the
+    /// request is obsolete. (Each term numbers its own messages.)
+    synced_by: (u32, u64),
 }
 
 type Out = Vec<NodeAction>;
@@ -493,6 +499,7 @@ impl NodeMachine {
             beacon_refill: Time(0),
             beacon_stats: BeaconStats::default(),
             last_nudge: None,
+            synced_by: (0, 0),
             cfg,
         }
     }
@@ -1030,7 +1037,15 @@ impl NodeMachine {
                     });
                 }
                 self.authenticate(now, false, r.term, r.seq, &r.auth, bytes, what)?;
-                self.adopt(now, what, r.in_reply_to, member, &r.state, rng, out)
+                self.adopt(
+                    now,
+                    what,
+                    ((r.term, r.seq), r.in_reply_to),
+                    member,
+                    &r.state,
+                    rng,
+                    out,
+                )
             }
             Message::JoinAccept(j) => {
                 if !j.auth.verify(&self.keys) {
@@ -1058,7 +1073,15 @@ impl NodeMachine {
                     member: j.member,
                     controller,
                 });
-                match self.adopt(now, what, j.in_reply_to, j.member, &j.state, rng, out) {
+                match self.adopt(
+                    now,
+                    what,
+                    ((j.term, j.seq), j.in_reply_to),
+                    j.member,
+                    &j.state,
+                    rng,
+                    out,
+                ) {
                     Ok(()) => {
                         self.follow_term(j.term);
                         self.ctl_replay.mark(j.seq);
@@ -1082,6 +1105,10 @@ impl NodeMachine {
                 }
                 self.follow_term(x.term);
                 self.ctl_replay.mark(x.seq);
+                if (x.term, x.seq) < self.synced_by {
+                    // Sent before the answer that synced us: nothing left to ask.
+                    return Ok(());
+                }
                 self.start_sync(now, rng, out, false, false);
                 Ok(())
             }
@@ -1361,13 +1388,15 @@ impl NodeMachine {
         }
     }
 
-    /// Take the controller's key state (key response or join accept).
+    /// Take the controller's key state (key response or join accept);
+    /// `answer` is the message's own (term, sequence number), `in_reply_to`
+    /// the request it answers.
     #[allow(clippy::too_many_arguments)]
     fn adopt(
         &mut self,
         now: Time,
         what: &'static str,
-        in_reply_to: u64,
+        (answer, in_reply_to): ((u32, u64), u64),
         member: u32,
         st: &KeyState,
         rng: &mut impl RngCore,
@@ -1423,6 +1452,7 @@ impl NodeMachine {
             // The controller's view matches ours (and, having seen our position in
             // the request, it counts us live): synced. Send what was held.
             self.sync = None;
+            self.synced_by = self.synced_by.max(answer);
             out.push(NodeAction::Event(NodeEvent::Synced {
                 state: self.state(),
             }));

@@ -51,6 +51,7 @@ impl Hash for NodeMachine {
             beacon_refill,
             beacon_stats: _,
             last_nudge,
+            synced_by,
         } = self;
         node_id.hash(state);
         joined.hash(state);
@@ -76,5 +77,6 @@ impl Hash for NodeMachine {
         beacon_tokens.hash(state);
         beacon_refill.hash(state);
         last_nudge.hash(state);
+        synced_by.hash(state);
     }
 }

@@ -160,3 +160,32 @@ fn a_state_without_a_term_loads_and_follows_term_1() {
     assert_eq!(refusal(&n.feed(&t)), None);
     assert_eq!(n.node.term(), 1);
 }
+
+/// A resync request of a new leader is numbered in its own term: a low
+/// sequence number there is not "before the answer that synced the node"
+/// (that answer was the old leader's, numbered in its term).
+#[test]
+fn a_new_terms_resync_is_not_taken_for_an_obsolete_one() {
+    let mut r = Rig::uc1();
+    let out = r.input(NodeInput::LinkUp);
+    let irt = request_seq(&out);
+    r.ctl.seq = 10_000;
+    let st = r.ctl.state(&key(1), None);
+    let kr = r.ctl.key_response(irt, &st);
+    assert_eq!(refusal(&r.feed(&kr)), None);
+    assert!(r.node.is_synced());
+    r.ctl.term = 2;
+    r.ctl.seq = 0;
+    let seq = r.ctl.seq();
+    let x = wire::mac(
+        wire::resync(r.ctl.term, Epoch(1), seq, r.ctl.member),
+        &r.ctl.keys,
+    );
+    let out = r.feed(&x);
+    assert_eq!(refusal(&out), None, "{out:?}");
+    assert!(
+        !r.node.is_synced(),
+        "the new leader's resync makes the node ask: {out:?}"
+    );
+    assert_eq!(r.node.term(), 2);
+}
