@@ -134,7 +134,7 @@ pub async fn run_with(
         "network up"
     );
     let persister = StateFile::new(dir, fingerprint.clone());
-    let mut driver = NodeDriver::new(machine, transport, Box::new(persister), cfg.node.controller)
+    let mut driver = NodeDriver::new(machine, transport, Box::new(persister))
         .with_last_sync(last_sync)
         .with_refusal_window(
             cfg.refusal_log_window_ms,

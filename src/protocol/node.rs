@@ -45,10 +45,16 @@
 //! holding (a replayed beacon must not silence a node while the controller is
 //! away), at a random moment within that period and at most once a minute
 //! (a controller back from an outage is not met by the whole fleet at once). Beacons are cheap: a byte-identical copy of the last verified one is
-//! recognised by its digest; one that would change nothing is not verified at
+//! recognised by its digest; one that would change nothing (neither the node's
+//! position nor the controller address it answers to) is not verified at
 //! all; one ordered below the last verified `(term, seq)` is a replay; and at
 //! most [`BEACON_VERIFY_BURST`] signature checks, refilled one per
 //! [`BEACON_VERIFY_REFILL_MS`], go to beacons that need one.
+//!
+//! **Answers by unicast.** Replies, key requests and usage reports go to the
+//! controller's unicast address once the node learned it from an
+//! authenticated controller message (a verified beacon's address, a fresh
+//! request's source), not to the whole group (`route.rs`).
 //!
 //! A link that goes down or up (the agent watches rtnetlink) is fed as
 //! [`NodeInput::LinkDown`] / [`NodeInput::LinkUp`]: either way the node holds
@@ -119,7 +125,11 @@ pub const BEACON_VERIFY_REFILL_MS: u64 = 100;
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct NodeConfig {
-    /// Where joins, key requests, replies and usage reports go.
+    /// Where joins, key requests, replies and usage reports go. A multicast
+    /// address (the agent's default: the group) means "the group until the
+    /// controller's unicast address is learned from an authenticated
+    /// controller message, then that address, the group as a fallback"
+    /// (`route.rs`); a unicast address is used as it is.
     pub controller: SocketAddr,
     /// First key-request retry after this many ms (default 500), doubling…
     pub sync_retry_initial_ms: u64,
@@ -407,11 +417,16 @@ pub struct NodeMachine {
     beacon_stats: BeaconStats,
     /// When a beacon after a silence last made the node ask.
     last_nudge: Option<Time>,
+    /// The controller's unicast address, once learned ([`route`]).
+    route: Route,
 }
 
 type Out = Vec<NodeAction>;
 
+mod route;
 mod state_hash;
+
+use route::Route;
 
 impl NodeMachine {
     /// A freshly enrolled node that has not joined yet.
@@ -483,6 +498,7 @@ impl NodeMachine {
             beacon_refill: Time(0),
             beacon_stats: BeaconStats::default(),
             last_nudge: None,
+            route: Route::default(),
             cfg,
         }
     }
@@ -687,11 +703,29 @@ impl NodeMachine {
         out.push(NodeAction::Persist(Box::new(self.snapshot())));
     }
 
-    fn send_controller(&mut self, body: Vec<u8>, out: &mut Out) {
+    /// Sends a node message to the controller: to its unicast address once
+    /// learned, to the configured one (the group) before that or on
+    /// `fallback` (see [`route`]).
+    fn send_controller(&mut self, body: Vec<u8>, fallback: bool, out: &mut Out) {
         out.push(NodeAction::SendTo {
-            to: self.cfg.controller,
+            to: self.route.dest(self.cfg.controller, fallback),
             bytes: wire::mac(body, &self.keys),
         });
+    }
+
+    /// Where this node sends what it has for the controller now: the
+    /// controller's unicast address once learned from an authenticated
+    /// controller message, else the configured `controller`.
+    pub fn controller_addr(&self) -> SocketAddr {
+        self.route.dest(self.cfg.controller, false)
+    }
+
+    /// Learns the controller's address from a controller message that was
+    /// authenticated afresh (`fresh`: not a copy of one already accepted).
+    fn learn_controller(&mut self, fresh: bool, from: SocketAddr) {
+        if fresh {
+            self.route.learn(self.cfg.controller, from);
+        }
     }
 
     /// Begin (or, if `urgent`, restart at once) asking the controller for the current key.
@@ -733,7 +767,10 @@ impl NodeMachine {
             }
             _ => wire::join(seq, &self.node_id),
         };
-        self.send_controller(body, out);
+        // Every second retry goes to the group, in case the unicast address
+        // learned is not (or no longer) where the controller listens.
+        let fallback = self.sync.is_some_and(|s| s.attempt % 2 == 1);
+        self.send_controller(body, fallback, out);
         if let Some(s) = &mut self.sync {
             s.attempt += 1;
             let wait = backoff(
@@ -758,7 +795,7 @@ impl NodeMachine {
         let (member, epoch) = (j.member, r.sealing_epoch());
         let uses: Vec<_> = r.usage().collect();
         let seq = self.next_seq(out);
-        self.send_controller(wire::usage_report(epoch, seq, member, &uses), out);
+        self.send_controller(wire::usage_report(epoch, seq, member, &uses), false, out);
         self.arm_usage(now, out);
     }
 
@@ -946,7 +983,9 @@ impl NodeMachine {
                 };
                 self.precheck(now, ku.epoch, Step::KeyUpdate, what)
                     .map_err(|r| with_seq(r, ku.seq))?;
+                let fresh = self.ctl_replay.check(ku.seq) == Seen::Fresh;
                 self.authenticate(now, true, ku.seq, &ku.auth, bytes, what)?;
+                self.learn_controller(fresh, from);
                 let key = self
                     .keys
                     .unwrap(&wrapped, ku.epoch, member)
@@ -956,7 +995,9 @@ impl NodeMachine {
             Message::Transition(t) => {
                 self.precheck(now, t.epoch, t.step, what)
                     .map_err(|r| with_seq(r, t.seq))?;
+                let fresh = self.ctl_replay.check(t.seq) == Seen::Fresh;
                 self.authenticate(now, true, t.seq, &t.auth, bytes, what)?;
+                self.learn_controller(fresh, from);
                 self.on_step(now, t.epoch, t.step, None, rng, out)
             }
             Message::KeyResponse(r) => {
@@ -968,7 +1009,9 @@ impl NodeMachine {
                         in_reply_to: r.in_reply_to,
                     });
                 }
+                let fresh = self.ctl_replay.check(r.seq) == Seen::Fresh;
                 self.authenticate(now, false, r.seq, &r.auth, bytes, what)?;
+                self.learn_controller(fresh, from);
                 self.adopt(now, what, r.in_reply_to, member, &r.state, rng, out)
             }
             Message::JoinAccept(j) => {
@@ -999,6 +1042,7 @@ impl NodeMachine {
                 match self.adopt(now, what, j.in_reply_to, j.member, &j.state, rng, out) {
                     Ok(()) => {
                         self.ctl_replay.mark(j.seq);
+                        self.learn_controller(true, from);
                         Ok(())
                     }
                     Err(e) => {
@@ -1007,7 +1051,7 @@ impl NodeMachine {
                     }
                 }
             }
-            Message::Beacon(b) => self.on_beacon(now, &b, bytes, rng, out),
+            Message::Beacon(b) => self.on_beacon(now, from, &b, bytes, rng, out),
             Message::Resync(x) => {
                 let member = self.addressed_to_me(x.member, what)?;
                 if !x.auth.verify(&self.keys) {
@@ -1017,6 +1061,7 @@ impl NodeMachine {
                     return Err(Refusal::Replay { what, seq: x.seq });
                 }
                 self.ctl_replay.mark(x.seq);
+                self.learn_controller(true, from);
                 self.start_sync(now, rng, out, false, false);
                 Ok(())
             }
@@ -1027,11 +1072,13 @@ impl NodeMachine {
         }
     }
 
-    /// A beacon: see the module docs. Only a beacon that could move this node
-    /// is verified, at most [`BEACON_VERIFY_BURST`] at once.
+    /// A beacon: see the module docs. Only a beacon that could move this node,
+    /// or that announces another controller address than the one it sends
+    /// to, is verified, at most [`BEACON_VERIFY_BURST`] at once.
     fn on_beacon(
         &mut self,
         now: Time,
+        from: SocketAddr,
         b: &wire::Beacon<'_>,
         bytes: &[u8],
         rng: &mut impl RngCore,
@@ -1059,10 +1106,15 @@ impl NodeMachine {
             return Err(Refusal::BadSignature { what });
         }
         let behind = behind_beacon(self.position(), b.epoch, b.round);
+        // A beacon announcing another controller address than the one this
+        // node sends to is worth a check: the node learns where to answer.
+        let announced = route::beacon_address(b.controller, from);
+        let moved =
+            self.cfg.controller.ip().is_multicast() && self.route.learned() != Some(announced);
         if known {
             self.beacon_stats.digest_hits += 1;
         } else {
-            if !behind && !after_silence {
+            if !behind && !after_silence && !moved {
                 self.beacon_stats.skipped += 1;
                 return Ok(());
             }
@@ -1077,6 +1129,7 @@ impl NodeMachine {
             self.beacon_stats.verified += 1;
             self.beacon_best = order;
             self.beacon_digest = digest;
+            self.route.learn(self.cfg.controller, announced);
         }
         if behind {
             if self.sync.is_none() {
@@ -1204,10 +1257,11 @@ impl NodeMachine {
         Ok(())
     }
 
-    fn ack(&mut self, step: Step, epoch: Epoch, out: &mut Out) {
+    /// Acknowledges a step; `fallback`: to the group (see [`route`]).
+    fn ack(&mut self, step: Step, epoch: Epoch, fallback: bool, out: &mut Out) {
         let Some(member) = self.member() else { return };
         let seq = self.next_seq(out);
-        self.send_controller(wire::ack(step, epoch, seq, member), out);
+        self.send_controller(wire::ack(step, epoch, seq, member), fallback, out);
     }
 
     /// A request for step `m` of epoch `e` (after authentication). See the module docs.
@@ -1248,7 +1302,8 @@ impl NodeMachine {
                     }
                 }
                 self.last_reanswer = Some(now);
-                self.ack(m, e, out);
+                let fallback = self.route.reanswer();
+                self.ack(m, e, fallback, out);
                 return Ok(());
             }
             // Forward: DC→IT, IT→UC, or DC→IT→UC (see module docs).
@@ -1259,7 +1314,8 @@ impl NodeMachine {
                 let _ = ring.finish();
             }
             self.changed(before, out);
-            self.ack(m, e, out);
+            self.route.stepped();
+            self.ack(m, e, false, out);
             return Ok(());
         }
         if e == pe.next() && pq == 3 {
@@ -1268,7 +1324,8 @@ impl NodeMachine {
                     ring.install_new(k)
                         .map_err(|_| Refusal::Outdated { what, epoch: e })?;
                     self.changed(before, out);
-                    self.ack(m, e, out);
+                    self.route.stepped();
+                    self.ack(m, e, false, out);
                     return Ok(());
                 }
                 _ => {
@@ -1384,7 +1441,8 @@ impl NodeMachine {
         }));
         self.open_kept(out);
         if let Some(step) = Step::from_progress(target.1) {
-            self.ack(step, target.0, out);
+            self.route.stepped();
+            self.ack(step, target.0, false, out);
         }
         // Ask once more with the new position: the answer confirms the controller counts us.
         // Only an answer to that request (not a late copy of this one) may confirm.

@@ -50,6 +50,7 @@ impl Hash for NodeMachine {
             beacon_refill,
             beacon_stats: _,
             last_nudge,
+            route,
         } = self;
         node_id.hash(state);
         joined.hash(state);
@@ -74,5 +75,6 @@ impl Hash for NodeMachine {
         beacon_tokens.hash(state);
         beacon_refill.hash(state);
         last_nudge.hash(state);
+        route.hash(state);
     }
 }
