@@ -56,6 +56,11 @@
 //! authenticated controller message (a verified beacon's address, a fresh
 //! request's source), not to the whole group (`route.rs`).
 //!
+//! An enrolled node that has not joined yet cannot check a beacon (the join
+//! accept brings the controller's key), but one tells it a controller is
+//! there: its join goes out within [`BEACON_JOIN_SPREAD_MS`] instead of at
+//! its next backed-off retry (at most once per [`BEACON_JOIN_MIN_GAP_MS`]).
+//!
 //! A link that goes down or up (the agent watches rtnetlink) is fed as
 //! [`NodeInput::LinkDown`] / [`NodeInput::LinkUp`]: either way the node holds
 //! its data and asks for the current key.
@@ -114,6 +119,13 @@ const VERIFIED_KEPT: usize = 8;
 /// A node asks after a silence at most this often (ms), so that a controller
 /// that comes back, or one slowed by load, is not met by every node at once.
 pub const SILENCE_NUDGE_MIN_GAP_MS: u64 = 60_000;
+
+/// An unjoined node that hears a beacon sends its join within this many ms…
+pub const BEACON_JOIN_SPREAD_MS: u64 = 250;
+/// …at most once per this many ms (then its retries start again at
+/// `sync_retry_initial_ms`): a flood of beacons, which an unjoined node
+/// cannot check, makes it send about 5 joins in 10 s instead of 1 in 8 s.
+pub const BEACON_JOIN_MIN_GAP_MS: u64 = 10_000;
 
 /// Beacon signature checks a node may spend at once…
 pub const BEACON_VERIFY_BURST: u32 = 8;
@@ -419,6 +431,8 @@ pub struct NodeMachine {
     last_nudge: Option<Time>,
     /// The controller's unicast address, once learned ([`route`]).
     route: Route,
+    /// When a beacon last brought an unjoined node's join forward.
+    beacon_join: Option<Time>,
 }
 
 type Out = Vec<NodeAction>;
@@ -499,6 +513,7 @@ impl NodeMachine {
             beacon_stats: BeaconStats::default(),
             last_nudge: None,
             route: Route::default(),
+            beacon_join: None,
             cfg,
         }
     }
@@ -1087,7 +1102,10 @@ impl NodeMachine {
         let what = "beacon";
         self.beacon_stats.received += 1;
         let Some(controller) = self.joined.as_ref().map(|j| j.controller) else {
-            return Ok(()); // not joined yet: the join (retried) brings the state
+            // Not joined yet: a controller is there (or someone says so), so
+            // the join goes out now rather than at its next backed-off retry.
+            self.join_soon(now, rng, out);
+            return Ok(());
         };
         let silence = self.cfg.beacon_silence_ms;
         let after_silence =
@@ -1167,6 +1185,33 @@ impl NodeMachine {
         out.push(NodeAction::ArmTimer {
             timer: NodeTimer::Sync,
             at: due,
+        });
+    }
+
+    /// An unjoined node hears a beacon (which it cannot check: it learns the
+    /// controller's key from the join accept): its next join goes out within
+    /// [`BEACON_JOIN_SPREAD_MS`] (at a random moment, so that a fleet waiting
+    /// for a controller does not answer its first beacon all at once), and
+    /// its retries start again from the shortest delay (a join lost in the
+    /// crowd is sent again soon). At most once per [`BEACON_JOIN_MIN_GAP_MS`]:
+    /// forged beacons cannot make it join much more often than it would.
+    fn join_soon(&mut self, now: Time, rng: &mut impl RngCore, out: &mut Out) {
+        if self
+            .beacon_join
+            .is_some_and(|t| now.since(t) < BEACON_JOIN_MIN_GAP_MS)
+        {
+            return;
+        }
+        let Some(s) = &mut self.sync else { return };
+        if s.due <= now.plus(BEACON_JOIN_SPREAD_MS) {
+            return;
+        }
+        self.beacon_join = Some(now);
+        s.attempt = 0;
+        s.due = now.plus(rng.next_u64() % BEACON_JOIN_SPREAD_MS);
+        out.push(NodeAction::ArmTimer {
+            timer: NodeTimer::Sync,
+            at: s.due,
         });
     }
 

@@ -51,6 +51,7 @@ impl Hash for NodeMachine {
             beacon_stats: _,
             last_nudge,
             route,
+            beacon_join,
         } = self;
         node_id.hash(state);
         joined.hash(state);
@@ -76,5 +77,6 @@ impl Hash for NodeMachine {
         beacon_refill.hash(state);
         last_nudge.hash(state);
         route.hash(state);
+        beacon_join.hash(state);
     }
 }
