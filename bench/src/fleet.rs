@@ -25,7 +25,7 @@ pub struct KfRep {
     pub wall_ms: f64,
     /// The round as the controller timed it (`elapsed_ms`).
     pub elapsed_ms: f64,
-    /// Of which the drain grace (`phases_ms.draining`, `round.drain_grace_ms`).
+    /// Of which the drain grace (`phases_ms.draining`, measured from the round trips).
     pub draining_ms: f64,
     pub epoch: u64,
     pub nodes: u64,

@@ -360,7 +360,7 @@ fn rotation_section(r: &Results, s: &mut String) {
             );
         }
         Some(k) => {
-            let _ = writeln!(s, "keyfleet: one `keyfleet serve` and N `keyfleet-agent run` processes on loopback multicast (`--iface 127.0.0.1`), each node enrolled with `keyfleet enroll`, default configuration (`round.drain_grace_ms` = 2000: after every node switched to the new key the controller waits this long before the second transition request, so that messages sealed with the old key and still in flight can be opened, SPEC S2; Serf has no such wait). A rotation is one `keyfleet rekey --json` talking to `serve`; the time is that process end to end. `elapsed_ms` is the round as the controller timed it.\n");
+            let _ = writeln!(s, "keyfleet: one `keyfleet serve` and N `keyfleet-agent run` processes on loopback multicast (`--iface 127.0.0.1`), each node enrolled with `keyfleet enroll`, default configuration (after every node switched to the new key the controller waits before the second transition request, twice the round's slowest acknowledgement round trip (`round.drain_rtt_factor`, at least `round.drain_floor_ms` = 10), so that messages sealed with the old key and still in flight can be opened, SPEC S2; Serf has no such wait). A rotation is one `keyfleet rekey --json` talking to `serve`; the time is that process end to end. `elapsed_ms` is the round as the controller timed it.\n");
             let _ = writeln!(s, "| nodes | reps | `rekey` process ms | round `elapsed_ms` | of which drain | acked | stale | all agents UpdateCompleted at the new epoch after | joined in ms | load (1 min) |");
             let _ = writeln!(s, "|---:|---:|---:|---:|---:|---:|---:|---|---:|---|");
             for run in &k.runs {

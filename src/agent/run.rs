@@ -125,7 +125,11 @@ pub async fn run_with(
     };
 
     let clock = Clock::wall();
-    let transport = Transport::bind(&cfg.net, clock)?;
+    let mut transport = Transport::bind(&cfg.net, clock)?;
+    // The receive delay of tests holds group data longer than control messages.
+    transport.set_data_classifier(|b| {
+        matches!(crate::wire::decode(b), Ok(crate::wire::Message::Data(_)))
+    });
     tracing::info!(
         listen = %transport.local_addr(),
         group = %cfg.net.group,
