@@ -433,6 +433,11 @@ pub struct NodeMachine {
     route: Route,
     /// When a beacon last brought an unjoined node's join forward.
     beacon_join: Option<Time>,
+    /// The controller's sequence number on the answer that last synced this
+    /// node (0: none since start). A resync request numbered below it was sent
+    /// before that answer, while the controller still counted the node out of
+    /// step: the answer settled it, so the request is obsolete.
+    synced_by: u64,
 }
 
 type Out = Vec<NodeAction>;
@@ -514,6 +519,7 @@ impl NodeMachine {
             last_nudge: None,
             route: Route::default(),
             beacon_join: None,
+            synced_by: 0,
             cfg,
         }
     }
@@ -1027,7 +1033,15 @@ impl NodeMachine {
                 let fresh = self.ctl_replay.check(r.seq) == Seen::Fresh;
                 self.authenticate(now, false, r.seq, &r.auth, bytes, what)?;
                 self.learn_controller(fresh, from);
-                self.adopt(now, what, r.in_reply_to, member, &r.state, rng, out)
+                self.adopt(
+                    now,
+                    what,
+                    (r.seq, r.in_reply_to),
+                    member,
+                    &r.state,
+                    rng,
+                    out,
+                )
             }
             Message::JoinAccept(j) => {
                 if !j.auth.verify(&self.keys) {
@@ -1054,7 +1068,15 @@ impl NodeMachine {
                     member: j.member,
                     controller,
                 });
-                match self.adopt(now, what, j.in_reply_to, j.member, &j.state, rng, out) {
+                match self.adopt(
+                    now,
+                    what,
+                    (j.seq, j.in_reply_to),
+                    j.member,
+                    &j.state,
+                    rng,
+                    out,
+                ) {
                     Ok(()) => {
                         self.ctl_replay.mark(j.seq);
                         self.learn_controller(true, from);
@@ -1077,6 +1099,10 @@ impl NodeMachine {
                 }
                 self.ctl_replay.mark(x.seq);
                 self.learn_controller(true, from);
+                if x.seq < self.synced_by {
+                    // Sent before the answer that synced us: nothing left to ask.
+                    return Ok(());
+                }
                 self.start_sync(now, rng, out, false, false);
                 Ok(())
             }
@@ -1396,13 +1422,14 @@ impl NodeMachine {
         }
     }
 
-    /// Take the controller's key state (key response or join accept).
+    /// Take the controller's key state (key response or join accept);
+    /// `answer` is the message's own sequence number and the request it answers.
     #[allow(clippy::too_many_arguments)]
     fn adopt(
         &mut self,
         now: Time,
         what: &'static str,
-        in_reply_to: u64,
+        (answer_seq, in_reply_to): (u64, u64),
         member: u32,
         st: &KeyState,
         rng: &mut impl RngCore,
@@ -1458,6 +1485,7 @@ impl NodeMachine {
             // The controller's view matches ours (and, having seen our position in
             // the request, it counts us live): synced. Send what was held.
             self.sync = None;
+            self.synced_by = self.synced_by.max(answer_seq);
             out.push(NodeAction::Event(NodeEvent::Synced {
                 state: self.state(),
             }));

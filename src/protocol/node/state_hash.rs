@@ -52,6 +52,7 @@ impl Hash for NodeMachine {
             last_nudge,
             route,
             beacon_join,
+            synced_by,
         } = self;
         node_id.hash(state);
         joined.hash(state);
@@ -78,5 +79,6 @@ impl Hash for NodeMachine {
         last_nudge.hash(state);
         route.hash(state);
         beacon_join.hash(state);
+        synced_by.hash(state);
     }
 }
