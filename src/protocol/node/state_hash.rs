@@ -51,6 +51,8 @@ impl Hash for NodeMachine {
             beacon_refill,
             beacon_stats: _,
             last_nudge,
+            route,
+            beacon_join,
             synced_by,
         } = self;
         node_id.hash(state);
@@ -77,6 +79,8 @@ impl Hash for NodeMachine {
         beacon_tokens.hash(state);
         beacon_refill.hash(state);
         last_nudge.hash(state);
+        route.hash(state);
+        beacon_join.hash(state);
         synced_by.hash(state);
     }
 }
