@@ -109,6 +109,15 @@ impl fmt::Debug for Chain {
 }
 
 impl Chain {
+    /// A chain of one repeated byte (tests only).
+    #[cfg(test)]
+    pub(crate) fn for_tests(b: u8) -> Chain {
+        Chain {
+            chain: [b; KEY_LEN],
+            mac: [b; KEY_LEN],
+        }
+    }
+
     fn hmac(&self) -> Hmac<Sha256> {
         <Hmac<Sha256> as Mac>::new_from_slice(&self.mac).expect("HMAC takes any key length")
     }

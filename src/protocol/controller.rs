@@ -45,10 +45,12 @@
 
 use super::triggers::{TriggerConfig, TriggerReason};
 use super::{backoff, Refusal, Time};
-use crate::crypto::{CheckValue, Epoch, GroupKey, InitialKey, NodeKeys};
+use crate::crypto::{
+    ratchet, Chain, CheckValue, Epoch, GroupKey, InitialKey, NodeKeys, Share, ShareSecret,
+};
 use crate::wire::{
-    self, KeyState, Maced, Message, NodeId, ReplayWindow, RoundPhase, RoundState, Seen, Step,
-    MAX_BATCH_ENTRIES,
+    self, AnswerPayload, KeyState, Maced, Message, NodeId, ReplayWindow, RoundPhase, RoundState,
+    Seen, Step, MAX_BATCH_ENTRIES,
 };
 use core::net::SocketAddr;
 use ed25519_dalek::SigningKey;
@@ -60,6 +62,10 @@ use thiserror::Error;
 use zeroize::Zeroize;
 
 const SEQ_BLOCK: u64 = 4096;
+/// At most one handshake answered per member in this many ms (each costs an X25519).
+pub const HANDSHAKE_INTERVAL_MS: u64 = 1000;
+/// How long a re-join allowed by the operator stays open.
+pub const REJOIN_WINDOW_MS: u64 = 10 * 60 * 1000;
 
 /// Controller settings. Defaults are documented on each field.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -127,6 +133,11 @@ pub enum ControllerInput<'a> {
     },
     /// Rekey by hand.
     Rekey,
+    /// Let a node whose enrollment is pinned run the enrollment handshake once
+    /// more (its state was lost) within [`REJOIN_WINDOW_MS`]; audited.
+    AllowRejoin {
+        node_id: NodeId,
+    },
 }
 
 /// A command the controller cannot carry out.
@@ -230,7 +241,22 @@ pub enum Record {
         node_id: NodeId,
         at: Time,
     },
-    /// A join was answered with the member number and key state.
+    /// A node completed the enrollment handshake (its first message under the
+    /// new chain arrived); `rejoin` when an earlier chain was replaced.
+    HandshakeCompleted {
+        member: u32,
+        node_id: NodeId,
+        rejoin: bool,
+        at: Time,
+    },
+    /// The operator allowed a pinned node to run the enrollment handshake again.
+    RejoinAllowed {
+        member: u32,
+        node_id: NodeId,
+        until: Time,
+        at: Time,
+    },
+    /// A handshake was answered with the member number and key state.
     JoinAnswered {
         member: u32,
         node_id: NodeId,
@@ -395,6 +421,10 @@ impl ControllerCore {
 pub struct RoundPersist {
     pub epoch: Epoch,
     pub key: GroupKey,
+    /// The controller's X25519 secret of this round's ratchet step (one share
+    /// per round, in every key update request); absent in revision 1.
+    #[serde(default)]
+    pub share: Option<ShareSecret>,
     pub phase: RoundPhase,
     pub reason: TriggerReason,
     pub started_at: Time,
@@ -413,6 +443,89 @@ pub struct MemberPersist {
     pub fingerprint: String,
     pub status: MemberStatus,
     pub enrolled_at: Time,
+    /// The member's ratchet (absent in a revision-1 file: the node runs the
+    /// enrollment handshake at its next join).
+    #[serde(default)]
+    pub ratchet: MemberRatchet,
+}
+
+/// The controller's side of one node's ratchet. Key bytes zeroized on drop.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct MemberRatchet {
+    /// The chain the node confirmed last, and the share it announced under it.
+    /// Set once the node completed the enrollment handshake: from then on its
+    /// enrollment is pinned (another handshake needs [`ControllerInput::AllowRejoin`]).
+    pub committed: Option<Committed>,
+    /// The one step prepared from `committed`: every wrap for the node uses it
+    /// until the node shows (by its MAC) that it took it.
+    pub next: Option<Pending>,
+    /// The chain of an answered handshake, until the node's first message under it.
+    pub handshake: Option<Chain>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Committed {
+    pub chain: Chain,
+    pub share: Share,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Pending {
+    /// The controller's share of the step (sent with every wrap under it).
+    pub share: Share,
+    pub step: ratchet::Step,
+}
+
+/// A node message to authenticate: what it is, who claims to send it, and the
+/// share it carries (replies and key requests do).
+struct Auth<'a, 'b> {
+    what: &'static str,
+    member: u32,
+    seq: u64,
+    auth: &'a Maced<'b>,
+    share: Option<Share>,
+}
+
+impl<'a, 'b> Auth<'a, 'b> {
+    fn new(
+        what: &'static str,
+        member: u32,
+        seq: u64,
+        auth: &'a Maced<'b>,
+        share: Option<Share>,
+    ) -> Self {
+        Auth {
+            what,
+            member,
+            seq,
+            auth,
+            share,
+        }
+    }
+}
+
+/// Which of a member's chains authenticated a message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Under {
+    Committed,
+    Next,
+    Handshake,
+}
+
+impl MemberRatchet {
+    fn chain(&self, under: Under) -> Option<&Chain> {
+        match under {
+            Under::Committed => self.committed.as_ref().map(|c| &c.chain),
+            Under::Next => self.next.as_ref().map(|p| p.step.chain()),
+            Under::Handshake => self.handshake.as_ref(),
+        }
+    }
+
+    fn verify(&self, auth: &Maced<'_>) -> Option<Under> {
+        [Under::Committed, Under::Next, Under::Handshake]
+            .into_iter()
+            .find(|u| self.chain(*u).is_some_and(|c| auth.verify(c)))
+    }
 }
 
 /// Everything needed to restore a controller: its core and the member rows.
@@ -424,6 +537,10 @@ pub struct ControllerPersist {
 
 struct Member {
     row: MemberPersist,
+    /// When this member's last handshake was answered (rate limit).
+    last_handshake: Option<Time>,
+    /// A re-join the operator allowed, open until then.
+    rejoin_until: Option<Time>,
     /// Progress in the current round: 0 none, 1 has the key, 2 in transit, 3 done.
     progress: u8,
     /// Requests sent to this member in the current phase.
@@ -440,6 +557,8 @@ struct Member {
 struct Round {
     epoch: Epoch,
     key: GroupKey,
+    /// The controller's secret of this round's ratchet share.
+    share: Option<ShareSecret>,
     phase: RoundPhase,
     reason: TriggerReason,
     started_at: Time,
@@ -559,6 +678,7 @@ impl ControllerMachine {
         let round = core.round.as_ref().map(|r| Round {
             epoch: r.epoch,
             key: r.key.clone(),
+            share: r.share.clone(),
             phase: r.phase,
             reason: r.reason.clone(),
             started_at: r.started_at,
@@ -610,6 +730,7 @@ impl ControllerMachine {
             round: self.round.as_ref().map(|r| RoundPersist {
                 epoch: r.epoch,
                 key: r.key.clone(),
+                share: r.share.clone(),
                 phase: r.phase,
                 reason: r.reason.clone(),
                 started_at: r.started_at,
@@ -716,6 +837,7 @@ impl ControllerMachine {
                     fingerprint: initial_key.fingerprint(),
                     status: MemberStatus::Enrolled,
                     enrolled_at: now,
+                    ratchet: MemberRatchet::default(),
                 };
                 out.push(ControllerAction::PersistMember(Box::new(row.clone())));
                 out.push(ControllerAction::Record(Record::NodeEnrolled {
@@ -760,11 +882,47 @@ impl ControllerMachine {
                 }
                 self.fire(now, TriggerReason::Manual, rng, out);
             }
+            ControllerInput::AllowRejoin { node_id } => {
+                let member = *self
+                    .by_id
+                    .get(&node_id)
+                    .ok_or_else(|| CommandError::NotEnrolled(node_id.clone()))?;
+                let until = now.plus(REJOIN_WINDOW_MS);
+                if let Some(Some(m)) = self.members.get_mut(member as usize) {
+                    m.rejoin_until = Some(until);
+                }
+                Self::record(
+                    out,
+                    Record::RejoinAllowed {
+                        member,
+                        node_id,
+                        until,
+                        at: now,
+                    },
+                );
+            }
         }
         Ok(())
     }
 
     fn start(&mut self, now: Time, rng: &mut (impl RngCore + CryptoRng), out: &mut Out) {
+        // Members of a revision-1 table have no ratchet yet: they take part in
+        // rounds again once they ran the enrollment handshake.
+        for m in self.members.iter_mut().flatten() {
+            if m.row.ratchet.committed.is_none() && m.row.status != MemberStatus::Enrolled {
+                let from = m.row.status;
+                m.row.status = MemberStatus::Enrolled;
+                out.push(ControllerAction::PersistMember(Box::new(m.row.clone())));
+                out.push(ControllerAction::Record(Record::StatusChanged {
+                    member: m.row.member,
+                    node_id: m.row.node_id.clone(),
+                    from,
+                    to: MemberStatus::Enrolled,
+                    epoch: self.current.epoch(),
+                    at: now,
+                }));
+            }
+        }
         if let Some(phase) = self.round.as_ref().map(|r| r.phase) {
             // Acknowledgements were not persisted: ask again; nodes answer idempotently.
             self.enter_phase(now, phase, rng, out);
@@ -799,17 +957,63 @@ impl ControllerMachine {
             && target_progress(r.phase).is_some_and(|t| m.progress < t)
     }
 
-    fn key_state_for(&self, member: u32, rng: &mut (impl RngCore + CryptoRng)) -> Option<KeyState> {
-        let m = self.member(member)?;
-        Some(KeyState {
-            current_epoch: self.current.epoch(),
-            current: m.row.keys.wrap(&self.current, member, rng),
-            round: self.round.as_ref().map(|r| RoundState {
-                epoch: r.epoch,
-                phase: r.phase,
-                wrapped: m.row.keys.wrap(&r.key, member, rng),
-            }),
-        })
+    /// The key state for `member`, wrapped under its next ratchet step, and the
+    /// controller's share of that step.
+    fn key_state_for(
+        &mut self,
+        member: u32,
+        rng: &mut (impl RngCore + CryptoRng),
+        out: &mut Out,
+    ) -> Option<(Share, KeyState)> {
+        let (share, step) = self.step_for(member, rng, out)?;
+        Some((
+            share,
+            KeyState {
+                current_epoch: self.current.epoch(),
+                current: step.wrap(&self.current, member, rng),
+                round: self.round.as_ref().map(|r| RoundState {
+                    epoch: r.epoch,
+                    phase: r.phase,
+                    wrapped: step.wrap(&r.key, member, rng),
+                }),
+            },
+        ))
+    }
+
+    /// The step every wrap for `member` goes under: the one prepared earlier
+    /// (the node may have taken it), else a new one from its confirmed chain
+    /// and share with the round's share (outside a round, a fresh one).
+    /// `None` for a node without a confirmed chain (not joined by handshake).
+    fn step_for(
+        &mut self,
+        member: u32,
+        rng: &mut (impl RngCore + CryptoRng),
+        out: &mut Out,
+    ) -> Option<(Share, ratchet::Step)> {
+        let round_secret = self.round.as_ref().and_then(|r| r.share.clone());
+        let m = self.members.get_mut(member as usize)?.as_mut()?;
+        if let Some(p) = &m.row.ratchet.next {
+            return Some((p.share, p.step.clone()));
+        }
+        let c = m.row.ratchet.committed.as_ref()?;
+        let secret = round_secret.unwrap_or_else(|| ShareSecret::generate(rng));
+        let ours = secret.public();
+        let dh = secret.dh(&c.share)?;
+        let step = ratchet::Step::derive(&c.chain, &dh, member, &ours, &c.share);
+        m.row.ratchet.next = Some(Pending {
+            share: ours,
+            step: step.clone(),
+        });
+        out.push(ControllerAction::PersistMember(Box::new(m.row.clone())));
+        Some((ours, step))
+    }
+
+    /// The round's share, as sent in its key update batches.
+    fn round_share(&self) -> Option<Share> {
+        self.round
+            .as_ref()
+            .and_then(|r| r.share.as_ref())
+            .map(ShareSecret::public)
     }
 
     // ------------------------------------------------------------ triggers
@@ -904,6 +1108,7 @@ impl ControllerMachine {
         self.round = Some(Round {
             epoch,
             key,
+            share: Some(ShareSecret::generate(rng)),
             phase: RoundPhase::Distributing,
             reason,
             started_at: now,
@@ -1014,7 +1219,8 @@ impl ControllerMachine {
         let Some(wave) = self.start_wave(now, rng) else {
             return;
         };
-        let Some(epoch) = self.round.as_ref().map(|r| r.epoch) else {
+        let (Some(epoch), Some(share)) = (self.round.as_ref().map(|r| r.epoch), self.round_share())
+        else {
             return;
         };
         let mut batch: Vec<(u32, crate::crypto::WrappedKey)> =
@@ -1023,11 +1229,22 @@ impl ControllerMachine {
             if !self.is_waiting(i) {
                 continue;
             }
+            let Some((step_share, step)) = self.step_for(i, rng, out) else {
+                continue;
+            };
+            if step_share != share {
+                // A step prepared before this round (an unconfirmed key
+                // response): its share is not the batch's, so it goes by unicast.
+                if let Some(r) = &mut self.round {
+                    r.retries.push(Reverse((now, i)));
+                }
+                continue;
+            }
             let (Some(r), Some(Some(m))) = (&self.round, self.members.get_mut(i as usize)) else {
                 continue;
             };
             m.attempts += 1;
-            batch.push((i, m.row.keys.wrap(&r.key, i, rng)));
+            batch.push((i, step.wrap(&r.key, i, rng)));
             out.push(ControllerAction::Record(Record::KeySent {
                 epoch,
                 member: i,
@@ -1037,11 +1254,11 @@ impl ControllerMachine {
                 at: now,
             }));
             if batch.len() == MAX_BATCH_ENTRIES {
-                self.send_batch(now, epoch, wave, &mut batch, out);
+                self.send_batch(now, epoch, &share, wave, &mut batch, out);
             }
         }
         if !batch.is_empty() {
-            self.send_batch(now, epoch, wave, &mut batch, out);
+            self.send_batch(now, epoch, &share, wave, &mut batch, out);
         }
     }
 
@@ -1049,12 +1266,13 @@ impl ControllerMachine {
         &mut self,
         now: Time,
         epoch: Epoch,
+        share: &Share,
         wave: u32,
         batch: &mut Vec<(u32, crate::crypto::WrappedKey)>,
         out: &mut Out,
     ) {
         let seq = self.next_seq(out);
-        let msg = wire::sign(wire::key_update(epoch, seq, batch), &self.signing);
+        let msg = wire::sign(wire::key_update(epoch, seq, share, batch), &self.signing);
         out.push(ControllerAction::SendGroup(msg));
         Self::record(
             out,
@@ -1115,14 +1333,20 @@ impl ControllerMachine {
         };
         match phase {
             RoundPhase::Distributing => {
+                let Some((share, step)) = self.step_for(member, rng, out) else {
+                    return;
+                };
                 let seq = self.next_seq(out);
                 let (Some(r), Some(Some(m))) = (&self.round, self.members.get_mut(member as usize))
                 else {
                     return;
                 };
                 m.attempts += 1;
-                let entry = [(member, m.row.keys.wrap(&r.key, member, rng))];
-                let msg = wire::sign(wire::key_update(r.epoch, seq, &entry), &self.signing);
+                let entry = [(member, step.wrap(&r.key, member, rng))];
+                let msg = wire::sign(
+                    wire::key_update(r.epoch, seq, &share, &entry),
+                    &self.signing,
+                );
                 out.push(ControllerAction::SendTo {
                     to: m.row.addr,
                     bytes: msg,
@@ -1356,29 +1580,80 @@ impl ControllerMachine {
 
     // ------------------------------------------------------------ datagrams
 
-    #[allow(clippy::too_many_arguments)]
+    /// Check a node message's MAC under one of the member's chains (its
+    /// confirmed chain, the step prepared for it, an answered handshake), with
+    /// the replay window. A message carrying the node's share (a reply, a key
+    /// request) under a newer chain confirms that chain: the older one is
+    /// dropped and the share recorded for the next step.
     fn authenticate(
         &mut self,
-        what: &'static str,
-        member: u32,
-        seq: u64,
-        auth: &Maced<'_>,
+        a: Auth<'_, '_>,
         from: SocketAddr,
         now: Time,
         out: &mut Out,
-    ) -> Result<(), Refusal> {
+    ) -> Result<Under, Refusal> {
+        let (what, member) = (a.what, a.member);
         let m = self
             .members
             .get_mut(member as usize)
             .and_then(Option::as_mut)
             .ok_or(Refusal::UnknownMember { what, member })?;
-        if m.replay.check(seq) != Seen::Fresh {
-            return Err(Refusal::Replay { what, seq });
+        if m.replay.check(a.seq) != Seen::Fresh {
+            return Err(Refusal::Replay { what, seq: a.seq });
         }
-        if !auth.verify(&m.row.keys) {
-            return Err(Refusal::BadMac { what, member });
+        let under = m
+            .row
+            .ratchet
+            .verify(a.auth)
+            .ok_or(Refusal::BadMac { what, member })?;
+        m.replay.mark(a.seq);
+        if let Some(share) = a.share {
+            let rt = &mut m.row.ratchet;
+            let mut changed = false;
+            match under {
+                Under::Committed => {
+                    if rt.committed.as_ref().is_some_and(|c| c.share != share) {
+                        // The prepared step used a share the node no longer holds.
+                        if let Some(c) = &mut rt.committed {
+                            c.share = share;
+                        }
+                        rt.next = None;
+                        changed = true;
+                    }
+                }
+                Under::Next | Under::Handshake => {
+                    let chain = rt.chain(under).cloned();
+                    if let Some(chain) = chain {
+                        let rejoin = rt.committed.is_some();
+                        rt.committed = Some(Committed { chain, share });
+                        rt.next = None;
+                        if under == Under::Handshake {
+                            rt.handshake = None;
+                            m.rejoin_until = None;
+                            out.push(ControllerAction::Record(Record::HandshakeCompleted {
+                                member,
+                                node_id: m.row.node_id.clone(),
+                                rejoin,
+                                at: now,
+                            }));
+                        }
+                        changed = true;
+                    }
+                }
+            }
+            if changed {
+                out.push(ControllerAction::PersistMember(Box::new(m.row.clone())));
+            }
         }
-        m.replay.mark(seq);
+        self.note_address(member, from, now, out);
+        Ok(under)
+    }
+
+    /// A member heard from a new address: recorded, and replies go there.
+    fn note_address(&mut self, member: u32, from: SocketAddr, now: Time, out: &mut Out) {
+        let Some(Some(m)) = self.members.get_mut(member as usize) else {
+            return;
+        };
         if m.row.addr != from {
             out.push(ControllerAction::Record(Record::NodeAddressChanged {
                 member,
@@ -1390,7 +1665,6 @@ impl ControllerMachine {
             m.row.addr = from;
             out.push(ControllerAction::PersistMember(Box::new(m.row.clone())));
         }
-        Ok(())
     }
 
     fn on_datagram(
@@ -1406,23 +1680,25 @@ impl ControllerMachine {
         match msg {
             Message::Data(d) => self.on_data(now, from, &d, rng, out),
             Message::Ack(a) => {
-                self.authenticate(what, a.member, a.seq, &a.auth, from, now, out)?;
+                let auth = Auth::new(what, a.member, a.seq, &a.auth, Some(a.share));
+                let under = self.authenticate(auth, from, now, out)?;
                 if !self.on_ack(now, a.member, a.step, a.epoch, rng, out) {
-                    self.send_resync(a.member, out);
+                    self.send_resync(a.member, under, out);
                 }
                 Ok(())
             }
             Message::KeyRequest(k) => {
-                self.authenticate(what, k.member, k.seq, &k.auth, from, now, out)?;
+                let auth = Auth::new(what, k.member, k.seq, &k.auth, Some(k.share));
+                self.authenticate(auth, from, now, out)?;
                 // The request carries the node's position: it counts as a reply to
                 // that step, and may make a stale or new member live again.
                 let _ = self.on_ack(now, k.member, k.step, k.epoch, rng, out);
-                let Some(state) = self.key_state_for(k.member, rng) else {
+                let Some((share, state)) = self.key_state_for(k.member, rng, out) else {
                     return Ok(());
                 };
                 let seq = self.next_seq(out);
                 let msg = wire::sign(
-                    wire::key_response(seq, k.member, k.seq, &state),
+                    wire::key_response(seq, k.member, k.seq, &share, &state),
                     &self.signing,
                 );
                 out.push(ControllerAction::SendTo {
@@ -1444,34 +1720,62 @@ impl ControllerMachine {
                 }
                 Ok(())
             }
-            Message::Join(j) => {
+            Message::HandshakeInit(h) => {
                 let member = *self
                     .by_id
-                    .get(&j.node_id)
+                    .get(&h.node_id)
                     .ok_or_else(|| Refusal::UnknownNodeId {
-                        node_id: j.node_id.to_string(),
+                        node_id: h.node_id.to_string(),
                     })?;
-                self.authenticate(what, member, j.seq, &j.auth, from, now, out)?;
-                let Some(state) = self.key_state_for(member, rng) else {
-                    return Ok(());
+                let Some(Some(m)) = self.members.get_mut(member as usize) else {
+                    return Err(Refusal::UnknownMember { what, member });
                 };
+                // Pinned: after its first completed handshake a node's enrollment
+                // is not run again unless the operator allowed it (`keyfleet rejoin`).
+                if m.row.ratchet.committed.is_some() && !m.rejoin_until.is_some_and(|t| now <= t)
+                {
+                    return Err(Refusal::Pinned {
+                        node_id: h.node_id.to_string(),
+                    });
+                }
+                if m
+                    .last_handshake
+                    .is_some_and(|t| now.since(t) < HANDSHAKE_INTERVAL_MS)
+                {
+                    return Err(Refusal::RateLimited { what, member });
+                }
+                if m.replay.check(h.seq) != Seen::Fresh {
+                    return Err(Refusal::Replay { what, seq: h.seq });
+                }
                 let seq = self.next_seq(out);
-                let Some(m) = self.member(member) else {
-                    return Ok(());
+                let payload = wire::answer_payload(&AnswerPayload {
+                    seq,
+                    member,
+                    controller_key: self.public_key(),
+                    current: self.current.clone(),
+                    round: self.round.as_ref().map(|r| (r.phase, r.key.clone())),
+                });
+                let Some(Some(m)) = self.members.get_mut(member as usize) else {
+                    return Err(Refusal::UnknownMember { what, member });
                 };
-                let msg = wire::mac(
-                    wire::join_accept(seq, member, j.seq, &self.public_key(), &state),
-                    &m.row.keys,
-                );
+                let (noise, chain) =
+                    ratchet::respond(&m.row.keys, h.prologue, &h.noise, &payload, member, rng)
+                        .map_err(|_| Refusal::BadMac { what, member })?;
+                m.replay.mark(h.seq);
+                m.last_handshake = Some(now);
+                m.row.ratchet.handshake = Some(chain);
+                out.push(ControllerAction::PersistMember(Box::new(m.row.clone())));
+                let node_id = m.row.node_id.clone();
+                self.note_address(member, from, now, out);
                 out.push(ControllerAction::SendTo {
                     to: from,
-                    bytes: msg,
+                    bytes: wire::handshake_answer(h.seq, &noise),
                 });
                 Self::record(
                     out,
                     Record::JoinAnswered {
                         member,
-                        node_id: m.row.node_id.clone(),
+                        node_id,
                         addr: from,
                         epoch: self.current.epoch(),
                         at: now,
@@ -1480,7 +1784,8 @@ impl ControllerMachine {
                 Ok(())
             }
             Message::UsageReport(u) => {
-                self.authenticate(what, u.member, u.seq, &u.auth, from, now, out)?;
+                let auth = Auth::new(what, u.member, u.seq, &u.auth, None);
+                let under = self.authenticate(auth, from, now, out)?;
                 let cur = self.current.epoch();
                 if let Some(Some(m)) = self.members.get_mut(u.member as usize) {
                     for use_ in u.uses.iter().filter(|x| x.epoch == cur) {
@@ -1505,14 +1810,14 @@ impl ControllerMachine {
                     .member(u.member)
                     .is_some_and(|m| m.row.status != MemberStatus::Active)
                 {
-                    self.send_resync(u.member, out);
+                    self.send_resync(u.member, under, out);
                 }
                 Ok(())
             }
             Message::KeyUpdate(_)
             | Message::Transition(_)
             | Message::KeyResponse(_)
-            | Message::JoinAccept(_)
+            | Message::HandshakeAnswer(_)
             | Message::Resync(_) => Err(Refusal::Unexpected {
                 what,
                 role: "controller",
@@ -1650,12 +1955,16 @@ impl ControllerMachine {
         true
     }
 
-    /// Ask a member that is out of step to send a key request (MAC'd with its key).
-    fn send_resync(&mut self, member: u32, out: &mut Out) {
+    /// Ask a member that is out of step to send a key request (MAC'd under
+    /// the chain its last message was MAC'd with).
+    fn send_resync(&mut self, member: u32, under: Under, out: &mut Out) {
         let seq = self.next_seq(out);
         let epoch = self.current.epoch();
         let Some(m) = self.member(member) else { return };
-        let bytes = wire::mac(wire::resync(epoch, seq, member), &m.row.keys);
+        let Some(chain) = m.row.ratchet.chain(under) else {
+            return;
+        };
+        let bytes = wire::mac(wire::resync(epoch, seq, member), chain);
         out.push(ControllerAction::SendTo {
             to: m.row.addr,
             bytes,
@@ -1667,6 +1976,8 @@ impl Member {
     fn new(row: MemberPersist) -> Member {
         Member {
             row,
+            last_handshake: None,
+            rejoin_until: None,
             progress: 0,
             attempts: 0,
             replay: ReplayWindow::default(),

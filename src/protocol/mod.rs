@@ -27,12 +27,13 @@ mod triggers;
 
 pub use controller::{
     CommandError, ControllerAction, ControllerConfig, ControllerCore, ControllerInput,
-    ControllerMachine, ControllerPersist, ControllerTimer, MemberPersist, MemberStatus, PhaseTimes,
-    Record, RestoreError, RoundPersist, TriggerOutcome, Via,
+    ControllerMachine, ControllerPersist, ControllerTimer, MemberPersist, MemberRatchet,
+    MemberStatus, PhaseTimes, Record, RestoreError, RoundPersist, TriggerOutcome, Via,
+    HANDSHAKE_INTERVAL_MS, REJOIN_WINDOW_MS,
 };
 pub use node::{
-    Delivered, NodeAction, NodeConfig, NodeEvent, NodeInput, NodeMachine, NodePersist, NodeState,
-    NodeTimer,
+    Delivered, NodeAction, NodeConfig, NodeEvent, NodeInput, NodeMachine, NodePersist,
+    NodeRatchet, NodeState, NodeTimer,
 };
 pub use triggers::{TriggerConfig, TriggerReason};
 
@@ -135,6 +136,10 @@ pub enum Refusal {
     BadControllerKey,
     #[error("data claims member {sender} from {from} but no group key opens it; ignored")]
     ForgedData { sender: u32, from: String },
+    #[error("handshake from node id {node_id:?}, whose enrollment is pinned by an earlier handshake; if its state was lost, allow a re-join with `keyfleet rejoin {node_id}`")]
+    Pinned { node_id: String },
+    #[error("{what} from member {member} came too soon after the last one; ignored")]
+    RateLimited { what: &'static str, member: u32 },
 }
 
 impl Refusal {
@@ -161,6 +166,8 @@ impl Refusal {
             Refusal::DuplicateData { .. } => "duplicate_data",
             Refusal::BadControllerKey => "bad_controller_key",
             Refusal::ForgedData { .. } => "forged_data",
+            Refusal::Pinned { .. } => "pinned",
+            Refusal::RateLimited { .. } => "rate_limited",
         }
     }
 }

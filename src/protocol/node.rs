@@ -38,10 +38,12 @@
 //! does not become undecryptable for it.
 
 use super::{backoff, Refusal, Time};
+use crate::crypto::ratchet::Initiator;
 use crate::crypto::{
-    digest16, verify, Epoch, GroupKey, InitialKey, KeyPhase, Keyring, NodeKeys, OpenError,
+    digest16, verify, Chain, Epoch, GroupKey, InitialKey, KeyPhase, Keyring, NodeKeys, OpenError,
+    Share, ShareSecret,
 };
-use crate::wire::{self, KeyState, Message, NodeId, ReplayWindow, RoundPhase, Seen, Signed, Step};
+use crate::wire::{self, Message, NodeId, ReplayWindow, RoundPhase, Seen, Signed, Step};
 use core::net::SocketAddr;
 use ed25519_dalek::VerifyingKey;
 use rand::{CryptoRng, RngCore};
@@ -190,6 +192,37 @@ pub struct NodePersist {
     keyring: Option<Keyring>,
     /// Sequence numbers below this may have been used; a restored node starts above it.
     pub seq_reserved: u64,
+    /// The ratchet (wire revision 2); absent in a revision-1 file, whose node
+    /// runs the enrollment handshake at its next join.
+    #[serde(default)]
+    ratchet: Option<NodeRatchet>,
+}
+
+/// A node's ratchet: its chain (whose MAC key authenticates its messages)
+/// and the secret of the share it announces for its next step.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct NodeRatchet {
+    chain: Chain,
+    secret: ShareSecret,
+}
+
+impl NodeRatchet {
+    fn share(&self) -> Share {
+        self.secret.public()
+    }
+
+    /// The step the controller's `share` makes with this node's share.
+    fn step(&self, member: u32, share: &Share) -> Option<crate::crypto::Step> {
+        let own = self.share();
+        let dh = self.secret.dh(share)?;
+        Some(crate::crypto::Step::derive(
+            &self.chain,
+            &dh,
+            member,
+            share,
+            &own,
+        ))
+    }
 }
 
 impl std::fmt::Debug for NodePersist {
@@ -242,6 +275,9 @@ pub struct NodeMachine {
     seq_reserved: u64,
     ctl_replay: ReplayWindow,
     last_verified: [u8; 16],
+    ratchet: Option<NodeRatchet>,
+    /// The enrollment handshake in flight: the init's sequence number and state.
+    handshake: Option<(u64, Initiator)>,
     sync: Option<Sync>,
     queued: Vec<Vec<u8>>,
     /// Group data for an epoch ahead of this node's, received while it asks
@@ -279,6 +315,7 @@ impl NodeMachine {
             p.keyring.clone(),
             p.seq_reserved,
         );
+        n.ratchet = p.ratchet.clone();
         // After a restart the node holds data until the controller confirms its state.
         n.sync = Some(Sync {
             since: n.seq + 1,
@@ -307,6 +344,8 @@ impl NodeMachine {
             seq_reserved: seq,
             ctl_replay: ReplayWindow::default(),
             last_verified: [0; 16],
+            ratchet: None,
+            handshake: None,
             sync: None,
             queued: Vec::new(),
             ahead: Vec::new(),
@@ -327,7 +366,19 @@ impl NodeMachine {
             }),
             keyring: self.keyring.clone(),
             seq_reserved: self.seq_reserved,
+            ratchet: self.ratchet.clone(),
         }
+    }
+
+    /// The chain and share a controller mirrors (tests only).
+    #[cfg(test)]
+    pub(crate) fn ratchet_view(&self) -> Option<(Chain, Share)> {
+        self.ratchet.as_ref().map(|r| (r.chain.clone(), r.share()))
+    }
+
+    /// Whether the node holds a ratchet chain (it ran the enrollment handshake).
+    pub fn has_ratchet(&self) -> bool {
+        self.ratchet.is_some()
     }
 
     pub fn node_id(&self) -> &NodeId {
@@ -467,10 +518,12 @@ impl NodeMachine {
         out.push(NodeAction::Persist(Box::new(self.snapshot())));
     }
 
+    /// Send a message MAC'd under the ratchet chain (nothing before the handshake).
     fn send_controller(&mut self, body: Vec<u8>, out: &mut Out) {
+        let Some(r) = &self.ratchet else { return };
         out.push(NodeAction::SendTo {
             to: self.cfg.controller,
-            bytes: wire::mac(body, &self.keys),
+            bytes: wire::mac(body, &r.chain),
         });
     }
 
@@ -478,7 +531,7 @@ impl NodeMachine {
     fn start_sync(
         &mut self,
         now: Time,
-        rng: &mut impl RngCore,
+        rng: &mut (impl RngCore + CryptoRng),
         out: &mut Out,
         hold: bool,
         urgent: bool,
@@ -503,17 +556,31 @@ impl NodeMachine {
         self.send_sync_request(now, rng, out);
     }
 
-    fn send_sync_request(&mut self, now: Time, rng: &mut impl RngCore, out: &mut Out) {
+    fn send_sync_request(&mut self, now: Time, rng: &mut (impl RngCore + CryptoRng), out: &mut Out) {
         let seq = self.next_seq(out);
-        let body = match (&self.joined, &self.keyring) {
-            (Some(j), Some(_)) => {
+        match (&self.joined, &self.keyring, &self.ratchet) {
+            (Some(j), Some(_), Some(r)) => {
                 let (epoch, progress) = self.position().unwrap_or_default();
                 let step = Step::from_progress(progress).unwrap_or(Step::SecondTransition);
-                wire::key_request(epoch, step, seq, j.member)
+                let body = wire::key_request(epoch, step, seq, j.member, &r.share());
+                self.send_controller(body, out);
             }
-            _ => wire::join(seq, &self.node_id),
-        };
-        self.send_controller(body, out);
+            // Not joined yet, or joined under wire revision 1: the enrollment handshake.
+            _ => {
+                let mut bytes = wire::handshake_init_header(seq, &self.node_id);
+                match Initiator::start(&self.keys, &bytes, rng) {
+                    Ok((ini, msg)) => {
+                        bytes.extend_from_slice(&msg);
+                        self.handshake = Some((seq, ini));
+                        out.push(NodeAction::SendTo {
+                            to: self.cfg.controller,
+                            bytes,
+                        });
+                    }
+                    Err(e) => tracing::error!(error = %e, "cannot start the enrollment handshake"),
+                }
+            }
+        }
         if let Some(s) = &mut self.sync {
             s.attempt += 1;
             let wait = backoff(
@@ -605,7 +672,7 @@ impl NodeMachine {
         &mut self,
         now: Time,
         bytes: &[u8],
-        rng: &mut impl RngCore,
+        rng: &mut (impl RngCore + CryptoRng),
         out: &mut Out,
     ) -> Result<(), Refusal> {
         let msg = wire::decode(bytes).map_err(Refusal::Malformed)?;
@@ -619,11 +686,34 @@ impl NodeMachine {
                     return Ok(());
                 };
                 self.authenticate(ku.seq, &ku.auth, bytes, what)?;
-                let key = self
-                    .keys
-                    .unwrap(&wrapped, ku.epoch, member)
-                    .ok_or(Refusal::Unwrap { epoch: ku.epoch })?;
-                self.on_step(now, ku.epoch, Step::KeyUpdate, Some(key), rng, out)
+                // Only a key the node does not hold yet takes a ratchet step; a
+                // duplicate, stale or gapped request goes the usual way (answered
+                // again, refused, or a key request).
+                let takes_step =
+                    matches!(self.position(), Some((pe, 3)) if ku.epoch == pe.next());
+                if !takes_step {
+                    return self.on_step(now, ku.epoch, Step::KeyUpdate, None, rng, out);
+                }
+                let step = self.ratchet.as_ref().and_then(|r| r.step(member, &ku.share));
+                let Some(key) = step
+                    .as_ref()
+                    .and_then(|s| s.unwrap(&wrapped, ku.epoch, member))
+                else {
+                    // Signed by the controller, yet not for this node's chain: out of
+                    // step (e.g. a lost reply); the key request brings it back in.
+                    self.start_sync(now, rng, out, false, false);
+                    return Err(Refusal::Unwrap { epoch: ku.epoch });
+                };
+                let next = step.map(|s| NodeRatchet {
+                    chain: s.chain().clone(),
+                    secret: ShareSecret::generate(rng),
+                });
+                let previous = std::mem::replace(&mut self.ratchet, next);
+                let r = self.on_step(now, ku.epoch, Step::KeyUpdate, Some(key), rng, out);
+                if r.is_err() {
+                    self.ratchet = previous;
+                }
+                r
             }
             Message::Transition(t) => {
                 self.authenticate(t.seq, &t.auth, bytes, what)?;
@@ -632,47 +722,104 @@ impl NodeMachine {
             Message::KeyResponse(r) => {
                 let member = self.addressed_to_me(r.member, what)?;
                 self.authenticate(r.seq, &r.auth, bytes, what)?;
-                self.adopt(now, what, r.in_reply_to, member, &r.state, rng, out)
-            }
-            Message::JoinAccept(j) => {
-                if !j.auth.verify(&self.keys) {
-                    return Err(Refusal::BadMac {
-                        what,
-                        member: j.member,
-                    });
+                self.solicited(what, r.in_reply_to)?;
+                // The key state is wrapped under a ratchet step of its own.
+                let step = self
+                    .ratchet
+                    .as_ref()
+                    .and_then(|x| x.step(member, &r.share))
+                    .ok_or(Refusal::Unwrap {
+                        epoch: r.state.current_epoch,
+                    })?;
+                let current = step
+                    .unwrap(&r.state.current, r.state.current_epoch, member)
+                    .ok_or(Refusal::Unwrap {
+                        epoch: r.state.current_epoch,
+                    })?;
+                let round = match &r.state.round {
+                    None => None,
+                    Some(x) => Some((
+                        x.phase,
+                        step.unwrap(&x.wrapped, x.epoch, member)
+                            .ok_or(Refusal::Unwrap { epoch: x.epoch })?,
+                    )),
+                };
+                let next = NodeRatchet {
+                    chain: step.chain().clone(),
+                    secret: ShareSecret::generate(rng),
+                };
+                let previous = self.ratchet.replace(next);
+                let res = self.adopt(now, what, r.in_reply_to, current, round, rng, out);
+                if res.is_err() {
+                    self.ratchet = previous;
                 }
-                if let Some(me) = self.member() {
-                    if me != j.member {
-                        return Err(Refusal::NotForMe {
+                res
+            }
+            Message::HandshakeAnswer(a) => {
+                match &self.handshake {
+                    Some((seq, _)) if *seq == a.in_reply_to => {}
+                    _ => {
+                        return Err(Refusal::Unsolicited {
                             what,
-                            to: j.member,
-                            me,
-                        });
+                            in_reply_to: a.in_reply_to,
+                        })
                     }
                 }
-                if self.ctl_replay.check(j.seq) != Seen::Fresh {
-                    return Err(Refusal::Replay { what, seq: j.seq });
+                self.solicited(what, a.in_reply_to)?;
+                let Some((_, ini)) = self.handshake.take() else {
+                    return Err(Refusal::Unsolicited {
+                        what,
+                        in_reply_to: a.in_reply_to,
+                    });
+                };
+                let member_hint = self.member().unwrap_or_default();
+                let (payload, fin) = ini.finish(a.noise).map_err(|_| Refusal::BadMac {
+                    what,
+                    member: member_hint,
+                })?;
+                let p = wire::decode_answer_payload(&payload).map_err(Refusal::Malformed)?;
+                if let Some(j) = &self.joined {
+                    if j.member != p.member {
+                        return Err(Refusal::NotForMe {
+                            what,
+                            to: p.member,
+                            me: j.member,
+                        });
+                    }
+                    // The controller's key is pinned at the first join.
+                    if j.controller.to_bytes() != p.controller_key {
+                        return Err(Refusal::BadControllerKey);
+                    }
                 }
-                let controller = VerifyingKey::from_bytes(&j.controller_key)
+                if self.ctl_replay.check(p.seq) != Seen::Fresh {
+                    return Err(Refusal::Replay { what, seq: p.seq });
+                }
+                let controller = VerifyingKey::from_bytes(&p.controller_key)
                     .map_err(|_| Refusal::BadControllerKey)?;
                 let previous = self.joined.replace(Joined {
-                    member: j.member,
+                    member: p.member,
                     controller,
                 });
-                match self.adopt(now, what, j.in_reply_to, j.member, &j.state, rng, out) {
+                let next = NodeRatchet {
+                    chain: fin.chain(p.member),
+                    secret: ShareSecret::generate(rng),
+                };
+                let previous_ratchet = self.ratchet.replace(next);
+                match self.adopt(now, what, a.in_reply_to, p.current, p.round, rng, out) {
                     Ok(()) => {
-                        self.ctl_replay.mark(j.seq);
+                        self.ctl_replay.mark(p.seq);
                         Ok(())
                     }
                     Err(e) => {
                         self.joined = previous;
+                        self.ratchet = previous_ratchet;
                         Err(e)
                     }
                 }
             }
             Message::Resync(x) => {
                 let member = self.addressed_to_me(x.member, what)?;
-                if !x.auth.verify(&self.keys) {
+                if !self.ratchet.as_ref().is_some_and(|r| x.auth.verify(&r.chain)) {
                     return Err(Refusal::BadMac { what, member });
                 }
                 if self.ctl_replay.check(x.seq) != Seen::Fresh {
@@ -684,7 +831,7 @@ impl NodeMachine {
             }
             Message::Ack(_)
             | Message::KeyRequest(_)
-            | Message::Join(_)
+            | Message::HandshakeInit(_)
             | Message::UsageReport(_) => Err(Refusal::Unexpected { what, role: "node" }),
         }
     }
@@ -747,9 +894,20 @@ impl NodeMachine {
     }
 
     fn ack(&mut self, step: Step, epoch: Epoch, out: &mut Out) {
-        let Some(member) = self.member() else { return };
+        let (Some(member), Some(share)) = (self.member(), self.ratchet.as_ref().map(|r| r.share()))
+        else {
+            return;
+        };
         let seq = self.next_seq(out);
-        self.send_controller(wire::ack(step, epoch, seq, member), out);
+        self.send_controller(wire::ack(step, epoch, seq, member, &share), out);
+    }
+
+    /// An answer must reply to a request of the sync in progress.
+    fn solicited(&self, what: &'static str, in_reply_to: u64) -> Result<(), Refusal> {
+        match self.sync {
+            Some(s) if in_reply_to >= s.since => Ok(()),
+            _ => Err(Refusal::Unsolicited { what, in_reply_to }),
+        }
     }
 
     /// A request for step `m` of epoch `e` (after authentication). See the module docs.
@@ -759,7 +917,7 @@ impl NodeMachine {
         e: Epoch,
         m: Step,
         key: Option<GroupKey>,
-        rng: &mut impl RngCore,
+        rng: &mut (impl RngCore + CryptoRng),
         out: &mut Out,
     ) -> Result<(), Refusal> {
         let what = match m {
@@ -837,42 +995,23 @@ impl NodeMachine {
 
     /// Take the controller's key state (key response or join accept).
     #[allow(clippy::too_many_arguments)]
+    /// The keys come unwrapped (from a key response's ratchet step or a
+    /// handshake answer); the caller has already moved the ratchet on and
+    /// puts it back if this fails.
     fn adopt(
         &mut self,
         now: Time,
         what: &'static str,
         in_reply_to: u64,
-        member: u32,
-        st: &KeyState,
-        rng: &mut impl RngCore,
+        current: GroupKey,
+        round: Option<(RoundPhase, GroupKey)>,
+        rng: &mut (impl RngCore + CryptoRng),
         out: &mut Out,
     ) -> Result<(), Refusal> {
-        match self.sync {
-            Some(s) if in_reply_to >= s.since => {}
-            _ => return Err(Refusal::Unsolicited { what, in_reply_to }),
-        }
-        let current = self
-            .keys
-            .unwrap(&st.current, st.current_epoch, member)
-            .ok_or(Refusal::Unwrap {
-                epoch: st.current_epoch,
-            })?;
-        let round = match &st.round {
-            None => None,
-            Some(r) => Some((
-                r.phase,
-                self.keys
-                    .unwrap(&r.wrapped, r.epoch, member)
-                    .ok_or(Refusal::Unwrap { epoch: r.epoch })?,
-            )),
-        };
+        self.solicited(what, in_reply_to)?;
+        let current_epoch = current.epoch();
         let (phase, primary, next, target) = match round {
-            None => (
-                KeyPhase::UpdateCompleted,
-                current,
-                None,
-                (st.current_epoch, 3),
-            ),
+            None => (KeyPhase::UpdateCompleted, current, None, (current_epoch, 3)),
             Some((RoundPhase::Distributing, new)) => {
                 let e = new.epoch();
                 (KeyPhase::DistributionCompleted, current, Some(new), (e, 1))
@@ -895,7 +1034,14 @@ impl NodeMachine {
         }
         if pos == Some(target) {
             // The controller's view matches ours (and, having seen our position in
-            // the request, it counts us live): synced. Send what was held.
+            // the request, it counts us live): synced. The answer moved the ratchet
+            // on: persist it, and confirm the step with a reply carrying the new
+            // share (the controller then drops the chain it replaces). Send what was held.
+            self.persist(out);
+            if let Some(step) = Step::from_progress(target.1) {
+                self.ack(step, target.0, out);
+            }
+            self.handshake = None;
             self.sync = None;
             out.push(NodeAction::Event(NodeEvent::Synced {
                 state: self.state(),

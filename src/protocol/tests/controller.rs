@@ -728,21 +728,23 @@ fn data_from_an_unknown_sender_means_the_key_leaked() {
 #[test]
 fn bad_node_messages_are_refused_and_recorded() {
     let mut f = TestFleet::new(1, test_cfg());
-    let keys = NodeKeys::derive(&initial(0));
-    let wrong = NodeKeys::derive(&initial(7));
+    let (keys, share) = f.nodes[0].ratchet_view().unwrap();
+    let wrong = crate::crypto::Chain::for_tests(7);
+    let mut stranger = wire::handshake_init_header(500, &NodeId::parse("stranger").unwrap());
+    stranger.extend_from_slice(&[0u8; 48]);
     let before = f.records.len();
     type Check = fn(&Refusal) -> bool;
     let cases: Vec<(Vec<u8>, Check)> = vec![
         (
-            wire::mac(wire::ack(Step::KeyUpdate, Epoch(2), 500, 1), &wrong),
+            wire::mac(wire::ack(Step::KeyUpdate, Epoch(2), 500, 1, &share), &wrong),
             |r| matches!(r, Refusal::BadMac { member: 1, .. }),
         ),
         (
-            wire::mac(wire::ack(Step::KeyUpdate, Epoch(2), 500, 9), &keys),
+            wire::mac(wire::ack(Step::KeyUpdate, Epoch(2), 500, 9, &share), &keys),
             |r| matches!(r, Refusal::UnknownMember { member: 9, .. }),
         ),
         (
-            wire::mac(wire::join(500, &NodeId::parse("stranger").unwrap()), &keys),
+            stranger,
             |r| matches!(r, Refusal::UnknownNodeId { .. }),
         ),
         (
@@ -774,7 +776,10 @@ fn bad_node_messages_are_refused_and_recorded() {
         assert!(check(reason), "{reason:?}");
     }
     // A good ack accepted once, then its replay refused.
-    let ack = wire::mac(wire::ack(Step::SecondTransition, Epoch(1), 600, 1), &keys);
+    let ack = wire::mac(
+        wire::ack(Step::SecondTransition, Epoch(1), 600, 1, &share),
+        &keys,
+    );
     f.ctl(ControllerInput::Datagram {
         from: node_addr(0),
         bytes: &ack,
@@ -944,7 +949,6 @@ enum CIn {
 #[test]
 fn every_phase_against_every_input() {
     use RoundPhase::*;
-    let keys = NodeKeys::derive(&initial(1));
     let mut seq = 50_000u64;
     // (phase, input, phase after, datagrams the controller sends)
     #[rustfmt::skip]
@@ -983,13 +987,15 @@ fn every_phase_against_every_input() {
         let r = match input {
             CIn::Rekey => f.ctl(ControllerInput::Rekey),
             CIn::Reply(step, e) => {
-                let b = wire::mac(wire::ack(step, Epoch(e), seq, 2), &keys);
+                let (keys, share) = f.nodes[1].ratchet_view().unwrap();
+                let b = wire::mac(wire::ack(step, Epoch(e), seq, 2, &share), &keys);
                 f.ctl(ControllerInput::Datagram { from, bytes: &b })
             }
             CIn::KeyRequest => {
                 let (e, p) = f.nodes[1].position().unwrap();
+                let (keys, share) = f.nodes[1].ratchet_view().unwrap();
                 let b = wire::mac(
-                    wire::key_request(e, Step::from_progress(p).unwrap(), seq, 2),
+                    wire::key_request(e, Step::from_progress(p).unwrap(), seq, 2, &share),
                     &keys,
                 );
                 f.ctl(ControllerInput::Datagram { from, bytes: &b })
