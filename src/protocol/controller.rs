@@ -63,7 +63,7 @@ use zeroize::Zeroize;
 
 const SEQ_BLOCK: u64 = 4096;
 /// At most one handshake answered per member in this many ms (each costs an X25519).
-pub const HANDSHAKE_INTERVAL_MS: u64 = 1000;
+pub const HANDSHAKE_INTERVAL_MS: u64 = 250;
 /// How long a re-join allowed by the operator stays open.
 pub const REJOIN_WINDOW_MS: u64 = 10 * 60 * 1000;
 
@@ -461,6 +461,10 @@ pub struct MemberRatchet {
     pub next: Option<Pending>,
     /// The chain of an answered handshake, until the node's first message under it.
     pub handshake: Option<Chain>,
+    /// The sequence number of the handshake init `handshake` answers: only a
+    /// later init replaces it (the node holds only its latest handshake).
+    #[serde(default)]
+    pub handshake_seq: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -541,6 +545,9 @@ struct Member {
     last_handshake: Option<Time>,
     /// A re-join the operator allowed, open until then.
     rejoin_until: Option<Time>,
+    /// The chain this member left at its last confirmed step (memory only):
+    /// a message still in flight under it is late, not forged.
+    previous: Option<Chain>,
     /// Progress in the current round: 0 none, 1 has the key, 2 in transit, 3 done.
     progress: u8,
     /// Requests sent to this member in the current phase.
@@ -1601,11 +1608,12 @@ impl ControllerMachine {
         if m.replay.check(a.seq) != Seen::Fresh {
             return Err(Refusal::Replay { what, seq: a.seq });
         }
-        let under = m
-            .row
-            .ratchet
-            .verify(a.auth)
-            .ok_or(Refusal::BadMac { what, member })?;
+        let Some(under) = m.row.ratchet.verify(a.auth) else {
+            if m.previous.as_ref().is_some_and(|c| a.auth.verify(c)) {
+                return Err(Refusal::Late { what, member });
+            }
+            return Err(Refusal::BadMac { what, member });
+        };
         m.replay.mark(a.seq);
         if let Some(share) = a.share {
             let rt = &mut m.row.ratchet;
@@ -1625,7 +1633,9 @@ impl ControllerMachine {
                     let chain = rt.chain(under).cloned();
                     if let Some(chain) = chain {
                         let rejoin = rt.committed.is_some();
-                        rt.committed = Some(Committed { chain, share });
+                        if let Some(old) = rt.committed.replace(Committed { chain, share }) {
+                            m.previous = Some(old.chain.clone());
+                        }
                         rt.next = None;
                         if under == Under::Handshake {
                             rt.handshake = None;
@@ -1744,7 +1754,9 @@ impl ControllerMachine {
                 {
                     return Err(Refusal::RateLimited { what, member });
                 }
-                if m.replay.check(h.seq) != Seen::Fresh {
+                if m.replay.check(h.seq) != Seen::Fresh
+                    || (m.row.ratchet.handshake.is_some() && h.seq <= m.row.ratchet.handshake_seq)
+                {
                     return Err(Refusal::Replay { what, seq: h.seq });
                 }
                 let seq = self.next_seq(out);
@@ -1764,6 +1776,7 @@ impl ControllerMachine {
                 m.replay.mark(h.seq);
                 m.last_handshake = Some(now);
                 m.row.ratchet.handshake = Some(chain);
+                m.row.ratchet.handshake_seq = h.seq;
                 out.push(ControllerAction::PersistMember(Box::new(m.row.clone())));
                 let node_id = m.row.node_id.clone();
                 self.note_address(member, from, now, out);
@@ -1978,6 +1991,7 @@ impl Member {
             row,
             last_handshake: None,
             rejoin_until: None,
+            previous: None,
             progress: 0,
             attempts: 0,
             replay: ReplayWindow::default(),

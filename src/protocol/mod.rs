@@ -138,6 +138,8 @@ pub enum Refusal {
     ForgedData { sender: u32, from: String },
     #[error("handshake from node id {node_id:?}, whose enrollment is pinned by an earlier handshake; if its state was lost, allow a re-join with `keyfleet rejoin {node_id}`")]
     Pinned { node_id: String },
+    #[error("{what} from member {member} was sent under a chain the node has since left (it arrived late); ignored")]
+    Late { what: &'static str, member: u32 },
     #[error("{what} from member {member} came too soon after the last one; ignored")]
     RateLimited { what: &'static str, member: u32 },
 }
@@ -167,6 +169,7 @@ impl Refusal {
             Refusal::BadControllerKey => "bad_controller_key",
             Refusal::ForgedData { .. } => "forged_data",
             Refusal::Pinned { .. } => "pinned",
+            Refusal::Late { .. } => "late",
             Refusal::RateLimited { .. } => "rate_limited",
         }
     }
