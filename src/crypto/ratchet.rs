@@ -109,6 +109,12 @@ impl fmt::Debug for Chain {
 }
 
 impl Chain {
+    /// A chain from raw bytes: for tools and tests that model someone guessing
+    /// or holding keys; a real chain comes from the handshake and the steps.
+    pub fn from_bytes(chain: [u8; KEY_LEN], mac: [u8; KEY_LEN]) -> Chain {
+        Chain { chain, mac }
+    }
+
     /// A chain of one repeated byte (tests only).
     #[cfg(test)]
     pub(crate) fn for_tests(b: u8) -> Chain {
