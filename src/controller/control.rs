@@ -32,7 +32,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedSender};
 use zeroize::Zeroizing;
 
-use super::{ControllerError, EnrollReport, Progress, RemoveReport, RoundReport};
+use super::{ControllerError, EnrollReport, Progress, RejoinReport, RemoveReport, RoundReport};
 use crate::crypto::InitialKey;
 
 /// Longest request line accepted.
@@ -44,6 +44,10 @@ const MAX_LINE: usize = 4096;
 pub enum Request {
     Rekey,
     Remove {
+        node_id: String,
+    },
+    /// Let a node whose enrollment is pinned run the enrollment handshake again.
+    Rejoin {
         node_id: String,
     },
     Enroll {
@@ -62,6 +66,7 @@ pub enum Reply {
     Rekeyed(RoundReport),
     Removed(RemoveReport),
     Enrolled(EnrollReport),
+    RejoinAllowed(RejoinReport),
     Error { message: String },
 }
 

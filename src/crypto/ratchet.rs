@@ -71,6 +71,12 @@ impl ShareSecret {
         ShareSecret(b)
     }
 
+    /// A secret from raw bytes: for tools and tests that model someone holding
+    /// a copy of a node's state.
+    pub fn from_bytes(b: [u8; 32]) -> ShareSecret {
+        ShareSecret(b)
+    }
+
     fn secret(&self) -> x25519_dalek::StaticSecret {
         x25519_dalek::StaticSecret::from(self.0)
     }

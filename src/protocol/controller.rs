@@ -447,6 +447,9 @@ pub struct MemberPersist {
     /// enrollment handshake at its next join).
     #[serde(default)]
     pub ratchet: MemberRatchet,
+    /// A re-join the operator allowed (`keyfleet rejoin`), open until then.
+    #[serde(default)]
+    pub rejoin_until: Option<Time>,
 }
 
 /// The controller's side of one node's ratchet. Key bytes zeroized on drop.
@@ -543,8 +546,6 @@ struct Member {
     row: MemberPersist,
     /// When this member's last handshake was answered (rate limit).
     last_handshake: Option<Time>,
-    /// A re-join the operator allowed, open until then.
-    rejoin_until: Option<Time>,
     /// The chain this member left at its last confirmed step (memory only):
     /// a message still in flight under it is late, not forged.
     previous: Option<Chain>,
@@ -845,6 +846,7 @@ impl ControllerMachine {
                     status: MemberStatus::Enrolled,
                     enrolled_at: now,
                     ratchet: MemberRatchet::default(),
+                    rejoin_until: None,
                 };
                 out.push(ControllerAction::PersistMember(Box::new(row.clone())));
                 out.push(ControllerAction::Record(Record::NodeEnrolled {
@@ -896,7 +898,8 @@ impl ControllerMachine {
                     .ok_or_else(|| CommandError::NotEnrolled(node_id.clone()))?;
                 let until = now.plus(REJOIN_WINDOW_MS);
                 if let Some(Some(m)) = self.members.get_mut(member as usize) {
-                    m.rejoin_until = Some(until);
+                    m.row.rejoin_until = Some(until);
+                    out.push(ControllerAction::PersistMember(Box::new(m.row.clone())));
                 }
                 Self::record(
                     out,
@@ -1639,7 +1642,7 @@ impl ControllerMachine {
                         rt.next = None;
                         if under == Under::Handshake {
                             rt.handshake = None;
-                            m.rejoin_until = None;
+                            m.row.rejoin_until = None;
                             out.push(ControllerAction::Record(Record::HandshakeCompleted {
                                 member,
                                 node_id: m.row.node_id.clone(),
@@ -1742,14 +1745,14 @@ impl ControllerMachine {
                 };
                 // Pinned: after its first completed handshake a node's enrollment
                 // is not run again unless the operator allowed it (`keyfleet rejoin`).
-                if m.row.ratchet.committed.is_some() && !m.rejoin_until.is_some_and(|t| now <= t)
+                if m.row.ratchet.committed.is_some()
+                    && !m.row.rejoin_until.is_some_and(|t| now <= t)
                 {
                     return Err(Refusal::Pinned {
                         node_id: h.node_id.to_string(),
                     });
                 }
-                if m
-                    .last_handshake
+                if m.last_handshake
                     .is_some_and(|t| now.since(t) < HANDSHAKE_INTERVAL_MS)
                 {
                     return Err(Refusal::RateLimited { what, member });
@@ -1990,7 +1993,6 @@ impl Member {
         Member {
             row,
             last_handshake: None,
-            rejoin_until: None,
             previous: None,
             progress: 0,
             attempts: 0,

@@ -32,8 +32,8 @@ pub use controller::{
     HANDSHAKE_INTERVAL_MS, REJOIN_WINDOW_MS,
 };
 pub use node::{
-    Delivered, NodeAction, NodeConfig, NodeEvent, NodeInput, NodeMachine, NodePersist,
-    NodeRatchet, NodeState, NodeTimer,
+    Delivered, NodeAction, NodeConfig, NodeEvent, NodeInput, NodeMachine, NodePersist, NodeRatchet,
+    NodeState, NodeTimer,
 };
 pub use triggers::{TriggerConfig, TriggerReason};
 

@@ -556,7 +556,12 @@ impl NodeMachine {
         self.send_sync_request(now, rng, out);
     }
 
-    fn send_sync_request(&mut self, now: Time, rng: &mut (impl RngCore + CryptoRng), out: &mut Out) {
+    fn send_sync_request(
+        &mut self,
+        now: Time,
+        rng: &mut (impl RngCore + CryptoRng),
+        out: &mut Out,
+    ) {
         let seq = self.next_seq(out);
         match (&self.joined, &self.keyring, &self.ratchet) {
             (Some(j), Some(_), Some(r)) => {
@@ -689,12 +694,14 @@ impl NodeMachine {
                 // Only a key the node does not hold yet takes a ratchet step; a
                 // duplicate, stale or gapped request goes the usual way (answered
                 // again, refused, or a key request).
-                let takes_step =
-                    matches!(self.position(), Some((pe, 3)) if ku.epoch == pe.next());
+                let takes_step = matches!(self.position(), Some((pe, 3)) if ku.epoch == pe.next());
                 if !takes_step {
                     return self.on_step(now, ku.epoch, Step::KeyUpdate, None, rng, out);
                 }
-                let step = self.ratchet.as_ref().and_then(|r| r.step(member, &ku.share));
+                let step = self
+                    .ratchet
+                    .as_ref()
+                    .and_then(|r| r.step(member, &ku.share));
                 let Some(key) = step
                     .as_ref()
                     .and_then(|s| s.unwrap(&wrapped, ku.epoch, member))
@@ -819,7 +826,11 @@ impl NodeMachine {
             }
             Message::Resync(x) => {
                 let member = self.addressed_to_me(x.member, what)?;
-                if !self.ratchet.as_ref().is_some_and(|r| x.auth.verify(&r.chain)) {
+                if !self
+                    .ratchet
+                    .as_ref()
+                    .is_some_and(|r| x.auth.verify(&r.chain))
+                {
                     return Err(Refusal::BadMac { what, member });
                 }
                 if self.ctl_replay.check(x.seq) != Seen::Fresh {

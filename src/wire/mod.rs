@@ -47,8 +47,8 @@ pub use replay::{ReplayWindow, Seen, WINDOW as REPLAY_WINDOW};
 
 use crate::crypto::ratchet::HANDSHAKE_INIT_LEN;
 use crate::crypto::{
-    Chain, Epoch, GroupKey, KeyUse, Share, WrappedKey, KEY_LEN, MAC_LEN, NONCE_LEN,
-    SHARE_LEN, SIGNATURE_LEN, TAG_LEN, WRAPPED_LEN,
+    Chain, Epoch, GroupKey, KeyUse, Share, WrappedKey, KEY_LEN, MAC_LEN, NONCE_LEN, SHARE_LEN,
+    SIGNATURE_LEN, TAG_LEN, WRAPPED_LEN,
 };
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -671,7 +671,10 @@ pub fn decode(bytes: &[u8]) -> Result<Message<'_>, WireError> {
                     value: noise.len() as u64,
                 });
             }
-            Ok(Message::HandshakeAnswer(HandshakeAnswer { in_reply_to, noise }))
+            Ok(Message::HandshakeAnswer(HandshakeAnswer {
+                in_reply_to,
+                noise,
+            }))
         }
         kind::RESYNC
         | kind::KEY_UPDATE_REPLY
@@ -945,12 +948,7 @@ pub fn data_header(
 }
 
 /// Body of a key update request; `entries` sorted by member, 1..=[`MAX_BATCH_ENTRIES`].
-pub fn key_update(
-    epoch: Epoch,
-    seq: u64,
-    share: &Share,
-    entries: &[(u32, WrappedKey)],
-) -> Vec<u8> {
+pub fn key_update(epoch: Epoch, seq: u64, share: &Share, entries: &[(u32, WrappedKey)]) -> Vec<u8> {
     let first = entries.first().map(|e| e.0).unwrap_or_default();
     let last = entries.last().map(|e| e.0).unwrap_or_default();
     let mut w = Writer::new(

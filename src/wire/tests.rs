@@ -186,7 +186,10 @@ fn batch_capacity_fits_a_datagram() {
     let entries: Vec<_> = (0..MAX_BATCH_ENTRIES as u32)
         .map(|m| (m, WrappedKey([0; WRAPPED_LEN])))
         .collect();
-    let bytes = sign(key_update(Epoch(1), 1, &Share([1; 32]), &entries), &signing());
+    let bytes = sign(
+        key_update(Epoch(1), 1, &Share([1; 32]), &entries),
+        &signing(),
+    );
     assert!(bytes.len() <= MAX_DATAGRAM, "{}", bytes.len());
 }
 
@@ -199,7 +202,10 @@ fn typed_errors_say_what_was_wrong() {
     // Revision 1's join and join accept (authenticated by the label alone) are gone.
     assert_eq!(decode(&[2, 0x15]), Err(WireError::UnknownType(0x15)));
     assert_eq!(decode(&[2, 0x06]), Err(WireError::UnknownType(0x06)));
-    let mut bytes = mac(ack(Step::KeyUpdate, Epoch(1), 1, 1, &Share([3; 32])), &keys());
+    let mut bytes = mac(
+        ack(Step::KeyUpdate, Epoch(1), 1, 1, &Share([3; 32])),
+        &keys(),
+    );
     bytes.insert(10, 0);
     assert_eq!(decode(&bytes), Err(WireError::Trailing(1)));
     let mut j = handshake_init_header(1, &NodeId::parse("ok").unwrap());
@@ -268,7 +274,10 @@ fn handshake_messages_refuse_each_field_they_can_get_wrong() {
         member: 2,
         controller_key: [3; 32],
         current: GroupKey::from_bytes(Epoch(4), [5; 32]),
-        round: Some((RoundPhase::Draining, GroupKey::from_bytes(Epoch(5), [6; 32]))),
+        round: Some((
+            RoundPhase::Draining,
+            GroupKey::from_bytes(Epoch(5), [6; 32]),
+        )),
     };
     let b = answer_payload(&p).to_vec();
     let flag = 8 + 4 + 32 + 4 + 32;

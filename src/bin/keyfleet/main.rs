@@ -44,6 +44,8 @@ enum Command {
     Rekey(rekey::RekeyArgs),
     /// Remove a node: a rekey round that leaves it out.
     Remove(rekey::RemoveArgs),
+    /// Let a node whose state was lost run the enrollment handshake again (audited, 10 minutes).
+    Rejoin(enroll::RejoinArgs),
     /// Key history (sent to whom and when, acknowledged when), rounds, audit log.
     History(status::HistoryArgs),
     /// The controller daemon: triggers, joins, key requests, usage reports, control socket.
@@ -73,6 +75,9 @@ fn main() -> anyhow::Result<std::process::ExitCode> {
         Command::Rekey(a) => rekey::rekey(&cli.global, a).map(|()| std::process::ExitCode::SUCCESS),
         Command::Remove(a) => {
             rekey::remove(&cli.global, a).map(|()| std::process::ExitCode::SUCCESS)
+        }
+        Command::Rejoin(a) => {
+            enroll::rejoin(&cli.global, a).map(|()| std::process::ExitCode::SUCCESS)
         }
         Command::History(a) => {
             status::history(&cli.global, a).map(|()| std::process::ExitCode::SUCCESS)

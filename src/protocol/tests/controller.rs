@@ -743,10 +743,7 @@ fn bad_node_messages_are_refused_and_recorded() {
             wire::mac(wire::ack(Step::KeyUpdate, Epoch(2), 500, 9, &share), &keys),
             |r| matches!(r, Refusal::UnknownMember { member: 9, .. }),
         ),
-        (
-            stranger,
-            |r| matches!(r, Refusal::UnknownNodeId { .. }),
-        ),
+        (stranger, |r| matches!(r, Refusal::UnknownNodeId { .. })),
         (
             wire::sign(
                 wire::transition(Step::FirstTransition, Epoch(2), 1),

@@ -349,7 +349,12 @@ fn a_batch_without_this_nodes_entry_is_skipped_silently() {
     let w = NodeKeys::derive(&initial(5)).wrap(&key(2), 6, &mut rng());
     // Signed with a key the node does not know: it is not even checked.
     let batch = wire::sign(
-        wire::key_update(Epoch(2), 99, &ShareSecret::generate(&mut rng()).public(), &[(6, w)]),
+        wire::key_update(
+            Epoch(2),
+            99,
+            &ShareSecret::generate(&mut rng()).public(),
+            &[(6, w)],
+        ),
         &ed25519_dalek::SigningKey::from_bytes(&[3; 32]),
     );
     let out = r.feed(&batch);
@@ -362,7 +367,10 @@ fn an_entry_wrapped_under_another_nodes_key_does_not_unwrap() {
     let w = NodeKeys::derive(&initial(5)).wrap(&key(2), 1, &mut rng());
     let seq = r.ctl.seq();
     let share = ShareSecret::generate(&mut rng()).public();
-    let batch = wire::sign(wire::key_update(Epoch(2), seq, &share, &[(1, w)]), &r.ctl.sk);
+    let batch = wire::sign(
+        wire::key_update(Epoch(2), seq, &share, &[(1, w)]),
+        &r.ctl.sk,
+    );
     assert_eq!(
         refusal(&r.feed(&batch)),
         Some(Refusal::Unwrap { epoch: Epoch(2) })
