@@ -140,7 +140,7 @@ fn wrapped_for(
 
 #[test]
 fn a_capture_opens_nothing_under_the_label_and_a_stolen_state_heals() {
-    let fleet = Fleet::new(43, 3, "[controller]\ndrain_grace_ms = 200\n");
+    let fleet = Fleet::new(43, 3, "[round]\ndrain_grace_ms = 200\n");
     let mut ports: Vec<u16> = vec![fleet.group.port(), fleet.ctl_port];
     ports.extend(fleet.nodes.iter().map(|n| n.listen.port()));
     let capture = Capture::start(ports);

@@ -136,7 +136,7 @@ pub enum Refusal {
     BadControllerKey,
     #[error("data claims member {sender} from {from} but no group key opens it; ignored")]
     ForgedData { sender: u32, from: String },
-    #[error("handshake from node id {node_id:?}, whose enrollment is pinned by an earlier handshake; if its state was lost, allow a re-join with `keyfleet rejoin {node_id}`")]
+    #[error("handshake from node id {node_id:?}, whose enrollment is pinned by an earlier handshake; if its state was lost, allow a re-join with `keyfleet rejoin --node-id {node_id}`")]
     Pinned { node_id: String },
     #[error("{what} from member {member} was sent under a chain the node has since left (it arrived late); ignored")]
     Late { what: &'static str, member: u32 },

@@ -376,6 +376,14 @@ impl NodeMachine {
         self.ratchet.as_ref().map(|r| (r.chain.clone(), r.share()))
     }
 
+    /// The chain and share secret, as a copy of the state file holds them (tests only).
+    #[cfg(test)]
+    pub(crate) fn ratchet_copy(&self) -> Option<(Chain, ShareSecret)> {
+        self.ratchet
+            .as_ref()
+            .map(|r| (r.chain.clone(), r.secret.clone()))
+    }
+
     /// Whether the node holds a ratchet chain (it ran the enrollment handshake).
     pub fn has_ratchet(&self) -> bool {
         self.ratchet.is_some()
