@@ -899,6 +899,10 @@ impl ControllerMachine {
                 let until = now.plus(REJOIN_WINDOW_MS);
                 if let Some(Some(m)) = self.members.get_mut(member as usize) {
                     m.row.rejoin_until = Some(until);
+                    // A node that lost its state counts its sequence numbers from 1 again.
+                    m.replay = ReplayWindow::default();
+                    m.row.ratchet.handshake = None;
+                    m.row.ratchet.handshake_seq = 0;
                     out.push(ControllerAction::PersistMember(Box::new(m.row.clone())));
                 }
                 Self::record(
