@@ -284,16 +284,14 @@ fn a_capture_opens_nothing_under_the_label_and_a_stolen_state_heals() {
 
     // ---- 2. the copy of the state at epoch 2
     let r = &snapshot["node"]["ratchet"];
-    let hex32 = |v: &serde_json::Value| -> [u8; 32] {
-        hex::decode(v.as_str().unwrap())
-            .unwrap()
-            .try_into()
-            .unwrap()
+    let bytes32 = |v: &serde_json::Value| -> [u8; 32] {
+        let b: Vec<u8> = serde_json::from_value(v.clone()).unwrap();
+        b.try_into().unwrap()
     };
-    let own = ShareSecret::from_bytes(hex32(&r["secret"]));
+    let own = ShareSecret::from_bytes(bytes32(&r["secret"]));
     let mut chains = vec![Chain::from_bytes(
-        hex32(&r["chain"]["chain"]),
-        hex32(&r["chain"]["mac"]),
+        bytes32(&r["chain"]["chain"]),
+        bytes32(&r["chain"]["mac"]),
     )];
     let mut opened: Vec<u32> = Vec::new();
     // Walk the capture in order as the node would; every chain reached is

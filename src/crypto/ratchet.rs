@@ -23,6 +23,8 @@
 //! earlier wrap (HKDF is one-way).
 //!
 //! Nothing here reads a clock or the OS: randomness comes in as an argument.
+//! Secrets serialize as byte arrays, as every other key of the crate does;
+//! public shares as hex.
 
 use super::kek::{unwrap_with, wrap_with};
 use super::{GroupKey, NodeKeys, WrappedKey, KEY_LEN, MAC_LEN};
@@ -56,7 +58,7 @@ impl fmt::Debug for Share {
 /// An X25519 secret: the node's share secret between two steps, or the
 /// controller's round share. Zeroized on drop.
 #[derive(Clone, Serialize, Deserialize, Zeroize, ZeroizeOnDrop)]
-pub struct ShareSecret(#[serde(with = "hex::serde")] [u8; 32]);
+pub struct ShareSecret([u8; 32]);
 
 impl fmt::Debug for ShareSecret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -102,9 +104,7 @@ impl ShareSecret {
 /// controller's MAC'd messages to it). Zeroized on drop.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize, Zeroize, ZeroizeOnDrop)]
 pub struct Chain {
-    #[serde(with = "hex::serde")]
     chain: [u8; KEY_LEN],
-    #[serde(with = "hex::serde")]
     mac: [u8; KEY_LEN],
 }
 
@@ -157,7 +157,6 @@ impl Chain {
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize, Zeroize, ZeroizeOnDrop)]
 pub struct Step {
     next: Chain,
-    #[serde(with = "hex::serde")]
     wrap: [u8; KEY_LEN],
 }
 

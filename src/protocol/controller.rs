@@ -5,10 +5,10 @@
 //!
 //! 1. **Distributing** — the new key comes from the CSPRNG, is recorded
 //!    (`Record::KeyCreated`) and persisted; key update requests go out. The
-//!    key travels only wrapped per node under that node's key-encryption key,
-//!    so the request is a *batch*: at most 17 `(member, wrapped key)` entries
-//!    sorted by member number in one ≤1200-byte signed multicast datagram.
-//!    10 000 nodes take 589 datagrams; a node reads the batch's member range
+//!    key travels only wrapped per node under that node's ratchet step, so
+//!    the request is a *batch*: the round's X25519 share and at most 16
+//!    `(member, wrapped key)` entries sorted by member number in one
+//!    ≤1200-byte signed multicast datagram. 10 000 nodes take 625 datagrams; a node reads the batch's member range
 //!    from the header and verifies a signature only for the one batch holding
 //!    its entry. The first `group_attempts` waves go to the group (a retry wave
 //!    batches only the nodes still missing), then each missing node gets its
@@ -37,6 +37,15 @@
 //! live again when it catches up through a key request (SPEC §5). When a stale
 //! node shows it is alive (a usage report, a reply out of step) the controller
 //! sends it a resync request, so it asks even without a link-up.
+//!
+//! Enrollment and the ratchet (issue 17, [`crate::crypto::ratchet`]): a node
+//! joins by a Noise `NNpsk0` handshake (its enrollment is pinned after the
+//! first, [`ControllerInput::AllowRejoin`] opens one more); every key sent to a
+//! node afterwards is wrapped under the one step prepared for it from its
+//! confirmed chain and announced share ([`MemberRatchet`]), with the round's
+//! share in key update batches or a fresh one in a key response. The step is
+//! persisted before anything wrapped under it is sent, reused for every resend,
+//! and confirmed when the node's MAC shows it took it.
 //!
 //! Persistence is incremental: `PersistCore` (keys, round, counters) at every
 //! phase change and `PersistMember` at every change of a member's row. Per-node
@@ -1658,7 +1667,12 @@ impl ControllerMachine {
                     }
                 }
             }
-            if changed {
+            // A confirmed step needs no write of its own: the prepared step it
+            // came from is durable, and after a restart the node's next message
+            // under it confirms it again. (A pass that persists anything writes
+            // the whole snapshot, this included.) A completed handshake is rare
+            // and written at once.
+            if changed && under == Under::Handshake {
                 out.push(ControllerAction::PersistMember(Box::new(m.row.clone())));
             }
         }
