@@ -264,7 +264,7 @@ pub mod node {
             if to_ctl.is_empty() && rekeyed && ctl.round().is_some() {
                 // The drain grace: let the round's timer pass.
                 cout.clear();
-                ctl.handle(
+                let _ = ctl.handle(
                     now.plus(60_000),
                     ControllerInput::Timer(keyfleet::protocol::ControllerTimer::Round),
                     &mut crng,
@@ -324,4 +324,27 @@ pub fn genuine_seeds() -> Vec<(String, Vec<u8>)> {
         .map(|n| n.to_string())
         .zip(node::joined().1)
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_node_fixture_joins_by_handshake_and_the_round_is_genuine() {
+        let (node, round) = super::node::joined();
+        assert!(node.is_synced());
+        let names: Vec<_> = round
+            .iter()
+            .map(|b| keyfleet::wire::decode(b).map(|m| m.name()).unwrap())
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "handshake answer",
+                "key response",
+                "key update request",
+                "first transition request",
+                "second transition request"
+            ]
+        );
+    }
 }

@@ -1763,9 +1763,7 @@ impl ControllerMachine {
                 };
                 // Pinned: after its first completed handshake a node's enrollment
                 // is not run again unless the operator allowed it (`keyfleet rejoin`).
-                if m.row.ratchet.committed.is_some()
-                    && m.row.rejoin_until.is_none_or(|t| now > t)
-                {
+                if m.row.ratchet.committed.is_some() && m.row.rejoin_until.is_none_or(|t| now > t) {
                     return Err(Refusal::Pinned {
                         node_id: h.node_id.to_string(),
                     });
