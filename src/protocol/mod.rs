@@ -82,7 +82,7 @@ pub enum Refusal {
     BadMac { what: &'static str, member: u32 },
     #[error("{what} names member {member}, which is not in the management table")]
     UnknownMember { what: &'static str, member: u32 },
-    #[error("join from node id {node_id:?}, which is not enrolled; enroll it with its initial key first")]
+    #[error("handshake from node id {node_id:?}, which is not enrolled; enroll it with its initial key first")]
     UnknownNodeId { node_id: String },
     #[error("{what} with sequence number {seq} is a replay or too old")]
     Replay { what: &'static str, seq: u64 },
@@ -132,7 +132,7 @@ pub enum Refusal {
     Undecryptable { sender: u32, reason: OpenError },
     #[error("data from member {sender} with sequence number {seq} was already delivered")]
     DuplicateData { sender: u32, seq: u64 },
-    #[error("the controller's public key in the join accept is not a valid Ed25519 key")]
+    #[error("the controller's public key in the handshake answer is not a valid Ed25519 key, or not the one this node pinned at its first join")]
     BadControllerKey,
     #[error("data claims member {sender} from {from} but no group key opens it; ignored")]
     ForgedData { sender: u32, from: String },

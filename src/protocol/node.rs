@@ -28,7 +28,14 @@
 //! A *resync request* (MAC'd by the controller with the node's key, sent when
 //! a stale node reports usage or replies out of step) makes it ask too.
 //!
-//! The controller's answer to a key request (or a join) puts the node in the
+//! A node joins by the enrollment handshake (Noise `NNpsk0` under the PSK
+//! from its initial key, [`crate::crypto::ratchet`]); every key it receives
+//! afterwards comes under a ratchet step it takes (and persists) before it
+//! answers: a key update entry for the epoch after its own, or a key
+//! response. It announces its share in every reply and key request, and MACs
+//! its messages under its chain. A duplicate request takes no step.
+//!
+//! The controller's answer to a key request (or a handshake) puts the node in the
 //! state of the round as the controller sees it, but never behind its position.
 //! After a link-up or a restart the node *holds* application data (bounded
 //! queue) until that answer arrives, so it never seals with a key the fleet
@@ -1012,7 +1019,7 @@ impl NodeMachine {
         }
     }
 
-    /// Take the controller's key state (key response or join accept).
+    /// Take the controller's key state (key response or handshake answer).
     #[allow(clippy::too_many_arguments)]
     /// The keys come unwrapped (from a key response's ratchet step or a
     /// handshake answer); the caller has already moved the ratchet on and
