@@ -173,6 +173,8 @@ fn keypad_refuses_a_bad_crc_on_screen_then_takes_the_correction() {
     t.send(wrong.as_bytes());
     t.send(b"\r");
     t.wait_for("CRC-16/X-25 check failed");
+    // The check points at the last digit (digit 36).
+    t.wait_for("hex digit 36 of 36");
     // Back by a click on the back button, the right digit by a click, OK by Enter.
     t.click_button(Button::Back);
     t.wait_for(" 35 digits ");
@@ -240,12 +242,49 @@ fn keyboard_prompt_does_not_echo_and_counts() {
 }
 
 #[test]
-fn keyboard_prompt_refusal_exits_1_with_reason() {
+fn keyboard_prompt_keeps_a_refused_entry_for_correction() {
+    let mut t = Term::spawn(&["read-key", "--from", "keyboard", "--json"]);
+    t.wait_for("typing is not shown");
+    // A wrong length first: the reason shows and the prompt stays.
+    t.send(b"1234\r");
+    t.wait_for("found 4");
+    assert!(t.contents().contains("wrong length"), "{}", t.contents());
+    assert!(t.child.try_wait().unwrap().is_none(), "exited on a refusal");
+    // Ctrl-U clears; the hex form with hex digit 10 mistyped.
+    t.send(b"\x15");
+    let mut typed: Vec<u8> = ZIGBEE_HEX.as_bytes().to_vec();
+    typed[9] = if typed[9] == b'0' { b'1' } else { b'0' };
+    t.send(&typed);
+    t.wait_for("36 characters");
+    t.send(b"\r");
+    t.wait_for("CRC-16/X-25 check failed");
+    t.wait_for("character 10 (hex digit 10 of 36)");
+    assert!(
+        t.child.try_wait().unwrap().is_none(),
+        "exited on a bad check digit"
+    );
+    // Back 26 characters with the arrow key: the cursor is after character 10.
+    for _ in 0..26 {
+        t.send(b"\x1b[D");
+    }
+    t.wait_for("36 characters, cursor after character 10");
+    // Erase it, type the right digit, Enter: the other 35 are not typed again.
+    t.send(b"\x7f");
+    t.send(&ZIGBEE_HEX.as_bytes()[9..10]);
+    t.send(b"\r");
+    assert_eq!(t.wait(), 0, "screen:\n{}", t.contents());
+    assert_eq!(t.json()["key_check"], ZIGBEE_CHECK);
+    // Neither the digits nor the mistyped form were ever shown.
+    assert!(!t.raw_text().contains(&ZIGBEE_HEX[..8]));
+}
+
+#[test]
+fn keyboard_prompt_esc_after_a_refusal_cancels_with_exit_5() {
     let mut t = Term::spawn(&["read-key", "--from", "keyboard"]);
     t.wait_for("typing is not shown");
     t.send(b"1234\r");
-    assert_eq!(t.wait(), 1);
-    let shown = t.contents();
-    assert!(shown.contains("wrong length"), "{shown}");
-    assert!(shown.contains("found 4"), "{shown}");
+    t.wait_for("wrong length");
+    t.send(b"\x1b");
+    assert_eq!(t.wait(), 5, "screen:\n{}", t.contents());
+    assert!(t.contents().contains("cancelled"), "{}", t.contents());
 }

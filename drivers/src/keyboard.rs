@@ -1,8 +1,12 @@
 //! `--from keyboard`: the installer types the key (or the whole label).
 //!
 //! On a terminal the entry is not echoed: the prompt shows how many
-//! characters are in, never which. When stdin is not a terminal (a pipe, a
-//! script) one line is read from it. `--replay FILE` feeds a file of typed
+//! characters are in and where the cursor is, never which. Enter checks the
+//! entry with [`crate::label::parse`]; a refused entry is kept with the
+//! reason on screen (for a failed CRC, which character it points at), to be
+//! corrected with the arrow keys, Backspace and Delete instead of typed
+//! again. When stdin is not a terminal (a pipe, a script) one line is read
+//! from it. `--replay FILE` feeds a file of typed
 //! bytes (what `script -I` or a terminal logger records) through the same
 //! line editor the terminal uses.
 //!
@@ -17,6 +21,7 @@ use std::time::{Duration, Instant};
 use crossterm::event::{self, Event, KeyCode, KeyEvent, KeyEventKind, KeyModifiers};
 use zeroize::Zeroizing;
 
+use crate::label;
 use crate::source::{KeySource, SourceError, SourceOptions};
 
 /// Longest line accepted; a label is at most 4 + 64 + 1 + 44 characters.
@@ -26,8 +31,15 @@ pub const MAX_LINE: usize = 256;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Edit {
     Char(char),
-    /// Backspace or Delete: erase the last character.
+    /// Backspace: erase the character before the cursor.
     Erase,
+    /// Delete: erase the character under the cursor.
+    EraseForward,
+    /// Cursor left / right by one, to the start / end.
+    Left,
+    Right,
+    Home,
+    End,
     /// Ctrl-U: erase the whole line.
     Clear,
     /// Enter: the line is complete.
@@ -36,10 +48,12 @@ pub enum Edit {
     Cancel,
 }
 
-/// Collects one line of key entry. Its buffer is zeroed on drop.
+/// Collects one line of key entry, with a cursor. Its buffer is zeroed on drop.
 #[derive(Default)]
 pub struct LineEditor {
-    buf: Zeroizing<String>,
+    buf: Zeroizing<Vec<char>>,
+    /// Characters before the cursor.
+    cursor: usize,
 }
 
 impl LineEditor {
@@ -49,7 +63,24 @@ impl LineEditor {
 
     /// Characters entered so far (what the prompt shows).
     pub fn len(&self) -> usize {
-        self.buf.chars().count()
+        self.buf.len()
+    }
+
+    /// Characters before the cursor: the cursor is after character `cursor()`.
+    pub fn cursor(&self) -> usize {
+        self.cursor
+    }
+
+    /// The line as it stands.
+    pub fn text(&self) -> Zeroizing<String> {
+        Zeroizing::new(self.buf.iter().collect())
+    }
+
+    fn take(&mut self) -> String {
+        let line = self.buf.iter().collect();
+        self.buf.clear();
+        self.cursor = 0;
+        line
     }
 
     pub fn is_empty(&self) -> bool {
@@ -68,30 +99,84 @@ impl LineEditor {
                         ),
                     }));
                 }
-                self.buf.push(c);
+                self.buf.insert(self.cursor, c);
+                self.cursor += 1;
                 None
             }
             Edit::Erase => {
-                self.buf.pop();
+                if self.cursor > 0 {
+                    self.cursor -= 1;
+                    self.buf.remove(self.cursor);
+                }
+                None
+            }
+            Edit::EraseForward => {
+                if self.cursor < self.buf.len() {
+                    self.buf.remove(self.cursor);
+                }
+                None
+            }
+            Edit::Left => {
+                self.cursor = self.cursor.saturating_sub(1);
+                None
+            }
+            Edit::Right => {
+                self.cursor = (self.cursor + 1).min(self.buf.len());
+                None
+            }
+            Edit::Home => {
+                self.cursor = 0;
+                None
+            }
+            Edit::End => {
+                self.cursor = self.buf.len();
                 None
             }
             Edit::Clear => {
                 self.buf.clear();
+                self.cursor = 0;
                 None
             }
-            Edit::Done => Some(Ok(std::mem::take(&mut *self.buf))),
+            Edit::Done => Some(Ok(self.take())),
             Edit::Cancel => Some(Err(SourceError::Cancelled)),
         }
     }
 }
 
 /// Typed bytes to edits: CR or LF ends the line, DEL or BS erases, Ctrl-U
-/// clears, Ctrl-C cancels, other control characters are ignored. Invalid
+/// clears, Ctrl-C cancels, the cursor keys' escape sequences move the
+/// cursor, other control characters are ignored. Invalid
 /// UTF-8 becomes U+FFFD, which the parser then refuses by position.
 pub fn edits_from_bytes(bytes: &[u8]) -> impl Iterator<Item = Edit> + '_ {
     // from_utf8_lossy borrows when the input is valid, so nothing is copied then.
     let text = String::from_utf8_lossy(bytes);
-    let edits: Vec<Edit> = text.chars().filter_map(edit_from_char).collect();
+    let mut edits: Vec<Edit> = Vec::new();
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        // The cursor keys a terminal sends (CSI or SS3): ESC [ C, ESC O D, ESC [ 3 ~ ...
+        if c == '\x1b' && matches!(chars.peek(), Some('[' | 'O')) {
+            chars.next();
+            let mut params = String::new();
+            while let Some(&p) = chars.peek() {
+                chars.next();
+                if p.is_ascii_digit() || p == ';' {
+                    params.push(p);
+                    continue;
+                }
+                edits.extend(match (params.as_str(), p) {
+                    ("", 'C') => Some(Edit::Right),
+                    ("", 'D') => Some(Edit::Left),
+                    ("", 'H') | ("1", '~') => Some(Edit::Home),
+                    ("", 'F') | ("4", '~') => Some(Edit::End),
+                    ("3", '~') => Some(Edit::EraseForward),
+                    _ => None,
+                });
+                break;
+            }
+            continue;
+        }
+        edits.extend(edit_from_char(c));
+    }
     edits.into_iter()
 }
 
@@ -134,9 +219,16 @@ pub fn edit_from_key(key: KeyEvent) -> Option<Edit> {
         KeyCode::Char('c') if ctrl => Some(Edit::Cancel),
         KeyCode::Char('u') if ctrl => Some(Edit::Clear),
         KeyCode::Char('d') if ctrl => Some(Edit::Done),
+        KeyCode::Char('a') if ctrl => Some(Edit::Home),
+        KeyCode::Char('e') if ctrl => Some(Edit::End),
         KeyCode::Char(_) if ctrl => None,
         KeyCode::Char(c) => Some(Edit::Char(c)),
-        KeyCode::Backspace | KeyCode::Delete => Some(Edit::Erase),
+        KeyCode::Backspace => Some(Edit::Erase),
+        KeyCode::Delete => Some(Edit::EraseForward),
+        KeyCode::Left => Some(Edit::Left),
+        KeyCode::Right => Some(Edit::Right),
+        KeyCode::Home => Some(Edit::Home),
+        KeyCode::End => Some(Edit::End),
         KeyCode::Enter => Some(Edit::Done),
         KeyCode::Esc => Some(Edit::Cancel),
         _ => None,
@@ -252,14 +344,44 @@ impl Drop for RawMode {
     }
 }
 
-fn prompt(out: &mut impl Write, n: usize) -> std::io::Result<()> {
+fn prompt(out: &mut impl Write, ed: &LineEditor) -> std::io::Result<()> {
+    let n = ed.len();
+    let cursor = if ed.cursor() == n {
+        String::new()
+    } else {
+        format!(", cursor after character {}", ed.cursor())
+    };
     // \r and erase-line redraw the one prompt line in place.
     write!(
         out,
-        "\r\x1b[2KInitial key (typing is not shown; Enter to finish, Esc to cancel): {n} character{}",
+        "\r\x1b[2KInitial key (typing is not shown; Enter to finish, Esc to cancel): {n} character{}{cursor}",
         if n == 1 { "" } else { "s" }
     )?;
     out.flush()
+}
+
+/// What the installer is told when Enter finds the entry refused: the
+/// reason, where a failed CRC points, and how to correct it.
+pub fn refusal_message(line: &str, e: &label::LabelError) -> String {
+    let hint = match label::locate_hex_error(line) {
+        Some(h) => format!("; {h}"),
+        None if matches!(e, label::LabelError::DecimalCheck) => {
+            "; this check cannot tell which digit is wrong: compare all 41 with the label".into()
+        }
+        None => String::new(),
+    };
+    format!(
+        "refused: {e}{hint}. The entry is kept: move with ←/→ (Home/End), Backspace/Delete erase, Ctrl-U clears; Enter checks again."
+    )
+}
+
+/// The editor's line on Enter: the line when it parses, else the reason (the entry stays).
+fn check(ed: &LineEditor) -> Result<(), String> {
+    let line = ed.text();
+    match label::parse(&line) {
+        Ok(_) => Ok(()),
+        Err(e) => Err(refusal_message(&line, &e)),
+    }
 }
 
 fn read_terminal(timeout: Option<Duration>) -> Result<String, SourceError> {
@@ -267,7 +389,7 @@ fn read_terminal(timeout: Option<Duration>) -> Result<String, SourceError> {
     let mut err = std::io::stderr();
     let raw = RawMode::enable()?;
     let mut ed = LineEditor::new();
-    prompt(&mut err, 0)?;
+    prompt(&mut err, &ed)?;
     let result = loop {
         if let Some((at, t)) = deadline {
             let left = at.saturating_duration_since(Instant::now());
@@ -281,7 +403,7 @@ fn read_terminal(timeout: Option<Duration>) -> Result<String, SourceError> {
             Event::Paste(s) => {
                 let mut done = None;
                 for e in s.chars().filter_map(edit_from_char) {
-                    if let Some(d) = ed.apply(e) {
+                    if let Some(d) = apply_checked(&mut ed, e, &mut err)? {
                         done = Some(d);
                         break;
                     }
@@ -294,15 +416,33 @@ fn read_terminal(timeout: Option<Duration>) -> Result<String, SourceError> {
             _ => None,
         };
         if let Some(e) = edit {
-            if let Some(done) = ed.apply(e) {
+            if let Some(done) = apply_checked(&mut ed, e, &mut err)? {
                 break done;
             }
         }
-        prompt(&mut err, ed.len())?;
+        prompt(&mut err, &ed)?;
     };
     drop(raw);
     let _ = writeln!(err);
     result
+}
+
+/// Applies an edit at the prompt: Enter returns the line only when it
+/// parses; a refusal is printed on its own line and the entry stays.
+fn apply_checked(
+    ed: &mut LineEditor,
+    e: Edit,
+    out: &mut impl Write,
+) -> std::io::Result<Option<Result<String, SourceError>>> {
+    if e == Edit::Done {
+        if let Err(msg) = check(ed) {
+            // Raw mode: \r\n to start the next line; the prompt follows below.
+            write!(out, "\r\x1b[2K{msg}\r\n")?;
+            tracing::debug!("typed entry refused; kept for correction");
+            return Ok(None);
+        }
+    }
+    Ok(ed.apply(e))
 }
 
 #[cfg(test)]
@@ -378,6 +518,43 @@ mod tests {
         let mut release = k(KeyCode::Char('a'), KeyModifiers::NONE);
         release.kind = KeyEventKind::Release;
         assert_eq!(edit_from_key(release), None);
+    }
+
+    #[test]
+    fn cursor_keys_correct_a_digit_in_the_middle() {
+        // "ABXD", Left (cursor after X), Backspace erases X, C, End, Enter.
+        let line = line_from_edits(edits_from_bytes(b"ABXD\x1b[D\x7fC\x1b[F\r")).unwrap();
+        assert_eq!(line, "ABCD");
+        // Home, Delete, SS3 arrows (application cursor mode).
+        let line = line_from_edits(edits_from_bytes(b"xABC\x1b[H\x1b[3~\x1bOC\x1bOCD\r")).unwrap();
+        assert_eq!(line, "ABDC");
+        // An unknown sequence is skipped whole.
+        let line = line_from_edits(edits_from_bytes(b"A\x1b[1;5AB\r")).unwrap();
+        assert_eq!(line, "AB");
+    }
+
+    #[test]
+    fn refusal_says_where_a_crc_points_and_what_to_do() {
+        let key = label::InitialKey::from_bytes([0x42; 16]);
+        let mut typed: Vec<char> = label::group(&label::hex_form(&key), 4, ' ')
+            .chars()
+            .collect();
+        // Character 12 is hex digit 10.
+        typed[11] = if typed[11] == '0' { '1' } else { '0' };
+        let typed: String = typed.into_iter().collect();
+        let e = label::parse(&typed).unwrap_err();
+        let m = refusal_message(&typed, &e);
+        assert!(m.contains("CRC-16/X-25 check failed"), "{m}");
+        assert!(m.contains("character 12 (hex digit 10 of 36)"), "{m}");
+        assert!(m.contains("The entry is kept"), "{m}");
+        let dec = label::decimal_form(&key);
+        let bad = format!(
+            "{}{}",
+            &dec[..40],
+            if dec.ends_with('0') { '1' } else { '0' }
+        );
+        let e = label::parse(&bad).unwrap_err();
+        assert!(refusal_message(&bad, &e).contains("cannot tell which digit"));
     }
 
     #[test]

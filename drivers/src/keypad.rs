@@ -5,7 +5,8 @@
 //! mouse presses), or by typing `0`–`9`, `a`–`f`; Backspace is *back*, Enter
 //! is *OK*, Esc or Ctrl-C cancels. The entry is shown masked, with a count.
 //! OK checks the entry with [`crate::label::parse`]; a refused entry stays
-//! on screen with the reason, to be corrected.
+//! on screen with the reason (for a failed CRC, the digit it points at:
+//! [`crate::label::locate_hex_error`]), to be corrected.
 //!
 //! The pure part is [`Keypad`] (button presses in, the entry out) and
 //! [`layout`] (where each button is for a terminal size), so a test can
@@ -103,7 +104,10 @@ impl Keypad {
             Button::Ok => match label::parse(&self.digits) {
                 Ok(_) => Some(std::mem::take(&mut *self.digits)),
                 Err(e) => {
-                    self.message = Some(format!("refused: {e}"));
+                    let hint = label::locate_hex_error(&self.digits)
+                        .map(|h| format!("; {h}"))
+                        .unwrap_or_default();
+                    self.message = Some(format!("refused: {e}{hint}"));
                     None
                 }
             },

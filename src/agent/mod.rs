@@ -31,7 +31,7 @@ pub mod state;
 use std::path::{Path, PathBuf};
 
 pub use driver::{DriverEvent, DriverStats, MemoryPersister, NodeDriver, Persister, Wake};
-pub use run::{run, AgentConfig};
+pub use run::{run, run_with, AgentConfig, Ready, RunExtras};
 pub use state::{AgentStatus, KeyStatus, RunningStatus, StatusSource};
 
 use crate::net::NetError;

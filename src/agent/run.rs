@@ -36,9 +36,41 @@ pub struct AgentConfig {
     pub refusal_log_window_ms: u64,
 }
 
+/// What `keyfleet-agent run` can add to the plain agent.
+#[derive(Default)]
+pub struct RunExtras {
+    /// Serve Prometheus metrics and `/healthz` on this address.
+    pub metrics: Option<std::net::SocketAddr>,
+    /// Called once the state is restored and the sockets are bound (the
+    /// network, the application socket, the metrics), before the loop runs:
+    /// systemd's readiness notification.
+    pub ready: Option<OnReady>,
+}
+
+/// The readiness callback of [`Ready`].
+pub type OnReady = Box<dyn FnOnce(&Ready) + Send>;
+
+/// What is up when the agent is ready.
+#[derive(Debug, Clone)]
+pub struct Ready {
+    pub listen: std::net::SocketAddr,
+    pub app_socket: PathBuf,
+    /// The metrics server's address (the port chosen when 0 was asked).
+    pub metrics: Option<std::net::SocketAddr>,
+}
+
 /// Runs the agent until `shutdown` resolves; then saves the state and removes
 /// the application socket.
 pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
+    run_with(cfg, RunExtras::default(), shutdown).await
+}
+
+/// [`run`] with metrics and a readiness callback.
+pub async fn run_with(
+    cfg: AgentConfig,
+    extras: RunExtras,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), AgentError> {
     let dir = cfg.state_dir.as_path();
     statefile::ensure_private_dir(dir).map_err(AgentError::StateDir)?;
     let _lock = lock(dir)?;
@@ -118,12 +150,38 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
         group: cfg.net.group.to_string(),
     };
 
+    let (metrics, _metrics_server, mut probes) = match extras.metrics {
+        Some(addr) => {
+            let (m, registry) = crate::metrics::AgentMetrics::new();
+            let (ex, probes) = crate::metrics::Exporter::new(registry);
+            let srv = crate::metrics::MetricsServer::bind(addr, std::sync::Arc::new(ex))
+                .await
+                .map_err(AgentError::io(
+                    "serve metrics on",
+                    Path::new(&addr.to_string()),
+                ))?;
+            tracing::info!(metrics = %srv.local_addr(), "metrics: /metrics and /healthz");
+            (Some(m), Some(srv), Some(probes))
+        }
+        None => (None, None, None),
+    };
+
     driver.link_up().await?;
+    if let Some(ready) = extras.ready {
+        ready(&Ready {
+            listen: driver.transport().local_addr(),
+            app_socket: server.path.clone(),
+            metrics: _metrics_server.as_ref().map(|s| s.local_addr()),
+        });
+    }
     tokio::pin!(shutdown);
     let result = loop {
         let wake = tokio::select! {
             biased;
             () = &mut shutdown => break Ok(()),
+            // Before the network: a flood must not starve a scrape (a probe
+            // costs microseconds, and at most 8 wait).
+            Some(p) = async { probes.as_mut()?.recv().await }, if probes.is_some() => Wake::Probe(p),
             w = driver.wait() => Wake::Net(w),
             r = server.recv() => Wake::App(r),
             () = tokio::time::sleep(std::time::Duration::from_millis(app::BACKLOG_RETRY_MS)),
@@ -141,10 +199,20 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
                 server.flush();
                 Ok(())
             }
+            Wake::Probe(p) => {
+                let _ = p.send(probe(metrics.as_ref(), &driver, &server, &running));
+                Ok(())
+            }
         };
         for event in driver.take_events() {
-            if let DriverEvent::Delivered(d) = event {
-                server.deliver(&app::encode_delivered(&d));
+            match event {
+                DriverEvent::Delivered(d) => server.deliver(&app::encode_delivered(&d)),
+                DriverEvent::Node(crate::protocol::NodeEvent::Refused { reason, .. }) => {
+                    if let Some(m) = &metrics {
+                        m.refusal(reason.kind());
+                    }
+                }
+                _ => {}
             }
         }
         if let Err(e) = step {
@@ -167,6 +235,51 @@ enum Wake {
     App(io::Result<usize>),
     /// Time to retry the clients' backlogs.
     Backlog,
+    /// A metrics scrape or health check asks.
+    Probe(crate::metrics::Probe),
+}
+
+/// Refreshes the metrics from the loop's own counters (the ones `status`
+/// shows) and answers healthy: a loop that answers is a running agent.
+fn probe(
+    metrics: Option<&crate::metrics::AgentMetrics>,
+    driver: &NodeDriver,
+    server: &AppServer,
+    running: &Running,
+) -> crate::metrics::Health {
+    let m = driver.machine();
+    let st = driver.stats();
+    let state = state::state_name(m.state());
+    let sample = crate::metrics::AgentSample {
+        datagrams_in: st.datagrams_in,
+        undecryptable: st.undecryptable,
+        data_sent: st.data_sent,
+        delivered: st.delivered,
+        persisted: st.persisted,
+        usage_reports: st.usage_reports,
+        app_dropped: server.dropped,
+        app_clients: server.clients.len(),
+        epoch: m.position().map_or(0, |(e, _)| e.0),
+        sealing_epoch: m.keyring().map_or(0, |r| r.sealing_epoch().0),
+        member: m.member().unwrap_or(0),
+        state,
+        synced: m.is_synced(),
+        last_sync_ms: driver.last_sync_ms(),
+        uptime_ms: u64::try_from(running.started.elapsed().as_millis()).unwrap_or(u64::MAX),
+    };
+    if let Some(metrics) = metrics {
+        metrics.refresh(&sample);
+    }
+    crate::metrics::Health {
+        ok: true,
+        detail: serde_json::json!({
+            "status": "ok",
+            "node": m.node_id().to_string(),
+            "state": state,
+            "epoch": sample.epoch,
+            "synced": sample.synced,
+        }),
+    }
 }
 
 struct Running {

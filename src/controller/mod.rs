@@ -366,7 +366,43 @@ pub struct Controller {
     /// The passphrase's sealing key, derived (Argon2id) at the first persist
     /// and reused: a sealed controller does not pay the KDF on every pass.
     seal_key: Option<secrets::SealKey>,
+    /// What `keyfleet serve --metrics` reports (counters, and the health of
+    /// the table and the network as the last pass found them).
+    ops: Ops,
     _lock: DirLock,
+}
+
+/// The operator's view of the loop: metrics and the last errors it met.
+#[derive(Default)]
+struct Ops {
+    metrics: Option<std::sync::Arc<crate::metrics::ControllerMetrics>>,
+    /// The last management-table write failed with this.
+    store_error: Option<String>,
+    /// The last send failed with this (cleared by the next one that works).
+    send_error: Option<String>,
+}
+
+/// What `keyfleet serve` can add to the plain loop.
+#[derive(Default)]
+pub struct ServeExtras {
+    /// Serve Prometheus metrics and `/healthz` on this address.
+    pub metrics: Option<SocketAddr>,
+    /// Called once the sockets are bound and the state restored, before the
+    /// loop runs (systemd's readiness notification).
+    pub ready: Option<OnReady>,
+}
+
+/// The readiness callback of [`Ready`].
+pub type OnReady = Box<dyn FnOnce(&Ready) + Send>;
+
+/// What is up when `keyfleet serve` is ready.
+#[derive(Debug, Clone)]
+pub struct Ready {
+    pub listen: SocketAddr,
+    pub group: SocketAddrV4,
+    pub control_socket: PathBuf,
+    /// The metrics server's address (the port chosen when 0 was asked).
+    pub metrics: Option<SocketAddr>,
 }
 
 impl Controller {
@@ -402,6 +438,7 @@ impl Controller {
             finished: Vec::new(),
             waiters: Vec::new(),
             seal_key: None,
+            ops: Ops::default(),
             _lock: lock,
         })
     }
@@ -472,15 +509,22 @@ impl Controller {
                 _ => {}
             }
         }
-        if let Err(e) = self
+        match self
             .table
             .write(&records, &self.machine, self.clock.now_ms())
         {
-            tracing::error!(error = %e, "management table: a batch of {} records was not written", records.len());
+            Ok(()) => self.ops.store_error = None,
+            Err(e) => {
+                tracing::error!(error = %e, "management table: a batch of {} records was not written", records.len());
+                self.ops.store_error = Some(e.to_string());
+            }
         }
         self.arm_refusal_timer();
         for r in &records {
             log_record(r);
+            if let Some(m) = &self.ops.metrics {
+                m.record(r);
+            }
             if let Record::RoundFinished {
                 epoch,
                 check,
@@ -513,8 +557,12 @@ impl Controller {
                         None => t.send_group(&bytes).await,
                         Some(to) => t.send_to(&bytes, to).await,
                     };
-                    if let Err(e) = r {
-                        tracing::warn!(error = %e, "send failed; the retries cover it");
+                    match r {
+                        Ok(_) => self.ops.send_error = None,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "send failed; the retries cover it");
+                            self.ops.send_error = Some(e.to_string());
+                        }
                     }
                 }
             }
@@ -801,10 +849,36 @@ impl Controller {
     /// reports, data from unknown senders, and commands on the control socket,
     /// until `shutdown` resolves.
     pub async fn serve(&mut self, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
+        self.serve_with(shutdown, ServeExtras::default()).await
+    }
+
+    /// [`Controller::serve`] with metrics and a readiness callback.
+    pub async fn serve_with(
+        &mut self,
+        shutdown: impl std::future::Future<Output = ()>,
+        extras: ServeExtras,
+    ) -> Result<()> {
         let mut net = self.bind()?;
         let listener = control::listen(&self.opts.state.socket())?;
         let (req_tx, mut req_rx) = tokio::sync::mpsc::unbounded_channel::<control::Incoming>();
         let accept = tokio::spawn(control::accept_loop(listener, req_tx));
+        let (_metrics_server, mut probes) = match extras.metrics {
+            Some(addr) => {
+                let (m, registry) = crate::metrics::ControllerMetrics::new();
+                self.ops.metrics = Some(std::sync::Arc::new(m));
+                let (ex, probes) = crate::metrics::Exporter::new(registry);
+                let server = crate::metrics::MetricsServer::bind(addr, std::sync::Arc::new(ex))
+                    .await
+                    .map_err(|source| ControllerError::Io {
+                        what: "serve metrics on",
+                        path: PathBuf::from(addr.to_string()),
+                        source,
+                    })?;
+                tracing::info!(metrics = %server.local_addr(), "metrics: /metrics and /healthz");
+                (Some(server), Some(probes))
+            }
+            None => (None, None),
+        };
         tracing::info!(
             group = %self.opts.config.network.group,
             listen = %net.local_addr(),
@@ -813,11 +887,22 @@ impl Controller {
         );
         self.feed(ControllerInput::Start)?;
         self.flush(Some(&net)).await?;
+        if let Some(ready) = extras.ready {
+            ready(&Ready {
+                listen: net.local_addr(),
+                group: self.opts.config.network.group,
+                control_socket: self.opts.state.socket(),
+                metrics: _metrics_server.as_ref().map(|s| s.local_addr()),
+            });
+        }
         tokio::pin!(shutdown);
         let result = loop {
             tokio::select! {
                 () = &mut shutdown => break Ok(()),
                 Some(inc) = req_rx.recv() => self.on_request(inc),
+                Some(probe) = async { probes.as_mut()?.recv().await }, if probes.is_some() => {
+                    let _ = probe.send(self.health());
+                }
                 r = self.step(&mut net) => if let Err(e) = r { break Err(e) },
             }
             if let Err(e) = self.flush(Some(&net)).await {
@@ -829,6 +914,57 @@ impl Controller {
         let _ = std::fs::remove_file(self.opts.state.socket());
         tracing::info!("keyfleet serve: stopped");
         result
+    }
+
+    /// Refreshes the loop-side metrics and says whether the controller is
+    /// healthy: its management table answers and its last write and send worked.
+    fn health(&mut self) -> crate::metrics::Health {
+        let now = self.clock.now_ms();
+        let (mut enrolled, mut active, mut stale) = (0, 0, 0);
+        for (_, _, s) in self.machine.members() {
+            match s {
+                MemberStatus::Enrolled => enrolled += 1,
+                MemberStatus::Active => active += 1,
+                MemberStatus::Stale => stale += 1,
+            }
+        }
+        let activated = self.machine.core().activated_at.0;
+        let round = self.machine.round();
+        if let Some(m) = &self.ops.metrics {
+            m.refresh(&crate::metrics::ControllerSample {
+                epoch: self.machine.current_epoch().0,
+                key_activated_ms: activated,
+                now_ms: now,
+                enrolled,
+                active,
+                stale,
+                round_phase: round.map(|(_, p)| phase_name(p)),
+            });
+        }
+        let store = match (self.table.store().current_epoch(), &self.ops.store_error) {
+            (Err(e), _) => Some(format!("the management table cannot be read: {e}")),
+            (Ok(_), Some(e)) => Some(format!(
+                "the last write to the management table failed: {e}"
+            )),
+            (Ok(_), None) => None,
+        };
+        let network = self
+            .ops
+            .send_error
+            .as_ref()
+            .map(|e| format!("the last send to the fleet failed: {e}"));
+        let ok = store.is_none() && network.is_none();
+        crate::metrics::Health {
+            ok,
+            detail: serde_json::json!({
+                "status": if ok { "ok" } else { "unavailable" },
+                "store": store.as_deref().unwrap_or("ok"),
+                "network": network.as_deref().unwrap_or("ok"),
+                "epoch": self.machine.current_epoch().0,
+                "round": round.map(|(e, p)| serde_json::json!({"epoch": e.0, "phase": phase_name(p)})),
+                "nodes": {"enrolled": enrolled, "active": active, "stale": stale},
+            }),
+        }
     }
 
     fn on_request(&mut self, inc: control::Incoming) {

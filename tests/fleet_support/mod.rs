@@ -155,7 +155,7 @@ impl Fleet {
         })
     }
 
-    fn log(&self, name: &str) -> std::fs::File {
+    pub fn log(&self, name: &str) -> std::fs::File {
         // Appended: a restarted process keeps its earlier lines.
         OpenOptions::new()
             .create(true)
@@ -205,9 +205,21 @@ impl Fleet {
     /// It logs at `RUST_LOG=info`, or at `FLEET_AGENT_LOG` when set.
     pub fn agent(&self, i: usize) -> Proc {
         let n = &self.nodes[i];
-        let child = self
-            .command(AGENT)
-            .arg("run")
+        let child = self.agent_command(i).spawn().unwrap();
+        let p = Proc(child);
+        // A restarted agent replaces the socket file of the killed one; wait
+        // until the new one answers.
+        wait_for(&format!("{}'s application socket", n.id), 15_000, || {
+            agent_status(&n.state).is_some()
+        });
+        p
+    }
+
+    /// The command of [`Fleet::agent`], not started (add flags, then spawn).
+    pub fn agent_command(&self, i: usize) -> Command {
+        let n = &self.nodes[i];
+        let mut c = self.command(AGENT);
+        c.arg("run")
             .arg("--state")
             .arg(&n.state)
             .args(["--node-id", &n.id])
@@ -223,16 +235,8 @@ impl Fleet {
             .env(
                 "RUST_LOG",
                 std::env::var("FLEET_AGENT_LOG").unwrap_or_else(|_| "info".into()),
-            )
-            .spawn()
-            .unwrap();
-        let p = Proc(child);
-        // A restarted agent replaces the socket file of the killed one; wait
-        // until the new one answers.
-        wait_for(&format!("{}'s application socket", n.id), 15_000, || {
-            agent_status(&n.state).is_some()
-        });
-        p
+            );
+        c
     }
 
     pub fn agents(&self) -> Vec<Proc> {

@@ -69,6 +69,7 @@ fn ends_scan(usage: u16) -> bool {
 }
 
 const ALT_KEYS: [u16; 2] = [0xE2, 0xE6];
+const BACKSPACE: u16 = 0x2A;
 
 /// The digit a keypad key types (Num Lock on), for Alt+keypad codes.
 fn keypad_digit(usage: u16) -> Option<u32> {
@@ -79,12 +80,41 @@ fn keypad_digit(usage: u16) -> Option<u32> {
     }
 }
 
+/// What an Alt+keypad code types.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AltChar {
+    /// A printable ASCII character (codes 32–126, with or without leading zeros).
+    Char(char),
+    /// Codes 9, 10 and 13 (Tab, LF, CR): the scanner's suffix sent as an Alt code.
+    End,
+    /// Anything else: systems disagree on it, so it becomes U+FFFD and the
+    /// label parser refuses it by position.
+    Other,
+}
+
+/// The character an Alt+keypad code types. Windows and the Linux console
+/// agree on printable ASCII: 32–126 type that character, and a leading zero
+/// (Windows' ANSI code page instead of the OEM one) changes nothing there.
+/// Above 127 they differ (Windows: code page 437 for `nnn`, the ANSI code
+/// page for `0nnn`, modulo 256; the Linux console: the Unicode code point),
+/// and no key form uses such characters.
+pub fn alt_char(code: u32) -> AltChar {
+    match code {
+        9 | 10 | 13 => AltChar::End,
+        32..=126 => AltChar::Char(char::from(code as u8)),
+        _ => AltChar::Other,
+    }
+}
+
 /// Key-down edges of a keyboard report stream, typed on a US layout.
 ///
 /// Scanners set to "Alt+keypad" (the layout-independent mode some offer) send
 /// each character as Alt held while its decimal code is typed on the keypad;
-/// the character counts when Alt is released. Codes outside printable ASCII
-/// are dropped.
+/// the character counts when Alt is released, or when a key that ends the
+/// scan comes first. See [`alt_char`] for the codes.
+///
+/// Keys already held when reading starts are not presses: [`Self::set_held`]
+/// takes them (a device's Get Report at open).
 #[derive(Debug, Default)]
 pub struct KeyboardDecoder {
     down: Vec<u16>,
@@ -96,6 +126,39 @@ impl KeyboardDecoder {
     /// Characters typed so far in the current scan.
     pub fn pending_len(&self) -> usize {
         self.text.chars().count()
+    }
+
+    /// Keys held before the first report: they count as pressed only after
+    /// a release.
+    pub fn set_held(&mut self, held: Vec<u16>) {
+        if !held.contains(&0x01) {
+            self.down = held;
+        }
+    }
+
+    /// Types the pending Alt code, if any; true when it ends the scan.
+    fn finish_alt_code(&mut self) -> bool {
+        let Some(code) = self.alt_code.take() else {
+            return false;
+        };
+        match alt_char(code) {
+            AltChar::Char(c) => self.text.push(c),
+            AltChar::End => return true,
+            AltChar::Other => {
+                tracing::debug!(code, "an Alt+keypad code outside printable ASCII");
+                self.text.push(char::REPLACEMENT_CHARACTER);
+            }
+        }
+        false
+    }
+
+    /// The scan typed so far, or nothing when it is empty.
+    fn take_scan(&mut self) -> Step {
+        if self.text.is_empty() {
+            Step::Pending // a bare Enter is no scan
+        } else {
+            Step::Scan(std::mem::take(&mut self.text))
+        }
     }
 
     /// Feed the keys held in one report (modifiers included as 0xE0–0xE7).
@@ -111,17 +174,10 @@ impl KeyboardDecoder {
             && !held
                 .iter()
                 .any(|u| CHORD_KEYS.contains(u) && !ALT_KEYS.contains(u));
-        if !alt {
-            if let Some(code) = self.alt_code.take() {
-                match u8::try_from(code).ok().filter(|c| (0x20..0x7F).contains(c)) {
-                    Some(c) => self.text.push(char::from(c)),
-                    None => {
-                        tracing::debug!(code, "ignoring an Alt+keypad code outside printable ASCII")
-                    }
-                }
-            }
-        }
         let mut out = Step::Pending;
+        if !alt && self.finish_alt_code() {
+            out = self.take_scan();
+        }
         for &usage in &held {
             if self.down.contains(&usage) || usage >= 0xE0 {
                 continue; // held since the last report, or a modifier
@@ -138,14 +194,20 @@ impl KeyboardDecoder {
                 }
             }
             if ends_scan(usage) {
-                if self.text.is_empty() {
-                    continue; // a bare Enter is no scan
+                // An Alt code still open (Alt not yet released) is typed first.
+                self.finish_alt_code();
+                if let Step::Scan(s) = self.take_scan() {
+                    out = Step::Scan(s);
                 }
-                out = Step::Scan(std::mem::take(&mut self.text));
                 continue;
             }
             if chord {
                 tracing::debug!(usage, "ignoring a key typed with ctrl/alt/gui held");
+                continue;
+            }
+            if usage == BACKSPACE {
+                // A person typing on a keyboard-mode device corrects a typo.
+                self.text.pop();
                 continue;
             }
             match us_key(usage) {
@@ -205,7 +267,18 @@ impl PosDecoder {
         let text = String::from_utf8_lossy(&data);
         // Scanners configured with a suffix send it inside the data too.
         let text = text.trim_end_matches(['\r', '\n', '\t']);
-        Step::Scan(strip_aim(text).to_string())
+        non_empty(strip_aim(text))
+    }
+}
+
+/// A scan, unless nothing is left of it: a bare suffix, an AIM identifier
+/// alone or only spaces is no entry, and reading goes on.
+fn non_empty(text: &str) -> Step {
+    if text.trim().is_empty() {
+        tracing::debug!("skipping an empty scan");
+        Step::Pending
+    } else {
+        Step::Scan(text.to_string())
     }
 }
 
@@ -249,6 +322,17 @@ impl ScanDecoder {
         self.keyboard.pending_len() + self.pos.pending_len()
     }
 
+    /// The state of the device before reading starts (an input report from
+    /// a Get Report request): keys held in it are not presses.
+    pub fn set_held(&mut self, report: &[u8]) {
+        let Some(rl) = self.layout.find(report) else {
+            return;
+        };
+        if let (ReportKind::Keyboard(k), true) = (&rl.kind, report.len() >= rl.len) {
+            self.keyboard.set_held(held_keys(k, report));
+        }
+    }
+
     /// Feed one input report as hidraw delivers it. Reports of other kinds
     /// (mouse, consumer keys, vendor) and short reports are skipped.
     pub fn feed(&mut self, report: &[u8]) -> Step {
@@ -268,7 +352,7 @@ impl ScanDecoder {
                 let held = held_keys(k, report);
                 let step = self.keyboard.feed(held);
                 match step {
-                    Step::Scan(text) => Step::Scan(strip_aim(&text).to_string()),
+                    Step::Scan(text) => non_empty(strip_aim(&text)),
                     other => other,
                 }
             }
@@ -397,7 +481,8 @@ mod tests {
     #[test]
     fn alt_keypad_codes_type_their_character() {
         let mut d = boot();
-        // Alt+075 = 'K', Alt+058 = ':', then a plain '1', Alt+0200 dropped, Enter.
+        // Alt+075 = 'K', Alt+058 = ':', then a plain '1', Alt+0200 (no
+        // printable ASCII: U+FFFD, for the parser to refuse by position), Enter.
         let alt = 0x04;
         let seq = [
             kbd(alt, &[]),
@@ -422,7 +507,112 @@ mod tests {
             kbd(0, &[0x28]),
         ];
         let last = seq.iter().map(|r| d.feed(r)).last();
-        assert_eq!(last, Some(Step::Scan("K:1".into())));
+        assert_eq!(last, Some(Step::Scan("K:1\u{FFFD}".into())));
+    }
+
+    /// Alt held, the code's digits on the keypad, each key released.
+    fn alt_code(code: &str) -> Vec<Vec<u8>> {
+        let alt = 0x04;
+        let mut out = vec![kbd(alt, &[])];
+        for d in code.chars() {
+            let usage = match d {
+                '0' => 0x62,
+                d => 0x58 + d.to_digit(10).unwrap() as u8,
+            };
+            out.push(kbd(alt, &[usage]));
+            out.push(kbd(alt, &[]));
+        }
+        out
+    }
+
+    #[test]
+    fn an_alt_code_still_open_at_enter_is_not_lost() {
+        // "K" then "F" whose Alt is still held when Enter comes.
+        let mut seq = alt_code("075");
+        seq.push(kbd(0, &[]));
+        seq.extend(alt_code("070"));
+        seq.push(kbd(0x04, &[0x28]));
+        let mut d = boot();
+        let last = seq.iter().map(|r| d.feed(r)).last();
+        assert_eq!(last, Some(Step::Scan("KF".into())));
+    }
+
+    #[test]
+    fn an_alt_code_suffix_ends_the_scan() {
+        // A scanner sending its CR suffix as Alt+013, then one sending Tab as Alt+9.
+        for end in ["013", "13", "9", "010"] {
+            let mut seq = alt_code("049");
+            seq.push(kbd(0, &[]));
+            seq.extend(alt_code(end));
+            seq.push(kbd(0, &[]));
+            let mut d = boot();
+            let steps: Vec<Step> = seq.iter().map(|r| d.feed(r)).collect();
+            assert_eq!(steps.last(), Some(&Step::Scan("1".into())), "{end}");
+        }
+    }
+
+    #[test]
+    fn alt_chars_agree_with_windows_and_linux_on_ascii() {
+        assert_eq!(alt_char(75), AltChar::Char('K'));
+        assert_eq!(alt_char(32), AltChar::Char(' '));
+        assert_eq!(alt_char(126), AltChar::Char('~'));
+        assert_eq!(alt_char(13), AltChar::End);
+        for other in [0, 1, 27, 127, 128, 200, 255, 256, 331, 100_000] {
+            assert_eq!(alt_char(other), AltChar::Other, "{other}");
+        }
+    }
+
+    #[test]
+    fn empty_scans_are_skipped() {
+        let mut d = boot();
+        // Enter alone, an AIM identifier alone, spaces alone: no entry.
+        let seq = [
+            kbd(0, &[0x28]),
+            kbd(0, &[]),
+            kbd(0, &[0x30]),    // ]
+            kbd(0x02, &[0x14]), // Q
+            kbd(0, &[0x1E]),    // 1
+            kbd(0, &[0x28]),
+            kbd(0, &[0x2C]),
+            kbd(0, &[]),
+            kbd(0, &[0x2B]),
+            kbd(0, &[0x05]),
+            kbd(0, &[0x28]),
+        ];
+        let steps: Vec<Step> = seq.iter().map(|r| d.feed(r)).collect();
+        let scans: Vec<&Step> = steps.iter().filter(|s| **s != Step::Pending).collect();
+        assert_eq!(scans, [&Step::Scan("b".into())]);
+    }
+
+    #[test]
+    fn a_key_held_when_reading_starts_is_no_press() {
+        let mut d = boot();
+        // Enter and 'a' already down at open (Get Report), then released; "b", Enter.
+        d.set_held(&kbd(0, &[0x28, 0x04]));
+        let seq = [
+            kbd(0, &[0x28, 0x04]),
+            kbd(0, &[0x04]),
+            kbd(0, &[]),
+            kbd(0, &[0x05]),
+            kbd(0, &[0x28]),
+        ];
+        let steps: Vec<Step> = seq.iter().map(|r| d.feed(r)).collect();
+        let scans: Vec<&Step> = steps.iter().filter(|s| **s != Step::Pending).collect();
+        assert_eq!(scans, [&Step::Scan("b".into())]);
+    }
+
+    #[test]
+    fn backspace_erases_the_last_character() {
+        let mut d = boot();
+        let seq = [
+            kbd(0, &[0x04]),
+            kbd(0, &[0x05]),
+            kbd(0, &[0x2A]),
+            kbd(0, &[0x06]),
+            kbd(0, &[0x28]),
+        ];
+        let last = seq.iter().map(|r| d.feed(r)).last();
+        assert_eq!(last, Some(Step::Scan("ac".into())));
     }
 
     #[test]

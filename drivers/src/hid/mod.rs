@@ -252,7 +252,8 @@ fn open_device(path: &str) -> Result<Box<dyn KeySource>, SourceError> {
         .get_report_descriptor(&mut desc)
         .map_err(|e| open_error(path, format!("cannot read its report descriptor: {e}")))?;
     desc.truncate(n);
-    let decoder = ScanDecoder::new(&desc).map_err(|e| open_error(path, e))?;
+    let mut decoder = ScanDecoder::new(&desc).map_err(|e| open_error(path, e))?;
+    seed_held_keys(&device, &mut decoder);
     tracing::info!(path, pos = decoder.layout().has_pos(), "hid scanner opened");
     let mut decoders = BTreeMap::new();
     decoders.insert(0, decoder);
@@ -265,6 +266,35 @@ fn open_device(path: &str) -> Result<Box<dyn KeySource>, SourceError> {
         },
         decoders,
     }))
+}
+
+/// Asks the device which keys are down now (Get Report, Input), so that a key
+/// held when reading starts (the Enter that started the command, a trigger
+/// held down) is not taken for a press. Many scanners do not answer; then
+/// the first report counts as presses, as the kernel counts it.
+fn seed_held_keys(device: &hidapi::HidDevice, decoder: &mut ScanDecoder) {
+    let ids: Vec<Option<u8>> = decoder
+        .layout()
+        .reports
+        .iter()
+        .filter(|r| matches!(r.kind, layout::ReportKind::Keyboard(_)))
+        .map(|r| r.report_id)
+        .collect();
+    for id in ids {
+        let mut buf = vec![0u8; MAX_DESCRIPTOR];
+        buf[0] = id.unwrap_or(0);
+        match device.get_input_report(&mut buf) {
+            // Unnumbered reports come back behind a 0 byte.
+            Ok(n) if n > 0 => {
+                let report = buf.get(usize::from(id.is_none())..n).unwrap_or(&[]);
+                decoder.set_held(report);
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::debug!(error = %e, "no Get Report answer; keys held at open count as presses")
+            }
+        }
+    }
 }
 
 /// One hidraw interface as the autodetection sees it.

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{bail, Context};
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 use zeroize::Zeroizing;
 
 use keyfleet::agent::{self, AgentConfig};
@@ -73,6 +73,12 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Print the completion script for SHELL (bash, zsh, fish, elvish, powershell).
+    #[command(hide = true)]
+    Completions { shell: clap_complete::Shell },
+    /// Write the man pages (keyfleet-agent.1, keyfleet-agent-run.1, ...) into DIR.
+    #[command(hide = true)]
+    Man { dir: PathBuf },
 }
 
 #[derive(Args, Debug)]
@@ -116,6 +122,13 @@ struct RunArgs {
     /// (0 = a line for every one).
     #[arg(long, value_name = "S", default_value_t = 60)]
     refusal_log_window: u64,
+    /// Serve Prometheus metrics on http://ADDR/metrics and a health check on
+    /// /healthz (200 while the agent's loop answers).
+    #[arg(long, value_name = "ADDR:PORT")]
+    metrics: Option<SocketAddr>,
+    /// Log lines on stderr: text (colour only on a terminal) or json (one object a line).
+    #[arg(long, value_enum, value_name = "FORMAT", default_value_t)]
+    log_format: keyfleet::ops::LogFormat,
 }
 
 fn main() -> ExitCode {
@@ -132,9 +145,16 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Run(args) => {
-            init_logs();
+            keyfleet::ops::init_logs("info", args.log_format);
             rt.block_on(run(args)).map(|()| ExitCode::SUCCESS)
         }
+        Command::Completions { shell } => {
+            keyfleet::ops::print_completions(Cli::command(), shell);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Man { dir } => keyfleet::ops::write_man_pages(Cli::command(), &dir)
+            .map(|()| ExitCode::SUCCESS)
+            .with_context(|| format!("cannot write the man pages into {}", dir.display())),
         Command::Status { state, json } => rt
             .block_on(client::status(&state.state, json))
             .map(|()| ExitCode::SUCCESS),
@@ -153,15 +173,6 @@ fn main() -> ExitCode {
             ExitCode::from(1)
         }
     }
-}
-
-fn init_logs() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
@@ -197,9 +208,22 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             _ = int.recv() => tracing::info!("SIGINT: stopping"),
         }
     };
-    agent::run(cfg, shutdown)
+    let extras = agent::RunExtras {
+        metrics: args.metrics,
+        ready: Some(Box::new(|r: &agent::Ready| {
+            keyfleet::ops::notify_ready(&format!(
+                "listening on {}{}",
+                r.listen,
+                r.metrics
+                    .map_or(String::new(), |m| format!("; metrics on {m}"))
+            ))
+        })),
+    };
+    let r = agent::run_with(cfg, extras, shutdown)
         .await
-        .with_context(|| format!("keyfleet-agent --state {}", args.state.display()))
+        .with_context(|| format!("keyfleet-agent --state {}", args.state.display()));
+    keyfleet::ops::notify_stopping();
+    r
 }
 
 /// The initial key from --initial-key or --initial-key-file, checked by `label::parse`.

@@ -139,14 +139,9 @@ fn prompt(question: &str) -> anyhow::Result<Passphrase> {
     Ok(p)
 }
 
-/// Logs to stderr; RUST_LOG overrides `default`.
+/// Logs to stderr (colour only on a terminal); RUST_LOG overrides `default`.
 pub fn init_logging(default: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+    keyfleet::ops::init_logs(default, keyfleet::ops::LogFormat::Text);
 }
 
 pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -227,26 +222,52 @@ pub fn config(g: &GlobalArgs, a: ConfigArgs) -> anyhow::Result<()> {
 pub struct ServeArgs {
     #[command(flatten)]
     pub net: NetFlags,
+    /// Serve Prometheus metrics on http://ADDR/metrics and a health check on
+    /// /healthz (200 while the loop runs and its table and network work, else 503).
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub metrics: Option<std::net::SocketAddr>,
+    /// Log lines on stderr: text (colour only on a terminal) or json (one object a line).
+    #[arg(long, value_enum, value_name = "FORMAT", default_value_t)]
+    pub log_format: keyfleet::ops::LogFormat,
 }
 
 pub fn serve(g: &GlobalArgs, a: ServeArgs) -> anyhow::Result<()> {
-    init_logging("info");
+    keyfleet::ops::init_logs("info", a.log_format);
     let opts = g.options(Some(&a.net))?;
     let rt = runtime()?;
     rt.block_on(async {
         let mut c = controller::Controller::open(opts).context("while starting keyfleet serve")?;
-        let shutdown = async {
-            let mut term =
-                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                    Ok(s) => s,
-                    Err(_) => return std::future::pending().await,
-                };
+        // The handlers are installed now, before READY=1: a SIGTERM right
+        // after readiness is a clean stop, not the default action.
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term =
+            signal(SignalKind::terminate()).context("while installing the SIGTERM handler")?;
+        let mut int =
+            signal(SignalKind::interrupt()).context("while installing the SIGINT handler")?;
+        let shutdown = async move {
             tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
+                _ = int.recv() => {}
                 _ = term.recv() => {}
             }
         };
-        c.serve(shutdown).await.context("keyfleet serve")
+        let extras = controller::ServeExtras {
+            metrics: a.metrics,
+            ready: Some(Box::new(|r: &controller::Ready| {
+                keyfleet::ops::notify_ready(&format!(
+                    "serving group {} on {}{}",
+                    r.group,
+                    r.listen,
+                    r.metrics
+                        .map_or(String::new(), |m| format!("; metrics on {m}"))
+                ))
+            })),
+        };
+        let r = c
+            .serve_with(shutdown, extras)
+            .await
+            .context("keyfleet serve");
+        keyfleet::ops::notify_stopping();
+        r
     })
 }
 

@@ -1,5 +1,5 @@
 //! `keyfleet`: the installer and controller CLI.
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 #[cfg(feature = "drivers")]
 mod demo;
@@ -55,6 +55,12 @@ enum Command {
     /// Run a controller and five agents on loopback, rotate the key twice while they exchange messages.
     #[cfg(feature = "drivers")]
     Demo(demo::DemoArgs),
+    /// Print the completion script for SHELL (bash, zsh, fish, elvish, powershell).
+    #[command(hide = true)]
+    Completions { shell: clap_complete::Shell },
+    /// Write the man pages (keyfleet.1, keyfleet-rekey.1, ...) into DIR.
+    #[command(hide = true)]
+    Man { dir: std::path::PathBuf },
 }
 
 fn main() -> anyhow::Result<std::process::ExitCode> {
@@ -88,5 +94,12 @@ fn main() -> anyhow::Result<std::process::ExitCode> {
         }
         #[cfg(feature = "drivers")]
         Command::Demo(a) => demo::run(a),
+        Command::Completions { shell } => {
+            keyfleet::ops::print_completions(Cli::command(), shell);
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+        Command::Man { dir } => keyfleet::ops::write_man_pages(Cli::command(), &dir)
+            .map(|()| std::process::ExitCode::SUCCESS)
+            .map_err(|e| anyhow::anyhow!("cannot write the man pages into {}: {e}", dir.display())),
     }
 }
