@@ -1,7 +1,12 @@
 //! The controller's configuration file (TOML), with every default in one place.
 //!
-//! `keyfleet --config FILE` reads it; command-line flags override it; anything
-//! it leaves out takes the default below. `keyfleet config --print-default`
+//! Which file ([`discover`]): `--config FILE`, else `$KEYFLEET_CONFIG`, else
+//! `$XDG_CONFIG_HOME/keyfleet/config.toml` (`~/.config/keyfleet/config.toml`),
+//! else `/etc/keyfleet/config.toml`, else none (the defaults). A file named by
+//! `--config` or `$KEYFLEET_CONFIG` must exist; the other two are used when
+//! they exist. Then the `KEYFLEET_*` variables of [`ENV_VARS`] override the
+//! file ([`apply_env`]), and command-line flags override both; anything
+//! left out takes the default below. `keyfleet config --print-default`
 //! prints [`Config::default_toml`], the whole file with its defaults and
 //! comments. Unknown keys are refused, so a typo is an error, not a silent default.
 //!
@@ -30,6 +35,14 @@ pub enum ConfigError {
     },
     #[error("the configuration file {path} is not valid: {message}(`keyfleet config --print-default` shows every key)")]
     Parse { path: PathBuf, message: String },
+    #[error("the configuration file {path} named by {by} does not exist; create it (`keyfleet config --print-default > FILE` writes the defaults) or name another")]
+    Missing { path: PathBuf, by: &'static str },
+    #[error("${var} = {value:?} is not valid: {reason}")]
+    Env {
+        var: &'static str,
+        value: String,
+        reason: String,
+    },
     #[error("{key} = {value} is not allowed: {reason}")]
     Value {
         key: &'static str,
@@ -42,6 +55,10 @@ pub enum ConfigError {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
+    /// The controller's state directory (`--state`, `$KEYFLEET_STATE`);
+    /// default `$XDG_DATA_HOME/keyfleet` (`~/.local/share/keyfleet`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub state_dir: Option<PathBuf>,
     pub network: NetworkConfig,
     pub round: RoundConfig,
     pub triggers: TriggersConfig,
@@ -91,6 +108,11 @@ pub struct RoundConfig {
     pub group_attempts: u32,
     /// A node that has not answered this long after a phase began is stale.
     pub stale_after_ms: u64,
+    /// A phase ends, leaving silent nodes stale, only once at least this many
+    /// nodes confirmed it; below that the round is paused and retried.
+    pub min_acked: u32,
+    /// …and more than half of the joined nodes, when true.
+    pub min_acked_majority: bool,
 }
 
 impl Default for RoundConfig {
@@ -103,6 +125,8 @@ impl Default for RoundConfig {
             retry_jitter_pct: c.retry_jitter_pct,
             group_attempts: c.group_attempts,
             stale_after_ms: c.stale_after_ms,
+            min_acked: c.min_acked,
+            min_acked_majority: c.min_acked_majority,
         }
     }
 }
@@ -211,6 +235,153 @@ impl Default for AuditConfig {
     }
 }
 
+/// Where the configuration came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// `--config FILE`.
+    Flag(PathBuf),
+    /// `$KEYFLEET_CONFIG`.
+    Env(PathBuf),
+    /// `$XDG_CONFIG_HOME/keyfleet/config.toml` (or `~/.config/...`).
+    User(PathBuf),
+    /// `/etc/keyfleet/config.toml`.
+    System(PathBuf),
+    /// No file: the defaults.
+    Defaults,
+}
+
+impl Source {
+    /// The file read, if any.
+    pub fn path(&self) -> Option<&Path> {
+        match self {
+            Source::Flag(p) | Source::Env(p) | Source::User(p) | Source::System(p) => Some(p),
+            Source::Defaults => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Source::Flag(p) => write!(f, "{} (--config)", p.display()),
+            Source::Env(p) => write!(f, "{} ($KEYFLEET_CONFIG)", p.display()),
+            Source::User(p) => write!(f, "{} (the user's configuration)", p.display()),
+            Source::System(p) => write!(f, "{} (the system's configuration)", p.display()),
+            Source::Defaults => f.write_str(
+                "no file (none of --config, $KEYFLEET_CONFIG, $XDG_CONFIG_HOME/keyfleet/config.toml, \
+                 /etc/keyfleet/config.toml): the defaults",
+            ),
+        }
+    }
+}
+
+/// The system-wide configuration file.
+pub const SYSTEM_CONFIG: &str = "/etc/keyfleet/config.toml";
+
+/// The environment variables that override the file: (variable, key it sets).
+pub const ENV_VARS: &[(&str, &str)] = &[
+    ("KEYFLEET_STATE", "state_dir"),
+    ("KEYFLEET_GROUP", "network.group"),
+    ("KEYFLEET_IFACE", "network.iface"),
+    ("KEYFLEET_LISTEN_PORT", "network.listen_port"),
+];
+
+/// The user's configuration file: `$XDG_CONFIG_HOME/keyfleet/config.toml`,
+/// or `$HOME/.config/keyfleet/config.toml` (XDG base directories: a relative
+/// `XDG_CONFIG_HOME` is ignored).
+fn user_config(env: &dyn Fn(&str) -> Option<String>) -> Option<PathBuf> {
+    let base = env("XDG_CONFIG_HOME")
+        .map(PathBuf::from)
+        .filter(|p| p.is_absolute())
+        .or_else(|| {
+            env("HOME")
+                .filter(|h| !h.is_empty())
+                .map(|h| Path::new(&h).join(".config"))
+        })?;
+    Some(base.join("keyfleet").join("config.toml"))
+}
+
+/// Finds and reads the configuration (see the module docs for the order),
+/// with the `KEYFLEET_*` variables applied. `env` reads the environment
+/// (`|k| std::env::var(k).ok()`); `system` is [`SYSTEM_CONFIG`] outside tests.
+pub fn discover(
+    explicit: Option<&Path>,
+    env: &dyn Fn(&str) -> Option<String>,
+    system: &Path,
+) -> Result<(Config, Source), ConfigError> {
+    let source = if let Some(p) = explicit {
+        Source::Flag(p.to_path_buf())
+    } else if let Some(p) = env("KEYFLEET_CONFIG").filter(|p| !p.is_empty()) {
+        Source::Env(PathBuf::from(p))
+    } else if let Some(p) = user_config(env).filter(|p| p.exists()) {
+        Source::User(p)
+    } else if system.exists() {
+        Source::System(system.to_path_buf())
+    } else {
+        Source::Defaults
+    };
+    let mut cfg = match &source {
+        Source::Flag(p) | Source::Env(p) if !p.exists() => {
+            return Err(ConfigError::Missing {
+                path: p.clone(),
+                by: if matches!(source, Source::Flag(_)) {
+                    "--config"
+                } else {
+                    "$KEYFLEET_CONFIG"
+                },
+            })
+        }
+        Source::Defaults => Config::default(),
+        other => Config::load(other.path().unwrap_or(system))?,
+    };
+    apply_env(&mut cfg, env)?;
+    cfg.validate()?;
+    Ok((cfg, source))
+}
+
+/// Applies the `KEYFLEET_*` variables of [`ENV_VARS`] that are set (and not empty).
+pub fn apply_env(
+    cfg: &mut Config,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<(), ConfigError> {
+    fn parse<T: std::str::FromStr>(
+        var: &'static str,
+        v: &str,
+        example: &str,
+    ) -> Result<T, ConfigError>
+    where
+        T::Err: std::fmt::Display,
+    {
+        v.trim().parse().map_err(|e: T::Err| ConfigError::Env {
+            var,
+            value: v.to_owned(),
+            reason: format!("{e} (e.g. {example})"),
+        })
+    }
+    let get = |k: &str| env(k).filter(|v| !v.is_empty());
+    if let Some(v) = get("KEYFLEET_STATE") {
+        cfg.state_dir = Some(PathBuf::from(v));
+    }
+    if let Some(v) = get("KEYFLEET_GROUP") {
+        cfg.network.group = parse("KEYFLEET_GROUP", &v, "239.255.77.77:7777")?;
+    }
+    if let Some(v) = get("KEYFLEET_IFACE") {
+        cfg.network.iface = parse("KEYFLEET_IFACE", &v, "192.168.1.10")?;
+    }
+    if let Some(v) = get("KEYFLEET_LISTEN_PORT") {
+        cfg.network.listen_port = parse("KEYFLEET_LISTEN_PORT", &v, "47800")?;
+    }
+    Ok(())
+}
+
+/// The `KEYFLEET_*` variables of [`ENV_VARS`] set in `env`, as (variable, value).
+pub fn env_overrides(env: &dyn Fn(&str) -> Option<String>) -> Vec<(&'static str, String)> {
+    ENV_VARS
+        .iter()
+        .filter_map(|(k, _)| env(k).filter(|v| !v.is_empty()).map(|v| (*k, v)))
+        .collect()
+}
+
 fn off(v: u64) -> Option<u64> {
     (v != 0).then_some(v)
 }
@@ -280,6 +451,8 @@ impl Config {
             retry_jitter_pct: r.retry_jitter_pct,
             group_attempts: r.group_attempts,
             stale_after_ms: r.stale_after_ms,
+            min_acked: r.min_acked,
+            min_acked_majority: r.min_acked_majority,
             triggers: TriggerConfig {
                 max_encryptions: off(t.max_encryptions),
                 max_decryptions: off(t.max_decryptions),
@@ -305,7 +478,15 @@ impl Config {
         );
         format!(
             r#"# keyfleet controller configuration (all defaults shown).
-# Flags override these values; a key left out takes its default.
+# Found as: --config FILE, else $KEYFLEET_CONFIG, else
+# $XDG_CONFIG_HOME/keyfleet/config.toml (~/.config/keyfleet/config.toml), else
+# /etc/keyfleet/config.toml. KEYFLEET_STATE, KEYFLEET_GROUP, KEYFLEET_IFACE and
+# KEYFLEET_LISTEN_PORT override it; flags override both; a key left out takes
+# its default.
+
+# The controller's state directory (--state, $KEYFLEET_STATE); default
+# $XDG_DATA_HOME/keyfleet (~/.local/share/keyfleet):
+# state_dir = "/var/lib/keyfleet"
 
 [network]
 # Multicast group and port the fleet shares (--group).
@@ -326,6 +507,12 @@ retry_jitter_pct = {rj}
 group_attempts = {ga}
 # A node that has not answered this long after a phase began is marked stale (ms).
 stale_after_ms = {stale}
+# A round goes on (leaving silent nodes stale) only when at least min_acked
+# nodes confirmed the phase and, with min_acked_majority, more than half of the
+# joined nodes; otherwise it is paused (the old key stays current) and retried
+# until nodes answer again. When no node answers, the controller is the one cut off.
+min_acked = {mina}
+min_acked_majority = {minm}
 
 [triggers]
 # Rekey when fleet-wide counts under the current key exceed these (0 = off).
@@ -370,6 +557,8 @@ refusal_max_sources = {rms}
             rj = r.retry_jitter_pct,
             ga = r.group_attempts,
             stale = r.stale_after_ms,
+            mina = r.min_acked,
+            minm = r.min_acked_majority,
             me = t.max_encryptions,
             md = t.max_decryptions,
             mt = t.max_total,
@@ -436,5 +625,126 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("missing.toml"), "{e}");
+    }
+
+    /// An environment made of `pairs`.
+    fn env_of(pairs: &[(&str, String)]) -> impl Fn(&str) -> Option<String> {
+        let m: std::collections::HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), v.clone()))
+            .collect();
+        move |k| m.get(k).cloned()
+    }
+
+    fn write(p: &Path, group: &str) {
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, format!("[network]\ngroup = \"{group}\"\n")).unwrap();
+    }
+
+    #[test]
+    fn discovery_order_flag_env_user_system_defaults() {
+        let d = tempfile::tempdir().unwrap();
+        let (flag, envf, xdg, home, sys) = (
+            d.path().join("flag.toml"),
+            d.path().join("env.toml"),
+            d.path().join("xdg"),
+            d.path().join("home"),
+            d.path().join("etc/keyfleet/config.toml"),
+        );
+        write(&flag, "239.1.1.1:1");
+        write(&envf, "239.1.1.2:1");
+        write(&xdg.join("keyfleet/config.toml"), "239.1.1.3:1");
+        write(&home.join(".config/keyfleet/config.toml"), "239.1.1.4:1");
+        write(&sys, "239.1.1.5:1");
+        let s = |p: &Path| p.to_string_lossy().into_owned();
+        let full = vec![
+            ("KEYFLEET_CONFIG", s(&envf)),
+            ("XDG_CONFIG_HOME", s(&xdg)),
+            ("HOME", s(&home)),
+        ];
+        let group = |explicit: Option<&Path>, env: &[(&str, String)]| {
+            let (c, src) = discover(explicit, &env_of(env), &sys).unwrap();
+            (c.network.group.ip().octets()[3], src)
+        };
+        assert_eq!(group(Some(&flag), &full), (1, Source::Flag(flag.clone())));
+        assert_eq!(group(None, &full), (2, Source::Env(envf.clone())));
+        assert_eq!(
+            group(None, &full[1..]),
+            (3, Source::User(xdg.join("keyfleet/config.toml")))
+        );
+        assert_eq!(
+            group(None, &full[2..]),
+            (4, Source::User(home.join(".config/keyfleet/config.toml")))
+        );
+        assert_eq!(group(None, &[]), (5, Source::System(sys.clone())));
+        let none = d.path().join("nowhere.toml");
+        let (c, src) = discover(None, &env_of(&[]), &none).unwrap();
+        assert_eq!((c, src), (Config::default(), Source::Defaults));
+    }
+
+    #[test]
+    fn a_named_file_that_does_not_exist_is_an_error_not_the_defaults() {
+        let d = tempfile::tempdir().unwrap();
+        let missing = d.path().join("typo.toml");
+        let sys = d.path().join("none");
+        let e = discover(Some(&missing), &env_of(&[]), &sys).unwrap_err();
+        assert!(
+            matches!(e, ConfigError::Missing { by: "--config", .. }),
+            "{e}"
+        );
+        assert!(e.to_string().contains("typo.toml"), "{e}");
+        let env = [("KEYFLEET_CONFIG", missing.to_string_lossy().into_owned())];
+        let e = discover(None, &env_of(&env), &sys).unwrap_err();
+        assert!(e.to_string().contains("$KEYFLEET_CONFIG"), "{e}");
+    }
+
+    #[test]
+    fn environment_variables_override_the_file_and_bad_ones_are_named() {
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("c.toml");
+        std::fs::write(
+            &f,
+            "state_dir = \"/srv/from-file\"\n[network]\ngroup = \"239.1.1.1:1\"\niface = \"127.0.0.1\"\n",
+        )
+        .unwrap();
+        let sys = d.path().join("none");
+        let env = [
+            ("KEYFLEET_GROUP", "239.9.9.9:9999".to_string()),
+            ("KEYFLEET_STATE", "/srv/from-env".to_string()),
+            ("KEYFLEET_LISTEN_PORT", "4000".to_string()),
+        ];
+        let (c, _) = discover(Some(&f), &env_of(&env), &sys).unwrap();
+        assert_eq!(c.network.group, "239.9.9.9:9999".parse().unwrap());
+        assert_eq!(
+            c.network.iface,
+            Ipv4Addr::LOCALHOST,
+            "the file's, not overridden"
+        );
+        assert_eq!(c.network.listen_port, 4000);
+        assert_eq!(c.state_dir.as_deref(), Some(Path::new("/srv/from-env")));
+        for (var, bad) in [
+            ("KEYFLEET_GROUP", "239.9.9.9"),
+            ("KEYFLEET_IFACE", "eth0"),
+            ("KEYFLEET_LISTEN_PORT", "70000"),
+        ] {
+            let e = discover(Some(&f), &env_of(&[(var, bad.to_string())]), &sys).unwrap_err();
+            assert!(
+                e.to_string().contains(var) && e.to_string().contains(bad),
+                "{e}"
+            );
+        }
+        // A unicast group from the environment is refused like one from the file.
+        let e = discover(
+            Some(&f),
+            &env_of(&[("KEYFLEET_GROUP", "10.0.0.1:7777".to_string())]),
+            &sys,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("network.group"), "{e}");
+        assert_eq!(
+            env_overrides(&env_of(&env)).len(),
+            3,
+            "the variables set are listed"
+        );
     }
 }

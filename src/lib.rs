@@ -61,6 +61,8 @@ pub mod wire;
 pub mod agent;
 pub mod config;
 pub mod controller;
+/// Logs, errors and stdout of the two programs.
+pub mod logs;
 pub mod metrics;
 pub mod net;
 pub mod ops;

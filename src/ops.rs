@@ -49,7 +49,8 @@ pub fn init_logs(default_filter: &str, format: LogFormat) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        // Above the progress bar while one is drawn (`crate::logs`).
+        .with_writer(crate::logs::stderr);
     let _ = match format {
         LogFormat::Text if stderr_is_journal() => {
             builder.with_ansi(false).without_time().try_init()

@@ -1,5 +1,5 @@
 //! `keyfleet rekey` on a terminal (a real pseudo-terminal): a progress bar
-//! with the phase and the acknowledgements N/M, then the one-line summary.
+//! with the phase and the acknowledgements N/M, then the summary.
 mod controller_support;
 
 use std::io::Read;
@@ -69,8 +69,12 @@ fn rekey_on_a_terminal_draws_the_phase_and_acknowledgements() {
         "the bar shows N/M: {text:?}"
     );
     assert!(
-        text.contains("3 nodes, 3 acknowledged, 0 stale"),
+        text.contains("epoch 2 (check ") && text.contains("): completed in "),
         "the summary: {text:?}"
+    );
+    assert!(
+        text.contains("3 enrolled: 3 joined, 3 acknowledged, 0 stale, 0 not joined"),
+        "the counts: {text:?}"
     );
     wait_for("the nodes at epoch 2", 5000, || shells.completed_at(2) == 3);
 }

@@ -137,7 +137,7 @@ fn kill_9_mid_round_and_restart_completes_the_round_and_keeps_the_table() {
 }
 
 #[test]
-fn kill_9_of_a_rekey_without_serve_and_rekey_again_finishes_that_round() {
+fn kill_9_of_a_rekey_without_serve_and_rekey_again_finishes_that_round_then_its_own() {
     let ctl = Ctl::new(11, "[round]\ndrain_grace_ms = 4000\nretry_initial_ms = 100\n[rekey]\njoin_wait_ms = 8000\nlinger_ms = 200\n");
     ctl.run(&["init"]);
     let specs = node_specs(3);
@@ -164,24 +164,40 @@ fn kill_9_of_a_rekey_without_serve_and_rekey_again_finishes_that_round() {
         })
     });
     first.kill9();
+    // The next rekey finishes that round first, then runs its own, and reports both.
     let r = ctl.json(&["rekey", "--json"]);
+    let old = &r["earlier"][0];
+    assert_eq!(
+        (
+            old["epoch"].as_u64(),
+            old["acked"].as_u64(),
+            old["stale"].as_u64()
+        ),
+        (Some(2), Some(3), Some(0)),
+        "{r}"
+    );
     assert_eq!(
         (
             r["epoch"].as_u64(),
             r["acked"].as_u64(),
             r["stale"].as_u64()
         ),
-        (Some(2), Some(3), Some(0)),
+        (Some(3), Some(3), Some(0)),
         "{r}"
     );
-    wait_for("the nodes at epoch 2", 5000, || shells.completed_at(2) == 3);
+    wait_for("the nodes at epoch 3", 5000, || shells.completed_at(3) == 3);
     let h = ctl.json(&["history", "--json", "--audit", "100"]);
+    let rounds: Vec<_> = h["rounds"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["epoch"].as_u64(), r["outcome"].as_str()))
+        .collect();
     assert_eq!(
-        h["rounds"].as_array().unwrap().len(),
-        1,
-        "one round, resumed, not two"
+        rounds,
+        [(Some(2), Some("Completed")), (Some(3), Some("Completed"))],
+        "the resumed round, then this command's own"
     );
-    assert_eq!(h["rounds"][0]["outcome"], "Completed");
     assert!(h["audit"]
         .as_array()
         .unwrap()

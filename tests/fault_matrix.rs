@@ -614,7 +614,9 @@ fn a_node_offline_across_two_rounds_rejoins_through_its_key_request() {
     let exit = agents[off].terminate();
     assert!(exit.success(), "{exit:?}");
     ledger.killed(&id);
-    let r2 = f.json(&["rekey", "--json"]);
+    // Exit 3: the round completed but left a stale node out, named.
+    let (r2, _) = f.json_exit(&["rekey", "--json"], 3);
+    assert_eq!(r2["stale_nodes"][0], id.as_str(), "{r2}");
     assert_eq!(
         (
             r2["epoch"].as_u64(),
@@ -634,7 +636,7 @@ fn a_node_offline_across_two_rounds_rejoins_through_its_key_request() {
             .unwrap()
     };
     assert_eq!(node(&f.status())["stale"], true);
-    let r3 = f.json(&["rekey", "--json"]);
+    let (r3, _) = f.json_exit(&["rekey", "--json"], 3);
     assert_eq!(
         (
             r3["epoch"].as_u64(),

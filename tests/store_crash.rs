@@ -33,7 +33,8 @@ fn crash_child() {
         store
             .enroll_node(
                 &id,
-                &format!("127.0.0.1:{}", 10_000 + i % 50_000),
+                run * 1_000_000 + i + 1,
+                Some(&format!("127.0.0.1:{}", 10_000 + i % 50_000)),
                 &format!("ck{i}"),
                 i,
             )

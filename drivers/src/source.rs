@@ -17,6 +17,10 @@ pub enum SourceError {
     /// The installer cancelled the entry.
     #[error("entry cancelled")]
     Cancelled,
+    /// The whole input was read and held no entry: photos with no readable
+    /// code, or only codes that are not key labels (the source itself worked).
+    #[error("no key label in the input: {0}")]
+    NoEntry(String),
     /// The source ended (end of file, device unplugged) before a complete entry.
     #[error("input ended before a complete entry: {0}")]
     Ended(String),

@@ -48,7 +48,7 @@ fn generated_photos_decode_through_the_replay_path_at_least_as_well_as_zbarimg()
         match src.read_raw(Some(Duration::from_secs(60))) {
             Ok(p) if measure::same_payload(&p, &c.expected) => right += 1,
             Ok(p) => panic!("{}: decoded a wrong payload {p:?}", c.image.display()),
-            Err(SourceError::Ended(_)) => {
+            Err(SourceError::NoEntry(_)) => {
                 missed.push(c.image.file_name().unwrap().to_string_lossy().into_owned())
             }
             Err(e) => panic!("{}: {e}", c.image.display()),
@@ -85,7 +85,7 @@ fn a_folder_of_frames_is_scanned_until_a_key_label() {
     let got = src.read_raw(Some(Duration::from_secs(60))).unwrap();
     assert_eq!(got, expected.trim_end());
     // Nothing after the label: the replay has ended.
-    assert!(matches!(src.read_raw(None), Err(SourceError::Ended(_))));
+    assert!(matches!(src.read_raw(None), Err(SourceError::NoEntry(_))));
 }
 
 #[test]

@@ -96,6 +96,10 @@ pub enum DriverEvent {
 pub struct DriverStats {
     pub datagrams_in: u64,
     pub refused: u64,
+    /// Node-to-controller messages heard on the group (every agent's joins,
+    /// key requests, acknowledgements, usage reports; or forged ones): not
+    /// for a node, so ignored rather than refused.
+    pub node_messages_ignored: u64,
     /// Data no held key opened (must stay 0 in a lossless rotation).
     pub undecryptable: u64,
     pub data_sent: u64,
@@ -149,6 +153,34 @@ pub struct NodeDriver {
     last_sync_ms: Option<u64>,
     /// Refusals counted, not logged one by one.
     refusals: RateCounter,
+    /// Not synced with the controller since (ms), for the waiting warning.
+    unsynced_since: Option<u64>,
+    /// When the waiting warning was last logged.
+    waiting_logged: Option<u64>,
+    /// The last datagram that failed its authentication while not synced:
+    /// (kind, source).
+    auth_failure: Option<(&'static str, SocketAddr)>,
+}
+
+/// A node not synced with its controller says so at warn level after this long…
+pub const WAITING_FIRST_WARN_MS: u64 = 10_000;
+/// …and again every this long while it waits.
+pub const WAITING_WARN_EVERY_MS: u64 = 60_000;
+
+/// Node-to-controller messages (joins, key requests, acknowledgements, usage
+/// reports) sent to the group come back to every node, its own included: the
+/// ordinary traffic of a healthy fleet, not refusals.
+fn is_group_echo(reason: &Refusal) -> bool {
+    matches!(reason, Refusal::Unexpected { role: "node", .. })
+}
+
+/// Refusal kinds that show the node hears a controller whose messages fail
+/// their check (another initial key enrolled, or another controller).
+fn is_auth_failure(kind: &str) -> bool {
+    matches!(
+        kind,
+        "bad_mac" | "bad_signature" | "bad_controller_key" | "unwrap" | "key_mismatch"
+    )
 }
 
 impl NodeDriver {
@@ -175,6 +207,9 @@ impl NodeDriver {
             stats: DriverStats::default(),
             last_sync_ms: None,
             refusals: RateCounter::default(),
+            unsynced_since: None,
+            waiting_logged: None,
+            auth_failure: None,
         }
     }
 
@@ -376,6 +411,10 @@ impl NodeDriver {
                     self.stats.delivered += 1;
                     self.events.push(DriverEvent::Delivered(d));
                 }
+                NodeAction::Event(NodeEvent::Refused { reason, .. }) if is_group_echo(&reason) => {
+                    // Not for a node: neither a refusal nor an event (nor a metric).
+                    self.stats.node_messages_ignored += 1;
+                }
                 NodeAction::Event(ev) => {
                     self.log_event(now, &ev);
                     match &ev {
@@ -383,7 +422,10 @@ impl NodeDriver {
                             synced = true;
                             self.last_sync_ms = Some(now);
                         }
-                        NodeEvent::Refused { reason, .. } => {
+                        NodeEvent::Refused { reason, from } => {
+                            if is_auth_failure(reason.kind()) {
+                                self.auth_failure = Some((reason.kind(), *from));
+                            }
                             self.stats.refused += 1;
                             if matches!(reason, Refusal::Undecryptable { .. }) {
                                 self.stats.undecryptable += 1;
@@ -396,12 +438,66 @@ impl NodeDriver {
             }
         }
         self.arm_refusal_timer();
+        self.watch_sync(now);
         if synced {
             // Record the sync time; a snapshot at any moment is at least as new
             // as the last one persisted, so this never moves the node backwards.
             self.persist_now()?;
         }
         Ok(())
+    }
+
+    /// While the node is not synced with its controller, says so at warn
+    /// level, first after [`WAITING_FIRST_WARN_MS`] and then every
+    /// [`WAITING_WARN_EVERY_MS`], with what it waits for and what to check.
+    /// (The machine's join and key-request retries wake the driver often
+    /// enough: at most every ~10 s.)
+    fn watch_sync(&mut self, now: u64) {
+        if self.machine.is_synced() {
+            self.unsynced_since = None;
+            self.waiting_logged = None;
+            self.auth_failure = None;
+            return;
+        }
+        let since = *self.unsynced_since.get_or_insert(now);
+        let waited = now.saturating_sub(since);
+        let due = match self.waiting_logged {
+            None => waited >= WAITING_FIRST_WARN_MS,
+            Some(t) => now.saturating_sub(t) >= WAITING_WARN_EVERY_MS,
+        };
+        if !due {
+            return;
+        }
+        self.waiting_logged = Some(now);
+        let node = self.machine.node_id().as_str();
+        let controller = self.controller;
+        let waited_s = waited / 1000;
+        let what = match self.machine.member() {
+            None => "its join (a join is sent about every 10 s)",
+            Some(_) => "its key request",
+        };
+        match self.auth_failure {
+            Some((kind, from)) => tracing::warn!(
+                node,
+                %controller,
+                waited_s,
+                kind,
+                %from,
+                "not synced with the controller: no valid answer to {what}; datagrams from {from} \
+                 failed their check ({kind}): the controller holds another initial key for this \
+                 node (enroll it again with the key on its label), or another controller answers"
+            ),
+            None => tracing::warn!(
+                node,
+                %controller,
+                waited_s,
+                "not synced with the controller: no answer to {what} sent to {controller}; check \
+                 that keyfleet serve runs on this group and interface (--group, --iface), that \
+                 this node is enrolled as {node} (keyfleet status), and that this initial key is \
+                 the enrolled one (the controller logs bad_mac from this node's address when not); \
+                 application messages are held until it answers"
+            ),
+        }
     }
 
     fn arm_refusal_timer(&mut self) {

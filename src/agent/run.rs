@@ -444,6 +444,7 @@ impl AppServer {
                     synced: driver.machine().is_synced(),
                     datagrams_in: st.datagrams_in,
                     refused: st.refused,
+                    node_messages_ignored: st.node_messages_ignored,
                     undecryptable: st.undecryptable,
                     data_sent: st.data_sent,
                     delivered: st.delivered,

@@ -133,6 +133,9 @@ pub struct RunningStatus {
     pub synced: bool,
     pub datagrams_in: u64,
     pub refused: u64,
+    /// Node messages on the group (other agents', its own echoed): ignored, not refused.
+    #[serde(default)]
+    pub node_messages_ignored: u64,
     pub undecryptable: u64,
     pub data_sent: u64,
     pub delivered: u64,

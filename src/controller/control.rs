@@ -8,7 +8,14 @@
 //! → {"op":"rekey"}
 //! ← {"progress":{"epoch":5,"phase":"distributing","acked":12,"total":50}}
 //! ← {"progress":{"epoch":5,"phase":"first_transition","acked":3,"total":50}}
-//! ← {"rekeyed":{"epoch":5,"nodes":50,"acked":50,"stale":0,"elapsed_ms":2412,...}}
+//! ← {"rekeyed":{"outcome":"completed","epoch":5,"nodes":50,"joined":50,"acked":50,"stale":0,...}}
+//!
+//! → {"op":"rekey"}                          (while the round for epoch 5 runs)
+//! ← {"queued":{"running_epoch":5,"running_phase":"draining","paused":false,"resumed":false,"epoch":6,"joined_queue":false}}
+//! ← {"progress":...} … {"rekeyed":{"epoch":6,...,"earlier":[{"epoch":5,...}]}}
+//!
+//! ← {"rekeyed":{"outcome":"paused","epoch":5,"current_epoch":4,"phase":"distributing","acked":0,"needed":2,
+//!               "silent_nodes":["pump-1","pump-2","pump-3"],"carried_on_by":"serve",...}}
 //!
 //! → {"op":"remove","node_id":"pump-7"}
 //! ← {"progress":...} … {"removed":{"node_id":"pump-7","round":{...}}}
@@ -19,9 +26,11 @@
 //! ← {"error":{"message":"node id pump-9 is not enrolled (see `keyfleet status`)"}}
 //! ```
 //!
-//! `progress`, `rekeyed`, `removed`, `enrolled` and `error` are the reply
-//! kinds; all but `progress` end the exchange. A client that goes away does
-//! not stop the round.
+//! `progress`, `queued`, `rekeyed`, `removed`, `enrolled` and `error` are the
+//! reply kinds; all but `progress` and `queued` end the exchange. A round
+//! that reaches too few nodes by its deadline ends the exchange too, with
+//! `"outcome":"paused"`: `serve` keeps retrying it. A client that goes away
+//! does not stop the round.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -32,7 +41,9 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedSender};
 use zeroize::Zeroizing;
 
-use super::{ControllerError, EnrollReport, Progress, RejoinReport, RemoveReport, RoundReport};
+use super::{
+    ControllerError, EnrollReport, Progress, Queued, RejoinReport, RemoveReport, RoundReport,
+};
 use crate::crypto::InitialKey;
 
 /// Longest request line accepted.
@@ -52,10 +63,25 @@ pub enum Request {
     },
     Enroll {
         node_id: String,
+        /// `HOST:PORT`; `0.0.0.0:0` when not known yet (learned when the node joins).
         addr: String,
         /// The initial key, 32 hex digits (the socket is owner-only).
         key: Zeroizing<String>,
+        /// Enroll even when another node has the same initial key or address.
+        #[serde(default)]
+        force: bool,
     },
+    /// Where the running controller is (its group, interface and port): a
+    /// client given other network flags is refused instead of ignored.
+    Info,
+}
+
+/// What `keyfleet serve` runs on (the answer to [`Request::Info`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServeInfo {
+    pub group: std::net::SocketAddrV4,
+    pub iface: std::net::Ipv4Addr,
+    pub listen_port: u16,
 }
 
 /// A reply line.
@@ -63,16 +89,21 @@ pub enum Request {
 #[serde(rename_all = "snake_case")]
 pub enum Reply {
     Progress(Progress),
+    /// The command waits behind the round in progress.
+    Queued(Queued),
     Rekeyed(RoundReport),
     Removed(RemoveReport),
     Enrolled(EnrollReport),
     RejoinAllowed(RejoinReport),
-    Error { message: String },
+    Info(ServeInfo),
+    Error {
+        message: String,
+    },
 }
 
 impl Reply {
     pub fn is_final(&self) -> bool {
-        !matches!(self, Reply::Progress(_))
+        !matches!(self, Reply::Progress(_) | Reply::Queued(_))
     }
 }
 
@@ -160,12 +191,12 @@ pub async fn connect(path: &Path) -> Option<UnixStream> {
     UnixStream::connect(path).await.ok()
 }
 
-/// Sends `request` and reads replies, calling `progress` for each progress
-/// line; returns the final reply.
+/// Sends `request` and reads replies, calling `update` for each line that
+/// is not final (progress, queued); returns the final reply.
 pub async fn call(
     stream: UnixStream,
     request: &Request,
-    mut progress: impl FnMut(&Progress),
+    mut update: impl FnMut(&Reply),
 ) -> std::io::Result<Reply> {
     let (rd, mut wr) = stream.into_split();
     let mut line = Zeroizing::new(serde_json::to_string(request).map_err(std::io::Error::other)?);
@@ -174,10 +205,10 @@ pub async fn call(
     let mut lines = BufReader::new(rd).lines();
     while let Some(l) = lines.next_line().await? {
         let reply: Reply = serde_json::from_str(&l).map_err(std::io::Error::other)?;
-        match reply {
-            Reply::Progress(p) => progress(&p),
-            other => return Ok(other),
+        if reply.is_final() {
+            return Ok(reply);
         }
+        update(&reply);
     }
     Err(std::io::Error::new(
         std::io::ErrorKind::UnexpectedEof,
@@ -209,6 +240,7 @@ mod tests {
             phase: "distributing".into(),
             acked: 12,
             total: 50,
+            paused: false,
         });
         assert_eq!(
             serde_json::to_string(&p).unwrap(),
@@ -255,6 +287,7 @@ mod tests {
                 phase: "draining".into(),
                 acked: 3,
                 total: 3,
+                paused: false,
             };
             inc.tx.send(Reply::Progress(p)).unwrap();
             inc.tx

@@ -49,6 +49,13 @@ use table::Table;
 pub enum ControllerError {
     #[error("no controller in {dir}: run `keyfleet init` first (or give --state DIR)")]
     NotInitialised { dir: PathBuf },
+    #[error("permission denied reading {path}: the controller's state directory {dir} belongs to {owner} and this is uid {me}; run keyfleet as the user that owns it (e.g. `sudo -u <owner> keyfleet ...`), or give --state DIR (or KEYFLEET_STATE) for a directory of your own")]
+    NoAccess {
+        dir: PathBuf,
+        path: PathBuf,
+        owner: String,
+        me: u32,
+    },
     #[error("{dir} already holds a controller; `keyfleet init` never overwrites one (use another --state DIR, or remove the directory to start over)")]
     AlreadyInitialised { dir: PathBuf },
     #[error("another keyfleet controller is working on {dir} (a `keyfleet serve`, or another command); wait for it or stop it")]
@@ -72,6 +79,8 @@ pub enum ControllerError {
     Restore(#[from] RestoreError),
     #[error(transparent)]
     Command(#[from] CommandError),
+    #[error("{0}")]
+    Duplicate(String),
 }
 
 type Result<T> = std::result::Result<T, ControllerError>;
@@ -110,6 +119,53 @@ impl StateDir {
         self.secrets().exists()
     }
 
+    /// Whether `keyfleet init` has run here, telling "no controller" apart
+    /// from "a controller this user may not read" (a directory of another
+    /// user, or of root, is not "no controller").
+    pub fn initialised(&self) -> Result<bool> {
+        for path in [self.dir.clone(), self.secrets()] {
+            match std::fs::metadata(&path) {
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+                Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                    return Err(self.no_access(&path));
+                }
+                Err(source) => {
+                    return Err(ControllerError::Io {
+                        what: "read",
+                        path,
+                        source,
+                    })
+                }
+            }
+        }
+        // The directory may be searchable but its files not readable.
+        match std::fs::File::open(self.secrets()) {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                Err(self.no_access(&self.secrets()))
+            }
+            Err(source) => Err(ControllerError::Io {
+                what: "read",
+                path: self.secrets(),
+                source,
+            }),
+        }
+    }
+
+    fn no_access(&self, path: &std::path::Path) -> ControllerError {
+        use std::os::unix::fs::MetadataExt;
+        let owner = std::fs::metadata(&self.dir)
+            .map(|m| format!("uid {}", m.uid()))
+            .unwrap_or_else(|_| "another user".into());
+        ControllerError::NoAccess {
+            dir: self.dir.clone(),
+            path: path.to_path_buf(),
+            owner,
+            me: rustix::process::geteuid().as_raw(),
+        }
+    }
+
     /// Takes the directory's exclusive lock (non-blocking); held until dropped.
     pub fn lock(&self) -> Result<DirLock> {
         statefile::ensure_private_dir(&self.dir)?;
@@ -140,7 +196,7 @@ impl StateDir {
 
     /// Opens the management table for reading (`status`, `history`).
     pub fn open_table(&self) -> Result<Store> {
-        if !self.is_initialised() {
+        if !self.initialised()? {
             return Err(ControllerError::NotInitialised {
                 dir: self.dir.clone(),
             });
@@ -216,7 +272,8 @@ pub struct RejoinReport {
 pub struct EnrollReport {
     pub node_id: String,
     pub member: u32,
-    pub address: String,
+    /// `None` until the node is heard from, when enrolled without an address.
+    pub address: Option<String>,
     pub fingerprint: String,
 }
 
@@ -228,23 +285,107 @@ pub struct Progress {
     pub phase: String,
     pub acked: u32,
     pub total: u32,
+    /// The round waits: too few nodes answered by the deadline.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub paused: bool,
 }
 
-/// A finished round (what `rekey --json` prints).
+/// How a round command ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RoundOutcome {
+    /// The new key is current.
+    #[default]
+    Completed,
+    /// Too few nodes answered (none: the controller is cut off): the old key
+    /// stays current and the round waits, retrying, in `keyfleet serve` or
+    /// until the next `keyfleet rekey`.
+    Paused,
+}
+
+/// Who carries a paused round on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CarriedOnBy {
+    /// The running `keyfleet serve` keeps retrying and completes it once nodes answer.
+    Serve,
+    /// Nobody until the next `keyfleet rekey` or `keyfleet serve`, which finishes it first.
+    NextCommand,
+}
+
+/// A round as a command reports it (what `rekey --json` prints).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct RoundReport {
+    #[serde(default)]
+    pub outcome: RoundOutcome,
     pub epoch: u32,
-    /// Nodes in the round: active and stale ones.
+    /// The current group key's epoch when the report was made: `epoch` once
+    /// the round completed, the old one while it is paused.
+    #[serde(default)]
+    pub current_epoch: u32,
+    /// Every enrolled node, joined or not.
     pub nodes: u32,
+    /// Nodes that joined (active or stale).
+    #[serde(default)]
+    pub joined: u32,
+    /// Nodes that confirmed the round (paused: the phase it waits in).
     pub acked: u32,
     pub stale: u32,
-    /// From the new key to the end of the second transition.
+    /// Enrolled nodes that never joined (they get the key when they join).
+    #[serde(default)]
+    pub not_joined: u32,
+    #[serde(default)]
+    pub stale_nodes: Vec<String>,
+    #[serde(default)]
+    pub not_joined_nodes: Vec<String>,
+    /// Paused: the phase the round waits in, the confirmations it needs and
+    /// the live nodes that have not answered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub needed: Option<u32>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub silent_nodes: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub carried_on_by: Option<CarriedOnBy>,
+    /// Times the round paused on its way.
+    #[serde(default)]
+    pub pauses: u32,
+    /// From the new key to the end of the second transition (paused: so far).
     pub elapsed_ms: u64,
     pub phases_ms: PhaseTimes,
     /// The new key's check value.
     pub check: String,
     /// Spent before the round began (waiting for joins, or for a round in progress).
     pub waited_ms: u64,
+    /// Rounds that finished while the command waited, before its own: the
+    /// round in progress it was queued behind, or one an interrupted command left.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub earlier: Vec<RoundReport>,
+}
+
+impl RoundReport {
+    /// Whether the command failed: the round did not complete, or left nodes stale.
+    pub fn failed(&self) -> bool {
+        self.outcome != RoundOutcome::Completed || self.stale > 0
+    }
+}
+
+/// A round command that waits behind a round in progress (the control
+/// socket's `queued` line; printed by `rekey` instead of nothing).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct Queued {
+    /// The round in progress, finished first.
+    pub running_epoch: u32,
+    pub running_phase: String,
+    /// It is paused (the command made it retry at once).
+    pub paused: bool,
+    /// It was left by a controller that stopped (an interrupted `rekey`, a crash).
+    pub resumed: bool,
+    /// The round that answers the command.
+    pub epoch: u32,
+    /// Another command had queued that round already: this one joins it.
+    pub joined_queue: bool,
 }
 
 /// A command that runs a round: `rekey`, or `remove` (a rekey without the node).
@@ -341,6 +482,8 @@ fn save(opts: &Options, p: &ControllerPersist) -> Result<()> {
 struct Waiter {
     /// Done once a round of this epoch or later finishes.
     target: u32,
+    /// Rounds finished before it while it waited.
+    earlier: Vec<RoundReport>,
     since_ms: u64,
     last: Option<Progress>,
     tx: tokio::sync::mpsc::UnboundedSender<control::Reply>,
@@ -362,6 +505,8 @@ pub struct Controller {
     out: Vec<ControllerAction>,
     /// Rounds finished in the last pass.
     finished: Vec<RoundReport>,
+    /// Rounds paused in the last pass.
+    paused: Vec<RoundReport>,
     waiters: Vec<Waiter>,
     /// The passphrase's sealing key, derived (Argon2id) at the first persist
     /// and reused: a sealed controller does not pay the KDF on every pass.
@@ -409,7 +554,7 @@ impl Controller {
     /// Takes the lock, restores the machine and reconciles the table.
     pub fn open(opts: Options) -> Result<Controller> {
         let st = opts.state.clone();
-        if !st.is_initialised() {
+        if !st.initialised()? {
             return Err(ControllerError::NotInitialised { dir: st.dir });
         }
         let lock = st.lock()?;
@@ -436,6 +581,7 @@ impl Controller {
             timers: Timers::new(),
             out: Vec::new(),
             finished: Vec::new(),
+            paused: Vec::new(),
             waiters: Vec::new(),
             seal_key: None,
             ops: Ops::default(),
@@ -525,28 +671,60 @@ impl Controller {
             if let Some(m) = &self.ops.metrics {
                 m.record(r);
             }
-            if let Record::RoundFinished {
-                epoch,
-                check,
-                started_at,
-                finished_at,
-                phases_ms,
-                nodes,
-                acked,
-                stale,
-                ..
-            } = r
-            {
-                self.finished.push(RoundReport {
+            match r {
+                Record::RoundFinished {
+                    epoch,
+                    check,
+                    started_at,
+                    finished_at,
+                    phases_ms,
+                    nodes,
+                    acked,
+                    enrolled,
+                    stale_nodes,
+                    not_joined,
+                    pauses,
+                    ..
+                } => self.finished.push(RoundReport {
+                    outcome: RoundOutcome::Completed,
                     epoch: epoch.0,
-                    nodes: *nodes,
+                    current_epoch: epoch.0,
+                    nodes: *enrolled,
+                    joined: *nodes,
                     acked: *acked,
-                    stale: *stale,
+                    stale: stale_nodes.len() as u32,
+                    not_joined: not_joined.len() as u32,
+                    stale_nodes: stale_nodes.iter().map(ToString::to_string).collect(),
+                    not_joined_nodes: not_joined.iter().map(ToString::to_string).collect(),
+                    phase: None,
+                    needed: None,
+                    silent_nodes: Vec::new(),
+                    carried_on_by: None,
+                    pauses: *pauses,
                     elapsed_ms: finished_at.since(*started_at),
                     phases_ms: *phases_ms,
                     check: check.to_string(),
                     waited_ms: 0,
-                });
+                    earlier: Vec::new(),
+                }),
+                Record::RoundPaused {
+                    epoch,
+                    phase,
+                    confirmed,
+                    needed,
+                    silent,
+                    pauses,
+                    at,
+                    ..
+                } => {
+                    let mut rep = self.paused_report(*epoch, *phase, *at);
+                    rep.pauses = *pauses;
+                    rep.acked = *confirmed;
+                    rep.needed = Some(*needed);
+                    rep.silent_nodes = silent.iter().map(ToString::to_string).collect();
+                    self.paused.push(rep);
+                }
+                _ => {}
             }
         }
         // (3) Sends.
@@ -590,6 +768,7 @@ impl Controller {
             phase: phase_name(phase).into(),
             acked: total.saturating_sub(self.machine.waiting()),
             total,
+            paused: self.machine.paused_since().is_some(),
         })
     }
 
@@ -615,12 +794,151 @@ impl Controller {
     }
 
     /// Enrolls a node (no network needed).
+    /// The report of the round in progress as it stands, paused (the caller
+    /// fills in what the pause record says).
+    fn paused_report(
+        &self,
+        epoch: crate::crypto::Epoch,
+        phase: RoundPhase,
+        now: Time,
+    ) -> RoundReport {
+        let names = |want: MemberStatus| -> Vec<String> {
+            self.machine
+                .members()
+                .filter(|(_, _, s)| *s == want)
+                .map(|(_, id, _)| id.to_string())
+                .collect()
+        };
+        let (stale_nodes, not_joined_nodes) =
+            (names(MemberStatus::Stale), names(MemberStatus::Enrolled));
+        let nodes = self.machine.members().count() as u32;
+        let (started, check) = self
+            .machine
+            .round_started()
+            .map_or((now, String::new()), |(t, c)| (t, c.to_string()));
+        RoundReport {
+            outcome: RoundOutcome::Paused,
+            epoch: epoch.0,
+            current_epoch: self.machine.current_epoch().0,
+            nodes,
+            joined: nodes - not_joined_nodes.len() as u32,
+            acked: self.machine.confirmed(),
+            stale: stale_nodes.len() as u32,
+            not_joined: not_joined_nodes.len() as u32,
+            stale_nodes,
+            not_joined_nodes,
+            phase: Some(phase_name(phase).into()),
+            needed: Some(self.machine.needed()),
+            silent_nodes: Vec::new(),
+            carried_on_by: None,
+            pauses: 0,
+            elapsed_ms: now.since(started),
+            phases_ms: PhaseTimes::default(),
+            check,
+            waited_ms: 0,
+            earlier: Vec::new(),
+        }
+    }
+
+    /// The paused round in progress, as a report, if it is paused.
+    fn paused_now(&self) -> Option<RoundReport> {
+        self.machine.paused_since()?;
+        let (epoch, phase) = self.machine.round()?;
+        Some(self.paused_report(epoch, phase, self.now()))
+    }
+
+    /// What a round command waits behind, if a round is in progress.
+    fn queued(
+        &self,
+        before: Option<(u32, RoundPhase, bool)>,
+        target: u32,
+        resumed: bool,
+    ) -> Option<Queued> {
+        let (running_epoch, phase, paused) = before?;
+        (target > running_epoch).then(|| Queued {
+            running_epoch,
+            running_phase: phase_name(phase).into(),
+            paused,
+            resumed,
+            epoch: target,
+            joined_queue: self.out_has_folded_trigger(),
+        })
+    }
+
+    fn out_has_folded_trigger(&self) -> bool {
+        self.out.iter().any(|a| {
+            matches!(
+                a,
+                ControllerAction::Record(Record::TriggerFired {
+                    outcome: crate::protocol::TriggerOutcome::AlreadyQueued,
+                    ..
+                })
+            )
+        })
+    }
+
+    /// Refuses (or, with `force`, warns about) an enrollment that gives a
+    /// second node the initial key or the address of an enrolled one.
+    fn check_alike(
+        &self,
+        node_id: &NodeId,
+        key: &InitialKey,
+        addr: SocketAddr,
+        force: bool,
+    ) -> std::result::Result<(), String> {
+        let (same_key, same_addr) = self.machine.enrolled_alike(key, addr);
+        let mut problems = Vec::new();
+        if let Some(other) = same_key.filter(|o| *o != node_id) {
+            problems.push(format!(
+                "node {other} is already enrolled with the same initial key (check {}): each \
+                 appliance has a key of its own, so this label is mislabelled, copied or read twice",
+                key.fingerprint()
+            ));
+        }
+        if let Some(other) = same_addr.filter(|o| *o != node_id) {
+            problems.push(format!(
+                "node {other} is already enrolled at {addr}: two agents cannot listen on one \
+                 address (leave --addr out and the controller learns each node's address when it joins)"
+            ));
+        }
+        if problems.is_empty() {
+            return Ok(());
+        }
+        if force {
+            for p in &problems {
+                tracing::warn!(node = %node_id, "enrolled with --force although {p}");
+            }
+            return Ok(());
+        }
+        Err(format!(
+            "{node_id} was not enrolled: {}; check and enroll again, or give --force to enroll it anyway",
+            problems.join("; and ")
+        ))
+    }
+
+    /// Where this controller is on the network.
+    pub fn info(&self) -> control::ServeInfo {
+        let n = &self.opts.config.network;
+        control::ServeInfo {
+            group: n.group,
+            iface: n.iface,
+            listen_port: n.listen_port,
+        }
+    }
+
+    /// Enrolls a node (no network needed). `addr` is `0.0.0.0:0` when not
+    /// known yet: the controller learns it from the node's first
+    /// authenticated message. A second node with the same initial key or
+    /// address is refused unless `force`.
     pub async fn enroll(
         &mut self,
         node_id: NodeId,
         key: InitialKey,
         addr: SocketAddr,
+        force: bool,
     ) -> Result<EnrollReport> {
+        self.check_alike(&node_id, &key, addr, force)
+            .map_err(ControllerError::Duplicate)?;
         self.feed(ControllerInput::Enroll {
             node_id: node_id.clone(),
             initial_key: key,
@@ -645,7 +963,7 @@ impl Controller {
         Ok(EnrollReport {
             node_id: node_id.to_string(),
             member,
-            address: addr.to_string(),
+            address: (addr.port() != 0).then(|| addr.to_string()),
             fingerprint,
         })
     }
@@ -754,13 +1072,17 @@ impl Controller {
     }
 
     /// Runs one round command without `keyfleet serve`: binds the sockets,
-    /// resumes a round in progress, waits (up to `rekey.join_wait_ms`) for
-    /// enrolled nodes that never joined, runs the round to its end, answers
-    /// late key requests for `rekey.linger_ms`, and returns.
+    /// resumes a round in progress (a controller that stopped left it; it is
+    /// finished first and reported in `earlier`), waits (up to
+    /// `rekey.join_wait_ms`) for enrolled nodes that never joined, runs the
+    /// round to its end or until it pauses (too few nodes answered: the next
+    /// `rekey` or `serve` carries it on), answers late key requests for
+    /// `rekey.linger_ms`, and returns. `update` gets the progress and, when the
+    /// command waits behind a round in progress, a [`control::Reply::Queued`].
     pub async fn run_round(
         &mut self,
         cmd: RoundCommand,
-        mut progress: impl FnMut(&Progress),
+        mut update: impl FnMut(&control::Reply),
     ) -> Result<Option<RoundReport>> {
         if let RoundCommand::Remove(id) = &cmd {
             if self.machine.member_status(id).is_none() {
@@ -776,12 +1098,13 @@ impl Controller {
         let join_until = t0 + self.opts.config.rekey.join_wait_ms;
         let total = self.machine.members().count() as u32;
         while self.unjoined() > 0 && self.clock.now_ms() < join_until {
-            progress(&Progress {
+            update(&control::Reply::Progress(Progress {
                 epoch: self.machine.current_epoch().0,
                 phase: "waiting_for_joins".into(),
                 acked: total - self.unjoined() as u32,
                 total,
-            });
+                paused: false,
+            }));
             let left = Duration::from_millis(join_until.saturating_sub(self.clock.now_ms()));
             match tokio::time::timeout(left, self.step(&mut net)).await {
                 Ok(r) => r?,
@@ -795,36 +1118,54 @@ impl Controller {
                 "enrolled nodes did not join in time; they are left out of this round and catch up when they join"
             );
         }
-        // A round a crashed controller left unfinished is finished first; `rekey`
-        // is then answered by it (it brings a fresh key too) rather than by a second round.
-        let resumed = self.machine.round().map(|(e, _)| e.0);
-        let target = match (&cmd, resumed) {
-            (RoundCommand::Rekey, Some(e)) => {
-                tracing::info!(
-                    epoch = e,
-                    "finishing the round a previous controller left unfinished"
-                );
-                e
-            }
-            _ => match self.start_command(&cmd)? {
-                Some(t) => t,
-                None => {
-                    self.flush(Some(&net)).await?;
-                    return Ok(None);
-                }
-            },
+        // A round a stopped controller left unfinished is finished first; this
+        // command's own round follows it, and both are reported.
+        let before = self
+            .machine
+            .round()
+            .map(|(e, p)| (e.0, p, self.machine.paused_since().is_some()));
+        if let Some((e, _, _)) = before {
+            tracing::info!(
+                epoch = e,
+                "finishing first the round a previous controller left unfinished"
+            );
+        }
+        let Some(target) = self.start_command(&cmd)? else {
+            self.flush(Some(&net)).await?;
+            return Ok(None);
         };
+        if let Some(q) = self.queued(before, target, true) {
+            update(&control::Reply::Queued(q));
+        }
+        // Pauses of the resumed round before this command's feed are history.
+        self.paused.clear();
         let started = self.clock.now_ms();
         self.flush(Some(&net)).await?;
         let mut last = None;
+        let mut earlier = Vec::new();
         let report = loop {
-            if let Some(r) = self.finished.drain(..).find(|r| r.epoch >= target) {
+            let mut own = None;
+            for r in self.finished.drain(..) {
+                if r.epoch >= target {
+                    own = Some(r);
+                } else {
+                    earlier.push(r);
+                }
+            }
+            if let Some(r) = own {
                 break r;
+            }
+            if let Some(mut r) = self.paused.pop() {
+                self.paused.clear();
+                r.carried_on_by = Some(CarriedOnBy::NextCommand);
+                r.earlier = earlier;
+                r.waited_ms = started.saturating_sub(t0);
+                return Ok(Some(r));
             }
             let p = self.progress();
             if p != last {
                 if let Some(p) = &p {
-                    progress(p);
+                    update(&control::Reply::Progress(p.clone()));
                 }
                 last = p;
             }
@@ -842,6 +1183,7 @@ impl Controller {
         }
         let mut report = report;
         report.waited_ms = started.saturating_sub(t0);
+        report.earlier = earlier;
         Ok(Some(report))
     }
 
@@ -973,13 +1315,20 @@ impl Controller {
             let _ = tx.send(r);
         };
         match request {
-            control::Request::Enroll { node_id, addr, key } => {
+            control::Request::Info => reply(&tx, control::Reply::Info(self.info())),
+            control::Request::Enroll {
+                node_id,
+                addr,
+                key,
+                force,
+            } => {
                 let r = (|| -> std::result::Result<EnrollReport, String> {
                     let node_id = NodeId::parse(&node_id).map_err(|e| e.to_string())?;
                     let addr: SocketAddr = addr
                         .parse()
                         .map_err(|_| format!("{addr:?} is not HOST:PORT"))?;
                     let key = control::key_from_hex(&key)?;
+                    self.check_alike(&node_id, &key, addr, force)?;
                     self.feed(ControllerInput::Enroll {
                         node_id: node_id.clone(),
                         initial_key: key,
@@ -1004,7 +1353,7 @@ impl Controller {
                     Ok(EnrollReport {
                         node_id: node_id.to_string(),
                         member,
-                        address: addr.to_string(),
+                        address: (addr.port() != 0).then(|| addr.to_string()),
                         fingerprint,
                     })
                 })();
@@ -1059,14 +1408,24 @@ impl Controller {
                     },
                     _ => (RoundCommand::Rekey, WaitKind::Rekey),
                 };
+                let before = self
+                    .machine
+                    .round()
+                    .map(|(e, p)| (e.0, p, self.machine.paused_since().is_some()));
                 match self.start_command(&cmd) {
-                    Ok(Some(target)) => self.waiters.push(Waiter {
-                        target,
-                        since_ms: self.clock.now_ms(),
-                        last: None,
-                        tx,
-                        kind,
-                    }),
+                    Ok(Some(target)) => {
+                        if let Some(q) = self.queued(before, target, false) {
+                            let _ = tx.send(control::Reply::Queued(q));
+                        }
+                        self.waiters.push(Waiter {
+                            target,
+                            earlier: Vec::new(),
+                            since_ms: self.clock.now_ms(),
+                            last: None,
+                            tx,
+                            kind,
+                        });
+                    }
                     Ok(None) => reply(
                         &tx,
                         match kind {
@@ -1092,12 +1451,30 @@ impl Controller {
 
     fn answer_waiters(&mut self) {
         let finished = std::mem::take(&mut self.finished);
+        let mut paused = std::mem::take(&mut self.paused).pop();
+        // A command that arrives while the round is paused (a removal, say,
+        // that cannot move it on) is told at once rather than left waiting.
+        if paused.is_none() && self.waiters.iter().any(|w| w.last.is_none()) {
+            paused = self.paused_now();
+        }
         let progress = self.progress();
         let now = self.clock.now_ms();
         self.waiters.retain_mut(|w| {
-            if let Some(r) = finished.iter().find(|r| r.epoch >= w.target) {
-                let mut r = r.clone();
+            w.earlier
+                .extend(finished.iter().filter(|r| r.epoch < w.target).cloned());
+            let done = finished
+                .iter()
+                .find(|r| r.epoch >= w.target)
+                .cloned()
+                .or_else(|| {
+                    paused.clone().map(|mut p| {
+                        p.carried_on_by = Some(CarriedOnBy::Serve);
+                        p
+                    })
+                });
+            if let Some(mut r) = done {
                 r.waited_ms = now.saturating_sub(w.since_ms).saturating_sub(r.elapsed_ms);
+                r.earlier = std::mem::take(&mut w.earlier);
                 let reply = match &w.kind {
                     WaitKind::Rekey => control::Reply::Rekeyed(r),
                     WaitKind::Remove(id) => control::Reply::Removed(RemoveReport {
@@ -1165,6 +1542,29 @@ fn log_record(r: &Record) {
         Record::NodeStale { node_id, epoch, .. } => {
             tracing::warn!(node = %node_id, %epoch, "node stale: left out of the round")
         }
+        Record::RoundPaused {
+            epoch,
+            phase,
+            confirmed,
+            needed,
+            joined,
+            silent,
+            ..
+        } => tracing::warn!(
+            %epoch,
+            "round paused: {}",
+            table::pause_text(*phase, *confirmed, *needed, *joined, silent)
+        ),
+        Record::RoundResumed { epoch, cause, .. } => {
+            tracing::info!(%epoch, ?cause, "round resumed")
+        }
+        Record::NodeAddressChanged {
+            node_id,
+            from,
+            to,
+            message,
+            ..
+        } => tracing::info!(node = %node_id, %from, %to, message, "node address changed"),
         // Logged by the table, rate-counted with the audit rows.
         r if table::rate_counted(r).is_some() => {}
         Record::TriggerFired {
@@ -1216,6 +1616,7 @@ mod tests {
                     NodeId::parse("n1").unwrap(),
                     InitialKey([7; 16]),
                     "127.0.0.1:9000".parse().unwrap(),
+                    false,
                 )
                 .await
                 .unwrap();
@@ -1282,6 +1683,7 @@ mod tests {
                 NodeId::parse("late").unwrap(),
                 InitialKey([9; 16]),
                 "127.0.0.1:9009".parse().unwrap(),
+                false,
             )
             .await
             .unwrap();

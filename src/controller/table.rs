@@ -21,11 +21,11 @@
 use std::collections::HashMap;
 
 use crate::protocol::{
-    ControllerMachine, ControllerPersist, MemberStatus, Record, Refusal, TriggerOutcome,
-    TriggerReason,
+    ControllerMachine, ControllerPersist, MemberStatus, Record, Refusal, ResumeCause,
+    TriggerOutcome, TriggerReason,
 };
 use crate::ratecount::{RateCounter, Seen, Summary};
-use crate::store::{AuditKind, NodeState, Outcome, Phase, Store, StoreError, Trigger};
+use crate::store::{AuditKind, Handout, NodeState, Outcome, Phase, Store, StoreError, Trigger};
 use crate::wire::{RoundPhase, Step};
 
 type Result<T> = std::result::Result<T, StoreError>;
@@ -68,6 +68,39 @@ fn detail(reason: &TriggerReason) -> serde_json::Value {
         o.insert("text".into(), reason.to_string().into());
     }
     v
+}
+
+/// Why a round paused, in words (the rounds table and the audit log).
+pub fn pause_text(
+    phase: RoundPhase,
+    confirmed: u32,
+    needed: u32,
+    joined: u32,
+    silent: &[crate::wire::NodeId],
+) -> String {
+    let who = if silent.is_empty() {
+        String::new()
+    } else {
+        let names: Vec<&str> = silent.iter().map(|n| n.as_str()).collect();
+        format!("; silent: {}", names.join(", "))
+    };
+    if confirmed == 0 {
+        format!(
+            "no node answered in phase {phase:?} ({joined} joined): the controller may be cut off; \
+             nobody was marked stale, the old key stays current, retrying{who}"
+        )
+    } else {
+        format!(
+            "{confirmed} of {joined} joined nodes confirmed phase {phase:?}, {needed} needed; \
+             the old key stays current, retrying{who}"
+        )
+    }
+}
+
+/// A node's address for the table: `None` for the unspecified address a node
+/// enrolled without `--addr` has until it is heard from.
+fn known_addr(a: &std::net::SocketAddr) -> Option<String> {
+    (!a.ip().is_unspecified() && a.port() != 0).then(|| a.to_string())
 }
 
 /// Logs a failed row and goes on.
@@ -235,7 +268,9 @@ impl Table {
 
     /// Brings the table in line with the restored state `p` (the state file is
     /// written first, so it is the truth after a crash): nodes it holds and the
-    /// table lacks are enrolled, nodes it no longer holds are removed, its keys
+    /// table lacks are enrolled, nodes it no longer holds are removed, the
+    /// enrolled nodes' member numbers are the state's (a table written before
+    /// schema 3 numbered them itself: each repair is a `Renumbered` audit row), its keys
     /// are in the key history, and its round (if any) is the open round.
     pub fn reconcile(&mut self, p: &ControllerPersist, now_ms: u64) -> Result<()> {
         let rounds = &mut self.rounds;
@@ -245,20 +280,6 @@ impl Table {
                 .into_iter()
                 .map(|n| (n.node_id, n.removed_at_ms.is_none()))
                 .collect();
-            for m in &p.members {
-                let id = m.node_id.as_str();
-                if in_table.get(id) != Some(&true) {
-                    tracing::warn!(
-                        node = id,
-                        "node missing from the management table; restored"
-                    );
-                    soft(
-                        "a restored enrollment",
-                        s.enroll_node(id, &m.addr.to_string(), &m.fingerprint, m.enrolled_at.0)
-                            .map(drop),
-                    );
-                }
-            }
             for (id, live) in &in_table {
                 if *live && !p.members.iter().any(|m| m.node_id.as_str() == id) {
                     tracing::warn!(node = %id, "node not in the controller state; marked removed");
@@ -268,7 +289,48 @@ impl Table {
                     );
                 }
             }
-            let known = s.current_epoch()?.unwrap_or(0);
+            // One member numbering: the table takes the controller's numbers
+            // (a table written before issue 15 counted its own).
+            let want: Vec<(&str, u64)> = p
+                .members
+                .iter()
+                .filter(|m| in_table.get(m.node_id.as_str()) == Some(&true))
+                .map(|m| (m.node_id.as_str(), u64::from(m.member)))
+                .collect();
+            match s.renumber_members(&want, now_ms) {
+                Ok(changed) => {
+                    for (id, from, to) in changed {
+                        tracing::warn!(
+                            node = %id,
+                            from,
+                            to,
+                            "management table: member number set to the controller's"
+                        );
+                    }
+                }
+                Err(e) => soft("the member numbers", Err(e)),
+            }
+            for m in &p.members {
+                let id = m.node_id.as_str();
+                if in_table.get(id) != Some(&true) {
+                    tracing::warn!(
+                        node = id,
+                        "node missing from the management table; restored"
+                    );
+                    soft(
+                        "a restored enrollment",
+                        s.enroll_node(
+                            id,
+                            m.member.into(),
+                            known_addr(&m.addr).as_deref(),
+                            &m.fingerprint,
+                            m.enrolled_at.0,
+                        )
+                        .map(drop),
+                    );
+                }
+            }
+            let known = s.newest_epoch()?.unwrap_or(0);
             let ensure_key = |s: &mut Store, epoch: u32, check: String, why: &TriggerReason| {
                 if u64::from(epoch) > known {
                     soft(
@@ -289,6 +351,11 @@ impl Table {
                 p.core.current.epoch().0,
                 p.core.current.check_value().to_string(),
                 &TriggerReason::Initial,
+            );
+            // The state's current key is current, whatever the table missed.
+            soft(
+                "the current key",
+                s.activate_key(p.core.current.epoch().0.into(), now_ms),
             );
             let open = s.unfinished_round()?;
             match (&p.core.round, open) {
@@ -451,24 +518,41 @@ fn write_one(s: &mut Store, rounds: &mut HashMap<u32, i64>, r: &Record, ctx: &Ct
             }
         }
         Record::NodeEnrolled {
+            member,
             node_id,
             addr,
             fingerprint,
             at,
-            ..
         } => soft(
             "an enrollment",
-            s.enroll_node(node_id.as_str(), &addr.to_string(), fingerprint, at.0)
-                .map(drop),
+            s.enroll_node(
+                node_id.as_str(),
+                (*member).into(),
+                known_addr(addr).as_deref(),
+                fingerprint,
+                at.0,
+            )
+            .map(drop),
         ),
         Record::NodeRemoved { node_id, at, .. } => soft(
             "a removal",
             s.remove_node(node_id.as_str(), "keyfleet remove", at.0),
         ),
         Record::JoinAnswered {
-            node_id, epoch, at, ..
+            node_id,
+            epoch,
+            round_epoch,
+            at,
+            ..
         } => {
             soft("a join", s.node_seen(&[node_id.as_str()], at.0));
+            let epochs: Vec<u64> = std::iter::once(epoch.0.into())
+                .chain(round_epoch.map(|e| e.0.into()))
+                .collect();
+            soft(
+                "a key handed out",
+                s.record_handout(&epochs, node_id.as_str(), Handout::Join, at.0),
+            );
             soft(
                 "a join",
                 s.audit(
@@ -485,10 +569,18 @@ fn write_one(s: &mut Store, rounds: &mut HashMap<u32, i64>, r: &Record, ctx: &Ct
             held,
             epoch,
             round,
+            round_epoch,
             at,
             ..
         } => {
             soft("a key request", s.node_seen(&[node_id.as_str()], at.0));
+            let epochs: Vec<u64> = std::iter::once(epoch.0.into())
+                .chain(round_epoch.map(|e| e.0.into()))
+                .collect();
+            soft(
+                "a key handed out",
+                s.record_handout(&epochs, node_id.as_str(), Handout::KeyRequest, at.0),
+            );
             soft(
                 "a key request",
                 s.audit(
@@ -533,9 +625,16 @@ fn write_one(s: &mut Store, rounds: &mut HashMap<u32, i64>, r: &Record, ctx: &Ct
                 );
             }
         }
-        Record::NodeAddressChanged { node_id, to, .. } => soft(
-            "an address",
-            s.set_address(node_id.as_str(), &to.to_string()),
+        Record::NodeAddressChanged {
+            node_id,
+            to,
+            message,
+            seq,
+            at,
+            ..
+        } => soft(
+            "an address change",
+            s.record_address_change(node_id.as_str(), &to.to_string(), message, *seq, at.0),
         ),
         Record::KeySent {
             epoch, node_id, at, ..
@@ -593,6 +692,10 @@ fn write_one(s: &mut Store, rounds: &mut HashMap<u32, i64>, r: &Record, ctx: &Ct
             stale,
             ..
         } => {
+            soft(
+                "the new current key",
+                s.activate_key(epoch.0.into(), finished_at.0),
+            );
             if let Some(id) = rounds.remove(&epoch.0) {
                 soft(
                     "the end of a round",
@@ -663,6 +766,58 @@ fn write_one(s: &mut Store, rounds: &mut HashMap<u32, i64>, r: &Record, ctx: &Ct
             )
             .map(drop),
         ),
+        Record::RoundPaused {
+            epoch,
+            phase,
+            confirmed,
+            needed,
+            joined,
+            silent,
+            at,
+            ..
+        } => {
+            let text = pause_text(*phase, *confirmed, *needed, *joined, silent);
+            if let Some(id) = rounds.get(&epoch.0) {
+                soft("a paused round", s.round_paused(*id, &text, at.0));
+            }
+            soft(
+                "a paused round",
+                s.audit(
+                    AuditKind::RoundPaused,
+                    None,
+                    &serde_json::json!({
+                        "epoch": epoch.0, "phase": phase, "confirmed": confirmed,
+                        "needed": needed, "joined": joined, "silent": silent,
+                        "text": text,
+                    }),
+                    at.0,
+                )
+                .map(drop),
+            );
+        }
+        Record::RoundResumed {
+            epoch,
+            phase,
+            cause,
+            at,
+        } => {
+            if let Some(id) = rounds.get(&epoch.0) {
+                soft("a resumed round", s.round_resumed(*id));
+            }
+            soft(
+                "a resumed round",
+                s.audit(
+                    AuditKind::RoundResumed,
+                    match cause {
+                        ResumeCause::Answer { node_id, .. } => Some(node_id.as_str()),
+                        _ => None,
+                    },
+                    &serde_json::json!({ "epoch": epoch.0, "phase": phase, "cause": cause }),
+                    at.0,
+                )
+                .map(drop),
+            );
+        }
         Record::KeyBatchSent { .. } | Record::TransitionSent { .. } => {}
     }
 }

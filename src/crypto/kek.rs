@@ -94,6 +94,12 @@ pub(crate) fn unwrap_with(
 }
 
 impl NodeKeys {
+    /// Whether both come from the same initial key (constant time).
+    pub fn same_as(&self, other: &NodeKeys) -> bool {
+        use subtle::ConstantTimeEq;
+        (self.kek.ct_eq(&other.kek) & self.mac.ct_eq(&other.mac)).into()
+    }
+
     pub fn derive(initial: &InitialKey) -> NodeKeys {
         let hk = Hkdf::<Sha256>::new(Some(b"keyfleet v1 node keys"), &initial.0);
         let mut keys = NodeKeys {

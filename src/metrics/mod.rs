@@ -249,7 +249,7 @@ impl ControllerMetrics {
         let mut r = Registry::with_prefix("keyfleet");
         r.register(
             "rounds",
-            "Rekey rounds finished, by outcome: completed (every node acknowledged) or completed_with_stale (stale nodes left out)",
+            "Rekey rounds by outcome: completed (every node acknowledged), completed_with_stale (stale nodes left out), paused (counted each time a round paused because too few nodes acknowledged; it is retried, not completed)",
             m.rounds.clone(),
         );
         r.register_with_unit(
@@ -415,6 +415,11 @@ impl ControllerMetrics {
             }
             Record::NodeStale { .. } => {
                 self.marked_stale.inc();
+            }
+            Record::RoundPaused { .. } => {
+                self.rounds
+                    .get_or_create(&OutcomeLabel { outcome: "paused" })
+                    .inc();
             }
             Record::Refused { reason, .. } => {
                 let kind = reason.kind();
@@ -690,6 +695,10 @@ mod tests {
             nodes: 5,
             acked: 4,
             stale: 1,
+            enrolled: 5,
+            stale_nodes: vec![crate::wire::NodeId::parse("pump-5").unwrap()],
+            not_joined: Vec::new(),
+            pauses: 0,
         });
         m.record(&Record::Refused {
             from: "192.0.2.1:9".parse().unwrap(),

@@ -34,7 +34,14 @@
 //!
 //! A node that does not answer within `stale_after_ms` of the phase start is
 //! marked *stale* (`Record::NodeStale`), left out of the round, and counted
-//! live again when it catches up through a key request (SPEC §5). When a stale
+//! live again when it catches up through a key request (SPEC §5) — but only
+//! when enough others confirmed the phase ([`ControllerMachine::needed`]:
+//! `min_acked` and a majority of the joined nodes). With fewer (none at all:
+//! the controller is the one cut off) the round is *paused*
+//! (`Record::RoundPaused`): nobody is marked stale, the old key stays
+//! current, retries go on, and the first confirmation, a restart, a rekey by
+//! hand or a removal resumes it (`Record::RoundResumed`) with a fresh stale
+//! deadline. A phase never ends with fewer confirmations than needed. When a stale
 //! node shows it is alive (a usage report, a reply out of step) the controller
 //! sends it a resync request, so it asks even without a link-up.
 //!
@@ -93,6 +100,12 @@ pub struct ControllerConfig {
     pub group_attempts: u32,
     /// A node that has not answered this long after a phase began is stale (default 60000 ms).
     pub stale_after_ms: u64,
+    /// A phase ends (leaving the silent nodes stale) only once at least this
+    /// many nodes confirmed it (default 1; never more than the joined nodes)…
+    pub min_acked: u32,
+    /// …and, when true (default), more than half of the joined nodes. Below
+    /// that the round is paused and retried, not completed.
+    pub min_acked_majority: bool,
     pub triggers: TriggerConfig,
 }
 
@@ -105,6 +118,8 @@ impl Default for ControllerConfig {
             retry_jitter_pct: 25,
             group_attempts: 2,
             stale_after_ms: 60_000,
+            min_acked: 1,
+            min_acked_majority: true,
             triggers: TriggerConfig::default(),
         }
     }
@@ -265,21 +280,26 @@ pub enum Record {
         until: Time,
         at: Time,
     },
-    /// A handshake was answered with the member number and key state.
+    /// A handshake was answered with the member number and key state: the current
+    /// key (`epoch`) and, during a round, the round's key (`round_epoch`).
     JoinAnswered {
         member: u32,
         node_id: NodeId,
         addr: SocketAddr,
         epoch: Epoch,
+        round_epoch: Option<Epoch>,
         at: Time,
     },
-    /// A key request (SPEC §5) was answered; `held` is the newest epoch the node had.
+    /// A key request (SPEC §5) was answered; `held` is the newest epoch the
+    /// node had; the answer carried the key of `epoch` and, during a round,
+    /// the round's key (`round_epoch`).
     KeyRequestAnswered {
         member: u32,
         node_id: NodeId,
         held: Epoch,
         epoch: Epoch,
         round: Option<RoundPhase>,
+        round_epoch: Option<Epoch>,
         at: Time,
     },
     /// A member's status changed (joined → active, active → stale, stale → active).
@@ -291,11 +311,15 @@ pub enum Record {
         epoch: Epoch,
         at: Time,
     },
+    /// A node's authenticated message (`message`, its sequence number `seq`)
+    /// came from a new address.
     NodeAddressChanged {
         member: u32,
         node_id: NodeId,
         from: SocketAddr,
         to: SocketAddr,
+        message: &'static str,
+        seq: u64,
         at: Time,
     },
     /// The new key went to one node (in a group batch or by unicast); `attempt` counts from 1 per phase.
@@ -345,6 +369,9 @@ pub enum Record {
         waiting: u32,
         at: Time,
     },
+    /// The round completed: its key is current. `nodes` are the joined nodes
+    /// (active or stale), `enrolled` every enrolled one; `stale_nodes` did not
+    /// get the key in the round, `not_joined` never joined (they get it when they do).
     RoundFinished {
         epoch: Epoch,
         check: CheckValue,
@@ -355,6 +382,34 @@ pub enum Record {
         nodes: u32,
         acked: u32,
         stale: u32,
+        enrolled: u32,
+        stale_nodes: Vec<NodeId>,
+        not_joined: Vec<NodeId>,
+        /// Times the round was paused on its way.
+        pauses: u32,
+    },
+    /// Too few nodes confirmed `phase` by its deadline (`confirmed` of the
+    /// `needed`; none at all means the controller is the one cut off): nobody
+    /// is marked stale, the old key stays current, and the round waits,
+    /// retrying, until nodes answer again.
+    RoundPaused {
+        epoch: Epoch,
+        phase: RoundPhase,
+        confirmed: u32,
+        needed: u32,
+        joined: u32,
+        /// Live nodes that have not confirmed the phase.
+        silent: Vec<NodeId>,
+        /// Pauses of this round so far, this one included.
+        pauses: u32,
+        at: Time,
+    },
+    /// A paused round goes on.
+    RoundResumed {
+        epoch: Epoch,
+        phase: RoundPhase,
+        cause: ResumeCause,
+        at: Time,
     },
     /// A datagram was refused (bad signature/MAC, replay, unknown member, …).
     Refused {
@@ -362,6 +417,20 @@ pub enum Record {
         reason: Refusal,
         at: Time,
     },
+}
+
+/// Why a paused round goes on.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "cause", rename_all = "snake_case")]
+pub enum ResumeCause {
+    /// A node confirmed the phase: the controller hears the fleet again.
+    Answer { member: u32, node_id: NodeId },
+    /// The controller restarted (`serve`, or a `rekey` that found the round).
+    Restart,
+    /// A rekey by hand during the pause: retry at once.
+    Rekey,
+    /// A node was removed: the round is judged again without it.
+    Removed { node_id: NodeId },
 }
 
 /// What the controller asks its shell to do, in order.
@@ -440,6 +509,12 @@ pub struct RoundPersist {
     pub drain_until: Option<Time>,
     pub activated_at: Option<Time>,
     pub phases_ms: PhaseTimes,
+    /// Paused since (too few nodes answered); absent in revision-1 files.
+    #[serde(default)]
+    pub paused_at: Option<Time>,
+    /// Times paused so far.
+    #[serde(default)]
+    pub pauses: u32,
 }
 
 /// One row of the management table's node list. Key bytes zeroized on drop.
@@ -580,6 +655,12 @@ struct Round {
     reason: TriggerReason,
     started_at: Time,
     phase_started: Time,
+    /// The stale deadline counts from here: the phase start, or the moment a
+    /// pause ended (the controller, not the nodes, was away).
+    stale_from: Time,
+    /// Paused since: too few nodes confirmed the phase by its deadline.
+    paused: Option<Time>,
+    pauses: u32,
     drain_until: Option<Time>,
     activated_at: Option<Time>,
     phases_ms: PhaseTimes,
@@ -701,6 +782,9 @@ impl ControllerMachine {
             started_at: r.started_at,
             // The stale clock restarts: the controller, not the nodes, was away.
             phase_started: now,
+            stale_from: now,
+            paused: r.paused_at,
+            pauses: r.pauses,
             drain_until: r.drain_until,
             activated_at: r.activated_at,
             phases_ms: r.phases_ms,
@@ -754,6 +838,8 @@ impl ControllerMachine {
                 drain_until: r.drain_until,
                 activated_at: r.activated_at,
                 phases_ms: r.phases_ms,
+                paused_at: r.paused,
+                pauses: r.pauses,
             }),
             seq_reserved: self.seq_reserved,
             next_member: self.members.len() as u32,
@@ -787,6 +873,13 @@ impl ControllerMachine {
         self.round.as_ref().map(|r| (r.epoch, r.phase))
     }
 
+    /// The round in progress: when it started and its key's check value.
+    pub fn round_started(&self) -> Option<(Time, CheckValue)> {
+        self.round
+            .as_ref()
+            .map(|r| (r.started_at, r.key.check_value()))
+    }
+
     /// Live members still to confirm the current phase.
     pub fn waiting(&self) -> u32 {
         self.round.as_ref().map_or(0, |r| r.waiting)
@@ -798,6 +891,24 @@ impl ControllerMachine {
             .iter()
             .flatten()
             .map(|m| (m.row.member, &m.row.node_id, m.row.status))
+    }
+
+    /// Enrolled nodes that an enrollment of `initial_key` at `addr` would
+    /// duplicate: the node already enrolled with the same initial key (each
+    /// appliance has its own: a second one is a mislabelled or cloned
+    /// appliance), and the node already at the same address (an unspecified
+    /// address, not yet known, matches none).
+    pub fn enrolled_alike(
+        &self,
+        initial_key: &InitialKey,
+        addr: SocketAddr,
+    ) -> (Option<&NodeId>, Option<&NodeId>) {
+        let keys = NodeKeys::derive(initial_key);
+        let rows = || self.members.iter().flatten().map(|m| &m.row);
+        let same_key = rows().find(|r| r.keys.same_as(&keys)).map(|r| &r.node_id);
+        let known = !addr.ip().is_unspecified() && addr.port() != 0;
+        let same_addr = rows().find(|r| known && r.addr == addr).map(|r| &r.node_id);
+        (same_key, same_addr)
     }
 
     pub fn member_status(&self, node_id: &NodeId) -> Option<MemberStatus> {
@@ -889,6 +1000,15 @@ impl ControllerMachine {
                     node_id: node_id.clone(),
                     at: now,
                 }));
+                // A round paused for want of the removed node's answer is judged
+                // again without it (and pauses again if still too few answered).
+                self.resume(
+                    now,
+                    ResumeCause::Removed {
+                        node_id: node_id.clone(),
+                    },
+                    out,
+                );
                 if self.cfg.triggers.on_node_removed {
                     self.fire(now, TriggerReason::NodeRemoved { node_id }, rng, out);
                 }
@@ -946,6 +1066,7 @@ impl ControllerMachine {
                 }));
             }
         }
+        self.resume(now, ResumeCause::Restart, out);
         if let Some(phase) = self.round.as_ref().map(|r| r.phase) {
             // Acknowledgements were not persisted: ask again; nodes answer idempotently.
             self.enter_phase(now, phase, rng, out);
@@ -1048,6 +1169,13 @@ impl ControllerMachine {
         rng: &mut (impl RngCore + CryptoRng),
         out: &mut Out,
     ) {
+        if reason == TriggerReason::Manual && self.resume(now, ResumeCause::Rekey, out) {
+            // Someone asks by hand while the round waits: retry at once.
+            if let Some(phase) = self.round.as_ref().map(|r| r.phase) {
+                self.enter_phase(now, phase, rng, out);
+                self.arm_round_timer(out);
+            }
+        }
         if self.round.is_none() {
             Self::record(
                 out,
@@ -1136,6 +1264,9 @@ impl ControllerMachine {
             reason,
             started_at: now,
             phase_started: now,
+            stale_from: now,
+            paused: None,
+            pauses: 0,
             drain_until: None,
             activated_at: None,
             phases_ms: PhaseTimes::default(),
@@ -1164,6 +1295,7 @@ impl ControllerMachine {
         }
         r.phase = phase;
         r.phase_started = now;
+        r.stale_from = now;
         r.group_sent = 0;
         r.next_wave = None;
         r.retries.clear();
@@ -1419,8 +1551,16 @@ impl ControllerMachine {
             return;
         };
         let phase = r.phase;
-        if r.waiting > 0 && now >= r.phase_started.plus(self.cfg.stale_after_ms) {
-            self.mark_stale(now, out);
+        if r.waiting > 0 && r.paused.is_none() && now >= r.stale_from.plus(self.cfg.stale_after_ms)
+        {
+            // Silent nodes are left out only if enough others confirmed the
+            // phase; otherwise (nobody answered: the controller is the one cut
+            // off; or too few did) nobody is marked stale and the round waits.
+            if self.confirmed() >= self.needed() {
+                self.mark_stale(now, out);
+            } else {
+                self.pause(now, out);
+            }
         }
         let Some(r) = &mut self.round else { return };
         if r.waiting > 0 && r.next_wave.is_some_and(|t| now >= t) {
@@ -1499,22 +1639,129 @@ impl ControllerMachine {
         }
     }
 
+    /// Nodes that joined (active or stale): the base of the majority.
+    fn joined(&self) -> u32 {
+        self.members
+            .iter()
+            .flatten()
+            .filter(|m| m.row.status != MemberStatus::Enrolled)
+            .count() as u32
+    }
+
+    /// Confirmations a phase needs before it may end (SPEC §2: a round that
+    /// reaches too few nodes is not completed): `min_acked` and, with
+    /// `min_acked_majority`, more than half the joined nodes; never more
+    /// than the joined nodes, and none when no node has joined yet.
+    pub fn needed(&self) -> u32 {
+        let joined = self.joined();
+        if joined == 0 {
+            return 0;
+        }
+        let mut n = self.cfg.min_acked;
+        if self.cfg.min_acked_majority {
+            n = n.max(joined / 2 + 1);
+        }
+        n.min(joined)
+    }
+
+    /// Live nodes that confirmed the current phase (in the drain: the first transition).
+    pub fn confirmed(&self) -> u32 {
+        let Some(r) = &self.round else { return 0 };
+        let target = target_progress(r.phase).unwrap_or(2);
+        self.members
+            .iter()
+            .flatten()
+            .filter(|m| m.row.status == MemberStatus::Active && m.progress >= target)
+            .count() as u32
+    }
+
+    /// Since when the round in progress is paused, if it is.
+    pub fn paused_since(&self) -> Option<Time> {
+        self.round.as_ref().and_then(|r| r.paused)
+    }
+
+    /// Pause the round: nobody is marked stale, the old key stays current,
+    /// retries go on; an answer, a restart or a rekey by hand resumes it.
+    fn pause(&mut self, now: Time, out: &mut Out) {
+        let (confirmed, needed, joined) = (self.confirmed(), self.needed(), self.joined());
+        let silent: Vec<NodeId> = (0..self.members.len() as u32)
+            .filter(|i| self.is_waiting(*i))
+            .filter_map(|i| self.member(i).map(|m| m.row.node_id.clone()))
+            .collect();
+        let Some(r) = &mut self.round else { return };
+        if r.paused.is_some() {
+            return;
+        }
+        r.paused = Some(now);
+        r.pauses += 1;
+        let (epoch, phase, pauses) = (r.epoch, r.phase, r.pauses);
+        Self::record(
+            out,
+            Record::RoundPaused {
+                epoch,
+                phase,
+                confirmed,
+                needed,
+                joined,
+                silent,
+                pauses,
+                at: now,
+            },
+        );
+        self.persist_core(out);
+        self.arm_round_timer(out);
+    }
+
+    /// End a pause; the stale deadline counts again from now. Returns whether
+    /// the round was paused.
+    fn resume(&mut self, now: Time, cause: ResumeCause, out: &mut Out) -> bool {
+        let Some(r) = &mut self.round else {
+            return false;
+        };
+        if r.paused.take().is_none() {
+            return false;
+        }
+        r.stale_from = now;
+        let (epoch, phase) = (r.epoch, r.phase);
+        Self::record(
+            out,
+            Record::RoundResumed {
+                epoch,
+                phase,
+                cause,
+                at: now,
+            },
+        );
+        self.persist_core(out);
+        true
+    }
+
     /// Move the round on while its conditions hold. The checks of S1 and S2 live here:
     /// the first transition only once every live node holds the new key (`waiting == 0`
     /// in Distributing), the second only once every live node seals with it and the
     /// drain grace for old-key data in flight has passed.
     fn progress_round(&mut self, now: Time, rng: &mut (impl RngCore + CryptoRng), out: &mut Out) {
         while let Some(r) = &self.round {
+            // A phase that waits for confirmations ends only with enough of
+            // them (`needed`): too few (live nodes left out earlier, say) and
+            // the round pauses until nodes answer again.
+            let waited_out =
+                r.waiting == 0 && target_progress(r.phase).is_some() && r.paused.is_none();
+            if waited_out && self.confirmed() < self.needed() {
+                self.pause(now, out);
+                break;
+            }
+            let Some(r) = &self.round else { break };
             let next = match r.phase {
                 // S1: every live node acknowledged the new key.
-                RoundPhase::Distributing if r.waiting == 0 => RoundPhase::FirstTransition,
+                RoundPhase::Distributing if waited_out => RoundPhase::FirstTransition,
                 // Every live node seals with the new key: start the drain.
-                RoundPhase::FirstTransition if r.waiting == 0 => RoundPhase::Draining,
+                RoundPhase::FirstTransition if waited_out => RoundPhase::Draining,
                 // S2: nobody seals with the old key and the drain grace is over.
                 RoundPhase::Draining if r.drain_until.is_some_and(|t| now >= t) => {
                     RoundPhase::SecondTransition
                 }
-                RoundPhase::SecondTransition if r.waiting == 0 => {
+                RoundPhase::SecondTransition if waited_out => {
                     self.finish_round(now, rng, out);
                     continue;
                 }
@@ -1530,8 +1777,10 @@ impl ControllerMachine {
             return;
         };
         r.phases_ms.add(r.phase, now.since(r.phase_started));
-        let (mut nodes, mut acked, mut stale) = (0, 0, 0);
+        let (mut nodes, mut acked, mut enrolled) = (0, 0, 0);
+        let (mut stale_nodes, mut not_joined) = (Vec::new(), Vec::new());
         for m in self.members.iter_mut().flatten() {
+            enrolled += 1;
             match m.row.status {
                 MemberStatus::Active => {
                     nodes += 1;
@@ -1539,9 +1788,9 @@ impl ControllerMachine {
                 }
                 MemberStatus::Stale => {
                     nodes += 1;
-                    stale += 1;
+                    stale_nodes.push(m.row.node_id.clone());
                 }
-                MemberStatus::Enrolled => {}
+                MemberStatus::Enrolled => not_joined.push(m.row.node_id.clone()),
             }
             m.seals = 0;
             m.opens = 0;
@@ -1557,7 +1806,11 @@ impl ControllerMachine {
                 phases_ms: r.phases_ms,
                 nodes,
                 acked,
-                stale,
+                stale: stale_nodes.len() as u32,
+                enrolled,
+                stale_nodes,
+                not_joined,
+                pauses: r.pauses,
             },
         );
         self.current = r.key.clone();
@@ -1583,7 +1836,9 @@ impl ControllerMachine {
             if r.waiting > 0 {
                 take(r.next_wave);
                 take(r.retries.peek().map(|Reverse((t, _))| *t));
-                take(Some(r.phase_started.plus(self.cfg.stale_after_ms)));
+                if r.paused.is_none() {
+                    take(Some(r.stale_from.plus(self.cfg.stale_after_ms)));
+                }
             }
             if r.phase == RoundPhase::Draining {
                 take(r.drain_until);
@@ -1676,12 +1931,20 @@ impl ControllerMachine {
                 out.push(ControllerAction::PersistMember(Box::new(m.row.clone())));
             }
         }
-        self.note_address(member, from, now, out);
+        self.note_address(member, from, what, a.seq, now, out);
         Ok(under)
     }
 
     /// A member heard from a new address: recorded, and replies go there.
-    fn note_address(&mut self, member: u32, from: SocketAddr, now: Time, out: &mut Out) {
+    fn note_address(
+        &mut self,
+        member: u32,
+        from: SocketAddr,
+        what: &'static str,
+        seq: u64,
+        now: Time,
+        out: &mut Out,
+    ) {
         let Some(Some(m)) = self.members.get_mut(member as usize) else {
             return;
         };
@@ -1691,6 +1954,8 @@ impl ControllerMachine {
                 node_id: m.row.node_id.clone(),
                 from: m.row.addr,
                 to: from,
+                message: what,
+                seq,
                 at: now,
             }));
             m.row.addr = from;
@@ -1745,6 +2010,7 @@ impl ControllerMachine {
                             held: k.epoch,
                             epoch: self.current.epoch(),
                             round: self.round.as_ref().map(|r| r.phase),
+                            round_epoch: self.round.as_ref().map(|r| r.epoch),
                             at: now,
                         },
                     );
@@ -1798,7 +2064,7 @@ impl ControllerMachine {
                 m.row.ratchet.handshake_seq = h.seq;
                 out.push(ControllerAction::PersistMember(Box::new(m.row.clone())));
                 let node_id = m.row.node_id.clone();
-                self.note_address(member, from, now, out);
+                self.note_address(member, from, what, h.seq, now, out);
                 out.push(ControllerAction::SendTo {
                     to: from,
                     bytes: wire::handshake_answer(h.seq, &noise),
@@ -1810,6 +2076,7 @@ impl ControllerMachine {
                         node_id,
                         addr: from,
                         epoch: self.current.epoch(),
+                        round_epoch: self.round.as_ref().map(|r| r.epoch),
                         at: now,
                     },
                 );
@@ -1939,13 +2206,15 @@ impl ControllerMachine {
             };
             if q > m.progress {
                 m.progress = q;
+                let node_id = m.row.node_id.clone();
                 out.push(ControllerAction::Record(Record::NodeAcked {
                     epoch,
                     member,
-                    node_id: m.row.node_id.clone(),
+                    node_id: node_id.clone(),
                     step,
                     at: now,
                 }));
+                self.resume(now, ResumeCause::Answer { member, node_id }, out);
             }
             if was && !self.is_waiting(member) {
                 if let Some(r) = &mut self.round {
@@ -1968,15 +2237,19 @@ impl ControllerMachine {
         m.row.status = MemberStatus::Active;
         m.progress = progress;
         m.attempts = 0;
+        let node_id = m.row.node_id.clone();
         out.push(ControllerAction::PersistMember(Box::new(m.row.clone())));
         out.push(ControllerAction::Record(Record::StatusChanged {
             member,
-            node_id: m.row.node_id.clone(),
+            node_id: node_id.clone(),
             from: status,
             to: MemberStatus::Active,
             epoch,
             at: now,
         }));
+        if round.is_some() {
+            self.resume(now, ResumeCause::Answer { member, node_id }, out);
+        }
         if self.is_waiting(member) {
             if let Some(r) = &mut self.round {
                 r.waiting += 1;

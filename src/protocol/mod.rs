@@ -28,7 +28,7 @@ mod triggers;
 pub use controller::{
     CommandError, ControllerAction, ControllerConfig, ControllerCore, ControllerInput,
     ControllerMachine, ControllerPersist, ControllerTimer, MemberPersist, MemberRatchet,
-    MemberStatus, PhaseTimes, Record, RestoreError, RoundPersist, TriggerOutcome, Via,
+    MemberStatus, PhaseTimes, Record, RestoreError, ResumeCause, RoundPersist, TriggerOutcome, Via,
     HANDSHAKE_INTERVAL_MS, REJOIN_WINDOW_MS,
 };
 pub use node::{

@@ -161,6 +161,7 @@ impl<T: Transport> Fleet<T> {
             group_attempts: 2,
             stale_after_ms: cfg.stale_after_ms,
             triggers: TriggerConfig::manual_only(),
+            ..ControllerConfig::default()
         };
         let mut plan = ChaCha8Rng::seed_from_u64(cfg.seed ^ 0x706c_616e);
         let n = cfg.agents;

@@ -66,6 +66,8 @@ pub enum StoreError {
     Sql(#[from] rusqlite::Error),
     #[error("node {0:?} is already enrolled; remove it first to enroll it again")]
     AlreadyEnrolled(String),
+    #[error("member number {member_no} already belongs to the enrolled node {holder:?}")]
+    MemberTaken { member_no: u64, holder: String },
     #[error("node {0:?} is not enrolled; `keyfleet status` lists the enrolled nodes")]
     UnknownNode(String),
     #[error("epoch {0} is already in the key history")]
@@ -162,6 +164,16 @@ text_enum! {
 }
 
 text_enum! {
+    /// How a key was handed out outside a round (SPEC §4, claim 6).
+    Handout {
+        /// In the answer to a node's join.
+        Join,
+        /// In the answer to a node's key request (SPEC §5).
+        KeyRequest,
+    }
+}
+
+text_enum! {
     /// What an audit entry records.
     AuditKind {
         /// A rekey trigger fired (detail: which and why).
@@ -181,6 +193,14 @@ text_enum! {
         Rejoin,
         /// The controller restarted and resumed.
         Restart,
+        /// A round reached too few nodes by its deadline and waits (detail:
+        /// phase, confirmed, needed, the silent nodes).
+        RoundPaused,
+        /// A paused round goes on (detail: why).
+        RoundResumed,
+        /// A node's member number in the table was set to the controller's
+        /// (a repair of a table written before issue 15).
+        Renumbered,
     }
 }
 
@@ -188,10 +208,12 @@ text_enum! {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct NodeRecord {
     pub node_id: String,
-    /// Enrollment order, 1-based, never reused.
+    /// The member number the controller gave the node (the one on the wire),
+    /// 1-based, never reused by the controller.
     pub member_no: u64,
-    /// `HOST:PORT` of the agent's unicast socket.
-    pub address: String,
+    /// `HOST:PORT` of the agent's unicast socket; `None` until the node has
+    /// been heard from when it was enrolled without one.
+    pub address: Option<String>,
     /// The check value (fingerprint) of the initial key.
     pub key_check: String,
     pub state: NodeState,
@@ -212,6 +234,28 @@ pub struct DeliveryRecord {
     pub acked_at_ms: Option<u64>,
 }
 
+/// A key handed out to one node by a join or a key request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct HandoutRecord {
+    pub node_id: String,
+    pub via: Handout,
+    pub at_ms: u64,
+}
+
+/// One change of a node's address, and the authenticated message that caused it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AddressChange {
+    pub node_id: String,
+    /// `None` for a node enrolled without an address, first heard from.
+    pub old_address: Option<String>,
+    pub new_address: String,
+    pub at_ms: u64,
+    /// The message's name (`join`, `key request`, `key update reply`, …, `usage report`).
+    pub message: String,
+    /// Its sequence number.
+    pub seq: u64,
+}
+
 /// One group key's history.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct KeyRecord {
@@ -221,8 +265,13 @@ pub struct KeyRecord {
     pub check_value: String,
     pub trigger: Trigger,
     pub trigger_detail: serde_json::Value,
+    /// When it became the current key (`None`: its round has not completed).
+    pub activated_at_ms: Option<u64>,
     pub retired_at_ms: Option<u64>,
+    /// Deliveries by rekey rounds.
     pub deliveries: Vec<DeliveryRecord>,
+    /// Deliveries in answers to joins and key requests, oldest first.
+    pub handouts: Vec<HandoutRecord>,
 }
 
 /// Durations of a round's phases, in milliseconds; `None` while not reached or not over.
@@ -249,6 +298,12 @@ pub struct RoundRecord {
     pub finished_at_ms: Option<u64>,
     pub outcome: Option<Outcome>,
     pub outcome_detail: Option<String>,
+    /// Times the round was paused (too few nodes answered by a deadline).
+    pub pauses: u64,
+    /// Paused since, while it is.
+    pub paused_at_ms: Option<u64>,
+    /// Why it was last paused.
+    pub pause_detail: Option<String>,
 }
 
 /// One audit entry.
@@ -362,8 +417,6 @@ impl Store {
         }
         conn.pragma_update(None, "synchronous", "FULL")
             .map_err(open_err)?;
-        conn.pragma_update(None, "foreign_keys", true)
-            .map_err(open_err)?;
         let found: i64 = conn
             .pragma_query_value(None, "user_version", |r| r.get(0))
             .map_err(open_err)?;
@@ -380,6 +433,11 @@ impl Store {
                 path: path.to_path_buf(),
                 source,
             })?;
+        // Foreign keys are enforced from here on; during the migrations they
+        // are off, as SQLite's table rebuild asks (each step that rebuilds a
+        // table checks them itself: `foreign_key_check`).
+        conn.pragma_update(None, "foreign_keys", true)
+            .map_err(open_err)?;
         Ok(Store {
             conn,
             path: path.to_path_buf(),
@@ -440,16 +498,26 @@ impl Store {
 
     // ----- nodes -----
 
-    /// Enrolls a node (or re-enrolls a removed one, keeping its member number);
-    /// records an `Enrollment` audit entry in the same transaction.
+    /// Enrolls a node under the member number its controller gave it (or
+    /// re-enrolls a removed one under its new number); `address` is `None`
+    /// until the node has been heard from. Records an `Enrollment` audit
+    /// entry in the same transaction. The store never numbers members itself:
+    /// the number is the one on the wire.
     pub fn enroll_node(
         &mut self,
         node_id: &str,
-        address: &str,
+        member_no: u64,
+        address: Option<&str>,
         key_check: &str,
         now_ms: u64,
     ) -> Result<NodeRecord> {
-        check_address(address)?;
+        if let Some(a) = address {
+            check_address(a)?;
+        }
+        let member = to_i64(member_no)?;
+        if member == 0 {
+            return Err(StoreError::Range(0));
+        }
         let tx = self.conn.savepoint()?;
         let existing: Option<Option<i64>> = tx
             .query_row(
@@ -458,35 +526,111 @@ impl Store {
                 |r| r.get(0),
             )
             .optional()?;
+        if let Some(None) = existing {
+            return Err(StoreError::AlreadyEnrolled(node_id.to_owned()));
+        }
+        let holder: Option<String> = tx
+            .query_row(
+                "SELECT node_id FROM nodes WHERE member_no = ?1 AND removed_at_ms IS NULL",
+                [member],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if let Some(holder) = holder {
+            return Err(StoreError::MemberTaken { member_no, holder });
+        }
         let now = to_i64(now_ms)?;
-        match existing {
-            Some(None) => return Err(StoreError::AlreadyEnrolled(node_id.to_owned())),
-            Some(Some(_)) => {
-                tx.execute(
-                    "UPDATE nodes SET address = ?2, key_check = ?3, state = 'Enrolled', epoch = NULL,
-                     last_seen_ms = NULL, stale = 0, enrolled_at_ms = ?4, removed_at_ms = NULL
-                     WHERE node_id = ?1",
-                    params![node_id, address, key_check, now],
-                )?;
-            }
-            None => {
-                tx.execute(
-                    "INSERT INTO nodes (node_id, member_no, address, key_check, state, enrolled_at_ms)
-                     VALUES (?1, (SELECT COALESCE(MAX(member_no), 0) + 1 FROM nodes), ?2, ?3, 'Enrolled', ?4)",
-                    params![node_id, address, key_check, now],
-                )?;
-            }
+        if existing.is_some() {
+            tx.execute(
+                "UPDATE nodes SET member_no = ?2, address = ?3, key_check = ?4, state = 'Enrolled',
+                 epoch = NULL, last_seen_ms = NULL, stale = 0, enrolled_at_ms = ?5, removed_at_ms = NULL
+                 WHERE node_id = ?1",
+                params![node_id, member, address, key_check, now],
+            )?;
+        } else {
+            tx.execute(
+                "INSERT INTO nodes (node_id, member_no, address, key_check, state, enrolled_at_ms)
+                 VALUES (?1, ?2, ?3, ?4, 'Enrolled', ?5)",
+                params![node_id, member, address, key_check, now],
+            )?;
         }
         audit_in(
             &tx,
             AuditKind::Enrollment,
             Some(node_id),
-            &serde_json::json!({ "address": address, "key_check": key_check }),
+            &serde_json::json!({ "member": member_no, "address": address, "key_check": key_check }),
             now_ms,
         )?;
         tx.commit()?;
         self.node(node_id)?
             .ok_or_else(|| StoreError::UnknownNode(node_id.to_owned()))
+    }
+
+    /// Gives enrolled nodes the member numbers their controller uses (a
+    /// table written before issue 15 numbered them itself), in one savepoint:
+    /// numbers may be swapped among the nodes. Returns the nodes renumbered,
+    /// as (node id, old number, new number), each also in the audit log.
+    pub fn renumber_members(
+        &mut self,
+        want: &[(&str, u64)],
+        now_ms: u64,
+    ) -> Result<Vec<(String, u64, u64)>> {
+        let tx = self.conn.savepoint()?;
+        let mut changed = Vec::new();
+        for (id, member_no) in want {
+            let old: Option<i64> = tx
+                .query_row(
+                    "SELECT member_no FROM nodes WHERE node_id = ?1 AND removed_at_ms IS NULL",
+                    [id],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            let Some(old) = old else {
+                return Err(StoreError::UnknownNode((*id).to_owned()));
+            };
+            let old = to_u64("nodes.member_no", old)?;
+            if old != *member_no {
+                changed.push(((*id).to_owned(), old, *member_no));
+            }
+        }
+        // Out of the way first (member numbers are u32 on the wire, so
+        // 2^32 + n never clashes with a real one; the savepoint commits only
+        // the final numbers), then to their place.
+        for (id, _, _) in &changed {
+            tx.execute(
+                "UPDATE nodes SET member_no = member_no + 4294967296 WHERE node_id = ?1",
+                [id],
+            )?;
+        }
+        for (id, old, new) in &changed {
+            let holder: Option<String> = tx
+                .query_row(
+                    "SELECT node_id FROM nodes WHERE member_no = ?1 AND removed_at_ms IS NULL",
+                    [to_i64(*new)?],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            if let Some(holder) = holder {
+                return Err(StoreError::MemberTaken {
+                    member_no: *new,
+                    holder,
+                });
+            }
+            tx.execute(
+                "UPDATE nodes SET member_no = ?2 WHERE node_id = ?1",
+                params![id, to_i64(*new)?],
+            )?;
+            audit_in(
+                &tx,
+                AuditKind::Renumbered,
+                Some(id),
+                &serde_json::json!({ "from": old, "to": new,
+                    "reason": "the table now records the controller's member number" }),
+                now_ms,
+            )?;
+        }
+        tx.commit()?;
+        Ok(changed)
     }
 
     /// Marks a node removed (it keeps its row and history); audits it.
@@ -520,6 +664,113 @@ impl Store {
         if n == 0 {
             return Err(StoreError::UnknownNode(node_id.to_owned()));
         }
+        Ok(())
+    }
+
+    /// A node's authenticated message (`message`, sequence number `seq`) came
+    /// from `new`: the node's address becomes `new`, and the change is a row
+    /// of its address history (one transaction).
+    pub fn record_address_change(
+        &mut self,
+        node_id: &str,
+        new: &str,
+        message: &str,
+        seq: u64,
+        now_ms: u64,
+    ) -> Result<()> {
+        check_address(new)?;
+        let tx = self.conn.savepoint()?;
+        let old: Option<Option<String>> = tx
+            .query_row(
+                "SELECT address FROM nodes WHERE node_id = ?1 AND removed_at_ms IS NULL",
+                [node_id],
+                |r| r.get(0),
+            )
+            .optional()?;
+        let Some(old) = old else {
+            return Err(StoreError::UnknownNode(node_id.to_owned()));
+        };
+        tx.execute(
+            "UPDATE nodes SET address = ?2 WHERE node_id = ?1",
+            params![node_id, new],
+        )?;
+        tx.execute(
+            "INSERT INTO address_changes (node_id, old_address, new_address, at_ms, message, seq)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![node_id, old, new, to_i64(now_ms)?, message, to_i64(seq)?],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Every address change of `node_id`, oldest first.
+    pub fn address_history(&self, node_id: &str) -> Result<Vec<AddressChange>> {
+        self.query_address_changes("WHERE node_id = ?1", node_id)
+    }
+
+    /// Every address change of every node, oldest first.
+    pub fn address_changes(&self) -> Result<Vec<AddressChange>> {
+        self.query_address_changes("WHERE ?1 = ?1", "")
+    }
+
+    fn query_address_changes(&self, filter: &str, arg: &str) -> Result<Vec<AddressChange>> {
+        let mut stmt = self.conn.prepare(&format!(
+            "SELECT node_id, old_address, new_address, at_ms, message, seq
+             FROM address_changes {filter} ORDER BY id"
+        ))?;
+        type Raw = (String, Option<String>, String, i64, String, i64);
+        let raws: Vec<Raw> = stmt
+            .query_map([arg], |r| {
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                    r.get(4)?,
+                    r.get(5)?,
+                ))
+            })?
+            .collect::<std::result::Result<_, _>>()?;
+        raws.into_iter()
+            .map(|(node_id, old_address, new_address, at, message, seq)| {
+                Ok(AddressChange {
+                    node_id,
+                    old_address,
+                    new_address,
+                    at_ms: to_u64("address_changes.at_ms", at)?,
+                    message,
+                    seq: to_u64("address_changes.seq", seq)?,
+                })
+            })
+            .collect()
+    }
+
+    /// The keys of `epochs` went to `node_id` in the answer to its join or key
+    /// request: one row each (keys not in the history are refused).
+    pub fn record_handout(
+        &mut self,
+        epochs: &[u64],
+        node_id: &str,
+        via: Handout,
+        now_ms: u64,
+    ) -> Result<()> {
+        let tx = self.conn.savepoint()?;
+        for &epoch in epochs {
+            Self::check_epoch(&tx, epoch)?;
+            tx.execute(
+                "INSERT INTO key_handouts (epoch, node_id, via, at_ms) VALUES (?1, ?2, ?3, ?4)",
+                params![to_i64(epoch)?, node_id, via.as_str(), to_i64(now_ms)?],
+            )
+            .map_err(|err| match err {
+                rusqlite::Error::SqliteFailure(f, _)
+                    if f.code == rusqlite::ErrorCode::ConstraintViolation =>
+                {
+                    StoreError::UnknownNode(node_id.to_owned())
+                }
+                other => other.into(),
+            })?;
+        }
+        tx.commit()?;
         Ok(())
     }
 
@@ -692,9 +943,11 @@ impl Store {
         if exists {
             return Err(StoreError::EpochExists(epoch));
         }
+        // The initial key is current from the start; a round's key once its round completes.
         tx.execute(
-            "INSERT INTO keys (epoch, created_at_ms, check_value, trigger, trigger_detail)
-             VALUES (?1, ?2, ?3, ?4, ?5)",
+            "INSERT INTO keys (epoch, created_at_ms, check_value, trigger, trigger_detail,
+                               activated_at_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, CASE WHEN ?4 = 'Initial' THEN ?2 END)",
             params![
                 e,
                 to_i64(now_ms)?,
@@ -835,8 +1088,31 @@ impl Store {
         Ok(())
     }
 
-    /// The newest epoch in the key history.
+    /// The key of `epoch` became the current group key (its round completed).
+    pub fn activate_key(&mut self, epoch: u64, now_ms: u64) -> Result<()> {
+        let n = self.conn.execute(
+            "UPDATE keys SET activated_at_ms = COALESCE(activated_at_ms, ?2) WHERE epoch = ?1",
+            params![to_i64(epoch)?, to_i64(now_ms)?],
+        )?;
+        if n == 0 {
+            return Err(StoreError::UnknownEpoch(epoch));
+        }
+        Ok(())
+    }
+
+    /// The current group key's epoch: the newest key that became current. A
+    /// round in progress (or one that never completed) does not count.
     pub fn current_epoch(&self) -> Result<Option<u64>> {
+        let e: Option<i64> = self.conn.query_row(
+            "SELECT MAX(epoch) FROM keys WHERE activated_at_ms IS NOT NULL",
+            [],
+            |r| r.get(0),
+        )?;
+        opt_u64("keys.epoch", e)
+    }
+
+    /// The newest epoch in the key history, current or not.
+    pub fn newest_epoch(&self) -> Result<Option<u64>> {
         let e: Option<i64> = self
             .conn
             .query_row("SELECT MAX(epoch) FROM keys", [], |r| r.get(0))?;
@@ -846,10 +1122,11 @@ impl Store {
     /// Every group key, oldest first, with its deliveries.
     pub fn history(&self) -> Result<Vec<KeyRecord>> {
         let mut keys = self.conn.prepare(
-            "SELECT epoch, created_at_ms, check_value, trigger, trigger_detail, retired_at_ms
+            "SELECT epoch, created_at_ms, check_value, trigger, trigger_detail, retired_at_ms,
+                    activated_at_ms
              FROM keys ORDER BY epoch",
         )?;
-        type RawKey = (i64, i64, String, String, String, Option<i64>);
+        type RawKey = (i64, i64, String, String, String, Option<i64>, Option<i64>);
         let raws: Vec<RawKey> = keys
             .query_map([], |r| {
                 Ok((
@@ -859,16 +1136,33 @@ impl Store {
                     r.get(3)?,
                     r.get(4)?,
                     r.get(5)?,
+                    r.get(6)?,
                 ))
             })?
             .collect::<std::result::Result<_, _>>()?;
+        let mut hand = self
+            .conn
+            .prepare("SELECT node_id, via, at_ms FROM key_handouts WHERE epoch = ?1 ORDER BY id")?;
         let mut del = self.conn.prepare(
             "SELECT d.node_id, d.first_sent_at_ms, d.last_sent_at_ms, d.attempts, d.acked_at_ms
              FROM key_deliveries d JOIN nodes n ON n.node_id = d.node_id
              WHERE d.epoch = ?1 ORDER BY n.member_no",
         )?;
         let mut out = Vec::with_capacity(raws.len());
-        for (epoch, created, check_value, trigger, detail, retired) in raws {
+        for (epoch, created, check_value, trigger, detail, retired, activated) in raws {
+            let hands: Vec<(String, String, i64)> = hand
+                .query_map([epoch], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+                .collect::<std::result::Result<_, _>>()?;
+            let handouts = hands
+                .into_iter()
+                .map(|(node_id, via, at)| {
+                    Ok(HandoutRecord {
+                        node_id,
+                        via: Handout::parse("key_handouts.via", &via)?,
+                        at_ms: to_u64("key_handouts.at_ms", at)?,
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
             type RawDel = (String, Option<i64>, Option<i64>, i64, Option<i64>);
             let dels: Vec<RawDel> = del
                 .query_map([epoch], |r| {
@@ -898,8 +1192,10 @@ impl Store {
                         value: detail.clone(),
                     }
                 })?,
+                activated_at_ms: opt_u64("keys.activated_at_ms", activated)?,
                 retired_at_ms: opt_u64("keys.retired_at_ms", retired)?,
                 deliveries,
+                handouts,
             });
         }
         Ok(out)
@@ -954,7 +1250,8 @@ impl Store {
         let now = to_i64(now_ms)?;
         tx.execute(
             "UPDATE rounds SET phase = 'Finished', phase_started_at_ms = ?2, finished_at_ms = ?2,
-             outcome = ?3, outcome_detail = ?4, acked = ?5, stale = ?6 WHERE id = ?1",
+             outcome = ?3, outcome_detail = ?4, acked = ?5, stale = ?6, paused_at_ms = NULL
+             WHERE id = ?1",
             params![
                 id,
                 now,
@@ -965,6 +1262,30 @@ impl Store {
             ],
         )?;
         tx.commit()?;
+        Ok(())
+    }
+
+    /// Round `id` reached too few nodes by a deadline and waits (`detail` says how many).
+    pub fn round_paused(&mut self, id: i64, detail: &str, now_ms: u64) -> Result<()> {
+        let n = self.conn.execute(
+            "UPDATE rounds SET pauses = pauses + 1, paused_at_ms = ?2, pause_detail = ?3
+             WHERE id = ?1 AND finished_at_ms IS NULL",
+            params![id, to_i64(now_ms)?, detail],
+        )?;
+        if n == 0 {
+            return Err(StoreError::UnknownRound(id));
+        }
+        Ok(())
+    }
+
+    /// Round `id` goes on after a pause.
+    pub fn round_resumed(&mut self, id: i64) -> Result<()> {
+        let n = self
+            .conn
+            .execute("UPDATE rounds SET paused_at_ms = NULL WHERE id = ?1", [id])?;
+        if n == 0 {
+            return Err(StoreError::UnknownRound(id));
+        }
         Ok(())
     }
 
@@ -1006,7 +1327,7 @@ impl Store {
         let mut stmt = self.conn.prepare(&format!(
             "SELECT id, epoch, started_at_ms, phase, phase_started_at_ms, distribute_ms,
                     first_transition_ms, second_transition_ms, nodes, acked, stale,
-                    finished_at_ms, outcome, outcome_detail
+                    finished_at_ms, outcome, outcome_detail, pauses, paused_at_ms, pause_detail
              FROM rounds {filter} ORDER BY id"
         ))?;
         type Raw = (
@@ -1022,6 +1343,7 @@ impl Store {
             Option<i64>,
             Option<String>,
             Option<String>,
+            (i64, Option<i64>, Option<String>),
         );
         let raws: Vec<Raw> = stmt
             .query_map([], |r| {
@@ -1038,6 +1360,7 @@ impl Store {
                     r.get(11)?,
                     r.get(12)?,
                     r.get(13)?,
+                    (r.get(14)?, r.get(15)?, r.get(16)?),
                 ))
             })?
             .collect::<std::result::Result<_, _>>()?;
@@ -1056,6 +1379,7 @@ impl Store {
                     fin,
                     outcome,
                     detail,
+                    (pauses, paused_at, pause_detail),
                 )| {
                     Ok(RoundRecord {
                         id,
@@ -1076,6 +1400,9 @@ impl Store {
                             .map(|o| Outcome::parse("rounds.outcome", &o))
                             .transpose()?,
                         outcome_detail: detail,
+                        pauses: to_u64("rounds.pauses", pauses)?,
+                        paused_at_ms: opt_u64("rounds.paused_at_ms", paused_at)?,
+                        pause_detail,
                     })
                 },
             )
@@ -1130,7 +1457,7 @@ impl Store {
 struct RawNode {
     node_id: String,
     member_no: i64,
-    address: String,
+    address: Option<String>,
     key_check: String,
     state: String,
     epoch: Option<i64>,

@@ -75,7 +75,84 @@ CREATE INDEX audit_by_node ON audit(node_id) WHERE node_id IS NOT NULL;
 CREATE INDEX rounds_by_epoch ON rounds(epoch);
 "#;
 
-const MIGRATIONS: &[M<'static>] = &[M::up(V1).foreign_key_check(), M::up(V2)];
+/// Version 3 (state revision 2, issue 12): what claim 6 asks of the table.
+/// Every address change of a node as a row (old, new, when, which
+/// authenticated message caused it); keys handed out by a join or a key
+/// request; when each key became current (a round that did not complete
+/// never makes its key current); pauses of a round that reached too few nodes.
+///
+/// Keys of older databases count as activated when a completed round brought
+/// them, when they are the initial key, or when they were retired.
+const V3: &str = r#"
+CREATE TABLE address_changes (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    node_id     TEXT NOT NULL REFERENCES nodes(node_id),
+    old_address TEXT,
+    new_address TEXT NOT NULL,
+    at_ms       INTEGER NOT NULL,
+    message     TEXT NOT NULL,
+    seq         INTEGER NOT NULL CHECK (seq >= 0)
+) STRICT;
+CREATE INDEX address_changes_by_node ON address_changes(node_id, id);
+
+CREATE TABLE key_handouts (
+    id      INTEGER PRIMARY KEY AUTOINCREMENT,
+    epoch   INTEGER NOT NULL REFERENCES keys(epoch),
+    node_id TEXT NOT NULL REFERENCES nodes(node_id),
+    via     TEXT NOT NULL CHECK (via IN ('Join', 'KeyRequest')),
+    at_ms   INTEGER NOT NULL
+) STRICT;
+CREATE INDEX key_handouts_by_epoch ON key_handouts(epoch, id);
+
+ALTER TABLE keys ADD COLUMN activated_at_ms INTEGER;
+UPDATE keys SET activated_at_ms = COALESCE(
+    (SELECT MIN(r.finished_at_ms) FROM rounds r
+      WHERE r.epoch = keys.epoch AND r.outcome = 'Completed'),
+    CASE WHEN trigger = 'Initial' OR retired_at_ms IS NOT NULL THEN created_at_ms END);
+
+ALTER TABLE rounds ADD COLUMN pauses INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE rounds ADD COLUMN paused_at_ms INTEGER;
+ALTER TABLE rounds ADD COLUMN pause_detail TEXT;
+"#;
+
+/// Version 4 (issue 15): one member numbering. The controller numbers its
+/// members and the table records that number (it no longer counts
+/// `MAX(member_no) + 1` itself), so member numbers are unique among the
+/// enrolled nodes, while a removed node's row keeps the number it last had;
+/// a node enrolled without an address (learned from its first authenticated
+/// message) has none yet. SQLite cannot drop a column constraint in place:
+/// the table is rebuilt (its 12-step procedure; foreign keys are off during
+/// migrations, see `Store::open`, and checked after this step). The
+/// tables of version 3 that name `nodes(node_id)` keep their references:
+/// they name the table, which the rename gives back.
+const V4: &str = r#"
+CREATE TABLE nodes_v3 (
+    node_id        TEXT PRIMARY KEY NOT NULL CHECK (length(node_id) > 0),
+    member_no      INTEGER NOT NULL CHECK (member_no > 0),
+    address        TEXT,
+    key_check      TEXT NOT NULL,
+    state          TEXT NOT NULL CHECK (state IN
+                     ('Enrolled', 'UpdateCompleted', 'DistributionCompleted', 'InTransit')),
+    epoch          INTEGER,
+    last_seen_ms   INTEGER,
+    stale          INTEGER NOT NULL DEFAULT 0 CHECK (stale IN (0, 1)),
+    enrolled_at_ms INTEGER NOT NULL,
+    removed_at_ms  INTEGER
+) STRICT;
+INSERT INTO nodes_v3 SELECT node_id, member_no, address, key_check, state, epoch,
+    last_seen_ms, stale, enrolled_at_ms, removed_at_ms FROM nodes;
+DROP TABLE nodes;
+ALTER TABLE nodes_v3 RENAME TO nodes;
+CREATE UNIQUE INDEX nodes_enrolled_member ON nodes(member_no) WHERE removed_at_ms IS NULL;
+CREATE INDEX nodes_by_member ON nodes(member_no);
+"#;
+
+const MIGRATIONS: &[M<'static>] = &[
+    M::up(V1).foreign_key_check(),
+    M::up(V2),
+    M::up(V3).foreign_key_check(),
+    M::up(V4).foreign_key_check(),
+];
 
 pub(crate) fn migrations() -> Migrations<'static> {
     Migrations::from_slice(MIGRATIONS)

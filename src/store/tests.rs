@@ -31,15 +31,15 @@ fn open_sets_wal_full_sync_foreign_keys_and_latest_schema() {
 fn enroll_remove_and_reenroll() {
     let (_d, mut s) = open();
     let a = s
-        .enroll_node("a", "127.0.0.1:9001", "c0ffee", 1_000)
+        .enroll_node("a", 1, Some("127.0.0.1:9001"), "c0ffee", 1_000)
         .unwrap();
     let b = s
-        .enroll_node("b", "127.0.0.1:9002", "beef01", 1_001)
+        .enroll_node("b", 2, Some("127.0.0.1:9002"), "beef01", 1_001)
         .unwrap();
     assert_eq!((a.member_no, b.member_no), (1, 2));
     assert_eq!(a.state, NodeState::Enrolled);
     assert!(matches!(
-        s.enroll_node("a", "x:1", "c", 1_002),
+        s.enroll_node("a", 3, Some("x:1"), "c", 1_002),
         Err(StoreError::AlreadyEnrolled(id)) if id == "a"
     ));
     s.remove_node("a", "decommissioned", 2_000).unwrap();
@@ -57,15 +57,15 @@ fn enroll_remove_and_reenroll() {
         Err(StoreError::UnknownNode(_))
     ));
     let c = s
-        .enroll_node("c", "127.0.0.1:9003", "0c0c0c", 2_500)
+        .enroll_node("c", 5, Some("127.0.0.1:9003"), "0c0c0c", 2_500)
         .unwrap();
-    assert_eq!(c.member_no, 3, "member numbers are never reused");
+    assert_eq!(c.member_no, 5, "the controller's number is the table's");
     let a2 = s
-        .enroll_node("a", "127.0.0.1:9101", "a2a2a2", 3_000)
+        .enroll_node("a", 6, Some("127.0.0.1:9101"), "a2a2a2", 3_000)
         .unwrap();
     assert_eq!(
-        (a2.member_no, a2.removed_at_ms, a2.address.as_str()),
-        (1, None, "127.0.0.1:9101")
+        (a2.member_no, a2.removed_at_ms, a2.address.as_deref()),
+        (6, None, Some("127.0.0.1:9101"))
     );
 
     let log = s.audit_log(0, 100).unwrap();
@@ -90,8 +90,14 @@ fn enroll_remove_and_reenroll() {
 fn key_history_records_sends_acks_and_retirement() {
     let (_d, mut s) = open();
     for (i, id) in ["a", "b", "c"].iter().enumerate() {
-        s.enroll_node(id, &format!("127.0.0.1:{}", 9000 + i), "ck", 0)
-            .unwrap();
+        s.enroll_node(
+            id,
+            i as u64 + 1,
+            Some(&format!("127.0.0.1:{}", 9000 + i)),
+            "ck",
+            0,
+        )
+        .unwrap();
     }
     s.record_key_created(
         1,
@@ -116,8 +122,16 @@ fn key_history_records_sends_acks_and_retirement() {
         50,
     )
     .unwrap();
+    // Made, not yet current: its round has not completed.
+    assert_eq!(s.current_epoch().unwrap(), Some(1));
+    assert_eq!(s.newest_epoch().unwrap(), Some(2));
+    s.activate_key(2, 60).unwrap();
     s.retire_key(1, 60).unwrap();
     assert_eq!(s.current_epoch().unwrap(), Some(2));
+    assert!(matches!(
+        s.activate_key(9, 61),
+        Err(StoreError::UnknownEpoch(9))
+    ));
 
     let h = s.history().unwrap();
     assert_eq!(h.len(), 2);
@@ -173,7 +187,7 @@ fn key_history_records_sends_acks_and_retirement() {
 #[test]
 fn a_failing_batch_changes_nothing() {
     let (_d, mut s) = open();
-    s.enroll_node("a", "h:1", "ck", 0).unwrap();
+    s.enroll_node("a", 1, Some("h:1"), "ck", 0).unwrap();
     let err = s
         .record_key_created(1, "chk", Trigger::Manual, &json!(null), &["a", "ghost"], 5)
         .unwrap_err();
@@ -198,7 +212,7 @@ fn a_failing_batch_changes_nothing() {
 #[test]
 fn rounds_record_phase_durations() {
     let (_d, mut s) = open();
-    s.enroll_node("a", "h:1", "ck", 0).unwrap();
+    s.enroll_node("a", 1, Some("h:1"), "ck", 0).unwrap();
     s.record_key_created(1, "chk", Trigger::Manual, &json!(null), &["a"], 100)
         .unwrap();
     let id = s.round_started(1, 1, 100).unwrap();
@@ -244,14 +258,15 @@ fn addresses_must_be_host_port() {
     for bad in ["h", "h:", ":7000", "h:0", "h:70000", "a b:1"] {
         assert!(
             matches!(
-                s.enroll_node("n", bad, "ck", 0),
+                s.enroll_node("n", 1, Some(bad), "ck", 0),
                 Err(StoreError::BadAddress(_))
             ),
             "{bad}"
         );
     }
     for good in ["appliance-3.lan:7778", "10.1.2.3:7778", "[fe80::1]:7778"] {
-        s.enroll_node(good, good, "ck", 0).unwrap();
+        s.enroll_node(good, 1 + good.len() as u64, Some(good), "ck", 0)
+            .unwrap();
     }
     assert!(s.set_address("10.1.2.3:7778", "nope").is_err());
 }
@@ -260,7 +275,7 @@ fn addresses_must_be_host_port() {
 fn database_files_are_owner_only() {
     use std::os::unix::fs::PermissionsExt;
     let (d, mut s) = open();
-    s.enroll_node("a", "h:1", "ck", 0).unwrap();
+    s.enroll_node("a", 1, Some("h:1"), "ck", 0).unwrap();
     for name in ["fleet.db", "fleet.db-wal", "fleet.db-shm"] {
         let mode = std::fs::metadata(d.path().join(name))
             .unwrap()
@@ -277,7 +292,7 @@ fn data_survives_reopen() {
     let path = dir.path().join("fleet.db");
     {
         let mut s = Store::open(&path).unwrap();
-        s.enroll_node("a", "h:1", "ck", 0).unwrap();
+        s.enroll_node("a", 1, Some("h:1"), "ck", 0).unwrap();
         s.audit(
             AuditKind::Refusal,
             None,
@@ -312,7 +327,7 @@ fn migrates_a_version_1_database_keeping_its_rows() {
         assert_eq!(v, 1);
     }
     let s = Store::open(&path).unwrap();
-    assert_eq!(s.schema_version().unwrap(), 2);
+    assert_eq!(s.schema_version().unwrap(), SCHEMA_VERSION as i64);
     let n = s.node("old").unwrap().unwrap();
     assert_eq!((n.state, n.enrolled_at_ms), (NodeState::UpdateCompleted, 5));
     let idx: i64 = s
@@ -352,13 +367,13 @@ fn refuses_a_file_that_is_not_a_database() {
 fn batch_commits_together_and_a_failed_call_inside_undoes_only_itself() {
     let (_d, mut s) = open();
     s.batch(|s| {
-        s.enroll_node("a", "127.0.0.1:9001", "c0ffee", 1_000)?;
+        s.enroll_node("a", 1, Some("127.0.0.1:9001"), "c0ffee", 1_000)?;
         // Fails (unknown node): its savepoint rolls back, the batch goes on.
         assert!(matches!(
             s.node_seen(&["ghost"], 1_001),
             Err(StoreError::UnknownNode(_))
         ));
-        s.enroll_node("b", "127.0.0.1:9002", "beef01", 1_002)?;
+        s.enroll_node("b", 2, Some("127.0.0.1:9002"), "beef01", 1_002)?;
         Ok(())
     })
     .unwrap();
@@ -366,10 +381,249 @@ fn batch_commits_together_and_a_failed_call_inside_undoes_only_itself() {
     assert_eq!(ids, ["a", "b"]);
     // A batch that returns an error leaves nothing behind.
     let err = s.batch(|s| {
-        s.enroll_node("c", "127.0.0.1:9003", "0a0b0c", 1_003)?;
-        s.enroll_node("a", "127.0.0.1:9001", "c0ffee", 1_004)
+        s.enroll_node("c", 3, Some("127.0.0.1:9003"), "0a0b0c", 1_003)?;
+        s.enroll_node("a", 4, Some("127.0.0.1:9001"), "c0ffee", 1_004)
     });
     assert!(matches!(err, Err(StoreError::AlreadyEnrolled(_))));
     assert!(s.node("c").unwrap().is_none());
     assert_eq!(s.integrity_check().unwrap(), Ok(()));
+}
+
+#[test]
+fn address_changes_handouts_and_pauses_are_rows() {
+    let (_d, mut s) = open();
+    s.enroll_node("a", 1, Some("10.0.0.1:7000"), "ck", 1)
+        .unwrap();
+    s.record_key_created(1, "c1", Trigger::Initial, &json!(null), &[] as &[&str], 2)
+        .unwrap();
+    s.record_address_change("a", "10.0.0.9:7001", "join", 17, 3)
+        .unwrap();
+    s.record_address_change("a", "10.0.0.9:7002", "key_request", 18, 4)
+        .unwrap();
+    assert_eq!(
+        s.node("a").unwrap().unwrap().address.as_deref(),
+        Some("10.0.0.9:7002")
+    );
+    let h = s.address_history("a").unwrap();
+    assert_eq!(
+        h.iter()
+            .map(|c| (
+                c.old_address.as_deref().unwrap_or(""),
+                c.new_address.as_str(),
+                c.message.as_str(),
+                c.seq,
+                c.at_ms
+            ))
+            .collect::<Vec<_>>(),
+        vec![
+            ("10.0.0.1:7000", "10.0.0.9:7001", "join", 17, 3),
+            ("10.0.0.9:7001", "10.0.0.9:7002", "key_request", 18, 4)
+        ]
+    );
+    assert_eq!(s.address_changes().unwrap(), h);
+    assert!(matches!(
+        s.record_address_change("zz", "10.0.0.9:1", "join", 1, 5),
+        Err(StoreError::UnknownNode(_))
+    ));
+    assert!(matches!(
+        s.record_address_change("a", "no port", "join", 1, 5),
+        Err(StoreError::BadAddress(_))
+    ));
+
+    // The initial key is current at once; a round's key once activated.
+    s.record_key_created(2, "c2", Trigger::Manual, &json!(null), &["a"], 6)
+        .unwrap();
+    s.record_handout(&[1], "a", Handout::Join, 7).unwrap();
+    s.record_handout(&[1, 2], "a", Handout::KeyRequest, 8)
+        .unwrap();
+    assert!(matches!(
+        s.record_handout(&[9], "a", Handout::Join, 9),
+        Err(StoreError::UnknownEpoch(9))
+    ));
+    let keys = s.history().unwrap();
+    assert_eq!(keys[0].activated_at_ms, Some(2));
+    assert_eq!(keys[1].activated_at_ms, None);
+    let vias = |k: &KeyRecord| {
+        k.handouts
+            .iter()
+            .map(|h| (h.via, h.at_ms))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        vias(&keys[0]),
+        [(Handout::Join, 7), (Handout::KeyRequest, 8)]
+    );
+    assert_eq!(vias(&keys[1]), [(Handout::KeyRequest, 8)]);
+    assert_eq!(
+        keys[1].deliveries.len(),
+        1,
+        "the round's delivery row stays apart"
+    );
+
+    let id = s.round_started(2, 1, 6).unwrap();
+    s.round_paused(id, "no node answered", 10).unwrap();
+    let r = s.unfinished_round().unwrap().unwrap();
+    assert_eq!((r.pauses, r.paused_at_ms), (1, Some(10)));
+    assert_eq!(r.pause_detail.as_deref(), Some("no node answered"));
+    s.round_resumed(id).unwrap();
+    s.round_paused(id, "1 of 3", 12).unwrap();
+    s.round_finished(id, Outcome::Completed, None, 1, 0, 20)
+        .unwrap();
+    let r = &s.rounds().unwrap()[0];
+    assert_eq!((r.pauses, r.paused_at_ms), (2, None));
+    assert_eq!(s.current_epoch().unwrap(), Some(1));
+    s.activate_key(2, 20).unwrap();
+    assert_eq!(s.current_epoch().unwrap(), Some(2));
+}
+
+#[test]
+fn member_numbers_are_the_callers_and_unique_among_enrolled_nodes() {
+    let (_d, mut s) = open();
+    s.enroll_node("a", 1, Some("h:1"), "ck", 0).unwrap();
+    s.enroll_node("b", 2, None, "ck", 0).unwrap();
+    assert_eq!(s.node("b").unwrap().unwrap().address, None);
+    assert!(matches!(
+        s.enroll_node("c", 2, Some("h:3"), "ck", 0),
+        Err(StoreError::MemberTaken { member_no: 2, holder }) if holder == "b"
+    ));
+    // Removed, then enrolled again: the row takes the controller's new number,
+    // and the removed row's old number may be given again only by the caller.
+    s.remove_node("a", "gone", 1).unwrap();
+    let a = s.enroll_node("a", 3, Some("h:1"), "ck", 2).unwrap();
+    assert_eq!(a.member_no, 3);
+    let ids: Vec<_> = s
+        .nodes()
+        .unwrap()
+        .into_iter()
+        .map(|n| (n.node_id, n.member_no))
+        .collect();
+    assert_eq!(ids, [("b".to_string(), 2), ("a".to_string(), 3)]);
+}
+
+#[test]
+fn renumbering_swaps_numbers_in_one_step_and_audits_each() {
+    let (_d, mut s) = open();
+    for (i, id) in ["a", "b", "c"].iter().enumerate() {
+        s.enroll_node(id, i as u64 + 1, Some("h:1"), "ck", 0)
+            .unwrap();
+    }
+    let changed = s
+        .renumber_members(&[("a", 2), ("b", 1), ("c", 3)], 7)
+        .unwrap();
+    assert_eq!(changed, [("a".to_string(), 1, 2), ("b".to_string(), 2, 1)]);
+    let got: Vec<_> = s
+        .nodes()
+        .unwrap()
+        .into_iter()
+        .map(|n| (n.node_id, n.member_no))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("b".to_string(), 1),
+            ("a".to_string(), 2),
+            ("c".to_string(), 3)
+        ]
+    );
+    let renumbered = s
+        .audit_log(0, 100)
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.kind == AuditKind::Renumbered)
+        .count();
+    assert_eq!(renumbered, 2);
+    // A number held by a node left out of the list is refused, and nothing changes.
+    assert!(matches!(
+        s.renumber_members(&[("a", 3)], 8),
+        Err(StoreError::MemberTaken { member_no: 3, .. })
+    ));
+    assert_eq!(s.node("a").unwrap().unwrap().member_no, 2);
+    assert_eq!(s.integrity_check().unwrap(), Ok(()));
+}
+
+/// `fixtures/state/rev1-renumbered/fleet.db` was written by keyfleet at
+/// 2bc0f6e (schema 2, member numbers counted by the store).
+#[test]
+fn a_schema_2_table_written_by_2bc0f6e_migrates_and_keeps_every_row() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("fleet.db");
+    std::fs::copy(
+        concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/fixtures/state/rev1-renumbered/fleet.db"
+        ),
+        &path,
+    )
+    .unwrap();
+    {
+        let c = Connection::open(&path).unwrap();
+        let v: i64 = c
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(v, 2, "the fixture is a schema 2 table");
+    }
+    let mut s = Store::open(&path).unwrap();
+    assert_eq!(s.schema_version().unwrap(), SCHEMA_VERSION as i64);
+    assert_eq!(s.integrity_check().unwrap(), Ok(()));
+    let all: Vec<_> = s
+        .all_nodes()
+        .unwrap()
+        .into_iter()
+        .map(|n| (n.node_id, n.member_no, n.removed_at_ms.is_some(), n.address))
+        .collect();
+    assert_eq!(
+        all,
+        [
+            (
+                "pump-1".to_string(),
+                1,
+                false,
+                Some("127.0.0.1:7011".to_string())
+            ),
+            (
+                "pump-2".to_string(),
+                2,
+                false,
+                Some("127.0.0.1:7002".to_string())
+            ),
+            (
+                "pump-3".to_string(),
+                3,
+                true,
+                Some("127.0.0.1:7003".to_string())
+            ),
+            (
+                "pump-4".to_string(),
+                4,
+                false,
+                Some("127.0.0.1:7004".to_string())
+            ),
+        ]
+    );
+    assert_eq!(s.history().unwrap().len(), 3);
+    // The controller's numbers (4, 2, 5) go in: pump-1 takes pump-4's 4.
+    s.renumber_members(&[("pump-1", 4), ("pump-2", 2), ("pump-4", 5)], 1)
+        .unwrap();
+    let live: Vec<_> = s
+        .nodes()
+        .unwrap()
+        .into_iter()
+        .map(|n| (n.node_id, n.member_no))
+        .collect();
+    assert_eq!(
+        live,
+        [
+            ("pump-2".to_string(), 2),
+            ("pump-1".to_string(), 4),
+            ("pump-4".to_string(), 5)
+        ]
+    );
+    // Foreign keys survived the table rebuild.
+    assert!(s
+        .conn
+        .execute(
+            "INSERT INTO key_deliveries (epoch, node_id) VALUES (1, 'nobody')",
+            []
+        )
+        .is_err());
 }

@@ -105,6 +105,19 @@ impl Ctl {
         }
     }
 
+    /// Runs `keyfleet ARGS`, which must exit with `code`; its JSON output.
+    pub fn json_exit(&self, args: &[&str], code: i32) -> serde_json::Value {
+        let out = self.cmd(args).output().unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(code),
+            "keyfleet {args:?}: {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
     pub fn json(&self, args: &[&str]) -> serde_json::Value {
         let out = self.run(args);
         serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {

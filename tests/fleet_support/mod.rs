@@ -48,6 +48,13 @@ pub struct Fleet {
     pub nodes: Vec<Node>,
     /// Prefix of every command (`ip netns exec NAME`), empty on the host.
     pub wrap: Vec<String>,
+    /// Prefix of the agents' commands when they run apart from the
+    /// controller ([`Fleet::split`]); `None`: `wrap`.
+    pub agent_wrap: Option<Vec<String>>,
+    /// The agents' interface address, and the controller's (both loopback
+    /// unless [`Fleet::split`]).
+    pub agent_ip: Ipv4Addr,
+    pub ctl_ip: Ipv4Addr,
 }
 
 impl Fleet {
@@ -101,7 +108,39 @@ impl Fleet {
             ctl_port,
             nodes,
             wrap: Vec::new(),
+            agent_wrap: None,
+            agent_ip: Ipv4Addr::LOCALHOST,
+            ctl_ip: Ipv4Addr::LOCALHOST,
         }
+    }
+
+    /// The controller's commands run behind `ctl_wrap` on interface
+    /// `ctl_ip`, the agents behind `agent_wrap` on `agent_ip` (two network
+    /// namespaces joined by a link, say); `extra` is the controller's config
+    /// as given to [`Fleet::new`]. Call before `init`.
+    pub fn split(
+        &mut self,
+        ctl_wrap: Vec<String>,
+        ctl_ip: Ipv4Addr,
+        agent_wrap: Vec<String>,
+        agent_ip: Ipv4Addr,
+        extra: &str,
+    ) {
+        std::fs::write(
+            self.dir.path().join("keyfleet.toml"),
+            format!(
+                "[network]\ngroup = \"{}\"\niface = \"{ctl_ip}\"\nlisten_port = {}\n{extra}",
+                self.group, self.ctl_port
+            ),
+        )
+        .unwrap();
+        for n in &mut self.nodes {
+            n.listen = SocketAddrV4::new(agent_ip, n.listen.port());
+        }
+        self.wrap = ctl_wrap;
+        self.agent_wrap = Some(agent_wrap);
+        self.ctl_ip = ctl_ip;
+        self.agent_ip = agent_ip;
     }
 
     pub fn state(&self) -> PathBuf {
@@ -109,7 +148,11 @@ impl Fleet {
     }
 
     fn command(&self, program: &str) -> Command {
-        match self.wrap.split_first() {
+        Self::wrapped(&self.wrap, program)
+    }
+
+    fn wrapped(wrap: &[String], program: &str) -> Command {
+        match wrap.split_first() {
             None => Command::new(program),
             Some((first, rest)) => {
                 let mut c = Command::new(first);
@@ -153,6 +196,25 @@ impl Fleet {
                 String::from_utf8_lossy(&out.stdout)
             )
         })
+    }
+
+    /// Runs `keyfleet ARGS`, which must exit with `code`; its JSON output and stderr.
+    pub fn json_exit(&self, args: &[&str], code: i32) -> (serde_json::Value, String) {
+        let out = self.keyfleet(args).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(
+            out.status.code(),
+            Some(code),
+            "keyfleet {args:?}: {}\n{stderr}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let v = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "keyfleet {args:?} printed no JSON ({e}): {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        });
+        (v, stderr)
     }
 
     pub fn log(&self, name: &str) -> std::fs::File {
@@ -218,16 +280,20 @@ impl Fleet {
     /// The command of [`Fleet::agent`], not started (add flags, then spawn).
     pub fn agent_command(&self, i: usize) -> Command {
         let n = &self.nodes[i];
-        let mut c = self.command(AGENT);
+        let mut c = Self::wrapped(self.agent_wrap.as_ref().unwrap_or(&self.wrap), AGENT);
         c.arg("run")
             .arg("--state")
             .arg(&n.state)
             .args(["--node-id", &n.id])
             .arg("--initial-key-file")
             .arg(&n.key_file)
-            .args(["--group", &self.group.to_string(), "--iface", "127.0.0.1"])
+            .args(["--group", &self.group.to_string()])
+            .args(["--iface", &self.agent_ip.to_string()])
             .args(["--listen", &n.listen.to_string()])
-            .args(["--controller", &format!("127.0.0.1:{}", self.ctl_port)])
+            .args([
+                "--controller",
+                &format!("{}:{}", self.ctl_ip, self.ctl_port),
+            ])
             .args(["--usage-interval", "2"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())

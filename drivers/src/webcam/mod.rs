@@ -144,8 +144,8 @@ impl KeySource for WebcamSource {
                     Feed::Replay { origin, .. } => origin.display().to_string(),
                     Feed::Camera(_) => String::from("the camera"),
                 };
-                return Err(SourceError::Ended(if refused > 0 {
-                    format!("{frames} frame(s) of {origin} held {refused} QR code(s), none of them a key label")
+                return Err(SourceError::NoEntry(if refused > 0 {
+                    format!("{frames} frame(s) of {origin} held {refused} QR code(s), none of them a key label (--raw shows their text)")
                 } else {
                     format!("no readable QR code in the {frames} frame(s) of {origin}; photograph the label closer, sharper or better lit")
                 }));

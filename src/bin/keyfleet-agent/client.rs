@@ -197,6 +197,12 @@ pub async fn recv(
     timeout: Option<f64>,
     json: bool,
 ) -> anyhow::Result<ExitCode> {
+    // SIGTERM (a service manager, `timeout`, `kill`) ends the wait like Ctrl-C:
+    // what was received is still printed.
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term =
+        signal(SignalKind::terminate()).context("while installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("while installing the SIGINT handler")?;
     let c = Client::bind(state)?;
     c.request(b"R").await?;
     match c.answer().await? {
@@ -221,7 +227,8 @@ pub async fn recv(
         }
         let next = tokio::select! {
             r = c.next(wait) => r?,
-            _ = tokio::signal::ctrl_c() => { interrupted = true; break }
+            _ = int.recv() => { interrupted = true; break }
+            _ = term.recv() => { interrupted = true; break }
         };
         match next {
             Some(Reply::Message(m)) => {

@@ -10,6 +10,13 @@
 //! `send` dropped the message (the agent's hold queue is full).
 #![forbid(unsafe_code)]
 
+/// stdout through [`keyfleet::logs::out`]: a closed pipe ends the program
+/// quietly instead of with a panic.
+macro_rules! println {
+    () => { keyfleet::logs::out(format_args!(""), true) };
+    ($($t:tt)*) => { keyfleet::logs::out(format_args!($($t)*), true) };
+}
+
 mod client;
 
 use std::net::{SocketAddr, SocketAddrV4};
@@ -169,7 +176,7 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            keyfleet::logs::report("keyfleet-agent", &e);
             ExitCode::from(1)
         }
     }

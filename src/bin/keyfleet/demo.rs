@@ -270,12 +270,7 @@ async fn app_client(
 }
 
 pub fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+    crate::fleet::init_logging("warn");
     let keyfleet = std::env::current_exe().context("while locating this keyfleet program")?;
     let agent = agent_program()?;
     let tmp = tempfile::Builder::new()

@@ -16,25 +16,37 @@ use crate::rekey::{route, Route};
 /// `keyfleet enroll`.
 #[derive(Args, Debug)]
 #[command(
-    after_help = "FORM is the hex form (36 hex digits: key + CRC-16), the decimal form \
-(41 digits: key + 2 check digits) or a label KF1:<node-id>:<hex form>, whose node id stands in \
-for --node-id. With --from, the key is read from a peripheral source instead. The node gets the \
-group key when it joins (a running `keyfleet serve` answers at once; otherwise the next \
-`keyfleet rekey`)."
+    group(clap::ArgGroup::new("initial_key").args(["key", "from"]).required(true)),
+    after_help = "The initial key comes from --key FORM (typed) or --from SOURCE (read from a \
+peripheral, with that source's flags: --device, --replay, --timeout...). FORM is the hex form \
+(36 hex digits: key + CRC-16), the decimal form (41 digits: key + 2 check digits) or a label \
+KF1:<node-id>:<hex form>, whose node id stands in for --node-id. --addr is optional: the \
+controller learns each node's address from its first authenticated message. A second node with \
+the same initial key or the same address is refused (--force enrolls it anyway, with a warning). \
+The node gets the group key when it joins (a running `keyfleet serve` answers at once; \
+otherwise the next `keyfleet rekey`)."
 )]
 pub struct EnrollArgs {
     /// The node's id (1–64 of A-Z a-z 0-9 . _ -); a label's node id may supply it.
     #[arg(long, value_name = "ID")]
     pub node_id: Option<String>,
-    /// Where the node's agent listens (its --listen), HOST:PORT.
+    /// Where the node's agent listens (its --listen), HOST:PORT [default: learned
+    /// from the node's first authenticated message].
     #[arg(long, value_name = "HOST:PORT")]
-    pub addr: String,
+    pub addr: Option<String>,
     /// The initial key as printed on the appliance (hex form, decimal form or label).
-    #[arg(long, value_name = "FORM", conflicts_with = "from")]
+    #[arg(long, value_name = "FORM")]
     pub key: Option<String>,
+    /// Read the initial key from this source instead of --key (see `keyfleet read-key --help`).
+    #[cfg(feature = "drivers")]
+    #[arg(long = "from", value_enum, value_name = "SOURCE")]
+    pub from: Option<crate::input::SourceKind>,
     #[cfg(feature = "drivers")]
     #[command(flatten)]
-    pub source: Option<crate::input::KeySourceArgs>,
+    pub source: crate::input::SourceFlags,
+    /// Enroll even when another node has the same initial key or the same address (warns).
+    #[arg(long)]
+    pub force: bool,
     /// Print {node_id, member, address, fingerprint} as JSON.
     #[arg(long)]
     pub json: bool,
@@ -48,8 +60,12 @@ fn read_key(a: &EnrollArgs) -> anyhow::Result<(InitialKey, Option<String>)> {
         let parsed = if let Some(form) = &a.key {
             let form = Zeroizing::new(form.clone());
             label::parse(&form).context("the initial key (--key) was refused")?
-        } else if let Some(src) = &a.source {
-            crate::input::read_initial_key(src, false)?.parsed
+        } else if let Some(from) = a.from {
+            let src = crate::input::KeySourceArgs {
+                from,
+                flags: a.source.clone(),
+            };
+            crate::input::read_initial_key(&src, false)?.parsed
         } else {
             bail!("give the initial key: --key FORM, or --from SOURCE");
         };
@@ -74,7 +90,11 @@ fn resolve(addr: &str) -> anyhow::Result<SocketAddr> {
 
 pub fn enroll(g: &GlobalArgs, a: EnrollArgs) -> anyhow::Result<()> {
     fleet::init_logging("warn");
-    let addr = resolve(&a.addr)?;
+    // Not known yet: the controller learns it when the node joins.
+    let addr = match &a.addr {
+        Some(a) => resolve(a)?,
+        None => SocketAddr::from(([0, 0, 0, 0], 0)),
+    };
     let (key, label_id) = read_key(&a)?;
     let node_id = match (&a.node_id, label_id) {
         (Some(given), Some(l)) if *given != l => {
@@ -97,6 +117,7 @@ pub fn enroll(g: &GlobalArgs, a: EnrollArgs) -> anyhow::Result<()> {
                     node_id: node_id.to_string(),
                     addr: addr.to_string(),
                     key: Zeroizing::new(hex::encode(key.0)),
+                    force: a.force,
                 };
                 match control::call(s, &req, |_| {})
                     .await
@@ -108,7 +129,7 @@ pub fn enroll(g: &GlobalArgs, a: EnrollArgs) -> anyhow::Result<()> {
                 }
             }
             Route::Here(mut c) => c
-                .enroll(node_id.clone(), key, addr)
+                .enroll(node_id.clone(), key, addr, a.force)
                 .await
                 .with_context(|| format!("while enrolling {node_id}")),
         }
@@ -116,9 +137,13 @@ pub fn enroll(g: &GlobalArgs, a: EnrollArgs) -> anyhow::Result<()> {
     if a.json {
         println!("{}", serde_json::to_string(&report)?);
     } else {
+        let at = match &report.address {
+            None => "with no address yet (learned when it joins)".to_owned(),
+            Some(a) => format!("at {a}"),
+        };
         println!(
-            "enrolled {} as member {} at {} (initial key fingerprint {})",
-            report.node_id, report.member, report.address, report.fingerprint
+            "enrolled {} as member {} {at} (initial key fingerprint {})",
+            report.node_id, report.member, report.fingerprint
         );
     }
     Ok(())

@@ -6,26 +6,32 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use clap::Args;
-use keyfleet::config::Config;
+use keyfleet::config::{self, Config};
 use keyfleet::controller::{self, Options, StateDir};
 use keyfleet::secrets::Passphrase;
 use zeroize::Zeroizing;
 
-/// The global flags of the controller commands.
-#[derive(Args, Debug, Clone)]
+/// The flags of the controller commands (init, enroll, status, rekey,
+/// remove, history, serve, config), before or after the command name.
+#[derive(Args, Debug, Clone, Default)]
 pub struct GlobalArgs {
     /// The controller's state directory (secrets, management table, control
-    /// socket) [default: $XDG_DATA_HOME/keyfleet, i.e. ~/.local/share/keyfleet].
-    #[arg(long, global = true, value_name = "DIR")]
+    /// socket) [env: KEYFLEET_STATE; config: state_dir; default:
+    /// $XDG_DATA_HOME/keyfleet, i.e. ~/.local/share/keyfleet].
+    #[arg(long, value_name = "DIR")]
     pub state: Option<PathBuf>,
-    /// TOML configuration file (`keyfleet config --print-default` shows every
-    /// key and its default); flags override it.
-    #[arg(long, global = true, value_name = "FILE")]
+    /// TOML configuration file; it must exist [default: $KEYFLEET_CONFIG, else
+    /// $XDG_CONFIG_HOME/keyfleet/config.toml, else /etc/keyfleet/config.toml,
+    /// when they exist]. `keyfleet config` shows which file is used.
+    #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// Read the passphrase that seals the controller's secrets from this file
     /// (overrides `secrets.passphrase_file`; otherwise $KEYFLEET_PASSPHRASE).
-    #[arg(long, global = true, value_name = "FILE")]
+    #[arg(long, value_name = "FILE")]
     pub passphrase_file: Option<PathBuf>,
+    /// The configuration once found (see [`GlobalArgs::resolved`]).
+    #[arg(skip)]
+    resolved: std::sync::OnceLock<(Config, config::Source)>,
 }
 
 /// The network flags of the commands that talk to the fleet; they override `[network]`.
@@ -48,21 +54,116 @@ pub struct NetFlags {
     pub loss_seed: u64,
 }
 
+impl NetFlags {
+    /// Whether a network flag (group, interface, port) was given.
+    fn any(&self) -> bool {
+        self.group.is_some() || self.iface.is_some() || self.listen_port.is_some()
+    }
+}
+
+/// A command that goes through a running `keyfleet serve` cannot move it to
+/// another group, interface or port: network flags that differ from what it
+/// runs on are refused rather than silently ignored.
+pub async fn refuse_other_network(st: &StateDir, net: &NetFlags) -> anyhow::Result<()> {
+    use keyfleet::controller::control::{self, Reply, Request};
+    if !net.any() {
+        return Ok(());
+    }
+    let Some(s) = control::connect(&st.socket()).await else {
+        return Ok(());
+    };
+    let info = match control::call(s, &Request::Info, |_| {}).await {
+        Ok(Reply::Info(i)) => i,
+        // An older serve without the request: cannot tell, so refuse to guess.
+        Ok(other) => bail!(
+            "keyfleet serve runs on {} and cannot say on which group ({other:?}); leave out \
+             --group/--iface/--listen-port, which it would ignore",
+            st.dir.display()
+        ),
+        Err(e) => return Err(e).context("asking keyfleet serve where it runs"),
+    };
+    let mut differ = Vec::new();
+    if let Some(g) = net.group.filter(|g| *g != info.group) {
+        differ.push(format!("--group {g} (it runs on {})", info.group));
+    }
+    if let Some(i) = net.iface.filter(|i| *i != info.iface) {
+        differ.push(format!("--iface {i} (it runs on {})", info.iface));
+    }
+    if let Some(p) = net.listen_port.filter(|p| *p != info.listen_port) {
+        differ.push(format!(
+            "--listen-port {p} (it listens on {})",
+            info.listen_port
+        ));
+    }
+    if !differ.is_empty() {
+        bail!(
+            "keyfleet serve is running on {} and does this round on its own network, not on {}; \
+             leave the flag out, or stop serve and start it on the network you want",
+            st.dir.display(),
+            differ.join(", ")
+        );
+    }
+    Ok(())
+}
+
 impl GlobalArgs {
-    pub fn state_dir(&self) -> anyhow::Result<StateDir> {
-        match &self.state {
-            Some(d) => Ok(StateDir::new(d)),
-            None => StateDir::default_dir()
-                .map(StateDir::new)
-                .context("no data directory for this user ($HOME unset?); give --state DIR"),
+    /// These flags given after the command name, over those given before it.
+    pub fn merge(self, after: GlobalArgs) -> GlobalArgs {
+        GlobalArgs {
+            state: after.state.or(self.state),
+            config: after.config.or(self.config),
+            passphrase_file: after.passphrase_file.or(self.passphrase_file),
+            resolved: std::sync::OnceLock::new(),
         }
     }
 
-    pub fn config(&self) -> anyhow::Result<Config> {
-        match &self.config {
-            Some(p) => Ok(Config::load(p)?),
-            None => Ok(Config::default()),
+    /// The first of these flags given, for the commands they do not apply to.
+    pub fn given(&self) -> Option<&'static str> {
+        [
+            (self.state.is_some(), "--state"),
+            (self.config.is_some(), "--config"),
+            (self.passphrase_file.is_some(), "--passphrase-file"),
+        ]
+        .into_iter()
+        .find_map(|(given, flag)| given.then_some(flag))
+    }
+
+    /// The configuration (found once: `--config`, `$KEYFLEET_CONFIG`, the
+    /// user's, the system's, or none; `KEYFLEET_*` applied) and where it came from.
+    pub fn resolved(&self) -> anyhow::Result<&(Config, config::Source)> {
+        if let Some(r) = self.resolved.get() {
+            return Ok(r);
         }
+        let found = config::discover(
+            self.config.as_deref(),
+            &|k| std::env::var(k).ok(),
+            std::path::Path::new(config::SYSTEM_CONFIG),
+        )?;
+        tracing::info!(config = %found.1, "configuration");
+        let overrides = config::env_overrides(&|k| std::env::var(k).ok());
+        if !overrides.is_empty() {
+            let names: Vec<&str> = overrides.iter().map(|(k, _)| *k).collect();
+            tracing::info!(variables = ?names, "configuration overridden by the environment");
+        }
+        Ok(self.resolved.get_or_init(|| found))
+    }
+
+    /// `--state`, else `$KEYFLEET_STATE`, else the config's `state_dir`, else
+    /// `$XDG_DATA_HOME/keyfleet`.
+    pub fn state_dir(&self) -> anyhow::Result<StateDir> {
+        if let Some(d) = &self.state {
+            return Ok(StateDir::new(d));
+        }
+        if let Some(d) = &self.resolved()?.0.state_dir {
+            return Ok(StateDir::new(d));
+        }
+        StateDir::default_dir()
+            .map(StateDir::new)
+            .context("no data directory for this user ($HOME unset?); give --state DIR")
+    }
+
+    pub fn config(&self) -> anyhow::Result<Config> {
+        Ok(self.resolved()?.0.clone())
     }
 
     /// The options for a controller, with the network flags applied.
@@ -208,9 +309,19 @@ pub fn config(g: &GlobalArgs, a: ConfigArgs) -> anyhow::Result<()> {
     if a.print_default {
         print!("{}", Config::default_toml());
     } else {
-        let c = g.config()?;
+        let (c, source) = g.resolved()?;
+        let mut c = c.clone();
+        let st = g.state_dir()?;
+        c.state_dir = Some(st.dir.clone());
+        let mut head = format!("# configuration: {source}\n");
+        for (var, value) in config::env_overrides(&|k| std::env::var(k).ok()) {
+            head.push_str(&format!("# overridden by ${var} = {value:?}\n"));
+        }
+        if g.state.is_some() {
+            head.push_str("# state_dir from --state\n");
+        }
         print!(
-            "{}",
+            "{head}{}",
             toml::to_string(&c).context("printing the configuration")?
         );
     }
@@ -285,13 +396,20 @@ pub fn progress_bar(json: bool) -> Option<indicatif::ProgressBar> {
         .progress_chars("=> "),
     );
     pb.enable_steady_tick(std::time::Duration::from_millis(120));
+    // Log lines (a WARN during the round) are written above the bar.
+    keyfleet::logs::set_progress_bar(Some(pb.clone()));
     Some(pb)
 }
 
 pub fn show_progress(pb: &Option<indicatif::ProgressBar>, p: &controller::Progress) {
     if let Some(pb) = pb {
         pb.set_prefix(p.epoch.to_string());
-        pb.set_message(p.phase.replace('_', " "));
+        let phase = p.phase.replace('_', " ");
+        pb.set_message(if p.paused {
+            format!("{phase} (paused)")
+        } else {
+            phase
+        });
         pb.set_length(p.total.into());
         pb.set_position(p.acked.into());
     }

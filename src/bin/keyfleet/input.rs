@@ -14,6 +14,7 @@
 //! | 3 | the source failed: device missing or not accessible, malformed recording, key file refused, source not built in |
 //! | 4 | nothing arrived before `--timeout` |
 //! | 5 | the installer cancelled (Esc, Ctrl-C) |
+//! | 6 | the source worked but its input held no key: photos with no readable QR code, or only codes that are not key labels (`--raw` shows them) |
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -63,12 +64,19 @@ pub enum Parity {
     Odd,
 }
 
-/// The source selection shared by `read-key` and `enroll`.
+/// The source selection of `read-key`: `--from` and the source's flags.
 #[derive(Args, Debug, Clone)]
 pub struct KeySourceArgs {
     /// Where the initial key comes from.
     #[arg(long = "from", value_enum, value_name = "SOURCE")]
     pub from: SourceKind,
+    #[command(flatten)]
+    pub flags: SourceFlags,
+}
+
+/// The flags of a key source (shared by `read-key` and `enroll --from`).
+#[derive(Args, Debug, Clone)]
+pub struct SourceFlags {
     /// The device node: hidraw, tty, video device, or a block device for `file`
     /// (see `keyfleet devices`).
     #[arg(long, value_name = "PATH")]
@@ -113,6 +121,12 @@ fn parse_timeout(s: &str) -> Result<Duration, String> {
 
 impl KeySourceArgs {
     pub fn options(&self) -> SourceOptions {
+        self.flags.options()
+    }
+}
+
+impl SourceFlags {
+    pub fn options(&self) -> SourceOptions {
         SourceOptions {
             device: self.device.clone(),
             replay: self.replay.clone(),
@@ -138,7 +152,14 @@ impl KeySourceArgs {
 pub struct NotBuiltIn(&'static str, &'static str);
 
 /// Opens the source `kind`. Each source is behind the cargo feature of its name.
-pub fn open_source(kind: SourceKind, opts: &SourceOptions) -> anyhow::Result<Box<dyn KeySource>> {
+/// With `show_raw`, a source that decodes several candidates (the webcam)
+/// prints each one's text on stderr as it finds it.
+pub fn open_source(
+    kind: SourceKind,
+    opts: &SourceOptions,
+    show_raw: bool,
+) -> anyhow::Result<Box<dyn KeySource>> {
+    let _ = show_raw;
     let opened: anyhow::Result<Box<dyn KeySource>> = match kind {
         #[cfg(feature = "keyboard")]
         SourceKind::Keyboard => keyfleet_drivers::keyboard::open(opts).map_err(Into::into),
@@ -153,11 +174,25 @@ pub fn open_source(kind: SourceKind, opts: &SourceOptions) -> anyhow::Result<Box
         #[cfg(feature = "ir")]
         SourceKind::Ir => keyfleet_drivers::ir::open(opts).map_err(Into::into),
         // Keep scanning past QR codes that are not valid labels (a URL on the
-        // appliance's box, a half-read frame) until one parses.
+        // appliance's box, a half-read frame) until one parses; with --raw,
+        // show the text of every code found, label or not.
         #[cfg(feature = "webcam")]
         SourceKind::Webcam => keyfleet_drivers::webcam::WebcamSource::open(
             opts,
-            Box::new(|p: &str| keyfleet_drivers::label::parse(p).is_ok()),
+            Box::new(move |p: &str| {
+                let ok = keyfleet_drivers::label::parse(p).is_ok();
+                if show_raw {
+                    eprintln!(
+                        "raw: {p:?}{}",
+                        if ok {
+                            ""
+                        } else {
+                            " (not a key label; still scanning)"
+                        }
+                    );
+                }
+                ok
+            }),
         )
         .map(|s| Box::new(s) as Box<dyn KeySource>)
         .map_err(Into::into),
@@ -201,13 +236,14 @@ pub struct ReadOutcome {
 /// the source decoded is printed on stderr before parsing (escaped, so
 /// control characters show).
 pub fn read_initial_key(args: &KeySourceArgs, show_raw: bool) -> anyhow::Result<ReadOutcome> {
-    let mut src = open_source(args.from, &args.options())?;
+    let mut src = open_source(args.from, &args.options(), show_raw)?;
     let source = src.name();
     let raw = Zeroizing::new(
-        src.read_raw(args.timeout)
+        src.read_raw(args.flags.timeout)
             .with_context(|| format!("reading from the {source} source"))?,
     );
-    if show_raw {
+    // The webcam printed every code it found already.
+    if show_raw && args.from != SourceKind::Webcam {
         eprintln!("raw: {:?}", raw.as_str());
     }
     let parsed = label::parse(&raw)
@@ -222,7 +258,8 @@ pub fn read_initial_key(args: &KeySourceArgs, show_raw: bool) -> anyhow::Result<
     after_help = "Exit codes: 0 a valid key was read; 1 the input was refused (wrong length, \
 bad character, failing check); 2 bad command line; 3 the source failed (device missing or not \
 accessible, malformed recording, key file refused, source not built in); 4 --timeout passed; \
-5 cancelled by the installer."
+5 cancelled by the installer; 6 the input held no key (photos with no readable QR code, or only \
+codes that are not key labels: --raw prints the text of every code found)."
 )]
 pub struct ReadKeyArgs {
     #[command(flatten)]
@@ -230,7 +267,8 @@ pub struct ReadKeyArgs {
     /// Print {"source", "node_id", "key_check"} as JSON; the key itself is never printed.
     #[arg(long)]
     pub json: bool,
-    /// Print what the source decoded (text or digits) on stderr before parsing, to diagnose labels.
+    /// Print what the source decoded (text or digits) on stderr before parsing, to diagnose
+    /// labels; for the webcam, the text of every QR code found, key label or not.
     #[arg(long)]
     pub raw: bool,
 }
@@ -245,6 +283,7 @@ pub fn exit_code(e: &anyhow::Error) -> i32 {
             return match s {
                 SourceError::Timeout(_) => 4,
                 SourceError::Cancelled => 5,
+                SourceError::NoEntry(_) => 6,
                 _ => 3,
             };
         }
@@ -379,7 +418,7 @@ mod tests {
                 stop_bits: 2
             }
         );
-        assert_eq!(t.a.timeout, Some(Duration::from_millis(1500)));
+        assert_eq!(t.a.flags.timeout, Some(Duration::from_millis(1500)));
     }
 
     #[test]
@@ -399,6 +438,13 @@ mod tests {
         let e = anyhow::Error::new(SourceError::Cancelled);
         assert_eq!(exit_code(&e), 5);
         let e = anyhow::Error::new(NotBuiltIn("webcam", ""));
+        assert_eq!(exit_code(&e), 3);
+        let e = anyhow::Error::new(SourceError::NoEntry("no code".into())).context("reading");
+        assert_eq!(exit_code(&e), 6);
+        let e = anyhow::Error::new(SourceError::Open {
+            path: "/dev/video9".into(),
+            reason: "missing".into(),
+        });
         assert_eq!(exit_code(&e), 3);
     }
 }

@@ -3,7 +3,9 @@
 use clap::Args;
 use serde::Serialize;
 
-use keyfleet::store::{AuditKind, AuditRecord, KeyRecord, NodeRecord, RoundRecord};
+use keyfleet::store::{
+    AddressChange, AuditKind, AuditRecord, KeyRecord, NodeRecord, NodeState, RoundRecord,
+};
 
 use crate::fleet::{when, GlobalArgs};
 
@@ -36,6 +38,52 @@ fn ago(now: u64, ms: Option<u64>) -> String {
     }
 }
 
+/// The fleet table: columns as wide as their longest cell (a long node id or
+/// an IPv6 address widens its column instead of pushing the others out of line).
+fn node_table(nodes: &[NodeRecord], now: u64) -> comfy_table::Table {
+    use comfy_table::{CellAlignment, ColumnConstraint, Table};
+    let mut t = Table::new();
+    t.load_preset(comfy_table::presets::NOTHING)
+        .set_content_arrangement(comfy_table::ContentArrangement::Disabled)
+        .set_header([
+            "NODE",
+            "MEMBER",
+            "ADDRESS",
+            "STATE",
+            "EPOCH",
+            "LAST SEEN",
+            "STALE",
+            "KEY CHECK",
+        ]);
+    for n in nodes {
+        t.add_row([
+            n.node_id.clone(),
+            n.member_no.to_string(),
+            n.address
+                .clone()
+                .unwrap_or_else(|| "(not heard from yet)".into()),
+            n.state.as_str().to_owned(),
+            n.epoch.map_or("-".into(), |e| e.to_string()),
+            ago(now, n.last_seen_ms),
+            if n.stale { "stale" } else { "" }.to_owned(),
+            n.key_check.clone(),
+        ]);
+    }
+    for i in [1, 4] {
+        if let Some(c) = t.column_mut(i) {
+            c.set_cell_alignment(CellAlignment::Right);
+        }
+    }
+    if let Some(c) = t.column_mut(0) {
+        c.set_constraint(ColumnConstraint::ContentWidth);
+    }
+    let last = t.column_count().saturating_sub(1);
+    for (i, c) in t.column_iter_mut().enumerate() {
+        c.set_padding((0, if i == last { 0 } else { 2 }));
+    }
+    t
+}
+
 pub fn status(g: &GlobalArgs, a: StatusArgs) -> anyhow::Result<()> {
     let store = g.state_dir()?.open_table()?;
     let st = Status {
@@ -49,40 +97,39 @@ pub fn status(g: &GlobalArgs, a: StatusArgs) -> anyhow::Result<()> {
     }
     let now = keyfleet::net::Clock::wall().now_ms();
     match (&st.epoch, &st.round) {
-        (e, Some(r)) => println!(
-            "group key epoch {}; round for epoch {} in phase {} since {}",
-            e.unwrap_or(0),
-            r.epoch,
-            r.phase,
-            when(r.phase_started_at_ms)
-        ),
+        (e, Some(r)) => {
+            println!(
+                "group key epoch {}, rotating to {} (phase {} since {}{})",
+                e.unwrap_or(0),
+                r.epoch,
+                r.phase,
+                when(r.phase_started_at_ms),
+                r.paused_at_ms
+                    .map_or(String::new(), |t| format!("; paused since {}", when(t)))
+            );
+            if let (Some(_), Some(why)) = (r.paused_at_ms, &r.pause_detail) {
+                println!("  {why}");
+            }
+        }
         (e, None) => println!("group key epoch {}; no round in progress", e.unwrap_or(0)),
     }
+    println!("{}", node_table(&st.nodes, now));
+    let count = |f: &dyn Fn(&NodeRecord) -> bool| st.nodes.iter().filter(|n| f(n)).count();
+    let not_joined = count(&|n| n.state == NodeState::Enrolled);
     println!(
-        "{:<20} {:>6} {:<21} {:<22} {:>6} {:<10} {:<6} KEY CHECK",
-        "NODE", "MEMBER", "ADDRESS", "STATE", "EPOCH", "LAST SEEN", "STALE"
+        "{} nodes enrolled: {} joined ({} stale), {} not joined",
+        st.nodes.len(),
+        st.nodes.len() - not_joined,
+        count(&|n| n.stale),
+        not_joined
     );
-    for n in &st.nodes {
-        println!(
-            "{:<20} {:>6} {:<21} {:<22} {:>6} {:<10} {:<6} {}",
-            n.node_id,
-            n.member_no,
-            n.address,
-            n.state.as_str(),
-            n.epoch.map_or("-".into(), |e| e.to_string()),
-            ago(now, n.last_seen_ms),
-            if n.stale { "stale" } else { "" },
-            n.key_check
-        );
-    }
-    println!("{} nodes", st.nodes.len());
     Ok(())
 }
 
 /// `keyfleet history`.
 #[derive(Args, Debug)]
 pub struct HistoryArgs {
-    /// Print {keys, rounds, audit} as JSON.
+    /// Print {keys, rounds, address_changes, audit} as JSON.
     #[arg(long)]
     pub json: bool,
     /// Audit entries to show, newest last (0: none).
@@ -94,6 +141,8 @@ pub struct HistoryArgs {
 struct History {
     keys: Vec<KeyRecord>,
     rounds: Vec<RoundRecord>,
+    /// Every address change of a node, with the authenticated message that caused it.
+    address_changes: Vec<AddressChange>,
     audit: Vec<AuditRecord>,
 }
 
@@ -123,6 +172,7 @@ pub fn history(g: &GlobalArgs, a: HistoryArgs) -> anyhow::Result<()> {
     let h = History {
         keys: store.history()?,
         rounds: store.rounds()?,
+        address_changes: store.address_changes()?,
         audit: last_audit(&store, a.audit)?,
     };
     if a.json {
@@ -132,11 +182,15 @@ pub fn history(g: &GlobalArgs, a: HistoryArgs) -> anyhow::Result<()> {
     println!("KEYS");
     for k in &h.keys {
         println!(
-            "  epoch {:<4} created {}  check {}  trigger {}{}",
+            "  epoch {:<4} created {}  check {}  trigger {}{}{}",
             k.epoch,
             when(k.created_at_ms),
             k.check_value,
             k.trigger,
+            k.activated_at_ms
+                .map_or("  not current (its round has not completed)".into(), |t| {
+                    format!("  current from {}", when(t))
+                }),
             k.retired_at_ms
                 .map_or(String::new(), |t| format!("  retired {}", when(t)))
         );
@@ -149,6 +203,17 @@ pub fn history(g: &GlobalArgs, a: HistoryArgs) -> anyhow::Result<()> {
                 d.acked_at_ms.map_or("-".into(), when)
             );
         }
+        for h in &k.handouts {
+            let via = match h.via {
+                keyfleet::store::Handout::Join => "join",
+                keyfleet::store::Handout::KeyRequest => "key request",
+            };
+            println!(
+                "    {:<20} handed out {} (answer to its {via})",
+                h.node_id,
+                when(h.at_ms)
+            );
+        }
     }
     println!("ROUNDS");
     for r in &h.rounds {
@@ -157,7 +222,12 @@ pub fn history(g: &GlobalArgs, a: HistoryArgs) -> anyhow::Result<()> {
             "  epoch {:<4} started {}  {}  nodes {} acked {} stale {}  distribute {} ms, first transition {} ms, second transition {} ms",
             r.epoch,
             when(r.started_at_ms),
-            r.outcome.map_or(format!("in phase {}", r.phase), |o| o.to_string()),
+            match (r.outcome, r.paused_at_ms) {
+                (Some(o), _) if r.pauses > 0 => format!("{o} after {} pause(s)", r.pauses),
+                (Some(o), _) => o.to_string(),
+                (None, Some(t)) => format!("PAUSED in phase {} since {}", r.phase, when(t)),
+                (None, None) => format!("in progress, phase {}", r.phase),
+            },
             r.nodes,
             r.acked.map_or("-".into(), |v| v.to_string()),
             r.stale.map_or("-".into(), |v| v.to_string()),
@@ -165,6 +235,20 @@ pub fn history(g: &GlobalArgs, a: HistoryArgs) -> anyhow::Result<()> {
             p.first_transition.unwrap_or(0),
             p.second_transition.unwrap_or(0),
         );
+    }
+    if !h.address_changes.is_empty() {
+        println!("ADDRESS CHANGES");
+        for c in &h.address_changes {
+            println!(
+                "  {}  {:<20} {} -> {}  (its {} #{})",
+                when(c.at_ms),
+                c.node_id,
+                c.old_address.as_deref().unwrap_or("(none)"),
+                c.new_address,
+                c.message,
+                c.seq
+            );
+        }
     }
     if a.audit > 0 {
         println!("AUDIT (last {})", a.audit);
@@ -207,6 +291,7 @@ fn audit_text(e: &AuditRecord) -> String {
                 when(last),
             )
         }
+        AuditKind::RoundPaused => text("text").unwrap_or_else(|| d.to_string()),
         AuditKind::Refusal => match (text("from"), text("reason")) {
             (Some(from), Some(reason)) => format!("from {from}: {reason}"),
             _ => d.to_string(),
