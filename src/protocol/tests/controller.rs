@@ -1079,14 +1079,19 @@ fn a_pinned_node_id_gets_no_second_handshake_until_the_operator_allows_it() {
             ..
         })
     ));
-    // And the rest of the fleet keeps rotating (node-0, silent, goes stale).
+    // And the rest of the fleet still gets the next key over its ratchet
+    // (whether the round may finish without node-0 is the minimum-reply rule's call).
     f.ctl(ControllerInput::Rekey).unwrap();
     f.pump();
     for _ in 0..10 {
         f.advance(2000);
         f.pump();
     }
-    assert_eq!(f.nodes[1].state(), UC2);
+    assert!(
+        f.nodes[1].keyring().and_then(|r| r.key(Epoch(2))).is_some(),
+        "{:?}",
+        f.nodes[1].state()
+    );
 }
 
 #[test]
