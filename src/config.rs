@@ -65,6 +65,8 @@ pub struct Config {
     pub secrets: SecretsConfig,
     pub rekey: RekeyConfig,
     pub audit: AuditConfig,
+    pub limits: LimitsConfig,
+    pub beacon: BeaconConfig,
 }
 
 /// `[network]`: where the fleet is.
@@ -197,7 +199,8 @@ pub struct RekeyConfig {
     /// Before the round, wait up to this long for enrolled nodes that have
     /// never joined to join (agents retry their join at most every ~10 s).
     pub join_wait_ms: u64,
-    /// After the round, keep answering key requests this long.
+    /// After a round some node missed (stale, or never joined), keep
+    /// answering key requests this long; no wait when every node acknowledged.
     pub linger_ms: u64,
 }
 
@@ -206,6 +209,27 @@ impl Default for RekeyConfig {
         RekeyConfig {
             join_wait_ms: 12_000,
             linger_ms: 500,
+        }
+    }
+}
+
+/// `[beacon]`: the controller's signed beacon to the group (SPEC §5).
+///
+/// It tells the nodes the current epoch and the round's phase; a node that
+/// finds itself behind asks for the current key at once, so a node that
+/// missed something notices within about one interval.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BeaconConfig {
+    /// Send a beacon this often, in ms (0 = never; nodes then notice only at
+    /// link changes, their usage reports and the next round).
+    pub interval_ms: u64,
+}
+
+impl Default for BeaconConfig {
+    fn default() -> Self {
+        BeaconConfig {
+            interval_ms: ControllerConfig::default().beacon_interval_ms,
         }
     }
 }
@@ -256,6 +280,30 @@ impl Source {
         match self {
             Source::Flag(p) | Source::Env(p) | Source::User(p) | Source::System(p) => Some(p),
             Source::Defaults => None,
+        }
+    }
+}
+
+/// `[limits]`: what one node's keys can make the controller do (SECURITY.md).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Key requests and joins one member may send in a burst…
+    pub member_request_burst: u32,
+    /// …then one per this many ms; more are refused (`rate_limited`).
+    pub member_request_interval_ms: u64,
+    /// Rounds set off by what nodes send (usage counts, data from an unknown
+    /// sender) start at most once per this many ms; later ones wait.
+    pub node_trigger_min_interval_ms: u64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        let c = ControllerConfig::default();
+        LimitsConfig {
+            member_request_burst: c.member_request_burst,
+            member_request_interval_ms: c.member_request_interval_ms,
+            node_trigger_min_interval_ms: c.node_trigger_min_interval_ms,
         }
     }
 }
@@ -443,8 +491,11 @@ impl Config {
 
     /// The protocol core's settings.
     pub fn controller(&self) -> ControllerConfig {
-        let (r, t) = (&self.round, &self.triggers);
+        let (r, t, l) = (&self.round, &self.triggers, &self.limits);
         ControllerConfig {
+            member_request_burst: l.member_request_burst,
+            member_request_interval_ms: l.member_request_interval_ms,
+            node_trigger_min_interval_ms: l.node_trigger_min_interval_ms,
             drain_grace_ms: r.drain_grace_ms,
             retry_initial_ms: r.retry_initial_ms,
             retry_max_ms: r.retry_max_ms,
@@ -462,6 +513,11 @@ impl Config {
                 on_node_removed: t.on_node_removed,
                 manual: t.manual,
             },
+            beacon_interval_ms: self.beacon.interval_ms,
+            address: std::net::SocketAddr::V4(SocketAddrV4::new(
+                self.network.iface,
+                self.network.listen_port,
+            )),
         }
     }
 
@@ -476,6 +532,7 @@ impl Config {
             &d.rekey,
             &d.audit,
         );
+        let b = &d.beacon;
         format!(
             r#"# keyfleet controller configuration (all defaults shown).
 # Found as: --config FILE, else $KEYFLEET_CONFIG, else
@@ -547,6 +604,19 @@ linger_ms = {lg}
 refusal_window_ms = {rw}
 # Source addresses tracked at once; beyond them, one "other sources" count per kind.
 refusal_max_sources = {rms}
+
+[limits]
+# Key requests and joins one node may send in a burst, then one per
+# member_request_interval_ms (ms); more are refused and rate-counted.
+member_request_burst = {mrb}
+member_request_interval_ms = {mri}
+# Rekey rounds set off by what nodes send (usage counts, data from an unknown
+# sender) start at most once per this many ms; a later trigger waits.
+node_trigger_min_interval_ms = {ntm}
+[beacon]
+# Send a signed beacon (epoch, round phase) to the group this often (ms; 0 = never).
+# A node behind it asks for the current key at once.
+interval_ms = {bi}
 "#,
             group = n.group,
             iface = n.iface,
@@ -571,6 +641,10 @@ refusal_max_sources = {rms}
             lg = k.linger_ms,
             rw = a.refusal_window_ms,
             rms = a.refusal_max_sources,
+            mrb = d.limits.member_request_burst,
+            mri = d.limits.member_request_interval_ms,
+            ntm = d.limits.node_trigger_min_interval_ms,
+            bi = b.interval_ms,
         )
     }
 }
@@ -589,6 +663,8 @@ mod tests {
         assert_eq!(core.drain_grace_ms, want.drain_grace_ms);
         assert_eq!(core.stale_after_ms, want.stale_after_ms);
         assert_eq!(c.audit.refusal_window_ms, 60_000);
+        assert_eq!(c.beacon.interval_ms, 1000);
+        assert_eq!(core.beacon_interval_ms, want.beacon_interval_ms);
     }
 
     #[test]

@@ -42,6 +42,9 @@ pub enum Source {
     Addr(IpAddr),
     /// Every address beyond the first `max_sources` tracked at once.
     Other,
+    /// One enrolled member (accepted but costly messages, counted per node:
+    /// their number is bounded by the fleet, so no cap applies).
+    Member(u32),
 }
 
 impl fmt::Display for Source {
@@ -49,6 +52,7 @@ impl fmt::Display for Source {
         match self {
             Source::Addr(a) => write!(f, "{a}"),
             Source::Other => f.write_str("other sources"),
+            Source::Member(m) => write!(f, "member {m}"),
         }
     }
 }
@@ -90,8 +94,19 @@ fn rfc3339(ms: u64) -> String {
 }
 
 impl Summary {
-    /// "N more refusals of kind K from S between t0 and t1".
+    /// "N more refusals of kind K from S between t0 and t1" ("N more
+    /// answered K of member M …" for a member's accepted messages).
     pub fn text(&self) -> String {
+        if let Source::Member(_) = self.source {
+            return format!(
+                "{} more answered {} of {} between {} and {}",
+                self.count,
+                self.kind,
+                self.source,
+                rfc3339(self.first_ms),
+                rfc3339(self.last_ms),
+            );
+        }
         format!(
             "{} more refusal{} of kind {} from {} between {} and {}",
             self.count,
@@ -212,9 +227,23 @@ impl RateCounter {
         kind: &'static str,
         closed: &mut Vec<Summary>,
     ) -> Seen {
+        self.observe_source(now, Source::Addr(from), kind, closed)
+    }
+
+    /// As [`RateCounter::observe`], for any [`Source`] (a member's accepted
+    /// messages are counted per member).
+    pub fn observe_source(
+        &mut self,
+        now: u64,
+        mut source: Source,
+        kind: &'static str,
+        closed: &mut Vec<Summary>,
+    ) -> Seen {
         self.totals.seen += 1;
-        let mut source = Source::Addr(from);
-        if !self.windows.contains_key(&source) && self.addrs >= self.max_sources {
+        if matches!(source, Source::Addr(_))
+            && !self.windows.contains_key(&source)
+            && self.addrs >= self.max_sources
+        {
             self.close_expired(now, closed);
             if self.addrs >= self.max_sources {
                 source = Source::Other;

@@ -1,9 +1,13 @@
 //! The controller's secrets at rest.
 //!
 //! One owner-only file (mode 0600, in a 0700 directory), written atomically
-//! through [`crate::statefile`], holding the controller's Ed25519 signing key
-//! seed, the current and previous group keys with their epochs, and the initial
-//! key of each enrolled node (needed to derive its key-encryption key).
+//! through [`crate::statefile`]. The controller stores its snapshot in it
+//! ([`crate::protocol::ControllerPersist`]): the Ed25519 signing key seed, the
+//! current group key and the round's new key with their epochs, and, for each
+//! enrolled node, its key-encryption key and MAC key (both HKDF outputs of its
+//! initial key) with the highest sequence number accepted from it. Initial
+//! keys themselves are never stored: only their fingerprints, in the
+//! management table.
 //!
 //! The file is a JSON envelope:
 //!
@@ -21,8 +25,8 @@
 //! parameter is detected like a wrong passphrase.
 //!
 //! The payload is any serde type ([`save`], [`load`]); [`ControllerSecrets`] is
-//! the shape the controller uses today. Secrets are held in zeroizing buffers
-//! and zeroed on drop.
+//! a sample payload (tests and the fuzz target), not what the controller
+//! writes. Secrets are held in zeroizing buffers and zeroed on drop.
 
 use std::path::{Path, PathBuf};
 

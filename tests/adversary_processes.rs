@@ -304,13 +304,23 @@ fn a_removed_node_gets_no_new_key_and_its_data_opens_nowhere() {
             .all(|s| s["epoch"] == 2 && s["state"] == "UpdateCompleted")
     });
 
-    // Its data, sealed with the old key, opens at no remaining agent.
-    let before: Vec<u64> = kept(&f)
+    // Its data opens at no remaining agent. Once it has heard the
+    // controller's beacon (epoch 2, which it does not hold) it holds its data
+    // and asks for a key it never gets; before that it seals with the old
+    // key, which every remaining agent refuses.
+    let before: Vec<(u64, u64)> = kept(&f)
         .iter()
-        .map(|s| s["running"]["undecryptable"].as_u64().unwrap_or(0))
+        .map(|s| {
+            let r = &s["running"];
+            (
+                r["undecryptable"].as_u64().unwrap_or(0),
+                r["delivered"].as_u64().unwrap_or(0),
+            )
+        })
         .collect();
+    let sent_before = procs::status(&f.agents[2].state)["running"]["data_sent"].clone();
     let out = std::process::Command::new(procs::AGENT)
-        .args(["send", "--state"])
+        .args(["send", "--json", "--state"])
         .arg(&f.agents[2].state)
         .arg("still here")
         .output()
@@ -320,16 +330,31 @@ fn a_removed_node_gets_no_new_key_and_its_data_opens_nowhere() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    procs::wait_for(
-        "the remaining agents refused the removed node's data",
-        5_000,
-        || {
-            kept(&f)
-                .iter()
-                .zip(&before)
-                .all(|(s, b)| s["running"]["undecryptable"].as_u64().unwrap_or(0) > *b)
-        },
-    );
+    let outcome: Value = serde_json::from_slice(&out.stdout).unwrap();
+    if outcome["outcome"] == "held" {
+        std::thread::sleep(Duration::from_millis(1500));
+        let s = procs::status(&f.agents[2].state);
+        assert_eq!(s["running"]["synced"], false, "{s}");
+        assert_eq!(
+            s["running"]["data_sent"], sent_before,
+            "nothing left it: {s}"
+        );
+        for (s, (_, delivered)) in kept(&f).iter().zip(&before) {
+            assert_eq!(s["running"]["delivered"].as_u64(), Some(*delivered), "{s}");
+        }
+    } else {
+        assert_eq!(outcome["outcome"], "sent", "{outcome}");
+        procs::wait_for(
+            "the remaining agents refused the removed node's data",
+            5_000,
+            || {
+                kept(&f)
+                    .iter()
+                    .zip(&before)
+                    .all(|(s, (b, _))| s["running"]["undecryptable"].as_u64().unwrap_or(0) > *b)
+            },
+        );
+    }
 
     // Restarted, it asks for the current key and gets nothing.
     let removed = f.agents.pop().unwrap();

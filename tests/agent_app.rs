@@ -201,3 +201,122 @@ fn usage_reports_drive_the_encryption_count_trigger() {
     let s = wait_status(&state, &agent, T, |s| synced_at(s, "UpdateCompleted", 2));
     assert!(s["running"]["usage_reports"].as_u64().unwrap() >= 1);
 }
+
+/// A burst of 20 000 group messages of 1 000 bytes, sent as fast as the
+/// sending agent takes them: the receiving agent's client that reads as fast
+/// as it can gets every one, in order; a second client that stops reading
+/// costs it nothing, and that client's own messages are all accounted for
+/// (read later, in order, or counted in `app_dropped`).
+#[test]
+fn a_client_that_reads_loses_nothing_of_a_burst_and_a_stopped_one_costs_it_nothing() {
+    use keyfleet::agent::app::{decode_reply, Reply};
+    use std::os::unix::net::UnixDatagram;
+    const BURST: u32 = 20_000;
+    const SIZE: usize = 1000;
+
+    let dir = tempfile::tempdir().unwrap();
+    let group = unique_group();
+    let ctl = TestController::start(group);
+    let (ka, kb) = (
+        TestKey::new(dir.path(), "burst-a"),
+        TestKey::new(dir.path(), "burst-b"),
+    );
+    ctl.enroll("burst-a", &ka);
+    ctl.enroll("burst-b", &kb);
+    let (sa, sb) = (dir.path().join("a"), dir.path().join("b"));
+    let ctl_addr = ctl.addr.to_string();
+    let a = spawn_agent(&sa, "burst-a", &ka, group, &["--controller", &ctl_addr]);
+    let b = spawn_agent(&sb, "burst-b", &kb, group, &[]);
+    wait_status(&sa, &a, T, |s| synced_at(s, "UpdateCompleted", 1));
+    wait_status(&sb, &b, T, |s| synced_at(s, "UpdateCompleted", 1));
+
+    // Two clients of agent B: one reads as fast as it can, one never reads (yet).
+    let register = |name: &str| {
+        let s = UnixDatagram::bind(dir.path().join(name)).unwrap();
+        s.send_to(b"R", sb.join("app.sock")).unwrap();
+        let mut buf = [0u8; 16];
+        s.set_read_timeout(Some(T)).unwrap();
+        let n = s.recv(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"R", "registered");
+        s
+    };
+    let fast = register("fast.sock");
+    let stopped = register("stopped.sock");
+    let read_all = |s: UnixDatagram| {
+        std::thread::spawn(move || {
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut buf = vec![0u8; 2048];
+            let mut got = Vec::new();
+            while got.len() < BURST as usize {
+                let Ok(n) = s.recv(&mut buf) else { break };
+                match decode_reply(&buf[..n]) {
+                    Ok(Reply::Message(m)) => {
+                        assert_eq!(m.plaintext.len(), SIZE);
+                        got.push(u32::from_be_bytes(m.plaintext[..4].try_into().unwrap()));
+                    }
+                    other => panic!("unexpected datagram from the agent: {other:?}"),
+                }
+            }
+            got
+        })
+    };
+    let fast_reader = read_all(fast);
+
+    // The burst into agent A, each message as soon as A answered the last
+    // (so what is measured is the receiving side, not UDP loss at B's socket
+    // when A outruns B).
+    let sender = UnixDatagram::bind(dir.path().join("sender.sock")).unwrap();
+    sender.set_read_timeout(Some(T)).unwrap();
+    let start = Instant::now();
+    let mut answer = [0u8; 64];
+    for i in 0..BURST {
+        let mut msg = vec![b'S'];
+        msg.extend_from_slice(&i.to_be_bytes());
+        msg.resize(1 + SIZE, b'x');
+        sender.send_to(&msg, sa.join("app.sock")).unwrap();
+        let n = sender.recv(&mut answer).unwrap();
+        assert_eq!(&answer[..n], b"A\0", "message {i} sealed and sent");
+    }
+    let fast_got = fast_reader.join().unwrap();
+    let took = start.elapsed();
+    eprintln!(
+        "burst of {BURST} x {SIZE} B through two agents: {:?}, {:.0} messages/s to the reading client",
+        took,
+        f64::from(BURST) / took.as_secs_f64()
+    );
+
+    let sa_live = wait_status(&sa, &a, T, |s| s["running"]["data_sent"] == BURST);
+    let sb_live = wait_status(&sb, &b, T, |s| s["running"]["delivered"] == BURST);
+    assert_eq!(sa_live["running"]["data_sent"], BURST);
+    assert_eq!(sb_live["running"]["undecryptable"], 0);
+    assert_eq!(
+        fast_got,
+        (0..BURST).collect::<Vec<_>>(),
+        "the reading client got every message, in order, although the other client stopped reading"
+    );
+
+    // The stopped client now reads: what it gets is the start of the burst, in
+    // order, and everything else was counted as dropped for it.
+    let stopped_got = read_all(stopped).join().unwrap();
+    let dropped = status(&sb).unwrap()["running"]["app_dropped"]
+        .as_u64()
+        .unwrap();
+    eprintln!(
+        "the stopped client: {} read late, {dropped} dropped",
+        stopped_got.len()
+    );
+    assert_eq!(
+        stopped_got,
+        (0..stopped_got.len() as u32).collect::<Vec<_>>(),
+        "late, in order, from the start"
+    );
+    assert_eq!(
+        stopped_got.len() as u64 + dropped,
+        u64::from(BURST),
+        "every message read late or counted dropped"
+    );
+    assert!(
+        dropped > 0,
+        "a client that never reads cannot hold a burst this size"
+    );
+}

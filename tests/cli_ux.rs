@@ -5,12 +5,11 @@
 
 mod fleet_support;
 
-use std::io::Read;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use fleet_support::common::run_in_pty;
 use fleet_support::{agent_status, wait_for, Fleet, Proc, AGENT, KEYFLEET};
 
 fn text(b: &[u8]) -> String {
@@ -496,7 +495,7 @@ fn recv_json_prints_what_it_received_when_stopped_by_a_signal() {
 
 #[test]
 fn a_warning_during_a_round_is_written_above_the_progress_bar() {
-    use portable_pty::{native_pty_system, CommandBuilder, PtySize};
+    use portable_pty::CommandBuilder;
     // Two enrolled nodes that never join: rekey waits for them under its
     // bar, then warns that they did not join in time.
     let f = Fleet::new(
@@ -509,14 +508,6 @@ fn a_warning_during_a_round_is_written_above_the_progress_bar() {
         f.run(&["enroll", "--node-id", &n.id, "--key", &n.form]);
     }
     let (rows, cols) = (40, 250);
-    let pty = native_pty_system()
-        .openpty(PtySize {
-            rows,
-            cols,
-            pixel_width: 0,
-            pixel_height: 0,
-        })
-        .unwrap();
     let mut cmd = CommandBuilder::new(KEYFLEET);
     for a in ["--state", f.state().to_str().unwrap()] {
         cmd.arg(a);
@@ -526,30 +517,7 @@ fn a_warning_during_a_round_is_written_above_the_progress_bar() {
     cmd.arg("rekey");
     cmd.env("RUST_LOG", "warn");
     cmd.env("RUST_BACKTRACE", "0");
-    let mut child = pty.slave.spawn_command(cmd).unwrap();
-    drop(pty.slave);
-    let mut reader = pty.master.try_clone_reader().unwrap();
-    let raw = Arc::new(Mutex::new(Vec::new()));
-    let r2 = raw.clone();
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 4096];
-        while let Ok(n) = reader.read(&mut buf) {
-            if n == 0 {
-                break;
-            }
-            r2.lock().unwrap().extend_from_slice(&buf[..n]);
-        }
-    });
-    let end = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(Instant::now() < end, "keyfleet rekey did not finish");
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    std::thread::sleep(Duration::from_millis(200));
-    let bytes = raw.lock().unwrap().clone();
+    let (status, bytes) = run_in_pty(cmd, rows, cols);
     let mut term = vt100::Parser::new(rows, cols, 0);
     term.process(&bytes);
     let screen = term.screen().contents();
@@ -568,7 +536,7 @@ fn a_warning_during_a_round_is_written_above_the_progress_bar() {
         !warn[0].contains("acknowledged") && !warn[0].contains("epoch 2 "),
         "not mixed with the bar: {screen}"
     );
-    assert!(screen.contains("0 nodes, 0 acknowledged"), "{screen}");
+    assert!(screen.contains("0 joined, 0 acknowledged"), "{screen}");
 }
 
 // ----- item 8: flags accepted and then ignored -----

@@ -2,12 +2,12 @@
 //! with the phase and the acknowledgements N/M, then the summary.
 mod controller_support;
 
+use controller_support::common::run_in_pty;
+use controller_support::*;
+use portable_pty::{native_pty_system, CommandBuilder, PtySize};
 use std::io::Read;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-
-use controller_support::*;
-use portable_pty::{native_pty_system, CommandBuilder, PtySize};
 
 #[test]
 fn rekey_on_a_terminal_draws_the_phase_and_acknowledgements() {
@@ -16,14 +16,6 @@ fn rekey_on_a_terminal_draws_the_phase_and_acknowledgements() {
     let specs = node_specs(3);
     let shells = Shells::start(&specs, ctl.group, ctl.addr());
     ctl.enroll_all(&specs);
-    let pty = native_pty_system()
-        .openpty(PtySize {
-            rows: 24,
-            cols: 120,
-            pixel_width: 0,
-            pixel_height: 0,
-        })
-        .unwrap();
     let mut cmd = CommandBuilder::new(KEYFLEET);
     for a in [
         "--state",
@@ -35,30 +27,8 @@ fn rekey_on_a_terminal_draws_the_phase_and_acknowledgements() {
         cmd.arg(a);
     }
     cmd.env("RUST_LOG", "error");
-    let mut child = pty.slave.spawn_command(cmd).unwrap();
-    drop(pty.slave);
-    let mut reader = pty.master.try_clone_reader().unwrap();
-    let raw = Arc::new(Mutex::new(Vec::new()));
-    let r2 = raw.clone();
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 4096];
-        while let Ok(n) = reader.read(&mut buf) {
-            if n == 0 {
-                break;
-            }
-            r2.lock().unwrap().extend_from_slice(&buf[..n]);
-        }
-    });
-    let end = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(Instant::now() < end, "keyfleet rekey did not finish");
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    std::thread::sleep(Duration::from_millis(200));
-    let text = String::from_utf8_lossy(&raw.lock().unwrap()).into_owned();
+    let (status, raw) = run_in_pty(cmd, 24, 120);
+    let text = String::from_utf8_lossy(&raw).into_owned();
     assert!(status.success(), "{text}");
     assert!(
         text.contains("epoch 2 draining"),

@@ -423,3 +423,78 @@ fn enroll_from_a_key_source_takes_the_node_id_from_the_label() {
         String::from_utf8_lossy(&bad.stderr)
     );
 }
+
+/// `rekey` without `serve` returns as soon as every node acknowledged the
+/// second transition request, however long `rekey.linger_ms` is; it keeps
+/// answering late key requests only after a round some node missed.
+#[test]
+fn one_shot_rekey_lingers_only_when_a_node_is_missing() {
+    // Ten minutes of linger: a `rekey` that waited it out would never return here.
+    const LONG: &str = "[round]\ndrain_grace_ms = 300\nretry_initial_ms = 100\nretry_max_ms = 800\nstale_after_ms = 3000\n[rekey]\njoin_wait_ms = 8000\nlinger_ms = 600000\n";
+    let ctl = Ctl::new(9, LONG);
+    ctl.run(&["init"]);
+    let specs = node_specs(3);
+    let (stay, leave) = specs.split_at(2);
+    let staying = Shells::start(stay, ctl.group, ctl.addr());
+    let leaving = Shells::start(leave, ctl.group, ctl.addr());
+    ctl.enroll_all(&specs);
+
+    let rekey = |what: &str, code: i32| {
+        let out = ctl.dir.path().join("rekey.out");
+        let err = ctl.dir.path().join("rekey.err");
+        let mut child = Proc(
+            ctl.cmd(&["rekey", "--json"])
+                .stdout(std::fs::File::create(&out).unwrap())
+                .stderr(std::fs::File::create(&err).unwrap())
+                .spawn()
+                .unwrap(),
+        );
+        let mut status = None;
+        wait_for(what, 60_000, || {
+            status = child.0.try_wait().unwrap();
+            status.is_some()
+        });
+        let log = std::fs::read_to_string(&err).unwrap();
+        assert_eq!(status.unwrap().code(), Some(code), "{log}");
+        let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
+        (r, log)
+    };
+    let (r, log) = rekey("rekey to return although linger_ms is 10 minutes", 0);
+    assert_eq!(
+        (
+            r["nodes"].as_u64(),
+            r["acked"].as_u64(),
+            r["stale"].as_u64()
+        ),
+        (Some(3), Some(3), Some(0)),
+        "{r}"
+    );
+    assert!(log.contains("not lingering"), "{log}");
+    assert!(!log.contains("answering late key requests"), "{log}");
+
+    // One node goes away: the next round marks it stale, and `rekey` then
+    // lingers (a short one this time) for it to come back asking.
+    drop(leaving);
+    std::fs::write(
+        ctl.dir.path().join("keyfleet.toml"),
+        std::fs::read_to_string(ctl.dir.path().join("keyfleet.toml"))
+            .unwrap()
+            .replace("linger_ms = 600000", "linger_ms = 500"),
+    )
+    .unwrap();
+    let (r, log) = rekey("rekey with a stale node to return (exit 3: stale nodes)", 3);
+    assert_eq!(
+        (
+            r["nodes"].as_u64(),
+            r["acked"].as_u64(),
+            r["stale"].as_u64()
+        ),
+        (Some(3), Some(2), Some(1)),
+        "{r}"
+    );
+    assert!(log.contains("answering late key requests"), "{log}");
+    assert!(log.contains("missing=1"), "{log}");
+    wait_for("the staying nodes on the new key", 5000, || {
+        staying.completed_at(3) == 2
+    });
+}

@@ -131,6 +131,13 @@ fn a_table_written_by_2bc0f6e_is_repaired_to_the_numbers_on_the_wire() {
     );
     for name in ["controller.secrets", "fleet.db"] {
         std::fs::copy(format!("{fixture}/{name}"), state.join(name)).unwrap();
+        // A checkout gives files mode 644; the controller refuses secrets
+        // others may read.
+        std::fs::set_permissions(
+            state.join(name),
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        )
+        .unwrap();
     }
     let before = table_members(&f);
     println!("table as 2bc0f6e left it (after the schema step): {before:?}");
@@ -149,6 +156,9 @@ fn a_table_written_by_2bc0f6e_is_repaired_to_the_numbers_on_the_wire() {
             form,
             state: st,
             listen: SocketAddrV4::new(Ipv4Addr::LOCALHOST, free_port()),
+            iface: Ipv4Addr::LOCALHOST,
+            wrap: None,
+            args: Vec::new(),
         });
     }
     let _serve = f.serve();

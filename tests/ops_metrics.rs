@@ -197,7 +197,8 @@ fn metrics_of_serve_and_agents_match_status_history_and_the_agents_own_status() 
 
     // A third round with node-02 frozen: it goes stale and is left out.
     agents[2].freeze();
-    let r = f.json(&["rekey", "--json"]);
+    // A round that left a stale node out exits 3 (README, exit codes).
+    let (r, _) = f.json_exit(&["rekey", "--json"], 3);
     assert_eq!(r["stale"], 1, "{r}");
 
     // The controller's metrics against the management table, node-02 still frozen.

@@ -108,6 +108,11 @@ impl KfFleet {
         self.dir.path().join("controller")
     }
 
+    /// Agent `i`'s state directory (its `app.sock` is in it).
+    pub fn agent_state(&self, i: usize) -> PathBuf {
+        self.agents[i].clone()
+    }
+
     fn keyfleet(&self) -> Command {
         let mut c = Command::new(&self.bins.keyfleet);
         c.arg("--state")

@@ -3,6 +3,8 @@
 //!
 //! - [`datapath`]: sealing and opening group messages with the keyring in each
 //!   node state, against raw `aes-gcm` and `ring`, and trial decryption;
+//! - [`e2e`]: the data path end to end (client → agent → group → agent →
+//!   client) against the same hops without the protocol and plain multicast;
 //! - [`qr`]: the webcam QR decoder against `zbarimg` on the generated label photos;
 //! - [`serf`] and [`fleet`]: rotating a shared key across N real processes
 //!   with Serf's keyring and with keyfleet, and `keyfleet sim` at larger sizes;
@@ -10,6 +12,7 @@
 #![forbid(unsafe_code)]
 
 pub mod datapath;
+pub mod e2e;
 pub mod fleet;
 pub mod procs;
 pub mod qr;

@@ -9,7 +9,7 @@
 //! reported in the results), 1 error, 2 bad command line.
 #![forbid(unsafe_code)]
 
-use keyfleet_bench::{datapath, fleet, qr, report, serf, stats};
+use keyfleet_bench::{datapath, e2e, fleet, qr, report, serf, stats};
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -44,6 +44,17 @@ enum Cmd {
         #[arg(long, value_name = "FILE")]
         readme: Option<PathBuf>,
     },
+    /// The plain relay of the `e2e` part (started by it): forwards the Unix
+    /// datagrams of LISTEN to GROUP, and GROUP's datagrams to DELIVER.
+    #[command(hide = true)]
+    Relay {
+        #[arg(long)]
+        listen: PathBuf,
+        #[arg(long)]
+        group: std::net::SocketAddrV4,
+        #[arg(long)]
+        deliver: Option<PathBuf>,
+    },
 }
 
 #[derive(clap::Args, Debug)]
@@ -54,11 +65,11 @@ struct RunArgs {
     /// Small sizes and few repetitions: a smoke test of the harness, not figures to publish.
     #[arg(long)]
     quick: bool,
-    /// Parts to run (comma-separated): datapath, qr, serf, keyfleet, sim.
+    /// Parts to run (comma-separated): datapath, e2e, qr, serf, keyfleet, sim.
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "datapath,qr,serf,keyfleet,sim"
+        default_value = "datapath,e2e,qr,serf,keyfleet,sim"
     )]
     only: Vec<String>,
     /// Fleet sizes for the process benchmarks (Serf and keyfleet).
@@ -88,6 +99,9 @@ struct RunArgs {
     /// First loopback port tried for Serf (keyfleet uses the range above +5000).
     #[arg(long, default_value_t = 31000)]
     base_port: u16,
+    /// Messages per path and size in the end-to-end data path part.
+    #[arg(long, default_value_t = 100_000)]
+    e2e_count: u64,
     /// Folders of label photos with expected payloads.
     #[arg(long, value_name = "DIR")]
     fixtures: Vec<PathBuf>,
@@ -118,6 +132,11 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
         eprintln!("== data path");
         let (batch_ms, samples) = if a.quick { (1, 5) } else { (1, 151) };
         r.datapath = Some(datapath::run(batch_ms, samples)?);
+    }
+    if on("e2e") {
+        eprintln!("== data path end to end");
+        let count = if a.quick { 2_000 } else { a.e2e_count };
+        r.e2e = e2e::run(&bins, count, a.base_port.saturating_add(9000));
     }
     if on("qr") {
         eprintln!("== QR decoding");
@@ -208,6 +227,11 @@ fn main() -> std::process::ExitCode {
             svg,
             readme,
         } => report::write(&json, &md, &svg, readme.as_deref()),
+        Cmd::Relay {
+            listen,
+            group,
+            deliver,
+        } => e2e::relay(&listen, group, deliver.as_deref()),
     };
     match res {
         Ok(()) => std::process::ExitCode::SUCCESS,

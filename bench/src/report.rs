@@ -83,6 +83,9 @@ pub struct Results {
     pub serf: Option<SerfResult>,
     pub keyfleet: Option<KfResult>,
     pub sim: Vec<SimRun>,
+    /// The data path end to end (`e2e`).
+    #[serde(default)]
+    pub e2e: Vec<crate::e2e::E2eRow>,
 }
 
 fn ms(x: Option<f64>) -> String {
@@ -619,10 +622,62 @@ pub fn markdown(r: &Results) -> String {
     if let Some(d) = &r.datapath {
         datapath_section(d, &mut s);
     }
+    if !r.e2e.is_empty() {
+        e2e_section(&r.e2e, &mut s);
+    }
     if let Some(q) = &r.qr {
         qr_section(q, &mut s);
     }
     s
+}
+
+/// keyfleet's messages/s as a share of the relay path's, at `size`.
+fn e2e_share(rows: &[crate::e2e::E2eRow], size: usize) -> Option<f64> {
+    let rate = |p: &str| {
+        rows.iter()
+            .find(|r| r.path == p && r.size == size && r.error.is_none() && r.msgs_per_s > 0.0)
+            .map(|r| r.msgs_per_s)
+    };
+    Some(rate("keyfleet")? / rate("relay")?)
+}
+
+fn e2e_section(rows: &[crate::e2e::E2eRow], s: &mut String) {
+    let _ = writeln!(
+        s,
+        "## Data path end to end: application to application
+"
+    );
+    let _ = writeln!(s, "A client sends as fast as the first hop takes its messages; a client at the other end reads as fast as it can. **keyfleet**: client → Unix datagram → agent (seals) → UDP multicast → agent (opens) → Unix datagram → client. **relay**: the same hops through two plain forwarding processes, without the protocol (the limit of this architecture). **multicast**: a UDP multicast sender and receiver, no Unix hops. Latency from send to receipt, under that full load; dropped = sent − received.\n");
+    let _ = writeln!(s, "| path | size | messages/s | p50 latency | p99 latency | received | dropped | note |\n|---|---|---|---|---|---|---|---|");
+    for r in rows {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {:.0} | {:.0} µs | {:.0} µs | {} of {} | {} | {} |",
+            r.path,
+            size_name(r.size),
+            r.msgs_per_s,
+            r.p50_us,
+            r.p99_us,
+            r.received,
+            r.sent,
+            r.dropped,
+            r.error.as_deref().unwrap_or("")
+        );
+    }
+    let shares: Vec<String> = crate::e2e::SIZES
+        .iter()
+        .filter_map(|&z| {
+            e2e_share(rows, z).map(|x| format!("{:.0}% at {}", x * 100.0, size_name(z)))
+        })
+        .collect();
+    if !shares.is_empty() {
+        let _ = writeln!(
+            s,
+            "\nkeyfleet delivers {} of the relay path's messages per second.",
+            shares.join(", ")
+        );
+    }
+    let _ = writeln!(s);
 }
 
 /// The range of a ratio over fleet sizes, as "0.8–1.3×" (or one value).
@@ -760,6 +815,25 @@ pub fn readme_block(r: &Results) -> String {
             s,
             "- **QR labels** (generated photos, 640x480 and 1280x720): our webcam decoder reads {ours} of {cases}, `zbarimg` {}.",
             zbar.map_or("was not run".into(), |z| format!("{z} of {cases}"))
+        );
+    }
+    let shares: Vec<String> = crate::e2e::SIZES
+        .iter()
+        .filter_map(|&z| {
+            e2e_share(&r.e2e, z).map(|x| format!("{:.0}% at {}", x * 100.0, size_name(z)))
+        })
+        .collect();
+    if !shares.is_empty() {
+        let dropped: u64 = r
+            .e2e
+            .iter()
+            .filter(|x| x.path == "keyfleet")
+            .map(|x| x.dropped)
+            .sum();
+        let _ = writeln!(
+            s,
+            "- **Data path end to end** (application → agent → group → agent → application): keyfleet delivers {} of the messages per second of the same hops through plain relay processes; {dropped} messages dropped for a client reading as fast as it can.",
+            shares.join(", ")
         );
     }
     let _ = writeln!(s, "\n{}", rotation_table(r));

@@ -38,6 +38,10 @@ fuzz_target!(init: write_seeds(genuine_seeds), |data: &[u8]| {
             assert_eq!(wire::handshake_answer(a.in_reply_to, a.noise), data);
             return;
         }
+        Message::Beacon(b) => (
+            wire::beacon(b.term, b.epoch, b.seq, b.round, b.controller),
+            b.auth.body.len(),
+        ),
         Message::Resync(r) => (wire::resync(r.epoch, r.seq, r.member), r.auth.body.len()),
         Message::Ack(a) => (
             wire::ack(a.step, a.epoch, a.seq, a.member, &a.share),

@@ -102,7 +102,8 @@ pub fn replay_ir(data: &[u8]) {
 /// `ControllerMachine` (everything seeded) through the enrollment handshake
 /// and its key response. Also returns the controller's genuine datagrams
 /// (handshake answer, key response, then a round's key update, first and
-/// second transition request), for seeds and to build on.
+/// second transition request, a beacon of epoch 2 and one of round 2
+/// draining), for seeds and to build on.
 pub mod node {
     use keyfleet::crypto::InitialKey;
     use keyfleet::protocol::{
@@ -205,6 +206,7 @@ pub mod node {
         let mut genuine: Vec<Vec<u8>> = Vec::new();
         let mut synced_at = None;
         let mut rekeyed = false;
+        let mut beacons = Vec::new();
         for _ in 0..64 {
             let mut to_node = Vec::new();
             for b in to_ctl.drain(..) {
@@ -262,7 +264,11 @@ pub mod node {
                 to_ctl.extend(sends(&nout));
             }
             if to_ctl.is_empty() && rekeyed && ctl.round().is_some() {
-                // The drain grace: let the round's timer pass.
+                // The beacon of the round while it drains…
+                if beacons.is_empty() {
+                    beacons.push(beacon(&mut ctl, now.plus(30_000), &mut crng));
+                }
+                // …then the drain grace: let the round's timer pass.
                 cout.clear();
                 let _ = ctl.handle(
                     now.plus(60_000),
@@ -292,7 +298,33 @@ pub mod node {
             }
         }
         assert_eq!(synced_at, Some(2), "handshake answer and key response: {genuine:?}");
+        // The beacon of epoch 2 (no round), then the draining one.
+        let done = beacon(&mut ctl, now.plus(120_000), &mut crng);
+        genuine.push(done);
+        genuine.extend(beacons);
         genuine
+    }
+
+    /// The beacon the controller sends when its beacon timer fires at `at`.
+    fn beacon(ctl: &mut ControllerMachine, at: Time, rng: &mut ChaCha20Rng) -> Vec<u8> {
+        let mut out = Vec::new();
+        ctl.handle(
+            at,
+            ControllerInput::Timer(keyfleet::protocol::ControllerTimer::Beacon),
+            rng,
+            &mut out,
+        )
+        .expect("beacon timer");
+        out.iter()
+            .find_map(|a| match a {
+                ControllerAction::SendGroup(bytes)
+                    if matches!(wire::decode(bytes), Ok(Message::Beacon(_))) =>
+                {
+                    Some(bytes.clone())
+                }
+                _ => None,
+            })
+            .expect("a beacon")
     }
 }
 
@@ -318,6 +350,8 @@ pub fn genuine_seeds() -> Vec<(String, Vec<u8>)> {
         "key_update",
         "first_transition",
         "second_transition",
+        "beacon",
+        "beacon_round",
     ];
     names
         .iter()
@@ -343,7 +377,9 @@ mod tests {
                 "key response",
                 "key update request",
                 "first transition request",
-                "second transition request"
+                "second transition request",
+                "beacon",
+                "beacon"
             ]
         );
     }

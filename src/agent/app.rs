@@ -27,13 +27,17 @@
 //! own socket to a path first (`keyfleet-agent send`/`recv` bind one in the
 //! state directory); a client that only sends `S` may stay unbound
 //! (`printf 'Shello' | socat - UNIX-SENDTO:<state>/app.sock`). Messages
-//! are delivered to every registered client without blocking the agent: a
-//! client whose socket queue is full (the kernel keeps only
-//! `net.unix.max_dgram_qlen` datagrams, 10 by default) gets them later, in
-//! order: the agent keeps up to [`BACKLOG`] messages per client and retries
-//! every [`BACKLOG_RETRY_MS`] ms. A client that falls further behind misses
-//! messages (counted in the status as `app_dropped`); a client whose socket
-//! is gone is unregistered.
+//! are delivered to every registered client without blocking the agent,
+//! each through a socket of the agent's connected to the client's. A client
+//! whose socket queue is full (the kernel keeps only
+//! `net.unix.max_dgram_qlen` datagrams, 10 by default) gets them in order as
+//! soon as it reads: the kernel wakes the agent when that client's queue has
+//! room, and the agent keeps up to [`BACKLOG_BYTES`] of messages per client
+//! meanwhile. A client that falls further behind misses messages (counted in
+//! the status as `app_dropped`; the others lose nothing); a client whose
+//! socket is gone is unregistered. (A client that connected its socket to the
+//! agent's cannot be sent to from another socket: it is served through the
+//! agent's own socket, its backlog retried every [`BACKLOG_RETRY_MS`] ms.)
 
 use crate::protocol::Delivered;
 
@@ -45,10 +49,12 @@ pub const SOCKET_NAME: &str = "app.sock";
 pub const MAX_PLAINTEXT: usize = crate::wire::MAX_DATAGRAM - 47;
 /// Most clients registered at once.
 pub const MAX_CLIENTS: usize = 32;
-/// Deliveries kept per client while its socket queue is full (at most
-/// [`MAX_CLIENTS`] × this × a datagram: about 10 MB).
-pub const BACKLOG: usize = 256;
-/// How often a full client's backlog is retried.
+/// Deliveries kept per client while its socket queue is full, in bytes (each
+/// message counted with 32 bytes of overhead): about 3 500 messages of 1 KiB
+/// or 30 000 of 64 B; at most [`MAX_CLIENTS`] × this in all.
+pub const BACKLOG_BYTES: usize = 4 << 20;
+/// How often a full client's backlog is retried when the client's socket is
+/// connected to the agent's (other clients are woken by the kernel).
 pub const BACKLOG_RETRY_MS: u64 = 5;
 /// Length of the `M` header after its kind byte.
 const DELIVERED_HEADER: usize = 4 + 8 + 4;

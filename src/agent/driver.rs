@@ -104,6 +104,8 @@ pub struct DriverStats {
     pub undecryptable: u64,
     pub data_sent: u64,
     pub delivered: u64,
+    /// Delivered data without an epoch hint, opened by trying the held keys.
+    pub delivered_by_trial: u64,
     pub persisted: u64,
     /// Usage reports sent to the controller (for its count triggers).
     pub usage_reports: u64,
@@ -126,7 +128,15 @@ const REFUSAL_TIMER: u8 = 2;
 fn suspicious(kind: &str) -> bool {
     matches!(
         kind,
-        "undecryptable" | "bad_signature" | "bad_mac" | "forged_data" | "key_mismatch" | "unwrap"
+        "undecryptable"
+            | "bad_signature"
+            | "bad_mac"
+            | "forged_data"
+            | "key_mismatch"
+            | "unwrap"
+            | "seq_jump"
+            | "too_many_senders"
+            | "verify_budget"
     )
 }
 
@@ -269,6 +279,13 @@ impl NodeDriver {
         self.feed(now, NodeInput::LinkUp).await
     }
 
+    /// Tell the machine a link it uses went down: it holds its data and asks
+    /// for the current key (again, at once, on [`NodeDriver::link_up`]).
+    pub async fn link_down(&mut self) -> Result<(), AgentError> {
+        let now = self.clock.now_ms();
+        self.feed(now, NodeInput::LinkDown).await
+    }
+
     /// Waits for the next datagram or timer. Cancel-safe.
     pub async fn wait(&mut self) -> Result<Wake, AgentError> {
         tokio::select! {
@@ -409,6 +426,7 @@ impl NodeDriver {
                 NodeAction::ArmTimer { timer, at } => self.timers.arm(timer_key(timer), at.0),
                 NodeAction::Deliver(d) => {
                     self.stats.delivered += 1;
+                    self.stats.delivered_by_trial += u64::from(d.trials > 0);
                     self.events.push(DriverEvent::Delivered(d));
                 }
                 NodeAction::Event(NodeEvent::Refused { reason, .. }) if is_group_echo(&reason) => {
@@ -522,11 +540,14 @@ impl NodeDriver {
     }
 
     fn log_event(&mut self, now: u64, ev: &NodeEvent) {
-        if let NodeEvent::Refused { from, reason } = ev {
+        let counted = match ev {
+            NodeEvent::Refused { from, reason } => Some((from.ip(), reason.kind())),
+            NodeEvent::SeqJump { from, .. } => Some((from.ip(), "seq_jump")),
+            _ => None,
+        };
+        if let Some((ip, kind)) = counted {
             let mut closed = Vec::new();
-            let seen = self
-                .refusals
-                .observe(now, from.ip(), reason.kind(), &mut closed);
+            let seen = self.refusals.observe(now, ip, kind, &mut closed);
             self.log_summaries(&closed);
             if seen == Seen::Counted {
                 return;
@@ -543,6 +564,15 @@ impl NodeDriver {
             }
             NodeEvent::QueueFull => {
                 tracing::warn!(node, "hold queue full: application message dropped");
+            }
+            NodeEvent::SeqJump {
+                from,
+                sender,
+                epoch,
+                last,
+                seq,
+            } => {
+                tracing::warn!(node, %from, kind = "seq_jump", sender, %epoch, last, seq, window_s, "data from member {sender} jumps from sequence number {last} to {seq} under epoch {epoch}: someone holding the group key may be trying to silence that member (its replay window is per epoch; the next key clears it)");
             }
             NodeEvent::Refused { from, reason } => {
                 let kind = reason.kind();

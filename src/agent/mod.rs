@@ -22,9 +22,12 @@
 //! from `--node-id` and the initial key and joins), then tells the machine the
 //! link is up, so it asks the controller for the current key (SPEC §5) and
 //! rejoins in the round's state; application data is held until it has.
+//! While it runs it watches its links ([`links`], rtnetlink): a link that goes
+//! down or comes back is fed to the machine the same way, at once.
 
 pub mod app;
 mod driver;
+pub mod links;
 mod run;
 pub mod state;
 

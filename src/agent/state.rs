@@ -139,8 +139,15 @@ pub struct RunningStatus {
     pub undecryptable: u64,
     pub data_sent: u64,
     pub delivered: u64,
+    /// Delivered data that carried no epoch hint: opened by trying the held
+    /// keys (claims 14-15).
+    #[serde(default)]
+    pub delivered_by_trial: u64,
     pub persisted: u64,
     pub usage_reports: u64,
+    /// Controller signatures checked (each about 50 µs of CPU).
+    #[serde(default)]
+    pub signature_checks: u64,
     pub app_clients: usize,
     pub app_dropped: u64,
 }

@@ -417,18 +417,22 @@ fn timer_id(t: ControllerTimer) -> u8 {
     match t {
         ControllerTimer::Round => 0,
         ControllerTimer::KeyAge => 1,
+        ControllerTimer::Beacon => BEACON_TIMER,
     }
 }
+
+/// The machine's beacon timer (after the shell's own [`REFUSAL_TIMER`]).
+const BEACON_TIMER: u8 = 3;
 
 /// The shell's own timer: the end of the next refusal window with counted
 /// refusals, when its summary row is due ([`table`]).
 const REFUSAL_TIMER: u8 = 2;
 
 fn timer_of(id: u8) -> ControllerTimer {
-    if id == 0 {
-        ControllerTimer::Round
-    } else {
-        ControllerTimer::KeyAge
+    match id {
+        0 => ControllerTimer::Round,
+        BEACON_TIMER => ControllerTimer::Beacon,
+        _ => ControllerTimer::KeyAge,
     }
 }
 
@@ -511,11 +515,19 @@ pub struct Controller {
     /// The passphrase's sealing key, derived (Argon2id) at the first persist
     /// and reused: a sealed controller does not pay the KDF on every pass.
     seal_key: Option<secrets::SealKey>,
+    /// When the snapshot was last written (for the replay marks, see `flush`).
+    saved_at_ms: u64,
     /// What `keyfleet serve --metrics` reports (counters, and the health of
     /// the table and the network as the last pass found them).
     ops: Ops,
     _lock: DirLock,
 }
+
+/// Nodes' sequence numbers accepted since the last snapshot are written at
+/// most this long after (when no other change wrote the snapshot first), and
+/// at a clean stop: replay protection that survives a restart without a
+/// write per message.
+pub const REPLAY_MARKS_SAVE_MS: u64 = 1000;
 
 /// The operator's view of the loop: metrics and the last errors it met.
 #[derive(Default)]
@@ -584,6 +596,7 @@ impl Controller {
             paused: Vec::new(),
             waiters: Vec::new(),
             seal_key: None,
+            saved_at_ms: now,
             ops: Ops::default(),
             _lock: lock,
         })
@@ -610,6 +623,8 @@ impl Controller {
     /// passphrase's key, derived once, when there is a passphrase).
     fn persist(&mut self) -> Result<()> {
         let snap = self.machine.snapshot();
+        self.machine.snapshot_saved();
+        self.saved_at_ms = self.clock.now_ms();
         let Some(pass) = self.opts.passphrase.as_ref() else {
             return save(&self.opts, &snap);
         };
@@ -627,17 +642,23 @@ impl Controller {
     /// Carries out the pending actions: snapshot, rows, sends, timers.
     async fn flush(&mut self, net: Option<&Transport>) -> Result<()> {
         let actions = std::mem::take(&mut self.out);
+        let marks_due = self.machine.replay_marks_unsaved()
+            && self.clock.now_ms() >= self.saved_at_ms.saturating_add(REPLAY_MARKS_SAVE_MS);
         if actions.is_empty() {
+            if marks_due {
+                self.persist()?;
+            }
             return Ok(());
         }
-        let persist = actions.iter().any(|a| {
-            matches!(
-                a,
-                ControllerAction::PersistCore(_)
-                    | ControllerAction::PersistMember(_)
-                    | ControllerAction::ForgetMember { .. }
-            )
-        });
+        let persist = marks_due
+            || actions.iter().any(|a| {
+                matches!(
+                    a,
+                    ControllerAction::PersistCore(_)
+                        | ControllerAction::PersistMember(_)
+                        | ControllerAction::ForgetMember { .. }
+                )
+            });
         // (1) Durable before any send of this pass: the whole snapshot, as the
         // machine stands after the pass (it includes every persisted change).
         if persist {
@@ -991,9 +1012,12 @@ impl Controller {
         })
     }
 
-    /// Bind the sockets (the controller's unicast socket on `iface:listen_port`).
-    fn bind(&self) -> Result<Transport> {
-        Ok(Transport::bind(&self.opts.net(), self.clock.clone())?)
+    /// Bind the sockets (the controller's unicast socket on `iface:listen_port`);
+    /// the beacon announces that socket's address.
+    fn bind(&mut self) -> Result<Transport> {
+        let t = Transport::bind(&self.opts.net(), self.clock.clone())?;
+        self.machine.set_address(t.local_addr());
+        Ok(t)
     }
 
     /// Whether a datagram is one of our own, looped back by the kernel.
@@ -1076,9 +1100,10 @@ impl Controller {
     /// finished first and reported in `earlier`), waits (up to
     /// `rekey.join_wait_ms`) for enrolled nodes that never joined, runs the
     /// round to its end or until it pauses (too few nodes answered: the next
-    /// `rekey` or `serve` carries it on), answers late key requests for
-    /// `rekey.linger_ms`, and returns. `update` gets the progress and, when the
-    /// command waits behind a round in progress, a [`control::Reply::Queued`].
+    /// `rekey` or `serve` carries it on), and returns: at once when every node
+    /// acknowledged the second transition request, else after answering late
+    /// key requests for `rekey.linger_ms`. `update` gets the progress and, when
+    /// the command waits behind a round in progress, a [`control::Reply::Queued`].
     pub async fn run_round(
         &mut self,
         cmd: RoundCommand,
@@ -1172,7 +1197,28 @@ impl Controller {
             self.step(&mut net).await?;
             self.flush(Some(&net)).await?;
         };
-        let linger_until = self.clock.now_ms() + self.opts.config.rekey.linger_ms;
+        // Every node in the round acknowledged the second transition request
+        // and every enrolled node took part: nobody will ask for the key late,
+        // so return at once. Otherwise a missing node (stale, or never joined)
+        // may come back asking; answer it for `rekey.linger_ms`.
+        let missing = report.nodes.saturating_sub(report.acked) as usize + self.unjoined();
+        let linger_ms = if missing == 0 {
+            tracing::info!(
+                epoch = report.epoch,
+                "every node acknowledged the second transition request; not lingering"
+            );
+            0
+        } else {
+            let ms = self.opts.config.rekey.linger_ms;
+            tracing::info!(
+                epoch = report.epoch,
+                missing,
+                linger_ms = ms,
+                "nodes missing from the round; answering late key requests before returning"
+            );
+            ms
+        };
+        let linger_until = self.clock.now_ms() + linger_ms;
         while self.clock.now_ms() < linger_until {
             let left = Duration::from_millis(linger_until.saturating_sub(self.clock.now_ms()));
             match tokio::time::timeout(left, self.step(&mut net)).await {
@@ -1503,6 +1549,11 @@ impl Drop for Controller {
     /// error), the refusals still counted in open windows get their summary
     /// rows: the counts add up to every datagram refused.
     fn drop(&mut self) {
+        if self.machine.replay_marks_unsaved() {
+            if let Err(e) = self.persist() {
+                tracing::error!(error = %e, "the nodes' latest sequence numbers were not saved; replays of their last messages may be accepted after a restart");
+            }
+        }
         let t = self.table.refusals().totals();
         if let Err(e) = self.table.close_all_refusal_windows() {
             tracing::error!(error = %e, "management table: refusal summaries were not written");

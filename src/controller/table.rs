@@ -24,7 +24,7 @@ use crate::protocol::{
     ControllerMachine, ControllerPersist, MemberStatus, Record, Refusal, ResumeCause,
     TriggerOutcome, TriggerReason,
 };
-use crate::ratecount::{RateCounter, Seen, Summary};
+use crate::ratecount::{RateCounter, Seen, Source, Summary};
 use crate::store::{AuditKind, Handout, NodeState, Outcome, Phase, Store, StoreError, Trigger};
 use crate::wire::{RoundPhase, Step};
 
@@ -123,6 +123,8 @@ fn suspicious(kind: &str) -> bool {
             | "unknown_node_id"
             | "unexpected"
             | "forged_data"
+            | "retired_key"
+            | "rate_limited"
             | LEAK_FOLDED
     )
 }
@@ -189,11 +191,32 @@ fn log_summary(s: &Summary) {
 fn write_summaries(s: &mut Store, summaries: &[Summary]) {
     for sum in summaries {
         log_summary(sum);
+        let kind = match sum.source {
+            Source::Member(_) => AuditKind::Rejoin,
+            _ => AuditKind::RefusalSummary,
+        };
         soft(
             "a refusal summary",
-            s.audit(AuditKind::RefusalSummary, None, &sum.detail(), sum.last_ms)
-                .map(drop),
+            s.audit(kind, None, &sum.detail(), sum.last_ms).map(drop),
         );
+    }
+}
+
+/// Kind of the rate-counted answered key requests and joins of one member.
+const ANSWERED: &str = "key_request";
+
+/// An answered key request or join counted per member: the first of a member
+/// in each window, and the first in each key state (epoch, round phase), get
+/// their row; the rest are summarized ("N more answered key_request of member M …").
+fn answered(r: &Record) -> Option<(u64, u32, u32)> {
+    match r {
+        Record::KeyRequestAnswered {
+            member, epoch, at, ..
+        }
+        | Record::JoinAnswered {
+            member, epoch, at, ..
+        } => Some((at.0, *member, epoch.0)),
+        _ => None,
     }
 }
 
@@ -204,6 +227,11 @@ pub struct Table {
     rounds: HashMap<u32, i64>,
     /// Refusals counted, not written one by one.
     refusals: RateCounter,
+    /// Answered key requests and joins, counted per member.
+    answered: RateCounter,
+    /// The key state (epoch, round phase) of each member's last answered
+    /// request written in full.
+    answered_epoch: HashMap<u32, (u32, Option<RoundPhase>)>,
 }
 
 impl Table {
@@ -218,6 +246,8 @@ impl Table {
             store,
             rounds,
             refusals: RateCounter::default(),
+            answered: RateCounter::default(),
+            answered_epoch: HashMap::new(),
         })
     }
 
@@ -225,7 +255,13 @@ impl Table {
     /// `max_sources` source addresses tracked at once.
     pub fn with_refusal_window(mut self, window_ms: u64, max_sources: usize) -> Table {
         self.refusals = RateCounter::new(window_ms, max_sources);
+        self.answered = RateCounter::new(window_ms, max_sources);
         self
+    }
+
+    /// The counter of answered key requests and joins (per member).
+    pub fn answered(&self) -> &RateCounter {
+        &self.answered
     }
 
     pub fn store(&self) -> &Store {
@@ -239,13 +275,17 @@ impl Table {
 
     /// When the next refusal window with counted refusals ends.
     pub fn next_refusal_close(&self) -> Option<u64> {
-        self.refusals.next_close()
+        match (self.refusals.next_close(), self.answered.next_close()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     /// Writes the summaries of the refusal windows that have passed at `now_ms`.
     pub fn close_refusal_windows(&mut self, now_ms: u64) -> Result<()> {
         let mut closed = Vec::new();
         self.refusals.close_expired(now_ms, &mut closed);
+        self.answered.close_expired(now_ms, &mut closed);
         self.write_closed(&closed)
     }
 
@@ -253,6 +293,7 @@ impl Table {
     pub fn close_all_refusal_windows(&mut self) -> Result<()> {
         let mut closed = Vec::new();
         self.refusals.close_all(&mut closed);
+        self.answered.close_all(&mut closed);
         self.write_closed(&closed)
     }
 
@@ -419,6 +460,7 @@ impl Table {
     ) -> Result<()> {
         let mut closed = Vec::new();
         self.refusals.close_expired(now_ms, &mut closed);
+        self.answered.close_expired(now_ms, &mut closed);
         if records.is_empty() {
             return self.write_closed(&closed);
         }
@@ -437,9 +479,29 @@ impl Table {
             round: machine.round(),
         };
         let (rounds, refusals) = (&mut self.rounds, &mut self.refusals);
+        let (answered_counter, answered_epoch) = (&mut self.answered, &mut self.answered_epoch);
         self.store.batch(|s| {
             write_summaries(s, &closed);
             for r in records {
+                if let Some((at, member, epoch)) = answered(r) {
+                    // The first answer in each key state (epoch, round phase)
+                    // is always written in full: a node back in a new state
+                    // has its row.
+                    let state = (epoch, ctx.round.map(|(_, p)| p));
+                    if answered_epoch.insert(member, state) == Some(state) {
+                        closed.clear();
+                        let seen = answered_counter.observe_source(
+                            at,
+                            Source::Member(member),
+                            ANSWERED,
+                            &mut closed,
+                        );
+                        write_summaries(s, &closed);
+                        if seen == Seen::Counted {
+                            continue;
+                        }
+                    }
+                }
                 if let Some((at, ip, kind)) = rate_counted(r) {
                     closed.clear();
                     let seen = refusals.observe(at, ip, kind, &mut closed);

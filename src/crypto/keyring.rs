@@ -37,6 +37,19 @@ struct Slot {
     cipher: OnceLock<Box<Aes256Gcm>>,
 }
 
+/// The key and its counters; the expanded cipher is a cache made from the key.
+impl std::hash::Hash for Slot {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        let Slot {
+            key,
+            seals,
+            opens,
+            cipher: _,
+        } = self;
+        (key, seals, opens).hash(state);
+    }
+}
+
 impl Slot {
     fn new(key: GroupKey) -> Slot {
         Slot {
@@ -102,7 +115,7 @@ pub struct Opened {
 
 /// Holds the group keys of one node; seals with the key its [`KeyPhase`]
 /// prescribes and opens with every key it holds.
-#[derive(Clone, Serialize, Deserialize)]
+#[derive(Clone, Hash, Serialize, Deserialize)]
 pub struct Keyring {
     phase: KeyPhase,
     /// The current key (UpdateCompleted) or the old key (the two other phases).

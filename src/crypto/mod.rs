@@ -174,6 +174,15 @@ impl PartialEq for GroupKey {
 }
 impl Eq for GroupKey {}
 
+/// Hashes the epoch and the check value (never the key bytes): equal keys
+/// hash equally, as `Eq` requires. Used to compare machine states (the model check).
+impl std::hash::Hash for GroupKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.epoch.hash(state);
+        self.check_value().hash(state);
+    }
+}
+
 impl fmt::Debug for GroupKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(

@@ -240,6 +240,30 @@ impl NodeKeys {
     }
 }
 
+/// Hashes a check value of the bytes (never the bytes), as [`crate::crypto::GroupKey`]
+/// does: equal secrets hash equally. Used to compare machine states (the model check).
+impl std::hash::Hash for ShareSecret {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        super::check_value(b"keyfleet share secret check v2", &self.0)[..8].hash(state);
+    }
+}
+
+impl std::hash::Hash for Chain {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        let mut both = Zeroizing::new([0u8; 2 * KEY_LEN]);
+        both[..KEY_LEN].copy_from_slice(&self.chain);
+        both[KEY_LEN..].copy_from_slice(&self.mac);
+        super::check_value(b"keyfleet chain check v2", both.as_ref())[..8].hash(state);
+    }
+}
+
+impl std::hash::Hash for Step {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.next.hash(state);
+        super::check_value(b"keyfleet wrap check v2", &self.wrap)[..8].hash(state);
+    }
+}
+
 /// Why a handshake message was refused.
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
 pub enum HandshakeError {

@@ -54,6 +54,23 @@
 //! persisted before anything wrapped under it is sent, reused for every resend,
 //! and confirmed when the node's MAC shows it took it.
 //!
+//! Node messages and group data (SECURITY.md §2a): a node message counts only
+//! if its MAC holds and its sequence number is fresh for the member's window,
+//! whose top is persisted (`MemberPersist::seq_seen`) so a restart does not
+//! reopen replays; a member's recorded address moves only on a reply that
+//! moved it forward in the round in progress; key requests and joins are
+//! budgeted per member (`member_request_burst`, `member_request_interval_ms`).
+//! Group data must open under a key before it moves any replay state, and is
+//! checked by the nodes' own rule ([`DataReplay`]): fresh data that opens is a
+//! member's own or sets off the leaked-key trigger. Rounds set off by what
+//! nodes send are spaced by `node_trigger_min_interval_ms`.
+//!
+//! **Beacon.** Every `beacon_interval_ms` (default 1 s) the controller sends
+//! the group a signed beacon: its term, current epoch, the round's epoch and
+//! phase, and its unicast address (SPEC §5). While none of these change it
+//! resends the same bytes (same sequence number, same signature), so nodes
+//! compare a digest; a change takes a fresh sequence number and one signature.
+//!
 //! Persistence is incremental: `PersistCore` (keys, round, counters) at every
 //! phase change and `PersistMember` at every change of a member's row. Per-node
 //! acknowledgements are not persisted: a restored controller resends the
@@ -65,8 +82,8 @@ use crate::crypto::{
     ratchet, Chain, CheckValue, Epoch, GroupKey, InitialKey, NodeKeys, Share, ShareSecret,
 };
 use crate::wire::{
-    self, AnswerPayload, KeyState, Maced, Message, NodeId, ReplayWindow, RoundPhase, RoundState,
-    Seen, Step, MAX_BATCH_ENTRIES,
+    self, AnswerPayload, DataReplay, DataSeen, KeyState, Maced, Message, NodeId, ReplayWindow,
+    RoundPhase, RoundState, Seen, Step, MAX_BATCH_ENTRIES,
 };
 use core::net::SocketAddr;
 use ed25519_dalek::SigningKey;
@@ -82,6 +99,10 @@ const SEQ_BLOCK: u64 = 4096;
 pub const HANDSHAKE_INTERVAL_MS: u64 = 250;
 /// How long a re-join allowed by the operator stays open.
 pub const REJOIN_WINDOW_MS: u64 = 10 * 60 * 1000;
+
+/// The leader term this controller announces in its beacons (issue 16 brings
+/// more than one controller; until then it is always 1).
+pub const TERM: u32 = 1;
 
 /// Controller settings. Defaults are documented on each field.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -106,7 +127,22 @@ pub struct ControllerConfig {
     /// …and, when true (default), more than half of the joined nodes. Below
     /// that the round is paused and retried, not completed.
     pub min_acked_majority: bool,
+    /// Key requests and joins a member may send in a burst (default 4)…
+    pub member_request_burst: u32,
+    /// …and then one per this many ms (default 500); more are refused
+    /// (`rate_limited`, rate-counted in the audit log): each answer costs two
+    /// key wraps, a signature and an audit row.
+    pub member_request_interval_ms: u64,
+    /// A rekey round set off by what nodes report (usage counts) starts at
+    /// most once per this many ms (default 30000): a node's keys alone cannot
+    /// make the fleet rotate back to back.
+    pub node_trigger_min_interval_ms: u64,
     pub triggers: TriggerConfig,
+    /// Send a signed beacon to the group this often (default 1000 ms); 0 = never.
+    pub beacon_interval_ms: u64,
+    /// The controller's unicast address, announced in the beacon (the shell
+    /// sets it to its socket's; an unspecified IP means "the beacon's source").
+    pub address: SocketAddr,
 }
 
 impl Default for ControllerConfig {
@@ -120,7 +156,12 @@ impl Default for ControllerConfig {
             stale_after_ms: 60_000,
             min_acked: 1,
             min_acked_majority: true,
+            member_request_burst: 4,
+            member_request_interval_ms: 500,
+            node_trigger_min_interval_ms: 30_000,
             triggers: TriggerConfig::default(),
+            beacon_interval_ms: 1000,
+            address: SocketAddr::from(([0, 0, 0, 0], 47800)),
         }
     }
 }
@@ -132,6 +173,8 @@ pub enum ControllerTimer {
     Round,
     /// The key-age trigger.
     KeyAge,
+    /// The next beacon.
+    Beacon,
 }
 
 /// What a shell feeds the controller.
@@ -534,10 +577,16 @@ pub struct MemberPersist {
     /// A re-join the operator allowed (`keyfleet rejoin`), open until then.
     #[serde(default)]
     pub rejoin_until: Option<Time>,
+    /// Highest sequence number accepted from this node, so that a restarted
+    /// controller refuses replays of what it accepted before (absent in
+    /// revision-1 files: nothing known). Saved with every snapshot, at most a
+    /// second after it moved while messages flow, and at a clean stop.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seq_seen: Option<u64>,
 }
 
 /// The controller's side of one node's ratchet. Key bytes zeroized on drop.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, Hash, Serialize, Deserialize)]
 pub struct MemberRatchet {
     /// The chain the node confirmed last, and the share it announced under it.
     /// Set once the node completed the enrollment handshake: from then on its
@@ -554,13 +603,13 @@ pub struct MemberRatchet {
     pub handshake_seq: u64,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Hash, Serialize, Deserialize)]
 pub struct Committed {
     pub chain: Chain,
     pub share: Share,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Hash, Serialize, Deserialize)]
 pub struct Pending {
     /// The controller's share of the step (sent with every wrap under it).
     pub share: Share,
@@ -626,6 +675,7 @@ pub struct ControllerPersist {
     pub members: Vec<MemberPersist>,
 }
 
+#[derive(Clone)]
 struct Member {
     row: MemberPersist,
     /// When this member's last handshake was answered (rate limit).
@@ -638,14 +688,18 @@ struct Member {
     /// Requests sent to this member in the current phase.
     attempts: u32,
     replay: ReplayWindow,
-    /// Sequence numbers of the group data this member sent from its address,
-    /// so that a copy replayed from elsewhere is not taken for a leak.
-    data_seen: ReplayWindow,
+    /// The source of this member's latest fresh authenticated message (in
+    /// memory): its data from there is its own, as from its recorded address.
+    last_from: Option<SocketAddr>,
+    /// Key request / join budget: tokens left and when they were counted.
+    tokens: u32,
+    tokens_at: Time,
     /// Cumulative counts reported for the current key.
     seals: u64,
     opens: u64,
 }
 
+#[derive(Clone)]
 struct Round {
     epoch: Epoch,
     key: GroupKey,
@@ -698,7 +752,13 @@ pub(crate) fn required_progress(phase: RoundPhase) -> u8 {
 
 type Out = Vec<ControllerAction>;
 
+mod state_hash;
+
 /// The controller's protocol state. See the module docs.
+///
+/// `Clone` and `Hash` (in `controller/state_hash.rs`) let a model checker keep
+/// machine states and tell them apart (tests/model_check.rs).
+#[derive(Clone)]
 pub struct ControllerMachine {
     cfg: ControllerConfig,
     signing: SigningKey,
@@ -715,7 +775,23 @@ pub struct ControllerMachine {
     total_opens: u64,
     round_timer: Option<Time>,
     age_timer: Option<Time>,
+    /// The key the last round retired: nodes that have not taken the second
+    /// transition request yet still open data under it, so the controller
+    /// still checks such data for a leak.
+    previous: Option<GroupKey>,
+    /// Group data replay state, by the rule the nodes use.
+    data_replay: DataReplay,
+    /// A sequence number accepted since the last snapshot was written.
+    marks_unsaved: bool,
+    /// When the last round set off by node reports started.
+    node_trigger_at: Option<Time>,
+    beacon_due: Option<Time>,
+    /// The last beacon: what it said and its signed bytes (resent while nothing changes).
+    beacon: Option<(BeaconState, Vec<u8>)>,
 }
+
+/// What a beacon says; a change of it takes a new sequence number.
+type BeaconState = (Epoch, Option<(Epoch, RoundPhase)>, SocketAddr);
 
 impl ControllerMachine {
     /// A new controller with a fresh signing key and the fleet's first group key (epoch 1).
@@ -748,6 +824,12 @@ impl ControllerMachine {
             total_opens: 0,
             round_timer: None,
             age_timer: None,
+            previous: None,
+            data_replay: DataReplay::new(super::NodeConfig::default().data_replay_senders),
+            marks_unsaved: false,
+            node_trigger_at: None,
+            beacon_due: None,
+            beacon: None,
         };
         c.persist_core(out);
         c
@@ -810,6 +892,12 @@ impl ControllerMachine {
             total_opens: 0,
             round_timer: None,
             age_timer: None,
+            previous: None,
+            data_replay: DataReplay::new(super::NodeConfig::default().data_replay_senders),
+            marks_unsaved: false,
+            node_trigger_at: None,
+            beacon_due: None,
+            beacon: None,
         };
         c.next_member_floor(core.next_member);
         Ok(c)
@@ -847,6 +935,19 @@ impl ControllerMachine {
         }
     }
 
+    /// Whether a node's sequence number was accepted since the last snapshot
+    /// was taken with [`Self::snapshot_saved`]: the shell writes one at most
+    /// every second or so while this holds, and at a clean stop, so a restarted
+    /// controller still refuses replays (no write per message).
+    pub fn replay_marks_unsaved(&self) -> bool {
+        self.marks_unsaved
+    }
+
+    /// The shell wrote [`Self::snapshot`] durably.
+    pub fn snapshot_saved(&mut self) {
+        self.marks_unsaved = false;
+    }
+
     /// The full snapshot (core and every member row).
     pub fn snapshot(&self) -> ControllerPersist {
         ControllerPersist {
@@ -862,6 +963,11 @@ impl ControllerMachine {
 
     pub fn public_key(&self) -> [u8; 32] {
         self.signing.verifying_key().to_bytes()
+    }
+
+    /// Sets the unicast address the beacon announces (the shell's socket).
+    pub fn set_address(&mut self, addr: SocketAddr) {
+        self.cfg.address = addr;
     }
 
     pub fn current_epoch(&self) -> Epoch {
@@ -948,6 +1054,11 @@ impl ControllerMachine {
                 self.age_timer = None;
                 self.check_age(now, rng, out);
             }
+            ControllerInput::Timer(ControllerTimer::Beacon) => {
+                if self.beacon_due.is_some_and(|t| now >= t) {
+                    self.send_beacon(now, out);
+                }
+            }
             ControllerInput::Enroll {
                 node_id,
                 initial_key,
@@ -967,6 +1078,7 @@ impl ControllerMachine {
                     enrolled_at: now,
                     ratchet: MemberRatchet::default(),
                     rejoin_until: None,
+                    seq_seen: None,
                 };
                 out.push(ControllerAction::PersistMember(Box::new(row.clone())));
                 out.push(ControllerAction::Record(Record::NodeEnrolled {
@@ -1073,7 +1185,38 @@ impl ControllerMachine {
         }
         self.arm_age(out);
         self.progress_round(now, rng, out);
+        self.start_pending(now, rng, out);
         self.check_age(now, rng, out);
+        self.send_beacon(now, out);
+    }
+
+    /// The beacon to the group, and the next one armed. The same bytes as the
+    /// last one while the state it tells is unchanged.
+    fn send_beacon(&mut self, now: Time, out: &mut Out) {
+        let every = self.cfg.beacon_interval_ms;
+        if every == 0 {
+            return;
+        }
+        let state: BeaconState = (self.current.epoch(), self.round(), self.cfg.address);
+        let bytes = match &self.beacon {
+            Some((s, bytes)) if *s == state => bytes.clone(),
+            _ => {
+                let seq = self.next_seq(out);
+                let bytes = wire::sign(
+                    wire::beacon(TERM, state.0, seq, state.1, state.2),
+                    &self.signing,
+                );
+                self.beacon = Some((state, bytes.clone()));
+                bytes
+            }
+        };
+        out.push(ControllerAction::SendGroup(bytes));
+        let at = now.plus(every);
+        self.beacon_due = Some(at);
+        out.push(ControllerAction::ArmTimer {
+            timer: ControllerTimer::Beacon,
+            at,
+        });
     }
 
     fn next_seq(&mut self, out: &mut Out) -> u64 {
@@ -1176,7 +1319,11 @@ impl ControllerMachine {
                 self.arm_round_timer(out);
             }
         }
-        if self.round.is_none() {
+        let hold = node_caused(&reason)
+            && self
+                .node_trigger_at
+                .is_some_and(|t| now < t.plus(self.cfg.node_trigger_min_interval_ms));
+        if self.round.is_none() && !hold {
             Self::record(
                 out,
                 Record::TriggerFired {
@@ -1185,6 +1332,9 @@ impl ControllerMachine {
                     at: now,
                 },
             );
+            if node_caused(&reason) {
+                self.node_trigger_at = Some(now);
+            }
             self.start_round(now, reason, rng, out);
         } else if self.pending.is_none() {
             Self::record(
@@ -1197,6 +1347,7 @@ impl ControllerMachine {
             );
             self.pending = Some(reason);
             self.persist_core(out);
+            self.arm_round_timer(out);
         } else {
             Self::record(
                 out,
@@ -1206,6 +1357,30 @@ impl ControllerMachine {
                     at: now,
                 },
             );
+        }
+    }
+
+    /// When the queued trigger may start its round (once no round runs): at
+    /// once, or, for one set off by nodes, `node_trigger_min_interval_ms`
+    /// after the last such round started.
+    fn pending_due(&self) -> Option<Time> {
+        let p = self.pending.as_ref()?;
+        match self.node_trigger_at {
+            Some(t) if node_caused(p) => Some(t.plus(self.cfg.node_trigger_min_interval_ms)),
+            _ => Some(Time(0)),
+        }
+    }
+
+    /// Starts the queued round if no round runs and it is due.
+    fn start_pending(&mut self, now: Time, rng: &mut (impl RngCore + CryptoRng), out: &mut Out) {
+        if self.round.is_some() || self.pending_due().is_none_or(|t| now < t) {
+            return;
+        }
+        if let Some(reason) = self.pending.take() {
+            if node_caused(&reason) {
+                self.node_trigger_at = Some(now);
+            }
+            self.start_round(now, reason, rng, out);
         }
     }
 
@@ -1547,6 +1722,7 @@ impl ControllerMachine {
     /// Timer work: group waves, unicast retries, the stale deadline, the drain.
     fn tick(&mut self, now: Time, rng: &mut (impl RngCore + CryptoRng), out: &mut Out) {
         let Some(r) = &self.round else {
+            self.start_pending(now, rng, out);
             self.arm_round_timer(out);
             return;
         };
@@ -1813,37 +1989,43 @@ impl ControllerMachine {
                 pauses: r.pauses,
             },
         );
-        self.current = r.key.clone();
+        self.previous = Some(std::mem::replace(&mut self.current, r.key.clone()));
+        // The round's deadlines are void; the next one armed replaces them.
+        self.round_timer = None;
         self.activated_at = r.activated_at.unwrap_or(now);
         self.total_seals = 0;
         self.total_opens = 0;
-        let pending = self.pending.take();
         self.persist_core(out);
         self.arm_age(out);
-        if let Some(reason) = pending {
-            self.start_round(now, reason, rng, out);
-        }
+        self.start_pending(now, rng, out);
     }
 
     fn arm_round_timer(&mut self, out: &mut Out) {
-        let due = self.round.as_ref().and_then(|r| {
-            let mut due: Option<Time> = None;
-            let mut take = |t: Option<Time>| {
-                if let Some(t) = t {
-                    due = Some(due.map_or(t, |d: Time| d.min(t)));
+        let pending = if self.round.is_none() {
+            self.pending_due()
+        } else {
+            None
+        };
+        let due = pending.or_else(|| {
+            self.round.as_ref().and_then(|r| {
+                let mut due: Option<Time> = None;
+                let mut take = |t: Option<Time>| {
+                    if let Some(t) = t {
+                        due = Some(due.map_or(t, |d: Time| d.min(t)));
+                    }
+                };
+                if r.waiting > 0 {
+                    take(r.next_wave);
+                    take(r.retries.peek().map(|Reverse((t, _))| *t));
+                    if r.paused.is_none() {
+                        take(Some(r.stale_from.plus(self.cfg.stale_after_ms)));
+                    }
                 }
-            };
-            if r.waiting > 0 {
-                take(r.next_wave);
-                take(r.retries.peek().map(|Reverse((t, _))| *t));
-                if r.paused.is_none() {
-                    take(Some(r.stale_from.plus(self.cfg.stale_after_ms)));
+                if r.phase == RoundPhase::Draining {
+                    take(r.drain_until);
                 }
-            }
-            if r.phase == RoundPhase::Draining {
-                take(r.drain_until);
-            }
-            due
+                due
+            })
         });
         if let Some(at) = due {
             if self.round_timer.is_none_or(|t| at < t) {
@@ -1863,6 +2045,8 @@ impl ControllerMachine {
     /// the replay window. A message carrying the node's share (a reply, a key
     /// request) under a newer chain confirms that chain: the older one is
     /// dropped and the share recorded for the next step.
+    /// The window's top is persisted (`MemberPersist::seq_seen`, restored after a
+    /// restart) and the source noted; it moves no address (see [`Self::move_address`]).
     fn authenticate(
         &mut self,
         a: Auth<'_, '_>,
@@ -1931,36 +2115,60 @@ impl ControllerMachine {
                 out.push(ControllerAction::PersistMember(Box::new(m.row.clone())));
             }
         }
-        self.note_address(member, from, what, a.seq, now, out);
+        m.row.seq_seen = m.replay.top();
+        m.last_from = Some(from);
+        self.marks_unsaved = true;
         Ok(under)
     }
 
-    /// A member heard from a new address: recorded, and replies go there.
-    fn note_address(
+    /// A member's recorded address moves only on a reply that moved it
+    /// forward in the round in progress: an answer to this controller's own
+    /// request that the node had not given yet, so not a copy of anything
+    /// sent before (a replay after a restart, or a message captured while the
+    /// controller was down). Key requests, joins and usage reports are
+    /// answered where they came from and move nothing.
+    fn move_address(
         &mut self,
         member: u32,
         from: SocketAddr,
-        what: &'static str,
-        seq: u64,
+        (message, seq): (&'static str, u64),
         now: Time,
         out: &mut Out,
     ) {
         let Some(Some(m)) = self.members.get_mut(member as usize) else {
             return;
         };
-        if m.row.addr != from {
-            out.push(ControllerAction::Record(Record::NodeAddressChanged {
-                member,
-                node_id: m.row.node_id.clone(),
-                from: m.row.addr,
-                to: from,
-                message: what,
-                seq,
-                at: now,
-            }));
-            m.row.addr = from;
-            out.push(ControllerAction::PersistMember(Box::new(m.row.clone())));
+        if m.row.addr == from {
+            return;
         }
+        out.push(ControllerAction::Record(Record::NodeAddressChanged {
+            member,
+            node_id: m.row.node_id.clone(),
+            from: m.row.addr,
+            to: from,
+            message,
+            seq,
+            at: now,
+        }));
+        m.row.addr = from;
+        out.push(ControllerAction::PersistMember(Box::new(m.row.clone())));
+    }
+
+    /// Takes one token of `member`'s key request / join budget, or refuses.
+    fn spend_request(&mut self, what: &'static str, member: u32, now: Time) -> Result<(), Refusal> {
+        let (burst, every) = (
+            self.cfg.member_request_burst.max(1),
+            self.cfg.member_request_interval_ms.max(1),
+        );
+        let Some(Some(m)) = self.members.get_mut(member as usize) else {
+            return Err(Refusal::UnknownMember { what, member });
+        };
+        // A new member's budget starts full (`u32::MAX` until first spent).
+        m.tokens = m.tokens.min(burst);
+        if !super::take_token(&mut m.tokens, &mut m.tokens_at, now, burst, every) {
+            return Err(Refusal::RateLimited { what, member });
+        }
+        Ok(())
     }
 
     fn on_datagram(
@@ -1978,14 +2186,22 @@ impl ControllerMachine {
             Message::Ack(a) => {
                 let auth = Auth::new(what, a.member, a.seq, &a.auth, Some(a.share));
                 let under = self.authenticate(auth, from, now, out)?;
+                let before = self.member(a.member).map(|m| (m.progress, m.row.status));
                 if !self.on_ack(now, a.member, a.step, a.epoch, rng, out) {
-                    self.send_resync(a.member, under, out);
+                    self.send_resync(a.member, under, from, out);
+                }
+                let after = self.member(a.member).map(|m| (m.progress, m.row.status));
+                if let (Some((p0, s0)), Some((p1, s1))) = (before, after) {
+                    if p1 > p0 || (s1 == MemberStatus::Active && s0 != s1 && p1 > 0) {
+                        self.move_address(a.member, from, (what, a.seq), now, out);
+                    }
                 }
                 Ok(())
             }
             Message::KeyRequest(k) => {
                 let auth = Auth::new(what, k.member, k.seq, &k.auth, Some(k.share));
                 self.authenticate(auth, from, now, out)?;
+                self.spend_request(what, k.member, now)?;
                 // The request carries the node's position: it counts as a reply to
                 // that step, and may make a stale or new member live again.
                 let _ = self.on_ack(now, k.member, k.step, k.epoch, rng, out);
@@ -2064,7 +2280,6 @@ impl ControllerMachine {
                 m.row.ratchet.handshake_seq = h.seq;
                 out.push(ControllerAction::PersistMember(Box::new(m.row.clone())));
                 let node_id = m.row.node_id.clone();
-                self.note_address(member, from, what, h.seq, now, out);
                 out.push(ControllerAction::SendTo {
                     to: from,
                     bytes: wire::handshake_answer(h.seq, &noise),
@@ -2089,8 +2304,12 @@ impl ControllerMachine {
                 if let Some(Some(m)) = self.members.get_mut(u.member as usize) {
                     for use_ in u.uses.iter().filter(|x| x.epoch == cur) {
                         // Reports are cumulative: add only what grew (duplicates add nothing).
-                        self.total_seals += use_.seals.saturating_sub(m.seals);
-                        self.total_opens += use_.opens.saturating_sub(m.opens);
+                        self.total_seals = self
+                            .total_seals
+                            .saturating_add(use_.seals.saturating_sub(m.seals));
+                        self.total_opens = self
+                            .total_opens
+                            .saturating_add(use_.opens.saturating_sub(m.opens));
                         m.seals = m.seals.max(use_.seals);
                         m.opens = m.opens.max(use_.opens);
                     }
@@ -2109,7 +2328,7 @@ impl ControllerMachine {
                     .member(u.member)
                     .is_some_and(|m| m.row.status != MemberStatus::Active)
                 {
-                    self.send_resync(u.member, under, out);
+                    self.send_resync(u.member, under, from, out);
                 }
                 Ok(())
             }
@@ -2117,15 +2336,22 @@ impl ControllerMachine {
             | Message::Transition(_)
             | Message::KeyResponse(_)
             | Message::HandshakeAnswer(_)
-            | Message::Resync(_) => Err(Refusal::Unexpected {
+            | Message::Resync(_)
+            | Message::Beacon(_) => Err(Refusal::Unexpected {
                 what,
                 role: "controller",
             }),
         }
     }
 
-    /// Group data: a known sender at its known address is fine; anything else
-    /// that opens under a group key means the key leaked (claim 7).
+    /// Group data, by the nodes' rule ([`DataReplay`]): it must open under a
+    /// key some node may still hold (the current key, the round's, the one
+    /// the last round retired) and be fresh for its (epoch, sender); only
+    /// then does it move replay state. Fresh data from a member at its
+    /// recorded address (or where its latest fresh message came from) is its
+    /// own; any other fresh data that opens means the key leaked (claim 7).
+    /// So every message a node would deliver is either a member's own or sets
+    /// off the leak rekey: nothing the nodes deliver is refused here.
     fn on_data(
         &mut self,
         now: Time,
@@ -2134,33 +2360,54 @@ impl ControllerMachine {
         rng: &mut (impl RngCore + CryptoRng),
         out: &mut Out,
     ) -> Result<(), Refusal> {
-        if let Some(Some(m)) = self.members.get_mut(d.sender as usize) {
-            if m.row.addr == from {
-                m.data_seen.mark(d.seq);
-                return Ok(());
-            }
-        }
-        let keys = std::iter::once(&self.current).chain(self.round.as_ref().map(|r| &r.key));
-        let authentic = keys
+        let keys = [
+            Some(&self.current),
+            self.round.as_ref().map(|r| &r.key),
+            self.previous.as_ref(),
+        ];
+        let held: Vec<Epoch> = keys.iter().flatten().map(|k| k.epoch()).collect();
+        let opened = keys
+            .into_iter()
+            .flatten()
             .filter(|k| d.epoch_hint.is_none_or(|e| e == k.epoch()))
-            .any(|k| k.open(&d.nonce, d.header, d.sealed).is_some());
-        if !authentic {
+            .find(|k| k.open(&d.nonce, d.header, d.sealed).is_some())
+            .map(GroupKey::epoch);
+        let Some(epoch) = opened else {
             return Err(Refusal::ForgedData {
                 sender: d.sender,
                 from: from.to_string(),
             });
+        };
+        self.data_replay.retain(|e| held.contains(&e));
+        // Under the key the last round retired only nodes left behind (stale,
+        // or a removed node) still open data: recorded, no round (a new key
+        // would not reach those nodes either).
+        if self.previous.as_ref().is_some_and(|k| k.epoch() == epoch) {
+            let own = self.member(d.sender).is_some_and(|m| m.row.addr == from);
+            if !own {
+                return Err(Refusal::RetiredKey {
+                    sender: d.sender,
+                    epoch,
+                    from: from.to_string(),
+                });
+            }
+            return Ok(());
         }
-        // A member's own message heard again from another address is a replay
-        // (the sequence number is authenticated as associated data), not a leak:
-        // otherwise any host could make the fleet rekey at will.
-        if self
-            .member(d.sender)
-            .is_some_and(|m| m.data_seen.check(d.seq) != Seen::Fresh)
-        {
+        // A member's own message heard again (from anywhere) is a replay
+        // (the sequence number is authenticated as associated data), not a
+        // leak: otherwise any host could make the fleet rekey at will.
+        if self.data_replay.check(epoch, d.sender, d.seq) == DataSeen::Replay {
             return Err(Refusal::Replay {
                 what: "data",
                 seq: d.seq,
             });
+        }
+        self.data_replay.mark(epoch, d.sender, d.seq);
+        let own = self
+            .member(d.sender)
+            .is_some_and(|m| m.row.addr == from || m.last_from == Some(from));
+        if own {
+            return Ok(());
         }
         if self.cfg.triggers.on_unknown_sender {
             self.fire(
@@ -2260,9 +2507,9 @@ impl ControllerMachine {
         true
     }
 
-    /// Ask a member that is out of step to send a key request (MAC'd under
-    /// the chain its last message was MAC'd with).
-    fn send_resync(&mut self, member: u32, under: Under, out: &mut Out) {
+    /// Ask a member that is out of step (its message came from `to`) to send a
+    /// key request (MAC'd under the chain its last message was MAC'd with).
+    fn send_resync(&mut self, member: u32, under: Under, to: SocketAddr, out: &mut Out) {
         let seq = self.next_seq(out);
         let epoch = self.current.epoch();
         let Some(m) = self.member(member) else { return };
@@ -2270,25 +2517,38 @@ impl ControllerMachine {
             return;
         };
         let bytes = wire::mac(wire::resync(epoch, seq, member), chain);
-        out.push(ControllerAction::SendTo {
-            to: m.row.addr,
-            bytes,
-        });
+        out.push(ControllerAction::SendTo { to, bytes });
     }
 }
 
 impl Member {
     fn new(row: MemberPersist) -> Member {
         Member {
-            row,
             last_handshake: None,
             previous: None,
             progress: 0,
             attempts: 0,
-            replay: ReplayWindow::default(),
-            data_seen: ReplayWindow::default(),
+            replay: row
+                .seq_seen
+                .map_or_else(ReplayWindow::default, ReplayWindow::above),
+            row,
+            last_from: None,
+            tokens: u32::MAX,
+            tokens_at: Time(0),
             seals: 0,
             opens: 0,
         }
     }
+}
+
+/// Triggers that what nodes send can set off (usage counts, data from an
+/// unknown sender): their rounds are spaced by `node_trigger_min_interval_ms`.
+fn node_caused(r: &TriggerReason) -> bool {
+    matches!(
+        r,
+        TriggerReason::Encryptions { .. }
+            | TriggerReason::Decryptions { .. }
+            | TriggerReason::Total { .. }
+            | TriggerReason::UnknownSender { .. }
+    )
 }

@@ -29,11 +29,11 @@ pub use controller::{
     CommandError, ControllerAction, ControllerConfig, ControllerCore, ControllerInput,
     ControllerMachine, ControllerPersist, ControllerTimer, MemberPersist, MemberRatchet,
     MemberStatus, PhaseTimes, Record, RestoreError, ResumeCause, RoundPersist, TriggerOutcome, Via,
-    HANDSHAKE_INTERVAL_MS, REJOIN_WINDOW_MS,
+    HANDSHAKE_INTERVAL_MS, REJOIN_WINDOW_MS, TERM,
 };
 pub use node::{
-    Delivered, NodeAction, NodeConfig, NodeEvent, NodeInput, NodeMachine, NodePersist, NodeRatchet,
-    NodeState, NodeTimer,
+    BeaconStats, Delivered, NodeAction, NodeConfig, NodeEvent, NodeInput, NodeMachine, NodePersist,
+    NodeRatchet, NodeState, NodeTimer, DUPLICATE_ANSWER_INTERVAL_MS, VERIFY_BURST, VERIFY_EVERY_MS,
 };
 pub use triggers::{TriggerConfig, TriggerReason};
 
@@ -63,6 +63,35 @@ impl Time {
     pub fn since(self, earlier: Time) -> u64 {
         self.0.saturating_sub(earlier.0)
     }
+}
+
+/// A token bucket kept as two plain fields (`tokens`, and `at`: when the
+/// last whole token was earned): refills one token per `every` ms up to
+/// `burst`, then takes one if any is left. The machines' rate limits (key
+/// requests per member, signature checks, beacon checks) all use it.
+pub(crate) fn take_token(
+    tokens: &mut u32,
+    at: &mut Time,
+    now: Time,
+    burst: u32,
+    every: u64,
+) -> bool {
+    let earned = now.since(*at) / every;
+    if earned > 0 {
+        let total = u64::from(*tokens).saturating_add(earned);
+        if total >= u64::from(burst) {
+            *tokens = burst;
+            *at = now;
+        } else {
+            *tokens = total as u32;
+            *at = at.plus(earned * every);
+        }
+    }
+    if *tokens == 0 {
+        return false;
+    }
+    *tokens -= 1;
+    true
 }
 
 impl fmt::Display for Time {
@@ -140,8 +169,28 @@ pub enum Refusal {
     Pinned { node_id: String },
     #[error("{what} from member {member} was sent under a chain the node has since left (it arrived late); ignored")]
     Late { what: &'static str, member: u32 },
-    #[error("{what} from member {member} came too soon after the last one; ignored")]
+    #[error("data from member {sender} under epoch {epoch}: {max} senders already tracked in that epoch, no more until its key is retired")]
+    TooManySenders {
+        sender: u32,
+        epoch: Epoch,
+        max: usize,
+    },
+    #[error("{what} from member {member} exceeds that member's rate limit; not answered")]
     RateLimited { what: &'static str, member: u32 },
+    #[error("data claims member {sender} from {from} and opens only under the retired key of epoch {epoch}: a node left behind (stale or removed) or someone holding that old key")]
+    RetiredKey {
+        sender: u32,
+        epoch: Epoch,
+        from: String,
+    },
+    #[error("{what} not checked: this node already spent its signature checks for now (someone may be flooding forged requests; the controller retries)")]
+    VerifyBudget { what: &'static str },
+    #[error("{what} (sequence number {seq}) repeats a request already answered within the last {interval_ms} ms; not answered again")]
+    DuplicateRequest {
+        what: &'static str,
+        seq: u64,
+        interval_ms: u64,
+    },
 }
 
 impl Refusal {
@@ -170,7 +219,11 @@ impl Refusal {
             Refusal::ForgedData { .. } => "forged_data",
             Refusal::Pinned { .. } => "pinned",
             Refusal::Late { .. } => "late",
+            Refusal::TooManySenders { .. } => "too_many_senders",
             Refusal::RateLimited { .. } => "rate_limited",
+            Refusal::DuplicateRequest { .. } => "duplicate_request",
+            Refusal::VerifyBudget { .. } => "verify_budget",
+            Refusal::RetiredKey { .. } => "retired_key",
         }
     }
 }

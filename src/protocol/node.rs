@@ -25,6 +25,14 @@
 //!   missed the key, so it refuses (`MissingKey`) and asks for the current key;
 //! - anything further ahead → `EpochGap`: it asks for the current key.
 //!
+//! Signatures are checked last (SECURITY.md §2a): a request that could not
+//! move the node (older epoch or step), a duplicate of the step already taken
+//! within [`DUPLICATE_ANSWER_INTERVAL_MS`] of the last answer, a gap while the
+//! node already asks for the key, and a datagram whose signature failed
+//! recently are refused without one; the rest spend a budget
+//! ([`VERIFY_BURST`], [`VERIFY_EVERY_MS`]). Group data is checked against a
+//! replay window per (epoch, sender) ([`DataReplay`]), dropped with the key.
+//!
 //! A *resync request* (MAC'd by the controller with the node's key, sent when
 //! a stale node reports usage or replies out of step) makes it ask too.
 //!
@@ -34,6 +42,24 @@
 //! answers: a key update entry for the epoch after its own, or a key
 //! response. It announces its share in every reply and key request, and MACs
 //! its messages under its chain. A duplicate request takes no step.
+//!
+//! **Beacons.** The controller's signed beacon (every second by default) tells
+//! where the fleet is. A node that finds itself behind it by more than the one
+//! step a round's retries cover ([`behind_beacon`]: an epoch it does not hold,
+//! a round it is not taking part in, a round that went on or ended without it)
+//! sends its key request at once and holds its data until answered. One that
+//! hears a beacon after `beacon_silence_ms` without any asks too, without
+//! holding (a replayed beacon must not silence a node while the controller is
+//! away), at a random moment within that period and at most once a minute
+//! (a controller back from an outage is not met by the whole fleet at once). Beacons are cheap: a byte-identical copy of the last verified one is
+//! recognised by its digest; one that would change nothing is not verified at
+//! all; one ordered below the last verified `(term, seq)` is a replay; and at
+//! most [`BEACON_VERIFY_BURST`] signature checks, refilled one per
+//! [`BEACON_VERIFY_REFILL_MS`], go to beacons that need one.
+//!
+//! A link that goes down or up (the agent watches rtnetlink) is fed as
+//! [`NodeInput::LinkDown`] / [`NodeInput::LinkUp`]: either way the node holds
+//! its data and asks for the current key.
 //!
 //! The controller's answer to a key request (or a handshake) puts the node in the
 //! state of the round as the controller sees it, but never behind its position.
@@ -45,21 +71,59 @@
 //! does not become undecryptable for it.
 
 use super::{backoff, Refusal, Time};
-use crate::crypto::ratchet::Initiator;
+use crate::crypto::ratchet::{Initiator, HANDSHAKE_INIT_LEN};
 use crate::crypto::{
     digest16, verify, Chain, Epoch, GroupKey, InitialKey, KeyPhase, Keyring, NodeKeys, OpenError,
     Share, ShareSecret,
 };
-use crate::wire::{self, Message, NodeId, ReplayWindow, RoundPhase, Seen, Signed, Step};
+use crate::wire::{
+    self, DataReplay, DataSeen, Message, NodeId, ReplayWindow, RoundPhase, Seen, Signed, Step,
+};
 use core::net::SocketAddr;
 use ed25519_dalek::VerifyingKey;
+use rand::SeedableRng;
 use rand::{CryptoRng, RngCore};
+use rand_chacha::ChaCha20Rng;
 use serde::{Deserialize, Serialize};
+use std::collections::VecDeque;
 use thiserror::Error;
 
 /// Sequence numbers are reserved in blocks so that a restart never reuses one
 /// without persisting on every message.
 const SEQ_BLOCK: u64 = 1024;
+
+/// A request for the step a node has already taken (a retransmission, or a
+/// replayed copy) is answered at most once in this many ms: a flood of copies
+/// costs the fleet a few replies, not one per copy (and no state write).
+pub const DUPLICATE_ANSWER_INTERVAL_MS: u64 = 100;
+
+/// Signature checks a node spends on unsolicited controller requests: a
+/// burst of this many…
+pub const VERIFY_BURST: u32 = 64;
+/// …then one per this many ms (200 a second, about 1 % of a core): a flood of
+/// forged requests that pass every cheap check is refused unchecked beyond
+/// that (`verify_budget`); the controller's retries, and the key request
+/// (whose solicited answer is always checked), get a node through it.
+pub const VERIFY_EVERY_MS: u64 = 5;
+
+/// Data kept while syncing may name an epoch at most this far ahead.
+const AHEAD_EPOCHS: u32 = 16;
+
+/// Digests of datagrams whose controller signature failed, remembered so that
+/// the same forged datagram again costs a hash, not a signature check.
+const FAILED_SIGNATURES_KEPT: usize = 64;
+/// Digests of datagrams whose signature verified (retransmissions skip the check).
+const VERIFIED_KEPT: usize = 8;
+
+/// A node asks after a silence at most this often (ms), so that a controller
+/// that comes back, or one slowed by load, is not met by every node at once.
+pub const SILENCE_NUDGE_MIN_GAP_MS: u64 = 60_000;
+
+/// Beacon signature checks a node may spend at once…
+pub const BEACON_VERIFY_BURST: u32 = 8;
+/// …and one more each this many ms (10 a second): a flood of forged beacons
+/// costs a node at most that many Ed25519 checks.
+pub const BEACON_VERIFY_REFILL_MS: u64 = 100;
 
 /// Node settings. Defaults are documented on each field.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -75,11 +139,20 @@ pub struct NodeConfig {
     pub usage_interval_ms: Option<u64>,
     /// Application messages held while (re)joining (default 64); more are dropped.
     pub max_queued: usize,
-    /// Senders whose data sequence numbers are remembered to drop replays (default 64).
+    /// Senders whose data sequence numbers are remembered per epoch to drop
+    /// replays (default 16384; 16 bytes each, forgotten with the epoch's key).
+    /// Data from further senders in an epoch is refused (`too_many_senders`)
+    /// until the next key: no window is ever evicted, so no replay becomes fresh.
     pub data_replay_senders: usize,
     /// Put the epoch in the data header (default true); without it receivers
     /// try their keys in turn (claims 14–16).
     pub epoch_hint: bool,
+    /// A beacon heard after this many ms without one makes the node ask for
+    /// the current key (default 10000, ten beacon intervals: at 30 % loss
+    /// three missed beacons in a row happen to one node in forty every three
+    /// seconds, and a 2,000-node simulation at 30 % loss then never settled;
+    /// ten in a row happen once in 170,000); 0 = never.
+    pub beacon_silence_ms: u64,
 }
 
 impl Default for NodeConfig {
@@ -90,8 +163,9 @@ impl Default for NodeConfig {
             sync_retry_max_ms: 8000,
             usage_interval_ms: Some(60_000),
             max_queued: 64,
-            data_replay_senders: 64,
+            data_replay_senders: 16_384,
             epoch_hint: true,
+            beacon_silence_ms: 10_000,
         }
     }
 }
@@ -117,6 +191,54 @@ pub enum NodeInput<'a> {
     /// The node went from unable to able to communicate (link up, controller
     /// reachable again, process (re)started): ask for the current key (SPEC §5).
     LinkUp,
+    /// A link the node uses went down (or lost its address): hold outgoing
+    /// data (it could not go out) and ask for the current key; the request may
+    /// not get out, and [`NodeInput::LinkUp`] asks again at once.
+    LinkDown,
+}
+
+/// What a node did with the beacons it received (counts since start).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BeaconStats {
+    pub received: u64,
+    /// Byte-identical to the last verified beacon: accepted on its digest.
+    pub digest_hits: u64,
+    /// Would change nothing for this node: not verified.
+    pub skipped: u64,
+    /// Signatures checked and found good.
+    pub verified: u64,
+    /// Signatures checked and found bad, or bytes that cannot be the
+    /// controller's (another beacon under an accepted sequence number).
+    pub forged: u64,
+    /// Ordered below the last verified beacon: a replay.
+    pub replays: u64,
+    /// Needed a signature check when none was left in the budget: ignored.
+    pub over_budget: u64,
+    /// Key requests the beacons started.
+    pub syncs: u64,
+}
+
+/// Whether a node at `pos` is behind what a beacon says by more than the one
+/// step a round's own retries cover, so that it must ask for the current key.
+///
+/// | beacon | the node must be at least at |
+/// |---|---|
+/// | epoch `c`, no round | `(c, 3)`: `UpdateCompleted(c)` |
+/// | round `r` distributing | `(c, 3)` (the key update is retried to it) |
+/// | round `r` first transition, draining | `(r, 1)`: holds the new key |
+/// | round `r` second transition | `(r, 2)`: seals with the new key |
+pub fn behind_beacon(
+    pos: Option<(Epoch, u8)>,
+    epoch: Epoch,
+    round: Option<(Epoch, RoundPhase)>,
+) -> bool {
+    let Some(pos) = pos else { return false };
+    let least = match round {
+        None | Some((_, RoundPhase::Distributing)) => (epoch, 3),
+        Some((r, RoundPhase::FirstTransition | RoundPhase::Draining)) => (r, 1),
+        Some((r, RoundPhase::SecondTransition)) => (r, 2),
+    };
+    pos < least
 }
 
 /// A decrypted group message for the application.
@@ -147,6 +269,17 @@ pub enum NodeEvent {
     },
     /// Application data dropped because the hold queue was full.
     QueueFull,
+    /// Authentic data whose sequence number jumps far past the sender's
+    /// highest in the epoch: someone holding the group key may be trying to
+    /// silence that member (it is delivered; the window moved; the next
+    /// epoch starts afresh).
+    SeqJump {
+        from: SocketAddr,
+        sender: u32,
+        epoch: Epoch,
+        last: u64,
+        seq: u64,
+    },
 }
 
 /// What a node asks its shell to do, in order.
@@ -261,7 +394,7 @@ struct Joined {
     controller: VerifyingKey,
 }
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, Hash)]
 struct Sync {
     /// Answers must reply to a request with at least this sequence number.
     since: u64,
@@ -271,7 +404,57 @@ struct Sync {
     hold: bool,
 }
 
+/// Sends of one handshake init before the node starts a fresh one.
+pub const HANDSHAKE_SENDS: u32 = 8;
+
+/// The enrollment handshake in flight (memory only: a restarted node starts a
+/// new one). Every retry resends the same bytes; the seed rebuilds the Noise
+/// initiator (its ephemeral key) when the answer comes, so nothing but a seed
+/// and the datagram is kept.
+#[derive(Clone)]
+struct Handshake {
+    seq: u64,
+    seed: zeroize::Zeroizing<[u8; 32]>,
+    bytes: Vec<u8>,
+    sent: u32,
+}
+
+impl Handshake {
+    fn start(
+        keys: &NodeKeys,
+        node_id: &NodeId,
+        seq: u64,
+        rng: &mut (impl RngCore + CryptoRng),
+    ) -> Result<Handshake, crate::crypto::ratchet::HandshakeError> {
+        let mut seed = zeroize::Zeroizing::new([0u8; 32]);
+        rng.fill_bytes(seed.as_mut());
+        let mut bytes = wire::handshake_init_header(seq, node_id);
+        let (_, msg) = Initiator::start(keys, &bytes, &mut ChaCha20Rng::from_seed(*seed))?;
+        bytes.extend_from_slice(&msg);
+        Ok(Handshake {
+            seq,
+            seed,
+            bytes,
+            sent: 0,
+        })
+    }
+
+    /// The initiator that sent `bytes`, rebuilt from its seed.
+    fn initiator(
+        &self,
+        keys: &NodeKeys,
+    ) -> Result<Initiator, crate::crypto::ratchet::HandshakeError> {
+        let prologue = &self.bytes[..self.bytes.len() - HANDSHAKE_INIT_LEN];
+        Initiator::start(keys, prologue, &mut ChaCha20Rng::from_seed(*self.seed))
+            .map(|(ini, _)| ini)
+    }
+}
+
 /// The node agent's protocol state. See the module docs for its rules.
+///
+/// `Clone` and `Hash` (in `node/state_hash.rs`) let a model checker keep
+/// machine states and tell them apart (tests/model_check.rs).
+#[derive(Clone)]
 pub struct NodeMachine {
     cfg: NodeConfig,
     node_id: NodeId,
@@ -281,21 +464,44 @@ pub struct NodeMachine {
     seq: u64,
     seq_reserved: u64,
     ctl_replay: ReplayWindow,
-    last_verified: [u8; 16],
     ratchet: Option<NodeRatchet>,
-    /// The enrollment handshake in flight: the init's sequence number and state.
-    handshake: Option<(u64, Initiator)>,
+    /// The enrollment handshake in flight (memory only).
+    handshake: Option<Handshake>,
+    /// Digests of recently verified controller messages (retransmissions).
+    verified: VecDeque<[u8; 16]>,
+    /// Digests of recent datagrams whose signature failed.
+    failed: VecDeque<[u8; 16]>,
+    /// When a request for a step already taken was last answered.
+    last_reanswer: Option<Time>,
+    /// When a request skipping ahead was last let through to a signature check.
+    last_gap: Option<Time>,
+    /// Signature budget: checks left and when they were counted.
+    verify_tokens: u32,
+    verify_at: Time,
+    signature_checks: u64,
     sync: Option<Sync>,
     queued: Vec<Vec<u8>>,
     /// Group data for an epoch ahead of this node's, received while it asks
     /// the controller for the current key: (sender address, datagram).
     ahead: Vec<(SocketAddr, Vec<u8>)>,
-    data_replay: Vec<(u32, ReplayWindow)>,
-    data_replay_next: usize,
+    data_replay: DataReplay,
     usage_due: Option<Time>,
+    /// `(term, seq)` of the last verified beacon, and the digest of its bytes.
+    beacon_best: (u32, u64),
+    beacon_digest: [u8; 16],
+    /// When the last beacon (verified or not) arrived, for the silence rule.
+    beacon_arrival: Option<Time>,
+    /// Signature checks left for beacons, and when the next one is added.
+    beacon_tokens: u32,
+    beacon_refill: Time,
+    beacon_stats: BeaconStats,
+    /// When a beacon after a silence last made the node ask.
+    last_nudge: Option<Time>,
 }
 
 type Out = Vec<NodeAction>;
+
+mod state_hash;
 
 impl NodeMachine {
     /// A freshly enrolled node that has not joined yet.
@@ -342,7 +548,6 @@ impl NodeMachine {
         seq: u64,
     ) -> NodeMachine {
         NodeMachine {
-            cfg,
             node_id,
             keys,
             joined,
@@ -350,16 +555,34 @@ impl NodeMachine {
             seq,
             seq_reserved: seq,
             ctl_replay: ReplayWindow::default(),
-            last_verified: [0; 16],
             ratchet: None,
             handshake: None,
+            verified: VecDeque::new(),
+            failed: VecDeque::new(),
+            last_reanswer: None,
+            last_gap: None,
+            verify_tokens: VERIFY_BURST,
+            verify_at: Time(0),
+            signature_checks: 0,
             sync: None,
             queued: Vec::new(),
             ahead: Vec::new(),
-            data_replay: Vec::new(),
-            data_replay_next: 0,
+            data_replay: DataReplay::new(cfg.data_replay_senders),
             usage_due: None,
+            beacon_best: (0, 0),
+            beacon_digest: [0; 16],
+            beacon_arrival: None,
+            beacon_tokens: BEACON_VERIFY_BURST,
+            beacon_refill: Time(0),
+            beacon_stats: BeaconStats::default(),
+            last_nudge: None,
+            cfg,
         }
+    }
+
+    /// What this node did with the beacons it received.
+    pub fn beacon_stats(&self) -> BeaconStats {
+        self.beacon_stats
     }
 
     /// The snapshot a `Persist` action carries.
@@ -445,7 +668,7 @@ impl NodeMachine {
             + self.queued.iter().map(Vec::capacity).sum::<usize>()
             + self.ahead.capacity() * std::mem::size_of::<(SocketAddr, Vec<u8>)>()
             + self.ahead.iter().map(|(_, b)| b.capacity()).sum::<usize>()
-            + self.data_replay.capacity() * std::mem::size_of::<(u32, ReplayWindow)>()
+            + self.data_replay.heap_bytes()
             + self.keyring.as_ref().map_or(0, Keyring::heap_bytes)
     }
 
@@ -458,7 +681,16 @@ impl NodeMachine {
         out: &mut Out,
     ) {
         match input {
-            NodeInput::LinkUp => self.start_sync(now, rng, out, true, true),
+            NodeInput::LinkUp | NodeInput::LinkDown => {
+                if self.joined.is_none() && self.seq == 0 {
+                    // A node with no stored state (new, or its state was lost)
+                    // numbers its messages from the clock: above anything a
+                    // previous life of it used, which the controller remembers.
+                    self.seq = now.0.saturating_mul(1 << 16);
+                    self.seq_reserved = self.seq;
+                }
+                self.start_sync(now, rng, out, true, true)
+            }
             NodeInput::Timer(NodeTimer::Sync) => {
                 if self.sync.is_some_and(|s| now >= s.due) {
                     self.send_sync_request(now, rng, out);
@@ -481,37 +713,72 @@ impl NodeMachine {
                     self.seal_and_send(plaintext, rng, out);
                 }
             }
-            NodeInput::Datagram { from, bytes } => match self.on_datagram(now, bytes, rng, out) {
-                Ok(()) => {}
-                Err(reason) if self.keep_until_synced(&reason) => {
-                    self.ahead.push((from, bytes.to_vec()));
+            NodeInput::Datagram { from, bytes } => {
+                match self.on_datagram(now, from, bytes, rng, out) {
+                    Ok(()) => {}
+                    Err(reason) if self.keep_until_synced(&reason) && self.keep(from, bytes) => {}
+                    Err(reason) => out.push(NodeAction::Event(NodeEvent::Refused { from, reason })),
                 }
-                Err(reason) => out.push(NodeAction::Event(NodeEvent::Refused { from, reason })),
-            },
+            }
         }
     }
 
-    /// Data sealed under an epoch ahead of this node's, while it waits for the
-    /// controller's answer (which brings that key): kept, up to `max_queued`.
-    /// Outside a sync nothing is kept (a forged epoch hint costs nothing).
+    /// Data sealed under an epoch ahead of this node's (at most
+    /// [`AHEAD_EPOCHS`] ahead), while it waits for the controller's answer
+    /// (which brings that key): kept, up to `max_queued`. Data without an
+    /// epoch hint that no held key opens is kept too (it may be sealed under
+    /// that newer key; trial decryption cannot tell). Outside a sync nothing
+    /// is kept (a forged epoch hint costs nothing).
     fn keep_until_synced(&self, reason: &Refusal) -> bool {
-        let Refusal::Undecryptable {
-            reason: OpenError::NoKey(e),
-            ..
-        } = reason
+        let Refusal::Undecryptable { reason, .. } = reason else {
+            return false;
+        };
+        let newer = match reason {
+            OpenError::NoKey(e) => self
+                .position()
+                .is_some_and(|(have, _)| *e > have && e.0 - have.0 <= AHEAD_EPOCHS),
+            OpenError::Failed { .. } => true,
+        };
+        newer && self.sync.is_some() && self.cfg.max_queued > 0
+    }
+
+    /// Keeps one datagram for [`Self::open_kept`]. Nothing authenticates it
+    /// yet, so the queue is shared fairly between source addresses: when it
+    /// is full, the new datagram replaces the oldest one of the address that
+    /// holds the most (or is dropped if its own address holds the most), so
+    /// a flood from one host cannot push out what the fleet's other nodes sent.
+    fn keep(&mut self, from: SocketAddr, bytes: &[u8]) -> bool {
+        if self.ahead.len() < self.cfg.max_queued {
+            self.ahead.push((from, bytes.to_vec()));
+            return true;
+        }
+        let count = |ip| self.ahead.iter().filter(|(f, _)| f.ip() == ip).count();
+        let Some((top_ip, top)) = self
+            .ahead
+            .iter()
+            .map(|(f, _)| (f.ip(), count(f.ip())))
+            .max_by_key(|(_, n)| *n)
         else {
             return false;
         };
-        self.sync.is_some()
-            && self.position().is_some_and(|(have, _)| *e > have)
-            && self.ahead.len() < self.cfg.max_queued
+        if count(from.ip()) + 1 >= top {
+            return false;
+        }
+        match self.ahead.iter().position(|(f, _)| f.ip() == top_ip) {
+            Some(i) => {
+                self.ahead.remove(i);
+                self.ahead.push((from, bytes.to_vec()));
+                true
+            }
+            None => false,
+        }
     }
 
     /// Opens the data kept by [`Self::keep_until_synced`] with the keys now held.
     fn open_kept(&mut self, out: &mut Out) {
         for (from, bytes) in std::mem::take(&mut self.ahead) {
             let r = match wire::decode(&bytes) {
-                Ok(Message::Data(d)) => self.on_data(d, out),
+                Ok(Message::Data(d)) => self.on_data(from, d, out),
                 _ => continue,
             };
             if let Err(reason) = r {
@@ -577,27 +844,44 @@ impl NodeMachine {
         rng: &mut (impl RngCore + CryptoRng),
         out: &mut Out,
     ) {
-        let seq = self.next_seq(out);
         match (&self.joined, &self.keyring, &self.ratchet) {
             (Some(j), Some(_), Some(r)) => {
+                let (member, share) = (j.member, r.share());
+                let seq = self.next_seq(out);
                 let (epoch, progress) = self.position().unwrap_or_default();
                 let step = Step::from_progress(progress).unwrap_or(Step::SecondTransition);
-                let body = wire::key_request(epoch, step, seq, j.member, &r.share());
+                let body = wire::key_request(epoch, step, seq, member, &share);
                 self.send_controller(body, out);
             }
-            // Not joined yet, or joined under wire revision 1: the enrollment handshake.
+            // Not joined yet, or joined under wire revision 1: the enrollment
+            // handshake. A retry resends the same init (the controller answers
+            // it from its cache, without a new key agreement); after
+            // `HANDSHAKE_SENDS` sends of one init a fresh one goes (in case the
+            // controller lost its answer, e.g. restored from an older backup).
             _ => {
-                let mut bytes = wire::handshake_init_header(seq, &self.node_id);
-                match Initiator::start(&self.keys, &bytes, rng) {
-                    Ok((ini, msg)) => {
-                        bytes.extend_from_slice(&msg);
-                        self.handshake = Some((seq, ini));
-                        out.push(NodeAction::SendTo {
-                            to: self.cfg.controller,
-                            bytes,
-                        });
+                if !self
+                    .handshake
+                    .as_ref()
+                    .is_some_and(|h| h.sent < HANDSHAKE_SENDS)
+                {
+                    let seq = self.next_seq(out);
+                    match Handshake::start(&self.keys, &self.node_id, seq, rng) {
+                        Ok(h) => self.handshake = Some(h),
+                        Err(e) => {
+                            tracing::error!(error = %e, "cannot start the enrollment handshake")
+                        }
                     }
-                    Err(e) => tracing::error!(error = %e, "cannot start the enrollment handshake"),
+                }
+                if let Some(h) = &mut self.handshake {
+                    h.sent += 1;
+                    // The answer replies to this init, whenever it was first sent.
+                    if let Some(s) = &mut self.sync {
+                        s.since = s.since.min(h.seq);
+                    }
+                    out.push(NodeAction::SendTo {
+                        to: self.cfg.controller,
+                        bytes: h.bytes.clone(),
+                    });
                 }
             }
         }
@@ -658,39 +942,145 @@ impl NodeMachine {
         });
     }
 
-    /// Check a controller signature, with the replay window. A byte-identical
-    /// copy of the last verified message (a retransmission) skips the signature check.
+    /// Signature checks done so far (each costs about 50 µs of CPU): what a
+    /// flood of forged requests can make a node spend.
+    pub fn signature_checks(&self) -> u64 {
+        self.signature_checks
+    }
+
+    /// Check a controller signature, with the replay window. Run only after
+    /// [`Self::precheck`]. A byte-identical copy of a recently verified message
+    /// (a retransmission) skips the signature check; another message under a
+    /// sequence number already used is a replay; a datagram whose signature
+    /// failed recently fails again for the price of a hash.
+    #[allow(clippy::too_many_arguments)]
     fn authenticate(
         &mut self,
+        now: Time,
+        budgeted: bool,
         seq: u64,
         auth: &Signed<'_>,
         bytes: &[u8],
         what: &'static str,
     ) -> Result<(), Refusal> {
-        let Some(j) = &self.joined else {
+        if self.joined.is_none() {
             return Err(Refusal::NotJoined { what });
-        };
+        }
+        let digest = digest16(bytes);
         match self.ctl_replay.check(seq) {
             Seen::Fresh => {
+                if self.failed.contains(&digest) {
+                    return Err(Refusal::BadSignature { what });
+                }
+                if budgeted {
+                    self.spend_verify(now, what)?;
+                }
+                let Some(j) = &self.joined else {
+                    return Err(Refusal::NotJoined { what });
+                };
+                self.signature_checks += 1;
                 if !verify(&j.controller, auth.body, &auth.signature) {
+                    if self.failed.len() >= FAILED_SIGNATURES_KEPT {
+                        self.failed.pop_front();
+                    }
+                    self.failed.push_back(digest);
                     return Err(Refusal::BadSignature { what });
                 }
                 self.ctl_replay.mark(seq);
-                self.last_verified = digest16(bytes);
+                if self.verified.len() >= VERIFIED_KEPT {
+                    self.verified.pop_front();
+                }
+                self.verified.push_back(digest);
                 Ok(())
             }
             // A retransmission of a message already accepted: handled again
-            // (idempotently), so that a lost reply gets sent once more.
-            Seen::Again if digest16(bytes) == self.last_verified => Ok(()),
-            Seen::Again if verify(&j.controller, auth.body, &auth.signature) => Ok(()),
-            Seen::Again => Err(Refusal::BadSignature { what }),
-            Seen::TooOld => Err(Refusal::Replay { what, seq }),
+            // (idempotently, rate-limited by `precheck`), so that a lost reply
+            // gets sent once more.
+            Seen::Again if self.verified.contains(&digest) => Ok(()),
+            // The controller never signs two messages under one number.
+            Seen::Again | Seen::TooOld => Err(Refusal::Replay { what, seq }),
         }
+    }
+
+    /// The checks that cost nothing, before any signature: a request for step
+    /// `m` of epoch `e` that could not move this node (older epoch, older
+    /// step), a request for the step it already took that was answered less
+    /// than [`DUPLICATE_ANSWER_INTERVAL_MS`] ago, and one that skips ahead
+    /// while the node already asks the controller for the current key, are
+    /// refused here. Only a request that would move the node, or the first
+    /// duplicate in an interval, or a gap that starts a key request, costs a
+    /// signature check.
+    fn precheck(
+        &mut self,
+        now: Time,
+        e: Epoch,
+        m: Step,
+        what: &'static str,
+    ) -> Result<(), Refusal> {
+        let Some((pe, pq)) = self.position() else {
+            return Err(Refusal::NotJoined { what });
+        };
+        let q = m.progress();
+        if e < pe {
+            return Err(Refusal::StaleEpoch {
+                what,
+                got: e,
+                have: pe,
+            });
+        }
+        if e == pe && q < pq {
+            return Err(Refusal::Outdated { what, epoch: e });
+        }
+        let within = |t: Option<Time>| {
+            t.is_some_and(|t| now >= t && now < t.plus(DUPLICATE_ANSWER_INTERVAL_MS))
+        };
+        if e == pe && q == pq {
+            // One duplicate per interval is checked (and answered if genuine);
+            // the slot is taken whether or not its signature holds.
+            if within(self.last_reanswer) {
+                return Err(Refusal::DuplicateRequest {
+                    what,
+                    seq: 0,
+                    interval_ms: DUPLICATE_ANSWER_INTERVAL_MS,
+                });
+            }
+            self.last_reanswer = Some(now);
+        }
+        let installs = e == pe.next() && pq == 3 && m == Step::KeyUpdate;
+        if e > pe && !installs {
+            // Already asking the controller, or asked to check a gap in this
+            // interval: nothing a verified copy would add.
+            if self.sync.is_some() || within(self.last_gap) {
+                return Err(Refusal::EpochGap {
+                    what,
+                    got: e,
+                    have: pe,
+                });
+            }
+            self.last_gap = Some(now);
+        }
+        Ok(())
+    }
+
+    /// Takes one signature check from the budget ([`VERIFY_BURST`],
+    /// [`VERIFY_EVERY_MS`]), or refuses.
+    fn spend_verify(&mut self, now: Time, what: &'static str) -> Result<(), Refusal> {
+        if !super::take_token(
+            &mut self.verify_tokens,
+            &mut self.verify_at,
+            now,
+            VERIFY_BURST,
+            VERIFY_EVERY_MS,
+        ) {
+            return Err(Refusal::VerifyBudget { what });
+        }
+        Ok(())
     }
 
     fn on_datagram(
         &mut self,
         now: Time,
+        from: SocketAddr,
         bytes: &[u8],
         rng: &mut (impl RngCore + CryptoRng),
         out: &mut Out,
@@ -698,14 +1088,16 @@ impl NodeMachine {
         let msg = wire::decode(bytes).map_err(Refusal::Malformed)?;
         let what = msg.name();
         match msg {
-            Message::Data(d) => self.on_data(d, out),
+            Message::Data(d) => self.on_data(from, d, out),
             Message::KeyUpdate(ku) => {
                 let member = self.member().ok_or(Refusal::NotJoined { what })?;
                 // Most batches hold other nodes' entries: skip them before any crypto.
                 let Some(wrapped) = ku.entry_for(member) else {
                     return Ok(());
                 };
-                self.authenticate(ku.seq, &ku.auth, bytes, what)?;
+                self.precheck(now, ku.epoch, Step::KeyUpdate, what)
+                    .map_err(|r| with_seq(r, ku.seq))?;
+                self.authenticate(now, true, ku.seq, &ku.auth, bytes, what)?;
                 // Only a key the node does not hold yet takes a ratchet step; a
                 // duplicate, stale or gapped request goes the usual way (answered
                 // again, refused, or a key request).
@@ -738,13 +1130,16 @@ impl NodeMachine {
                 r
             }
             Message::Transition(t) => {
-                self.authenticate(t.seq, &t.auth, bytes, what)?;
+                self.precheck(now, t.epoch, t.step, what)
+                    .map_err(|r| with_seq(r, t.seq))?;
+                self.authenticate(now, true, t.seq, &t.auth, bytes, what)?;
                 self.on_step(now, t.epoch, t.step, None, rng, out)
             }
             Message::KeyResponse(r) => {
                 let member = self.addressed_to_me(r.member, what)?;
-                self.authenticate(r.seq, &r.auth, bytes, what)?;
+                // Only an answer to a request outstanding is worth a signature check.
                 self.solicited(what, r.in_reply_to)?;
+                self.authenticate(now, false, r.seq, &r.auth, bytes, what)?;
                 // The key state is wrapped under a ratchet step of its own.
                 let step = self
                     .ratchet
@@ -778,27 +1173,25 @@ impl NodeMachine {
                 res
             }
             Message::HandshakeAnswer(a) => {
-                match &self.handshake {
-                    Some((seq, _)) if *seq == a.in_reply_to => {}
-                    _ => {
-                        return Err(Refusal::Unsolicited {
-                            what,
-                            in_reply_to: a.in_reply_to,
-                        })
-                    }
-                }
-                self.solicited(what, a.in_reply_to)?;
-                let Some((_, ini)) = self.handshake.take() else {
+                let Some(h) = self.handshake.as_ref().filter(|h| h.seq == a.in_reply_to) else {
                     return Err(Refusal::Unsolicited {
                         what,
                         in_reply_to: a.in_reply_to,
                     });
                 };
+                self.solicited(what, a.in_reply_to)?;
+                // Two X25519 operations (rebuilding the initiator, then `ee`): from
+                // the same budget as signature checks. A forged answer leaves the
+                // handshake in flight, so the genuine one still opens.
+                let ini = h.initiator(&self.keys);
+                self.spend_verify(now, what)?;
                 let member_hint = self.member().unwrap_or_default();
-                let (payload, fin) = ini.finish(a.noise).map_err(|_| Refusal::BadMac {
-                    what,
-                    member: member_hint,
-                })?;
+                let (payload, fin) =
+                    ini.and_then(|ini| ini.finish(a.noise))
+                        .map_err(|_| Refusal::BadMac {
+                            what,
+                            member: member_hint,
+                        })?;
                 let p = wire::decode_answer_payload(&payload).map_err(Refusal::Malformed)?;
                 if let Some(j) = &self.joined {
                     if j.member != p.member {
@@ -830,6 +1223,7 @@ impl NodeMachine {
                 match self.adopt(now, what, a.in_reply_to, p.current, p.round, rng, out) {
                     Ok(()) => {
                         self.ctl_replay.mark(p.seq);
+                        self.handshake = None;
                         Ok(())
                     }
                     Err(e) => {
@@ -839,6 +1233,7 @@ impl NodeMachine {
                     }
                 }
             }
+            Message::Beacon(b) => self.on_beacon(now, &b, bytes, rng, out),
             Message::Resync(x) => {
                 let member = self.addressed_to_me(x.member, what)?;
                 if !self
@@ -862,6 +1257,107 @@ impl NodeMachine {
         }
     }
 
+    /// A beacon: see the module docs. Only a beacon that could move this node
+    /// is verified, at most [`BEACON_VERIFY_BURST`] at once.
+    fn on_beacon(
+        &mut self,
+        now: Time,
+        b: &wire::Beacon<'_>,
+        bytes: &[u8],
+        rng: &mut (impl RngCore + CryptoRng),
+        out: &mut Out,
+    ) -> Result<(), Refusal> {
+        let what = "beacon";
+        self.beacon_stats.received += 1;
+        let Some(controller) = self.joined.as_ref().map(|j| j.controller) else {
+            return Ok(()); // not joined yet: the join (retried) brings the state
+        };
+        let silence = self.cfg.beacon_silence_ms;
+        let after_silence =
+            silence > 0 && self.beacon_arrival.is_some_and(|t| now.since(t) > silence);
+        self.beacon_arrival = Some(now);
+        let order = (b.term, b.seq);
+        if order < self.beacon_best {
+            self.beacon_stats.replays += 1;
+            return Err(Refusal::Replay { what, seq: b.seq });
+        }
+        let digest = digest16(bytes);
+        let known = order == self.beacon_best && digest == self.beacon_digest;
+        if order == self.beacon_best && !known {
+            // The controller never signs two beacons under one sequence number.
+            self.beacon_stats.forged += 1;
+            return Err(Refusal::BadSignature { what });
+        }
+        let behind = behind_beacon(self.position(), b.epoch, b.round);
+        if known {
+            self.beacon_stats.digest_hits += 1;
+        } else {
+            if !behind && !after_silence {
+                self.beacon_stats.skipped += 1;
+                return Ok(());
+            }
+            if !self.take_beacon_token(now) {
+                self.beacon_stats.over_budget += 1;
+                return Ok(());
+            }
+            if !verify(&controller, b.auth.body, &b.auth.signature) {
+                self.beacon_stats.forged += 1;
+                return Err(Refusal::BadSignature { what });
+            }
+            self.beacon_stats.verified += 1;
+            self.beacon_best = order;
+            self.beacon_digest = digest;
+        }
+        if behind {
+            if self.sync.is_none() {
+                self.beacon_stats.syncs += 1;
+            }
+            self.start_sync(now, rng, out, true, false);
+        } else if after_silence {
+            self.nudge(now, rng, out);
+        }
+        Ok(())
+    }
+
+    /// The controller is heard again after a silence, and the node is level
+    /// with it: ask (so that the controller counts it live), without holding,
+    /// at a random moment within one silence period and at most once every
+    /// [`SILENCE_NUDGE_MIN_GAP_MS`]: a controller back from an outage, or
+    /// slowed by load, is not met by the whole fleet at once.
+    fn nudge(&mut self, now: Time, rng: &mut impl RngCore, out: &mut Out) {
+        if self.sync.is_some()
+            || self
+                .last_nudge
+                .is_some_and(|t| now.since(t) < SILENCE_NUDGE_MIN_GAP_MS)
+        {
+            return;
+        }
+        self.last_nudge = Some(now);
+        self.beacon_stats.syncs += 1;
+        let due = now.plus(rng.next_u64() % self.cfg.beacon_silence_ms.max(1));
+        self.sync = Some(Sync {
+            since: self.seq + 1,
+            attempt: 0,
+            due,
+            hold: false,
+        });
+        out.push(NodeAction::ArmTimer {
+            timer: NodeTimer::Sync,
+            at: due,
+        });
+    }
+
+    /// One beacon signature check from the budget, if any is left.
+    fn take_beacon_token(&mut self, now: Time) -> bool {
+        super::take_token(
+            &mut self.beacon_tokens,
+            &mut self.beacon_refill,
+            now,
+            BEACON_VERIFY_BURST,
+            BEACON_VERIFY_REFILL_MS,
+        )
+    }
+
     /// This node's member number, if a message for `to` is for it.
     fn addressed_to_me(&self, to: u32, what: &'static str) -> Result<u32, Refusal> {
         let me = self.member().ok_or(Refusal::NotJoined { what })?;
@@ -872,20 +1368,40 @@ impl NodeMachine {
         }
     }
 
-    fn on_data(&mut self, d: wire::Data<'_>, out: &mut Out) -> Result<(), Refusal> {
+    /// Group data: opened with a held key, then checked against the replay
+    /// window of (the epoch that opened it, its sender). The rule is the
+    /// controller's too ([`DataReplay`]), so a message the nodes deliver is
+    /// one the controller takes for fresh.
+    fn on_data(
+        &mut self,
+        from: SocketAddr,
+        d: wire::Data<'_>,
+        out: &mut Out,
+    ) -> Result<(), Refusal> {
         let Some(ring) = &mut self.keyring else {
             return Err(Refusal::NotJoined { what: "data" });
         };
         if self.joined.as_ref().is_some_and(|j| j.member == d.sender) {
             return Ok(()); // our own message looped back by the network
         }
-        let slot = self.data_replay.iter().position(|(s, _)| *s == d.sender);
-        if let Some(i) = slot {
-            if self.data_replay[i].1.check(d.seq) != Seen::Fresh {
-                return Err(Refusal::DuplicateData {
-                    sender: d.sender,
-                    seq: d.seq,
-                });
+        // Windows of epochs whose key is gone go with the key.
+        self.data_replay.retain(|e| ring.holds(e));
+        let refused = |seen: DataSeen, epoch: Epoch| match seen {
+            DataSeen::Replay => Some(Refusal::DuplicateData {
+                sender: d.sender,
+                seq: d.seq,
+            }),
+            DataSeen::Full { max } => Some(Refusal::TooManySenders {
+                sender: d.sender,
+                epoch,
+                max,
+            }),
+            DataSeen::Fresh { .. } => None,
+        };
+        // With an epoch hint a replay is refused before any decryption.
+        if let Some(e) = d.epoch_hint.filter(|e| ring.holds(*e)) {
+            if let Some(r) = refused(self.data_replay.check(e, d.sender, d.seq), e) {
+                return Err(r);
             }
         }
         let opened = ring
@@ -894,20 +1410,19 @@ impl NodeMachine {
                 sender: d.sender,
                 reason,
             })?;
-        match slot {
-            Some(i) => self.data_replay[i].1.mark(d.seq),
-            None if self.cfg.data_replay_senders > 0 => {
-                let mut w = ReplayWindow::default();
-                w.mark(d.seq);
-                if self.data_replay.len() < self.cfg.data_replay_senders {
-                    self.data_replay.push((d.sender, w));
-                } else {
-                    let i = self.data_replay_next % self.data_replay.len();
-                    self.data_replay[i] = (d.sender, w);
-                    self.data_replay_next = i + 1;
-                }
-            }
-            None => {}
+        let seen = self.data_replay.check(opened.epoch, d.sender, d.seq);
+        if let Some(r) = refused(seen, opened.epoch) {
+            return Err(r);
+        }
+        self.data_replay.mark(opened.epoch, d.sender, d.seq);
+        if let DataSeen::Fresh { jump: Some(last) } = seen {
+            out.push(NodeAction::Event(NodeEvent::SeqJump {
+                from,
+                sender: d.sender,
+                epoch: opened.epoch,
+                last,
+                seq: d.seq,
+            }));
         }
         out.push(NodeAction::Deliver(Delivered {
             sender: d.sender,
@@ -973,6 +1488,7 @@ impl NodeMachine {
                         return Err(Refusal::KeyMismatch { epoch: e });
                     }
                 }
+                self.last_reanswer = Some(now);
                 self.ack(m, e, out);
                 return Ok(());
             }
@@ -1108,5 +1624,19 @@ impl NodeMachine {
         }
         self.send_sync_request(now, rng, out);
         Ok(())
+    }
+}
+
+/// A refusal from [`NodeMachine::precheck`] names the request's sequence number.
+fn with_seq(r: Refusal, seq: u64) -> Refusal {
+    match r {
+        Refusal::DuplicateRequest {
+            what, interval_ms, ..
+        } => Refusal::DuplicateRequest {
+            what,
+            seq,
+            interval_ms,
+        },
+        r => r,
     }
 }

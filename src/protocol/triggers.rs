@@ -88,7 +88,7 @@ impl TriggerConfig {
 }
 
 /// Why a rekey round started (or was queued).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(tag = "trigger", rename_all = "snake_case")]
 pub enum TriggerReason {
     /// The fleet's first key, made when the controller is initialised.

@@ -72,6 +72,7 @@ enum NodeTimerKey {
 enum ControllerTimerKey {
     Round,
     KeyAge,
+    Beacon,
 }
 
 /// What the invariant checks know about one node.
@@ -161,6 +162,8 @@ impl<T: Transport> Fleet<T> {
             group_attempts: 2,
             stale_after_ms: cfg.stale_after_ms,
             triggers: TriggerConfig::manual_only(),
+            beacon_interval_ms: 1000,
+            address: CONTROLLER_ADDR,
             ..ControllerConfig::default()
         };
         let mut plan = ChaCha8Rng::seed_from_u64(cfg.seed ^ 0x706c_616e);
@@ -227,8 +230,11 @@ impl<T: Transport> Fleet<T> {
             sync_retry_max_ms: 2000,
             usage_interval_ms: Some(10_000),
             max_queued: 16,
-            data_replay_senders: 4,
+            // Every member may send: replay windows are kept for each sender
+            // (never evicted), and a sender beyond the limit is refused.
+            data_replay_senders: self.cfg.agents as usize,
             epoch_hint: hint,
+            beacon_silence_ms: NodeConfig::default().beacon_silence_ms,
         }
     }
 
@@ -407,6 +413,7 @@ impl<T: Transport> Fleet<T> {
                     let t = match k {
                         ControllerTimerKey::Round => ControllerTimer::Round,
                         ControllerTimerKey::KeyAge => ControllerTimer::KeyAge,
+                        ControllerTimerKey::Beacon => ControllerTimer::Beacon,
                     };
                     self.controller_input(ControllerInput::Timer(t));
                 }
@@ -704,7 +711,11 @@ impl<T: Transport> Fleet<T> {
                 NodeAction::Event(NodeEvent::QueueFull) => {
                     self.report.data_dropped_while_joining += 1
                 }
-                NodeAction::Event(NodeEvent::StateChanged { .. } | NodeEvent::Synced { .. }) => {}
+                NodeAction::Event(
+                    NodeEvent::StateChanged { .. }
+                    | NodeEvent::Synced { .. }
+                    | NodeEvent::SeqJump { .. },
+                ) => {}
             }
         }
         self.node_out = out;
@@ -728,6 +739,7 @@ impl<T: Transport> Fleet<T> {
                     let k = match timer {
                         ControllerTimer::Round => ControllerTimerKey::Round,
                         ControllerTimer::KeyAge => ControllerTimerKey::KeyAge,
+                        ControllerTimer::Beacon => ControllerTimerKey::Beacon,
                     };
                     self.schedule(at, Event::Controller(k, self.ctl_gen));
                 }

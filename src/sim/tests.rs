@@ -48,14 +48,14 @@ fn a_fleet_converges_through_loss_crashes_restarts_and_offline_nodes() {
 
 #[test]
 fn a_node_offline_past_the_stale_timeout_is_left_out_then_catches_up() {
-    // Seed 2 sends its node offline while the round runs (offline episodes
-    // start 0–2 s after the rekey; a round at 10 % loss takes ~0.5 s).
-    let mut c = small(10, 0.1, 2, 1);
+    // Seed 1: the node goes offline while the round still waits for it (with
+    // some seeds the round is over before its offline episode begins).
+    let mut c = small(10, 0.1, 1, 1);
     c.offline = 1;
     c.offline_ms = 25_000;
     let r = run(&c);
     assert_safe(&r);
-    assert!(r.stale >= 1, "{r:?}");
+    assert!(r.offline_episodes >= 1 && r.stale >= 1, "{r:?}");
     assert!(
         r.converged,
         "the stale node rejoined through its key request: {r:?}"

@@ -427,6 +427,13 @@ impl Store {
                 known: SCHEMA_VERSION,
             });
         }
+        // The bundled SQLite enforces foreign keys by default
+        // (SQLITE_DEFAULT_FOREIGN_KEYS=1): switch them off for the migrations,
+        // as SQLite's table rebuild asks (a `DROP TABLE` of a table that other
+        // rows name would fail). The pragma is a no-op inside a transaction,
+        // so it is set here, before the migrations open theirs.
+        conn.pragma_update(None, "foreign_keys", false)
+            .map_err(open_err)?;
         schema::migrations()
             .to_latest(&mut conn)
             .map_err(|source| StoreError::Migrate {

@@ -17,6 +17,7 @@
 //! | 0x03 / 0x04 | first / second transition request | controller | epoch u32, seq u64 | sig 64 |
 //! | 0x05 | key response | controller | epoch u32, seq u64, member u32, in_reply_to u64, controller share 32, key state | sig 64 |
 //! | 0x07 | resync request | controller | epoch u32, seq u64, member u32 | mac 16 |
+//! | 0x08 | beacon | controller | term u32, epoch u32, seq u64, phase u8 (0 no round, else the round phase), [round epoch u32 = epoch + 1 if phase ≠ 0], controller address (family u8: 4 → 4 bytes, 6 → 16 bytes; port u16) | sig 64 |
 //! | 0x09 | handshake answer | controller | in_reply_to u64, Noise message 2 (e 32, encrypted payload, tag 16): payload = seq u64, member u32, controller public key 32, current epoch u32, current key 32, round u8 [round epoch u32, phase u8, round key 32] | Noise (psk, ee) |
 //! | 0x11 / 0x12 / 0x13 | key update / first / second transition reply | node | epoch u32, seq u64, member u32, node share 32 | mac 16 |
 //! | 0x14 | key request | node | epoch u32, seq u64, member u32, step u8 (the node's position: newest epoch held, last step taken in it), node share 32 | mac 16 |
@@ -36,6 +37,17 @@
 //! round's epoch u32, phase u8 (1 distributing, 2 first transition, 3
 //! draining, 4 second transition) and the new key wrapped.
 //!
+//! A beacon is the controller's signed statement of where the fleet is, sent
+//! to the group at a fixed interval (Bluetooth Mesh's secure network beacon is
+//! the model). While nothing changes the controller resends the same bytes, so
+//! a node compares a digest instead of checking a signature; `term` is the
+//! leader term (1 until a second controller exists), and `(term, seq)` orders
+//! beacons so that a replayed one moves no node. The address is where the
+//! controller takes unicast (0.0.0.0: the address the beacon came from).
+//!
+//! Version 1 datagrams are refused with [`WireError::Version`]: every program
+//! of a fleet runs the same wire version.
+//!
 //! A key update request is a batch of per-node entries sorted by member
 //! number, at most [`MAX_BATCH_ENTRIES`] so that it fits in [`MAX_DATAGRAM`]
 //! bytes; `first`/`last` let a node see from the header alone whether the
@@ -43,13 +55,16 @@
 
 mod replay;
 
-pub use replay::{ReplayWindow, Seen, WINDOW as REPLAY_WINDOW};
+pub use replay::{
+    DataReplay, DataSeen, ReplayWindow, Seen, SUSPICIOUS_JUMP, WINDOW as REPLAY_WINDOW,
+};
 
 use crate::crypto::ratchet::HANDSHAKE_INIT_LEN;
 use crate::crypto::{
     Chain, Epoch, GroupKey, KeyUse, Share, WrappedKey, KEY_LEN, MAC_LEN, NONCE_LEN, SHARE_LEN,
     SIGNATURE_LEN, TAG_LEN, WRAPPED_LEN,
 };
+use core::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use thiserror::Error;
@@ -71,7 +86,7 @@ pub const MAX_USAGE_ENTRIES: usize = 4;
 pub enum WireError {
     #[error("empty datagram")]
     Empty,
-    #[error("wire version {0} is not supported (this build speaks version 2); upgrade every program of the fleet to the same keyfleet release (the controller first is fine: agents hold their data until it answers)")]
+    #[error("wire version {0} is not supported (this build speaks version 2); upgrade every keyfleet program of the fleet to the same release (the controller first is fine: agents hold their data until a version 2 controller answers them)")]
     Version(u8),
     #[error("unknown message type 0x{0:02x}")]
     UnknownType(u8),
@@ -168,7 +183,7 @@ pub enum RoundPhase {
 }
 
 impl RoundPhase {
-    fn from_u8(v: u8) -> Result<RoundPhase, WireError> {
+    pub(crate) fn from_u8(v: u8) -> Result<RoundPhase, WireError> {
         Ok(match v {
             1 => RoundPhase::Distributing,
             2 => RoundPhase::FirstTransition,
@@ -219,6 +234,7 @@ mod kind {
     pub const KEY_RESPONSE: u8 = 0x05;
     pub const RESYNC: u8 = 0x07;
     pub const HANDSHAKE_ANSWER: u8 = 0x09;
+    pub const BEACON: u8 = 0x08;
     pub const KEY_UPDATE_REPLY: u8 = 0x11;
     pub const FIRST_REPLY: u8 = 0x12;
     pub const SECOND_REPLY: u8 = 0x13;
@@ -388,6 +404,22 @@ pub struct Resync<'a> {
     pub auth: Maced<'a>,
 }
 
+/// The controller's periodic beacon: where the fleet is (SPEC §5).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Beacon<'a> {
+    /// The leader term (1 until a second controller exists).
+    pub term: u32,
+    /// The current epoch.
+    pub epoch: Epoch,
+    pub seq: u64,
+    /// The round in progress: its epoch (always `epoch + 1`) and phase.
+    pub round: Option<(Epoch, RoundPhase)>,
+    /// Where the controller takes unicast; an unspecified IP means the
+    /// address the beacon came from.
+    pub controller: SocketAddr,
+    pub auth: Signed<'a>,
+}
+
 /// A node's reply to a key update or transition request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Ack<'a> {
@@ -442,6 +474,7 @@ pub enum Message<'a> {
     KeyResponse(KeyResponse<'a>),
     HandshakeAnswer(HandshakeAnswer<'a>),
     Resync(Resync<'a>),
+    Beacon(Beacon<'a>),
     Ack(Ack<'a>),
     KeyRequest(KeyRequest<'a>),
     HandshakeInit(HandshakeInit<'a>),
@@ -459,6 +492,7 @@ impl Message<'_> {
             Message::KeyResponse(_) => "key response",
             Message::HandshakeAnswer(_) => "handshake answer",
             Message::Resync(_) => "resync request",
+            Message::Beacon(_) => "beacon",
             Message::Ack(a) => match a.step {
                 Step::KeyUpdate => "key update reply",
                 Step::FirstTransition => "first transition reply",
@@ -587,6 +621,7 @@ pub fn decode(bytes: &[u8]) -> Result<Message<'_>, WireError> {
     })?;
     match ty {
         kind::DATA => decode_data(bytes).map(Message::Data),
+        kind::BEACON => decode_beacon(bytes).map(Message::Beacon),
         kind::KEY_UPDATE
         | kind::FIRST_TRANSITION
         | kind::SECOND_TRANSITION
@@ -853,6 +888,50 @@ pub fn handshake_answer(in_reply_to: u64, noise: &[u8]) -> Vec<u8> {
         .0
 }
 
+fn decode_beacon(bytes: &[u8]) -> Result<Beacon<'_>, WireError> {
+    let (body, signature) = split_auth::<SIGNATURE_LEN>(bytes, "signature")?;
+    let auth = Signed { body, signature };
+    let mut r = Reader { buf: body, pos: 2 };
+    let term = r.u32("term")?;
+    let epoch = r.epoch()?;
+    let seq = r.u64("sequence number")?;
+    let round = match r.u8("round phase")? {
+        0 => None,
+        p => {
+            let phase = RoundPhase::from_u8(p)?;
+            let re = Epoch(r.u32("round epoch")?);
+            // One byte string per meaning: a round is always for the next epoch.
+            if re != epoch.next() || re == epoch {
+                return Err(WireError::Invalid {
+                    field: "round epoch",
+                    value: re.0.into(),
+                });
+            }
+            Some((re, phase))
+        }
+    };
+    let ip = match r.u8("address family")? {
+        4 => IpAddr::V4(Ipv4Addr::from(r.array::<4>("IPv4 address")?)),
+        6 => IpAddr::V6(Ipv6Addr::from(r.array::<16>("IPv6 address")?)),
+        f => {
+            return Err(WireError::Invalid {
+                field: "address family",
+                value: f.into(),
+            })
+        }
+    };
+    let port = r.u16("port")?;
+    r.done()?;
+    Ok(Beacon {
+        term,
+        epoch,
+        seq,
+        round,
+        controller: SocketAddr::new(ip, port),
+        auth,
+    })
+}
+
 fn decode_data(bytes: &[u8]) -> Result<Data<'_>, WireError> {
     let mut r = Reader { buf: bytes, pos: 2 };
     let flags = r.u8("data flags")?;
@@ -1001,6 +1080,30 @@ pub fn resync(epoch: Epoch, seq: u64, member: u32) -> Vec<u8> {
         .u64(seq)
         .u32(member)
         .0
+}
+
+/// Body of a beacon (sign it with [`sign`]). `round` is the round in progress,
+/// whose epoch must be `epoch + 1`.
+pub fn beacon(
+    term: u32,
+    epoch: Epoch,
+    seq: u64,
+    round: Option<(Epoch, RoundPhase)>,
+    controller: SocketAddr,
+) -> Vec<u8> {
+    let w = Writer::new(kind::BEACON, 120)
+        .u32(term)
+        .u32(epoch.0)
+        .u64(seq);
+    let w = match round {
+        None => w.u8(0),
+        Some((e, p)) => w.u8(p as u8).u32(e.0),
+    };
+    let w = match controller.ip() {
+        IpAddr::V4(a) => w.u8(4).bytes(&a.octets()),
+        IpAddr::V6(a) => w.u8(6).bytes(&a.octets()),
+    };
+    w.u16(controller.port()).0
 }
 
 /// Body of a key update / first / second transition reply.

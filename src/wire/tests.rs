@@ -51,6 +51,17 @@ fn node_id() -> impl Strategy<Value = NodeId> {
     "[A-Za-z0-9._-]{1,64}".prop_map(|s| NodeId::parse(&s).unwrap())
 }
 
+fn phase() -> impl Strategy<Value = RoundPhase> {
+    (1u8..=4).prop_map(|p| RoundPhase::from_u8(p).unwrap())
+}
+
+fn address() -> impl Strategy<Value = SocketAddr> {
+    prop_oneof![
+        (any::<[u8; 4]>(), any::<u16>()).prop_map(|(a, p)| SocketAddr::from((a, p))),
+        (any::<[u8; 16]>(), any::<u16>()).prop_map(|(a, p)| SocketAddr::from((a, p))),
+    ]
+}
+
 fn step() -> impl Strategy<Value = Step> {
     prop_oneof![
         Just(Step::KeyUpdate),
@@ -168,6 +179,31 @@ proptest! {
     }
 
     #[test]
+    fn beacon_round_trips(term in any::<u32>(), epoch in 0u32..u32::MAX, seq in any::<u64>(),
+                          round in proptest::option::of(phase()), addr in address()) {
+        let round = round.map(|p| (Epoch(epoch + 1), p));
+        let bytes = sign(beacon(term, Epoch(epoch), seq, round, addr), &signing());
+        let Message::Beacon(b) = decode(&bytes).unwrap() else { panic!("not a beacon") };
+        prop_assert_eq!((b.term, b.epoch, b.seq, b.round, b.controller), (term, Epoch(epoch), seq, round, addr));
+        prop_assert!(crate::crypto::verify(&signing().verifying_key(), b.auth.body, &b.auth.signature));
+        prop_assert!(bytes.len() <= 2 + 4 + 4 + 8 + 1 + 4 + 1 + 16 + 2 + SIGNATURE_LEN);
+        // Every truncation and every extension is refused.
+        for cut in 0..bytes.len() {
+            prop_assert!(decode(&bytes[..cut]).is_err(), "{} of {} bytes decoded", cut, bytes.len());
+        }
+        let mut long = bytes.clone();
+        long.insert(bytes.len() - SIGNATURE_LEN, 0);
+        prop_assert_eq!(decode(&long), Err(WireError::Trailing(1)));
+    }
+
+    #[test]
+    fn a_beacon_whose_round_is_not_for_the_next_epoch_is_refused(epoch in any::<u32>(), re in any::<u32>(), p in phase()) {
+        prop_assume!(epoch.checked_add(1) != Some(re));
+        let bytes = sign(beacon(1, Epoch(epoch), 9, Some((Epoch(re), p)), SocketAddr::from(([10, 0, 0, 1], 47800))), &signing());
+        prop_assert_eq!(decode(&bytes), Err(WireError::Invalid { field: "round epoch", value: re.into() }));
+    }
+
+    #[test]
     fn every_truncation_of_a_valid_message_is_refused(cut in 0usize..200) {
         let st = KeyState { current_epoch: Epoch(3), current: WrappedKey([1; WRAPPED_LEN]),
             round: Some(RoundState { epoch: Epoch(4), phase: RoundPhase::Draining, wrapped: WrappedKey([2; WRAPPED_LEN]) }) };
@@ -197,8 +233,9 @@ fn batch_capacity_fits_a_datagram() {
 fn typed_errors_say_what_was_wrong() {
     assert_eq!(decode(&[]), Err(WireError::Empty));
     assert_eq!(decode(&[1, 1]), Err(WireError::Version(1)));
+    assert_eq!(decode(&[3, 1]), Err(WireError::Version(3)));
     assert!(WireError::Version(1).to_string().contains("version 2"));
-    assert_eq!(decode(&[2, 0x7f]), Err(WireError::UnknownType(0x7f)));
+    assert_eq!(decode(&[VERSION, 0x7f]), Err(WireError::UnknownType(0x7f)));
     // Revision 1's join and join accept (authenticated by the label alone) are gone.
     assert_eq!(decode(&[2, 0x15]), Err(WireError::UnknownType(0x15)));
     assert_eq!(decode(&[2, 0x06]), Err(WireError::UnknownType(0x06)));
@@ -347,4 +384,91 @@ fn node_id_rules() {
     assert_eq!(NodeId::parse(&"a".repeat(65)), Err(NodeIdError::Length(65)));
     assert_eq!(NodeId::parse("a b"), Err(NodeIdError::Character(' ')));
     assert_eq!(NodeId::parse("é"), Err(NodeIdError::Character('é')));
+}
+
+/// Each field of a beacon that can be wrong is refused with its name.
+#[test]
+fn beacon_refusals_name_the_field() {
+    let addr = SocketAddr::from(([10, 0, 0, 1], 47800));
+    let good = beacon(1, Epoch(4), 7, Some((Epoch(5), RoundPhase::Draining)), addr);
+    // layout: ver type | term 2..6 | epoch 6..10 | seq 10..18 | phase 18 | round epoch 19..23 | family 23 | addr 24..28 | port 28..30
+    let refused = |edit: &dyn Fn(&mut Vec<u8>)| {
+        let mut body = good.clone();
+        edit(&mut body);
+        decode(&sign(body, &signing())).map(|m| m.name())
+    };
+    assert_eq!(
+        refused(&|b| b[18] = 5),
+        Err(WireError::Invalid {
+            field: "round phase",
+            value: 5
+        })
+    );
+    assert_eq!(
+        refused(&|b| b[19..23].copy_from_slice(&4u32.to_be_bytes())),
+        Err(WireError::Invalid {
+            field: "round epoch",
+            value: 4
+        })
+    );
+    assert_eq!(
+        refused(&|b| b[23] = 5),
+        Err(WireError::Invalid {
+            field: "address family",
+            value: 5
+        })
+    );
+    assert!(matches!(
+        refused(&|b| b[23] = 6),
+        Err(WireError::Truncated {
+            what: "IPv6 address",
+            ..
+        })
+    ));
+    assert!(matches!(
+        refused(&|b| {
+            b.pop();
+        }),
+        Err(WireError::Truncated { what: "port", .. })
+    ));
+    assert_eq!(refused(&|_| {}), Ok("beacon"));
+    // No round: the phase byte is 0 and no round epoch follows.
+    let none = sign(beacon(1, Epoch(4), 7, None, addr), &signing());
+    assert_eq!(none.len(), 2 + 4 + 4 + 8 + 1 + 1 + 4 + 2 + SIGNATURE_LEN);
+    assert!(matches!(
+        decode(&none),
+        Ok(Message::Beacon(Beacon { round: None, .. }))
+    ));
+    // A signature too short to be one.
+    assert!(matches!(
+        decode(&sign(good.clone(), &signing())[..40]),
+        Err(WireError::Truncated {
+            what: "signature",
+            ..
+        })
+    ));
+}
+
+/// A version 1 datagram (what the previous release sends) is refused, and the
+/// error says what to do.
+#[test]
+fn version_1_datagrams_are_refused_with_advice() {
+    let mut v1 = mac(
+        ack(Step::KeyUpdate, Epoch(1), 1, 1, &Share([3; 32])),
+        &keys(),
+    );
+    v1[0] = 1;
+    let e = decode(&v1).unwrap_err();
+    assert_eq!(e, WireError::Version(1));
+    let text = e.to_string();
+    assert!(
+        text.contains("version 1") && text.contains("version 2") && text.contains("upgrade"),
+        "{text}"
+    );
+    let mut b = sign(
+        beacon(1, Epoch(1), 1, None, SocketAddr::from(([127, 0, 0, 1], 1))),
+        &signing(),
+    );
+    b[0] = 1;
+    assert_eq!(decode(&b), Err(WireError::Version(1)));
 }

@@ -22,7 +22,7 @@ use rand::RngCore;
 pub const KEYFLEET: &str = env!("CARGO_BIN_EXE_keyfleet");
 
 #[path = "../support/common.rs"]
-mod common;
+pub mod common;
 pub use common::{free_port, wait_for, Proc};
 
 /// A group and port of this test's own, so parallel tests do not hear each other.

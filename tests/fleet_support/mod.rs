@@ -19,7 +19,7 @@ pub const KEYFLEET: &str = env!("CARGO_BIN_EXE_keyfleet");
 pub const AGENT: &str = env!("CARGO_BIN_EXE_keyfleet-agent");
 
 #[path = "../support/common.rs"]
-mod common;
+pub mod common;
 pub use common::{free_port, wait_for, Proc};
 
 /// A group of this test's own (pid and a per-test tag), on a free port.
@@ -38,6 +38,12 @@ pub struct Node {
     pub state: PathBuf,
     pub key_file: PathBuf,
     pub listen: SocketAddrV4,
+    /// Its interface address (`--iface`); 127.0.0.1 unless a test moves it.
+    pub iface: Ipv4Addr,
+    /// Prefix of its agent command (`ip netns exec NAME`) instead of the fleet's.
+    pub wrap: Option<Vec<String>>,
+    /// Extra arguments of its `keyfleet-agent run`.
+    pub args: Vec<String>,
 }
 
 /// A controller and its nodes in one temporary directory.
@@ -55,6 +61,7 @@ pub struct Fleet {
     /// unless [`Fleet::split`]).
     pub agent_ip: Ipv4Addr,
     pub ctl_ip: Ipv4Addr,
+    extra: String,
 }
 
 impl Fleet {
@@ -99,6 +106,9 @@ impl Fleet {
                     state,
                     key_file,
                     listen: SocketAddrV4::new(Ipv4Addr::LOCALHOST, free_port()),
+                    iface: Ipv4Addr::LOCALHOST,
+                    wrap: None,
+                    args: Vec::new(),
                 }
             })
             .collect();
@@ -111,6 +121,7 @@ impl Fleet {
             agent_wrap: None,
             agent_ip: Ipv4Addr::LOCALHOST,
             ctl_ip: Ipv4Addr::LOCALHOST,
+            extra: extra.to_owned(),
         }
     }
 
@@ -136,11 +147,33 @@ impl Fleet {
         .unwrap();
         for n in &mut self.nodes {
             n.listen = SocketAddrV4::new(agent_ip, n.listen.port());
+            n.iface = agent_ip;
         }
         self.wrap = ctl_wrap;
         self.agent_wrap = Some(agent_wrap);
         self.ctl_ip = ctl_ip;
         self.agent_ip = agent_ip;
+        self.extra = extra.to_owned();
+    }
+
+    /// Moves the controller to interface address `ip` (rewrites its config file).
+    pub fn set_controller_ip(&mut self, ip: Ipv4Addr) {
+        self.ctl_ip = ip;
+        std::fs::write(
+            self.dir.path().join("keyfleet.toml"),
+            format!(
+                "[network]\ngroup = \"{}\"\niface = \"{ip}\"\nlisten_port = {}\n{}",
+                self.group, self.ctl_port, self.extra
+            ),
+        )
+        .unwrap();
+    }
+
+    /// Moves node `i` to interface address `ip` (its agent listens there).
+    pub fn set_node_ip(&mut self, i: usize, ip: Ipv4Addr) {
+        let n = &mut self.nodes[i];
+        n.iface = ip;
+        n.listen = SocketAddrV4::new(ip, n.listen.port());
     }
 
     pub fn state(&self) -> PathBuf {
@@ -280,7 +313,10 @@ impl Fleet {
     /// The command of [`Fleet::agent`], not started (add flags, then spawn).
     pub fn agent_command(&self, i: usize) -> Command {
         let n = &self.nodes[i];
-        let mut c = Self::wrapped(self.agent_wrap.as_ref().unwrap_or(&self.wrap), AGENT);
+        let mut c = match &n.wrap {
+            None => Self::wrapped(self.agent_wrap.as_ref().unwrap_or(&self.wrap), AGENT),
+            Some(w) => Self::wrapped(w, AGENT),
+        };
         c.arg("run")
             .arg("--state")
             .arg(&n.state)
@@ -288,13 +324,14 @@ impl Fleet {
             .arg("--initial-key-file")
             .arg(&n.key_file)
             .args(["--group", &self.group.to_string()])
-            .args(["--iface", &self.agent_ip.to_string()])
+            .args(["--iface", &n.iface.to_string()])
             .args(["--listen", &n.listen.to_string()])
             .args([
                 "--controller",
                 &format!("{}:{}", self.ctl_ip, self.ctl_port),
             ])
             .args(["--usage-interval", "2"])
+            .args(&n.args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(self.log(&n.id))

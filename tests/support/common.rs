@@ -90,3 +90,52 @@ impl Drop for Proc {
         self.kill9();
     }
 }
+
+/// Runs `cmd` on a real pseudo-terminal of `rows` × `cols` until it exits
+/// (at most 30 s), reading everything it draws; its exit status and the raw
+/// bytes (feed them to `vt100` for the screen).
+pub fn run_in_pty(
+    cmd: portable_pty::CommandBuilder,
+    rows: u16,
+    cols: u16,
+) -> (portable_pty::ExitStatus, Vec<u8>) {
+    use std::io::Read;
+    use std::sync::Arc;
+    let pty = portable_pty::native_pty_system()
+        .openpty(portable_pty::PtySize {
+            rows,
+            cols,
+            pixel_width: 0,
+            pixel_height: 0,
+        })
+        .unwrap();
+    let mut child = pty.slave.spawn_command(cmd).unwrap();
+    drop(pty.slave);
+    let mut reader = pty.master.try_clone_reader().unwrap();
+    let raw = Arc::new(Mutex::new(Vec::new()));
+    let r2 = raw.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = reader.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            r2.lock().unwrap().extend_from_slice(&buf[..n]);
+        }
+    });
+    let end = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            Instant::now() < end,
+            "the program on the terminal did not finish"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    // The reader thread drains what the program wrote last.
+    std::thread::sleep(Duration::from_millis(200));
+    let bytes = raw.lock().unwrap().clone();
+    (status, bytes)
+}

@@ -1,3 +1,4 @@
 pub mod adversary;
 pub mod common;
 pub mod netns;
+pub mod wiretap;

@@ -135,8 +135,8 @@ pub async fn status(state: &Path, json: bool) -> anyhow::Result<()> {
                 r.controller
             );
             println!(
-                "counters    in {}  refused {}  undecryptable {}  sent {}  delivered {}  clients {}",
-                r.datagrams_in, r.refused, r.undecryptable, r.data_sent, r.delivered, r.app_clients
+                "counters    in {}  refused {}  undecryptable {}  sent {}  delivered {} ({} by trial)  clients {}",
+                r.datagrams_in, r.refused, r.undecryptable, r.data_sent, r.delivered, r.delivered_by_trial, r.app_clients
             );
         }
         None => println!("agent       not reachable; shown from {}", s.path),

@@ -124,6 +124,11 @@ struct RunArgs {
     /// Send a usage report (encryption and decryption counts) every S seconds; 0 = never.
     #[arg(long, value_name = "S", default_value_t = 60)]
     usage_interval: u64,
+    /// Put the key's epoch in the header of the data this agent sends
+    /// (`always`), or leave it out (`never`: receivers then try the keys they
+    /// hold, claims 14-16; the epoch does not travel in clear).
+    #[arg(long, value_enum, value_name = "WHEN", default_value_t = EpochHint::Always)]
+    epoch_hint: EpochHint,
     /// Refused datagrams: log the first of a kind from a source address in a
     /// window of S seconds, count the rest and log how many when it closes
     /// (0 = a line for every one).
@@ -136,6 +141,12 @@ struct RunArgs {
     /// Log lines on stderr: text (colour only on a terminal) or json (one object a line).
     #[arg(long, value_enum, value_name = "FORMAT", default_value_t)]
     log_format: keyfleet::ops::LogFormat,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum EpochHint {
+    Always,
+    Never,
 }
 
 fn main() -> ExitCode {
@@ -194,6 +205,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         controller: args.controller.unwrap_or(SocketAddr::V4(args.net.group)),
         usage_interval_ms: (args.usage_interval > 0)
             .then(|| args.usage_interval.saturating_mul(1000)),
+        epoch_hint: args.epoch_hint == EpochHint::Always,
         ..NodeConfig::default()
     };
     let cfg = AgentConfig {

@@ -58,6 +58,7 @@ fn read_key(a: &EnrollArgs) -> anyhow::Result<(InitialKey, Option<String>)> {
     {
         use keyfleet_drivers::label;
         let parsed = if let Some(form) = &a.key {
+            tracing::warn!("the initial key on the command line is visible in the process list and the shell history; prefer --from (a file, a scanner, a prompt)");
             let form = Zeroizing::new(form.clone());
             label::parse(&form).context("the initial key (--key) was refused")?
         } else if let Some(from) = a.from {

@@ -4,6 +4,8 @@ use super::*;
 use crate::crypto::{Epoch, OpenError};
 use crate::wire::RoundPhase;
 
+mod beacon;
+
 struct Rig {
     node: NodeMachine,
     ctl: FakeController,
@@ -221,6 +223,7 @@ fn dc_duplicate_key_update_replies_again_and_changes_nothing() {
     // and installs nothing: another key for the same epoch is not taken.
     let other = GroupKey::from_bytes(Epoch(2), [0xee; 32]);
     let ku = r.ctl.key_update(&other);
+    r.now = r.now.plus(DUPLICATE_ANSWER_INTERVAL_MS);
     let out = r.feed(&ku);
     assert_eq!(acks(&out), vec![(Step::KeyUpdate, Epoch(2))]);
     assert_eq!(r.node.keyring().unwrap().key(Epoch(2)), Some(&key(2)));
@@ -303,12 +306,19 @@ fn a_retransmission_is_handled_again_a_replay_outside_the_window_is_refused() {
     let mut r = Rig::dc12();
     let t = r.ctl.transition(Step::FirstTransition, 2);
     r.feed(&t);
+    r.now = r.now.plus(DUPLICATE_ANSWER_INTERVAL_MS);
     let out = r.feed(&t);
     assert_eq!(
         acks(&out),
         vec![(Step::FirstTransition, Epoch(2))],
         "byte-identical copy: answered again"
     );
+    let out = r.feed(&t);
+    assert!(
+        matches!(refusal(&out), Some(Refusal::DuplicateRequest { .. })) && sent(&out).is_empty(),
+        "a second copy within the interval is not answered: {out:?}"
+    );
+    r.now = r.now.plus(DUPLICATE_ANSWER_INTERVAL_MS);
     let old = r.ctl.transition(Step::SecondTransition, 2);
     r.ctl.seq += 200;
     let newer = r.ctl.transition(Step::FirstTransition, 2);
@@ -899,4 +909,120 @@ fn data_under_a_newer_key_waits_for_the_answer_to_the_key_request() {
         refusal(&r.feed(&data_sealed_with(4))),
         Some(Refusal::Undecryptable { .. })
     ));
+}
+
+// ------------------------------------------------------------ issue 13
+
+fn sealed_data(sender: u32, seq: u64, e: u32) -> Vec<u8> {
+    let k = key(e);
+    let nonce = [seq as u8; 12];
+    let mut bytes = wire::data_header(sender, seq, Some(Epoch(e)), &nonce);
+    let sealed = k.seal(&nonce, &bytes, b"data");
+    bytes.extend_from_slice(&sealed);
+    bytes
+}
+
+fn delivered(out: &[NodeAction]) -> usize {
+    out.iter()
+        .filter(|a| matches!(a, NodeAction::Deliver(_)))
+        .count()
+}
+
+#[test]
+fn a_forged_jump_silences_a_sender_only_until_its_key_is_retired() {
+    let mut r = Rig::dc12();
+    assert_eq!(delivered(&r.feed(&sealed_data(9, 5, 1))), 1);
+    let out = r.feed(&sealed_data(9, u64::MAX, 1));
+    assert_eq!(delivered(&out), 1, "authentic: delivered");
+    assert!(
+        out.iter()
+            .any(|a| matches!(a, NodeAction::Event(NodeEvent::SeqJump { last: 5, .. }))),
+        "the jump is reported: {out:?}"
+    );
+    assert!(matches!(
+        refusal(&r.feed(&sealed_data(9, 6, 1))),
+        Some(Refusal::DuplicateData { .. })
+    ));
+    // The same sender under the new epoch has its own window.
+    assert_eq!(delivered(&r.feed(&sealed_data(9, 6, 2))), 1);
+    // Sequence number 0 is a number like any other.
+    assert_eq!(delivered(&r.feed(&sealed_data(10, 0, 2))), 1);
+    assert!(matches!(
+        refusal(&r.feed(&sealed_data(10, 0, 2))),
+        Some(Refusal::DuplicateData { .. })
+    ));
+}
+
+#[test]
+fn senders_beyond_the_limit_are_refused_never_evicted() {
+    let mut r = Rig::uc1();
+    let max = node_cfg().data_replay_senders as u32;
+    for s in 0..max {
+        assert_eq!(delivered(&r.feed(&sealed_data(100 + s, 1, 1))), 1);
+    }
+    assert!(matches!(
+        refusal(&r.feed(&sealed_data(100 + max, 1, 1))),
+        Some(Refusal::TooManySenders { .. })
+    ));
+    for s in 0..max {
+        assert!(
+            matches!(
+                refusal(&r.feed(&sealed_data(100 + s, 1, 1))),
+                Some(Refusal::DuplicateData { .. })
+            ),
+            "sender {s}'s window is still there"
+        );
+    }
+}
+
+#[test]
+fn forged_requests_that_could_not_move_the_node_cost_no_signature_check() {
+    let mut r = Rig::it12();
+    let mut forger = FakeController::new(0);
+    forger.sk = ed25519_dalek::SigningKey::from_bytes(&[7; 32]);
+    forger.seq = 1000;
+    let before = r.node.signature_checks();
+    for _ in 0..50 {
+        for (step, e) in [
+            (Step::FirstTransition, 1),
+            (Step::SecondTransition, 1),
+            (Step::KeyUpdate, 2),
+            (Step::FirstTransition, 2),
+        ] {
+            let t = if step == Step::KeyUpdate {
+                forger.key_update(&key(e))
+            } else {
+                forger.transition(step, e)
+            };
+            assert!(sent(&r.feed(&t)).is_empty());
+        }
+    }
+    assert_eq!(
+        r.node.signature_checks() - before,
+        1,
+        "one duplicate per interval is checked, older epochs and steps never"
+    );
+    // Requests that would move it spend the budget, then are refused unchecked.
+    let mut budget_refusals = 0;
+    for _ in 0..200 {
+        let t = forger.transition(Step::SecondTransition, 2);
+        if matches!(refusal(&r.feed(&t)), Some(Refusal::VerifyBudget { .. })) {
+            budget_refusals += 1;
+        }
+    }
+    let checks = r.node.signature_checks() - before;
+    assert!(checks <= 1 + u64::from(VERIFY_BURST), "{checks} checks");
+    assert_eq!(budget_refusals, 200 - (checks - 1) as usize);
+    // A byte-identical forged copy is refused for a hash.
+    let t = forger.transition(Step::SecondTransition, 2);
+    r.now = r.now.plus(1000);
+    r.feed(&t);
+    let after = r.node.signature_checks();
+    r.feed(&t);
+    assert_eq!(
+        r.node.signature_checks(),
+        after,
+        "a known forgery is not checked again"
+    );
+    assert_eq!(r.node.state(), IT12);
 }

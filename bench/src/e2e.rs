@@ -1,0 +1,375 @@
+//! The data path end to end (issue 11, item 7): messages per second and
+//! latency from a sending client to a receiving client, through
+//!
+//! - **keyfleet**: client → Unix datagram → agent A (seals) → UDP multicast →
+//!   agent B (opens) → Unix datagram → client;
+//! - **relay**: the same hops without the protocol: client → Unix datagram →
+//!   relay process → UDP multicast → relay process → Unix datagram → client
+//!   (`keyfleet-bench relay`, this binary; the limit of this architecture);
+//! - **multicast**: plain UDP multicast from a sending thread to a receiving
+//!   thread of this process (no Unix hops).
+//!
+//! The sender sends `count` messages as fast as the first hop takes them
+//! (a blocking Unix send waits for room in the agent's or relay's queue;
+//! multicast has no such brake); each carries its index and the send time
+//! (`CLOCK_MONOTONIC`, shared by the processes of one machine). The receiver
+//! reads as fast as it can. Rate = messages received / (last receive − first
+//! send); latency from the times carried; dropped = sent − received.
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+
+use crate::fleet::{Bins, KfFleet};
+use crate::procs::PortPool;
+use crate::stats::percentile;
+
+/// Plaintext sizes measured.
+pub const SIZES: [usize; 2] = [64, 1024];
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct E2eRow {
+    /// `keyfleet`, `relay`, `multicast`.
+    pub path: String,
+    pub size: usize,
+    pub sent: u64,
+    pub received: u64,
+    pub dropped: u64,
+    pub msgs_per_s: f64,
+    pub p50_us: f64,
+    pub p99_us: f64,
+    /// Messages received out of order (index below one already seen).
+    pub reordered: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+fn now_ns() -> u64 {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
+    u64::try_from(t.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(t.tv_nsec).unwrap_or(0)
+}
+
+/// A message body: index, send time, padding to `size`.
+fn body(i: u64, size: usize) -> Vec<u8> {
+    let mut v = Vec::with_capacity(size.max(16));
+    v.extend_from_slice(&i.to_be_bytes());
+    v.extend_from_slice(&now_ns().to_be_bytes());
+    v.resize(size.max(16), b'x');
+    v
+}
+
+/// What the receiver saw.
+struct Seen {
+    lat_ns: Vec<f64>,
+    last_ns: u64,
+    reordered: u64,
+}
+
+fn parse(b: &[u8], seen: &mut Seen, max: &mut Option<u64>) {
+    let (Some(i), Some(t)) = (b.get(..8), b.get(8..16)) else {
+        return;
+    };
+    let i = u64::from_be_bytes(i.try_into().unwrap_or_default());
+    let t = u64::from_be_bytes(t.try_into().unwrap_or_default());
+    let now = now_ns();
+    seen.lat_ns.push(now.saturating_sub(t) as f64);
+    seen.last_ns = now;
+    match max {
+        Some(m) if i < *m => seen.reordered += 1,
+        _ => *max = Some(i),
+    }
+}
+
+/// Receives until `count` arrived or nothing came for the socket's read
+/// timeout; `strip` bytes of framing precede the body.
+fn receive(
+    mut recv: impl FnMut(&mut [u8]) -> std::io::Result<usize>,
+    count: u64,
+    strip: usize,
+) -> Seen {
+    let mut buf = vec![0u8; 4096];
+    let mut seen = Seen {
+        lat_ns: Vec::with_capacity(count as usize),
+        last_ns: 0,
+        reordered: 0,
+    };
+    let mut max = None;
+    while (seen.lat_ns.len() as u64) < count {
+        match recv(&mut buf) {
+            Ok(n) => parse(buf.get(strip..n).unwrap_or_default(), &mut seen, &mut max),
+            Err(_) => break,
+        }
+    }
+    seen
+}
+
+fn row(path: &str, size: usize, sent: u64, first_ns: u64, seen: Seen) -> E2eRow {
+    let lat = seen.lat_ns;
+    let received = lat.len() as u64;
+    let secs = seen.last_ns.saturating_sub(first_ns) as f64 / 1e9;
+    E2eRow {
+        path: path.into(),
+        size,
+        sent,
+        received,
+        dropped: sent.saturating_sub(received),
+        msgs_per_s: if secs > 0.0 {
+            received as f64 / secs
+        } else {
+            0.0
+        },
+        p50_us: percentile(&lat, 50).unwrap_or(f64::NAN) / 1000.0,
+        p99_us: percentile(&lat, 99).unwrap_or(f64::NAN) / 1000.0,
+        reordered: seen.reordered,
+        error: None,
+    }
+}
+
+/// The receiver gives up after this long without a message.
+const IDLE: Duration = Duration::from_secs(3);
+
+/// The client sends to `into` (with `frame` as its first byte when given);
+/// the receiving client `client` reads.
+fn through_unix(
+    path: &str,
+    size: usize,
+    count: u64,
+    into: &Path,
+    frame: Option<u8>,
+    client: UnixDatagram,
+    strip: usize,
+) -> anyhow::Result<E2eRow> {
+    client.set_read_timeout(Some(IDLE))?;
+    let rx = std::thread::spawn(move || {
+        receive(
+            |b| loop {
+                let n = client.recv(b)?;
+                // Only deliveries count (not the agent's other answers).
+                if frame.is_none() || b.first() == Some(&b'M') {
+                    return Ok(n);
+                }
+            },
+            count,
+            strip,
+        )
+    });
+    let tx = UnixDatagram::unbound()?;
+    let first = now_ns();
+    for i in 0..count {
+        let mut m = Vec::with_capacity(size + 1);
+        m.extend(frame);
+        m.extend(body(i, size));
+        tx.send_to(&m, into)
+            .with_context(|| format!("sending to {}", into.display()))?;
+    }
+    let seen = rx
+        .join()
+        .map_err(|_| anyhow::anyhow!("receiver panicked"))?;
+    Ok(row(path, size, count, first, seen))
+}
+
+/// Plain multicast between a sending and a receiving thread.
+fn multicast(group: SocketAddrV4, size: usize, count: u64) -> anyhow::Result<E2eRow> {
+    let rx = keyfleet::net::socket::group_socket(group, Ipv4Addr::LOCALHOST)?;
+    rx.set_nonblocking(false)?;
+    rx.set_read_timeout(Some(IDLE))?;
+    let tx = keyfleet::net::socket::unicast_socket(
+        SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0),
+        Ipv4Addr::LOCALHOST,
+        1,
+    )?;
+    tx.set_nonblocking(false)?;
+    let h = std::thread::spawn(move || receive(|b| rx.recv(b), count, 0));
+    std::thread::sleep(Duration::from_millis(50));
+    let first = now_ns();
+    for i in 0..count {
+        tx.send_to(&body(i, size), group)?;
+    }
+    let seen = h.join().map_err(|_| anyhow::anyhow!("receiver panicked"))?;
+    Ok(row("multicast", size, count, first, seen))
+}
+
+/// `keyfleet-bench relay`: forwards every datagram received on the Unix
+/// socket `listen` to `group`, and (with `deliver`) every datagram of
+/// `group` to the Unix socket `deliver`. Runs until killed.
+pub fn relay(listen: &Path, group: SocketAddrV4, deliver: Option<&Path>) -> anyhow::Result<()> {
+    let _ = std::fs::remove_file(listen);
+    let unix =
+        UnixDatagram::bind(listen).with_context(|| format!("binding {}", listen.display()))?;
+    if let Some(to) = deliver {
+        let rx = keyfleet::net::socket::group_socket(group, Ipv4Addr::LOCALHOST)?;
+        rx.set_nonblocking(false)?;
+        let out = unix.try_clone()?;
+        let to = to.to_path_buf();
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 65_536];
+            while let Ok(n) = rx.recv(&mut buf) {
+                // Blocking: waits for room in the client's queue.
+                let _ = out.send_to(buf.get(..n).unwrap_or_default(), &to);
+            }
+        });
+    }
+    let tx = keyfleet::net::socket::unicast_socket(
+        SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0),
+        Ipv4Addr::LOCALHOST,
+        1,
+    )?;
+    tx.set_nonblocking(false)?;
+    let mut buf = vec![0u8; 65_536];
+    loop {
+        let n = unix.recv(&mut buf)?;
+        tx.send_to(buf.get(..n).unwrap_or_default(), group)?;
+    }
+}
+
+/// A child process killed when dropped.
+struct Kill(std::process::Child);
+
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn relay_path(dir: &Path, group: SocketAddrV4, size: usize, count: u64) -> anyhow::Result<E2eRow> {
+    let me = std::env::current_exe()?;
+    let tag = format!("{}-{size}", group.port());
+    let r1 = dir.join(format!("relay1-{tag}.sock"));
+    let r2 = dir.join(format!("relay2-{tag}.sock"));
+    let client = dir.join(format!("client-{tag}.sock"));
+    let sink = UnixDatagram::bind(&client)?;
+    let spawn = |listen: &PathBuf, deliver: Option<&PathBuf>| -> anyhow::Result<Kill> {
+        let mut c = Command::new(&me);
+        c.arg("relay")
+            .arg("--listen")
+            .arg(listen)
+            .arg("--group")
+            .arg(group.to_string());
+        if let Some(d) = deliver {
+            c.arg("--deliver").arg(d);
+        }
+        Ok(Kill(c.spawn()?))
+    };
+    let _a = spawn(&r1, None)?;
+    let _b = spawn(&r2, Some(&client))?;
+    crate::procs::wait_for(
+        "the relays' sockets",
+        Duration::from_secs(10),
+        Duration::from_millis(20),
+        || Ok((r1.exists() && r2.exists()).then_some(())),
+    )?;
+    std::thread::sleep(Duration::from_millis(100));
+    through_unix("relay", size, count, &r1, None, sink, 0)
+}
+
+/// Through two agents of a running fleet; also what agent B counted as
+/// `app_dropped` meanwhile.
+fn keyfleet_path(
+    fleet: &KfFleet,
+    dir: &Path,
+    size: usize,
+    count: u64,
+) -> anyhow::Result<(E2eRow, u64)> {
+    let (a, b) = (fleet.agent_state(0), fleet.agent_state(1));
+    let client = dir.join(format!("kf-client-{size}.sock"));
+    let sink = UnixDatagram::bind(&client)?;
+    sink.set_read_timeout(Some(Duration::from_secs(10)))?;
+    sink.send_to(b"R", b.join("app.sock"))?;
+    let mut buf = [0u8; 64];
+    let n = sink.recv(&mut buf)?;
+    anyhow::ensure!(
+        buf.get(..n) == Some(b"R".as_slice()),
+        "agent B did not register the client"
+    );
+    let before = app_dropped(dir, &b)?;
+    // `M` framing: kind, sender, seq, epoch.
+    let r = through_unix(
+        "keyfleet",
+        size,
+        count,
+        &a.join("app.sock"),
+        Some(b'S'),
+        sink,
+        17,
+    )?;
+    let after = app_dropped(dir, &b)?;
+    Ok((r, after.saturating_sub(before)))
+}
+
+/// Agent `state`'s `app_dropped`, asked over its application socket.
+fn app_dropped(dir: &Path, state: &Path) -> anyhow::Result<u64> {
+    let me = dir.join(format!("status-{}.sock", rand::random::<u32>()));
+    let s = UnixDatagram::bind(&me)?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.send_to(b"?", state.join("app.sock"))?;
+    let mut buf = vec![0u8; 65_536];
+    loop {
+        let n = s.recv(&mut buf)?;
+        if buf.first() == Some(&b'?') {
+            let v: serde_json::Value = serde_json::from_slice(buf.get(1..n).unwrap_or_default())?;
+            return Ok(v["running"]["app_dropped"].as_u64().unwrap_or(0));
+        }
+    }
+}
+
+/// Every path at every size, `count` messages each; prints a line per row.
+pub fn run(bins: &Bins, count: u64, base_port: u16) -> Vec<E2eRow> {
+    let mut rows = Vec::new();
+    let mut ports = PortPool::new(base_port);
+    let dir = match tempfile::Builder::new().prefix("kfb-e2e-").tempdir() {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("end to end: no temporary directory: {e}");
+            return rows;
+        }
+    };
+    let fleet = KfFleet::start(bins, 2, &mut ports);
+    for size in SIZES {
+        let kf = match &fleet {
+            Ok(f) => keyfleet_path(f, dir.path(), size, count).map(|(mut r, d)| {
+                r.error = (d > 0).then(|| format!("agent B counted {d} app_dropped"));
+                r
+            }),
+            Err(e) => Err(anyhow::anyhow!("the keyfleet fleet did not start: {e:#}")),
+        };
+        let group = |p: &mut PortPool| -> anyhow::Result<SocketAddrV4> {
+            Ok(SocketAddrV4::new(
+                Ipv4Addr::new(239, 255, 201, 7),
+                p.take()?,
+            ))
+        };
+        let relay = group(&mut ports).and_then(|g| relay_path(dir.path(), g, size, count));
+        let mc = group(&mut ports).and_then(|g| multicast(g, size, count));
+        for (path, r) in [("keyfleet", kf), ("relay", relay), ("multicast", mc)] {
+            let r = r.unwrap_or_else(|e| E2eRow {
+                path: path.into(),
+                size,
+                error: Some(format!("{e:#}")),
+                ..E2eRow::default()
+            });
+            eprintln!(
+                "{:>9} {:>5} B: {:>9.0} msg/s  p50 {:>8.0} us  p99 {:>8.0} us  received {}/{}  dropped {}{}",
+                r.path,
+                r.size,
+                r.msgs_per_s,
+                r.p50_us,
+                r.p99_us,
+                r.received,
+                r.sent,
+                r.dropped,
+                r.error
+                    .as_deref()
+                    .map(|e| format!("  ({e})"))
+                    .unwrap_or_default()
+            );
+            rows.push(r);
+        }
+    }
+    rows
+}
