@@ -79,7 +79,7 @@
 use super::triggers::{TriggerConfig, TriggerReason};
 use super::{backoff, Refusal, Time};
 use crate::crypto::{
-    ratchet, Chain, CheckValue, Epoch, GroupKey, InitialKey, NodeKeys, Share, ShareSecret,
+    digest16, ratchet, Chain, CheckValue, Epoch, GroupKey, InitialKey, NodeKeys, Share, ShareSecret,
 };
 use crate::wire::{
     self, AnswerPayload, DataReplay, DataSeen, KeyState, Maced, Message, NodeId, ReplayWindow,
@@ -95,8 +95,14 @@ use thiserror::Error;
 use zeroize::Zeroize;
 
 const SEQ_BLOCK: u64 = 4096;
-/// At most one handshake answered per member in this many ms (each costs an X25519).
+/// New handshakes (each costs two X25519 operations) a member may have
+/// answered at once…
+pub const HANDSHAKE_BURST: u32 = 2;
+/// …and one more per this many ms.
 pub const HANDSHAKE_INTERVAL_MS: u64 = 250;
+/// A retry of an answered handshake init gets the cached answer again at most
+/// once per this many ms (a hash and a send: no key agreement).
+pub const HANDSHAKE_RESEND_MS: u64 = 100;
 /// How long a re-join allowed by the operator stays open.
 pub const REJOIN_WINDOW_MS: u64 = 10 * 60 * 1000;
 
@@ -601,6 +607,20 @@ pub struct MemberRatchet {
     /// later init replaces it (the node holds only its latest handshake).
     #[serde(default)]
     pub handshake_seq: u64,
+    /// The answer sent to that init, by the init's digest: a retry of the same
+    /// init (a node resends it until answered) gets the same bytes again, with
+    /// no new key agreement and no new chain, until the node's first message
+    /// under the chain completes the handshake.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handshake_answer: Option<AnsweredInit>,
+}
+
+/// A handshake init answered: its digest and the answer's Noise message.
+#[derive(Clone, Debug, Hash, Serialize, Deserialize)]
+pub struct AnsweredInit {
+    pub init: [u8; 16],
+    #[serde(with = "hex::serde")]
+    pub answer: Vec<u8>,
 }
 
 #[derive(Clone, Debug, Hash, Serialize, Deserialize)]
@@ -678,8 +698,11 @@ pub struct ControllerPersist {
 #[derive(Clone)]
 struct Member {
     row: MemberPersist,
-    /// When this member's last handshake was answered (rate limit).
-    last_handshake: Option<Time>,
+    /// New-handshake budget ([`HANDSHAKE_BURST`], [`HANDSHAKE_INTERVAL_MS`]).
+    hs_tokens: u32,
+    hs_at: Time,
+    /// When the cached handshake answer was last resent.
+    hs_resent: Option<Time>,
     /// The chain this member left at its last confirmed step (memory only):
     /// a message still in flight under it is late, not forged.
     previous: Option<Chain>,
@@ -1144,6 +1167,7 @@ impl ControllerMachine {
                     m.replay = ReplayWindow::default();
                     m.row.ratchet.handshake = None;
                     m.row.ratchet.handshake_seq = 0;
+                    m.row.ratchet.handshake_answer = None;
                     out.push(ControllerAction::PersistMember(Box::new(m.row.clone())));
                 }
                 Self::record(
@@ -2094,6 +2118,7 @@ impl ControllerMachine {
                         rt.next = None;
                         if under == Under::Handshake {
                             rt.handshake = None;
+                            rt.handshake_answer = None;
                             m.row.rejoin_until = None;
                             out.push(ControllerAction::Record(Record::HandshakeCompleted {
                                 member,
@@ -2250,15 +2275,49 @@ impl ControllerMachine {
                         node_id: h.node_id.to_string(),
                     });
                 }
-                if m.last_handshake
-                    .is_some_and(|t| now.since(t) < HANDSHAKE_INTERVAL_MS)
+                // A retry of the init already answered: the same answer again,
+                // without a key agreement (a hash and a send, at most once per
+                // HANDSHAKE_RESEND_MS). Its bytes are PSK-authenticated and
+                // answered before; a copy replayed by someone else gets bytes
+                // only the node's ephemeral secret opens.
+                let digest = digest16(bytes);
+                if let Some(c) = m
+                    .row
+                    .ratchet
+                    .handshake_answer
+                    .as_ref()
+                    .filter(|c| c.init == digest && m.row.ratchet.handshake_seq == h.seq)
                 {
-                    return Err(Refusal::RateLimited { what, member });
+                    if m.hs_resent
+                        .is_some_and(|t| now >= t && now.since(t) < HANDSHAKE_RESEND_MS)
+                    {
+                        return Err(Refusal::DuplicateRequest {
+                            what,
+                            seq: h.seq,
+                            interval_ms: HANDSHAKE_RESEND_MS,
+                        });
+                    }
+                    let answer = wire::handshake_answer(h.seq, &c.answer);
+                    m.hs_resent = Some(now);
+                    out.push(ControllerAction::SendTo {
+                        to: from,
+                        bytes: answer,
+                    });
+                    return Ok(());
                 }
                 if m.replay.check(h.seq) != Seen::Fresh
                     || (m.row.ratchet.handshake.is_some() && h.seq <= m.row.ratchet.handshake_seq)
                 {
                     return Err(Refusal::Replay { what, seq: h.seq });
+                }
+                if !super::take_token(
+                    &mut m.hs_tokens,
+                    &mut m.hs_at,
+                    now,
+                    HANDSHAKE_BURST,
+                    HANDSHAKE_INTERVAL_MS,
+                ) {
+                    return Err(Refusal::RateLimited { what, member });
                 }
                 let seq = self.next_seq(out);
                 let payload = wire::answer_payload(&AnswerPayload {
@@ -2275,9 +2334,13 @@ impl ControllerMachine {
                     ratchet::respond(&m.row.keys, h.prologue, &h.noise, &payload, member, rng)
                         .map_err(|_| Refusal::BadMac { what, member })?;
                 m.replay.mark(h.seq);
-                m.last_handshake = Some(now);
+                m.hs_resent = Some(now);
                 m.row.ratchet.handshake = Some(chain);
                 m.row.ratchet.handshake_seq = h.seq;
+                m.row.ratchet.handshake_answer = Some(AnsweredInit {
+                    init: digest,
+                    answer: noise.clone(),
+                });
                 out.push(ControllerAction::PersistMember(Box::new(m.row.clone())));
                 let node_id = m.row.node_id.clone();
                 out.push(ControllerAction::SendTo {
@@ -2524,7 +2587,9 @@ impl ControllerMachine {
 impl Member {
     fn new(row: MemberPersist) -> Member {
         Member {
-            last_handshake: None,
+            hs_tokens: HANDSHAKE_BURST,
+            hs_at: Time(0),
+            hs_resent: None,
             previous: None,
             progress: 0,
             attempts: 0,

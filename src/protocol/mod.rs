@@ -26,14 +26,16 @@ mod node;
 mod triggers;
 
 pub use controller::{
-    CommandError, ControllerAction, ControllerConfig, ControllerCore, ControllerInput,
-    ControllerMachine, ControllerPersist, ControllerTimer, MemberPersist, MemberRatchet,
-    MemberStatus, PhaseTimes, Record, RestoreError, ResumeCause, RoundPersist, TriggerOutcome, Via,
-    HANDSHAKE_INTERVAL_MS, REJOIN_WINDOW_MS, TERM,
+    AnsweredInit, CommandError, ControllerAction, ControllerConfig, ControllerCore,
+    ControllerInput, ControllerMachine, ControllerPersist, ControllerTimer, MemberPersist,
+    MemberRatchet, MemberStatus, PhaseTimes, Record, RestoreError, ResumeCause, RoundPersist,
+    TriggerOutcome, Via, HANDSHAKE_BURST, HANDSHAKE_INTERVAL_MS, HANDSHAKE_RESEND_MS,
+    REJOIN_WINDOW_MS, TERM,
 };
 pub use node::{
     BeaconStats, Delivered, NodeAction, NodeConfig, NodeEvent, NodeInput, NodeMachine, NodePersist,
-    NodeRatchet, NodeState, NodeTimer, DUPLICATE_ANSWER_INTERVAL_MS, VERIFY_BURST, VERIFY_EVERY_MS,
+    NodeRatchet, NodeState, NodeTimer, DUPLICATE_ANSWER_INTERVAL_MS, HANDSHAKE_SENDS, VERIFY_BURST,
+    VERIFY_EVERY_MS,
 };
 pub use triggers::{TriggerConfig, TriggerReason};
 

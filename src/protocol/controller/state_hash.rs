@@ -44,7 +44,9 @@ impl Hash for Member {
     fn hash<H: Hasher>(&self, state: &mut H) {
         let Member {
             row,
-            last_handshake,
+            hs_tokens,
+            hs_at,
+            hs_resent,
             previous,
             progress,
             attempts,
@@ -58,7 +60,7 @@ impl Hash for Member {
         hash_row(row, state);
         (progress, attempts, replay, last_from, tokens, tokens_at).hash(state);
         (seals, opens).hash(state);
-        (last_handshake, previous).hash(state);
+        (hs_tokens, hs_at, hs_resent, previous).hash(state);
     }
 }
 

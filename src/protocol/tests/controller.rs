@@ -1905,3 +1905,176 @@ fn a_node_back_after_a_round_catches_up_from_the_first_beacon() {
     assert!(f.nodes[2].is_synced());
     assert!(f.nodes[2].beacon_stats().syncs >= 1);
 }
+
+/// Issue 17 under loss: a node resends the same handshake init until it is
+/// answered, and the controller answers a retry of an init it answered with
+/// the same bytes (no new key agreement, no new chain), at most once per
+/// `HANDSHAKE_RESEND_MS`; after `HANDSHAKE_SENDS` sends of one init the node
+/// starts a fresh handshake, which gets a new answer.
+#[test]
+fn handshake_retries_resend_the_same_init_and_get_the_cached_answer() {
+    let mut rng = rng();
+    let mut out = Vec::new();
+    let cfg = test_cfg();
+    let mut now = Time(0);
+    let mut c = ControllerMachine::new(cfg, now, &mut rng, &mut out);
+    let id = NodeId::parse("node-0").unwrap();
+    c.handle(
+        now,
+        ControllerInput::Enroll {
+            node_id: id.clone(),
+            initial_key: initial(0),
+            addr: node_addr(0),
+        },
+        &mut rng,
+        &mut out,
+    )
+    .unwrap();
+    c.handle(now, ControllerInput::Start, &mut rng, &mut out)
+        .unwrap();
+    let mut node = NodeMachine::new(id, &initial(0), node_cfg());
+    let mut nrng = ChaCha20Rng::seed_from_u64(5);
+    let mut n_out = Vec::new();
+    node.handle(now, NodeInput::LinkUp, &mut nrng, &mut n_out);
+    let first = sent(&n_out);
+    assert_eq!(first.len(), 1, "one handshake init");
+    let ctl_sends = |out: &[ControllerAction]| -> Vec<Vec<u8>> {
+        out.iter()
+            .filter_map(|a| match a {
+                ControllerAction::SendTo { bytes, .. } => Some(bytes.clone()),
+                _ => None,
+            })
+            .collect()
+    };
+    let refusals = |out: &[ControllerAction]| -> Vec<Refusal> {
+        out.iter()
+            .filter_map(|a| match a {
+                ControllerAction::Record(Record::Refused { reason, .. }) => Some(reason.clone()),
+                _ => None,
+            })
+            .collect()
+    };
+    let mut to_ctl = |c: &mut ControllerMachine, now: Time, bytes: &[u8]| {
+        let mut out = Vec::new();
+        let _ = c.handle(
+            now,
+            ControllerInput::Datagram {
+                from: node_addr(0),
+                bytes,
+            },
+            &mut rng,
+            &mut out,
+        );
+        out
+    };
+    // The first answer is lost; every retry is the same init and gets the same answer.
+    let out = to_ctl(&mut c, now, &first[0]);
+    let answers = ctl_sends(&out);
+    assert_eq!(answers.len(), 1, "{out:?}");
+    let chain = c.snapshot().members[0].ratchet.handshake.clone();
+    assert!(chain.is_some());
+    let mut resent = Vec::new();
+    for _ in 1..HANDSHAKE_SENDS {
+        now = now.plus(20_000);
+        n_out.clear();
+        node.handle(
+            now,
+            NodeInput::Timer(NodeTimer::Sync),
+            &mut nrng,
+            &mut n_out,
+        );
+        let again = sent(&n_out);
+        assert_eq!(again, first, "a retry resends the same init");
+        let out = to_ctl(&mut c, now, &again[0]);
+        assert_eq!(ctl_sends(&out), answers, "the cached answer, byte for byte");
+        assert!(
+            !out.iter()
+                .any(|a| matches!(a, ControllerAction::PersistMember(_))),
+            "a resend writes nothing"
+        );
+        // A copy right after: refused without an answer.
+        let out = to_ctl(&mut c, now.plus(1), &again[0]);
+        assert!(ctl_sends(&out).is_empty());
+        assert!(matches!(
+            refusals(&out)[..],
+            [Refusal::DuplicateRequest { .. }]
+        ));
+        resent.push(again);
+    }
+    assert_eq!(
+        c.snapshot().members[0].ratchet.handshake,
+        chain,
+        "no new chain for a retry"
+    );
+    // The node has sent its init HANDSHAKE_SENDS times: the next retry is a
+    // fresh handshake, which gets a new answer (and a new chain).
+    now = now.plus(20_000);
+    n_out.clear();
+    node.handle(
+        now,
+        NodeInput::Timer(NodeTimer::Sync),
+        &mut nrng,
+        &mut n_out,
+    );
+    let fresh = sent(&n_out);
+    assert_eq!(fresh.len(), 1);
+    assert_ne!(fresh, first, "a fresh init after HANDSHAKE_SENDS sends");
+    let out = to_ctl(&mut c, now, &fresh[0]);
+    let fresh_answer = ctl_sends(&out);
+    assert_eq!(fresh_answer.len(), 1);
+    assert_ne!(fresh_answer, answers);
+    // The old answer no longer opens anything at the node; the new one joins it.
+    n_out.clear();
+    node.handle(
+        now,
+        NodeInput::Datagram {
+            from: ctl_addr(),
+            bytes: &answers[0],
+        },
+        &mut nrng,
+        &mut n_out,
+    );
+    assert!(!node.is_synced());
+    // A retransmission of the fresh init, delivered late, gets the fresh
+    // answer again; its answer and the first copy's both join the node.
+    let out = to_ctl(&mut c, now.plus(HANDSHAKE_RESEND_MS), &fresh[0]);
+    assert_eq!(ctl_sends(&out), fresh_answer);
+    n_out.clear();
+    node.handle(
+        now,
+        NodeInput::Datagram {
+            from: ctl_addr(),
+            bytes: &fresh_answer[0],
+        },
+        &mut nrng,
+        &mut n_out,
+    );
+    // It adopts the key, confirms under the new chain and asks once more: the
+    // key response completes its sync. Its first message under the chain
+    // completed the handshake: the cache is dropped and the node id pinned.
+    let mut to_node = Vec::new();
+    for _ in 0..4 {
+        for b in sent(&n_out) {
+            to_node.extend(ctl_sends(&to_ctl(&mut c, now, &b)));
+        }
+        n_out.clear();
+        for b in to_node.drain(..) {
+            node.handle(
+                now,
+                NodeInput::Datagram {
+                    from: ctl_addr(),
+                    bytes: &b,
+                },
+                &mut nrng,
+                &mut n_out,
+            );
+        }
+    }
+    assert!(node.is_synced(), "{:?}", node.state());
+    let row = &c.snapshot().members[0];
+    assert!(row.ratchet.committed.is_some());
+    assert!(row.ratchet.handshake_answer.is_none());
+    let out = to_ctl(&mut c, now.plus(1000), &fresh[0]);
+    assert!(ctl_sends(&out).is_empty());
+    assert!(matches!(refusals(&out)[..], [Refusal::Pinned { .. }]));
+}
