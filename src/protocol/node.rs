@@ -859,10 +859,10 @@ impl NodeMachine {
             // `HANDSHAKE_SENDS` sends of one init a fresh one goes (in case the
             // controller lost its answer, e.g. restored from an older backup).
             _ => {
-                if !self
+                if self
                     .handshake
                     .as_ref()
-                    .is_some_and(|h| h.sent < HANDSHAKE_SENDS)
+                    .is_none_or(|h| h.sent >= HANDSHAKE_SENDS)
                 {
                     let seq = self.next_seq(out);
                     match Handshake::start(&self.keys, &self.node_id, seq, rng) {
