@@ -497,6 +497,11 @@ pub struct NodeMachine {
     beacon_stats: BeaconStats,
     /// When a beacon after a silence last made the node ask.
     last_nudge: Option<Time>,
+    /// The controller's sequence number on the answer that last synced this
+    /// node (0: none since start). A resync request numbered below it was sent
+    /// before that answer, while the controller still counted the node out of
+    /// step: the answer settled it, so the request is obsolete.
+    synced_by: u64,
 }
 
 type Out = Vec<NodeAction>;
@@ -576,6 +581,7 @@ impl NodeMachine {
             beacon_refill: Time(0),
             beacon_stats: BeaconStats::default(),
             last_nudge: None,
+            synced_by: 0,
             cfg,
         }
     }
@@ -1166,7 +1172,7 @@ impl NodeMachine {
                     secret: ShareSecret::generate(rng),
                 };
                 let previous = self.ratchet.replace(next);
-                let res = self.adopt(now, what, r.in_reply_to, current, round, rng, out);
+                let res = self.adopt(now, what, (r.seq, r.in_reply_to), current, round, rng, out);
                 if res.is_err() {
                     self.ratchet = previous;
                 }
@@ -1220,7 +1226,15 @@ impl NodeMachine {
                     secret: ShareSecret::generate(rng),
                 };
                 let previous_ratchet = self.ratchet.replace(next);
-                match self.adopt(now, what, a.in_reply_to, p.current, p.round, rng, out) {
+                match self.adopt(
+                    now,
+                    what,
+                    (p.seq, a.in_reply_to),
+                    p.current,
+                    p.round,
+                    rng,
+                    out,
+                ) {
                     Ok(()) => {
                         self.ctl_replay.mark(p.seq);
                         self.handshake = None;
@@ -1247,6 +1261,10 @@ impl NodeMachine {
                     return Err(Refusal::Replay { what, seq: x.seq });
                 }
                 self.ctl_replay.mark(x.seq);
+                if x.seq < self.synced_by {
+                    // Sent before the answer that synced us: nothing left to ask.
+                    return Ok(());
+                }
                 self.start_sync(now, rng, out, false, false);
                 Ok(())
             }
@@ -1535,7 +1553,8 @@ impl NodeMachine {
         }
     }
 
-    /// Take the controller's key state (key response or handshake answer).
+    /// Take the controller's key state (key response or handshake answer);
+    /// `answer` is the message's own sequence number and the request it answers.
     #[allow(clippy::too_many_arguments)]
     /// The keys come unwrapped (from a key response's ratchet step or a
     /// handshake answer); the caller has already moved the ratchet on and
@@ -1544,7 +1563,7 @@ impl NodeMachine {
         &mut self,
         now: Time,
         what: &'static str,
-        in_reply_to: u64,
+        (answer_seq, in_reply_to): (u64, u64),
         current: GroupKey,
         round: Option<(RoundPhase, GroupKey)>,
         rng: &mut (impl RngCore + CryptoRng),
@@ -1585,6 +1604,7 @@ impl NodeMachine {
             }
             self.handshake = None;
             self.sync = None;
+            self.synced_by = self.synced_by.max(answer_seq);
             out.push(NodeAction::Event(NodeEvent::Synced {
                 state: self.state(),
             }));

@@ -107,6 +107,8 @@ pub enum WireError {
         first_entry: u32,
         last_entry: u32,
     },
+    #[error("key update entries are not in rising member order: member {member} follows member {previous}")]
+    BatchOrder { previous: u32, member: u32 },
     #[error("node id invalid: {0}")]
     NodeId(#[from] NodeIdError),
 }
@@ -662,6 +664,19 @@ pub fn decode(bytes: &[u8]) -> Result<Message<'_>, WireError> {
                             first_entry: fe,
                             last_entry: le,
                         });
+                    }
+                    // Sorted and without repeats: a node finds its entry by
+                    // binary search, and one batch has one byte string.
+                    let members = (0..count).filter_map(|i| ku.entry_at(i).map(|e| e.0));
+                    let mut previous = None;
+                    for member in members {
+                        if let Some(p) = previous.filter(|p| member <= *p) {
+                            return Err(WireError::BatchOrder {
+                                previous: p,
+                                member,
+                            });
+                        }
+                        previous = Some(member);
                     }
                     Message::KeyUpdate(ku)
                 }

@@ -377,6 +377,38 @@ fn key_update_header_range_must_match_entries() {
     ));
 }
 
+/// Found by the `wire_decode` fuzz target: a batch whose first and last
+/// entries match its header but whose middle entry lies outside it (members
+/// 3, 2, 9 under 3..=9) decoded, and a node's binary search could miss its
+/// entry. Entries must rise strictly: unsorted or repeated members are refused.
+#[test]
+fn key_update_entries_must_rise_strictly() {
+    let w = WrappedKey([0; WRAPPED_LEN]);
+    for (members, previous, member) in [
+        (&[3u32, 2, 9][..], 3, 2),
+        (&[3, 10, 9][..], 10, 9),
+        (&[3, 3, 9][..], 3, 3),
+        (&[3, 9, 9][..], 9, 9),
+    ] {
+        let entries: Vec<_> = members.iter().map(|m| (*m, w.clone())).collect();
+        let bytes = sign(
+            key_update(Epoch(1), 1, &Share([0; 32]), &entries),
+            &signing(),
+        );
+        assert_eq!(
+            decode(&bytes),
+            Err(WireError::BatchOrder { previous, member }),
+            "{members:?}"
+        );
+    }
+    let entries: Vec<_> = [3u32, 4, 9].iter().map(|m| (*m, w.clone())).collect();
+    let bytes = sign(
+        key_update(Epoch(1), 1, &Share([0; 32]), &entries),
+        &signing(),
+    );
+    assert!(matches!(decode(&bytes), Ok(Message::KeyUpdate(_))));
+}
+
 #[test]
 fn node_id_rules() {
     assert!(NodeId::parse("pump-7.hall_B").is_ok());

@@ -73,6 +73,7 @@ impl Hash for NodeMachine {
             last_nudge,
             ratchet,
             handshake,
+            synced_by,
         } = self;
         node_id.hash(state);
         joined.hash(state);
@@ -100,5 +101,6 @@ impl Hash for NodeMachine {
         // The ratchet by check values; the handshake in flight by its init bytes.
         ratchet.hash(state);
         handshake.hash(state);
+        synced_by.hash(state);
     }
 }

@@ -1026,3 +1026,45 @@ fn forged_requests_that_could_not_move_the_node_cost_no_signature_check() {
     );
     assert_eq!(r.node.state(), IT12);
 }
+
+/// A stale node's late replies make the controller send resync requests; the
+/// node may sync by itself (a beacon) before they arrive. A resync request
+/// numbered below the answer that synced the node was sent while the
+/// controller still counted it out of step: it asks nothing (no key request,
+/// still synced). One numbered after that answer is obeyed.
+#[test]
+fn a_resync_request_older_than_the_answer_that_synced_the_node_asks_nothing() {
+    let mut r = Rig::uc1();
+    let resync = |r: &Rig, seq: u64| {
+        let member = r.ctl.member;
+        wire::mac(wire::resync(Epoch(1), seq, member), &r.ctl.chain())
+    };
+    // The controller asks, and numbers a second resync request it sends before answering.
+    let first = r.ctl.seq();
+    let bytes = resync(&r, first);
+    let out = r.feed(&bytes);
+    assert_eq!(refusal(&out), None);
+    assert_eq!(names(&out), vec!["key request"]);
+    assert!(!r.node.is_synced());
+    let late = r.ctl.seq();
+    let st = r.ctl.state(&key(1), None);
+    let kr = r.ctl.key_response(request_seq(&out), &st);
+    let out = r.feed(&kr);
+    assert_eq!(refusal(&out), None);
+    assert!(r.node.is_synced());
+
+    // The late copy arrives after the answer (MAC'd under the chain the
+    // answer's step reached, as after the node's reply): nothing to ask.
+    let late_bytes = resync(&r, late);
+    let out = r.feed(&late_bytes);
+    assert_eq!(refusal(&out), None);
+    assert!(sent(&out).is_empty(), "{:?}", names(&out));
+    assert!(r.node.is_synced());
+
+    // A resync request sent after the answer is the controller's current view: obeyed.
+    let fresh = r.ctl.seq();
+    let bytes = resync(&r, fresh);
+    let out = r.feed(&bytes);
+    assert_eq!(names(&out), vec!["key request"]);
+    assert!(!r.node.is_synced());
+}
