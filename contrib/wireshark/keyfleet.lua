@@ -13,7 +13,7 @@
 -- Two layouts of revision 2 are decoded (preference "Wire layout"):
 --   join       revision 2 before issue 17: join 0x15, join accept 0x06, no
 --              X25519 shares;
---   handshake  issue 17 (branch fs): the Noise NNpsk0 handshake init 0x17 and
+--   handshake  issue 17 (what keyfleet speaks now): the Noise NNpsk0 handshake init 0x17 and
 --              answer 0x09 replace join and join accept; the key update
 --              request 0x02 and key response 0x05 carry the controller's
 --              X25519 share, the replies 0x11-0x13 and the key request 0x14
@@ -53,7 +53,7 @@ local SIG_LEN, MAC_LEN, WRAPPED_LEN, NONCE_LEN, TAG_LEN, SHARE_LEN = 64, 16, 60,
 local KEY_LEN = 32
 local ENTRY_LEN = 4 + WRAPPED_LEN
 local MAX_USAGE_ENTRIES = 4
--- The Noise messages of issue 17 (branch fs): init = e 32 + tag 16; the
+-- The Noise messages of issue 17: init = e 32 + tag 16; the
 -- answer's encrypted payload is seq, member, controller key, current epoch
 -- and key, round flag [round epoch, phase, round key].
 local HS_INIT_NOISE = 32 + 16
