@@ -390,7 +390,7 @@ fn key_update_entries_must_rise_strictly() {
         (&[3, 3, 9][..], 3, 3),
         (&[3, 9, 9][..], 9, 9),
     ] {
-        let entries: Vec<_> = members.iter().map(|m| (*m, w.clone())).collect();
+        let entries: Vec<_> = members.iter().map(|m| (*m, w)).collect();
         let bytes = sign(
             key_update(Epoch(1), 1, &Share([0; 32]), &entries),
             &signing(),
@@ -401,7 +401,7 @@ fn key_update_entries_must_rise_strictly() {
             "{members:?}"
         );
     }
-    let entries: Vec<_> = [3u32, 4, 9].iter().map(|m| (*m, w.clone())).collect();
+    let entries: Vec<_> = [3u32, 4, 9].iter().map(|m| (*m, w)).collect();
     let bytes = sign(
         key_update(Epoch(1), 1, &Share([0; 32]), &entries),
         &signing(),
