@@ -6,8 +6,8 @@
 #   bench/run.sh --quick    smoke test with small sizes: writes under target/keyfleet-bench/
 #
 # Other flags go to `keyfleet-bench run` (see `keyfleet-bench run --help`), e.g.
-# `--only serf,keyfleet --sizes 10,50`. Needs Debian's `serf` and `zbar-tools`
-# (installed here when missing and we are root) and a Rust toolchain.
+# `--only serf,keyfleet --sizes 10,50`. Needs Debian's `serf`, `zbar-tools` and
+# `valgrind` (installed here when missing and we are root) and a Rust toolchain.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -26,6 +26,7 @@ install_pkg() { # command package
 }
 install_pkg serf serf
 install_pkg zbarimg zbar-tools
+install_pkg valgrind valgrind
 
 echo "load before building: $(uptime)" >&2
 t0=$(date +%s)

@@ -97,9 +97,18 @@ impl Default for NetworkConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RoundConfig {
-    /// Wait after every node confirmed the first transition before the second;
-    /// longer than any datagram stays in flight.
-    pub drain_grace_ms: u64,
+    /// A fixed wait after every node confirmed the first transition before the
+    /// second (longer than any datagram stays in flight); unset (the default),
+    /// the wait is measured: `drain_rtt_factor` times the round's slowest
+    /// acknowledgement round trip, between `drain_floor_ms` and `max_flight_ms`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub drain_grace_ms: Option<u64>,
+    /// The measured drain: this many times the slowest acknowledgement round trip…
+    pub drain_rtt_factor: u32,
+    /// …at least this long…
+    pub drain_floor_ms: u64,
+    /// …and at most this long: the longest any datagram stays in flight.
+    pub max_flight_ms: u64,
     /// First retry of a request after this long, doubling…
     pub retry_initial_ms: u64,
     /// …up to this.
@@ -122,6 +131,9 @@ impl Default for RoundConfig {
         let c = ControllerConfig::default();
         RoundConfig {
             drain_grace_ms: c.drain_grace_ms,
+            drain_rtt_factor: c.drain_rtt_factor,
+            drain_floor_ms: c.drain_floor_ms,
+            max_flight_ms: c.max_flight_ms,
             retry_initial_ms: c.retry_initial_ms,
             retry_max_ms: c.retry_max_ms,
             retry_jitter_pct: c.retry_jitter_pct,
@@ -472,6 +484,22 @@ impl Config {
                 reason: "a percentage is at most 100",
             });
         }
+        if self.round.drain_rtt_factor == 0 {
+            return Err(ConfigError::Value {
+                key: "round.drain_rtt_factor",
+                value: "0".into(),
+                reason:
+                    "the drain must outlast the round trips it measured; use at least 1 (default 2)",
+            });
+        }
+        if self.round.drain_floor_ms > self.round.max_flight_ms {
+            return Err(ConfigError::Value {
+                key: "round.drain_floor_ms",
+                value: self.round.drain_floor_ms.to_string(),
+                reason:
+                    "the floor of the drain is above round.max_flight_ms, its ceiling; lower it",
+            });
+        }
         if self.audit.refusal_max_sources == 0 {
             return Err(ConfigError::Value {
                 key: "audit.refusal_max_sources",
@@ -497,6 +525,9 @@ impl Config {
             member_request_interval_ms: l.member_request_interval_ms,
             node_trigger_min_interval_ms: l.node_trigger_min_interval_ms,
             drain_grace_ms: r.drain_grace_ms,
+            drain_rtt_factor: r.drain_rtt_factor,
+            drain_floor_ms: r.drain_floor_ms,
+            max_flight_ms: r.max_flight_ms,
             retry_initial_ms: r.retry_initial_ms,
             retry_max_ms: r.retry_max_ms,
             retry_jitter_pct: r.retry_jitter_pct,
@@ -554,8 +585,16 @@ iface = "{iface}"
 listen_port = {listen_port}
 
 [round]
-# Wait after every node confirmed the first transition before the second (ms).
-drain_grace_ms = {drain}
+# After every node confirmed the first transition, wait for messages sealed
+# with the old key still in flight before the second (S2): drain_rtt_factor
+# times the round's slowest acknowledgement round trip, at least
+# drain_floor_ms, at most max_flight_ms (the longest any datagram stays in
+# flight). A message delayed longer than that wait may become unreadable.
+drain_rtt_factor = {drf}
+drain_floor_ms = {dfl}
+max_flight_ms = {mfl}
+# Or a fixed wait (ms) instead of the measured one:
+# drain_grace_ms = 2000
 # Retries: first after retry_initial_ms, doubling up to retry_max_ms, ± jitter %.
 retry_initial_ms = {ri}
 retry_max_ms = {rm}
@@ -621,7 +660,9 @@ interval_ms = {bi}
             group = n.group,
             iface = n.iface,
             listen_port = n.listen_port,
-            drain = r.drain_grace_ms,
+            drf = r.drain_rtt_factor,
+            dfl = r.drain_floor_ms,
+            mfl = r.max_flight_ms,
             ri = r.retry_initial_ms,
             rm = r.retry_max_ms,
             rj = r.retry_jitter_pct,
@@ -661,6 +702,14 @@ mod tests {
         let want = ControllerConfig::default();
         assert_eq!(core.triggers, want.triggers);
         assert_eq!(core.drain_grace_ms, want.drain_grace_ms);
+        assert_eq!(
+            (
+                core.drain_rtt_factor,
+                core.drain_floor_ms,
+                core.max_flight_ms
+            ),
+            (2, 10, 2000)
+        );
         assert_eq!(core.stale_after_ms, want.stale_after_ms);
         assert_eq!(c.audit.refusal_window_ms, 60_000);
         assert_eq!(c.beacon.interval_ms, 1000);

@@ -37,7 +37,7 @@ fn driver(
         ..NodeConfig::default()
     };
     let machine = NodeMachine::new(NodeId::parse(name).unwrap(), &key.key, cfg);
-    NodeDriver::new(machine, transport, p, ctl.addr)
+    NodeDriver::new(machine, transport, p)
 }
 
 /// Drives `d` until `done` holds (or panics after `T`).

@@ -4,10 +4,18 @@
 //! returns when the round is done (every node acknowledged both transition
 //! requests, or was marked stale).
 //!
+//! While the rotations run, the applications of the first
+//! [`TRAFFIC_SENDERS`] agents send a group message every
+//! [`TRAFFIC_EVERY_MS`] through their agents; every message must reach
+//! every other agent (counted from the agents' own `delivered` and
+//! `undecryptable` counters).
+//!
 //! Also `keyfleet sim --json` at fleet sizes too large for processes.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context};
@@ -25,7 +33,7 @@ pub struct KfRep {
     pub wall_ms: f64,
     /// The round as the controller timed it (`elapsed_ms`).
     pub elapsed_ms: f64,
-    /// Of which the drain grace (`phases_ms.draining`, `round.drain_grace_ms`).
+    /// Of which the drain grace (`phases_ms.draining`, measured from the round trips).
     pub draining_ms: f64,
     pub epoch: u64,
     pub nodes: u64,
@@ -41,8 +49,122 @@ pub struct KfRun {
     pub reps: Vec<KfRep>,
     /// After the last round every agent reported UpdateCompleted at the round's epoch.
     pub verified: bool,
+    /// Application messages during the rotations, and where they arrived.
+    #[serde(default)]
+    pub traffic: Option<TrafficFigures>,
     pub error: Option<String>,
     pub load: Load,
+}
+
+/// Agents whose applications send during the rotations…
+pub const TRAFFIC_SENDERS: usize = 5;
+/// …a group message each this often.
+pub const TRAFFIC_EVERY_MS: u64 = 50;
+
+/// What the applications sent during the rotations, and what the agents did with it.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct TrafficFigures {
+    /// Messages the senders' agents confirmed (sealed and sent, or held and sent).
+    pub sent: u64,
+    /// Each reaches every other agent: `sent` × (N − 1).
+    pub expected: u64,
+    /// Deliveries the agents counted.
+    pub delivered: u64,
+    /// Data no held key opened, over all agents (must be 0).
+    pub undecryptable: u64,
+    /// Messages the senders' agents refused (hold queue full).
+    pub refused: u64,
+}
+
+/// The senders of [`TrafficFigures`]: one thread per application.
+struct AppTraffic {
+    stop: Arc<AtomicBool>,
+    sent: Arc<AtomicU64>,
+    refused: Arc<AtomicU64>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl AppTraffic {
+    fn start(f: &KfFleet, senders: usize, every: Duration) -> anyhow::Result<AppTraffic> {
+        use keyfleet::agent::app;
+        let stop = Arc::new(AtomicBool::new(false));
+        let sent = Arc::new(AtomicU64::new(0));
+        let refused = Arc::new(AtomicU64::new(0));
+        let mut threads = Vec::new();
+        for i in 0..senders.min(f.n) {
+            let agent = f.agent_state(i).join(app::SOCKET_NAME);
+            let me = f.dir.path().join(format!("app-{i}.sock"));
+            let sock = std::os::unix::net::UnixDatagram::bind(&me)
+                .with_context(|| format!("binding {}", me.display()))?;
+            sock.set_read_timeout(Some(Duration::from_millis(5)))?;
+            let (stop, sent, refused) = (stop.clone(), sent.clone(), refused.clone());
+            threads.push(std::thread::spawn(move || {
+                let mut buf = vec![0u8; 65_536];
+                let mut n = 0u64;
+                let mut next = Instant::now();
+                while !stop.load(Ordering::Relaxed) {
+                    if Instant::now() >= next {
+                        n += 1;
+                        let msg = app::encode_send(format!("a{i} #{n}").as_bytes());
+                        let _ = sock.send_to(&msg, &agent);
+                        next += every;
+                    }
+                    if let Ok(len) = sock.recv(&mut buf) {
+                        match app::decode_reply(&buf[..len]) {
+                            Ok(app::Reply::Outcome(
+                                app::SendOutcome::Sent | app::SendOutcome::Held,
+                            )) => {
+                                sent.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Ok(app::Reply::Outcome(app::SendOutcome::Dropped)) => {
+                                refused.fetch_add(1, Ordering::Relaxed);
+                            }
+                            _ => {}
+                        }
+                    }
+                }
+                // The last answers.
+                let until = Instant::now() + Duration::from_millis(300);
+                while Instant::now() < until {
+                    if let Ok(len) = sock.recv(&mut buf) {
+                        if let Ok(app::Reply::Outcome(
+                            app::SendOutcome::Sent | app::SendOutcome::Held,
+                        )) = app::decode_reply(&buf[..len])
+                        {
+                            sent.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+            }));
+        }
+        Ok(AppTraffic {
+            stop,
+            sent,
+            refused,
+            threads,
+        })
+    }
+
+    /// Stops sending; (messages confirmed, refused).
+    fn finish(mut self) -> (u64, u64) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        (
+            self.sent.load(Ordering::Relaxed),
+            self.refused.load(Ordering::Relaxed),
+        )
+    }
+}
+
+impl Drop for AppTraffic {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
 }
 
 impl KfRun {
@@ -257,6 +379,20 @@ impl KfFleet {
         })
     }
 
+    /// (delivered, undecryptable) summed over the agents' counters.
+    pub fn data_counters(&self) -> anyhow::Result<(u64, u64)> {
+        let (mut delivered, mut undecryptable) = (0, 0);
+        for a in &self.agents {
+            let mut c = Command::new(&self.bins.agent);
+            c.arg("status").arg("--state").arg(a).arg("--json");
+            let (_, out) = timed_ok(c, Duration::from_secs(20))?;
+            let v: Value = serde_json::from_slice(&out.stdout)?;
+            delivered += v["running"]["delivered"].as_u64().unwrap_or(0);
+            undecryptable += v["running"]["undecryptable"].as_u64().unwrap_or(0);
+        }
+        Ok((delivered, undecryptable))
+    }
+
     /// Whether every agent is in UpdateCompleted at `epoch`.
     pub fn verify(&self, epoch: u64) -> anyhow::Result<bool> {
         for a in &self.agents {
@@ -306,17 +442,40 @@ pub fn run(bins: &Bins, sizes: &[usize], reps: usize, base_port: u16) -> KfResul
             let res = (|| -> anyhow::Result<()> {
                 let f = KfFleet::start(bins, n, &mut ports)?;
                 r.join_ms = f.join_ms;
-                for _ in 0..reps {
-                    let rep = f.rotate()?;
-                    r.reps.push(rep.clone());
-                    ensure!(
-                        rep.acked as usize == n && rep.stale == 0,
-                        "round for epoch {} acknowledged by {} of {n} nodes, {} stale",
-                        rep.epoch,
-                        rep.acked,
-                        rep.stale
-                    );
-                }
+                let (d0, u0) = f.data_counters()?;
+                let traffic = AppTraffic::start(
+                    &f,
+                    TRAFFIC_SENDERS,
+                    Duration::from_millis(TRAFFIC_EVERY_MS),
+                )?;
+                std::thread::sleep(Duration::from_millis(500));
+                let rotated = (|| -> anyhow::Result<()> {
+                    for _ in 0..reps {
+                        let rep = f.rotate()?;
+                        r.reps.push(rep.clone());
+                        ensure!(
+                            rep.acked as usize == n && rep.stale == 0,
+                            "round for epoch {} acknowledged by {} of {n} nodes, {} stale",
+                            rep.epoch,
+                            rep.acked,
+                            rep.stale
+                        );
+                    }
+                    Ok(())
+                })();
+                std::thread::sleep(Duration::from_millis(500));
+                let (sent, refused) = traffic.finish();
+                // Let the last messages arrive.
+                std::thread::sleep(Duration::from_millis(1000));
+                let (d1, u1) = f.data_counters()?;
+                r.traffic = Some(TrafficFigures {
+                    sent,
+                    expected: sent * (n as u64 - 1),
+                    delivered: d1 - d0,
+                    undecryptable: u1 - u0,
+                    refused,
+                });
+                rotated?;
                 let last = r.reps.last().map_or(0, |x| x.epoch);
                 r.verified = f.verify(last)?;
                 Ok(())
@@ -324,9 +483,10 @@ pub fn run(bins: &Bins, sizes: &[usize], reps: usize, base_port: u16) -> KfResul
             r.error = res.err().map(|e| format!("{e:#}"));
             r.load = load.finish();
             eprintln!(
-                "keyfleet N={n}: median rekey {:?} ms over {} reps{}",
+                "keyfleet N={n}: median rekey {:?} ms over {} reps; traffic {:?}{}",
                 r.median_of(|x| x.wall_ms).map(|m| m.round()),
                 r.reps.len(),
+                r.traffic,
                 r.error
                     .as_deref()
                     .map(|e| format!("; error: {e}"))

@@ -8,6 +8,7 @@
 //! - [`qr`]: the webcam QR decoder against `zbarimg` on the generated label photos;
 //! - [`serf`] and [`fleet`]: rotating a shared key across N real processes
 //!   with Serf's keyring and with keyfleet, and `keyfleet sim` at larger sizes;
+//! - [`round`]: instruction counts of one in-process round (valgrind callgrind);
 //! - [`report`]: `results.md` and the SVG plot.
 #![forbid(unsafe_code)]
 
@@ -17,5 +18,6 @@ pub mod fleet;
 pub mod procs;
 pub mod qr;
 pub mod report;
+pub mod round;
 pub mod serf;
 pub mod stats;

@@ -9,7 +9,7 @@
 //! reported in the results), 1 error, 2 bad command line.
 #![forbid(unsafe_code)]
 
-use keyfleet_bench::{datapath, e2e, fleet, qr, report, serf, stats};
+use keyfleet_bench::{datapath, e2e, fleet, qr, report, round, serf, stats};
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -44,6 +44,12 @@ enum Cmd {
         #[arg(long, value_name = "FILE")]
         readme: Option<PathBuf>,
     },
+    /// One in-process rekey round after N joins (what `callgrind` counts).
+    #[command(hide = true)]
+    Round {
+        #[arg(long, default_value_t = 100)]
+        nodes: usize,
+    },
     /// The plain relay of the `e2e` part (started by it): forwards the Unix
     /// datagrams of LISTEN to GROUP, and GROUP's datagrams to DELIVER.
     #[command(hide = true)]
@@ -65,11 +71,11 @@ struct RunArgs {
     /// Small sizes and few repetitions: a smoke test of the harness, not figures to publish.
     #[arg(long)]
     quick: bool,
-    /// Parts to run (comma-separated): datapath, e2e, qr, serf, keyfleet, sim.
+    /// Parts to run (comma-separated): datapath, e2e, qr, serf, keyfleet, sim, callgrind.
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "datapath,e2e,qr,serf,keyfleet,sim"
+        default_value = "datapath,e2e,qr,serf,keyfleet,sim,callgrind"
     )]
     only: Vec<String>,
     /// Fleet sizes for the process benchmarks (Serf and keyfleet).
@@ -204,6 +210,13 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
             }
         }
     }
+    if on("callgrind") {
+        eprintln!("== instructions of one in-process round (callgrind)");
+        let me = std::env::current_exe()?;
+        for n in if a.quick { vec![10] } else { vec![100] } {
+            r.callgrind.push(round::callgrind(&me, n, &a.out));
+        }
+    }
     r.load_at_end = stats::loadavg();
     r.total_s = Some(t0.elapsed().as_secs_f64());
     let path = a.out.join("results.json");
@@ -227,6 +240,7 @@ fn main() -> std::process::ExitCode {
             svg,
             readme,
         } => report::write(&json, &md, &svg, readme.as_deref()),
+        Cmd::Round { nodes } => round::run_one(nodes),
         Cmd::Relay {
             listen,
             group,

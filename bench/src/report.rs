@@ -86,6 +86,9 @@ pub struct Results {
     /// The data path end to end (`e2e`).
     #[serde(default)]
     pub e2e: Vec<crate::e2e::E2eRow>,
+    /// Instruction counts of one in-process round (`callgrind`).
+    #[serde(default)]
+    pub callgrind: Vec<crate::round::Callgrind>,
 }
 
 fn ms(x: Option<f64>) -> String {
@@ -360,13 +363,16 @@ fn rotation_section(r: &Results, s: &mut String) {
             );
         }
         Some(k) => {
-            let _ = writeln!(s, "keyfleet: one `keyfleet serve` and N `keyfleet-agent run` processes on loopback multicast (`--iface 127.0.0.1`), each node enrolled with `keyfleet enroll`, default configuration (`round.drain_grace_ms` = 2000: after every node switched to the new key the controller waits this long before the second transition request, so that messages sealed with the old key and still in flight can be opened, SPEC S2; Serf has no such wait). A rotation is one `keyfleet rekey --json` talking to `serve`; the time is that process end to end. `elapsed_ms` is the round as the controller timed it.\n");
-            let _ = writeln!(s, "| nodes | reps | `rekey` process ms | round `elapsed_ms` | of which drain | acked | stale | all agents UpdateCompleted at the new epoch after | joined in ms | load (1 min) |");
-            let _ = writeln!(s, "|---:|---:|---:|---:|---:|---:|---:|---|---:|---|");
+            let _ = writeln!(s, "keyfleet: one `keyfleet serve` and N `keyfleet-agent run` processes on loopback multicast (`--iface 127.0.0.1`), each node enrolled with `keyfleet enroll`, default configuration (after every node switched to the new key the controller waits before the second transition request, twice the round's slowest acknowledgement round trip (`round.drain_rtt_factor`, at least `round.drain_floor_ms` = 10), so that messages sealed with the old key and still in flight can be opened, SPEC S2; Serf has no such wait). A rotation is one `keyfleet rekey --json` talking to `serve`; the time is that process end to end. `elapsed_ms` is the round as the controller timed it. While the rotations run, the applications of {} agents each send a group message every {} ms through their agents; each message must reach every other agent (the agents' own `delivered` and `undecryptable` counters).\n", crate::fleet::TRAFFIC_SENDERS, crate::fleet::TRAFFIC_EVERY_MS);
+            let _ = writeln!(s, "| nodes | reps | `rekey` process ms | round `elapsed_ms` | of which drain | acked | stale | all agents UpdateCompleted at the new epoch after | messages sent | deliveries / expected | undecryptable | joined in ms | load (1 min) |");
+            let _ = writeln!(
+                s,
+                "|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---|"
+            );
             for run in &k.runs {
                 let _ = writeln!(
                     s,
-                    "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                    "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                     run.n,
                     run.reps.len(),
                     ms(run.median_of(|r| r.wall_ms)),
@@ -376,6 +382,16 @@ fn rotation_section(r: &Results, s: &mut String) {
                         .map_or("–".into(), |a| format!("{a:.0}")),
                     run.reps.iter().map(|r| r.stale).max().unwrap_or(0),
                     if run.verified { "yes" } else { "**no**" },
+                    run.traffic
+                        .as_ref()
+                        .map_or("–".into(), |t| t.sent.to_string()),
+                    run.traffic.as_ref().map_or("–".into(), |t| format!(
+                        "{} / {}",
+                        t.delivered, t.expected
+                    )),
+                    run.traffic
+                        .as_ref()
+                        .map_or("–".into(), |t| t.undecryptable.to_string()),
                     ms(Some(run.join_ms)),
                     run.load.describe()
                 );
@@ -392,9 +408,35 @@ fn rotation_section(r: &Results, s: &mut String) {
         }
         None => {}
     }
+    if !r.callgrind.is_empty() {
+        let _ = writeln!(s, "### Instructions of one round (valgrind callgrind)\n");
+        let _ = writeln!(s, "`keyfleet-bench round --nodes N` under `valgrind --tool=callgrind --toggle-collect=*measured_round*`: the real controller and N real node machines in one process, joined, then one rekey round delivered through memory (no sockets; virtual time jumps over the drain). Only the round is counted. Instruction counts do not move with the machine's load: a regression in the protocol's work shows here when wall times are noisy.\n");
+        let _ = writeln!(
+            s,
+            "| nodes | instructions | datagrams delivered | per datagram |"
+        );
+        let _ = writeln!(s, "|---:|---:|---:|---:|");
+        for c in &r.callgrind {
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {} |",
+                c.nodes,
+                c.instructions.map_or("–".into(), |i| i.to_string()),
+                c.datagrams.map_or("–".into(), |d| d.to_string()),
+                match (c.instructions, c.datagrams) {
+                    (Some(i), Some(d)) if d > 0 => (i / d).to_string(),
+                    _ => "–".into(),
+                }
+            );
+            if let Some(e) = &c.error {
+                let _ = writeln!(s, "\n- callgrind at N = {}: {e}", c.nodes);
+            }
+        }
+        let _ = writeln!(s);
+    }
     if !r.sim.is_empty() {
         let _ = writeln!(s, "### keyfleet alone at scale: the simulator\n");
-        let _ = writeln!(s, "`keyfleet sim --agents N --loss L --rounds R --transport T --json`: one controller and N node machines in one process. `virtual`: the seeded virtual network, whose round time is **virtual** milliseconds (the protocol's timers and retries, not CPU time); `udp`: every node on its own loopback socket, round time in real milliseconds. The simulator sets the controller's drain grace to its network's largest delay + 20 ms (src/sim), not the 2 s default of the process runs above, and its virtual network delays every datagram by 1–20 ms; so these round times show how the protocol scales with fleet size, not what a default `keyfleet rekey` takes.\n");
+        let _ = writeln!(s, "`keyfleet sim --agents N --loss L --rounds R --transport T --json`: one controller and N node machines in one process. `virtual`: the seeded virtual network, whose round time is **virtual** milliseconds (the protocol's timers and retries, not CPU time); `udp`: every node on its own loopback socket, round time in real milliseconds. The simulator sets the controller's drain grace to its network's largest delay + 20 ms (src/sim), not the measured drain of the process runs above, and its virtual network delays every datagram by 1–20 ms; so these round times show how the protocol scales with fleet size, not what a default `keyfleet rekey` takes.\n");
         let _ = writeln!(s, "| nodes | transport | loss | rounds | ms per round (median) | converged | undecryptable data | stale | wall ms | load (1 min) |");
         let _ = writeln!(s, "|---:|---|---:|---:|---:|---|---:|---:|---:|---|");
         for x in &r.sim {
@@ -737,12 +779,44 @@ pub fn readme_block(r: &Results) -> String {
         (Some(w), Some(c)) => {
             let _ = writeln!(
                 s,
-                "- **Rotation** across {} real processes on loopback: one `keyfleet rekey` takes {w} the time of Serf's `keys -install`, `-use`, `-remove` (above 1× keyfleet is slower). Most of keyfleet's round is its deliberate drain grace (2 s by default, SPEC S2: old-key messages still in flight stay readable); without it the round takes {c} Serf's time.",
+                "- **Rotation** across {} real processes on loopback: one `keyfleet rekey` takes {w} the time of Serf's `keys -install`, `-use`, `-remove` (above 1× keyfleet is slower). The drain grace (SPEC S2: old-key messages still in flight stay readable) is measured from the round's acknowledgement round trips; without it the round takes {c} Serf's time.",
                 ns.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(", ")
             );
         }
         _ => {
             let _ = writeln!(s, "- **Rotation**: keyfleet's process benchmark did not run in this measurement (see bench/results.md for why); Serf's figures are in the table.");
+        }
+    }
+    if let Some(kf) = &r.keyfleet {
+        let t: Vec<String> = kf
+            .runs
+            .iter()
+            .filter_map(|k| {
+                k.traffic.as_ref().map(|t| {
+                    format!(
+                        "N = {}: {} messages, {} of {} deliveries, {} undecryptable",
+                        k.n, t.sent, t.delivered, t.expected, t.undecryptable
+                    )
+                })
+            })
+            .collect();
+        if !t.is_empty() {
+            let _ = writeln!(
+                s,
+                "- **Application traffic during the rotations** ({} senders, every {} ms): {}.",
+                crate::fleet::TRAFFIC_SENDERS,
+                crate::fleet::TRAFFIC_EVERY_MS,
+                t.join("; ")
+            );
+        }
+    }
+    for c in &r.callgrind {
+        if let Some(i) = c.instructions {
+            let _ = writeln!(
+                s,
+                "- **One round's work** (callgrind, in-process, N = {}): {} instructions.",
+                c.nodes, i
+            );
         }
     }
     let sims: Vec<String> = r

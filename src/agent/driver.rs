@@ -156,7 +156,6 @@ pub struct NodeDriver {
     timers: Timers<u8>,
     persister: Box<dyn Persister>,
     rng: StdRng,
-    controller: SocketAddr,
     out: Vec<NodeAction>,
     events: Vec<DriverEvent>,
     stats: DriverStats,
@@ -194,14 +193,12 @@ fn is_auth_failure(kind: &str) -> bool {
 }
 
 impl NodeDriver {
-    /// A driver for `machine` (new or restored) on `transport`, sending
-    /// control messages to `controller` (the machine's `NodeConfig::controller`,
-    /// for the status report). Keys for data nonces come from the OS CSPRNG.
+    /// A driver for `machine` (new or restored) on `transport`. Keys for
+    /// data nonces come from the OS CSPRNG.
     pub fn new(
         machine: NodeMachine,
         transport: Transport,
         persister: Box<dyn Persister>,
-        controller: SocketAddr,
     ) -> NodeDriver {
         let clock = transport.clock().clone();
         NodeDriver {
@@ -211,7 +208,6 @@ impl NodeDriver {
             timers: Timers::new(),
             persister,
             rng: StdRng::from_entropy(),
-            controller,
             out: Vec::new(),
             events: Vec::new(),
             stats: DriverStats::default(),
@@ -255,8 +251,10 @@ impl NodeDriver {
         &self.transport
     }
 
+    /// Where the node sends what it has for the controller: the
+    /// controller's unicast address once learned, else the configured one.
     pub fn controller(&self) -> SocketAddr {
-        self.controller
+        self.machine.controller_addr()
     }
 
     pub fn stats(&self) -> DriverStats {
@@ -488,7 +486,7 @@ impl NodeDriver {
         }
         self.waiting_logged = Some(now);
         let node = self.machine.node_id().as_str();
-        let controller = self.controller;
+        let controller = self.machine.controller_addr();
         let waited_s = waited / 1000;
         let what = match self.machine.member() {
             None => "its join (a join is sent about every 10 s)",

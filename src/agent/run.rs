@@ -125,7 +125,11 @@ pub async fn run_with(
     };
 
     let clock = Clock::wall();
-    let transport = Transport::bind(&cfg.net, clock)?;
+    let mut transport = Transport::bind(&cfg.net, clock)?;
+    // The receive delay of tests holds group data longer than control messages.
+    transport.set_data_classifier(|b| {
+        matches!(crate::wire::decode(b), Ok(crate::wire::Message::Data(_)))
+    });
     tracing::info!(
         listen = %transport.local_addr(),
         group = %cfg.net.group,
@@ -134,7 +138,7 @@ pub async fn run_with(
         "network up"
     );
     let persister = StateFile::new(dir, fingerprint.clone());
-    let mut driver = NodeDriver::new(machine, transport, Box::new(persister), cfg.node.controller)
+    let mut driver = NodeDriver::new(machine, transport, Box::new(persister))
         .with_last_sync(last_sync)
         .with_refusal_window(
             cfg.refusal_log_window_ms,

@@ -245,6 +245,7 @@ impl Options {
             ttl: DEFAULT_TTL,
             loss: self.loss,
             loss_seed: self.loss_seed,
+            delay: crate::net::Delay::default(),
         }
     }
 }

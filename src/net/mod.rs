@@ -4,7 +4,8 @@
 //! few lines around a pure machine:
 //!
 //! - [`NetConfig`] / [`NetArgs`]: the `--group ADDR:PORT`, `--iface ADDR`,
-//!   `--listen ADDR:PORT`, `--loss P` flags shared by both programs;
+//!   `--listen ADDR:PORT`, `--loss P` and receive-delay (`--delay-ms`,
+//!   `--data-delay-ms`, `--delay-jitter-ms`: [`Delay`]) flags of the agent;
 //! - [`socket`]: the socket set-up (multicast group socket shared by several
 //!   agents on one host, per-agent unicast socket);
 //! - [`Transport`]: `send_group`, `send_to`, `recv` → [`Datagram`] (bytes, source,
@@ -46,7 +47,7 @@ mod transport;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 
 pub use timers::{backoff, jitter, Clock, Timers};
-pub use transport::{Datagram, Loss, Stats, Transport, Via};
+pub use transport::{Datagram, Delay, Loss, Stats, Transport, Via};
 
 /// The group both programs use unless told otherwise: an administratively
 /// scoped (organisation-local, RFC 2365) IPv4 multicast address.
@@ -105,8 +106,10 @@ pub struct NetConfig {
     pub ttl: u32,
     /// Receive-side loss probability (0 = none), for tests and the simulator.
     pub loss: f64,
-    /// Seed of the loss RNG.
+    /// Seed of the loss RNG (and of the delay jitter's).
     pub loss_seed: u64,
+    /// Receive-side delay (none = off), for tests.
+    pub delay: Delay,
 }
 
 impl Default for NetConfig {
@@ -118,6 +121,7 @@ impl Default for NetConfig {
             ttl: DEFAULT_TTL,
             loss: 0.0,
             loss_seed: 0,
+            delay: Delay::default(),
         }
     }
 }
@@ -182,9 +186,19 @@ pub struct NetArgs {
     /// Drop this fraction of received datagrams (0 to 1), for tests.
     #[arg(long, value_name = "P", default_value_t = 0.0, value_parser = parse_loss)]
     pub loss: f64,
-    /// Seed of the loss injection's random generator.
+    /// Seed of the loss injection's random generator (and the delay jitter's).
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub loss_seed: u64,
+    /// Hold every received control message this many ms before handling it,
+    /// for tests (group data: --data-delay-ms).
+    #[arg(long, value_name = "MS", default_value_t = 0)]
+    pub delay_ms: u64,
+    /// Hold every received group data message this many ms [default: --delay-ms].
+    #[arg(long, value_name = "MS")]
+    pub data_delay_ms: Option<u64>,
+    /// Vary each delay by up to ± this many ms (uniformly; reorders datagrams).
+    #[arg(long, value_name = "MS", default_value_t = 0)]
+    pub delay_jitter_ms: u64,
 }
 
 impl NetArgs {
@@ -198,6 +212,11 @@ impl NetArgs {
             ttl: DEFAULT_TTL,
             loss: self.loss,
             loss_seed: self.loss_seed,
+            delay: Delay {
+                control_ms: self.delay_ms,
+                data_ms: self.data_delay_ms.unwrap_or(self.delay_ms),
+                jitter_ms: self.delay_jitter_ms,
+            },
         }
     }
 }

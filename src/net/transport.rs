@@ -1,7 +1,10 @@
 //! Sending and receiving datagrams: the group and one unicast socket.
 
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
 use std::net::{SocketAddr, SocketAddrV4};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -83,6 +86,49 @@ impl Loss {
     }
 }
 
+/// Receive-side delay injection, for tests (this kernel has no netem): every
+/// datagram is handed to the caller `control_ms` after the kernel delivered
+/// it, group data `data_ms` after, each ± a uniform `jitter_ms` (so datagrams
+/// are reordered). All zero: off.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Delay {
+    pub control_ms: u64,
+    pub data_ms: u64,
+    pub jitter_ms: u64,
+}
+
+impl Delay {
+    /// Whether any datagram is held.
+    pub fn is_on(&self) -> bool {
+        self.control_ms > 0 || self.data_ms > 0 || self.jitter_ms > 0
+    }
+}
+
+/// A datagram held by [`Delay`] until `due` (ms by the transport's clock).
+#[derive(Debug)]
+struct Held {
+    due: u64,
+    order: u64,
+    datagram: Datagram,
+}
+
+impl PartialEq for Held {
+    fn eq(&self, o: &Self) -> bool {
+        (self.due, self.order) == (o.due, o.order)
+    }
+}
+impl Eq for Held {}
+impl PartialOrd for Held {
+    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl Ord for Held {
+    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
+        (self.due, self.order).cmp(&(o.due, o.order))
+    }
+}
+
 /// The group socket and the unicast socket of one agent (or the controller).
 #[derive(Debug)]
 pub struct Transport {
@@ -91,6 +137,13 @@ pub struct Transport {
     unicast: UdpSocket,
     clock: Clock,
     loss: Option<Loss>,
+    delay: Delay,
+    delay_rng: ChaCha8Rng,
+    /// Tells group data from control messages for [`Delay`] (the caller's
+    /// protocol knows; by default everything is control).
+    is_data: fn(&[u8]) -> bool,
+    held: BinaryHeap<Reverse<Held>>,
+    held_order: u64,
     gbuf: Vec<u8>,
     ubuf: Vec<u8>,
     received: u64,
@@ -112,7 +165,18 @@ impl Transport {
         };
         let group_sock = socket::group_socket(cfg.group, cfg.iface)?;
         let unicast = socket::unicast_socket(cfg.listen, cfg.iface, cfg.ttl)?;
-        Self::from_sockets(cfg.group, group_sock, unicast, clock, loss)
+        let mut t = Self::from_sockets(cfg.group, group_sock, unicast, clock, loss)?;
+        t.delay = cfg.delay;
+        let mut rng = ChaCha8Rng::seed_from_u64(cfg.loss_seed);
+        rng.set_stream(1);
+        t.delay_rng = rng;
+        Ok(t)
+    }
+
+    /// How to tell group data from control messages, for the receive delay
+    /// (`NetConfig::delay`): data is held `data_ms`, the rest `control_ms`.
+    pub fn set_data_classifier(&mut self, is_data: fn(&[u8]) -> bool) {
+        self.is_data = is_data;
     }
 
     /// Wraps sockets made by [`socket::group_socket`] and
@@ -140,6 +204,11 @@ impl Transport {
             unicast: reg(unicast)?,
             clock,
             loss,
+            delay: Delay::default(),
+            delay_rng: ChaCha8Rng::seed_from_u64(0),
+            is_data: |_| false,
+            held: BinaryHeap::new(),
+            held_order: 0,
             gbuf: vec![0; MAX_DATAGRAM],
             ubuf: vec![0; MAX_DATAGRAM],
             received: 0,
@@ -188,9 +257,53 @@ impl Transport {
         }
     }
 
-    /// The next datagram from either socket that loss injection lets through.
-    /// Cancel-safe (it can sit in a `tokio::select!`).
+    /// The next datagram from either socket that loss injection lets through
+    /// (after the receive delay, when one is set: then `at_ms` is when it was
+    /// let through). Cancel-safe (it can sit in a `tokio::select!`).
     pub async fn recv(&mut self) -> Result<Datagram, NetError> {
+        if !self.delay.is_on() {
+            return self.recv_now().await;
+        }
+        loop {
+            let now = self.clock.now_ms();
+            let next = self.held.peek().map(|Reverse(h)| h.due);
+            if next.is_some_and(|due| due <= now) {
+                if let Some(Reverse(mut h)) = self.held.pop() {
+                    h.datagram.at_ms = now;
+                    return Ok(h.datagram);
+                }
+            }
+            let wait = next.map_or(Duration::from_secs(3600), |due| {
+                Duration::from_millis(due.saturating_sub(now))
+            });
+            tokio::select! {
+                d = self.recv_now() => {
+                    let d = d?;
+                    let d_ms = if (self.is_data)(&d.bytes) {
+                        self.delay.data_ms
+                    } else {
+                        self.delay.control_ms
+                    };
+                    let j = self.delay.jitter_ms;
+                    let ms = if j > 0 {
+                        (d_ms + self.delay_rng.gen_range(0..=2 * j)).saturating_sub(j)
+                    } else {
+                        d_ms
+                    };
+                    self.held_order += 1;
+                    self.held.push(Reverse(Held {
+                        due: d.at_ms + ms,
+                        order: self.held_order,
+                        datagram: d,
+                    }));
+                }
+                () = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+
+    /// The next datagram the sockets and loss injection give, without delay.
+    async fn recv_now(&mut self) -> Result<Datagram, NetError> {
         loop {
             let (res, via) = tokio::select! {
                 r = self.group_sock.recv_from(&mut self.gbuf) => (r, Via::Group),

@@ -17,8 +17,11 @@
 //!    to the group, retransmitted byte-for-byte (to the group, then by unicast
 //!    to each missing node, with backoff and jitter), so a node that already
 //!    verified it only compares a digest before replying again.
-//! 3. **Draining** — once every live node confirmed: wait `drain_grace_ms`
-//!    for data sealed with the old key still in flight.
+//! 3. **Draining** — once every live node confirmed: wait for data sealed
+//!    with the old key still in flight, `drain_rtt_factor` times the round's
+//!    slowest acknowledgement round trip (between `drain_floor_ms` and
+//!    `max_flight_ms`; [`ControllerMachine::drain_grace`]), or a fixed
+//!    `drain_grace_ms`.
 //! 4. **SecondTransition** — as the first; once every live node confirmed,
 //!    the round is finished and the new key is current.
 //!
@@ -114,9 +117,20 @@ pub const TERM: u32 = 1;
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ControllerConfig {
-    /// Wait after every node confirmed the first transition before the second
-    /// (default 2000 ms); must exceed the longest time a datagram spends in flight.
-    pub drain_grace_ms: u64,
+    /// A fixed wait after every node confirmed the first transition before
+    /// the second, instead of the measured one (default: none, measured; see
+    /// [`ControllerMachine::drain_grace`]). It must exceed the longest time a
+    /// datagram spends in flight.
+    pub drain_grace_ms: Option<u64>,
+    /// The measured drain grace is this many times the round's slowest
+    /// acknowledgement round trip (default 2)…
+    pub drain_rtt_factor: u32,
+    /// …at least this many ms (default 10)…
+    pub drain_floor_ms: u64,
+    /// …and at most this many ms: the longest any datagram is assumed to stay
+    /// in flight (default 2000), the grace of a round whose round trips were
+    /// not all measured by this controller (restored after a restart).
+    pub max_flight_ms: u64,
     /// First retry after this many ms (default 250), doubling…
     pub retry_initial_ms: u64,
     /// …up to this many ms (default 4000).
@@ -154,7 +168,10 @@ pub struct ControllerConfig {
 impl Default for ControllerConfig {
     fn default() -> Self {
         ControllerConfig {
-            drain_grace_ms: 2000,
+            drain_grace_ms: None,
+            drain_rtt_factor: 2,
+            drain_floor_ms: 10,
+            max_flight_ms: 2000,
             retry_initial_ms: 250,
             retry_max_ms: 4000,
             retry_jitter_pct: 25,
@@ -751,6 +768,10 @@ struct Round {
     second_msg: Option<Vec<u8>>,
     /// Per-member unicast retries: (due, member).
     retries: BinaryHeap<Reverse<(Time, u32)>>,
+    /// Restored from a snapshot: acknowledgements that crossed the restart
+    /// answer requests of the previous run, so the phase times are no round
+    /// trips (the drain grace is then `max_flight_ms`).
+    restored: bool,
 }
 
 /// The progress a phase waits for, if any.
@@ -893,6 +914,7 @@ impl ControllerMachine {
             drain_until: r.drain_until,
             activated_at: r.activated_at,
             phases_ms: r.phases_ms,
+            restored: true,
             waiting: 0,
             group_sent: 0,
             next_wave: None,
@@ -1475,6 +1497,7 @@ impl ControllerMachine {
             first_msg: None,
             second_msg: None,
             retries: BinaryHeap::new(),
+            restored: false,
         });
         self.enter_phase(now, RoundPhase::Distributing, rng, out);
         self.progress_round(now, rng, out);
@@ -1502,7 +1525,7 @@ impl ControllerMachine {
             r.activated_at = Some(now);
         }
         if phase == RoundPhase::Draining && r.drain_until.is_none() {
-            r.drain_until = Some(now.plus(self.cfg.drain_grace_ms));
+            r.drain_until = Some(now.plus(Self::drain_grace(&self.cfg, r)));
         }
         let target = target_progress(phase);
         let mut waiting = 0;
@@ -1544,6 +1567,32 @@ impl ControllerMachine {
             }
             RoundPhase::Draining => {}
         }
+    }
+
+    /// How long the drain waits (S2): `drain_grace_ms` when fixed; else
+    /// `drain_rtt_factor` times the round's slowest acknowledgement round
+    /// trip, at least `drain_floor_ms` and at most `max_flight_ms`.
+    ///
+    /// The slowest round trip is the longer of the first two phases: each
+    /// ends with the last acknowledgement it needed, which answers a request
+    /// sent at or after the phase began (retries, node processing and the
+    /// node's state write included, so it errs long). Old-key data was sealed
+    /// before its sender acknowledged the first transition request, so it is
+    /// lost only if it stays in flight longer than this grace (plus the
+    /// second transition request's own way to the receiver). A round
+    /// restored after a restart may count acknowledgements of requests sent
+    /// before the restart, which measure nothing: it waits `max_flight_ms`.
+    fn drain_grace(cfg: &ControllerConfig, r: &Round) -> u64 {
+        if let Some(fixed) = cfg.drain_grace_ms {
+            return fixed;
+        }
+        if r.restored {
+            return cfg.max_flight_ms;
+        }
+        let rtt = r.phases_ms.distributing.max(r.phases_ms.first_transition);
+        rtt.saturating_mul(u64::from(cfg.drain_rtt_factor))
+            .max(cfg.drain_floor_ms)
+            .min(cfg.max_flight_ms)
     }
 
     /// The delay before retry number `attempt` (backoff with jitter).

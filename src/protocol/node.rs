@@ -52,10 +52,21 @@
 //! holding (a replayed beacon must not silence a node while the controller is
 //! away), at a random moment within that period and at most once a minute
 //! (a controller back from an outage is not met by the whole fleet at once). Beacons are cheap: a byte-identical copy of the last verified one is
-//! recognised by its digest; one that would change nothing is not verified at
+//! recognised by its digest; one that would change nothing (neither the node's
+//! position nor the controller address it answers to) is not verified at
 //! all; one ordered below the last verified `(term, seq)` is a replay; and at
 //! most [`BEACON_VERIFY_BURST`] signature checks, refilled one per
 //! [`BEACON_VERIFY_REFILL_MS`], go to beacons that need one.
+//!
+//! **Answers by unicast.** Replies, key requests and usage reports go to the
+//! controller's unicast address once the node learned it from an
+//! authenticated controller message (a verified beacon's address, a fresh
+//! request's source), not to the whole group (`route.rs`).
+//!
+//! An enrolled node that has not joined yet cannot check a beacon (the join
+//! accept brings the controller's key), but one tells it a controller is
+//! there: its join goes out within [`BEACON_JOIN_SPREAD_MS`] instead of at
+//! its next backed-off retry (at most once per [`BEACON_JOIN_MIN_GAP_MS`]).
 //!
 //! A link that goes down or up (the agent watches rtnetlink) is fed as
 //! [`NodeInput::LinkDown`] / [`NodeInput::LinkUp`]: either way the node holds
@@ -119,6 +130,13 @@ const VERIFIED_KEPT: usize = 8;
 /// that comes back, or one slowed by load, is not met by every node at once.
 pub const SILENCE_NUDGE_MIN_GAP_MS: u64 = 60_000;
 
+/// An unjoined node that hears a beacon sends its join within this many ms…
+pub const BEACON_JOIN_SPREAD_MS: u64 = 250;
+/// …at most once per this many ms (then its retries start again at
+/// `sync_retry_initial_ms`): a flood of beacons, which an unjoined node
+/// cannot check, makes it send about 5 joins in 10 s instead of 1 in 8 s.
+pub const BEACON_JOIN_MIN_GAP_MS: u64 = 10_000;
+
 /// Beacon signature checks a node may spend at once…
 pub const BEACON_VERIFY_BURST: u32 = 8;
 /// …and one more each this many ms (10 a second): a flood of forged beacons
@@ -129,7 +147,11 @@ pub const BEACON_VERIFY_REFILL_MS: u64 = 100;
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct NodeConfig {
-    /// Where joins, key requests, replies and usage reports go.
+    /// Where joins, key requests, replies and usage reports go. A multicast
+    /// address (the agent's default: the group) means "the group until the
+    /// controller's unicast address is learned from an authenticated
+    /// controller message, then that address, the group as a fallback"
+    /// (`route.rs`); a unicast address is used as it is.
     pub controller: SocketAddr,
     /// First key-request retry after this many ms (default 500), doubling…
     pub sync_retry_initial_ms: u64,
@@ -497,6 +519,10 @@ pub struct NodeMachine {
     beacon_stats: BeaconStats,
     /// When a beacon after a silence last made the node ask.
     last_nudge: Option<Time>,
+    /// The controller's unicast address, once learned ([`route`]).
+    route: Route,
+    /// When a beacon last brought an unjoined node's join forward.
+    beacon_join: Option<Time>,
     /// The controller's sequence number on the answer that last synced this
     /// node (0: none since start). A resync request numbered below it was sent
     /// before that answer, while the controller still counted the node out of
@@ -506,7 +532,10 @@ pub struct NodeMachine {
 
 type Out = Vec<NodeAction>;
 
+mod route;
 mod state_hash;
+
+use route::Route;
 
 impl NodeMachine {
     /// A freshly enrolled node that has not joined yet.
@@ -581,6 +610,8 @@ impl NodeMachine {
             beacon_refill: Time(0),
             beacon_stats: BeaconStats::default(),
             last_nudge: None,
+            route: Route::default(),
+            beacon_join: None,
             synced_by: 0,
             cfg,
         }
@@ -806,13 +837,30 @@ impl NodeMachine {
         out.push(NodeAction::Persist(Box::new(self.snapshot())));
     }
 
-    /// Send a message MAC'd under the ratchet chain (nothing before the handshake).
-    fn send_controller(&mut self, body: Vec<u8>, out: &mut Out) {
+    /// Sends a node message to the controller, MAC'd under the ratchet chain
+    /// (nothing before the handshake): to its unicast address once learned, to
+    /// the configured one (the group) before that or on `fallback` (see [`route`]).
+    fn send_controller(&mut self, body: Vec<u8>, fallback: bool, out: &mut Out) {
         let Some(r) = &self.ratchet else { return };
         out.push(NodeAction::SendTo {
-            to: self.cfg.controller,
+            to: self.route.dest(self.cfg.controller, fallback),
             bytes: wire::mac(body, &r.chain),
         });
+    }
+
+    /// Where this node sends what it has for the controller now: the
+    /// controller's unicast address once learned from an authenticated
+    /// controller message, else the configured `controller`.
+    pub fn controller_addr(&self) -> SocketAddr {
+        self.route.dest(self.cfg.controller, false)
+    }
+
+    /// Learns the controller's address from a controller message that was
+    /// authenticated afresh (`fresh`: not a copy of one already accepted).
+    fn learn_controller(&mut self, fresh: bool, from: SocketAddr) {
+        if fresh {
+            self.route.learn(self.cfg.controller, from);
+        }
     }
 
     /// Begin (or, if `urgent`, restart at once) asking the controller for the current key.
@@ -850,6 +898,9 @@ impl NodeMachine {
         rng: &mut (impl RngCore + CryptoRng),
         out: &mut Out,
     ) {
+        // Every second retry goes to the group, in case the unicast address
+        // learned is not (or no longer) where the controller listens.
+        let fallback = self.sync.is_some_and(|s| s.attempt % 2 == 1);
         match (&self.joined, &self.keyring, &self.ratchet) {
             (Some(j), Some(_), Some(r)) => {
                 let (member, share) = (j.member, r.share());
@@ -857,7 +908,7 @@ impl NodeMachine {
                 let (epoch, progress) = self.position().unwrap_or_default();
                 let step = Step::from_progress(progress).unwrap_or(Step::SecondTransition);
                 let body = wire::key_request(epoch, step, seq, member, &share);
-                self.send_controller(body, out);
+                self.send_controller(body, fallback, out);
             }
             // Not joined yet, or joined under wire revision 1: the enrollment
             // handshake. A retry resends the same init (the controller answers
@@ -885,7 +936,7 @@ impl NodeMachine {
                         s.since = s.since.min(h.seq);
                     }
                     out.push(NodeAction::SendTo {
-                        to: self.cfg.controller,
+                        to: self.route.dest(self.cfg.controller, fallback),
                         bytes: h.bytes.clone(),
                     });
                 }
@@ -915,7 +966,7 @@ impl NodeMachine {
         let (member, epoch) = (j.member, r.sealing_epoch());
         let uses: Vec<_> = r.usage().collect();
         let seq = self.next_seq(out);
-        self.send_controller(wire::usage_report(epoch, seq, member, &uses), out);
+        self.send_controller(wire::usage_report(epoch, seq, member, &uses), false, out);
         self.arm_usage(now, out);
     }
 
@@ -1103,7 +1154,9 @@ impl NodeMachine {
                 };
                 self.precheck(now, ku.epoch, Step::KeyUpdate, what)
                     .map_err(|r| with_seq(r, ku.seq))?;
+                let fresh = self.ctl_replay.check(ku.seq) == Seen::Fresh;
                 self.authenticate(now, true, ku.seq, &ku.auth, bytes, what)?;
+                self.learn_controller(fresh, from);
                 // Only a key the node does not hold yet takes a ratchet step; a
                 // duplicate, stale or gapped request goes the usual way (answered
                 // again, refused, or a key request).
@@ -1138,14 +1191,18 @@ impl NodeMachine {
             Message::Transition(t) => {
                 self.precheck(now, t.epoch, t.step, what)
                     .map_err(|r| with_seq(r, t.seq))?;
+                let fresh = self.ctl_replay.check(t.seq) == Seen::Fresh;
                 self.authenticate(now, true, t.seq, &t.auth, bytes, what)?;
+                self.learn_controller(fresh, from);
                 self.on_step(now, t.epoch, t.step, None, rng, out)
             }
             Message::KeyResponse(r) => {
                 let member = self.addressed_to_me(r.member, what)?;
                 // Only an answer to a request outstanding is worth a signature check.
                 self.solicited(what, r.in_reply_to)?;
+                let fresh = self.ctl_replay.check(r.seq) == Seen::Fresh;
                 self.authenticate(now, false, r.seq, &r.auth, bytes, what)?;
+                self.learn_controller(fresh, from);
                 // The key state is wrapped under a ratchet step of its own.
                 let step = self
                     .ratchet
@@ -1238,6 +1295,7 @@ impl NodeMachine {
                     Ok(()) => {
                         self.ctl_replay.mark(p.seq);
                         self.handshake = None;
+                        self.learn_controller(true, from);
                         Ok(())
                     }
                     Err(e) => {
@@ -1247,7 +1305,7 @@ impl NodeMachine {
                     }
                 }
             }
-            Message::Beacon(b) => self.on_beacon(now, &b, bytes, rng, out),
+            Message::Beacon(b) => self.on_beacon(now, from, &b, bytes, rng, out),
             Message::Resync(x) => {
                 let member = self.addressed_to_me(x.member, what)?;
                 if !self
@@ -1261,6 +1319,7 @@ impl NodeMachine {
                     return Err(Refusal::Replay { what, seq: x.seq });
                 }
                 self.ctl_replay.mark(x.seq);
+                self.learn_controller(true, from);
                 if x.seq < self.synced_by {
                     // Sent before the answer that synced us: nothing left to ask.
                     return Ok(());
@@ -1275,11 +1334,13 @@ impl NodeMachine {
         }
     }
 
-    /// A beacon: see the module docs. Only a beacon that could move this node
-    /// is verified, at most [`BEACON_VERIFY_BURST`] at once.
+    /// A beacon: see the module docs. Only a beacon that could move this node,
+    /// or that announces another controller address than the one it sends
+    /// to, is verified, at most [`BEACON_VERIFY_BURST`] at once.
     fn on_beacon(
         &mut self,
         now: Time,
+        from: SocketAddr,
         b: &wire::Beacon<'_>,
         bytes: &[u8],
         rng: &mut (impl RngCore + CryptoRng),
@@ -1288,7 +1349,10 @@ impl NodeMachine {
         let what = "beacon";
         self.beacon_stats.received += 1;
         let Some(controller) = self.joined.as_ref().map(|j| j.controller) else {
-            return Ok(()); // not joined yet: the join (retried) brings the state
+            // Not joined yet: a controller is there (or someone says so), so
+            // the join goes out now rather than at its next backed-off retry.
+            self.join_soon(now, rng, out);
+            return Ok(());
         };
         let silence = self.cfg.beacon_silence_ms;
         let after_silence =
@@ -1307,10 +1371,15 @@ impl NodeMachine {
             return Err(Refusal::BadSignature { what });
         }
         let behind = behind_beacon(self.position(), b.epoch, b.round);
+        // A beacon announcing another controller address than the one this
+        // node sends to is worth a check: the node learns where to answer.
+        let announced = route::beacon_address(b.controller, from);
+        let moved =
+            self.cfg.controller.ip().is_multicast() && self.route.learned() != Some(announced);
         if known {
             self.beacon_stats.digest_hits += 1;
         } else {
-            if !behind && !after_silence {
+            if !behind && !after_silence && !moved {
                 self.beacon_stats.skipped += 1;
                 return Ok(());
             }
@@ -1325,6 +1394,7 @@ impl NodeMachine {
             self.beacon_stats.verified += 1;
             self.beacon_best = order;
             self.beacon_digest = digest;
+            self.route.learn(self.cfg.controller, announced);
         }
         if behind {
             if self.sync.is_none() {
@@ -1362,6 +1432,33 @@ impl NodeMachine {
         out.push(NodeAction::ArmTimer {
             timer: NodeTimer::Sync,
             at: due,
+        });
+    }
+
+    /// An unjoined node hears a beacon (which it cannot check: it learns the
+    /// controller's key from the join accept): its next join goes out within
+    /// [`BEACON_JOIN_SPREAD_MS`] (at a random moment, so that a fleet waiting
+    /// for a controller does not answer its first beacon all at once), and
+    /// its retries start again from the shortest delay (a join lost in the
+    /// crowd is sent again soon). At most once per [`BEACON_JOIN_MIN_GAP_MS`]:
+    /// forged beacons cannot make it join much more often than it would.
+    fn join_soon(&mut self, now: Time, rng: &mut impl RngCore, out: &mut Out) {
+        if self
+            .beacon_join
+            .is_some_and(|t| now.since(t) < BEACON_JOIN_MIN_GAP_MS)
+        {
+            return;
+        }
+        let Some(s) = &mut self.sync else { return };
+        if s.due <= now.plus(BEACON_JOIN_SPREAD_MS) {
+            return;
+        }
+        self.beacon_join = Some(now);
+        s.attempt = 0;
+        s.due = now.plus(rng.next_u64() % BEACON_JOIN_SPREAD_MS);
+        out.push(NodeAction::ArmTimer {
+            timer: NodeTimer::Sync,
+            at: s.due,
         });
     }
 
@@ -1452,13 +1549,14 @@ impl NodeMachine {
         Ok(())
     }
 
-    fn ack(&mut self, step: Step, epoch: Epoch, out: &mut Out) {
+    /// Acknowledges a step; `fallback`: to the group (see [`route`]).
+    fn ack(&mut self, step: Step, epoch: Epoch, fallback: bool, out: &mut Out) {
         let (Some(member), Some(share)) = (self.member(), self.ratchet.as_ref().map(|r| r.share()))
         else {
             return;
         };
         let seq = self.next_seq(out);
-        self.send_controller(wire::ack(step, epoch, seq, member, &share), out);
+        self.send_controller(wire::ack(step, epoch, seq, member, &share), fallback, out);
     }
 
     /// An answer must reply to a request of the sync in progress.
@@ -1507,7 +1605,8 @@ impl NodeMachine {
                     }
                 }
                 self.last_reanswer = Some(now);
-                self.ack(m, e, out);
+                let fallback = self.route.reanswer();
+                self.ack(m, e, fallback, out);
                 return Ok(());
             }
             // Forward: DC→IT, IT→UC, or DC→IT→UC (see module docs).
@@ -1518,7 +1617,8 @@ impl NodeMachine {
                 let _ = ring.finish();
             }
             self.changed(before, out);
-            self.ack(m, e, out);
+            self.route.stepped();
+            self.ack(m, e, false, out);
             return Ok(());
         }
         if e == pe.next() && pq == 3 {
@@ -1527,7 +1627,8 @@ impl NodeMachine {
                     ring.install_new(k)
                         .map_err(|_| Refusal::Outdated { what, epoch: e })?;
                     self.changed(before, out);
-                    self.ack(m, e, out);
+                    self.route.stepped();
+                    self.ack(m, e, false, out);
                     return Ok(());
                 }
                 _ => {
@@ -1600,7 +1701,7 @@ impl NodeMachine {
             // share (the controller then drops the chain it replaces). Send what was held.
             self.persist(out);
             if let Some(step) = Step::from_progress(target.1) {
-                self.ack(step, target.0, out);
+                self.ack(step, target.0, false, out);
             }
             self.handshake = None;
             self.sync = None;
@@ -1633,7 +1734,8 @@ impl NodeMachine {
         }));
         self.open_kept(out);
         if let Some(step) = Step::from_progress(target.1) {
-            self.ack(step, target.0, out);
+            self.route.stepped();
+            self.ack(step, target.0, false, out);
         }
         // Ask once more with the new position: the answer confirms the controller counts us.
         // Only an answer to that request (not a late copy of this one) may confirm.

@@ -82,6 +82,14 @@ pub struct SimConfig {
     pub duplicate: f64,
     pub delay_min_ms: u64,
     pub delay_max_ms: u64,
+    /// Group data is delayed up to this long instead (from `delay_min_ms`):
+    /// data held in flight longer than control messages. `None`: as control.
+    pub data_delay_max_ms: Option<u64>,
+    /// The controller measures its drain grace from the round's round trips,
+    /// as deployed (`ControllerConfig::drain_grace_ms` unset, floor 1 ms,
+    /// ceiling the network's maximum delay + 20 ms); otherwise it waits that
+    /// maximum + 20 ms, a bound only a simulator knows.
+    pub measured_drain: bool,
     pub data_interval_ms: u64,
     pub data_sample: u32,
     /// Fraction of nodes that leave the epoch hint out of their data (claims 14–16).
@@ -106,6 +114,8 @@ impl SimConfig {
             duplicate: 0.01,
             delay_min_ms: 1,
             delay_max_ms: 20,
+            data_delay_max_ms: None,
+            measured_drain: false,
             data_interval_ms: 2000,
             data_sample: 4,
             no_hint_fraction: 0.1,
@@ -174,6 +184,8 @@ pub struct SimReport {
     pub network_duplicates: u64,
     pub joined_by_ms: u64,
     pub virtual_ms_per_round: Spread,
+    /// The drain grace of the completed rounds (`phases_ms.draining`).
+    pub drain_ms: Spread,
     pub virtual_ms_total: u64,
     pub bytes_per_node: u64,
     pub node_machine_bytes: u64,
@@ -191,6 +203,7 @@ pub fn run(cfg: &SimConfig) -> SimReport {
         duplicate: cfg.duplicate,
         delay_min_ms: cfg.delay_min_ms,
         delay_max_ms: cfg.delay_max_ms,
+        data_delay_max_ms: cfg.data_delay_max_ms,
         data_sample: cfg.data_sample,
         seed: cfg.seed,
     });

@@ -82,6 +82,9 @@ pub struct NetConfig {
     /// delays reorder datagrams.
     pub delay_min_ms: u64,
     pub delay_max_ms: u64,
+    /// Group data is delayed uniformly in `[delay_min_ms, this]` instead
+    /// (`None`: as control traffic).
+    pub data_delay_max_ms: Option<u64>,
     /// Node receivers per data message.
     pub data_sample: u32,
     pub seed: u64,
@@ -166,6 +169,18 @@ impl VirtualNet {
     fn delay(&mut self) -> u64 {
         self.rng
             .gen_range(self.cfg.delay_min_ms..=self.cfg.delay_max_ms.max(self.cfg.delay_min_ms))
+    }
+
+    fn data_delay_max(&self) -> u64 {
+        self.cfg
+            .data_delay_max_ms
+            .unwrap_or(self.cfg.delay_max_ms)
+            .max(self.cfg.delay_min_ms)
+    }
+
+    fn data_delay(&mut self) -> u64 {
+        let max = self.data_delay_max();
+        self.rng.gen_range(self.cfg.delay_min_ms..=max)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -262,7 +277,7 @@ impl Transport for VirtualNet {
                     }
                 }
                 for i in picked {
-                    let at = now.plus(self.delay());
+                    let at = now.plus(self.data_delay());
                     self.stats.data_copies += 1;
                     self.push(
                         at,
@@ -367,7 +382,8 @@ impl Transport for VirtualNet {
 
     fn max_delay_ms(&self) -> u64 {
         // A duplicate arrives at most delay_max after its original.
-        self.cfg.delay_max_ms.max(self.cfg.delay_min_ms) * 2
+        let one_way = self.cfg.delay_max_ms.max(self.cfg.delay_min_ms);
+        one_way.max(self.data_delay_max()) + one_way
     }
 
     fn stats(&self) -> NetStats {
@@ -399,6 +415,7 @@ mod tests {
             duplicate: dup,
             delay_min_ms: 1,
             delay_max_ms: 30,
+            data_delay_max_ms: None,
             data_sample: 4,
             seed: 9,
         })

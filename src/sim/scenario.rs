@@ -147,6 +147,7 @@ pub(super) struct Fleet<T: Transport> {
     rounds_started: u32,
     rounds_finished: u32,
     round_ms: Vec<u64>,
+    drain_ms: Vec<u64>,
     stopping: bool,
     pub(super) report: SimReport,
 }
@@ -155,7 +156,9 @@ impl<T: Transport> Fleet<T> {
     pub(super) fn new(cfg: SimConfig, net: T) -> Fleet<T> {
         let max_delay = net.max_delay_ms();
         let ctl_cfg = ControllerConfig {
-            drain_grace_ms: max_delay + 20,
+            drain_grace_ms: (!cfg.measured_drain).then_some(max_delay + 20),
+            drain_floor_ms: 1,
+            max_flight_ms: max_delay + 20,
             retry_initial_ms: 100,
             retry_max_ms: 1000,
             retry_jitter_pct: 25,
@@ -212,6 +215,7 @@ impl<T: Transport> Fleet<T> {
             rounds_started: 0,
             rounds_finished: 0,
             round_ms: Vec::new(),
+            drain_ms: Vec::new(),
             stopping: false,
             report,
             cfg,
@@ -775,10 +779,12 @@ impl<T: Transport> Fleet<T> {
             Record::RoundFinished {
                 started_at,
                 finished_at,
+                phases_ms,
                 ..
             } => {
                 self.rounds_finished += 1;
                 self.round_ms.push(finished_at.since(started_at));
+                self.drain_ms.push(phases_ms.draining);
                 if self.rounds_started < self.cfg.rounds {
                     self.schedule(self.now.plus(self.cfg.round_gap_ms), Event::Rekey);
                 }
@@ -809,12 +815,16 @@ impl<T: Transport> Fleet<T> {
         let n = self.nodes.len().max(1);
         self.report.rounds_completed = self.rounds_finished;
         self.report.virtual_ms_total = self.now.0;
-        let mut ms = self.round_ms.clone();
-        ms.sort_unstable();
-        self.report.virtual_ms_per_round = Spread {
-            p50: ms.get(ms.len().saturating_sub(1) / 2).copied().unwrap_or(0),
-            max: ms.last().copied().unwrap_or(0),
+        let spread = |v: &[u64]| {
+            let mut ms = v.to_vec();
+            ms.sort_unstable();
+            Spread {
+                p50: ms.get(ms.len().saturating_sub(1) / 2).copied().unwrap_or(0),
+                max: ms.last().copied().unwrap_or(0),
+            }
         };
+        self.report.virtual_ms_per_round = spread(&self.round_ms);
+        self.report.drain_ms = spread(&self.drain_ms);
         let st = self.net.stats();
         self.report.datagrams = st.sent;
         self.report.data_lost_in_network = st.data_dropped;

@@ -251,7 +251,7 @@ impl TestController {
                 let mut transport = Transport::bind(&net, clock.clone()).unwrap();
                 addr_tx.send(transport.local_addr()).unwrap();
                 let cfg = ControllerConfig {
-                    drain_grace_ms: 300,
+                    drain_grace_ms: Some(300),
                     retry_initial_ms: 100,
                     retry_max_ms: 1000,
                     stale_after_ms: 30_000,

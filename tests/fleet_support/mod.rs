@@ -61,6 +61,10 @@ pub struct Fleet {
     /// unless [`Fleet::split`]).
     pub agent_ip: Ipv4Addr,
     pub ctl_ip: Ipv4Addr,
+    /// Whether the agents get `--controller CTL_IP:CTL_PORT` (default true);
+    /// without it they start as a user's do: sending to the group until they
+    /// learn the controller's unicast address.
+    pub controller_flag: bool,
     extra: String,
 }
 
@@ -121,6 +125,7 @@ impl Fleet {
             agent_wrap: None,
             agent_ip: Ipv4Addr::LOCALHOST,
             ctl_ip: Ipv4Addr::LOCALHOST,
+            controller_flag: true,
             extra: extra.to_owned(),
         }
     }
@@ -325,12 +330,14 @@ impl Fleet {
             .arg(&n.key_file)
             .args(["--group", &self.group.to_string()])
             .args(["--iface", &n.iface.to_string()])
-            .args(["--listen", &n.listen.to_string()])
-            .args([
+            .args(["--listen", &n.listen.to_string()]);
+        if self.controller_flag {
+            c.args([
                 "--controller",
                 &format!("{}:{}", self.ctl_ip, self.ctl_port),
-            ])
-            .args(["--usage-interval", "2"])
+            ]);
+        }
+        c.args(["--usage-interval", "2"])
             .args(&n.args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -213,7 +213,7 @@ impl Scope {
 
 fn controller_config() -> ControllerConfig {
     ControllerConfig {
-        drain_grace_ms: 300,
+        drain_grace_ms: Some(300),
         retry_initial_ms: 200,
         retry_max_ms: 200,
         retry_jitter_pct: 0,
@@ -247,7 +247,9 @@ fn node_config() -> NodeConfig {
 
 /// The longest a datagram is in flight; the drain grace covers it.
 fn max_flight_ms() -> u64 {
-    controller_config().drain_grace_ms
+    controller_config()
+        .drain_grace_ms
+        .expect("the model fixes the drain grace")
 }
 
 // ------------------------------------------------------------------ state

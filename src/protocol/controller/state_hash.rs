@@ -86,6 +86,7 @@ impl Hash for Round {
             second_msg,
             retries,
             share,
+            restored,
         } = self;
         share.hash(state);
         (epoch, key, phase, reason, started_at, phase_started).hash(state);
@@ -98,7 +99,7 @@ impl Hash for Round {
             second_transition,
         } = phases_ms;
         (distributing, first_transition, draining, second_transition).hash(state);
-        (first_msg, second_msg).hash(state);
+        (first_msg, second_msg, restored).hash(state);
         // A heap's layout depends on the order of pushes; its sorted contents do not.
         let mut due: Vec<_> = retries.iter().map(|Reverse(d)| *d).collect();
         due.sort_unstable();

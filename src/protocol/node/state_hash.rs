@@ -73,6 +73,8 @@ impl Hash for NodeMachine {
             last_nudge,
             ratchet,
             handshake,
+            route,
+            beacon_join,
             synced_by,
         } = self;
         node_id.hash(state);
@@ -101,6 +103,8 @@ impl Hash for NodeMachine {
         // The ratchet by check values; the handshake in flight by its init bytes.
         ratchet.hash(state);
         handshake.hash(state);
+        route.hash(state);
+        beacon_join.hash(state);
         synced_by.hash(state);
     }
 }

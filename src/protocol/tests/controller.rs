@@ -35,7 +35,7 @@ const CTL: usize = usize::MAX;
 
 fn test_cfg() -> ControllerConfig {
     ControllerConfig {
-        drain_grace_ms: 100,
+        drain_grace_ms: Some(100),
         retry_initial_ms: 100,
         retry_max_ms: 1000,
         retry_jitter_pct: 25,
@@ -2077,4 +2077,103 @@ fn handshake_retries_resend_the_same_init_and_get_the_cached_answer() {
     let out = to_ctl(&mut c, now.plus(1000), &fresh[0]);
     assert!(ctl_sends(&out).is_empty());
     assert!(matches!(refusals(&out)[..], [Refusal::Pinned { .. }]));
+}
+
+/// (distributing, first transition, drain) ms of every finished round.
+fn phase_ms(f: &TestFleet) -> Vec<(u64, u64, u64)> {
+    f.records
+        .iter()
+        .filter_map(|r| match r {
+            Record::RoundFinished { phases_ms: p, .. } => {
+                Some((p.distributing, p.first_transition, p.draining))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+fn measured_cfg(max_flight_ms: u64) -> ControllerConfig {
+    ControllerConfig {
+        drain_grace_ms: None,
+        drain_rtt_factor: 2,
+        drain_floor_ms: 10,
+        max_flight_ms,
+        ..test_cfg()
+    }
+}
+
+/// Runs one round with node 1's first-transition reply held back for
+/// `hold_ms` (so that the phase's slowest round trip is about that long).
+fn round_with_slow_reply(cfg: ControllerConfig, hold_ms: u64) -> TestFleet {
+    let mut f = TestFleet::new(3, cfg);
+    let blocked = is_ack_from(1, Step::FirstTransition);
+    if hold_ms > 0 {
+        f.drop = Box::new(move |_, _, b| blocked(b));
+    }
+    f.ctl(ControllerInput::Rekey).unwrap();
+    f.pump();
+    f.advance(hold_ms);
+    f.drop = Box::new(|_, _, _| false);
+    for _ in 0..400 {
+        f.advance(10);
+        if f.phase().is_none() {
+            break;
+        }
+    }
+    assert_eq!(f.finished().len(), 1, "the round finished");
+    assert_eq!(f.states(), vec![UC2; 3]);
+    f
+}
+
+/// S2 with a measured drain: twice the slowest acknowledgement round trip
+/// of the round, at least the floor, at most the ceiling; the second
+/// transition request never goes out before it.
+#[test]
+fn the_drain_is_twice_the_slowest_round_trip_between_floor_and_ceiling() {
+    // Instant replies: the floor.
+    let f = round_with_slow_reply(measured_cfg(2000), 0);
+    assert_eq!(phase_ms(&f), vec![(0, 0, 10)]);
+    // A reply that came after retries for 300 ms: the phase took that long.
+    let f = round_with_slow_reply(measured_cfg(2000), 300);
+    let [(d, first, drain)] = phase_ms(&f)[..] else {
+        panic!("{:?}", phase_ms(&f))
+    };
+    println!("slow reply: distributing {d} ms, first transition {first} ms, drain {drain} ms");
+    assert!(first >= 300, "{first}");
+    assert!(
+        drain >= 2 * first && drain <= 2 * first + 10,
+        "drain {drain} after a first transition of {first} ms"
+    );
+    // The ceiling caps it.
+    let f = round_with_slow_reply(measured_cfg(150), 300);
+    assert_eq!(phase_ms(&f)[0].2, 150);
+    // A fixed grace is used as it is.
+    let f = round_with_slow_reply(test_cfg(), 300);
+    assert_eq!(phase_ms(&f)[0].2, 100);
+}
+
+/// A controller restored in the middle of a round cannot tell which
+/// replies answer its own requests: it waits the ceiling.
+#[test]
+fn a_restored_round_drains_for_the_longest_flight_time() {
+    let mut f = TestFleet::new(3, measured_cfg(700));
+    let blocked = is_ack_from(2, Step::FirstTransition);
+    f.drop = Box::new(move |_, _, b| blocked(b));
+    f.ctl(ControllerInput::Rekey).unwrap();
+    f.pump();
+    f.advance(30);
+    assert_eq!(f.phase(), Some(RoundPhase::FirstTransition));
+    let persist = ControllerPersist {
+        core: (**f.core.as_ref().unwrap()).clone(),
+        members: f.rows.values().cloned().collect(),
+    };
+    f.c = ControllerMachine::restore(&persist, f.cfg.clone(), f.now).unwrap();
+    f.timers.clear();
+    f.queue.clear();
+    f.drop = Box::new(|_, _, _| false);
+    f.ctl(ControllerInput::Start).unwrap();
+    f.pump();
+    f.advance(2000);
+    assert_eq!(f.phase(), None);
+    assert_eq!(phase_ms(&f)[0].2, 700, "{:?}", phase_ms(&f));
 }

@@ -5,6 +5,7 @@ use crate::crypto::{Epoch, OpenError};
 use crate::wire::RoundPhase;
 
 mod beacon;
+mod route;
 
 struct Rig {
     node: NodeMachine,

@@ -4,7 +4,9 @@
 //! digest or moves it.
 
 use super::*;
-use crate::protocol::node::{behind_beacon, BEACON_VERIFY_BURST, BEACON_VERIFY_REFILL_MS};
+use crate::protocol::node::{
+    behind_beacon, BEACON_JOIN_SPREAD_MS, BEACON_VERIFY_BURST, BEACON_VERIFY_REFILL_MS,
+};
 use proptest::prelude::*;
 
 impl FakeController {
@@ -436,4 +438,57 @@ proptest! {
         prop_assert!(s.verified + s.forged <= budget, "{:?} over budget {}", s, budget);
         prop_assert_eq!(s.received, s.digest_hits + s.skipped + s.verified + s.forged + s.replays + s.over_budget);
     }
+}
+
+/// The sync timer armed in `out`, if any.
+fn sync_armed(out: &[NodeAction]) -> Option<Time> {
+    out.iter().find_map(|a| match a {
+        NodeAction::ArmTimer {
+            timer: NodeTimer::Sync,
+            at,
+        } => Some(*at),
+        _ => None,
+    })
+}
+
+/// A node waiting for a controller (its join retries backed off) joins
+/// within a quarter second of the first beacon, and no flood of beacons
+/// (which it cannot check before it joins) makes it join much more often
+/// than its own retries would (one every 8 s).
+#[test]
+fn an_unjoined_node_joins_soon_after_a_beacon_and_a_beacon_flood_costs_few_joins() {
+    let mut r = Rig::unjoined();
+    let mut due = sync_armed(&r.input(NodeInput::LinkUp)).expect("join retry armed");
+    // No controller answers: the retries back off to the maximum.
+    for _ in 0..6 {
+        r.now = due;
+        let out = r.input(NodeInput::Timer(NodeTimer::Sync));
+        assert_eq!(names(&out), vec!["join"]);
+        due = sync_armed(&out).unwrap();
+    }
+    assert!(due.since(r.now) >= 6000, "backed off: {}", due.since(r.now));
+    // A beacon from anyone (forged ones too: the node has no key to check).
+    let mut joins = 0;
+    let start = r.now;
+    let mut pulled = Vec::new();
+    for i in 0..3000u64 {
+        r.now = start.plus(i * 10);
+        let b = forger().beacon(1, None);
+        let out = r.feed(&b);
+        assert!(sent(&out).is_empty(), "a beacon itself sends nothing");
+        if let Some(at) = sync_armed(&out) {
+            assert!(at.since(r.now) < BEACON_JOIN_SPREAD_MS);
+            pulled.push(at.since(r.now));
+            due = at;
+        }
+        if r.now >= due {
+            let out = r.input(NodeInput::Timer(NodeTimer::Sync));
+            joins += names(&out).iter().filter(|n| **n == "join").count();
+            due = sync_armed(&out).unwrap_or(Time::MAX);
+        }
+    }
+    println!("30 s of beacons every 10 ms: {joins} joins, pulled forward by {pulled:?} ms");
+    assert!(!pulled.is_empty(), "the first beacon pulls the join in");
+    assert_eq!(pulled.len(), 3, "once every 10 s");
+    assert!(joins <= 15, "{joins} joins in 30 s");
 }
