@@ -16,7 +16,7 @@ mod support;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
 use std::time::{Duration, Instant};
 
-use keyfleet::crypto::{Epoch, GroupKey, InitialKey, NodeKeys};
+use keyfleet::crypto::{Chain, Epoch, GroupKey, Share, ShareSecret};
 use keyfleet::protocol::{NodeConfig, NodeMachine, NodePersist};
 use keyfleet::wire::{self, Message, Step};
 use rand::{RngCore, SeedableRng};
@@ -36,6 +36,21 @@ fn stolen_state(f: &Fleet, i: usize) -> NodePersist {
     let path = f.agents[i].state.join("state.json");
     let stored: Value = keyfleet::statefile::read_json(&path).unwrap().unwrap();
     serde_json::from_value(stored["node"].clone()).unwrap()
+}
+
+/// The ratchet chain (whose MAC key authenticates the node's messages) and
+/// the share agent `i` announces, from its state file (a stolen appliance).
+fn stolen_chain(f: &Fleet, i: usize) -> (Chain, Share) {
+    let path = f.agents[i].state.join("state.json");
+    let stored: Value = keyfleet::statefile::read_json(&path).unwrap().unwrap();
+    let r = &stored["node"]["ratchet"];
+    let bytes32 = |v: &Value| -> [u8; 32] {
+        let b: Vec<u8> = serde_json::from_value(v.clone()).unwrap();
+        b.try_into().unwrap()
+    };
+    let chain = Chain::from_bytes(bytes32(&r["chain"]["chain"]), bytes32(&r["chain"]["mac"]));
+    let share = ShareSecret::from_bytes(bytes32(&r["secret"])).public();
+    (chain, share)
 }
 
 /// The group key of `epoch` from agent `i`'s state file (a stolen appliance).
@@ -622,7 +637,7 @@ fn a_stolen_nodes_keys_cost_the_controller_a_bounded_amount_of_work() {
         &[],
     );
     let m0 = member(&f, 0);
-    let keys = NodeKeys::derive(&InitialKey(f.agents[0].key));
+    let (chain, share) = stolen_chain(&f, 0);
     let mut seq = stolen_state(&f, 0).seq_reserved + 100_000;
     let addresses = table_addresses(&f);
     let audit_before = audit(&f).len();
@@ -662,8 +677,8 @@ fn a_stolen_nodes_keys_cost_the_controller_a_bounded_amount_of_work() {
     for k in 0..4000usize {
         seq += 1;
         let req = wire::mac(
-            wire::key_request(Epoch(1), Step::SecondTransition, seq, m0),
-            &keys,
+            wire::key_request(Epoch(1), Step::SecondTransition, seq, m0, &share),
+            &chain,
         );
         let _ = socks[k % socks.len()].send_to(&req, f.ctl_addr());
         if k % 2 == 0 {
@@ -728,6 +743,8 @@ fn a_stolen_nodes_keys_cost_the_controller_a_bounded_amount_of_work() {
         k += 1;
         seq += 1;
         let epoch = epoch_now(&f);
+        // The chain moves on with each round: the thief reads the stolen copy again.
+        let (chain, _) = stolen_chain(&f, 0);
         let report = wire::mac(
             wire::usage_report(
                 Epoch(epoch),
@@ -739,7 +756,7 @@ fn a_stolen_nodes_keys_cost_the_controller_a_bounded_amount_of_work() {
                     opens: 1_000_000 * k,
                 }],
             ),
-            &keys,
+            &chain,
         );
         let _ = socks[0].send_to(&report, f.ctl_addr());
         if let Some(key) = NodeMachine::restore(&stolen_state(&f, 0), NodeConfig::default())

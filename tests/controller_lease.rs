@@ -21,7 +21,6 @@ fn term(payload: &[u8]) -> Option<u32> {
         Message::KeyUpdate(k) => Some(k.term),
         Message::Transition(t) => Some(t.term),
         Message::KeyResponse(k) => Some(k.term),
-        Message::JoinAccept(j) => Some(j.term),
         Message::Resync(r) => Some(r.term),
         _ => None,
     }

@@ -119,7 +119,10 @@ fn kill_9_mid_round_and_restart_completes_the_round_and_keeps_the_table() {
         .unwrap();
     assert_eq!(silent["stale"], true);
 
-    // The silent node comes back: it joins, gets the current key, is no longer stale.
+    // The silent node comes back without its state (these shells keep none):
+    // its enrollment is pinned, so the operator allows the re-join (audited);
+    // it runs the handshake, gets the current key, is no longer stale.
+    ctl.run(&["rejoin", "--node-id", dead[0].id.as_str()]);
     let back = Shells::start(dead, ctl.group, ctl.addr());
     wait_for("the returning node at epoch 3", 10_000, || {
         back.completed_at(3) == 1

@@ -176,6 +176,31 @@ fn debug_of_key_types_prints_no_key_material() {
     needles.add("secrets signing seed", &secrets.signing_seed);
 
     let label_key = keyfleet_drivers::label::InitialKey::from_bytes(initial.0);
+    // The ratchet's secrets: a chain, a step, a share secret.
+    let secret = keyfleet::crypto::ShareSecret::generate(&mut OsRng);
+    let peer = keyfleet::crypto::ShareSecret::generate(&mut OsRng).public();
+    let chain = keyfleet::crypto::Chain::from_bytes([0x3c; 32], [0x5d; 32]);
+    needles.add("chain key", &[0x3c; 32]);
+    needles.add("chain mac key", &[0x5d; 32]);
+    {
+        let v = serde_json::to_value(&secret).unwrap();
+        let b: Vec<u8> = serde_json::from_value(v).unwrap();
+        needles.add("share secret", &b);
+    }
+    let step = keyfleet::crypto::Step::derive(
+        &chain,
+        &secret.dh(&peer).unwrap(),
+        1,
+        &peer,
+        &secret.public(),
+    );
+    {
+        let v = serde_json::to_value(&step).unwrap();
+        let b: Vec<u8> = serde_json::from_value(v["wrap"].clone()).unwrap();
+        needles.add("step wrap key", &b);
+        let b: Vec<u8> = serde_json::from_value(v["next"]["chain"].clone()).unwrap();
+        needles.add("step next chain", &b);
+    }
 
     let prints: Vec<(&str, String)> = vec![
         ("InitialKey", format!("{initial:?} {initial:#?}")),
@@ -197,6 +222,10 @@ fn debug_of_key_types_prints_no_key_material() {
         (
             "drivers label InitialKey",
             format!("{label_key:?} {label_key:#?}"),
+        ),
+        (
+            "ratchet Chain, Step, ShareSecret",
+            format!("{chain:?} {chain:#?} {step:?} {step:#?} {secret:?} {secret:#?}"),
         ),
     ];
     assert!(needles.count() > 40);

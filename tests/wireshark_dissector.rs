@@ -23,7 +23,7 @@ mod fleet_support;
 mod tshark;
 
 use fleet_support::{agent_status, Chatter, Fleet};
-use keyfleet::crypto::{Epoch, KeyUse, WrappedKey, WRAPPED_LEN};
+use keyfleet::crypto::{Epoch, KeyUse, Share, WrappedKey, WRAPPED_LEN};
 use keyfleet::wire::{self, KeyState, NodeId, RoundPhase, RoundState, Step, WireError};
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
@@ -34,13 +34,12 @@ use std::time::Duration;
 
 // ---------------------------------------------------------------- mutated datagrams
 
-/// The layout `wire::decode` speaks on this branch, as the dissector's
-/// preference `keyfleet.layout` names it, and the other one it decodes
-/// (issue 17, branch fs). When fs lands: swap the two, build
-/// [`library_seeds`] with fs's encoders (shares, handshake) and
-/// [`other_seeds`] as revision 2 before it (join, join accept, no shares).
-const LIBRARY_LAYOUT: &str = "join";
-const OTHER_LAYOUT: &str = "handshake";
+/// The layout `wire::decode` speaks (issue 17: X25519 shares, the Noise
+/// handshake), as the dissector's preference `keyfleet.layout` names it, and
+/// the other one it decodes (revision 2 before issue 17: join, join accept,
+/// no shares), built by hand in [`other_seeds`].
+const LIBRARY_LAYOUT: &str = "handshake";
+const OTHER_LAYOUT: &str = "join";
 
 /// Types whose layout differs between the two: same code, another length
 /// (the shares), or a code only one of them has.
@@ -76,7 +75,17 @@ fn library_seeds(rng: &mut impl Rng) -> Vec<Vec<u8>> {
         .iter()
         .map(|&m| (m, wrapped(bytes(WRAPPED_LEN))))
         .collect();
-    let controller_key: [u8; 32] = bytes(32).try_into().unwrap();
+    let share = Share(bytes(32).try_into().unwrap());
+    let init = |seq: u64, id: &str, noise: Vec<u8>| {
+        [
+            wire::handshake_init_header(seq, &NodeId::parse(id).unwrap()),
+            noise,
+        ]
+        .concat()
+    };
+    // Noise message 2: e 32, the payload (85 bytes, 122 with a round), tag 16.
+    let (answer_plain, answer_round) = (bytes(32 + 85 + 16), bytes(32 + 122 + 16));
+    let init_noise = bytes(48);
     let seeds = vec![
         [
             wire::data_header(3, 1 << 40, Some(Epoch(6)), &nonce),
@@ -84,14 +93,14 @@ fn library_seeds(rng: &mut impl Rng) -> Vec<Vec<u8>> {
         ]
         .concat(),
         [wire::data_header(4, 17, None, &nonce), bytes(16)].concat(),
-        signed(wire::key_update(1, Epoch(7), 21, &entries)),
-        signed(wire::key_update(1, Epoch(7), 22, &entries[1..2])),
+        signed(wire::key_update(1, Epoch(7), 21, &share, &entries)),
+        signed(wire::key_update(1, Epoch(7), 22, &share, &entries[1..2])),
         signed(wire::transition(1, Step::FirstTransition, Epoch(7), 23)),
         signed(wire::transition(1, Step::SecondTransition, Epoch(7), 24)),
-        signed(wire::key_response(1, 25, 3, 99, &no_round)),
-        signed(wire::key_response(1, 26, 3, 100, &in_round)),
-        maced(wire::join_accept(1, 27, 9, 5, &controller_key, &no_round)),
-        maced(wire::join_accept(1, 28, 9, 6, &controller_key, &in_round)),
+        signed(wire::key_response(1, 25, 3, 99, &share, &no_round)),
+        signed(wire::key_response(1, 26, 3, 100, &share, &in_round)),
+        wire::handshake_answer(5, &answer_plain),
+        wire::handshake_answer(6, &answer_round),
         maced(wire::resync(1, Epoch(6), 29, 3)),
         signed(wire::beacon(
             1,
@@ -107,11 +116,17 @@ fn library_seeds(rng: &mut impl Rng) -> Vec<Vec<u8>> {
             Some((Epoch(7), RoundPhase::FirstTransition)),
             "[fe80::1]:47800".parse().unwrap(),
         )),
-        maced(wire::ack(Step::KeyUpdate, Epoch(7), 5, 3)),
-        maced(wire::ack(Step::FirstTransition, Epoch(7), 6, 3)),
-        maced(wire::ack(Step::SecondTransition, Epoch(7), 7, 3)),
-        maced(wire::key_request(Epoch(6), Step::SecondTransition, 8, 3)),
-        maced(wire::join(9, &NodeId::parse("pump-1.hall_B").unwrap())),
+        maced(wire::ack(Step::KeyUpdate, Epoch(7), 5, 3, &share)),
+        maced(wire::ack(Step::FirstTransition, Epoch(7), 6, 3, &share)),
+        maced(wire::ack(Step::SecondTransition, Epoch(7), 7, 3, &share)),
+        maced(wire::key_request(
+            Epoch(6),
+            Step::SecondTransition,
+            8,
+            3,
+            &share,
+        )),
+        init(9, "pump-1.hall_B", init_noise),
         maced(wire::usage_report(Epoch(7), 10, 3, &[])),
         maced(wire::usage_report(
             Epoch(7),
@@ -137,36 +152,51 @@ fn library_seeds(rng: &mut impl Rng) -> Vec<Vec<u8>> {
     seeds
 }
 
-/// The layouts of branch fs (issue 17) for the same messages, built by hand
-/// from its table: X25519 shares in 0x02, 0x05, 0x11-0x14, the Noise
-/// handshake 0x17 / 0x09.
-fn other_seeds(main: &[Vec<u8>], rng: &mut impl Rng) -> Vec<Vec<u8>> {
-    let share: Vec<u8> = (0..32).map(|_| rng.gen()).collect();
-    let insert = |d: &Vec<u8>, at: usize| [&d[..at], &share[..], &d[at..]].concat();
+/// Revision 2 before issue 17 for the same messages, built by hand from its
+/// table: no X25519 shares in 0x02, 0x05, 0x11-0x14; join 0x15 and join
+/// accept 0x06 instead of the Noise handshake 0x17 / 0x09.
+fn other_seeds(library: &[Vec<u8>], rng: &mut impl Rng) -> Vec<Vec<u8>> {
+    let cut = |d: &Vec<u8>, at: usize| [&d[..at], &d[at + 32..]].concat();
     let mut out = Vec::new();
-    for d in main {
+    for d in library {
         match d[1] {
-            // After [version][type], term, epoch and sequence number (and a
-            // key response's member and request number).
-            0x02 => out.push(insert(d, 18)),
-            0x05 => out.push(insert(d, 30)),
-            0x11..=0x13 => out.push(insert(d, 18)),
-            0x14 => out.push(insert(d, 19)),
+            // The share after [version][type], term, epoch and sequence number
+            // (and a key response's member and request number; node messages
+            // carry no term).
+            0x02 => out.push(cut(d, 18)),
+            0x05 => out.push(cut(d, 30)),
+            0x11..=0x13 => out.push(cut(d, 18)),
+            0x14 => out.push(cut(d, 19)),
             _ => {}
         }
     }
+    let mut bytes = |n: usize| -> Vec<u8> { (0..n).map(|_| rng.gen()).collect() };
     let id = b"pump-1";
-    let mut init = vec![2, 0x17];
-    init.extend_from_slice(&77u64.to_be_bytes());
-    init.push(id.len() as u8);
-    init.extend_from_slice(id);
-    init.extend((0..48).map(|_| rng.gen::<u8>()));
-    out.push(init);
-    for noise in [129, 166] {
-        let mut answer = vec![2, 0x09];
-        answer.extend_from_slice(&77u64.to_be_bytes());
-        answer.extend((0..noise).map(|_| rng.gen::<u8>()));
-        out.push(answer);
+    let mut join = vec![2, 0x15, 0, 0, 0, 0];
+    join.extend_from_slice(&77u64.to_be_bytes());
+    join.push(id.len() as u8);
+    join.extend_from_slice(id);
+    join.extend(bytes(16));
+    out.push(join);
+    for round in [false, true] {
+        let mut accept = vec![2, 0x06];
+        accept.extend_from_slice(&1u32.to_be_bytes()); // term
+        accept.extend_from_slice(&6u32.to_be_bytes());
+        accept.extend_from_slice(&27u64.to_be_bytes());
+        accept.extend_from_slice(&9u32.to_be_bytes());
+        accept.extend_from_slice(&77u64.to_be_bytes());
+        accept.extend(bytes(32));
+        accept.extend(bytes(WRAPPED_LEN));
+        if round {
+            accept.push(1);
+            accept.extend_from_slice(&7u32.to_be_bytes());
+            accept.push(3);
+            accept.extend(bytes(WRAPPED_LEN));
+        } else {
+            accept.push(0);
+        }
+        accept.extend(bytes(16));
+        out.push(accept);
     }
     out
 }
@@ -246,6 +276,7 @@ fn mutations(seeds: &[Vec<u8>], rng: &mut impl Rng) -> Vec<Vec<u8>> {
     out.push(usage(255, 5));
     let key_update = |first: u32, last: u32, members: &[u32]| {
         let mut b = vec![2, 0x02, 0, 0, 0, 1, 0, 0, 0, 7, 0, 0, 0, 0, 0, 0, 0, 9];
+        b.extend_from_slice(&[0x77; 32]); // the round's share
         b.extend_from_slice(&first.to_be_bytes());
         b.extend_from_slice(&last.to_be_bytes());
         b.extend_from_slice(&(members.len() as u16).to_be_bytes());
@@ -259,6 +290,15 @@ fn mutations(seeds: &[Vec<u8>], rng: &mut impl Rng) -> Vec<Vec<u8>> {
     out.push(key_update(1, 3, &[1, 2, 3]));
     out.push(key_update(1, 4, &[1, 2, 3]));
     out.push(key_update(2, 3, &[1, 2, 3]));
+    // Node ids in a handshake init (and in revision 2's join, which the
+    // library no longer knows).
+    let init = |id: &[u8]| {
+        let mut b = vec![2, 0x17];
+        b.extend_from_slice(&3u64.to_be_bytes());
+        b.push(id.len() as u8);
+        b.extend_from_slice(id);
+        [b, vec![0x5b; 48]].concat()
+    };
     let join = |epoch: u32, id: &[u8]| {
         let mut b = vec![2, 0x15];
         b.extend_from_slice(&epoch.to_be_bytes());
@@ -269,9 +309,10 @@ fn mutations(seeds: &[Vec<u8>], rng: &mut impl Rng) -> Vec<Vec<u8>> {
     };
     out.push(join(0, b"a"));
     out.push(join(1, b"a"));
-    out.push(join(0, b""));
-    out.push(join(0, &[b'x'; 64]));
-    out.push(join(0, &[b'x'; 65]));
+    for id in [&b"a"[..], b"", &[b'x'; 64], &[b'x'; 65]] {
+        out.push(init(id));
+        out.push(join(0, id));
+    }
     for bad in [
         &b"pump 1"[..],
         b"pump/1",
@@ -279,6 +320,7 @@ fn mutations(seeds: &[Vec<u8>], rng: &mut impl Rng) -> Vec<Vec<u8>> {
         &[0xff, 0xfe],
         b"a\0b",
     ] {
+        out.push(init(bad));
         out.push(join(0, bad));
     }
     let key_response = |flag: u8, phase: u8| {
@@ -286,6 +328,7 @@ fn mutations(seeds: &[Vec<u8>], rng: &mut impl Rng) -> Vec<Vec<u8>> {
             2, 0x05, 0, 0, 0, 1, 0, 0, 0, 7, 0, 0, 0, 0, 0, 0, 0, 9, 0, 0, 0, 3,
         ];
         b.extend_from_slice(&8u64.to_be_bytes());
+        b.extend_from_slice(&[0x77; 32]); // the controller's share
         b.extend_from_slice(&[0x22; WRAPPED_LEN]);
         b.push(flag);
         if flag != 0 {
@@ -305,7 +348,8 @@ fn mutations(seeds: &[Vec<u8>], rng: &mut impl Rng) -> Vec<Vec<u8>> {
         d.extend_from_slice(&[0x44; 16]);
         out.push(d);
     }
-    // A key request's step (after it, fs's layout has the node's share).
+    // A key request's step (after it, the node's share; revision 2 before
+    // issue 17 had none).
     for (step, extra) in [
         (0u8, 0usize),
         (1, 0),

@@ -13,7 +13,7 @@
 -- Two layouts of revision 2 are decoded (preference "Wire layout"):
 --   join       revision 2 before issue 17: join 0x15, join accept 0x06, no
 --              X25519 shares;
---   handshake  issue 17 (branch fs): the Noise NNpsk0 handshake init 0x17 and
+--   handshake  issue 17 (what keyfleet speaks now): the Noise NNpsk0 handshake init 0x17 and
 --              answer 0x09 replace join and join accept; the key update
 --              request 0x02 and key response 0x05 carry the controller's
 --              X25519 share, the replies 0x11-0x13 and the key request 0x14
@@ -53,11 +53,11 @@ local SIG_LEN, MAC_LEN, WRAPPED_LEN, NONCE_LEN, TAG_LEN, SHARE_LEN = 64, 16, 60,
 local KEY_LEN = 32
 local ENTRY_LEN = 4 + WRAPPED_LEN
 local MAX_USAGE_ENTRIES = 4
--- The Noise messages of issue 17 (branch fs): init = e 32 + tag 16; the
--- answer's encrypted payload is seq, member, controller key, current epoch
+-- The Noise messages of issue 17: init = e 32 + tag 16; the
+-- answer's encrypted payload is term, seq, member, controller key, current epoch
 -- and key, round flag [round epoch, phase, round key].
 local HS_INIT_NOISE = 32 + 16
-local HS_ANSWER_MIN = 32 + 8 + 4 + 32 + 4 + KEY_LEN + 1 + 16
+local HS_ANSWER_MIN = 32 + 4 + 8 + 4 + 32 + 4 + KEY_LEN + 1 + 16
 local HS_ANSWER_MAX = HS_ANSWER_MIN + 4 + 1 + KEY_LEN
 
 local T = {
@@ -533,7 +533,7 @@ parse[T.KEY_UPDATE] = function(tvb, len, shares)
     local last = r:u32(F.last, "last member")
     local count = r:u16(F.count, "entry count")
     if count and r:need(count * ENTRY_LEN, "key update entries") then
-        local fe, le
+        local fe, le, prev, bad, bad_prev, bad_off
         for i = 1, count do
             local e = r:open(F.entry)
             local m = r:u32(F.entry_member, "member")
@@ -542,6 +542,11 @@ parse[T.KEY_UPDATE] = function(tvb, len, shares)
             e.text = ": member " .. m
             if i == 1 then fe = m end
             if i == count then le = m end
+            -- Entries rise strictly (a node finds its own by binary search).
+            if prev and not bad and m <= prev then
+                bad, bad_prev, bad_off = m, prev, hdr_off + 10 + (i - 1) * ENTRY_LEN
+            end
+            prev = m
         end
         if count == 0 then
             r:fail("invalid", hdr_off + 8, 2, "entry count has the invalid value 0")
@@ -549,6 +554,10 @@ parse[T.KEY_UPDATE] = function(tvb, len, shares)
             r:fail("invalid", hdr_off, 8, string.format(
                 "key update batch header says members %d..=%d but its entries run %d..=%d",
                 first, last, fe, le))
+        elseif bad then
+            r:fail("invalid", bad_off, 4, string.format(
+                "key update entries are not in rising member order: member %d follows member %d",
+                bad, bad_prev))
         end
         r:note(string.format("members %d..%d (%d)", first, last, count))
     end

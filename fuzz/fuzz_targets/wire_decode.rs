@@ -27,28 +27,35 @@ fuzz_target!(init: write_seeds(genuine_seeds), |data: &[u8]| {
                 assert!(k.may_hold(*m));
                 assert_eq!(k.entry_for(*m), Some(*w), "entries sorted, found by member");
             }
-            (wire::key_update(k.term, k.epoch, k.seq, &entries), k.auth.body.len())
+            (wire::key_update(k.term, k.epoch, k.seq, &k.share, &entries), k.auth.body.len())
         }
         Message::Transition(t) => (wire::transition(t.term, t.step, t.epoch, t.seq), t.auth.body.len()),
         Message::KeyResponse(k) => (
-            wire::key_response(k.term, k.seq, k.member, k.in_reply_to, &k.state),
+            wire::key_response(k.term, k.seq, k.member, k.in_reply_to, &k.share, &k.state),
             k.auth.body.len(),
         ),
-        Message::JoinAccept(j) => (
-            wire::join_accept(j.term, j.seq, j.member, j.in_reply_to, &j.controller_key, &j.state),
-            j.auth.body.len(),
-        ),
+        Message::HandshakeAnswer(a) => {
+            assert_eq!(wire::handshake_answer(a.in_reply_to, a.noise), data);
+            return;
+        }
         Message::Beacon(b) => (
             wire::beacon(b.term, b.epoch, b.seq, b.round, b.controller),
             b.auth.body.len(),
         ),
         Message::Resync(r) => (wire::resync(r.term, r.epoch, r.seq, r.member), r.auth.body.len()),
-        Message::Ack(a) => (wire::ack(a.step, a.epoch, a.seq, a.member), a.auth.body.len()),
+        Message::Ack(a) => (
+            wire::ack(a.step, a.epoch, a.seq, a.member, &a.share),
+            a.auth.body.len(),
+        ),
         Message::KeyRequest(k) => (
-            wire::key_request(k.epoch, k.step, k.seq, k.member),
+            wire::key_request(k.epoch, k.step, k.seq, k.member, &k.share),
             k.auth.body.len(),
         ),
-        Message::Join(j) => (wire::join(j.seq, &j.node_id), j.auth.body.len()),
+        Message::HandshakeInit(h) => {
+            assert_eq!(wire::handshake_init_header(h.seq, &h.node_id), h.prologue);
+            assert_eq!([h.prologue, &h.noise[..]].concat(), data);
+            return;
+        }
         Message::UsageReport(u) => (
             wire::usage_report(u.epoch, u.seq, u.member, &u.uses),
             u.auth.body.len(),

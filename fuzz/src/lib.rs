@@ -97,17 +97,20 @@ pub fn replay_ir(data: &[u8]) {
     panic!("a replay of {} bytes did not end", data.len());
 }
 
-/// A node that has joined and synced, as the protocol tests build one
-/// (`src/protocol/tests`): node `node-0` with initial key `01…01`, member 1,
-/// current group key of epoch 1, a controller whose Ed25519 key comes from a
-/// fixed seed. Also returns the genuine datagrams of a round from that
-/// controller (key update for epoch 2, first and second transition request,
-/// a key response, a join accept, a beacon of epoch 2 and one of round 2
+/// A node that has joined and synced: node `node-0` with initial key
+/// `01…01`, member 1, current group key of epoch 1, enrolled with a real
+/// `ControllerMachine` (everything seeded) through the enrollment handshake
+/// and its key response. Also returns the controller's genuine datagrams
+/// (handshake answer, key response, then a round's key update, first and
+/// second transition request, a beacon of epoch 2 and one of round 2
 /// draining), for seeds and to build on.
 pub mod node {
-    use keyfleet::crypto::{Epoch, GroupKey, InitialKey, NodeKeys};
-    use keyfleet::protocol::{NodeAction, NodeConfig, NodeInput, NodeMachine, Time, TERM};
-    use keyfleet::wire::{self, KeyState, Message, NodeId, RoundPhase, Step};
+    use keyfleet::crypto::InitialKey;
+    use keyfleet::protocol::{
+        ControllerAction, ControllerConfig, ControllerInput, ControllerMachine, NodeAction,
+        NodeConfig, NodeInput, NodeMachine, Time,
+    };
+    use keyfleet::wire::{self, Message, NodeId};
     use rand::SeedableRng;
     use rand_chacha::ChaCha20Rng;
     use std::net::SocketAddr;
@@ -116,36 +119,45 @@ pub mod node {
         SocketAddr::from(([192, 168, 0, 1], 47800))
     }
 
+    fn node_addr() -> SocketAddr {
+        SocketAddr::from(([10, 0, 0, 1], 47801))
+    }
+
     pub fn rng() -> ChaCha20Rng {
         ChaCha20Rng::seed_from_u64(42)
     }
 
-    fn key(e: u32) -> GroupKey {
-        GroupKey::from_bytes(Epoch(e), [e as u8 * 3 + 1; 32])
+    fn fresh() -> NodeMachine {
+        let cfg = NodeConfig {
+            controller: ctl_addr(),
+            usage_interval_ms: Some(1000),
+            data_replay_senders: 8,
+            ..NodeConfig::default()
+        };
+        NodeMachine::new(
+            NodeId::parse("node-0").expect("node id"),
+            &InitialKey([1; 16]),
+            cfg,
+        )
     }
 
-    fn request_seq(out: &[NodeAction]) -> u64 {
+    fn sends(out: &[NodeAction]) -> Vec<Vec<u8>> {
         out.iter()
-            .find_map(|a| match a {
+            .filter_map(|a| match a {
                 NodeAction::SendTo { bytes, .. } | NodeAction::SendGroup { bytes, .. } => {
-                    match wire::decode(bytes) {
-                        Ok(Message::Join(j)) => Some(j.seq),
-                        Ok(Message::KeyRequest(k)) => Some(k.seq),
-                        _ => None,
-                    }
+                    Some(bytes.clone())
                 }
                 _ => None,
             })
-            .expect("the node sent a join or key request")
+            .collect()
     }
 
     /// The joined, synced node and the controller's genuine datagrams. The
-    /// datagrams are made once (everything is seeded, so they are the same
-    /// each time); each call replays the join accept and key response to a
-    /// fresh node.
+    /// node's randomness is seeded, so replaying the controller's answers to
+    /// a fresh node with the same seed joins it the same way.
     pub fn joined() -> (NodeMachine, Vec<Vec<u8>>) {
         static ROUND: std::sync::OnceLock<Vec<Vec<u8>>> = std::sync::OnceLock::new();
-        let round = ROUND.get_or_init(|| build().1);
+        let round = ROUND.get_or_init(build);
         let mut node = fresh();
         let mut rng = rng();
         let mut out = Vec::new();
@@ -166,102 +178,153 @@ pub mod node {
         (node, round.clone())
     }
 
-    fn fresh() -> NodeMachine {
-        let cfg = NodeConfig {
-            controller: ctl_addr(),
-            usage_interval_ms: Some(1000),
-            data_replay_senders: 8,
-            ..NodeConfig::default()
-        };
-        NodeMachine::new(
-            NodeId::parse("node-0").expect("node id"),
-            &InitialKey([1; 16]),
-            cfg,
+    /// Runs node and controller until the node is synced, then a round; the
+    /// controller's datagrams in the order [`joined`] documents.
+    fn build() -> Vec<Vec<u8>> {
+        let mut node = fresh();
+        let mut nrng = rng();
+        let mut crng = ChaCha20Rng::seed_from_u64(7);
+        let mut cout = Vec::new();
+        let now = Time(1000);
+        let mut ctl = ControllerMachine::new(ControllerConfig::default(), now, &mut crng, &mut cout);
+        ctl.handle(
+            now,
+            ControllerInput::Enroll {
+                node_id: NodeId::parse("node-0").expect("node id"),
+                initial_key: InitialKey([1; 16]),
+                addr: node_addr(),
+            },
+            &mut crng,
+            &mut cout,
         )
+        .expect("enroll");
+        ctl.handle(now, ControllerInput::Start, &mut crng, &mut cout)
+            .expect("start");
+        let mut nout = Vec::new();
+        node.handle(now, NodeInput::LinkUp, &mut nrng, &mut nout);
+        let mut to_ctl = sends(&nout);
+        let mut genuine: Vec<Vec<u8>> = Vec::new();
+        let mut synced_at = None;
+        let mut rekeyed = false;
+        let mut beacons = Vec::new();
+        for _ in 0..64 {
+            let mut to_node = Vec::new();
+            for b in to_ctl.drain(..) {
+                cout.clear();
+                let _ = ctl.handle(
+                    now,
+                    ControllerInput::Datagram {
+                        from: node_addr(),
+                        bytes: &b,
+                    },
+                    &mut crng,
+                    &mut cout,
+                );
+                to_node.extend(cout.iter().filter_map(|a| match a {
+                    ControllerAction::SendTo { bytes, .. } | ControllerAction::SendGroup(bytes) => {
+                        Some(bytes.clone())
+                    }
+                    _ => None,
+                }));
+            }
+            if to_node.is_empty() && synced_at.is_some() && !rekeyed {
+                rekeyed = true;
+                cout.clear();
+                ctl.handle(now, ControllerInput::Rekey, &mut crng, &mut cout)
+                    .expect("rekey");
+                to_node.extend(cout.iter().filter_map(|a| match a {
+                    ControllerAction::SendGroup(bytes) => Some(bytes.clone()),
+                    _ => None,
+                }));
+            }
+            for b in to_node {
+                let keep = match wire::decode(&b) {
+                    Ok(Message::HandshakeAnswer(_)) | Ok(Message::KeyResponse(_)) => {
+                        synced_at.is_none()
+                    }
+                    Ok(Message::KeyUpdate(_)) | Ok(Message::Transition(_)) => true,
+                    _ => false,
+                };
+                if keep && !genuine.contains(&b) {
+                    genuine.push(b.clone());
+                }
+                nout.clear();
+                node.handle(
+                    now,
+                    NodeInput::Datagram {
+                        from: ctl_addr(),
+                        bytes: &b,
+                    },
+                    &mut nrng,
+                    &mut nout,
+                );
+                if synced_at.is_none() && node.is_synced() {
+                    synced_at = Some(genuine.len());
+                }
+                to_ctl.extend(sends(&nout));
+            }
+            if to_ctl.is_empty() && rekeyed && ctl.round().is_some() {
+                // The beacon of the round while it drains…
+                if beacons.is_empty() {
+                    beacons.push(beacon(&mut ctl, now.plus(30_000), &mut crng));
+                }
+                // …then the drain grace: let the round's timer pass.
+                cout.clear();
+                let _ = ctl.handle(
+                    now.plus(60_000),
+                    ControllerInput::Timer(keyfleet::protocol::ControllerTimer::Round),
+                    &mut crng,
+                    &mut cout,
+                );
+                for a in &cout {
+                    if let ControllerAction::SendGroup(bytes) = a {
+                        genuine.push(bytes.clone());
+                        nout.clear();
+                        node.handle(
+                            now,
+                            NodeInput::Datagram {
+                                from: ctl_addr(),
+                                bytes,
+                            },
+                            &mut nrng,
+                            &mut nout,
+                        );
+                        to_ctl.extend(sends(&nout));
+                    }
+                }
+            }
+            if rekeyed && ctl.round().is_none() {
+                break;
+            }
+        }
+        assert_eq!(synced_at, Some(2), "handshake answer and key response: {genuine:?}");
+        // The beacon of epoch 2 (no round), then the draining one.
+        let done = beacon(&mut ctl, now.plus(120_000), &mut crng);
+        genuine.push(done);
+        genuine.extend(beacons);
+        genuine
     }
 
-    fn build() -> (NodeMachine, Vec<Vec<u8>>) {
-        let initial = InitialKey([1; 16]);
-        let mut node = fresh();
-        let mut rng = rng();
-        let sk = ed25519_dalek::SigningKey::generate(&mut rng);
-        let keys = NodeKeys::derive(&initial);
-        let member = 1;
-        let mut seq = 0;
-        let mut next = || {
-            seq += 1;
-            seq
-        };
+    /// The beacon the controller sends when its beacon timer fires at `at`.
+    fn beacon(ctl: &mut ControllerMachine, at: Time, rng: &mut ChaCha20Rng) -> Vec<u8> {
         let mut out = Vec::new();
-        node.handle(Time(1000), NodeInput::LinkUp, &mut rng, &mut out);
-        let state = |rng: &mut ChaCha20Rng| KeyState {
-            current_epoch: Epoch(1),
-            current: keys.wrap(&key(1), member, rng),
-            round: None,
-        };
-        let st = state(&mut rng);
-        let ja = wire::mac(
-            wire::join_accept(
-                TERM,
-                next(),
-                member,
-                request_seq(&out),
-                &sk.verifying_key().to_bytes(),
-                &st,
-            ),
-            &keys,
-        );
-        out.clear();
-        node.handle(
-            Time(1000),
-            NodeInput::Datagram {
-                from: ctl_addr(),
-                bytes: &ja,
-            },
-            &mut rng,
+        ctl.handle(
+            at,
+            ControllerInput::Timer(keyfleet::protocol::ControllerTimer::Beacon),
+            rng,
             &mut out,
-        );
-        let st = state(&mut rng);
-        let kr = wire::sign(
-            wire::key_response(TERM, next(), member, request_seq(&out), &st),
-            &sk,
-        );
-        out.clear();
-        node.handle(
-            Time(1000),
-            NodeInput::Datagram {
-                from: ctl_addr(),
-                bytes: &kr,
-            },
-            &mut rng,
-            &mut out,
-        );
-        assert!(node.is_synced(), "the node synced");
-        let w = keys.wrap(&key(2), member, &mut rng);
-        let ku = wire::sign(wire::key_update(TERM, Epoch(2), next(), &[(member, w)]), &sk);
-        let t1 = wire::sign(
-            wire::transition(TERM, Step::FirstTransition, Epoch(2), next()),
-            &sk,
-        );
-        let t2 = wire::sign(
-            wire::transition(TERM, Step::SecondTransition, Epoch(2), next()),
-            &sk,
-        );
-        let b1 = wire::sign(
-            wire::beacon(TERM, Epoch(2), next(), None, ctl_addr()),
-            &sk,
-        );
-        let b2 = wire::sign(
-            wire::beacon(
-                TERM,
-                Epoch(1),
-                next(),
-                Some((Epoch(2), RoundPhase::Draining)),
-                ctl_addr(),
-            ),
-            &sk,
-        );
-        (node, vec![ja, kr, ku, t1, t2, b1, b2])
+        )
+        .expect("beacon timer");
+        out.iter()
+            .find_map(|a| match a {
+                ControllerAction::SendGroup(bytes)
+                    if matches!(wire::decode(bytes), Ok(Message::Beacon(_))) =>
+                {
+                    Some(bytes.clone())
+                }
+                _ => None,
+            })
+            .expect("a beacon")
     }
 }
 
@@ -282,7 +345,7 @@ pub fn write_seeds(make: impl FnOnce() -> Vec<(String, Vec<u8>)>) {
 /// The genuine datagrams of [`node::joined`], named for seeds.
 pub fn genuine_seeds() -> Vec<(String, Vec<u8>)> {
     let names = [
-        "join_accept",
+        "handshake_answer",
         "key_response",
         "key_update",
         "first_transition",
@@ -295,4 +358,29 @@ pub fn genuine_seeds() -> Vec<(String, Vec<u8>)> {
         .map(|n| n.to_string())
         .zip(node::joined().1)
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_node_fixture_joins_by_handshake_and_the_round_is_genuine() {
+        let (node, round) = super::node::joined();
+        assert!(node.is_synced());
+        let names: Vec<_> = round
+            .iter()
+            .map(|b| keyfleet::wire::decode(b).map(|m| m.name()).unwrap())
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "handshake answer",
+                "key response",
+                "key update request",
+                "first transition request",
+                "second transition request",
+                "beacon",
+                "beacon"
+            ]
+        );
+    }
 }

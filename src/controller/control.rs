@@ -41,7 +41,9 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedSender};
 use zeroize::Zeroizing;
 
-use super::{ControllerError, EnrollReport, Progress, Queued, RemoveReport, RoundReport};
+use super::{
+    ControllerError, EnrollReport, Progress, Queued, RejoinReport, RemoveReport, RoundReport,
+};
 use crate::crypto::InitialKey;
 
 /// Longest request line accepted.
@@ -53,6 +55,10 @@ const MAX_LINE: usize = 4096;
 pub enum Request {
     Rekey,
     Remove {
+        node_id: String,
+    },
+    /// Let a node whose enrollment is pinned run the enrollment handshake again.
+    Rejoin {
         node_id: String,
     },
     Enroll {
@@ -88,6 +94,7 @@ pub enum Reply {
     Rekeyed(RoundReport),
     Removed(RemoveReport),
     Enrolled(EnrollReport),
+    RejoinAllowed(RejoinReport),
     Info(ServeInfo),
     Error {
         message: String,

@@ -292,6 +292,14 @@ pub struct InitReport {
     pub sealed: bool,
 }
 
+/// What `keyfleet rejoin` did.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct RejoinReport {
+    pub node_id: String,
+    /// The re-join is accepted until then (ms since the UNIX epoch).
+    pub until_ms: u64,
+}
+
 /// What `enroll` did.
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct EnrollReport {
@@ -1000,6 +1008,28 @@ impl Controller {
         })
     }
 
+    /// Allows a pinned node to run the enrollment handshake again (audited,
+    /// open for [`crate::protocol::REJOIN_WINDOW_MS`]).
+    pub async fn allow_rejoin(&mut self, node_id: NodeId) -> Result<RejoinReport> {
+        self.feed(ControllerInput::AllowRejoin {
+            node_id: node_id.clone(),
+        })?;
+        let until_ms = self
+            .out
+            .iter()
+            .find_map(|a| match a {
+                ControllerAction::Record(Record::RejoinAllowed { until, .. }) => Some(until.0),
+                _ => None,
+            })
+            .unwrap_or_default();
+        self.flush(None).await?;
+        Ok(RejoinReport {
+            node_id: node_id.to_string(),
+            until_ms,
+        })
+    }
+
+    /// Enrolls a node (no network needed).
     /// The report of the round in progress as it stands, paused (the caller
     /// fills in what the pause record says).
     fn paused_report(
@@ -1658,6 +1688,34 @@ impl Controller {
                     &tx,
                     match r {
                         Ok(e) => control::Reply::Enrolled(e),
+                        Err(message) => control::Reply::Error { message },
+                    },
+                );
+            }
+            control::Request::Rejoin { node_id } => {
+                let r = (|| {
+                    let id = NodeId::parse(&node_id).map_err(|e| e.to_string())?;
+                    self.feed(ControllerInput::AllowRejoin { node_id: id })
+                        .map_err(|e| e.to_string())?;
+                    let until_ms = self
+                        .out
+                        .iter()
+                        .find_map(|a| match a {
+                            ControllerAction::Record(Record::RejoinAllowed { until, .. }) => {
+                                Some(until.0)
+                            }
+                            _ => None,
+                        })
+                        .unwrap_or_default();
+                    Ok::<_, String>(RejoinReport {
+                        node_id: node_id.clone(),
+                        until_ms,
+                    })
+                })();
+                reply(
+                    &tx,
+                    match r {
+                        Ok(x) => control::Reply::RejoinAllowed(x),
                         Err(message) => control::Reply::Error { message },
                     },
                 );

@@ -861,6 +861,33 @@ fn write_one(s: &mut Store, rounds: &mut HashMap<u32, i64>, r: &Record, ctx: &Ct
                 .map(drop),
             );
         }
+        Record::HandshakeCompleted {
+            node_id,
+            rejoin,
+            at,
+            ..
+        } => soft(
+            "an enrollment handshake",
+            s.audit(
+                AuditKind::Enrollment,
+                Some(node_id.as_str()),
+                &serde_json::json!({ "handshake": "completed", "rejoin": rejoin }),
+                at.0,
+            )
+            .map(drop),
+        ),
+        Record::RejoinAllowed {
+            node_id, until, at, ..
+        } => soft(
+            "an allowed re-join",
+            s.audit(
+                AuditKind::Rejoin,
+                Some(node_id.as_str()),
+                &serde_json::json!({ "rejoin": "allowed", "until_ms": until.0 }),
+                at.0,
+            )
+            .map(drop),
+        ),
         Record::RoundPaused {
             epoch,
             phase,

@@ -42,6 +42,57 @@ fn wrap_aad(epoch: Epoch, member: u32) -> [u8; 24] {
     aad
 }
 
+/// AES-256-GCM wrap of `key` under `kek`, epoch and member as associated data.
+pub(crate) fn wrap_with(
+    kek: &[u8; KEY_LEN],
+    key: &GroupKey,
+    member: u32,
+    rng: &mut (impl RngCore + CryptoRng),
+) -> WrappedKey {
+    let mut nonce = [0u8; NONCE_LEN];
+    rng.fill_bytes(&mut nonce);
+    let aad = wrap_aad(key.epoch(), member);
+    let sealed = Aes256Gcm::new(&(*kek).into())
+        .encrypt(
+            Nonce::from_slice(&nonce),
+            Payload {
+                msg: key.bytes(),
+                aad: &aad,
+            },
+        )
+        .unwrap_or_default();
+    let mut out = [0u8; WRAPPED_LEN];
+    out[..NONCE_LEN].copy_from_slice(&nonce);
+    if sealed.len() == KEY_LEN + TAG_LEN {
+        out[NONCE_LEN..].copy_from_slice(&sealed);
+    }
+    WrappedKey(out)
+}
+
+/// The inverse of [`wrap_with`]; `None` if the tag does not verify.
+pub(crate) fn unwrap_with(
+    kek: &[u8; KEY_LEN],
+    wrapped: &WrappedKey,
+    epoch: Epoch,
+    member: u32,
+) -> Option<GroupKey> {
+    let (nonce, sealed) = wrapped.0.split_at(NONCE_LEN);
+    let aad = wrap_aad(epoch, member);
+    let plain = Zeroizing::new(
+        Aes256Gcm::new(&(*kek).into())
+            .decrypt(
+                Nonce::from_slice(nonce),
+                Payload {
+                    msg: sealed,
+                    aad: &aad,
+                },
+            )
+            .ok()?,
+    );
+    let bytes: [u8; KEY_LEN] = plain.as_slice().try_into().ok()?;
+    Some(GroupKey::from_bytes(epoch, bytes))
+}
+
 impl NodeKeys {
     /// Whether both come from the same initial key (constant time).
     pub fn same_as(&self, other: &NodeKeys) -> bool {
@@ -71,44 +122,18 @@ impl NodeKeys {
         member: u32,
         rng: &mut (impl RngCore + CryptoRng),
     ) -> WrappedKey {
-        let mut nonce = [0u8; NONCE_LEN];
-        rng.fill_bytes(&mut nonce);
-        let aad = wrap_aad(key.epoch(), member);
-        let sealed = Aes256Gcm::new(&self.kek.into())
-            .encrypt(
-                Nonce::from_slice(&nonce),
-                Payload {
-                    msg: key.bytes(),
-                    aad: &aad,
-                },
-            )
-            .unwrap_or_default();
-        let mut out = [0u8; WRAPPED_LEN];
-        out[..NONCE_LEN].copy_from_slice(&nonce);
-        if sealed.len() == KEY_LEN + TAG_LEN {
-            out[NONCE_LEN..].copy_from_slice(&sealed);
-        }
-        WrappedKey(out)
+        wrap_with(&self.kek, key, member, rng)
     }
 
     /// Unwrap a group key of `epoch` sent to `member`; `None` if it was wrapped
     /// under another node's key, for another epoch or member, or altered.
     pub fn unwrap(&self, wrapped: &WrappedKey, epoch: Epoch, member: u32) -> Option<GroupKey> {
-        let (nonce, sealed) = wrapped.0.split_at(NONCE_LEN);
-        let aad = wrap_aad(epoch, member);
-        let plain = Zeroizing::new(
-            Aes256Gcm::new(&self.kek.into())
-                .decrypt(
-                    Nonce::from_slice(nonce),
-                    Payload {
-                        msg: sealed,
-                        aad: &aad,
-                    },
-                )
-                .ok()?,
-        );
-        let bytes: [u8; KEY_LEN] = plain.as_slice().try_into().ok()?;
-        Some(GroupKey::from_bytes(epoch, bytes))
+        unwrap_with(&self.kek, wrapped, epoch, member)
+    }
+
+    /// The key-encryption key and the MAC key (input of the enrollment PSK).
+    pub(crate) fn raw(&self) -> (&[u8; KEY_LEN], &[u8; KEY_LEN]) {
+        (&self.kek, &self.mac)
     }
 
     fn hmac(&self) -> Hmac<Sha256> {

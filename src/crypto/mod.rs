@@ -18,9 +18,11 @@
 
 mod kek;
 mod keyring;
+pub mod ratchet;
 
 pub use kek::{NodeKeys, WrappedKey, WRAPPED_LEN};
 pub use keyring::{KeyPhase, KeyUse, Keyring, KeyringError, OpenError, Opened};
+pub use ratchet::{Chain, Share, ShareSecret, Step, SHARE_LEN};
 
 use aes_gcm::aead::{Aead, Payload};
 use aes_gcm::{Aes256Gcm, KeyInit, Nonce};

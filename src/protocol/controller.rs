@@ -5,10 +5,10 @@
 //!
 //! 1. **Distributing** — the new key comes from the CSPRNG, is recorded
 //!    (`Record::KeyCreated`) and persisted; key update requests go out. The
-//!    key travels only wrapped per node under that node's key-encryption key,
-//!    so the request is a *batch*: at most 17 `(member, wrapped key)` entries
-//!    sorted by member number in one ≤1200-byte signed multicast datagram.
-//!    10 000 nodes take 589 datagrams; a node reads the batch's member range
+//!    key travels only wrapped per node under that node's ratchet step, so
+//!    the request is a *batch*: the round's X25519 share and at most 16
+//!    `(member, wrapped key)` entries sorted by member number in one
+//!    ≤1200-byte signed multicast datagram. 10 000 nodes take 625 datagrams; a node reads the batch's member range
 //!    from the header and verifies a signature only for the one batch holding
 //!    its entry. The first `group_attempts` waves go to the group (a retry wave
 //!    batches only the nodes still missing), then each missing node gets its
@@ -48,6 +48,15 @@
 //! node shows it is alive (a usage report, a reply out of step) the controller
 //! sends it a resync request, so it asks even without a link-up.
 //!
+//! Enrollment and the ratchet (issue 17, [`crate::crypto::ratchet`]): a node
+//! joins by a Noise `NNpsk0` handshake (its enrollment is pinned after the
+//! first, [`ControllerInput::AllowRejoin`] opens one more); every key sent to a
+//! node afterwards is wrapped under the one step prepared for it from its
+//! confirmed chain and announced share ([`MemberRatchet`]), with the round's
+//! share in key update batches or a fresh one in a key response. The step is
+//! persisted before anything wrapped under it is sent, reused for every resend,
+//! and confirmed when the node's MAC shows it took it.
+//!
 //! Node messages and group data (SECURITY.md §2a): a node message counts only
 //! if its MAC holds and its sequence number is fresh for the member's window,
 //! whose top is persisted (`MemberPersist::seq_seen`) so a restart does not
@@ -72,10 +81,12 @@
 
 use super::triggers::{TriggerConfig, TriggerReason};
 use super::{backoff, Refusal, Time};
-use crate::crypto::{CheckValue, Epoch, GroupKey, InitialKey, NodeKeys};
+use crate::crypto::{
+    digest16, ratchet, Chain, CheckValue, Epoch, GroupKey, InitialKey, NodeKeys, Share, ShareSecret,
+};
 use crate::wire::{
-    self, DataReplay, DataSeen, KeyState, Maced, Message, NodeId, ReplayWindow, RoundPhase,
-    RoundState, Seen, Step, MAX_BATCH_ENTRIES,
+    self, AnswerPayload, DataReplay, DataSeen, KeyState, Maced, Message, NodeId, ReplayWindow,
+    RoundPhase, RoundState, Seen, Step, MAX_BATCH_ENTRIES,
 };
 use core::net::SocketAddr;
 use ed25519_dalek::SigningKey;
@@ -87,6 +98,16 @@ use thiserror::Error;
 use zeroize::Zeroize;
 
 const SEQ_BLOCK: u64 = 4096;
+/// New handshakes (each costs two X25519 operations) a member may have
+/// answered at once…
+pub const HANDSHAKE_BURST: u32 = 2;
+/// …and one more per this many ms.
+pub const HANDSHAKE_INTERVAL_MS: u64 = 250;
+/// A retry of an answered handshake init gets the cached answer again at most
+/// once per this many ms (a hash and a send: no key agreement).
+pub const HANDSHAKE_RESEND_MS: u64 = 100;
+/// How long a re-join allowed by the operator stays open.
+pub const REJOIN_WINDOW_MS: u64 = 10 * 60 * 1000;
 
 /// The leader term of a sole controller (an embedded management table, or
 /// the first leader of a shared one). Every controller message carries the
@@ -203,6 +224,11 @@ pub enum ControllerInput<'a> {
     },
     /// Rekey by hand.
     Rekey,
+    /// Let a node whose enrollment is pinned run the enrollment handshake once
+    /// more (its state was lost) within [`REJOIN_WINDOW_MS`]; audited.
+    AllowRejoin {
+        node_id: NodeId,
+    },
 }
 
 /// A command the controller cannot carry out.
@@ -306,7 +332,22 @@ pub enum Record {
         node_id: NodeId,
         at: Time,
     },
-    /// A join was answered with the member number and key state: the current
+    /// A node completed the enrollment handshake (its first message under the
+    /// new chain arrived); `rejoin` when an earlier chain was replaced.
+    HandshakeCompleted {
+        member: u32,
+        node_id: NodeId,
+        rejoin: bool,
+        at: Time,
+    },
+    /// The operator allowed a pinned node to run the enrollment handshake again.
+    RejoinAllowed {
+        member: u32,
+        node_id: NodeId,
+        until: Time,
+        at: Time,
+    },
+    /// A handshake was answered with the member number and key state: the current
     /// key (`epoch`) and, during a round, the round's key (`round_epoch`).
     JoinAnswered {
         member: u32,
@@ -525,6 +566,10 @@ impl ControllerCore {
 pub struct RoundPersist {
     pub epoch: Epoch,
     pub key: GroupKey,
+    /// The controller's X25519 secret of this round's ratchet step (one share
+    /// per round, in every key update request); absent in revision 1.
+    #[serde(default)]
+    pub share: Option<ShareSecret>,
     pub phase: RoundPhase,
     pub reason: TriggerReason,
     pub started_at: Time,
@@ -549,12 +594,116 @@ pub struct MemberPersist {
     pub fingerprint: String,
     pub status: MemberStatus,
     pub enrolled_at: Time,
+    /// The member's ratchet (absent in a revision-1 file: the node runs the
+    /// enrollment handshake at its next join).
+    #[serde(default)]
+    pub ratchet: MemberRatchet,
+    /// A re-join the operator allowed (`keyfleet rejoin`), open until then.
+    #[serde(default)]
+    pub rejoin_until: Option<Time>,
     /// Highest sequence number accepted from this node, so that a restarted
     /// controller refuses replays of what it accepted before (absent in
     /// revision-1 files: nothing known). Saved with every snapshot, at most a
     /// second after it moved while messages flow, and at a clean stop.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seq_seen: Option<u64>,
+}
+
+/// The controller's side of one node's ratchet. Key bytes zeroized on drop.
+#[derive(Clone, Debug, Default, Hash, Serialize, Deserialize)]
+pub struct MemberRatchet {
+    /// The chain the node confirmed last, and the share it announced under it.
+    /// Set once the node completed the enrollment handshake: from then on its
+    /// enrollment is pinned (another handshake needs [`ControllerInput::AllowRejoin`]).
+    pub committed: Option<Committed>,
+    /// The one step prepared from `committed`: every wrap for the node uses it
+    /// until the node shows (by its MAC) that it took it.
+    pub next: Option<Pending>,
+    /// The chain of an answered handshake, until the node's first message under it.
+    pub handshake: Option<Chain>,
+    /// The sequence number of the handshake init `handshake` answers: only a
+    /// later init replaces it (the node holds only its latest handshake).
+    #[serde(default)]
+    pub handshake_seq: u64,
+    /// The answer sent to that init, by the init's digest: a retry of the same
+    /// init (a node resends it until answered) gets the same bytes again, with
+    /// no new key agreement and no new chain, until the node's first message
+    /// under the chain completes the handshake.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handshake_answer: Option<AnsweredInit>,
+}
+
+/// A handshake init answered: its digest and the answer's Noise message.
+#[derive(Clone, Debug, Hash, Serialize, Deserialize)]
+pub struct AnsweredInit {
+    pub init: [u8; 16],
+    #[serde(with = "hex::serde")]
+    pub answer: Vec<u8>,
+}
+
+#[derive(Clone, Debug, Hash, Serialize, Deserialize)]
+pub struct Committed {
+    pub chain: Chain,
+    pub share: Share,
+}
+
+#[derive(Clone, Debug, Hash, Serialize, Deserialize)]
+pub struct Pending {
+    /// The controller's share of the step (sent with every wrap under it).
+    pub share: Share,
+    pub step: ratchet::Step,
+}
+
+/// A node message to authenticate: what it is, who claims to send it, and the
+/// share it carries (replies and key requests do).
+struct Auth<'a, 'b> {
+    what: &'static str,
+    member: u32,
+    seq: u64,
+    auth: &'a Maced<'b>,
+    share: Option<Share>,
+}
+
+impl<'a, 'b> Auth<'a, 'b> {
+    fn new(
+        what: &'static str,
+        member: u32,
+        seq: u64,
+        auth: &'a Maced<'b>,
+        share: Option<Share>,
+    ) -> Self {
+        Auth {
+            what,
+            member,
+            seq,
+            auth,
+            share,
+        }
+    }
+}
+
+/// Which of a member's chains authenticated a message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Under {
+    Committed,
+    Next,
+    Handshake,
+}
+
+impl MemberRatchet {
+    fn chain(&self, under: Under) -> Option<&Chain> {
+        match under {
+            Under::Committed => self.committed.as_ref().map(|c| &c.chain),
+            Under::Next => self.next.as_ref().map(|p| p.step.chain()),
+            Under::Handshake => self.handshake.as_ref(),
+        }
+    }
+
+    fn verify(&self, auth: &Maced<'_>) -> Option<Under> {
+        [Under::Committed, Under::Next, Under::Handshake]
+            .into_iter()
+            .find(|u| self.chain(*u).is_some_and(|c| auth.verify(c)))
+    }
 }
 
 /// Everything needed to restore a controller: its core and the member rows.
@@ -567,6 +716,14 @@ pub struct ControllerPersist {
 #[derive(Clone)]
 struct Member {
     row: MemberPersist,
+    /// New-handshake budget ([`HANDSHAKE_BURST`], [`HANDSHAKE_INTERVAL_MS`]).
+    hs_tokens: u32,
+    hs_at: Time,
+    /// When the cached handshake answer was last resent.
+    hs_resent: Option<Time>,
+    /// The chain this member left at its last confirmed step (memory only):
+    /// a message still in flight under it is late, not forged.
+    previous: Option<Chain>,
     /// Progress in the current round: 0 none, 1 has the key, 2 in transit, 3 done.
     progress: u8,
     /// Requests sent to this member in the current phase.
@@ -587,6 +744,8 @@ struct Member {
 struct Round {
     epoch: Epoch,
     key: GroupKey,
+    /// The controller's secret of this round's ratchet share.
+    share: Option<ShareSecret>,
     phase: RoundPhase,
     reason: TriggerReason,
     started_at: Time,
@@ -748,6 +907,7 @@ impl ControllerMachine {
         let round = core.round.as_ref().map(|r| Round {
             epoch: r.epoch,
             key: r.key.clone(),
+            share: r.share.clone(),
             phase: r.phase,
             reason: r.reason.clone(),
             started_at: r.started_at,
@@ -810,6 +970,7 @@ impl ControllerMachine {
             round: self.round.as_ref().map(|r| RoundPersist {
                 epoch: r.epoch,
                 key: r.key.clone(),
+                share: r.share.clone(),
                 phase: r.phase,
                 reason: r.reason.clone(),
                 started_at: r.started_at,
@@ -1001,6 +1162,8 @@ impl ControllerMachine {
                     fingerprint: initial_key.fingerprint(),
                     status: MemberStatus::Enrolled,
                     enrolled_at: now,
+                    ratchet: MemberRatchet::default(),
+                    rejoin_until: None,
                     seq_seen: None,
                 };
                 out.push(ControllerAction::PersistMember(Box::new(row.clone())));
@@ -1055,11 +1218,53 @@ impl ControllerMachine {
                 }
                 self.fire(now, TriggerReason::Manual, rng, out);
             }
+            ControllerInput::AllowRejoin { node_id } => {
+                let member = *self
+                    .by_id
+                    .get(&node_id)
+                    .ok_or_else(|| CommandError::NotEnrolled(node_id.clone()))?;
+                let until = now.plus(REJOIN_WINDOW_MS);
+                if let Some(Some(m)) = self.members.get_mut(member as usize) {
+                    m.row.rejoin_until = Some(until);
+                    // A node that lost its state counts its sequence numbers from 1 again.
+                    m.replay = ReplayWindow::default();
+                    m.row.ratchet.handshake = None;
+                    m.row.ratchet.handshake_seq = 0;
+                    m.row.ratchet.handshake_answer = None;
+                    out.push(ControllerAction::PersistMember(Box::new(m.row.clone())));
+                }
+                Self::record(
+                    out,
+                    Record::RejoinAllowed {
+                        member,
+                        node_id,
+                        until,
+                        at: now,
+                    },
+                );
+            }
         }
         Ok(())
     }
 
     fn start(&mut self, now: Time, rng: &mut (impl RngCore + CryptoRng), out: &mut Out) {
+        // Members of a revision-1 table have no ratchet yet: they take part in
+        // rounds again once they ran the enrollment handshake.
+        for m in self.members.iter_mut().flatten() {
+            if m.row.ratchet.committed.is_none() && m.row.status != MemberStatus::Enrolled {
+                let from = m.row.status;
+                m.row.status = MemberStatus::Enrolled;
+                out.push(ControllerAction::PersistMember(Box::new(m.row.clone())));
+                out.push(ControllerAction::Record(Record::StatusChanged {
+                    member: m.row.member,
+                    node_id: m.row.node_id.clone(),
+                    from,
+                    to: MemberStatus::Enrolled,
+                    epoch: self.current.epoch(),
+                    at: now,
+                }));
+            }
+        }
         self.resume(now, ResumeCause::Restart, out);
         if let Some(phase) = self.round.as_ref().map(|r| r.phase) {
             // Acknowledgements were not persisted: ask again; nodes answer idempotently.
@@ -1126,17 +1331,63 @@ impl ControllerMachine {
             && target_progress(r.phase).is_some_and(|t| m.progress < t)
     }
 
-    fn key_state_for(&self, member: u32, rng: &mut (impl RngCore + CryptoRng)) -> Option<KeyState> {
-        let m = self.member(member)?;
-        Some(KeyState {
-            current_epoch: self.current.epoch(),
-            current: m.row.keys.wrap(&self.current, member, rng),
-            round: self.round.as_ref().map(|r| RoundState {
-                epoch: r.epoch,
-                phase: r.phase,
-                wrapped: m.row.keys.wrap(&r.key, member, rng),
-            }),
-        })
+    /// The key state for `member`, wrapped under its next ratchet step, and the
+    /// controller's share of that step.
+    fn key_state_for(
+        &mut self,
+        member: u32,
+        rng: &mut (impl RngCore + CryptoRng),
+        out: &mut Out,
+    ) -> Option<(Share, KeyState)> {
+        let (share, step) = self.step_for(member, rng, out)?;
+        Some((
+            share,
+            KeyState {
+                current_epoch: self.current.epoch(),
+                current: step.wrap(&self.current, member, rng),
+                round: self.round.as_ref().map(|r| RoundState {
+                    epoch: r.epoch,
+                    phase: r.phase,
+                    wrapped: step.wrap(&r.key, member, rng),
+                }),
+            },
+        ))
+    }
+
+    /// The step every wrap for `member` goes under: the one prepared earlier
+    /// (the node may have taken it), else a new one from its confirmed chain
+    /// and share with the round's share (outside a round, a fresh one).
+    /// `None` for a node without a confirmed chain (not joined by handshake).
+    fn step_for(
+        &mut self,
+        member: u32,
+        rng: &mut (impl RngCore + CryptoRng),
+        out: &mut Out,
+    ) -> Option<(Share, ratchet::Step)> {
+        let round_secret = self.round.as_ref().and_then(|r| r.share.clone());
+        let m = self.members.get_mut(member as usize)?.as_mut()?;
+        if let Some(p) = &m.row.ratchet.next {
+            return Some((p.share, p.step.clone()));
+        }
+        let c = m.row.ratchet.committed.as_ref()?;
+        let secret = round_secret.unwrap_or_else(|| ShareSecret::generate(rng));
+        let ours = secret.public();
+        let dh = secret.dh(&c.share)?;
+        let step = ratchet::Step::derive(&c.chain, &dh, member, &ours, &c.share);
+        m.row.ratchet.next = Some(Pending {
+            share: ours,
+            step: step.clone(),
+        });
+        out.push(ControllerAction::PersistMember(Box::new(m.row.clone())));
+        Some((ours, step))
+    }
+
+    /// The round's share, as sent in its key update batches.
+    fn round_share(&self) -> Option<Share> {
+        self.round
+            .as_ref()
+            .and_then(|r| r.share.as_ref())
+            .map(ShareSecret::public)
     }
 
     // ------------------------------------------------------------ triggers
@@ -1270,6 +1521,7 @@ impl ControllerMachine {
         self.round = Some(Round {
             epoch,
             key,
+            share: Some(ShareSecret::generate(rng)),
             phase: RoundPhase::Distributing,
             reason,
             started_at: now,
@@ -1411,7 +1663,8 @@ impl ControllerMachine {
         let Some(wave) = self.start_wave(now, rng) else {
             return;
         };
-        let Some(epoch) = self.round.as_ref().map(|r| r.epoch) else {
+        let (Some(epoch), Some(share)) = (self.round.as_ref().map(|r| r.epoch), self.round_share())
+        else {
             return;
         };
         let mut batch: Vec<(u32, crate::crypto::WrappedKey)> =
@@ -1420,11 +1673,22 @@ impl ControllerMachine {
             if !self.is_waiting(i) {
                 continue;
             }
+            let Some((step_share, step)) = self.step_for(i, rng, out) else {
+                continue;
+            };
+            if step_share != share {
+                // A step prepared before this round (an unconfirmed key
+                // response): its share is not the batch's, so it goes by unicast.
+                if let Some(r) = &mut self.round {
+                    r.retries.push(Reverse((now, i)));
+                }
+                continue;
+            }
             let (Some(r), Some(Some(m))) = (&self.round, self.members.get_mut(i as usize)) else {
                 continue;
             };
             m.attempts += 1;
-            batch.push((i, m.row.keys.wrap(&r.key, i, rng)));
+            batch.push((i, step.wrap(&r.key, i, rng)));
             out.push(ControllerAction::Record(Record::KeySent {
                 epoch,
                 member: i,
@@ -1434,11 +1698,11 @@ impl ControllerMachine {
                 at: now,
             }));
             if batch.len() == MAX_BATCH_ENTRIES {
-                self.send_batch(now, epoch, wave, &mut batch, out);
+                self.send_batch(now, epoch, &share, wave, &mut batch, out);
             }
         }
         if !batch.is_empty() {
-            self.send_batch(now, epoch, wave, &mut batch, out);
+            self.send_batch(now, epoch, &share, wave, &mut batch, out);
         }
     }
 
@@ -1446,13 +1710,14 @@ impl ControllerMachine {
         &mut self,
         now: Time,
         epoch: Epoch,
+        share: &Share,
         wave: u32,
         batch: &mut Vec<(u32, crate::crypto::WrappedKey)>,
         out: &mut Out,
     ) {
         let seq = self.next_seq(out);
         let msg = wire::sign(
-            wire::key_update(self.term, epoch, seq, batch),
+            wire::key_update(self.term, epoch, seq, share, batch),
             &self.signing,
         );
         out.push(ControllerAction::SendGroup(msg));
@@ -1515,15 +1780,18 @@ impl ControllerMachine {
         };
         match phase {
             RoundPhase::Distributing => {
+                let Some((share, step)) = self.step_for(member, rng, out) else {
+                    return;
+                };
                 let seq = self.next_seq(out);
                 let (Some(r), Some(Some(m))) = (&self.round, self.members.get_mut(member as usize))
                 else {
                     return;
                 };
                 m.attempts += 1;
-                let entry = [(member, m.row.keys.wrap(&r.key, member, rng))];
+                let entry = [(member, step.wrap(&r.key, member, rng))];
                 let msg = wire::sign(
-                    wire::key_update(self.term, r.epoch, seq, &entry),
+                    wire::key_update(self.term, r.epoch, seq, &share, &entry),
                     &self.signing,
                 );
                 out.push(ControllerAction::SendTo {
@@ -1889,34 +2157,86 @@ impl ControllerMachine {
 
     // ------------------------------------------------------------ datagrams
 
-    /// Checks a node message's MAC and its sequence number against the
-    /// member's replay window (restored from the snapshot after a restart);
-    /// a fresh one moves the window and notes where it came from. It moves no
-    /// address (see [`Self::move_address`]).
+    /// Check a node message's MAC under one of the member's chains (its
+    /// confirmed chain, the step prepared for it, an answered handshake), with
+    /// the replay window. A message carrying the node's share (a reply, a key
+    /// request) under a newer chain confirms that chain: the older one is
+    /// dropped and the share recorded for the next step.
+    /// The window's top is persisted (`MemberPersist::seq_seen`, restored after a
+    /// restart) and the source noted; it moves no address (see [`Self::move_address`]).
     fn authenticate(
         &mut self,
-        what: &'static str,
-        member: u32,
-        seq: u64,
-        auth: &Maced<'_>,
+        a: Auth<'_, '_>,
         from: SocketAddr,
-    ) -> Result<(), Refusal> {
+        now: Time,
+        out: &mut Out,
+    ) -> Result<Under, Refusal> {
+        let (what, member) = (a.what, a.member);
         let m = self
             .members
             .get_mut(member as usize)
             .and_then(Option::as_mut)
             .ok_or(Refusal::UnknownMember { what, member })?;
-        if m.replay.check(seq) != Seen::Fresh {
-            return Err(Refusal::Replay { what, seq });
+        if m.replay.check(a.seq) != Seen::Fresh {
+            return Err(Refusal::Replay { what, seq: a.seq });
         }
-        if !auth.verify(&m.row.keys) {
+        let Some(under) = m.row.ratchet.verify(a.auth) else {
+            if m.previous.as_ref().is_some_and(|c| a.auth.verify(c)) {
+                return Err(Refusal::Late { what, member });
+            }
             return Err(Refusal::BadMac { what, member });
+        };
+        m.replay.mark(a.seq);
+        if let Some(share) = a.share {
+            let rt = &mut m.row.ratchet;
+            let mut changed = false;
+            match under {
+                Under::Committed => {
+                    if rt.committed.as_ref().is_some_and(|c| c.share != share) {
+                        // The prepared step used a share the node no longer holds.
+                        if let Some(c) = &mut rt.committed {
+                            c.share = share;
+                        }
+                        rt.next = None;
+                        changed = true;
+                    }
+                }
+                Under::Next | Under::Handshake => {
+                    let chain = rt.chain(under).cloned();
+                    if let Some(chain) = chain {
+                        let rejoin = rt.committed.is_some();
+                        if let Some(old) = rt.committed.replace(Committed { chain, share }) {
+                            m.previous = Some(old.chain.clone());
+                        }
+                        rt.next = None;
+                        if under == Under::Handshake {
+                            rt.handshake = None;
+                            rt.handshake_answer = None;
+                            m.row.rejoin_until = None;
+                            out.push(ControllerAction::Record(Record::HandshakeCompleted {
+                                member,
+                                node_id: m.row.node_id.clone(),
+                                rejoin,
+                                at: now,
+                            }));
+                        }
+                        changed = true;
+                    }
+                }
+            }
+            // A confirmed step needs no write of its own: the prepared step it
+            // came from is durable, and after a restart the node's next message
+            // under it confirms it again. (A pass that persists anything writes
+            // the whole snapshot, this included.) A completed handshake is rare
+            // and written at once.
+            if changed && under == Under::Handshake {
+                out.push(ControllerAction::PersistMember(Box::new(m.row.clone())));
+            }
         }
-        m.replay.mark(seq);
         m.row.seq_seen = m.replay.top();
         m.last_from = Some(from);
         self.marks_unsaved = true;
-        Ok(())
+        Ok(under)
     }
 
     /// A member's recorded address moves only on a reply that moved it
@@ -1982,10 +2302,11 @@ impl ControllerMachine {
         match msg {
             Message::Data(d) => self.on_data(now, from, &d, rng, out),
             Message::Ack(a) => {
-                self.authenticate(what, a.member, a.seq, &a.auth, from)?;
+                let auth = Auth::new(what, a.member, a.seq, &a.auth, Some(a.share));
+                let under = self.authenticate(auth, from, now, out)?;
                 let before = self.member(a.member).map(|m| (m.progress, m.row.status));
                 if !self.on_ack(now, a.member, a.step, a.epoch, rng, out) {
-                    self.send_resync(a.member, from, out);
+                    self.send_resync(a.member, under, from, out);
                 }
                 let after = self.member(a.member).map(|m| (m.progress, m.row.status));
                 if let (Some((p0, s0)), Some((p1, s1))) = (before, after) {
@@ -1996,17 +2317,18 @@ impl ControllerMachine {
                 Ok(())
             }
             Message::KeyRequest(k) => {
-                self.authenticate(what, k.member, k.seq, &k.auth, from)?;
+                let auth = Auth::new(what, k.member, k.seq, &k.auth, Some(k.share));
+                self.authenticate(auth, from, now, out)?;
                 self.spend_request(what, k.member, now)?;
                 // The request carries the node's position: it counts as a reply to
                 // that step, and may make a stale or new member live again.
                 let _ = self.on_ack(now, k.member, k.step, k.epoch, rng, out);
-                let Some(state) = self.key_state_for(k.member, rng) else {
+                let Some((share, state)) = self.key_state_for(k.member, rng, out) else {
                     return Ok(());
                 };
                 let seq = self.next_seq(out);
                 let msg = wire::sign(
-                    wire::key_response(self.term, seq, k.member, k.seq, &state),
+                    wire::key_response(self.term, seq, k.member, k.seq, &share, &state),
                     &self.signing,
                 );
                 out.push(ControllerAction::SendTo {
@@ -2029,35 +2351,101 @@ impl ControllerMachine {
                 }
                 Ok(())
             }
-            Message::Join(j) => {
+            Message::HandshakeInit(h) => {
                 let member = *self
                     .by_id
-                    .get(&j.node_id)
+                    .get(&h.node_id)
                     .ok_or_else(|| Refusal::UnknownNodeId {
-                        node_id: j.node_id.to_string(),
+                        node_id: h.node_id.to_string(),
                     })?;
-                self.authenticate(what, member, j.seq, &j.auth, from)?;
-                self.spend_request(what, member, now)?;
-                let Some(state) = self.key_state_for(member, rng) else {
-                    return Ok(());
+                let Some(Some(m)) = self.members.get_mut(member as usize) else {
+                    return Err(Refusal::UnknownMember { what, member });
                 };
+                // Pinned: after its first completed handshake a node's enrollment
+                // is not run again unless the operator allowed it (`keyfleet rejoin`).
+                if m.row.ratchet.committed.is_some() && m.row.rejoin_until.is_none_or(|t| now > t) {
+                    return Err(Refusal::Pinned {
+                        node_id: h.node_id.to_string(),
+                    });
+                }
+                // A retry of the init already answered: the same answer again,
+                // without a key agreement (a hash and a send, at most once per
+                // HANDSHAKE_RESEND_MS). Its bytes are PSK-authenticated and
+                // answered before; a copy replayed by someone else gets bytes
+                // only the node's ephemeral secret opens.
+                let digest = digest16(bytes);
+                if let Some(c) = m
+                    .row
+                    .ratchet
+                    .handshake_answer
+                    .as_ref()
+                    .filter(|c| c.init == digest && m.row.ratchet.handshake_seq == h.seq)
+                {
+                    if m.hs_resent
+                        .is_some_and(|t| now >= t && now.since(t) < HANDSHAKE_RESEND_MS)
+                    {
+                        return Err(Refusal::DuplicateRequest {
+                            what,
+                            seq: h.seq,
+                            interval_ms: HANDSHAKE_RESEND_MS,
+                        });
+                    }
+                    let answer = wire::handshake_answer(h.seq, &c.answer);
+                    m.hs_resent = Some(now);
+                    out.push(ControllerAction::SendTo {
+                        to: from,
+                        bytes: answer,
+                    });
+                    return Ok(());
+                }
+                if m.replay.check(h.seq) != Seen::Fresh
+                    || (m.row.ratchet.handshake.is_some() && h.seq <= m.row.ratchet.handshake_seq)
+                {
+                    return Err(Refusal::Replay { what, seq: h.seq });
+                }
+                if !super::take_token(
+                    &mut m.hs_tokens,
+                    &mut m.hs_at,
+                    now,
+                    HANDSHAKE_BURST,
+                    HANDSHAKE_INTERVAL_MS,
+                ) {
+                    return Err(Refusal::RateLimited { what, member });
+                }
                 let seq = self.next_seq(out);
-                let Some(m) = self.member(member) else {
-                    return Ok(());
+                let payload = wire::answer_payload(&AnswerPayload {
+                    term: self.term,
+                    seq,
+                    member,
+                    controller_key: self.public_key(),
+                    current: self.current.clone(),
+                    round: self.round.as_ref().map(|r| (r.phase, r.key.clone())),
+                });
+                let Some(Some(m)) = self.members.get_mut(member as usize) else {
+                    return Err(Refusal::UnknownMember { what, member });
                 };
-                let msg = wire::mac(
-                    wire::join_accept(self.term, seq, member, j.seq, &self.public_key(), &state),
-                    &m.row.keys,
-                );
+                let (noise, chain) =
+                    ratchet::respond(&m.row.keys, h.prologue, &h.noise, &payload, member, rng)
+                        .map_err(|_| Refusal::BadMac { what, member })?;
+                m.replay.mark(h.seq);
+                m.hs_resent = Some(now);
+                m.row.ratchet.handshake = Some(chain);
+                m.row.ratchet.handshake_seq = h.seq;
+                m.row.ratchet.handshake_answer = Some(AnsweredInit {
+                    init: digest,
+                    answer: noise.clone(),
+                });
+                out.push(ControllerAction::PersistMember(Box::new(m.row.clone())));
+                let node_id = m.row.node_id.clone();
                 out.push(ControllerAction::SendTo {
                     to: from,
-                    bytes: msg,
+                    bytes: wire::handshake_answer(h.seq, &noise),
                 });
                 Self::record(
                     out,
                     Record::JoinAnswered {
                         member,
-                        node_id: m.row.node_id.clone(),
+                        node_id,
                         addr: from,
                         epoch: self.current.epoch(),
                         round_epoch: self.round.as_ref().map(|r| r.epoch),
@@ -2067,7 +2455,8 @@ impl ControllerMachine {
                 Ok(())
             }
             Message::UsageReport(u) => {
-                self.authenticate(what, u.member, u.seq, &u.auth, from)?;
+                let auth = Auth::new(what, u.member, u.seq, &u.auth, None);
+                let under = self.authenticate(auth, from, now, out)?;
                 let cur = self.current.epoch();
                 if let Some(Some(m)) = self.members.get_mut(u.member as usize) {
                     for use_ in u.uses.iter().filter(|x| x.epoch == cur) {
@@ -2096,14 +2485,14 @@ impl ControllerMachine {
                     .member(u.member)
                     .is_some_and(|m| m.row.status != MemberStatus::Active)
                 {
-                    self.send_resync(u.member, from, out);
+                    self.send_resync(u.member, under, from, out);
                 }
                 Ok(())
             }
             Message::KeyUpdate(_)
             | Message::Transition(_)
             | Message::KeyResponse(_)
-            | Message::JoinAccept(_)
+            | Message::HandshakeAnswer(_)
             | Message::Resync(_)
             | Message::Beacon(_) => Err(Refusal::Unexpected {
                 what,
@@ -2276,12 +2665,15 @@ impl ControllerMachine {
     }
 
     /// Ask a member that is out of step (its message came from `to`) to send a
-    /// key request (MAC'd with its key).
-    fn send_resync(&mut self, member: u32, to: SocketAddr, out: &mut Out) {
+    /// key request (MAC'd under the chain its last message was MAC'd with).
+    fn send_resync(&mut self, member: u32, under: Under, to: SocketAddr, out: &mut Out) {
         let seq = self.next_seq(out);
         let epoch = self.current.epoch();
         let Some(m) = self.member(member) else { return };
-        let bytes = wire::mac(wire::resync(self.term, epoch, seq, member), &m.row.keys);
+        let Some(chain) = m.row.ratchet.chain(under) else {
+            return;
+        };
+        let bytes = wire::mac(wire::resync(self.term, epoch, seq, member), chain);
         out.push(ControllerAction::SendTo { to, bytes });
     }
 }
@@ -2289,6 +2681,10 @@ impl ControllerMachine {
 impl Member {
     fn new(row: MemberPersist) -> Member {
         Member {
+            hs_tokens: HANDSHAKE_BURST,
+            hs_at: Time(0),
+            hs_resent: None,
+            previous: None,
             progress: 0,
             attempts: 0,
             replay: row

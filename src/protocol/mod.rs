@@ -26,13 +26,16 @@ mod node;
 mod triggers;
 
 pub use controller::{
-    CommandError, ControllerAction, ControllerConfig, ControllerCore, ControllerInput,
-    ControllerMachine, ControllerPersist, ControllerTimer, MemberPersist, MemberStatus, PhaseTimes,
-    Record, RestoreError, ResumeCause, RoundPersist, TriggerOutcome, Via, TERM,
+    AnsweredInit, CommandError, ControllerAction, ControllerConfig, ControllerCore,
+    ControllerInput, ControllerMachine, ControllerPersist, ControllerTimer, MemberPersist,
+    MemberRatchet, MemberStatus, PhaseTimes, Record, RestoreError, ResumeCause, RoundPersist,
+    TriggerOutcome, Via, HANDSHAKE_BURST, HANDSHAKE_INTERVAL_MS, HANDSHAKE_RESEND_MS,
+    REJOIN_WINDOW_MS, TERM,
 };
 pub use node::{
     BeaconStats, Delivered, NodeAction, NodeConfig, NodeEvent, NodeInput, NodeMachine, NodePersist,
-    NodeState, NodeTimer, DUPLICATE_ANSWER_INTERVAL_MS, VERIFY_BURST, VERIFY_EVERY_MS,
+    NodeRatchet, NodeState, NodeTimer, DUPLICATE_ANSWER_INTERVAL_MS, HANDSHAKE_SENDS, VERIFY_BURST,
+    VERIFY_EVERY_MS,
 };
 pub use triggers::{TriggerConfig, TriggerReason};
 
@@ -110,7 +113,7 @@ pub enum Refusal {
     BadMac { what: &'static str, member: u32 },
     #[error("{what} names member {member}, which is not in the management table")]
     UnknownMember { what: &'static str, member: u32 },
-    #[error("join from node id {node_id:?}, which is not enrolled; enroll it with its initial key first")]
+    #[error("handshake from node id {node_id:?}, which is not enrolled; enroll it with its initial key first")]
     UnknownNodeId { node_id: String },
     #[error("{what} with sequence number {seq} is a replay or too old")]
     Replay { what: &'static str, seq: u64 },
@@ -160,10 +163,14 @@ pub enum Refusal {
     Undecryptable { sender: u32, reason: OpenError },
     #[error("data from member {sender} with sequence number {seq} was already delivered")]
     DuplicateData { sender: u32, seq: u64 },
-    #[error("the controller's public key in the join accept is not a valid Ed25519 key")]
+    #[error("the controller's public key in the handshake answer is not a valid Ed25519 key, or not the one this node pinned at its first join")]
     BadControllerKey,
     #[error("data claims member {sender} from {from} but no group key opens it; ignored")]
     ForgedData { sender: u32, from: String },
+    #[error("handshake from node id {node_id:?}, whose enrollment is pinned by an earlier handshake; if its state was lost, allow a re-join with `keyfleet rejoin --node-id {node_id}`")]
+    Pinned { node_id: String },
+    #[error("{what} from member {member} was sent under a chain the node has since left (it arrived late); ignored")]
+    Late { what: &'static str, member: u32 },
     #[error("data from member {sender} under epoch {epoch}: {max} senders already tracked in that epoch, no more until its key is retired")]
     TooManySenders {
         sender: u32,
@@ -218,6 +225,8 @@ impl Refusal {
             Refusal::DuplicateData { .. } => "duplicate_data",
             Refusal::BadControllerKey => "bad_controller_key",
             Refusal::ForgedData { .. } => "forged_data",
+            Refusal::Pinned { .. } => "pinned",
+            Refusal::Late { .. } => "late",
             Refusal::TooManySenders { .. } => "too_many_senders",
             Refusal::RateLimited { .. } => "rate_limited",
             Refusal::DuplicateRequest { .. } => "duplicate_request",

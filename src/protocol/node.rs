@@ -36,6 +36,13 @@
 //! A *resync request* (MAC'd by the controller with the node's key, sent when
 //! a stale node reports usage or replies out of step) makes it ask too.
 //!
+//! A node joins by the enrollment handshake (Noise `NNpsk0` under the PSK
+//! from its initial key, [`crate::crypto::ratchet`]); every key it receives
+//! afterwards comes under a ratchet step it takes (and persists) before it
+//! answers: a key update entry for the epoch after its own, or a key
+//! response. It announces its share in every reply and key request, and MACs
+//! its messages under its chain. A duplicate request takes no step.
+//!
 //! **Beacons.** The controller's signed beacon (every second by default) tells
 //! where the fleet is. A node that finds itself behind it by more than the one
 //! step a round's retries cover ([`behind_beacon`]: an epoch it does not hold,
@@ -65,7 +72,7 @@
 //! [`NodeInput::LinkDown`] / [`NodeInput::LinkUp`]: either way the node holds
 //! its data and asks for the current key.
 //!
-//! The controller's answer to a key request (or a join) puts the node in the
+//! The controller's answer to a key request (or a handshake) puts the node in the
 //! state of the round as the controller sees it, but never behind its position.
 //! After a link-up or a restart the node *holds* application data (bounded
 //! queue) until that answer arrives, so it never seals with a key the fleet
@@ -75,16 +82,19 @@
 //! does not become undecryptable for it.
 
 use super::{backoff, Refusal, Time};
+use crate::crypto::ratchet::{Initiator, HANDSHAKE_INIT_LEN};
 use crate::crypto::{
-    digest16, verify, Epoch, GroupKey, InitialKey, KeyPhase, Keyring, NodeKeys, OpenError,
+    digest16, verify, Chain, Epoch, GroupKey, InitialKey, KeyPhase, Keyring, NodeKeys, OpenError,
+    Share, ShareSecret,
 };
 use crate::wire::{
-    self, DataReplay, DataSeen, KeyState, Message, NodeId, ReplayWindow, RoundPhase, Seen, Signed,
-    Step,
+    self, DataReplay, DataSeen, Message, NodeId, ReplayWindow, RoundPhase, Seen, Signed, Step,
 };
 use core::net::SocketAddr;
 use ed25519_dalek::VerifyingKey;
+use rand::SeedableRng;
 use rand::{CryptoRng, RngCore};
+use rand_chacha::ChaCha20Rng;
 use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
 use thiserror::Error;
@@ -348,6 +358,37 @@ pub struct NodePersist {
     /// of (0: none yet, as in a state file written before terms).
     #[serde(default)]
     pub term: u32,
+    /// The ratchet (wire revision 2); absent in a revision-1 file, whose node
+    /// runs the enrollment handshake at its next join.
+    #[serde(default)]
+    ratchet: Option<NodeRatchet>,
+}
+
+/// A node's ratchet: its chain (whose MAC key authenticates its messages)
+/// and the secret of the share it announces for its next step.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct NodeRatchet {
+    chain: Chain,
+    secret: ShareSecret,
+}
+
+impl NodeRatchet {
+    fn share(&self) -> Share {
+        self.secret.public()
+    }
+
+    /// The step the controller's `share` makes with this node's share.
+    fn step(&self, member: u32, share: &Share) -> Option<crate::crypto::Step> {
+        let own = self.share();
+        let dh = self.secret.dh(share)?;
+        Some(crate::crypto::Step::derive(
+            &self.chain,
+            &dh,
+            member,
+            share,
+            &own,
+        ))
+    }
 }
 
 impl std::fmt::Debug for NodePersist {
@@ -389,6 +430,52 @@ struct Sync {
     hold: bool,
 }
 
+/// Sends of one handshake init before the node starts a fresh one.
+pub const HANDSHAKE_SENDS: u32 = 8;
+
+/// The enrollment handshake in flight (memory only: a restarted node starts a
+/// new one). Every retry resends the same bytes; the seed rebuilds the Noise
+/// initiator (its ephemeral key) when the answer comes, so nothing but a seed
+/// and the datagram is kept.
+#[derive(Clone)]
+struct Handshake {
+    seq: u64,
+    seed: zeroize::Zeroizing<[u8; 32]>,
+    bytes: Vec<u8>,
+    sent: u32,
+}
+
+impl Handshake {
+    fn start(
+        keys: &NodeKeys,
+        node_id: &NodeId,
+        seq: u64,
+        rng: &mut (impl RngCore + CryptoRng),
+    ) -> Result<Handshake, crate::crypto::ratchet::HandshakeError> {
+        let mut seed = zeroize::Zeroizing::new([0u8; 32]);
+        rng.fill_bytes(seed.as_mut());
+        let mut bytes = wire::handshake_init_header(seq, node_id);
+        let (_, msg) = Initiator::start(keys, &bytes, &mut ChaCha20Rng::from_seed(*seed))?;
+        bytes.extend_from_slice(&msg);
+        Ok(Handshake {
+            seq,
+            seed,
+            bytes,
+            sent: 0,
+        })
+    }
+
+    /// The initiator that sent `bytes`, rebuilt from its seed.
+    fn initiator(
+        &self,
+        keys: &NodeKeys,
+    ) -> Result<Initiator, crate::crypto::ratchet::HandshakeError> {
+        let prologue = &self.bytes[..self.bytes.len() - HANDSHAKE_INIT_LEN];
+        Initiator::start(keys, prologue, &mut ChaCha20Rng::from_seed(*self.seed))
+            .map(|(ini, _)| ini)
+    }
+}
+
 /// The node agent's protocol state. See the module docs for its rules.
 ///
 /// `Clone` and `Hash` (in `node/state_hash.rs`) let a model checker keep
@@ -407,6 +494,9 @@ pub struct NodeMachine {
     term: u32,
     /// Controller sequence numbers seen in `term` (each term counts its own).
     ctl_replay: ReplayWindow,
+    ratchet: Option<NodeRatchet>,
+    /// The enrollment handshake in flight (memory only).
+    handshake: Option<Handshake>,
     /// Digests of recently verified controller messages (retransmissions).
     verified: VecDeque<[u8; 16]>,
     /// Digests of recent datagrams whose signature failed.
@@ -482,6 +572,7 @@ impl NodeMachine {
             p.seq_reserved,
         );
         n.term = p.term;
+        n.ratchet = p.ratchet.clone();
         // After a restart the node holds data until the controller confirms its state.
         n.sync = Some(Sync {
             since: n.seq + 1,
@@ -509,6 +600,8 @@ impl NodeMachine {
             seq_reserved: seq,
             term: 0,
             ctl_replay: ReplayWindow::default(),
+            ratchet: None,
+            handshake: None,
             verified: VecDeque::new(),
             failed: VecDeque::new(),
             last_reanswer: None,
@@ -552,12 +645,32 @@ impl NodeMachine {
             keyring: self.keyring.clone(),
             seq_reserved: self.seq_reserved,
             term: self.term,
+            ratchet: self.ratchet.clone(),
         }
     }
 
     /// The highest leader term this node has accepted a controller message of.
     pub fn term(&self) -> u32 {
         self.term
+    }
+
+    /// The chain and share a controller mirrors (tests only).
+    #[cfg(test)]
+    pub(crate) fn ratchet_view(&self) -> Option<(Chain, Share)> {
+        self.ratchet.as_ref().map(|r| (r.chain.clone(), r.share()))
+    }
+
+    /// The chain and share secret, as a copy of the state file holds them (tests only).
+    #[cfg(test)]
+    pub(crate) fn ratchet_copy(&self) -> Option<(Chain, ShareSecret)> {
+        self.ratchet
+            .as_ref()
+            .map(|r| (r.chain.clone(), r.secret.clone()))
+    }
+
+    /// Whether the node holds a ratchet chain (it ran the enrollment handshake).
+    pub fn has_ratchet(&self) -> bool {
+        self.ratchet.is_some()
     }
 
     pub fn node_id(&self) -> &NodeId {
@@ -748,13 +861,14 @@ impl NodeMachine {
         out.push(NodeAction::Persist(Box::new(self.snapshot())));
     }
 
-    /// Sends a node message to the controller: to its unicast address once
-    /// learned, to the configured one (the group) before that or on
-    /// `fallback` (see [`route`]).
+    /// Sends a node message to the controller, MAC'd under the ratchet chain
+    /// (nothing before the handshake): to its unicast address once learned, to
+    /// the configured one (the group) before that or on `fallback` (see [`route`]).
     fn send_controller(&mut self, body: Vec<u8>, fallback: bool, out: &mut Out) {
+        let Some(r) = &self.ratchet else { return };
         out.push(NodeAction::SendTo {
             to: self.route.dest(self.cfg.controller, fallback),
-            bytes: wire::mac(body, &self.keys),
+            bytes: wire::mac(body, &r.chain),
         });
     }
 
@@ -777,7 +891,7 @@ impl NodeMachine {
     fn start_sync(
         &mut self,
         now: Time,
-        rng: &mut impl RngCore,
+        rng: &mut (impl RngCore + CryptoRng),
         out: &mut Out,
         hold: bool,
         urgent: bool,
@@ -802,20 +916,56 @@ impl NodeMachine {
         self.send_sync_request(now, rng, out);
     }
 
-    fn send_sync_request(&mut self, now: Time, rng: &mut impl RngCore, out: &mut Out) {
-        let seq = self.next_seq(out);
-        let body = match (&self.joined, &self.keyring) {
-            (Some(j), Some(_)) => {
-                let (epoch, progress) = self.position().unwrap_or_default();
-                let step = Step::from_progress(progress).unwrap_or(Step::SecondTransition);
-                wire::key_request(epoch, step, seq, j.member)
-            }
-            _ => wire::join(seq, &self.node_id),
-        };
+    fn send_sync_request(
+        &mut self,
+        now: Time,
+        rng: &mut (impl RngCore + CryptoRng),
+        out: &mut Out,
+    ) {
         // Every second retry goes to the group, in case the unicast address
         // learned is not (or no longer) where the controller listens.
         let fallback = self.sync.is_some_and(|s| s.attempt % 2 == 1);
-        self.send_controller(body, fallback, out);
+        match (&self.joined, &self.keyring, &self.ratchet) {
+            (Some(j), Some(_), Some(r)) => {
+                let (member, share) = (j.member, r.share());
+                let seq = self.next_seq(out);
+                let (epoch, progress) = self.position().unwrap_or_default();
+                let step = Step::from_progress(progress).unwrap_or(Step::SecondTransition);
+                let body = wire::key_request(epoch, step, seq, member, &share);
+                self.send_controller(body, fallback, out);
+            }
+            // Not joined yet, or joined under wire revision 1: the enrollment
+            // handshake. A retry resends the same init (the controller answers
+            // it from its cache, without a new key agreement); after
+            // `HANDSHAKE_SENDS` sends of one init a fresh one goes (in case the
+            // controller lost its answer, e.g. restored from an older backup).
+            _ => {
+                if self
+                    .handshake
+                    .as_ref()
+                    .is_none_or(|h| h.sent >= HANDSHAKE_SENDS)
+                {
+                    let seq = self.next_seq(out);
+                    match Handshake::start(&self.keys, &self.node_id, seq, rng) {
+                        Ok(h) => self.handshake = Some(h),
+                        Err(e) => {
+                            tracing::error!(error = %e, "cannot start the enrollment handshake")
+                        }
+                    }
+                }
+                if let Some(h) = &mut self.handshake {
+                    h.sent += 1;
+                    // The answer replies to this init, whenever it was first sent.
+                    if let Some(s) = &mut self.sync {
+                        s.since = s.since.min(h.seq);
+                    }
+                    out.push(NodeAction::SendTo {
+                        to: self.route.dest(self.cfg.controller, fallback),
+                        bytes: h.bytes.clone(),
+                    });
+                }
+            }
+        }
         if let Some(s) = &mut self.sync {
             s.attempt += 1;
             let wait = backoff(
@@ -1055,7 +1205,7 @@ impl NodeMachine {
         now: Time,
         from: SocketAddr,
         bytes: &[u8],
-        rng: &mut impl RngCore,
+        rng: &mut (impl RngCore + CryptoRng),
         out: &mut Out,
     ) -> Result<(), Refusal> {
         let msg = wire::decode(bytes).map_err(Refusal::Malformed)?;
@@ -1074,11 +1224,36 @@ impl NodeMachine {
                 let fresh = self.fresh(ku.term, ku.seq);
                 self.authenticate(now, true, ku.term, ku.seq, &ku.auth, bytes, what)?;
                 self.learn_controller(fresh, from);
-                let key = self
-                    .keys
-                    .unwrap(&wrapped, ku.epoch, member)
-                    .ok_or(Refusal::Unwrap { epoch: ku.epoch })?;
-                self.on_step(now, ku.epoch, Step::KeyUpdate, Some(key), rng, out)
+                // Only a key the node does not hold yet takes a ratchet step; a
+                // duplicate, stale or gapped request goes the usual way (answered
+                // again, refused, or a key request).
+                let takes_step = matches!(self.position(), Some((pe, 3)) if ku.epoch == pe.next());
+                if !takes_step {
+                    return self.on_step(now, ku.epoch, Step::KeyUpdate, None, rng, out);
+                }
+                let step = self
+                    .ratchet
+                    .as_ref()
+                    .and_then(|r| r.step(member, &ku.share));
+                let Some(key) = step
+                    .as_ref()
+                    .and_then(|s| s.unwrap(&wrapped, ku.epoch, member))
+                else {
+                    // Signed by the controller, yet not for this node's chain: out of
+                    // step (e.g. a lost reply); the key request brings it back in.
+                    self.start_sync(now, rng, out, false, false);
+                    return Err(Refusal::Unwrap { epoch: ku.epoch });
+                };
+                let next = step.map(|s| NodeRatchet {
+                    chain: s.chain().clone(),
+                    secret: ShareSecret::generate(rng),
+                });
+                let previous = std::mem::replace(&mut self.ratchet, next);
+                let r = self.on_step(now, ku.epoch, Step::KeyUpdate, Some(key), rng, out);
+                if r.is_err() {
+                    self.ratchet = previous;
+                }
+                r
             }
             Message::Transition(t) => {
                 self.check_term(t.term, what)?;
@@ -1092,68 +1267,118 @@ impl NodeMachine {
             Message::KeyResponse(r) => {
                 let member = self.addressed_to_me(r.member, what)?;
                 // Only an answer to a request outstanding is worth a signature check.
-                if self.sync.is_none_or(|s| r.in_reply_to < s.since) {
-                    return Err(Refusal::Unsolicited {
-                        what,
-                        in_reply_to: r.in_reply_to,
-                    });
-                }
+                self.solicited(what, r.in_reply_to)?;
                 let fresh = self.fresh(r.term, r.seq);
                 self.authenticate(now, false, r.term, r.seq, &r.auth, bytes, what)?;
                 self.learn_controller(fresh, from);
-                self.adopt(
+                // The key state is wrapped under a ratchet step of its own.
+                let step = self
+                    .ratchet
+                    .as_ref()
+                    .and_then(|x| x.step(member, &r.share))
+                    .ok_or(Refusal::Unwrap {
+                        epoch: r.state.current_epoch,
+                    })?;
+                let current = step
+                    .unwrap(&r.state.current, r.state.current_epoch, member)
+                    .ok_or(Refusal::Unwrap {
+                        epoch: r.state.current_epoch,
+                    })?;
+                let round = match &r.state.round {
+                    None => None,
+                    Some(x) => Some((
+                        x.phase,
+                        step.unwrap(&x.wrapped, x.epoch, member)
+                            .ok_or(Refusal::Unwrap { epoch: x.epoch })?,
+                    )),
+                };
+                let next = NodeRatchet {
+                    chain: step.chain().clone(),
+                    secret: ShareSecret::generate(rng),
+                };
+                let previous = self.ratchet.replace(next);
+                let res = self.adopt(
                     now,
                     what,
                     ((r.term, r.seq), r.in_reply_to),
-                    member,
-                    &r.state,
+                    current,
+                    round,
                     rng,
                     out,
-                )
-            }
-            Message::JoinAccept(j) => {
-                if !j.auth.verify(&self.keys) {
-                    return Err(Refusal::BadMac {
-                        what,
-                        member: j.member,
-                    });
+                );
+                if res.is_err() {
+                    self.ratchet = previous;
                 }
-                if let Some(me) = self.member() {
-                    if me != j.member {
+                res
+            }
+            Message::HandshakeAnswer(a) => {
+                let Some(h) = self.handshake.as_ref().filter(|h| h.seq == a.in_reply_to) else {
+                    return Err(Refusal::Unsolicited {
+                        what,
+                        in_reply_to: a.in_reply_to,
+                    });
+                };
+                self.solicited(what, a.in_reply_to)?;
+                // Two X25519 operations (rebuilding the initiator, then `ee`): from
+                // the same budget as signature checks. A forged answer leaves the
+                // handshake in flight, so the genuine one still opens.
+                let ini = h.initiator(&self.keys);
+                self.spend_verify(now, what)?;
+                let member_hint = self.member().unwrap_or_default();
+                let (payload, fin) =
+                    ini.and_then(|ini| ini.finish(a.noise))
+                        .map_err(|_| Refusal::BadMac {
+                            what,
+                            member: member_hint,
+                        })?;
+                let p = wire::decode_answer_payload(&payload).map_err(Refusal::Malformed)?;
+                if let Some(j) = &self.joined {
+                    if j.member != p.member {
                         return Err(Refusal::NotForMe {
                             what,
-                            to: j.member,
-                            me,
+                            to: p.member,
+                            me: j.member,
                         });
                     }
+                    // The controller's key is pinned at the first join.
+                    if j.controller.to_bytes() != p.controller_key {
+                        return Err(Refusal::BadControllerKey);
+                    }
                 }
-                self.check_term(j.term, what)?;
-                if j.term == self.term && self.ctl_replay.check(j.seq) != Seen::Fresh {
-                    return Err(Refusal::Replay { what, seq: j.seq });
+                self.check_term(p.term, what)?;
+                if p.term == self.term && self.ctl_replay.check(p.seq) != Seen::Fresh {
+                    return Err(Refusal::Replay { what, seq: p.seq });
                 }
-                let controller = VerifyingKey::from_bytes(&j.controller_key)
+                let controller = VerifyingKey::from_bytes(&p.controller_key)
                     .map_err(|_| Refusal::BadControllerKey)?;
                 let previous = self.joined.replace(Joined {
-                    member: j.member,
+                    member: p.member,
                     controller,
                 });
+                let next = NodeRatchet {
+                    chain: fin.chain(p.member),
+                    secret: ShareSecret::generate(rng),
+                };
+                let previous_ratchet = self.ratchet.replace(next);
                 match self.adopt(
                     now,
                     what,
-                    ((j.term, j.seq), j.in_reply_to),
-                    j.member,
-                    &j.state,
+                    ((p.term, p.seq), a.in_reply_to),
+                    p.current,
+                    p.round,
                     rng,
                     out,
                 ) {
                     Ok(()) => {
-                        self.follow_term(j.term);
-                        self.ctl_replay.mark(j.seq);
+                        self.follow_term(p.term);
+                        self.ctl_replay.mark(p.seq);
+                        self.handshake = None;
                         self.learn_controller(true, from);
                         Ok(())
                     }
                     Err(e) => {
                         self.joined = previous;
+                        self.ratchet = previous_ratchet;
                         Err(e)
                     }
                 }
@@ -1162,7 +1387,11 @@ impl NodeMachine {
             Message::Resync(x) => {
                 let member = self.addressed_to_me(x.member, what)?;
                 self.check_term(x.term, what)?;
-                if !x.auth.verify(&self.keys) {
+                if !self
+                    .ratchet
+                    .as_ref()
+                    .is_some_and(|r| x.auth.verify(&r.chain))
+                {
                     return Err(Refusal::BadMac { what, member });
                 }
                 if x.term == self.term && self.ctl_replay.check(x.seq) != Seen::Fresh {
@@ -1180,7 +1409,7 @@ impl NodeMachine {
             }
             Message::Ack(_)
             | Message::KeyRequest(_)
-            | Message::Join(_)
+            | Message::HandshakeInit(_)
             | Message::UsageReport(_) => Err(Refusal::Unexpected { what, role: "node" }),
         }
     }
@@ -1194,7 +1423,7 @@ impl NodeMachine {
         from: SocketAddr,
         b: &wire::Beacon<'_>,
         bytes: &[u8],
-        rng: &mut impl RngCore,
+        rng: &mut (impl RngCore + CryptoRng),
         out: &mut Out,
     ) -> Result<(), Refusal> {
         let what = "beacon";
@@ -1404,9 +1633,20 @@ impl NodeMachine {
 
     /// Acknowledges a step; `fallback`: to the group (see [`route`]).
     fn ack(&mut self, step: Step, epoch: Epoch, fallback: bool, out: &mut Out) {
-        let Some(member) = self.member() else { return };
+        let (Some(member), Some(share)) = (self.member(), self.ratchet.as_ref().map(|r| r.share()))
+        else {
+            return;
+        };
         let seq = self.next_seq(out);
-        self.send_controller(wire::ack(step, epoch, seq, member), fallback, out);
+        self.send_controller(wire::ack(step, epoch, seq, member, &share), fallback, out);
+    }
+
+    /// An answer must reply to a request of the sync in progress.
+    fn solicited(&self, what: &'static str, in_reply_to: u64) -> Result<(), Refusal> {
+        match self.sync {
+            Some(s) if in_reply_to >= s.since => Ok(()),
+            _ => Err(Refusal::Unsolicited { what, in_reply_to }),
+        }
     }
 
     /// A request for step `m` of epoch `e` (after authentication). See the module docs.
@@ -1416,7 +1656,7 @@ impl NodeMachine {
         e: Epoch,
         m: Step,
         key: Option<GroupKey>,
-        rng: &mut impl RngCore,
+        rng: &mut (impl RngCore + CryptoRng),
         out: &mut Out,
     ) -> Result<(), Refusal> {
         let what = match m {
@@ -1496,46 +1736,27 @@ impl NodeMachine {
         }
     }
 
-    /// Take the controller's key state (key response or join accept);
+    /// Take the controller's key state (key response or handshake answer);
     /// `answer` is the message's own (term, sequence number), `in_reply_to`
     /// the request it answers.
     #[allow(clippy::too_many_arguments)]
+    /// The keys come unwrapped (from a key response's ratchet step or a
+    /// handshake answer); the caller has already moved the ratchet on and
+    /// puts it back if this fails.
     fn adopt(
         &mut self,
         now: Time,
         what: &'static str,
         (answer, in_reply_to): ((u32, u64), u64),
-        member: u32,
-        st: &KeyState,
-        rng: &mut impl RngCore,
+        current: GroupKey,
+        round: Option<(RoundPhase, GroupKey)>,
+        rng: &mut (impl RngCore + CryptoRng),
         out: &mut Out,
     ) -> Result<(), Refusal> {
-        match self.sync {
-            Some(s) if in_reply_to >= s.since => {}
-            _ => return Err(Refusal::Unsolicited { what, in_reply_to }),
-        }
-        let current = self
-            .keys
-            .unwrap(&st.current, st.current_epoch, member)
-            .ok_or(Refusal::Unwrap {
-                epoch: st.current_epoch,
-            })?;
-        let round = match &st.round {
-            None => None,
-            Some(r) => Some((
-                r.phase,
-                self.keys
-                    .unwrap(&r.wrapped, r.epoch, member)
-                    .ok_or(Refusal::Unwrap { epoch: r.epoch })?,
-            )),
-        };
+        self.solicited(what, in_reply_to)?;
+        let current_epoch = current.epoch();
         let (phase, primary, next, target) = match round {
-            None => (
-                KeyPhase::UpdateCompleted,
-                current,
-                None,
-                (st.current_epoch, 3),
-            ),
+            None => (KeyPhase::UpdateCompleted, current, None, (current_epoch, 3)),
             Some((RoundPhase::Distributing, new)) => {
                 let e = new.epoch();
                 (KeyPhase::DistributionCompleted, current, Some(new), (e, 1))
@@ -1558,7 +1779,14 @@ impl NodeMachine {
         }
         if pos == Some(target) {
             // The controller's view matches ours (and, having seen our position in
-            // the request, it counts us live): synced. Send what was held.
+            // the request, it counts us live): synced. The answer moved the ratchet
+            // on: persist it, and confirm the step with a reply carrying the new
+            // share (the controller then drops the chain it replaces). Send what was held.
+            self.persist(out);
+            if let Some(step) = Step::from_progress(target.1) {
+                self.ack(step, target.0, false, out);
+            }
+            self.handshake = None;
             self.sync = None;
             self.synced_by = self.synced_by.max(answer);
             out.push(NodeAction::Event(NodeEvent::Synced {

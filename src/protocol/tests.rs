@@ -6,7 +6,7 @@ mod controller;
 mod node;
 
 use super::*;
-use crate::crypto::{GroupKey, InitialKey, NodeKeys};
+use crate::crypto::{Chain, GroupKey, InitialKey, NodeKeys, Share, ShareSecret};
 use crate::wire::{self, KeyState, Message, NodeId, RoundState, Step};
 use core::net::SocketAddr;
 use rand::SeedableRng;
@@ -85,7 +85,15 @@ fn persisted(out: &[NodeAction]) -> bool {
     out.iter().any(|a| matches!(a, NodeAction::Persist(_)))
 }
 
-/// A hand-driven controller for node tests: signs what the test asks.
+/// The keys a fake key response or handshake answer carries.
+struct St {
+    cur: GroupKey,
+    round: Option<(wire::RoundPhase, GroupKey)>,
+}
+
+/// A hand-driven controller for node tests: signs what the test asks. It
+/// mirrors the node's ratchet (chain and share) as the rig last saw it, so
+/// every key it wraps goes under a step the node can take.
 struct FakeController {
     sk: ed25519_dalek::SigningKey,
     keys: NodeKeys,
@@ -94,6 +102,9 @@ struct FakeController {
     /// The leader term its messages carry.
     term: u32,
     rng: ChaCha20Rng,
+    view: Option<(Chain, Share)>,
+    /// Handshake inits the node sent (whole datagrams).
+    inits: Vec<Vec<u8>>,
 }
 
 impl FakeController {
@@ -105,6 +116,8 @@ impl FakeController {
             seq: 0,
             term: crate::protocol::TERM,
             rng: rng(),
+            view: None,
+            inits: Vec::new(),
         }
     }
 
@@ -113,40 +126,100 @@ impl FakeController {
         self.seq
     }
 
-    fn state(&mut self, cur: &GroupKey, round: Option<(wire::RoundPhase, &GroupKey)>) -> KeyState {
-        KeyState {
-            current_epoch: cur.epoch(),
-            current: self.keys.wrap(cur, self.member, &mut self.rng),
-            round: round.map(|(phase, k)| RoundState {
-                epoch: k.epoch(),
-                phase,
-                wrapped: self.keys.wrap(k, self.member, &mut self.rng),
-            }),
+    /// Remember the handshake inits in `out`.
+    fn see(&mut self, out: &[NodeAction]) {
+        for b in sent(out) {
+            if matches!(wire::decode(&b), Ok(Message::HandshakeInit(_))) {
+                self.inits.push(b);
+            }
         }
     }
 
-    fn join_accept(&mut self, in_reply_to: u64, st: &KeyState) -> Vec<u8> {
-        let seq = self.seq();
-        let pk = self.sk.verifying_key().to_bytes();
-        wire::mac(
-            wire::join_accept(self.term, seq, self.member, in_reply_to, &pk, st),
-            &self.keys,
-        )
+    /// The node's chain as last seen (a throwaway one before it joined).
+    fn chain(&self) -> Chain {
+        self.view
+            .as_ref()
+            .map_or_else(|| Chain::for_tests(0x5a), |(c, _)| c.clone())
     }
 
-    fn key_response(&mut self, in_reply_to: u64, st: &KeyState) -> Vec<u8> {
+    fn state(&mut self, cur: &GroupKey, round: Option<(wire::RoundPhase, &GroupKey)>) -> St {
+        St {
+            cur: cur.clone(),
+            round: round.map(|(p, k)| (p, k.clone())),
+        }
+    }
+
+    /// A ratchet step from the node's chain and share with a fresh share of ours.
+    fn step(&mut self) -> (Share, crate::crypto::Step) {
+        let secret = ShareSecret::generate(&mut self.rng);
+        let ours = secret.public();
+        let (chain, theirs) = match &self.view {
+            Some((c, s)) => (c.clone(), *s),
+            None => (
+                Chain::for_tests(0x5a),
+                ShareSecret::generate(&mut self.rng).public(),
+            ),
+        };
+        let dh = secret.dh(&theirs).expect("contributory");
+        let step = crate::crypto::Step::derive(&chain, &dh, self.member, &ours, &theirs);
+        (ours, step)
+    }
+
+    fn join_accept(&mut self, in_reply_to: u64, st: &St) -> Vec<u8> {
         let seq = self.seq();
+        let init = self
+            .inits
+            .iter()
+            .find(|b| matches!(wire::decode(b), Ok(Message::HandshakeInit(h)) if h.seq == in_reply_to))
+            .cloned()
+            .expect("the node sent that handshake init");
+        let Ok(Message::HandshakeInit(h)) = wire::decode(&init) else {
+            unreachable!()
+        };
+        let payload = wire::answer_payload(&wire::AnswerPayload {
+            term: self.term,
+            seq,
+            member: self.member,
+            controller_key: self.sk.verifying_key().to_bytes(),
+            current: st.cur.clone(),
+            round: st.round.clone(),
+        });
+        let (noise, _) = crate::crypto::ratchet::respond(
+            &self.keys,
+            h.prologue,
+            &h.noise,
+            &payload,
+            self.member,
+            &mut self.rng,
+        )
+        .expect("handshake");
+        wire::handshake_answer(in_reply_to, &noise)
+    }
+
+    fn key_response(&mut self, in_reply_to: u64, st: &St) -> Vec<u8> {
+        let seq = self.seq();
+        let (share, step) = self.step();
+        let ks = KeyState {
+            current_epoch: st.cur.epoch(),
+            current: step.wrap(&st.cur, self.member, &mut self.rng),
+            round: st.round.as_ref().map(|(phase, k)| RoundState {
+                epoch: k.epoch(),
+                phase: *phase,
+                wrapped: step.wrap(k, self.member, &mut self.rng),
+            }),
+        };
         wire::sign(
-            wire::key_response(self.term, seq, self.member, in_reply_to, st),
+            wire::key_response(self.term, seq, self.member, in_reply_to, &share, &ks),
             &self.sk,
         )
     }
 
     fn key_update(&mut self, k: &GroupKey) -> Vec<u8> {
         let seq = self.seq();
-        let w = self.keys.wrap(k, self.member, &mut self.rng);
+        let (share, step) = self.step();
+        let w = step.wrap(k, self.member, &mut self.rng);
         wire::sign(
-            wire::key_update(self.term, k.epoch(), seq, &[(self.member, w)]),
+            wire::key_update(self.term, k.epoch(), seq, &share, &[(self.member, w)]),
             &self.sk,
         )
     }
@@ -165,7 +238,7 @@ fn request_seq(out: &[NodeAction]) -> u64 {
     sent(out)
         .iter()
         .find_map(|b| match wire::decode(b) {
-            Ok(Message::Join(j)) => Some(j.seq),
+            Ok(Message::HandshakeInit(j)) => Some(j.seq),
             Ok(Message::KeyRequest(k)) => Some(k.seq),
             _ => None,
         })

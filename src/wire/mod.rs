@@ -5,24 +5,34 @@
 //! carries the sender's sequence number and, optionally, the epoch as a hint).
 //! Controller messages end with a 64-byte Ed25519 signature over everything
 //! before it; node messages end with a 16-byte HMAC-SHA256 tag under the
-//! node's MAC key (see [`crate::crypto::NodeKeys`]). [`decode`] checks every
+//! node's current MAC key, which comes from its ratchet chain
+//! ([`crate::crypto::Chain`]); the enrollment handshake (0x17 / 0x09) is
+//! authenticated by Noise `NNpsk0` under the node's enrollment PSK. [`decode`] checks every
 //! length and returns a typed [`WireError`] — it never panics, whatever the bytes.
 //!
 //! | type | message | sender | body after `[ver][type]` | auth |
 //! |---|---|---|---|---|
 //! | 0x01 | data | node | flags u8, sender u32, seq u64, [epoch u32 if flags&1], nonce 12, ciphertext+tag ≥16 | AES-GCM (group key) |
-//! | 0x02 | key update request | controller | term u32, epoch u32, seq u64, first u32, last u32, count u16, count × (member u32, wrapped key 60) | sig 64 |
+//! | 0x02 | key update request | controller | term u32, epoch u32, seq u64, controller share 32, first u32, last u32, count u16, count × (member u32, wrapped key 60) | sig 64 |
 //! | 0x03 / 0x04 | first / second transition request | controller | term u32, epoch u32, seq u64 | sig 64 |
-//! | 0x05 | key response | controller | term u32, epoch u32, seq u64, member u32, in_reply_to u64, key state | sig 64 |
+//! | 0x05 | key response | controller | term u32, epoch u32, seq u64, member u32, in_reply_to u64, controller share 32, key state | sig 64 |
 //! | 0x07 | resync request | controller | term u32, epoch u32, seq u64, member u32 | mac 16 |
 //! | 0x08 | beacon | controller | term u32, epoch u32, seq u64, phase u8 (0 no round, else the round phase), [round epoch u32 = epoch + 1 if phase ≠ 0], controller address (family u8: 4 → 4 bytes, 6 → 16 bytes; port u16) | sig 64 |
-//! | 0x06 | join accept | controller | term u32, epoch u32, seq u64, member u32, in_reply_to u64, controller public key 32, key state | mac 16 |
-//! | 0x11 / 0x12 / 0x13 | key update / first / second transition reply | node | epoch u32, seq u64, member u32 | mac 16 |
-//! | 0x14 | key request | node | epoch u32, seq u64, member u32, step u8 (the node's position: newest epoch held, last step taken in it) | mac 16 |
-//! | 0x15 | join | node | epoch u32, seq u64, id_len u8, node id | mac 16 |
+//! | 0x09 | handshake answer | controller | in_reply_to u64, Noise message 2 (e 32, encrypted payload, tag 16): payload = term u32, seq u64, member u32, controller public key 32, current epoch u32, current key 32, round u8 [round epoch u32, phase u8, round key 32] | Noise (psk, ee) |
+//! | 0x11 / 0x12 / 0x13 | key update / first / second transition reply | node | epoch u32, seq u64, member u32, node share 32 | mac 16 |
+//! | 0x14 | key request | node | epoch u32, seq u64, member u32, step u8 (the node's position: newest epoch held, last step taken in it), node share 32 | mac 16 |
+//! | 0x17 | handshake init | node | seq u64, id_len u8, node id, Noise message 1 (e 32, tag 16) | Noise (psk; the header is the prologue) |
 //! | 0x16 | usage report | node | epoch u32, seq u64, member u32, count u8, count × (epoch u32, seals u64, opens u64) | mac 16 |
 //!
-//! Key state (key response, join accept): the current key wrapped (60 bytes;
+//! The shares are X25519 public keys of the per-node ratchet
+//! ([`crate::crypto::ratchet`]): a node announces the share it holds the
+//! secret for in every reply and key request; the controller's share of a key
+//! update request (one per round) or key response makes, with the node's share,
+//! the step whose wrap key wraps that node's entry. Types 0x06 (join accept)
+//! and 0x15 (join) of revision 1 are gone: they were authenticated by keys
+//! derived from the printed label alone.
+//!
+//! Key state (key response): the current key wrapped (60 bytes;
 //! its epoch is the message epoch), then `round u8` (0 or 1) and, if 1, the
 //! round's epoch u32, phase u8 (1 distributing, 2 first transition, 3
 //! draining, 4 second transition) and the new key wrapped.
@@ -55,8 +65,10 @@ pub use replay::{
     DataReplay, DataSeen, ReplayWindow, Seen, SUSPICIOUS_JUMP, WINDOW as REPLAY_WINDOW,
 };
 
+use crate::crypto::ratchet::HANDSHAKE_INIT_LEN;
 use crate::crypto::{
-    Epoch, KeyUse, NodeKeys, WrappedKey, MAC_LEN, NONCE_LEN, SIGNATURE_LEN, TAG_LEN, WRAPPED_LEN,
+    Chain, Epoch, GroupKey, KeyUse, Share, WrappedKey, KEY_LEN, MAC_LEN, NONCE_LEN, SHARE_LEN,
+    SIGNATURE_LEN, TAG_LEN, WRAPPED_LEN,
 };
 use core::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use serde::{Deserialize, Serialize};
@@ -67,7 +79,7 @@ use thiserror::Error;
 pub const VERSION: u8 = 2;
 /// Largest datagram the controller builds (fits a 1280-byte IPv6 minimum MTU with headers).
 pub const MAX_DATAGRAM: usize = 1200;
-const KEY_UPDATE_FIXED: usize = 2 + 4 + 4 + 8 + 4 + 4 + 2 + SIGNATURE_LEN;
+const KEY_UPDATE_FIXED: usize = 2 + 4 + 4 + 8 + SHARE_LEN + 4 + 4 + 2 + SIGNATURE_LEN;
 /// Bytes of one key update entry: member u32 + wrapped key.
 pub const ENTRY_LEN: usize = 4 + WRAPPED_LEN;
 /// Most entries in one key update request datagram.
@@ -101,6 +113,8 @@ pub enum WireError {
         first_entry: u32,
         last_entry: u32,
     },
+    #[error("key update entries are not in rising member order: member {member} follows member {previous}")]
+    BatchOrder { previous: u32, member: u32 },
     #[error("node id invalid: {0}")]
     NodeId(#[from] NodeIdError),
 }
@@ -226,15 +240,15 @@ mod kind {
     pub const FIRST_TRANSITION: u8 = 0x03;
     pub const SECOND_TRANSITION: u8 = 0x04;
     pub const KEY_RESPONSE: u8 = 0x05;
-    pub const JOIN_ACCEPT: u8 = 0x06;
     pub const RESYNC: u8 = 0x07;
+    pub const HANDSHAKE_ANSWER: u8 = 0x09;
     pub const BEACON: u8 = 0x08;
     pub const KEY_UPDATE_REPLY: u8 = 0x11;
     pub const FIRST_REPLY: u8 = 0x12;
     pub const SECOND_REPLY: u8 = 0x13;
     pub const KEY_REQUEST: u8 = 0x14;
-    pub const JOIN: u8 = 0x15;
     pub const USAGE_REPORT: u8 = 0x16;
+    pub const HANDSHAKE_INIT: u8 = 0x17;
 }
 
 /// The signed part of a controller message and its signature.
@@ -252,8 +266,8 @@ pub struct Maced<'a> {
 }
 
 impl Maced<'_> {
-    pub fn verify(&self, keys: &NodeKeys) -> bool {
-        keys.verify_mac(self.body, &self.tag)
+    pub fn verify(&self, chain: &Chain) -> bool {
+        chain.verify_mac(self.body, &self.tag)
     }
 }
 
@@ -276,6 +290,8 @@ pub struct KeyUpdate<'a> {
     pub term: u32,
     pub epoch: Epoch,
     pub seq: u64,
+    /// The controller's X25519 share for this round's ratchet step.
+    pub share: Share,
     pub first: u32,
     pub last: u32,
     entries: &'a [u8],
@@ -360,22 +376,36 @@ pub struct KeyResponse<'a> {
     pub seq: u64,
     pub member: u32,
     pub in_reply_to: u64,
+    /// The controller's X25519 share of the step the key state is wrapped under.
+    pub share: Share,
     pub state: KeyState,
     pub auth: Signed<'a>,
 }
 
-/// Answer to a join: member number, the controller's public key and the key
-/// state, authenticated by the node's own MAC key.
+/// The controller's answer to a handshake init: Noise message 2, whose
+/// payload ([`AnswerPayload`]) only the node that sent the init can read.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct JoinAccept<'a> {
+pub struct HandshakeAnswer<'a> {
+    pub in_reply_to: u64,
+    pub noise: &'a [u8],
+}
+
+/// The keys and round state of a handshake answer, in the clear inside the
+/// Noise payload (which encrypts and authenticates them).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AnswerPayload {
+    /// The leader term (inside the payload: Noise authenticates it).
     pub term: u32,
     pub seq: u64,
     pub member: u32,
-    pub in_reply_to: u64,
     pub controller_key: [u8; 32],
-    pub state: KeyState,
-    pub auth: Maced<'a>,
+    pub current: GroupKey,
+    pub round: Option<(RoundPhase, GroupKey)>,
 }
+
+/// Most bytes of a handshake answer's Noise message.
+const ANSWER_NOISE_MAX: usize = 32 + 4 + 8 + 4 + 32 + 4 + KEY_LEN + 1 + 4 + 1 + KEY_LEN + 16;
+const ANSWER_NOISE_MIN: usize = 32 + 4 + 8 + 4 + 32 + 4 + KEY_LEN + 1 + 16;
 
 /// The controller tells a node it is out of step (stale, or its reply did not
 /// match the round) and should ask for the current key. MAC'd with the node's
@@ -412,6 +442,8 @@ pub struct Ack<'a> {
     pub epoch: Epoch,
     pub seq: u64,
     pub member: u32,
+    /// The node's current X25519 share (for its next ratchet step).
+    pub share: Share,
     pub auth: Maced<'a>,
 }
 
@@ -423,15 +455,19 @@ pub struct KeyRequest<'a> {
     pub step: Step,
     pub seq: u64,
     pub member: u32,
+    /// The node's current X25519 share (the answer's step uses it).
+    pub share: Share,
     pub auth: Maced<'a>,
 }
 
-/// A node asks to join under its enrolled id.
+/// A node starts the enrollment handshake under its enrolled id. `prologue`
+/// (everything before the Noise message) is authenticated by it.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Join<'a> {
+pub struct HandshakeInit<'a> {
     pub seq: u64,
     pub node_id: NodeId,
-    pub auth: Maced<'a>,
+    pub noise: [u8; HANDSHAKE_INIT_LEN],
+    pub prologue: &'a [u8],
 }
 
 /// A node's seal/open counters per key, for the count triggers.
@@ -451,12 +487,12 @@ pub enum Message<'a> {
     KeyUpdate(KeyUpdate<'a>),
     Transition(Transition<'a>),
     KeyResponse(KeyResponse<'a>),
-    JoinAccept(JoinAccept<'a>),
+    HandshakeAnswer(HandshakeAnswer<'a>),
     Resync(Resync<'a>),
     Beacon(Beacon<'a>),
     Ack(Ack<'a>),
     KeyRequest(KeyRequest<'a>),
-    Join(Join<'a>),
+    HandshakeInit(HandshakeInit<'a>),
     UsageReport(UsageReport<'a>),
 }
 
@@ -469,7 +505,7 @@ impl Message<'_> {
             Message::Transition(t) if t.step == Step::FirstTransition => "first transition request",
             Message::Transition(_) => "second transition request",
             Message::KeyResponse(_) => "key response",
-            Message::JoinAccept(_) => "join accept",
+            Message::HandshakeAnswer(_) => "handshake answer",
             Message::Resync(_) => "resync request",
             Message::Beacon(_) => "beacon",
             Message::Ack(a) => match a.step {
@@ -478,7 +514,7 @@ impl Message<'_> {
                 Step::SecondTransition => "second transition reply",
             },
             Message::KeyRequest(_) => "key request",
-            Message::Join(_) => "join",
+            Message::HandshakeInit(_) => "handshake init",
             Message::UsageReport(_) => "usage report",
         }
     }
@@ -535,6 +571,9 @@ impl<'a> Reader<'a> {
     }
     fn epoch(&mut self) -> Result<Epoch, WireError> {
         Ok(Epoch(self.u32("epoch")?))
+    }
+    fn share(&mut self, what: &'static str) -> Result<Share, WireError> {
+        Ok(Share(self.array(what)?))
     }
     fn rest(&mut self) -> &'a [u8] {
         let s = self.buf.get(self.pos..).unwrap_or_default();
@@ -620,6 +659,7 @@ pub fn decode(bytes: &[u8]) -> Result<Message<'_>, WireError> {
             let seq = r.u64("sequence number")?;
             let msg = match ty {
                 kind::KEY_UPDATE => {
+                    let share = r.share("controller share")?;
                     let first = r.u32("first member")?;
                     let last = r.u32("last member")?;
                     let count = r.u16("entry count")? as usize;
@@ -628,6 +668,7 @@ pub fn decode(bytes: &[u8]) -> Result<Message<'_>, WireError> {
                         term,
                         epoch,
                         seq,
+                        share,
                         first,
                         last,
                         entries,
@@ -649,6 +690,19 @@ pub fn decode(bytes: &[u8]) -> Result<Message<'_>, WireError> {
                             last_entry: le,
                         });
                     }
+                    // Sorted and without repeats: a node finds its entry by
+                    // binary search, and one batch has one byte string.
+                    let members = (0..count).filter_map(|i| ku.entry_at(i).map(|e| e.0));
+                    let mut previous = None;
+                    for member in members {
+                        if let Some(p) = previous.filter(|p| member <= *p) {
+                            return Err(WireError::BatchOrder {
+                                previous: p,
+                                member,
+                            });
+                        }
+                        previous = Some(member);
+                    }
                     Message::KeyUpdate(ku)
                 }
                 kind::FIRST_TRANSITION => Message::Transition(Transition {
@@ -668,12 +722,14 @@ pub fn decode(bytes: &[u8]) -> Result<Message<'_>, WireError> {
                 _ => {
                     let member = r.u32("member")?;
                     let in_reply_to = r.u64("in reply to")?;
+                    let share = r.share("controller share")?;
                     let state = r.key_state(epoch)?;
                     Message::KeyResponse(KeyResponse {
                         term,
                         seq,
                         member,
                         in_reply_to,
+                        share,
                         state,
                         auth,
                     })
@@ -682,19 +738,33 @@ pub fn decode(bytes: &[u8]) -> Result<Message<'_>, WireError> {
             r.done()?;
             Ok(msg)
         }
-        kind::JOIN_ACCEPT
-        | kind::RESYNC
+        kind::HANDSHAKE_INIT => decode_handshake_init(bytes).map(Message::HandshakeInit),
+        kind::HANDSHAKE_ANSWER => {
+            let mut r = Reader { buf: bytes, pos: 2 };
+            let in_reply_to = r.u64("in reply to")?;
+            let noise = r.rest();
+            if noise.len() < ANSWER_NOISE_MIN || noise.len() > ANSWER_NOISE_MAX {
+                return Err(WireError::Invalid {
+                    field: "handshake answer length",
+                    value: noise.len() as u64,
+                });
+            }
+            Ok(Message::HandshakeAnswer(HandshakeAnswer {
+                in_reply_to,
+                noise,
+            }))
+        }
+        kind::RESYNC
         | kind::KEY_UPDATE_REPLY
         | kind::FIRST_REPLY
         | kind::SECOND_REPLY
         | kind::KEY_REQUEST
-        | kind::JOIN
         | kind::USAGE_REPORT => {
             let (body, tag) = split_auth::<MAC_LEN>(bytes, "mac")?;
             let auth = Maced { body, tag };
             let mut r = Reader { buf: body, pos: 2 };
             // The controller's MAC'd messages carry the leader term; node messages do not.
-            let term = if matches!(ty, kind::JOIN_ACCEPT | kind::RESYNC) {
+            let term = if ty == kind::RESYNC {
                 r.term()?
             } else {
                 0
@@ -702,21 +772,6 @@ pub fn decode(bytes: &[u8]) -> Result<Message<'_>, WireError> {
             let epoch = r.epoch()?;
             let seq = r.u64("sequence number")?;
             let msg = match ty {
-                kind::JOIN_ACCEPT => {
-                    let member = r.u32("member")?;
-                    let in_reply_to = r.u64("in reply to")?;
-                    let controller_key = r.array("controller public key")?;
-                    let state = r.key_state(epoch)?;
-                    Message::JoinAccept(JoinAccept {
-                        term,
-                        seq,
-                        member,
-                        in_reply_to,
-                        controller_key,
-                        state,
-                        auth,
-                    })
-                }
                 kind::KEY_UPDATE_REPLY | kind::FIRST_REPLY | kind::SECOND_REPLY => {
                     let step = match ty {
                         kind::KEY_UPDATE_REPLY => Step::KeyUpdate,
@@ -724,11 +779,13 @@ pub fn decode(bytes: &[u8]) -> Result<Message<'_>, WireError> {
                         _ => Step::SecondTransition,
                     };
                     let member = r.u32("member")?;
+                    let share = r.share("node share")?;
                     Message::Ack(Ack {
                         step,
                         epoch,
                         seq,
                         member,
+                        share,
                         auth,
                     })
                 }
@@ -749,31 +806,15 @@ pub fn decode(bytes: &[u8]) -> Result<Message<'_>, WireError> {
                         field: "step",
                         value: p.into(),
                     })?;
+                    let share = r.share("node share")?;
                     Message::KeyRequest(KeyRequest {
                         epoch,
                         step,
                         seq,
                         member,
+                        share,
                         auth,
                     })
-                }
-                kind::JOIN => {
-                    // A join has no epoch; the field is written as 0, and only one
-                    // byte string may mean a given join.
-                    if epoch.0 != 0 {
-                        return Err(WireError::Invalid {
-                            field: "join epoch",
-                            value: epoch.0.into(),
-                        });
-                    }
-                    let len = r.u8("node id length")? as usize;
-                    let raw = r.take(len, "node id")?;
-                    let s = std::str::from_utf8(raw).map_err(|_| WireError::Invalid {
-                        field: "node id utf-8",
-                        value: len as u64,
-                    })?;
-                    let node_id = NodeId::parse(s)?;
-                    Message::Join(Join { seq, node_id, auth })
                 }
                 _ => {
                     let member = r.u32("member")?;
@@ -809,6 +850,95 @@ pub fn decode(bytes: &[u8]) -> Result<Message<'_>, WireError> {
         }
         other => Err(WireError::UnknownType(other)),
     }
+}
+
+fn decode_handshake_init(bytes: &[u8]) -> Result<HandshakeInit<'_>, WireError> {
+    let mut r = Reader { buf: bytes, pos: 2 };
+    let seq = r.u64("sequence number")?;
+    let len = r.u8("node id length")? as usize;
+    let raw = r.take(len, "node id")?;
+    let s = std::str::from_utf8(raw).map_err(|_| WireError::Invalid {
+        field: "node id utf-8",
+        value: len as u64,
+    })?;
+    let node_id = NodeId::parse(s)?;
+    let prologue = bytes.get(..r.pos).unwrap_or_default();
+    let noise = r.array("handshake message")?;
+    r.done()?;
+    Ok(HandshakeInit {
+        seq,
+        node_id,
+        noise,
+        prologue,
+    })
+}
+
+/// Decode the payload of a handshake answer (after Noise opened it).
+pub fn decode_answer_payload(p: &[u8]) -> Result<AnswerPayload, WireError> {
+    let mut r = Reader { buf: p, pos: 0 };
+    let term = r.term()?;
+    let seq = r.u64("sequence number")?;
+    let member = r.u32("member")?;
+    let controller_key = r.array("controller public key")?;
+    let current_epoch = r.epoch()?;
+    let current = GroupKey::from_bytes(current_epoch, r.array("current key")?);
+    let round = match r.u8("round flag")? {
+        0 => None,
+        1 => {
+            let epoch = Epoch(r.u32("round epoch")?);
+            let phase = RoundPhase::from_u8(r.u8("round phase")?)?;
+            Some((phase, GroupKey::from_bytes(epoch, r.array("round key")?)))
+        }
+        v => {
+            return Err(WireError::Invalid {
+                field: "round flag",
+                value: v.into(),
+            })
+        }
+    };
+    r.done()?;
+    Ok(AnswerPayload {
+        term,
+        seq,
+        member,
+        controller_key,
+        current,
+        round,
+    })
+}
+
+/// The payload of a handshake answer (encrypted by Noise before it is sent).
+pub fn answer_payload(p: &AnswerPayload) -> zeroize::Zeroizing<Vec<u8>> {
+    let w = Writer(Vec::with_capacity(128))
+        .u32(p.term)
+        .u64(p.seq)
+        .u32(p.member)
+        .bytes(&p.controller_key)
+        .u32(p.current.epoch().0)
+        .bytes(p.current.bytes());
+    let w = match &p.round {
+        None => w.u8(0),
+        Some((phase, k)) => w.u8(1).u32(k.epoch().0).u8(*phase as u8).bytes(k.bytes()),
+    };
+    zeroize::Zeroizing::new(w.0)
+}
+
+/// The header of a handshake init (its Noise prologue); append the Noise message.
+pub fn handshake_init_header(seq: u64, node_id: &NodeId) -> Vec<u8> {
+    let id = node_id.as_str().as_bytes();
+    Writer::new(kind::HANDSHAKE_INIT, 16 + id.len() + HANDSHAKE_INIT_LEN)
+        .u64(seq)
+        .u8(id.len() as u8)
+        .bytes(id)
+        .0
+}
+
+/// A whole handshake answer.
+pub fn handshake_answer(in_reply_to: u64, noise: &[u8]) -> Vec<u8> {
+    Writer::new(kind::HANDSHAKE_ANSWER, 10 + noise.len())
+        .u64(in_reply_to)
+        .bytes(noise)
+        .0
 }
 
 fn decode_beacon(bytes: &[u8]) -> Result<Beacon<'_>, WireError> {
@@ -950,7 +1080,13 @@ pub fn data_header(
 }
 
 /// Body of a key update request of leader `term`; `entries` sorted by member, 1..=[`MAX_BATCH_ENTRIES`].
-pub fn key_update(term: u32, epoch: Epoch, seq: u64, entries: &[(u32, WrappedKey)]) -> Vec<u8> {
+pub fn key_update(
+    term: u32,
+    epoch: Epoch,
+    seq: u64,
+    share: &Share,
+    entries: &[(u32, WrappedKey)],
+) -> Vec<u8> {
     let first = entries.first().map(|e| e.0).unwrap_or_default();
     let last = entries.last().map(|e| e.0).unwrap_or_default();
     let mut w = Writer::new(
@@ -960,6 +1096,7 @@ pub fn key_update(term: u32, epoch: Epoch, seq: u64, entries: &[(u32, WrappedKey
     .u32(term)
     .u32(epoch.0)
     .u64(seq)
+    .bytes(&share.0)
     .u32(first)
     .u32(last)
     .u16(entries.len() as u16);
@@ -984,34 +1121,16 @@ pub fn key_response(
     seq: u64,
     member: u32,
     in_reply_to: u64,
+    share: &Share,
     state: &KeyState,
 ) -> Vec<u8> {
-    Writer::new(kind::KEY_RESPONSE, 240)
+    Writer::new(kind::KEY_RESPONSE, 280)
         .u32(term)
         .u32(state.current_epoch.0)
         .u64(seq)
         .u32(member)
         .u64(in_reply_to)
-        .key_state(state)
-        .0
-}
-
-/// Body of a join accept.
-pub fn join_accept(
-    term: u32,
-    seq: u64,
-    member: u32,
-    in_reply_to: u64,
-    controller_key: &[u8; 32],
-    state: &KeyState,
-) -> Vec<u8> {
-    Writer::new(kind::JOIN_ACCEPT, 240)
-        .u32(term)
-        .u32(state.current_epoch.0)
-        .u64(seq)
-        .u32(member)
-        .u64(in_reply_to)
-        .bytes(controller_key)
+        .bytes(&share.0)
         .key_state(state)
         .0
 }
@@ -1051,33 +1170,28 @@ pub fn beacon(
 }
 
 /// Body of a key update / first / second transition reply.
-pub fn ack(step: Step, epoch: Epoch, seq: u64, member: u32) -> Vec<u8> {
+pub fn ack(step: Step, epoch: Epoch, seq: u64, member: u32, share: &Share) -> Vec<u8> {
     let ty = match step {
         Step::KeyUpdate => kind::KEY_UPDATE_REPLY,
         Step::FirstTransition => kind::FIRST_REPLY,
         Step::SecondTransition => kind::SECOND_REPLY,
     };
-    Writer::new(ty, 40).u32(epoch.0).u64(seq).u32(member).0
+    Writer::new(ty, 72)
+        .u32(epoch.0)
+        .u64(seq)
+        .u32(member)
+        .bytes(&share.0)
+        .0
 }
 
 /// Body of a key request.
-pub fn key_request(epoch: Epoch, step: Step, seq: u64, member: u32) -> Vec<u8> {
-    Writer::new(kind::KEY_REQUEST, 40)
+pub fn key_request(epoch: Epoch, step: Step, seq: u64, member: u32, share: &Share) -> Vec<u8> {
+    Writer::new(kind::KEY_REQUEST, 72)
         .u32(epoch.0)
         .u64(seq)
         .u32(member)
         .u8(step as u8)
-        .0
-}
-
-/// Body of a join.
-pub fn join(seq: u64, node_id: &NodeId) -> Vec<u8> {
-    let id = node_id.as_str().as_bytes();
-    Writer::new(kind::JOIN, 100)
-        .u32(0)
-        .u64(seq)
-        .u8(id.len() as u8)
-        .bytes(id)
+        .bytes(&share.0)
         .0
 }
 
@@ -1102,9 +1216,9 @@ pub fn sign(mut body: Vec<u8>, key: &ed25519_dalek::SigningKey) -> Vec<u8> {
     body
 }
 
-/// Append the node's MAC over `body`.
-pub fn mac(mut body: Vec<u8>, keys: &NodeKeys) -> Vec<u8> {
-    let tag = keys.mac(&body);
+/// Append the MAC of a node's current chain over `body`.
+pub fn mac(mut body: Vec<u8>, chain: &Chain) -> Vec<u8> {
+    let tag = chain.mac(&body);
     body.extend_from_slice(&tag);
     body
 }

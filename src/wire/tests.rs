@@ -1,10 +1,18 @@
 use super::*;
-use crate::crypto::{InitialKey, KeyUse};
+use crate::crypto::KeyUse;
 use proptest::prelude::*;
 use rand::SeedableRng;
 
-fn keys() -> NodeKeys {
-    NodeKeys::derive(&InitialKey([4; 16]))
+fn keys() -> Chain {
+    Chain::for_tests(4)
+}
+
+fn share() -> impl Strategy<Value = Share> {
+    any::<[u8; 32]>().prop_map(Share)
+}
+
+fn group_key() -> impl Strategy<Value = GroupKey> {
+    (any::<u32>(), any::<[u8; 32]>()).prop_map(|(e, b)| GroupKey::from_bytes(Epoch(e), b))
 }
 
 fn signing() -> ed25519_dalek::SigningKey {
@@ -96,14 +104,14 @@ proptest! {
     }
 
     #[test]
-    fn key_update_round_trips(term in 1u32.., epoch in any::<u32>(), seq in any::<u64>(),
+    fn key_update_round_trips(term in 1u32.., epoch in any::<u32>(), seq in any::<u64>(), sh in share(),
                               members in proptest::collection::btree_set(any::<u32>(), 1..=MAX_BATCH_ENTRIES),
                               w in wrapped()) {
         let entries: Vec<(u32, WrappedKey)> = members.iter().map(|m| (*m, w)).collect();
-        let bytes = sign(key_update(term, Epoch(epoch), seq, &entries), &signing());
+        let bytes = sign(key_update(term, Epoch(epoch), seq, &sh, &entries), &signing());
         prop_assert!(bytes.len() <= MAX_DATAGRAM);
         let Message::KeyUpdate(ku) = decode(&bytes).unwrap() else { panic!("not a key update") };
-        prop_assert_eq!((ku.term, ku.epoch, ku.seq), (term, Epoch(epoch), seq));
+        prop_assert_eq!((ku.term, ku.epoch, ku.seq, ku.share), (term, Epoch(epoch), seq, sh));
         prop_assert_eq!(ku.entries().collect::<Vec<_>>(), entries.clone());
         for (m, _) in &entries {
             prop_assert_eq!(ku.entry_for(*m), Some(w));
@@ -119,34 +127,51 @@ proptest! {
     }
 
     #[test]
-    fn key_response_and_join_accept_round_trip(term in 1u32.., seq in any::<u64>(), member in any::<u32>(), irt in any::<u64>(),
-                                               st in key_state(), pk in any::<[u8; 32]>()) {
-        let bytes = sign(key_response(term, seq, member, irt, &st), &signing());
+    fn key_response_round_trips(term in 1u32.., seq in any::<u64>(), member in any::<u32>(), irt in any::<u64>(),
+                                st in key_state(), sh in share()) {
+        let bytes = sign(key_response(term, seq, member, irt, &sh, &st), &signing());
         let Message::KeyResponse(r) = decode(&bytes).unwrap() else { panic!("not a key response") };
-        prop_assert_eq!((r.term, r.seq, r.member, r.in_reply_to, r.state), (term, seq, member, irt, st));
-        let bytes = mac(join_accept(term, seq, member, irt, &pk, &st), &keys());
-        let Message::JoinAccept(j) = decode(&bytes).unwrap() else { panic!("not a join accept") };
-        prop_assert_eq!((j.term, j.seq, j.member, j.in_reply_to, j.controller_key, j.state), (term, seq, member, irt, pk, st));
-        prop_assert!(j.auth.verify(&keys()));
+        prop_assert_eq!((r.term, r.seq, r.member, r.in_reply_to, r.share, r.state), (term, seq, member, irt, sh, st));
+    }
+
+    #[test]
+    fn handshake_messages_round_trip(term in 1u32.., seq in any::<u64>(), id in node_id(), noise in any::<[u8; 48]>(),
+                                     member in any::<u32>(), pk in any::<[u8; 32]>(), cur in group_key(),
+                                     round in proptest::option::of((1u8..=4, group_key())),
+                                     tail in proptest::collection::vec(any::<u8>(), 48)) {
+        let mut b = handshake_init_header(seq, &id);
+        let hlen = b.len();
+        b.extend_from_slice(&noise);
+        let Message::HandshakeInit(h) = decode(&b).unwrap() else { panic!("not a handshake init") };
+        prop_assert_eq!((h.seq, &h.node_id, h.noise), (seq, &id, noise));
+        prop_assert_eq!(h.prologue, &b[..hlen]);
+        let p = AnswerPayload { term, seq, member, controller_key: pk, current: cur,
+            round: round.map(|(ph, k)| (RoundPhase::from_u8(ph).unwrap(), k)) };
+        let bytes = answer_payload(&p);
+        prop_assert_eq!(decode_answer_payload(&bytes), Ok(p));
+        // The answer as it travels: 32 + payload + 16 bytes of Noise.
+        let mut n = tail[..32].to_vec();
+        n.extend_from_slice(&bytes);
+        n.extend_from_slice(&tail[32..]);
+        let a = handshake_answer(seq, &n);
+        let Message::HandshakeAnswer(x) = decode(&a).unwrap() else { panic!("not an answer") };
+        prop_assert_eq!((x.in_reply_to, x.noise), (seq, &n[..]));
     }
 
     #[test]
     fn node_messages_round_trip(s in step(), epoch in any::<u32>(), seq in any::<u64>(), member in any::<u32>(),
-                                id in node_id(), uses in proptest::collection::vec((any::<u32>(), any::<u64>(), any::<u64>()), 0..=MAX_USAGE_ENTRIES)) {
+                                sh in share(), uses in proptest::collection::vec((any::<u32>(), any::<u64>(), any::<u64>()), 0..=MAX_USAGE_ENTRIES)) {
         let k = keys();
-        let b = mac(ack(s, Epoch(epoch), seq, member), &k);
+        let b = mac(ack(s, Epoch(epoch), seq, member, &sh), &k);
         let Message::Ack(a) = decode(&b).unwrap() else { panic!() };
-        prop_assert_eq!((a.step, a.epoch, a.seq, a.member), (s, Epoch(epoch), seq, member));
+        prop_assert_eq!((a.step, a.epoch, a.seq, a.member, a.share), (s, Epoch(epoch), seq, member, sh));
         prop_assert!(a.auth.verify(&k));
-        let b = mac(key_request(Epoch(epoch), s, seq, member), &k);
+        let b = mac(key_request(Epoch(epoch), s, seq, member, &sh), &k);
         let Message::KeyRequest(r) = decode(&b).unwrap() else { panic!() };
-        prop_assert_eq!((r.epoch, r.step, r.seq, r.member), (Epoch(epoch), s, seq, member));
+        prop_assert_eq!((r.epoch, r.step, r.seq, r.member, r.share), (Epoch(epoch), s, seq, member, sh));
         let b = mac(resync(epoch.max(1), Epoch(epoch), seq, member), &k);
         let Message::Resync(x) = decode(&b).unwrap() else { panic!() };
         prop_assert_eq!((x.term, x.epoch, x.seq, x.member), (epoch.max(1), Epoch(epoch), seq, member));
-        let b = mac(join(seq, &id), &k);
-        let Message::Join(j) = decode(&b).unwrap() else { panic!() };
-        prop_assert_eq!((j.seq, j.node_id), (seq, id));
         let uses: Vec<KeyUse> = uses.into_iter().map(|(e, s, o)| KeyUse { epoch: Epoch(e), seals: s, opens: o }).collect();
         let b = mac(usage_report(Epoch(epoch), seq, member, &uses), &k);
         let Message::UsageReport(u) = decode(&b).unwrap() else { panic!() };
@@ -182,7 +207,7 @@ proptest! {
     fn every_truncation_of_a_valid_message_is_refused(cut in 0usize..200) {
         let st = KeyState { current_epoch: Epoch(3), current: WrappedKey([1; WRAPPED_LEN]),
             round: Some(RoundState { epoch: Epoch(4), phase: RoundPhase::Draining, wrapped: WrappedKey([2; WRAPPED_LEN]) }) };
-        let bytes = sign(key_response(1, 9, 2, 8, &st), &signing());
+        let bytes = sign(key_response(1, 9, 2, 8, &Share([7; 32]), &st), &signing());
         let cut = cut.min(bytes.len() - 1);
         let short = &bytes[..cut];
         let decoded = decode(short);
@@ -192,11 +217,15 @@ proptest! {
 
 #[test]
 fn batch_capacity_fits_a_datagram() {
-    assert_eq!(MAX_BATCH_ENTRIES, 17);
+    // The round's share (32 bytes) in the header costs one entry of 17.
+    assert_eq!(MAX_BATCH_ENTRIES, 16);
     let entries: Vec<_> = (0..MAX_BATCH_ENTRIES as u32)
         .map(|m| (m, WrappedKey([0; WRAPPED_LEN])))
         .collect();
-    let bytes = sign(key_update(1, Epoch(1), 1, &entries), &signing());
+    let bytes = sign(
+        key_update(1, Epoch(1), 1, &Share([1; 32]), &entries),
+        &signing(),
+    );
     assert!(bytes.len() <= MAX_DATAGRAM, "{}", bytes.len());
 }
 
@@ -216,7 +245,10 @@ fn term_zero_is_refused_in_every_controller_message() {
         value: 0,
     };
     for bytes in [
-        sign(key_update(0, Epoch(1), 1, &[(1, w)]), &signing()),
+        sign(
+            key_update(0, Epoch(1), 1, &Share([1; 32]), &[(1, w)]),
+            &signing(),
+        ),
         sign(
             transition(0, Step::FirstTransition, Epoch(1), 1),
             &signing(),
@@ -225,25 +257,43 @@ fn term_zero_is_refused_in_every_controller_message() {
             transition(0, Step::SecondTransition, Epoch(1), 1),
             &signing(),
         ),
-        sign(key_response(0, 1, 1, 1, &st), &signing()),
-        mac(join_accept(0, 1, 1, 1, &[7; 32], &st), &keys()),
+        sign(key_response(0, 1, 1, 1, &Share([1; 32]), &st), &signing()),
         mac(resync(0, Epoch(1), 1, 1), &keys()),
         sign(beacon(0, Epoch(1), 1, None, addr), &signing()),
     ] {
         assert_eq!(decode(&bytes), Err(zero.clone()), "type 0x{:02x}", bytes[1]);
     }
+    // The handshake answer carries its term inside the Noise payload (authenticated there).
+    let p = answer_payload(&AnswerPayload {
+        term: 0,
+        seq: 1,
+        member: 1,
+        controller_key: [3; 32],
+        current: GroupKey::from_bytes(Epoch(1), [5; 32]),
+        round: None,
+    });
+    assert_eq!(decode_answer_payload(&p), Err(zero));
 }
 
 #[test]
 fn typed_errors_say_what_was_wrong() {
     assert_eq!(decode(&[]), Err(WireError::Empty));
+    assert_eq!(decode(&[1, 1]), Err(WireError::Version(1)));
     assert_eq!(decode(&[3, 1]), Err(WireError::Version(3)));
+    assert!(WireError::Version(1).to_string().contains("version 2"));
     assert_eq!(decode(&[VERSION, 0x7f]), Err(WireError::UnknownType(0x7f)));
-    let mut bytes = mac(ack(Step::KeyUpdate, Epoch(1), 1, 1), &keys());
+    // Revision 1's join and join accept (authenticated by the label alone) are gone.
+    assert_eq!(decode(&[2, 0x15]), Err(WireError::UnknownType(0x15)));
+    assert_eq!(decode(&[2, 0x06]), Err(WireError::UnknownType(0x06)));
+    let mut bytes = mac(
+        ack(Step::KeyUpdate, Epoch(1), 1, 1, &Share([3; 32])),
+        &keys(),
+    );
     bytes.insert(10, 0);
     assert_eq!(decode(&bytes), Err(WireError::Trailing(1)));
-    let mut j = mac(join(1, &NodeId::parse("ok").unwrap()), &keys());
-    j[16] = b'/';
+    let mut j = handshake_init_header(1, &NodeId::parse("ok").unwrap());
+    j.extend_from_slice(&[0; 48]);
+    j[12] = b'/';
     assert!(
         matches!(
             decode(&j),
@@ -254,33 +304,109 @@ fn typed_errors_say_what_was_wrong() {
     );
 }
 
-/// Found by the `wire_decode` fuzz target: a join whose (unused) epoch field
-/// was not 0 decoded to the same join as the one keyfleet writes, so two byte
-/// strings meant one message. The 76-byte input it found, epoch 0x03000000.
 #[test]
-fn a_join_with_an_epoch_is_refused() {
-    let mut bytes = vec![VERSION, 0x15, 3, 0, 0, 0, 2];
-    bytes.extend_from_slice(&[b'-'; 22]);
-    bytes.push(b'w');
-    bytes.extend_from_slice(&[b'-'; 8]);
-    bytes.push(b'K');
-    bytes.extend_from_slice(&[b'-'; 22]);
-    bytes.push(b'w');
-    bytes.extend_from_slice(&[b'-'; 8]);
-    bytes.push(b'K');
-    bytes.extend_from_slice(&[b'-'; 4]);
-    bytes.push(0xef);
-    assert_eq!(bytes.len(), 76);
+fn handshake_messages_refuse_each_field_they_can_get_wrong() {
+    let id = NodeId::parse("pump-07").unwrap();
+    let mut init = handshake_init_header(7, &id);
+    init.extend_from_slice(&[9; 48]);
+    assert!(matches!(decode(&init), Ok(Message::HandshakeInit(_))));
+    // Short or long Noise message.
+    assert!(matches!(
+        decode(&init[..init.len() - 1]),
+        Err(WireError::Truncated { .. })
+    ));
+    let mut long = init.clone();
+    long.push(0);
+    assert_eq!(decode(&long), Err(WireError::Trailing(1)));
+    // A node id length pointing past the end, an empty id, invalid UTF-8.
+    let mut bad = init.clone();
+    bad[10] = 200;
+    assert!(matches!(decode(&bad), Err(WireError::Truncated { .. })));
+    let mut empty = handshake_init_header(7, &id);
+    empty[10] = 0;
+    empty.truncate(11);
+    empty.extend_from_slice(&[9; 48]);
     assert_eq!(
-        decode(&bytes),
-        Err(WireError::Invalid {
-            field: "join epoch",
-            value: 0x0300_0000
-        })
+        decode(&empty),
+        Err(WireError::NodeId(NodeIdError::Length(0)))
     );
-    // The join keyfleet writes (epoch 0) still decodes.
-    let j = mac(join(7, &NodeId::parse("pump-07").unwrap()), &keys());
-    assert!(matches!(decode(&j), Ok(Message::Join(Join { seq: 7, .. }))));
+    let mut utf = init.clone();
+    utf[11] = 0xff;
+    assert!(matches!(
+        decode(&utf),
+        Err(WireError::Invalid {
+            field: "node id utf-8",
+            ..
+        })
+    ));
+    // Answer: Noise message outside its possible sizes.
+    assert!(matches!(
+        decode(&handshake_answer(1, &[0; 100])),
+        Err(WireError::Invalid {
+            field: "handshake answer length",
+            value: 100
+        })
+    ));
+    assert!(matches!(
+        decode(&handshake_answer(1, &[0; 300])),
+        Err(WireError::Invalid { .. })
+    ));
+    // Payload: bad round flag, bad phase, trailing bytes, truncation.
+    let p = AnswerPayload {
+        term: 1,
+        seq: 1,
+        member: 2,
+        controller_key: [3; 32],
+        current: GroupKey::from_bytes(Epoch(4), [5; 32]),
+        round: Some((
+            RoundPhase::Draining,
+            GroupKey::from_bytes(Epoch(5), [6; 32]),
+        )),
+    };
+    let b = answer_payload(&p).to_vec();
+    let flag = 4 + 8 + 4 + 32 + 4 + 32;
+    let mut x = b.clone();
+    x[flag] = 2;
+    assert!(matches!(
+        decode_answer_payload(&x),
+        Err(WireError::Invalid {
+            field: "round flag",
+            value: 2
+        })
+    ));
+    let mut x = b.clone();
+    x[flag + 5] = 9;
+    assert!(matches!(
+        decode_answer_payload(&x),
+        Err(WireError::Invalid {
+            field: "round phase",
+            ..
+        })
+    ));
+    let mut x = b.clone();
+    x.push(0);
+    assert_eq!(decode_answer_payload(&x), Err(WireError::Trailing(1)));
+    for cut in 0..b.len() {
+        assert!(decode_answer_payload(&b[..cut]).is_err(), "cut at {cut}");
+    }
+}
+
+#[test]
+fn shares_are_where_the_table_says() {
+    // Key update: after epoch and seq; key response: after in_reply_to; replies
+    // and key requests: after member (and step).
+    let ku = key_update(1, Epoch(1), 2, &Share([0xaa; 32]), &[(3, WrappedKey([0; 60]))]);
+    assert_eq!(&ku[18..50], &[0xaa; 32]);
+    let a = ack(Step::KeyUpdate, Epoch(1), 2, 3, &Share([0xbb; 32]));
+    assert_eq!(&a[18..50], &[0xbb; 32]);
+    let k = key_request(Epoch(1), Step::KeyUpdate, 2, 3, &Share([0xcc; 32]));
+    assert_eq!(&k[19..51], &[0xcc; 32]);
+    // A reply cut inside its share is refused.
+    let b = mac(a, &keys());
+    assert!(matches!(
+        decode(&b[..b.len() - 20]),
+        Err(WireError::Truncated { .. })
+    ));
 }
 
 #[test]
@@ -289,13 +415,45 @@ fn key_update_header_range_must_match_entries() {
         (5, WrappedKey([0; WRAPPED_LEN])),
         (9, WrappedKey([0; WRAPPED_LEN])),
     ];
-    let mut body = key_update(1, Epoch(1), 1, &entries);
-    body[18..22].copy_from_slice(&4u32.to_be_bytes()); // first = 4, entries start at 5
+    let mut body = key_update(1, Epoch(1), 1, &Share([0; 32]), &entries);
+    body[50..54].copy_from_slice(&4u32.to_be_bytes()); // first = 4, entries start at 5
     let bytes = sign(body, &signing());
     assert!(matches!(
         decode(&bytes),
         Err(WireError::BatchRange { first: 4, .. })
     ));
+}
+
+/// Found by the `wire_decode` fuzz target: a batch whose first and last
+/// entries match its header but whose middle entry lies outside it (members
+/// 3, 2, 9 under 3..=9) decoded, and a node's binary search could miss its
+/// entry. Entries must rise strictly: unsorted or repeated members are refused.
+#[test]
+fn key_update_entries_must_rise_strictly() {
+    let w = WrappedKey([0; WRAPPED_LEN]);
+    for (members, previous, member) in [
+        (&[3u32, 2, 9][..], 3, 2),
+        (&[3, 10, 9][..], 10, 9),
+        (&[3, 3, 9][..], 3, 3),
+        (&[3, 9, 9][..], 9, 9),
+    ] {
+        let entries: Vec<_> = members.iter().map(|m| (*m, w)).collect();
+        let bytes = sign(
+            key_update(1, Epoch(1), 1, &Share([0; 32]), &entries),
+            &signing(),
+        );
+        assert_eq!(
+            decode(&bytes),
+            Err(WireError::BatchOrder { previous, member }),
+            "{members:?}"
+        );
+    }
+    let entries: Vec<_> = [3u32, 4, 9].iter().map(|m| (*m, w)).collect();
+    let bytes = sign(
+        key_update(1, Epoch(1), 1, &Share([0; 32]), &entries),
+        &signing(),
+    );
+    assert!(matches!(decode(&bytes), Ok(Message::KeyUpdate(_))));
 }
 
 #[test]
@@ -374,7 +532,10 @@ fn beacon_refusals_name_the_field() {
 /// error says what to do.
 #[test]
 fn version_1_datagrams_are_refused_with_advice() {
-    let mut v1 = mac(ack(Step::KeyUpdate, Epoch(1), 1, 1), &keys());
+    let mut v1 = mac(
+        ack(Step::KeyUpdate, Epoch(1), 1, 1, &Share([3; 32])),
+        &keys(),
+    );
     v1[0] = 1;
     let e = decode(&v1).unwrap_err();
     assert_eq!(e, WireError::Version(1));

@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use keyfleet::crypto::{Epoch, GroupKey, InitialKey, NodeKeys};
+use keyfleet::crypto::{Chain, Epoch, GroupKey, InitialKey, NodeKeys, Share, ShareSecret};
 use keyfleet::wire::{self, NodeId, Step};
 use rand::{Rng, RngCore};
 
@@ -36,9 +36,9 @@ pub mod kinds {
     pub const FIRST_TRANSITION: u8 = 0x03;
     pub const SECOND_TRANSITION: u8 = 0x04;
     pub const KEY_RESPONSE: u8 = 0x05;
-    /// Node messages (replies, key requests, joins, usage reports) are 0x11..=0x16.
+    /// Node messages (replies, key requests, usage reports, handshake inits) are 0x11..=0x17.
     pub const NODE_FIRST: u8 = 0x11;
-    pub const NODE_LAST: u8 = 0x16;
+    pub const NODE_LAST: u8 = 0x17;
 }
 
 /// The epoch field of a controller or node message (bytes 2..6), if present.
@@ -81,6 +81,19 @@ pub mod forge {
         NodeKeys::derive(&InitialKey(k))
     }
 
+    /// A ratchet chain the attacker made up (it never saw a handshake's secrets).
+    pub fn attacker_chain(rng: &mut impl RngCore) -> Chain {
+        let (mut c, mut m) = ([0u8; 32], [0u8; 32]);
+        rng.fill_bytes(&mut c);
+        rng.fill_bytes(&mut m);
+        Chain::from_bytes(c, m)
+    }
+
+    /// An X25519 share of the attacker's.
+    pub fn attacker_share(rng: &mut (impl RngCore + rand::CryptoRng)) -> Share {
+        ShareSecret::generate(rng).public()
+    }
+
     /// Key update requests for `epoch` with an entry for every member in
     /// `members` (sorted), each a group key of the attacker's wrapped under a
     /// key-encryption key the attacker made up; signed with the attacker's key,
@@ -101,7 +114,7 @@ pub mod forge {
             .iter()
             .map(|&m| (m, kek.wrap(&key, m, rng)))
             .collect();
-        let body = wire::key_update(1, epoch, seq, &entries);
+        let body = wire::key_update(1, epoch, seq, &attacker_share(rng), &entries);
         let mut zero = body.clone();
         zero.extend_from_slice(&[0u8; 64]);
         vec![
@@ -117,7 +130,10 @@ pub mod forge {
             // real controller (`stale_term`) for good.
             Attack::new(
                 format!("forged key update epoch {epoch} seq {seq} of term u32::MAX"),
-                wire::sign(wire::key_update(u32::MAX, epoch, seq, &entries), &sk),
+                wire::sign(
+                    wire::key_update(u32::MAX, epoch, seq, &attacker_share(rng), &entries),
+                    &sk,
+                ),
             ),
         ]
     }
@@ -154,9 +170,11 @@ pub mod forge {
         node_id: &NodeId,
         epoch: Epoch,
         seq: u64,
-        rng: &mut impl RngCore,
+        rng: &mut (impl RngCore + rand::CryptoRng),
     ) -> Vec<Attack> {
-        let k = attacker_node_keys(rng);
+        let k = attacker_chain(rng);
+        let share = attacker_share(rng);
+        let label = attacker_node_keys(rng);
         let mut out = Vec::new();
         for step in [
             Step::KeyUpdate,
@@ -165,20 +183,24 @@ pub mod forge {
         ] {
             out.push(Attack::new(
                 format!("forged {step:?} reply from member {member}"),
-                wire::mac(wire::ack(step, epoch, seq, member), &k),
+                wire::mac(wire::ack(step, epoch, seq, member, &share), &k),
             ));
         }
         out.push(Attack::new(
             format!("forged key request from member {member}"),
             wire::mac(
-                wire::key_request(epoch, Step::SecondTransition, seq, member),
+                wire::key_request(epoch, Step::SecondTransition, seq, member, &share),
                 &k,
             ),
         ));
-        out.push(Attack::new(
-            format!("forged join as {node_id}"),
-            wire::mac(wire::join(seq, node_id), &k),
-        ));
+        let mut init = wire::handshake_init_header(seq, node_id);
+        if let Ok((_, msg)) = keyfleet::crypto::ratchet::Initiator::start(&label, &init, rng) {
+            init.extend_from_slice(&msg);
+            out.push(Attack::new(
+                format!("forged handshake init as {node_id} (a guessed label)"),
+                init,
+            ));
+        }
         out.push(Attack::new(
             format!("forged usage report from member {member}"),
             wire::mac(

@@ -149,3 +149,59 @@ pub fn enroll(g: &GlobalArgs, a: EnrollArgs) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// `keyfleet rejoin`: let a node whose enrollment is pinned run the
+/// enrollment handshake once more.
+#[derive(Args, Debug)]
+#[command(
+    after_help = "A node's enrollment is pinned by its first handshake: the controller answers no \
+other handshake under its id, so its printed label no longer lets anyone join in its place. When \
+the node lost its state (replaced storage, factory reset), allow one new handshake with this \
+command: it is accepted for 10 minutes, recorded in the audit log, and answered at most once per \
+250 ms."
+)]
+pub struct RejoinArgs {
+    /// The node id.
+    #[arg(long, value_name = "ID")]
+    pub node_id: String,
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn rejoin(g: &GlobalArgs, a: RejoinArgs) -> anyhow::Result<()> {
+    fleet::init_logging("warn");
+    let node_id = NodeId::parse(&a.node_id)
+        .map_err(|e| anyhow::anyhow!("{:?} is not a node id: {e}", a.node_id))?;
+    let st = g.state_dir()?;
+    let rt = fleet::runtime()?;
+    let report = rt.block_on(async {
+        match route(&st, || g.options(None)).await? {
+            Route::Serve(s) => {
+                let req = Request::Rejoin {
+                    node_id: node_id.to_string(),
+                };
+                match control::call(s, &req, |_| {})
+                    .await
+                    .context("talking to keyfleet serve")?
+                {
+                    Reply::RejoinAllowed(r) => Ok(r),
+                    Reply::Error { message } => bail!("keyfleet serve refused: {message}"),
+                    other => bail!("keyfleet serve answered {other:?}"),
+                }
+            }
+            Route::Here(mut c) => c
+                .allow_rejoin(node_id.clone())
+                .await
+                .with_context(|| format!("while allowing {node_id} to re-join")),
+        }
+    })?;
+    if a.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        println!(
+            "{} may run the enrollment handshake again for 10 minutes (until {} ms); it is recorded in the audit log",
+            report.node_id, report.until_ms
+        );
+    }
+    Ok(())
+}

@@ -74,6 +74,8 @@ enum Command {
     Rekey(Ctl<rekey::RekeyArgs>),
     /// Remove a node: a rekey round that leaves it out.
     Remove(Ctl<rekey::RemoveArgs>),
+    /// Let a node whose state was lost run the enrollment handshake again (audited, 10 minutes).
+    Rejoin(Ctl<enroll::RejoinArgs>),
     /// Key history (sent to whom and when, acknowledged when), rounds, audit log.
     History(Ctl<status::HistoryArgs>),
     /// The controller daemon: triggers, joins, key requests, usage reports, control socket.
@@ -147,6 +149,7 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         Command::Status(c) => done(status::status(&top.merge(c.global), c.args)),
         Command::Rekey(c) => rekey::rekey(&top.merge(c.global), c.args),
         Command::Remove(c) => rekey::remove(&top.merge(c.global), c.args),
+        Command::Rejoin(c) => done(enroll::rejoin(&top.merge(c.global), c.args)),
         Command::History(c) => done(status::history(&top.merge(c.global), c.args)),
         Command::Serve(c) => done(fleet::serve(&top.merge(c.global), c.args)),
         Command::Config(c) => done(fleet::config(&top.merge(c.global), c.args)),

@@ -22,6 +22,8 @@ fn hash_row<H: Hasher>(row: &MemberPersist, state: &mut H) {
         fingerprint,
         status,
         enrolled_at,
+        ratchet,
+        rejoin_until,
         seq_seen,
     } = row;
     (
@@ -34,12 +36,18 @@ fn hash_row<H: Hasher>(row: &MemberPersist, state: &mut H) {
         seq_seen,
     )
         .hash(state);
+    // Chains and steps by check values, never by their bytes.
+    (ratchet, rejoin_until).hash(state);
 }
 
 impl Hash for Member {
     fn hash<H: Hasher>(&self, state: &mut H) {
         let Member {
             row,
+            hs_tokens,
+            hs_at,
+            hs_resent,
+            previous,
             progress,
             attempts,
             replay,
@@ -52,6 +60,7 @@ impl Hash for Member {
         hash_row(row, state);
         (progress, attempts, replay, last_from, tokens, tokens_at).hash(state);
         (seals, opens).hash(state);
+        (hs_tokens, hs_at, hs_resent, previous).hash(state);
     }
 }
 
@@ -76,8 +85,10 @@ impl Hash for Round {
             first_msg,
             second_msg,
             retries,
+            share,
             restored,
         } = self;
+        share.hash(state);
         (epoch, key, phase, reason, started_at, phase_started).hash(state);
         (stale_from, paused, pauses).hash(state);
         (drain_until, activated_at, waiting, group_sent, next_wave).hash(state);

@@ -9,7 +9,7 @@
 //! the operator that no decision reads (`signature_checks`, `beacon_stats`). Group keys are hashed
 //! by epoch and check value, never by their bytes.
 
-use super::{Joined, NodeMachine};
+use super::{Handshake, Joined, NodeMachine, NodeRatchet};
 use std::hash::{Hash, Hasher};
 
 impl Hash for Joined {
@@ -17,6 +17,27 @@ impl Hash for Joined {
         let Joined { member, controller } = self;
         member.hash(state);
         controller.to_bytes().hash(state);
+    }
+}
+
+impl Hash for NodeRatchet {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        let NodeRatchet { chain, secret } = self;
+        chain.hash(state);
+        secret.hash(state);
+    }
+}
+
+/// The init's bytes (its seed made them), never the seed.
+impl Hash for Handshake {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        let Handshake {
+            seq,
+            seed: _,
+            bytes,
+            sent,
+        } = self;
+        (seq, bytes, sent).hash(state);
     }
 }
 
@@ -51,6 +72,8 @@ impl Hash for NodeMachine {
             beacon_refill,
             beacon_stats: _,
             last_nudge,
+            ratchet,
+            handshake,
             route,
             beacon_join,
             synced_by,
@@ -79,6 +102,9 @@ impl Hash for NodeMachine {
         beacon_tokens.hash(state);
         beacon_refill.hash(state);
         last_nudge.hash(state);
+        // The ratchet by check values; the handshake in flight by its init bytes.
+        ratchet.hash(state);
+        handshake.hash(state);
         route.hash(state);
         beacon_join.hash(state);
         synced_by.hash(state);

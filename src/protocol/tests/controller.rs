@@ -729,23 +729,22 @@ fn data_from_an_unknown_sender_means_the_key_leaked() {
 #[test]
 fn bad_node_messages_are_refused_and_recorded() {
     let mut f = TestFleet::new(1, test_cfg());
-    let keys = NodeKeys::derive(&initial(0));
-    let wrong = NodeKeys::derive(&initial(7));
+    let (keys, share) = f.nodes[0].ratchet_view().unwrap();
+    let wrong = crate::crypto::Chain::for_tests(7);
+    let mut stranger = wire::handshake_init_header(500, &NodeId::parse("stranger").unwrap());
+    stranger.extend_from_slice(&[0u8; 48]);
     let before = f.records.len();
     type Check = fn(&Refusal) -> bool;
     let cases: Vec<(Vec<u8>, Check)> = vec![
         (
-            wire::mac(wire::ack(Step::KeyUpdate, Epoch(2), 500, 1), &wrong),
+            wire::mac(wire::ack(Step::KeyUpdate, Epoch(2), 500, 1, &share), &wrong),
             |r| matches!(r, Refusal::BadMac { member: 1, .. }),
         ),
         (
-            wire::mac(wire::ack(Step::KeyUpdate, Epoch(2), 500, 9), &keys),
+            wire::mac(wire::ack(Step::KeyUpdate, Epoch(2), 500, 9, &share), &keys),
             |r| matches!(r, Refusal::UnknownMember { member: 9, .. }),
         ),
-        (
-            wire::mac(wire::join(500, &NodeId::parse("stranger").unwrap()), &keys),
-            |r| matches!(r, Refusal::UnknownNodeId { .. }),
-        ),
+        (stranger, |r| matches!(r, Refusal::UnknownNodeId { .. })),
         (
             wire::sign(
                 wire::transition(1, Step::FirstTransition, Epoch(2), 1),
@@ -775,7 +774,10 @@ fn bad_node_messages_are_refused_and_recorded() {
         assert!(check(reason), "{reason:?}");
     }
     // A good ack accepted once, then its replay refused.
-    let ack = wire::mac(wire::ack(Step::SecondTransition, Epoch(1), 600, 1), &keys);
+    let ack = wire::mac(
+        wire::ack(Step::SecondTransition, Epoch(1), 600, 1, &share),
+        &keys,
+    );
     f.ctl(ControllerInput::Datagram {
         from: node_addr(0),
         bytes: &ack,
@@ -945,7 +947,6 @@ enum CIn {
 #[test]
 fn every_phase_against_every_input() {
     use RoundPhase::*;
-    let keys = NodeKeys::derive(&initial(1));
     let mut seq = 50_000u64;
     // (phase, input, phase after, datagrams the controller sends)
     #[rustfmt::skip]
@@ -984,13 +985,15 @@ fn every_phase_against_every_input() {
         let r = match input {
             CIn::Rekey => f.ctl(ControllerInput::Rekey),
             CIn::Reply(step, e) => {
-                let b = wire::mac(wire::ack(step, Epoch(e), seq, 2), &keys);
+                let (keys, share) = f.nodes[1].ratchet_view().unwrap();
+                let b = wire::mac(wire::ack(step, Epoch(e), seq, 2, &share), &keys);
                 f.ctl(ControllerInput::Datagram { from, bytes: &b })
             }
             CIn::KeyRequest => {
                 let (e, p) = f.nodes[1].position().unwrap();
+                let (keys, share) = f.nodes[1].ratchet_view().unwrap();
                 let b = wire::mac(
-                    wire::key_request(e, Step::from_progress(p).unwrap(), seq, 2),
+                    wire::key_request(e, Step::from_progress(p).unwrap(), seq, 2, &share),
                     &keys,
                 );
                 f.ctl(ControllerInput::Datagram { from, bytes: &b })
@@ -1026,6 +1029,143 @@ fn every_phase_against_every_input() {
             );
         }
     }
+}
+
+// ------------------------------------------------------- enrollment, ratchet
+
+#[test]
+fn a_pinned_node_id_gets_no_second_handshake_until_the_operator_allows_it() {
+    let mut f = TestFleet::new(2, test_cfg());
+    // node-0 lost its state: a fresh machine with only its label.
+    let id = NodeId::parse("node-0").unwrap();
+    f.nodes[0] = NodeMachine::new(id.clone(), &initial(0), node_cfg());
+    f.node(0, NodeInput::LinkUp);
+    f.pump();
+    assert!(
+        matches!(
+            f.records.last(),
+            Some(Record::Refused {
+                reason: Refusal::Pinned { .. },
+                ..
+            })
+        ),
+        "{:?}",
+        f.records.last()
+    );
+    assert_eq!(f.nodes[0].state(), NodeState::Unjoined);
+    // The operator allows it: one handshake, audited, and node-0 is back.
+    f.ctl(ControllerInput::AllowRejoin {
+        node_id: id.clone(),
+    })
+    .unwrap();
+    assert_eq!(f.count(|r| matches!(r, Record::RejoinAllowed { .. })), 1);
+    f.now = f.now.plus(10_000);
+    f.node(0, NodeInput::Timer(NodeTimer::Sync));
+    f.pump();
+    assert!(f.nodes[0].is_synced(), "{:?}", f.nodes[0].state());
+    assert_eq!(
+        f.count(|r| matches!(r, Record::HandshakeCompleted { rejoin: true, .. })),
+        1
+    );
+    // The window closed with that handshake: another one is refused again.
+    f.nodes[0] = NodeMachine::new(id, &initial(0), node_cfg());
+    f.now = f.now.plus(10_000);
+    f.node(0, NodeInput::LinkUp);
+    f.pump();
+    assert!(matches!(
+        f.records.last(),
+        Some(Record::Refused {
+            reason: Refusal::Pinned { .. },
+            ..
+        })
+    ));
+    // And the rest of the fleet still gets the next key over its ratchet
+    // (whether the round may finish without node-0 is the minimum-reply rule's call).
+    f.ctl(ControllerInput::Rekey).unwrap();
+    f.pump();
+    for _ in 0..10 {
+        f.advance(2000);
+        f.pump();
+    }
+    assert!(
+        f.nodes[1].keyring().and_then(|r| r.key(Epoch(2))).is_some(),
+        "{:?}",
+        f.nodes[1].state()
+    );
+}
+
+#[test]
+fn every_round_moves_each_nodes_chain_and_a_copied_state_heals() {
+    use std::cell::RefCell;
+    use std::rc::Rc;
+    let mut f = TestFleet::new(3, test_cfg());
+    let member = f.nodes[0].member().unwrap();
+    // Everything the controller sends, as a listener records it.
+    let seen: Rc<RefCell<Vec<Vec<u8>>>> = Rc::default();
+    let s2 = seen.clone();
+    f.drop = Box::new(move |_, from, b| {
+        if from == CTL {
+            s2.borrow_mut().push(b.to_vec());
+        }
+        false
+    });
+    let (copy_chain, copy_secret) = f.nodes[0].ratchet_copy().unwrap();
+    let mut views = vec![f.nodes[0].ratchet_view().unwrap()];
+    for e in 2..=4u32 {
+        f.ctl(ControllerInput::Rekey).unwrap();
+        f.pump();
+        f.advance(5000);
+        f.pump();
+        assert_eq!(
+            f.nodes[0].state(),
+            NodeState::UpdateCompleted { current: Epoch(e) }
+        );
+        let v = f.nodes[0].ratchet_view().unwrap();
+        assert!(
+            views.iter().all(|w| w.0 != v.0 && w.1 != v.1),
+            "round {e} moved node 0's chain and share"
+        );
+        views.push(v);
+    }
+    // Walk what was sent with the copy taken at epoch 1 (chain + share secret).
+    let mut chains = vec![copy_chain];
+    let mut opened = Vec::new();
+    for b in seen.borrow().iter() {
+        let offered: Vec<(Epoch, crate::crypto::Share, crate::crypto::WrappedKey)> =
+            match wire::decode(b) {
+                Ok(Message::KeyUpdate(ku)) => ku
+                    .entry_for(member)
+                    .map(|w| vec![(ku.epoch, ku.share, w)])
+                    .unwrap_or_default(),
+                Ok(Message::KeyResponse(r)) if r.member == member => {
+                    let mut v = vec![(r.state.current_epoch, r.share, r.state.current)];
+                    v.extend(r.state.round.map(|x| (x.epoch, r.share, x.wrapped)));
+                    v
+                }
+                _ => vec![],
+            };
+        for (epoch, c, w) in offered {
+            let Some(dh) = copy_secret.dh(&c) else {
+                continue;
+            };
+            let mut reached = Vec::new();
+            for ch in &chains {
+                let step = crate::crypto::Step::derive(ch, &dh, member, &c, &copy_secret.public());
+                if step.unwrap(&w, epoch, member).is_some() {
+                    opened.push(epoch.0);
+                    reached.push(step.chain().clone());
+                }
+            }
+            chains.extend(reached);
+        }
+    }
+    opened.sort_unstable();
+    opened.dedup();
+    assert_eq!(
+        opened,
+        vec![2],
+        "the copy opens the next round's key and nothing after"
+    );
 }
 
 // ------------------------------------------------ a round that reaches too few nodes
@@ -1415,9 +1555,11 @@ fn removing_the_silent_nodes_of_a_paused_round_lets_it_complete() {
     assert_eq!(f.count(|r| matches!(r, Record::NodeStale { .. })), 0);
 }
 
-/// Node `i`'s keys, to build its messages by hand.
-fn keys_of(i: u32) -> NodeKeys {
-    NodeKeys::derive(&initial(i))
+/// Node `i`'s ratchet chain and share, to build its messages by hand.
+fn chain_of(f: &TestFleet, i: usize) -> (crate::crypto::Chain, crate::crypto::Share) {
+    f.nodes[i]
+        .ratchet_view()
+        .expect("the node ran its handshake")
 }
 
 #[test]
@@ -1482,9 +1624,10 @@ fn a_restarted_controller_refuses_replays_and_only_round_replies_move_an_address
     let seen = f.c.snapshot().members[1]
         .seq_seen
         .expect("a number was accepted");
+    let (chain, share) = chain_of(&f, 1);
     let old_ack = wire::mac(
-        wire::ack(Step::SecondTransition, Epoch(2), seen, 2),
-        &keys_of(1),
+        wire::ack(Step::SecondTransition, Epoch(2), seen, 2, &share),
+        &chain,
     );
     // Restore from the snapshot (JSON round trip), as after a restart.
     let json = serde_json::to_string(&f.c.snapshot()).unwrap();
@@ -1512,8 +1655,8 @@ fn a_restarted_controller_refuses_replays_and_only_round_replies_move_an_address
     );
     // A fresh key request from elsewhere is answered there and moves nothing.
     let req = wire::mac(
-        wire::key_request(Epoch(2), Step::SecondTransition, seen + 10, 2),
-        &keys_of(1),
+        wire::key_request(Epoch(2), Step::SecondTransition, seen + 10, 2, &share),
+        &chain,
     );
     f.ctl(ControllerInput::Datagram {
         from: intruder,
@@ -1548,11 +1691,12 @@ fn key_requests_beyond_a_members_budget_are_refused_and_node_rounds_are_spaced()
     let mut f = TestFleet::new(2, cfg);
     f.records.clear();
     let mut seq = 1 << 30;
+    let (chain, share) = chain_of(&f, 0);
     for _ in 0..20 {
         seq += 1;
         let req = wire::mac(
-            wire::key_request(Epoch(1), Step::SecondTransition, seq, 1),
-            &keys_of(0),
+            wire::key_request(Epoch(1), Step::SecondTransition, seq, 1, &share),
+            &chain,
         );
         f.ctl(ControllerInput::Datagram {
             from: node_addr(0),
@@ -1586,7 +1730,7 @@ fn key_requests_beyond_a_members_budget_are_refused_and_node_rounds_are_spaced()
         }];
         let rep = wire::mac(
             wire::usage_report(f.c.current_epoch(), seq, 1, &uses),
-            &keys_of(0),
+            &chain_of(&f, 0).0,
         );
         f.ctl(ControllerInput::Datagram {
             from: node_addr(0),
@@ -1762,6 +1906,179 @@ fn a_node_back_after_a_round_catches_up_from_the_first_beacon() {
     assert!(f.nodes[2].beacon_stats().syncs >= 1);
 }
 
+/// Issue 17 under loss: a node resends the same handshake init until it is
+/// answered, and the controller answers a retry of an init it answered with
+/// the same bytes (no new key agreement, no new chain), at most once per
+/// `HANDSHAKE_RESEND_MS`; after `HANDSHAKE_SENDS` sends of one init the node
+/// starts a fresh handshake, which gets a new answer.
+#[test]
+fn handshake_retries_resend_the_same_init_and_get_the_cached_answer() {
+    let mut rng = rng();
+    let mut out = Vec::new();
+    let cfg = test_cfg();
+    let mut now = Time(0);
+    let mut c = ControllerMachine::new(cfg, now, &mut rng, &mut out);
+    let id = NodeId::parse("node-0").unwrap();
+    c.handle(
+        now,
+        ControllerInput::Enroll {
+            node_id: id.clone(),
+            initial_key: initial(0),
+            addr: node_addr(0),
+        },
+        &mut rng,
+        &mut out,
+    )
+    .unwrap();
+    c.handle(now, ControllerInput::Start, &mut rng, &mut out)
+        .unwrap();
+    let mut node = NodeMachine::new(id, &initial(0), node_cfg());
+    let mut nrng = ChaCha20Rng::seed_from_u64(5);
+    let mut n_out = Vec::new();
+    node.handle(now, NodeInput::LinkUp, &mut nrng, &mut n_out);
+    let first = sent(&n_out);
+    assert_eq!(first.len(), 1, "one handshake init");
+    let ctl_sends = |out: &[ControllerAction]| -> Vec<Vec<u8>> {
+        out.iter()
+            .filter_map(|a| match a {
+                ControllerAction::SendTo { bytes, .. } => Some(bytes.clone()),
+                _ => None,
+            })
+            .collect()
+    };
+    let refusals = |out: &[ControllerAction]| -> Vec<Refusal> {
+        out.iter()
+            .filter_map(|a| match a {
+                ControllerAction::Record(Record::Refused { reason, .. }) => Some(reason.clone()),
+                _ => None,
+            })
+            .collect()
+    };
+    let mut to_ctl = |c: &mut ControllerMachine, now: Time, bytes: &[u8]| {
+        let mut out = Vec::new();
+        let _ = c.handle(
+            now,
+            ControllerInput::Datagram {
+                from: node_addr(0),
+                bytes,
+            },
+            &mut rng,
+            &mut out,
+        );
+        out
+    };
+    // The first answer is lost; every retry is the same init and gets the same answer.
+    let out = to_ctl(&mut c, now, &first[0]);
+    let answers = ctl_sends(&out);
+    assert_eq!(answers.len(), 1, "{out:?}");
+    let chain = c.snapshot().members[0].ratchet.handshake.clone();
+    assert!(chain.is_some());
+    let mut resent = Vec::new();
+    for _ in 1..HANDSHAKE_SENDS {
+        now = now.plus(20_000);
+        n_out.clear();
+        node.handle(
+            now,
+            NodeInput::Timer(NodeTimer::Sync),
+            &mut nrng,
+            &mut n_out,
+        );
+        let again = sent(&n_out);
+        assert_eq!(again, first, "a retry resends the same init");
+        let out = to_ctl(&mut c, now, &again[0]);
+        assert_eq!(ctl_sends(&out), answers, "the cached answer, byte for byte");
+        assert!(
+            !out.iter()
+                .any(|a| matches!(a, ControllerAction::PersistMember(_))),
+            "a resend writes nothing"
+        );
+        // A copy right after: refused without an answer.
+        let out = to_ctl(&mut c, now.plus(1), &again[0]);
+        assert!(ctl_sends(&out).is_empty());
+        assert!(matches!(
+            refusals(&out)[..],
+            [Refusal::DuplicateRequest { .. }]
+        ));
+        resent.push(again);
+    }
+    assert_eq!(
+        c.snapshot().members[0].ratchet.handshake,
+        chain,
+        "no new chain for a retry"
+    );
+    // The node has sent its init HANDSHAKE_SENDS times: the next retry is a
+    // fresh handshake, which gets a new answer (and a new chain).
+    now = now.plus(20_000);
+    n_out.clear();
+    node.handle(
+        now,
+        NodeInput::Timer(NodeTimer::Sync),
+        &mut nrng,
+        &mut n_out,
+    );
+    let fresh = sent(&n_out);
+    assert_eq!(fresh.len(), 1);
+    assert_ne!(fresh, first, "a fresh init after HANDSHAKE_SENDS sends");
+    let out = to_ctl(&mut c, now, &fresh[0]);
+    let fresh_answer = ctl_sends(&out);
+    assert_eq!(fresh_answer.len(), 1);
+    assert_ne!(fresh_answer, answers);
+    // The old answer no longer opens anything at the node; the new one joins it.
+    n_out.clear();
+    node.handle(
+        now,
+        NodeInput::Datagram {
+            from: ctl_addr(),
+            bytes: &answers[0],
+        },
+        &mut nrng,
+        &mut n_out,
+    );
+    assert!(!node.is_synced());
+    // A retransmission of the fresh init, delivered late, gets the fresh
+    // answer again; its answer and the first copy's both join the node.
+    let out = to_ctl(&mut c, now.plus(HANDSHAKE_RESEND_MS), &fresh[0]);
+    assert_eq!(ctl_sends(&out), fresh_answer);
+    n_out.clear();
+    node.handle(
+        now,
+        NodeInput::Datagram {
+            from: ctl_addr(),
+            bytes: &fresh_answer[0],
+        },
+        &mut nrng,
+        &mut n_out,
+    );
+    // It adopts the key, confirms under the new chain and asks once more: the
+    // key response completes its sync. Its first message under the chain
+    // completed the handshake: the cache is dropped and the node id pinned.
+    let mut to_node = Vec::new();
+    for _ in 0..4 {
+        for b in sent(&n_out) {
+            to_node.extend(ctl_sends(&to_ctl(&mut c, now, &b)));
+        }
+        n_out.clear();
+        for b in to_node.drain(..) {
+            node.handle(
+                now,
+                NodeInput::Datagram {
+                    from: ctl_addr(),
+                    bytes: &b,
+                },
+                &mut nrng,
+                &mut n_out,
+            );
+        }
+    }
+    assert!(node.is_synced(), "{:?}", node.state());
+    let row = &c.snapshot().members[0];
+    assert!(row.ratchet.committed.is_some());
+    assert!(row.ratchet.handshake_answer.is_none());
+    let out = to_ctl(&mut c, now.plus(1000), &fresh[0]);
+    assert!(ctl_sends(&out).is_empty());
+    assert!(matches!(refusals(&out)[..], [Refusal::Pinned { .. }]));
+}
+
 /// (distributing, first transition, drain) ms of every finished round.
 fn phase_ms(f: &TestFleet) -> Vec<(u64, u64, u64)> {
     f.records
@@ -1867,7 +2184,6 @@ fn terms(bytes: &[u8]) -> Option<u32> {
         Message::KeyUpdate(k) => Some(k.term),
         Message::Transition(t) => Some(t.term),
         Message::KeyResponse(k) => Some(k.term),
-        Message::JoinAccept(j) => Some(j.term),
         Message::Resync(r) => Some(r.term),
         Message::Beacon(b) => Some(b.term),
         _ => None,

@@ -29,6 +29,8 @@ impl Rig {
     fn input(&mut self, i: NodeInput<'_>) -> Vec<NodeAction> {
         let mut out = Vec::new();
         self.node.handle(self.now, i, &mut self.rng, &mut out);
+        self.ctl.see(&out);
+        self.ctl.view = self.node.ratchet_view();
         out
     }
 
@@ -43,7 +45,7 @@ impl Rig {
     fn at(round: Option<(RoundPhase, u32)>) -> Rig {
         let mut r = Rig::unjoined();
         let out = r.input(NodeInput::LinkUp);
-        assert_eq!(names(&out), vec!["join"]);
+        assert_eq!(names(&out), vec!["handshake init"]);
         let k1 = key(1);
         let rk = round.map(|(p, e)| (p, key(e)));
         let st = r.ctl.state(&k1, rk.as_ref().map(|(p, k)| (*p, k)));
@@ -212,21 +214,22 @@ fn dc_second_before_first_goes_through_in_transit_to_completed() {
 }
 
 #[test]
-fn dc_duplicate_key_update_replies_again_but_a_different_key_is_refused() {
+fn dc_duplicate_key_update_replies_again_and_changes_nothing() {
     let mut r = Rig::dc12();
+    let before = r.node.ratchet_view();
     let ku = r.ctl.key_update(&key(2));
     let out = r.feed(&ku);
     assert_eq!(acks(&out), vec![(Step::KeyUpdate, Epoch(2))]);
     assert!(!persisted(&out), "no state change");
+    // A duplicate takes no ratchet step (the node erased what the first used)
+    // and installs nothing: another key for the same epoch is not taken.
     let other = GroupKey::from_bytes(Epoch(2), [0xee; 32]);
     let ku = r.ctl.key_update(&other);
     r.now = r.now.plus(DUPLICATE_ANSWER_INTERVAL_MS);
     let out = r.feed(&ku);
-    assert_eq!(
-        refusal(&out),
-        Some(Refusal::KeyMismatch { epoch: Epoch(2) })
-    );
+    assert_eq!(acks(&out), vec![(Step::KeyUpdate, Epoch(2))]);
     assert_eq!(r.node.keyring().unwrap().key(Epoch(2)), Some(&key(2)));
+    assert!(r.node.ratchet_view() == before);
 }
 
 #[test]
@@ -340,8 +343,11 @@ fn garbage_and_node_messages_are_refused_without_panic() {
             "{bytes:?}"
         );
     }
-    let keys = NodeKeys::derive(&initial(0));
-    let ack = wire::mac(wire::ack(Step::KeyUpdate, Epoch(1), 5, 1), &keys);
+    let share = ShareSecret::generate(&mut rng()).public();
+    let ack = wire::mac(
+        wire::ack(Step::KeyUpdate, Epoch(1), 5, 1, &share),
+        &r.ctl.chain(),
+    );
     assert!(matches!(
         refusal(&r.feed(&ack)),
         Some(Refusal::Unexpected { role: "node", .. })
@@ -355,7 +361,13 @@ fn a_batch_without_this_nodes_entry_is_skipped_silently() {
     let w = NodeKeys::derive(&initial(5)).wrap(&key(2), 6, &mut rng());
     // Signed with a key the node does not know: it is not even checked.
     let batch = wire::sign(
-        wire::key_update(1, Epoch(2), 99, &[(6, w)]),
+        wire::key_update(
+            1,
+            Epoch(2),
+            99,
+            &ShareSecret::generate(&mut rng()).public(),
+            &[(6, w)],
+        ),
         &ed25519_dalek::SigningKey::from_bytes(&[3; 32]),
     );
     let out = r.feed(&batch);
@@ -367,7 +379,11 @@ fn an_entry_wrapped_under_another_nodes_key_does_not_unwrap() {
     let mut r = Rig::uc1();
     let w = NodeKeys::derive(&initial(5)).wrap(&key(2), 1, &mut rng());
     let seq = r.ctl.seq();
-    let batch = wire::sign(wire::key_update(1, Epoch(2), seq, &[(1, w)]), &r.ctl.sk);
+    let share = ShareSecret::generate(&mut rng()).public();
+    let batch = wire::sign(
+        wire::key_update(1, Epoch(2), seq, &share, &[(1, w)]),
+        &r.ctl.sk,
+    );
     assert_eq!(
         refusal(&r.feed(&batch)),
         Some(Refusal::Unwrap { epoch: Epoch(2) })
@@ -418,7 +434,7 @@ fn unjoined_node_holds_data_refuses_requests_and_joins_on_link_up() {
         Some(Refusal::NotJoined { .. })
     ));
     let out = r.input(NodeInput::LinkUp);
-    assert_eq!(names(&out), vec!["join"]);
+    assert_eq!(names(&out), vec!["handshake init"]);
     assert!(out.iter().any(|a| matches!(
         a,
         NodeAction::ArmTimer {
@@ -426,11 +442,16 @@ fn unjoined_node_holds_data_refuses_requests_and_joins_on_link_up() {
             ..
         }
     )));
-    // A join accept under another node's key is refused.
-    let mut other = FakeController::new(3);
-    other.member = 1;
-    let st = other.state(&key(1), None);
-    let bad = other.join_accept(request_seq(&out), &st);
+    // A controller holding another label cannot even read the node's init:
+    // the PSK authenticates it.
+    let other = FakeController::new(3);
+    let init = sent(&out).remove(0);
+    let Ok(Message::HandshakeInit(h)) = wire::decode(&init) else {
+        panic!("not an init")
+    };
+    assert!(crate::crypto::ratchet::check_init(&other.keys, h.prologue, &h.noise).is_err());
+    // And an answer it makes up does not open at the node.
+    let bad = wire::handshake_answer(request_seq(&out), &[0x42; 32 + 89 + 16]);
     assert!(matches!(
         refusal(&r.feed(&bad)),
         Some(Refusal::BadMac { .. })
@@ -486,7 +507,7 @@ fn sync_timer_retries_only_when_due_and_usage_timer_reports() {
     );
     r.now = due;
     let out = r.input(NodeInput::Timer(NodeTimer::Sync));
-    assert_eq!(names(&out), vec!["join"]);
+    assert_eq!(names(&out), vec!["handshake init"]);
 
     let mut r = Rig::uc1();
     r.input(NodeInput::Send(b"x"));
@@ -711,9 +732,10 @@ fn apply(r: &mut Rig, i: In) -> Vec<NodeAction> {
             r.feed(&b)
         }
         In::NodeMessage => {
+            let share = ShareSecret::generate(&mut rng()).public();
             let b = wire::mac(
-                wire::key_request(Epoch(1), Step::SecondTransition, 9, 1),
-                &NodeKeys::derive(&initial(0)),
+                wire::key_request(Epoch(1), Step::SecondTransition, 9, 1, &share),
+                &r.ctl.chain(),
             );
             r.feed(&b)
         }
@@ -729,10 +751,7 @@ fn apply(r: &mut Rig, i: In) -> Vec<NodeAction> {
         In::Send => r.input(NodeInput::Send(b"app")),
         In::Resync => {
             let seq = r.ctl.seq();
-            let b = wire::mac(
-                wire::resync(r.ctl.term, Epoch(2), seq, r.ctl.member),
-                &r.ctl.keys,
-            );
+            let b = wire::mac(wire::resync(r.ctl.term, Epoch(2), seq, r.ctl.member), &r.ctl.chain());
             r.feed(&b)
         }
     }
@@ -766,7 +785,7 @@ fn every_state_against_every_input() {
         (Unjoined, In::NodeMessage, Unjoined, vec![], Some("unexpected")),
         (Unjoined, In::Garbage, Unjoined, vec![], Some("malformed")),
         (Unjoined, In::Data(1), Unjoined, vec![], Some("not_joined")),
-        (Unjoined, In::LinkUp, Unjoined, vec!["join"], None),
+        (Unjoined, In::LinkUp, Unjoined, vec!["handshake init"], None),
         (Unjoined, In::Send, Unjoined, vec![], None),
         (Unjoined, In::Resync, Unjoined, vec![], Some("not_joined")),
 
@@ -1021,7 +1040,7 @@ fn a_resync_request_older_than_the_answer_that_synced_the_node_asks_nothing() {
     let mut r = Rig::uc1();
     let resync = |r: &Rig, seq: u64| {
         let member = r.ctl.member;
-        wire::mac(wire::resync(r.ctl.term, Epoch(1), seq, member), &r.ctl.keys)
+        wire::mac(wire::resync(r.ctl.term, Epoch(1), seq, member), &r.ctl.chain())
     };
     // The controller asks, and numbers a second resync request it sends before answering.
     let first = r.ctl.seq();
@@ -1031,14 +1050,15 @@ fn a_resync_request_older_than_the_answer_that_synced_the_node_asks_nothing() {
     assert_eq!(names(&out), vec!["key request"]);
     assert!(!r.node.is_synced());
     let late = r.ctl.seq();
-    let late_bytes = resync(&r, late);
     let st = r.ctl.state(&key(1), None);
     let kr = r.ctl.key_response(request_seq(&out), &st);
     let out = r.feed(&kr);
     assert_eq!(refusal(&out), None);
     assert!(r.node.is_synced());
 
-    // The late copy arrives after the answer: nothing to ask.
+    // The late copy arrives after the answer (MAC'd under the chain the
+    // answer's step reached, as after the node's reply): nothing to ask.
+    let late_bytes = resync(&r, late);
     let out = r.feed(&late_bytes);
     assert_eq!(refusal(&out), None);
     assert!(sent(&out).is_empty(), "{:?}", names(&out));

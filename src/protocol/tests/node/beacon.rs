@@ -468,7 +468,7 @@ fn an_unjoined_node_joins_soon_after_a_beacon_and_a_beacon_flood_costs_few_joins
     for _ in 0..6 {
         r.now = due;
         let out = r.input(NodeInput::Timer(NodeTimer::Sync));
-        assert_eq!(names(&out), vec!["join"]);
+        assert_eq!(names(&out), vec!["handshake init"]);
         due = sync_armed(&out).unwrap();
     }
     assert!(due.since(r.now) >= 6000, "backed off: {}", due.since(r.now));
@@ -488,7 +488,10 @@ fn an_unjoined_node_joins_soon_after_a_beacon_and_a_beacon_flood_costs_few_joins
         }
         if r.now >= due {
             let out = r.input(NodeInput::Timer(NodeTimer::Sync));
-            joins += names(&out).iter().filter(|n| **n == "join").count();
+            joins += names(&out)
+                .iter()
+                .filter(|n| **n == "handshake init")
+                .count();
             due = sync_armed(&out).unwrap_or(Time::MAX);
         }
     }

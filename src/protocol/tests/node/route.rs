@@ -48,7 +48,11 @@ impl Rig {
     /// Joined and synced at epoch 1, every answer coming from `from`.
     fn join_from(&mut self, from: SocketAddr) {
         let out = self.input(NodeInput::LinkUp);
-        assert_eq!(dests(&out), vec![("join", group())], "nothing known yet");
+        assert_eq!(
+            dests(&out),
+            vec![("handshake init", group())],
+            "nothing known yet"
+        );
         let st = self.ctl.state(&key(1), None);
         let ja = self.ctl.join_accept(request_seq(&out), &st);
         let out = self.feed_from(from, &ja);
@@ -112,7 +116,8 @@ fn replays_forgeries_and_copies_from_elsewhere_teach_nothing() {
         forger.transition(Step::FirstTransition, 2),
         forger.key_update(&key(3)),
         forger.key_response(asked, &fst),
-        forger.join_accept(asked, &fst),
+        // A handshake answer (a Noise message only the node's ephemeral opens).
+        wire::handshake_answer(asked, &[0x42; 32 + 81 + 16]),
         wire::sign(
             wire::beacon(crate::protocol::TERM, Epoch(2), 5000, None, attacker()),
             &forger.sk,
