@@ -764,11 +764,7 @@ pub fn decode(bytes: &[u8]) -> Result<Message<'_>, WireError> {
             let auth = Maced { body, tag };
             let mut r = Reader { buf: body, pos: 2 };
             // The controller's MAC'd messages carry the leader term; node messages do not.
-            let term = if ty == kind::RESYNC {
-                r.term()?
-            } else {
-                0
-            };
+            let term = if ty == kind::RESYNC { r.term()? } else { 0 };
             let epoch = r.epoch()?;
             let seq = r.u64("sequence number")?;
             let msg = match ty {

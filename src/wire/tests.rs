@@ -395,7 +395,13 @@ fn handshake_messages_refuse_each_field_they_can_get_wrong() {
 fn shares_are_where_the_table_says() {
     // Key update: after epoch and seq; key response: after in_reply_to; replies
     // and key requests: after member (and step).
-    let ku = key_update(1, Epoch(1), 2, &Share([0xaa; 32]), &[(3, WrappedKey([0; 60]))]);
+    let ku = key_update(
+        1,
+        Epoch(1),
+        2,
+        &Share([0xaa; 32]),
+        &[(3, WrappedKey([0; 60]))],
+    );
     assert_eq!(&ku[18..50], &[0xaa; 32]);
     let a = ack(Step::KeyUpdate, Epoch(1), 2, 3, &Share([0xbb; 32]));
     assert_eq!(&a[18..50], &[0xbb; 32]);

@@ -751,7 +751,10 @@ fn apply(r: &mut Rig, i: In) -> Vec<NodeAction> {
         In::Send => r.input(NodeInput::Send(b"app")),
         In::Resync => {
             let seq = r.ctl.seq();
-            let b = wire::mac(wire::resync(r.ctl.term, Epoch(2), seq, r.ctl.member), &r.ctl.chain());
+            let b = wire::mac(
+                wire::resync(r.ctl.term, Epoch(2), seq, r.ctl.member),
+                &r.ctl.chain(),
+            );
             r.feed(&b)
         }
     }
@@ -1040,7 +1043,10 @@ fn a_resync_request_older_than_the_answer_that_synced_the_node_asks_nothing() {
     let mut r = Rig::uc1();
     let resync = |r: &Rig, seq: u64| {
         let member = r.ctl.member;
-        wire::mac(wire::resync(r.ctl.term, Epoch(1), seq, member), &r.ctl.chain())
+        wire::mac(
+            wire::resync(r.ctl.term, Epoch(1), seq, member),
+            &r.ctl.chain(),
+        )
     };
     // The controller asks, and numbers a second resync request it sends before answering.
     let first = r.ctl.seq();
