@@ -316,9 +316,22 @@ fn metrics_of_serve_and_agents_match_status_history_and_the_agents_own_status() 
     // counters may move, never backwards; the key state is settled).
     for (i, n) in f.nodes.iter().enumerate() {
         let a = agent_metrics[i];
-        let before = scrape(a);
-        let s = agent_status(&n.state).unwrap();
-        let after = scrape(a);
+        // A thawed node may still ask the controller once more (a beacon
+        // after its silence, a late resync request): compare at a moment
+        // when it is synced in both scrapes and its status (at most 20 s).
+        let settled = Instant::now() + Duration::from_secs(20);
+        let (before, s, after) = loop {
+            let before = scrape(a);
+            let s = agent_status(&n.state).unwrap();
+            let after = scrape(a);
+            let synced = val(&before, "keyfleet_agent_synced") == 1.0
+                && val(&after, "keyfleet_agent_synced") == 1.0
+                && s["running"]["synced"] == true;
+            if synced || Instant::now() > settled {
+                break (before, s, after);
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        };
         let run = &s["running"];
         eprintln!(
             "{}: epoch {}, {} datagrams in, {} refused, {} delivered, {} sent, {} undecryptable",
