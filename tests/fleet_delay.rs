@@ -5,8 +5,10 @@
 //! 30-40 ms (`--delay-ms 20 --data-delay-ms 35 --delay-jitter-ms 5`: data in
 //! flight longer than control, reordered), applications sending every 20 ms
 //! through every rotation. Every message must reach every other
-//! application, none undecryptable. The same fleet with a fixed 1 ms drain
-//! loses messages: the wait is what keeps them.
+//! application, none undecryptable. The same fleet with a fixed 1 ms drain,
+//! its data held 95-105 ms (well past the second transition request, so the
+//! loss does not hang on one unlucky timing), loses messages: the wait is
+//! what keeps them.
 
 mod fleet_support;
 
@@ -16,20 +18,20 @@ use fleet_support::{agent_status, Fleet, Ledger};
 
 const ROUNDS: usize = 3;
 
-/// Runs `ROUNDS` rekeys under traffic; (undecryptable in the agents,
-/// messages not delivered to some application, drain ms of each round, sent).
-fn rotate_with_delays(tag: u8, cfg: &str) -> (u64, usize, Vec<u64>, usize) {
+/// Runs `ROUNDS` rekeys under traffic, received data held `data_delay_ms`
+/// (± 5); (undecryptable in the agents, messages not delivered to some
+/// application, drain ms of each round, sent).
+fn rotate_with_delays(tag: u8, cfg: &str, data_delay_ms: u32) -> (u64, usize, Vec<u64>, usize) {
     let mut f = Fleet::new(tag, 6, cfg);
     for n in &mut f.nodes {
         n.args = [
-            "--delay-ms",
-            "20",
-            "--data-delay-ms",
-            "35",
-            "--delay-jitter-ms",
-            "5",
+            "--delay-ms".to_owned(),
+            "20".to_owned(),
+            "--data-delay-ms".to_owned(),
+            data_delay_ms.to_string(),
+            "--delay-jitter-ms".to_owned(),
+            "5".to_owned(),
         ]
-        .map(String::from)
         .to_vec();
     }
     let (_serve, _agents) = f.up(60_000);
@@ -71,7 +73,7 @@ fn rotate_with_delays(tag: u8, cfg: &str) -> (u64, usize, Vec<u64>, usize) {
 
 #[test]
 fn data_delayed_more_than_control_stays_readable_with_the_measured_drain() {
-    let (undecryptable, missing, drains, sent) = rotate_with_delays(71, "");
+    let (undecryptable, missing, drains, sent) = rotate_with_delays(71, "", 35);
     println!(
         "measured drain: {ROUNDS} rounds, drains {drains:?} ms, {sent} messages sent, \
          {missing} deliveries missing, {undecryptable} undecryptable"
@@ -82,7 +84,7 @@ fn data_delayed_more_than_control_stays_readable_with_the_measured_drain() {
     assert!(drains.iter().all(|d| *d >= 30), "{drains:?}");
 
     let (undecryptable, missing, drains, sent) =
-        rotate_with_delays(72, "[round]\ndrain_grace_ms = 1\n");
+        rotate_with_delays(72, "[round]\ndrain_grace_ms = 1\n", 100);
     println!(
         "fixed 1 ms drain: {ROUNDS} rounds, drains {drains:?} ms, {sent} messages sent, \
          {missing} deliveries missing, {undecryptable} undecryptable"
