@@ -216,13 +216,16 @@ async fn agent_status(
     result
 }
 
-/// An application on one agent: registers for delivered messages, sends one
-/// message every `interval` while `sending`, counts everything until `stop`.
+/// An application on one agent: registers for delivered messages (says so on
+/// `registered` once the agent confirmed), sends one message every `interval`
+/// while `sending`, counts everything until `stop`.
+#[allow(clippy::too_many_arguments)]
 async fn app_client(
     me: PathBuf,
     agent_state: PathBuf,
     name: String,
     interval: Duration,
+    registered: tokio::sync::mpsc::Sender<()>,
     sending: tokio::sync::watch::Receiver<bool>,
     mut stop: tokio::sync::watch::Receiver<bool>,
     counts: Arc<Mutex<Counts>>,
@@ -233,10 +236,28 @@ async fn app_client(
     sock.send_to(b"R", &agent)
         .await
         .with_context(|| format!("registering with {}", agent.display()))?;
+    let mut buf = vec![0u8; 65_536];
+    // Nothing is sent before every client is registered, so nothing is lost here.
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let n = sock.recv(&mut buf).await?;
+            if buf.get(..n).and_then(|b| b.first()) == Some(&b'R') {
+                return std::io::Result::Ok(());
+            }
+        }
+    })
+    .await
+    .map_err(|_| {
+        anyhow::anyhow!(
+            "{} did not confirm the registration within 10 s",
+            agent.display()
+        )
+    })?
+    .with_context(|| format!("registering with {}", agent.display()))?;
+    let _ = registered.send(()).await;
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut n = 0u64;
-    let mut buf = vec![0u8; 65_536];
     loop {
         tokio::select! {
             _ = stop.changed() => break,
@@ -458,8 +479,11 @@ fn run_in(
 
         // The applications: one client per agent.
         let counts = Arc::new(Mutex::new(Counts::default()));
-        let (sending_tx, sending) = tokio::sync::watch::channel(true);
+        // Sending starts once every client is registered: a message sent
+        // earlier would miss the applications not registered yet.
+        let (sending_tx, sending) = tokio::sync::watch::channel(false);
         let (stop_tx, stop) = tokio::sync::watch::channel(false);
+        let (registered_tx, mut registered) = tokio::sync::mpsc::channel(nodes.len().max(1));
         let mut tasks = Vec::new();
         for (id, state, _, _) in &nodes {
             tasks.push(tokio::spawn(app_client(
@@ -467,11 +491,20 @@ fn run_in(
                 state.clone(),
                 id.clone(),
                 Duration::from_millis(a.interval_ms.max(10)),
+                registered_tx.clone(),
                 sending.clone(),
                 stop.clone(),
                 counts.clone(),
             )));
         }
+        drop(registered_tx);
+        for _ in 0..nodes.len() {
+            if registered.recv().await.is_none() {
+                // A client failed: its task's error is reported below.
+                break;
+            }
+        }
+        let _ = sending_tx.send(true);
         say(format!(
             "  applications: each agent sends a group message every {} ms through its socket",
             a.interval_ms
@@ -560,7 +593,10 @@ fn run_in(
         && rounds
             .iter()
             .all(|r| r["acked"] == r["nodes"] && r["stale"] == 0);
-    let ok = all_acked && undecryptable == 0 && messages.received > 0;
+    // Lossless: every message sent reached every other application.
+    let every_copy = messages.sent * u64::from(a.agents.saturating_sub(1));
+    let ok =
+        all_acked && undecryptable == 0 && messages.received > 0 && messages.received == every_copy;
     if a.json {
         let r = Report {
             dir: dir.display().to_string(),
@@ -587,6 +623,22 @@ fn run_in(
             a.agents - 1,
             undecryptable
         );
+    }
+    if !ok {
+        let mut why = Vec::new();
+        if !all_acked {
+            why.push("a rotation was not acknowledged by every agent".to_owned());
+        }
+        if undecryptable > 0 {
+            why.push(format!("{undecryptable} messages could not be opened"));
+        }
+        if messages.received != every_copy {
+            why.push(format!(
+                "{} of {every_copy} copies of the messages reached an application",
+                messages.received
+            ));
+        }
+        eprintln!("keyfleet demo failed: {}", why.join("; "));
     }
     drop(procs);
     Ok(if ok {
