@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::net::{DEFAULT_GROUP, DEFAULT_IFACE};
-use crate::protocol::{ControllerConfig, TriggerConfig};
+use keyfleet_core::protocol::{ControllerConfig, TriggerConfig};
 
 /// The controller's unicast port unless told otherwise (the port the agents'
 /// `NodeConfig::controller` names by default).
@@ -284,7 +284,7 @@ impl Default for BeaconConfig {
 ///
 /// The first refusal of a kind from a source address in a window is written
 /// in full; the rest are counted and summarized in one row when the window
-/// closes (see [`crate::ratecount`]), so a flood cannot fill the disk.
+/// closes (see [`keyfleet_core::ratecount`]), so a flood cannot fill the disk.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AuditConfig {
@@ -299,8 +299,8 @@ pub struct AuditConfig {
 impl Default for AuditConfig {
     fn default() -> Self {
         AuditConfig {
-            refusal_window_ms: crate::ratecount::DEFAULT_WINDOW_MS,
-            refusal_max_sources: crate::ratecount::DEFAULT_MAX_SOURCES,
+            refusal_window_ms: keyfleet_core::ratecount::DEFAULT_WINDOW_MS,
+            refusal_max_sources: keyfleet_core::ratecount::DEFAULT_MAX_SOURCES,
         }
     }
 }

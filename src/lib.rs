@@ -1,63 +1,17 @@
-//! keyfleet keeps one shared group key fresh across a fleet of appliances.
+//! keyfleet's shells: everything that moves bytes, time and state around the
+//! pure core in [`keyfleet_core`] (the protocol machines, wire format, keys and
+//! simulator, which do no I/O).
 //!
-//! The protocol core (`protocol`, `crypto`, `wire`, `sim`) is pure: state
-//! machines take an event and the current time and return actions. The shells
-//! (the simulator, the UDP driver, the binaries) move bytes and time in and out.
+//! - [`controller`]: the controller's shell: state directory, management
+//!   table, `serve`, the one-shot round, the control socket.
+//! - [`agent`]: the node agent's shell around `NodeMachine`.
+//! - [`net`]: UDP multicast and unicast sockets and timers (tokio).
+//! - [`store`]: the management table on SQLite or PostgreSQL.
+//! - [`udpsim`]: the simulator's scenario over real UDP sockets.
 //!
-//! - [`protocol`]: [`protocol::NodeMachine`] (the three node states) and
-//!   [`protocol::ControllerMachine`] (the three-phase rekey round, triggers,
-//!   key requests). Input + `now` + CSPRNG in, actions out.
-//! - [`crypto`]: group keys by epoch, the keyring, the per-node HKDF key wrap.
-//! - [`wire`]: the versioned binary encoding of every message.
-//! - [`sim`]: the deterministic fleet simulator behind `keyfleet sim`.
-//!
-//! A shell in a few lines — one controller, one node, datagrams carried by hand:
-//!
-//! ```
-//! use keyfleet::crypto::InitialKey;
-//! use keyfleet::protocol::*;
-//! use keyfleet::wire::NodeId;
-//! use rand::rngs::OsRng;
-//!
-//! let (ctl_addr, node_addr) = ("192.0.2.1:47800".parse()?, "192.0.2.7:47801".parse()?);
-//! let (mut to_ctl, mut to_node) = (Vec::new(), Vec::new());
-//! let mut c_out = Vec::new();
-//! let mut ctl = ControllerMachine::new(ControllerConfig::default(), Time(0), &mut OsRng, &mut c_out);
-//! let id = NodeId::parse("pump-7")?;
-//! let key = InitialKey([0x42; 16]);
-//! ctl.handle(Time(0), ControllerInput::Enroll { node_id: id.clone(), initial_key: key.clone(), addr: node_addr }, &mut OsRng, &mut c_out)?;
-//! let mut node = NodeMachine::new(id, &key, NodeConfig { controller: ctl_addr, ..NodeConfig::default() });
-//! let mut n_out = Vec::new();
-//! node.handle(Time(0), NodeInput::LinkUp, &mut OsRng, &mut n_out);
-//! for _ in 0..4 {
-//!     for a in n_out.drain(..) {
-//!         if let NodeAction::SendTo { bytes, .. } = a { to_ctl.push(bytes) }
-//!     }
-//!     for b in to_ctl.drain(..) {
-//!         ctl.handle(Time(1), ControllerInput::Datagram { from: node_addr, bytes: &b }, &mut OsRng, &mut c_out)?;
-//!     }
-//!     for a in c_out.drain(..) {
-//!         if let ControllerAction::SendTo { bytes, .. } = a { to_node.push(bytes) }
-//!     }
-//!     for b in to_node.drain(..) {
-//!         node.handle(Time(2), NodeInput::Datagram { from: ctl_addr, bytes: &b }, &mut OsRng, &mut n_out);
-//!     }
-//! }
-//! assert!(node.is_synced());
-//! assert_eq!(node.state(), NodeState::UpdateCompleted { current: ctl.current_epoch() });
-//! # Ok::<(), Box<dyn std::error::Error>>(())
-//! ```
+//! The core in a few lines is in `keyfleet_core`'s crate documentation.
 #![forbid(unsafe_code)]
 
-// The pure core.
-pub mod crypto;
-pub mod protocol;
-/// Rate-counted refusals (pure): a flood becomes a few summary rows and log lines.
-pub mod ratecount;
-pub mod sim;
-pub mod wire;
-
-// The shells' building blocks.
 pub mod agent;
 pub mod config;
 pub mod controller;
@@ -69,5 +23,5 @@ pub mod ops;
 pub mod secrets;
 pub mod statefile;
 pub mod store;
-/// The simulator's scenario over real UDP sockets (a shell around `sim`).
+/// The simulator's scenario over real UDP sockets (a shell around `keyfleet_core::sim`).
 pub mod udpsim;

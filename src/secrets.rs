@@ -2,7 +2,7 @@
 //!
 //! One owner-only file (mode 0600, in a 0700 directory), written atomically
 //! through [`crate::statefile`]. The controller stores its snapshot in it
-//! ([`crate::protocol::ControllerPersist`]): the Ed25519 signing key seed, the
+//! ([`keyfleet_core::protocol::ControllerPersist`]): the Ed25519 signing key seed, the
 //! current group key and the round's new key with their epochs, and, for each
 //! enrolled node, its key-encryption key and MAC key (both HKDF outputs of its
 //! initial key) with the highest sequence number accepted from it. Initial

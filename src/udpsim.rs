@@ -44,9 +44,9 @@
 //!   data samples and each receiver's loss stream.
 
 use crate::net::{socket, Loss, NetError};
-use crate::protocol::Time;
-use crate::sim::net::{Arrival, NetStats, Peer, Traffic, Transport};
-use crate::sim::{SimConfig, SimReport};
+use keyfleet_core::protocol::Time;
+use keyfleet_core::sim::net::{Arrival, NetStats, Peer, Traffic, Transport};
+use keyfleet_core::sim::{SimConfig, SimReport};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
@@ -154,7 +154,7 @@ pub struct UdpReport {
     pub sim: SimReport,
     pub transport: &'static str,
     /// Real milliseconds per round (the same numbers as `virtual_ms_per_round`).
-    pub real_ms_per_round: crate::sim::Spread,
+    pub real_ms_per_round: keyfleet_core::sim::Spread,
     /// Completed rounds per second of real time from the first rekey to the end
     /// (500 ms gaps between rounds included).
     pub rounds_per_s: f64,
@@ -471,7 +471,7 @@ impl UdpNet {
     }
 }
 
-/// Read access to a [`UdpNet`]'s counters after [`crate::sim::run_on`] consumed it.
+/// Read access to a [`UdpNet`]'s counters after [`keyfleet_core::sim::run_on`] consumed it.
 pub struct UdpHandle {
     extras: Rc<RefCell<UdpExtras>>,
     foreign: Arc<std::sync::atomic::AtomicU64>,
@@ -626,7 +626,7 @@ pub fn run(cfg: &SimConfig, udp: &UdpConfig) -> Result<UdpReport, UdpSimError> {
         cfg.max_virtual_ms = cfg.deadline();
     }
     let agents = cfg.agents;
-    let sim = crate::sim::run_on(cfg, net);
+    let sim = keyfleet_core::sim::run_on(cfg, net);
     let (peak, _) = memory();
     let mut udp_extras = handle.extras();
     udp_extras.kernel_rcvbuf_errors = udp_rcvbuf_errors().saturating_sub(rcvbuf_before);

@@ -16,9 +16,9 @@ mod support;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
 use std::time::{Duration, Instant};
 
-use keyfleet::crypto::{Chain, Epoch, GroupKey, Share, ShareSecret};
-use keyfleet::protocol::{NodeConfig, NodeMachine, NodePersist};
-use keyfleet::wire::{self, Message, Step};
+use keyfleet_core::crypto::{Chain, Epoch, GroupKey, Share, ShareSecret};
+use keyfleet_core::protocol::{NodeConfig, NodeMachine, NodePersist};
+use keyfleet_core::wire::{self, Message, Step};
 use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 use serde_json::Value;
@@ -527,7 +527,8 @@ fn replayed_requests_are_answered_at_most_once_per_interval_and_write_nothing() 
         .map(|(a, b)| a.saturating_sub(*b))
         .collect();
     let elapsed_ms = (flood.elapsed + flood_old.elapsed).as_millis() as u64 + 500;
-    let bound = AGENTS as u64 * (elapsed_ms / keyfleet::protocol::DUPLICATE_ANSWER_INTERVAL_MS + 2);
+    let bound =
+        AGENTS as u64 * (elapsed_ms / keyfleet_core::protocol::DUPLICATE_ANSWER_INTERVAL_MS + 2);
     eprintln!(
         "{} copies of the second transition request in {:?} and {} older requests in {:?}: {answered} replies reached the controller (bound {bound}); state writes per agent {writes:?}",
         flood.sent, flood.elapsed, flood_old.sent, flood_old.elapsed
@@ -600,8 +601,9 @@ fn forged_signatures_cost_a_node_a_bounded_number_of_checks() {
         .map(|(p, c)| cpu_ticks(*p).saturating_sub(*c) * 10)
         .collect();
     let ms = flood.elapsed.as_millis() as u64 + took.as_millis() as u64;
-    let bound =
-        u64::from(keyfleet::protocol::VERIFY_BURST) + ms / keyfleet::protocol::VERIFY_EVERY_MS + 20;
+    let bound = u64::from(keyfleet_core::protocol::VERIFY_BURST)
+        + ms / keyfleet_core::protocol::VERIFY_EVERY_MS
+        + 20;
     for i in 0..AGENTS {
         let n = after[i].saturating_sub(checks[i]);
         eprintln!(
@@ -750,7 +752,7 @@ fn a_stolen_nodes_keys_cost_the_controller_a_bounded_amount_of_work() {
                 Epoch(epoch),
                 seq,
                 m0,
-                &[keyfleet::crypto::KeyUse {
+                &[keyfleet_core::crypto::KeyUse {
                     epoch: Epoch(epoch),
                     seals: 1_000_000 * k,
                     opens: 1_000_000 * k,

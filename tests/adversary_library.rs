@@ -14,13 +14,13 @@ mod support;
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 
-use keyfleet::crypto::{CheckValue, Epoch, InitialKey};
-use keyfleet::protocol::{
+use keyfleet_core::crypto::{CheckValue, Epoch, InitialKey};
+use keyfleet_core::protocol::{
     ControllerAction, ControllerConfig, ControllerInput, ControllerMachine, ControllerTimer,
     MemberStatus, NodeAction, NodeConfig, NodeEvent, NodeInput, NodeMachine, NodePersist,
     NodeState, NodeTimer, Record, Refusal, Time, TriggerReason,
 };
-use keyfleet::wire::NodeId;
+use keyfleet_core::wire::NodeId;
 use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 use support::adversary::{forge, kind, kinds, Attack};

@@ -16,9 +16,9 @@ mod support;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use keyfleet::crypto::Epoch;
-use keyfleet::protocol::{NodeConfig, NodeMachine, NodePersist};
-use keyfleet::wire::NodeId;
+use keyfleet_core::crypto::Epoch;
+use keyfleet_core::protocol::{NodeConfig, NodeMachine, NodePersist};
+use keyfleet_core::wire::NodeId;
 use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 use serde_json::Value;
@@ -686,9 +686,8 @@ fn a_flood_of_refused_datagrams_costs_a_few_audit_rows_and_log_lines() {
     f.start_serve();
 
     // Genuine events after the flood are recorded as always.
-    let key = keyfleet_drivers::label::hex_form(&keyfleet_drivers::label::InitialKey::from_bytes(
-        [0x5a; 16],
-    ));
+    let key =
+        keyfleet_core::label::hex_form(&keyfleet_core::label::InitialKey::from_bytes([0x5a; 16]));
     f.json(&[
         "enroll",
         "--node-id",

@@ -162,7 +162,7 @@ fn recv_times_out_with_exit_3_and_send_without_agent_fails() {
 /// (SPEC §3): more than 20 encryptions under the key start a round.
 #[test]
 fn usage_reports_drive_the_encryption_count_trigger() {
-    use keyfleet::protocol::{TriggerConfig, TriggerReason};
+    use keyfleet_core::protocol::{TriggerConfig, TriggerReason};
     let dir = tempfile::tempdir().unwrap();
     let group = unique_group();
     let triggers = TriggerConfig {

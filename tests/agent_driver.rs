@@ -12,9 +12,9 @@ use std::time::Duration;
 use agent_support::*;
 use keyfleet::agent::{AgentError, DriverEvent, MemoryPersister, NodeDriver, Persister};
 use keyfleet::net::{Clock, NetConfig, Transport};
-use keyfleet::protocol::{NodeConfig, NodeMachine, NodePersist, NodeState, Record};
 use keyfleet::statefile::StateFileError;
-use keyfleet::wire::{NodeId, RoundPhase, Step};
+use keyfleet_core::protocol::{NodeConfig, NodeMachine, NodePersist, NodeState, Record};
+use keyfleet_core::wire::{NodeId, RoundPhase, Step};
 
 const T: Duration = Duration::from_secs(20);
 
@@ -56,7 +56,7 @@ fn synced_uc(d: &NodeDriver, epoch: u32) -> bool {
     d.machine().is_synced()
         && d.machine().state()
             == NodeState::UpdateCompleted {
-                current: keyfleet::crypto::Epoch(epoch),
+                current: keyfleet_core::crypto::Epoch(epoch),
             }
 }
 
@@ -100,7 +100,7 @@ async fn two_drivers_in_one_process_exchange_data() {
         v.members.len() == 2
             && v.members
                 .iter()
-                .all(|m| m.2 == keyfleet::protocol::MemberStatus::Active)
+                .all(|m| m.2 == keyfleet_core::protocol::MemberStatus::Active)
     });
     let outcome = a.send(b"from a").await.unwrap();
     assert_eq!(outcome, keyfleet::agent::app::SendOutcome::Sent);
@@ -163,7 +163,7 @@ async fn nothing_is_sent_after_a_persist_that_failed() {
     ctl.wait(T, "active", |v| {
         v.members
             .iter()
-            .all(|m| m.2 == keyfleet::protocol::MemberStatus::Active)
+            .all(|m| m.2 == keyfleet_core::protocol::MemberStatus::Active)
     });
 
     // The disk fills up; a rekey's key update must be persisted before the

@@ -7,7 +7,7 @@ mod agent_support;
 use std::time::{Duration, Instant};
 
 use agent_support::*;
-use keyfleet::protocol::MemberStatus;
+use keyfleet_core::protocol::MemberStatus;
 
 const N: usize = 50;
 
@@ -62,7 +62,7 @@ fn fifty_agents_rotate_with_every_ack_and_none_stale() {
         .records
         .iter()
         .find_map(|r| match r {
-            keyfleet::protocol::Record::RoundFinished { phases_ms, .. } => Some(*phases_ms),
+            keyfleet_core::protocol::Record::RoundFinished { phases_ms, .. } => Some(*phases_ms),
             _ => None,
         });
     eprintln!(

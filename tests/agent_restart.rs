@@ -6,7 +6,7 @@ mod agent_support;
 use std::time::Duration;
 
 use agent_support::*;
-use keyfleet::wire::RoundPhase;
+use keyfleet_core::wire::RoundPhase;
 
 const T: Duration = Duration::from_secs(20);
 

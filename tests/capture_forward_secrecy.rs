@@ -28,9 +28,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use fleet_support::*;
-use keyfleet::crypto::ratchet::Initiator;
-use keyfleet::crypto::{Chain, Epoch, InitialKey, NodeKeys, Share, ShareSecret, Step};
-use keyfleet::wire::{self, Message};
+use keyfleet_core::crypto::ratchet::Initiator;
+use keyfleet_core::crypto::{Chain, Epoch, InitialKey, NodeKeys, Share, ShareSecret, Step};
+use keyfleet_core::wire::{self, Message};
 
 /// Every UDP payload on the host to or from `ports`, deduplicated (loopback
 /// shows each frame twice: outgoing and incoming), in capture order.
@@ -117,7 +117,7 @@ fn initial_key(form: &str) -> InitialKey {
 fn wrapped_for(
     capture: &[Vec<u8>],
     member: u32,
-) -> Vec<(Epoch, Share, keyfleet::crypto::WrappedKey)> {
+) -> Vec<(Epoch, Share, keyfleet_core::crypto::WrappedKey)> {
     let mut out = Vec::new();
     for d in capture {
         match wire::decode(d) {
@@ -174,9 +174,11 @@ fn a_capture_opens_nothing_under_the_label_and_a_stolen_state_heals() {
     let captured_now = capture_snapshot(&capture);
     let replay_chain = captured_now.iter().find_map(|d| match wire::decode(d) {
         Ok(Message::HandshakeInit(h)) if h.node_id == node_id => {
-            keyfleet::crypto::ratchet::respond(&keys, h.prologue, &h.noise, b"", member, &mut rng)
-                .ok()
-                .map(|(_, c)| c)
+            keyfleet_core::crypto::ratchet::respond(
+                &keys, h.prologue, &h.noise, b"", member, &mut rng,
+            )
+            .ok()
+            .map(|(_, c)| c)
         }
         _ => None,
     });

@@ -36,7 +36,7 @@ fn bare(home: &Path, args: &[&str]) -> Command {
 }
 
 fn hex_form(byte: u8) -> String {
-    keyfleet_drivers::label::hex_form(&keyfleet_drivers::label::InitialKey::from_bytes([byte; 16]))
+    keyfleet_core::label::hex_form(&keyfleet_core::label::InitialKey::from_bytes([byte; 16]))
 }
 
 // ----- item 2: configuration discovery -----

@@ -11,7 +11,7 @@ mod testpg;
 mod wiretap;
 
 use controller_support::*;
-use keyfleet::wire::{self, Message};
+use keyfleet_core::wire::{self, Message};
 use std::time::{Duration, Instant};
 
 /// The leader term of a controller message.

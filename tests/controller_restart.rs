@@ -159,7 +159,7 @@ fn kill_9_of_a_rekey_without_serve_and_rekey_again_finishes_that_round_then_its_
         specs.iter().all(|s| {
             matches!(
                 shells.state(&s.id),
-                Some(keyfleet::protocol::NodeState::InTransit { .. })
+                Some(keyfleet_core::protocol::NodeState::InTransit { .. })
             )
         })
     });

@@ -3,7 +3,7 @@
 mod controller_support;
 
 use controller_support::*;
-use keyfleet::protocol::NodeState;
+use keyfleet_core::protocol::NodeState;
 
 const FAST: &str = "[round]\ndrain_grace_ms = 300\nretry_initial_ms = 100\nretry_max_ms = 800\nstale_after_ms = 8000\n[rekey]\njoin_wait_ms = 8000\nlinger_ms = 300\n";
 
@@ -128,7 +128,7 @@ fn enroll_and_rotate_without_and_with_serve_then_remove_one() {
     assert_eq!(
         shells.state(gone),
         Some(NodeState::UpdateCompleted {
-            current: keyfleet::crypto::Epoch(3)
+            current: keyfleet_core::crypto::Epoch(3)
         }),
         "the removed node never got the new key"
     );
@@ -313,7 +313,7 @@ fn data_from_a_sender_not_in_the_table_makes_serve_rekey_without_it() {
     assert_eq!(
         shells.state(&specs[2].id),
         Some(NodeState::UpdateCompleted {
-            current: keyfleet::crypto::Epoch(1)
+            current: keyfleet_core::crypto::Epoch(1)
         })
     );
 }
@@ -395,9 +395,9 @@ fn enroll_from_a_key_source_takes_the_node_id_from_the_label() {
     ]);
     assert_eq!(r["node_id"], "boiler-3");
     // What was typed (with a Backspace) is the key on the label.
-    let label = keyfleet_drivers::label::parse("KF1:boiler-3:0CFC33D6D50E086C99BCAD0E073C4BC65696")
-        .unwrap();
-    let fp = keyfleet::crypto::InitialKey(*label.key.as_bytes()).fingerprint();
+    let label =
+        keyfleet_core::label::parse("KF1:boiler-3:0CFC33D6D50E086C99BCAD0E073C4BC65696").unwrap();
+    let fp = label.key.fingerprint();
     assert_eq!(r["fingerprint"], fp.as_str());
     let st = ctl.json(&["status", "--json"]);
     assert_eq!(st["nodes"][0]["key_check"], fp.as_str());

@@ -12,11 +12,11 @@ use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::Path;
 
 use base64::Engine;
-use keyfleet::crypto::{Epoch, GroupKey, InitialKey, Keyring, NodeKeys};
-use keyfleet::protocol::{
+use keyfleet_core::crypto::{Epoch, GroupKey, InitialKey, Keyring, NodeKeys};
+use keyfleet_core::protocol::{
     ControllerConfig, ControllerInput, ControllerMachine, NodeConfig, NodeInput, NodeMachine, Time,
 };
-use keyfleet::wire::NodeId;
+use keyfleet_core::wire::NodeId;
 use rand::rngs::OsRng;
 
 /// Every spelling of some keys that a leak could take.
@@ -175,11 +175,11 @@ fn debug_of_key_types_prints_no_key_material() {
     });
     needles.add("secrets signing seed", &secrets.signing_seed);
 
-    let label_key = keyfleet_drivers::label::InitialKey::from_bytes(initial.0);
+    let label_key = keyfleet_core::label::InitialKey::from_bytes(initial.0);
     // The ratchet's secrets: a chain, a step, a share secret.
-    let secret = keyfleet::crypto::ShareSecret::generate(&mut OsRng);
-    let peer = keyfleet::crypto::ShareSecret::generate(&mut OsRng).public();
-    let chain = keyfleet::crypto::Chain::from_bytes([0x3c; 32], [0x5d; 32]);
+    let secret = keyfleet_core::crypto::ShareSecret::generate(&mut OsRng);
+    let peer = keyfleet_core::crypto::ShareSecret::generate(&mut OsRng).public();
+    let chain = keyfleet_core::crypto::Chain::from_bytes([0x3c; 32], [0x5d; 32]);
     needles.add("chain key", &[0x3c; 32]);
     needles.add("chain mac key", &[0x5d; 32]);
     {
@@ -187,7 +187,7 @@ fn debug_of_key_types_prints_no_key_material() {
         let b: Vec<u8> = serde_json::from_value(v).unwrap();
         needles.add("share secret", &b);
     }
-    let step = keyfleet::crypto::Step::derive(
+    let step = keyfleet_core::crypto::Step::derive(
         &chain,
         &secret.dh(&peer).unwrap(),
         1,
@@ -478,7 +478,7 @@ fn keys_in_dir(dir: &Path, out: &mut Vec<Vec<u8>>) -> usize {
             "state.json" => keyfleet::statefile::read_json(&p).unwrap(),
             "initial-key" => {
                 let text = std::fs::read_to_string(&p).unwrap();
-                let parsed = keyfleet_drivers::label::parse(text.trim()).unwrap();
+                let parsed = keyfleet_core::label::parse(text.trim()).unwrap();
                 out.push(parsed.key.as_bytes().to_vec());
                 files += 1;
                 None

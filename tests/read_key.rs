@@ -10,8 +10,8 @@ use std::io::{Read, Write};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use keyfleet_core::label::{self, InitialKey, NodeId};
 use keyfleet_drivers::keypad::{self, Button, Rect};
-use keyfleet_drivers::label::{self, InitialKey, NodeId};
 use portable_pty::{native_pty_system, Child, CommandBuilder, MasterPty, PtySize};
 
 const ROWS: u16 = 24;
@@ -196,7 +196,7 @@ fn keypad_takes_the_decimal_form() {
     t.wait_for(" 41 digits ");
     t.click_button(Button::Ok);
     assert_eq!(t.wait(), 0, "screen:\n{}", t.contents());
-    assert_eq!(t.json()["key_check"], key.check());
+    assert_eq!(t.json()["key_check"], key.fingerprint());
 }
 
 #[test]
@@ -218,7 +218,7 @@ fn keypad_timeout_exits_4() {
 
 #[test]
 fn keyboard_prompt_does_not_echo_and_counts() {
-    let id = NodeId::new("pump-07").unwrap();
+    let id = NodeId::parse("pump-07").unwrap();
     let key = InitialKey::from_bytes([0x42; 16]);
     let typed = label::label(&id, &key);
     let mut t = Term::spawn(&["read-key", "--from", "keyboard", "--json"]);
@@ -237,7 +237,7 @@ fn keyboard_prompt_does_not_echo_and_counts() {
     let v = t.json();
     assert_eq!(v["source"], "keyboard");
     assert_eq!(v["node_id"], "pump-07");
-    assert_eq!(v["key_check"], key.check());
+    assert_eq!(v["key_check"], key.fingerprint());
     assert!(!t.raw_text().contains(&label::hex_form(&key)));
 }
 

@@ -2,7 +2,7 @@
 //! backward transition, no undecryptable message between live nodes, and
 //! convergence whenever no node went stale.
 
-use keyfleet::sim::{run, SimConfig};
+use keyfleet_core::sim::{run, SimConfig};
 use proptest::prelude::*;
 
 fn schedule() -> impl Strategy<Value = SimConfig> {

@@ -12,7 +12,7 @@
 //! - on thousands of mutated datagrams (every truncation, random bytes, other
 //!   type codes, trailing bytes) built from the library's own encoders: no Lua
 //!   error, and the dissector's verdict and message agree with
-//!   `keyfleet::wire::decode` on every one, for the port and the heuristic
+//!   `keyfleet_core::wire::decode` on every one, for the port and the heuristic
 //!   dissector alike.
 //!
 //! Skipped, saying so, when tshark is not installed, unless
@@ -23,8 +23,8 @@ mod fleet_support;
 mod tshark;
 
 use fleet_support::{agent_status, Chatter, Fleet};
-use keyfleet::crypto::{Epoch, KeyUse, Share, WrappedKey, WRAPPED_LEN};
-use keyfleet::wire::{self, KeyState, NodeId, RoundPhase, RoundState, Step, WireError};
+use keyfleet_core::crypto::{Epoch, KeyUse, Share, WrappedKey, WRAPPED_LEN};
+use keyfleet_core::wire::{self, KeyState, NodeId, RoundPhase, RoundState, Step, WireError};
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet, HashMap};

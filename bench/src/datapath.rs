@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 use aes_gcm::aead::{Aead, Payload};
 use aes_gcm::{Aes256Gcm, KeyInit};
 use anyhow::{bail, ensure, Context};
-use keyfleet::crypto::{Epoch, GroupKey, KeyPhase, Keyring, NONCE_LEN};
-use keyfleet::wire;
+use keyfleet_core::crypto::{Epoch, GroupKey, KeyPhase, Keyring, NONCE_LEN};
+use keyfleet_core::wire;
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
 

@@ -15,12 +15,12 @@ use std::path::Path;
 use std::process::Command;
 
 use anyhow::{bail, Context};
-use keyfleet::crypto::InitialKey;
-use keyfleet::protocol::{
+use keyfleet_core::crypto::InitialKey;
+use keyfleet_core::protocol::{
     ControllerAction, ControllerConfig, ControllerInput, ControllerMachine, ControllerTimer,
     NodeAction, NodeConfig, NodeInput, NodeMachine, NodeState, Time,
 };
-use keyfleet::wire::NodeId;
+use keyfleet_core::wire::NodeId;
 use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 use serde::{Deserialize, Serialize};

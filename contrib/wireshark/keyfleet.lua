@@ -1,6 +1,6 @@
 -- keyfleet.lua: a Wireshark dissector for keyfleet's wire format (version 2).
 --
--- Every message of src/wire/mod.rs (its table is the reference; docs/wire-v2.md
+-- Every message of core/src/wire/mod.rs (its table is the reference; docs/wire-v2.md
 -- assigns the type codes) gets a field for every field on the wire, so that
 -- each can be filtered: keyfleet.type, keyfleet.epoch, keyfleet.seq,
 -- keyfleet.member, keyfleet.phase, keyfleet.entry.member, ... (`tshark -G

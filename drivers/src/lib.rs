@@ -10,7 +10,8 @@
 //! they yield is parsed by [`label::parse`].
 #![forbid(unsafe_code)]
 
-pub mod label;
+/// The label forms (from the core, shared with the controller and the agent).
+pub use keyfleet_core::label;
 pub mod source;
 /// Candidate devices from sysfs for `keyfleet devices`.
 pub mod sysfs;

@@ -36,7 +36,7 @@ fn every_label_fixture_gives_its_expected_answer() {
             exp.get("refused").and_then(|r| r.as_str()),
         ) {
             (Ok(p), None) => {
-                assert_eq!(p.key.check(), exp["key_check"], "{name}");
+                assert_eq!(p.key.fingerprint(), exp["key_check"], "{name}");
                 assert_eq!(
                     p.node_id.as_ref().map(|n| n.as_str()),
                     exp["node_id"].as_str(),

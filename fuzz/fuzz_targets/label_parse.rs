@@ -1,7 +1,7 @@
 //! `label::parse` on any text: it must refuse or accept, never panic, and
 //! what it accepts must re-encode to a form it accepts again with the same key.
 #![no_main]
-use keyfleet_drivers::label;
+use keyfleet_core::label;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -9,7 +9,7 @@
 //! Seeds: the genuine datagrams of a round (`FUZZ_WRITE_SEEDS`).
 #![no_main]
 
-use keyfleet::protocol::{NodeAction, NodeEvent, NodeInput, NodeMachine, Time};
+use keyfleet_core::protocol::{NodeAction, NodeEvent, NodeInput, NodeMachine, Time};
 use keyfleet_fuzz::node::{ctl_addr, joined, rng};
 use keyfleet_fuzz::{genuine_seeds, write_seeds};
 use libfuzzer_sys::fuzz_target;

@@ -4,7 +4,7 @@
 //! bytes), so no two byte strings mean the same message.
 #![no_main]
 
-use keyfleet::wire::{self, Message};
+use keyfleet_core::wire::{self, Message};
 use keyfleet_fuzz::{genuine_seeds, write_seeds};
 use libfuzzer_sys::fuzz_target;
 

@@ -105,12 +105,12 @@ pub fn replay_ir(data: &[u8]) {
 /// second transition request, a beacon of epoch 2 and one of round 2
 /// draining), for seeds and to build on.
 pub mod node {
-    use keyfleet::crypto::InitialKey;
-    use keyfleet::protocol::{
+    use keyfleet_core::crypto::InitialKey;
+    use keyfleet_core::protocol::{
         ControllerAction, ControllerConfig, ControllerInput, ControllerMachine, NodeAction,
         NodeConfig, NodeInput, NodeMachine, Time,
     };
-    use keyfleet::wire::{self, Message, NodeId};
+    use keyfleet_core::wire::{self, Message, NodeId};
     use rand::SeedableRng;
     use rand_chacha::ChaCha20Rng;
     use std::net::SocketAddr;
@@ -272,7 +272,7 @@ pub mod node {
                 cout.clear();
                 let _ = ctl.handle(
                     now.plus(60_000),
-                    ControllerInput::Timer(keyfleet::protocol::ControllerTimer::Round),
+                    ControllerInput::Timer(keyfleet_core::protocol::ControllerTimer::Round),
                     &mut crng,
                     &mut cout,
                 );
@@ -310,7 +310,7 @@ pub mod node {
         let mut out = Vec::new();
         ctl.handle(
             at,
-            ControllerInput::Timer(keyfleet::protocol::ControllerTimer::Beacon),
+            ControllerInput::Timer(keyfleet_core::protocol::ControllerTimer::Beacon),
             rng,
             &mut out,
         )
@@ -368,7 +368,7 @@ mod tests {
         assert!(node.is_synced());
         let names: Vec<_> = round
             .iter()
-            .map(|b| keyfleet::wire::decode(b).map(|m| m.name()).unwrap())
+            .map(|b| keyfleet_core::wire::decode(b).map(|m| m.name()).unwrap())
             .collect();
         assert_eq!(
             names,

@@ -39,14 +39,14 @@
 //! agent's cannot be sent to from another socket: it is served through the
 //! agent's own socket, its backlog retried every [`BACKLOG_RETRY_MS`] ms.)
 
-use crate::protocol::Delivered;
+use keyfleet_core::protocol::Delivered;
 
 /// The socket's file name inside the state directory.
 pub const SOCKET_NAME: &str = "app.sock";
 /// Largest plaintext one `S` message may carry: a sealed data message stays
-/// within the protocol's datagram size ([`crate::wire::MAX_DATAGRAM`], 1200 bytes;
+/// within the protocol's datagram size ([`keyfleet_core::wire::MAX_DATAGRAM`], 1200 bytes;
 /// 47 bytes go to the header, nonce and tag).
-pub const MAX_PLAINTEXT: usize = crate::wire::MAX_DATAGRAM - 47;
+pub const MAX_PLAINTEXT: usize = keyfleet_core::wire::MAX_DATAGRAM - 47;
 /// Most clients registered at once.
 pub const MAX_CLIENTS: usize = 32;
 /// Deliveries kept per client while its socket queue is full, in bytes (each
@@ -236,7 +236,7 @@ pub fn decode_reply(bytes: &[u8]) -> Result<Reply, ReplyError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crypto::Epoch;
+    use keyfleet_core::crypto::Epoch;
 
     #[test]
     fn delivered_round_trip() {
@@ -298,7 +298,10 @@ mod tests {
     #[test]
     fn a_sealed_message_of_max_plaintext_fits_the_datagram_limit() {
         // header (version, kind, hint flag, sender, seq, epoch, nonce) + tag.
-        let header = crate::wire::data_header(1, 1, Some(Epoch(1)), &[0; 12]).len();
-        assert_eq!(header + 16 + MAX_PLAINTEXT, crate::wire::MAX_DATAGRAM);
+        let header = keyfleet_core::wire::data_header(1, 1, Some(Epoch(1)), &[0; 12]).len();
+        assert_eq!(
+            header + 16 + MAX_PLAINTEXT,
+            keyfleet_core::wire::MAX_DATAGRAM
+        );
     }
 }

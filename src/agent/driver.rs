@@ -33,12 +33,12 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 
 use crate::net::{Clock, Datagram, Timers, Transport};
-use crate::protocol::{
+use crate::statefile::StateFileError;
+use keyfleet_core::protocol::{
     Delivered, NodeAction, NodeEvent, NodeInput, NodeMachine, NodePersist, NodeTimer, Refusal, Time,
 };
-use crate::ratecount::{RateCounter, Seen, Summary};
-use crate::statefile::StateFileError;
-use crate::wire::{self, Message};
+use keyfleet_core::ratecount::{RateCounter, Seen, Summary};
+use keyfleet_core::wire::{self, Message};
 
 use super::app::SendOutcome;
 use super::AgentError;
@@ -229,7 +229,7 @@ impl NodeDriver {
     }
 
     /// The refusal counter's books (seen, logged in full, summarized, pending).
-    pub fn refusal_totals(&self) -> crate::ratecount::Totals {
+    pub fn refusal_totals(&self) -> keyfleet_core::ratecount::Totals {
         self.refusals.totals()
     }
 

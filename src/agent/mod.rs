@@ -1,4 +1,4 @@
-//! The node agent's runtime: the tokio shell around [`NodeMachine`](crate::protocol::NodeMachine).
+//! The node agent's runtime: the tokio shell around [`NodeMachine`](keyfleet_core::protocol::NodeMachine).
 //!
 //! Two levels:
 //!

@@ -9,11 +9,11 @@ use std::time::Instant;
 
 use tokio::net::UnixDatagram;
 
-use crate::crypto::InitialKey;
 use crate::net::{Clock, NetConfig, Transport};
-use crate::protocol::{NodeConfig, NodeMachine};
 use crate::statefile;
-use crate::wire::NodeId;
+use keyfleet_core::crypto::InitialKey;
+use keyfleet_core::protocol::{NodeConfig, NodeMachine};
+use keyfleet_core::wire::NodeId;
 
 use super::app::{self, Request, SendOutcome};
 use super::driver::{DriverEvent, NodeDriver};
@@ -128,7 +128,10 @@ pub async fn run_with(
     let mut transport = Transport::bind(&cfg.net, clock)?;
     // The receive delay of tests holds group data longer than control messages.
     transport.set_data_classifier(|b| {
-        matches!(crate::wire::decode(b), Ok(crate::wire::Message::Data(_)))
+        matches!(
+            keyfleet_core::wire::decode(b),
+            Ok(keyfleet_core::wire::Message::Data(_))
+        )
     });
     tracing::info!(
         listen = %transport.local_addr(),
@@ -142,7 +145,7 @@ pub async fn run_with(
         .with_last_sync(last_sync)
         .with_refusal_window(
             cfg.refusal_log_window_ms,
-            crate::ratecount::DEFAULT_MAX_SOURCES,
+            keyfleet_core::ratecount::DEFAULT_MAX_SOURCES,
         );
     // The state file exists from the first start on (and `status` can read it).
     driver.persist_now()?;
@@ -259,7 +262,9 @@ pub async fn run_with(
         for event in driver.take_events() {
             match event {
                 DriverEvent::Delivered(d) => server.deliver(&app::encode_delivered(&d)),
-                DriverEvent::Node(crate::protocol::NodeEvent::Refused { reason, .. }) => {
+                DriverEvent::Node(keyfleet_core::protocol::NodeEvent::Refused {
+                    reason, ..
+                }) => {
                     if let Some(m) = &metrics {
                         m.refusal(reason.kind());
                     }

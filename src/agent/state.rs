@@ -11,9 +11,9 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::crypto::Epoch;
-use crate::protocol::{NodeConfig, NodeMachine, NodePersist, NodeState};
 use crate::statefile::{self, StateFileError};
+use keyfleet_core::crypto::Epoch;
+use keyfleet_core::protocol::{NodeConfig, NodeMachine, NodePersist, NodeState};
 
 use super::AgentError;
 

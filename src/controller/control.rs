@@ -44,7 +44,7 @@ use zeroize::Zeroizing;
 use super::{
     ControllerError, EnrollReport, Progress, Queued, RejoinReport, RemoveReport, RoundReport,
 };
-use crate::crypto::InitialKey;
+use keyfleet_core::crypto::InitialKey;
 
 /// Longest request line accepted.
 const MAX_LINE: usize = 4096;

@@ -31,16 +31,16 @@ use rand::rngs::OsRng;
 use serde::Serialize;
 
 use crate::config::Config;
-use crate::crypto::InitialKey;
 use crate::net::{Clock, NetConfig, NetError, Timers, Transport, DEFAULT_TTL};
-use crate::protocol::{
-    CommandError, ControllerAction, ControllerInput, ControllerMachine, ControllerPersist,
-    ControllerTimer, MemberStatus, PhaseTimes, Record, RestoreError, Time,
-};
 use crate::secrets::{self, Passphrase, SealParams, SecretsError};
 use crate::statefile::{self, StateFileError};
 use crate::store::{LeaseOutcome, Location, Store, StoreError};
-use crate::wire::{NodeId, RoundPhase};
+use keyfleet_core::crypto::InitialKey;
+use keyfleet_core::protocol::{
+    CommandError, ControllerAction, ControllerInput, ControllerMachine, ControllerPersist,
+    ControllerTimer, MemberStatus, PhaseTimes, Record, RestoreError, Time,
+};
+use keyfleet_core::wire::{NodeId, RoundPhase};
 
 use table::Table;
 
@@ -1009,7 +1009,7 @@ impl Controller {
     }
 
     /// Allows a pinned node to run the enrollment handshake again (audited,
-    /// open for [`crate::protocol::REJOIN_WINDOW_MS`]).
+    /// open for [`keyfleet_core::protocol::REJOIN_WINDOW_MS`]).
     pub async fn allow_rejoin(&mut self, node_id: NodeId) -> Result<RejoinReport> {
         self.feed(ControllerInput::AllowRejoin {
             node_id: node_id.clone(),
@@ -1034,7 +1034,7 @@ impl Controller {
     /// fills in what the pause record says).
     fn paused_report(
         &self,
-        epoch: crate::crypto::Epoch,
+        epoch: keyfleet_core::crypto::Epoch,
         phase: RoundPhase,
         now: Time,
     ) -> RoundReport {
@@ -1106,7 +1106,7 @@ impl Controller {
             matches!(
                 a,
                 ControllerAction::Record(Record::TriggerFired {
-                    outcome: crate::protocol::TriggerOutcome::AlreadyQueued,
+                    outcome: keyfleet_core::protocol::TriggerOutcome::AlreadyQueued,
                     ..
                 })
             )
@@ -1352,7 +1352,7 @@ impl Controller {
 
     /// Refusals this controller has seen, written in full, summarized, and
     /// still counted in open windows.
-    pub fn refusal_totals(&self) -> crate::ratecount::Totals {
+    pub fn refusal_totals(&self) -> keyfleet_core::ratecount::Totals {
         self.table.refusals().totals()
     }
 

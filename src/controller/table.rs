@@ -23,13 +23,13 @@
 
 use std::collections::HashMap;
 
-use crate::protocol::{
+use crate::store::{AuditKind, Handout, NodeState, Outcome, Phase, Store, StoreError, Trigger};
+use keyfleet_core::protocol::{
     ControllerMachine, ControllerPersist, MemberStatus, Record, Refusal, ResumeCause,
     TriggerOutcome, TriggerReason,
 };
-use crate::ratecount::{RateCounter, Seen, Source, Summary};
-use crate::store::{AuditKind, Handout, NodeState, Outcome, Phase, Store, StoreError, Trigger};
-use crate::wire::{RoundPhase, Step};
+use keyfleet_core::ratecount::{RateCounter, Seen, Source, Summary};
+use keyfleet_core::wire::{RoundPhase, Step};
 
 type Result<T> = std::result::Result<T, StoreError>;
 
@@ -79,7 +79,7 @@ pub fn pause_text(
     confirmed: u32,
     needed: u32,
     joined: u32,
-    silent: &[crate::wire::NodeId],
+    silent: &[keyfleet_core::wire::NodeId],
 ) -> String {
     let who = if silent.is_empty() {
         String::new()
@@ -582,7 +582,7 @@ impl Table {
 struct Ctx<'a> {
     active: &'a [String],
     member_ids: &'a HashMap<u32, String>,
-    round: Option<(crate::crypto::Epoch, RoundPhase)>,
+    round: Option<(keyfleet_core::crypto::Epoch, RoundPhase)>,
 }
 
 fn write_one(s: &mut Store, rounds: &mut HashMap<u32, i64>, r: &Record, ctx: &Ctx<'_>) {
@@ -840,8 +840,8 @@ fn write_one(s: &mut Store, rounds: &mut HashMap<u32, i64>, r: &Record, ctx: &Ct
         }
         Record::Refused { from, reason, at } => {
             let node = match reason {
-                crate::protocol::Refusal::BadMac { member, .. }
-                | crate::protocol::Refusal::UnknownMember { member, .. } => {
+                keyfleet_core::protocol::Refusal::BadMac { member, .. }
+                | keyfleet_core::protocol::Refusal::UnknownMember { member, .. } => {
                     member_ids.get(member).map(String::as_str)
                 }
                 _ => None,
@@ -947,10 +947,10 @@ fn write_one(s: &mut Store, rounds: &mut HashMap<u32, i64>, r: &Record, ctx: &Ct
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crypto::InitialKey;
-    use crate::protocol::{ControllerAction, ControllerConfig, ControllerInput, Time};
     use crate::store::AuditRecord;
-    use crate::wire::NodeId;
+    use keyfleet_core::crypto::InitialKey;
+    use keyfleet_core::protocol::{ControllerAction, ControllerConfig, ControllerInput, Time};
+    use keyfleet_core::wire::NodeId;
     use rand::rngs::OsRng;
 
     fn records(out: &mut Vec<ControllerAction>) -> Vec<Record> {

@@ -31,8 +31,8 @@ use prometheus_client::registry::{Registry, Unit};
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::protocol::{PhaseTimes, Record, TriggerOutcome, TriggerReason};
-use crate::wire::Step;
+use keyfleet_core::protocol::{PhaseTimes, Record, TriggerOutcome, TriggerReason};
+use keyfleet_core::wire::Step;
 
 pub use http::MetricsServer;
 
@@ -666,8 +666,8 @@ impl AgentMetrics {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crypto::Epoch;
-    use crate::protocol::{Refusal, Time};
+    use keyfleet_core::crypto::Epoch;
+    use keyfleet_core::protocol::{Refusal, Time};
 
     fn sample_line<'a>(text: &'a str, name: &str) -> Option<&'a str> {
         text.lines()
@@ -681,7 +681,7 @@ mod tests {
         let (ex, _rx) = Exporter::new(reg);
         m.record(&Record::RoundFinished {
             epoch: Epoch(7),
-            check: crate::crypto::GroupKey::generate(Epoch(7), &mut rand::rngs::OsRng)
+            check: keyfleet_core::crypto::GroupKey::generate(Epoch(7), &mut rand::rngs::OsRng)
                 .check_value(),
             reason: TriggerReason::Manual,
             started_at: Time(10_000),
@@ -696,13 +696,13 @@ mod tests {
             acked: 4,
             stale: 1,
             enrolled: 5,
-            stale_nodes: vec![crate::wire::NodeId::parse("pump-5").unwrap()],
+            stale_nodes: vec![keyfleet_core::wire::NodeId::parse("pump-5").unwrap()],
             not_joined: Vec::new(),
             pauses: 0,
         });
         m.record(&Record::Refused {
             from: "192.0.2.1:9".parse().unwrap(),
-            reason: Refusal::Malformed(crate::wire::WireError::Truncated {
+            reason: Refusal::Malformed(keyfleet_core::wire::WireError::Truncated {
                 what: "header",
                 need: 4,
                 have: 1,

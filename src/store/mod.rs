@@ -262,7 +262,7 @@ text_enum! {
         Refusal,
         /// Refusals counted instead of written one by one: the rest of a
         /// source's refusals of one kind in one window (detail: source, kind,
-        /// count, first and last time; see [`crate::ratecount::Summary`]).
+        /// count, first and last time; see [`keyfleet_core::ratecount::Summary`]).
         RefusalSummary,
         Enrollment,
         Removal,

@@ -1152,7 +1152,7 @@ impl SqliteEngine {
         )?;
         Ok(LeaseOutcome::Held(LeaseRecord {
             holder: holder.to_owned(),
-            term: crate::protocol::TERM,
+            term: keyfleet_core::protocol::TERM,
             expires_in_ms: None,
         }))
     }

@@ -11,13 +11,13 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use keyfleet::crypto::{Epoch, InitialKey};
 use keyfleet::net::{Clock, NetConfig, Timers, Transport};
-use keyfleet::protocol::{
+use keyfleet_core::crypto::{Epoch, InitialKey};
+use keyfleet_core::protocol::{
     ControllerAction, ControllerConfig, ControllerInput, ControllerMachine, ControllerTimer,
     MemberStatus, Record, Time, TriggerConfig,
 };
-use keyfleet::wire::{NodeId, RoundPhase};
+use keyfleet_core::wire::{NodeId, RoundPhase};
 use rand::rngs::StdRng;
 use rand::{RngCore, SeedableRng};
 use serde_json::Value;
@@ -52,9 +52,8 @@ impl TestKey {
         use std::os::unix::fs::PermissionsExt;
         let mut bytes = [0u8; 16];
         rand::thread_rng().fill_bytes(&mut bytes);
-        let form = keyfleet_drivers::label::hex_form(
-            &keyfleet_drivers::label::InitialKey::from_bytes(bytes),
-        );
+        let form =
+            keyfleet_core::label::hex_form(&keyfleet_core::label::InitialKey::from_bytes(bytes));
         let file = dir.join(format!("{name}.key"));
         std::fs::write(&file, format!("{form}\n")).unwrap();
         std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
@@ -384,7 +383,7 @@ impl TestController {
 
 impl View {
     /// The reasons of the triggers that fired.
-    pub fn triggers(&self) -> Vec<keyfleet::protocol::TriggerReason> {
+    pub fn triggers(&self) -> Vec<keyfleet_core::protocol::TriggerReason> {
         self.records
             .iter()
             .filter_map(|r| match r {

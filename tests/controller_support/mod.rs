@@ -10,12 +10,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
 
-use keyfleet::crypto::InitialKey;
 use keyfleet::net::{Clock, NetConfig, Timers, Transport};
-use keyfleet::protocol::{
+use keyfleet_core::crypto::InitialKey;
+use keyfleet_core::protocol::{
     NodeAction, NodeConfig, NodeInput, NodeMachine, NodeState, NodeTimer, Time,
 };
-use keyfleet::wire::NodeId;
+use keyfleet_core::wire::NodeId;
 use rand::rngs::OsRng;
 use rand::RngCore;
 
@@ -175,9 +175,8 @@ pub fn node_specs(n: usize) -> Vec<NodeSpec> {
         .map(|i| {
             let mut key = [0u8; 16];
             OsRng.fill_bytes(&mut key);
-            let form = keyfleet_drivers::label::hex_form(
-                &keyfleet_drivers::label::InitialKey::from_bytes(key),
-            );
+            let form =
+                keyfleet_core::label::hex_form(&keyfleet_core::label::InitialKey::from_bytes(key));
             NodeSpec {
                 id: format!("node-{i:03}"),
                 key,

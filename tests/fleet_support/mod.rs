@@ -86,8 +86,8 @@ impl Fleet {
             .map(|i| {
                 let mut key = [0u8; 16];
                 getrandom::getrandom(&mut key).unwrap();
-                let form = keyfleet_drivers::label::hex_form(
-                    &keyfleet_drivers::label::InitialKey::from_bytes(key),
+                let form = keyfleet_core::label::hex_form(
+                    &keyfleet_core::label::InitialKey::from_bytes(key),
                 );
                 let id = format!("node-{i:02}");
                 let state = dir.path().join("agents").join(&id);

@@ -10,7 +10,7 @@
 //!
 //! States are told apart by `Hash`: live machines by the library's `Hash`
 //! impls (every field of the machine except what is fixed for its life, see
-//! `src/protocol/node/state_hash.rs`), disks by a digest of the snapshot's
+//! `core/src/protocol/node/state_hash.rs`), disks by a digest of the snapshot's
 //! serialization, datagrams by their bytes. Two states with equal hashes
 //! therefore hold machines that react alike to every later input, so merging
 //! them loses no behaviour (up to 64-bit hash collisions).
@@ -39,7 +39,7 @@
 //!   every live node (S1 when it is the new key, S2 when it is the old one),
 //!   and no data sealed by a live node reaches a live node that cannot open
 //!   it. A node is live when it runs, its link is up, it is synced and the
-//!   controller counts it active (as in `src/sim/scenario.rs`).
+//!   controller counts it active (as in `core/src/sim/scenario.rs`).
 //! - **no node moves backwards**: a node's position `(epoch, progress)`
 //!   never decreases, across restarts too.
 //! - **acknowledgements**: when the controller enters the first transition
@@ -51,14 +51,14 @@
 //!   process back, no more loss) and runs in order, every node holds the
 //!   current key and is synced within [`Scope::heal_deliveries`] deliveries.
 
-use keyfleet::crypto::{Epoch, InitialKey};
-use keyfleet::protocol::{
+use keyfleet_core::crypto::{Epoch, InitialKey};
+use keyfleet_core::protocol::{
     ControllerAction, ControllerConfig, ControllerCore, ControllerInput, ControllerMachine,
     ControllerPersist, ControllerTimer, MemberPersist, MemberStatus, NodeAction, NodeConfig,
     NodeEvent, NodeInput, NodeMachine, NodePersist, NodeState, NodeTimer, Record, Refusal, Time,
     TriggerConfig,
 };
-use keyfleet::wire::{self, NodeId, RoundPhase};
+use keyfleet_core::wire::{self, NodeId, RoundPhase};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;

@@ -5,7 +5,7 @@
 //!
 //! Two halves:
 //! - [`forge`]: pure functions that build the attacker's datagrams with the
-//!   real wire encoder ([`keyfleet::wire`]), so the in-process tests and the
+//!   real wire encoder ([`keyfleet_core::wire`]), so the in-process tests and the
 //!   process tests send the same bytes;
 //! - [`Lan`]: real sockets on loopback multicast (a capture thread joined to
 //!   the group, a sending socket), bounded floods.
@@ -20,8 +20,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use keyfleet::crypto::{Chain, Epoch, GroupKey, InitialKey, NodeKeys, Share, ShareSecret};
-use keyfleet::wire::{self, NodeId, Step};
+use keyfleet_core::crypto::{Chain, Epoch, GroupKey, InitialKey, NodeKeys, Share, ShareSecret};
+use keyfleet_core::wire::{self, NodeId, Step};
 use rand::{Rng, RngCore};
 
 /// The wire type byte of a datagram (its second byte), if it has one.
@@ -194,7 +194,7 @@ pub mod forge {
             ),
         ));
         let mut init = wire::handshake_init_header(seq, node_id);
-        if let Ok((_, msg)) = keyfleet::crypto::ratchet::Initiator::start(&label, &init, rng) {
+        if let Ok((_, msg)) = keyfleet_core::crypto::ratchet::Initiator::start(&label, &init, rng) {
             init.extend_from_slice(&msg);
             out.push(Attack::new(
                 format!("forged handshake init as {node_id} (a guessed label)"),
@@ -208,7 +208,7 @@ pub mod forge {
                     epoch,
                     seq,
                     member,
-                    &[keyfleet::crypto::KeyUse {
+                    &[keyfleet_core::crypto::KeyUse {
                         epoch,
                         seals: u64::MAX / 2,
                         opens: u64::MAX / 2,
@@ -794,8 +794,8 @@ pub mod procs {
             for i in 0..n {
                 let mut key = [0u8; 16];
                 rand::rngs::OsRng.fill_bytes(&mut key);
-                let form = keyfleet_drivers::label::hex_form(
-                    &keyfleet_drivers::label::InitialKey::from_bytes(key),
+                let form = keyfleet_core::label::hex_form(
+                    &keyfleet_core::label::InitialKey::from_bytes(key),
                 );
                 let id = format!("pump-{i}");
                 let listen = SocketAddrV4::new(Ipv4Addr::LOCALHOST, free_port());

@@ -3,7 +3,7 @@
 //! `run` holds the group key and moves through the node states; `status`,
 //! `send` and `recv` talk to it (or read its state file) from a shell. The
 //! runtime is the library's [`keyfleet::agent`]; this file parses flags and
-//! prints. Links no peripheral crate: only `keyfleet_drivers::label` (pure).
+//! prints. Links no peripheral crate: only `keyfleet_core::label` (pure).
 //!
 //! Exit codes: 0 done; 1 error (the message on stderr says what to do);
 //! 2 bad command line; 3 `recv --count N` timed out before N messages, or
@@ -28,10 +28,10 @@ use clap::{Args, CommandFactory, Parser, Subcommand};
 use zeroize::Zeroizing;
 
 use keyfleet::agent::{self, AgentConfig};
-use keyfleet::crypto::InitialKey;
 use keyfleet::net::NetArgs;
-use keyfleet::protocol::NodeConfig;
-use keyfleet::wire::NodeId;
+use keyfleet_core::crypto::InitialKey;
+use keyfleet_core::protocol::NodeConfig;
+use keyfleet_core::wire::NodeId;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -255,7 +255,7 @@ fn initial_key(args: &RunArgs, node_id: &NodeId) -> anyhow::Result<Option<Initia
         (None, Some(path)) => (read_key_file(path)?, path.display().to_string()),
         (None, None) => return Ok(None),
     };
-    let parsed = keyfleet_drivers::label::parse(&text)
+    let parsed = keyfleet_core::label::parse(&text)
         .with_context(|| format!("the initial key in {what} is not valid"))?;
     if let Some(id) = &parsed.node_id {
         if id.as_str() != node_id.as_str() {
@@ -266,7 +266,7 @@ fn initial_key(args: &RunArgs, node_id: &NodeId) -> anyhow::Result<Option<Initia
             );
         }
     }
-    Ok(Some(InitialKey(*parsed.key.as_bytes())))
+    Ok(Some(parsed.key.clone()))
 }
 
 /// Reads a key file that only its owner may read (no symlink).

@@ -361,8 +361,8 @@ fn run_in(
         let id = format!("demo-{i:02}");
         let mut key = [0u8; 16];
         getrandom::getrandom(&mut key).context("while drawing an initial key")?;
-        let form = zeroize::Zeroizing::new(keyfleet_drivers::label::hex_form(
-            &keyfleet_drivers::label::InitialKey::from_bytes(key),
+        let form = zeroize::Zeroizing::new(keyfleet_core::label::hex_form(
+            &keyfleet_core::label::InitialKey::from_bytes(key),
         ));
         let state = dir.join("agents").join(&id);
         keyfleet::statefile::ensure_private_dir(&state)

@@ -6,8 +6,8 @@ use anyhow::{bail, Context};
 use clap::Args;
 use keyfleet::controller::control::{self, Reply, Request};
 use keyfleet::controller::EnrollReport;
-use keyfleet::crypto::InitialKey;
-use keyfleet::wire::NodeId;
+use keyfleet_core::crypto::InitialKey;
+use keyfleet_core::wire::NodeId;
 use zeroize::Zeroizing;
 
 use crate::fleet::{self, GlobalArgs};
@@ -56,7 +56,7 @@ pub struct EnrollArgs {
 fn read_key(a: &EnrollArgs) -> anyhow::Result<(InitialKey, Option<String>)> {
     #[cfg(feature = "drivers")]
     {
-        use keyfleet_drivers::label;
+        use keyfleet_core::label;
         let parsed = if let Some(form) = &a.key {
             tracing::warn!("the initial key on the command line is visible in the process list and the shell history; prefer --from (a file, a scanner, a prompt)");
             let form = Zeroizing::new(form.clone());
@@ -70,7 +70,7 @@ fn read_key(a: &EnrollArgs) -> anyhow::Result<(InitialKey, Option<String>)> {
         } else {
             bail!("give the initial key: --key FORM, or --from SOURCE");
         };
-        let key = InitialKey(*parsed.key.as_bytes());
+        let key = parsed.key.clone();
         Ok((key, parsed.node_id.map(|n| n.as_str().to_owned())))
     }
     #[cfg(not(feature = "drivers"))]

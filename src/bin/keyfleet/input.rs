@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, ValueEnum};
-use keyfleet_drivers::label::{self, LabelError, Parsed};
+use keyfleet_core::label::{self, LabelError, Parsed};
 use keyfleet_drivers::source::{KeySource, SerialSettings, SourceError, SourceOptions};
 use zeroize::Zeroizing;
 
@@ -180,7 +180,7 @@ pub fn open_source(
         SourceKind::Webcam => keyfleet_drivers::webcam::WebcamSource::open(
             opts,
             Box::new(move |p: &str| {
-                let ok = keyfleet_drivers::label::parse(p).is_ok();
+                let ok = keyfleet_core::label::parse(p).is_ok();
                 if show_raw {
                     eprintln!(
                         "raw: {p:?}{}",
@@ -248,7 +248,7 @@ pub fn read_initial_key(args: &KeySourceArgs, show_raw: bool) -> anyhow::Result<
     }
     let parsed = label::parse(&raw)
         .with_context(|| format!("the initial key from the {source} source was refused"))?;
-    tracing::info!(source, key_check = %parsed.key.check(), node_id = ?parsed.node_id.as_ref().map(|n| n.as_str()), "initial key read");
+    tracing::info!(source, key_check = %parsed.key.fingerprint(), node_id = ?parsed.node_id.as_ref().map(|n| n.as_str()), "initial key read");
     Ok(ReadOutcome { source, parsed })
 }
 
@@ -307,7 +307,7 @@ pub fn read_key(args: ReadKeyArgs) -> anyhow::Result<()> {
 fn run_read_key(args: &ReadKeyArgs) -> anyhow::Result<()> {
     let out = read_initial_key(&args.source, args.raw)?;
     let node_id = out.parsed.node_id.as_ref().map(|n| n.as_str().to_owned());
-    let check = out.parsed.key.check();
+    let check = out.parsed.key.fingerprint();
     if args.json {
         let v = serde_json::json!({
             "source": out.source,

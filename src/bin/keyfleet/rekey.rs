@@ -12,7 +12,7 @@ use keyfleet::controller::{
     StateDir,
 };
 use keyfleet::secrets::SecretsError;
-use keyfleet::wire::NodeId;
+use keyfleet_core::wire::NodeId;
 
 use crate::fleet::{self, GlobalArgs, NetFlags};
 

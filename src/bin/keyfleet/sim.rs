@@ -1,9 +1,9 @@
-//! `keyfleet sim`: the deterministic fleet simulator (see `keyfleet::sim`).
+//! `keyfleet sim`: the deterministic fleet simulator (see `keyfleet_core::sim`).
 
 use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
-use keyfleet::sim::{self, SimConfig};
 use keyfleet::udpsim::UdpConfig;
+use keyfleet_core::sim::{self, SimConfig};
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::Instant;
 

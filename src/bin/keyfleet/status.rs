@@ -324,8 +324,8 @@ mod tests {
 
     #[test]
     fn summary_rows_read_as_a_sentence() {
-        let sum = keyfleet::ratecount::Summary {
-            source: keyfleet::ratecount::Source::Other,
+        let sum = keyfleet_core::ratecount::Summary {
+            source: keyfleet_core::ratecount::Source::Other,
             kind: "malformed",
             count: 19_999,
             window_start_ms: 1_764_083_000_000,

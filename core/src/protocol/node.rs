@@ -153,7 +153,10 @@ pub struct NodeConfig {
     /// controller message, then that address, the group as a fallback"
     /// (`route.rs`); a unicast address is used as it is.
     pub controller: SocketAddr,
-    /// First key-request retry after this many ms (default 500), doubling…
+    /// First key-request retry after this many ms (default 500), doubling…;
+    /// also the least time between two requests (joins and key requests),
+    /// whatever asks for them, but a link change: keep it at or above the
+    /// controller's `member_request_interval_ms` (default 500).
     pub sync_retry_initial_ms: u64,
     /// …up to this many ms (default 8000), with ±25 % jitter.
     pub sync_retry_max_ms: u64,
@@ -510,6 +513,11 @@ pub struct NodeMachine {
     verify_at: Time,
     signature_checks: u64,
     sync: Option<Sync>,
+    /// When the last join or key request went out: the next one waits at
+    /// least `sync_retry_initial_ms` after it (a link change excepted), so a
+    /// node stays within the controller's per-member budget (by default a
+    /// burst of 4, then one per 500 ms) however many triggers arrive.
+    last_request: Option<Time>,
     queued: Vec<Vec<u8>>,
     /// Group data for an epoch ahead of this node's, received while it asks
     /// the controller for the current key: (sender address, datagram).
@@ -610,6 +618,7 @@ impl NodeMachine {
             verify_at: Time(0),
             signature_checks: 0,
             sync: None,
+            last_request: None,
             queued: Vec::new(),
             ahead: Vec::new(),
             data_replay: DataReplay::new(cfg.data_replay_senders),
@@ -905,12 +914,23 @@ impl NodeMachine {
                 s.attempt = 0;
             }
             None => {
+                let due = match self.last_request {
+                    Some(t) if !urgent => now.max(t.plus(self.cfg.sync_retry_initial_ms)),
+                    _ => now,
+                };
                 self.sync = Some(Sync {
                     since: self.seq + 1,
                     attempt: 0,
-                    due: now,
+                    due,
                     hold,
-                })
+                });
+                if due > now {
+                    out.push(NodeAction::ArmTimer {
+                        timer: NodeTimer::Sync,
+                        at: due,
+                    });
+                    return;
+                }
             }
         }
         self.send_sync_request(now, rng, out);
@@ -966,6 +986,7 @@ impl NodeMachine {
                 }
             }
         }
+        self.last_request = Some(now);
         if let Some(s) = &mut self.sync {
             s.attempt += 1;
             let wait = backoff(
@@ -974,7 +995,8 @@ impl NodeMachine {
                 s.attempt,
                 25,
                 rng,
-            );
+            )
+            .max(self.cfg.sync_retry_initial_ms);
             s.due = now.plus(wait);
             out.push(NodeAction::ArmTimer {
                 timer: NodeTimer::Sync,

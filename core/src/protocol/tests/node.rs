@@ -62,6 +62,8 @@ impl Rig {
         let out = r.feed(&kr);
         assert_eq!(refusal(&out), None);
         assert!(r.node.is_synced());
+        // Later requests may go at once: the least time between two has passed.
+        r.now = r.now.plus(node_cfg().sync_retry_initial_ms);
         r
     }
 
@@ -1070,10 +1072,80 @@ fn a_resync_request_older_than_the_answer_that_synced_the_node_asks_nothing() {
     assert!(sent(&out).is_empty(), "{:?}", names(&out));
     assert!(r.node.is_synced());
 
-    // A resync request sent after the answer is the controller's current view: obeyed.
+    // A resync request sent after the answer is the controller's current view:
+    // obeyed (once the least time between two requests has passed).
+    r.now = r.now.plus(node_cfg().sync_retry_initial_ms);
     let fresh = r.ctl.seq();
     let bytes = resync(&r, fresh);
     let out = r.feed(&bytes);
     assert_eq!(names(&out), vec!["key request"]);
     assert!(!r.node.is_synced());
+}
+
+/// However many triggers arrive (here resync requests from the controller,
+/// each obeyed and answered at once, at random gaps of 0-300 ms), a node
+/// sends its requests at most one per `sync_retry_initial_ms`, so it never
+/// exceeds the controller's per-member budget (burst 4, one per 500 ms):
+/// under load a legitimate node was once refused as `rate_limited`.
+#[test]
+fn a_storm_of_triggers_stays_within_the_controllers_request_budget() {
+    use rand::Rng;
+    let mut r = Rig::uc1();
+    let ctl = ControllerConfig::default();
+    let (mut tokens, mut at) = (ctl.member_request_burst, Time(0));
+    // The rig's own key request went out this long before `now`.
+    let first = Time(r.now.0 - node_cfg().sync_retry_initial_ms);
+    let mut sends = vec![first];
+    assert!(crate::protocol::take_token(
+        &mut tokens,
+        &mut at,
+        first,
+        ctl.member_request_burst,
+        ctl.member_request_interval_ms
+    ));
+    let mut pending: Option<u64> = None;
+    let mut gaps = ChaCha20Rng::seed_from_u64(7);
+    for _ in 0..200 {
+        r.now = r.now.plus(gaps.gen_range(0..300));
+        let mut out = r.input(NodeInput::Timer(NodeTimer::Sync));
+        if pending.is_none() {
+            let seq = r.ctl.seq();
+            let member = r.ctl.member;
+            let bytes = wire::mac(wire::resync(r.ctl.term, Epoch(1), seq, member), &r.ctl.chain());
+            out.extend(r.feed(&bytes));
+        }
+        for a in &out {
+            if let NodeAction::SendTo { bytes, .. } = a {
+                if matches!(wire::decode(bytes), Ok(wire::Message::KeyRequest(_))) {
+                    sends.push(r.now);
+                    assert!(
+                        crate::protocol::take_token(
+                            &mut tokens,
+                            &mut at,
+                            r.now,
+                            ctl.member_request_burst,
+                            ctl.member_request_interval_ms
+                        ),
+                        "request at {} refused by the controller's budget; sends {sends:?}",
+                        r.now
+                    );
+                    pending = Some(request_seq(&out));
+                }
+            }
+        }
+        // The controller answers every other step at once.
+        if let Some(seq) = pending.take_if(|_| gaps.gen_bool(0.5)) {
+            let st = r.ctl.state(&key(1), None);
+            let kr = r.ctl.key_response(seq, &st);
+            let out = r.feed(&kr);
+            assert_eq!(refusal(&out), None);
+        }
+    }
+    assert!(sends.len() > 20, "the storm made the node ask: {}", sends.len());
+    for w in sends.windows(2) {
+        assert!(
+            w[1].since(w[0]) >= node_cfg().sync_retry_initial_ms,
+            "{sends:?}"
+        );
+    }
 }

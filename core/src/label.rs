@@ -18,8 +18,7 @@
 //! failing check is refused. No error carries key digits.
 use std::fmt;
 
-use sha2::{Digest, Sha256};
-use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
+use zeroize::{Zeroize, Zeroizing};
 
 /// Length of an initial key in bytes.
 pub const KEY_LEN: usize = 16;
@@ -36,62 +35,22 @@ pub const NODE_ID_MAX: usize = 64;
 /// `crc` crate calls CRC-16/IBM-SDLC; check value 0x906E over "123456789".
 const X25: crc::Crc<u16> = crc::Crc::<u16>::new(&crc::CRC_16_IBM_SDLC);
 
-/// An appliance's 16-byte initial key. Zeroed on drop; `Debug` shows only
-/// its [check value](InitialKey::check).
-#[derive(Clone, PartialEq, Eq, Zeroize, ZeroizeOnDrop)]
-pub struct InitialKey([u8; KEY_LEN]);
+pub use crate::crypto::InitialKey;
+pub use crate::wire::NodeId;
 
-impl InitialKey {
-    pub fn from_bytes(bytes: [u8; KEY_LEN]) -> Self {
-        InitialKey(bytes)
-    }
-
-    pub fn as_bytes(&self) -> &[u8; KEY_LEN] {
-        &self.0
-    }
-
-    /// The key's check value: the first 8 lowercase hex digits of SHA-256
-    /// over the 16 key bytes. Safe to print, log and compare with the
-    /// management table; it does not reveal the key.
-    pub fn check(&self) -> String {
-        let digest = Sha256::digest(self.0);
-        digest[..4].iter().map(|b| format!("{b:02x}")).collect()
-    }
-}
-
-impl fmt::Debug for InitialKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "InitialKey(check={})", self.check())
-    }
-}
-
-/// A node id as a label carries it: 1–64 of `A-Z a-z 0-9 . _ -`.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct NodeId(String);
-
-impl NodeId {
-    /// Validates `s` as a node id; positions in errors count from 1 in `s`.
-    pub fn new(s: &str) -> Result<NodeId, LabelError> {
-        validate_node_id(s, 0)?;
-        Ok(NodeId(s.to_owned()))
-    }
-
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Display for NodeId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::str::FromStr for NodeId {
-    type Err = LabelError;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        NodeId::new(s)
-    }
+/// Checks `s` as a node id the way a label's is checked, with the position of
+/// a refused character in the error (`NodeId::parse` has the same rules).
+pub fn node_id(s: &str) -> Result<NodeId, LabelError> {
+    validate_node_id(s, 0)?;
+    NodeId::parse(s).map_err(|e| match e {
+        crate::wire::NodeIdError::Length(found) => LabelError::NodeIdLength { found },
+        crate::wire::NodeIdError::Character(ch) => LabelError::BadChar {
+            ch,
+            pos: s.chars().position(|c| c == ch).map_or(0, |i| i + 1),
+            form: "node id",
+            allowed: NODE_ALLOWED,
+        },
+    })
 }
 
 /// Which form the input was in.
@@ -216,9 +175,10 @@ fn parse_label(body: &[(usize, char)]) -> Result<Parsed, LabelError> {
     let id: String = id_chars.iter().map(|&(_, c)| c).collect();
     let offset = id_chars.first().map_or(0, |&(p, _)| p - 1);
     validate_node_id(&id, offset)?;
+    let node_id = node_id(&id)?;
     let key = parse_hex(hex_chars)?;
     Ok(Parsed {
-        node_id: Some(NodeId(id)),
+        node_id: Some(node_id),
         key,
         form: Form::Label,
     })
@@ -550,7 +510,7 @@ mod tests {
             }
         }
         // In a label the position counts from the start of the line.
-        let lab = label(&NodeId::new("pump-07").unwrap(), &key);
+        let lab = label(&node_id("pump-07").unwrap(), &key);
         let mut typed: Vec<char> = lab.chars().collect();
         let at = typed.len() - 5;
         typed[at] = if typed[at] == '0' { '1' } else { '0' };
@@ -629,8 +589,8 @@ mod tests {
     fn check_value_is_sha256_prefix() {
         // SHA-256 of 16 zero bytes is 374708fff7719dd5979ec875d56cd2286f6d3cf7ec317a3b25632aab28ec37bb.
         let key = InitialKey::from_bytes([0; 16]);
-        assert_eq!(key.check(), "374708ff");
-        assert_eq!(format!("{key:?}"), "InitialKey(check=374708ff)");
+        assert_eq!(key.fingerprint(), "374708ff");
+        assert_eq!(format!("{key:?}"), "InitialKey(fingerprint 374708ff)");
     }
 
     #[test]
@@ -644,7 +604,7 @@ mod tests {
         let shown = format!("{p:?}");
         assert!(!shown.to_uppercase().contains("83FE"), "{shown}");
         assert!(!shown.contains("131"), "{shown}"); // 0x83 as a decimal byte
-        assert!(shown.contains(&key.check()));
+        assert!(shown.contains(&key.fingerprint()));
     }
 
     #[test]
@@ -667,7 +627,7 @@ mod tests {
     #[test]
     fn label_round_trip_and_node_id() {
         let key = InitialKey::from_bytes(ZIGBEE_KEY);
-        let id = NodeId::new("pump-07.hall_B").unwrap();
+        let id = node_id("pump-07.hall_B").unwrap();
         let l = label(&id, &key);
         assert_eq!(l, "KF1:pump-07.hall_B:83FED3407A939723A5C639B26916D505C3B5");
         let p = parse(&l).unwrap();
@@ -857,10 +817,10 @@ mod tests {
 
     #[test]
     fn node_id_validation() {
-        assert!(NodeId::new("A.z_0-9").is_ok());
-        assert_eq!(NodeId::new(""), Err(LabelError::NodeIdEmpty));
+        assert!(node_id("A.z_0-9").is_ok());
+        assert_eq!(node_id(""), Err(LabelError::NodeIdEmpty));
         assert!(matches!(
-            NodeId::new("ab/c"),
+            node_id("ab/c"),
             Err(LabelError::BadChar {
                 ch: '/',
                 pos: 3,
@@ -868,7 +828,7 @@ mod tests {
             })
         ));
         assert!(matches!(
-            NodeId::new("é"),
+            node_id("é"),
             Err(LabelError::BadChar {
                 ch: 'é',
                 pos: 1,
@@ -887,7 +847,7 @@ mod tests {
     }
 
     fn arb_node_id() -> impl Strategy<Value = NodeId> {
-        "[A-Za-z0-9._-]{1,64}".prop_map(|s| NodeId::new(&s).unwrap())
+        "[A-Za-z0-9._-]{1,64}".prop_map(|s| node_id(&s).unwrap())
     }
 
     /// Inserts a separator from `seps` before the characters where `mask` is set.

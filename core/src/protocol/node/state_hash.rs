@@ -77,6 +77,7 @@ impl Hash for NodeMachine {
             route,
             beacon_join,
             synced_by,
+            last_request,
         } = self;
         node_id.hash(state);
         joined.hash(state);
@@ -108,5 +109,6 @@ impl Hash for NodeMachine {
         route.hash(state);
         beacon_join.hash(state);
         synced_by.hash(state);
+        last_request.hash(state);
     }
 }

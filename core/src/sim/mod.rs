@@ -127,12 +127,12 @@ impl SimConfig {
 
     /// How much longer than on a clean network an exchange takes at this loss:
     /// a request and its reply both get through with probability (1 - loss)².
-    pub(crate) fn loss_factor(&self) -> u64 {
+    pub fn loss_factor(&self) -> u64 {
         let through = (1.0 - self.loss.clamp(0.0, 0.99)).powi(2);
         (1.0 / through).ceil().clamp(1.0, 10_000.0) as u64
     }
 
-    pub(crate) fn deadline(&self) -> u64 {
+    pub fn deadline(&self) -> u64 {
         if self.max_virtual_ms > 0 {
             return self.max_virtual_ms;
         }

@@ -199,6 +199,14 @@ impl fmt::Debug for GroupKey {
 pub struct InitialKey(pub [u8; 16]);
 
 impl InitialKey {
+    pub fn from_bytes(bytes: [u8; 16]) -> Self {
+        InitialKey(bytes)
+    }
+
+    pub fn as_bytes(&self) -> &[u8; 16] {
+        &self.0
+    }
+
     /// Public fingerprint for the management table: the first 8 lowercase hex
     /// digits of SHA-256 over the 16 key bytes — the same `key_check` that
     /// `keyfleet read-key --json` prints, so the installer can compare them by eye.
