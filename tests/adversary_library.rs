@@ -18,7 +18,7 @@ use keyfleet_core::crypto::{CheckValue, Epoch, InitialKey};
 use keyfleet_core::protocol::{
     ControllerAction, ControllerConfig, ControllerInput, ControllerMachine, ControllerTimer,
     MemberStatus, NodeAction, NodeConfig, NodeEvent, NodeInput, NodeMachine, NodePersist,
-    NodeState, NodeTimer, Record, Refusal, Time, TriggerReason,
+    NodeState, Record, Refusal, Time, TriggerReason,
 };
 use keyfleet_core::wire::NodeId;
 use rand::SeedableRng;
@@ -57,7 +57,6 @@ struct Fleet {
     nodes: Vec<NodeMachine>,
     queue: VecDeque<(SocketAddr, Dest, Vec<u8>)>,
     ctl_timers: HashMap<ControllerTimer, Time>,
-    node_timers: Vec<HashMap<NodeTimer, Time>>,
     /// Every datagram sent so far (what the attacker overhears).
     tap: Vec<Vec<u8>>,
     records: Vec<Record>,
@@ -78,7 +77,6 @@ impl Fleet {
             nodes: Vec::new(),
             queue: VecDeque::new(),
             ctl_timers: HashMap::new(),
-            node_timers: vec![HashMap::new(); NODES],
             tap: Vec::new(),
             records: Vec::new(),
             refusals: Vec::new(),
@@ -158,9 +156,6 @@ impl Fleet {
                 NodeAction::SendTo { to, bytes } => {
                     self.tap.push(bytes.clone());
                     self.queue.push_back((node_addr(i), Dest::To(to), bytes));
-                }
-                NodeAction::ArmTimer { timer, at } => {
-                    self.node_timers[i].insert(timer, at);
                 }
                 NodeAction::Event(NodeEvent::Refused { reason, .. }) => {
                     self.refusals.push((i, reason))

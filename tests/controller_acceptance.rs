@@ -54,10 +54,13 @@ fn fifty_nodes_enrolled_and_rotated_by_rekey_json() {
         .unwrap()
         .iter()
         .filter(|a| a["kind"] == "Refusal")
+        // A retry that crossed the answer to its request on a loaded machine
+        // is refused as a duplicate: the node has its answer already.
+        .filter(|a| a["detail"]["refusal"].get("DuplicateRequest").is_none())
         .collect();
     assert!(
         refused.is_empty(),
-        "nothing refused on a clean network: {refused:?}"
+        "nothing refused on a clean network but retries already answered: {refused:?}"
     );
     let acked = h["keys"][1]["deliveries"]
         .as_array()

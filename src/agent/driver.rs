@@ -35,7 +35,7 @@ use rand::SeedableRng;
 use crate::net::{Clock, Datagram, Timers, Transport};
 use crate::statefile::StateFileError;
 use keyfleet_core::protocol::{
-    Delivered, NodeAction, NodeEvent, NodeInput, NodeMachine, NodePersist, NodeTimer, Refusal, Time,
+    Delivered, NodeAction, NodeEvent, NodeInput, NodeMachine, NodePersist, Refusal, Time,
 };
 use keyfleet_core::ratecount::{RateCounter, Seen, Summary};
 use keyfleet_core::wire::{self, Message};
@@ -79,7 +79,8 @@ impl Persister for MemoryPersister {
 #[derive(Debug)]
 pub enum Wake {
     Datagram(Datagram),
-    Timers(Vec<NodeTimer>),
+    /// A deadline passed: the machine's own (see `NodeMachine::poll_timeout`) or the driver's.
+    Timeout,
 }
 
 /// What the driver hands up after a [`NodeDriver::handle`] or [`NodeDriver::send`].
@@ -111,12 +112,8 @@ pub struct DriverStats {
     pub usage_reports: u64,
 }
 
-fn timer_key(t: NodeTimer) -> u8 {
-    match t {
-        NodeTimer::Sync => 0,
-        NodeTimer::Usage => 1,
-    }
-}
+/// The machine's next deadline.
+const MACHINE_TIMER: u8 = 0;
 
 /// The driver's own timer: the end of the next refusal window with counted
 /// refusals, when its summary line is due.
@@ -140,14 +137,6 @@ fn suspicious(kind: &str) -> bool {
             // A controller that lost its lease still sends (or a replay of one).
             | "stale_term"
     )
-}
-
-fn timer_of(k: u8) -> NodeTimer {
-    if k == 0 {
-        NodeTimer::Sync
-    } else {
-        NodeTimer::Usage
-    }
 }
 
 /// One node machine on real sockets. See the module docs.
@@ -297,13 +286,7 @@ impl NodeDriver {
                     self.log_summaries(&closed);
                     self.arm_refusal_timer();
                 }
-                Ok(Wake::Timers(
-                    fired
-                        .into_iter()
-                        .filter(|k| *k != REFUSAL_TIMER)
-                        .map(timer_of)
-                        .collect(),
-                ))
+                Ok(Wake::Timeout)
             }
         }
     }
@@ -322,12 +305,10 @@ impl NodeDriver {
                 )
                 .await
             }
-            Wake::Timers(fired) => {
-                for t in fired {
-                    let now = self.clock.now_ms();
-                    self.feed(now, NodeInput::Timer(t)).await?;
-                }
-                Ok(())
+            // Fed whichever deadline passed: the machine does what is due, if anything.
+            Wake::Timeout => {
+                let now = self.clock.now_ms();
+                self.feed(now, NodeInput::Timeout).await
             }
         }
     }
@@ -396,6 +377,12 @@ impl NodeDriver {
     /// Carries out the pending actions in order.
     async fn apply(&mut self, now: u64) -> Result<(), AgentError> {
         let actions = std::mem::take(&mut self.out);
+        match self.machine.poll_timeout() {
+            Some(at) => self.timers.arm(MACHINE_TIMER, at.0),
+            None => {
+                self.timers.cancel(&MACHINE_TIMER);
+            }
+        }
         let mut synced = false;
         let mut closed = Vec::new();
         self.refusals.close_expired(now, &mut closed);
@@ -423,7 +410,6 @@ impl NodeDriver {
                         tracing::warn!(error = %e, "send failed; the protocol retries");
                     }
                 }
-                NodeAction::ArmTimer { timer, at } => self.timers.arm(timer_key(timer), at.0),
                 NodeAction::Deliver(d) => {
                     self.stats.delivered += 1;
                     self.stats.delivered_by_trial += u64::from(d.trials > 0);

@@ -12,9 +12,7 @@ use std::sync::{Arc, Mutex};
 
 use keyfleet::net::{Clock, NetConfig, Timers, Transport};
 use keyfleet_core::crypto::InitialKey;
-use keyfleet_core::protocol::{
-    NodeAction, NodeConfig, NodeInput, NodeMachine, NodeState, NodeTimer, Time,
-};
+use keyfleet_core::protocol::{NodeAction, NodeConfig, NodeInput, NodeMachine, NodeState, Time};
 use keyfleet_core::wire::NodeId;
 use rand::rngs::OsRng;
 use rand::RngCore;
@@ -332,10 +330,13 @@ async fn node_shell(
                 NodeAction::SendTo { to, bytes } => {
                     let _ = t.send_to(&bytes, to).await;
                 }
-                NodeAction::ArmTimer { timer, at } => {
-                    timers.arm(if timer == NodeTimer::Sync { 0 } else { 1 }, at.0)
-                }
                 _ => {}
+            }
+        }
+        match m.poll_timeout() {
+            Some(at) => timers.arm(0, at.0),
+            None => {
+                timers.cancel(&0);
             }
         }
         shown.lock().unwrap().insert(
@@ -354,11 +355,8 @@ async fn node_shell(
                 let Ok(d) = d else { return };
                 m.handle(Time(d.at_ms), NodeInput::Datagram { from: d.from, bytes: &d.bytes }, &mut OsRng, &mut out);
             }
-            fired = timers.expired(&clock) => {
-                for f in fired {
-                    let timer = if f == 0 { NodeTimer::Sync } else { NodeTimer::Usage };
-                    m.handle(Time(clock.now_ms()), NodeInput::Timer(timer), &mut OsRng, &mut out);
-                }
+            _ = timers.expired(&clock) => {
+                m.handle(Time(clock.now_ms()), NodeInput::Timeout, &mut OsRng, &mut out);
             }
         }
     }

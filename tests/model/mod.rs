@@ -55,7 +55,7 @@ use keyfleet_core::crypto::{Epoch, InitialKey};
 use keyfleet_core::protocol::{
     ControllerAction, ControllerConfig, ControllerCore, ControllerInput, ControllerMachine,
     ControllerPersist, ControllerTimer, MemberPersist, MemberStatus, NodeAction, NodeConfig,
-    NodeEvent, NodeInput, NodeMachine, NodePersist, NodeState, NodeTimer, Record, Refusal, Time,
+    NodeEvent, NodeInput, NodeMachine, NodePersist, NodeState, Record, Refusal, Time,
     TriggerConfig,
 };
 use keyfleet_core::wire::{self, NodeId, RoundPhase};
@@ -313,14 +313,6 @@ impl<T> Hash for Disk<T> {
     }
 }
 
-fn node_timer_slot(t: NodeTimer) -> usize {
-    match t {
-        NodeTimer::Sync => 0,
-        NodeTimer::Usage => 1,
-    }
-}
-const NODE_TIMERS: [NodeTimer; 2] = [NodeTimer::Sync, NodeTimer::Usage];
-
 fn controller_timer_slot(t: ControllerTimer) -> usize {
     match t {
         ControllerTimer::Round => 0,
@@ -339,7 +331,8 @@ struct NodeSlot {
     machine: Option<NodeMachine>,
     disk: Option<Disk<NodePersist>>,
     link: bool,
-    timers: [Option<Time>; 2],
+    /// The node machine's one deadline (`poll_timeout`).
+    timers: [Option<Time>; 1],
     /// The highest position this node ever had (for "never backwards").
     high: Option<(Epoch, u8)>,
 }
@@ -646,24 +639,17 @@ impl Fleet {
                         self.post(Peer::Node(i as u8), p, &bytes, None);
                     }
                 }
-                NodeAction::ArmTimer { timer, at } => {
-                    self.nodes[i].timers[node_timer_slot(timer)] = Some(at);
-                }
                 NodeAction::Persist(p) => self.nodes[i].disk = Some(Disk::new(*p)),
                 NodeAction::Deliver(_) => {}
                 NodeAction::Event(NodeEvent::Refused { reason, .. }) => refused.push(reason),
                 NodeAction::Event(_) => {}
             }
         }
-        // A synced node ignores its key-request timer (nothing to retry): the
-        // shell may as well forget it, which spares the checker no-op firings.
-        if self.nodes[i]
+        // The machine keeps its deadlines: the shell asks for the next one after every input.
+        self.nodes[i].timers = [self.nodes[i]
             .machine
             .as_ref()
-            .is_some_and(|m| m.is_synced())
-        {
-            self.nodes[i].timers[node_timer_slot(NodeTimer::Sync)] = None;
-        }
+            .and_then(NodeMachine::poll_timeout)];
         self.check_forward(i);
         refused
     }
@@ -692,7 +678,7 @@ impl Fleet {
         };
         let m = NodeMachine::restore(&d.value, node_config()).expect("node snapshot restores");
         self.nodes[i].machine = Some(m);
-        self.nodes[i].timers = [None; 2];
+        self.nodes[i].timers = [None; 1];
         self.check_forward(i);
         self.feed_node(i, NodeInput::LinkUp, "restart");
     }
@@ -871,7 +857,7 @@ impl Fleet {
                 self.feed_controller(ControllerInput::Timer(CONTROLLER_TIMERS[slot]), "timer")
             }
             Peer::Node(i) => {
-                self.feed_node(i as usize, NodeInput::Timer(NODE_TIMERS[slot]), "timer");
+                self.feed_node(i as usize, NodeInput::Timeout, "timer");
             }
         }
     }
@@ -1011,7 +997,7 @@ impl FleetModel {
                 machine: Some(NodeMachine::new(node_id(i), &initial_key(i), node_config())),
                 disk: None,
                 link: true,
-                timers: [None; 2],
+                timers: [None; 1],
                 high: None,
             }),
             net: Vec::new(),
@@ -1181,7 +1167,7 @@ impl Model for FleetModel {
                 f.left.node_crashes -= 1;
                 let n = &mut f.nodes[i as usize];
                 n.machine = None;
-                n.timers = [None; 2];
+                n.timers = [None; 1];
                 f.cut(Peer::Node(i));
             }
             Action::RestartNode(i) => f.restart_node(i as usize),

@@ -16,10 +16,13 @@
 //! yields a typed [`Refusal`] (an event on a node, a [`Record::Refused`] on
 //! the controller) and never a state change or a panic.
 //!
-//! Timers: a machine asks for `ArmTimer { timer, at }`; the shell keeps one
-//! deadline per timer kind (a later `ArmTimer` of the same kind replaces the
-//! earlier one) and feeds `Timer(kind)` when it passes. Machines ignore early
-//! or unexpected firings, so a shell that fires every armed deadline is fine too.
+//! Timers: the node machine keeps its deadlines inside and tells the next one
+//! through [`NodeMachine::poll_timeout`]; the shell feeds `NodeInput::Timeout`
+//! at or after it (early or extra timeouts do nothing) and reads the deadline
+//! again after every input. The controller machine still asks for
+//! `ArmTimer { timer, at }`: the shell keeps one deadline per timer kind (a
+//! later `ArmTimer` of the same kind replaces the earlier one) and feeds
+//! `Timer(kind)` when it passes.
 
 mod controller;
 mod node;
@@ -34,7 +37,7 @@ pub use controller::{
 };
 pub use node::{
     BeaconStats, Delivered, NodeAction, NodeConfig, NodeEvent, NodeInput, NodeMachine, NodePersist,
-    NodeRatchet, NodeState, NodeTimer, DUPLICATE_ANSWER_INTERVAL_MS, HANDSHAKE_SENDS, VERIFY_BURST,
+    NodeRatchet, NodeState, DUPLICATE_ANSWER_INTERVAL_MS, HANDSHAKE_SENDS, VERIFY_BURST,
     VERIFY_EVERY_MS,
 };
 pub use triggers::{TriggerConfig, TriggerReason};

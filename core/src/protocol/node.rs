@@ -195,22 +195,15 @@ impl Default for NodeConfig {
     }
 }
 
-/// The node's timers.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub enum NodeTimer {
-    /// Retry the join or key request.
-    Sync,
-    /// Send the next usage report.
-    Usage,
-}
-
 /// What a shell feeds a node.
 #[derive(Clone, Copy, Debug)]
 pub enum NodeInput<'a> {
     /// A datagram and its source address as the shell saw it.
     Datagram { from: SocketAddr, bytes: &'a [u8] },
-    /// A timer armed earlier has passed.
-    Timer(NodeTimer),
+    /// The deadline [`NodeMachine::poll_timeout`] gave has passed (or any
+    /// later moment): the machine does what is due (a retried join or key
+    /// request, a usage report) and has a new deadline.
+    Timeout,
     /// Application plaintext to send to the group.
     Send(&'a [u8]),
     /// The node went from unable to able to communicate (link up, controller
@@ -253,15 +246,15 @@ pub struct BeaconStats {
 /// | round `r` first transition, draining | `(r, 1)`: holds the new key |
 /// | round `r` second transition | `(r, 2)`: seals with the new key |
 pub fn behind_beacon(
-    pos: Option<(Epoch, u8)>,
+    pos: Option<(Epoch, Step)>,
     epoch: Epoch,
     round: Option<(Epoch, RoundPhase)>,
 ) -> bool {
     let Some(pos) = pos else { return false };
     let least = match round {
-        None | Some((_, RoundPhase::Distributing)) => (epoch, 3),
-        Some((r, RoundPhase::FirstTransition | RoundPhase::Draining)) => (r, 1),
-        Some((r, RoundPhase::SecondTransition)) => (r, 2),
+        None | Some((_, RoundPhase::Distributing)) => (epoch, Step::SecondTransition),
+        Some((r, RoundPhase::FirstTransition | RoundPhase::Draining)) => (r, Step::KeyUpdate),
+        Some((r, RoundPhase::SecondTransition)) => (r, Step::FirstTransition),
     };
     pos < least
 }
@@ -319,10 +312,6 @@ pub enum NodeAction {
     SendTo {
         to: SocketAddr,
         bytes: Vec<u8>,
-    },
-    ArmTimer {
-        timer: NodeTimer,
-        at: Time,
     },
     /// Store this snapshot durably (owner-only) before carrying out what follows.
     Persist(Box<NodePersist>),
@@ -421,6 +410,19 @@ pub enum NodeRestoreError {
 struct Joined {
     member: u32,
     controller: VerifyingKey,
+}
+
+/// Why a node asks the controller for the current key, which decides how.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Ask {
+    /// Its link changed (or it started): hold outgoing data and ask at once,
+    /// even if a request went out just before.
+    LinkChanged,
+    /// A beacon shows it behind: hold outgoing data until answered.
+    Behind,
+    /// Out of step with a controller message (a gap, a missing key, a resync
+    /// request): ask; its data keeps flowing.
+    OutOfStep,
 }
 
 #[derive(Clone, Copy, Debug, Hash)]
@@ -704,14 +706,38 @@ impl NodeMachine {
         }
     }
 
-    /// `(epoch, progress)`; only ever grows. `None` before the first join.
-    pub fn position(&self) -> Option<(Epoch, u8)> {
+    /// The epoch and the last step of its round the node took (a node in
+    /// `UpdateCompleted` took the second transition); only ever grows. `None`
+    /// before the first join.
+    pub fn position(&self) -> Option<(Epoch, Step)> {
         match self.state() {
             NodeState::Unjoined => None,
-            NodeState::UpdateCompleted { current } => Some((current, 3)),
-            NodeState::DistributionCompleted { new, .. } => Some((new, 1)),
-            NodeState::InTransit { new, .. } => Some((new, 2)),
+            NodeState::UpdateCompleted { current } => Some((current, Step::SecondTransition)),
+            NodeState::DistributionCompleted { new, .. } => Some((new, Step::KeyUpdate)),
+            NodeState::InTransit { new, .. } => Some((new, Step::FirstTransition)),
         }
+    }
+
+    /// [`Self::position`] with the step as its progress number (1-3), as the
+    /// rules of the module docs compare it.
+    fn progress(&self) -> Option<(Epoch, u8)> {
+        self.position().map(|(e, step)| (e, step.progress()))
+    }
+
+    /// The deadline of the join or key request in progress, if any.
+    #[cfg(test)]
+    pub(crate) fn sync_due(&self) -> Option<Time> {
+        self.sync.map(|s| s.due)
+    }
+
+    /// When the machine next has something to do by itself (a retried join
+    /// or key request, a usage report): the shell feeds
+    /// [`NodeInput::Timeout`] at or after it. Read it again after every input.
+    pub fn poll_timeout(&self) -> Option<Time> {
+        [self.sync.map(|s| s.due), self.usage_due]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     pub fn keyring(&self) -> Option<&Keyring> {
@@ -752,15 +778,23 @@ impl NodeMachine {
                     self.seq = now.0.saturating_mul(1 << 16);
                     self.seq_reserved = self.seq;
                 }
-                self.start_sync(now, rng, out, true, true)
+                self.start_sync(now, rng, out, Ask::LinkChanged)
             }
-            NodeInput::Timer(NodeTimer::Sync) => {
-                if self.sync.is_some_and(|s| now >= s.due) {
-                    self.send_sync_request(now, rng, out);
+            NodeInput::Timeout => {
+                let earliest = self
+                    .last_request
+                    .map_or(now, |t| t.plus(self.cfg.sync_retry_initial_ms));
+                if let Some(s) = self.sync.as_mut().filter(|s| now >= s.due) {
+                    if now < earliest {
+                        // Due, but the last request went out too recently.
+                        s.due = earliest;
+                    } else {
+                        self.send_sync_request(now, rng, out);
+                    }
                 }
-            }
-            NodeInput::Timer(NodeTimer::Usage) => {
                 if self.usage_due.is_some_and(|d| now >= d) {
+                    // Re-armed when sent; a node that cannot report waits for its next sync.
+                    self.usage_due = None;
                     self.send_usage(now, out);
                 }
             }
@@ -902,9 +936,10 @@ impl NodeMachine {
         now: Time,
         rng: &mut (impl RngCore + CryptoRng),
         out: &mut Out,
-        hold: bool,
-        urgent: bool,
+        why: Ask,
     ) {
+        let hold = matches!(why, Ask::LinkChanged | Ask::Behind);
+        let urgent = why == Ask::LinkChanged;
         match &mut self.sync {
             Some(s) => {
                 s.hold |= hold;
@@ -925,10 +960,6 @@ impl NodeMachine {
                     hold,
                 });
                 if due > now {
-                    out.push(NodeAction::ArmTimer {
-                        timer: NodeTimer::Sync,
-                        at: due,
-                    });
                     return;
                 }
             }
@@ -949,8 +980,9 @@ impl NodeMachine {
             (Some(j), Some(_), Some(r)) => {
                 let (member, share) = (j.member, r.share());
                 let seq = self.next_seq(out);
-                let (epoch, progress) = self.position().unwrap_or_default();
-                let step = Step::from_progress(progress).unwrap_or(Step::SecondTransition);
+                let (epoch, step) = self
+                    .position()
+                    .unwrap_or((Epoch::default(), Step::SecondTransition));
                 let body = wire::key_request(epoch, step, seq, member, &share);
                 self.send_controller(body, fallback, out);
             }
@@ -998,10 +1030,6 @@ impl NodeMachine {
             )
             .max(self.cfg.sync_retry_initial_ms);
             s.due = now.plus(wait);
-            out.push(NodeAction::ArmTimer {
-                timer: NodeTimer::Sync,
-                at: s.due,
-            });
         }
     }
 
@@ -1013,18 +1041,11 @@ impl NodeMachine {
         let uses: Vec<_> = r.usage().collect();
         let seq = self.next_seq(out);
         self.send_controller(wire::usage_report(epoch, seq, member, &uses), false, out);
-        self.arm_usage(now, out);
+        self.arm_usage(now);
     }
 
-    fn arm_usage(&mut self, now: Time, out: &mut Out) {
-        if let Some(every) = self.cfg.usage_interval_ms {
-            let at = now.plus(every);
-            self.usage_due = Some(at);
-            out.push(NodeAction::ArmTimer {
-                timer: NodeTimer::Usage,
-                at,
-            });
-        }
+    fn arm_usage(&mut self, now: Time) {
+        self.usage_due = self.cfg.usage_interval_ms.map(|every| now.plus(every));
     }
 
     fn seal_and_send(&mut self, plaintext: &[u8], rng: &mut impl RngCore, out: &mut Out) {
@@ -1162,7 +1183,7 @@ impl NodeMachine {
         m: Step,
         what: &'static str,
     ) -> Result<(), Refusal> {
-        let Some((pe, pq)) = self.position() else {
+        let Some((pe, pq)) = self.progress() else {
             return Err(Refusal::NotJoined { what });
         };
         let q = m.progress();
@@ -1249,7 +1270,7 @@ impl NodeMachine {
                 // Only a key the node does not hold yet takes a ratchet step; a
                 // duplicate, stale or gapped request goes the usual way (answered
                 // again, refused, or a key request).
-                let takes_step = matches!(self.position(), Some((pe, 3)) if ku.epoch == pe.next());
+                let takes_step = matches!(self.position(), Some((pe, Step::SecondTransition)) if ku.epoch == pe.next());
                 if !takes_step {
                     return self.on_step(now, ku.epoch, Step::KeyUpdate, None, rng, out);
                 }
@@ -1263,7 +1284,7 @@ impl NodeMachine {
                 else {
                     // Signed by the controller, yet not for this node's chain: out of
                     // step (e.g. a lost reply); the key request brings it back in.
-                    self.start_sync(now, rng, out, false, false);
+                    self.start_sync(now, rng, out, Ask::OutOfStep);
                     return Err(Refusal::Unwrap { epoch: ku.epoch });
                 };
                 let next = step.map(|s| NodeRatchet {
@@ -1426,7 +1447,7 @@ impl NodeMachine {
                     // Sent before the answer that synced us: nothing left to ask.
                     return Ok(());
                 }
-                self.start_sync(now, rng, out, false, false);
+                self.start_sync(now, rng, out, Ask::OutOfStep);
                 Ok(())
             }
             Message::Ack(_)
@@ -1453,7 +1474,7 @@ impl NodeMachine {
         let Some(controller) = self.joined.as_ref().map(|j| j.controller) else {
             // Not joined yet: a controller is there (or someone says so), so
             // the join goes out now rather than at its next backed-off retry.
-            self.join_soon(now, rng, out);
+            self.join_soon(now, rng);
             return Ok(());
         };
         let silence = self.cfg.beacon_silence_ms;
@@ -1504,9 +1525,9 @@ impl NodeMachine {
             if self.sync.is_none() {
                 self.beacon_stats.syncs += 1;
             }
-            self.start_sync(now, rng, out, true, false);
+            self.start_sync(now, rng, out, Ask::Behind);
         } else if after_silence {
-            self.nudge(now, rng, out);
+            self.nudge(now, rng);
         }
         Ok(())
     }
@@ -1516,7 +1537,7 @@ impl NodeMachine {
     /// at a random moment within one silence period and at most once every
     /// [`SILENCE_NUDGE_MIN_GAP_MS`]: a controller back from an outage, or
     /// slowed by load, is not met by the whole fleet at once.
-    fn nudge(&mut self, now: Time, rng: &mut impl RngCore, out: &mut Out) {
+    fn nudge(&mut self, now: Time, rng: &mut impl RngCore) {
         if self.sync.is_some()
             || self
                 .last_nudge
@@ -1533,10 +1554,6 @@ impl NodeMachine {
             due,
             hold: false,
         });
-        out.push(NodeAction::ArmTimer {
-            timer: NodeTimer::Sync,
-            at: due,
-        });
     }
 
     /// An unjoined node hears a beacon (which it cannot check: it learns the
@@ -1546,7 +1563,7 @@ impl NodeMachine {
     /// its retries start again from the shortest delay (a join lost in the
     /// crowd is sent again soon). At most once per [`BEACON_JOIN_MIN_GAP_MS`]:
     /// forged beacons cannot make it join much more often than it would.
-    fn join_soon(&mut self, now: Time, rng: &mut impl RngCore, out: &mut Out) {
+    fn join_soon(&mut self, now: Time, rng: &mut impl RngCore) {
         if self
             .beacon_join
             .is_some_and(|t| now.since(t) < BEACON_JOIN_MIN_GAP_MS)
@@ -1560,10 +1577,6 @@ impl NodeMachine {
         self.beacon_join = Some(now);
         s.attempt = 0;
         s.due = now.plus(rng.next_u64() % BEACON_JOIN_SPREAD_MS);
-        out.push(NodeAction::ArmTimer {
-            timer: NodeTimer::Sync,
-            at: s.due,
-        });
     }
 
     /// One beacon signature check from the budget, if any is left.
@@ -1687,7 +1700,7 @@ impl NodeMachine {
             Step::SecondTransition => "second transition request",
         };
         let before = self.state();
-        let (Some((pe, pq)), Some(ring)) = (self.position(), self.keyring.as_mut()) else {
+        let (Some((pe, pq)), Some(ring)) = (self.progress(), self.keyring.as_mut()) else {
             return Err(Refusal::NotJoined { what });
         };
         let q = m.progress();
@@ -1736,12 +1749,12 @@ impl NodeMachine {
                     return Ok(());
                 }
                 _ => {
-                    self.start_sync(now, rng, out, false, false);
+                    self.start_sync(now, rng, out, Ask::OutOfStep);
                     return Err(Refusal::MissingKey { what, epoch: e });
                 }
             }
         }
-        self.start_sync(now, rng, out, false, false);
+        self.start_sync(now, rng, out, Ask::OutOfStep);
         Err(Refusal::EpochGap {
             what,
             got: e,
@@ -1778,18 +1791,38 @@ impl NodeMachine {
         self.solicited(what, in_reply_to)?;
         let current_epoch = current.epoch();
         let (phase, primary, next, target) = match round {
-            None => (KeyPhase::UpdateCompleted, current, None, (current_epoch, 3)),
+            None => (
+                KeyPhase::UpdateCompleted,
+                current,
+                None,
+                (current_epoch, Step::SecondTransition),
+            ),
             Some((RoundPhase::Distributing, new)) => {
                 let e = new.epoch();
-                (KeyPhase::DistributionCompleted, current, Some(new), (e, 1))
+                (
+                    KeyPhase::DistributionCompleted,
+                    current,
+                    Some(new),
+                    (e, Step::KeyUpdate),
+                )
             }
             Some((RoundPhase::FirstTransition | RoundPhase::Draining, new)) => {
                 let e = new.epoch();
-                (KeyPhase::InTransit, current, Some(new), (e, 2))
+                (
+                    KeyPhase::InTransit,
+                    current,
+                    Some(new),
+                    (e, Step::FirstTransition),
+                )
             }
             Some((RoundPhase::SecondTransition, new)) => {
                 let e = new.epoch();
-                (KeyPhase::UpdateCompleted, new, None, (e, 3))
+                (
+                    KeyPhase::UpdateCompleted,
+                    new,
+                    None,
+                    (e, Step::SecondTransition),
+                )
             }
         };
         let pos = self.position();
@@ -1805,9 +1838,7 @@ impl NodeMachine {
             // on: persist it, and confirm the step with a reply carrying the new
             // share (the controller then drops the chain it replaces). Send what was held.
             self.persist(out);
-            if let Some(step) = Step::from_progress(target.1) {
-                self.ack(step, target.0, false, out);
-            }
+            self.ack(target.1, target.0, false, out);
             self.handshake = None;
             self.sync = None;
             self.synced_by = self.synced_by.max(answer);
@@ -1819,7 +1850,7 @@ impl NodeMachine {
                 self.seal_and_send(&plaintext, rng, out);
             }
             if self.usage_due.is_none() {
-                self.arm_usage(now, out);
+                self.arm_usage(now);
             }
             return Ok(());
         }
@@ -1838,10 +1869,8 @@ impl NodeMachine {
             to: self.state(),
         }));
         self.open_kept(out);
-        if let Some(step) = Step::from_progress(target.1) {
-            self.route.stepped();
-            self.ack(step, target.0, false, out);
-        }
+        self.route.stepped();
+        self.ack(target.1, target.0, false, out);
         // Ask once more with the new position: the answer confirms the controller counts us.
         // Only an answer to that request (not a late copy of this one) may confirm.
         let next_seq = self.seq + 1;

@@ -8,10 +8,10 @@ use crate::crypto::{Epoch, InitialKey};
 use crate::protocol::{
     ControllerAction, ControllerConfig, ControllerCore, ControllerInput, ControllerMachine,
     ControllerPersist, ControllerTimer, MemberPersist, MemberStatus, NodeAction, NodeConfig,
-    NodeEvent, NodeInput, NodeMachine, NodePersist, NodeState, NodeTimer, Record, Refusal, Time,
+    NodeEvent, NodeInput, NodeMachine, NodePersist, NodeState, Record, Refusal, Time,
     TriggerConfig, Via,
 };
-use crate::wire::NodeId;
+use crate::wire::{NodeId, Step};
 use core::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use rand::{Rng, RngCore, SeedableRng};
 use rand_chacha::{ChaCha20Rng, ChaCha8Rng};
@@ -50,7 +50,8 @@ fn addr_of(p: Peer) -> SocketAddr {
 enum Event {
     LinkUp(u32),
     Data(u32),
-    Node(u32, NodeTimerKey),
+    /// The node's deadline (`poll_timeout`) as it was when scheduled.
+    NodeTimeout(u32),
     Controller(ControllerTimerKey, u32),
     Rekey,
     Offline(u32),
@@ -60,12 +61,6 @@ enum Event {
     ControllerCrash,
     ControllerRestart,
     Check,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-enum NodeTimerKey {
-    Sync,
-    Usage,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -81,7 +76,7 @@ struct View {
     in_sync: bool,
     held: [Option<Epoch>; 2],
     sealing: Option<Epoch>,
-    pos: Option<(Epoch, u8)>,
+    pos: Option<(Epoch, Step)>,
 }
 
 struct Slot {
@@ -94,6 +89,8 @@ struct Slot {
     /// Kept only for nodes the plan will crash (to keep memory small).
     keep_persist: bool,
     persisted: Option<Box<NodePersist>>,
+    /// The deadline a `NodeTimeout` event is scheduled for.
+    timeout: Option<Time>,
 }
 
 #[derive(Default)]
@@ -276,6 +273,7 @@ impl<T: Transport> Fleet<T> {
                 view: View::default(),
                 keep_persist: crashing.contains(&i),
                 persisted: None,
+                timeout: None,
             });
             let t = Time(self.plan.gen_range(0..200));
             self.schedule(t, Event::LinkUp(i));
@@ -403,13 +401,16 @@ impl<T: Transport> Fleet<T> {
                     self.node_input(i, NodeInput::Send(&msg));
                 }
             }
-            Event::Node(i, k) => {
-                if self.nodes.get(i as usize).is_some_and(|s| s.up) {
-                    let t = match k {
-                        NodeTimerKey::Sync => NodeTimer::Sync,
-                        NodeTimerKey::Usage => NodeTimer::Usage,
-                    };
-                    self.node_input(i, NodeInput::Timer(t));
+            Event::NodeTimeout(i) => {
+                let now = self.now;
+                // Only the event for the deadline the node last gave; others were superseded.
+                if let Some(s) = self
+                    .nodes
+                    .get_mut(i as usize)
+                    .filter(|s| s.up && s.timeout == Some(now))
+                {
+                    s.timeout = None;
+                    self.node_input(i, NodeInput::Timeout);
                 }
             }
             Event::Controller(k, generation) => {
@@ -482,6 +483,7 @@ impl<T: Transport> Fleet<T> {
                 if s.up {
                     return;
                 }
+                s.timeout = None;
                 if let Some(p) = &s.persisted {
                     match NodeMachine::restore(p, cfg) {
                         Ok(m) => s.machine = m,
@@ -650,7 +652,24 @@ impl<T: Transport> Fleet<T> {
         in_sync
     }
 
+    /// Schedules the node's next deadline if it is earlier than the one
+    /// scheduled (a later one is scheduled when the earlier event finds
+    /// nothing due and the node is asked again).
+    fn arm_node(&mut self, i: u32) {
+        let Some(s) = self.nodes.get_mut(i as usize) else {
+            return;
+        };
+        let Some(at) = s.machine.poll_timeout() else {
+            return;
+        };
+        if s.timeout.is_none_or(|t| at < t) {
+            s.timeout = Some(at);
+            self.schedule(at.max(self.now), Event::NodeTimeout(i));
+        }
+    }
+
     fn apply_node(&mut self, i: u32, data: Option<(bool, bool)>) {
+        self.arm_node(i);
         if self.node_out.is_empty() {
             return;
         }
@@ -676,13 +695,6 @@ impl<T: Transport> Fleet<T> {
                     if let Some(p) = peer_of(to) {
                         self.net.send_to(self.now, Peer::Node(i), p, bytes);
                     }
-                }
-                NodeAction::ArmTimer { timer, at } => {
-                    let k = match timer {
-                        NodeTimer::Sync => NodeTimerKey::Sync,
-                        NodeTimer::Usage => NodeTimerKey::Usage,
-                    };
-                    self.schedule(at, Event::Node(i, k));
                 }
                 NodeAction::Persist(p) => {
                     self.report.node_persists += 1;

@@ -485,7 +485,7 @@ fn a_stale_node_that_reports_usage_is_told_to_resync_and_catches_up() {
     f.drop = Box::new(|_, _, _| false);
     // No link-up: its periodic usage report is what brings it back.
     f.now = f.now.plus(1000);
-    f.node(0, NodeInput::Timer(NodeTimer::Usage));
+    f.node(0, NodeInput::Timeout);
     f.pump();
     assert_eq!(f.nodes[0].state(), UC2);
     assert!(f.nodes[0].is_synced());
@@ -545,10 +545,10 @@ fn usage_reports_fire_the_count_trigger() {
     }
     f.pump();
     f.now = f.now.plus(1000);
-    f.node(0, NodeInput::Timer(NodeTimer::Usage));
+    f.node(0, NodeInput::Timeout);
     f.pump();
     assert_eq!(f.phase(), None, "2 encryptions are not more than 3");
-    f.node(1, NodeInput::Timer(NodeTimer::Usage));
+    f.node(1, NodeInput::Timeout);
     // A duplicate report must not count twice.
     f.pump();
     let fired: Vec<_> = f
@@ -990,12 +990,9 @@ fn every_phase_against_every_input() {
                 f.ctl(ControllerInput::Datagram { from, bytes: &b })
             }
             CIn::KeyRequest => {
-                let (e, p) = f.nodes[1].position().unwrap();
+                let (e, step) = f.nodes[1].position().unwrap();
                 let (keys, share) = f.nodes[1].ratchet_view().unwrap();
-                let b = wire::mac(
-                    wire::key_request(e, Step::from_progress(p).unwrap(), seq, 2, &share),
-                    &keys,
-                );
+                let b = wire::mac(wire::key_request(e, step, seq, 2, &share), &keys);
                 f.ctl(ControllerInput::Datagram { from, bytes: &b })
             }
             CIn::EarlyTimer => f.ctl(ControllerInput::Timer(ControllerTimer::Round)),
@@ -1060,7 +1057,7 @@ fn a_pinned_node_id_gets_no_second_handshake_until_the_operator_allows_it() {
     .unwrap();
     assert_eq!(f.count(|r| matches!(r, Record::RejoinAllowed { .. })), 1);
     f.now = f.now.plus(10_000);
-    f.node(0, NodeInput::Timer(NodeTimer::Sync));
+    f.node(0, NodeInput::Timeout);
     f.pump();
     assert!(f.nodes[0].is_synced(), "{:?}", f.nodes[0].state());
     assert_eq!(
@@ -1977,12 +1974,7 @@ fn handshake_retries_resend_the_same_init_and_get_the_cached_answer() {
     for _ in 1..HANDSHAKE_SENDS {
         now = now.plus(20_000);
         n_out.clear();
-        node.handle(
-            now,
-            NodeInput::Timer(NodeTimer::Sync),
-            &mut nrng,
-            &mut n_out,
-        );
+        node.handle(now, NodeInput::Timeout, &mut nrng, &mut n_out);
         let again = sent(&n_out);
         assert_eq!(again, first, "a retry resends the same init");
         let out = to_ctl(&mut c, now, &again[0]);
@@ -2010,12 +2002,7 @@ fn handshake_retries_resend_the_same_init_and_get_the_cached_answer() {
     // fresh handshake, which gets a new answer (and a new chain).
     now = now.plus(20_000);
     n_out.clear();
-    node.handle(
-        now,
-        NodeInput::Timer(NodeTimer::Sync),
-        &mut nrng,
-        &mut n_out,
-    );
+    node.handle(now, NodeInput::Timeout, &mut nrng, &mut n_out);
     let fresh = sent(&n_out);
     assert_eq!(fresh.len(), 1);
     assert_ne!(fresh, first, "a fresh init after HANDSHAKE_SENDS sends");

@@ -437,13 +437,10 @@ fn unjoined_node_holds_data_refuses_requests_and_joins_on_link_up() {
     ));
     let out = r.input(NodeInput::LinkUp);
     assert_eq!(names(&out), vec!["handshake init"]);
-    assert!(out.iter().any(|a| matches!(
-        a,
-        NodeAction::ArmTimer {
-            timer: NodeTimer::Sync,
-            ..
-        }
-    )));
+    assert!(
+        r.node.poll_timeout().is_some_and(|t| t > r.now),
+        "a retry is due later"
+    );
     // A controller holding another label cannot even read the node's init:
     // the PSK authenticates it.
     let other = FakeController::new(3);
@@ -492,33 +489,31 @@ fn held_data_goes_out_once_the_controller_confirms() {
 #[test]
 fn sync_timer_retries_only_when_due_and_usage_timer_reports() {
     let mut r = Rig::unjoined();
-    let out = r.input(NodeInput::LinkUp);
-    let due = out
-        .iter()
-        .find_map(|a| match a {
-            NodeAction::ArmTimer {
-                timer: NodeTimer::Sync,
-                at,
-            } => Some(*at),
-            _ => None,
-        })
-        .unwrap();
+    assert_eq!(
+        r.node.poll_timeout(),
+        None,
+        "nothing to do before it starts"
+    );
+    r.input(NodeInput::LinkUp);
+    let due = r.node.poll_timeout().expect("the retry's deadline");
+    assert!(due > r.now);
     assert!(
-        r.input(NodeInput::Timer(NodeTimer::Sync)).is_empty(),
+        r.input(NodeInput::Timeout).is_empty(),
         "early firing ignored"
     );
     r.now = due;
-    let out = r.input(NodeInput::Timer(NodeTimer::Sync));
+    let out = r.input(NodeInput::Timeout);
     assert_eq!(names(&out), vec!["handshake init"]);
+    assert!(
+        r.node.poll_timeout().is_some_and(|t| t > due),
+        "the next retry is later"
+    );
 
     let mut r = Rig::uc1();
     r.input(NodeInput::Send(b"x"));
-    assert!(
-        r.input(NodeInput::Timer(NodeTimer::Usage)).is_empty(),
-        "not due yet"
-    );
+    assert!(r.input(NodeInput::Timeout).is_empty(), "not due yet");
     r.now = r.now.plus(1000);
-    let out = r.input(NodeInput::Timer(NodeTimer::Usage));
+    let out = r.input(NodeInput::Timeout);
     let b = &sent(&out)[0];
     let Ok(Message::UsageReport(u)) = wire::decode(b) else {
         panic!("{out:?}")
@@ -1107,11 +1102,14 @@ fn a_storm_of_triggers_stays_within_the_controllers_request_budget() {
     let mut gaps = ChaCha20Rng::seed_from_u64(7);
     for _ in 0..200 {
         r.now = r.now.plus(gaps.gen_range(0..300));
-        let mut out = r.input(NodeInput::Timer(NodeTimer::Sync));
+        let mut out = r.input(NodeInput::Timeout);
         if pending.is_none() {
             let seq = r.ctl.seq();
             let member = r.ctl.member;
-            let bytes = wire::mac(wire::resync(r.ctl.term, Epoch(1), seq, member), &r.ctl.chain());
+            let bytes = wire::mac(
+                wire::resync(r.ctl.term, Epoch(1), seq, member),
+                &r.ctl.chain(),
+            );
             out.extend(r.feed(&bytes));
         }
         for a in &out {
@@ -1141,7 +1139,11 @@ fn a_storm_of_triggers_stays_within_the_controllers_request_budget() {
             assert_eq!(refusal(&out), None);
         }
     }
-    assert!(sends.len() > 20, "the storm made the node ask: {}", sends.len());
+    assert!(
+        sends.len() > 20,
+        "the storm made the node ask: {}",
+        sends.len()
+    );
     for w in sends.windows(2) {
         assert!(
             w[1].since(w[0]) >= node_cfg().sync_retry_initial_ms,

@@ -58,20 +58,15 @@ fn a_silence_nudge_is_jittered_and_rate_limited() {
     // A controller heard only after more than the silence each time, 100 times.
     for _ in 0..100 {
         r.now = r.now.plus(silence + 3000);
+        let before = r.node.sync_due();
         let out = r.feed(&level);
         assert_eq!(key_requests(&out), 0, "never at once");
-        let due = out.iter().find_map(|a| match a {
-            NodeAction::ArmTimer {
-                timer: NodeTimer::Sync,
-                at,
-            } => Some(*at),
-            _ => None,
-        });
+        let due = r.node.sync_due().filter(|d| Some(*d) != before);
         if let Some(due) = due {
             asked += 1;
             assert!(due < r.now.plus(silence), "within one silence period");
             r.now = due;
-            let out = r.input(NodeInput::Timer(NodeTimer::Sync));
+            let out = r.input(NodeInput::Timeout);
             assert_eq!(key_requests(&out), 1);
             let st = r.ctl.state(&key(1), None);
             let kr = r.ctl.key_response(request_seq(&out), &st);
@@ -99,7 +94,7 @@ fn behind_means_more_than_one_step_behind() {
     use RoundPhase::*;
     let b = |pos: (u32, u8), epoch: u32, round: Option<(u32, RoundPhase)>| {
         behind_beacon(
-            Some((Epoch(pos.0), pos.1)),
+            Some((Epoch(pos.0), Step::from_progress(pos.1).unwrap())),
             Epoch(epoch),
             round.map(|(e, p)| (Epoch(e), p)),
         )
@@ -237,23 +232,15 @@ fn replayed_and_forged_beacons_move_no_one() {
     r.now = r.now.plus(silence + 1000);
     r.feed(&level);
     r.now = r.now.plus(silence + 1000);
+    assert_eq!(r.node.sync_due(), None);
     let out = r.feed(&level);
     // Heard after silence: asks within one silence period (jittered), without holding.
     assert_eq!(key_requests(&out), 0);
-    let due = out
-        .iter()
-        .find_map(|a| match a {
-            NodeAction::ArmTimer {
-                timer: NodeTimer::Sync,
-                at,
-            } => Some(*at),
-            _ => None,
-        })
-        .expect("a key request scheduled");
+    let due = r.node.sync_due().expect("a key request scheduled");
     assert!(due >= r.now && due < r.now.plus(silence), "{due} {}", r.now);
     assert!(!holds(&mut r));
     r.now = due;
-    assert_eq!(key_requests(&r.input(NodeInput::Timer(NodeTimer::Sync))), 1);
+    assert_eq!(key_requests(&r.input(NodeInput::Timeout)), 1);
     assert_eq!(r.node.beacon_stats().verified, 1);
     let before = r.node.beacon_stats();
     // A replay of an older beacon: refused before any signature check.
@@ -445,17 +432,6 @@ proptest! {
     }
 }
 
-/// The sync timer armed in `out`, if any.
-fn sync_armed(out: &[NodeAction]) -> Option<Time> {
-    out.iter().find_map(|a| match a {
-        NodeAction::ArmTimer {
-            timer: NodeTimer::Sync,
-            at,
-        } => Some(*at),
-        _ => None,
-    })
-}
-
 /// A node waiting for a controller (its join retries backed off) joins
 /// within a quarter second of the first beacon, and no flood of beacons
 /// (which it cannot check before it joins) makes it join much more often
@@ -463,13 +439,14 @@ fn sync_armed(out: &[NodeAction]) -> Option<Time> {
 #[test]
 fn an_unjoined_node_joins_soon_after_a_beacon_and_a_beacon_flood_costs_few_joins() {
     let mut r = Rig::unjoined();
-    let mut due = sync_armed(&r.input(NodeInput::LinkUp)).expect("join retry armed");
+    r.input(NodeInput::LinkUp);
+    let mut due = r.node.sync_due().expect("join retry armed");
     // No controller answers: the retries back off to the maximum.
     for _ in 0..6 {
         r.now = due;
-        let out = r.input(NodeInput::Timer(NodeTimer::Sync));
+        let out = r.input(NodeInput::Timeout);
         assert_eq!(names(&out), vec!["handshake init"]);
-        due = sync_armed(&out).unwrap();
+        due = r.node.sync_due().unwrap();
     }
     assert!(due.since(r.now) >= 6000, "backed off: {}", due.since(r.now));
     // A beacon from anyone (forged ones too: the node has no key to check).
@@ -479,20 +456,21 @@ fn an_unjoined_node_joins_soon_after_a_beacon_and_a_beacon_flood_costs_few_joins
     for i in 0..3000u64 {
         r.now = start.plus(i * 10);
         let b = forger().beacon(1, None);
+        let before = r.node.sync_due();
         let out = r.feed(&b);
         assert!(sent(&out).is_empty(), "a beacon itself sends nothing");
-        if let Some(at) = sync_armed(&out) {
+        if let Some(at) = r.node.sync_due().filter(|at| Some(*at) != before) {
             assert!(at.since(r.now) < BEACON_JOIN_SPREAD_MS);
             pulled.push(at.since(r.now));
             due = at;
         }
         if r.now >= due {
-            let out = r.input(NodeInput::Timer(NodeTimer::Sync));
+            let out = r.input(NodeInput::Timeout);
             joins += names(&out)
                 .iter()
                 .filter(|n| **n == "handshake init")
                 .count();
-            due = sync_armed(&out).unwrap_or(Time::MAX);
+            due = r.node.sync_due().unwrap_or(Time::MAX);
         }
     }
     println!("30 s of beacons every 10 ms: {joins} joins, pulled forward by {pulled:?} ms");
