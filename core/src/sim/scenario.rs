@@ -51,7 +51,7 @@ enum Event {
     LinkUp(u32),
     Data(u32),
     /// The node's deadline (`poll_timeout`) as it was when scheduled.
-    NodeTimeout(u32),
+    NodeTimeout(u32, Time),
     Controller(ControllerTimerKey, u32),
     Rekey,
     Offline(u32),
@@ -401,13 +401,13 @@ impl<T: Transport> Fleet<T> {
                     self.node_input(i, NodeInput::Send(&msg));
                 }
             }
-            Event::NodeTimeout(i) => {
-                let now = self.now;
-                // Only the event for the deadline the node last gave; others were superseded.
+            Event::NodeTimeout(i, at) => {
+                // Only the event for the deadline the node last gave; others
+                // were superseded. (`now` may be past it: real sockets.)
                 if let Some(s) = self
                     .nodes
                     .get_mut(i as usize)
-                    .filter(|s| s.up && s.timeout == Some(now))
+                    .filter(|s| s.up && s.timeout == Some(at))
                 {
                     s.timeout = None;
                     self.node_input(i, NodeInput::Timeout);
@@ -664,7 +664,7 @@ impl<T: Transport> Fleet<T> {
         };
         if s.timeout.is_none_or(|t| at < t) {
             s.timeout = Some(at);
-            self.schedule(at.max(self.now), Event::NodeTimeout(i));
+            self.schedule(at.max(self.now), Event::NodeTimeout(i, at));
         }
     }
 
