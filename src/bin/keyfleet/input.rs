@@ -306,14 +306,13 @@ pub struct DevicesArgs {
 
 /// The candidate devices of every source built in, as `keyfleet devices` shows them.
 pub fn devices(args: DevicesArgs) -> anyhow::Result<()> {
-    let factories = registry::registry();
-    let list: Vec<DeviceInfo> = factories.iter().flat_map(|f| f.list()).collect();
+    let list = registry::list_all();
     if args.json {
         let v: Vec<serde_json::Value> = list.iter().map(device_json).collect();
         println!("{}", serde_json::Value::Array(v));
         return Ok(());
     }
-    let names: Vec<&str> = factories.iter().map(|f| f.name()).collect();
+    let names: Vec<&str> = registry::registry().iter().map(|f| f.name()).collect();
     if list.is_empty() {
         println!("no candidate devices found");
     }
