@@ -263,6 +263,16 @@ struct Keyboard {
     mode: Mode,
 }
 
+/// The `--from` name and cargo feature.
+pub const NAME: &str = "keyboard";
+
+/// The keyboard in the [registry](crate::registry); it has no device to list.
+pub static FACTORY: crate::registry::Factory = crate::registry::Factory {
+    name: NAME,
+    list: crate::registry::no_devices,
+    open,
+};
+
 /// Opens the keyboard source: `--replay FILE`, else the terminal when stdin
 /// is one, else a line from stdin.
 pub fn open(opts: &SourceOptions) -> Result<Box<dyn KeySource>, SourceError> {
@@ -278,7 +288,7 @@ pub fn open(opts: &SourceOptions) -> Result<Box<dyn KeySource>, SourceError> {
 
 impl KeySource for Keyboard {
     fn name(&self) -> &'static str {
-        "keyboard"
+        NAME
     }
 
     fn read_raw(&mut self, timeout: Option<Duration>) -> Result<String, SourceError> {

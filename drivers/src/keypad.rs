@@ -249,6 +249,16 @@ fn draw(f: &mut Frame, pad: &Keypad) {
 
 struct KeypadSource;
 
+/// The `--from` name and cargo feature.
+pub const NAME: &str = "keypad";
+
+/// The keypad in the [registry](crate::registry); it has no device to list.
+pub static FACTORY: crate::registry::Factory = crate::registry::Factory {
+    name: NAME,
+    list: crate::registry::no_devices,
+    open,
+};
+
 /// Opens the keypad. It needs a terminal (`/dev/tty`); `--replay` does not
 /// apply (the keyboard source replays typed bytes).
 pub fn open(opts: &SourceOptions) -> Result<Box<dyn KeySource>, SourceError> {
@@ -297,7 +307,7 @@ impl Drop for Screen {
 
 impl KeySource for KeypadSource {
     fn name(&self) -> &'static str {
-        "keypad"
+        NAME
     }
 
     fn read_raw(&mut self, timeout: Option<Duration>) -> Result<String, SourceError> {

@@ -7,14 +7,19 @@
 //! pure decoder (bytes, timings or frames in; the decoded text out) and a
 //! device reader that only delivers those bytes; `--replay` feeds a recording
 //! to the same decoder. All of them implement [`source::KeySource`], and what
-//! they yield is parsed by [`label::parse`].
+//! they yield is parsed by [`label::parse`]. Each kind has one
+//! [`registry::SourceFactory`] (its name, its devices, how to open it), and
+//! [`registry::registry`] lists the ones built in. The HID, serial and IR
+//! readers share one read loop with a deadline, [`stream::read_entry`].
 #![forbid(unsafe_code)]
 
 /// The label forms (from the core, shared with the controller and the agent).
 pub use keyfleet_core::label;
+pub mod registry;
 pub mod source;
-/// Candidate devices from sysfs for `keyfleet devices`.
-pub mod sysfs;
+pub mod stream;
+#[cfg(any(feature = "serial-scanner", feature = "ir"))]
+pub mod tty;
 
 #[cfg(feature = "hid-scanner")]
 pub mod hid;

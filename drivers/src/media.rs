@@ -36,7 +36,10 @@ use rustix::fs::{Mode, OFlags};
 use rustix::mount::{MountFlags, UnmountFlags};
 use zeroize::Zeroizing;
 
-use crate::source::{DeviceInfo, KeySource, SourceError, SourceOptions};
+use crate::source::{Access, DeviceInfo, KeySource, SourceError, SourceOptions};
+
+/// The `--from` name and cargo feature.
+pub const NAME: &str = "file";
 
 /// Largest key file accepted.
 pub const MAX_KEY_FILE: u64 = 4096;
@@ -428,11 +431,13 @@ pub fn list() -> Vec<DeviceInfo> {
                 format!("mounted at {}", at.join(", "))
             };
             DeviceInfo {
-                kind: "file",
+                kind: NAME,
                 path: m.device.display().to_string(),
                 vendor: m.vendor,
                 product: m.model,
                 note: Some(note),
+                // Read where it is mounted, or mounted by keyfleet as root: never opened as a node.
+                access: Access::NotChecked,
             }
         })
         .collect()
@@ -586,6 +591,13 @@ struct FileSource {
     opts: SourceOptions,
 }
 
+/// The key file source in the [registry](crate::registry).
+pub static FACTORY: crate::registry::Factory = crate::registry::Factory {
+    name: NAME,
+    list,
+    open,
+};
+
 /// Opens the file source; the search happens on [`KeySource::read_raw`].
 pub fn open(opts: &SourceOptions) -> Result<Box<dyn KeySource>, SourceError> {
     let mut opts = opts.clone();
@@ -657,7 +669,7 @@ pub fn read(opts: &SourceOptions) -> Result<Zeroizing<String>, MediaError> {
 
 impl KeySource for FileSource {
     fn name(&self) -> &'static str {
-        "file"
+        NAME
     }
 
     fn read_raw(&mut self, _timeout: Option<Duration>) -> Result<String, SourceError> {

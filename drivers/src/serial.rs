@@ -8,12 +8,18 @@
 //! stream into scans; the device reader (`serialport`, with the line settings
 //! of [`SerialSettings`]) and `--replay` (a file holding the raw byte stream,
 //! as `cat /dev/ttyACM0 > scan.bin` or a serial capture tool saves it) feed
-//! the same framer.
+//! the same framer, through the shared read loop [`crate::stream::read_entry`].
+use std::collections::VecDeque;
 use std::io::Read;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use crate::source::{DeviceInfo, KeySource, SerialSettings, SourceError, SourceOptions};
+use crate::source::{Access, DeviceInfo, KeySource, SerialSettings, SourceError, SourceOptions};
+use crate::stream::{read_entry, Assemble, Next, TimedStream};
+pub use crate::tty::line_settings;
+
+/// The `--from` name and cargo feature.
+pub const NAME: &str = "serial-scanner";
 
 const STX: u8 = 0x02;
 const ETX: u8 = 0x03;
@@ -92,86 +98,70 @@ pub fn strip_aim(text: &str) -> &str {
     }
 }
 
-/// What a byte stream yields next.
-pub enum Chunk {
-    Data(Vec<u8>),
-    /// Nothing arrived within the wait.
-    Quiet,
-    /// The stream is over (end of file, port hung up).
-    End(String),
-}
-
-/// Where bytes come from: a serial port or a capture file.
-pub trait ByteStream {
-    /// Wait at most `wait` (forever when `None`) for more bytes.
-    fn next_chunk(&mut self, wait: Option<Duration>) -> Result<Chunk, SourceError>;
-    /// The stream's clock.
-    fn now(&self) -> Duration;
-}
-
-/// A serial scanner: a byte stream and the framer.
+/// A serial scanner: a byte stream ([`ReplayStream`] or a port) and the framing.
 pub struct SerialScanner<S> {
     stream: S,
-    framer: ScanFramer,
-    /// Bytes read but not yet framed (several scans may arrive in one read).
-    unread: std::collections::VecDeque<u8>,
+    framing: Framing,
 }
 
-impl<S: ByteStream> SerialScanner<S> {
+impl<S: TimedStream<Item = Vec<u8>>> SerialScanner<S> {
     pub fn new(stream: S) -> Self {
         SerialScanner {
             stream,
-            framer: ScanFramer::default(),
-            unread: Default::default(),
+            framing: Framing::default(),
         }
     }
 }
 
-impl<S: ByteStream> KeySource for SerialScanner<S> {
+/// The framer and the bytes read but not yet framed (several scans may
+/// arrive in one read).
+#[derive(Default)]
+struct Framing {
+    framer: ScanFramer,
+    unread: VecDeque<u8>,
+}
+
+impl Assemble<Vec<u8>> for Framing {
+    fn ready(&mut self) -> Option<Result<String, SourceError>> {
+        while let Some(b) = self.unread.pop_front() {
+            match self.framer.push(b) {
+                Some(Framed::Scan(text)) => {
+                    tracing::debug!(chars = text.chars().count(), "serial scan complete");
+                    return Some(Ok(text));
+                }
+                Some(Framed::Overflow) => {
+                    return Some(Err(SourceError::Malformed {
+                        what: format!("more than {MAX_SCAN} bytes without CR, LF or ETX; check the scanner's suffix setting and the line settings (--baud, --data-bits, --parity, --stop-bits)"),
+                    }))
+                }
+                None => {}
+            }
+        }
+        None
+    }
+
+    fn feed(&mut self, bytes: Vec<u8>, _now: Duration) -> Option<Result<String, SourceError>> {
+        self.unread.extend(bytes);
+        self.ready()
+    }
+
+    fn end(&mut self, why: String) -> Option<Result<String, SourceError>> {
+        let pending = self.framer.pending_len();
+        Some(Err(SourceError::Ended(if pending > 0 {
+            format!("{why}, in a scan of {pending} bytes with no CR, LF or ETX")
+        } else {
+            format!("{why}, with no scan")
+        })))
+    }
+}
+
+impl<S: TimedStream<Item = Vec<u8>>> KeySource for SerialScanner<S> {
     fn name(&self) -> &'static str {
-        "serial-scanner"
+        NAME
     }
 
     fn read_raw(&mut self, timeout: Option<Duration>) -> Result<String, SourceError> {
-        let start = self.stream.now();
-        loop {
-            while let Some(b) = self.unread.pop_front() {
-                match self.framer.push(b) {
-                    Some(Framed::Scan(text)) => {
-                        tracing::debug!(chars = text.chars().count(), "serial scan complete");
-                        return Ok(text);
-                    }
-                    Some(Framed::Overflow) => {
-                        return Err(SourceError::Malformed {
-                            what: format!("more than {MAX_SCAN} bytes without CR, LF or ETX; check the scanner's suffix setting and the line settings (--baud, --data-bits, --parity, --stop-bits)"),
-                        })
-                    }
-                    None => {}
-                }
-            }
-            let wait = match timeout {
-                Some(t) => {
-                    let spent = self.stream.now().saturating_sub(start);
-                    if spent >= t {
-                        return Err(SourceError::Timeout(t));
-                    }
-                    Some(t - spent)
-                }
-                None => None,
-            };
-            match self.stream.next_chunk(wait)? {
-                Chunk::Data(bytes) => self.unread.extend(bytes),
-                Chunk::Quiet => {}
-                Chunk::End(why) => {
-                    let pending = self.framer.pending_len();
-                    return Err(SourceError::Ended(if pending > 0 {
-                        format!("{why}, in a scan of {pending} bytes with no CR, LF or ETX")
-                    } else {
-                        format!("{why}, with no scan")
-                    }));
-                }
-            }
-        }
+        read_entry(&mut self.stream, &mut self.framing, timeout)
     }
 }
 
@@ -190,11 +180,13 @@ impl ReplayStream {
     }
 }
 
-impl ByteStream for ReplayStream {
-    fn next_chunk(&mut self, _wait: Option<Duration>) -> Result<Chunk, SourceError> {
+impl TimedStream for ReplayStream {
+    type Item = Vec<u8>;
+
+    fn next(&mut self, _wait: Option<Duration>) -> Result<Next<Vec<u8>>, SourceError> {
         Ok(match self.data.take() {
-            Some(d) => Chunk::Data(d),
-            None => Chunk::End(format!("{} ended", self.origin)),
+            Some(d) => Next::Item(d),
+            None => Next::End(format!("{} ended", self.origin)),
         })
     }
 
@@ -211,8 +203,10 @@ struct PortStream {
     buf: Vec<u8>,
 }
 
-impl ByteStream for PortStream {
-    fn next_chunk(&mut self, wait: Option<Duration>) -> Result<Chunk, SourceError> {
+impl TimedStream for PortStream {
+    type Item = Vec<u8>;
+
+    fn next(&mut self, wait: Option<Duration>) -> Result<Next<Vec<u8>>, SourceError> {
         use serialport::SerialPort;
         // `None` waits in slices of an hour; the caller loops.
         let wait = wait
@@ -220,17 +214,17 @@ impl ByteStream for PortStream {
             .min(Duration::from_secs(3600))
             .max(Duration::from_millis(1));
         if let Err(e) = self.port.set_timeout(wait) {
-            return Ok(Chunk::End(format!("{}: {e}", self.path)));
+            return Ok(Next::End(format!("{}: {e}", self.path)));
         }
         match self.port.read(&mut self.buf) {
-            Ok(0) => Ok(Chunk::End(format!(
+            Ok(0) => Ok(Next::End(format!(
                 "{}: hung up (was the scanner unplugged?)",
                 self.path
             ))),
-            Ok(n) => Ok(Chunk::Data(self.buf.get(..n).unwrap_or(&[]).to_vec())),
-            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => Ok(Chunk::Quiet),
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => Ok(Chunk::Quiet),
-            Err(e) => Ok(Chunk::End(format!(
+            Ok(n) => Ok(Next::Item(self.buf.get(..n).unwrap_or(&[]).to_vec())),
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => Ok(Next::Quiet),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => Ok(Next::Quiet),
+            Err(e) => Ok(Next::End(format!(
                 "{}: {e} (was the scanner unplugged?)",
                 self.path
             ))),
@@ -240,44 +234,6 @@ impl ByteStream for PortStream {
     fn now(&self) -> Duration {
         self.started.elapsed()
     }
-}
-
-/// Check the line settings and turn them into serialport's terms.
-pub fn line_settings(
-    s: &SerialSettings,
-) -> Result<
-    (
-        serialport::DataBits,
-        serialport::Parity,
-        serialport::StopBits,
-    ),
-    String,
-> {
-    use serialport::{DataBits, Parity, StopBits};
-    if s.baud == 0 {
-        return Err(
-            "baud rate 0; give the scanner's rate with --baud (often 9600 or 115200)".into(),
-        );
-    }
-    let data = match s.data_bits {
-        5 => DataBits::Five,
-        6 => DataBits::Six,
-        7 => DataBits::Seven,
-        8 => DataBits::Eight,
-        n => return Err(format!("data bits {n}; use 5, 6, 7 or 8")),
-    };
-    let parity = match s.parity.to_ascii_uppercase() {
-        'N' => Parity::None,
-        'E' => Parity::Even,
-        'O' => Parity::Odd,
-        c => return Err(format!("parity {c:?}; use N, E or O")),
-    };
-    let stop = match s.stop_bits {
-        1 => StopBits::One,
-        2 => StopBits::Two,
-        n => return Err(format!("stop bits {n}; use 1 or 2")),
-    };
-    Ok((data, parity, stop))
 }
 
 fn open_port(path: &str, settings: &SerialSettings) -> Result<Box<dyn KeySource>, SourceError> {
@@ -314,29 +270,6 @@ fn open_replay(path: &Path) -> Result<Box<dyn KeySource>, SourceError> {
     ))))
 }
 
-/// USB and PCI serial ports (a scanner in serial mode is one of these).
-fn ports() -> Vec<serialport::SerialPortInfo> {
-    // serialport's sysfs scan panics when /sys/class/tty is missing (some containers).
-    if !Path::new("/sys/class/tty").is_dir() {
-        return Vec::new();
-    }
-    match serialport::available_ports() {
-        Ok(p) => p
-            .into_iter()
-            .filter(|p| {
-                matches!(
-                    p.port_type,
-                    serialport::SerialPortType::UsbPort(_) | serialport::SerialPortType::PciPort
-                )
-            })
-            .collect(),
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot list serial ports");
-            Vec::new()
-        }
-    }
-}
-
 /// Open the scanner: the capture when `opts.replay` is set, else
 /// `opts.device`, else the one USB serial port present.
 pub fn open(opts: &SourceOptions) -> Result<Box<dyn KeySource>, SourceError> {
@@ -346,7 +279,7 @@ pub fn open(opts: &SourceOptions) -> Result<Box<dyn KeySource>, SourceError> {
     let path = match &opts.device {
         Some(p) => p.display().to_string(),
         None => {
-            let usb: Vec<String> = ports()
+            let usb: Vec<String> = crate::tty::ports()
                 .into_iter()
                 .filter(|p| matches!(p.port_type, serialport::SerialPortType::UsbPort(_)))
                 .map(|p| p.port_name)
@@ -373,7 +306,7 @@ pub fn open(opts: &SourceOptions) -> Result<Box<dyn KeySource>, SourceError> {
 
 /// Serial ports a scanner may sit on, with USB vendor and product where known.
 pub fn list() -> Vec<DeviceInfo> {
-    ports()
+    crate::tty::ports()
         .into_iter()
         .map(|p| {
             let (vendor, product) = match &p.port_type {
@@ -389,24 +322,24 @@ pub fn list() -> Vec<DeviceInfo> {
                 ),
                 _ => (None, None),
             };
-            let note = match std::fs::OpenOptions::new().read(true).write(true).open(&p.port_name) {
-                Ok(_) => None,
-                Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => Some(
-                    "no permission: install the udev rules in udev/ (or join the dialout group) and replug"
-                        .to_string(),
-                ),
-                Err(e) => Some(format!("cannot open: {e}")),
-            };
             DeviceInfo {
-                kind: "serial-scanner",
+                kind: NAME,
+                access: Access::check(Path::new(&p.port_name), crate::tty::FIX),
                 path: p.port_name,
                 vendor,
                 product,
-                note,
+                note: None,
             }
         })
         .collect()
 }
+
+/// The serial scanner in the [registry](crate::registry).
+pub static FACTORY: crate::registry::Factory = crate::registry::Factory {
+    name: NAME,
+    list,
+    open,
+};
 
 #[cfg(test)]
 mod tests {
@@ -462,27 +395,6 @@ mod tests {
         bytes.extend_from_slice(b"ok\r");
         let f = frame(&bytes);
         assert_eq!(f, [Framed::Overflow, Framed::Scan("ok".into())]);
-    }
-
-    #[test]
-    fn line_settings_are_checked() {
-        let mut s = SerialSettings::default();
-        assert!(line_settings(&s).is_ok());
-        s.data_bits = 9;
-        assert_eq!(
-            line_settings(&s).unwrap_err(),
-            "data bits 9; use 5, 6, 7 or 8"
-        );
-        s = SerialSettings {
-            parity: 'X',
-            ..Default::default()
-        };
-        assert!(line_settings(&s).unwrap_err().contains("parity 'X'"));
-        s = SerialSettings {
-            stop_bits: 3,
-            ..Default::default()
-        };
-        assert!(line_settings(&s).unwrap_err().contains("stop bits 3"));
     }
 
     #[test]

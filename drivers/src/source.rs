@@ -1,4 +1,8 @@
-//! The one trait every key source implements.
+//! The one trait every key source implements, what opens one
+//! ([`SourceOptions`]) and what `keyfleet devices` shows of a device
+//! ([`DeviceInfo`], [`Access`]).
+use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// What went wrong while reading from a key source. Every variant says what
@@ -62,8 +66,30 @@ impl Default for SerialSettings {
     }
 }
 
+/// Decides whether a decoded candidate is the entry to return. A source that
+/// finds several candidates in one entry (the webcam: every QR code in view)
+/// skips the ones this refuses and reads on.
+#[derive(Clone)]
+pub struct CandidateFilter(Arc<dyn Fn(&str) -> bool + Send + Sync>);
+
+impl CandidateFilter {
+    pub fn new(f: impl Fn(&str) -> bool + Send + Sync + 'static) -> Self {
+        CandidateFilter(Arc::new(f))
+    }
+
+    pub fn accepts(&self, candidate: &str) -> bool {
+        (self.0)(candidate)
+    }
+}
+
+impl std::fmt::Debug for CandidateFilter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CandidateFilter(..)")
+    }
+}
+
 /// Everything `keyfleet read-key` and `keyfleet enroll --from` pass to a source.
-/// Each module's `open(&SourceOptions)` uses the fields that apply to it.
+/// Each source's `open(&SourceOptions)` uses the fields that apply to it.
 #[derive(Debug, Clone, Default)]
 pub struct SourceOptions {
     /// `--device`: the device node (hidraw, tty, video, block device).
@@ -76,17 +102,127 @@ pub struct SourceOptions {
     pub path: Option<std::path::PathBuf>,
     /// Serial line settings.
     pub serial: SerialSettings,
+    /// Which candidate to return where a source finds several; `None`: the
+    /// source's own test (the webcam's [`looks_like_key`](crate::webcam::looks_like_key)).
+    pub accept: Option<CandidateFilter>,
+}
+
+/// Whether this user may open a listed device, and what grants it when not.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Access {
+    /// This user may open it for reading and writing.
+    Granted,
+    /// Permission denied; `fix` names the udev rule or group that grants it.
+    Denied { fix: &'static str },
+    /// It cannot be opened for another reason (gone, a dangling link).
+    Unavailable { reason: String },
+    /// Not a node the source opens (a medium is mounted, not opened); see the note.
+    NotChecked,
+}
+
+/// How to install the udev rules; each [`Access::Denied`] fix refers to it.
+pub const UDEV_INSTALL: &str = "sudo install -m 0644 udev/70-keyfleet.rules /etc/udev/rules.d/ \
+     && sudo udevadm control --reload && sudo udevadm trigger, then replug the device";
+
+impl Access {
+    /// Whether this user may open `path` for reading and writing, by
+    /// access(2): nothing is opened, since opening a tty can reset the board
+    /// behind it. `fix` is what [`Access::Denied`] carries.
+    pub fn check(path: &Path, fix: &'static str) -> Access {
+        use rustix::fs::Access as Mode;
+        match rustix::fs::access(path, Mode::READ_OK | Mode::WRITE_OK) {
+            Ok(()) => Access::Granted,
+            Err(e) if e == rustix::io::Errno::ACCESS || e == rustix::io::Errno::PERM => {
+                Access::Denied { fix }
+            }
+            Err(e) => Access::Unavailable {
+                reason: std::io::Error::from(e).to_string(),
+            },
+        }
+    }
+
+    /// One word for scripts: `granted`, `denied`, `unavailable` or `not-checked`.
+    pub fn word(&self) -> &'static str {
+        match self {
+            Access::Granted => "granted",
+            Access::Denied { .. } => "denied",
+            Access::Unavailable { .. } => "unavailable",
+            Access::NotChecked => "not-checked",
+        }
+    }
+
+    /// What to tell the user, when there is anything to tell.
+    pub fn hint(&self) -> Option<String> {
+        match self {
+            Access::Granted | Access::NotChecked => None,
+            Access::Denied { fix } => Some(format!("no read/write access for this user; {fix}")),
+            Access::Unavailable { reason } => Some(format!("cannot be opened: {reason}")),
+        }
+    }
 }
 
 /// One candidate device for `keyfleet devices`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeviceInfo {
-    /// The `--from` source it suits (`hid-scanner`, `serial-scanner`, `webcam`, `ir`, `file`).
+    /// The `--from` source it suits (the [`SourceFactory`](crate::registry::SourceFactory)'s name).
     pub kind: &'static str,
     /// The path to pass as `--device`.
     pub path: String,
     pub vendor: Option<String>,
     pub product: Option<String>,
-    /// Why it may not be usable (no permission and the udev hint, not mounted, ...).
+    /// What it is, where that helps (point-of-sale mode, mounted at ...).
     pub note: Option<String>,
+    /// Whether this user may open it, and the fix when not.
+    pub access: Access,
+}
+
+impl DeviceInfo {
+    /// The note and the access hint in one line, as `keyfleet devices` prints them.
+    pub fn full_note(&self) -> Option<String> {
+        match (&self.note, self.access.hint()) {
+            (Some(n), Some(h)) => Some(format!("{n}; {h}")),
+            (n, h) => n.clone().or(h),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn access_is_checked_without_opening() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("node");
+        std::fs::write(&p, "").unwrap();
+        assert_eq!(Access::check(&p, "fix"), Access::Granted);
+        let missing = Access::check(&d.path().join("missing"), "fix");
+        assert!(
+            matches!(&missing, Access::Unavailable { reason } if reason.contains("No such file")),
+            "{missing:?}"
+        );
+        assert_eq!(missing.word(), "unavailable");
+    }
+
+    #[test]
+    fn the_note_carries_the_fix() {
+        let mut d = DeviceInfo {
+            kind: "ir",
+            path: "/dev/ttyACM0".into(),
+            vendor: None,
+            product: None,
+            note: Some("USB IR Toy".into()),
+            access: Access::Denied {
+                fix: "join the dialout group",
+            },
+        };
+        assert_eq!(
+            d.full_note().as_deref(),
+            Some("USB IR Toy; no read/write access for this user; join the dialout group")
+        );
+        d.note = None;
+        d.access = Access::Granted;
+        assert_eq!(d.full_note(), None);
+        assert_eq!(d.access.word(), "granted");
+    }
 }

@@ -15,12 +15,21 @@
 //! recording in hid-recorder's format ([`recording`]) and feeds its
 //! descriptor and events to the same [`decode::ScanDecoder`], with the
 //! recording's own clock standing in for the wall clock, so timeouts behave
-//! as they would have on the device.
+//! as they would have on the device (the shared read loop
+//! [`crate::stream::read_entry`] measures them on the stream's clock).
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use crate::source::{DeviceInfo, KeySource, SourceError, SourceOptions};
+use crate::source::{Access, DeviceInfo, KeySource, SourceError, SourceOptions};
+use crate::stream::{read_entry, Assemble, Next, TimedStream};
+
+/// The `--from` name and cargo feature.
+pub const NAME: &str = "hid-scanner";
+
+/// What [`Access::Denied`] says for a hidraw node.
+pub const FIX: &str = "install udev/70-keyfleet.rules (TAG+=\"uaccess\" on the hidraw nodes of \
+     scanners from known vendors; another vendor needs its own rule, README \"udev rules\"), then replug";
 
 pub mod decode;
 pub mod layout;
@@ -37,87 +46,66 @@ const SCANNER_VENDORS: [u16; 6] = [0x0c2e, 0x0536, 0x05e0, 0x05f9, 0x1eab, 0x065
 /// Largest report descriptor the kernel accepts (HID_MAX_DESCRIPTOR_SIZE).
 const MAX_DESCRIPTOR: usize = 4096;
 
-/// What a report stream yields next.
-pub enum Next {
-    /// A report from device `0` (a recording may hold several devices).
-    Report(u32, Vec<u8>),
-    /// Nothing arrived within the wait.
-    Quiet,
-    /// The stream is over (end of recording, device gone).
-    End(String),
+/// One input report from device `device` (a recording may hold several devices).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Report {
+    pub device: u32,
+    pub bytes: Vec<u8>,
 }
 
-/// Where reports come from: a hidraw device or a recording.
-pub trait ReportStream {
-    /// Wait at most `wait` (forever when `None`) for the next report.
-    fn next_report(&mut self, wait: Option<Duration>) -> Result<Next, SourceError>;
-    /// The stream's clock: wall time for a device, recorded time for a replay.
-    fn now(&self) -> Duration;
-}
-
-/// A scanner: a report stream and one decoder per device in it.
+/// A scanner: a report stream (a [`ReplayStream`] or a hidraw device) and
+/// one decoder per device in it.
 pub struct HidScanner<S> {
     stream: S,
-    decoders: BTreeMap<u32, ScanDecoder>,
+    decoders: Decoders,
 }
 
-impl<S: ReportStream> HidScanner<S> {
+/// The decoders of a scanner's devices, by device number.
+struct Decoders(BTreeMap<u32, ScanDecoder>);
+
+impl Decoders {
     fn pending_len(&self) -> usize {
-        self.decoders.values().map(ScanDecoder::pending_len).sum()
+        self.0.values().map(ScanDecoder::pending_len).sum()
     }
 }
 
-impl<S: ReportStream> KeySource for HidScanner<S> {
+impl Assemble<Report> for Decoders {
+    fn feed(&mut self, report: Report, _now: Duration) -> Option<Result<String, SourceError>> {
+        // A device the recording holds but no decoder took: skipped.
+        let decoder = self.0.get_mut(&report.device)?;
+        match decoder.feed(&report.bytes) {
+            Step::Scan(text) => {
+                tracing::debug!(chars = text.chars().count(), "hid scan complete");
+                Some(Ok(text))
+            }
+            Step::Overflow => Some(Err(SourceError::Malformed {
+                what: format!(
+                    "more than {} characters without Enter, Tab or a last report; is this a keyboard rather than a scanner, or is the scanner's suffix switched off?",
+                    decode::MAX_SCAN
+                ),
+            })),
+            Step::Pending => None,
+        }
+    }
+
+    fn end(&mut self, why: String) -> Option<Result<String, SourceError>> {
+        let pending = self.pending_len();
+        let what = if pending > 0 {
+            format!("{why}, in a scan of {pending} characters with no end (Enter, Tab or a last report)")
+        } else {
+            format!("{why}, with no scan")
+        };
+        Some(Err(SourceError::Ended(what)))
+    }
+}
+
+impl<S: TimedStream<Item = Report>> KeySource for HidScanner<S> {
     fn name(&self) -> &'static str {
-        "hid-scanner"
+        NAME
     }
 
     fn read_raw(&mut self, timeout: Option<Duration>) -> Result<String, SourceError> {
-        let start = self.stream.now();
-        loop {
-            let wait = match timeout {
-                Some(t) => {
-                    let spent = self.stream.now().saturating_sub(start);
-                    if spent >= t {
-                        return Err(SourceError::Timeout(t));
-                    }
-                    Some(t - spent)
-                }
-                None => None,
-            };
-            match self.stream.next_report(wait)? {
-                Next::Quiet => continue,
-                Next::End(why) => {
-                    let pending = self.pending_len();
-                    let what = if pending > 0 {
-                        format!("{why}, in a scan of {pending} characters with no end (Enter, Tab or a last report)")
-                    } else {
-                        format!("{why}, with no scan")
-                    };
-                    return Err(SourceError::Ended(what));
-                }
-                Next::Report(device, bytes) => {
-                    let Some(decoder) = self.decoders.get_mut(&device) else {
-                        continue;
-                    };
-                    match decoder.feed(&bytes) {
-                        Step::Scan(text) => {
-                            tracing::debug!(chars = text.chars().count(), "hid scan complete");
-                            return Ok(text);
-                        }
-                        Step::Overflow => {
-                            return Err(SourceError::Malformed {
-                                what: format!(
-                                    "more than {} characters without Enter, Tab or a last report; is this a keyboard rather than a scanner, or is the scanner's suffix switched off?",
-                                    decode::MAX_SCAN
-                                ),
-                            })
-                        }
-                        Step::Pending => {}
-                    }
-                }
-            }
-        }
+        read_entry(&mut self.stream, &mut self.decoders, timeout)
     }
 }
 
@@ -128,8 +116,10 @@ pub struct ReplayStream {
     now: Duration,
 }
 
-impl ReportStream for ReplayStream {
-    fn next_report(&mut self, wait: Option<Duration>) -> Result<Next, SourceError> {
+impl TimedStream for ReplayStream {
+    type Item = Report;
+
+    fn next(&mut self, wait: Option<Duration>) -> Result<Next<Report>, SourceError> {
         let next = match self.peeked.take().or_else(|| self.events.next()) {
             Some(e) => e,
             None => return Ok(Next::End("the recording ended".into())),
@@ -144,7 +134,10 @@ impl ReportStream for ReplayStream {
             }
             _ => {
                 self.now = due;
-                Ok(Next::Report(next.device, next.bytes))
+                Ok(Next::Item(Report {
+                    device: next.device,
+                    bytes: next.bytes,
+                }))
             }
         }
     }
@@ -184,7 +177,7 @@ pub fn from_recording(
             peeked: None,
             now: Duration::ZERO,
         },
-        decoders,
+        decoders: Decoders(decoders),
     })
 }
 
@@ -214,8 +207,10 @@ struct DeviceStream {
     buf: Vec<u8>,
 }
 
-impl ReportStream for DeviceStream {
-    fn next_report(&mut self, wait: Option<Duration>) -> Result<Next, SourceError> {
+impl TimedStream for DeviceStream {
+    type Item = Report;
+
+    fn next(&mut self, wait: Option<Duration>) -> Result<Next<Report>, SourceError> {
         let ms = match wait {
             // Round up so a sub-millisecond rest still waits instead of spinning.
             Some(w) => i32::try_from(w.as_micros().div_ceil(1000)).unwrap_or(i32::MAX),
@@ -223,7 +218,10 @@ impl ReportStream for DeviceStream {
         };
         match self.device.read_timeout(&mut self.buf, ms) {
             Ok(0) => Ok(Next::Quiet),
-            Ok(n) => Ok(Next::Report(0, self.buf.get(..n).unwrap_or(&[]).to_vec())),
+            Ok(n) => Ok(Next::Item(Report {
+                device: 0,
+                bytes: self.buf.get(..n).unwrap_or(&[]).to_vec(),
+            })),
             Err(e) => Ok(Next::End(format!(
                 "{}: {e} (was the scanner unplugged?)",
                 self.path
@@ -264,7 +262,7 @@ fn open_device(path: &str) -> Result<Box<dyn KeySource>, SourceError> {
             started: Instant::now(),
             buf: vec![0u8; MAX_DESCRIPTOR],
         },
-        decoders,
+        decoders: Decoders(decoders),
     }))
 }
 
@@ -415,13 +413,6 @@ pub fn list() -> Vec<DeviceInfo> {
             } else {
                 "a keyboard; a scanner only if it is one in keyboard mode"
             };
-            let access = match std::fs::File::open(&c.path) {
-                Ok(_) => String::new(),
-                Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
-                    "; no read permission: install the udev rules in udev/ and replug".into()
-                }
-                Err(e) => format!("; cannot open: {e}"),
-            };
             let name = |s: String, id: u16| {
                 if s.is_empty() {
                     format!("{id:04x}")
@@ -430,15 +421,23 @@ pub fn list() -> Vec<DeviceInfo> {
                 }
             };
             DeviceInfo {
-                kind: "hid-scanner",
+                kind: NAME,
+                access: Access::check(Path::new(&c.path), FIX),
                 path: c.path,
                 vendor: Some(name(c.manufacturer, c.vendor_id)),
                 product: Some(name(c.product, c.product_id)),
-                note: Some(format!("{mode}{access}")),
+                note: Some(mode.to_string()),
             }
         })
         .collect()
 }
+
+/// The HID scanner in the [registry](crate::registry).
+pub static FACTORY: crate::registry::Factory = crate::registry::Factory {
+    name: NAME,
+    list,
+    open,
+};
 
 #[cfg(test)]
 mod tests {

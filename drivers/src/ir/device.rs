@@ -4,7 +4,7 @@ use std::io::{Read, Write};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use crate::source::{DeviceInfo, SerialSettings, SourceError};
+use crate::source::{Access, DeviceInfo, SerialSettings, SourceError};
 
 use super::irtoy;
 
@@ -43,29 +43,8 @@ impl Port {
     /// Open the port with the given line settings and probe it.
     pub fn open(path: &Path, s: &SerialSettings) -> Result<(Port, Kind), SourceError> {
         let name = path.display().to_string();
-        let data_bits = match s.data_bits {
-            5 => serialport::DataBits::Five,
-            6 => serialport::DataBits::Six,
-            7 => serialport::DataBits::Seven,
-            8 => serialport::DataBits::Eight,
-            n => {
-                return Err(open_error(
-                    &name,
-                    format!("{n} data bits; use 5, 6, 7 or 8"),
-                ))
-            }
-        };
-        let parity = match s.parity.to_ascii_uppercase() {
-            'N' => serialport::Parity::None,
-            'E' => serialport::Parity::Even,
-            'O' => serialport::Parity::Odd,
-            p => return Err(open_error(&name, format!("parity {p:?}; use N, E or O"))),
-        };
-        let stop_bits = match s.stop_bits {
-            1 => serialport::StopBits::One,
-            2 => serialport::StopBits::Two,
-            n => return Err(open_error(&name, format!("{n} stop bits; use 1 or 2"))),
-        };
+        let (data_bits, parity, stop_bits) =
+            crate::tty::line_settings(s).map_err(|e| open_error(&name, e))?;
         let port = serialport::new(name.clone(), s.baud)
             .data_bits(data_bits)
             .parity(parity)
@@ -161,14 +140,7 @@ impl Drop for Port {
 
 /// Serial ports that are known IR receivers (USB IR Toy, IR Droid).
 pub fn list() -> Vec<DeviceInfo> {
-    let ports = match serialport::available_ports() {
-        Ok(p) => p,
-        Err(e) => {
-            tracing::debug!(error = %e, "cannot enumerate serial ports");
-            return Vec::new();
-        }
-    };
-    ports
+    crate::tty::ports()
         .into_iter()
         .filter_map(|p| {
             let serialport::SerialPortType::UsbPort(usb) = p.port_type else {
@@ -177,18 +149,13 @@ pub fn list() -> Vec<DeviceInfo> {
             let (_, _, product) = IRTOY_USB_IDS
                 .iter()
                 .find(|(vid, pid, _)| *vid == usb.vid && *pid == usb.pid)?;
-            let note = match std::fs::OpenOptions::new().read(true).open(&p.port_name) {
-                Ok(_) => None,
-                Err(e) => Some(format!(
-                    "{e}; install udev/ rules (TAG+=\"uaccess\") or join the dialout group"
-                )),
-            };
             Some(DeviceInfo {
-                kind: "ir",
+                kind: super::NAME,
+                access: Access::check(Path::new(&p.port_name), crate::tty::FIX),
                 path: p.port_name,
                 vendor: usb.manufacturer,
                 product: Some(usb.product.unwrap_or_else(|| product.to_string())),
-                note,
+                note: None,
             })
         })
         .collect()

@@ -15,7 +15,9 @@
 //! more ends a signal (the kernel's receiver timeout). The device shell adds
 //! one thing, a timeout event once the line has been idle for [`IDLE_END`],
 //! so the last frame of a board that prints nothing after its final pulse is
-//! complete. A replay runs at once and ignores `--timeout`.
+//! complete. A replay runs at once and ignores `--timeout` (its stream's
+//! clock stands still). Device and replay run through the shared read loop,
+//! [`crate::stream::read_entry`].
 //!
 //! Only the decoders of the keymap's protocols run (as `ir-keytable` enables
 //! them from the keymap); a keymap of protocol `unknown` gets NEC, RC5 and RC6.
@@ -38,7 +40,13 @@ use std::collections::VecDeque;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use zeroize::Zeroizing;
+
 use crate::source::{DeviceInfo, KeySource, SourceError, SourceOptions};
+use crate::stream::{read_entry, Assemble, Next, TimedStream};
+
+/// The `--from` name and cargo feature.
+pub const NAME: &str = "ir";
 
 pub mod decode;
 mod device;
@@ -153,28 +161,154 @@ fn malformed(e: mode2::Mode2Error) -> SourceError {
     }
 }
 
+/// Where the receiver's bytes come from. Its items are wiped on drop: they
+/// are the timings of a key entry.
 enum Input {
     Replay {
-        /// The recording: the timings of a key entry, so wiped on drop.
-        data: zeroize::Zeroizing<Vec<u8>>,
+        /// The recording.
+        data: Zeroizing<Vec<u8>>,
         pos: usize,
         name: String,
     },
     Device {
         port: device::Port,
-        last_byte: Instant,
         /// Bytes that arrived while the port was probed, not yet decoded.
         early: Vec<u8>,
+        started: Instant,
     },
+}
+
+impl TimedStream for Input {
+    type Item = Zeroizing<Vec<u8>>;
+
+    /// A replay in chunks of 4 KiB; a device's bytes as they come, or
+    /// [`Next::Quiet`] after the port's 20 ms of silence (whatever `wait`).
+    fn next(&mut self, _wait: Option<Duration>) -> Result<Next<Self::Item>, SourceError> {
+        match self {
+            Input::Replay { data, pos, name } => {
+                if *pos >= data.len() {
+                    return Ok(Next::End(name.clone()));
+                }
+                let end = (*pos + 4096).min(data.len());
+                let chunk = data.get(*pos..end).unwrap_or_default().to_vec();
+                *pos = end;
+                Ok(Next::Item(Zeroizing::new(chunk)))
+            }
+            Input::Device { port, early, .. } => {
+                if !early.is_empty() {
+                    return Ok(Next::Item(Zeroizing::new(std::mem::take(early))));
+                }
+                let mut buf = Zeroizing::new(vec![0u8; 512]);
+                match port.read(&mut buf) {
+                    Ok(0) => Ok(Next::Quiet),
+                    Ok(n) => {
+                        buf.truncate(n);
+                        Ok(Next::Item(buf))
+                    }
+                    Err(SourceError::Ended(why)) => Ok(Next::End(why)),
+                    Err(e) => Err(e),
+                }
+            }
+        }
+    }
+
+    /// A device's time since it was opened; a replay's clock stands still.
+    fn now(&self) -> Duration {
+        match self {
+            Input::Replay { .. } => Duration::ZERO,
+            Input::Device { started, .. } => started.elapsed(),
+        }
+    }
+}
+
+/// Bytes to an entry: the format's parser, the decoders and keymap
+/// ([`Pipeline`]) and the timings between them. No I/O.
+struct Entry {
+    stream: Stream,
+    pipeline: Pipeline,
+    queue: VecDeque<Timing>,
+    /// The end of the input was seen and the last signal completed.
+    finished: bool,
+    /// When the last bytes came, on the input's clock (for [`IDLE_END`]).
+    last_input: Duration,
+    /// The recording or port, named in messages about what it sent.
+    origin: String,
+}
+
+impl Entry {
+    /// Add timings (or the error that made them) and feed what is queued.
+    fn queue_timings(
+        &mut self,
+        timings: Result<Vec<Timing>, SourceError>,
+    ) -> Option<Result<String, SourceError>> {
+        match timings {
+            Ok(t) => self.queue.extend(t),
+            Err(e) => return Some(Err(in_file(e, &self.origin))),
+        }
+        self.ready()
+    }
+}
+
+impl Assemble<Zeroizing<Vec<u8>>> for Entry {
+    /// Feed queued timings until an entry completes.
+    fn ready(&mut self) -> Option<Result<String, SourceError>> {
+        while let Some(t) = self.queue.pop_front() {
+            match self.pipeline.feed(t) {
+                Some(Outcome::Done(text)) => return Some(Ok(text.as_str().to_owned())),
+                Some(Outcome::Cancelled) => return Some(Err(SourceError::Cancelled)),
+                None => {}
+            }
+        }
+        None
+    }
+
+    fn feed(
+        &mut self,
+        bytes: Zeroizing<Vec<u8>>,
+        now: Duration,
+    ) -> Option<Result<String, SourceError>> {
+        self.last_input = now;
+        let timings = self.stream.push(&bytes);
+        self.queue_timings(timings)
+    }
+
+    /// A line idle for [`IDLE_END`] ends the signal on it, as the kernel's
+    /// receiver timeout does.
+    fn quiet(&mut self, now: Duration) -> Option<Result<String, SourceError>> {
+        let idle = now.saturating_sub(self.last_input);
+        if idle < IDLE_END || !(self.pipeline.has_pending() || self.stream.has_partial()) {
+            return None;
+        }
+        let us = u32::try_from(idle.as_micros()).unwrap_or(u32::MAX);
+        let timings = self.stream.finish().map(|mut t| {
+            t.push(Timing::Timeout(us));
+            t
+        });
+        self.queue_timings(timings)
+    }
+
+    /// The input ended: whatever was sent last is complete; the second end
+    /// says what was decoded.
+    fn end(&mut self, why: String) -> Option<Result<String, SourceError>> {
+        if self.finished {
+            return Some(Err(SourceError::Ended(format!(
+                "{why}: {}",
+                self.pipeline.summary()
+            ))));
+        }
+        self.finished = true;
+        let timings = self.stream.finish().map(|mut t| {
+            t.push(Timing::Timeout(irtoy::LONG_SPACE_US));
+            t
+        });
+        self.queue_timings(timings)
+    }
 }
 
 /// The `ir` key source: a serial receiver or a recording of one.
 pub struct IrSource {
     input: Input,
-    stream: Stream,
-    pipeline: Pipeline,
-    queue: VecDeque<Timing>,
-    finished: bool,
+    entry: Entry,
 }
 
 /// Open the source `--from ir` describes: `--replay FILE` (mode2 text or an
@@ -204,15 +338,17 @@ pub fn open(opts: &SourceOptions) -> Result<Box<dyn KeySource>, SourceError> {
         device::Kind::IrToy(samples) => (Format::IrToy, samples),
         device::Kind::Text(bytes) => (Format::Mode2Text, bytes),
     };
+    let origin = path.display().to_string();
     Ok(Box::new(IrSource::new(
         Input::Device {
             port,
-            last_byte: Instant::now(),
             early,
+            started: Instant::now(),
         },
         format,
         false,
         keymap,
+        origin,
     )))
 }
 
@@ -238,14 +374,25 @@ pub fn list() -> Vec<DeviceInfo> {
     device::list()
 }
 
+/// The IR receiver in the [registry](crate::registry).
+pub static FACTORY: crate::registry::Factory = crate::registry::Factory {
+    name: NAME,
+    list,
+    open,
+};
+
 impl IrSource {
-    fn new(input: Input, format: Format, recording: bool, keymap: Keymap) -> Self {
+    fn new(input: Input, format: Format, recording: bool, keymap: Keymap, origin: String) -> Self {
         IrSource {
             input,
-            stream: Stream::new(format, recording),
-            pipeline: Pipeline::new(keymap),
-            queue: VecDeque::new(),
-            finished: false,
+            entry: Entry {
+                stream: Stream::new(format, recording),
+                pipeline: Pipeline::new(keymap),
+                queue: VecDeque::new(),
+                finished: false,
+                last_input: Duration::ZERO,
+                origin,
+            },
         }
     }
 
@@ -277,97 +424,15 @@ impl IrSource {
         tracing::debug!(recording = name, ?format, "replaying IR recording");
         IrSource::new(
             Input::Replay {
-                data: zeroize::Zeroizing::new(data),
+                data: Zeroizing::new(data),
                 pos: 0,
                 name: name.to_string(),
             },
             format,
             true,
             keymap,
+            name.to_string(),
         )
-    }
-
-    /// Feed queued timings until an entry completes.
-    fn drain(&mut self) -> Option<Result<String, SourceError>> {
-        while let Some(t) = self.queue.pop_front() {
-            match self.pipeline.feed(t) {
-                Some(Outcome::Done(text)) => return Some(Ok(text.as_str().to_owned())),
-                Some(Outcome::Cancelled) => return Some(Err(SourceError::Cancelled)),
-                None => {}
-            }
-        }
-        None
-    }
-
-    fn read_replay(&mut self) -> Result<String, SourceError> {
-        loop {
-            if let Some(r) = self.drain() {
-                return r;
-            }
-            let Input::Replay { data, pos, name } = &mut self.input else {
-                return Err(SourceError::Ended("not a replay".into()));
-            };
-            if *pos < data.len() {
-                let end = (*pos + 4096).min(data.len());
-                let chunk = data.get(*pos..end).unwrap_or_default();
-                *pos = end;
-                let timings = self.stream.push(chunk).map_err(|e| in_file(e, name))?;
-                self.queue.extend(timings);
-                continue;
-            }
-            if self.finished {
-                return Err(SourceError::Ended(format!(
-                    "{name}: {}",
-                    self.pipeline.summary()
-                )));
-            }
-            self.finished = true;
-            let timings = self.stream.finish().map_err(|e| in_file(e, name))?;
-            self.queue.extend(timings);
-            // The recording ends: whatever was sent last is complete.
-            self.queue.push_back(Timing::Timeout(irtoy::LONG_SPACE_US));
-        }
-    }
-
-    fn read_device(&mut self, timeout: Option<Duration>) -> Result<String, SourceError> {
-        let deadline = timeout.map(|t| Instant::now() + t);
-        let mut buf = [0u8; 512];
-        loop {
-            if let Some(r) = self.drain() {
-                return r;
-            }
-            if deadline.is_some_and(|d| Instant::now() >= d) {
-                return Err(SourceError::Timeout(timeout.unwrap_or_default()));
-            }
-            let Input::Device {
-                port,
-                last_byte,
-                early,
-            } = &mut self.input
-            else {
-                return Err(SourceError::Ended("not a device".into()));
-            };
-            if !early.is_empty() {
-                let bytes = std::mem::take(early);
-                let timings = self.stream.push(&bytes)?;
-                self.queue.extend(timings);
-                continue;
-            }
-            let n = port.read(&mut buf)?;
-            if n > 0 {
-                *last_byte = Instant::now();
-                let timings = self.stream.push(buf.get(..n).unwrap_or_default())?;
-                self.queue.extend(timings);
-                continue;
-            }
-            let idle = last_byte.elapsed();
-            if idle >= IDLE_END && (self.pipeline.has_pending() || self.stream.has_partial()) {
-                let timings = self.stream.finish()?;
-                self.queue.extend(timings);
-                let us = u32::try_from(idle.as_micros()).unwrap_or(u32::MAX);
-                self.queue.push_back(Timing::Timeout(us));
-            }
-        }
     }
 }
 
@@ -382,14 +447,11 @@ fn in_file(e: SourceError, name: &str) -> SourceError {
 
 impl KeySource for IrSource {
     fn name(&self) -> &'static str {
-        "ir"
+        NAME
     }
 
     fn read_raw(&mut self, timeout: Option<Duration>) -> Result<String, SourceError> {
-        match self.input {
-            Input::Replay { .. } => self.read_replay(),
-            Input::Device { .. } => self.read_device(timeout),
-        }
+        read_entry(&mut self.input, &mut self.entry, timeout)
     }
 }
 

@@ -12,7 +12,14 @@ use std::time::{Duration, Instant};
 
 use image::GrayImage;
 
-use crate::source::{DeviceInfo, KeySource, SourceError, SourceOptions};
+use crate::source::{Access, DeviceInfo, KeySource, SourceError, SourceOptions};
+
+/// The `--from` name and cargo feature.
+pub const NAME: &str = "webcam";
+
+/// What [`Access::Denied`] says for a video node.
+pub const FIX: &str = "install udev/70-keyfleet.rules (TAG+=\"uaccess\" on video4linux capture \
+     nodes; README \"udev rules\") or join the video group";
 
 pub mod capture;
 mod decode;
@@ -52,13 +59,22 @@ pub fn looks_like_key(payload: &str) -> bool {
 
 /// Open the webcam source: `--replay` (an image file or a folder of frames)
 /// when given, else `--device` (a `/dev/videoN` or a udev symlink to one),
-/// else the first capture device [`list`] finds. Payloads are accepted by [`looks_like_key`].
+/// else the first capture device [`list`] finds. Payloads are accepted by
+/// `opts.accept`, or [`looks_like_key`] when it is `None`.
 pub fn open(opts: &SourceOptions) -> Result<Box<dyn KeySource>, SourceError> {
-    Ok(Box::new(WebcamSource::open(
-        opts,
-        Box::new(looks_like_key),
-    )?))
+    let accept: Accept = match opts.accept.clone() {
+        Some(filter) => Box::new(move |p: &str| filter.accepts(p)),
+        None => Box::new(looks_like_key),
+    };
+    Ok(Box::new(WebcamSource::open(opts, accept)?))
 }
+
+/// The webcam in the [registry](crate::registry).
+pub static FACTORY: crate::registry::Factory = crate::registry::Factory {
+    name: NAME,
+    list,
+    open,
+};
 
 /// A webcam or a replay of frames, scanning for a payload that `accept` takes.
 pub struct WebcamSource {
@@ -124,7 +140,7 @@ impl WebcamSource {
 
 impl KeySource for WebcamSource {
     fn name(&self) -> &'static str {
-        "webcam"
+        NAME
     }
 
     fn read_raw(&mut self, timeout: Option<Duration>) -> Result<String, SourceError> {
@@ -293,20 +309,13 @@ pub fn list_in(class: &Path, dev: &Path) -> Vec<DeviceInfo> {
             None => (None, read(sys.join("name"))),
         };
         let node = dev.join(format!("video{n}"));
-        let note = match std::fs::File::open(&node) {
-            Ok(_) => None,
-            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => Some(
-                "no permission; install the udev rules in udev/ (uaccess) or join the video group"
-                    .to_string(),
-            ),
-            Err(e) => Some(format!("{}: {e}", node.display())),
-        };
         out.push(DeviceInfo {
-            kind: "webcam",
+            kind: NAME,
             path: node.display().to_string(),
             vendor,
             product,
-            note,
+            note: None,
+            access: Access::check(&node, FIX),
         });
     }
     out
@@ -363,10 +372,17 @@ mod tests {
         assert_eq!(got[0].path, dev.join("video0").display().to_string());
         assert_eq!(got[0].vendor.as_deref(), Some("Logitech (046d)"));
         assert_eq!(got[0].product.as_deref(), Some("C270 HD WEBCAM (0825)"));
-        assert_eq!(got[0].note, None);
+        assert_eq!(got[0].full_note(), None);
+        assert_eq!(got[0].access, Access::Granted);
         assert_eq!(got[1].vendor, None);
         assert_eq!(got[1].product.as_deref(), Some("cam video2"));
-        assert!(got[1].note.as_deref().unwrap().contains("video2"));
+        // No /dev/video2 in the fake tree.
+        assert!(got[1].path.ends_with("video2"), "{}", got[1].path);
+        assert!(
+            matches!(&got[1].access, Access::Unavailable { reason } if reason.contains("No such file")),
+            "{:?}",
+            got[1].access
+        );
     }
 
     #[test]

@@ -2,7 +2,11 @@
 //!
 //! [`KeySourceArgs`] is the source selection (`--from` and what goes with
 //! it); `keyfleet enroll --from` flattens the same struct and calls
-//! [`read_initial_key`].
+//! [`read_initial_key`]. Both commands go through the drivers' registry
+//! (`keyfleet_drivers::registry`): `--from NAME` opens the factory of that
+//! name, `devices` shows what every factory lists. The `--from` values are
+//! the CLI's own list ([`SourceKind`]); a value whose source this binary was
+//! built without is not in the registry and is refused with its feature.
 //!
 //! Exit codes of `read-key`:
 //!
@@ -16,15 +20,22 @@
 //! | 5 | the installer cancelled (Esc, Ctrl-C) |
 //! | 6 | the source worked but its input held no key: photos with no readable QR code, or only codes that are not key labels (`--raw` shows them) |
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, ValueEnum};
 use keyfleet_core::label::{self, LabelError, Parsed};
-use keyfleet_drivers::source::{KeySource, SerialSettings, SourceError, SourceOptions};
+use keyfleet_drivers::registry::{self, SourceFactory};
+use keyfleet_drivers::source::{
+    Access, CandidateFilter, DeviceInfo, KeySource, SerialSettings, SourceError, SourceOptions,
+    UDEV_INSTALL,
+};
 use zeroize::Zeroizing;
 
-/// Where the initial key comes from (`--from`).
+/// Where the initial key comes from (`--from`). Each value is the name of a
+/// source in the drivers' registry and of the cargo feature that builds it in.
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SourceKind {
     /// Typed on the keyboard; not echoed on a terminal, one line from stdin otherwise.
@@ -44,16 +55,11 @@ pub enum SourceKind {
 }
 
 impl SourceKind {
-    pub fn name(self) -> &'static str {
-        match self {
-            SourceKind::Keyboard => "keyboard",
-            SourceKind::Keypad => "keypad",
-            SourceKind::HidScanner => "hid-scanner",
-            SourceKind::SerialScanner => "serial-scanner",
-            SourceKind::Webcam => "webcam",
-            SourceKind::Ir => "ir",
-            SourceKind::File => "file",
-        }
+    /// The `--from` value as typed (`hid-scanner`, ...).
+    pub fn name(self) -> String {
+        self.to_possible_value()
+            .map(|v| v.get_name().to_owned())
+            .unwrap_or_default()
     }
 }
 
@@ -142,88 +148,30 @@ impl SourceFlags {
                 },
                 stop_bits: self.stop_bits,
             },
+            accept: None,
         }
     }
 }
 
-/// Raised for a source the binary was built without.
+/// Raised for a source the binary was built without (its cargo feature,
+/// of the same name, was off).
 #[derive(Debug, thiserror::Error)]
-#[error("source {0} is not built into this binary{1}")]
-pub struct NotBuiltIn(&'static str, &'static str);
+#[error("source {0} is not built into this binary; rebuild keyfleet with `--features {0}`")]
+pub struct NotBuiltIn(pub String);
 
-/// Opens the source `kind`. Each source is behind the cargo feature of its name.
-/// With `show_raw`, a source that decodes several candidates (the webcam)
-/// prints each one's text on stderr as it finds it.
-pub fn open_source(
-    kind: SourceKind,
-    opts: &SourceOptions,
-    show_raw: bool,
-) -> anyhow::Result<Box<dyn KeySource>> {
-    let _ = show_raw;
-    let opened: anyhow::Result<Box<dyn KeySource>> = match kind {
-        #[cfg(feature = "keyboard")]
-        SourceKind::Keyboard => keyfleet_drivers::keyboard::open(opts).map_err(Into::into),
-        #[cfg(feature = "keypad")]
-        SourceKind::Keypad => keyfleet_drivers::keypad::open(opts).map_err(Into::into),
-        #[cfg(feature = "file")]
-        SourceKind::File => keyfleet_drivers::media::open(opts).map_err(Into::into),
-        #[cfg(feature = "hid-scanner")]
-        SourceKind::HidScanner => keyfleet_drivers::hid::open(opts).map_err(Into::into),
-        #[cfg(feature = "serial-scanner")]
-        SourceKind::SerialScanner => keyfleet_drivers::serial::open(opts).map_err(Into::into),
-        #[cfg(feature = "ir")]
-        SourceKind::Ir => keyfleet_drivers::ir::open(opts).map_err(Into::into),
-        // Keep scanning past QR codes that are not valid labels (a URL on the
-        // appliance's box, a half-read frame) until one parses; with --raw,
-        // show the text of every code found, label or not.
-        #[cfg(feature = "webcam")]
-        SourceKind::Webcam => keyfleet_drivers::webcam::WebcamSource::open(
-            opts,
-            Box::new(move |p: &str| {
-                let ok = keyfleet_core::label::parse(p).is_ok();
-                if show_raw {
-                    eprintln!(
-                        "raw: {p:?}{}",
-                        if ok {
-                            ""
-                        } else {
-                            " (not a key label; still scanning)"
-                        }
-                    );
-                }
-                ok
-            }),
-        )
-        .map(|s| Box::new(s) as Box<dyn KeySource>)
-        .map_err(Into::into),
-        #[allow(unreachable_patterns)]
-        other => not_built_in(other),
-    };
-    opened.with_context(|| format!("opening the {} source", kind.name()))
+/// The registry's source named `name`.
+pub fn factory(name: &str) -> Result<&'static dyn SourceFactory, NotBuiltIn> {
+    registry::find(name).ok_or_else(|| NotBuiltIn(name.to_owned()))
 }
 
-/// The error for a source this binary was built without (its cargo feature off).
-fn not_built_in(kind: SourceKind) -> anyhow::Result<Box<dyn KeySource>> {
-    let enabled = match kind {
-        SourceKind::HidScanner => cfg!(feature = "hid-scanner"),
-        SourceKind::SerialScanner => cfg!(feature = "serial-scanner"),
-        SourceKind::Webcam => cfg!(feature = "webcam"),
-        SourceKind::Ir => cfg!(feature = "ir"),
-        SourceKind::Keyboard => cfg!(feature = "keyboard"),
-        SourceKind::Keypad => cfg!(feature = "keypad"),
-        SourceKind::File => cfg!(feature = "file"),
+/// Opens the source `kind` through the registry.
+pub fn open_source(kind: SourceKind, opts: &SourceOptions) -> anyhow::Result<Box<dyn KeySource>> {
+    let name = kind.name();
+    let opened = match factory(&name) {
+        Ok(f) => f.open(opts).map_err(anyhow::Error::from),
+        Err(e) => Err(e.into()),
     };
-    let hint = match (enabled, kind.name()) {
-        (true, _) => "",
-        (false, "keyboard") => "; rebuild keyfleet with `--features keyboard`",
-        (false, "keypad") => "; rebuild keyfleet with `--features keypad`",
-        (false, "file") => "; rebuild keyfleet with `--features file`",
-        (false, "hid-scanner") => "; rebuild keyfleet with `--features hid-scanner`",
-        (false, "serial-scanner") => "; rebuild keyfleet with `--features serial-scanner`",
-        (false, "webcam") => "; rebuild keyfleet with `--features webcam`",
-        (false, _) => "; rebuild keyfleet with `--features ir`",
-    };
-    Err(NotBuiltIn(kind.name(), hint).into())
+    opened.with_context(|| format!("opening the {name} source"))
 }
 
 /// What one reading gave.
@@ -236,14 +184,34 @@ pub struct ReadOutcome {
 /// the source decoded is printed on stderr before parsing (escaped, so
 /// control characters show).
 pub fn read_initial_key(args: &KeySourceArgs, show_raw: bool) -> anyhow::Result<ReadOutcome> {
-    let mut src = open_source(args.from, &args.options(), show_raw)?;
+    let mut opts = args.options();
+    // A source that finds several candidates (the webcam: every QR code in
+    // view) keeps scanning past those that are not valid labels (a URL on
+    // the appliance's box, a half-read frame) until one parses; with --raw,
+    // it shows the text of each, label or not.
+    let shown = Arc::new(AtomicBool::new(false));
+    let seen = Arc::clone(&shown);
+    opts.accept = Some(CandidateFilter::new(move |p: &str| {
+        let ok = label::parse(p).is_ok();
+        if show_raw {
+            seen.store(true, Ordering::Relaxed);
+            let why = if ok {
+                ""
+            } else {
+                " (not a key label; still scanning)"
+            };
+            eprintln!("raw: {p:?}{why}");
+        }
+        ok
+    }));
+    let mut src = open_source(args.from, &opts)?;
     let source = src.name();
     let raw = Zeroizing::new(
         src.read_raw(args.flags.timeout)
             .with_context(|| format!("reading from the {source} source"))?,
     );
-    // The webcam printed every code it found already.
-    if show_raw && args.from != SourceKind::Webcam {
+    // A source that filtered candidates printed every one already.
+    if show_raw && !shown.load(Ordering::Relaxed) {
         eprintln!("raw: {:?}", raw.as_str());
     }
     let parsed = label::parse(&raw)
@@ -329,32 +297,24 @@ fn run_read_key(args: &ReadKeyArgs) -> anyhow::Result<()> {
 /// `keyfleet devices`.
 #[derive(Args, Debug)]
 pub struct DevicesArgs {
-    /// Print a JSON array of {"kind", "path", "vendor", "product", "note"}.
+    /// Print a JSON array of {"kind", "path", "vendor", "product", "note", "access", "fix"}:
+    /// `access` is granted, denied, unavailable or not-checked; `fix` says what grants a
+    /// denied one; `note` carries the hint too.
     #[arg(long)]
     pub json: bool,
 }
 
+/// The candidate devices of every source built in, as `keyfleet devices` shows them.
 pub fn devices(args: DevicesArgs) -> anyhow::Result<()> {
-    let list = keyfleet_drivers::sysfs::list();
+    let list = registry::list_all();
     if args.json {
-        let v: Vec<serde_json::Value> = list
-            .iter()
-            .map(|d| {
-                serde_json::json!({
-                    "kind": d.kind,
-                    "path": d.path,
-                    "vendor": d.vendor,
-                    "product": d.product,
-                    "note": d.note,
-                })
-            })
-            .collect();
+        let v: Vec<serde_json::Value> = list.iter().map(device_json).collect();
         println!("{}", serde_json::Value::Array(v));
         return Ok(());
     }
+    let names: Vec<&str> = registry::registry().iter().map(|f| f.name()).collect();
     if list.is_empty() {
-        println!("no candidate devices (hidraw, ttyUSB/ttyACM, video, removable media) found");
-        return Ok(());
+        println!("no candidate devices found");
     }
     for d in &list {
         let ids = [d.vendor.as_deref(), d.product.as_deref()]
@@ -368,11 +328,43 @@ pub fn devices(args: DevicesArgs) -> anyhow::Result<()> {
             d.path,
             if ids.is_empty() { "-" } else { &ids }
         );
-        if let Some(n) = &d.note {
+        if let Some(n) = d.full_note() {
             println!("{:<15} {:<16} note: {n}", "", "");
         }
     }
+    if list
+        .iter()
+        .any(|d| matches!(d.access, Access::Denied { .. }))
+    {
+        println!("udev rules: {UDEV_INSTALL}");
+    }
+    println!(
+        "sources built in: {}",
+        if names.is_empty() {
+            "none".to_owned()
+        } else {
+            names.join(", ")
+        }
+    );
     Ok(())
+}
+
+/// One device for `devices --json`: the keys of before (`note` with the
+/// access hint in it), plus `access` and `fix`.
+fn device_json(d: &DeviceInfo) -> serde_json::Value {
+    let fix = match &d.access {
+        Access::Denied { fix } => Some(*fix),
+        _ => None,
+    };
+    serde_json::json!({
+        "kind": d.kind,
+        "path": d.path,
+        "vendor": d.vendor,
+        "product": d.product,
+        "note": d.full_note(),
+        "access": d.access.word(),
+        "fix": fix,
+    })
 }
 
 #[cfg(test)]
@@ -437,7 +429,7 @@ mod tests {
         assert_eq!(exit_code(&e), 4);
         let e = anyhow::Error::new(SourceError::Cancelled);
         assert_eq!(exit_code(&e), 5);
-        let e = anyhow::Error::new(NotBuiltIn("webcam", ""));
+        let e = anyhow::Error::new(NotBuiltIn("webcam".into())).context("opening");
         assert_eq!(exit_code(&e), 3);
         let e = anyhow::Error::new(SourceError::NoEntry("no code".into())).context("reading");
         assert_eq!(exit_code(&e), 6);
@@ -446,5 +438,88 @@ mod tests {
             reason: "missing".into(),
         });
         assert_eq!(exit_code(&e), 3);
+    }
+
+    /// Every source of this build: `read-key --from` opens each through the
+    /// registry, and the names are the CLI's own.
+    #[test]
+    fn the_registry_and_the_from_values_agree() {
+        let values: Vec<String> = SourceKind::value_variants()
+            .iter()
+            .map(|k| k.name())
+            .collect();
+        for f in registry::registry() {
+            assert!(
+                values.iter().any(|v| v == f.name()),
+                "{} has no --from value",
+                f.name()
+            );
+        }
+        let full = cfg!(all(
+            feature = "keyboard",
+            feature = "keypad",
+            feature = "hid-scanner",
+            feature = "serial-scanner",
+            feature = "webcam",
+            feature = "ir",
+            feature = "file"
+        ));
+        for v in &values {
+            match factory(v) {
+                Ok(f) => assert_eq!(f.name(), v),
+                Err(e) => assert!(!full, "{e}"),
+            }
+        }
+        if full {
+            assert_eq!(registry::registry().len(), values.len());
+        }
+    }
+
+    /// The hint "rebuild with `--features NAME`" names a feature that exists.
+    #[test]
+    fn every_from_value_is_a_feature_of_keyfleet() {
+        let text =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml")).unwrap();
+        let manifest: toml::Table = text.parse().unwrap();
+        let features = manifest["features"].as_table().unwrap();
+        for k in SourceKind::value_variants() {
+            assert!(features.contains_key(&k.name()), "no feature {}", k.name());
+        }
+    }
+
+    #[test]
+    fn a_source_not_built_in_says_which_feature_builds_it() {
+        let e = factory("telepathy").map(|f| f.name()).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "source telepathy is not built into this binary; rebuild keyfleet with `--features telepathy`"
+        );
+        let e = anyhow::Error::new(e).context("opening the telepathy source");
+        assert_eq!(exit_code(&e), 3);
+    }
+
+    #[test]
+    fn devices_json_keeps_the_old_keys_and_adds_access() {
+        let d = DeviceInfo {
+            kind: "serial-scanner",
+            path: "/dev/ttyACM0".into(),
+            vendor: Some("0c2e".into()),
+            product: None,
+            note: None,
+            access: Access::Denied {
+                fix: "join dialout",
+            },
+        };
+        let v = device_json(&d);
+        assert_eq!(v["kind"], "serial-scanner");
+        assert_eq!(v["path"], "/dev/ttyACM0");
+        assert_eq!(v["vendor"], "0c2e");
+        assert!(v["product"].is_null());
+        assert_eq!(
+            v["note"],
+            "no read/write access for this user; join dialout"
+        );
+        assert_eq!(v["access"], "denied");
+        assert_eq!(v["fix"], "join dialout");
     }
 }
