@@ -1111,7 +1111,10 @@ fn a_storm_of_triggers_stays_within_the_controllers_request_budget() {
         if pending.is_none() {
             let seq = r.ctl.seq();
             let member = r.ctl.member;
-            let bytes = wire::mac(wire::resync(r.ctl.term, Epoch(1), seq, member), &r.ctl.chain());
+            let bytes = wire::mac(
+                wire::resync(r.ctl.term, Epoch(1), seq, member),
+                &r.ctl.chain(),
+            );
             out.extend(r.feed(&bytes));
         }
         for a in &out {
@@ -1141,7 +1144,11 @@ fn a_storm_of_triggers_stays_within_the_controllers_request_budget() {
             assert_eq!(refusal(&out), None);
         }
     }
-    assert!(sends.len() > 20, "the storm made the node ask: {}", sends.len());
+    assert!(
+        sends.len() > 20,
+        "the storm made the node ask: {}",
+        sends.len()
+    );
     for w in sends.windows(2) {
         assert!(
             w[1].since(w[0]) >= node_cfg().sync_retry_initial_ms,
