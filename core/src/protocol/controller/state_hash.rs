@@ -6,10 +6,13 @@
 //! compile here until its author decides whether it belongs in the hash.
 //! Left out are only what is fixed for the machine's life (configuration,
 //! signing key, each member's keys derived from its initial key) and what
-//! is derived from hashed fields (`by_id` from the member rows). Group keys
+//! is derived from hashed fields (the member table's `by_id` from its rows). Group keys
 //! are hashed by epoch and check value, never by their bytes.
 
-use super::{ControllerMachine, Member, MemberPersist, PhaseTimes, Round};
+use super::beacon::Beacon;
+use super::members::{Member, Members};
+use super::round::Round;
+use super::{ControllerMachine, MemberPersist, PhaseTimes};
 use std::cmp::Reverse;
 use std::hash::{Hash, Hasher};
 
@@ -116,7 +119,6 @@ impl Hash for ControllerMachine {
             activated_at,
             round,
             members,
-            by_id: _,
             seq,
             seq_reserved,
             pending,
@@ -128,7 +130,6 @@ impl Hash for ControllerMachine {
             data_replay,
             marks_unsaved,
             node_trigger_at,
-            beacon_due,
             beacon,
             term,
         } = self;
@@ -136,9 +137,23 @@ impl Hash for ControllerMachine {
         (seq, seq_reserved, pending, total_seals, total_opens).hash(state);
         (round_timer, age_timer).hash(state);
         (previous, data_replay, marks_unsaved, node_trigger_at).hash(state);
-        // The last beacon by its signed bytes (what it said is in them).
-        beacon_due.hash(state);
-        beacon.as_ref().map(|(_, bytes)| bytes).hash(state);
+        beacon.hash(state);
         term.hash(state);
+    }
+}
+
+impl Hash for Members {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        // `by_id` is derived from the rows.
+        self.slots.hash(state);
+    }
+}
+
+impl Hash for Beacon {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        let Beacon { due, last } = self;
+        due.hash(state);
+        // The last beacon by its signed bytes (what it said is in them).
+        last.as_ref().map(|(_, bytes)| bytes).hash(state);
     }
 }

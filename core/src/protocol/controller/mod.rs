@@ -1,0 +1,388 @@
+//! The controller side: [`ControllerMachine`], the rekey round of SPEC §2, the
+//! triggers of SPEC §3 and the answers to joins and key requests (SPEC §5).
+//!
+//! The machine is split along its seams, one subsystem per file:
+//!
+//! - `mod.rs` (here): the machine itself — its state, `new` / `restore`,
+//!   snapshots, accessors, and `handle`, which dispatches each input;
+//! - `config.rs`: [`ControllerConfig`], every default in one place;
+//! - `io.rs`: the vocabulary — [`ControllerInput`], [`ControllerAction`],
+//!   [`Record`] and the errors of commands;
+//! - `persist.rs`: what is stored — [`ControllerCore`], [`MemberPersist`],
+//!   [`MemberRatchet`] — and when;
+//! - `members.rs`: the member table (`Members`, `Member`: enrollment,
+//!   addresses, per-member budgets, the ratchet step prepared for each) and
+//!   the commands that change it;
+//! - `round.rs`: the round (`Round`) and its phase engine, with the S1/S2
+//!   checks, the drain, the stale deadline, pause and resume;
+//! - `retries.rs`: the requests of each phase, group waves then unicast
+//!   retries, and the round timer;
+//! - `trigger.rs`: when a trigger starts a round (at once, queued, spaced);
+//! - `auth.rs`: inbound authentication (MACs under a member's chains, replay
+//!   windows) and the enrollment handshake;
+//! - `inbound.rs`: datagrams in — dispatch of node messages, group data
+//!   checked for a leaked key;
+//! - `beacon.rs`: the signed beacon;
+//! - `state_hash.rs`: `Hash` for the model check.
+//!
+//! Persistence is incremental (`persist.rs`): `PersistCore` at every phase
+//! change and `PersistMember` at every change of a member's row.
+
+mod auth;
+mod beacon;
+mod config;
+mod inbound;
+mod io;
+mod members;
+mod persist;
+mod retries;
+mod round;
+mod state_hash;
+mod trigger;
+
+pub use config::ControllerConfig;
+pub use io::{
+    CommandError, ControllerAction, ControllerInput, ControllerTimer, MemberStatus, PhaseTimes,
+    Record, RestoreError, ResumeCause, TriggerOutcome, Via,
+};
+pub use persist::{
+    AnsweredInit, Committed, ControllerCore, ControllerPersist, MemberPersist, MemberRatchet,
+    Pending, RoundPersist,
+};
+
+use super::triggers::TriggerReason;
+use super::Time;
+use crate::crypto::{CheckValue, Epoch, GroupKey, InitialKey};
+use crate::wire::{DataReplay, NodeId, RoundPhase, Step};
+use beacon::Beacon;
+use core::net::SocketAddr;
+use ed25519_dalek::SigningKey;
+use members::Members;
+use rand::{CryptoRng, RngCore};
+use round::Round;
+
+const SEQ_BLOCK: u64 = 4096;
+/// New handshakes (each costs two X25519 operations) a member may have
+/// answered at once…
+pub const HANDSHAKE_BURST: u32 = 2;
+/// …and one more per this many ms.
+pub const HANDSHAKE_INTERVAL_MS: u64 = 250;
+/// A retry of an answered handshake init gets the cached answer again at most
+/// once per this many ms (a hash and a send: no key agreement).
+pub const HANDSHAKE_RESEND_MS: u64 = 100;
+/// How long a re-join allowed by the operator stays open.
+pub const REJOIN_WINDOW_MS: u64 = 10 * 60 * 1000;
+
+/// The leader term of a sole controller (an embedded management table, or
+/// the first leader of a shared one). Every controller message carries the
+/// machine's term ([`ControllerMachine::set_term`]); nodes refuse a lower one.
+pub const TERM: u32 = 1;
+
+type Out = Vec<ControllerAction>;
+
+/// The controller's protocol state. See the module docs.
+///
+/// `Clone` and `Hash` (in `controller/state_hash.rs`) let a model checker keep
+/// machine states and tell them apart (tests/model_check.rs).
+#[derive(Clone)]
+pub struct ControllerMachine {
+    cfg: ControllerConfig,
+    signing: SigningKey,
+    current: GroupKey,
+    activated_at: Time,
+    round: Option<Round>,
+    members: Members,
+    seq: u64,
+    seq_reserved: u64,
+    pending: Option<TriggerReason>,
+    total_seals: u64,
+    total_opens: u64,
+    round_timer: Option<Time>,
+    age_timer: Option<Time>,
+    /// The key the last round retired: nodes that have not taken the second
+    /// transition request yet still open data under it, so the controller
+    /// still checks such data for a leak.
+    previous: Option<GroupKey>,
+    /// Group data replay state, by the rule the nodes use.
+    data_replay: DataReplay,
+    /// A sequence number accepted since the last snapshot was written.
+    marks_unsaved: bool,
+    /// When the last round set off by node reports started.
+    node_trigger_at: Option<Time>,
+    beacon: Beacon,
+    /// The leader term every message carries ([`TERM`] unless the shell set
+    /// the term of its lease).
+    term: u32,
+}
+
+impl ControllerMachine {
+    /// A new controller with a fresh signing key and the fleet's first group key (epoch 1).
+    pub fn new(
+        cfg: ControllerConfig,
+        now: Time,
+        rng: &mut (impl RngCore + CryptoRng),
+        out: &mut Out,
+    ) -> Self {
+        let signing = SigningKey::generate(rng);
+        let current = GroupKey::generate(Epoch(1), rng);
+        out.push(ControllerAction::Record(Record::KeyCreated {
+            epoch: current.epoch(),
+            check: current.check_value(),
+            reason: TriggerReason::Initial,
+            at: now,
+        }));
+        let c = ControllerMachine::from_parts(cfg, signing, current, now, None, Members::new());
+        c.persist_core(out);
+        c
+    }
+
+    /// Resume from persisted state; feed [`ControllerInput::Start`] next.
+    pub fn restore(
+        p: &ControllerPersist,
+        cfg: ControllerConfig,
+        now: Time,
+    ) -> Result<Self, RestoreError> {
+        let core = &p.core;
+        let members = Members::restore(&p.members, core.next_member)?;
+        let round = core.round.as_ref().map(|r| Round::restore(r, now));
+        let signing = SigningKey::from_bytes(&core.signing_key);
+        let mut c = ControllerMachine::from_parts(
+            cfg,
+            signing,
+            core.current.clone(),
+            core.activated_at,
+            round,
+            members,
+        );
+        c.seq = core.seq_reserved;
+        c.seq_reserved = core.seq_reserved;
+        c.pending = core.pending.clone();
+        Ok(c)
+    }
+
+    /// A machine with nothing in memory but its keys, round and members.
+    fn from_parts(
+        cfg: ControllerConfig,
+        signing: SigningKey,
+        current: GroupKey,
+        activated_at: Time,
+        round: Option<Round>,
+        members: Members,
+    ) -> Self {
+        ControllerMachine {
+            cfg,
+            signing,
+            current,
+            activated_at,
+            round,
+            members,
+            seq: 0,
+            seq_reserved: 0,
+            pending: None,
+            total_seals: 0,
+            total_opens: 0,
+            round_timer: None,
+            age_timer: None,
+            previous: None,
+            data_replay: DataReplay::new(super::NodeConfig::default().data_replay_senders),
+            marks_unsaved: false,
+            node_trigger_at: None,
+            beacon: Beacon::default(),
+            term: TERM,
+        }
+    }
+
+    /// The snapshot of the controller's own state.
+    pub fn core(&self) -> ControllerCore {
+        ControllerCore {
+            signing_key: self.signing.to_bytes(),
+            current: self.current.clone(),
+            activated_at: self.activated_at,
+            round: self.round.as_ref().map(Round::persist),
+            seq_reserved: self.seq_reserved,
+            next_member: self.members.next_number(),
+            pending: self.pending.clone(),
+        }
+    }
+
+    /// Whether a node's sequence number was accepted since the last snapshot
+    /// was taken with [`Self::snapshot_saved`]: the shell writes one at most
+    /// every second or so while this holds, and at a clean stop, so a restarted
+    /// controller still refuses replays (no write per message).
+    pub fn replay_marks_unsaved(&self) -> bool {
+        self.marks_unsaved
+    }
+
+    /// The shell wrote [`Self::snapshot`] durably.
+    pub fn snapshot_saved(&mut self) {
+        self.marks_unsaved = false;
+    }
+
+    /// The full snapshot (core and every member row).
+    pub fn snapshot(&self) -> ControllerPersist {
+        ControllerPersist {
+            core: self.core(),
+            members: self.members.iter().map(|m| m.row.clone()).collect(),
+        }
+    }
+
+    /// The leader term every message of this controller carries.
+    pub fn term(&self) -> u32 {
+        self.term
+    }
+
+    /// Takes the leader term of the lease the shell holds (only ever
+    /// raised). What was signed under the old term (the beacon, a round's
+    /// transition request) is signed again under the new one, so nothing of
+    /// the old term goes out after this.
+    pub fn set_term(&mut self, term: u32, out: &mut Out) {
+        if term <= self.term {
+            return;
+        }
+        self.term = term;
+        self.beacon.last = None;
+        for step in [Step::FirstTransition, Step::SecondTransition] {
+            let signed = self.round.as_ref().and_then(|r| r.transition_msg(step));
+            if signed.is_some() {
+                self.sign_transition(step, out);
+            }
+        }
+    }
+
+    pub fn public_key(&self) -> [u8; 32] {
+        self.signing.verifying_key().to_bytes()
+    }
+
+    /// Sets the unicast address the beacon announces (the shell's socket).
+    pub fn set_address(&mut self, addr: SocketAddr) {
+        self.cfg.address = addr;
+    }
+
+    pub fn current_epoch(&self) -> Epoch {
+        self.current.epoch()
+    }
+
+    /// The round in progress: its epoch and phase.
+    pub fn round(&self) -> Option<(Epoch, RoundPhase)> {
+        self.round.as_ref().map(|r| (r.epoch, r.phase))
+    }
+
+    /// The round in progress: when it started and its key's check value.
+    pub fn round_started(&self) -> Option<(Time, CheckValue)> {
+        self.round
+            .as_ref()
+            .map(|r| (r.started_at, r.key.check_value()))
+    }
+
+    /// Live members still to confirm the current phase.
+    pub fn waiting(&self) -> u32 {
+        self.round.as_ref().map_or(0, |r| r.waiting)
+    }
+
+    /// Member number and status of every enrolled node.
+    pub fn members(&self) -> impl Iterator<Item = (u32, &NodeId, MemberStatus)> + '_ {
+        self.members
+            .iter()
+            .map(|m| (m.row.member, &m.row.node_id, m.row.status))
+    }
+
+    /// Enrolled nodes that an enrollment of `initial_key` at `addr` would
+    /// duplicate: the node already enrolled with the same initial key (each
+    /// appliance has its own: a second one is a mislabelled or cloned
+    /// appliance), and the node already at the same address (an unspecified
+    /// address, not yet known, matches none).
+    pub fn enrolled_alike(
+        &self,
+        initial_key: &InitialKey,
+        addr: SocketAddr,
+    ) -> (Option<&NodeId>, Option<&NodeId>) {
+        self.members.alike(initial_key, addr)
+    }
+
+    pub fn member_status(&self, node_id: &NodeId) -> Option<MemberStatus> {
+        let i = self.members.number_of(node_id)?;
+        self.members.get(i).map(|m| m.row.status)
+    }
+
+    /// Feed one input; actions are appended to `out`. Only commands can fail;
+    /// a bad datagram becomes a [`Record::Refused`].
+    pub fn handle(
+        &mut self,
+        now: Time,
+        input: ControllerInput<'_>,
+        rng: &mut (impl RngCore + CryptoRng),
+        out: &mut Out,
+    ) -> Result<(), CommandError> {
+        match input {
+            ControllerInput::Start => self.start(now, rng, out),
+            ControllerInput::Datagram { from, bytes } => {
+                if let Err(reason) = self.on_datagram(now, from, bytes, rng, out) {
+                    Self::record(
+                        out,
+                        Record::Refused {
+                            from,
+                            reason,
+                            at: now,
+                        },
+                    );
+                }
+            }
+            ControllerInput::Timer(ControllerTimer::Round) => {
+                self.round_timer = None;
+                self.tick(now, rng, out);
+            }
+            ControllerInput::Timer(ControllerTimer::KeyAge) => {
+                self.age_timer = None;
+                self.check_age(now, rng, out);
+            }
+            ControllerInput::Timer(ControllerTimer::Beacon) => self.on_beacon_timer(now, out),
+            ControllerInput::Enroll {
+                node_id,
+                initial_key,
+                addr,
+            } => self.enroll(now, node_id, initial_key, addr, out)?,
+            ControllerInput::Remove { node_id } => self.remove(now, node_id, rng, out)?,
+            ControllerInput::Rekey => {
+                if !self.cfg.triggers.manual {
+                    return Err(CommandError::ManualRekeyOff);
+                }
+                self.fire(now, TriggerReason::Manual, rng, out);
+            }
+            ControllerInput::AllowRejoin { node_id } => self.allow_rejoin(now, node_id, out)?,
+        }
+        Ok(())
+    }
+
+    fn start(&mut self, now: Time, rng: &mut (impl RngCore + CryptoRng), out: &mut Out) {
+        self.demote_members_without_ratchet(now, out);
+        self.resume(now, ResumeCause::Restart, out);
+        if let Some(phase) = self.round.as_ref().map(|r| r.phase) {
+            // Acknowledgements were not persisted: ask again; nodes answer idempotently.
+            self.enter_phase(now, phase, rng, out);
+        }
+        self.arm_age(out);
+        self.progress_round(now, rng, out);
+        self.start_pending(now, rng, out);
+        self.check_age(now, rng, out);
+        self.send_beacon(now, out);
+    }
+
+    /// The next sequence number of a controller message; a block of them is
+    /// reserved (persisted) ahead, so a restarted controller never reuses one.
+    fn next_seq(&mut self, out: &mut Out) -> u64 {
+        self.seq += 1;
+        if self.seq >= self.seq_reserved {
+            self.seq_reserved = self.seq + SEQ_BLOCK;
+            self.persist_core(out);
+        }
+        self.seq
+    }
+
+    fn persist_core(&self, out: &mut Out) {
+        out.push(ControllerAction::PersistCore(Box::new(self.core())));
+    }
+
+    fn record(out: &mut Out, r: Record) {
+        out.push(ControllerAction::Record(r));
+    }
+}

@@ -1,0 +1,155 @@
+//! What the controller persists: its own state ([`ControllerCore`], with the
+//! round in progress as [`RoundPersist`]) and one row per member
+//! ([`MemberPersist`], with its side of the node's ratchet, [`MemberRatchet`]).
+//!
+//! Persistence is incremental: `PersistCore` (keys, round, counters) at every
+//! phase change and `PersistMember` at every change of a member's row. Per-node
+//! acknowledgements are not persisted: a restored controller resends the
+//! current phase's request and the nodes, which never move backwards, answer again.
+
+use super::super::triggers::TriggerReason;
+use super::super::Time;
+use super::{MemberStatus, PhaseTimes};
+use crate::crypto::{ratchet, Chain, Epoch, GroupKey, NodeKeys, Share, ShareSecret};
+use crate::wire::{NodeId, RoundPhase};
+use core::net::SocketAddr;
+use ed25519_dalek::SigningKey;
+use serde::{Deserialize, Serialize};
+use zeroize::Zeroize;
+
+/// Everything needed to restore a controller: its core and the member rows.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ControllerPersist {
+    pub core: ControllerCore,
+    pub members: Vec<MemberPersist>,
+}
+
+/// The controller's own persisted state. The signing key is zeroized on drop.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct ControllerCore {
+    pub(super) signing_key: [u8; 32],
+    pub current: GroupKey,
+    pub activated_at: Time,
+    pub round: Option<RoundPersist>,
+    pub seq_reserved: u64,
+    pub next_member: u32,
+    pub pending: Option<TriggerReason>,
+}
+
+impl Drop for ControllerCore {
+    fn drop(&mut self) {
+        self.signing_key.zeroize();
+    }
+}
+
+impl std::fmt::Debug for ControllerCore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ControllerCore")
+            .field("current", &self.current)
+            .field("round", &self.round)
+            .field("pending", &self.pending)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ControllerCore {
+    /// The controller's Ed25519 public key (what nodes verify against).
+    pub fn public_key(&self) -> [u8; 32] {
+        SigningKey::from_bytes(&self.signing_key)
+            .verifying_key()
+            .to_bytes()
+    }
+}
+
+/// A round in progress, as persisted.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RoundPersist {
+    pub epoch: Epoch,
+    pub key: GroupKey,
+    /// The controller's X25519 secret of this round's ratchet step (one share
+    /// per round, in every key update request); absent in revision 1.
+    #[serde(default)]
+    pub share: Option<ShareSecret>,
+    pub phase: RoundPhase,
+    pub reason: TriggerReason,
+    pub started_at: Time,
+    pub drain_until: Option<Time>,
+    pub activated_at: Option<Time>,
+    pub phases_ms: PhaseTimes,
+    /// Paused since (too few nodes answered); absent in revision-1 files.
+    #[serde(default)]
+    pub paused_at: Option<Time>,
+    /// Times paused so far.
+    #[serde(default)]
+    pub pauses: u32,
+}
+
+/// One row of the management table's node list. Key bytes zeroized on drop.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct MemberPersist {
+    pub member: u32,
+    pub node_id: NodeId,
+    pub addr: SocketAddr,
+    pub(super) keys: NodeKeys,
+    pub fingerprint: String,
+    pub status: MemberStatus,
+    pub enrolled_at: Time,
+    /// The member's ratchet (absent in a revision-1 file: the node runs the
+    /// enrollment handshake at its next join).
+    #[serde(default)]
+    pub ratchet: MemberRatchet,
+    /// A re-join the operator allowed (`keyfleet rejoin`), open until then.
+    #[serde(default)]
+    pub rejoin_until: Option<Time>,
+    /// Highest sequence number accepted from this node, so that a restarted
+    /// controller refuses replays of what it accepted before (absent in
+    /// revision-1 files: nothing known). Saved with every snapshot, at most a
+    /// second after it moved while messages flow, and at a clean stop.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seq_seen: Option<u64>,
+}
+
+/// The controller's side of one node's ratchet. Key bytes zeroized on drop.
+#[derive(Clone, Debug, Default, Hash, Serialize, Deserialize)]
+pub struct MemberRatchet {
+    /// The chain the node confirmed last, and the share it announced under it.
+    /// Set once the node completed the enrollment handshake: from then on its
+    /// enrollment is pinned (another handshake needs [`super::ControllerInput::AllowRejoin`]).
+    pub committed: Option<Committed>,
+    /// The one step prepared from `committed`: every wrap for the node uses it
+    /// until the node shows (by its MAC) that it took it.
+    pub next: Option<Pending>,
+    /// The chain of an answered handshake, until the node's first message under it.
+    pub handshake: Option<Chain>,
+    /// The sequence number of the handshake init `handshake` answers: only a
+    /// later init replaces it (the node holds only its latest handshake).
+    #[serde(default)]
+    pub handshake_seq: u64,
+    /// The answer sent to that init, by the init's digest: a retry of the same
+    /// init (a node resends it until answered) gets the same bytes again, with
+    /// no new key agreement and no new chain, until the node's first message
+    /// under the chain completes the handshake.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handshake_answer: Option<AnsweredInit>,
+}
+
+/// A handshake init answered: its digest and the answer's Noise message.
+#[derive(Clone, Debug, Hash, Serialize, Deserialize)]
+pub struct AnsweredInit {
+    pub init: [u8; 16],
+    #[serde(with = "hex::serde")]
+    pub answer: Vec<u8>,
+}
+
+#[derive(Clone, Debug, Hash, Serialize, Deserialize)]
+pub struct Committed {
+    pub chain: Chain,
+    pub share: Share,
+}
+
+#[derive(Clone, Debug, Hash, Serialize, Deserialize)]
+pub struct Pending {
+    /// The controller's share of the step (sent with every wrap under it).
+    pub share: Share,
+    pub step: ratchet::Step,
+}

@@ -1,0 +1,290 @@
+//! The requests of a round's phases and their retries: group waves (key
+//! update batches, transition requests resent byte for byte), then one
+//! unicast per missing member with backoff and jitter; the round timer
+//! (`tick`) that drives them, the stale deadline and the drain.
+
+use super::super::Time;
+use super::round::{transition_step, Round};
+use super::{
+    ControllerAction, ControllerConfig, ControllerMachine, ControllerTimer, MemberStatus, Out,
+    Record, Via,
+};
+use crate::crypto::{Epoch, Share, ShareSecret, WrappedKey};
+use crate::wire::{self, RoundPhase, Step, MAX_BATCH_ENTRIES};
+use rand::{CryptoRng, RngCore};
+use std::cmp::Reverse;
+
+impl Round {
+    /// Count a group wave and schedule the next one; returns its number.
+    fn start_wave(&mut self, now: Time, cfg: &ControllerConfig, rng: &mut impl RngCore) -> u32 {
+        let wave = self.group_sent + 1;
+        self.next_wave = Some(now.plus(cfg.retry_delay(wave, rng)));
+        self.group_sent = wave;
+        wave
+    }
+
+    /// Takes the earliest unicast retry due by `now`.
+    fn pop_due(&mut self, now: Time) -> Option<u32> {
+        let &Reverse((due, member)) = self.retries.peek()?;
+        if due > now {
+            return None;
+        }
+        self.retries.pop();
+        Some(member)
+    }
+
+    pub(super) fn queue_retry(&mut self, at: Time, member: u32) {
+        self.retries.push(Reverse((at, member)));
+    }
+}
+
+impl ControllerMachine {
+    /// One group wave of key update batches to every waiting member.
+    pub(super) fn send_key_wave(
+        &mut self,
+        now: Time,
+        rng: &mut (impl RngCore + CryptoRng),
+        out: &mut Out,
+    ) {
+        let Some(r) = &mut self.round else { return };
+        let wave = r.start_wave(now, &self.cfg, rng);
+        let Some(share) = r.share.as_ref().map(ShareSecret::public) else {
+            return;
+        };
+        let epoch = r.epoch;
+        let mut batch: Vec<(u32, WrappedKey)> = Vec::with_capacity(MAX_BATCH_ENTRIES);
+        for i in self.members.numbers() {
+            let (Some(r), Some(m)) = (&mut self.round, self.members.get_mut(i)) else {
+                continue;
+            };
+            if !r.waits_for(m) {
+                continue;
+            }
+            let Some((step_share, step)) = m.step(r.share.as_ref(), rng, out) else {
+                continue;
+            };
+            if step_share != share {
+                // A step prepared before this round (an unconfirmed key
+                // response): its share is not the batch's, so it goes by unicast.
+                r.queue_retry(now, i);
+                continue;
+            }
+            m.attempts += 1;
+            batch.push((i, step.wrap(&r.key, i, rng)));
+            Self::record(
+                out,
+                Record::KeySent {
+                    epoch,
+                    member: i,
+                    node_id: m.row.node_id.clone(),
+                    attempt: m.attempts,
+                    via: Via::Group,
+                    at: now,
+                },
+            );
+            if batch.len() == MAX_BATCH_ENTRIES {
+                self.send_batch(now, epoch, &share, wave, &mut batch, out);
+            }
+        }
+        if !batch.is_empty() {
+            self.send_batch(now, epoch, &share, wave, &mut batch, out);
+        }
+    }
+
+    fn send_batch(
+        &mut self,
+        now: Time,
+        epoch: Epoch,
+        share: &Share,
+        wave: u32,
+        batch: &mut Vec<(u32, WrappedKey)>,
+        out: &mut Out,
+    ) {
+        let seq = self.next_seq(out);
+        let msg = wire::sign(
+            wire::key_update(self.term, epoch, seq, share, batch),
+            &self.signing,
+        );
+        out.push(ControllerAction::SendGroup(msg));
+        Self::record(
+            out,
+            Record::KeyBatchSent {
+                epoch,
+                entries: batch.len() as u32,
+                attempt: wave,
+                at: now,
+            },
+        );
+        batch.clear();
+    }
+
+    /// One group wave of the transition request of `step`.
+    pub(super) fn send_transition_wave(
+        &mut self,
+        now: Time,
+        step: Step,
+        rng: &mut impl RngCore,
+        out: &mut Out,
+    ) {
+        let Some(r) = &mut self.round else { return };
+        let wave = r.start_wave(now, &self.cfg, rng);
+        if let Some(msg) = r.transition_msg(step) {
+            out.push(ControllerAction::SendGroup(msg.clone()));
+            Self::record(
+                out,
+                Record::TransitionSent {
+                    epoch: r.epoch,
+                    step,
+                    attempt: wave,
+                    via: Via::Group,
+                    member: None,
+                    at: now,
+                },
+            );
+        }
+        for m in self.members.iter_mut() {
+            m.attempts += u32::from(m.row.status == MemberStatus::Active);
+        }
+    }
+
+    /// The current phase's request to one member by unicast.
+    fn send_unicast(
+        &mut self,
+        now: Time,
+        member: u32,
+        rng: &mut (impl RngCore + CryptoRng),
+        out: &mut Out,
+    ) {
+        let Some(phase) = self.round.as_ref().map(|r| r.phase) else {
+            return;
+        };
+        if phase == RoundPhase::Distributing {
+            let (Some(r), Some(m)) = (&self.round, self.members.get_mut(member)) else {
+                return;
+            };
+            let Some((share, step)) = m.step(r.share.as_ref(), rng, out) else {
+                return;
+            };
+            let seq = self.next_seq(out);
+            let (Some(r), Some(m)) = (&self.round, self.members.get_mut(member)) else {
+                return;
+            };
+            m.attempts += 1;
+            let entry = [(member, step.wrap(&r.key, member, rng))];
+            let msg = wire::sign(
+                wire::key_update(self.term, r.epoch, seq, &share, &entry),
+                &self.signing,
+            );
+            out.push(ControllerAction::SendTo {
+                to: m.row.addr,
+                bytes: msg,
+            });
+            Self::record(
+                out,
+                Record::KeySent {
+                    epoch: r.epoch,
+                    member,
+                    node_id: m.row.node_id.clone(),
+                    attempt: m.attempts,
+                    via: Via::Unicast,
+                    at: now,
+                },
+            );
+        } else if let Some(step) = transition_step(phase) {
+            let (Some(r), Some(m)) = (&self.round, self.members.get_mut(member)) else {
+                return;
+            };
+            let Some(msg) = r.transition_msg(step) else {
+                return;
+            };
+            m.attempts += 1;
+            out.push(ControllerAction::SendTo {
+                to: m.row.addr,
+                bytes: msg.clone(),
+            });
+            Self::record(
+                out,
+                Record::TransitionSent {
+                    epoch: r.epoch,
+                    step,
+                    attempt: m.attempts,
+                    via: Via::Unicast,
+                    member: Some(member),
+                    at: now,
+                },
+            );
+        }
+    }
+
+    /// Timer work: group waves, unicast retries, the stale deadline, the drain.
+    pub(super) fn tick(&mut self, now: Time, rng: &mut (impl RngCore + CryptoRng), out: &mut Out) {
+        let Some(r) = &self.round else {
+            self.start_pending(now, rng, out);
+            self.arm_round_timer(out);
+            return;
+        };
+        let phase = r.phase;
+        if r.stale_due(now, &self.cfg) {
+            // Silent nodes are left out only if enough others confirmed the
+            // phase; otherwise (nobody answered: the controller is the one cut
+            // off; or too few did) nobody is marked stale and the round waits.
+            if self.confirmed() >= self.needed() {
+                self.mark_stale(now, out);
+            } else {
+                self.pause(now, out);
+            }
+        }
+        let Some(r) = &mut self.round else { return };
+        if r.waiting > 0 && r.next_wave.is_some_and(|t| now >= t) {
+            if r.group_sent < self.cfg.group_attempts.max(1) {
+                if phase == RoundPhase::Distributing {
+                    self.send_key_wave(now, rng, out);
+                } else if let Some(step) = transition_step(phase) {
+                    self.send_transition_wave(now, step, rng, out);
+                }
+            } else {
+                // Group waves are spent: every member still missing gets unicast now.
+                r.next_wave = None;
+                let due: Vec<u32> = self
+                    .members
+                    .iter()
+                    .filter(|m| r.waits_for(m))
+                    .map(|m| m.row.member)
+                    .collect();
+                for i in due {
+                    r.queue_retry(now, i);
+                }
+            }
+        }
+        while let Some(member) = self.round.as_mut().and_then(|r| r.pop_due(now)) {
+            if !self.is_waiting(member) {
+                continue;
+            }
+            self.send_unicast(now, member, rng, out);
+            let attempts = self.members.get(member).map_or(1, |m| m.attempts);
+            let wait = self.cfg.retry_delay(attempts, rng);
+            if let Some(r) = &mut self.round {
+                r.queue_retry(now.plus(wait), member);
+            }
+        }
+        self.progress_round(now, rng, out);
+    }
+
+    /// Arms the round timer for the round's next deadline (or, with no round,
+    /// for the queued trigger), unless an earlier one is armed.
+    pub(super) fn arm_round_timer(&mut self, out: &mut Out) {
+        let due = match &self.round {
+            None => self.pending_due(),
+            Some(r) => r.next_due(&self.cfg),
+        };
+        if let Some(at) = due {
+            if self.round_timer.is_none_or(|t| at < t) {
+                self.round_timer = Some(at);
+                out.push(ControllerAction::ArmTimer {
+                    timer: ControllerTimer::Round,
+                    at,
+                });
+            }
+        }
+    }
+}

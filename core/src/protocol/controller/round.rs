@@ -1,0 +1,588 @@
+//! The rekey round of SPEC §2 ([`Round`]) and its phase engine: start,
+//! phase changes with the S1/S2 checks (`progress_round`), the drain, the
+//! stale deadline, pause and resume, and the finish that makes the key
+//! current. The requests of each phase and their retries are in `retries.rs`.
+//!
+//! A round for epoch `n` goes through four phases:
+//!
+//! 1. **Distributing** — the new key comes from the CSPRNG, is recorded
+//!    (`Record::KeyCreated`) and persisted; key update requests go out. The
+//!    key travels only wrapped per node under that node's ratchet step, so
+//!    the request is a *batch*: the round's X25519 share and at most 16
+//!    `(member, wrapped key)` entries sorted by member number in one
+//!    ≤1200-byte signed multicast datagram. 10 000 nodes take 625 datagrams; a node reads the batch's member range
+//!    from the header and verifies a signature only for the one batch holding
+//!    its entry. The first `group_attempts` waves go to the group (a retry wave
+//!    batches only the nodes still missing), then each missing node gets its
+//!    own signed one-entry request by unicast, with exponential backoff and jitter.
+//! 2. **FirstTransition** — once every live node replied. One signed request
+//!    to the group, retransmitted byte-for-byte (to the group, then by unicast
+//!    to each missing node, with backoff and jitter), so a node that already
+//!    verified it only compares a digest before replying again.
+//! 3. **Draining** — once every live node confirmed: wait for data sealed
+//!    with the old key still in flight, `drain_rtt_factor` times the round's
+//!    slowest acknowledgement round trip (between `drain_floor_ms` and
+//!    `max_flight_ms`; [`Round::drain_grace`]), or a fixed
+//!    `drain_grace_ms`.
+//! 4. **SecondTransition** — as the first; once every live node confirmed,
+//!    the round is finished and the new key is current.
+//!
+//! **S1** (no node seals with the new key before every live node can open it)
+//! holds because the first transition request is only signed once every live
+//! node has acknowledged the key update, and a node that rejoins during a
+//! round is only counted live again once its acknowledgement shows it holds
+//! the keys the phase needs ([`required_progress`]). **S2** (no node drops
+//! the old key while a node may still seal with it or old data may be in
+//! flight) holds because the second transition request is only signed once
+//! every live node confirmed the first one *and* the drain grace has passed.
+//! Both rules are checked next to the round logic in `progress_round`.
+//!
+//! A node that does not answer within `stale_after_ms` of the phase start is
+//! marked *stale* (`Record::NodeStale`), left out of the round, and counted
+//! live again when it catches up through a key request (SPEC §5) — but only
+//! when enough others confirmed the phase ([`ControllerMachine::needed`]:
+//! `min_acked` and a majority of the joined nodes). With fewer (none at all:
+//! the controller is the one cut off) the round is *paused*
+//! (`Record::RoundPaused`): nobody is marked stale, the old key stays
+//! current, retries go on, and the first confirmation, a restart, a rekey by
+//! hand or a removal resumes it (`Record::RoundResumed`) with a fresh stale
+//! deadline. A phase never ends with fewer confirmations than needed. When a stale
+//! node shows it is alive (a usage report, a reply out of step) the controller
+//! sends it a resync request, so it asks even without a link-up.
+
+use super::super::triggers::TriggerReason;
+use super::super::Time;
+use super::members::Member;
+use super::{
+    ControllerConfig, ControllerMachine, MemberStatus, Out, PhaseTimes, Record, ResumeCause,
+    RoundPersist,
+};
+use crate::crypto::{Epoch, GroupKey, ShareSecret};
+use crate::wire::{self, NodeId, RoundPhase, Step};
+use rand::{CryptoRng, RngCore};
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+
+/// The round in progress.
+#[derive(Clone)]
+pub(super) struct Round {
+    pub(super) epoch: Epoch,
+    pub(super) key: GroupKey,
+    /// The controller's secret of this round's ratchet share.
+    pub(super) share: Option<ShareSecret>,
+    pub(super) phase: RoundPhase,
+    pub(super) reason: TriggerReason,
+    pub(super) started_at: Time,
+    pub(super) phase_started: Time,
+    /// The stale deadline counts from here: the phase start, or the moment a
+    /// pause ended (the controller, not the nodes, was away).
+    pub(super) stale_from: Time,
+    /// Paused since: too few nodes confirmed the phase by its deadline.
+    pub(super) paused: Option<Time>,
+    pub(super) pauses: u32,
+    pub(super) drain_until: Option<Time>,
+    pub(super) activated_at: Option<Time>,
+    pub(super) phases_ms: PhaseTimes,
+    /// Live members still to confirm the current phase.
+    pub(super) waiting: u32,
+    pub(super) group_sent: u32,
+    /// Next group wave, or the moment per-node unicast begins.
+    pub(super) next_wave: Option<Time>,
+    /// Signed first / second transition request (resent byte for byte).
+    pub(super) first_msg: Option<Vec<u8>>,
+    pub(super) second_msg: Option<Vec<u8>>,
+    /// Per-member unicast retries: (due, member).
+    pub(super) retries: BinaryHeap<Reverse<(Time, u32)>>,
+    /// Restored from a snapshot: acknowledgements that crossed the restart
+    /// answer requests of the previous run, so the phase times are no round
+    /// trips (the drain grace is then `max_flight_ms`).
+    pub(super) restored: bool,
+}
+
+/// The progress a phase waits for, if any.
+pub(super) fn target_progress(phase: RoundPhase) -> Option<u8> {
+    match phase {
+        RoundPhase::Distributing => Some(1),
+        RoundPhase::FirstTransition => Some(2),
+        RoundPhase::Draining => None,
+        RoundPhase::SecondTransition => Some(3),
+    }
+}
+
+/// The least progress a node must show to be counted live again during a
+/// phase: from the first transition on it must hold the new key (S1), and from
+/// the drain on it must already seal with the new key (S2).
+pub(super) fn required_progress(phase: RoundPhase) -> u8 {
+    match phase {
+        RoundPhase::Distributing | RoundPhase::FirstTransition => 1,
+        RoundPhase::Draining | RoundPhase::SecondTransition => 2,
+    }
+}
+
+/// The transition request a phase sends, if it sends one.
+pub(super) fn transition_step(phase: RoundPhase) -> Option<Step> {
+    match phase {
+        RoundPhase::FirstTransition => Some(Step::FirstTransition),
+        RoundPhase::SecondTransition => Some(Step::SecondTransition),
+        RoundPhase::Distributing | RoundPhase::Draining => None,
+    }
+}
+
+impl Round {
+    /// A new round for `epoch`, in its first phase.
+    fn new(
+        epoch: Epoch,
+        key: GroupKey,
+        share: ShareSecret,
+        reason: TriggerReason,
+        now: Time,
+    ) -> Round {
+        Round {
+            epoch,
+            key,
+            share: Some(share),
+            phase: RoundPhase::Distributing,
+            reason,
+            started_at: now,
+            phase_started: now,
+            stale_from: now,
+            paused: None,
+            pauses: 0,
+            drain_until: None,
+            activated_at: None,
+            phases_ms: PhaseTimes::default(),
+            waiting: 0,
+            group_sent: 0,
+            next_wave: None,
+            first_msg: None,
+            second_msg: None,
+            retries: BinaryHeap::new(),
+            restored: false,
+        }
+    }
+
+    /// The persisted round, resumed at `now`.
+    pub(super) fn restore(r: &RoundPersist, now: Time) -> Round {
+        Round {
+            epoch: r.epoch,
+            key: r.key.clone(),
+            share: r.share.clone(),
+            phase: r.phase,
+            reason: r.reason.clone(),
+            started_at: r.started_at,
+            // The stale clock restarts: the controller, not the nodes, was away.
+            phase_started: now,
+            stale_from: now,
+            paused: r.paused_at,
+            pauses: r.pauses,
+            drain_until: r.drain_until,
+            activated_at: r.activated_at,
+            phases_ms: r.phases_ms,
+            restored: true,
+            waiting: 0,
+            group_sent: 0,
+            next_wave: None,
+            first_msg: None,
+            second_msg: None,
+            retries: BinaryHeap::new(),
+        }
+    }
+
+    pub(super) fn persist(&self) -> RoundPersist {
+        RoundPersist {
+            epoch: self.epoch,
+            key: self.key.clone(),
+            share: self.share.clone(),
+            phase: self.phase,
+            reason: self.reason.clone(),
+            started_at: self.started_at,
+            drain_until: self.drain_until,
+            activated_at: self.activated_at,
+            phases_ms: self.phases_ms,
+            paused_at: self.paused,
+            pauses: self.pauses,
+        }
+    }
+
+    /// Whether the current phase waits for `m`: a live member that has not
+    /// confirmed it yet.
+    pub(super) fn waits_for(&self, m: &Member) -> bool {
+        m.row.status == MemberStatus::Active
+            && target_progress(self.phase).is_some_and(|t| m.progress < t)
+    }
+
+    /// The signed transition request of `step` (resent byte for byte).
+    pub(super) fn transition_msg(&self, step: Step) -> Option<&Vec<u8>> {
+        match step {
+            Step::FirstTransition => self.first_msg.as_ref(),
+            _ => self.second_msg.as_ref(),
+        }
+    }
+
+    fn set_transition_msg(&mut self, step: Step, msg: Vec<u8>) {
+        match step {
+            Step::FirstTransition => self.first_msg = Some(msg),
+            _ => self.second_msg = Some(msg),
+        }
+    }
+
+    /// How long the drain waits (S2): `drain_grace_ms` when fixed; else
+    /// `drain_rtt_factor` times the round's slowest acknowledgement round
+    /// trip, at least `drain_floor_ms` and at most `max_flight_ms`.
+    ///
+    /// The slowest round trip is the longer of the first two phases: each
+    /// ends with the last acknowledgement it needed, which answers a request
+    /// sent at or after the phase began (retries, node processing and the
+    /// node's state write included, so it errs long). Old-key data was sealed
+    /// before its sender acknowledged the first transition request, so it is
+    /// lost only if it stays in flight longer than this grace (plus the
+    /// second transition request's own way to the receiver). A round
+    /// restored after a restart may count acknowledgements of requests sent
+    /// before the restart, which measure nothing: it waits `max_flight_ms`.
+    pub(super) fn drain_grace(&self, cfg: &ControllerConfig) -> u64 {
+        if let Some(fixed) = cfg.drain_grace_ms {
+            return fixed;
+        }
+        if self.restored {
+            return cfg.max_flight_ms;
+        }
+        let rtt = self
+            .phases_ms
+            .distributing
+            .max(self.phases_ms.first_transition);
+        rtt.saturating_mul(u64::from(cfg.drain_rtt_factor))
+            .max(cfg.drain_floor_ms)
+            .min(cfg.max_flight_ms)
+    }
+
+    /// Enter `phase` (again, after a restart or a rekey by hand): its clock,
+    /// waves and retries start over; the key's activation and the drain's
+    /// end are set once.
+    fn enter(&mut self, phase: RoundPhase, now: Time, cfg: &ControllerConfig) {
+        if self.phase != phase {
+            self.phases_ms
+                .add(self.phase, now.since(self.phase_started));
+        }
+        self.phase = phase;
+        self.phase_started = now;
+        self.stale_from = now;
+        self.group_sent = 0;
+        self.next_wave = None;
+        self.retries.clear();
+        if phase == RoundPhase::FirstTransition && self.activated_at.is_none() {
+            self.activated_at = Some(now);
+        }
+        if phase == RoundPhase::Draining && self.drain_until.is_none() {
+            self.drain_until = Some(now.plus(self.drain_grace(cfg)));
+        }
+    }
+
+    /// Whether the phase's stale deadline has passed with nodes still silent.
+    pub(super) fn stale_due(&self, now: Time, cfg: &ControllerConfig) -> bool {
+        self.waiting > 0 && self.paused.is_none() && now >= self.stale_from.plus(cfg.stale_after_ms)
+    }
+
+    /// The next moment the round has work to do: a group wave, a unicast
+    /// retry, the stale deadline, the end of the drain.
+    pub(super) fn next_due(&self, cfg: &ControllerConfig) -> Option<Time> {
+        let mut due: Option<Time> = None;
+        let mut take = |t: Option<Time>| {
+            if let Some(t) = t {
+                due = Some(due.map_or(t, |d: Time| d.min(t)));
+            }
+        };
+        if self.waiting > 0 {
+            take(self.next_wave);
+            take(self.retries.peek().map(|Reverse((t, _))| *t));
+            if self.paused.is_none() {
+                take(Some(self.stale_from.plus(cfg.stale_after_ms)));
+            }
+        }
+        if self.phase == RoundPhase::Draining {
+            take(self.drain_until);
+        }
+        due
+    }
+}
+
+impl ControllerMachine {
+    /// Whether the round in progress waits for `member`.
+    pub(super) fn is_waiting(&self, member: u32) -> bool {
+        match (&self.round, self.members.get(member)) {
+            (Some(r), Some(m)) => r.waits_for(m),
+            _ => false,
+        }
+    }
+
+    pub(super) fn start_round(
+        &mut self,
+        now: Time,
+        reason: TriggerReason,
+        rng: &mut (impl RngCore + CryptoRng),
+        out: &mut Out,
+    ) {
+        let epoch = self.current.epoch().next();
+        let key = GroupKey::generate(epoch, rng);
+        Self::record(
+            out,
+            Record::KeyCreated {
+                epoch,
+                check: key.check_value(),
+                reason: reason.clone(),
+                at: now,
+            },
+        );
+        for m in self.members.iter_mut() {
+            m.progress = 0;
+        }
+        let share = ShareSecret::generate(rng);
+        self.round = Some(Round::new(epoch, key, share, reason, now));
+        self.enter_phase(now, RoundPhase::Distributing, rng, out);
+        self.progress_round(now, rng, out);
+    }
+
+    /// Enter `phase`: persist, then send its request to the group.
+    pub(super) fn enter_phase(
+        &mut self,
+        now: Time,
+        phase: RoundPhase,
+        rng: &mut (impl RngCore + CryptoRng),
+        out: &mut Out,
+    ) {
+        let Some(r) = &mut self.round else { return };
+        r.enter(phase, now, &self.cfg);
+        let mut waiting = 0;
+        for m in self.members.iter_mut() {
+            m.attempts = 0;
+            waiting += u32::from(r.waits_for(m));
+        }
+        r.waiting = waiting;
+        Self::record(
+            out,
+            Record::PhaseChanged {
+                epoch: r.epoch,
+                phase,
+                waiting,
+                at: now,
+            },
+        );
+        self.persist_core(out);
+        if phase == RoundPhase::Distributing {
+            self.send_key_wave(now, rng, out);
+        } else if let Some(step) = transition_step(phase) {
+            self.sign_transition(step, out);
+            self.send_transition_wave(now, step, rng, out);
+        }
+    }
+
+    /// Signs the round's transition request of `step` under the current term.
+    pub(super) fn sign_transition(&mut self, step: Step, out: &mut Out) {
+        let Some(epoch) = self.round.as_ref().map(|r| r.epoch) else {
+            return;
+        };
+        let seq = self.next_seq(out);
+        let msg = wire::sign(wire::transition(self.term, step, epoch, seq), &self.signing);
+        if let Some(r) = &mut self.round {
+            r.set_transition_msg(step, msg);
+        }
+    }
+
+    /// Marks every member the phase still waits for stale.
+    pub(super) fn mark_stale(&mut self, now: Time, out: &mut Out) {
+        let Some(r) = &mut self.round else { return };
+        let (epoch, phase) = (r.epoch, r.phase);
+        for m in self.members.iter_mut() {
+            if !r.waits_for(m) {
+                continue;
+            }
+            m.row.status = MemberStatus::Stale;
+            m.persist(out);
+            Self::record(
+                out,
+                Record::NodeStale {
+                    epoch,
+                    member: m.row.member,
+                    node_id: m.row.node_id.clone(),
+                    phase,
+                    at: now,
+                },
+            );
+            Self::record(
+                out,
+                m.status_changed(MemberStatus::Active, MemberStatus::Stale, epoch, now),
+            );
+        }
+        r.waiting = 0;
+    }
+
+    /// Confirmations a phase needs before it may end (SPEC §2: a round that
+    /// reaches too few nodes is not completed): `min_acked` and, with
+    /// `min_acked_majority`, more than half the joined nodes; never more
+    /// than the joined nodes, and none when no node has joined yet.
+    pub fn needed(&self) -> u32 {
+        self.cfg.needed(self.members.joined())
+    }
+
+    /// Live nodes that confirmed the current phase (in the drain: the first transition).
+    pub fn confirmed(&self) -> u32 {
+        let Some(r) = &self.round else { return 0 };
+        let target = target_progress(r.phase).unwrap_or(2);
+        self.members
+            .iter()
+            .filter(|m| m.row.status == MemberStatus::Active && m.progress >= target)
+            .count() as u32
+    }
+
+    /// Since when the round in progress is paused, if it is.
+    pub fn paused_since(&self) -> Option<Time> {
+        self.round.as_ref().and_then(|r| r.paused)
+    }
+
+    /// Pause the round: nobody is marked stale, the old key stays current,
+    /// retries go on; an answer, a restart or a rekey by hand resumes it.
+    pub(super) fn pause(&mut self, now: Time, out: &mut Out) {
+        let (confirmed, needed, joined) = (self.confirmed(), self.needed(), self.members.joined());
+        let Some(r) = &mut self.round else { return };
+        if r.paused.is_some() {
+            return;
+        }
+        let silent: Vec<NodeId> = self
+            .members
+            .iter()
+            .filter(|m| r.waits_for(m))
+            .map(|m| m.row.node_id.clone())
+            .collect();
+        r.paused = Some(now);
+        r.pauses += 1;
+        Self::record(
+            out,
+            Record::RoundPaused {
+                epoch: r.epoch,
+                phase: r.phase,
+                confirmed,
+                needed,
+                joined,
+                silent,
+                pauses: r.pauses,
+                at: now,
+            },
+        );
+        self.persist_core(out);
+        self.arm_round_timer(out);
+    }
+
+    /// End a pause; the stale deadline counts again from now. Returns whether
+    /// the round was paused.
+    pub(super) fn resume(&mut self, now: Time, cause: ResumeCause, out: &mut Out) -> bool {
+        let Some(r) = &mut self.round else {
+            return false;
+        };
+        if r.paused.take().is_none() {
+            return false;
+        }
+        r.stale_from = now;
+        Self::record(
+            out,
+            Record::RoundResumed {
+                epoch: r.epoch,
+                phase: r.phase,
+                cause,
+                at: now,
+            },
+        );
+        self.persist_core(out);
+        true
+    }
+
+    /// Move the round on while its conditions hold. The checks of S1 and S2 live here:
+    /// the first transition only once every live node holds the new key (`waiting == 0`
+    /// in Distributing), the second only once every live node seals with it and the
+    /// drain grace for old-key data in flight has passed.
+    pub(super) fn progress_round(
+        &mut self,
+        now: Time,
+        rng: &mut (impl RngCore + CryptoRng),
+        out: &mut Out,
+    ) {
+        while let Some(r) = &self.round {
+            // A phase that waits for confirmations ends only with enough of
+            // them (`needed`): too few (live nodes left out earlier, say) and
+            // the round pauses until nodes answer again.
+            let waited_out =
+                r.waiting == 0 && target_progress(r.phase).is_some() && r.paused.is_none();
+            if waited_out && self.confirmed() < self.needed() {
+                self.pause(now, out);
+                break;
+            }
+            let next = match r.phase {
+                // S1: every live node acknowledged the new key.
+                RoundPhase::Distributing if waited_out => RoundPhase::FirstTransition,
+                // Every live node seals with the new key: start the drain.
+                RoundPhase::FirstTransition if waited_out => RoundPhase::Draining,
+                // S2: nobody seals with the old key and the drain grace is over.
+                RoundPhase::Draining if r.drain_until.is_some_and(|t| now >= t) => {
+                    RoundPhase::SecondTransition
+                }
+                RoundPhase::SecondTransition if waited_out => {
+                    self.finish_round(now, rng, out);
+                    continue;
+                }
+                _ => break,
+            };
+            self.enter_phase(now, next, rng, out);
+        }
+        self.arm_round_timer(out);
+    }
+
+    fn finish_round(&mut self, now: Time, rng: &mut (impl RngCore + CryptoRng), out: &mut Out) {
+        let Some(mut r) = self.round.take() else {
+            return;
+        };
+        r.phases_ms.add(r.phase, now.since(r.phase_started));
+        let (mut nodes, mut acked, mut enrolled) = (0, 0, 0);
+        let (mut stale_nodes, mut not_joined) = (Vec::new(), Vec::new());
+        for m in self.members.iter_mut() {
+            enrolled += 1;
+            match m.row.status {
+                MemberStatus::Active => {
+                    nodes += 1;
+                    acked += u32::from(m.progress >= 3);
+                }
+                MemberStatus::Stale => {
+                    nodes += 1;
+                    stale_nodes.push(m.row.node_id.clone());
+                }
+                MemberStatus::Enrolled => not_joined.push(m.row.node_id.clone()),
+            }
+            m.seals = 0;
+            m.opens = 0;
+        }
+        Self::record(
+            out,
+            Record::RoundFinished {
+                epoch: r.epoch,
+                check: r.key.check_value(),
+                reason: r.reason.clone(),
+                started_at: r.started_at,
+                finished_at: now,
+                phases_ms: r.phases_ms,
+                nodes,
+                acked,
+                stale: stale_nodes.len() as u32,
+                enrolled,
+                stale_nodes,
+                not_joined,
+                pauses: r.pauses,
+            },
+        );
+        self.previous = Some(std::mem::replace(&mut self.current, r.key.clone()));
+        // The round's deadlines are void; the next one armed replaces them.
+        self.round_timer = None;
+        self.activated_at = r.activated_at.unwrap_or(now);
+        self.total_seals = 0;
+        self.total_opens = 0;
+        self.persist_core(out);
+        self.arm_age(out);
+        self.start_pending(now, rng, out);
+    }
+}

@@ -1,0 +1,245 @@
+//! ControllerMachine: the round against real nodes on a direct, lossless
+//! in-memory link, with a filter to drop chosen datagrams. The harness
+//! (`TestFleet`) is here; the tests follow the machine's seams, one file each.
+
+use super::*;
+use crate::crypto::Epoch;
+use crate::wire::RoundPhase;
+use std::collections::VecDeque;
+
+mod auth;
+mod beacon;
+mod members;
+mod pause;
+mod round;
+mod term;
+mod triggers;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Dest {
+    Group,
+    Node(usize),
+    Controller,
+}
+
+type Filter = Box<dyn FnMut(Dest, usize, &[u8]) -> bool>;
+
+struct TestFleet {
+    c: ControllerMachine,
+    cfg: ControllerConfig,
+    nodes: Vec<NodeMachine>,
+    now: Time,
+    rng: ChaCha20Rng,
+    /// (destination, sending node or usize::MAX for the controller, bytes)
+    queue: VecDeque<(Dest, usize, Vec<u8>)>,
+    records: Vec<Record>,
+    timers: Vec<(ControllerTimer, Time)>,
+    /// Return true to drop a datagram.
+    drop: Filter,
+    core: Option<Box<ControllerCore>>,
+    rows: std::collections::BTreeMap<u32, MemberPersist>,
+}
+
+const CTL: usize = usize::MAX;
+
+fn test_cfg() -> ControllerConfig {
+    ControllerConfig {
+        drain_grace_ms: Some(100),
+        retry_initial_ms: 100,
+        retry_max_ms: 1000,
+        retry_jitter_pct: 25,
+        group_attempts: 2,
+        stale_after_ms: 5000,
+        triggers: TriggerConfig::manual_only(),
+        ..ControllerConfig::default()
+    }
+}
+
+impl TestFleet {
+    fn new(n: usize, cfg: ControllerConfig) -> TestFleet {
+        let mut rng = rng();
+        let mut out = Vec::new();
+        let c = ControllerMachine::new(cfg.clone(), Time(0), &mut rng, &mut out);
+        let mut f = TestFleet {
+            c,
+            cfg,
+            nodes: Vec::new(),
+            now: Time(0),
+            rng,
+            queue: VecDeque::new(),
+            records: Vec::new(),
+            timers: Vec::new(),
+            drop: Box::new(|_, _, _| false),
+            core: None,
+            rows: Default::default(),
+        };
+        f.apply(out);
+        for i in 0..n as u32 {
+            let id = NodeId::parse(&format!("node-{i}")).unwrap();
+            f.ctl(ControllerInput::Enroll {
+                node_id: id.clone(),
+                initial_key: initial(i),
+                addr: node_addr(i),
+            })
+            .unwrap();
+            f.nodes.push(NodeMachine::new(id, &initial(i), node_cfg()));
+        }
+        f.ctl(ControllerInput::Start).unwrap();
+        for i in 0..n {
+            f.node(i, NodeInput::LinkUp);
+        }
+        f.pump();
+        assert!(f.nodes.iter().all(|n| n.is_synced()), "all joined");
+        f
+    }
+
+    fn ctl(&mut self, input: ControllerInput<'_>) -> Result<(), CommandError> {
+        let mut out = Vec::new();
+        let r = self.c.handle(self.now, input, &mut self.rng, &mut out);
+        self.apply(out);
+        r
+    }
+
+    fn apply(&mut self, out: Vec<ControllerAction>) {
+        for a in out {
+            match a {
+                ControllerAction::SendGroup(b) => self.queue.push_back((Dest::Group, CTL, b)),
+                ControllerAction::SendTo { to, bytes } => {
+                    let idx = match to {
+                        SocketAddr::V4(v) => v.ip().octets()[3] as usize,
+                        SocketAddr::V6(_) => continue,
+                    };
+                    self.queue.push_back((Dest::Node(idx), CTL, bytes));
+                }
+                ControllerAction::ArmTimer { timer, at } => self.timers.push((timer, at)),
+                ControllerAction::PersistCore(c) => self.core = Some(c),
+                ControllerAction::PersistMember(m) => {
+                    self.rows.insert(m.member, *m);
+                }
+                ControllerAction::ForgetMember { member } => {
+                    self.rows.remove(&member);
+                }
+                ControllerAction::Record(r) => self.records.push(r),
+            }
+        }
+    }
+
+    fn node(&mut self, i: usize, input: NodeInput<'_>) -> Vec<NodeAction> {
+        let mut out = Vec::new();
+        self.nodes[i].handle(self.now, input, &mut self.rng, &mut out);
+        for a in &out {
+            match a {
+                NodeAction::SendTo { bytes, .. } => {
+                    self.queue.push_back((Dest::Controller, i, bytes.clone()))
+                }
+                NodeAction::SendGroup { bytes, .. } => {
+                    self.queue.push_back((Dest::Group, i, bytes.clone()))
+                }
+                _ => {}
+            }
+        }
+        out
+    }
+
+    /// Deliver everything queued (and what that causes), in order.
+    fn pump(&mut self) {
+        while let Some((dest, from, bytes)) = self.queue.pop_front() {
+            if (self.drop)(dest, from, &bytes) {
+                continue;
+            }
+            let from_addr = if from == CTL {
+                ctl_addr()
+            } else {
+                node_addr(from as u32)
+            };
+            match dest {
+                Dest::Controller => {
+                    let _ = self.ctl(ControllerInput::Datagram {
+                        from: from_addr,
+                        bytes: &bytes,
+                    });
+                }
+                Dest::Node(i) => {
+                    if i < self.nodes.len() {
+                        self.node(
+                            i,
+                            NodeInput::Datagram {
+                                from: from_addr,
+                                bytes: &bytes,
+                            },
+                        );
+                    }
+                }
+                Dest::Group => {
+                    for i in 0..self.nodes.len() {
+                        if i != from && !(self.drop)(Dest::Node(i), from, &bytes) {
+                            self.node(
+                                i,
+                                NodeInput::Datagram {
+                                    from: from_addr,
+                                    bytes: &bytes,
+                                },
+                            );
+                        }
+                    }
+                    if from != CTL {
+                        let _ = self.ctl(ControllerInput::Datagram {
+                            from: from_addr,
+                            bytes: &bytes,
+                        });
+                    }
+                }
+            }
+        }
+    }
+
+    /// Advance the clock by `ms`, firing controller timers as they come due.
+    fn advance(&mut self, ms: u64) {
+        let end = self.now.plus(ms);
+        loop {
+            self.timers.sort_by_key(|t| t.1);
+            let Some(pos) = self.timers.iter().position(|t| t.1 <= end) else {
+                break;
+            };
+            let (timer, at) = self.timers.remove(pos);
+            self.now = self.now.max(at);
+            let _ = self.ctl(ControllerInput::Timer(timer));
+            self.pump();
+        }
+        self.now = end;
+    }
+
+    fn phase(&self) -> Option<RoundPhase> {
+        self.c.round().map(|r| r.1)
+    }
+
+    fn states(&self) -> Vec<NodeState> {
+        self.nodes.iter().map(|n| n.state()).collect()
+    }
+
+    fn count(&self, f: impl Fn(&Record) -> bool) -> usize {
+        self.records.iter().filter(|r| f(r)).count()
+    }
+
+    fn finished(&self) -> Vec<(Epoch, u32, u32, u32)> {
+        self.records
+            .iter()
+            .filter_map(|r| match r {
+                Record::RoundFinished {
+                    epoch,
+                    nodes,
+                    acked,
+                    stale,
+                    ..
+                } => Some((*epoch, *nodes, *acked, *stale)),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+fn is_ack_from(member: u32, step: Step) -> impl Fn(&[u8]) -> bool {
+    move |b| matches!(wire::decode(b), Ok(Message::Ack(a)) if a.member == member && a.step == step)
+}
+
+const UC2: NodeState = NodeState::UpdateCompleted { current: Epoch(2) };

@@ -1,0 +1,534 @@
+//! The round's phases against real nodes: their order, S1 and S2, retries,
+//! stale nodes, a restored round, every phase against every input, and the
+//! measured drain.
+
+use super::*;
+
+#[test]
+fn a_round_goes_through_its_phases_in_order() {
+    let mut f = TestFleet::new(3, test_cfg());
+    assert!(f.c.members().all(|m| m.2 == MemberStatus::Active));
+    f.ctl(ControllerInput::Rekey).unwrap();
+    f.pump();
+    assert_eq!(
+        f.phase(),
+        Some(RoundPhase::Draining),
+        "key update and first transition done on a lossless link"
+    );
+    assert!(f
+        .states()
+        .iter()
+        .all(|s| matches!(s, NodeState::InTransit { .. })));
+    f.advance(100);
+    f.pump();
+    assert_eq!(f.phase(), None);
+    assert_eq!(f.states(), vec![UC2; 3]);
+    let phases: Vec<RoundPhase> = f
+        .records
+        .iter()
+        .filter_map(|r| match r {
+            Record::PhaseChanged { phase, .. } => Some(*phase),
+            _ => None,
+        })
+        .collect();
+    use RoundPhase::*;
+    assert_eq!(
+        phases,
+        vec![Distributing, FirstTransition, Draining, SecondTransition]
+    );
+    assert_eq!(f.finished(), vec![(Epoch(2), 3, 3, 0)]);
+    assert_eq!(
+        f.count(|r| matches!(
+            r,
+            Record::KeyCreated {
+                epoch: Epoch(2),
+                reason: TriggerReason::Manual,
+                ..
+            }
+        )),
+        1
+    );
+    assert_eq!(f.count(|r| matches!(r, Record::NodeAcked { .. })), 9);
+    assert_eq!(f.c.current_epoch(), Epoch(2));
+}
+
+#[test]
+fn s1_the_first_transition_waits_for_every_key_update_reply() {
+    let mut f = TestFleet::new(3, test_cfg());
+    let blocked = is_ack_from(3, Step::KeyUpdate);
+    f.drop = Box::new(move |_, _, b| blocked(b));
+    f.ctl(ControllerInput::Rekey).unwrap();
+    f.pump();
+    f.advance(2000);
+    assert_eq!(f.phase(), Some(RoundPhase::Distributing));
+    assert_eq!(
+        f.count(|r| matches!(r, Record::TransitionSent { .. })),
+        0,
+        "no first transition yet"
+    );
+    assert!(f
+        .states()
+        .iter()
+        .all(|s| matches!(s, NodeState::DistributionCompleted { .. })));
+    f.drop = Box::new(|_, _, _| false);
+    f.advance(1500);
+    assert_eq!(
+        f.phase(),
+        None,
+        "the round finished once the reply got through"
+    );
+    let pos = |f: &TestFleet, p: &dyn Fn(&Record) -> bool| f.records.iter().position(p).unwrap();
+    let last_key_reply = pos(&f, &|r| {
+        matches!(
+            r,
+            Record::NodeAcked {
+                member: 3,
+                step: Step::KeyUpdate,
+                ..
+            }
+        )
+    });
+    let first_transition = pos(&f, &|r| {
+        matches!(
+            r,
+            Record::TransitionSent {
+                step: Step::FirstTransition,
+                ..
+            }
+        )
+    });
+    assert!(last_key_reply < first_transition);
+}
+
+#[test]
+fn s2_the_second_transition_waits_for_every_first_reply_and_the_drain() {
+    let mut f = TestFleet::new(2, test_cfg());
+    let blocked = is_ack_from(1, Step::FirstTransition);
+    f.drop = Box::new(move |_, _, b| blocked(b));
+    f.ctl(ControllerInput::Rekey).unwrap();
+    f.pump();
+    f.advance(1500);
+    assert_eq!(f.phase(), Some(RoundPhase::FirstTransition));
+    f.drop = Box::new(|_, _, _| false);
+    // The next retry gets the reply through; the drain starts then.
+    let before = f.now;
+    for _ in 0..40 {
+        f.advance(50);
+        if f.phase() == Some(RoundPhase::Draining) {
+            break;
+        }
+    }
+    assert_eq!(f.phase(), Some(RoundPhase::Draining));
+    let drain_start = f.now;
+    assert!(drain_start > before);
+    f.advance(40);
+    assert_eq!(f.phase(), Some(RoundPhase::Draining), "grace not over");
+    assert!(
+        f.states()
+            .iter()
+            .all(|s| matches!(s, NodeState::InTransit { .. })),
+        "nobody dropped the old key"
+    );
+    f.advance(100);
+    f.pump();
+    assert_eq!(f.phase(), None);
+    assert_eq!(f.states(), vec![UC2; 2]);
+}
+
+#[test]
+fn retries_go_to_the_group_first_then_by_unicast_with_backoff() {
+    let mut f = TestFleet::new(3, test_cfg());
+    // Member 1 (node 0) hears nothing.
+    f.drop = Box::new(|d, _, _| d == Dest::Node(0));
+    f.ctl(ControllerInput::Rekey).unwrap();
+    f.pump();
+    f.advance(3000);
+    let sends: Vec<(u32, Via, Time)> = f
+        .records
+        .iter()
+        .filter_map(|r| match r {
+            Record::KeySent {
+                member: 1,
+                attempt,
+                via,
+                at,
+                ..
+            } => Some((*attempt, *via, *at)),
+            _ => None,
+        })
+        .collect();
+    assert!(sends.len() >= 4, "{sends:?}");
+    assert_eq!((sends[0].0, sends[0].1), (1, Via::Group));
+    assert_eq!((sends[1].0, sends[1].1), (2, Via::Group));
+    assert!(sends[2..].iter().all(|s| s.1 == Via::Unicast));
+    let gaps: Vec<u64> = sends.windows(2).map(|w| w[1].2.since(w[0].2)).collect();
+    assert!(
+        gaps[0] >= 75 && gaps[0] <= 125,
+        "first retry after 100 ms ± 25 %: {gaps:?}"
+    );
+    assert!(gaps.last().unwrap() > &gaps[0], "backoff grows: {gaps:?}");
+    // Others were not asked again: the second group wave held only member 1.
+    assert_eq!(
+        f.count(|r| matches!(r, Record::KeySent { member: 2, .. })),
+        1
+    );
+    assert_eq!(
+        f.count(|r| matches!(
+            r,
+            Record::KeyBatchSent {
+                attempt: 2,
+                entries: 1,
+                ..
+            }
+        )),
+        1
+    );
+}
+
+#[test]
+fn a_silent_node_goes_stale_the_round_finishes_and_the_node_catches_up() {
+    let mut f = TestFleet::new(3, test_cfg());
+    f.drop = Box::new(|d, from, _| d == Dest::Node(0) || from == 0);
+    f.ctl(ControllerInput::Rekey).unwrap();
+    f.pump();
+    f.advance(5000);
+    assert_eq!(
+        f.count(|r| matches!(
+            r,
+            Record::NodeStale {
+                member: 1,
+                phase: RoundPhase::Distributing,
+                ..
+            }
+        )),
+        1
+    );
+    f.advance(1000);
+    f.pump();
+    assert_eq!(f.phase(), None, "the fleet did not wait forever");
+    assert_eq!(f.finished(), vec![(Epoch(2), 3, 2, 1)]);
+    assert_eq!(
+        f.nodes[0].state(),
+        NodeState::UpdateCompleted { current: Epoch(1) }
+    );
+    // It comes back (SPEC §5): asks for the key and is live again.
+    f.drop = Box::new(|_, _, _| false);
+    f.node(0, NodeInput::LinkUp);
+    f.pump();
+    assert_eq!(f.nodes[0].state(), UC2);
+    assert!(f.nodes[0].is_synced());
+    assert_eq!(
+        f.c.member_status(&NodeId::parse("node-0").unwrap()),
+        Some(MemberStatus::Active)
+    );
+    assert_eq!(
+        f.count(|r| matches!(
+            r,
+            Record::StatusChanged {
+                member: 1,
+                from: MemberStatus::Stale,
+                to: MemberStatus::Active,
+                ..
+            }
+        )),
+        1
+    );
+    // Next round includes it again.
+    f.ctl(ControllerInput::Rekey).unwrap();
+    f.pump();
+    f.advance(200);
+    f.pump();
+    assert_eq!(f.finished().last(), Some(&(Epoch(3), 3, 3, 0)));
+}
+
+#[test]
+fn a_stale_node_that_reports_usage_is_told_to_resync_and_catches_up() {
+    let mut f = TestFleet::new(3, test_cfg());
+    // Node 0 hears nothing during the round: stale, and still at epoch 1.
+    f.drop = Box::new(|d, _, _| d == Dest::Node(0));
+    f.ctl(ControllerInput::Rekey).unwrap();
+    f.pump();
+    f.advance(6000);
+    f.pump();
+    assert_eq!(f.finished(), vec![(Epoch(2), 3, 2, 1)]);
+    f.drop = Box::new(|_, _, _| false);
+    // No link-up: its periodic usage report is what brings it back.
+    f.now = f.now.plus(1000);
+    f.node(0, NodeInput::Timeout);
+    f.pump();
+    assert_eq!(f.nodes[0].state(), UC2);
+    assert!(f.nodes[0].is_synced());
+    assert_eq!(
+        f.c.member_status(&NodeId::parse("node-0").unwrap()),
+        Some(MemberStatus::Active)
+    );
+}
+
+#[test]
+fn a_restored_controller_resumes_its_round() {
+    for phase_at_crash in [
+        RoundPhase::Distributing,
+        RoundPhase::FirstTransition,
+        RoundPhase::SecondTransition,
+    ] {
+        let mut f = TestFleet::new(3, test_cfg());
+        let hold = match phase_at_crash {
+            RoundPhase::Distributing => Step::KeyUpdate,
+            RoundPhase::FirstTransition => Step::FirstTransition,
+            _ => Step::SecondTransition,
+        };
+        let blocked = is_ack_from(2, hold);
+        f.drop = Box::new(move |_, _, b| blocked(b));
+        f.ctl(ControllerInput::Rekey).unwrap();
+        f.pump();
+        f.advance(300);
+        assert_eq!(f.phase(), Some(phase_at_crash));
+        // Crash: only what was persisted survives.
+        let persist = ControllerPersist {
+            core: (**f.core.as_ref().unwrap()).clone(),
+            members: f.rows.values().cloned().collect(),
+        };
+        let json = serde_json::to_string(&persist).unwrap();
+        let persist: ControllerPersist = serde_json::from_str(&json).unwrap();
+        f.c = ControllerMachine::restore(&persist, f.cfg.clone(), f.now).unwrap();
+        f.timers.clear();
+        f.queue.clear();
+        f.drop = Box::new(|_, _, _| false);
+        f.ctl(ControllerInput::Start).unwrap();
+        assert_eq!(
+            f.phase(),
+            Some(phase_at_crash),
+            "resumes in the persisted phase"
+        );
+        f.pump();
+        f.advance(500);
+        f.pump();
+        assert_eq!(f.phase(), None, "{phase_at_crash:?}");
+        assert_eq!(f.states(), vec![UC2; 3], "{phase_at_crash:?}");
+        assert_eq!(f.finished().len(), 1);
+    }
+}
+
+/// A fleet of two held in `phase` (None: no round) because member 2's
+/// replies to that phase are dropped; its keys to forge-free craft replies.
+fn held_in(phase: Option<RoundPhase>) -> TestFleet {
+    let mut f = TestFleet::new(
+        2,
+        ControllerConfig {
+            stale_after_ms: 1_000_000,
+            ..test_cfg()
+        },
+    );
+    let Some(phase) = phase else { return f };
+    let step = match phase {
+        RoundPhase::Distributing => Step::KeyUpdate,
+        RoundPhase::FirstTransition => Step::FirstTransition,
+        RoundPhase::Draining => Step::FirstTransition,
+        RoundPhase::SecondTransition => Step::SecondTransition,
+    };
+    let blocked = is_ack_from(2, step);
+    if phase != RoundPhase::Draining {
+        f.drop = Box::new(move |_, _, b| blocked(b));
+    }
+    f.ctl(ControllerInput::Rekey).unwrap();
+    f.pump();
+    if phase == RoundPhase::SecondTransition {
+        f.advance(100);
+        f.pump();
+    }
+    f.drop = Box::new(|_, _, _| true); // from now on the test talks to the controller alone
+    assert_eq!(f.phase(), Some(phase));
+    f
+}
+
+#[derive(Clone, Copy, Debug)]
+enum CIn {
+    Rekey,
+    Reply(Step, u32),
+    KeyRequest,
+    EarlyTimer,
+    Garbage,
+}
+
+#[test]
+fn every_phase_against_every_input() {
+    use RoundPhase::*;
+    let mut seq = 50_000u64;
+    // (phase, input, phase after, datagrams the controller sends)
+    #[rustfmt::skip]
+    let table: Vec<(Option<RoundPhase>, CIn, Option<RoundPhase>, usize)> = vec![
+        (None, CIn::Rekey, Some(Distributing), 1),
+        (None, CIn::Reply(Step::KeyUpdate, 2), None, 0),
+        (None, CIn::KeyRequest, None, 1),
+        (None, CIn::EarlyTimer, None, 0),
+        (None, CIn::Garbage, None, 0),
+        (Some(Distributing), CIn::Rekey, Some(Distributing), 0),
+        (Some(Distributing), CIn::Reply(Step::KeyUpdate, 2), Some(FirstTransition), 1),
+        (Some(Distributing), CIn::Reply(Step::KeyUpdate, 1), Some(Distributing), 0),
+        // A key request carries the node's position: it counts as its reply.
+        (Some(Distributing), CIn::KeyRequest, Some(FirstTransition), 2),
+        (Some(Distributing), CIn::EarlyTimer, Some(Distributing), 0),
+        (Some(Distributing), CIn::Garbage, Some(Distributing), 0),
+        (Some(FirstTransition), CIn::Reply(Step::KeyUpdate, 2), Some(FirstTransition), 0),
+        (Some(FirstTransition), CIn::Reply(Step::FirstTransition, 2), Some(Draining), 0),
+        (Some(FirstTransition), CIn::Reply(Step::SecondTransition, 1), Some(FirstTransition), 0),
+        (Some(FirstTransition), CIn::KeyRequest, Some(Draining), 1),
+        (Some(FirstTransition), CIn::Rekey, Some(FirstTransition), 0),
+        (Some(Draining), CIn::Reply(Step::SecondTransition, 2), Some(Draining), 0),
+        (Some(Draining), CIn::EarlyTimer, Some(Draining), 0),
+        (Some(Draining), CIn::KeyRequest, Some(Draining), 1),
+        (Some(SecondTransition), CIn::Reply(Step::FirstTransition, 2), Some(SecondTransition), 0),
+        (Some(SecondTransition), CIn::Reply(Step::SecondTransition, 2), None, 0),
+        (Some(SecondTransition), CIn::Garbage, Some(SecondTransition), 0),
+    ];
+    for (phase, input, after, sends) in table {
+        let mut f = held_in(phase);
+        let label = format!("{phase:?} + {input:?}");
+        let records_before = f.records.len();
+        f.queue.clear();
+        seq += 1;
+        let from = node_addr(1);
+        let r = match input {
+            CIn::Rekey => f.ctl(ControllerInput::Rekey),
+            CIn::Reply(step, e) => {
+                let (keys, share) = f.nodes[1].ratchet_view().unwrap();
+                let b = wire::mac(wire::ack(step, Epoch(e), seq, 2, &share), &keys);
+                f.ctl(ControllerInput::Datagram { from, bytes: &b })
+            }
+            CIn::KeyRequest => {
+                let (e, step) = f.nodes[1].position().unwrap();
+                let (keys, share) = f.nodes[1].ratchet_view().unwrap();
+                let b = wire::mac(wire::key_request(e, step, seq, 2, &share), &keys);
+                f.ctl(ControllerInput::Datagram { from, bytes: &b })
+            }
+            CIn::EarlyTimer => f.ctl(ControllerInput::Timer(ControllerTimer::Round)),
+            CIn::Garbage => f.ctl(ControllerInput::Datagram {
+                from,
+                bytes: &[1, 0x13, 9],
+            }),
+        };
+        assert_eq!(r, Ok(()), "{label}");
+        assert_eq!(f.phase(), after, "{label}");
+        let unicast = f.queue.iter().filter(|q| q.0 == Dest::Node(1)).count();
+        let group = f.queue.iter().filter(|q| q.0 == Dest::Group).count();
+        assert_eq!(
+            unicast + group,
+            sends,
+            "{label}: {:?}",
+            f.queue
+                .iter()
+                .map(|q| wire::decode(&q.2).map(|m| m.name()))
+                .collect::<Vec<_>>()
+        );
+        if matches!(input, CIn::Garbage) {
+            assert!(
+                matches!(f.records.last(), Some(Record::Refused { .. })),
+                "{label}"
+            );
+            assert_eq!(
+                f.records.len(),
+                records_before + 1,
+                "{label}: a refusal and nothing else"
+            );
+        }
+    }
+}
+
+/// (distributing, first transition, drain) ms of every finished round.
+fn phase_ms(f: &TestFleet) -> Vec<(u64, u64, u64)> {
+    f.records
+        .iter()
+        .filter_map(|r| match r {
+            Record::RoundFinished { phases_ms: p, .. } => {
+                Some((p.distributing, p.first_transition, p.draining))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+fn measured_cfg(max_flight_ms: u64) -> ControllerConfig {
+    ControllerConfig {
+        drain_grace_ms: None,
+        drain_rtt_factor: 2,
+        drain_floor_ms: 10,
+        max_flight_ms,
+        ..test_cfg()
+    }
+}
+
+/// Runs one round with node 1's first-transition reply held back for
+/// `hold_ms` (so that the phase's slowest round trip is about that long).
+fn round_with_slow_reply(cfg: ControllerConfig, hold_ms: u64) -> TestFleet {
+    let mut f = TestFleet::new(3, cfg);
+    let blocked = is_ack_from(1, Step::FirstTransition);
+    if hold_ms > 0 {
+        f.drop = Box::new(move |_, _, b| blocked(b));
+    }
+    f.ctl(ControllerInput::Rekey).unwrap();
+    f.pump();
+    f.advance(hold_ms);
+    f.drop = Box::new(|_, _, _| false);
+    for _ in 0..400 {
+        f.advance(10);
+        if f.phase().is_none() {
+            break;
+        }
+    }
+    assert_eq!(f.finished().len(), 1, "the round finished");
+    assert_eq!(f.states(), vec![UC2; 3]);
+    f
+}
+
+/// S2 with a measured drain: twice the slowest acknowledgement round trip
+/// of the round, at least the floor, at most the ceiling; the second
+/// transition request never goes out before it.
+#[test]
+fn the_drain_is_twice_the_slowest_round_trip_between_floor_and_ceiling() {
+    // Instant replies: the floor.
+    let f = round_with_slow_reply(measured_cfg(2000), 0);
+    assert_eq!(phase_ms(&f), vec![(0, 0, 10)]);
+    // A reply that came after retries for 300 ms: the phase took that long.
+    let f = round_with_slow_reply(measured_cfg(2000), 300);
+    let [(d, first, drain)] = phase_ms(&f)[..] else {
+        panic!("{:?}", phase_ms(&f))
+    };
+    println!("slow reply: distributing {d} ms, first transition {first} ms, drain {drain} ms");
+    assert!(first >= 300, "{first}");
+    assert!(
+        drain >= 2 * first && drain <= 2 * first + 10,
+        "drain {drain} after a first transition of {first} ms"
+    );
+    // The ceiling caps it.
+    let f = round_with_slow_reply(measured_cfg(150), 300);
+    assert_eq!(phase_ms(&f)[0].2, 150);
+    // A fixed grace is used as it is.
+    let f = round_with_slow_reply(test_cfg(), 300);
+    assert_eq!(phase_ms(&f)[0].2, 100);
+}
+
+/// A controller restored in the middle of a round cannot tell which
+/// replies answer its own requests: it waits the ceiling.
+#[test]
+fn a_restored_round_drains_for_the_longest_flight_time() {
+    let mut f = TestFleet::new(3, measured_cfg(700));
+    let blocked = is_ack_from(2, Step::FirstTransition);
+    f.drop = Box::new(move |_, _, b| blocked(b));
+    f.ctl(ControllerInput::Rekey).unwrap();
+    f.pump();
+    f.advance(30);
+    assert_eq!(f.phase(), Some(RoundPhase::FirstTransition));
+    let persist = ControllerPersist {
+        core: (**f.core.as_ref().unwrap()).clone(),
+        members: f.rows.values().cloned().collect(),
+    };
+    f.c = ControllerMachine::restore(&persist, f.cfg.clone(), f.now).unwrap();
+    f.timers.clear();
+    f.queue.clear();
+    f.drop = Box::new(|_, _, _| false);
+    f.ctl(ControllerInput::Start).unwrap();
+    f.pump();
+    f.advance(2000);
+    assert_eq!(f.phase(), None);
+    assert_eq!(phase_ms(&f)[0].2, 700, "{:?}", phase_ms(&f));
+}
