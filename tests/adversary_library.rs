@@ -541,7 +541,7 @@ fn data_from_an_unknown_sender_with_a_stolen_key_sets_off_the_leaked_key_rekey()
     match reason {
         TriggerReason::UnknownSender { member, from } => {
             assert_eq!(member, 4242);
-            assert_eq!(from, attacker_addr().to_string());
+            assert_eq!(from, attacker_addr());
         }
         other => panic!("the new key's reason is {other:?}, not the unknown sender"),
     }

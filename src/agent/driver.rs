@@ -38,7 +38,6 @@ use keyfleet_core::protocol::{
     Delivered, NodeAction, NodeEvent, NodeInput, NodeMachine, NodePersist, Refusal, Time,
 };
 use keyfleet_core::ratecount::{RateCounter, Seen, Summary};
-use keyfleet_core::wire::{self, Message};
 
 use super::app::SendOutcome;
 use super::AgentError;
@@ -108,7 +107,8 @@ pub struct DriverStats {
     /// Delivered data without an epoch hint, opened by trying the held keys.
     pub delivered_by_trial: u64,
     pub persisted: u64,
-    /// Usage reports sent to the controller (for its count triggers).
+    /// Usage reports sent to the controller (for its count triggers; the
+    /// machine counts them).
     pub usage_reports: u64,
 }
 
@@ -249,7 +249,10 @@ impl NodeDriver {
     }
 
     pub fn stats(&self) -> DriverStats {
-        self.stats
+        DriverStats {
+            usage_reports: self.machine.usage_reports(),
+            ..self.stats
+        }
     }
 
     pub fn last_sync_ms(&self) -> Option<u64> {
@@ -403,9 +406,6 @@ impl NodeDriver {
                     }
                 }
                 NodeAction::SendTo { to, bytes } => {
-                    if matches!(wire::decode(&bytes), Ok(Message::UsageReport(_))) {
-                        self.stats.usage_reports += 1;
-                    }
                     if let Err(e) = self.transport.send_to(&bytes, to).await {
                         tracing::warn!(error = %e, "send failed; the protocol retries");
                     }

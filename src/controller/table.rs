@@ -140,7 +140,7 @@ pub(crate) const LEAK_FOLDED: &str = "leaked_key_data";
 
 /// The records the refusal counter sees, as (time, source address, kind):
 /// refused datagrams, and leaked-key triggers folded into an already queued
-/// round (a `from` that is no address is written in full).
+/// round.
 pub(crate) fn rate_counted(r: &Record) -> Option<(u64, std::net::IpAddr, &'static str)> {
     match r {
         Record::Refused { from, reason, at } => Some((at.0, from.ip(), reason.kind())),
@@ -148,14 +148,7 @@ pub(crate) fn rate_counted(r: &Record) -> Option<(u64, std::net::IpAddr, &'stati
             reason: TriggerReason::UnknownSender { from, .. },
             outcome: TriggerOutcome::AlreadyQueued,
             at,
-        } => {
-            let ip = from
-                .parse::<std::net::SocketAddr>()
-                .map(|a| a.ip())
-                .or_else(|_| from.parse::<std::net::IpAddr>())
-                .ok()?;
-            Some((at.0, ip, LEAK_FOLDED))
-        }
+        } => Some((at.0, from.ip(), LEAK_FOLDED)),
         _ => None,
     }
 }
@@ -1092,7 +1085,7 @@ mod tests {
         let before = audit(&t).len();
         let leak = |n: u64| TriggerReason::UnknownSender {
             member: 77,
-            from: format!("192.0.2.9:{}", 4000 + n % 50),
+            from: std::net::SocketAddr::from(([192, 0, 2, 9], 4000 + (n % 50) as u16)),
         };
         // The first datagram queues the leaked-key round; the next 4 999 (one
         // per ms, from one address on many ports) are folded into it.

@@ -186,7 +186,7 @@ pub enum Refusal {
     RetiredKey {
         sender: u32,
         epoch: Epoch,
-        from: String,
+        from: core::net::SocketAddr,
     },
     #[error("{what} not checked: this node already spent its signature checks for now (someone may be flooding forged requests; the controller retries)")]
     VerifyBudget { what: &'static str },

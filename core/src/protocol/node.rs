@@ -514,6 +514,8 @@ pub struct NodeMachine {
     verify_tokens: u32,
     verify_at: Time,
     signature_checks: u64,
+    /// Usage reports sent since the machine was made (not persisted).
+    usage_reports: u64,
     sync: Option<Sync>,
     /// When the last join or key request went out: the next one waits at
     /// least `sync_retry_initial_ms` after it (a link change excepted), so a
@@ -619,6 +621,7 @@ impl NodeMachine {
             verify_tokens: VERIFY_BURST,
             verify_at: Time(0),
             signature_checks: 0,
+            usage_reports: 0,
             sync: None,
             last_request: None,
             queued: Vec::new(),
@@ -1041,6 +1044,7 @@ impl NodeMachine {
         let uses: Vec<_> = r.usage().collect();
         let seq = self.next_seq(out);
         self.send_controller(wire::usage_report(epoch, seq, member, &uses), false, out);
+        self.usage_reports += 1;
         self.arm_usage(now);
     }
 
@@ -1070,6 +1074,11 @@ impl NodeMachine {
     /// flood of forged requests can make a node spend.
     pub fn signature_checks(&self) -> u64 {
         self.signature_checks
+    }
+
+    /// Usage reports sent to the controller since the machine was made.
+    pub fn usage_reports(&self) -> u64 {
+        self.usage_reports
     }
 
     /// Check a controller signature, with the replay window. Run only after

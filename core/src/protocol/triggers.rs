@@ -112,7 +112,8 @@ pub enum TriggerReason {
     /// Data sealed with a group key came from a sender not in the management table.
     UnknownSender {
         member: u32,
-        from: String,
+        /// Where the datagram came from, as the shell saw it.
+        from: core::net::SocketAddr,
     },
     Manual,
     NodeRemoved {

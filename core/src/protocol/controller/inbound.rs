@@ -244,7 +244,7 @@ impl ControllerMachine {
                 return Err(Refusal::RetiredKey {
                     sender: d.sender,
                     epoch,
-                    from: from.to_string(),
+                    from,
                 });
             }
             return Ok(());
@@ -271,7 +271,7 @@ impl ControllerMachine {
                 now,
                 TriggerReason::UnknownSender {
                     member: d.sender,
-                    from: from.to_string(),
+                    from,
                 },
                 rng,
                 out,

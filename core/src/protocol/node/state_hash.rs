@@ -60,6 +60,7 @@ impl Hash for NodeMachine {
             verify_tokens,
             verify_at,
             signature_checks: _,
+            usage_reports: _,
             sync,
             queued,
             ahead,
