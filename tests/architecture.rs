@@ -3,9 +3,7 @@
 //! - the pure core (`keyfleet-core`) has no runtime, socket or database crate
 //!   in its tree;
 //! - `keyfleet-agent` links no peripheral code: the `keyfleet` package without
-//!   its default features has no drivers crate in its tree;
-//! - the fuzz targets build without SQLite or tokio (`fuzz/Cargo.lock`).
-use std::path::Path;
+//!   its default features has no drivers crate in its tree.
 use std::process::Command;
 
 fn tree(args: &[&str]) -> Vec<String> {
@@ -78,24 +76,4 @@ fn the_agent_build_links_no_peripheral_code() {
     // With the default features the drivers are there: the check above can fail.
     let full = tree(&["-p", "keyfleet"]);
     assert!(full.iter().any(|n| n == "keyfleet-drivers"), "{full:?}");
-}
-
-#[test]
-fn the_fuzz_targets_build_without_sqlite_or_tokio() {
-    let lock =
-        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/Cargo.lock"))
-            .expect("fuzz/Cargo.lock");
-    let packages: Vec<&str> = lock
-        .lines()
-        .filter_map(|l| l.strip_prefix("name = \""))
-        .filter_map(|l| l.strip_suffix('"'))
-        .collect();
-    assert!(packages.contains(&"keyfleet-core"), "{packages:?}");
-    assert!(packages.contains(&"libfuzzer-sys"), "{packages:?}");
-    for shell in ["keyfleet", "rusqlite", "libsqlite3-sys", "tokio", "socket2"] {
-        assert!(
-            !packages.contains(&shell),
-            "the fuzz workspace locks {shell}"
-        );
-    }
 }
