@@ -7,10 +7,11 @@
 //! | `DistributionCompleted` | **old** | old or new |
 //! | `InTransit` | **new** | old or new |
 //!
-//! A node's *position* is `(epoch, progress)`: `UpdateCompleted(c)` is
-//! `(c, 3)`, `DistributionCompleted(o, n)` is `(n, 1)`, `InTransit(o, n)` is
-//! `(n, 2)`. A controller request for step `m` of epoch `E` moves the node
-//! only forward:
+//! A node's *position* is `(epoch, step)`, the last step of that epoch's
+//! round it took: `UpdateCompleted(c)` is `(c, SecondTransition)`,
+//! `DistributionCompleted(o, n)` is `(n, KeyUpdate)`, `InTransit(o, n)` is
+//! `(n, FirstTransition)` (the steps' progress numbers 3, 1, 2 below). A
+//! controller request for step `m` of epoch `E` moves the node only forward:
 //!
 //! - `E` older than the node's epoch → refused (`StaleEpoch`);
 //! - `E` = the node's epoch: `m` below its progress → `Outdated` (ignored);
