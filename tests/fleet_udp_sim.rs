@@ -113,8 +113,16 @@ fn two_thousand_agents_at_30_percent_loss_rotate_and_report_load_figures() {
     // the default 30 s). 60 s keeps "no node stale" a check of loss handling,
     // not of the CPU.
     let r = sim(&[
-        "--agents", "2000", "--loss", "0.3", "--seed", "5", "--rounds", "1",
-        "--stale-after-ms", "60000",
+        "--agents",
+        "2000",
+        "--loss",
+        "0.3",
+        "--seed",
+        "5",
+        "--rounds",
+        "1",
+        "--stale-after-ms",
+        "60000",
     ]);
     assert_lossless_rotation(&r, 2000, 1);
     let lost = n(&r, "injected_losses") as f64;
