@@ -136,27 +136,38 @@ impl NodeKeys {
         (&self.kek, &self.mac)
     }
 
-    fn hmac(&self) -> Hmac<Sha256> {
-        // HMAC accepts keys of any length.
-        <Hmac<Sha256> as Mac>::new_from_slice(&self.mac).expect("HMAC takes any key length")
-    }
-
     /// HMAC-SHA256 of `body`, truncated to 16 bytes.
     pub fn mac(&self, body: &[u8]) -> [u8; MAC_LEN] {
-        let mut m = self.hmac();
-        m.update(body);
-        let full = m.finalize().into_bytes();
-        let mut out = [0u8; MAC_LEN];
-        out.copy_from_slice(&full[..MAC_LEN]);
-        out
+        mac_with(&self.mac, body)
     }
 
     /// Constant-time check of a truncated MAC.
     pub fn verify_mac(&self, body: &[u8], tag: &[u8; MAC_LEN]) -> bool {
-        let mut m = self.hmac();
-        m.update(body);
-        m.verify_truncated_left(tag).is_ok()
+        verify_mac_with(&self.mac, body, tag)
     }
+}
+
+fn hmac(key: &[u8; KEY_LEN]) -> Hmac<Sha256> {
+    // HMAC accepts keys of any length.
+    <Hmac<Sha256> as Mac>::new_from_slice(key).expect("HMAC takes any key length")
+}
+
+/// HMAC-SHA256 of `body` under `key`, truncated to 16 bytes (the node keys'
+/// MAC and the ratchet chains' MAC).
+pub(crate) fn mac_with(key: &[u8; KEY_LEN], body: &[u8]) -> [u8; MAC_LEN] {
+    let mut m = hmac(key);
+    m.update(body);
+    let full = m.finalize().into_bytes();
+    let mut out = [0u8; MAC_LEN];
+    out.copy_from_slice(&full[..MAC_LEN]);
+    out
+}
+
+/// Constant-time check of a truncated MAC made by [`mac_with`].
+pub(crate) fn verify_mac_with(key: &[u8; KEY_LEN], body: &[u8], tag: &[u8; MAC_LEN]) -> bool {
+    let mut m = hmac(key);
+    m.update(body);
+    m.verify_truncated_left(tag).is_ok()
 }
 
 #[cfg(test)]

@@ -26,11 +26,10 @@
 //! Secrets serialize as byte arrays, as every other key of the crate does;
 //! public shares as hex.
 
-use super::kek::{unwrap_with, wrap_with};
+use super::kek::{mac_with, unwrap_with, verify_mac_with, wrap_with};
 use super::{GroupKey, NodeKeys, WrappedKey, KEY_LEN, MAC_LEN};
 use crate::crypto::Epoch;
 use hkdf::Hkdf;
-use hmac::{Hmac, Mac};
 use rand::{CryptoRng, RngCore, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 use serde::{Deserialize, Serialize};
@@ -130,25 +129,14 @@ impl Chain {
         }
     }
 
-    fn hmac(&self) -> Hmac<Sha256> {
-        <Hmac<Sha256> as Mac>::new_from_slice(&self.mac).expect("HMAC takes any key length")
-    }
-
     /// HMAC-SHA256 of `body` under this chain's MAC key, truncated to 16 bytes.
     pub fn mac(&self, body: &[u8]) -> [u8; MAC_LEN] {
-        let mut m = self.hmac();
-        m.update(body);
-        let full = m.finalize().into_bytes();
-        let mut out = [0u8; MAC_LEN];
-        out.copy_from_slice(&full[..MAC_LEN]);
-        out
+        mac_with(&self.mac, body)
     }
 
     /// Constant-time check of a truncated MAC.
     pub fn verify_mac(&self, body: &[u8], tag: &[u8; MAC_LEN]) -> bool {
-        let mut m = self.hmac();
-        m.update(body);
-        m.verify_truncated_left(tag).is_ok()
+        verify_mac_with(&self.mac, body, tag)
     }
 }
 
