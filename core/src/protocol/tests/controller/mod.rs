@@ -213,6 +213,32 @@ impl TestFleet {
         self.c.round().map(|r| r.1)
     }
 
+    /// What a restarted controller finds: the last persisted core and member rows.
+    fn persisted(&self) -> ControllerPersist {
+        ControllerPersist {
+            core: (**self.core.as_ref().unwrap()).clone(),
+            members: self.rows.values().cloned().collect(),
+        }
+    }
+
+    /// Three nodes in a round held in `phase`: node 2's reply to the step
+    /// that ends it is dropped.
+    fn held_in(phase: RoundPhase) -> TestFleet {
+        let mut f = TestFleet::new(3, test_cfg());
+        let hold = match phase {
+            RoundPhase::Distributing => Step::KeyUpdate,
+            RoundPhase::FirstTransition => Step::FirstTransition,
+            _ => Step::SecondTransition,
+        };
+        let blocked = is_ack_from(2, hold);
+        f.drop = Box::new(move |_, _, b| blocked(b));
+        f.ctl(ControllerInput::Rekey).unwrap();
+        f.pump();
+        f.advance(300);
+        assert_eq!(f.phase(), Some(phase));
+        f
+    }
+
     fn states(&self) -> Vec<NodeState> {
         self.nodes.iter().map(|n| n.state()).collect()
     }

@@ -225,10 +225,7 @@ fn a_rekey_during_a_pause_retries_at_once_and_a_restart_resumes_it() {
     f.advance(5_500);
     assert_eq!(paused(&f).len(), 2);
     // A restart keeps the pause in the snapshot and resumes it on Start.
-    let persist = ControllerPersist {
-        core: (**f.core.as_ref().unwrap()).clone(),
-        members: f.rows.values().cloned().collect(),
-    };
+    let persist = f.persisted();
     let json = serde_json::to_string(&persist).unwrap();
     let persist: ControllerPersist = serde_json::from_str(&json).unwrap();
     assert!(persist.core.round.as_ref().unwrap().paused_at.is_some());

@@ -271,23 +271,9 @@ fn a_restored_controller_resumes_its_round() {
         RoundPhase::FirstTransition,
         RoundPhase::SecondTransition,
     ] {
-        let mut f = TestFleet::new(3, test_cfg());
-        let hold = match phase_at_crash {
-            RoundPhase::Distributing => Step::KeyUpdate,
-            RoundPhase::FirstTransition => Step::FirstTransition,
-            _ => Step::SecondTransition,
-        };
-        let blocked = is_ack_from(2, hold);
-        f.drop = Box::new(move |_, _, b| blocked(b));
-        f.ctl(ControllerInput::Rekey).unwrap();
-        f.pump();
-        f.advance(300);
-        assert_eq!(f.phase(), Some(phase_at_crash));
+        let mut f = TestFleet::held_in(phase_at_crash);
         // Crash: only what was persisted survives.
-        let persist = ControllerPersist {
-            core: (**f.core.as_ref().unwrap()).clone(),
-            members: f.rows.values().cloned().collect(),
-        };
+        let persist = f.persisted();
         let json = serde_json::to_string(&persist).unwrap();
         let persist: ControllerPersist = serde_json::from_str(&json).unwrap();
         f.c = ControllerMachine::restore(&persist, f.cfg.clone(), f.now).unwrap();
@@ -518,10 +504,7 @@ fn a_restored_round_drains_for_the_longest_flight_time() {
     f.pump();
     f.advance(30);
     assert_eq!(f.phase(), Some(RoundPhase::FirstTransition));
-    let persist = ControllerPersist {
-        core: (**f.core.as_ref().unwrap()).clone(),
-        members: f.rows.values().cloned().collect(),
-    };
+    let persist = f.persisted();
     f.c = ControllerMachine::restore(&persist, f.cfg.clone(), f.now).unwrap();
     f.timers.clear();
     f.queue.clear();

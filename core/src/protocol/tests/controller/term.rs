@@ -25,23 +25,9 @@ fn a_leader_of_a_higher_term_finishes_the_round_and_the_deposed_one_moves_nobody
         RoundPhase::FirstTransition,
         RoundPhase::SecondTransition,
     ] {
-        let mut f = TestFleet::new(3, test_cfg());
-        let hold = match phase_at_takeover {
-            RoundPhase::Distributing => Step::KeyUpdate,
-            RoundPhase::FirstTransition => Step::FirstTransition,
-            _ => Step::SecondTransition,
-        };
-        let blocked = is_ack_from(2, hold);
-        f.drop = Box::new(move |_, _, b| blocked(b));
-        f.ctl(ControllerInput::Rekey).unwrap();
-        f.pump();
-        f.advance(300);
-        assert_eq!(f.phase(), Some(phase_at_takeover));
+        let mut f = TestFleet::held_in(phase_at_takeover);
         assert_eq!(f.c.term(), TERM);
-        let persist = ControllerPersist {
-            core: (**f.core.as_ref().unwrap()).clone(),
-            members: f.rows.values().cloned().collect(),
-        };
+        let persist = f.persisted();
         let mut deposed = f.c.clone();
         f.c = ControllerMachine::restore(&persist, f.cfg.clone(), f.now).unwrap();
         let mut out = Vec::new();
