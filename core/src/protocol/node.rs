@@ -785,9 +785,7 @@ impl NodeMachine {
                 self.start_sync(now, rng, out, Ask::LinkChanged)
             }
             NodeInput::Timeout => {
-                let earliest = self
-                    .last_request
-                    .map_or(now, |t| t.plus(self.cfg.sync_retry_initial_ms));
+                let earliest = self.next_request_at(now);
                 if let Some(s) = self.sync.as_mut().filter(|s| now >= s.due) {
                     if now < earliest {
                         // Due, but the last request went out too recently.
@@ -953,9 +951,10 @@ impl NodeMachine {
                 s.attempt = 0;
             }
             None => {
-                let due = match self.last_request {
-                    Some(t) if !urgent => now.max(t.plus(self.cfg.sync_retry_initial_ms)),
-                    _ => now,
+                let due = if urgent {
+                    now
+                } else {
+                    self.next_request_at(now)
                 };
                 self.sync = Some(Sync {
                     since: self.seq + 1,
@@ -969,6 +968,13 @@ impl NodeMachine {
             }
         }
         self.send_sync_request(now, rng, out);
+    }
+
+    /// The earliest moment from `now` the next join or key request may go:
+    /// `sync_retry_initial_ms` after the last one.
+    fn next_request_at(&self, now: Time) -> Time {
+        self.last_request
+            .map_or(now, |t| now.max(t.plus(self.cfg.sync_retry_initial_ms)))
     }
 
     fn send_sync_request(
