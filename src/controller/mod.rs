@@ -4,21 +4,24 @@
 //!
 //! | file | what |
 //! |---|---|
-//! | `controller.secrets` | the machine's snapshot ([`ControllerPersist`]: signing key, group keys, round, node key-encryption keys), owner-only, optionally sealed with a passphrase ([`crate::secrets`]) |
-//! | `fleet.db` | the management table ([`crate::store`]) |
+//! | `controller.secrets` | the *state key* the controller's state rows in the table are sealed with ([`state`]), owner-only, optionally sealed with a passphrase ([`crate::secrets`]); a standby controller gets a copy |
+//! | `fleet.db` | the management table ([`crate::store`]), with the controller's own state ([`ControllerPersist`]: signing key, group keys, round, node keys; sealed rows) unless `store.url` names a shared PostgreSQL table |
 //! | `lock` | `flock`ed by whichever controller runs, so two never run at once |
 //! | `control.sock` | `keyfleet serve`'s control socket (see [`control`]) |
 //!
 //! One *loop pass* takes an input (a datagram — plus any others already
 //! waiting —, a timer, a command), feeds the machine, and carries its actions
-//! out in this order: (1) if any `Persist…`/`ForgetMember` action came, the
-//! snapshot is written (atomic, fsynced) — so it is durable before any send of
-//! the pass; (2) every `Record` of the pass becomes rows in one SQLite
-//! transaction ([`table`]); (3) datagrams go out; (4) timers are armed. A
-//! restarted controller restores the snapshot, reconciles the table with it,
-//! and feeds `Start`, which resumes a round in progress.
+//! out in this order: (1) the pass's `Persist…`/`ForgetMember` actions (applied
+//! to the sealed state rows, as the simulator applies them to its memory:
+//! [`keyfleet_core::protocol::apply_persist`]), the replay marks when due and
+//! every `Record` of the pass are written in one transaction of the
+//! management table ([`table`]) — durable before any send of the pass; (2)
+//! datagrams go out; (3) timers are armed. A restarted controller (or a
+//! standby taking over) restores the state from the table, reconciles the
+//! table's records with it, and feeds `Start`, which resumes a round in progress.
 
 pub mod control;
+pub mod state;
 pub mod table;
 
 use std::fs::{File, OpenOptions};
@@ -78,12 +81,25 @@ pub enum ControllerError {
     #[error("the controller state cannot be restored: {0}")]
     Restore(#[from] RestoreError),
     #[error(transparent)]
+    State(#[from] state::StateError),
+    #[error(
+        "the management table {at} already holds a controller's state (another fleet, or \
+         this one's): `keyfleet init` never overwrites it. To run a standby controller of \
+         that fleet, copy controller.secrets from one of its controllers into {dir} instead"
+    )]
+    TableHasFleet { at: String, dir: PathBuf },
+    #[error(
+        "{dir} holds a controller but the management table {at} has no controller state: \
+         store.url points at another table than the one `keyfleet init` wrote"
+    )]
+    NoStateInTable { at: String, dir: PathBuf },
+    #[error(transparent)]
     Command(#[from] CommandError),
     #[error(
-        "the management table could not be written for {for_ms} ms ({pending} records held \
-         back, no message sent meanwhile; the last error: {last}); stopped. The controller \
-         state file has every change: start `keyfleet serve` again once the table is \
-         writable (it reconciles the table on start)"
+        "the management table could not be written for {for_ms} ms ({pending} records and \
+         state writes held back, no message sent meanwhile; the last error: {last}); \
+         stopped. The table holds the state of the last pass it wrote and nothing was sent \
+         after it: start `keyfleet serve` again once the table is writable"
     )]
     TableDown {
         for_ms: u64,
@@ -551,9 +567,32 @@ pub fn init(opts: &Options) -> Result<InitReport> {
     let now = Time(Clock::wall().now_ms());
     let mut out = Vec::new();
     let machine = ControllerMachine::new(opts.config.controller(), now, &mut OsRng, &mut out);
-    let store = Store::open_at(&st.table_at(opts.config.store.url.as_deref())?)?;
-    let mut table = Table::new(store)?;
-    save(opts, &machine.snapshot())?;
+    let at = st.table_at(opts.config.store.url.as_deref())?;
+    let store = Store::open_at(&at)?;
+    if store.state_rows()?.core.is_some() {
+        return Err(ControllerError::TableHasFleet {
+            at: store.describe(),
+            dir: st.dir.clone(),
+        });
+    }
+    let key = state::StateKey::generate();
+    let mut table = Table::new(store)?.with_state_key(key.clone());
+    // The rows first, then the key file: a failure in between leaves no
+    // controller here (no file) and sealed rows nobody can open, which the
+    // next `init` finds (`TableHasFleet`) on a shared table; on the state
+    // directory's own SQLite file the directory is then not empty.
+    let persist: Vec<ControllerAction> = out
+        .iter()
+        .filter(|a| {
+            matches!(
+                a,
+                ControllerAction::PersistCore(_)
+                    | ControllerAction::PersistMember(_)
+                    | ControllerAction::ForgetMember { .. }
+            )
+        })
+        .cloned()
+        .collect();
     let records: Vec<Record> = out
         .into_iter()
         .filter_map(|a| match a {
@@ -561,7 +600,8 @@ pub fn init(opts: &Options) -> Result<InitReport> {
             _ => None,
         })
         .collect();
-    table.write(&records, &machine, now.0)?;
+    table.write_pass(persist, &[], &records, &machine, now.0)?;
+    save_key(opts, &st.secrets(), &key)?;
     let snap = machine.snapshot();
     tracing::info!(dir = %st.dir.display(), epoch = %snap.core.current.epoch(), check = %snap.core.current.check_value(), "controller initialised");
     Ok(InitReport {
@@ -573,14 +613,90 @@ pub fn init(opts: &Options) -> Result<InitReport> {
     })
 }
 
-fn save(opts: &Options, p: &ControllerPersist) -> Result<()> {
+/// Writes the state key file (sealed with the passphrase when there is one).
+fn save_key(opts: &Options, path: &std::path::Path, key: &state::StateKey) -> Result<()> {
     secrets::save(
-        &opts.state.secrets(),
-        p,
+        path,
+        key,
         opts.passphrase.as_ref().map(|s| s.as_str()),
         opts.seal,
     )?;
     Ok(())
+}
+
+/// The state key of `opts`'s state directory, migrating a directory of an
+/// older version (its `controller.secrets` held the whole snapshot) into
+/// `table` on the way: the key is written to `controller.secrets.migrating`
+/// first, the snapshot's rows then in one transaction, and the key file
+/// last replaces the snapshot (a rename). An interrupted migration is taken
+/// up again from where it stopped; a table that already holds another
+/// state is never overwritten.
+fn state_key(opts: &Options, table: &mut Table, now_ms: u64) -> Result<state::StateKey> {
+    let st = &opts.state;
+    let pass = opts.passphrase.as_ref().map(|s| s.as_str());
+    let file: state::StateFile = secrets::load(&st.secrets(), pass)?.ok_or_else(|| {
+        ControllerError::NotInitialised {
+            dir: st.dir.clone(),
+        }
+    })?;
+    let snap = match file {
+        state::StateFile::Key(k) => {
+            table.set_state_key(k.clone());
+            return Ok(k);
+        }
+        state::StateFile::Snapshot(s) => s,
+    };
+    let migrating = st.dir.join("controller.secrets.migrating");
+    let key: state::StateKey = match secrets::load(&migrating, pass)? {
+        Some(k) => k,
+        None => {
+            let k = state::StateKey::generate();
+            save_key(opts, &migrating, &k)?;
+            k
+        }
+    };
+    table.set_state_key(key.clone());
+    match table.load_state(now_ms) {
+        // Rows of this very migration (they open with its key): only the rename is left.
+        Ok(Some(_)) => {}
+        Ok(None) => table.store_state(&snap, now_ms)?,
+        Err(state::StateError::WrongKey { .. }) => {
+            return Err(ControllerError::TableHasFleet {
+                at: table.store().describe(),
+                dir: st.dir.clone(),
+            })
+        }
+        Err(e) => return Err(e.into()),
+    }
+    std::fs::rename(&migrating, st.secrets())
+        .and_then(|()| File::open(&st.dir)?.sync_all())
+        .map_err(|source| ControllerError::Io {
+            what: "rename",
+            path: migrating.clone(),
+            source,
+        })?;
+    tracing::info!(dir = %st.dir.display(), members = snap.members.len(), "controller state moved from controller.secrets into the management table");
+    Ok(key)
+}
+
+/// The controller state of the state directory `opts` names, read from its
+/// management table (what a controller restores; for tests and tools).
+pub fn read_state(opts: &Options) -> Result<ControllerPersist> {
+    let st = &opts.state;
+    if !st.initialised()? {
+        return Err(ControllerError::NotInitialised {
+            dir: st.dir.clone(),
+        });
+    }
+    let at = st.table_at(opts.config.store.url.as_deref())?;
+    let mut table = Table::new(Store::open_at(&at)?)?;
+    state_key(opts, &mut table, Clock::wall().now_ms())?;
+    table
+        .load_state(Clock::wall().now_ms())?
+        .ok_or_else(|| ControllerError::NoStateInTable {
+            at: table.store().describe(),
+            dir: st.dir.clone(),
+        })
 }
 
 /// A waiting client of a round (the one-shot command, or a control-socket client).
@@ -613,15 +729,14 @@ pub struct Controller {
     /// Rounds paused in the last pass.
     paused: Vec<RoundReport>,
     waiters: Vec<Waiter>,
-    /// The passphrase's sealing key, derived (Argon2id) at the first persist
-    /// and reused: a sealed controller does not pay the KDF on every pass.
-    seal_key: Option<secrets::SealKey>,
     /// Since when the management table cannot be written (None: it can).
     table_down_since: Option<u64>,
     /// The leader lease held.
     lease: LeaseHeld,
-    /// When the snapshot was last written (for the replay marks, see `flush`).
+    /// When the replay marks were last written (see `flush`).
     saved_at_ms: u64,
+    /// The replay marks as the table holds them (only moved ones are written).
+    marks_saved: std::collections::HashMap<u32, u64>,
     /// What `keyfleet serve --metrics` reports (counters, and the health of
     /// the table and the network as the last pass found them).
     ops: Ops,
@@ -668,30 +783,87 @@ pub struct Ready {
 }
 
 impl Controller {
-    /// Takes the lock, restores the machine and reconciles the table.
+    /// Takes the lock and the leader lease, restores the machine from the
+    /// management table and reconciles the table's records with it;
+    /// [`ControllerError::LeaseTaken`] while another controller leads.
     pub fn open(opts: Options) -> Result<Controller> {
-        let st = opts.state.clone();
+        let (lock, mut table, clock) = Controller::prepare(&opts)?;
+        let lease = take_lease(&mut table, &opts.state, &opts.config.store, &clock)?;
+        Controller::restore(opts, lock, table, clock, lease)
+    }
+
+    /// [`Controller::open`] for `keyfleet serve`: while another controller
+    /// leads a shared table, waits as its standby (asking for the lease every
+    /// third of `store.lease_ms`) and takes over once its lease runs out,
+    /// restoring the state (round in progress, replay marks) it left in the
+    /// table. `on_wait` is told once who leads.
+    pub async fn open_standby(opts: Options, on_wait: impl FnOnce(&str, u32)) -> Result<Controller> {
+        let (lock, mut table, clock) = Controller::prepare(&opts)?;
+        let cfg = &opts.config.store;
+        let mut on_wait = Some(on_wait);
+        let lease = loop {
+            match take_lease(&mut table, &opts.state, cfg, &clock) {
+                Ok(l) => break l,
+                Err(ControllerError::LeaseTaken { holder, term, left_ms }) => {
+                    if let Some(f) = on_wait.take() {
+                        tracing::info!(leader = %holder, term, left_ms, "standby: another controller leads; taking over when its lease runs out");
+                        f(&holder, term);
+                    }
+                    let wait = (cfg.lease_ms / 3).clamp(50, left_ms.max(50));
+                    tokio::time::sleep(Duration::from_millis(wait)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        Controller::restore(opts, lock, table, clock, lease)
+    }
+
+    /// The state directory's lock and its management table (not yet read).
+    fn prepare(opts: &Options) -> Result<(DirLock, Table, Clock)> {
+        let st = &opts.state;
         if !st.initialised()? {
-            return Err(ControllerError::NotInitialised { dir: st.dir });
+            return Err(ControllerError::NotInitialised {
+                dir: st.dir.clone(),
+            });
         }
         let lock = st.lock()?;
-        let pass = opts.passphrase.as_ref().map(|s| s.as_str());
-        let snap: ControllerPersist =
-            secrets::load(&st.secrets(), pass)?.ok_or_else(|| ControllerError::NotInitialised {
-                dir: st.dir.clone(),
-            })?;
-        let clock = Clock::wall();
-        let now = clock.now_ms();
-        let machine = ControllerMachine::restore(&snap, opts.config.controller(), Time(now))?;
         let audit = &opts.config.audit;
         let at = st.table_at(opts.config.store.url.as_deref())?;
-        let mut table = Table::new(Store::open_at(&at)?)?
+        let table = Table::new(Store::open_at(&at)?)?
             .with_refusal_window(audit.refusal_window_ms, audit.refusal_max_sources);
+        Ok((lock, table, Clock::wall()))
+    }
+
+    /// Restores the machine from the table, once the lease is held (a
+    /// standby reads the state only as the leader: nothing moves it meanwhile).
+    fn restore(
+        opts: Options,
+        lock: DirLock,
+        mut table: Table,
+        clock: Clock,
+        lease: LeaseHeld,
+    ) -> Result<Controller> {
+        let st = opts.state.clone();
+        let now = clock.now_ms();
+        state_key(&opts, &mut table, now)?;
+        let snap = table
+            .load_state(now)?
+            .ok_or_else(|| ControllerError::NoStateInTable {
+                at: table.store().describe(),
+                dir: st.dir.clone(),
+            })?;
+        let machine = ControllerMachine::restore(&snap, opts.config.controller(), Time(now))?;
+        // The table's records may have missed the last pass of a controller
+        // that stopped (an older version wrote its state file first).
         table.reconcile(&snap, now)?;
-        let lease = take_lease(&mut table, &st, &opts.config.store, &clock)?;
         if let Some(r) = &snap.core.round {
             tracing::info!(epoch = %r.epoch, phase = ?r.phase, "resuming the round in progress");
         }
+        let marks_saved = snap
+            .members
+            .iter()
+            .filter_map(|m| m.seq_seen.map(|s| (m.member, s)))
+            .collect();
         let mut c = Controller {
             opts,
             machine,
@@ -702,9 +874,9 @@ impl Controller {
             finished: Vec::new(),
             paused: Vec::new(),
             waiters: Vec::new(),
-            seal_key: None,
             table_down_since: None,
             saved_at_ms: now,
+            marks_saved,
             ops: Ops::default(),
             lease: lease.clone(),
             _lock: lock,
@@ -802,27 +974,34 @@ impl Controller {
         self.machine.handle(now, input, &mut OsRng, &mut self.out)
     }
 
-    /// Writes the machine's snapshot to the secrets file (sealed with the
-    /// passphrase's key, derived once, when there is a passphrase).
-    fn persist(&mut self) -> Result<()> {
-        let snap = self.machine.snapshot();
+    /// The replay marks that moved since the table last got them.
+    fn moved_marks(&self) -> Vec<(u32, u64)> {
+        self.machine
+            .replay_marks()
+            .filter(|(m, s)| self.marks_saved.get(m) != Some(s))
+            .collect()
+    }
+
+    /// The replay marks `marks` are in the table.
+    fn marks_written(&mut self, marks: Vec<(u32, u64)>) {
+        self.marks_saved.extend(marks);
         self.machine.snapshot_saved();
         self.saved_at_ms = self.clock.now_ms();
-        let Some(pass) = self.opts.passphrase.as_ref() else {
-            return save(&self.opts, &snap);
-        };
-        let path = self.opts.state.secrets();
-        let key = match self.seal_key.take() {
-            Some(k) => k,
-            None => secrets::SealKey::derive(&path, pass.as_str(), self.opts.seal)?,
-        };
-        let saved = secrets::save_sealed(&path, &snap, &key);
-        self.seal_key = Some(key);
-        saved?;
+    }
+
+    /// Writes the replay marks that moved (a clean stop, a quiet loop).
+    fn save_marks(&mut self) -> Result<()> {
+        let marks = self.moved_marks();
+        let r = self
+            .table
+            .write_pass(Vec::new(), &marks, &[], &self.machine, self.clock.now_ms());
+        if self.table_written(r)? {
+            self.marks_written(marks);
+        }
         Ok(())
     }
 
-    /// Carries out the pending actions: snapshot, rows, sends, timers.
+    /// Carries out the pending actions: state rows and records, sends, timers.
     async fn flush(&mut self, net: Option<&Transport>) -> Result<()> {
         // A leader whose lease ran short (a renewal failed, or the process
         // was frozen) asks for it first: lost, it stops here having written
@@ -843,25 +1022,14 @@ impl Controller {
             && self.clock.now_ms() >= self.saved_at_ms.saturating_add(REPLAY_MARKS_SAVE_MS);
         if actions.is_empty() {
             if marks_due {
-                self.persist()?;
+                self.save_marks()?;
             }
             return Ok(());
         }
-        let persist = marks_due
-            || actions.iter().any(|a| {
-                matches!(
-                    a,
-                    ControllerAction::PersistCore(_)
-                        | ControllerAction::PersistMember(_)
-                        | ControllerAction::ForgetMember { .. }
-                )
-            });
-        // (1) Durable before any send of this pass: the whole snapshot, as the
-        // machine stands after the pass (it includes every persisted change).
-        if persist {
-            self.persist()?;
-        }
-        // (2) The pass's records, one transaction.
+        // (1) One transaction: the pass's state rows (the machine's persist
+        // actions), the replay marks when due, and its records — durable
+        // before any send of this pass.
+        let mut persist = Vec::new();
         let mut records = Vec::new();
         let mut sends = Vec::new();
         for a in actions {
@@ -870,13 +1038,23 @@ impl Controller {
                 ControllerAction::SendGroup(b) => sends.push((None, b)),
                 ControllerAction::SendTo { to, bytes } => sends.push((Some(to), bytes)),
                 ControllerAction::ArmTimer { timer, at } => self.timers.arm(timer_id(timer), at.0),
-                _ => {}
+                a @ (ControllerAction::PersistCore(_)
+                | ControllerAction::PersistMember(_)
+                | ControllerAction::ForgetMember { .. }) => persist.push(a),
             }
         }
-        let written = self
-            .table
-            .write(&records, &self.machine, self.clock.now_ms());
+        let marks = if marks_due {
+            self.moved_marks()
+        } else {
+            Vec::new()
+        };
+        let written =
+            self.table
+                .write_pass(persist, &marks, &records, &self.machine, self.clock.now_ms());
         let table_ok = self.table_written(written)?;
+        if table_ok && marks_due {
+            self.marks_written(marks);
+        }
         self.arm_refusal_timer();
         for r in &records {
             log_record(r);
@@ -1831,8 +2009,15 @@ impl Drop for Controller {
     /// rows: the counts add up to every datagram refused.
     fn drop(&mut self) {
         if self.machine.replay_marks_unsaved() {
-            if let Err(e) = self.persist() {
-                tracing::error!(error = %e, "the nodes' latest sequence numbers were not saved; replays of their last messages may be accepted after a restart");
+            let marks = self.moved_marks();
+            match self
+                .table
+                .write_pass(Vec::new(), &marks, &[], &self.machine, self.clock.now_ms())
+            {
+                Ok(()) => self.marks_written(marks),
+                Err(e) => {
+                    tracing::error!(error = %e, "the nodes' latest sequence numbers were not saved; replays of their last messages may be accepted after a restart")
+                }
             }
         }
         let t = self.table.refusals().totals();
@@ -2004,39 +2189,91 @@ mod tests {
         assert_eq!(sums[0].detail["kind"], "malformed");
     }
 
+    /// A state directory of an older version (its `controller.secrets` held
+    /// the whole snapshot, the table no state rows, and the table one pass
+    /// behind the snapshot after a crash between the two) is moved into the
+    /// table on open: the same fleet, the table's records completed, the key
+    /// file in place of the snapshot. An interrupted move is finished by the
+    /// next open; a table that holds another fleet's state is never overwritten.
     #[tokio::test]
-    async fn a_table_that_missed_the_last_pass_is_completed_from_the_snapshot() {
-        // The snapshot is written before the table: a crash between the two
-        // leaves the table one pass behind. Open brings it level.
+    async fn an_older_state_directory_moves_its_snapshot_into_the_table() {
         let dir = tempfile::tempdir().unwrap();
         let opts = Options::new(StateDir::new(dir.path().join("kf")), Config::default());
         init(&opts).unwrap();
         let db = opts.state.database();
         let old = dir.path().join("old.db");
         std::fs::copy(&db, &old).unwrap();
-        {
+        let before = {
             let mut c = Controller::open(opts.clone()).unwrap();
-            c.enroll(
-                NodeId::parse("late").unwrap(),
-                InitialKey([9; 16]),
-                "127.0.0.1:9009".parse().unwrap(),
-                false,
+            enroll_one(&mut c, "late", 9009).await.unwrap();
+            c.machine().public_key()
+        };
+        let snap = read_state(&opts).unwrap();
+        assert_eq!(snap.members.len(), 1);
+        // The older layout: the snapshot in controller.secrets, a table
+        // without state rows and without the enrollment's pass.
+        let older = |opts: &Options| {
+            for ext in ["-wal", "-shm"] {
+                let _ = std::fs::remove_file(format!("{}{ext}", db.display()));
+            }
+            std::fs::copy(&old, &db).unwrap();
+            let conn = rusqlite::Connection::open(&db).unwrap();
+            conn.execute_batch(
+                "DELETE FROM controller_state; DELETE FROM member_state; DELETE FROM replay_marks;",
             )
-            .await
             .unwrap();
-        }
-        // The table as it was before the enrollment's pass.
-        for ext in ["-wal", "-shm"] {
-            let _ = std::fs::remove_file(format!("{}{ext}", db.display()));
-        }
-        std::fs::copy(&old, &db).unwrap();
+            secrets::save(&opts.state.secrets(), &snap, None, opts.seal).unwrap();
+        };
+        older(&opts);
         assert!(Store::open(&db).unwrap().nodes().unwrap().is_empty());
-        let c = Controller::open(opts).unwrap();
+        let c = Controller::open(opts.clone()).unwrap();
+        assert_eq!(c.machine().public_key(), before);
         let nodes = c.store().nodes().unwrap();
         assert_eq!(nodes.len(), 1);
         assert_eq!(nodes[0].node_id, "late");
-        assert_eq!(nodes[0].key_check, InitialKey([9; 16]).fingerprint());
+        assert_eq!(nodes[0].key_check, InitialKey([9009u16 as u8; 16]).fingerprint());
         assert_eq!(c.store().current_epoch().unwrap(), Some(1));
+        drop(c);
+        let file: state::StateFile = secrets::load(&opts.state.secrets(), None).unwrap().unwrap();
+        assert!(matches!(file, state::StateFile::Key(_)), "the key file replaced the snapshot");
+        assert!(!opts.state.dir.join("controller.secrets.migrating").exists());
+        assert_eq!(read_state(&opts).unwrap().members.len(), 1);
+
+        // Interrupted after the rows, before the rename: the next open
+        // finishes it with the key the rows were sealed with.
+        older(&opts);
+        let migrating = opts.state.dir.join("controller.secrets.migrating");
+        {
+            let at = opts.state.table_at(None).unwrap();
+            let mut t = Table::new(Store::open_at(&at).unwrap()).unwrap();
+            let key = state::StateKey::generate();
+            save_key(&opts, &migrating, &key).unwrap();
+            t.set_state_key(key);
+            t.store_state(&snap, 0).unwrap();
+        }
+        let c = Controller::open(opts.clone()).unwrap();
+        assert_eq!(c.machine().public_key(), before);
+        drop(c);
+        assert!(!migrating.exists());
+
+        // The table holds another fleet's state: refused, nothing changed.
+        older(&opts);
+        let other = Options::new(StateDir::new(dir.path().join("other")), Config::default());
+        init(&other).unwrap();
+        let theirs = read_state(&other).unwrap();
+        {
+            let at = opts.state.table_at(None).unwrap();
+            let mut t = Table::new(Store::open_at(&at).unwrap()).unwrap();
+            let raw = secrets::load::<state::StateKey>(&other.state.secrets(), None)
+                .unwrap()
+                .unwrap();
+            t.set_state_key(raw);
+            t.store_state(&theirs, 0).unwrap();
+        }
+        let err = Controller::open(opts.clone()).map(drop).unwrap_err();
+        assert!(matches!(err, ControllerError::TableHasFleet { .. }), "{err}");
+        let file: state::StateFile = secrets::load(&opts.state.secrets(), None).unwrap().unwrap();
+        assert!(matches!(file, state::StateFile::Snapshot(_)), "the snapshot is kept");
     }
 
     /// Enrolls `id` through the controller (a pass: snapshot, rows).
@@ -2071,8 +2308,12 @@ mod tests {
         };
         let a_opts = opts_for("a", 600, 200);
         init(&a_opts).unwrap();
+        // b is the standby of a's fleet: a copy of a's key file, the same
+        // table; its own `init` is refused (the table has a fleet).
         let b_opts = opts_for("b", 600, 200);
-        init(&b_opts).unwrap();
+        let err = init(&b_opts).unwrap_err();
+        assert!(matches!(err, ControllerError::TableHasFleet { .. }), "{err}");
+        std::fs::copy(a_opts.state.secrets(), b_opts.state.secrets()).unwrap();
 
         let t0 = std::time::Instant::now();
         let a = Controller::open(a_opts.clone()).unwrap();
@@ -2106,6 +2347,9 @@ mod tests {
         let b = Controller::open(b_opts.clone()).unwrap();
         assert_eq!(b.term(), 2);
         assert!(b.may_send());
+        // b continues a's fleet from the table: same identity, same key.
+        assert_eq!(b.machine().public_key(), a.machine().public_key());
+        assert_eq!(b.machine().current_epoch(), a.machine().current_epoch());
         // a wakes up (as from SIGSTOP) with work to do: it writes no row to
         // the shared table and sends nothing; it stops with LeaseLost.
         let lost = enroll_one(&mut a, "late", 9100).await.unwrap_err();

@@ -23,9 +23,10 @@
 
 use std::collections::HashMap;
 
+use super::state::{StateError, StateKey, TableState};
 use crate::store::{AuditKind, Handout, NodeState, Outcome, Phase, Store, StoreError, Trigger};
 use keyfleet_core::protocol::{
-    ControllerMachine, ControllerPersist, MemberStatus, Record, Refusal, ResumeCause,
+    apply_persist, ControllerAction, ControllerMachine, ControllerPersist, MemberStatus, Record, Refusal, ResumeCause,
     TriggerOutcome, TriggerReason,
 };
 use keyfleet_core::ratecount::{RateCounter, Seen, Source, Summary};
@@ -231,6 +232,12 @@ pub struct Table {
     /// The key state (epoch, round phase) of each member's last answered
     /// request written in full.
     answered_epoch: HashMap<u32, (u32, Option<RoundPhase>)>,
+    /// The key the controller's state rows are sealed with (none: a table
+    /// opened only for its records, as in tests).
+    key: Option<StateKey>,
+    /// Persist actions of passes whose batch failed, oldest first: written
+    /// before anything newer, in the next batch that succeeds.
+    pending_state: Vec<ControllerAction>,
 }
 
 impl Table {
@@ -248,7 +255,43 @@ impl Table {
             pending: Vec::new(),
             answered: RateCounter::default(),
             answered_epoch: HashMap::new(),
+            key: None,
+            pending_state: Vec::new(),
         })
+    }
+
+    /// The table with the controller's state rows sealed under `key`.
+    pub fn with_state_key(mut self, key: StateKey) -> Table {
+        self.set_state_key(key);
+        self
+    }
+
+    /// Seals the controller's state rows under `key` from now on.
+    pub fn set_state_key(&mut self, key: StateKey) {
+        self.key = Some(key);
+    }
+
+    /// The controller's state as the table holds it (`None`: never stored).
+    pub fn load_state(&mut self, now_ms: u64) -> std::result::Result<Option<ControllerPersist>, StateError> {
+        use keyfleet_core::protocol::StateStore;
+        let key = self.key.as_ref().expect("a table of the controller's state has its key");
+        TableState {
+            store: &mut self.store,
+            key,
+            now_ms,
+        }
+        .load()
+    }
+
+    /// Stores a whole snapshot of the controller's state (a new fleet, a migration).
+    pub fn store_state(&mut self, p: &ControllerPersist, now_ms: u64) -> std::result::Result<(), StateError> {
+        let key = self.key.as_ref().expect("a table of the controller's state has its key");
+        TableState {
+            store: &mut self.store,
+            key,
+            now_ms,
+        }
+        .migrate(p)
     }
 
     /// Refusal windows of `window_ms` (0: every refusal gets its row), at most
@@ -455,9 +498,9 @@ impl Table {
         })
     }
 
-    /// Records not yet written because their batch failed.
+    /// Records and state writes not yet written because their batch failed.
     pub fn pending(&self) -> usize {
-        self.pending.len()
+        self.pending.len() + self.pending_state.len()
     }
 
     /// Writes one pass's records in one transaction, with the summaries of
@@ -472,8 +515,24 @@ impl Table {
         machine: &ControllerMachine,
         now_ms: u64,
     ) -> Result<()> {
+        self.write_pass(Vec::new(), &[], records, machine, now_ms)
+    }
+
+    /// [`Table::write`] with the pass's persist actions (`PersistCore`,
+    /// `PersistMember`, `ForgetMember`, applied to the sealed state rows) and
+    /// replay marks, all in the same transaction as the records: a pass is
+    /// durable whole (one commit) or not at all, and then kept for the next call.
+    pub fn write_pass(
+        &mut self,
+        persist: Vec<ControllerAction>,
+        marks: &[(u32, u64)],
+        records: &[Record],
+        machine: &ControllerMachine,
+        now_ms: u64,
+    ) -> Result<()> {
+        self.pending_state.extend(persist);
         if self.pending.is_empty() {
-            let r = self.write_batch(records, machine, now_ms);
+            let r = self.write_batch(records, marks, machine, now_ms);
             if r.is_err() {
                 self.pending = records.to_vec();
             }
@@ -481,7 +540,7 @@ impl Table {
         }
         let mut all = std::mem::take(&mut self.pending);
         all.extend_from_slice(records);
-        let r = self.write_batch(&all, machine, now_ms);
+        let r = self.write_batch(&all, marks, machine, now_ms);
         if r.is_err() {
             self.pending = all;
         }
@@ -491,14 +550,22 @@ impl Table {
     fn write_batch(
         &mut self,
         records: &[Record],
+        marks: &[(u32, u64)],
         machine: &ControllerMachine,
         now_ms: u64,
     ) -> Result<()> {
         let mut closed = Vec::new();
         self.refusals.close_expired(now_ms, &mut closed);
         self.answered.close_expired(now_ms, &mut closed);
-        if records.is_empty() {
+        if records.is_empty() && self.pending_state.is_empty() && marks.is_empty() {
             return self.write_closed(&closed);
+        }
+        let (key, state) = (self.key.as_ref(), &self.pending_state);
+        if key.is_none() && !state.is_empty() {
+            return Err(StoreError::BatchFailed {
+                at: self.store.describe(),
+                cause: "the controller's state cannot be sealed: the table was opened without the state key".into(),
+            });
         }
         let active: Vec<String> = machine
             .members()
@@ -525,6 +592,13 @@ impl Table {
         let (rounds, refusals) = (&mut self.rounds, &mut self.refusals);
         let (answered_counter, answered_epoch) = (&mut self.answered, &mut self.answered_epoch);
         let r = self.store.batch(|s| {
+            // The controller's state first: the machine's persist actions as
+            // the simulator applies them, and the replay marks.
+            if let Some(key) = key {
+                let mut t = TableState { store: s, key, now_ms };
+                apply_persist(&mut t, state).map_err(StateError::into_store)?;
+                t.store.put_replay_marks(marks)?;
+            }
             write_summaries(s, &closed);
             for r in records {
                 if let Some((at, member, epoch)) = answered(r) {
@@ -566,10 +640,13 @@ impl Table {
                 self.answered,
                 self.answered_epoch,
             ) = before;
+        } else {
+            self.pending_state.clear();
         }
         r
     }
 }
+
 
 /// What the records of a pass are written against: the machine after the pass.
 struct Ctx<'a> {

@@ -583,6 +583,35 @@ pub trait Engine: Send {
     fn release_lease(&mut self, holder: &str, term: u32) -> Result<()>;
     /// The lease as it stands.
     fn lease(&self) -> Result<Option<LeaseRecord>>;
+    /// Stores (replaces) the controller's own state row (a sealed body).
+    fn put_state_core(&mut self, body: &[u8], now_ms: u64) -> Result<()>;
+    /// Stores (inserts or replaces) one member's state row (a sealed body).
+    fn put_state_member(&mut self, member: u32, body: &[u8]) -> Result<()>;
+    /// Deletes one member's state row and its replay mark.
+    fn delete_state_member(&mut self, member: u32) -> Result<()>;
+    /// Sets the replay marks given (member, highest sequence number accepted).
+    fn put_replay_marks(&mut self, marks: &[(u32, u64)]) -> Result<()>;
+    /// The controller's state rows as stored.
+    fn state_rows(&self) -> Result<StateRows>;
+}
+
+/// The controller's state as the table holds it: sealed bodies (opened by
+/// `controller::state` with the state key) and the replay marks.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StateRows {
+    pub core: Option<Vec<u8>>,
+    /// (member, sealed body), in member order.
+    pub members: Vec<(u32, Vec<u8>)>,
+    /// (member, highest sequence number accepted), in member order.
+    pub marks: Vec<(u32, u64)>,
+}
+
+/// A stored member number as the wire's `u32`.
+fn member_no(column: &'static str, v: i64) -> Result<u32> {
+    u32::try_from(v).map_err(|_| StoreError::BadValue {
+        column,
+        value: v.to_string(),
+    })
 }
 
 /// Where the management table is: `store.url` in the config, or the default
@@ -1045,6 +1074,38 @@ impl Store {
     }
 
     /// The leader lease as it stands.
+    /// Stores (replaces) the controller's own state row.
+    pub fn put_state_core(&mut self, body: &[u8], now_ms: u64) -> Result<()> {
+        let r = self.engine.put_state_core(body, now_ms);
+        self.note(r)
+    }
+
+    /// Stores (inserts or replaces) one member's state row.
+    pub fn put_state_member(&mut self, member: u32, body: &[u8]) -> Result<()> {
+        let r = self.engine.put_state_member(member, body);
+        self.note(r)
+    }
+
+    /// Deletes one member's state row and its replay mark.
+    pub fn delete_state_member(&mut self, member: u32) -> Result<()> {
+        let r = self.engine.delete_state_member(member);
+        self.note(r)
+    }
+
+    /// Sets replay marks (member, highest sequence number accepted).
+    pub fn put_replay_marks(&mut self, marks: &[(u32, u64)]) -> Result<()> {
+        if marks.is_empty() {
+            return Ok(());
+        }
+        let r = self.engine.put_replay_marks(marks);
+        self.note(r)
+    }
+
+    /// The controller's state rows as stored.
+    pub fn state_rows(&self) -> Result<StateRows> {
+        self.engine.state_rows()
+    }
+
     pub fn lease(&self) -> Result<Option<LeaseRecord>> {
         self.engine.lease()
     }

@@ -1141,6 +1141,71 @@ impl Engine for PgEngine {
         Ok(())
     }
 
+    fn put_state_core(&mut self, body: &[u8], now_ms: u64) -> Result<()> {
+        self.exec(
+            "INSERT INTO controller_state (one, body, updated_at_ms) VALUES (1, $1, $2)
+             ON CONFLICT (one) DO UPDATE SET body = excluded.body, updated_at_ms = excluded.updated_at_ms",
+            &[&body, &to_i64(now_ms)?],
+        )?;
+        Ok(())
+    }
+    fn put_state_member(&mut self, member: u32, body: &[u8]) -> Result<()> {
+        self.exec(
+            "INSERT INTO member_state (member, body) VALUES ($1, $2)
+             ON CONFLICT (member) DO UPDATE SET body = excluded.body",
+            &[&i64::from(member), &body],
+        )?;
+        Ok(())
+    }
+    fn delete_state_member(&mut self, member: u32) -> Result<()> {
+        self.atomic(|e| {
+            e.exec(
+                "DELETE FROM member_state WHERE member = $1",
+                &[&i64::from(member)],
+            )?;
+            e.exec(
+                "DELETE FROM replay_marks WHERE member = $1",
+                &[&i64::from(member)],
+            )?;
+            Ok(())
+        })
+    }
+    fn put_replay_marks(&mut self, marks: &[(u32, u64)]) -> Result<()> {
+        // One statement for every mark (arrays unnested), not one round trip each.
+        let members: Vec<i64> = marks.iter().map(|&(m, _)| i64::from(m)).collect();
+        // Bit for bit: a sequence number is any u64.
+        let seqs: Vec<i64> = marks.iter().map(|&(_, s)| s as i64).collect();
+        self.exec(
+            "INSERT INTO replay_marks (member, seq) SELECT * FROM unnest($1::bigint[], $2::bigint[])
+             ON CONFLICT (member) DO UPDATE SET seq = excluded.seq",
+            &[&members, &seqs],
+        )?;
+        Ok(())
+    }
+    fn state_rows(&self) -> Result<StateRows> {
+        let core = self
+            .query_opt("SELECT body FROM controller_state", &[])?
+            .map(|r| r.try_get::<_, Vec<u8>>(0))
+            .transpose()?;
+        let members = self
+            .query("SELECT member, body FROM member_state ORDER BY member", &[])?
+            .iter()
+            .map(|r| Ok((member_no("member_state.member", r.try_get(0)?)?, r.try_get(1)?)))
+            .collect::<Result<Vec<_>>>()?;
+        let marks = self
+            .query("SELECT member, seq FROM replay_marks ORDER BY member", &[])?
+            .iter()
+            .map(|r| {
+                let seq: i64 = r.try_get(1)?;
+                Ok((member_no("replay_marks.member", r.try_get(0)?)?, seq as u64))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(StateRows {
+            core,
+            members,
+            marks,
+        })
+    }
     fn lease(&self) -> Result<Option<LeaseRecord>> {
         self.query_opt(
             &format!("SELECT holder, term, expires_at_ms - {SERVER_MS} FROM leader_lease"),

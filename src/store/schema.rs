@@ -166,12 +166,38 @@ CREATE TABLE leader_lease (
 ) STRICT;
 "#;
 
+/// Version 6 (issues 14 and 16): the controller's own state in the table, so
+/// that every controller sharing it can continue from it. `controller_state`
+/// (one row: keys, round in progress, counters) and `member_state` (one row
+/// per member: its key-encryption and MAC keys, ratchet) hold sealed bodies
+/// (AES-256-GCM under the state key of `controller.secrets`, see
+/// `controller::state`); `replay_marks` the highest sequence number accepted
+/// from each member (not secret; the `u64` stored bit for bit as `INTEGER`).
+const V6: &str = r#"
+CREATE TABLE controller_state (
+    one           INTEGER PRIMARY KEY NOT NULL DEFAULT 1 CHECK (one = 1),
+    body          BLOB NOT NULL,
+    updated_at_ms INTEGER NOT NULL
+) STRICT;
+
+CREATE TABLE member_state (
+    member INTEGER PRIMARY KEY NOT NULL CHECK (member >= 0 AND member <= 4294967295),
+    body   BLOB NOT NULL
+) STRICT;
+
+CREATE TABLE replay_marks (
+    member INTEGER PRIMARY KEY NOT NULL CHECK (member >= 0 AND member <= 4294967295),
+    seq    INTEGER NOT NULL
+) STRICT;
+"#;
+
 const MIGRATIONS: &[M<'static>] = &[
     M::up(V1).foreign_key_check(),
     M::up(V2),
     M::up(V3).foreign_key_check(),
     M::up(V4).foreign_key_check(),
     M::up(V5),
+    M::up(V6),
 ];
 
 /// PostgreSQL version 1: the tables of SQLite's [`V1`]. Differences of dialect
@@ -297,7 +323,26 @@ CREATE TABLE leader_lease (
 "#;
 
 /// The PostgreSQL migrations; `PG_MIGRATIONS[i]` brings version `i` to `i + 1`.
-pub(crate) const PG_MIGRATIONS: &[&str] = &[PG_V1, PG_V2, PG_V3, PG_V4, PG_V5];
+pub(crate) const PG_MIGRATIONS: &[&str] = &[PG_V1, PG_V2, PG_V3, PG_V4, PG_V5, PG_V6];
+
+/// PostgreSQL version 6: SQLite's [`V6`] (`BYTEA` for `BLOB`, `BIGINT`).
+const PG_V6: &str = r#"
+CREATE TABLE controller_state (
+    one           INTEGER PRIMARY KEY NOT NULL DEFAULT 1 CHECK (one = 1),
+    body          BYTEA NOT NULL,
+    updated_at_ms BIGINT NOT NULL
+);
+
+CREATE TABLE member_state (
+    member BIGINT PRIMARY KEY NOT NULL CHECK (member >= 0 AND member <= 4294967295),
+    body   BYTEA NOT NULL
+);
+
+CREATE TABLE replay_marks (
+    member BIGINT PRIMARY KEY NOT NULL CHECK (member >= 0 AND member <= 4294967295),
+    seq    BIGINT NOT NULL
+);
+"#;
 
 pub(crate) fn migrations() -> Migrations<'static> {
     Migrations::from_slice(MIGRATIONS)

@@ -1345,6 +1345,75 @@ impl Engine for SqliteEngine {
     fn release_lease(&mut self, _holder: &str, _term: u32) -> Result<()> {
         Ok(())
     }
+    fn put_state_core(&mut self, body: &[u8], now_ms: u64) -> Result<()> {
+        self.conn.execute(
+            "INSERT INTO controller_state (one, body, updated_at_ms) VALUES (1, ?1, ?2)
+             ON CONFLICT(one) DO UPDATE SET body = excluded.body, updated_at_ms = excluded.updated_at_ms",
+            params![body, to_i64(now_ms)?],
+        )?;
+        Ok(())
+    }
+    fn put_state_member(&mut self, member: u32, body: &[u8]) -> Result<()> {
+        self.conn.execute(
+            "INSERT INTO member_state (member, body) VALUES (?1, ?2)
+             ON CONFLICT(member) DO UPDATE SET body = excluded.body",
+            params![member, body],
+        )?;
+        Ok(())
+    }
+    fn delete_state_member(&mut self, member: u32) -> Result<()> {
+        let tx = self.conn.savepoint()?;
+        tx.execute("DELETE FROM member_state WHERE member = ?1", params![member])?;
+        tx.execute("DELETE FROM replay_marks WHERE member = ?1", params![member])?;
+        tx.commit()?;
+        Ok(())
+    }
+    fn put_replay_marks(&mut self, marks: &[(u32, u64)]) -> Result<()> {
+        let tx = self.conn.savepoint()?;
+        {
+            let mut stmt = tx.prepare_cached(
+                "INSERT INTO replay_marks (member, seq) VALUES (?1, ?2)
+                 ON CONFLICT(member) DO UPDATE SET seq = excluded.seq",
+            )?;
+            for &(member, seq) in marks {
+                // Bit for bit: a sequence number is any u64.
+                stmt.execute(params![member, seq as i64])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+    fn state_rows(&self) -> Result<StateRows> {
+        let core: Option<Vec<u8>> = self
+            .conn
+            .query_row("SELECT body FROM controller_state", [], |r| r.get(0))
+            .optional()?;
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT member, body FROM member_state ORDER BY member")?;
+        let members = stmt
+            .query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?)))?
+            .map(|r| {
+                let (m, b) = r?;
+                Ok((member_no("member_state.member", m)?, b))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT member, seq FROM replay_marks ORDER BY member")?;
+        let marks = stmt
+            .query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)))?
+            .map(|r| {
+                let (m, s) = r?;
+                Ok((member_no("replay_marks.member", m)?, s as u64))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(StateRows {
+            core,
+            members,
+            marks,
+        })
+    }
     fn lease(&self) -> Result<Option<LeaseRecord>> {
         let row: Option<(String, i64)> = self
             .conn

@@ -6,10 +6,9 @@ use super::net::{Arrival, Peer, Traffic, Transport};
 use super::{SimConfig, SimReport, Spread};
 use crate::crypto::{Epoch, InitialKey};
 use crate::protocol::{
-    ControllerAction, ControllerConfig, ControllerCore, ControllerInput, ControllerMachine,
-    ControllerPersist, ControllerTimer, MemberPersist, MemberStatus, NodeAction, NodeConfig,
-    NodeEvent, NodeInput, NodeMachine, NodePersist, NodeState, Record, Refusal, Time,
-    TriggerConfig, Via,
+    apply_persist, ControllerAction, ControllerConfig, ControllerInput, ControllerMachine,
+    ControllerTimer, MemberStatus, MemoryState, NodeAction, NodeConfig, NodeEvent, NodeInput,
+    NodeMachine, NodePersist, NodeState, Record, Refusal, StateStore, Time, TriggerConfig, Via,
 };
 use crate::wire::{NodeId, Step};
 use core::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
@@ -130,8 +129,9 @@ pub(super) struct Fleet<T: Transport> {
     plan: ChaCha8Rng,
     controller: Option<ControllerMachine>,
     ctl_gen: u32,
-    ctl_core: Option<Box<ControllerCore>>,
-    ctl_members: Vec<Option<Box<MemberPersist>>>,
+    /// The controller's persisted state: its persist actions applied as
+    /// production applies them to the management table.
+    ctl_state: MemoryState,
     nodes: Vec<Slot>,
     events: BinaryHeap<Reverse<(Time, u64, Event)>>,
     order: u64,
@@ -198,8 +198,7 @@ impl<T: Transport> Fleet<T> {
             plan,
             controller: None,
             ctl_gen: 0,
-            ctl_core: None,
-            ctl_members: vec![None; n as usize + 1],
+            ctl_state: MemoryState::default(),
             nodes: Vec::with_capacity(n as usize),
             events: BinaryHeap::new(),
             order: 0,
@@ -512,15 +511,8 @@ impl<T: Transport> Fleet<T> {
                 if self.controller.is_some() {
                     return;
                 }
-                let Some(core) = &self.ctl_core else { return };
-                let persist = ControllerPersist {
-                    core: (**core).clone(),
-                    members: self
-                        .ctl_members
-                        .iter()
-                        .flatten()
-                        .map(|m| (**m).clone())
-                        .collect(),
+                let Ok(Some(persist)) = self.ctl_state.load() else {
+                    return;
                 };
                 match ControllerMachine::restore(&persist, self.ctl_cfg.clone(), self.now) {
                     Ok(c) => {
@@ -759,18 +751,10 @@ impl<T: Transport> Fleet<T> {
                     };
                     self.schedule(at, Event::Controller(k, self.ctl_gen));
                 }
-                ControllerAction::PersistCore(c) => self.ctl_core = Some(c),
-                ControllerAction::PersistMember(m) => {
-                    let i = m.member as usize;
-                    if self.ctl_members.len() <= i {
-                        self.ctl_members.resize(i + 1, None);
-                    }
-                    self.ctl_members[i] = Some(m);
-                }
-                ControllerAction::ForgetMember { member } => {
-                    if let Some(m) = self.ctl_members.get_mut(member as usize) {
-                        *m = None;
-                    }
+                a @ (ControllerAction::PersistCore(_)
+                | ControllerAction::PersistMember(_)
+                | ControllerAction::ForgetMember { .. }) => {
+                    let Ok(_) = apply_persist(&mut self.ctl_state, std::slice::from_ref(&a));
                 }
                 ControllerAction::Record(r) => self.on_record(r),
             }

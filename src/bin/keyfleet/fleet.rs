@@ -347,14 +347,26 @@ pub fn serve(g: &GlobalArgs, a: ServeArgs) -> anyhow::Result<()> {
     let opts = g.options(Some(&a.net))?;
     let rt = runtime()?;
     rt.block_on(async {
-        let mut c = controller::Controller::open(opts).context("while starting keyfleet serve")?;
-        // The handlers are installed now, before READY=1: a SIGTERM right
-        // after readiness is a clean stop, not the default action.
+        // The handlers are installed first: a SIGTERM while waiting as a
+        // standby, or right after readiness, is a clean stop, not the default action.
         use tokio::signal::unix::{signal, SignalKind};
         let mut term =
             signal(SignalKind::terminate()).context("while installing the SIGTERM handler")?;
         let mut int =
             signal(SignalKind::interrupt()).context("while installing the SIGINT handler")?;
+        // Another controller leads a shared table: wait as its standby.
+        // A standby is a running service (systemd's start does not time out
+        // on it); its status line says whom it stands by for.
+        let standby = controller::Controller::open_standby(opts, |leader, term| {
+            keyfleet::ops::notify_ready(&format!(
+                "standby: {leader} leads under term {term}; taking over when its lease runs out"
+            ))
+        });
+        let mut c = tokio::select! {
+            c = standby => c.context("while starting keyfleet serve")?,
+            _ = int.recv() => return Ok(()),
+            _ = term.recv() => return Ok(()),
+        };
         let shutdown = async move {
             tokio::select! {
                 _ = int.recv() => {}

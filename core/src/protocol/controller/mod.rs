@@ -46,8 +46,9 @@ pub use io::{
     Record, RestoreError, ResumeCause, TriggerOutcome, Via,
 };
 pub use persist::{
-    AnsweredInit, Committed, ControllerCore, ControllerPersist, MemberPersist, MemberRatchet,
-    Pending, RoundPersist,
+    apply_persist, fold_mark, store_snapshot, AnsweredInit, Committed, ControllerCore,
+    ControllerPersist, MemberPersist, MemberRatchet, MemoryState, Pending, RoundPersist,
+    StateStore,
 };
 
 use super::triggers::TriggerReason;
@@ -213,9 +214,19 @@ impl ControllerMachine {
         self.marks_unsaved
     }
 
-    /// The shell wrote [`Self::snapshot`] durably.
+    /// The shell wrote [`Self::snapshot`] (or [`Self::replay_marks`]) durably.
     pub fn snapshot_saved(&mut self) {
         self.marks_unsaved = false;
+    }
+
+    /// Each member's replay mark: the highest sequence number accepted from
+    /// it (members that sent nothing yet are left out). A shell writes the
+    /// ones that moved with [`StateStore::put_replay_marks`] while
+    /// [`Self::replay_marks_unsaved`] holds, then calls [`Self::snapshot_saved`].
+    pub fn replay_marks(&self) -> impl Iterator<Item = (u32, u64)> + '_ {
+        self.members
+            .iter()
+            .filter_map(|m| m.row.seq_seen.map(|s| (m.row.member, s)))
     }
 
     /// The full snapshot (core and every member row).

@@ -153,3 +153,130 @@ pub struct Pending {
     pub share: Share,
     pub step: ratchet::Step,
 }
+
+/// Where a controller's state is kept: every shell applies the machine's
+/// persist actions (`PersistCore`, `PersistMember`, `ForgetMember`) to one of
+/// these with [`apply_persist`], the same actions in the same order, and
+/// restores a machine from [`StateStore::load`]. Production's engines are the
+/// management table's (sealed rows in SQLite or PostgreSQL, in the shell);
+/// the simulator and the model checker use [`MemoryState`].
+pub trait StateStore {
+    type Error;
+    /// Stores (replaces) the controller's own row.
+    fn put_core(&mut self, core: &ControllerCore) -> Result<(), Self::Error>;
+    /// Stores (inserts or replaces) one member's row.
+    fn put_member(&mut self, row: &MemberPersist) -> Result<(), Self::Error>;
+    /// Deletes one member's row.
+    fn forget_member(&mut self, member: u32) -> Result<(), Self::Error>;
+    /// Replay marks: the highest sequence number accepted from each member
+    /// listed (written apart from the rows, at most every second or so while
+    /// messages flow: see [`super::ControllerMachine::replay_marks`]).
+    fn put_replay_marks(&mut self, marks: &[(u32, u64)]) -> Result<(), Self::Error>;
+    /// Everything stored, the replay marks folded into the member rows;
+    /// `None` when no controller state was ever stored.
+    fn load(&mut self) -> Result<Option<ControllerPersist>, Self::Error>;
+}
+
+/// Applies the persist actions among `actions` to `store`, in order; the
+/// number applied. Other actions are left alone.
+pub fn apply_persist<S: StateStore + ?Sized>(
+    store: &mut S,
+    actions: &[super::ControllerAction],
+) -> Result<usize, S::Error> {
+    use super::ControllerAction as A;
+    let mut n = 0;
+    for a in actions {
+        match a {
+            A::PersistCore(c) => store.put_core(c)?,
+            A::PersistMember(m) => store.put_member(m)?,
+            A::ForgetMember { member } => store.forget_member(*member)?,
+            _ => continue,
+        }
+        n += 1;
+    }
+    Ok(n)
+}
+
+/// Stores a whole snapshot (a first store, or a migration): the core, every
+/// member row and their replay marks.
+pub fn store_snapshot<S: StateStore + ?Sized>(
+    store: &mut S,
+    p: &ControllerPersist,
+) -> Result<(), S::Error> {
+    store.put_core(&p.core)?;
+    let mut marks = Vec::new();
+    for m in &p.members {
+        store.put_member(m)?;
+        if let Some(s) = m.seq_seen {
+            marks.push((m.member, s));
+        }
+    }
+    store.put_replay_marks(&marks)
+}
+
+/// A [`StateStore`] in memory (the simulator's and the tests'; nothing survives
+/// the process).
+#[derive(Clone, Debug, Default)]
+pub struct MemoryState {
+    core: Option<ControllerCore>,
+    members: std::collections::BTreeMap<u32, MemberPersist>,
+    marks: std::collections::BTreeMap<u32, u64>,
+}
+
+impl MemoryState {
+    /// Whether a controller state was ever stored.
+    pub fn is_empty(&self) -> bool {
+        self.core.is_none()
+    }
+}
+
+impl StateStore for MemoryState {
+    type Error = core::convert::Infallible;
+
+    fn put_core(&mut self, core: &ControllerCore) -> Result<(), Self::Error> {
+        self.core = Some(core.clone());
+        Ok(())
+    }
+
+    fn put_member(&mut self, row: &MemberPersist) -> Result<(), Self::Error> {
+        self.members.insert(row.member, row.clone());
+        Ok(())
+    }
+
+    fn forget_member(&mut self, member: u32) -> Result<(), Self::Error> {
+        self.members.remove(&member);
+        self.marks.remove(&member);
+        Ok(())
+    }
+
+    fn put_replay_marks(&mut self, marks: &[(u32, u64)]) -> Result<(), Self::Error> {
+        for &(m, s) in marks {
+            let e = self.marks.entry(m).or_insert(s);
+            *e = (*e).max(s);
+        }
+        Ok(())
+    }
+
+    fn load(&mut self) -> Result<Option<ControllerPersist>, Self::Error> {
+        let Some(core) = &self.core else {
+            return Ok(None);
+        };
+        Ok(Some(ControllerPersist {
+            core: core.clone(),
+            members: self
+                .members
+                .values()
+                .map(|m| fold_mark(m.clone(), self.marks.get(&m.member).copied()))
+                .collect(),
+        }))
+    }
+}
+
+/// A member row with the replay mark stored apart folded in (the higher wins).
+pub fn fold_mark(mut row: MemberPersist, mark: Option<u64>) -> MemberPersist {
+    row.seq_seen = match (row.seq_seen, mark) {
+        (Some(a), Some(b)) => Some(a.max(b)),
+        (a, b) => a.or(b),
+    };
+    row
+}
