@@ -1,8 +1,10 @@
-//! Issue 16 with real processes: two `keyfleet serve` on one PostgreSQL
-//! management table (a real server the test starts). The second is refused
+//! Issue 16 with real processes: two `keyfleet serve` of one fleet on one
+//! PostgreSQL management table (a real server the test starts). The second
+//! (a standby: a copy of the first's `controller.secrets`) waits, silent,
 //! while the first holds the leader lease; the first frozen (SIGSTOP) past
-//! its lease, the second takes it under term 2; the first, thawed, sends
-//! nothing to its group and stops with an error naming the lost lease.
+//! its lease, the second takes it under term 2 and continues the fleet from
+//! the table; the first, thawed, sends nothing to its group and stops with an
+//! error naming the lost lease.
 mod controller_support;
 #[allow(dead_code)]
 #[path = "../src/store/testpg.rs"]
@@ -27,16 +29,27 @@ fn term(payload: &[u8]) -> Option<u32> {
 }
 
 #[test]
-fn a_second_serve_is_refused_then_takes_over_and_the_thawed_leader_sends_nothing() {
+fn a_standby_serve_waits_then_takes_over_and_the_thawed_leader_sends_nothing() {
     let Some(pg) = testpg::shared() else { return };
     let url = pg.create_db();
     let config = format!(
         "[beacon]\ninterval_ms = 200\n[store]\nurl = \"{url}\"\nlease_ms = 1500\nlease_margin_ms = 500\n"
     );
     let a = Ctl::new(71, &config);
-    let b = Ctl::new(72, &config);
-    a.run(&["init"]);
-    b.run(&["init"]);
+    let init: serde_json::Value =
+        serde_json::from_slice(&a.run(&["init", "--json"]).stdout).unwrap();
+    let public: [u8; 32] = hex::decode(init["public_key"].as_str().unwrap())
+        .unwrap()
+        .try_into()
+        .unwrap();
+    let fleet_key = ed25519_dalek::VerifyingKey::from_bytes(&public).unwrap();
+    // Its own `init` on the same table is refused: the table has a fleet.
+    let other = Ctl::new(72, &config);
+    let out = other.cmd(&["init"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("already holds a controller's state"), "{err}");
+    let b = Ctl::standby_of(&a, &config);
     let tap = wiretap::Tap::port(a.group.port());
     let mut pa = a.serve();
     wait_for("a's beacons", 5_000, || {
@@ -45,28 +58,54 @@ fn a_second_serve_is_refused_then_takes_over_and_the_thawed_leader_sends_nothing
             .any(|h| h.to == a.group && term(&h.payload) == Some(1))
     });
 
-    // b while a's lease runs: refused, with a message that says why.
-    let t0 = Instant::now();
-    let out = b.cmd(&["serve"]).output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{err}");
-    assert!(err.contains("leader lease is held by"), "{err}");
+    // b while a's lease runs: a silent standby that says whom it waits for.
+    let mut pb = b.serve_waiting();
+    wait_for("b's standby line", 5_000, || {
+        b.serve_logs().contains("standby")
+    });
+    std::thread::sleep(Duration::from_millis(600));
+    let from_b = tap
+        .heard()
+        .iter()
+        .filter(|h| h.from.port() == b.port)
+        .count();
+    assert_eq!(from_b, 0, "the standby sent {from_b} datagrams");
+    assert!(pb.alive(), "the standby waits: {}", b.serve_logs());
     println!(
-        "second serve refused in {} ms: {}",
-        t0.elapsed().as_millis(),
-        err.lines().last().unwrap_or("")
+        "standby: {}",
+        b.serve_logs()
+            .lines()
+            .find(|l| l.contains("standby"))
+            .unwrap_or("")
     );
 
-    // a frozen past its lease: b takes it under term 2.
+    // a frozen past its lease: b takes it under term 2, on its own, with
+    // a's identity (the fleet's state from the table).
     pa.freeze();
     let frozen = Instant::now();
-    std::thread::sleep(Duration::from_millis(1_600));
-    let mut pb = b.serve();
+    wait_for("b's beacons under term 2", 10_000, || {
+        tap.heard()
+            .iter()
+            .any(|h| h.from.port() == b.port && term(&h.payload) == Some(2))
+    });
     let taken = frozen.elapsed();
     let st = b.json(&["status", "--json"]);
     assert_eq!(st["leader"]["term"], 2, "{st}");
+    let signed_by_the_fleet = |h: &wiretap::Heard| match wire::decode(&h.payload) {
+        Ok(Message::Beacon(bc)) => {
+            keyfleet_core::crypto::verify(&fleet_key, bc.auth.body, &bc.auth.signature)
+        }
+        _ => false,
+    };
+    assert!(
+        tap.heard()
+            .iter()
+            .filter(|h| h.from.port() == b.port && term(&h.payload) == Some(2))
+            .all(signed_by_the_fleet),
+        "b's beacons are signed with the fleet's key"
+    );
     println!(
-        "b leads under term 2, {} ms after a froze",
+        "b leads under term 2, its first beacon {} ms after a froze (lease 1500 ms)",
         taken.as_millis()
     );
 

@@ -330,11 +330,7 @@ fn key_arrays(v: &serde_json::Value, out: &mut Vec<Vec<u8>>) {
 /// The keys a live fleet holds right now: the controller's secrets file and
 /// every agent's state file.
 fn keys_on_disk(f: &support::adversary::procs::Fleet, out: &mut Vec<Vec<u8>>) {
-    let secrets: serde_json::Value =
-        keyfleet::secrets::load(&f.state_dir().join("controller.secrets"), None)
-            .unwrap()
-            .unwrap();
-    key_arrays(&secrets, out);
+    controller_keys(&f.state_dir(), out);
     for a in &f.agents {
         let st: serde_json::Value = keyfleet::statefile::read_json(&a.state.join("state.json"))
             .unwrap()
@@ -464,6 +460,22 @@ fn a_live_fleet_logs_no_key_and_keeps_its_files_owner_only() {
     }
 }
 
+/// The keys of the controller of state directory `dir`: the state key of its
+/// `controller.secrets` and every key of the state it keeps (sealed) in its
+/// management table.
+fn controller_keys(dir: &Path, out: &mut Vec<Vec<u8>>) {
+    let file: serde_json::Value = keyfleet::secrets::load(&dir.join("controller.secrets"), None)
+        .unwrap()
+        .unwrap();
+    out.push(hex::decode(file["state_key"].as_str().unwrap()).unwrap());
+    let opts = keyfleet::controller::Options::new(
+        keyfleet::controller::StateDir::new(dir),
+        keyfleet::config::Config::default(),
+    );
+    let state = keyfleet::controller::read_state(&opts).unwrap();
+    key_arrays(&serde_json::to_value(&state).unwrap(), out);
+}
+
 /// Every key a kept demo directory holds: the controller's secrets, every
 /// agent's state file, every `initial-key` file (read as the agent reads it).
 fn keys_in_dir(dir: &Path, out: &mut Vec<Vec<u8>>) -> usize {
@@ -474,7 +486,11 @@ fn keys_in_dir(dir: &Path, out: &mut Vec<Vec<u8>>) -> usize {
         }
         let name = p.file_name().unwrap().to_string_lossy().into_owned();
         let value: Option<serde_json::Value> = match name.as_str() {
-            "controller.secrets" => keyfleet::secrets::load(&p, None).unwrap(),
+            "controller.secrets" => {
+                controller_keys(p.parent().unwrap(), out);
+                files += 1;
+                None
+            }
             "state.json" => keyfleet::statefile::read_json(&p).unwrap(),
             "initial-key" => {
                 let text = std::fs::read_to_string(&p).unwrap();

@@ -48,8 +48,9 @@ fn a_schema_2_table_from_main_migrates_and_its_unfinished_round_is_not_current()
     let s = Store::open(&st.database()).unwrap();
     assert_eq!(s.schema_version().unwrap(), SCHEMA_VERSION as i64);
     assert_eq!(
-        SCHEMA_VERSION, 5,
-        "schema 3 (this test's rows), 4 (one member numbering) and 5 (the leader lease)"
+        SCHEMA_VERSION, 6,
+        "schema 3 (this test's rows), 4 (one member numbering), 5 (the leader lease) and 6 \
+         (the controller's state rows)"
     );
     assert_eq!(s.integrity_check().unwrap(), Ok(()));
     // main said epoch 3 (the newest key); epoch 3's round never completed.
@@ -85,7 +86,8 @@ fn a_schema_2_table_from_main_migrates_and_its_unfinished_round_is_not_current()
     assert!(s.address_changes().unwrap().is_empty());
     drop(s);
 
-    // The controller restores main's secrets file and resumes the round.
+    // The controller moves main's secrets file (the whole snapshot) into
+    // the table, restores it and resumes the round.
     let c = Controller::open(Options::new(st.clone(), Config::default())).unwrap();
     assert_eq!(c.machine().current_epoch().0, 2);
     assert_eq!(c.machine().round().map(|(e, _)| e.0), Some(3));

@@ -634,11 +634,10 @@ fn save_key(opts: &Options, path: &std::path::Path, key: &state::StateKey) -> Re
 fn state_key(opts: &Options, table: &mut Table, now_ms: u64) -> Result<state::StateKey> {
     let st = &opts.state;
     let pass = opts.passphrase.as_ref().map(|s| s.as_str());
-    let file: state::StateFile = secrets::load(&st.secrets(), pass)?.ok_or_else(|| {
-        ControllerError::NotInitialised {
+    let file: state::StateFile =
+        secrets::load(&st.secrets(), pass)?.ok_or_else(|| ControllerError::NotInitialised {
             dir: st.dir.clone(),
-        }
-    })?;
+        })?;
     let snap = match file {
         state::StateFile::Key(k) => {
             table.set_state_key(k.clone());
@@ -797,14 +796,21 @@ impl Controller {
     /// third of `store.lease_ms`) and takes over once its lease runs out,
     /// restoring the state (round in progress, replay marks) it left in the
     /// table. `on_wait` is told once who leads.
-    pub async fn open_standby(opts: Options, on_wait: impl FnOnce(&str, u32)) -> Result<Controller> {
+    pub async fn open_standby(
+        opts: Options,
+        on_wait: impl FnOnce(&str, u32),
+    ) -> Result<Controller> {
         let (lock, mut table, clock) = Controller::prepare(&opts)?;
         let cfg = &opts.config.store;
         let mut on_wait = Some(on_wait);
         let lease = loop {
             match take_lease(&mut table, &opts.state, cfg, &clock) {
                 Ok(l) => break l,
-                Err(ControllerError::LeaseTaken { holder, term, left_ms }) => {
+                Err(ControllerError::LeaseTaken {
+                    holder,
+                    term,
+                    left_ms,
+                }) => {
                     if let Some(f) = on_wait.take() {
                         tracing::info!(leader = %holder, term, left_ms, "standby: another controller leads; taking over when its lease runs out");
                         f(&holder, term);
@@ -1048,9 +1054,13 @@ impl Controller {
         } else {
             Vec::new()
         };
-        let written =
-            self.table
-                .write_pass(persist, &marks, &records, &self.machine, self.clock.now_ms());
+        let written = self.table.write_pass(
+            persist,
+            &marks,
+            &records,
+            &self.machine,
+            self.clock.now_ms(),
+        );
         let table_ok = self.table_written(written)?;
         if table_ok && marks_due {
             self.marks_written(marks);
@@ -2231,11 +2241,17 @@ mod tests {
         let nodes = c.store().nodes().unwrap();
         assert_eq!(nodes.len(), 1);
         assert_eq!(nodes[0].node_id, "late");
-        assert_eq!(nodes[0].key_check, InitialKey([9009u16 as u8; 16]).fingerprint());
+        assert_eq!(
+            nodes[0].key_check,
+            InitialKey([9009u16 as u8; 16]).fingerprint()
+        );
         assert_eq!(c.store().current_epoch().unwrap(), Some(1));
         drop(c);
         let file: state::StateFile = secrets::load(&opts.state.secrets(), None).unwrap().unwrap();
-        assert!(matches!(file, state::StateFile::Key(_)), "the key file replaced the snapshot");
+        assert!(
+            matches!(file, state::StateFile::Key(_)),
+            "the key file replaced the snapshot"
+        );
         assert!(!opts.state.dir.join("controller.secrets.migrating").exists());
         assert_eq!(read_state(&opts).unwrap().members.len(), 1);
 
@@ -2271,9 +2287,15 @@ mod tests {
             t.store_state(&theirs, 0).unwrap();
         }
         let err = Controller::open(opts.clone()).map(drop).unwrap_err();
-        assert!(matches!(err, ControllerError::TableHasFleet { .. }), "{err}");
+        assert!(
+            matches!(err, ControllerError::TableHasFleet { .. }),
+            "{err}"
+        );
         let file: state::StateFile = secrets::load(&opts.state.secrets(), None).unwrap().unwrap();
-        assert!(matches!(file, state::StateFile::Snapshot(_)), "the snapshot is kept");
+        assert!(
+            matches!(file, state::StateFile::Snapshot(_)),
+            "the snapshot is kept"
+        );
     }
 
     /// Enrolls `id` through the controller (a pass: snapshot, rows).
@@ -2312,7 +2334,10 @@ mod tests {
         // table; its own `init` is refused (the table has a fleet).
         let b_opts = opts_for("b", 600, 200);
         let err = init(&b_opts).unwrap_err();
-        assert!(matches!(err, ControllerError::TableHasFleet { .. }), "{err}");
+        assert!(
+            matches!(err, ControllerError::TableHasFleet { .. }),
+            "{err}"
+        );
         std::fs::copy(a_opts.state.secrets(), b_opts.state.secrets()).unwrap();
 
         let t0 = std::time::Instant::now();

@@ -99,7 +99,13 @@ impl StateKey {
         rand::rngs::OsRng.fill_bytes(&mut nonce);
         let sealed = self
             .cipher()
-            .encrypt(Nonce::from_slice(&nonce), Payload { msg: plain, aad: row })
+            .encrypt(
+                Nonce::from_slice(&nonce),
+                Payload {
+                    msg: plain,
+                    aad: row,
+                },
+            )
             .expect("AES-GCM seals any length the state has");
         let mut out = Vec::with_capacity(1 + NONCE_LEN + sealed.len());
         out.push(FORMAT);
@@ -119,7 +125,13 @@ impl StateKey {
         }
         let (nonce, sealed) = body[1..].split_at(NONCE_LEN);
         self.cipher()
-            .decrypt(Nonce::from_slice(nonce), Payload { msg: sealed, aad: row })
+            .decrypt(
+                Nonce::from_slice(nonce),
+                Payload {
+                    msg: sealed,
+                    aad: row,
+                },
+            )
             .map(Zeroizing::new)
             .map_err(|_| StateError::WrongKey { row: name() })
     }
@@ -207,7 +219,8 @@ impl TableState<'_> {
     pub fn migrate(&mut self, p: &ControllerPersist) -> Result<(), StateError> {
         let (key, now_ms) = (self.key, self.now_ms);
         self.store.batch(|store| {
-            store_snapshot(&mut TableState { store, key, now_ms }, p).map_err(StateError::into_store)
+            store_snapshot(&mut TableState { store, key, now_ms }, p)
+                .map_err(StateError::into_store)
         })?;
         Ok(())
     }

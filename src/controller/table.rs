@@ -26,8 +26,8 @@ use std::collections::HashMap;
 use super::state::{StateError, StateKey, TableState};
 use crate::store::{AuditKind, Handout, NodeState, Outcome, Phase, Store, StoreError, Trigger};
 use keyfleet_core::protocol::{
-    apply_persist, ControllerAction, ControllerMachine, ControllerPersist, MemberStatus, Record, Refusal, ResumeCause,
-    TriggerOutcome, TriggerReason,
+    apply_persist, ControllerAction, ControllerMachine, ControllerPersist, MemberStatus, Record,
+    Refusal, ResumeCause, TriggerOutcome, TriggerReason,
 };
 use keyfleet_core::ratecount::{RateCounter, Seen, Source, Summary};
 use keyfleet_core::wire::{RoundPhase, Step};
@@ -272,9 +272,15 @@ impl Table {
     }
 
     /// The controller's state as the table holds it (`None`: never stored).
-    pub fn load_state(&mut self, now_ms: u64) -> std::result::Result<Option<ControllerPersist>, StateError> {
+    pub fn load_state(
+        &mut self,
+        now_ms: u64,
+    ) -> std::result::Result<Option<ControllerPersist>, StateError> {
         use keyfleet_core::protocol::StateStore;
-        let key = self.key.as_ref().expect("a table of the controller's state has its key");
+        let key = self
+            .key
+            .as_ref()
+            .expect("a table of the controller's state has its key");
         TableState {
             store: &mut self.store,
             key,
@@ -284,8 +290,15 @@ impl Table {
     }
 
     /// Stores a whole snapshot of the controller's state (a new fleet, a migration).
-    pub fn store_state(&mut self, p: &ControllerPersist, now_ms: u64) -> std::result::Result<(), StateError> {
-        let key = self.key.as_ref().expect("a table of the controller's state has its key");
+    pub fn store_state(
+        &mut self,
+        p: &ControllerPersist,
+        now_ms: u64,
+    ) -> std::result::Result<(), StateError> {
+        let key = self
+            .key
+            .as_ref()
+            .expect("a table of the controller's state has its key");
         TableState {
             store: &mut self.store,
             key,
@@ -595,7 +608,11 @@ impl Table {
             // The controller's state first: the machine's persist actions as
             // the simulator applies them, and the replay marks.
             if let Some(key) = key {
-                let mut t = TableState { store: s, key, now_ms };
+                let mut t = TableState {
+                    store: s,
+                    key,
+                    now_ms,
+                };
                 apply_persist(&mut t, state).map_err(StateError::into_store)?;
                 t.store.put_replay_marks(marks)?;
             }
@@ -646,7 +663,6 @@ impl Table {
         r
     }
 }
-
 
 /// What the records of a pass are written against: the machine after the pass.
 struct Ctx<'a> {

@@ -1190,7 +1190,12 @@ impl Engine for PgEngine {
         let members = self
             .query("SELECT member, body FROM member_state ORDER BY member", &[])?
             .iter()
-            .map(|r| Ok((member_no("member_state.member", r.try_get(0)?)?, r.try_get(1)?)))
+            .map(|r| {
+                Ok((
+                    member_no("member_state.member", r.try_get(0)?)?,
+                    r.try_get(1)?,
+                ))
+            })
             .collect::<Result<Vec<_>>>()?;
         let marks = self
             .query("SELECT member, seq FROM replay_marks ORDER BY member", &[])?

@@ -1363,8 +1363,14 @@ impl Engine for SqliteEngine {
     }
     fn delete_state_member(&mut self, member: u32) -> Result<()> {
         let tx = self.conn.savepoint()?;
-        tx.execute("DELETE FROM member_state WHERE member = ?1", params![member])?;
-        tx.execute("DELETE FROM replay_marks WHERE member = ?1", params![member])?;
+        tx.execute(
+            "DELETE FROM member_state WHERE member = ?1",
+            params![member],
+        )?;
+        tx.execute(
+            "DELETE FROM replay_marks WHERE member = ?1",
+            params![member],
+        )?;
         tx.commit()?;
         Ok(())
     }

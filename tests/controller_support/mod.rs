@@ -126,6 +126,44 @@ impl Ctl {
         })
     }
 
+    /// A standby controller of `leader`'s fleet: a state directory of its
+    /// own with a copy of the leader's `controller.secrets` (its state key),
+    /// the same group and config, its own unicast port.
+    pub fn standby_of(leader: &Ctl, config: &str) -> Ctl {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let group = leader.group;
+        std::fs::write(
+            dir.path().join("keyfleet.toml"),
+            format!(
+                "[network]\ngroup = \"{group}\"\niface = \"127.0.0.1\"\nlisten_port = {port}\n{config}"
+            ),
+        )
+        .unwrap();
+        let c = Ctl { dir, group, port };
+        std::fs::create_dir(c.state()).unwrap();
+        std::fs::set_permissions(
+            c.state(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o700),
+        )
+        .unwrap();
+        let to = c.state().join("controller.secrets");
+        std::fs::copy(leader.state().join("controller.secrets"), &to).unwrap();
+        c
+    }
+
+    /// `keyfleet serve` in the background, not waiting for anything (a standby).
+    pub fn serve_waiting(&self) -> Proc {
+        let log = std::fs::File::create(self.dir.path().join("serve-standby.log")).unwrap();
+        let child = self
+            .cmd(&["serve"])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        Proc(child)
+    }
+
     /// `keyfleet serve` in the background; waits until its control socket exists.
     pub fn serve(&self) -> Proc {
         let log = std::fs::File::create(self.dir.path().join(format!(
