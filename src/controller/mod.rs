@@ -859,6 +859,9 @@ impl Controller {
                 dir: st.dir.clone(),
             })?;
         let machine = ControllerMachine::restore(&snap, opts.config.controller(), Time(now))?;
+        if lease.send_until_ms.is_some() {
+            table.set_fence(&lease.holder, lease.term);
+        }
         // The table's records may have missed the last pass of a controller
         // that stopped (an older version wrote its state file first).
         table.reconcile(&snap, now)?;
@@ -1485,6 +1488,11 @@ impl Controller {
                 }
                 Ok(true)
             }
+            Err(StoreError::Fenced { holder, term }) => Err(ControllerError::LeaseLost {
+                detail: format!(
+                    "the table refused this pass: {holder} no longer holds term {term}'s lease"
+                ),
+            }),
             Err(e) => {
                 self.ops.store_error = Some(e.to_string());
                 let since = *self.table_down_since.get_or_insert(now);

@@ -238,6 +238,8 @@ pub struct Table {
     /// Persist actions of passes whose batch failed, oldest first: written
     /// before anything newer, in the next batch that succeeds.
     pending_state: Vec<ControllerAction>,
+    /// The lease (holder, term) every batch of a shared table checks first.
+    fence: Option<(String, u32)>,
 }
 
 impl Table {
@@ -257,6 +259,7 @@ impl Table {
             answered_epoch: HashMap::new(),
             key: None,
             pending_state: Vec::new(),
+            fence: None,
         })
     }
 
@@ -264,6 +267,12 @@ impl Table {
     pub fn with_state_key(mut self, key: StateKey) -> Table {
         self.set_state_key(key);
         self
+    }
+
+    /// Every batch from now on first checks that `holder` holds the lease of
+    /// `term` ([`Store::fence`]): a shared table's leader.
+    pub fn set_fence(&mut self, holder: &str, term: u32) {
+        self.fence = Some((holder.to_owned(), term));
     }
 
     /// Seals the controller's state rows under `key` from now on.
@@ -573,7 +582,7 @@ impl Table {
         if records.is_empty() && self.pending_state.is_empty() && marks.is_empty() {
             return self.write_closed(&closed);
         }
-        let (key, state) = (self.key.as_ref(), &self.pending_state);
+        let (key, state, fence) = (self.key.as_ref(), &self.pending_state, &self.fence);
         if key.is_none() && !state.is_empty() {
             return Err(StoreError::BatchFailed {
                 at: self.store.describe(),
@@ -605,6 +614,9 @@ impl Table {
         let (rounds, refusals) = (&mut self.rounds, &mut self.refusals);
         let (answered_counter, answered_epoch) = (&mut self.answered, &mut self.answered_epoch);
         let r = self.store.batch(|s| {
+            if let Some((holder, term)) = fence {
+                s.fence(holder, *term)?;
+            }
             // The controller's state first: the machine's persist actions as
             // the simulator applies them, and the replay marks.
             if let Some(key) = key {

@@ -1141,6 +1141,27 @@ impl Engine for PgEngine {
         Ok(())
     }
 
+    fn fence(&mut self, holder: &str, term: u32) -> Result<()> {
+        // FOR SHARE: a standby's takeover (an UPDATE of this row) waits for
+        // the end of this batch, so no write of a deposed leader lands after it.
+        let held = self
+            .query_opt(
+                &format!(
+                    "SELECT expires_at_ms > {SERVER_MS} FROM leader_lease
+                     WHERE holder = $1 AND term = $2 FOR SHARE"
+                ),
+                &[&holder, &i64::from(term)],
+            )?
+            .map(|r| r.try_get::<_, bool>(0))
+            .transpose()?;
+        match held {
+            Some(true) => Ok(()),
+            _ => Err(StoreError::Fenced {
+                holder: holder.to_owned(),
+                term,
+            }),
+        }
+    }
     fn put_state_core(&mut self, body: &[u8], now_ms: u64) -> Result<()> {
         self.exec(
             "INSERT INTO controller_state (one, body, updated_at_ms) VALUES (1, $1, $2)

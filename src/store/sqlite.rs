@@ -1345,6 +1345,10 @@ impl Engine for SqliteEngine {
     fn release_lease(&mut self, _holder: &str, _term: u32) -> Result<()> {
         Ok(())
     }
+    fn fence(&mut self, _holder: &str, _term: u32) -> Result<()> {
+        // The sole leader: the state directory's lock keeps every other out.
+        Ok(())
+    }
     fn put_state_core(&mut self, body: &[u8], now_ms: u64) -> Result<()> {
         self.conn.execute(
             "INSERT INTO controller_state (one, body, updated_at_ms) VALUES (1, ?1, ?2)

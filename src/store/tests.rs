@@ -54,6 +54,44 @@ macro_rules! suite {
 
 suite! {
 #[test]
+fn the_controller_state_rows_are_stored_replaced_and_deleted() {
+    let Some((d, mut s)) = open() else { return };
+    assert_eq!(s.state_rows().unwrap(), StateRows::default());
+    s.put_state_core(b"core-1", 10).unwrap();
+    s.put_state_core(b"core-2", 11).unwrap();
+    s.put_state_member(2, b"two").unwrap();
+    s.put_state_member(1, b"one").unwrap();
+    s.put_state_member(1, b"one again").unwrap();
+    // A sequence number is any u64, the top bit included.
+    s.put_replay_marks(&[(1, 5), (2, u64::MAX)]).unwrap();
+    s.put_replay_marks(&[(1, 9)]).unwrap();
+    let rows = s.state_rows().unwrap();
+    assert_eq!(rows.core.as_deref(), Some(&b"core-2"[..]));
+    assert_eq!(
+        rows.members,
+        vec![(1, b"one again".to_vec()), (2, b"two".to_vec())]
+    );
+    assert_eq!(rows.marks, vec![(1, 9), (2, u64::MAX)]);
+    // Deleting a member deletes its mark; a whole batch undoes together.
+    s.delete_state_member(2).unwrap();
+    let r: Result<()> = s.batch(|s| {
+        s.put_state_member(3, b"three")?;
+        Err(StoreError::UnknownNode("x".into()))
+    });
+    assert!(r.is_err());
+    let rows = s.state_rows().unwrap();
+    assert_eq!(rows.members, vec![(1, b"one again".to_vec())]);
+    assert_eq!(rows.marks, vec![(1, 9)]);
+    // The sole leader of an embedded table is never fenced; on a shared
+    // table only the lease's holder passes (postgres_a_deposed_leaders_batch_is_fenced).
+    if matches!(d.at, Location::Sqlite(_)) {
+        s.fence("whoever", 1).unwrap();
+    } else {
+        assert!(matches!(s.fence("whoever", 1), Err(StoreError::Fenced { .. })));
+    }
+}
+
+#[test]
 fn enroll_remove_and_reenroll() {
     let Some((_d, mut s)) = open() else { return };
     let a = s
@@ -909,6 +947,59 @@ fn postgres_lease_has_one_holder_and_a_new_term_after_it_runs_out() {
     assert_eq!(
         b.lease().unwrap().map(|l| (l.holder, l.term)),
         Some(("a".into(), 3))
+    );
+}
+
+/// Issue 16's fencing: a batch of a leader whose lease ran out is refused
+/// whole, and a standby's takeover waits for a batch in flight to end.
+#[test]
+fn postgres_a_deposed_leaders_batch_is_fenced() {
+    let Some(pg) = testpg::shared() else { return };
+    let url = pg.create_db();
+    let mut a = Store::connect(&url).unwrap();
+    let mut b = Store::connect(&url).unwrap();
+    assert!(matches!(a.acquire_lease("a", 400).unwrap(), LeaseOutcome::Held(l) if l.term == 1));
+    a.batch(|s| {
+        s.fence("a", 1)?;
+        s.put_state_core(b"a's", 1)
+    })
+    .unwrap();
+    // Not the holder, or not the term: refused.
+    assert!(matches!(b.fence("b", 1), Err(StoreError::Fenced { .. })));
+    assert!(matches!(a.fence("a", 2), Err(StoreError::Fenced { .. })));
+    // A batch in flight holds the lease row: b's takeover of the expired
+    // lease waits for its end, and then gets term 2.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::scope(|scope| {
+        a.batch(|s| {
+            s.fence("a", 1)?;
+            std::thread::sleep(std::time::Duration::from_millis(450));
+            scope.spawn(|| {
+                let t0 = std::time::Instant::now();
+                let got = b.acquire_lease("b", 60_000).unwrap();
+                tx.send((got, t0.elapsed())).unwrap();
+            });
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            assert!(rx.try_recv().is_err(), "the takeover waits for the batch");
+            s.put_state_core(b"a's last", 2)
+        })
+        .unwrap();
+    });
+    let (got, waited) = rx.recv().unwrap();
+    assert!(
+        matches!(&got, LeaseOutcome::Held(l) if l.term == 2),
+        "{got:?}"
+    );
+    println!("the takeover waited {waited:?} for the deposed leader's batch");
+    // From then on a's batches are refused whole: nothing of them is written.
+    let r = a.batch(|s| {
+        s.fence("a", 1)?;
+        s.put_state_core(b"a's stale", 3)
+    });
+    assert!(matches!(r, Err(StoreError::Fenced { .. })), "{r:?}");
+    assert_eq!(
+        a.state_rows().unwrap().core.as_deref(),
+        Some(&b"a's last"[..])
     );
 }
 
