@@ -21,6 +21,7 @@
 //! table's records with it, and feeds `Start`, which resumes a round in progress.
 
 pub mod control;
+pub mod enrolment;
 pub mod state;
 pub mod table;
 
@@ -88,6 +89,12 @@ pub enum ControllerError {
          that fleet, copy controller.secrets from one of its controllers into {dir} instead"
     )]
     TableHasFleet { at: String, dir: PathBuf },
+    #[error(
+        "the leader has not answered enrolment request {id} in {waited_ms} ms: it stays \
+         queued in the management table and the leader enrolls it when it runs (`keyfleet \
+         status` lists the node once it is enrolled)"
+    )]
+    NotAnswered { id: i64, waited_ms: u64 },
     #[error(
         "{dir} holds a controller but the management table {at} has no controller state: \
          store.url points at another table than the one `keyfleet init` wrote"
@@ -485,6 +492,8 @@ const TABLE_RETRY_MS: u64 = 1_000;
 
 /// The shell's timer to renew the leader lease of a shared table.
 const LEASE_TIMER: u8 = 5;
+/// The shell's timer to look for installers' enrolment requests in a shared table.
+const ENROL_TIMER: u8 = 6;
 
 /// The leader lease this controller holds ([`crate::store::Store::acquire_lease`]).
 #[derive(Debug, Clone)]
@@ -736,6 +745,8 @@ pub struct Controller {
     saved_at_ms: u64,
     /// The replay marks as the table holds them (only moved ones are written).
     marks_saved: std::collections::HashMap<u32, u64>,
+    /// The enrolment timer fired: look for installers' requests after the pass.
+    enrolments_due: bool,
     /// What `keyfleet serve --metrics` reports (counters, and the health of
     /// the table and the network as the last pass found them).
     ops: Ops,
@@ -886,6 +897,7 @@ impl Controller {
             table_down_since: None,
             saved_at_ms: now,
             marks_saved,
+            enrolments_due: false,
             ops: Ops::default(),
             lease: lease.clone(),
             _lock: lock,
@@ -1461,6 +1473,8 @@ impl Controller {
                         self.retry_table()?;
                     } else if id == LEASE_TIMER {
                         self.renew_lease()?;
+                    } else if id == ENROL_TIMER {
+                        self.enrolments_due = true;
                     } else {
                         let _ = self.feed(ControllerInput::Timer(timer_of(id)));
                     }
@@ -1744,6 +1758,19 @@ impl Controller {
         );
         self.feed(ControllerInput::Start)?;
         self.flush(Some(&net)).await?;
+        // A shared table: installers on other machines queue enrolments in
+        // it, announced (LISTEN) and looked for now and then besides.
+        let mut enrol_signal = None;
+        if self.lease.send_until_ms.is_some() {
+            self.timers.arm(ENROL_TIMER, self.clock.now_ms());
+            enrol_signal = self
+                .table
+                .store_mut()
+                .listen_enrolments()
+                .inspect_err(|e| tracing::warn!(error = %e, "enrolment requests are not announced; looked for every {} ms", enrolment::POLL_MS))
+                .ok()
+                .flatten();
+        }
         if let Some(ready) = extras.ready {
             ready(&Ready {
                 listen: net.local_addr(),
@@ -1761,9 +1788,20 @@ impl Controller {
                     let _ = probe.send(self.health());
                 }
                 r = self.step(&mut net) => if let Err(e) = r { break Err(e) },
+                Some(()) = async { enrol_signal.as_ref()?.notified().await; Some(()) }, if enrol_signal.is_some() => {
+                    self.enrolments_due = true;
+                }
             }
             if let Err(e) = self.flush(Some(&net)).await {
                 break Err(e);
+            }
+            if std::mem::take(&mut self.enrolments_due) {
+                let next = match self.take_enrolments().await {
+                    Ok(0) => enrolment::POLL_MS,
+                    Ok(_) => enrolment::BUSY_POLL_MS,
+                    Err(e) => break Err(e),
+                };
+                self.timers.arm(ENROL_TIMER, self.clock.now_ms() + next);
             }
             self.answer_waiters();
         };

@@ -275,6 +275,11 @@ impl Table {
         self.fence = Some((holder.to_owned(), term));
     }
 
+    /// The key the controller's state rows are sealed with.
+    pub fn state_key(&self) -> Option<&StateKey> {
+        self.key.as_ref()
+    }
+
     /// Seals the controller's state rows under `key` from now on.
     pub fn set_state_key(&mut self, key: StateKey) {
         self.key = Some(key);

@@ -604,6 +604,34 @@ pub trait Engine: Send {
     fn put_replay_marks(&mut self, marks: &[(u32, u64)]) -> Result<()>;
     /// The controller's state rows as stored.
     fn state_rows(&self) -> Result<StateRows>;
+    /// Queues an enrolment of `node_id` for the leader (`body`: the sealed
+    /// request); its id.
+    fn request_enrolment(
+        &mut self,
+        node_id: &str,
+        body: &[u8],
+        by: &str,
+        now_ms: u64,
+    ) -> Result<i64>;
+    /// Listens for new enrolment requests: the returned signal is woken when
+    /// one was queued (`None`: the engine cannot tell; poll).
+    fn listen_enrolments(&mut self) -> Result<Option<std::sync::Arc<tokio::sync::Notify>>>;
+    /// Up to `limit` unanswered enrolment requests, oldest first.
+    fn open_enrolments(&self, limit: u32) -> Result<Vec<EnrolRequest>>;
+    /// Answers request `id` (`answer`: JSON) and erases its sealed body.
+    fn answer_enrolment(&mut self, id: i64, answer: &str, now_ms: u64) -> Result<()>;
+    /// The answer to request `id` (JSON), once there is one.
+    fn enrolment_answer(&self, id: i64) -> Result<Option<String>>;
+}
+
+/// An enrolment an installer asked of the leader through a shared table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EnrolRequest {
+    pub id: i64,
+    pub node_id: String,
+    /// The sealed request (initial key, address).
+    pub body: Vec<u8>,
+    pub requested_by: String,
 }
 
 /// The controller's state as the table holds it: sealed bodies (opened by
@@ -1121,6 +1149,39 @@ impl Store {
     /// The controller's state rows as stored.
     pub fn state_rows(&self) -> Result<StateRows> {
         self.engine.state_rows()
+    }
+
+    /// See [`Engine::request_enrolment`].
+    pub fn request_enrolment(
+        &mut self,
+        node_id: &str,
+        body: &[u8],
+        by: &str,
+        now_ms: u64,
+    ) -> Result<i64> {
+        let r = self.engine.request_enrolment(node_id, body, by, now_ms);
+        self.note(r)
+    }
+
+    /// See [`Engine::listen_enrolments`].
+    pub fn listen_enrolments(&mut self) -> Result<Option<std::sync::Arc<tokio::sync::Notify>>> {
+        self.engine.listen_enrolments()
+    }
+
+    /// See [`Engine::open_enrolments`].
+    pub fn open_enrolments(&self, limit: u32) -> Result<Vec<EnrolRequest>> {
+        self.engine.open_enrolments(limit)
+    }
+
+    /// See [`Engine::answer_enrolment`].
+    pub fn answer_enrolment(&mut self, id: i64, answer: &str, now_ms: u64) -> Result<()> {
+        let r = self.engine.answer_enrolment(id, answer, now_ms);
+        self.note(r)
+    }
+
+    /// See [`Engine::enrolment_answer`].
+    pub fn enrolment_answer(&self, id: i64) -> Result<Option<String>> {
+        self.engine.enrolment_answer(id)
     }
 
     pub fn lease(&self) -> Result<Option<LeaseRecord>> {

@@ -22,6 +22,7 @@
 
 use std::cell::RefCell;
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_postgres::error::SqlState;
@@ -51,6 +52,9 @@ struct Conn {
     client: Client,
 }
 
+/// The channel installers' enrolment requests are announced on.
+const ENROL_CHANNEL: &str = "keyfleet_enrol";
+
 /// The management table in PostgreSQL.
 pub struct PgEngine {
     conn: RefCell<Conn>,
@@ -58,6 +62,10 @@ pub struct PgEngine {
     shown: String,
     /// Open transactions: 0 outside a batch, 1 in a batch, more in a call's savepoint.
     depth: u32,
+    /// Told of every notification the connection receives.
+    signal: Arc<tokio::sync::Notify>,
+    /// Whether the connection LISTENs on [`ENROL_CHANNEL`] (again after a reconnect).
+    listening: std::cell::Cell<bool>,
 }
 
 impl std::fmt::Debug for PgEngine {
@@ -72,8 +80,13 @@ fn wait<T>(f: impl Future<Output = std::result::Result<T, tokio_postgres::Error>
     Ok(futures_executor::block_on(f)?)
 }
 
-/// Opens a connection whose driver runs on its own thread.
-fn open_conn(config: &tokio_postgres::Config, shown: &str) -> Result<Conn> {
+/// Opens a connection whose driver runs on its own thread; each notification
+/// it receives (LISTEN) wakes `signal`.
+fn open_conn(
+    config: &tokio_postgres::Config,
+    shown: &str,
+    signal: Arc<tokio::sync::Notify>,
+) -> Result<Conn> {
     let (tx, rx) = std::sync::mpsc::channel();
     let config = config.clone();
     std::thread::Builder::new()
@@ -91,10 +104,21 @@ fn open_conn(config: &tokio_postgres::Config, shown: &str) -> Result<Conn> {
             };
             rt.block_on(async move {
                 match config.connect(NoTls).await {
-                    Ok((client, connection)) => {
+                    Ok((client, mut connection)) => {
                         let _ = tx.send(Ok(client));
-                        if let Err(e) = connection.await {
-                            tracing::error!(error = %e, "the PostgreSQL connection of the management table failed");
+                        let mut messages =
+                            futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+                        while let Some(m) = futures_util::StreamExt::next(&mut messages).await {
+                            match m {
+                                Ok(tokio_postgres::AsyncMessage::Notification(_)) => {
+                                    signal.notify_one()
+                                }
+                                Ok(_) => {}
+                                Err(e) => {
+                                    tracing::error!(error = %e, "the PostgreSQL connection of the management table failed");
+                                    break;
+                                }
+                            }
                         }
                     }
                     Err(e) => {
@@ -161,12 +185,15 @@ impl PgEngine {
         if config.get_application_name().is_none() {
             config.application_name("keyfleet");
         }
-        let conn = open_conn(&config, &shown)?;
+        let signal = Arc::new(tokio::sync::Notify::new());
+        let conn = open_conn(&config, &shown, signal.clone())?;
         let mut engine = PgEngine {
             conn: RefCell::new(conn),
             config,
             shown,
             depth: 0,
+            signal,
+            listening: std::cell::Cell::new(false),
         };
         engine.migrate()?;
         Ok(engine)
@@ -242,8 +269,17 @@ impl PgEngine {
                     "the PostgreSQL connection dropped inside a transaction; it was rolled back",
                 )));
             }
-            let fresh = open_conn(&self.config, &self.shown)?;
+            let fresh = open_conn(&self.config, &self.shown, self.signal.clone())?;
             tracing::info!(url = %self.shown, "reconnected to the management table");
+            if self.listening.get() {
+                wait(
+                    fresh
+                        .client
+                        .batch_execute(&format!("LISTEN {ENROL_CHANNEL}")),
+                )?;
+                // Requests may have come while it was down.
+                self.signal.notify_one();
+            }
             *self.conn.borrow_mut() = fresh;
         }
         Ok(std::cell::Ref::map(self.conn.borrow(), |c| &c.client))
@@ -1141,6 +1177,64 @@ impl Engine for PgEngine {
         Ok(())
     }
 
+    fn request_enrolment(
+        &mut self,
+        node_id: &str,
+        body: &[u8],
+        by: &str,
+        now_ms: u64,
+    ) -> Result<i64> {
+        let r = self
+            .query_opt(
+                &format!(
+                    "WITH r AS (INSERT INTO enrol_requests (node_id, body, requested_at_ms, requested_by)
+                     VALUES ($1, $2, $3, $4) RETURNING id)
+                     SELECT id, pg_notify('{ENROL_CHANNEL}', '') FROM r"
+                ),
+                &[&node_id, &body, &to_i64(now_ms)?, &by],
+            )?
+            .ok_or_else(|| StoreError::BadValue {
+                column: "enrol_requests.id",
+                value: "no id returned".into(),
+            })?;
+        Ok(r.try_get(0)?)
+    }
+    fn listen_enrolments(&mut self) -> Result<Option<Arc<tokio::sync::Notify>>> {
+        self.batch_sql(&format!("LISTEN {ENROL_CHANNEL}"))?;
+        self.listening.set(true);
+        Ok(Some(self.signal.clone()))
+    }
+    fn open_enrolments(&self, limit: u32) -> Result<Vec<EnrolRequest>> {
+        self.query(
+            "SELECT id, node_id, body, requested_by FROM enrol_requests
+             WHERE answered_at_ms IS NULL AND body IS NOT NULL ORDER BY id LIMIT $1",
+            &[&i64::from(limit)],
+        )?
+        .iter()
+        .map(|r| {
+            Ok(EnrolRequest {
+                id: r.try_get(0)?,
+                node_id: r.try_get(1)?,
+                body: r.try_get(2)?,
+                requested_by: r.try_get(3)?,
+            })
+        })
+        .collect()
+    }
+    fn answer_enrolment(&mut self, id: i64, answer: &str, now_ms: u64) -> Result<()> {
+        self.exec(
+            "UPDATE enrol_requests SET answer = $2, answered_at_ms = $3, body = NULL WHERE id = $1",
+            &[&id, &answer, &to_i64(now_ms)?],
+        )?;
+        Ok(())
+    }
+    fn enrolment_answer(&self, id: i64) -> Result<Option<String>> {
+        Ok(self
+            .query_opt("SELECT answer FROM enrol_requests WHERE id = $1", &[&id])?
+            .map(|r| r.try_get::<_, Option<String>>(0))
+            .transpose()?
+            .flatten())
+    }
     fn fence(&mut self, holder: &str, term: u32) -> Result<()> {
         // FOR SHARE: a standby's takeover (an UPDATE of this row) waits for
         // the end of this batch, so no write of a deposed leader lands after it.

@@ -172,7 +172,10 @@ CREATE TABLE leader_lease (
 /// per member: its key-encryption and MAC keys, ratchet) hold sealed bodies
 /// (AES-256-GCM under the state key of `controller.secrets`, see
 /// `controller::state`); `replay_marks` the highest sequence number accepted
-/// from each member (not secret; the `u64` stored bit for bit as `INTEGER`).
+/// from each member (not secret; the `u64` stored bit for bit as `INTEGER`);
+/// `enrol_requests` the enrolments installers ask of the leader through a
+/// shared table (issue 16.4): the node id, the sealed request (initial key,
+/// address; erased once answered) and the answer.
 const V6: &str = r#"
 CREATE TABLE controller_state (
     one           INTEGER PRIMARY KEY NOT NULL DEFAULT 1 CHECK (one = 1),
@@ -189,6 +192,17 @@ CREATE TABLE replay_marks (
     member INTEGER PRIMARY KEY NOT NULL CHECK (member >= 0 AND member <= 4294967295),
     seq    INTEGER NOT NULL
 ) STRICT;
+
+CREATE TABLE enrol_requests (
+    id              INTEGER PRIMARY KEY AUTOINCREMENT,
+    node_id         TEXT NOT NULL CHECK (length(node_id) > 0),
+    body            BLOB,
+    requested_at_ms INTEGER NOT NULL,
+    requested_by    TEXT NOT NULL,
+    answered_at_ms  INTEGER,
+    answer          TEXT CHECK (answer IS NULL OR json_valid(answer))
+) STRICT;
+CREATE INDEX enrol_requests_open ON enrol_requests(id) WHERE answered_at_ms IS NULL;
 "#;
 
 const MIGRATIONS: &[M<'static>] = &[
@@ -342,6 +356,17 @@ CREATE TABLE replay_marks (
     member BIGINT PRIMARY KEY NOT NULL CHECK (member >= 0 AND member <= 4294967295),
     seq    BIGINT NOT NULL
 );
+
+CREATE TABLE enrol_requests (
+    id              BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    node_id         TEXT NOT NULL CHECK (length(node_id) > 0),
+    body            BYTEA,
+    requested_at_ms BIGINT NOT NULL,
+    requested_by    TEXT NOT NULL,
+    answered_at_ms  BIGINT,
+    answer          TEXT CHECK (answer IS NULL OR answer::json IS NOT NULL)
+);
+CREATE INDEX enrol_requests_open ON enrol_requests(id) WHERE answered_at_ms IS NULL;
 "#;
 
 pub(crate) fn migrations() -> Migrations<'static> {

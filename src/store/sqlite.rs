@@ -1345,6 +1345,59 @@ impl Engine for SqliteEngine {
     fn release_lease(&mut self, _holder: &str, _term: u32) -> Result<()> {
         Ok(())
     }
+    fn request_enrolment(
+        &mut self,
+        node_id: &str,
+        body: &[u8],
+        by: &str,
+        now_ms: u64,
+    ) -> Result<i64> {
+        self.conn.execute(
+            "INSERT INTO enrol_requests (node_id, body, requested_at_ms, requested_by)
+             VALUES (?1, ?2, ?3, ?4)",
+            params![node_id, body, to_i64(now_ms)?, by],
+        )?;
+        Ok(self.conn.last_insert_rowid())
+    }
+    fn listen_enrolments(&mut self) -> Result<Option<std::sync::Arc<tokio::sync::Notify>>> {
+        // Installers of an embedded table come through the control socket.
+        Ok(None)
+    }
+    fn open_enrolments(&self, limit: u32) -> Result<Vec<EnrolRequest>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT id, node_id, body, requested_by FROM enrol_requests
+             WHERE answered_at_ms IS NULL AND body IS NOT NULL ORDER BY id LIMIT ?1",
+        )?;
+        let rows = stmt
+            .query_map(params![limit], |r| {
+                Ok(EnrolRequest {
+                    id: r.get(0)?,
+                    node_id: r.get(1)?,
+                    body: r.get(2)?,
+                    requested_by: r.get(3)?,
+                })
+            })?
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        Ok(rows)
+    }
+    fn answer_enrolment(&mut self, id: i64, answer: &str, now_ms: u64) -> Result<()> {
+        self.conn.execute(
+            "UPDATE enrol_requests SET answer = ?2, answered_at_ms = ?3, body = NULL WHERE id = ?1",
+            params![id, answer, to_i64(now_ms)?],
+        )?;
+        Ok(())
+    }
+    fn enrolment_answer(&self, id: i64) -> Result<Option<String>> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT answer FROM enrol_requests WHERE id = ?1",
+                params![id],
+                |r| r.get::<_, Option<String>>(0),
+            )
+            .optional()?
+            .flatten())
+    }
     fn fence(&mut self, _holder: &str, _term: u32) -> Result<()> {
         // The sole leader: the state directory's lock keeps every other out.
         Ok(())

@@ -6,6 +6,7 @@ use anyhow::{bail, Context};
 use clap::Args;
 use keyfleet::controller::control::{self, Reply, Request};
 use keyfleet::controller::EnrollReport;
+use keyfleet::controller::{enrolment, ControllerError};
 use keyfleet_core::crypto::InitialKey;
 use keyfleet_core::wire::NodeId;
 use zeroize::Zeroizing;
@@ -89,6 +90,9 @@ fn resolve(addr: &str) -> anyhow::Result<SocketAddr> {
         .with_context(|| format!("--addr {addr:?} has no IPv4 address"))
 }
 
+/// How long `enroll` waits for the leader's answer to a queued enrolment.
+const ENROL_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
 pub fn enroll(g: &GlobalArgs, a: EnrollArgs) -> anyhow::Result<()> {
     fleet::init_logging("warn");
     // Not known yet: the controller learns it when the node joins.
@@ -112,7 +116,31 @@ pub fn enroll(g: &GlobalArgs, a: EnrollArgs) -> anyhow::Result<()> {
     let st = g.state_dir()?;
     let rt = fleet::runtime()?;
     let report: EnrollReport = rt.block_on(async {
-        match route(&st, || g.options(None)).await? {
+        let route = match route(&st, || g.options(None)).await {
+            Ok(r) => r,
+            // Another controller leads the shared table: queue the enrolment
+            // in it for the leader (several installers at once).
+            Err(e)
+                if matches!(
+                    e.downcast_ref::<ControllerError>(),
+                    Some(ControllerError::LeaseTaken { .. })
+                ) =>
+            {
+                let ask = enrolment::Ask {
+                    node_id: &node_id,
+                    initial_key: &key,
+                    addr,
+                    force: a.force,
+                };
+                return enrolment::through_table(&g.options(None)?, &ask, ENROL_WAIT)
+                    .await
+                    .with_context(|| {
+                        format!("while enrolling {node_id} through the shared table")
+                    });
+            }
+            Err(e) => return Err(e),
+        };
+        match route {
             Route::Serve(s) => {
                 let req = Request::Enroll {
                     node_id: node_id.to_string(),
