@@ -329,7 +329,7 @@ pub fn run(bins: &Bins, count: u64, base_port: u16) -> Vec<E2eRow> {
             return rows;
         }
     };
-    let fleet = KfFleet::start(bins, 2, &mut ports);
+    let fleet = KfFleet::start(bins, 2, &mut ports, None);
     for size in SIZES {
         let kf = match &fleet {
             Ok(f) => keyfleet_path(f, dir.path(), size, count).map(|(mut r, d)| {

@@ -245,7 +245,14 @@ impl KfFleet {
         c
     }
 
-    pub fn start(bins: &Bins, n: usize, ports: &mut PortPool) -> anyhow::Result<KfFleet> {
+    /// `n` nodes; the management table in PostgreSQL at `store_url` when
+    /// given, else the embedded SQLite default.
+    pub fn start(
+        bins: &Bins,
+        n: usize,
+        ports: &mut PortPool,
+        store_url: Option<&str>,
+    ) -> anyhow::Result<KfFleet> {
         let dir = tempfile::Builder::new().prefix("kfb-keyfleet-").tempdir()?;
         let mut rng = rand::thread_rng();
         let group = format!(
@@ -258,8 +265,9 @@ impl KfFleet {
         std::fs::write(
             &config,
             format!(
-                "[network]\ngroup = \"{group}\"\niface = \"127.0.0.1\"\nlisten_port = {}\n",
-                ports.take()?
+                "[network]\ngroup = \"{group}\"\niface = \"127.0.0.1\"\nlisten_port = {}\n{}",
+                ports.take()?,
+                store_url.map_or(String::new(), |u| format!("[store]\nurl = \"{u}\"\n"))
             ),
         )?;
         let mut f = KfFleet {
@@ -422,7 +430,15 @@ fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
 }
 
 /// Start, enroll, join and rotate a fleet of each size `reps` times.
-pub fn run(bins: &Bins, sizes: &[usize], reps: usize, base_port: u16) -> KfResult {
+/// The rotation benchmark at each size; with `store`, each fleet's
+/// management table is a fresh database of that PostgreSQL server.
+pub fn run(
+    bins: &Bins,
+    sizes: &[usize],
+    reps: usize,
+    base_port: u16,
+    store: Option<&crate::testpg::PgServer>,
+) -> KfResult {
     if let Some(why) = bins.missing() {
         eprintln!("keyfleet processes skipped: {why}");
         return KfResult {
@@ -440,7 +456,8 @@ pub fn run(bins: &Bins, sizes: &[usize], reps: usize, base_port: u16) -> KfResul
                 ..KfRun::default()
             };
             let res = (|| -> anyhow::Result<()> {
-                let f = KfFleet::start(bins, n, &mut ports)?;
+                let url = store.map(|pg| pg.create_db());
+                let f = KfFleet::start(bins, n, &mut ports, url.as_deref())?;
                 r.join_ms = f.join_ms;
                 let (d0, u0) = f.data_counters()?;
                 let traffic = AppTraffic::start(

@@ -21,3 +21,8 @@ pub mod report;
 pub mod round;
 pub mod serf;
 pub mod stats;
+/// A throw-away PostgreSQL server (Debian's `postgresql`: `initdb` and
+/// `postgres` as the `postgres` user), the one the store tests use.
+#[allow(dead_code)]
+#[path = "../../src/store/testpg.rs"]
+pub mod testpg;

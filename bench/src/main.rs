@@ -9,7 +9,7 @@
 //! reported in the results), 1 error, 2 bad command line.
 #![forbid(unsafe_code)]
 
-use keyfleet_bench::{datapath, e2e, fleet, qr, report, round, serf, stats};
+use keyfleet_bench::{datapath, e2e, fleet, qr, report, round, serf, stats, testpg};
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -71,13 +71,18 @@ struct RunArgs {
     /// Small sizes and few repetitions: a smoke test of the harness, not figures to publish.
     #[arg(long)]
     quick: bool,
-    /// Parts to run (comma-separated): datapath, e2e, qr, serf, keyfleet, sim, callgrind.
+    /// Parts to run (comma-separated): datapath, e2e, qr, serf, keyfleet,
+    /// keyfleet-pg (the same rotations with the management table in
+    /// PostgreSQL, a server this run starts), sim, callgrind.
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "datapath,e2e,qr,serf,keyfleet,sim,callgrind"
+        default_value = "datapath,e2e,qr,serf,keyfleet,keyfleet-pg,sim,callgrind"
     )]
     only: Vec<String>,
+    /// Fleet sizes for keyfleet-pg.
+    #[arg(long, value_delimiter = ',', default_value = "100")]
+    pg_sizes: Vec<usize>,
     /// Fleet sizes for the process benchmarks (Serf and keyfleet).
     #[arg(long, value_delimiter = ',', default_value = "10,50,100")]
     sizes: Vec<usize>,
@@ -172,7 +177,28 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
             &sizes,
             reps,
             a.base_port.saturating_add(5000),
+            None,
         ));
+    }
+    if on("keyfleet-pg") {
+        eprintln!("== keyfleet rotation, management table in PostgreSQL");
+        let pg_sizes = if a.quick { vec![5] } else { a.pg_sizes.clone() };
+        r.keyfleet_pg = Some(match testpg::PgServer::start() {
+            Ok(pg) => fleet::run(
+                &bins,
+                &pg_sizes,
+                reps,
+                a.base_port.saturating_add(7000),
+                Some(&pg),
+            ),
+            Err(why) => {
+                eprintln!("keyfleet-pg skipped: no PostgreSQL server: {why}");
+                fleet::KfResult {
+                    skipped: Some(format!("no PostgreSQL server could be started: {why}")),
+                    runs: Vec::new(),
+                }
+            }
+        });
     }
     if on("sim") {
         eprintln!("== keyfleet sim");

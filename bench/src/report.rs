@@ -82,6 +82,9 @@ pub struct Results {
     pub qr: Option<QrResult>,
     pub serf: Option<SerfResult>,
     pub keyfleet: Option<KfResult>,
+    /// The same rotations with the management table in PostgreSQL.
+    #[serde(default)]
+    pub keyfleet_pg: Option<KfResult>,
     pub sim: Vec<SimRun>,
     /// The data path end to end (`e2e`).
     #[serde(default)]
@@ -407,6 +410,52 @@ fn rotation_section(r: &Results, s: &mut String) {
             let _ = writeln!(s);
         }
         None => {}
+    }
+    // The same rotations with the management table in PostgreSQL.
+    if let Some(pg) = &r.keyfleet_pg {
+        let _ = writeln!(
+            s,
+            "### The management table: embedded SQLite against PostgreSQL\n"
+        );
+        match &pg.skipped {
+            Some(why) => {
+                let _ = writeln!(s, "PostgreSQL: **not measured** in this run: {why}.\n");
+            }
+            None => {
+                let _ = writeln!(s, "The rotations above again, with `store.url` naming a fresh database of a PostgreSQL server this run started on the same machine (Debian's `postgresql`, default settings, local TCP): the state rows and records of every pass of the controller in one transaction, as with SQLite. Same run, same machine.\n");
+                let _ = writeln!(s, "| nodes | SQLite: `rekey --json`, median ms | PostgreSQL: `rekey --json`, median ms | PostgreSQL ÷ SQLite | all acknowledged, undecryptable |");
+                let _ = writeln!(s, "|---|---|---|---|---|");
+                for run in &pg.runs {
+                    let lite = r
+                        .keyfleet
+                        .as_ref()
+                        .and_then(|k| k.runs.iter().find(|x| x.n == run.n))
+                        .and_then(|x| x.median_of(|y| y.wall_ms));
+                    let p = run.median_of(|y| y.wall_ms);
+                    let _ = writeln!(
+                        s,
+                        "| {} | {} | {} | {} | {}, {} |",
+                        run.n,
+                        ms(lite),
+                        ms(p),
+                        ratio(p, lite),
+                        run.verified,
+                        run.traffic
+                            .as_ref()
+                            .map_or("–".into(), |t| t.undecryptable.to_string()),
+                    );
+                }
+                for run in pg.runs.iter().filter(|r| r.error.is_some()) {
+                    let _ = writeln!(
+                        s,
+                        "\n- PostgreSQL at N = {}: {}",
+                        run.n,
+                        run.error.as_deref().unwrap_or("")
+                    );
+                }
+                let _ = writeln!(s);
+            }
+        }
     }
     if !r.callgrind.is_empty() {
         let _ = writeln!(s, "### Instructions of one round (valgrind callgrind)\n");
