@@ -28,7 +28,13 @@ fn bins() -> Option<Bins> {
 #[test]
 fn three_agents_are_rotated_by_each_rekey() {
     let Some(b) = bins() else { return };
-    let r = fleet::run(&b, &[3], 2, 45000 + (std::process::id() % 2000) as u16);
+    let r = fleet::run(
+        &b,
+        &[3],
+        2,
+        45000 + (std::process::id() % 2000) as u16,
+        None,
+    );
     assert_eq!(r.skipped, None);
     let run = &r.runs[0];
     assert_eq!(run.error, None);
