@@ -32,6 +32,7 @@
 //! `"outcome":"paused"`: `serve` keeps retrying it. A client that goes away
 //! does not stop the round.
 
+use keyfleet_core::wire::NodeId;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
@@ -74,6 +75,33 @@ pub enum Request {
     /// Where the running controller is (its group, interface and port): a
     /// client given other network flags is refused instead of ignored.
     Info,
+}
+
+impl Request {
+    /// The typed command this request asks for (`None`: [`Request::Info`]),
+    /// or what is wrong with it.
+    pub fn command(self) -> Result<Option<super::Command>, String> {
+        let id = |s: &str| NodeId::parse(s).map_err(|e| e.to_string());
+        Ok(Some(match self {
+            Request::Info => return Ok(None),
+            Request::Rekey => super::Command::Rekey,
+            Request::Remove { node_id } => super::Command::Remove(id(&node_id)?),
+            Request::Rejoin { node_id } => super::Command::Rejoin(id(&node_id)?),
+            Request::Enroll {
+                node_id,
+                addr,
+                key,
+                force,
+            } => super::Command::Enroll {
+                node_id: id(&node_id)?,
+                addr: addr
+                    .parse()
+                    .map_err(|_| format!("{addr:?} is not HOST:PORT"))?,
+                key: key_from_hex(&key)?,
+                force,
+            },
+        }))
+    }
 }
 
 /// What `keyfleet serve` runs on (the answer to [`Request::Info`]).

@@ -42,7 +42,7 @@ use crate::store::{LeaseOutcome, Location, Store, StoreError};
 use keyfleet_core::crypto::InitialKey;
 use keyfleet_core::protocol::{
     CommandError, ControllerAction, ControllerInput, ControllerMachine, ControllerPersist,
-    ControllerTimer, MemberStatus, PhaseTimes, Record, RestoreError, Time,
+    ControllerTimer, MemberStatus, Outcome, PhaseTimes, Record, RestoreError, Time,
 };
 use keyfleet_core::wire::{NodeId, RoundPhase};
 
@@ -444,11 +444,37 @@ pub struct Queued {
     pub joined_queue: bool,
 }
 
-/// A command that runs a round: `rekey`, or `remove` (a rekey without the node).
+/// A command to the controller: what `keyfleet enroll`, `rejoin`, `rekey`
+/// and `remove` ask, from a one-shot run or through `serve`'s control socket
+/// ([`control::Request::command`]) alike. Every one goes into the machine by
+/// [`Controller::execute`].
 #[derive(Debug, Clone)]
-pub enum RoundCommand {
+pub enum Command {
+    /// Enroll a node; `force`: even when another node has the same initial
+    /// key or address.
+    Enroll {
+        node_id: NodeId,
+        key: InitialKey,
+        addr: SocketAddr,
+        force: bool,
+    },
+    /// Let a node whose enrollment is pinned run the handshake again.
+    Rejoin(NodeId),
+    /// Rekey by hand (a round).
     Rekey,
+    /// Remove a node (a round without it, with `triggers.on_node_removed`).
     Remove(NodeId),
+}
+
+/// What a command came to, as the shell reports it: the machine's
+/// [`Outcome`] with the shell's names.
+#[derive(Debug, Clone)]
+pub enum Executed {
+    Enrolled(EnrollReport),
+    RejoinAllowed(RejoinReport),
+    /// A round command: the epoch whose round's end answers it (`None`: no
+    /// round follows).
+    Round(Option<u32>),
 }
 
 /// What `remove` did.
@@ -990,7 +1016,7 @@ impl Controller {
         Time(self.clock.now_ms())
     }
 
-    fn feed(&mut self, input: ControllerInput<'_>) -> std::result::Result<(), CommandError> {
+    fn feed(&mut self, input: ControllerInput<'_>) -> std::result::Result<Outcome, CommandError> {
         let now = self.now();
         self.machine.handle(now, input, &mut OsRng, &mut self.out)
     }
@@ -1214,22 +1240,11 @@ impl Controller {
     /// Allows a pinned node to run the enrollment handshake again (audited,
     /// open for [`keyfleet_core::protocol::REJOIN_WINDOW_MS`]).
     pub async fn allow_rejoin(&mut self, node_id: NodeId) -> Result<RejoinReport> {
-        self.feed(ControllerInput::AllowRejoin {
-            node_id: node_id.clone(),
-        })?;
-        let until_ms = self
-            .out
-            .iter()
-            .find_map(|a| match a {
-                ControllerAction::Record(Record::RejoinAllowed { until, .. }) => Some(until.0),
-                _ => None,
-            })
-            .unwrap_or_default();
+        let Executed::RejoinAllowed(r) = self.execute(&Command::Rejoin(node_id))? else {
+            unreachable!("a rejoin answers RejoinAllowed")
+        };
         self.flush(None).await?;
-        Ok(RejoinReport {
-            node_id: node_id.to_string(),
-            until_ms,
-        })
+        Ok(r)
     }
 
     /// Enrolls a node (no network needed).
@@ -1376,57 +1391,69 @@ impl Controller {
         addr: SocketAddr,
         force: bool,
     ) -> Result<EnrollReport> {
-        self.check_alike(&node_id, &key, addr, force)
-            .map_err(ControllerError::Duplicate)?;
-        self.feed(ControllerInput::Enroll {
-            node_id: node_id.clone(),
-            initial_key: key,
+        let cmd = Command::Enroll {
+            node_id,
+            key,
             addr,
-        })?;
-        let fingerprint = self
-            .out
-            .iter()
-            .find_map(|a| match a {
-                ControllerAction::Record(Record::NodeEnrolled { fingerprint, .. }) => {
-                    Some(fingerprint.clone())
-                }
-                _ => None,
-            })
-            .unwrap_or_default();
+            force,
+        };
+        let Executed::Enrolled(r) = self.execute(&cmd)? else {
+            unreachable!("an enrollment answers Enrolled")
+        };
         self.flush(None).await?;
-        let member = self
-            .machine
-            .members()
-            .find(|(_, id, _)| **id == node_id)
-            .map_or(0, |(m, _, _)| m);
-        Ok(EnrollReport {
-            node_id: node_id.to_string(),
-            member,
-            address: (addr.port() != 0).then(|| addr.to_string()),
-            fingerprint,
-        })
+        Ok(r)
     }
 
-    /// Applies a round command; the epoch whose end answers it (`None`: no round follows).
-    fn start_command(&mut self, cmd: &RoundCommand) -> Result<Option<u32>> {
-        let before = self.machine.round().map(|(e, _)| e.0);
-        match cmd {
-            RoundCommand::Rekey => self.feed(ControllerInput::Rekey)?,
-            RoundCommand::Remove(id) => self.feed(ControllerInput::Remove {
+    /// The one path of every command into the machine (control socket and
+    /// one-shot run alike): what only the shell checks (a second node with
+    /// the same label or address), the machine's input, and its
+    /// [`Outcome`] as the report. Nothing is written or sent yet: the pass's
+    /// flush does that.
+    pub fn execute(&mut self, cmd: &Command) -> Result<Executed> {
+        let outcome = match cmd {
+            Command::Enroll {
+                node_id,
+                key,
+                addr,
+                force,
+            } => {
+                self.check_alike(node_id, key, *addr, *force)
+                    .map_err(ControllerError::Duplicate)?;
+                self.feed(ControllerInput::Enroll {
+                    node_id: node_id.clone(),
+                    initial_key: key.clone(),
+                    addr: *addr,
+                })?
+            }
+            Command::Rejoin(id) => self.feed(ControllerInput::AllowRejoin {
                 node_id: id.clone(),
             })?,
-        }
-        let fired = self
-            .out
-            .iter()
-            .any(|a| matches!(a, ControllerAction::Record(Record::TriggerFired { .. })));
-        if !fired {
-            return Ok(None);
-        }
-        Ok(match (before, self.machine.round()) {
-            (Some(e), _) => Some(e + 1),
-            (None, Some((e, _))) => Some(e.0),
-            (None, None) => None,
+            Command::Rekey => self.feed(ControllerInput::Rekey)?,
+            Command::Remove(id) => self.feed(ControllerInput::Remove {
+                node_id: id.clone(),
+            })?,
+        };
+        Ok(match (cmd, outcome) {
+            (
+                Command::Enroll { node_id, addr, .. },
+                Outcome::Enrolled {
+                    member,
+                    fingerprint,
+                },
+            ) => Executed::Enrolled(EnrollReport {
+                node_id: node_id.to_string(),
+                member,
+                address: (addr.port() != 0).then(|| addr.to_string()),
+                fingerprint,
+            }),
+            (Command::Rejoin(id), Outcome::RejoinAllowed { until }) => {
+                Executed::RejoinAllowed(RejoinReport {
+                    node_id: id.to_string(),
+                    until_ms: until.0,
+                })
+            }
+            (_, Outcome::Round { answered_by }) => Executed::Round(answered_by.map(|e| e.0)),
+            (cmd, other) => unreachable!("{cmd:?} answered {other:?}"),
         })
     }
 
@@ -1589,10 +1616,10 @@ impl Controller {
     /// the command waits behind a round in progress, a [`control::Reply::Queued`].
     pub async fn run_round(
         &mut self,
-        cmd: RoundCommand,
+        cmd: Command,
         mut update: impl FnMut(&control::Reply),
     ) -> Result<Option<RoundReport>> {
-        if let RoundCommand::Remove(id) = &cmd {
+        if let Command::Remove(id) = &cmd {
             if self.machine.member_status(id).is_none() {
                 return Err(CommandError::NotEnrolled(id.clone()).into());
             }
@@ -1638,7 +1665,7 @@ impl Controller {
                 "finishing first the round a previous controller left unfinished"
             );
         }
-        let Some(target) = self.start_command(&cmd)? else {
+        let Executed::Round(Some(target)) = self.execute(&cmd)? else {
             self.flush(Some(&net)).await?;
             return Ok(None);
         };
@@ -1875,138 +1902,54 @@ impl Controller {
         let reply = |tx: &tokio::sync::mpsc::UnboundedSender<control::Reply>, r| {
             let _ = tx.send(r);
         };
-        match request {
-            control::Request::Info => reply(&tx, control::Reply::Info(self.info())),
-            control::Request::Enroll {
-                node_id,
-                addr,
-                key,
-                force,
-            } => {
-                let r = (|| -> std::result::Result<EnrollReport, String> {
-                    let node_id = NodeId::parse(&node_id).map_err(|e| e.to_string())?;
-                    let addr: SocketAddr = addr
-                        .parse()
-                        .map_err(|_| format!("{addr:?} is not HOST:PORT"))?;
-                    let key = control::key_from_hex(&key)?;
-                    self.check_alike(&node_id, &key, addr, force)?;
-                    self.feed(ControllerInput::Enroll {
-                        node_id: node_id.clone(),
-                        initial_key: key,
-                        addr,
-                    })
-                    .map_err(|e| e.to_string())?;
-                    let fingerprint = self
-                        .out
-                        .iter()
-                        .find_map(|a| match a {
-                            ControllerAction::Record(Record::NodeEnrolled {
-                                fingerprint, ..
-                            }) => Some(fingerprint.clone()),
-                            _ => None,
-                        })
-                        .unwrap_or_default();
-                    let member = self
-                        .machine
-                        .members()
-                        .find(|(_, id, _)| **id == node_id)
-                        .map_or(0, |(m, _, _)| m);
-                    Ok(EnrollReport {
-                        node_id: node_id.to_string(),
-                        member,
-                        address: (addr.port() != 0).then(|| addr.to_string()),
-                        fingerprint,
-                    })
-                })();
-                reply(
-                    &tx,
-                    match r {
-                        Ok(e) => control::Reply::Enrolled(e),
-                        Err(message) => control::Reply::Error { message },
-                    },
-                );
-            }
-            control::Request::Rejoin { node_id } => {
-                let r = (|| {
-                    let id = NodeId::parse(&node_id).map_err(|e| e.to_string())?;
-                    self.feed(ControllerInput::AllowRejoin { node_id: id })
-                        .map_err(|e| e.to_string())?;
-                    let until_ms = self
-                        .out
-                        .iter()
-                        .find_map(|a| match a {
-                            ControllerAction::Record(Record::RejoinAllowed { until, .. }) => {
-                                Some(until.0)
-                            }
-                            _ => None,
-                        })
-                        .unwrap_or_default();
-                    Ok::<_, String>(RejoinReport {
-                        node_id: node_id.clone(),
-                        until_ms,
-                    })
-                })();
-                reply(
-                    &tx,
-                    match r {
-                        Ok(x) => control::Reply::RejoinAllowed(x),
-                        Err(message) => control::Reply::Error { message },
-                    },
-                );
-            }
-            control::Request::Rekey | control::Request::Remove { .. } => {
-                let (cmd, kind) = match &request {
-                    control::Request::Remove { node_id } => match NodeId::parse(node_id) {
-                        Ok(id) => (RoundCommand::Remove(id), WaitKind::Remove(node_id.clone())),
-                        Err(e) => {
-                            return reply(
-                                &tx,
-                                control::Reply::Error {
-                                    message: e.to_string(),
-                                },
-                            )
-                        }
-                    },
-                    _ => (RoundCommand::Rekey, WaitKind::Rekey),
-                };
-                let before = self
-                    .machine
-                    .round()
-                    .map(|(e, p)| (e.0, p, self.machine.paused_since().is_some()));
-                match self.start_command(&cmd) {
-                    Ok(Some(target)) => {
-                        if let Some(q) = self.queued(before, target, false) {
-                            let _ = tx.send(control::Reply::Queued(q));
-                        }
-                        self.waiters.push(Waiter {
-                            target,
-                            earlier: Vec::new(),
-                            since_ms: self.clock.now_ms(),
-                            last: None,
-                            tx,
-                            kind,
-                        });
-                    }
-                    Ok(None) => reply(
-                        &tx,
-                        match kind {
-                            WaitKind::Remove(node_id) => control::Reply::Removed(RemoveReport {
-                                node_id,
-                                round: None,
-                            }),
-                            WaitKind::Rekey => control::Reply::Error {
-                                message: "no round was started".into(),
-                            },
-                        },
-                    ),
-                    Err(e) => reply(
-                        &tx,
-                        control::Reply::Error {
-                            message: e.to_string(),
-                        },
-                    ),
+        let cmd = match request.command() {
+            Ok(Some(cmd)) => cmd,
+            Ok(None) => return reply(&tx, control::Reply::Info(self.info())),
+            Err(message) => return reply(&tx, control::Reply::Error { message }),
+        };
+        let before = self
+            .machine
+            .round()
+            .map(|(e, p)| (e.0, p, self.machine.paused_since().is_some()));
+        match (self.execute(&cmd), cmd) {
+            (Ok(Executed::Enrolled(r)), _) => reply(&tx, control::Reply::Enrolled(r)),
+            (Ok(Executed::RejoinAllowed(r)), _) => reply(&tx, control::Reply::RejoinAllowed(r)),
+            (Ok(Executed::Round(Some(target))), cmd) => {
+                if let Some(q) = self.queued(before, target, false) {
+                    let _ = tx.send(control::Reply::Queued(q));
                 }
+                let kind = match cmd {
+                    Command::Remove(id) => WaitKind::Remove(id.to_string()),
+                    _ => WaitKind::Rekey,
+                };
+                self.waiters.push(Waiter {
+                    target,
+                    earlier: Vec::new(),
+                    since_ms: self.clock.now_ms(),
+                    last: None,
+                    tx,
+                    kind,
+                });
             }
+            (Ok(Executed::Round(None)), Command::Remove(id)) => reply(
+                &tx,
+                control::Reply::Removed(RemoveReport {
+                    node_id: id.to_string(),
+                    round: None,
+                }),
+            ),
+            (Ok(Executed::Round(None)), _) => reply(
+                &tx,
+                control::Reply::Error {
+                    message: "no round was started".into(),
+                },
+            ),
+            (Err(e), _) => reply(
+                &tx,
+                control::Reply::Error {
+                    message: e.to_string(),
+                },
+            ),
         }
     }
 

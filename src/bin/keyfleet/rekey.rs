@@ -8,8 +8,7 @@ use anyhow::{bail, Context};
 use clap::Args;
 use keyfleet::controller::control::{self, Reply, Request};
 use keyfleet::controller::{
-    CarriedOnBy, Controller, ControllerError, Queued, RoundCommand, RoundOutcome, RoundReport,
-    StateDir,
+    CarriedOnBy, Command, Controller, ControllerError, Queued, RoundOutcome, RoundReport, StateDir,
 };
 use keyfleet::secrets::SecretsError;
 use keyfleet_core::wire::NodeId;
@@ -286,7 +285,7 @@ pub fn rekey(g: &GlobalArgs, a: RekeyArgs) -> anyhow::Result<ExitCode> {
                     }
                 }
                 Route::Here(mut c) => c
-                    .run_round(RoundCommand::Rekey, |r| on_update(&pb, &watch, r))
+                    .run_round(Command::Rekey, |r| on_update(&pb, &watch, r))
                     .await
                     .context("while running the rekey round")?
                     .context("no round was started"),
@@ -356,7 +355,7 @@ pub fn remove(g: &GlobalArgs, a: RemoveArgs) -> anyhow::Result<ExitCode> {
             }
             Route::Here(mut c) => {
                 let round = c
-                    .run_round(RoundCommand::Remove(node_id.clone()), |r| {
+                    .run_round(Command::Remove(node_id.clone()), |r| {
                         on_update(&pb, &watch, r)
                     })
                     .await

@@ -81,6 +81,25 @@ pub enum Via {
     Unicast,
 }
 
+/// What a command came to: the machine's answer to the shell that gave it
+/// (from the command line, the control socket or a one-shot run alike).
+/// Every other input answers [`Outcome::Done`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Not a command (a datagram, a timer, `Start`).
+    Done,
+    /// `Enroll`: the node's member number and its initial key's fingerprint.
+    Enrolled { member: u32, fingerprint: String },
+    /// `Rekey` or `Remove`: the epoch whose round, once finished, answers the
+    /// command (a round in progress first, when the command queued another
+    /// behind it); `None` when no round follows (a removal with
+    /// `triggers.on_node_removed` off, or folded into a round already queued
+    /// whose epoch the caller knows).
+    Round { answered_by: Option<Epoch> },
+    /// `AllowRejoin`: the re-join window's end.
+    RejoinAllowed { until: Time },
+}
+
 /// What became of a trigger.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

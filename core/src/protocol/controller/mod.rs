@@ -42,8 +42,8 @@ mod trigger;
 
 pub use config::ControllerConfig;
 pub use io::{
-    CommandError, ControllerAction, ControllerInput, ControllerTimer, MemberStatus, PhaseTimes,
-    Record, RestoreError, ResumeCause, TriggerOutcome, Via,
+    CommandError, ControllerAction, ControllerInput, ControllerTimer, MemberStatus, Outcome,
+    PhaseTimes, Record, RestoreError, ResumeCause, TriggerOutcome, Via,
 };
 pub use persist::{
     apply_persist, fold_mark, store_snapshot, AnsweredInit, Committed, ControllerCore,
@@ -323,7 +323,9 @@ impl ControllerMachine {
         input: ControllerInput<'_>,
         rng: &mut (impl RngCore + CryptoRng),
         out: &mut Out,
-    ) -> Result<(), CommandError> {
+    ) -> Result<Outcome, CommandError> {
+        let records_from = out.len();
+        let round_before = self.round.as_ref().map(|r| r.epoch);
         match input {
             ControllerInput::Start => self.start(now, rng, out),
             ControllerInput::Datagram { from, bytes } => {
@@ -351,17 +353,54 @@ impl ControllerMachine {
                 node_id,
                 initial_key,
                 addr,
-            } => self.enroll(now, node_id, initial_key, addr, out)?,
-            ControllerInput::Remove { node_id } => self.remove(now, node_id, rng, out)?,
+            } => {
+                let fingerprint = initial_key.fingerprint();
+                self.enroll(now, node_id.clone(), initial_key, addr, out)?;
+                let member = self.members.number_of(&node_id).unwrap_or(0);
+                return Ok(Outcome::Enrolled {
+                    member,
+                    fingerprint,
+                });
+            }
+            ControllerInput::Remove { node_id } => {
+                self.remove(now, node_id, rng, out)?;
+                return Ok(self.round_outcome(round_before, &out[records_from..]));
+            }
             ControllerInput::Rekey => {
                 if !self.cfg.triggers.manual {
                     return Err(CommandError::ManualRekeyOff);
                 }
                 self.fire(now, TriggerReason::Manual, rng, out);
+                return Ok(self.round_outcome(round_before, &out[records_from..]));
             }
-            ControllerInput::AllowRejoin { node_id } => self.allow_rejoin(now, node_id, out)?,
+            ControllerInput::AllowRejoin { node_id } => {
+                self.allow_rejoin(now, node_id.clone(), out)?;
+                let until = self
+                    .members
+                    .number_of(&node_id)
+                    .and_then(|i| self.members.get(i))
+                    .and_then(|m| m.row.rejoin_until)
+                    .unwrap_or(now);
+                return Ok(Outcome::RejoinAllowed { until });
+            }
         }
-        Ok(())
+        Ok(Outcome::Done)
+    }
+
+    /// The round that answers a round command whose actions are `actions`:
+    /// none unless a trigger fired; the round it started, or the one queued
+    /// behind the round in progress (`before`).
+    fn round_outcome(&self, before: Option<Epoch>, actions: &[ControllerAction]) -> Outcome {
+        let fired = actions
+            .iter()
+            .any(|a| matches!(a, ControllerAction::Record(Record::TriggerFired { .. })));
+        let answered_by = match (fired, before, self.round.as_ref()) {
+            (false, _, _) => None,
+            (true, Some(e), _) => Some(Epoch(e.0 + 1)),
+            (true, None, Some(r)) => Some(r.epoch),
+            (true, None, None) => None,
+        };
+        Outcome::Round { answered_by }
     }
 
     fn start(&mut self, now: Time, rng: &mut (impl RngCore + CryptoRng), out: &mut Out) {
