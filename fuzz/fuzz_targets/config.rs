@@ -3,7 +3,7 @@
 //! written back as TOML reads back to the same configuration.
 #![no_main]
 
-use keyfleet::config::Config;
+use keyfleet_files::config::Config;
 use keyfleet_fuzz::write_seeds;
 use libfuzzer_sys::fuzz_target;
 

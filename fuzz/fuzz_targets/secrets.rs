@@ -10,7 +10,7 @@
 
 use std::path::Path;
 
-use keyfleet::secrets::{
+use keyfleet_files::secrets::{
     self, ControllerSecrets, SecretsError, MAX_M_COST_KIB, MAX_P_COST, MAX_T_COST,
 };
 use libfuzzer_sys::fuzz_target;

@@ -7,7 +7,7 @@
 
 use std::path::Path;
 
-use keyfleet::statefile;
+use keyfleet_files::statefile;
 use libfuzzer_sys::fuzz_target;
 use sha2::{Digest, Sha256};
 

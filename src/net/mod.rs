@@ -49,14 +49,8 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 pub use timers::{backoff, jitter, Clock, Timers};
 pub use transport::{Datagram, Delay, Loss, Stats, Transport, Via};
 
-/// The group both programs use unless told otherwise: an administratively
-/// scoped (organisation-local, RFC 2365) IPv4 multicast address.
-pub const DEFAULT_GROUP: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(239, 255, 77, 77), 7777);
-/// The interface address unless told otherwise: `0.0.0.0`, the kernel picks the
-/// interface by its routing table (the default route). On a host with several
-/// interfaces, or without a default route, give the interface's address; for
-/// tests on one host, `127.0.0.1` (loopback).
-pub const DEFAULT_IFACE: Ipv4Addr = Ipv4Addr::UNSPECIFIED;
+/// The defaults live with the configuration file's, which uses them too.
+pub use crate::config::{DEFAULT_GROUP, DEFAULT_IFACE};
 /// The multicast TTL: 1, the datagrams stay on the local link (SPEC: a LAN).
 pub const DEFAULT_TTL: u32 = 1;
 

@@ -33,6 +33,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
+use crate::config::StoreUrl;
+
 pub use self::postgres::PgEngine;
 pub use self::sqlite::SqliteEngine;
 
@@ -667,12 +669,10 @@ impl Location {
     pub fn from_config(url: Option<&str>, default_sqlite: &Path) -> Result<Location> {
         match url {
             None => Ok(Location::Sqlite(default_sqlite.to_path_buf())),
-            Some(u) if u.starts_with("postgres://") || u.starts_with("postgresql://") => {
-                Ok(Location::Postgres(u.to_owned()))
-            }
-            Some(u) => match u.strip_prefix("sqlite:") {
-                Some(p) if !p.is_empty() => Ok(Location::Sqlite(PathBuf::from(p))),
-                _ => Err(StoreError::BadUrl(u.to_owned())),
+            Some(u) => match StoreUrl::parse(u) {
+                Some(StoreUrl::Postgres(u)) => Ok(Location::Postgres(u.to_owned())),
+                Some(StoreUrl::Sqlite(p)) => Ok(Location::Sqlite(p.to_path_buf())),
+                None => Err(StoreError::BadUrl(u.to_owned())),
             },
         }
     }

@@ -31,22 +31,10 @@ use tokio_postgres::{Client, NoTls, Row};
 use super::schema::PG_MIGRATIONS;
 use super::sqlite::RawNode;
 use super::*;
+use crate::config::redact_url;
 
 /// The advisory lock key the migration holds ("keyfleet" in ASCII).
 const MIGRATION_LOCK: i64 = 0x6b65_7966_6c65_6574;
-
-/// `url` without its password (nor its query, which may hold one), for messages and logs.
-pub fn redact(url: &str) -> String {
-    let base = url.split('?').next().unwrap_or_default();
-    if let Some((scheme, rest)) = base.split_once("://") {
-        if let Some((auth, host)) = rest.rsplit_once('@') {
-            if let Some((user, _)) = auth.split_once(':') {
-                return format!("{scheme}://{user}:***@{host}");
-            }
-        }
-    }
-    base.to_owned()
-}
 
 struct Conn {
     client: Client,
@@ -168,7 +156,7 @@ const NODE_COLUMNS: &str = "node_id, member_no, address, key_check, state, epoch
 impl PgEngine {
     /// Connects to `url` and brings the schema to [`SCHEMA_VERSION`].
     pub fn connect(url: &str) -> Result<PgEngine> {
-        let shown = redact(url);
+        let shown = redact_url(url);
         if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
             return Err(StoreError::BadUrl(shown));
         }

@@ -794,7 +794,7 @@ fn postgres_refuses_a_table_from_a_newer_keyfleet_and_migrates_a_version_1_table
 #[test]
 fn postgres_urls_are_checked_and_passwords_never_shown() {
     assert_eq!(
-        super::postgres::redact("postgres://kf:s3cret@db:5432/fleet?password=x"),
+        crate::config::redact_url("postgres://kf:s3cret@db:5432/fleet?password=x"),
         "postgres://kf:***@db:5432/fleet"
     );
     let err = Store::connect("postgres://kf:s3cret@127.0.0.1:1/fleet").unwrap_err();

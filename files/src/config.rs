@@ -17,9 +17,16 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::net::{DEFAULT_GROUP, DEFAULT_IFACE};
 use keyfleet_core::protocol::{ControllerConfig, TriggerConfig};
 
+/// The group both programs use unless told otherwise: an administratively
+/// scoped (organisation-local, RFC 2365) IPv4 multicast address.
+pub const DEFAULT_GROUP: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(239, 255, 77, 77), 7777);
+/// The interface address unless told otherwise: `0.0.0.0`, the kernel picks the
+/// interface by its routing table (the default route). On a host with several
+/// interfaces, or without a default route, give the interface's address; for
+/// tests on one host, `127.0.0.1` (loopback).
+pub const DEFAULT_IFACE: Ipv4Addr = Ipv4Addr::UNSPECIFIED;
 /// The controller's unicast port unless told otherwise (the port the agents'
 /// `NodeConfig::controller` names by default).
 pub const DEFAULT_CONTROLLER_PORT: u16 = 47800;
@@ -90,6 +97,42 @@ pub struct StoreConfig {
     /// its own clock, counted from when it asked), so that it is silent
     /// before a standby can take the lease.
     pub lease_margin_ms: u64,
+}
+
+/// What a `store.url` names; any other form is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreUrl<'a> {
+    /// `postgres://...` or `postgresql://...`: the whole URL.
+    Postgres(&'a str),
+    /// `sqlite:PATH`: a SQLite file.
+    Sqlite(&'a Path),
+}
+
+impl<'a> StoreUrl<'a> {
+    /// The form of `url`, or `None` when it is neither a PostgreSQL URL nor
+    /// `sqlite:` with a path.
+    pub fn parse(url: &'a str) -> Option<StoreUrl<'a>> {
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            return Some(StoreUrl::Postgres(url));
+        }
+        match url.strip_prefix("sqlite:") {
+            Some(p) if !p.is_empty() => Some(StoreUrl::Sqlite(Path::new(p))),
+            _ => None,
+        }
+    }
+}
+
+/// `url` without its password (nor its query, which may hold one), for messages and logs.
+pub fn redact_url(url: &str) -> String {
+    let base = url.split('?').next().unwrap_or_default();
+    if let Some((scheme, rest)) = base.split_once("://") {
+        if let Some((auth, host)) = rest.rsplit_once('@') {
+            if let Some((user, _)) = auth.split_once(':') {
+                return format!("{scheme}://{user}:***@{host}");
+            }
+        }
+    }
+    base.to_owned()
 }
 
 impl Default for StoreConfig {
@@ -529,10 +572,10 @@ impl Config {
             });
         }
         if let Some(u) = &self.store.url {
-            if crate::store::Location::from_config(Some(u), std::path::Path::new("")).is_err() {
+            if StoreUrl::parse(u).is_none() {
                 return Err(ConfigError::Value {
                     key: "store.url",
-                    value: crate::store::postgres::redact(u),
+                    value: redact_url(u),
                     reason: "not postgres://USER@HOST:PORT/DATABASE (leave it out for the embedded SQLite table)",
                 });
             }
@@ -816,6 +859,18 @@ mod tests {
         std::fs::write(&p, "[audit]\nrefusal_max_sources = 0\n").unwrap();
         let e = Config::load(&p).unwrap_err().to_string();
         assert!(e.contains("audit.refusal_max_sources"), "{e}");
+        // A store URL of another kind is refused without showing its password.
+        std::fs::write(&p, "[store]\nurl = \"mysql://kf:s3cret@db/fleet\"\n").unwrap();
+        let e = Config::load(&p).unwrap_err().to_string();
+        assert!(e.contains("store.url") && !e.contains("s3cret"), "{e}");
+        for url in [
+            "postgresql://kf:s3cret@db/fleet",
+            "sqlite:/var/lib/fleet.db",
+        ] {
+            std::fs::write(&p, format!("[store]\nurl = \"{url}\"\n")).unwrap();
+            assert!(Config::load(&p).is_ok(), "{url}");
+        }
+        assert_eq!(StoreUrl::parse("sqlite:"), None);
         let e = Config::load(&dir.path().join("missing.toml"))
             .unwrap_err()
             .to_string();
