@@ -29,7 +29,7 @@ use keyfleet_core::protocol::{
     apply_persist, ControllerAction, ControllerMachine, ControllerPersist, MemberStatus, Record,
     Refusal, ResumeCause, TriggerOutcome, TriggerReason,
 };
-use keyfleet_core::ratecount::{RateCounter, Seen, Source, Summary};
+use keyfleet_core::ratecount::{RateCounter, RateVerdict, Source, Summary};
 use keyfleet_core::wire::{RoundPhase, Step};
 
 type Result<T> = std::result::Result<T, StoreError>;
@@ -644,7 +644,7 @@ impl Table {
                             &mut closed,
                         );
                         write_summaries(s, &closed);
-                        if seen == Seen::Counted {
+                        if seen == RateVerdict::Counted {
                             continue;
                         }
                     }
@@ -653,7 +653,7 @@ impl Table {
                     closed.clear();
                     let seen = refusals.observe(at, ip, kind, &mut closed);
                     write_summaries(s, &closed);
-                    if seen == Seen::Counted {
+                    if seen == RateVerdict::Counted {
                         continue;
                     }
                     log_first(r, refusals.window_ms());

@@ -62,7 +62,7 @@
 mod replay;
 
 pub use replay::{
-    DataReplay, DataSeen, ReplayWindow, Seen, SUSPICIOUS_JUMP, WINDOW as REPLAY_WINDOW,
+    DataReplay, DataSeen, ReplayVerdict, ReplayWindow, SUSPICIOUS_JUMP, WINDOW as REPLAY_WINDOW,
 };
 
 use crate::crypto::ratchet::HANDSHAKE_INIT_LEN;
