@@ -24,7 +24,7 @@
 use std::collections::HashMap;
 
 use super::state::{StateError, StateKey, TableState};
-use crate::store::{AuditKind, Handout, NodeState, Outcome, Phase, Store, StoreError, Trigger};
+use crate::store::{AuditKind, Handout, Outcome, Phase, RecordedState, Store, StoreError, Trigger};
 use keyfleet_core::protocol::{
     apply_persist, ControllerAction, ControllerMachine, ControllerPersist, MemberStatus, Record,
     Refusal, ResumeCause, TriggerOutcome, TriggerReason,
@@ -58,11 +58,11 @@ fn phase_of(p: RoundPhase) -> Phase {
 }
 
 /// The node state an acknowledgement of `step` shows.
-fn state_after(step: Step) -> NodeState {
+fn state_after(step: Step) -> RecordedState {
     match step {
-        Step::KeyUpdate => NodeState::DistributionCompleted,
-        Step::FirstTransition => NodeState::InTransit,
-        Step::SecondTransition => NodeState::UpdateCompleted,
+        Step::KeyUpdate => RecordedState::DistributionCompleted,
+        Step::FirstTransition => RecordedState::InTransit,
+        Step::SecondTransition => RecordedState::UpdateCompleted,
     }
 }
 
@@ -834,10 +834,10 @@ fn write_one(s: &mut Store, rounds: &mut HashMap<u32, i64>, r: &Record, ctx: &Ct
                 // (then it holds the new key, and seals with it from the first transition on).
                 let state = match ctx.round {
                     Some((e, phase)) if e == *epoch => match phase {
-                        RoundPhase::Distributing => NodeState::DistributionCompleted,
-                        _ => NodeState::InTransit,
+                        RoundPhase::Distributing => RecordedState::DistributionCompleted,
+                        _ => RecordedState::InTransit,
                     },
-                    _ => NodeState::UpdateCompleted,
+                    _ => RecordedState::UpdateCompleted,
                 };
                 soft(
                     "a node state",

@@ -197,7 +197,7 @@ macro_rules! text_enum {
 
 text_enum! {
     /// A node's state as last known to the controller (SPEC §1).
-    NodeState {
+    RecordedState {
         /// Enrolled, has not yet confirmed any group key.
         Enrolled,
         UpdateCompleted,
@@ -300,7 +300,7 @@ pub struct NodeRecord {
     pub address: Option<String>,
     /// The check value (fingerprint) of the initial key.
     pub key_check: String,
-    pub state: NodeState,
+    pub state: RecordedState,
     pub epoch: Option<u64>,
     pub last_seen_ms: Option<u64>,
     pub stale: bool,
@@ -522,7 +522,7 @@ pub trait Engine: Send {
     fn set_node_state(
         &mut self,
         node_ids: &[&str],
-        state: NodeState,
+        state: RecordedState,
         epoch: Option<u64>,
         now_ms: u64,
     ) -> Result<()>;
@@ -860,7 +860,7 @@ impl Store {
     pub fn set_node_state<S: AsRef<str>>(
         &mut self,
         node_ids: &[S],
-        state: NodeState,
+        state: RecordedState,
         epoch: Option<u64>,
         now_ms: u64,
     ) -> Result<()> {

@@ -691,7 +691,7 @@ impl Engine for PgEngine {
     fn set_node_state(
         &mut self,
         node_ids: &[&str],
-        state: NodeState,
+        state: RecordedState,
         epoch: Option<u64>,
         now_ms: u64,
     ) -> Result<()> {

@@ -434,7 +434,7 @@ impl SqliteEngine {
     pub fn set_node_state<S: AsRef<str>>(
         &mut self,
         node_ids: &[S],
-        state: NodeState,
+        state: RecordedState,
         epoch: Option<u64>,
         now_ms: u64,
     ) -> Result<()> {
@@ -1129,7 +1129,7 @@ impl RawNode {
             member_no: to_u64("nodes.member_no", self.member_no)?,
             address: self.address,
             key_check: self.key_check,
-            state: NodeState::parse("nodes.state", &self.state)?,
+            state: RecordedState::parse("nodes.state", &self.state)?,
             epoch: opt_u64("nodes.epoch", self.epoch)?,
             last_seen_ms: opt_u64("nodes.last_seen_ms", self.last_seen_ms)?,
             stale: self.stale,
@@ -1228,7 +1228,7 @@ impl Engine for SqliteEngine {
     fn set_node_state(
         &mut self,
         node_ids: &[&str],
-        state: NodeState,
+        state: RecordedState,
         epoch: Option<u64>,
         now_ms: u64,
     ) -> Result<()> {

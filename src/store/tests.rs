@@ -101,7 +101,7 @@ fn enroll_remove_and_reenroll() {
         .enroll_node("b", 2, Some("127.0.0.1:9002"), "beef01", 1_001)
         .unwrap();
     assert_eq!((a.member_no, b.member_no), (1, 2));
-    assert_eq!(a.state, NodeState::Enrolled);
+    assert_eq!(a.state, RecordedState::Enrolled);
     assert!(matches!(
         s.enroll_node("a", 3, Some("x:1"), "c", 1_002),
         Err(StoreError::AlreadyEnrolled(id)) if id == "a"
@@ -268,9 +268,9 @@ fn a_failing_batch_changes_nothing() {
     assert!(s.record_sent(1, &["a", "ghost"], 6).is_err());
     assert_eq!(s.history().unwrap()[0].deliveries[0].attempts, 0);
     assert!(s
-        .set_node_state(&["a", "ghost"], NodeState::InTransit, Some(1), 7)
+        .set_node_state(&["a", "ghost"], RecordedState::InTransit, Some(1), 7)
         .is_err());
-    assert_eq!(s.node("a").unwrap().unwrap().state, NodeState::Enrolled);
+    assert_eq!(s.node("a").unwrap().unwrap().state, RecordedState::Enrolled);
 }
 
 #[test]
@@ -283,7 +283,7 @@ fn rounds_record_phase_durations() {
     assert_eq!(s.unfinished_round().unwrap().map(|r| r.id), Some(id));
     s.round_phase(id, Phase::FirstTransition, 130).unwrap();
     s.round_phase(id, Phase::SecondTransition, 180).unwrap();
-    s.set_node_state(&["a"], NodeState::UpdateCompleted, Some(1), 190)
+    s.set_node_state(&["a"], RecordedState::UpdateCompleted, Some(1), 190)
         .unwrap();
     s.round_finished(id, Outcome::Completed, None, 1, 0, 300)
         .unwrap();
@@ -312,7 +312,7 @@ fn rounds_record_phase_durations() {
     let a = s.node("a").unwrap().unwrap();
     assert_eq!(
         (a.state, a.epoch, a.last_seen_ms),
-        (NodeState::UpdateCompleted, Some(1), Some(190))
+        (RecordedState::UpdateCompleted, Some(1), Some(190))
     );
 }
 
@@ -597,7 +597,10 @@ fn migrates_a_version_1_database_keeping_its_rows() {
     let s = SqliteEngine::open(&path).unwrap();
     assert_eq!(s.schema_version().unwrap(), SCHEMA_VERSION as i64);
     let n = s.node("old").unwrap().unwrap();
-    assert_eq!((n.state, n.enrolled_at_ms), (NodeState::UpdateCompleted, 5));
+    assert_eq!(
+        (n.state, n.enrolled_at_ms),
+        (RecordedState::UpdateCompleted, 5)
+    );
     let idx: i64 = s
         .conn
         .query_row(
@@ -760,7 +763,10 @@ fn postgres_refuses_a_table_from_a_newer_keyfleet_and_migrates_a_version_1_table
     assert_eq!(s.schema_version().unwrap(), SCHEMA_VERSION as i64);
     assert_eq!(s.integrity_check().unwrap(), Ok(()));
     let n = s.node("old").unwrap().unwrap();
-    assert_eq!((n.state, n.enrolled_at_ms), (NodeState::UpdateCompleted, 5));
+    assert_eq!(
+        (n.state, n.enrolled_at_ms),
+        (RecordedState::UpdateCompleted, 5)
+    );
     assert_eq!(s.all_nodes().unwrap().len(), 3);
     assert_eq!(s.history().unwrap()[0].deliveries.len(), 1);
     assert_eq!(s.history().unwrap()[0].activated_at_ms, Some(5));

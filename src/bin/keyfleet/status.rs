@@ -4,7 +4,7 @@ use clap::Args;
 use serde::Serialize;
 
 use keyfleet::store::{
-    AddressChange, AuditKind, AuditRecord, KeyRecord, NodeRecord, NodeState, RoundRecord,
+    AddressChange, AuditKind, AuditRecord, KeyRecord, NodeRecord, RecordedState, RoundRecord,
 };
 
 use crate::fleet::{when, GlobalArgs};
@@ -131,7 +131,7 @@ pub fn status(g: &GlobalArgs, a: StatusArgs) -> anyhow::Result<()> {
     }
     println!("{}", node_table(&st.nodes, now));
     let count = |f: &dyn Fn(&NodeRecord) -> bool| st.nodes.iter().filter(|n| f(n)).count();
-    let not_joined = count(&|n| n.state == NodeState::Enrolled);
+    let not_joined = count(&|n| n.state == RecordedState::Enrolled);
     println!(
         "{} nodes enrolled: {} joined ({} stale), {} not joined",
         st.nodes.len(),
