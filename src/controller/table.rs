@@ -24,7 +24,7 @@
 use std::collections::HashMap;
 
 use super::state::{StateError, StateKey, TableState};
-use crate::store::{AuditKind, Handout, Outcome, Phase, RecordedState, Store, StoreError, Trigger};
+use crate::store::{AuditKind, Handout, Outcome, RecordedState, Store, StoreError, Trigger};
 use keyfleet_core::protocol::{
     apply_persist, ControllerAction, ControllerMachine, ControllerPersist, MemberStatus, Record,
     Refusal, ResumeCause, TriggerOutcome, TriggerReason,
@@ -45,15 +45,6 @@ pub fn trigger_of(reason: &TriggerReason) -> Trigger {
         TriggerReason::UnknownSender { .. } => Trigger::UnknownSender,
         TriggerReason::Manual => Trigger::Manual,
         TriggerReason::NodeRemoved { .. } => Trigger::Removal,
-    }
-}
-
-/// The store's phase for a round phase (the drain counts into the second transition).
-fn phase_of(p: RoundPhase) -> Phase {
-    match p {
-        RoundPhase::Distributing => Phase::Distribute,
-        RoundPhase::FirstTransition => Phase::FirstTransition,
-        RoundPhase::Draining | RoundPhase::SecondTransition => Phase::SecondTransition,
     }
 }
 
@@ -90,12 +81,12 @@ pub fn pause_text(
     };
     if confirmed == 0 {
         format!(
-            "no node answered in phase {phase:?} ({joined} joined): the controller may be cut off; \
+            "no node answered in phase {phase} ({joined} joined): the controller may be cut off; \
              nobody was marked stale, the old key stays current, retrying{who}"
         )
     } else {
         format!(
-            "{confirmed} of {joined} joined nodes confirmed phase {phase:?}, {needed} needed; \
+            "{confirmed} of {joined} joined nodes confirmed phase {phase}, {needed} needed; \
              the old key stays current, retrying{who}"
         )
     }
@@ -892,7 +883,7 @@ fn write_one(s: &mut Store, rounds: &mut HashMap<u32, i64>, r: &Record, ctx: &Ct
             s.mark_stale(
                 node_id.as_str(),
                 Some(epoch.0.into()),
-                &format!("no answer in phase {phase:?}"),
+                &format!("no answer in phase {phase}"),
                 at.0,
             ),
         ),
@@ -901,7 +892,7 @@ fn write_one(s: &mut Store, rounds: &mut HashMap<u32, i64>, r: &Record, ctx: &Ct
         } => {
             if let Some(id) = rounds.get(&epoch.0) {
                 if *phase != RoundPhase::Distributing {
-                    soft("a phase", s.round_phase(*id, phase_of(*phase), at.0));
+                    soft("a phase", s.round_phase(*id, *phase, at.0));
                 }
             }
         }

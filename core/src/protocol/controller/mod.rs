@@ -42,7 +42,7 @@ mod trigger;
 
 pub use config::ControllerConfig;
 pub use io::{
-    CommandError, ControllerAction, ControllerInput, ControllerTimer, MemberStatus, PhaseTimes,
+    CommandError, ControllerAction, ControllerInput, ControllerTimer, MemberStatus, PhaseDurations,
     Record, RestoreError, ResumeCause, TriggerOutcome, Via,
 };
 pub use persist::{
