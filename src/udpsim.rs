@@ -1,5 +1,5 @@
 //! The fleet scenario over real UDP sockets: [`UdpNet`] implements the
-//! simulator's [`Transport`] with kernel sockets on one host, and [`run`] drives
+//! simulator's [`SimNet`] with kernel sockets on one host, and [`run`] drives
 //! the same `scenario` as the virtual network through it
 //! (`keyfleet sim --transport udp`).
 //!
@@ -20,7 +20,7 @@
 //! # Time
 //!
 //! The scenario's clock is real here: `Time(ms)` is milliseconds since the
-//! sockets were ready. [`Transport::next_arrival`] blocks until a datagram comes
+//! sockets were ready. [`SimNet::next_arrival`] blocks until a datagram comes
 //! or the wall clock reaches `until`, so timers fire in real time and
 //! `virtual_ms_per_round` in the report is real milliseconds per round.
 //!
@@ -45,7 +45,7 @@
 
 use crate::net::{socket, Loss, NetError};
 use keyfleet_core::protocol::Time;
-use keyfleet_core::sim::net::{Arrival, NetStats, Peer, Traffic, Transport};
+use keyfleet_core::sim::net::{Arrival, NetStats, Peer, SimNet, Traffic};
 use keyfleet_core::sim::{SimConfig, SimReport};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -178,7 +178,7 @@ struct Received {
     bytes: Vec<u8>,
 }
 
-/// The simulator's [`Transport`] over kernel UDP sockets.
+/// The simulator's [`SimNet`] over kernel UDP sockets.
 pub struct UdpNet {
     // Field order matters on drop: the runtime (and its socket tasks) goes first.
     rt: tokio::runtime::Runtime,
@@ -485,7 +485,7 @@ impl UdpHandle {
     }
 }
 
-impl Transport for UdpNet {
+impl SimNet for UdpNet {
     fn send_group(&mut self, _now: Time, from: Peer, bytes: Vec<u8>, traffic: Traffic, tag: u32) {
         self.stats.sent += 1;
         if !self.is_online(from) {

@@ -56,7 +56,8 @@ fn netns_controller_child() {
     );
     wait_for("the drain of the round for epoch 3", 30_000, || {
         let s = status(&ctl);
-        s["round"]["epoch"] == 3 && s["round"]["phase"] == "SecondTransition"
+        s["round"]["epoch"] == 3
+            && (s["round"]["phase"] == "draining" || s["round"]["phase"] == "second_transition")
     });
     serve.kill9();
     let _ = client.0.wait();

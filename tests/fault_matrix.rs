@@ -24,9 +24,9 @@
 //!
 //! | row | held by | observed |
 //! |---|---|---|
-//! | (a) | every node frozen before `keyfleet rekey` | phase `Distribute`; every node's delivery sent at least twice (so the first group wave is out), none acknowledged |
-//! | (b) | node-02 frozen | phase `Distribute`; 3 of 4 deliveries acknowledged |
-//! | (c) | node-02 frozen until node-01 has replied; node-01 frozen, node-02 thawed | phase `FirstTransition`; the other three agents `InTransit` |
+//! | (a) | every node frozen before `keyfleet rekey` | phase `distributing`; every node's delivery sent at least twice (so the first group wave is out), none acknowledged |
+//! | (b) | node-02 frozen | phase `distributing`; 3 of 4 deliveries acknowledged |
+//! | (c) | node-02 frozen until node-01 has replied; node-01 frozen, node-02 thawed | phase `first_transition`; the other three agents `InTransit` |
 //! | (d) | node-01 frozen once every agent is `InTransit` (the drain grace leaves a second for it) | the other three agents `UpdateCompleted` at the new epoch while the round is still open |
 //!
 //! The node killed is node-01: in (a) it has not replied, in (b) its reply is
@@ -358,8 +358,8 @@ fn cell(tag: u8, at: At, kill: Kill) -> String {
             let d = deliveries(&quick_history(&f), 2);
             assert_eq!(acked(&d), 0, "no node can have replied: {d:?}");
             let st = f.status();
-            assert_eq!(st["round"]["phase"], "Distribute", "{st}");
-            format!("Distribute, key sent {}x, 0/{N} replies", {
+            assert_eq!(st["round"]["phase"], "distributing", "{st}");
+            format!("distributing, key sent {}x, 0/{N} replies", {
                 d.iter()
                     .filter_map(|d| d["attempts"].as_u64())
                     .min()
@@ -378,8 +378,8 @@ fn cell(tag: u8, at: At, kill: Kill) -> String {
             );
             if at == At::SomeReplies {
                 let st = f.status();
-                assert_eq!(st["round"]["phase"], "Distribute", "{st}");
-                format!("Distribute, {}/{N} replies", N - 1)
+                assert_eq!(st["round"]["phase"], "distributing", "{st}");
+                format!("distributing, {}/{N} replies", N - 1)
             } else {
                 // node-01 has replied: freeze it, let node-02 reply, and the
                 // first transition goes out, unanswered by node-01.
@@ -391,7 +391,7 @@ fn cell(tag: u8, at: At, kill: Kill) -> String {
                     "the first transition at every node but node-01",
                     20_000,
                     || {
-                        f.status()["round"]["phase"] == "FirstTransition"
+                        f.status()["round"]["phase"] == "first_transition"
                             && (0..N).all(|i| i == X || agent_in(&f, i, "InTransit", 2))
                     },
                 );
@@ -403,7 +403,7 @@ fn cell(tag: u8, at: At, kill: Kill) -> String {
                     .find(|n| n["node_id"] == f.nodes[X].id.as_str())
                     .unwrap();
                 assert_eq!(x["state"], "DistributionCompleted", "{x}");
-                format!("FirstTransition, {}/{N} in transit", N - 1)
+                format!("first_transition, {}/{N} in transit", N - 1)
             }
         }
         At::SecondSent => {
@@ -422,10 +422,10 @@ fn cell(tag: u8, at: At, kill: Kill) -> String {
             );
             let st = f.status();
             assert!(
-                st["round"]["epoch"] == 2 && st["round"]["phase"] == "SecondTransition",
+                st["round"]["epoch"] == 2 && st["round"]["phase"] == "second_transition",
                 "the round must wait for node-01's answer to the second transition: {st}"
             );
-            format!("SecondTransition, {}/{N} completed", N - 1)
+            format!("second_transition, {}/{N} completed", N - 1)
         }
     };
 

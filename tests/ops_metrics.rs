@@ -257,18 +257,18 @@ fn metrics_of_serve_and_agents_match_status_history_and_the_agents_own_status() 
         val(&m, "keyfleet_round_duration_seconds_count"),
         rounds.len() as f64
     );
-    // Phase times: the table's `distribute` is the machine's distributing phase.
-    let distribute: u64 = rounds
+    // Phase times: the table's `distributing` is the machine's.
+    let distributing: u64 = rounds
         .iter()
-        .map(|r| r["phases_ms"]["distribute"].as_u64().unwrap())
+        .map(|r| r["phases_ms"]["distributing"].as_u64().unwrap())
         .sum();
     let metric = val(
         &m,
         "keyfleet_round_phase_duration_seconds_sum{phase=\"distributing\"}",
     );
     assert!(
-        (metric - distribute as f64 / 1000.0).abs() < 0.0005,
-        "distributing: {metric} s in the metrics, {distribute} ms in the history"
+        (metric - distributing as f64 / 1000.0).abs() < 0.0005,
+        "distributing: {metric} s in the metrics, {distributing} ms in the history"
     );
     let last = rounds.iter().max_by_key(|r| r["epoch"].as_u64()).unwrap();
     assert_eq!(

@@ -9,6 +9,7 @@ use std::path::Path;
 use keyfleet::config::Config;
 use keyfleet::controller::{Controller, Options, StateDir};
 use keyfleet::store::{Outcome, Store, SCHEMA_VERSION};
+use keyfleet_core::wire::RoundPhase;
 
 const FIXTURE: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
@@ -48,9 +49,9 @@ fn a_schema_2_table_from_main_migrates_and_its_unfinished_round_is_not_current()
     let s = Store::open(&st.database()).unwrap();
     assert_eq!(s.schema_version().unwrap(), SCHEMA_VERSION as i64);
     assert_eq!(
-        SCHEMA_VERSION, 6,
-        "schema 3 (this test's rows), 4 (one member numbering), 5 (the leader lease) and 6 \
-         (the controller's state rows)"
+        SCHEMA_VERSION, 7,
+        "schema 3 (this test's rows), 4 (one member numbering), 5 (the leader lease), 6 \
+         (the controller's state rows) and 7 (one vocabulary for round phases)"
     );
     assert_eq!(s.integrity_check().unwrap(), Ok(()));
     // main said epoch 3 (the newest key); epoch 3's round never completed.
@@ -78,6 +79,12 @@ fn a_schema_2_table_from_main_migrates_and_its_unfinished_round_is_not_current()
         (rounds[1].epoch, rounds[1].outcome, rounds[1].pauses),
         (3, None, 0)
     );
+    // Schema 2's phase names read as the one vocabulary: `Finished` is no
+    // phase, `Distribute` is `distributing`.
+    assert_eq!(
+        (rounds[0].phase, rounds[1].phase),
+        (None, Some(RoundPhase::Distributing))
+    );
     // What schema 2 knew stays: node-2's last address, the deliveries.
     let nodes = s.nodes().unwrap();
     assert_eq!(nodes.len(), 3);
@@ -90,7 +97,11 @@ fn a_schema_2_table_from_main_migrates_and_its_unfinished_round_is_not_current()
     // the table, restores it and resumes the round.
     let c = Controller::open(Options::new(st.clone(), Config::default())).unwrap();
     assert_eq!(c.machine().current_epoch().0, 2);
-    assert_eq!(c.machine().round().map(|(e, _)| e.0), Some(3));
+    // Its round phase was written as `Distributing`, read as `distributing`.
+    assert_eq!(
+        c.machine().round().map(|(e, p)| (e.0, p)),
+        Some((3, RoundPhase::Distributing))
+    );
     assert_eq!(c.store().current_epoch().unwrap(), Some(2));
     drop(c);
 

@@ -686,10 +686,10 @@ fn decode_capture(pcap: &std::path::Path, ports: &str) -> Vec<Frame> {
 
 fn phase_number(name: &str) -> u64 {
     match name {
-        "Distributing" => 1,
-        "FirstTransition" => 2,
-        "Draining" => 3,
-        "SecondTransition" => 4,
+        "distributing" => 1,
+        "first_transition" => 2,
+        "draining" => 3,
+        "second_transition" => 4,
         other => panic!("unknown round phase {other:?}"),
     }
 }
@@ -1213,10 +1213,10 @@ fn check_capture(
     };
     let phase_name = [
         "",
-        "Distributing",
-        "FirstTransition",
-        "Draining",
-        "SecondTransition",
+        "distributing",
+        "first_transition",
+        "draining",
+        "second_transition",
     ];
     let mut on_wire: BTreeSet<(String, u64, u64, String)> = BTreeSet::new();
     let mut handed: BTreeSet<(String, &str, u64)> = BTreeSet::new();

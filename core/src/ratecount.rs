@@ -2,9 +2,9 @@
 //! controller's audit log and every log file with one line per datagram.
 //!
 //! A [`RateCounter`] sees each refusal as (source address, kind, `now`). The
-//! first refusal of a kind from a source in a *window* is [`Seen::First`]: the
+//! first refusal of a kind from a source in a *window* is [`RateVerdict::First`]: the
 //! caller reports it in full, as it always did. Further refusals of the same
-//! source and kind until the window ends are [`Seen::Counted`]: only counted.
+//! source and kind until the window ends are [`RateVerdict::Counted`]: only counted.
 //! When the window has passed, the counter closes it into one [`Summary`]
 //! ("N more refusals of kind K from S between t0 and t1") — on the next
 //! refusal of that key, on [`RateCounter::close_expired`] (the caller's next
@@ -65,7 +65,7 @@ impl Serialize for Source {
 
 /// What the caller does with one refusal.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Seen {
+pub enum RateVerdict {
     /// The first of its source and kind in the window: report it in full.
     First,
     /// Counted; it will be in a [`Summary`].
@@ -133,7 +133,7 @@ impl Summary {
 pub struct Totals {
     /// Refusals observed.
     pub seen: u64,
-    /// Reported in full ([`Seen::First`]).
+    /// Reported in full ([`RateVerdict::First`]).
     pub first: u64,
     /// In the `count` of a summary already handed out.
     pub summarized: u64,
@@ -226,7 +226,7 @@ impl RateCounter {
         from: IpAddr,
         kind: &'static str,
         closed: &mut Vec<Summary>,
-    ) -> Seen {
+    ) -> RateVerdict {
         self.observe_source(now, Source::Addr(from), kind, closed)
     }
 
@@ -238,7 +238,7 @@ impl RateCounter {
         mut source: Source,
         kind: &'static str,
         closed: &mut Vec<Summary>,
-    ) -> Seen {
+    ) -> RateVerdict {
         self.totals.seen += 1;
         if matches!(source, Source::Addr(_))
             && !self.windows.contains_key(&source)
@@ -262,7 +262,7 @@ impl RateCounter {
         let Some(i) = kinds.iter().position(|(k, _)| *k == kind) else {
             kinds.push((kind, fresh));
             self.totals.first += 1;
-            return Seen::First;
+            return RateVerdict::First;
         };
         let w = kinds[i].1;
         if self.expired(&w, now) {
@@ -273,7 +273,7 @@ impl RateCounter {
                 slot.1 = fresh;
             }
             self.totals.first += 1;
-            return Seen::First;
+            return RateVerdict::First;
         }
         if let Some(slot) = self.windows.get_mut(&source).and_then(|k| k.get_mut(i)) {
             let w = &mut slot.1;
@@ -284,7 +284,7 @@ impl RateCounter {
             w.last_ms = w.last_ms.max(now);
         }
         self.totals.pending += 1;
-        Seen::Counted
+        RateVerdict::Counted
     }
 
     /// Closes every window that has passed at `now`; summaries of those that
@@ -357,15 +357,24 @@ mod tests {
         let mut c = RateCounter::new(1_000, 8);
         let mut closed = Vec::new();
         let a = ip("192.0.2.9");
-        assert_eq!(c.observe(100, a, "bad_mac", &mut closed), Seen::First);
+        assert_eq!(
+            c.observe(100, a, "bad_mac", &mut closed),
+            RateVerdict::First
+        );
         // Another kind from the same source, and the same kind from another, are firsts too.
-        assert_eq!(c.observe(110, a, "malformed", &mut closed), Seen::First);
+        assert_eq!(
+            c.observe(110, a, "malformed", &mut closed),
+            RateVerdict::First
+        );
         assert_eq!(
             c.observe(120, ip("192.0.2.10"), "bad_mac", &mut closed),
-            Seen::First
+            RateVerdict::First
         );
         for t in [200, 300, 1_099] {
-            assert_eq!(c.observe(t, a, "bad_mac", &mut closed), Seen::Counted);
+            assert_eq!(
+                c.observe(t, a, "bad_mac", &mut closed),
+                RateVerdict::Counted
+            );
         }
         assert!(closed.is_empty());
         assert_eq!(c.next_close(), Some(1_100));
@@ -398,7 +407,10 @@ mod tests {
         // The windows that counted nothing closed silently and freed their sources.
         assert_eq!(c.tracked_sources(), 0);
         // After the window, the next one is reported in full again.
-        assert_eq!(c.observe(1_200, a, "bad_mac", &mut closed), Seen::First);
+        assert_eq!(
+            c.observe(1_200, a, "bad_mac", &mut closed),
+            RateVerdict::First
+        );
     }
 
     #[test]
@@ -409,13 +421,19 @@ mod tests {
         c.observe(0, a, "replay", &mut closed);
         c.observe(10, a, "replay", &mut closed);
         c.observe(20, a, "replay", &mut closed);
-        assert_eq!(c.observe(1_000, a, "replay", &mut closed), Seen::First);
+        assert_eq!(
+            c.observe(1_000, a, "replay", &mut closed),
+            RateVerdict::First
+        );
         assert_eq!(closed.len(), 1);
         assert_eq!(
             (closed[0].count, closed[0].first_ms, closed[0].last_ms),
             (2, 10, 20)
         );
-        assert_eq!(c.observe(1_500, a, "replay", &mut closed), Seen::Counted);
+        assert_eq!(
+            c.observe(1_500, a, "replay", &mut closed),
+            RateVerdict::Counted
+        );
         assert_eq!(c.next_close(), Some(2_000));
         closed.clear();
         c.close_all(&mut closed);
@@ -439,7 +457,7 @@ mod tests {
             let from = IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + i));
             for j in 0..5 {
                 if c.observe(u64::from(i * 5 + j), from, "bad_signature", &mut closed)
-                    == Seen::First
+                    == RateVerdict::First
                 {
                     firsts += 1;
                 }
@@ -477,7 +495,7 @@ mod tests {
         // Full; 10.0.0.1's window passed at 100: closed to make room for 10.0.0.3.
         assert_eq!(
             c.observe(120, ip("10.0.0.3"), "malformed", &mut closed),
-            Seen::First
+            RateVerdict::First
         );
         assert_eq!(closed.len(), 1);
         assert_eq!(closed[0].source, Source::Addr(ip("10.0.0.1")));
@@ -496,7 +514,7 @@ mod tests {
         for n in 0..50_000u64 {
             now += rng.gen_range(0..3);
             let from = IpAddr::from(std::net::Ipv4Addr::new(10, 0, 0, rng.gen_range(0..40)));
-            if c.observe(now, from, kinds[rng.gen_range(0..4)], &mut closed) == Seen::First {
+            if c.observe(now, from, kinds[rng.gen_range(0..4)], &mut closed) == RateVerdict::First {
                 firsts += 1;
             }
             if n % 1_000 == 0 {
@@ -535,7 +553,9 @@ mod tests {
         let mut firsts = 0;
         // 20 000 refusals over 5 minutes, one every 15 ms.
         for i in 0..20_000u64 {
-            if c.observe(i * 15, ip("192.0.2.66"), "bad_signature", &mut closed) == Seen::First {
+            if c.observe(i * 15, ip("192.0.2.66"), "bad_signature", &mut closed)
+                == RateVerdict::First
+            {
                 firsts += 1;
             }
         }
@@ -551,7 +571,7 @@ mod tests {
         for t in 0..10 {
             assert_eq!(
                 c.observe(t / 3, ip("10.0.0.1"), "malformed", &mut closed),
-                Seen::First
+                RateVerdict::First
             );
         }
         assert!(closed.is_empty());

@@ -37,7 +37,7 @@ use crate::statefile::StateFileError;
 use keyfleet_core::protocol::{
     Delivered, NodeAction, NodeEvent, NodeInput, NodeMachine, NodePersist, Refusal, Time,
 };
-use keyfleet_core::ratecount::{RateCounter, Seen, Summary};
+use keyfleet_core::ratecount::{RateCounter, RateVerdict, Summary};
 
 use super::app::SendOutcome;
 use super::AgentError;
@@ -535,7 +535,7 @@ impl NodeDriver {
             let mut closed = Vec::new();
             let seen = self.refusals.observe(now, ip, kind, &mut closed);
             self.log_summaries(&closed);
-            if seen == Seen::Counted {
+            if seen == RateVerdict::Counted {
                 return;
             }
         }

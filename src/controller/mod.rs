@@ -42,7 +42,7 @@ use crate::store::{LeaseOutcome, Location, Store, StoreError};
 use keyfleet_core::crypto::InitialKey;
 use keyfleet_core::protocol::{
     CommandError, ControllerAction, ControllerInput, ControllerMachine, ControllerPersist,
-    ControllerTimer, MemberStatus, Outcome, PhaseTimes, Record, RestoreError, Time,
+    ControllerTimer, MemberStatus, Outcome, PhaseDurations, Record, RestoreError, Time,
 };
 use keyfleet_core::wire::{NodeId, RoundPhase};
 
@@ -409,7 +409,7 @@ pub struct RoundReport {
     pub pauses: u32,
     /// From the new key to the end of the second transition (paused: so far).
     pub elapsed_ms: u64,
-    pub phases_ms: PhaseTimes,
+    pub phases_ms: PhaseDurations,
     /// The new key's check value.
     pub check: String,
     /// Spent before the round began (waiting for joins, or for a round in progress).
@@ -483,15 +483,6 @@ pub struct RemoveReport {
     pub node_id: String,
     /// The round that left it out; `None` when `triggers.on_node_removed` is off.
     pub round: Option<RoundReport>,
-}
-
-fn phase_name(p: RoundPhase) -> &'static str {
-    match p {
-        RoundPhase::Distributing => "distributing",
-        RoundPhase::FirstTransition => "first_transition",
-        RoundPhase::Draining => "draining",
-        RoundPhase::SecondTransition => "second_transition",
-    }
 }
 
 /// Timer ids (the machine's timers are not `Ord`).
@@ -903,7 +894,7 @@ impl Controller {
         // that stopped (an older version wrote its state file first).
         table.reconcile(&snap, now)?;
         if let Some(r) = &snap.core.round {
-            tracing::info!(epoch = %r.epoch, phase = ?r.phase, "resuming the round in progress");
+            tracing::info!(epoch = %r.epoch, phase = %r.phase, "resuming the round in progress");
         }
         let marks_saved = snap
             .members
@@ -1230,7 +1221,7 @@ impl Controller {
             .count() as u32;
         Some(Progress {
             epoch: epoch.0,
-            phase: phase_name(phase).into(),
+            phase: phase.as_str().into(),
             acked: total.saturating_sub(self.machine.waiting()),
             total,
             paused: self.machine.paused_since().is_some(),
@@ -1281,13 +1272,13 @@ impl Controller {
             not_joined: not_joined_nodes.len() as u32,
             stale_nodes,
             not_joined_nodes,
-            phase: Some(phase_name(phase).into()),
+            phase: Some(phase.as_str().into()),
             needed: Some(self.machine.needed()),
             silent_nodes: Vec::new(),
             carried_on_by: None,
             pauses: 0,
             elapsed_ms: now.since(started),
-            phases_ms: PhaseTimes::default(),
+            phases_ms: PhaseDurations::default(),
             check,
             waited_ms: 0,
             earlier: Vec::new(),
@@ -1311,7 +1302,7 @@ impl Controller {
         let (running_epoch, phase, paused) = before?;
         (target > running_epoch).then(|| Queued {
             running_epoch,
-            running_phase: phase_name(phase).into(),
+            running_phase: phase.as_str().into(),
             paused,
             resumed,
             epoch: target,
@@ -1867,7 +1858,7 @@ impl Controller {
                 enrolled,
                 active,
                 stale,
-                round_phase: round.map(|(_, p)| phase_name(p)),
+                round_phase: round.map(|(_, p)| p),
             });
         }
         let store = match (self.table.store().current_epoch(), &self.ops.store_error) {
@@ -1891,7 +1882,7 @@ impl Controller {
                 "network": network.as_deref().unwrap_or("ok"),
                 "epoch": self.machine.current_epoch().0,
                 "term": self.machine.term(),
-                "round": round.map(|(e, p)| serde_json::json!({"epoch": e.0, "phase": phase_name(p)})),
+                "round": round.map(|(e, p)| serde_json::json!({"epoch": e.0, "phase": p.as_str()})),
                 "nodes": {"enrolled": enrolled, "active": active, "stale": stale},
             }),
         }
@@ -2047,7 +2038,7 @@ fn log_record(r: &Record) {
             phase,
             waiting,
             ..
-        } => tracing::info!(%epoch, ?phase, waiting, "round phase"),
+        } => tracing::info!(%epoch, %phase, waiting, "round phase"),
         Record::RoundFinished {
             epoch,
             nodes,

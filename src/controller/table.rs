@@ -24,12 +24,12 @@
 use std::collections::HashMap;
 
 use super::state::{StateError, StateKey, TableState};
-use crate::store::{AuditKind, Handout, NodeState, Outcome, Phase, Store, StoreError, Trigger};
+use crate::store::{AuditKind, Handout, Outcome, RecordedState, Store, StoreError, Trigger};
 use keyfleet_core::protocol::{
     apply_persist, ControllerAction, ControllerMachine, ControllerPersist, MemberStatus, Record,
     Refusal, ResumeCause, TriggerOutcome, TriggerReason,
 };
-use keyfleet_core::ratecount::{RateCounter, Seen, Source, Summary};
+use keyfleet_core::ratecount::{RateCounter, RateVerdict, Source, Summary};
 use keyfleet_core::wire::{RoundPhase, Step};
 
 type Result<T> = std::result::Result<T, StoreError>;
@@ -48,21 +48,12 @@ pub fn trigger_of(reason: &TriggerReason) -> Trigger {
     }
 }
 
-/// The store's phase for a round phase (the drain counts into the second transition).
-fn phase_of(p: RoundPhase) -> Phase {
-    match p {
-        RoundPhase::Distributing => Phase::Distribute,
-        RoundPhase::FirstTransition => Phase::FirstTransition,
-        RoundPhase::Draining | RoundPhase::SecondTransition => Phase::SecondTransition,
-    }
-}
-
 /// The node state an acknowledgement of `step` shows.
-fn state_after(step: Step) -> NodeState {
+fn state_after(step: Step) -> RecordedState {
     match step {
-        Step::KeyUpdate => NodeState::DistributionCompleted,
-        Step::FirstTransition => NodeState::InTransit,
-        Step::SecondTransition => NodeState::UpdateCompleted,
+        Step::KeyUpdate => RecordedState::DistributionCompleted,
+        Step::FirstTransition => RecordedState::InTransit,
+        Step::SecondTransition => RecordedState::UpdateCompleted,
     }
 }
 
@@ -90,12 +81,12 @@ pub fn pause_text(
     };
     if confirmed == 0 {
         format!(
-            "no node answered in phase {phase:?} ({joined} joined): the controller may be cut off; \
+            "no node answered in phase {phase} ({joined} joined): the controller may be cut off; \
              nobody was marked stale, the old key stays current, retrying{who}"
         )
     } else {
         format!(
-            "{confirmed} of {joined} joined nodes confirmed phase {phase:?}, {needed} needed; \
+            "{confirmed} of {joined} joined nodes confirmed phase {phase}, {needed} needed; \
              the old key stays current, retrying{who}"
         )
     }
@@ -649,7 +640,7 @@ impl Table {
                             &mut closed,
                         );
                         write_summaries(s, &closed);
-                        if seen == Seen::Counted {
+                        if seen == RateVerdict::Counted {
                             continue;
                         }
                     }
@@ -658,7 +649,7 @@ impl Table {
                     closed.clear();
                     let seen = refusals.observe(at, ip, kind, &mut closed);
                     write_summaries(s, &closed);
-                    if seen == Seen::Counted {
+                    if seen == RateVerdict::Counted {
                         continue;
                     }
                     log_first(r, refusals.window_ms());
@@ -839,10 +830,10 @@ fn write_one(s: &mut Store, rounds: &mut HashMap<u32, i64>, r: &Record, ctx: &Ct
                 // (then it holds the new key, and seals with it from the first transition on).
                 let state = match ctx.round {
                     Some((e, phase)) if e == *epoch => match phase {
-                        RoundPhase::Distributing => NodeState::DistributionCompleted,
-                        _ => NodeState::InTransit,
+                        RoundPhase::Distributing => RecordedState::DistributionCompleted,
+                        _ => RecordedState::InTransit,
                     },
-                    _ => NodeState::UpdateCompleted,
+                    _ => RecordedState::UpdateCompleted,
                 };
                 soft(
                     "a node state",
@@ -897,7 +888,7 @@ fn write_one(s: &mut Store, rounds: &mut HashMap<u32, i64>, r: &Record, ctx: &Ct
             s.mark_stale(
                 node_id.as_str(),
                 Some(epoch.0.into()),
-                &format!("no answer in phase {phase:?}"),
+                &format!("no answer in phase {phase}"),
                 at.0,
             ),
         ),
@@ -906,7 +897,7 @@ fn write_one(s: &mut Store, rounds: &mut HashMap<u32, i64>, r: &Record, ctx: &Ct
         } => {
             if let Some(id) = rounds.get(&epoch.0) {
                 if *phase != RoundPhase::Distributing {
-                    soft("a phase", s.round_phase(*id, phase_of(*phase), at.0));
+                    soft("a phase", s.round_phase(*id, *phase, at.0));
                 }
             }
         }

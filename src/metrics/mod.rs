@@ -31,8 +31,8 @@ use prometheus_client::registry::{Registry, Unit};
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
-use keyfleet_core::protocol::{PhaseTimes, Record, TriggerOutcome, TriggerReason};
-use keyfleet_core::wire::Step;
+use keyfleet_core::protocol::{Record, TriggerOutcome, TriggerReason};
+use keyfleet_core::wire::{RoundPhase, Step};
 
 pub use http::MetricsServer;
 
@@ -199,16 +199,9 @@ pub struct ControllerSample {
     pub enrolled: u32,
     pub active: u32,
     pub stale: u32,
-    /// The round in progress: its phase (`distributing`, …).
-    pub round_phase: Option<&'static str>,
+    /// The round in progress: its phase.
+    pub round_phase: Option<RoundPhase>,
 }
-
-const PHASES: [&str; 4] = [
-    "distributing",
-    "first_transition",
-    "draining",
-    "second_transition",
-];
 
 impl ControllerMetrics {
     /// The metrics and the registry (prefix `keyfleet_`) that serves them.
@@ -240,8 +233,10 @@ impl ControllerMetrics {
         for outcome in ["completed", "completed_with_stale"] {
             let _ = m.rounds.get_or_create(&OutcomeLabel { outcome });
         }
-        for phase in PHASES {
-            let _ = m.phase_duration.get_or_create(&PhaseLabel { phase });
+        for phase in RoundPhase::ALL {
+            let _ = m.phase_duration.get_or_create(&PhaseLabel {
+                phase: phase.as_str(),
+            });
         }
         for step in ["key_update", "first_transition", "second_transition"] {
             let _ = m.acks.get_or_create(&StepLabel { step });
@@ -381,21 +376,12 @@ impl ControllerMetrics {
                 self.rounds.get_or_create(&OutcomeLabel { outcome }).inc();
                 self.round_duration
                     .observe(seconds(finished_at.since(*started_at)));
-                let PhaseTimes {
-                    distributing,
-                    first_transition,
-                    draining,
-                    second_transition,
-                } = *phases_ms;
-                for (phase, ms) in PHASES.into_iter().zip([
-                    distributing,
-                    first_transition,
-                    draining,
-                    second_transition,
-                ]) {
+                for phase in RoundPhase::ALL {
                     self.phase_duration
-                        .get_or_create(&PhaseLabel { phase })
-                        .observe(seconds(ms));
+                        .get_or_create(&PhaseLabel {
+                            phase: phase.as_str(),
+                        })
+                        .observe(seconds(phases_ms.get(phase)));
                 }
                 self.round_acked.inc_by(u64::from(*acked));
                 self.round_stale.inc_by(u64::from(*stale));
@@ -464,9 +450,11 @@ impl ControllerMetrics {
         }
         self.round_in_progress
             .set(i64::from(s.round_phase.is_some()));
-        for phase in PHASES {
+        for phase in RoundPhase::ALL {
             self.round_phase
-                .get_or_create(&PhaseLabel { phase })
+                .get_or_create(&PhaseLabel {
+                    phase: phase.as_str(),
+                })
                 .set(i64::from(s.round_phase == Some(phase)));
         }
     }
@@ -667,6 +655,7 @@ impl AgentMetrics {
 mod tests {
     use super::*;
     use keyfleet_core::crypto::Epoch;
+    use keyfleet_core::protocol::PhaseDurations;
     use keyfleet_core::protocol::{Refusal, Time};
 
     fn sample_line<'a>(text: &'a str, name: &str) -> Option<&'a str> {
@@ -686,7 +675,7 @@ mod tests {
             reason: TriggerReason::Manual,
             started_at: Time(10_000),
             finished_at: Time(12_500),
-            phases_ms: PhaseTimes {
+            phases_ms: PhaseDurations {
                 distributing: 100,
                 first_transition: 200,
                 draining: 2000,

@@ -31,6 +31,8 @@ pub(crate) mod testpg;
 
 use std::path::{Path, PathBuf};
 
+use keyfleet_core::protocol::PhaseDurations;
+use keyfleet_core::wire::RoundPhase;
 use serde::Serialize;
 
 use crate::config::StoreUrl;
@@ -199,7 +201,7 @@ macro_rules! text_enum {
 
 text_enum! {
     /// A node's state as last known to the controller (SPEC §1).
-    NodeState {
+    RecordedState {
         /// Enrolled, has not yet confirmed any group key.
         Enrolled,
         UpdateCompleted,
@@ -223,19 +225,6 @@ text_enum! {
         KeyAge,
         /// Data from a sender not in the management table: the key is presumed leaked.
         UnknownSender,
-    }
-}
-
-text_enum! {
-    /// A rekey round's phase (SPEC §2).
-    Phase {
-        /// Key update requests out, waiting for every key update reply.
-        Distribute,
-        /// First transition request out, waiting for every confirmation.
-        FirstTransition,
-        /// Second transition request out (drain grace included).
-        SecondTransition,
-        Finished,
     }
 }
 
@@ -302,7 +291,7 @@ pub struct NodeRecord {
     pub address: Option<String>,
     /// The check value (fingerprint) of the initial key.
     pub key_check: String,
-    pub state: NodeState,
+    pub state: RecordedState,
     pub epoch: Option<u64>,
     pub last_seen_ms: Option<u64>,
     pub stale: bool,
@@ -360,22 +349,16 @@ pub struct KeyRecord {
     pub handouts: Vec<HandoutRecord>,
 }
 
-/// Durations of a round's phases, in milliseconds; `None` while not reached or not over.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
-pub struct PhaseDurations {
-    pub distribute: Option<u64>,
-    pub first_transition: Option<u64>,
-    pub second_transition: Option<u64>,
-}
-
 /// One rekey round.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct RoundRecord {
     pub id: i64,
     pub epoch: u64,
     pub started_at_ms: u64,
-    pub phase: Phase,
+    /// The phase it is in; `None` once it finished.
+    pub phase: Option<RoundPhase>,
     pub phase_started_at_ms: u64,
+    /// Time spent in each phase so far (a phase is counted when it is left).
     pub phases_ms: PhaseDurations,
     /// Nodes in the round when it started.
     pub nodes: u64,
@@ -423,6 +406,19 @@ pub struct AuditRecord {
     pub detail: serde_json::Value,
 }
 
+/// `rounds.phase` as the table holds it: [`RoundPhase::as_str`], `NULL` once
+/// the round finished (schema 6 rewrote the names older versions wrote).
+fn parse_phase(phase: Option<&str>) -> Result<Option<RoundPhase>> {
+    phase
+        .map(|p| {
+            RoundPhase::from_name(p).ok_or_else(|| StoreError::BadValue {
+                column: "rounds.phase",
+                value: p.to_owned(),
+            })
+        })
+        .transpose()
+}
+
 /// `HOST:PORT` with a non-empty host and a port 1..=65535 (`[v6]:PORT` too).
 fn check_address(address: &str) -> Result<()> {
     let ok = address
@@ -465,6 +461,27 @@ fn lease_term(v: i64) -> Result<u32> {
 
 fn opt_u64(column: &'static str, v: Option<i64>) -> Result<Option<u64>> {
     v.map(|v| to_u64(column, v)).transpose()
+}
+
+/// The `rounds` column that adds up the time spent in `phase`.
+fn duration_column(phase: RoundPhase) -> &'static str {
+    match phase {
+        RoundPhase::Distributing => "distributing_ms",
+        RoundPhase::FirstTransition => "first_transition_ms",
+        RoundPhase::Draining => "draining_ms",
+        RoundPhase::SecondTransition => "second_transition_ms",
+    }
+}
+
+/// A round's phase durations from its four duration columns, in the order of
+/// [`RoundPhase::ALL`] (`NULL`, a phase not left yet, counts 0).
+fn durations(ms: [Option<i64>; 4]) -> Result<PhaseDurations> {
+    let mut d = PhaseDurations::default();
+    for (phase, v) in RoundPhase::ALL.into_iter().zip(ms) {
+        let v = opt_u64(duration_column(phase), v)?.unwrap_or(0);
+        *d.get_mut(phase) = v;
+    }
+    Ok(d)
 }
 
 /// The storage operations the controller needs from an engine (object-safe,
@@ -524,7 +541,7 @@ pub trait Engine: Send {
     fn set_node_state(
         &mut self,
         node_ids: &[&str],
-        state: NodeState,
+        state: RecordedState,
         epoch: Option<u64>,
         now_ms: u64,
     ) -> Result<()>;
@@ -559,7 +576,7 @@ pub trait Engine: Send {
     fn newest_epoch(&self) -> Result<Option<u64>>;
     fn history(&self) -> Result<Vec<KeyRecord>>;
     fn round_started(&mut self, epoch: u64, nodes: u64, now_ms: u64) -> Result<i64>;
-    fn round_phase(&mut self, id: i64, phase: Phase, now_ms: u64) -> Result<()>;
+    fn round_phase(&mut self, id: i64, phase: RoundPhase, now_ms: u64) -> Result<()>;
     fn round_finished(
         &mut self,
         id: i64,
@@ -888,7 +905,7 @@ impl Store {
     pub fn set_node_state<S: AsRef<str>>(
         &mut self,
         node_ids: &[S],
-        state: NodeState,
+        state: RecordedState,
         epoch: Option<u64>,
         now_ms: u64,
     ) -> Result<()> {
@@ -1023,14 +1040,14 @@ impl Store {
 
     // ----- rounds -----
 
-    /// Starts a round for the key of `epoch` over `nodes` nodes, in phase `Distribute`.
+    /// Starts a round for the key of `epoch` over `nodes` nodes, in phase `distributing`.
     pub fn round_started(&mut self, epoch: u64, nodes: u64, now_ms: u64) -> Result<i64> {
         let r = self.engine.round_started(epoch, nodes, now_ms);
         self.note(r)
     }
 
     /// Moves round `id` to `phase`, recording how long the phase it leaves lasted.
-    pub fn round_phase(&mut self, id: i64, phase: Phase, now_ms: u64) -> Result<()> {
+    pub fn round_phase(&mut self, id: i64, phase: RoundPhase, now_ms: u64) -> Result<()> {
         let r = self.engine.round_phase(id, phase, now_ms);
         self.note(r)
     }

@@ -386,14 +386,12 @@ impl PgEngine {
                 &[&id],
             )?
             .ok_or(StoreError::UnknownRound(id))?;
-        let (phase, since): (String, i64) = (row.try_get(0)?, row.try_get(1)?);
+        let (phase, since): (Option<String>, i64) = (row.try_get(0)?, row.try_get(1)?);
         let spent = to_i64(now_ms)?.saturating_sub(since).max(0);
-        let column = match Phase::parse("rounds.phase", &phase)? {
-            Phase::Distribute => "distribute_ms",
-            Phase::FirstTransition => "first_transition_ms",
-            Phase::SecondTransition => "second_transition_ms",
-            Phase::Finished => return Ok(()),
+        let Some(phase) = parse_phase(phase.as_deref())? else {
+            return Ok(());
         };
+        let column = duration_column(phase);
         self.exec(
             &format!("UPDATE rounds SET {column} = COALESCE({column}, 0) + $2 WHERE id = $1"),
             &[&id, &spent],
@@ -715,7 +713,7 @@ impl Engine for PgEngine {
     fn set_node_state(
         &mut self,
         node_ids: &[&str],
-        state: NodeState,
+        state: RecordedState,
         epoch: Option<u64>,
         now_ms: u64,
     ) -> Result<()> {
@@ -1003,8 +1001,13 @@ impl Engine for PgEngine {
         let row = self
             .query_opt(
                 "INSERT INTO rounds (epoch, started_at_ms, phase, phase_started_at_ms, nodes)
-                 VALUES ($1, $2, 'Distribute', $2, $3) RETURNING id",
-                &[&to_i64(epoch)?, &now, &to_i64(nodes)?],
+                 VALUES ($1, $2, $3, $2, $4) RETURNING id",
+                &[
+                    &to_i64(epoch)?,
+                    &now,
+                    &RoundPhase::Distributing.as_str(),
+                    &to_i64(nodes)?,
+                ],
             )
             .map_err(|err| match err {
                 StoreError::Postgres(e) if is(&e, &SqlState::FOREIGN_KEY_VIOLATION) => {
@@ -1016,7 +1019,7 @@ impl Engine for PgEngine {
         Ok(row.try_get(0)?)
     }
 
-    fn round_phase(&mut self, id: i64, phase: Phase, now_ms: u64) -> Result<()> {
+    fn round_phase(&mut self, id: i64, phase: RoundPhase, now_ms: u64) -> Result<()> {
         let now = to_i64(now_ms)?;
         self.atomic(|s| {
             s.close_phase(id, now_ms)?;
@@ -1041,7 +1044,7 @@ impl Engine for PgEngine {
         self.atomic(|s| {
             s.close_phase(id, now_ms)?;
             s.exec(
-                "UPDATE rounds SET phase = 'Finished', phase_started_at_ms = $2, finished_at_ms = $2,
+                "UPDATE rounds SET phase = NULL, phase_started_at_ms = $2, finished_at_ms = $2,
                  outcome = $3, outcome_detail = $4, acked = $5, stale = $6, paused_at_ms = NULL
                  WHERE id = $1",
                 &[&id, &now, &outcome.as_str(), &detail, &acked, &stale],
@@ -1081,8 +1084,8 @@ impl Engine for PgEngine {
         };
         self.query(
             &format!(
-                "SELECT id, epoch, started_at_ms, phase, phase_started_at_ms, distribute_ms,
-                        first_transition_ms, second_transition_ms, nodes, acked, stale,
+                "SELECT id, epoch, started_at_ms, phase, phase_started_at_ms, distributing_ms,
+                        first_transition_ms, draining_ms, second_transition_ms, nodes, acked, stale,
                         finished_at_ms, outcome, outcome_detail, pauses, paused_at_ms, pause_detail
                  FROM rounds {filter} ORDER BY id"
             ),
@@ -1090,30 +1093,26 @@ impl Engine for PgEngine {
         )?
         .iter()
         .map(|r| {
-            let phase: String = r.try_get(3)?;
-            let outcome: Option<String> = r.try_get(12)?;
+            let phase: Option<String> = r.try_get(3)?;
+            let outcome: Option<String> = r.try_get(13)?;
             Ok(RoundRecord {
                 id: r.try_get(0)?,
                 epoch: to_u64("rounds.epoch", r.try_get(1)?)?,
                 started_at_ms: to_u64("rounds.started_at_ms", r.try_get(2)?)?,
-                phase: Phase::parse("rounds.phase", &phase)?,
+                phase: parse_phase(phase.as_deref())?,
                 phase_started_at_ms: to_u64("rounds.phase_started_at_ms", r.try_get(4)?)?,
-                phases_ms: PhaseDurations {
-                    distribute: opt_u64("rounds.distribute_ms", r.try_get(5)?)?,
-                    first_transition: opt_u64("rounds.first_transition_ms", r.try_get(6)?)?,
-                    second_transition: opt_u64("rounds.second_transition_ms", r.try_get(7)?)?,
-                },
-                nodes: to_u64("rounds.nodes", r.try_get(8)?)?,
-                acked: opt_u64("rounds.acked", r.try_get(9)?)?,
-                stale: opt_u64("rounds.stale", r.try_get(10)?)?,
-                finished_at_ms: opt_u64("rounds.finished_at_ms", r.try_get(11)?)?,
+                phases_ms: durations([r.try_get(5)?, r.try_get(6)?, r.try_get(7)?, r.try_get(8)?])?,
+                nodes: to_u64("rounds.nodes", r.try_get(9)?)?,
+                acked: opt_u64("rounds.acked", r.try_get(10)?)?,
+                stale: opt_u64("rounds.stale", r.try_get(11)?)?,
+                finished_at_ms: opt_u64("rounds.finished_at_ms", r.try_get(12)?)?,
                 outcome: outcome
                     .map(|o| Outcome::parse("rounds.outcome", &o))
                     .transpose()?,
-                outcome_detail: r.try_get(13)?,
-                pauses: to_u64("rounds.pauses", r.try_get(14)?)?,
-                paused_at_ms: opt_u64("rounds.paused_at_ms", r.try_get(15)?)?,
-                pause_detail: r.try_get(16)?,
+                outcome_detail: r.try_get(14)?,
+                pauses: to_u64("rounds.pauses", r.try_get(15)?)?,
+                paused_at_ms: opt_u64("rounds.paused_at_ms", r.try_get(16)?)?,
+                pause_detail: r.try_get(17)?,
             })
         })
         .collect()

@@ -205,6 +205,52 @@ CREATE TABLE enrol_requests (
 CREATE INDEX enrol_requests_open ON enrol_requests(id) WHERE answered_at_ms IS NULL;
 "#;
 
+/// Version 7: one vocabulary for a round's phase. `rounds.phase` holds
+/// `wire::RoundPhase::as_str` (`distributing`, `first_transition`, `draining`,
+/// `second_transition`) and is `NULL` once the round finished; the drain has
+/// its own phase and duration column (it used to be counted into the second
+/// transition), and `distribute_ms` is `distributing_ms`. The names of older
+/// versions are rewritten (`Distribute`, `FirstTransition`,
+/// `SecondTransition`; `Finished` becomes `NULL`). The table is rebuilt for
+/// its new `CHECK` (SQLite cannot change one in place; nothing references
+/// `rounds`).
+const V7: &str = r#"
+CREATE TABLE rounds_v7 (
+    id                   INTEGER PRIMARY KEY AUTOINCREMENT,
+    epoch                INTEGER NOT NULL REFERENCES keys(epoch),
+    started_at_ms        INTEGER NOT NULL,
+    phase                TEXT CHECK (phase IS NULL OR phase IN
+                           ('distributing', 'first_transition', 'draining', 'second_transition')),
+    phase_started_at_ms  INTEGER NOT NULL,
+    distributing_ms      INTEGER,
+    first_transition_ms  INTEGER,
+    draining_ms          INTEGER,
+    second_transition_ms INTEGER,
+    nodes                INTEGER NOT NULL,
+    acked                INTEGER,
+    stale                INTEGER,
+    finished_at_ms       INTEGER,
+    outcome              TEXT CHECK (outcome IS NULL OR outcome IN ('Completed', 'Aborted', 'Superseded')),
+    outcome_detail       TEXT,
+    pauses               INTEGER NOT NULL DEFAULT 0,
+    paused_at_ms         INTEGER,
+    pause_detail         TEXT
+) STRICT;
+INSERT INTO rounds_v7 (id, epoch, started_at_ms, phase, phase_started_at_ms, distributing_ms,
+    first_transition_ms, second_transition_ms, nodes, acked, stale, finished_at_ms, outcome,
+    outcome_detail, pauses, paused_at_ms, pause_detail)
+SELECT id, epoch, started_at_ms,
+    CASE phase WHEN 'Distribute' THEN 'distributing'
+               WHEN 'FirstTransition' THEN 'first_transition'
+               WHEN 'SecondTransition' THEN 'second_transition' END,
+    phase_started_at_ms, distribute_ms, first_transition_ms, second_transition_ms, nodes, acked,
+    stale, finished_at_ms, outcome, outcome_detail, pauses, paused_at_ms, pause_detail
+FROM rounds;
+DROP TABLE rounds;
+ALTER TABLE rounds_v7 RENAME TO rounds;
+CREATE INDEX rounds_by_epoch ON rounds(epoch);
+"#;
+
 const MIGRATIONS: &[M<'static>] = &[
     M::up(V1).foreign_key_check(),
     M::up(V2),
@@ -212,6 +258,7 @@ const MIGRATIONS: &[M<'static>] = &[
     M::up(V4).foreign_key_check(),
     M::up(V5),
     M::up(V6),
+    M::up(V7).foreign_key_check(),
 ];
 
 /// PostgreSQL version 1: the tables of SQLite's [`V1`]. Differences of dialect
@@ -337,7 +384,7 @@ CREATE TABLE leader_lease (
 "#;
 
 /// The PostgreSQL migrations; `PG_MIGRATIONS[i]` brings version `i` to `i + 1`.
-pub(crate) const PG_MIGRATIONS: &[&str] = &[PG_V1, PG_V2, PG_V3, PG_V4, PG_V5, PG_V6];
+pub(crate) const PG_MIGRATIONS: &[&str] = &[PG_V1, PG_V2, PG_V3, PG_V4, PG_V5, PG_V6, PG_V7];
 
 /// PostgreSQL version 6: SQLite's [`V6`] (`BYTEA` for `BLOB`, `BIGINT`).
 const PG_V6: &str = r#"
@@ -367,6 +414,20 @@ CREATE TABLE enrol_requests (
     answer          TEXT CHECK (answer IS NULL OR answer::json IS NOT NULL)
 );
 CREATE INDEX enrol_requests_open ON enrol_requests(id) WHERE answered_at_ms IS NULL;
+"#;
+
+/// PostgreSQL version 7: [`V7`]. PostgreSQL changes the constraint and the
+/// columns in place (`rounds_phase_check` is the name it gave V1's `CHECK`).
+const PG_V7: &str = r#"
+ALTER TABLE rounds DROP CONSTRAINT rounds_phase_check;
+ALTER TABLE rounds ALTER COLUMN phase DROP NOT NULL;
+UPDATE rounds SET phase = CASE phase WHEN 'Distribute' THEN 'distributing'
+                                     WHEN 'FirstTransition' THEN 'first_transition'
+                                     WHEN 'SecondTransition' THEN 'second_transition' END;
+ALTER TABLE rounds ADD CONSTRAINT rounds_phase_check CHECK (phase IS NULL OR phase IN
+    ('distributing', 'first_transition', 'draining', 'second_transition'));
+ALTER TABLE rounds RENAME COLUMN distribute_ms TO distributing_ms;
+ALTER TABLE rounds ADD COLUMN draining_ms BIGINT;
 "#;
 
 pub(crate) fn migrations() -> Migrations<'static> {

@@ -434,7 +434,7 @@ impl SqliteEngine {
     pub fn set_node_state<S: AsRef<str>>(
         &mut self,
         node_ids: &[S],
-        state: NodeState,
+        state: RecordedState,
         epoch: Option<u64>,
         now_ms: u64,
     ) -> Result<()> {
@@ -858,14 +858,19 @@ impl SqliteEngine {
 
     // ----- rounds -----
 
-    /// Starts a round for the key of `epoch` over `nodes` nodes, in phase `Distribute`.
+    /// Starts a round for the key of `epoch` over `nodes` nodes, in phase `distributing`.
     pub fn round_started(&mut self, epoch: u64, nodes: u64, now_ms: u64) -> Result<i64> {
         let now = to_i64(now_ms)?;
         self.conn
             .execute(
                 "INSERT INTO rounds (epoch, started_at_ms, phase, phase_started_at_ms, nodes)
-                 VALUES (?1, ?2, 'Distribute', ?2, ?3)",
-                params![to_i64(epoch)?, now, to_i64(nodes)?],
+                 VALUES (?1, ?2, ?3, ?2, ?4)",
+                params![
+                    to_i64(epoch)?,
+                    now,
+                    RoundPhase::Distributing.as_str(),
+                    to_i64(nodes)?
+                ],
             )
             .map_err(|err| match err {
                 rusqlite::Error::SqliteFailure(f, _)
@@ -879,7 +884,7 @@ impl SqliteEngine {
     }
 
     /// Moves round `id` to `phase`, recording how long the phase it leaves lasted.
-    pub fn round_phase(&mut self, id: i64, phase: Phase, now_ms: u64) -> Result<()> {
+    pub fn round_phase(&mut self, id: i64, phase: RoundPhase, now_ms: u64) -> Result<()> {
         let tx = self.conn.savepoint()?;
         Self::close_phase(&tx, id, now_ms)?;
         tx.execute(
@@ -904,7 +909,7 @@ impl SqliteEngine {
         Self::close_phase(&tx, id, now_ms)?;
         let now = to_i64(now_ms)?;
         tx.execute(
-            "UPDATE rounds SET phase = 'Finished', phase_started_at_ms = ?2, finished_at_ms = ?2,
+            "UPDATE rounds SET phase = NULL, phase_started_at_ms = ?2, finished_at_ms = ?2,
              outcome = ?3, outcome_detail = ?4, acked = ?5, stale = ?6, paused_at_ms = NULL
              WHERE id = ?1",
             params![
@@ -945,7 +950,7 @@ impl SqliteEngine {
     }
 
     fn close_phase(tx: &Connection, id: i64, now_ms: u64) -> Result<()> {
-        let (phase, since): (String, i64) = tx
+        let (phase, since): (Option<String>, i64) = tx
             .query_row(
                 "SELECT phase, phase_started_at_ms FROM rounds WHERE id = ?1",
                 [id],
@@ -954,12 +959,10 @@ impl SqliteEngine {
             .optional()?
             .ok_or(StoreError::UnknownRound(id))?;
         let spent = to_i64(now_ms)?.saturating_sub(since).max(0);
-        let column = match Phase::parse("rounds.phase", &phase)? {
-            Phase::Distribute => "distribute_ms",
-            Phase::FirstTransition => "first_transition_ms",
-            Phase::SecondTransition => "second_transition_ms",
-            Phase::Finished => return Ok(()),
+        let Some(phase) = parse_phase(phase.as_deref())? else {
+            return Ok(());
         };
+        let column = duration_column(phase);
         // A phase entered twice (e.g. after a controller restart) adds up.
         tx.execute(
             &format!("UPDATE rounds SET {column} = COALESCE({column}, 0) + ?2 WHERE id = ?1"),
@@ -980,8 +983,8 @@ impl SqliteEngine {
 
     fn query_rounds(&self, filter: &str) -> Result<Vec<RoundRecord>> {
         let mut stmt = self.conn.prepare(&format!(
-            "SELECT id, epoch, started_at_ms, phase, phase_started_at_ms, distribute_ms,
-                    first_transition_ms, second_transition_ms, nodes, acked, stale,
+            "SELECT id, epoch, started_at_ms, phase, phase_started_at_ms, distributing_ms,
+                    first_transition_ms, draining_ms, second_transition_ms, nodes, acked, stale,
                     finished_at_ms, outcome, outcome_detail, pauses, paused_at_ms, pause_detail
              FROM rounds {filter} ORDER BY id"
         ))?;
@@ -989,9 +992,9 @@ impl SqliteEngine {
             i64,
             i64,
             i64,
-            String,
+            Option<String>,
             i64,
-            [Option<i64>; 3],
+            [Option<i64>; 4],
             i64,
             Option<i64>,
             Option<i64>,
@@ -1008,14 +1011,14 @@ impl SqliteEngine {
                     r.get(2)?,
                     r.get(3)?,
                     r.get(4)?,
-                    [r.get(5)?, r.get(6)?, r.get(7)?],
-                    r.get(8)?,
+                    [r.get(5)?, r.get(6)?, r.get(7)?, r.get(8)?],
                     r.get(9)?,
                     r.get(10)?,
                     r.get(11)?,
                     r.get(12)?,
                     r.get(13)?,
-                    (r.get(14)?, r.get(15)?, r.get(16)?),
+                    r.get(14)?,
+                    (r.get(15)?, r.get(16)?, r.get(17)?),
                 ))
             })?
             .collect::<std::result::Result<_, _>>()?;
@@ -1040,13 +1043,9 @@ impl SqliteEngine {
                         id,
                         epoch: to_u64("rounds.epoch", epoch)?,
                         started_at_ms: to_u64("rounds.started_at_ms", started)?,
-                        phase: Phase::parse("rounds.phase", &phase)?,
+                        phase: parse_phase(phase.as_deref())?,
                         phase_started_at_ms: to_u64("rounds.phase_started_at_ms", since)?,
-                        phases_ms: PhaseDurations {
-                            distribute: opt_u64("rounds.distribute_ms", ph[0])?,
-                            first_transition: opt_u64("rounds.first_transition_ms", ph[1])?,
-                            second_transition: opt_u64("rounds.second_transition_ms", ph[2])?,
-                        },
+                        phases_ms: durations(ph)?,
                         nodes: to_u64("rounds.nodes", nodes)?,
                         acked: opt_u64("rounds.acked", acked)?,
                         stale: opt_u64("rounds.stale", stale)?,
@@ -1129,7 +1128,7 @@ impl RawNode {
             member_no: to_u64("nodes.member_no", self.member_no)?,
             address: self.address,
             key_check: self.key_check,
-            state: NodeState::parse("nodes.state", &self.state)?,
+            state: RecordedState::parse("nodes.state", &self.state)?,
             epoch: opt_u64("nodes.epoch", self.epoch)?,
             last_seen_ms: opt_u64("nodes.last_seen_ms", self.last_seen_ms)?,
             stale: self.stale,
@@ -1228,7 +1227,7 @@ impl Engine for SqliteEngine {
     fn set_node_state(
         &mut self,
         node_ids: &[&str],
-        state: NodeState,
+        state: RecordedState,
         epoch: Option<u64>,
         now_ms: u64,
     ) -> Result<()> {
@@ -1300,7 +1299,7 @@ impl Engine for SqliteEngine {
     fn round_started(&mut self, epoch: u64, nodes: u64, now_ms: u64) -> Result<i64> {
         SqliteEngine::round_started(self, epoch, nodes, now_ms)
     }
-    fn round_phase(&mut self, id: i64, phase: Phase, now_ms: u64) -> Result<()> {
+    fn round_phase(&mut self, id: i64, phase: RoundPhase, now_ms: u64) -> Result<()> {
         SqliteEngine::round_phase(self, id, phase, now_ms)
     }
     fn round_finished(

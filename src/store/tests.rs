@@ -101,7 +101,7 @@ fn enroll_remove_and_reenroll() {
         .enroll_node("b", 2, Some("127.0.0.1:9002"), "beef01", 1_001)
         .unwrap();
     assert_eq!((a.member_no, b.member_no), (1, 2));
-    assert_eq!(a.state, NodeState::Enrolled);
+    assert_eq!(a.state, RecordedState::Enrolled);
     assert!(matches!(
         s.enroll_node("a", 3, Some("x:1"), "c", 1_002),
         Err(StoreError::AlreadyEnrolled(id)) if id == "a"
@@ -268,9 +268,9 @@ fn a_failing_batch_changes_nothing() {
     assert!(s.record_sent(1, &["a", "ghost"], 6).is_err());
     assert_eq!(s.history().unwrap()[0].deliveries[0].attempts, 0);
     assert!(s
-        .set_node_state(&["a", "ghost"], NodeState::InTransit, Some(1), 7)
+        .set_node_state(&["a", "ghost"], RecordedState::InTransit, Some(1), 7)
         .is_err());
-    assert_eq!(s.node("a").unwrap().unwrap().state, NodeState::Enrolled);
+    assert_eq!(s.node("a").unwrap().unwrap().state, RecordedState::Enrolled);
 }
 
 #[test]
@@ -281,9 +281,18 @@ fn rounds_record_phase_durations() {
         .unwrap();
     let id = s.round_started(1, 1, 100).unwrap();
     assert_eq!(s.unfinished_round().unwrap().map(|r| r.id), Some(id));
-    s.round_phase(id, Phase::FirstTransition, 130).unwrap();
-    s.round_phase(id, Phase::SecondTransition, 180).unwrap();
-    s.set_node_state(&["a"], NodeState::UpdateCompleted, Some(1), 190)
+    assert_eq!(
+        s.unfinished_round().unwrap().map(|r| r.phase),
+        Some(Some(RoundPhase::Distributing))
+    );
+    s.round_phase(id, RoundPhase::FirstTransition, 130).unwrap();
+    s.round_phase(id, RoundPhase::Draining, 180).unwrap();
+    assert_eq!(
+        s.unfinished_round().unwrap().map(|r| r.phase),
+        Some(Some(RoundPhase::Draining))
+    );
+    s.round_phase(id, RoundPhase::SecondTransition, 200).unwrap();
+    s.set_node_state(&["a"], RecordedState::UpdateCompleted, Some(1), 190)
         .unwrap();
     s.round_finished(id, Outcome::Completed, None, 1, 0, 300)
         .unwrap();
@@ -291,14 +300,15 @@ fn rounds_record_phase_durations() {
     assert_eq!(
         r.phases_ms,
         PhaseDurations {
-            distribute: Some(30),
-            first_transition: Some(50),
-            second_transition: Some(120)
+            distributing: 30,
+            first_transition: 50,
+            draining: 20,
+            second_transition: 100
         }
     );
     assert_eq!(
         (r.phase, r.outcome, r.acked, r.stale),
-        (Phase::Finished, Some(Outcome::Completed), Some(1), Some(0))
+        (None, Some(Outcome::Completed), Some(1), Some(0))
     );
     assert_eq!(s.unfinished_round().unwrap(), None);
     assert!(matches!(
@@ -306,13 +316,13 @@ fn rounds_record_phase_durations() {
         Err(StoreError::UnknownEpoch(7))
     ));
     assert!(matches!(
-        s.round_phase(99, Phase::Distribute, 400),
+        s.round_phase(99, RoundPhase::Distributing, 400),
         Err(StoreError::UnknownRound(99))
     ));
     let a = s.node("a").unwrap().unwrap();
     assert_eq!(
         (a.state, a.epoch, a.last_seen_ms),
-        (NodeState::UpdateCompleted, Some(1), Some(190))
+        (RecordedState::UpdateCompleted, Some(1), Some(190))
     );
 }
 
@@ -597,7 +607,10 @@ fn migrates_a_version_1_database_keeping_its_rows() {
     let s = SqliteEngine::open(&path).unwrap();
     assert_eq!(s.schema_version().unwrap(), SCHEMA_VERSION as i64);
     let n = s.node("old").unwrap().unwrap();
-    assert_eq!((n.state, n.enrolled_at_ms), (NodeState::UpdateCompleted, 5));
+    assert_eq!(
+        (n.state, n.enrolled_at_ms),
+        (RecordedState::UpdateCompleted, 5)
+    );
     let idx: i64 = s
         .conn
         .query_row(
@@ -607,6 +620,84 @@ fn migrates_a_version_1_database_keeping_its_rows() {
         )
         .unwrap();
     assert_eq!(idx, 1);
+}
+
+/// Rounds as a version 6 table (and every older one) holds them: a completed one (`Finished`, the
+/// drain counted into the second transition) and one open in `Distribute`.
+const OLD_ROUNDS: &str = "
+    INSERT INTO keys (epoch, created_at_ms, check_value, trigger) VALUES (1, 5, 'c1', 'Initial');
+    INSERT INTO keys (epoch, created_at_ms, check_value, trigger) VALUES (2, 10, 'c2', 'Manual');
+    INSERT INTO keys (epoch, created_at_ms, check_value, trigger) VALUES (3, 20, 'c3', 'Manual');
+    INSERT INTO rounds (epoch, started_at_ms, phase, phase_started_at_ms, distribute_ms,
+                        first_transition_ms, second_transition_ms, nodes, acked, stale,
+                        finished_at_ms, outcome)
+    VALUES (2, 10, 'Finished', 19, 3, 4, 2, 1, 1, 0, 19, 'Completed');
+    INSERT INTO rounds (epoch, started_at_ms, phase, phase_started_at_ms, distribute_ms, nodes)
+    VALUES (3, 20, 'Distribute', 20, NULL, 1);";
+
+/// What [`OLD_ROUNDS`] reads as after the migration to version 7: the phase
+/// names of `RoundPhase`, `NULL` for a finished round, every duration kept,
+/// and the table goes on numbering rounds after the old ones.
+fn check_old_rounds_migrated(s: &mut Store) {
+    let r = s.rounds().unwrap();
+    assert_eq!(
+        r.iter()
+            .map(|r| (r.id, r.epoch, r.phase))
+            .collect::<Vec<_>>(),
+        [(1, 2, None), (2, 3, Some(RoundPhase::Distributing))]
+    );
+    assert_eq!(
+        r[0].phases_ms,
+        PhaseDurations {
+            distributing: 3,
+            first_transition: 4,
+            draining: 0,
+            second_transition: 2
+        }
+    );
+    s.round_phase(2, RoundPhase::Draining, 25).unwrap();
+    assert_eq!(s.rounds().unwrap()[1].phases_ms.distributing, 5);
+    s.round_finished(2, Outcome::Aborted, None, 0, 0, 26)
+        .unwrap();
+    assert_eq!(s.rounds().unwrap()[1].phases_ms.draining, 1);
+    assert_eq!(s.round_started(3, 1, 30).unwrap(), 3);
+}
+
+#[test]
+fn migrates_version_6_round_phases_to_one_vocabulary() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("fleet.db");
+    {
+        let mut conn = Connection::open(&path).unwrap();
+        schema::migrations().to_version(&mut conn, 6).unwrap();
+        conn.execute_batch(OLD_ROUNDS).unwrap();
+    }
+    let mut s = Store::open_at(&Location::Sqlite(path)).unwrap();
+    assert_eq!(s.schema_version().unwrap(), SCHEMA_VERSION as i64);
+    assert_eq!(s.integrity_check().unwrap(), Ok(()));
+    check_old_rounds_migrated(&mut s);
+}
+
+#[test]
+fn postgres_migrates_version_6_round_phases_to_one_vocabulary() {
+    let Some(pg) = testpg::shared() else { return };
+    let url = pg.create_db();
+    testpg::admin(
+        &url,
+        &format!(
+            "CREATE TABLE keyfleet_schema (one BOOLEAN PRIMARY KEY DEFAULT true CHECK (one),
+                                           version INTEGER NOT NULL CHECK (version >= 0));
+             INSERT INTO keyfleet_schema VALUES (true, 6);
+             {}
+             {OLD_ROUNDS}",
+            schema::PG_MIGRATIONS[..6].join("\n")
+        ),
+    )
+    .unwrap();
+    let mut s = Store::connect(&url).unwrap();
+    assert_eq!(s.schema_version().unwrap(), SCHEMA_VERSION as i64);
+    assert_eq!(s.integrity_check().unwrap(), Ok(()));
+    check_old_rounds_migrated(&mut s);
 }
 
 #[test]
@@ -760,7 +851,10 @@ fn postgres_refuses_a_table_from_a_newer_keyfleet_and_migrates_a_version_1_table
     assert_eq!(s.schema_version().unwrap(), SCHEMA_VERSION as i64);
     assert_eq!(s.integrity_check().unwrap(), Ok(()));
     let n = s.node("old").unwrap().unwrap();
-    assert_eq!((n.state, n.enrolled_at_ms), (NodeState::UpdateCompleted, 5));
+    assert_eq!(
+        (n.state, n.enrolled_at_ms),
+        (RecordedState::UpdateCompleted, 5)
+    );
     assert_eq!(s.all_nodes().unwrap().len(), 3);
     assert_eq!(s.history().unwrap()[0].deliveries.len(), 1);
     assert_eq!(s.history().unwrap()[0].activated_at_ms, Some(5));

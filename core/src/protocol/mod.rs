@@ -31,9 +31,9 @@ mod triggers;
 pub use controller::{
     apply_persist, fold_mark, store_snapshot, AnsweredInit, CommandError, ControllerAction,
     ControllerConfig, ControllerCore, ControllerInput, ControllerMachine, ControllerPersist,
-    ControllerTimer, MemberPersist, MemberRatchet, MemberStatus, MemoryState, Outcome, PhaseTimes,
-    Record, RestoreError, ResumeCause, RoundPersist, StateStore, TriggerOutcome, Via,
-    HANDSHAKE_BURST, HANDSHAKE_INTERVAL_MS, HANDSHAKE_RESEND_MS, REJOIN_WINDOW_MS, TERM,
+    ControllerTimer, MemberPersist, MemberRatchet, MemberStatus, MemoryState, Outcome,
+    PhaseDurations, Record, RestoreError, ResumeCause, RoundPersist, StateStore, TriggerOutcome,
+    Via, HANDSHAKE_BURST, HANDSHAKE_INTERVAL_MS, HANDSHAKE_RESEND_MS, REJOIN_WINDOW_MS, TERM,
 };
 pub use node::{
     BeaconStats, Delivered, NodeAction, NodeConfig, NodeEvent, NodeInput, NodeMachine, NodePersist,

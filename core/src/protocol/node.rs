@@ -89,7 +89,8 @@ use crate::crypto::{
     Share, ShareSecret,
 };
 use crate::wire::{
-    self, DataReplay, DataSeen, Message, NodeId, ReplayWindow, RoundPhase, Seen, Signed, Step,
+    self, DataReplay, DataSeen, Message, NodeId, ReplayVerdict, ReplayWindow, RoundPhase, Signed,
+    Step,
 };
 use core::net::SocketAddr;
 use ed25519_dalek::VerifyingKey;
@@ -1115,12 +1116,12 @@ impl NodeMachine {
         self.check_term(term, what)?;
         let digest = digest16(bytes);
         let seen = if term > self.term {
-            Seen::Fresh
+            ReplayVerdict::Fresh
         } else {
             self.ctl_replay.check(seq)
         };
         match seen {
-            Seen::Fresh => {
+            ReplayVerdict::Fresh => {
                 if self.failed.contains(&digest) {
                     return Err(Refusal::BadSignature { what });
                 }
@@ -1149,16 +1150,16 @@ impl NodeMachine {
             // A retransmission of a message already accepted: handled again
             // (idempotently, rate-limited by `precheck`), so that a lost reply
             // gets sent once more.
-            Seen::Again if self.verified.contains(&digest) => Ok(()),
+            ReplayVerdict::Again if self.verified.contains(&digest) => Ok(()),
             // The controller never signs two messages under one number.
-            Seen::Again | Seen::TooOld => Err(Refusal::Replay { what, seq }),
+            ReplayVerdict::Again | ReplayVerdict::TooOld => Err(Refusal::Replay { what, seq }),
         }
     }
 
     /// Whether a controller message of `term` and `seq` is new to this node
     /// (a higher term than its own starts a fresh replay window).
     fn fresh(&self, term: u32, seq: u64) -> bool {
-        term > self.term || self.ctl_replay.check(seq) == Seen::Fresh
+        term > self.term || self.ctl_replay.check(seq) == ReplayVerdict::Fresh
     }
 
     /// Refuses a controller message of a lower leader term than the node's.
@@ -1405,7 +1406,7 @@ impl NodeMachine {
                     }
                 }
                 self.check_term(p.term, what)?;
-                if p.term == self.term && self.ctl_replay.check(p.seq) != Seen::Fresh {
+                if p.term == self.term && self.ctl_replay.check(p.seq) != ReplayVerdict::Fresh {
                     return Err(Refusal::Replay { what, seq: p.seq });
                 }
                 let controller = VerifyingKey::from_bytes(&p.controller_key)
@@ -1453,7 +1454,7 @@ impl NodeMachine {
                 {
                     return Err(Refusal::BadMac { what, member });
                 }
-                if x.term == self.term && self.ctl_replay.check(x.seq) != Seen::Fresh {
+                if x.term == self.term && self.ctl_replay.check(x.seq) != ReplayVerdict::Fresh {
                     return Err(Refusal::Replay { what, seq: x.seq });
                 }
                 self.follow_term(x.term);

@@ -5,7 +5,7 @@
 //!
 //! Two parts, kept apart so that the scenario can later run over real sockets:
 //!
-//! - [`net`]: the [`Transport`] trait and [`VirtualNet`], which drops
+//! - [`net`]: the [`SimNet`] trait and [`VirtualNet`], which drops
 //!   (`loss`), duplicates (1 %), delays (1–20 ms, uniform) and thereby
 //!   reorders datagrams, and takes offline or crashed peers off the wire.
 //! - `scenario`: one controller and `agents` nodes, every node joining with
@@ -61,7 +61,7 @@
 pub mod net;
 mod scenario;
 
-pub use net::{Arrival, NetConfig, NetStats, Peer, Traffic, Transport, VirtualNet};
+pub use net::{Arrival, NetStats, Peer, SimNet, Traffic, VirtualNet, VirtualNetConfig};
 
 use serde::Serialize;
 
@@ -197,7 +197,7 @@ pub struct SimReport {
 pub fn run(cfg: &SimConfig) -> SimReport {
     let mut cfg = cfg.clone();
     cfg.max_virtual_ms = cfg.deadline();
-    let net = VirtualNet::new(NetConfig {
+    let net = VirtualNet::new(VirtualNetConfig {
         nodes: cfg.agents,
         loss: cfg.loss,
         duplicate: cfg.duplicate,
@@ -211,7 +211,7 @@ pub fn run(cfg: &SimConfig) -> SimReport {
 }
 
 /// Run the scenario on any transport.
-pub fn run_on<T: Transport>(cfg: SimConfig, net: T) -> SimReport {
+pub fn run_on<T: SimNet>(cfg: SimConfig, net: T) -> SimReport {
     let mut fleet = scenario::Fleet::new(cfg, net);
     fleet.run();
     fleet.report

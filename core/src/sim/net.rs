@@ -1,7 +1,7 @@
-//! The transport under the simulated fleet: a [`Transport`] trait and the
+//! The transport under the simulated fleet: a [`SimNet`] trait and the
 //! seeded virtual network [`VirtualNet`] that implements it.
 //!
-//! The fleet scenario ([`crate::sim::run_on`]) only talks to a `Transport`, so the same
+//! The fleet scenario ([`crate::sim::run_on`]) only talks to a `SimNet`, so the same
 //! scenario can later run over real sockets (`keyfleet sim --transport udp`)
 //! by implementing this trait with UDP sockets and the wall clock.
 
@@ -55,7 +55,7 @@ pub struct NetStats {
 }
 
 /// What the fleet scenario needs from a network.
-pub trait Transport {
+pub trait SimNet {
     /// Send from `from` to the multicast group.
     fn send_group(&mut self, now: Time, from: Peer, bytes: Vec<u8>, traffic: Traffic, tag: u32);
     /// Send from `from` to one peer.
@@ -72,7 +72,7 @@ pub trait Transport {
 
 /// Settings of the virtual network.
 #[derive(Clone, Copy, Debug)]
-pub struct NetConfig {
+pub struct VirtualNetConfig {
     pub nodes: u32,
     /// Probability that one copy is lost.
     pub loss: f64,
@@ -137,7 +137,7 @@ impl Ord for InFlight {
 /// A group datagram takes one delay for all receivers (as a switch floods it)
 /// and is lost or duplicated independently per receiver.
 pub struct VirtualNet {
-    cfg: NetConfig,
+    cfg: VirtualNetConfig,
     rng: ChaCha8Rng,
     queue: BinaryHeap<Reverse<InFlight>>,
     order: u64,
@@ -147,7 +147,7 @@ pub struct VirtualNet {
 }
 
 impl VirtualNet {
-    pub fn new(cfg: NetConfig) -> VirtualNet {
+    pub fn new(cfg: VirtualNetConfig) -> VirtualNet {
         VirtualNet {
             rng: ChaCha8Rng::seed_from_u64(cfg.seed ^ 0x6e65_7477_6f72_6b00),
             queue: BinaryHeap::new(),
@@ -236,7 +236,7 @@ impl VirtualNet {
     }
 }
 
-impl Transport for VirtualNet {
+impl SimNet for VirtualNet {
     fn send_group(&mut self, now: Time, from: Peer, bytes: Vec<u8>, traffic: Traffic, tag: u32) {
         self.stats.sent += 1;
         if !self.is_online(from) {
@@ -409,7 +409,7 @@ mod tests {
     use super::*;
 
     fn net(loss: f64, dup: f64) -> VirtualNet {
-        VirtualNet::new(NetConfig {
+        VirtualNet::new(VirtualNetConfig {
             nodes: 50,
             loss,
             duplicate: dup,

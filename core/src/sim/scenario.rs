@@ -1,8 +1,8 @@
 //! The fleet scenario: one controller and N nodes driven through R rekey
-//! rounds over a [`Transport`], with faults, data traffic, and the exact
+//! rounds over a [`SimNet`], with faults, data traffic, and the exact
 //! invariant checks. See the module docs of [`crate::sim`] for what is counted.
 
-use super::net::{Arrival, Peer, Traffic, Transport};
+use super::net::{Arrival, Peer, SimNet, Traffic};
 use super::{SimConfig, SimReport, Spread};
 use crate::crypto::{Epoch, InitialKey};
 use crate::protocol::{
@@ -120,7 +120,7 @@ impl Counts {
     }
 }
 
-pub(super) struct Fleet<T: Transport> {
+pub(super) struct Fleet<T: SimNet> {
     cfg: SimConfig,
     ctl_cfg: ControllerConfig,
     net: T,
@@ -149,7 +149,7 @@ pub(super) struct Fleet<T: Transport> {
     pub(super) report: SimReport,
 }
 
-impl<T: Transport> Fleet<T> {
+impl<T: SimNet> Fleet<T> {
     pub(super) fn new(cfg: SimConfig, net: T) -> Fleet<T> {
         let max_delay = net.max_delay_ms();
         let ctl_cfg = ControllerConfig {

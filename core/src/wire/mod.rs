@@ -62,7 +62,7 @@
 mod replay;
 
 pub use replay::{
-    DataReplay, DataSeen, ReplayWindow, Seen, SUSPICIOUS_JUMP, WINDOW as REPLAY_WINDOW,
+    DataReplay, DataSeen, ReplayVerdict, ReplayWindow, SUSPICIOUS_JUMP, WINDOW as REPLAY_WINDOW,
 };
 
 use crate::crypto::ratchet::HANDSHAKE_INIT_LEN;
@@ -177,20 +177,52 @@ impl fmt::Debug for NodeId {
     }
 }
 
-/// The phase of the controller's rekey round (SPEC §2).
+/// The phase of the controller's rekey round (SPEC §2): the one vocabulary
+/// for it on the wire (its number), in the management table, in every JSON
+/// output and in the CLI's text ([`RoundPhase::as_str`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum RoundPhase {
     /// Key update requests out; waiting for every key update reply.
+    #[serde(alias = "Distributing")]
     Distributing = 1,
     /// First transition request out; waiting for every reply.
+    #[serde(alias = "FirstTransition")]
     FirstTransition = 2,
     /// Everyone seals with the new key; waiting the drain grace.
+    #[serde(alias = "Draining")]
     Draining = 3,
     /// Second transition request out; waiting for every reply.
+    #[serde(alias = "SecondTransition")]
     SecondTransition = 4,
 }
 
 impl RoundPhase {
+    /// Every phase, in the order a round goes through them.
+    pub const ALL: [RoundPhase; 4] = [
+        RoundPhase::Distributing,
+        RoundPhase::FirstTransition,
+        RoundPhase::Draining,
+        RoundPhase::SecondTransition,
+    ];
+
+    /// The phase's name: `distributing`, `first_transition`, `draining`,
+    /// `second_transition` (serde writes the same; it also reads the
+    /// capitalised names that state files written before them hold).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RoundPhase::Distributing => "distributing",
+            RoundPhase::FirstTransition => "first_transition",
+            RoundPhase::Draining => "draining",
+            RoundPhase::SecondTransition => "second_transition",
+        }
+    }
+
+    /// The phase named `s` by [`RoundPhase::as_str`].
+    pub fn from_name(s: &str) -> Option<RoundPhase> {
+        RoundPhase::ALL.into_iter().find(|p| p.as_str() == s)
+    }
+
     pub(crate) fn from_u8(v: u8) -> Result<RoundPhase, WireError> {
         Ok(match v {
             1 => RoundPhase::Distributing,
@@ -204,6 +236,12 @@ impl RoundPhase {
                 })
             }
         })
+    }
+}
+
+impl fmt::Display for RoundPhase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 

@@ -10,7 +10,7 @@ pub const WINDOW: u64 = 64;
 
 /// Result of looking a sequence number up in a [`ReplayWindow`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Seen {
+pub enum ReplayVerdict {
     /// Never seen and inside (or above) the window: may be accepted.
     Fresh,
     /// Already accepted once.
@@ -34,17 +34,17 @@ pub struct ReplayWindow {
 }
 
 impl ReplayWindow {
-    pub fn check(&self, seq: u64) -> Seen {
+    pub fn check(&self, seq: u64) -> ReplayVerdict {
         if self.is_empty() || seq > self.top {
-            return Seen::Fresh;
+            return ReplayVerdict::Fresh;
         }
         let back = self.top - seq;
         if back >= WINDOW {
-            Seen::TooOld
+            ReplayVerdict::TooOld
         } else if self.bits & (1 << back) != 0 {
-            Seen::Again
+            ReplayVerdict::Again
         } else {
-            Seen::Fresh
+            ReplayVerdict::Fresh
         }
     }
 
@@ -157,12 +157,12 @@ impl DataReplay {
         let senders = self.epoch(epoch);
         match senders.and_then(|m| m.get(&sender)) {
             Some(w) => match w.check(seq) {
-                Seen::Fresh => DataSeen::Fresh {
+                ReplayVerdict::Fresh => DataSeen::Fresh {
                     jump: w
                         .top()
                         .filter(|top| seq.saturating_sub(*top) > SUSPICIOUS_JUMP),
                 },
-                Seen::Again | Seen::TooOld => DataSeen::Replay,
+                ReplayVerdict::Again | ReplayVerdict::TooOld => DataSeen::Replay,
             },
             None if senders.map_or(0, HashMap::len) >= self.max_senders => DataSeen::Full {
                 max: self.max_senders,
@@ -217,29 +217,41 @@ mod tests {
     fn duplicates_and_old_numbers_are_caught_reordering_is_allowed() {
         let mut w = ReplayWindow::default();
         for s in [5, 3, 4, 100] {
-            assert_eq!(w.check(s), Seen::Fresh, "{s}");
+            assert_eq!(w.check(s), ReplayVerdict::Fresh, "{s}");
             w.mark(s);
-            assert_eq!(w.check(s), Seen::Again, "{s}");
+            assert_eq!(w.check(s), ReplayVerdict::Again, "{s}");
         }
-        assert_eq!(w.check(37), Seen::Fresh, "inside the window, not seen");
-        assert_eq!(w.check(36), Seen::TooOld, "100 - 64 and below are too old");
-        assert_eq!(w.check(3), Seen::TooOld);
+        assert_eq!(
+            w.check(37),
+            ReplayVerdict::Fresh,
+            "inside the window, not seen"
+        );
+        assert_eq!(
+            w.check(36),
+            ReplayVerdict::TooOld,
+            "100 - 64 and below are too old"
+        );
+        assert_eq!(w.check(3), ReplayVerdict::TooOld);
     }
 
     #[test]
     fn zero_is_a_number_like_any_other() {
         let mut w = ReplayWindow::default();
-        assert_eq!(w.check(0), Seen::Fresh, "an empty window refuses nothing");
+        assert_eq!(
+            w.check(0),
+            ReplayVerdict::Fresh,
+            "an empty window refuses nothing"
+        );
         w.mark(0);
-        assert_eq!(w.check(0), Seen::Again);
+        assert_eq!(w.check(0), ReplayVerdict::Again);
         assert_eq!(w.top(), Some(0));
         w.mark(70);
-        assert_eq!(w.check(0), Seen::TooOld);
+        assert_eq!(w.check(0), ReplayVerdict::TooOld);
         let w = ReplayWindow::above(10);
         for s in 0..=10 {
-            assert_ne!(w.check(s), Seen::Fresh, "{s}");
+            assert_ne!(w.check(s), ReplayVerdict::Fresh, "{s}");
         }
-        assert_eq!(w.check(11), Seen::Fresh);
+        assert_eq!(w.check(11), ReplayVerdict::Fresh);
     }
 
     #[test]
@@ -288,7 +300,7 @@ mod tests {
             let mut w = ReplayWindow::default();
             let mut accepted = std::collections::HashSet::new();
             for s in seqs {
-                if w.check(s) == Seen::Fresh {
+                if w.check(s) == ReplayVerdict::Fresh {
                     prop_assert!(accepted.insert(s), "{} accepted twice", s);
                     w.mark(s);
                 }

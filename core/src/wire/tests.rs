@@ -557,3 +557,37 @@ fn version_1_datagrams_are_refused_with_advice() {
     b[0] = 1;
     assert_eq!(decode(&b), Err(WireError::Version(1)));
 }
+
+#[test]
+fn a_round_phase_has_one_name_in_text_and_json_and_reads_its_old_json_name() {
+    let names: Vec<&str> = RoundPhase::ALL.iter().map(|p| p.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "distributing",
+            "first_transition",
+            "draining",
+            "second_transition"
+        ]
+    );
+    let old = [
+        "Distributing",
+        "FirstTransition",
+        "Draining",
+        "SecondTransition",
+    ];
+    for (i, p) in RoundPhase::ALL.into_iter().enumerate() {
+        assert_eq!(RoundPhase::from_u8(i as u8 + 1), Ok(p), "wire order");
+        assert_eq!(p.to_string(), p.as_str());
+        assert_eq!(RoundPhase::from_name(p.as_str()), Some(p));
+        let json = serde_json::to_string(&p).unwrap();
+        assert_eq!(json, format!("\"{}\"", p.as_str()));
+        assert_eq!(serde_json::from_str::<RoundPhase>(&json).unwrap(), p);
+        let written_before = format!("\"{}\"", old[i]);
+        assert_eq!(
+            serde_json::from_str::<RoundPhase>(&written_before).unwrap(),
+            p
+        );
+    }
+    assert_eq!(RoundPhase::from_name("Distribute"), None);
+}

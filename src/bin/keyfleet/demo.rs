@@ -540,18 +540,13 @@ fn run_in(
             }
             let v: serde_json::Value = serde_json::from_slice(&out.stdout)
                 .context("keyfleet rekey --json printed no JSON")?;
-            let phases: Vec<String> = [
-                "distributing",
-                "first_transition",
-                "draining",
-                "second_transition",
-            ]
-            .iter()
-            .filter_map(|p| {
-                let ms = v["phases_ms"][*p].as_u64()?;
-                Some(format!("{} {ms} ms", p.replace('_', " ")))
-            })
-            .collect();
+            let phases: Vec<String> = keyfleet_core::wire::RoundPhase::ALL
+                .iter()
+                .filter_map(|p| {
+                    let ms = v["phases_ms"][p.as_str()].as_u64()?;
+                    Some(format!("{} {ms} ms", p.as_str().replace('_', " ")))
+                })
+                .collect();
             say(format!(
                 "  rotation {r}: epoch {}, {}/{} acknowledged, {} stale, {} ms ({})",
                 v["epoch"],

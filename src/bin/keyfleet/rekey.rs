@@ -11,7 +11,7 @@ use keyfleet::controller::{
     CarriedOnBy, Command, Controller, ControllerError, Queued, RoundOutcome, RoundReport, StateDir,
 };
 use keyfleet::secrets::SecretsError;
-use keyfleet_core::wire::NodeId;
+use keyfleet_core::wire::{NodeId, RoundPhase};
 
 use crate::fleet::{self, GlobalArgs, NetFlags};
 
@@ -97,18 +97,18 @@ fn print_round(r: &RoundReport) {
         print_round(e);
         println!("then the round of this command:");
     }
-    let p = &r.phases_ms;
+    let phases = RoundPhase::ALL
+        .map(|ph| {
+            let ms = r.phases_ms.get(ph);
+            format!("{} {ms} ms", ph.as_str().replace('_', " "))
+        })
+        .join(", ");
     match r.outcome {
         RoundOutcome::Completed => println!(
-            "epoch {} (check {}): completed in {} ms (distribute {} ms, first transition {} ms, \
-             drain {} ms, second transition {} ms){}",
+            "epoch {} (check {}): completed in {} ms ({phases}){}",
             r.epoch,
             r.check,
             r.elapsed_ms,
-            p.distributing,
-            p.first_transition,
-            p.draining,
-            p.second_transition,
             if r.pauses > 0 {
                 format!(", after {} pause(s)", r.pauses)
             } else {

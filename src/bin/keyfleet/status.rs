@@ -4,10 +4,18 @@ use clap::Args;
 use serde::Serialize;
 
 use keyfleet::store::{
-    AddressChange, AuditKind, AuditRecord, KeyRecord, NodeRecord, NodeState, RoundRecord,
+    AddressChange, AuditKind, AuditRecord, KeyRecord, NodeRecord, RecordedState, RoundRecord,
 };
 
 use crate::fleet::{when, GlobalArgs};
+use keyfleet_core::wire::RoundPhase;
+
+/// A round's phase in words, as `rekey` prints it (`finished` once it has none).
+fn phase(r: &RoundRecord) -> String {
+    r.phase
+        .map_or("finished", RoundPhase::as_str)
+        .replace('_', " ")
+}
 
 /// `keyfleet status`.
 #[derive(Args, Debug)]
@@ -107,7 +115,7 @@ pub fn status(g: &GlobalArgs, a: StatusArgs) -> anyhow::Result<()> {
                 "group key epoch {}, rotating to {} (phase {} since {}{})",
                 e.unwrap_or(0),
                 r.epoch,
-                r.phase,
+                phase(r),
                 when(r.phase_started_at_ms),
                 r.paused_at_ms
                     .map_or(String::new(), |t| format!("; paused since {}", when(t)))
@@ -131,7 +139,7 @@ pub fn status(g: &GlobalArgs, a: StatusArgs) -> anyhow::Result<()> {
     }
     println!("{}", node_table(&st.nodes, now));
     let count = |f: &dyn Fn(&NodeRecord) -> bool| st.nodes.iter().filter(|n| f(n)).count();
-    let not_joined = count(&|n| n.state == NodeState::Enrolled);
+    let not_joined = count(&|n| n.state == RecordedState::Enrolled);
     println!(
         "{} nodes enrolled: {} joined ({} stale), {} not joined",
         st.nodes.len(),
@@ -237,21 +245,21 @@ pub fn history(g: &GlobalArgs, a: HistoryArgs) -> anyhow::Result<()> {
     for r in &h.rounds {
         let p = &r.phases_ms;
         println!(
-            "  epoch {:<4} started {}  {}  nodes {} acked {} stale {}  distribute {} ms, first transition {} ms, second transition {} ms",
+            "  epoch {:<4} started {}  {}  nodes {} acked {} stale {}  {}",
             r.epoch,
             when(r.started_at_ms),
             match (r.outcome, r.paused_at_ms) {
                 (Some(o), _) if r.pauses > 0 => format!("{o} after {} pause(s)", r.pauses),
                 (Some(o), _) => o.to_string(),
-                (None, Some(t)) => format!("PAUSED in phase {} since {}", r.phase, when(t)),
-                (None, None) => format!("in progress, phase {}", r.phase),
+                (None, Some(t)) => format!("PAUSED in phase {} since {}", phase(r), when(t)),
+                (None, None) => format!("in progress, phase {}", phase(r)),
             },
             r.nodes,
             r.acked.map_or("-".into(), |v| v.to_string()),
             r.stale.map_or("-".into(), |v| v.to_string()),
-            p.distribute.unwrap_or(0),
-            p.first_transition.unwrap_or(0),
-            p.second_transition.unwrap_or(0),
+            RoundPhase::ALL
+                .map(|ph| format!("{} {} ms", ph.as_str().replace('_', " "), p.get(ph)))
+                .join(", "),
         );
     }
     if !h.address_changes.is_empty() {

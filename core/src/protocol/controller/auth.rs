@@ -21,7 +21,7 @@ use super::{
     HANDSHAKE_BURST, HANDSHAKE_INTERVAL_MS, HANDSHAKE_RESEND_MS,
 };
 use crate::crypto::{digest16, ratchet, Chain, Share};
-use crate::wire::{self, AnswerPayload, HandshakeInit, Maced, Seen};
+use crate::wire::{self, AnswerPayload, HandshakeInit, Maced, ReplayVerdict};
 use core::net::SocketAddr;
 use rand::{CryptoRng, RngCore};
 
@@ -93,7 +93,7 @@ impl Member {
         out: &mut Out,
     ) -> Result<Under, Refusal> {
         let (what, member) = (a.what, a.member);
-        if self.replay.check(a.seq) != Seen::Fresh {
+        if self.replay.check(a.seq) != ReplayVerdict::Fresh {
             return Err(Refusal::Replay { what, seq: a.seq });
         }
         let Some(under) = self.row.ratchet.verify(a.auth) else {
@@ -232,7 +232,7 @@ impl ControllerMachine {
             });
             return Ok(());
         }
-        if m.replay.check(h.seq) != Seen::Fresh
+        if m.replay.check(h.seq) != ReplayVerdict::Fresh
             || (m.row.ratchet.handshake.is_some() && h.seq <= m.row.ratchet.handshake_seq)
         {
             return Err(Refusal::Replay { what, seq: h.seq });

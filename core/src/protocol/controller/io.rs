@@ -91,10 +91,9 @@ pub enum Outcome {
     /// `Enroll`: the node's member number and its initial key's fingerprint.
     Enrolled { member: u32, fingerprint: String },
     /// `Rekey` or `Remove`: the epoch whose round, once finished, answers the
-    /// command (a round in progress first, when the command queued another
-    /// behind it); `None` when no round follows (a removal with
-    /// `triggers.on_node_removed` off, or folded into a round already queued
-    /// whose epoch the caller knows).
+    /// command (the round it started, or the one queued behind the round in
+    /// progress, which it may have joined); `None` when no round follows (a
+    /// removal with `triggers.on_node_removed` off).
     Round { answered_by: Option<Epoch> },
     /// `AllowRejoin`: the re-join window's end.
     RejoinAllowed { until: Time },
@@ -112,23 +111,39 @@ pub enum TriggerOutcome {
     AlreadyQueued,
 }
 
-/// Milliseconds spent in each phase of a round.
+/// Milliseconds spent in each phase of a round (`rekey --json`'s and
+/// `history --json`'s `phases_ms`; the management table's duration columns).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PhaseTimes {
+pub struct PhaseDurations {
     pub distributing: u64,
     pub first_transition: u64,
     pub draining: u64,
     pub second_transition: u64,
 }
 
-impl PhaseTimes {
-    pub(super) fn add(&mut self, phase: RoundPhase, ms: u64) {
-        let slot = match phase {
+impl PhaseDurations {
+    /// The milliseconds spent in `phase`.
+    pub fn get(&self, phase: RoundPhase) -> u64 {
+        match phase {
+            RoundPhase::Distributing => self.distributing,
+            RoundPhase::FirstTransition => self.first_transition,
+            RoundPhase::Draining => self.draining,
+            RoundPhase::SecondTransition => self.second_transition,
+        }
+    }
+
+    /// The slot of `phase`.
+    pub fn get_mut(&mut self, phase: RoundPhase) -> &mut u64 {
+        match phase {
             RoundPhase::Distributing => &mut self.distributing,
             RoundPhase::FirstTransition => &mut self.first_transition,
             RoundPhase::Draining => &mut self.draining,
             RoundPhase::SecondTransition => &mut self.second_transition,
-        };
+        }
+    }
+
+    pub(super) fn add(&mut self, phase: RoundPhase, ms: u64) {
+        let slot = self.get_mut(phase);
         *slot = slot.saturating_add(ms);
     }
 }
@@ -286,7 +301,7 @@ pub enum Record {
         reason: TriggerReason,
         started_at: Time,
         finished_at: Time,
-        phases_ms: PhaseTimes,
+        phases_ms: PhaseDurations,
         nodes: u32,
         acked: u32,
         stale: u32,

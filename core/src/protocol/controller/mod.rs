@@ -43,7 +43,7 @@ mod trigger;
 pub use config::ControllerConfig;
 pub use io::{
     CommandError, ControllerAction, ControllerInput, ControllerTimer, MemberStatus, Outcome,
-    PhaseTimes, Record, RestoreError, ResumeCause, TriggerOutcome, Via,
+    PhaseDurations, Record, RestoreError, ResumeCause, TriggerOutcome, Via,
 };
 pub use persist::{
     apply_persist, fold_mark, store_snapshot, AnsweredInit, Committed, ControllerCore,

@@ -9,7 +9,7 @@
 
 use super::super::triggers::TriggerReason;
 use super::super::Time;
-use super::{MemberStatus, PhaseTimes};
+use super::{MemberStatus, PhaseDurations};
 use crate::crypto::{ratchet, Chain, Epoch, GroupKey, NodeKeys, Share, ShareSecret};
 use crate::wire::{NodeId, RoundPhase};
 use core::net::SocketAddr;
@@ -75,7 +75,7 @@ pub struct RoundPersist {
     pub started_at: Time,
     pub drain_until: Option<Time>,
     pub activated_at: Option<Time>,
-    pub phases_ms: PhaseTimes,
+    pub phases_ms: PhaseDurations,
     /// Paused since (too few nodes answered); absent in revision-1 files.
     #[serde(default)]
     pub paused_at: Option<Time>,

@@ -54,7 +54,7 @@ use super::super::triggers::TriggerReason;
 use super::super::Time;
 use super::members::Member;
 use super::{
-    ControllerConfig, ControllerMachine, MemberStatus, Out, PhaseTimes, Record, ResumeCause,
+    ControllerConfig, ControllerMachine, MemberStatus, Out, PhaseDurations, Record, ResumeCause,
     RoundPersist,
 };
 use crate::crypto::{Epoch, GroupKey, ShareSecret};
@@ -82,7 +82,7 @@ pub(super) struct Round {
     pub(super) pauses: u32,
     pub(super) drain_until: Option<Time>,
     pub(super) activated_at: Option<Time>,
-    pub(super) phases_ms: PhaseTimes,
+    pub(super) phases_ms: PhaseDurations,
     /// Live members still to confirm the current phase.
     pub(super) waiting: u32,
     pub(super) group_sent: u32,
@@ -150,7 +150,7 @@ impl Round {
             pauses: 0,
             drain_until: None,
             activated_at: None,
-            phases_ms: PhaseTimes::default(),
+            phases_ms: PhaseDurations::default(),
             waiting: 0,
             group_sent: 0,
             next_wave: None,

@@ -12,7 +12,7 @@
 use super::beacon::Beacon;
 use super::members::{Member, Members};
 use super::round::Round;
-use super::{ControllerMachine, MemberPersist, PhaseTimes};
+use super::{ControllerMachine, MemberPersist, PhaseDurations};
 use std::cmp::Reverse;
 use std::hash::{Hash, Hasher};
 
@@ -95,7 +95,7 @@ impl Hash for Round {
         (epoch, key, phase, reason, started_at, phase_started).hash(state);
         (stale_from, paused, pauses).hash(state);
         (drain_until, activated_at, waiting, group_sent, next_wave).hash(state);
-        let PhaseTimes {
+        let PhaseDurations {
             distributing,
             first_transition,
             draining,

@@ -11,7 +11,7 @@
 //! - a freshly authenticated request or answer (key update, transition
 //!   request, key response, join accept, resync request): its source address.
 //!
-//! A retransmission or replay (a copy already accepted, `Seen::Again`) teaches
+//! A retransmission or replay (a copy already accepted, `ReplayVerdict::Again`) teaches
 //! nothing, so someone who replays captured controller traffic from their own
 //! address cannot draw the node's answers away. Until an address is known, and
 //! as a fallback, the group is used: every second answer to a request the node

@@ -24,6 +24,73 @@ fn commands_that_cannot_be_carried_out() {
     );
 }
 
+/// Every command answers what it came to (issue 14.4): the shell reports
+/// it without looking through the actions.
+#[test]
+fn each_command_answers_its_outcome() {
+    let mut f = TestFleet::new(2, test_cfg());
+    let e0 = f.c.current_epoch();
+    let id = NodeId::parse("late").unwrap();
+    assert_eq!(
+        f.ctl(ControllerInput::Enroll {
+            node_id: id.clone(),
+            initial_key: initial(9),
+            addr: node_addr(9)
+        }),
+        Ok(Outcome::Enrolled {
+            member: 3,
+            fingerprint: initial(9).fingerprint()
+        })
+    );
+    // A rekey starts the round of the next epoch; a second one while it runs
+    // is answered by the round queued behind it, and so is a third, folded
+    // into that one.
+    assert_eq!(
+        f.ctl(ControllerInput::Rekey),
+        Ok(Outcome::Round {
+            answered_by: Some(Epoch(e0.0 + 1))
+        })
+    );
+    assert_eq!(
+        f.ctl(ControllerInput::Rekey),
+        Ok(Outcome::Round {
+            answered_by: Some(Epoch(e0.0 + 2))
+        })
+    );
+    assert_eq!(
+        f.ctl(ControllerInput::Rekey),
+        Ok(Outcome::Round {
+            answered_by: Some(Epoch(e0.0 + 2))
+        })
+    );
+    // A removal with `triggers.on_node_removed` off starts no round.
+    let mut cfg = test_cfg();
+    cfg.triggers.on_node_removed = false;
+    let mut g = TestFleet::new(2, cfg);
+    assert_eq!(
+        g.ctl(ControllerInput::Remove {
+            node_id: NodeId::parse("node-1").unwrap()
+        }),
+        Ok(Outcome::Round { answered_by: None })
+    );
+    assert_eq!(
+        f.ctl(ControllerInput::AllowRejoin {
+            node_id: id.clone()
+        }),
+        Ok(Outcome::RejoinAllowed {
+            until: f.now.plus(REJOIN_WINDOW_MS)
+        })
+    );
+    // Not commands: datagrams and timers are done.
+    assert_eq!(
+        f.ctl(ControllerInput::Datagram {
+            from: node_addr(0),
+            bytes: &[1, 0x13, 9]
+        }),
+        Ok(Outcome::Done)
+    );
+}
+
 #[test]
 fn records_serialize_as_self_describing_rows() {
     let mut f = TestFleet::new(2, test_cfg());

@@ -93,7 +93,7 @@ impl TestFleet {
         f
     }
 
-    fn ctl(&mut self, input: ControllerInput<'_>) -> Result<(), CommandError> {
+    fn ctl(&mut self, input: ControllerInput<'_>) -> Result<Outcome, CommandError> {
         let mut out = Vec::new();
         let r = self.c.handle(self.now, input, &mut self.rng, &mut out);
         self.apply(out);
