@@ -1,6 +1,6 @@
 //! Fifty `keyfleet-agent` processes on loopback multicast, rotated by a
 //! controller: every one acknowledges, none goes stale. Heavy (50 processes),
-//! so it runs on request: `cargo test --test agent_fleet -- --ignored`.
+//! so it runs on request: `cargo test --test fleet agent_fleet:: -- --ignored`.
 
 use crate::support;
 

@@ -210,4 +210,4 @@ fn kill_9_of_a_rekey_without_serve_and_rekey_again_finishes_that_round_then_its_
 }
 
 // kill -9 of `serve` with real `keyfleet-agent` processes and application data
-// flowing, at every phase of a round: tests/fault_matrix.rs.
+// flowing, at every phase of a round: tests/fleet/fault_matrix.rs.

@@ -6,7 +6,7 @@
 //! forged, replayed, bit-flipped, truncated and oversized datagrams.
 //!
 //! The same attacks go to real `keyfleet-agent` and `keyfleet serve`
-//! processes in tests/adversary_processes.rs; this file pins the rules on the
+//! processes in tests/security/adversary_processes.rs; this file pins the rules on the
 //! machines themselves, where a failure names the datagram that did it.
 
 use crate::support;

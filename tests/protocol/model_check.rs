@@ -6,10 +6,10 @@
 //! duplicates and reorders datagrams, with node crashes and restarts (restored
 //! from the snapshots the machines' own `Persist` actions wrote), node link
 //! loss, an isolated controller and a controller restart. See `fleet_model`
-//! in `tests/model/mod.rs` for the model, its bounds and the properties.
+//! in `tests/protocol/model/mod.rs` for the model, its bounds and the properties.
 //!
-//! `cargo test --test model_check` runs the bounded check CI runs (seconds);
-//! `cargo test --release --test model_check -- --ignored --nocapture` the
+//! `cargo test --test protocol model_check::` runs the bounded check CI runs (seconds);
+//! `cargo test --release --test protocol model_check:: -- --ignored --nocapture` the
 //! longer one whose figures the README quotes. Both print what they explored.
 
 use crate::model;

@@ -39,15 +39,24 @@ pub fn agent_bin() -> PathBuf {
 }
 
 /// Held by every heavy test (real fleets, network namespaces, the simulator,
-/// the model check) for its whole run. The tests of one binary run in
-/// parallel threads; before the groups, the heavy ones lived in binaries of
-/// their own that cargo ran one after another, and their deadlines were set
-/// for that. Two of them at once on a small machine starve each other's
-/// processes. Poison-tolerant: a heavy test that failed does not fail the
-/// next one.
-pub fn heavy() -> MutexGuard<'static, ()> {
+/// the model check) for its whole run: `let _heavy = support::heavy();`
+/// first. The tests of one binary run in parallel threads; before the
+/// groups, the heavy ones lived in binaries of their own that cargo ran one
+/// after another, and their deadlines were set for that. Two of them at once
+/// on a small machine starve each other's processes. Poison-tolerant: a heavy
+/// test that failed does not fail the next one.
+pub fn heavy() -> Heavy {
     static HEAVY: Mutex<()> = Mutex::new(());
-    HEAVY.lock().unwrap_or_else(|e| e.into_inner())
+    Heavy {
+        _turn: HEAVY.lock().unwrap_or_else(|e| e.into_inner()),
+    }
+}
+
+/// A heavy test's turn ([`heavy`]), until dropped. Async tests hold it across
+/// their awaits on purpose: the whole test is the turn, and no other task of
+/// the test waits for it.
+pub struct Heavy {
+    _turn: MutexGuard<'static, ()>,
 }
 
 /// A multicast group and port of this test alone: the port one this process

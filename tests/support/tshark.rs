@@ -7,8 +7,7 @@
 //! checked for Lua errors: one raised while loading the script (printed on
 //! stderr, tshark still exits 0) fails the test here; one raised while
 //! dissecting a packet becomes expert info `Lua Error: …` in that packet,
-//! which the tests look for. Include it beside `fleet_support`, whose
-//! `common` it uses.
+//! which the tests look for.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
