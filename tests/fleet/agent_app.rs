@@ -8,7 +8,6 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use support::agent::*;
-use support::inproc::*;
 use support::{agent_bin, fresh_group};
 
 const T: Duration = Duration::from_secs(20);

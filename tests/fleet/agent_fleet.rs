@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 use keyfleet_core::protocol::MemberStatus;
 use support::agent::*;
 use support::fresh_group;
-use support::inproc::*;
 
 const N: usize = 50;
 

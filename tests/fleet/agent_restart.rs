@@ -8,7 +8,6 @@ use std::time::Duration;
 use keyfleet_core::wire::RoundPhase;
 use support::agent::*;
 use support::fresh_group;
-use support::inproc::*;
 
 const T: Duration = Duration::from_secs(20);
 

@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 
 use rand::Rng;
 use support::agent::*;
-use support::inproc::*;
 use support::{agent_bin, fresh_group};
 
 const T: Duration = Duration::from_secs(20);

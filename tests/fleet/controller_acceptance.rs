@@ -11,7 +11,6 @@ use std::process::{Command, Stdio};
 use std::time::Instant;
 
 use support::ctl::*;
-use support::inproc::*;
 use support::{agent_bin, wait_for, Proc};
 
 /// Default round timing, as a user gets it; only the group and ports are the test's own.

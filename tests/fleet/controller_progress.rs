@@ -7,7 +7,6 @@ use std::io::Read;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use support::ctl::*;
-use support::inproc::*;
 use support::run_in_pty;
 use support::{wait_for, KEYFLEET};
 

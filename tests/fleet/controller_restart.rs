@@ -3,7 +3,6 @@
 use crate::support;
 
 use support::ctl::*;
-use support::inproc::*;
 use support::{wait_for, Proc};
 
 const CFG: &str = "[round]\ndrain_grace_ms = 500\nretry_initial_ms = 100\nretry_max_ms = 800\nstale_after_ms = 5000\n[rekey]\njoin_wait_ms = 8000\nlinger_ms = 200\n";

@@ -4,7 +4,6 @@ use crate::support;
 
 use keyfleet_core::protocol::NodeState;
 use support::ctl::*;
-use support::inproc::*;
 use support::{wait_for, Proc};
 
 const FAST: &str = "[round]\ndrain_grace_ms = 300\nretry_initial_ms = 100\nretry_max_ms = 800\nstale_after_ms = 8000\n[rekey]\njoin_wait_ms = 8000\nlinger_ms = 300\n";

@@ -10,7 +10,6 @@ use crate::support::netns;
 
 use netns::Netns;
 use support::ctl::*;
-use support::inproc::*;
 use support::{wait_for, Proc};
 
 const CHILD_ENV: &str = "KEYFLEET_CONTROLLER_NETNS_CHILD";

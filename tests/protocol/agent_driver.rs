@@ -16,7 +16,6 @@ use keyfleet_core::protocol::{NodeConfig, NodeMachine, NodePersist, NodeState, R
 use keyfleet_core::wire::{NodeId, RoundPhase, Step};
 use support::agent::*;
 use support::fresh_group;
-use support::inproc::*;
 
 const T: Duration = Duration::from_secs(20);
 

@@ -5,7 +5,8 @@
 //! multicast groups no other test took, waiting for a condition with a
 //! deadline that names it, the one child-process wrapper, and the guard that
 //! keeps heavy tests one at a time. Beside it: the real-process fleet
-//! ([`fleet`], [`ctl`], [`agent`]), the in-process fleet ([`inproc`]), the
+//! ([`fleet`]), the real `keyfleet` beside in-process node shells ([`ctl`]),
+//! the real `keyfleet-agent` beside an in-process controller ([`agent`]), the
 //! attacker ([`adversary`], [`wiretap`]), network namespaces ([`netns`],
 //! [`veth`]), `tshark` ([`tshark`]) and a throw-away PostgreSQL ([`testpg`]).
 
@@ -20,7 +21,6 @@ pub mod adversary;
 pub mod agent;
 pub mod ctl;
 pub mod fleet;
-pub mod inproc;
 pub mod netns;
 #[path = "../../src/store/testpg.rs"]
 pub mod testpg;
