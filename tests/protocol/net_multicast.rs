@@ -12,14 +12,11 @@ use std::time::Duration;
 use keyfleet::net::{Clock, Loss, NetConfig, Transport, Via};
 use tokio::time::timeout;
 
-/// A free UDP port and a group address of its own, so tests running in
-/// parallel do not hear each other.
+/// A free UDP port ([`support::free_port`]: one no other test of this binary
+/// holds) and a group address of its own, so tests running in parallel do
+/// not hear each other.
 fn fresh_config(group_last: u8) -> NetConfig {
-    let port = std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = support::free_port();
     let mut cfg = NetConfig::loopback(port);
     cfg.group = SocketAddrV4::new(Ipv4Addr::new(239, 255, 78, group_last), port);
     cfg
