@@ -13,7 +13,6 @@
 //! The attacker never holds a fleet key unless a test hands it one (a stolen
 //! appliance's state file): it signs with its own Ed25519 key and MACs with
 //! keys derived from a random initial key.
-#![allow(dead_code)]
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -35,16 +34,6 @@ pub mod kinds {
     pub const KEY_UPDATE: u8 = 0x02;
     pub const FIRST_TRANSITION: u8 = 0x03;
     pub const SECOND_TRANSITION: u8 = 0x04;
-    pub const KEY_RESPONSE: u8 = 0x05;
-    /// Node messages (replies, key requests, usage reports, handshake inits) are 0x11..=0x17.
-    pub const NODE_FIRST: u8 = 0x11;
-    pub const NODE_LAST: u8 = 0x17;
-}
-
-/// The epoch field of a controller or node message (bytes 2..6), if present.
-pub fn epoch_of(bytes: &[u8]) -> Option<Epoch> {
-    let b: [u8; 4] = bytes.get(2..6)?.try_into().ok()?;
-    Some(Epoch(u32::from_be_bytes(b)))
 }
 
 /// One labelled attack datagram.
@@ -592,64 +581,13 @@ impl Drop for Lan {
 pub mod procs {
     use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
     use std::path::{Path, PathBuf};
-    use std::process::{Child, Command, Output, Stdio};
-    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::process::{Command, Output};
     use std::time::{Duration, Instant};
 
     use rand::RngCore;
     use serde_json::Value;
 
-    pub const KEYFLEET: &str = env!("CARGO_BIN_EXE_keyfleet");
-    pub const AGENT: &str = env!("CARGO_BIN_EXE_keyfleet-agent");
-
-    pub use crate::support::common::{free_port, wait_for};
-
-    /// A group and port of this test's own.
-    pub fn fresh_group() -> SocketAddrV4 {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let n = N.fetch_add(1, Ordering::Relaxed);
-        let pid = std::process::id();
-        SocketAddrV4::new(
-            Ipv4Addr::new(239, 255, 150 + (pid % 50) as u8, (n % 250 + 1) as u8),
-            free_port(),
-        )
-    }
-
-    /// A child process killed (SIGKILL) and reaped on drop; stderr in `log`.
-    pub struct Proc {
-        pub child: Child,
-        pub log: PathBuf,
-    }
-
-    impl Proc {
-        pub fn spawn(mut cmd: Command, log: PathBuf) -> Proc {
-            let err = std::fs::File::create(&log).unwrap();
-            let out = err.try_clone().unwrap();
-            let child = cmd
-                .stdin(Stdio::null())
-                .stdout(out)
-                .stderr(err)
-                .spawn()
-                .unwrap();
-            Proc { child, log }
-        }
-
-        /// `None` while it runs; its exit status once it died.
-        pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
-            self.child.try_wait().unwrap()
-        }
-
-        pub fn log_text(&self) -> String {
-            std::fs::read_to_string(&self.log).unwrap_or_default()
-        }
-    }
-
-    impl Drop for Proc {
-        fn drop(&mut self) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
+    use crate::support::{free_port, fresh_group, wait_for, Proc, AGENT, KEYFLEET};
 
     /// One `keyfleet-agent`.
     pub struct Agent {

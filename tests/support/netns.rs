@@ -8,7 +8,6 @@
 //!
 //! Use from an integration test with `mod support;` and a `tests/support/mod.rs`
 //! that has `pub mod netns;`.
-#![allow(dead_code)]
 
 use std::ffi::OsStr;
 use std::process::{Command, Output};

@@ -7,9 +7,7 @@
 //! checked for Lua errors: one raised while loading the script (printed on
 //! stderr, tshark still exits 0) fails the test here; one raised while
 //! dissecting a packet becomes expert info `Lua Error: …` in that packet,
-//! which the tests look for. Include it beside `fleet_support`, whose
-//! `common` it uses.
-#![allow(dead_code)]
+//! which the tests look for.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -125,7 +123,7 @@ pub fn write_pcap(datagrams: &[Vec<u8>], port: u16, pcap: &Path) {
 /// A `dumpcap` capture on the loopback interface, stopped by [`Capture::stop`]
 /// (or killed when dropped).
 pub struct Capture {
-    child: crate::fleet_support::common::Proc,
+    child: super::Proc,
     pub file: PathBuf,
     log: PathBuf,
 }
@@ -144,11 +142,11 @@ impl Capture {
             .spawn()
             .expect("start dumpcap");
         let mut c = Capture {
-            child: crate::fleet_support::common::Proc(child),
+            child: super::Proc::from(child),
             file: file.to_owned(),
             log,
         };
-        crate::fleet_support::common::wait_for("dumpcap to start capturing on lo", 15_000, || {
+        super::wait_for("dumpcap to start capturing on lo", 15_000, || {
             assert!(
                 c.child.alive(),
                 "dumpcap exited (capturing on lo takes root or the wireshark group): {}",

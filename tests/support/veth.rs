@@ -3,12 +3,11 @@
 //!
 //! Use from an integration test with `#[path = "support/netns.rs"] mod netns;`
 //! and `#[path = "support/veth.rs"] mod veth;` at its root.
-#![allow(dead_code)]
 
 use std::net::Ipv4Addr;
 use std::process::Command;
 
-use crate::netns::Netns;
+use super::netns::Netns;
 
 /// Namespace `a` (interface `kfa`, 10.77.0.1/24) and `b` (`kfb`, 10.77.0.2/24).
 pub struct VethPair {

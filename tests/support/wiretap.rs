@@ -8,7 +8,6 @@
 //!   Loopback shows each packet twice (out and in): copies are kept once.
 //! - [`spoof`]: a raw IPv4 socket (`IPPROTO_RAW`, root) that sends one UDP
 //!   datagram with a source address of the caller's choice.
-#![allow(dead_code)]
 
 use std::collections::HashSet;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};

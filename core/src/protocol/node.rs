@@ -486,7 +486,7 @@ impl Handshake {
 /// The node agent's protocol state. See the module docs for its rules.
 ///
 /// `Clone` and `Hash` (in `node/state_hash.rs`) let a model checker keep
-/// machine states and tell them apart (tests/model_check.rs).
+/// machine states and tell them apart (tests/protocol/model_check.rs).
 #[derive(Clone)]
 pub struct NodeMachine {
     cfg: NodeConfig,

@@ -84,7 +84,7 @@ type Out = Vec<ControllerAction>;
 /// The controller's protocol state. See the module docs.
 ///
 /// `Clone` and `Hash` (in `controller/state_hash.rs`) let a model checker keep
-/// machine states and tell them apart (tests/model_check.rs).
+/// machine states and tell them apart (tests/protocol/model_check.rs).
 #[derive(Clone)]
 pub struct ControllerMachine {
     cfg: ControllerConfig,

@@ -1,5 +1,5 @@
 //! `Hash` for [`NodeMachine`]: two machines that hash equally behave alike on
-//! every later input. The model check (tests/model_check.rs) identifies
+//! every later input. The model check (tests/protocol/model_check.rs) identifies
 //! states by it.
 //!
 //! Every field is named (no `..`): a field added to the machine fails to

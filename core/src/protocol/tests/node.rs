@@ -860,7 +860,7 @@ fn every_state_against_every_input() {
 
 /// A node back after missing rounds hears data under the current key before
 /// the controller's answer brings that key: kept, opened once the key is
-/// there (found by the rejoin test of `tests/fault_matrix.rs`: such data
+/// there (found by the rejoin test of `tests/fleet/fault_matrix.rs`: such data
 /// was refused as undecryptable). Outside a sync, and beyond `max_queued`,
 /// it is refused at once.
 #[test]

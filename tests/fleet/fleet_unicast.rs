@@ -1,0 +1,83 @@
+//! Acknowledgements go to the controller, not to the whole group (issue
+//! 11.2): agents started as a user starts them (no `--controller`: the group
+//! until they learn the controller's unicast address from an authenticated
+//! controller message) answer a round by unicast, so no agent hears another
+//! agent's replies. Counted with real `keyfleet serve`, `keyfleet rekey` and
+//! `keyfleet-agent run` processes on loopback multicast, at two fleet sizes.
+
+use crate::support;
+
+use support::fleet::{agent_status, Fleet};
+
+/// (datagrams received, node messages heard on the group) of every agent.
+fn counters(f: &Fleet) -> Vec<(u64, u64)> {
+    f.nodes
+        .iter()
+        .map(|n| {
+            let s = agent_status(&n.state).expect("the agent answers its status");
+            let r = &s["running"];
+            (
+                r["datagrams_in"].as_u64().expect("datagrams_in"),
+                r["node_messages_ignored"]
+                    .as_u64()
+                    .expect("node_messages_ignored"),
+            )
+        })
+        .collect()
+}
+
+fn one_fleet(n: usize) {
+    let mut f = Fleet::new(n, "[round]\ndrain_grace_ms = 500\n");
+    f.controller_flag = false;
+    let (_serve, _agents) = f.up(60_000);
+    let controller = format!("127.0.0.1:{}", f.ctl_port);
+    for node in &f.nodes {
+        let s = agent_status(&node.state).unwrap();
+        assert_eq!(
+            s["running"]["controller"],
+            controller.as_str(),
+            "{} answers the controller's unicast address: {s}",
+            node.id
+        );
+    }
+    let before = counters(&f);
+    let r = f.json(&["rekey", "--json"]);
+    let after = counters(&f);
+    assert_eq!(r["outcome"], "completed", "{r}");
+    assert_eq!(r["acked"].as_u64(), Some(n as u64), "{r}");
+    let heard: Vec<u64> = before.iter().zip(&after).map(|(b, a)| a.1 - b.1).collect();
+    let received: Vec<u64> = before.iter().zip(&after).map(|(b, a)| a.0 - b.0).collect();
+    let total: u64 = received.iter().sum();
+    let batches = n.div_ceil(17) as u64;
+    println!(
+        "N = {n}: round {} ms; datagrams received by the agents during it: {total} \
+         ({:.1} per agent, max {}); node messages heard on the group: {}; \
+         replies to the group would add {} ({} per agent); key update batches per agent: {batches}",
+        r["elapsed_ms"],
+        total as f64 / n as f64,
+        received.iter().max().unwrap(),
+        heard.iter().sum::<u64>(),
+        3 * n * n,
+        3 * n,
+    );
+    assert!(
+        heard.iter().all(|h| *h == 0),
+        "agents heard other agents' replies on the group: {heard:?}"
+    );
+    // What a round sends every node: its key update batches, two transition
+    // requests and the beacons; never one datagram per other agent.
+    for (node, got) in f.nodes.iter().zip(&received) {
+        assert!(
+            *got < n as u64 + batches + 2,
+            "{} received {got} datagrams in one round of {n} agents: {received:?}",
+            node.id
+        );
+    }
+}
+
+#[test]
+fn a_round_costs_each_agent_a_few_datagrams_not_one_per_other_agent() {
+    let _heavy = support::heavy();
+    one_fleet(8);
+    one_fleet(32);
+}
