@@ -14,7 +14,11 @@
 //! out in this order: (1) if any `Persist…`/`ForgetMember` action came, the
 //! snapshot is written (atomic, fsynced) — so it is durable before any send of
 //! the pass; (2) every `Record` of the pass becomes rows in one SQLite
-//! transaction ([`table`]); (3) datagrams go out; (4) timers are armed. A
+//! transaction ([`table`]); (3) datagrams go out. After every pass the one
+//! timer of the machine is armed for its next deadline
+//! ([`ControllerMachine::poll_timeout`]); its firing feeds
+//! `ControllerInput::Timeout`. The shell's own timers (refusal summaries,
+//! table retries, the lease renewal) are kept beside it. A
 //! restarted controller restores the snapshot, reconciles the table with it,
 //! and feeds `Start`, which resumes a round in progress.
 
@@ -38,7 +42,7 @@ use crate::store::{LeaseOutcome, Location, Store, StoreError};
 use keyfleet_core::crypto::InitialKey;
 use keyfleet_core::protocol::{
     CommandError, ControllerAction, ControllerInput, ControllerMachine, ControllerPersist,
-    ControllerTimer, MemberStatus, PhaseTimes, Record, RestoreError, Time,
+    MemberStatus, PhaseTimes, Record, RestoreError, Time,
 };
 use keyfleet_core::wire::{NodeId, RoundPhase};
 
@@ -445,17 +449,8 @@ fn phase_name(p: RoundPhase) -> &'static str {
     }
 }
 
-/// Timer ids (the machine's timers are not `Ord`).
-fn timer_id(t: ControllerTimer) -> u8 {
-    match t {
-        ControllerTimer::Round => 0,
-        ControllerTimer::KeyAge => 1,
-        ControllerTimer::Beacon => BEACON_TIMER,
-    }
-}
-
-/// The machine's beacon timer (after the shell's own [`REFUSAL_TIMER`]).
-const BEACON_TIMER: u8 = 3;
+/// The machine's one timer: its next deadline ([`ControllerMachine::poll_timeout`]).
+const MACHINE_TIMER: u8 = 0;
 
 /// The shell's own timer: the end of the next refusal window with counted
 /// refusals, when its summary row is due ([`table`]).
@@ -494,14 +489,6 @@ fn lease_holder(st: &StateDir) -> String {
         if host.is_empty() { "localhost" } else { &host },
         dir.display()
     )
-}
-
-fn timer_of(id: u8) -> ControllerTimer {
-    match id {
-        0 => ControllerTimer::Round,
-        BEACON_TIMER => ControllerTimer::Beacon,
-        _ => ControllerTimer::KeyAge,
-    }
 }
 
 /// Takes the leader lease of the management table for the controller of
@@ -822,7 +809,8 @@ impl Controller {
         Ok(())
     }
 
-    /// Carries out the pending actions: snapshot, rows, sends, timers.
+    /// Carries out the pending actions (snapshot, rows, sends) and arms the
+    /// machine's timer. A pass held back for the lease arms nothing either.
     async fn flush(&mut self, net: Option<&Transport>) -> Result<()> {
         // A leader whose lease ran short (a renewal failed, or the process
         // was frozen) asks for it first: lost, it stops here having written
@@ -838,6 +826,7 @@ impl Controller {
                 return Ok(());
             }
         }
+        self.arm_machine_timer();
         let actions = std::mem::take(&mut self.out);
         let marks_due = self.machine.replay_marks_unsaved()
             && self.clock.now_ms() >= self.saved_at_ms.saturating_add(REPLAY_MARKS_SAVE_MS);
@@ -869,7 +858,6 @@ impl Controller {
                 ControllerAction::Record(r) => records.push(r),
                 ControllerAction::SendGroup(b) => sends.push((None, b)),
                 ControllerAction::SendTo { to, bytes } => sends.push((Some(to), bytes)),
-                ControllerAction::ArmTimer { timer, at } => self.timers.arm(timer_id(timer), at.0),
                 _ => {}
             }
         }
@@ -1270,8 +1258,8 @@ impl Controller {
                         self.retry_table()?;
                     } else if id == LEASE_TIMER {
                         self.renew_lease()?;
-                    } else {
-                        let _ = self.feed(ControllerInput::Timer(timer_of(id)));
+                    } else if id == MACHINE_TIMER {
+                        let _ = self.feed(ControllerInput::Timeout);
                     }
                 }
             }
@@ -1339,6 +1327,17 @@ impl Controller {
             tracing::error!(error = %e, "management table: refusal summaries were not written");
         }
         self.arm_refusal_timer();
+    }
+
+    /// Arms the machine's one timer for its next deadline, after every pass
+    /// (any input may move it, earlier or later).
+    fn arm_machine_timer(&mut self) {
+        match self.machine.poll_timeout() {
+            Some(at) => self.timers.arm(MACHINE_TIMER, at.0),
+            None => {
+                self.timers.cancel(&MACHINE_TIMER);
+            }
+        }
     }
 
     fn arm_refusal_timer(&mut self) {
