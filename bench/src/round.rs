@@ -17,8 +17,8 @@ use std::process::Command;
 use anyhow::{bail, Context};
 use keyfleet_core::crypto::InitialKey;
 use keyfleet_core::protocol::{
-    ControllerAction, ControllerConfig, ControllerInput, ControllerMachine, ControllerTimer,
-    NodeAction, NodeConfig, NodeInput, NodeMachine, NodeState, Time,
+    ControllerAction, ControllerConfig, ControllerInput, ControllerMachine, NodeAction, NodeConfig,
+    NodeInput, NodeMachine, NodeState, Time,
 };
 use keyfleet_core::wire::NodeId;
 use rand::SeedableRng;
@@ -48,7 +48,6 @@ pub struct InProcess {
     rng: ChaCha20Rng,
     now: Time,
     queue: VecDeque<(To, SocketAddr, Vec<u8>)>,
-    round_timer: Option<Time>,
     /// Datagrams delivered (a group datagram once per receiver).
     pub delivered: u64,
 }
@@ -69,7 +68,6 @@ impl InProcess {
             rng,
             now: Time(1),
             queue: VecDeque::new(),
-            round_timer: None,
             delivered: 0,
         };
         f.controller_out(out);
@@ -115,10 +113,6 @@ impl InProcess {
                         self.queue.push_back((To::Node(*i), CONTROLLER, bytes));
                     }
                 }
-                ControllerAction::ArmTimer {
-                    timer: ControllerTimer::Round,
-                    at,
-                } => self.round_timer = Some(at),
                 _ => {}
             }
         }
@@ -189,9 +183,9 @@ pub fn measured_round(f: &mut InProcess) -> anyhow::Result<()> {
         if f.c.round().is_none() {
             break;
         }
-        let at = f.round_timer.take().context("a round without its timer")?;
+        let at = f.c.poll_timeout().context("a round without a deadline")?;
         f.now = f.now.max(at);
-        f.controller(ControllerInput::Timer(ControllerTimer::Round));
+        f.controller(ControllerInput::Timeout);
         f.pump();
     }
     if f.c.round().is_some() {

@@ -110,7 +110,7 @@ pub mod node {
         ControllerAction, ControllerConfig, ControllerInput, ControllerMachine, NodeAction,
         NodeConfig, NodeInput, NodeMachine, Time,
     };
-    use keyfleet_core::wire::{self, Message, NodeId};
+    use keyfleet_core::wire::{self, Message, NodeId, RoundPhase};
     use rand::SeedableRng;
     use rand_chacha::ChaCha20Rng;
     use std::net::SocketAddr;
@@ -186,7 +186,14 @@ pub mod node {
         let mut crng = ChaCha20Rng::seed_from_u64(7);
         let mut cout = Vec::new();
         let now = Time(1000);
-        let mut ctl = ControllerMachine::new(ControllerConfig::default(), now, &mut crng, &mut cout);
+        // A drain (1.5 s) that outlasts the first beacon's deadline (1 s after
+        // `Start`): the beacon of the draining round goes out before the
+        // second transition request.
+        let cfg = ControllerConfig {
+            drain_grace_ms: Some(1500),
+            ..ControllerConfig::default()
+        };
+        let mut ctl = ControllerMachine::new(cfg, now, &mut crng, &mut cout);
         ctl.handle(
             now,
             ControllerInput::Enroll {
@@ -264,18 +271,21 @@ pub mod node {
                 to_ctl.extend(sends(&nout));
             }
             if to_ctl.is_empty() && rekeyed && ctl.round().is_some() {
-                // The beacon of the round while it drains…
-                if beacons.is_empty() {
-                    beacons.push(beacon(&mut ctl, now.plus(30_000), &mut crng));
+                // The beacon of the round while it drains (its deadline comes
+                // before the drain's end; earlier round deadlines find nothing due)…
+                while beacons.is_empty() {
+                    let at = ctl.poll_timeout().expect("a deadline");
+                    beacons.extend(beacon(&mut ctl, at, &mut crng));
+                    assert_eq!(
+                        ctl.round().map(|r| r.1),
+                        Some(RoundPhase::Draining),
+                        "the round still drains"
+                    );
                 }
-                // …then the drain grace: let the round's timer pass.
+                // …then the drain grace: let the drain's end pass.
                 cout.clear();
-                let _ = ctl.handle(
-                    now.plus(60_000),
-                    ControllerInput::Timer(keyfleet_core::protocol::ControllerTimer::Round),
-                    &mut crng,
-                    &mut cout,
-                );
+                let at = ctl.poll_timeout().expect("the drain's end");
+                let _ = ctl.handle(at, ControllerInput::Timeout, &mut crng, &mut cout);
                 for a in &cout {
                     if let ControllerAction::SendGroup(bytes) = a {
                         genuine.push(bytes.clone());
@@ -299,32 +309,25 @@ pub mod node {
         }
         assert_eq!(synced_at, Some(2), "handshake answer and key response: {genuine:?}");
         // The beacon of epoch 2 (no round), then the draining one.
-        let done = beacon(&mut ctl, now.plus(120_000), &mut crng);
+        let done = beacon(&mut ctl, now.plus(120_000), &mut crng).expect("a beacon");
         genuine.push(done);
         genuine.extend(beacons);
         genuine
     }
 
-    /// The beacon the controller sends when its beacon timer fires at `at`.
-    fn beacon(ctl: &mut ControllerMachine, at: Time, rng: &mut ChaCha20Rng) -> Vec<u8> {
+    /// The beacon the controller sends at a timeout at `at`, if one is due.
+    fn beacon(ctl: &mut ControllerMachine, at: Time, rng: &mut ChaCha20Rng) -> Option<Vec<u8>> {
         let mut out = Vec::new();
-        ctl.handle(
-            at,
-            ControllerInput::Timer(keyfleet_core::protocol::ControllerTimer::Beacon),
-            rng,
-            &mut out,
-        )
-        .expect("beacon timer");
-        out.iter()
-            .find_map(|a| match a {
-                ControllerAction::SendGroup(bytes)
-                    if matches!(wire::decode(bytes), Ok(Message::Beacon(_))) =>
-                {
-                    Some(bytes.clone())
-                }
-                _ => None,
-            })
-            .expect("a beacon")
+        ctl.handle(at, ControllerInput::Timeout, rng, &mut out)
+            .expect("timeout");
+        out.iter().find_map(|a| match a {
+            ControllerAction::SendGroup(bytes)
+                if matches!(wire::decode(bytes), Ok(Message::Beacon(_))) =>
+            {
+                Some(bytes.clone())
+            }
+            _ => None,
+        })
     }
 }
 

@@ -16,7 +16,10 @@
 //! [`keyfleet_core::protocol::apply_persist`]), the replay marks when due and
 //! every `Record` of the pass are written in one transaction of the
 //! management table ([`table`]) — durable before any send of the pass; (2)
-//! datagrams go out; (3) timers are armed. A restarted controller (or a
+//! datagrams go out; (3) the machine's one timer is armed for its next
+//! deadline ([`ControllerMachine::poll_timeout`]; its firing feeds
+//! `ControllerInput::Timeout`), beside the shell's own (refusal summaries,
+//! table retries, the lease renewal, enrolment requests). A restarted controller (or a
 //! standby taking over) restores the state from the table, reconciles the
 //! table's records with it, and feeds `Start`, which resumes a round in progress.
 
@@ -42,7 +45,7 @@ use crate::store::{LeaseOutcome, Location, Store, StoreError};
 use keyfleet_core::crypto::InitialKey;
 use keyfleet_core::protocol::{
     CommandError, ControllerAction, ControllerInput, ControllerMachine, ControllerPersist,
-    ControllerTimer, MemberStatus, Outcome, PhaseDurations, Record, RestoreError, Time,
+    MemberStatus, Outcome, PhaseDurations, Record, RestoreError, Time,
 };
 use keyfleet_core::wire::{NodeId, RoundPhase};
 
@@ -485,17 +488,8 @@ pub struct RemoveReport {
     pub round: Option<RoundReport>,
 }
 
-/// Timer ids (the machine's timers are not `Ord`).
-fn timer_id(t: ControllerTimer) -> u8 {
-    match t {
-        ControllerTimer::Round => 0,
-        ControllerTimer::KeyAge => 1,
-        ControllerTimer::Beacon => BEACON_TIMER,
-    }
-}
-
-/// The machine's beacon timer (after the shell's own [`REFUSAL_TIMER`]).
-const BEACON_TIMER: u8 = 3;
+/// The machine's one timer: its next deadline ([`ControllerMachine::poll_timeout`]).
+const MACHINE_TIMER: u8 = 0;
 
 /// The shell's own timer: the end of the next refusal window with counted
 /// refusals, when its summary row is due ([`table`]).
@@ -536,14 +530,6 @@ fn lease_holder(st: &StateDir) -> String {
         if host.is_empty() { "localhost" } else { &host },
         dir.display()
     )
-}
-
-fn timer_of(id: u8) -> ControllerTimer {
-    match id {
-        0 => ControllerTimer::Round,
-        BEACON_TIMER => ControllerTimer::Beacon,
-        _ => ControllerTimer::KeyAge,
-    }
 }
 
 /// Takes the leader lease of the management table for the controller of
@@ -1039,7 +1025,8 @@ impl Controller {
         Ok(())
     }
 
-    /// Carries out the pending actions: state rows and records, sends, timers.
+    /// Carries out the pending actions (state rows and records, sends) and
+    /// arms the machine's timer. A pass held back for the lease arms nothing either.
     async fn flush(&mut self, net: Option<&Transport>) -> Result<()> {
         // A leader whose lease ran short (a renewal failed, or the process
         // was frozen) asks for it first: lost, it stops here having written
@@ -1055,6 +1042,7 @@ impl Controller {
                 return Ok(());
             }
         }
+        self.arm_machine_timer();
         let actions = std::mem::take(&mut self.out);
         let marks_due = self.machine.replay_marks_unsaved()
             && self.clock.now_ms() >= self.saved_at_ms.saturating_add(REPLAY_MARKS_SAVE_MS);
@@ -1075,7 +1063,6 @@ impl Controller {
                 ControllerAction::Record(r) => records.push(r),
                 ControllerAction::SendGroup(b) => sends.push((None, b)),
                 ControllerAction::SendTo { to, bytes } => sends.push((Some(to), bytes)),
-                ControllerAction::ArmTimer { timer, at } => self.timers.arm(timer_id(timer), at.0),
                 a @ (ControllerAction::PersistCore(_)
                 | ControllerAction::PersistMember(_)
                 | ControllerAction::ForgetMember { .. }) => persist.push(a),
@@ -1493,8 +1480,8 @@ impl Controller {
                         self.renew_lease()?;
                     } else if id == ENROL_TIMER {
                         self.enrolments_due = true;
-                    } else {
-                        let _ = self.feed(ControllerInput::Timer(timer_of(id)));
+                    } else if id == MACHINE_TIMER {
+                        let _ = self.feed(ControllerInput::Timeout);
                     }
                 }
             }
@@ -1567,6 +1554,17 @@ impl Controller {
             tracing::error!(error = %e, "management table: refusal summaries were not written");
         }
         self.arm_refusal_timer();
+    }
+
+    /// Arms the machine's one timer for its next deadline, after every pass
+    /// (any input may move it, earlier or later).
+    fn arm_machine_timer(&mut self) {
+        match self.machine.poll_timeout() {
+            Some(at) => self.timers.arm(MACHINE_TIMER, at.0),
+            None => {
+                self.timers.cancel(&MACHINE_TIMER);
+            }
+        }
     }
 
     fn arm_refusal_timer(&mut self) {

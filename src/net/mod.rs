@@ -31,11 +31,12 @@
 //!         }
 //!         expired = timers.expired(&clock) => {
 //!             for id in expired {
-//!                 // actions = machine.handle(clock.now_ms(), Input::Timer(id));
+//!                 // id 0, the machine's: machine.handle(clock.now_ms(), Input::Timeout)
 //!             }
 //!         }
 //!     }
-//!     // for a in actions: transport.send_group(..) / send_to(..) / timers.arm(..)
+//!     // for a in actions: transport.send_group(..) / send_to(..)
+//!     // then timers.arm(0, machine.poll_timeout()), the machine's next deadline
 //! }
 //! # }
 //! ```

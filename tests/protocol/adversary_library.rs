@@ -11,14 +11,14 @@
 
 use crate::support;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 
 use keyfleet_core::crypto::{CheckValue, Epoch, InitialKey};
 use keyfleet_core::protocol::{
-    ControllerAction, ControllerConfig, ControllerInput, ControllerMachine, ControllerTimer,
-    MemberStatus, NodeAction, NodeConfig, NodeEvent, NodeInput, NodeMachine, NodePersist,
-    NodeState, Record, Refusal, Time, TriggerReason,
+    ControllerAction, ControllerConfig, ControllerInput, ControllerMachine, MemberStatus,
+    NodeAction, NodeConfig, NodeEvent, NodeInput, NodeMachine, NodePersist, NodeState, Record,
+    Refusal, Time, TriggerReason,
 };
 use keyfleet_core::wire::NodeId;
 use rand::SeedableRng;
@@ -56,7 +56,6 @@ struct Fleet {
     ctl: ControllerMachine,
     nodes: Vec<NodeMachine>,
     queue: VecDeque<(SocketAddr, Dest, Vec<u8>)>,
-    ctl_timers: HashMap<ControllerTimer, Time>,
     /// Every datagram sent so far (what the attacker overhears).
     tap: Vec<Vec<u8>>,
     records: Vec<Record>,
@@ -76,7 +75,6 @@ impl Fleet {
             ctl,
             nodes: Vec::new(),
             queue: VecDeque::new(),
-            ctl_timers: HashMap::new(),
             tap: Vec::new(),
             records: Vec::new(),
             refusals: Vec::new(),
@@ -136,9 +134,6 @@ impl Fleet {
                 ControllerAction::SendTo { to, bytes } => {
                     self.tap.push(bytes.clone());
                     self.queue.push_back((ctl_addr(), Dest::To(to), bytes));
-                }
-                ControllerAction::ArmTimer { timer, at } => {
-                    self.ctl_timers.insert(timer, at);
                 }
                 ControllerAction::Record(r) => self.records.push(r),
                 _ => {}
@@ -232,13 +227,11 @@ impl Fleet {
             if self.ctl.round().is_none() && self.hold_ctl.is_none() {
                 return;
             }
-            let next_ctl = self.ctl_timers.iter().min_by_key(|(_, t)| **t);
-            let Some((&timer, &at)) = next_ctl else {
+            let Some(at) = self.ctl.poll_timeout() else {
                 return;
             };
-            self.ctl_timers.remove(&timer);
             self.now = self.now.max(at);
-            self.ctl_input(ControllerInput::Timer(timer));
+            self.ctl_input(ControllerInput::Timeout);
         }
         panic!("the fleet did not settle");
     }
@@ -583,14 +576,17 @@ fn data_from_an_unknown_sender_with_a_stolen_key_sets_off_the_leaked_key_rekey()
         Epoch(3),
         "the second leak round waits"
     );
-    let at = f
-        .ctl_timers
-        .remove(&ControllerTimer::Round)
-        .expect("the waiting round has its timer");
-    assert!(at.since(f.now) <= ControllerConfig::default().node_trigger_min_interval_ms);
-    f.now = f.now.max(at);
-    f.ctl_input(ControllerInput::Timer(ControllerTimer::Round));
-    f.run();
+    let waiting_since = f.now;
+    while f.ctl.current_epoch() == Epoch(3) {
+        let at = f.ctl.poll_timeout().expect("the controller has a deadline");
+        assert!(
+            at.since(waiting_since) <= ControllerConfig::default().node_trigger_min_interval_ms,
+            "the waiting round starts within the spacing"
+        );
+        f.now = f.now.max(at);
+        f.ctl_input(ControllerInput::Timeout);
+        f.run();
+    }
     assert_eq!(
         f.ctl.current_epoch(),
         Epoch(4),

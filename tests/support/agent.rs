@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 use keyfleet::net::{Clock, NetConfig, Timers, Transport};
 use keyfleet_core::crypto::{Epoch, InitialKey};
 use keyfleet_core::protocol::{
-    ControllerAction, ControllerConfig, ControllerInput, ControllerMachine, ControllerTimer,
-    MemberStatus, Record, Time, TriggerConfig,
+    ControllerAction, ControllerConfig, ControllerInput, ControllerMachine, MemberStatus, Record,
+    Time, TriggerConfig,
 };
 use keyfleet_core::wire::{NodeId, RoundPhase};
 use rand::rngs::StdRng;
@@ -195,6 +195,10 @@ impl TestController {
                 let mut out = Vec::new();
                 let now = || Time(clock.now_ms());
                 let mut c = ControllerMachine::new(cfg, now(), &mut rng, &mut out);
+                // As the real shell: the beacon announces this socket, and
+                // the controller's own looped-back datagrams are not fed back.
+                let local = transport.local_addr();
+                c.set_address(local);
                 let _ = c.handle(now(), ControllerInput::Start, &mut rng, &mut out);
                 let mut timers: Timers<u8> = Timers::new();
                 loop {
@@ -202,15 +206,12 @@ impl TestController {
                         _ = &mut stop_rx => break,
                         d = transport.recv() => {
                             let d = d.unwrap();
-                            if !deaf_flag.load(Ordering::Relaxed) {
+                            if !deaf_flag.load(Ordering::Relaxed) && d.from != local {
                                 let _ = c.handle(Time(d.at_ms), ControllerInput::Datagram { from: d.from, bytes: &d.bytes }, &mut rng, &mut out);
                             }
                         }
-                        fired = timers.expired(&clock) => {
-                            for t in fired {
-                                let t = if t == 0 { ControllerTimer::Round } else { ControllerTimer::KeyAge };
-                                let _ = c.handle(now(), ControllerInput::Timer(t), &mut rng, &mut out);
-                            }
+                        _ = timers.expired(&clock) => {
+                            let _ = c.handle(now(), ControllerInput::Timeout, &mut rng, &mut out);
                         }
                         Some(cmd) = cmd_rx.recv() => {
                             let input = match cmd {
@@ -224,14 +225,17 @@ impl TestController {
                         match a {
                             ControllerAction::SendGroup(b) => { let _ = transport.send_group(&b).await; }
                             ControllerAction::SendTo { to, bytes } => { let _ = transport.send_to(&bytes, to).await; }
-                            ControllerAction::ArmTimer { timer, at } => {
-                                timers.arm(u8::from(timer != ControllerTimer::Round), at.0);
-                            }
                             ControllerAction::Record(r) => v.lock().unwrap().records.push(r),
                             // Kept in memory only: this controller never restarts.
                             ControllerAction::PersistCore(_)
                             | ControllerAction::PersistMember(_)
                             | ControllerAction::ForgetMember { .. } => {}
+                        }
+                    }
+                    match c.poll_timeout() {
+                        Some(at) => timers.arm(0, at.0),
+                        None => {
+                            timers.cancel(&0);
                         }
                     }
                     let mut view = v.lock().unwrap();

@@ -16,13 +16,12 @@
 //! yields a typed [`Refusal`] (an event on a node, a [`Record::Refused`] on
 //! the controller) and never a state change or a panic.
 //!
-//! Timers: the node machine keeps its deadlines inside and tells the next one
-//! through [`NodeMachine::poll_timeout`]; the shell feeds `NodeInput::Timeout`
-//! at or after it (early or extra timeouts do nothing) and reads the deadline
-//! again after every input. The controller machine still asks for
-//! `ArmTimer { timer, at }`: the shell keeps one deadline per timer kind (a
-//! later `ArmTimer` of the same kind replaces the earlier one) and feeds
-//! `Timer(kind)` when it passes.
+//! Timers: each machine keeps its deadlines inside and tells the next one
+//! through `poll_timeout` ([`NodeMachine::poll_timeout`],
+//! [`ControllerMachine::poll_timeout`]); the shell arms one timer for it,
+//! feeds `NodeInput::Timeout` / `ControllerInput::Timeout` at or after it
+//! (early or extra timeouts do nothing) and reads the deadline again after
+//! every input.
 
 mod controller;
 mod node;
@@ -31,9 +30,9 @@ mod triggers;
 pub use controller::{
     apply_persist, fold_mark, store_snapshot, AnsweredInit, CommandError, ControllerAction,
     ControllerConfig, ControllerCore, ControllerInput, ControllerMachine, ControllerPersist,
-    ControllerTimer, MemberPersist, MemberRatchet, MemberStatus, MemoryState, Outcome,
-    PhaseDurations, Record, RestoreError, ResumeCause, RoundPersist, StateStore, TriggerOutcome,
-    Via, HANDSHAKE_BURST, HANDSHAKE_INTERVAL_MS, HANDSHAKE_RESEND_MS, REJOIN_WINDOW_MS, TERM,
+    MemberPersist, MemberRatchet, MemberStatus, MemoryState, Outcome, PhaseDurations, Record,
+    RestoreError, ResumeCause, RoundPersist, StateStore, TriggerOutcome, Via, HANDSHAKE_BURST,
+    HANDSHAKE_INTERVAL_MS, HANDSHAKE_RESEND_MS, REJOIN_WINDOW_MS, TERM,
 };
 pub use node::{
     BeaconStats, Delivered, NodeAction, NodeConfig, NodeEvent, NodeInput, NodeMachine, NodePersist,

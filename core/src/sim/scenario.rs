@@ -7,8 +7,8 @@ use super::{SimConfig, SimReport, Spread};
 use crate::crypto::{Epoch, InitialKey};
 use crate::protocol::{
     apply_persist, ControllerAction, ControllerConfig, ControllerInput, ControllerMachine,
-    ControllerTimer, MemberStatus, MemoryState, NodeAction, NodeConfig, NodeEvent, NodeInput,
-    NodeMachine, NodePersist, NodeState, Record, Refusal, StateStore, Time, TriggerConfig, Via,
+    MemberStatus, MemoryState, NodeAction, NodeConfig, NodeEvent, NodeInput, NodeMachine,
+    NodePersist, NodeState, Record, Refusal, StateStore, Time, TriggerConfig, Via,
 };
 use crate::wire::{NodeId, Step};
 use core::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
@@ -51,7 +51,8 @@ enum Event {
     Data(u32),
     /// The node's deadline (`poll_timeout`) as it was when scheduled.
     NodeTimeout(u32, Time),
-    Controller(ControllerTimerKey, u32),
+    /// The controller's deadline (`poll_timeout`) as it was when scheduled.
+    ControllerTimeout(Time),
     Rekey,
     Offline(u32),
     Online(u32),
@@ -60,13 +61,6 @@ enum Event {
     ControllerCrash,
     ControllerRestart,
     Check,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-enum ControllerTimerKey {
-    Round,
-    KeyAge,
-    Beacon,
 }
 
 /// What the invariant checks know about one node.
@@ -128,7 +122,8 @@ pub(super) struct Fleet<T: SimNet> {
     rng: ChaCha20Rng,
     plan: ChaCha8Rng,
     controller: Option<ControllerMachine>,
-    ctl_gen: u32,
+    /// The deadline a `ControllerTimeout` event is scheduled for.
+    ctl_timeout: Option<Time>,
     /// The controller's persisted state: its persist actions applied as
     /// production applies them to the management table.
     ctl_state: MemoryState,
@@ -197,7 +192,7 @@ impl<T: SimNet> Fleet<T> {
             rng: ChaCha20Rng::seed_from_u64(cfg.seed),
             plan,
             controller: None,
-            ctl_gen: 0,
+            ctl_timeout: None,
             ctl_state: MemoryState::default(),
             nodes: Vec::with_capacity(n as usize),
             events: BinaryHeap::new(),
@@ -412,14 +407,12 @@ impl<T: SimNet> Fleet<T> {
                     self.node_input(i, NodeInput::Timeout);
                 }
             }
-            Event::Controller(k, generation) => {
-                if generation == self.ctl_gen {
-                    let t = match k {
-                        ControllerTimerKey::Round => ControllerTimer::Round,
-                        ControllerTimerKey::KeyAge => ControllerTimer::KeyAge,
-                        ControllerTimerKey::Beacon => ControllerTimer::Beacon,
-                    };
-                    self.controller_input(ControllerInput::Timer(t));
+            Event::ControllerTimeout(at) => {
+                // As for nodes: only the event for the deadline last given
+                // (none survives a crash).
+                if self.controller.is_some() && self.ctl_timeout == Some(at) {
+                    self.ctl_timeout = None;
+                    self.controller_input(ControllerInput::Timeout);
                 }
             }
             Event::Rekey => {
@@ -502,7 +495,7 @@ impl<T: SimNet> Fleet<T> {
             }
             Event::ControllerCrash => {
                 if self.controller.take().is_some() {
-                    self.ctl_gen += 1;
+                    self.ctl_timeout = None;
                     self.net.set_online(Peer::Controller, false);
                     self.report.controller_crashes += 1;
                 }
@@ -730,7 +723,20 @@ impl<T: SimNet> Fleet<T> {
         self.refresh(i);
     }
 
+    /// Schedules the controller's next deadline if it is earlier than the
+    /// one scheduled (as [`Self::arm_node`] does for a node).
+    fn arm_controller(&mut self) {
+        let Some(at) = self.controller.as_ref().and_then(|c| c.poll_timeout()) else {
+            return;
+        };
+        if self.ctl_timeout.is_none_or(|t| at < t) {
+            self.ctl_timeout = Some(at);
+            self.schedule(at.max(self.now), Event::ControllerTimeout(at));
+        }
+    }
+
     fn apply_controller(&mut self) {
+        self.arm_controller();
         let mut out = std::mem::take(&mut self.ctl_out);
         for a in out.drain(..) {
             match a {
@@ -742,14 +748,6 @@ impl<T: SimNet> Fleet<T> {
                     if let Some(p) = peer_of(to) {
                         self.net.send_to(self.now, Peer::Controller, p, bytes);
                     }
-                }
-                ControllerAction::ArmTimer { timer, at } => {
-                    let k = match timer {
-                        ControllerTimer::Round => ControllerTimerKey::Round,
-                        ControllerTimer::KeyAge => ControllerTimerKey::KeyAge,
-                        ControllerTimer::Beacon => ControllerTimerKey::Beacon,
-                    };
-                    self.schedule(at, Event::Controller(k, self.ctl_gen));
                 }
                 a @ (ControllerAction::PersistCore(_)
                 | ControllerAction::PersistMember(_)

@@ -54,9 +54,8 @@
 use keyfleet_core::crypto::{Epoch, InitialKey};
 use keyfleet_core::protocol::{
     ControllerAction, ControllerConfig, ControllerCore, ControllerInput, ControllerMachine,
-    ControllerPersist, ControllerTimer, MemberPersist, MemberStatus, NodeAction, NodeConfig,
-    NodeEvent, NodeInput, NodeMachine, NodePersist, NodeState, Record, Refusal, Time,
-    TriggerConfig,
+    ControllerPersist, MemberPersist, MemberStatus, NodeAction, NodeConfig, NodeEvent, NodeInput,
+    NodeMachine, NodePersist, NodeState, Record, Refusal, Time, TriggerConfig,
 };
 use keyfleet_core::wire::{self, NodeId, RoundPhase};
 use rand::SeedableRng;
@@ -327,19 +326,6 @@ impl<T> Hash for Disk<T> {
     }
 }
 
-fn controller_timer_slot(t: ControllerTimer) -> usize {
-    match t {
-        ControllerTimer::Round => 0,
-        ControllerTimer::KeyAge => 1,
-        ControllerTimer::Beacon => 2,
-    }
-}
-const CONTROLLER_TIMERS: [ControllerTimer; 3] = [
-    ControllerTimer::Round,
-    ControllerTimer::KeyAge,
-    ControllerTimer::Beacon,
-];
-
 #[derive(Clone, Hash)]
 struct NodeSlot {
     machine: Option<NodeMachine>,
@@ -357,7 +343,8 @@ struct ControllerSlot {
     core: Option<Disk<ControllerCore>>,
     rows: BTreeMap<u32, Disk<MemberPersist>>,
     link: bool,
-    timers: [Option<Time>; 3],
+    /// The controller machine's one deadline (`poll_timeout`).
+    timers: [Option<Time>; 1],
 }
 
 #[derive(Clone, Debug, Hash)]
@@ -725,9 +712,6 @@ impl Fleet {
                         self.post(Peer::Controller, p, &bytes, None);
                     }
                 }
-                ControllerAction::ArmTimer { timer, at } => {
-                    self.controller.timers[controller_timer_slot(timer)] = Some(at);
-                }
                 ControllerAction::PersistCore(c) => self.controller.core = Some(Disk::new(*c)),
                 ControllerAction::PersistMember(m) => {
                     self.controller.rows.insert(m.member, Disk::new(*m));
@@ -738,6 +722,12 @@ impl Fleet {
                 ControllerAction::Record(r) => records.push(r),
             }
         }
+        // The machine keeps its deadlines: the shell asks for the next one after every input.
+        self.controller.timers = [self
+            .controller
+            .machine
+            .as_ref()
+            .and_then(ControllerMachine::poll_timeout)];
         for r in records {
             self.check_record(&r);
         }
@@ -811,7 +801,7 @@ impl Fleet {
         let c = ControllerMachine::restore(&persist, controller_config(), self.now)
             .expect("controller snapshot restores");
         self.controller.machine = Some(c);
-        self.controller.timers = [None; 3];
+        self.controller.timers = [None; 1];
         self.feed_controller(ControllerInput::Start, "start");
     }
 
@@ -867,9 +857,7 @@ impl Fleet {
         let Some(at) = at else { return };
         self.advance(late_to.unwrap_or(at).max(at));
         match who {
-            Peer::Controller => {
-                self.feed_controller(ControllerInput::Timer(CONTROLLER_TIMERS[slot]), "timer")
-            }
+            Peer::Controller => self.feed_controller(ControllerInput::Timeout, "timer"),
             Peer::Node(i) => {
                 self.feed_node(i as usize, NodeInput::Timeout, "timer");
             }
@@ -1005,7 +993,7 @@ impl FleetModel {
                 core: None,
                 rows: BTreeMap::new(),
                 link: true,
-                timers: [None; 3],
+                timers: [None; 1],
             },
             nodes: std::array::from_fn(|i| NodeSlot {
                 machine: Some(NodeMachine::new(node_id(i), &initial_key(i), node_config())),
@@ -1197,7 +1185,7 @@ impl Model for FleetModel {
             Action::CrashController => {
                 f.left.controller_restarts -= 1;
                 f.controller.machine = None;
-                f.controller.timers = [None; 3];
+                f.controller.timers = [None; 1];
                 f.cut(Peer::Controller);
             }
             Action::RestartController => f.restart_controller(),

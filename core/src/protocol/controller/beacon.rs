@@ -5,7 +5,7 @@
 //! compare a digest; a change takes a fresh sequence number and one signature.
 
 use super::super::Time;
-use super::{ControllerAction, ControllerMachine, ControllerTimer, Out};
+use super::{ControllerAction, ControllerMachine, Out};
 use crate::crypto::Epoch;
 use crate::wire::{self, RoundPhase};
 use core::net::SocketAddr;
@@ -13,24 +13,24 @@ use core::net::SocketAddr;
 /// What a beacon says; a change of it takes a new sequence number.
 pub(super) type BeaconState = (Epoch, Option<(Epoch, RoundPhase)>, SocketAddr);
 
-/// The beacon timer and the last beacon sent.
+/// The beacon's deadline and the last beacon sent.
 #[derive(Clone, Default)]
 pub(super) struct Beacon {
-    /// When the next beacon is due (the timer armed last).
+    /// When the next beacon is due (one of the machine's deadlines).
     pub(super) due: Option<Time>,
     /// The last beacon: what it said and its signed bytes (resent while nothing changes).
     pub(super) last: Option<(BeaconState, Vec<u8>)>,
 }
 
 impl ControllerMachine {
-    /// [`ControllerTimer::Beacon`] fired: the beacon, if it is due.
+    /// A timeout: the beacon, if it is due.
     pub(super) fn on_beacon_timer(&mut self, now: Time, out: &mut Out) {
         if self.beacon.due.is_some_and(|t| now >= t) {
             self.send_beacon(now, out);
         }
     }
 
-    /// The beacon to the group, and the next one armed. The same bytes as the
+    /// The beacon to the group, and the next one's deadline. The same bytes as the
     /// last one while the state it tells is unchanged.
     pub(super) fn send_beacon(&mut self, now: Time, out: &mut Out) {
         let every = self.cfg.beacon_interval_ms;
@@ -51,11 +51,6 @@ impl ControllerMachine {
             }
         };
         out.push(ControllerAction::SendGroup(bytes));
-        let at = now.plus(every);
-        self.beacon.due = Some(at);
-        out.push(ControllerAction::ArmTimer {
-            timer: ControllerTimer::Beacon,
-            at,
-        });
+        self.beacon.due = Some(now.plus(every));
     }
 }

@@ -16,7 +16,7 @@
 use super::super::triggers::TriggerReason;
 use super::super::{Refusal, Time};
 use super::auth::{Auth, Under};
-use super::round::required_progress;
+use super::round::required_step;
 use super::{ControllerAction, ControllerMachine, MemberStatus, Out, Record, ResumeCause};
 use crate::crypto::{ratchet, Epoch, GroupKey, Share};
 use crate::wire::{
@@ -74,7 +74,7 @@ impl ControllerMachine {
             self.send_resync(a.member, under, from, out);
         }
         if let (Some((p0, s0)), Some((p1, s1))) = (before, standing(self)) {
-            if p1 > p0 || (s1 == MemberStatus::Active && s0 != s1 && p1 > 0) {
+            if p1 > p0 || (s1 == MemberStatus::Active && s0 != s1 && p1.is_some()) {
                 if let Some(m) = self.members.get_mut(a.member) {
                     m.move_address(from, (what, a.seq), now, out);
                 }
@@ -292,7 +292,6 @@ impl ControllerMachine {
         rng: &mut (impl RngCore + CryptoRng),
         out: &mut Out,
     ) -> bool {
-        let q = step.progress();
         let current = self.current.epoch();
         let round = self.round.as_ref().map(|r| (r.epoch, r.phase));
         let Some(m) = self.members.get(member) else {
@@ -308,8 +307,8 @@ impl ControllerMachine {
             let Some(m) = self.members.get_mut(member) else {
                 return true;
             };
-            if q > m.progress {
-                m.progress = q;
+            if Some(step) > m.progress {
+                m.progress = Some(step);
                 let node_id = m.row.node_id.clone();
                 Self::record(
                     out,
@@ -332,10 +331,11 @@ impl ControllerMachine {
             return true;
         }
         // Enrolled or stale: counted live once the reply shows the keys the phase needs.
+        let done = step == Step::SecondTransition;
         let progress = match round {
-            Some((re, phase)) if epoch == re && q >= required_progress(phase) => q,
-            Some((_, RoundPhase::Distributing)) if epoch == current && q == 3 => 0,
-            None if epoch == current && q == 3 => 0,
+            Some((re, phase)) if epoch == re && step >= required_step(phase) => Some(step),
+            Some((_, RoundPhase::Distributing)) if epoch == current && done => None,
+            None if epoch == current && done => None,
             _ => return false,
         };
         let Some(m) = self.members.get_mut(member) else {
@@ -359,7 +359,7 @@ impl ControllerMachine {
                 r.queue_retry(now, member);
             }
         }
-        self.arm_round_timer(out);
+        self.arm_round_timer();
         true
     }
 

@@ -1,7 +1,8 @@
-//! The controller's vocabulary: what a shell feeds it ([`ControllerInput`],
-//! [`ControllerTimer`]), what it asks back ([`ControllerAction`]), the
-//! management-table events it records ([`Record`]) and the errors of its
-//! commands.
+//! The controller's vocabulary: what a shell feeds it ([`ControllerInput`]),
+//! what it asks back ([`ControllerAction`]), the management-table events it
+//! records ([`Record`]) and the errors of its commands. Its deadlines are its
+//! own: the shell asks for the next one with
+//! [`super::ControllerMachine::poll_timeout`].
 
 use super::super::triggers::TriggerReason;
 use super::super::{Refusal, Time};
@@ -12,28 +13,19 @@ use core::net::SocketAddr;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-/// The controller's timers.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub enum ControllerTimer {
-    /// Retries, stale deadline, end of the drain grace.
-    Round,
-    /// The key-age trigger.
-    KeyAge,
-    /// The next beacon.
-    Beacon,
-}
-
 /// What a shell feeds the controller.
 #[derive(Clone, Debug)]
 pub enum ControllerInput<'a> {
-    /// After `new` or `restore`: arm timers; a restored round resends its current request.
+    /// After `new` or `restore`: sets the machine's deadlines; a restored
+    /// round resends its current request.
     Start,
     /// A datagram (node messages, and group data for the unknown-sender trigger).
-    Datagram {
-        from: SocketAddr,
-        bytes: &'a [u8],
-    },
-    Timer(ControllerTimer),
+    Datagram { from: SocketAddr, bytes: &'a [u8] },
+    /// The deadline [`super::ControllerMachine::poll_timeout`] gave has
+    /// passed (or any time after): every deadline due by `now` is handled
+    /// (retries, the stale deadline and the end of the drain; the key-age
+    /// trigger; the beacon), in that order. Early, it does nothing.
+    Timeout,
     /// Enroll a node under its id, initial key and address.
     Enroll {
         node_id: NodeId,
@@ -41,16 +33,12 @@ pub enum ControllerInput<'a> {
         addr: SocketAddr,
     },
     /// Remove a node; with `on_node_removed` a round leaves it out of the new key.
-    Remove {
-        node_id: NodeId,
-    },
+    Remove { node_id: NodeId },
     /// Rekey by hand.
     Rekey,
     /// Let a node whose enrollment is pinned run the enrollment handshake once
     /// more (its state was lost) within [`super::REJOIN_WINDOW_MS`]; audited.
-    AllowRejoin {
-        node_id: NodeId,
-    },
+    AllowRejoin { node_id: NodeId },
 }
 
 /// A command the controller cannot carry out.
@@ -363,10 +351,6 @@ pub enum ControllerAction {
     SendTo {
         to: SocketAddr,
         bytes: Vec<u8>,
-    },
-    ArmTimer {
-        timer: ControllerTimer,
-        at: Time,
     },
     /// Store the controller's own state (keys, round) durably before what follows.
     PersistCore(Box<ControllerCore>),

@@ -15,7 +15,7 @@ use super::{
     Out, Pending, Record, ResumeCause, HANDSHAKE_BURST, REJOIN_WINDOW_MS,
 };
 use crate::crypto::{ratchet, Chain, InitialKey, NodeKeys, Share, ShareSecret};
-use crate::wire::{NodeId, ReplayWindow};
+use crate::wire::{NodeId, ReplayWindow, Step};
 use core::net::SocketAddr;
 use rand::{CryptoRng, RngCore};
 use std::collections::HashMap;
@@ -41,8 +41,10 @@ pub(super) struct Member {
     /// The chain this member left at its last confirmed step (memory only):
     /// a message still in flight under it is late, not forged.
     pub(super) previous: Option<Chain>,
-    /// Progress in the current round: 0 none, 1 has the key, 2 in transit, 3 done.
-    pub(super) progress: u8,
+    /// Progress in the current round: the last step it confirmed (`None`:
+    /// none yet; `KeyUpdate`: it holds the key; `FirstTransition`: it seals
+    /// with it; `SecondTransition`: done).
+    pub(super) progress: Option<Step>,
     /// Requests sent to this member in the current phase.
     pub(super) attempts: u32,
     pub(super) replay: ReplayWindow,
@@ -167,7 +169,7 @@ impl Member {
             hs_at: Time(0),
             hs_resent: None,
             previous: None,
-            progress: 0,
+            progress: None,
             attempts: 0,
             replay: row
                 .seq_seen

@@ -16,7 +16,7 @@
 //! - `round.rs`: the round (`Round`) and its phase engine, with the S1/S2
 //!   checks, the drain, the stale deadline, pause and resume;
 //! - `retries.rs`: the requests of each phase, group waves then unicast
-//!   retries, and the round timer;
+//!   retries, and the round's deadline;
 //! - `trigger.rs`: when a trigger starts a round (at once, queued, spaced);
 //! - `auth.rs`: inbound authentication (MACs under a member's chains, replay
 //!   windows) and the enrollment handshake;
@@ -27,6 +27,12 @@
 //!
 //! Persistence is incremental (`persist.rs`): `PersistCore` at every phase
 //! change and `PersistMember` at every change of a member's row.
+//!
+//! Time: the machine keeps its own deadlines — the round's (retries, the
+//! stale deadline, the end of the drain, a queued trigger), the key age and
+//! the beacon — and tells the shell only the earliest,
+//! [`ControllerMachine::poll_timeout`]; the shell feeds
+//! [`ControllerInput::Timeout`] once it has passed.
 
 mod auth;
 mod beacon;
@@ -42,8 +48,8 @@ mod trigger;
 
 pub use config::ControllerConfig;
 pub use io::{
-    CommandError, ControllerAction, ControllerInput, ControllerTimer, MemberStatus, Outcome,
-    PhaseDurations, Record, RestoreError, ResumeCause, TriggerOutcome, Via,
+    CommandError, ControllerAction, ControllerInput, MemberStatus, Outcome, PhaseDurations, Record,
+    RestoreError, ResumeCause, TriggerOutcome, Via,
 };
 pub use persist::{
     apply_persist, fold_mark, store_snapshot, AnsweredInit, Committed, ControllerCore,
@@ -98,7 +104,10 @@ pub struct ControllerMachine {
     pending: Option<TriggerReason>,
     total_seals: u64,
     total_opens: u64,
+    /// The round's deadline: retries, stale deadline, end of the drain grace
+    /// (or, with no round, when the queued trigger may start its round).
     round_timer: Option<Time>,
+    /// When the key-age trigger is due.
     age_timer: Option<Time>,
     /// The key the last round retired: nodes that have not taken the second
     /// transition request yet still open data under it, so the controller
@@ -340,15 +349,7 @@ impl ControllerMachine {
                     );
                 }
             }
-            ControllerInput::Timer(ControllerTimer::Round) => {
-                self.round_timer = None;
-                self.tick(now, rng, out);
-            }
-            ControllerInput::Timer(ControllerTimer::KeyAge) => {
-                self.age_timer = None;
-                self.check_age(now, rng, out);
-            }
-            ControllerInput::Timer(ControllerTimer::Beacon) => self.on_beacon_timer(now, out),
+            ControllerInput::Timeout => self.on_timeout(now, rng, out),
             ControllerInput::Enroll {
                 node_id,
                 initial_key,
@@ -403,6 +404,32 @@ impl ControllerMachine {
         Outcome::Round { answered_by }
     }
 
+    /// The machine's next deadline: feed [`ControllerInput::Timeout`] once it
+    /// has passed. The shell asks again after every input (an input may move
+    /// it, earlier or later); `None` with nothing to wait for (as before
+    /// `Start`).
+    pub fn poll_timeout(&self) -> Option<Time> {
+        [self.round_timer, self.age_timer, self.beacon.due]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    /// [`ControllerInput::Timeout`]: each deadline due by `now`, in this
+    /// order: the round's, the key age, the beacon. A deadline one of them
+    /// sets again at or before `now` shows in [`Self::poll_timeout`] after.
+    fn on_timeout(&mut self, now: Time, rng: &mut (impl RngCore + CryptoRng), out: &mut Out) {
+        if self.round_timer.is_some_and(|t| t <= now) {
+            self.round_timer = None;
+            self.tick(now, rng, out);
+        }
+        if self.age_timer.is_some_and(|t| t <= now) {
+            self.age_timer = None;
+            self.check_age(now, rng, out);
+        }
+        self.on_beacon_timer(now, out);
+    }
+
     fn start(&mut self, now: Time, rng: &mut (impl RngCore + CryptoRng), out: &mut Out) {
         self.demote_members_without_ratchet(now, out);
         self.resume(now, ResumeCause::Restart, out);
@@ -410,7 +437,7 @@ impl ControllerMachine {
             // Acknowledgements were not persisted: ask again; nodes answer idempotently.
             self.enter_phase(now, phase, rng, out);
         }
-        self.arm_age(out);
+        self.arm_age();
         self.progress_round(now, rng, out);
         self.start_pending(now, rng, out);
         self.check_age(now, rng, out);

@@ -1,13 +1,12 @@
 //! The requests of a round's phases and their retries: group waves (key
 //! update batches, transition requests resent byte for byte), then one
-//! unicast per missing member with backoff and jitter; the round timer
+//! unicast per missing member with backoff and jitter; the round's deadline
 //! (`tick`) that drives them, the stale deadline and the drain.
 
 use super::super::Time;
 use super::round::{transition_step, Round};
 use super::{
-    ControllerAction, ControllerConfig, ControllerMachine, ControllerTimer, MemberStatus, Out,
-    Record, Via,
+    ControllerAction, ControllerConfig, ControllerMachine, MemberStatus, Out, Record, Via,
 };
 use crate::crypto::{Epoch, Share, ShareSecret, WrappedKey};
 use crate::wire::{self, RoundPhase, Step, MAX_BATCH_ENTRIES};
@@ -216,11 +215,11 @@ impl ControllerMachine {
         }
     }
 
-    /// Timer work: group waves, unicast retries, the stale deadline, the drain.
+    /// The round's deadline passed: group waves, unicast retries, the stale deadline, the drain.
     pub(super) fn tick(&mut self, now: Time, rng: &mut (impl RngCore + CryptoRng), out: &mut Out) {
         let Some(r) = &self.round else {
             self.start_pending(now, rng, out);
-            self.arm_round_timer(out);
+            self.arm_round_timer();
             return;
         };
         let phase = r.phase;
@@ -270,9 +269,9 @@ impl ControllerMachine {
         self.progress_round(now, rng, out);
     }
 
-    /// Arms the round timer for the round's next deadline (or, with no round,
-    /// for the queued trigger), unless an earlier one is armed.
-    pub(super) fn arm_round_timer(&mut self, out: &mut Out) {
+    /// Sets the round's deadline to the round's next one (or, with no round,
+    /// to the queued trigger's), unless an earlier one is set.
+    pub(super) fn arm_round_timer(&mut self) {
         let due = match &self.round {
             None => self.pending_due(),
             Some(r) => r.next_due(&self.cfg),
@@ -280,10 +279,6 @@ impl ControllerMachine {
         if let Some(at) = due {
             if self.round_timer.is_none_or(|t| at < t) {
                 self.round_timer = Some(at);
-                out.push(ControllerAction::ArmTimer {
-                    timer: ControllerTimer::Round,
-                    at,
-                });
             }
         }
     }

@@ -31,7 +31,7 @@
 //! holds because the first transition request is only signed once every live
 //! node has acknowledged the key update, and a node that rejoins during a
 //! round is only counted live again once its acknowledgement shows it holds
-//! the keys the phase needs ([`required_progress`]). **S2** (no node drops
+//! the keys the phase needs ([`required_step`]). **S2** (no node drops
 //! the old key while a node may still seal with it or old data may be in
 //! flight) holds because the second transition request is only signed once
 //! every live node confirmed the first one *and* the drain grace has passed.
@@ -99,23 +99,23 @@ pub(super) struct Round {
     pub(super) restored: bool,
 }
 
-/// The progress a phase waits for, if any.
-pub(super) fn target_progress(phase: RoundPhase) -> Option<u8> {
+/// The step a phase waits for members to confirm, if any.
+pub(super) fn target_step(phase: RoundPhase) -> Option<Step> {
     match phase {
-        RoundPhase::Distributing => Some(1),
-        RoundPhase::FirstTransition => Some(2),
+        RoundPhase::Distributing => Some(Step::KeyUpdate),
+        RoundPhase::FirstTransition => Some(Step::FirstTransition),
         RoundPhase::Draining => None,
-        RoundPhase::SecondTransition => Some(3),
+        RoundPhase::SecondTransition => Some(Step::SecondTransition),
     }
 }
 
-/// The least progress a node must show to be counted live again during a
+/// The least step a node must show to be counted live again during a
 /// phase: from the first transition on it must hold the new key (S1), and from
 /// the drain on it must already seal with the new key (S2).
-pub(super) fn required_progress(phase: RoundPhase) -> u8 {
+pub(super) fn required_step(phase: RoundPhase) -> Step {
     match phase {
-        RoundPhase::Distributing | RoundPhase::FirstTransition => 1,
-        RoundPhase::Draining | RoundPhase::SecondTransition => 2,
+        RoundPhase::Distributing | RoundPhase::FirstTransition => Step::KeyUpdate,
+        RoundPhase::Draining | RoundPhase::SecondTransition => Step::FirstTransition,
     }
 }
 
@@ -208,7 +208,7 @@ impl Round {
     /// confirmed it yet.
     pub(super) fn waits_for(&self, m: &Member) -> bool {
         m.row.status == MemberStatus::Active
-            && target_progress(self.phase).is_some_and(|t| m.progress < t)
+            && target_step(self.phase).is_some_and(|t| m.progress < Some(t))
     }
 
     /// The signed transition request of `step` (resent byte for byte).
@@ -333,7 +333,7 @@ impl ControllerMachine {
             },
         );
         for m in self.members.iter_mut() {
-            m.progress = 0;
+            m.progress = None;
         }
         let share = ShareSecret::generate(rng);
         self.round = Some(Round::new(epoch, key, share, reason, now));
@@ -426,10 +426,10 @@ impl ControllerMachine {
     /// Live nodes that confirmed the current phase (in the drain: the first transition).
     pub fn confirmed(&self) -> u32 {
         let Some(r) = &self.round else { return 0 };
-        let target = target_progress(r.phase).unwrap_or(2);
+        let target = target_step(r.phase).unwrap_or(Step::FirstTransition);
         self.members
             .iter()
-            .filter(|m| m.row.status == MemberStatus::Active && m.progress >= target)
+            .filter(|m| m.row.status == MemberStatus::Active && m.progress >= Some(target))
             .count() as u32
     }
 
@@ -468,7 +468,7 @@ impl ControllerMachine {
             },
         );
         self.persist_core(out);
-        self.arm_round_timer(out);
+        self.arm_round_timer();
     }
 
     /// End a pause; the stale deadline counts again from now. Returns whether
@@ -508,8 +508,7 @@ impl ControllerMachine {
             // A phase that waits for confirmations ends only with enough of
             // them (`needed`): too few (live nodes left out earlier, say) and
             // the round pauses until nodes answer again.
-            let waited_out =
-                r.waiting == 0 && target_progress(r.phase).is_some() && r.paused.is_none();
+            let waited_out = r.waiting == 0 && target_step(r.phase).is_some() && r.paused.is_none();
             if waited_out && self.confirmed() < self.needed() {
                 self.pause(now, out);
                 break;
@@ -531,7 +530,7 @@ impl ControllerMachine {
             };
             self.enter_phase(now, next, rng, out);
         }
-        self.arm_round_timer(out);
+        self.arm_round_timer();
     }
 
     fn finish_round(&mut self, now: Time, rng: &mut (impl RngCore + CryptoRng), out: &mut Out) {
@@ -546,7 +545,7 @@ impl ControllerMachine {
             match m.row.status {
                 MemberStatus::Active => {
                     nodes += 1;
-                    acked += u32::from(m.progress >= 3);
+                    acked += u32::from(m.progress == Some(Step::SecondTransition));
                 }
                 MemberStatus::Stale => {
                     nodes += 1;
@@ -582,7 +581,7 @@ impl ControllerMachine {
         self.total_seals = 0;
         self.total_opens = 0;
         self.persist_core(out);
-        self.arm_age(out);
+        self.arm_age();
         self.start_pending(now, rng, out);
     }
 }

@@ -1,12 +1,12 @@
 //! When the SPEC §3 triggers ([`super::super::triggers`]) start a round: at
 //! once, queued behind the round in progress (one at most), or, for those
 //! set off by what nodes send, no sooner than `node_trigger_min_interval_ms`
-//! after the last such round; the key-age timer and the usage counts.
+//! after the last such round; the key-age deadline and the usage counts.
 
 use super::super::triggers::TriggerReason;
 use super::super::Time;
 use super::TriggerOutcome;
-use super::{ControllerAction, ControllerMachine, ControllerTimer, Out, Record, ResumeCause};
+use super::{ControllerMachine, Out, Record, ResumeCause};
 use rand::{CryptoRng, RngCore};
 
 /// Triggers that what nodes send can set off (usage counts, data from an
@@ -33,7 +33,7 @@ impl ControllerMachine {
             // Someone asks by hand while the round waits: retry at once.
             if let Some(phase) = self.round.as_ref().map(|r| r.phase) {
                 self.enter_phase(now, phase, rng, out);
-                self.arm_round_timer(out);
+                self.arm_round_timer();
             }
         }
         let hold = node_caused(&reason)
@@ -64,7 +64,7 @@ impl ControllerMachine {
             );
             self.pending = Some(reason);
             self.persist_core(out);
-            self.arm_round_timer(out);
+            self.arm_round_timer();
         } else {
             Self::record(
                 out,
@@ -106,15 +106,10 @@ impl ControllerMachine {
         }
     }
 
-    pub(super) fn arm_age(&mut self, out: &mut Out) {
+    /// Sets the key-age deadline of the current key (if the trigger is on).
+    pub(super) fn arm_age(&mut self) {
         if let Some(at) = self.cfg.triggers.key_age_deadline(self.activated_at) {
-            if self.age_timer != Some(at) {
-                self.age_timer = Some(at);
-                out.push(ControllerAction::ArmTimer {
-                    timer: ControllerTimer::KeyAge,
-                    at,
-                });
-            }
+            self.age_timer = Some(at);
         }
     }
 
@@ -131,7 +126,7 @@ impl ControllerMachine {
         if age_ms >= limit_ms && self.round.is_none() && self.pending.is_none() {
             self.fire(now, TriggerReason::KeyAge { age_ms, limit_ms }, rng, out);
         } else if self.round.is_none() {
-            self.arm_age(out);
+            self.arm_age();
         }
     }
 

@@ -33,7 +33,6 @@ struct TestFleet {
     /// (destination, sending node or usize::MAX for the controller, bytes)
     queue: VecDeque<(Dest, usize, Vec<u8>)>,
     records: Vec<Record>,
-    timers: Vec<(ControllerTimer, Time)>,
     /// Return true to drop a datagram.
     drop: Filter,
     core: Option<Box<ControllerCore>>,
@@ -68,7 +67,6 @@ impl TestFleet {
             rng,
             queue: VecDeque::new(),
             records: Vec::new(),
-            timers: Vec::new(),
             drop: Box::new(|_, _, _| false),
             core: None,
             rows: Default::default(),
@@ -111,7 +109,6 @@ impl TestFleet {
                     };
                     self.queue.push_back((Dest::Node(idx), CTL, bytes));
                 }
-                ControllerAction::ArmTimer { timer, at } => self.timers.push((timer, at)),
                 ControllerAction::PersistCore(c) => self.core = Some(c),
                 ControllerAction::PersistMember(m) => {
                     self.rows.insert(m.member, *m);
@@ -193,17 +190,13 @@ impl TestFleet {
         }
     }
 
-    /// Advance the clock by `ms`, firing controller timers as they come due.
+    /// Advance the clock by `ms`, feeding the controller a timeout at each
+    /// deadline it gives on the way.
     fn advance(&mut self, ms: u64) {
         let end = self.now.plus(ms);
-        loop {
-            self.timers.sort_by_key(|t| t.1);
-            let Some(pos) = self.timers.iter().position(|t| t.1 <= end) else {
-                break;
-            };
-            let (timer, at) = self.timers.remove(pos);
+        while let Some(at) = self.c.poll_timeout().filter(|at| *at <= end) {
             self.now = self.now.max(at);
-            let _ = self.ctl(ControllerInput::Timer(timer));
+            let _ = self.ctl(ControllerInput::Timeout);
             self.pump();
         }
         self.now = end;

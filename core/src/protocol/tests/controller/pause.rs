@@ -231,7 +231,6 @@ fn a_rekey_during_a_pause_retries_at_once_and_a_restart_resumes_it() {
     assert!(persist.core.round.as_ref().unwrap().paused_at.is_some());
     f.c = ControllerMachine::restore(&persist, f.cfg.clone(), f.now).unwrap();
     assert!(f.c.paused_since().is_some());
-    f.timers.clear();
     f.queue.clear();
     f.drop = Box::new(|_, _, _| false);
     f.ctl(ControllerInput::Start).unwrap();

@@ -277,7 +277,7 @@ fn a_restored_controller_resumes_its_round() {
         let json = serde_json::to_string(&persist).unwrap();
         let persist: ControllerPersist = serde_json::from_str(&json).unwrap();
         f.c = ControllerMachine::restore(&persist, f.cfg.clone(), f.now).unwrap();
-        f.timers.clear();
+        assert_eq!(f.c.poll_timeout(), None, "no deadline before Start");
         f.queue.clear();
         f.drop = Box::new(|_, _, _| false);
         f.ctl(ControllerInput::Start).unwrap();
@@ -286,6 +286,9 @@ fn a_restored_controller_resumes_its_round() {
             Some(phase_at_crash),
             "resumes in the persisted phase"
         );
+        // Start sets the deadlines again: the round's retries come before the beacon's.
+        let due = f.c.poll_timeout().expect("Start sets the deadlines again");
+        assert!(due < f.now.plus(f.cfg.beacon_interval_ms), "{due:?}");
         f.pump();
         f.advance(500);
         f.pump();
@@ -387,7 +390,7 @@ fn every_phase_against_every_input() {
                 let b = wire::mac(wire::key_request(e, step, seq, 2, &share), &keys);
                 f.ctl(ControllerInput::Datagram { from, bytes: &b })
             }
-            CIn::EarlyTimer => f.ctl(ControllerInput::Timer(ControllerTimer::Round)),
+            CIn::EarlyTimer => f.ctl(ControllerInput::Timeout),
             CIn::Garbage => f.ctl(ControllerInput::Datagram {
                 from,
                 bytes: &[1, 0x13, 9],
@@ -506,7 +509,6 @@ fn a_restored_round_drains_for_the_longest_flight_time() {
     assert_eq!(f.phase(), Some(RoundPhase::FirstTransition));
     let persist = f.persisted();
     f.c = ControllerMachine::restore(&persist, f.cfg.clone(), f.now).unwrap();
-    f.timers.clear();
     f.queue.clear();
     f.drop = Box::new(|_, _, _| false);
     f.ctl(ControllerInput::Start).unwrap();
