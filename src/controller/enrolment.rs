@@ -35,12 +35,19 @@ const ANSWER_POLL_MS: u64 = 10;
 /// Requests taken in one look.
 const BATCH: u32 = 64;
 
+/// A request older than this (by the time sealed inside it) is refused: a
+/// writer of the table without the state key cannot replay an old request
+/// (say, to enroll again a node removed since).
+pub const MAX_AGE_MS: u64 = 10 * 60 * 1000;
+
 /// What a request carries, sealed.
 #[derive(Serialize, Deserialize)]
 struct Sealed {
     key: Zeroizing<String>,
     addr: SocketAddr,
     force: bool,
+    /// When the installer sealed it (its clock, ms since the Unix epoch).
+    sealed_at_ms: u64,
 }
 
 /// The leader's answer.
@@ -82,6 +89,7 @@ pub fn request(
             key: Zeroizing::new(hex::encode(initial_key.0)),
             addr,
             force,
+            sealed_at_ms: now_ms,
         })
         .expect("a request serializes"),
     );
@@ -181,6 +189,16 @@ impl Controller {
         })?;
         let sealed: Sealed = serde_json::from_slice(&plain)
             .map_err(|e| ControllerError::Duplicate(format!("the request does not parse: {e}")))?;
+        let age = self.clock.now_ms().abs_diff(sealed.sealed_at_ms);
+        if age > MAX_AGE_MS {
+            return Err(ControllerError::Duplicate(format!(
+                "the request of {} was sealed {} s from now (more than {} s): refused as stale or \
+                 replayed; enroll the node again (check the installer's clock)",
+                req.requested_by,
+                age / 1000,
+                MAX_AGE_MS / 1000
+            )));
+        }
         let node_id = NodeId::parse(&req.node_id).map_err(|e| {
             ControllerError::Duplicate(format!("{:?} is not a node id: {e}", req.node_id))
         })?;
@@ -204,5 +222,77 @@ impl Controller {
         }
         self.enroll(node_id, initial_key, sealed.addr, sealed.force)
             .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{init, Options, StateDir};
+    use super::*;
+    use crate::config::Config;
+
+    fn answer(c: &Controller, id: i64) -> Answer {
+        serde_json::from_str(&c.store().enrolment_answer(id).unwrap().unwrap()).unwrap()
+    }
+
+    /// The leader's side of the queue, on the embedded table: a request
+    /// sealed with the fleet's key is enrolled (and answered alike when taken
+    /// again); one sealed with another fleet's key, one replayed from long
+    /// ago, and a label read twice are refused with the reason; every body
+    /// is erased once answered.
+    #[tokio::test]
+    async fn queued_enrolments_are_answered_and_forged_or_replayed_ones_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = Options::new(StateDir::new(dir.path().join("kf")), Config::default());
+        init(&opts).unwrap();
+        let mut c = Controller::open(opts).unwrap();
+        let key = c.table.state_key().unwrap().clone();
+        let now = c.clock.now_ms();
+        let (a, b) = (NodeId::parse("a").unwrap(), NodeId::parse("b").unwrap());
+        let (ka, kb) = (InitialKey([1; 16]), InitialKey([2; 16]));
+        let addr: SocketAddr = "127.0.0.1:9100".parse().unwrap();
+        let ask = |node_id, initial_key| Ask {
+            node_id,
+            initial_key,
+            addr,
+            force: false,
+        };
+        let store = c.table.store_mut();
+        let good = request(store, &key, &ask(&a, &ka), "i1", now).unwrap();
+        let foreign = request(store, &StateKey::generate(), &ask(&b, &kb), "i2", now).unwrap();
+        let old = request(store, &key, &ask(&b, &kb), "i3", now - MAX_AGE_MS - 1).unwrap();
+        let twice = request(store, &key, &ask(&b, &ka), "i4", now).unwrap();
+        assert_eq!(c.take_enrolments().await.unwrap(), 4);
+        let Answer::Enrolled(r) = answer(&c, good) else {
+            panic!("{:?}", answer(&c, good))
+        };
+        assert_eq!((r.node_id.as_str(), r.member), ("a", 1));
+        for (id, why) in [
+            (foreign, "not sealed with this fleet's key"),
+            (old, "stale or replayed"),
+            (twice, "already enrolled with the same initial key"),
+        ] {
+            match answer(&c, id) {
+                Answer::Refused(text) => assert!(text.contains(why), "{text}"),
+                other => panic!("request {id}: {other:?}"),
+            }
+        }
+        assert!(c.store().open_enrolments(10).unwrap().is_empty());
+        let db = rusqlite::Connection::open(dir.path().join("kf").join("fleet.db")).unwrap();
+        let bodies: i64 = db
+            .query_row(
+                "SELECT count(*) FROM enrol_requests WHERE body IS NOT NULL",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(bodies, 0, "an answered request keeps no sealed initial key");
+        assert_eq!(c.machine().members().count(), 1);
+        // The same request again (its answer lost): answered as enrolled.
+        let store = c.table.store_mut();
+        let again = request(store, &key, &ask(&a, &ka), "i1", now).unwrap();
+        c.take_enrolments().await.unwrap();
+        assert!(matches!(answer(&c, again), Answer::Enrolled(r) if r.member == 1));
+        assert_eq!(c.machine().members().count(), 1);
     }
 }
