@@ -505,6 +505,17 @@ const TABLE_RETRY_MS: u64 = 1_000;
 const LEASE_TIMER: u8 = 5;
 /// The shell's timer to look for installers' enrolment requests in a shared table.
 const ENROL_TIMER: u8 = 6;
+/// The shell's timer to write the records of passes that only recorded
+/// (acknowledgements), held back to be written together.
+const RECORDS_TIMER: u8 = 7;
+
+/// Records of a pass that only recorded acknowledgements (no state change
+/// to persist, nothing to send) wait at most this long for the next pass that
+/// writes, and go into its transaction: a phase's acknowledgements cost one
+/// commit, not one each (issue 11.3). Nothing sent depends on them: a
+/// controller that stops before they are written resends the phase's request
+/// and the nodes answer again.
+pub const RECORDS_HOLD_MS: u64 = 50;
 
 /// The leader lease this controller holds ([`crate::store::Store::acquire_lease`]).
 #[derive(Debug, Clone)]
@@ -750,6 +761,10 @@ pub struct Controller {
     marks_saved: std::collections::HashMap<u32, u64>,
     /// The enrolment timer fired: look for installers' requests after the pass.
     enrolments_due: bool,
+    /// Records of passes that only recorded, waiting for the next write.
+    held: Vec<Record>,
+    /// The records timer fired: write what is held.
+    held_due: bool,
     /// What `keyfleet serve --metrics` reports (counters, and the health of
     /// the table and the network as the last pass found them).
     ops: Ops,
@@ -901,6 +916,8 @@ impl Controller {
             saved_at_ms: now,
             marks_saved,
             enrolments_due: false,
+            held: Vec::new(),
+            held_due: false,
             ops: Ops::default(),
             lease: lease.clone(),
             _lock: lock,
@@ -1046,7 +1063,8 @@ impl Controller {
         let actions = std::mem::take(&mut self.out);
         let marks_due = self.machine.replay_marks_unsaved()
             && self.clock.now_ms() >= self.saved_at_ms.saturating_add(REPLAY_MARKS_SAVE_MS);
-        if actions.is_empty() {
+        let held_due = std::mem::take(&mut self.held_due) && !self.held.is_empty();
+        if actions.is_empty() && !held_due {
             if marks_due {
                 self.save_marks()?;
             }
@@ -1067,6 +1085,27 @@ impl Controller {
                 | ControllerAction::PersistMember(_)
                 | ControllerAction::ForgetMember { .. }) => persist.push(a),
             }
+        }
+        // A pass that only recorded acknowledgements waits for the next that
+        // writes (or the records timer): one commit for many of them.
+        if persist.is_empty()
+            && sends.is_empty()
+            && !marks_due
+            && !held_due
+            && records.iter().all(may_wait)
+        {
+            if !records.is_empty() && self.held.is_empty() {
+                self.timers
+                    .arm(RECORDS_TIMER, self.clock.now_ms() + RECORDS_HOLD_MS);
+            }
+            self.held.extend(records);
+            return Ok(());
+        }
+        if !self.held.is_empty() {
+            self.timers.cancel(&RECORDS_TIMER);
+            let mut all = std::mem::take(&mut self.held);
+            all.append(&mut records);
+            records = all;
         }
         let marks = if marks_due {
             self.moved_marks()
@@ -1480,6 +1519,8 @@ impl Controller {
                         self.renew_lease()?;
                     } else if id == ENROL_TIMER {
                         self.enrolments_due = true;
+                    } else if id == RECORDS_TIMER {
+                        self.held_due = true;
                     } else if id == MACHINE_TIMER {
                         let _ = self.feed(ControllerInput::Timeout);
                     }
@@ -1996,12 +2037,16 @@ impl Drop for Controller {
     /// error), the refusals still counted in open windows get their summary
     /// rows: the counts add up to every datagram refused.
     fn drop(&mut self) {
-        if self.machine.replay_marks_unsaved() {
+        if self.machine.replay_marks_unsaved() || !self.held.is_empty() {
             let marks = self.moved_marks();
-            match self
-                .table
-                .write_pass(Vec::new(), &marks, &[], &self.machine, self.clock.now_ms())
-            {
+            let held = std::mem::take(&mut self.held);
+            match self.table.write_pass(
+                Vec::new(),
+                &marks,
+                &held,
+                &self.machine,
+                self.clock.now_ms(),
+            ) {
                 Ok(()) => self.marks_written(marks),
                 Err(e) => {
                     tracing::error!(error = %e, "the nodes' latest sequence numbers were not saved; replays of their last messages may be accepted after a restart")
@@ -2021,6 +2066,12 @@ impl Drop for Controller {
             );
         }
     }
+}
+
+/// Whether a record may wait for the next pass that writes: a node's
+/// acknowledgement and the state it shows.
+fn may_wait(r: &Record) -> bool {
+    matches!(r, Record::NodeAcked { .. } | Record::StatusChanged { .. })
 }
 
 fn log_record(r: &Record) {

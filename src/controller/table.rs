@@ -99,6 +99,53 @@ fn known_addr(a: &std::net::SocketAddr) -> Option<String> {
 }
 
 /// Logs a failed row and goes on.
+/// Records written together when they follow each other: acknowledgements
+/// of one (epoch, step), key deliveries of one epoch.
+fn run_key(r: &Record) -> Option<(u32, Option<Step>)> {
+    match r {
+        Record::NodeAcked { epoch, step, .. } => Some((epoch.0, Some(*step))),
+        Record::KeySent { epoch, .. } => Some((epoch.0, None)),
+        _ => None,
+    }
+}
+
+/// A run (see [`run_key`]) written with one call for the deliveries and one
+/// for the node states; when one of the nodes is not in the table (a row it
+/// lost), each is written on its own, as [`write_one`] does, so the rest
+/// still get theirs. Every call is atomic on its own inside the pass's batch
+/// and idempotent, so writing one again is harmless.
+fn write_run(s: &mut Store, rounds: &mut HashMap<u32, i64>, run: &[&Record], ctx: &Ctx<'_>) {
+    let [first, ..] = run else { return };
+    if run.len() == 1 {
+        return write_one(s, rounds, first, ctx);
+    }
+    let (mut ids, mut last) = (Vec::new(), 0);
+    for r in run {
+        if let Record::NodeAcked { node_id, at, .. } | Record::KeySent { node_id, at, .. } = r {
+            ids.push(node_id.as_str());
+            last = last.max(at.0);
+        }
+    }
+    let ok = match run_key(first) {
+        Some((epoch, Some(step))) => {
+            let delivered = if step == Step::KeyUpdate {
+                s.record_ack(epoch.into(), &ids, last)
+            } else {
+                Ok(())
+            };
+            let state = s.set_node_state(&ids, state_after(step), Some(epoch.into()), last);
+            delivered.is_ok() && state.is_ok()
+        }
+        Some((epoch, None)) => s.record_sent(epoch.into(), &ids, last).is_ok(),
+        None => false,
+    };
+    if !ok {
+        for r in run {
+            write_one(s, rounds, r, ctx);
+        }
+    }
+}
+
 fn soft(what: &str, r: Result<()>) {
     if let Err(e) = r {
         tracing::warn!(error = %e, "management table: could not record {what}");
@@ -625,7 +672,23 @@ impl Table {
                 t.store.put_replay_marks(marks)?;
             }
             write_summaries(s, &closed);
+            // Acknowledgements of one step, and key deliveries of one epoch,
+            // come in runs (a phase's acknowledgements held together by the
+            // controller, a round's key update requests): one statement each.
+            let mut run: Vec<&Record> = Vec::new();
             for r in records {
+                if let Some(key) = run_key(r) {
+                    if run.first().and_then(|f| run_key(f)) != Some(key) && !run.is_empty() {
+                        write_run(s, rounds, &run, &ctx);
+                        run.clear();
+                    }
+                    run.push(r);
+                    continue;
+                }
+                if !run.is_empty() {
+                    write_run(s, rounds, &run, &ctx);
+                    run.clear();
+                }
                 if let Some((at, member, epoch)) = answered(r) {
                     // The first answer in each key state (epoch, round phase)
                     // is always written in full: a node back in a new state
@@ -655,6 +718,9 @@ impl Table {
                     log_first(r, refusals.window_ms());
                 }
                 write_one(s, rounds, r, &ctx);
+            }
+            if !run.is_empty() {
+                write_run(s, rounds, &run, &ctx);
             }
             Ok(())
         });
@@ -1172,6 +1238,79 @@ mod tests {
             .rfind(|r| r.kind == AuditKind::Enrollment)
             .unwrap();
         assert_eq!(last.node_id.as_deref(), Some("late"));
+    }
+
+    /// A run of acknowledgements is written with one call each; a node the
+    /// table lost fails only its own row (each written on its own then), on
+    /// both engines.
+    #[test]
+    fn a_run_of_acknowledgements_is_written_together_and_a_lost_row_fails_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut stores = vec![Store::open(&dir.path().join("fleet.db")).unwrap()];
+        if let Some(url) = crate::store::testpg::fresh_db() {
+            stores.push(Store::connect(&url).unwrap());
+        }
+        for store in stores {
+            let mut out = Vec::new();
+            let mut m =
+                ControllerMachine::new(ControllerConfig::default(), Time(0), &mut OsRng, &mut out);
+            for (i, id) in ["a", "b", "c"].iter().enumerate() {
+                m.handle(
+                    Time(1),
+                    ControllerInput::Enroll {
+                        node_id: NodeId::parse(id).unwrap(),
+                        initial_key: InitialKey([i as u8; 16]),
+                        addr: format!("127.0.0.1:{}", 9000 + i).parse().unwrap(),
+                    },
+                    &mut OsRng,
+                    &mut out,
+                )
+                .unwrap();
+            }
+            let mut t = Table::new(store).unwrap();
+            t.write(&records(&mut out), &m, 1).unwrap();
+            t.store_mut().remove_node("b", "lost", 2).unwrap();
+            let acks: Vec<Record> = ["a", "b", "c"]
+                .iter()
+                .enumerate()
+                .map(|(i, id)| Record::NodeAcked {
+                    epoch: keyfleet_core::crypto::Epoch(1),
+                    member: i as u32 + 1,
+                    node_id: NodeId::parse(id).unwrap(),
+                    step: Step::KeyUpdate,
+                    at: Time(10 + i as u64),
+                })
+                .collect();
+            t.write(&acks, &m, 20).unwrap();
+            let nodes = t.store().all_nodes().unwrap();
+            let state = |id: &str| nodes.iter().find(|n| n.node_id == id).unwrap().state;
+            assert_eq!(
+                state("a"),
+                state_after(Step::KeyUpdate),
+                "{}",
+                t.store().describe()
+            );
+            assert_eq!(state("c"), state_after(Step::KeyUpdate));
+            assert_eq!(
+                state("b"),
+                RecordedState::Enrolled,
+                "the removed row is untouched"
+            );
+            let key = t
+                .store()
+                .history()
+                .unwrap()
+                .into_iter()
+                .find(|k| k.epoch == 1)
+                .unwrap();
+            let acked: Vec<&str> = key
+                .deliveries
+                .iter()
+                .filter(|d| d.acked_at_ms.is_some())
+                .map(|d| d.node_id.as_str())
+                .collect();
+            assert!(acked.contains(&"a") && acked.contains(&"c"), "{acked:?}");
+        }
     }
 
     #[test]

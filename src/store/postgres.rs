@@ -718,16 +718,17 @@ impl Engine for PgEngine {
         now_ms: u64,
     ) -> Result<()> {
         let (epoch, now) = (opt_i64(epoch)?, to_i64(now_ms)?);
+        let ids = distinct(node_ids);
+        // One statement for every node (a phase's acknowledgements come
+        // together): a round trip each was most of a round's time.
         self.atomic(|s| {
-            for id in node_ids {
-                let n = s.exec(
-                    "UPDATE nodes SET state = $2, epoch = $3, last_seen_ms = $4
-                     WHERE node_id = $1 AND removed_at_ms IS NULL",
-                    &[id, &state.as_str(), &epoch, &now],
-                )?;
-                if n == 0 {
-                    return Err(StoreError::UnknownNode((*id).to_owned()));
-                }
+            let n = s.exec(
+                "UPDATE nodes SET state = $2, epoch = $3, last_seen_ms = $4
+                 WHERE node_id = ANY($1) AND removed_at_ms IS NULL",
+                &[&ids, &state.as_str(), &epoch, &now],
+            )?;
+            if n as usize != ids.len() {
+                return Err(s.first_unknown(&ids)?);
             }
             Ok(())
         })
@@ -850,43 +851,52 @@ impl Engine for PgEngine {
 
     fn record_sent(&mut self, epoch: u64, node_ids: &[&str], now_ms: u64) -> Result<()> {
         let (e, now) = (to_i64(epoch)?, to_i64(now_ms)?);
+        let ids = distinct(node_ids);
         self.atomic(|s| {
             s.check_epoch(epoch)?;
-            for id in node_ids {
-                s.exec(
-                    "INSERT INTO key_deliveries AS d
-                       (epoch, node_id, first_sent_at_ms, last_sent_at_ms, attempts)
-                     VALUES ($1, $2, $3, $3, 1)
-                     ON CONFLICT (epoch, node_id) DO UPDATE SET
-                       first_sent_at_ms = COALESCE(d.first_sent_at_ms, excluded.first_sent_at_ms),
-                       last_sent_at_ms = excluded.last_sent_at_ms,
-                       attempts = d.attempts + 1",
-                    &[&e, id, &now],
-                )
-                .map_err(|err| unknown_node(err, id))?;
-            }
+            s.exec(
+                "INSERT INTO key_deliveries AS d
+                   (epoch, node_id, first_sent_at_ms, last_sent_at_ms, attempts)
+                 SELECT $1, id, $3, $3, 1 FROM unnest($2::text[]) AS id
+                 ON CONFLICT (epoch, node_id) DO UPDATE SET
+                   first_sent_at_ms = COALESCE(d.first_sent_at_ms, excluded.first_sent_at_ms),
+                   last_sent_at_ms = excluded.last_sent_at_ms,
+                   attempts = d.attempts + 1",
+                &[&e, &ids, &now],
+            )
+            .map_err(|err| match unknown_node(err, "") {
+                StoreError::UnknownNode(_) => s.first_unknown(&ids).unwrap_or_else(|e| e),
+                other => other,
+            })?;
             Ok(())
         })
     }
 
     fn record_ack(&mut self, epoch: u64, node_ids: &[&str], now_ms: u64) -> Result<()> {
         let (e, now) = (to_i64(epoch)?, to_i64(now_ms)?);
+        let ids = distinct(node_ids);
         self.atomic(|s| {
             s.check_epoch(epoch)?;
-            for id in node_ids {
-                s.exec(
-                    "INSERT INTO key_deliveries AS d (epoch, node_id, acked_at_ms) VALUES ($1, $2, $3)
-                     ON CONFLICT (epoch, node_id) DO UPDATE SET
-                       acked_at_ms = COALESCE(d.acked_at_ms, excluded.acked_at_ms)",
-                    &[&e, id, &now],
-                )
-                .map_err(|err| unknown_node(err, id))?;
-                s.exec(
-                    "UPDATE nodes SET last_seen_ms = GREATEST(COALESCE(last_seen_ms, 0), $2)
-                     WHERE node_id = $1",
-                    &[id, &now],
-                )?;
+            let known = s.query(
+                "SELECT count(*) FROM nodes WHERE node_id = ANY($1)",
+                &[&ids],
+            )?;
+            let known: i64 = known.first().map_or(Ok(0), |r| r.try_get(0))?;
+            if known as usize != ids.len() {
+                return Err(s.first_unknown(&ids)?);
             }
+            s.exec(
+                "INSERT INTO key_deliveries AS d (epoch, node_id, acked_at_ms)
+                 SELECT $1, id, $3 FROM unnest($2::text[]) AS id
+                 ON CONFLICT (epoch, node_id) DO UPDATE SET
+                   acked_at_ms = COALESCE(d.acked_at_ms, excluded.acked_at_ms)",
+                &[&e, &ids, &now],
+            )?;
+            s.exec(
+                "UPDATE nodes SET last_seen_ms = GREATEST(COALESCE(last_seen_ms, 0), $2)
+                 WHERE node_id = ANY($1)",
+                &[&ids, &now],
+            )?;
             Ok(())
         })
     }
@@ -1348,6 +1358,35 @@ impl Engine for PgEngine {
 }
 
 /// A foreign-key violation on a delivery row: the node is not enrolled.
+/// `ids` without repeats, in their order.
+fn distinct(ids: &[&str]) -> Vec<String> {
+    let mut seen = std::collections::HashSet::new();
+    ids.iter()
+        .filter(|id| seen.insert(**id))
+        .map(|id| (*id).to_owned())
+        .collect()
+}
+
+impl PgEngine {
+    /// The first of `ids` that is not an enrolled node, as the error.
+    fn first_unknown(&self, ids: &[String]) -> Result<StoreError> {
+        let rows = self.query(
+            "SELECT node_id FROM nodes WHERE node_id = ANY($1) AND removed_at_ms IS NULL",
+            &[&ids],
+        )?;
+        let known: std::collections::HashSet<String> = rows
+            .iter()
+            .map(|r| r.try_get(0))
+            .collect::<std::result::Result<_, _>>()?;
+        Ok(StoreError::UnknownNode(
+            ids.iter()
+                .find(|id| !known.contains(*id))
+                .cloned()
+                .unwrap_or_default(),
+        ))
+    }
+}
+
 fn unknown_node(err: StoreError, id: &str) -> StoreError {
     match err {
         StoreError::Postgres(e) if is(&e, &SqlState::FOREIGN_KEY_VIOLATION) => {
