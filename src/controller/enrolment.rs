@@ -43,7 +43,7 @@ pub const MAX_AGE_MS: u64 = 10 * 60 * 1000;
 /// What a request carries, sealed.
 #[derive(Serialize, Deserialize)]
 struct Sealed {
-    key: Zeroizing<String>,
+    key: InitialKey,
     addr: SocketAddr,
     force: bool,
     /// When the installer sealed it (its clock, ms since the Unix epoch).
@@ -86,7 +86,7 @@ pub fn request(
     } = *ask;
     let plain = Zeroizing::new(
         serde_json::to_vec(&Sealed {
-            key: Zeroizing::new(hex::encode(initial_key.0)),
+            key: initial_key.clone(),
             addr,
             force,
             sealed_at_ms: now_ms,
@@ -104,8 +104,8 @@ pub async fn wait(store: &Store, id: i64, timeout: Duration) -> Result<EnrollRep
         if let Some(a) = store.enrolment_answer(id)? {
             return match serde_json::from_str::<Answer>(&a) {
                 Ok(Answer::Enrolled(r)) => Ok(r),
-                Ok(Answer::Refused(why)) => Err(ControllerError::Duplicate(why)),
-                Err(e) => Err(ControllerError::Duplicate(format!(
+                Ok(Answer::Refused(why)) => Err(ControllerError::EnrolmentRefused(why)),
+                Err(e) => Err(ControllerError::EnrolmentRefused(format!(
                     "the leader's answer to enrolment request {id} does not parse ({e}): {a}"
                 ))),
             };
@@ -178,20 +178,21 @@ impl Controller {
 
     async fn enrol_request(&mut self, req: &EnrolRequest) -> Result<EnrollReport> {
         let key = self.table.state_key().ok_or_else(|| {
-            ControllerError::Duplicate("this controller holds no state key".into())
+            ControllerError::EnrolmentRefused("this controller holds no state key".into())
         })?;
         let plain = key.open(&row(&req.node_id), &req.body).map_err(|_| {
-            ControllerError::Duplicate(format!(
+            ControllerError::EnrolmentRefused(format!(
                 "the request of {} is not sealed with this fleet's key: its controller.secrets is \
                  not this fleet's",
                 req.requested_by
             ))
         })?;
-        let sealed: Sealed = serde_json::from_slice(&plain)
-            .map_err(|e| ControllerError::Duplicate(format!("the request does not parse: {e}")))?;
+        let sealed: Sealed = serde_json::from_slice(&plain).map_err(|e| {
+            ControllerError::EnrolmentRefused(format!("the request does not parse: {e}"))
+        })?;
         let age = self.clock.now_ms().abs_diff(sealed.sealed_at_ms);
         if age > MAX_AGE_MS {
-            return Err(ControllerError::Duplicate(format!(
+            return Err(ControllerError::EnrolmentRefused(format!(
                 "the request of {} was sealed {} s from now (more than {} s): refused as stale or \
                  replayed; enroll the node again (check the installer's clock)",
                 req.requested_by,
@@ -200,28 +201,26 @@ impl Controller {
             )));
         }
         let node_id = NodeId::parse(&req.node_id).map_err(|e| {
-            ControllerError::Duplicate(format!("{:?} is not a node id: {e}", req.node_id))
+            ControllerError::EnrolmentRefused(format!("{:?} is not a node id: {e}", req.node_id))
         })?;
-        let initial_key =
-            super::control::key_from_hex(&sealed.key).map_err(ControllerError::Duplicate)?;
+        let Sealed {
+            key: initial_key,
+            addr,
+            force,
+            ..
+        } = sealed;
         // Answered before, and the answer lost (the leader stopped between
         // the enrolment and the answer): the same node with the same key.
-        let (same_key, _) = self.machine.enrolled_alike(&initial_key, sealed.addr);
+        let (same_key, _) = self.machine.enrolled_alike(&initial_key, addr);
         if same_key == Some(&node_id) {
-            let member = self
-                .machine
-                .members()
-                .find(|(_, id, _)| **id == node_id)
-                .map_or(0, |(m, _, _)| m);
             return Ok(EnrollReport {
+                member: self.machine.member_number(&node_id).unwrap_or(0),
                 node_id: node_id.to_string(),
-                member,
-                address: (sealed.addr.port() != 0).then(|| sealed.addr.to_string()),
+                address: (addr.port() != 0).then(|| addr.to_string()),
                 fingerprint: initial_key.fingerprint(),
             });
         }
-        self.enroll(node_id, initial_key, sealed.addr, sealed.force)
-            .await
+        self.enroll(node_id, initial_key, addr, force).await
     }
 }
 

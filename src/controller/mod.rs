@@ -118,6 +118,10 @@ pub enum ControllerError {
     },
     #[error("{0}")]
     Duplicate(String),
+    /// An installer's enrolment request the leader refused (what it said), or
+    /// could not read.
+    #[error("{0}")]
+    EnrolmentRefused(String),
     #[error(
         "the management table's leader lease is held by {holder} (term {term}, {left_ms} ms \
          left): another controller leads this fleet; stop it (its lease then ends at once) or \

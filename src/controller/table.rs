@@ -323,22 +323,25 @@ impl Table {
         self.key = Some(key);
     }
 
+    /// The controller's state rows, sealed under the state key the table was given.
+    fn state_rows(&mut self, now_ms: u64) -> TableState<'_> {
+        TableState {
+            store: &mut self.store,
+            key: self
+                .key
+                .as_ref()
+                .expect("a table of the controller's state has its key"),
+            now_ms,
+        }
+    }
+
     /// The controller's state as the table holds it (`None`: never stored).
     pub fn load_state(
         &mut self,
         now_ms: u64,
     ) -> std::result::Result<Option<ControllerPersist>, StateError> {
         use keyfleet_core::protocol::StateStore;
-        let key = self
-            .key
-            .as_ref()
-            .expect("a table of the controller's state has its key");
-        TableState {
-            store: &mut self.store,
-            key,
-            now_ms,
-        }
-        .load()
+        self.state_rows(now_ms).load()
     }
 
     /// Stores a whole snapshot of the controller's state (a new fleet, a migration).
@@ -347,16 +350,7 @@ impl Table {
         p: &ControllerPersist,
         now_ms: u64,
     ) -> std::result::Result<(), StateError> {
-        let key = self
-            .key
-            .as_ref()
-            .expect("a table of the controller's state has its key");
-        TableState {
-            store: &mut self.store,
-            key,
-            now_ms,
-        }
-        .migrate(p)
+        self.state_rows(now_ms).migrate(p)
     }
 
     /// Refusal windows of `window_ms` (0: every refusal gets its row), at most

@@ -728,7 +728,7 @@ impl Engine for PgEngine {
                 &[&ids, &state.as_str(), &epoch, &now],
             )?;
             if n as usize != ids.len() {
-                return Err(s.first_unknown(&ids)?);
+                return Err(s.first_unknown(&ids, "AND removed_at_ms IS NULL")?);
             }
             Ok(())
         })
@@ -864,10 +864,7 @@ impl Engine for PgEngine {
                    attempts = d.attempts + 1",
                 &[&e, &ids, &now],
             )
-            .map_err(|err| match unknown_node(err, "") {
-                StoreError::UnknownNode(_) => s.first_unknown(&ids).unwrap_or_else(|e| e),
-                other => other,
-            })?;
+            .map_err(|err| s.unknown_among(err, &ids))?;
             Ok(())
         })
     }
@@ -877,21 +874,14 @@ impl Engine for PgEngine {
         let ids = distinct(node_ids);
         self.atomic(|s| {
             s.check_epoch(epoch)?;
-            let known = s.query(
-                "SELECT count(*) FROM nodes WHERE node_id = ANY($1)",
-                &[&ids],
-            )?;
-            let known: i64 = known.first().map_or(Ok(0), |r| r.try_get(0))?;
-            if known as usize != ids.len() {
-                return Err(s.first_unknown(&ids)?);
-            }
             s.exec(
                 "INSERT INTO key_deliveries AS d (epoch, node_id, acked_at_ms)
                  SELECT $1, id, $3 FROM unnest($2::text[]) AS id
                  ON CONFLICT (epoch, node_id) DO UPDATE SET
                    acked_at_ms = COALESCE(d.acked_at_ms, excluded.acked_at_ms)",
                 &[&e, &ids, &now],
-            )?;
+            )
+            .map_err(|err| s.unknown_among(err, &ids))?;
             s.exec(
                 "UPDATE nodes SET last_seen_ms = GREATEST(COALESCE(last_seen_ms, 0), $2)
                  WHERE node_id = ANY($1)",
@@ -1368,10 +1358,21 @@ fn distinct(ids: &[&str]) -> Vec<String> {
 }
 
 impl PgEngine {
-    /// The first of `ids` that is not an enrolled node, as the error.
-    fn first_unknown(&self, ids: &[String]) -> Result<StoreError> {
+    /// A row for several nodes refused by the foreign key to `nodes`: the
+    /// first of `ids` the table does not have, as [`unknown_node`] names it
+    /// for one node; any other error as it is.
+    fn unknown_among(&self, err: StoreError, ids: &[String]) -> StoreError {
+        match unknown_node(err, "") {
+            StoreError::UnknownNode(_) => self.first_unknown(ids, "").unwrap_or_else(|e| e),
+            other => other,
+        }
+    }
+
+    /// The first of `ids` with no row in `nodes` (`filter`: more conditions,
+    /// as `AND removed_at_ms IS NULL` for enrolled nodes only), as the error.
+    fn first_unknown(&self, ids: &[String], filter: &str) -> Result<StoreError> {
         let rows = self.query(
-            "SELECT node_id FROM nodes WHERE node_id = ANY($1) AND removed_at_ms IS NULL",
+            &format!("SELECT node_id FROM nodes WHERE node_id = ANY($1) {filter}"),
             &[&ids],
         )?;
         let known: std::collections::HashSet<String> = rows

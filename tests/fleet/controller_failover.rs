@@ -18,7 +18,7 @@ use keyfleet_core::wire::{self, Message, RoundPhase};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-use support::fleet::{agent_status, Fleet, Ledger};
+use support::fleet::{Fleet, Ledger};
 use support::{wait_for, Proc};
 
 const LEASE_MS: u64 = 1500;
@@ -33,18 +33,7 @@ struct Controller {
 
 impl Controller {
     fn cmd(&self, f: &Fleet, args: &[&str]) -> Command {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_keyfleet"));
-        c.arg("--state")
-            .arg(&self.state)
-            .arg("--config")
-            .arg(&self.config)
-            .args(args)
-            .stdin(Stdio::null())
-            .env_remove("KEYFLEET_PASSPHRASE")
-            .env("RUST_LOG", "info")
-            .env("RUST_BACKTRACE", "0");
-        let _ = f;
-        c
+        f.keyfleet_at(&self.state, &self.config, args)
     }
 
     fn serve(&self, f: &Fleet) -> Proc {
@@ -242,28 +231,8 @@ fn the_standby_finishes_a_round_whose_leader_was_killed_in_any_phase() {
     ledger.finish();
 
     // Every message reached every other application; none undecryptable.
-    let mut missing = 0;
-    let mut sent = 0;
-    for from in &f.nodes {
-        let mine = ledger.book(&from.id).sent.clone();
-        sent += mine.len();
-        for to in f.nodes.iter().filter(|n| n.id != from.id) {
-            let got = ledger.book(&to.id);
-            missing += mine
-                .iter()
-                .filter(|(k, _)| !got.received.contains_key(&(from.id.clone(), *k)))
-                .count();
-        }
-    }
-    let undecryptable: u64 = f
-        .nodes
-        .iter()
-        .map(|n| {
-            agent_status(&n.state).expect("status")["running"]["undecryptable"]
-                .as_u64()
-                .unwrap()
-        })
-        .sum();
+    let (sent, missing) = ledger.missing(&f);
+    let undecryptable = f.undecryptable();
     println!("{sent} messages sent, {missing} deliveries missing, {undecryptable} undecryptable");
     assert_eq!((missing, undecryptable), (0, 0));
 

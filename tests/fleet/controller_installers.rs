@@ -11,7 +11,6 @@ use crate::support::testpg;
 
 use std::collections::HashSet;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use support::fleet::{agent_status, Fleet};
 use support::wait_for;
@@ -24,18 +23,15 @@ struct Installer {
 }
 
 impl Installer {
-    fn enroll(&self, id: &str, form: &str) -> std::process::Output {
-        Command::new(env!("CARGO_BIN_EXE_keyfleet"))
-            .arg("--state")
-            .arg(&self.state)
-            .arg("--config")
-            .arg(&self.config)
-            .args(["enroll", "--json", "--node-id", id, "--key", form])
-            .stdin(Stdio::null())
-            .env_remove("KEYFLEET_PASSPHRASE")
-            .env("RUST_LOG", "warn")
-            .output()
-            .unwrap()
+    fn enroll(&self, f: &Fleet, id: &str, form: &str) -> std::process::Output {
+        f.keyfleet_at(
+            &self.state,
+            &self.config,
+            &["enroll", "--json", "--node-id", id, "--key", form],
+        )
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap()
     }
 }
 
@@ -89,6 +85,7 @@ fn two_installers_enroll_500_nodes_each_through_the_leader() {
         }
     }
     let t0 = Instant::now();
+    let fleet = &f;
     let members: Vec<Vec<(String, u64)>> = std::thread::scope(|s| {
         let handles: Vec<_> = installers
             .iter()
@@ -97,7 +94,7 @@ fn two_installers_enroll_500_nodes_each_through_the_leader() {
                 s.spawn(move || {
                     list.iter()
                         .map(|(id, form)| {
-                            let out = inst.enroll(id, form);
+                            let out = inst.enroll(fleet, id, form);
                             assert!(
                                 out.status.success(),
                                 "enroll {id}: {}",
@@ -140,7 +137,7 @@ fn two_installers_enroll_500_nodes_each_through_the_leader() {
     }
     // An installer whose label was read twice is told so, not enrolled twice.
     let (id, form) = &lists[0][10];
-    let out = installers[1].enroll(&format!("{id}-again"), form);
+    let out = installers[1].enroll(&f, &format!("{id}-again"), form);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(

@@ -14,7 +14,7 @@ use crate::support;
 
 use std::time::Duration;
 
-use support::fleet::{agent_status, Fleet, Ledger};
+use support::fleet::{Fleet, Ledger};
 
 const ROUNDS: usize = 3;
 
@@ -46,28 +46,8 @@ fn rotate_with_delays(cfg: &str, data_delay_ms: u32) -> (u64, usize, Vec<u64>, u
         std::thread::sleep(Duration::from_millis(200));
     }
     ledger.finish();
-    let undecryptable: u64 = f
-        .nodes
-        .iter()
-        .map(|n| {
-            agent_status(&n.state).expect("status")["running"]["undecryptable"]
-                .as_u64()
-                .unwrap()
-        })
-        .sum();
-    let mut missing = 0;
-    let mut sent = 0;
-    for from in &f.nodes {
-        let mine = ledger.book(&from.id).sent.clone();
-        sent += mine.len();
-        for to in f.nodes.iter().filter(|n| n.id != from.id) {
-            let got = ledger.book(&to.id);
-            missing += mine
-                .iter()
-                .filter(|(k, _)| !got.received.contains_key(&(from.id.clone(), *k)))
-                .count();
-        }
-    }
+    let undecryptable = f.undecryptable();
+    let (sent, missing) = ledger.missing(&f);
     (undecryptable, missing, drains, sent)
 }
 

@@ -28,8 +28,12 @@ pub struct Ctl {
 impl Ctl {
     /// A controller in a fresh state directory with `config` (TOML) as its config file.
     pub fn new(config: &str) -> Ctl {
+        Ctl::in_group(fresh_group(), config)
+    }
+
+    /// A controller on `group` (its own port), `config` in its config file.
+    fn in_group(group: SocketAddrV4, config: &str) -> Ctl {
         let dir = tempfile::tempdir().unwrap();
-        let group = fresh_group();
         let port = free_port();
         std::fs::write(
             dir.path().join("keyfleet.toml"),
@@ -116,42 +120,24 @@ impl Ctl {
     /// own with a copy of the leader's `controller.secrets` (its state key),
     /// the same group and config, its own unicast port.
     pub fn standby_of(leader: &Ctl, config: &str) -> Ctl {
-        let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
-        let group = leader.group;
-        std::fs::write(
-            dir.path().join("keyfleet.toml"),
-            format!(
-                "[network]\ngroup = \"{group}\"\niface = \"127.0.0.1\"\nlisten_port = {port}\n{config}"
-            ),
-        )
-        .unwrap();
-        let c = Ctl { dir, group, port };
-        std::fs::create_dir(c.state()).unwrap();
-        std::fs::set_permissions(
-            c.state(),
-            std::os::unix::fs::PermissionsExt::from_mode(0o700),
-        )
-        .unwrap();
+        let c = Ctl::in_group(leader.group, config);
+        keyfleet::statefile::ensure_private_dir(&c.state()).unwrap();
         let to = c.state().join("controller.secrets");
         std::fs::copy(leader.state().join("controller.secrets"), &to).unwrap();
         c
     }
 
-    /// `keyfleet serve` in the background, not waiting for anything (a standby).
-    pub fn serve_waiting(&self) -> Proc {
-        let log = std::fs::File::create(self.dir.path().join("serve-standby.log")).unwrap();
-        let child = self
-            .cmd(&["serve"])
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        Proc::from(child)
-    }
-
     /// `keyfleet serve` in the background; waits until its control socket exists.
     pub fn serve(&self) -> Proc {
+        let p = self.serve_waiting();
+        wait_for("keyfleet serve's control socket", 10_000, || {
+            std::os::unix::net::UnixStream::connect(self.state().join("control.sock")).is_ok()
+        });
+        p
+    }
+
+    /// `keyfleet serve` in the background, not waiting for anything (a standby).
+    pub fn serve_waiting(&self) -> Proc {
         let log = std::fs::File::create(self.dir.path().join(format!(
             "serve-{}.log",
             std::time::SystemTime::now()
@@ -166,11 +152,7 @@ impl Ctl {
             .stderr(log)
             .spawn()
             .unwrap();
-        let p = Proc::from(child);
-        wait_for("keyfleet serve's control socket", 10_000, || {
-            std::os::unix::net::UnixStream::connect(self.state().join("control.sock")).is_ok()
-        });
-        p
+        Proc::from(child)
     }
 
     pub fn serve_logs(&self) -> String {

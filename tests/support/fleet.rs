@@ -186,11 +186,17 @@ impl Fleet {
     }
 
     pub fn keyfleet(&self, args: &[&str]) -> Command {
+        self.keyfleet_at(&self.state(), &self.dir.path().join("keyfleet.toml"), args)
+    }
+
+    /// `keyfleet ARGS` of another controller or installer of this fleet:
+    /// its own state directory and config file.
+    pub fn keyfleet_at(&self, state: &Path, config: &Path, args: &[&str]) -> Command {
         let mut c = self.command(KEYFLEET);
         c.arg("--state")
-            .arg(self.state())
+            .arg(state)
             .arg("--config")
-            .arg(self.dir.path().join("keyfleet.toml"))
+            .arg(config)
             .args(args)
             .stdin(Stdio::null())
             .env_remove("KEYFLEET_PASSPHRASE")
@@ -382,6 +388,18 @@ impl Fleet {
         epoch
     }
 
+    /// Group messages the running agents could not open, summed over them.
+    pub fn undecryptable(&self) -> u64 {
+        self.nodes
+            .iter()
+            .map(|n| {
+                agent_status(&n.state).expect("status")["running"]["undecryptable"]
+                    .as_u64()
+                    .unwrap()
+            })
+            .sum()
+    }
+
     /// Lines in node `id`'s log (all its runs) that report data that could
     /// not be opened.
     pub fn undecryptable_logged(&self, id: &str) -> usize {
@@ -571,6 +589,24 @@ pub struct Ledger {
 }
 
 impl Ledger {
+    /// (messages sent, deliveries missing): every message each application
+    /// sent against what every other application of `fleet` received.
+    pub fn missing(&self, fleet: &Fleet) -> (usize, usize) {
+        let (mut sent, mut missing) = (0, 0);
+        for from in &fleet.nodes {
+            let mine = self.book(&from.id).sent.clone();
+            sent += mine.len();
+            for to in fleet.nodes.iter().filter(|n| n.id != from.id) {
+                let got = self.book(&to.id);
+                missing += mine
+                    .iter()
+                    .filter(|(k, _)| !got.received.contains_key(&(from.id.clone(), *k)))
+                    .count();
+            }
+        }
+        (sent, missing)
+    }
+
     /// Starts the clients; sending begins once every agent has registered its receiver.
     pub fn start(fleet: &Fleet, interval: Duration) -> Ledger {
         let books: Arc<HashMap<String, Mutex<Book>>> = Arc::new(

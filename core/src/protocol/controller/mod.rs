@@ -324,6 +324,11 @@ impl ControllerMachine {
         self.members.get(i).map(|m| m.row.status)
     }
 
+    /// The member number of an enrolled node.
+    pub fn member_number(&self, node_id: &NodeId) -> Option<u32> {
+        self.members.number_of(node_id)
+    }
+
     /// Feed one input; actions are appended to `out`. Only commands can fail;
     /// a bad datagram becomes a [`Record::Refused`].
     pub fn handle(
