@@ -120,8 +120,10 @@ fn two_thousand_agents_at_30_percent_loss_rotate_and_report_load_figures() {
         "5",
         "--rounds",
         "1",
+        // Wall clock: on 2 cores this round took 20-83 s in CI rehearsals
+        // (issue 11's open regression), and one node went stale at 60 s once.
         "--stale-after-ms",
-        "60000",
+        "120000",
     ]);
     assert_lossless_rotation(&r, 2000, 1);
     let lost = n(&r, "injected_losses") as f64;
