@@ -1,6 +1,7 @@
 //! The requests of a round's phases and their retries: group waves (key
 //! update batches, transition requests resent byte for byte), then one
-//! unicast per missing member with backoff and jitter; the round's deadline
+//! unicast per missing member with backoff and jitter, each signed under a
+//! fresh number; the round's deadline
 //! (`tick`) that drives them, the stale deadline and the drain.
 
 use super::super::Time;
@@ -190,16 +191,23 @@ impl ControllerMachine {
                 },
             );
         } else if let Some(step) = transition_step(phase) {
-            let (Some(r), Some(m)) = (&self.round, self.members.get_mut(member)) else {
+            // A message of its own under a fresh number, not the group's
+            // copy: a node whose replay window has moved past that copy's
+            // number (it was answered since, and other nodes' messages were
+            // numbered in between) or forgot its digest would refuse it as a
+            // replay for as long as the round waits, its reply having been lost.
+            let Some(epoch) = self.round.as_ref().map(|r| r.epoch) else {
                 return;
             };
-            let Some(msg) = r.transition_msg(step) else {
+            let seq = self.next_seq(out);
+            let msg = wire::sign(wire::transition(self.term, step, epoch, seq), &self.signing);
+            let (Some(r), Some(m)) = (&self.round, self.members.get_mut(member)) else {
                 return;
             };
             m.attempts += 1;
             out.push(ControllerAction::SendTo {
                 to: m.row.addr,
-                bytes: msg.clone(),
+                bytes: msg,
             });
             Self::record(
                 out,

@@ -16,9 +16,11 @@
 //!    batches only the nodes still missing), then each missing node gets its
 //!    own signed one-entry request by unicast, with exponential backoff and jitter.
 //! 2. **FirstTransition** — once every live node replied. One signed request
-//!    to the group, retransmitted byte-for-byte (to the group, then by unicast
-//!    to each missing node, with backoff and jitter), so a node that already
-//!    verified it only compares a digest before replying again.
+//!    to the group, its group waves resent byte for byte (a node that already
+//!    verified it only compares a digest before replying again), then to each
+//!    missing node by unicast, with backoff and jitter, each retry signed
+//!    under a fresh number (a node whose replay window moved past the group
+//!    copy's number would refuse that copy as a replay).
 //! 3. **Draining** — once every live node confirmed: wait for data sealed
 //!    with the old key still in flight, `drain_rtt_factor` times the round's
 //!    slowest acknowledgement round trip (between `drain_floor_ms` and
@@ -88,7 +90,7 @@ pub(super) struct Round {
     pub(super) group_sent: u32,
     /// Next group wave, or the moment per-node unicast begins.
     pub(super) next_wave: Option<Time>,
-    /// Signed first / second transition request (resent byte for byte).
+    /// Signed first / second transition request (its group waves resend it byte for byte).
     pub(super) first_msg: Option<Vec<u8>>,
     pub(super) second_msg: Option<Vec<u8>>,
     /// Per-member unicast retries: (due, member).
@@ -211,7 +213,7 @@ impl Round {
             && target_step(self.phase).is_some_and(|t| m.progress < Some(t))
     }
 
-    /// The signed transition request of `step` (resent byte for byte).
+    /// The signed transition request of `step` (each group wave resends it byte for byte).
     pub(super) fn transition_msg(&self, step: Step) -> Option<&Vec<u8>> {
         match step {
             Step::FirstTransition => self.first_msg.as_ref(),
