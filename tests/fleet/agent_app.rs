@@ -8,6 +8,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use support::agent::*;
+use support::inproc::*;
 use support::{agent_bin, fresh_group};
 
 const T: Duration = Duration::from_secs(20);
@@ -28,7 +29,7 @@ fn send_and_recv_between_two_agents_through_a_rotation() {
     let _heavy = support::heavy();
     let dir = tempfile::tempdir().unwrap();
     let group = fresh_group();
-    let ctl = TestController::start(group);
+    let ctl = InProcFleet::controller(group);
     let (ka, kb) = (
         TestKey::new(dir.path(), "app-a"),
         TestKey::new(dir.path(), "app-b"),
@@ -36,7 +37,7 @@ fn send_and_recv_between_two_agents_through_a_rotation() {
     ctl.enroll("app-a", &ka);
     ctl.enroll("app-b", &kb);
     let (sa, sb) = (dir.path().join("a"), dir.path().join("b"));
-    let ctl_addr = ctl.addr.to_string();
+    let ctl_addr = ctl.addr().to_string();
     let a = spawn_agent(&sa, "app-a", &ka, group, &["--controller", &ctl_addr]);
     let b = spawn_agent(&sb, "app-b", &kb, group, &[]);
     let member_a = wait_status(&sa, &a, T, |s| synced_at(s, "UpdateCompleted", 1))["member"]
@@ -173,7 +174,7 @@ fn usage_reports_drive_the_encryption_count_trigger() {
         max_encryptions: Some(20),
         ..TriggerConfig::manual_only()
     };
-    let ctl = TestController::start_with(group, triggers);
+    let ctl = InProcFleet::controller_with(group, triggers);
     let key = TestKey::new(dir.path(), "counter");
     ctl.enroll("counter", &key);
     let state = dir.path().join("c");
@@ -187,7 +188,7 @@ fn usage_reports_drive_the_encryption_count_trigger() {
     ctl.wait(T, "a round for the count trigger finished", |v| {
         v.epoch == 2 && v.round.is_none()
     });
-    let fired = ctl.view.lock().unwrap().triggers();
+    let fired = ctl.view().triggers();
     // A report may land while the 25 are still being sent: any count above 20.
     assert!(
         matches!(
@@ -221,7 +222,7 @@ fn a_client_that_reads_loses_nothing_of_a_burst_and_a_stopped_one_costs_it_nothi
 
     let dir = tempfile::tempdir().unwrap();
     let group = fresh_group();
-    let ctl = TestController::start(group);
+    let ctl = InProcFleet::controller(group);
     let (ka, kb) = (
         TestKey::new(dir.path(), "burst-a"),
         TestKey::new(dir.path(), "burst-b"),
@@ -229,7 +230,7 @@ fn a_client_that_reads_loses_nothing_of_a_burst_and_a_stopped_one_costs_it_nothi
     ctl.enroll("burst-a", &ka);
     ctl.enroll("burst-b", &kb);
     let (sa, sb) = (dir.path().join("a"), dir.path().join("b"));
-    let ctl_addr = ctl.addr.to_string();
+    let ctl_addr = ctl.addr().to_string();
     let a = spawn_agent(&sa, "burst-a", &ka, group, &["--controller", &ctl_addr]);
     let b = spawn_agent(&sb, "burst-b", &kb, group, &[]);
     wait_status(&sa, &a, T, |s| synced_at(s, "UpdateCompleted", 1));

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use keyfleet_core::protocol::MemberStatus;
 use support::agent::*;
 use support::fresh_group;
+use support::inproc::*;
 
 const N: usize = 50;
 
@@ -18,11 +19,11 @@ fn fifty_agents_rotate_with_every_ack_and_none_stale() {
     let _heavy = support::heavy();
     let dir = tempfile::tempdir().unwrap();
     let group = fresh_group();
-    let ctl = TestController::start(group);
+    let ctl = InProcFleet::controller(group);
     let mut agents = Vec::new();
     // KEYFLEET_TEST_UNICAST=1: control messages to the controller's unicast
     // address instead of the group (the default), to compare.
-    let ctl_addr = ctl.addr.to_string();
+    let ctl_addr = ctl.addr().to_string();
     let extra: Vec<&str> = if std::env::var_os("KEYFLEET_TEST_UNICAST").is_some() {
         vec!["--controller", &ctl_addr]
     } else {
@@ -57,16 +58,10 @@ fn fifty_agents_rotate_with_every_ack_and_none_stale() {
         assert_eq!(s["state"], "UpdateCompleted");
         assert_eq!(s["epoch"], 2);
     }
-    let phases = ctl
-        .view
-        .lock()
-        .unwrap()
-        .records
-        .iter()
-        .find_map(|r| match r {
-            keyfleet_core::protocol::Record::RoundFinished { phases_ms, .. } => Some(*phases_ms),
-            _ => None,
-        });
+    let phases = ctl.view().records.iter().find_map(|r| match r {
+        keyfleet_core::protocol::Record::RoundFinished { phases_ms, .. } => Some(*phases_ms),
+        _ => None,
+    });
     eprintln!(
         "{N} agents: all joined in {joined:?}, one rotation in {rotated:?}, phases {phases:?}"
     );

@@ -8,6 +8,7 @@ use std::time::Duration;
 use keyfleet_core::wire::RoundPhase;
 use support::agent::*;
 use support::fresh_group;
+use support::inproc::*;
 
 const T: Duration = Duration::from_secs(20);
 
@@ -16,7 +17,7 @@ fn restart_resumes_the_same_state_and_asks_for_the_current_key() {
     let _heavy = support::heavy();
     let dir = tempfile::tempdir().unwrap();
     let group = fresh_group();
-    let ctl = TestController::start(group);
+    let ctl = InProcFleet::controller(group);
     let key = TestKey::new(dir.path(), "node-a");
     ctl.enroll("node-a", &key);
     let state = dir.path().join("a");
@@ -71,7 +72,7 @@ fn kill_9_in_the_middle_of_a_round_resumes_in_distribution_completed_and_finishe
     let _heavy = support::heavy();
     let dir = tempfile::tempdir().unwrap();
     let group = fresh_group();
-    let ctl = TestController::start(group);
+    let ctl = InProcFleet::controller(group);
     let key = TestKey::new(dir.path(), "node-b");
     ctl.enroll("node-b", &key);
     let state = dir.path().join("b");
@@ -81,13 +82,13 @@ fn kill_9_in_the_middle_of_a_round_resumes_in_distribution_completed_and_finishe
         "node-b",
         &key,
         group,
-        &["--controller", &ctl.addr.to_string()],
+        &["--controller", &ctl.addr().to_string()],
     );
     wait_status(&state, &agent, T, |s| synced_at(s, "UpdateCompleted", 1));
 
     // The controller stops hearing the node: the node gets the new key
     // (DistributionCompleted) but the round cannot go on.
-    ctl.deaf.store(true, std::sync::atomic::Ordering::Relaxed);
+    ctl.set_deaf(true);
     ctl.rekey();
     let mid = wait_status(&state, &agent, T, |s| {
         s["source"] == "running_agent" && s["state"] == "DistributionCompleted"
@@ -121,20 +122,20 @@ fn kill_9_in_the_middle_of_a_round_resumes_in_distribution_completed_and_finishe
         "the same old and new keys on disk"
     );
     assert_eq!(
-        ctl.view.lock().unwrap().round.map(|r| r.1),
+        ctl.view().round.map(|r| r.1),
         Some(RoundPhase::Distributing),
         "the round waits for the node"
     );
 
     // Back: the node resumes DistributionCompleted, asks for the current key,
     // and the round completes with it (acked 1, stale 0).
-    ctl.deaf.store(false, std::sync::atomic::Ordering::Relaxed);
+    ctl.set_deaf(false);
     let agent = spawn_agent(
         &state,
         "node-b",
         &key,
         group,
-        &["--controller", &ctl.addr.to_string()],
+        &["--controller", &ctl.addr().to_string()],
     );
     ctl.wait(T, "round 2 finished", |v| v.epoch == 2 && v.round.is_none());
     assert_eq!(ctl.finished_rounds(), vec![(2, 1, 1, 0)]);

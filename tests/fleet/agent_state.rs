@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use rand::Rng;
 use support::agent::*;
+use support::inproc::*;
 use support::{agent_bin, fresh_group};
 
 const T: Duration = Duration::from_secs(20);
@@ -178,7 +179,7 @@ fn kill_9_during_writes_never_leaves_a_broken_state_file() {
     let _heavy = support::heavy();
     let dir = tempfile::tempdir().unwrap();
     let group = fresh_group();
-    let ctl = TestController::start(group);
+    let ctl = InProcFleet::controller(group);
     let key = TestKey::new(dir.path(), "crash");
     ctl.enroll("crash", &key);
     let state = dir.path().join("crash");
@@ -192,7 +193,7 @@ fn kill_9_during_writes_never_leaves_a_broken_state_file() {
             "crash",
             &key,
             group,
-            &["--controller", &ctl.addr.to_string()],
+            &["--controller", &ctl.addr().to_string()],
         );
         let live = wait_status(&state, &agent, T, |s| synced_at(s, "UpdateCompleted", 1));
         assert_eq!(
@@ -247,7 +248,7 @@ fn kill_9_during_writes_never_leaves_a_broken_state_file() {
         "crash",
         &key,
         group,
-        &["--controller", &ctl.addr.to_string()],
+        &["--controller", &ctl.addr().to_string()],
     );
     wait_status(&state, &agent, T, |s| synced_at(s, "UpdateCompleted", 1));
     let left = std::fs::read_dir(&state)

@@ -1,7 +1,7 @@
 //! Issue 3's acceptance: fifty nodes started, enrolled with `keyfleet enroll`,
 //! rotated by `keyfleet rekey --json` with `acked` 50 and `stale` 0.
 //!
-//! - `fifty_nodes_...`: fifty node shells (real `NodeMachine`s on real loopback
+//! - `fifty_nodes_...`: fifty in-process nodes (real `NodeMachine`s on real loopback
 //!   multicast sockets, in this test process) against the real `keyfleet`.
 //! - `fifty_keyfleet_agent_processes_...`: fifty real `keyfleet-agent run`
 //!   processes. `KEYFLEET_AGENT=PATH` runs another build of the agent.
@@ -11,6 +11,7 @@ use std::process::{Command, Stdio};
 use std::time::Instant;
 
 use support::ctl::*;
+use support::inproc::*;
 use support::{agent_bin, wait_for, Proc};
 
 /// Default round timing, as a user gets it; only the group and ports are the test's own.
@@ -38,12 +39,12 @@ fn fifty_nodes_enrolled_and_rotated_by_rekey_json() {
     let ctl = Ctl::new(DEFAULTS);
     ctl.run(&["init"]);
     let specs = node_specs(50);
-    let shells = Shells::start(&specs, ctl.group, ctl.addr());
+    let shells = InProcFleet::nodes(&specs, ctl.group, ctl.addr());
     ctl.enroll_all(&specs);
     let t = Instant::now();
     let r = ctl.json(&["rekey", "--json"]);
     eprintln!(
-        "50 node shells: keyfleet rekey --json took {} ms: {r}",
+        "50 in-process nodes: keyfleet rekey --json took {} ms: {r}",
         t.elapsed().as_millis()
     );
     check(&r, 50);

@@ -7,6 +7,7 @@ use std::io::Read;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use support::ctl::*;
+use support::inproc::*;
 use support::run_in_pty;
 use support::{wait_for, KEYFLEET};
 
@@ -16,7 +17,7 @@ fn rekey_on_a_terminal_draws_the_phase_and_acknowledgements() {
     let ctl = Ctl::new("[round]\ndrain_grace_ms = 1500\nretry_initial_ms = 100\n[rekey]\njoin_wait_ms = 8000\nlinger_ms = 100\n");
     ctl.run(&["init"]);
     let specs = node_specs(3);
-    let shells = Shells::start(&specs, ctl.group, ctl.addr());
+    let shells = InProcFleet::nodes(&specs, ctl.group, ctl.addr());
     ctl.enroll_all(&specs);
     let mut cmd = CommandBuilder::new(KEYFLEET);
     for a in [

@@ -3,6 +3,7 @@
 use crate::support;
 
 use support::ctl::*;
+use support::inproc::*;
 use support::{wait_for, Proc};
 
 const CFG: &str = "[round]\ndrain_grace_ms = 500\nretry_initial_ms = 100\nretry_max_ms = 800\nstale_after_ms = 5000\n[rekey]\njoin_wait_ms = 8000\nlinger_ms = 200\n";
@@ -18,8 +19,8 @@ fn kill_9_mid_round_and_restart_completes_the_round_and_keeps_the_table() {
     ctl.run(&["init"]);
     let specs = node_specs(5);
     let (live, dead) = specs.split_at(4);
-    let shells = Shells::start(live, ctl.group, ctl.addr());
-    let doomed = Shells::start(dead, ctl.group, ctl.addr());
+    let shells = InProcFleet::nodes(live, ctl.group, ctl.addr());
+    let doomed = InProcFleet::nodes(dead, ctl.group, ctl.addr());
     ctl.enroll_all(&specs);
     let r = ctl.json(&["rekey", "--json"]);
     assert_eq!(
@@ -125,7 +126,7 @@ fn kill_9_mid_round_and_restart_completes_the_round_and_keeps_the_table() {
     // its enrollment is pinned, so the operator allows the re-join (audited);
     // it runs the handshake, gets the current key, is no longer stale.
     ctl.run(&["rejoin", "--node-id", dead[0].id.as_str()]);
-    let back = Shells::start(dead, ctl.group, ctl.addr());
+    let back = InProcFleet::nodes(dead, ctl.group, ctl.addr());
     wait_for("the returning node at epoch 3", 10_000, || {
         back.completed_at(3) == 1
     });
@@ -144,7 +145,7 @@ fn kill_9_of_a_rekey_without_serve_and_rekey_again_finishes_that_round_then_its_
     let ctl = Ctl::new("[round]\ndrain_grace_ms = 4000\nretry_initial_ms = 100\n[rekey]\njoin_wait_ms = 8000\nlinger_ms = 200\n");
     ctl.run(&["init"]);
     let specs = node_specs(3);
-    let shells = Shells::start(&specs, ctl.group, ctl.addr());
+    let shells = InProcFleet::nodes(&specs, ctl.group, ctl.addr());
     ctl.enroll_all(&specs);
     let mut first = Proc::from(
         ctl.cmd(&["rekey", "--json"])

@@ -4,6 +4,7 @@ use crate::support;
 
 use keyfleet_core::protocol::NodeState;
 use support::ctl::*;
+use support::inproc::*;
 use support::{wait_for, Proc};
 
 const FAST: &str = "[round]\ndrain_grace_ms = 300\nretry_initial_ms = 100\nretry_max_ms = 800\nstale_after_ms = 8000\n[rekey]\njoin_wait_ms = 8000\nlinger_ms = 300\n";
@@ -22,7 +23,7 @@ fn enroll_and_rotate_without_and_with_serve_then_remove_one() {
     let specs = node_specs(6);
     let (first, late) = specs.split_at(5);
     // The nodes start first and keep asking to join; nobody answers yet.
-    let shells = Shells::start(first, ctl.group, ctl.addr());
+    let shells = InProcFleet::nodes(first, ctl.group, ctl.addr());
     for s in first {
         let r = ctl.json(&[
             "enroll",
@@ -85,7 +86,7 @@ fn enroll_and_rotate_without_and_with_serve_then_remove_one() {
 
     // With serve: enroll goes through the control socket, and serve answers the join at once.
     let _serve = ctl.serve();
-    let newcomer = Shells::start(late, ctl.group, ctl.addr());
+    let newcomer = InProcFleet::nodes(late, ctl.group, ctl.addr());
     let r = ctl.json(&[
         "enroll",
         "--node-id",
@@ -277,7 +278,7 @@ fn serve_rekeys_by_itself_when_the_key_is_too_old() {
     let ctl = Ctl::new(&format!("{FAST}[triggers]\nmax_key_age_ms = 2500\n"));
     ctl.run(&["init"]);
     let specs = node_specs(2);
-    let shells = Shells::start(&specs, ctl.group, ctl.addr());
+    let shells = InProcFleet::nodes(&specs, ctl.group, ctl.addr());
     ctl.enroll_all(&specs);
     let _serve = ctl.serve();
     wait_for("a key-age round to finish", 20_000, || {
@@ -300,7 +301,7 @@ fn data_from_a_sender_not_in_the_table_makes_serve_rekey_without_it() {
     let ctl = Ctl::new(&format!("{FAST}[triggers]\non_node_removed = false\n"));
     ctl.run(&["init"]);
     let specs = node_specs(3);
-    let shells = Shells::start(&specs, ctl.group, ctl.addr());
+    let shells = InProcFleet::nodes(&specs, ctl.group, ctl.addr());
     ctl.enroll_all(&specs);
     let _serve = ctl.serve();
     wait_for("the nodes joined", 10_000, || shells.completed_at(1) == 3);
@@ -331,7 +332,7 @@ fn rekey_completes_when_the_controller_loses_half_of_what_it_receives() {
     let ctl = Ctl::new(FAST);
     ctl.run(&["init"]);
     let specs = node_specs(8);
-    let shells = Shells::start(&specs, ctl.group, ctl.addr());
+    let shells = InProcFleet::nodes(&specs, ctl.group, ctl.addr());
     ctl.enroll_all(&specs);
     // The nodes join in a first, lossless round: a join lost at the controller
     // is only retried on the node's join backoff (up to ~10 s), which the
@@ -445,8 +446,8 @@ fn one_shot_rekey_lingers_only_when_a_node_is_missing() {
     ctl.run(&["init"]);
     let specs = node_specs(3);
     let (stay, leave) = specs.split_at(2);
-    let staying = Shells::start(stay, ctl.group, ctl.addr());
-    let leaving = Shells::start(leave, ctl.group, ctl.addr());
+    let staying = InProcFleet::nodes(stay, ctl.group, ctl.addr());
+    let leaving = InProcFleet::nodes(leave, ctl.group, ctl.addr());
     ctl.enroll_all(&specs);
 
     let rekey = |what: &str, code: i32| {

@@ -1,5 +1,5 @@
 //! The fleet on loopback multicast: real `keyfleet-agent` processes against an
-//! in-process controller, the real `keyfleet` against in-process node shells,
+//! in-process controller, the real `keyfleet` against in-process nodes,
 //! and whole fleets of real processes (rotation, faults, restarts, joins,
 //! delays, the lease, `keyfleet demo` and `keyfleet sim --transport udp`).
 

@@ -10,6 +10,7 @@ use crate::support::netns;
 
 use netns::Netns;
 use support::ctl::*;
+use support::inproc::*;
 use support::{wait_for, Proc};
 
 const CHILD_ENV: &str = "KEYFLEET_CONTROLLER_NETNS_CHILD";
@@ -29,7 +30,7 @@ fn netns_controller_child() {
     let ctl = Ctl::new(CFG);
     ctl.run(&["init"]);
     let specs = node_specs(6);
-    let shells = Shells::start(&specs, ctl.group, ctl.addr());
+    let shells = InProcFleet::nodes(&specs, ctl.group, ctl.addr());
     ctl.enroll_all(&specs);
     let r = ctl.json(&["rekey", "--json"]);
     println!("one-shot rekey under 20% loss: {r}");

@@ -16,12 +16,13 @@ use keyfleet_core::protocol::{NodeConfig, NodeMachine, NodePersist, NodeState, R
 use keyfleet_core::wire::{NodeId, RoundPhase, Step};
 use support::agent::*;
 use support::fresh_group;
+use support::inproc::*;
 
 const T: Duration = Duration::from_secs(20);
 
 fn driver(
     group: SocketAddrV4,
-    ctl: &TestController,
+    ctl: &InProcFleet,
     name: &str,
     key: &TestKey,
     p: Box<dyn Persister>,
@@ -34,7 +35,7 @@ fn driver(
     };
     let transport = Transport::bind(&net, Clock::wall()).unwrap();
     let cfg = NodeConfig {
-        controller: ctl.addr,
+        controller: ctl.addr(),
         ..NodeConfig::default()
     };
     let machine = NodeMachine::new(NodeId::parse(name).unwrap(), &key.key, cfg);
@@ -67,7 +68,7 @@ async fn two_drivers_in_one_process_exchange_data() {
     let _heavy = support::heavy();
     let dir = tempfile::tempdir().unwrap();
     let group = fresh_group();
-    let ctl = TestController::start(group);
+    let ctl = InProcFleet::controller(group);
     let (ka, kb) = (
         TestKey::new(dir.path(), "drv-a"),
         TestKey::new(dir.path(), "drv-b"),
@@ -147,7 +148,7 @@ async fn nothing_is_sent_after_a_persist_that_failed() {
     let _heavy = support::heavy();
     let dir = tempfile::tempdir().unwrap();
     let group = fresh_group();
-    let ctl = TestController::start(group);
+    let ctl = InProcFleet::controller(group);
     let key = TestKey::new(dir.path(), "drv-f");
     ctl.enroll("drv-f", &key);
     let fail = Arc::new(AtomicBool::new(false));
@@ -189,7 +190,7 @@ async fn nothing_is_sent_after_a_persist_that_failed() {
     );
     drop(d);
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let v = ctl.view.lock().unwrap();
+    let v = ctl.view();
     assert_eq!(v.round.map(|r| r.1), Some(RoundPhase::Distributing));
     let acked = v.records.iter().any(|r| {
         matches!(

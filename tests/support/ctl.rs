@@ -1,18 +1,13 @@
 //! Test support for the controller's integration tests: the real `keyfleet`
-//! binary in a temporary state directory, and a fleet of node shells — real
-//! `NodeMachine`s over real loopback multicast sockets (`keyfleet::net`), one
-//! tokio task each — standing in for `keyfleet-agent` processes.
+//! binary in a temporary state directory, and the nodes' specs. The nodes
+//! are usually the in-process ones of [`super::inproc::InProcFleet::nodes`]
+//! (real `NodeMachine`s on real loopback multicast sockets, one tokio task
+//! each), standing in for `keyfleet-agent` processes.
 
-use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
-use std::sync::{Arc, Mutex};
 
-use keyfleet::net::{Clock, NetConfig, Timers, Transport};
-use keyfleet_core::crypto::InitialKey;
-use keyfleet_core::protocol::{NodeAction, NodeConfig, NodeInput, NodeMachine, NodeState, Time};
-use keyfleet_core::wire::NodeId;
 use rand::rngs::OsRng;
 use rand::RngCore;
 
@@ -189,183 +184,6 @@ pub fn node_specs(n: usize) -> Vec<NodeSpec> {
             }
         })
         .collect()
-}
-
-/// What a node shell shows the test.
-#[derive(Debug, Clone, Default)]
-pub struct Shown {
-    pub state: Option<NodeState>,
-    pub synced: bool,
-}
-
-/// A fleet of node shells on a background runtime; stopped when dropped.
-pub struct Shells {
-    pub shown: Arc<Mutex<HashMap<String, Shown>>>,
-    /// Application messages to send, by node id.
-    apps: HashMap<String, tokio::sync::mpsc::UnboundedSender<Vec<u8>>>,
-    stop: Option<tokio::sync::watch::Sender<bool>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Shells {
-    /// Starts one node shell per spec, asking `controller` to join.
-    pub fn start(specs: &[NodeSpec], group: SocketAddrV4, controller: SocketAddr) -> Shells {
-        let shown: Arc<Mutex<HashMap<String, Shown>>> = Arc::default();
-        let (stop, stop_rx) = tokio::sync::watch::channel(false);
-        let specs: Vec<(String, [u8; 16], SocketAddrV4)> = specs
-            .iter()
-            .map(|s| (s.id.clone(), s.key, s.listen))
-            .collect();
-        let sh = shown.clone();
-        let mut apps = HashMap::new();
-        let mut app_rx = HashMap::new();
-        for (id, _, _) in &specs {
-            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-            apps.insert(id.clone(), tx);
-            app_rx.insert(id.clone(), rx);
-        }
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let thread = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                let mut tasks = Vec::new();
-                for (id, key, listen) in specs {
-                    let cfg = NetConfig {
-                        group,
-                        iface: Ipv4Addr::LOCALHOST,
-                        listen,
-                        ..NetConfig::default()
-                    };
-                    let t = Transport::bind(&cfg, Clock::wall()).unwrap();
-                    let app = app_rx.remove(&id).unwrap();
-                    tasks.push(tokio::spawn(node_shell(
-                        id,
-                        key,
-                        t,
-                        controller,
-                        sh.clone(),
-                        stop_rx.clone(),
-                        app,
-                    )));
-                }
-                let _ = ready_tx.send(());
-                for t in tasks {
-                    let _ = t.await;
-                }
-            });
-        });
-        ready_rx.recv().unwrap();
-        Shells {
-            shown,
-            apps,
-            stop: Some(stop),
-            thread: Some(thread),
-        }
-    }
-
-    /// Has node `id` send `text` to the group (sealed with its current key).
-    pub fn send(&self, id: &str, text: &[u8]) {
-        self.apps[id].send(text.to_vec()).unwrap();
-    }
-
-    pub fn state(&self, id: &str) -> Option<NodeState> {
-        self.shown.lock().unwrap().get(id).and_then(|s| s.state)
-    }
-
-    /// How many nodes are in `UpdateCompleted` at `epoch`.
-    pub fn completed_at(&self, epoch: u32) -> usize {
-        self.shown
-            .lock()
-            .unwrap()
-            .values()
-            .filter(|s| {
-                matches!(s.state, Some(NodeState::UpdateCompleted { current }) if current.0 == epoch)
-            })
-            .count()
-    }
-}
-
-impl Drop for Shells {
-    fn drop(&mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(true);
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-async fn node_shell(
-    id: String,
-    key: [u8; 16],
-    mut t: Transport,
-    controller: SocketAddr,
-    shown: Arc<Mutex<HashMap<String, Shown>>>,
-    mut stop: tokio::sync::watch::Receiver<bool>,
-    mut app: tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>,
-) {
-    let clock = t.clock().clone();
-    let cfg = NodeConfig {
-        controller,
-        sync_retry_initial_ms: 200,
-        sync_retry_max_ms: 2000,
-        usage_interval_ms: None,
-        ..NodeConfig::default()
-    };
-    let node_id = NodeId::parse(&id).unwrap();
-    let mut m = NodeMachine::new(node_id, &InitialKey(key), cfg);
-    let mut timers: Timers<u8> = Timers::new();
-    let mut out = Vec::new();
-    m.handle(
-        Time(clock.now_ms()),
-        NodeInput::LinkUp,
-        &mut OsRng,
-        &mut out,
-    );
-    loop {
-        for a in out.drain(..) {
-            match a {
-                NodeAction::SendGroup { bytes, .. } => {
-                    let _ = t.send_group(&bytes).await;
-                }
-                NodeAction::SendTo { to, bytes } => {
-                    let _ = t.send_to(&bytes, to).await;
-                }
-                _ => {}
-            }
-        }
-        match m.poll_timeout() {
-            Some(at) => timers.arm(0, at.0),
-            None => {
-                timers.cancel(&0);
-            }
-        }
-        shown.lock().unwrap().insert(
-            id.clone(),
-            Shown {
-                state: Some(m.state()),
-                synced: m.is_synced(),
-            },
-        );
-        tokio::select! {
-            _ = stop.changed() => return,
-            Some(text) = app.recv() => {
-                m.handle(Time(clock.now_ms()), NodeInput::Send(&text), &mut OsRng, &mut out);
-            }
-            d = t.recv() => {
-                let Ok(d) = d else { return };
-                m.handle(Time(d.at_ms), NodeInput::Datagram { from: d.from, bytes: &d.bytes }, &mut OsRng, &mut out);
-            }
-            _ = timers.expired(&clock) => {
-                m.handle(Time(clock.now_ms()), NodeInput::Timeout, &mut OsRng, &mut out);
-            }
-        }
-    }
 }
 
 /// The path of a file in the state directory.

@@ -5,8 +5,9 @@
 //! multicast groups no other test took, waiting for a condition with a
 //! deadline that names it, the one child-process wrapper, and the guard that
 //! keeps heavy tests one at a time. Beside it: the real-process fleet
-//! ([`fleet`]), the real `keyfleet` beside in-process node shells ([`ctl`]),
-//! the real `keyfleet-agent` beside an in-process controller ([`agent`]), the
+//! ([`fleet`]), the one in-process fleet of real machines on real sockets
+//! ([`inproc`]), one real `keyfleet` controller ([`ctl`]) and real
+//! `keyfleet-agent`s ([`agent`]) to put beside it, the
 //! attacker ([`adversary`], [`wiretap`]), network namespaces ([`netns`],
 //! [`veth`]), `tshark` ([`tshark`]) and a throw-away PostgreSQL ([`testpg`]).
 
@@ -21,6 +22,7 @@ pub mod adversary;
 pub mod agent;
 pub mod ctl;
 pub mod fleet;
+pub mod inproc;
 pub mod netns;
 #[path = "../../src/store/testpg.rs"]
 pub mod testpg;
