@@ -147,14 +147,14 @@ fn a_table_written_by_2bc0f6e_is_repaired_to_the_numbers_on_the_wire() {
     assert_eq!(before["pump-1"], 1);
 
     for (id, hex) in [("pump-1", "11"), ("pump-2", "22"), ("pump-4", "44")] {
-        let key = keyfleet_core::label::InitialKey::from_bytes(
-            <[u8; 16]>::try_from(hex::decode(hex.repeat(16)).unwrap()).unwrap(),
-        );
-        let form = keyfleet_core::label::hex_form(&key);
+        let bytes = <[u8; 16]>::try_from(hex::decode(hex.repeat(16)).unwrap()).unwrap();
+        let form =
+            keyfleet_core::label::hex_form(&keyfleet_core::label::InitialKey::from_bytes(bytes));
         let st = f.dir.path().join("agents").join(id);
         keyfleet::statefile::ensure_private_dir(&st).unwrap();
         f.nodes.push(Node {
             id: id.into(),
+            key: bytes,
             key_file: key_file(&f, id, &form),
             form,
             state: st,

@@ -362,30 +362,6 @@ fn every_forgery_the_nodes_deliver_sets_off_the_leaked_key_rekey() {
 }
 
 /// Restarts agent `i` with its state directory (it asks for the current key at once).
-fn restart_agent(f: &mut Fleet, i: usize) {
-    let (ctl, group, dir, rust_log) = (
-        f.ctl_addr(),
-        f.group,
-        f.dir.path().to_path_buf(),
-        f.rust_log.clone(),
-    );
-    let a = &mut f.agents[i];
-    let _ = a.proc.child.kill();
-    let _ = a.proc.child.wait();
-    let key_file = dir.join(format!("{}.key", a.id));
-    let mut cmd = std::process::Command::new(support::AGENT);
-    cmd.args(["run", "--state"])
-        .arg(&a.state)
-        .args(["--node-id", &a.id, "--initial-key-file"])
-        .arg(&key_file)
-        .args(["--group", &group.to_string(), "--iface", "127.0.0.1"])
-        .args(["--listen", &a.listen.to_string()])
-        .args(["--controller", &ctl.to_string()])
-        .args(["--usage-interval", "0"])
-        .env("RUST_LOG", &rust_log);
-    a.proc = support::Proc::spawn(cmd, dir.join(format!("agent-{}-again.log", a.id)));
-}
-
 fn stop_serve(f: &mut Fleet) {
     let mut p = f.serve.take().expect("serve runs");
     rustix::process::kill_process(
@@ -423,7 +399,7 @@ fn node_messages_replayed_after_a_controller_restart_move_no_address() {
     stop_serve(&mut f);
     // While the controller is down, agent 2 restarts and asks for the key.
     let heard_before_down = tap.count();
-    restart_agent(&mut f, 2);
+    f.restart_agent(2);
     support::wait_for("agent 2's key requests while serve is down", 5_000, || {
         tap.count() > heard_before_down
     });
@@ -649,7 +625,7 @@ fn a_stolen_nodes_keys_cost_the_controller_a_bounded_amount_of_work() {
     let mut seq = stolen_state(&f, 0).seq_reserved + 100_000;
     let addresses = table_addresses(&f);
     let audit_before = audit(&f).len();
-    let db = f.state_dir().join("fleet.db");
+    let db = f.state().join("fleet.db");
     let db_before = std::fs::metadata(&db).map(|m| m.len()).unwrap_or(0);
     // Count the transactions the controller commits to its table while the
     // attack runs (SQLite's data_version moves on another connection's

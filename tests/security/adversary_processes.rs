@@ -116,7 +116,7 @@ fn an_unenrolled_host_moves_no_agent_and_does_not_stop_the_controller() {
     let before = f.views();
     let keys_before = keys_in_table(&f).len();
     let members = member_list(&f);
-    let state_bytes_before = dir_bytes(&f.state_dir());
+    let state_bytes_before = dir_bytes(&f.state());
     let mut rng = ChaCha20Rng::seed_from_u64(2026);
     let attacks = forge::everything(&overheard, Epoch(3), &members, &mut rng);
     let mut targets: Vec<SocketAddr> = vec![SocketAddr::V4(f.group)];
@@ -167,7 +167,7 @@ fn an_unenrolled_host_moves_no_agent_and_does_not_stop_the_controller() {
     eprintln!(
         "controller state directory: {} bytes before the attack, {} after",
         state_bytes_before,
-        dir_bytes(&f.state_dir())
+        dir_bytes(&f.state())
     );
 
     f.assert_alive();
@@ -204,7 +204,7 @@ fn data_sealed_with_a_stolen_appliances_key_sets_off_the_leaked_key_rekey() {
     let group = SocketAddr::V4(f.group);
     let mut rng = ChaCha20Rng::seed_from_u64(7);
 
-    // The thief takes pump-0's state file and finds the group key in it.
+    // The thief takes node-00's state file and finds the group key in it.
     let path = f.agents[0].state.join("state.json");
     let stored: Value = keyfleet::statefile::read_json(&path).unwrap().unwrap();
     let node: NodePersist = serde_json::from_value(stored["node"].clone()).unwrap();
@@ -361,19 +361,9 @@ fn a_removed_node_gets_no_new_key_and_its_data_opens_nowhere() {
 
     // Restarted, it asks for the current key and gets nothing.
     let removed = f.agents.pop().unwrap();
-    let (state, listen) = (removed.state.clone(), removed.listen);
+    let state = removed.state.clone();
     drop(removed);
-    let key_file = f.dir.path().join(format!("{gone}.key"));
-    let mut cmd = std::process::Command::new(support::AGENT);
-    cmd.args(["run", "--state"])
-        .arg(&state)
-        .args(["--node-id", &gone, "--initial-key-file"])
-        .arg(&key_file)
-        .args(["--group", &f.group.to_string(), "--iface", "127.0.0.1"])
-        .args(["--listen", &listen.to_string()])
-        .args(["--controller", &f.ctl_addr().to_string()])
-        .args(["--usage-interval", "0"]);
-    let mut again = support::Proc::spawn(cmd, f.dir.path().join(format!("agent-{gone}-2.log")));
+    let mut again = f.fleet.agent(f.agents.len());
     std::thread::sleep(Duration::from_secs(3));
     assert!(again.exited().is_none(), "{}", again.log_text());
     let s = procs::status(&state);
@@ -478,7 +468,7 @@ fn a_flood_of_refused_datagrams_costs_a_few_audit_rows_and_log_lines() {
     };
     let rows_before = audit(&f).len();
     let lines_before = log_lines(&f);
-    let state_bytes_before = dir_bytes(&f.state_dir());
+    let state_bytes_before = dir_bytes(&f.state());
     let (accounted_before, _) = refusals_accounted(&audit(&f));
     let drops_before = procs::udp_drops(serve_pid);
 
@@ -554,7 +544,7 @@ fn a_flood_of_refused_datagrams_costs_a_few_audit_rows_and_log_lines() {
          for {delivered} datagrams refused; state directory {state_bytes_before} bytes before, {} after",
         rows.len(),
         summaries.len(),
-        dir_bytes(&f.state_dir())
+        dir_bytes(&f.state())
     );
     // Per window, at most two rows per (source, kind): the flood lasted less
     // than three windows; one source, CAP tracked ones and the bucket; 5 kinds at most.

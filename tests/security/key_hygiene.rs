@@ -330,7 +330,7 @@ fn key_arrays(v: &serde_json::Value, out: &mut Vec<Vec<u8>>) {
 /// The keys a live fleet holds right now: the controller's secrets file and
 /// every agent's state file.
 fn keys_on_disk(f: &support::adversary::procs::Fleet, out: &mut Vec<Vec<u8>>) {
-    controller_keys(&f.state_dir(), out);
+    controller_keys(&f.state(), out);
     for a in &f.agents {
         let st: serde_json::Value = keyfleet::statefile::read_json(&a.state.join("state.json"))
             .unwrap()
@@ -433,7 +433,7 @@ fn a_live_fleet_logs_no_key_and_keeps_its_files_owner_only() {
         assert!(found.is_empty(), "{name} shows {found:?}");
     }
     // The management table stores check values and fingerprints, never key bytes.
-    for e in std::fs::read_dir(f.state_dir()).unwrap().flatten() {
+    for e in std::fs::read_dir(f.state()).unwrap().flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
         if !name.starts_with("fleet.db") {
             continue;
@@ -455,7 +455,7 @@ fn a_live_fleet_logs_no_key_and_keeps_its_files_owner_only() {
         keys.len(),
         needles.count()
     );
-    assert_owner_only(&f.state_dir());
+    assert_owner_only(&f.state());
     for a in &f.agents {
         assert_owner_only(&a.state);
     }

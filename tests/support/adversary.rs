@@ -577,23 +577,25 @@ impl Drop for Lan {
 }
 
 /// Real processes: `keyfleet serve` and `keyfleet-agent run` on loopback
-/// multicast, each test with its own group, port and state directories.
+/// multicast, each test with its own group, port and state directories: the
+/// real-process fleet of [`crate::support::fleet`], started whole, with what
+/// the attacker's tests read of it (statuses, keys, logs, every command's
+/// output).
 pub mod procs {
-    use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+    use std::net::SocketAddr;
     use std::path::{Path, PathBuf};
     use std::process::{Command, Output};
     use std::time::{Duration, Instant};
 
-    use rand::RngCore;
     use serde_json::Value;
 
-    use crate::support::{free_port, fresh_group, wait_for, Proc, AGENT, KEYFLEET};
+    use crate::support::{fleet, Proc, AGENT};
 
-    /// One `keyfleet-agent`.
+    /// One running `keyfleet-agent` (node `i` of the fleet).
     pub struct Agent {
         pub id: String,
         pub state: PathBuf,
-        pub listen: SocketAddrV4,
+        pub listen: std::net::SocketAddrV4,
         pub key: [u8; 16],
         pub proc: Proc,
     }
@@ -632,18 +634,22 @@ pub mod procs {
         }
     }
 
-    /// A controller (`keyfleet serve`) and `n` agents, every one enrolled and
-    /// synced at epoch 1.
+    /// The fleet of [`fleet::Fleet`] running: its controller (`keyfleet
+    /// serve`) and `n` agents, every one enrolled and synced at epoch 1.
+    /// Its configuration, nodes and commands are the inner fleet's (`Deref`).
     pub struct Fleet {
-        pub dir: tempfile::TempDir,
-        pub group: SocketAddrV4,
-        pub ctl_port: u16,
+        pub fleet: fleet::Fleet,
         pub serve: Option<Proc>,
         pub agents: Vec<Agent>,
-        /// RUST_LOG of every process.
-        pub rust_log: String,
         /// stdout and stderr of every `keyfleet` command run, in order.
         pub transcript: std::sync::Mutex<Vec<String>>,
+    }
+
+    impl std::ops::Deref for Fleet {
+        type Target = fleet::Fleet;
+        fn deref(&self) -> &fleet::Fleet {
+            &self.fleet
+        }
     }
 
     /// Datagrams the kernel dropped on the UDP sockets process `pid` holds
@@ -707,76 +713,45 @@ pub mod procs {
 
         /// As [`Fleet::start`], with `config` appended to the controller's
         /// configuration file and `agent_args` added to every `keyfleet-agent run`.
+        /// Every process logs at `rust_log`; the agents send no usage reports.
         pub fn start_with(n: usize, rust_log: &str, config: &str, agent_args: &[&str]) -> Fleet {
-            let dir = tempfile::tempdir().unwrap();
-            let group = fresh_group();
-            let ctl_port = free_port();
-            std::fs::write(
-                dir.path().join("keyfleet.toml"),
-                format!(
-                    "[network]\ngroup = \"{group}\"\niface = \"127.0.0.1\"\nlisten_port = {ctl_port}\n{FAST}{config}"
-                ),
-            )
-            .unwrap();
+            let mut inner = fleet::Fleet::new(n, &format!("{FAST}{config}"));
+            inner.rust_log = Some(rust_log.to_owned());
+            inner.usage_interval = 0;
+            for node in &mut inner.nodes {
+                node.args = agent_args.iter().map(|a| a.to_string()).collect();
+            }
             let mut f = Fleet {
-                dir,
-                group,
-                ctl_port,
+                fleet: inner,
                 serve: None,
                 agents: Vec::new(),
-                rust_log: rust_log.to_owned(),
                 transcript: Default::default(),
             };
             f.json(&["init", "--json"]);
-            let mut specs = Vec::new();
             for i in 0..n {
-                let mut key = [0u8; 16];
-                rand::rngs::OsRng.fill_bytes(&mut key);
-                let form = keyfleet_core::label::hex_form(
-                    &keyfleet_core::label::InitialKey::from_bytes(key),
-                );
-                let id = format!("pump-{i}");
-                let listen = SocketAddrV4::new(Ipv4Addr::LOCALHOST, free_port());
+                let node = &f.fleet.nodes[i];
+                let (id, listen, form) =
+                    (node.id.clone(), node.listen.to_string(), node.form.clone());
                 f.json(&[
                     "enroll",
                     "--node-id",
                     &id,
                     "--addr",
-                    &listen.to_string(),
+                    &listen,
                     "--key",
                     &form,
                     "--json",
                 ]);
-                specs.push((id, key, form, listen));
             }
             f.start_serve();
-            for (id, key, form, listen) in specs {
-                let state = f.dir.path().join(format!("agent-{id}"));
-                let key_file = f.dir.path().join(format!("{id}.key"));
-                {
-                    use std::os::unix::fs::PermissionsExt;
-                    std::fs::write(&key_file, format!("{form}\n")).unwrap();
-                    std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600))
-                        .unwrap();
-                }
-                let mut cmd = Command::new(AGENT);
-                cmd.args(["run", "--state"])
-                    .arg(&state)
-                    .args(["--node-id", &id, "--initial-key-file"])
-                    .arg(&key_file)
-                    .args(["--group", &group.to_string(), "--iface", "127.0.0.1"])
-                    .args(["--listen", &listen.to_string()])
-                    .args(["--controller", &f.ctl_addr().to_string()])
-                    .args(["--usage-interval", "0"])
-                    .args(agent_args)
-                    .env("RUST_LOG", &f.rust_log);
-                let log = f.dir.path().join(format!("agent-{id}.log"));
-                let proc = Proc::spawn(cmd, log);
+            for i in 0..n {
+                let proc = f.fleet.agent(i);
+                let node = &f.fleet.nodes[i];
                 f.agents.push(Agent {
-                    id,
-                    state,
-                    listen,
-                    key,
+                    id: node.id.clone(),
+                    state: node.state.clone(),
+                    listen: node.listen,
+                    key: node.key,
                     proc,
                 });
             }
@@ -785,26 +760,16 @@ pub mod procs {
         }
 
         pub fn ctl_addr(&self) -> SocketAddr {
-            SocketAddr::from(([127, 0, 0, 1], self.ctl_port))
+            SocketAddr::from((self.ctl_ip, self.ctl_port))
         }
 
-        pub fn state_dir(&self) -> PathBuf {
-            self.dir.path().join("state")
-        }
-
+        /// `keyfleet ARGS` of this fleet's controller, not started.
         pub fn cmd(&self, args: &[&str]) -> Command {
-            let mut c = Command::new(KEYFLEET);
-            c.arg("--state")
-                .arg(self.state_dir())
-                .arg("--config")
-                .arg(self.dir.path().join("keyfleet.toml"))
-                .args(args)
-                .env_remove("KEYFLEET_PASSPHRASE")
-                .env("RUST_LOG", &self.rust_log)
-                .env("RUST_BACKTRACE", "0");
-            c
+            self.fleet.keyfleet(args)
         }
 
+        /// Runs `keyfleet ARGS` to its end, its output kept in the transcript;
+        /// panics with its stderr if it fails.
         pub fn run(&self, args: &[&str]) -> Output {
             let out = self.cmd(args).output().unwrap();
             self.transcript.lock().unwrap().push(format!(
@@ -833,17 +798,16 @@ pub mod procs {
             })
         }
 
+        /// `keyfleet serve`, once its control socket answers (its log is
+        /// appended to: a restarted serve keeps the earlier lines).
         pub fn start_serve(&mut self) {
-            let log = self.dir.path().join(format!(
-                "serve-{}.log",
-                self.serve.as_ref().map_or(0, |_| 1)
-            ));
-            let p = Proc::spawn(self.cmd(&["serve"]), log);
-            let sock = self.state_dir().join("control.sock");
-            wait_for("keyfleet serve's control socket", 10_000, || {
-                std::os::unix::net::UnixStream::connect(&sock).is_ok()
-            });
-            self.serve = Some(p);
+            self.serve = Some(self.fleet.serve());
+        }
+
+        /// Kills agent `i` and starts it again on its state directory.
+        pub fn restart_agent(&mut self, i: usize) {
+            self.agents[i].proc.kill9();
+            self.agents[i].proc = self.fleet.agent(i);
         }
 
         /// `keyfleet-agent status --json` of every agent (`Value::Null` if it failed).
@@ -901,7 +865,7 @@ pub mod procs {
 
         /// Every log file of the fleet's processes.
         pub fn logs(&self) -> Vec<(PathBuf, String)> {
-            std::fs::read_dir(self.dir.path())
+            std::fs::read_dir(self.dir.path().join("logs"))
                 .unwrap()
                 .flatten()
                 .map(|e| e.path())

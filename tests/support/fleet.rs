@@ -19,6 +19,8 @@ use super::{free_port, fresh_group, wait_for, Proc, AGENT, KEYFLEET};
 /// One appliance: id, initial key file, state directory, unicast address.
 pub struct Node {
     pub id: String,
+    /// Its initial key, and the label's hex form of it.
+    pub key: [u8; 16],
     pub form: String,
     pub state: PathBuf,
     pub key_file: PathBuf,
@@ -50,6 +52,11 @@ pub struct Fleet {
     /// without it they start as a user's do: sending to the group until they
     /// learn the controller's unicast address.
     pub controller_flag: bool,
+    /// `RUST_LOG` of every process; `None`: `info` (the agents:
+    /// `FLEET_AGENT_LOG` when set).
+    pub rust_log: Option<String>,
+    /// The agents' `--usage-interval` in seconds (default 2; 0: no reports).
+    pub usage_interval: u32,
     extra: String,
 }
 
@@ -91,6 +98,7 @@ impl Fleet {
                 }
                 Node {
                     id,
+                    key,
                     form,
                     state,
                     key_file,
@@ -111,6 +119,8 @@ impl Fleet {
             agent_ip: Ipv4Addr::LOCALHOST,
             ctl_ip: Ipv4Addr::LOCALHOST,
             controller_flag: true,
+            rust_log: None,
+            usage_interval: 2,
             extra: extra.to_owned(),
         }
     }
@@ -200,7 +210,7 @@ impl Fleet {
             .args(args)
             .stdin(Stdio::null())
             .env_remove("KEYFLEET_PASSPHRASE")
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", self.rust_log.as_deref().unwrap_or("info"))
             .env("RUST_BACKTRACE", "0");
         c
     }
@@ -246,18 +256,22 @@ impl Fleet {
         (v, stderr)
     }
 
+    /// The log file of process `name` (`serve`, a node id), appended to: a
+    /// restarted process keeps its earlier lines.
+    pub fn log_path(&self, name: &str) -> PathBuf {
+        self.dir.path().join("logs").join(format!("{name}.log"))
+    }
+
     pub fn log(&self, name: &str) -> std::fs::File {
-        // Appended: a restarted process keeps its earlier lines.
         OpenOptions::new()
             .create(true)
             .append(true)
-            .open(self.dir.path().join("logs").join(format!("{name}.log")))
+            .open(self.log_path(name))
             .unwrap()
     }
 
     pub fn logs(&self, name: &str) -> String {
-        std::fs::read_to_string(self.dir.path().join("logs").join(format!("{name}.log")))
-            .unwrap_or_default()
+        std::fs::read_to_string(self.log_path(name)).unwrap_or_default()
     }
 
     /// `keyfleet init` and `keyfleet enroll` of every node.
@@ -284,7 +298,10 @@ impl Fleet {
             .stderr(self.log("serve"))
             .spawn()
             .unwrap();
-        let p = Proc::from(child);
+        let p = Proc {
+            child,
+            log: Some(self.log_path("serve")),
+        };
         let sock = self.state().join("control.sock");
         wait_for("keyfleet serve's control socket", 15_000, || {
             std::os::unix::net::UnixStream::connect(&sock).is_ok()
@@ -293,11 +310,14 @@ impl Fleet {
     }
 
     /// `keyfleet-agent run` for node `i`, once its application socket exists.
-    /// It logs at `RUST_LOG=info`, or at `FLEET_AGENT_LOG` when set.
+    /// It logs at the fleet's `rust_log`, else `info` or `FLEET_AGENT_LOG` when set.
     pub fn agent(&self, i: usize) -> Proc {
         let n = &self.nodes[i];
         let child = self.agent_command(i).spawn().unwrap();
-        let p = Proc::from(child);
+        let p = Proc {
+            child,
+            log: Some(self.log_path(&n.id)),
+        };
         // A restarted agent replaces the socket file of the killed one; wait
         // until the new one answers.
         wait_for(&format!("{}'s application socket", n.id), 15_000, || {
@@ -328,15 +348,16 @@ impl Fleet {
                 &format!("{}:{}", self.ctl_ip, self.ctl_port),
             ]);
         }
-        c.args(["--usage-interval", "2"])
+        let log = self
+            .rust_log
+            .clone()
+            .unwrap_or_else(|| std::env::var("FLEET_AGENT_LOG").unwrap_or_else(|_| "info".into()));
+        c.args(["--usage-interval", &self.usage_interval.to_string()])
             .args(&n.args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(self.log(&n.id))
-            .env(
-                "RUST_LOG",
-                std::env::var("FLEET_AGENT_LOG").unwrap_or_else(|_| "info".into()),
-            );
+            .env("RUST_LOG", log);
         c
     }
 
