@@ -67,7 +67,7 @@ fn a_standby_serve_waits_then_takes_over_and_the_thawed_leader_sends_nothing() {
     let from_b = tap
         .heard()
         .iter()
-        .filter(|h| h.from.port() == b.port)
+        .filter(|h| h.from.port() == b.ctl_port)
         .count();
     assert_eq!(from_b, 0, "the standby sent {from_b} datagrams");
     assert!(pb.alive(), "the standby waits: {}", b.serve_logs());
@@ -86,7 +86,7 @@ fn a_standby_serve_waits_then_takes_over_and_the_thawed_leader_sends_nothing() {
     wait_for("b's beacons under term 2", 10_000, || {
         tap.heard()
             .iter()
-            .any(|h| h.from.port() == b.port && term(&h.payload) == Some(2))
+            .any(|h| h.from.port() == b.ctl_port && term(&h.payload) == Some(2))
     });
     let taken = frozen.elapsed();
     let st = b.json(&["status", "--json"]);
@@ -100,7 +100,7 @@ fn a_standby_serve_waits_then_takes_over_and_the_thawed_leader_sends_nothing() {
     assert!(
         tap.heard()
             .iter()
-            .filter(|h| h.from.port() == b.port && term(&h.payload) == Some(2))
+            .filter(|h| h.from.port() == b.ctl_port && term(&h.payload) == Some(2))
             .all(signed_by_the_fleet),
         "b's beacons are signed with the fleet's key"
     );

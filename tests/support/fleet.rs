@@ -63,8 +63,12 @@ pub struct Fleet {
 impl Fleet {
     /// `n` nodes, `extra` appended to the controller's config file.
     pub fn new(n: usize, extra: &str) -> Fleet {
+        Fleet::in_group(fresh_group(), n, extra)
+    }
+
+    /// As [`Fleet::new`] on `group` (another controller's, say).
+    pub fn in_group(group: SocketAddrV4, n: usize, extra: &str) -> Fleet {
         let dir = tempfile::tempdir().unwrap();
-        let group = fresh_group();
         let ctl_port = free_port();
         std::fs::create_dir_all(dir.path().join("logs")).unwrap();
         std::fs::write(
@@ -292,21 +296,26 @@ impl Fleet {
 
     /// `keyfleet serve`, once its control socket answers.
     pub fn serve(&self) -> Proc {
+        let p = self.serve_waiting();
+        let sock = self.state().join("control.sock");
+        wait_for("keyfleet serve's control socket", 15_000, || {
+            std::os::unix::net::UnixStream::connect(&sock).is_ok()
+        });
+        p
+    }
+
+    /// `keyfleet serve` in the background, not waiting for anything (a standby).
+    pub fn serve_waiting(&self) -> Proc {
         let child = self
             .keyfleet(&["serve"])
             .stdout(Stdio::null())
             .stderr(self.log("serve"))
             .spawn()
             .unwrap();
-        let p = Proc {
+        Proc {
             child,
             log: Some(self.log_path("serve")),
-        };
-        let sock = self.state().join("control.sock");
-        wait_for("keyfleet serve's control socket", 15_000, || {
-            std::os::unix::net::UnixStream::connect(&sock).is_ok()
-        });
-        p
+        }
     }
 
     /// `keyfleet-agent run` for node `i`, once its application socket exists.

@@ -6,8 +6,9 @@
 //! deadline that names it, the one child-process wrapper, and the guard that
 //! keeps heavy tests one at a time. Beside it: the real-process fleet
 //! ([`fleet`]), the one in-process fleet of real machines on real sockets
-//! ([`inproc`]), one real `keyfleet` controller ([`ctl`]) and real
-//! `keyfleet-agent`s ([`agent`]) to put beside it, the
+//! ([`inproc`]), one real `keyfleet` controller ([`ctl`]: the real-process
+//! fleet without agents) and real `keyfleet-agent`s ([`agent`]) to put
+//! beside it, the
 //! attacker ([`adversary`], [`wiretap`]), network namespaces ([`netns`],
 //! [`veth`]), `tshark` ([`tshark`]) and a throw-away PostgreSQL ([`testpg`]).
 
