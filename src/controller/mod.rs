@@ -451,6 +451,26 @@ pub struct Queued {
     pub joined_queue: bool,
 }
 
+/// The round in progress when a command came in: the command's own round
+/// follows it.
+#[derive(Clone, Copy)]
+struct Running {
+    epoch: u32,
+    phase: RoundPhase,
+    paused: bool,
+    origin: RoundOrigin,
+}
+
+/// Who started a round in progress.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum RoundOrigin {
+    /// This controller, still running (`serve`).
+    ThisController,
+    /// A controller that stopped before finishing it (an interrupted
+    /// `rekey`, a crash), resumed by this one-shot run.
+    Resumed,
+}
+
 /// A command to the controller: what `keyfleet enroll`, `rejoin`, `rekey`
 /// and `remove` ask, from a one-shot run or through `serve`'s control socket
 /// ([`control::Request::command`]) alike. Every one goes into the machine by
@@ -1322,19 +1342,25 @@ impl Controller {
         Some(self.paused_report(epoch, phase, self.now()))
     }
 
-    /// What a round command waits behind, if a round is in progress.
-    fn queued(
-        &self,
-        before: Option<(u32, RoundPhase, bool)>,
-        target: u32,
-        resumed: bool,
-    ) -> Option<Queued> {
-        let (running_epoch, phase, paused) = before?;
-        (target > running_epoch).then(|| Queued {
-            running_epoch,
-            running_phase: phase.as_str().into(),
-            paused,
-            resumed,
+    /// The round in progress as a command comes in, if any.
+    fn running(&self, origin: RoundOrigin) -> Option<Running> {
+        self.machine.round().map(|(epoch, phase)| Running {
+            epoch: epoch.0,
+            phase,
+            paused: self.machine.paused_since().is_some(),
+            origin,
+        })
+    }
+
+    /// What a round command whose round is `target` waits behind: the round
+    /// `before` it, if one was in progress.
+    fn queued(&self, before: Option<Running>, target: u32) -> Option<Queued> {
+        let r = before?;
+        (target > r.epoch).then(|| Queued {
+            running_epoch: r.epoch,
+            running_phase: r.phase.as_str().into(),
+            paused: r.paused,
+            resumed: r.origin == RoundOrigin::Resumed,
             epoch: target,
             joined_queue: self.out_has_folded_trigger(),
         })
@@ -1689,13 +1715,10 @@ impl Controller {
         }
         // A round a stopped controller left unfinished is finished first; this
         // command's own round follows it, and both are reported.
-        let before = self
-            .machine
-            .round()
-            .map(|(e, p)| (e.0, p, self.machine.paused_since().is_some()));
-        if let Some((e, _, _)) = before {
+        let before = self.running(RoundOrigin::Resumed);
+        if let Some(r) = before {
             tracing::info!(
-                epoch = e,
+                epoch = r.epoch,
                 "finishing first the round a previous controller left unfinished"
             );
         }
@@ -1703,7 +1726,7 @@ impl Controller {
             self.flush(Some(&net)).await?;
             return Ok(None);
         };
-        if let Some(q) = self.queued(before, target, true) {
+        if let Some(q) = self.queued(before, target) {
             update(&control::Reply::Queued(q));
         }
         // Pauses of the resumed round before this command's feed are history.
@@ -1941,15 +1964,12 @@ impl Controller {
             Ok(None) => return reply(&tx, control::Reply::Info(self.info())),
             Err(message) => return reply(&tx, control::Reply::Error { message }),
         };
-        let before = self
-            .machine
-            .round()
-            .map(|(e, p)| (e.0, p, self.machine.paused_since().is_some()));
+        let before = self.running(RoundOrigin::ThisController);
         match (self.execute(&cmd), cmd) {
             (Ok(Executed::Enrolled(r)), _) => reply(&tx, control::Reply::Enrolled(r)),
             (Ok(Executed::RejoinAllowed(r)), _) => reply(&tx, control::Reply::RejoinAllowed(r)),
             (Ok(Executed::Round(Some(target))), cmd) => {
-                if let Some(q) = self.queued(before, target, false) {
+                if let Some(q) = self.queued(before, target) {
                     let _ = tx.send(control::Reply::Queued(q));
                 }
                 let kind = match cmd {
