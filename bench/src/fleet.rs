@@ -35,6 +35,10 @@ pub struct KfRep {
     pub elapsed_ms: f64,
     /// Of which the drain grace (`phases_ms.draining`, measured from the round trips).
     pub draining_ms: f64,
+    /// The other phases (`phases_ms`): distributing, first transition,
+    /// second transition (absent in results written before they were kept).
+    #[serde(default)]
+    pub other_phases_ms: Option<[f64; 3]>,
     pub epoch: u64,
     pub nodes: u64,
     pub acked: u64,
@@ -380,6 +384,11 @@ impl KfFleet {
             wall_ms: d.as_secs_f64() * 1000.0,
             elapsed_ms: num("elapsed_ms"),
             draining_ms: v["phases_ms"]["draining"].as_f64().unwrap_or(f64::NAN),
+            other_phases_ms: ["distributing", "first_transition", "second_transition"]
+                .iter()
+                .map(|p| v["phases_ms"][p].as_f64())
+                .collect::<Option<Vec<f64>>>()
+                .and_then(|v| v.try_into().ok()),
             epoch: v["epoch"].as_u64().unwrap_or(0),
             nodes: v["nodes"].as_u64().unwrap_or(0),
             acked: v["acked"].as_u64().unwrap_or(0),

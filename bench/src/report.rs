@@ -367,20 +367,31 @@ fn rotation_section(r: &Results, s: &mut String) {
         }
         Some(k) => {
             let _ = writeln!(s, "keyfleet: one `keyfleet serve` and N `keyfleet-agent run` processes on loopback multicast (`--iface 127.0.0.1`), each node enrolled with `keyfleet enroll`, default configuration (after every node switched to the new key the controller waits before the second transition request, twice the round's slowest acknowledgement round trip (`round.drain_rtt_factor`, at least `round.drain_floor_ms` = 10), so that messages sealed with the old key and still in flight can be opened, SPEC S2; Serf has no such wait). A rotation is one `keyfleet rekey --json` talking to `serve`; the time is that process end to end. `elapsed_ms` is the round as the controller timed it. While the rotations run, the applications of {} agents each send a group message every {} ms through their agents; each message must reach every other agent (the agents' own `delivered` and `undecryptable` counters).\n", crate::fleet::TRAFFIC_SENDERS, crate::fleet::TRAFFIC_EVERY_MS);
-            let _ = writeln!(s, "| nodes | reps | `rekey` process ms | round `elapsed_ms` | of which drain | acked | stale | all agents UpdateCompleted at the new epoch after | messages sent | deliveries / expected | undecryptable | joined in ms | load (1 min) |");
+            let _ = writeln!(s, "| nodes | reps | `rekey` process ms | round `elapsed_ms` | of which drain | distributing / first transition / second transition, ms | acked | stale | all agents UpdateCompleted at the new epoch after | messages sent | deliveries / expected | undecryptable | joined in ms | load (1 min) |");
             let _ = writeln!(
                 s,
-                "|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---|"
+                "|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---|"
             );
             for run in &k.runs {
+                let phase = |i: usize| {
+                    let v: Vec<f64> = run
+                        .reps
+                        .iter()
+                        .filter_map(|r| r.other_phases_ms.map(|p| p[i]))
+                        .collect();
+                    ms(median(&v))
+                };
                 let _ = writeln!(
                     s,
-                    "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                    "| {} | {} | {} | {} | {} | {} / {} / {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                     run.n,
                     run.reps.len(),
                     ms(run.median_of(|r| r.wall_ms)),
                     ms(run.median_of(|r| r.elapsed_ms)),
                     ms(run.median_of(|r| r.draining_ms)),
+                    phase(0),
+                    phase(1),
+                    phase(2),
                     median(&run.reps.iter().map(|r| r.acked as f64).collect::<Vec<_>>())
                         .map_or("–".into(), |a| format!("{a:.0}")),
                     run.reps.iter().map(|r| r.stale).max().unwrap_or(0),
