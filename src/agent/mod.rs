@@ -14,7 +14,7 @@
 //!
 //! | file | what |
 //! |---|---|
-//! | `state.json` | the node's snapshot ([`state::StoredState`]), written atomically, 0600 |
+//! | `state.json`, `state.json.b` | the node's snapshot ([`state::StoredState`]) in two slots written in turn, the newest intact one read; 0600 |
 //! | `agent.lock` | held (flock) by the running agent: one agent per directory |
 //! | `app.sock` | the application socket ([`app`]), 0600, while the agent runs |
 //!

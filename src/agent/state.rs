@@ -1,8 +1,10 @@
 //! The agent's state file and its status report.
 //!
-//! `<state>/state.json` is written with [`crate::statefile`] (temporary file,
-//! fsync, rename, fsync of the directory; mode 0600; checksummed header), so
-//! it is always either the previous or the new complete snapshot. It holds the
+//! `<state>/state.json` is kept in two slots by [`crate::statefile::Slots`]
+//! (`state.json` and `state.json.b`, overwritten in place in turn, each with
+//! a generation number and a checksum, made durable with one `fdatasync`;
+//! mode 0600), so the newest intact slot is always the previous or the new
+//! complete snapshot: a write torn by a crash loses only itself. It holds the
 //! [`NodePersist`] snapshot (node id, the keys derived from the initial key,
 //! member number, controller public key, keyring, reserved sequence numbers)
 //! plus what `keyfleet-agent status` shows without a running agent.
@@ -38,11 +40,26 @@ pub struct StoredState {
     pub last_sync_ms: Option<u64>,
 }
 
-/// Reads `<dir>/state.json`; `Ok(None)` when there is none yet.
+/// Reads `<dir>/state.json` (its newest intact slot); `Ok(None)` when there
+/// is none yet. A damaged other slot (a write torn by a crash) is logged.
 pub fn load(dir: &Path) -> Result<Option<StoredState>, AgentError> {
     let path = dir.join(STATE_FILE);
-    let stored: Option<StoredState> =
-        statefile::read_json(&path).map_err(|e| AgentError::state(&path, e))?;
+    let Some(read) = statefile::read_slots(&path).map_err(|e| AgentError::state(&path, e))? else {
+        return Ok(None);
+    };
+    if let Some(damaged) = &read.damaged {
+        tracing::warn!(
+            using = %read.from.display(),
+            "{damaged}; the other slot is intact and is used (a write cut short by a crash or a power loss leaves this)"
+        );
+    }
+    let stored: Option<StoredState> = serde_json::from_slice(&read.payload)
+        .map(Some)
+        .map_err(|source| StateFileError::Json {
+            path: read.from.clone(),
+            source,
+        })
+        .map_err(|e| AgentError::state(&path, e))?;
     match stored {
         Some(s) if s.format != FORMAT => Err(AgentError::UnknownFormat {
             path,
@@ -52,16 +69,19 @@ pub fn load(dir: &Path) -> Result<Option<StoredState>, AgentError> {
     }
 }
 
-/// Saves agent snapshots to `<dir>/state.json`.
+/// Saves agent snapshots to `<dir>/state.json`, in its two slots.
 pub struct StateFile {
     path: PathBuf,
+    slots: statefile::Slots,
     fingerprint: String,
 }
 
 impl StateFile {
     pub fn new(dir: &Path, initial_key_fingerprint: String) -> StateFile {
+        let path = dir.join(STATE_FILE);
         StateFile {
-            path: dir.join(STATE_FILE),
+            slots: statefile::Slots::open(&path),
+            path,
             fingerprint: initial_key_fingerprint,
         }
     }
@@ -86,16 +106,18 @@ impl super::Persister for StateFile {
             saved_at_ms: u64,
             last_sync_ms: Option<u64>,
         }
-        statefile::write_json(
-            &self.path,
-            &Borrowed {
-                format: FORMAT,
-                node,
-                initial_key_fingerprint: &self.fingerprint,
-                saved_at_ms: now_ms,
-                last_sync_ms,
-            },
-        )
+        let bytes = statefile::to_json_zeroizing(&Borrowed {
+            format: FORMAT,
+            node,
+            initial_key_fingerprint: &self.fingerprint,
+            saved_at_ms: now_ms,
+            last_sync_ms,
+        })
+        .map_err(|source| StateFileError::Json {
+            path: self.path.clone(),
+            source,
+        })?;
+        self.slots.write(&bytes)
     }
 }
 

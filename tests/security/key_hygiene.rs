@@ -328,14 +328,16 @@ fn key_arrays(v: &serde_json::Value, out: &mut Vec<Vec<u8>>) {
 }
 
 /// The keys a live fleet holds right now: the controller's secrets file and
-/// every agent's state file.
+/// both slots of every agent's state file.
 fn keys_on_disk(f: &support::adversary::procs::Fleet, out: &mut Vec<Vec<u8>>) {
     controller_keys(&f.state(), out);
     for a in &f.agents {
-        let st: serde_json::Value = keyfleet::statefile::read_json(&a.state.join("state.json"))
-            .unwrap()
-            .unwrap();
-        key_arrays(&st, out);
+        for slot in ["state.json", "state.json.b"] {
+            let path = a.state.join(slot);
+            if let Some(st) = keyfleet::statefile::read_json::<serde_json::Value>(&path).unwrap() {
+                key_arrays(&st, out);
+            }
+        }
     }
 }
 
@@ -492,7 +494,8 @@ fn keys_in_dir(dir: &Path, out: &mut Vec<Vec<u8>>) -> usize {
                 files += 1;
                 None
             }
-            "state.json" => keyfleet::statefile::read_json(&p).unwrap(),
+            // Both slots of an agent's state file (each read as a file of its own).
+            "state.json" | "state.json.b" => keyfleet::statefile::read_json(&p).unwrap(),
             "initial-key" => {
                 let text = std::fs::read_to_string(&p).unwrap();
                 let parsed = keyfleet_core::label::parse(text.trim()).unwrap();
@@ -599,7 +602,14 @@ fn a_full_demo_logs_no_key_it_used() {
     );
     for p in walk(dir) {
         let name = p.file_name().unwrap().to_string_lossy().into_owned();
-        if ["controller.secrets", "state.json", "initial-key"].contains(&name.as_str()) {
+        if [
+            "controller.secrets",
+            "state.json",
+            "state.json.b",
+            "initial-key",
+        ]
+        .contains(&name.as_str())
+        {
             let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
             assert_eq!(mode & 0o077, 0, "{} has mode {mode:o}", p.display());
         }
