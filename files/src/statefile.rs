@@ -343,6 +343,9 @@ pub fn decode_generation(path: &Path, raw: &[u8]) -> Result<(u64, Zeroizing<Vec<
 pub struct Slots {
     paths: [PathBuf; 2],
     files: [Option<File>; 2],
+    /// A slot this writer created whose name is not yet known durable (its
+    /// directory not fsynced since).
+    unsynced_name: [bool; 2],
     /// The slot the next write goes to.
     next: usize,
     /// The newest generation on disk.
@@ -370,6 +373,7 @@ impl Slots {
         Slots {
             paths,
             files: [None, None],
+            unsynced_name: [false, false],
             next,
             generation,
         }
@@ -384,31 +388,30 @@ impl Slots {
         let i = self.next;
         let path = &self.paths[i];
         let generation = self.generation + 1;
-        let mut data = Zeroizing::new(
-            format!(
-                "{MAGIC} {SLOT_VERSION} gen={generation} len={} sha256={}\n",
-                payload.len(),
-                hex::encode(Sha256::digest(payload))
-            )
-            .into_bytes(),
+        let head = format!(
+            "{MAGIC} {SLOT_VERSION} gen={generation} len={} sha256={}\n",
+            payload.len(),
+            hex::encode(Sha256::digest(payload))
         );
+        // Allocated once at its final size: no reallocation leaves a copy of
+        // the payload behind.
+        let mut data = Zeroizing::new(Vec::with_capacity(head.len() + payload.len()));
+        data.extend_from_slice(head.as_bytes());
         data.extend_from_slice(payload);
-        let created = match &self.files[i] {
-            Some(_) => false,
-            None => {
-                let (file, created) = open_slot(path)?;
-                self.files[i] = Some(file);
-                created
-            }
-        };
+        if self.files[i].is_none() {
+            let (file, created) = open_slot(path)?;
+            self.files[i] = Some(file);
+            self.unsynced_name[i] = created;
+        }
         let file = self.files[i].as_ref().expect("opened above");
         file.write_all_at(&data, 0)
             .and_then(|()| file.set_len(data.len() as u64))
             .and_then(|()| file.sync_data())
             .map_err(io_err("write", path))?;
-        if created {
+        if self.unsynced_name[i] {
             // The new name must survive a crash as well as the content.
             sync_dir_of(path)?;
+            self.unsynced_name[i] = false;
         }
         self.generation = generation;
         self.next = 1 - i;
