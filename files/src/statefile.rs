@@ -149,13 +149,26 @@ pub fn check_private_file(path: &Path) -> Result<()> {
     Ok(())
 }
 
-fn header(payload: &[u8]) -> String {
-    let sum = Sha256::digest(payload);
+/// The header line of `payload`: `v1` for a file replaced whole, `v2` with
+/// its generation for a slot of a two-slot file.
+fn header(generation: Option<u64>, payload: &[u8]) -> String {
+    let version = match generation {
+        None => VERSION.to_string(),
+        Some(g) => format!("{SLOT_VERSION} gen={g}"),
+    };
     format!(
-        "{MAGIC} {VERSION} len={} sha256={}\n",
+        "{MAGIC} {version} len={} sha256={}\n",
         payload.len(),
-        hex::encode(sum)
+        hex::encode(Sha256::digest(payload))
     )
+}
+
+/// The directory `path` is in (`.` for a bare name).
+fn dir_of(path: &Path) -> &Path {
+    match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    }
 }
 
 /// Atomically replaces `path` with `payload` (owner-only, checksummed).
@@ -163,10 +176,7 @@ fn header(payload: &[u8]) -> String {
 /// On any error (a full disk included) the previous file at `path`, if any, is
 /// left as it was and the temporary file is removed.
 pub fn write(path: &Path, payload: &[u8]) -> Result<()> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
+    let dir = dir_of(path);
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -177,7 +187,7 @@ pub fn write(path: &Path, payload: &[u8]) -> Result<()> {
         .permissions(fs::Permissions::from_mode(0o600))
         .tempfile_in(dir)
         .map_err(io_err("create a temporary file beside", path))?;
-    let head = header(payload);
+    let head = header(None, payload);
     // Through the plain `File`: NamedTempFile's own `Write` wraps errors and
     // hides their errno, which tells a full disk apart.
     let file = tmp.as_file_mut();
@@ -188,10 +198,7 @@ pub fn write(path: &Path, payload: &[u8]) -> Result<()> {
     // tempfile's persist is rename(2): atomic within the directory.
     tmp.persist(path)
         .map_err(|e| io_err("rename the new file onto", path)(e.error))?;
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_err("fsync the directory of", path))?;
-    Ok(())
+    sync_dir_of(path)
 }
 
 /// Reads and verifies `path`; `Ok(None)` when it does not exist. A file kept
@@ -359,16 +366,11 @@ impl Slots {
     /// (an older agent's) counts as generation 0.
     pub fn open(path: &Path) -> Slots {
         let paths = [path.to_path_buf(), second_slot(path)];
-        let gen = |p: &Path| match read_one(p) {
-            Ok(Some((g, _))) => Some(g),
-            _ => None,
-        };
-        let (a, b) = (gen(&paths[0]), gen(&paths[1]));
-        let (next, generation) = match (a, b) {
-            (Some(a), Some(b)) if b > a => (0, b),
-            (Some(a), _) => (1, a),
-            (None, Some(b)) => (0, b),
-            (None, None) => (0, 0),
+        // Nothing readable (none yet, or refused: the write then says why):
+        // the first slot, generation 1.
+        let (next, generation) = match read_slots(path) {
+            Ok(Some(newest)) => (usize::from(newest.from == paths[0]), newest.generation),
+            _ => (0, 0),
         };
         Slots {
             paths,
@@ -388,11 +390,7 @@ impl Slots {
         let i = self.next;
         let path = &self.paths[i];
         let generation = self.generation + 1;
-        let head = format!(
-            "{MAGIC} {SLOT_VERSION} gen={generation} len={} sha256={}\n",
-            payload.len(),
-            hex::encode(Sha256::digest(payload))
-        );
+        let head = header(Some(generation), payload);
         // Allocated once at its final size: no reallocation leaves a copy of
         // the payload behind.
         let mut data = Zeroizing::new(Vec::with_capacity(head.len() + payload.len()));
@@ -442,12 +440,9 @@ fn open_slot(path: &Path) -> Result<(File, bool)> {
     Ok((file, !existed))
 }
 
+/// fsync of the directory `path` is in: a new name or a rename survives a crash.
 fn sync_dir_of(path: &Path) -> Result<()> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    File::open(dir)
+    File::open(dir_of(path))
         .and_then(|d| d.sync_all())
         .map_err(io_err("fsync the directory of", path))
 }
@@ -628,7 +623,7 @@ mod tests {
             at in proptest::prelude::any::<usize>(),
             flip in 1u8..,
         ) {
-            let mut raw = header(&payload).into_bytes();
+            let mut raw = header(None, &payload).into_bytes();
             raw.extend_from_slice(&payload);
             let whole = decode(Path::new("x"), &raw).unwrap();
             proptest::prop_assert_eq!(whole.as_slice(), payload.as_slice());

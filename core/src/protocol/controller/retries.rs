@@ -196,11 +196,9 @@ impl ControllerMachine {
             // number (it was answered since, and other nodes' messages were
             // numbered in between) or forgot its digest would refuse it as a
             // replay for as long as the round waits, its reply having been lost.
-            let Some(epoch) = self.round.as_ref().map(|r| r.epoch) else {
+            let Some(msg) = self.transition_request(step, out) else {
                 return;
             };
-            let seq = self.next_seq(out);
-            let msg = wire::sign(wire::transition(self.term, step, epoch, seq), &self.signing);
             let (Some(r), Some(m)) = (&self.round, self.members.get_mut(member)) else {
                 return;
             };

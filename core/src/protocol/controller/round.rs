@@ -377,16 +377,26 @@ impl ControllerMachine {
         }
     }
 
-    /// Signs the round's transition request of `step` under the current term.
+    /// Signs the round's transition request of `step` under the current term
+    /// (the copy its group waves resend).
     pub(super) fn sign_transition(&mut self, step: Step, out: &mut Out) {
-        let Some(epoch) = self.round.as_ref().map(|r| r.epoch) else {
+        let Some(msg) = self.transition_request(step, out) else {
             return;
         };
-        let seq = self.next_seq(out);
-        let msg = wire::sign(wire::transition(self.term, step, epoch, seq), &self.signing);
         if let Some(r) = &mut self.round {
             r.set_transition_msg(step, msg);
         }
+    }
+
+    /// A transition request of `step` for the round's epoch, signed under
+    /// the current term and the next sequence number.
+    pub(super) fn transition_request(&mut self, step: Step, out: &mut Out) -> Option<Vec<u8>> {
+        let epoch = self.round.as_ref()?.epoch;
+        let seq = self.next_seq(out);
+        Some(wire::sign(
+            wire::transition(self.term, step, epoch, seq),
+            &self.signing,
+        ))
     }
 
     /// Marks every member the phase still waits for stale.
