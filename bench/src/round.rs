@@ -206,9 +206,11 @@ pub fn measured_round(f: &mut InProcess) -> anyhow::Result<()> {
 pub fn run_one(n: usize) -> anyhow::Result<()> {
     let mut f = InProcess::joined(n)?;
     let before = f.delivered;
+    let t = std::time::Instant::now();
     measured_round(&mut f)?;
+    let cpu_us = t.elapsed().as_micros();
     println!(
-        "{{\"nodes\":{n},\"datagrams\":{},\"epoch\":{}}}",
+        "{{\"nodes\":{n},\"datagrams\":{},\"epoch\":{},\"wall_us\":{cpu_us}}}",
         f.delivered - before,
         f.c.current_epoch().0
     );

@@ -56,8 +56,18 @@ impl fmt::Debug for Share {
 
 /// An X25519 secret: the node's share secret between two steps, or the
 /// controller's round share. Zeroized on drop.
-#[derive(Clone, Serialize, Deserialize, Zeroize, ZeroizeOnDrop)]
-pub struct ShareSecret([u8; 32]);
+///
+/// Its public share is computed once, when the secret is drawn or read: a
+/// node announces it in every reply and the controller puts the round's in
+/// every wrap, and each computation is a scalar multiplication (about 30 µs,
+/// the largest single cost of a round before it was kept). It serializes as
+/// the secret's bytes alone, as before.
+#[derive(Clone, Zeroize, ZeroizeOnDrop)]
+pub struct ShareSecret {
+    secret: [u8; 32],
+    #[zeroize(skip)]
+    public: Share,
+}
 
 impl fmt::Debug for ShareSecret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -65,25 +75,42 @@ impl fmt::Debug for ShareSecret {
     }
 }
 
+impl Serialize for ShareSecret {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.secret.serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for ShareSecret {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<ShareSecret, D::Error> {
+        let b = Zeroizing::new(<[u8; 32]>::deserialize(d)?);
+        Ok(ShareSecret::from_bytes(*b))
+    }
+}
+
 impl ShareSecret {
     pub fn generate(rng: &mut (impl RngCore + CryptoRng)) -> ShareSecret {
-        let mut b = [0u8; 32];
-        rng.fill_bytes(&mut b);
-        ShareSecret(b)
+        let mut b = Zeroizing::new([0u8; 32]);
+        rng.fill_bytes(b.as_mut());
+        ShareSecret::from_bytes(*b)
     }
 
     /// A secret from raw bytes: for tools and tests that model someone holding
     /// a copy of a node's state.
-    pub fn from_bytes(b: [u8; 32]) -> ShareSecret {
-        ShareSecret(b)
+    pub fn from_bytes(secret: [u8; 32]) -> ShareSecret {
+        let public = Share(
+            x25519_dalek::PublicKey::from(&x25519_dalek::StaticSecret::from(secret)).to_bytes(),
+        );
+        ShareSecret { secret, public }
     }
 
     fn secret(&self) -> x25519_dalek::StaticSecret {
-        x25519_dalek::StaticSecret::from(self.0)
+        x25519_dalek::StaticSecret::from(self.secret)
     }
 
+    /// The public share (computed when the secret was drawn or read).
     pub fn public(&self) -> Share {
-        Share(x25519_dalek::PublicKey::from(&self.secret()).to_bytes())
+        self.public
     }
 
     /// X25519 with a peer's share; `None` for a share of small order (an
@@ -232,7 +259,7 @@ impl NodeKeys {
 /// does: equal secrets hash equally. Used to compare machine states (the model check).
 impl std::hash::Hash for ShareSecret {
     fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        super::check_value(b"keyfleet share secret check v2", &self.0)[..8].hash(state);
+        super::check_value(b"keyfleet share secret check v2", &self.secret)[..8].hash(state);
     }
 }
 

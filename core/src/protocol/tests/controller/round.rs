@@ -449,8 +449,14 @@ fn measured_cfg(max_flight_ms: u64) -> ControllerConfig {
 /// Runs one round with node 1's first-transition reply held back for
 /// `hold_ms` (so that the phase's slowest round trip is about that long).
 fn round_with_slow_reply(cfg: ControllerConfig, hold_ms: u64) -> TestFleet {
+    round_with_slow(cfg, Step::FirstTransition, hold_ms)
+}
+
+/// Runs one round with node 1's reply to the `step` request held back for
+/// `hold_ms`.
+fn round_with_slow(cfg: ControllerConfig, step: Step, hold_ms: u64) -> TestFleet {
     let mut f = TestFleet::new(3, cfg);
-    let blocked = is_ack_from(1, Step::FirstTransition);
+    let blocked = is_ack_from(1, step);
     if hold_ms > 0 {
         f.drop = Box::new(move |_, _, b| blocked(b));
     }
@@ -494,6 +500,29 @@ fn the_drain_is_twice_the_slowest_round_trip_between_floor_and_ceiling() {
     // A fixed grace is used as it is.
     let f = round_with_slow_reply(test_cfg(), 300);
     assert_eq!(phase_ms(&f)[0].2, 100);
+}
+
+/// The drain follows the first transition's round trip only: a key update
+/// phase made long by work at both ends (here a reply held back 300 ms, as
+/// 100 nodes' key agreement and durable writes took 51 ms of a 100-node
+/// round) does not lengthen it, and a slow first transition after a quick
+/// key update does.
+#[test]
+fn the_drain_follows_the_first_transition_not_the_key_update() {
+    let f = round_with_slow(measured_cfg(2000), Step::KeyUpdate, 300);
+    let [(d, first, drain)] = phase_ms(&f)[..] else {
+        panic!("{:?}", phase_ms(&f))
+    };
+    println!("slow key update reply: distributing {d} ms, first transition {first} ms, drain {drain} ms");
+    assert!(d >= 300, "{d}");
+    assert!(first < 10, "{first}");
+    assert_eq!(drain, 10, "the floor, not twice the key update phase");
+    let f = round_with_slow(measured_cfg(2000), Step::FirstTransition, 300);
+    let [(d, first, drain)] = phase_ms(&f)[..] else {
+        panic!("{:?}", phase_ms(&f))
+    };
+    assert!(d < 10 && first >= 300, "{d} {first}");
+    assert!(drain >= 2 * first, "drain {drain} after a first transition of {first} ms");
 }
 
 /// A controller restored in the middle of a round cannot tell which
