@@ -257,7 +257,10 @@ impl KfFleet {
         ports: &mut PortPool,
         store_url: Option<&str>,
     ) -> anyhow::Result<KfFleet> {
-        let dir = tempfile::Builder::new().prefix("kfb-keyfleet-").disable_cleanup(std::env::var_os("KFB_KEEP").is_some()).tempdir()?;
+        let dir = tempfile::Builder::new()
+            .prefix("kfb-keyfleet-")
+            .disable_cleanup(std::env::var_os("KFB_KEEP").is_some())
+            .tempdir()?;
         let mut rng = rand::thread_rng();
         let group = format!(
             "239.255.{}.{}:{}",

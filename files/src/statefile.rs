@@ -18,7 +18,10 @@
 //!   it. No temporary file, no rename, no directory fsync (but once, when a
 //!   slot is created), so a write is one flush of the file's own blocks and
 //!   allocates no inode (with a hundred agents on one disk the inode bitmap
-//!   they share was what they waited for);
+//!   they share was what they waited for). A write that need not survive a
+//!   power loss ([`Slots::write_unsynced`]: the agent's two transitions) is
+//!   not flushed and always goes to the slot that does not hold the last
+//!   flushed state, so a power loss finds that state intact;
 //! - readers refuse a file that group or others may read or write, and a symbolic
 //!   link, and say which `chmod` fixes it.
 //!
@@ -344,18 +347,21 @@ pub fn decode_generation(path: &Path, raw: &[u8]) -> Result<(u64, Zeroizing<Vec<
 
 /// A state file kept in two slots, `<path>` and [`second_slot`], overwritten
 /// in place in turn (see the module docs): [`Slots::write`] goes to the slot
-/// not holding the newest state, under the next generation, and returns once
-/// `fdatasync` has it on disk. Only one writer per file (the agent holds its
-/// state directory's lock).
+/// not holding the newest flushed state, under the next generation, and
+/// returns once `fdatasync` has it on disk; [`Slots::write_unsynced`] goes to
+/// the same slot without the flush, so it survives the process but maybe not
+/// a power loss, which then finds the flushed state in the other slot. Only
+/// one writer per file (the agent holds its state directory's lock).
 pub struct Slots {
     paths: [PathBuf; 2],
     files: [Option<File>; 2],
     /// A slot this writer created whose name is not yet known durable (its
     /// directory not fsynced since).
     unsynced_name: [bool; 2],
-    /// The slot the next write goes to.
+    /// The slot the next write goes to: never the one holding the newest
+    /// flushed state.
     next: usize,
-    /// The newest generation on disk.
+    /// The newest generation written.
     generation: u64,
 }
 
@@ -363,9 +369,18 @@ impl Slots {
     /// Picks up from what is on disk: the next write goes to the slot that
     /// does not hold the newest intact state (the first slot when there is
     /// none), one generation above it. A file replaced whole by [`write`]
-    /// (an older agent's) counts as generation 0.
+    /// (an older agent's) counts as generation 0. Both slots are flushed
+    /// first: the newest state may be an unflushed write of the process
+    /// before this one, which the page cache still holds.
     pub fn open(path: &Path) -> Slots {
         let paths = [path.to_path_buf(), second_slot(path)];
+        for p in &paths {
+            // Best effort: a slot that cannot be opened or flushed is read
+            // (and refused, naming it) or rewritten by what follows.
+            if let Ok(f) = File::open(p) {
+                let _ = f.sync_data();
+            }
+        }
         // Nothing readable (none yet, or refused: the write then says why):
         // the first slot, generation 1.
         let (next, generation) = match read_slots(path) {
@@ -383,9 +398,22 @@ impl Slots {
 
     /// Writes `payload` into the next slot and flushes it: on success it is
     /// the newest state on disk; on any error (a full disk included) the
-    /// other slot still holds the previous state, and the next write goes to
-    /// the same slot again.
+    /// other slot still holds the previous flushed state, and the next write
+    /// goes to the same slot again.
     pub fn write(&mut self, payload: &[u8]) -> Result<()> {
+        self.put(payload, true)
+    }
+
+    /// Writes `payload` into the next slot without flushing it: the newest
+    /// state for a reader (a restarted process) at once, on disk when the
+    /// kernel writes it back or the next [`Slots::write`] replaces it. The
+    /// slot holding the last flushed state is never touched, so a power loss
+    /// before that takes the file back to it.
+    pub fn write_unsynced(&mut self, payload: &[u8]) -> Result<()> {
+        self.put(payload, false)
+    }
+
+    fn put(&mut self, payload: &[u8], flush: bool) -> Result<()> {
         use std::os::unix::fs::FileExt;
         let i = self.next;
         let path = &self.paths[i];
@@ -404,14 +432,19 @@ impl Slots {
         let file = self.files[i].as_ref().expect("opened above");
         file.write_all_at(&data, 0)
             .and_then(|()| file.set_len(data.len() as u64))
-            .and_then(|()| file.sync_data())
+            .and_then(|()| if flush { file.sync_data() } else { Ok(()) })
             .map_err(io_err("write", path))?;
+        self.generation = generation;
+        if !flush {
+            // The next write goes here again: the other slot keeps the
+            // flushed state.
+            return Ok(());
+        }
         if self.unsynced_name[i] {
             // The new name must survive a crash as well as the content.
             sync_dir_of(path)?;
             self.unsynced_name[i] = false;
         }
-        self.generation = generation;
         self.next = 1 - i;
         Ok(())
     }
@@ -682,6 +715,70 @@ mod tests {
         w.write(b"x").unwrap();
         w.write(b"y").unwrap();
         assert_eq!(payload_of(&path), b"y");
+    }
+
+    /// The agent's transitions are written without a flush (issue 11.3):
+    /// such a write, and any number of them, never touches the slot holding
+    /// the last flushed state, which a power loss therefore finds intact,
+    /// while a reader (a restarted process) sees the newest write at once.
+    #[test]
+    fn an_unsynced_write_never_overwrites_the_last_flushed_state() {
+        let dir = private_tmp();
+        let path = dir.path().join("state.json");
+        let second = second_slot(&path);
+        let slot = |p: &Path| read_one(p).unwrap().map(|(_, b)| b.to_vec());
+        let mut w = Slots::open(&path);
+        w.write(b"key update 2").unwrap();
+        assert_eq!(slot(&path).as_deref(), Some(b"key update 2".as_slice()));
+        let mut last_flushed = b"key update 2".to_vec();
+        for (text, flush) in [
+            (b"first transition 2".as_slice(), false),
+            (b"second transition 2", false),
+            (b"key update 3", true),
+            (b"first transition 3", false),
+        ] {
+            let flushed_before = read_slots(&path).unwrap().unwrap();
+            let kept = if flush {
+                None
+            } else {
+                // The slot the last flushed write went to.
+                Some(
+                    [&path, &second]
+                        .into_iter()
+                        .find(|p| slot(p).as_ref() == Some(&last_flushed))
+                        .unwrap()
+                        .clone(),
+                )
+            };
+            let kept_bytes = kept.as_ref().map(|p| fs::read(p).unwrap());
+            if flush {
+                w.write(text).unwrap();
+                last_flushed = text.to_vec();
+            } else {
+                w.write_unsynced(text).unwrap();
+            }
+            assert_eq!(payload_of(&path), text, "a reader sees the newest write");
+            assert_eq!(
+                read_slots(&path).unwrap().unwrap().generation,
+                flushed_before.generation + 1
+            );
+            if let (Some(p), Some(b)) = (kept, kept_bytes) {
+                assert_eq!(fs::read(&p).unwrap(), b, "the flushed slot is untouched");
+            }
+        }
+        // Both slots hold the two newest states: "key update 3" flushed,
+        // "first transition 3" written after it.
+        let mut both = [slot(&path).unwrap(), slot(&second).unwrap()];
+        both.sort();
+        assert_eq!(
+            both,
+            [b"first transition 3".to_vec(), b"key update 3".to_vec()]
+        );
+        // A restarted writer continues in the other slot than the newest.
+        let newest = read_slots(&path).unwrap().unwrap().from;
+        let mut w = Slots::open(&path);
+        w.write(b"after restart").unwrap();
+        assert_ne!(read_slots(&path).unwrap().unwrap().from, newest);
     }
 
     #[test]

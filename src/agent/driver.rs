@@ -44,12 +44,16 @@ use super::AgentError;
 
 /// Where a node's snapshots go before the sends that follow them.
 pub trait Persister: Send {
-    /// Store `node` durably; return only when it is.
+    /// Store `node`: with `flush`, durably (return only when it is on disk,
+    /// `NodeAction::Persist`); without, so that a restarted process finds it
+    /// (`NodeAction::Checkpoint`, a transition: a power loss may take it back
+    /// to the last flushed snapshot).
     fn persist(
         &mut self,
         node: &NodePersist,
         now_ms: u64,
         last_sync_ms: Option<u64>,
+        flush: bool,
     ) -> Result<(), StateFileError>;
 }
 
@@ -67,6 +71,7 @@ impl Persister for MemoryPersister {
         node: &NodePersist,
         _: u64,
         _: Option<u64>,
+        _: bool,
     ) -> Result<(), StateFileError> {
         self.latest = Some(node.clone());
         self.writes += 1;
@@ -345,7 +350,7 @@ impl NodeDriver {
         let now = self.clock.now_ms();
         let snap = self.machine.snapshot();
         self.persister
-            .persist(&snap, now, self.last_sync_ms)
+            .persist(&snap, now, self.last_sync_ms, true)
             .map_err(AgentError::Persist)?;
         self.stats.persisted += 1;
         Ok(())
@@ -394,7 +399,13 @@ impl NodeDriver {
             match action {
                 NodeAction::Persist(snap) => {
                     self.persister
-                        .persist(&snap, now, self.last_sync_ms)
+                        .persist(&snap, now, self.last_sync_ms, true)
+                        .map_err(AgentError::Persist)?;
+                    self.stats.persisted += 1;
+                }
+                NodeAction::Checkpoint(snap) => {
+                    self.persister
+                        .persist(&snap, now, self.last_sync_ms, false)
                         .map_err(AgentError::Persist)?;
                     self.stats.persisted += 1;
                 }

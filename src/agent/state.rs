@@ -97,6 +97,7 @@ impl super::Persister for StateFile {
         node: &NodePersist,
         now_ms: u64,
         last_sync_ms: Option<u64>,
+        flush: bool,
     ) -> Result<(), StateFileError> {
         #[derive(Serialize)]
         struct Borrowed<'a> {
@@ -117,7 +118,11 @@ impl super::Persister for StateFile {
             path: self.path.clone(),
             source,
         })?;
-        self.slots.write(&bytes)
+        if flush {
+            self.slots.write(&bytes)
+        } else {
+            self.slots.write_unsynced(&bytes)
+        }
     }
 }
 

@@ -132,7 +132,13 @@ struct Flaky {
 }
 
 impl Persister for Flaky {
-    fn persist(&mut self, _: &NodePersist, _: u64, _: Option<u64>) -> Result<(), StateFileError> {
+    fn persist(
+        &mut self,
+        _: &NodePersist,
+        _: u64,
+        _: Option<u64>,
+        _: bool,
+    ) -> Result<(), StateFileError> {
         if self.fail.load(Ordering::Relaxed) {
             return Err(StateFileError::NoSpace {
                 path: "state.json".into(),

@@ -1,7 +1,8 @@
 //! The fsyncs of one rekey round on both sides (issue 11.3, first step: count
 //! them): `strace -f -c` attached to a real `keyfleet serve` and to one real
 //! agent while `keyfleet rekey` runs a round across 10 agents. Prints the
-//! counts; skipped (with a line saying so) where strace is not installed.
+//! counts and checks the agent's: one flush a round (issue 11.3); skipped
+//! (with a line saying so) where strace is not installed.
 
 use crate::support;
 
@@ -76,8 +77,13 @@ fn fsyncs_of_one_round_on_both_sides() {
         r["elapsed_ms"], r["phases_ms"]
     );
     let total = |v: &[(String, u64)]| v.iter().map(|(_, n)| n).sum::<u64>();
-    assert!(
-        total(&agent_calls) > 0,
-        "the agent writes its state before it replies"
+    // One flush a round: the key update, which the reply confirms (the
+    // ratchet step); the two transitions are written without a flush
+    // (ARCHITECTURE.md, "What is durable before a reply"). A fresh agent
+    // is far from the end of its block of sequence numbers.
+    assert_eq!(
+        total(&agent_calls),
+        1,
+        "the agent flushes its state once a round, before its key update reply: {agent_calls:?}"
     );
 }

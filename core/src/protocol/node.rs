@@ -315,8 +315,19 @@ pub enum NodeAction {
         to: SocketAddr,
         bytes: Vec<u8>,
     },
-    /// Store this snapshot durably (owner-only) before carrying out what follows.
+    /// Store this snapshot durably (owner-only, flushed to the disk) before
+    /// carrying out what follows.
     Persist(Box<NodePersist>),
+    /// Store this snapshot before carrying out what follows, so that a
+    /// restarted process finds it, without waiting for the disk: a power
+    /// loss may take it back to the last [`NodeAction::Persist`]. Used for
+    /// the two transitions only, which S1/S2 do not need on disk before the
+    /// reply: a node that comes back one step behind what it confirmed
+    /// holds the keys of both steps, holds its application data and asks
+    /// for the key state (as after any restart), and the answer brings it
+    /// to the round's position (ARCHITECTURE.md, "What is durable before a
+    /// reply").
+    Checkpoint(Box<NodePersist>),
     Deliver(Delivered),
     Event(NodeEvent),
 }
@@ -1750,7 +1761,15 @@ impl NodeMachine {
             if q == 3 {
                 let _ = ring.finish();
             }
-            self.changed(before, out);
+            // A transition is checkpointed, not flushed (see `Checkpoint`).
+            let to = self.state();
+            if before != to {
+                out.push(NodeAction::Checkpoint(Box::new(self.snapshot())));
+                out.push(NodeAction::Event(NodeEvent::StateChanged {
+                    from: before,
+                    to,
+                }));
+            }
             self.route.stepped();
             self.ack(m, e, false, out);
             return Ok(());

@@ -81,7 +81,14 @@ fn refusal(out: &[NodeAction]) -> Option<Refusal> {
     })
 }
 
+/// A snapshot stored before what follows, flushed or checkpointed.
 fn persisted(out: &[NodeAction]) -> bool {
+    out.iter()
+        .any(|a| matches!(a, NodeAction::Persist(_) | NodeAction::Checkpoint(_)))
+}
+
+/// A snapshot flushed to the disk before what follows.
+fn flushed(out: &[NodeAction]) -> bool {
     out.iter().any(|a| matches!(a, NodeAction::Persist(_)))
 }
 

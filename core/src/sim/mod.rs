@@ -179,6 +179,7 @@ pub struct SimReport {
     pub node_crashes: u64,
     pub controller_crashes: u64,
     pub restore_failures: u64,
+    /// Snapshots the nodes stored (flushed `Persist` and `Checkpoint` both).
     pub node_persists: u64,
     pub datagrams: u64,
     pub network_duplicates: u64,

@@ -681,7 +681,9 @@ impl<T: SimNet> Fleet<T> {
                         self.net.send_to(self.now, Peer::Node(i), p, bytes);
                     }
                 }
-                NodeAction::Persist(p) => {
+                // A crash here is a process crash: a checkpoint survives it
+                // as a flushed write does (a power loss is not simulated).
+                NodeAction::Persist(p) | NodeAction::Checkpoint(p) => {
                     self.report.node_persists += 1;
                     if let Some(s) = self.nodes.get_mut(i as usize) {
                         if s.keep_persist {

@@ -640,7 +640,11 @@ impl Fleet {
                         self.post(Peer::Node(i as u8), p, &bytes, None);
                     }
                 }
-                NodeAction::Persist(p) => self.nodes[i].disk = Some(Disk::new(*p)),
+                // A crash in the model is a process crash: a checkpoint
+                // survives it as a flushed write does.
+                NodeAction::Persist(p) | NodeAction::Checkpoint(p) => {
+                    self.nodes[i].disk = Some(Disk::new(*p))
+                }
                 NodeAction::Deliver(_) => {}
                 NodeAction::Event(NodeEvent::Refused { reason, .. }) => refused.push(reason),
                 NodeAction::Event(_) => {}

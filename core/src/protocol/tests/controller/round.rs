@@ -513,7 +513,9 @@ fn the_drain_follows_the_first_transition_not_the_key_update() {
     let [(d, first, drain)] = phase_ms(&f)[..] else {
         panic!("{:?}", phase_ms(&f))
     };
-    println!("slow key update reply: distributing {d} ms, first transition {first} ms, drain {drain} ms");
+    println!(
+        "slow key update reply: distributing {d} ms, first transition {first} ms, drain {drain} ms"
+    );
     assert!(d >= 300, "{d}");
     assert!(first < 10, "{first}");
     assert_eq!(drain, 10, "the floor, not twice the key update phase");
@@ -522,7 +524,10 @@ fn the_drain_follows_the_first_transition_not_the_key_update() {
         panic!("{:?}", phase_ms(&f))
     };
     assert!(d < 10 && first >= 300, "{d} {first}");
-    assert!(drain >= 2 * first, "drain {drain} after a first transition of {first} ms");
+    assert!(
+        drain >= 2 * first,
+        "drain {drain} after a first transition of {first} ms"
+    );
 }
 
 /// A controller restored in the middle of a round cannot tell which
