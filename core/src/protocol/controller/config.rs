@@ -15,8 +15,8 @@ pub struct ControllerConfig {
     /// `Round::drain_grace` in `controller/round.rs`). It must exceed the
     /// longest time a datagram spends in flight.
     pub drain_grace_ms: Option<u64>,
-    /// The measured drain grace is this many times the round's slowest
-    /// acknowledgement round trip (default 2)…
+    /// The measured drain grace is this many times the first transition's
+    /// acknowledgement round trip, that phase's length (default 2)…
     pub drain_rtt_factor: u32,
     /// …at least this many ms (default 10)…
     pub drain_floor_ms: u64,

@@ -475,7 +475,7 @@ fn round_with_slow(cfg: ControllerConfig, step: Step, hold_ms: u64) -> TestFleet
     f
 }
 
-/// S2 with a measured drain: twice the slowest acknowledgement round trip
+/// S2 with a measured drain: twice the first transition's slowest acknowledgement round trip
 /// of the round, at least the floor, at most the ceiling; the second
 /// transition request never goes out before it.
 #[test]
