@@ -60,6 +60,13 @@ pub struct KfRun {
     pub load: Load,
 }
 
+/// Rotations are this far apart (both keyfleet's and Serf's), as they are in
+/// use, where a rotation follows usage counts, the key's age or an operator,
+/// never the last one at once: the controller prepares the next round's key
+/// agreement while idle (core `controller/ahead.rs`), and a benchmark of
+/// back-to-back rotations would measure a controller never idle.
+pub const REP_PAUSE_MS: u64 = 300;
+
 /// Agents whose applications send during the rotations…
 pub const TRAFFIC_SENDERS: usize = 5;
 /// …a group message each this often.
@@ -479,7 +486,10 @@ pub fn run(
                 )?;
                 std::thread::sleep(Duration::from_millis(500));
                 let rotated = (|| -> anyhow::Result<()> {
-                    for _ in 0..reps {
+                    for i in 0..reps {
+                        if i > 0 {
+                            std::thread::sleep(Duration::from_millis(REP_PAUSE_MS));
+                        }
                         let rep = f.rotate()?;
                         r.reps.push(rep.clone());
                         ensure!(

@@ -288,7 +288,12 @@ pub fn run(serf: &Path, sizes: &[usize], reps: usize, base_port: u16, profile: &
             let res = (|| -> anyhow::Result<()> {
                 let mut c = Cluster::start(serf, n, &mut ports, profile)?;
                 r.join_ms = c.join_ms;
-                for _ in 0..reps {
+                for i in 0..reps {
+                    if i > 0 {
+                        std::thread::sleep(std::time::Duration::from_millis(
+                            crate::fleet::REP_PAUSE_MS,
+                        ));
+                    }
                     r.reps.push(c.rotate()?);
                 }
                 r.verified = c.verify()?;

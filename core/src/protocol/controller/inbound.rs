@@ -153,8 +153,11 @@ impl ControllerMachine {
         rng: &mut (impl RngCore + CryptoRng),
         out: &mut Out,
     ) -> Option<(Share, ratchet::Step)> {
-        let round_secret = self.round.as_ref().and_then(|r| r.share.as_ref());
-        self.members.get_mut(member)?.step(round_secret, rng, out)
+        let round = self
+            .round
+            .as_mut()
+            .and_then(|r| Some((r.share.as_ref()?, &mut r.prepared)));
+        self.members.get_mut(member)?.step(round, rng, out)
     }
 
     /// A usage report: counted for the count triggers; a member not taking

@@ -10,6 +10,7 @@
 
 use super::super::triggers::TriggerReason;
 use super::super::{take_token, Refusal, Time};
+use super::ahead::Prepared;
 use super::{
     CommandError, ControllerAction, ControllerMachine, MemberPersist, MemberRatchet, MemberStatus,
     Out, Pending, Record, ResumeCause, HANDSHAKE_BURST, REJOIN_WINDOW_MS,
@@ -208,13 +209,14 @@ impl Member {
 
     /// The step every wrap for this member goes under: the one prepared
     /// earlier (the node may have taken it), else a new one from its confirmed
-    /// chain and share with the round's share `round_secret` (outside a
-    /// round, a fresh one), persisted before anything wrapped under it goes
+    /// chain and share with the round's share and steps `round` (made ahead
+    /// when they still fit; outside a round, a fresh share), persisted
+    /// before anything wrapped under it goes
     /// out. `None` for a node without a confirmed chain (not joined by
     /// handshake).
     pub(super) fn step(
         &mut self,
-        round_secret: Option<&ShareSecret>,
+        round: Option<(&ShareSecret, &mut Prepared)>,
         rng: &mut (impl RngCore + CryptoRng),
         out: &mut Out,
     ) -> Option<(Share, ratchet::Step)> {
@@ -223,12 +225,20 @@ impl Member {
         }
         let member = self.row.member;
         let c = self.row.ratchet.committed.as_ref()?;
-        let secret = round_secret
-            .cloned()
-            .unwrap_or_else(|| ShareSecret::generate(rng));
+        let (secret, ready) = match round {
+            // A step made with the round's share before the round, from the
+            // chain and share the member still has (`ahead.rs`).
+            Some((s, prepared)) => (s.clone(), prepared.take(member, c)),
+            None => (ShareSecret::generate(rng), None),
+        };
         let ours = secret.public();
-        let dh = secret.dh(&c.share)?;
-        let step = ratchet::Step::derive(&c.chain, &dh, member, &ours, &c.share);
+        let step = match ready {
+            Some(step) => step,
+            None => {
+                let dh = secret.dh(&c.share)?;
+                ratchet::Step::derive(&c.chain, &dh, member, &ours, &c.share)
+            }
+        };
         self.row.ratchet.next = Some(Pending {
             share: ours,
             step: step.clone(),

@@ -34,6 +34,7 @@
 //! [`ControllerMachine::poll_timeout`]; the shell feeds
 //! [`ControllerInput::Timeout`] once it has passed.
 
+mod ahead;
 mod auth;
 mod beacon;
 mod config;
@@ -59,7 +60,7 @@ pub use persist::{
 
 use super::triggers::TriggerReason;
 use super::Time;
-use crate::crypto::{CheckValue, Epoch, GroupKey, InitialKey};
+use crate::crypto::{CheckValue, Epoch, GroupKey, InitialKey, ShareSecret};
 use crate::wire::{DataReplay, NodeId, RoundPhase, Step};
 use beacon::Beacon;
 use core::net::SocketAddr;
@@ -123,6 +124,9 @@ pub struct ControllerMachine {
     /// The leader term every message carries ([`TERM`] unless the shell set
     /// the term of its lease).
     term: u32,
+    /// The next round's share and steps, prepared while idle (`ahead.rs`;
+    /// in memory only).
+    ahead: Option<(ShareSecret, ahead::Prepared)>,
 }
 
 impl ControllerMachine {
@@ -199,6 +203,7 @@ impl ControllerMachine {
             node_trigger_at: None,
             beacon: Beacon::default(),
             term: TERM,
+            ahead: None,
         }
     }
 

@@ -60,7 +60,8 @@ impl ControllerMachine {
             if !r.waits_for(m) {
                 continue;
             }
-            let Some((step_share, step)) = m.step(r.share.as_ref(), rng, out) else {
+            let round = r.share.as_ref().map(|s| (s, &mut r.prepared));
+            let Some((step_share, step)) = m.step(round, rng, out) else {
                 continue;
             };
             if step_share != share {
@@ -159,10 +160,11 @@ impl ControllerMachine {
             return;
         };
         if phase == RoundPhase::Distributing {
-            let (Some(r), Some(m)) = (&self.round, self.members.get_mut(member)) else {
+            let (Some(r), Some(m)) = (&mut self.round, self.members.get_mut(member)) else {
                 return;
             };
-            let Some((share, step)) = m.step(r.share.as_ref(), rng, out) else {
+            let round = r.share.as_ref().map(|s| (s, &mut r.prepared));
+            let Some((share, step)) = m.step(round, rng, out) else {
                 return;
             };
             let seq = self.next_seq(out);

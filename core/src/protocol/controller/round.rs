@@ -99,6 +99,9 @@ pub(super) struct Round {
     /// answer requests of the previous run, so the phase times are no round
     /// trips (the drain grace is then `max_flight_ms`).
     pub(super) restored: bool,
+    /// Steps made with this round's share before it started (`ahead.rs`; in
+    /// memory only, taken as the wraps go out).
+    pub(super) prepared: super::ahead::Prepared,
 }
 
 /// The step a phase waits for members to confirm, if any.
@@ -160,6 +163,7 @@ impl Round {
             second_msg: None,
             retries: BinaryHeap::new(),
             restored: false,
+            prepared: super::ahead::Prepared::default(),
         }
     }
 
@@ -187,6 +191,7 @@ impl Round {
             first_msg: None,
             second_msg: None,
             retries: BinaryHeap::new(),
+            prepared: super::ahead::Prepared::default(),
         }
     }
 
@@ -341,8 +346,15 @@ impl ControllerMachine {
         for m in self.members.iter_mut() {
             m.progress = None;
         }
-        let share = ShareSecret::generate(rng);
-        self.round = Some(Round::new(epoch, key, share, reason, now));
+        // The share drawn ahead, with its steps (`ahead.rs`), serves this
+        // round only; without one, a fresh share.
+        let (share, prepared) = self
+            .ahead
+            .take()
+            .unwrap_or_else(|| (ShareSecret::generate(rng), Default::default()));
+        let mut round = Round::new(epoch, key, share, reason, now);
+        round.prepared = prepared;
+        self.round = Some(round);
         self.enter_phase(now, RoundPhase::Distributing, rng, out);
         self.progress_round(now, rng, out);
     }

@@ -7,6 +7,7 @@ use crate::crypto::Epoch;
 use crate::wire::RoundPhase;
 use std::collections::VecDeque;
 
+mod ahead;
 mod auth;
 mod beacon;
 mod members;

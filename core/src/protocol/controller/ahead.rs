@@ -1,0 +1,106 @@
+//! The next round's key agreement, done ahead of the round (issue 11): the
+//! controller's share for the next round and the ratchet step it makes with
+//! each member's confirmed chain and share, computed while the controller is
+//! idle ([`ControllerMachine::prepare_round`], which the shell calls between
+//! passes, a few members at a time), so that a round starts with its wraps
+//! and not with one X25519 per node (at 100 nodes on the test VM about 6 ms
+//! of the round's first pass, at 10 000 about 0.6 s).
+//!
+//! Nothing changes on the wire or on disk: the steps stay in memory, a round
+//! persists the step it uses before anything wrapped under it goes out (as a
+//! step computed at the round start), a restarted controller computes them at
+//! the round start as before, and a share drawn ahead serves one round only
+//! (the round takes it). A member whose chain or share changed since its step
+//! was prepared (a key response, a rejoin) gets one computed afresh.
+
+use super::persist::Committed;
+use super::ControllerMachine;
+use crate::crypto::{ratchet, Chain, Share, ShareSecret};
+use rand::{CryptoRng, RngCore};
+use std::collections::BTreeMap;
+
+/// A share drawn for the next round and the steps made with it.
+#[derive(Clone, Default)]
+pub(super) struct Prepared {
+    steps: BTreeMap<u32, Made>,
+}
+
+/// A step and what it was made from.
+#[derive(Clone)]
+struct Made {
+    chain: Chain,
+    node_share: Share,
+    /// `None` for a node share of small order (no step can be made with it).
+    step: Option<ratchet::Step>,
+}
+
+impl Prepared {
+    /// The step prepared for `member` with the round's share, if it was made
+    /// from the chain and share the member has confirmed now.
+    pub(super) fn take(&mut self, member: u32, now: &Committed) -> Option<ratchet::Step> {
+        let made = self.steps.remove(&member)?;
+        if made.chain == now.chain && made.node_share == now.share {
+            made.step
+        } else {
+            None
+        }
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.steps.len()
+    }
+}
+
+impl ControllerMachine {
+    /// Prepares the next round's key agreement for at most `max` members
+    /// (see the module docs); `true` while members remain. Nothing to do
+    /// during a round, or with a round queued. Pure: the shell calls it when
+    /// it has nothing else to do, a few members at a time so that a datagram
+    /// or a command never waits long behind it.
+    pub fn prepare_round(&mut self, rng: &mut (impl RngCore + CryptoRng), max: usize) -> bool {
+        if self.round.is_some() || self.pending.is_some() {
+            return false;
+        }
+        let (share, prepared) = self
+            .ahead
+            .get_or_insert_with(|| (ShareSecret::generate(rng), Prepared::default()));
+        let ours = share.public();
+        let mut made = 0;
+        for m in self.members.iter() {
+            // A step prepared outside a round (a key response the node has
+            // not confirmed) goes first, as at any round start.
+            let (Some(c), None) = (&m.row.ratchet.committed, &m.row.ratchet.next) else {
+                continue;
+            };
+            let member = m.row.member;
+            let current = prepared
+                .steps
+                .get(&member)
+                .is_some_and(|p| p.chain == c.chain && p.node_share == c.share);
+            if current {
+                continue;
+            }
+            if made == max {
+                return true;
+            }
+            let step = share
+                .dh(&c.share)
+                .map(|dh| ratchet::Step::derive(&c.chain, &dh, member, &ours, &c.share));
+            prepared.steps.insert(
+                member,
+                Made {
+                    chain: c.chain.clone(),
+                    node_share: c.share,
+                    step,
+                },
+            );
+            made += 1;
+        }
+        false
+    }
+
+    /// Steps prepared for the next round so far (see [`Self::prepare_round`]).
+    pub fn prepared_steps(&self) -> usize {
+        self.ahead.as_ref().map_or(0, |(_, p)| p.len())
+    }
+}

@@ -1,0 +1,118 @@
+//! The next round's key agreement prepared while idle
+//! (`controller/ahead.rs`, issue 11): a round started with it is the same
+//! round to the nodes; a preparation that no longer fits a member is not used.
+
+use super::*;
+use crate::crypto::Share;
+use std::cell::RefCell;
+use std::rc::Rc;
+
+/// What the filter saw: the share of every key update sent, and the members
+/// that asked for a key (a node that cannot open its wrap asks).
+#[derive(Default)]
+struct Seen {
+    shares: Vec<Share>,
+    key_requests: Vec<usize>,
+}
+
+fn watch(f: &mut TestFleet) -> Rc<RefCell<Seen>> {
+    let seen = Rc::new(RefCell::new(Seen::default()));
+    let s = seen.clone();
+    f.drop = Box::new(move |dest, from, b| {
+        match wire::decode(b) {
+            Ok(Message::KeyUpdate(ku)) => s.borrow_mut().shares.push(ku.share),
+            Ok(Message::KeyRequest(_)) if dest == Dest::Controller => {
+                s.borrow_mut().key_requests.push(from)
+            }
+            _ => {}
+        }
+        false
+    });
+    seen
+}
+
+fn rotate(f: &mut TestFleet) {
+    f.ctl(ControllerInput::Rekey).unwrap();
+    f.pump();
+    for _ in 0..200 {
+        if f.phase().is_none() {
+            break;
+        }
+        f.advance(20);
+    }
+    assert_eq!(f.phase(), None, "the round finished");
+}
+
+fn prepare_all(f: &mut TestFleet) {
+    let mut passes = 0;
+    while f.c.prepare_round(&mut f.rng, 2) {
+        passes += 1;
+        assert!(passes < 10, "prepares a few members a pass and ends");
+    }
+}
+
+#[test]
+fn a_round_prepared_ahead_is_the_same_round_to_the_nodes_and_its_share_serves_once() {
+    let mut f = TestFleet::new(5, test_cfg());
+    let seen = watch(&mut f);
+    let mut shares = Vec::new();
+    for round in 0..3u32 {
+        // Two members a pass: three passes for five members.
+        assert!(f.c.prepare_round(&mut f.rng, 2));
+        assert!(f.c.prepare_round(&mut f.rng, 2));
+        assert!(!f.c.prepare_round(&mut f.rng, 2));
+        assert_eq!(f.c.prepared_steps(), 5);
+        rotate(&mut f);
+        assert_eq!(f.c.prepared_steps(), 0, "the round took the share");
+        let e = Epoch(2 + round);
+        assert_eq!(
+            f.states(),
+            vec![NodeState::UpdateCompleted { current: e }; 5],
+            "round {round}"
+        );
+        let s = seen.borrow();
+        assert!(
+            s.key_requests.is_empty(),
+            "every node opened its wrap: {:?}",
+            s.key_requests
+        );
+        let mine: Vec<Share> = s.shares.iter().copied().collect();
+        assert!(!mine.is_empty());
+        shares.push(*mine.last().unwrap());
+        drop(s);
+        seen.borrow_mut().shares.clear();
+    }
+    shares.sort_by_key(|s| s.0);
+    shares.dedup();
+    assert_eq!(shares.len(), 3, "a share drawn ahead serves one round");
+    // Nothing is prepared during a round.
+    f.ctl(ControllerInput::Rekey).unwrap();
+    assert!(!f.c.prepare_round(&mut f.rng, 100));
+    assert_eq!(f.c.prepared_steps(), 0);
+}
+
+/// A member whose chain and share moved after its step was prepared (here a
+/// key request answered between the preparation and the round) gets a step
+/// made afresh: the prepared one would wrap its key under a chain it no
+/// longer holds, and it would have to ask for the key.
+#[test]
+fn a_step_prepared_before_a_member_moved_its_chain_is_not_used() {
+    let mut f = TestFleet::new(3, test_cfg());
+    prepare_all(&mut f);
+    assert_eq!(f.c.prepared_steps(), 3);
+    // Node 1 restarts and asks for the key: the answer moves its ratchet on.
+    let snap = f.nodes[1].snapshot();
+    f.nodes[1] = NodeMachine::restore(&snap, node_cfg()).unwrap();
+    f.node(1, NodeInput::LinkUp);
+    f.pump();
+    f.advance(1000);
+    assert!(f.nodes[1].is_synced());
+    let seen = watch(&mut f);
+    rotate(&mut f);
+    assert_eq!(f.states(), vec![UC2; 3]);
+    assert!(
+        seen.borrow().key_requests.is_empty(),
+        "node 1 opened the wrap made for its new chain: {:?}",
+        seen.borrow().key_requests
+    );
+}
