@@ -264,6 +264,8 @@ impl KfFleet {
         ports: &mut PortPool,
         store_url: Option<&str>,
     ) -> anyhow::Result<KfFleet> {
+        // KFB_KEEP=1 keeps the fleet's directory (logs, state, the
+        // management table) for a look afterwards.
         let dir = tempfile::Builder::new()
             .prefix("kfb-keyfleet-")
             .disable_cleanup(std::env::var_os("KFB_KEEP").is_some())

@@ -540,6 +540,9 @@ const PREPARE_TIMER: u8 = 8;
 /// 60 µs on the test VM: about 1 ms a pass; a 100-node fleet is prepared in
 /// about 7 ms, 10 000 nodes in about 0.7 s).
 const PREPARE_PER_PASS: usize = 16;
+/// With every member prepared (or a round running), the next look is this
+/// many ms later.
+const PREPARE_CHECK_MS: u64 = 100;
 
 /// Records of a pass that only recorded acknowledgements (no state change
 /// to persist, nothing to send) wait at most this long for the next pass that
@@ -1574,27 +1577,24 @@ impl Controller {
     }
 
     /// Between rounds, the next round's key agreement
-    /// ([`ControllerMachine::prepare_round`]): [`PREPARE_PER_PASS`] members
-    /// when [`PREPARE_TIMER`] fired (after the other tasks had their turn:
-    /// the report of a round that just ended goes out first), the timer
-    /// armed again while members remain, so that datagrams and commands go
-    /// between two batches.
+    /// ([`ControllerMachine::prepare_round`]), when [`PREPARE_TIMER`] fired:
+    /// [`PREPARE_PER_PASS`] members (after the other tasks had their turn:
+    /// the report of a round that just ended goes out first), the timer armed
+    /// again at once while members remain, else [`PREPARE_CHECK_MS`] later
+    /// (members confirm new chains in rounds and key responses), so that a
+    /// pass never scans the members for nothing.
     async fn prepare_next_round(&mut self) {
-        let max = if std::mem::take(&mut self.prepare_due) {
-            PREPARE_PER_PASS
-        } else if self.timers.deadline(&PREPARE_TIMER).is_some() {
+        if !std::mem::take(&mut self.prepare_due) {
+            if self.timers.deadline(&PREPARE_TIMER).is_none() {
+                self.timers
+                    .arm(PREPARE_TIMER, self.clock.now_ms() + PREPARE_CHECK_MS);
+            }
             return;
-        } else {
-            // Only whether anything is left to prepare.
-            0
-        };
-        if max > 0 {
-            // What this pass answered (a round's report) goes out first.
-            tokio::task::yield_now().await;
         }
-        if self.machine.prepare_round(&mut OsRng, max) {
-            self.timers.arm(PREPARE_TIMER, self.clock.now_ms());
-        }
+        tokio::task::yield_now().await;
+        let more = self.machine.prepare_round(&mut OsRng, PREPARE_PER_PASS);
+        let wait = if more { 0 } else { PREPARE_CHECK_MS };
+        self.timers.arm(PREPARE_TIMER, self.clock.now_ms() + wait);
     }
 
     /// Acts on the outcome of a table write: `Ok(true)` when the table holds
