@@ -349,8 +349,13 @@ impl NodeDriver {
     pub fn persist_now(&mut self) -> Result<(), AgentError> {
         let now = self.clock.now_ms();
         let snap = self.machine.snapshot();
+        self.store(&snap, now, true)
+    }
+
+    /// Hands `snap` to the persister (`flush`: durably) and counts it.
+    fn store(&mut self, snap: &NodePersist, now: u64, flush: bool) -> Result<(), AgentError> {
         self.persister
-            .persist(&snap, now, self.last_sync_ms, true)
+            .persist(snap, now, self.last_sync_ms, flush)
             .map_err(AgentError::Persist)?;
         self.stats.persisted += 1;
         Ok(())
@@ -397,18 +402,8 @@ impl NodeDriver {
         self.log_summaries(&closed);
         for action in actions {
             match action {
-                NodeAction::Persist(snap) => {
-                    self.persister
-                        .persist(&snap, now, self.last_sync_ms, true)
-                        .map_err(AgentError::Persist)?;
-                    self.stats.persisted += 1;
-                }
-                NodeAction::Checkpoint(snap) => {
-                    self.persister
-                        .persist(&snap, now, self.last_sync_ms, false)
-                        .map_err(AgentError::Persist)?;
-                    self.stats.persisted += 1;
-                }
+                NodeAction::Persist(snap) => self.store(&snap, now, true)?,
+                NodeAction::Checkpoint(snap) => self.store(&snap, now, false)?,
                 NodeAction::SendGroup { bytes, data_epoch } => {
                     if let Err(e) = self.transport.send_group(&bytes).await {
                         tracing::warn!(error = %e, "send to the group failed; the protocol retries");

@@ -455,16 +455,8 @@ impl InProcFleet {
         self.view()
             .records
             .iter()
-            .filter_map(|r| match r {
-                Record::RoundFinished {
-                    epoch,
-                    nodes,
-                    acked,
-                    stale,
-                    ..
-                } => Some((epoch.0, *nodes, *acked, *stale)),
-                _ => None,
-            })
+            .filter_map(Record::round_finished)
+            .map(|(epoch, nodes, acked, stale)| (epoch.0, nodes, acked, stale))
             .collect()
     }
 

@@ -1762,14 +1762,7 @@ impl NodeMachine {
                 let _ = ring.finish();
             }
             // A transition is checkpointed, not flushed (see `Checkpoint`).
-            let to = self.state();
-            if before != to {
-                out.push(NodeAction::Checkpoint(Box::new(self.snapshot())));
-                out.push(NodeAction::Event(NodeEvent::StateChanged {
-                    from: before,
-                    to,
-                }));
-            }
+            self.changed_as(before, NodeAction::Checkpoint, out);
             self.route.stepped();
             self.ack(m, e, false, out);
             return Ok(());
@@ -1800,9 +1793,20 @@ impl NodeMachine {
 
     /// Record a state change: persist first, then tell the shell.
     fn changed(&mut self, from: NodeState, out: &mut Out) {
+        self.changed_as(from, NodeAction::Persist, out);
+    }
+
+    /// Record a state change, stored by `store` (a flushed `Persist` or a
+    /// `Checkpoint`) first, then tell the shell.
+    fn changed_as(
+        &mut self,
+        from: NodeState,
+        store: fn(Box<NodePersist>) -> NodeAction,
+        out: &mut Out,
+    ) {
         let to = self.state();
         if from != to {
-            self.persist(out);
+            out.push(store(Box::new(self.snapshot())));
             out.push(NodeAction::Event(NodeEvent::StateChanged { from, to }));
         }
     }

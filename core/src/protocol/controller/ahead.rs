@@ -34,16 +34,21 @@ struct Made {
     step: Option<ratchet::Step>,
 }
 
+impl Made {
+    /// Whether it was made from the chain and share the member has confirmed now.
+    fn fits(&self, now: &Committed) -> bool {
+        self.chain == now.chain && self.node_share == now.share
+    }
+}
+
 impl Prepared {
     /// The step prepared for `member` with the round's share, if it was made
     /// from the chain and share the member has confirmed now.
     pub(super) fn take(&mut self, member: u32, now: &Committed) -> Option<ratchet::Step> {
-        let made = self.steps.remove(&member)?;
-        if made.chain == now.chain && made.node_share == now.share {
-            made.step
-        } else {
-            None
-        }
+        self.steps
+            .remove(&member)
+            .filter(|made| made.fits(now))
+            .and_then(|made| made.step)
     }
 
     pub(super) fn len(&self) -> usize {
@@ -73,11 +78,7 @@ impl ControllerMachine {
                 continue;
             };
             let member = m.row.member;
-            let current = prepared
-                .steps
-                .get(&member)
-                .is_some_and(|p| p.chain == c.chain && p.node_share == c.share);
-            if current {
+            if prepared.steps.get(&member).is_some_and(|p| p.fits(c)) {
                 continue;
             }
             if made == max {

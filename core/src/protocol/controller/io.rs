@@ -330,6 +330,22 @@ pub enum Record {
     },
 }
 
+impl Record {
+    /// `(epoch, nodes, acked, stale)` of a [`Record::RoundFinished`].
+    pub fn round_finished(&self) -> Option<(Epoch, u32, u32, u32)> {
+        match self {
+            Record::RoundFinished {
+                epoch,
+                nodes,
+                acked,
+                stale,
+                ..
+            } => Some((*epoch, *nodes, *acked, *stale)),
+            _ => None,
+        }
+    }
+}
+
 /// Why a paused round goes on.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(tag = "cause", rename_all = "snake_case")]

@@ -244,16 +244,7 @@ impl TestFleet {
     fn finished(&self) -> Vec<(Epoch, u32, u32, u32)> {
         self.records
             .iter()
-            .filter_map(|r| match r {
-                Record::RoundFinished {
-                    epoch,
-                    nodes,
-                    acked,
-                    stale,
-                    ..
-                } => Some((*epoch, *nodes, *acked, *stale)),
-                _ => None,
-            })
+            .filter_map(Record::round_finished)
             .collect()
     }
 }
