@@ -165,6 +165,9 @@ pub struct NodeDriver {
     /// The last datagram that failed its authentication while not synced:
     /// (kind, source).
     auth_failure: Option<(&'static str, SocketAddr)>,
+    /// The member whose group data the kernel drops on the group socket (the
+    /// node's own, looped back; see [`Transport::drop_group_data_from`]).
+    own_filter: Option<u32>,
 }
 
 /// A node not synced with its controller says so at warn level after this long…
@@ -212,6 +215,7 @@ impl NodeDriver {
             unsynced_since: None,
             waiting_logged: None,
             auth_failure: None,
+            own_filter: None,
         }
     }
 
@@ -449,12 +453,28 @@ impl NodeDriver {
         }
         self.arm_refusal_timer();
         self.watch_sync(now);
+        self.filter_own_data();
         if synced {
             // Record the sync time; a snapshot at any moment is at least as new
             // as the last one persisted, so this never moves the node backwards.
             self.persist_now()?;
         }
         Ok(())
+    }
+
+    /// Keeps the kernel's filter of the node's own group data on its member
+    /// number (set once it has one; the node drops its own data anyway, the
+    /// filter only spares it the wake-up and the receive). Without a filter
+    /// nothing changes but the cost: a failure is logged, not retried.
+    fn filter_own_data(&mut self) {
+        let member = self.machine.member();
+        if member == self.own_filter {
+            return;
+        }
+        self.own_filter = member;
+        if let Err(e) = self.transport.drop_group_data_from(member) {
+            tracing::warn!(error = %e, "the node's own group data will be received and dropped in user space");
+        }
     }
 
     /// While the node is not synced with its controller, says so at warn

@@ -16,7 +16,7 @@
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
 
-use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+use socket2::{Domain, Protocol, SockAddr, SockRef, Socket, Type};
 
 use super::NetError;
 
@@ -84,4 +84,158 @@ pub fn unicast_socket(
 pub(crate) fn local(s: &tokio::net::UdpSocket) -> SocketAddr {
     s.local_addr()
         .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+}
+
+/// Classic BPF opcodes (`linux/filter.h`) of [`drop_data_from`]'s program.
+mod bpf {
+    /// `BPF_LD | BPF_W | BPF_LEN`: the datagram's length (UDP header included).
+    pub const LD_LEN: u16 = 0x80;
+    /// `BPF_LD | BPF_B | BPF_ABS`: one byte at `k`.
+    pub const LDB: u16 = 0x30;
+    /// `BPF_LD | BPF_W | BPF_ABS`: a big-endian `u32` at `k`.
+    pub const LDW: u16 = 0x20;
+    /// `BPF_JMP | BPF_JEQ | BPF_K`.
+    pub const JEQ: u16 = 0x15;
+    /// `BPF_JMP | BPF_JGE | BPF_K`.
+    pub const JGE: u16 = 0x35;
+    /// `BPF_RET | BPF_K`: keep `k` bytes (0: drop the datagram).
+    pub const RET: u16 = 0x06;
+}
+
+/// Where a socket filter of a UDP socket finds the payload: the kernel runs
+/// it with the packet starting at the UDP header.
+const UDP_HEADER: u32 = 8;
+
+/// The filter of [`drop_data_from`]: drops group data (wire version
+/// [`wire::VERSION`], kind [`wire::kind::DATA`]) whose sender is `member`;
+/// keeps everything else, short datagrams included (the decoder says what
+/// is wrong with them).
+fn own_data_filter(member: u32) -> [socket2::SockFilter; 10] {
+    use keyfleet_core::wire;
+    use socket2::SockFilter as F;
+    let at = |offset: usize| UDP_HEADER + u32::try_from(offset).unwrap_or(u32::MAX);
+    let sender = wire::DATA_SENDER_AT;
+    // Each test jumps to `keep` (the last instruction) when it fails: the
+    // false-branch offset of instruction i is 9 - (i + 1).
+    [
+        F::new(bpf::LD_LEN, 0, 0, 0),
+        F::new(bpf::JGE, 0, 7, at(sender + 4)),
+        F::new(bpf::LDB, 0, 0, at(0)),
+        F::new(bpf::JEQ, 0, 5, u32::from(wire::VERSION)),
+        F::new(bpf::LDB, 0, 0, at(1)),
+        F::new(bpf::JEQ, 0, 3, u32::from(wire::kind::DATA)),
+        F::new(bpf::LDW, 0, 0, at(sender)),
+        F::new(bpf::JEQ, 0, 1, member),
+        F::new(bpf::RET, 0, 0, 0),
+        F::new(bpf::RET, 0, 0, u32::MAX),
+    ]
+}
+
+/// Has the kernel drop, on the group socket `sock`, group data sent by
+/// `member` (a node's own messages looped back by `IP_MULTICAST_LOOP`, which
+/// the node would drop anyway): they then cost no wake-up and no receive.
+/// `None` removes the filter.
+pub fn drop_data_from(sock: SockRef<'_>, member: Option<u32>) -> std::io::Result<()> {
+    match member {
+        Some(m) => sock.attach_filter(&own_data_filter(m)),
+        None => match sock.detach_filter() {
+            // No filter attached.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            r => r,
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use keyfleet_core::crypto::Epoch;
+    use keyfleet_core::wire;
+    use std::time::Duration;
+
+    /// A group datagram of `kind` whose bytes at the data sender's place are `sender`.
+    fn datagram(kind: u8, sender: u32) -> Vec<u8> {
+        let mut v = wire::data_header(sender, 1, Some(Epoch(3)), &[9; 12]);
+        v[1] = kind;
+        v.extend_from_slice(&[0; 16]);
+        v
+    }
+
+    /// What `rx` receives of `sent`, in order, until it has been quiet for 200 ms.
+    fn heard(
+        tx: &UdpSocket,
+        rx: &UdpSocket,
+        group: SocketAddrV4,
+        sent: &[Vec<u8>],
+    ) -> Vec<Vec<u8>> {
+        for d in sent {
+            tx.send_to(d, group).unwrap();
+        }
+        let mut got = Vec::new();
+        let mut buf = [0u8; 2048];
+        while let Ok(n) = rx.recv(&mut buf) {
+            got.push(buf[..n].to_vec());
+        }
+        got
+    }
+
+    #[test]
+    fn the_kernel_drops_exactly_the_members_own_group_data() {
+        // A free port for the group: the kernel's pick for a unicast socket.
+        let port = UdpSocket::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let group = SocketAddrV4::new(Ipv4Addr::new(239, 255, 88, 17), port);
+        let rx = group_socket(group, Ipv4Addr::LOCALHOST).unwrap();
+        rx.set_nonblocking(false).unwrap();
+        rx.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let tx = unicast_socket(
+            SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0),
+            Ipv4Addr::LOCALHOST,
+            1,
+        )
+        .unwrap();
+        tx.set_nonblocking(false).unwrap();
+
+        let own = datagram(wire::kind::DATA, 7);
+        let other = datagram(wire::kind::DATA, 8);
+        let other_byte_order = datagram(wire::kind::DATA, 7u32.swap_bytes());
+        // Not data, though the bytes where data has its sender say 7.
+        let control = datagram(wire::kind::KEY_UPDATE, 7);
+        let mut old_version = own.clone();
+        old_version[0] = 1;
+        // Cut before the sender ends: kept, for the decoder to refuse.
+        let short = own[..wire::DATA_SENDER_AT + 3].to_vec();
+        let sent = [
+            own.clone(),
+            other,
+            other_byte_order,
+            control,
+            old_version,
+            short,
+        ];
+
+        drop_data_from(SockRef::from(&rx), Some(7)).unwrap();
+        let got = heard(&tx, &rx, group, &sent);
+        assert_eq!(
+            got,
+            sent[1..].to_vec(),
+            "everything but member 7's own data arrives, in order"
+        );
+
+        // Another member number (the node was enrolled again): only its data goes.
+        drop_data_from(SockRef::from(&rx), Some(8)).unwrap();
+        let got = heard(&tx, &rx, group, &sent);
+        let mut want = sent.to_vec();
+        want.remove(1);
+        assert_eq!(got, want);
+
+        // No filter: all of it, twice removed is fine.
+        drop_data_from(SockRef::from(&rx), None).unwrap();
+        drop_data_from(SockRef::from(&rx), None).unwrap();
+        assert_eq!(heard(&tx, &rx, group, &sent), sent.to_vec());
+    }
 }

@@ -218,6 +218,18 @@ impl Transport {
         })
     }
 
+    /// Has the kernel drop group data whose sender is `member` on the group
+    /// socket (see [`socket::drop_data_from`]); `None` lets it all through.
+    pub fn drop_group_data_from(&self, member: Option<u32>) -> Result<(), NetError> {
+        socket::drop_data_from(socket2::SockRef::from(&self.group_sock), member).map_err(|source| {
+            NetError::Setup {
+                what: "set the group socket's filter of the node's own data",
+                addr: self.group.to_string(),
+                source,
+            }
+        })
+    }
+
     /// The unicast address (where replies reach this transport).
     pub fn local_addr(&self) -> SocketAddr {
         local(&self.unicast)

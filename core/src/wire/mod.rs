@@ -272,7 +272,7 @@ impl Step {
 }
 
 /// Message type codes.
-mod kind {
+pub mod kind {
     pub const DATA: u8 = 0x01;
     pub const KEY_UPDATE: u8 = 0x02;
     pub const FIRST_TRANSITION: u8 = 0x03;
@@ -1094,6 +1094,11 @@ impl Writer {
         }
     }
 }
+
+/// Where a data message's sender (a big-endian `u32`) starts: after the
+/// version, the kind and the flags byte. For a filter in front of the decoder
+/// (an agent drops its own data looped back by the network in the kernel).
+pub const DATA_SENDER_AT: usize = 3;
 
 /// The header of a data message (the AES-GCM associated data); append the sealed payload.
 pub fn data_header(

@@ -96,6 +96,9 @@ proptest! {
         bytes.extend_from_slice(&sealed);
         let Message::Data(d) = decode(&bytes).unwrap() else { panic!("not data") };
         prop_assert_eq!(d.sender, sender);
+        // Where a kernel filter looks for the sender, before any decoding.
+        prop_assert_eq!(&bytes[..2], &[VERSION, kind::DATA]);
+        prop_assert_eq!(&bytes[DATA_SENDER_AT..DATA_SENDER_AT + 4], &sender.to_be_bytes());
         prop_assert_eq!(d.seq, seq);
         prop_assert_eq!(d.epoch_hint, hint.map(Epoch));
         prop_assert_eq!(d.nonce, nonce);
