@@ -45,6 +45,16 @@ pub struct E2eRow {
     pub p99_us: f64,
     /// Messages received out of order (index below one already seen).
     pub reordered: u64,
+    /// CPU time (user and system) the path's two forwarding processes used
+    /// per message received: agents A and B, or the two relays. Unlike the
+    /// rate, it does not depend on how the scheduler shares two cores
+    /// among five busy processes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_us_per_msg: Option<f64>,
+    /// The same for `keyfleet serve`, which hears every group message too
+    /// (it opens group data to tell a leaked key).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub controller_cpu_us_per_msg: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
 }
@@ -108,6 +118,12 @@ fn receive(
     seen
 }
 
+/// CPU time per message received, in µs, from readings before and after.
+fn per_msg(before: Option<Duration>, after: Option<Duration>, received: u64) -> Option<f64> {
+    let used = after?.checked_sub(before?)?;
+    (received > 0).then(|| used.as_secs_f64() * 1e6 / received as f64)
+}
+
 fn row(path: &str, size: usize, sent: u64, first_ns: u64, seen: Seen) -> E2eRow {
     let lat = seen.lat_ns;
     let received = lat.len() as u64;
@@ -126,6 +142,8 @@ fn row(path: &str, size: usize, sent: u64, first_ns: u64, seen: Seen) -> E2eRow 
         p50_us: percentile(&lat, 50).unwrap_or(f64::NAN) / 1000.0,
         p99_us: percentile(&lat, 99).unwrap_or(f64::NAN) / 1000.0,
         reordered: seen.reordered,
+        cpu_us_per_msg: None,
+        controller_cpu_us_per_msg: None,
         error: None,
     }
 }
@@ -133,18 +151,34 @@ fn row(path: &str, size: usize, sent: u64, first_ns: u64, seen: Seen) -> E2eRow 
 /// The receiver gives up after this long without a message.
 const IDLE: Duration = Duration::from_secs(3);
 
-/// The client sends to `into` (with `frame` as its first byte when given);
-/// the receiving client `client` reads.
+/// A path through two forwarding processes, as its clients see it.
+struct Hops<'a> {
+    /// Where the sending client sends.
+    into: &'a Path,
+    /// The first byte of every message sent, when the first hop wants one.
+    frame: Option<u8>,
+    /// Bytes of framing before the body of a delivered message.
+    strip: usize,
+    /// The forwarding processes, whose CPU time is counted.
+    forwarders: &'a [u32],
+}
+
+/// The client sends through `hops`; the receiving client `client` reads.
 fn through_unix(
     path: &str,
     size: usize,
     count: u64,
-    into: &Path,
-    frame: Option<u8>,
+    hops: Hops<'_>,
     client: UnixDatagram,
-    strip: usize,
 ) -> anyhow::Result<E2eRow> {
+    let Hops {
+        into,
+        frame,
+        strip,
+        forwarders,
+    } = hops;
     client.set_read_timeout(Some(IDLE))?;
+    let cpu_before = crate::procs::cpu_total(forwarders);
     let rx = std::thread::spawn(move || {
         receive(
             |b| loop {
@@ -170,7 +204,9 @@ fn through_unix(
     let seen = rx
         .join()
         .map_err(|_| anyhow::anyhow!("receiver panicked"))?;
-    Ok(row(path, size, count, first, seen))
+    let mut r = row(path, size, count, first, seen);
+    r.cpu_us_per_msg = per_msg(cpu_before, crate::procs::cpu_total(forwarders), r.received);
+    Ok(r)
 }
 
 /// Plain multicast between a sending and a receiving thread.
@@ -265,7 +301,14 @@ fn relay_path(dir: &Path, group: SocketAddrV4, size: usize, count: u64) -> anyho
         || Ok((r1.exists() && r2.exists()).then_some(())),
     )?;
     std::thread::sleep(Duration::from_millis(100));
-    through_unix("relay", size, count, &r1, None, sink, 0)
+    let pids = [_a.0.id(), _b.0.id()];
+    let hops = Hops {
+        into: &r1,
+        frame: None,
+        strip: 0,
+        forwarders: &pids,
+    };
+    through_unix("relay", size, count, hops, sink)
 }
 
 /// Through two agents of a running fleet; also what agent B counted as
@@ -288,16 +331,22 @@ fn keyfleet_path(
         "agent B did not register the client"
     );
     let before = app_dropped(dir, &b)?;
+    let agents: Vec<u32> = [fleet.agent_pid(0), fleet.agent_pid(1)]
+        .into_iter()
+        .flatten()
+        .collect();
+    let serve: Vec<u32> = fleet.serve_pid().into_iter().collect();
+    let serve_before = crate::procs::cpu_total(&serve);
     // `M` framing: kind, sender, seq, epoch.
-    let r = through_unix(
-        "keyfleet",
-        size,
-        count,
-        &a.join("app.sock"),
-        Some(b'S'),
-        sink,
-        17,
-    )?;
+    let hops = Hops {
+        into: &a.join("app.sock"),
+        frame: Some(b'S'),
+        strip: 17,
+        forwarders: &agents,
+    };
+    let mut r = through_unix("keyfleet", size, count, hops, sink)?;
+    r.controller_cpu_us_per_msg =
+        per_msg(serve_before, crate::procs::cpu_total(&serve), r.received);
     let after = app_dropped(dir, &b)?;
     Ok((r, after.saturating_sub(before)))
 }
@@ -353,8 +402,13 @@ pub fn run(bins: &Bins, count: u64, base_port: u16) -> Vec<E2eRow> {
                 error: Some(format!("{e:#}")),
                 ..E2eRow::default()
             });
+            let cpu = match (r.cpu_us_per_msg, r.controller_cpu_us_per_msg) {
+                (Some(f), Some(c)) => format!("  cpu {f:.1} us/msg (+ controller {c:.1})"),
+                (Some(f), None) => format!("  cpu {f:.1} us/msg"),
+                _ => String::new(),
+            };
             eprintln!(
-                "{:>9} {:>5} B: {:>9.0} msg/s  p50 {:>8.0} us  p99 {:>8.0} us  received {}/{}  dropped {}{}",
+                "{:>9} {:>5} B: {:>9.0} msg/s  p50 {:>8.0} us  p99 {:>8.0} us  received {}/{}  dropped {}{cpu}{}",
                 r.path,
                 r.size,
                 r.msgs_per_s,

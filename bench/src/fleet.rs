@@ -246,6 +246,16 @@ impl KfFleet {
         self.agents[i].clone()
     }
 
+    /// Agent `i`'s process id.
+    pub fn agent_pid(&self, i: usize) -> Option<u32> {
+        self.fleet.pid(&format!("agent n{i:04}"))
+    }
+
+    /// The `keyfleet serve` process id.
+    pub fn serve_pid(&self) -> Option<u32> {
+        self.fleet.pid("keyfleet serve")
+    }
+
     fn keyfleet(&self) -> Command {
         let mut c = Command::new(&self.bins.keyfleet);
         c.arg("--state")

@@ -113,6 +113,14 @@ impl Fleet {
         self.children.len()
     }
 
+    /// The process id of the child started as `name`.
+    pub fn pid(&self, name: &str) -> Option<u32> {
+        self.children
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, c)| c.id())
+    }
+
     pub fn is_empty(&self) -> bool {
         self.children.is_empty()
     }
@@ -155,6 +163,25 @@ pub fn wait_for<T>(
     }
 }
 
+/// CPU time a process has used so far, user and system, all its threads
+/// (`/proc/PID/stat` fields 14 and 15, in clock ticks). `None` when the
+/// process is gone or the file does not read as expected.
+pub fn cpu_time(pid: u32) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces: count from its closing parenthesis.
+    let rest = stat.get(stat.rfind(')')? + 1..)?;
+    let mut fields = rest.split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    let hz = rustix::param::clock_ticks_per_second();
+    (hz > 0).then(|| Duration::from_secs_f64((utime + stime) as f64 / hz as f64))
+}
+
+/// The CPU time `pids` used together, when every one of them could be read.
+pub fn cpu_total(pids: &[u32]) -> Option<Duration> {
+    pids.iter().map(|p| cpu_time(*p)).sum()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -185,5 +212,24 @@ mod tests {
         c.args(["-c", "echo nope >&2; exit 3"]);
         let e = timed_ok(c, Duration::from_secs(5)).unwrap_err();
         assert!(e.to_string().contains("nope"), "{e}");
+    }
+
+    #[test]
+    fn cpu_time_reads_this_process_and_grows_with_work() {
+        let me = std::process::id();
+        let before = cpu_time(me).expect("this process's CPU time");
+        let mut x = 0u64;
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_millis(100) {
+            x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
+        }
+        let after = cpu_time(me).expect("this process's CPU time");
+        assert!(
+            after >= before + Duration::from_millis(50),
+            "{before:?} then {after:?}"
+        );
+        assert_eq!(cpu_total(&[me, me]).map(|d| d >= after * 2), Some(true));
+        assert_eq!(cpu_time(u32::MAX), None, "no such process");
+        assert_eq!(cpu_total(&[me, u32::MAX]), None);
     }
 }

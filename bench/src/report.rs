@@ -751,11 +751,17 @@ fn e2e_section(rows: &[crate::e2e::E2eRow], s: &mut String) {
 "
     );
     let _ = writeln!(s, "A client sends as fast as the first hop takes its messages; a client at the other end reads as fast as it can. **keyfleet**: client → Unix datagram → agent (seals) → UDP multicast → agent (opens) → Unix datagram → client. **relay**: the same hops through two plain forwarding processes, without the protocol (the limit of this architecture). **multicast**: a UDP multicast sender and receiver, no Unix hops. Latency from send to receipt, under that full load; dropped = sent − received.\n");
-    let _ = writeln!(s, "| path | size | messages/s | p50 latency | p99 latency | received | dropped | note |\n|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(s, "CPU per message: what the two forwarding processes (the agents, the relays) used together, user and system time, per message received; for keyfleet also `keyfleet serve`, which hears the group too. The rate depends on how the scheduler shares two cores among five busy processes; the CPU time much less.\n");
+    let _ = writeln!(s, "| path | size | messages/s | p50 latency | p99 latency | received | dropped | CPU per message | note |\n|---|---|---|---|---|---|---|---|---|");
     for r in rows {
+        let cpu = match (r.cpu_us_per_msg, r.controller_cpu_us_per_msg) {
+            (Some(f), Some(c)) => format!("{f:.1} µs + controller {c:.1} µs"),
+            (Some(f), None) => format!("{f:.1} µs"),
+            _ => String::new(),
+        };
         let _ = writeln!(
             s,
-            "| {} | {} | {:.0} | {:.0} µs | {:.0} µs | {} of {} | {} | {} |",
+            "| {} | {} | {:.0} | {:.0} µs | {:.0} µs | {} of {} | {} | {cpu} | {} |",
             r.path,
             size_name(r.size),
             r.msgs_per_s,
