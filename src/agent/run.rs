@@ -230,6 +230,9 @@ pub async fn run_with(
             Wake::App(Ok((len, from))) => {
                 server.from = from;
                 let bytes = app_buf.get(..len).unwrap_or_default();
+                // What the batch sends goes out together at its end (one
+                // system call; the receivers woken once for it).
+                driver.transport().cork();
                 let mut r = server.serve(bytes, &mut driver, &mut running).await;
                 // What else the clients queued meanwhile, in one pass (one
                 // wake-up of the loop per batch, not per message).
@@ -243,6 +246,9 @@ pub async fn run_with(
                     server.from = from;
                     let bytes = app_buf.get(..len).unwrap_or_default();
                     r = server.serve(bytes, &mut driver, &mut running).await;
+                }
+                if let Err(e) = driver.transport().uncork().await {
+                    tracing::warn!(error = %e, "send to the group failed; those messages are lost");
                 }
                 r
             }

@@ -1249,21 +1249,26 @@ impl Controller {
             return Ok(());
         }
         match net {
-            Some(t) => {
+            Some(t) if !sends.is_empty() => {
+                // The pass's datagrams go to the kernel together (one
+                // system call for a round's key update batches).
+                t.cork();
                 for (to, bytes) in sends {
-                    let r = match to {
+                    // Corked: held, not sent; uncork says what failed.
+                    let _ = match to {
                         None => t.send_group(&bytes).await,
                         Some(to) => t.send_to(&bytes, to).await,
                     };
-                    match r {
-                        Ok(_) => self.ops.send_error = None,
-                        Err(e) => {
-                            tracing::warn!(error = %e, "send failed; the retries cover it");
-                            self.ops.send_error = Some(e.to_string());
-                        }
+                }
+                match t.uncork().await {
+                    Ok(()) => self.ops.send_error = None,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "send failed; the retries cover it");
+                        self.ops.send_error = Some(e.to_string());
                     }
                 }
             }
+            Some(_) => {}
             None if !sends.is_empty() => {
                 tracing::debug!(
                     count = sends.len(),

@@ -150,6 +150,24 @@ pub struct Transport {
     dropped: u64,
     sent: AtomicU64,
     send_errors: AtomicU64,
+    /// Datagrams held by [`Transport::cork`] until [`Transport::uncork`].
+    corked: std::sync::Mutex<Option<Corked>>,
+}
+
+/// Datagrams held while corked: (destination, bytes), in order.
+type Corked = Vec<(SocketAddr, Vec<u8>)>;
+
+/// Most datagrams one `sendmmsg` call is given (the kernel's `UIO_MAXIOV`).
+const MMSG_MAX: usize = 1024;
+
+/// What [`Transport::uncork`] could not send.
+#[derive(Debug, thiserror::Error)]
+#[error("{count} datagram(s) not sent; the first: {first}")]
+pub struct Unsent {
+    /// Datagrams the kernel refused (each is lost; retries cover control messages).
+    pub count: usize,
+    /// The first refusal.
+    pub first: NetError,
 }
 
 impl Transport {
@@ -215,6 +233,7 @@ impl Transport {
             dropped: 0,
             sent: AtomicU64::new(0),
             send_errors: AtomicU64::new(0),
+            corked: std::sync::Mutex::new(None),
         })
     }
 
@@ -251,8 +270,12 @@ impl Transport {
         self.send_to(bytes, SocketAddr::V4(self.group)).await
     }
 
-    /// Sends `bytes` to one address.
+    /// Sends `bytes` to one address (or holds them, corked).
     pub async fn send_to(&self, bytes: &[u8], to: SocketAddr) -> Result<(), NetError> {
+        if let Some(held) = self.corked().as_mut() {
+            held.push((to, bytes.to_vec()));
+            return Ok(());
+        }
         match self.unicast.send_to(bytes, to).await {
             Ok(_) => {
                 self.sent.fetch_add(1, Ordering::Relaxed);
@@ -266,6 +289,93 @@ impl Transport {
                     source,
                 })
             }
+        }
+    }
+
+    fn corked(&self) -> std::sync::MutexGuard<'_, Option<Corked>> {
+        // Nothing can panic while the lock is held: a poisoned one is as good.
+        self.corked.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Holds what is sent from now on (group and unicast, in order) until
+    /// [`Transport::uncork`], which hands it all to the kernel in one
+    /// `sendmmsg` call: a burst costs one system call, and the receivers
+    /// are woken once for it rather than once a datagram.
+    pub fn cork(&self) {
+        self.corked().get_or_insert_with(Vec::new);
+    }
+
+    /// Sends what [`Transport::cork`] held, in order. A datagram the kernel
+    /// refuses is counted and skipped; the rest still go.
+    pub async fn uncork(&self) -> Result<(), Unsent> {
+        let Some(held) = self.corked().take() else {
+            return Ok(());
+        };
+        let addrs: Vec<rustix::net::SocketAddrAny> = held
+            .iter()
+            .map(|(to, _)| rustix::net::SocketAddrAny::from(*to))
+            .collect();
+        let mut done = 0;
+        let mut unsent: Option<Unsent> = None;
+        while done < held.len() {
+            let end = held.len().min(done + MMSG_MAX);
+            let (msgs, to) = (
+                held.get(done..end).unwrap_or_default(),
+                addrs.get(done..end).unwrap_or_default(),
+            );
+            let r = self
+                .unicast
+                .async_io(tokio::io::Interest::WRITABLE, || {
+                    let iovs: Vec<[std::io::IoSlice<'_>; 1]> = msgs
+                        .iter()
+                        .map(|(_, b)| [std::io::IoSlice::new(b)])
+                        .collect();
+                    let mut controls: Vec<rustix::net::SendAncillaryBuffer<'_, '_, '_>> =
+                        msgs.iter().map(|_| Default::default()).collect();
+                    let mut hdrs: Vec<rustix::net::MMsgHdr<'_>> = iovs
+                        .iter()
+                        .zip(controls.iter_mut())
+                        .zip(to)
+                        .map(|((iov, c), a)| rustix::net::MMsgHdr::new_with_addr(a, iov, c))
+                        .collect();
+                    rustix::net::sendmmsg(&self.unicast, &mut hdrs, rustix::net::SendFlags::empty())
+                        .map_err(std::io::Error::from)
+                })
+                .await;
+            match r {
+                // The kernel stops a call at the first datagram it refuses
+                // and reports it only when it is the first: it is retried
+                // alone at the next turn, refused, and skipped.
+                Ok(n) if n > 0 => {
+                    self.sent.fetch_add(n as u64, Ordering::Relaxed);
+                    done += n;
+                }
+                Ok(_) => done += 1,
+                Err(source) => {
+                    self.send_errors.fetch_add(1, Ordering::Relaxed);
+                    let (to, bytes) = held
+                        .get(done)
+                        .map_or((SocketAddr::V4(self.group), 0), |(to, b)| (*to, b.len()));
+                    match &mut unsent {
+                        Some(u) => u.count += 1,
+                        None => {
+                            unsent = Some(Unsent {
+                                count: 1,
+                                first: NetError::Send {
+                                    len: bytes,
+                                    to,
+                                    source,
+                                },
+                            })
+                        }
+                    }
+                    done += 1;
+                }
+            }
+        }
+        match unsent {
+            None => Ok(()),
+            Some(u) => Err(u),
         }
     }
 
@@ -381,6 +491,80 @@ impl Transport {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::{Ipv4Addr, UdpSocket as StdUdp};
+
+    fn read_all(s: &StdUdp) -> Vec<Vec<u8>> {
+        let mut got = Vec::new();
+        let mut buf = [0u8; 2048];
+        while let Ok(n) = s.recv(&mut buf) {
+            got.push(buf[..n].to_vec());
+        }
+        got
+    }
+
+    #[tokio::test]
+    async fn corked_datagrams_leave_together_in_order_and_a_refused_one_costs_only_itself() {
+        let port = StdUdp::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let group = SocketAddrV4::new(Ipv4Addr::new(239, 255, 88, 18), port);
+        let group_rx = socket::group_socket(group, Ipv4Addr::LOCALHOST).unwrap();
+        let peer = StdUdp::bind("127.0.0.1:0").unwrap();
+        peer.set_nonblocking(true).unwrap();
+        let t = Transport::from_sockets(
+            group,
+            socket::group_socket(group, Ipv4Addr::LOCALHOST).unwrap(),
+            socket::unicast_socket(
+                SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0),
+                Ipv4Addr::LOCALHOST,
+                1,
+            )
+            .unwrap(),
+            Clock::monotonic(),
+            None,
+        )
+        .unwrap();
+        let to_peer = peer.local_addr().unwrap();
+        // An IPv6 destination on this IPv4 socket: the kernel refuses it.
+        let refused: SocketAddr = "[::1]:9".parse().unwrap();
+
+        t.cork();
+        t.send_group(b"g1").await.unwrap();
+        t.send_to(b"u1", to_peer).await.unwrap();
+        t.send_group(b"g2").await.unwrap();
+        t.send_to(b"lost", refused).await.unwrap();
+        t.send_group(b"g3").await.unwrap();
+        t.send_to(b"u2", to_peer).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(
+            read_all(&group_rx).is_empty(),
+            "nothing leaves while corked"
+        );
+        assert!(read_all(&peer).is_empty(), "nothing leaves while corked");
+
+        let unsent = t.uncork().await.unwrap_err();
+        assert_eq!(unsent.count, 1);
+        assert!(
+            matches!(unsent.first, NetError::Send { to, len: 4, .. } if to == refused),
+            "{unsent}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(read_all(&group_rx), [b"g1", b"g2", b"g3"]);
+        assert_eq!(read_all(&peer), [b"u1", b"u2"]);
+        assert_eq!((t.stats().sent, t.stats().send_errors), (5, 1));
+
+        // Uncorked, a send goes at once; a second uncork has nothing to do.
+        t.uncork().await.unwrap();
+        t.send_to(b"u3", to_peer).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(read_all(&peer), [b"u3"]);
+        assert!(
+            t.send_to(b"x", refused).await.is_err(),
+            "not corked: refused at once"
+        );
+    }
 
     #[test]
     fn loss_is_reproducible_by_seed_and_near_p() {
