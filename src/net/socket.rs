@@ -24,6 +24,38 @@ use super::NetError;
 /// arrives in bursts (the kernel caps it at `net.core.rmem_max`).
 const RECV_BUFFER: usize = 4 << 20;
 
+/// The sysctl that caps [`RECV_BUFFER`].
+const RMEM_MAX: &str = "net.core.rmem_max";
+
+/// Asks for [`RECV_BUFFER`] on `s` (best effort: a smaller buffer still
+/// works) and says once per process, at warn level, when the kernel gave
+/// less: a burst larger than the buffer is lost before the program sees it.
+fn ask_recv_buffer(s: &Socket) {
+    let _ = s.set_recv_buffer_size(RECV_BUFFER);
+    let got = s.recv_buffer_size().unwrap_or(0);
+    if let Some(short) = short_buffer(got) {
+        static SAID: std::sync::Once = std::sync::Once::new();
+        SAID.call_once(|| tracing::warn!("{short}"));
+    }
+}
+
+/// What to tell the operator when a socket's receive buffer is `got` bytes
+/// as Linux reports it (twice what it grants, the other half being its
+/// bookkeeping), or `None` when that is [`RECV_BUFFER`] or more.
+fn short_buffer(got: usize) -> Option<String> {
+    let granted = got / 2;
+    (granted < RECV_BUFFER).then(|| {
+        format!(
+            "UDP receive buffers are {} KiB, not the {} KiB asked for ({RMEM_MAX} caps them): \
+             a rekey round of a large fleet or a burst of group data beyond that is lost \
+             before keyfleet reads it; raise the cap with `sysctl -w {RMEM_MAX}={RECV_BUFFER}` \
+             (the Debian package sets it in /usr/lib/sysctl.d/40-keyfleet.conf)",
+            granted / 1024,
+            RECV_BUFFER / 1024
+        )
+    })
+}
+
 fn setup(what: &'static str, addr: impl ToString) -> impl FnOnce(std::io::Error) -> NetError {
     let addr = addr.to_string();
     move |source| NetError::Setup { what, addr, source }
@@ -40,8 +72,7 @@ pub fn group_socket(group: SocketAddrV4, iface: Ipv4Addr) -> Result<UdpSocket, N
         .map_err(setup("set SO_REUSEADDR", group))?;
     s.set_reuse_port(true)
         .map_err(setup("set SO_REUSEPORT", group))?;
-    // Best effort: a smaller buffer still works.
-    let _ = s.set_recv_buffer_size(RECV_BUFFER);
+    ask_recv_buffer(&s);
     s.bind(&SockAddr::from(group))
         .map_err(setup("bind to the group address", group))?;
     s.set_multicast_all_v4(false)
@@ -64,7 +95,7 @@ pub fn unicast_socket(
 ) -> Result<UdpSocket, NetError> {
     let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))
         .map_err(setup("create a UDP socket", listen))?;
-    let _ = s.set_recv_buffer_size(RECV_BUFFER);
+    ask_recv_buffer(&s);
     s.bind(&SockAddr::from(listen))
         .map_err(setup("bind the unicast socket (is the port free?)", listen))?;
     s.set_multicast_if_v4(&iface).map_err(setup(
@@ -177,6 +208,32 @@ mod tests {
             got.push(buf[..n].to_vec());
         }
         got
+    }
+
+    #[test]
+    fn a_receive_buffer_below_the_one_asked_for_is_reported_with_the_sysctl_to_raise() {
+        // Linux reports twice what it grants.
+        assert_eq!(short_buffer(2 * RECV_BUFFER), None);
+        assert_eq!(short_buffer(4 * RECV_BUFFER), None);
+        // Debian's default cap, 212992 bytes.
+        let msg = short_buffer(2 * 212_992).unwrap();
+        assert!(
+            msg.starts_with("UDP receive buffers are 208 KiB, not the 4096 KiB"),
+            "{msg}"
+        );
+        assert!(msg.contains("sysctl -w net.core.rmem_max=4194304"), "{msg}");
+        assert!(short_buffer(0).is_some());
+        // What this machine grants agrees with the rule.
+        let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP)).unwrap();
+        s.set_recv_buffer_size(RECV_BUFFER).unwrap();
+        let got = s.recv_buffer_size().unwrap();
+        let cap: usize = std::fs::read_to_string("/proc/sys/net/core/rmem_max")
+            .map_or(0, |c| c.trim().parse().unwrap_or(0));
+        assert_eq!(
+            short_buffer(got).is_none(),
+            cap >= RECV_BUFFER,
+            "got {got}, cap {cap}"
+        );
     }
 
     #[test]
