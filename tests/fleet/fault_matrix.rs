@@ -522,7 +522,26 @@ fn cell(at: At, kill: Kill) -> String {
             new_audit.iter().any(|a| a["kind"] == "Rejoin"
                 && a["node_id"] == f.nodes[X].id.as_str()
                 && a["detail"]["event"] == "key_request"),
-            "the restarted node's key request is audited: {new_audit:?}"
+            "the restarted node's key request is audited: {new_audit:?}\n--- serve\n{}\n--- {}\n{}",
+            f.logs("serve")
+                .lines()
+                .rev()
+                .take(80)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect::<Vec<_>>()
+                .join("\n"),
+            f.nodes[X].id,
+            f.logs(&f.nodes[X].id)
+                .lines()
+                .rev()
+                .take(60)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect::<Vec<_>>()
+                .join("\n")
         ),
     }
     let t = tally(&f, &ledger, &back);
