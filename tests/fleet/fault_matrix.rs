@@ -307,6 +307,12 @@ fn tally(f: &Fleet, ledger: &Ledger, back: &HashMap<String, Instant>) -> Tally {
 }
 
 /// One cell: returns its line for the table.
+/// The last `n` lines of `log`, for a failure's message.
+fn last_lines(log: &str, n: usize) -> String {
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
 fn cell(at: At, kill: Kill) -> String {
     let f = Fleet::new(N, CFG);
     // FAULT_MATRIX_KEEP=1: a failed cell's directory is copied for a look
@@ -523,25 +529,9 @@ fn cell(at: At, kill: Kill) -> String {
                 && a["node_id"] == f.nodes[X].id.as_str()
                 && a["detail"]["event"] == "key_request"),
             "the restarted node's key request is audited: {new_audit:?}\n--- serve\n{}\n--- {}\n{}",
-            f.logs("serve")
-                .lines()
-                .rev()
-                .take(80)
-                .collect::<Vec<_>>()
-                .into_iter()
-                .rev()
-                .collect::<Vec<_>>()
-                .join("\n"),
+            last_lines(&f.logs("serve"), 80),
             f.nodes[X].id,
-            f.logs(&f.nodes[X].id)
-                .lines()
-                .rev()
-                .take(60)
-                .collect::<Vec<_>>()
-                .into_iter()
-                .rev()
-                .collect::<Vec<_>>()
-                .join("\n")
+            last_lines(&f.logs(&f.nodes[X].id), 60)
         ),
     }
     let t = tally(&f, &ledger, &back);
