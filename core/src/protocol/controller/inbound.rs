@@ -156,7 +156,7 @@ impl ControllerMachine {
         let round = self
             .round
             .as_mut()
-            .and_then(|r| Some((r.share.as_ref()?, &mut r.prepared)));
+            .and_then(super::round::Round::step_source);
         self.members.get_mut(member)?.step(round, rng, out)
     }
 

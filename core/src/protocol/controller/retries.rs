@@ -60,8 +60,7 @@ impl ControllerMachine {
             if !r.waits_for(m) {
                 continue;
             }
-            let round = r.share.as_ref().map(|s| (s, &mut r.prepared));
-            let Some((step_share, step)) = m.step(round, rng, out) else {
+            let Some((step_share, step)) = m.step(r.step_source(), rng, out) else {
                 continue;
             };
             if step_share != share {
@@ -163,8 +162,7 @@ impl ControllerMachine {
             let (Some(r), Some(m)) = (&mut self.round, self.members.get_mut(member)) else {
                 return;
             };
-            let round = r.share.as_ref().map(|s| (s, &mut r.prepared));
-            let Some((share, step)) = m.step(round, rng, out) else {
+            let Some((share, step)) = m.step(r.step_source(), rng, out) else {
                 return;
             };
             let seq = self.next_seq(out);

@@ -266,6 +266,12 @@ impl Round {
             .min(cfg.max_flight_ms)
     }
 
+    /// What a member's step in this round is made with ([`super::members::Member::step`]):
+    /// the round's share and the steps prepared with it ahead (`ahead.rs`).
+    pub(super) fn step_source(&mut self) -> Option<(&ShareSecret, &mut super::ahead::Prepared)> {
+        Some((self.share.as_ref()?, &mut self.prepared))
+    }
+
     /// Enter `phase` (again, after a restart or a rekey by hand): its clock,
     /// waves and retries start over; the key's activation and the drain's
     /// end are set once.
