@@ -178,7 +178,7 @@ pub fn drop_data_from(sock: SockRef<'_>, member: Option<u32>) -> std::io::Result
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use keyfleet_core::crypto::Epoch;
     use keyfleet_core::wire;
@@ -192,7 +192,29 @@ mod tests {
         v
     }
 
-    /// What `rx` receives of `sent`, in order, until it has been quiet for 200 ms.
+    /// A multicast group `239.255.88.last` on a port nothing else uses (the
+    /// kernel's pick for a unicast socket), for a test on loopback.
+    pub(in crate::net) fn free_group(last: u8) -> SocketAddrV4 {
+        let port = UdpSocket::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        SocketAddrV4::new(Ipv4Addr::new(239, 255, 88, last), port)
+    }
+
+    /// What `s` holds, in order, until a receive fails (nothing left on a
+    /// non-blocking socket, or its read timeout).
+    pub(in crate::net) fn read_all(s: &UdpSocket) -> Vec<Vec<u8>> {
+        let mut got = Vec::new();
+        let mut buf = [0u8; 2048];
+        while let Ok(n) = s.recv(&mut buf) {
+            got.push(buf[..n].to_vec());
+        }
+        got
+    }
+
+    /// What `rx` receives of `sent`, in order, until it has been quiet for its read timeout.
     fn heard(
         tx: &UdpSocket,
         rx: &UdpSocket,
@@ -202,12 +224,7 @@ mod tests {
         for d in sent {
             tx.send_to(d, group).unwrap();
         }
-        let mut got = Vec::new();
-        let mut buf = [0u8; 2048];
-        while let Ok(n) = rx.recv(&mut buf) {
-            got.push(buf[..n].to_vec());
-        }
-        got
+        read_all(rx)
     }
 
     #[test]
@@ -238,13 +255,7 @@ mod tests {
 
     #[test]
     fn the_kernel_drops_exactly_the_members_own_group_data() {
-        // A free port for the group: the kernel's pick for a unicast socket.
-        let port = UdpSocket::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let group = SocketAddrV4::new(Ipv4Addr::new(239, 255, 88, 17), port);
+        let group = free_group(17);
         let rx = group_socket(group, Ipv4Addr::LOCALHOST).unwrap();
         rx.set_nonblocking(false).unwrap();
         rx.set_read_timeout(Some(Duration::from_millis(200)))

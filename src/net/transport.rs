@@ -491,25 +491,12 @@ impl Transport {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::net::socket::tests::{free_group, read_all};
     use std::net::{Ipv4Addr, UdpSocket as StdUdp};
-
-    fn read_all(s: &StdUdp) -> Vec<Vec<u8>> {
-        let mut got = Vec::new();
-        let mut buf = [0u8; 2048];
-        while let Ok(n) = s.recv(&mut buf) {
-            got.push(buf[..n].to_vec());
-        }
-        got
-    }
 
     #[tokio::test]
     async fn corked_datagrams_leave_together_in_order_and_a_refused_one_costs_only_itself() {
-        let port = StdUdp::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let group = SocketAddrV4::new(Ipv4Addr::new(239, 255, 88, 18), port);
+        let group = free_group(18);
         let group_rx = socket::group_socket(group, Ipv4Addr::LOCALHOST).unwrap();
         let peer = StdUdp::bind("127.0.0.1:0").unwrap();
         peer.set_nonblocking(true).unwrap();
