@@ -165,9 +165,10 @@ pub struct NodeDriver {
     /// The last datagram that failed its authentication while not synced:
     /// (kind, source).
     auth_failure: Option<(&'static str, SocketAddr)>,
-    /// The member whose group data the kernel drops on the group socket (the
-    /// node's own, looped back; see [`Transport::drop_group_data_from`]).
-    own_filter: Option<u32>,
+    /// The member number the group socket's kernel filter is set for (it
+    /// drops that member's own data looped back and the key update batches
+    /// without its entry; see [`Transport::filter_group`]).
+    filtered_for: Option<u32>,
 }
 
 /// A node not synced with its controller says so at warn level after this long…
@@ -215,7 +216,7 @@ impl NodeDriver {
             unsynced_since: None,
             waiting_logged: None,
             auth_failure: None,
-            own_filter: None,
+            filtered_for: None,
         }
     }
 
@@ -453,7 +454,7 @@ impl NodeDriver {
         }
         self.arm_refusal_timer();
         self.watch_sync(now);
-        self.filter_own_data();
+        self.filter_group();
         if synced {
             // Record the sync time; a snapshot at any moment is at least as new
             // as the last one persisted, so this never moves the node backwards.
@@ -462,18 +463,20 @@ impl NodeDriver {
         Ok(())
     }
 
-    /// Keeps the kernel's filter of the node's own group data on its member
-    /// number (set once it has one; the node drops its own data anyway, the
-    /// filter only spares it the wake-up and the receive). Without a filter
-    /// nothing changes but the cost: a failure is logged, not retried.
-    fn filter_own_data(&mut self) {
+    /// Keeps the kernel's filter on the group socket on the node's member
+    /// number (set once it has one): it drops what the machine would drop
+    /// unread anyway, the node's own data and the key update batches without
+    /// its entry, and only spares the node the wake-up and the receive.
+    /// Without a filter nothing changes but the cost: a failure is logged,
+    /// not retried.
+    fn filter_group(&mut self) {
         let member = self.machine.member();
-        if member == self.own_filter {
+        if member == self.filtered_for {
             return;
         }
-        self.own_filter = member;
-        if let Err(e) = self.transport.drop_group_data_from(member) {
-            tracing::warn!(error = %e, "the node's own group data will be received and dropped in user space");
+        self.filtered_for = member;
+        if let Err(e) = self.transport.filter_group(member) {
+            tracing::warn!(error = %e, "the node's own group data and other nodes' key updates will be received and dropped in user space");
         }
     }
 

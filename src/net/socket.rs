@@ -117,7 +117,7 @@ pub(crate) fn local(s: &tokio::net::UdpSocket) -> SocketAddr {
         .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
 }
 
-/// Classic BPF opcodes (`linux/filter.h`) of [`drop_data_from`]'s program.
+/// Classic BPF opcodes (`linux/filter.h`) of [`filter_group`]'s program.
 mod bpf {
     /// `BPF_LD | BPF_W | BPF_LEN`: the datagram's length (UDP header included).
     pub const LD_LEN: u16 = 0x80;
@@ -127,7 +127,9 @@ mod bpf {
     pub const LDW: u16 = 0x20;
     /// `BPF_JMP | BPF_JEQ | BPF_K`.
     pub const JEQ: u16 = 0x15;
-    /// `BPF_JMP | BPF_JGE | BPF_K`.
+    /// `BPF_JMP | BPF_JGT | BPF_K` (unsigned).
+    pub const JGT: u16 = 0x25;
+    /// `BPF_JMP | BPF_JGE | BPF_K` (unsigned).
     pub const JGE: u16 = 0x35;
     /// `BPF_RET | BPF_K`: keep `k` bytes (0: drop the datagram).
     pub const RET: u16 = 0x06;
@@ -137,38 +139,56 @@ mod bpf {
 /// it with the packet starting at the UDP header.
 const UDP_HEADER: u32 = 8;
 
-/// The filter of [`drop_data_from`]: drops group data (wire version
-/// [`wire::VERSION`], kind [`wire::kind::DATA`]) whose sender is `member`;
-/// keeps everything else, short datagrams included (the decoder says what
-/// is wrong with them).
-fn own_data_filter(member: u32) -> [socket2::SockFilter; 10] {
-    use keyfleet_core::wire;
+/// The filter of [`filter_group`] for `member`. Of wire version
+/// [`wire::VERSION`] it drops group data (kind [`wire::kind::DATA`]) whose
+/// sender is `member`, and key update requests (kind
+/// [`wire::kind::KEY_UPDATE`]) whose batch's member range leaves `member`
+/// out: what the node would skip anyway before any crypto. It keeps
+/// everything else, datagrams too short to hold what it reads included (the
+/// decoder says what is wrong with them).
+fn group_filter(member: u32) -> [socket2::SockFilter; 17] {
+    use keyfleet_core::wire::{self, kind};
     use socket2::SockFilter as F;
     let at = |offset: usize| UDP_HEADER + u32::try_from(offset).unwrap_or(u32::MAX);
     let sender = wire::DATA_SENDER_AT;
-    // Each test jumps to `keep` (the last instruction) when it fails: the
-    // false-branch offset of instruction i is 9 - (i + 1).
+    let range = wire::KEY_UPDATE_RANGE_AT;
+    // The two returns at the end; a jump counts from the next instruction.
+    const DROP: usize = 15;
+    const KEEP: usize = 16;
+    let to = |from: usize, target: usize| u8::try_from(target - from - 1).unwrap_or(u8::MAX);
     [
-        F::new(bpf::LD_LEN, 0, 0, 0),
-        F::new(bpf::JGE, 0, 7, at(sender + 4)),
-        F::new(bpf::LDB, 0, 0, at(0)),
-        F::new(bpf::JEQ, 0, 5, u32::from(wire::VERSION)),
-        F::new(bpf::LDB, 0, 0, at(1)),
-        F::new(bpf::JEQ, 0, 3, u32::from(wire::kind::DATA)),
-        F::new(bpf::LDW, 0, 0, at(sender)),
-        F::new(bpf::JEQ, 0, 1, member),
-        F::new(bpf::RET, 0, 0, 0),
-        F::new(bpf::RET, 0, 0, u32::MAX),
+        /* 0 */ F::new(bpf::LD_LEN, 0, 0, 0),
+        /* 1 */ F::new(bpf::JGE, 0, to(1, KEEP), at(sender + 4)),
+        /* 2 */ F::new(bpf::LDB, 0, 0, at(0)),
+        /* 3 */ F::new(bpf::JEQ, 0, to(3, KEEP), u32::from(wire::VERSION)),
+        /* 4 */ F::new(bpf::LDB, 0, 0, at(1)),
+        /* 5 */ F::new(bpf::JEQ, 0, to(5, 8), u32::from(kind::DATA)),
+        /* 6 */ F::new(bpf::LDW, 0, 0, at(sender)),
+        /* 7 */ F::new(bpf::JEQ, to(7, DROP), to(7, KEEP), member),
+        /* 8 */ F::new(bpf::JEQ, 0, to(8, KEEP), u32::from(kind::KEY_UPDATE)),
+        /* 9 */ F::new(bpf::LD_LEN, 0, 0, 0),
+        /* 10 */ F::new(bpf::JGE, 0, to(10, KEEP), at(range + 8)),
+        // The first member of the batch is past `member`…
+        /* 11 */
+        F::new(bpf::LDW, 0, 0, at(range)),
+        /* 12 */ F::new(bpf::JGT, to(12, DROP), 0, member),
+        // …or its last is before it.
+        /* 13 */
+        F::new(bpf::LDW, 0, 0, at(range + 4)),
+        /* 14 */ F::new(bpf::JGE, to(14, KEEP), 0, member),
+        /* DROP */ F::new(bpf::RET, 0, 0, 0),
+        /* KEEP */ F::new(bpf::RET, 0, 0, u32::MAX),
     ]
 }
 
-/// Has the kernel drop, on the group socket `sock`, group data sent by
-/// `member` (a node's own messages looped back by `IP_MULTICAST_LOOP`, which
-/// the node would drop anyway): they then cost no wake-up and no receive.
-/// `None` removes the filter.
-pub fn drop_data_from(sock: SockRef<'_>, member: Option<u32>) -> std::io::Result<()> {
+/// Has the kernel drop, on the group socket `sock`, what the node `member`
+/// would drop unread: its own group data (looped back by
+/// `IP_MULTICAST_LOOP`) and the key update batches that hold other nodes'
+/// entries only (of a round's batches, all but one). They then cost no
+/// wake-up and no receive. `None` removes the filter.
+pub fn filter_group(sock: SockRef<'_>, member: Option<u32>) -> std::io::Result<()> {
     match member {
-        Some(m) => sock.attach_filter(&own_data_filter(m)),
+        Some(m) => sock.attach_filter(&group_filter(m)),
         None => match sock.detach_filter() {
             // No filter attached.
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
@@ -253,6 +273,98 @@ pub(super) mod tests {
         );
     }
 
+    /// A signed key update request whose batch holds `members` (sorted).
+    fn key_update(members: &[u32]) -> Vec<u8> {
+        use keyfleet_core::crypto::{Share, WrappedKey, WRAPPED_LEN};
+        let entries: Vec<_> = members
+            .iter()
+            .map(|m| (*m, WrappedKey([5; WRAPPED_LEN])))
+            .collect();
+        let signing = ed25519_dalek::SigningKey::from_bytes(&[3; 32]);
+        wire::sign(
+            wire::key_update(1, Epoch(4), 9, &Share([6; 32]), &entries),
+            &signing,
+        )
+    }
+
+    #[test]
+    fn the_kernel_drops_exactly_the_key_updates_whose_range_leaves_the_member_out() {
+        let group = free_group(18);
+        let rx = group_socket(group, Ipv4Addr::LOCALHOST).unwrap();
+        rx.set_nonblocking(false).unwrap();
+        rx.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let tx = unicast_socket(
+            SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0),
+            Ipv4Addr::LOCALHOST,
+            1,
+        )
+        .unwrap();
+        tx.set_nonblocking(false).unwrap();
+
+        // Batches around member 40, and the decoder's own view of each.
+        let batches = [
+            key_update(&[1, 2, 39]),           // ends before 40
+            key_update(&[41, 50]),             // starts after 40
+            key_update(&[40]),                 // 40 alone
+            key_update(&[30, 40]),             // 40 last
+            key_update(&[40, 45]),             // 40 first
+            key_update(&[39, 41]),             // around 40, without its entry
+            key_update(&[0, u32::MAX]),        // the whole range
+            key_update(&[40u32.swap_bytes()]), // 40 in the other byte order
+        ];
+        for b in &batches {
+            let wire::Message::KeyUpdate(ku) = wire::decode(b).unwrap() else {
+                panic!("not a key update");
+            };
+            assert!(ku.first <= ku.last);
+        }
+        let mut old_version = batches[2].clone();
+        old_version[0] = 1;
+        // Cut inside the range: kept, for the decoder to refuse.
+        let cut = batches[0][..wire::KEY_UPDATE_RANGE_AT + 6].to_vec();
+        let transition = wire::sign(
+            wire::transition(1, wire::Step::FirstTransition, Epoch(4), 10),
+            &ed25519_dalek::SigningKey::from_bytes(&[3; 32]),
+        );
+        let mut sent = batches.to_vec();
+        sent.extend([old_version, cut, transition]);
+
+        filter_group(SockRef::from(&rx), Some(40)).unwrap();
+        let got = heard(&tx, &rx, group, &sent);
+        let mut want = sent.clone();
+        // Dropped: the batch of 40 in the other byte order (a range of
+        // 671088640 alone), the one that ends before 40 and the one after.
+        want.remove(7);
+        want.drain(0..2);
+        assert_eq!(
+            got, want,
+            "only the batches whose range leaves member 40 out are dropped, the rest arrive in order"
+        );
+        // Kept although the node skips them: a range that holds 40, a batch that does not.
+        assert_eq!(
+            want.iter()
+                .filter_map(|b| match wire::decode(b) {
+                    Ok(wire::Message::KeyUpdate(ku)) => Some(ku.entry_for(40).is_some()),
+                    _ => None,
+                })
+                .collect::<Vec<_>>(),
+            [true, true, true, false, false],
+        );
+
+        // The edges of the number range: only the batch from 0 to the last number holds them.
+        filter_group(SockRef::from(&rx), Some(0)).unwrap();
+        let got = heard(&tx, &rx, group, &batches);
+        assert_eq!(got, vec![batches[6].clone()]);
+        filter_group(SockRef::from(&rx), Some(u32::MAX)).unwrap();
+        let got = heard(&tx, &rx, group, &batches);
+        assert_eq!(got, vec![batches[6].clone()]);
+
+        // No filter: all of them.
+        filter_group(SockRef::from(&rx), None).unwrap();
+        assert_eq!(heard(&tx, &rx, group, &batches), batches.to_vec());
+    }
+
     #[test]
     fn the_kernel_drops_exactly_the_members_own_group_data() {
         let group = free_group(17);
@@ -286,7 +398,7 @@ pub(super) mod tests {
             short,
         ];
 
-        drop_data_from(SockRef::from(&rx), Some(7)).unwrap();
+        filter_group(SockRef::from(&rx), Some(7)).unwrap();
         let got = heard(&tx, &rx, group, &sent);
         assert_eq!(
             got,
@@ -295,15 +407,15 @@ pub(super) mod tests {
         );
 
         // Another member number (the node was enrolled again): only its data goes.
-        drop_data_from(SockRef::from(&rx), Some(8)).unwrap();
+        filter_group(SockRef::from(&rx), Some(8)).unwrap();
         let got = heard(&tx, &rx, group, &sent);
         let mut want = sent.to_vec();
         want.remove(1);
         assert_eq!(got, want);
 
         // No filter: all of it, twice removed is fine.
-        drop_data_from(SockRef::from(&rx), None).unwrap();
-        drop_data_from(SockRef::from(&rx), None).unwrap();
+        filter_group(SockRef::from(&rx), None).unwrap();
+        filter_group(SockRef::from(&rx), None).unwrap();
         assert_eq!(heard(&tx, &rx, group, &sent), sent.to_vec());
     }
 }

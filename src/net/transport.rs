@@ -237,12 +237,13 @@ impl Transport {
         })
     }
 
-    /// Has the kernel drop group data whose sender is `member` on the group
-    /// socket (see [`socket::drop_data_from`]); `None` lets it all through.
-    pub fn drop_group_data_from(&self, member: Option<u32>) -> Result<(), NetError> {
-        socket::drop_data_from(socket2::SockRef::from(&self.group_sock), member).map_err(|source| {
+    /// Has the kernel drop, on the group socket, what the node `member` would
+    /// drop unread (see [`socket::filter_group`]); `None` lets it all through.
+    pub fn filter_group(&self, member: Option<u32>) -> Result<(), NetError> {
+        socket::filter_group(socket2::SockRef::from(&self.group_sock), member).map_err(|source| {
             NetError::Setup {
-                what: "set the group socket's filter of the node's own data",
+                what:
+                    "set the group socket's filter (the node's own data, other nodes' key updates)",
                 addr: self.group.to_string(),
                 source,
             }

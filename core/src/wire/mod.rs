@@ -1100,6 +1100,13 @@ impl Writer {
 /// (an agent drops its own data looped back by the network in the kernel).
 pub const DATA_SENDER_AT: usize = 3;
 
+/// Where a key update request's member range starts: the first member of
+/// its batch, then the last (big-endian `u32`s), after the version, the
+/// kind, the term, the epoch, the sequence number and the round's share. For
+/// a filter in front of the decoder (an agent has the kernel drop the
+/// batches that cannot hold its entry).
+pub const KEY_UPDATE_RANGE_AT: usize = 2 + 4 + 4 + 8 + SHARE_LEN;
+
 /// The header of a data message (the AES-GCM associated data); append the sealed payload.
 pub fn data_header(
     sender: u32,

@@ -116,6 +116,11 @@ proptest! {
         let Message::KeyUpdate(ku) = decode(&bytes).unwrap() else { panic!("not a key update") };
         prop_assert_eq!((ku.term, ku.epoch, ku.seq, ku.share), (term, Epoch(epoch), seq, sh));
         prop_assert_eq!(ku.entries().collect::<Vec<_>>(), entries.clone());
+        // Where a kernel filter looks for the batch's member range, before any decoding.
+        prop_assert_eq!(&bytes[..2], &[VERSION, kind::KEY_UPDATE]);
+        prop_assert_eq!(&bytes[KEY_UPDATE_RANGE_AT..KEY_UPDATE_RANGE_AT + 4], &ku.first.to_be_bytes());
+        prop_assert_eq!(&bytes[KEY_UPDATE_RANGE_AT + 4..KEY_UPDATE_RANGE_AT + 8], &ku.last.to_be_bytes());
+        prop_assert_eq!((ku.first, ku.last), (entries[0].0, entries[entries.len() - 1].0));
         for (m, _) in &entries {
             prop_assert_eq!(ku.entry_for(*m), Some(w));
         }
