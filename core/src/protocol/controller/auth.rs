@@ -141,12 +141,18 @@ impl Member {
                 }
             }
             // A confirmed step needs no write of its own: the prepared step it
-            // came from is durable, and after a restart the node's next message
-            // under it confirms it again. (A pass that persists anything writes
-            // the whole snapshot, this included.) A completed handshake is rare
-            // and written at once.
-            if changed && under == Under::Handshake {
-                self.persist(out);
+            // came from is durable (written, or made again from the round's
+            // share), and after a restart the node's next message under it
+            // confirms it again. It is written with the member's next write,
+            // at the latest with the round's drain or end
+            // ([`Member::ratchet_unsaved`]). A completed handshake is rare and
+            // written at once.
+            if changed {
+                if under == Under::Handshake {
+                    self.persist(out);
+                } else {
+                    self.ratchet_unsaved = true;
+                }
             }
         }
         self.row.seq_seen = self.replay.top();

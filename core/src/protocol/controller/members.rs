@@ -10,7 +10,7 @@
 
 use super::super::triggers::TriggerReason;
 use super::super::{take_token, Refusal, Time};
-use super::ahead::Prepared;
+use super::round::RoundSource;
 use super::{
     CommandError, ControllerAction, ControllerMachine, MemberPersist, MemberRatchet, MemberStatus,
     Out, Pending, Record, ResumeCause, HANDSHAKE_BURST, REJOIN_WINDOW_MS,
@@ -55,6 +55,14 @@ pub(super) struct Member {
     /// Key request / join budget: tokens left and when they were counted.
     pub(super) tokens: u32,
     pub(super) tokens_at: Time,
+    /// The row's ratchet moved since it was last persisted (memory only): a
+    /// step confirmed (the step it came from is durable, or made again from
+    /// the round's share), or a step made with the round's share on the
+    /// `committed` as written (the round's own row holds that share's secret,
+    /// `RoundPersist::share`, so a restarted controller makes the same step
+    /// again). Written with the member's next write, at the latest in the
+    /// round's drain or at its end ([`super::ControllerMachine::save_ratchets`]).
+    pub(super) ratchet_unsaved: bool,
     /// Cumulative counts reported for the current key.
     pub(super) seals: u64,
     pub(super) opens: u64,
@@ -179,13 +187,15 @@ impl Member {
             last_from: None,
             tokens: u32::MAX,
             tokens_at: Time(0),
+            ratchet_unsaved: false,
             seals: 0,
             opens: 0,
         }
     }
 
     /// Store this member's row durably before what follows.
-    pub(super) fn persist(&self, out: &mut Out) {
+    pub(super) fn persist(&mut self, out: &mut Out) {
+        self.ratchet_unsaved = false;
         out.push(ControllerAction::PersistMember(Box::new(self.row.clone())));
     }
 
@@ -209,42 +219,78 @@ impl Member {
 
     /// The step every wrap for this member goes under: the one prepared
     /// earlier (the node may have taken it), else a new one from its confirmed
-    /// chain and share with the round's share and steps `round` (made ahead
-    /// when they still fit; outside a round, a fresh share), persisted
-    /// before anything wrapped under it goes
-    /// out. `None` for a node without a confirmed chain (not joined by
-    /// handshake).
+    /// chain and share, with the round's share and steps `round` (made ahead
+    /// when they still fit; outside a round, with a fresh share). Durable
+    /// before anything wrapped under it goes out: written now, or, when made
+    /// with the round's share on the row as last written, made again from
+    /// the round's row after a restart ([`Member::round_step`]). `None` for a
+    /// node without a confirmed chain (not joined by handshake).
     pub(super) fn step(
         &mut self,
-        round: Option<(&ShareSecret, &mut Prepared)>,
+        round: Option<RoundSource<'_>>,
         rng: &mut (impl RngCore + CryptoRng),
         out: &mut Out,
     ) -> Option<(Share, ratchet::Step)> {
         if let Some(p) = &self.row.ratchet.next {
             return Some((p.share, p.step.clone()));
         }
-        let member = self.row.member;
-        let c = self.row.ratchet.committed.as_ref()?;
-        let (secret, ready) = match round {
-            // A step made with the round's share before the round, from the
-            // chain and share the member still has (`ahead.rs`).
-            Some((s, prepared)) => (s.clone(), prepared.take(member, c)),
-            None => (ShareSecret::generate(rng), None),
-        };
-        let ours = secret.public();
-        let step = match ready {
-            Some(step) => step,
-            None => {
-                let dh = secret.dh(&c.share)?;
-                ratchet::Step::derive(&c.chain, &dh, member, &ours, &c.share)
+        if let Some(src) = round {
+            let (made, write) = self.round_step(src)?;
+            if write {
+                self.persist(out);
             }
-        };
+            return Some(made);
+        }
+        let c = self.row.ratchet.committed.as_ref()?;
+        let secret = ShareSecret::generate(rng);
+        let ours = secret.public();
+        let dh = secret.dh(&c.share)?;
+        let step = ratchet::Step::derive(&c.chain, &dh, self.row.member, &ours, &c.share);
         self.row.ratchet.next = Some(Pending {
             share: ours,
             step: step.clone(),
         });
         self.persist(out);
         Some((ours, step))
+    }
+
+    /// [`Member::step`] with the round's share, on a member without a
+    /// prepared step; `true` with it when the row must be written now.
+    ///
+    /// At a round's start this is every member's row, a write on the way to
+    /// the first send. When the ratchet has not moved since the row was last
+    /// written, it is not written here: the round's row, durable before that
+    /// send, holds the share's secret and notes the node share the step was
+    /// made on (`Round::stepped`), and [`ControllerMachine::restore`] makes
+    /// the same step again from them. The row is written once the key update
+    /// phase is over, in the drain's pass, or at the round's end.
+    pub(super) fn round_step(
+        &mut self,
+        src: RoundSource<'_>,
+    ) -> Option<((Share, ratchet::Step), bool)> {
+        let member = self.row.member;
+        let c = self.row.ratchet.committed.as_ref()?;
+        let ours = src.share.public();
+        let step = match src.prepared.take(member, c) {
+            // Made before the round, from the chain and share the member
+            // still has (`ahead.rs`).
+            Some(step) => step,
+            None => {
+                let dh = src.share.dh(&c.share)?;
+                ratchet::Step::derive(&c.chain, &dh, member, &ours, &c.share)
+            }
+        };
+        let node_share = c.share;
+        self.row.ratchet.next = Some(Pending {
+            share: ours,
+            step: step.clone(),
+        });
+        let write = self.ratchet_unsaved;
+        if !write {
+            src.stepped.insert(member, node_share);
+            self.ratchet_unsaved = true;
+        }
+        Some(((ours, step), write))
     }
 
     /// Takes one token of this member's key request / join budget

@@ -171,6 +171,7 @@ impl ControllerMachine {
         c.seq = core.seq_reserved;
         c.seq_reserved = core.seq_reserved;
         c.pending = core.pending.clone();
+        c.remake_round_steps();
         Ok(c)
     }
 

@@ -15,6 +15,7 @@ use crate::wire::{NodeId, RoundPhase};
 use core::net::SocketAddr;
 use ed25519_dalek::SigningKey;
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use zeroize::Zeroize;
 
 /// Everything needed to restore a controller: its core and the member rows.
@@ -82,6 +83,10 @@ pub struct RoundPersist {
     /// Times paused so far.
     #[serde(default)]
     pub pauses: u32,
+    /// Members whose step with this round's share is not in their row yet,
+    /// with the node share it was made on (see `Round::stepped`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub stepped: BTreeMap<u32, Share>,
 }
 
 /// One row of the management table's node list. Key bytes zeroized on drop.

@@ -59,11 +59,11 @@ use super::{
     ControllerConfig, ControllerMachine, MemberStatus, Out, PhaseDurations, Record, ResumeCause,
     RoundPersist,
 };
-use crate::crypto::{Epoch, GroupKey, ShareSecret};
+use crate::crypto::{Epoch, GroupKey, Share, ShareSecret};
 use crate::wire::{self, NodeId, RoundPhase, Step};
 use rand::{CryptoRng, RngCore};
 use std::cmp::Reverse;
-use std::collections::BinaryHeap;
+use std::collections::{BTreeMap, BinaryHeap};
 
 /// The round in progress.
 #[derive(Clone)]
@@ -102,6 +102,20 @@ pub(super) struct Round {
     /// Steps made with this round's share before it started (`ahead.rs`; in
     /// memory only, taken as the wraps go out).
     pub(super) prepared: super::ahead::Prepared,
+    /// The members whose step was made with this round's share on their row
+    /// as last written, whose row is not written since, with the node share
+    /// of that row's `committed` (persisted with the round): after a restart
+    /// each is made again ([`ControllerMachine::remake_round_steps`]).
+    pub(super) stepped: BTreeMap<u32, Share>,
+}
+
+/// What a member's step in a round is made with ([`Member::step`]): the
+/// round's share, the steps prepared with it ahead (`ahead.rs`), and the
+/// note of the members stepped on their row as written ([`Round::stepped`]).
+pub(super) struct RoundSource<'a> {
+    pub(super) share: &'a ShareSecret,
+    pub(super) prepared: &'a mut super::ahead::Prepared,
+    pub(super) stepped: &'a mut BTreeMap<u32, Share>,
 }
 
 /// The step a phase waits for members to confirm, if any.
@@ -164,6 +178,7 @@ impl Round {
             retries: BinaryHeap::new(),
             restored: false,
             prepared: super::ahead::Prepared::default(),
+            stepped: BTreeMap::new(),
         }
     }
 
@@ -192,6 +207,7 @@ impl Round {
             second_msg: None,
             retries: BinaryHeap::new(),
             prepared: super::ahead::Prepared::default(),
+            stepped: r.stepped.clone(),
         }
     }
 
@@ -208,6 +224,7 @@ impl Round {
             phases_ms: self.phases_ms,
             paused_at: self.paused,
             pauses: self.pauses,
+            stepped: self.stepped.clone(),
         }
     }
 
@@ -266,10 +283,13 @@ impl Round {
             .min(cfg.max_flight_ms)
     }
 
-    /// What a member's step in this round is made with ([`super::members::Member::step`]):
-    /// the round's share and the steps prepared with it ahead (`ahead.rs`).
-    pub(super) fn step_source(&mut self) -> Option<(&ShareSecret, &mut super::ahead::Prepared)> {
-        Some((self.share.as_ref()?, &mut self.prepared))
+    /// What a member's step in this round is made with ([`Member::step`]).
+    pub(super) fn step_source(&mut self) -> Option<RoundSource<'_>> {
+        Some(RoundSource {
+            share: self.share.as_ref()?,
+            prepared: &mut self.prepared,
+            stepped: &mut self.stepped,
+        })
     }
 
     /// Enter `phase` (again, after a restart or a rekey by hand): its clock,
@@ -390,12 +410,54 @@ impl ControllerMachine {
                 at: now,
             },
         );
+        if phase == RoundPhase::Draining {
+            // A wait with nothing to send: the rows written here cost the
+            // round nothing.
+            self.save_ratchets(out);
+        }
         self.persist_core(out);
         if phase == RoundPhase::Distributing {
             self.send_key_wave(now, rng, out);
         } else if let Some(step) = transition_step(phase) {
             self.sign_transition(step, out);
             self.send_transition_wave(now, step, rng, out);
+        }
+    }
+
+    /// Writes the rows of the members whose ratchet moved since they were
+    /// last written ([`super::members::Member::ratchet_unsaved`]); the
+    /// round's note of steps to make again after a restart is then void.
+    /// Before the pass's `PersistCore`, which carries the emptied note.
+    pub(super) fn save_ratchets(&mut self, out: &mut Out) {
+        for m in self.members.iter_mut() {
+            if m.ratchet_unsaved {
+                m.persist(out);
+            }
+        }
+        if let Some(r) = &mut self.round {
+            r.stepped.clear();
+        }
+    }
+
+    /// After a restart: each step noted in the restored round
+    /// ([`Round::stepped`]) made again, with the round's share, for a member
+    /// whose row still holds the confirmed share it was made on and no
+    /// other step (the same step: the node may have taken it, and its
+    /// messages are checked under it).
+    pub(super) fn remake_round_steps(&mut self) {
+        let Some(r) = &mut self.round else { return };
+        let noted: Vec<(u32, Share)> = r.stepped.iter().map(|(m, s)| (*m, *s)).collect();
+        for (member, node_share) in noted {
+            let Some(m) = self.members.get_mut(member) else {
+                continue;
+            };
+            let rt = &m.row.ratchet;
+            if rt.next.is_some() || rt.committed.as_ref().map(|c| c.share) != Some(node_share) {
+                continue;
+            }
+            if let Some(src) = r.step_source() {
+                let _ = m.round_step(src);
+            }
         }
     }
 
@@ -614,6 +676,8 @@ impl ControllerMachine {
         self.activated_at = r.activated_at.unwrap_or(now);
         self.total_seals = 0;
         self.total_opens = 0;
+        // The round's share is forgotten with it: what it made is written now.
+        self.save_ratchets(out);
         self.persist_core(out);
         self.arm_age();
         self.start_pending(now, rng, out);

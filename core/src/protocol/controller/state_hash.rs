@@ -57,11 +57,14 @@ impl Hash for Member {
             last_from,
             tokens,
             tokens_at,
+            ratchet_unsaved,
             seals,
             opens,
         } = self;
         hash_row(row, state);
         (progress, attempts, replay, last_from, tokens, tokens_at).hash(state);
+        // What the next drain or round end writes.
+        ratchet_unsaved.hash(state);
         (seals, opens).hash(state);
         (hs_tokens, hs_at, hs_resent, previous).hash(state);
     }
@@ -91,8 +94,10 @@ impl Hash for Round {
             share,
             restored,
             prepared: _,
+            stepped,
         } = self;
         share.hash(state);
+        stepped.hash(state);
         (epoch, key, phase, reason, started_at, phase_started).hash(state);
         (stale_from, paused, pauses).hash(state);
         (drain_until, activated_at, waiting, group_sent, next_wave).hash(state);

@@ -265,6 +265,80 @@ fn a_stale_node_that_reports_usage_is_told_to_resync_and_catches_up() {
 }
 
 #[test]
+fn a_round_start_writes_no_member_row_and_a_restart_in_any_phase_makes_the_same_steps_again() {
+    for phase_at_crash in [
+        RoundPhase::Distributing,
+        RoundPhase::FirstTransition,
+        RoundPhase::SecondTransition,
+    ] {
+        let mut f = TestFleet::new(3, test_cfg());
+        // A first round: the steps made at joining are confirmed and written.
+        f.ctl(ControllerInput::Rekey).unwrap();
+        for _ in 0..20 {
+            f.pump();
+            f.advance(100);
+        }
+        assert_eq!(f.finished().len(), 1);
+        assert_eq!(f.states(), vec![UC2; 3]);
+
+        // The second round's start makes every step with the round's share on
+        // the rows as written: it writes none of them before its key update.
+        let hold = match phase_at_crash {
+            RoundPhase::Distributing => Step::KeyUpdate,
+            RoundPhase::FirstTransition => Step::FirstTransition,
+            _ => Step::SecondTransition,
+        };
+        let blocked = is_ack_from(2, hold);
+        f.drop = Box::new(move |_, _, b| blocked(b));
+        let mut out = Vec::new();
+        f.c.handle(f.now, ControllerInput::Rekey, &mut f.rng, &mut out)
+            .unwrap();
+        assert!(
+            !out.iter()
+                .any(|a| matches!(a, ControllerAction::PersistMember(_))),
+            "no member row on the way to the key update"
+        );
+        assert!(out
+            .iter()
+            .any(|a| matches!(a, ControllerAction::SendGroup(_))));
+        f.apply(out);
+        f.pump();
+        f.advance(300);
+        assert_eq!(f.phase(), Some(phase_at_crash));
+        let refused = f.count(|r| matches!(r, Record::Refused { .. }));
+
+        // Crash: only what was persisted survives. The nodes hold the round's
+        // steps, which the rows may not (Distributing, FirstTransition).
+        let persist = f.persisted();
+        let json = serde_json::to_string(&persist).unwrap();
+        let persist: ControllerPersist = serde_json::from_str(&json).unwrap();
+        f.c = ControllerMachine::restore(&persist, f.cfg.clone(), f.now).unwrap();
+        f.queue.clear();
+        f.drop = Box::new(|_, _, _| false);
+        f.ctl(ControllerInput::Start).unwrap();
+        for _ in 0..20 {
+            f.pump();
+            f.advance(100);
+        }
+        assert_eq!(f.finished().len(), 2, "{phase_at_crash:?}");
+        let three = NodeState::UpdateCompleted { current: Epoch(3) };
+        assert_eq!(f.states(), vec![three; 3], "{phase_at_crash:?}");
+        assert!(f.nodes.iter().all(|n| n.is_synced()));
+        assert_eq!(
+            f.count(|r| matches!(r, Record::Refused { .. })),
+            refused,
+            "every node's messages check under the steps made again: {phase_at_crash:?}"
+        );
+        // And the round's end wrote them: a third round goes by the group.
+        let rows = f.persisted();
+        assert!(rows.core.round.is_none());
+        for m in &rows.members {
+            assert!(m.ratchet.next.is_none(), "{:?}", m.ratchet);
+        }
+    }
+}
+
+#[test]
 fn a_restored_controller_resumes_its_round() {
     for phase_at_crash in [
         RoundPhase::Distributing,
