@@ -1252,6 +1252,7 @@ impl Controller {
             Some(t) if !sends.is_empty() => {
                 // The pass's datagrams go to the kernel together (one
                 // system call for a round's key update batches).
+                let sent_at = self.now();
                 t.cork();
                 for (to, bytes) in sends {
                     // Corked: held, not sent; uncork says what failed.
@@ -1267,6 +1268,9 @@ impl Controller {
                         self.ops.send_error = Some(e.to_string());
                     }
                 }
+                // The round trip the drain measures starts here, not before
+                // the table write above.
+                self.machine.requests_sent(sent_at);
             }
             Some(_) => {}
             None if !sends.is_empty() => {

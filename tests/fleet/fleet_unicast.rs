@@ -64,8 +64,9 @@ fn one_fleet(n: usize) {
         heard.iter().all(|h| *h == 0),
         "agents heard other agents' replies on the group: {heard:?}"
     );
-    // What a round sends every node: its key update batches, two transition
-    // requests and the beacons; never one datagram per other agent.
+    // What a round sends every node: its key update batches (of which the
+    // kernel lets through only the one that can hold its entry), two
+    // transition requests and the beacons; never one datagram per other agent.
     for (node, got) in f.nodes.iter().zip(&received) {
         assert!(
             *got < n as u64 + batches + 2,

@@ -99,6 +99,14 @@ pub(super) struct Round {
     /// answer requests of the previous run, so the phase times are no round
     /// trips (the drain grace is then `max_flight_ms`).
     pub(super) restored: bool,
+    /// When the current phase's first group wave went out, in the shell's
+    /// word ([`ControllerMachine::requests_sent`]: after the pass's table
+    /// write); `None` until it says so.
+    pub(super) sent_at: Option<Time>,
+    /// The first transition's round trip from its first group wave's send
+    /// to the last acknowledgement it needed, once measured
+    /// ([`Round::drain_grace`]).
+    pub(super) first_rtt_ms: Option<u64>,
     /// Steps made with this round's share before it started (`ahead.rs`; in
     /// memory only, taken as the wraps go out).
     pub(super) prepared: super::ahead::Prepared,
@@ -177,6 +185,8 @@ impl Round {
             second_msg: None,
             retries: BinaryHeap::new(),
             restored: false,
+            sent_at: None,
+            first_rtt_ms: None,
             prepared: super::ahead::Prepared::default(),
             stepped: BTreeMap::new(),
         }
@@ -206,6 +216,8 @@ impl Round {
             first_msg: None,
             second_msg: None,
             retries: BinaryHeap::new(),
+            sent_at: None,
+            first_rtt_ms: None,
             prepared: super::ahead::Prepared::default(),
             stepped: r.stepped.clone(),
         }
@@ -254,10 +266,14 @@ impl Round {
     /// `drain_rtt_factor` times the first transition's round trip, at least
     /// `drain_floor_ms` and at most `max_flight_ms`.
     ///
-    /// That round trip is the first transition phase: it ends with the last
+    /// That round trip is the first transition phase from its request's
+    /// first send (when the shell said when that was,
+    /// [`ControllerMachine::requests_sent`]; else from the phase's start, the
+    /// controller's own table write included): it ends with the last
     /// acknowledgement it needed, which answers a request sent at or after
-    /// the phase began (retries, node processing and the node's state write
-    /// included, so it errs long). It is the exchange just before the drain,
+    /// that send (retries, node processing and the node's state write
+    /// included, so it errs long). The controller's table write before the
+    /// send is no flight: no node has the request yet. It is the exchange just before the drain,
     /// and the lightest of the round (one signature check per node), so it
     /// measures the network as the old-key data still in flight meets it.
     /// The key update phase is not counted: its length is the round's key
@@ -277,7 +293,7 @@ impl Round {
         if self.restored {
             return cfg.max_flight_ms;
         }
-        let rtt = self.phases_ms.first_transition;
+        let rtt = self.first_rtt_ms.unwrap_or(self.phases_ms.first_transition);
         rtt.saturating_mul(u64::from(cfg.drain_rtt_factor))
             .max(cfg.drain_floor_ms)
             .min(cfg.max_flight_ms)
@@ -300,6 +316,10 @@ impl Round {
             self.phases_ms
                 .add(self.phase, now.since(self.phase_started));
         }
+        if self.phase == RoundPhase::FirstTransition && phase == RoundPhase::Draining {
+            self.first_rtt_ms = self.sent_at.map(|sent| now.since(sent));
+        }
+        self.sent_at = None;
         self.phase = phase;
         self.phase_started = now;
         self.stale_from = now;
@@ -421,6 +441,20 @@ impl ControllerMachine {
         } else if let Some(step) = transition_step(phase) {
             self.sign_transition(step, out);
             self.send_transition_wave(now, step, rng, out);
+        }
+    }
+
+    /// The shell's word that the sends of the pass just handled went out at
+    /// `at`, after that pass's table write. The first such word after a
+    /// phase's group wave is where the phase's round trip starts for the
+    /// drain ([`Round::drain_grace`]): the write before it is the
+    /// controller's own, no flight. Without it the round trip starts with
+    /// the phase, which only errs long.
+    pub fn requests_sent(&mut self, at: Time) {
+        if let Some(r) = &mut self.round {
+            if r.sent_at.is_none() && r.group_sent > 0 && at >= r.phase_started {
+                r.sent_at = Some(at);
+            }
         }
     }
 

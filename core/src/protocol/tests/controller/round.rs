@@ -576,6 +576,56 @@ fn the_drain_is_twice_the_slowest_round_trip_between_floor_and_ceiling() {
     assert_eq!(phase_ms(&f)[0].2, 100);
 }
 
+/// The drain's round trip starts when the shell says the first
+/// transition's request went out (`requests_sent`, after the pass's table
+/// write), not when the machine entered the phase: a write that takes 200 ms
+/// before the request leaves is no flight, and would double into the drain.
+#[test]
+fn the_drain_counts_from_the_requests_send_not_from_the_table_write_before_it() {
+    let run = |shell_says: bool| {
+        let mut f = TestFleet::new(3, measured_cfg(5000));
+        // The first transition's requests are held back 200 ms (the table
+        // write before the send); its key update goes at once.
+        f.drop = Box::new(
+            |_, _, b| matches!(wire::decode(b), Ok(Message::Transition(t)) if t.step == Step::FirstTransition),
+        );
+        f.advance(1000);
+        f.ctl(ControllerInput::Rekey).unwrap();
+        f.pump();
+        assert_eq!(f.phase(), Some(RoundPhase::FirstTransition));
+        f.advance(200);
+        f.drop = Box::new(|_, _, _| false);
+        if shell_says {
+            // Too early (before the phase) and then the real word.
+            f.c.requests_sent(Time(0));
+            f.c.requests_sent(f.now);
+        }
+        for _ in 0..400 {
+            f.advance(10);
+            if f.phase().is_none() {
+                break;
+            }
+        }
+        assert_eq!(f.finished().len(), 1);
+        assert_eq!(f.states(), vec![UC2; 3]);
+        let [(_, first, drain)] = phase_ms(&f)[..] else {
+            panic!("{:?}", phase_ms(&f))
+        };
+        (first, drain)
+    };
+    let (first_a, drain_a) = run(false);
+    let (first_b, drain_b) = run(true);
+    println!("first transition {first_a} / {first_b} ms; drain without the word {drain_a} ms, with it {drain_b} ms");
+    // The phase as reported is the same: it still counts the write.
+    assert!(first_a >= 200 && first_b >= 200, "{first_a} {first_b}");
+    assert!(drain_a >= 2 * first_a, "{drain_a} {first_a}");
+    // The drain without those 200 ms, twice.
+    assert!(
+        drain_b + 2 * 190 <= drain_a && drain_b >= 2 * (first_b - 200),
+        "drain {drain_b} with the send's time against {drain_a} without"
+    );
+}
+
 /// The drain follows the first transition's round trip only: a key update
 /// phase made long by work at both ends (here a reply held back 300 ms, as
 /// 100 nodes' key agreement and durable writes took 51 ms of a 100-node
