@@ -16,7 +16,9 @@ pub struct ControllerConfig {
     /// longest time a datagram spends in flight.
     pub drain_grace_ms: Option<u64>,
     /// The measured drain grace is this many times the first transition's
-    /// acknowledgement round trip, that phase's length (default 2)…
+    /// acknowledgement round trip, from its request's send (as the shell
+    /// reports it, `ControllerMachine::requests_sent`; else from the phase's
+    /// start) to its last reply (default 2)…
     pub drain_rtt_factor: u32,
     /// …at least this many ms (default 10)…
     pub drain_floor_ms: u64,
