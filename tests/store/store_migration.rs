@@ -49,11 +49,21 @@ fn a_schema_2_table_from_main_migrates_and_its_unfinished_round_is_not_current()
     let s = Store::open(&st.database()).unwrap();
     assert_eq!(s.schema_version().unwrap(), SCHEMA_VERSION as i64);
     assert_eq!(
-        SCHEMA_VERSION, 7,
+        SCHEMA_VERSION, 8,
         "schema 3 (this test's rows), 4 (one member numbering), 5 (the leader lease), 6 \
-         (the controller's state rows) and 7 (one vocabulary for round phases)"
+         (the controller's state rows), 7 (one vocabulary for round phases) and 8 (no \
+         index of the deliveries by node)"
     );
     assert_eq!(s.integrity_check().unwrap(), Ok(()));
+    let c = rusqlite::Connection::open(st.database()).unwrap();
+    let by_node: i64 = c
+        .query_row(
+            "SELECT COUNT(*) FROM sqlite_master WHERE name = 'key_deliveries_by_node'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(by_node, 0, "schema 8 drops the deliveries' index by node");
     // main said epoch 3 (the newest key); epoch 3's round never completed.
     assert_eq!(s.current_epoch().unwrap(), Some(2));
     assert_eq!(s.newest_epoch().unwrap(), Some(3));
