@@ -168,14 +168,10 @@ fn group_filter(member: u32) -> [socket2::SockFilter; 17] {
         /* 8 */ F::new(bpf::JEQ, 0, to(8, KEEP), u32::from(kind::KEY_UPDATE)),
         /* 9 */ F::new(bpf::LD_LEN, 0, 0, 0),
         /* 10 */ F::new(bpf::JGE, 0, to(10, KEEP), at(range + 8)),
-        // The first member of the batch is past `member`…
-        /* 11 */
-        F::new(bpf::LDW, 0, 0, at(range)),
-        /* 12 */ F::new(bpf::JGT, to(12, DROP), 0, member),
-        // …or its last is before it.
-        /* 13 */
-        F::new(bpf::LDW, 0, 0, at(range + 4)),
-        /* 14 */ F::new(bpf::JGE, to(14, KEEP), 0, member),
+        /* 11 */ F::new(bpf::LDW, 0, 0, at(range)), // the batch's first member…
+        /* 12 */ F::new(bpf::JGT, to(12, DROP), 0, member), // …is past `member`
+        /* 13 */ F::new(bpf::LDW, 0, 0, at(range + 4)), // its last member…
+        /* 14 */ F::new(bpf::JGE, to(14, KEEP), 0, member), // …is not before it
         /* DROP */ F::new(bpf::RET, 0, 0, 0),
         /* KEEP */ F::new(bpf::RET, 0, 0, u32::MAX),
     ]
