@@ -240,17 +240,33 @@ fn write_summaries(s: &mut Store, summaries: &[Summary]) {
 /// Kind of the rate-counted answered key requests and joins of one member.
 const ANSWERED: &str = "key_request";
 
+/// The key state an answer handed out: the current epoch, and the round's
+/// epoch and phase when there was one (a join's record names no phase).
+type AnsweredState = (u32, Option<u32>, Option<RoundPhase>);
+
 /// An answered key request or join counted per member: the first of a member
-/// in each window, and the first in each key state (epoch, round phase), get
+/// in each window, and the first in each key state ([`AnsweredState`]), get
 /// their row; the rest are summarized ("N more answered key_request of member M …").
-fn answered(r: &Record) -> Option<(u64, u32, u32)> {
+/// The state is the record's own, not the machine's after the pass: a round
+/// that finished in the same pass (a restarted node's request that confirmed
+/// its last step) would make the answer look like the node's join.
+fn answered(r: &Record) -> Option<(u64, u32, AnsweredState)> {
     match r {
         Record::KeyRequestAnswered {
-            member, epoch, at, ..
-        }
-        | Record::JoinAnswered {
-            member, epoch, at, ..
-        } => Some((at.0, *member, epoch.0)),
+            member,
+            epoch,
+            round,
+            round_epoch,
+            at,
+            ..
+        } => Some((at.0, *member, (epoch.0, round_epoch.map(|e| e.0), *round))),
+        Record::JoinAnswered {
+            member,
+            epoch,
+            round_epoch,
+            at,
+            ..
+        } => Some((at.0, *member, (epoch.0, round_epoch.map(|e| e.0), None))),
         _ => None,
     }
 }
@@ -267,9 +283,8 @@ pub struct Table {
     pending: Vec<Record>,
     /// Answered key requests and joins, counted per member.
     answered: RateCounter,
-    /// The key state (epoch, round phase) of each member's last answered
-    /// request written in full.
-    answered_epoch: HashMap<u32, (u32, Option<RoundPhase>)>,
+    /// The key state of each member's last answered request written in full.
+    answered_epoch: HashMap<u32, AnsweredState>,
     /// The key the controller's state rows are sealed with (none: a table
     /// opened only for its records, as in tests).
     key: Option<StateKey>,
@@ -683,11 +698,9 @@ impl Table {
                     write_run(s, rounds, &run, &ctx);
                     run.clear();
                 }
-                if let Some((at, member, epoch)) = answered(r) {
-                    // The first answer in each key state (epoch, round phase)
-                    // is always written in full: a node back in a new state
-                    // has its row.
-                    let state = (epoch, ctx.round.map(|(_, p)| p));
+                if let Some((at, member, state)) = answered(r) {
+                    // The first answer in each key state is always written in
+                    // full: a node back in a new state has its row.
                     if answered_epoch.insert(member, state) == Some(state) {
                         closed.clear();
                         let seen = answered_counter.observe_source(
@@ -1305,6 +1318,83 @@ mod tests {
                 .collect();
             assert!(acked.contains(&"a") && acked.contains(&"c"), "{acked:?}");
         }
+    }
+
+    /// A restarted node's key request answered in the pass that also
+    /// finishes the round (its request confirmed its last step) has its row,
+    /// however many answers the node had before in the state it joined in:
+    /// the state counted is the one the answer handed out, not the machine's
+    /// after the pass, which has no round any more. (Seen as a flaky
+    /// `fault_matrix` cell: "the restarted node's key request is audited: []".)
+    #[test]
+    fn a_key_request_answered_as_its_round_finishes_has_its_row() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut out = Vec::new();
+        let mut m =
+            ControllerMachine::new(ControllerConfig::default(), Time(0), &mut OsRng, &mut out);
+        m.handle(
+            Time(1),
+            ControllerInput::Enroll {
+                node_id: NodeId::parse("a").unwrap(),
+                initial_key: InitialKey([1; 16]),
+                addr: "127.0.0.1:9000".parse().unwrap(),
+            },
+            &mut OsRng,
+            &mut out,
+        )
+        .unwrap();
+        let mut t = Table::new(Store::open(&dir.path().join("fleet.db")).unwrap()).unwrap();
+        t.write(&records(&mut out), &m, 1).unwrap();
+        assert!(m.round().is_none());
+        let id = NodeId::parse("a").unwrap();
+        let epoch = keyfleet_core::crypto::Epoch;
+        let key_request = |round: Option<RoundPhase>, at: u64| Record::KeyRequestAnswered {
+            member: 1,
+            node_id: id.clone(),
+            held: epoch(1),
+            epoch: epoch(1),
+            round,
+            round_epoch: round.map(|_| epoch(2)),
+            at: Time(at),
+        };
+        // The join, and a key request answered outside any round.
+        let join = Record::JoinAnswered {
+            member: 1,
+            node_id: id.clone(),
+            addr: "127.0.0.1:9000".parse().unwrap(),
+            epoch: epoch(1),
+            round_epoch: None,
+            at: Time(10),
+        };
+        t.write(&[join], &m, 10).unwrap();
+        t.write(&[key_request(None, 20)], &m, 20).unwrap();
+        let rows = |t: &Table| {
+            audit(t)
+                .iter()
+                .filter(|a| a.kind == AuditKind::Rejoin && a.detail["event"] == "key_request")
+                .count()
+        };
+        let before = rows(&t);
+        // The restarted node's request during the second transition, in a
+        // pass after which the machine has no round.
+        t.write(
+            &[key_request(Some(RoundPhase::SecondTransition), 30)],
+            &m,
+            30,
+        )
+        .unwrap();
+        assert_eq!(rows(&t), before + 1, "{:#?}", audit(&t));
+        // The same answer again within the member's window: counted (and
+        // summarized when the window closes), not written.
+        for at in [40, 50] {
+            t.write(
+                &[key_request(Some(RoundPhase::SecondTransition), at)],
+                &m,
+                at,
+            )
+            .unwrap();
+        }
+        assert_eq!(rows(&t), before + 1, "{:#?}", audit(&t));
     }
 
     #[test]
