@@ -230,6 +230,25 @@ pub(super) mod tests {
         got
     }
 
+    /// A free loopback group (`free_group(last)`), a blocking group socket
+    /// joined to it that gives up after 200 ms of quiet, and a blocking
+    /// sender to it.
+    fn loopback_pair(last: u8) -> (SocketAddrV4, UdpSocket, UdpSocket) {
+        let group = free_group(last);
+        let rx = group_socket(group, Ipv4Addr::LOCALHOST).unwrap();
+        rx.set_nonblocking(false).unwrap();
+        rx.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let tx = unicast_socket(
+            SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0),
+            Ipv4Addr::LOCALHOST,
+            1,
+        )
+        .unwrap();
+        tx.set_nonblocking(false).unwrap();
+        (group, rx, tx)
+    }
+
     /// What `rx` receives of `sent`, in order, until it has been quiet for its read timeout.
     fn heard(
         tx: &UdpSocket,
@@ -285,18 +304,7 @@ pub(super) mod tests {
 
     #[test]
     fn the_kernel_drops_exactly_the_key_updates_whose_range_leaves_the_member_out() {
-        let group = free_group(18);
-        let rx = group_socket(group, Ipv4Addr::LOCALHOST).unwrap();
-        rx.set_nonblocking(false).unwrap();
-        rx.set_read_timeout(Some(Duration::from_millis(200)))
-            .unwrap();
-        let tx = unicast_socket(
-            SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0),
-            Ipv4Addr::LOCALHOST,
-            1,
-        )
-        .unwrap();
-        tx.set_nonblocking(false).unwrap();
+        let (group, rx, tx) = loopback_pair(18);
 
         // Batches around member 40, and the decoder's own view of each.
         let batches = [
@@ -363,18 +371,7 @@ pub(super) mod tests {
 
     #[test]
     fn the_kernel_drops_exactly_the_members_own_group_data() {
-        let group = free_group(17);
-        let rx = group_socket(group, Ipv4Addr::LOCALHOST).unwrap();
-        rx.set_nonblocking(false).unwrap();
-        rx.set_read_timeout(Some(Duration::from_millis(200)))
-            .unwrap();
-        let tx = unicast_socket(
-            SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0),
-            Ipv4Addr::LOCALHOST,
-            1,
-        )
-        .unwrap();
-        tx.set_nonblocking(false).unwrap();
+        let (group, rx, tx) = loopback_pair(17);
 
         let own = datagram(wire::kind::DATA, 7);
         let other = datagram(wire::kind::DATA, 8);
