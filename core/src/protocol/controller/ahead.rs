@@ -69,7 +69,6 @@ impl ControllerMachine {
         let (share, prepared) = self
             .ahead
             .get_or_insert_with(|| (ShareSecret::generate(rng), Prepared::default()));
-        let ours = share.public();
         let mut made = 0;
         for m in self.members.iter() {
             // A step prepared outside a round (a key response the node has
@@ -84,9 +83,7 @@ impl ControllerMachine {
             if made == max {
                 return true;
             }
-            let step = share
-                .dh(&c.share)
-                .map(|dh| ratchet::Step::derive(&c.chain, &dh, member, &ours, &c.share));
+            let step = c.step_with(share, member);
             prepared.steps.insert(
                 member,
                 Made {

@@ -244,8 +244,7 @@ impl Member {
         let c = self.row.ratchet.committed.as_ref()?;
         let secret = ShareSecret::generate(rng);
         let ours = secret.public();
-        let dh = secret.dh(&c.share)?;
-        let step = ratchet::Step::derive(&c.chain, &dh, self.row.member, &ours, &c.share);
+        let step = c.step_with(&secret, self.row.member)?;
         self.row.ratchet.next = Some(Pending {
             share: ours,
             step: step.clone(),
@@ -275,10 +274,7 @@ impl Member {
             // Made before the round, from the chain and share the member
             // still has (`ahead.rs`).
             Some(step) => step,
-            None => {
-                let dh = src.share.dh(&c.share)?;
-                ratchet::Step::derive(&c.chain, &dh, member, &ours, &c.share)
-            }
+            None => c.step_with(src.share, member)?,
         };
         let node_share = c.share;
         self.row.ratchet.next = Some(Pending {

@@ -152,6 +152,21 @@ pub struct Committed {
     pub share: Share,
 }
 
+impl Committed {
+    /// The step the controller's share `secret` makes with this chain and
+    /// node share for `member`; `None` for a node share of small order.
+    pub(super) fn step_with(&self, secret: &ShareSecret, member: u32) -> Option<ratchet::Step> {
+        let dh = secret.dh(&self.share)?;
+        Some(ratchet::Step::derive(
+            &self.chain,
+            &dh,
+            member,
+            &secret.public(),
+            &self.share,
+        ))
+    }
+}
+
 #[derive(Clone, Debug, Hash, Serialize, Deserialize)]
 pub struct Pending {
     /// The controller's share of the step (sent with every wrap under it).
