@@ -103,10 +103,6 @@ pub(super) struct Round {
     /// word ([`ControllerMachine::requests_sent`]: after the pass's table
     /// write); `None` until it says so.
     pub(super) sent_at: Option<Time>,
-    /// The first transition's round trip from its first group wave's send
-    /// to the last acknowledgement it needed, once measured
-    /// ([`Round::drain_grace`]).
-    pub(super) first_rtt_ms: Option<u64>,
     /// Steps made with this round's share before it started (`ahead.rs`; in
     /// memory only, taken as the wraps go out).
     pub(super) prepared: super::ahead::Prepared,
@@ -186,7 +182,6 @@ impl Round {
             retries: BinaryHeap::new(),
             restored: false,
             sent_at: None,
-            first_rtt_ms: None,
             prepared: super::ahead::Prepared::default(),
             stepped: BTreeMap::new(),
         }
@@ -217,7 +212,6 @@ impl Round {
             second_msg: None,
             retries: BinaryHeap::new(),
             sent_at: None,
-            first_rtt_ms: None,
             prepared: super::ahead::Prepared::default(),
             stepped: r.stepped.clone(),
         }
@@ -286,14 +280,16 @@ impl Round {
     /// receiver). A round restored after a restart may count acknowledgements
     /// of requests sent before the restart, which measure nothing: it waits
     /// `max_flight_ms`.
-    pub(super) fn drain_grace(&self, cfg: &ControllerConfig) -> u64 {
+    /// `sent_rtt` is that round trip from the send, when the shell said when
+    /// the send was.
+    pub(super) fn drain_grace(&self, cfg: &ControllerConfig, sent_rtt: Option<u64>) -> u64 {
         if let Some(fixed) = cfg.drain_grace_ms {
             return fixed;
         }
         if self.restored {
             return cfg.max_flight_ms;
         }
-        let rtt = self.first_rtt_ms.unwrap_or(self.phases_ms.first_transition);
+        let rtt = sent_rtt.unwrap_or(self.phases_ms.first_transition);
         rtt.saturating_mul(u64::from(cfg.drain_rtt_factor))
             .max(cfg.drain_floor_ms)
             .min(cfg.max_flight_ms)
@@ -316,10 +312,12 @@ impl Round {
             self.phases_ms
                 .add(self.phase, now.since(self.phase_started));
         }
-        if self.phase == RoundPhase::FirstTransition && phase == RoundPhase::Draining {
-            self.first_rtt_ms = self.sent_at.map(|sent| now.since(sent));
-        }
-        self.sent_at = None;
+        // The first transition's round trip from its request's send.
+        let sent_rtt = self
+            .sent_at
+            .take()
+            .filter(|_| self.phase == RoundPhase::FirstTransition)
+            .map(|sent| now.since(sent));
         self.phase = phase;
         self.phase_started = now;
         self.stale_from = now;
@@ -330,7 +328,7 @@ impl Round {
             self.activated_at = Some(now);
         }
         if phase == RoundPhase::Draining && self.drain_until.is_none() {
-            self.drain_until = Some(now.plus(self.drain_grace(cfg)));
+            self.drain_until = Some(now.plus(self.drain_grace(cfg, sent_rtt)));
         }
     }
 

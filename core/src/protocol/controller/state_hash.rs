@@ -94,11 +94,10 @@ impl Hash for Round {
             share,
             restored,
             sent_at,
-            first_rtt_ms,
             prepared: _,
             stepped,
         } = self;
-        (sent_at, first_rtt_ms).hash(state);
+        sent_at.hash(state);
         share.hash(state);
         stepped.hash(state);
         (epoch, key, phase, reason, started_at, phase_started).hash(state);
