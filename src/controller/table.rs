@@ -1129,6 +1129,28 @@ mod tests {
             .collect()
     }
 
+    /// Enrolls `id` in `m` at `at` with an initial key of `key` bytes.
+    fn enroll(
+        m: &mut ControllerMachine,
+        out: &mut Vec<ControllerAction>,
+        at: u64,
+        id: &str,
+        key: u8,
+        addr: &str,
+    ) {
+        m.handle(
+            Time(at),
+            ControllerInput::Enroll {
+                node_id: NodeId::parse(id).unwrap(),
+                initial_key: InitialKey([key; 16]),
+                addr: addr.parse().unwrap(),
+            },
+            &mut OsRng,
+            out,
+        )
+        .unwrap();
+    }
+
     fn audit(t: &Table) -> Vec<AuditRecord> {
         t.store().audit_log(0, 1_000_000).unwrap()
     }
@@ -1186,17 +1208,7 @@ mod tests {
             t.write(&records(&mut out), &m, now).unwrap();
         }
         // A genuine event after the flood is recorded as always.
-        m.handle(
-            Time(20_000),
-            ControllerInput::Enroll {
-                node_id: NodeId::parse("late").unwrap(),
-                initial_key: InitialKey([3; 16]),
-                addr: "192.0.2.7:7000".parse().unwrap(),
-            },
-            &mut OsRng,
-            &mut out,
-        )
-        .unwrap();
+        enroll(&mut m, &mut out, 20_000, "late", 3, "192.0.2.7:7000");
         t.write(&records(&mut out), &m, 20_000).unwrap();
         // Windows that passed were closed by the writes; the rest on shutdown.
         assert!(t.next_refusal_close().is_some());
@@ -1262,17 +1274,8 @@ mod tests {
             let mut m =
                 ControllerMachine::new(ControllerConfig::default(), Time(0), &mut OsRng, &mut out);
             for (i, id) in ["a", "b", "c"].iter().enumerate() {
-                m.handle(
-                    Time(1),
-                    ControllerInput::Enroll {
-                        node_id: NodeId::parse(id).unwrap(),
-                        initial_key: InitialKey([i as u8; 16]),
-                        addr: format!("127.0.0.1:{}", 9000 + i).parse().unwrap(),
-                    },
-                    &mut OsRng,
-                    &mut out,
-                )
-                .unwrap();
+                let addr = format!("127.0.0.1:{}", 9000 + i);
+                enroll(&mut m, &mut out, 1, id, i as u8, &addr);
             }
             let mut t = Table::new(store).unwrap();
             t.write(&records(&mut out), &m, 1).unwrap();
@@ -1332,17 +1335,7 @@ mod tests {
         let mut out = Vec::new();
         let mut m =
             ControllerMachine::new(ControllerConfig::default(), Time(0), &mut OsRng, &mut out);
-        m.handle(
-            Time(1),
-            ControllerInput::Enroll {
-                node_id: NodeId::parse("a").unwrap(),
-                initial_key: InitialKey([1; 16]),
-                addr: "127.0.0.1:9000".parse().unwrap(),
-            },
-            &mut OsRng,
-            &mut out,
-        )
-        .unwrap();
+        enroll(&mut m, &mut out, 1, "a", 1, "127.0.0.1:9000");
         let mut t = Table::new(Store::open(&dir.path().join("fleet.db")).unwrap()).unwrap();
         t.write(&records(&mut out), &m, 1).unwrap();
         assert!(m.round().is_none());

@@ -219,12 +219,7 @@ impl TestFleet {
     /// that ends it is dropped.
     fn held_in(phase: RoundPhase) -> TestFleet {
         let mut f = TestFleet::new(3, test_cfg());
-        let hold = match phase {
-            RoundPhase::Distributing => Step::KeyUpdate,
-            RoundPhase::FirstTransition => Step::FirstTransition,
-            _ => Step::SecondTransition,
-        };
-        let blocked = is_ack_from(2, hold);
+        let blocked = is_ack_from(2, reply_ending(phase));
         f.drop = Box::new(move |_, _, b| blocked(b));
         f.ctl(ControllerInput::Rekey).unwrap();
         f.pump();
@@ -246,6 +241,16 @@ impl TestFleet {
             .iter()
             .filter_map(Record::round_finished)
             .collect()
+    }
+}
+
+/// The reply whose arrival ends `phase` (the drain waits for none: the
+/// second transition's).
+fn reply_ending(phase: RoundPhase) -> Step {
+    match phase {
+        RoundPhase::Distributing => Step::KeyUpdate,
+        RoundPhase::FirstTransition => Step::FirstTransition,
+        _ => Step::SecondTransition,
     }
 }
 

@@ -283,12 +283,7 @@ fn a_round_start_writes_no_member_row_and_a_restart_in_any_phase_makes_the_same_
 
         // The second round's start makes every step with the round's share on
         // the rows as written: it writes none of them before its key update.
-        let hold = match phase_at_crash {
-            RoundPhase::Distributing => Step::KeyUpdate,
-            RoundPhase::FirstTransition => Step::FirstTransition,
-            _ => Step::SecondTransition,
-        };
-        let blocked = is_ack_from(2, hold);
+        let blocked = is_ack_from(2, reply_ending(phase_at_crash));
         f.drop = Box::new(move |_, _, b| blocked(b));
         let mut out = Vec::new();
         f.c.handle(f.now, ControllerInput::Rekey, &mut f.rng, &mut out)
