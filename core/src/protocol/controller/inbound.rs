@@ -109,6 +109,7 @@ impl ControllerMachine {
         let Some((share, step)) = self.step_for(k.member, rng, out) else {
             return Ok(());
         };
+        self.persist_notes(out);
         let member = k.member;
         let state = KeyState {
             current_epoch: self.current.epoch(),

@@ -284,6 +284,7 @@ impl Member {
         let write = self.ratchet_unsaved;
         if !write {
             src.stepped.insert(member, node_share);
+            *src.notes_unsaved = true;
             self.ratchet_unsaved = true;
         }
         Some(((ours, step), write))

@@ -145,7 +145,7 @@ impl ControllerMachine {
             reason: TriggerReason::Initial,
             at: now,
         }));
-        let c = ControllerMachine::from_parts(cfg, signing, current, now, None, Members::new());
+        let mut c = ControllerMachine::from_parts(cfg, signing, current, now, None, Members::new());
         c.persist_core(out);
         c
     }
@@ -466,8 +466,22 @@ impl ControllerMachine {
         self.seq
     }
 
-    fn persist_core(&self, out: &mut Out) {
+    fn persist_core(&mut self, out: &mut Out) {
+        if let Some(r) = &mut self.round {
+            r.notes_unsaved = false;
+        }
         out.push(ControllerAction::PersistCore(Box::new(self.core())));
+    }
+
+    /// Persists the round's row when a step made with its share was noted
+    /// since it was last written ([`round::Round::notes_unsaved`]): the note is
+    /// what makes that step again after a restart, so it is durable before
+    /// anything wrapped under the step goes out. Called after making steps
+    /// and before the sends that carry them.
+    fn persist_notes(&mut self, out: &mut Out) {
+        if self.round.as_ref().is_some_and(|r| r.notes_unsaved) {
+            self.persist_core(out);
+        }
     }
 
     fn record(out: &mut Out, r: Record) {

@@ -39,20 +39,27 @@ impl Round {
 }
 
 impl ControllerMachine {
-    /// One group wave of key update batches to every waiting member.
+    /// One group wave of key update batches to every waiting member. The
+    /// steps are made first; the round's row is persisted before the first
+    /// batch goes out when `entering` the phase (its row) or when a step was
+    /// noted in it ([`ControllerMachine::persist_notes`]): one write either way.
     pub(super) fn send_key_wave(
         &mut self,
         now: Time,
+        entering: bool,
         rng: &mut (impl RngCore + CryptoRng),
         out: &mut Out,
     ) {
         let Some(r) = &mut self.round else { return };
         let wave = r.start_wave(now, &self.cfg, rng);
         let Some(share) = r.share.as_ref().map(ShareSecret::public) else {
+            if entering {
+                self.persist_core(out);
+            }
             return;
         };
         let epoch = r.epoch;
-        let mut batch: Vec<(u32, WrappedKey)> = Vec::with_capacity(MAX_BATCH_ENTRIES);
+        let mut entries: Vec<(u32, WrappedKey)> = Vec::new();
         for i in self.members.numbers() {
             let (Some(r), Some(m)) = (&mut self.round, self.members.get_mut(i)) else {
                 continue;
@@ -70,7 +77,7 @@ impl ControllerMachine {
                 continue;
             }
             m.attempts += 1;
-            batch.push((i, step.wrap(&r.key, i, rng)));
+            entries.push((i, step.wrap(&r.key, i, rng)));
             Self::record(
                 out,
                 Record::KeySent {
@@ -82,12 +89,14 @@ impl ControllerMachine {
                     at: now,
                 },
             );
-            if batch.len() == MAX_BATCH_ENTRIES {
-                self.send_batch(now, epoch, &share, wave, &mut batch, out);
-            }
         }
-        if !batch.is_empty() {
-            self.send_batch(now, epoch, &share, wave, &mut batch, out);
+        if entering {
+            self.persist_core(out);
+        } else {
+            self.persist_notes(out);
+        }
+        for batch in entries.chunks(MAX_BATCH_ENTRIES) {
+            self.send_batch(now, epoch, &share, wave, batch, out);
         }
     }
 
@@ -97,7 +106,7 @@ impl ControllerMachine {
         epoch: Epoch,
         share: &Share,
         wave: u32,
-        batch: &mut Vec<(u32, WrappedKey)>,
+        batch: &[(u32, WrappedKey)],
         out: &mut Out,
     ) {
         let seq = self.next_seq(out);
@@ -115,7 +124,6 @@ impl ControllerMachine {
                 at: now,
             },
         );
-        batch.clear();
     }
 
     /// One group wave of the transition request of `step`.
@@ -165,6 +173,7 @@ impl ControllerMachine {
             let Some((share, step)) = m.step(r.step_source(), rng, out) else {
                 return;
             };
+            self.persist_notes(out);
             let seq = self.next_seq(out);
             let (Some(r), Some(m)) = (&self.round, self.members.get_mut(member)) else {
                 return;
@@ -243,7 +252,7 @@ impl ControllerMachine {
         if r.waiting > 0 && r.next_wave.is_some_and(|t| now >= t) {
             if r.group_sent < self.cfg.group_attempts.max(1) {
                 if phase == RoundPhase::Distributing {
-                    self.send_key_wave(now, rng, out);
+                    self.send_key_wave(now, false, rng, out);
                 } else if let Some(step) = transition_step(phase) {
                     self.send_transition_wave(now, step, rng, out);
                 }

@@ -111,6 +111,10 @@ pub(super) struct Round {
     /// of that row's `committed` (persisted with the round): after a restart
     /// each is made again ([`ControllerMachine::remake_round_steps`]).
     pub(super) stepped: BTreeMap<u32, Share>,
+    /// A note was added to `stepped` since the round's row was last
+    /// persisted (memory only): the row must be written before anything
+    /// wrapped under that step goes out ([`ControllerMachine::persist_notes`]).
+    pub(super) notes_unsaved: bool,
 }
 
 /// What a member's step in a round is made with ([`Member::step`]): the
@@ -120,6 +124,7 @@ pub(super) struct RoundSource<'a> {
     pub(super) share: &'a ShareSecret,
     pub(super) prepared: &'a mut super::ahead::Prepared,
     pub(super) stepped: &'a mut BTreeMap<u32, Share>,
+    pub(super) notes_unsaved: &'a mut bool,
 }
 
 /// The step a phase waits for members to confirm, if any.
@@ -184,6 +189,7 @@ impl Round {
             sent_at: None,
             prepared: super::ahead::Prepared::default(),
             stepped: BTreeMap::new(),
+            notes_unsaved: false,
         }
     }
 
@@ -214,6 +220,7 @@ impl Round {
             sent_at: None,
             prepared: super::ahead::Prepared::default(),
             stepped: r.stepped.clone(),
+            notes_unsaved: false,
         }
     }
 
@@ -301,6 +308,7 @@ impl Round {
             share: self.share.as_ref()?,
             prepared: &mut self.prepared,
             stepped: &mut self.stepped,
+            notes_unsaved: &mut self.notes_unsaved,
         })
     }
 
@@ -433,10 +441,14 @@ impl ControllerMachine {
             // round nothing.
             self.save_ratchets(out);
         }
-        self.persist_core(out);
         if phase == RoundPhase::Distributing {
-            self.send_key_wave(now, rng, out);
-        } else if let Some(step) = transition_step(phase) {
+            // The steps first, then the round's row with their notes, then
+            // the batches (`send_key_wave`).
+            self.send_key_wave(now, true, rng, out);
+            return;
+        }
+        self.persist_core(out);
+        if let Some(step) = transition_step(phase) {
             self.sign_transition(step, out);
             self.send_transition_wave(now, step, rng, out);
         }
@@ -491,6 +503,8 @@ impl ControllerMachine {
                 let _ = m.round_step(src);
             }
         }
+        // The notes made again are the persisted ones.
+        r.notes_unsaved = false;
     }
 
     /// Signs the round's transition request of `step` under the current term

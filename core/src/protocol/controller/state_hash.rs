@@ -96,10 +96,11 @@ impl Hash for Round {
             sent_at,
             prepared: _,
             stepped,
+            notes_unsaved,
         } = self;
         sent_at.hash(state);
         share.hash(state);
-        stepped.hash(state);
+        (stepped, notes_unsaved).hash(state);
         (epoch, key, phase, reason, started_at, phase_started).hash(state);
         (stale_from, paused, pauses).hash(state);
         (drain_until, activated_at, waiting, group_sent, next_wave).hash(state);

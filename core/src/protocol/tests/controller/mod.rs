@@ -38,6 +38,15 @@ struct TestFleet {
     drop: Filter,
     core: Option<Box<ControllerCore>>,
     rows: std::collections::BTreeMap<u32, MemberPersist>,
+    /// Controller passes handled so far (each `handle` call).
+    passes: usize,
+    /// Crash the controller after this pass and restart it from what was
+    /// persisted: with the pass's sends out (`true`), or lost (`false`: it
+    /// died between the pass's write and its sends).
+    crash_after: Option<(usize, bool)>,
+    /// Node restarts to make as the controller's round is first seen in a
+    /// phase: (phase, node), taken in order by `pump`.
+    restart_in: VecDeque<(RoundPhase, usize)>,
 }
 
 const CTL: usize = usize::MAX;
@@ -71,6 +80,9 @@ impl TestFleet {
             drop: Box::new(|_, _, _| false),
             core: None,
             rows: Default::default(),
+            passes: 0,
+            crash_after: None,
+            restart_in: VecDeque::new(),
         };
         f.apply(out);
         for i in 0..n as u32 {
@@ -95,8 +107,41 @@ impl TestFleet {
     fn ctl(&mut self, input: ControllerInput<'_>) -> Result<Outcome, CommandError> {
         let mut out = Vec::new();
         let r = self.c.handle(self.now, input, &mut self.rng, &mut out);
-        self.apply(out);
+        self.passes += 1;
+        match self.crash_after {
+            Some((pass, sent)) if pass == self.passes => {
+                self.crash_after = None;
+                if !sent {
+                    out.retain(|a| {
+                        !matches!(
+                            a,
+                            ControllerAction::SendGroup(_) | ControllerAction::SendTo { .. }
+                        )
+                    });
+                }
+                self.apply(out);
+                self.restart_controller();
+            }
+            _ => self.apply(out),
+        }
         r
+    }
+
+    /// Crash: a controller restored from what was persisted (through its
+    /// JSON form), started. Datagrams in flight stay queued.
+    fn restart_controller(&mut self) {
+        let json = serde_json::to_string(&self.persisted()).unwrap();
+        let persist: ControllerPersist = serde_json::from_str(&json).unwrap();
+        self.c = ControllerMachine::restore(&persist, self.cfg.clone(), self.now).unwrap();
+        self.ctl(ControllerInput::Start).unwrap();
+    }
+
+    /// Node `i` restarts from its state (every node writes it before it
+    /// sends) and comes up: it asks the controller for the keys.
+    fn restart_node(&mut self, i: usize) {
+        let snap = self.nodes[i].snapshot();
+        self.nodes[i] = NodeMachine::restore(&snap, node_cfg()).unwrap();
+        self.node(i, NodeInput::LinkUp);
     }
 
     fn apply(&mut self, out: Vec<ControllerAction>) {
@@ -141,7 +186,16 @@ impl TestFleet {
 
     /// Deliver everything queued (and what that causes), in order.
     fn pump(&mut self) {
-        while let Some((dest, from, bytes)) = self.queue.pop_front() {
+        loop {
+            if let Some(&(phase, i)) = self.restart_in.front() {
+                if self.phase() == Some(phase) {
+                    self.restart_in.pop_front();
+                    self.restart_node(i);
+                }
+            }
+            let Some((dest, from, bytes)) = self.queue.pop_front() else {
+                break;
+            };
             if (self.drop)(dest, from, &bytes) {
                 continue;
             }
@@ -198,6 +252,30 @@ impl TestFleet {
         while let Some(at) = self.c.poll_timeout().filter(|at| *at <= end) {
             self.now = self.now.max(at);
             let _ = self.ctl(ControllerInput::Timeout);
+            self.pump();
+        }
+        self.now = end;
+    }
+
+    /// [`TestFleet::advance`] with the nodes' deadlines too (their retries),
+    /// each input at its time.
+    fn advance_all(&mut self, ms: u64) {
+        let end = self.now.plus(ms);
+        loop {
+            let nodes = self.nodes.iter().enumerate();
+            let node = nodes
+                .filter_map(|(i, n)| Some((n.poll_timeout()?, i)))
+                .min();
+            let ctl = self.c.poll_timeout().map(|at| (at, CTL));
+            let Some((at, who)) = node.into_iter().chain(ctl).min().filter(|d| d.0 <= end) else {
+                break;
+            };
+            self.now = self.now.max(at);
+            if who == CTL {
+                let _ = self.ctl(ControllerInput::Timeout);
+            } else {
+                self.node(who, NodeInput::Timeout);
+            }
             self.pump();
         }
         self.now = end;

@@ -333,6 +333,105 @@ fn a_round_start_writes_no_member_row_and_a_restart_in_any_phase_makes_the_same_
     }
 }
 
+/// Round two of three nodes, with a node restarting as the round is first
+/// seen in each phase (its key request is answered with a step made with the
+/// round's share in that phase), and the controller crashing after pass
+/// `crash` of the round (`None`: no crash); then a third round.
+fn restarts_in_every_phase(crash: Option<(usize, bool)>) -> TestFleet {
+    let mut f = TestFleet::new(3, test_cfg());
+    f.ctl(ControllerInput::Rekey).unwrap();
+    for _ in 0..20 {
+        f.pump();
+        f.advance_all(100);
+    }
+    assert_eq!(f.finished().len(), 1);
+    f.restart_in = [
+        (RoundPhase::Distributing, 0),
+        (RoundPhase::FirstTransition, 1),
+        (RoundPhase::Draining, 2),
+        (RoundPhase::SecondTransition, 0),
+    ]
+    .into();
+    f.crash_after = crash.map(|(pass, sent)| (f.passes + pass, sent));
+    f.ctl(ControllerInput::Rekey).unwrap();
+    for _ in 0..100 {
+        f.pump();
+        if f.finished().len() == 2 {
+            break;
+        }
+        f.advance_all(100);
+    }
+    f.ctl(ControllerInput::Rekey).unwrap();
+    for _ in 0..100 {
+        f.pump();
+        if f.finished().len() == 3 {
+            break;
+        }
+        f.advance_all(100);
+    }
+    // A node whose answer the crash lost asks again.
+    for _ in 0..100 {
+        if f.nodes.iter().all(|n| n.is_synced()) {
+            break;
+        }
+        f.advance_all(100);
+    }
+    f
+}
+
+/// A step made with the round's share is durable before anything wrapped
+/// under it goes out, whichever phase makes it (the round's start, or a key
+/// request answered later in the round): a controller that crashes after
+/// any pass, before or after that pass's sends, checks every node's
+/// messages under the steps the nodes took. Before, a step made after the
+/// drain was noted in memory only, and a crash then left the node's replies
+/// refused (`bad_mac`) until it went stale.
+#[test]
+fn a_controller_crash_after_any_pass_of_a_round_with_restarting_nodes_refuses_no_node() {
+    let clean = restarts_in_every_phase(None);
+    assert!(
+        clean.restart_in.is_empty(),
+        "a node restarted in every phase"
+    );
+    let passes = clean.passes;
+    let bad_mac = |f: &TestFleet| {
+        f.count(|r| {
+            matches!(
+                r,
+                Record::Refused {
+                    reason: Refusal::BadMac { .. },
+                    ..
+                }
+            )
+        })
+    };
+    assert_eq!(bad_mac(&clean), 0);
+    let mut crashes = 0;
+    for pass in 1..passes {
+        for sent in [true, false] {
+            let f = restarts_in_every_phase(Some((pass, sent)));
+            if f.crash_after.is_some() {
+                continue; // the run ended before that pass
+            }
+            crashes += 1;
+            let at = format!("crash after pass {pass}, sends out: {sent}");
+            assert_eq!(bad_mac(&f), 0, "{at}: {:?}", f.records);
+            let rounds = f.finished();
+            assert_eq!(rounds.len(), 3, "{at}");
+            for (epoch, nodes, acked, stale) in &rounds[1..] {
+                assert_eq!((*nodes, *acked, *stale), (3, 3, 0), "{at}: round {epoch:?}");
+            }
+            let four = NodeState::UpdateCompleted { current: Epoch(4) };
+            assert_eq!(f.states(), vec![four; 3], "{at}");
+            assert!(f.nodes.iter().all(|n| n.is_synced()), "{at}");
+        }
+    }
+    assert!(
+        crashes > 40,
+        "the round has passes to crash after: {crashes}"
+    );
+}
+
 #[test]
 fn a_restored_controller_resumes_its_round() {
     for phase_at_crash in [
