@@ -1,4 +1,5 @@
--- keyfleet.lua: a Wireshark dissector for keyfleet's wire format (version 2).
+-- keyfleet.lua: a Wireshark dissector for keyfleet's wire format (version 3,
+-- and the two layouts of version 2).
 --
 -- Every message of core/src/wire/mod.rs (its table is the reference; docs/wire-v2.md
 -- assigns the type codes) gets a field for every field on the wire, so that
@@ -10,23 +11,27 @@
 -- says what was wrong, in the words of the library's WireError; another
 -- version or an unknown type gets expert info of its own.
 --
--- Two layouts of revision 2 are decoded (preference "Wire layout"):
---   join       revision 2 before issue 17: join 0x15, join accept 0x06, no
---              X25519 shares;
---   handshake  issue 17 (what keyfleet speaks now): the Noise NNpsk0 handshake init 0x17 and
---              answer 0x09 replace join and join accept; the key update
+-- Version 3 (what keyfleet speaks now) and the two layouts of version 2 are
+-- decoded (preference "Wire layout"):
+--   handshake  version 3 only, as the library decodes it: the Noise NNpsk0
+--              handshake init 0x17 and answer 0x09 (issue 17); the key update
 --              request 0x02 and key response 0x05 carry the controller's
 --              X25519 share, the replies 0x11-0x13 and the key request 0x14
---              the node's;
---   auto       (the default) both: the type code tells join from handshake,
---              and for 0x02, 0x05 and 0x11-0x14 the datagram's length tells
---              whether a share is there (the layouts never share a length).
+--              the node's; the key update request carries the round's
+--              transition commitment and the transition requests 0x03 / 0x04
+--              their reveals (issue 11);
+--   join       version 2 before issue 17: join 0x15, join accept 0x06, no
+--              X25519 shares;
+--   auto       (the default) version 3, and version 2 in both its layouts:
+--              the type code tells join from handshake, and for 0x02, 0x05
+--              and 0x11-0x14 the datagram's length tells whether a share is
+--              there (the layouts never share a length).
 --
 -- Registered on the UDP ports of the preference "UDP ports" (default: the
 -- group port and the controller's unicast port of `keyfleet config
 -- --print-default`) and as a heuristic dissector on UDP, so that the agents'
 -- own unicast ports and fleets on other ports decode too: a datagram is
--- claimed when it starts with version 2 and a known type and decodes whole
+-- claimed when it starts with a version and a known type of the layout and decodes whole
 -- (every length and value as the library checks them).
 --
 -- Use:  tshark -X lua_script:contrib/wireshark/keyfleet.lua -r capture.pcap -Y keyfleet
@@ -41,14 +46,16 @@
 -- data are shown as bytes.
 
 set_plugin_info({
-    version = "2.0.0",
-    description = "keyfleet wire version 2: every message, both layouts of revision 2 (join, handshake)",
+    version = "3.0.0",
+    description = "keyfleet wire version 3, and both layouts of version 2 (join, handshake)",
     repository = "contrib/wireshark/keyfleet.lua in the keyfleet repository",
 })
 
 local kf = Proto("keyfleet", "keyfleet group key protocol")
 
-local VERSION = 2
+-- The library's version; version 2 is decoded in the join and auto layouts.
+local VERSION, VERSION_2 = 3, 2
+local REVEAL_LEN = 32
 local SIG_LEN, MAC_LEN, WRAPPED_LEN, NONCE_LEN, TAG_LEN, SHARE_LEN = 64, 16, 60, 12, 16, 32
 local KEY_LEN = 32
 local ENTRY_LEN = 4 + WRAPPED_LEN
@@ -108,8 +115,8 @@ local controller_types = {
 -- The layouts (preference values) and the type codes each one has.
 local LAYOUT_AUTO, LAYOUT_JOIN, LAYOUT_HANDSHAKE = 0, 1, 2
 local layout_names = {
-    [LAYOUT_JOIN] = "revision 2 (join 0x15 / join accept 0x06, no X25519 shares)",
-    [LAYOUT_HANDSHAKE] = "revision 2 with issue 17 (Noise handshake 0x17 / 0x09, X25519 shares)",
+    [LAYOUT_JOIN] = "version 2 (join 0x15 / join accept 0x06, no X25519 shares)",
+    [LAYOUT_HANDSHAKE] = "issue 17 (Noise handshake 0x17 / 0x09, X25519 shares; version 3: and the transition commitment and reveals)",
 }
 local common_types = {
     T.DATA, T.KEY_UPDATE, T.FIRST_TRANSITION, T.SECOND_TRANSITION, T.KEY_RESPONSE,
@@ -183,6 +190,9 @@ local F = {
     -- X25519 shares (issue 17)
     controller_share = ProtoField.bytes("keyfleet.controller_share", "Controller X25519 share"),
     node_share = ProtoField.bytes("keyfleet.node_share", "Node X25519 share"),
+    -- the transition chain (version 3)
+    commitment = ProtoField.bytes("keyfleet.commitment", "Transition commitment"),
+    reveal = ProtoField.bytes("keyfleet.reveal", "Transition reveal"),
     -- key state (key response, join accept)
     key_state = ProtoField.none("keyfleet.key_state", "Key state"),
     current_key = ProtoField.bytes("keyfleet.key_state.current_key", "Wrapped current key"),
@@ -248,9 +258,9 @@ kf.prefs.ports = Pref.range("UDP ports", DEFAULT_PORTS,
     "controller's unicast port (network.listen_port, default 47800). Other ports are found " ..
     "by the heuristic dissector.", 65535)
 kf.prefs.layout = Pref.enum("Wire layout", LAYOUT_AUTO,
-    "Which revision of the wire to decode: auto (both; 0x02, 0x05, 0x11-0x14 by length), " ..
-    "join (join 0x15 / join accept 0x06, no X25519 shares) or handshake (issue 17: Noise handshake " ..
-    "0x17 / 0x09, X25519 shares).", {
+    "Which revision of the wire to decode: auto (version 3, and version 2 in both layouts; " ..
+    "0x02, 0x05, 0x11-0x14 by length), join (version 2: join 0x15 / join accept 0x06, no X25519 " ..
+    "shares) or handshake (version 3, as keyfleet speaks it now).", {
         { 1, "auto", LAYOUT_AUTO },
         { 2, "join", LAYOUT_JOIN },
         { 3, "handshake", LAYOUT_HANDSHAKE },
@@ -520,7 +530,7 @@ parse[T.DATA] = function(tvb, len)
     return r
 end
 
-parse[T.KEY_UPDATE] = function(tvb, len, shares)
+parse[T.KEY_UPDATE] = function(tvb, len, shares, v3)
     local r = split_auth(tvb, len, SIG_LEN, "signature")
     r:generated(F.step, 1)
     term(r)
@@ -532,6 +542,11 @@ parse[T.KEY_UPDATE] = function(tvb, len, shares)
     local first = r:u32(F.first, "first member")
     local last = r:u32(F.last, "last member")
     local count = r:u16(F.count, "entry count")
+    local commit_len = 0
+    if v3 then
+        r:bytes(F.commitment, REVEAL_LEN, "transition commitment")
+        commit_len = REVEAL_LEN
+    end
     if count and r:need(count * ENTRY_LEN, "key update entries") then
         local fe, le, prev, bad, bad_prev, bad_off
         for i = 1, count do
@@ -544,7 +559,7 @@ parse[T.KEY_UPDATE] = function(tvb, len, shares)
             if i == count then le = m end
             -- Entries rise strictly (a node finds its own by binary search).
             if prev and not bad and m <= prev then
-                bad, bad_prev, bad_off = m, prev, hdr_off + 10 + (i - 1) * ENTRY_LEN
+                bad, bad_prev, bad_off = m, prev, hdr_off + 10 + commit_len + (i - 1) * ENTRY_LEN
             end
             prev = m
         end
@@ -565,11 +580,14 @@ parse[T.KEY_UPDATE] = function(tvb, len, shares)
 end
 
 local function transition(step)
-    return function(tvb, len)
+    return function(tvb, len, _, v3)
         local r = split_auth(tvb, len, SIG_LEN, "signature")
         r:generated(F.step, step)
         term(r)
         epoch_seq(r)
+        if v3 then
+            r:bytes(F.reveal, REVEAL_LEN, "transition reveal")
+        end
         return r
     end
 end
@@ -799,6 +817,34 @@ local auth_of = {
     [T.USAGE_REPORT] = { F.mac, MAC_LEN },
 }
 
+-- Which versions each layout decodes.
+local function version_ok(version, layout)
+    if layout == LAYOUT_HANDSHAKE then
+        return version == VERSION
+    elseif layout == LAYOUT_JOIN then
+        return version == VERSION_2
+    end
+    return version == VERSION or version == VERSION_2
+end
+
+local function versions_of(layout)
+    if layout == LAYOUT_HANDSHAKE then
+        return "version " .. VERSION
+    elseif layout == LAYOUT_JOIN then
+        return "version " .. VERSION_2
+    end
+    return "versions " .. VERSION_2 .. " and " .. VERSION
+end
+
+local function layout_word(layout)
+    if layout == LAYOUT_JOIN then
+        return "join"
+    elseif layout == LAYOUT_HANDSHAKE then
+        return "handshake"
+    end
+    return "auto"
+end
+
 -- Parses one whole datagram under `layout`. Returns the reader (items, err,
 -- info), the type code (or nil) and the layout the datagram was read with
 -- (LAYOUT_JOIN or LAYOUT_HANDSHAKE; nil when it does not matter).
@@ -810,10 +856,16 @@ local function parse_datagram(tvb, layout)
         return r
     end
     local version = tvb:range(0, 1):uint()
-    if version ~= VERSION then
+    if not version_ok(version, layout) then
         r:fail("version", 0, 1, string.format(
-            "wire version %d is not supported (this dissector decodes version %d)", version, VERSION))
+            "wire version %d is not supported (this dissector decodes %s in the %s layout; preference Wire layout)",
+            version, versions_of(layout), layout_word(layout)))
         return r
+    end
+    -- Version 3 has one layout: issue 17's, with the transition chain.
+    local v3 = version == VERSION
+    if v3 then
+        layout = LAYOUT_HANDSHAKE
     end
     if len < 2 then
         r:fail("short", 1, 0, "message type truncated: needs 1 bytes, 0 left")
@@ -823,13 +875,13 @@ local function parse_datagram(tvb, layout)
     if not known[layout][ty] then
         local why = ""
         if type_names[ty] then
-            why = " in the " .. (layout == LAYOUT_JOIN and "join" or "handshake") .. " layout (preference Wire layout)"
+            why = " in the " .. layout_word(layout) .. " layout (preference Wire layout)"
         end
         r:fail("unknown_type", 1, 1, string.format("unknown message type 0x%02x%s", ty, why))
         return r, ty
     end
     local function run(shares)
-        local p = parse[ty](tvb, len, shares)
+        local p = parse[ty](tvb, len, shares, v3)
         p:done()
         return p
     end
@@ -1032,10 +1084,10 @@ function kf.dissector(tvb, pinfo, tree)
     return dissect(tvb, pinfo, tree)
 end
 
--- Claims a UDP datagram on any port that starts with version 2 and a known
--- type and decodes whole.
+-- Claims a UDP datagram on any port that starts with a version of the
+-- layout and a known type and decodes whole.
 local function heuristic(tvb, pinfo, tree)
-    if tvb:len() < 2 or tvb:range(0, 1):uint() ~= VERSION then
+    if tvb:len() < 2 or not version_ok(tvb:range(0, 1):uint(), kf.prefs.layout) then
         return false
     end
     if not known[kf.prefs.layout][tvb:range(1, 1):uint()] then

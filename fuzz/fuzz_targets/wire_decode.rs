@@ -27,9 +27,9 @@ fuzz_target!(init: write_seeds(genuine_seeds), |data: &[u8]| {
                 assert!(k.may_hold(*m));
                 assert_eq!(k.entry_for(*m), Some(*w), "entries sorted, found by member");
             }
-            (wire::key_update(k.term, k.epoch, k.seq, &k.share, &entries), k.auth.body.len())
+            (wire::key_update(k.term, k.epoch, k.seq, &k.share, &k.commit, &entries), k.auth.body.len())
         }
-        Message::Transition(t) => (wire::transition(t.term, t.step, t.epoch, t.seq), t.auth.body.len()),
+        Message::Transition(t) => (wire::transition(t.term, t.step, t.epoch, t.seq, &t.reveal), t.auth.body.len()),
         Message::KeyResponse(k) => (
             wire::key_response(k.term, k.seq, k.member, k.in_reply_to, &k.share, &k.state),
             k.auth.body.len(),

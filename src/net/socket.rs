@@ -297,7 +297,7 @@ pub(super) mod tests {
             .collect();
         let signing = ed25519_dalek::SigningKey::from_bytes(&[3; 32]);
         wire::sign(
-            wire::key_update(1, Epoch(4), 9, &Share([6; 32]), &entries),
+            wire::key_update(1, Epoch(4), 9, &Share([6; 32]), &[8; 32], &entries),
             &signing,
         )
     }
@@ -328,7 +328,7 @@ pub(super) mod tests {
         // Cut inside the range: kept, for the decoder to refuse.
         let cut = batches[0][..wire::KEY_UPDATE_RANGE_AT + 6].to_vec();
         let transition = wire::sign(
-            wire::transition(1, wire::Step::FirstTransition, Epoch(4), 10),
+            wire::transition(1, wire::Step::FirstTransition, Epoch(4), 10, &[9; 32]),
             &ed25519_dalek::SigningKey::from_bytes(&[3; 32]),
         );
         let mut sent = batches.to_vec();

@@ -33,10 +33,11 @@ use support::fleet::{agent_status, Chatter, Fleet};
 
 // ---------------------------------------------------------------- mutated datagrams
 
-/// The layout `wire::decode` speaks (issue 17: X25519 shares, the Noise
-/// handshake), as the dissector's preference `keyfleet.layout` names it, and
-/// the other one it decodes (revision 2 before issue 17: join, join accept,
-/// no shares), built by hand in [`other_seeds`].
+/// The layout `wire::decode` speaks (version 3: issue 17's X25519 shares and
+/// Noise handshake, issue 11's transition chain), as the dissector's
+/// preference `keyfleet.layout` names it, and the other one it decodes
+/// (version 2 before issue 17: join, join accept, no shares), built by hand
+/// in [`other_seeds`].
 const LIBRARY_LAYOUT: &str = "handshake";
 const OTHER_LAYOUT: &str = "join";
 
@@ -75,6 +76,9 @@ fn library_seeds(rng: &mut impl Rng) -> Vec<Vec<u8>> {
         .map(|&m| (m, wrapped(bytes(WRAPPED_LEN))))
         .collect();
     let share = Share(bytes(32).try_into().unwrap());
+    let commit: [u8; 32] = bytes(32).try_into().unwrap();
+    let (reveal1, reveal2): ([u8; 32], [u8; 32]) =
+        (bytes(32).try_into().unwrap(), bytes(32).try_into().unwrap());
     let init = |seq: u64, id: &str, noise: Vec<u8>| {
         [
             wire::handshake_init_header(seq, &NodeId::parse(id).unwrap()),
@@ -92,10 +96,29 @@ fn library_seeds(rng: &mut impl Rng) -> Vec<Vec<u8>> {
         ]
         .concat(),
         [wire::data_header(4, 17, None, &nonce), bytes(16)].concat(),
-        signed(wire::key_update(1, Epoch(7), 21, &share, &entries)),
-        signed(wire::key_update(1, Epoch(7), 22, &share, &entries[1..2])),
-        signed(wire::transition(1, Step::FirstTransition, Epoch(7), 23)),
-        signed(wire::transition(1, Step::SecondTransition, Epoch(7), 24)),
+        signed(wire::key_update(1, Epoch(7), 21, &share, &commit, &entries)),
+        signed(wire::key_update(
+            1,
+            Epoch(7),
+            22,
+            &share,
+            &commit,
+            &entries[1..2],
+        )),
+        signed(wire::transition(
+            1,
+            Step::FirstTransition,
+            Epoch(7),
+            23,
+            &reveal1,
+        )),
+        signed(wire::transition(
+            1,
+            Step::SecondTransition,
+            Epoch(7),
+            24,
+            &reveal2,
+        )),
         signed(wire::key_response(1, 25, 3, 99, &share, &no_round)),
         signed(wire::key_response(1, 26, 3, 100, &share, &in_round)),
         wire::handshake_answer(5, &answer_plain),
@@ -151,18 +174,25 @@ fn library_seeds(rng: &mut impl Rng) -> Vec<Vec<u8>> {
     seeds
 }
 
-/// Revision 2 before issue 17 for the same messages, built by hand from its
-/// table: no X25519 shares in 0x02, 0x05, 0x11-0x14; join 0x15 and join
-/// accept 0x06 instead of the Noise handshake 0x17 / 0x09.
+/// Version 2 before issue 17 for the same messages, built by hand from its
+/// table: version byte 2; no transition commitment in 0x02 nor reveal in
+/// 0x03 / 0x04 (version 3); no X25519 shares in 0x02, 0x05, 0x11-0x14; join
+/// 0x15 and join accept 0x06 instead of the Noise handshake 0x17 / 0x09.
 fn other_seeds(library: &[Vec<u8>], rng: &mut impl Rng) -> Vec<Vec<u8>> {
-    let cut = |d: &Vec<u8>, at: usize| [&d[..at], &d[at + 32..]].concat();
+    let cut = |d: &Vec<u8>, at: usize| {
+        let mut v = [&d[..at], &d[at + 32..]].concat();
+        v[0] = 2;
+        v
+    };
     let mut out = Vec::new();
     for d in library {
         match d[1] {
-            // The share after [version][type], term, epoch and sequence number
-            // (and a key response's member and request number; node messages
-            // carry no term).
-            0x02 => out.push(cut(d, 18)),
+            // The commitment after the member range and count, then the share
+            // after [version][type], term, epoch and sequence number (and a
+            // key response's member and request number; node messages carry
+            // no term); a transition request's reveal after its sequence number.
+            0x02 => out.push(cut(&cut(d, 60), 18)),
+            0x03 | 0x04 => out.push(cut(d, 18)),
             0x05 => out.push(cut(d, 30)),
             0x11..=0x13 => out.push(cut(d, 18)),
             0x14 => out.push(cut(d, 19)),
@@ -867,7 +897,7 @@ fn check_capture(
             fr.no,
             fr.src
         );
-        assert_eq!(fr.u("keyfleet.version"), 2);
+        assert_eq!(fr.u("keyfleet.version"), u64::from(wire::VERSION));
         assert_eq!(
             fr.u("keyfleet.sender_role"),
             u64::from(from_controller),
@@ -930,6 +960,46 @@ fn check_capture(
             );
         }
     }
+
+    // The transition chain (version 3): every key update request of a round
+    // carries one commitment, and every transition request's reveal holds
+    // against its round's (the check a node makes instead of a signature).
+    let hex32 = |fr: &Frame, k: &str| -> [u8; 32] {
+        let s = fr
+            .text(k)
+            .unwrap_or_else(|| panic!("frame {} has no {k}: {:?}", fr.no, fr.f));
+        let b: Vec<u8> = s
+            .split(':')
+            .map(|h| u8::from_str_radix(h, 16).unwrap())
+            .collect();
+        b.try_into()
+            .unwrap_or_else(|b| panic!("frame {}: {k} {b:02x?} is not 32 bytes", fr.no))
+    };
+    let mut commits: BTreeMap<u64, [u8; 32]> = BTreeMap::new();
+    for fr in of(0x02) {
+        let c = hex32(fr, "keyfleet.commitment");
+        let first = *commits.entry(fr.u("keyfleet.epoch")).or_insert(c);
+        assert_eq!(first, c, "frame {}: one commitment per round", fr.no);
+    }
+    let mut revealed = 0;
+    for fr in of(0x03).chain(of(0x04)) {
+        let epoch = fr.u("keyfleet.epoch");
+        let step = if fr.ty() == 0x03 {
+            Step::FirstTransition
+        } else {
+            Step::SecondTransition
+        };
+        let c = commits
+            .get(&epoch)
+            .unwrap_or_else(|| panic!("frame {}: no key update of epoch {epoch}", fr.no));
+        assert!(
+            keyfleet_core::crypto::reveal_holds(c, step, &hex32(fr, "keyfleet.reveal")),
+            "frame {}: the {step:?} reveal does not hold against epoch {epoch}'s commitment",
+            fr.no
+        );
+        revealed += 1;
+    }
+    assert!(revealed > 0, "no transition request captured");
 
     // 3. Sequence numbers: each node's rise with every message it sends (its
     //    restart included); the controller's never fall; beacons' (term, seq) neither.

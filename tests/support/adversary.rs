@@ -19,7 +19,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use keyfleet_core::crypto::{Chain, Epoch, GroupKey, InitialKey, NodeKeys, Share, ShareSecret};
+use keyfleet_core::crypto::{
+    Chain, Epoch, GroupKey, InitialKey, NodeKeys, Share, ShareSecret, TransitionChain,
+};
 use keyfleet_core::wire::{self, NodeId, Step};
 use rand::{Rng, RngCore};
 
@@ -103,7 +105,10 @@ pub mod forge {
             .iter()
             .map(|&m| (m, kek.wrap(&key, m, rng)))
             .collect();
-        let body = wire::key_update(1, epoch, seq, &attacker_share(rng), &entries);
+        // The attacker's own transition chain: a node that took this update
+        // would take the attacker's transition requests by their reveals.
+        let commit = TransitionChain::derive(&sk.to_bytes(), 1, epoch).commitment();
+        let body = wire::key_update(1, epoch, seq, &attacker_share(rng), &commit, &entries);
         let mut zero = body.clone();
         zero.extend_from_slice(&[0u8; 64]);
         vec![
@@ -120,7 +125,14 @@ pub mod forge {
             Attack::new(
                 format!("forged key update epoch {epoch} seq {seq} of term u32::MAX"),
                 wire::sign(
-                    wire::key_update(u32::MAX, epoch, seq, &attacker_share(rng), &entries),
+                    wire::key_update(
+                        u32::MAX,
+                        epoch,
+                        seq,
+                        &attacker_share(rng),
+                        &commit,
+                        &entries,
+                    ),
                     &sk,
                 ),
             ),
@@ -128,26 +140,36 @@ pub mod forge {
     }
 
     /// First and second transition requests for `epoch`, signed by the
-    /// attacker, and with a zero signature.
+    /// attacker, and with a zero signature; each with the reveal of the
+    /// attacker's own transition chain, a random one and an all-zero one.
     pub fn transitions(
         epoch: Epoch,
         seq: u64,
         rng: &mut (impl RngCore + rand::CryptoRng),
     ) -> Vec<Attack> {
         let sk = attacker_signing_key(rng);
+        let chain = TransitionChain::derive(&sk.to_bytes(), 1, epoch);
+        let mut random = [0u8; 32];
+        rng.fill_bytes(&mut random);
         let mut out = Vec::new();
         for step in [Step::FirstTransition, Step::SecondTransition] {
-            let body = wire::transition(1, step, epoch, seq);
-            let mut zero = body.clone();
-            zero.extend_from_slice(&[0u8; 64]);
-            out.push(Attack::new(
-                format!("forged {step:?} request epoch {epoch} seq {seq} (attacker's signature)"),
-                wire::sign(body, &sk),
-            ));
-            out.push(Attack::new(
-                format!("forged {step:?} request epoch {epoch} seq {seq} (zero signature)"),
-                zero,
-            ));
+            for (which, reveal) in [
+                ("attacker's chain", chain.reveal(step)),
+                ("random", random),
+                ("zero", [0u8; 32]),
+            ] {
+                let body = wire::transition(1, step, epoch, seq, &reveal);
+                let mut zero = body.clone();
+                zero.extend_from_slice(&[0u8; 64]);
+                out.push(Attack::new(
+                    format!("forged {step:?} request epoch {epoch} seq {seq} ({which} reveal, attacker's signature)"),
+                    wire::sign(body, &sk),
+                ));
+                out.push(Attack::new(
+                    format!("forged {step:?} request epoch {epoch} seq {seq} ({which} reveal, zero signature)"),
+                    zero,
+                ));
+            }
         }
         out
     }

@@ -19,10 +19,12 @@
 mod kek;
 mod keyring;
 pub mod ratchet;
+mod reveal;
 
 pub use kek::{NodeKeys, WrappedKey, WRAPPED_LEN};
 pub use keyring::{KeyPhase, KeyUse, Keyring, KeyringError, OpenError, Opened};
 pub use ratchet::{Chain, Share, ShareSecret, Step, SHARE_LEN};
+pub use reveal::{reveal_holds, TransitionChain, REVEAL_LEN};
 
 use aes_gcm::aead::{Aead, Payload};
 use aes_gcm::{Aes256Gcm, KeyInit, Nonce};

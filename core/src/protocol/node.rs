@@ -85,8 +85,8 @@
 use super::{backoff, Refusal, Time};
 use crate::crypto::ratchet::{Initiator, HANDSHAKE_INIT_LEN};
 use crate::crypto::{
-    digest16, verify, Chain, Epoch, GroupKey, InitialKey, KeyPhase, Keyring, NodeKeys, OpenError,
-    Share, ShareSecret,
+    self, digest16, verify, Chain, Epoch, GroupKey, InitialKey, KeyPhase, Keyring, NodeKeys,
+    OpenError, Share, ShareSecret, REVEAL_LEN,
 };
 use crate::wire::{
     self, DataReplay, DataSeen, Message, NodeId, ReplayVerdict, ReplayWindow, RoundPhase, Signed,
@@ -527,6 +527,13 @@ pub struct NodeMachine {
     verify_tokens: u32,
     verify_at: Time,
     signature_checks: u64,
+    /// The round's transition chain commitment from the last verified key
+    /// update request: (term, epoch, commitment), memory only. The round's
+    /// transition requests are checked by their reveals against it
+    /// ([`crate::crypto::reveal_holds`]); without it, by their signatures.
+    commit: Option<(u32, Epoch, [u8; REVEAL_LEN])>,
+    /// Transition requests taken by their reveal (not persisted).
+    reveal_checks: u64,
     /// Usage reports sent since the machine was made (not persisted).
     usage_reports: u64,
     sync: Option<Sync>,
@@ -634,6 +641,8 @@ impl NodeMachine {
             verify_tokens: VERIFY_BURST,
             verify_at: Time(0),
             signature_checks: 0,
+            commit: None,
+            reveal_checks: 0,
             usage_reports: 0,
             sync: None,
             last_request: None,
@@ -1095,6 +1104,22 @@ impl NodeMachine {
         self.signature_checks
     }
 
+    /// Transition requests taken by their reveal instead of a signature check.
+    pub fn reveal_checks(&self) -> u64 {
+        self.reveal_checks
+    }
+
+    /// Whether transition request `t` holds by its reveal: the node holds the
+    /// commitment of its round, signed under its own term (a request of
+    /// another term goes by its signature, which may move the term).
+    fn reveal_holds(&self, t: &wire::Transition<'_>) -> bool {
+        self.joined.is_some()
+            && t.term == self.term
+            && self.commit.as_ref().is_some_and(|(term, epoch, c)| {
+                *term == t.term && *epoch == t.epoch && crypto::reveal_holds(c, t.step, &t.reveal)
+            })
+    }
+
     /// Usage reports sent to the controller since the machine was made.
     pub fn usage_reports(&self) -> u64 {
         self.usage_reports
@@ -1295,6 +1320,7 @@ impl NodeMachine {
                 let fresh = self.fresh(ku.term, ku.seq);
                 self.authenticate(now, true, ku.term, ku.seq, &ku.auth, bytes, what)?;
                 self.learn_controller(fresh, from);
+                self.commit = Some((ku.term, ku.epoch, ku.commit));
                 // Only a key the node does not hold yet takes a ratchet step; a
                 // duplicate, stale or gapped request goes the usual way (answered
                 // again, refused, or a key request).
@@ -1330,6 +1356,13 @@ impl NodeMachine {
                 self.check_term(t.term, what)?;
                 self.precheck(now, t.epoch, t.step, what)
                     .map_err(|r| with_seq(r, t.seq))?;
+                // By its reveal: the step, epoch and term are the signed
+                // commitment's. Its sequence number is not authenticated, so
+                // it moves no replay window and teaches no controller address.
+                if self.reveal_holds(&t) {
+                    self.reveal_checks += 1;
+                    return self.on_step(now, t.epoch, t.step, None, rng, out);
+                }
                 let fresh = self.fresh(t.term, t.seq);
                 self.authenticate(now, true, t.term, t.seq, &t.auth, bytes, what)?;
                 self.learn_controller(fresh, from);

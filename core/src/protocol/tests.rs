@@ -226,15 +226,35 @@ impl FakeController {
         let (share, step) = self.step();
         let w = step.wrap(k, self.member, &mut self.rng);
         wire::sign(
-            wire::key_update(self.term, k.epoch(), seq, &share, &[(self.member, w)]),
+            wire::key_update(
+                self.term,
+                k.epoch(),
+                seq,
+                &share,
+                &self.transition_chain(k.epoch()).commitment(),
+                &[(self.member, w)],
+            ),
             &self.sk,
         )
     }
 
+    /// The transition chain of the round of epoch `e`, as a controller with
+    /// this signing key and term derives it.
+    fn transition_chain(&self, e: crate::crypto::Epoch) -> crate::crypto::TransitionChain {
+        crate::crypto::TransitionChain::derive(&self.sk.to_bytes(), self.term, e)
+    }
+
     fn transition(&mut self, step: Step, e: u32) -> Vec<u8> {
         let seq = self.seq();
+        let e = crate::crypto::Epoch(e);
         wire::sign(
-            wire::transition(self.term, step, crate::crypto::Epoch(e), seq),
+            wire::transition(
+                self.term,
+                step,
+                e,
+                seq,
+                &self.transition_chain(e).reveal(step),
+            ),
             &self.sk,
         )
     }

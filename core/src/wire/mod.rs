@@ -1,6 +1,6 @@
 //! Wire format: a versioned, length-checked binary encoding of every message.
 //!
-//! Every datagram starts with `[version = 2][type]`; all integers are
+//! Every datagram starts with `[version = 3][type]`; all integers are
 //! big-endian; every message carries an epoch and a sequence number (data
 //! carries the sender's sequence number and, optionally, the epoch as a hint).
 //! Controller messages end with a 64-byte Ed25519 signature over everything
@@ -13,8 +13,8 @@
 //! | type | message | sender | body after `[ver][type]` | auth |
 //! |---|---|---|---|---|
 //! | 0x01 | data | node | flags u8, sender u32, seq u64, [epoch u32 if flags&1], nonce 12, ciphertext+tag ≥16 | AES-GCM (group key) |
-//! | 0x02 | key update request | controller | term u32, epoch u32, seq u64, controller share 32, first u32, last u32, count u16, count × (member u32, wrapped key 60) | sig 64 |
-//! | 0x03 / 0x04 | first / second transition request | controller | term u32, epoch u32, seq u64 | sig 64 |
+//! | 0x02 | key update request | controller | term u32, epoch u32, seq u64, controller share 32, first u32, last u32, count u16, transition commitment 32, count × (member u32, wrapped key 60) | sig 64 |
+//! | 0x03 / 0x04 | first / second transition request | controller | term u32, epoch u32, seq u64, reveal 32 | sig 64, or the reveal against the key update's commitment |
 //! | 0x05 | key response | controller | term u32, epoch u32, seq u64, member u32, in_reply_to u64, controller share 32, key state | sig 64 |
 //! | 0x07 | resync request | controller | term u32, epoch u32, seq u64, member u32 | mac 16 |
 //! | 0x08 | beacon | controller | term u32, epoch u32, seq u64, phase u8 (0 no round, else the round phase), [round epoch u32 = epoch + 1 if phase ≠ 0], controller address (family u8: 4 → 4 bytes, 6 → 16 bytes; port u16) | sig 64 |
@@ -51,8 +51,17 @@
 //! beacons so that a replayed one moves no node. The address is where the
 //! controller takes unicast (0.0.0.0: the address the beacon came from).
 //!
-//! Version 1 datagrams are refused with [`WireError::Version`]: every program
-//! of a fleet runs the same wire version.
+//! A transition request is checked by its reveal where the node holds the
+//! round's commitment from a verified key update request: one or two SHA-256
+//! instead of an Ed25519 check ([`crate::crypto::TransitionChain`]). The
+//! reveal authenticates the step, the epoch and the term the commitment was
+//! signed with, not the sequence number: a request taken by its reveal moves
+//! no replay window and teaches the node no controller address. A node
+//! without the commitment, or for another term, checks the signature.
+//!
+//! Datagrams of versions 1 and 2 are refused with [`WireError::Version`]:
+//! every program of a fleet runs the same wire version (revision 3 added
+//! the commitment and the reveals; nothing persisted changed).
 //!
 //! A key update request is a batch of per-node entries sorted by member
 //! number, at most [`MAX_BATCH_ENTRIES`] so that it fits in [`MAX_DATAGRAM`]
@@ -67,8 +76,8 @@ pub use replay::{
 
 use crate::crypto::ratchet::HANDSHAKE_INIT_LEN;
 use crate::crypto::{
-    Chain, Epoch, GroupKey, KeyUse, Share, WrappedKey, KEY_LEN, MAC_LEN, NONCE_LEN, SHARE_LEN,
-    SIGNATURE_LEN, TAG_LEN, WRAPPED_LEN,
+    Chain, Epoch, GroupKey, KeyUse, Share, WrappedKey, KEY_LEN, MAC_LEN, NONCE_LEN, REVEAL_LEN,
+    SHARE_LEN, SIGNATURE_LEN, TAG_LEN, WRAPPED_LEN,
 };
 use core::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use serde::{Deserialize, Serialize};
@@ -76,10 +85,10 @@ use std::fmt;
 use thiserror::Error;
 
 /// The wire version this build speaks.
-pub const VERSION: u8 = 2;
+pub const VERSION: u8 = 3;
 /// Largest datagram the controller builds (fits a 1280-byte IPv6 minimum MTU with headers).
 pub const MAX_DATAGRAM: usize = 1200;
-const KEY_UPDATE_FIXED: usize = 2 + 4 + 4 + 8 + SHARE_LEN + 4 + 4 + 2 + SIGNATURE_LEN;
+const KEY_UPDATE_FIXED: usize = 2 + 4 + 4 + 8 + SHARE_LEN + 4 + 4 + 2 + REVEAL_LEN + SIGNATURE_LEN;
 /// Bytes of one key update entry: member u32 + wrapped key.
 pub const ENTRY_LEN: usize = 4 + WRAPPED_LEN;
 /// Most entries in one key update request datagram.
@@ -92,7 +101,7 @@ pub const MAX_USAGE_ENTRIES: usize = 4;
 pub enum WireError {
     #[error("empty datagram")]
     Empty,
-    #[error("wire version {0} is not supported (this build speaks version 2); upgrade every keyfleet program of the fleet to the same release (the controller first is fine: agents hold their data until a version 2 controller answers them)")]
+    #[error("wire version {0} is not supported (this build speaks version 3); upgrade every keyfleet program of the fleet to the same release (the controller first is fine: agents hold their data until a version 3 controller answers them)")]
     Version(u8),
     #[error("unknown message type 0x{0:02x}")]
     UnknownType(u8),
@@ -332,6 +341,10 @@ pub struct KeyUpdate<'a> {
     pub share: Share,
     pub first: u32,
     pub last: u32,
+    /// The round's transition chain commitment (`crypto::TransitionChain`):
+    /// a node that took this request checks the round's transition
+    /// requests by their reveals.
+    pub commit: [u8; REVEAL_LEN],
     entries: &'a [u8],
     pub auth: Signed<'a>,
 }
@@ -388,6 +401,9 @@ pub struct Transition<'a> {
     pub step: Step,
     pub epoch: Epoch,
     pub seq: u64,
+    /// The round's transition chain value of this step
+    /// (`crypto::reveal_holds` against the key update's `commit`).
+    pub reveal: [u8; REVEAL_LEN],
     pub auth: Signed<'a>,
 }
 
@@ -701,6 +717,7 @@ pub fn decode(bytes: &[u8]) -> Result<Message<'_>, WireError> {
                     let first = r.u32("first member")?;
                     let last = r.u32("last member")?;
                     let count = r.u16("entry count")? as usize;
+                    let commit = r.array::<REVEAL_LEN>("transition commitment")?;
                     let entries = r.take(count * ENTRY_LEN, "key update entries")?;
                     let ku = KeyUpdate {
                         term,
@@ -709,6 +726,7 @@ pub fn decode(bytes: &[u8]) -> Result<Message<'_>, WireError> {
                         share,
                         first,
                         last,
+                        commit,
                         entries,
                         auth,
                     };
@@ -743,20 +761,22 @@ pub fn decode(bytes: &[u8]) -> Result<Message<'_>, WireError> {
                     }
                     Message::KeyUpdate(ku)
                 }
-                kind::FIRST_TRANSITION => Message::Transition(Transition {
-                    term,
-                    step: Step::FirstTransition,
-                    epoch,
-                    seq,
-                    auth,
-                }),
-                kind::SECOND_TRANSITION => Message::Transition(Transition {
-                    term,
-                    step: Step::SecondTransition,
-                    epoch,
-                    seq,
-                    auth,
-                }),
+                kind::FIRST_TRANSITION | kind::SECOND_TRANSITION => {
+                    let step = if ty == kind::FIRST_TRANSITION {
+                        Step::FirstTransition
+                    } else {
+                        Step::SecondTransition
+                    };
+                    let reveal = r.array::<REVEAL_LEN>("transition reveal")?;
+                    Message::Transition(Transition {
+                        term,
+                        step,
+                        epoch,
+                        seq,
+                        reveal,
+                        auth,
+                    })
+                }
                 _ => {
                     let member = r.u32("member")?;
                     let in_reply_to = r.u64("in reply to")?;
@@ -1131,6 +1151,7 @@ pub fn key_update(
     epoch: Epoch,
     seq: u64,
     share: &Share,
+    commit: &[u8; REVEAL_LEN],
     entries: &[(u32, WrappedKey)],
 ) -> Vec<u8> {
     let first = entries.first().map(|e| e.0).unwrap_or_default();
@@ -1145,20 +1166,33 @@ pub fn key_update(
     .bytes(&share.0)
     .u32(first)
     .u32(last)
-    .u16(entries.len() as u16);
+    .u16(entries.len() as u16)
+    .bytes(commit);
     for (m, wk) in entries {
         w = w.u32(*m).bytes(&wk.0);
     }
     w.0
 }
 
-/// Body of a first or second transition request.
-pub fn transition(term: u32, step: Step, epoch: Epoch, seq: u64) -> Vec<u8> {
+/// Body of a first or second transition request, with its step's value of
+/// the round's transition chain.
+pub fn transition(
+    term: u32,
+    step: Step,
+    epoch: Epoch,
+    seq: u64,
+    reveal: &[u8; REVEAL_LEN],
+) -> Vec<u8> {
     let ty = match step {
         Step::SecondTransition => kind::SECOND_TRANSITION,
         _ => kind::FIRST_TRANSITION,
     };
-    Writer::new(ty, 80).u32(term).u32(epoch.0).u64(seq).0
+    Writer::new(ty, 120)
+        .u32(term)
+        .u32(epoch.0)
+        .u64(seq)
+        .bytes(reveal)
+        .0
 }
 
 /// Body of a key response.

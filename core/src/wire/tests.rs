@@ -109,12 +109,12 @@ proptest! {
     #[test]
     fn key_update_round_trips(term in 1u32.., epoch in any::<u32>(), seq in any::<u64>(), sh in share(),
                               members in proptest::collection::btree_set(any::<u32>(), 1..=MAX_BATCH_ENTRIES),
-                              w in wrapped()) {
+                              w in wrapped(), commit in any::<[u8; 32]>()) {
         let entries: Vec<(u32, WrappedKey)> = members.iter().map(|m| (*m, w)).collect();
-        let bytes = sign(key_update(term, Epoch(epoch), seq, &sh, &entries), &signing());
+        let bytes = sign(key_update(term, Epoch(epoch), seq, &sh, &commit, &entries), &signing());
         prop_assert!(bytes.len() <= MAX_DATAGRAM);
         let Message::KeyUpdate(ku) = decode(&bytes).unwrap() else { panic!("not a key update") };
-        prop_assert_eq!((ku.term, ku.epoch, ku.seq, ku.share), (term, Epoch(epoch), seq, sh));
+        prop_assert_eq!((ku.term, ku.epoch, ku.seq, ku.share, ku.commit), (term, Epoch(epoch), seq, sh, commit));
         prop_assert_eq!(ku.entries().collect::<Vec<_>>(), entries.clone());
         // Where a kernel filter looks for the batch's member range, before any decoding.
         prop_assert_eq!(&bytes[..2], &[VERSION, kind::KEY_UPDATE]);
@@ -128,10 +128,11 @@ proptest! {
     }
 
     #[test]
-    fn transition_round_trips(s in step().prop_filter("request", |s| *s != Step::KeyUpdate), term in 1u32.., epoch in any::<u32>(), seq in any::<u64>()) {
-        let bytes = sign(transition(term, s, Epoch(epoch), seq), &signing());
+    fn transition_round_trips(s in step().prop_filter("request", |s| *s != Step::KeyUpdate), term in 1u32.., epoch in any::<u32>(), seq in any::<u64>(), reveal in any::<[u8; 32]>()) {
+        let bytes = sign(transition(term, s, Epoch(epoch), seq, &reveal), &signing());
         let Message::Transition(t) = decode(&bytes).unwrap() else { panic!("not a transition") };
-        prop_assert_eq!((t.term, t.step, t.epoch, t.seq), (term, s, Epoch(epoch), seq));
+        prop_assert_eq!((t.term, t.step, t.epoch, t.seq, t.reveal), (term, s, Epoch(epoch), seq, reveal));
+        prop_assert!(crate::crypto::verify(&signing().verifying_key(), t.auth.body, &t.auth.signature));
     }
 
     #[test]
@@ -231,7 +232,7 @@ fn batch_capacity_fits_a_datagram() {
         .map(|m| (m, WrappedKey([0; WRAPPED_LEN])))
         .collect();
     let bytes = sign(
-        key_update(1, Epoch(1), 1, &Share([1; 32]), &entries),
+        key_update(1, Epoch(1), 1, &Share([1; 32]), &[0; 32], &entries),
         &signing(),
     );
     assert!(bytes.len() <= MAX_DATAGRAM, "{}", bytes.len());
@@ -254,15 +255,15 @@ fn term_zero_is_refused_in_every_controller_message() {
     };
     for bytes in [
         sign(
-            key_update(0, Epoch(1), 1, &Share([1; 32]), &[(1, w)]),
+            key_update(0, Epoch(1), 1, &Share([1; 32]), &[0; 32], &[(1, w)]),
             &signing(),
         ),
         sign(
-            transition(0, Step::FirstTransition, Epoch(1), 1),
+            transition(0, Step::FirstTransition, Epoch(1), 1, &[0; 32]),
             &signing(),
         ),
         sign(
-            transition(0, Step::SecondTransition, Epoch(1), 1),
+            transition(0, Step::SecondTransition, Epoch(1), 1, &[0; 32]),
             &signing(),
         ),
         sign(key_response(0, 1, 1, 1, &Share([1; 32]), &st), &signing()),
@@ -287,12 +288,13 @@ fn term_zero_is_refused_in_every_controller_message() {
 fn typed_errors_say_what_was_wrong() {
     assert_eq!(decode(&[]), Err(WireError::Empty));
     assert_eq!(decode(&[1, 1]), Err(WireError::Version(1)));
-    assert_eq!(decode(&[3, 1]), Err(WireError::Version(3)));
-    assert!(WireError::Version(1).to_string().contains("version 2"));
+    assert_eq!(decode(&[2, 1]), Err(WireError::Version(2)));
+    assert_eq!(decode(&[4, 1]), Err(WireError::Version(4)));
+    assert!(WireError::Version(1).to_string().contains("version 3"));
     assert_eq!(decode(&[VERSION, 0x7f]), Err(WireError::UnknownType(0x7f)));
     // Revision 1's join and join accept (authenticated by the label alone) are gone.
-    assert_eq!(decode(&[2, 0x15]), Err(WireError::UnknownType(0x15)));
-    assert_eq!(decode(&[2, 0x06]), Err(WireError::UnknownType(0x06)));
+    assert_eq!(decode(&[VERSION, 0x15]), Err(WireError::UnknownType(0x15)));
+    assert_eq!(decode(&[VERSION, 0x06]), Err(WireError::UnknownType(0x06)));
     let mut bytes = mac(
         ack(Step::KeyUpdate, Epoch(1), 1, 1, &Share([3; 32])),
         &keys(),
@@ -408,9 +410,12 @@ fn shares_are_where_the_table_says() {
         Epoch(1),
         2,
         &Share([0xaa; 32]),
+        &[0xcc; 32],
         &[(3, WrappedKey([0; 60]))],
     );
     assert_eq!(&ku[18..50], &[0xaa; 32]);
+    // The transition commitment: after the member range and the entry count.
+    assert_eq!(&ku[60..92], &[0xcc; 32]);
     let a = ack(Step::KeyUpdate, Epoch(1), 2, 3, &Share([0xbb; 32]));
     assert_eq!(&a[18..50], &[0xbb; 32]);
     let k = key_request(Epoch(1), Step::KeyUpdate, 2, 3, &Share([0xcc; 32]));
@@ -429,7 +434,7 @@ fn key_update_header_range_must_match_entries() {
         (5, WrappedKey([0; WRAPPED_LEN])),
         (9, WrappedKey([0; WRAPPED_LEN])),
     ];
-    let mut body = key_update(1, Epoch(1), 1, &Share([0; 32]), &entries);
+    let mut body = key_update(1, Epoch(1), 1, &Share([0; 32]), &[0; 32], &entries);
     body[50..54].copy_from_slice(&4u32.to_be_bytes()); // first = 4, entries start at 5
     let bytes = sign(body, &signing());
     assert!(matches!(
@@ -453,7 +458,7 @@ fn key_update_entries_must_rise_strictly() {
     ] {
         let entries: Vec<_> = members.iter().map(|m| (*m, w)).collect();
         let bytes = sign(
-            key_update(1, Epoch(1), 1, &Share([0; 32]), &entries),
+            key_update(1, Epoch(1), 1, &Share([0; 32]), &[0; 32], &entries),
             &signing(),
         );
         assert_eq!(
@@ -464,7 +469,7 @@ fn key_update_entries_must_rise_strictly() {
     }
     let entries: Vec<_> = [3u32, 4, 9].iter().map(|m| (*m, w)).collect();
     let bytes = sign(
-        key_update(1, Epoch(1), 1, &Share([0; 32]), &entries),
+        key_update(1, Epoch(1), 1, &Share([0; 32]), &[0; 32], &entries),
         &signing(),
     );
     assert!(matches!(decode(&bytes), Ok(Message::KeyUpdate(_))));
@@ -545,25 +550,38 @@ fn beacon_refusals_name_the_field() {
 /// A version 1 datagram (what the previous release sends) is refused, and the
 /// error says what to do.
 #[test]
-fn version_1_datagrams_are_refused_with_advice() {
-    let mut v1 = mac(
-        ack(Step::KeyUpdate, Epoch(1), 1, 1, &Share([3; 32])),
-        &keys(),
-    );
-    v1[0] = 1;
-    let e = decode(&v1).unwrap_err();
-    assert_eq!(e, WireError::Version(1));
-    let text = e.to_string();
-    assert!(
-        text.contains("version 1") && text.contains("version 2") && text.contains("upgrade"),
-        "{text}"
-    );
-    let mut b = sign(
-        beacon(1, Epoch(1), 1, None, SocketAddr::from(([127, 0, 0, 1], 1))),
-        &signing(),
-    );
-    b[0] = 1;
-    assert_eq!(decode(&b), Err(WireError::Version(1)));
+fn version_1_and_2_datagrams_are_refused_with_advice() {
+    for old in [1u8, 2] {
+        let mut a = mac(
+            ack(Step::KeyUpdate, Epoch(1), 1, 1, &Share([3; 32])),
+            &keys(),
+        );
+        a[0] = old;
+        let e = decode(&a).unwrap_err();
+        assert_eq!(e, WireError::Version(old));
+        let text = e.to_string();
+        assert!(
+            text.contains(&format!("version {old}"))
+                && text.contains("version 3")
+                && text.contains("upgrade"),
+            "{text}"
+        );
+        let mut b = sign(
+            beacon(1, Epoch(1), 1, None, SocketAddr::from(([127, 0, 0, 1], 1))),
+            &signing(),
+        );
+        b[0] = old;
+        assert_eq!(decode(&b), Err(WireError::Version(old)));
+        // A version 2 transition request (no reveal) is refused by its
+        // version, not misread as a short version 3 one.
+        let mut t = sign(
+            transition(1, Step::FirstTransition, Epoch(1), 1, &[0; 32]),
+            &signing(),
+        );
+        t[0] = old;
+        t.drain(18..50);
+        assert_eq!(decode(&t), Err(WireError::Version(old)));
+    }
 }
 
 #[test]

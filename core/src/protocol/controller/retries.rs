@@ -111,7 +111,7 @@ impl ControllerMachine {
     ) {
         let seq = self.next_seq(out);
         let msg = wire::sign(
-            wire::key_update(self.term, epoch, seq, share, batch),
+            wire::key_update(self.term, epoch, seq, share, &self.commitment(epoch), batch),
             &self.signing,
         );
         out.push(ControllerAction::SendGroup(msg));
@@ -175,13 +175,16 @@ impl ControllerMachine {
             };
             self.persist_notes(out);
             let seq = self.next_seq(out);
-            let (Some(r), Some(m)) = (&self.round, self.members.get_mut(member)) else {
+            let commit = self.round.as_ref().map(|r| self.commitment(r.epoch));
+            let (Some(r), Some(m), Some(commit)) =
+                (&self.round, self.members.get_mut(member), commit)
+            else {
                 return;
             };
             m.attempts += 1;
             let entry = [(member, step.wrap(&r.key, member, rng))];
             let msg = wire::sign(
-                wire::key_update(self.term, r.epoch, seq, &share, &entry),
+                wire::key_update(self.term, r.epoch, seq, &share, &commit, &entry),
                 &self.signing,
             );
             out.push(ControllerAction::SendTo {

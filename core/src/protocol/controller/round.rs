@@ -59,7 +59,7 @@ use super::{
     ControllerConfig, ControllerMachine, MemberStatus, Out, PhaseDurations, Record, ResumeCause,
     RoundPersist,
 };
-use crate::crypto::{Epoch, GroupKey, Share, ShareSecret};
+use crate::crypto::{Epoch, GroupKey, Share, ShareSecret, TransitionChain, REVEAL_LEN};
 use crate::wire::{self, NodeId, RoundPhase, Step};
 use rand::{CryptoRng, RngCore};
 use std::cmp::Reverse;
@@ -518,13 +518,25 @@ impl ControllerMachine {
         }
     }
 
+    /// The transition chain of the round of `epoch` under the current term
+    /// (`crypto::TransitionChain`): derived from the signing key, so a
+    /// restarted or standby controller reveals what its key update committed to.
+    pub(super) fn chain(&self, epoch: Epoch) -> TransitionChain {
+        TransitionChain::derive(&self.signing.to_bytes(), self.term, epoch)
+    }
+
+    /// The commitment every key update request of the round of `epoch` carries.
+    pub(super) fn commitment(&self, epoch: Epoch) -> [u8; REVEAL_LEN] {
+        self.chain(epoch).commitment()
+    }
+
     /// A transition request of `step` for the round's epoch, signed under
     /// the current term and the next sequence number.
     pub(super) fn transition_request(&mut self, step: Step, out: &mut Out) -> Option<Vec<u8>> {
         let epoch = self.round.as_ref()?.epoch;
         let seq = self.next_seq(out);
         Some(wire::sign(
-            wire::transition(self.term, step, epoch, seq),
+            wire::transition(self.term, step, epoch, seq, &self.chain(epoch).reveal(step)),
             &self.signing,
         ))
     }

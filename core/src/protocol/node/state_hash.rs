@@ -60,6 +60,8 @@ impl Hash for NodeMachine {
             verify_tokens,
             verify_at,
             signature_checks: _,
+            commit,
+            reveal_checks: _,
             usage_reports: _,
             sync,
             queued,
@@ -93,6 +95,7 @@ impl Hash for NodeMachine {
         last_gap.hash(state);
         verify_tokens.hash(state);
         verify_at.hash(state);
+        commit.hash(state);
         sync.hash(state);
         queued.hash(state);
         ahead.hash(state);

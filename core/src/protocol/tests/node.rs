@@ -5,6 +5,7 @@ use crate::crypto::{Epoch, OpenError};
 use crate::wire::RoundPhase;
 
 mod beacon;
+mod reveal;
 mod route;
 mod term;
 
@@ -368,6 +369,7 @@ fn a_batch_without_this_nodes_entry_is_skipped_silently() {
             Epoch(2),
             99,
             &ShareSecret::generate(&mut rng()).public(),
+            &[0; 32],
             &[(6, w)],
         ),
         &ed25519_dalek::SigningKey::from_bytes(&[3; 32]),
@@ -383,7 +385,7 @@ fn an_entry_wrapped_under_another_nodes_key_does_not_unwrap() {
     let seq = r.ctl.seq();
     let share = ShareSecret::generate(&mut rng()).public();
     let batch = wire::sign(
-        wire::key_update(1, Epoch(2), seq, &share, &[(1, w)]),
+        wire::key_update(1, Epoch(2), seq, &share, &[0; 32], &[(1, w)]),
         &r.ctl.sk,
     );
     assert_eq!(

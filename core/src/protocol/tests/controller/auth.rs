@@ -25,7 +25,7 @@ fn bad_node_messages_are_refused_and_recorded() {
         (stranger, |r| matches!(r, Refusal::UnknownNodeId { .. })),
         (
             wire::sign(
-                wire::transition(1, Step::FirstTransition, Epoch(2), 1),
+                wire::transition(1, Step::FirstTransition, Epoch(2), 1, &[0; 32]),
                 &ed25519_dalek::SigningKey::from_bytes(&[1; 32]),
             ),
             |r| {

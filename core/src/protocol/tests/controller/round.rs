@@ -50,6 +50,11 @@ fn a_round_goes_through_its_phases_in_order() {
     );
     assert_eq!(f.count(|r| matches!(r, Record::NodeAcked { .. })), 9);
     assert_eq!(f.c.current_epoch(), Epoch(2));
+    // Each node took both transition requests by their reveal against the
+    // key update's commitment (wire revision 3), not by a signature check.
+    for n in &f.nodes {
+        assert_eq!(n.reveal_checks(), 2);
+    }
 }
 
 #[test]
@@ -440,6 +445,13 @@ fn a_restored_controller_resumes_its_round() {
         RoundPhase::SecondTransition,
     ] {
         let mut f = TestFleet::held_in(phase_at_crash);
+        let checks = |f: &TestFleet| -> Vec<(u64, u64)> {
+            f.nodes
+                .iter()
+                .map(|n| (n.signature_checks(), n.reveal_checks()))
+                .collect()
+        };
+        let before = checks(&f);
         // Crash: only what was persisted survives.
         let persist = f.persisted();
         let json = serde_json::to_string(&persist).unwrap();
@@ -463,6 +475,15 @@ fn a_restored_controller_resumes_its_round() {
         assert_eq!(f.phase(), None, "{phase_at_crash:?}");
         assert_eq!(f.states(), vec![UC2; 3], "{phase_at_crash:?}");
         assert_eq!(f.finished().len(), 1);
+        // The restored controller's transition requests reveal what its key
+        // update committed to (derived, not persisted): after a restart in a
+        // transition no node needed a signature check for them.
+        if phase_at_crash != RoundPhase::Distributing {
+            for ((s0, r0), (s1, r1)) in before.iter().zip(checks(&f)) {
+                assert_eq!(s1, *s0, "{phase_at_crash:?}: no signature check");
+                assert!(r1 > *r0, "{phase_at_crash:?}: taken by the reveal");
+            }
+        }
     }
 }
 

@@ -84,6 +84,29 @@ fn answers_go_to_the_controller_learned_from_the_join_not_the_group() {
 }
 
 #[test]
+fn a_transition_request_taken_by_its_reveal_teaches_no_address() {
+    // Its reveal authenticates the step, not the source nor the number: the
+    // genuine first transition copied from elsewhere (before the controller's
+    // own copy arrives) with a fresh number is taken, and answered to the
+    // controller learned before.
+    let mut r = on_group();
+    r.join_from(ctl_addr());
+    let ku = r.ctl.key_update(&key(2));
+    r.feed_from(ctl_addr(), &ku);
+    let reveal = r
+        .ctl
+        .transition_chain(Epoch(2))
+        .reveal(Step::FirstTransition);
+    let mut copy = wire::transition(r.ctl.term, Step::FirstTransition, Epoch(2), 9999, &reveal);
+    copy.extend_from_slice(&[0; 64]);
+    let out = r.feed_from(attacker(), &copy);
+    assert_eq!(refusal(&out), None);
+    assert_eq!(dests(&out), vec![("ack", ctl_addr())]);
+    assert_eq!(r.node.controller_addr(), ctl_addr());
+    assert_eq!(r.node.reveal_checks(), 1);
+}
+
+#[test]
 fn a_controller_configured_by_unicast_is_kept() {
     let mut r = Rig::uc1();
     let elsewhere = SocketAddr::from(([192, 168, 0, 7], 47801));
