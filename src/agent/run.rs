@@ -633,6 +633,7 @@ impl AppServer {
                     persisted: st.persisted,
                     usage_reports: st.usage_reports,
                     signature_checks: driver.machine().signature_checks(),
+                    reveal_checks: driver.machine().reveal_checks(),
                     app_clients: self.clients.len(),
                     app_dropped: self.dropped,
                 });

@@ -175,6 +175,10 @@ pub struct RunningStatus {
     /// Controller signatures checked (each about 50 µs of CPU).
     #[serde(default)]
     pub signature_checks: u64,
+    /// Transition requests taken by their reveal against the round's
+    /// commitment instead of a signature check (wire revision 3).
+    #[serde(default)]
+    pub reveal_checks: u64,
     pub app_clients: usize,
     pub app_dropped: u64,
 }

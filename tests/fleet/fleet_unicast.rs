@@ -9,8 +9,9 @@ use crate::support;
 
 use support::fleet::{agent_status, Fleet};
 
-/// (datagrams received, node messages heard on the group) of every agent.
-fn counters(f: &Fleet) -> Vec<(u64, u64)> {
+/// (datagrams received, node messages heard on the group, signatures
+/// checked, transition requests taken by their reveal) of every agent.
+fn counters(f: &Fleet) -> Vec<(u64, u64, u64, u64)> {
     f.nodes
         .iter()
         .map(|n| {
@@ -21,6 +22,8 @@ fn counters(f: &Fleet) -> Vec<(u64, u64)> {
                 r["node_messages_ignored"]
                     .as_u64()
                     .expect("node_messages_ignored"),
+                r["signature_checks"].as_u64().expect("signature_checks"),
+                r["reveal_checks"].as_u64().expect("reveal_checks"),
             )
         })
         .collect()
@@ -47,6 +50,8 @@ fn one_fleet(n: usize) {
     assert_eq!(r["acked"].as_u64(), Some(n as u64), "{r}");
     let heard: Vec<u64> = before.iter().zip(&after).map(|(b, a)| a.1 - b.1).collect();
     let received: Vec<u64> = before.iter().zip(&after).map(|(b, a)| a.0 - b.0).collect();
+    let signatures: Vec<u64> = before.iter().zip(&after).map(|(b, a)| a.2 - b.2).collect();
+    let reveals: Vec<u64> = before.iter().zip(&after).map(|(b, a)| a.3 - b.3).collect();
     let total: u64 = received.iter().sum();
     let batches = n.div_ceil(17) as u64;
     println!(
@@ -59,6 +64,16 @@ fn one_fleet(n: usize) {
         heard.iter().sum::<u64>(),
         3 * n * n,
         3 * n,
+    );
+    println!(
+        "N = {n}: signature checks per agent in the round: {signatures:?}; transition \
+         requests taken by their reveal: {reveals:?}"
+    );
+    // Wire revision 3: both transition requests by their reveal against the
+    // verified key update's commitment, no signature check for them.
+    assert!(
+        reveals.iter().all(|r| *r >= 2),
+        "every agent took both transitions by their reveal: {reveals:?}"
     );
     assert!(
         heard.iter().all(|h| *h == 0),
