@@ -13,7 +13,9 @@
 --
 -- Version 3 (what keyfleet speaks now) and the two layouts of version 2 are
 -- decoded (preference "Wire layout"):
---   handshake  version 3 only, as the library decodes it: the Noise NNpsk0
+--   handshake  what keyfleet speaks now, as the library decodes it (the key
+--              update and transition requests of version 3, every other
+--              message of version 2, its layout unchanged): the Noise NNpsk0
 --              handshake init 0x17 and answer 0x09 (issue 17); the key update
 --              request 0x02 and key response 0x05 carry the controller's
 --              X25519 share, the replies 0x11-0x13 and the key request 0x14
@@ -53,7 +55,9 @@ set_plugin_info({
 
 local kf = Proto("keyfleet", "keyfleet group key protocol")
 
--- The library's version; version 2 is decoded in the join and auto layouts.
+-- The library's version, and the one before it. Each message carries the
+-- version its own layout last changed in: 3 for the key update and
+-- transition requests (the transition chain), 2 for every other message.
 local VERSION, VERSION_2 = 3, 2
 local REVEAL_LEN = 32
 local SIG_LEN, MAC_LEN, WRAPPED_LEN, NONCE_LEN, TAG_LEN, SHARE_LEN = 64, 16, 60, 12, 16, 32
@@ -260,7 +264,8 @@ kf.prefs.ports = Pref.range("UDP ports", DEFAULT_PORTS,
 kf.prefs.layout = Pref.enum("Wire layout", LAYOUT_AUTO,
     "Which revision of the wire to decode: auto (version 3, and version 2 in both layouts; " ..
     "0x02, 0x05, 0x11-0x14 by length), join (version 2: join 0x15 / join accept 0x06, no X25519 " ..
-    "shares) or handshake (version 3, as keyfleet speaks it now).", {
+    "shares) or handshake (as keyfleet speaks it now: version 3's key update and transition " ..
+    "requests, every other message of version 2).", {
         { 1, "auto", LAYOUT_AUTO },
         { 2, "join", LAYOUT_JOIN },
         { 3, "handshake", LAYOUT_HANDSHAKE },
@@ -817,20 +822,26 @@ local auth_of = {
     [T.USAGE_REPORT] = { F.mac, MAC_LEN },
 }
 
+-- The messages whose layout version 3 changed (the transition chain).
+local chain_types = {
+    [T.KEY_UPDATE] = true, [T.FIRST_TRANSITION] = true, [T.SECOND_TRANSITION] = true,
+}
+
+-- The version byte the library reads for a message of type `ty`.
+local function version_for(ty)
+    return chain_types[ty] and VERSION or VERSION_2
+end
+
 -- Which versions each layout decodes.
 local function version_ok(version, layout)
-    if layout == LAYOUT_HANDSHAKE then
-        return version == VERSION
-    elseif layout == LAYOUT_JOIN then
+    if layout == LAYOUT_JOIN then
         return version == VERSION_2
     end
     return version == VERSION or version == VERSION_2
 end
 
 local function versions_of(layout)
-    if layout == LAYOUT_HANDSHAKE then
-        return "version " .. VERSION
-    elseif layout == LAYOUT_JOIN then
+    if layout == LAYOUT_JOIN then
         return "version " .. VERSION_2
     end
     return "versions " .. VERSION_2 .. " and " .. VERSION
@@ -862,16 +873,30 @@ local function parse_datagram(tvb, layout)
             version, versions_of(layout), layout_word(layout)))
         return r
     end
-    -- Version 3 has one layout: issue 17's, with the transition chain.
-    local v3 = version == VERSION
-    if v3 then
-        layout = LAYOUT_HANDSHAKE
-    end
     if len < 2 then
         r:fail("short", 1, 0, "message type truncated: needs 1 bytes, 0 left")
         return r
     end
     local ty = tvb:range(1, 1):uint()
+    -- Version 3's key update and transition requests have one layout:
+    -- issue 17's, with the transition chain. Any other message of the
+    -- library's layout carries version 2 (in `auto`, version 2's 0x02-0x04
+    -- are revision 2's, without the chain).
+    local v3 = false
+    if layout ~= LAYOUT_JOIN and known[LAYOUT_HANDSHAKE][ty] then
+        local wrong = (layout == LAYOUT_HANDSHAKE and version ~= version_for(ty))
+            or (version == VERSION and not chain_types[ty])
+        if wrong then
+            r:fail("version", 0, 1, string.format(
+                "wire version %d is not supported for this message (type 0x%02x is of version %d)",
+                version, ty, version_for(ty)))
+            return r, ty
+        end
+        v3 = version == VERSION
+        if v3 then
+            layout = LAYOUT_HANDSHAKE
+        end
+    end
     if not known[layout][ty] then
         local why = ""
         if type_names[ty] then

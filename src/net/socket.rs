@@ -139,39 +139,42 @@ mod bpf {
 /// it with the packet starting at the UDP header.
 const UDP_HEADER: u32 = 8;
 
-/// The filter of [`filter_group`] for `member`. Of wire version
-/// [`wire::VERSION`] it drops group data (kind [`wire::kind::DATA`]) whose
-/// sender is `member`, and key update requests (kind
-/// [`wire::kind::KEY_UPDATE`]) whose batch's member range leaves `member`
-/// out: what the node would skip anyway before any crypto. It keeps
-/// everything else, datagrams too short to hold what it reads included (the
-/// decoder says what is wrong with them).
-fn group_filter(member: u32) -> [socket2::SockFilter; 17] {
+/// The filter of [`filter_group`] for `member`. It drops group data (kind
+/// [`wire::kind::DATA`], of its version [`wire::version_of`]) whose sender
+/// is `member`, and key update requests (kind [`wire::kind::KEY_UPDATE`], of
+/// theirs) whose batch's member range leaves `member` out: what the node
+/// would skip anyway before any crypto. It keeps everything else, datagrams
+/// too short to hold what it reads and other versions included (the decoder
+/// says what is wrong with them).
+fn group_filter(member: u32) -> [socket2::SockFilter; 19] {
     use keyfleet_core::wire::{self, kind};
     use socket2::SockFilter as F;
     let at = |offset: usize| UDP_HEADER + u32::try_from(offset).unwrap_or(u32::MAX);
     let sender = wire::DATA_SENDER_AT;
     let range = wire::KEY_UPDATE_RANGE_AT;
+    let version = |k: u8| u32::from(wire::version_of(k));
     // The two returns at the end; a jump counts from the next instruction.
-    const DROP: usize = 15;
-    const KEEP: usize = 16;
+    const DROP: usize = 17;
+    const KEEP: usize = 18;
     let to = |from: usize, target: usize| u8::try_from(target - from - 1).unwrap_or(u8::MAX);
     [
         /* 0 */ F::new(bpf::LD_LEN, 0, 0, 0),
         /* 1 */ F::new(bpf::JGE, 0, to(1, KEEP), at(sender + 4)),
-        /* 2 */ F::new(bpf::LDB, 0, 0, at(0)),
-        /* 3 */ F::new(bpf::JEQ, 0, to(3, KEEP), u32::from(wire::VERSION)),
-        /* 4 */ F::new(bpf::LDB, 0, 0, at(1)),
-        /* 5 */ F::new(bpf::JEQ, 0, to(5, 8), u32::from(kind::DATA)),
+        /* 2 */ F::new(bpf::LDB, 0, 0, at(1)),
+        /* 3 */ F::new(bpf::JEQ, 0, to(3, 8), u32::from(kind::DATA)),
+        /* 4 */ F::new(bpf::LDB, 0, 0, at(0)),
+        /* 5 */ F::new(bpf::JEQ, 0, to(5, KEEP), version(kind::DATA)),
         /* 6 */ F::new(bpf::LDW, 0, 0, at(sender)),
         /* 7 */ F::new(bpf::JEQ, to(7, DROP), to(7, KEEP), member),
         /* 8 */ F::new(bpf::JEQ, 0, to(8, KEEP), u32::from(kind::KEY_UPDATE)),
-        /* 9 */ F::new(bpf::LD_LEN, 0, 0, 0),
-        /* 10 */ F::new(bpf::JGE, 0, to(10, KEEP), at(range + 8)),
-        /* 11 */ F::new(bpf::LDW, 0, 0, at(range)), // the batch's first member…
-        /* 12 */ F::new(bpf::JGT, to(12, DROP), 0, member), // …is past `member`
-        /* 13 */ F::new(bpf::LDW, 0, 0, at(range + 4)), // its last member…
-        /* 14 */ F::new(bpf::JGE, to(14, KEEP), 0, member), // …is not before it
+        /* 9 */ F::new(bpf::LDB, 0, 0, at(0)),
+        /* 10 */ F::new(bpf::JEQ, 0, to(10, KEEP), version(kind::KEY_UPDATE)),
+        /* 11 */ F::new(bpf::LD_LEN, 0, 0, 0),
+        /* 12 */ F::new(bpf::JGE, 0, to(12, KEEP), at(range + 8)),
+        /* 13 */ F::new(bpf::LDW, 0, 0, at(range)), // the batch's first member…
+        /* 14 */ F::new(bpf::JGT, to(14, DROP), 0, member), // …is past `member`
+        /* 15 */ F::new(bpf::LDW, 0, 0, at(range + 4)), // its last member…
+        /* 16 */ F::new(bpf::JGE, to(16, KEEP), 0, member), // …is not before it
         /* DROP */ F::new(bpf::RET, 0, 0, 0),
         /* KEEP */ F::new(bpf::RET, 0, 0, u32::MAX),
     ]
@@ -323,8 +326,10 @@ pub(super) mod tests {
             };
             assert!(ku.first <= ku.last);
         }
-        let mut old_version = batches[2].clone();
-        old_version[0] = 1;
+        // A revision-2 controller's batch that ends before 40: not of the key
+        // update's version, so kept, for the decoder to refuse with advice.
+        let mut old_version = batches[0].clone();
+        old_version[0] = wire::PREVIOUS_VERSION;
         // Cut inside the range: kept, for the decoder to refuse.
         let cut = batches[0][..wire::KEY_UPDATE_RANGE_AT + 6].to_vec();
         let transition = wire::sign(
@@ -380,6 +385,10 @@ pub(super) mod tests {
         let control = datagram(wire::kind::KEY_UPDATE, 7);
         let mut old_version = own.clone();
         old_version[0] = 1;
+        // Data is of version 2 (its layout is revision 2's); one of the key
+        // update's version 3 is not data to this filter either.
+        let mut other_version = own.clone();
+        other_version[0] = wire::VERSION;
         // Cut before the sender ends: kept, for the decoder to refuse.
         let short = own[..wire::DATA_SENDER_AT + 3].to_vec();
         let sent = [
@@ -388,6 +397,7 @@ pub(super) mod tests {
             other_byte_order,
             control,
             old_version,
+            other_version,
             short,
         ];
 

@@ -897,7 +897,12 @@ fn check_capture(
             fr.no,
             fr.src
         );
-        assert_eq!(fr.u("keyfleet.version"), u64::from(wire::VERSION));
+        assert_eq!(
+            fr.u("keyfleet.version"),
+            u64::from(wire::version_of(fr.ty())),
+            "frame {}",
+            fr.no
+        );
         assert_eq!(
             fr.u("keyfleet.sender_role"),
             u64::from(from_controller),

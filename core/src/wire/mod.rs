@@ -84,8 +84,26 @@ use serde::{Deserialize, Serialize};
 use std::fmt;
 use thiserror::Error;
 
-/// The wire version this build speaks.
+/// The wire revision this build speaks: the newest layout of any of its
+/// messages. Each message carries the revision its own layout last changed
+/// in ([`version_of`]), so that programs one revision apart still read the
+/// messages both know alike (group data above all) while a fleet upgrades.
 pub const VERSION: u8 = 3;
+
+/// The revision before [`VERSION`], whose messages this build still reads
+/// where their layout did not change.
+pub const PREVIOUS_VERSION: u8 = 2;
+
+/// The version byte of a message of `kind`: 3 for the key update and
+/// transition requests (revision 3 added the transition chain), 2 for every
+/// other message (unchanged since revision 2). [`decode`] refuses a message
+/// carrying another version than its kind's.
+pub const fn version_of(kind: u8) -> u8 {
+    match kind {
+        kind::KEY_UPDATE | kind::FIRST_TRANSITION | kind::SECOND_TRANSITION => VERSION,
+        _ => PREVIOUS_VERSION,
+    }
+}
 /// Largest datagram the controller builds (fits a 1280-byte IPv6 minimum MTU with headers).
 pub const MAX_DATAGRAM: usize = 1200;
 const KEY_UPDATE_FIXED: usize = 2 + 4 + 4 + 8 + SHARE_LEN + 4 + 4 + 2 + REVEAL_LEN + SIGNATURE_LEN;
@@ -101,7 +119,7 @@ pub const MAX_USAGE_ENTRIES: usize = 4;
 pub enum WireError {
     #[error("empty datagram")]
     Empty,
-    #[error("wire version {0} is not supported (this build speaks version 3); upgrade every keyfleet program of the fleet to the same release (the controller first is fine: agents hold their data until a version 3 controller answers them)")]
+    #[error("wire version {0} is not supported for this message (this build speaks version 3: key update and transition requests of version 3, every other message of version 2); upgrade every keyfleet program of the fleet to the same release (the controller first is fine: agents hold their data until a version 3 controller answers them)")]
     Version(u8),
     #[error("unknown message type 0x{0:02x}")]
     UnknownType(u8),
@@ -281,6 +299,24 @@ impl Step {
 }
 
 /// Message type codes.
+/// Every message kind [`decode`] reads.
+const KNOWN_KINDS: [u8; 14] = [
+    kind::DATA,
+    kind::KEY_UPDATE,
+    kind::FIRST_TRANSITION,
+    kind::SECOND_TRANSITION,
+    kind::KEY_RESPONSE,
+    kind::RESYNC,
+    kind::HANDSHAKE_ANSWER,
+    kind::BEACON,
+    kind::KEY_UPDATE_REPLY,
+    kind::FIRST_REPLY,
+    kind::SECOND_REPLY,
+    kind::KEY_REQUEST,
+    kind::USAGE_REPORT,
+    kind::HANDSHAKE_INIT,
+];
+
 pub mod kind {
     pub const DATA: u8 = 0x01;
     pub const KEY_UPDATE: u8 = 0x02;
@@ -690,7 +726,7 @@ fn split_auth<'a, const N: usize>(
 /// Decode one datagram. Never panics; every failure is a [`WireError`].
 pub fn decode(bytes: &[u8]) -> Result<Message<'_>, WireError> {
     let (&version, rest) = bytes.split_first().ok_or(WireError::Empty)?;
-    if version != VERSION {
+    if version != VERSION && version != PREVIOUS_VERSION {
         return Err(WireError::Version(version));
     }
     let &ty = rest.first().ok_or(WireError::Truncated {
@@ -698,6 +734,9 @@ pub fn decode(bytes: &[u8]) -> Result<Message<'_>, WireError> {
         need: 1,
         have: 0,
     })?;
+    if KNOWN_KINDS.contains(&ty) && version != version_of(ty) {
+        return Err(WireError::Version(version));
+    }
     match ty {
         kind::DATA => decode_data(bytes).map(Message::Data),
         kind::BEACON => decode_beacon(bytes).map(Message::Beacon),
@@ -1082,7 +1121,7 @@ struct Writer(Vec<u8>);
 impl Writer {
     fn new(ty: u8, cap: usize) -> Writer {
         let mut v = Vec::with_capacity(cap);
-        v.push(VERSION);
+        v.push(version_of(ty));
         v.push(ty);
         Writer(v)
     }

@@ -78,7 +78,7 @@ proptest! {
 
     #[test]
     fn arbitrary_bytes_after_a_valid_header_never_panic(ty in any::<u8>(), tail in proptest::collection::vec(any::<u8>(), 0..1300)) {
-        let mut bytes = vec![VERSION, ty];
+        let mut bytes = vec![version_of(ty), ty];
         bytes.extend_from_slice(&tail);
         if let Ok(Message::KeyUpdate(ku)) = decode(&bytes) {
             // Walking the entries of a hostile batch must not panic either.
@@ -97,7 +97,7 @@ proptest! {
         let Message::Data(d) = decode(&bytes).unwrap() else { panic!("not data") };
         prop_assert_eq!(d.sender, sender);
         // Where a kernel filter looks for the sender, before any decoding.
-        prop_assert_eq!(&bytes[..2], &[VERSION, kind::DATA]);
+        prop_assert_eq!(&bytes[..2], &[version_of(kind::DATA), kind::DATA]);
         prop_assert_eq!(&bytes[DATA_SENDER_AT..DATA_SENDER_AT + 4], &sender.to_be_bytes());
         prop_assert_eq!(d.seq, seq);
         prop_assert_eq!(d.epoch_hint, hint.map(Epoch));
@@ -288,13 +288,32 @@ fn term_zero_is_refused_in_every_controller_message() {
 fn typed_errors_say_what_was_wrong() {
     assert_eq!(decode(&[]), Err(WireError::Empty));
     assert_eq!(decode(&[1, 1]), Err(WireError::Version(1)));
-    assert_eq!(decode(&[2, 1]), Err(WireError::Version(2)));
     assert_eq!(decode(&[4, 1]), Err(WireError::Version(4)));
+    // Each message carries its own layout's version: 2 for data and most,
+    // 3 for the key update and transition requests; the other is refused.
+    assert_eq!(
+        decode(&[VERSION, kind::DATA]),
+        Err(WireError::Version(VERSION))
+    );
+    assert_eq!(
+        decode(&[PREVIOUS_VERSION, kind::KEY_UPDATE]),
+        Err(WireError::Version(PREVIOUS_VERSION))
+    );
     assert!(WireError::Version(1).to_string().contains("version 3"));
     assert_eq!(decode(&[VERSION, 0x7f]), Err(WireError::UnknownType(0x7f)));
+    assert_eq!(
+        decode(&[PREVIOUS_VERSION, 0x7f]),
+        Err(WireError::UnknownType(0x7f))
+    );
     // Revision 1's join and join accept (authenticated by the label alone) are gone.
-    assert_eq!(decode(&[VERSION, 0x15]), Err(WireError::UnknownType(0x15)));
-    assert_eq!(decode(&[VERSION, 0x06]), Err(WireError::UnknownType(0x06)));
+    assert_eq!(
+        decode(&[PREVIOUS_VERSION, 0x15]),
+        Err(WireError::UnknownType(0x15))
+    );
+    assert_eq!(
+        decode(&[PREVIOUS_VERSION, 0x06]),
+        Err(WireError::UnknownType(0x06))
+    );
     let mut bytes = mac(
         ack(Step::KeyUpdate, Epoch(1), 1, 1, &Share([3; 32])),
         &keys(),
@@ -550,38 +569,55 @@ fn beacon_refusals_name_the_field() {
 /// A version 1 datagram (what the previous release sends) is refused, and the
 /// error says what to do.
 #[test]
-fn version_1_and_2_datagrams_are_refused_with_advice() {
-    for old in [1u8, 2] {
-        let mut a = mac(
-            ack(Step::KeyUpdate, Epoch(1), 1, 1, &Share([3; 32])),
-            &keys(),
-        );
-        a[0] = old;
-        let e = decode(&a).unwrap_err();
-        assert_eq!(e, WireError::Version(old));
-        let text = e.to_string();
-        assert!(
-            text.contains(&format!("version {old}"))
-                && text.contains("version 3")
-                && text.contains("upgrade"),
-            "{text}"
-        );
-        let mut b = sign(
-            beacon(1, Epoch(1), 1, None, SocketAddr::from(([127, 0, 0, 1], 1))),
-            &signing(),
-        );
-        b[0] = old;
-        assert_eq!(decode(&b), Err(WireError::Version(old)));
-        // A version 2 transition request (no reveal) is refused by its
-        // version, not misread as a short version 3 one.
-        let mut t = sign(
-            transition(1, Step::FirstTransition, Epoch(1), 1, &[0; 32]),
-            &signing(),
-        );
-        t[0] = old;
+fn older_versions_are_refused_with_advice_and_unchanged_layouts_are_read_across_one_revision() {
+    // Revision 1: every message refused, with advice.
+    let mut a = mac(
+        ack(Step::KeyUpdate, Epoch(1), 1, 1, &Share([3; 32])),
+        &keys(),
+    );
+    assert_eq!(
+        a[0], PREVIOUS_VERSION,
+        "an acknowledgement keeps revision 2's byte"
+    );
+    a[0] = 1;
+    let e = decode(&a).unwrap_err();
+    assert_eq!(e, WireError::Version(1));
+    let text = e.to_string();
+    assert!(
+        text.contains("version 1") && text.contains("version 3") && text.contains("upgrade"),
+        "{text}"
+    );
+    let mut b = sign(
+        beacon(1, Epoch(1), 1, None, SocketAddr::from(([127, 0, 0, 1], 1))),
+        &signing(),
+    );
+    b[0] = 1;
+    assert_eq!(decode(&b), Err(WireError::Version(1)));
+    // Revision 2's key update and transition requests (no commitment, no
+    // reveal: what a controller not yet upgraded sends) are refused by their
+    // version, not misread as short revision-3 ones.
+    let w = WrappedKey([1; 60]);
+    let mut ku = sign(
+        key_update(1, Epoch(1), 1, &Share([1; 32]), &[0; 32], &[(1, w)]),
+        &signing(),
+    );
+    assert_eq!(ku[0], VERSION);
+    ku[0] = PREVIOUS_VERSION;
+    ku.drain(60..92);
+    assert_eq!(decode(&ku), Err(WireError::Version(PREVIOUS_VERSION)));
+    for step in [Step::FirstTransition, Step::SecondTransition] {
+        let mut t = sign(transition(1, step, Epoch(1), 1, &[0; 32]), &signing());
+        assert_eq!(t[0], VERSION);
+        t[0] = PREVIOUS_VERSION;
         t.drain(18..50);
-        assert_eq!(decode(&t), Err(WireError::Version(old)));
+        assert_eq!(decode(&t), Err(WireError::Version(PREVIOUS_VERSION)));
     }
+    // Every other message is laid out as in revision 2 and carries its byte:
+    // a program one revision behind reads it, and this one reads theirs
+    // (group data across a fleet that upgrades one appliance at a time).
+    let d = [data_header(3, 1, Some(Epoch(1)), &[0; 12]), vec![0; 16]].concat();
+    assert_eq!(d[0], PREVIOUS_VERSION);
+    assert!(matches!(decode(&d), Ok(Message::Data(_))));
 }
 
 #[test]
