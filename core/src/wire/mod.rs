@@ -1,6 +1,8 @@
 //! Wire format: a versioned, length-checked binary encoding of every message.
 //!
-//! Every datagram starts with `[version = 3][type]`; all integers are
+//! Every datagram starts with `[version][type]`, the version being the
+//! revision its kind's layout last changed in ([`version_of`]: 3 for the key
+//! update and transition requests, 2 for every other message); all integers are
 //! big-endian; every message carries an epoch and a sequence number (data
 //! carries the sender's sequence number and, optionally, the epoch as a hint).
 //! Controller messages end with a 64-byte Ed25519 signature over everything
@@ -59,9 +61,13 @@
 //! no replay window and teaches the node no controller address. A node
 //! without the commitment, or for another term, checks the signature.
 //!
-//! Datagrams of versions 1 and 2 are refused with [`WireError::Version`]:
-//! every program of a fleet runs the same wire version (revision 3 added
-//! the commitment and the reveals; nothing persisted changed).
+//! A message of another version than its kind's is refused with
+//! [`WireError::Version`] (revision 1's all, revision 2's key update and
+//! transition requests): a round needs every program of the fleet on the
+//! same revision. Revision 3 added the commitment and the reveals and
+//! changed nothing else, nothing persisted either; the other messages keep
+//! revision 2's byte, so programs one revision apart still share group data,
+//! beacons, key requests and responses while a fleet upgrades.
 //!
 //! A key update request is a batch of per-node entries sorted by member
 //! number, at most [`MAX_BATCH_ENTRIES`] so that it fits in [`MAX_DATAGRAM`]
