@@ -110,6 +110,7 @@ pub const fn version_of(kind: u8) -> u8 {
         _ => PREVIOUS_VERSION,
     }
 }
+
 /// Largest datagram the controller builds (fits a 1280-byte IPv6 minimum MTU with headers).
 pub const MAX_DATAGRAM: usize = 1200;
 const KEY_UPDATE_FIXED: usize = 2 + 4 + 4 + 8 + SHARE_LEN + 4 + 4 + 2 + REVEAL_LEN + SIGNATURE_LEN;
@@ -304,7 +305,6 @@ impl Step {
     }
 }
 
-/// Message type codes.
 /// Every message kind [`decode`] reads.
 const KNOWN_KINDS: [u8; 14] = [
     kind::DATA,
@@ -323,6 +323,7 @@ const KNOWN_KINDS: [u8; 14] = [
     kind::HANDSHAKE_INIT,
 ];
 
+/// Message type codes.
 pub mod kind {
     pub const DATA: u8 = 0x01;
     pub const KEY_UPDATE: u8 = 0x02;
