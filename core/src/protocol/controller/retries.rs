@@ -9,7 +9,7 @@ use super::round::{transition_step, Round};
 use super::{
     ControllerAction, ControllerConfig, ControllerMachine, MemberStatus, Out, Record, Via,
 };
-use crate::crypto::{Epoch, Share, ShareSecret, WrappedKey};
+use crate::crypto::{Epoch, Share, ShareSecret, WrappedKey, REVEAL_LEN};
 use crate::wire::{self, RoundPhase, Step, MAX_BATCH_ENTRIES};
 use rand::{CryptoRng, RngCore};
 use std::cmp::Reverse;
@@ -95,23 +95,25 @@ impl ControllerMachine {
         } else {
             self.persist_notes(out);
         }
+        let commit = self.commitment(epoch);
         for batch in entries.chunks(MAX_BATCH_ENTRIES) {
-            self.send_batch(now, epoch, &share, wave, batch, out);
+            self.send_batch(now, (epoch, &share, &commit), wave, batch, out);
         }
     }
 
+    /// One key update batch of the round of `epoch`, with the round's share
+    /// and transition commitment.
     fn send_batch(
         &mut self,
         now: Time,
-        epoch: Epoch,
-        share: &Share,
+        (epoch, share, commit): (Epoch, &Share, &[u8; REVEAL_LEN]),
         wave: u32,
         batch: &[(u32, WrappedKey)],
         out: &mut Out,
     ) {
         let seq = self.next_seq(out);
         let msg = wire::sign(
-            wire::key_update(self.term, epoch, seq, share, &self.commitment(epoch), batch),
+            wire::key_update(self.term, epoch, seq, share, commit, batch),
             &self.signing,
         );
         out.push(ControllerAction::SendGroup(msg));
