@@ -79,6 +79,14 @@ impl Rig {
     }
 }
 
+/// A transition request as the controller's encoder makes it, with any
+/// term, epoch, sequence number and reveal, and an all-zero signature.
+fn unsigned_transition(term: u32, step: Step, epoch: u32, seq: u64, reveal: &[u8; 32]) -> Vec<u8> {
+    let mut b = wire::transition(term, step, Epoch(epoch), seq, reveal);
+    b.extend_from_slice(&[0; 64]);
+    b
+}
+
 const UC1: NodeState = NodeState::UpdateCompleted { current: Epoch(1) };
 const UC2: NodeState = NodeState::UpdateCompleted { current: Epoch(2) };
 const DC12: NodeState = NodeState::DistributionCompleted {

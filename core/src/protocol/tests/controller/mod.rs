@@ -128,11 +128,16 @@ impl TestFleet {
     }
 
     /// Crash: a controller restored from what was persisted (through its
-    /// JSON form), started. Datagrams in flight stay queued.
-    fn restart_controller(&mut self) {
+    /// JSON form), not started yet.
+    fn restore_controller(&mut self) {
         let json = serde_json::to_string(&self.persisted()).unwrap();
         let persist: ControllerPersist = serde_json::from_str(&json).unwrap();
         self.c = ControllerMachine::restore(&persist, self.cfg.clone(), self.now).unwrap();
+    }
+
+    /// [`TestFleet::restore_controller`], started. Datagrams in flight stay queued.
+    fn restart_controller(&mut self) {
+        self.restore_controller();
         self.ctl(ControllerInput::Start).unwrap();
     }
 
@@ -279,6 +284,18 @@ impl TestFleet {
             self.pump();
         }
         self.now = end;
+    }
+
+    /// Delivers what is queued, then lets 100 ms pass with every deadline
+    /// ([`TestFleet::advance_all`]), until `done` holds: at most 10 s.
+    fn run_until(&mut self, done: impl Fn(&TestFleet) -> bool) {
+        for _ in 0..100 {
+            self.pump();
+            if done(self) {
+                return;
+            }
+            self.advance_all(100);
+        }
     }
 
     fn phase(&self) -> Option<RoundPhase> {

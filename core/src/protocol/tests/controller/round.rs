@@ -309,10 +309,7 @@ fn a_round_start_writes_no_member_row_and_a_restart_in_any_phase_makes_the_same_
 
         // Crash: only what was persisted survives. The nodes hold the round's
         // steps, which the rows may not (Distributing, FirstTransition).
-        let persist = f.persisted();
-        let json = serde_json::to_string(&persist).unwrap();
-        let persist: ControllerPersist = serde_json::from_str(&json).unwrap();
-        f.c = ControllerMachine::restore(&persist, f.cfg.clone(), f.now).unwrap();
+        f.restore_controller();
         f.queue.clear();
         f.drop = Box::new(|_, _, _| false);
         f.ctl(ControllerInput::Start).unwrap();
@@ -345,10 +342,7 @@ fn a_round_start_writes_no_member_row_and_a_restart_in_any_phase_makes_the_same_
 fn restarts_in_every_phase(crash: Option<(usize, bool)>) -> TestFleet {
     let mut f = TestFleet::new(3, test_cfg());
     f.ctl(ControllerInput::Rekey).unwrap();
-    for _ in 0..20 {
-        f.pump();
-        f.advance_all(100);
-    }
+    f.run_until(|f| f.finished().len() == 1);
     assert_eq!(f.finished().len(), 1);
     f.restart_in = [
         (RoundPhase::Distributing, 0),
@@ -359,28 +353,11 @@ fn restarts_in_every_phase(crash: Option<(usize, bool)>) -> TestFleet {
     .into();
     f.crash_after = crash.map(|(pass, sent)| (f.passes + pass, sent));
     f.ctl(ControllerInput::Rekey).unwrap();
-    for _ in 0..100 {
-        f.pump();
-        if f.finished().len() == 2 {
-            break;
-        }
-        f.advance_all(100);
-    }
+    f.run_until(|f| f.finished().len() == 2);
     f.ctl(ControllerInput::Rekey).unwrap();
-    for _ in 0..100 {
-        f.pump();
-        if f.finished().len() == 3 {
-            break;
-        }
-        f.advance_all(100);
-    }
+    f.run_until(|f| f.finished().len() == 3);
     // A node whose answer the crash lost asks again.
-    for _ in 0..100 {
-        if f.nodes.iter().all(|n| n.is_synced()) {
-            break;
-        }
-        f.advance_all(100);
-    }
+    f.run_until(|f| f.nodes.iter().all(|n| n.is_synced()));
     f
 }
 
@@ -453,10 +430,7 @@ fn a_restored_controller_resumes_its_round() {
         };
         let before = checks(&f);
         // Crash: only what was persisted survives.
-        let persist = f.persisted();
-        let json = serde_json::to_string(&persist).unwrap();
-        let persist: ControllerPersist = serde_json::from_str(&json).unwrap();
-        f.c = ControllerMachine::restore(&persist, f.cfg.clone(), f.now).unwrap();
+        f.restore_controller();
         assert_eq!(f.c.poll_timeout(), None, "no deadline before Start");
         f.queue.clear();
         f.drop = Box::new(|_, _, _| false);

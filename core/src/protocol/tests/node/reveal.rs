@@ -16,14 +16,6 @@ fn dc12_by_key_update() -> Rig {
     r
 }
 
-/// A transition request as the controller's encoder makes it, with any
-/// term, epoch, sequence number and reveal, and an all-zero signature.
-fn unsigned(term: u32, step: Step, epoch: u32, seq: u64, reveal: &[u8; 32]) -> Vec<u8> {
-    let mut b = wire::transition(term, step, Epoch(epoch), seq, reveal);
-    b.extend_from_slice(&[0; 64]);
-    b
-}
-
 #[test]
 fn after_a_verified_key_update_the_transitions_are_taken_by_their_reveal_not_a_signature() {
     let mut r = dc12_by_key_update();
@@ -61,23 +53,23 @@ fn a_transition_request_whose_reveal_does_not_hold_moves_nothing_and_goes_to_the
     let forged: Vec<(&str, Vec<u8>)> = vec![
         (
             "a reveal off by one bit",
-            unsigned(term, Step::FirstTransition, 2, 50, &off),
+            unsigned_transition(term, Step::FirstTransition, 2, 50, &off),
         ),
         (
             "zero reveal",
-            unsigned(term, Step::FirstTransition, 2, 51, &[0; 32]),
+            unsigned_transition(term, Step::FirstTransition, 2, 51, &[0; 32]),
         ),
         (
             "the commitment itself",
-            unsigned(term, Step::FirstTransition, 2, 52, &chain.commitment()),
+            unsigned_transition(term, Step::FirstTransition, 2, 52, &chain.commitment()),
         ),
         (
             "the first reveal as the second's",
-            unsigned(term, Step::SecondTransition, 2, 53, &r1),
+            unsigned_transition(term, Step::SecondTransition, 2, 53, &r1),
         ),
         (
             "the next round's first reveal",
-            unsigned(
+            unsigned_transition(
                 term,
                 Step::FirstTransition,
                 2,
@@ -87,7 +79,7 @@ fn a_transition_request_whose_reveal_does_not_hold_moves_nothing_and_goes_to_the
         ),
         (
             "another term's chain",
-            unsigned(
+            unsigned_transition(
                 term,
                 Step::FirstTransition,
                 2,
@@ -97,15 +89,15 @@ fn a_transition_request_whose_reveal_does_not_hold_moves_nothing_and_goes_to_the
         ),
         (
             "the right reveal under a higher term",
-            unsigned(term + 1, Step::FirstTransition, 2, 56, &r1),
+            unsigned_transition(term + 1, Step::FirstTransition, 2, 56, &r1),
         ),
         (
             "the right reveal for the next epoch",
-            unsigned(term, Step::FirstTransition, 3, 57, &r1),
+            unsigned_transition(term, Step::FirstTransition, 3, 57, &r1),
         ),
         (
             "the second reveal for the next epoch",
-            unsigned(term, Step::SecondTransition, 3, 58, &r2),
+            unsigned_transition(term, Step::SecondTransition, 3, 58, &r2),
         ),
     ];
     for (what, bytes) in forged {
@@ -139,7 +131,7 @@ fn a_request_taken_by_its_reveal_moves_no_replay_window() {
     // The genuine reveal, copied by someone else with the highest sequence
     // number: the step is the controller's (the reveal says so), the number
     // is not (where it came from: `route.rs`).
-    let copy = unsigned(term, Step::FirstTransition, 2, u64::MAX - 1, &r1);
+    let copy = unsigned_transition(term, Step::FirstTransition, 2, u64::MAX - 1, &r1);
     let out = r.feed(&copy);
     assert_eq!(refusal(&out), None);
     assert_eq!(r.node.state(), IT12);
@@ -162,7 +154,13 @@ fn a_node_without_the_commitment_checks_the_signature() {
         .ctl
         .transition_chain(Epoch(2))
         .reveal(Step::FirstTransition);
-    let out = r.feed(&unsigned(term, Step::FirstTransition, 2, 90, &r1));
+    let out = r.feed(&unsigned_transition(
+        term,
+        Step::FirstTransition,
+        2,
+        90,
+        &r1,
+    ));
     assert!(
         matches!(refusal(&out), Some(Refusal::BadSignature { .. })),
         "{out:?}"

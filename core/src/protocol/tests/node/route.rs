@@ -97,8 +97,7 @@ fn a_transition_request_taken_by_its_reveal_teaches_no_address() {
         .ctl
         .transition_chain(Epoch(2))
         .reveal(Step::FirstTransition);
-    let mut copy = wire::transition(r.ctl.term, Step::FirstTransition, Epoch(2), 9999, &reveal);
-    copy.extend_from_slice(&[0; 64]);
+    let copy = unsigned_transition(r.ctl.term, Step::FirstTransition, 2, 9999, &reveal);
     let out = r.feed_from(attacker(), &copy);
     assert_eq!(refusal(&out), None);
     assert_eq!(dests(&out), vec![("ack", ctl_addr())]);
