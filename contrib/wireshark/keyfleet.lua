@@ -81,6 +81,7 @@ local T = {
     RESYNC = 0x07,
     BEACON = 0x08,
     HANDSHAKE_ANSWER = 0x09,
+    SHARE_NOTICE = 0x0A,
     KEY_UPDATE_REPLY = 0x11,
     FIRST_REPLY = 0x12,
     SECOND_REPLY = 0x13,
@@ -100,6 +101,7 @@ local type_names = {
     [T.RESYNC] = "Resync request",
     [T.BEACON] = "Beacon",
     [T.HANDSHAKE_ANSWER] = "Handshake answer",
+    [T.SHARE_NOTICE] = "Share notice",
     [T.KEY_UPDATE_REPLY] = "Key update reply",
     [T.FIRST_REPLY] = "First transition reply",
     [T.SECOND_REPLY] = "Second transition reply",
@@ -113,7 +115,7 @@ local type_names = {
 local controller_types = {
     [T.KEY_UPDATE] = true, [T.FIRST_TRANSITION] = true, [T.SECOND_TRANSITION] = true,
     [T.KEY_RESPONSE] = true, [T.JOIN_ACCEPT] = true, [T.RESYNC] = true,
-    [T.BEACON] = true, [T.HANDSHAKE_ANSWER] = true,
+    [T.BEACON] = true, [T.HANDSHAKE_ANSWER] = true, [T.SHARE_NOTICE] = true,
 }
 
 -- The layouts (preference values) and the type codes each one has.
@@ -137,7 +139,7 @@ for _, t in ipairs({ T.JOIN, T.JOIN_ACCEPT }) do
     known[LAYOUT_JOIN][t] = true
     known[LAYOUT_AUTO][t] = true
 end
-for _, t in ipairs({ T.HANDSHAKE_INIT, T.HANDSHAKE_ANSWER }) do
+for _, t in ipairs({ T.HANDSHAKE_INIT, T.HANDSHAKE_ANSWER, T.SHARE_NOTICE }) do
     known[LAYOUT_HANDSHAKE][t] = true
     known[LAYOUT_AUTO][t] = true
 end
@@ -639,6 +641,23 @@ parse[T.RESYNC] = function(tvb, len)
     return r
 end
 
+-- The next round's share, announced ahead (version 3).
+parse[T.SHARE_NOTICE] = function(tvb, len)
+    local r = split_auth(tvb, len, SIG_LEN, "signature")
+    local t_off = r.pos
+    local t = r:u32(F.term, "term")
+    if t == 0 then
+        r:fail("invalid", t_off, 4, "term has the invalid value 0")
+    end
+    local epoch = r:u32(F.epoch, "epoch")
+    local seq = r:u64(F.seq, "sequence number")
+    if t and epoch and seq then
+        r:note(string.format("term %d epoch %d seq %s", t, epoch, tostring(seq)))
+    end
+    r:bytes(F.controller_share, SHARE_LEN, "controller share")
+    return r
+end
+
 parse[T.BEACON] = function(tvb, len)
     local r = split_auth(tvb, len, SIG_LEN, "signature")
     local t_off = r.pos
@@ -812,6 +831,7 @@ local auth_of = {
     [T.SECOND_TRANSITION] = { F.signature, SIG_LEN },
     [T.KEY_RESPONSE] = { F.signature, SIG_LEN },
     [T.BEACON] = { F.signature, SIG_LEN },
+    [T.SHARE_NOTICE] = { F.signature, SIG_LEN },
     [T.JOIN_ACCEPT] = { F.mac, MAC_LEN },
     [T.RESYNC] = { F.mac, MAC_LEN },
     [T.KEY_UPDATE_REPLY] = { F.mac, MAC_LEN },
@@ -827,9 +847,15 @@ local chain_types = {
     [T.KEY_UPDATE] = true, [T.FIRST_TRANSITION] = true, [T.SECOND_TRANSITION] = true,
 }
 
+-- The messages of version 3: those it changed, and the share notice it added.
+local v3_types = { [T.SHARE_NOTICE] = true }
+for t in pairs(chain_types) do
+    v3_types[t] = true
+end
+
 -- The version byte the library reads for a message of type `ty`.
 local function version_for(ty)
-    return chain_types[ty] and VERSION or VERSION_2
+    return v3_types[ty] and VERSION or VERSION_2
 end
 
 -- Which versions each layout decodes.
@@ -885,7 +911,8 @@ local function parse_datagram(tvb, layout)
     local v3 = false
     if layout ~= LAYOUT_JOIN and known[LAYOUT_HANDSHAKE][ty] then
         local wrong = (layout == LAYOUT_HANDSHAKE and version ~= version_for(ty))
-            or (version == VERSION and not chain_types[ty])
+            or (version == VERSION and not v3_types[ty])
+            or (version == VERSION_2 and ty == T.SHARE_NOTICE)
         if wrong then
             r:fail("version", 0, 1, string.format(
                 "wire version %d is not supported for this message (type 0x%02x is of version %d)",

@@ -42,6 +42,10 @@ fuzz_target!(init: write_seeds(genuine_seeds), |data: &[u8]| {
             wire::beacon(b.term, b.epoch, b.seq, b.round, b.controller),
             b.auth.body.len(),
         ),
+        Message::ShareNotice(n) => (
+            wire::share_notice(n.term, n.epoch, n.seq, &n.share),
+            n.auth.body.len(),
+        ),
         Message::Resync(r) => (wire::resync(r.term, r.epoch, r.seq, r.member), r.auth.body.len()),
         Message::Ack(a) => (
             wire::ack(a.step, a.epoch, a.seq, a.member, &a.share),

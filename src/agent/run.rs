@@ -634,6 +634,8 @@ impl AppServer {
                     usage_reports: st.usage_reports,
                     signature_checks: driver.machine().signature_checks(),
                     reveal_checks: driver.machine().reveal_checks(),
+                    steps_prepared: driver.machine().prepare_stats().used,
+                    share_notices: driver.machine().prepare_stats().notices,
                     app_clients: self.clients.len(),
                     app_dropped: self.dropped,
                 });

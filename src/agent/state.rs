@@ -179,6 +179,13 @@ pub struct RunningStatus {
     /// commitment instead of a signature check (wire revision 3).
     #[serde(default)]
     pub reveal_checks: u64,
+    /// Key update steps whose X25519 was made ahead, from the controller's
+    /// share notice, while the node was idle.
+    #[serde(default)]
+    pub steps_prepared: u64,
+    /// Share notices taken (their signature held).
+    #[serde(default)]
+    pub share_notices: u64,
     pub app_clients: usize,
     pub app_dropped: u64,
 }

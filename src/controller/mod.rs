@@ -1604,6 +1604,8 @@ impl Controller {
         let more = self.machine.prepare_round(&mut OsRng, PREPARE_PER_PASS);
         let wait = if more { 0 } else { PREPARE_CHECK_MS };
         self.timers.arm(PREPARE_TIMER, self.clock.now_ms() + wait);
+        // A share just drawn is announced in the machine's next pass.
+        self.arm_machine_timer();
     }
 
     /// Acts on the outcome of a table write: `Ok(true)` when the table holds

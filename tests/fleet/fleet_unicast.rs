@@ -10,8 +10,9 @@ use crate::support;
 use support::fleet::{agent_status, Fleet};
 
 /// (datagrams received, node messages heard on the group, signatures
-/// checked, transition requests taken by their reveal) of every agent.
-fn counters(f: &Fleet) -> Vec<(u64, u64, u64, u64)> {
+/// checked, transition requests taken by their reveal, key update steps
+/// whose X25519 was made ahead from a share notice) of every agent.
+fn counters(f: &Fleet) -> Vec<(u64, u64, u64, u64, u64)> {
     f.nodes
         .iter()
         .map(|n| {
@@ -24,6 +25,7 @@ fn counters(f: &Fleet) -> Vec<(u64, u64, u64, u64)> {
                     .expect("node_messages_ignored"),
                 r["signature_checks"].as_u64().expect("signature_checks"),
                 r["reveal_checks"].as_u64().expect("reveal_checks"),
+                r["steps_prepared"].as_u64().expect("steps_prepared"),
             )
         })
         .collect()
@@ -43,6 +45,27 @@ fn one_fleet(n: usize) {
             node.id
         );
     }
+    // The controller announces the next round's share once it drew it, and
+    // again with each beacon (every second): every agent has it within a
+    // beacon or two of joining.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let notices = |f: &Fleet| -> Vec<u64> {
+        f.nodes
+            .iter()
+            .map(|n| {
+                let s = agent_status(&n.state).expect("the agent answers its status");
+                s["running"]["share_notices"].as_u64().expect("share_notices")
+            })
+            .collect()
+    };
+    while notices(&f).contains(&0) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "agents without the share notice 10 s after joining: {:?}",
+            notices(&f)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
     let before = counters(&f);
     let r = f.json(&["rekey", "--json"]);
     let after = counters(&f);
@@ -52,6 +75,7 @@ fn one_fleet(n: usize) {
     let received: Vec<u64> = before.iter().zip(&after).map(|(b, a)| a.0 - b.0).collect();
     let signatures: Vec<u64> = before.iter().zip(&after).map(|(b, a)| a.2 - b.2).collect();
     let reveals: Vec<u64> = before.iter().zip(&after).map(|(b, a)| a.3 - b.3).collect();
+    let prepared: Vec<u64> = before.iter().zip(&after).map(|(b, a)| a.4 - b.4).collect();
     let total: u64 = received.iter().sum();
     let batches = n.div_ceil(17) as u64;
     println!(
@@ -74,6 +98,11 @@ fn one_fleet(n: usize) {
     assert!(
         reveals.iter().all(|r| *r >= 2),
         "every agent took both transitions by their reveal: {reveals:?}"
+    );
+    // The key update's X25519 was made ahead, while the agents were idle.
+    assert!(
+        prepared.iter().all(|p| *p == 1),
+        "every agent's key update step found its X25519 made ahead: {prepared:?}"
     );
     assert!(
         heard.iter().all(|h| *h == 0),

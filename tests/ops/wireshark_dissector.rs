@@ -44,7 +44,7 @@ const OTHER_LAYOUT: &str = "join";
 /// Types whose layout differs between the two: same code, another length
 /// (the shares), or a code only one of them has.
 fn differs(ty: u8) -> bool {
-    matches!(ty, 0x02 | 0x05 | 0x06 | 0x09 | 0x11..=0x15 | 0x17)
+    matches!(ty, 0x02 | 0x05 | 0x06 | 0x09 | 0x0a | 0x11..=0x15 | 0x17)
 }
 
 /// One datagram of every message type, built by the library's encoders with
@@ -138,6 +138,7 @@ fn library_seeds(rng: &mut impl Rng) -> Vec<Vec<u8>> {
             Some((Epoch(7), RoundPhase::FirstTransition)),
             "[fe80::1]:47800".parse().unwrap(),
         )),
+        signed(wire::share_notice(1, Epoch(6), 32, &share)),
         maced(wire::ack(Step::KeyUpdate, Epoch(7), 5, 3, &share)),
         maced(wire::ack(Step::FirstTransition, Epoch(7), 6, 3, &share)),
         maced(wire::ack(Step::SecondTransition, Epoch(7), 7, 3, &share)),
@@ -1045,6 +1046,33 @@ fn check_capture(
         order.windows(2).all(|w| w[0] <= w[1]),
         "beacon (term, seq): {order:?}"
     );
+    // Share notices: each announces the share that the next round's key
+    // update carries (the controller does not restart in this run).
+    let mut announced = 0;
+    for n in of(0x0a) {
+        let e = n.u("keyfleet.epoch");
+        let share = n.text("keyfleet.controller_share");
+        assert!(
+            share.is_some(),
+            "frame {}: a share notice without its share",
+            n.no
+        );
+        if let Some(ku) = of(0x02).find(|k| k.u("keyfleet.epoch") == e + 1) {
+            assert_eq!(
+                ku.text("keyfleet.controller_share"),
+                share,
+                "frame {}: the share announced for epoch {} is not the key update's (frame {})",
+                n.no,
+                e + 1,
+                ku.no
+            );
+            announced += 1;
+        }
+    }
+    println!(
+        "share notices: {}, {announced} of them followed by their round",
+        of(0x0a).count()
+    );
 
     // 4. Group data: what node-00's `recv --json` delivered is on the wire
     //    with the same sender, sequence number and epoch.
@@ -1454,6 +1482,7 @@ fn type_name(t: u8) -> &'static str {
         0x07 => "resync request",
         0x08 => "beacon",
         0x09 => "handshake answer",
+        0x0a => "share notice",
         0x11 => "key update reply",
         0x12 => "first transition reply",
         0x13 => "second transition reply",

@@ -36,8 +36,8 @@ pub use controller::{
 };
 pub use node::{
     BeaconStats, Delivered, NodeAction, NodeConfig, NodeEvent, NodeInput, NodeMachine, NodePersist,
-    NodeRatchet, NodeState, DUPLICATE_ANSWER_INTERVAL_MS, HANDSHAKE_SENDS, VERIFY_BURST,
-    VERIFY_EVERY_MS,
+    NodeRatchet, NodeState, PrepareStats, DUPLICATE_ANSWER_INTERVAL_MS, HANDSHAKE_SENDS,
+    NOTICE_VERIFY_BURST, NOTICE_VERIFY_REFILL_MS, VERIFY_BURST, VERIFY_EVERY_MS,
 };
 pub use triggers::{TriggerConfig, TriggerReason};
 

@@ -384,14 +384,19 @@ impl NodeRatchet {
 
     /// The step the controller's `share` makes with this node's share.
     fn step(&self, member: u32, share: &Share) -> Option<crate::crypto::Step> {
-        let own = self.share();
         let dh = self.secret.dh(share)?;
+        self.step_from(member, share, &dh)
+    }
+
+    /// The same step from the X25519 of this node's share secret with
+    /// `share`, made ahead (`prepare.rs`).
+    fn step_from(&self, member: u32, share: &Share, dh: &[u8; 32]) -> Option<crate::crypto::Step> {
         Some(crate::crypto::Step::derive(
             &self.chain,
-            &dh,
+            dh,
             member,
             share,
-            &own,
+            &self.share(),
         ))
     }
 }
@@ -569,12 +574,18 @@ pub struct NodeMachine {
     /// still counted the node out of step: the answer settled it, so the
     /// request is obsolete. (Each term numbers its own messages.)
     synced_by: (u32, u64),
+    /// The next step's X25519 made ahead from a share notice, and the next
+    /// share secret drawn ahead (`prepare.rs`; memory only).
+    prepared: prepare::Prepared,
 }
 
 type Out = Vec<NodeAction>;
 
+mod prepare;
 mod route;
 mod state_hash;
+
+pub use prepare::{PrepareStats, NOTICE_VERIFY_BURST, NOTICE_VERIFY_REFILL_MS};
 
 use route::Route;
 
@@ -660,6 +671,7 @@ impl NodeMachine {
             route: Route::default(),
             beacon_join: None,
             synced_by: (0, 0),
+            prepared: prepare::Prepared::new(),
             cfg,
         }
     }
@@ -1328,10 +1340,17 @@ impl NodeMachine {
                 if !takes_step {
                     return self.on_step(now, ku.epoch, Step::KeyUpdate, None, rng, out);
                 }
-                let step = self
-                    .ratchet
-                    .as_ref()
-                    .and_then(|r| r.step(member, &ku.share));
+                // The X25519 made ahead from a share notice, if it fits.
+                let ready = self.ratchet.as_ref().and_then(|r| {
+                    let dh = self.prepared.dh_for(&ku.share, &r.share())?;
+                    Some(dh.and_then(|dh| r.step_from(member, &ku.share, dh)))
+                });
+                let used = ready.is_some();
+                let step = ready.unwrap_or_else(|| {
+                    self.ratchet
+                        .as_ref()
+                        .and_then(|r| r.step(member, &ku.share))
+                });
                 let Some(key) = step
                     .as_ref()
                     .and_then(|s| s.unwrap(&wrapped, ku.epoch, member))
@@ -1341,9 +1360,10 @@ impl NodeMachine {
                     self.start_sync(now, rng, out, Ask::OutOfStep);
                     return Err(Refusal::Unwrap { epoch: ku.epoch });
                 };
+                let spare = self.prepared.spent(used);
                 let next = step.map(|s| NodeRatchet {
                     chain: s.chain().clone(),
-                    secret: ShareSecret::generate(rng),
+                    secret: spare.unwrap_or_else(|| ShareSecret::generate(rng)),
                 });
                 let previous = std::mem::replace(&mut self.ratchet, next);
                 let r = self.on_step(now, ku.epoch, Step::KeyUpdate, Some(key), rng, out);
@@ -1488,6 +1508,7 @@ impl NodeMachine {
                 }
             }
             Message::Beacon(b) => self.on_beacon(now, from, &b, bytes, rng, out),
+            Message::ShareNotice(n) => self.on_share_notice(now, &n, bytes, rng),
             Message::Resync(x) => {
                 let member = self.addressed_to_me(x.member, what)?;
                 self.check_term(x.term, what)?;

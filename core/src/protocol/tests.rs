@@ -112,6 +112,9 @@ struct FakeController {
     view: Option<(Chain, Share)>,
     /// Handshake inits the node sent (whole datagrams).
     inits: Vec<Vec<u8>>,
+    /// A share drawn ahead and announced ([`FakeController::share_notice`]):
+    /// the next key update takes it.
+    ahead: Option<ShareSecret>,
 }
 
 impl FakeController {
@@ -125,6 +128,7 @@ impl FakeController {
             rng: rng(),
             view: None,
             inits: Vec::new(),
+            ahead: None,
         }
     }
 
@@ -156,9 +160,13 @@ impl FakeController {
         }
     }
 
-    /// A ratchet step from the node's chain and share with a fresh share of ours.
+    /// A ratchet step from the node's chain and share with a fresh share of
+    /// ours (the one drawn ahead, if any).
     fn step(&mut self) -> (Share, crate::crypto::Step) {
-        let secret = ShareSecret::generate(&mut self.rng);
+        let secret = self
+            .ahead
+            .take()
+            .unwrap_or_else(|| ShareSecret::generate(&mut self.rng));
         let ours = secret.public();
         let (chain, theirs) = match &self.view {
             Some((c, s)) => (c.clone(), *s),
@@ -234,6 +242,21 @@ impl FakeController {
                 &self.transition_chain(k.epoch()).commitment(),
                 &[(self.member, w)],
             ),
+            &self.sk,
+        )
+    }
+
+    /// A signed share notice for the round after epoch `e`, announcing the
+    /// share drawn ahead (drawn now if none is).
+    fn share_notice(&mut self, e: u32) -> Vec<u8> {
+        let seq = self.seq();
+        let rng = &mut self.rng;
+        let share = self
+            .ahead
+            .get_or_insert_with(|| ShareSecret::generate(rng))
+            .public();
+        wire::sign(
+            wire::share_notice(self.term, crate::crypto::Epoch(e), seq, &share),
             &self.sk,
         )
     }

@@ -101,12 +101,16 @@ pub const VERSION: u8 = 3;
 pub const PREVIOUS_VERSION: u8 = 2;
 
 /// The version byte of a message of `kind`: 3 for the key update and
-/// transition requests (revision 3 added the transition chain), 2 for every
-/// other message (unchanged since revision 2). [`decode`] refuses a message
-/// carrying another version than its kind's.
+/// transition requests (revision 3 added the transition chain) and the share
+/// notice (added in revision 3), 2 for every other message (unchanged since
+/// revision 2). [`decode`] refuses a message carrying another version than
+/// its kind's.
 pub const fn version_of(kind: u8) -> u8 {
     match kind {
-        kind::KEY_UPDATE | kind::FIRST_TRANSITION | kind::SECOND_TRANSITION => VERSION,
+        kind::KEY_UPDATE
+        | kind::FIRST_TRANSITION
+        | kind::SECOND_TRANSITION
+        | kind::SHARE_NOTICE => VERSION,
         _ => PREVIOUS_VERSION,
     }
 }
@@ -306,7 +310,7 @@ impl Step {
 }
 
 /// Every message kind [`decode`] reads.
-const KNOWN_KINDS: [u8; 14] = [
+const KNOWN_KINDS: [u8; 15] = [
     kind::DATA,
     kind::KEY_UPDATE,
     kind::FIRST_TRANSITION,
@@ -315,6 +319,7 @@ const KNOWN_KINDS: [u8; 14] = [
     kind::RESYNC,
     kind::HANDSHAKE_ANSWER,
     kind::BEACON,
+    kind::SHARE_NOTICE,
     kind::KEY_UPDATE_REPLY,
     kind::FIRST_REPLY,
     kind::SECOND_REPLY,
@@ -333,6 +338,7 @@ pub mod kind {
     pub const RESYNC: u8 = 0x07;
     pub const HANDSHAKE_ANSWER: u8 = 0x09;
     pub const BEACON: u8 = 0x08;
+    pub const SHARE_NOTICE: u8 = 0x0A;
     pub const KEY_UPDATE_REPLY: u8 = 0x11;
     pub const FIRST_REPLY: u8 = 0x12;
     pub const SECOND_REPLY: u8 = 0x13;
@@ -532,6 +538,21 @@ pub struct Beacon<'a> {
     pub auth: Signed<'a>,
 }
 
+/// The controller's share for the next round, announced ahead of the round
+/// (revision 3; the controller's `ahead.rs`): a node makes its X25519 with it
+/// while idle, and the key update request, which carries the same share,
+/// finds that work done. Nothing else rests on it: a node that never hears
+/// one makes the X25519 when the key update comes, as before.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ShareNotice<'a> {
+    pub term: u32,
+    /// The controller's current epoch: the announced round is for the next.
+    pub epoch: Epoch,
+    pub seq: u64,
+    pub share: Share,
+    pub auth: Signed<'a>,
+}
+
 /// A node's reply to a key update or transition request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Ack<'a> {
@@ -587,6 +608,7 @@ pub enum Message<'a> {
     HandshakeAnswer(HandshakeAnswer<'a>),
     Resync(Resync<'a>),
     Beacon(Beacon<'a>),
+    ShareNotice(ShareNotice<'a>),
     Ack(Ack<'a>),
     KeyRequest(KeyRequest<'a>),
     HandshakeInit(HandshakeInit<'a>),
@@ -605,6 +627,7 @@ impl Message<'_> {
             Message::HandshakeAnswer(_) => "handshake answer",
             Message::Resync(_) => "resync request",
             Message::Beacon(_) => "beacon",
+            Message::ShareNotice(_) => "share notice",
             Message::Ack(a) => match a.step {
                 Step::KeyUpdate => "key update reply",
                 Step::FirstTransition => "first transition reply",
@@ -747,6 +770,7 @@ pub fn decode(bytes: &[u8]) -> Result<Message<'_>, WireError> {
     match ty {
         kind::DATA => decode_data(bytes).map(Message::Data),
         kind::BEACON => decode_beacon(bytes).map(Message::Beacon),
+        kind::SHARE_NOTICE => decode_share_notice(bytes).map(Message::ShareNotice),
         kind::KEY_UPDATE
         | kind::FIRST_TRANSITION
         | kind::SECOND_TRANSITION
@@ -1085,6 +1109,24 @@ fn decode_beacon(bytes: &[u8]) -> Result<Beacon<'_>, WireError> {
     })
 }
 
+fn decode_share_notice(bytes: &[u8]) -> Result<ShareNotice<'_>, WireError> {
+    let (body, signature) = split_auth::<SIGNATURE_LEN>(bytes, "signature")?;
+    let auth = Signed { body, signature };
+    let mut r = Reader { buf: body, pos: 2 };
+    let term = r.term()?;
+    let epoch = r.epoch()?;
+    let seq = r.u64("sequence number")?;
+    let share = r.share("controller share")?;
+    r.done()?;
+    Ok(ShareNotice {
+        term,
+        epoch,
+        seq,
+        share,
+        auth,
+    })
+}
+
 fn decode_data(bytes: &[u8]) -> Result<Data<'_>, WireError> {
     let mut r = Reader { buf: bytes, pos: 2 };
     let flags = r.u8("data flags")?;
@@ -1293,6 +1335,19 @@ pub fn beacon(
         IpAddr::V6(a) => w.u8(6).bytes(&a.octets()),
     };
     w.u16(controller.port()).0
+}
+
+/// Body of a share notice ([`ShareNotice`]); sign it with [`sign`].
+pub fn share_notice(term: u32, epoch: Epoch, seq: u64, share: &Share) -> Vec<u8> {
+    Writer::new(
+        kind::SHARE_NOTICE,
+        2 + 4 + 4 + 8 + SHARE_LEN + SIGNATURE_LEN,
+    )
+    .u32(term)
+    .u32(epoch.0)
+    .u64(seq)
+    .bytes(&share.0)
+    .0
 }
 
 /// Body of a key update / first / second transition reply.

@@ -206,6 +206,26 @@ proptest! {
     }
 
     #[test]
+    fn share_notice_round_trips(term in 1u32.., epoch in any::<u32>(), seq in any::<u64>(), share in any::<[u8; 32]>()) {
+        let bytes = sign(share_notice(term, Epoch(epoch), seq, &Share(share)), &signing());
+        prop_assert_eq!(&bytes[..2], &[VERSION, kind::SHARE_NOTICE]);
+        prop_assert_eq!(bytes.len(), 2 + 4 + 4 + 8 + SHARE_LEN + SIGNATURE_LEN);
+        let Message::ShareNotice(n) = decode(&bytes).unwrap() else { panic!("not a share notice") };
+        prop_assert_eq!((n.term, n.epoch, n.seq, n.share), (term, Epoch(epoch), seq, Share(share)));
+        prop_assert!(crate::crypto::verify(&signing().verifying_key(), n.auth.body, &n.auth.signature));
+        for cut in 0..bytes.len() {
+            prop_assert!(decode(&bytes[..cut]).is_err(), "{} of {} bytes decoded", cut, bytes.len());
+        }
+        let mut long = bytes.clone();
+        long.insert(bytes.len() - SIGNATURE_LEN, 0);
+        prop_assert_eq!(decode(&long), Err(WireError::Trailing(1)));
+        // Revision 2 has no share notice: one with its version byte is refused by it.
+        let mut old = bytes.clone();
+        old[0] = PREVIOUS_VERSION;
+        prop_assert_eq!(decode(&old), Err(WireError::Version(PREVIOUS_VERSION)));
+    }
+
+    #[test]
     fn a_beacon_whose_round_is_not_for_the_next_epoch_is_refused(epoch in any::<u32>(), re in any::<u32>(), p in phase()) {
         prop_assume!(epoch.checked_add(1) != Some(re));
         let bytes = sign(beacon(1, Epoch(epoch), 9, Some((Epoch(re), p)), SocketAddr::from(([10, 0, 0, 1], 47800))), &signing());
@@ -269,6 +289,7 @@ fn term_zero_is_refused_in_every_controller_message() {
         sign(key_response(0, 1, 1, 1, &Share([1; 32]), &st), &signing()),
         mac(resync(0, Epoch(1), 1, 1), &keys()),
         sign(beacon(0, Epoch(1), 1, None, addr), &signing()),
+        sign(share_notice(0, Epoch(1), 1, &Share([1; 32])), &signing()),
     ] {
         assert_eq!(decode(&bytes), Err(zero.clone()), "type 0x{:02x}", bytes[1]);
     }

@@ -12,12 +12,29 @@
 //! the round start as before, and a share drawn ahead serves one round only
 //! (the round takes it). A member whose chain or share changed since its step
 //! was prepared (a key response, a rejoin) gets one computed afresh.
+//!
+//! The share drawn ahead is announced in a signed share notice
+//! ([`wire::ShareNotice`]), at once and again with each beacon until a round
+//! takes it, so that the nodes make their side of the step ahead as well
+//! (the node's `prepare.rs`). The key update request carries the share
+//! again, signed; the notice only lets a node start early.
 
 use super::persist::Committed;
-use super::ControllerMachine;
-use crate::crypto::{ratchet, Chain, Share, ShareSecret};
+use super::{ControllerAction, ControllerMachine, Out};
+use crate::crypto::{ratchet, Chain, Epoch, Share, ShareSecret};
+use crate::wire;
 use rand::{CryptoRng, RngCore};
 use std::collections::BTreeMap;
+
+/// The share notice of the share drawn ahead.
+#[derive(Clone, Default, Hash)]
+pub(super) struct Notice {
+    /// A share was drawn: its notice goes out in the next pass.
+    pub(super) due: bool,
+    /// The last notice: the term, epoch and share it said, and its signed
+    /// bytes (resent while they are unchanged).
+    last: Option<((u32, Epoch, Share), Vec<u8>)>,
+}
 
 /// A share drawn for the next round and the steps made with it.
 #[derive(Clone, Default)]
@@ -66,6 +83,9 @@ impl ControllerMachine {
         if self.round.is_some() || self.pending.is_some() {
             return false;
         }
+        if self.ahead.is_none() {
+            self.notice.due = true;
+        }
         let (share, prepared) = self
             .ahead
             .get_or_insert_with(|| (ShareSecret::generate(rng), Prepared::default()));
@@ -95,6 +115,31 @@ impl ControllerMachine {
             made += 1;
         }
         false
+    }
+
+    /// The share notice of the share drawn ahead, to the group: in the pass
+    /// after it was drawn and with each beacon, until a round takes the share.
+    /// The same bytes while the term, epoch and share are unchanged.
+    pub(super) fn send_notice(&mut self, out: &mut Out) {
+        self.notice.due = false;
+        let share = match &self.ahead {
+            Some((secret, _)) if self.round.is_none() => secret.public(),
+            _ => return,
+        };
+        let said = (self.term, self.current.epoch(), share);
+        let bytes = match &self.notice.last {
+            Some((s, bytes)) if *s == said => bytes.clone(),
+            _ => {
+                let seq = self.next_seq(out);
+                let bytes = wire::sign(
+                    wire::share_notice(said.0, said.1, seq, &said.2),
+                    &self.signing,
+                );
+                self.notice.last = Some((said, bytes.clone()));
+                bytes
+            }
+        };
+        out.push(ControllerAction::SendGroup(bytes));
     }
 
     /// Steps prepared for the next round so far (see [`Self::prepare_round`]).

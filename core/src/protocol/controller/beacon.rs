@@ -51,6 +51,9 @@ impl ControllerMachine {
             }
         };
         out.push(ControllerAction::SendGroup(bytes));
+        // The share drawn for the next round goes with it, for the nodes that
+        // missed it (`ahead.rs`).
+        self.send_notice(out);
         self.beacon.due = Some(now.plus(every));
     }
 }

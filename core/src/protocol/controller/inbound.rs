@@ -49,7 +49,8 @@ impl ControllerMachine {
             | Message::KeyResponse(_)
             | Message::HandshakeAnswer(_)
             | Message::Resync(_)
-            | Message::Beacon(_) => Err(Refusal::Unexpected {
+            | Message::Beacon(_)
+            | Message::ShareNotice(_) => Err(Refusal::Unexpected {
                 what,
                 role: "controller",
             }),

@@ -127,6 +127,8 @@ pub struct ControllerMachine {
     /// The next round's share and steps, prepared while idle (`ahead.rs`;
     /// in memory only).
     ahead: Option<(ShareSecret, ahead::Prepared)>,
+    /// The share notice of `ahead`'s share (`ahead.rs`).
+    notice: ahead::Notice,
 }
 
 impl ControllerMachine {
@@ -205,6 +207,7 @@ impl ControllerMachine {
             beacon: Beacon::default(),
             term: TERM,
             ahead: None,
+            notice: ahead::Notice::default(),
         }
     }
 
@@ -420,7 +423,8 @@ impl ControllerMachine {
     /// it, earlier or later); `None` with nothing to wait for (as before
     /// `Start`).
     pub fn poll_timeout(&self) -> Option<Time> {
-        [self.round_timer, self.age_timer, self.beacon.due]
+        let notice = self.notice.due.then_some(Time(0));
+        [self.round_timer, self.age_timer, self.beacon.due, notice]
             .into_iter()
             .flatten()
             .min()
@@ -439,6 +443,9 @@ impl ControllerMachine {
             self.check_age(now, rng, out);
         }
         self.on_beacon_timer(now, out);
+        if self.notice.due {
+            self.send_notice(out);
+        }
     }
 
     fn start(&mut self, now: Time, rng: &mut (impl RngCore + CryptoRng), out: &mut Out) {

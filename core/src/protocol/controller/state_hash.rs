@@ -144,6 +144,7 @@ impl Hash for ControllerMachine {
             // A cache of what a round start computes anyway (`ahead.rs`);
             // the model check never prepares one.
             ahead: _,
+            notice,
         } = self;
         (current, activated_at, round, members).hash(state);
         (seq, seq_reserved, pending, total_seals, total_opens).hash(state);
@@ -151,6 +152,7 @@ impl Hash for ControllerMachine {
         (previous, data_replay, marks_unsaved, node_trigger_at).hash(state);
         beacon.hash(state);
         term.hash(state);
+        notice.hash(state);
     }
 }
 

@@ -81,6 +81,7 @@ impl Hash for NodeMachine {
             beacon_join,
             synced_by,
             last_request,
+            prepared,
         } = self;
         node_id.hash(state);
         joined.hash(state);
@@ -114,5 +115,6 @@ impl Hash for NodeMachine {
         beacon_join.hash(state);
         synced_by.hash(state);
         last_request.hash(state);
+        prepared.hash(state);
     }
 }

@@ -5,6 +5,7 @@ use crate::crypto::{Epoch, OpenError};
 use crate::wire::RoundPhase;
 
 mod beacon;
+mod notice;
 mod reveal;
 mod route;
 mod term;

@@ -13,6 +13,8 @@ use std::rc::Rc;
 struct Seen {
     shares: Vec<Share>,
     key_requests: Vec<usize>,
+    /// Share notices to the group: (sequence number, epoch, share).
+    notices: Vec<(u64, Epoch, Share)>,
 }
 
 fn watch(f: &mut TestFleet) -> Rc<RefCell<Seen>> {
@@ -21,6 +23,9 @@ fn watch(f: &mut TestFleet) -> Rc<RefCell<Seen>> {
     f.drop = Box::new(move |dest, from, b| {
         match wire::decode(b) {
             Ok(Message::KeyUpdate(ku)) => s.borrow_mut().shares.push(ku.share),
+            Ok(Message::ShareNotice(n)) if dest == Dest::Group => {
+                s.borrow_mut().notices.push((n.seq, n.epoch, n.share))
+            }
             Ok(Message::KeyRequest(_)) if dest == Dest::Controller => {
                 s.borrow_mut().key_requests.push(from)
             }
@@ -113,4 +118,60 @@ fn a_step_prepared_before_a_member_moved_its_chain_is_not_used() {
         "node 1 opened the wrap made for its new chain: {:?}",
         seen.borrow().key_requests
     );
+}
+
+/// The share drawn ahead is announced in the pass after it was drawn and
+/// again with each beacon (the same bytes), never during a round; every node
+/// makes its X25519 with it while idle, and the round's key update, which
+/// carries that share, finds it made on every node.
+#[test]
+fn the_share_drawn_ahead_is_announced_and_every_node_makes_its_step_ahead() {
+    let cfg = ControllerConfig {
+        beacon_interval_ms: 1000,
+        ..test_cfg()
+    };
+    let mut f = TestFleet::new(5, cfg);
+    f.advance(0);
+    let seen = watch(&mut f);
+    for round in 0..3u32 {
+        let e = Epoch(1 + round);
+        assert!(f.c.prepare_round(&mut f.rng, 2), "round {round}");
+        assert!(
+            f.c.poll_timeout().is_some_and(|t| t <= f.now),
+            "the notice is due at once"
+        );
+        f.advance(0);
+        let first = seen.borrow().notices.clone();
+        assert_eq!(first.len(), 1, "one notice: {first:?}");
+        assert_eq!(first[0].1, e, "for the round after the current epoch");
+        prepare_all(&mut f);
+        // With the next beacon, the same notice again; the nodes check it once.
+        f.advance(1000);
+        let again = seen.borrow().notices.clone();
+        assert_eq!(again, vec![first[0]; 2]);
+        for n in &f.nodes {
+            assert_eq!(n.prepare_stats().notices, 1 + u64::from(round));
+        }
+        rotate(&mut f);
+        let ku_share = *seen.borrow().shares.last().expect("key updates went out");
+        assert_eq!(
+            ku_share, first[0].2,
+            "the key update carries the announced share"
+        );
+        for (i, n) in f.nodes.iter().enumerate() {
+            assert_eq!(n.prepare_stats().used, 1 + u64::from(round), "node {i}");
+        }
+        assert_eq!(
+            f.states(),
+            vec![NodeState::UpdateCompleted { current: e.next() }; 5]
+        );
+        let mut s = seen.borrow_mut();
+        assert!(s.key_requests.is_empty());
+        s.notices.clear();
+    }
+    // None during a round, and none without a share drawn.
+    f.ctl(ControllerInput::Rekey).unwrap();
+    assert!(!f.c.prepare_round(&mut f.rng, 100));
+    f.advance(3000);
+    assert!(seen.borrow().notices.is_empty());
 }

@@ -1,0 +1,194 @@
+//! The next ratchet step's X25519, made ahead (issue 11).
+//!
+//! Between rounds the controller draws the next round's share and makes its
+//! side of every member's step ahead (`controller/ahead.rs`). It announces
+//! that share in a signed [`wire::ShareNotice`], once when it is drawn and
+//! again with each beacon until the round takes it. A node that is level with
+//! the controller (it holds the notice's epoch, its round finished) checks the
+//! notice and makes, while idle, the X25519 of its own share secret with the
+//! announced share, and draws its next share secret. The round's key update
+//! request, which carries the share again under the controller's signature,
+//! then finds both done: a round asks of each node one X25519 and one base
+//! point multiplication less, at the moment all of the fleet's nodes wake at
+//! once.
+//!
+//! Nothing else rests on it. The cache is used only when the key update's
+//! signed share is the one announced and the node's share is the one the
+//! X25519 was made with; otherwise the step is made as before. A node that
+//! missed the notice, restarted, or moved its ratchet since (a key response)
+//! makes the X25519 when the key update comes. Nothing of it is persisted.
+//!
+//! What it costs a node: a byte-identical copy of the last notice it checked
+//! costs a digest; another costs a signature check, at most
+//! [`NOTICE_VERIFY_BURST`] at once and one more each
+//! [`NOTICE_VERIFY_REFILL_MS`] (a budget of its own: a flood of forged
+//! notices takes nothing from the checks of key updates or beacons), and a
+//! notice taken costs one X25519. A replayed notice is refused by the
+//! controller's sequence numbers, as any signed request.
+
+use super::super::{take_token, Time};
+use super::{digest16, NodeMachine, Refusal};
+use crate::crypto::{Share, ShareSecret};
+use crate::wire::{self, ReplayVerdict, Step};
+use rand::{CryptoRng, RngCore};
+use zeroize::Zeroizing;
+
+/// Share notice signature checks a node may spend at once…
+pub const NOTICE_VERIFY_BURST: u32 = 2;
+/// …and one more each this many ms.
+pub const NOTICE_VERIFY_REFILL_MS: u64 = 1_000;
+
+/// What a node did with share notices (for the agent's status).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct PrepareStats {
+    /// Notices whose signature held.
+    pub notices: u64,
+    /// Notices refused: a signature that did not hold, or a replay.
+    pub refused: u64,
+    /// Notices not checked: the node was not level with them, or out of budget.
+    pub skipped: u64,
+    /// Key update steps that found their X25519 made ahead.
+    pub used: u64,
+}
+
+/// An X25519 made ahead: of the node's share secret (known by its public
+/// share) with the announced share; `None` for a share of small order.
+#[derive(Clone)]
+struct Made {
+    announced: Share,
+    own: Share,
+    dh: Option<Zeroizing<[u8; 32]>>,
+}
+
+/// The X25519 made ahead and the share secret drawn ahead (memory only).
+#[derive(Clone, Default)]
+pub(super) struct Prepared {
+    /// Digest of the last notice whose signature held, and the share it announced.
+    notice: Option<([u8; 16], Share)>,
+    dh: Option<Made>,
+    /// The node's next share secret.
+    spare: Option<ShareSecret>,
+    tokens: u32,
+    refill: Time,
+    pub(super) stats: PrepareStats,
+}
+
+impl Prepared {
+    pub(super) fn new() -> Prepared {
+        Prepared {
+            tokens: NOTICE_VERIFY_BURST,
+            ..Prepared::default()
+        }
+    }
+
+    /// The X25519 of the node's share `own` with `announced`, if it was made
+    /// ahead: `Some(None)` when it was and the share was of small order.
+    pub(super) fn dh_for(
+        &self,
+        announced: &Share,
+        own: &Share,
+    ) -> Option<Option<&Zeroizing<[u8; 32]>>> {
+        match &self.dh {
+            Some(m) if m.announced == *announced && m.own == *own => Some(m.dh.as_ref()),
+            _ => None,
+        }
+    }
+
+    /// The step that used them was taken: the X25519 is spent, and the spare
+    /// is handed over as the node's next share secret.
+    pub(super) fn spent(&mut self, used: bool) -> Option<ShareSecret> {
+        self.dh = None;
+        self.stats.used += u64::from(used);
+        self.spare.take()
+    }
+}
+
+impl std::hash::Hash for Prepared {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        let Prepared {
+            notice,
+            dh,
+            spare,
+            tokens,
+            refill,
+            stats: _,
+        } = self;
+        notice.hash(state);
+        dh.as_ref().map(|m| (m.announced, m.own)).hash(state);
+        spare.as_ref().map(ShareSecret::public).hash(state);
+        (tokens, refill).hash(state);
+    }
+}
+
+impl NodeMachine {
+    /// A share notice (see the module docs). Never a reply, never a key
+    /// request: at most a signature check and an X25519 while idle.
+    pub(super) fn on_share_notice(
+        &mut self,
+        now: Time,
+        n: &wire::ShareNotice<'_>,
+        bytes: &[u8],
+        rng: &mut (impl RngCore + CryptoRng),
+    ) -> Result<(), Refusal> {
+        let what = "share notice";
+        let Some(controller) = self.joined.as_ref().map(|j| j.controller) else {
+            return Err(Refusal::NotJoined { what });
+        };
+        self.check_term(n.term, what)?;
+        // Only for the round after the node's own epoch, in the node's term
+        // (a new leader's first key update brings its term), while the node
+        // is level: anything else could not be used.
+        if n.term != self.term || self.position() != Some((n.epoch, Step::SecondTransition)) {
+            self.prepared.stats.skipped += 1;
+            return Ok(());
+        }
+        let digest = digest16(bytes);
+        if self.prepared.notice.is_none_or(|(d, _)| d != digest) {
+            if self.ctl_replay.check(n.seq) != ReplayVerdict::Fresh {
+                self.prepared.stats.refused += 1;
+                return Err(Refusal::Replay { what, seq: n.seq });
+            }
+            let p = &mut self.prepared;
+            if !take_token(
+                &mut p.tokens,
+                &mut p.refill,
+                now,
+                NOTICE_VERIFY_BURST,
+                NOTICE_VERIFY_REFILL_MS,
+            ) {
+                p.stats.skipped += 1;
+                return Ok(());
+            }
+            self.signature_checks += 1;
+            if !crate::crypto::verify(&controller, n.auth.body, &n.auth.signature) {
+                self.prepared.stats.refused += 1;
+                return Err(Refusal::BadSignature { what });
+            }
+            self.ctl_replay.mark(n.seq);
+            self.prepared.notice = Some((digest, n.share));
+            self.prepared.stats.notices += 1;
+        }
+        // The X25519 for the node's share as it is now (a key response since
+        // the last notice moved it), and the next share secret.
+        let Some(ratchet) = &self.ratchet else {
+            return Ok(());
+        };
+        let own = ratchet.share();
+        if self.prepared.dh_for(&n.share, &own).is_none() {
+            self.prepared.dh = Some(Made {
+                announced: n.share,
+                own,
+                dh: ratchet.secret.dh(&n.share),
+            });
+        }
+        if self.prepared.spare.is_none() {
+            self.prepared.spare = Some(ShareSecret::generate(rng));
+        }
+        Ok(())
+    }
+
+    /// What this node did with share notices.
+    pub fn prepare_stats(&self) -> PrepareStats {
+        self.prepared.stats
+    }
+}

@@ -1,0 +1,197 @@
+//! Share notices (the node's `prepare.rs`): the next key update's X25519
+//! made while idle, from the share the controller announced ahead. The round
+//! is the same round with or without it; a notice that does not fit is not
+//! used; forged, replayed and flooded notices cost a bounded number of
+//! signature checks, taken from a budget of their own.
+
+use super::*;
+use crate::protocol::{NOTICE_VERIFY_BURST, NOTICE_VERIFY_REFILL_MS};
+
+/// Takes the round of epoch `e` through both transitions.
+fn finish_round(r: &mut Rig, e: u32) {
+    for step in [Step::FirstTransition, Step::SecondTransition] {
+        let t = r.ctl.transition(step, e);
+        let out = r.feed(&t);
+        assert_eq!(refusal(&out), None);
+    }
+    assert_eq!(
+        r.node.state(),
+        NodeState::UpdateCompleted { current: Epoch(e) }
+    );
+}
+
+#[test]
+fn a_share_notice_makes_the_key_updates_x25519_ahead_and_the_round_is_the_same() {
+    let mut r = Rig::uc1();
+    let checks = r.node.signature_checks();
+    let n = r.ctl.share_notice(1);
+    let out = r.feed(&n);
+    assert_eq!(refusal(&out), None);
+    assert!(sent(&out).is_empty(), "a notice is never answered");
+    assert!(!persisted(&out), "nothing of it is written");
+    assert_eq!(r.node.prepare_stats().notices, 1);
+    assert_eq!(r.node.signature_checks(), checks + 1);
+    // The copy that goes with each beacon costs no signature check.
+    for _ in 0..3 {
+        assert_eq!(refusal(&r.feed(&n)), None);
+    }
+    assert_eq!(r.node.signature_checks(), checks + 1);
+    assert_eq!(r.node.prepare_stats().notices, 1);
+
+    let ku = r.ctl.key_update(&key(2));
+    let out = r.feed(&ku);
+    assert_eq!(refusal(&out), None);
+    assert_eq!(r.node.state(), DC12);
+    assert!(persisted(&out));
+    assert_eq!(acks(&out), vec![(Step::KeyUpdate, Epoch(2))]);
+    assert_eq!(
+        r.node.prepare_stats().used,
+        1,
+        "the step found its X25519 made"
+    );
+    finish_round(&mut r, 2);
+    // The next round, without a notice, takes its step as before, under the
+    // chain the prepared step gave: the controller's view of it holds.
+    let ku = r.ctl.key_update(&key(3));
+    let out = r.feed(&ku);
+    assert_eq!(refusal(&out), None);
+    assert_eq!(acks(&out), vec![(Step::KeyUpdate, Epoch(3))]);
+    assert_eq!(r.node.prepare_stats().used, 1);
+    finish_round(&mut r, 3);
+}
+
+#[test]
+fn a_notice_whose_share_the_key_update_does_not_carry_is_not_used() {
+    let mut r = Rig::uc1();
+    let n = r.ctl.share_notice(1);
+    assert_eq!(refusal(&r.feed(&n)), None);
+    // The controller restarted between the notice and the round: its round
+    // has a share drawn afresh.
+    r.ctl.ahead = None;
+    let ku = r.ctl.key_update(&key(2));
+    let out = r.feed(&ku);
+    assert_eq!(refusal(&out), None);
+    assert_eq!(acks(&out), vec![(Step::KeyUpdate, Epoch(2))]);
+    assert_eq!(r.node.prepare_stats().used, 0);
+    finish_round(&mut r, 2);
+}
+
+/// A key response between the notice and the round moves the node's share:
+/// the X25519 made with the old share does not fit any more. The notice's
+/// next copy (with the next beacon) makes it again for the new share,
+/// without another signature check.
+#[test]
+fn a_node_whose_share_moved_after_the_notice_makes_its_x25519_again() {
+    for copy_again in [false, true] {
+        let mut r = Rig::uc1();
+        let n = r.ctl.share_notice(1);
+        assert_eq!(refusal(&r.feed(&n)), None);
+        // The node asks for the key (its link blinked); the answer moves its ratchet.
+        let out = r.input(NodeInput::LinkUp);
+        let ahead = r.ctl.ahead.take();
+        let st = r.ctl.state(&key(1), None);
+        let kr = r.ctl.key_response(request_seq(&out), &st);
+        r.ctl.ahead = ahead;
+        assert_eq!(refusal(&r.feed(&kr)), None);
+        assert!(r.node.is_synced());
+        let checks = r.node.signature_checks();
+        if copy_again {
+            assert_eq!(refusal(&r.feed(&n)), None);
+            assert_eq!(r.node.signature_checks(), checks, "a known copy");
+        }
+        let ku = r.ctl.key_update(&key(2));
+        let out = r.feed(&ku);
+        assert_eq!(refusal(&out), None, "copy again: {copy_again}");
+        assert_eq!(acks(&out), vec![(Step::KeyUpdate, Epoch(2))]);
+        assert_eq!(r.node.prepare_stats().used, u64::from(copy_again));
+        finish_round(&mut r, 2);
+    }
+}
+
+/// Forged notices cost at most the notice budget's signature checks, and
+/// take nothing from the budget of key updates: the round right after a
+/// flood is verified at once.
+#[test]
+fn a_flood_of_forged_notices_costs_its_own_budget_and_moves_nothing() {
+    let mut r = Rig::uc1();
+    let mut forger = FakeController::new(0);
+    forger.sk = ed25519_dalek::SigningKey::from_bytes(&[7; 32]);
+    forger.seq = 100;
+    let checks = r.node.signature_checks();
+    for _ in 0..20 {
+        forger.ahead = None;
+        let n = forger.share_notice(1);
+        let out = r.feed(&n);
+        assert!(sent(&out).is_empty() && !persisted(&out));
+    }
+    let s = r.node.prepare_stats();
+    assert_eq!(
+        r.node.signature_checks(),
+        checks + u64::from(NOTICE_VERIFY_BURST)
+    );
+    assert_eq!(s.refused, u64::from(NOTICE_VERIFY_BURST));
+    assert_eq!(s.skipped, 20 - u64::from(NOTICE_VERIFY_BURST));
+    assert_eq!(s.notices, 0);
+    // A genuine notice waits for the budget: one more check a refill period on.
+    let n = r.ctl.share_notice(1);
+    assert_eq!(refusal(&r.feed(&n)), None);
+    assert_eq!(r.node.prepare_stats().notices, 0, "out of budget");
+    r.now = r.now.plus(NOTICE_VERIFY_REFILL_MS);
+    assert_eq!(refusal(&r.feed(&n)), None);
+    assert_eq!(r.node.prepare_stats().notices, 1);
+    let ku = r.ctl.key_update(&key(2));
+    let out = r.feed(&ku);
+    assert_eq!(refusal(&out), None);
+    assert_eq!(r.node.state(), DC12);
+    assert_eq!(r.node.prepare_stats().used, 1);
+}
+
+/// A notice is taken only by a node level with it, in its own term, under a
+/// sequence number the controller has not used: an old notice replayed after
+/// its round, one that reuses a request's number, one heard mid-round and one
+/// of another term cost no X25519 (and the first three no signature check).
+#[test]
+fn replayed_mid_round_and_other_term_notices_are_not_taken() {
+    let mut r = Rig::uc1();
+    let old = r.ctl.share_notice(1);
+    assert_eq!(refusal(&r.feed(&old)), None);
+    let ku = r.ctl.key_update(&key(2));
+    let ku_seq = r.ctl.seq;
+    assert_eq!(refusal(&r.feed(&ku)), None);
+    assert_eq!(r.node.prepare_stats().used, 1);
+    // Mid-round: not level with any notice.
+    let checks = r.node.signature_checks();
+    let mid = r.ctl.share_notice(2);
+    r.ctl.ahead = None;
+    assert_eq!(refusal(&r.feed(&mid)), None);
+    assert_eq!(r.node.signature_checks(), checks);
+    finish_round(&mut r, 2);
+    // After the round: the old notice is for an epoch the node left.
+    let checks = r.node.signature_checks();
+    let before = r.node.prepare_stats();
+    assert_eq!(refusal(&r.feed(&old)), None);
+    assert_eq!(r.node.signature_checks(), checks);
+    assert_eq!(r.node.prepare_stats().skipped, before.skipped + 1);
+    // A notice under the key update's sequence number: a replay.
+    let share = ShareSecret::generate(&mut r.rng).public();
+    let reused = wire::sign(
+        wire::share_notice(r.ctl.term, Epoch(2), ku_seq, &share),
+        &r.ctl.sk,
+    );
+    assert!(matches!(
+        refusal(&r.feed(&reused)),
+        Some(Refusal::Replay { .. })
+    ));
+    assert_eq!(r.node.signature_checks(), checks);
+    // Another term: a new leader's first key update brings it, not a notice.
+    r.ctl.term += 1;
+    let other = r.ctl.share_notice(2);
+    r.ctl.term -= 1;
+    assert_eq!(refusal(&r.feed(&other)), None);
+    assert_eq!(r.node.signature_checks(), checks);
+    assert_eq!(r.node.prepare_stats().notices, 1, "only the first one");
+    // None of them is used: the next key update makes its X25519.
+    let ku = r.ctl.key_update(&key(3));
+    assert_eq!(refusal(&r.feed(&ku)), None);
+    assert_eq!(r.node.prepare_stats().used, 1, "the first round's only");
+}
