@@ -5,9 +5,14 @@
 //! Instruction counts do not move with the machine's load, so a regression
 //! in the protocol's work shows on a noisy machine where wall times do not.
 //!
+//! Between the joins and the round the controller prepares the next round
+//! ahead and its share notice reaches the nodes, as `serve` does while idle
+//! (`prepared_ahead`): the round is counted as a fleet runs it, with each
+//! side's X25519 made before it.
+//!
 //! `keyfleet-bench round --nodes N` runs it; `callgrind` runs that under
 //! `valgrind --tool=callgrind --toggle-collect=*measured_round*`, so only
-//! the round is counted (not the joins before it).
+//! the round is counted (not the joins nor the preparation before it).
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -174,6 +179,26 @@ impl InProcess {
     }
 }
 
+/// What `serve` does between rounds: the controller prepares the next
+/// round's key agreement, a few members a pass, and announces its share;
+/// every node makes its side of the step from the notice.
+pub fn prepared_ahead(f: &mut InProcess) -> anyhow::Result<()> {
+    while f.c.prepare_round(&mut f.rng, 16) {}
+    let due = f.c.poll_timeout().context("no share notice due")?;
+    f.now = f.now.max(due);
+    f.controller(ControllerInput::Timeout);
+    f.pump();
+    let ready = f
+        .nodes
+        .iter()
+        .filter(|n| n.prepare_stats().notices > 0)
+        .count();
+    if ready != f.nodes.len() {
+        bail!("{} of {} nodes took the share notice", ready, f.nodes.len());
+    }
+    Ok(())
+}
+
 /// The round whose instructions callgrind counts (`--toggle-collect`).
 #[inline(never)]
 pub fn measured_round(f: &mut InProcess) -> anyhow::Result<()> {
@@ -199,12 +224,16 @@ pub fn measured_round(f: &mut InProcess) -> anyhow::Result<()> {
     {
         bail!("not every node finished the round");
     }
+    if !f.nodes.iter().all(|n| n.prepare_stats().used == 1) {
+        bail!("not every node's step was made ahead");
+    }
     Ok(())
 }
 
 /// `keyfleet-bench round --nodes N`: join N nodes, then one measured round.
 pub fn run_one(n: usize) -> anyhow::Result<()> {
     let mut f = InProcess::joined(n)?;
+    prepared_ahead(&mut f)?;
     let before = f.delivered;
     let t = std::time::Instant::now();
     measured_round(&mut f)?;

@@ -54,7 +54,9 @@ fn one_fleet(n: usize) {
             .iter()
             .map(|n| {
                 let s = agent_status(&n.state).expect("the agent answers its status");
-                s["running"]["share_notices"].as_u64().expect("share_notices")
+                s["running"]["share_notices"]
+                    .as_u64()
+                    .expect("share_notices")
             })
             .collect()
     };
