@@ -332,6 +332,16 @@ pub fn decode_generation(path: &Path, raw: &[u8]) -> Result<(u64, Zeroizing<Vec<
         .and_then(|w| w.strip_prefix("sha256="))
         .and_then(|h| <[u8; 32]>::try_from(hex::decode(h).ok()?.as_slice()).ok())
         .ok_or_else(|| corrupt("header has no valid sha256=".into()))?;
+    // A slot's padding (`Slots`): that many trailing spaces, inside `len=`
+    // and the checksum, are not the payload's. A reader that predates it
+    // returns them with the payload, which JSON ignores.
+    let pad = match words.next().map(|w| w.strip_prefix("pad=")) {
+        None => 0,
+        Some(p) => p
+            .and_then(|n| n.parse::<usize>().ok())
+            .filter(|p| *p <= len)
+            .ok_or_else(|| corrupt("header has no valid pad=".into()))?,
+    };
     let body = &raw[nl + 1..];
     if body.len() != len {
         return Err(corrupt(format!(
@@ -342,7 +352,11 @@ pub fn decode_generation(path: &Path, raw: &[u8]) -> Result<(u64, Zeroizing<Vec<
     if Sha256::digest(body).as_slice() != sum {
         return Err(corrupt("checksum mismatch".into()));
     }
-    Ok((generation, Zeroizing::new(body.to_vec())))
+    let (payload, padding) = body.split_at(len - pad);
+    if padding.iter().any(|b| *b != b' ') {
+        return Err(corrupt("the padding is not spaces".into()));
+    }
+    Ok((generation, Zeroizing::new(payload.to_vec())))
 }
 
 /// A state file kept in two slots, `<path>` and [`second_slot`], overwritten
@@ -363,6 +377,43 @@ pub struct Slots {
     next: usize,
     /// The newest generation written.
     generation: u64,
+    /// Each slot's length as last set (`None`: not known, set it).
+    lens: [Option<u64>; 2],
+}
+
+/// A slot's length is a multiple of this many bytes: its payload is padded
+/// with spaces up to it (the header's `pad=`), so that from one write to the
+/// next the file keeps its size. A write then changes no size (no
+/// `ftruncate`), and its `fdatasync` writes the file's data block alone, not
+/// its inode as well.
+pub const SLOT_BLOCK: usize = 1024;
+
+/// A slot's bytes: its header line (with `pad=`), the payload and the spaces
+/// that make the whole a multiple of [`SLOT_BLOCK`].
+fn slot_bytes(generation: u64, payload: &[u8]) -> Zeroizing<Vec<u8>> {
+    // `len=` and `pad=` have fixed widths (leading zeros parse alike), so
+    // the header's length does not depend on the padding it names.
+    let head = |pad: usize| {
+        let mut sum = Sha256::new();
+        sum.update(payload);
+        sum.update(" ".repeat(pad));
+        format!(
+            "{MAGIC} {SLOT_VERSION} gen={generation} len={:010} sha256={} pad={pad:05}\n",
+            payload.len() + pad,
+            hex::encode(sum.finalize())
+        )
+    };
+    let fixed = head(0).len() + payload.len();
+    let pad = fixed.div_ceil(SLOT_BLOCK) * SLOT_BLOCK - fixed;
+    let line = head(pad);
+    // Allocated once at its final size: no reallocation leaves a copy of
+    // the payload behind.
+    let mut data = Zeroizing::new(Vec::with_capacity(line.len() + payload.len() + pad));
+    data.extend_from_slice(line.as_bytes());
+    data.extend_from_slice(payload);
+    let full = data.len() + pad;
+    data.resize(full, b' ');
+    data
 }
 
 impl Slots {
@@ -393,6 +444,7 @@ impl Slots {
             unsynced_name: [false, false],
             next,
             generation,
+            lens: [None, None],
         }
     }
 
@@ -418,22 +470,24 @@ impl Slots {
         let i = self.next;
         let path = &self.paths[i];
         let generation = self.generation + 1;
-        let head = header(Some(generation), payload);
-        // Allocated once at its final size: no reallocation leaves a copy of
-        // the payload behind.
-        let mut data = Zeroizing::new(Vec::with_capacity(head.len() + payload.len()));
-        data.extend_from_slice(head.as_bytes());
-        data.extend_from_slice(payload);
+        let data = slot_bytes(generation, payload);
         if self.files[i].is_none() {
             let (file, created) = open_slot(path)?;
+            self.lens[i] = file.metadata().ok().map(|m| m.len());
             self.files[i] = Some(file);
             self.unsynced_name[i] = created;
         }
         let file = self.files[i].as_ref().expect("opened above");
-        file.write_all_at(&data, 0)
-            .and_then(|()| file.set_len(data.len() as u64))
-            .and_then(|()| if flush { file.sync_data() } else { Ok(()) })
-            .map_err(io_err("write", path))?;
+        let len = data.len() as u64;
+        // The size is set only when it changes (a payload past a block
+        // boundary, a slot of an older release).
+        let resize = self.lens[i] != Some(len);
+        let r = file
+            .write_all_at(&data, 0)
+            .and_then(|()| if resize { file.set_len(len) } else { Ok(()) })
+            .and_then(|()| if flush { file.sync_data() } else { Ok(()) });
+        self.lens[i] = r.is_ok().then_some(len);
+        r.map_err(io_err("write", path))?;
         self.generation = generation;
         if !flush {
             // The next write goes here again: the other slot keeps the
@@ -715,6 +769,64 @@ mod tests {
         w.write(b"x").unwrap();
         w.write(b"y").unwrap();
         assert_eq!(payload_of(&path), b"y");
+    }
+
+    /// A slot is padded with spaces to a multiple of [`SLOT_BLOCK`], so
+    /// that it keeps its size from write to write (no `ftruncate`, and a
+    /// flush that writes no inode); the reader strips exactly the padding the
+    /// header names, and a reader that predates it gets JSON followed by
+    /// spaces, which still parses.
+    #[test]
+    fn slots_keep_their_size_and_the_padding_is_not_the_payload() {
+        let dir = private_tmp();
+        let path = dir.path().join("state.json");
+        let mut w = Slots::open(&path);
+        let json = |n: usize| format!("{{\"k\":\"{}\"}}", "x".repeat(n)).into_bytes();
+        let mut sizes = [Vec::new(), Vec::new()];
+        for (i, n) in [3usize, 700, 10, 900, 1500, 40, 0, 2000]
+            .into_iter()
+            .enumerate()
+        {
+            let payload = json(n);
+            w.write(&payload).unwrap();
+            let slot = if i % 2 == 0 {
+                path.clone()
+            } else {
+                second_slot(&path)
+            };
+            let raw = fs::read(&slot).unwrap();
+            assert_eq!(raw.len() % SLOT_BLOCK, 0, "{} bytes", raw.len());
+            sizes[i % 2].push(raw.len());
+            assert_eq!(*read_slots(&path).unwrap().unwrap().payload, *payload);
+            // What a reader without `pad=` returns: the JSON and spaces.
+            let body = &raw[raw.iter().position(|b| *b == b'\n').unwrap() + 1..];
+            assert!(body.starts_with(&payload) && body[payload.len()..].iter().all(|b| *b == b' '));
+            let v: serde_json::Value = serde_json::from_slice(body).unwrap();
+            assert_eq!(v["k"].as_str().unwrap().len(), n);
+        }
+        assert_eq!(
+            sizes,
+            [vec![1024, 1024, 2048, 1024], vec![1024, 2048, 1024, 3072]]
+        );
+        // The padding the header names must be there, and be spaces.
+        let good = fs::read(&path).unwrap();
+        let text = String::from_utf8(good.clone()).unwrap();
+        let pad: usize = text
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("pad=")?.parse().ok())
+            .unwrap();
+        let len: usize = text
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("len=")?.parse().ok())
+            .unwrap();
+        let too_much = text.replacen(&format!("pad={pad:05}"), &format!("pad={:05}", len + 1), 1);
+        let e = decode(&path, too_much.as_bytes()).unwrap_err();
+        assert!(e.to_string().contains("pad="), "{e}");
+        let mut not_spaces = good.clone();
+        let n = not_spaces.len();
+        not_spaces[n - 1] = b'x';
+        // The checksum covers the padding: a changed byte there is refused too.
+        assert!(decode(&path, &not_spaces).is_err());
     }
 
     /// The agent's transitions are written without a flush (issue 11.3):
