@@ -1602,6 +1602,13 @@ impl Controller {
         }
         tokio::task::yield_now().await;
         let more = self.machine.prepare_round(&mut OsRng, PREPARE_PER_PASS);
+        if !more && self.machine.round().is_none() {
+            // Idle: the table's housekeeping (SQLite's checkpoint) goes here,
+            // not into a round's commits.
+            if let Err(e) = self.table.store_mut().idle_upkeep() {
+                tracing::warn!(error = %e, "management table upkeep failed; tried again when next idle");
+            }
+        }
         let wait = if more { 0 } else { PREPARE_CHECK_MS };
         self.timers.arm(PREPARE_TIMER, self.clock.now_ms() + wait);
         // A share just drawn is announced in the machine's next pass.

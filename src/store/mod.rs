@@ -495,6 +495,11 @@ pub trait Engine: Send {
     fn schema_version(&self) -> Result<i64>;
     /// The engine's own consistency check; `Ok(())` when it finds nothing wrong.
     fn integrity_check(&self) -> Result<std::result::Result<(), String>>;
+    /// Housekeeping the controller runs while idle, between rounds (SQLite:
+    /// the write-ahead log copied into the table file). Nothing by default.
+    fn idle_upkeep(&mut self) -> Result<()> {
+        Ok(())
+    }
     /// Opens the transaction of a batch.
     fn begin(&mut self) -> Result<()>;
     /// Commits the batch's transaction.
@@ -766,6 +771,12 @@ impl Store {
     /// The engine's own consistency check; `Ok(())` when it finds nothing wrong.
     pub fn integrity_check(&self) -> Result<std::result::Result<(), String>> {
         self.engine.integrity_check()
+    }
+
+    /// The engine's housekeeping, for the controller to run while idle
+    /// ([`Engine::idle_upkeep`]).
+    pub fn idle_upkeep(&mut self) -> Result<()> {
+        self.engine.idle_upkeep()
     }
 
     /// Runs `f` as one transaction: every change it makes through this store

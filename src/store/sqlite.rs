@@ -6,6 +6,14 @@
 //! key that was sent must not be forgotten). Every change of several rows is one
 //! savepoint, so it nests inside a batch. Foreign keys are enforced. The schema
 //! is versioned in `user_version` and migrated on open (see [`super::schema`]).
+//!
+//! The write-ahead log is copied into the table file (a checkpoint) while the
+//! controller is idle ([`Engine::idle_upkeep`], between rounds), not by the
+//! commit that crosses SQLite's default 1000 pages: that commit, one of a
+//! round's phase changes, returned only after copying the log (about 450
+//! pages and an fsync at 100 nodes, 4 ms in one traced round, before the
+//! second transition request went out). The automatic checkpoint stays as
+//! a bound, at [`WAL_AUTOCHECKPOINT_PAGES`], for a controller never idle.
 
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
@@ -15,6 +23,10 @@ use rusqlite::{params, Connection, OptionalExtension};
 
 use super::schema;
 use super::*;
+
+/// Pages of write-ahead log past which a commit copies it into the table file
+/// itself (SQLite's default is 1000; a 100-node round writes about 200).
+pub const WAL_AUTOCHECKPOINT_PAGES: u32 = 20_000;
 
 fn audit_in(
     tx: &Connection,
@@ -82,6 +94,8 @@ impl SqliteEngine {
             ))));
         }
         conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(open_err)?;
+        conn.pragma_update(None, "wal_autocheckpoint", WAL_AUTOCHECKPOINT_PAGES)
             .map_err(open_err)?;
         let found: i64 = conn
             .pragma_query_value(None, "user_version", |r| r.get(0))
@@ -1166,6 +1180,16 @@ impl Engine for SqliteEngine {
     }
     fn integrity_check(&self) -> Result<std::result::Result<(), String>> {
         SqliteEngine::integrity_check(self)
+    }
+    /// A passive checkpoint: what no reader still needs is copied into the
+    /// table file (a reader, such as `keyfleet nodes`, is never waited for).
+    fn idle_upkeep(&mut self) -> Result<()> {
+        if !self.conn.is_autocommit() {
+            return Ok(());
+        }
+        self.conn
+            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))?;
+        Ok(())
     }
     fn begin(&mut self) -> Result<()> {
         Ok(self.conn.execute_batch("BEGIN IMMEDIATE")?)

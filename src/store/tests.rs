@@ -571,6 +571,49 @@ fn open_sets_wal_full_sync_foreign_keys_and_latest_schema() {
     assert_eq!(s.integrity_check().unwrap(), Ok(()));
 }
 
+/// A round's commits do not copy the write-ahead log into the table file
+/// (SQLite's default would, in the commit that crosses 1000 pages); the
+/// controller's idle upkeep does.
+#[test]
+fn the_write_ahead_log_is_checkpointed_when_idle_not_by_a_rounds_commit() {
+    let (d, mut s) = open_sqlite_engine();
+    let pages: i64 = s
+        .conn
+        .pragma_query_value(None, "wal_autocheckpoint", |r| r.get(0))
+        .unwrap();
+    assert_eq!(pages, i64::from(sqlite::WAL_AUTOCHECKPOINT_PAGES));
+    for i in 0..1500u32 {
+        s.put_state_member(i, &[7u8; 3000]).unwrap();
+    }
+    let wal = std::fs::metadata(d.path().join("fleet.db-wal"))
+        .unwrap()
+        .len();
+    assert!(
+        wal > 1000 * 4096,
+        "the commits kept the log ({wal} bytes) past SQLite's default bound"
+    );
+    // Inside a batch the upkeep waits; after it, the log is copied, and the
+    // next write starts it over from its first frame.
+    s.begin().unwrap();
+    s.put_state_member(1, &[8u8; 10]).unwrap();
+    s.idle_upkeep().unwrap();
+    s.commit().unwrap();
+    s.idle_upkeep().unwrap();
+    s.put_state_member(2, &[9u8; 10]).unwrap();
+    let (log, copied): (i64, i64) = s
+        .conn
+        .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+            Ok((r.get(1)?, r.get(2)?))
+        })
+        .unwrap();
+    assert!(
+        log < 10,
+        "the log started over after the upkeep: {log} frames"
+    );
+    assert_eq!(copied, log);
+    assert_eq!(s.integrity_check().unwrap(), Ok(()));
+}
+
 #[test]
 fn database_files_are_owner_only() {
     use std::os::unix::fs::PermissionsExt;
