@@ -56,7 +56,10 @@
 //! waves after the first, and unicast requests to a node already asked.
 //! `stale` counts nodes marked stale. `bytes_per_node` is the node machine
 //! (struct and heap) plus the simulator's per-node bookkeeping and timers;
-//! `node_machine_bytes` the machine alone.
+//! `node_machine_bytes` the machine alone. `steps_prepared` counts the key
+//! update steps whose X25519 a node had made ahead from the controller's
+//! share notice (the controller prepares the next round while idle, as
+//! `serve` does, unless `prepare_ahead` is off).
 
 pub mod net;
 mod scenario;
@@ -97,6 +100,10 @@ pub struct SimConfig {
     pub stale_after_ms: u64,
     pub round_gap_ms: u64,
     pub max_virtual_ms: u64,
+    /// The controller prepares the next round's key agreement and announces
+    /// its share while idle, as `serve` does (`ControllerMachine::prepare_round`,
+    /// the share notice): the nodes make their side of the step ahead.
+    pub prepare_ahead: bool,
 }
 
 impl SimConfig {
@@ -122,6 +129,7 @@ impl SimConfig {
             stale_after_ms: 30_000,
             round_gap_ms: 500,
             max_virtual_ms: 0,
+            prepare_ahead: true,
         }
     }
 
@@ -190,6 +198,8 @@ pub struct SimReport {
     pub virtual_ms_total: u64,
     pub bytes_per_node: u64,
     pub node_machine_bytes: u64,
+    /// Key update steps whose X25519 a node made ahead from a share notice.
+    pub steps_prepared: u64,
     /// Filled in by the caller (the simulator itself never reads a clock).
     pub wall_ms: Option<u64>,
 }

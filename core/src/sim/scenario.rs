@@ -374,6 +374,11 @@ impl<T: SimNet> Fleet<T> {
         };
         let mut out = std::mem::take(&mut self.ctl_out);
         let _ = c.handle(self.now, input, &mut self.rng, &mut out);
+        // Idle between rounds: the next round prepared, its share announced
+        // in the next pass (the deadline `apply_controller` arms).
+        if self.cfg.prepare_ahead && c.round().is_none() {
+            while c.prepare_round(&mut self.rng, 256) {}
+        }
         self.ctl_out = out;
         self.apply_controller();
     }
@@ -477,6 +482,7 @@ impl<T: SimNet> Fleet<T> {
                 }
                 s.timeout = None;
                 if let Some(p) = &s.persisted {
+                    self.report.steps_prepared += s.machine.prepare_stats().used;
                     match NodeMachine::restore(p, cfg) {
                         Ok(m) => s.machine = m,
                         Err(_) => self.report.restore_failures += 1,
@@ -826,6 +832,11 @@ impl<T: SimNet> Fleet<T> {
         self.report.data_lost_in_network = st.data_dropped;
         self.report.data_copies = st.data_copies;
         self.report.network_duplicates = st.duplicated;
+        self.report.steps_prepared += self
+            .nodes
+            .iter()
+            .map(|s| s.machine.prepare_stats().used)
+            .sum::<u64>();
         let machine: usize = self.nodes.iter().map(|s| s.machine.memory_bytes()).sum();
         let slot_extra = std::mem::size_of::<Slot>() - std::mem::size_of::<NodeMachine>();
         // Each node has a data timer and at most a sync and a usage timer pending.
