@@ -1124,24 +1124,22 @@ impl Controller {
                 | ControllerAction::ForgetMember { .. }) => persist.push(a),
             }
         }
-        // Records that nothing sent depends on wait: a pass that only
-        // recorded them waits for the next that writes (or the records
-        // timer), and a pass that sends writes its state rows without them,
-        // so that its commit (before its sends: a round's phase changes) is
-        // small. They go with the next pass that writes and sends nothing
-        // (the drain's), with a record that may not wait (they keep their
-        // order), or when the timer fires.
-        let deferred = records.iter().all(may_wait) && !held_due;
-        if deferred && (!sends.is_empty() || (persist.is_empty() && !marks_due)) {
+        // A pass that only recorded acknowledgements waits for the next that
+        // writes (or the records timer): one commit for many of them.
+        if persist.is_empty()
+            && sends.is_empty()
+            && !marks_due
+            && !held_due
+            && records.iter().all(may_wait)
+        {
             if !records.is_empty() && self.held.is_empty() {
                 self.timers
                     .arm(RECORDS_TIMER, self.clock.now_ms() + RECORDS_HOLD_MS);
             }
-            self.held.append(&mut records);
-            if persist.is_empty() && sends.is_empty() && !marks_due {
-                return Ok(());
-            }
-        } else if !self.held.is_empty() {
+            self.held.extend(records);
+            return Ok(());
+        }
+        if !self.held.is_empty() {
             self.timers.cancel(&RECORDS_TIMER);
             let mut all = std::mem::take(&mut self.held);
             all.append(&mut records);
@@ -2150,21 +2148,10 @@ impl Drop for Controller {
     }
 }
 
-/// Whether a record may wait for the next pass that writes (nothing sent
-/// depends on it, and a controller restarted without it sends again what it
-/// describes): a node's acknowledgement and the state it shows, the sends of
-/// a round's requests, and a round's phase (the controller's own state row
-/// holds the phase it resumes from).
+/// Whether a record may wait for the next pass that writes: a node's
+/// acknowledgement and the state it shows.
 fn may_wait(r: &Record) -> bool {
-    matches!(
-        r,
-        Record::NodeAcked { .. }
-            | Record::StatusChanged { .. }
-            | Record::KeySent { .. }
-            | Record::KeyBatchSent { .. }
-            | Record::TransitionSent { .. }
-            | Record::PhaseChanged { .. }
-    )
+    matches!(r, Record::NodeAcked { .. } | Record::StatusChanged { .. })
 }
 
 fn log_record(r: &Record) {
