@@ -802,6 +802,8 @@ pub struct Controller {
     held_due: bool,
     /// [`PREPARE_TIMER`] fired: prepare a batch of the next round's steps.
     prepare_due: bool,
+    /// The table's idle upkeep failed last time (logged once until it works).
+    upkeep_failing: bool,
     /// What `keyfleet serve --metrics` reports (counters, and the health of
     /// the table and the network as the last pass found them).
     ops: Ops,
@@ -956,6 +958,7 @@ impl Controller {
             held: Vec::new(),
             held_due: false,
             prepare_due: false,
+            upkeep_failing: false,
             ops: Ops::default(),
             lease: lease.clone(),
             _lock: lock,
@@ -1605,8 +1608,12 @@ impl Controller {
         if !more && self.machine.round().is_none() {
             // Idle: the table's housekeeping (SQLite's checkpoint) goes here,
             // not into a round's commits.
-            if let Err(e) = self.table.store_mut().idle_upkeep() {
-                tracing::warn!(error = %e, "management table upkeep failed; tried again when next idle");
+            match self.table.store_mut().idle_upkeep() {
+                Ok(()) => self.upkeep_failing = false,
+                Err(e) if !std::mem::replace(&mut self.upkeep_failing, true) => {
+                    tracing::warn!(error = %e, "management table upkeep failed; tried again whenever idle (logged once until it works)");
+                }
+                Err(_) => {}
             }
         }
         let wait = if more { 0 } else { PREPARE_CHECK_MS };
