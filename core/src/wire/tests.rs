@@ -674,3 +674,33 @@ fn a_round_phase_has_one_name_in_text_and_json_and_reads_its_old_json_name() {
     }
     assert_eq!(RoundPhase::from_name("Distribute"), None);
 }
+
+/// `KNOWN_KINDS` (the kinds whose version `decode` checks before reading a
+/// field) is exactly the set of kinds `decode` reads: a kind added to one and
+/// not the other would be read without its version check, or refused.
+#[test]
+fn the_kinds_whose_version_is_checked_are_the_kinds_decode_reads() {
+    for ty in 0..=u8::MAX {
+        let reads = [VERSION, PREVIOUS_VERSION]
+            .iter()
+            .any(|&v| decode(&[v, ty]) != Err(WireError::UnknownType(ty)));
+        assert_eq!(
+            super::KNOWN_KINDS.contains(&ty),
+            reads,
+            "type 0x{ty:02x}: listed {} but read {reads}",
+            super::KNOWN_KINDS.contains(&ty)
+        );
+        if reads {
+            let other = if version_of(ty) == VERSION {
+                PREVIOUS_VERSION
+            } else {
+                VERSION
+            };
+            assert_eq!(
+                decode(&[other, ty]),
+                Err(WireError::Version(other)),
+                "type 0x{ty:02x} under the other version"
+            );
+        }
+    }
+}
