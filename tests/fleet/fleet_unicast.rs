@@ -68,6 +68,10 @@ fn one_fleet(n: usize) {
         );
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
+    // An agent that checked a notice just before its key response moved its
+    // share makes the X25519 again from the copy with the next beacon: wait
+    // for one.
+    std::thread::sleep(std::time::Duration::from_millis(1200));
     let before = counters(&f);
     let r = f.json(&["rekey", "--json"]);
     let after = counters(&f);
