@@ -770,10 +770,10 @@ pub fn decode(bytes: &[u8]) -> Result<Message<'_>, WireError> {
     match ty {
         kind::DATA => decode_data(bytes).map(Message::Data),
         kind::BEACON => decode_beacon(bytes).map(Message::Beacon),
-        kind::SHARE_NOTICE => decode_share_notice(bytes).map(Message::ShareNotice),
         kind::KEY_UPDATE
         | kind::FIRST_TRANSITION
         | kind::SECOND_TRANSITION
+        | kind::SHARE_NOTICE
         | kind::KEY_RESPONSE => {
             let (body, signature) = split_auth::<SIGNATURE_LEN>(bytes, "signature")?;
             let auth = Signed { body, signature };
@@ -847,6 +847,13 @@ pub fn decode(bytes: &[u8]) -> Result<Message<'_>, WireError> {
                         auth,
                     })
                 }
+                kind::SHARE_NOTICE => Message::ShareNotice(ShareNotice {
+                    term,
+                    epoch,
+                    seq,
+                    share: r.share("controller share")?,
+                    auth,
+                }),
                 _ => {
                     let member = r.u32("member")?;
                     let in_reply_to = r.u64("in reply to")?;
@@ -1105,24 +1112,6 @@ fn decode_beacon(bytes: &[u8]) -> Result<Beacon<'_>, WireError> {
         seq,
         round,
         controller: SocketAddr::new(ip, port),
-        auth,
-    })
-}
-
-fn decode_share_notice(bytes: &[u8]) -> Result<ShareNotice<'_>, WireError> {
-    let (body, signature) = split_auth::<SIGNATURE_LEN>(bytes, "signature")?;
-    let auth = Signed { body, signature };
-    let mut r = Reader { buf: body, pos: 2 };
-    let term = r.term()?;
-    let epoch = r.epoch()?;
-    let seq = r.u64("sequence number")?;
-    let share = r.share("controller share")?;
-    r.done()?;
-    Ok(ShareNotice {
-        term,
-        epoch,
-        seq,
-        share,
         auth,
     })
 }
