@@ -641,8 +641,9 @@ parse[T.RESYNC] = function(tvb, len)
     return r
 end
 
--- The next round's share, announced ahead (version 3).
-parse[T.SHARE_NOTICE] = function(tvb, len)
+-- The signed head of a beacon and a share notice: term, epoch, sequence
+-- number, in one note (neither is a request that replies point at).
+local function announcement_head(tvb, len)
     local r = split_auth(tvb, len, SIG_LEN, "signature")
     local t_off = r.pos
     local t = r:u32(F.term, "term")
@@ -654,22 +655,18 @@ parse[T.SHARE_NOTICE] = function(tvb, len)
     if t and epoch and seq then
         r:note(string.format("term %d epoch %d seq %s", t, epoch, tostring(seq)))
     end
+    return r, epoch
+end
+
+-- The next round's share, announced ahead (version 3).
+parse[T.SHARE_NOTICE] = function(tvb, len)
+    local r = announcement_head(tvb, len)
     r:bytes(F.controller_share, SHARE_LEN, "controller share")
     return r
 end
 
 parse[T.BEACON] = function(tvb, len)
-    local r = split_auth(tvb, len, SIG_LEN, "signature")
-    local t_off = r.pos
-    local t = r:u32(F.term, "term")
-    if t == 0 then
-        r:fail("invalid", t_off, 4, "term has the invalid value 0")
-    end
-    local epoch = r:u32(F.epoch, "epoch")
-    local seq = r:u64(F.seq, "sequence number")
-    if t and epoch and seq then
-        r:note(string.format("term %d epoch %d seq %s", t, epoch, tostring(seq)))
-    end
+    local r, epoch = announcement_head(tvb, len)
     local ph_off = r.pos
     local ph = r:u8(F.phase, "round phase")
     if ph and ph ~= 0 then
