@@ -132,6 +132,15 @@ impl FakeController {
         }
     }
 
+    /// A controller of another signing key (someone on the LAN who never
+    /// had the fleet's), signing under sequence numbers from `seq` up.
+    fn forger(seq: u64) -> FakeController {
+        let mut f = FakeController::new(0);
+        f.sk = ed25519_dalek::SigningKey::from_bytes(&[7; 32]);
+        f.seq = seq;
+        f
+    }
+
     fn seq(&mut self) -> u64 {
         self.seq += 1;
         self.seq

@@ -305,9 +305,7 @@ fn it_older_steps_and_duplicates() {
 #[test]
 fn a_forged_signature_changes_nothing() {
     let mut r = Rig::uc1();
-    let mut forger = FakeController::new(0);
-    forger.sk = ed25519_dalek::SigningKey::from_bytes(&[7; 32]);
-    forger.seq = 100;
+    let mut forger = FakeController::forger(100);
     let ku = forger.key_update(&key(2));
     let out = r.feed(&ku);
     assert!(matches!(refusal(&out), Some(Refusal::BadSignature { .. })));
@@ -992,9 +990,7 @@ fn senders_beyond_the_limit_are_refused_never_evicted() {
 #[test]
 fn forged_requests_that_could_not_move_the_node_cost_no_signature_check() {
     let mut r = Rig::it12();
-    let mut forger = FakeController::new(0);
-    forger.sk = ed25519_dalek::SigningKey::from_bytes(&[7; 32]);
-    forger.seq = 1000;
+    let mut forger = FakeController::forger(1000);
     let before = r.node.signature_checks();
     for _ in 0..50 {
         for (step, e) in [

@@ -114,9 +114,7 @@ fn a_node_whose_share_moved_after_the_notice_makes_its_x25519_again() {
 #[test]
 fn a_flood_of_forged_notices_costs_its_own_budget_and_moves_nothing() {
     let mut r = Rig::uc1();
-    let mut forger = FakeController::new(0);
-    forger.sk = ed25519_dalek::SigningKey::from_bytes(&[7; 32]);
-    forger.seq = 100;
+    let mut forger = FakeController::forger(100);
     let checks = r.node.signature_checks();
     for _ in 0..20 {
         forger.ahead = None;

@@ -127,10 +127,8 @@ fn replays_forgeries_and_copies_from_elsewhere_teach_nothing() {
     let out = r.feed_from(attacker(), &ku);
     assert_eq!(dests(&out), vec![("ack", ctl_addr())]);
     // Forged requests of every kind from the attacker's address.
-    let mut forger = FakeController::new(0);
-    forger.sk = ed25519_dalek::SigningKey::from_bytes(&[7; 32]);
+    let mut forger = FakeController::forger(1000);
     forger.keys = NodeKeys::derive(&initial(5));
-    forger.seq = 1000;
     let fst = forger.state(&key(2), None);
     // With a key request outstanding, so that forged answers get checked.
     let asked = request_seq(&r.input(NodeInput::LinkDown));

@@ -124,8 +124,7 @@ fn a_forged_higher_term_is_not_followed() {
     let mut r = Rig::uc1();
     let out = r.input(NodeInput::LinkUp);
     let irt = request_seq(&out);
-    let mut forger = FakeController::new(0);
-    forger.sk = ed25519_dalek::SigningKey::from_bytes(&[7; 32]);
+    let mut forger = FakeController::forger(0);
     forger.keys = NodeKeys::derive(&initial(9));
     forger.term = u32::MAX;
     r.now = r.now.plus(NodeConfig::default().beacon_silence_ms + 1);
