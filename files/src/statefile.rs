@@ -152,15 +152,11 @@ pub fn check_private_file(path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The header line of `payload`: `v1` for a file replaced whole, `v2` with
-/// its generation for a slot of a two-slot file.
-fn header(generation: Option<u64>, payload: &[u8]) -> String {
-    let version = match generation {
-        None => VERSION.to_string(),
-        Some(g) => format!("{SLOT_VERSION} gen={g}"),
-    };
+/// The header line of `payload` in a file replaced whole (`v1`; a slot's
+/// header, `v2` with its generation and padding, is [`slot_bytes`]'s).
+fn header(payload: &[u8]) -> String {
     format!(
-        "{MAGIC} {version} len={} sha256={}\n",
+        "{MAGIC} {VERSION} len={} sha256={}\n",
         payload.len(),
         hex::encode(Sha256::digest(payload))
     )
@@ -190,7 +186,7 @@ pub fn write(path: &Path, payload: &[u8]) -> Result<()> {
         .permissions(fs::Permissions::from_mode(0o600))
         .tempfile_in(dir)
         .map_err(io_err("create a temporary file beside", path))?;
-    let head = header(None, payload);
+    let head = header(payload);
     // Through the plain `File`: NamedTempFile's own `Write` wraps errors and
     // hides their errno, which tells a full disk apart.
     let file = tmp.as_file_mut();
@@ -710,7 +706,7 @@ mod tests {
             at in proptest::prelude::any::<usize>(),
             flip in 1u8..,
         ) {
-            let mut raw = header(None, &payload).into_bytes();
+            let mut raw = header(&payload).into_bytes();
             raw.extend_from_slice(&payload);
             let whole = decode(Path::new("x"), &raw).unwrap();
             proptest::prop_assert_eq!(whole.as_slice(), payload.as_slice());
