@@ -321,12 +321,15 @@ pub enum NodeAction {
     /// Store this snapshot before carrying out what follows, so that a
     /// restarted process finds it, without waiting for the disk: a power
     /// loss may take it back to the last [`NodeAction::Persist`]. Used for
-    /// the two transitions only, which S1/S2 do not need on disk before the
-    /// reply: a node that comes back one step behind what it confirmed
-    /// holds the keys of both steps, holds its application data and asks
-    /// for the key state (as after any restart), and the answer brings it
-    /// to the round's position (ARCHITECTURE.md, "What is durable before a
-    /// reply").
+    /// the two transitions, and for a key update whose ratchet step the
+    /// disk can derive (the share announced ahead was flushed with the
+    /// chain and share secret it steps: [`Announced`]). S1/S2 do not need
+    /// them on disk before the reply: a node that comes back behind what it
+    /// confirmed holds its application data and asks for the key state (as
+    /// after any restart); the controller answers a key request one step
+    /// late under the chain it holds, the node opens the answer under the
+    /// step it derives, and the answer brings it to the round's position
+    /// (ARCHITECTURE.md, "What is durable before a reply").
     Checkpoint(Box<NodePersist>),
     Deliver(Delivered),
     Event(NodeEvent),
@@ -367,6 +370,27 @@ pub struct NodePersist {
     /// runs the enrollment handshake at its next join.
     #[serde(default)]
     ratchet: Option<NodeRatchet>,
+    /// The share a verified share notice announced for the next round, with
+    /// the ratchet it steps (see [`Announced`]); absent before session 13.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    announced: Option<Announced>,
+}
+
+/// What a verified share notice announced: the controller's share (public)
+/// for the round after `epoch` under leader `term`, and the node's own share
+/// it was checked against. Flushed with the ratchet it steps, it makes the
+/// round's key update step re-derivable from the disk alone (the chain and
+/// share secret on it, the announced share), so the key update is only
+/// checkpointed before its reply: after a power loss the node derives the
+/// step again and asks the controller under it (ARCHITECTURE.md, "What is
+/// durable before a reply"). It holds no secret: a copy of the state file
+/// opens the same next step with or without it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub(crate) struct Announced {
+    term: u32,
+    epoch: Epoch,
+    share: Share,
+    own: Share,
 }
 
 /// A node's ratchet: its chain (whose MAC key authenticates its messages)
@@ -398,6 +422,14 @@ impl NodeRatchet {
             share,
             &self.share(),
         ))
+    }
+}
+
+impl NodePersist {
+    /// The epoch after which the announced share's round comes (tests only).
+    #[cfg(test)]
+    pub(crate) fn announced_epoch(&self) -> Option<Epoch> {
+        self.announced.map(|a| a.epoch)
     }
 }
 
@@ -577,6 +609,24 @@ pub struct NodeMachine {
     /// The next step's X25519 made ahead from a share notice, and the next
     /// share secret drawn ahead (`prepare.rs`; memory only).
     prepared: prepare::Prepared,
+    /// The last share notice taken, for the ratchet in place (cleared when
+    /// the ratchet moves); written into every snapshot.
+    announced: Option<Announced>,
+    /// What the last flushed snapshot (`Persist`) holds of it: what a power
+    /// loss comes back to. A key update that steps from exactly that is
+    /// checkpointed, not flushed.
+    durable_announced: Option<Announced>,
+    /// Restored from a snapshot holding an announced share for this very
+    /// position: the node may have taken (and confirmed) that round's key
+    /// update before a power loss took its checkpoint. It asks under its
+    /// chain as ever; a controller that holds the step already answers under
+    /// it (a key request one step late), so a key response is opened under
+    /// either.
+    maybe_stepped: bool,
+    /// Set by a key update request for the step it is taking: install the
+    /// key with a `Checkpoint` (its step is re-derivable from the disk).
+    /// False between inputs.
+    light_install: bool,
 }
 
 type Out = Vec<NodeAction>;
@@ -616,6 +666,11 @@ impl NodeMachine {
         );
         n.term = p.term;
         n.ratchet = p.ratchet.clone();
+        // What a snapshot holds was on the disk (or as good as: a restarted
+        // process reads a checkpoint the page cache kept).
+        n.announced = p.announced;
+        n.durable_announced = p.announced;
+        n.maybe_stepped = p.announced.is_some_and(|a| n.lost_step_of(&a).is_some());
         // After a restart the node holds data until the controller confirms its state.
         n.sync = Some(Sync {
             since: n.seq + 1,
@@ -672,6 +727,10 @@ impl NodeMachine {
             beacon_join: None,
             synced_by: (0, 0),
             prepared: prepare::Prepared::new(),
+            announced: None,
+            durable_announced: None,
+            maybe_stepped: false,
+            light_install: false,
             cfg,
         }
     }
@@ -694,6 +753,7 @@ impl NodeMachine {
             seq_reserved: self.seq_reserved,
             term: self.term,
             ratchet: self.ratchet.clone(),
+            announced: self.announced,
         }
     }
 
@@ -856,7 +916,8 @@ impl NodeMachine {
                 // led to goes out: a node restarted after it must still
                 // refuse the deposed leader.
                 if self.term != term {
-                    out.insert(start, NodeAction::Persist(Box::new(self.snapshot())));
+                    let p = self.flushed_snapshot();
+                    out.insert(start, p);
                 }
             }
         }
@@ -935,8 +996,14 @@ impl NodeMachine {
         self.seq
     }
 
-    fn persist(&self, out: &mut Out) {
-        out.push(NodeAction::Persist(Box::new(self.snapshot())));
+    fn persist(&mut self, out: &mut Out) {
+        out.push(self.flushed_snapshot());
+    }
+
+    /// A `Persist` of the snapshot now; notes what it makes durable.
+    fn flushed_snapshot(&mut self) -> NodeAction {
+        self.durable_announced = self.announced;
+        NodeAction::Persist(Box::new(self.snapshot()))
     }
 
     /// Sends a node message to the controller, MAC'd under the ratchet chain
@@ -948,6 +1015,41 @@ impl NodeMachine {
             to: self.route.dest(self.cfg.controller, fallback),
             bytes: wire::mac(body, &r.chain),
         });
+    }
+
+    /// The ratchet a restored node would hold had it taken the key update of
+    /// the round its snapshot announced ([`NodeMachine::maybe_stepped`]).
+    fn lost_step(&self) -> Option<NodeRatchet> {
+        if !self.maybe_stepped {
+            return None;
+        }
+        self.lost_step_of(self.announced.as_ref()?)
+    }
+
+    /// The step `a` makes from the ratchet in place, if `a` was announced for
+    /// it: same term, the node level at `a`'s epoch, its share the one `a`
+    /// was checked against. The share secret stays (a key request under the
+    /// step carries the same share).
+    fn lost_step_of(&self, a: &Announced) -> Option<NodeRatchet> {
+        let r = self.ratchet.as_ref()?;
+        if a.term != self.term
+            || a.own != r.share()
+            || self.position() != Some((a.epoch, Step::SecondTransition))
+        {
+            return None;
+        }
+        let step = r.step(self.member()?, &a.share)?;
+        Some(NodeRatchet {
+            chain: step.chain().clone(),
+            secret: r.secret.clone(),
+        })
+    }
+
+    /// The ratchet moved (a key update, a key response, a handshake): what
+    /// was announced for the one before is of no use.
+    fn ratchet_moved(&mut self) {
+        self.announced = None;
+        self.maybe_stepped = false;
     }
 
     /// Where this node sends what it has for the controller now: the
@@ -1346,6 +1448,20 @@ impl NodeMachine {
                     Some(dh.and_then(|dh| r.step_from(member, &ku.share, dh)))
                 });
                 let used = ready.is_some();
+                // The disk holds this chain and share secret and the share
+                // announced for this round: the step needs no flush.
+                let light = match (&self.ratchet, self.position()) {
+                    (Some(r), Some((pe, _))) => {
+                        self.durable_announced
+                            == Some(Announced {
+                                term: ku.term,
+                                epoch: pe,
+                                share: ku.share,
+                                own: r.share(),
+                            })
+                    }
+                    _ => false,
+                };
                 let step = ready.unwrap_or_else(|| {
                     self.ratchet
                         .as_ref()
@@ -1366,9 +1482,13 @@ impl NodeMachine {
                     secret: spare.unwrap_or_else(|| ShareSecret::generate(rng)),
                 });
                 let previous = std::mem::replace(&mut self.ratchet, next);
+                self.light_install = light;
                 let r = self.on_step(now, ku.epoch, Step::KeyUpdate, Some(key), rng, out);
+                self.light_install = false;
                 if r.is_err() {
                     self.ratchet = previous;
+                } else {
+                    self.ratchet_moved();
                 }
                 r
             }
@@ -1395,16 +1515,19 @@ impl NodeMachine {
                 let fresh = self.fresh(r.term, r.seq);
                 self.authenticate(now, false, r.term, r.seq, &r.auth, bytes, what)?;
                 self.learn_controller(fresh, from);
-                // The key state is wrapped under a ratchet step of its own.
-                let step = self
+                // The key state is wrapped under a ratchet step of its own:
+                // from the node's chain, or (a node that may have lost a
+                // checkpointed key update) from the step it re-derived.
+                let open = |x: &NodeRatchet| {
+                    let step = x.step(member, &r.share)?;
+                    let key = step.unwrap(&r.state.current, r.state.current_epoch, member)?;
+                    Some((step, key))
+                };
+                let (step, current) = self
                     .ratchet
                     .as_ref()
-                    .and_then(|x| x.step(member, &r.share))
-                    .ok_or(Refusal::Unwrap {
-                        epoch: r.state.current_epoch,
-                    })?;
-                let current = step
-                    .unwrap(&r.state.current, r.state.current_epoch, member)
+                    .and_then(open)
+                    .or_else(|| self.lost_step().as_ref().and_then(open))
                     .ok_or(Refusal::Unwrap {
                         epoch: r.state.current_epoch,
                     })?;
@@ -1421,6 +1544,8 @@ impl NodeMachine {
                     secret: ShareSecret::generate(rng),
                 };
                 let previous = self.ratchet.replace(next);
+                let (announced, maybe_stepped) = (self.announced, self.maybe_stepped);
+                self.ratchet_moved();
                 let res = self.adopt(
                     now,
                     what,
@@ -1432,6 +1557,7 @@ impl NodeMachine {
                 );
                 if res.is_err() {
                     self.ratchet = previous;
+                    (self.announced, self.maybe_stepped) = (announced, maybe_stepped);
                 }
                 res
             }
@@ -1484,6 +1610,8 @@ impl NodeMachine {
                     secret: ShareSecret::generate(rng),
                 };
                 let previous_ratchet = self.ratchet.replace(next);
+                let (announced, maybe_stepped) = (self.announced, self.maybe_stepped);
+                self.ratchet_moved();
                 match self.adopt(
                     now,
                     what,
@@ -1503,12 +1631,13 @@ impl NodeMachine {
                     Err(e) => {
                         self.joined = previous;
                         self.ratchet = previous_ratchet;
+                        (self.announced, self.maybe_stepped) = (announced, maybe_stepped);
                         Err(e)
                     }
                 }
             }
             Message::Beacon(b) => self.on_beacon(now, from, &b, bytes, rng, out),
-            Message::ShareNotice(n) => self.on_share_notice(now, &n, bytes, rng),
+            Message::ShareNotice(n) => self.on_share_notice(now, &n, bytes, rng, out),
             Message::Resync(x) => {
                 let member = self.addressed_to_me(x.member, what)?;
                 self.check_term(x.term, what)?;
@@ -1826,7 +1955,13 @@ impl NodeMachine {
                 Some(k) if m == Step::KeyUpdate => {
                     ring.install_new(k)
                         .map_err(|_| Refusal::Outdated { what, epoch: e })?;
-                    self.changed(before, out);
+                    // Flushed, unless the step is re-derivable from what is
+                    // on the disk (`Announced`).
+                    if std::mem::take(&mut self.light_install) {
+                        self.changed_as(before, NodeAction::Checkpoint, out);
+                    } else {
+                        self.changed(before, out);
+                    }
                     self.route.stepped();
                     self.ack(m, e, false, out);
                     return Ok(());
@@ -1860,7 +1995,12 @@ impl NodeMachine {
     ) {
         let to = self.state();
         if from != to {
-            out.push(store(Box::new(self.snapshot())));
+            let snapshot = Box::new(self.snapshot());
+            let action = store(snapshot);
+            if matches!(action, NodeAction::Persist(_)) {
+                self.durable_announced = self.announced;
+            }
+            out.push(action);
             out.push(NodeAction::Event(NodeEvent::StateChanged { from, to }));
         }
     }

@@ -33,6 +33,9 @@ pub(super) struct Auth<'a, 'b> {
     seq: u64,
     auth: &'a Maced<'b>,
     share: Option<Share>,
+    /// A key request: one under the chain the member's confirmed one
+    /// replaced is answered (see [`Auth::one_step_late`]).
+    late_answered: bool,
 }
 
 impl<'a, 'b> Auth<'a, 'b> {
@@ -49,7 +52,21 @@ impl<'a, 'b> Auth<'a, 'b> {
             seq,
             auth,
             share,
+            late_answered: false,
         }
+    }
+
+    /// A key request MAC'd under the chain the member's confirmed one
+    /// replaced counts, as if under the confirmed one, with the share it
+    /// carries: a node whose key update was only checkpointed lost it in a
+    /// power loss after its reply, and derives the step again from its disk
+    /// (its chain, its share secret and the share announced ahead) to open
+    /// the answer. Whoever holds that chain and share secret can derive the
+    /// confirmed chain too, so this opens nothing more (SECURITY.md). A reply
+    /// one step late is still refused (`late`).
+    pub(super) fn one_step_late(mut self) -> Self {
+        self.late_answered = true;
+        self
     }
 }
 
@@ -96,11 +113,16 @@ impl Member {
         if self.replay.check(a.seq) != ReplayVerdict::Fresh {
             return Err(Refusal::Replay { what, seq: a.seq });
         }
-        let Some(under) = self.row.ratchet.verify(a.auth) else {
-            if self.previous.as_ref().is_some_and(|c| a.auth.verify(c)) {
-                return Err(Refusal::Late { what, member });
+        let late = |m: &Self| m.previous.as_ref().is_some_and(|c| a.auth.verify(c));
+        let under = match self.row.ratchet.verify(a.auth) {
+            Some(under) => under,
+            None if late(self) && a.late_answered && self.row.ratchet.committed.is_some() => {
+                // As under the confirmed chain; the share the node holds now
+                // is the one its next step is made with (below).
+                Under::Committed
             }
-            return Err(Refusal::BadMac { what, member });
+            None if late(self) => return Err(Refusal::Late { what, member }),
+            None => return Err(Refusal::BadMac { what, member }),
         };
         self.replay.mark(a.seq);
         if let Some(share) = a.share {

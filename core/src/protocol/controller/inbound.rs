@@ -94,7 +94,7 @@ impl ControllerMachine {
         rng: &mut (impl RngCore + CryptoRng),
         out: &mut Out,
     ) -> Result<(), Refusal> {
-        let auth = Auth::new(what, k.member, k.seq, &k.auth, Some(k.share));
+        let auth = Auth::new(what, k.member, k.seq, &k.auth, Some(k.share)).one_step_late();
         self.authenticate(auth, from, now, out)?;
         let budget = self.cfg.request_budget();
         self.members

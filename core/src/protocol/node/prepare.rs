@@ -16,7 +16,10 @@
 //! signed share is the one announced and the node's share is the one the
 //! X25519 was made with; otherwise the step is made as before. A node that
 //! missed the notice, restarted, or moved its ratchet since (a key response)
-//! makes the X25519 when the key update comes. Nothing of it is persisted.
+//! makes the X25519 when the key update comes. The X25519 and the spare are
+//! memory only; the announced share is flushed with the state
+//! ([`super::Announced`], one write while idle), so the key update that
+//! steps with it needs no flush of its own.
 //!
 //! What it costs a node: a byte-identical copy of the last notice it checked
 //! costs a digest; another costs a signature check, at most
@@ -27,7 +30,7 @@
 //! controller's sequence numbers, as any signed request.
 
 use super::super::{take_token, Time};
-use super::{digest16, NodeMachine, Refusal};
+use super::{digest16, Announced, NodeMachine, Out, Refusal};
 use crate::crypto::{Share, ShareSecret};
 use crate::wire::{self, ReplayVerdict, Step};
 use rand::{CryptoRng, RngCore};
@@ -129,6 +132,7 @@ impl NodeMachine {
         n: &wire::ShareNotice<'_>,
         bytes: &[u8],
         rng: &mut (impl RngCore + CryptoRng),
+        out: &mut Out,
     ) -> Result<(), Refusal> {
         let what = "share notice";
         let Some(controller) = self.joined.as_ref().map(|j| j.controller) else {
@@ -183,6 +187,18 @@ impl NodeMachine {
         }
         if self.prepared.spare.is_none() {
             self.prepared.spare = Some(ShareSecret::generate(rng));
+        }
+        // Flushed while idle, once per announced share and ratchet: the key
+        // update's step can then be derived again from the disk.
+        let a = Announced {
+            term: n.term,
+            epoch: n.epoch,
+            share: n.share,
+            own,
+        };
+        self.announced = Some(a);
+        if self.durable_announced != Some(a) {
+            self.persist(out);
         }
         Ok(())
     }

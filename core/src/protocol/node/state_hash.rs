@@ -82,6 +82,10 @@ impl Hash for NodeMachine {
             synced_by,
             last_request,
             prepared,
+            announced,
+            durable_announced,
+            maybe_stepped,
+            light_install,
         } = self;
         node_id.hash(state);
         joined.hash(state);
@@ -116,5 +120,6 @@ impl Hash for NodeMachine {
         synced_by.hash(state);
         last_request.hash(state);
         prepared.hash(state);
+        (announced, durable_announced, maybe_stepped, light_install).hash(state);
     }
 }

@@ -12,6 +12,7 @@ mod auth;
 mod beacon;
 mod members;
 mod pause;
+mod power;
 mod round;
 mod term;
 mod triggers;
@@ -47,6 +48,14 @@ struct TestFleet {
     /// Node restarts to make as the controller's round is first seen in a
     /// phase: (phase, node), taken in order by `pump`.
     restart_in: VecDeque<(RoundPhase, usize)>,
+    /// Each node's last flushed snapshot (`NodeAction::Persist`): what a
+    /// power loss takes it back to.
+    flushed: Vec<Option<NodePersist>>,
+    /// Whether [`TestFleet::restart_node`] is a power loss (the node comes
+    /// back from its last flushed snapshot) rather than a process crash.
+    power_loss: bool,
+    /// Each restart made: the node and the state it came back in.
+    restarts: Vec<(usize, NodeState)>,
 }
 
 const CTL: usize = usize::MAX;
@@ -83,6 +92,9 @@ impl TestFleet {
             passes: 0,
             crash_after: None,
             restart_in: VecDeque::new(),
+            flushed: Vec::new(),
+            power_loss: false,
+            restarts: Vec::new(),
         };
         f.apply(out);
         for i in 0..n as u32 {
@@ -94,6 +106,7 @@ impl TestFleet {
             })
             .unwrap();
             f.nodes.push(NodeMachine::new(id, &initial(i), node_cfg()));
+            f.flushed.push(None);
         }
         f.ctl(ControllerInput::Start).unwrap();
         for i in 0..n {
@@ -144,7 +157,12 @@ impl TestFleet {
     /// Node `i` restarts from its state (every node writes it before it
     /// sends) and comes up: it asks the controller for the keys.
     fn restart_node(&mut self, i: usize) {
-        let snap = self.nodes[i].snapshot();
+        let snap = match &self.flushed[i] {
+            Some(p) if self.power_loss => p.clone(),
+            _ => self.nodes[i].snapshot(),
+        };
+        let back = NodeMachine::restore(&snap, node_cfg()).unwrap().state();
+        self.restarts.push((i, back));
         self.nodes[i] = NodeMachine::restore(&snap, node_cfg()).unwrap();
         self.node(i, NodeInput::LinkUp);
     }
@@ -177,6 +195,7 @@ impl TestFleet {
         self.nodes[i].handle(self.now, input, &mut self.rng, &mut out);
         for a in &out {
             match a {
+                NodeAction::Persist(p) => self.flushed[i] = Some((**p).clone()),
                 NodeAction::SendTo { bytes, .. } => {
                     self.queue.push_back((Dest::Controller, i, bytes.clone()))
                 }

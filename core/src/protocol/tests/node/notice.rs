@@ -28,12 +28,14 @@ fn a_share_notice_makes_the_key_updates_x25519_ahead_and_the_round_is_the_same()
     let out = r.feed(&n);
     assert_eq!(refusal(&out), None);
     assert!(sent(&out).is_empty(), "a notice is never answered");
-    assert!(!persisted(&out), "nothing of it is written");
+    assert!(flushed(&out), "the announced share is flushed, while idle");
     assert_eq!(r.node.prepare_stats().notices, 1);
     assert_eq!(r.node.signature_checks(), checks + 1);
-    // The copy that goes with each beacon costs no signature check.
+    // The copy that goes with each beacon costs no signature check, and no write.
     for _ in 0..3 {
-        assert_eq!(refusal(&r.feed(&n)), None);
+        let out = r.feed(&n);
+        assert_eq!(refusal(&out), None);
+        assert!(!persisted(&out));
     }
     assert_eq!(r.node.signature_checks(), checks + 1);
     assert_eq!(r.node.prepare_stats().notices, 1);
@@ -43,6 +45,10 @@ fn a_share_notice_makes_the_key_updates_x25519_ahead_and_the_round_is_the_same()
     assert_eq!(refusal(&out), None);
     assert_eq!(r.node.state(), DC12);
     assert!(persisted(&out));
+    assert!(
+        !flushed(&out),
+        "the step is re-derivable from the disk: checkpointed, not flushed"
+    );
     assert_eq!(acks(&out), vec![(Step::KeyUpdate, Epoch(2))]);
     assert_eq!(
         r.node.prepare_stats().used,
@@ -55,6 +61,7 @@ fn a_share_notice_makes_the_key_updates_x25519_ahead_and_the_round_is_the_same()
     let ku = r.ctl.key_update(&key(3));
     let out = r.feed(&ku);
     assert_eq!(refusal(&out), None);
+    assert!(flushed(&out), "without a notice the key update is flushed");
     assert_eq!(acks(&out), vec![(Step::KeyUpdate, Epoch(3))]);
     assert_eq!(r.node.prepare_stats().used, 1);
     finish_round(&mut r, 3);
@@ -71,6 +78,7 @@ fn a_notice_whose_share_the_key_update_does_not_carry_is_not_used() {
     let ku = r.ctl.key_update(&key(2));
     let out = r.feed(&ku);
     assert_eq!(refusal(&out), None);
+    assert!(flushed(&out), "a step the disk cannot derive is flushed");
     assert_eq!(acks(&out), vec![(Step::KeyUpdate, Epoch(2))]);
     assert_eq!(r.node.prepare_stats().used, 0);
     finish_round(&mut r, 2);
@@ -96,12 +104,19 @@ fn a_node_whose_share_moved_after_the_notice_makes_its_x25519_again() {
         assert!(r.node.is_synced());
         let checks = r.node.signature_checks();
         if copy_again {
-            assert_eq!(refusal(&r.feed(&n)), None);
+            let out = r.feed(&n);
+            assert_eq!(refusal(&out), None);
             assert_eq!(r.node.signature_checks(), checks, "a known copy");
+            assert!(flushed(&out), "announced again, for the new share");
         }
         let ku = r.ctl.key_update(&key(2));
         let out = r.feed(&ku);
         assert_eq!(refusal(&out), None, "copy again: {copy_again}");
+        assert_eq!(
+            flushed(&out),
+            !copy_again,
+            "flushed only when the disk holds no announcement for the share the step is made with"
+        );
         assert_eq!(acks(&out), vec![(Step::KeyUpdate, Epoch(2))]);
         assert_eq!(r.node.prepare_stats().used, u64::from(copy_again));
         finish_round(&mut r, 2);
