@@ -82,6 +82,7 @@ local T = {
     BEACON = 0x08,
     HANDSHAKE_ANSWER = 0x09,
     SHARE_NOTICE = 0x0A,
+    ROUND_NOTICE = 0x0B,
     KEY_UPDATE_REPLY = 0x11,
     FIRST_REPLY = 0x12,
     SECOND_REPLY = 0x13,
@@ -102,6 +103,7 @@ local type_names = {
     [T.BEACON] = "Beacon",
     [T.HANDSHAKE_ANSWER] = "Handshake answer",
     [T.SHARE_NOTICE] = "Share notice",
+    [T.ROUND_NOTICE] = "Round notice",
     [T.KEY_UPDATE_REPLY] = "Key update reply",
     [T.FIRST_REPLY] = "First transition reply",
     [T.SECOND_REPLY] = "Second transition reply",
@@ -116,6 +118,7 @@ local controller_types = {
     [T.KEY_UPDATE] = true, [T.FIRST_TRANSITION] = true, [T.SECOND_TRANSITION] = true,
     [T.KEY_RESPONSE] = true, [T.JOIN_ACCEPT] = true, [T.RESYNC] = true,
     [T.BEACON] = true, [T.HANDSHAKE_ANSWER] = true, [T.SHARE_NOTICE] = true,
+    [T.ROUND_NOTICE] = true,
 }
 
 -- The layouts (preference values) and the type codes each one has.
@@ -139,7 +142,7 @@ for _, t in ipairs({ T.JOIN, T.JOIN_ACCEPT }) do
     known[LAYOUT_JOIN][t] = true
     known[LAYOUT_AUTO][t] = true
 end
-for _, t in ipairs({ T.HANDSHAKE_INIT, T.HANDSHAKE_ANSWER, T.SHARE_NOTICE }) do
+for _, t in ipairs({ T.HANDSHAKE_INIT, T.HANDSHAKE_ANSWER, T.SHARE_NOTICE, T.ROUND_NOTICE }) do
     known[LAYOUT_HANDSHAKE][t] = true
     known[LAYOUT_AUTO][t] = true
 end
@@ -641,7 +644,7 @@ parse[T.RESYNC] = function(tvb, len)
     return r
 end
 
--- The signed head of a beacon and a share notice: term, epoch, sequence
+-- The signed head of a beacon and a share or round notice: term, epoch, sequence
 -- number, in one note (neither is a request that replies point at).
 local function announcement_head(tvb, len)
     local r = split_auth(tvb, len, SIG_LEN, "signature")
@@ -662,6 +665,16 @@ end
 parse[T.SHARE_NOTICE] = function(tvb, len)
     local r = announcement_head(tvb, len)
     r:bytes(F.controller_share, SHARE_LEN, "controller share")
+    return r
+end
+
+-- The next round's share and transition commitment, announced ahead
+-- (version 3, since session 13): a node takes the key update request that
+-- repeats both, and whose entry opens, without a signature check.
+parse[T.ROUND_NOTICE] = function(tvb, len)
+    local r = announcement_head(tvb, len)
+    r:bytes(F.controller_share, SHARE_LEN, "controller share")
+    r:bytes(F.commitment, REVEAL_LEN, "transition commitment")
     return r
 end
 
@@ -829,6 +842,7 @@ local auth_of = {
     [T.KEY_RESPONSE] = { F.signature, SIG_LEN },
     [T.BEACON] = { F.signature, SIG_LEN },
     [T.SHARE_NOTICE] = { F.signature, SIG_LEN },
+    [T.ROUND_NOTICE] = { F.signature, SIG_LEN },
     [T.JOIN_ACCEPT] = { F.mac, MAC_LEN },
     [T.RESYNC] = { F.mac, MAC_LEN },
     [T.KEY_UPDATE_REPLY] = { F.mac, MAC_LEN },
@@ -844,8 +858,8 @@ local chain_types = {
     [T.KEY_UPDATE] = true, [T.FIRST_TRANSITION] = true, [T.SECOND_TRANSITION] = true,
 }
 
--- The messages of version 3: those it changed, and the share notice it added.
-local v3_types = { [T.SHARE_NOTICE] = true }
+-- The messages of version 3: those it changed, and the notices it added.
+local v3_types = { [T.SHARE_NOTICE] = true, [T.ROUND_NOTICE] = true }
 for t in pairs(chain_types) do
     v3_types[t] = true
 end
@@ -909,7 +923,7 @@ local function parse_datagram(tvb, layout)
     if layout ~= LAYOUT_JOIN and known[LAYOUT_HANDSHAKE][ty] then
         local wrong = (layout == LAYOUT_HANDSHAKE and version ~= version_for(ty))
             or (version == VERSION and not v3_types[ty])
-            or (version == VERSION_2 and ty == T.SHARE_NOTICE)
+            or (version == VERSION_2 and (ty == T.SHARE_NOTICE or ty == T.ROUND_NOTICE))
         if wrong then
             r:fail("version", 0, 1, string.format(
                 "wire version %d is not supported for this message (type 0x%02x is of version %d)",

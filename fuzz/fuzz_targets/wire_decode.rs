@@ -43,7 +43,10 @@ fuzz_target!(init: write_seeds(genuine_seeds), |data: &[u8]| {
             b.auth.body.len(),
         ),
         Message::ShareNotice(n) => (
-            wire::share_notice(n.term, n.epoch, n.seq, &n.share),
+            match &n.commit {
+                Some(c) => wire::round_notice(n.term, n.epoch, n.seq, &n.share, c),
+                None => wire::share_notice(n.term, n.epoch, n.seq, &n.share),
+            },
             n.auth.body.len(),
         ),
         Message::Resync(r) => (wire::resync(r.term, r.epoch, r.seq, r.member), r.auth.body.len()),

@@ -636,6 +636,7 @@ impl AppServer {
                     reveal_checks: driver.machine().reveal_checks(),
                     steps_prepared: driver.machine().prepare_stats().used,
                     share_notices: driver.machine().prepare_stats().notices,
+                    keys_vouched: driver.machine().prepare_stats().vouched,
                     app_clients: self.clients.len(),
                     app_dropped: self.dropped,
                 });

@@ -183,9 +183,14 @@ pub struct RunningStatus {
     /// share notice, while the node was idle.
     #[serde(default)]
     pub steps_prepared: u64,
-    /// Share notices taken (their signature held).
+    /// Share and round notices taken (their signature held).
     #[serde(default)]
     pub share_notices: u64,
+    /// Key update requests taken without a signature check: a round notice
+    /// announced their share and transition commitment, and the entry
+    /// opened under the step.
+    #[serde(default)]
+    pub keys_vouched: u64,
     pub app_clients: usize,
     pub app_dropped: u64,
 }

@@ -12,7 +12,7 @@ use support::fleet::{agent_status, Fleet};
 /// (datagrams received, node messages heard on the group, signatures
 /// checked, transition requests taken by their reveal, key update steps
 /// whose X25519 was made ahead from a share notice) of every agent.
-fn counters(f: &Fleet) -> Vec<(u64, u64, u64, u64, u64)> {
+fn counters(f: &Fleet) -> Vec<(u64, u64, u64, u64, u64, u64)> {
     f.nodes
         .iter()
         .map(|n| {
@@ -26,6 +26,7 @@ fn counters(f: &Fleet) -> Vec<(u64, u64, u64, u64, u64)> {
                 r["signature_checks"].as_u64().expect("signature_checks"),
                 r["reveal_checks"].as_u64().expect("reveal_checks"),
                 r["steps_prepared"].as_u64().expect("steps_prepared"),
+                r["keys_vouched"].as_u64().expect("keys_vouched"),
             )
         })
         .collect()
@@ -82,6 +83,7 @@ fn one_fleet(n: usize) {
     let signatures: Vec<u64> = before.iter().zip(&after).map(|(b, a)| a.2 - b.2).collect();
     let reveals: Vec<u64> = before.iter().zip(&after).map(|(b, a)| a.3 - b.3).collect();
     let prepared: Vec<u64> = before.iter().zip(&after).map(|(b, a)| a.4 - b.4).collect();
+    let vouched: Vec<u64> = before.iter().zip(&after).map(|(b, a)| a.5 - b.5).collect();
     let total: u64 = received.iter().sum();
     let batches = n.div_ceil(17) as u64;
     println!(
@@ -109,6 +111,16 @@ fn one_fleet(n: usize) {
     assert!(
         prepared.iter().all(|p| *p == 1),
         "every agent's key update step found its X25519 made ahead: {prepared:?}"
+    );
+    // And the round notice vouched for its header: no signature check in
+    // the round at all (at most one after it: the next round's notice).
+    assert!(
+        vouched.iter().all(|v| *v == 1),
+        "every agent took the key update on the round notice's word: {vouched:?}"
+    );
+    assert!(
+        signatures.iter().all(|s| *s <= 1),
+        "signature checks in the round: {signatures:?}"
     );
     assert!(
         heard.iter().all(|h| *h == 0),

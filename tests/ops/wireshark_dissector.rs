@@ -44,7 +44,10 @@ const OTHER_LAYOUT: &str = "join";
 /// Types whose layout differs between the two: same code, another length
 /// (the shares), or a code only one of them has.
 fn differs(ty: u8) -> bool {
-    matches!(ty, 0x02 | 0x05 | 0x06 | 0x09 | 0x0a | 0x11..=0x15 | 0x17)
+    matches!(
+        ty,
+        0x02 | 0x05 | 0x06 | 0x09 | 0x0a | 0x0b | 0x11..=0x15 | 0x17
+    )
 }
 
 /// One datagram of every message type, built by the library's encoders with
@@ -139,6 +142,7 @@ fn library_seeds(rng: &mut impl Rng) -> Vec<Vec<u8>> {
             "[fe80::1]:47800".parse().unwrap(),
         )),
         signed(wire::share_notice(1, Epoch(6), 32, &share)),
+        signed(wire::round_notice(1, Epoch(6), 33, &share, &[0x5c; 32])),
         maced(wire::ack(Step::KeyUpdate, Epoch(7), 5, 3, &share)),
         maced(wire::ack(Step::FirstTransition, Epoch(7), 6, 3, &share)),
         maced(wire::ack(Step::SecondTransition, Epoch(7), 7, 3, &share)),
@@ -1046,22 +1050,28 @@ fn check_capture(
         order.windows(2).all(|w| w[0] <= w[1]),
         "beacon (term, seq): {order:?}"
     );
-    // Share notices: each announces the share that the next round's key
-    // update carries (the controller does not restart in this run).
+    // Round notices: each announces the share and the transition
+    // commitment that the next round's key update carries (the controller
+    // does not restart in this run). It sends no share notice any more.
+    assert_eq!(of(0x0a).count(), 0, "share notices (0x0A) on the wire");
     let mut announced = 0;
-    for n in of(0x0a) {
+    for n in of(0x0b) {
         let e = n.u("keyfleet.epoch");
         let share = n.text("keyfleet.controller_share");
+        let commit = n.text("keyfleet.commitment");
         assert!(
-            share.is_some(),
-            "frame {}: a share notice without its share",
+            share.is_some() && commit.is_some(),
+            "frame {}: a round notice without its share or commitment",
             n.no
         );
         if let Some(ku) = of(0x02).find(|k| k.u("keyfleet.epoch") == e + 1) {
             assert_eq!(
-                ku.text("keyfleet.controller_share"),
-                share,
-                "frame {}: the share announced for epoch {} is not the key update's (frame {})",
+                (
+                    ku.text("keyfleet.controller_share"),
+                    ku.text("keyfleet.commitment")
+                ),
+                (share, commit),
+                "frame {}: what was announced for epoch {} is not the key update's (frame {})",
                 n.no,
                 e + 1,
                 ku.no
@@ -1069,9 +1079,10 @@ fn check_capture(
             announced += 1;
         }
     }
+    assert!(announced > 0, "no round notice followed by its round");
     println!(
-        "share notices: {}, {announced} of them followed by their round",
-        of(0x0a).count()
+        "round notices: {}, {announced} of them followed by their round",
+        of(0x0b).count()
     );
 
     // 4. Group data: what node-00's `recv --json` delivered is on the wire
@@ -1483,6 +1494,7 @@ fn type_name(t: u8) -> &'static str {
         0x08 => "beacon",
         0x09 => "handshake answer",
         0x0a => "share notice",
+        0x0b => "round notice",
         0x11 => "key update reply",
         0x12 => "first transition reply",
         0x13 => "second transition reply",

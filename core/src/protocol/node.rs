@@ -1306,6 +1306,23 @@ impl NodeMachine {
         }
     }
 
+    /// A signed controller request checked by its signature (see
+    /// [`Self::authenticate`]); a fresh one teaches the controller's address.
+    fn verify_request(
+        &mut self,
+        now: Time,
+        from: SocketAddr,
+        (term, seq): (u32, u64),
+        auth: &Signed<'_>,
+        bytes: &[u8],
+        what: &'static str,
+    ) -> Result<(), Refusal> {
+        let fresh = self.fresh(term, seq);
+        self.authenticate(now, true, term, seq, auth, bytes, what)?;
+        self.learn_controller(fresh, from);
+        Ok(())
+    }
+
     /// Whether a controller message of `term` and `seq` is new to this node
     /// (a higher term than its own starts a fresh replay window).
     fn fresh(&self, term: u32, seq: u64) -> bool {
@@ -1431,23 +1448,39 @@ impl NodeMachine {
                 self.check_term(ku.term, what)?;
                 self.precheck(now, ku.epoch, Step::KeyUpdate, what)
                     .map_err(|r| with_seq(r, ku.seq))?;
-                let fresh = self.fresh(ku.term, ku.seq);
-                self.authenticate(now, true, ku.term, ku.seq, &ku.auth, bytes, what)?;
-                self.learn_controller(fresh, from);
-                self.commit = Some((ku.term, ku.epoch, ku.commit));
                 // Only a key the node does not hold yet takes a ratchet step; a
                 // duplicate, stale or gapped request goes the usual way (answered
                 // again, refused, or a key request).
                 let takes_step = matches!(self.position(), Some((pe, Step::SecondTransition)) if ku.epoch == pe.next());
-                if !takes_step {
-                    return self.on_step(now, ku.epoch, Step::KeyUpdate, None, rng, out);
-                }
                 // The X25519 made ahead from a share notice, if it fits.
                 let ready = self.ratchet.as_ref().and_then(|r| {
                     let dh = self.prepared.dh_for(&ku.share, &r.share())?;
                     Some(dh.and_then(|dh| r.step_from(member, &ku.share, dh)))
                 });
                 let used = ready.is_some();
+                // A round notice whose signature held announced this term,
+                // epoch, share and transition commitment: the entry opening
+                // under the step (made ahead, so a forgery costs no X25519)
+                // is then what authenticates the request, and no signature
+                // is checked. Its sequence number is not covered: it moves no
+                // replay window and teaches no controller address (a
+                // byte-identical copy is answered again like a verified one).
+                // If the entry does not open, the signature decides
+                // (`prepare.rs`).
+                let digest = digest16(bytes);
+                let vouched = takes_step
+                    && used
+                    && self
+                        .prepared
+                        .vouches(ku.term, ku.epoch, &ku.share, &ku.commit);
+                let copy = !takes_step && self.prepared.vouched_digest == Some(digest);
+                if !vouched && !copy {
+                    self.verify_request(now, from, (ku.term, ku.seq), &ku.auth, bytes, what)?;
+                }
+                self.commit = Some((ku.term, ku.epoch, ku.commit));
+                if !takes_step {
+                    return self.on_step(now, ku.epoch, Step::KeyUpdate, None, rng, out);
+                }
                 // The disk holds this chain and share secret and the share
                 // announced for this round: the step needs no flush.
                 let light = match (&self.ratchet, self.position()) {
@@ -1471,11 +1504,20 @@ impl NodeMachine {
                     .as_ref()
                     .and_then(|s| s.unwrap(&wrapped, ku.epoch, member))
                 else {
+                    if vouched {
+                        // Not opened: the signature tells the controller's
+                        // request from a forgery that copied the notice.
+                        self.verify_request(now, from, (ku.term, ku.seq), &ku.auth, bytes, what)?;
+                    }
                     // Signed by the controller, yet not for this node's chain: out of
                     // step (e.g. a lost reply); the key request brings it back in.
                     self.start_sync(now, rng, out, Ask::OutOfStep);
                     return Err(Refusal::Unwrap { epoch: ku.epoch });
                 };
+                if vouched {
+                    self.prepared.stats.vouched += 1;
+                    self.prepared.vouched_digest = Some(digest);
+                }
                 let spare = self.prepared.spent(used);
                 let next = step.map(|s| NodeRatchet {
                     chain: s.chain().clone(),
@@ -1503,9 +1545,7 @@ impl NodeMachine {
                     self.reveal_checks += 1;
                     return self.on_step(now, t.epoch, t.step, None, rng, out);
                 }
-                let fresh = self.fresh(t.term, t.seq);
-                self.authenticate(now, true, t.term, t.seq, &t.auth, bytes, what)?;
-                self.learn_controller(fresh, from);
+                self.verify_request(now, from, (t.term, t.seq), &t.auth, bytes, what)?;
                 self.on_step(now, t.epoch, t.step, None, rng, out)
             }
             Message::KeyResponse(r) => {

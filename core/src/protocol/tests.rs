@@ -270,6 +270,23 @@ impl FakeController {
         )
     }
 
+    /// A signed round notice for the round after epoch `e`: the share drawn
+    /// ahead (drawn now if none is) and that round's transition commitment.
+    fn round_notice(&mut self, e: u32) -> Vec<u8> {
+        let seq = self.seq();
+        let rng = &mut self.rng;
+        let share = self
+            .ahead
+            .get_or_insert_with(|| ShareSecret::generate(rng))
+            .public();
+        let e = crate::crypto::Epoch(e);
+        let commit = self.transition_chain(e.next()).commitment();
+        wire::sign(
+            wire::round_notice(self.term, e, seq, &share, &commit),
+            &self.sk,
+        )
+    }
+
     /// The transition chain of the round of epoch `e`, as a controller with
     /// this signing key and term derives it.
     fn transition_chain(&self, e: crate::crypto::Epoch) -> crate::crypto::TransitionChain {

@@ -20,6 +20,8 @@
 //! | 0x05 | key response | controller | term u32, epoch u32, seq u64, member u32, in_reply_to u64, controller share 32, key state | sig 64 |
 //! | 0x07 | resync request | controller | term u32, epoch u32, seq u64, member u32 | mac 16 |
 //! | 0x08 | beacon | controller | term u32, epoch u32, seq u64, phase u8 (0 no round, else the round phase), [round epoch u32 = epoch + 1 if phase ≠ 0], controller address (family u8: 4 → 4 bytes, 6 → 16 bytes; port u16) | sig 64 |
+//! | 0x0A | share notice | controller | term u32, epoch u32, seq u64, controller share 32 (the next round's) | sig 64 |
+//! | 0x0B | round notice | controller | term u32, epoch u32, seq u64, controller share 32, transition commitment 32 (the next round's) | sig 64 |
 //! | 0x09 | handshake answer | controller | in_reply_to u64, Noise message 2 (e 32, encrypted payload, tag 16): payload = term u32, seq u64, member u32, controller public key 32, current epoch u32, current key 32, round u8 [round epoch u32, phase u8, round key 32] | Noise (psk, ee) |
 //! | 0x11 / 0x12 / 0x13 | key update / first / second transition reply | node | epoch u32, seq u64, member u32, node share 32 | mac 16 |
 //! | 0x14 | key request | node | epoch u32, seq u64, member u32, step u8 (the node's position: newest epoch held, last step taken in it), node share 32 | mac 16 |
@@ -102,15 +104,16 @@ pub const PREVIOUS_VERSION: u8 = 2;
 
 /// The version byte of a message of `kind`: 3 for the key update and
 /// transition requests (revision 3 added the transition chain) and the share
-/// notice (added in revision 3), 2 for every other message (unchanged since
-/// revision 2). [`decode`] refuses a message carrying another version than
+/// and round notices (added in revision 3), 2 for every other message
+/// (unchanged since revision 2). [`decode`] refuses a message carrying another version than
 /// its kind's.
 pub const fn version_of(kind: u8) -> u8 {
     match kind {
         kind::KEY_UPDATE
         | kind::FIRST_TRANSITION
         | kind::SECOND_TRANSITION
-        | kind::SHARE_NOTICE => VERSION,
+        | kind::SHARE_NOTICE
+        | kind::ROUND_NOTICE => VERSION,
         _ => PREVIOUS_VERSION,
     }
 }
@@ -310,7 +313,7 @@ impl Step {
 }
 
 /// Every message kind [`decode`] reads.
-const KNOWN_KINDS: [u8; 15] = [
+const KNOWN_KINDS: [u8; 16] = [
     kind::DATA,
     kind::KEY_UPDATE,
     kind::FIRST_TRANSITION,
@@ -320,6 +323,7 @@ const KNOWN_KINDS: [u8; 15] = [
     kind::HANDSHAKE_ANSWER,
     kind::BEACON,
     kind::SHARE_NOTICE,
+    kind::ROUND_NOTICE,
     kind::KEY_UPDATE_REPLY,
     kind::FIRST_REPLY,
     kind::SECOND_REPLY,
@@ -339,6 +343,7 @@ pub mod kind {
     pub const HANDSHAKE_ANSWER: u8 = 0x09;
     pub const BEACON: u8 = 0x08;
     pub const SHARE_NOTICE: u8 = 0x0A;
+    pub const ROUND_NOTICE: u8 = 0x0B;
     pub const KEY_UPDATE_REPLY: u8 = 0x11;
     pub const FIRST_REPLY: u8 = 0x12;
     pub const SECOND_REPLY: u8 = 0x13;
@@ -541,8 +546,14 @@ pub struct Beacon<'a> {
 /// The controller's share for the next round, announced ahead of the round
 /// (revision 3; the controller's `ahead.rs`): a node makes its X25519 with it
 /// while idle, and the key update request, which carries the same share,
-/// finds that work done. Nothing else rests on it: a node that never hears
-/// one makes the X25519 when the key update comes, as before.
+/// finds that work done. A round notice (0x0B, since session 13; what the
+/// controller sends) carries the round's transition commitment too, and
+/// then vouches for the key update's header: a node level with it takes a
+/// key update that carries the same share and commitment, and whose entry
+/// opens under the step, without a signature check (the node's
+/// `prepare.rs`). A share notice (0x0A) is still read. Nothing else rests on
+/// either: a node that never hears one checks the key update's signature and
+/// makes the X25519 when it comes, as before.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ShareNotice<'a> {
     pub term: u32,
@@ -550,6 +561,8 @@ pub struct ShareNotice<'a> {
     pub epoch: Epoch,
     pub seq: u64,
     pub share: Share,
+    /// The transition commitment of the round (a round notice); `None` for a share notice.
+    pub commit: Option<[u8; REVEAL_LEN]>,
     pub auth: Signed<'a>,
 }
 
@@ -774,6 +787,7 @@ pub fn decode(bytes: &[u8]) -> Result<Message<'_>, WireError> {
         | kind::FIRST_TRANSITION
         | kind::SECOND_TRANSITION
         | kind::SHARE_NOTICE
+        | kind::ROUND_NOTICE
         | kind::KEY_RESPONSE => {
             let (body, signature) = split_auth::<SIGNATURE_LEN>(bytes, "signature")?;
             let auth = Signed { body, signature };
@@ -847,13 +861,22 @@ pub fn decode(bytes: &[u8]) -> Result<Message<'_>, WireError> {
                         auth,
                     })
                 }
-                kind::SHARE_NOTICE => Message::ShareNotice(ShareNotice {
-                    term,
-                    epoch,
-                    seq,
-                    share: r.share("controller share")?,
-                    auth,
-                }),
+                kind::SHARE_NOTICE | kind::ROUND_NOTICE => {
+                    let share = r.share("controller share")?;
+                    let commit = if ty == kind::ROUND_NOTICE {
+                        Some(r.array::<REVEAL_LEN>("transition commitment")?)
+                    } else {
+                        None
+                    };
+                    Message::ShareNotice(ShareNotice {
+                        term,
+                        epoch,
+                        seq,
+                        share,
+                        commit,
+                        auth,
+                    })
+                }
                 _ => {
                     let member = r.u32("member")?;
                     let in_reply_to = r.u64("in reply to")?;
@@ -1336,6 +1359,27 @@ pub fn share_notice(term: u32, epoch: Epoch, seq: u64, share: &Share) -> Vec<u8>
     .u32(epoch.0)
     .u64(seq)
     .bytes(&share.0)
+    .0
+}
+
+/// Body of a round notice ([`ShareNotice`] with the transition commitment of
+/// the round after `epoch`); sign it with [`sign`].
+pub fn round_notice(
+    term: u32,
+    epoch: Epoch,
+    seq: u64,
+    share: &Share,
+    commit: &[u8; REVEAL_LEN],
+) -> Vec<u8> {
+    Writer::new(
+        kind::ROUND_NOTICE,
+        2 + 4 + 4 + 8 + SHARE_LEN + REVEAL_LEN + SIGNATURE_LEN,
+    )
+    .u32(term)
+    .u32(epoch.0)
+    .u64(seq)
+    .bytes(&share.0)
+    .bytes(commit)
     .0
 }
 

@@ -226,6 +226,29 @@ proptest! {
     }
 
     #[test]
+    fn round_notice_round_trips(term in 1u32.., epoch in any::<u32>(), seq in any::<u64>(), share in any::<[u8; 32]>(), commit in any::<[u8; 32]>()) {
+        let bytes = sign(round_notice(term, Epoch(epoch), seq, &Share(share), &commit), &signing());
+        prop_assert_eq!(&bytes[..2], &[VERSION, kind::ROUND_NOTICE]);
+        prop_assert_eq!(bytes.len(), 2 + 4 + 4 + 8 + SHARE_LEN + 32 + SIGNATURE_LEN);
+        let Message::ShareNotice(n) = decode(&bytes).unwrap() else { panic!("not a round notice") };
+        prop_assert_eq!((n.term, n.epoch, n.seq, n.share, n.commit), (term, Epoch(epoch), seq, Share(share), Some(commit)));
+        prop_assert!(crate::crypto::verify(&signing().verifying_key(), n.auth.body, &n.auth.signature));
+        for cut in 0..bytes.len() {
+            prop_assert!(decode(&bytes[..cut]).is_err(), "{} of {} bytes decoded", cut, bytes.len());
+        }
+        let mut long = bytes.clone();
+        long.insert(bytes.len() - SIGNATURE_LEN, 0);
+        prop_assert_eq!(decode(&long), Err(WireError::Trailing(1)));
+        let mut old = bytes.clone();
+        old[0] = PREVIOUS_VERSION;
+        prop_assert_eq!(decode(&old), Err(WireError::Version(PREVIOUS_VERSION)));
+        // A share notice's layout with a round notice's type: one field short.
+        let mut short = sign(share_notice(term, Epoch(epoch), seq, &Share(share)), &signing());
+        short[1] = kind::ROUND_NOTICE;
+        prop_assert!(decode(&short).is_err());
+    }
+
+    #[test]
     fn a_beacon_whose_round_is_not_for_the_next_epoch_is_refused(epoch in any::<u32>(), re in any::<u32>(), p in phase()) {
         prop_assume!(epoch.checked_add(1) != Some(re));
         let bytes = sign(beacon(1, Epoch(epoch), 9, Some((Epoch(re), p)), SocketAddr::from(([10, 0, 0, 1], 47800))), &signing());

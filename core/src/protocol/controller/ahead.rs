@@ -13,11 +13,13 @@
 //! (the round takes it). A member whose chain or share changed since its step
 //! was prepared (a key response, a rejoin) gets one computed afresh.
 //!
-//! The share drawn ahead is announced in a signed share notice
-//! ([`wire::ShareNotice`]), at once and again with each beacon until a round
-//! takes it, so that the nodes make their side of the step ahead as well
-//! (the node's `prepare.rs`). The key update request carries the share
-//! again, signed; the notice only lets a node start early.
+//! The share drawn ahead is announced in a signed round notice
+//! ([`wire::ShareNotice`], kind 0x0B: the share and the round's transition
+//! commitment), at once and again with each beacon until a round takes it,
+//! so that the nodes make their side of the step ahead as well (the node's
+//! `prepare.rs`). The key update request carries both again, signed; a node
+//! that checked the notice takes a key update that repeats them and whose
+//! entry opens under its step without checking that signature.
 
 use super::persist::Committed;
 use super::{ControllerAction, ControllerMachine, Out};
@@ -131,8 +133,11 @@ impl ControllerMachine {
             Some((s, bytes)) if *s == said => bytes.clone(),
             _ => {
                 let seq = self.next_seq(out);
+                // The round's transition commitment too: with it the notice
+                // vouches for the key update's header (a round notice).
+                let commit = self.commitment(said.1.next());
                 let bytes = wire::sign(
-                    wire::share_notice(said.0, said.1, seq, &said.2),
+                    wire::round_notice(said.0, said.1, seq, &said.2, &commit),
                     &self.signing,
                 );
                 self.notice.last = Some((said, bytes.clone()));

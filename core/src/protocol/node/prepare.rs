@@ -21,6 +21,24 @@
 //! ([`super::Announced`], one write while idle), so the key update that
 //! steps with it needs no flush of its own.
 //!
+//! A round notice (kind 0x0B, what the controller sends since session 13)
+//! also announces the round's transition commitment, and then vouches for
+//! the key update request's header: a node that checked it takes a request
+//! of that term and epoch carrying the same share and commitment without a
+//! signature check, when its entry opens under the step made ahead. The
+//! entry is wrapped under a key only the controller and this node can make
+//! (the chain and share secret of the node's disk, the controller's share
+//! secret), so the opening authenticates the key; the notice's signature
+//! authenticates the rest of what the node uses (term, epoch, share,
+//! commitment). The request's sequence number is not covered: such a request
+//! moves no replay window and teaches no controller address. An entry that
+//! does not open sends the request to its signature check, as before, so a
+//! forgery that copies the notice costs a digest, an HKDF, an AES-GCM open
+//! and a check from the usual budget (no X25519: only a step made ahead is
+//! vouched for). Whoever holds the node's disk can wrap an entry that opens;
+//! they can derive the step and open the genuine entry anyway
+//! (SECURITY.md).
+//!
 //! What it costs a node: a byte-identical copy of the last notice it checked
 //! costs a digest; another costs a signature check, at most
 //! [`NOTICE_VERIFY_BURST`] at once and one more each
@@ -52,6 +70,10 @@ pub struct PrepareStats {
     pub skipped: u64,
     /// Key update steps that found their X25519 made ahead.
     pub used: u64,
+    /// Key updates taken without a signature check: their share and
+    /// transition commitment were the ones a verified round notice announced,
+    /// and the node's entry opened under the step.
+    pub vouched: u64,
 }
 
 /// An X25519 made ahead: of the node's share secret (known by its public
@@ -63,14 +85,28 @@ struct Made {
     dh: Option<Zeroizing<[u8; 32]>>,
 }
 
+/// A notice whose signature held: its digest (a copy costs no check) and
+/// what it announced.
+#[derive(Clone, Copy, Hash, PartialEq, Eq)]
+struct Checked {
+    digest: [u8; 16],
+    term: u32,
+    epoch: crate::crypto::Epoch,
+    share: Share,
+    commit: Option<[u8; crate::crypto::REVEAL_LEN]>,
+}
+
 /// The X25519 made ahead and the share secret drawn ahead (memory only).
 #[derive(Clone, Default)]
 pub(super) struct Prepared {
-    /// Digest of the last notice whose signature held, and the share it announced.
-    notice: Option<([u8; 16], Share)>,
+    /// The last notice whose signature held.
+    notice: Option<Checked>,
     dh: Option<Made>,
     /// The node's next share secret.
     spare: Option<ShareSecret>,
+    /// Digest of the last key update request taken on a notice's word (a
+    /// byte-identical copy is answered again without a signature check).
+    pub(super) vouched_digest: Option<[u8; 16]>,
     tokens: u32,
     refill: Time,
     pub(super) stats: PrepareStats,
@@ -97,6 +133,25 @@ impl Prepared {
         }
     }
 
+    /// Whether the last checked notice vouches for a key update request of
+    /// `term` and `epoch` carrying `share` and `commit`: a round notice (with
+    /// a commitment) for the round of `epoch`, under the same term, that
+    /// announced both. The request's entry must still open under the step.
+    pub(super) fn vouches(
+        &self,
+        term: u32,
+        epoch: crate::crypto::Epoch,
+        share: &Share,
+        commit: &[u8; crate::crypto::REVEAL_LEN],
+    ) -> bool {
+        self.notice.is_some_and(|n| {
+            n.term == term
+                && n.epoch.next() == epoch
+                && n.share == *share
+                && n.commit.as_ref() == Some(commit)
+        })
+    }
+
     /// The step that used them was taken: the X25519 is spent, and the spare
     /// is handed over as the node's next share secret.
     pub(super) fn spent(&mut self, used: bool) -> Option<ShareSecret> {
@@ -112,11 +167,13 @@ impl std::hash::Hash for Prepared {
             notice,
             dh,
             spare,
+            vouched_digest,
             tokens,
             refill,
             stats: _,
         } = self;
         notice.hash(state);
+        vouched_digest.hash(state);
         dh.as_ref().map(|m| (m.announced, m.own)).hash(state);
         spare.as_ref().map(ShareSecret::public).hash(state);
         (tokens, refill).hash(state);
@@ -147,7 +204,7 @@ impl NodeMachine {
             return Ok(());
         }
         let digest = digest16(bytes);
-        if self.prepared.notice.is_none_or(|(d, _)| d != digest) {
+        if self.prepared.notice.is_none_or(|c| c.digest != digest) {
             if self.ctl_replay.check(n.seq) != ReplayVerdict::Fresh {
                 self.prepared.stats.refused += 1;
                 return Err(Refusal::Replay { what, seq: n.seq });
@@ -169,7 +226,13 @@ impl NodeMachine {
                 return Err(Refusal::BadSignature { what });
             }
             self.ctl_replay.mark(n.seq);
-            self.prepared.notice = Some((digest, n.share));
+            self.prepared.notice = Some(Checked {
+                digest,
+                term: n.term,
+                epoch: n.epoch,
+                share: n.share,
+                commit: n.commit,
+            });
             self.prepared.stats.notices += 1;
         }
         // The X25519 for the node's share as it is now (a key response since

@@ -13,8 +13,10 @@ use std::rc::Rc;
 struct Seen {
     shares: Vec<Share>,
     key_requests: Vec<usize>,
-    /// Share notices to the group: (sequence number, epoch, share).
-    notices: Vec<(u64, Epoch, Share)>,
+    /// Notices to the group: (sequence number, epoch, share, commitment).
+    notices: Vec<(u64, Epoch, Share, Option<[u8; crate::crypto::REVEAL_LEN]>)>,
+    /// The transition commitment of every key update sent.
+    commits: Vec<[u8; crate::crypto::REVEAL_LEN]>,
 }
 
 fn watch(f: &mut TestFleet) -> Rc<RefCell<Seen>> {
@@ -22,10 +24,14 @@ fn watch(f: &mut TestFleet) -> Rc<RefCell<Seen>> {
     let s = seen.clone();
     f.drop = Box::new(move |dest, from, b| {
         match wire::decode(b) {
-            Ok(Message::KeyUpdate(ku)) => s.borrow_mut().shares.push(ku.share),
-            Ok(Message::ShareNotice(n)) if dest == Dest::Group => {
-                s.borrow_mut().notices.push((n.seq, n.epoch, n.share))
+            Ok(Message::KeyUpdate(ku)) => {
+                s.borrow_mut().shares.push(ku.share);
+                s.borrow_mut().commits.push(ku.commit);
             }
+            Ok(Message::ShareNotice(n)) if dest == Dest::Group => s
+                .borrow_mut()
+                .notices
+                .push((n.seq, n.epoch, n.share, n.commit)),
             Ok(Message::KeyRequest(_)) if dest == Dest::Controller => {
                 s.borrow_mut().key_requests.push(from)
             }
@@ -158,8 +164,19 @@ fn the_share_drawn_ahead_is_announced_and_every_node_makes_its_step_ahead() {
             ku_share, first[0].2,
             "the key update carries the announced share"
         );
+        let ku_commit = *seen.borrow().commits.last().expect("key updates went out");
+        assert_eq!(
+            Some(ku_commit),
+            first[0].3,
+            "and the commitment the round notice announced"
+        );
         for (i, n) in f.nodes.iter().enumerate() {
             assert_eq!(n.prepare_stats().used, 1 + u64::from(round), "node {i}");
+            assert_eq!(
+                n.prepare_stats().vouched,
+                1 + u64::from(round),
+                "node {i} took the key update on the notice's word"
+            );
         }
         assert_eq!(
             f.states(),

@@ -208,3 +208,122 @@ fn replayed_mid_round_and_other_term_notices_are_not_taken() {
     assert_eq!(refusal(&r.feed(&ku)), None);
     assert_eq!(r.node.prepare_stats().used, 1, "the first round's only");
 }
+
+/// Where a key update request's fields sit (`wire::key_update`).
+const KU_SEQ_AT: usize = 2 + 4 + 4;
+const KU_COMMIT_AT: usize = 2 + 4 + 4 + 8 + 32 + 4 + 4 + 2;
+const KU_ENTRY_WRAP_AT: usize = KU_COMMIT_AT + 32 + 4;
+
+/// A round notice (share and transition commitment) vouches for the key
+/// update request that repeats them: taken when its entry opens under the
+/// step made ahead, without a signature check; with the transitions taken
+/// by their reveals, the round costs the node no signature check at all. A
+/// byte-identical copy is answered again without one too.
+#[test]
+fn a_round_notice_vouches_for_the_key_update_and_the_round_needs_no_signature_check() {
+    let mut r = Rig::uc1();
+    let n = r.ctl.round_notice(1);
+    assert_eq!(refusal(&r.feed(&n)), None);
+    let checks = r.node.signature_checks();
+    let ku = r.ctl.key_update(&key(2));
+    let out = r.feed(&ku);
+    assert_eq!(refusal(&out), None);
+    assert_eq!(r.node.state(), DC12);
+    assert_eq!(acks(&out), vec![(Step::KeyUpdate, Epoch(2))]);
+    assert_eq!(r.node.prepare_stats().vouched, 1);
+    assert_eq!(r.node.signature_checks(), checks, "no signature check");
+    // The controller resends it (a reply lost): answered again, unchecked.
+    r.now = r.now.plus(1000);
+    let out = r.feed(&ku);
+    assert_eq!(refusal(&out), None);
+    assert_eq!(acks(&out), vec![(Step::KeyUpdate, Epoch(2))]);
+    assert_eq!(r.node.signature_checks(), checks);
+    finish_round(&mut r, 2);
+    assert_eq!(r.node.signature_checks(), checks, "a round without one");
+    assert_eq!(r.node.prepare_stats().vouched, 1);
+}
+
+/// What a round notice does not vouch for goes to the signature check, as
+/// without one: a request whose entry does not open (a forgery that copied
+/// the notice's share and commitment), one with another commitment, a
+/// request after a share notice (no commitment), and one of a newer term. A
+/// forgery refused leaves the genuine request to be taken on the notice's
+/// word.
+#[test]
+fn what_a_round_notice_does_not_vouch_for_goes_to_the_signature_check() {
+    type Tamper = fn(&mut Vec<u8>);
+    let cases: [(&str, Tamper, bool); 4] = [
+        ("entry", |b| b[KU_ENTRY_WRAP_AT + 5] ^= 1, false),
+        ("commitment", |b| b[KU_COMMIT_AT] ^= 1, false),
+        ("share notice", |_| {}, true),
+        ("newer term", |_| {}, true),
+    ];
+    for (what, tamper, genuine) in cases {
+        let mut r = Rig::uc1();
+        let n = if what == "share notice" {
+            r.ctl.share_notice(1)
+        } else {
+            r.ctl.round_notice(1)
+        };
+        assert_eq!(refusal(&r.feed(&n)), None);
+        if what == "newer term" {
+            // A standby took over: its request is of its own term.
+            r.ctl.term += 1;
+        }
+        let checks = r.node.signature_checks();
+        let ku = r.ctl.key_update(&key(2));
+        let mut sent = ku.clone();
+        tamper(&mut sent);
+        let out = r.feed(&sent);
+        assert_eq!(r.node.signature_checks(), checks + 1, "{what}: checked");
+        assert_eq!(r.node.prepare_stats().vouched, 0, "{what}");
+        if genuine {
+            assert_eq!(refusal(&out), None, "{what}");
+            assert_eq!(r.node.state(), DC12, "{what}");
+            continue;
+        }
+        assert!(
+            matches!(refusal(&out), Some(Refusal::BadSignature { .. })),
+            "{what}: {:?}",
+            refusal(&out)
+        );
+        assert_eq!(r.node.state(), UC1, "{what}: nothing taken");
+        let out = r.feed(&ku);
+        assert_eq!(refusal(&out), None, "{what}: the genuine request");
+        assert_eq!(r.node.state(), DC12, "{what}");
+        assert_eq!(r.node.prepare_stats().vouched, 1, "{what}");
+        assert_eq!(r.node.signature_checks(), checks + 1, "{what}");
+    }
+}
+
+/// A request taken on a round notice's word was not authenticated in its
+/// sequence number or source: a copy with another number, from another
+/// address, is the genuine step (its entry opens), but it moves no replay
+/// window and teaches no controller address; the genuine request, later,
+/// is still fresh.
+#[test]
+fn a_key_update_taken_on_a_notices_word_moves_no_replay_window_and_teaches_no_address() {
+    let mut r = Rig::uc1();
+    let n = r.ctl.round_notice(1);
+    assert_eq!(refusal(&r.feed(&n)), None);
+    let before = r.node.controller_addr();
+    let ku = r.ctl.key_update(&key(2));
+    let mut copy = ku.clone();
+    copy[KU_SEQ_AT..KU_SEQ_AT + 8].copy_from_slice(&(u64::MAX - 5).to_be_bytes());
+    let elsewhere: SocketAddr = "192.0.2.66:4000".parse().unwrap();
+    let out = r.input(NodeInput::Datagram {
+        from: elsewhere,
+        bytes: &copy,
+    });
+    assert_eq!(refusal(&out), None);
+    assert_eq!(r.node.state(), DC12);
+    assert_eq!(r.node.prepare_stats().vouched, 1);
+    assert_eq!(r.node.controller_addr(), before, "no address learned");
+    // The genuine request under its own number: fresh, verified, answered.
+    r.now = r.now.plus(1000);
+    let checks = r.node.signature_checks();
+    let out = r.feed(&ku);
+    assert_eq!(refusal(&out), None, "not a replay");
+    assert_eq!(r.node.signature_checks(), checks + 1);
+    assert_eq!(acks(&out), vec![(Step::KeyUpdate, Epoch(2))]);
+}
