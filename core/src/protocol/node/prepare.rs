@@ -252,7 +252,13 @@ impl NodeMachine {
             self.prepared.spare = Some(ShareSecret::generate(rng));
         }
         // Flushed while idle, once per announced share and ratchet: the key
-        // update's step can then be derived again from the disk.
+        // update's step can then be derived again from the disk. Only from a
+        // round notice: a controller that sends one (session 13 on) answers
+        // the key request one step late that a node back from a power loss
+        // sends; one that sends share notices would refuse it.
+        if n.commit.is_none() {
+            return Ok(());
+        }
         let a = Announced {
             term: n.term,
             epoch: n.epoch,

@@ -28,7 +28,10 @@ fn a_share_notice_makes_the_key_updates_x25519_ahead_and_the_round_is_the_same()
     let out = r.feed(&n);
     assert_eq!(refusal(&out), None);
     assert!(sent(&out).is_empty(), "a notice is never answered");
-    assert!(flushed(&out), "the announced share is flushed, while idle");
+    assert!(
+        !persisted(&out),
+        "nothing of a share notice is written (a round notice's share is)"
+    );
     assert_eq!(r.node.prepare_stats().notices, 1);
     assert_eq!(r.node.signature_checks(), checks + 1);
     // The copy that goes with each beacon costs no signature check, and no write.
@@ -44,10 +47,9 @@ fn a_share_notice_makes_the_key_updates_x25519_ahead_and_the_round_is_the_same()
     let out = r.feed(&ku);
     assert_eq!(refusal(&out), None);
     assert_eq!(r.node.state(), DC12);
-    assert!(persisted(&out));
     assert!(
-        !flushed(&out),
-        "the step is re-derivable from the disk: checkpointed, not flushed"
+        flushed(&out),
+        "after a share notice (a session-12 controller) the key update is flushed"
     );
     assert_eq!(acks(&out), vec![(Step::KeyUpdate, Epoch(2))]);
     assert_eq!(
@@ -92,8 +94,8 @@ fn a_notice_whose_share_the_key_update_does_not_carry_is_not_used() {
 fn a_node_whose_share_moved_after_the_notice_makes_its_x25519_again() {
     for copy_again in [false, true] {
         let mut r = Rig::uc1();
-        let n = r.ctl.share_notice(1);
-        assert_eq!(refusal(&r.feed(&n)), None);
+        let n = r.ctl.round_notice(1);
+        assert!(flushed(&r.feed(&n)), "the announced share is flushed");
         // The node asks for the key (its link blinked); the answer moves its ratchet.
         let out = r.input(NodeInput::LinkUp);
         let ahead = r.ctl.ahead.take();
@@ -223,12 +225,20 @@ const KU_ENTRY_WRAP_AT: usize = KU_COMMIT_AT + 32 + 4;
 fn a_round_notice_vouches_for_the_key_update_and_the_round_needs_no_signature_check() {
     let mut r = Rig::uc1();
     let n = r.ctl.round_notice(1);
-    assert_eq!(refusal(&r.feed(&n)), None);
+    let out = r.feed(&n);
+    assert_eq!(refusal(&out), None);
+    assert!(flushed(&out), "the announced share is flushed, while idle");
+    let out = r.feed(&n);
+    assert!(!persisted(&out), "once");
     let checks = r.node.signature_checks();
     let ku = r.ctl.key_update(&key(2));
     let out = r.feed(&ku);
     assert_eq!(refusal(&out), None);
     assert_eq!(r.node.state(), DC12);
+    assert!(
+        persisted(&out) && !flushed(&out),
+        "the step is re-derivable from the disk: checkpointed, not flushed"
+    );
     assert_eq!(acks(&out), vec![(Step::KeyUpdate, Epoch(2))]);
     assert_eq!(r.node.prepare_stats().vouched, 1);
     assert_eq!(r.node.signature_checks(), checks, "no signature check");
