@@ -370,13 +370,13 @@ pub struct NodePersist {
     /// runs the enrollment handshake at its next join.
     #[serde(default)]
     ratchet: Option<NodeRatchet>,
-    /// The share a verified share notice announced for the next round, with
+    /// The share a verified round notice announced for the next round, with
     /// the ratchet it steps (see [`Announced`]); absent before session 13.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     announced: Option<Announced>,
 }
 
-/// What a verified share notice announced: the controller's share (public)
+/// What a verified round notice announced: the controller's share (public)
 /// for the round after `epoch` under leader `term`, and the node's own share
 /// it was checked against. Flushed with the ratchet it steps, it makes the
 /// round's key update step re-derivable from the disk alone (the chain and
@@ -609,7 +609,7 @@ pub struct NodeMachine {
     /// The next step's X25519 made ahead from a share notice, and the next
     /// share secret drawn ahead (`prepare.rs`; memory only).
     prepared: prepare::Prepared,
-    /// The last share notice taken, for the ratchet in place (cleared when
+    /// The last round notice taken, for the ratchet in place (cleared when
     /// the ratchet moves); written into every snapshot.
     announced: Option<Announced>,
     /// What the last flushed snapshot (`Persist`) holds of it: what a power
