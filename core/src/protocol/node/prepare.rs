@@ -17,9 +17,9 @@
 //! X25519 was made with; otherwise the step is made as before. A node that
 //! missed the notice, restarted, or moved its ratchet since (a key response)
 //! makes the X25519 when the key update comes. The X25519 and the spare are
-//! memory only; the announced share is flushed with the state
-//! ([`super::Announced`], one write while idle), so the key update that
-//! steps with it needs no flush of its own.
+//! memory only; the share a round notice (below) announced is flushed with
+//! the state ([`super::Announced`], one write while idle), so the key update
+//! that steps with it needs no flush of its own.
 //!
 //! A round notice (kind 0x0B, what the controller sends since session 13)
 //! also announces the round's transition commitment, and then vouches for
