@@ -1524,13 +1524,14 @@ impl NodeMachine {
                     secret: spare.unwrap_or_else(|| ShareSecret::generate(rng)),
                 });
                 let previous = std::mem::replace(&mut self.ratchet, next);
+                let (announced, maybe_stepped) = (self.announced, self.maybe_stepped);
+                self.ratchet_moved();
                 self.light_install = light;
                 let r = self.on_step(now, ku.epoch, Step::KeyUpdate, Some(key), rng, out);
                 self.light_install = false;
                 if r.is_err() {
                     self.ratchet = previous;
-                } else {
-                    self.ratchet_moved();
+                    (self.announced, self.maybe_stepped) = (announced, maybe_stepped);
                 }
                 r
             }
@@ -1919,6 +1920,13 @@ impl NodeMachine {
 
     /// Acknowledges a step; `fallback`: to the group (see [`route`]).
     fn ack(&mut self, step: Step, epoch: Epoch, fallback: bool, out: &mut Out) {
+        // Restored from before a key update it may have confirmed, the node's
+        // chain may be the one the controller replaced, which refuses a reply
+        // that late (`late`); its key request, answered either way, tells the
+        // controller its position instead.
+        if self.maybe_stepped {
+            return;
+        }
         let (Some(member), Some(share)) = (self.member(), self.ratchet.as_ref().map(|r| r.share()))
         else {
             return;

@@ -80,6 +80,10 @@ pub struct SimConfig {
     pub offline_ms: u64,
     /// Nodes crashed and restarted from their persisted state per round.
     pub crash: u32,
+    /// A node crash is a power loss: the node restarts from its last flushed
+    /// snapshot (`NodeAction::Persist`), what it only checkpointed is gone.
+    /// Otherwise a process crash, which a checkpoint survives.
+    pub power_loss: bool,
     /// Crash and restore the controller once per round.
     pub controller_crash: bool,
     pub duplicate: f64,
@@ -117,6 +121,7 @@ impl SimConfig {
             offline: 0,
             offline_ms: 3000,
             crash: 0,
+            power_loss: false,
             controller_crash: false,
             duplicate: 0.01,
             delay_min_ms: 1,
@@ -187,6 +192,9 @@ pub struct SimReport {
     pub node_crashes: u64,
     pub controller_crashes: u64,
     pub restore_failures: u64,
+    /// Restarts (power losses) that came back from an older snapshot than the
+    /// node's last one: a checkpoint was lost.
+    pub checkpoints_lost: u64,
     /// Snapshots the nodes stored (flushed `Persist` and `Checkpoint` both).
     pub node_persists: u64,
     pub datagrams: u64,

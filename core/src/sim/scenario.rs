@@ -82,6 +82,10 @@ struct Slot {
     /// Kept only for nodes the plan will crash (to keep memory small).
     keep_persist: bool,
     persisted: Option<Box<NodePersist>>,
+    /// The last flushed snapshot (a power loss restarts from it).
+    flushed: Option<Box<NodePersist>>,
+    /// Whether `persisted` is newer than `flushed` (only checkpointed since).
+    checkpointed: bool,
     /// The deadline a `NodeTimeout` event is scheduled for.
     timeout: Option<Time>,
 }
@@ -267,6 +271,8 @@ impl<T: SimNet> Fleet<T> {
                 view: View::default(),
                 keep_persist: crashing.contains(&i),
                 persisted: None,
+                flushed: None,
+                checkpointed: false,
                 timeout: None,
             });
             let t = Time(self.plan.gen_range(0..200));
@@ -481,7 +487,17 @@ impl<T: SimNet> Fleet<T> {
                     return;
                 }
                 s.timeout = None;
-                if let Some(p) = &s.persisted {
+                let from = if self.cfg.power_loss {
+                    if s.checkpointed {
+                        self.report.checkpoints_lost += 1;
+                        s.persisted.clone_from(&s.flushed);
+                        s.checkpointed = false;
+                    }
+                    &s.flushed
+                } else {
+                    &s.persisted
+                };
+                if let Some(p) = from {
                     self.report.steps_prepared += s.machine.prepare_stats().used;
                     match NodeMachine::restore(p, cfg) {
                         Ok(m) => s.machine = m,
@@ -687,13 +703,24 @@ impl<T: SimNet> Fleet<T> {
                         self.net.send_to(self.now, Peer::Node(i), p, bytes);
                     }
                 }
-                // A crash here is a process crash: a checkpoint survives it
-                // as a flushed write does (a power loss is not simulated).
-                NodeAction::Persist(p) | NodeAction::Checkpoint(p) => {
+                // A process crash keeps a checkpoint as a flushed write; a
+                // power loss (`SimConfig::power_loss`) keeps the flushed one.
+                NodeAction::Persist(p) => {
+                    self.report.node_persists += 1;
+                    if let Some(s) = self.nodes.get_mut(i as usize) {
+                        if s.keep_persist {
+                            s.flushed = Some(p.clone());
+                            s.persisted = Some(p);
+                            s.checkpointed = false;
+                        }
+                    }
+                }
+                NodeAction::Checkpoint(p) => {
                     self.report.node_persists += 1;
                     if let Some(s) = self.nodes.get_mut(i as usize) {
                         if s.keep_persist {
                             s.persisted = Some(p);
+                            s.checkpointed = true;
                         }
                     }
                 }

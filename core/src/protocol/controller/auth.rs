@@ -113,7 +113,13 @@ impl Member {
         if self.replay.check(a.seq) != ReplayVerdict::Fresh {
             return Err(Refusal::Replay { what, seq: a.seq });
         }
-        let late = |m: &Self| m.previous.as_ref().is_some_and(|c| a.auth.verify(c));
+        let late = |m: &Self| {
+            m.row
+                .ratchet
+                .previous
+                .as_ref()
+                .is_some_and(|c| a.auth.verify(c))
+        };
         let under = match self.row.ratchet.verify(a.auth) {
             Some(under) => under,
             None if late(self) && a.late_answered && self.row.ratchet.committed.is_some() => {
@@ -143,9 +149,12 @@ impl Member {
                     let chain = rt.chain(under).cloned();
                     if let Some(chain) = chain {
                         let rejoin = rt.committed.is_some();
-                        if let Some(old) = rt.committed.replace(Committed { chain, share }) {
-                            self.previous = Some(old.chain.clone());
-                        }
+                        let old = rt.committed.replace(Committed { chain, share });
+                        // After a handshake (a re-join) the chain before is
+                        // not answered: whoever still holds it is not the node.
+                        rt.previous = old
+                            .filter(|_| under == Under::Next)
+                            .map(|c| c.chain.clone());
                         rt.next = None;
                         if under == Under::Handshake {
                             rt.handshake = None;

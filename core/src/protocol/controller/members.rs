@@ -15,7 +15,7 @@ use super::{
     CommandError, ControllerAction, ControllerMachine, MemberPersist, MemberRatchet, MemberStatus,
     Out, Pending, Record, ResumeCause, HANDSHAKE_BURST, REJOIN_WINDOW_MS,
 };
-use crate::crypto::{ratchet, Chain, InitialKey, NodeKeys, Share, ShareSecret};
+use crate::crypto::{ratchet, InitialKey, NodeKeys, Share, ShareSecret};
 use crate::wire::{NodeId, ReplayWindow, Step};
 use core::net::SocketAddr;
 use rand::{CryptoRng, RngCore};
@@ -39,9 +39,6 @@ pub(super) struct Member {
     pub(super) hs_at: Time,
     /// When the cached handshake answer was last resent.
     pub(super) hs_resent: Option<Time>,
-    /// The chain this member left at its last confirmed step (memory only):
-    /// a message still in flight under it is late, not forged.
-    pub(super) previous: Option<Chain>,
     /// Progress in the current round: the last step it confirmed (`None`:
     /// none yet; `KeyUpdate`: it holds the key; `FirstTransition`: it seals
     /// with it; `SecondTransition`: done).
@@ -177,7 +174,6 @@ impl Member {
             hs_tokens: HANDSHAKE_BURST,
             hs_at: Time(0),
             hs_resent: None,
-            previous: None,
             progress: None,
             attempts: 0,
             replay: row

@@ -136,6 +136,14 @@ pub struct MemberRatchet {
     /// under the chain completes the handshake.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub handshake_answer: Option<AnsweredInit>,
+    /// The chain `committed` replaced at the node's last confirmed step
+    /// (none after a handshake): a reply still in flight under it is late,
+    /// not forged, and a key request under it is answered, one step late (a
+    /// node whose checkpointed key update a power loss took; see
+    /// `auth.rs`). Written with the row, so a restarted controller still
+    /// answers it (absent in rows written before session 13).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous: Option<Chain>,
 }
 
 /// A handshake init answered: its digest and the answer's Noise message.
