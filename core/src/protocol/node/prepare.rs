@@ -192,8 +192,11 @@ impl NodeMachine {
         out: &mut Out,
     ) -> Result<(), Refusal> {
         let what = "share notice";
+        // Not joined yet (its handshake in flight): nothing to prepare, and
+        // no error (a joining node hears the group's notices too).
         let Some(controller) = self.joined.as_ref().map(|j| j.controller) else {
-            return Err(Refusal::NotJoined { what });
+            self.prepared.stats.skipped += 1;
+            return Ok(());
         };
         self.check_term(n.term, what)?;
         // Only for the round after the node's own epoch, in the node's term

@@ -337,3 +337,28 @@ fn a_key_update_taken_on_a_notices_word_moves_no_replay_window_and_teaches_no_ad
     assert_eq!(r.node.signature_checks(), checks + 1);
     assert_eq!(acks(&out), vec![(Step::KeyUpdate, Epoch(2))]);
 }
+
+/// A node still joining hears the group's notices too: skipped, not refused
+/// (a healthy fleet counts no refusals), no write, no reply, no check.
+#[test]
+fn a_node_not_joined_yet_skips_a_notice_without_a_refusal() {
+    let mut ctl = FakeController::new(0);
+    let mut node = NodeMachine::new(NodeId::parse("node-0").unwrap(), &initial(0), node_cfg());
+    let mut rng = rng();
+    for n in [ctl.round_notice(1), ctl.share_notice(1)] {
+        let mut out = Vec::new();
+        node.handle(
+            Time(0),
+            NodeInput::Datagram {
+                from: ctl_addr(),
+                bytes: &n,
+            },
+            &mut rng,
+            &mut out,
+        );
+        assert_eq!(refusal(&out), None);
+        assert!(out.is_empty(), "{out:?}");
+    }
+    assert_eq!(node.prepare_stats().skipped, 2);
+    assert_eq!(node.signature_checks(), 0);
+}
