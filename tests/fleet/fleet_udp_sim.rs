@@ -35,12 +35,13 @@ fn sim(args: &[&str]) -> serde_json::Value {
         started.elapsed()
     );
     // Exit 0 exactly when the run converged with no undecryptable message and no
-    // invariant violation.
+    // invariant violation (a node moving back is one, except at a restart
+    // that lost a checkpoint to a power loss).
     let clean = report["converged"] == true
         && report["data_undecryptable"] == 0
         && report["s1_violations"] == 0
         && report["s2_violations"] == 0
-        && report["backward_transitions"] == 0;
+        && n(&report, "backward_transitions") <= n(&report, "checkpoints_lost");
     assert_eq!(out.status.success(), clean, "exit status {:?}", out.status);
     report
 }
