@@ -255,15 +255,19 @@ impl FakeController {
         )
     }
 
+    /// The share drawn ahead for the next key update (drawn now if none is).
+    fn announced_share(&mut self) -> Share {
+        let rng = &mut self.rng;
+        self.ahead
+            .get_or_insert_with(|| ShareSecret::generate(rng))
+            .public()
+    }
+
     /// A signed share notice for the round after epoch `e`, announcing the
-    /// share drawn ahead (drawn now if none is).
+    /// share drawn ahead.
     fn share_notice(&mut self, e: u32) -> Vec<u8> {
         let seq = self.seq();
-        let rng = &mut self.rng;
-        let share = self
-            .ahead
-            .get_or_insert_with(|| ShareSecret::generate(rng))
-            .public();
+        let share = self.announced_share();
         wire::sign(
             wire::share_notice(self.term, crate::crypto::Epoch(e), seq, &share),
             &self.sk,
@@ -271,14 +275,10 @@ impl FakeController {
     }
 
     /// A signed round notice for the round after epoch `e`: the share drawn
-    /// ahead (drawn now if none is) and that round's transition commitment.
+    /// ahead and that round's transition commitment.
     fn round_notice(&mut self, e: u32) -> Vec<u8> {
         let seq = self.seq();
-        let rng = &mut self.rng;
-        let share = self
-            .ahead
-            .get_or_insert_with(|| ShareSecret::generate(rng))
-            .public();
+        let share = self.announced_share();
         let e = crate::crypto::Epoch(e);
         let commit = self.transition_chain(e.next()).commitment();
         wire::sign(

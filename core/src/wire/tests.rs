@@ -70,6 +70,27 @@ fn step() -> impl Strategy<Value = Step> {
     ]
 }
 
+/// A signed notice (share or round) refuses every truncation, a byte more
+/// before its signature, and revision 2's version byte (revision 2 had no
+/// notice).
+fn notice_framing_holds(bytes: &[u8]) -> Result<(), TestCaseError> {
+    for cut in 0..bytes.len() {
+        prop_assert!(
+            decode(&bytes[..cut]).is_err(),
+            "{} of {} bytes decoded",
+            cut,
+            bytes.len()
+        );
+    }
+    let mut long = bytes.to_vec();
+    long.insert(bytes.len() - SIGNATURE_LEN, 0);
+    prop_assert_eq!(decode(&long), Err(WireError::Trailing(1)));
+    let mut old = bytes.to_vec();
+    old[0] = PREVIOUS_VERSION;
+    prop_assert_eq!(decode(&old), Err(WireError::Version(PREVIOUS_VERSION)));
+    Ok(())
+}
+
 proptest! {
     #[test]
     fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..1400)) {
@@ -213,16 +234,7 @@ proptest! {
         let Message::ShareNotice(n) = decode(&bytes).unwrap() else { panic!("not a share notice") };
         prop_assert_eq!((n.term, n.epoch, n.seq, n.share), (term, Epoch(epoch), seq, Share(share)));
         prop_assert!(crate::crypto::verify(&signing().verifying_key(), n.auth.body, &n.auth.signature));
-        for cut in 0..bytes.len() {
-            prop_assert!(decode(&bytes[..cut]).is_err(), "{} of {} bytes decoded", cut, bytes.len());
-        }
-        let mut long = bytes.clone();
-        long.insert(bytes.len() - SIGNATURE_LEN, 0);
-        prop_assert_eq!(decode(&long), Err(WireError::Trailing(1)));
-        // Revision 2 has no share notice: one with its version byte is refused by it.
-        let mut old = bytes.clone();
-        old[0] = PREVIOUS_VERSION;
-        prop_assert_eq!(decode(&old), Err(WireError::Version(PREVIOUS_VERSION)));
+        notice_framing_holds(&bytes)?;
     }
 
     #[test]
@@ -233,15 +245,7 @@ proptest! {
         let Message::ShareNotice(n) = decode(&bytes).unwrap() else { panic!("not a round notice") };
         prop_assert_eq!((n.term, n.epoch, n.seq, n.share, n.commit), (term, Epoch(epoch), seq, Share(share), Some(commit)));
         prop_assert!(crate::crypto::verify(&signing().verifying_key(), n.auth.body, &n.auth.signature));
-        for cut in 0..bytes.len() {
-            prop_assert!(decode(&bytes[..cut]).is_err(), "{} of {} bytes decoded", cut, bytes.len());
-        }
-        let mut long = bytes.clone();
-        long.insert(bytes.len() - SIGNATURE_LEN, 0);
-        prop_assert_eq!(decode(&long), Err(WireError::Trailing(1)));
-        let mut old = bytes.clone();
-        old[0] = PREVIOUS_VERSION;
-        prop_assert_eq!(decode(&old), Err(WireError::Version(PREVIOUS_VERSION)));
+        notice_framing_holds(&bytes)?;
         // A share notice's layout with a round notice's type: one field short.
         let mut short = sign(share_notice(term, Epoch(epoch), seq, &Share(share)), &signing());
         short[1] = kind::ROUND_NOTICE;

@@ -59,6 +59,38 @@ fn alarms(f: &TestFleet) -> Vec<String> {
         .collect()
 }
 
+/// The kinds of the controller's refusals recorded from `from` on.
+fn refused(f: &TestFleet, from: usize) -> Vec<&'static str> {
+    f.records[from..]
+        .iter()
+        .filter_map(|r| match r {
+            Record::Refused { reason, .. } => Some(reason.kind()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A copy of the node's disk `copy` asks the controller for the key (under
+/// sequence numbers above the node's own: not a replay): the refusals it
+/// got, and whether it was answered.
+fn a_copy_asks(f: &mut TestFleet, copy: &NodePersist) -> (Vec<&'static str>, bool) {
+    let mut older = copy.clone();
+    older.seq_reserved += 1 << 20;
+    let mut n = NodeMachine::restore(&older, node_cfg()).unwrap();
+    let mut out = Vec::new();
+    n.handle(f.now, NodeInput::LinkUp, &mut f.rng, &mut out);
+    let request = sent(&out).into_iter().next().expect("a key request");
+    let records = f.records.len();
+    let _ = f.ctl(ControllerInput::Datagram {
+        from: node_addr(VICTIM as u32),
+        bytes: &request,
+    });
+    let answered = f.records[records..]
+        .iter()
+        .any(|r| matches!(r, Record::KeyRequestAnswered { .. }));
+    (refused(f, records), answered)
+}
+
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum At {
     /// In the round's first phase, before the node's key update.
@@ -199,15 +231,6 @@ fn only_a_key_request_one_step_late_is_answered() {
     f.ctl(ControllerInput::Rekey).unwrap();
     f.pump();
     finish(&mut f);
-    let refused = |f: &TestFleet, from: usize| -> Vec<String> {
-        f.records[from..]
-            .iter()
-            .filter_map(|r| match r {
-                Record::Refused { reason, .. } => Some(reason.kind().to_string()),
-                _ => None,
-            })
-            .collect()
-    };
     // A reply under the chain the round replaced: refused as late. (Its
     // sequence number is far above the node's; a refused one marks nothing.)
     let (chain, secret) = NodeMachine::restore(&old, node_cfg())
@@ -237,21 +260,9 @@ fn only_a_key_request_one_step_late_is_answered() {
     f.pump();
     finish(&mut f);
     assert_eq!(f.finished().last().map(|r| (r.2, r.3)), Some((5, 0)));
-    let mut older = old.clone();
-    older.seq_reserved += 1 << 20;
-    let mut n = NodeMachine::restore(&older, node_cfg()).unwrap();
-    let mut out = Vec::new();
-    n.handle(f.now, NodeInput::LinkUp, &mut f.rng, &mut out);
-    let request = sent(&out).into_iter().next().expect("a key request");
-    let records = f.records.len();
-    let _ = f.ctl(ControllerInput::Datagram {
-        from: node_addr(VICTIM as u32),
-        bytes: &request,
-    });
-    assert_eq!(refused(&f, records), vec!["bad_mac"], "two steps back");
-    assert!(!f.records[records..]
-        .iter()
-        .any(|r| matches!(r, Record::KeyRequestAnswered { .. })));
+    let (refusals, answered) = a_copy_asks(&mut f, &old);
+    assert_eq!(refusals, vec!["bad_mac"], "two steps back");
+    assert!(!answered);
 }
 
 /// The chain the node confirmed its step from is written with the member's
@@ -306,26 +317,7 @@ fn after_a_rejoin_the_chain_before_is_not_answered() {
         f.count(|r| matches!(r, Record::HandshakeCompleted { rejoin: true, .. })),
         1
     );
-    let mut older = old.clone();
-    older.seq_reserved += 1 << 20;
-    let mut n = NodeMachine::restore(&older, node_cfg()).unwrap();
-    let mut out = Vec::new();
-    n.handle(f.now, NodeInput::LinkUp, &mut f.rng, &mut out);
-    let request = sent(&out).into_iter().next().expect("a key request");
-    let records = f.records.len();
-    let _ = f.ctl(ControllerInput::Datagram {
-        from: node_addr(VICTIM as u32),
-        bytes: &request,
-    });
-    let refused: Vec<&str> = f.records[records..]
-        .iter()
-        .filter_map(|r| match r {
-            Record::Refused { reason, .. } => Some(reason.kind()),
-            _ => None,
-        })
-        .collect();
-    assert_eq!(refused, vec!["bad_mac"]);
-    assert!(!f.records[records..]
-        .iter()
-        .any(|r| matches!(r, Record::KeyRequestAnswered { .. })));
+    let (refusals, answered) = a_copy_asks(&mut f, &old);
+    assert_eq!(refusals, vec!["bad_mac"]);
+    assert!(!answered);
 }
