@@ -623,10 +623,14 @@ pub struct NodeMachine {
     /// it (a key request one step late), so a key response is opened under
     /// either.
     maybe_stepped: bool,
-    /// Set by a key update request for the step it is taking: install the
-    /// key with a `Checkpoint` (its step is re-derivable from the disk).
-    /// False between inputs.
-    light_install: bool,
+}
+
+/// A key update request's key for [`NodeMachine::on_step`], and whether
+/// taking it must be flushed before the reply: not when its ratchet step is
+/// re-derivable from what is on the disk ([`Announced`]).
+struct Install {
+    key: GroupKey,
+    flush: bool,
 }
 
 type Out = Vec<NodeAction>;
@@ -730,7 +734,6 @@ impl NodeMachine {
             announced: None,
             durable_announced: None,
             maybe_stepped: false,
-            light_install: false,
             cfg,
         }
     }
@@ -1467,13 +1470,16 @@ impl NodeMachine {
                 // byte-identical copy is answered again like a verified one).
                 // If the entry does not open, the signature decides
                 // (`prepare.rs`).
-                let digest = digest16(bytes);
                 let vouched = takes_step
                     && used
                     && self
                         .prepared
                         .vouches(ku.term, ku.epoch, &ku.share, &ku.commit);
-                let copy = !takes_step && self.prepared.vouched_digest == Some(digest);
+                // The digest only where it is kept or compared (the signature
+                // check makes its own).
+                let digest = (vouched || !takes_step).then(|| digest16(bytes));
+                let copy =
+                    !takes_step && digest.is_some() && self.prepared.vouched_digest == digest;
                 if !vouched && !copy {
                     self.verify_request(now, from, (ku.term, ku.seq), &ku.auth, bytes, what)?;
                 }
@@ -1516,7 +1522,7 @@ impl NodeMachine {
                 };
                 if vouched {
                     self.prepared.stats.vouched += 1;
-                    self.prepared.vouched_digest = Some(digest);
+                    self.prepared.vouched_digest = digest;
                 }
                 let spare = self.prepared.spent(used);
                 let next = step.map(|s| NodeRatchet {
@@ -1526,9 +1532,8 @@ impl NodeMachine {
                 let previous = std::mem::replace(&mut self.ratchet, next);
                 let (announced, maybe_stepped) = (self.announced, self.maybe_stepped);
                 self.ratchet_moved();
-                self.light_install = light;
-                let r = self.on_step(now, ku.epoch, Step::KeyUpdate, Some(key), rng, out);
-                self.light_install = false;
+                let install = Install { key, flush: !light };
+                let r = self.on_step(now, ku.epoch, Step::KeyUpdate, Some(install), rng, out);
                 if r.is_err() {
                     self.ratchet = previous;
                     (self.announced, self.maybe_stepped) = (announced, maybe_stepped);
@@ -1949,7 +1954,7 @@ impl NodeMachine {
         now: Time,
         e: Epoch,
         m: Step,
-        key: Option<GroupKey>,
+        key: Option<Install>,
         rng: &mut (impl RngCore + CryptoRng),
         out: &mut Out,
     ) -> Result<(), Refusal> {
@@ -1976,7 +1981,7 @@ impl NodeMachine {
             }
             if q == pq {
                 if let Some(k) = &key {
-                    if ring.key(e) != Some(k) {
+                    if ring.key(e) != Some(&k.key) {
                         return Err(Refusal::KeyMismatch { epoch: e });
                     }
                 }
@@ -1993,23 +1998,17 @@ impl NodeMachine {
                 let _ = ring.finish();
             }
             // A transition is checkpointed, not flushed (see `Checkpoint`).
-            self.changed_as(before, NodeAction::Checkpoint, out);
+            self.changed(before, false, out);
             self.route.stepped();
             self.ack(m, e, false, out);
             return Ok(());
         }
         if e == pe.next() && pq == 3 {
             match key {
-                Some(k) if m == Step::KeyUpdate => {
-                    ring.install_new(k)
+                Some(Install { key, flush }) if m == Step::KeyUpdate => {
+                    ring.install_new(key)
                         .map_err(|_| Refusal::Outdated { what, epoch: e })?;
-                    // Flushed, unless the step is re-derivable from what is
-                    // on the disk (`Announced`).
-                    if std::mem::take(&mut self.light_install) {
-                        self.changed_as(before, NodeAction::Checkpoint, out);
-                    } else {
-                        self.changed(before, out);
-                    }
+                    self.changed(before, flush, out);
                     self.route.stepped();
                     self.ack(m, e, false, out);
                     return Ok(());
@@ -2028,27 +2027,16 @@ impl NodeMachine {
         })
     }
 
-    /// Record a state change: persist first, then tell the shell.
-    fn changed(&mut self, from: NodeState, out: &mut Out) {
-        self.changed_as(from, NodeAction::Persist, out);
-    }
-
-    /// Record a state change, stored by `store` (a flushed `Persist` or a
-    /// `Checkpoint`) first, then tell the shell.
-    fn changed_as(
-        &mut self,
-        from: NodeState,
-        store: fn(Box<NodePersist>) -> NodeAction,
-        out: &mut Out,
-    ) {
+    /// Record a state change, stored first (with `flush` a `Persist`, else a
+    /// `Checkpoint`), then tell the shell.
+    fn changed(&mut self, from: NodeState, flush: bool, out: &mut Out) {
         let to = self.state();
         if from != to {
-            let snapshot = Box::new(self.snapshot());
-            let action = store(snapshot);
-            if matches!(action, NodeAction::Persist(_)) {
-                self.durable_announced = self.announced;
-            }
-            out.push(action);
+            out.push(if flush {
+                self.flushed_snapshot()
+            } else {
+                NodeAction::Checkpoint(Box::new(self.snapshot()))
+            });
             out.push(NodeAction::Event(NodeEvent::StateChanged { from, to }));
         }
     }

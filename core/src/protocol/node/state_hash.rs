@@ -85,7 +85,6 @@ impl Hash for NodeMachine {
             announced,
             durable_announced,
             maybe_stepped,
-            light_install,
         } = self;
         node_id.hash(state);
         joined.hash(state);
@@ -120,6 +119,6 @@ impl Hash for NodeMachine {
         synced_by.hash(state);
         last_request.hash(state);
         prepared.hash(state);
-        (announced, durable_announced, maybe_stepped, light_install).hash(state);
+        (announced, durable_announced, maybe_stepped).hash(state);
     }
 }
