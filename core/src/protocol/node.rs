@@ -1996,6 +1996,8 @@ impl NodeMachine {
             }
             if q == 3 {
                 let _ = ring.finish();
+                // The notice for the next round gets a check of its own.
+                self.prepared.earned = Some(e);
             }
             // A transition is checkpointed, not flushed (see `Checkpoint`).
             self.changed(before, false, out);

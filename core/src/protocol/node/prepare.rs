@@ -43,8 +43,13 @@
 //! costs a digest; another costs a signature check, at most
 //! [`NOTICE_VERIFY_BURST`] at once and one more each
 //! [`NOTICE_VERIFY_REFILL_MS`] (a budget of its own: a flood of forged
-//! notices takes nothing from the checks of key updates or beacons), and a
-//! notice taken costs one X25519. A replayed notice is refused by the
+//! notices takes nothing from the checks of key updates or beacons), plus
+//! one for the first notice after each round the node finished (its second
+//! transition request authenticated by its reveal, which no forger can
+//! make): rounds closer together than the refill find their notice checked
+//! too, and a forgery that takes that check only sends the next key update
+//! to its signature check, as without a notice. A notice taken costs one
+//! X25519. A replayed notice is refused by the
 //! controller's sequence numbers, as any signed request.
 
 use super::super::{take_token, Time};
@@ -109,6 +114,10 @@ pub(super) struct Prepared {
     pub(super) vouched_digest: Option<[u8; 16]>,
     tokens: u32,
     refill: Time,
+    /// The epoch of the round this node last finished (its second transition
+    /// request taken, authenticated by the reveal): the notice for the round
+    /// after it gets one signature check outside the budget.
+    pub(super) earned: Option<crate::crypto::Epoch>,
     pub(super) stats: PrepareStats,
 }
 
@@ -170,13 +179,14 @@ impl std::hash::Hash for Prepared {
             vouched_digest,
             tokens,
             refill,
+            earned,
             stats: _,
         } = self;
         notice.hash(state);
         vouched_digest.hash(state);
         dh.as_ref().map(|m| (m.announced, m.own)).hash(state);
         spare.as_ref().map(ShareSecret::public).hash(state);
-        (tokens, refill).hash(state);
+        (tokens, refill, earned).hash(state);
     }
 }
 
@@ -213,13 +223,20 @@ impl NodeMachine {
                 return Err(Refusal::Replay { what, seq: n.seq });
             }
             let p = &mut self.prepared;
-            if !take_token(
-                &mut p.tokens,
-                &mut p.refill,
-                now,
-                NOTICE_VERIFY_BURST,
-                NOTICE_VERIFY_REFILL_MS,
-            ) {
+            // The round this node just finished earned the next notice a
+            // check of its own: rounds closer together than the refill are
+            // prepared too, and a flood of forgeries still gets no more than
+            // one check per genuine round on top of the budget.
+            let earned = p.earned.take_if(|e| *e == n.epoch).is_some();
+            if !earned
+                && !take_token(
+                    &mut p.tokens,
+                    &mut p.refill,
+                    now,
+                    NOTICE_VERIFY_BURST,
+                    NOTICE_VERIFY_REFILL_MS,
+                )
+            {
                 p.stats.skipped += 1;
                 return Ok(());
             }

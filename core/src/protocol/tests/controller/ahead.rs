@@ -192,3 +192,109 @@ fn the_share_drawn_ahead_is_announced_and_every_node_makes_its_step_ahead() {
     f.advance(3000);
     assert!(seen.borrow().notices.is_empty());
 }
+
+/// Rotations closer together than the notice budget's refill (a rotation
+/// every few hundred ms, as a benchmark or a burst of leaked-key signals
+/// makes): each finished round earns the next notice a check of its own, so
+/// every key update is still taken on the notice's word. A forger who races
+/// every genuine notice with forged ones takes that check and then the
+/// budget, and no more: the genuine notice left unchecked sends the key update
+/// to its signature check, as without a notice, and every round completes.
+#[test]
+fn back_to_back_rounds_are_each_vouched_and_a_forger_racing_the_notices_costs_a_bounded_number_of_checks(
+) {
+    const ROUNDS: u32 = 6;
+    let mut f = TestFleet::new(5, test_cfg());
+    f.advance(0);
+    let seen = watch(&mut f);
+    let joined: Vec<u64> = f.nodes.iter().map(|n| n.signature_checks()).collect();
+    for round in 0..ROUNDS {
+        prepare_all(&mut f);
+        f.advance(0);
+        rotate(&mut f);
+        assert_eq!(
+            seen.borrow().notices.len(),
+            1,
+            "round {round}: no beacon in between"
+        );
+        seen.borrow_mut().notices.clear();
+    }
+    let checks: Vec<u64> = f.nodes.iter().map(|n| n.signature_checks()).collect();
+    for (i, n) in f.nodes.iter().enumerate() {
+        let s = n.prepare_stats();
+        assert_eq!(s.skipped, 0, "node {i}");
+        assert_eq!(
+            s.notices,
+            u64::from(ROUNDS),
+            "node {i}: every notice checked"
+        );
+        assert_eq!(
+            s.vouched,
+            u64::from(ROUNDS),
+            "node {i}: every key update vouched"
+        );
+        assert_eq!(
+            checks[i] - joined[i],
+            u64::from(ROUNDS),
+            "node {i}: one check a round, the notice's"
+        );
+    }
+    assert!(seen.borrow().key_requests.is_empty());
+
+    // A forger on the LAN sends 3 forged round notices to every node as each
+    // round finishes, before the controller's own.
+    let forger = ed25519_dalek::SigningKey::from_bytes(&[7; 32]);
+    let from: std::net::SocketAddr = "127.0.0.1:9".parse().unwrap();
+    let start = f.now;
+    for round in 0..ROUNDS {
+        let NodeState::UpdateCompleted { current: e } = f.nodes[0].state() else {
+            panic!("level between rounds")
+        };
+        for k in 0..3u64 {
+            let forged = wire::sign(
+                wire::round_notice(
+                    crate::protocol::TERM,
+                    e,
+                    1_000_000 + u64::from(round) * 10 + k,
+                    &Share([9; 32]),
+                    &[9; 32],
+                ),
+                &forger,
+            );
+            for i in 0..f.nodes.len() {
+                f.node(
+                    i,
+                    NodeInput::Datagram {
+                        from,
+                        bytes: &forged,
+                    },
+                );
+            }
+        }
+        prepare_all(&mut f);
+        f.advance(0);
+        rotate(&mut f);
+    }
+    let elapsed_s = (f.now.0 - start.0) / 1000;
+    for (i, n) in f.nodes.iter().enumerate() {
+        assert_eq!(
+            n.state(),
+            NodeState::UpdateCompleted {
+                current: Epoch(1 + 2 * ROUNDS)
+            },
+            "node {i}: every round completed"
+        );
+        // Per round at most: the earned check, the key update's own check
+        // when its notice went unchecked; plus the budget over the run.
+        let spent = n.signature_checks() - checks[i];
+        let bound = 2 * u64::from(ROUNDS)
+            + u64::from(crate::protocol::NOTICE_VERIFY_BURST)
+            + elapsed_s * 1000 / crate::protocol::NOTICE_VERIFY_REFILL_MS;
+        assert!(spent <= bound, "node {i}: {spent} checks, bound {bound}");
+        assert!(
+            n.prepare_stats().refused >= u64::from(ROUNDS),
+            "node {i}: the forgeries took the checks ({:?})",
+            n.prepare_stats()
+        );
+    }
+}
