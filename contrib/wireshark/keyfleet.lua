@@ -21,7 +21,10 @@
 --              X25519 share, the replies 0x11-0x13 and the key request 0x14
 --              the node's; the key update request carries the round's
 --              transition commitment and the transition requests 0x03 / 0x04
---              their reveals (issue 11);
+--              their reveals (issue 11); the notices 0x0A / 0x0B / 0x0C
+--              and the timed first transition reply 0x18 (session 14: the
+--              first transition reply and how long its request waited at the
+--              node) exist only here, of version 3;
 --   join       version 2 before issue 17: join 0x15, join accept 0x06, no
 --              X25519 shares;
 --   auto       (the default) version 3, and version 2 in both its layouts:
@@ -57,7 +60,9 @@ local kf = Proto("keyfleet", "keyfleet group key protocol")
 
 -- The library's version, and the one before it. Each message carries the
 -- version its own layout last changed in: 3 for the key update and
--- transition requests (the transition chain), 2 for every other message.
+-- transition requests (the transition chain) and for the messages version 3
+-- added (the notices, the timed first transition reply), 2 for every other
+-- message.
 local VERSION, VERSION_2 = 3, 2
 local REVEAL_LEN = 32
 local SIG_LEN, MAC_LEN, WRAPPED_LEN, NONCE_LEN, TAG_LEN, SHARE_LEN = 64, 16, 60, 12, 16, 32
@@ -83,6 +88,7 @@ local T = {
     HANDSHAKE_ANSWER = 0x09,
     SHARE_NOTICE = 0x0A,
     ROUND_NOTICE = 0x0B,
+    TIMED_ROUND_NOTICE = 0x0C,
     KEY_UPDATE_REPLY = 0x11,
     FIRST_REPLY = 0x12,
     SECOND_REPLY = 0x13,
@@ -90,6 +96,7 @@ local T = {
     JOIN = 0x15,
     USAGE_REPORT = 0x16,
     HANDSHAKE_INIT = 0x17,
+    TIMED_FIRST_REPLY = 0x18,
 }
 
 local type_names = {
@@ -104,6 +111,7 @@ local type_names = {
     [T.HANDSHAKE_ANSWER] = "Handshake answer",
     [T.SHARE_NOTICE] = "Share notice",
     [T.ROUND_NOTICE] = "Round notice",
+    [T.TIMED_ROUND_NOTICE] = "Timed round notice",
     [T.KEY_UPDATE_REPLY] = "Key update reply",
     [T.FIRST_REPLY] = "First transition reply",
     [T.SECOND_REPLY] = "Second transition reply",
@@ -111,6 +119,7 @@ local type_names = {
     [T.JOIN] = "Join",
     [T.USAGE_REPORT] = "Usage report",
     [T.HANDSHAKE_INIT] = "Handshake init",
+    [T.TIMED_FIRST_REPLY] = "Timed first transition reply",
 }
 
 -- Who sends each type.
@@ -118,7 +127,7 @@ local controller_types = {
     [T.KEY_UPDATE] = true, [T.FIRST_TRANSITION] = true, [T.SECOND_TRANSITION] = true,
     [T.KEY_RESPONSE] = true, [T.JOIN_ACCEPT] = true, [T.RESYNC] = true,
     [T.BEACON] = true, [T.HANDSHAKE_ANSWER] = true, [T.SHARE_NOTICE] = true,
-    [T.ROUND_NOTICE] = true,
+    [T.ROUND_NOTICE] = true, [T.TIMED_ROUND_NOTICE] = true,
 }
 
 -- The layouts (preference values) and the type codes each one has.
@@ -142,7 +151,8 @@ for _, t in ipairs({ T.JOIN, T.JOIN_ACCEPT }) do
     known[LAYOUT_JOIN][t] = true
     known[LAYOUT_AUTO][t] = true
 end
-for _, t in ipairs({ T.HANDSHAKE_INIT, T.HANDSHAKE_ANSWER, T.SHARE_NOTICE, T.ROUND_NOTICE }) do
+for _, t in ipairs({ T.HANDSHAKE_INIT, T.HANDSHAKE_ANSWER, T.SHARE_NOTICE, T.ROUND_NOTICE,
+    T.TIMED_ROUND_NOTICE, T.TIMED_FIRST_REPLY }) do
     known[LAYOUT_HANDSHAKE][t] = true
     known[LAYOUT_AUTO][t] = true
 end
@@ -202,6 +212,8 @@ local F = {
     -- the transition chain (version 3)
     commitment = ProtoField.bytes("keyfleet.commitment", "Transition commitment"),
     reveal = ProtoField.bytes("keyfleet.reveal", "Transition reveal"),
+    -- timed first transition reply (session 14)
+    held_us = ProtoField.uint32("keyfleet.held_us", "Held (µs)", base.DEC),
     -- key state (key response, join accept)
     key_state = ProtoField.none("keyfleet.key_state", "Key state"),
     current_key = ProtoField.bytes("keyfleet.key_state.current_key", "Wrapped current key"),
@@ -270,7 +282,7 @@ kf.prefs.layout = Pref.enum("Wire layout", LAYOUT_AUTO,
     "Which revision of the wire to decode: auto (version 3, and version 2 in both layouts; " ..
     "0x02, 0x05, 0x11-0x14 by length), join (version 2: join 0x15 / join accept 0x06, no X25519 " ..
     "shares) or handshake (as keyfleet speaks it now: version 3's key update and transition " ..
-    "requests, every other message of version 2).", {
+    "requests, notices and timed first transition reply, every other message of version 2).", {
         { 1, "auto", LAYOUT_AUTO },
         { 2, "join", LAYOUT_JOIN },
         { 3, "handshake", LAYOUT_HANDSHAKE },
@@ -678,6 +690,10 @@ parse[T.ROUND_NOTICE] = function(tvb, len)
     return r
 end
 
+-- A round notice from a controller that reads timed first transition
+-- replies (session 14): the same layout.
+parse[T.TIMED_ROUND_NOTICE] = parse[T.ROUND_NOTICE]
+
 parse[T.BEACON] = function(tvb, len)
     local r, epoch = announcement_head(tvb, len)
     local ph_off = r.pos
@@ -756,6 +772,18 @@ end
 parse[T.KEY_UPDATE_REPLY] = reply(1)
 parse[T.FIRST_REPLY] = reply(2)
 parse[T.SECOND_REPLY] = reply(3)
+
+-- A first transition reply to a controller whose timed round notice
+-- announced the round (session 14; only in the handshake layout, so always
+-- with the node's share), then how long the request waited at the node, in µs.
+parse[T.TIMED_FIRST_REPLY] = function(tvb, len)
+    local r = reply(2)(tvb, len, true)
+    local held = r:u32(F.held_us, "held")
+    if held then
+        r:note(string.format("held %d µs", held))
+    end
+    return r
+end
 
 parse[T.KEY_REQUEST] = function(tvb, len, shares)
     local r = split_auth(tvb, len, MAC_LEN, "mac")
@@ -843,10 +871,12 @@ local auth_of = {
     [T.BEACON] = { F.signature, SIG_LEN },
     [T.SHARE_NOTICE] = { F.signature, SIG_LEN },
     [T.ROUND_NOTICE] = { F.signature, SIG_LEN },
+    [T.TIMED_ROUND_NOTICE] = { F.signature, SIG_LEN },
     [T.JOIN_ACCEPT] = { F.mac, MAC_LEN },
     [T.RESYNC] = { F.mac, MAC_LEN },
     [T.KEY_UPDATE_REPLY] = { F.mac, MAC_LEN },
     [T.FIRST_REPLY] = { F.mac, MAC_LEN },
+    [T.TIMED_FIRST_REPLY] = { F.mac, MAC_LEN },
     [T.SECOND_REPLY] = { F.mac, MAC_LEN },
     [T.KEY_REQUEST] = { F.mac, MAC_LEN },
     [T.JOIN] = { F.mac, MAC_LEN },
@@ -858,9 +888,19 @@ local chain_types = {
     [T.KEY_UPDATE] = true, [T.FIRST_TRANSITION] = true, [T.SECOND_TRANSITION] = true,
 }
 
--- The messages of version 3: those it changed, and the notices it added.
-local v3_types = { [T.SHARE_NOTICE] = true, [T.ROUND_NOTICE] = true }
+-- The messages version 3 added: the notices and the timed first transition
+-- reply (no version 2 layout has them).
+local v3_added = {
+    [T.SHARE_NOTICE] = true, [T.ROUND_NOTICE] = true, [T.TIMED_ROUND_NOTICE] = true,
+    [T.TIMED_FIRST_REPLY] = true,
+}
+
+-- The messages of version 3: those it changed, and those it added.
+local v3_types = {}
 for t in pairs(chain_types) do
+    v3_types[t] = true
+end
+for t in pairs(v3_added) do
     v3_types[t] = true
 end
 
@@ -923,7 +963,7 @@ local function parse_datagram(tvb, layout)
     if layout ~= LAYOUT_JOIN and known[LAYOUT_HANDSHAKE][ty] then
         local wrong = (layout == LAYOUT_HANDSHAKE and version ~= version_for(ty))
             or (version == VERSION and not v3_types[ty])
-            or (version == VERSION_2 and (ty == T.SHARE_NOTICE or ty == T.ROUND_NOTICE))
+            or (version == VERSION_2 and v3_added[ty])
         if wrong then
             r:fail("version", 0, 1, string.format(
                 "wire version %d is not supported for this message (type 0x%02x is of version %d)",
@@ -1001,7 +1041,9 @@ end
 local round_steps = {
     [T.KEY_UPDATE] = 1, [T.FIRST_TRANSITION] = 2, [T.SECOND_TRANSITION] = 3,
 }
-local reply_steps = { [T.KEY_UPDATE_REPLY] = 1, [T.FIRST_REPLY] = 2, [T.SECOND_REPLY] = 3 }
+local reply_steps = {
+    [T.KEY_UPDATE_REPLY] = 1, [T.FIRST_REPLY] = 2, [T.SECOND_REPLY] = 3, [T.TIMED_FIRST_REPLY] = 2,
+}
 
 -- The link key of a datagram and whether it asks (true) or answers (false).
 local function link_key(ty, v, pinfo)

@@ -176,11 +176,13 @@ impl Default for NetworkConfig {
 pub struct RoundConfig {
     /// A fixed wait after every node confirmed the first transition before the
     /// second (longer than any datagram stays in flight); unset (the default),
-    /// the wait is measured: `drain_rtt_factor` times the round's slowest
-    /// acknowledgement round trip, between `drain_floor_ms` and `max_flight_ms`.
+    /// the wait is measured: `drain_rtt_factor` times the first transition's
+    /// longest time in flight, between `drain_floor_ms` and `max_flight_ms`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub drain_grace_ms: Option<u64>,
-    /// The measured drain: this many times the slowest acknowledgement round trip…
+    /// The measured drain: this many times the first transition's longest
+    /// time in flight (round trips less what requests and replies waited in
+    /// the nodes' and the controller's sockets)…
     pub drain_rtt_factor: u32,
     /// …at least this long…
     pub drain_floor_ms: u64,
@@ -684,7 +686,8 @@ listen_port = {listen_port}
 [round]
 # After every node confirmed the first transition, wait for messages sealed
 # with the old key still in flight before the second (S2): drain_rtt_factor
-# times the round's slowest acknowledgement round trip, at least
+# times the first transition's longest time in flight (its round trips less
+# what requests and replies waited in the sockets), at least
 # drain_floor_ms, at most max_flight_ms (the longest any datagram stays in
 # flight). A message delayed longer than that wait may become unreadable.
 drain_rtt_factor = {drf}
@@ -821,7 +824,7 @@ mod tests {
                 core.drain_floor_ms,
                 core.max_flight_ms
             ),
-            (2, 10, 2000)
+            (2, 2, 2000)
         );
         assert_eq!(core.stale_after_ms, want.stale_after_ms);
         assert_eq!(c.audit.refusal_window_ms, 60_000);

@@ -44,6 +44,7 @@ fuzz_target!(init: write_seeds(genuine_seeds), |data: &[u8]| {
         ),
         Message::ShareNotice(n) => (
             match &n.commit {
+                Some(c) if n.timed => wire::timed_round_notice(n.term, n.epoch, n.seq, &n.share, c),
                 Some(c) => wire::round_notice(n.term, n.epoch, n.seq, &n.share, c),
                 None => wire::share_notice(n.term, n.epoch, n.seq, &n.share),
             },
@@ -51,7 +52,10 @@ fuzz_target!(init: write_seeds(genuine_seeds), |data: &[u8]| {
         ),
         Message::Resync(r) => (wire::resync(r.term, r.epoch, r.seq, r.member), r.auth.body.len()),
         Message::Ack(a) => (
-            wire::ack(a.step, a.epoch, a.seq, a.member, &a.share),
+            match a.held_us {
+                Some(held) => wire::timed_first_ack(a.epoch, a.seq, a.member, &a.share, held),
+                None => wire::ack(a.step, a.epoch, a.seq, a.member, &a.share),
+            },
             a.auth.body.len(),
         ),
         Message::KeyRequest(k) => (

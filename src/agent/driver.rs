@@ -309,14 +309,18 @@ impl NodeDriver {
         match wake {
             Wake::Datagram(d) => {
                 self.stats.datagrams_in += 1;
-                self.feed(
-                    d.at_ms,
-                    NodeInput::Datagram {
+                let input = match d.waited_us {
+                    Some(waited_us) => NodeInput::DatagramWaited {
+                        from: d.from,
+                        bytes: &d.bytes,
+                        waited_us,
+                    },
+                    None => NodeInput::Datagram {
                         from: d.from,
                         bytes: &d.bytes,
                     },
-                )
-                .await
+                };
+                self.feed(d.at_ms, input).await
             }
             // Fed whichever deadline passed: the machine does what is due, if anything.
             Wake::Timeout => {

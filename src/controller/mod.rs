@@ -1550,14 +1550,14 @@ impl Controller {
             d = t.recv() => {
                 let d = d?;
                 if !Self::is_own(local, d.from) {
-                    self.datagram(d.from, &d.bytes);
+                    self.datagram(d.from, &d.bytes, d.waited_us);
                 }
                 // Drain what is already queued, so that one pass carries many inputs.
                 for _ in 0..256 {
                     match tokio::time::timeout(Duration::ZERO, t.recv()).await {
                         Ok(Ok(d)) => {
                             if !Self::is_own(local, d.from) {
-                                self.datagram(d.from, &d.bytes);
+                                self.datagram(d.from, &d.bytes, d.waited_us);
                             }
                         }
                         Ok(Err(e)) => return Err(e.into()),
@@ -1715,8 +1715,16 @@ impl Controller {
         self.table.refusals().totals()
     }
 
-    fn datagram(&mut self, from: SocketAddr, bytes: &[u8]) {
-        let _ = self.feed(ControllerInput::Datagram { from, bytes });
+    /// `waited_us`: how long it waited in the socket (its receive timestamp).
+    fn datagram(&mut self, from: SocketAddr, bytes: &[u8], waited_us: Option<u32>) {
+        let _ = self.feed(match waited_us {
+            Some(waited_us) => ControllerInput::DatagramWaited {
+                from,
+                bytes,
+                waited_us,
+            },
+            None => ControllerInput::Datagram { from, bytes },
+        });
     }
 
     /// Enrolled members that never joined.
@@ -2295,7 +2303,7 @@ mod tests {
         {
             let mut c = Controller::open(opts.clone()).unwrap();
             for i in 0..500u32 {
-                c.datagram(from, &i.to_be_bytes());
+                c.datagram(from, &i.to_be_bytes(), None);
             }
             c.flush(None).await.unwrap();
             let t = c.refusal_totals();

@@ -83,7 +83,19 @@ pub fn group_socket(group: SocketAddrV4, iface: Ipv4Addr) -> Result<UdpSocket, N
     ))?;
     s.set_nonblocking(true)
         .map_err(setup("make the socket non-blocking", group))?;
+    receive_timestamps(&s);
     Ok(s.into())
+}
+
+/// Asks the kernel to stamp each datagram with its arrival (SO_TIMESTAMPNS):
+/// the transport then knows how long one waited in the socket
+/// ([`super::transport::Datagram::waited_us`]). Without it (an old kernel),
+/// datagrams count as handled on arrival, which only makes the drain longer.
+fn receive_timestamps(s: &Socket) {
+    use nix::sys::socket::{setsockopt, sockopt::ReceiveTimestampns};
+    if let Err(e) = setsockopt(s, ReceiveTimestampns, &true) {
+        tracing::debug!(error = %e, "no receive timestamps (SO_TIMESTAMPNS)");
+    }
 }
 
 /// A non-blocking unicast socket bound to `listen`, set to send multicast out of
@@ -108,6 +120,7 @@ pub fn unicast_socket(
         .map_err(setup("set IP_MULTICAST_TTL", ttl))?;
     s.set_nonblocking(true)
         .map_err(setup("make the socket non-blocking", listen))?;
+    receive_timestamps(&s);
     Ok(s.into())
 }
 

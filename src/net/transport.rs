@@ -16,6 +16,58 @@ use super::{Clock, NetConfig, NetError};
 /// Largest UDP payload; nothing arriving is ever truncated.
 const MAX_DATAGRAM: usize = 65_536;
 
+/// One datagram from `sock` into `buf`: its length, source, and how long it
+/// waited in the socket (µs, by its SO_TIMESTAMPNS receive timestamp, when
+/// the kernel gave one; see [`socket::group_socket`]). Cancel-safe.
+async fn recv_timed(
+    sock: &UdpSocket,
+    buf: &mut [u8],
+) -> std::io::Result<(usize, SocketAddr, Option<u32>)> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags, SockaddrStorage};
+    use std::os::fd::AsRawFd;
+    sock.async_io(tokio::io::Interest::READABLE, || {
+        let mut iov = [std::io::IoSliceMut::new(&mut *buf)];
+        let mut cmsg = nix::cmsg_space!(nix::sys::time::TimeSpec);
+        let msg = recvmsg::<SockaddrStorage>(
+            sock.as_raw_fd(),
+            &mut iov,
+            Some(&mut cmsg),
+            MsgFlags::empty(),
+        )
+        .map_err(std::io::Error::from)?;
+        let from = msg
+            .address
+            .as_ref()
+            .and_then(|a| {
+                a.as_sockaddr_in()
+                    .map(|v4| SocketAddr::from(std::net::SocketAddrV4::from(*v4)))
+                    .or_else(|| {
+                        a.as_sockaddr_in6()
+                            .map(|v6| SocketAddr::from(std::net::SocketAddrV6::from(*v6)))
+                    })
+            })
+            .ok_or_else(|| std::io::Error::other("a datagram without a source address"))?;
+        let mut waited_us = None;
+        if let Ok(cmsgs) = msg.cmsgs() {
+            for c in cmsgs {
+                if let ControlMessageOwned::ScmTimestampns(ts) = c {
+                    let arrived = std::time::UNIX_EPOCH
+                        + Duration::new(ts.tv_sec().max(0) as u64, ts.tv_nsec().max(0) as u32);
+                    // The receive timestamp is wall-clock time: a clock
+                    // stepped back reads as no wait, which errs long.
+                    waited_us = Some(
+                        std::time::SystemTime::now()
+                            .duration_since(arrived)
+                            .map_or(0, |d| u32::try_from(d.as_micros()).unwrap_or(u32::MAX)),
+                    );
+                }
+            }
+        }
+        Ok((msg.bytes, from, waited_us))
+    })
+    .await
+}
+
 /// Which socket a datagram came in on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Via {
@@ -34,6 +86,11 @@ pub struct Datagram {
     /// Arrival time by the transport's [`Clock`].
     pub at_ms: u64,
     pub via: Via,
+    /// How long it waited in its socket before it was read, in µs, by the
+    /// kernel's receive timestamp; `None` without one, and for a datagram
+    /// held by the receive delay (its flight is simulated: it counts as
+    /// arrived when it is let through).
+    pub waited_us: Option<u32>,
 }
 
 /// Counters of one transport.
@@ -393,6 +450,7 @@ impl Transport {
             if next.is_some_and(|due| due <= now) {
                 if let Some(Reverse(mut h)) = self.held.pop() {
                     h.datagram.at_ms = now;
+                    h.datagram.waited_us = None;
                     return Ok(h.datagram);
                 }
             }
@@ -429,11 +487,11 @@ impl Transport {
     async fn recv_now(&mut self) -> Result<Datagram, NetError> {
         loop {
             let (res, via) = tokio::select! {
-                r = self.group_sock.recv_from(&mut self.gbuf) => (r, Via::Group),
-                r = self.unicast.recv_from(&mut self.ubuf) => (r, Via::Unicast),
+                r = recv_timed(&self.group_sock, &mut self.gbuf) => (r, Via::Group),
+                r = recv_timed(&self.unicast, &mut self.ubuf) => (r, Via::Unicast),
             };
             let at_ms = self.clock.now_ms();
-            let (n, from) = match res {
+            let (n, from, waited_us) = match res {
                 Ok(r) => r,
                 // An ICMP error about an earlier send, reported on this socket:
                 // not a datagram, not fatal.
@@ -474,6 +532,7 @@ impl Transport {
                 from,
                 at_ms,
                 via,
+                waited_us,
             });
         }
     }

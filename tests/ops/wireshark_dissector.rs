@@ -46,7 +46,7 @@ const OTHER_LAYOUT: &str = "join";
 fn differs(ty: u8) -> bool {
     matches!(
         ty,
-        0x02 | 0x05 | 0x06 | 0x09 | 0x0a | 0x0b | 0x11..=0x15 | 0x17
+        0x02 | 0x05 | 0x06 | 0x09 | 0x0a..=0x0c | 0x11..=0x15 | 0x17 | 0x18
     )
 }
 
@@ -143,8 +143,16 @@ fn library_seeds(rng: &mut impl Rng) -> Vec<Vec<u8>> {
         )),
         signed(wire::share_notice(1, Epoch(6), 32, &share)),
         signed(wire::round_notice(1, Epoch(6), 33, &share, &[0x5c; 32])),
+        signed(wire::timed_round_notice(
+            1,
+            Epoch(6),
+            34,
+            &share,
+            &[0x5d; 32],
+        )),
         maced(wire::ack(Step::KeyUpdate, Epoch(7), 5, 3, &share)),
         maced(wire::ack(Step::FirstTransition, Epoch(7), 6, 3, &share)),
+        maced(wire::timed_first_ack(Epoch(7), 12, 3, &share, 1_234_567)),
         maced(wire::ack(Step::SecondTransition, Epoch(7), 7, 3, &share)),
         maced(wire::key_request(
             Epoch(6),
@@ -926,8 +934,10 @@ fn check_capture(
         .collect();
     println!("{} frames decoded, by type: {names:?}", frames.len());
     let handshake = types.contains_key(&0x17);
+    // The nodes answer the first transition request with a timed reply
+    // (0x18), having checked the controller's timed round notice (0x0C).
     let mut needed = vec![
-        0x01, 0x02, 0x03, 0x04, 0x05, 0x08, 0x11, 0x12, 0x13, 0x14, 0x16,
+        0x01, 0x02, 0x03, 0x04, 0x05, 0x08, 0x0c, 0x11, 0x13, 0x14, 0x16, 0x18,
     ];
     needed.extend(if handshake {
         [0x17, 0x09]
@@ -951,7 +961,9 @@ fn check_capture(
             let m = member_of[&fr.src];
             match t {
                 0x01 => assert_eq!(fr.u("keyfleet.sender"), m, "frame {}", fr.no),
-                0x11..=0x14 | 0x16 => assert_eq!(fr.u("keyfleet.member"), m, "frame {}", fr.no),
+                0x11..=0x14 | 0x16 | 0x18 => {
+                    assert_eq!(fr.u("keyfleet.member"), m, "frame {}", fr.no)
+                }
                 0x15 | 0x17 => assert_eq!(
                     fr.text("keyfleet.node_id"),
                     Some(id_of[&m].as_str()),
@@ -1050,18 +1062,24 @@ fn check_capture(
         order.windows(2).all(|w| w[0] <= w[1]),
         "beacon (term, seq): {order:?}"
     );
-    // Round notices: each announces the share and the transition
+    // Timed round notices: each announces the share and the transition
     // commitment that the next round's key update carries (the controller
-    // does not restart in this run). It sends no share notice any more.
+    // does not restart in this run). It sends no share notice nor untimed
+    // round notice any more.
     assert_eq!(of(0x0a).count(), 0, "share notices (0x0A) on the wire");
+    assert_eq!(
+        of(0x0b).count(),
+        0,
+        "untimed round notices (0x0B) on the wire"
+    );
     let mut announced = 0;
-    for n in of(0x0b) {
+    for n in of(0x0c) {
         let e = n.u("keyfleet.epoch");
         let share = n.text("keyfleet.controller_share");
         let commit = n.text("keyfleet.commitment");
         assert!(
             share.is_some() && commit.is_some(),
-            "frame {}: a round notice without its share or commitment",
+            "frame {}: a timed round notice without its share or commitment",
             n.no
         );
         if let Some(ku) = of(0x02).find(|k| k.u("keyfleet.epoch") == e + 1) {
@@ -1079,10 +1097,10 @@ fn check_capture(
             announced += 1;
         }
     }
-    assert!(announced > 0, "no round notice followed by its round");
+    assert!(announced > 0, "no timed round notice followed by its round");
     println!(
-        "round notices: {}, {announced} of them followed by their round",
-        of(0x0b).count()
+        "timed round notices: {}, {announced} of them followed by their round",
+        of(0x0c).count()
     );
 
     // 4. Group data: what node-00's `recv --json` delivered is on the wire
@@ -1167,7 +1185,10 @@ fn check_capture(
         for m in &acked {
             let r11 = first_frame(0x11, e, Some(*m))
                 .unwrap_or_else(|| panic!("no key update reply {e} from {m}"));
-            let r12 = first_frame(0x12, e, Some(*m))
+            let r12 = [0x12, 0x18]
+                .into_iter()
+                .filter_map(|t| first_frame(t, e, Some(*m)))
+                .min_by_key(|fr| fr.no)
                 .unwrap_or_else(|| panic!("no first transition reply {e} from {m}"));
             first_frame(0x13, e, Some(*m))
                 .unwrap_or_else(|| panic!("no second transition reply {e} from {m}"));
@@ -1180,7 +1201,7 @@ fn check_capture(
                 !frames.iter().any(|fr| fr.no < t2.no
                     && fr.src != ctl
                     && member_of[&fr.src] == *m
-                    && matches!(fr.ty(), 0x11..=0x13)
+                    && matches!(fr.ty(), 0x11..=0x13 | 0x18)
                     && fr.u("keyfleet.epoch") == e),
                 "epoch {e}: stale member {m} replied on the wire during the round"
             );
@@ -1255,9 +1276,15 @@ fn check_capture(
     }
 
     // Each reply points at the latest request of its epoch and step before it.
-    for r in frames.iter().filter(|fr| matches!(fr.ty(), 0x11..=0x13)) {
+    for r in frames
+        .iter()
+        .filter(|fr| matches!(fr.ty(), 0x11..=0x13 | 0x18))
+    {
         let e = r.u("keyfleet.epoch");
-        let want = r.ty() - 0x11 + 0x02;
+        let want = match r.ty() {
+            0x18 => 0x03,
+            t => t - 0x11 + 0x02,
+        };
         let latest = frames
             .iter()
             .rev()
@@ -1269,6 +1296,39 @@ fn check_capture(
             r.no
         );
     }
+
+    // Timed first transition replies (session 14): each says how long the
+    // request waited at the node (keyfleet.held_us); an untimed one does not.
+    let mut held: Vec<u64> = Vec::new();
+    for r in of(0x18) {
+        let h = r.get("keyfleet.held_us").unwrap_or_else(|| {
+            panic!(
+                "frame {}: a timed first transition reply without keyfleet.held_us: {:?}",
+                r.no, r.f
+            )
+        });
+        assert_eq!(r.u("keyfleet.step"), 2, "frame {}", r.no);
+        held.push(h);
+    }
+    for r in of(0x12) {
+        assert!(
+            !r.f.contains_key("keyfleet.held_us"),
+            "frame {}: an untimed first transition reply with keyfleet.held_us",
+            r.no
+        );
+    }
+    assert!(
+        !held.is_empty(),
+        "no timed first transition reply (0x18) captured; untimed (0x12): {}",
+        of(0x12).count()
+    );
+    println!(
+        "first transition replies: {} untimed (0x12), {} timed (0x18), held {}..={} µs",
+        of(0x12).count(),
+        held.len(),
+        held.iter().min().unwrap(),
+        held.iter().max().unwrap()
+    );
 
     // 6. Beacons: the controller's address, round epoch = epoch + 1, epochs
     //    never fall, the last one where status says the fleet is.
@@ -1495,6 +1555,7 @@ fn type_name(t: u8) -> &'static str {
         0x09 => "handshake answer",
         0x0a => "share notice",
         0x0b => "round notice",
+        0x0c => "timed round notice",
         0x11 => "key update reply",
         0x12 => "first transition reply",
         0x13 => "second transition reply",
@@ -1502,6 +1563,7 @@ fn type_name(t: u8) -> &'static str {
         0x15 => "join",
         0x16 => "usage report",
         0x17 => "handshake init",
+        0x18 => "timed first transition reply",
         _ => "unknown",
     }
 }

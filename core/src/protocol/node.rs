@@ -200,8 +200,19 @@ impl Default for NodeConfig {
 /// What a shell feeds a node.
 #[derive(Clone, Copy, Debug)]
 pub enum NodeInput<'a> {
-    /// A datagram and its source address as the shell saw it.
+    /// A datagram and its source address as the shell saw it, handled as it
+    /// arrived.
     Datagram { from: SocketAddr, bytes: &'a [u8] },
+    /// A datagram that waited `waited_us` µs between its arrival (its
+    /// socket's receive timestamp) and this call: queued behind other work
+    /// on the node, not in flight. A timed first transition reply says so
+    /// (the controller's drain measures only the network's part of the
+    /// round trip).
+    DatagramWaited {
+        from: SocketAddr,
+        bytes: &'a [u8],
+        waited_us: u32,
+    },
     /// The deadline [`NodeMachine::poll_timeout`] gave has passed (or any
     /// later moment): the machine does what is due (a retried join or key
     /// request, a usage report) and has a new deadline.
@@ -908,9 +919,18 @@ impl NodeMachine {
                     self.seal_and_send(plaintext, rng, out);
                 }
             }
-            NodeInput::Datagram { from, bytes } => {
+            NodeInput::Datagram { from, bytes }
+            | NodeInput::DatagramWaited {
+                from,
+                bytes,
+                waited_us: _,
+            } => {
+                let waited_us = match input {
+                    NodeInput::DatagramWaited { waited_us, .. } => waited_us,
+                    _ => 0,
+                };
                 let (term, start) = (self.term, out.len());
-                match self.on_datagram(now, from, bytes, rng, out) {
+                match self.on_datagram(now, (from, waited_us), bytes, rng, out) {
                     Ok(()) => {}
                     Err(reason) if self.keep_until_synced(&reason) && self.keep(from, bytes) => {}
                     Err(reason) => out.push(NodeAction::Event(NodeEvent::Refused { from, reason })),
@@ -1430,10 +1450,12 @@ impl NodeMachine {
         Ok(())
     }
 
+    /// `waited_us`: how long the datagram waited on this node before this
+    /// call ([`NodeInput::DatagramWaited`]).
     fn on_datagram(
         &mut self,
         now: Time,
-        from: SocketAddr,
+        (from, waited_us): (SocketAddr, u32),
         bytes: &[u8],
         rng: &mut (impl RngCore + CryptoRng),
         out: &mut Out,
@@ -1485,7 +1507,14 @@ impl NodeMachine {
                 }
                 self.commit = Some((ku.term, ku.epoch, ku.commit));
                 if !takes_step {
-                    return self.on_step(now, ku.epoch, Step::KeyUpdate, None, rng, out);
+                    return self.on_step(
+                        now,
+                        (ku.epoch, waited_us),
+                        Step::KeyUpdate,
+                        None,
+                        rng,
+                        out,
+                    );
                 }
                 // The disk holds this chain and share secret and the share
                 // announced for this round: the step needs no flush.
@@ -1533,7 +1562,14 @@ impl NodeMachine {
                 let (announced, maybe_stepped) = (self.announced, self.maybe_stepped);
                 self.ratchet_moved();
                 let install = Install { key, flush: !light };
-                let r = self.on_step(now, ku.epoch, Step::KeyUpdate, Some(install), rng, out);
+                let r = self.on_step(
+                    now,
+                    (ku.epoch, waited_us),
+                    Step::KeyUpdate,
+                    Some(install),
+                    rng,
+                    out,
+                );
                 if r.is_err() {
                     self.ratchet = previous;
                     (self.announced, self.maybe_stepped) = (announced, maybe_stepped);
@@ -1549,10 +1585,10 @@ impl NodeMachine {
                 // it moves no replay window and teaches no controller address.
                 if self.reveal_holds(&t) {
                     self.reveal_checks += 1;
-                    return self.on_step(now, t.epoch, t.step, None, rng, out);
+                    return self.on_step(now, (t.epoch, waited_us), t.step, None, rng, out);
                 }
                 self.verify_request(now, from, (t.term, t.seq), &t.auth, bytes, what)?;
-                self.on_step(now, t.epoch, t.step, None, rng, out)
+                self.on_step(now, (t.epoch, waited_us), t.step, None, rng, out)
             }
             Message::KeyResponse(r) => {
                 let member = self.addressed_to_me(r.member, what)?;
@@ -1924,7 +1960,17 @@ impl NodeMachine {
     }
 
     /// Acknowledges a step; `fallback`: to the group (see [`route`]).
-    fn ack(&mut self, step: Step, epoch: Epoch, fallback: bool, out: &mut Out) {
+    /// `waited_us`: how long the request waited on this node, when a request
+    /// is answered; a first transition reply says so (a timed reply) to a
+    /// controller whose timed round notice announced this round.
+    fn ack(
+        &mut self,
+        step: Step,
+        epoch: Epoch,
+        fallback: bool,
+        waited_us: Option<u32>,
+        out: &mut Out,
+    ) {
         // Restored from before a key update it may have confirmed, the node's
         // chain may be the one the controller replaced, which refuses a reply
         // that late (`late`); its key request, answered either way, tells the
@@ -1937,7 +1983,15 @@ impl NodeMachine {
             return;
         };
         let seq = self.next_seq(out);
-        self.send_controller(wire::ack(step, epoch, seq, member, &share), fallback, out);
+        let body = match waited_us {
+            Some(held)
+                if step == Step::FirstTransition && self.prepared.timed(self.term, epoch) =>
+            {
+                wire::timed_first_ack(epoch, seq, member, &share, held)
+            }
+            _ => wire::ack(step, epoch, seq, member, &share),
+        };
+        self.send_controller(body, fallback, out);
     }
 
     /// An answer must reply to a request of the sync in progress.
@@ -1948,11 +2002,12 @@ impl NodeMachine {
         }
     }
 
-    /// A request for step `m` of epoch `e` (after authentication). See the module docs.
+    /// A request for step `m` of epoch `e` (after authentication), which
+    /// waited `waited_us` on this node. See the module docs.
     fn on_step(
         &mut self,
         now: Time,
-        e: Epoch,
+        (e, waited_us): (Epoch, u32),
         m: Step,
         key: Option<Install>,
         rng: &mut (impl RngCore + CryptoRng),
@@ -1987,7 +2042,7 @@ impl NodeMachine {
                 }
                 self.last_reanswer = Some(now);
                 let fallback = self.route.reanswer();
-                self.ack(m, e, fallback, out);
+                self.ack(m, e, fallback, Some(waited_us), out);
                 return Ok(());
             }
             // Forward: DC→IT, IT→UC, or DC→IT→UC (see module docs).
@@ -2002,7 +2057,7 @@ impl NodeMachine {
             // A transition is checkpointed, not flushed (see `Checkpoint`).
             self.changed(before, false, out);
             self.route.stepped();
-            self.ack(m, e, false, out);
+            self.ack(m, e, false, Some(waited_us), out);
             return Ok(());
         }
         if e == pe.next() && pq == 3 {
@@ -2012,7 +2067,7 @@ impl NodeMachine {
                         .map_err(|_| Refusal::Outdated { what, epoch: e })?;
                     self.changed(before, flush, out);
                     self.route.stepped();
-                    self.ack(m, e, false, out);
+                    self.ack(m, e, false, Some(waited_us), out);
                     return Ok(());
                 }
                 _ => {
@@ -2110,7 +2165,7 @@ impl NodeMachine {
             // on: persist it, and confirm the step with a reply carrying the new
             // share (the controller then drops the chain it replaces). Send what was held.
             self.persist(out);
-            self.ack(target.1, target.0, false, out);
+            self.ack(target.1, target.0, false, None, out);
             self.handshake = None;
             self.sync = None;
             self.synced_by = self.synced_by.max(answer);
@@ -2142,7 +2197,7 @@ impl NodeMachine {
         }));
         self.open_kept(out);
         self.route.stepped();
-        self.ack(target.1, target.0, false, out);
+        self.ack(target.1, target.0, false, None, out);
         // Ask once more with the new position: the answer confirms the controller counts us.
         // Only an answer to that request (not a late copy of this one) may confirm.
         let next_seq = self.seq + 1;

@@ -287,6 +287,19 @@ impl FakeController {
         )
     }
 
+    /// A signed timed round notice (0x0C) for the round after epoch `e`:
+    /// a round notice from a controller that reads timed replies.
+    fn timed_round_notice(&mut self, e: u32) -> Vec<u8> {
+        let seq = self.seq();
+        let share = self.announced_share();
+        let e = crate::crypto::Epoch(e);
+        let commit = self.transition_chain(e.next()).commitment();
+        wire::sign(
+            wire::timed_round_notice(self.term, e, seq, &share, &commit),
+            &self.sk,
+        )
+    }
+
     /// The transition chain of the round of epoch `e`, as a controller with
     /// this signing key and term derives it.
     fn transition_chain(&self, e: crate::crypto::Epoch) -> crate::crypto::TransitionChain {

@@ -2,7 +2,8 @@
 //!
 //! Every datagram starts with `[version][type]`, the version being the
 //! revision its kind's layout last changed in ([`version_of`]: 3 for the key
-//! update and transition requests, 2 for every other message); all integers are
+//! update and transition requests and the kinds revision 3 added (the
+//! notices, the timed first transition reply), 2 for every other message); all integers are
 //! big-endian; every message carries an epoch and a sequence number (data
 //! carries the sender's sequence number and, optionally, the epoch as a hint).
 //! Controller messages end with a 64-byte Ed25519 signature over everything
@@ -22,8 +23,10 @@
 //! | 0x08 | beacon | controller | term u32, epoch u32, seq u64, phase u8 (0 no round, else the round phase), [round epoch u32 = epoch + 1 if phase ≠ 0], controller address (family u8: 4 → 4 bytes, 6 → 16 bytes; port u16) | sig 64 |
 //! | 0x0A | share notice | controller | term u32, epoch u32, seq u64, controller share 32 (the next round's) | sig 64 |
 //! | 0x0B | round notice | controller | term u32, epoch u32, seq u64, controller share 32, transition commitment 32 (the next round's) | sig 64 |
+//! | 0x0C | timed round notice | controller | as 0x0B (its controller reads timed first transition replies) | sig 64 |
 //! | 0x09 | handshake answer | controller | in_reply_to u64, Noise message 2 (e 32, encrypted payload, tag 16): payload = term u32, seq u64, member u32, controller public key 32, current epoch u32, current key 32, round u8 [round epoch u32, phase u8, round key 32] | Noise (psk, ee) |
 //! | 0x11 / 0x12 / 0x13 | key update / first / second transition reply | node | epoch u32, seq u64, member u32, node share 32 | mac 16 |
+//! | 0x18 | timed first transition reply | node | as 0x12, then held u32 (µs the request waited in the node's socket) | mac 16 |
 //! | 0x14 | key request | node | epoch u32, seq u64, member u32, step u8 (the node's position: newest epoch held, last step taken in it), node share 32 | mac 16 |
 //! | 0x17 | handshake init | node | seq u64, id_len u8, node id, Noise message 1 (e 32, tag 16) | Noise (psk; the header is the prologue) |
 //! | 0x16 | usage report | node | epoch u32, seq u64, member u32, count u8, count × (epoch u32, seals u64, opens u64) | mac 16 |
@@ -103,8 +106,9 @@ pub const VERSION: u8 = 3;
 pub const PREVIOUS_VERSION: u8 = 2;
 
 /// The version byte of a message of `kind`: 3 for the key update and
-/// transition requests (revision 3 added the transition chain) and the share
-/// and round notices (added in revision 3), 2 for every other message
+/// transition requests (revision 3 added the transition chain) and the
+/// kinds added in revision 3 (the share, round and timed round notices, the
+/// timed first transition reply), 2 for every other message
 /// (unchanged since revision 2). [`decode`] refuses a message carrying another version than
 /// its kind's.
 pub const fn version_of(kind: u8) -> u8 {
@@ -113,7 +117,9 @@ pub const fn version_of(kind: u8) -> u8 {
         | kind::FIRST_TRANSITION
         | kind::SECOND_TRANSITION
         | kind::SHARE_NOTICE
-        | kind::ROUND_NOTICE => VERSION,
+        | kind::ROUND_NOTICE
+        | kind::TIMED_ROUND_NOTICE
+        | kind::TIMED_FIRST_REPLY => VERSION,
         _ => PREVIOUS_VERSION,
     }
 }
@@ -133,7 +139,7 @@ pub const MAX_USAGE_ENTRIES: usize = 4;
 pub enum WireError {
     #[error("empty datagram")]
     Empty,
-    #[error("wire version {0} is not supported for this message (this build speaks version 3: key update and transition requests of version 3, every other message of version 2); upgrade every keyfleet program of the fleet to the same release (the controller first is fine: agents hold their data until a version 3 controller answers them)")]
+    #[error("wire version {0} is not supported for this message (this build speaks version 3: key update and transition requests, the share and round notices and the timed first transition reply of version 3, every other message of version 2); upgrade every keyfleet program of the fleet to the same release (the controller first is fine: agents hold their data until a version 3 controller answers them)")]
     Version(u8),
     #[error("unknown message type 0x{0:02x}")]
     UnknownType(u8),
@@ -313,7 +319,7 @@ impl Step {
 }
 
 /// Every message kind [`decode`] reads.
-const KNOWN_KINDS: [u8; 16] = [
+const KNOWN_KINDS: [u8; 18] = [
     kind::DATA,
     kind::KEY_UPDATE,
     kind::FIRST_TRANSITION,
@@ -330,6 +336,8 @@ const KNOWN_KINDS: [u8; 16] = [
     kind::KEY_REQUEST,
     kind::USAGE_REPORT,
     kind::HANDSHAKE_INIT,
+    kind::TIMED_ROUND_NOTICE,
+    kind::TIMED_FIRST_REPLY,
 ];
 
 /// Message type codes.
@@ -344,12 +352,18 @@ pub mod kind {
     pub const BEACON: u8 = 0x08;
     pub const SHARE_NOTICE: u8 = 0x0A;
     pub const ROUND_NOTICE: u8 = 0x0B;
+    /// A round notice from a controller that reads timed first transition
+    /// replies (session 14): the same layout as [`ROUND_NOTICE`].
+    pub const TIMED_ROUND_NOTICE: u8 = 0x0C;
     pub const KEY_UPDATE_REPLY: u8 = 0x11;
     pub const FIRST_REPLY: u8 = 0x12;
     pub const SECOND_REPLY: u8 = 0x13;
     pub const KEY_REQUEST: u8 = 0x14;
     pub const USAGE_REPORT: u8 = 0x16;
     pub const HANDSHAKE_INIT: u8 = 0x17;
+    /// A first transition reply that says how long the request waited at the
+    /// node (session 14; only to a controller that sent a timed round notice).
+    pub const TIMED_FIRST_REPLY: u8 = 0x18;
 }
 
 /// The signed part of a controller message and its signature.
@@ -563,6 +577,11 @@ pub struct ShareNotice<'a> {
     pub share: Share,
     /// The transition commitment of the round (a round notice); `None` for a share notice.
     pub commit: Option<[u8; REVEAL_LEN]>,
+    /// A timed round notice (0x0C): its controller reads the first
+    /// transition replies that say how long the request waited at the node
+    /// ([`Ack::held_us`]), and measures the drain from the network's part of
+    /// the round trip.
+    pub timed: bool,
     pub auth: Signed<'a>,
 }
 
@@ -575,6 +594,10 @@ pub struct Ack<'a> {
     pub member: u32,
     /// The node's current X25519 share (for its next ratchet step).
     pub share: Share,
+    /// A timed first transition reply (0x18): how long the request waited at
+    /// the node, in µs, from its socket's receive timestamp to the machine
+    /// that answered (queued behind other work, not in flight).
+    pub held_us: Option<u32>,
     pub auth: Maced<'a>,
 }
 
@@ -788,6 +811,7 @@ pub fn decode(bytes: &[u8]) -> Result<Message<'_>, WireError> {
         | kind::SECOND_TRANSITION
         | kind::SHARE_NOTICE
         | kind::ROUND_NOTICE
+        | kind::TIMED_ROUND_NOTICE
         | kind::KEY_RESPONSE => {
             let (body, signature) = split_auth::<SIGNATURE_LEN>(bytes, "signature")?;
             let auth = Signed { body, signature };
@@ -861,9 +885,9 @@ pub fn decode(bytes: &[u8]) -> Result<Message<'_>, WireError> {
                         auth,
                     })
                 }
-                kind::SHARE_NOTICE | kind::ROUND_NOTICE => {
+                kind::SHARE_NOTICE | kind::ROUND_NOTICE | kind::TIMED_ROUND_NOTICE => {
                     let share = r.share("controller share")?;
-                    let commit = if ty == kind::ROUND_NOTICE {
+                    let commit = if ty != kind::SHARE_NOTICE {
                         Some(r.array::<REVEAL_LEN>("transition commitment")?)
                     } else {
                         None
@@ -874,6 +898,7 @@ pub fn decode(bytes: &[u8]) -> Result<Message<'_>, WireError> {
                         seq,
                         share,
                         commit,
+                        timed: ty == kind::TIMED_ROUND_NOTICE,
                         auth,
                     })
                 }
@@ -915,6 +940,7 @@ pub fn decode(bytes: &[u8]) -> Result<Message<'_>, WireError> {
         kind::RESYNC
         | kind::KEY_UPDATE_REPLY
         | kind::FIRST_REPLY
+        | kind::TIMED_FIRST_REPLY
         | kind::SECOND_REPLY
         | kind::KEY_REQUEST
         | kind::USAGE_REPORT => {
@@ -926,20 +952,29 @@ pub fn decode(bytes: &[u8]) -> Result<Message<'_>, WireError> {
             let epoch = r.epoch()?;
             let seq = r.u64("sequence number")?;
             let msg = match ty {
-                kind::KEY_UPDATE_REPLY | kind::FIRST_REPLY | kind::SECOND_REPLY => {
+                kind::KEY_UPDATE_REPLY
+                | kind::FIRST_REPLY
+                | kind::TIMED_FIRST_REPLY
+                | kind::SECOND_REPLY => {
                     let step = match ty {
                         kind::KEY_UPDATE_REPLY => Step::KeyUpdate,
-                        kind::FIRST_REPLY => Step::FirstTransition,
+                        kind::FIRST_REPLY | kind::TIMED_FIRST_REPLY => Step::FirstTransition,
                         _ => Step::SecondTransition,
                     };
                     let member = r.u32("member")?;
                     let share = r.share("node share")?;
+                    let held_us = if ty == kind::TIMED_FIRST_REPLY {
+                        Some(r.u32("held")?)
+                    } else {
+                        None
+                    };
                     Message::Ack(Ack {
                         step,
                         epoch,
                         seq,
                         member,
                         share,
+                        held_us,
                         auth,
                     })
                 }
@@ -1371,16 +1406,54 @@ pub fn round_notice(
     share: &Share,
     commit: &[u8; REVEAL_LEN],
 ) -> Vec<u8> {
-    Writer::new(
-        kind::ROUND_NOTICE,
-        2 + 4 + 4 + 8 + SHARE_LEN + REVEAL_LEN + SIGNATURE_LEN,
-    )
-    .u32(term)
-    .u32(epoch.0)
-    .u64(seq)
-    .bytes(&share.0)
-    .bytes(commit)
-    .0
+    notice_with_commit(kind::ROUND_NOTICE, term, epoch, seq, share, commit)
+}
+
+/// Body of a timed round notice (0x0C: a [`round_notice`] from a controller
+/// that reads timed first transition replies); sign it with [`sign`].
+pub fn timed_round_notice(
+    term: u32,
+    epoch: Epoch,
+    seq: u64,
+    share: &Share,
+    commit: &[u8; REVEAL_LEN],
+) -> Vec<u8> {
+    notice_with_commit(kind::TIMED_ROUND_NOTICE, term, epoch, seq, share, commit)
+}
+
+fn notice_with_commit(
+    ty: u8,
+    term: u32,
+    epoch: Epoch,
+    seq: u64,
+    share: &Share,
+    commit: &[u8; REVEAL_LEN],
+) -> Vec<u8> {
+    Writer::new(ty, 2 + 4 + 4 + 8 + SHARE_LEN + REVEAL_LEN + SIGNATURE_LEN)
+        .u32(term)
+        .u32(epoch.0)
+        .u64(seq)
+        .bytes(&share.0)
+        .bytes(commit)
+        .0
+}
+
+/// Body of a timed first transition reply (0x18): a [`ack`] of the first
+/// transition that says how long its request waited at the node, in µs.
+pub fn timed_first_ack(
+    epoch: Epoch,
+    seq: u64,
+    member: u32,
+    share: &Share,
+    held_us: u32,
+) -> Vec<u8> {
+    Writer::new(kind::TIMED_FIRST_REPLY, 76)
+        .u32(epoch.0)
+        .u64(seq)
+        .u32(member)
+        .bytes(&share.0)
+        .u32(held_us)
+        .0
 }
 
 /// Body of a key update / first / second transition reply.

@@ -253,6 +253,44 @@ proptest! {
     }
 
     #[test]
+    fn timed_round_notice_round_trips(term in 1u32.., epoch in any::<u32>(), seq in any::<u64>(), share in any::<[u8; 32]>(), commit in any::<[u8; 32]>()) {
+        let bytes = sign(timed_round_notice(term, Epoch(epoch), seq, &Share(share), &commit), &signing());
+        prop_assert_eq!(&bytes[..2], &[VERSION, kind::TIMED_ROUND_NOTICE]);
+        let Message::ShareNotice(n) = decode(&bytes).unwrap() else { panic!("not a round notice") };
+        prop_assert_eq!((n.term, n.epoch, n.seq, n.share, n.commit, n.timed), (term, Epoch(epoch), seq, Share(share), Some(commit), true));
+        prop_assert!(crate::crypto::verify(&signing().verifying_key(), n.auth.body, &n.auth.signature));
+        notice_framing_holds(&bytes)?;
+        // The round notice's bytes but for the type: the same fields, untimed.
+        let mut plain = bytes.clone();
+        plain[1] = kind::ROUND_NOTICE;
+        let Message::ShareNotice(p) = decode(&plain).unwrap() else { panic!("not a round notice") };
+        prop_assert_eq!((p.commit, p.timed), (Some(commit), false));
+    }
+
+    #[test]
+    fn timed_first_reply_round_trips(epoch in any::<u32>(), seq in any::<u64>(), member in any::<u32>(), share in any::<[u8; 32]>(), held in any::<u32>()) {
+        let bytes = mac(timed_first_ack(Epoch(epoch), seq, member, &Share(share), held), &keys());
+        prop_assert_eq!(&bytes[..2], &[VERSION, kind::TIMED_FIRST_REPLY]);
+        prop_assert_eq!(bytes.len(), 2 + 4 + 8 + 4 + SHARE_LEN + 4 + MAC_LEN);
+        let Message::Ack(a) = decode(&bytes).unwrap() else { panic!("not a reply") };
+        prop_assert_eq!((a.step, a.epoch, a.seq, a.member, a.share, a.held_us), (Step::FirstTransition, Epoch(epoch), seq, member, Share(share), Some(held)));
+        prop_assert!(a.auth.verify(&keys()));
+        // The held time is under the MAC: changed, the MAC fails.
+        let mut moved = bytes.clone();
+        moved[2 + 4 + 8 + 4 + SHARE_LEN] ^= 1;
+        let Message::Ack(m) = decode(&moved).unwrap() else { panic!("not a reply") };
+        prop_assert!(!m.auth.verify(&keys()));
+        // An untimed reply's layout under the timed type: one field short.
+        let mut short = mac(ack(Step::FirstTransition, Epoch(epoch), seq, member, &Share(share)), &keys());
+        short[1] = kind::TIMED_FIRST_REPLY;
+        prop_assert!(decode(&short).is_err());
+        // A plain first reply decodes without a held time.
+        let plain = mac(ack(Step::FirstTransition, Epoch(epoch), seq, member, &Share(share)), &keys());
+        let Message::Ack(p) = decode(&plain).unwrap() else { panic!("not a reply") };
+        prop_assert_eq!(p.held_us, None);
+    }
+
+    #[test]
     fn a_beacon_whose_round_is_not_for_the_next_epoch_is_refused(epoch in any::<u32>(), re in any::<u32>(), p in phase()) {
         prop_assume!(epoch.checked_add(1) != Some(re));
         let bytes = sign(beacon(1, Epoch(epoch), 9, Some((Epoch(re), p)), SocketAddr::from(([10, 0, 0, 1], 47800))), &signing());

@@ -137,7 +137,7 @@ impl ControllerMachine {
                 // vouches for the key update's header (a round notice).
                 let commit = self.commitment(said.1.next());
                 let bytes = wire::sign(
-                    wire::round_notice(said.0, said.1, seq, &said.2, &commit),
+                    wire::timed_round_notice(said.0, said.1, seq, &said.2, &commit),
                     &self.signing,
                 );
                 self.notice.last = Some((said, bytes.clone()));

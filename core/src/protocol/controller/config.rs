@@ -16,11 +16,13 @@ pub struct ControllerConfig {
     /// longest time a datagram spends in flight.
     pub drain_grace_ms: Option<u64>,
     /// The measured drain grace is this many times the first transition's
-    /// acknowledgement round trip, from its request's send (as the shell
-    /// reports it, `ControllerMachine::requests_sent`; else from the phase's
-    /// start) to its last reply (default 2)…
+    /// longest time in flight: each reply's round trip from its request's
+    /// send (as the shell reports it, `ControllerMachine::requests_sent`;
+    /// else the phase from its start to its last reply) less what the reply
+    /// waited at the controller and the request at the node, when their
+    /// receive timestamps say (default 2)…
     pub drain_rtt_factor: u32,
-    /// …at least this many ms (default 10)…
+    /// …at least this many ms (default 2)…
     pub drain_floor_ms: u64,
     /// …and at most this many ms: the longest any datagram is assumed to stay
     /// in flight (default 2000), the grace of a round whose round trips were
@@ -65,7 +67,7 @@ impl Default for ControllerConfig {
         ControllerConfig {
             drain_grace_ms: None,
             drain_rtt_factor: 2,
-            drain_floor_ms: 10,
+            drain_floor_ms: 2,
             max_flight_ms: 2000,
             retry_initial_ms: 250,
             retry_max_ms: 4000,

@@ -26,10 +26,12 @@ use core::net::SocketAddr;
 use rand::{CryptoRng, RngCore};
 
 impl ControllerMachine {
+    /// `waited_us`: how long the datagram waited here before this call
+    /// ([`super::ControllerInput::DatagramWaited`]).
     pub(super) fn on_datagram(
         &mut self,
         now: Time,
-        from: SocketAddr,
+        (from, waited_us): (SocketAddr, u32),
         bytes: &[u8],
         rng: &mut (impl RngCore + CryptoRng),
         out: &mut Out,
@@ -38,7 +40,7 @@ impl ControllerMachine {
         let what = msg.name();
         match msg {
             Message::Data(d) => self.on_data(now, from, &d, rng, out),
-            Message::Ack(a) => self.on_reply(now, from, (what, &a), rng, out),
+            Message::Ack(a) => self.on_reply(now, (from, waited_us), (what, &a), rng, out),
             Message::KeyRequest(k) => self.on_key_request(now, from, (what, &k), rng, out),
             Message::HandshakeInit(h) => {
                 self.on_handshake_init(now, from, (what, bytes), &h, rng, out)
@@ -58,11 +60,13 @@ impl ControllerMachine {
     }
 
     /// A node's reply to a round's request: it may move the round on, and
-    /// moves the member's address when it moved the member forward.
+    /// moves the member's address when it moved the member forward. A first
+    /// transition reply that ends the member's wait is a round trip for the
+    /// drain, less `waited_us` (here) and the node's `held_us` (there).
     fn on_reply(
         &mut self,
         now: Time,
-        from: SocketAddr,
+        (from, waited_us): (SocketAddr, u32),
         (what, a): (&'static str, &Ack<'_>),
         rng: &mut (impl RngCore + CryptoRng),
         out: &mut Out,
@@ -71,6 +75,15 @@ impl ControllerMachine {
         let under = self.authenticate(auth, from, now, out)?;
         let standing = |c: &Self| c.members.get(a.member).map(|m| (m.progress, m.row.status));
         let before = standing(self);
+        if a.step == Step::FirstTransition && self.is_waiting(a.member) {
+            if let Some(r) = self
+                .round
+                .as_mut()
+                .filter(|r| r.epoch == a.epoch && r.phase == RoundPhase::FirstTransition)
+            {
+                r.note_flight(now, waited_us, a.held_us);
+            }
+        }
         if !self.on_ack(now, a.member, a.step, a.epoch, rng, out) {
             self.send_resync(a.member, under, from, out);
         }

@@ -19,8 +19,17 @@ pub enum ControllerInput<'a> {
     /// After `new` or `restore`: sets the machine's deadlines; a restored
     /// round resends its current request.
     Start,
-    /// A datagram (node messages, and group data for the unknown-sender trigger).
+    /// A datagram (node messages, and group data for the unknown-sender
+    /// trigger), handled as it arrived.
     Datagram { from: SocketAddr, bytes: &'a [u8] },
+    /// A datagram that waited `waited_us` µs between its arrival (its
+    /// socket's receive timestamp) and this call, queued behind the
+    /// controller's own work: the drain's round trips leave it out.
+    DatagramWaited {
+        from: SocketAddr,
+        bytes: &'a [u8],
+        waited_us: u32,
+    },
     /// The deadline [`super::ControllerMachine::poll_timeout`] gave has
     /// passed (or any time after): every deadline due by `now` is handled
     /// (retries, the stale deadline and the end of the drain; the key-age

@@ -351,8 +351,17 @@ impl ControllerMachine {
         let round_before = self.round.as_ref().map(|r| r.epoch);
         match input {
             ControllerInput::Start => self.start(now, rng, out),
-            ControllerInput::Datagram { from, bytes } => {
-                if let Err(reason) = self.on_datagram(now, from, bytes, rng, out) {
+            ControllerInput::Datagram { from, bytes }
+            | ControllerInput::DatagramWaited {
+                from,
+                bytes,
+                waited_us: _,
+            } => {
+                let waited_us = match input {
+                    ControllerInput::DatagramWaited { waited_us, .. } => waited_us,
+                    _ => 0,
+                };
+                if let Err(reason) = self.on_datagram(now, (from, waited_us), bytes, rng, out) {
                     Self::record(
                         out,
                         Record::Refused {

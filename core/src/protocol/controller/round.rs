@@ -23,9 +23,10 @@
 //!    copy's number would refuse that copy as a replay).
 //! 3. **Draining** — once every live node confirmed: wait for data sealed
 //!    with the old key still in flight, `drain_rtt_factor` times the first
-//!    transition's acknowledgement round trip (between `drain_floor_ms` and
-//!    `max_flight_ms`; [`Round::drain_grace`]), or a fixed
-//!    `drain_grace_ms`.
+//!    transition's longest time in flight (its replies' round trips less
+//!    what requests and replies waited in the sockets at either end; between
+//!    `drain_floor_ms` and `max_flight_ms`; [`Round::drain_grace`]), or a
+//!    fixed `drain_grace_ms`.
 //! 4. **SecondTransition** — as the first; once every live node confirmed,
 //!    the round is finished and the new key is current.
 //!
@@ -103,6 +104,12 @@ pub(super) struct Round {
     /// word ([`ControllerMachine::requests_sent`]: after the pass's table
     /// write); `None` until it says so.
     pub(super) sent_at: Option<Time>,
+    /// The first transition's longest time in flight so far, in µs: each
+    /// reply that ended a member's wait, from the request's send
+    /// ([`Self::sent_at`]) to the reply's handling, less what the reply waited
+    /// here and (a timed reply) what the request waited at the node
+    /// ([`Self::note_flight`]). `None` before any, or without `sent_at`.
+    pub(super) flight_us: Option<u64>,
     /// Steps made with this round's share before it started (`ahead.rs`; in
     /// memory only, taken as the wraps go out).
     pub(super) prepared: super::ahead::Prepared,
@@ -187,6 +194,7 @@ impl Round {
             retries: BinaryHeap::new(),
             restored: false,
             sent_at: None,
+            flight_us: None,
             prepared: super::ahead::Prepared::default(),
             stepped: BTreeMap::new(),
             notes_unsaved: false,
@@ -218,6 +226,7 @@ impl Round {
             second_msg: None,
             retries: BinaryHeap::new(),
             sent_at: None,
+            flight_us: None,
             prepared: super::ahead::Prepared::default(),
             stepped: r.stepped.clone(),
             notes_unsaved: false,
@@ -264,31 +273,35 @@ impl Round {
     }
 
     /// How long the drain waits (S2): `drain_grace_ms` when fixed; else
-    /// `drain_rtt_factor` times the first transition's round trip, at least
-    /// `drain_floor_ms` and at most `max_flight_ms`.
+    /// `drain_rtt_factor` times the first transition's longest time in
+    /// flight, at least `drain_floor_ms` and at most `max_flight_ms`.
     ///
-    /// That round trip is the first transition phase from its request's
-    /// first send (when the shell said when that was,
-    /// [`ControllerMachine::requests_sent`]; else from the phase's start, the
-    /// controller's own table write included): it ends with the last
-    /// acknowledgement it needed, which answers a request sent at or after
-    /// that send (retries, node processing and the node's state write
-    /// included, so it errs long). The controller's table write before the
-    /// send is no flight: no node has the request yet. It is the exchange just before the drain,
-    /// and the lightest of the round (one signature check per node), so it
-    /// measures the network as the old-key data still in flight meets it.
-    /// The key update phase is not counted: its length is the round's key
-    /// agreement (the controller's X25519 per node, each node's own and its
-    /// durable write), work done on both ends, not time in flight; counting
-    /// it doubled the drain of a 100-node fleet (102 ms for a 51 ms phase).
+    /// Each first transition reply that ends a member's wait is a sample
+    /// ([`Self::note_flight`]): its round trip from the request's first send
+    /// (when the shell said when that was, [`ControllerMachine::requests_sent`])
+    /// to its handling here, less what the reply waited in the controller's
+    /// socket and, for a timed reply, what the request waited in the node's
+    /// (both by the sockets' receive timestamps). What is left is the way
+    /// there and back, and the node's own handling (its state write, its
+    /// scheduling; it errs long). A wait in a socket is no flight for S2: a
+    /// node reads its group socket in order, so old-key data queued there
+    /// ahead of the second transition request is read, and opened, before
+    /// it. An untimed reply (its node checked no timed round notice: an
+    /// older agent, a notice lost) counts its node's wait as flight. Without
+    /// the shell's word on the send, the phase's length from its start
+    /// stands in, the controller's table write included (errs long). It is
+    /// the exchange just before the drain, so it measures the network as the
+    /// old-key data still in flight meets it. The key update phase is not
+    /// counted: its length is the round's key agreement, work at both ends,
+    /// not time in flight.
     /// Old-key data was sealed before its sender acknowledged the first
     /// transition request, so it is lost only if it stays in flight longer
     /// than this grace (plus the second transition request's own way to the
     /// receiver). A round restored after a restart may count acknowledgements
     /// of requests sent before the restart, which measure nothing: it waits
     /// `max_flight_ms`.
-    /// `sent_rtt` is that round trip from the send, when the shell said when
-    /// the send was.
+    /// `sent_rtt` is the phase from the send, when the shell said when the
+    /// send was (used when no reply gave a sample).
     pub(super) fn drain_grace(&self, cfg: &ControllerConfig, sent_rtt: Option<u64>) -> u64 {
         if let Some(fixed) = cfg.drain_grace_ms {
             return fixed;
@@ -296,7 +309,10 @@ impl Round {
         if self.restored {
             return cfg.max_flight_ms;
         }
-        let rtt = sent_rtt.unwrap_or(self.phases_ms.first_transition);
+        let flight_ms = self.flight_us.map(|us| us.div_ceil(1000));
+        let rtt = flight_ms
+            .or(sent_rtt)
+            .unwrap_or(self.phases_ms.first_transition);
         rtt.saturating_mul(u64::from(cfg.drain_rtt_factor))
             .max(cfg.drain_floor_ms)
             .min(cfg.max_flight_ms)
@@ -338,6 +354,20 @@ impl Round {
         if phase == RoundPhase::Draining && self.drain_until.is_none() {
             self.drain_until = Some(now.plus(self.drain_grace(cfg, sent_rtt)));
         }
+    }
+
+    /// A first transition reply that ended a member's wait, handled at `now`
+    /// after waiting `waited_us` here, whose request waited `held_us` at the
+    /// node (a timed reply; an untimed one counts its node's wait as
+    /// flight, which errs long). The clock is in ms: the round trip counts
+    /// one ms more than it reads, so that it never reads short.
+    pub(super) fn note_flight(&mut self, now: Time, waited_us: u32, held_us: Option<u32>) {
+        let Some(sent) = self.sent_at else { return };
+        let rtt_us = now.since(sent).saturating_add(1).saturating_mul(1000);
+        let flight = rtt_us
+            .saturating_sub(u64::from(waited_us))
+            .saturating_sub(u64::from(held_us.unwrap_or(0)));
+        self.flight_us = Some(self.flight_us.map_or(flight, |f| f.max(flight)));
     }
 
     /// Whether the phase's stale deadline has passed with nodes still silent.

@@ -93,11 +93,12 @@ impl Hash for Round {
             share,
             restored,
             sent_at,
+            flight_us,
             prepared: _,
             stepped,
             notes_unsaved,
         } = self;
-        sent_at.hash(state);
+        (sent_at, flight_us).hash(state);
         share.hash(state);
         (stepped, notes_unsaved).hash(state);
         (epoch, key, phase, reason, started_at, phase_started).hash(state);

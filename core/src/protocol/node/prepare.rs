@@ -99,6 +99,8 @@ struct Checked {
     epoch: crate::crypto::Epoch,
     share: Share,
     commit: Option<[u8; crate::crypto::REVEAL_LEN]>,
+    /// A timed round notice: its controller reads timed first transition replies.
+    timed: bool,
 }
 
 /// The X25519 made ahead and the share secret drawn ahead (memory only).
@@ -159,6 +161,13 @@ impl Prepared {
                 && n.share == *share
                 && n.commit.as_ref() == Some(commit)
         })
+    }
+
+    /// Whether the controller of `term` said, in a checked timed round
+    /// notice, that it reads timed replies in the round of `epoch`.
+    pub(super) fn timed(&self, term: u32, epoch: crate::crypto::Epoch) -> bool {
+        self.notice
+            .is_some_and(|n| n.timed && n.term == term && n.epoch.next() == epoch)
     }
 
     /// The step that used them was taken: the X25519 is spent, and the spare
@@ -252,6 +261,7 @@ impl NodeMachine {
                 epoch: n.epoch,
                 share: n.share,
                 commit: n.commit,
+                timed: n.timed,
             });
             self.prepared.stats.notices += 1;
         }

@@ -43,6 +43,15 @@ impl Rig {
         })
     }
 
+    /// A datagram from the controller that waited `waited_us` on the node.
+    fn feed_waited(&mut self, bytes: &[u8], waited_us: u32) -> Vec<NodeAction> {
+        self.input(NodeInput::DatagramWaited {
+            from: ctl_addr(),
+            bytes,
+            waited_us,
+        })
+    }
+
     /// Joined and synced in the state the controller describes.
     fn at(round: Option<(RoundPhase, u32)>) -> Rig {
         let mut r = Rig::unjoined();

@@ -3,6 +3,8 @@
 //! measured drain.
 
 use super::*;
+use std::cell::RefCell;
+use std::rc::Rc;
 
 #[test]
 fn a_round_goes_through_its_phases_in_order() {
@@ -831,4 +833,135 @@ fn a_node_whose_replay_window_moved_past_the_request_answers_the_retries() {
         );
         assert_eq!(f.states(), vec![UC2; 3]);
     }
+}
+
+/// How one round of the test below went: the first transition's request
+/// held back from the nodes, then handed to them `busy_ms` later as having
+/// waited that long at each (`node_waited_us`, per node; none: as arriving
+/// then), and their replies handed to the controller `queued_ms` later as
+/// having waited that long there (or as arriving then). Returns the drain.
+fn drain_after_waits(
+    timed_notice: bool,
+    busy_ms: u64,
+    node_waited_us: [Option<u32>; 3],
+    queued_ms: u64,
+    ctl_waited: bool,
+) -> u64 {
+    let cfg = ControllerConfig {
+        drain_floor_ms: 2,
+        ..measured_cfg(5000)
+    };
+    let mut f = TestFleet::new(3, cfg);
+    f.advance(0);
+    if timed_notice {
+        while f.c.prepare_round(&mut f.rng, 8) {}
+        f.advance(0);
+        assert!(f.nodes.iter().all(|n| n.prepare_stats().notices == 1));
+    }
+    let held: Rc<RefCell<Option<Vec<u8>>>> = Rc::default();
+    let h = held.clone();
+    f.drop = Box::new(move |dest, _, b| {
+        let first = matches!(wire::decode(b), Ok(Message::Transition(t)) if t.step == Step::FirstTransition);
+        if first && dest != Dest::Controller {
+            *h.borrow_mut() = Some(b.to_vec());
+        }
+        first
+    });
+    f.ctl(ControllerInput::Rekey).unwrap();
+    f.pump();
+    assert_eq!(f.phase(), Some(RoundPhase::FirstTransition));
+    f.c.requests_sent(f.now);
+    f.drop = Box::new(|_, _, _| false);
+    let request = held
+        .borrow()
+        .clone()
+        .expect("the first transition request went out");
+    f.now = f.now.plus(busy_ms);
+    for (i, waited) in node_waited_us.into_iter().enumerate() {
+        let input = match waited {
+            Some(waited_us) => NodeInput::DatagramWaited {
+                from: ctl_addr(),
+                bytes: &request,
+                waited_us,
+            },
+            None => NodeInput::Datagram {
+                from: ctl_addr(),
+                bytes: &request,
+            },
+        };
+        f.node(i, input);
+    }
+    f.now = f.now.plus(queued_ms);
+    let replies: Vec<_> = f.queue.drain(..).collect();
+    for (_, from, bytes) in replies {
+        let from = node_addr(from as u32);
+        let input = if ctl_waited {
+            ControllerInput::DatagramWaited {
+                from,
+                bytes: &bytes,
+                waited_us: u32::try_from(queued_ms * 1000).unwrap(),
+            }
+        } else {
+            ControllerInput::Datagram {
+                from,
+                bytes: &bytes,
+            }
+        };
+        let _ = f.ctl(input);
+    }
+    f.pump();
+    assert_eq!(f.phase(), Some(RoundPhase::Draining));
+    for _ in 0..400 {
+        f.advance(1);
+        if f.phase().is_none() {
+            break;
+        }
+    }
+    assert_eq!(f.states(), vec![UC2; 3]);
+    let [(_, first, drain)] = phase_ms(&f)[..] else {
+        panic!("{:?}", phase_ms(&f))
+    };
+    assert!(first >= busy_ms + queued_ms, "{first}");
+    drain
+}
+
+/// The drain measures time in flight, not time queued (issue 11.1): a first
+/// transition request that waited 30 ms at busy nodes before they read it,
+/// or replies that waited 30 ms at a busy controller, are no flight when the
+/// socket's receive timestamp says so and the node's timed reply carries its
+/// wait (after a timed round notice). Without the node's word (it did not
+/// check the notice) its wait counts as flight, as before; and the drain is
+/// the longest of the nodes' times in flight: one node whose reply claims
+/// more wait than the whole round trip (a clock step, a lie) shortens only
+/// its own sample. The ms clock counts a round trip 1 ms long, never short.
+#[test]
+fn the_drain_leaves_out_what_requests_and_replies_waited_at_either_end() {
+    let busy = [Some(30_000); 3];
+    // The nodes were busy 30 ms and say so: 1 ms of flight, twice, at the floor.
+    let d = drain_after_waits(true, 30, busy, 0, false);
+    assert_eq!(d, 2, "nodes' wait left out");
+    // The controller was busy 30 ms, its socket says so.
+    let d = drain_after_waits(true, 0, [Some(0); 3], 30, true);
+    assert_eq!(d, 2, "the controller's wait left out");
+    // Both.
+    let d = drain_after_waits(true, 30, busy, 30, true);
+    assert_eq!(d, 2);
+    // Nobody says: 30 ms (+1) counted as flight, twice.
+    let d = drain_after_waits(true, 30, [None; 3], 0, false);
+    assert_eq!(d, 62, "an unreported wait counts as flight");
+    // The controller's wait is known, the nodes' replies are untimed (no
+    // timed round notice checked): their wait counts.
+    let d = drain_after_waits(false, 30, busy, 30, true);
+    assert_eq!(d, 62, "an untimed reply's node wait counts as flight");
+    // One node claims an impossible wait: its sample is 0, the others' count.
+    let d = drain_after_waits(true, 30, [Some(u32::MAX), None, None], 0, false);
+    assert_eq!(d, 62, "the longest flight of the others");
+    let d = drain_after_waits(
+        true,
+        30,
+        [Some(u32::MAX), Some(30_000), Some(20_000)],
+        0,
+        false,
+    );
+    assert_eq!(d, 22, "twice the 11 ms of the node that waited 20 of 31");
 }

@@ -362,3 +362,59 @@ fn a_node_not_joined_yet_skips_a_notice_without_a_refusal() {
     assert_eq!(node.prepare_stats().skipped, 2);
     assert_eq!(node.signature_checks(), 0);
 }
+
+/// The first transition reply's held time (issue 11.1): a node that checked
+/// a timed round notice for the round answers its first transition request
+/// with a timed reply (0x18) that says how long the request waited on the
+/// node (its socket's receive timestamp, as the shell gives it), a copy's
+/// own wait when it answers a copy again; after a plain round notice (an
+/// older controller, which would refuse the unknown kind) or with no notice
+/// checked, the reply is untimed (0x12); a key update or second transition
+/// reply never carries it. The controller's side: `controller/round.rs`
+/// tests, `the_drain_leaves_out_what_requests_and_replies_waited_at_either_end`.
+#[test]
+fn a_timed_round_notice_makes_the_first_transition_reply_say_how_long_the_request_waited() {
+    let replies = |out: &[NodeAction]| -> Vec<(u8, Step, Option<u32>)> {
+        sent(out)
+            .iter()
+            .filter_map(|b| match wire::decode(b) {
+                Ok(Message::Ack(a)) => Some((b[1], a.step, a.held_us)),
+                _ => None,
+            })
+            .collect()
+    };
+    for notice in [Some(true), Some(false), None] {
+        let mut r = Rig::uc1();
+        if let Some(timed) = notice {
+            let n = if timed {
+                r.ctl.timed_round_notice(1)
+            } else {
+                r.ctl.round_notice(1)
+            };
+            assert_eq!(refusal(&r.feed(&n)), None);
+        }
+        let ku = r.ctl.key_update(&key(2));
+        let out = r.feed_waited(&ku, 500);
+        assert_eq!(refusal(&out), None);
+        assert_eq!(replies(&out), vec![(0x11, Step::KeyUpdate, None)]);
+        let ft = r.ctl.transition(Step::FirstTransition, 2);
+        let timed = notice == Some(true);
+        for waited in [7_345, 12] {
+            let out = r.feed_waited(&ft, waited);
+            assert_eq!(refusal(&out), None);
+            let want = if timed {
+                (0x18, Step::FirstTransition, Some(waited))
+            } else {
+                (0x12, Step::FirstTransition, None)
+            };
+            assert_eq!(replies(&out), vec![want], "notice {notice:?}");
+        }
+        let st = r.ctl.transition(Step::SecondTransition, 2);
+        let out = r.feed_waited(&st, 900);
+        assert_eq!(replies(&out), vec![(0x13, Step::SecondTransition, None)]);
+        assert_eq!(
+            r.node.state(),
+            NodeState::UpdateCompleted { current: Epoch(2) }
+        );
+    }
+}
