@@ -544,12 +544,12 @@ const PREPARE_PER_PASS: usize = 16;
 /// many ms later.
 const PREPARE_CHECK_MS: u64 = 100;
 
-/// Records of a pass that only recorded acknowledgements (no state change
-/// to persist, nothing to send) wait at most this long for the next pass that
-/// writes, and go into its transaction: a phase's acknowledgements cost one
-/// commit, not one each (issue 11.3). Nothing sent depends on them: a
-/// controller that stops before they are written resends the phase's request
-/// and the nodes answer again.
+/// Acknowledgement records wait at most this long, or until the round is
+/// over, and are then written together: a round's acknowledgements cost one
+/// commit, not one each (issue 11.3), and none of them sits in the commit
+/// before a phase's request (a hundred rows of the phase before). Nothing
+/// sent depends on them: a controller that stops before they are written
+/// resends the phase's request and the nodes answer again.
 pub const RECORDS_HOLD_MS: u64 = 50;
 
 /// The leader lease this controller holds ([`crate::store::Store::acquire_lease`]).
@@ -1127,22 +1127,24 @@ impl Controller {
                 | ControllerAction::ForgetMember { .. }) => persist.push(a),
             }
         }
-        // A pass that only recorded acknowledgements waits for the next that
-        // writes (or the records timer): one commit for many of them.
-        if persist.is_empty()
-            && sends.is_empty()
-            && !marks_due
-            && !held_due
-            && records.iter().all(may_wait)
-        {
-            if !records.is_empty() && self.held.is_empty() {
+        // Acknowledgements and status changes are history, not state: they
+        // wait, and are written together when the records timer fires
+        // (RECORDS_HOLD_MS after the first), once a round is over (after its
+        // report went out, `write_held_after_round`) or with the clean stop.
+        // A pass that writes state or sends does not carry them: a round's
+        // next request would wait for a phase's hundred rows.
+        if !held_due {
+            let (wait, now): (Vec<Record>, Vec<Record>) = records.into_iter().partition(may_wait);
+            if !wait.is_empty() && self.held.is_empty() {
                 self.timers
                     .arm(RECORDS_TIMER, self.clock.now_ms() + RECORDS_HOLD_MS);
             }
-            self.held.extend(records);
-            return Ok(());
-        }
-        if !self.held.is_empty() {
+            self.held.extend(wait);
+            records = now;
+            if persist.is_empty() && sends.is_empty() && !marks_due && records.is_empty() {
+                return Ok(());
+            }
+        } else {
             self.timers.cancel(&RECORDS_TIMER);
             let mut all = std::mem::take(&mut self.held);
             all.append(&mut records);
@@ -1588,6 +1590,19 @@ impl Controller {
         Ok(())
     }
 
+    /// The acknowledgement records held through a round (see `flush`),
+    /// written once it is over: after its report went out (the other tasks
+    /// get their turn first), so that the round's last reply does not wait
+    /// for them and `history` read after `rekey` returned has them.
+    async fn write_held_after_round(&mut self, net: &Transport) -> Result<()> {
+        if self.held.is_empty() || self.machine.round().is_some() {
+            return Ok(());
+        }
+        tokio::task::yield_now().await;
+        self.held_due = true;
+        self.flush(Some(net)).await
+    }
+
     /// Between rounds, the next round's key agreement
     /// ([`ControllerMachine::prepare_round`]), when [`PREPARE_TIMER`] fired:
     /// [`PREPARE_PER_PASS`] members (after the other tasks had their turn:
@@ -1958,6 +1973,9 @@ impl Controller {
                 self.timers.arm(ENROL_TIMER, self.clock.now_ms() + next);
             }
             self.answer_waiters();
+            if let Err(e) = self.write_held_after_round(&net).await {
+                break Err(e);
+            }
             self.prepare_next_round().await;
         };
         accept.abort();
@@ -2163,10 +2181,14 @@ impl Drop for Controller {
     }
 }
 
-/// Whether a record may wait for the next pass that writes: a node's
-/// acknowledgement and the state it shows.
+/// Whether a record may wait ([`RECORDS_HOLD_MS`]): a node's
+/// acknowledgement and the state it shows, and the key's sending to a node
+/// (history: the key itself is in the state written before it is sent).
 fn may_wait(r: &Record) -> bool {
-    matches!(r, Record::NodeAcked { .. } | Record::StatusChanged { .. })
+    matches!(
+        r,
+        Record::NodeAcked { .. } | Record::StatusChanged { .. } | Record::KeySent { .. }
+    )
 }
 
 fn log_record(r: &Record) {
