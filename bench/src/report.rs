@@ -104,8 +104,15 @@ fn ms(x: Option<f64>) -> String {
 
 fn ratio(a: Option<f64>, b: Option<f64>) -> String {
     match (a, b) {
-        (Some(a), Some(b)) if a.is_finite() && b.is_finite() && b > 0.0 => {
-            format!("{:.2}×", a / b)
+        (Some(a), Some(b)) if a.is_finite() && b.is_finite() && b > 0.0 && a > 0.0 => {
+            let x = a / b;
+            // Below 0.1× three decimals and the fraction: the bound
+            // (1/50 of Serf) must not hide in a rounding to 0.02×.
+            if x < 0.1 {
+                format!("{x:.3}× (1/{:.0})", 1.0 / x)
+            } else {
+                format!("{x:.2}×")
+            }
         }
         _ => "–".into(),
     }
@@ -796,9 +803,12 @@ fn ratio_range(xs: &[f64]) -> Option<String> {
     if !lo.is_finite() || !hi.is_finite() {
         return None;
     }
-    // Two decimals below 1×, so that a small ratio does not read as 0.0×.
+    // Three decimals below 0.1×, two below 1×, so that a small ratio does
+    // not read as 0.0×.
     let f = |x: f64| {
-        if x < 1.0 {
+        if x < 0.1 {
+            format!("{x:.3}")
+        } else if x < 1.0 {
             format!("{x:.2}")
         } else {
             format!("{x:.1}")
@@ -846,7 +856,7 @@ pub fn readme_block(r: &Results) -> String {
         (Some(w), Some(c)) => {
             let _ = writeln!(
                 s,
-                "- **Rotation** across {} real processes on loopback: one `keyfleet rekey` takes {w} the time of Serf's `keys -install`, `-use`, `-remove` (above 1× keyfleet is slower). The drain grace (SPEC S2: old-key messages still in flight stay readable) is measured from the round's acknowledgement round trips; without it the round takes {c} Serf's time.",
+                "- **Rotation** across {} real processes on loopback: one `keyfleet rekey` takes {w} the time of Serf's `keys -install`, `-use`, `-remove` (above 1× keyfleet is slower). The drain grace (SPEC S2: old-key messages still in flight stay readable) is measured from the first transition's time in flight; without it the round takes {c} Serf's time.",
                 ns.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(", ")
             );
         }
