@@ -1138,11 +1138,21 @@ mod tests {
     }
 
     #[test]
-    fn small_ratios_keep_two_decimals() {
-        assert_eq!(ratio_range(&[0.02, 0.2]).as_deref(), Some("0.02–0.20×"));
+    fn small_ratios_keep_their_decimals() {
+        assert_eq!(ratio_range(&[0.02, 0.2]).as_deref(), Some("0.020–0.20×"));
+        assert_eq!(
+            ratio_range(&[0.013, 0.019]).as_deref(),
+            Some("0.013–0.019×")
+        );
         assert_eq!(ratio_range(&[1.25, 2.06]).as_deref(), Some("1.2–2.1×"));
         assert_eq!(ratio_range(&[0.5, 0.5]).as_deref(), Some("0.50×"));
         assert_eq!(ratio_range(&[]), None);
+        // Below 0.1× the fraction too: 1/50 must not hide in a rounded 0.02×.
+        assert_eq!(ratio(Some(36.5), Some(1959.0)), "0.019× (1/54)");
+        assert_eq!(ratio(Some(38.0), Some(1889.8)), "0.020× (1/50)");
+        assert_eq!(ratio(Some(40.0), Some(1800.0)), "0.022× (1/45)");
+        assert_eq!(ratio(Some(900.0), Some(1000.0)), "0.90×");
+        assert_eq!(ratio(Some(1.0), Some(0.0)), "–");
     }
 
     #[test]
