@@ -22,16 +22,16 @@ const MAX_DATAGRAM: usize = 65_536;
 async fn recv_timed(
     sock: &UdpSocket,
     buf: &mut [u8],
+    cmsg: &mut [u8],
 ) -> std::io::Result<(usize, SocketAddr, Option<u32>)> {
     use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags, SockaddrStorage};
     use std::os::fd::AsRawFd;
     sock.async_io(tokio::io::Interest::READABLE, || {
         let mut iov = [std::io::IoSliceMut::new(&mut *buf)];
-        let mut cmsg = nix::cmsg_space!(nix::sys::time::TimeSpec);
         let msg = recvmsg::<SockaddrStorage>(
             sock.as_raw_fd(),
             &mut iov,
-            Some(&mut cmsg),
+            Some(&mut *cmsg),
             MsgFlags::empty(),
         )
         .map_err(std::io::Error::from)?;
@@ -203,6 +203,9 @@ pub struct Transport {
     held_order: u64,
     gbuf: Vec<u8>,
     ubuf: Vec<u8>,
+    /// Room for each socket's receive timestamp (reused: no allocation a datagram).
+    gcmsg: Vec<u8>,
+    ucmsg: Vec<u8>,
     received: u64,
     dropped: u64,
     sent: AtomicU64,
@@ -286,6 +289,8 @@ impl Transport {
             held_order: 0,
             gbuf: vec![0; MAX_DATAGRAM],
             ubuf: vec![0; MAX_DATAGRAM],
+            gcmsg: nix::cmsg_space!(nix::sys::time::TimeSpec),
+            ucmsg: nix::cmsg_space!(nix::sys::time::TimeSpec),
             received: 0,
             dropped: 0,
             sent: AtomicU64::new(0),
@@ -487,8 +492,8 @@ impl Transport {
     async fn recv_now(&mut self) -> Result<Datagram, NetError> {
         loop {
             let (res, via) = tokio::select! {
-                r = recv_timed(&self.group_sock, &mut self.gbuf) => (r, Via::Group),
-                r = recv_timed(&self.unicast, &mut self.ubuf) => (r, Via::Unicast),
+                r = recv_timed(&self.group_sock, &mut self.gbuf, &mut self.gcmsg) => (r, Via::Group),
+                r = recv_timed(&self.unicast, &mut self.ubuf, &mut self.ucmsg) => (r, Via::Unicast),
             };
             let at_ms = self.clock.now_ms();
             let (n, from, waited_us) = match res {

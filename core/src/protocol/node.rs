@@ -238,11 +238,14 @@ pub struct BeaconStats {
     pub skipped: u64,
     /// Signatures checked and found good.
     pub verified: u64,
-    /// Signatures checked and found bad, or bytes that cannot be the
-    /// controller's (another beacon under an accepted sequence number).
+    /// Signatures checked and found bad.
     pub forged: u64,
     /// Ordered below the last verified beacon: a replay.
     pub replays: u64,
+    /// Another beacon under the last verified beacon's sequence number:
+    /// bytes that cannot be the controller's, refused without a signature
+    /// check.
+    pub reused: u64,
     /// Needed a signature check when none was left in the budget: ignored.
     pub over_budget: u64,
     /// Key requests the beacons started.
@@ -1784,7 +1787,7 @@ impl NodeMachine {
         let known = order == self.beacon_best && digest == self.beacon_digest;
         if order == self.beacon_best && !known {
             // The controller never signs two beacons under one sequence number.
-            self.beacon_stats.forged += 1;
+            self.beacon_stats.reused += 1;
             return Err(Refusal::BadSignature { what });
         }
         let behind = behind_beacon(self.position(), b.epoch, b.round);

@@ -259,6 +259,8 @@ fn replayed_and_forged_beacons_move_no_one() {
     let out = r.feed(&twin);
     assert!(matches!(refusal(&out), Some(Refusal::BadSignature { .. })));
     assert_eq!(r.node.beacon_stats().verified, before.verified);
+    assert_eq!(r.node.beacon_stats().forged, before.forged, "no check");
+    assert_eq!(r.node.beacon_stats().reused, before.reused + 1);
     let mut forger = forger();
     forger.seq = 100;
     let forged = forger.beacon(9, None);
@@ -428,7 +430,7 @@ proptest! {
         let s = r.node.beacon_stats();
         let budget = u64::from(BEACON_VERIFY_BURST) + r.now.since(start) / BEACON_VERIFY_REFILL_MS;
         prop_assert!(s.verified + s.forged <= budget, "{:?} over budget {}", s, budget);
-        prop_assert_eq!(s.received, s.digest_hits + s.skipped + s.verified + s.forged + s.replays + s.over_budget);
+        prop_assert_eq!(s.received, s.digest_hits + s.skipped + s.verified + s.forged + s.replays + s.reused + s.over_budget);
     }
 }
 
