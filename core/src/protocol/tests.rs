@@ -277,27 +277,33 @@ impl FakeController {
     /// A signed round notice for the round after epoch `e`: the share drawn
     /// ahead and that round's transition commitment.
     fn round_notice(&mut self, e: u32) -> Vec<u8> {
-        let seq = self.seq();
-        let share = self.announced_share();
-        let e = crate::crypto::Epoch(e);
-        let commit = self.transition_chain(e.next()).commitment();
-        wire::sign(
-            wire::round_notice(self.term, e, seq, &share, &commit),
-            &self.sk,
-        )
+        self.notice_with_commit(e, wire::round_notice)
     }
 
     /// A signed timed round notice (0x0C) for the round after epoch `e`:
     /// a round notice from a controller that reads timed replies.
     fn timed_round_notice(&mut self, e: u32) -> Vec<u8> {
+        self.notice_with_commit(e, wire::timed_round_notice)
+    }
+
+    /// A notice for the round after epoch `e` with its commitment, its body
+    /// made by `body` (the plain or the timed round notice), signed.
+    fn notice_with_commit(
+        &mut self,
+        e: u32,
+        body: fn(
+            u32,
+            crate::crypto::Epoch,
+            u64,
+            &Share,
+            &[u8; crate::crypto::REVEAL_LEN],
+        ) -> Vec<u8>,
+    ) -> Vec<u8> {
         let seq = self.seq();
         let share = self.announced_share();
         let e = crate::crypto::Epoch(e);
         let commit = self.transition_chain(e.next()).commitment();
-        wire::sign(
-            wire::timed_round_notice(self.term, e, seq, &share, &commit),
-            &self.sk,
-        )
+        wire::sign(body(self.term, e, seq, &share, &commit), &self.sk)
     }
 
     /// The transition chain of the round of epoch `e`, as a controller with
