@@ -45,6 +45,12 @@ pub struct E2eRow {
     pub p99_us: f64,
     /// Messages received out of order (index below one already seen).
     pub reordered: u64,
+    /// Messages per second of each run, in the order run (keyfleet and
+    /// relay alternate); `msgs_per_s` is their median, and the latencies and
+    /// CPU are the median run's. `sent`, `received`, `dropped` and
+    /// `reordered` add up all runs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rates: Vec<f64>,
     /// CPU time (user and system) the path's two forwarding processes used
     /// per message received: agents A and B, or the two relays. Unlike the
     /// rate, it does not depend on how the scheduler shares two cores
@@ -142,6 +148,7 @@ fn row(path: &str, size: usize, sent: u64, first_ns: u64, seen: Seen) -> E2eRow 
         p50_us: percentile(&lat, 50).unwrap_or(f64::NAN) / 1000.0,
         p99_us: percentile(&lat, 99).unwrap_or(f64::NAN) / 1000.0,
         reordered: seen.reordered,
+        rates: Vec::new(),
         cpu_us_per_msg: None,
         controller_cpu_us_per_msg: None,
         error: None,
@@ -367,7 +374,40 @@ fn app_dropped(dir: &Path, state: &Path) -> anyhow::Result<u64> {
     }
 }
 
-/// Every path at every size, `count` messages each; prints a line per row.
+/// Runs of the keyfleet and relay paths at each size, alternated.
+pub const RUNS: usize = 3;
+
+/// One row for a path's runs: the median run by rate, with the counts of
+/// all runs added up and every rate listed; the first failure when a run
+/// failed (a failed run is not left out of the figures quietly).
+fn median_run(runs: Vec<anyhow::Result<E2eRow>>) -> anyhow::Result<E2eRow> {
+    let mut ok = Vec::new();
+    for r in runs {
+        ok.push(r?);
+    }
+    let rates: Vec<f64> = ok.iter().map(|r| r.msgs_per_s).collect();
+    let (sent, received, dropped, reordered) = ok.iter().fold((0, 0, 0, 0), |a, r| {
+        (
+            a.0 + r.sent,
+            a.1 + r.received,
+            a.2 + r.dropped,
+            a.3 + r.reordered,
+        )
+    });
+    let errors: Vec<String> = ok.iter().filter_map(|r| r.error.clone()).collect();
+    ok.sort_by(|a, b| a.msgs_per_s.total_cmp(&b.msgs_per_s));
+    let mid = ok.len() / 2;
+    let mut row = ok.swap_remove(mid);
+    row.sent = sent;
+    row.received = received;
+    row.dropped = dropped;
+    row.reordered = reordered;
+    row.rates = rates;
+    row.error = (!errors.is_empty()).then(|| errors.join("; "));
+    Ok(row)
+}
+
+/// Every path at every size, `count` messages a run; prints a line per row.
 pub fn run(bins: &Bins, count: u64, base_port: u16) -> Vec<E2eRow> {
     let mut rows = Vec::new();
     let mut ports = PortPool::new(base_port);
@@ -379,23 +419,32 @@ pub fn run(bins: &Bins, count: u64, base_port: u16) -> Vec<E2eRow> {
         }
     };
     let fleet = KfFleet::start(bins, 2, &mut ports, None);
+    let group = |p: &mut PortPool| -> anyhow::Result<SocketAddrV4> {
+        Ok(SocketAddrV4::new(
+            Ipv4Addr::new(239, 255, 201, 7),
+            p.take()?,
+        ))
+    };
     for size in SIZES {
-        let kf = match &fleet {
-            Ok(f) => keyfleet_path(f, dir.path(), size, count).map(|(mut r, d)| {
-                r.error = (d > 0).then(|| format!("agent B counted {d} app_dropped"));
-                r
-            }),
-            Err(e) => Err(anyhow::anyhow!("the keyfleet fleet did not start: {e:#}")),
-        };
-        let group = |p: &mut PortPool| -> anyhow::Result<SocketAddrV4> {
-            Ok(SocketAddrV4::new(
-                Ipv4Addr::new(239, 255, 201, 7),
-                p.take()?,
-            ))
-        };
-        let relay = group(&mut ports).and_then(|g| relay_path(dir.path(), g, size, count));
+        // keyfleet and the relay alternate, RUNS times each: the rate of
+        // either moves more from run to run than a change to compare.
+        let (mut kf, mut relay) = (Vec::new(), Vec::new());
+        for _ in 0..RUNS {
+            kf.push(match &fleet {
+                Ok(f) => keyfleet_path(f, dir.path(), size, count).map(|(mut r, d)| {
+                    r.error = (d > 0).then(|| format!("agent B counted {d} app_dropped"));
+                    r
+                }),
+                Err(e) => Err(anyhow::anyhow!("the keyfleet fleet did not start: {e:#}")),
+            });
+            relay.push(group(&mut ports).and_then(|g| relay_path(dir.path(), g, size, count)));
+        }
         let mc = group(&mut ports).and_then(|g| multicast(g, size, count));
-        for (path, r) in [("keyfleet", kf), ("relay", relay), ("multicast", mc)] {
+        for (path, r) in [
+            ("keyfleet", median_run(kf)),
+            ("relay", median_run(relay)),
+            ("multicast", mc),
+        ] {
             let r = r.unwrap_or_else(|e| E2eRow {
                 path: path.into(),
                 size,
@@ -407,8 +456,14 @@ pub fn run(bins: &Bins, count: u64, base_port: u16) -> Vec<E2eRow> {
                 (Some(f), None) => format!("  cpu {f:.1} us/msg"),
                 _ => String::new(),
             };
+            let runs = if r.rates.len() > 1 {
+                let v: Vec<String> = r.rates.iter().map(|x| format!("{x:.0}")).collect();
+                format!("  runs {}", v.join("/"))
+            } else {
+                String::new()
+            };
             eprintln!(
-                "{:>9} {:>5} B: {:>9.0} msg/s  p50 {:>8.0} us  p99 {:>8.0} us  received {}/{}  dropped {}{cpu}{}",
+                "{:>9} {:>5} B: {:>9.0} msg/s  p50 {:>8.0} us  p99 {:>8.0} us  received {}/{}  dropped {}{cpu}{runs}{}",
                 r.path,
                 r.size,
                 r.msgs_per_s,

@@ -759,8 +759,17 @@ fn e2e_section(rows: &[crate::e2e::E2eRow], s: &mut String) {
     );
     let _ = writeln!(s, "A client sends as fast as the first hop takes its messages; a client at the other end reads as fast as it can. **keyfleet**: client → Unix datagram → agent (seals) → UDP multicast → agent (opens) → Unix datagram → client. **relay**: the same hops through two plain forwarding processes, without the protocol (the limit of this architecture). **multicast**: a UDP multicast sender and receiver, no Unix hops. Latency from send to receipt, under that full load; dropped = sent − received.\n");
     let _ = writeln!(s, "CPU per message: what the two forwarding processes (the agents, the relays) used together, user and system time, per message received; for keyfleet also `keyfleet serve`, which hears the group too. The rate depends on how the scheduler shares two cores among five busy processes; the CPU time much less.\n");
+    let _ = writeln!(s, "keyfleet and relay ran {} times each at each size, alternated (the rate of one path moves more from run to run than most changes do): messages/s is the median run's, and so are the latencies and the CPU; received and dropped add up all runs; each run's rate is in the note.\n", crate::e2e::RUNS);
     let _ = writeln!(s, "| path | size | messages/s | p50 latency | p99 latency | received | dropped | CPU per message | note |\n|---|---|---|---|---|---|---|---|---|");
     for r in rows {
+        let runs = (r.rates.len() > 1).then(|| {
+            let v: Vec<String> = r.rates.iter().map(|x| format!("{x:.0}")).collect();
+            format!("runs: {}", v.join(", "))
+        });
+        let note: Vec<&str> = [runs.as_deref(), r.error.as_deref()]
+            .into_iter()
+            .flatten()
+            .collect();
         let cpu = match (r.cpu_us_per_msg, r.controller_cpu_us_per_msg) {
             (Some(f), Some(c)) => format!("{f:.1} µs + controller {c:.1} µs"),
             (Some(f), None) => format!("{f:.1} µs"),
@@ -777,7 +786,7 @@ fn e2e_section(rows: &[crate::e2e::E2eRow], s: &mut String) {
             r.received,
             r.sent,
             r.dropped,
-            r.error.as_deref().unwrap_or("")
+            note.join("; ")
         );
     }
     let shares: Vec<String> = crate::e2e::SIZES

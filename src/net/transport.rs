@@ -24,49 +24,200 @@ async fn recv_timed(
     buf: &mut [u8],
     cmsg: &mut [u8],
 ) -> std::io::Result<(usize, SocketAddr, Option<u32>)> {
-    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags, SockaddrStorage};
-    use std::os::fd::AsRawFd;
+    use std::os::fd::AsFd;
     sock.async_io(tokio::io::Interest::READABLE, || {
-        let mut iov = [std::io::IoSliceMut::new(&mut *buf)];
-        let msg = recvmsg::<SockaddrStorage>(
-            sock.as_raw_fd(),
-            &mut iov,
-            Some(&mut *cmsg),
-            MsgFlags::empty(),
-        )
-        .map_err(std::io::Error::from)?;
-        let from = msg
-            .address
-            .as_ref()
-            .and_then(|a| {
-                a.as_sockaddr_in()
-                    .map(|v4| SocketAddr::from(std::net::SocketAddrV4::from(*v4)))
-                    .or_else(|| {
-                        a.as_sockaddr_in6()
-                            .map(|v6| SocketAddr::from(std::net::SocketAddrV6::from(*v6)))
-                    })
-            })
-            .ok_or_else(|| std::io::Error::other("a datagram without a source address"))?;
-        let mut waited_us = None;
-        if let Ok(cmsgs) = msg.cmsgs() {
-            for c in cmsgs {
-                if let ControlMessageOwned::ScmTimestampns(ts) = c {
-                    let arrived = std::time::UNIX_EPOCH
-                        + Duration::new(ts.tv_sec().max(0) as u64, ts.tv_nsec().max(0) as u32);
-                    // The receive timestamp is wall-clock time: a clock
-                    // stepped back reads as no wait, which errs long.
-                    waited_us = Some(
-                        std::time::SystemTime::now()
-                            .duration_since(arrived)
-                            .map_or(0, |d| u32::try_from(d.as_micros()).unwrap_or(u32::MAX)),
-                    );
-                }
-            }
-        }
-        Ok((msg.bytes, from, waited_us))
+        recv_timed_now(sock.as_fd(), buf, cmsg)
     })
     .await
 }
+
+/// [`recv_timed`] on a non-blocking socket, now: `WouldBlock` when it holds
+/// nothing.
+fn recv_timed_now(
+    sock: std::os::fd::BorrowedFd<'_>,
+    buf: &mut [u8],
+    cmsg: &mut [u8],
+) -> std::io::Result<(usize, SocketAddr, Option<u32>)> {
+    use nix::sys::socket::{recvmsg, MsgFlags, SockaddrStorage};
+    use std::os::fd::AsRawFd;
+    let mut iov = [std::io::IoSliceMut::new(buf)];
+    let msg = recvmsg::<SockaddrStorage>(sock.as_raw_fd(), &mut iov, Some(cmsg), MsgFlags::empty())
+        .map_err(std::io::Error::from)?;
+    let from = source(msg.address.as_ref())?;
+    let waited_us = waited(
+        msg.cmsgs().into_iter().flatten(),
+        std::time::SystemTime::now(),
+    );
+    Ok((msg.bytes, from, waited_us))
+}
+
+/// A received datagram's source address.
+fn source(a: Option<&nix::sys::socket::SockaddrStorage>) -> std::io::Result<SocketAddr> {
+    a.and_then(|a| {
+        a.as_sockaddr_in()
+            .map(|v4| SocketAddr::from(std::net::SocketAddrV4::from(*v4)))
+            .or_else(|| {
+                a.as_sockaddr_in6()
+                    .map(|v6| SocketAddr::from(std::net::SocketAddrV6::from(*v6)))
+            })
+    })
+    .ok_or_else(|| std::io::Error::other("a datagram without a source address"))
+}
+
+/// How long a datagram waited in its socket until `now`, in µs, by the
+/// receive timestamp among its control messages.
+fn waited(
+    cmsgs: impl Iterator<Item = nix::sys::socket::ControlMessageOwned>,
+    now: std::time::SystemTime,
+) -> Option<u32> {
+    let mut waited_us = None;
+    for c in cmsgs {
+        if let nix::sys::socket::ControlMessageOwned::ScmTimestampns(ts) = c {
+            let arrived = std::time::UNIX_EPOCH
+                + Duration::new(ts.tv_sec().max(0) as u64, ts.tv_nsec().max(0) as u32);
+            // The receive timestamp is wall-clock time: a clock stepped
+            // back reads as no wait, which errs long.
+            waited_us = Some(
+                now.duration_since(arrived)
+                    .map_or(0, |d| u32::try_from(d.as_micros()).unwrap_or(u32::MAX)),
+            );
+        }
+    }
+    waited_us
+}
+
+/// What one [`recv_many`] call read.
+#[derive(Debug, Clone, Copy, Default)]
+struct ReadMany {
+    /// Datagrams read (handed on, or dropped as below).
+    read: usize,
+    /// Of those, longer than a slot: dropped.
+    truncated: usize,
+}
+
+/// Datagrams read from `sock` (non-blocking) with one `recvmmsg` call into
+/// `slots` (one datagram each), handed to `each` with their source and
+/// wait ([`waited`]); `WouldBlock` when it held none. A datagram longer
+/// than its slot is dropped (counted in `truncated`).
+fn recv_many(
+    sock: std::os::fd::BorrowedFd<'_>,
+    slots: &mut [Vec<u8>],
+    mut each: impl FnMut(&[u8], SocketAddr, Option<u32>),
+) -> std::io::Result<ReadMany> {
+    use nix::sys::socket::{recvmmsg, MsgFlags, MultiHeaders, SockaddrStorage};
+    use std::os::fd::AsRawFd;
+    let mut headers = MultiHeaders::<SockaddrStorage>::preallocate(
+        slots.len(),
+        Some(nix::cmsg_space!(nix::sys::time::TimeSpec)),
+    );
+    let mut iovs: Vec<[std::io::IoSliceMut<'_>; 1]> = slots
+        .iter_mut()
+        .map(|b| [std::io::IoSliceMut::new(b)])
+        .collect();
+    let got = recvmmsg(
+        sock.as_raw_fd(),
+        &mut headers,
+        iovs.iter_mut(),
+        MsgFlags::MSG_DONTWAIT,
+        None,
+    )
+    .map_err(std::io::Error::from)?;
+    // One reading of the clock for the call: it took them all at once.
+    let now = std::time::SystemTime::now();
+    let mut n = ReadMany::default();
+    for msg in got {
+        n.read += 1;
+        if msg.flags.contains(MsgFlags::MSG_TRUNC) {
+            n.truncated += 1;
+            continue;
+        }
+        let bytes = msg.iovs().next().unwrap_or_default();
+        // A UDP datagram always has a source; one without is skipped.
+        if let Ok(from) = source(msg.address.as_ref()) {
+            each(bytes, from, waited(msg.cmsgs().into_iter().flatten(), now));
+        }
+    }
+    Ok(n)
+}
+
+/// Whether a receive error is an ICMP error about an earlier send, reported
+/// on the socket: not a datagram, not fatal.
+fn is_icmp_report(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::ConnectionRefused
+            | std::io::ErrorKind::ConnectionReset
+            | std::io::ErrorKind::HostUnreachable
+            | std::io::ErrorKind::NetworkUnreachable
+    )
+}
+
+/// The group socket, as [`Transport::coalesce_group`] reads it.
+#[derive(Debug)]
+enum GroupRx {
+    /// Registered with tokio: a datagram wakes the loop.
+    Armed(UdpSocket),
+    /// Out of tokio's poll set, so arrivals wake no one: read at `until`.
+    Muted {
+        sock: std::net::UdpSocket,
+        until: tokio::time::Instant,
+    },
+    /// Only while moving between the two: a failed move leaves it here, and
+    /// the receive that tried it and every later one fail.
+    Moving,
+}
+
+impl GroupRx {
+    fn fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        use std::os::fd::AsFd;
+        match self {
+            GroupRx::Armed(s) => Some(s.as_fd()),
+            GroupRx::Muted { sock, .. } => Some(sock.as_fd()),
+            GroupRx::Moving => None,
+        }
+    }
+}
+
+/// The datagrams an armed group socket holds, read with [`recv_many`] into
+/// `queue` once the socket is readable; never ready unless armed.
+async fn read_armed(
+    rx: &GroupRx,
+    slots: &mut [Vec<u8>],
+    queue: &mut std::collections::VecDeque<Datagram>,
+    clock: &Clock,
+) -> std::io::Result<ReadMany> {
+    use std::os::fd::AsFd;
+    match rx {
+        GroupRx::Armed(s) => {
+            s.async_io(tokio::io::Interest::READABLE, || {
+                let at_ms = clock.now_ms();
+                recv_many(s.as_fd(), slots, |bytes, from, waited_us| {
+                    queue.push_back(Datagram {
+                        bytes: bytes.to_vec(),
+                        from,
+                        at_ms,
+                        via: Via::Group,
+                        waited_us,
+                    })
+                })
+            })
+            .await
+        }
+        _ => std::future::pending().await,
+    }
+}
+
+/// Group datagrams one `recvmmsg` call reads at most.
+const GROUP_SLOTS: usize = 32;
+
+/// Bytes of one group receive slot: room for any datagram keyfleet sends
+/// (at most [`keyfleet_core::wire::MAX_DATAGRAM`], 1200) several times
+/// over. A longer one is no keyfleet datagram and is dropped unread.
+const GROUP_SLOT_LEN: usize = 4096;
+
+/// Most group datagrams one read of a muted group socket takes; with more
+/// waiting, the next read comes as soon as these are handed out.
+const COALESCED_MAX: usize = 1024;
 
 /// Which socket a datagram came in on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -104,6 +255,8 @@ pub struct Stats {
     pub sent: u64,
     /// Sends the kernel refused (the datagram is lost; retries cover it).
     pub send_errors: u64,
+    /// Group datagrams longer than any keyfleet sends, dropped unread.
+    pub oversized: u64,
 }
 
 /// Receive-side loss injection: drops each datagram with probability `p`,
@@ -190,7 +343,16 @@ impl Ord for Held {
 #[derive(Debug)]
 pub struct Transport {
     group: SocketAddrV4,
-    group_sock: UdpSocket,
+    group_rx: GroupRx,
+    /// See [`Transport::coalesce_group`].
+    coalesce: Option<Duration>,
+    /// Group datagrams read (a batch at a time), not handed out yet.
+    group_queue: std::collections::VecDeque<Datagram>,
+    /// Where `recvmmsg` reads the group socket ([`GROUP_SLOTS`] of
+    /// [`GROUP_SLOT_LEN`]).
+    gslots: Vec<Vec<u8>>,
+    /// Group datagrams longer than a slot, dropped.
+    oversized: u64,
     unicast: UdpSocket,
     clock: Clock,
     loss: Option<Loss>,
@@ -201,10 +363,8 @@ pub struct Transport {
     is_data: fn(&[u8]) -> bool,
     held: BinaryHeap<Reverse<Held>>,
     held_order: u64,
-    gbuf: Vec<u8>,
     ubuf: Vec<u8>,
-    /// Room for each socket's receive timestamp (reused: no allocation a datagram).
-    gcmsg: Vec<u8>,
+    /// Room for the unicast socket's receive timestamp (reused: no allocation a datagram).
     ucmsg: Vec<u8>,
     received: u64,
     dropped: u64,
@@ -278,7 +438,11 @@ impl Transport {
         };
         Ok(Transport {
             group,
-            group_sock: reg(group_sock)?,
+            group_rx: GroupRx::Armed(reg(group_sock)?),
+            coalesce: None,
+            group_queue: std::collections::VecDeque::new(),
+            gslots: vec![vec![0; GROUP_SLOT_LEN]; GROUP_SLOTS],
+            oversized: 0,
             unicast: reg(unicast)?,
             clock,
             loss,
@@ -287,9 +451,7 @@ impl Transport {
             is_data: |_| false,
             held: BinaryHeap::new(),
             held_order: 0,
-            gbuf: vec![0; MAX_DATAGRAM],
             ubuf: vec![0; MAX_DATAGRAM],
-            gcmsg: nix::cmsg_space!(nix::sys::time::TimeSpec),
             ucmsg: nix::cmsg_space!(nix::sys::time::TimeSpec),
             received: 0,
             dropped: 0,
@@ -302,7 +464,14 @@ impl Transport {
     /// Has the kernel drop, on the group socket, what the node `member` would
     /// drop unread (see [`socket::filter_group`]); `None` lets it all through.
     pub fn filter_group(&self, member: Option<u32>) -> Result<(), NetError> {
-        socket::filter_group(socket2::SockRef::from(&self.group_sock), member).map_err(|source| {
+        let fd = self.group_rx.fd().ok_or_else(|| NetError::Setup {
+            what: "set the group socket's filter",
+            addr: self.group.to_string(),
+            source: std::io::Error::other(
+                "the group socket was lost moving in or out of tokio's poll set",
+            ),
+        })?;
+        socket::filter_group(socket2::SockRef::from(&fd), member).map_err(|source| {
             NetError::Setup {
                 what:
                     "set the group socket's filter (the node's own data, other nodes' key updates)",
@@ -489,35 +658,84 @@ impl Transport {
     }
 
     /// The next datagram the sockets and loss injection give, without delay.
+    /// The group socket is read in batches (one `recvmmsg` for what it
+    /// holds), handed out one by one; the unicast socket a datagram at a time.
     async fn recv_now(&mut self) -> Result<Datagram, NetError> {
+        /// What woke the receive.
+        enum Got {
+            Unicast(std::io::Result<(usize, SocketAddr, Option<u32>)>),
+            Group(std::io::Result<ReadMany>),
+            Queued,
+            Due,
+        }
         loop {
-            let (res, via) = tokio::select! {
-                r = recv_timed(&self.group_sock, &mut self.gbuf, &mut self.gcmsg) => (r, Via::Group),
-                r = recv_timed(&self.unicast, &mut self.ubuf, &mut self.ucmsg) => (r, Via::Unicast),
+            if matches!(self.group_rx, GroupRx::Moving) {
+                return Err(NetError::Recv {
+                    on: SocketAddr::V4(self.group),
+                    source: std::io::Error::other(
+                        "the group socket was lost moving in or out of tokio's poll set",
+                    ),
+                });
+            }
+            let armed = matches!(self.group_rx, GroupRx::Armed(_));
+            let due = match &self.group_rx {
+                GroupRx::Muted { until, .. } => Some(*until),
+                _ => None,
             };
-            let at_ms = self.clock.now_ms();
-            let (n, from, waited_us) = match res {
-                Ok(r) => r,
-                // An ICMP error about an earlier send, reported on this socket:
-                // not a datagram, not fatal.
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::ConnectionRefused
-                            | std::io::ErrorKind::ConnectionReset
-                            | std::io::ErrorKind::HostUnreachable
-                            | std::io::ErrorKind::NetworkUnreachable
-                    ) =>
-                {
-                    tracing::debug!(error = %e, "ignored an ICMP error on receive");
+            let queued = !self.group_queue.is_empty();
+            let got = tokio::select! {
+                r = recv_timed(&self.unicast, &mut self.ubuf, &mut self.ucmsg) => Got::Unicast(r),
+                () = std::future::ready(()), if queued => Got::Queued,
+                r = read_armed(&self.group_rx, &mut self.gslots, &mut self.group_queue, &self.clock), if armed && !queued => Got::Group(r),
+                () = tokio::time::sleep_until(due.unwrap_or_else(tokio::time::Instant::now)), if due.is_some() && !queued => Got::Due,
+            };
+            let d = match got {
+                Got::Due => {
+                    self.read_muted_group(false)?;
                     continue;
                 }
-                Err(source) => {
-                    let on = match via {
-                        Via::Group => local(&self.group_sock),
-                        Via::Unicast => local(&self.unicast),
+                Got::Group(r) => {
+                    match r {
+                        Ok(n) => self.note_oversized(n),
+                        Err(e) if is_icmp_report(&e) => {}
+                        Err(source) => {
+                            return Err(NetError::Recv {
+                                on: SocketAddr::V4(self.group),
+                                source,
+                            })
+                        }
+                    }
+                    if self.coalesce.is_some() {
+                        self.mute_group()?;
+                    }
+                    continue;
+                }
+                Got::Queued => match self.group_queue.pop_front() {
+                    Some(d) => d,
+                    None => continue,
+                },
+                Got::Unicast(res) => {
+                    let at_ms = self.clock.now_ms();
+                    let (n, from, waited_us) = match res {
+                        Ok(r) => r,
+                        Err(e) if is_icmp_report(&e) => {
+                            tracing::debug!(error = %e, "ignored an ICMP error on receive");
+                            continue;
+                        }
+                        Err(source) => {
+                            return Err(NetError::Recv {
+                                on: local(&self.unicast),
+                                source,
+                            })
+                        }
                     };
-                    return Err(NetError::Recv { on, source });
+                    Datagram {
+                        bytes: self.ubuf.get(..n).map(<[u8]>::to_vec).unwrap_or_default(),
+                        from,
+                        at_ms,
+                        via: Via::Unicast,
+                        waited_us,
+                    }
                 }
             };
             if let Some(loss) = &mut self.loss {
@@ -527,18 +745,114 @@ impl Transport {
                 }
             }
             self.received += 1;
-            let buf = match via {
-                Via::Group => &self.gbuf,
-                Via::Unicast => &self.ubuf,
-            };
-            let bytes = buf.get(..n).map(<[u8]>::to_vec).unwrap_or_default();
-            return Ok(Datagram {
-                bytes,
-                from,
-                at_ms,
-                via,
-                waited_us,
-            });
+            return Ok(d);
+        }
+    }
+
+    /// Counts (and says, at debug level) group datagrams dropped as longer
+    /// than a slot.
+    fn note_oversized(&mut self, n: ReadMany) {
+        if n.truncated > 0 {
+            self.oversized += n.truncated as u64;
+            tracing::debug!(
+                dropped = n.truncated,
+                longer_than = GROUP_SLOT_LEN,
+                "dropped group datagrams too long to be keyfleet's"
+            );
+        }
+    }
+
+    /// Reads the group datagram by datagram from now on (`None`, the
+    /// default), or (`Some(every)`) wakes for the first of a burst only: after
+    /// a group datagram the socket leaves tokio's poll set, so arrivals wake
+    /// no one, and what arrived is read every `every` until a read finds
+    /// nothing (then the next datagram wakes the loop again). A datagram
+    /// then waits up to `every` longer; in return a stream of group data
+    /// costs a wake-up per `every`, not one per datagram. For the
+    /// controller, which hears all group data but acts on little of it.
+    pub fn coalesce_group(&mut self, every: Option<Duration>) {
+        self.coalesce = every;
+    }
+
+    /// Takes the armed group socket out of tokio's poll set, reads what it
+    /// holds already, and sets the next read.
+    fn mute_group(&mut self) -> Result<(), NetError> {
+        let GroupRx::Armed(s) = std::mem::replace(&mut self.group_rx, GroupRx::Moving) else {
+            return Ok(());
+        };
+        let sock = s.into_std().map_err(|source| NetError::Recv {
+            on: SocketAddr::V4(self.group),
+            source,
+        })?;
+        self.group_rx = GroupRx::Muted {
+            sock,
+            until: tokio::time::Instant::now(),
+        };
+        self.read_muted_group(true)
+    }
+
+    /// Reads a muted group socket (up to [`COALESCED_MAX`] datagrams, into
+    /// `group_queue`); then sets the next read: at once when it was full, in
+    /// `coalesce` when it read something or `just_muted`, and otherwise
+    /// (nothing came for a whole `coalesce`) puts the socket back into
+    /// tokio's poll set.
+    fn read_muted_group(&mut self, just_muted: bool) -> Result<(), NetError> {
+        use std::os::fd::AsFd;
+        let GroupRx::Muted { sock, until } = &mut self.group_rx else {
+            return Ok(());
+        };
+        let mut read = 0;
+        while read < COALESCED_MAX {
+            let at_ms = self.clock.now_ms();
+            let queue = &mut self.group_queue;
+            match recv_many(sock.as_fd(), &mut self.gslots, |bytes, from, waited_us| {
+                queue.push_back(Datagram {
+                    bytes: bytes.to_vec(),
+                    from,
+                    at_ms,
+                    via: Via::Group,
+                    waited_us,
+                })
+            }) {
+                Ok(n) => {
+                    read += n.read;
+                    if n.truncated > 0 {
+                        self.oversized += n.truncated as u64;
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) if is_icmp_report(&e) => {}
+                Err(source) => {
+                    return Err(NetError::Recv {
+                        on: SocketAddr::V4(self.group),
+                        source,
+                    })
+                }
+            }
+        }
+        let now = tokio::time::Instant::now();
+        match self.coalesce {
+            Some(every) if read > 0 || just_muted => {
+                *until = if read == COALESCED_MAX {
+                    now
+                } else {
+                    now + every
+                };
+                Ok(())
+            }
+            _ => {
+                let GroupRx::Muted { sock, .. } =
+                    std::mem::replace(&mut self.group_rx, GroupRx::Moving)
+                else {
+                    return Ok(());
+                };
+                let s = UdpSocket::from_std(sock).map_err(|source| NetError::Recv {
+                    on: SocketAddr::V4(self.group),
+                    source,
+                })?;
+                self.group_rx = GroupRx::Armed(s);
+                Ok(())
+            }
         }
     }
 
@@ -549,6 +863,7 @@ impl Transport {
             dropped: self.dropped,
             sent: self.sent.load(Ordering::Relaxed),
             send_errors: self.send_errors.load(Ordering::Relaxed),
+            oversized: self.oversized,
         }
     }
 }
@@ -616,6 +931,144 @@ mod tests {
             t.send_to(b"x", refused).await.is_err(),
             "not corked: refused at once"
         );
+    }
+
+    /// A transport on a fresh loopback group, and a socket to send to it.
+    fn loopback_transport(last: u8) -> (Transport, StdUdp, SocketAddrV4) {
+        let group = free_group(last);
+        let t = Transport::from_sockets(
+            group,
+            socket::group_socket(group, Ipv4Addr::LOCALHOST).unwrap(),
+            socket::unicast_socket(
+                SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0),
+                Ipv4Addr::LOCALHOST,
+                1,
+            )
+            .unwrap(),
+            Clock::monotonic(),
+            None,
+        )
+        .unwrap();
+        let tx = socket::unicast_socket(
+            SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0),
+            Ipv4Addr::LOCALHOST,
+            1,
+        )
+        .unwrap();
+        tx.set_nonblocking(false).unwrap();
+        (t, tx, group)
+    }
+
+    /// The next datagram `t` hands out, or a failure after 5 s.
+    async fn next(t: &mut Transport) -> Datagram {
+        tokio::time::timeout(Duration::from_secs(5), t.recv())
+            .await
+            .expect("a datagram within 5 s")
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn group_datagrams_read_in_batches_come_out_in_order_and_an_oversized_one_costs_only_itself(
+    ) {
+        let (mut t, tx, group) = loopback_transport(19);
+        // More than one batch waiting, and one datagram longer than a slot.
+        let sent: Vec<Vec<u8>> = (0..150u32)
+            .map(|i| {
+                let mut b = i.to_be_bytes().to_vec();
+                b.resize(
+                    if i == 70 {
+                        GROUP_SLOT_LEN + 1
+                    } else {
+                        100 + i as usize
+                    },
+                    0xa5,
+                );
+                b
+            })
+            .collect();
+        for b in &sent {
+            tx.send_to(b, group).unwrap();
+        }
+        let mut got = Vec::new();
+        for _ in 0..149 {
+            let d = next(&mut t).await;
+            assert_eq!(d.via, Via::Group);
+            assert_eq!(d.from, tx.local_addr().unwrap());
+            assert!(d.waited_us.is_some(), "each keeps its receive timestamp");
+            got.push(d.bytes);
+        }
+        let want: Vec<Vec<u8>> = sent
+            .iter()
+            .filter(|b| b.len() <= GROUP_SLOT_LEN)
+            .cloned()
+            .collect();
+        assert_eq!(got, want, "every datagram, whole and in order");
+        assert_eq!(t.stats().oversized, 1);
+        assert_eq!(t.stats().received, 149);
+        // Still read after it.
+        tx.send_to(b"after", group).unwrap();
+        assert_eq!(next(&mut t).await.bytes, b"after");
+    }
+
+    #[tokio::test]
+    async fn a_coalesced_group_wakes_for_the_first_datagram_then_reads_what_came_each_period_and_unicast_never_waits(
+    ) {
+        const EVERY: Duration = Duration::from_millis(800);
+        let (mut t, tx, group) = loopback_transport(20);
+        t.coalesce_group(Some(EVERY));
+        tx.send_to(b"g0", group).unwrap();
+        assert_eq!(next(&mut t).await.bytes, b"g0");
+        assert!(
+            matches!(t.group_rx, GroupRx::Muted { .. }),
+            "out of the poll set after a datagram"
+        );
+        // A stream meanwhile: read only when the period is over.
+        let muted = tokio::time::Instant::now();
+        for i in 1..=5u8 {
+            tx.send_to(&[b'g', b'0' + i], group).unwrap();
+        }
+        // A reply to the unicast socket is not held behind them.
+        tx.send_to(b"u1", t.local_addr()).unwrap();
+        let d = next(&mut t).await;
+        assert_eq!(
+            (d.bytes.as_slice(), d.via),
+            (b"u1".as_slice(), Via::Unicast)
+        );
+        let d = next(&mut t).await;
+        assert_eq!(d.bytes, b"g1");
+        assert!(
+            muted.elapsed() >= EVERY - Duration::from_millis(50),
+            "the stream waited for the period: {:?}",
+            muted.elapsed()
+        );
+        let waited = Duration::from_micros(u64::from(d.waited_us.unwrap()));
+        assert!(
+            waited >= EVERY / 2,
+            "its wait in the socket is on record: {waited:?}"
+        );
+        for i in 2..=5u8 {
+            assert_eq!(next(&mut t).await.bytes, [b'g', b'0' + i]);
+        }
+        // A quiet period: back in the poll set, and nothing was lost.
+        assert!(
+            tokio::time::timeout(EVERY * 3, t.recv()).await.is_err(),
+            "nothing more was sent"
+        );
+        assert!(
+            matches!(t.group_rx, GroupRx::Armed(_)),
+            "armed again after a period without group data"
+        );
+        tx.send_to(b"g6", group).unwrap();
+        assert_eq!(next(&mut t).await.bytes, b"g6");
+        assert_eq!(t.stats().received, 8);
+        // Coalescing off: armed again after the period, datagram by datagram.
+        t.coalesce_group(None);
+        tokio::time::sleep(EVERY * 2).await;
+        tx.send_to(b"g7", group).unwrap();
+        assert_eq!(next(&mut t).await.bytes, b"g7");
+        tx.send_to(b"g8", group).unwrap();
+        assert_eq!(next(&mut t).await.bytes, b"g8");
+        assert!(matches!(t.group_rx, GroupRx::Armed(_)));
     }
 
     #[test]
