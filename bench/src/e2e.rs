@@ -326,8 +326,10 @@ fn keyfleet_path(
     size: usize,
     count: u64,
 ) -> anyhow::Result<(E2eRow, u64)> {
+    static RUN: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let run = RUN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let (a, b) = (fleet.agent_state(0), fleet.agent_state(1));
-    let client = dir.join(format!("kf-client-{size}.sock"));
+    let client = dir.join(format!("kf-client-{size}-{run}.sock"));
     let sink = UnixDatagram::bind(&client)?;
     sink.set_read_timeout(Some(Duration::from_secs(10)))?;
     sink.send_to(b"R", b.join("app.sock"))?;
@@ -351,7 +353,11 @@ fn keyfleet_path(
         strip: 17,
         forwarders: &agents,
     };
-    let mut r = through_unix("keyfleet", size, count, hops, sink)?;
+    let r = through_unix("keyfleet", size, count, hops, sink);
+    // The client socket is closed; agent B drops the client at its next
+    // delivery (the next run registers a client of its own).
+    let _ = std::fs::remove_file(&client);
+    let mut r = r?;
     r.controller_cpu_us_per_msg =
         per_msg(serve_before, crate::procs::cpu_total(&serve), r.received);
     let after = app_dropped(dir, &b)?;
@@ -481,4 +487,51 @@ pub fn run(bins: &Bins, count: u64, base_port: u16) -> Vec<E2eRow> {
         }
     }
     rows
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(rate: f64, dropped: u64, error: Option<&str>) -> anyhow::Result<E2eRow> {
+        Ok(E2eRow {
+            path: "keyfleet".into(),
+            size: 64,
+            sent: 100,
+            received: 100 - dropped,
+            dropped,
+            msgs_per_s: rate,
+            p50_us: rate / 1000.0,
+            error: error.map(String::from),
+            ..E2eRow::default()
+        })
+    }
+
+    #[test]
+    fn the_median_run_stands_for_the_runs_and_no_drop_or_failure_is_left_out() {
+        let r = median_run(vec![
+            run(70.0, 0, None),
+            run(90.0, 5, None),
+            run(50.0, 1, Some("agent B counted 1 app_dropped")),
+        ])
+        .unwrap();
+        assert_eq!(r.msgs_per_s, 70.0, "the median rate");
+        assert_eq!(r.p50_us, 0.07, "the median run's latency");
+        assert_eq!(
+            (r.sent, r.received, r.dropped),
+            (300, 294, 6),
+            "counts of all runs"
+        );
+        assert_eq!(r.rates, [70.0, 90.0, 50.0], "every rate, in the order run");
+        assert_eq!(r.error.as_deref(), Some("agent B counted 1 app_dropped"));
+        let failed = median_run(vec![
+            run(70.0, 0, None),
+            Err(anyhow::anyhow!("address in use")),
+        ]);
+        assert_eq!(
+            failed.unwrap_err().to_string(),
+            "address in use",
+            "a failed run fails the row"
+        );
+    }
 }

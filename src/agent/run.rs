@@ -625,6 +625,7 @@ impl AppServer {
                     synced: driver.machine().is_synced(),
                     datagrams_in: st.datagrams_in,
                     refused: st.refused,
+                    oversized: driver.transport().stats().oversized,
                     node_messages_ignored: st.node_messages_ignored,
                     undecryptable: st.undecryptable,
                     data_sent: st.data_sent,

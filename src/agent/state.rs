@@ -160,6 +160,10 @@ pub struct RunningStatus {
     pub synced: bool,
     pub datagrams_in: u64,
     pub refused: u64,
+    /// Group datagrams longer than any keyfleet sends (over 4 KiB), dropped
+    /// unread by the transport (not in `datagrams_in` or `refused`).
+    #[serde(default)]
+    pub oversized: u64,
     /// Node messages on the group (other agents', its own echoed): ignored, not refused.
     #[serde(default)]
     pub node_messages_ignored: u64,

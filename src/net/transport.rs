@@ -140,6 +140,31 @@ fn recv_many(
     Ok(n)
 }
 
+/// Says that `dropped` group datagrams were longer than a slot: the first
+/// time at warn level (a sender on the group that is not keyfleet, or an
+/// attack), later at debug level; `total` so far.
+fn say_oversized(dropped: usize, total: u64) {
+    static SAID: std::sync::Once = std::sync::Once::new();
+    let mut first = false;
+    SAID.call_once(|| first = true);
+    if first {
+        tracing::warn!(
+            dropped,
+            longer_than = GROUP_SLOT_LEN,
+            "dropped group datagrams too long to be keyfleet's (it sends none over 1200 bytes): \
+             something else sends to the group; counted in the agent's status as `oversized`, \
+             later ones logged at debug level"
+        );
+    } else {
+        tracing::debug!(
+            dropped,
+            total,
+            longer_than = GROUP_SLOT_LEN,
+            "dropped oversized group datagrams"
+        );
+    }
+}
+
 /// Whether a receive error is an ICMP error about an earlier send, reported
 /// on the socket: not a datagram, not fatal.
 fn is_icmp_report(e: &std::io::Error) -> bool {
@@ -754,11 +779,7 @@ impl Transport {
     fn note_oversized(&mut self, n: ReadMany) {
         if n.truncated > 0 {
             self.oversized += n.truncated as u64;
-            tracing::debug!(
-                dropped = n.truncated,
-                longer_than = GROUP_SLOT_LEN,
-                "dropped group datagrams too long to be keyfleet's"
-            );
+            say_oversized(n.truncated, self.oversized);
         }
     }
 
@@ -818,6 +839,7 @@ impl Transport {
                     read += n.read;
                     if n.truncated > 0 {
                         self.oversized += n.truncated as u64;
+                        say_oversized(n.truncated, self.oversized);
                     }
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
