@@ -225,7 +225,23 @@ pub async fn run_with(
                 links = None;
                 Ok(())
             }
-            Wake::Net(Ok(w)) => driver.handle(w).await,
+            Wake::Net(Ok(w)) => {
+                server.hold();
+                let mut r = driver.handle(w).await;
+                // What the transport already read (the rest of a `recvmmsg`
+                // batch) in the same pass: their deliveries leave together.
+                for _ in 1..NET_BATCH {
+                    if r.is_err() || !driver.transport().has_queued() {
+                        break;
+                    }
+                    match futures_util::FutureExt::now_or_never(driver.wait()) {
+                        Some(Ok(w)) => r = driver.handle(w).await,
+                        Some(Err(e)) => r = Err(e),
+                        None => break,
+                    }
+                }
+                r
+            }
             Wake::Net(Err(e)) => Err(e),
             Wake::App(Ok((len, from))) => {
                 server.from = from;
@@ -278,6 +294,7 @@ pub async fn run_with(
                 _ => {}
             }
         }
+        server.release();
         if let Err(e) = step {
             break Err(e);
         }
@@ -319,6 +336,13 @@ async fn on_link(
 /// Application requests served per wake-up of the loop at most (then the
 /// network and the other sources get their turn).
 const APP_BATCH: usize = 64;
+
+/// Datagrams the transport already read (one `recvmmsg` batch) handled per
+/// wake-up of the loop at most: their deliveries leave together.
+const NET_BATCH: usize = 64;
+
+/// Deliveries one `sendmmsg` call to a client takes at most.
+const DELIVER_BATCH: usize = 64;
 
 enum Wake {
     Link(io::Result<(LinkChange, String)>),
@@ -432,6 +456,9 @@ struct AppServer {
     clients: Vec<Client>,
     dropped: u64,
     from: Option<PathBuf>,
+    /// Between [`AppServer::hold`] and [`AppServer::release`]: deliveries
+    /// wait in the clients' backlogs and leave together.
+    holding: bool,
 }
 
 /// A registered client and the deliveries its full socket did not take yet.
@@ -504,8 +531,29 @@ impl Client {
         }
     }
 
-    /// Sends the backlog, in order, until the socket is full again.
+    /// Sends the backlog, in order, until the socket is full again: through
+    /// the connected socket [`DELIVER_BATCH`] messages a `sendmmsg` call
+    /// (the client is woken once for them, not once a message), through the
+    /// shared socket one by one.
     fn flush(&mut self, shared: &std::os::unix::net::UnixDatagram) -> Result<(), io::Error> {
+        while self.raw.is_some() && !self.backlog.is_empty() {
+            match self.send_batch() {
+                Ok(0) => return Ok(()),
+                Ok(n) => {
+                    for msg in self.backlog.drain(..n) {
+                        self.backlog_bytes -= queued_size(&msg);
+                    }
+                }
+                // The client connected its socket to the agent's socket: the
+                // rest goes one by one through the shared socket, below.
+                Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+                    tracing::debug!(client = %self.path.display(), "client socket connected to the agent; delivering through the shared socket");
+                    self.conn = None;
+                    self.raw = None;
+                }
+                Err(e) => return Err(e),
+            }
+        }
         while let Some(msg) = self.backlog.pop_front() {
             match self.send(shared, &msg) {
                 Sent::Done => self.backlog_bytes -= queued_size(&msg),
@@ -521,6 +569,45 @@ impl Client {
             self.dropping = 0;
         }
         Ok(())
+    }
+
+    /// The backlog's first messages (up to [`DELIVER_BATCH`]) in one
+    /// `sendmmsg` on the connected socket: how many the client's socket took
+    /// (0 when it is full: tokio then waits for the kernel's wake-up).
+    fn send_batch(&self) -> io::Result<usize> {
+        let (Some(conn), Some(raw)) = (&self.conn, &self.raw) else {
+            return Ok(0);
+        };
+        let n = self.backlog.len().min(DELIVER_BATCH);
+        let iovs: Vec<[io::IoSlice<'_>; 1]> = self
+            .backlog
+            .iter()
+            .take(n)
+            .map(|m| [io::IoSlice::new(m)])
+            .collect();
+        let send = || {
+            let mut controls: Vec<rustix::net::SendAncillaryBuffer<'_, '_, '_>> =
+                iovs.iter().map(|_| Default::default()).collect();
+            let mut hdrs: Vec<rustix::net::MMsgHdr<'_>> = iovs
+                .iter()
+                .zip(controls.iter_mut())
+                .map(|(iov, c)| rustix::net::MMsgHdr::new(iov, c))
+                .collect();
+            rustix::net::sendmmsg(raw, &mut hdrs, rustix::net::SendFlags::DONTWAIT)
+                .map_err(io::Error::from)
+        };
+        let r = match send() {
+            // Through tokio, so that a full socket clears its readiness and
+            // `writable` waits for the client to read.
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                conn.try_io(tokio::io::Interest::WRITABLE, send)
+            }
+            r => r,
+        };
+        match r {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(0),
+            r => r,
+        }
     }
 
     /// Queues `msg` behind the backlog, or drops it when the backlog is full.
@@ -569,6 +656,7 @@ impl AppServer {
             clients: Vec::new(),
             dropped: 0,
             from: None,
+            holding: false,
         })
     }
 
@@ -696,6 +784,14 @@ impl AppServer {
     /// reads (its backlog, up to [`app::BACKLOG_BYTES`]; beyond that it is
     /// dropped for that client alone and counted).
     fn deliver(&mut self, msg: &[u8]) {
+        if self.holding {
+            for c in &mut self.clients {
+                if !c.queue(msg) {
+                    self.dropped += 1;
+                }
+            }
+            return;
+        }
         let tx = &self.tx;
         let dropped = &mut self.dropped;
         self.clients.retain_mut(|c| {
@@ -722,6 +818,20 @@ impl AppServer {
                 }
             }
         });
+    }
+
+    /// Holds deliveries (in the clients' backlogs, counted against them)
+    /// until [`AppServer::release`].
+    fn hold(&mut self) {
+        self.holding = true;
+    }
+
+    /// Sends what was held, in batches (see [`Client::flush`]); nothing to
+    /// do when nothing was held.
+    fn release(&mut self) {
+        if std::mem::take(&mut self.holding) {
+            self.flush();
+        }
     }
 
     /// Sends what the clients' backlogs hold, in order, until a socket is full again.
@@ -798,6 +908,64 @@ mod tests {
     fn msg(i: u16) -> [u8; 3] {
         let [a, b] = i.to_be_bytes();
         [b'M', a, b]
+    }
+
+    /// The deliveries of one pass (held, then released) leave in `sendmmsg`
+    /// batches, in order, as far as each client's socket takes them; the
+    /// rest follow as each client reads, none lost. While held, a backlog
+    /// that would pass its bound drops the message for that client alone,
+    /// counted, as without holding.
+    #[tokio::test]
+    async fn held_deliveries_leave_together_in_order_and_what_a_socket_cannot_take_follows() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut server, [slow, fast]) = client_pair(dir.path());
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        server.hold();
+        for i in 0..300u16 {
+            server.deliver(&msg(i));
+        }
+        assert!(drain(&fast).is_empty(), "nothing leaves while held");
+        server.release();
+        let mut fast_got = drain(&fast);
+        assert!(!fast_got.is_empty(), "released: sent at once");
+        assert!(server.backlogged(), "300 do not fit a socket's queue");
+        // Each client reads; the agent is woken and sends it more.
+        async fn read_until(
+            server: &mut AppServer,
+            sock: &std::os::unix::net::UnixDatagram,
+            got: &mut Vec<u16>,
+            n: usize,
+        ) {
+            loop {
+                got.extend(drain(sock));
+                if got.len() >= n {
+                    return;
+                }
+                let woke =
+                    tokio::time::timeout(std::time::Duration::from_secs(5), server.writable())
+                        .await;
+                assert!(woke.is_ok(), "the client read, but the agent was not woken");
+                server.flush();
+            }
+        }
+        read_until(&mut server, &fast, &mut fast_got, 300).await;
+        let mut slow_got = Vec::new();
+        read_until(&mut server, &slow, &mut slow_got, 300).await;
+        let all: Vec<u16> = (0..300).collect();
+        assert_eq!(fast_got, all, "every message, in order");
+        assert_eq!(slow_got, all, "late, but every message, in order");
+        assert_eq!(server.dropped, 0);
+        assert!(!server.backlogged());
+
+        // Past the backlog's bound while held: dropped for each client, counted.
+        let fit = app::BACKLOG_BYTES / queued_size(&msg(0));
+        server.hold();
+        for i in 0..fit + 5 {
+            server.deliver(&msg(i as u16));
+        }
+        assert_eq!(server.dropped, 2 * 5);
+        server.release();
+        assert!(!drain(&fast).is_empty());
     }
 
     /// One client that does not read (its socket queue full) must not cost

