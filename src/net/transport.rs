@@ -774,8 +774,8 @@ impl Transport {
         }
     }
 
-    /// Counts (and says, at debug level) group datagrams dropped as longer
-    /// than a slot.
+    /// Counts group datagrams dropped as longer than a slot (and says so:
+    /// [`say_oversized`]).
     fn note_oversized(&mut self, n: ReadMany) {
         if n.truncated > 0 {
             self.oversized += n.truncated as u64;
@@ -783,11 +783,12 @@ impl Transport {
         }
     }
 
-    /// Reads the group datagram by datagram from now on (`None`, the
-    /// default), or (`Some(every)`) wakes for the first of a burst only: after
-    /// a group datagram the socket leaves tokio's poll set, so arrivals wake
-    /// no one, and what arrived is read every `every` until a read finds
-    /// nothing (then the next datagram wakes the loop again). A datagram
+    /// Wakes for every group arrival from now on (`None`, the default;
+    /// what the socket holds then is read in one `recvmmsg`), or
+    /// (`Some(every)`) for the first of a burst only: after a group datagram
+    /// the socket leaves tokio's poll set, so arrivals wake no one, and what
+    /// arrived is read every `every` until a read finds nothing (then the
+    /// next datagram wakes the loop again). A datagram
     /// then waits up to `every` longer; in return a stream of group data
     /// costs a wake-up per `every`, not one per datagram. For the
     /// controller, which hears all group data but acts on little of it.
