@@ -578,23 +578,13 @@ impl Client {
         let (Some(conn), Some(raw)) = (&self.conn, &self.raw) else {
             return Ok(0);
         };
-        let n = self.backlog.len().min(DELIVER_BATCH);
-        let iovs: Vec<[io::IoSlice<'_>; 1]> = self
-            .backlog
-            .iter()
-            .take(n)
-            .map(|m| [io::IoSlice::new(m)])
-            .collect();
         let send = || {
-            let mut controls: Vec<rustix::net::SendAncillaryBuffer<'_, '_, '_>> =
-                iovs.iter().map(|_| Default::default()).collect();
-            let mut hdrs: Vec<rustix::net::MMsgHdr<'_>> = iovs
-                .iter()
-                .zip(controls.iter_mut())
-                .map(|(iov, c)| rustix::net::MMsgHdr::new(iov, c))
-                .collect();
-            rustix::net::sendmmsg(raw, &mut hdrs, rustix::net::SendFlags::DONTWAIT)
-                .map_err(io::Error::from)
+            crate::net::socket::send_many(
+                raw,
+                self.backlog.iter().take(DELIVER_BATCH).map(Vec::as_slice),
+                None,
+                rustix::net::SendFlags::DONTWAIT,
+            )
         };
         let r = match send() {
             // Through tokio, so that a full socket clears its readiness and

@@ -124,6 +124,33 @@ pub fn unicast_socket(
     Ok(s.into())
 }
 
+/// One `sendmmsg` call for `msgs`, in order (to `to`, one address a
+/// message, or on a connected socket without): how many the kernel took.
+pub(crate) fn send_many<'m>(
+    sock: impl std::os::fd::AsFd,
+    msgs: impl Iterator<Item = &'m [u8]>,
+    to: Option<&[rustix::net::SocketAddrAny]>,
+    flags: rustix::net::SendFlags,
+) -> std::io::Result<usize> {
+    let iovs: Vec<[std::io::IoSlice<'_>; 1]> = msgs.map(|b| [std::io::IoSlice::new(b)]).collect();
+    let mut controls: Vec<rustix::net::SendAncillaryBuffer<'_, '_, '_>> =
+        iovs.iter().map(|_| Default::default()).collect();
+    let mut hdrs: Vec<rustix::net::MMsgHdr<'_>> = match to {
+        Some(to) => iovs
+            .iter()
+            .zip(controls.iter_mut())
+            .zip(to)
+            .map(|((iov, c), a)| rustix::net::MMsgHdr::new_with_addr(a, iov, c))
+            .collect(),
+        None => iovs
+            .iter()
+            .zip(controls.iter_mut())
+            .map(|(iov, c)| rustix::net::MMsgHdr::new(iov, c))
+            .collect(),
+    };
+    rustix::net::sendmmsg(sock, &mut hdrs, flags).map_err(std::io::Error::from)
+}
+
 /// The address a socket is bound to, for messages.
 pub(crate) fn local(s: &tokio::net::UdpSocket) -> SocketAddr {
     s.local_addr()

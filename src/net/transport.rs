@@ -95,14 +95,15 @@ struct ReadMany {
     truncated: usize,
 }
 
-/// Datagrams read from `sock` (non-blocking) with one `recvmmsg` call into
-/// `slots` (one datagram each), handed to `each` with their source and
-/// wait ([`waited`]); `WouldBlock` when it held none. A datagram longer
-/// than its slot is dropped (counted in `truncated`).
+/// Group datagrams read from `sock` (non-blocking) with one `recvmmsg`
+/// call into `slots` (one datagram each), queued with their source, their
+/// wait ([`waited`]) and arrival `at_ms`; `WouldBlock` when it held none. A
+/// datagram longer than its slot is dropped (counted in `truncated`).
 fn recv_many(
     sock: std::os::fd::BorrowedFd<'_>,
     slots: &mut [Vec<u8>],
-    mut each: impl FnMut(&[u8], SocketAddr, Option<u32>),
+    queue: &mut std::collections::VecDeque<Datagram>,
+    at_ms: u64,
 ) -> std::io::Result<ReadMany> {
     use nix::sys::socket::{recvmmsg, MsgFlags, MultiHeaders, SockaddrStorage};
     use std::os::fd::AsRawFd;
@@ -134,7 +135,13 @@ fn recv_many(
         let bytes = msg.iovs().next().unwrap_or_default();
         // A UDP datagram always has a source; one without is skipped.
         if let Ok(from) = source(msg.address.as_ref()) {
-            each(bytes, from, waited(msg.cmsgs().into_iter().flatten(), now));
+            queue.push_back(Datagram {
+                bytes: bytes.to_vec(),
+                from,
+                at_ms,
+                via: Via::Group,
+                waited_us: waited(msg.cmsgs().into_iter().flatten(), now),
+            });
         }
     }
     Ok(n)
@@ -215,16 +222,7 @@ async fn read_armed(
     match rx {
         GroupRx::Armed(s) => {
             s.async_io(tokio::io::Interest::READABLE, || {
-                let at_ms = clock.now_ms();
-                recv_many(s.as_fd(), slots, |bytes, from, waited_us| {
-                    queue.push_back(Datagram {
-                        bytes: bytes.to_vec(),
-                        from,
-                        at_ms,
-                        via: Via::Group,
-                        waited_us,
-                    })
-                })
+                recv_many(s.as_fd(), slots, queue, clock.now_ms())
             })
             .await
         }
@@ -583,20 +581,12 @@ impl Transport {
             let r = self
                 .unicast
                 .async_io(tokio::io::Interest::WRITABLE, || {
-                    let iovs: Vec<[std::io::IoSlice<'_>; 1]> = msgs
-                        .iter()
-                        .map(|(_, b)| [std::io::IoSlice::new(b)])
-                        .collect();
-                    let mut controls: Vec<rustix::net::SendAncillaryBuffer<'_, '_, '_>> =
-                        msgs.iter().map(|_| Default::default()).collect();
-                    let mut hdrs: Vec<rustix::net::MMsgHdr<'_>> = iovs
-                        .iter()
-                        .zip(controls.iter_mut())
-                        .zip(to)
-                        .map(|((iov, c), a)| rustix::net::MMsgHdr::new_with_addr(a, iov, c))
-                        .collect();
-                    rustix::net::sendmmsg(&self.unicast, &mut hdrs, rustix::net::SendFlags::empty())
-                        .map_err(std::io::Error::from)
+                    socket::send_many(
+                        &self.unicast,
+                        msgs.iter().map(|(_, b)| b.as_slice()),
+                        Some(to),
+                        rustix::net::SendFlags::empty(),
+                    )
                 })
                 .await;
             match r {
@@ -820,28 +810,20 @@ impl Transport {
     /// tokio's poll set.
     fn read_muted_group(&mut self, just_muted: bool) -> Result<(), NetError> {
         use std::os::fd::AsFd;
-        let GroupRx::Muted { sock, until } = &mut self.group_rx else {
+        let GroupRx::Muted { sock, .. } = &self.group_rx else {
             return Ok(());
         };
-        let mut read = 0;
-        while read < COALESCED_MAX {
-            let at_ms = self.clock.now_ms();
-            let queue = &mut self.group_queue;
-            match recv_many(sock.as_fd(), &mut self.gslots, |bytes, from, waited_us| {
-                queue.push_back(Datagram {
-                    bytes: bytes.to_vec(),
-                    from,
-                    at_ms,
-                    via: Via::Group,
-                    waited_us,
-                })
-            }) {
+        let mut got = ReadMany::default();
+        while got.read < COALESCED_MAX {
+            match recv_many(
+                sock.as_fd(),
+                &mut self.gslots,
+                &mut self.group_queue,
+                self.clock.now_ms(),
+            ) {
                 Ok(n) => {
-                    read += n.read;
-                    if n.truncated > 0 {
-                        self.oversized += n.truncated as u64;
-                        say_oversized(n.truncated, self.oversized);
-                    }
+                    got.read += n.read;
+                    got.truncated += n.truncated;
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                 Err(e) if is_icmp_report(&e) => {}
@@ -853,10 +835,11 @@ impl Transport {
                 }
             }
         }
+        self.note_oversized(got);
         let now = tokio::time::Instant::now();
-        match self.coalesce {
-            Some(every) if read > 0 || just_muted => {
-                *until = if read == COALESCED_MAX {
+        match (self.coalesce, &mut self.group_rx) {
+            (Some(every), GroupRx::Muted { until, .. }) if got.read > 0 || just_muted => {
+                *until = if got.read == COALESCED_MAX {
                     now
                 } else {
                     now + every
@@ -903,25 +886,35 @@ mod tests {
     use crate::net::socket::tests::{free_group, read_all};
     use std::net::{Ipv4Addr, UdpSocket as StdUdp};
 
+    /// A unicast socket on a free loopback port, multicast out of loopback.
+    fn loopback_unicast() -> StdUdp {
+        socket::unicast_socket(
+            SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0),
+            Ipv4Addr::LOCALHOST,
+            1,
+        )
+        .unwrap()
+    }
+
+    /// A transport joined to `group` on loopback, no loss.
+    fn transport_on(group: SocketAddrV4) -> Transport {
+        Transport::from_sockets(
+            group,
+            socket::group_socket(group, Ipv4Addr::LOCALHOST).unwrap(),
+            loopback_unicast(),
+            Clock::monotonic(),
+            None,
+        )
+        .unwrap()
+    }
+
     #[tokio::test]
     async fn corked_datagrams_leave_together_in_order_and_a_refused_one_costs_only_itself() {
         let group = free_group(18);
         let group_rx = socket::group_socket(group, Ipv4Addr::LOCALHOST).unwrap();
         let peer = StdUdp::bind("127.0.0.1:0").unwrap();
         peer.set_nonblocking(true).unwrap();
-        let t = Transport::from_sockets(
-            group,
-            socket::group_socket(group, Ipv4Addr::LOCALHOST).unwrap(),
-            socket::unicast_socket(
-                SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0),
-                Ipv4Addr::LOCALHOST,
-                1,
-            )
-            .unwrap(),
-            Clock::monotonic(),
-            None,
-        )
-        .unwrap();
+        let t = transport_on(group);
         let to_peer = peer.local_addr().unwrap();
         // An IPv6 destination on this IPv4 socket: the kernel refuses it.
         let refused: SocketAddr = "[::1]:9".parse().unwrap();
@@ -965,27 +958,9 @@ mod tests {
     /// A transport on a fresh loopback group, and a socket to send to it.
     fn loopback_transport(last: u8) -> (Transport, StdUdp, SocketAddrV4) {
         let group = free_group(last);
-        let t = Transport::from_sockets(
-            group,
-            socket::group_socket(group, Ipv4Addr::LOCALHOST).unwrap(),
-            socket::unicast_socket(
-                SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0),
-                Ipv4Addr::LOCALHOST,
-                1,
-            )
-            .unwrap(),
-            Clock::monotonic(),
-            None,
-        )
-        .unwrap();
-        let tx = socket::unicast_socket(
-            SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0),
-            Ipv4Addr::LOCALHOST,
-            1,
-        )
-        .unwrap();
+        let tx = loopback_unicast();
         tx.set_nonblocking(false).unwrap();
-        (t, tx, group)
+        (transport_on(group), tx, group)
     }
 
     /// The next datagram `t` hands out, or a failure after 5 s.
