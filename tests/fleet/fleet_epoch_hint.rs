@@ -23,6 +23,10 @@ fn a_mixed_fleet_with_and_without_epoch_hints_loses_nothing_across_rounds() {
         let round = f.json(&["rekey", "--json"]);
         assert_eq!(round["epoch"].as_u64(), Some(1 + r), "{round}");
         assert_eq!(round["stale"], 0, "{round}");
+        // Several send intervals under the new key before the next round:
+        // a round takes a few ms now, and without this the key between the
+        // two rounds could seal nothing.
+        std::thread::sleep(Duration::from_millis(300));
     }
     std::thread::sleep(Duration::from_millis(500));
     ledger.finish();
