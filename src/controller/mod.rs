@@ -38,7 +38,7 @@ use rand::rngs::OsRng;
 use serde::Serialize;
 
 use crate::config::Config;
-use crate::net::{Clock, NetConfig, NetError, Timers, Transport, DEFAULT_TTL};
+use crate::net::{Clock, Datagram, NetConfig, NetError, Timers, Transport, DEFAULT_TTL};
 use crate::secrets::{self, Passphrase, SealParams, SecretsError};
 use crate::statefile::{self, StateFileError};
 use crate::store::{LeaseOutcome, Location, Store, StoreError};
@@ -1270,6 +1270,7 @@ impl Controller {
                 // The pass's datagrams go to the kernel together (one
                 // system call for a round's key update batches).
                 let sent_at = self.now();
+                let sent_us = self.clock.now_us();
                 t.cork();
                 for (to, bytes) in sends {
                     // Corked: held, not sent; uncork says what failed.
@@ -1287,7 +1288,7 @@ impl Controller {
                 }
                 // The round trip the drain measures starts here, not before
                 // the table write above.
-                self.machine.requests_sent(sent_at);
+                self.machine.requests_sent(sent_at, Some(sent_us));
             }
             Some(_) => {}
             None if !sends.is_empty() => {
@@ -1565,7 +1566,7 @@ impl Controller {
             d = t.recv() => {
                 let d = d?;
                 if !Self::is_own(local, d.from) {
-                    self.datagram(d.from, &d.bytes, d.waited_us);
+                    self.datagram(&d);
                 }
                 // Drain what is already queued, so that one pass carries many
                 // inputs: each receive polled once (no timer is armed for it;
@@ -1574,7 +1575,7 @@ impl Controller {
                     match futures_util::FutureExt::now_or_never(t.recv()) {
                         Some(Ok(d)) => {
                             if !Self::is_own(local, d.from) {
-                                self.datagram(d.from, &d.bytes, d.waited_us);
+                                self.datagram(&d);
                             }
                         }
                         Some(Err(e)) => return Err(e.into()),
@@ -1745,15 +1746,19 @@ impl Controller {
         self.table.refusals().totals()
     }
 
-    /// `waited_us`: how long it waited in the socket (its receive timestamp).
-    fn datagram(&mut self, from: SocketAddr, bytes: &[u8], waited_us: Option<u32>) {
-        let _ = self.feed(match waited_us {
-            Some(waited_us) => ControllerInput::DatagramWaited {
+    /// `d.waited_us`: how long it waited in the socket (its receive
+    /// timestamp), and `d.arrived_us` when it arrived there (the µs clock the
+    /// sends are timed on, [`Self::flush`]).
+    fn datagram(&mut self, d: &Datagram) {
+        let (from, bytes) = (d.from, &d.bytes[..]);
+        let _ = self.feed(match (d.waited_us, d.arrived_us) {
+            (Some(waited_us), Some(arrived_us)) => ControllerInput::DatagramWaited {
                 from,
                 bytes,
                 waited_us,
+                arrived_us,
             },
-            None => ControllerInput::Datagram { from, bytes },
+            _ => ControllerInput::Datagram { from, bytes },
         });
     }
 
@@ -2340,7 +2345,14 @@ mod tests {
         {
             let mut c = Controller::open(opts.clone()).unwrap();
             for i in 0..500u32 {
-                c.datagram(from, &i.to_be_bytes(), None);
+                c.datagram(&Datagram {
+                    bytes: i.to_be_bytes().to_vec(),
+                    from,
+                    at_ms: 0,
+                    via: crate::net::Via::Unicast,
+                    waited_us: None,
+                    arrived_us: None,
+                });
             }
             c.flush(None).await.unwrap();
             let t = c.refusal_totals();

@@ -48,6 +48,15 @@ impl Clock {
         self.ms_at(Instant::now())
     }
 
+    /// The current time in µs, on the same scale: `now_us() / 1000` is
+    /// what [`Self::now_ms`] reads.
+    pub fn now_us(&self) -> u64 {
+        let since = Instant::now().saturating_duration_since(self.origin);
+        self.origin_ms
+            .saturating_mul(1000)
+            .saturating_add(u64::try_from(since.as_micros()).unwrap_or(u64::MAX))
+    }
+
     /// The reading of this clock at `instant`.
     pub fn ms_at(&self, instant: Instant) -> u64 {
         let since = instant.saturating_duration_since(self.origin);

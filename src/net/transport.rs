@@ -95,15 +95,23 @@ struct ReadMany {
     truncated: usize,
 }
 
+/// When a datagram that waited `waited_us` in its socket (read before
+/// `read_us`, a reading of `clock` taken after the wall-clock reading the
+/// wait is measured to) arrived, on `clock`'s µs scale; it errs late.
+fn arrival(waited_us: Option<u32>, read_us: u64) -> Option<u64> {
+    waited_us.map(|w| read_us.saturating_sub(u64::from(w)))
+}
+
 /// Group datagrams read from `sock` (non-blocking) with one `recvmmsg`
 /// call into `slots` (one datagram each), queued with their source, their
-/// wait ([`waited`]) and arrival `at_ms`; `WouldBlock` when it held none. A
-/// datagram longer than its slot is dropped (counted in `truncated`).
+/// wait ([`waited`]), arrival and read time by `clock`; `WouldBlock` when it
+/// held none. A datagram longer than its slot is dropped (counted in
+/// `truncated`).
 fn recv_many(
     sock: std::os::fd::BorrowedFd<'_>,
     slots: &mut [Vec<u8>],
     queue: &mut std::collections::VecDeque<Datagram>,
-    at_ms: u64,
+    clock: &Clock,
 ) -> std::io::Result<ReadMany> {
     use nix::sys::socket::{recvmmsg, MsgFlags, MultiHeaders, SockaddrStorage};
     use std::os::fd::AsRawFd;
@@ -123,8 +131,10 @@ fn recv_many(
         None,
     )
     .map_err(std::io::Error::from)?;
-    // One reading of the clock for the call: it took them all at once.
+    // One reading of the clocks for the call: it took them all at once.
     let now = std::time::SystemTime::now();
+    let read_us = clock.now_us();
+    let at_ms = read_us / 1000;
     let mut n = ReadMany::default();
     for msg in got {
         n.read += 1;
@@ -135,12 +145,14 @@ fn recv_many(
         let bytes = msg.iovs().next().unwrap_or_default();
         // A UDP datagram always has a source; one without is skipped.
         if let Ok(from) = source(msg.address.as_ref()) {
+            let waited_us = waited(msg.cmsgs().into_iter().flatten(), now);
             queue.push_back(Datagram {
                 bytes: bytes.to_vec(),
                 from,
                 at_ms,
                 via: Via::Group,
-                waited_us: waited(msg.cmsgs().into_iter().flatten(), now),
+                waited_us,
+                arrived_us: arrival(waited_us, read_us),
             });
         }
     }
@@ -222,7 +234,7 @@ async fn read_armed(
     match rx {
         GroupRx::Armed(s) => {
             s.async_io(tokio::io::Interest::READABLE, || {
-                recv_many(s.as_fd(), slots, queue, clock.now_ms())
+                recv_many(s.as_fd(), slots, queue, clock)
             })
             .await
         }
@@ -265,6 +277,10 @@ pub struct Datagram {
     /// held by the receive delay (its flight is simulated: it counts as
     /// arrived when it is let through).
     pub waited_us: Option<u32>,
+    /// When it arrived in its socket, on the transport's clock in µs
+    /// ([`Clock::now_us`]): its read time less `waited_us` (`None` without
+    /// it). It errs late, never early.
+    pub arrived_us: Option<u64>,
 }
 
 /// Counters of one transport.
@@ -640,6 +656,7 @@ impl Transport {
                 if let Some(Reverse(mut h)) = self.held.pop() {
                     h.datagram.at_ms = now;
                     h.datagram.waited_us = None;
+                    h.datagram.arrived_us = None;
                     return Ok(h.datagram);
                 }
             }
@@ -730,7 +747,9 @@ impl Transport {
                     None => continue,
                 },
                 Got::Unicast(res) => {
-                    let at_ms = self.clock.now_ms();
+                    // Read after the wall clock the wait was measured to.
+                    let read_us = self.clock.now_us();
+                    let at_ms = read_us / 1000;
                     let (n, from, waited_us) = match res {
                         Ok(r) => r,
                         Err(e) if is_icmp_report(&e) => {
@@ -750,6 +769,7 @@ impl Transport {
                         at_ms,
                         via: Via::Unicast,
                         waited_us,
+                        arrived_us: arrival(waited_us, read_us),
                     }
                 }
             };
@@ -819,7 +839,7 @@ impl Transport {
                 sock.as_fd(),
                 &mut self.gslots,
                 &mut self.group_queue,
-                self.clock.now_ms(),
+                &self.clock,
             ) {
                 Ok(n) => {
                     got.read += n.read;
@@ -969,6 +989,31 @@ mod tests {
             .await
             .expect("a datagram within 5 s")
             .unwrap()
+    }
+
+    /// A datagram's arrival on the transport's µs clock (what the drain's
+    /// round trips are measured to) lies between its send and its read, on
+    /// either socket; it is the read time less the wait in the socket.
+    #[tokio::test]
+    async fn a_datagrams_arrival_on_the_us_clock_lies_between_its_send_and_its_read() {
+        let (mut t, tx, group) = loopback_transport(23);
+        for to in [SocketAddr::V4(group), t.local_addr()] {
+            let before = t.clock().now_us();
+            tx.send_to(b"timed", to).unwrap();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let d = next(&mut t).await;
+            let after = t.clock().now_us();
+            let (Some(waited), Some(arrived)) = (d.waited_us, d.arrived_us) else {
+                panic!("{:?}: a receive timestamp and an arrival", d.via)
+            };
+            assert!(
+                (before..=after).contains(&arrived),
+                "{:?}: arrived at {arrived} µs, sent after {before}, read by {after}",
+                d.via
+            );
+            assert!(arrived + u64::from(waited) <= after, "{:?}", d.via);
+            assert_eq!(d.at_ms, (arrived + u64::from(waited)) / 1000, "{:?}", d.via);
+        }
     }
 
     #[tokio::test]

@@ -16,7 +16,7 @@
 use super::super::triggers::TriggerReason;
 use super::super::{Refusal, Time};
 use super::auth::{Auth, Under};
-use super::round::required_step;
+use super::round::{required_step, Wait};
 use super::{ControllerAction, ControllerMachine, MemberStatus, Out, Record, ResumeCause};
 use crate::crypto::{ratchet, Epoch, GroupKey, Share};
 use crate::wire::{
@@ -26,12 +26,12 @@ use core::net::SocketAddr;
 use rand::{CryptoRng, RngCore};
 
 impl ControllerMachine {
-    /// `waited_us`: how long the datagram waited here before this call
-    /// ([`super::ControllerInput::DatagramWaited`]).
+    /// `wait`: how long the datagram waited here before this call, and when
+    /// it arrived ([`super::ControllerInput::DatagramWaited`]).
     pub(super) fn on_datagram(
         &mut self,
         now: Time,
-        (from, waited_us): (SocketAddr, u32),
+        (from, wait): (SocketAddr, Wait),
         bytes: &[u8],
         rng: &mut (impl RngCore + CryptoRng),
         out: &mut Out,
@@ -40,7 +40,7 @@ impl ControllerMachine {
         let what = msg.name();
         match msg {
             Message::Data(d) => self.on_data(now, from, &d, rng, out),
-            Message::Ack(a) => self.on_reply(now, (from, waited_us), (what, &a), rng, out),
+            Message::Ack(a) => self.on_reply(now, (from, wait), (what, &a), rng, out),
             Message::KeyRequest(k) => self.on_key_request(now, from, (what, &k), rng, out),
             Message::HandshakeInit(h) => {
                 self.on_handshake_init(now, from, (what, bytes), &h, rng, out)
@@ -62,11 +62,11 @@ impl ControllerMachine {
     /// A node's reply to a round's request: it may move the round on, and
     /// moves the member's address when it moved the member forward. A first
     /// transition reply that ends the member's wait is a round trip for the
-    /// drain, less `waited_us` (here) and the node's `held_us` (there).
+    /// drain, less what it waited here and the node's `held_us` (there).
     fn on_reply(
         &mut self,
         now: Time,
-        (from, waited_us): (SocketAddr, u32),
+        (from, wait): (SocketAddr, Wait),
         (what, a): (&'static str, &Ack<'_>),
         rng: &mut (impl RngCore + CryptoRng),
         out: &mut Out,
@@ -81,7 +81,7 @@ impl ControllerMachine {
                 .as_mut()
                 .filter(|r| r.epoch == a.epoch && r.phase == RoundPhase::FirstTransition)
             {
-                r.note_flight(now, waited_us, a.held_us);
+                r.note_flight(now, wait, a.held_us);
             }
         }
         if !self.on_ack(now, a.member, a.step, a.epoch, rng, out) {

@@ -25,10 +25,14 @@ pub enum ControllerInput<'a> {
     /// A datagram that waited `waited_us` µs between its arrival (its
     /// socket's receive timestamp) and this call, queued behind the
     /// controller's own work: the drain's round trips leave it out.
+    /// `arrived_us` is that arrival on the shell's µs clock, the clock of
+    /// [`super::ControllerMachine::requests_sent`]: a round trip is then
+    /// measured to the µs, from the request's send to the reply's arrival.
     DatagramWaited {
         from: SocketAddr,
         bytes: &'a [u8],
         waited_us: u32,
+        arrived_us: u64,
     },
     /// The deadline [`super::ControllerMachine::poll_timeout`] gave has
     /// passed (or any time after): every deadline due by `now` is handled

@@ -67,7 +67,7 @@ use core::net::SocketAddr;
 use ed25519_dalek::SigningKey;
 use members::Members;
 use rand::{CryptoRng, RngCore};
-use round::Round;
+use round::{Round, Wait};
 
 const SEQ_BLOCK: u64 = 4096;
 /// New handshakes (each costs two X25519 operations) a member may have
@@ -356,12 +356,20 @@ impl ControllerMachine {
                 from,
                 bytes,
                 waited_us: _,
+                arrived_us: _,
             } => {
-                let waited_us = match input {
-                    ControllerInput::DatagramWaited { waited_us, .. } => waited_us,
-                    _ => 0,
+                let wait = match input {
+                    ControllerInput::DatagramWaited {
+                        waited_us,
+                        arrived_us,
+                        ..
+                    } => Wait {
+                        us: waited_us,
+                        arrived_us: Some(arrived_us),
+                    },
+                    _ => Wait::default(),
                 };
-                if let Err(reason) = self.on_datagram(now, (from, waited_us), bytes, rng, out) {
+                if let Err(reason) = self.on_datagram(now, (from, wait), bytes, rng, out) {
                     Self::record(
                         out,
                         Record::Refused {

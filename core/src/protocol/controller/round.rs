@@ -66,6 +66,16 @@ use rand::{CryptoRng, RngCore};
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap};
 
+/// How long a datagram waited in the controller's socket before it was
+/// handled, and when it arrived there on the shell's µs clock
+/// ([`super::ControllerInput::DatagramWaited`]); nothing for a datagram
+/// without a receive timestamp.
+#[derive(Clone, Copy, Debug, Default)]
+pub(super) struct Wait {
+    pub(super) us: u32,
+    pub(super) arrived_us: Option<u64>,
+}
+
 /// The round in progress.
 #[derive(Clone)]
 pub(super) struct Round {
@@ -104,11 +114,13 @@ pub(super) struct Round {
     /// word ([`ControllerMachine::requests_sent`]: after the pass's table
     /// write); `None` until it says so.
     pub(super) sent_at: Option<Time>,
+    /// The same send on the shell's µs clock, when it said.
+    pub(super) sent_us: Option<u64>,
     /// The first transition's longest time in flight so far, in µs: each
     /// reply that ended a member's wait, from the request's send
-    /// ([`Self::sent_at`]) to the reply's handling, less what the reply waited
-    /// here and (a timed reply) what the request waited at the node
-    /// ([`Self::note_flight`]). `None` before any, or without `sent_at`.
+    /// ([`Self::sent_at`]) to the reply's arrival here, less (a timed reply)
+    /// what the request waited at the node ([`Self::note_flight`]). `None`
+    /// before any, or without `sent_at`.
     pub(super) flight_us: Option<u64>,
     /// Steps made with this round's share before it started (`ahead.rs`; in
     /// memory only, taken as the wraps go out).
@@ -194,6 +206,7 @@ impl Round {
             retries: BinaryHeap::new(),
             restored: false,
             sent_at: None,
+            sent_us: None,
             flight_us: None,
             prepared: super::ahead::Prepared::default(),
             stepped: BTreeMap::new(),
@@ -226,6 +239,7 @@ impl Round {
             second_msg: None,
             retries: BinaryHeap::new(),
             sent_at: None,
+            sent_us: None,
             flight_us: None,
             prepared: super::ahead::Prepared::default(),
             stepped: r.stepped.clone(),
@@ -279,9 +293,11 @@ impl Round {
     /// Each first transition reply that ends a member's wait is a sample
     /// ([`Self::note_flight`]): its round trip from the request's first send
     /// (when the shell said when that was, [`ControllerMachine::requests_sent`])
-    /// to its handling here, less what the reply waited in the controller's
-    /// socket and, for a timed reply, what the request waited in the node's
-    /// (both by the sockets' receive timestamps). What is left is the way
+    /// to its arrival in the controller's socket (to the µs when the shell
+    /// gives both on its µs clock; else to its handling here in ms, less what
+    /// it waited in the socket), less, for a timed reply, what the request
+    /// waited in the node's (both by the sockets' receive timestamps); the
+    /// product with the factor is rounded up to the ms. What is left is the way
     /// there and back, and the node's own handling (its state write, its
     /// scheduling; it errs long). A wait in a socket is no flight for S2: a
     /// node reads its group socket in order, so old-key data queued there
@@ -309,13 +325,14 @@ impl Round {
         if self.restored {
             return cfg.max_flight_ms;
         }
-        let flight_ms = self.flight_us.map(|us| us.div_ceil(1000));
-        let rtt = flight_ms
-            .or(sent_rtt)
-            .unwrap_or(self.phases_ms.first_transition);
-        rtt.saturating_mul(u64::from(cfg.drain_rtt_factor))
-            .max(cfg.drain_floor_ms)
-            .min(cfg.max_flight_ms)
+        let factor = u64::from(cfg.drain_rtt_factor);
+        let grace = match self.flight_us {
+            Some(us) => us.saturating_mul(factor).div_ceil(1000),
+            None => sent_rtt
+                .unwrap_or(self.phases_ms.first_transition)
+                .saturating_mul(factor),
+        };
+        grace.max(cfg.drain_floor_ms).min(cfg.max_flight_ms)
     }
 
     /// What a member's step in this round is made with ([`Member::step`]).
@@ -342,6 +359,7 @@ impl Round {
             .take()
             .filter(|_| self.phase == RoundPhase::FirstTransition)
             .map(|sent| now.since(sent));
+        self.sent_us = None;
         self.phase = phase;
         self.phase_started = now;
         self.stale_from = now;
@@ -357,16 +375,26 @@ impl Round {
     }
 
     /// A first transition reply that ended a member's wait, handled at `now`
-    /// after waiting `waited_us` here, whose request waited `held_us` at the
+    /// after waiting `wait` here, whose request waited `held_us` at the
     /// node (a timed reply; an untimed one counts its node's wait as
-    /// flight, which errs long). The clock is in ms: the round trip counts
-    /// one ms more than it reads, so that it never reads short.
-    pub(super) fn note_flight(&mut self, now: Time, waited_us: u32, held_us: Option<u32>) {
+    /// flight, which errs long).
+    ///
+    /// With the send and the reply's arrival both on the shell's µs clock
+    /// ([`ControllerMachine::requests_sent`], [`Wait::arrived_us`]) the
+    /// round trip is their difference. Otherwise the clock is the machine's,
+    /// in ms: the round trip counts one ms more than it reads, so that it
+    /// never reads short, less the reply's wait here. A reply that arrived
+    /// before its request was sent says that a clock stepped (the wait is
+    /// by the wall clock): its wait then counts as flight (errs long).
+    pub(super) fn note_flight(&mut self, now: Time, wait: Wait, held_us: Option<u32>) {
         let Some(sent) = self.sent_at else { return };
-        let rtt_us = now.since(sent).saturating_add(1).saturating_mul(1000);
-        let flight = rtt_us
-            .saturating_sub(u64::from(waited_us))
-            .saturating_sub(u64::from(held_us.unwrap_or(0)));
+        let rtt_ms_us = now.since(sent).saturating_add(1).saturating_mul(1000);
+        let rtt_us = match (self.sent_us, wait.arrived_us) {
+            (Some(s), Some(a)) if a >= s => a - s,
+            (Some(_), Some(_)) => rtt_ms_us,
+            _ => rtt_ms_us.saturating_sub(u64::from(wait.us)),
+        };
+        let flight = rtt_us.saturating_sub(u64::from(held_us.unwrap_or(0)));
         self.flight_us = Some(self.flight_us.map_or(flight, |f| f.max(flight)));
     }
 
@@ -489,11 +517,14 @@ impl ControllerMachine {
     /// phase's group wave is where the phase's round trip starts for the
     /// drain ([`Round::drain_grace`]): the write before it is the
     /// controller's own, no flight. Without it the round trip starts with
-    /// the phase, which only errs long.
-    pub fn requests_sent(&mut self, at: Time) {
+    /// the phase, which only errs long. `at_us`: the same moment on the
+    /// shell's µs clock, read before the sends (the clock of
+    /// [`super::ControllerInput::DatagramWaited`]'s `arrived_us`).
+    pub fn requests_sent(&mut self, at: Time, at_us: Option<u64>) {
         if let Some(r) = &mut self.round {
             if r.sent_at.is_none() && r.group_sent > 0 && at >= r.phase_started {
                 r.sent_at = Some(at);
+                r.sent_us = at_us;
             }
         }
     }

@@ -93,12 +93,13 @@ impl Hash for Round {
             share,
             restored,
             sent_at,
+            sent_us,
             flight_us,
             prepared: _,
             stepped,
             notes_unsaved,
         } = self;
-        (sent_at, flight_us).hash(state);
+        (sent_at, sent_us, flight_us).hash(state);
         share.hash(state);
         (stepped, notes_unsaved).hash(state);
         (epoch, key, phase, reason, started_at, phase_started).hash(state);

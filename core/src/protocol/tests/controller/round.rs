@@ -688,8 +688,8 @@ fn the_drain_counts_from_the_requests_send_not_from_the_table_write_before_it() 
         f.drop = Box::new(|_, _, _| false);
         if shell_says {
             // Too early (before the phase) and then the real word.
-            f.c.requests_sent(Time(0));
-            f.c.requests_sent(f.now);
+            f.c.requests_sent(Time(0), None);
+            f.c.requests_sent(f.now, None);
         }
         for _ in 0..400 {
             f.advance(10);
@@ -835,6 +835,24 @@ fn a_node_whose_replay_window_moved_past_the_request_answers_the_retries() {
     }
 }
 
+/// What the controller's shell says of the replies in the test below.
+#[derive(Clone, Copy, Debug)]
+enum Shell {
+    /// Nothing: datagrams without a receive timestamp.
+    Untimed,
+    /// Each reply's wait in the socket and its arrival on the shell's µs
+    /// clock; with `us_clock` the request's send on that clock too. The
+    /// arrival is `shift_us` off what the ms clock reads (a sub-ms flight, a
+    /// clock step).
+    Timed { us_clock: bool, shift_us: i64 },
+}
+
+/// The shell's word on a reply's wait, without a µs clock for the send.
+const WAITED: Shell = Shell::Timed {
+    us_clock: false,
+    shift_us: 0,
+};
+
 /// How one round of the test below went: the first transition's request
 /// held back from the nodes, then handed to them `busy_ms` later as having
 /// waited that long at each (`node_waited_us`, per node; none: as arriving
@@ -845,7 +863,7 @@ fn drain_after_waits(
     busy_ms: u64,
     node_waited_us: [Option<u32>; 3],
     queued_ms: u64,
-    ctl_waited: bool,
+    shell: Shell,
 ) -> u64 {
     let cfg = ControllerConfig {
         drain_floor_ms: 2,
@@ -870,7 +888,11 @@ fn drain_after_waits(
     f.ctl(ControllerInput::Rekey).unwrap();
     f.pump();
     assert_eq!(f.phase(), Some(RoundPhase::FirstTransition));
-    f.c.requests_sent(f.now);
+    // The shell's µs clock has an origin of its own.
+    const US_ORIGIN: i64 = 5_000_000;
+    let sent_us = f.now.0 * 1000 + US_ORIGIN as u64;
+    let us_clock = matches!(shell, Shell::Timed { us_clock: true, .. });
+    f.c.requests_sent(f.now, us_clock.then_some(sent_us));
     f.drop = Box::new(|_, _, _| false);
     let request = held
         .borrow()
@@ -895,17 +917,20 @@ fn drain_after_waits(
     let replies: Vec<_> = f.queue.drain(..).collect();
     for (_, from, bytes) in replies {
         let from = node_addr(from as u32);
-        let input = if ctl_waited {
-            ControllerInput::DatagramWaited {
+        let input = match shell {
+            Shell::Timed { shift_us, .. } => ControllerInput::DatagramWaited {
                 from,
                 bytes: &bytes,
                 waited_us: u32::try_from(queued_ms * 1000).unwrap(),
-            }
-        } else {
-            ControllerInput::Datagram {
+                arrived_us: u64::try_from(
+                    ((f.now.0 - queued_ms) * 1000) as i64 + US_ORIGIN + shift_us,
+                )
+                .unwrap(),
+            },
+            Shell::Untimed => ControllerInput::Datagram {
                 from,
                 bytes: &bytes,
-            }
+            },
         };
         let _ = f.ctl(input);
     }
@@ -938,30 +963,61 @@ fn drain_after_waits(
 fn the_drain_leaves_out_what_requests_and_replies_waited_at_either_end() {
     let busy = [Some(30_000); 3];
     // The nodes were busy 30 ms and say so: 1 ms of flight, twice, at the floor.
-    let d = drain_after_waits(true, 30, busy, 0, false);
+    let d = drain_after_waits(true, 30, busy, 0, Shell::Untimed);
     assert_eq!(d, 2, "nodes' wait left out");
     // The controller was busy 30 ms, its socket says so.
-    let d = drain_after_waits(true, 0, [Some(0); 3], 30, true);
+    let d = drain_after_waits(true, 0, [Some(0); 3], 30, WAITED);
     assert_eq!(d, 2, "the controller's wait left out");
     // Both.
-    let d = drain_after_waits(true, 30, busy, 30, true);
+    let d = drain_after_waits(true, 30, busy, 30, WAITED);
     assert_eq!(d, 2);
     // Nobody says: 30 ms (+1) counted as flight, twice.
-    let d = drain_after_waits(true, 30, [None; 3], 0, false);
+    let d = drain_after_waits(true, 30, [None; 3], 0, Shell::Untimed);
     assert_eq!(d, 62, "an unreported wait counts as flight");
     // The controller's wait is known, the nodes' replies are untimed (no
     // timed round notice checked): their wait counts.
-    let d = drain_after_waits(false, 30, busy, 30, true);
+    let d = drain_after_waits(false, 30, busy, 30, WAITED);
     assert_eq!(d, 62, "an untimed reply's node wait counts as flight");
     // One node claims an impossible wait: its sample is 0, the others' count.
-    let d = drain_after_waits(true, 30, [Some(u32::MAX), None, None], 0, false);
+    let d = drain_after_waits(true, 30, [Some(u32::MAX), None, None], 0, Shell::Untimed);
     assert_eq!(d, 62, "the longest flight of the others");
     let d = drain_after_waits(
         true,
         30,
         [Some(u32::MAX), Some(30_000), Some(20_000)],
         0,
-        false,
+        Shell::Untimed,
     );
     assert_eq!(d, 22, "twice the 11 ms of the node that waited 20 of 31");
+}
+
+/// With the request's send and the replies' arrivals on the shell's µs
+/// clock, the drain is twice the round trip to the µs, rounded up to the
+/// ms, not the ms clock's reading plus the 1 ms it adds so as never to read
+/// short (on a fleet on one host the flight is a fraction of a ms, and that
+/// ms was most of the drain). A reply that arrived before its request was
+/// sent says that a clock stepped: its wait in the socket counts as
+/// flight, which errs long.
+#[test]
+fn on_the_shells_us_clock_the_drain_is_twice_the_round_trip_to_the_us() {
+    let us = |shift_us| Shell::Timed {
+        us_clock: true,
+        shift_us,
+    };
+    let busy = [Some(30_000); 3];
+    // 30 ms of flight: 60 ms, where the ms clock says 62.
+    assert_eq!(drain_after_waits(true, 30, [Some(0); 3], 0, us(0)), 60);
+    assert_eq!(drain_after_waits(true, 30, [Some(0); 3], 0, WAITED), 62);
+    // The nodes were busy 30 ms of a 31.4 ms round trip: 1.4 ms of flight,
+    // 2.8 ms twice, 3 ms; the ms clock's 2.4 ms, twice, reads 5 ms.
+    assert_eq!(drain_after_waits(true, 31, busy, 0, us(400)), 3);
+    assert_eq!(drain_after_waits(true, 32, busy, 0, WAITED), 6);
+    // 0.3 ms of flight: the floor, 2 ms.
+    assert_eq!(drain_after_waits(true, 30, busy, 5, us(300)), 2);
+    // The controller was busy 30 ms too: its wait is no flight on either clock.
+    assert_eq!(drain_after_waits(true, 31, busy, 30, us(400)), 3);
+    // An arrival 1 ms before the send (a clock stepped): the round trip as
+    // the ms clock reads it (+1), the controller's 30 ms wait in it, less the
+    // nodes' 30 ms: 31 ms, twice.
+    assert_eq!(drain_after_waits(true, 30, busy, 30, us(-31_000)), 62);
 }
