@@ -1569,10 +1569,10 @@ impl Controller {
                     self.datagram(&d);
                 }
                 // Drain what is already queued, so that one pass carries many
-                // inputs: each receive polled once (no timer is armed for it;
-                // `recv` is cancel-safe).
+                // inputs: read without waiting and without arming a timer
+                // (`try_recv`; `recv` is cancel-safe).
                 for _ in 0..256 {
-                    match futures_util::FutureExt::now_or_never(t.recv()) {
+                    match t.try_recv() {
                         Some(Ok(d)) => {
                             if !Self::is_own(local, d.from) {
                                 self.datagram(&d);

@@ -702,12 +702,7 @@ impl Transport {
         }
         loop {
             if matches!(self.group_rx, GroupRx::Moving) {
-                return Err(NetError::Recv {
-                    on: SocketAddr::V4(self.group),
-                    source: std::io::Error::other(
-                        "the group socket was lost moving in or out of tokio's poll set",
-                    ),
-                });
+                return Err(self.lost_group());
             }
             let armed = matches!(self.group_rx, GroupRx::Armed(_));
             let due = match &self.group_rx {
@@ -746,42 +741,148 @@ impl Transport {
                     Some(d) => d,
                     None => continue,
                 },
-                Got::Unicast(res) => {
-                    // Read after the wall clock the wait was measured to.
-                    let read_us = self.clock.now_us();
-                    let at_ms = read_us / 1000;
-                    let (n, from, waited_us) = match res {
-                        Ok(r) => r,
-                        Err(e) if is_icmp_report(&e) => {
-                            tracing::debug!(error = %e, "ignored an ICMP error on receive");
-                            continue;
-                        }
-                        Err(source) => {
-                            return Err(NetError::Recv {
-                                on: local(&self.unicast),
-                                source,
-                            })
-                        }
-                    };
-                    Datagram {
-                        bytes: self.ubuf.get(..n).map(<[u8]>::to_vec).unwrap_or_default(),
-                        from,
-                        at_ms,
-                        via: Via::Unicast,
-                        waited_us,
-                        arrived_us: arrival(waited_us, read_us),
+                Got::Unicast(res) => match self.unicast_datagram(res)? {
+                    Some(d) => d,
+                    None => continue,
+                },
+            };
+            if let Some(d) = self.admit(d) {
+                return Ok(d);
+            }
+        }
+    }
+
+    /// The next datagram already here, without waiting for one and without
+    /// arming a timer, for a drain after a datagram: `None` when nothing is
+    /// here now. (Polling [`Self::recv`] once would do the same, but with the
+    /// group socket coalesced it registers the next read's time with tokio's
+    /// timer, and that wakes the runtime's driver: an `eventfd` write and an
+    /// extra turn of its loop for each poll.) The unicast socket first, then
+    /// the group datagrams already read, then a read of the group socket
+    /// (a coalesced one only once its period is over). With a receive delay
+    /// set it polls [`Self::recv`] once.
+    pub fn try_recv(&mut self) -> Option<Result<Datagram, NetError>> {
+        use std::os::fd::AsFd;
+        if self.delay.is_on() {
+            return futures_util::FutureExt::now_or_never(self.recv());
+        }
+        loop {
+            if matches!(self.group_rx, GroupRx::Moving) {
+                return Some(Err(self.lost_group()));
+            }
+            let res = self
+                .unicast
+                .try_io(tokio::io::Interest::READABLE, || {
+                    recv_timed_now(self.unicast.as_fd(), &mut self.ubuf, &mut self.ucmsg)
+                });
+            let d = if res
+                .as_ref()
+                .is_err_and(|e| e.kind() == std::io::ErrorKind::WouldBlock)
+            {
+                if self.group_queue.is_empty() {
+                    if let Err(e) = self.try_read_group() {
+                        return Some(Err(e));
                     }
                 }
+                self.group_queue.pop_front()?
+            } else {
+                match self.unicast_datagram(res) {
+                    Ok(Some(d)) => d,
+                    Ok(None) => continue,
+                    Err(e) => return Some(Err(e)),
+                }
             };
-            if let Some(loss) = &mut self.loss {
-                if loss.drop_next() {
-                    self.dropped += 1;
-                    continue;
+            if let Some(d) = self.admit(d) {
+                return Some(Ok(d));
+            }
+        }
+    }
+
+    /// For [`Self::try_recv`]: reads what the group socket holds into
+    /// `group_queue`, armed at once (then muted, when coalesced), muted once
+    /// its period is over.
+    fn try_read_group(&mut self) -> Result<(), NetError> {
+        use std::os::fd::AsFd;
+        match &self.group_rx {
+            GroupRx::Muted { until, .. } if *until <= tokio::time::Instant::now() => {
+                self.read_muted_group(false)
+            }
+            GroupRx::Armed(s) => {
+                let r = s.try_io(tokio::io::Interest::READABLE, || {
+                    recv_many(s.as_fd(), &mut self.gslots, &mut self.group_queue, &self.clock)
+                });
+                match r {
+                    Ok(n) => {
+                        self.note_oversized(n);
+                        if self.coalesce.is_some() {
+                            self.mute_group()?;
+                        }
+                        Ok(())
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(()),
+                    Err(e) if is_icmp_report(&e) => Ok(()),
+                    Err(source) => Err(NetError::Recv {
+                        on: SocketAddr::V4(self.group),
+                        source,
+                    }),
                 }
             }
-            self.received += 1;
-            return Ok(d);
+            _ => Ok(()),
         }
+    }
+
+    /// The error of a receive once the group socket was lost.
+    fn lost_group(&self) -> NetError {
+        NetError::Recv {
+            on: SocketAddr::V4(self.group),
+            source: std::io::Error::other(
+                "the group socket was lost moving in or out of tokio's poll set",
+            ),
+        }
+    }
+
+    /// The datagram of a unicast read; `None` for an ICMP error report
+    /// (logged, skipped).
+    fn unicast_datagram(
+        &mut self,
+        res: std::io::Result<(usize, SocketAddr, Option<u32>)>,
+    ) -> Result<Option<Datagram>, NetError> {
+        // Read after the wall clock the wait was measured to.
+        let read_us = self.clock.now_us();
+        let (n, from, waited_us) = match res {
+            Ok(r) => r,
+            Err(e) if is_icmp_report(&e) => {
+                tracing::debug!(error = %e, "ignored an ICMP error on receive");
+                return Ok(None);
+            }
+            Err(source) => {
+                return Err(NetError::Recv {
+                    on: local(&self.unicast),
+                    source,
+                })
+            }
+        };
+        Ok(Some(Datagram {
+            bytes: self.ubuf.get(..n).map(<[u8]>::to_vec).unwrap_or_default(),
+            from,
+            at_ms: read_us / 1000,
+            via: Via::Unicast,
+            waited_us,
+            arrived_us: arrival(waited_us, read_us),
+        }))
+    }
+
+    /// A datagram read, through loss injection: counted as received, or
+    /// dropped (`None`).
+    fn admit(&mut self, d: Datagram) -> Option<Datagram> {
+        if let Some(loss) = &mut self.loss {
+            if loss.drop_next() {
+                self.dropped += 1;
+                return None;
+            }
+        }
+        self.received += 1;
+        Some(d)
     }
 
     /// Counts group datagrams dropped as longer than a slot (and says so:
