@@ -110,6 +110,8 @@ pub enum RequestError {
     EmptyPlaintext,
     #[error("plaintext of {0} bytes is too long; at most {MAX_PLAINTEXT} bytes fit in one group message")]
     TooLong(usize),
+    #[error("datagram of more than {0} bytes is too long; at most {MAX_PLAINTEXT} bytes of plaintext fit in one group message")]
+    TooLongAtLeast(usize),
 }
 
 /// Decodes a client's datagram.

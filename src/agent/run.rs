@@ -190,7 +190,7 @@ pub async fn run_with(
         });
     }
     tokio::pin!(shutdown);
-    let mut app_buf = vec![0u8; 65_536];
+    let mut app_slots = vec![vec![0u8; APP_SLOT_LEN]; APP_BATCH];
     let result = loop {
         let wake = tokio::select! {
             biased;
@@ -202,7 +202,7 @@ pub async fn run_with(
             // costs microseconds, and at most 8 wait).
             Some(p) = async { probes.as_mut()?.recv().await }, if probes.is_some() => Wake::Probe(p),
             w = driver.wait() => Wake::Net(w),
-            r = server.recv(&mut app_buf) => Wake::App(r),
+            r = server.recv_many(&mut app_slots) => Wake::App(r),
             // A backlogged client read: its connected socket has room again.
             () = server.writable(), if server.backlogged() => Wake::Backlog,
             // A client whose socket is connected to the agent's cannot be sent
@@ -243,24 +243,24 @@ pub async fn run_with(
                 r
             }
             Wake::Net(Err(e)) => Err(e),
-            Wake::App(Ok((len, from))) => {
-                server.from = from;
-                let bytes = app_buf.get(..len).unwrap_or_default();
-                // What the batch sends goes out together at its end (one
-                // system call; the receivers woken once for it).
+            Wake::App(Ok(got)) => {
+                // What the clients queued, read with one system call and
+                // served in one pass (one wake-up of the loop per batch, not
+                // per message); what the batch sends goes out together at its
+                // end (one system call; the receivers woken once for it).
                 driver.transport().cork();
-                let mut r = server.serve(bytes, &mut driver, &mut running).await;
-                // What else the clients queued meanwhile, in one pass (one
-                // wake-up of the loop per batch, not per message).
-                for _ in 1..APP_BATCH {
+                let mut r = Ok(());
+                for (req, slot) in got.into_iter().zip(&app_slots) {
                     if r.is_err() {
                         break;
                     }
-                    let Some((len, from)) = server.try_recv(&mut app_buf) else {
-                        break;
-                    };
-                    server.from = from;
-                    let bytes = app_buf.get(..len).unwrap_or_default();
+                    server.from = req.from;
+                    if req.truncated {
+                        let e = app::RequestError::TooLongAtLeast(APP_SLOT_LEN);
+                        server.answer(&app::encode_error(&e.to_string()));
+                        continue;
+                    }
+                    let bytes = slot.get(..req.len).unwrap_or_default();
                     r = server.serve(bytes, &mut driver, &mut running).await;
                 }
                 if let Err(e) = driver.transport().uncork().await {
@@ -334,8 +334,13 @@ async fn on_link(
     }
 }
 /// Application requests served per wake-up of the loop at most (then the
-/// network and the other sources get their turn).
+/// network and the other sources get their turn), read with one `recvmmsg`.
 const APP_BATCH: usize = 64;
+
+/// Bytes of one application request read at most: an `S` request of
+/// [`app::MAX_PLAINTEXT`] bytes fits with room to spare; a longer one is
+/// answered with an error (`E`), as it would be whole.
+const APP_SLOT_LEN: usize = 4096;
 
 /// Datagrams the transport already read (one `recvmmsg` batch) handled per
 /// wake-up of the loop at most: their deliveries leave together.
@@ -347,7 +352,7 @@ const DELIVER_BATCH: usize = 64;
 enum Wake {
     Link(io::Result<(LinkChange, String)>),
     Net(Result<super::Wake, AgentError>),
-    App(io::Result<(usize, Option<PathBuf>)>),
+    App(io::Result<Vec<AppRequest>>),
     /// A backlogged client can take more (or its retry timer fired).
     Backlog,
     /// A metrics scrape or health check asks.
@@ -622,6 +627,51 @@ enum Sent {
     Gone(io::Error),
 }
 
+/// One request read by [`AppServer::recv_many`]: its length in its slot,
+/// its sender's path (an unbound sender has none), and whether it was
+/// longer than the slot (then cut).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct AppRequest {
+    len: usize,
+    from: Option<PathBuf>,
+    truncated: bool,
+}
+
+/// Requests read from the non-blocking `sock` with one `recvmmsg`, one into
+/// each of `slots`; `WouldBlock` when it held none.
+fn recv_requests(
+    sock: std::os::fd::BorrowedFd<'_>,
+    slots: &mut [Vec<u8>],
+) -> io::Result<Vec<AppRequest>> {
+    use nix::sys::socket::{recvmmsg, MsgFlags, MultiHeaders, SockaddrLike, UnixAddr};
+    use std::os::fd::AsRawFd;
+    let mut headers = MultiHeaders::<UnixAddr>::preallocate(slots.len(), None);
+    let mut iovs: Vec<[io::IoSliceMut<'_>; 1]> =
+        slots.iter_mut().map(|b| [io::IoSliceMut::new(b)]).collect();
+    let got = recvmmsg(
+        sock.as_raw_fd(),
+        &mut headers,
+        iovs.iter_mut(),
+        MsgFlags::MSG_DONTWAIT,
+        None,
+    )
+    .map_err(io::Error::from)?;
+    Ok(got
+        .map(|m| AppRequest {
+            len: m.bytes,
+            // An unbound sender's address comes back 0 bytes long (not even
+            // the family, which `UnixAddr::path` would assert on): none.
+            from: m
+                .address
+                .as_ref()
+                .filter(|a| a.len() as usize >= std::mem::size_of::<u16>())
+                .and_then(UnixAddr::path)
+                .map(Path::to_path_buf),
+            truncated: m.flags.contains(MsgFlags::MSG_TRUNC),
+        })
+        .collect())
+}
+
 impl AppServer {
     fn bind(path: &Path) -> Result<AppServer, AgentError> {
         // We hold the lock: a socket file left here is from an agent that died.
@@ -650,16 +700,16 @@ impl AppServer {
         })
     }
 
-    /// Receives one request into the buffer. Cancel-safe.
-    async fn recv(&self, buf: &mut [u8]) -> io::Result<(usize, Option<PathBuf>)> {
-        let (n, from) = self.sock.recv_from(buf).await?;
-        Ok((n, from.as_pathname().map(Path::to_path_buf)))
-    }
-
-    /// A request already queued, if any (never waits).
-    fn try_recv(&self, buf: &mut [u8]) -> Option<(usize, Option<PathBuf>)> {
-        let (n, from) = self.sock.try_recv_from(buf).ok()?;
-        Some((n, from.as_pathname().map(Path::to_path_buf)))
+    /// Waits for requests, then reads what the socket holds, one request
+    /// into each of `slots` (as many as there are), with one `recvmmsg`.
+    /// Cancel-safe.
+    async fn recv_many(&self, slots: &mut [Vec<u8>]) -> io::Result<Vec<AppRequest>> {
+        use std::os::fd::AsFd;
+        self.sock
+            .async_io(tokio::io::Interest::READABLE, || {
+                recv_requests(self.sock.as_fd(), slots)
+            })
+            .await
     }
 
     async fn serve(

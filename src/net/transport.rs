@@ -770,11 +770,9 @@ impl Transport {
             if matches!(self.group_rx, GroupRx::Moving) {
                 return Some(Err(self.lost_group()));
             }
-            let res = self
-                .unicast
-                .try_io(tokio::io::Interest::READABLE, || {
-                    recv_timed_now(self.unicast.as_fd(), &mut self.ubuf, &mut self.ucmsg)
-                });
+            let res = self.unicast.try_io(tokio::io::Interest::READABLE, || {
+                recv_timed_now(self.unicast.as_fd(), &mut self.ubuf, &mut self.ucmsg)
+            });
             let d = if res
                 .as_ref()
                 .is_err_and(|e| e.kind() == std::io::ErrorKind::WouldBlock)
@@ -809,7 +807,12 @@ impl Transport {
             }
             GroupRx::Armed(s) => {
                 let r = s.try_io(tokio::io::Interest::READABLE, || {
-                    recv_many(s.as_fd(), &mut self.gslots, &mut self.group_queue, &self.clock)
+                    recv_many(
+                        s.as_fd(),
+                        &mut self.gslots,
+                        &mut self.group_queue,
+                        &self.clock,
+                    )
                 });
                 match r {
                     Ok(n) => {

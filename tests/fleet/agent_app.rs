@@ -351,3 +351,77 @@ fn a_client_that_reads_loses_nothing_of_a_burst_and_a_stopped_one_costs_it_nothi
         "a client that never reads cannot hold a burst this size"
     );
 }
+
+/// A burst of requests queued before the agent reads any is read in one
+/// batch and each answered, in order, to its own sender: a plaintext one
+/// byte too long gets the exact error, a datagram longer than the agent
+/// reads of one request gets an error too (not a cut message sealed and
+/// sent), a bad kind its error, and the valid ones their answers. Requests
+/// from unbound sockets (no address to answer) are taken among them.
+#[test]
+fn a_burst_of_requests_is_answered_in_order_and_an_overlong_one_gets_an_error() {
+    use keyfleet::agent::app::MAX_PLAINTEXT;
+    use std::os::unix::net::UnixDatagram;
+    let _heavy = support::heavy();
+    let dir = tempfile::tempdir().unwrap();
+    let group = fresh_group();
+    let key = TestKey::new(dir.path(), "burst");
+    let state = dir.path().join("s");
+    // No controller: the agent cannot sync, so a message is held.
+    let agent = spawn_agent(&state, "burst", &key, group, &[]);
+    wait_status(&state, &agent, T, |s| s["source"] == "running_agent");
+    let me = UnixDatagram::bind(dir.path().join("me.sock")).unwrap();
+    me.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let other = UnixDatagram::bind(dir.path().join("other.sock")).unwrap();
+    other
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let to = state.join("app.sock");
+    let mut long = vec![b'S'];
+    long.resize(1 + MAX_PLAINTEXT + 1, b'x');
+    let mut huge = vec![b'S'];
+    huge.resize(5000, b'y');
+    let anon = UnixDatagram::unbound().unwrap();
+    let burst: Vec<(&UnixDatagram, Vec<u8>)> = vec![
+        (&me, b"Sfirst".to_vec()),
+        (&anon, b"Sfrom nowhere".to_vec()),
+        (&me, long),
+        (&other, huge.clone()),
+        (&anon, huge),
+        (&me, b"Zwhat".to_vec()),
+        (&other, b"Ssecond".to_vec()),
+        (&me, b"?".to_vec()),
+    ];
+    for (from, msg) in &burst {
+        from.send_to(msg, &to).unwrap();
+    }
+    let answer = |s: &UnixDatagram| {
+        let mut b = vec![0u8; 65_536];
+        let n = s.recv(&mut b).expect("an answer within 10 s");
+        b.truncate(n);
+        b
+    };
+    let held = keyfleet::agent::app::encode_outcome(keyfleet::agent::app::SendOutcome::Held);
+    assert_eq!(answer(&me), held, "first: held (no controller yet)");
+    let e = answer(&me);
+    assert_eq!(
+        String::from_utf8_lossy(&e),
+        format!(
+            "Eplaintext of {} bytes is too long; at most {MAX_PLAINTEXT} bytes fit in one group message",
+            MAX_PLAINTEXT + 1
+        )
+    );
+    let e = String::from_utf8_lossy(&answer(&other)).into_owned();
+    assert!(
+        e.starts_with("Edatagram of more than 4096 bytes is too long"),
+        "{e}"
+    );
+    let e = String::from_utf8_lossy(&answer(&me)).into_owned();
+    assert!(e.starts_with("Eunknown message kind 'Z'"), "{e}");
+    assert_eq!(answer(&other), held, "second: held");
+    let status = answer(&me);
+    assert_eq!(status.first(), Some(&b'?'));
+    let v: serde_json::Value = serde_json::from_slice(&status[1..]).unwrap();
+    assert_eq!(v["node_id"], "burst");
+    drop(agent);
+}
