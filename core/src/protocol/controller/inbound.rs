@@ -237,11 +237,12 @@ impl ControllerMachine {
             self.previous.as_ref(),
         ];
         let held: Vec<Epoch> = keys.iter().flatten().map(|k| k.epoch()).collect();
+        let ciphers = &mut self.data_ciphers;
         let opened = keys
             .into_iter()
             .flatten()
             .filter(|k| d.epoch_hint.is_none_or(|e| e == k.epoch()))
-            .find(|k| k.open(&d.nonce, d.header, d.sealed).is_some())
+            .find(|k| ciphers.open(k, &d.nonce, d.header, d.sealed).is_some())
             .map(GroupKey::epoch);
         let Some(epoch) = opened else {
             return Err(Refusal::ForgedData {

@@ -60,7 +60,7 @@ pub use persist::{
 
 use super::triggers::TriggerReason;
 use super::Time;
-use crate::crypto::{CheckValue, Epoch, GroupKey, InitialKey, ShareSecret};
+use crate::crypto::{CheckValue, CipherCache, Epoch, GroupKey, InitialKey, ShareSecret};
 use crate::wire::{DataReplay, NodeId, RoundPhase, Step};
 use beacon::Beacon;
 use core::net::SocketAddr;
@@ -129,6 +129,8 @@ pub struct ControllerMachine {
     ahead: Option<(ShareSecret, ahead::Prepared)>,
     /// The share notice of `ahead`'s share (`ahead.rs`).
     notice: ahead::Notice,
+    /// The expanded keys group data is opened under (a cache, not state).
+    data_ciphers: CipherCache,
 }
 
 impl ControllerMachine {
@@ -208,6 +210,7 @@ impl ControllerMachine {
             term: TERM,
             ahead: None,
             notice: ahead::Notice::default(),
+            data_ciphers: CipherCache::default(),
         }
     }
 

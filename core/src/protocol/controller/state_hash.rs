@@ -146,6 +146,8 @@ impl Hash for ControllerMachine {
             // the model check never prepares one.
             ahead: _,
             notice,
+            // A cache of expanded keys, made on use.
+            data_ciphers: _,
         } = self;
         (current, activated_at, round, members).hash(state);
         (seq, seq_reserved, pending, total_seals, total_opens).hash(state);
