@@ -1095,6 +1095,41 @@ mod tests {
             .unwrap()
     }
 
+    /// `try_recv` hands out what is already here without waiting: the
+    /// unicast socket at once, a coalesced group socket's stream only once
+    /// its period is over (as `recv`), nothing (`None`) when nothing is
+    /// here; and every datagram once, in order.
+    #[tokio::test]
+    async fn try_recv_takes_what_is_here_and_keeps_the_coalesced_groups_period() {
+        const EVERY: Duration = Duration::from_millis(300);
+        let (mut t, tx, group) = loopback_transport(24);
+        t.coalesce_group(Some(EVERY));
+        assert!(t.try_recv().is_none(), "nothing here yet");
+        tx.send_to(b"g0", group).unwrap();
+        assert_eq!(next(&mut t).await.bytes, b"g0");
+        let muted = tokio::time::Instant::now();
+        for i in 1..=3u8 {
+            tx.send_to(&[b'g', b'0' + i], group).unwrap();
+        }
+        tx.send_to(b"u1", t.local_addr()).unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let d = t.try_recv().expect("the unicast datagram").unwrap();
+        assert_eq!(
+            (d.bytes.as_slice(), d.via),
+            (b"u1".as_slice(), Via::Unicast)
+        );
+        if muted.elapsed() < EVERY - Duration::from_millis(50) {
+            assert!(t.try_recv().is_none(), "the group waits for its period");
+        }
+        tokio::time::sleep(EVERY).await;
+        let got: Vec<Vec<u8>> = std::iter::from_fn(|| t.try_recv())
+            .map(|d| d.unwrap().bytes)
+            .collect();
+        assert_eq!(got, [b"g1".to_vec(), b"g2".to_vec(), b"g3".to_vec()]);
+        assert!(t.try_recv().is_none());
+        assert_eq!(t.stats().received, 5);
+    }
+
     /// A datagram's arrival on the transport's µs clock (what the drain's
     /// round trips are measured to) lies between its send and its read, on
     /// either socket; it is the read time less the wait in the socket.
