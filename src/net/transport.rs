@@ -393,6 +393,9 @@ pub struct Transport {
     /// Group datagrams longer than a slot, dropped.
     oversized: u64,
     unicast: UdpSocket,
+    /// `unicast`'s address, read once (the socket is never replaced): the
+    /// controller asks for it every pass of its loop.
+    local: SocketAddr,
     clock: Clock,
     loss: Option<Loss>,
     delay: Delay,
@@ -475,6 +478,8 @@ impl Transport {
                     source,
                 })
         };
+        let unicast = reg(unicast)?;
+        let local = local(&unicast);
         Ok(Transport {
             group,
             group_rx: GroupRx::Armed(reg(group_sock)?),
@@ -482,7 +487,8 @@ impl Transport {
             group_queue: std::collections::VecDeque::new(),
             gslots: vec![vec![0; GROUP_SLOT_LEN]; GROUP_SLOTS],
             oversized: 0,
-            unicast: reg(unicast)?,
+            unicast,
+            local,
             clock,
             loss,
             delay: Delay::default(),
@@ -522,7 +528,7 @@ impl Transport {
 
     /// The unicast address (where replies reach this transport).
     pub fn local_addr(&self) -> SocketAddr {
-        local(&self.unicast)
+        self.local
     }
 
     /// The multicast group.
@@ -860,7 +866,7 @@ impl Transport {
             }
             Err(source) => {
                 return Err(NetError::Recv {
-                    on: local(&self.unicast),
+                    on: self.local,
                     source,
                 })
             }
