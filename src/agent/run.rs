@@ -643,21 +643,10 @@ fn recv_requests(
     sock: std::os::fd::BorrowedFd<'_>,
     slots: &mut [Vec<u8>],
 ) -> io::Result<Vec<AppRequest>> {
-    use nix::sys::socket::{recvmmsg, MsgFlags, MultiHeaders, SockaddrLike, UnixAddr};
-    use std::os::fd::AsRawFd;
-    let mut headers = MultiHeaders::<UnixAddr>::preallocate(slots.len(), None);
-    let mut iovs: Vec<[io::IoSliceMut<'_>; 1]> =
-        slots.iter_mut().map(|b| [io::IoSliceMut::new(b)]).collect();
-    let got = recvmmsg(
-        sock.as_raw_fd(),
-        &mut headers,
-        iovs.iter_mut(),
-        MsgFlags::MSG_DONTWAIT,
-        None,
-    )
-    .map_err(io::Error::from)?;
-    Ok(got
-        .map(|m| AppRequest {
+    use nix::sys::socket::{MsgFlags, SockaddrLike, UnixAddr};
+    let mut got = Vec::new();
+    crate::net::socket::recv_batch::<UnixAddr>(sock, slots, None, |m| {
+        got.push(AppRequest {
             len: m.bytes,
             // An unbound sender's address comes back 0 bytes long (not even
             // the family, which `UnixAddr::path` would assert on): none.
@@ -669,7 +658,8 @@ fn recv_requests(
                 .map(Path::to_path_buf),
             truncated: m.flags.contains(MsgFlags::MSG_TRUNC),
         })
-        .collect())
+    })?;
+    Ok(got)
 }
 
 impl AppServer {

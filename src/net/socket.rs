@@ -151,6 +151,39 @@ pub(crate) fn send_many<'m>(
     rustix::net::sendmmsg(sock, &mut hdrs, flags).map_err(std::io::Error::from)
 }
 
+/// One non-blocking `recvmmsg` call into `slots`, one datagram each, with
+/// `cmsg` as the control buffer each (`None`: no control messages): `each`
+/// sees every message read, in order. How many were read; `WouldBlock` when
+/// the socket held none. The receiving twin of [`send_many`].
+pub(crate) fn recv_batch<S: nix::sys::socket::SockaddrLike + Copy>(
+    sock: std::os::fd::BorrowedFd<'_>,
+    slots: &mut [Vec<u8>],
+    cmsg: Option<Vec<u8>>,
+    mut each: impl FnMut(nix::sys::socket::RecvMsg<'_, '_, S>),
+) -> std::io::Result<usize> {
+    use nix::sys::socket::{recvmmsg, MsgFlags, MultiHeaders};
+    use std::os::fd::AsRawFd;
+    let mut headers = MultiHeaders::<S>::preallocate(slots.len(), cmsg);
+    let mut iovs: Vec<[std::io::IoSliceMut<'_>; 1]> = slots
+        .iter_mut()
+        .map(|b| [std::io::IoSliceMut::new(b)])
+        .collect();
+    let got = recvmmsg(
+        sock.as_raw_fd(),
+        &mut headers,
+        iovs.iter_mut(),
+        MsgFlags::MSG_DONTWAIT,
+        None,
+    )
+    .map_err(std::io::Error::from)?;
+    let mut n = 0;
+    for m in got {
+        n += 1;
+        each(m);
+    }
+    Ok(n)
+}
+
 /// The address a socket is bound to, for messages.
 pub(crate) fn local(s: &tokio::net::UdpSocket) -> SocketAddr {
     s.local_addr()

@@ -113,50 +113,38 @@ fn recv_many(
     queue: &mut std::collections::VecDeque<Datagram>,
     clock: &Clock,
 ) -> std::io::Result<ReadMany> {
-    use nix::sys::socket::{recvmmsg, MsgFlags, MultiHeaders, SockaddrStorage};
-    use std::os::fd::AsRawFd;
-    let mut headers = MultiHeaders::<SockaddrStorage>::preallocate(
-        slots.len(),
+    use nix::sys::socket::{MsgFlags, SockaddrStorage};
+    // One reading of the clocks for the call, after it (it took them all
+    // at once), at its first message.
+    let mut clocks = None;
+    let mut truncated = 0;
+    let read = socket::recv_batch::<SockaddrStorage>(
+        sock,
+        slots,
         Some(nix::cmsg_space!(nix::sys::time::TimeSpec)),
-    );
-    let mut iovs: Vec<[std::io::IoSliceMut<'_>; 1]> = slots
-        .iter_mut()
-        .map(|b| [std::io::IoSliceMut::new(b)])
-        .collect();
-    let got = recvmmsg(
-        sock.as_raw_fd(),
-        &mut headers,
-        iovs.iter_mut(),
-        MsgFlags::MSG_DONTWAIT,
-        None,
-    )
-    .map_err(std::io::Error::from)?;
-    // One reading of the clocks for the call: it took them all at once.
-    let now = std::time::SystemTime::now();
-    let read_us = clock.now_us();
-    let at_ms = read_us / 1000;
-    let mut n = ReadMany::default();
-    for msg in got {
-        n.read += 1;
-        if msg.flags.contains(MsgFlags::MSG_TRUNC) {
-            n.truncated += 1;
-            continue;
-        }
-        let bytes = msg.iovs().next().unwrap_or_default();
-        // A UDP datagram always has a source; one without is skipped.
-        if let Ok(from) = source(msg.address.as_ref()) {
-            let waited_us = waited(msg.cmsgs().into_iter().flatten(), now);
-            queue.push_back(Datagram {
-                bytes: bytes.to_vec(),
-                from,
-                at_ms,
-                via: Via::Group,
-                waited_us,
-                arrived_us: arrival(waited_us, read_us),
-            });
-        }
-    }
-    Ok(n)
+        |msg| {
+            let (now, read_us) =
+                *clocks.get_or_insert_with(|| (std::time::SystemTime::now(), clock.now_us()));
+            if msg.flags.contains(MsgFlags::MSG_TRUNC) {
+                truncated += 1;
+                return;
+            }
+            let bytes = msg.iovs().next().unwrap_or_default();
+            // A UDP datagram always has a source; one without is skipped.
+            if let Ok(from) = source(msg.address.as_ref()) {
+                let waited_us = waited(msg.cmsgs().into_iter().flatten(), now);
+                queue.push_back(Datagram {
+                    bytes: bytes.to_vec(),
+                    from,
+                    at_ms: read_us / 1000,
+                    via: Via::Group,
+                    waited_us,
+                    arrived_us: arrival(waited_us, read_us),
+                });
+            }
+        },
+    )?;
+    Ok(ReadMany { read, truncated })
 }
 
 /// Says that `dropped` group datagrams were longer than a slot: the first
@@ -728,19 +716,7 @@ impl Transport {
                     continue;
                 }
                 Got::Group(r) => {
-                    match r {
-                        Ok(n) => self.note_oversized(n),
-                        Err(e) if is_icmp_report(&e) => {}
-                        Err(source) => {
-                            return Err(NetError::Recv {
-                                on: SocketAddr::V4(self.group),
-                                source,
-                            })
-                        }
-                    }
-                    if self.coalesce.is_some() {
-                        self.mute_group()?;
-                    }
+                    self.armed_group_read(r)?;
                     continue;
                 }
                 Got::Queued => match self.group_queue.pop_front() {
@@ -821,23 +797,34 @@ impl Transport {
                     )
                 });
                 match r {
-                    Ok(n) => {
-                        self.note_oversized(n);
-                        if self.coalesce.is_some() {
-                            self.mute_group()?;
-                        }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || is_icmp_report(&e) => {
                         Ok(())
                     }
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(()),
-                    Err(e) if is_icmp_report(&e) => Ok(()),
-                    Err(source) => Err(NetError::Recv {
-                        on: SocketAddr::V4(self.group),
-                        source,
-                    }),
+                    r => self.armed_group_read(r),
                 }
             }
             _ => Ok(()),
         }
+    }
+
+    /// What follows a read of the armed group socket: its oversized
+    /// datagrams counted, a failure other than an ICMP report returned, and
+    /// the socket muted when the group is coalesced.
+    fn armed_group_read(&mut self, r: std::io::Result<ReadMany>) -> Result<(), NetError> {
+        match r {
+            Ok(n) => self.note_oversized(n),
+            Err(e) if is_icmp_report(&e) => {}
+            Err(source) => {
+                return Err(NetError::Recv {
+                    on: SocketAddr::V4(self.group),
+                    source,
+                })
+            }
+        }
+        if self.coalesce.is_some() {
+            self.mute_group()?;
+        }
+        Ok(())
     }
 
     /// The error of a receive once the group socket was lost.
