@@ -249,23 +249,6 @@ pub fn ensure_fd_limit(agents: u32) -> Result<(), UdpSimError> {
     })
 }
 
-fn udp_rcvbuf_errors() -> u64 {
-    // Two "Udp:" lines: the names, then the values.
-    let Ok(s) = std::fs::read_to_string("/proc/net/snmp") else {
-        return 0;
-    };
-    let mut lines = s.lines().filter(|l| l.starts_with("Udp:"));
-    let (Some(names), Some(values)) = (lines.next(), lines.next()) else {
-        return 0;
-    };
-    names
-        .split_whitespace()
-        .zip(values.split_whitespace())
-        .find(|(n, _)| *n == "RcvbufErrors")
-        .and_then(|(_, v)| v.parse().ok())
-        .unwrap_or(0)
-}
-
 /// `VmHWM` and `VmRSS` of this process, bytes.
 fn memory() -> (u64, u64) {
     let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
@@ -619,7 +602,7 @@ impl SimNet for UdpNet {
 /// Runs the scenario of `cfg` over UDP sockets as `udp` says.
 pub fn run(cfg: &SimConfig, udp: &UdpConfig) -> Result<UdpReport, UdpSimError> {
     let (_, rss_before) = memory();
-    let rcvbuf_before = udp_rcvbuf_errors();
+    let rcvbuf_before = socket::udp_rcvbuf_errors().unwrap_or(0);
     let (net, handle) = UdpNet::bind(cfg, udp)?;
     let mut cfg = cfg.clone();
     if cfg.max_virtual_ms == 0 {
@@ -629,7 +612,9 @@ pub fn run(cfg: &SimConfig, udp: &UdpConfig) -> Result<UdpReport, UdpSimError> {
     let sim = keyfleet_core::sim::run_on(cfg, net);
     let (peak, _) = memory();
     let mut udp_extras = handle.extras();
-    udp_extras.kernel_rcvbuf_errors = udp_rcvbuf_errors().saturating_sub(rcvbuf_before);
+    udp_extras.kernel_rcvbuf_errors = socket::udp_rcvbuf_errors()
+        .unwrap_or(0)
+        .saturating_sub(rcvbuf_before);
     let busy_ms = sim.virtual_ms_total.saturating_sub(sim.joined_by_ms);
     let rounds_per_s = if busy_ms > 0 {
         f64::from(sim.rounds_completed) * 1000.0 / busy_ms as f64

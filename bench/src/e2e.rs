@@ -61,6 +61,11 @@ pub struct E2eRow {
     /// (it opens group data to tell a leaked key).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub controller_cpu_us_per_msg: Option<f64>,
+    /// keyfleet path: the most deliveries agent B held at once for a
+    /// client whose socket queue was full (its `app_backlog_peak`; 3 500
+    /// of 1 KiB are held before any is dropped).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backlog_peak: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
 }
@@ -151,6 +156,7 @@ fn row(path: &str, size: usize, sent: u64, first_ns: u64, seen: Seen) -> E2eRow 
         rates: Vec::new(),
         cpu_us_per_msg: None,
         controller_cpu_us_per_msg: None,
+        backlog_peak: None,
         error: None,
     }
 }
@@ -318,14 +324,14 @@ fn relay_path(dir: &Path, group: SocketAddrV4, size: usize, count: u64) -> anyho
     through_unix("relay", size, count, hops, sink)
 }
 
-/// Through two agents of a running fleet; also what agent B counted as
-/// `app_dropped` meanwhile.
+/// Through two agents of a running fleet; also, when not every message
+/// arrived, where the agents' counters say the missing ones went.
 fn keyfleet_path(
     fleet: &KfFleet,
     dir: &Path,
     size: usize,
     count: u64,
-) -> anyhow::Result<(E2eRow, u64)> {
+) -> anyhow::Result<(E2eRow, Option<String>)> {
     static RUN: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let run = RUN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let (a, b) = (fleet.agent_state(0), fleet.agent_state(1));
@@ -339,7 +345,8 @@ fn keyfleet_path(
         buf.get(..n) == Some(b"R".as_slice()),
         "agent B did not register the client"
     );
-    let before = app_dropped(dir, &b)?;
+    let before = [running(dir, &a)?, running(dir, &b)?];
+    let overflows_before = keyfleet::net::socket::udp_rcvbuf_errors();
     let agents: Vec<u32> = [fleet.agent_pid(0), fleet.agent_pid(1)]
         .into_iter()
         .flatten()
@@ -360,24 +367,69 @@ fn keyfleet_path(
     let mut r = r?;
     r.controller_cpu_us_per_msg =
         per_msg(serve_before, crate::procs::cpu_total(&serve), r.received);
-    let after = app_dropped(dir, &b)?;
-    Ok((r, after.saturating_sub(before)))
+    let after = [running(dir, &a)?, running(dir, &b)?];
+    r.backlog_peak = after[1]["app_backlog_peak"].as_u64();
+    let lost = (r.dropped > 0).then(|| {
+        let mut l = where_lost(&before, &after);
+        if let (Some(b), Some(a)) = (overflows_before, keyfleet::net::socket::udp_rcvbuf_errors()) {
+            l.push_str(&format!(
+                "; UDP receive buffers that overflowed on this host meanwhile (any socket, serve's too): {}",
+                a.saturating_sub(b)
+            ));
+        }
+        l
+    });
+    Ok((r, lost))
 }
 
-/// Agent `state`'s `app_dropped`, asked over its application socket.
-fn app_dropped(dir: &Path, state: &Path) -> anyhow::Result<u64> {
+/// The counters of agents A and B that account for a message between the
+/// two clients, as changed over a run: A's `data_sent` and `send_errors`,
+/// then B's.
+const ACCOUNT: [(usize, &str); 8] = [
+    (0, "data_sent"),
+    (0, "send_dropped"),
+    (0, "send_errors"),
+    (1, "datagrams_in"),
+    (1, "refused"),
+    (1, "undecryptable"),
+    (1, "delivered"),
+    (1, "app_dropped"),
+];
+
+/// What the agents' counters say of a run that lost messages, e.g. `agent
+/// A data_sent +300000, agent A send_dropped +0, ...` (a counter an
+/// older agent does not report is left out).
+fn where_lost(before: &[serde_json::Value; 2], after: &[serde_json::Value; 2]) -> String {
+    let parts: Vec<String> = ACCOUNT
+        .iter()
+        .filter_map(|&(agent, key)| {
+            let (b, a) = (before[agent][key].as_u64()?, after[agent][key].as_u64()?);
+            Some(format!(
+                "agent {} {key} +{}",
+                ["A", "B"][agent],
+                a.saturating_sub(b)
+            ))
+        })
+        .collect();
+    parts.join(", ")
+}
+
+/// Agent `state`'s running counters, asked over its application socket.
+fn running(dir: &Path, state: &Path) -> anyhow::Result<serde_json::Value> {
     let me = dir.join(format!("status-{}.sock", rand::random::<u32>()));
     let s = UnixDatagram::bind(&me)?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
     s.send_to(b"?", state.join("app.sock"))?;
     let mut buf = vec![0u8; 65_536];
-    loop {
+    let v = loop {
         let n = s.recv(&mut buf)?;
         if buf.first() == Some(&b'?') {
             let v: serde_json::Value = serde_json::from_slice(buf.get(1..n).unwrap_or_default())?;
-            return Ok(v["running"]["app_dropped"].as_u64().unwrap_or(0));
+            break v["running"].clone();
         }
-    }
+    };
+    let _ = std::fs::remove_file(&me);
+    Ok(v)
 }
 
 /// Runs of the keyfleet and relay paths at each size, alternated.
@@ -392,6 +444,7 @@ fn median_run(runs: Vec<anyhow::Result<E2eRow>>) -> anyhow::Result<E2eRow> {
         ok.push(r?);
     }
     let rates: Vec<f64> = ok.iter().map(|r| r.msgs_per_s).collect();
+    let peak = ok.iter().filter_map(|r| r.backlog_peak).max();
     let (sent, received, dropped, reordered) = ok.iter().fold((0, 0, 0, 0), |a, r| {
         (
             a.0 + r.sent,
@@ -409,6 +462,7 @@ fn median_run(runs: Vec<anyhow::Result<E2eRow>>) -> anyhow::Result<E2eRow> {
     row.dropped = dropped;
     row.reordered = reordered;
     row.rates = rates;
+    row.backlog_peak = peak;
     row.error = (!errors.is_empty()).then(|| errors.join("; "));
     Ok(row)
 }
@@ -437,8 +491,8 @@ pub fn run(bins: &Bins, count: u64, base_port: u16) -> Vec<E2eRow> {
         let (mut kf, mut relay) = (Vec::new(), Vec::new());
         for _ in 0..RUNS {
             kf.push(match &fleet {
-                Ok(f) => keyfleet_path(f, dir.path(), size, count).map(|(mut r, d)| {
-                    r.error = (d > 0).then(|| format!("agent B counted {d} app_dropped"));
+                Ok(f) => keyfleet_path(f, dir.path(), size, count).map(|(mut r, lost)| {
+                    r.error = lost.map(|l| format!("{} lost: {l}", r.dropped));
                     r
                 }),
                 Err(e) => Err(anyhow::anyhow!("the keyfleet fleet did not start: {e:#}")),
@@ -532,6 +586,25 @@ mod tests {
             failed.unwrap_err().to_string(),
             "address in use",
             "a failed run fails the row"
+        );
+    }
+
+    /// A run that lost messages says where, from the agents' counters; a
+    /// counter an older agent does not report is left out.
+    #[test]
+    fn a_loss_is_told_by_the_counters_that_moved() {
+        let before = [
+            serde_json::json!({"data_sent": 10, "send_dropped": 0}),
+            serde_json::json!({"datagrams_in": 5, "delivered": 5, "app_dropped": 0}),
+        ];
+        let after = [
+            serde_json::json!({"data_sent": 110, "send_dropped": 0}),
+            serde_json::json!({"datagrams_in": 103, "delivered": 103, "app_dropped": 2}),
+        ];
+        assert_eq!(
+            where_lost(&before, &after),
+            "agent A data_sent +100, agent A send_dropped +0, agent B datagrams_in +98, \
+             agent B delivered +98, agent B app_dropped +2"
         );
     }
 }

@@ -27,17 +27,20 @@
 //! own socket to a path first (`keyfleet-agent send`/`recv` bind one in the
 //! state directory); a client that only sends `S` may stay unbound
 //! (`printf 'Shello' | socat - UNIX-SENDTO:<state>/app.sock`). Messages
-//! are delivered to every registered client without blocking the agent,
-//! each through a socket of the agent's connected to the client's. A client
-//! whose socket queue is full (the kernel keeps only
-//! `net.unix.max_dgram_qlen` datagrams, 10 by default) gets them in order as
-//! soon as it reads: the kernel wakes the agent when that client's queue has
-//! room, and the agent keeps up to [`BACKLOG_BYTES`] of messages per client
-//! meanwhile. A client that falls further behind misses messages (counted in
-//! the status as `app_dropped`; the others lose nothing); a client whose
-//! socket is gone is unregistered. (A client that connected its socket to the
-//! agent's cannot be sent to from another socket: it is served through the
-//! agent's own socket, its backlog retried every [`BACKLOG_RETRY_MS`] ms.)
+//! are delivered to every registered client without blocking the agent:
+//! each client has a thread of the agent's that sends to it, in order,
+//! through a socket connected to the client's. The kernel keeps only
+//! `net.unix.max_dgram_qlen` datagrams in a client's queue (10 by default,
+//! 512 where systemd sets it); the thread waits in the kernel while the
+//! queue is full and sends the next the moment the client has read one, so
+//! a client that reads as fast as it can keeps up with the agent's own
+//! work. Meanwhile up to [`BACKLOG_BYTES`] of messages wait per client. A
+//! client that falls further behind misses messages (counted in the status
+//! as `app_dropped`; the others lose nothing; `app_backlog_peak` says how
+//! near a client came); a client whose socket is gone is unregistered. (A
+//! client that connected its socket to the agent's cannot be sent to from
+//! another socket: it is served through the agent's own socket, its queue
+//! retried every [`BACKLOG_RETRY_MS`] ms while full.)
 
 use keyfleet_core::protocol::Delivered;
 
@@ -53,8 +56,9 @@ pub const MAX_CLIENTS: usize = 32;
 /// message counted with 32 bytes of overhead): about 3 500 messages of 1 KiB
 /// or 30 000 of 64 B; at most [`MAX_CLIENTS`] × this in all.
 pub const BACKLOG_BYTES: usize = 4 << 20;
-/// How often a full client's backlog is retried when the client's socket is
-/// connected to the agent's (other clients are woken by the kernel).
+/// How often a full client's queue is retried when the client's socket is
+/// connected to the agent's (the other clients' threads are woken by the
+/// kernel).
 pub const BACKLOG_RETRY_MS: u64 = 5;
 /// Length of the `M` header after its kind byte.
 const DELIVERED_HEADER: usize = 4 + 8 + 4;

@@ -108,6 +108,9 @@ pub struct DriverStats {
     /// Data no held key opened (must stay 0 in a lossless rotation).
     pub undecryptable: u64,
     pub data_sent: u64,
+    /// Application messages dropped because the hold queue was full (the
+    /// client was answered `A` 2).
+    pub send_dropped: u64,
     pub delivered: u64,
     /// Delivered data without an epoch hint, opened by trying the held keys.
     pub delivered_by_trial: u64,
@@ -596,6 +599,7 @@ impl NodeDriver {
                 tracing::info!(node, ?state, member = ?self.machine.member(), "synced with the controller");
             }
             NodeEvent::QueueFull => {
+                self.stats.send_dropped += 1;
                 tracing::warn!(node, "hold queue full: application message dropped");
             }
             NodeEvent::SeqJump {

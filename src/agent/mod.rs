@@ -28,6 +28,7 @@
 pub mod app;
 mod driver;
 pub mod links;
+mod outbox;
 mod run;
 pub mod state;
 

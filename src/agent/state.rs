@@ -169,6 +169,14 @@ pub struct RunningStatus {
     pub node_messages_ignored: u64,
     pub undecryptable: u64,
     pub data_sent: u64,
+    /// Application messages dropped because the hold queue was full (the
+    /// agent held them while it was not synced, and more came).
+    #[serde(default)]
+    pub send_dropped: u64,
+    /// Datagrams the kernel refused to send (each one lost: the protocol's
+    /// retries cover control messages, not application data).
+    #[serde(default)]
+    pub send_errors: u64,
     pub delivered: u64,
     /// Delivered data that carried no epoch hint: opened by trying the held
     /// keys (claims 14-15).
@@ -197,6 +205,12 @@ pub struct RunningStatus {
     pub keys_vouched: u64,
     pub app_clients: usize,
     pub app_dropped: u64,
+    /// The most deliveries one client's backlog held at once since the
+    /// agent started (they wait there while the client's socket queue is
+    /// full; beyond `BACKLOG_BYTES`, about 3 500 messages of 1 KiB, they are
+    /// dropped for that client and counted in `app_dropped`).
+    #[serde(default)]
+    pub app_backlog_peak: usize,
 }
 
 /// What `keyfleet-agent status` prints.

@@ -56,6 +56,18 @@ fn short_buffer(got: usize) -> Option<String> {
     })
 }
 
+/// The host's count of UDP datagrams the kernel dropped for a full receive
+/// buffer (`RcvbufErrors` in `/proc/net/snmp`, every socket of this network
+/// namespace), when it can be read.
+pub fn udp_rcvbuf_errors() -> Option<u64> {
+    let snmp = std::fs::read_to_string("/proc/net/snmp").ok()?;
+    // Two "Udp:" lines: the names, then the values.
+    let mut udp = snmp.lines().filter(|l| l.starts_with("Udp: "));
+    let (names, values) = (udp.next()?, udp.next()?);
+    let i = names.split_whitespace().position(|n| n == "RcvbufErrors")?;
+    values.split_whitespace().nth(i)?.parse().ok()
+}
+
 fn setup(what: &'static str, addr: impl ToString) -> impl FnOnce(std::io::Error) -> NetError {
     let addr = addr.to_string();
     move |source| NetError::Setup { what, addr, source }

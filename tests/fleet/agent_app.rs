@@ -350,6 +350,20 @@ fn a_client_that_reads_loses_nothing_of_a_burst_and_a_stopped_one_costs_it_nothi
         dropped > 0,
         "a client that never reads cannot hold a burst this size"
     );
+    // The status says how near a client came: the stopped one had its whole
+    // backlog waiting, what it read late less what its socket queue held
+    // (`net.unix.max_dgram_qlen`, 10 here, 512 under systemd).
+    let sb_after = status(&sb).unwrap();
+    let peak = sb_after["running"]["app_backlog_peak"].as_u64().unwrap();
+    let late = stopped_got.len() as u64;
+    assert!(
+        peak > 0 && peak <= late && late - peak <= 513,
+        "app_backlog_peak {peak} of {late} read late: {sb_after}"
+    );
+    // Nothing was lost on the sending side.
+    let sa_after = status(&sa).unwrap();
+    assert_eq!(sa_after["running"]["send_errors"], 0, "{sa_after}");
+    assert_eq!(sa_after["running"]["send_dropped"], 0, "{sa_after}");
 }
 
 /// A burst of requests queued before the agent reads any is read in one
