@@ -471,7 +471,10 @@ pub struct AgentMetrics {
     delivered: Counter,
     persisted: Counter,
     usage_reports: Counter,
+    send_dropped: Counter,
+    send_errors: Counter,
     app_dropped: Counter,
+    app_backlog_peak: Gauge,
     app_clients: Gauge,
     epoch: Gauge,
     sealing_epoch: Gauge,
@@ -491,7 +494,10 @@ pub struct AgentSample {
     pub delivered: u64,
     pub persisted: u64,
     pub usage_reports: u64,
+    pub send_dropped: u64,
+    pub send_errors: u64,
     pub app_dropped: u64,
+    pub app_backlog_peak: usize,
     pub app_clients: usize,
     /// The newest epoch the node holds (0: not joined).
     pub epoch: u32,
@@ -526,7 +532,10 @@ impl AgentMetrics {
             delivered: Counter::default(),
             persisted: Counter::default(),
             usage_reports: Counter::default(),
+            send_dropped: Counter::default(),
+            send_errors: Counter::default(),
             app_dropped: Counter::default(),
+            app_backlog_peak: Gauge::default(),
             app_clients: Gauge::default(),
             epoch: Gauge::default(),
             sealing_epoch: Gauge::default(),
@@ -573,9 +582,24 @@ impl AgentMetrics {
             m.usage_reports.clone(),
         );
         r.register(
+            "send_dropped",
+            "Application messages dropped because the hold queue was full (held while not synced)",
+            m.send_dropped.clone(),
+        );
+        r.register(
+            "send_errors",
+            "Datagrams the kernel refused to send (application data among them is lost)",
+            m.send_errors.clone(),
+        );
+        r.register(
             "app_dropped",
             "Deliveries dropped for an application whose socket stayed full",
             m.app_dropped.clone(),
+        );
+        r.register(
+            "app_backlog_peak",
+            "The most deliveries that waited for one application at once since the agent started (4 MiB of them are kept)",
+            m.app_backlog_peak.clone(),
         );
         r.register(
             "app_clients",
@@ -634,7 +658,11 @@ impl AgentMetrics {
         raise(&self.delivered, s.delivered);
         raise(&self.persisted, s.persisted);
         raise(&self.usage_reports, s.usage_reports);
+        raise(&self.send_dropped, s.send_dropped);
+        raise(&self.send_errors, s.send_errors);
         raise(&self.app_dropped, s.app_dropped);
+        self.app_backlog_peak
+            .set(i64::try_from(s.app_backlog_peak).unwrap_or(i64::MAX));
         self.app_clients
             .set(i64::try_from(s.app_clients).unwrap_or(i64::MAX));
         self.epoch.set(i64::from(s.epoch));
@@ -750,6 +778,24 @@ mod tests {
             "{t}"
         );
         assert_eq!(sample_line(&t, "keyfleet_agent_epoch"), Some("3"));
+        // What can lose an application's message is exported too.
+        s.send_errors = 2;
+        s.send_dropped = 1;
+        s.app_backlog_peak = 1800;
+        m.refresh(&s);
+        let t = ex.encode();
+        assert_eq!(
+            sample_line(&t, "keyfleet_agent_send_errors_total"),
+            Some("2")
+        );
+        assert_eq!(
+            sample_line(&t, "keyfleet_agent_send_dropped_total"),
+            Some("1")
+        );
+        assert_eq!(
+            sample_line(&t, "keyfleet_agent_app_backlog_peak"),
+            Some("1800")
+        );
     }
 
     #[tokio::test]

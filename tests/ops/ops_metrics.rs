@@ -370,6 +370,10 @@ fn metrics_of_serve_and_agents_match_status_history_and_the_agents_own_status() 
             ("keyfleet_agent_datagrams_received_total", "datagrams_in"),
             ("keyfleet_agent_usage_reports_total", "usage_reports"),
             ("keyfleet_agent_state_saves_total", "persisted"),
+            ("keyfleet_agent_send_errors_total", "send_errors"),
+            ("keyfleet_agent_send_dropped_total", "send_dropped"),
+            ("keyfleet_agent_app_dropped_total", "app_dropped"),
+            ("keyfleet_agent_app_backlog_peak", "app_backlog_peak"),
         ] {
             let v = run[field].as_f64().unwrap();
             assert!(
