@@ -24,6 +24,11 @@ pub struct Machine {
     pub rustc: String,
     pub commit: String,
     pub load_at_start: Option<[f64; 3]>,
+    /// `net.unix.max_dgram_qlen` and `net.core.rmem_max`: the datagrams a
+    /// Unix socket queues (what an application client of an agent, or of a
+    /// relay, gets per wake-up) and the cap on UDP receive buffers.
+    #[serde(default)]
+    pub sysctls: Vec<(String, String)>,
 }
 
 fn first_line(cmd: &str, args: &[&str]) -> String {
@@ -68,6 +73,16 @@ impl Machine {
             rustc: first_line("rustc", &["--version"]),
             commit: first_line("git", &["rev-parse", "--short", "HEAD"]),
             load_at_start: loadavg(),
+            sysctls: ["net.unix.max_dgram_qlen", "net.core.rmem_max"]
+                .iter()
+                .map(|k| {
+                    let path = format!("/proc/sys/{}", k.replace('.', "/"));
+                    let v = std::fs::read_to_string(path)
+                        .map(|v| v.trim().to_string())
+                        .unwrap_or_else(|_| "?".into());
+                    ((*k).to_string(), v)
+                })
+                .collect(),
         }
     }
 }
@@ -712,6 +727,9 @@ pub fn markdown(r: &Results) -> String {
     let _ = writeln!(s, "| memory | {} |", m.mem_total);
     let _ = writeln!(s, "| kernel | {} |", m.kernel);
     let _ = writeln!(s, "| rustc | {} (release build) |", m.rustc);
+    for (k, v) in &m.sysctls {
+        let _ = writeln!(s, "| `{k}` | {v} |");
+    }
     let _ = writeln!(
         s,
         "| load average (1, 5, 15 min) at start | {} |",
@@ -759,6 +777,7 @@ fn e2e_section(rows: &[crate::e2e::E2eRow], s: &mut String) {
     );
     let _ = writeln!(s, "A client sends as fast as the first hop takes its messages; a client at the other end reads as fast as it can. **keyfleet**: client → Unix datagram → agent (seals) → UDP multicast → agent (opens) → Unix datagram → client. **relay**: the same hops through two plain forwarding processes, without the protocol (the limit of this architecture). **multicast**: a UDP multicast sender and receiver, no Unix hops. Latency from send to receipt, under that full load; dropped = sent − received.\n");
     let _ = writeln!(s, "CPU per message: what the two forwarding processes (the agents, the relays) used together, user and system time, per message received; for keyfleet also `keyfleet serve`, which hears the group too. The rate depends on how the scheduler shares two cores among five busy processes; the CPU time much less.\n");
+    let _ = writeln!(s, "A client's Unix socket queues `net.unix.max_dgram_qlen` datagrams (in the table at the top): 10 where nothing sets it, 512 where systemd does. At 512 the relays block less on their clients and the relay path gains more than keyfleet's, whose agents send to their clients from a thread each (README, \"Benchmarks\").\n");
     let _ = writeln!(s, "keyfleet and relay ran {} times each at each size, alternated (the rate of one path moves more from run to run than most changes do): messages/s is the median run's, and so are the latencies and the CPU; received and dropped add up all runs; each run's rate is in the note.\n", crate::e2e::RUNS);
     let _ = writeln!(s, "| path | size | messages/s | p50 latency | p99 latency | received | dropped | CPU per message | note |\n|---|---|---|---|---|---|---|---|---|");
     for r in rows {
