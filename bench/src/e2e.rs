@@ -62,8 +62,9 @@ pub struct E2eRow {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub controller_cpu_us_per_msg: Option<f64>,
     /// keyfleet path: the most deliveries agent B held at once for a
-    /// client whose socket queue was full (its `app_backlog_peak`; 3 500
-    /// of 1 KiB are held before any is dropped).
+    /// client whose socket queue was full, since it started (its
+    /// `app_backlog_peak`, so over this size's runs and those before;
+    /// 3 500 of 1 KiB are held before any is dropped).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backlog_peak: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -383,8 +384,8 @@ fn keyfleet_path(
 }
 
 /// The counters of agents A and B that account for a message between the
-/// two clients, as changed over a run: A's `data_sent` and `send_errors`,
-/// then B's.
+/// two clients, as changed over a run: what A sent or lost sending, then
+/// what B received, refused, could not open, delivered or dropped.
 const ACCOUNT: [(usize, &str); 8] = [
     (0, "data_sent"),
     (0, "send_dropped"),

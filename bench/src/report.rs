@@ -785,7 +785,10 @@ fn e2e_section(rows: &[crate::e2e::E2eRow], s: &mut String) {
             let v: Vec<String> = r.rates.iter().map(|x| format!("{x:.0}")).collect();
             format!("runs: {}", v.join(", "))
         });
-        let note: Vec<&str> = [runs.as_deref(), r.error.as_deref()]
+        let peak = r
+            .backlog_peak
+            .map(|p| format!("receiving agent's backlog for its client peaked at {p} messages (since it started)"));
+        let note: Vec<&str> = [runs.as_deref(), peak.as_deref(), r.error.as_deref()]
             .into_iter()
             .flatten()
             .collect();

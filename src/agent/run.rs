@@ -449,12 +449,13 @@ struct AppServer {
     path: PathBuf,
     clients: Vec<Client>,
     dropped: u64,
-    /// The most deliveries one client's backlog held at once (its status
-    /// `app_backlog_peak`: how near a slow client came to losing some).
+    /// The most deliveries that waited for a client no longer registered
+    /// (the status's `app_backlog_peak` is the most of this and of the
+    /// registered clients': how near a slow client came to losing some).
     backlog_peak: usize,
     from: Option<PathBuf>,
     /// Between [`AppServer::hold`] and [`AppServer::release`]: deliveries
-    /// wait in the clients' backlogs and leave together.
+    /// wait in each client's `held` and reach its thread together.
     holding: bool,
 }
 
