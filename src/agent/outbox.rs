@@ -262,6 +262,11 @@ fn send_loop(shared: &Shared, mut route: Route) {
             let mut st = lock(&shared.state);
             st.bytes -= freed;
             st.sending -= sent;
+            // Unregistered: the rest is not sent (a client that registers
+            // again gets a thread of its own, and nothing twice).
+            if st.closed {
+                return;
+            }
         }
         batch.clear();
     }

@@ -596,16 +596,7 @@ impl AppServer {
             }
             Ok(Request::Register) => Some(self.register()),
             Ok(Request::Unregister) => {
-                if let Some(from) = &self.from {
-                    let peak = &mut self.backlog_peak;
-                    self.clients.retain(|c| {
-                        let keep = &c.path != from;
-                        if !keep {
-                            *peak = (*peak).max(c.outbox.peak());
-                        }
-                        keep
-                    });
-                }
+                self.unregister();
                 Some(vec![b'U'])
             }
             Ok(Request::Status) => {
@@ -694,6 +685,21 @@ impl AppServer {
             }
         }
         vec![b'R']
+    }
+
+    /// Unregisters the sender of the request being served: its thread
+    /// stops (what one `sendmmsg` call of it had begun may still arrive).
+    fn unregister(&mut self) {
+        if let Some(from) = &self.from {
+            let peak = &mut self.backlog_peak;
+            self.clients.retain(|c| {
+                let keep = &c.path != from;
+                if !keep {
+                    *peak = (*peak).max(c.outbox.peak());
+                }
+                keep
+            });
+        }
     }
 
     /// Hands one `M` datagram to every registered client, never blocking
@@ -973,5 +979,37 @@ mod tests {
         assert_eq!(read_until(&fast, usize::from(n)), all);
         assert_eq!(server.dropped, 0);
         assert_eq!(server.clients.len(), 2);
+    }
+
+    /// A client that unregisters gets nothing delivered meanwhile; once it
+    /// registers again it gets what follows, in order, once each.
+    #[tokio::test]
+    async fn a_client_that_unregisters_and_registers_again_gets_nothing_between_and_nothing_twice()
+    {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut server, [slow, fast]) = client_pair(dir.path());
+        drop(slow);
+        let path = dir.path().join("fast.sock");
+        server.from = Some(dir.path().join("slow.sock"));
+        server.unregister();
+        for i in 0..100u16 {
+            server.deliver(&msg(i));
+        }
+        assert_eq!(read_until(&fast, 100), (0..100).collect::<Vec<_>>());
+        server.from = Some(path.clone());
+        server.unregister();
+        assert!(server.clients.is_empty());
+        for i in 100..200u16 {
+            server.deliver(&msg(i));
+        }
+        assert_eq!(server.register(), vec![b'R']);
+        for i in 200..300u16 {
+            server.deliver(&msg(i));
+        }
+        assert_eq!(
+            read_until(&fast, usize::MAX),
+            (200..300).collect::<Vec<_>>(),
+            "what came while unregistered is not delivered; the rest once, in order"
+        );
     }
 }
