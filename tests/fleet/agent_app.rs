@@ -360,6 +360,15 @@ fn a_client_that_reads_loses_nothing_of_a_burst_and_a_stopped_one_costs_it_nothi
         peak > 0 && peak <= late && late - peak <= 513,
         "app_backlog_peak {peak} of {late} read late: {sb_after}"
     );
+    // The human status says so too.
+    let human = agent_cmd(&["status", "--state", sb.to_str().unwrap()]);
+    let human = String::from_utf8_lossy(&human.stdout);
+    assert!(
+        human.contains(&format!(
+            "for slow clients {dropped}  (most waiting for one client {peak})"
+        )),
+        "{human}"
+    );
     // Nothing was lost on the sending side.
     let sa_after = status(&sa).unwrap();
     assert_eq!(sa_after["running"]["send_errors"], 0, "{sa_after}");

@@ -138,6 +138,10 @@ pub async fn status(state: &Path, json: bool) -> anyhow::Result<()> {
                 "counters    in {}  refused {}  undecryptable {}  sent {}  delivered {} ({} by trial)  clients {}",
                 r.datagrams_in, r.refused, r.undecryptable, r.data_sent, r.delivered, r.delivered_by_trial, r.app_clients
             );
+            println!(
+                "lost        hold queue full {}  sends refused {}  for slow clients {}  (most waiting for one client {})",
+                r.send_dropped, r.send_errors, r.app_dropped, r.app_backlog_peak
+            );
         }
         None => println!("agent       not reachable; shown from {}", s.path),
     }
