@@ -433,3 +433,182 @@ fn text_logs_leave_the_time_to_journald_only_when_stderr_is_the_journal() {
     assert!(elsewhere.lines().all(timestamped), "{elsewhere}");
     assert!(!journal.contains('\x1b') && !elsewhere.contains('\x1b'));
 }
+
+/// The system calls each unit allows: its `SystemCallFilter=` lines
+/// expanded by `systemd-analyze syscall-filter` (an allow list, then `~`
+/// lines that take groups out).
+fn allowed_syscalls(unit_text: &str) -> std::collections::BTreeSet<String> {
+    fn expand(item: &str, out: &mut std::collections::BTreeSet<String>) {
+        if !item.starts_with('@') {
+            out.insert(item.to_string());
+            return;
+        }
+        let o = Command::new("systemd-analyze")
+            .args(["syscall-filter", item])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "systemd-analyze syscall-filter {item}");
+        for line in String::from_utf8_lossy(&o.stdout).lines().skip(1) {
+            let s = line.trim();
+            if !s.is_empty() && !s.starts_with('#') {
+                expand(s, out);
+            }
+        }
+    }
+    let (mut allow, mut deny) = (Default::default(), Default::default());
+    for v in values(unit_text, "SystemCallFilter") {
+        match v.strip_prefix('~') {
+            Some(d) => d.split_whitespace().for_each(|i| expand(i, &mut deny)),
+            None => v.split_whitespace().for_each(|i| expand(i, &mut allow)),
+        }
+    }
+    allow.difference(&deny).cloned().collect()
+}
+
+/// The system calls of `keyfleet serve` and of `keyfleet-agent run`, each
+/// with all its threads, in an `strace -f` log: a thread or child counts
+/// for the program its process ran when it was made, until it runs another.
+fn syscalls_by_program(
+    log: &str,
+) -> std::collections::BTreeMap<&'static str, std::collections::BTreeSet<String>> {
+    use std::collections::HashMap;
+    let program = |path: &str, argv: &str| -> &'static str {
+        if path.ends_with("/keyfleet") && argv.contains("\"serve\"") {
+            "keyfleet serve"
+        } else if path.ends_with("/keyfleet-agent") && argv.contains("\"run\"") {
+            "keyfleet-agent run"
+        } else {
+            "other"
+        }
+    };
+    // Each line: TID, the call's name (or `<... NAME resumed>`), the rest.
+    let calls: Vec<(&str, &str, &str)> = log
+        .lines()
+        .filter_map(|l| {
+            let (tid, rest) = l.split_once(' ')?;
+            let rest = rest.trim_start();
+            let name = match rest.strip_prefix("<... ") {
+                Some(r) => r.split_once(' ')?.0,
+                None => rest.split_once('(')?.0,
+            };
+            name.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_')
+                .then_some((tid, name, rest))
+        })
+        .collect();
+    // Who made whom, and what each ran, by line.
+    let mut parent: HashMap<&str, (&str, usize)> = HashMap::new();
+    let mut execs: HashMap<&str, Vec<(usize, &'static str)>> = HashMap::new();
+    for (i, (tid, name, rest)) in calls.iter().enumerate() {
+        if matches!(*name, "clone" | "clone3" | "fork" | "vfork") {
+            if let Some(child) = rest.rsplit_once("= ").map(|(_, c)| c.trim()) {
+                if child.chars().all(|c| c.is_ascii_digit()) {
+                    parent.entry(child).or_insert((tid, i));
+                }
+            }
+        }
+        if let Some(args) = rest.strip_prefix("execve(\"") {
+            if let Some((path, more)) = args.split_once('"') {
+                let argv = more.split_once(']').map_or("", |(a, _)| a);
+                execs.entry(tid).or_default().push((i, program(path, argv)));
+            }
+        }
+    }
+    fn at<'a>(
+        tid: &'a str,
+        line: usize,
+        parent: &HashMap<&'a str, (&'a str, usize)>,
+        execs: &HashMap<&'a str, Vec<(usize, &'static str)>>,
+        depth: usize,
+    ) -> &'static str {
+        if let Some((_, p)) = execs
+            .get(tid)
+            .and_then(|e| e.iter().rev().find(|(l, _)| *l <= line))
+        {
+            return p;
+        }
+        match parent.get(tid) {
+            Some((p, l)) if depth < 64 => at(p, *l, parent, execs, depth + 1),
+            _ => "other",
+        }
+    }
+    let mut used: std::collections::BTreeMap<_, std::collections::BTreeSet<String>> =
+        Default::default();
+    for (i, (tid, name, _)) in calls.iter().enumerate() {
+        let p = at(tid, i, &parent, &execs, 0);
+        if p != "other" {
+            used.entry(p).or_default().insert((*name).to_string());
+        }
+    }
+    used
+}
+
+/// Every system call `keyfleet serve` and `keyfleet-agent run` make (each
+/// with its threads: an agent's thread per application client among them)
+/// through `keyfleet demo` (enrollment, joins, a rotation, application
+/// messages sent and received through the agents' sockets) is one their
+/// unit's `SystemCallFilter=` allows: one outside it fails with EPERM
+/// under systemd (`SystemCallErrorNumber=EPERM`), which no other test would
+/// see. As root, SQLite gives the log files it creates the database's
+/// owner (`fchown`), which it skips for the unit's user.
+#[test]
+fn the_programs_make_no_system_call_their_units_forbid() {
+    for tool in ["strace", "systemd-analyze"] {
+        if Command::new(tool).arg("--version").output().is_err() {
+            eprintln!("SKIPPED the_programs_make_no_system_call_their_units_forbid: no {tool}");
+            return;
+        }
+    }
+    let _heavy = support::heavy();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("strace.log");
+    let out = Command::new("strace")
+        .args(["-f", "-qq", "-s", "1000", "-o"])
+        .arg(&log)
+        .args([KEYFLEET, "demo", "--agents", "3", "--rounds", "1"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "keyfleet demo under strace: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let log = std::fs::read_to_string(&log).unwrap();
+    let used = syscalls_by_program(&log);
+    let root = std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|u| u.split_whitespace().nth(1).map(|e| e == "0"))
+        .unwrap_or(false);
+    for (program, unit_name) in [
+        ("keyfleet serve", "keyfleet.service"),
+        ("keyfleet-agent run", "keyfleet-agent@.service"),
+    ] {
+        let calls = used.get(program).cloned().unwrap_or_default();
+        eprintln!("{program}: {} system calls: {calls:?}", calls.len());
+        assert!(
+            calls.len() > 30 && calls.contains("sendmmsg") && calls.contains("recvmmsg"),
+            "{program}: the log was not read right: {calls:?}"
+        );
+        let allowed = allowed_syscalls(&unit(unit_name));
+        let forbidden: Vec<&String> = calls
+            .iter()
+            .filter(|c| {
+                let sqlite_as_root = root && *c == "fchown";
+                !(allowed.contains(*c) || sqlite_as_root)
+            })
+            .collect();
+        assert!(
+            forbidden.is_empty(),
+            "{program} makes system calls {unit_name} forbids: {forbidden:?}"
+        );
+    }
+    // The agents' delivery threads were made and ran under the filter.
+    let agent = used.get("keyfleet-agent run").cloned().unwrap_or_default();
+    assert!(
+        agent.contains("clone3") || agent.contains("clone"),
+        "no thread was made: {agent:?}"
+    );
+}
