@@ -895,7 +895,19 @@ fn check_capture(
             fr.dst,
             fr.f.keys().collect::<Vec<_>>()
         );
+        // Wireshark's UDP dissector itself flags a datagram with TTL 1 and
+        // a port in 33434-33534 (traceroute's) as a possible traceroute; the
+        // kernel hands out such ports at random (a CI run failed on it).
+        // That note is about the port, not about keyfleet's dissector.
+        let traceroute_note_only = fr.f.contains_key("udp.possible_traceroute")
+            && fr
+                .f
+                .get("_ws.expert.message")
+                .is_some_and(|m| m.iter().all(|m| m.starts_with("Possible traceroute")));
         for bad in ["_ws.expert", "_ws.malformed", "_ws.lua.error"] {
+            if bad == "_ws.expert" && traceroute_note_only {
+                continue;
+            }
             assert!(
                 !fr.f.contains_key(bad),
                 "frame {}: {bad}: {:?}",
