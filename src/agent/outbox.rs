@@ -12,7 +12,7 @@
 //! over the network; a client then read at most one queue's worth per pass,
 //! fell behind in a long burst, and lost messages once its backlog was full
 //! (in 5 of 42 end-to-end benchmark runs, and a backlog of up to 17 000
-//! messages at 64 B; with the threads, none lost in 17 runs and a peak of
+//! messages at 64 B; with the threads, none lost in 20 runs and a peak of
 //! 700–2 000, also over 3 million messages a size).
 //!
 //! A client that does not read costs at most [`app::BACKLOG_BYTES`] of
